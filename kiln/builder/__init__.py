@@ -1,0 +1,1 @@
+"""Build step: kiln checkpoint -> engine dir (graph passes, quantization, plugins, engines)."""

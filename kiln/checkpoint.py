@@ -1,0 +1,141 @@
+"""The kiln checkpoint format: ``config.json`` + ``rank{N}.safetensors`` (+ tokenizer files).
+
+See docs/checkpoint.md for the full description. This module owns the format: the
+``config.json`` schema (:class:`CheckpointConfig`), file names, and loading a checkpoint back
+(per rank, or all ranks merged into full tensors for the reference decoder).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kiln.config import DTYPES, DecoderConfig, Mapping
+from kiln.errors import CheckpointError, ConfigError, KilnError
+from kiln.roles import parse_name, tensor_names
+from kiln.sharding import unshard
+from kiln.tensorio import read_header, read_tensor
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json",
+    "chat_template.jinja", "chat_template.json",
+)
+
+
+def rank_file(rank: int) -> str:
+    return f"rank{rank}.safetensors"
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """The contents of a kiln checkpoint's ``config.json``."""
+
+    decoder: DecoderConfig
+    mapping: Mapping
+    dtype: str
+    quantization: dict[str, Any] = field(default_factory=lambda: {"scheme": None})
+    source: dict[str, Any] = field(default_factory=dict)
+    kiln_version: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, found {self.dtype!r}")
+        self.mapping.validate_for(self.decoder)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def rank_tensor_names(self, rank: int) -> list[str]:
+        """Canonical names stored in ``rank{rank}.safetensors``."""
+        _, pp_rank = self.mapping.coords(rank)
+        layers = self.mapping.stage_layers(pp_rank, self.decoder.num_layers)
+        return tensor_names(self.decoder, layers, first_stage=pp_rank == 0,
+                            last_stage=pp_rank == self.mapping.pp_size - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "kiln_version": self.kiln_version,
+            "decoder": self.decoder.to_dict(),
+            "mapping": {"tp_size": self.mapping.tp_size, "pp_size": self.mapping.pp_size},
+            "dtype": self.dtype,
+            "quantization": self.quantization,
+            "source": self.source,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = CONFIG_NAME) -> CheckpointConfig:
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise CheckpointError(f"{where}: format_version {version!r} is not supported by this "
+                                  f"kiln (reads {FORMAT_VERSION}); re-run kiln convert_checkpoint")
+        try:
+            return cls(decoder=DecoderConfig.from_dict(data["decoder"]),
+                       mapping=Mapping(**data["mapping"]), dtype=data["dtype"],
+                       quantization=data.get("quantization", {"scheme": None}),
+                       source=data.get("source", {}), kiln_version=data.get("kiln_version", ""),
+                       format_version=version)
+        except KeyError as e:
+            raise CheckpointError(f"{where}: missing key {e}; not a kiln checkpoint config") from None
+        except (KilnError, TypeError) as e:
+            raise CheckpointError(f"{where}: {e}") from None
+
+
+def load_config(checkpoint_dir: str | Path) -> CheckpointConfig:
+    """Read and validate ``checkpoint_dir/config.json``."""
+    path = Path(checkpoint_dir) / CONFIG_NAME
+    if not Path(checkpoint_dir).is_dir():
+        raise CheckpointError(f"{checkpoint_dir}: no such directory; pass the output_dir of "
+                              f"kiln convert_checkpoint")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; not a kiln checkpoint (run kiln "
+                              f"convert_checkpoint first)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e}); re-run kiln convert_checkpoint") from None
+    return CheckpointConfig.from_dict(data, str(path))
+
+
+def load_rank(checkpoint_dir: str | Path, rank: int,
+              config: CheckpointConfig | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of one rank, checked against the names the config implies."""
+    checkpoint_dir = Path(checkpoint_dir)
+    config = config or load_config(checkpoint_dir)
+    path = checkpoint_dir / rank_file(rank)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (mapping has {config.mapping.world_size} ranks); "
+                              f"re-run kiln convert_checkpoint")
+    infos, _ = read_header(path)
+    expected = set(config.rank_tensor_names(rank))
+    missing, unexpected = sorted(expected - set(infos)), sorted(set(infos) - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: tensors do not match config.json: missing {missing}, "
+                              f"unexpected {unexpected}; re-run kiln convert_checkpoint")
+    return {name: read_tensor(info) for name, info in infos.items()}
+
+
+def load_merged(checkpoint_dir: str | Path,
+                config: CheckpointConfig | None = None) -> dict[str, torch.Tensor]:
+    """Every canonical tensor of the whole model, ranks and stages merged (for the oracle)."""
+    config = config or load_config(checkpoint_dir)
+    mapping = config.mapping
+    per_name: dict[str, list[torch.Tensor | None]] = {}
+    for rank in range(mapping.world_size):
+        tp_rank, _ = mapping.coords(rank)
+        for name, tensor in load_rank(checkpoint_dir, rank, config).items():
+            per_name.setdefault(name, [None] * mapping.tp_size)[tp_rank] = tensor
+    merged = {}
+    for name, shards in per_name.items():
+        role, _ = parse_name(name)
+        merged[name] = unshard(shards, role, config.decoder, mapping)
+    return merged

@@ -1,0 +1,164 @@
+"""What a converter is, and the registry of them.
+
+A converter holds all knowledge of one HF architecture family and nothing else:
+
+- ``config_from_hf(hf)``: the HF ``config.json`` dict -> :class:`~kiln.config.DecoderConfig`.
+- ``tensor_rules(config)``: how each canonical role is made from HF tensors, as
+  ``target <- [sources] + pure function`` (:class:`TensorRule`), with ``{layer}`` in names.
+- ``ignored``: regular expressions of HF tensor names that are deliberately dropped.
+
+The conversion engine (:mod:`kiln.converters.convert`) expands the rules per layer, checks
+that every source tensor is used or ignored and every target produced, plans shapes without
+reading data, and streams the tensors out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from kiln.config import DecoderConfig, RopeScaling, RopeScalingType
+from kiln.errors import ConfigError, UnsupportedArchitectureError
+from kiln.roles import Role
+
+Transform = Callable[..., torch.Tensor]
+
+
+def concat_rows(*tensors: torch.Tensor) -> torch.Tensor:
+    """Fuse projections along the output dim (``[q | k | v]``, ``[gate | up]``)."""
+    return torch.cat(tensors, dim=0)
+
+
+@dataclass(frozen=True)
+class TensorRule:
+    """``target <- transform(*sources)``; names may contain ``{layer}``.
+
+    With no transform there must be exactly one source, copied as is.
+    """
+
+    target: Role
+    sources: tuple[str, ...]
+    transform: Transform | None = None
+
+    def __post_init__(self) -> None:
+        if self.transform is None and len(self.sources) != 1:
+            raise ValueError(f"{self.target.name}: several sources need a transform")
+
+
+class Converter:
+    """Base class: subclass per architecture family and decorate with :func:`register`."""
+
+    architectures: ClassVar[tuple[str, ...]] = ()
+    ignored: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def config_from_hf(cls, hf: dict[str, Any]) -> DecoderConfig:
+        raise NotImplementedError
+
+    @classmethod
+    def tensor_rules(cls, config: DecoderConfig) -> list[TensorRule]:
+        raise NotImplementedError
+
+    @classmethod
+    def ignored_patterns(cls, config: DecoderConfig) -> tuple[str, ...]:
+        """Regexes (full match) of source tensors dropped on purpose."""
+        return cls.ignored
+
+
+_REGISTRY: dict[str, type[Converter]] = {}
+
+
+def register(*architectures: str) -> Callable[[type[Converter]], type[Converter]]:
+    """Class decorator: register a converter under one or more HF architecture names."""
+
+    def wrap(cls: type[Converter]) -> type[Converter]:
+        for name in architectures:
+            if name in _REGISTRY:
+                raise ValueError(f"architecture {name} registered twice")
+            _REGISTRY[name] = cls
+        cls.architectures = tuple(architectures)
+        return cls
+
+    return wrap
+
+
+def supported_architectures() -> list[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def converter_for(hf: dict[str, Any], where: str = "config.json") -> type[Converter]:
+    """The converter for an HF config, from its ``architectures`` (or ``model_type``)."""
+    _load_builtin()
+    names = list(hf.get("architectures") or [])
+    for name in names:
+        if name in _REGISTRY:
+            return _REGISTRY[name]
+    found = names or [hf.get("model_type", "<none>")]
+    raise UnsupportedArchitectureError(
+        f"{where}: architecture {', '.join(map(str, found))} is not supported; kiln converts "
+        f"{', '.join(supported_architectures())}")
+
+
+def _load_builtin() -> None:
+    # Importing the modules runs their @register decorators.
+    from kiln.converters import llama  # noqa: F401
+
+
+# HF config helpers, shared by the converters -------------------------------------------------
+
+_MISSING = object()
+
+
+def hf_get(hf: dict[str, Any], *keys: str | Sequence[str], default: Any = _MISSING) -> Any:
+    """First present, non-null value among alias keys; a key may be a path ``("a", "b")``.
+
+    Resolves transformers v4/v5 and remote-code spellings of one setting in one place.
+    """
+    for key in keys:
+        value: Any = hf
+        for part in (key,) if isinstance(key, str) else key:
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is not None:
+            return value
+    if default is _MISSING:
+        spelled = " / ".join(k if isinstance(k, str) else ".".join(k) for k in keys)
+        raise ConfigError(f"config.json: missing {spelled}; is this a complete HF config?")
+    return default
+
+
+_ROPE_TYPES = {"linear": RopeScalingType.LINEAR, "dynamic": RopeScalingType.DYNAMIC,
+               "llama3": RopeScalingType.LLAMA3}
+
+
+def rope_from_hf(hf: dict[str, Any], default_theta: float = 10000.0) -> tuple[float, RopeScaling | None]:
+    """(rope_theta, scaling) from ``rope_theta``/``rope_scaling`` (v4) or ``rope_parameters`` (v5)."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    theta = float(hf_get(hf, ("rope_parameters", "rope_theta"), "rope_theta",
+                         default=default_theta))
+    merged = {**params, **scaling}
+    kind = merged.get("rope_type", merged.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind not in _ROPE_TYPES:
+        raise ConfigError(f"config.json: rope scaling type {kind!r} is not supported; kiln "
+                          f"supports default, {', '.join(_ROPE_TYPES)}")
+    original = merged.get("original_max_position_embeddings")
+    if original is None and kind != "linear":
+        original = hf.get("max_position_embeddings")
+    return theta, RopeScaling(type=_ROPE_TYPES[kind], factor=float(merged["factor"]),
+                              original_max_position_embeddings=original,
+                              low_freq_factor=merged.get("low_freq_factor"),
+                              high_freq_factor=merged.get("high_freq_factor"))
+
+
+def unknown_keys(hf: dict[str, Any], known: set[str]) -> dict[str, Any]:
+    """HF keys a converter did not interpret, kept in ``DecoderConfig.extra`` for provenance."""
+    generic = {"architectures", "model_type", "torch_dtype", "dtype", "transformers_version",
+               "_name_or_path", "auto_map", "bos_token_id", "eos_token_id", "pad_token_id",
+               "use_cache", "initializer_range"}
+    return {k: v for k, v in sorted(hf.items()) if k not in known | generic}

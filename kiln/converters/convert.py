@@ -1,0 +1,285 @@
+"""``kiln convert_checkpoint``: HF checkpoint -> kiln checkpoint, streamed and atomic.
+
+Steps: open the source (no data read) -> pick the converter -> canonical config -> validate
+the split -> plan every target tensor (strict accounting, shapes derived on meta tensors) ->
+stream tensors into one writer per rank -> config.json, tokenizer files -> rename into place.
+
+Memory: one target tensor at a time. A plain copy (one source, no transform, split by rows or
+replicated) is streamed in row chunks, so even a large embedding never sits in memory whole.
+Everything else holds its sources and the fused result (a few hundred MB at 8B width).
+
+Atomicity: output goes to a hidden temporary directory beside ``output_dir`` and is renamed
+into place at the end; on any error it is removed and an existing output is left untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import kiln
+from kiln.checkpoint import CONFIG_NAME, TOKENIZER_FILES, CheckpointConfig, rank_file
+from kiln.config import DTYPES, DecoderConfig, Mapping
+from kiln.converters.base import Converter, TensorRule, converter_for
+from kiln.converters.source import Source, SourceTensor, open_source
+from kiln.errors import ConfigError, OutputExistsError, TensorMappingError
+from kiln.roles import SHARDING, Role, expected_shape, parse_name, tensor_names
+from kiln.sharding import shard, shard_ranges, shard_shape
+from kiln.tensorio import StreamingWriter, iter_row_chunks
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TargetPlan:
+    """One canonical tensor: where it comes from and its whole-model shape."""
+
+    name: str
+    role: Role
+    layer: int | None
+    sources: tuple[SourceTensor, ...]
+    rule: TensorRule
+    shape: tuple[int, ...]
+
+    @property
+    def streamable(self) -> bool:
+        """A plain copy split by rows (or replicated): can be streamed in row chunks."""
+        spec = SHARDING[self.role]
+        return self.rule.transform is None and spec.dim in (None, 0) and spec.segments is None \
+            and len(self.shape) >= 1
+
+    def read_full(self) -> torch.Tensor:
+        if self.rule.transform is None:
+            return self.sources[0].read()
+        return self.rule.transform(*(s.read() for s in self.sources))
+
+
+def convert_checkpoint(model_dir: str | Path, output_dir: str | Path, *, dtype: str = "auto",
+                       tp_size: int = 1, pp_size: int = 1, overwrite: bool = False,
+                       revision: str | None = None, allow_pickle: bool = False,
+                       progress: bool = True) -> Path:
+    """Convert an HF checkpoint (local dir or hub id) into a kiln checkpoint at ``output_dir``.
+
+    Returns the output directory. Raises :class:`~kiln.errors.KilnError` subclasses on bad
+    input, leaving nothing behind.
+    """
+    output_dir = Path(output_dir).expanduser()
+    if output_dir.exists() and not overwrite:
+        raise OutputExistsError(f"{output_dir}: already exists; pass --overwrite to replace it")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ConfigError(f"dtype must be auto or one of {', '.join(DTYPES)}, found {dtype!r}")
+    source = open_source(str(model_dir), revision=revision, allow_pickle=allow_pickle)
+    converter = converter_for(source.hf_config, str(source.directory / "config.json"))
+    decoder = converter.config_from_hf(source.hf_config)
+    mapping = Mapping(tp_size=tp_size, pp_size=pp_size)
+    mapping.validate_for(decoder)
+    plans = plan_targets(converter, decoder, source)
+    out_dtype = _resolve_dtype(dtype, source, plans)
+    log.info("converting %s (%s, %d layers) to %s, tp=%d pp=%d", source.directory,
+             decoder.architecture, decoder.num_layers, out_dtype, tp_size, pp_size)
+    started = time.perf_counter()
+    with _atomic_dir(output_dir, overwrite) as tmp, ThreadPoolExecutor(1) as pool:
+        hashes = pool.submit(_hash_files, source.weight_files)
+        _write_ranks(tmp, plans, decoder, mapping, getattr(torch, out_dtype), progress)
+        _copy_tokenizer(source.directory, tmp)
+        config = CheckpointConfig(decoder=decoder, mapping=mapping, dtype=out_dtype,
+                                  source=_provenance(source, converter, hashes),
+                                  kiln_version=kiln.__version__)
+        (tmp / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    log.info("wrote %s in %.1f s", output_dir, time.perf_counter() - started)
+    return output_dir
+
+
+def plan_targets(converter: type[Converter], config: DecoderConfig, source: Source) -> list[TargetPlan]:
+    """Expand the converter's rules over layers and account for every tensor, strictly."""
+    rules = {rule.target: rule for rule in converter.tensor_rules(config)}
+    plans, used, missing = [], set(), set()
+    for name in tensor_names(config):
+        role, layer = parse_name(name)
+        rule = rules.get(role)
+        if rule is None:
+            raise TensorMappingError(f"{converter.__name__} has no rule for {name} (a kiln bug)")
+        names = [s.format(layer=layer) for s in rule.sources]
+        absent = [n for n in names if n not in source.tensors]
+        if absent:
+            missing.update(absent)
+            continue
+        used.update(names)
+        sources = tuple(source.tensors[n] for n in names)
+        plans.append(TargetPlan(name, role, layer, sources, rule, _planned_shape(rule, sources)))
+    ignored = [re.compile(p) for p in converter.ignored_patterns(config)]
+    unexpected = sorted(n for n in set(source.tensors) - used
+                        if not any(p.fullmatch(n) for p in ignored))
+    if missing or unexpected:
+        raise TensorMappingError(
+            f"{source.directory}: source tensors do not match the {config.architecture} config: "
+            f"missing {sorted(missing)}, unexpected {unexpected}; check config.json against the "
+            f"weights (biases, tied embeddings, layer count)")
+    for plan in plans:
+        want = expected_shape(plan.role, config)
+        if plan.shape != want:
+            names = [s.format(layer=plan.layer) for s in plan.rule.sources]
+            raise TensorMappingError(f"{names}: give {plan.name} shape {list(plan.shape)}, the "
+                                     f"config implies {list(want)}; config.json and weights disagree")
+    return plans
+
+
+def _planned_shape(rule: TensorRule, sources: tuple[SourceTensor, ...]) -> tuple[int, ...]:
+    if rule.transform is None:
+        return tuple(sources[0].shape)
+    metas = [torch.empty(s.shape, dtype=s.dtype, device="meta") for s in sources]
+    return tuple(rule.transform(*metas).shape)
+
+
+def _resolve_dtype(dtype: str, source: Source, plans: list[TargetPlan]) -> str:
+    if dtype != "auto":
+        return dtype
+    name = source.hf_config.get("torch_dtype") or source.hf_config.get("dtype")
+    if name in DTYPES:
+        return name
+    first = next(p.sources[0].dtype for p in plans if p.sources[0].dtype.is_floating_point)
+    return str(first).removeprefix("torch.") if str(first).removeprefix("torch.") in DTYPES \
+        else "float32"
+
+
+def _write_ranks(out: Path, plans: list[TargetPlan], config: DecoderConfig, mapping: Mapping,
+                 dtype: torch.dtype, progress: bool) -> None:
+    """Stream every target into its ranks' files, reading sources in file order."""
+    writers = _open_writers(out, plans, config, mapping, dtype)
+    plans = sorted(plans, key=lambda p: p.sources[0].location())
+    total = sum(s.nbytes for p in plans for s in p.sources)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress,
+              leave=False) as bar:
+        for plan in plans:
+            ranks = _ranks_holding(plan, config, mapping)
+            if plan.streamable:
+                _copy_rows(plan, ranks, writers, config, mapping, dtype)
+            else:
+                full = _cast(plan.read_full(), dtype)
+                for tp_rank, rank in ranks:
+                    writers[rank].write(plan.name, shard(full, plan.role, config, mapping, tp_rank))
+            bar.update(sum(s.nbytes for s in plan.sources))
+    for writer in writers.values():
+        writer.close()
+
+
+def _open_writers(out: Path, plans: list[TargetPlan], config: DecoderConfig, mapping: Mapping,
+                  dtype: torch.dtype) -> dict[int, StreamingWriter]:
+    entries: dict[int, list] = {rank: [] for rank in range(mapping.world_size)}
+    for plan in plans:
+        out_dtype = dtype if plan.sources[0].dtype.is_floating_point else plan.sources[0].dtype
+        for tp_rank, rank in _ranks_holding(plan, config, mapping):
+            shape = shard_shape(plan.shape, plan.role, config, mapping, tp_rank)
+            entries[rank].append((plan.name, out_dtype, shape))
+    meta = {"format": "pt", "kiln_format": "checkpoint"}
+    return {rank: StreamingWriter(out / rank_file(rank), sorted(e, key=lambda x: _name_key(x[0])),
+                                  {**meta, "rank": str(rank)})
+            for rank, e in entries.items()}
+
+
+def _name_key(name: str) -> tuple:
+    """Natural order: embed, layers.0.*, layers.1.* ..., layers.10.*, then the head."""
+    role, layer = parse_name(name)
+    return (-1 if layer is None and role is Role.EMBED else layer if layer is not None else 1 << 30,
+            list(Role).index(role))
+
+
+def _ranks_holding(plan: TargetPlan, config: DecoderConfig, mapping: Mapping) -> list[tuple[int, int]]:
+    """(tp_rank, rank) pairs that store this target: the ranks of its pipeline stage."""
+    if plan.layer is not None:
+        stage = next(s for s in range(mapping.pp_size)
+                     if plan.layer in mapping.stage_layers(s, config.num_layers))
+    else:
+        stage = 0 if plan.role is Role.EMBED else mapping.pp_size - 1
+    return [(t, mapping.rank(t, stage)) for t in range(mapping.tp_size)]
+
+
+def _copy_rows(plan: TargetPlan, ranks: list[tuple[int, int]], writers: dict[int, StreamingWriter],
+               config: DecoderConfig, mapping: Mapping, dtype: torch.dtype) -> None:
+    """Copy a single-source tensor in row chunks, each chunk to every rank that stores it."""
+    src = plan.sources[0]
+    rows = plan.shape[0]
+    spec = SHARDING[plan.role]
+    targets = []
+    for tp_rank, rank in ranks:
+        (start, stop), = shard_ranges(plan.role, config, mapping, tp_rank, rows) \
+            if spec.dim == 0 else [(0, rows)]
+        targets.append((rank, start, stop))
+        if stop > rows:  # vocab padding rows of the last rank: zeros
+            pad = torch.zeros((stop - max(start, rows), *plan.shape[1:]), dtype=dtype)
+            writers[rank].write_rows(plan.name, pad, max(start, rows) - start)
+    for a, b in iter_row_chunks(rows, src.nbytes // max(rows, 1)):
+        chunk = _cast(src.read((a, b)), dtype)
+        for rank, start, stop in targets:
+            lo, hi = max(a, start), min(b, stop)
+            if lo < hi:
+                writers[rank].write_rows(plan.name, chunk[lo - a:hi - a], lo - start)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype) if t.is_floating_point() else t
+
+
+@contextmanager
+def _atomic_dir(target: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary directory beside ``target``, renamed onto it only if the body succeeds."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            if not overwrite:
+                raise OutputExistsError(f"{target}: appeared during conversion; not replaced")
+            trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            target.rename(trash / "old")
+            tmp.rename(target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    copied = [name for name in TOKENIZER_FILES if (src / name).is_file()]
+    for name in copied:
+        shutil.copy2(src / name, dst / name)
+    if not any(n in copied for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        log.warning("%s has no tokenizer files; the engine will need one to run text", src)
+
+
+def _hash_files(files: list[Path]) -> dict[str, str]:
+    """sha256 of each weight file (runs in a worker thread; hashlib releases the GIL)."""
+    out = {}
+    for path in files:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(16 << 20):
+                h.update(block)
+        out[path.name] = h.hexdigest()
+    return out
+
+
+def _provenance(source: Source, converter: type[Converter], hashes: Future) -> dict:
+    return {
+        "model_dir": str(source.directory),
+        "repo_id": source.repo_id,
+        "revision": source.revision,
+        "architecture": source.hf_config.get("architectures", [None])[0],
+        "converter": converter.__name__,
+        "files": hashes.result(),
+    }

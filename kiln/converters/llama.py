@@ -1,0 +1,97 @@
+"""Llama (1/2/3.x) and Mistral: RMSNorm, RoPE (+ scaling), GQA, SwiGLU, optional biases.
+
+HF's Llama checkpoints already store q/k projections in the rotate-half layout HF's
+``apply_rotary_pos_emb`` expects (HF's own conversion script permuted Meta's interleaved
+weights), so no permutation is needed here: kiln's rotary embedding is rotate-half
+(non-interleaved) too. Mistral is Llama plus a sliding attention window.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kiln.config import DecoderConfig, MlpType, NormType, PositionType
+from kiln.converters.base import (
+    Converter,
+    TensorRule,
+    concat_rows,
+    hf_get,
+    register,
+    rope_from_hf,
+    unknown_keys,
+)
+from kiln.errors import ConfigError
+from kiln.roles import Role
+
+_KNOWN = {"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+          "num_key_value_heads", "head_dim", "intermediate_size", "max_position_embeddings",
+          "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters", "attention_bias",
+          "mlp_bias", "tie_word_embeddings", "hidden_act", "sliding_window", "use_sliding_window",
+          "attention_dropout", "pretraining_tp"}
+
+
+@register("LlamaForCausalLM", "MistralForCausalLM")
+class LlamaConverter(Converter):
+    ignored = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
+
+    @classmethod
+    def config_from_hf(cls, hf: dict[str, Any]) -> DecoderConfig:
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"config.json: hidden_act {act!r} is not supported for Llama/Mistral "
+                              f"(kiln's gated MLP is SwiGLU: 'silu')")
+        hidden = hf_get(hf, "hidden_size")
+        heads = hf_get(hf, "num_attention_heads")
+        theta, scaling = rope_from_hf(hf)
+        window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+        bias = bool(hf.get("attention_bias", False))
+        return DecoderConfig(
+            architecture=hf["architectures"][0],
+            vocab_size=hf_get(hf, "vocab_size"),
+            hidden_size=hidden,
+            num_layers=hf_get(hf, "num_hidden_layers"),
+            num_heads=heads,
+            num_kv_heads=hf_get(hf, "num_key_value_heads", default=heads),
+            head_dim=hf_get(hf, "head_dim", default=hidden // heads),
+            intermediate_size=hf_get(hf, "intermediate_size"),
+            max_position_embeddings=hf_get(hf, "max_position_embeddings"),
+            norm_type=NormType.RMSNORM,
+            norm_eps=float(hf_get(hf, "rms_norm_eps", default=1e-6)),
+            position_type=PositionType.ROPE,
+            rope_theta=theta,
+            rope_scaling=scaling,
+            sliding_window=window,
+            qkv_bias=bias,
+            o_bias=bias,
+            mlp_type=MlpType.SWIGLU,
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            extra=unknown_keys(hf, _KNOWN),
+        )
+
+    @classmethod
+    def tensor_rules(cls, config: DecoderConfig) -> list[TensorRule]:
+        attn, mlp = "model.layers.{layer}.self_attn", "model.layers.{layer}.mlp"
+        qkv = tuple(f"{attn}.{p}_proj" for p in "qkv")
+        gate_up = (f"{mlp}.gate_proj", f"{mlp}.up_proj")
+        lm_head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+        return [
+            TensorRule(Role.EMBED, ("model.embed_tokens.weight",)),
+            TensorRule(Role.ATTN_NORM, ("model.layers.{layer}.input_layernorm.weight",)),
+            TensorRule(Role.QKV, tuple(p + ".weight" for p in qkv), concat_rows),
+            TensorRule(Role.QKV_BIAS, tuple(p + ".bias" for p in qkv), concat_rows),
+            TensorRule(Role.OUT, (f"{attn}.o_proj.weight",)),
+            TensorRule(Role.OUT_BIAS, (f"{attn}.o_proj.bias",)),
+            TensorRule(Role.MLP_NORM, ("model.layers.{layer}.post_attention_layernorm.weight",)),
+            TensorRule(Role.GATE_UP, tuple(p + ".weight" for p in gate_up), concat_rows),
+            TensorRule(Role.GATE_UP_BIAS, tuple(p + ".bias" for p in gate_up), concat_rows),
+            TensorRule(Role.DOWN, (f"{mlp}.down_proj.weight",)),
+            TensorRule(Role.DOWN_BIAS, (f"{mlp}.down_proj.bias",)),
+            TensorRule(Role.FINAL_NORM, ("model.norm.weight",)),
+            TensorRule(Role.LM_HEAD, (lm_head,)),
+        ]
+
+    @classmethod
+    def ignored_patterns(cls, config: DecoderConfig) -> tuple[str, ...]:
+        # Tied checkpoints sometimes store lm_head.weight anyway (a copy of the embedding).
+        return cls.ignored + ((r"lm_head\.weight",) if config.tie_word_embeddings else ())

@@ -1,0 +1,185 @@
+"""Opening an HF checkpoint: a local directory or a hub id, safetensors (or, if allowed, pickles).
+
+Contract: :func:`open_source` returns a :class:`Source` whose tensors can be listed (names,
+shapes, dtypes) without reading data and read one at a time (or by row range). Nothing is
+loaded eagerly, so memory stays bounded by the largest tensor read.
+
+Safety: pickle checkpoints (``.bin``/``.pt``/``.pth``) can run code when loaded. They are
+refused unless ``allow_pickle`` is set, and then loaded with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from kiln.errors import CheckpointError, HubError, UnsafeCheckpointError
+from kiln.tensorio import TensorInfo, read_header, read_tensor
+
+log = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+HUB_PATTERNS = ("config.json", "generation_config.json", "*.safetensors",
+                "*.safetensors.index.json", "tokenizer*", "special_tokens_map.json",
+                "added_tokens.json", "vocab.json", "merges.txt", "chat_template.*")
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+class SourceTensor(Protocol):
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def read(self, rows: tuple[int, int] | None = None) -> torch.Tensor: ...
+
+    def location(self) -> tuple[str, int]: ...
+
+
+@dataclass(frozen=True)
+class SafetensorsTensor:
+    info: TensorInfo
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.info.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.info.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.info.nbytes
+
+    def read(self, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        return read_tensor(self.info, rows)
+
+    def location(self) -> tuple[str, int]:
+        return self.info.path.name, self.info.begin
+
+
+@dataclass(frozen=True)
+class LoadedTensor:
+    """A tensor from a pickle checkpoint (memory-mapped by torch.load where possible)."""
+
+    tensor: torch.Tensor
+    file: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.tensor.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tensor.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.numel() * self.tensor.element_size()
+
+    def read(self, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        t = self.tensor if rows is None else self.tensor[rows[0]:rows[1]]
+        return t.clone()
+
+    def location(self) -> tuple[str, int]:
+        return self.file, 0
+
+
+@dataclass
+class Source:
+    """An opened HF checkpoint."""
+
+    directory: Path
+    hf_config: dict[str, Any]
+    tensors: dict[str, SourceTensor]
+    weight_files: list[Path]
+    repo_id: str | None = None
+    revision: str | None = None
+    extra_files: list[Path] = field(default_factory=list)
+
+
+def open_source(model_dir: str, revision: str | None = None, allow_pickle: bool = False) -> Source:
+    """Open a local HF checkpoint directory, or download one from the hub by id."""
+    path = Path(model_dir).expanduser()
+    repo_id = None
+    if not path.exists():
+        if not _REPO_ID.match(model_dir):
+            raise CheckpointError(f"{model_dir}: no such directory (and not a hub id like "
+                                  f"'org/name'); pass a local HF checkpoint directory")
+        repo_id = model_dir
+        path = _download(model_dir, revision, allow_pickle)
+    elif not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory; pass the directory holding config.json")
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{path}: no config.json; pass an HF checkpoint directory")
+    try:
+        hf_config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_path}: invalid JSON ({e})") from None
+    files = _weight_files(path, allow_pickle)
+    tensors: dict[str, SourceTensor] = {}
+    for file in files:
+        for name, tensor in _open_weights(file).items():
+            if name in tensors:
+                raise CheckpointError(f"{file}: tensor {name!r} also appears in another file")
+            tensors[name] = tensor
+    return Source(path, hf_config, tensors, files, repo_id, revision)
+
+
+def _weight_files(path: Path, allow_pickle: bool) -> list[Path]:
+    safetensors = sorted(path.glob("*.safetensors"))
+    if safetensors:
+        return safetensors
+    pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES and
+                     not p.name.startswith("training_args"))
+    if pickles and not allow_pickle:
+        raise UnsafeCheckpointError(
+            f"{path}: only pickle weights ({', '.join(p.name for p in pickles)}); pickles can run "
+            f"code when loaded: pass --allow-pickle to load them with torch.load(weights_only=True)")
+    if not pickles:
+        raise CheckpointError(f"{path}: no *.safetensors weight files found")
+    return pickles
+
+
+def _open_weights(file: Path) -> dict[str, SourceTensor]:
+    if file.suffix == ".safetensors":
+        infos, _ = read_header(file)
+        return {name: SafetensorsTensor(info) for name, info in infos.items()}
+    log.warning("loading pickle checkpoint %s with torch.load(weights_only=True)", file)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises many types for a bad pickle
+        raise CheckpointError(f"{file}: cannot load as a weights-only torch pickle ({e})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file}: expected a dict of tensors, found {type(state).__name__}")
+    return {k: LoadedTensor(v, file.name) for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _download(repo_id: str, revision: str | None, allow_pickle: bool) -> Path:
+    """snapshot_download with only the files conversion needs (HF_HOME/HF_TOKEN/HF_HUB_OFFLINE apply)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    patterns = list(HUB_PATTERNS) + (["*.bin", "*.bin.index.json"] if allow_pickle else [])
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    log.info("fetching %s%s from the Hugging Face hub", repo_id, f"@{revision}" if revision else "")
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except LocalEntryNotFoundError:
+        why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else \
+            "the hub is unreachable and it is not in the local cache"
+        raise HubError(f"{repo_id}: cannot fetch ({why}); download it where the hub is reachable "
+                       f"and pass the local directory") from None
+    except HfHubHTTPError as e:
+        raise HubError(f"{repo_id}: the hub refused the download ({e}); check the id, "
+                       f"--revision, and HF_TOKEN for gated models") from None

@@ -1,0 +1,40 @@
+"""Typed errors for everything a user can get wrong.
+
+Every error a user can cause is a :class:`KilnError`; its message is one line that says what is
+wrong, where, and how to fix it. The CLI prints that line (exit code 2) and shows the traceback
+only under ``--debug``. Anything else escaping is a bug in kiln.
+"""
+
+from __future__ import annotations
+
+
+class KilnError(Exception):
+    """Base class of user-facing errors (bad input, unsupported models, unusable machines)."""
+
+
+class ConfigError(KilnError, ValueError):
+    """A model or build configuration is invalid or unsupported."""
+
+
+class UnsupportedArchitectureError(ConfigError):
+    """The checkpoint's architecture has no registered converter."""
+
+
+class CheckpointError(KilnError):
+    """A checkpoint (source or kiln) is missing, corrupt, or does not match its config."""
+
+
+class TensorMappingError(CheckpointError):
+    """Source tensors and the converter's mapping disagree (missing or unexpected names)."""
+
+
+class OutputExistsError(KilnError, FileExistsError):
+    """The output directory already exists and ``overwrite`` was not asked for."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle-based checkpoint was found and loading pickles was not allowed."""
+
+
+class HubError(KilnError):
+    """The Hugging Face hub could not provide the requested model."""

@@ -1,0 +1,1 @@
+"""Fused operations: spec, PyTorch reference, ONNX forms and kernels, one folder each."""

@@ -1,0 +1,201 @@
+"""The oracle: a plain PyTorch forward of the canonical decoder, read from a kiln checkpoint.
+
+Every backend is tested against this module, and this module is tested against HF
+transformers. It favours being obviously right over being fast: whole-model tensors (all ranks
+and stages merged), float32 math by default, a KV cache of concatenated keys and values, and
+masks built from explicit positions (so prefill, decode and chunked prefill share one path).
+
+Non-goals: speed, padding within a batch (sequences of one batch share their positions),
+quantized weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kiln.checkpoint import load_config, load_merged
+from kiln.config import DecoderConfig, NormType, PositionType, ResidualType, RopeScalingType
+from kiln.roles import Role
+
+
+def rope_inv_freq(config: DecoderConfig, seq_len: int) -> torch.Tensor:
+    """Inverse frequencies [head_dim/2] (float32, as HF computes them) for a sequence this long.
+
+    ``seq_len`` matters only for dynamic NTK scaling, which rescales the base once positions
+    pass the original context (HF recomputes it from the largest position of each call).
+    """
+    dim, base, scaling = config.head_dim, config.rope_theta, config.rope_scaling
+    if scaling is not None and scaling.type is RopeScalingType.DYNAMIC:
+        original = scaling.original_max_position_embeddings or config.max_position_embeddings
+        if seq_len > original:
+            base = base * ((scaling.factor * seq_len / original) - (scaling.factor - 1)) ** (
+                dim / (dim - 2))
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if scaling is None or scaling.type is RopeScalingType.DYNAMIC:
+        return inv_freq
+    if scaling.type is RopeScalingType.LINEAR:
+        return inv_freq / scaling.factor
+    return _llama3_inv_freq(inv_freq, scaling)
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling) -> torch.Tensor:
+    """Llama 3.1 smoothing: long wavelengths scaled by 1/factor, short kept, a ramp between."""
+    factor, original = scaling.factor, scaling.original_max_position_embeddings
+    low_wavelen = original / scaling.low_freq_factor
+    high_wavelen = original / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE. x [B, H, S, D], positions [B, S]."""
+    freqs = positions[:, None, :, None].float() * inv_freq  # [B, 1, S, D/2]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+         config: DecoderConfig) -> torch.Tensor:
+    if config.norm_type is NormType.RMSNORM:
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return (x.float() * torch.rsqrt(variance + config.norm_eps)).to(x.dtype) * weight
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, config.norm_eps)
+
+
+@dataclass
+class KVCache:
+    """Per-layer keys/values [B, Hkv, T, D] (post-rotary) and their positions [B, T]."""
+
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)
+    values: dict[int, torch.Tensor] = field(default_factory=dict)
+    positions: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.positions is None else self.positions.shape[1]
+
+
+class ReferenceDecoder:
+    """Whole-model forward of the canonical decoder (see module docstring)."""
+
+    def __init__(self, config: DecoderConfig, weights: dict[str, torch.Tensor],
+                 dtype: torch.dtype = torch.float32):
+        self.config = config
+        self.dtype = dtype
+        self.w = {k: v.to(dtype) for k, v in weights.items()}
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint_dir: str | Path,
+                        dtype: torch.dtype = torch.float32) -> ReferenceDecoder:
+        ckpt = load_config(checkpoint_dir)
+        return cls(ckpt.decoder, load_merged(checkpoint_dir, ckpt), dtype)
+
+    def _get(self, role: Role, layer: int | None = None) -> torch.Tensor | None:
+        return self.w.get(role.name(layer))
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, S, vocab] (float32) for input_ids [B, S]; appends to ``cache``."""
+        cache = cache if cache is not None else KVCache()
+        b, s = input_ids.shape
+        if positions is None:
+            positions = (torch.arange(s) + cache.length).expand(b, s)
+        kpos = positions if cache.positions is None else torch.cat([cache.positions, positions], 1)
+        mask = self._mask(positions, kpos)
+        inv_freq = rope_inv_freq(self.config, int(kpos.max()) + 1) \
+            if self.config.position_type is PositionType.ROPE else None
+        x = self._get(Role.EMBED)[input_ids]
+        for i in range(self.config.num_layers):
+            x = self._layer(i, x, positions, mask, inv_freq, cache)
+        cache.positions = kpos
+        x = norm(x, self._get(Role.FINAL_NORM), self._get(Role.FINAL_NORM_BIAS), self.config)
+        return (x @ self._get(Role.LM_HEAD).T).float()
+
+    def _mask(self, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+        """Additive mask [B, H or 1, S, T]: causal, sliding window, ALiBi."""
+        q, k = qpos[:, None, :, None], kpos[:, None, None, :]
+        allowed = k <= q
+        if self.config.sliding_window is not None:
+            allowed &= k > q - self.config.sliding_window
+        mask = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed, -math.inf)
+        if self.config.alibi_slopes is not None:
+            slopes = torch.tensor(self.config.alibi_slopes, dtype=torch.float32)
+            mask = mask + slopes[None, :, None, None] * k.float()
+        return mask
+
+    def _layer(self, i: int, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+               inv_freq: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
+        cfg, g = self.config, lambda role: self._get(role, i)
+        h = norm(x, g(Role.ATTN_NORM), g(Role.ATTN_NORM_BIAS), cfg)
+        attn = self._attention(i, h, positions, mask, inv_freq, cache)
+        if cfg.residual is ResidualType.PARALLEL:
+            h2 = norm(x, g(Role.MLP_NORM), g(Role.MLP_NORM_BIAS), cfg) if cfg.parallel_norms == 2 \
+                else h
+            return x + attn + self._mlp(i, h2)
+        x = x + attn
+        return x + self._mlp(i, norm(x, g(Role.MLP_NORM), g(Role.MLP_NORM_BIAS), cfg))
+
+    def _attention(self, i: int, h: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                   inv_freq: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
+        cfg, g = self.config, lambda role: self._get(role, i)
+        b, s, _ = h.shape
+        qkv = F.linear(h, g(Role.QKV), g(Role.QKV_BIAS))
+        if cfg.clip_qkv is not None:
+            qkv = qkv.clamp(-cfg.clip_qkv, cfg.clip_qkv)
+        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        if cfg.qk_norm:
+            q = norm(q, g(Role.Q_NORM), g(Role.Q_NORM_BIAS), cfg)
+            k = norm(k, g(Role.K_NORM), g(Role.K_NORM_BIAS), cfg)
+        # [B, S, H*D] -> [B, H, S, D]
+        q = q.view(b, s, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+        k = k.view(b, s, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = v.view(b, s, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        if inv_freq is not None:
+            q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        if i in cache.keys:
+            k = torch.cat([cache.keys[i], k], dim=2)
+            v = torch.cat([cache.values[i], v], dim=2)
+        cache.keys[i], cache.values[i] = k, v
+        group = cfg.num_heads // cfg.num_kv_heads
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        scores = (q.float() @ k.float().transpose(-1, -2)) * cfg.softmax_scale + mask
+        out = torch.softmax(scores, dim=-1).to(v.dtype) @ v  # [B, H, S, D]
+        out = out.transpose(1, 2).reshape(b, s, cfg.q_size)
+        return F.linear(out, g(Role.OUT), g(Role.OUT_BIAS))
+
+    def _mlp(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        g = lambda role: self._get(role, i)  # noqa: E731
+        if self.config.gated_mlp:
+            gate, up = F.linear(h, g(Role.GATE_UP), g(Role.GATE_UP_BIAS)).chunk(2, dim=-1)
+            act = F.silu(gate) * up
+        else:
+            act = F.gelu(F.linear(h, g(Role.UP), g(Role.UP_BIAS)))
+        return F.linear(act, g(Role.DOWN), g(Role.DOWN_BIAS))
+
+    @torch.no_grad()
+    def generate(self, prompt: list[int], max_new_tokens: int,
+                 eos_token_ids: tuple[int, ...] = ()) -> list[int]:
+        """Greedy decoding of one prompt; returns the new tokens (stops after an EOS)."""
+        cache = KVCache()
+        logits = self.forward(torch.tensor([prompt]), cache)
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            token = int(logits[0, -1].argmax())
+            out.append(token)
+            if token in eos_token_ids:
+                break
+            logits = self.forward(torch.tensor([[token]]), cache)
+        return out

@@ -1,0 +1,1 @@
+"""Runtime: executors, KV caches, scheduling and sampling over built engines."""

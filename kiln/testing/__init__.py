@@ -1,0 +1,1 @@
+"""Test helpers: real-model fixtures that need no Hugging Face hub access."""

