@@ -1,0 +1,87 @@
+"""The ``kiln`` command: a click group whose subcommands parse, validate and call the Python API.
+
+Errors a user can cause (:class:`~kiln.errors.KilnError`, click's own usage errors) print one
+line and exit with status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+
+import click
+
+import kiln
+from kiln.config import DTYPES
+from kiln.errors import KilnError
+
+
+@dataclass
+class CliContext:
+    debug: bool
+    verbosity: int  # -1 quiet, 0 default, 1+ verbose
+
+    @property
+    def progress(self) -> bool:
+        return self.verbosity >= 0 and sys.stderr.isatty()
+
+
+class KilnGroup(click.Group):
+    """A group that turns KilnError into a one-line message (exit 2) unless --debug."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except KilnError as e:
+            if ctx.obj is not None and ctx.obj.debug:
+                raise
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(2)
+
+    def resolve_command(self, ctx, args):
+        # Accept dashes for underscores (convert-checkpoint == convert_checkpoint).
+        if args and args[0].replace("-", "_") in self.commands:
+            args = [args[0].replace("-", "_"), *args[1:]]
+        return super().resolve_command(ctx, args)
+
+
+@click.group(cls=KilnGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(kiln.__version__, prog_name="kiln")
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug logs).")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress bars.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.pass_context
+def main(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
+    """kiln: compile Hugging Face LLM checkpoints into engines, and run them."""
+    verbosity = -1 if quiet else verbose
+    level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    ctx.obj = CliContext(debug=debug, verbosity=verbosity)
+
+
+@main.command("convert_checkpoint")
+@click.option("--model_dir", required=True,
+              help="HF checkpoint: a local directory or a hub id (org/name).")
+@click.option("--output_dir", required=True, type=click.Path(file_okay=False),
+              help="Where to write the kiln checkpoint (must not exist unless --overwrite).")
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit) for a hub id.")
+@click.option("--dtype", default="auto", show_default=True,
+              type=click.Choice(("auto", *DTYPES)),
+              help="Weight dtype; auto keeps the checkpoint's torch_dtype.")
+@click.option("--tp_size", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Tensor-parallel ranks.")
+@click.option("--pp_size", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Pipeline-parallel stages.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --output_dir.")
+@click.option("--allow-pickle", "--allow_pickle", "allow_pickle", is_flag=True,
+              help="Load .bin/.pt pickle weights (torch.load weights_only=True).")
+@click.pass_obj
+def convert_checkpoint(obj: CliContext, **options) -> None:
+    """Convert a Hugging Face checkpoint into a sharded kiln checkpoint."""
+    out = kiln.convert_checkpoint(**options, progress=obj.progress)
+    click.echo(str(out))
+
+
+def run() -> None:  # pragma: no cover - console entry point
+    main(prog_name="kiln")

@@ -1,0 +1,147 @@
+"""The engine dir and its compatibility manifest (``config.json``), shared by build and runtime.
+
+An engine dir is self-contained: the manifest, per-rank engine files, and the tokenizer files
+copied from the checkpoint. The builder writes it (atomically); the runtime reads the manifest
+first and refuses, with the reason and the fix, anything that cannot run on this machine,
+before loading any engine file.
+
+Layout (see docs/engine.md):
+
+    config.json            the manifest below
+    rank{N}...             backend files, listed per rank in ``manifest.rank_files``
+    tokenizer.json ...     copied from the kiln checkpoint
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kiln.config import DTYPES, DecoderConfig, Mapping
+from kiln.errors import ConfigError, KilnError
+
+ENGINE_FORMAT_VERSION = 1
+MANIFEST_NAME = "config.json"
+BACKENDS = ("onnx", "tensorrt", "torch")
+
+
+class EngineError(KilnError):
+    """An engine dir is missing, corrupt, or cannot run on this machine."""
+
+
+@dataclass(frozen=True)
+class BuildLimits:
+    """Shapes an engine was built for. Every step of the runtime stays inside them."""
+
+    max_batch_size: int  # sequences (KV-cache slots) per step
+    max_input_len: int  # prompt tokens of one request
+    max_seq_len: int  # prompt + generated tokens of one request (KV-cache length)
+    max_num_tokens: int  # tokens of all sequences in one step (prefill chunks + decodes)
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, found {value!r}")
+        if self.max_input_len > self.max_seq_len:
+            raise ConfigError(f"max_input_len ({self.max_input_len}) exceeds max_seq_len "
+                              f"({self.max_seq_len}); raise --max_seq_len or lower --max_input_len")
+
+
+@dataclass(frozen=True)
+class EngineManifest:
+    """Contents of an engine dir's ``config.json``."""
+
+    backend: str  # one of BACKENDS
+    backend_version: dict[str, str]  # library name -> version it was built with
+    targets: tuple[str, ...]  # compute capabilities ("sm86", ...) or ("cpu",)
+    decoder: DecoderConfig
+    mapping: Mapping
+    dtype: str
+    limits: BuildLimits
+    rank_files: dict[int, tuple[str, ...]]  # rank -> its files, in load (chain) order
+    checksums: dict[str, str]  # file name -> sha256
+    plugins: dict[str, bool] = field(default_factory=dict)
+    quantization: dict[str, Any] = field(default_factory=lambda: {"scheme": None})
+    kiln_version: str = ""
+    source: dict[str, Any] = field(default_factory=dict)
+    format_version: int = ENGINE_FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, found {self.backend!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, found {self.dtype!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version, "kiln_version": self.kiln_version,
+            "backend": self.backend, "backend_version": self.backend_version,
+            "targets": list(self.targets), "dtype": self.dtype,
+            "mapping": {"tp_size": self.mapping.tp_size, "pp_size": self.mapping.pp_size},
+            "limits": vars(self.limits), "plugins": self.plugins,
+            "quantization": self.quantization,
+            "rank_files": {str(r): list(f) for r, f in self.rank_files.items()},
+            "checksums": self.checksums, "decoder": self.decoder.to_dict(), "source": self.source,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EngineManifest:
+        version = data.get("format_version")
+        if version != ENGINE_FORMAT_VERSION:
+            raise EngineError(f"engine format_version {version!r} is not supported by this kiln "
+                              f"(reads {ENGINE_FORMAT_VERSION}); rebuild with kiln build")
+        return cls(
+            backend=data["backend"], backend_version=dict(data["backend_version"]),
+            targets=tuple(data["targets"]), decoder=DecoderConfig.from_dict(data["decoder"]),
+            mapping=Mapping(**data["mapping"]), dtype=data["dtype"],
+            limits=BuildLimits(**data["limits"]),
+            rank_files={int(r): tuple(f) for r, f in data["rank_files"].items()},
+            checksums=dict(data["checksums"]), plugins=dict(data.get("plugins", {})),
+            quantization=data.get("quantization", {"scheme": None}),
+            kiln_version=data.get("kiln_version", ""), source=data.get("source", {}),
+            format_version=version)
+
+    def write(self, engine_dir: Path) -> None:
+        (Path(engine_dir) / MANIFEST_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def read_manifest(engine_dir: str | Path) -> EngineManifest:
+    """Read and validate an engine dir's manifest (no engine file is touched)."""
+    engine_dir = Path(engine_dir)
+    path = engine_dir / MANIFEST_NAME
+    if not engine_dir.is_dir():
+        raise EngineError(f"{engine_dir}: no such engine directory; pass the output_dir of kiln build")
+    if not path.is_file():
+        raise EngineError(f"{path}: missing; not an engine dir (run kiln build first)")
+    try:
+        return EngineManifest.from_dict(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise EngineError(f"{path}: invalid JSON ({e}); rebuild with kiln build") from None
+    except (KeyError, TypeError) as e:
+        raise EngineError(f"{path}: malformed manifest ({e!r}); rebuild with kiln build") from None
+    except ConfigError as e:
+        raise EngineError(f"{path}: {e}") from None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(16 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_files(engine_dir: Path, manifest: EngineManifest, rank: int) -> None:
+    """Check a rank's files exist and match their checksums."""
+    for name in manifest.rank_files.get(rank, ()):
+        path = Path(engine_dir) / name
+        if not path.is_file():
+            raise EngineError(f"{path}: missing (listed in the manifest); rebuild with kiln build")
+        want = manifest.checksums.get(name)
+        if want is not None and sha256_file(path) != want:
+            raise EngineError(f"{path}: checksum mismatch (corrupt or modified); rebuild with "
+                              f"kiln build")
