@@ -7,24 +7,13 @@ line and exit with status 2; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import logging
-import sys
-from dataclasses import dataclass
 
 import click
 
 import kiln
+from kiln.cli.context import CliContext
 from kiln.config import DTYPES
 from kiln.errors import KilnError
-
-
-@dataclass
-class CliContext:
-    debug: bool
-    verbosity: int  # -1 quiet, 0 default, 1+ verbose
-
-    @property
-    def progress(self) -> bool:
-        return self.verbosity >= 0 and sys.stderr.isatty()
 
 
 class KilnGroup(click.Group):

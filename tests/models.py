@@ -1,0 +1,58 @@
+"""Tiny random HF models of every supported architecture variant, for tests of every stage.
+
+``VARIANTS[name] = (config_cls, model_cls, config_kwargs)``. Use :func:`hf_model` to save
+one (cached per test session by the caller's fixture) and :func:`kiln_checkpoint` to convert
+it. Every variant has vocab 128 and at least 2 layers, so tp 1/2/4 and pp 1/2 apply where the
+head counts allow (see ``tp_sizes``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+import kiln
+from tests.helpers import save_hf_model
+
+LLAMA_BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+VARIANTS = {
+    "llama-gqa": (LlamaConfig, LlamaForCausalLM, {}),
+    "llama-mha-headdim-bias": (LlamaConfig, LlamaForCausalLM,
+                               dict(num_key_value_heads=4, head_dim=24, attention_bias=True,
+                                    mlp_bias=True)),
+    "llama-mqa-tied": (LlamaConfig, LlamaForCausalLM,
+                       dict(num_key_value_heads=1, tie_word_embeddings=True)),
+    "llama-rope-linear": (LlamaConfig, LlamaForCausalLM,
+                          dict(rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    # max_position_embeddings below the test sequences so dynamic NTK scaling takes effect.
+    "llama-rope-dynamic": (LlamaConfig, LlamaForCausalLM,
+                           dict(max_position_embeddings=8,
+                                rope_scaling={"rope_type": "dynamic", "factor": 2.0})),
+    "llama-rope-llama3": (LlamaConfig, LlamaForCausalLM,
+                          dict(rope_theta=500000.0,
+                               rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                             "original_max_position_embeddings": 16})),
+    "mistral-window": (MistralConfig, MistralForCausalLM, dict(sliding_window=4)),
+}
+# Variants whose HF forward is the oracle's oracle (all, unless a variant says otherwise).
+PROMPT = [3, 17, 5, 99, 42, 8, 64, 1, 127, 33, 12]
+
+
+def hf_model(name: str, path: Path) -> Path:
+    """Save variant ``name`` as an HF checkpoint (float32, random weights) at ``path``."""
+    config_cls, model_cls, overrides = VARIANTS[name]
+    base = LLAMA_BASE if config_cls in (LlamaConfig, MistralConfig) else {}
+    return save_hf_model(model_cls, config_cls(**{**base, **overrides}), path)
+
+
+def model_class(name: str):
+    return VARIANTS[name][1]
+
+
+def kiln_checkpoint(hf_dir: Path, out: Path, tp: int = 1, pp: int = 1, dtype: str = "auto") -> Path:
+    return kiln.convert_checkpoint(hf_dir, out, tp_size=tp, pp_size=pp, dtype=dtype,
+                                   progress=False)
