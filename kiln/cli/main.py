@@ -74,3 +74,7 @@ def convert_checkpoint(obj: CliContext, **options) -> None:
 
 def run() -> None:  # pragma: no cover - console entry point
     main(prog_name="kiln")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    run()

@@ -114,10 +114,10 @@ def plan_targets(converter: type[Converter], config: DecoderConfig, source: Sour
             raise TensorMappingError(f"{converter.__name__} has no rule for {name} (a kiln bug)")
         names = [s.format(layer=layer) for s in rule.sources]
         absent = [n for n in names if n not in source.tensors]
+        used.update(n for n in names if n in source.tensors)
         if absent:
             missing.update(absent)
             continue
-        used.update(names)
         sources = tuple(source.tensors[n] for n in names)
         plans.append(TargetPlan(name, role, layer, sources, rule, _planned_shape(rule, sources)))
     ignored = [re.compile(p) for p in converter.ignored_patterns(config)]

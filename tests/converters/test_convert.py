@@ -1,0 +1,176 @@
+"""convert_checkpoint: output format, bad input (one clear error, nothing left behind), safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import kiln
+from kiln.checkpoint import load_config, load_rank
+from kiln.errors import (
+    CheckpointError,
+    ConfigError,
+    OutputExistsError,
+    TensorMappingError,
+    UnsafeCheckpointError,
+    UnsupportedArchitectureError,
+)
+from tests.models import hf_model
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    return hf_model("llama-gqa", tmp_path_factory.mktemp("hf") / "model")
+
+
+@pytest.fixture
+def src(hf_dir, tmp_path):
+    """A private copy of the HF model that a test may damage."""
+    out = tmp_path / "src"
+    out.mkdir()
+    for f in hf_dir.iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    return out
+
+
+def _convert(src, out, **kw):
+    return kiln.convert_checkpoint(src, out, progress=False, **kw)
+
+
+def _leftovers(parent):
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+def test_output_format(hf_dir, tmp_path):
+    out = _convert(hf_dir, tmp_path / "ckpt", tp_size=2, pp_size=2, dtype="bfloat16")
+    config = json.loads((out / "config.json").read_text())
+    assert config["format_version"] == 1
+    assert config["mapping"] == {"tp_size": 2, "pp_size": 2}
+    assert config["dtype"] == "bfloat16"
+    assert config["quantization"] == {"scheme": None}
+    assert set(config["source"]["files"]) == {"model.safetensors"}
+    assert len(config["source"]["files"]["model.safetensors"]) == 64  # sha256 hex
+    ckpt = load_config(out)
+    rank3 = load_rank(out, 3, ckpt)  # tp_rank 1 of the last stage: layer 1 + head
+    assert "embed.weight" not in rank3 and "lm_head.weight" in rank3
+    assert rank3["layers.1.attn.qkv.weight"].shape == (64, 64)  # (2 q heads + 1 k + 1 v) x 16
+    assert all(t.dtype == torch.bfloat16 for t in rank3.values())
+    assert _leftovers(tmp_path) == []
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="no such directory"):
+        _convert(tmp_path / "nope", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_config(src, tmp_path):
+    (src / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        _convert(src, tmp_path / "out")
+
+
+def test_unsupported_architecture_lists_supported(src, tmp_path):
+    config = json.loads((src / "config.json").read_text())
+    config["architectures"] = ["GPT2LMHeadModel"]
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedArchitectureError, match="LlamaForCausalLM.*MistralForCausalLM"):
+        _convert(src, tmp_path / "out")
+
+
+@pytest.mark.parametrize("tp,message", [(3, "query heads"), (8, "query heads")])
+def test_tp_size_must_divide_heads(hf_dir, tmp_path, tp, message):
+    with pytest.raises(ConfigError, match=message):
+        _convert(hf_dir, tmp_path / "out", tp_size=tp)
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+def test_tp_size_must_divide_mlp_width(src, tmp_path):
+    config = json.loads((src / "config.json").read_text())
+    config["intermediate_size"] = 97  # heads divide by 2, the MLP width does not
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="MLP width"):
+        _convert(src, tmp_path / "out", tp_size=2)
+
+
+def test_truncated_safetensors(src, tmp_path):
+    weights = src / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        _convert(src, tmp_path / "out")
+    assert _leftovers(tmp_path) == [] and not (tmp_path / "out").exists()
+
+
+def test_missing_and_unexpected_tensors_are_listed(src, tmp_path):
+    tensors = load_file(src / "model.safetensors")
+    tensors["model.layers.0.self_attn.extra.weight"] = torch.zeros(2)
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, src / "model.safetensors")
+    with pytest.raises(TensorMappingError) as err:
+        _convert(src, tmp_path / "out")
+    assert "missing ['model.layers.1.mlp.up_proj.weight']" in str(err.value)
+    assert "unexpected ['model.layers.0.self_attn.extra.weight']" in str(err.value)
+
+
+def test_unknown_dtype(hf_dir, tmp_path):
+    with pytest.raises(ConfigError, match="dtype must be auto or one of"):
+        _convert(hf_dir, tmp_path / "out", dtype="float8")
+
+
+def test_existing_output_is_refused_then_replaced(hf_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        _convert(hf_dir, out)
+    assert (out / "keep.txt").read_text() == "mine"
+    _convert(hf_dir, out, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "rank0.safetensors").is_file()
+    assert _leftovers(tmp_path) == []
+
+
+def test_failure_mid_write_keeps_the_old_output(hf_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+
+    def boom(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("kiln.converters.convert._copy_tokenizer", boom)
+    with pytest.raises(OSError, match="disk full"):
+        _convert(hf_dir, out, overwrite=True)
+    assert (out / "keep.txt").read_text() == "mine"
+    assert _leftovers(tmp_path) == []
+
+
+def test_pickle_checkpoints_need_allow_pickle(hf_dir, tmp_path):
+    src = tmp_path / "pickled"
+    src.mkdir()
+    (src / "config.json").write_text((hf_dir / "config.json").read_text())
+    torch.save(load_file(hf_dir / "model.safetensors"), src / "pytorch_model.bin")
+    with pytest.raises(UnsafeCheckpointError, match="--allow-pickle"):
+        _convert(src, tmp_path / "out")
+    out = _convert(src, tmp_path / "out", allow_pickle=True)
+    ref = _convert(hf_dir, tmp_path / "ref")
+    assert load_file(out / "rank0.safetensors").keys() == load_file(ref / "rank0.safetensors").keys()
+    for name, tensor in load_file(ref / "rank0.safetensors").items():
+        assert torch.equal(load_file(out / "rank0.safetensors")[name], tensor)
+
+
+def test_offline_hub_gives_a_clear_error(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "kiln.cli.main", "convert_checkpoint", "--model_dir",
+         "some-org/some-model", "--output_dir", str(tmp_path / "out")],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "HF_HUB_OFFLINE" in lines[0] and "some-org/some-model" in lines[0]
+    assert not (tmp_path / "out").exists()
