@@ -4,9 +4,10 @@ Steps: open the source (no data read) -> pick the converter -> canonical config 
 the split -> plan every target tensor (strict accounting, shapes derived on meta tensors) ->
 stream tensors into one writer per rank -> config.json, tokenizer files -> rename into place.
 
-Memory: one target tensor at a time. A plain copy (one source, no transform, split by rows or
-replicated) is streamed in row chunks, so even a large embedding never sits in memory whole.
-Everything else holds its sources and the fused result (a few hundred MB at 8B width).
+Memory: tensors are streamed in row chunks of about 64 MB, each written straight to every
+rank that keeps part of it, so no tensor (not even a fused qkv or a large embedding) is held
+whole. Only a converter transform other than a row concatenation (Falcon's QKV regroup)
+materializes its sources and result, one tensor at a time.
 
 Atomicity: output goes to a hidden temporary directory beside ``output_dir`` and is renamed
 into place at the end; on any error it is removed and an existing output is left untouched.
@@ -33,11 +34,11 @@ from tqdm import tqdm
 import kiln
 from kiln.checkpoint import CONFIG_NAME, TOKENIZER_FILES, CheckpointConfig, rank_file
 from kiln.config import DTYPES, DecoderConfig, Mapping
-from kiln.converters.base import Converter, TensorRule, converter_for
+from kiln.converters.base import Converter, TensorRule, concat_rows, converter_for
 from kiln.converters.source import Source, SourceTensor, open_source
 from kiln.errors import ConfigError, OutputExistsError, TensorMappingError
 from kiln.roles import SHARDING, Role, expected_shape, parse_name, tensor_names
-from kiln.sharding import shard, shard_ranges, shard_shape
+from kiln.sharding import shard_ranges, shard_shape
 from kiln.tensorio import StreamingWriter, iter_row_chunks
 
 log = logging.getLogger(__name__)
@@ -54,12 +55,12 @@ class TargetPlan:
     rule: TensorRule
     shape: tuple[int, ...]
 
-    @property
-    def streamable(self) -> bool:
-        """A plain copy split by rows (or replicated): can be streamed in row chunks."""
-        spec = SHARDING[self.role]
-        return self.rule.transform is None and spec.dim in (None, 0) and spec.segments is None \
-            and len(self.shape) >= 1
+    def row_pieces(self) -> list[SourceTensor] | None:
+        """Sources whose rows, stacked, are this tensor's rows (a copy or a row concatenation);
+        None for any other transform."""
+        if self.rule.transform is None or self.rule.transform is concat_rows:
+            return list(self.sources)
+        return None
 
     def read_full(self) -> torch.Tensor:
         if self.rule.transform is None:
@@ -157,23 +158,79 @@ def _resolve_dtype(dtype: str, source: Source, plans: list[TargetPlan]) -> str:
 
 def _write_ranks(out: Path, plans: list[TargetPlan], config: DecoderConfig, mapping: Mapping,
                  dtype: torch.dtype, progress: bool) -> None:
-    """Stream every target into its ranks' files, reading sources in file order."""
+    """Stream every target, in row chunks, into its ranks' files; sources read in file order."""
     writers = _open_writers(out, plans, config, mapping, dtype)
     plans = sorted(plans, key=lambda p: p.sources[0].location())
     total = sum(s.nbytes for p in plans for s in p.sources)
     with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress,
               leave=False) as bar:
         for plan in plans:
-            ranks = _ranks_holding(plan, config, mapping)
-            if plan.streamable:
-                _copy_rows(plan, ranks, writers, config, mapping, dtype)
-            else:
-                full = _cast(plan.read_full(), dtype)
-                for tp_rank, rank in ranks:
-                    writers[rank].write(plan.name, shard(full, plan.role, config, mapping, tp_rank))
+            placements = [_Placement.create(writers[rank], plan, config, mapping, tp_rank, dtype)
+                          for tp_rank, rank in _ranks_holding(plan, config, mapping)]
+            for row, chunk in _row_chunks(plan, dtype):
+                for placement in placements:
+                    placement.write(row, chunk)
             bar.update(sum(s.nbytes for s in plan.sources))
     for writer in writers.values():
         writer.close()
+
+
+def _row_chunks(plan: TargetPlan, dtype: torch.dtype) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, rows) chunks of the whole target tensor, each at most ~64 MB of source.
+
+    Copies and row concatenations (fused qkv, gate_up) are read piece by piece, so no fused
+    tensor is ever materialized; any other transform is applied to whole sources once.
+    """
+    pieces = plan.row_pieces()
+    if pieces is None:
+        yield 0, _cast(plan.read_full(), dtype)
+        return
+    row = 0
+    for src in pieces:
+        rows = src.shape[0]
+        for a, b in iter_row_chunks(rows, src.nbytes // max(rows, 1)):
+            yield row + a, _cast(src.read((a, b)), dtype)
+        row += rows
+
+
+@dataclass(frozen=True)
+class _Placement:
+    """Where rows of a whole tensor go in one rank's shard of it."""
+
+    writer: StreamingWriter
+    name: str
+    dim: int | None
+    ranges: tuple[tuple[int, int, int], ...]  # (start, stop, local offset) along dim
+
+    @classmethod
+    def create(cls, writer: StreamingWriter, plan: TargetPlan, config: DecoderConfig,
+               mapping: Mapping, tp_rank: int, dtype: torch.dtype) -> _Placement:
+        dim = SHARDING[plan.role].dim
+        ranges, local = [], 0
+        if dim is not None:
+            for start, stop in shard_ranges(plan.role, config, mapping, tp_rank, plan.shape[dim]):
+                ranges.append((start, stop, local))
+                local += stop - start
+        placement = cls(writer, plan.name, dim, tuple(ranges))
+        rows = plan.shape[0]
+        for start, stop, offset in placement.ranges if dim == 0 else ():
+            if stop > rows:  # vocab padding of the last rank: zero rows
+                pad = torch.zeros((stop - max(start, rows), *plan.shape[1:]), dtype=dtype)
+                writer.write_rows(plan.name, pad, offset + max(start, rows) - start)
+        return placement
+
+    def write(self, row: int, chunk: torch.Tensor) -> None:
+        """Write rows ``[row, row + len(chunk))`` of the whole tensor (those this rank keeps)."""
+        if self.dim is None:
+            self.writer.write_rows(self.name, chunk, row)
+        elif self.dim == 1:  # row-parallel weight: every row, this rank's columns
+            (start, stop, _), = self.ranges
+            self.writer.write_rows(self.name, chunk[:, start:stop].contiguous(), row)
+        else:
+            for start, stop, offset in self.ranges:
+                lo, hi = max(row, start), min(row + chunk.shape[0], stop)
+                if lo < hi:
+                    self.writer.write_rows(self.name, chunk[lo - row:hi - row], offset + lo - start)
 
 
 def _open_writers(out: Path, plans: list[TargetPlan], config: DecoderConfig, mapping: Mapping,
@@ -205,28 +262,6 @@ def _ranks_holding(plan: TargetPlan, config: DecoderConfig, mapping: Mapping) ->
     else:
         stage = 0 if plan.role is Role.EMBED else mapping.pp_size - 1
     return [(t, mapping.rank(t, stage)) for t in range(mapping.tp_size)]
-
-
-def _copy_rows(plan: TargetPlan, ranks: list[tuple[int, int]], writers: dict[int, StreamingWriter],
-               config: DecoderConfig, mapping: Mapping, dtype: torch.dtype) -> None:
-    """Copy a single-source tensor in row chunks, each chunk to every rank that stores it."""
-    src = plan.sources[0]
-    rows = plan.shape[0]
-    spec = SHARDING[plan.role]
-    targets = []
-    for tp_rank, rank in ranks:
-        (start, stop), = shard_ranges(plan.role, config, mapping, tp_rank, rows) \
-            if spec.dim == 0 else [(0, rows)]
-        targets.append((rank, start, stop))
-        if stop > rows:  # vocab padding rows of the last rank: zeros
-            pad = torch.zeros((stop - max(start, rows), *plan.shape[1:]), dtype=dtype)
-            writers[rank].write_rows(plan.name, pad, max(start, rows) - start)
-    for a, b in iter_row_chunks(rows, src.nbytes // max(rows, 1)):
-        chunk = _cast(src.read((a, b)), dtype)
-        for rank, start, stop in targets:
-            lo, hi = max(a, start), min(b, stop)
-            if lo < hi:
-                writers[rank].write_rows(plan.name, chunk[lo - a:hi - a], lo - start)
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
