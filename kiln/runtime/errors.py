@@ -1,0 +1,21 @@
+"""Typed errors of the runtime. Each is a :class:`~kiln.errors.KilnError` with a one-line message.
+
+Engine-dir problems (missing, corrupt, incompatible with this machine) raise
+:class:`kiln.engine.EngineError`; the classes here cover requests and tokenizers.
+"""
+
+from __future__ import annotations
+
+from kiln.errors import KilnError
+
+
+class SamplingParamsError(KilnError, ValueError):
+    """A sampling parameter is out of range; the message names the parameter."""
+
+
+class RequestError(KilnError, ValueError):
+    """One request cannot be served (prompt too long, empty, unknown id); others go on."""
+
+
+class TokenizerError(KilnError):
+    """The engine dir's tokenizer or chat template is missing or unreadable."""

@@ -1,0 +1,194 @@
+"""The Python API: ``LLM(engine_dir)``, ``generate``, ``generate_stream`` and ``chat``.
+
+Contract:
+- ``LLM(engine_dir)`` checks the engine dir against this machine, loads its executor and its
+  tokenizer (``tokenizer.json`` via the ``tokenizers`` library) and reads
+  ``generation_config.json``: its EOS ids always end generation (unless ``ignore_eos``), and its
+  sampling fields are the default :class:`SamplingParams` when a call passes none.
+- ``generate(prompts, params)`` returns one :class:`CompletionResult` per prompt, in order. A
+  prompt is a string or a list of token ids. ``params`` is one SamplingParams for all prompts or
+  one per prompt. All prompts are validated before any runs; a bad one raises
+  :class:`~kiln.runtime.errors.RequestError` naming it.
+- ``generate_stream`` yields :class:`StreamDelta` objects as tokens are produced (text deltas
+  are whole UTF-8 characters and never include a stop string); the last delta of each prompt
+  carries its result. Leaving the loop early aborts the prompts still running.
+- ``chat(messages, params)`` renders the chat template and generates; ``render_chat`` gives the
+  token ids for streaming a chat.
+- One thread drives an LLM at a time (a lock serializes calls); :class:`kiln.runtime.AsyncLLM`
+  serves asyncio callers.
+
+Non-goals: multiple engines per LLM, LoRA.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from kiln.engine import EngineManifest
+from kiln.runtime.core import EngineCore
+from kiln.runtime.errors import RequestError, TokenizerError
+from kiln.runtime.executor import Executor
+from kiln.runtime.loader import ExecutorOptions, open_engine
+from kiln.runtime.outputs import CompletionResult, StreamDelta
+from kiln.runtime.sampling import SamplingParams
+from kiln.runtime.scheduler import Policy
+from kiln.runtime.tokenizer import ModelTokenizer, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | Sequence[int]
+Messages = list[dict[str, Any]]
+
+
+class LLM:
+    """Generate text with a built engine (see the module docstring)."""
+
+    def __init__(self, engine_dir: str | Path, options: ExecutorOptions | None = None,
+                 policy: Policy | None = None):
+        self.engine_dir = Path(engine_dir)
+        self.manifest: EngineManifest | None
+        self.manifest, executor = open_engine(self.engine_dir, options)
+        try:
+            tokenizer = load_tokenizer(self.engine_dir)
+        except TokenizerError:
+            executor.close()
+            raise
+        self._setup(executor, tokenizer, policy)
+
+    @classmethod
+    def from_executor(cls, executor: Executor, tokenizer: ModelTokenizer | None = None,
+                      policy: Policy | None = None) -> LLM:
+        """An LLM over an executor built by hand (the oracle's, a mock model's in tests)."""
+        llm = cls.__new__(cls)
+        llm.engine_dir, llm.manifest = None, None
+        llm._setup(executor, tokenizer, policy)
+        return llm
+
+    def _setup(self, executor: Executor, tokenizer: ModelTokenizer | None,
+               policy: Policy | None) -> None:
+        self.executor = executor
+        self.tokenizer = tokenizer
+        self.core = EngineCore(executor, tokenizer, policy)
+        self.lock = threading.Lock()
+        self.async_owner: object | None = None  # an open AsyncLLM drives the core instead
+        gc = tokenizer.generation_config if tokenizer is not None else {}
+        self.default_params = SamplingParams.from_generation_config(gc)
+
+    @property
+    def limits(self):
+        return self.executor.limits
+
+    def close(self) -> None:
+        self.executor.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- prompts -----------------------------------------------------------------------------
+    def encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("text prompts need a tokenizer; pass token ids instead")
+            return self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        if not all(isinstance(t, int) for t in ids):
+            raise RequestError("a prompt must be a string or a list of int token ids")
+        return ids
+
+    def render_chat(self, messages: Messages, add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation rendered with the model's chat template."""
+        if self.tokenizer is None:
+            raise TokenizerError("chat needs a tokenizer with a chat template")
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _params_list(self, n: int, params: SamplingParams | Sequence[SamplingParams] | None,
+                     ) -> list[SamplingParams]:
+        if params is None:
+            return [self.default_params] * n
+        if isinstance(params, SamplingParams):
+            return [params] * n
+        params = list(params)
+        if len(params) != n:
+            raise RequestError(f"got {len(params)} SamplingParams for {n} prompts; pass one, or "
+                               f"one per prompt")
+        return params
+
+    def _add_all(self, prompts: Sequence[Prompt],
+                 params: SamplingParams | Sequence[SamplingParams] | None) -> list[str]:
+        """Validate every prompt first, then queue them all (so a bad one queues nothing)."""
+        plist = self._params_list(len(prompts), params)
+        encoded = []
+        for i, prompt in enumerate(prompts):
+            ids = self.encode(prompt)
+            try:
+                self.core.check_prompt(f"#{i}", ids)
+            except RequestError as e:
+                raise RequestError(f"prompt {e}") from None
+            encoded.append(ids)
+        return [self.core.add_request(ids, p, prompt=prompt if isinstance(prompt, str) else None
+                                      ).request_id
+                for ids, p, prompt in zip(encoded, plist, prompts, strict=True)]
+
+    # -- generation --------------------------------------------------------------------------
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 ) -> list[CompletionResult]:
+        """One result per prompt, in order (see the module docstring)."""
+        prompts = _as_list(prompts)
+        results: dict[int, CompletionResult] = {}
+        for delta in self.generate_stream(prompts, params):
+            if delta.result is not None:
+                results[delta.index] = delta.result
+        return [results[i] for i in range(len(prompts))]
+
+    def generate_stream(self, prompts: Prompt | Sequence[Prompt],
+                        params: SamplingParams | Sequence[SamplingParams] | None = None,
+                        ) -> Iterator[StreamDelta]:
+        """Deltas of all prompts as they are produced (see the module docstring)."""
+        prompts = _as_list(prompts)
+        if self.async_owner is not None:
+            raise RuntimeError("this LLM is driven by an AsyncLLM; use its submit/stream, or "
+                               "close it first")
+        with self.lock:
+            ids = self._add_all(prompts, params)
+            index = {rid: i for i, rid in enumerate(ids)}
+            live = set(ids)
+            try:
+                while live:
+                    for delta in self.core.step():
+                        if delta.request_id not in index:
+                            continue  # another caller's request (cannot happen under the lock)
+                        request = self.core.requests[delta.request_id]
+                        if delta.finished:
+                            live.discard(delta.request_id)
+                            self.core.pop(delta.request_id)
+                        if delta.text or delta.token_ids or delta.finished:
+                            yield StreamDelta.of(index[delta.request_id], delta, request)
+            finally:
+                for rid in live:  # the caller stopped early, or an error escaped
+                    self.core.abort(rid)
+                    self.core.pop(rid)
+
+    def chat(self, messages: Messages | Sequence[Messages],
+             params: SamplingParams | Sequence[SamplingParams] | None = None,
+             ) -> list[CompletionResult]:
+        """Generate replies to one conversation (a list of messages) or to several."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        return self.generate([self.render_chat(c) for c in conversations], params)
+
+
+def _as_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]  # one prompt of token ids
+    return prompts

@@ -1,0 +1,76 @@
+"""Opening an engine dir: manifest, machine check, file check, then the backend's executor.
+
+Backends are a registry of module paths, imported only when an engine of that backend is
+opened (so a CPU machine never imports TensorRT). A backend module defines
+
+    check_machine(manifest: EngineManifest, machine: MachineInfo) -> None   # raise EngineError
+    load_executor(engine_dir: Path, manifest: EngineManifest, options: ExecutorOptions) -> Executor
+
+Order (nothing heavy happens before the checks pass): read and validate ``config.json``, check
+it against this machine, verify the rank files' presence and checksums, then load.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+from kiln.engine import EngineError, EngineManifest, read_manifest, verify_files
+from kiln.runtime.compat import MachineInfo, describe_machine
+from kiln.runtime.executor import Executor
+
+logger = logging.getLogger(__name__)
+
+BACKEND_MODULES: dict[str, str] = {
+    "onnx": "kiln.runtime.onnx_executor",
+    "tensorrt": "kiln.runtime.tensorrt_executor",
+    "torch": "kiln.runtime.torch_executor",
+}
+
+
+@dataclass(frozen=True)
+class ExecutorOptions:
+    """Run-time choices that do not change the engine."""
+
+    device: str = "auto"  # onnx: "cpu", "cuda" or "auto" (CUDA when onnxruntime-gpu has it)
+    num_threads: int | None = None  # CPU threads (None: all cores of this process)
+    rank: int = 0  # this process's rank (tensor/pipeline parallel engines)
+    verify_checksums: bool = True
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise EngineError(f"device must be auto, cpu or cuda, found {self.device!r}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise EngineError(f"num_threads must be >= 1, found {self.num_threads}")
+
+
+def backend_module(backend: str) -> ModuleType:
+    name = BACKEND_MODULES.get(backend)
+    if name is None:
+        raise EngineError(f"backend {backend!r} has no runtime in this kiln (known: "
+                          f"{', '.join(sorted(BACKEND_MODULES))}); rebuild with one of those")
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name == name:
+            raise EngineError(f"the {backend} backend's runtime ({name}) is not part of this "
+                              f"kiln install; rebuild the engine with another backend") from None
+        raise
+
+
+def open_engine(engine_dir: str | Path, options: ExecutorOptions | None = None,
+                machine: MachineInfo | None = None) -> tuple[EngineManifest, Executor]:
+    """Check and load an engine dir (see the module docstring)."""
+    engine_dir = Path(engine_dir)
+    options = options or ExecutorOptions()
+    manifest = read_manifest(engine_dir)
+    module = backend_module(manifest.backend)
+    module.check_machine(manifest, machine if machine is not None else describe_machine())
+    if options.verify_checksums:
+        for rank in manifest.rank_files:
+            verify_files(engine_dir, manifest, rank)
+    logger.info("loading %s engine from %s", manifest.backend, engine_dir)
+    return manifest, module.load_executor(engine_dir, manifest, options)

@@ -1,0 +1,85 @@
+"""What the API returns: per-request results, stream deltas and timings (plain frozen data)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kiln.runtime.core import Request, RequestDelta
+from kiln.runtime.sampling import TokenLogprobs
+
+
+@dataclass(frozen=True)
+class RequestTimings:
+    """Wall-clock marks of one request (``time.perf_counter`` seconds) and what follows."""
+
+    arrival: float
+    token_times: tuple[float, ...]  # when each output token was sampled
+    finished: float | None
+
+    @property
+    def ttft(self) -> float | None:
+        """Time to first token (s)."""
+        return self.token_times[0] - self.arrival if self.token_times else None
+
+    @property
+    def tpot(self) -> float | None:
+        """Time per output token after the first (s): (last - first) / (n - 1)."""
+        n = len(self.token_times)
+        return (self.token_times[-1] - self.token_times[0]) / (n - 1) if n > 1 else None
+
+    @property
+    def itl(self) -> tuple[float, ...]:
+        """Inter-token latencies (s) between consecutive output tokens."""
+        t = self.token_times
+        return tuple(b - a for a, b in zip(t, t[1:], strict=False))
+
+    @property
+    def latency(self) -> float | None:
+        return None if self.finished is None else self.finished - self.arrival
+
+
+@dataclass(frozen=True)
+class CompletionResult:
+    """One request's outcome. ``finish_reason``: stop, length, abort or error."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: tuple[int, ...]
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None
+    stop_reason: str | int | None  # the stop string or token id that ended it
+    logprobs: tuple[TokenLogprobs, ...] | None
+    timings: RequestTimings
+    error: str | None = None
+
+    @classmethod
+    def from_request(cls, request: Request) -> CompletionResult:
+        return cls(request.request_id, request.prompt, tuple(request.prompt_ids), request.text,
+                   tuple(request.output_ids), request.finish_reason, request.stop_reason,
+                   None if request.logprobs is None else tuple(request.logprobs),
+                   RequestTimings(request.arrival_time, tuple(request.token_times),
+                                  request.finish_time), request.error)
+
+
+@dataclass(frozen=True)
+class StreamDelta:
+    """A streamed piece of one request: new text/tokens; ``result`` is set on its last delta."""
+
+    index: int  # position of the prompt in the call (0 for single-request streams)
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprobs, ...] = ()
+    finish_reason: str | None = None
+    result: CompletionResult | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @classmethod
+    def of(cls, index: int, delta: RequestDelta, request: Request) -> StreamDelta:
+        result = CompletionResult.from_request(request) if delta.finished else None
+        return cls(index, delta.request_id, delta.text, delta.token_ids, delta.logprobs,
+                   delta.finish_reason, result)

@@ -1,0 +1,190 @@
+"""Sampling: validated parameters and pure functions from one row of logits to one token.
+
+Contract:
+- :class:`SamplingParams` is frozen and validated on construction; a bad value raises
+  :class:`~kiln.runtime.errors.SamplingParamsError` naming the parameter.
+- :func:`sample` is a pure function of (logits, params, token history, generator): it reads the
+  request's own ``torch.Generator`` and nothing global, so a seeded request gives the same tokens
+  alone or in any batch. Greedy (``temperature == 0``) never touches the generator.
+- Processing order (as HF/vLLM): repetition penalty (prompt and output tokens), presence and
+  frequency penalties (output tokens), temperature, then top-k, top-p and min-p filters, then a
+  draw from the remaining distribution.
+- Logprobs (``logprobs=n``) are the model's raw distribution: ``log_softmax`` of the logits before
+  penalties, temperature and filters (vLLM's default), for the chosen token and the top n.
+
+Non-goals: beam search, logit bias maps, guided decoding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kiln.runtime.errors import SamplingParamsError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token and when to stop (see the module docstring)."""
+
+    max_tokens: int = 64  # new tokens at most (the engine's max_seq_len may cut it: "length")
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = all tokens
+    top_p: float = 1.0  # nucleus mass kept, in (0, 1]
+    min_p: float = 0.0  # drop tokens below min_p * p(most likely), in [0, 1]
+    repetition_penalty: float = 1.0  # HF style, > 0 (1 = off), on prompt and output tokens
+    presence_penalty: float = 0.0  # OpenAI style, in [-2, 2], on output tokens
+    frequency_penalty: float = 0.0  # OpenAI style, in [-2, 2], on output tokens
+    seed: int | None = None  # None: a fresh random seed per request
+    stop: tuple[str, ...] = ()  # stop strings (matched across token boundaries)
+    stop_token_ids: tuple[int, ...] = ()  # extra ids that end a request (kept in token_ids)
+    ignore_eos: bool = False  # do not stop at the model's EOS ids
+    logprobs: int | None = None  # top-n raw logprobs per generated token (0: chosen token only)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True  # in the returned text
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        _check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens",
+               f"must be an integer >= 1, found {self.max_tokens!r}")
+        _check(_is_num(self.temperature) and self.temperature >= 0, "temperature",
+               f"must be >= 0 (0 = greedy), found {self.temperature!r}")
+        _check(_is_int(self.top_k) and self.top_k >= 0, "top_k",
+               f"must be an integer >= 0 (0 = off), found {self.top_k!r}")
+        _check(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p",
+               f"must be in (0, 1], found {self.top_p!r}")
+        _check(_is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p",
+               f"must be in [0, 1], found {self.min_p!r}")
+        _check(_is_num(self.repetition_penalty) and self.repetition_penalty > 0,
+               "repetition_penalty", f"must be > 0 (1 = off), found {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(_is_num(value) and -2 <= value <= 2, name, f"must be in [-2, 2], found {value!r}")
+        _check(self.seed is None or _is_int(self.seed), "seed",
+               f"must be an integer or None, found {self.seed!r}")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop",
+               f"must be non-empty strings, found {self.stop!r}")
+        _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+               f"must be token ids >= 0, found {self.stop_token_ids!r}")
+        _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20),
+               "logprobs", f"must be None or an integer in [0, 20], found {self.logprobs!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def replace(self, **changes: Any) -> SamplingParams:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_generation_config(cls, generation_config: dict[str, Any],
+                               **overrides: Any) -> SamplingParams:
+        """Defaults from an HF ``generation_config.json`` (do_sample off -> greedy), then overrides."""
+        gc = generation_config
+        fields: dict[str, Any] = {}
+        if gc.get("do_sample"):
+            for key in ("temperature", "top_k", "top_p", "min_p"):
+                if gc.get(key) is not None:
+                    fields[key] = gc[key]
+        else:
+            fields["temperature"] = 0.0
+        if gc.get("repetition_penalty") is not None:
+            fields["repetition_penalty"] = gc["repetition_penalty"]
+        if gc.get("max_new_tokens") is not None:
+            fields["max_tokens"] = gc["max_new_tokens"]
+        return cls(**{**fields, **overrides})
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """The chosen token's raw logprob and the ``n`` most likely tokens' (id -> logprob)."""
+
+    token_id: int
+    logprob: float
+    top: dict[int, float]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_num(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise SamplingParamsError(f"SamplingParams.{name} {message}")
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    """A CPU generator for one request: seeded, or from OS entropy when ``seed`` is None."""
+    generator = torch.Generator()
+    generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little"))
+    return generator
+
+
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int],
+                    output_ids: Sequence[int]) -> torch.Tensor:
+    """Repetition (prompt + output) then presence/frequency (output) penalties; a new tensor."""
+    logits = logits.clone()
+    if params.repetition_penalty != 1.0 and (prompt_ids or output_ids):
+        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long)
+        picked = logits[seen]
+        logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty,
+                                   picked * params.repetition_penalty)
+    if (params.presence_penalty or params.frequency_penalty) and output_ids:
+        ids, counts = torch.tensor(list(output_ids), dtype=torch.long).unique(return_counts=True)
+        logits[ids] -= params.presence_penalty + params.frequency_penalty * counts.float()
+    return logits
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p: dropped tokens get -inf. Needs temperature > 0."""
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, -1).cumsum(-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        drop_sorted = (cumulative - torch.softmax(sorted_logits, -1)) >= params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        logits = logits.masked_fill(drop, -math.inf)
+    if params.min_p > 0:
+        probs = torch.softmax(logits, -1)
+        logits = logits.masked_fill(probs < params.min_p * probs.max(), -math.inf)
+    return logits
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int],
+           output_ids: Sequence[int], generator: torch.Generator) -> tuple[int, TokenLogprobs | None]:
+    """The next token for one request from its float32 logits [vocab] (module docstring)."""
+    processed = apply_penalties(logits, params, prompt_ids, output_ids)
+    if params.greedy:
+        token = int(processed.argmax())
+    else:
+        probs = torch.softmax(filter_logits(processed, params), -1)
+        token = int(torch.multinomial(probs, 1, generator=generator))
+    return token, (None if params.logprobs is None else token_logprobs(logits, token,
+                                                                        params.logprobs))
+
+
+def token_logprobs(logits: torch.Tensor, token: int, n: int) -> TokenLogprobs:
+    """Raw logprob of ``token`` and of the ``n`` most likely tokens."""
+    logprobs = torch.log_softmax(logits.float(), -1)
+    top = torch.topk(logprobs, n) if n else None
+    top_map = {} if top is None else {int(i): float(v) for v, i in zip(top.values, top.indices,
+                                                                        strict=True)}
+    return TokenLogprobs(token, float(logprobs[token]), top_map)

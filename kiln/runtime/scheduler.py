@@ -1,0 +1,180 @@
+"""In-flight batching: which sequences run in the next executor step, and with which tokens.
+
+Invariant: a sequence's tokens are fed to its KV-cache slot exactly once, in order, at the
+positions they have in the sequence, whatever else shares the step. So with a deterministic
+executor and greedy sampling, a request's output does not depend on when it arrived or what
+ran beside it.
+
+The scheduler is a small state machine over sequences:
+
+    waiting --admit (free slot, reserve ok)--> running --finish/abort--> gone (slot released)
+    waiting --abort--> gone
+
+Each :meth:`Scheduler.schedule` call returns a :class:`SchedulerOutput` (its only output): the
+chunks of the next step, at most ``max_batch_size`` of them and at most ``max_num_tokens``
+tokens in all. A running sequence with one pending token is a decode; with more it is a
+(chunked) prefill. After the executor ran the step, :meth:`Scheduler.commit` marks the chunks
+cached and :meth:`Scheduler.append` adds each sampled token. :meth:`Scheduler.finish` releases a
+slot at once, so the next step may admit a waiting request into it.
+
+Policies are strategies (:class:`Policy`): the order in which running sequences take the token
+budget, and which waiting sequence is admitted next. The default runs decodes first, then
+prefills, oldest first, and admits first-come-first-served.
+
+KV capacity: on admission a sequence reserves its whole worst case (prompt + max new tokens - 1
+cached tokens) through ``Executor.reserve``; a paged cache that cannot hold it yet answers
+False and the request waits (head of line) until a running one finishes. Nothing is preempted.
+
+Non-goals: priorities, preemption, prefix caching, speculative decoding.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from kiln.engine import BuildLimits
+from kiln.runtime.executor import SequenceChunk
+
+
+@dataclass
+class SequenceState:
+    """One request's tokens and progress, as the scheduler sees it."""
+
+    request_id: str
+    tokens: list[int]  # prompt then generated tokens
+    num_prompt: int
+    capacity: int  # KV-cache tokens it may ever need (reserved on admission)
+    arrival: int  # admission order key (monotonic)
+    slot: int | None = None
+    num_cached: int = 0  # tokens already written to its slot's cache
+
+    @property
+    def pending(self) -> int:
+        return len(self.tokens) - self.num_cached
+
+    @property
+    def is_decode(self) -> bool:
+        return self.num_cached >= self.num_prompt
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """One row of a step: a chunk for the executor and whether its logits pick a token."""
+
+    request_id: str
+    chunk: SequenceChunk
+    samples: bool  # the chunk ends at the sequence's last token: sample from its logits
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """The next step: ``chunks`` in executor row order; ``admitted`` joined the batch now."""
+
+    chunks: tuple[ScheduledChunk, ...]
+    admitted: tuple[str, ...] = ()
+    num_tokens: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return not self.chunks
+
+
+class Policy:
+    """Default strategy: decodes, then prefills, oldest first; admit first come first served."""
+
+    def running_order(self, running: Iterable[SequenceState]) -> list[SequenceState]:
+        return sorted(running, key=lambda s: (not s.is_decode, s.arrival))
+
+    def next_waiting(self, waiting: Sequence[SequenceState]) -> SequenceState | None:
+        return waiting[0] if waiting else None
+
+
+@dataclass
+class Scheduler:
+    """See the module docstring. ``reserve``/``release`` are the executor's."""
+
+    limits: BuildLimits
+    reserve: Callable[[int, int], bool]
+    release: Callable[[int], None]
+    policy: Policy = field(default_factory=Policy)
+
+    def __post_init__(self) -> None:
+        self.waiting: deque[SequenceState] = deque()
+        self.running: dict[str, SequenceState] = {}
+        self._free = list(range(self.limits.max_batch_size))
+        heapq.heapify(self._free)
+        self._counter = 0
+
+    def add(self, request_id: str, prompt: Sequence[int], capacity: int) -> None:
+        """Queue a request; ``capacity`` = cache tokens it needs at most (<= max_seq_len)."""
+        if request_id in self.running or any(s.request_id == request_id for s in self.waiting):
+            raise ValueError(f"request id {request_id!r} is already scheduled")
+        self._counter += 1
+        self.waiting.append(SequenceState(request_id, list(prompt), len(prompt), capacity,
+                                          self._counter))
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.limits.max_num_tokens
+        rows: list[ScheduledChunk] = []
+        for seq in self.policy.running_order(self.running.values()):
+            if budget == 0:
+                break
+            n = min(seq.pending, budget)
+            if n > 0:
+                rows.append(self._chunk(seq, n))
+                budget -= n
+        admitted = []
+        while budget > 0 and self._free and len(rows) < self.limits.max_batch_size:
+            seq = self.policy.next_waiting(self.waiting)
+            if seq is None or not self.reserve(self._free[0], seq.capacity):
+                break
+            self.waiting.remove(seq)
+            seq.slot = heapq.heappop(self._free)
+            self.running[seq.request_id] = seq
+            admitted.append(seq.request_id)
+            n = min(seq.pending, budget)
+            rows.append(self._chunk(seq, n))
+            budget -= n
+        return SchedulerOutput(tuple(rows), tuple(admitted),
+                               self.limits.max_num_tokens - budget)
+
+    def stalled(self) -> SequenceState | None:
+        """A waiting sequence that can never be admitted (nothing running, reserve refused)."""
+        if self.running or not self.waiting or len(self._free) < self.limits.max_batch_size:
+            return None
+        seq = self.policy.next_waiting(self.waiting)
+        return None if seq is None or self.reserve(self._free[0], seq.capacity) else seq
+
+    @staticmethod
+    def _chunk(seq: SequenceState, n: int) -> ScheduledChunk:
+        start = seq.num_cached
+        chunk = SequenceChunk(seq.slot, tuple(seq.tokens[start:start + n]), start)
+        return ScheduledChunk(seq.request_id, chunk, samples=start + n == len(seq.tokens))
+
+    def commit(self, output: SchedulerOutput) -> None:
+        """The executor ran ``output``: its chunks are now cached."""
+        for row in output.chunks:
+            seq = self.running.get(row.request_id)
+            if seq is not None:
+                seq.num_cached = row.chunk.start + len(row.chunk.tokens)
+
+    def append(self, request_id: str, token: int) -> None:
+        self.running[request_id].tokens.append(token)
+
+    def finish(self, request_id: str) -> None:
+        """Remove a request (finished or aborted), releasing its slot now. Unknown ids: no-op."""
+        seq = self.running.pop(request_id, None)
+        if seq is not None:
+            self.release(seq.slot)
+            heapq.heappush(self._free, seq.slot)
+            return
+        for queued in self.waiting:
+            if queued.request_id == request_id:
+                self.waiting.remove(queued)
+                return

@@ -1,0 +1,151 @@
+"""The engine dir's tokenizer, chat template and generation defaults, without transformers.
+
+Contract:
+- :func:`load_tokenizer` reads ``tokenizer.json`` (``tokenizers`` library),
+  ``tokenizer_config.json`` (special tokens, chat template), ``chat_template.jinja`` /
+  ``chat_template.json`` when present, and ``generation_config.json`` (EOS ids, sampling
+  defaults). A missing or unreadable ``tokenizer.json`` raises
+  :class:`~kiln.runtime.errors.TokenizerError`.
+- EOS ids = ``generation_config.eos_token_id`` (int or list) plus the tokenizer's ``eos_token``.
+- Chat templates render as transformers renders them: a jinja2 ``ImmutableSandboxedEnvironment``
+  with ``trim_blocks``/``lstrip_blocks``, the ``loopcontrols`` extension, a ``tojson`` filter,
+  ``raise_exception`` and ``strftime_now``, and the special tokens as variables. The rendered
+  text is encoded without adding special tokens (the template wrote them).
+
+Non-goals: slow (Python) tokenizers, tokenizers that exist only as ``tokenizer.model``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from kiln.runtime.errors import TokenizerError
+
+logger = logging.getLogger(__name__)
+
+_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+@dataclass
+class ModelTokenizer:
+    """A ``tokenizers.Tokenizer`` plus the model's special tokens, chat template and defaults."""
+
+    tokenizer: Any  # tokenizers.Tokenizer
+    special_tokens: dict[str, str] = field(default_factory=dict)
+    chat_template: str | None = None
+    generation_config: dict[str, Any] = field(default_factory=dict)
+    add_bos_token: bool | None = None  # None: as tokenizer.json's post-processor does
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        ids = self.generation_config.get("eos_token_id")
+        ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+        eos = self.special_tokens.get("eos_token")
+        if eos is not None and self.tokenizer.token_to_id(eos) is not None:
+            ids.append(self.tokenizer.token_to_id(eos))
+        return tuple(dict.fromkeys(ids))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        bos = self.special_tokens.get("bos_token")
+        if add_special_tokens and self.add_bos_token and bos is not None:
+            bos_id = self.tokenizer.token_to_id(bos)
+            if bos_id is not None and (not ids or ids[0] != bos_id):
+                ids = [bos_id, *ids]
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]],
+                            add_generation_prompt: bool = True, **variables: Any) -> str:
+        """Render ``messages`` with the model's chat template (see the module docstring)."""
+        if not self.chat_template:
+            raise TokenizerError("this engine dir has no chat template (tokenizer_config.json "
+                                 "chat_template or chat_template.jinja); use generate() with a "
+                                 "plain prompt, or copy the template into the engine dir")
+        return render_chat_template(self.chat_template, messages, add_generation_prompt,
+                                    {**self.special_tokens, **variables})
+
+
+def render_chat_template(template: str, messages: list[dict[str, Any]],
+                         add_generation_prompt: bool, variables: dict[str, Any]) -> str:
+    from jinja2 import TemplateError
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+               separators: Any = None, sort_keys: bool = False) -> str:
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
+                          separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+    except TemplateError as e:
+        raise TokenizerError(f"chat template failed to render: {e}") from None
+
+
+def load_tokenizer(directory: str | Path) -> ModelTokenizer:
+    """Read the tokenizer files of an engine (or checkpoint) dir; see the module docstring."""
+    from tokenizers import Tokenizer
+
+    directory = Path(directory)
+    path = directory / "tokenizer.json"
+    if not path.is_file():
+        raise TokenizerError(f"{path}: missing; the engine dir needs the tokenizer files "
+                             f"(rebuild with kiln build from a checkpoint that has them)")
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on corrupt files
+        raise TokenizerError(f"{path}: unreadable ({e}); re-copy it from the checkpoint") from None
+    config = _read_json(directory / "tokenizer_config.json")
+    special = {key: _token_text(config[key]) for key in _SPECIAL_KEYS
+               if config.get(key) is not None}
+    return ModelTokenizer(tokenizer, special, _chat_template(directory, config),
+                          _read_json(directory / "generation_config.json"),
+                          config.get("add_bos_token"))
+
+
+def _chat_template(directory: Path, config: dict[str, Any]) -> str | None:
+    jinja = directory / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    template = _read_json(directory / "chat_template.json").get("chat_template") \
+        or config.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template}
+        template = named.get("default") or next(iter(named.values()), None)
+    return template
+
+
+def _token_text(value: Any) -> str:
+    return value["content"] if isinstance(value, dict) else str(value)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise TokenizerError(f"{path}: invalid JSON ({e}); re-copy it from the checkpoint") \
+            from None
+    return data if isinstance(data, dict) else {}
