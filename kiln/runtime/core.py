@@ -102,7 +102,7 @@ class EngineCore:
         request_id = request_id or self.new_request_id()
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use; pick another")
-        self.check_prompt(request_id, prompt_ids)
+        self.check_prompt(f"request {request_id}", prompt_ids)
         if params.stop and self.tokenizer is None:
             raise RequestError(f"request {request_id}: stop strings need a tokenizer")
         max_new = min(params.max_tokens, self.limits.max_seq_len - len(prompt_ids) + 1)
@@ -120,17 +120,18 @@ class EngineCore:
         self.requests[request_id] = request
         return request
 
-    def check_prompt(self, request_id: str, prompt_ids: Sequence[int]) -> None:
+    def check_prompt(self, label: str, prompt_ids: Sequence[int]) -> None:
+        """Raise RequestError (message starting with ``label``) if the engine cannot take it."""
         if not prompt_ids:
-            raise RequestError(f"request {request_id}: the prompt is empty; give at least one token")
+            raise RequestError(f"{label}: the prompt is empty; give at least one token")
         if len(prompt_ids) > self.limits.max_input_len:
-            raise RequestError(f"request {request_id}: prompt of {len(prompt_ids)} tokens exceeds "
+            raise RequestError(f"{label}: prompt of {len(prompt_ids)} tokens exceeds "
                                f"the engine's max_input_len {self.limits.max_input_len}; shorten "
                                f"it or rebuild with a larger --max_input_len")
         vocab = self.executor.vocab_size
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
-            raise RequestError(f"request {request_id}: token ids {bad[:5]} are outside the "
+            raise RequestError(f"{label}: token ids {bad[:5]} are outside the "
                                f"vocabulary [0, {vocab})")
 
     def has_work(self) -> bool:
@@ -186,9 +187,9 @@ class EngineCore:
             reason, stop_reason = "stop", token
         elif len(request.output_ids) >= request.max_new_tokens:
             reason = "length"
+        request.text += text
         if reason is None:
             self.scheduler.append(request.request_id, token)
-            request.text += text
             return RequestDelta(request.request_id, (token,), text, _one(logprobs))
         self.scheduler.finish(request.request_id)
         final = self._finish(request, reason, stop_reason)

@@ -128,10 +128,7 @@ class LLM:
         encoded = []
         for i, prompt in enumerate(prompts):
             ids = self.encode(prompt)
-            try:
-                self.core.check_prompt(f"#{i}", ids)
-            except RequestError as e:
-                raise RequestError(f"prompt {e}") from None
+            self.core.check_prompt(f"prompt #{i}", ids)
             encoded.append(ids)
         return [self.core.add_request(ids, p, prompt=prompt if isinstance(prompt, str) else None
                                       ).request_id

@@ -1,0 +1,178 @@
+"""The LLM API over mock models and the real SmolLM2 tokenizer: text, stops, streaming, abort,
+asyncio, chat templates, bad requests."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from kiln.engine import BuildLimits
+from kiln.runtime import LLM, AsyncLLM, SamplingParams
+from kiln.runtime.errors import RequestError, TokenizerError
+from tests.runtime.mocks import HashExecutor, ScriptedExecutor
+
+ANSWER = "The capital of France is Paris. 🦙 Done!"
+LIMITS = BuildLimits(max_batch_size=4, max_input_len=32, max_seq_len=64, max_num_tokens=24)
+GREEDY = SamplingParams(temperature=0, max_tokens=40)
+
+
+@pytest.fixture
+def scripted(tokenizer):
+    def make(prompt="Q: capital of France?", answer=ANSWER, limits=LIMITS):
+        prompt_ids = tokenizer.encode(prompt)
+        script = tokenizer.encode(answer, add_special_tokens=False)
+        executor = ScriptedExecutor(limits, tokenizer.vocab_size, len(prompt_ids), script,
+                                    eos=tokenizer.eos_token_ids[0])
+        return LLM.from_executor(executor, tokenizer), prompt, script
+    return make
+
+
+def test_generate_returns_text_tokens_and_eos_finish(scripted, tokenizer):
+    llm, prompt, script = scripted()
+    (result,) = llm.generate(prompt, GREEDY)
+    assert result.text == ANSWER
+    assert result.token_ids == (*script, tokenizer.eos_token_ids[0])
+    assert (result.finish_reason, result.stop_reason) == ("stop", tokenizer.eos_token_ids[0])
+    t = result.timings
+    assert t.ttft > 0 and t.tpot > 0 and len(t.itl) == len(result.token_ids) - 1
+
+
+def test_stream_deltas_are_whole_characters_and_concatenate(scripted):
+    llm, prompt, _ = scripted()
+    deltas = list(llm.generate_stream(prompt, GREEDY))
+    assert "".join(d.text for d in deltas) == ANSWER
+    assert not any("\ufffd" in d.text for d in deltas)
+    assert [d.finished for d in deltas].count(True) == 1 and deltas[-1].result.text == ANSWER
+
+
+def test_stop_string_across_tokens_ends_the_request_and_is_never_streamed(scripted):
+    llm, prompt, _ = scripted()
+    params = GREEDY.replace(stop=("Paris.",))
+    deltas = list(llm.generate_stream(prompt, params))
+    streamed = "".join(d.text for d in deltas)
+    assert streamed == "The capital of France is " == deltas[-1].result.text
+    assert deltas[-1].result.stop_reason == "Paris."
+    with_stop = llm.generate(prompt, params.replace(include_stop_str_in_output=True))[0]
+    assert with_stop.text == "The capital of France is Paris."
+
+
+def test_stop_token_ids_ignore_eos_and_max_tokens(scripted, tokenizer):
+    llm, prompt, script = scripted()
+    r = llm.generate(prompt, GREEDY.replace(stop_token_ids=(script[2],)))[0]
+    assert r.token_ids == tuple(script[:3]) and r.stop_reason == script[2]
+    r = llm.generate(prompt, GREEDY.replace(max_tokens=3))[0]
+    assert len(r.token_ids) == 3 and r.finish_reason == "length"
+    r = llm.generate(prompt, GREEDY.replace(ignore_eos=True, max_tokens=len(script) + 3))[0]
+    assert r.finish_reason == "length" and r.token_ids[len(script):] == \
+        (tokenizer.eos_token_ids[0],) * 3
+
+
+def test_max_seq_len_gives_a_length_finish_not_an_error(scripted):
+    limits = BuildLimits(max_batch_size=2, max_input_len=16, max_seq_len=20, max_num_tokens=16)
+    llm, prompt, _ = scripted(limits=limits)
+    n = len(llm.encode(prompt))
+    r = llm.generate(prompt, GREEDY.replace(max_tokens=100, ignore_eos=True))[0]
+    assert r.finish_reason == "length" and len(r.token_ids) == 20 - n + 1
+
+
+def test_prompt_longer_than_max_input_len_is_a_clear_error_and_nothing_runs(scripted):
+    llm, prompt, _ = scripted()
+    with pytest.raises(RequestError, match=r"prompt #1: .*exceeds the engine's max_input_len 32"):
+        llm.generate([prompt, "word " * 40], GREEDY)
+    assert not llm.core.has_work()
+    assert llm.generate(prompt, GREEDY)[0].text == ANSWER  # the engine is still fine
+
+
+@pytest.mark.parametrize("bad,match", [([], "empty"), ([10**6], "outside the vocabulary")])
+def test_bad_token_prompts(scripted, bad, match):
+    llm, _, _ = scripted()
+    with pytest.raises(RequestError, match=match):
+        llm.generate([bad], GREEDY)
+
+
+def test_breaking_out_of_a_stream_aborts_and_frees_the_slot(scripted):
+    llm, prompt, _ = scripted()
+    stream = llm.generate_stream([prompt, prompt], GREEDY)
+    next(stream)
+    stream.close()
+    assert not llm.core.has_work() and not llm.core.requests
+    assert sorted(llm.executor.released) == [0, 1]
+
+
+def test_seeded_sampling_reproducible_across_batches(tokenizer):
+    def run(prompts, seed):
+        llm = LLM.from_executor(HashExecutor(LIMITS, tokenizer.vocab_size), tokenizer)
+        params = SamplingParams(temperature=0.8, top_k=50, max_tokens=12, seed=seed,
+                                ignore_eos=True)
+        return [r.token_ids for r in llm.generate(prompts, params)]
+
+    alone = run(["hello"], 5)[0]
+    assert run(["other prompt", "hello", "third one"], 5)[1] == alone
+    assert run(["hello"], 6)[0] != alone
+
+
+def test_logprobs_per_token(scripted):
+    llm, prompt, script = scripted()
+    r = llm.generate(prompt, GREEDY.replace(logprobs=3))[0]
+    assert len(r.logprobs) == len(r.token_ids)
+    assert all(lp.token_id == t and len(lp.top) == 3 for lp, t in zip(r.logprobs, r.token_ids,
+                                                                      strict=True))
+    assert r.logprobs[0].top[script[0]] == r.logprobs[0].logprob  # greedy = the most likely
+
+
+def test_default_params_come_from_generation_config(scripted):
+    llm, prompt, _ = scripted()
+    assert llm.default_params.greedy  # SmolLM2's generation_config has no do_sample
+    assert llm.generate(prompt)[0].text == ANSWER
+
+
+def test_chat_template_matches_transformers(tokenizer, smollm2_dir, scripted):
+    from transformers import AutoTokenizer
+
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    want = AutoTokenizer.from_pretrained(smollm2_dir).apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    llm, _, _ = scripted()
+    assert llm.render_chat(messages) == list(want)
+    assert "<|im_start|>assistant\n" in tokenizer.apply_chat_template(messages)
+
+
+def test_chat_template_cannot_escape_the_sandbox(tokenizer):
+    tokenizer = type(tokenizer)(tokenizer.tokenizer, tokenizer.special_tokens,
+                                "{{ messages.__class__.__mro__[1].__subclasses__() }}")
+    with pytest.raises(Exception, match="unsafe|access"):
+        tokenizer.apply_chat_template([{"role": "user", "content": "x"}])
+
+
+def test_no_chat_template_is_a_clear_error(tokenizer):
+    bare = type(tokenizer)(tokenizer.tokenizer, tokenizer.special_tokens, None)
+    with pytest.raises(TokenizerError, match="no chat template"):
+        bare.apply_chat_template([{"role": "user", "content": "x"}])
+
+
+def test_async_submit_stream_abort(scripted, tokenizer):
+    llm, prompt, _ = scripted()
+
+    async def main():
+        async with AsyncLLM(llm) as engine:
+            with pytest.raises(RuntimeError, match="AsyncLLM"):
+                llm.generate(prompt, GREEDY)
+            a = await engine.submit(prompt, GREEDY)
+            b = await engine.submit(prompt, GREEDY)
+            with pytest.raises(RequestError, match="max_input_len"):
+                await engine.submit("word " * 40, GREEDY)
+            got_b = []
+            async for delta in engine.stream(b):
+                got_b.append(delta)
+                if len(got_b) == 2:
+                    await engine.abort(b)
+            text_a = "".join([d.text async for d in engine.stream(a)])
+            late = await engine.generate(prompt, GREEDY)  # admitted after the others
+            return got_b, text_a, late
+
+    got_b, text_a, late = asyncio.run(main())
+    assert got_b[-1].finish_reason == "abort" and len(got_b) <= 4
+    assert text_a == ANSWER and late.text == ANSWER
+    assert llm.async_owner is None and not llm.core.requests
+    assert llm.generate(prompt, GREEDY)[0].text == ANSWER  # sync use works again
