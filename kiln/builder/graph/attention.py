@@ -1,0 +1,88 @@
+"""The attention block of one layer: projections, head layout, rotary, cache + attention."""
+
+from __future__ import annotations
+
+from kiln.builder.graph import positions
+from kiln.builder.graph.context import EmitContext
+from kiln.config import PositionType
+from kiln.plugins.attention import AttentionAttrs
+from kiln.plugins.attention import onnx as attention_plugin
+from kiln.plugins.norm import NormAttrs
+from kiln.plugins.norm import onnx as norm_plugin
+from kiln.plugins.rotary import RotaryAttrs
+from kiln.plugins.rotary import onnx as rotary_plugin
+from kiln.roles import Role
+
+
+def cache_names(i: int) -> tuple[tuple[str, str], tuple[str, str]]:
+    """((past_key_i, past_value_i), (present_key_i, present_value_i))."""
+    return (f"past_key_{i}", f"past_value_{i}"), (f"present_key_{i}", f"present_value_{i}")
+
+
+def emit_attention(ctx: EmitContext, i: int, h: str) -> str:
+    """The attention output's row-parallel partial [B, S, H] (before all-reduce and o bias).
+
+    h ─► qkv MatMul ─► (Add bias) ─► (Clip) ─► Split ─► q, k, v   [B, S, heads * D]
+    q, k ─► (q_norm, k_norm) ─► heads [B, H, S, D] ─► (rotary plugin)
+    q, k, v ─► attention plugin (updates present_key_i / present_value_i) ─► [B, Hq, S, D]
+      ─► Transpose [B, S, Hq, D] ─► Reshape [B, S, Hq * D] ─► o MatMul
+    """
+    g, cfg = ctx.g, ctx.decoder
+    with g.scope("attn"):
+        q, k, v = _qkv(ctx, i, h)
+        if cfg.qk_norm:
+            q = _qk_norm(ctx, q, Role.Q_NORM, Role.Q_NORM_BIAS, i, "q_norm")
+            k = _qk_norm(ctx, k, Role.K_NORM, Role.K_NORM_BIAS, i, "k_norm")
+        q, k, v = (_heads(ctx, t, n, name) for t, n, name in
+                   ((q, ctx.heads, "q"), (k, ctx.kv_heads, "k"), (v, ctx.kv_heads, "v")))
+        if cfg.position_type is PositionType.ROPE:
+            q, k = _rotary(ctx, q, "q_rotary"), _rotary(ctx, k, "k_rotary")
+        past, presents = cache_names(i)
+        attrs = AttentionAttrs(num_heads=ctx.heads, num_kv_heads=ctx.kv_heads,
+                               head_dim=cfg.head_dim, scale=cfg.softmax_scale,
+                               max_seq_len=ctx.spec.max_seq_len, dtype=ctx.elem)
+        with g.scope("sdpa"):
+            out = attention_plugin.emit(g, q, k, v, past, ctx.shared["past_len"],
+                                        positions.attention_mask(ctx), presents, attrs,
+                                        fused=ctx.spec.plugins["attention"])
+        out = g.op("Transpose", out, name="merge_heads", perm=[0, 2, 1, 3])  # [B, S, Hq, D]
+        out = g.op("Reshape", out, g.int64s(0, 0, ctx.heads * cfg.head_dim), name="merge_heads")
+        return g.op("MatMul", out, ctx.weight(Role.OUT, i, linear=True), name="o")
+
+
+def _qkv(ctx: EmitContext, i: int, h: str) -> tuple[str, str, str]:
+    g, cfg = ctx.g, ctx.decoder
+    qkv = g.op("MatMul", h, ctx.weight(Role.QKV, i, linear=True), name="qkv")
+    bias = ctx.weight(Role.QKV_BIAS, i)
+    if bias is not None:
+        qkv = g.op("Add", qkv, bias, name="qkv_bias")
+    if cfg.clip_qkv is not None:
+        qkv = g.op("Clip", qkv, g.scalar(-cfg.clip_qkv, ctx.elem), g.scalar(cfg.clip_qkv, ctx.elem),
+                   name="clip_qkv")
+    q_size, kv_size = ctx.heads * cfg.head_dim, ctx.kv_heads * cfg.head_dim
+    return g.op("Split", qkv, g.int64s(q_size, kv_size, kv_size), name="qkv_split", axis=-1,
+                outputs=3)
+
+
+def _qk_norm(ctx: EmitContext, x: str, weight: Role, bias: Role, i: int, name: str) -> str:
+    """MPT's qk_ln: a norm over the whole q (or k) projection, before the head split."""
+    cfg = ctx.decoder
+    attrs = NormAttrs(kind=cfg.norm_type, eps=cfg.norm_eps, dtype=ctx.elem)
+    with ctx.g.scope(name):
+        return norm_plugin.emit(ctx.g, x, ctx.weight(weight, i), ctx.weight(bias, i), attrs,
+                                fused=ctx.spec.plugins["norm"])
+
+
+def _heads(ctx: EmitContext, x: str, heads: int, name: str) -> str:
+    """[B, S, heads * D] ─► Reshape [B, S, heads, D] ─► Transpose [B, heads, S, D]."""
+    g = ctx.g
+    x = g.op("Reshape", x, g.int64s(0, 0, heads, ctx.decoder.head_dim), name=f"{name}_heads")
+    return g.op("Transpose", x, name=f"{name}_heads", perm=[0, 2, 1, 3])
+
+
+def _rotary(ctx: EmitContext, x: str, name: str) -> str:
+    cos, sin, position_ids = positions.rope_tables(ctx)
+    with ctx.g.scope(name):
+        return rotary_plugin.emit(ctx.g, x, cos, sin, position_ids,
+                                  RotaryAttrs(ctx.decoder.head_dim, ctx.elem),
+                                  fused=ctx.spec.plugins["rotary"])

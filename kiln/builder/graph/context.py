@@ -1,0 +1,127 @@
+"""What the graph passes share: the part being emitted, its sizes, and its weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from onnx import TensorProto
+
+from kiln.builder.graph.emitter import ONNX_DTYPES, GraphEmitter
+from kiln.config import DecoderConfig, Mapping
+from kiln.errors import CheckpointError
+from kiln.roles import Role
+from kiln.tensorio import TensorInfo, read_header, read_tensor
+
+BATCH, SEQ = "batch", "seq"  # symbolic dims of the graph inputs
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """Build-wide settings every part's graph follows."""
+
+    decoder: DecoderConfig
+    mapping: Mapping
+    dtype: str  # weights and activations ("float32" | "float16" | "bfloat16")
+    max_seq_len: int  # Smax: the static KV-cache length
+    plugins: dict[str, bool]  # plugin name -> fused form used
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    """One graph: consecutive layers of one rank (a pipeline stage or a piece of one)."""
+
+    rank: int
+    layers: range  # global layer indices
+    first: bool  # holds the embedding: takes input_ids (else hidden_in)
+    last: bool  # holds the final norm and lm_head: returns logits (else hidden_out)
+    index: int = 0  # position of this part in the rank's chain
+    count: int = 1  # parts in the rank's chain
+
+    @property
+    def stem(self) -> str:
+        return f"rank{self.rank}" if self.count == 1 else f"rank{self.rank}.part{self.index}"
+
+
+class RankWeights:
+    """Reads one rank's tensors from its kiln checkpoint file, one at a time, cast to dtype."""
+
+    def __init__(self, path: Path, dtype: str):
+        self.path = Path(path)
+        self.dtype = getattr(torch, dtype)
+        self.infos: dict[str, TensorInfo] = read_header(self.path)[0]
+
+    def get(self, role: Role, layer: int | None = None) -> torch.Tensor | None:
+        info = self.infos.get(role.name(layer))
+        if info is None:
+            return None
+        return read_tensor(info).to(self.dtype)
+
+    def require(self, role: Role, layer: int | None = None) -> torch.Tensor:
+        tensor = self.get(role, layer)
+        if tensor is None:
+            raise CheckpointError(f"{self.path}: tensor {role.name(layer)!r} is missing; "
+                                  f"re-run kiln convert_checkpoint")
+        return tensor
+
+    def nbytes(self, names: list[str]) -> int:
+        """Bytes of the named tensors at the build dtype."""
+        size = self.dtype.itemsize
+        return sum(self.infos[n].nbytes // self.infos[n].dtype.itemsize * size
+                   for n in names if n in self.infos)
+
+
+@dataclass
+class EmitContext:
+    """One part's emission state: emitter, specs, weights and derived local sizes."""
+
+    g: GraphEmitter
+    spec: GraphSpec
+    part: PartSpec
+    weights: RankWeights
+    shared: dict[str, str] = field(default_factory=dict)  # graph inputs and per-graph values
+
+    @property
+    def decoder(self) -> DecoderConfig:
+        return self.spec.decoder
+
+    @property
+    def tp(self) -> int:
+        return self.spec.mapping.tp_size
+
+    @property
+    def tp_rank(self) -> int:
+        return self.spec.mapping.coords(self.part.rank)[0]
+
+    @property
+    def elem(self) -> int:
+        return ONNX_DTYPES[self.spec.dtype]
+
+    @property
+    def heads(self) -> int:
+        return self.spec.mapping.local_heads(self.decoder)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.spec.mapping.local_kv_heads(self.decoder)
+
+    @property
+    def intermediate(self) -> int:
+        return self.spec.mapping.local_intermediate(self.decoder)
+
+    def weight(self, role: Role, layer: int | None = None, *, linear: bool = False) -> str | None:
+        """The initializer for a role (None if the model has none); linear weights as [in, out]."""
+        tensor = self.weights.get(role, layer)
+        if tensor is None:
+            return None
+        if linear:
+            tensor = tensor.t().contiguous()  # nn.Linear [out, in] -> MatMul [in, out]
+        return self.g.weight(role.name(layer), tensor)
+
+    def cache_shape(self) -> list:
+        return [BATCH, self.kv_heads, self.spec.max_seq_len, self.decoder.head_dim]
+
+
+FLOAT32 = TensorProto.FLOAT
+INT64 = TensorProto.INT64

@@ -1,0 +1,78 @@
+"""Emit one part's graph: the passes in order, and the graph I/O of docs/engine.md.
+
+    inputs ─► (embedding | hidden_in) ─► layers[start:stop] ─► (head ─► logits | hidden_out)
+
+Positions (the mask, rotary tables) are emitted lazily by the first layer that needs them and
+shared by all. Weights stream from the rank's checkpoint file one tensor at a time into the
+emitter's sink; the returned ModelProto holds none of their bytes.
+"""
+
+from __future__ import annotations
+
+import onnx
+
+from kiln.builder.graph.attention import cache_names
+from kiln.builder.graph.context import (
+    BATCH,
+    INT64,
+    SEQ,
+    EmitContext,
+    GraphSpec,
+    PartSpec,
+    RankWeights,
+)
+from kiln.builder.graph.emitter import GraphEmitter, WeightSink
+from kiln.builder.graph.head import emit_head
+from kiln.builder.graph.layer import emit_layer
+from kiln.config import RopeScalingType
+from kiln.roles import Role
+
+
+def emit_part(spec: GraphSpec, part: PartSpec, weights: RankWeights,
+              sink: WeightSink) -> onnx.ModelProto:
+    """The ONNX model of ``part`` (weights written to ``sink``)."""
+    g = GraphEmitter(part.stem, sink)
+    ctx = EmitContext(g, spec, part, weights)
+    x = _inputs(ctx)
+    if part.first:
+        with g.scope("embed"):
+            x = g.op("Gather", ctx.weight(Role.EMBED), x, axis=0)  # [B, S, H]
+    for i in part.layers:
+        x = emit_layer(ctx, i, x)
+    _outputs(ctx, x)
+    return g.model(doc=f"kiln {part.stem}: layers {part.layers.start}..{part.layers.stop - 1}")
+
+
+def needs_last_index(spec: GraphSpec, part: PartSpec) -> bool:
+    """Whether the part reads ``last_index``: the head, and dynamic-NTK rotary tables."""
+    scaling = spec.decoder.rope_scaling
+    return part.last or (scaling is not None and scaling.type is RopeScalingType.DYNAMIC)
+
+
+def _inputs(ctx: EmitContext) -> str:
+    g, spec, part = ctx.g, ctx.spec, ctx.part
+    if part.first:
+        x = g.input("input_ids", INT64, [BATCH, SEQ])
+    else:
+        x = g.input("hidden_in", ctx.elem, [BATCH, SEQ, spec.decoder.hidden_size])
+    ctx.shared["position_ids"] = g.input("position_ids", INT64, [BATCH, SEQ])
+    ctx.shared["past_len"] = g.input("past_len", INT64, [BATCH])
+    if needs_last_index(spec, part):
+        ctx.shared["last_index"] = g.input("last_index", INT64, [BATCH])
+    for i in part.layers:
+        for name in cache_names(i)[0]:
+            g.input(name, ctx.elem, ctx.cache_shape())
+    return x
+
+
+def _outputs(ctx: EmitContext, x: str) -> None:
+    g, spec, part = ctx.g, ctx.spec, ctx.part
+    if part.last:
+        g.output(emit_head(ctx, x), "logits", onnx.TensorProto.FLOAT,
+                 [BATCH, spec.decoder.vocab_size])
+    else:
+        g.output(g.op("Identity", x, name="hidden_out", outputs=["hidden_out"]), "hidden_out",
+                 ctx.elem, [BATCH, SEQ, spec.decoder.hidden_size])
+    for i in part.layers:
+        for name in cache_names(i)[1]:
+            g.output(name, name, ctx.elem, ctx.cache_shape())

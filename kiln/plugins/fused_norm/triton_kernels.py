@@ -1,0 +1,105 @@
+"""Triton fused residual-add + RMSNorm / LayerNorm: one read of x and the residual, one write each.
+
+Same contract as :mod:`kiln.plugins.fused_norm.triton_reference`. One program per row; rows up
+to ``MAX_FUSED`` elements are held in registers (one pass), longer rows take two passes
+(statistics, then normalize), which stays correct when ``out`` aliases ``x``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_FUSED = 16384
+
+
+@triton.jit
+def _add_norm_kernel(x_ptr, x_stride, res_ptr, res_stride, w_ptr, b_ptr, out_ptr, out_stride,
+                     n_cols, eps, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     RMS: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n_cols
+    x = tl.load(x_ptr + row * x_stride + offs, mask=mask, other=0.0)
+    if HAS_RES:
+        r = (tl.load(res_ptr + row * res_stride + offs, mask=mask, other=0.0) + x)
+        r = r.to(res_ptr.dtype.element_ty)
+        tl.store(res_ptr + row * res_stride + offs, r, mask=mask)
+        xf = r.to(tl.float32)
+    else:
+        xf = x.to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    if RMS:
+        rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / n_cols + eps)
+        y = (xf * rstd).to(out_ptr.dtype.element_ty).to(tl.float32) * w.to(tl.float32)
+    else:
+        mean = tl.sum(xf, 0) / n_cols
+        diff = tl.where(mask, xf - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, 0) / n_cols + eps)
+        y = diff * rstd * w.to(tl.float32)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * out_stride + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _add_norm_long_kernel(x_ptr, x_stride, res_ptr, res_stride, w_ptr, b_ptr, out_ptr,
+                          out_stride, n_cols, eps, HAS_RES: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, RMS: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    total = tl.zeros([BLOCK], tl.float32)
+    squares = tl.zeros([BLOCK], tl.float32)
+    for c0 in range(0, n_cols, BLOCK):
+        offs = c0 + tl.arange(0, BLOCK)
+        mask = offs < n_cols
+        x = tl.load(x_ptr + row * x_stride + offs, mask=mask, other=0.0)
+        if HAS_RES:
+            r = (tl.load(res_ptr + row * res_stride + offs, mask=mask, other=0.0) + x)
+            r = r.to(res_ptr.dtype.element_ty)
+            tl.store(res_ptr + row * res_stride + offs, r, mask=mask)
+            xf = r.to(tl.float32)
+        else:
+            xf = x.to(tl.float32)
+        total += xf
+        squares += xf * xf
+    mean = tl.sum(total, 0) / n_cols
+    if RMS:
+        rstd = 1.0 / tl.sqrt(tl.sum(squares, 0) / n_cols + eps)
+    else:
+        rstd = 1.0 / tl.sqrt(tl.maximum(tl.sum(squares, 0) / n_cols - mean * mean, 0.0) + eps)
+    src_ptr = res_ptr if HAS_RES else x_ptr
+    src_stride = res_stride if HAS_RES else x_stride
+    for c0 in range(0, n_cols, BLOCK):
+        offs = c0 + tl.arange(0, BLOCK)
+        mask = offs < n_cols
+        xf = tl.load(src_ptr + row * src_stride + offs, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if RMS:
+            y = (xf * rstd).to(out_ptr.dtype.element_ty).to(tl.float32) * w
+        else:
+            y = (xf - mean) * rstd * w
+            if HAS_BIAS:
+                y += tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * out_stride + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def add_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+             bias: torch.Tensor | None, eps: float, *, rms: bool,
+             out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    t, h = x.shape
+    if x.stride(-1) != 1 or (residual is not None and residual.stride(-1) != 1):
+        raise ValueError("add_norm (triton): rows must be contiguous (last stride 1)")
+    out = torch.empty((t, h), dtype=x.dtype, device=x.device) if out is None else out
+    r = residual if residual is not None else x
+    if t == 0:
+        return out, r
+    block = triton.next_power_of_2(h)
+    kernel = _add_norm_kernel
+    if block > MAX_FUSED:
+        kernel, block = _add_norm_long_kernel, 4096
+    warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
+    kernel[(t,)](x, x.stride(0), r, r.stride(0), weight, bias if bias is not None else weight,
+                 out, out.stride(0), h, eps, HAS_RES=residual is not None,
+                 HAS_BIAS=bias is not None, RMS=rms, BLOCK=block, num_warps=warps)
+    return out, r

@@ -1,0 +1,62 @@
+"""ONNX forms of the gated MLP plugin (see :mod:`.spec`)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+from onnx import FunctionProto, helper, numpy_helper
+
+from kiln.builder.graph.emitter import OPSET
+from kiln.plugins.gated_mlp.spec import DOMAIN, GatedMlpAttrs
+
+if TYPE_CHECKING:
+    from kiln.builder.graph.emitter import GraphEmitter
+
+
+def emit(g: GraphEmitter, x: str, w_gate_up: str, b_gate_up: str | None, w_down: str,
+         attrs: GatedMlpAttrs, fused: bool) -> str:
+    if fused:
+        name = "GatedMLPBias" if b_gate_up else "GatedMLP"
+        g.add_function(_function(name, b_gate_up is not None))
+        inputs = [x, w_gate_up] + ([b_gate_up] if b_gate_up else []) + [w_down]
+        return g.op(name, *inputs, domain=DOMAIN)
+    return _decomposed(g, x, w_gate_up, b_gate_up, w_down, attrs)
+
+
+def _decomposed(g: GraphEmitter, x: str, w_gate_up: str, b_gate_up: str | None, w_down: str,
+                attrs: GatedMlpAttrs) -> str:
+    """
+    x ─► MatMul w_gate_up ─► (Add b) ─► Split ─► gate ─► Sigmoid ─► Mul gate ─► Mul up ─► MatMul w_down
+                                             └─► up ────────────────────────────┘
+    """
+    gate_up = g.op("MatMul", x, w_gate_up, name="gate_up")
+    if b_gate_up:
+        gate_up = g.op("Add", gate_up, b_gate_up, name="gate_up_bias")
+    i = attrs.intermediate_size
+    gate, up = g.op("Split", gate_up, g.int64s(i, i), name="gate_up_split", axis=-1, outputs=2)
+    silu = g.op("Mul", gate, g.op("Sigmoid", gate, name="silu"), name="silu")
+    return g.op("MatMul", g.op("Mul", silu, up, name="gate"), w_down, name="down")
+
+
+def _function(name: str, bias: bool) -> FunctionProto:
+    """The model-local function: the decomposed ops over its formal inputs."""
+    inputs = ["x", "w_gate_up"] + (["b_gate_up"] if bias else []) + ["w_down"]
+    matmul_out = "gate_up_raw" if bias else "gate_up"
+    nodes = [helper.make_node("MatMul", ["x", "w_gate_up"], [matmul_out])]
+    if bias:
+        nodes.append(helper.make_node("Add", [matmul_out, "b_gate_up"], ["gate_up"]))
+    nodes += [
+        helper.make_node("Shape", ["gate_up"], ["width"], start=-1),
+        helper.make_node("Constant", [], ["two"], value=numpy_helper.from_array(
+            np.array([2], dtype=np.int64))),
+        helper.make_node("Div", ["width", "two"], ["half"]),
+        helper.make_node("Concat", ["half", "half"], ["sizes"], axis=0),
+        helper.make_node("Split", ["gate_up", "sizes"], ["gate", "up"], axis=-1),
+        helper.make_node("Sigmoid", ["gate"], ["sig"]),
+        helper.make_node("Mul", ["gate", "sig"], ["silu"]),
+        helper.make_node("Mul", ["silu", "up"], ["act"]),
+        helper.make_node("MatMul", ["act", "w_down"], ["y"]),
+    ]
+    return helper.make_function(DOMAIN, name, inputs, ["y"], nodes,
+                                [helper.make_opsetid("", OPSET)])

@@ -1,0 +1,38 @@
+"""Triton gated-MLP activation ``silu(gate) * up`` over the fused ``[gate | up]`` projection.
+
+Same contract as :mod:`kiln.plugins.gated_mlp.triton_reference`. Grid ``(rows, column
+blocks)``: reads each half once and writes the product once (the unfused torch path writes
+``silu(gate)`` and reads it back).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _silu_mul_kernel(x_ptr, x_stride, out_ptr, out_stride, n_cols, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_cols
+    gate = tl.load(x_ptr + row * x_stride + offs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * x_stride + n_cols + offs, mask=mask, other=0.0).to(tl.float32)
+    y = gate / (1.0 + tl.exp(-gate)) * up
+    tl.store(out_ptr + row * out_stride + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    t, two_i = gate_up.shape
+    if two_i % 2 or gate_up.stride(-1) != 1:
+        raise ValueError(f"silu_and_mul: need contiguous rows of even width, found {two_i}")
+    inter = two_i // 2
+    out = torch.empty((t, inter), dtype=gate_up.dtype, device=gate_up.device)
+    if t == 0:
+        return out
+    block = min(1024, triton.next_power_of_2(inter))
+    _silu_mul_kernel[(t, triton.cdiv(inter, block))](gate_up, gate_up.stride(0), out,
+                                                     out.stride(0), inter, BLOCK=block,
+                                                     num_warps=4)
+    return out

@@ -1,0 +1,278 @@
+"""Triton paged attention: decode (one query per sequence, split-K) and packed prefill.
+
+Same contract as :mod:`kiln.plugins.paged_attention.triton_reference` (its docstring has the
+cache layout and masking rules). Both kernels are flash-attention style: online softmax in
+float32 with ``exp2``, key/value tiles of ``BLOCK_N`` rows read straight from the paged cache
+(``page_size % BLOCK_N == 0``, so a tile never straddles two blocks and is one contiguous
+``[BLOCK_N, D]`` read).
+
+Decode: grid ``(num_seqs, Hkv, num_splits)``. One program holds the ``G = Hq / Hkv`` query
+heads that share a key head as the rows of its ``tl.dot`` tile (padded to 16 rows), so each
+key/value tile is read once per group, not once per query head. Long contexts at small batch
+are split along the keys (flash-decoding): each split writes an unnormalized partial and its
+``(max, sum)``, and a second kernel merges them. ``num_splits == 1`` writes the output directly.
+
+Prefill: grid ``(num_seqs, cdiv(max_q_len, BLOCK_M), Hq)``; programs past a sequence's
+queries exit at once. Causal and sliding-window bounds skip whole key tiles; the mask is
+applied per element inside the tiles that remain.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+_NEG = -1.0e30  # finite "minus infinity" for running maxima: keeps exp2(m_old - m_new) NaN-free
+
+
+@triton.jit
+def _tile_scores(q, k_ptrs, kpos, kmask, d_mask, qk_scale, slopes, ALIBI: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    k = tl.load(k_ptrs, mask=kmask[:, None] & d_mask[None, :], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if ALIBI:
+        s += slopes[:, None] * kpos.to(tl.float32)[None, :]
+    return s
+
+
+@triton.jit
+def _online_update(s, allowed, m_i, l_i, acc, v_ptrs, kmask, d_mask, PRECISION: tl.constexpr):
+    s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    v = tl.load(v_ptrs, mask=kmask[:, None] & d_mask[None, :], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc
+
+
+@triton.jit
+def _decode_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_stride_h,
+                   c_stride_r, table_ptr, table_stride, ctx_ptr, rows_ptr, out_ptr, o_stride_t,
+                   o_stride_h, part_ptr, ml_ptr, slopes_ptr, qk_scale, window,
+                   GROUP: tl.constexpr, M_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   D_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+                   PARTITION: tl.constexpr, NUM_SPLITS: tl.constexpr, ALIBI: tl.constexpr,
+                   WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx = tl.load(ctx_ptr + b)
+    start = split * PARTITION
+    if start >= ctx:
+        return
+    end = tl.minimum(start + PARTITION, ctx)
+    lo = start
+    if WINDOW:
+        lo = tl.maximum(start, ctx - window)
+    m_offs = tl.arange(0, M_PAD)
+    d_offs = tl.arange(0, D_PAD)
+    m_mask = m_offs < GROUP
+    d_mask = d_offs < HEAD_DIM
+    heads = kvh * GROUP + m_offs
+    row = tl.load(rows_ptr + b).to(tl.int64)
+    q = tl.load(q_ptr + row * q_stride_t + heads[:, None] * q_stride_h + d_offs[None, :],
+                mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    slopes = tl.zeros([M_PAD], tl.float32)
+    if ALIBI:
+        slopes = tl.load(slopes_ptr + heads, mask=m_mask, other=0.0) * 1.4426950408889634
+    m_i = tl.full([M_PAD], -1.0e30, tl.float32)
+    l_i = tl.zeros([M_PAD], tl.float32)
+    acc = tl.zeros([M_PAD, D_PAD], tl.float32)
+    n_offs = tl.arange(0, BLOCK_N)
+    table = table_ptr + b.to(tl.int64) * table_stride
+    for n0 in range((lo // BLOCK_N) * BLOCK_N, end, BLOCK_N):
+        block = tl.load(table + n0 // PAGE).to(tl.int64)
+        base = block * c_stride_b + kvh * c_stride_h + ((n0 % PAGE) + n_offs)[:, None] * c_stride_r \
+            + d_offs[None, :]
+        kpos = n0 + n_offs
+        kmask = (kpos < end) & (kpos >= lo)
+        s = _tile_scores(q, k_ptr + base, kpos, kmask, d_mask, qk_scale, slopes, ALIBI, PRECISION)
+        m_i, l_i, acc = _online_update(s, kmask[None, :], m_i, l_i, acc, v_ptr + base, kmask,
+                                       d_mask, PRECISION)
+    if NUM_SPLITS == 1:
+        o = acc / l_i[:, None]
+        tl.store(out_ptr + row * o_stride_t + heads[:, None] * o_stride_h + d_offs[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+    else:
+        # partials [B, Hq, NUM_SPLITS, D_PAD] float32; (max, sum) [B, Hq, NUM_SPLITS, 2]
+        idx = (b * (GROUP * tl.num_programs(1)) + heads).to(tl.int64) * NUM_SPLITS + split
+        tl.store(part_ptr + idx[:, None] * D_PAD + d_offs[None, :], acc, mask=m_mask[:, None])
+        tl.store(ml_ptr + idx * 2, m_i, mask=m_mask)
+        tl.store(ml_ptr + idx * 2 + 1, l_i, mask=m_mask)
+
+
+@triton.jit
+def _merge_kernel(part_ptr, ml_ptr, ctx_ptr, rows_ptr, out_ptr, o_stride_t, o_stride_h,
+                  num_heads, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                  PARTITION: tl.constexpr, NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    ctx = tl.load(ctx_ptr + b)
+    used = (ctx + PARTITION - 1) // PARTITION
+    s_offs = tl.arange(0, S_PAD)
+    d_offs = tl.arange(0, D_PAD)
+    s_mask = s_offs < used
+    base = (b * num_heads + h).to(tl.int64) * NUM_SPLITS
+    m = tl.load(ml_ptr + (base + s_offs) * 2, mask=s_mask, other=float("-inf"))
+    lsum = tl.load(ml_ptr + (base + s_offs) * 2 + 1, mask=s_mask, other=0.0)
+    w = tl.exp2(m - tl.max(m, 0))
+    w = tl.where(s_mask, w, 0.0)
+    part = tl.load(part_ptr + (base + s_offs)[:, None] * D_PAD + d_offs[None, :],
+                   mask=s_mask[:, None], other=0.0)
+    o = tl.sum(part * w[:, None], 0) / tl.sum(lsum * w, 0)
+    row = tl.load(rows_ptr + b).to(tl.int64)
+    tl.store(out_ptr + row * o_stride_t + h * o_stride_h + d_offs, o.to(out_ptr.dtype.element_ty),
+             mask=d_offs < HEAD_DIM)
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int]:
+    page = k_cache.shape[2]
+    if page < 16 or page & (page - 1):
+        raise ValueError(f"paged attention (triton): page_size must be a power of two >= 16, "
+                         f"found {page}")
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1 or q.stride(-1) != 1:
+        raise ValueError("paged attention (triton): caches need one layout, last dims contiguous")
+    if q.shape[1] % k_cache.shape[1]:
+        raise ValueError(f"paged attention: {q.shape[1]} query heads are not a multiple of "
+                         f"{k_cache.shape[1]} key heads")
+    return page, min(64, page)
+
+
+def decode_splits(num_seqs: int, num_kv_heads: int, max_ctx_len: int, device: torch.device,
+                  min_partition: int = 256) -> int:
+    """Key splits so that ~2 programs per multiprocessor run, none under ``min_partition`` keys."""
+    if device.type != "cuda":  # Triton's CPU interpreter (tests): size the split as for an H100
+        sms = 132
+    else:
+        sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    want = max(1, (2 * sms) // max(1, num_seqs * num_kv_heads))
+    return max(1, min(want, triton.cdiv(max_ctx_len, min_partition), 64))
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, ctx_lens: torch.Tensor,
+                           q_rows: torch.Tensor, out: torch.Tensor, *, scale: float,
+                           alibi_slopes: torch.Tensor | None = None,
+                           sliding_window: int | None = None, max_ctx_len: int | None = None,
+                           num_splits: int | None = None) -> torch.Tensor:
+    page, block_n = _check(q, k_cache, v_cache)
+    b, hq, d = q_rows.shape[0], q.shape[1], q.shape[2]
+    hkv = k_cache.shape[1]
+    if b == 0:
+        return out
+    max_ctx = max_ctx_len if max_ctx_len is not None else block_tables.shape[1] * page
+    splits = num_splits or decode_splits(b, hkv, max_ctx, q.device)
+    partition = triton.cdiv(triton.cdiv(max_ctx, splits), block_n) * block_n
+    splits = triton.cdiv(max_ctx, partition)
+    d_pad, group = triton.next_power_of_2(d), hq // hkv
+    part = ml = out  # unread unless split
+    if splits > 1:
+        part = torch.empty((b, hq, splits, d_pad), dtype=torch.float32, device=q.device)
+        ml = torch.empty((b, hq, splits, 2), dtype=torch.float32, device=q.device)
+    slopes = alibi_slopes if alibi_slopes is not None else ctx_lens
+    _decode_kernel[(b, hkv, splits)](
+        q, q.stride(0), q.stride(1), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), block_tables, block_tables.stride(0), ctx_lens, q_rows, out,
+        out.stride(0), out.stride(1), part, ml, slopes, scale * LOG2E,
+        sliding_window or 0, GROUP=group, M_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=d, D_PAD=d_pad, PAGE=page, BLOCK_N=block_n, PARTITION=partition,
+        NUM_SPLITS=splits, ALIBI=alibi_slopes is not None, WINDOW=sliding_window is not None,
+        PRECISION=_precision(q.dtype), num_warps=4, num_stages=2)
+    if splits > 1:
+        _merge_kernel[(b, hq)](part, ml, ctx_lens, q_rows, out, out.stride(0), out.stride(1), hq,
+                               HEAD_DIM=d, D_PAD=d_pad, PARTITION=partition, NUM_SPLITS=splits,
+                               S_PAD=triton.next_power_of_2(splits), num_warps=4)
+    return out
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_stride_h,
+                    c_stride_r, table_ptr, table_stride, ctx_ptr, starts_ptr, lens_ptr, out_ptr,
+                    o_stride_t, o_stride_h, slopes_ptr, qk_scale, window,
+                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                    PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    ALIBI: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+    b = tl.program_id(0)
+    mt = tl.program_id(1)
+    h = tl.program_id(2)
+    q_len = tl.load(lens_ptr + b)
+    if mt * BLOCK_M >= q_len:
+        return
+    ctx = tl.load(ctx_ptr + b)
+    q_start = tl.load(starts_ptr + b).to(tl.int64)
+    first = ctx - q_len + mt * BLOCK_M  # position of the tile's first query
+    m_offs = tl.arange(0, BLOCK_M)
+    d_offs = tl.arange(0, D_PAD)
+    n_offs = tl.arange(0, BLOCK_N)
+    d_mask = d_offs < HEAD_DIM
+    m_mask = mt * BLOCK_M + m_offs < q_len
+    qpos = first + m_offs
+    rows = q_start + mt * BLOCK_M + m_offs
+    q = tl.load(q_ptr + rows[:, None] * q_stride_t + h * q_stride_h + d_offs[None, :],
+                mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    slopes = tl.zeros([BLOCK_M], tl.float32)
+    if ALIBI:
+        slopes += tl.load(slopes_ptr + h) * 1.4426950408889634
+    kvh = h // GROUP
+    hi = tl.minimum(ctx, first + BLOCK_M)
+    lo = 0
+    if WINDOW:
+        lo = tl.maximum(0, first - window + 1)
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    table = table_ptr + b.to(tl.int64) * table_stride
+    for n0 in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
+        block = tl.load(table + n0 // PAGE).to(tl.int64)
+        base = block * c_stride_b + kvh * c_stride_h + ((n0 % PAGE) + n_offs)[:, None] * c_stride_r \
+            + d_offs[None, :]
+        kpos = n0 + n_offs
+        kmask = kpos < hi
+        s = _tile_scores(q, k_ptr + base, kpos, kmask, d_mask, qk_scale, slopes, ALIBI, PRECISION)
+        allowed = kpos[None, :] <= qpos[:, None]
+        if WINDOW:
+            allowed &= kpos[None, :] > qpos[:, None] - window
+        m_i, l_i, acc = _online_update(s, allowed, m_i, l_i, acc, v_ptr + base, kmask, d_mask,
+                                       PRECISION)
+    o = acc / l_i[:, None]
+    tl.store(out_ptr + rows[:, None] * o_stride_t + h * o_stride_h + d_offs[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, ctx_lens: torch.Tensor,
+                            q_starts: torch.Tensor, q_lens: torch.Tensor, out: torch.Tensor, *,
+                            scale: float, alibi_slopes: torch.Tensor | None = None,
+                            sliding_window: int | None = None, max_q_len: int | None = None,
+                            max_ctx_len: int | None = None) -> torch.Tensor:
+    page, block_n = _check(q, k_cache, v_cache)
+    b, hq, d = q_starts.shape[0], q.shape[1], q.shape[2]
+    if b == 0:
+        return out
+    max_q = max_q_len if max_q_len is not None else q.shape[0]
+    d_pad = triton.next_power_of_2(d)
+    block_m = 128 if d_pad <= 128 and q.dtype != torch.float32 else 64
+    slopes = alibi_slopes if alibi_slopes is not None else ctx_lens
+    grid = (b, triton.cdiv(max_q, block_m), hq)
+    _prefill_kernel[grid](
+        q, q.stride(0), q.stride(1), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), block_tables, block_tables.stride(0), ctx_lens, q_starts, q_lens, out,
+        out.stride(0), out.stride(1), slopes, scale * LOG2E, sliding_window or 0,
+        GROUP=hq // k_cache.shape[1], HEAD_DIM=d, D_PAD=d_pad, PAGE=page, BLOCK_M=block_m,
+        BLOCK_N=block_n, ALIBI=alibi_slopes is not None, WINDOW=sliding_window is not None,
+        PRECISION=_precision(q.dtype), num_warps=8 if block_m == 128 else 4, num_stages=2)
+    return out

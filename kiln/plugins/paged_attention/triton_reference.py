@@ -1,0 +1,100 @@
+"""PyTorch reference of the Triton paged-attention kernels (decode and packed prefill).
+
+Contract, shared with :mod:`kiln.plugins.paged_attention.triton_kernels`:
+
+Cache layout: ``k_cache``/``v_cache`` ``[num_blocks, Hkv, page_size, D]`` (keys after rotary).
+Sequence b owns the blocks ``block_tables[b, :]`` (int32); its token at position p lives in
+block ``block_tables[b, p // page_size]``, row ``p % page_size``. ``ctx_lens[b]`` is the number
+of cached tokens of sequence b *including* the ones being queried (they were written first).
+
+Queries are rows of one packed tensor ``q [T, Hq, D]``; the output ``out [T, Hq, D]`` is written
+at the same rows (other rows are left untouched).
+
+- ``paged_decode_attention``: sequence b has one query, row ``q_rows[b]``, at position
+  ``ctx_lens[b] - 1``.
+- ``paged_prefill_attention``: sequence b has ``q_lens[b]`` queries, rows ``q_starts[b] + i``,
+  at positions ``ctx_lens[b] - q_lens[b] + i`` (a chunk of a prefill after earlier chunks).
+
+Masking: a query at position p sees keys at positions k <= p, and with ``sliding_window`` W
+only k > p - W. ``alibi_slopes`` [Hq] float32 adds ``slope[h] * k`` to the score (HF's
+key-position form; equal to the relative form under softmax). Scores are ``q.k * scale``; GQA/
+MQA map query head h to key head ``h // (Hq // Hkv)``. Softmax in float32.
+
+``max_ctx_len`` / ``max_q_len`` (host ints bounding ``ctx_lens`` / ``q_lens``) and
+``num_splits`` size the Triton launch grid; the reference only checks the bounds.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def gather_keys(cache: torch.Tensor, table_row: torch.Tensor, length: int) -> torch.Tensor:
+    """One sequence's cached rows [length, Hkv, D] from a paged cache."""
+    page = cache.shape[2]
+    pos = torch.arange(length, device=cache.device)
+    blocks = table_row.long()[pos // page]
+    return cache[blocks, :, pos % page, :]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Tensor, *,
+           scale: float, alibi_slopes: torch.Tensor | None,
+           sliding_window: int | None) -> torch.Tensor:
+    """q [S, Hq, D] at positions qpos [S]; k, v [L, Hkv, D] at positions 0..L-1 -> [S, Hq, D]."""
+    group = q.shape[1] // k.shape[1]
+    k = k.float().repeat_interleave(group, dim=1)
+    v = v.float().repeat_interleave(group, dim=1)
+    kpos = torch.arange(k.shape[0], device=q.device)
+    scores = torch.einsum("shd,lhd->hsl", q.float(), k) * scale  # [Hq, S, L]
+    allowed = kpos[None, :] <= qpos[:, None]
+    if sliding_window is not None:
+        allowed &= kpos[None, :] > qpos[:, None] - sliding_window
+    scores = scores.masked_fill(~allowed[None], -math.inf)
+    if alibi_slopes is not None:
+        scores = scores + alibi_slopes.float()[:, None, None] * kpos.float()[None, None, :]
+    probs = torch.softmax(scores, dim=-1)
+    return torch.einsum("hsl,lhd->shd", probs, v)
+
+
+def _check_bound(values: torch.Tensor, bound: int | None, name: str) -> None:
+    if bound is not None and values.numel() and int(values.max()) > bound:
+        raise ValueError(f"{name}: a value {int(values.max())} exceeds the bound {bound} given")
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, ctx_lens: torch.Tensor,
+                           q_rows: torch.Tensor, out: torch.Tensor, *, scale: float,
+                           alibi_slopes: torch.Tensor | None = None,
+                           sliding_window: int | None = None, max_ctx_len: int | None = None,
+                           num_splits: int | None = None) -> torch.Tensor:
+    _check_bound(ctx_lens, max_ctx_len, "ctx_lens")
+    for b in range(q_rows.shape[0]):
+        length, row = int(ctx_lens[b]), int(q_rows[b])
+        k = gather_keys(k_cache, block_tables[b], length)
+        v = gather_keys(v_cache, block_tables[b], length)
+        qpos = torch.tensor([length - 1], device=q.device)
+        out[row:row + 1] = attend(q[row:row + 1], k, v, qpos, scale=scale,
+                                  alibi_slopes=alibi_slopes,
+                                  sliding_window=sliding_window).to(out.dtype)
+    return out
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, ctx_lens: torch.Tensor,
+                            q_starts: torch.Tensor, q_lens: torch.Tensor, out: torch.Tensor, *,
+                            scale: float, alibi_slopes: torch.Tensor | None = None,
+                            sliding_window: int | None = None, max_q_len: int | None = None,
+                            max_ctx_len: int | None = None) -> torch.Tensor:
+    _check_bound(ctx_lens, max_ctx_len, "ctx_lens")
+    _check_bound(q_lens, max_q_len, "q_lens")
+    for b in range(q_starts.shape[0]):
+        length, start, n = int(ctx_lens[b]), int(q_starts[b]), int(q_lens[b])
+        k = gather_keys(k_cache, block_tables[b], length)
+        v = gather_keys(v_cache, block_tables[b], length)
+        qpos = torch.arange(length - n, length, device=q.device)
+        out[start:start + n] = attend(q[start:start + n], k, v, qpos, scale=scale,
+                                      alibi_slopes=alibi_slopes,
+                                      sliding_window=sliding_window).to(out.dtype)
+    return out

@@ -1,0 +1,121 @@
+"""Plugin specs, the registry, and how a build's plugin switches resolve to forms.
+
+A plugin is a fused operation with two ONNX forms: *fused* (one standard op or one
+model-local function that TensorRT maps to a native fused layer, ONNX Runtime runs directly)
+and *decomposed* (plain elementwise/matmul ops). Both must compute the same thing; the
+build switch ``--<name>_plugin auto|enable|disable`` picks one per build:
+
+- ``enable``: the fused form; an error (with the reason) if it cannot be used here.
+- ``disable``: the decomposed form.
+- ``auto``: the fused form where it can be used, else the decomposed one; the choice and its
+  reason are logged.
+
+A plugin that does not occur in a model (the gated MLP of a GELU model) resolves to False;
+``enable`` on it is an error.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+from kiln.config import DecoderConfig
+from kiln.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class PluginMode(str, Enum):
+    AUTO = "auto"
+    ENABLE = "enable"
+    DISABLE = "disable"
+
+
+@dataclass(frozen=True)
+class PluginContext:
+    """What decides whether a fused form can be used: the model, precision and backend."""
+
+    decoder: DecoderConfig
+    dtype: str
+    backend: str
+    targets: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PluginSpec:
+    """One fused operation (see the module docstring).
+
+    ``occurs(decoder)`` returns None when the model uses the operation, else why not;
+    ``fused_blocker(ctx)`` returns None when the fused form can be used, else why not.
+    ``trt_layers`` names the TensorRT layer types the fused form becomes (tests look for them).
+    """
+
+    name: str
+    summary: str
+    fused_form: str
+    decomposed_form: str
+    occurs: Callable[[DecoderConfig], str | None]
+    fused_blocker: Callable[[PluginContext], str | None]
+    trt_layers: tuple[str, ...] = ()
+
+    @property
+    def option(self) -> str:
+        return f"{self.name}_plugin"
+
+
+PLUGINS: dict[str, PluginSpec] = {}
+
+
+def register_plugin(spec: PluginSpec) -> PluginSpec:
+    if spec.name in PLUGINS:
+        raise ValueError(f"plugin {spec.name!r} registered twice")
+    PLUGINS[spec.name] = spec
+    return spec
+
+
+def parse_mode(name: str, value: str | PluginMode) -> PluginMode:
+    try:
+        return PluginMode(value)
+    except ValueError:
+        choices = ", ".join(m.value for m in PluginMode)
+        raise ConfigError(f"{name}_plugin must be one of {choices}, found {value!r}") from None
+
+
+def resolve_plugins(modes: dict[str, str | PluginMode], ctx: PluginContext) -> dict[str, bool]:
+    """Every registered plugin -> whether its fused form is used (see the module docstring)."""
+    unknown = sorted(set(modes) - set(PLUGINS))
+    if unknown:
+        raise ConfigError(f"unknown plugins {unknown}; known: {sorted(PLUGINS)}")
+    chosen = {}
+    for name, spec in sorted(PLUGINS.items()):
+        mode = parse_mode(name, modes.get(name, PluginMode.AUTO))
+        chosen[name] = _resolve_one(spec, mode, ctx)
+    return chosen
+
+
+def _resolve_one(spec: PluginSpec, mode: PluginMode, ctx: PluginContext) -> bool:
+    absent = spec.occurs(ctx.decoder)
+    if absent is not None:
+        if mode is PluginMode.ENABLE:
+            raise ConfigError(f"--{spec.option} enable: {absent}; use auto or disable")
+        log.info("%s plugin: not used (%s)", spec.name, absent)
+        return False
+    if mode is PluginMode.DISABLE:
+        log.info("%s plugin: disabled, decomposed form (%s)", spec.name, spec.decomposed_form)
+        return False
+    blocker = spec.fused_blocker(ctx)
+    if blocker is not None:
+        if mode is PluginMode.ENABLE:
+            raise ConfigError(f"--{spec.option} enable: {blocker}; use auto or disable")
+        log.info("%s plugin: auto chose the decomposed form (%s)", spec.name, blocker)
+        return False
+    log.info("%s plugin: %s, fused form (%s)", spec.name,
+             "enabled" if mode is PluginMode.ENABLE else "auto enabled", spec.fused_form)
+    return True
+
+
+def always(_: object) -> None:
+    """For ``occurs``/``fused_blocker``: no restriction."""
+    return None

@@ -1,0 +1,56 @@
+"""PyTorch reference of the Triton rotary kernel: split QKV, rotate q and k, write k/v to a paged cache.
+
+Contract (shared with :mod:`kiln.plugins.rotary.triton_kernels`, tested against each other):
+
+``rope_qkv_to_cache(qkv, table, table_index, k_cache, v_cache, slot_mapping, *, num_heads,
+num_kv_heads, head_dim, clip=None) -> q``
+
+- ``qkv`` [T, (Hq + 2*Hkv) * D]: the fused projection of T packed tokens, ``[q | k | v]`` per
+  row (rows may be strided).
+- ``table`` float32 [P, D] (cos in ``[:, :D/2]``, sin in ``[:, D/2:]``) and ``table_index`` [T]
+  (the row of ``table`` each token uses: its position, or its own row for per-token tables).
+  ``table`` None means no rotary embedding (ALiBi models): q and k pass through.
+- Rotate-half convention (HF Llama): ``out = x * cos + rotate_half(x) * sin`` with
+  ``rotate_half(x) = [-x2, x1]``, computed in float32 and rounded once to the model dtype.
+- ``clip``: clamp q, k and v to ``[-clip, clip]`` first (MPT/DBRX ``clip_qkv``).
+- Paged cache layout ``[num_blocks, Hkv, page_size, D]``; token t is written to block
+  ``slot_mapping[t] // page_size``, row ``slot_mapping[t] % page_size``. Keys are stored after
+  rotation.
+- Returns the rotated q as a new contiguous tensor [T, Hq, D].
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE in float32. x [T, H, D]; cos, sin [T, D/2] float32."""
+    x = x.float()
+    x1, x2 = x.chunk(2, dim=-1)
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+
+def rope_qkv_to_cache(qkv: torch.Tensor, table: torch.Tensor | None, table_index: torch.Tensor,
+                      k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                      *, num_heads: int, num_kv_heads: int, head_dim: int,
+                      clip: float | None = None) -> torch.Tensor:
+    t = qkv.shape[0]
+    d, hq, hkv = head_dim, num_heads, num_kv_heads
+    if clip is not None:
+        qkv = qkv.clamp(-clip, clip)
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    # [T, H*D] -> [T, H, D]
+    q, k, v = q.reshape(t, hq, d), k.reshape(t, hkv, d), v.reshape(t, hkv, d)
+    if table is not None:
+        cs = table[table_index.long()]
+        cos, sin = cs[:, : d // 2], cs[:, d // 2:]
+        q = rotate(q, cos, sin).to(qkv.dtype)
+        k = rotate(k, cos, sin).to(qkv.dtype)
+    page = k_cache.shape[2]
+    slots = slot_mapping.long()
+    blocks, rows = slots // page, slots % page
+    k_cache[blocks, :, rows, :] = k.to(k_cache.dtype)
+    v_cache[blocks, :, rows, :] = v.to(v_cache.dtype)
+    return q.contiguous()
