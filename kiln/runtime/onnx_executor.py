@@ -1,0 +1,240 @@
+"""The ``onnx`` backend: ONNX Runtime sessions over the per-rank graph of docs/engine.md.
+
+Contract: :mod:`kiln.runtime.executor`. The graph takes right-padded rows [B, S] and per-layer
+caches [B, Hkv, max_seq_len, D]; this executor maps slots to rows and keeps the caches.
+
+KV cache layout: one buffer per layer and kind, ``[max_batch_size, Hkv, max_seq_len, D]`` in
+the model dtype; slot s is row s; cache position j holds the key/value of token position j.
+A slot's valid length is tracked here (``start + len(tokens)`` after a step, 0 on release).
+
+How a step runs (CPU, zero-copy):
+- Rows of a graph run must be consecutive slots, so that every layer's cache for the run is a
+  contiguous block ``buffer[lo:hi]`` bound as both ``past_*`` input and ``present_*`` output
+  (ONNX Runtime's cache scatter then writes in place; no cache is copied per step).
+- A step's chunks are split into runs: decodes together (S = 1); prefill chunks together when
+  padding wastes at most as many tokens as they hold, else one run each. A slot inside a run's
+  window with no chunk of its own runs as an idle row: one pad token written past its valid
+  length (harmless: positions >= the valid length are rewritten before they are attended to),
+  its logits dropped. A window is split where an idle row would not fit in max_seq_len.
+- Parts of a rank (an engine split into consecutive layers) and pipeline stages chain through
+  ``hidden_out`` -> ``hidden_in`` within one process.
+
+The caches are ONNX Runtime OrtValues on the executor's device (CPU, or CUDA with
+onnxruntime-gpu: untested here, no GPU on the development machine); a run's window is bound by
+pointer (``base + lo * row_bytes``), so views cost nothing on either device.
+
+Non-goals: tensor parallelism (ONNX Runtime has no all-reduce; the manifest check refuses it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kiln.engine import EngineError, EngineManifest
+from kiln.runtime.compat import MachineInfo, check_onnx
+from kiln.runtime.executor import Executor, SequenceChunk
+from kiln.runtime.loader import ExecutorOptions
+
+logger = logging.getLogger(__name__)
+
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def check_machine(manifest: EngineManifest, machine: MachineInfo) -> None:
+    check_onnx(manifest, machine)
+    if manifest.dtype not in _NP_DTYPES:
+        raise EngineError(f"onnx engine dtype {manifest.dtype} is not supported by the onnx "
+                          f"runtime here (float32, float16): rebuild with --dtype float16")
+
+
+def load_executor(engine_dir: Path, manifest: EngineManifest,
+                  options: ExecutorOptions) -> OnnxExecutor:
+    files = [engine_dir / f for rank in sorted(manifest.rank_files)
+             for f in manifest.rank_files[rank] if f.endswith(".onnx")]
+    if not files:
+        raise EngineError(f"{engine_dir}: the manifest lists no .onnx file; rebuild with kiln build")
+    return OnnxExecutor(files, manifest, options)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One graph run: consecutive slots [lo, hi), sequence length S, chunks by slot."""
+
+    lo: int
+    hi: int
+    seq: int
+    chunks: dict[int, int]  # slot -> index of its chunk in the step
+
+
+def session_options(num_threads: int | None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = num_threads or len(os.sched_getaffinity(0))
+    so.inter_op_num_threads = 1
+    return so
+
+
+class OnnxExecutor(Executor):
+    """ONNX Runtime executor (see the module docstring)."""
+
+    def __init__(self, graphs: Sequence[Path], manifest: EngineManifest,
+                 options: ExecutorOptions | None = None):
+        import onnxruntime as ort
+
+        options = options or ExecutorOptions()
+        self.limits = manifest.limits
+        self.vocab_size = manifest.decoder.vocab_size
+        self.device = _pick_device(options.device, ort.get_available_providers())
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] \
+            if self.device == "cuda" else ["CPUExecutionProvider"]
+        so = session_options(options.num_threads)
+        self.sessions = [ort.InferenceSession(str(p), so, providers=providers) for p in graphs]
+        self._inputs = [{i.name for i in s.get_inputs()} for s in self.sessions]
+        self._layers = [sorted(int(n[len("past_key_"):]) for n in names
+                               if n.startswith("past_key_")) for names in self._inputs]
+        self._dtype = _NP_DTYPES[manifest.dtype]
+        shape = self._cache_shape(manifest)
+        self.max_seq_len, self._cache_row = shape[2], list(shape[1:])
+        self._row_bytes = int(np.prod(shape[1:])) * np.dtype(self._dtype).itemsize
+        # Zero-filled (masked positions must hold finite values: 0 * NaN would leak into outputs).
+        self._caches = {(kind, i): ort.OrtValue.ortvalue_from_numpy(
+                            np.zeros(shape, self._dtype), self.device, 0)
+                        for layers in self._layers for i in layers for kind in ("key", "value")}
+        self._lengths = [0] * self.limits.max_batch_size
+        logger.info("onnx executor: %d part(s), %s, %d threads, cache %s x %d layers",
+                    len(self.sessions), self.device, so.intra_op_num_threads, shape,
+                    len(self._caches) // 2)
+
+    def _cache_shape(self, manifest: EngineManifest) -> tuple[int, int, int, int]:
+        first = next(i for i in self.sessions[0].get_inputs() if i.name.startswith("past_key_"))
+        hkv, smax, head_dim = first.shape[1:]
+        if not all(isinstance(d, int) for d in (hkv, smax, head_dim)):
+            raise EngineError(f"graph input {first.name} has shape {first.shape}; the cache "
+                              f"dims after the batch must be static (rebuild with kiln build)")
+        if smax != self.limits.max_seq_len:
+            raise EngineError(f"graph cache length {smax} != manifest max_seq_len "
+                              f"{self.limits.max_seq_len}; the engine dir is inconsistent, rebuild")
+        return (self.limits.max_batch_size, hkv, smax, head_dim)
+
+    # -- the step ----------------------------------------------------------------------------
+    def step(self, chunks: Sequence[SequenceChunk]) -> torch.Tensor:
+        out = np.empty((len(chunks), self.vocab_size), np.float32)
+        for run in self._plan(chunks):
+            logits = self._execute(run, chunks)
+            for slot, index in run.chunks.items():
+                out[index] = logits[slot - run.lo]
+                chunk = chunks[index]
+                self._lengths[slot] = chunk.start + len(chunk.tokens)
+        return torch.from_numpy(out)
+
+    def release(self, slot: int) -> None:
+        self._lengths[slot] = 0
+
+    def _plan(self, chunks: Sequence[SequenceChunk]) -> list[_Run]:
+        """Group chunks into runs (see the module docstring)."""
+        for chunk in chunks:
+            if chunk.start + len(chunk.tokens) > self.max_seq_len or not chunk.tokens:
+                raise RuntimeError(f"slot {chunk.slot}: chunk of {len(chunk.tokens)} tokens at "
+                                   f"{chunk.start} does not fit max_seq_len {self.max_seq_len}")
+        decodes = [i for i, c in enumerate(chunks) if len(c.tokens) == 1]
+        prefills = sorted((i for i, c in enumerate(chunks) if len(c.tokens) > 1),
+                          key=lambda i: chunks[i].slot)
+        groups = [decodes] if decodes else []
+        if prefills:
+            longest = max(len(chunks[i].tokens) for i in prefills)
+            held = sum(len(chunks[i].tokens) for i in prefills)
+            fits = all(chunks[i].start + longest <= self.max_seq_len for i in prefills)
+            if fits and longest * len(prefills) - held <= held:
+                groups.append(prefills)
+            else:
+                groups.extend([i] for i in prefills)
+        runs = []
+        for group in groups:
+            seq = max(len(chunks[i].tokens) for i in group)
+            runs.extend(self._windows({chunks[i].slot: i for i in group}, seq))
+        return runs
+
+    def _windows(self, by_slot: dict[int, int], seq: int) -> list[_Run]:
+        """Consecutive-slot windows over ``by_slot``; idle rows must fit ``seq`` tokens."""
+        runs, slots = [], sorted(by_slot)
+        current = [slots[0]]
+        for slot in slots[1:]:
+            if self._idle_fit(range(current[-1] + 1, slot), by_slot, seq):
+                current.append(slot)
+            else:
+                runs.append(current)
+                current = [slot]
+        runs.append(current)
+        return [_Run(r[0], r[-1] + 1, seq, {s: by_slot[s] for s in r}) for r in runs]
+
+    def _idle_fit(self, slots: range, by_slot: dict[int, int], seq: int) -> bool:
+        return all(s in by_slot or self._lengths[s] + seq <= self.max_seq_len for s in slots)
+
+    def _feeds(self, run: _Run, chunks: Sequence[SequenceChunk]) -> dict[str, np.ndarray]:
+        rows = run.hi - run.lo
+        ids = np.zeros((rows, run.seq), np.int64)
+        past = np.array(self._lengths[run.lo:run.hi], np.int64)
+        last = np.zeros(rows, np.int64)
+        for slot, index in run.chunks.items():
+            chunk = chunks[index]
+            ids[slot - run.lo, :len(chunk.tokens)] = chunk.tokens
+            past[slot - run.lo] = chunk.start
+            last[slot - run.lo] = len(chunk.tokens) - 1
+        # Pad positions continue the row (clamped into the rotary table); the cache write of
+        # a row covers [past_len, past_len + S), which the plan keeps inside max_seq_len.
+        positions = np.minimum(past[:, None] + np.arange(run.seq), self.max_seq_len - 1)
+        return {"input_ids": ids, "position_ids": positions, "past_len": past,
+                "last_index": last}
+
+    def _execute(self, run: _Run, chunks: Sequence[SequenceChunk]) -> np.ndarray:
+        feeds = self._feeds(run, chunks)
+        hidden = None
+        for part, session in enumerate(self.sessions):
+            binding = session.io_binding()
+            for name, value in feeds.items():
+                if name in self._inputs[part]:
+                    binding.bind_cpu_input(name, value)
+            if hidden is not None:
+                binding.bind_ortvalue_input("hidden_in", hidden)
+            last = part == len(self.sessions) - 1
+            binding.bind_output("logits" if last else "hidden_out", self.device, 0)  # output 0
+            self._bind_caches(binding, part, run)
+            session.run_with_iobinding(binding)
+            hidden = binding.get_outputs()[0]
+        return hidden.numpy()
+
+    def _bind_caches(self, binding, part: int, run: _Run) -> None:
+        """Bind rows [lo, hi) of each cache as both past (input) and present (output)."""
+        shape = [run.hi - run.lo, *self._cache_row]
+        offset = run.lo * self._row_bytes
+        for layer in self._layers[part]:
+            for kind in ("key", "value"):
+                ptr = self._caches[(kind, layer)].data_ptr() + offset
+                binding.bind_input(f"past_{kind}_{layer}", self.device, 0, self._dtype, shape, ptr)
+                binding.bind_output(f"present_{kind}_{layer}", self.device, 0, self._dtype, shape,
+                                    ptr)
+
+    def close(self) -> None:
+        self.sessions.clear()
+        self._caches.clear()
+
+
+def _pick_device(device: str, providers: Sequence[str]) -> str:
+    has_cuda = "CUDAExecutionProvider" in providers
+    if device == "cuda" and not has_cuda:
+        raise EngineError("device cuda asked, but ONNX Runtime has no CUDAExecutionProvider here: "
+                          "pip install onnxruntime-gpu, or use --device cpu")
+    if device == "auto":
+        device = "cuda" if has_cuda else "cpu"
+        logger.info("onnx executor: device auto -> %s", device)
+    return device

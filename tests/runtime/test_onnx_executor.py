@@ -1,0 +1,96 @@
+"""The onnx executor against docs/engine.md's graph contract (a toy graph; no builder needed):
+batched, padded, windowed and chained steps match each sequence run alone from scratch."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from kiln.engine import BuildLimits
+from kiln.runtime import LLM, SamplingParams
+from kiln.runtime.core import EngineCore
+from kiln.runtime.executor import SequenceChunk
+from kiln.runtime.loader import open_engine
+from tests.runtime.toy_onnx import toy_engine_dir
+
+LIMITS = BuildLimits(max_batch_size=6, max_input_len=24, max_seq_len=40, max_num_tokens=32)
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["one-part", "two-parts"])
+def engine(request, tmp_path_factory):
+    return toy_engine_dir(tmp_path_factory.mktemp("toy") / "engine", LIMITS, parts=request.param)
+
+
+def alone(engine_dir, tokens):
+    """Logits of the last token of ``tokens``, one prefill in a fresh executor."""
+    _, ex = open_engine(engine_dir)
+    return ex.step([SequenceChunk(0, tuple(tokens), 0)])[0]
+
+
+def test_mixed_steps_match_sequences_run_alone(engine):
+    _, ex = open_engine(engine)
+    rng = random.Random(0)
+    history = {s: [] for s in range(LIMITS.max_batch_size)}
+    for step in range(12):
+        # a few slots, some prefill chunks, some decodes, idle slots in between
+        slots = sorted(rng.sample(range(LIMITS.max_batch_size), rng.randint(1, 4)))
+        chunks = []
+        for s in slots:
+            room = LIMITS.max_seq_len - len(history[s])
+            n = 1 if history[s] and rng.random() < 0.6 else rng.randint(1, min(9, room))
+            n = min(n, room)
+            if n > 0:
+                chunks.append(SequenceChunk(s, tuple(rng.randrange(64) for _ in range(n)),
+                                            len(history[s])))
+        if step == 6:  # a finished sequence frees its slot; the next one starts from zero
+            ex.release(slots[0])
+            history[slots[0]] = []
+            chunks = [c if c.slot != slots[0] else SequenceChunk(c.slot, c.tokens, 0)
+                      for c in chunks]
+        if not chunks:
+            continue
+        logits = ex.step(chunks)
+        assert logits.shape == (len(chunks), 64) and logits.dtype == torch.float32
+        for row, c in zip(logits, chunks, strict=True):
+            history[c.slot].extend(c.tokens)
+            torch.testing.assert_close(row, alone(engine, history[c.slot]), atol=2e-5, rtol=2e-5)
+
+
+def test_idle_row_near_the_end_of_the_cache_does_not_clobber(engine):
+    _, ex = open_engine(engine)
+    full = tuple(range(LIMITS.max_seq_len - 1))  # slot 1 almost full
+    ex.step([SequenceChunk(1, full[:20], 0)])
+    ex.step([SequenceChunk(1, full[20:], 20)])
+    ex.step([SequenceChunk(0, (5, 6, 7), 0), SequenceChunk(2, (8, 9, 10), 0)])  # 1 is idle
+    got = ex.step([SequenceChunk(1, (11,), len(full))])[0]
+    torch.testing.assert_close(got, alone(engine, [*full, 11]), atol=2e-5, rtol=2e-5)
+
+
+def test_inflight_invariant_on_onnx(engine):
+    rng = random.Random(3)
+    prompts = [[rng.randrange(64) for _ in range(rng.randint(1, 24))] for _ in range(16)]
+    params = [SamplingParams(temperature=0, max_tokens=rng.randint(1, 12)) for _ in prompts]
+    single = LLM.from_executor(open_engine(engine)[1])  # token ids only: no tokenizer
+    want = [single.generate([p], q)[0].token_ids for p, q in zip(prompts, params, strict=True)]
+    batched = LLM.from_executor(open_engine(engine)[1]).generate(prompts, params)
+    assert [r.token_ids for r in batched] == want
+    core, arrivals, got, step = EngineCore(open_engine(engine)[1]), {}, {}, 0
+    for i in range(16):
+        arrivals.setdefault(rng.randrange(20), []).append(i)
+    while step < 20 or core.has_work():
+        for i in arrivals.get(step, []):
+            got[i] = core.add_request(prompts[i], params[i])
+        core.step()
+        step += 1
+    assert [tuple(got[i].output_ids) for i in range(16)] == want
+
+
+def test_threads_and_device_options(engine):
+    from kiln.runtime.loader import ExecutorOptions
+
+    _, ex = open_engine(engine, ExecutorOptions(device="cpu", num_threads=1))
+    assert ex.device == "cpu"
+    assert np.isfinite(ex.step([SequenceChunk(0, (1, 2), 0)]).numpy()).all()
