@@ -9,6 +9,8 @@ emitter's sink; the returned ModelProto holds none of their bytes.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import onnx
 
 from kiln.builder.graph.attention import cache_names
@@ -21,7 +23,7 @@ from kiln.builder.graph.context import (
     PartSpec,
     RankWeights,
 )
-from kiln.builder.graph.emitter import GraphEmitter, WeightSink
+from kiln.builder.graph.emitter import FileSink, GraphEmitter, WeightSink, save
 from kiln.builder.graph.head import emit_head
 from kiln.builder.graph.layer import emit_layer
 from kiln.config import RopeScalingType
@@ -76,3 +78,14 @@ def _outputs(ctx: EmitContext, x: str) -> None:
     for i in part.layers:
         for name in cache_names(i)[1]:
             g.output(name, name, ctx.elem, ctx.cache_shape())
+
+
+def write_part(spec: GraphSpec, part: PartSpec, rank_path: Path, directory: Path) -> Path:
+    """Emit ``part`` into ``directory/<stem>.onnx`` + ``<stem>.onnx.data``; returns the graph."""
+    weights = RankWeights(rank_path, spec.dtype)
+    sink = FileSink(Path(directory) / f"{part.stem}.onnx.data")
+    try:
+        model = emit_part(spec, part, weights, sink)
+    finally:
+        sink.close()
+    return save(model, Path(directory) / f"{part.stem}.onnx")

@@ -40,7 +40,7 @@ def _decomposed(g: GraphEmitter, q: str, k: str, v: str, past: tuple[str, str], 
     q [B,Hq,S,D] ─► Reshape [B,Hkv,G,S,D] ─► MatMul(K^T [B,Hkv,1,D,Smax]) ─► Cast f32 ─► * scale
       ─► mask (Where / Add) ─► Softmax ─► Cast ─► MatMul(V [B,Hkv,1,Smax,D]) ─► Reshape [B,Hq,S,D]
     """
-    index = g.shared(("cache_index", k, past_len), lambda: _write_index(g, k, past_len))
+    index = g.shared(("cache_index", past_len), lambda: _write_index(g, k, past_len))
     key = g.op("ScatterElements", past[0], index, k, name="key_cache", outputs=[presents[0]],
                axis=2)
     value = g.op("ScatterElements", past[1], index, v, name="value_cache",

@@ -1,0 +1,153 @@
+"""``kiln build``: kiln checkpoint -> engine dir, through a registered backend.
+
+Passes: validate options and output -> read and check the checkpoint (config and every rank
+file's header) -> resolve dtype, limits, targets, plugins -> backend check -> plan parts per
+rank (memory budget) -> build parts (in-process, or ``workers`` processes) -> tokenizer,
+checksums, manifest -> rename into place.
+
+Atomicity: everything is written to a hidden temporary directory beside ``output_dir`` and
+renamed onto it at the end; on any error it is removed and an existing output is untouched.
+Errors a user can cause are :class:`~kiln.errors.KilnError` subclasses with one-line messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import kiln
+from kiln.builder.backends import Backend, BuildPlan, PartResult, get_backend
+from kiln.builder.graph.context import GraphSpec, RankWeights
+from kiln.builder.options import BuildOptions, resolve_limits
+from kiln.builder.output import atomic_dir, check_output, copy_tokenizer
+from kiln.builder.plan import plan_rank
+from kiln.builder.runner import run_parts
+from kiln.checkpoint import CheckpointConfig, load_config, rank_file
+from kiln.engine import EngineManifest, sha256_file
+from kiln.errors import CheckpointError, ConfigError
+from kiln.plugins import PluginContext, resolve_plugins
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BuildResult:
+    """What a build wrote and how long each stage took."""
+
+    output_dir: Path
+    manifest: EngineManifest
+    parts: list[PartResult]
+    seconds: dict[str, float] = field(default_factory=dict)  # stage -> wall seconds
+
+    @property
+    def peak_rss(self) -> int:
+        """Peak resident memory (bytes) of the processes that built parts."""
+        return max((p.peak_rss for p in self.parts), default=0)
+
+    def summary(self) -> str:
+        stages = ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
+        return (f"built {self.output_dir} ({self.manifest.backend}, "
+                f"{sum(len(p.files) for p in self.parts)} files, {len(self.parts)} parts): "
+                f"{stages}; peak RSS {self.peak_rss / 1e9:.2f} GB")
+
+
+def build(checkpoint_dir: str | Path, output_dir: str | Path, *, backend: str = "onnx",
+          max_batch_size: int = 8, max_input_len: int | None = None,
+          max_seq_len: int | None = None, max_num_tokens: int | None = None,
+          dtype: str | None = None, targets: tuple[str, ...] | list[str] = (),
+          plugins: dict[str, str] | None = None, max_build_memory: int | None = None,
+          workers: int = 1, overwrite: bool = False, allow_long_context: bool = False,
+          progress: bool = False) -> BuildResult:
+    """Build an engine dir from a kiln checkpoint (see :class:`BuildOptions` for the options).
+
+    Raises :class:`~kiln.errors.KilnError` subclasses on bad input, leaving nothing behind.
+    """
+    options = BuildOptions(
+        checkpoint_dir=checkpoint_dir, output_dir=output_dir, backend=backend,
+        max_batch_size=max_batch_size, max_input_len=max_input_len, max_seq_len=max_seq_len,
+        max_num_tokens=max_num_tokens, dtype=dtype, targets=tuple(targets),
+        plugins=dict(plugins or {}), max_build_memory=max_build_memory, workers=workers,
+        overwrite=overwrite, allow_long_context=allow_long_context)
+    return build_with(options, progress=progress)
+
+
+def build_with(options: BuildOptions, progress: bool = False) -> BuildResult:
+    started = time.perf_counter()
+    check_output(options.output_dir, options.overwrite)
+    ckpt = load_config(options.checkpoint_dir)
+    weights = check_rank_files(options.checkpoint_dir, ckpt)
+    engine = get_backend(options.backend)
+    plan = make_plan(options, ckpt, engine)
+    engine.check(plan)
+    budget = options.memory_budget() // options.workers
+    parts = [p for rank in range(ckpt.mapping.world_size)
+             for p in plan_rank(ckpt, rank, weights[rank], budget, engine.memory_factor,
+                                engine.base_memory)]
+    seconds = {"plan": time.perf_counter() - started}
+    with atomic_dir(options.output_dir, options.overwrite) as tmp:
+        results = run_parts(engine, plan, parts, tmp, options.workers, progress)
+        seconds["parts"] = time.perf_counter() - started - seconds["plan"]
+        manifest = _finish(tmp, engine, plan, results)
+    seconds["total"] = time.perf_counter() - started
+    result = BuildResult(options.output_dir, manifest, results, seconds)
+    log.info("%s", result.summary())
+    return result
+
+
+def check_rank_files(checkpoint_dir: Path, ckpt: CheckpointConfig) -> dict[int, RankWeights]:
+    """Open every rank file's header and check its names against the config (no data read)."""
+    out = {}
+    for rank in range(ckpt.mapping.world_size):
+        path = Path(checkpoint_dir) / rank_file(rank)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (mapping has {ckpt.mapping.world_size} "
+                                  f"ranks); re-run kiln convert_checkpoint")
+        weights = RankWeights(path, ckpt.dtype)
+        expected = set(ckpt.rank_tensor_names(rank))
+        missing, unexpected = sorted(expected - set(weights.infos)), \
+            sorted(set(weights.infos) - expected)
+        if missing or unexpected:
+            raise CheckpointError(f"{path}: tensors do not match config.json: missing "
+                                  f"{missing}, unexpected {unexpected}; re-run kiln "
+                                  f"convert_checkpoint")
+        out[rank] = weights
+    return out
+
+
+def make_plan(options: BuildOptions, ckpt: CheckpointConfig, engine: Backend) -> BuildPlan:
+    """Resolve dtype, limits, targets and plugins for this checkpoint and backend."""
+    if ckpt.quantization.get("scheme") is not None:
+        raise ConfigError(f"checkpoint quantization scheme {ckpt.quantization['scheme']!r} is "
+                          f"not supported by kiln build yet; convert without quantization")
+    dtype = options.dtype or ckpt.dtype
+    limits = resolve_limits(options, ckpt.decoder)
+    targets = options.targets or engine.default_targets(dtype)
+    plugins = resolve_plugins(options.plugins, PluginContext(ckpt.decoder, dtype, engine.name,
+                                                             targets))
+    graph = GraphSpec(decoder=ckpt.decoder, mapping=ckpt.mapping, dtype=dtype,
+                      max_seq_len=limits.max_seq_len, plugins=plugins)
+    return BuildPlan(checkpoint_dir=options.checkpoint_dir, checkpoint=ckpt, graph=graph,
+                     limits=limits, targets=tuple(targets))
+
+
+def _finish(tmp: Path, engine: Backend, plan: BuildPlan, results: list[PartResult]) -> EngineManifest:
+    """Tokenizer files, checksums and the manifest, written into the temporary dir."""
+    copy_tokenizer(plan.checkpoint_dir, tmp)
+    rank_files: dict[int, list[str]] = {}
+    for result in sorted(results, key=lambda r: (r.part.rank, r.part.index)):
+        rank_files.setdefault(result.part.rank, []).extend(result.files)
+    ckpt = plan.checkpoint
+    manifest = EngineManifest(
+        backend=engine.name, backend_version=engine.versions(), targets=plan.targets,
+        decoder=ckpt.decoder, mapping=ckpt.mapping, dtype=plan.dtype, limits=plan.limits,
+        rank_files={r: tuple(f) for r, f in rank_files.items()},
+        checksums={name: sha256_file(tmp / name) for files in rank_files.values()
+                   for name in files},
+        plugins=dict(plan.graph.plugins), quantization=ckpt.quantization,
+        kiln_version=kiln.__version__,
+        source={"checkpoint_dir": str(plan.checkpoint_dir), **ckpt.source})
+    manifest.write(tmp)
+    return manifest
+

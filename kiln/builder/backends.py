@@ -1,0 +1,131 @@
+"""The backend registry and the interface every engine backend implements.
+
+A backend turns planned parts of a kiln checkpoint into engine files. Register one with::
+
+    @register_backend("torch")
+    class TorchBackend(Backend):
+        memory_factor = 1.0        # peak host RAM ~ factor x the weight bytes of one part
+        base_memory = 1 << 30      # + this much (libraries, buffers)
+
+        def versions(self) -> dict[str, str]: ...            # {"torch": "2.13.0"} -> manifest
+        def default_targets(self, dtype) -> tuple[str, ...]: ...
+        def check(self, plan: BuildPlan) -> None: ...        # refuse what it cannot build (EngineError / ConfigError)
+        def build_part(self, job: PartJob) -> PartResult: ...
+
+Contract:
+- The constructor raises :class:`~kiln.engine.EngineError` (one line: what is missing, the
+  pip requirement that provides it) when the backend's library cannot be used here.
+- ``check`` runs once, before anything is written; it validates targets, dtype, mapping and
+  quantization against what the backend can build, and raises with the reason.
+- ``build_part`` writes the part's files into ``job.out_dir`` (named from ``job.part.stem``),
+  may use ``job.work_dir`` for scratch, returns their names in load order and its timings. It
+  may run in a worker process (``--workers``): jobs and results are picklable, and a backend
+  instance is created in each worker.
+- Planning splits a rank into parts of consecutive layers so that
+  ``memory_factor * part_weight_bytes + base_memory`` stays under the per-worker budget; the
+  runtime chains a rank's parts (``hidden_out`` -> ``hidden_in``).
+
+Backends live in ``kiln/builder/<name>_backend.py`` and are imported on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from kiln.builder.graph.context import GraphSpec, PartSpec
+from kiln.checkpoint import CheckpointConfig
+from kiln.engine import BuildLimits, EngineError
+
+_MODULES = ("kiln.builder.onnx_backend", "kiln.builder.tensorrt_backend",
+            "kiln.builder.torch_backend")
+_REGISTRY: dict[str, type[Backend]] = {}
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """A build, resolved: the checkpoint, the graph settings, limits and targets."""
+
+    checkpoint_dir: Path
+    checkpoint: CheckpointConfig
+    graph: GraphSpec
+    limits: BuildLimits
+    targets: tuple[str, ...]
+
+    @property
+    def dtype(self) -> str:
+        return self.graph.dtype
+
+
+@dataclass(frozen=True)
+class PartJob:
+    plan: BuildPlan
+    part: PartSpec
+    out_dir: Path  # the engine dir being written (a temporary dir renamed at the end)
+    work_dir: Path  # scratch space on the same filesystem, removed at the end
+
+
+@dataclass
+class PartResult:
+    part: PartSpec
+    files: tuple[str, ...]  # in load order, relative to the engine dir
+    seconds: dict[str, float] = field(default_factory=dict)  # stage -> wall seconds
+    peak_rss: int = 0  # bytes, of the process that built the part
+
+
+class Backend(ABC):
+    """One engine backend (see the module docstring for the contract)."""
+
+    name: ClassVar[str]
+    memory_factor: ClassVar[float] = 1.0
+    base_memory: ClassVar[int] = 0
+
+    @abstractmethod
+    def versions(self) -> dict[str, str]:
+        """Library name -> version, recorded in the manifest."""
+
+    @abstractmethod
+    def default_targets(self, dtype: str) -> tuple[str, ...]:
+        """Targets used when the user names none."""
+
+    @abstractmethod
+    def check(self, plan: BuildPlan) -> None:
+        """Raise (EngineError / ConfigError) if this backend cannot build ``plan`` here."""
+
+    @abstractmethod
+    def build_part(self, job: PartJob) -> PartResult:
+        """Write one part's files into ``job.out_dir``."""
+
+
+def register_backend(name: str) -> Callable[[type[Backend]], type[Backend]]:
+    def register(cls: type[Backend]) -> type[Backend]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"backend {name!r} registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+    return register
+
+
+def _load_modules() -> None:
+    for module in _MODULES:
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module)
+
+
+def backend_names() -> list[str]:
+    _load_modules()
+    return sorted(_REGISTRY)
+
+
+def get_backend(name: str) -> Backend:
+    """An instance of the named backend (EngineError if unknown or unusable here)."""
+    _load_modules()
+    if name not in _REGISTRY:
+        raise EngineError(f"unknown backend {name!r}; this kiln has {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]()

@@ -1,0 +1,79 @@
+"""The ``onnx`` backend: each part's graph, optimized offline and saved for ONNX Runtime.
+
+Files per part: ``<stem>.onnx`` and its weights ``<stem>.onnx.data`` (``<stem>`` is
+``rank{N}`` or ``rank{N}.part{k}``). Targets: ``cpu`` (ONNX Runtime's extended optimizations
+for the CPU provider; the saved graph may use com.microsoft CPU ops) or ``cuda`` (basic,
+provider-independent optimizations only, for onnxruntime-gpu).
+
+Non-goals: tensor parallelism (ONNX Runtime has no collective op; build tp > 1 checkpoints
+with ``--backend tensorrt``), bfloat16 on the CPU provider (it has no bfloat16 MatMul).
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+from kiln.builder.backends import Backend, BuildPlan, PartJob, PartResult, register_backend
+from kiln.builder.graph.decoder import write_part
+from kiln.checkpoint import rank_file
+from kiln.engine import EngineError
+
+LEVELS = {"cpu": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+          "cuda": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}
+
+
+@register_backend("onnx")
+class OnnxBackend(Backend):
+    memory_factor = 2.5  # the raw weights as ONNX Runtime loads them, plus the saved copy
+    base_memory = 400 << 20
+
+    def versions(self) -> dict[str, str]:
+        return {"onnx": onnx.__version__, "onnxruntime": ort.__version__}
+
+    def default_targets(self, dtype: str) -> tuple[str, ...]:
+        return ("cpu",)
+
+    def check(self, plan: BuildPlan) -> None:
+        if len(plan.targets) != 1 or plan.targets[0] not in LEVELS:
+            raise EngineError(f"the onnx backend builds for one target, cpu or cuda; found "
+                              f"{','.join(plan.targets)}")
+        if plan.checkpoint.mapping.tp_size > 1:
+            raise EngineError(f"the onnx backend cannot run tp_size "
+                              f"{plan.checkpoint.mapping.tp_size}: ONNX Runtime has no "
+                              f"collective op; use --backend tensorrt or a tp_size 1 checkpoint")
+        if plan.dtype == "bfloat16" and plan.targets[0] == "cpu":
+            raise EngineError("ONNX Runtime's CPU provider has no bfloat16 MatMul; build with "
+                              "--dtype float16 or float32, or --target cuda")
+
+    def build_part(self, job: PartJob) -> PartResult:
+        part, started = job.part, time.perf_counter()
+        raw = write_part(job.plan.graph, part, job.plan.checkpoint_dir / rank_file(part.rank),
+                         job.work_dir)
+        emitted = time.perf_counter()
+        optimize(raw, job.out_dir / f"{part.stem}.onnx", job.plan.targets[0])
+        for path in (raw, raw.with_name(raw.name + ".data")):
+            path.unlink()
+        done = time.perf_counter()
+        files = tuple(name for name in (f"{part.stem}.onnx", f"{part.stem}.onnx.data")
+                      if (job.out_dir / name).is_file())
+        return PartResult(part=part, files=files,
+                          seconds={"graph": emitted - started, "optimize": done - emitted},
+                          peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def optimize(raw: Path, out: Path, target: str) -> None:
+    """Let ONNX Runtime optimize ``raw`` for ``target`` and save it (weights beside it)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = LEVELS[target]
+    options.optimized_model_filepath = str(out)
+    options.add_session_config_entry(
+        "session.optimized_model_external_initializers_file_name", out.name + ".data")
+    options.add_session_config_entry(
+        "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    ort.InferenceSession(str(raw), options, providers=["CPUExecutionProvider"])

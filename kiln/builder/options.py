@@ -1,0 +1,104 @@
+"""BuildOptions: everything ``kiln build`` takes, validated, and how defaults resolve.
+
+The CLI builds its options and help from these fields (``metadata["help"]``); the Python API
+takes the same names by keyword. Defaults that depend on the model (limits, dtype) resolve in
+:func:`resolve_limits` / the builder once the checkpoint config is read.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from kiln.config import DTYPES, DecoderConfig, PositionType
+from kiln.engine import BuildLimits
+from kiln.errors import ConfigError
+from kiln.plugins.registry import parse_mode
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_SEQ_LEN = 2048
+DEFAULT_MAX_INPUT_LEN = 1024
+MEMORY_HEADROOM = 0.85  # share of available RAM the default --max_build_memory takes
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    checkpoint_dir: Path = field(metadata={"help": "kiln checkpoint (output of convert_checkpoint)."})
+    output_dir: Path = field(metadata={"help": "Engine dir to write (must not exist unless --overwrite)."})
+    backend: str = field(default="onnx", metadata={"help": "Engine backend."})
+    max_batch_size: int = field(default=8, metadata={"help": "Sequences (KV-cache slots) per step."})
+    max_input_len: int | None = field(default=None, metadata={
+        "help": f"Prompt tokens of one request [default: min({DEFAULT_MAX_INPUT_LEN}, max_seq_len)]."})
+    max_seq_len: int | None = field(default=None, metadata={
+        "help": "Prompt + generated tokens of one request, the KV-cache length "
+                f"[default: min({DEFAULT_MAX_SEQ_LEN}, the model's max positions)]."})
+    max_num_tokens: int | None = field(default=None, metadata={
+        "help": "Tokens of all sequences in one step (prefill chunks + decodes) "
+                "[default: max(max_input_len, max_batch_size)]."})
+    dtype: str | None = field(default=None, metadata={
+        "help": "Weight/activation dtype [default: the checkpoint's]."})
+    targets: tuple[str, ...] = field(default=(), metadata={
+        "help": "Targets, comma-separated: sm75,sm80,sm86,sm89,sm120,sm121 (TensorRT-RTX), "
+                "the local GPU (full TensorRT), cpu or cuda (onnx) [default: per backend]."})
+    plugins: dict[str, str] = field(default_factory=dict, metadata={
+        "help": "Plugin name -> auto|enable|disable."})
+    max_build_memory: int | None = field(default=None, metadata={
+        "help": "Host RAM the build may use, bytes (CLI: 20GB, 512MiB) "
+                f"[default: {MEMORY_HEADROOM:.0%} of available RAM]."})
+    workers: int = field(default=1, metadata={
+        "help": "Engine parts built in parallel (each gets max_build_memory / workers)."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing output_dir."})
+    allow_long_context: bool = field(default=False, metadata={
+        "help": "Allow max_seq_len beyond the model's max positions without RoPE scaling."})
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "checkpoint_dir", Path(self.checkpoint_dir).expanduser())
+        object.__setattr__(self, "output_dir", Path(self.output_dir).expanduser())
+        object.__setattr__(self, "targets", tuple(self.targets))
+        for name in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens",
+                     "max_build_memory", "workers"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name} must be a positive integer, found {value!r}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, found {self.dtype!r}")
+        for name, mode in self.plugins.items():
+            parse_mode(name, mode)
+
+    def memory_budget(self) -> int:
+        """Bytes of host RAM the whole build may use."""
+        if self.max_build_memory is not None:
+            return self.max_build_memory
+        budget = int(psutil.virtual_memory().available * MEMORY_HEADROOM)
+        log.info("max_build_memory defaults to %.1f GB (%.0f%% of available RAM)", budget / 1e9,
+                 MEMORY_HEADROOM * 100)
+        return budget
+
+
+def resolve_limits(options: BuildOptions, decoder: DecoderConfig) -> BuildLimits:
+    """The engine's BuildLimits, with defaults filled in and the position range checked."""
+    max_seq_len = options.max_seq_len or min(DEFAULT_MAX_SEQ_LEN, decoder.max_position_embeddings)
+    max_input_len = options.max_input_len or min(DEFAULT_MAX_INPUT_LEN, max_seq_len)
+    max_num_tokens = options.max_num_tokens or max(max_input_len, options.max_batch_size)
+    limits = BuildLimits(max_batch_size=options.max_batch_size, max_input_len=max_input_len,
+                         max_seq_len=max_seq_len, max_num_tokens=max_num_tokens)
+    _check_positions(limits, decoder, options.allow_long_context)
+    return limits
+
+
+def _check_positions(limits: BuildLimits, decoder: DecoderConfig, allow: bool) -> None:
+    limit = decoder.max_position_embeddings
+    if limits.max_seq_len <= limit or decoder.rope_scaling is not None:
+        return
+    kind = "ALiBi" if decoder.position_type is PositionType.ALIBI else "RoPE without scaling"
+    if not allow:
+        raise ConfigError(f"max_seq_len {limits.max_seq_len} exceeds the model's "
+                          f"max_position_embeddings {limit} ({kind}); lower --max_seq_len or "
+                          f"pass --allow_long_context to build anyway")
+    log.warning("max_seq_len %d exceeds max_position_embeddings %d (%s): outputs past position "
+                "%d are untested by the model's training (--allow_long_context)",
+                limits.max_seq_len, limit, kind, limit)

@@ -1,0 +1,72 @@
+"""Run the planned parts through a backend: in this process, or in ``workers`` processes.
+
+Each part gets ``max_build_memory / workers`` (the planner sized parts for that). Worker
+processes are spawned (not forked) so each starts small and a backend library is initialized
+once per worker. Progress: one line per finished part (rank, stage, layers, stage timings).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import shutil
+import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+from kiln.builder.backends import Backend, BuildPlan, PartJob, PartResult, get_backend
+from kiln.builder.graph.context import PartSpec
+
+log = logging.getLogger(__name__)
+
+
+def part_label(plan: BuildPlan, part: PartSpec) -> str:
+    mapping = plan.checkpoint.mapping
+    tp_rank, pp_rank = mapping.coords(part.rank)
+    where = f"rank {part.rank}"
+    if mapping.world_size > 1:
+        where += f" (tp {tp_rank}, stage {pp_rank})"
+    if part.count > 1:
+        where += f" part {part.index + 1}/{part.count}"
+    return f"{where} layers {part.layers.start}-{part.layers.stop - 1}"
+
+
+def run_parts(engine: Backend, plan: BuildPlan, parts: list[PartSpec], out_dir: Path,
+              workers: int, progress: bool) -> list[PartResult]:
+    work_dir = out_dir / ".work"
+    work_dir.mkdir()
+    jobs = [PartJob(plan=plan, part=p, out_dir=out_dir, work_dir=work_dir) for p in parts]
+    try:
+        if workers == 1 or len(jobs) == 1:
+            results = []
+            for job in jobs:
+                results.append(engine.build_part(job))
+                _report(plan, results[-1], len(results), len(jobs), progress)
+            return results
+        return _run_pool(engine.name, plan, jobs, workers, progress)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _run_pool(backend: str, plan: BuildPlan, jobs: list[PartJob], workers: int,
+              progress: bool) -> list[PartResult]:
+    results = []
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
+        futures = [pool.submit(_build_in_worker, backend, job) for job in jobs]
+        for future in as_completed(futures):
+            results.append(future.result())
+            _report(plan, results[-1], len(results), len(jobs), progress)
+    return results
+
+
+def _build_in_worker(backend: str, job: PartJob) -> PartResult:
+    return get_backend(backend).build_part(job)
+
+
+def _report(plan: BuildPlan, result: PartResult, done: int, total: int, progress: bool) -> None:
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
+    line = f"[{done}/{total}] {part_label(plan, result.part)}: {stages}"
+    log.info("%s", line)
+    if progress:
+        print(line, file=sys.stderr, flush=True)

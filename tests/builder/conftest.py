@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny kiln checkpoints per variant and split, made once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kiln.engine import read_manifest
+from tests.builder.onnx_steps import StepRunner
+from tests.models import hf_model, kiln_checkpoint
+
+# Limits every test build uses (small: tiny models, short schedules).
+LIMITS = dict(max_batch_size=4, max_input_len=16, max_seq_len=32)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """checkpoint(variant, tp=1, pp=1, dtype="auto") -> kiln checkpoint dir (cached)."""
+    made: dict[tuple, Path] = {}
+
+    def get(name: str, tp: int = 1, pp: int = 1, dtype: str = "auto") -> Path:
+        if (name,) not in made:
+            made[(name,)] = hf_model(name, tmp_path_factory.mktemp(f"hf-{name}"))
+        key = (name, tp, pp, dtype)
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"ckpt-{name}-tp{tp}-pp{pp}-{dtype}") / "ckpt"
+            made[key] = kiln_checkpoint(made[(name,)], out, tp=tp, pp=pp, dtype=dtype)
+        return made[key]
+    return get
+
+
+def engine_runner(engine_dir: Path) -> StepRunner:
+    """A StepRunner over an onnx engine dir's graphs (tp 1: ranks are pipeline stages)."""
+    manifest = read_manifest(engine_dir)
+    assert manifest.mapping.tp_size == 1
+    chain = [[engine_dir / name] for rank in sorted(manifest.rank_files)
+             for name in manifest.rank_files[rank] if name.endswith(".onnx")]
+    return StepRunner(chain, manifest.decoder, manifest.mapping, manifest.dtype,
+                      manifest.limits.max_batch_size, manifest.limits.max_seq_len)

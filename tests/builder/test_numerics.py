@@ -1,0 +1,60 @@
+"""ONNX Runtime running built graphs reproduces the oracle, for every architecture variant,
+over prefill, decode and mixed steps, with plugins (fused forms) on and off."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kiln.builder import build
+from kiln.config import PositionType
+from kiln.reference import ReferenceDecoder
+from tests.builder.conftest import LIMITS, engine_runner
+from tests.builder.reference_steps import SCHEDULE, ReferenceSteps
+from tests.models import VARIANTS
+
+TOL = 1e-4
+
+
+def run_schedule(runner) -> list[np.ndarray]:
+    return [runner.step(chunks) for chunks in SCHEDULE]
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def results(request, checkpoint, tmp_path_factory):
+    """(decoder, reference logits, {plugins: (manifest, logits)}) for one variant."""
+    ckpt = checkpoint(request.param)
+    ref = ReferenceDecoder.from_checkpoint(ckpt)
+    want = run_schedule(ReferenceSteps(ref))
+    out = {}
+    for mode in ("auto", "disable"):
+        engine = tmp_path_factory.mktemp(f"{request.param}-{mode}") / "engine"
+        plugins = {"attention": mode, "rotary": mode, "norm": mode, "gated_mlp": mode}
+        result = build(ckpt, engine, backend="onnx", plugins=plugins, **LIMITS)
+        out[mode] = (result.manifest, run_schedule(engine_runner(engine)))
+    return ref.config, want, out
+
+
+def max_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    assert all(np.isfinite(x).all() for x in a + b)
+    return max(float(np.abs(x - y).max()) for x, y in zip(a, b, strict=True))
+
+
+def test_plugins_resolved(results):
+    decoder, _, out = results
+    assert out["disable"][0].plugins == dict.fromkeys(("attention", "gated_mlp", "norm", "rotary"),
+                                                      False)
+    assert out["auto"][0].plugins == {
+        "attention": True, "norm": True, "gated_mlp": decoder.gated_mlp,
+        "rotary": decoder.position_type is PositionType.ROPE}
+
+
+@pytest.mark.parametrize("mode", ["auto", "disable"])
+def test_matches_reference(results, mode):
+    _, want, out = results
+    assert max_diff(out[mode][1], want) <= TOL
+
+
+def test_plugins_on_and_off_agree(results):
+    _, _, out = results
+    assert max_diff(out["auto"][1], out["disable"][1]) <= TOL
