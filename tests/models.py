@@ -10,13 +10,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import (
+    FalconConfig,
+    FalconForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    MptConfig,
+    MptForCausalLM,
+)
 
 import kiln
 from tests.helpers import save_hf_model
 
 LLAMA_BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+# HF's MptForCausalLM: MHA, no biases, 4x MLP, ALiBi; max_seq_len covers the test sequences.
+MPT_BASE = dict(vocab_size=128, d_model=64, n_heads=4, n_layers=2, max_seq_len=64)
+FALCON_BASE = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   max_position_embeddings=64)
 
 VARIANTS = {
     "llama-gqa": (LlamaConfig, LlamaForCausalLM, {}),
@@ -37,7 +50,43 @@ VARIANTS = {
                                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                              "original_max_position_embeddings": 16})),
     "mistral-window": (MistralConfig, MistralForCausalLM, dict(sliding_window=4)),
+    "mpt": (MptConfig, MptForCausalLM, MPT_BASE),
+    # clip 0.1 clamps a good share of the qkv activations of this random model.
+    "mpt-clip-scale": (MptConfig, MptForCausalLM,
+                       {**MPT_BASE, "n_heads": 8,
+                        "attn_config": {"clip_qkv": 0.1, "softmax_scale": 0.2}}),
+    # 6 heads: ALiBi slopes of a non-power-of-2 head count.
+    "mpt-heads6": (MptConfig, MptForCausalLM, {**MPT_BASE, "d_model": 48, "n_heads": 6}),
+    # Falcon-7B: multi-query, parallel attention + MLP sharing input_layernorm.
+    "falcon-7b-mqa": (FalconConfig, FalconForCausalLM,
+                      {**FALCON_BASE, "multi_query": True, "rope_theta": 5000.0}),
+    # Falcon-40B/180B: new decoder architecture, GQA, ln_attn + ln_mlp.
+    "falcon-40b-gqa": (FalconConfig, FalconForCausalLM,
+                       {**FALCON_BASE, "num_attention_heads": 8, "new_decoder_architecture": True,
+                        "num_kv_heads": 2, "ffn_hidden_size": 96}),
+    # Falcon-11B: new decoder architecture with one shared norm; linear RoPE scaling.
+    "falcon-11b-gqa-1ln": (FalconConfig, FalconForCausalLM,
+                           {**FALCON_BASE, "num_attention_heads": 8,
+                            "new_decoder_architecture": True, "num_kv_heads": 4,
+                            "num_ln_in_parallel_attn": 1,
+                            "rope_parameters": {"rope_type": "linear", "factor": 2.0,
+                                                "rope_theta": 10000.0}}),
+    # Falcon-RW: sequential block, MHA (per-head interleaved qkv), biases, ALiBi.
+    "falcon-rw-alibi": (FalconConfig, FalconForCausalLM,
+                        {**FALCON_BASE, "parallel_attn": False, "multi_query": False,
+                         "alibi": True, "bias": True}),
+    # MHA with a parallel block, biases, dynamic NTK RoPE past max_position_embeddings.
+    "falcon-mha-parallel-dynamic": (FalconConfig, FalconForCausalLM,
+                                    {**FALCON_BASE, "multi_query": False, "bias": True,
+                                     "max_position_embeddings": 8,
+                                     "rope_parameters": {"rope_type": "dynamic", "factor": 2.0,
+                                                         "rope_theta": 10000.0}}),
+    # Multi-query + ALiBi, 8 heads.
+    "falcon-mqa-alibi": (FalconConfig, FalconForCausalLM,
+                         {**FALCON_BASE, "num_attention_heads": 8, "alibi": True}),
 }
+# Tensor-parallel sizes a variant's head counts allow, where not all of (1, 2, 4).
+TP_SIZES = {"mpt-heads6": (1, 2)}
 # Variants whose HF forward is the oracle's oracle (all, unless a variant says otherwise).
 PROMPT = [3, 17, 5, 99, 42, 8, 64, 1, 127, 33, 12]
 
@@ -47,6 +96,10 @@ def hf_model(name: str, path: Path) -> Path:
     config_cls, model_cls, overrides = VARIANTS[name]
     base = LLAMA_BASE if config_cls in (LlamaConfig, MistralConfig) else {}
     return save_hf_model(model_cls, config_cls(**{**base, **overrides}), path)
+
+
+def tp_sizes(name: str) -> tuple[int, ...]:
+    return TP_SIZES.get(name, (1, 2, 4))
 
 
 def model_class(name: str):

@@ -105,7 +105,7 @@ def converter_for(hf: dict[str, Any], where: str = "config.json") -> type[Conver
 
 def _load_builtin() -> None:
     # Importing the modules runs their @register decorators.
-    from kiln.converters import llama  # noqa: F401
+    from kiln.converters import falcon, llama, mpt  # noqa: F401
 
 
 # HF config helpers, shared by the converters -------------------------------------------------

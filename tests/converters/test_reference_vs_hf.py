@@ -7,7 +7,7 @@ import torch
 
 from kiln.reference import ReferenceDecoder
 from tests.helpers import hf_step_logits, max_abs_diff, ref_step_logits
-from tests.models import PROMPT, VARIANTS, hf_model, kiln_checkpoint, model_class
+from tests.models import PROMPT, VARIANTS, hf_model, kiln_checkpoint, model_class, tp_sizes
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
@@ -19,6 +19,8 @@ def variant(request, tmp_path_factory):
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2)])
 def test_reference_matches_hf(variant, tmp_path, tp, pp):
     name, src = variant
+    if tp not in tp_sizes(name):
+        pytest.skip(f"{name}: tp {tp} does not divide its heads")
     out = kiln_checkpoint(src, tmp_path / "ckpt", tp=tp, pp=pp)
     assert sorted(p.name for p in out.glob("rank*.safetensors")) == \
         sorted(f"rank{r}.safetensors" for r in range(tp * pp))

@@ -1,0 +1,209 @@
+"""MPT (MosaicML): LayerNorm (optionally without bias), ALiBi or RoPE, MHA/GQA/MQA, GELU MLP.
+
+Two families of checkpoints share these tensor names (``transformer.blocks.{i}.attn.Wqkv`` ...):
+
+- ``MptForCausalLM``, HF transformers' port. It implements only MHA, no biases, a 4x MLP,
+  ALiBi with ``alibi_bias_max`` 8 (it ignores the config's value), clip_qkv and softmax_scale.
+- ``MPTForCausalLM``, MosaicML's remote code (llm-foundry). It adds biases (``no_bias``
+  false: every linear and every norm), ``qk_ln`` (a LayerNorm over the whole q projection and
+  the whole k projection), GQA/MQA (``attn_type``, ``kv_n_heads``), ``expansion_ratio`` /
+  ``ffn_config.ffn_hidden_size``, and unscaled RoPE instead of ALiBi.
+
+Contract: ``config_from_hf`` reads both spellings (``attn_config`` is a nested dict in
+config.json; ``d_model``/``n_heads``/``n_layers``/``max_seq_len`` or their HF aliases) and
+raises :class:`~kiln.errors.ConfigError` for anything this decoder cannot reproduce exactly.
+Wqkv is already ``[q | k | v]`` rows (llm-foundry splits it as ``[d_model, kv, kv]``), so
+every tensor is a plain copy. The LM head is tied to ``wte`` unless ``tie_word_embeddings``
+is false.
+
+ALiBi: MPT adds ``slope[h] * (j - (T - 1))`` to the *scaled* scores (the bias is not
+multiplied by ``softmax_scale``); shifting by a per-row constant does not change a softmax,
+so the canonical ``slope[h] * j`` is the same attention. Slopes follow llm-foundry's
+``gen_slopes`` / HF's ``build_mpt_alibi_tensor``, including non-power-of-2 head counts.
+
+Non-goals (refused): learned absolute position embeddings (``transformer.wpe``), no positions
+at all, prefix LM, ``attn_uses_sequence_id``, sliding windows, ``qk_gn``, logit soft-capping
+and ``logit_scale``, unfused Wq/Wk/Wv, GLU/TE/MoE FFNs, non-GELU activations, RMSNorm, and
+RoPE scaling (xpos, linear, dynamic).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from kiln.config import DecoderConfig, MlpType, NormType, PositionType, ResidualType
+from kiln.converters.base import Converter, TensorRule, hf_get, register, unknown_keys
+from kiln.errors import ConfigError
+from kiln.roles import Role
+
+_KNOWN = {"d_model", "hidden_size", "n_heads", "num_attention_heads", "n_layers",
+          "num_hidden_layers", "expansion_ratio", "max_seq_len", "max_position_embeddings",
+          "vocab_size", "layer_norm_epsilon", "norm_eps", "learned_pos_emb", "attn_config",
+          "ffn_config", "no_bias", "norm_type", "logit_scale", "tie_word_embeddings",
+          "resid_pdrop", "emb_pdrop", "embedding_fraction", "init_device", "init_config"}
+_LAYERNORMS = ("layernorm", "low_precision_layernorm")
+# attn_type -> how many KV heads (None: read kv_n_heads).
+_ATTN_TYPES = {"multihead_attention": "all", "multiquery_attention": 1,
+               "grouped_query_attention": None}
+
+
+def mpt_alibi_slopes(num_heads: int, alibi_bias_max: float = 8.0) -> tuple[float, ...]:
+    """Per-head ALiBi slopes exactly as llm-foundry's ``gen_slopes`` (float32 math).
+
+    Slopes are computed for the next power of two ``n`` as ``2 ** -(k * max / n)``, k = 1..n;
+    for other head counts the odd-indexed slopes come first, then the even ones, truncated.
+    """
+    padded = 2 ** math.ceil(math.log2(num_heads))
+    exponents = torch.arange(1, padded + 1, dtype=torch.float32) * (alibi_bias_max / padded)
+    slopes = 1.0 / torch.pow(2, exponents)
+    if padded != num_heads:
+        slopes = torch.cat([slopes[1::2], slopes[::2]])[:num_heads]
+    return tuple(float(s) for s in slopes)
+
+
+@register("MPTForCausalLM", "MptForCausalLM")
+class MptConverter(Converter):
+    @classmethod
+    def config_from_hf(cls, hf: dict[str, Any]) -> DecoderConfig:
+        attn = hf.get("attn_config") or {}
+        ffn = hf.get("ffn_config") or {}
+        _refuse_unsupported(hf, attn, ffn)
+        arch = hf["architectures"][0]
+        hidden = hf_get(hf, "d_model", "hidden_size")
+        heads = hf_get(hf, "n_heads", "num_attention_heads")
+        if hidden % heads:
+            raise ConfigError(f"config.json: d_model {hidden} is not a multiple of n_heads {heads}")
+        bias = not hf.get("no_bias", True)
+        return DecoderConfig(
+            architecture=arch,
+            vocab_size=hf_get(hf, "vocab_size"),
+            hidden_size=hidden,
+            num_layers=hf_get(hf, "n_layers", "num_hidden_layers"),
+            num_heads=heads,
+            num_kv_heads=_kv_heads(attn, heads),
+            head_dim=hidden // heads,
+            intermediate_size=_ffn_size(hf, ffn, hidden),
+            max_position_embeddings=hf_get(hf, "max_seq_len", "max_position_embeddings"),
+            norm_type=NormType.LAYERNORM,
+            norm_eps=float(hf_get(hf, "layer_norm_epsilon", "norm_eps", default=1e-5)),
+            norm_bias=bias,
+            **_positions(hf, attn, heads, arch),
+            attention_scale=attn.get("softmax_scale"),
+            clip_qkv=attn.get("clip_qkv") or None,  # llm-foundry tests `if clip_qkv:`
+            qk_norm=bool(attn.get("qk_ln", False)),
+            qkv_bias=bias,
+            o_bias=bias,
+            mlp_type=MlpType.GELU,
+            mlp_bias=bias,
+            residual=ResidualType.SEQUENTIAL,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+            extra=unknown_keys(hf, _KNOWN),
+        )
+
+    @classmethod
+    def tensor_rules(cls, config: DecoderConfig) -> list[TensorRule]:
+        block = "transformer.blocks.{layer}"
+        lm_head = "transformer.wte.weight" if config.tie_word_embeddings else "lm_head.weight"
+        plain = {
+            Role.EMBED: "transformer.wte.weight",
+            Role.ATTN_NORM: f"{block}.norm_1.weight", Role.ATTN_NORM_BIAS: f"{block}.norm_1.bias",
+            Role.QKV: f"{block}.attn.Wqkv.weight", Role.QKV_BIAS: f"{block}.attn.Wqkv.bias",
+            Role.Q_NORM: f"{block}.attn.q_ln.weight", Role.Q_NORM_BIAS: f"{block}.attn.q_ln.bias",
+            Role.K_NORM: f"{block}.attn.k_ln.weight", Role.K_NORM_BIAS: f"{block}.attn.k_ln.bias",
+            Role.OUT: f"{block}.attn.out_proj.weight", Role.OUT_BIAS: f"{block}.attn.out_proj.bias",
+            Role.MLP_NORM: f"{block}.norm_2.weight", Role.MLP_NORM_BIAS: f"{block}.norm_2.bias",
+            Role.UP: f"{block}.ffn.up_proj.weight", Role.UP_BIAS: f"{block}.ffn.up_proj.bias",
+            Role.DOWN: f"{block}.ffn.down_proj.weight",
+            Role.DOWN_BIAS: f"{block}.ffn.down_proj.bias",
+            Role.FINAL_NORM: "transformer.norm_f.weight",
+            Role.FINAL_NORM_BIAS: "transformer.norm_f.bias",
+            Role.LM_HEAD: lm_head,
+        }
+        return [TensorRule(role, (name,)) for role, name in plain.items()]
+
+    @classmethod
+    def ignored_patterns(cls, config: DecoderConfig) -> tuple[str, ...]:
+        # HF's tied MptForCausalLM may store lm_head.weight anyway (a copy of wte).
+        return (r"lm_head\.weight",) if config.tie_word_embeddings else ()
+
+
+def _kv_heads(attn: dict[str, Any], heads: int) -> int:
+    kind = attn.get("attn_type", "multihead_attention")
+    if kind not in _ATTN_TYPES:
+        raise ConfigError(f"config.json: attn_config.attn_type {kind!r} is not supported; use one "
+                          f"of {', '.join(_ATTN_TYPES)}")
+    kv = _ATTN_TYPES[kind]
+    if kv == "all":
+        return heads
+    return kv if kv is not None else hf_get(attn, "kv_n_heads")
+
+
+def _ffn_size(hf: dict[str, Any], ffn: dict[str, Any], hidden: int) -> int:
+    """llm-foundry's resolve_ffn_hidden_size: ffn_config.ffn_hidden_size or d_model * ratio."""
+    if ffn.get("ffn_hidden_size") is not None:
+        return int(ffn["ffn_hidden_size"])
+    size = hidden * hf_get(hf, "expansion_ratio", default=4)
+    if size != int(size):
+        raise ConfigError(f"config.json: d_model * expansion_ratio = {size} is not an integer; "
+                          f"set ffn_config.ffn_hidden_size")
+    return int(size)
+
+
+def _positions(hf: dict[str, Any], attn: dict[str, Any], heads: int, arch: str) -> dict[str, Any]:
+    """ALiBi slopes, or unscaled RoPE; refuses learned or absent position information."""
+    # An attn_config without "alibi" means what the code that wrote it defaults to: HF's
+    # MptAttentionConfig defaults to True, llm-foundry's attn_config_defaults to False.
+    if attn.get("alibi", arch == "MptForCausalLM"):
+        slopes = mpt_alibi_slopes(heads, float(attn.get("alibi_bias_max", 8)))
+        return {"position_type": PositionType.ALIBI, "alibi_slopes": slopes}
+    if attn.get("rope", False):
+        impl = attn.get("rope_impl", "dail")
+        sub = attn.get(f"rope_{impl}_config") or {}
+        kind = sub.get("type", "original" if impl == "dail" else "no_scaling")
+        if (impl, kind) not in (("dail", "original"), ("hf", "no_scaling")):
+            raise ConfigError(f"config.json: MPT rope_impl {impl!r} with type {kind!r} is not "
+                              f"supported; kiln converts unscaled RoPE (dail 'original', hf "
+                              f"'no_scaling')")
+        return {"position_type": PositionType.ROPE,
+                "rope_theta": float(attn.get("rope_theta", 10000))}
+    what = "learned position embeddings (transformer.wpe)" if hf.get("learned_pos_emb", True) \
+        else "a model without position information"
+    raise ConfigError(f"config.json: MPT with attn_config.alibi and .rope both false uses {what}, "
+                      f"which kiln does not support; only ALiBi or RoPE MPT models convert")
+
+
+def _refuse_unsupported(hf: dict[str, Any], attn: dict[str, Any], ffn: dict[str, Any]) -> None:
+    """Raise ConfigError for MPT/llm-foundry options the canonical decoder cannot express."""
+    checks = [
+        (attn.get("alibi", False) and attn.get("rope", False), "attn_config.alibi with .rope"),
+        (attn.get("prefix_lm", False), "attn_config.prefix_lm (bidirectional prefix)"),
+        (attn.get("attn_uses_sequence_id", False), "attn_config.attn_uses_sequence_id"),
+        (attn.get("qk_gn", False), "attn_config.qk_gn (per-head q/k norm)"),
+        (attn.get("nope", False), "attn_config.nope"),
+        (not attn.get("fused_qkv", True), "attn_config.fused_qkv false (separate Wq/Wk/Wv)"),
+        (attn.get("sliding_window_size", -1) not in (-1, None), "attn_config.sliding_window_size"),
+        (attn.get("attn_logit_softcapping") is not None, "attn_config.attn_logit_softcapping"),
+        (attn.get("reuse_kv_layer_idx") is not None, "attn_config.reuse_kv_layer_idx"),
+        (attn.get("kv_dim") not in (None, hf_get(hf, "d_model", "hidden_size", default=None)),
+         "attn_config.kv_dim"),
+        ((attn.get("attn_temperature_tuning") or {}).get("attn_scale", 0) != 0,
+         "attn_config.attn_temperature_tuning"),
+        (hf.get("logit_scale") is not None, "logit_scale"),
+        (bool(hf.get("block_overrides")), "block_overrides (per-layer configs)"),
+        (hf.get("norm_type", "low_precision_layernorm") not in _LAYERNORMS,
+         f"norm_type {hf.get('norm_type')!r} (kiln converts {', '.join(_LAYERNORMS)})"),
+        (ffn.get("ffn_type", "mptmlp") != "mptmlp", f"ffn_config.ffn_type {ffn.get('ffn_type')!r}"),
+        (not _exact_gelu(ffn.get("ffn_act_fn")), f"ffn_config.ffn_act_fn {ffn.get('ffn_act_fn')}"),
+    ]
+    for bad, what in checks:
+        if bad:
+            raise ConfigError(f"config.json: MPT {what} is not supported by kiln; convert a "
+                              f"checkpoint without it")
+
+
+def _exact_gelu(act: dict[str, Any] | None) -> bool:
+    return act is None or (act.get("name") == "gelu"
+                           and act.get("approximate", "none") == "none")
