@@ -1,0 +1,69 @@
+"""Triton fused residual-add + RMSNorm / LayerNorm against its reference and torch's norms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kiln.plugins.fused_norm import triton_reference as ref
+from tests.gpu.support import assert_close, skip_unsupported, triton_device
+
+pytestmark = pytest.mark.gpu
+
+
+def _kernels():
+    pytest.importorskip("triton")
+    from kiln.plugins.fused_norm import triton_kernels
+    return triton_kernels
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("hidden", [64, 576, 4096, 20000])
+@pytest.mark.parametrize("kind", ["rms", "layer", "layer-bias"])
+@pytest.mark.parametrize("residual", [True, False])
+def test_add_norm_matches_reference(dtype, hidden, kind, residual):
+    device = triton_device()
+    skip_unsupported(dtype, device)
+    t = 5
+    x = torch.randn(t, hidden, device=device).to(dtype)
+    w = (1 + 0.1 * torch.randn(hidden, device=device)).to(dtype)
+    b = (0.1 * torch.randn(hidden, device=device)).to(dtype) if kind == "layer-bias" else None
+    res = torch.randn(t, hidden, device=device).to(dtype) if residual else None
+    outs = []
+    for impl in (_kernels(), ref):
+        r = res.clone() if residual else None
+        normed, r_out = impl.add_norm(x, r, w, b, 1e-5, rms=kind == "rms")
+        outs.append((normed, r_out))
+    (n1, r1), (n2, r2) = outs
+    assert_close(n1, n2, dtype)
+    assert torch.equal(r1, r2), "the residual sum must round exactly as the unfused add"
+    if not residual:
+        assert r1 is x
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_norms_match_torch(dtype):
+    device = triton_device()
+    skip_unsupported(dtype, device)
+    x = torch.randn(64, 4096, device=device).to(dtype)
+    w = torch.randn(4096, device=device).to(dtype)
+    bias = torch.randn(4096, device=device).to(dtype)
+    got, _ = _kernels().add_norm(x, None, w, None, 1e-6, rms=True)
+    want = F.rms_norm(x.float(), (4096,), w.float(), 1e-6)
+    assert_close(got, want, dtype)
+    got, _ = _kernels().add_norm(x, None, w, bias, 1e-5, rms=False)
+    assert_close(got, F.layer_norm(x.float(), (4096,), w.float(), bias.float(), 1e-5), dtype)
+
+
+def test_in_place_norm_of_a_strided_slice():
+    """q/k norms normalize a column slice of the fused QKV rows in place."""
+    device = triton_device()
+    qkv = torch.randn(7, 96, device=device)
+    w = torch.randn(32, device=device)
+    want, _ = ref.add_norm(qkv[:, 32:64].clone(), None, w, None, 1e-5, rms=False)
+    before = qkv.clone()
+    view = qkv[:, 32:64]
+    _kernels().add_norm(view, None, w, None, 1e-5, rms=False, out=view)
+    assert_close(qkv[:, 32:64], want, torch.float32)
+    assert torch.equal(qkv[:, :32], before[:, :32]) and torch.equal(qkv[:, 64:], before[:, 64:])

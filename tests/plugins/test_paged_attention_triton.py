@@ -1,0 +1,115 @@
+"""Triton paged attention (decode, packed prefill) against its PyTorch reference and torch SDPA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kiln.plugins.paged_attention import triton_reference as ref
+from tests.gpu.support import alibi_slopes, assert_close, skip_unsupported, triton_device
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+# (query heads, key heads, head_dim): Llama-3-8B GQA, MQA, MHA with a non-power-of-two dim.
+HEADS = [(32, 8, 128), (8, 1, 64), (4, 4, 80)]
+
+
+def _kernels():
+    pytest.importorskip("triton")
+    from kiln.plugins.paged_attention import triton_kernels
+    return triton_kernels
+
+
+def _paged_case(device, dtype, hkv, d, page, ctx_lens, seed):
+    """A cache with shuffled blocks holding random keys/values for sequences of ctx_lens."""
+    g = torch.Generator().manual_seed(seed)
+    pages = [-(-n // page) for n in ctx_lens]
+    num_blocks = sum(pages) + 3
+    k = torch.randn(num_blocks, hkv, page, d, generator=g).to(device, dtype)
+    v = torch.randn(num_blocks, hkv, page, d, generator=g).to(device, dtype)
+    order = torch.randperm(num_blocks, generator=g)
+    table = torch.zeros(len(ctx_lens), max(pages), dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(pages):
+        table[b, :n] = order[used:used + n].int()
+        used += n
+    return k, v, table.to(device), torch.tensor(ctx_lens, dtype=torch.int32, device=device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("heads", HEADS, ids=str)
+@pytest.mark.parametrize("page", [16, 64])
+@pytest.mark.parametrize("variant", ["plain", "window", "alibi", "split4"])
+def test_decode_matches_reference(dtype, heads, page, variant):
+    device = triton_device()
+    skip_unsupported(dtype, device)
+    hq, hkv, d = heads
+    ctx = [1, 37, 300, 64, 129]
+    k, v, table, ctx_lens = _paged_case(device, dtype, hkv, d, page, ctx, seed=hq + d + page)
+    total = 9  # q rows are scattered in a larger packed tensor; other rows stay untouched
+    q = torch.randn(total, hq, d, device=device).to(dtype)
+    rows = torch.tensor([8, 0, 3, 5, 6], dtype=torch.int32, device=device)
+    kw = dict(scale=d ** -0.5, max_ctx_len=320,
+              sliding_window=50 if variant == "window" else None,
+              alibi_slopes=alibi_slopes(hq, device) if variant == "alibi" else None)
+    got = torch.full_like(q, float("nan"))
+    _kernels().paged_decode_attention(q, k, v, table, ctx_lens, rows, got,
+                                      num_splits=4 if variant == "split4" else None, **kw)
+    want = torch.full_like(q, float("nan"))
+    ref.paged_decode_attention(q, k, v, table, ctx_lens, rows, want, **kw)
+    untouched = torch.ones(total, dtype=torch.bool)
+    untouched[rows.long().cpu()] = False
+    assert torch.isnan(got[untouched.to(device)]).all(), "wrote rows it was not given"
+    assert_close(got[rows.long()], want[rows.long()], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("heads", HEADS, ids=str)
+@pytest.mark.parametrize("variant", ["plain", "window", "alibi"])
+def test_prefill_matches_reference(dtype, heads, variant):
+    device = triton_device()
+    skip_unsupported(dtype, device)
+    hq, hkv, d = heads
+    page = 64
+    # (cached before, new queries): a fresh prefill, a later chunk, a one-token chunk, a long one
+    chunks = [(0, 70), (100, 33), (5, 1), (0, 200)]
+    ctx = [c + n for c, n in chunks]
+    k, v, table, ctx_lens = _paged_case(device, dtype, hkv, d, page, ctx, seed=hq * d)
+    lens = torch.tensor([n for _, n in chunks], dtype=torch.int32, device=device)
+    starts = torch.cumsum(lens, 0, dtype=torch.int32) - lens
+    q = torch.randn(int(lens.sum()), hq, d, device=device).to(dtype)
+    kw = dict(scale=d ** -0.5, max_q_len=200,
+              sliding_window=40 if variant == "window" else None,
+              alibi_slopes=alibi_slopes(hq, device) if variant == "alibi" else None)
+    got = torch.full_like(q, float("nan"))
+    _kernels().paged_prefill_attention(q, k, v, table, ctx_lens, starts, lens, got, **kw)
+    want = torch.empty_like(q)
+    ref.paged_prefill_attention(q, k, v, table, ctx_lens, starts, lens, want, **kw)
+    assert_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_prefill_and_decode_match_torch_sdpa(dtype):
+    """A fresh causal prefill and a decode over it equal torch's scaled_dot_product_attention."""
+    device = triton_device()
+    skip_unsupported(dtype, device)
+    hq, hkv, d, n, page = 32, 8, 128, 190, 64
+    k, v, table, ctx_lens = _paged_case(device, dtype, hkv, d, page, [n], seed=7)
+    keys = ref.gather_keys(k, table[0], n)  # [n, Hkv, D]
+    values = ref.gather_keys(v, table[0], n)
+    q = torch.randn(n, hq, d, device=device).to(dtype)
+    got = torch.empty_like(q)
+    zero = torch.zeros(1, dtype=torch.int32, device=device)
+    lens = torch.tensor([n], dtype=torch.int32, device=device)
+    _kernels().paged_prefill_attention(q, k, v, table, ctx_lens, zero, lens, got,
+                                       scale=d ** -0.5, max_q_len=n)
+    want = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
+        is_causal=True, enable_gqa=True)[0].transpose(0, 1)
+    assert_close(got, want, dtype)
+    last = torch.empty(1, hq, d, device=device, dtype=dtype)
+    _kernels().paged_decode_attention(q[-1:], k, v, table, ctx_lens, zero, last,
+                                      scale=d ** -0.5, max_ctx_len=n)
+    assert_close(last, want[-1:], dtype)
