@@ -81,6 +81,10 @@ def build_with(options: BuildOptions, progress: bool = False) -> BuildResult:
     engine = get_backend(options.backend)
     plan = make_plan(options, ckpt, engine)
     engine.check(plan)
+    scheme = ckpt.quantization.get("scheme")
+    if scheme is not None:
+        raise ConfigError(f"checkpoint quantization scheme {scheme!r} is not supported by kiln "
+                          f"build yet; convert the checkpoint without quantization")
     budget = options.memory_budget() // options.workers
     parts = [p for rank in range(ckpt.mapping.world_size)
              for p in plan_rank(ckpt, rank, weights[rank], budget, engine.memory_factor,
@@ -118,9 +122,6 @@ def check_rank_files(checkpoint_dir: Path, ckpt: CheckpointConfig) -> dict[int, 
 
 def make_plan(options: BuildOptions, ckpt: CheckpointConfig, engine: Backend) -> BuildPlan:
     """Resolve dtype, limits, targets and plugins for this checkpoint and backend."""
-    if ckpt.quantization.get("scheme") is not None:
-        raise ConfigError(f"checkpoint quantization scheme {ckpt.quantization['scheme']!r} is "
-                          f"not supported by kiln build yet; convert without quantization")
     dtype = options.dtype or ckpt.dtype
     limits = resolve_limits(options, ckpt.decoder)
     targets = options.targets or engine.default_targets(dtype)

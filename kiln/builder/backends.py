@@ -36,7 +36,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from kiln.builder.graph.context import GraphSpec, PartSpec
 from kiln.checkpoint import CheckpointConfig
@@ -76,6 +76,11 @@ class PartResult:
     files: tuple[str, ...]  # in load order, relative to the engine dir
     seconds: dict[str, float] = field(default_factory=dict)  # stage -> wall seconds
     peak_rss: int = 0  # bytes, of the process that built the part
+    info: dict[str, Any] = field(default_factory=dict)  # backend details (e.g. layer counts)
+
+
+class BuildError(EngineError):
+    """A backend failed to build an engine from a valid plan (the library said why)."""
 
 
 class Backend(ABC):

@@ -7,7 +7,7 @@ kernel (``triton*.py``, for the torch backend). Build switches ``--<op>_plugin
 auto|enable|disable`` choose the form (:func:`resolve_plugins`).
 """
 
-from kiln.plugins import attention, gated_mlp, norm, rotary  # noqa: F401  (registers them)
+from kiln.plugins import attention, gated_mlp, kv_cache, norm, rotary  # noqa: F401 (registers)
 from kiln.plugins.registry import (
     PLUGINS,
     PluginContext,

@@ -8,6 +8,7 @@ import pytest
 
 from kiln.builder import build
 from kiln.config import PositionType
+from kiln.plugins import PLUGINS
 from kiln.reference import ReferenceDecoder
 from tests.builder.conftest import LIMITS, engine_runner
 from tests.builder.reference_steps import SCHEDULE, ReferenceSteps
@@ -29,7 +30,7 @@ def results(request, checkpoint, tmp_path_factory):
     out = {}
     for mode in ("auto", "disable"):
         engine = tmp_path_factory.mktemp(f"{request.param}-{mode}") / "engine"
-        plugins = {"attention": mode, "rotary": mode, "norm": mode, "gated_mlp": mode}
+        plugins = dict.fromkeys(PLUGINS, mode)
         result = build(ckpt, engine, backend="onnx", plugins=plugins, **LIMITS)
         out[mode] = (result.manifest, run_schedule(engine_runner(engine)))
     return ref.config, want, out
@@ -42,10 +43,9 @@ def max_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
 
 def test_plugins_resolved(results):
     decoder, _, out = results
-    assert out["disable"][0].plugins == dict.fromkeys(("attention", "gated_mlp", "norm", "rotary"),
-                                                      False)
+    assert out["disable"][0].plugins == dict.fromkeys(PLUGINS, False)
     assert out["auto"][0].plugins == {
-        "attention": True, "norm": True, "gated_mlp": decoder.gated_mlp,
+        "attention": True, "kv_cache": True, "norm": True, "gated_mlp": decoder.gated_mlp,
         "rotary": decoder.position_type is PositionType.ROPE}
 
 

@@ -7,6 +7,7 @@ from kiln.builder.graph.context import EmitContext
 from kiln.config import PositionType
 from kiln.plugins.attention import AttentionAttrs
 from kiln.plugins.attention import onnx as attention_plugin
+from kiln.plugins.kv_cache import onnx as kv_cache_plugin
 from kiln.plugins.norm import NormAttrs
 from kiln.plugins.norm import onnx as norm_plugin
 from kiln.plugins.rotary import RotaryAttrs
@@ -24,7 +25,8 @@ def emit_attention(ctx: EmitContext, i: int, h: str) -> str:
 
     h ─► qkv MatMul ─► (Add bias) ─► (Clip) ─► Split ─► q, k, v   [B, S, heads * D]
     q, k ─► (q_norm, k_norm) ─► heads [B, H, S, D] ─► (rotary plugin)
-    q, k, v ─► attention plugin (updates present_key_i / present_value_i) ─► [B, Hq, S, D]
+    k, v ─► kv_cache plugin ─► present_key_i, present_value_i (graph outputs)
+    q, presents ─► attention plugin ─► [B, Hq, S, D]
       ─► Transpose [B, S, Hq, D] ─► Reshape [B, S, Hq * D] ─► o MatMul
     """
     g, cfg = ctx.g, ctx.decoder
@@ -38,13 +40,17 @@ def emit_attention(ctx: EmitContext, i: int, h: str) -> str:
         if cfg.position_type is PositionType.ROPE:
             q, k = _rotary(ctx, q, "q_rotary"), _rotary(ctx, k, "k_rotary")
         past, presents = cache_names(i)
+        fused = ctx.spec.plugins
+        with g.scope("kv_cache"):
+            keys, values = (kv_cache_plugin.emit(g, old, new, ctx.shared["past_len"], present,
+                                                 fused=fused["kv_cache"])
+                            for old, new, present in zip(past, (k, v), presents, strict=True))
         attrs = AttentionAttrs(num_heads=ctx.heads, num_kv_heads=ctx.kv_heads,
                                head_dim=cfg.head_dim, scale=cfg.softmax_scale,
                                max_seq_len=ctx.spec.max_seq_len, dtype=ctx.elem)
         with g.scope("sdpa"):
-            out = attention_plugin.emit(g, q, k, v, past, ctx.shared["past_len"],
-                                        positions.attention_mask(ctx), presents, attrs,
-                                        fused=ctx.spec.plugins["attention"])
+            out = attention_plugin.emit(g, q, keys, values, positions.attention_mask(ctx), attrs,
+                                        fused=fused["attention"])
         out = g.op("Transpose", out, name="merge_heads", perm=[0, 2, 1, 3])  # [B, S, Hq, D]
         out = g.op("Reshape", out, g.int64s(0, 0, ctx.heads * cfg.head_dim), name="merge_heads")
         return g.op("MatMul", out, ctx.weight(Role.OUT, i, linear=True), name="o")

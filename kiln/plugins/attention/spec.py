@@ -1,21 +1,15 @@
-"""Attention over a contiguous KV cache, with the cache update, for right-padded batches.
+"""Attention of a right-padded batch of queries over contiguous KV caches.
 
-Inputs: ``q`` [B, Hq, S, D]; ``k``, ``v`` [B, Hkv, S, D] (this step's keys/values, post
-rotary); ``past_key``, ``past_value`` [B, Hkv, Smax, D]; ``past_len`` [B] int64 (the write
-index); ``mask``: bool [B, 1, S, Smax] (True = may attend) or additive [B, Hq, S, Smax] in
-the model dtype (ALiBi). Hq is a multiple of Hkv (MHA, GQA, MQA: query head h reads KV head
-h // (Hq / Hkv)).
+Inputs: ``q`` [B, Hq, S, D] (post rotary); ``keys``, ``values`` [B, Hkv, Smax, D] (the caches
+after this step's update, see the kv_cache plugin); ``mask``: bool [B, 1, S, Smax] (True = may
+attend) or additive [B, Hq, S, Smax] in the model dtype (ALiBi). Hq is a multiple of Hkv (MHA,
+GQA, MQA: query head h reads KV head h // (Hq / Hkv)). Output ``out`` [B, Hq, S, D]:
+``softmax(q k^T * scale + mask) v``; scores and softmax are float32 in the decomposed form
+and the reference.
 
-Outputs: ``out`` [B, Hq, S, D]; ``present_key``/``present_value``: the past with row b's
-positions ``[past_len[b], past_len[b] + S)`` overwritten by ``k[b]``/``v[b]`` (the caller keeps
-``past_len[b] + S <= Smax``). Scores ``q k^T * scale`` and softmax are float32 in the
-decomposed form and the reference.
-
-Fused form: ``TensorScatter(mode="linear", axis=-2)`` -> TensorRT KV_CACHE_UPDATE (in place;
-the presents are graph outputs directly) and ``Attention(is_causal=0)`` with the explicit
-mask -> TensorRT attention layers. ``is_causal=1`` is never used: TensorRT-RTX reads it as
-top-left causal (see TENSORRT_NOTES.md).
-Decomposed form: ScatterElements for the cache, MatMul/Softmax/MatMul grouped by KV head.
+Fused form: ``Attention(is_causal=0)`` with the explicit mask -> TensorRT attention layers
+(ATTENTION_INPUT/OUTPUT). ``is_causal=1`` is never used: TensorRT-RTX reads it as top-left
+causal (see TENSORRT_NOTES.md). Decomposed form: MatMul/Softmax/MatMul grouped by KV head.
 """
 
 from __future__ import annotations
@@ -43,20 +37,30 @@ class AttentionMask:
     additive: bool
 
 
+# TensorRT's fused attention kernels, probed with TensorRT-RTX 1.7.1.116 (sm86): float16 and
+# bfloat16 head dims 16..256 in steps of 8 build; head dims 8, 12, 20, 36, 100, 512 and float32
+# fail with "Attention operation was not supported by a dedicated kernel".
+TRT_HEAD_DIMS = range(16, 257, 8)
+
+
 def _fused_blocker(ctx: PluginContext) -> str | None:
-    if ctx.backend == "tensorrt" and ctx.dtype == "float32":
-        return ("TensorRT has no fused attention kernel for float32 (the build fails with "
-                "'Attention operation was not supported by a dedicated kernel'); build "
-                "float16 or bfloat16")
+    if ctx.backend != "tensorrt":
+        return None
+    if ctx.dtype == "float32":
+        return ("TensorRT has no fused attention kernel for float32; build float16 or "
+                "bfloat16")
+    if ctx.decoder.head_dim not in TRT_HEAD_DIMS:
+        return (f"TensorRT has no fused attention kernel for head_dim {ctx.decoder.head_dim} "
+                f"(needs a multiple of 8 in 16..256)")
     return None
 
 
 SPEC = register_plugin(PluginSpec(
     name="attention",
-    summary="Attention with KV-cache update (TensorScatter + Attention).",
-    fused_form="ONNX TensorScatter + Attention -> TensorRT KV_CACHE_UPDATE + attention layers",
-    decomposed_form="ScatterElements cache update, MatMul/Softmax attention",
+    summary="Attention over the KV cache as one op (Attention).",
+    fused_form="ONNX Attention -> TensorRT attention layers",
+    decomposed_form="MatMul/Softmax/MatMul per KV-head group",
     occurs=always,
     fused_blocker=_fused_blocker,
-    trt_layers=("KV_CACHE_UPDATE", "ATTENTION_INPUT", "ATTENTION_OUTPUT"),
+    trt_layers=("ATTENTION_INPUT", "ATTENTION_OUTPUT"),
 ))

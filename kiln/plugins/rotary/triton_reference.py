@@ -23,13 +23,17 @@ from __future__ import annotations
 
 import torch
 
+from kiln.plugins.rotary.reference import rotary
+
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE in float32. x [T, H, D]; cos, sin [T, D/2] float32."""
-    x = x.float()
-    x1, x2 = x.chunk(2, dim=-1)
-    c, s = cos[:, None, :], sin[:, None, :]
-    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+    """Rotate-half RoPE in float32 through the rotary plugin's reference.
+
+    x [T, H, D]; cos, sin [T, D/2] float32 -> float32 [T, H, D].
+    """
+    # [T, H, D] -> [1, H, T, D], the plugin reference's [B, H, S, D]
+    out = rotary(x.float().transpose(0, 1)[None], cos[None], sin[None])
+    return out[0].transpose(0, 1)
 
 
 def rope_qkv_to_cache(qkv: torch.Tensor, table: torch.Tensor | None, table_index: torch.Tensor,

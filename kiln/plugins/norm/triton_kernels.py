@@ -1,6 +1,6 @@
 """Triton fused residual-add + RMSNorm / LayerNorm: one read of x and the residual, one write each.
 
-Same contract as :mod:`kiln.plugins.fused_norm.triton_reference`. One program per row; rows up
+Same contract as :mod:`kiln.plugins.norm.triton_reference`. One program per row; rows up
 to ``MAX_FUSED`` elements are held in registers (one pass), longer rows take two passes
 (statistics, then normalize), which stays correct when ``out`` aliases ``x``.
 """

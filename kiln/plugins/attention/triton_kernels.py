@@ -1,6 +1,6 @@
 """Triton paged attention: decode (one query per sequence, split-K) and packed prefill.
 
-Same contract as :mod:`kiln.plugins.paged_attention.triton_reference` (its docstring has the
+Same contract as :mod:`kiln.plugins.attention.triton_reference` (its docstring has the
 cache layout and masking rules). Both kernels are flash-attention style: online softmax in
 float32 with ``exp2``, key/value tiles of ``BLOCK_N`` rows read straight from the paged cache
 (``page_size % BLOCK_N == 0``, so a tile never straddles two blocks and is one contiguous

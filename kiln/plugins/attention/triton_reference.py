@@ -1,6 +1,10 @@
 """PyTorch reference of the Triton paged-attention kernels (decode and packed prefill).
 
-Contract, shared with :mod:`kiln.plugins.paged_attention.triton_kernels`:
+Built on the attention plugin's reference (:func:`kiln.plugins.attention.reference.attention`):
+each sequence's keys/values are gathered from the paged cache into a contiguous one, and the
+causal / sliding-window / ALiBi rules below become its explicit mask.
+
+Contract, shared with :mod:`kiln.plugins.attention.triton_kernels`:
 
 Cache layout: ``k_cache``/``v_cache`` ``[num_blocks, Hkv, page_size, D]`` (keys after rotary).
 Sequence b owns the blocks ``block_tables[b, :]`` (int32); its token at position p lives in
@@ -30,6 +34,8 @@ import math
 
 import torch
 
+from kiln.plugins.attention.reference import attention
+
 
 def gather_keys(cache: torch.Tensor, table_row: torch.Tensor, length: int) -> torch.Tensor:
     """One sequence's cached rows [length, Hkv, D] from a paged cache."""
@@ -43,19 +49,19 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Tensor
            scale: float, alibi_slopes: torch.Tensor | None,
            sliding_window: int | None) -> torch.Tensor:
     """q [S, Hq, D] at positions qpos [S]; k, v [L, Hkv, D] at positions 0..L-1 -> [S, Hq, D]."""
-    group = q.shape[1] // k.shape[1]
-    k = k.float().repeat_interleave(group, dim=1)
-    v = v.float().repeat_interleave(group, dim=1)
-    kpos = torch.arange(k.shape[0], device=q.device)
-    scores = torch.einsum("shd,lhd->hsl", q.float(), k) * scale  # [Hq, S, L]
+    s, length = q.shape[0], k.shape[0]
+    kpos = torch.arange(length, device=q.device)
     allowed = kpos[None, :] <= qpos[:, None]
     if sliding_window is not None:
         allowed &= kpos[None, :] > qpos[:, None] - sliding_window
-    scores = scores.masked_fill(~allowed[None], -math.inf)
+    mask = torch.zeros(allowed.shape, device=q.device).masked_fill(~allowed, -math.inf)
     if alibi_slopes is not None:
-        scores = scores + alibi_slopes.float()[:, None, None] * kpos.float()[None, None, :]
-    probs = torch.softmax(scores, dim=-1)
-    return torch.einsum("hsl,lhd->shd", probs, v)
+        mask = mask + alibi_slopes.float()[:, None, None] * kpos.float()[None, None, :]
+    mask = mask.expand(q.shape[1], s, length)[None]  # float32 additive [1, Hq, S, L]
+    # [S, Hq, D] -> [1, Hq, S, D]; [L, Hkv, D] -> [1, Hkv, L, D]
+    out = attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                    mask, scale)
+    return out[0].transpose(0, 1)  # [Hq, S, D] -> [S, Hq, D]
 
 
 def _check_bound(values: torch.Tensor, bound: int | None, name: str) -> None:

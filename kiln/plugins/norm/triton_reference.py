@@ -1,6 +1,8 @@
 """PyTorch reference of the Triton fused residual-add + norm kernel.
 
-Contract, shared with :mod:`kiln.plugins.fused_norm.triton_kernels`:
+The norm itself is the norm plugin's reference (:func:`kiln.plugins.norm.reference.norm`).
+
+Contract, shared with :mod:`kiln.plugins.norm.triton_kernels`:
 
 ``add_norm(x, residual, weight, bias, eps, *, rms, out=None) -> (normed, residual)``
 
@@ -18,7 +20,9 @@ Contract, shared with :mod:`kiln.plugins.fused_norm.triton_kernels`:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from kiln.config import NormType
+from kiln.plugins.norm.reference import norm
 
 
 def add_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
@@ -29,12 +33,7 @@ def add_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tenso
         r = residual
     else:
         r = x
-    if rms:
-        variance = r.float().pow(2).mean(-1, keepdim=True)
-        normed = (r.float() * torch.rsqrt(variance + eps)).to(r.dtype) * weight
-    else:
-        normed = F.layer_norm(r.float(), (r.shape[-1],), weight.float(),
-                              None if bias is None else bias.float(), eps).to(r.dtype)
+    normed = norm(r, weight, bias, NormType.RMSNORM if rms else NormType.LAYERNORM, eps)
     if out is None:
         return normed, r
     out.copy_(normed)

@@ -1,0 +1,235 @@
+"""The ``tensorrt`` backend: each part's ONNX graph parsed into a strongly typed network and
+built into ``<stem>.engine`` with full TensorRT (``import tensorrt``) when present, else
+TensorRT-RTX (``pip install tensorrt-rtx-cu13==1.7.1.116``, ``import tensorrt_rtx``), which
+builds ahead of time on a machine without a GPU.
+
+Targets: TensorRT-RTX builds for sm75, sm80, sm86, sm89, sm120, sm121 (one engine may carry
+several); it refuses Hopper (sm90) and data-centre Blackwell (sm100), which need full
+TensorRT. Full TensorRT builds for the GPU it runs on. Default: the local GPU if there is one
+the library supports, else (TensorRT-RTX only) sm80, sm86, sm89 and sm120.
+
+Optimization profiles (docs/engine.md): 0 = prefill/mixed steps (batch 1..max_batch_size,
+seq 1..min(max_input_len, max_num_tokens)); 1 = decode steps (seq 1).
+
+Host memory: TensorRT-RTX peaks near 3.1x the weight bytes of the network it builds; the
+planner splits ranks into parts accordingly (TENSORRT_NOTES.md).
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib
+import logging
+import resource
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import onnx
+
+from kiln.builder.backends import (
+    Backend,
+    BuildError,
+    BuildPlan,
+    PartJob,
+    PartResult,
+    register_backend,
+)
+from kiln.builder.graph.context import BATCH, SEQ
+from kiln.builder.graph.decoder import write_part
+from kiln.checkpoint import rank_file
+from kiln.engine import BuildLimits, EngineError
+
+log = logging.getLogger(__name__)
+
+RTX_REQUIREMENT = "tensorrt-rtx-cu13==1.7.1.116"
+RTX_TARGETS = ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121")
+RTX_DEFAULT_TARGETS = ("sm80", "sm86", "sm89", "sm120")
+RTX_REFUSED = {
+    "sm90": "Hopper (compute capability 9.0): the TensorRT-RTX runtime refuses it; build on "
+            "the Hopper machine with full TensorRT (import tensorrt)",
+    "sm100": "data-centre Blackwell (10.0) is not a TensorRT-RTX target; build on the machine "
+             "with full TensorRT (import tensorrt)",
+}
+FP8_MIN = 89  # FP8 tensor cores: Ada (sm89) and later
+
+
+def load_library() -> tuple[ModuleType, bool]:
+    """(module, is_full_tensorrt): full TensorRT if importable, else TensorRT-RTX."""
+    for name, full in (("tensorrt", True), ("tensorrt_rtx", False)):
+        try:
+            return importlib.import_module(name), full
+        except ImportError:
+            continue
+    raise EngineError(f"the tensorrt backend needs TensorRT: pip install {RTX_REQUIREMENT} "
+                      f"(TensorRT-RTX, builds without a GPU) or full TensorRT")
+
+
+def local_gpu() -> str | None:
+    """The first local GPU's compute capability as ``smXY`` (None without nvidia-smi/GPU)."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    caps = [line.strip() for line in out.splitlines() if line.strip()]
+    return "sm" + caps[0].replace(".", "") if caps else None
+
+
+@register_backend("tensorrt")
+class TensorRTBackend(Backend):
+    memory_factor = 3.1
+    base_memory = 1 << 30  # the libraries, the parsed graph, Python
+
+    def __init__(self) -> None:
+        self.trt, self.full = load_library()
+
+    def versions(self) -> dict[str, str]:
+        return {"tensorrt" if self.full else "tensorrt_rtx": self.trt.__version__}
+
+    def default_targets(self, dtype: str) -> tuple[str, ...]:
+        gpu = local_gpu()
+        if self.full:
+            if gpu is None:
+                raise EngineError("full TensorRT builds for the local GPU, and none was found "
+                                  f"(nvidia-smi); install {RTX_REQUIREMENT} to build without one")
+            return (gpu,)
+        if gpu in RTX_TARGETS:
+            log.info("tensorrt: target defaults to the local GPU %s", gpu)
+            return (gpu,)
+        log.info("tensorrt: no usable local GPU; targets default to %s", ",".join(RTX_DEFAULT_TARGETS))
+        return RTX_DEFAULT_TARGETS
+
+    def check(self, plan: BuildPlan) -> None:
+        check_targets(plan.targets, self.full, local_gpu() if self.full else None)
+        check_precision(plan.targets, plan.dtype, plan.checkpoint.quantization.get("scheme"))
+
+    def build_part(self, job: PartJob) -> PartResult:
+        part, started = job.part, time.perf_counter()
+        graph = write_part(job.plan.graph, part, job.plan.checkpoint_dir / rank_file(part.rank),
+                           job.work_dir)
+        emitted = time.perf_counter()
+        engine, layers = build_engine(self.trt, self.full, graph, job.plan)
+        graph.unlink()
+        graph.with_name(graph.name + ".data").unlink()
+        built = time.perf_counter()
+        name = f"{part.stem}.engine"
+        with open(job.out_dir / name, "wb") as f:
+            f.write(engine)
+        del engine
+        return PartResult(part=part, files=(name,),
+                          seconds={"graph": emitted - started, "engine": built - emitted,
+                                   "write": time.perf_counter() - built},
+                          peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                          info={"layers": layers})
+
+
+def _capability(target: str) -> int:
+    digits = target[2:] if target.startswith("sm") else ""
+    if not digits.isdigit():
+        raise EngineError(f"target {target!r} is not a compute capability like sm86")
+    return int(digits)
+
+
+def check_targets(targets: tuple[str, ...], full: bool, gpu: str | None) -> None:
+    for target in targets:
+        _capability(target)
+        if full:
+            if target != gpu:
+                raise EngineError(f"full TensorRT builds for the GPU it runs on ({gpu}), not "
+                                  f"{target}; build on a {target} machine, or use TensorRT-RTX "
+                                  f"({RTX_REQUIREMENT}) for its targets")
+        elif target in RTX_REFUSED:
+            raise EngineError(f"TensorRT-RTX cannot build for {target}: {RTX_REFUSED[target]}")
+        elif target not in RTX_TARGETS:
+            raise EngineError(f"TensorRT-RTX cannot build for {target}; its targets are "
+                              f"{', '.join(RTX_TARGETS)}")
+
+
+def check_precision(targets: tuple[str, ...], dtype: str, scheme: str | None) -> None:
+    for target in targets:
+        cap = _capability(target)
+        if dtype == "bfloat16" and cap < 80:
+            raise EngineError(f"{target} has no bfloat16 support (needs sm80+); build with "
+                              f"--dtype float16 or drop the target")
+        if scheme is not None and "fp8" in scheme.lower() and cap < FP8_MIN:
+            raise EngineError(f"{target} has no FP8 tensor cores (needs sm89+) for the "
+                              f"checkpoint's {scheme} quantization; target sm89/sm120 or use "
+                              f"an int8/int4 scheme")
+
+
+def profile_ranges(limits: BuildLimits) -> list[dict[str, tuple[int, int, int]]]:
+    """(min, opt, max) per symbolic dim for profile 0 (prefill/mixed) and 1 (decode)."""
+    batch, seq = limits.max_batch_size, min(limits.max_input_len, limits.max_num_tokens)
+    rows = max(1, min(batch, limits.max_num_tokens // seq))
+    return [{BATCH: (1, rows, batch), SEQ: (1, seq, seq)},
+            {BATCH: (1, batch, batch), SEQ: (1, 1, 1)}]
+
+
+def _input_dims(graph: Path) -> dict[str, list[int | str]]:
+    model = onnx.load(str(graph), load_external_data=False)
+    return {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+            for i in model.graph.input}
+
+
+def _add_profiles(trt: ModuleType, builder, network, config, graph: Path,
+                  limits: BuildLimits) -> None:
+    dims = _input_dims(graph)
+    for ranges in profile_ranges(limits):
+        profile = builder.create_optimization_profile()
+        for i in range(network.num_inputs):
+            name = network.get_input(i).name
+            shapes = [[ranges[d][k] if isinstance(d, str) else d for d in dims[name]]
+                      for k in range(3)]
+            profile.set_shape(name, *shapes)
+        config.add_optimization_profile(profile)
+
+
+def _logger(trt: ModuleType):
+    """A TensorRT logger that forwards to Python logging (the build's return value decides
+    success: builds without a GPU log a harmless 'CUDA driver version is insufficient')."""
+    class Logger(trt.ILogger):
+        def log(self, severity, msg):  # noqa: D401 - TensorRT callback
+            if "driver version is insufficient" in msg:
+                log.debug("TensorRT: %s", msg)
+            elif severity in (trt.ILogger.INTERNAL_ERROR, trt.ILogger.ERROR):
+                log.warning("TensorRT: %s", msg)
+            elif severity == trt.ILogger.WARNING:
+                log.info("TensorRT: %s", msg)
+            else:
+                log.debug("TensorRT: %s", msg)
+    logger = Logger()
+    trt.ILogger.__init__(logger)
+    return logger
+
+
+def build_engine(trt: ModuleType, full: bool, graph: Path, plan: BuildPlan) -> tuple[Any, dict]:
+    """Parse ``graph`` strongly typed, build it for the plan's targets and profiles.
+
+    Returns the serialized engine and the parsed network's layer counts by type.
+    """
+    logger = _logger(trt)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(graph)):
+        first = parser.get_error(0).desc().splitlines()[0] if parser.num_errors else "no detail"
+        raise BuildError(f"TensorRT could not parse {graph.name}: {first}")
+    layers = dict(collections.Counter(network.get_layer(i).type.name
+                                      for i in range(network.num_layers)))
+    config = builder.create_builder_config()
+    if not full:
+        config.num_compute_capabilities = len(plan.targets)
+        for k, target in enumerate(plan.targets):
+            config.set_compute_capability(getattr(trt.ComputeCapability, target.upper()), k)
+    _add_profiles(trt, builder, network, config, graph, plan.limits)
+    engine = builder.build_serialized_network(network, config)
+    if engine is None:
+        raise BuildError(f"TensorRT failed to build {graph.stem} for {','.join(plan.targets)} "
+                         f"(its log, with -v, says why)")
+    return engine, layers
