@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kiln.plugins.paged_attention import triton_reference as ref
+from kiln.plugins.attention import triton_reference as ref
 from tests.gpu.support import alibi_slopes, assert_close, skip_unsupported, triton_device
 
 pytestmark = pytest.mark.gpu
@@ -18,7 +18,7 @@ HEADS = [(32, 8, 128), (8, 1, 64), (4, 4, 80)]
 
 def _kernels():
     pytest.importorskip("triton")
-    from kiln.plugins.paged_attention import triton_kernels
+    from kiln.plugins.attention import triton_kernels
     return triton_kernels
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kiln.plugins.fused_norm import triton_reference as ref
+from kiln.plugins.norm import triton_reference as ref
 from tests.gpu.support import assert_close, skip_unsupported, triton_device
 
 pytestmark = pytest.mark.gpu
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.gpu
 
 def _kernels():
     pytest.importorskip("triton")
-    from kiln.plugins.fused_norm import triton_kernels
+    from kiln.plugins.norm import triton_kernels
     return triton_kernels
 
 
