@@ -1,0 +1,94 @@
+"""``kiln build``: parse and validate the options, then call :func:`kiln.builder.build`.
+
+Options and their help come from :class:`kiln.builder.options.BuildOptions`; one
+``--<name>_plugin auto|enable|disable`` option per registered plugin.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import click
+
+from kiln.builder import build as api_build
+from kiln.builder.backends import backend_names
+from kiln.builder.options import BuildOptions
+from kiln.cli.context import CliContext
+from kiln.config import DTYPES
+from kiln.plugins import PLUGINS, PluginMode
+
+_HELP = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(BuildOptions)}
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
+          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40}
+_TARGET = re.compile(r"^(sm\d{2,3}|cpu|cuda)$")
+
+
+class MemorySize(click.ParamType):
+    """A byte count: 20GB, 20G, 512MiB, 1.5e9 or plain bytes."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx) -> int:
+        if isinstance(value, int):
+            return value
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in _UNITS:
+            self.fail(f"{value!r} is not a size like 20GB, 512MiB or 2000000000", param, ctx)
+        size = int(float(match.group(1)) * _UNITS[unit])
+        if size < 1:
+            self.fail(f"{value!r} must be at least 1 byte", param, ctx)
+        return size
+
+
+def _targets(ctx, param, value: str | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    targets = tuple(t.strip().lower() for t in value.split(",") if t.strip())
+    bad = [t for t in targets if not _TARGET.match(t)]
+    if bad or not targets:
+        raise click.BadParameter(f"{value!r}: expected compute capabilities like sm86,sm120 "
+                                 f"(tensorrt) or cpu/cuda (onnx)", ctx=ctx, param=param)
+    return targets
+
+
+def _plugin_options(command):
+    modes = [m.value for m in PluginMode]
+    for spec in sorted(PLUGINS.values(), key=lambda s: s.name, reverse=True):
+        command = click.option(f"--{spec.option}", default="auto", show_default=True,
+                               type=click.Choice(modes),
+                               help=f"{spec.summary} enable: fused form, disable: "
+                                    f"{spec.decomposed_form}.")(command)
+    return command
+
+
+@click.command("build")
+@click.option("--checkpoint_dir", required=True, type=click.Path(file_okay=False),
+              help=_HELP["checkpoint_dir"])
+@click.option("--output_dir", required=True, type=click.Path(file_okay=False),
+              help=_HELP["output_dir"])
+@click.option("--backend", default="onnx", show_default=True,
+              type=click.Choice(backend_names()), help=_HELP["backend"])
+@click.option("--max_batch_size", default=8, show_default=True, type=click.IntRange(min=1),
+              help=_HELP["max_batch_size"])
+@click.option("--max_input_len", type=click.IntRange(min=1), help=_HELP["max_input_len"])
+@click.option("--max_seq_len", type=click.IntRange(min=1), help=_HELP["max_seq_len"])
+@click.option("--max_num_tokens", type=click.IntRange(min=1), help=_HELP["max_num_tokens"])
+@click.option("--dtype", type=click.Choice(DTYPES), help=_HELP["dtype"])
+@click.option("--target", "targets", callback=_targets, help=_HELP["targets"])
+@_plugin_options
+@click.option("--max_build_memory", type=MemorySize(), help=_HELP["max_build_memory"])
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
+              help=_HELP["workers"])
+@click.option("--overwrite", is_flag=True, help=_HELP["overwrite"])
+@click.option("--allow_long_context", is_flag=True, help=_HELP["allow_long_context"])
+@click.pass_obj
+def build(obj: CliContext, **options) -> None:
+    """Build an engine dir from a kiln checkpoint."""
+    plugins = {name: options.pop(spec.option) for name, spec in PLUGINS.items()}
+    result = api_build(**options, plugins=plugins, progress=obj.progress)
+    if obj.verbosity >= 0:
+        click.echo(result.summary(), err=True)
+    click.echo(str(result.output_dir))
