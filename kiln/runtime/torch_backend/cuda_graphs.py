@@ -1,0 +1,126 @@
+"""CUDA graphs of decode steps, one per batch size in a fixed set.
+
+A decode step launches ~10 kernels per layer; at batch 1 the GPU finishes most of them faster
+than Python can launch them. Capturing the whole forward once per batch size and replaying it
+makes a step one launch. A step of n single-token chunks replays the graph of the smallest
+captured size >= n, with the extra rows padded: they read and write scratch block 0 only (see
+:mod:`~kiln.runtime.torch_backend.paged_cache`) and their logits are dropped.
+
+Static inputs, per captured size bs: one int32 device buffer ``[tokens | positions | slots |
+ctx | rows | tables (bs x max_blocks)]`` that a step fills with one host-to-device copy, and for
+dynamic-NTK models a float32 per-token rotary table. The decode kernel's split count and
+partition are fixed at capture from ``max_seq_len``; programs past a row's context exit early.
+All graphs share one memory pool and write logits into one ``[max_bs, vocab]`` buffer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from kiln.runtime.torch_backend.inputs import RopeTables, StepPlan
+from kiln.runtime.torch_backend.model import PagedDecoder, StepInputs
+from kiln.runtime.torch_backend.paged_cache import PagedKVCache
+
+logger = logging.getLogger(__name__)
+
+
+def default_batch_sizes(max_batch_size: int) -> list[int]:
+    """1, 2, 4, 8, 16, then every 16 up to 128, every 32 up to 256, every 64 beyond."""
+    sizes = [1, 2, 4, 8] + list(range(16, 129, 16)) + list(range(160, 257, 32)) \
+        + list(range(320, max(max_batch_size, 320) + 1, 64))
+    sizes = [s for s in sizes if s < max_batch_size]
+    return sorted(set(sizes + [max_batch_size]))
+
+
+class _Graph:
+    def __init__(self, bs: int, max_blocks: int, head_dim: int, dynamic: bool,
+                 device: torch.device):
+        self.bs = bs
+        self.fields = 5 * bs + bs * max_blocks
+        self.host = torch.empty(self.fields, dtype=torch.int32, pin_memory=True)
+        self.dev = torch.zeros(self.fields, dtype=torch.int32, device=device)
+        self.table = torch.zeros(bs, head_dim, device=device) if dynamic else None
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def views(self, max_blocks: int) -> list[torch.Tensor]:
+        bs, d = self.bs, self.dev
+        return [d[i * bs:(i + 1) * bs] for i in range(5)] + [d[5 * bs:].view(bs, max_blocks)]
+
+
+class DecodeGraphs:
+    """Captured decode forwards (see the module docstring)."""
+
+    def __init__(self, model: PagedDecoder, cache: PagedKVCache, rope: RopeTables,
+                 batch_sizes: list[int], max_seq_len: int, device: torch.device):
+        self.model, self.cache, self.rope = model, cache, rope
+        self.max_seq_len = max_seq_len
+        self.max_blocks = cache.allocator.max_blocks_per_seq
+        self.sizes = sorted(batch_sizes)
+        vocab = model.lm_head.weight.shape[1 if model.lm_head.transposed else 0]
+        self.logits = torch.empty(self.sizes[-1], vocab, dtype=model.embed.dtype, device=device)
+        self.graphs = {bs: _Graph(bs, self.max_blocks, model.config.head_dim, rope.dynamic,
+                                  device) for bs in self.sizes}
+        self._event = torch.cuda.Event()
+        self._capture(device)
+
+    def _inputs(self, g: _Graph) -> StepInputs:
+        tokens, positions, slots, ctx, rows, tables = g.views(self.max_blocks)
+        table, index = self.rope.table, positions
+        if g.table is not None:
+            table, index = g.table, rows
+        return StepInputs(tokens=tokens, rope_index=index, rope_table=table, slot_mapping=slots,
+                          last_rows=rows, dec_rows=rows, dec_tables=tables, dec_ctx=ctx,
+                          dec_max_ctx=self.max_seq_len)
+
+    def _capture(self, device: torch.device) -> None:
+        started = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(device)
+        for bs in reversed(self.sizes):  # largest first: later graphs reuse its pool memory
+            g = self.graphs[bs]
+            g.dev[4 * bs:5 * bs].copy_(torch.arange(bs, dtype=torch.int32))  # rows
+            g.dev[3 * bs:4 * bs].fill_(1)  # ctx 1: a padded row sees its own scratch key
+            inp = self._inputs(g)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # compile the Triton kernels, settle cuBLAS workspaces
+                    self.model.forward(inp, self.cache, logits_out=self.logits[:bs])
+            torch.cuda.current_stream(device).wait_stream(stream)
+            g.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g.graph, pool=pool, stream=stream):
+                self.model.forward(inp, self.cache, logits_out=self.logits[:bs])
+        torch.cuda.synchronize(device)
+        logger.info("captured %d decode graphs (batch sizes %s) in %.1f s", len(self.sizes),
+                    self.sizes, time.perf_counter() - started)
+
+    def size_for(self, n: int) -> int | None:
+        for bs in self.sizes:
+            if bs >= n:
+                return bs
+        return None
+
+    def run(self, plan: StepPlan) -> torch.Tensor:
+        """Replay the graph for a decode-only plan; logits [n, vocab] in the model dtype."""
+        n = plan.num_seqs
+        g = self.graphs[self.size_for(n)]
+        bs, mb = g.bs, self.max_blocks
+        self._event.synchronize()  # the previous replay has read its pinned inputs
+        host = g.host.numpy()
+        fields = host[:5 * bs].reshape(5, bs)
+        fields[:, n:] = np.array([[0], [0], [0], [1], [0]], dtype=np.int32)  # pad: scratch row
+        fields[4, :] = np.arange(bs, dtype=np.int32)
+        fields[0, :n], fields[1, :n] = plan.tokens, plan.positions
+        fields[2, :n], fields[3, :n] = plan.slot_mapping, plan.ends
+        tables = host[5 * bs:].reshape(bs, mb)
+        tables[:n] = plan.tables
+        tables[n:] = 0
+        g.dev.copy_(g.host, non_blocking=True)
+        if g.table is not None:
+            g.table[:n].copy_(self.rope.per_token(plan), non_blocking=True)
+        self._event.record()
+        g.graph.replay()
+        return self.logits[:n]

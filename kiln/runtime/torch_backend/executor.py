@@ -1,0 +1,204 @@
+"""The torch backend's executor: packed steps over a paged KV cache, CUDA graphs for decode.
+
+Contract: :mod:`kiln.runtime.executor`. ``step`` returns float32 logits on the executor's
+device. ``reserve(slot, n)`` gives the slot cache blocks for n tokens or answers False when the
+cache is full (the scheduler keeps the request waiting); ``release(slot)`` returns its blocks.
+A step whose chunk outgrows its slot's blocks reserves more on the spot and raises
+:class:`~kiln.runtime.torch_backend.paged_cache.KVCacheError` if none are left. A chunk whose
+``start`` is not its slot's cached length is a scheduler bug and raises ``RuntimeError``.
+
+Cache size: on CUDA, ``kv_cache_free_gpu_memory_fraction`` of the memory free after the weights
+are loaded and one step of ``max_num_tokens`` tokens has run (its peak is what activations
+need); on the CPU, enough blocks for every slot at ``max_seq_len``. ``kv_cache_blocks``
+overrides both.
+
+Non-goals: tensor/pipeline parallelism (tp_size = pp_size = 1 engines only), prefix caching,
+preemption, sampling (the scheduler samples from the returned logits).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kiln.config import DecoderConfig
+from kiln.engine import BuildLimits
+from kiln.errors import ConfigError
+from kiln.runtime.executor import Executor, SequenceChunk
+from kiln.runtime.torch_backend.cuda_graphs import DecodeGraphs, default_batch_sizes
+from kiln.runtime.torch_backend.inputs import RopeTables, Uploader, make_plan, step_inputs
+from kiln.runtime.torch_backend.kernels import load_kernels
+from kiln.runtime.torch_backend.model import PagedDecoder
+from kiln.runtime.torch_backend.paged_cache import (
+    KVCacheError,
+    PagedKVCache,
+    blocks_for_memory,
+    cdiv,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TorchExecutorOptions:
+    """Runtime choices of the torch executor (none changes results beyond rounding)."""
+
+    kernels: str | None = None  # "triton" | "reference"; None: triton on CUDA, else reference
+    kv_cache_free_gpu_memory_fraction: float = 0.9
+    kv_cache_blocks: int | None = None  # exact block count (overrides the fraction)
+    page_size: int = 64
+    cuda_graphs: bool = True  # capture decode steps (CUDA only)
+    graph_batch_sizes: tuple[int, ...] | None = None  # default: default_batch_sizes()
+    decode_splits: int | None = None  # split-K of eager decode attention; None: heuristic
+
+
+class TorchExecutor(Executor):
+    """See the module docstring."""
+
+    def __init__(self, config: DecoderConfig, tensors: dict[str, torch.Tensor],
+                 limits: BuildLimits, *, transposed: frozenset[str] = frozenset(),
+                 device: str | torch.device = "cpu",
+                 options: TorchExecutorOptions | None = None):
+        self.options = options or TorchExecutorOptions()
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.limits, self.config = limits, config
+        self.vocab_size = config.vocab_size
+        if limits.max_seq_len > config.max_position_embeddings and config.rope_scaling is None:
+            logger.warning("max_seq_len %d exceeds the model's max_position_embeddings %d",
+                           limits.max_seq_len, config.max_position_embeddings)
+        kernels = load_kernels(self.options.kernels, self.device)
+        self.model = PagedDecoder(config, tensors, transposed, kernels)
+        self.rope = RopeTables(config, limits.max_seq_len, self.device)
+        self.uploader = Uploader(self.device)
+        self.cache = self._make_cache(self.model.embed.dtype)
+        self._lengths = [0] * limits.max_batch_size
+        self.graphs = None
+        if self.options.cuda_graphs and self.device.type == "cuda":
+            sizes = list(self.options.graph_batch_sizes or
+                         default_batch_sizes(limits.max_batch_size))
+            self.graphs = DecodeGraphs(self.model, self.cache, self.rope, sizes,
+                                       limits.max_seq_len, self.device)
+
+    # -- cache sizing -------------------------------------------------------------------
+    def _new_cache(self, num_blocks: int, dtype: torch.dtype, slots: int) -> PagedKVCache:
+        cfg = self.config
+        return PagedKVCache(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads,
+                            head_dim=cfg.head_dim, page_size=self.options.page_size,
+                            num_blocks=num_blocks, max_slots=slots,
+                            max_seq_len=self.limits.max_seq_len, dtype=dtype, device=self.device)
+
+    def _make_cache(self, dtype: torch.dtype) -> PagedKVCache:
+        limits, opts = self.limits, self.options
+        blocks_per_seq = cdiv(limits.max_seq_len, opts.page_size)
+        if opts.kv_cache_blocks is not None:
+            num_blocks = opts.kv_cache_blocks
+        elif self.device.type != "cuda":
+            num_blocks = limits.max_batch_size * blocks_per_seq + 1
+        else:
+            num_blocks = self._blocks_from_free_memory(dtype)
+        return self._new_cache(num_blocks, dtype, limits.max_batch_size)
+
+    def _blocks_from_free_memory(self, dtype: torch.dtype) -> int:
+        """Profile one full step on a small cache, then size the real one from what is free."""
+        limits, cfg = self.limits, self.config
+        n = min(limits.max_num_tokens, limits.max_seq_len)
+        probe = self._new_cache(cdiv(limits.max_seq_len, self.options.page_size) + 1, dtype, 1)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        self.cache = probe
+        probe.allocator.reserve(0, n)
+        self._lengths = [0]
+        self._eager([SequenceChunk(0, [0] * n, 0)])
+        torch.cuda.synchronize(self.device)
+        activations = torch.cuda.max_memory_allocated(self.device) - base
+        del self.cache, probe
+        torch.cuda.empty_cache()
+        # logits of a full decode batch (model dtype in the graphs, float32 returned) + slack
+        reserve = activations + limits.max_batch_size * cfg.vocab_size * 6 + (256 << 20)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        block = PagedKVCache.block_bytes(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                                         self.options.page_size, dtype)
+        num_blocks = blocks_for_memory(free, reserve,
+                                       self.options.kv_cache_free_gpu_memory_fraction, block)
+        logger.info("KV cache: %.2f GiB free, %.2f GiB kept for activations -> %d blocks",
+                    free / 2**30, reserve / 2**30, num_blocks)
+        return num_blocks
+
+    # -- the executor contract ----------------------------------------------------------
+    def reserve(self, slot: int, num_tokens: int) -> bool:
+        return self.cache.allocator.reserve(slot, num_tokens)
+
+    def release(self, slot: int) -> None:
+        self.cache.allocator.release(slot)
+        self._lengths[slot] = 0
+
+    def step(self, chunks: Sequence[SequenceChunk]) -> torch.Tensor:
+        if not chunks:
+            return torch.empty(0, self.vocab_size, device=self.device)
+        self._check(chunks)
+        if self.graphs is not None and all(len(c.tokens) == 1 for c in chunks) \
+                and self.graphs.size_for(len(chunks)) is not None:
+            plan = make_plan(chunks, self.cache.allocator)
+            logits = self.graphs.run(plan)
+        else:
+            logits = self._eager(chunks)
+        for c in chunks:
+            self._lengths[c.slot] = c.start + len(c.tokens)
+        return logits.float()
+
+    def _eager(self, chunks: Sequence[SequenceChunk]) -> torch.Tensor:
+        plan = make_plan(chunks, self.cache.allocator)
+        inp = step_inputs(plan, self.uploader, self.rope, self.options.page_size,
+                          self.options.decode_splits)
+        return self.model.forward(inp, self.cache)
+
+    def _check(self, chunks: Sequence[SequenceChunk]) -> None:
+        limits = self.limits
+        if len(chunks) > limits.max_batch_size:
+            raise RuntimeError(f"step of {len(chunks)} chunks exceeds max_batch_size "
+                               f"{limits.max_batch_size}")
+        total, seen = 0, set()
+        for c in chunks:
+            if not 0 <= c.slot < limits.max_batch_size or c.slot in seen:
+                raise RuntimeError(f"slot {c.slot} is out of range or used twice in one step")
+            seen.add(c.slot)
+            if not c.tokens:
+                raise RuntimeError(f"slot {c.slot}: empty chunk")
+            if c.start != self._lengths[c.slot]:
+                raise RuntimeError(f"slot {c.slot}: chunk starts at {c.start} but the cache "
+                                   f"holds {self._lengths[c.slot]} tokens")
+            end = c.start + len(c.tokens)
+            if end > limits.max_seq_len:
+                raise RuntimeError(f"slot {c.slot}: {end} tokens exceed max_seq_len "
+                                   f"{limits.max_seq_len}")
+            total += len(c.tokens)
+        if total > limits.max_num_tokens:
+            raise RuntimeError(f"step of {total} tokens exceeds max_num_tokens "
+                               f"{limits.max_num_tokens}")
+        allocator = self.cache.allocator
+        for c in chunks:  # only a valid step takes blocks
+            end = c.start + len(c.tokens)
+            if end > allocator.capacity(c.slot) and not allocator.reserve(c.slot, end):
+                raise KVCacheError(f"slot {c.slot}: the KV cache has no free block for "
+                                   f"{end} tokens; reserve() before scheduling the sequence")
+
+    def close(self) -> None:
+        self.graphs = None
+        self.cache = None
+        self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def check_supported(config: DecoderConfig, tp_size: int, pp_size: int) -> None:
+    """Raise ConfigError for what this executor does not run."""
+    if tp_size != 1 or pp_size != 1:
+        raise ConfigError(f"the torch backend runs tp_size=1, pp_size=1 engines, found "
+                          f"tp_size={tp_size}, pp_size={pp_size}; convert the checkpoint with "
+                          f"--tp_size 1 --pp_size 1 and rebuild")

@@ -1,0 +1,169 @@
+"""Host side of a step: chunks -> flat int32 metadata (numpy) -> one host-to-device copy.
+
+A :class:`StepPlan` is everything the forward needs, computed with a few vectorized numpy
+operations (no per-token Python). :class:`Uploader` packs a plan into one pinned int32 buffer
+and copies it to the device in one transfer; :class:`~kiln.runtime.torch_backend.model.StepInputs`
+are views into the device copy. The pinned buffer is reused: an event makes the next step wait
+until the device has read the previous one, so the host never overwrites data in flight.
+
+Rotary tables: positions index a table ``[max_seq_len, head_dim]`` (cos | sin, float32) built
+once, exactly as the oracle computes ``cos(position * inv_freq)``. Dynamic NTK scaling changes
+``inv_freq`` with a sequence's length (as HF recomputes it from the longest position of each
+call), so those models get a per-step table with one row per token instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kiln.config import DecoderConfig, PositionType, RopeScalingType
+from kiln.reference import rope_inv_freq
+from kiln.runtime.executor import SequenceChunk
+from kiln.runtime.torch_backend.model import StepInputs
+from kiln.runtime.torch_backend.paged_cache import BlockAllocator, cdiv
+
+
+@dataclass
+class StepPlan:
+    """Host metadata of one step (int32 numpy arrays; see StepInputs for the meaning)."""
+
+    tokens: np.ndarray
+    positions: np.ndarray
+    slot_mapping: np.ndarray
+    last_rows: np.ndarray
+    ends: np.ndarray  # [num_seqs] start + len: the context length after this step
+    dec: np.ndarray  # chunk indices of single-token chunks
+    pre: np.ndarray  # chunk indices of the others
+    rows: np.ndarray  # [num_seqs] first row of each chunk
+    lens: np.ndarray
+    tables: np.ndarray  # [num_seqs, max_blocks_per_seq] block tables of the chunks' slots
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.rows)
+
+    @property
+    def all_decode(self) -> bool:
+        return len(self.pre) == 0
+
+
+def make_plan(chunks: Sequence[SequenceChunk], allocator: BlockAllocator) -> StepPlan:
+    lens = np.fromiter((len(c.tokens) for c in chunks), dtype=np.int32, count=len(chunks))
+    starts = np.fromiter((c.start for c in chunks), dtype=np.int32, count=len(chunks))
+    slots = np.fromiter((c.slot for c in chunks), dtype=np.int64, count=len(chunks))
+    total = int(lens.sum())
+    if total == len(chunks):
+        tokens = np.fromiter((c.tokens[0] for c in chunks), dtype=np.int32, count=total)
+    else:
+        tokens = np.fromiter((t for c in chunks for t in c.tokens), dtype=np.int32, count=total)
+    rows = (np.cumsum(lens, dtype=np.int32) - lens).astype(np.int32)
+    seq_of = np.repeat(np.arange(len(chunks)), lens)
+    positions = (np.arange(total, dtype=np.int32) - rows[seq_of] + starts[seq_of]).astype(np.int32)
+    tables = allocator.tables[slots]
+    page = allocator.page_size
+    slot_mapping = (tables[seq_of, positions // page] * page + positions % page).astype(np.int32)
+    single = lens == 1
+    return StepPlan(tokens=tokens, positions=positions, slot_mapping=slot_mapping,
+                    last_rows=rows + lens - 1, ends=starts + lens,
+                    dec=np.flatnonzero(single), pre=np.flatnonzero(~single), rows=rows,
+                    lens=lens, tables=tables)
+
+
+class RopeTables:
+    """Rotary cos|sin tables for a model (None for ALiBi models)."""
+
+    def __init__(self, config: DecoderConfig, max_seq_len: int, device: torch.device):
+        self.config = config
+        self.device = device
+        self.rotary = config.position_type is PositionType.ROPE
+        scaling = config.rope_scaling
+        self.dynamic = self.rotary and scaling is not None \
+            and scaling.type is RopeScalingType.DYNAMIC
+        self.table = None
+        if self.rotary:
+            positions = torch.arange(max_seq_len)
+            self.table = self._cos_sin(positions, rope_inv_freq(config, 1)[None]).to(device)
+
+    @staticmethod
+    def _cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+        """[N, D] = cos | sin of positions [N] times inv_freq [N or 1, D/2] (float32)."""
+        freqs = positions.float()[:, None] * inv_freq
+        return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+
+    def per_token(self, plan: StepPlan) -> torch.Tensor:
+        """A dynamic-NTK table with one row per token of the step (host, float32)."""
+        seq_of = np.repeat(np.arange(plan.num_seqs), plan.lens)
+        inv = torch.stack([rope_inv_freq(self.config, int(end)) for end in plan.ends])
+        return self._cos_sin(torch.from_numpy(plan.positions), inv[torch.from_numpy(seq_of)])
+
+
+class Uploader:
+    """One pinned int32 buffer -> one device buffer per step (see the module docstring)."""
+
+    def __init__(self, device: torch.device, capacity: int = 1 << 16):
+        self.device = device
+        self._pin = device.type == "cuda"
+        self._event = torch.cuda.Event() if self._pin else None
+        self._host = self._dev = None
+        self._grow(capacity)
+
+    def _grow(self, capacity: int) -> None:
+        if self._event is not None:
+            self._event.synchronize()
+        self._host = torch.empty(capacity, dtype=torch.int32, pin_memory=self._pin)
+        self._dev = torch.empty(capacity, dtype=torch.int32, device=self.device)
+
+    def upload(self, arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """Copy int32 arrays to the device in one transfer; returns device views (same shapes)."""
+        total = sum(a.size for a in arrays)
+        if total > self._host.numel():
+            self._grow(max(total, 2 * self._host.numel()))
+        if self._event is not None:
+            self._event.synchronize()  # the device has read the previous step's data
+        host = self._host.numpy()
+        offset, spans = 0, []
+        for a in arrays:
+            host[offset:offset + a.size] = a.ravel()
+            spans.append((offset, a.shape))
+            offset += a.size
+        if self._pin:
+            dev = self._dev[:total]
+            dev.copy_(self._host[:total], non_blocking=True)
+            self._event.record()
+        else:
+            dev = self._host[:total].clone()
+        return [dev[o:o + int(np.prod(shape))].view(shape) for o, shape in spans]
+
+
+def step_inputs(plan: StepPlan, uploader: Uploader, rope: RopeTables, page_size: int,
+                num_splits: int | None = None) -> StepInputs:
+    """Upload a plan for an eager (not graph-captured) forward."""
+    ends = plan.ends
+    dec, pre = plan.dec, plan.pre
+    dec_ctx, pre_ctx = ends[dec], ends[pre]
+    width_dec = cdiv(int(dec_ctx.max()), page_size) if len(dec) else 0
+    width_pre = cdiv(int(pre_ctx.max()), page_size) if len(pre) else 0
+    arrays = [plan.tokens, plan.positions, plan.slot_mapping, plan.last_rows,
+              plan.rows[dec], dec_ctx, np.ascontiguousarray(plan.tables[dec, :width_dec]),
+              plan.rows[pre], plan.lens[pre], pre_ctx,
+              np.ascontiguousarray(plan.tables[pre, :width_pre])]
+    (tokens, positions, slots, last_rows, dec_rows, dec_ctx_t, dec_tables, pre_starts,
+     pre_lens, pre_ctx_t, pre_tables) = uploader.upload(arrays)
+    table, index = rope.table, positions
+    if rope.dynamic:
+        table = rope.per_token(plan).to(rope.device, non_blocking=True)
+        index = torch.arange(len(plan.tokens), dtype=torch.int32, device=rope.device)
+    inp = StepInputs(tokens=tokens, rope_index=index, rope_table=table, slot_mapping=slots,
+                     last_rows=last_rows)
+    if len(dec):
+        inp.dec_rows, inp.dec_ctx, inp.dec_tables = dec_rows, dec_ctx_t, dec_tables
+        inp.dec_max_ctx, inp.dec_splits = int(dec_ctx.max()), num_splits
+    if len(pre):
+        inp.pre_starts, inp.pre_lens, inp.pre_ctx, inp.pre_tables = \
+            pre_starts, pre_lens, pre_ctx_t, pre_tables
+        inp.pre_max_q, inp.pre_max_ctx = int(plan.lens[pre].max()), int(pre_ctx.max())
+    return inp

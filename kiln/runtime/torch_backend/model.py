@@ -1,0 +1,187 @@
+"""The torch backend's forward: one step of packed (ragged) tokens over the paged KV cache.
+
+A step's tokens from every sequence are packed into rows ``[T, hidden]``; matrix products run
+once over all rows (cuBLAS through ``torch``), and the plugin kernels do the rest. Per layer
+(sequential residual)::
+
+    h ──qkv──▶ rope+cache write ──▶ paged attention ──o──▶ add+norm ──gate_up──▶ silu*up
+      ──down──▶ add+norm (next layer's attn norm, or the final norm) ──▶ h
+
+The residual stream lives in ``residual`` and is updated in place by the fused add+norm, so a
+layer reads and writes it once. Parallel-residual models (Falcon) add attention and MLP outputs
+first. Logits are computed for the last row of each sequence only.
+
+Contract: :class:`StepInputs` holds the device-side metadata of one step (built by the
+executor); :meth:`PagedDecoder.forward` writes each row's keys/values into the cache and
+returns ``[num_seqs, vocab]`` logits in the model dtype. Nothing here touches the host, so a
+decode step can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kiln.config import DecoderConfig, NormType, PositionType, ResidualType
+from kiln.roles import Role
+from kiln.runtime.torch_backend.kernels import KernelSet
+from kiln.runtime.torch_backend.paged_cache import PagedKVCache
+
+
+@dataclass
+class StepInputs:
+    """Device tensors of one step. Decode rows are single-token chunks; prefill rows the rest."""
+
+    tokens: torch.Tensor  # [T] int32
+    rope_index: torch.Tensor  # [T] int32: row of ``rope_table`` per token
+    rope_table: torch.Tensor | None  # [P, head_dim] float32 (cos | sin), None without RoPE
+    slot_mapping: torch.Tensor  # [T] int32: block * page_size + row, where each token's k/v go
+    last_rows: torch.Tensor  # [num_seqs] int64: the row whose logits each sequence returns
+    dec_rows: torch.Tensor | None = None  # [Bd] int32
+    dec_tables: torch.Tensor | None = None  # [Bd, max_blocks] int32
+    dec_ctx: torch.Tensor | None = None  # [Bd] int32 (tokens cached, this one included)
+    dec_max_ctx: int = 0
+    dec_splits: int | None = None
+    pre_starts: torch.Tensor | None = None  # [Bp] int32: first row of each prefill chunk
+    pre_lens: torch.Tensor | None = None  # [Bp] int32
+    pre_tables: torch.Tensor | None = None  # [Bp, max_blocks] int32
+    pre_ctx: torch.Tensor | None = None  # [Bp] int32
+    pre_max_q: int = 0
+    pre_max_ctx: int = 0
+
+
+class Linear:
+    """A packed weight: ``[out, in]`` (``F.linear``) or pre-transposed ``[in, out]``."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool):
+        self.weight, self.bias, self.transposed = weight, bias, transposed
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if out is not None:
+            w = self.weight if self.transposed else self.weight.t()
+            y = torch.matmul(x, w, out=out)
+            return y if self.bias is None else y.add_(self.bias)
+        if self.transposed:
+            y = torch.matmul(x, self.weight)
+            return y if self.bias is None else y.add_(self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+@dataclass
+class Norm:
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+@dataclass
+class Layer:
+    attn_norm: Norm
+    qkv: Linear
+    o: Linear
+    mlp_norm: Norm | None
+    gate_up: Linear | None  # SwiGLU
+    up: Linear | None  # GELU
+    down: Linear
+    q_norm: Norm | None = None
+    k_norm: Norm | None = None
+
+
+class PagedDecoder:
+    """Weights and forward of the canonical decoder for one rank (tp_size 1, pp_size 1)."""
+
+    def __init__(self, config: DecoderConfig, tensors: dict[str, torch.Tensor],
+                 transposed: frozenset[str], kernels: KernelSet):
+        self.config = config
+        self.kernels = kernels
+        self.rms = config.norm_type is NormType.RMSNORM
+        get = tensors.get
+
+        def linear(role: Role, bias: Role, i: int | None = None) -> Linear:
+            name = role.name(i)
+            return Linear(tensors[name], get(bias.name(i)), name in transposed)
+
+        def norm(role: Role, bias: Role, i: int | None = None) -> Norm | None:
+            w = get(role.name(i))
+            return None if w is None else Norm(w, get(bias.name(i)))
+
+        self.embed = tensors[Role.EMBED.name()]
+        self.layers = []
+        for i in range(config.num_layers):
+            gated = config.gated_mlp
+            self.layers.append(Layer(
+                attn_norm=norm(Role.ATTN_NORM, Role.ATTN_NORM_BIAS, i),
+                qkv=linear(Role.QKV, Role.QKV_BIAS, i), o=linear(Role.OUT, Role.OUT_BIAS, i),
+                mlp_norm=norm(Role.MLP_NORM, Role.MLP_NORM_BIAS, i),
+                gate_up=linear(Role.GATE_UP, Role.GATE_UP_BIAS, i) if gated else None,
+                up=None if gated else linear(Role.UP, Role.UP_BIAS, i),
+                down=linear(Role.DOWN, Role.DOWN_BIAS, i),
+                q_norm=norm(Role.Q_NORM, Role.Q_NORM_BIAS, i),
+                k_norm=norm(Role.K_NORM, Role.K_NORM_BIAS, i)))
+        self.final_norm = norm(Role.FINAL_NORM, Role.FINAL_NORM_BIAS)
+        lm_head = Role.LM_HEAD.name()
+        self.lm_head = Linear(tensors[lm_head], None, lm_head in transposed)
+        device = self.embed.device
+        self.alibi = None
+        if config.position_type is PositionType.ALIBI:
+            self.alibi = torch.tensor(config.alibi_slopes, dtype=torch.float32, device=device)
+
+    def _norm(self, x: torch.Tensor, residual: torch.Tensor | None, norm: Norm,
+              out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.kernels.add_norm(x, residual, norm.weight, norm.bias, self.config.norm_eps,
+                                     rms=self.rms, out=out)
+
+    @torch.no_grad()
+    def forward(self, inp: StepInputs, cache: PagedKVCache,
+                logits_out: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [num_seqs, vocab] (model dtype); writes every row's k/v into ``cache``."""
+        x = F.embedding(inp.tokens, self.embed)
+        h, residual = self._norm(x, None, self.layers[0].attn_norm)
+        parallel = self.config.residual is ResidualType.PARALLEL
+        for i, layer in enumerate(self.layers):
+            attn = self._attention(i, layer, h, inp, cache)
+            if parallel:
+                h_mlp = self._norm(residual, None, layer.mlp_norm)[0] if layer.mlp_norm else h
+                delta = attn.add_(self._mlp(layer, h_mlp))
+            else:
+                h, residual = self._norm(attn, residual, layer.mlp_norm)
+                delta = self._mlp(layer, h)
+            nxt = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.final_norm
+            h, residual = self._norm(delta, residual, nxt)
+        return self.lm_head(h.index_select(0, inp.last_rows), out=logits_out)
+
+    def _attention(self, i: int, layer: Layer, h: torch.Tensor, inp: StepInputs,
+                   cache: PagedKVCache) -> torch.Tensor:
+        cfg, k = self.config, self.kernels
+        hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        qkv = layer.qkv(h)
+        clip = cfg.clip_qkv
+        if layer.q_norm is not None:  # clamp, then q/k norms over whole projections, then rope
+            if clip is not None:
+                qkv.clamp_(-clip, clip)
+                clip = None
+            q_part, k_part = qkv[:, : hq * d], qkv[:, hq * d: (hq + hkv) * d]
+            self._norm(q_part, None, layer.q_norm, out=q_part)
+            self._norm(k_part, None, layer.k_norm, out=k_part)
+        k_cache, v_cache = cache.layer(i)
+        q = k.rope_qkv_to_cache(qkv, inp.rope_table, inp.rope_index, k_cache, v_cache,
+                                inp.slot_mapping, num_heads=hq, num_kv_heads=hkv, head_dim=d,
+                                clip=clip)
+        out = torch.empty_like(q)  # [T, Hq, D]
+        common = dict(scale=cfg.softmax_scale, alibi_slopes=self.alibi,
+                      sliding_window=cfg.sliding_window)
+        if inp.dec_rows is not None:
+            k.paged_decode_attention(q, k_cache, v_cache, inp.dec_tables, inp.dec_ctx,
+                                     inp.dec_rows, out, max_ctx_len=inp.dec_max_ctx,
+                                     num_splits=inp.dec_splits, **common)
+        if inp.pre_starts is not None:
+            k.paged_prefill_attention(q, k_cache, v_cache, inp.pre_tables, inp.pre_ctx,
+                                      inp.pre_starts, inp.pre_lens, out, max_q_len=inp.pre_max_q,
+                                      max_ctx_len=inp.pre_max_ctx, **common)
+        return layer.o(out.view(q.shape[0], hq * d))  # [T, Hq, D] -> [T, Hq*D]
+
+    def _mlp(self, layer: Layer, h: torch.Tensor) -> torch.Tensor:
+        if layer.gate_up is not None:
+            return layer.down(self.kernels.silu_and_mul(layer.gate_up(h)))
+        return layer.down(F.gelu(layer.up(h)))

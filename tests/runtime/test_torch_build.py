@@ -1,0 +1,74 @@
+"""``kiln build --backend torch`` writes packed weights and the manifest; the loader runs them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kiln.builder.api import build
+from kiln.builder.torch_backend import pack_weights, read_packed
+from kiln.checkpoint import load_rank
+from kiln.engine import EngineError, read_manifest
+from kiln.reference import ReferenceDecoder
+from kiln.roles import Role
+from kiln.runtime.executor import SequenceChunk
+from kiln.runtime.loader import ExecutorOptions, open_engine
+from kiln.runtime.torch_backend.executor import TorchExecutor
+from kiln.tensorio import read_header, write_tensors
+from tests.models import PROMPT, hf_model, kiln_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("torch-build")
+    return kiln_checkpoint(hf_model("llama-gqa", root / "hf"), root / "ckpt")
+
+
+def test_build_and_run_on_cpu(checkpoint, tmp_path):
+    out = tmp_path / "engine"
+    build(checkpoint, out, backend="torch", max_batch_size=2, max_seq_len=32, dtype="float32")
+    manifest = read_manifest(out)
+    assert manifest.backend == "torch" and manifest.targets == ("cuda", "cpu")
+    assert manifest.rank_files == {0: ("rank0.safetensors",)}
+    assert set(manifest.checksums) == {"rank0.safetensors"}
+    assert manifest.backend_version["torch"] == torch.__version__
+    infos, metadata = read_header(out / "rank0.safetensors")
+    assert metadata["kiln_torch_format"] == "1" and json.loads(metadata["transposed"]) == []
+    assert infos["layers.0.attn.qkv.weight"].dtype == torch.float32
+    _, executor = open_engine(out, ExecutorOptions(device="cpu"))
+    assert isinstance(executor, TorchExecutor) and executor.model.kernels.name == "reference"
+    assert executor.reserve(0, len(PROMPT))
+    got = executor.step([SequenceChunk(0, PROMPT, 0)])[0]
+    want = ReferenceDecoder.from_checkpoint(checkpoint).forward(torch.tensor([PROMPT]))[0, -1]
+    assert float((got - want).abs().max()) <= 1e-4
+
+
+def test_build_casts_to_the_engine_dtype(checkpoint, tmp_path):
+    build(checkpoint, tmp_path / "e", backend="torch", max_seq_len=32, dtype="bfloat16")
+    tensors, transposed = read_packed(tmp_path / "e" / "rank0.safetensors", torch.device("cpu"))
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16} and not transposed
+
+
+def test_build_refuses_tensor_parallel_checkpoints(tmp_path):
+    ckpt = kiln_checkpoint(hf_model("llama-gqa", tmp_path / "hf"), tmp_path / "ckpt", tp=2)
+    with pytest.raises(EngineError, match="tp_size=1"):
+        build(ckpt, tmp_path / "e", backend="torch", max_seq_len=32)
+    assert not (tmp_path / "e").exists()
+
+
+def test_packing_transposes_only_what_it_is_told(checkpoint):
+    tensors = load_rank(checkpoint, 0)
+    packed, names = pack_weights(tensors, torch.float16, frozenset({Role.OUT}))
+    assert names == {"layers.0.attn.o.weight", "layers.1.attn.o.weight"}
+    o = tensors["layers.1.attn.o.weight"]
+    assert torch.equal(packed["layers.1.attn.o.weight"], o.half().t())
+    assert packed["layers.1.attn.o.weight"].is_contiguous()
+
+
+def test_read_packed_refuses_other_files(tmp_path):
+    path = tmp_path / "x.safetensors"
+    write_tensors(path, {"embed.weight": torch.zeros(2, 2)})
+    with pytest.raises(EngineError, match="not a kiln torch engine file"):
+        read_packed(path, torch.device("cpu"))
