@@ -4,14 +4,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from kiln.engine import read_manifest
+from kiln.reference import ReferenceDecoder
 from tests.builder.onnx_steps import StepRunner
+from tests.builder.reference_steps import SCHEDULE, ReferenceSteps
 from tests.models import hf_model, kiln_checkpoint
 
 # Limits every test build uses (small: tiny models, short schedules).
 LIMITS = dict(max_batch_size=4, max_input_len=16, max_seq_len=32)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny models: threads only contend (tests run in parallel workers)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +40,19 @@ def checkpoint(tmp_path_factory):
             out = tmp_path_factory.mktemp(f"ckpt-{name}-tp{tp}-pp{pp}-{dtype}") / "ckpt"
             made[key] = kiln_checkpoint(made[(name,)], out, tp=tp, pp=pp, dtype=dtype)
         return made[key]
+    return get
+
+
+@pytest.fixture(scope="session")
+def reference_logits(checkpoint):
+    """reference_logits(variant) -> the oracle's logits for SCHEDULE (float32, cached)."""
+    made: dict[str, list[np.ndarray]] = {}
+
+    def get(name: str) -> list[np.ndarray]:
+        if name not in made:
+            steps = ReferenceSteps(ReferenceDecoder.from_checkpoint(checkpoint(name)))
+            made[name] = [steps.step(chunks) for chunks in SCHEDULE]
+        return made[name]
     return get
 
 

@@ -31,6 +31,7 @@ Chunk = tuple[int, Sequence[int], int]  # (slot, tokens, start)
 def session(model: str | Path | bytes) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.intra_op_num_threads = 1
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
@@ -92,8 +93,8 @@ class _Segment:
         sub = helper.make_graph(nodes, "segment", [info(n) for n in sorted(inputs & used)],
                                 [info(o) for o in outputs],
                                 [t for t in graph.initializer if t.name in used])
-        sub_model = helper.make_model(sub, opset_import=model.opset_import,
-                                      functions=model.functions, ir_version=model.ir_version)
+        sub_model = helper.make_model(sub, opset_imports=list(model.opset_import),
+                                      functions=list(model.functions), ir_version=model.ir_version)
         self.sess = session(sub_model.SerializeToString())
         self.inputs = {i.name for i in self.sess.get_inputs()}
 

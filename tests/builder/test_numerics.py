@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from kiln.builder import build
+from kiln.checkpoint import load_config
 from kiln.config import PositionType
 from kiln.plugins import PLUGINS
-from kiln.reference import ReferenceDecoder
 from tests.builder.conftest import LIMITS, engine_runner
-from tests.builder.reference_steps import SCHEDULE, ReferenceSteps
+from tests.builder.reference_steps import SCHEDULE
 from tests.models import VARIANTS
 
 TOL = 1e-4
@@ -22,18 +22,17 @@ def run_schedule(runner) -> list[np.ndarray]:
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
-def results(request, checkpoint, tmp_path_factory):
+def results(request, checkpoint, reference_logits, tmp_path_factory):
     """(decoder, reference logits, {plugins: (manifest, logits)}) for one variant."""
     ckpt = checkpoint(request.param)
-    ref = ReferenceDecoder.from_checkpoint(ckpt)
-    want = run_schedule(ReferenceSteps(ref))
+    want = reference_logits(request.param)
     out = {}
     for mode in ("auto", "disable"):
         engine = tmp_path_factory.mktemp(f"{request.param}-{mode}") / "engine"
         plugins = dict.fromkeys(PLUGINS, mode)
         result = build(ckpt, engine, backend="onnx", plugins=plugins, **LIMITS)
         out[mode] = (result.manifest, run_schedule(engine_runner(engine)))
-    return ref.config, want, out
+    return load_config(ckpt).decoder, want, out
 
 
 def max_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:

@@ -1,0 +1,100 @@
+"""Pipeline stages, memory-split parts and tensor-parallel graphs reproduce the oracle."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kiln.builder import build
+from kiln.builder.graph.context import GraphSpec
+from kiln.builder.graph.decoder import write_part
+from kiln.builder.onnx_backend import OnnxBackend
+from kiln.builder.plan import plan_rank
+from kiln.checkpoint import load_config, rank_file
+from kiln.engine import read_manifest
+from kiln.plugins import PLUGINS
+from tests.builder.conftest import LIMITS, engine_runner
+from tests.builder.onnx_steps import StepRunner
+from tests.builder.reference_steps import SCHEDULE
+
+TOL = 1e-4
+
+
+def assert_matches(runner, want: list[np.ndarray]) -> None:
+    for chunks, expected in zip(SCHEDULE, want, strict=True):
+        got = runner.step(chunks)
+        assert np.isfinite(got).all()
+        assert float(np.abs(got - expected).max()) <= TOL
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "falcon-40b-gqa"])
+def test_pipeline_stages(checkpoint, reference_logits, tmp_path, name):
+    ckpt = checkpoint(name, pp=2)
+    build(ckpt, tmp_path / "engine", **LIMITS)
+    manifest = read_manifest(tmp_path / "engine")
+    assert manifest.rank_files == {0: ("rank0.onnx", "rank0.onnx.data"),
+                                   1: ("rank1.onnx", "rank1.onnx.data")}
+    assert_matches(engine_runner(tmp_path / "engine"), reference_logits(name))
+
+
+def test_memory_budget_splits_a_rank_into_parts(checkpoint, reference_logits, tmp_path):
+    ckpt = checkpoint("llama-gqa")
+    config = load_config(ckpt)
+    from kiln.builder.api import check_rank_files
+    weights = check_rank_files(ckpt, config)[0]
+    whole = weights.nbytes(list(weights.infos))
+    # Room for a bit more than half the weights: two parts of one layer each.
+    budget = int(OnnxBackend.base_memory + OnnxBackend.memory_factor * whole * 0.6)
+    parts = plan_rank(config, 0, weights, budget, OnnxBackend.memory_factor,
+                      OnnxBackend.base_memory)
+    assert [(p.layers, p.first, p.last) for p in parts] == [(range(0, 1), True, False),
+                                                            (range(1, 2), False, True)]
+    build(ckpt, tmp_path / "engine", max_build_memory=budget, **LIMITS)
+    manifest = read_manifest(tmp_path / "engine")
+    assert manifest.rank_files[0] == ("rank0.part0.onnx", "rank0.part0.onnx.data",
+                                      "rank0.part1.onnx", "rank0.part1.onnx.data")
+    assert_matches(engine_runner(tmp_path / "engine"), reference_logits("llama-gqa"))
+
+
+def test_budget_too_small_for_one_layer(checkpoint, tmp_path):
+    from kiln.engine import EngineError
+    with pytest.raises(EngineError, match="raise --max_build_memory"):
+        build(checkpoint("llama-gqa"), tmp_path / "engine", max_build_memory=1000, **LIMITS)
+    assert not any(tmp_path.iterdir())
+
+
+def tp_runner(ckpt, directory, plugins: bool) -> StepRunner:
+    """The tp ranks' graphs (as the tensorrt backend parses them), run with emulated NCCL."""
+    config = load_config(ckpt)
+    mapping = config.mapping
+    spec = GraphSpec(decoder=config.decoder, mapping=mapping, dtype="float32",
+                     max_seq_len=LIMITS["max_seq_len"],
+                     plugins=dict.fromkeys(PLUGINS, plugins) | {
+                         "gated_mlp": plugins and config.decoder.gated_mlp})
+    from kiln.builder.graph.context import PartSpec
+    chain = []
+    for pp_rank in range(mapping.pp_size):
+        layers = mapping.stage_layers(pp_rank, config.decoder.num_layers)
+        group = []
+        for tp_rank in range(mapping.tp_size):
+            rank = mapping.rank(tp_rank, pp_rank)
+            part = PartSpec(rank=rank, layers=layers, first=pp_rank == 0,
+                            last=pp_rank == mapping.pp_size - 1)
+            group.append(write_part(spec, part, ckpt / rank_file(rank), directory))
+        chain.append(group)
+    return StepRunner(chain, config.decoder, mapping, "float32", LIMITS["max_batch_size"],
+                      LIMITS["max_seq_len"])
+
+
+@pytest.mark.parametrize("name,tp,pp", [("llama-gqa", 2, 1), ("llama-mqa-tied", 2, 1),
+                                        ("falcon-7b-mqa", 2, 1), ("mpt", 2, 1),
+                                        ("llama-rope-dynamic", 2, 2), ("falcon-rw-alibi", 4, 1)])
+@pytest.mark.parametrize("plugins", [True, False])
+def test_tensor_parallel_graphs(checkpoint, reference_logits, tmp_path, name, tp, pp, plugins):
+    ckpt = checkpoint(name, tp=tp, pp=pp)
+    runner = tp_runner(ckpt, tmp_path, plugins)
+    collectives = [op for op, _, _ in runner.groups[-1].ranks[0].collectives]
+    layers = len(load_config(ckpt).mapping.stage_layers(pp - 1, 2))
+    per_layer = 1 if load_config(ckpt).decoder.residual.value == "parallel" else 2
+    assert collectives == ["all_reduce"] * (per_layer * layers) + ["all_gather"]
+    assert_matches(runner, reference_logits(name))
