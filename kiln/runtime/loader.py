@@ -39,12 +39,17 @@ class ExecutorOptions:
     num_threads: int | None = None  # CPU threads (None: all cores of this process)
     rank: int = 0  # this process's rank (tensor/pipeline parallel engines)
     verify_checksums: bool = True
+    kv_cache_free_gpu_memory_fraction: float | None = None  # paged caches (torch backend)
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
             raise EngineError(f"device must be auto, cpu or cuda, found {self.device!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise EngineError(f"num_threads must be >= 1, found {self.num_threads}")
+        fraction = self.kv_cache_free_gpu_memory_fraction
+        if fraction is not None and not 0 < fraction <= 1:
+            raise EngineError(f"kv_cache_free_gpu_memory_fraction must be in (0, 1], found "
+                              f"{fraction}")
 
 
 def backend_module(backend: str) -> ModuleType:

@@ -21,7 +21,7 @@ import dataclasses
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,25 +29,35 @@ import torch
 from kiln.runtime.errors import SamplingParamsError
 
 
+def _f(default: Any, help: str) -> Any:
+    """A field with its CLI help (``kiln run`` builds its sampling flags from these)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick each next token and when to stop (see the module docstring)."""
 
-    max_tokens: int = 64  # new tokens at most (the engine's max_seq_len may cut it: "length")
-    temperature: float = 1.0  # 0 = greedy
-    top_k: int = 0  # 0 = all tokens
-    top_p: float = 1.0  # nucleus mass kept, in (0, 1]
-    min_p: float = 0.0  # drop tokens below min_p * p(most likely), in [0, 1]
-    repetition_penalty: float = 1.0  # HF style, > 0 (1 = off), on prompt and output tokens
-    presence_penalty: float = 0.0  # OpenAI style, in [-2, 2], on output tokens
-    frequency_penalty: float = 0.0  # OpenAI style, in [-2, 2], on output tokens
-    seed: int | None = None  # None: a fresh random seed per request
-    stop: tuple[str, ...] = ()  # stop strings (matched across token boundaries)
-    stop_token_ids: tuple[int, ...] = ()  # extra ids that end a request (kept in token_ids)
-    ignore_eos: bool = False  # do not stop at the model's EOS ids
-    logprobs: int | None = None  # top-n raw logprobs per generated token (0: chosen token only)
-    include_stop_str_in_output: bool = False
-    skip_special_tokens: bool = True  # in the returned text
+    max_tokens: int = _f(64, "New tokens at most (max_seq_len may end a request first: length).")
+    temperature: float = _f(1.0, "Softmax temperature; 0 = greedy.")
+    top_k: int = _f(0, "Sample from the k most likely tokens; 0 = all.")
+    top_p: float = _f(1.0, "Sample from the smallest set of tokens whose mass reaches top_p.")
+    min_p: float = _f(0.0, "Drop tokens less likely than min_p * p(most likely token).")
+    repetition_penalty: float = _f(1.0, "HF repetition penalty on prompt and output tokens "
+                                        "(> 1 discourages repeats; 1 = off).")
+    presence_penalty: float = _f(0.0, "Subtracted from the logit of every token already "
+                                      "generated, in [-2, 2].")
+    frequency_penalty: float = _f(0.0, "Subtracted once per earlier occurrence of a generated "
+                                       "token, in [-2, 2].")
+    seed: int | None = _f(None, "Seed of this request's generator (None: random).")
+    stop: tuple[str, ...] = _f((), "Stop strings; text ends before them (matched across "
+                                   "tokens).")
+    stop_token_ids: tuple[int, ...] = _f((), "Token ids that end generation (besides EOS).")
+    ignore_eos: bool = _f(False, "Keep generating after the model's EOS tokens.")
+    logprobs: int | None = _f(None, "Return the raw logprob of each token and of the top n "
+                                    "(0-20).")
+    include_stop_str_in_output: bool = _f(False, "Keep the matched stop string in the text.")
+    skip_special_tokens: bool = _f(True, "Leave special tokens out of the text.")
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

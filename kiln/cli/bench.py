@@ -1,0 +1,72 @@
+"""``kiln bench``: a synthetic serving workload against an engine dir (see kiln.runtime.bench).
+
+Prints a table (TTFT, time per output token, inter-token latency and end-to-end latency as
+mean/p50/p90/p99; output tokens/s; requests/s) and writes the same report as JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import click
+
+from kiln.cli.context import CliContext
+from kiln.runtime import LLM, ExecutorOptions
+from kiln.runtime.bench import Workload, run_benchmark
+
+
+@click.command("bench")
+@click.option("--engine_dir", required=True, type=click.Path(path_type=Path),
+              help="Engine dir (output of kiln build).")
+@click.option("--input_len", default=128, show_default=True, type=click.IntRange(min=1),
+              help="Prompt tokens per request (random ids).")
+@click.option("--output_len", default=128, show_default=True, type=click.IntRange(min=1),
+              help="Generated tokens per request (EOS ignored).")
+@click.option("--num_requests", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Requests in the workload.")
+@click.option("--request_rate", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="Poisson arrivals per second [default: all queued at the start].")
+@click.option("--concurrency", default=None, type=click.IntRange(min=1),
+              help="Requests in flight at most [default: no limit].")
+@click.option("--warmup", default=1, show_default=True, type=click.IntRange(min=0),
+              help="Requests run (and not measured) before the workload.")
+@click.option("--seed", default=0, show_default=True, help="Seed of prompts and arrivals.")
+@click.option("--json_output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the report as JSON here [default: print it after the table].")
+@click.option("--device", default="auto", show_default=True,
+              type=click.Choice(("auto", "cpu", "cuda")), help="Where the onnx backend runs.")
+@click.option("--num_threads", default=None, type=click.IntRange(min=1),
+              help="CPU threads [default: all cores].")
+@click.pass_obj
+def bench(obj: CliContext, engine_dir: Path, warmup: int, json_output: Path | None, device: str,
+          num_threads: int | None, **workload: object) -> None:
+    """Benchmark an engine with a synthetic workload (in the manner of trtllm-bench)."""
+    spec = Workload(**workload)
+    with LLM(engine_dir, ExecutorOptions(device=device, num_threads=num_threads)) as llm:
+        limits = llm.limits
+        if spec.input_len > limits.max_input_len:
+            raise click.BadParameter(f"{spec.input_len} exceeds the engine's max_input_len "
+                                     f"{limits.max_input_len}", param_hint="--input_len")
+        if spec.input_len + spec.output_len - 1 > limits.max_seq_len:
+            raise click.BadParameter(f"input_len + output_len - 1 = "
+                                     f"{spec.input_len + spec.output_len - 1} exceeds the "
+                                     f"engine's max_seq_len {limits.max_seq_len}",
+                                     param_hint="--output_len")
+        if warmup:
+            run_benchmark(llm.core, Workload(spec.input_len, min(spec.output_len, 8), warmup,
+                                             seed=spec.seed + 7))
+        report = run_benchmark(llm.core, spec)
+    report = dataclasses.replace(report, engine=_engine_info(llm))
+    click.echo(report.table())
+    if json_output is not None:
+        json_output.write_text(report.to_json() + "\n")
+        click.echo(f"wrote {json_output}", err=True)
+    else:
+        click.echo(report.to_json())
+
+
+def _engine_info(llm: LLM) -> dict:
+    manifest = llm.manifest
+    return {"engine_dir": str(llm.engine_dir), "backend": manifest.backend,
+            "dtype": manifest.dtype, "limits": vars(manifest.limits)}

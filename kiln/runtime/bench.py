@@ -1,0 +1,160 @@
+"""A synthetic serving workload in the manner of trtllm-bench, and its latency/throughput report.
+
+Contract: :func:`run_benchmark` sends ``num_requests`` requests of random token ids
+(``input_len`` tokens each, seeded) that each generate exactly ``output_len`` tokens (greedy,
+EOS ignored). Requests are all queued at the start (``request_rate`` None) or arrive as a
+Poisson process of ``request_rate`` per second; at most ``concurrency`` are in the engine at
+once (the rest wait outside, and their clock starts when they are sent). One thread drives the
+engine, so arrival times are exact to within one step.
+
+Metrics per request: TTFT (send -> first token), TPOT ((last - first) / (n - 1)), every
+inter-token latency, end-to-end latency; summarized as mean, p50, p90, p99. Throughput:
+output tokens/s and requests/s over the whole run (first send to last token).
+
+Non-goals: real datasets, HTTP serving overheads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from kiln.runtime.core import EngineCore
+from kiln.runtime.errors import RequestError
+from kiln.runtime.outputs import RequestTimings
+from kiln.runtime.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class Workload:
+    input_len: int = 128
+    output_len: int = 128
+    num_requests: int = 16
+    request_rate: float | None = None  # requests/s (Poisson); None: all queued at t=0
+    concurrency: int | None = None  # requests in flight at most; None: no limit
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("input_len", "output_len", "num_requests"):
+            if getattr(self, name) < 1:
+                raise RequestError(f"{name} must be >= 1, found {getattr(self, name)}")
+        if self.request_rate is not None and not self.request_rate > 0:
+            raise RequestError(f"request_rate must be > 0, found {self.request_rate}")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise RequestError(f"concurrency must be >= 1, found {self.concurrency}")
+
+
+@dataclass(frozen=True)
+class Stats:
+    mean: float
+    p50: float
+    p90: float
+    p99: float
+
+    @classmethod
+    def of(cls, values: list[float]) -> Stats:
+        if not values:
+            return cls(math.nan, math.nan, math.nan, math.nan)
+        ordered = sorted(values)
+        return cls(sum(ordered) / len(ordered), *(_percentile(ordered, q) for q in (50, 90, 99)))
+
+
+def _percentile(ordered: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    pos = (len(ordered) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    workload: Workload
+    duration_s: float
+    output_tokens: int
+    ttft_ms: Stats
+    tpot_ms: Stats
+    itl_ms: Stats
+    latency_ms: Stats
+    output_tokens_per_s: float
+    requests_per_s: float
+    engine: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    def table(self) -> str:
+        w = self.workload
+        rate = "all queued" if w.request_rate is None else f"{w.request_rate:g} req/s"
+        lines = [f"requests {w.num_requests} ({w.input_len} in / {w.output_len} out), {rate}, "
+                 f"concurrency {w.concurrency or 'unlimited'}; {self.duration_s:.2f} s",
+                 f"{'metric':<24}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}"]
+        for name, stats in (("TTFT (ms)", self.ttft_ms), ("TPOT (ms)", self.tpot_ms),
+                            ("inter-token (ms)", self.itl_ms), ("latency (ms)", self.latency_ms)):
+            lines.append(f"{name:<24}" + "".join(f"{getattr(stats, k):>10.1f}"
+                                                for k in ("mean", "p50", "p90", "p99")))
+        lines.append(f"{'output tokens/s':<24}{self.output_tokens_per_s:>10.1f}")
+        lines.append(f"{'requests/s':<24}{self.requests_per_s:>10.3f}")
+        return "\n".join(lines)
+
+
+def make_prompts(workload: Workload, vocab_size: int, avoid: frozenset[int] = frozenset(),
+                 ) -> list[list[int]]:
+    rng = random.Random(workload.seed)
+    ids = [t for t in range(vocab_size) if t not in avoid]
+    return [[rng.choice(ids) for _ in range(workload.input_len)]
+            for _ in range(workload.num_requests)]
+
+
+def arrival_offsets(workload: Workload) -> list[float]:
+    if workload.request_rate is None:
+        return [0.0] * workload.num_requests
+    rng = random.Random(workload.seed + 1)
+    t, out = 0.0, []
+    for _ in range(workload.num_requests):
+        out.append(t)
+        t += rng.expovariate(workload.request_rate)
+    return out
+
+
+def run_benchmark(core: EngineCore, workload: Workload,
+                  avoid_tokens: frozenset[int] = frozenset()) -> BenchReport:
+    """Drive ``core`` through the workload (see the module docstring)."""
+    params = SamplingParams(temperature=0, max_tokens=workload.output_len, ignore_eos=True)
+    prompts = deque(zip(make_prompts(workload, core.executor.vocab_size, avoid_tokens),
+                        arrival_offsets(workload), strict=True))
+    limit = workload.concurrency or workload.num_requests
+    start = time.perf_counter()
+    timings: list[RequestTimings] = []
+    live: set[str] = set()
+    while prompts or live:
+        now = time.perf_counter() - start
+        while prompts and prompts[0][1] <= now and len(live) < limit:
+            prompt, _ = prompts.popleft()
+            live.add(core.add_request(prompt, params).request_id)
+        if not live:
+            time.sleep(max(0.0, prompts[0][1] - now))
+            continue
+        for delta in core.step():
+            if delta.finished:
+                live.discard(delta.request_id)
+                request = core.pop(delta.request_id)
+                timings.append(RequestTimings(request.arrival_time, tuple(request.token_times),
+                                              request.finish_time))
+    return _report(workload, timings, start)
+
+
+def _report(workload: Workload, timings: list[RequestTimings], start: float) -> BenchReport:
+    end = max(t.token_times[-1] for t in timings)
+    duration = end - start
+    tokens = sum(len(t.token_times) for t in timings)
+    ms = lambda values: Stats.of([v * 1000 for v in values if v is not None])  # noqa: E731
+    return BenchReport(
+        workload, duration, tokens, ms([t.ttft for t in timings]),
+        ms([t.tpot for t in timings]), ms([x for t in timings for x in t.itl]),
+        ms([t.latency for t in timings]), tokens / duration, len(timings) / duration)
