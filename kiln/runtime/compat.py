@@ -98,13 +98,12 @@ def check_kiln_version(manifest: EngineManifest, machine: MachineInfo) -> None:
 
 
 def check_onnx(manifest: EngineManifest, machine: MachineInfo) -> None:
-    """ONNX Runtime present (and not older than the build's), one rank, CUDA if targeted."""
+    """ONNX Runtime present (and not older than the build's), tp_size 1, CUDA if targeted."""
     check_kiln_version(manifest, machine)
-    if manifest.mapping.world_size != 1:
-        raise EngineError(f"onnx engine has {manifest.mapping.world_size} ranks (tp_size "
-                          f"{manifest.mapping.tp_size}, pp_size {manifest.mapping.pp_size}); ONNX "
-                          f"Runtime runs one rank only (no all-reduce): rebuild with "
-                          f"--tp_size 1 --pp_size 1")
+    if manifest.mapping.tp_size != 1:
+        raise EngineError(f"onnx engine has tp_size {manifest.mapping.tp_size}; ONNX Runtime has "
+                          f"no all-reduce, so it runs tp_size 1 only (pipeline stages chain in "
+                          f"one process): rebuild with --tp_size 1, or use --backend tensorrt")
     have = machine.libraries.get("onnxruntime")
     if have is None:
         raise EngineError("onnx engine needs ONNX Runtime, which is not installed: "

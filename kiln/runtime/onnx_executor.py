@@ -7,17 +7,10 @@ KV cache layout: one buffer per layer and kind, ``[max_batch_size, Hkv, max_seq_
 the model dtype; slot s is row s; cache position j holds the key/value of token position j.
 A slot's valid length is tracked here (``start + len(tokens)`` after a step, 0 on release).
 
-How a step runs (CPU, zero-copy):
-- Rows of a graph run must be consecutive slots, so that every layer's cache for the run is a
-  contiguous block ``buffer[lo:hi]`` bound as both ``past_*`` input and ``present_*`` output
-  (ONNX Runtime's cache scatter then writes in place; no cache is copied per step).
-- A step's chunks are split into runs: decodes together (S = 1); prefill chunks together when
-  padding wastes at most as many tokens as they hold, else one run each. A slot inside a run's
-  window with no chunk of its own runs as an idle row: one pad token written past its valid
-  length (harmless: positions >= the valid length are rewritten before they are attended to),
-  its logits dropped. A window is split where an idle row would not fit in max_seq_len.
-- Parts of a rank (an engine split into consecutive layers) and pipeline stages chain through
-  ``hidden_out`` -> ``hidden_in`` within one process.
+How a step runs: :mod:`kiln.runtime.rows` plans it into runs over consecutive slots, each
+binding the cache block ``buffer[lo:hi]`` as both ``past_*`` and ``present_*`` (ONNX Runtime's
+cache scatter then writes in place: no cache is copied per step). Parts of a rank (an engine
+split into consecutive layers) and pipeline stages chain ``hidden_out`` -> ``hidden_in``.
 
 The caches are ONNX Runtime OrtValues on the executor's device (CPU, or CUDA with
 onnxruntime-gpu: untested here, no GPU on the development machine); a run's window is bound by
@@ -31,7 +24,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +33,7 @@ from kiln.engine import EngineError, EngineManifest
 from kiln.runtime.compat import MachineInfo, check_onnx
 from kiln.runtime.executor import Executor, SequenceChunk
 from kiln.runtime.loader import ExecutorOptions
+from kiln.runtime.rows import Run, SlotRows
 
 logger = logging.getLogger(__name__)
 
@@ -61,16 +54,6 @@ def load_executor(engine_dir: Path, manifest: EngineManifest,
     if not files:
         raise EngineError(f"{engine_dir}: the manifest lists no .onnx file; rebuild with kiln build")
     return OnnxExecutor(files, manifest, options)
-
-
-@dataclass(frozen=True)
-class _Run:
-    """One graph run: consecutive slots [lo, hi), sequence length S, chunks by slot."""
-
-    lo: int
-    hi: int
-    seq: int
-    chunks: dict[int, int]  # slot -> index of its chunk in the step
 
 
 def session_options(num_threads: int | None):
@@ -110,7 +93,7 @@ class OnnxExecutor(Executor):
         self._caches = {(kind, i): ort.OrtValue.ortvalue_from_numpy(
                             np.zeros(shape, self._dtype), self.device, 0)
                         for layers in self._layers for i in layers for kind in ("key", "value")}
-        self._lengths = [0] * self.limits.max_batch_size
+        self.rows = SlotRows(self.limits.max_batch_size, self.max_seq_len)
         logger.info("onnx executor: %d part(s), %s, %d threads, cache %s x %d layers",
                     len(self.sessions), self.device, so.intra_op_num_threads, shape,
                     len(self._caches) // 2)
@@ -129,75 +112,17 @@ class OnnxExecutor(Executor):
     # -- the step ----------------------------------------------------------------------------
     def step(self, chunks: Sequence[SequenceChunk]) -> torch.Tensor:
         out = np.empty((len(chunks), self.vocab_size), np.float32)
-        for run in self._plan(chunks):
-            logits = self._execute(run, chunks)
+        for run in self.rows.plan(chunks):
+            logits = self._execute(run, self.rows.feeds(run, chunks))
             for slot, index in run.chunks.items():
                 out[index] = logits[slot - run.lo]
-                chunk = chunks[index]
-                self._lengths[slot] = chunk.start + len(chunk.tokens)
+            self.rows.commit(run, chunks)
         return torch.from_numpy(out)
 
     def release(self, slot: int) -> None:
-        self._lengths[slot] = 0
+        self.rows.release(slot)
 
-    def _plan(self, chunks: Sequence[SequenceChunk]) -> list[_Run]:
-        """Group chunks into runs (see the module docstring)."""
-        for chunk in chunks:
-            if chunk.start + len(chunk.tokens) > self.max_seq_len or not chunk.tokens:
-                raise RuntimeError(f"slot {chunk.slot}: chunk of {len(chunk.tokens)} tokens at "
-                                   f"{chunk.start} does not fit max_seq_len {self.max_seq_len}")
-        decodes = [i for i, c in enumerate(chunks) if len(c.tokens) == 1]
-        prefills = sorted((i for i, c in enumerate(chunks) if len(c.tokens) > 1),
-                          key=lambda i: chunks[i].slot)
-        groups = [decodes] if decodes else []
-        if prefills:
-            longest = max(len(chunks[i].tokens) for i in prefills)
-            held = sum(len(chunks[i].tokens) for i in prefills)
-            fits = all(chunks[i].start + longest <= self.max_seq_len for i in prefills)
-            if fits and longest * len(prefills) - held <= held:
-                groups.append(prefills)
-            else:
-                groups.extend([i] for i in prefills)
-        runs = []
-        for group in groups:
-            seq = max(len(chunks[i].tokens) for i in group)
-            runs.extend(self._windows({chunks[i].slot: i for i in group}, seq))
-        return runs
-
-    def _windows(self, by_slot: dict[int, int], seq: int) -> list[_Run]:
-        """Consecutive-slot windows over ``by_slot``; idle rows must fit ``seq`` tokens."""
-        runs, slots = [], sorted(by_slot)
-        current = [slots[0]]
-        for slot in slots[1:]:
-            if self._idle_fit(range(current[-1] + 1, slot), by_slot, seq):
-                current.append(slot)
-            else:
-                runs.append(current)
-                current = [slot]
-        runs.append(current)
-        return [_Run(r[0], r[-1] + 1, seq, {s: by_slot[s] for s in r}) for r in runs]
-
-    def _idle_fit(self, slots: range, by_slot: dict[int, int], seq: int) -> bool:
-        return all(s in by_slot or self._lengths[s] + seq <= self.max_seq_len for s in slots)
-
-    def _feeds(self, run: _Run, chunks: Sequence[SequenceChunk]) -> dict[str, np.ndarray]:
-        rows = run.hi - run.lo
-        ids = np.zeros((rows, run.seq), np.int64)
-        past = np.array(self._lengths[run.lo:run.hi], np.int64)
-        last = np.zeros(rows, np.int64)
-        for slot, index in run.chunks.items():
-            chunk = chunks[index]
-            ids[slot - run.lo, :len(chunk.tokens)] = chunk.tokens
-            past[slot - run.lo] = chunk.start
-            last[slot - run.lo] = len(chunk.tokens) - 1
-        # Pad positions continue the row (clamped into the rotary table); the cache write of
-        # a row covers [past_len, past_len + S), which the plan keeps inside max_seq_len.
-        positions = np.minimum(past[:, None] + np.arange(run.seq), self.max_seq_len - 1)
-        return {"input_ids": ids, "position_ids": positions, "past_len": past,
-                "last_index": last}
-
-    def _execute(self, run: _Run, chunks: Sequence[SequenceChunk]) -> np.ndarray:
-        feeds = self._feeds(run, chunks)
+    def _execute(self, run: Run, feeds: dict[str, np.ndarray]) -> np.ndarray:
         hidden = None
         for part, session in enumerate(self.sessions):
             binding = session.io_binding()
@@ -213,7 +138,7 @@ class OnnxExecutor(Executor):
             hidden = binding.get_outputs()[0]
         return hidden.numpy()
 
-    def _bind_caches(self, binding, part: int, run: _Run) -> None:
+    def _bind_caches(self, binding, part: int, run: Run) -> None:
         """Bind rows [lo, hi) of each cache as both past (input) and present (output)."""
         shape = [run.hi - run.lo, *self._cache_row]
         offset = run.lo * self._row_bytes

@@ -1,0 +1,111 @@
+"""From executor chunks to graph runs over contiguous per-slot KV caches (onnx and tensorrt).
+
+Both backends execute the per-rank graph of docs/engine.md: right-padded rows [B, S] and
+per-layer caches [B, Hkv, max_seq_len, D]. With one cache buffer per layer of
+``max_batch_size`` rows (slot s = row s), a run over consecutive slots ``[lo, hi)`` binds the
+block ``buffer[lo:hi]`` (one pointer, no copy) as both the ``past_*`` input and the
+``present_*`` output, so the cache is updated in place.
+
+Invariant: a run never writes a cache position that holds a token some sequence still needs.
+- Decodes form one run (S = 1); prefill chunks one run when padding wastes at most as many
+  tokens as they hold, else one run each (padding a decode to a prefill's length would
+  multiply its cost by S).
+- A slot inside a run's window without a chunk of its own is an idle row: its pad tokens are
+  written at ``[length, length + S)``, past its valid tokens, where they are overwritten
+  before anything attends to them. A window is split where an idle row would not fit in
+  max_seq_len, and lengths are updated after every run (a later run's idle row must write past
+  what an earlier run of the same step added).
+- Pad tokens of a row continue its positions (clamped into the rotary table).
+
+Non-goals: paged caches (the torch backend has its own).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from kiln.runtime.executor import SequenceChunk
+
+
+@dataclass(frozen=True)
+class Run:
+    """One graph run: consecutive slots [lo, hi), sequence length ``seq``, chunks by slot."""
+
+    lo: int
+    hi: int
+    seq: int
+    chunks: dict[int, int]  # slot -> index of its chunk in the step
+
+    @property
+    def rows(self) -> int:
+        return self.hi - self.lo
+
+
+class SlotRows:
+    """Per-slot cached lengths and the planning of steps into runs (module docstring)."""
+
+    def __init__(self, max_batch_size: int, max_seq_len: int):
+        self.max_seq_len = max_seq_len
+        self.lengths = [0] * max_batch_size
+
+    def release(self, slot: int) -> None:
+        self.lengths[slot] = 0
+
+    def commit(self, run: Run, chunks: Sequence[SequenceChunk]) -> None:
+        """The run executed: its chunks are cached."""
+        for slot, index in run.chunks.items():
+            self.lengths[slot] = chunks[index].start + len(chunks[index].tokens)
+
+    def plan(self, chunks: Sequence[SequenceChunk]) -> list[Run]:
+        for chunk in chunks:
+            if not chunk.tokens or chunk.start + len(chunk.tokens) > self.max_seq_len:
+                raise RuntimeError(f"slot {chunk.slot}: chunk of {len(chunk.tokens)} tokens at "
+                                   f"{chunk.start} does not fit max_seq_len {self.max_seq_len}")
+        decodes = [i for i, c in enumerate(chunks) if len(c.tokens) == 1]
+        prefills = sorted((i for i, c in enumerate(chunks) if len(c.tokens) > 1),
+                          key=lambda i: chunks[i].slot)
+        groups = [decodes] if decodes else []
+        if prefills:
+            longest = max(len(chunks[i].tokens) for i in prefills)
+            held = sum(len(chunks[i].tokens) for i in prefills)
+            fits = all(chunks[i].start + longest <= self.max_seq_len for i in prefills)
+            if fits and longest * len(prefills) - held <= held:
+                groups.append(prefills)
+            else:
+                groups.extend([i] for i in prefills)
+        runs = []
+        for group in groups:
+            seq = max(len(chunks[i].tokens) for i in group)
+            runs.extend(self._windows({chunks[i].slot: i for i in group}, seq))
+        return runs
+
+    def _windows(self, by_slot: dict[int, int], seq: int) -> list[Run]:
+        """Consecutive-slot windows over ``by_slot``; idle rows must fit ``seq`` tokens."""
+        runs, slots = [], sorted(by_slot)
+        current = [slots[0]]
+        for slot in slots[1:]:
+            if all(self.lengths[s] + seq <= self.max_seq_len
+                   for s in range(current[-1] + 1, slot)):
+                current.append(slot)
+            else:
+                runs.append(current)
+                current = [slot]
+        runs.append(current)
+        return [Run(r[0], r[-1] + 1, seq, {s: by_slot[s] for s in r}) for r in runs]
+
+    def feeds(self, run: Run, chunks: Sequence[SequenceChunk]) -> dict[str, np.ndarray]:
+        """int64 inputs of the run: input_ids, position_ids, past_len, last_index."""
+        ids = np.zeros((run.rows, run.seq), np.int64)
+        past = np.array(self.lengths[run.lo:run.hi], np.int64)
+        last = np.zeros(run.rows, np.int64)
+        for slot, index in run.chunks.items():
+            chunk = chunks[index]
+            ids[slot - run.lo, :len(chunk.tokens)] = chunk.tokens
+            past[slot - run.lo] = chunk.start
+            last[slot - run.lo] = len(chunk.tokens) - 1
+        positions = np.minimum(past[:, None] + np.arange(run.seq), self.max_seq_len - 1)
+        return {"input_ids": ids, "position_ids": positions, "past_len": past,
+                "last_index": last}

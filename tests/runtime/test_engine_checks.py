@@ -1,0 +1,151 @@
+"""Engine dirs that cannot run here are refused before anything loads, with the reason and fix."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from kiln.engine import BuildLimits, EngineError, read_manifest
+from kiln.runtime import LLM
+from kiln.runtime.compat import MachineInfo, check_onnx, check_tensorrt
+from kiln.runtime.errors import TokenizerError
+from kiln.runtime.loader import open_engine
+from tests.runtime.toy_onnx import rewrite_manifest, toy_engine_dir
+
+LIMITS = BuildLimits(max_batch_size=2, max_input_len=8, max_seq_len=16, max_num_tokens=16)
+RTX = {"backend": "tensorrt", "backend_version": {"tensorrt_rtx": "1.7.1.116"},
+       "targets": ["sm86", "sm89"], "rank_files": {"0": ["rank0.engine"]}, "checksums": {}}
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    return toy_engine_dir(tmp_path_factory.mktemp("checks") / "engine", LIMITS)
+
+
+@pytest.fixture
+def engine(pristine, tmp_path) -> Path:
+    return Path(shutil.copytree(pristine, tmp_path / "engine"))
+
+
+def machine(**kw) -> MachineInfo:
+    base = dict(kiln_version="0.1.0", libraries={"onnxruntime": "1.31.1",
+                                                 "tensorrt_rtx": "1.7.1.116"},
+                gpus=((8, 6),))
+    return MachineInfo(**{**base, **kw})
+
+
+def test_missing_dir(tmp_path):
+    with pytest.raises(EngineError, match="no such engine directory"):
+        open_engine(tmp_path / "nope")
+
+
+def test_corrupt_manifest(engine):
+    (engine / "config.json").write_text("{not json")
+    with pytest.raises(EngineError, match="invalid JSON.*rebuild"):
+        open_engine(engine)
+
+
+def test_manifest_missing_keys(engine):
+    (engine / "config.json").write_text('{"format_version": 1}')
+    with pytest.raises(EngineError, match="malformed manifest"):
+        open_engine(engine)
+
+
+def test_corrupt_engine_file_fails_its_checksum(engine):
+    with open(engine / "rank0.onnx", "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff\xff")
+    with pytest.raises(EngineError, match="checksum mismatch"):
+        open_engine(engine)
+
+
+def test_missing_engine_file(engine):
+    (engine / "rank0.onnx").unlink()
+    with pytest.raises(EngineError, match="rank0.onnx: missing"):
+        open_engine(engine)
+
+
+def test_missing_tokenizer_is_a_clear_error(engine):
+    with pytest.raises(TokenizerError, match="tokenizer.json: missing"):
+        LLM(engine)
+
+
+def test_newer_kiln_refused_before_any_file_is_read(engine):
+    (engine / "rank0.onnx").unlink()  # would fail later; the version check comes first
+    rewrite_manifest(engine, kiln_version="0.9.1")
+    with pytest.raises(EngineError, match=r"built by kiln 0\.9\.1, this is kiln .*rebuild"):
+        open_engine(engine)
+
+
+def test_onnx_checks():
+    manifest = read_manifest_dict(backend="onnx")
+    check_onnx(manifest, machine())
+    with pytest.raises(EngineError, match="needs ONNX Runtime.*pip install onnxruntime"):
+        check_onnx(manifest, machine(libraries={}))
+    with pytest.raises(EngineError, match="onnxruntime 1.31.1.*has 1.18.0.*upgrade"):
+        check_onnx(manifest, machine(libraries={"onnxruntime": "1.18.0"}))
+    tp2 = read_manifest_dict(backend="onnx", mapping={"tp_size": 2, "pp_size": 1})
+    with pytest.raises(EngineError, match="tp_size 2.*no all-reduce"):
+        check_onnx(tp2, machine())
+    cuda = read_manifest_dict(backend="onnx", targets=["cuda"])
+    with pytest.raises(EngineError, match="CUDAExecutionProvider.*onnxruntime-gpu"):
+        check_onnx(cuda, machine(onnxruntime_providers=("CPUExecutionProvider",)))
+
+
+def test_tensorrt_rtx_engine_on_hopper_explains_full_tensorrt_is_needed():
+    with pytest.raises(EngineError, match="TensorRT-RTX does not support Hopper: full TensorRT "
+                                          "is needed"):
+        check_tensorrt(read_manifest_dict(**RTX), machine(gpus=((9, 0),)))
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"gpus": ()}, "no CUDA GPU"),
+    ({"gpus": ((8, 0),)}, "targets sm86, sm89 but this GPU is sm80: rebuild with --target sm80"),
+    ({"libraries": {}}, "built with tensorrt_rtx 1.7.1.116, which is not installed"),
+    ({"libraries": {"tensorrt_rtx": "1.6.0"}}, "only load in the version that built them"),
+])
+def test_tensorrt_mismatches(changes, message):
+    with pytest.raises(EngineError, match=message):
+        check_tensorrt(read_manifest_dict(**RTX), machine(**changes))
+
+
+def test_tensorrt_ranks_need_one_gpu_each():
+    tp2 = read_manifest_dict(**RTX, mapping={"tp_size": 2, "pp_size": 1})
+    with pytest.raises(EngineError, match="2 ranks but this machine has 1 GPU"):
+        check_tensorrt(tp2, machine())
+    check_tensorrt(tp2, machine(gpus=((8, 6), (8, 6))))
+
+
+def test_full_tensorrt_engine_runs_on_its_own_capability():
+    full = read_manifest_dict(**{**RTX, "backend_version": {"tensorrt": "10.13.0"},
+                                 "targets": ["sm90"]})
+    check_tensorrt(full, machine(gpus=((9, 0),), libraries={"tensorrt": "10.13.0"}))
+
+
+def test_tensorrt_engine_refused_on_this_machine_before_loading(engine):
+    rewrite_manifest(engine, **RTX)  # no rank0.engine exists: nothing may be read
+    with pytest.raises(EngineError) as info:
+        open_engine(engine, machine=machine(gpus=((9, 0),)))
+    assert "Hopper" in str(info.value)
+    with pytest.raises(EngineError, match="no CUDA GPU|not installed"):
+        open_engine(engine)  # the real machine: no GPU here
+
+
+_BASE: dict = {}
+
+
+def read_manifest_dict(**changes):
+    """A toy manifest with ``changes`` applied (from a pristine toy engine's config.json)."""
+    import json
+    import tempfile
+
+    from kiln.engine import EngineManifest
+
+    if not _BASE:
+        with tempfile.TemporaryDirectory() as d:
+            toy_engine_dir(Path(d) / "e", LIMITS)
+            _BASE.update(json.loads((Path(d) / "e" / "config.json").read_text()))
+            assert read_manifest(Path(d) / "e").backend == "onnx"
+    return EngineManifest.from_dict({**_BASE, **changes})
