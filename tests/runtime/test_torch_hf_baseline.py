@@ -9,7 +9,8 @@ from kiln.checkpoint import load_config, load_rank
 from kiln.errors import ConfigError
 from kiln.reference import ReferenceDecoder
 from kiln.runtime.torch_backend.hf_baseline import hf_generate, hf_model
-from tests.models import PROMPT, hf_model as make_hf, kiln_checkpoint
+from tests.models import PROMPT, kiln_checkpoint
+from tests.models import hf_model as make_hf
 
 
 @pytest.mark.parametrize("name", ["llama-gqa", "llama-mqa-tied", "llama-rope-llama3",
