@@ -2,12 +2,32 @@
 
 HF checkpoint --convert_checkpoint--> kiln checkpoint --build--> engine dir --run--> tokens.
 See docs/ and the README for the formats and commands.
+
+The public names below are imported lazily (PEP 562), so ``import kiln`` and the CLI start
+without loading ONNX, the builder or the runtime until they are used.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
-from kiln.converters.convert import convert_checkpoint  # noqa: E402
+_LAZY = {
+    "convert_checkpoint": "kiln.converters.convert",
+    "build": "kiln.builder",
+    "BuildOptions": "kiln.builder",
+    "LLM": "kiln.runtime",
+    "AsyncLLM": "kiln.runtime",
+    "SamplingParams": "kiln.runtime",
+    "CompletionResult": "kiln.runtime",
+}
 
-__all__ = ["__version__", "convert_checkpoint"]
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'kiln' has no attribute {name!r}")

@@ -72,6 +72,18 @@ def convert_checkpoint(obj: CliContext, **options) -> None:
     click.echo(str(out))
 
 
+def _register_subcommands() -> None:
+    from kiln.cli.bench import bench
+    from kiln.cli.build import build
+    from kiln.cli.run import run as run_command
+
+    for command in (build, run_command, bench):
+        main.add_command(command)
+
+
+_register_subcommands()
+
+
 def run() -> None:  # pragma: no cover - console entry point
     main(prog_name="kiln")
 
