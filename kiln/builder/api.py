@@ -87,8 +87,8 @@ def build_with(options: BuildOptions, progress: bool = False) -> BuildResult:
                           f"build yet; convert the checkpoint without quantization")
     budget = options.memory_budget() // options.workers
     parts = [p for rank in range(ckpt.mapping.world_size)
-             for p in plan_rank(ckpt, rank, weights[rank], budget, engine.memory_factor,
-                                engine.base_memory)]
+             for p in plan_rank(ckpt, rank, RankWeights(weights[rank].path, plan.dtype), budget,
+                                engine.memory_factor, engine.base_memory)]
     seconds = {"plan": time.perf_counter() - started}
     with atomic_dir(options.output_dir, options.overwrite) as tmp:
         results = run_parts(engine, plan, parts, tmp, options.workers, progress)
@@ -125,8 +125,9 @@ def make_plan(options: BuildOptions, ckpt: CheckpointConfig, engine: Backend) ->
     dtype = options.dtype or ckpt.dtype
     limits = resolve_limits(options, ckpt.decoder)
     targets = options.targets or engine.default_targets(dtype)
-    plugins = resolve_plugins(options.plugins, PluginContext(ckpt.decoder, dtype, engine.name,
-                                                             targets))
+    context = PluginContext(decoder=ckpt.decoder, dtype=dtype, backend=engine.name,
+                            targets=tuple(targets), tp_size=ckpt.mapping.tp_size)
+    plugins = resolve_plugins(options.plugins, context)
     graph = GraphSpec(decoder=ckpt.decoder, mapping=ckpt.mapping, dtype=dtype,
                       max_seq_len=limits.max_seq_len, plugins=plugins)
     return BuildPlan(checkpoint_dir=options.checkpoint_dir, checkpoint=ckpt, graph=graph,

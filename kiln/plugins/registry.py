@@ -41,6 +41,7 @@ class PluginContext:
     dtype: str
     backend: str
     targets: tuple[str, ...] = ()
+    tp_size: int = 1
 
 
 @dataclass(frozen=True)

@@ -37,21 +37,27 @@ class AttentionMask:
     additive: bool
 
 
-# TensorRT's fused attention kernels, probed with TensorRT-RTX 1.7.1.116 (sm86): float16 and
-# bfloat16 head dims 16..256 in steps of 8 build; head dims 8, 12, 20, 36, 100, 512 and float32
-# fail with "Attention operation was not supported by a dedicated kernel".
+# TensorRT's fused attention kernels, probed with TensorRT-RTX 1.7.1.116 (sm86) on kiln's
+# graphs: float16 and bfloat16 head dims 16..256 in steps of 8 build; head dims 8, 12, 20, 36,
+# 100, 512, float32, and fewer than 4 query heads per rank (1, 2 and 3 fail; 4, 5, 6, 8, 12, 16
+# build) fail with "Attention operation was not supported by a dedicated kernel".
 TRT_HEAD_DIMS = range(16, 257, 8)
+TRT_MIN_HEADS = 4
 
 
 def _fused_blocker(ctx: PluginContext) -> str | None:
     if ctx.backend != "tensorrt":
         return None
+    heads = ctx.decoder.num_heads // ctx.tp_size
     if ctx.dtype == "float32":
         return ("TensorRT has no fused attention kernel for float32; build float16 or "
                 "bfloat16")
     if ctx.decoder.head_dim not in TRT_HEAD_DIMS:
         return (f"TensorRT has no fused attention kernel for head_dim {ctx.decoder.head_dim} "
                 f"(needs a multiple of 8 in 16..256)")
+    if heads < TRT_MIN_HEADS:
+        return (f"TensorRT has no fused attention kernel for {heads} query heads per rank "
+                f"(needs {TRT_MIN_HEADS} or more; lower tp_size)")
     return None
 
 

@@ -53,19 +53,19 @@ def _online_update(s, allowed, m_i, l_i, acc, v_ptrs, kmask, d_mask, PRECISION: 
 @triton.jit
 def _decode_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_stride_h,
                    c_stride_r, table_ptr, table_stride, ctx_ptr, rows_ptr, out_ptr, o_stride_t,
-                   o_stride_h, part_ptr, ml_ptr, slopes_ptr, qk_scale, window,
-                   GROUP: tl.constexpr, M_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   D_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                   PARTITION: tl.constexpr, NUM_SPLITS: tl.constexpr, ALIBI: tl.constexpr,
+                   o_stride_h, part_ptr, ml_ptr, slopes_ptr, qk_scale, window, partition,
+                   num_splits, GROUP: tl.constexpr, M_PAD: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
+                   BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, ALIBI: tl.constexpr,
                    WINDOW: tl.constexpr, PRECISION: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(ctx_ptr + b)
-    start = split * PARTITION
+    start = split * partition
     if start >= ctx:
         return
-    end = tl.minimum(start + PARTITION, ctx)
+    end = tl.minimum(start + partition, ctx)
     lo = start
     if WINDOW:
         lo = tl.maximum(start, ctx - window)
@@ -94,13 +94,13 @@ def _decode_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_st
         s = _tile_scores(q, k_ptr + base, kpos, kmask, d_mask, qk_scale, slopes, ALIBI, PRECISION)
         m_i, l_i, acc = _online_update(s, kmask[None, :], m_i, l_i, acc, v_ptr + base, kmask,
                                        d_mask, PRECISION)
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         o = acc / l_i[:, None]
         tl.store(out_ptr + row * o_stride_t + heads[:, None] * o_stride_h + d_offs[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
     else:
-        # partials [B, Hq, NUM_SPLITS, D_PAD] float32; (max, sum) [B, Hq, NUM_SPLITS, 2]
-        idx = (b * (GROUP * tl.num_programs(1)) + heads).to(tl.int64) * NUM_SPLITS + split
+        # partials [B, Hq, num_splits, D_PAD] float32; (max, sum) [B, Hq, num_splits, 2]
+        idx = (b * (GROUP * tl.num_programs(1)) + heads).to(tl.int64) * num_splits + split
         tl.store(part_ptr + idx[:, None] * D_PAD + d_offs[None, :], acc, mask=m_mask[:, None])
         tl.store(ml_ptr + idx * 2, m_i, mask=m_mask)
         tl.store(ml_ptr + idx * 2 + 1, l_i, mask=m_mask)
@@ -108,16 +108,16 @@ def _decode_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_st
 
 @triton.jit
 def _merge_kernel(part_ptr, ml_ptr, ctx_ptr, rows_ptr, out_ptr, o_stride_t, o_stride_h,
-                  num_heads, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-                  PARTITION: tl.constexpr, NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr):
+                  num_heads, partition, num_splits, HEAD_DIM: tl.constexpr,
+                  D_PAD: tl.constexpr, S_PAD: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     ctx = tl.load(ctx_ptr + b)
-    used = (ctx + PARTITION - 1) // PARTITION
+    used = (ctx + partition - 1) // partition
     s_offs = tl.arange(0, S_PAD)
     d_offs = tl.arange(0, D_PAD)
     s_mask = s_offs < used
-    base = (b * num_heads + h).to(tl.int64) * NUM_SPLITS
+    base = (b * num_heads + h).to(tl.int64) * num_splits
     m = tl.load(ml_ptr + (base + s_offs) * 2, mask=s_mask, other=float("-inf"))
     lsum = tl.load(ml_ptr + (base + s_offs) * 2 + 1, mask=s_mask, other=0.0)
     w = tl.exp2(m - tl.max(m, 0))
@@ -188,15 +188,58 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q, q.stride(0), q.stride(1), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables, block_tables.stride(0), ctx_lens, q_rows, out,
         out.stride(0), out.stride(1), part, ml, slopes, scale * LOG2E,
-        sliding_window or 0, GROUP=group, M_PAD=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=d, D_PAD=d_pad, PAGE=page, BLOCK_N=block_n, PARTITION=partition,
-        NUM_SPLITS=splits, ALIBI=alibi_slopes is not None, WINDOW=sliding_window is not None,
+        sliding_window or 0, partition, splits, GROUP=group,
+        M_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, D_PAD=d_pad, PAGE=page,
+        BLOCK_N=block_n, SPLIT=splits > 1, ALIBI=alibi_slopes is not None,
+        WINDOW=sliding_window is not None,
         PRECISION=_precision(q.dtype), num_warps=4, num_stages=2)
     if splits > 1:
         _merge_kernel[(b, hq)](part, ml, ctx_lens, q_rows, out, out.stride(0), out.stride(1), hq,
-                               HEAD_DIM=d, D_PAD=d_pad, PARTITION=partition, NUM_SPLITS=splits,
+                               partition, splits, HEAD_DIM=d, D_PAD=d_pad,
                                S_PAD=triton.next_power_of_2(splits), num_warps=4)
     return out
+
+
+@triton.jit
+def _prefill_tiles(q, m_i, l_i, acc, k_ptr, v_ptr, table, cache, c_stride_b, c_stride_r,
+                   start, stop, hi,
+                   qpos, d_mask, qk_scale, slopes, window, PAGE: tl.constexpr,
+                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, WINDOW: tl.constexpr,
+                   ALIBI: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax over key tiles [start, stop); MASKED applies causal/window/length masks."""
+    n_offs = tl.arange(0, BLOCK_N)
+    for n0 in range(start, stop, BLOCK_N):
+        block = tl.load(table + n0 // PAGE).to(tl.int64)
+        base = block * c_stride_b + (n0 % PAGE) * c_stride_r + cache
+        kpos = n0 + n_offs
+        if MASKED:
+            kmask = kpos < hi
+            s = _tile_scores(q, k_ptr + base, kpos, kmask, d_mask, qk_scale, slopes, ALIBI,
+                             PRECISION)
+            allowed = (kpos[None, :] <= qpos[:, None]) & kmask[None, :]
+            if WINDOW:
+                allowed &= kpos[None, :] > qpos[:, None] - window
+            m_i, l_i, acc = _online_update(s, allowed, m_i, l_i, acc, v_ptr + base, kmask,
+                                           d_mask, PRECISION)
+        else:
+            m_i, l_i, acc = _unmasked_update(q, m_i, l_i, acc, k_ptr + base, v_ptr + base, kpos,
+                                             d_mask, qk_scale, slopes, ALIBI, PRECISION)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _unmasked_update(q, m_i, l_i, acc, k_ptrs, v_ptrs, kpos, d_mask, qk_scale, slopes,
+                     ALIBI: tl.constexpr, PRECISION: tl.constexpr):
+    k = tl.load(k_ptrs, mask=d_mask[None, :], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if ALIBI:
+        s += slopes[:, None] * kpos.to(tl.float32)[None, :]
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc
 
 
 @triton.jit
@@ -229,25 +272,29 @@ def _prefill_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_s
         slopes += tl.load(slopes_ptr + h) * 1.4426950408889634
     kvh = h // GROUP
     hi = tl.minimum(ctx, first + BLOCK_M)
-    lo = 0
-    if WINDOW:
-        lo = tl.maximum(0, first - window + 1)
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     table = table_ptr + b.to(tl.int64) * table_stride
-    for n0 in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
-        block = tl.load(table + n0 // PAGE).to(tl.int64)
-        base = block * c_stride_b + kvh * c_stride_h + ((n0 % PAGE) + n_offs)[:, None] * c_stride_r \
-            + d_offs[None, :]
-        kpos = n0 + n_offs
-        kmask = kpos < hi
-        s = _tile_scores(q, k_ptr + base, kpos, kmask, d_mask, qk_scale, slopes, ALIBI, PRECISION)
-        allowed = kpos[None, :] <= qpos[:, None]
-        if WINDOW:
-            allowed &= kpos[None, :] > qpos[:, None] - window
-        m_i, l_i, acc = _online_update(s, allowed, m_i, l_i, acc, v_ptr + base, kmask, d_mask,
-                                       PRECISION)
+    cache = kvh * c_stride_h + n_offs[:, None] * c_stride_r + d_offs[None, :]
+    # Key tiles [lo, full_lo) straddle the window's edge, [full_lo, diag) are visible to every
+    # query of the tile (no mask), [diag, hi) straddle the causal diagonal.
+    diag = (first // BLOCK_N) * BLOCK_N
+    lo = 0
+    full_lo = 0
+    if WINDOW:
+        lo = (tl.maximum(0, first - window + 1) // BLOCK_N) * BLOCK_N
+        full_lo = tl.minimum(diag, tl.cdiv(tl.maximum(0, first + BLOCK_M - window), BLOCK_N)
+                             * BLOCK_N)
+        m_i, l_i, acc = _prefill_tiles(q, m_i, l_i, acc, k_ptr, v_ptr, table, cache, c_stride_b,
+                                       c_stride_r, lo, full_lo, hi, qpos, d_mask, qk_scale, slopes,
+                                       window, PAGE, BLOCK_N, True, WINDOW, ALIBI, PRECISION)
+    m_i, l_i, acc = _prefill_tiles(q, m_i, l_i, acc, k_ptr, v_ptr, table, cache, c_stride_b,
+                                   c_stride_r, full_lo, diag, hi, qpos, d_mask, qk_scale, slopes,
+                                   window, PAGE, BLOCK_N, False, WINDOW, ALIBI, PRECISION)
+    m_i, l_i, acc = _prefill_tiles(q, m_i, l_i, acc, k_ptr, v_ptr, table, cache, c_stride_b,
+                                   c_stride_r, diag, hi, hi, qpos, d_mask, qk_scale, slopes,
+                                   window, PAGE, BLOCK_N, True, WINDOW, ALIBI, PRECISION)
     o = acc / l_i[:, None]
     tl.store(out_ptr + rows[:, None] * o_stride_t + h * o_stride_h + d_offs[None, :],
              o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])

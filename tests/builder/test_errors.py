@@ -1,0 +1,139 @@
+"""Bad input: typed one-line errors, raised before anything is written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from kiln.builder import build
+from kiln.builder.onnx_backend import OnnxBackend
+from kiln.engine import EngineError
+from kiln.errors import CheckpointError, ConfigError, KilnError, OutputExistsError
+from tests.builder.conftest import LIMITS
+
+
+def fails(tmp_path, ckpt, error: type[KilnError], match: str, **options) -> None:
+    """build raises ``error`` (one line, matching) and leaves nothing in ``tmp_path``."""
+    before = set(tmp_path.iterdir())
+    with pytest.raises(error, match=match) as info:
+        build(ckpt, tmp_path / "engine", **{**LIMITS, **options})
+    assert "\n" not in str(info.value)
+    assert set(tmp_path.iterdir()) == before  # no engine, no temporary dir
+
+
+@pytest.fixture
+def ckpt_copy(checkpoint, tmp_path):
+    src = checkpoint("llama-gqa")
+    return shutil.copytree(src, tmp_path / "ckpt")
+
+
+def test_missing_checkpoint(tmp_path):
+    fails(tmp_path, tmp_path / "nope", CheckpointError, "no such directory")
+
+
+def test_checkpoint_without_config(tmp_path):
+    (tmp_path / "empty").mkdir()
+    fails(tmp_path, tmp_path / "empty", CheckpointError, "config.json: missing")
+
+
+def test_corrupt_config(ckpt_copy, tmp_path):
+    (ckpt_copy / "config.json").write_text("{not json")
+    fails(tmp_path, ckpt_copy, CheckpointError, "invalid JSON")
+
+
+def test_truncated_rank_file(ckpt_copy, tmp_path):
+    path = ckpt_copy / "rank0.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    fails(tmp_path, ckpt_copy, CheckpointError, "truncated")
+
+
+def test_rank_file_missing(ckpt_copy, tmp_path):
+    (ckpt_copy / "rank0.safetensors").unlink()
+    fails(tmp_path, ckpt_copy, CheckpointError, "rank0.safetensors: missing")
+
+
+def test_rank_file_of_another_model(checkpoint, ckpt_copy, tmp_path):
+    shutil.copy(checkpoint("mpt") / "rank0.safetensors", ckpt_copy / "rank0.safetensors")
+    fails(tmp_path, ckpt_copy, CheckpointError, "do not match config.json")
+
+
+def test_input_longer_than_sequence(checkpoint, tmp_path):
+    fails(tmp_path, checkpoint("llama-gqa"), ConfigError, "max_input_len .* exceeds max_seq_len",
+          max_input_len=40)
+
+
+def test_sequence_beyond_positions(checkpoint, tmp_path):
+    ckpt = checkpoint("llama-gqa")  # max_position_embeddings 64, no rope scaling
+    fails(tmp_path, ckpt, ConfigError, "allow_long_context", max_seq_len=128)
+    result = build(ckpt, tmp_path / "engine", max_seq_len=128, allow_long_context=True)
+    assert result.manifest.limits.max_seq_len == 128
+
+
+def test_sequence_beyond_positions_with_rope_scaling(checkpoint, tmp_path):
+    result = build(checkpoint("llama-rope-dynamic"), tmp_path / "engine", max_seq_len=32)
+    assert result.manifest.limits.max_seq_len == 32  # max_position_embeddings is 8
+
+
+def test_sequence_beyond_positions_alibi(checkpoint, tmp_path):
+    fails(tmp_path, checkpoint("mpt"), ConfigError, "ALiBi", max_seq_len=128)
+
+
+def test_unknown_backend(checkpoint, tmp_path):
+    fails(tmp_path, checkpoint("llama-gqa"), EngineError, "unknown backend 'nope'",
+          backend="nope")
+
+
+def test_onnx_refuses_gpu_targets_and_tensor_parallelism(checkpoint, tmp_path):
+    fails(tmp_path, checkpoint("llama-gqa"), EngineError, "cpu or cuda", targets=["sm86"])
+    fails(tmp_path, checkpoint("llama-gqa", tp=2), EngineError, "no collective op")
+    fails(tmp_path, checkpoint("llama-gqa"), EngineError, "no bfloat16", dtype="bfloat16")
+
+
+def test_bad_plugin_switches(checkpoint, tmp_path):
+    ckpt = checkpoint("llama-gqa")
+    fails(tmp_path, ckpt, ConfigError, "attention_plugin must be one of auto, enable, disable",
+          plugins={"attention": "on"})
+    fails(tmp_path, ckpt, ConfigError, "unknown plugins", plugins={"flash": "enable"})
+    fails(tmp_path, checkpoint("mpt"), ConfigError, "gated_mlp_plugin enable: .* gelu",
+          plugins={"gated_mlp": "enable"})
+    fails(tmp_path, checkpoint("mpt"), ConfigError, "rotary_plugin enable: .* alibi",
+          plugins={"rotary": "enable"})
+
+
+def test_bad_limits(checkpoint, tmp_path):
+    fails(tmp_path, checkpoint("llama-gqa"), ConfigError, "max_batch_size must be a positive",
+          max_batch_size=0)
+    fails(tmp_path, checkpoint("llama-gqa"), ConfigError, "dtype must be one of",
+          dtype="float8")
+
+
+def test_output_exists(checkpoint, tmp_path):
+    (tmp_path / "engine").mkdir()
+    (tmp_path / "engine" / "keep").write_text("x")
+    fails(tmp_path, checkpoint("llama-gqa"), OutputExistsError, "pass --overwrite")
+    assert (tmp_path / "engine" / "keep").read_text() == "x"
+    build(checkpoint("llama-gqa"), tmp_path / "engine", overwrite=True, **LIMITS)
+    assert not (tmp_path / "engine" / "keep").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]
+
+
+def test_failure_mid_build_leaves_nothing(checkpoint, tmp_path, monkeypatch):
+    def broken(self, job):
+        (job.out_dir / "rank0.onnx").write_text("half")
+        raise EngineError("backend failed")
+    (tmp_path / "engine").mkdir()
+    (tmp_path / "engine" / "keep").write_text("x")
+    monkeypatch.setattr(OnnxBackend, "build_part", broken)
+    with pytest.raises(EngineError, match="backend failed"):
+        build(checkpoint("llama-gqa"), tmp_path / "engine", overwrite=True, **LIMITS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]
+    assert [p.name for p in (tmp_path / "engine").iterdir()] == ["keep"]
+
+
+def test_quantized_checkpoint(ckpt_copy, tmp_path):
+    config = json.loads((ckpt_copy / "config.json").read_text())
+    config["quantization"] = {"scheme": "w8a8_int8"}
+    (ckpt_copy / "config.json").write_text(json.dumps(config))
+    fails(tmp_path, ckpt_copy, ConfigError, "quantization scheme 'w8a8_int8' is not supported")

@@ -1,0 +1,140 @@
+"""TensorRT engines build without a GPU (TensorRT-RTX) for every variant and for tp 2; the
+parsed networks hold the fused layers the plugins promise."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from kiln.builder import build
+from kiln.builder.api import check_rank_files
+from kiln.builder.plan import plan_rank
+from kiln.builder.tensorrt_backend import TensorRTBackend
+from kiln.checkpoint import load_config
+from kiln.config import PositionType, ResidualType
+from kiln.engine import EngineError, read_manifest, verify_files
+from kiln.errors import ConfigError
+from kiln.plugins import PLUGINS
+from kiln.plugins.attention.spec import TRT_HEAD_DIMS, TRT_MIN_HEADS
+from tests.builder.conftest import LIMITS
+from tests.helpers import save_hf_model
+from tests.models import VARIANTS, kiln_checkpoint
+
+if not any(importlib.util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx")):
+    pytest.skip("needs TensorRT: pip install tensorrt-rtx-cu13==1.7.1.116",
+                allow_module_level=True)
+
+TRT = dict(backend="tensorrt", dtype="float16", targets=["sm86"], **LIMITS)
+
+
+def layer_counts(result) -> list[dict[str, int]]:
+    return [p.info["layers"] for p in sorted(result.parts, key=lambda p: p.part.rank)]
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_builds_every_variant(checkpoint, tmp_path, name):
+    result = build(checkpoint(name), tmp_path / "engine", **TRT)
+    manifest = read_manifest(tmp_path / "engine")
+    assert manifest.backend == "tensorrt" and manifest.targets == ("sm86",)
+    assert set(manifest.backend_version) <= {"tensorrt", "tensorrt_rtx"}
+    assert manifest.rank_files == {0: ("rank0.engine",)}
+    verify_files(tmp_path / "engine", manifest, 0)
+    (layers,) = layer_counts(result)
+    decoder, n = manifest.decoder, manifest.decoder.num_layers
+    assert layers.get("KV_CACHE_UPDATE") == 2 * n
+    rope = decoder.position_type is PositionType.ROPE
+    assert layers.get("ROTARY_EMBEDDING", 0) == (2 * n if rope else 0)
+    fused_attention = decoder.head_dim in TRT_HEAD_DIMS and decoder.num_heads >= TRT_MIN_HEADS
+    assert manifest.plugins["attention"] is fused_attention
+    assert layers.get("ATTENTION_OUTPUT", 0) == (n if fused_attention else 0)
+
+
+def test_plugins_disabled_leave_no_fused_layers(checkpoint, tmp_path):
+    result = build(checkpoint("llama-gqa"), tmp_path / "engine",
+                   plugins=dict.fromkeys(PLUGINS, "disable"), **TRT)
+    (layers,) = layer_counts(result)
+    for spec in PLUGINS.values():
+        for layer_type in spec.trt_layers:
+            assert layer_type not in layers
+
+
+@pytest.fixture(scope="module")
+def wide_tp2(tmp_path_factory):
+    """A Llama with 8 query heads (head_dim 16), so each of 2 ranks keeps 4: enough for
+    TensorRT's fused attention kernels."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    root = tmp_path_factory.mktemp("wide")
+    config = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=96,
+                         num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                         max_position_embeddings=64)
+    hf = save_hf_model(LlamaForCausalLM, config, root / "hf")
+    return kiln_checkpoint(hf, root / "ckpt", tp=2)
+
+
+def assert_tp2_layers(result, fused_attention: bool) -> None:
+    manifest = result.manifest
+    assert manifest.rank_files == {0: ("rank0.engine",), 1: ("rank1.engine",)}
+    assert manifest.plugins["attention"] is fused_attention
+    n = manifest.decoder.num_layers
+    per_layer = 1 if manifest.decoder.residual is ResidualType.PARALLEL else 2
+    for layers in layer_counts(result):
+        assert layers["DIST_COLLECTIVE"] == per_layer * n + 1  # + the logits all-gather
+        assert layers["KV_CACHE_UPDATE"] == 2 * n
+        assert layers["ROTARY_EMBEDDING"] == 2 * n
+        assert layers.get("ATTENTION_OUTPUT", 0) == (n if fused_attention else 0)
+
+
+def test_tensor_parallel_fused_layers(wide_tp2, tmp_path):
+    assert_tp2_layers(build(wide_tp2, tmp_path / "engine", **TRT), fused_attention=True)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "falcon-7b-mqa"])
+def test_tensor_parallel_few_heads(checkpoint, tmp_path, name):
+    # 2 query heads per rank: auto picks the decomposed attention (no TensorRT kernel).
+    assert_tp2_layers(build(checkpoint(name, tp=2), tmp_path / "engine", **TRT),
+                      fused_attention=False)
+
+
+def test_memory_budget_splits_into_engines(checkpoint, tmp_path):
+    ckpt = checkpoint("llama-gqa")
+    weights = check_rank_files(ckpt, load_config(ckpt))[0]
+    half = weights.nbytes(list(weights.infos)) // 2  # float32 bytes / 2 = the float16 whole
+    budget = int(TensorRTBackend.base_memory + TensorRTBackend.memory_factor * half * 0.6)
+    build(ckpt, tmp_path / "engine", max_build_memory=budget, **TRT)
+    manifest = read_manifest(tmp_path / "engine")
+    assert manifest.rank_files == {0: ("rank0.part0.engine", "rank0.part1.engine")}
+    assert len(plan_rank(load_config(ckpt), 0, type(weights)(weights.path, "float16"), budget,
+                         TensorRTBackend.memory_factor, TensorRTBackend.base_memory)) == 2
+
+
+def test_refused_targets(checkpoint, tmp_path):
+    ckpt = checkpoint("llama-gqa")
+    with pytest.raises(EngineError, match="cannot build for sm90: Hopper"):
+        build(ckpt, tmp_path / "a", **{**TRT, "targets": ["sm90"]})
+    with pytest.raises(EngineError, match="its targets are"):
+        build(ckpt, tmp_path / "b", **{**TRT, "targets": ["sm61"]})
+    with pytest.raises(EngineError, match="sm75 has no bfloat16"):
+        build(ckpt, tmp_path / "c", **{**TRT, "dtype": "bfloat16", "targets": ["sm75"]})
+    assert not any(tmp_path.iterdir())
+
+
+def test_fp8_refused_before_ada(checkpoint, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    import shutil
+    shutil.copytree(checkpoint("llama-gqa"), ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["quantization"] = {"scheme": "fp8_w8a8"}
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EngineError, match="sm86 has no FP8"):
+        build(ckpt, tmp_path / "engine", **TRT)
+
+
+def test_fused_attention_refused_in_float32(checkpoint, tmp_path):
+    with pytest.raises(ConfigError, match="attention_plugin enable: TensorRT has no fused "
+                                          "attention kernel for float32"):
+        build(checkpoint("llama-gqa"), tmp_path / "engine",
+              **{**TRT, "dtype": "float32", "plugins": {"attention": "enable"}})
+    result = build(checkpoint("llama-gqa"), tmp_path / "engine", **{**TRT, "dtype": "float32"})
+    assert result.manifest.plugins["attention"] is False  # auto chose the decomposed form
