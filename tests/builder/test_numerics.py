@@ -57,3 +57,21 @@ def test_matches_reference(results, mode):
 def test_plugins_on_and_off_agree(results):
     _, _, out = results
     assert max_diff(out["auto"][1], out["disable"][1]) <= TOL
+
+
+FP16_VARIANTS = ["llama-gqa", "llama-rope-dynamic", "mistral-window", "mpt-clip-scale",
+                 "falcon-7b-mqa", "falcon-rw-alibi"]
+FP16_REL_TOL = 2e-2
+
+
+@pytest.mark.parametrize("mode", ["auto", "disable"])
+@pytest.mark.parametrize("name", FP16_VARIANTS)
+def test_float16_build(checkpoint, reference_logits, tmp_path, name, mode):
+    """A float16 build of a float32 checkpoint stays within 2e-2 (relative to the logits'
+    range) of the float32 oracle."""
+    build(checkpoint(name), tmp_path / "engine", dtype="float16",
+          plugins=dict.fromkeys(PLUGINS, mode), **LIMITS)
+    got = run_schedule(engine_runner(tmp_path / "engine"))
+    want = reference_logits(name)
+    scale = max(float(np.abs(w).max()) for w in want)
+    assert max_diff(got, want) <= FP16_REL_TOL * scale

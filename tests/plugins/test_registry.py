@@ -1,0 +1,62 @@
+"""Plugin switches resolve to forms: enable errors where impossible, auto picks and logs."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from kiln.config import DecoderConfig, MlpType, PositionType
+from kiln.errors import ConfigError
+from kiln.plugins import PLUGINS, PluginContext, resolve_plugins
+
+BASE = dict(architecture="x", vocab_size=16, hidden_size=64, num_layers=1, num_heads=4,
+            num_kv_heads=2, head_dim=16, intermediate_size=32, max_position_embeddings=32)
+
+
+def ctx(backend="onnx", dtype="float16", **kw) -> PluginContext:
+    return PluginContext(DecoderConfig(**{**BASE, **kw}), dtype, backend)
+
+
+def test_every_plugin_has_all_parts():
+    import importlib
+    for name in PLUGINS:
+        for part in ("spec", "reference", "onnx"):
+            importlib.import_module(f"kiln.plugins.{name}.{part}")
+
+
+def test_auto_enables_everything_that_occurs():
+    assert resolve_plugins({}, ctx()) == dict.fromkeys(PLUGINS, True)
+
+
+def test_auto_logs_its_choice(caplog):
+    with caplog.at_level(logging.INFO, logger="kiln.plugins.registry"):
+        chosen = resolve_plugins({}, ctx(backend="tensorrt", dtype="float32"))
+    assert chosen["attention"] is False
+    assert "attention plugin: auto chose the decomposed form (TensorRT has no fused" in caplog.text
+
+
+def test_absent_operations():
+    alibi = ctx(position_type=PositionType.ALIBI, alibi_slopes=[0.5, 0.25, 0.125, 0.0625],
+                mlp_type=MlpType.GELU)
+    chosen = resolve_plugins({}, alibi)
+    assert chosen["rotary"] is False and chosen["gated_mlp"] is False
+    with pytest.raises(ConfigError, match="rotary_plugin enable: the model uses alibi"):
+        resolve_plugins({"rotary": "enable"}, alibi)
+
+
+def test_disable_and_bad_values():
+    assert resolve_plugins({"norm": "disable"}, ctx())["norm"] is False
+    with pytest.raises(ConfigError, match="norm_plugin must be one of auto, enable, disable"):
+        resolve_plugins({"norm": "yes"}, ctx())
+    with pytest.raises(ConfigError, match=r"unknown plugins \['flash'\]"):
+        resolve_plugins({"flash": "auto"}, ctx())
+
+
+def test_tensorrt_head_limits():
+    few_heads = PluginContext(DecoderConfig(**BASE), "float16", "tensorrt", tp_size=2)
+    with pytest.raises(ConfigError, match="2 query heads per rank"):
+        resolve_plugins({"attention": "enable"}, few_heads)
+    odd_dim = ctx(backend="tensorrt", head_dim=8)
+    with pytest.raises(ConfigError, match="head_dim 8"):
+        resolve_plugins({"attention": "enable"}, odd_dim)
