@@ -67,7 +67,7 @@ def test_decode_matches_reference(dtype, heads, page, variant):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("heads", HEADS, ids=str)
-@pytest.mark.parametrize("variant", ["plain", "window", "alibi"])
+@pytest.mark.parametrize("variant", ["plain", "window", "wide-window", "alibi"])
 def test_prefill_matches_reference(dtype, heads, variant):
     device = triton_device()
     skip_unsupported(dtype, device)
@@ -81,7 +81,7 @@ def test_prefill_matches_reference(dtype, heads, variant):
     starts = torch.cumsum(lens, 0, dtype=torch.int32) - lens
     q = torch.randn(int(lens.sum()), hq, d, device=device).to(dtype)
     kw = dict(scale=d ** -0.5, max_q_len=200,
-              sliding_window=40 if variant == "window" else None,
+              sliding_window={"window": 40, "wide-window": 150}.get(variant),
               alibi_slopes=alibi_slopes(hq, device) if variant == "alibi" else None)
     got = torch.full_like(q, float("nan"))
     _kernels().paged_prefill_attention(q, k, v, table, ctx_lens, starts, lens, got, **kw)

@@ -153,7 +153,7 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tup
 
 
 def decode_splits(num_seqs: int, num_kv_heads: int, max_ctx_len: int, device: torch.device,
-                  min_partition: int = 256) -> int:
+                  min_partition: int = 128) -> int:
     """Key splits so that ~2 programs per multiprocessor run, none under ``min_partition`` keys."""
     if device.type != "cuda":  # Triton's CPU interpreter (tests): size the split as for an H100
         sms = 132

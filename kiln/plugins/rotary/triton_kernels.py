@@ -1,8 +1,8 @@
 """Triton rotary kernel: split QKV, rotate q and k, write k/v to the paged cache, in one pass.
 
 Same contract as :mod:`kiln.plugins.rotary.triton_reference` (its docstring). One program per
-(token, head): programs ``[0, Hq)`` rotate a query head into the returned q; programs
-``[Hq, Hq + Hkv)`` rotate a key head and copy its value head into the cache. Fusing the split,
+(token, 8 heads): rows that are query heads are rotated into the returned q; rows that are key
+heads are rotated into the cache, and their value heads copied there. Fusing the split,
 the clamp, the rotation and the cache write reads the QKV projection once and writes every
 output once (the unfused torch path makes four passes).
 """
@@ -19,50 +19,49 @@ def _rope_qkv_kernel(qkv_ptr, qkv_stride, table_ptr, table_stride, index_ptr, q_
                      k_cache_ptr, v_cache_ptr, slot_ptr,
                      cache_block_stride, cache_head_stride, cache_row_stride,
                      clip, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
-                     HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, PAGE: tl.constexpr,
-                     ROTARY: tl.constexpr, CLIP: tl.constexpr):
+                     HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, HEADS: tl.constexpr,
+                     PAGE: tl.constexpr, ROTARY: tl.constexpr, CLIP: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
     half: tl.constexpr = HEAD_DIM // 2
+    h = tl.program_id(1) * HEADS + tl.arange(0, HEADS)  # q heads, then k heads
     offs = tl.arange(0, HALF_PAD)
-    mask = offs < half
+    col_ok = (offs < half)[None, :]
+    head_ok = h < NUM_HEADS + NUM_KV_HEADS
+    is_q = (h < NUM_HEADS)[:, None] & col_ok
+    is_k = (head_ok & (h >= NUM_HEADS))[:, None] & col_ok
     row = qkv_ptr + t * qkv_stride
-    is_q = h < NUM_HEADS
-    # Column of this head's first element in the fused row: q heads, then k heads.
-    col = h * HEAD_DIM
-    x1 = tl.load(row + col + offs, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(row + col + half + offs, mask=mask, other=0.0).to(tl.float32)
+    src = row + h[:, None] * HEAD_DIM + offs[None, :]
+    x1 = tl.load(src, mask=head_ok[:, None] & col_ok, other=0.0).to(tl.float32)
+    x2 = tl.load(src + half, mask=head_ok[:, None] & col_ok, other=0.0).to(tl.float32)
     if CLIP:
         x1 = tl.minimum(tl.maximum(x1, -clip), clip)
         x2 = tl.minimum(tl.maximum(x2, -clip), clip)
     if ROTARY:
         idx = tl.load(index_ptr + t).to(tl.int64)
-        cos = tl.load(table_ptr + idx * table_stride + offs, mask=mask, other=0.0)
-        sin = tl.load(table_ptr + idx * table_stride + half + offs, mask=mask, other=0.0)
-        y1 = x1 * cos - x2 * sin
-        y2 = x2 * cos + x1 * sin
+        cos = tl.load(table_ptr + idx * table_stride + offs, mask=offs < half, other=0.0)
+        sin = tl.load(table_ptr + idx * table_stride + half + offs, mask=offs < half, other=0.0)
+        y1 = x1 * cos[None, :] - x2 * sin[None, :]
+        y2 = x2 * cos[None, :] + x1 * sin[None, :]
     else:
         y1 = x1
         y2 = x2
-    if is_q:
-        out = q_ptr + (t * NUM_HEADS + h) * HEAD_DIM
-        tl.store(out + offs, y1.to(q_ptr.dtype.element_ty), mask=mask)
-        tl.store(out + half + offs, y2.to(q_ptr.dtype.element_ty), mask=mask)
-    else:
-        kv_head = h - NUM_HEADS
-        slot = tl.load(slot_ptr + t).to(tl.int64)
-        dst = (slot // PAGE) * cache_block_stride + kv_head * cache_head_stride \
-            + (slot % PAGE) * cache_row_stride
-        tl.store(k_cache_ptr + dst + offs, y1.to(k_cache_ptr.dtype.element_ty), mask=mask)
-        tl.store(k_cache_ptr + dst + half + offs, y2.to(k_cache_ptr.dtype.element_ty), mask=mask)
-        vcol = (NUM_HEADS + NUM_KV_HEADS + kv_head) * HEAD_DIM
-        v1 = tl.load(row + vcol + offs, mask=mask, other=0.0)
-        v2 = tl.load(row + vcol + half + offs, mask=mask, other=0.0)
-        if CLIP:
-            v1 = tl.minimum(tl.maximum(v1.to(tl.float32), -clip), clip)
-            v2 = tl.minimum(tl.maximum(v2.to(tl.float32), -clip), clip)
-        tl.store(v_cache_ptr + dst + offs, v1.to(v_cache_ptr.dtype.element_ty), mask=mask)
-        tl.store(v_cache_ptr + dst + half + offs, v2.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    q_dst = q_ptr + (t * NUM_HEADS + h)[:, None] * HEAD_DIM + offs[None, :]
+    tl.store(q_dst, y1.to(q_ptr.dtype.element_ty), mask=is_q)
+    tl.store(q_dst + half, y2.to(q_ptr.dtype.element_ty), mask=is_q)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    kv_head = h - NUM_HEADS  # negative on query rows, which are masked off below
+    dst = (slot // PAGE) * cache_block_stride + (slot % PAGE) * cache_row_stride \
+        + kv_head[:, None] * cache_head_stride + offs[None, :]
+    tl.store(k_cache_ptr + dst, y1.to(k_cache_ptr.dtype.element_ty), mask=is_k)
+    tl.store(k_cache_ptr + dst + half, y2.to(k_cache_ptr.dtype.element_ty), mask=is_k)
+    v_src = src + NUM_KV_HEADS * HEAD_DIM  # the value head of the same kv head
+    v1 = tl.load(v_src, mask=is_k, other=0.0)
+    v2 = tl.load(v_src + half, mask=is_k, other=0.0)
+    if CLIP:
+        v1 = tl.minimum(tl.maximum(v1.to(tl.float32), -clip), clip)
+        v2 = tl.minimum(tl.maximum(v2.to(tl.float32), -clip), clip)
+    tl.store(v_cache_ptr + dst, v1.to(v_cache_ptr.dtype.element_ty), mask=is_k)
+    tl.store(v_cache_ptr + dst + half, v2.to(v_cache_ptr.dtype.element_ty), mask=is_k)
 
 
 def rope_qkv_to_cache(qkv: torch.Tensor, table: torch.Tensor | None, table_index: torch.Tensor,
@@ -79,12 +78,13 @@ def rope_qkv_to_cache(qkv: torch.Tensor, table: torch.Tensor | None, table_index
         return q
     rotary = table is not None
     table_arg = table if rotary else qkv  # unread when ROTARY is off
-    grid = (t, num_heads + num_kv_heads)
+    heads = 8  # per program: [8, D/2] tiles make 16-byte accesses at head_dim 128
+    grid = (t, triton.cdiv(num_heads + num_kv_heads, heads))
     _rope_qkv_kernel[grid](
         qkv, qkv.stride(0), table_arg, table.stride(0) if rotary else 0, table_index, q,
         k_cache, v_cache, slot_mapping, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         float(clip) if clip is not None else 0.0,
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
-        HALF_PAD=triton.next_power_of_2(head_dim // 2), PAGE=k_cache.shape[2],
-        ROTARY=rotary, CLIP=clip is not None, num_warps=1)
+        HALF_PAD=triton.next_power_of_2(head_dim // 2), HEADS=heads, PAGE=k_cache.shape[2],
+        ROTARY=rotary, CLIP=clip is not None, num_warps=2)
     return q

@@ -36,12 +36,16 @@ def default_batch_sizes(max_batch_size: int) -> list[int]:
     return sorted(set(sizes + [max_batch_size]))
 
 
+_PAD = np.array([[0], [0], [0], [1]], dtype=np.int32)
+
+
 class _Graph:
     def __init__(self, bs: int, max_blocks: int, head_dim: int, dynamic: bool,
                  device: torch.device):
         self.bs = bs
         self.fields = 5 * bs + bs * max_blocks
-        self.host = torch.empty(self.fields, dtype=torch.int32, pin_memory=True)
+        self.host = torch.zeros(self.fields, dtype=torch.int32, pin_memory=True)
+        self.host[4 * bs:5 * bs] = torch.arange(bs, dtype=torch.int32)  # rows, constant
         self.dev = torch.zeros(self.fields, dtype=torch.int32, device=device)
         self.table = torch.zeros(bs, head_dim, device=device) if dynamic else None
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -110,14 +114,14 @@ class DecodeGraphs:
         bs, mb = g.bs, self.max_blocks
         self._event.synchronize()  # the previous replay has read its pinned inputs
         host = g.host.numpy()
-        fields = host[:5 * bs].reshape(5, bs)
-        fields[:, n:] = np.array([[0], [0], [0], [1], [0]], dtype=np.int32)  # pad: scratch row
-        fields[4, :] = np.arange(bs, dtype=np.int32)
+        fields = host[:4 * bs].reshape(4, bs)  # the rows field after them never changes
         fields[0, :n], fields[1, :n] = plan.tokens, plan.positions
         fields[2, :n], fields[3, :n] = plan.slot_mapping, plan.ends
         tables = host[5 * bs:].reshape(bs, mb)
         tables[:n] = plan.tables
-        tables[n:] = 0
+        if n < bs:  # padding rows: token 0 at position 0 of scratch block 0, context 1
+            fields[:, n:] = _PAD
+            tables[n:] = 0
         g.dev.copy_(g.host, non_blocking=True)
         if g.table is not None:
             g.table[:n].copy_(self.rope.per_token(plan), non_blocking=True)

@@ -52,19 +52,23 @@ class StepPlan:
 
 
 def make_plan(chunks: Sequence[SequenceChunk], allocator: BlockAllocator) -> StepPlan:
-    lens = np.fromiter((len(c.tokens) for c in chunks), dtype=np.int32, count=len(chunks))
-    starts = np.fromiter((c.start for c in chunks), dtype=np.int32, count=len(chunks))
-    slots = np.fromiter((c.slot for c in chunks), dtype=np.int64, count=len(chunks))
-    total = int(lens.sum())
-    if total == len(chunks):
-        tokens = np.fromiter((c.tokens[0] for c in chunks), dtype=np.int32, count=total)
-    else:
-        tokens = np.fromiter((t for c in chunks for t in c.tokens), dtype=np.int32, count=total)
-    rows = (np.cumsum(lens, dtype=np.int32) - lens).astype(np.int32)
-    seq_of = np.repeat(np.arange(len(chunks)), lens)
-    positions = (np.arange(total, dtype=np.int32) - rows[seq_of] + starts[seq_of]).astype(np.int32)
+    n = len(chunks)
+    meta = np.array([(c.slot, c.start, len(c.tokens)) for c in chunks], dtype=np.int32)
+    slots, starts, lens = meta[:, 0], meta[:, 1], meta[:, 2]
     tables = allocator.tables[slots]
     page = allocator.page_size
+    total = int(lens.sum())
+    if total == n:  # all single-token chunks (decode): no ragged bookkeeping
+        rows = np.arange(n, dtype=np.int32)
+        tokens = np.array([c.tokens[0] for c in chunks], dtype=np.int32)
+        slot_mapping = tables[rows, starts // page] * page + starts % page
+        return StepPlan(tokens=tokens, positions=starts, slot_mapping=slot_mapping,
+                        last_rows=rows, ends=starts + 1, dec=rows, pre=rows[:0], rows=rows,
+                        lens=lens, tables=tables)
+    tokens = np.fromiter((t for c in chunks for t in c.tokens), dtype=np.int32, count=total)
+    rows = (np.cumsum(lens, dtype=np.int32) - lens).astype(np.int32)
+    seq_of = np.repeat(np.arange(n), lens)
+    positions = (np.arange(total, dtype=np.int32) - rows[seq_of] + starts[seq_of]).astype(np.int32)
     slot_mapping = (tables[seq_of, positions // page] * page + positions % page).astype(np.int32)
     single = lens == 1
     return StepPlan(tokens=tokens, positions=positions, slot_mapping=slot_mapping,
