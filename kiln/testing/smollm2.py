@@ -117,7 +117,9 @@ def smollm2_hf_dir(cache_dir: Path | None = None) -> Path:
             return target
         logger.info(
             "building SmolLM2 fixture from GGUF %s into %s (one-time, ~%d s)",
-            source, target, _APPROX_BUILD_S,
+            source,
+            target,
+            _APPROX_BUILD_S,
         )
         started = time.monotonic()
         _build_atomically(source, target)
@@ -154,6 +156,8 @@ def _exclusive_lock(lock_path: Path) -> Iterator[None]:
 
 def _build_atomically(source: Path, target: Path) -> None:
     """Export into a temp dir beside ``target``, then swap it in (caller holds the lock)."""
+    for leftover in target.parent.glob(f".{target.name}.*"):  # from a builder that was killed
+        shutil.rmtree(leftover, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     stale = target.with_name(f".{target.name}.stale-{os.getpid()}")
     try:
