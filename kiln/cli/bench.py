@@ -38,12 +38,16 @@ from kiln.runtime.bench import Workload, run_benchmark
               type=click.Choice(("auto", "cpu", "cuda")), help="Where the onnx backend runs.")
 @click.option("--num_threads", default=None, type=click.IntRange(min=1),
               help="CPU threads [default: all cores].")
+@click.option("--cpu_spin_wait", is_flag=True,
+              help="Let idle CPU threads busy-wait between operators (faster only on an "
+                   "otherwise idle machine).")
 @click.pass_obj
 def bench(obj: CliContext, engine_dir: Path, warmup: int, json_output: Path | None, device: str,
-          num_threads: int | None, **workload: object) -> None:
+          num_threads: int | None, cpu_spin_wait: bool, **workload: object) -> None:
     """Benchmark an engine with a synthetic workload (in the manner of trtllm-bench)."""
     spec = Workload(**workload)
-    with LLM(engine_dir, ExecutorOptions(device=device, num_threads=num_threads)) as llm:
+    with LLM(engine_dir, ExecutorOptions(device=device, num_threads=num_threads,
+                                         cpu_spin_wait=cpu_spin_wait)) as llm:
         limits = llm.limits
         if spec.input_len > limits.max_input_len:
             raise click.BadParameter(f"{spec.input_len} exceeds the engine's max_input_len "

@@ -93,14 +93,19 @@ def read_prompts(input_text: tuple[str, ...], input_file: Path | None) -> list[s
               type=click.Choice(("auto", "cpu", "cuda")), help="Where the onnx backend runs.")
 @click.option("--num_threads", default=None, type=click.IntRange(min=1),
               help="CPU threads [default: all cores].")
+@click.option("--cpu_spin_wait", is_flag=True,
+              help="Let idle CPU threads busy-wait between operators (faster only on an "
+                   "otherwise idle machine).")
 @sampling_options
 @click.pass_obj
 def run(obj: CliContext, engine_dir: Path, input_text: tuple[str, ...], input_file: Path | None,
         max_output_len: int, streaming: bool, chat: bool, device: str,
-        num_threads: int | None, **sampling: Any) -> None:
+        num_threads: int | None, cpu_spin_wait: bool,
+        **sampling: Any) -> None:
     """Generate text with an engine; prints the output, then TTFT, TPOT and tokens/s."""
     prompts = read_prompts(input_text, input_file)
-    with LLM(engine_dir, ExecutorOptions(device=device, num_threads=num_threads)) as llm:
+    with LLM(engine_dir, ExecutorOptions(device=device, num_threads=num_threads,
+                                         cpu_spin_wait=cpu_spin_wait)) as llm:
         params = build_params(llm, max_output_len, sampling)
         inputs = [llm.render_chat([{"role": "user", "content": p}]) if chat else p
                   for p in prompts]

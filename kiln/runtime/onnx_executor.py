@@ -56,10 +56,14 @@ def load_executor(engine_dir: Path, manifest: EngineManifest,
     return OnnxExecutor(files, manifest, options)
 
 
-def session_options(num_threads: int | None):
+def session_options(num_threads: int | None, spin_wait: bool = False):
+    """CPU session options: all optimizations, sequential, ``num_threads`` intra-op threads."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    spin = "1" if spin_wait else "0"
+    so.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    so.add_session_config_entry("session.inter_op.allow_spinning", spin)
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.intra_op_num_threads = num_threads or len(os.sched_getaffinity(0))
@@ -80,7 +84,7 @@ class OnnxExecutor(Executor):
         self.device = _pick_device(options.device, ort.get_available_providers())
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] \
             if self.device == "cuda" else ["CPUExecutionProvider"]
-        so = session_options(options.num_threads)
+        so = session_options(options.num_threads, options.cpu_spin_wait)
         self.sessions = [ort.InferenceSession(str(p), so, providers=providers) for p in graphs]
         self._inputs = [{i.name for i in s.get_inputs()} for s in self.sessions]
         self._layers = [sorted(int(n[len("past_key_"):]) for n in names

@@ -146,7 +146,12 @@ def make_generator(seed: int | None) -> torch.Generator:
 
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int],
                     output_ids: Sequence[int]) -> torch.Tensor:
-    """Repetition (prompt + output) then presence/frequency (output) penalties; a new tensor."""
+    """Repetition (prompt + output) then presence/frequency (output) penalties.
+
+    Returns ``logits`` itself when no penalty applies, else a new tensor."""
+    if params.repetition_penalty == 1.0 and not (params.presence_penalty
+                                                 or params.frequency_penalty):
+        return logits
     logits = logits.clone()
     if params.repetition_penalty != 1.0 and (prompt_ids or output_ids):
         seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long)
