@@ -25,7 +25,7 @@ from kiln.builder.output import atomic_dir, check_output, copy_tokenizer
 from kiln.builder.plan import plan_rank
 from kiln.builder.runner import run_parts
 from kiln.checkpoint import CheckpointConfig, load_config, rank_file
-from kiln.engine import EngineManifest, sha256_file
+from kiln.engine import EngineManifest
 from kiln.errors import CheckpointError, ConfigError
 from kiln.plugins import PluginContext, resolve_plugins
 
@@ -145,8 +145,7 @@ def _finish(tmp: Path, engine: Backend, plan: BuildPlan, results: list[PartResul
         backend=engine.name, backend_version=engine.versions(), targets=plan.targets,
         decoder=ckpt.decoder, mapping=ckpt.mapping, dtype=plan.dtype, limits=plan.limits,
         rank_files={r: tuple(f) for r, f in rank_files.items()},
-        checksums={name: sha256_file(tmp / name) for files in rank_files.values()
-                   for name in files},
+        checksums={name: digest for r in results for name, digest in r.checksums.items()},
         plugins=dict(plan.graph.plugins), quantization=ckpt.quantization,
         kiln_version=kiln.__version__,
         source={"checkpoint_dir": str(plan.checkpoint_dir), **ckpt.source})

@@ -77,6 +77,7 @@ class PartResult:
     seconds: dict[str, float] = field(default_factory=dict)  # stage -> wall seconds
     peak_rss: int = 0  # bytes, of the process that built the part
     info: dict[str, Any] = field(default_factory=dict)  # backend details (e.g. layer counts)
+    checksums: dict[str, str] = field(default_factory=dict)  # file -> sha256 (set by the runner)
 
 
 class BuildError(EngineError):

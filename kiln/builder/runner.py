@@ -2,7 +2,9 @@
 
 Each part gets ``max_build_memory / workers`` (the planner sized parts for that). Worker
 processes are spawned (not forked) so each starts small and a backend library is initialized
-once per worker. Progress: one line per finished part (rank, stage, layers, stage timings).
+once per worker. A finished part's files are hashed (sha256, for the manifest) in a background
+thread while the next part builds. Progress: one line per finished part (rank, stage, layers,
+stage timings).
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ import logging
 import multiprocessing
 import shutil
 import sys
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from kiln.builder.backends import Backend, BuildPlan, PartJob, PartResult, get_backend
 from kiln.builder.graph.context import PartSpec
+from kiln.engine import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -36,27 +40,37 @@ def run_parts(engine: Backend, plan: BuildPlan, parts: list[PartSpec], out_dir: 
     work_dir = out_dir / ".work"
     work_dir.mkdir()
     jobs = [PartJob(plan=plan, part=p, out_dir=out_dir, work_dir=work_dir) for p in parts]
+    hashes: dict[str, Future] = {}
     try:
-        if workers == 1 or len(jobs) == 1:
-            results = []
-            for job in jobs:
-                results.append(engine.build_part(job))
-                _report(plan, results[-1], len(results), len(jobs), progress)
-            return results
-        return _run_pool(engine.name, plan, jobs, workers, progress)
+        with ThreadPoolExecutor(1) as hasher:
+            def finished(result: PartResult, done: int) -> None:
+                for name in result.files:
+                    hashes[name] = hasher.submit(sha256_file, out_dir / name)
+                _report(plan, result, done, len(jobs), progress)
+
+            if workers == 1 or len(jobs) == 1:
+                results = []
+                for job in jobs:
+                    results.append(engine.build_part(job))
+                    finished(results[-1], len(results))
+            else:
+                results = _run_pool(engine.name, jobs, workers, finished)
+            for result in results:
+                result.checksums = {name: hashes[name].result() for name in result.files}
+        return results
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
-def _run_pool(backend: str, plan: BuildPlan, jobs: list[PartJob], workers: int,
-              progress: bool) -> list[PartResult]:
+def _run_pool(backend: str, jobs: list[PartJob], workers: int,
+              finished: Callable[[PartResult, int], None]) -> list[PartResult]:
     results = []
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
         futures = [pool.submit(_build_in_worker, backend, job) for job in jobs]
         for future in as_completed(futures):
             results.append(future.result())
-            _report(plan, results[-1], len(results), len(jobs), progress)
+            finished(results[-1], len(results))
     return results
 
 

@@ -24,11 +24,11 @@ import resource
 import shutil
 import subprocess
 import time
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import onnx
+import torch
 
 from kiln.builder.backends import (
     Backend,
@@ -38,8 +38,9 @@ from kiln.builder.backends import (
     PartResult,
     register_backend,
 )
-from kiln.builder.graph.context import BATCH, SEQ
-from kiln.builder.graph.decoder import write_part
+from kiln.builder.graph.context import BATCH, SEQ, RankWeights
+from kiln.builder.graph.decoder import emit_part
+from kiln.builder.graph.emitter import MemorySink
 from kiln.checkpoint import rank_file
 from kiln.engine import BuildLimits, EngineError
 
@@ -110,13 +111,16 @@ class TensorRTBackend(Backend):
         check_precision(plan.targets, plan.dtype, plan.checkpoint.quantization.get("scheme"))
 
     def build_part(self, job: PartJob) -> PartResult:
+        """Emit the part's graph with its weights kept in memory, hand both to the parser
+        (no ONNX file is written: weights go straight from the checkpoint to TensorRT), build,
+        write ``<stem>.engine``."""
         part, started = job.part, time.perf_counter()
-        graph = write_part(job.plan.graph, part, job.plan.checkpoint_dir / rank_file(part.rank),
-                           job.work_dir)
+        sink = MemorySink()
+        weights = RankWeights(job.plan.checkpoint_dir / rank_file(part.rank), job.plan.dtype)
+        model = emit_part(job.plan.graph, part, weights, sink)
         emitted = time.perf_counter()
-        engine, layers = build_engine(self.trt, self.full, graph, job.plan)
-        graph.unlink()
-        graph.with_name(graph.name + ".data").unlink()
+        engine, layers = build_engine(self.trt, self.full, model, sink.tensors, job.plan)
+        del sink, weights
         built = time.perf_counter()
         name = f"{part.stem}.engine"
         with open(job.out_dir / name, "wb") as f:
@@ -171,15 +175,13 @@ def profile_ranges(limits: BuildLimits) -> list[dict[str, tuple[int, int, int]]]
             {BATCH: (1, batch, batch), SEQ: (1, 1, 1)}]
 
 
-def _input_dims(graph: Path) -> dict[str, list[int | str]]:
-    model = onnx.load(str(graph), load_external_data=False)
+def _input_dims(model: onnx.ModelProto) -> dict[str, list[int | str]]:
     return {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
             for i in model.graph.input}
 
 
-def _add_profiles(trt: ModuleType, builder, network, config, graph: Path,
-                  limits: BuildLimits) -> None:
-    dims = _input_dims(graph)
+def _add_profiles(builder, network, config, model: onnx.ModelProto, limits: BuildLimits) -> None:
+    dims = _input_dims(model)
     for ranges in profile_ranges(limits):
         profile = builder.create_optimization_profile()
         for i in range(network.num_inputs):
@@ -208,8 +210,22 @@ def _logger(trt: ModuleType):
     return logger
 
 
-def build_engine(trt: ModuleType, full: bool, graph: Path, plan: BuildPlan) -> tuple[Any, dict]:
-    """Parse ``graph`` strongly typed, build it for the plan's targets and profiles.
+def _parse(trt: ModuleType, parser, model: onnx.ModelProto,
+           tensors: dict[str, torch.Tensor]) -> None:
+    """Parse ``model`` whose initializers are the in-memory ``tensors`` (TensorRT reads them
+    in place; they must outlive the build)."""
+    ok = parser.load_model_proto(model.SerializeToString(), ".")
+    for name, tensor in tensors.items():
+        ok = ok and parser.load_initializer(name, tensor.data_ptr(),
+                                            tensor.numel() * tensor.element_size())
+    if not (ok and parser.parse_model_proto()):
+        first = parser.get_error(0).desc().splitlines()[0] if parser.num_errors else "no detail"
+        raise BuildError(f"TensorRT could not parse the graph {model.graph.name}: {first}")
+
+
+def build_engine(trt: ModuleType, full: bool, model: onnx.ModelProto,
+                 tensors: dict[str, torch.Tensor], plan: BuildPlan) -> tuple[Any, dict]:
+    """Parse ``model`` strongly typed, build it for the plan's targets and profiles.
 
     Returns the serialized engine and the parsed network's layer counts by type.
     """
@@ -217,9 +233,7 @@ def build_engine(trt: ModuleType, full: bool, graph: Path, plan: BuildPlan) -> t
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(graph)):
-        first = parser.get_error(0).desc().splitlines()[0] if parser.num_errors else "no detail"
-        raise BuildError(f"TensorRT could not parse {graph.name}: {first}")
+    _parse(trt, parser, model, tensors)
     layers = dict(collections.Counter(network.get_layer(i).type.name
                                       for i in range(network.num_layers)))
     config = builder.create_builder_config()
@@ -227,9 +241,9 @@ def build_engine(trt: ModuleType, full: bool, graph: Path, plan: BuildPlan) -> t
         config.num_compute_capabilities = len(plan.targets)
         for k, target in enumerate(plan.targets):
             config.set_compute_capability(getattr(trt.ComputeCapability, target.upper()), k)
-    _add_profiles(trt, builder, network, config, graph, plan.limits)
+    _add_profiles(builder, network, config, model, plan.limits)
     engine = builder.build_serialized_network(network, config)
     if engine is None:
-        raise BuildError(f"TensorRT failed to build {graph.stem} for {','.join(plan.targets)} "
-                         f"(its log, with -v, says why)")
+        raise BuildError(f"TensorRT failed to build {model.graph.name} for "
+                         f"{','.join(plan.targets)} (its log, with -v, says why)")
     return engine, layers

@@ -106,3 +106,15 @@ def test_node_names_follow_the_scheme(checkpoint, tmp_path):
                      "/model/lm_head/MatMul", "/model/shared/mask/causal/LessOrEqual"):
         assert expected in names, expected
     assert len(names) == len(onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def test_onnx_cuda_target_is_provider_independent(checkpoint, reference_logits, tmp_path):
+    """Target cuda: basic optimizations only, so the graph also runs on the CPU provider."""
+    from kiln.builder import build as api_build
+    api_build(checkpoint("llama-gqa"), tmp_path / "e", targets=["cuda"], max_batch_size=4,
+              max_input_len=16, max_seq_len=32)
+    graph = onnx.load(str(tmp_path / "e" / "rank0.onnx"), load_external_data=False)
+    assert {n.domain for n in graph.graph.node} <= {"", "ai.onnx"}  # no CPU-only contrib ops
+    runner = engine_runner(tmp_path / "e")
+    for chunks, want in zip(SCHEDULE, reference_logits("llama-gqa"), strict=True):
+        assert float(abs(runner.step(chunks) - want).max()) <= 1e-4

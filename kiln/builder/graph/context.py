@@ -111,13 +111,21 @@ class EmitContext:
         return self.spec.mapping.local_intermediate(self.decoder)
 
     def weight(self, role: Role, layer: int | None = None, *, linear: bool = False) -> str | None:
-        """The initializer for a role (None if the model has none); linear weights as [in, out]."""
+        """The initializer for a role (None if the model has none).
+
+        ``linear``: a MatMul operand [in, out], as ``Transpose`` of the stored nn.Linear
+        [out, in] initializer. Both runtimes fold it (TensorRT keeps the [out, in] layout its
+        GEMMs prefer; ONNX Runtime transposes once when it optimizes), and the build never
+        copies the weight to transpose it.
+        """
         tensor = self.weights.get(role, layer)
         if tensor is None:
             return None
-        if linear:
-            tensor = tensor.t().contiguous()  # nn.Linear [out, in] -> MatMul [in, out]
-        return self.g.weight(role.name(layer), tensor)
+        name = self.g.weight(role.name(layer), tensor)
+        if not linear:
+            return name
+        return self.g.op("Transpose", name, name=role.name(layer).rsplit(".", 1)[0].split(".")[-1]
+                         + "_weight", perm=[1, 0])
 
     def cache_shape(self) -> list:
         return [BATCH, self.kv_heads, self.spec.max_seq_len, self.decoder.head_dim]
