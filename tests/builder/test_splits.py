@@ -49,11 +49,13 @@ def test_memory_budget_splits_a_rank_into_parts(checkpoint, reference_logits, tm
                       OnnxBackend.base_memory)
     assert [(p.layers, p.first, p.last) for p in parts] == [(range(0, 1), True, False),
                                                             (range(1, 2), False, True)]
-    build(ckpt, tmp_path / "engine", max_build_memory=budget, **LIMITS)
-    manifest = read_manifest(tmp_path / "engine")
-    assert manifest.rank_files[0] == ("rank0.part0.onnx", "rank0.part0.onnx.data",
-                                      "rank0.part1.onnx", "rank0.part1.onnx.data")
-    assert_matches(engine_runner(tmp_path / "engine"), reference_logits("llama-gqa"))
+    for workers in (1, 2):  # 2: each part in its own spawned worker, half the budget each
+        engine = tmp_path / f"engine{workers}"
+        build(ckpt, engine, max_build_memory=budget * workers, workers=workers, **LIMITS)
+        manifest = read_manifest(engine)
+        assert manifest.rank_files[0] == ("rank0.part0.onnx", "rank0.part0.onnx.data",
+                                          "rank0.part1.onnx", "rank0.part1.onnx.data")
+        assert_matches(engine_runner(engine), reference_logits("llama-gqa"))
 
 
 def test_budget_too_small_for_one_layer(checkpoint, tmp_path):
