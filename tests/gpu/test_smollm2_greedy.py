@@ -13,10 +13,13 @@ import pytest
 import torch
 
 from kiln.builder.api import build
+from kiln.engine import read_manifest
 from kiln.reference import ReferenceDecoder
 from kiln.runtime.core import EngineCore
-from kiln.runtime.loader import ExecutorOptions, open_engine
+from kiln.runtime.loader import ExecutorOptions
 from kiln.runtime.sampling import SamplingParams
+from kiln.runtime.torch_backend.executor import TorchExecutorOptions
+from kiln.runtime.torch_executor import load_executor
 from tests.models import kiln_checkpoint
 
 pytestmark = pytest.mark.gpu
@@ -72,7 +75,9 @@ def _run(core: EngineCore, prompts, late: int = 0) -> list[list[int]]:
 
 def test_greedy_alone_and_in_flight_match_hf(smollm2):
     ckpt, engine, prompts, want = smollm2
-    _, ex = open_engine(engine, ExecutorOptions(device="cuda"))
+    # 32 slots x 128 tokens in 64-token blocks, + scratch: every request fits at once
+    ex = load_executor(engine, read_manifest(engine), ExecutorOptions(device="cuda"),
+                       TorchExecutorOptions(kv_cache_blocks=65))
     core = EngineCore(ex)
     alone = [_run(core, [p])[0] for p in prompts]
     assert alone == want

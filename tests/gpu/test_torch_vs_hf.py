@@ -13,8 +13,11 @@ import pytest
 import torch
 
 from kiln.builder.api import build
+from kiln.engine import read_manifest
 from kiln.runtime.executor import SequenceChunk
-from kiln.runtime.loader import ExecutorOptions, open_engine
+from kiln.runtime.loader import ExecutorOptions
+from kiln.runtime.torch_backend.executor import TorchExecutorOptions
+from kiln.runtime.torch_executor import load_executor
 from tests.models import PROMPT, VARIANTS, hf_model, kiln_checkpoint, model_class
 
 pytestmark = pytest.mark.gpu
@@ -48,7 +51,10 @@ def hf_logits(model, prompt: list[int], tokens: list[int]) -> list[torch.Tensor]
 
 
 def kiln_logits(engine_dir, prompt: list[int], steps: int) -> tuple[list[torch.Tensor], list[int]]:
-    _, ex = open_engine(engine_dir, ExecutorOptions(device="cuda"))
+    # An explicit cache size: parallel test workers share the GPU, so sizing from free memory
+    # would race (benchmarks/gpu.py covers the free-memory sizing).
+    ex = load_executor(engine_dir, read_manifest(engine_dir), ExecutorOptions(device="cuda"),
+                       TorchExecutorOptions(kv_cache_blocks=16))
     assert ex.model.kernels.name == "triton" and ex.graphs is not None
     assert ex.reserve(2, len(prompt) + steps)
     logits = [ex.step([SequenceChunk(2, prompt, 0)])[0]]

@@ -68,11 +68,12 @@ def test_decode_matches_reference(dtype, heads, page, variant):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("heads", HEADS, ids=str)
 @pytest.mark.parametrize("variant", ["plain", "window", "wide-window", "alibi"])
-def test_prefill_matches_reference(dtype, heads, variant):
+@pytest.mark.parametrize("page,config", [(64, None), (16, None), (64, (64, 128, 4, 2))],
+                         ids=["page64", "page16", "tiles-span-pages"])
+def test_prefill_matches_reference(dtype, heads, variant, page, config):
     device = triton_device()
     skip_unsupported(dtype, device)
     hq, hkv, d = heads
-    page = 64
     # (cached before, new queries): a fresh prefill, a later chunk, a one-token chunk, a long one
     chunks = [(0, 70), (100, 33), (5, 1), (0, 200)]
     ctx = [c + n for c, n in chunks]
@@ -84,7 +85,8 @@ def test_prefill_matches_reference(dtype, heads, variant):
               sliding_window={"window": 40, "wide-window": 150}.get(variant),
               alibi_slopes=alibi_slopes(hq, device) if variant == "alibi" else None)
     got = torch.full_like(q, float("nan"))
-    _kernels().paged_prefill_attention(q, k, v, table, ctx_lens, starts, lens, got, **kw)
+    _kernels().paged_prefill_attention(q, k, v, table, ctx_lens, starts, lens, got,
+                                       config=config, **kw)
     want = torch.empty_like(q)
     ref.paged_prefill_attention(q, k, v, table, ctx_lens, starts, lens, want, **kw)
     assert_close(got, want, dtype)

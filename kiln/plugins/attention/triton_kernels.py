@@ -178,7 +178,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     splits = num_splits or decode_splits(b, hkv, max_ctx, q.device)
     partition = triton.cdiv(triton.cdiv(max_ctx, splits), block_n) * block_n
     splits = triton.cdiv(max_ctx, partition)
-    d_pad, group = triton.next_power_of_2(d), hq // hkv
+    d_pad, group = max(16, triton.next_power_of_2(d)), hq // hkv
     part = ml = out  # unread unless split
     if splits > 1:
         part = torch.empty((b, hq, splits, d_pad), dtype=torch.float32, device=q.device)
@@ -209,9 +209,14 @@ def _prefill_tiles(q, m_i, l_i, acc, k_ptr, v_ptr, table, cache, c_stride_b, c_s
     """Online softmax over key tiles [start, stop); MASKED applies causal/window/length masks."""
     n_offs = tl.arange(0, BLOCK_N)
     for n0 in range(start, stop, BLOCK_N):
-        block = tl.load(table + n0 // PAGE).to(tl.int64)
-        base = block * c_stride_b + (n0 % PAGE) * c_stride_r + cache
         kpos = n0 + n_offs
+        if BLOCK_N <= PAGE:  # the tile lies in one block: one table entry
+            block = tl.load(table + n0 // PAGE).to(tl.int64)
+            base = block * c_stride_b + (n0 % PAGE) * c_stride_r + cache
+        else:  # the tile spans blocks: one entry per row (past the end: scratch block 0)
+            blocks = tl.load(table + kpos // PAGE, mask=kpos < hi, other=0).to(tl.int64)
+            base = blocks[:, None] * c_stride_b + (kpos % PAGE - n_offs)[:, None] * c_stride_r \
+                + cache
         if MASKED:
             kmask = kpos < hi
             s = _tile_scores(q, k_ptr + base, kpos, kmask, d_mask, qk_scale, slopes, ALIBI,
@@ -250,7 +255,7 @@ def _prefill_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_s
                     PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     ALIBI: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr):
     b = tl.program_id(0)
-    mt = tl.program_id(1)
+    mt = tl.num_programs(1) - 1 - tl.program_id(1)  # causal: the heaviest tiles start first
     h = tl.program_id(2)
     q_len = tl.load(lens_ptr + b)
     if mt * BLOCK_M >= q_len:
@@ -300,19 +305,32 @@ def _prefill_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_s
              o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) for 16-bit head_dim <= 128; swept on an H200 by
+# benchmarks/gpu.py (kernels section), see benchmarks/GPU_NOTES.md.
+PREFILL_CONFIG_16BIT = (128, 64, 8, 2)
+
+
+def prefill_config(d_pad: int, dtype: torch.dtype, page: int) -> tuple[int, int, int, int]:
+    if dtype == torch.float32 or d_pad > 128:
+        return 64, 64, 4, 2
+    return PREFILL_CONFIG_16BIT
+
+
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, ctx_lens: torch.Tensor,
                             q_starts: torch.Tensor, q_lens: torch.Tensor, out: torch.Tensor, *,
                             scale: float, alibi_slopes: torch.Tensor | None = None,
                             sliding_window: int | None = None, max_q_len: int | None = None,
-                            max_ctx_len: int | None = None) -> torch.Tensor:
-    page, block_n = _check(q, k_cache, v_cache)
+                            max_ctx_len: int | None = None,
+                            config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """``config``: (BLOCK_M, BLOCK_N, num_warps, num_stages), default :func:`prefill_config`."""
+    page, _ = _check(q, k_cache, v_cache)
     b, hq, d = q_starts.shape[0], q.shape[1], q.shape[2]
     if b == 0:
         return out
     max_q = max_q_len if max_q_len is not None else q.shape[0]
-    d_pad = triton.next_power_of_2(d)
-    block_m = 128 if d_pad <= 128 and q.dtype != torch.float32 else 64
+    d_pad = max(16, triton.next_power_of_2(d))
+    block_m, block_n, warps, stages = config or prefill_config(d_pad, q.dtype, page)
     slopes = alibi_slopes if alibi_slopes is not None else ctx_lens
     grid = (b, triton.cdiv(max_q, block_m), hq)
     _prefill_kernel[grid](
@@ -321,5 +339,5 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         out.stride(0), out.stride(1), slopes, scale * LOG2E, sliding_window or 0,
         GROUP=hq // k_cache.shape[1], HEAD_DIM=d, D_PAD=d_pad, PAGE=page, BLOCK_M=block_m,
         BLOCK_N=block_n, ALIBI=alibi_slopes is not None, WINDOW=sliding_window is not None,
-        PRECISION=_precision(q.dtype), num_warps=8 if block_m == 128 else 4, num_stages=2)
+        PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages)
     return out

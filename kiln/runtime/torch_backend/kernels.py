@@ -22,6 +22,7 @@ _OPS = {  # op -> plugin folder under kiln.plugins
     "paged_prefill_attention": "attention",
     "add_norm": "norm",
     "silu_and_mul": "gated_mlp",
+    "gemv": "gemv",
 }
 
 
@@ -33,6 +34,7 @@ class KernelSet:
     paged_prefill_attention: Callable
     add_norm: Callable
     silu_and_mul: Callable
+    gemv: Callable  # single-row projections (batch-1 decode), optionally fed by silu*up
 
 
 def load_kernels(name: str | None, device: torch.device) -> KernelSet:

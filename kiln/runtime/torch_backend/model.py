@@ -19,6 +19,7 @@ decode step can be captured in a CUDA graph.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -53,12 +54,20 @@ class StepInputs:
 
 
 class Linear:
-    """A packed weight: ``[out, in]`` (``F.linear``) or pre-transposed ``[in, out]``."""
+    """A packed weight: ``[out, in]`` (``F.linear``) or pre-transposed ``[in, out]``.
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool):
+    With ``gemv`` (the plugin kernel), single-row inputs of an ``[out, in]`` weight use it
+    instead of cuBLAS (batch-1 decode streams the weight faster that way).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool,
+                 gemv: Callable | None = None):
         self.weight, self.bias, self.transposed = weight, bias, transposed
+        self.gemv = None if transposed else gemv
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if self.gemv is not None and x.shape[0] == 1 and out is None:
+            return self.gemv(x, self.weight, self.bias)
         if out is not None:
             w = self.weight if self.transposed else self.weight.t()
             y = torch.matmul(x, w, out=out)
@@ -100,7 +109,7 @@ class PagedDecoder:
 
         def linear(role: Role, bias: Role, i: int | None = None) -> Linear:
             name = role.name(i)
-            return Linear(tensors[name], get(bias.name(i)), name in transposed)
+            return Linear(tensors[name], get(bias.name(i)), name in transposed, kernels.gemv)
 
         def norm(role: Role, bias: Role, i: int | None = None) -> Norm | None:
             w = get(role.name(i))
@@ -183,5 +192,9 @@ class PagedDecoder:
 
     def _mlp(self, layer: Layer, h: torch.Tensor) -> torch.Tensor:
         if layer.gate_up is not None:
-            return layer.down(self.kernels.silu_and_mul(layer.gate_up(h)))
+            gate_up = layer.gate_up(h)
+            if h.shape[0] == 1 and layer.down.gemv is not None:  # silu*up fused into down
+                return layer.down.gemv(gate_up, layer.down.weight, layer.down.bias,
+                                       silu_input=True)
+            return layer.down(self.kernels.silu_and_mul(gate_up))
         return layer.down(F.gelu(layer.up(h)))

@@ -1,0 +1,65 @@
+"""Triton single-row projection (GEMV) for batch-1 decode, optionally fed by silu(gate) * up.
+
+Same contract as :mod:`kiln.plugins.gemv.triton_reference`. At one row a projection is a pure
+weight stream; cuBLAS reaches ~3.1 TB/s on the 4096-wide ones of an 8B model on an H200 and
+splits K (plus a reduce kernel) for the MLP's down projection. Here each program owns
+``BLOCK_N`` output rows and streams them in ``BLOCK_K`` pieces (software-pipelined loads),
+accumulating ``[BLOCK_N, BLOCK_K]`` partial products in float32 and reducing once at the end.
+With ``SILU`` the input row is computed on the fly from the gate/up projection, which removes
+the separate activation kernel from the step.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, n, k, SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n
+    w_rows = w_ptr + rows[:, None].to(tl.int64) * k
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(0, k, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < k
+        w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        if SILU:
+            gate = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            up = tl.load(x_ptr + k + cols, mask=col_ok, other=0.0).to(tl.float32)
+            x = (gate / (1.0 + tl.exp(-gate)) * up).to(y_ptr.dtype.element_ty).to(tl.float32)
+        else:
+            x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        acc += w.to(tl.float32) * x[None, :]
+    y = tl.sum(acc, 1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+
+def gemv_config(n: int, k: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages), from a sweep on an H200 (GPU_NOTES.md)."""
+    if n >= 16384:
+        return 16, 256, 4, 4
+    if k >= 8192 or n <= 4096:
+        return 4, 1024, 4, 3
+    return 8, 512, 4, 3
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+         silu_input: bool = False) -> torch.Tensor:
+    n, k = weight.shape
+    if x.shape[0] != 1 or x.shape[1] != (2 * k if silu_input else k) or x.stride(-1) != 1 \
+            or not weight.is_contiguous():
+        raise ValueError(f"gemv: need x [1, {2 * k if silu_input else k}] with contiguous rows "
+                         f"and a contiguous [N, K] weight; found x {tuple(x.shape)}")
+    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    block_n, block_k, warps, stages = gemv_config(n, k)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, bias if bias is not None else weight, y, n, k, SILU=silu_input,
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        num_stages=stages)
+    return y

@@ -1,0 +1,26 @@
+"""PyTorch reference of the Triton single-row projection (GEMV) used by batch-1 decode steps.
+
+Contract, shared with :mod:`kiln.plugins.gemv.triton_kernels`:
+``gemv(x, weight, bias=None, *, silu_input=False) -> y``
+
+- ``x`` [1, K] (``[1, 2K]`` with ``silu_input``), ``weight`` [N, K] row-major (the packed
+  ``[out, in]`` layout), ``bias`` [N] or None; ``y`` [1, N] in x's dtype, accumulated in
+  float32.
+- ``silu_input``: x holds a fused ``[gate | up]`` row and the product's input is
+  ``silu(gate) * up`` rounded to the dtype (the gated MLP's activation, then its down
+  projection, in one kernel).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kiln.plugins.gated_mlp.triton_reference import silu_and_mul
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+         silu_input: bool = False) -> torch.Tensor:
+    if silu_input:
+        x = silu_and_mul(x)
+    return F.linear(x, weight, bias)
