@@ -3,6 +3,9 @@ float32) and run through the LLM API and ``kiln run``; greedy output matches HF 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 from pathlib import Path
 
 import pytest
@@ -17,15 +20,29 @@ pytestmark = pytest.mark.slow
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small"]
 
 
+@contextlib.contextmanager
+def shared_dir(tmp_path_factory, name: str):
+    """A directory shared by the xdist workers of this run, built once under a file lock."""
+    root = tmp_path_factory.getbasetemp().parent  # common to all workers of one run
+    with open(root / f"{name}.lock", "a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield root / name
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="module")
 def engine(smollm2_dir, tmp_path_factory) -> Path:
     from kiln.builder import build
 
-    root = tmp_path_factory.mktemp("smollm2")
-    checkpoint = kiln.convert_checkpoint(smollm2_dir, root / "ckpt", progress=False)
-    build(checkpoint, root / "engine", backend="onnx", max_batch_size=4, max_seq_len=128,
-          max_input_len=64, max_num_tokens=96)
-    return root / "engine"
+    with shared_dir(tmp_path_factory, "smollm2-onnx") as root:
+        if not (root / "engine" / "config.json").is_file():
+            checkpoint = kiln.convert_checkpoint(smollm2_dir, root / "ckpt", overwrite=True,
+                                                 progress=False)
+            build(checkpoint, root / "engine", backend="onnx", max_batch_size=4,
+                  max_seq_len=128, max_input_len=64, max_num_tokens=96, overwrite=True)
+        return root / "engine"
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +51,15 @@ def llm(engine) -> LLM:
 
 
 @pytest.fixture(scope="module")
-def hf_greedy(smollm2_dir):
+def hf_greedy(smollm2_dir, tmp_path_factory):
+    with shared_dir(tmp_path_factory, "smollm2-hf-greedy") as root:
+        path = root.with_suffix(".json")
+        if not path.is_file():
+            path.write_text(json.dumps(_hf_greedy(smollm2_dir)))
+        return [tuple(t) for t in json.loads(path.read_text())]
+
+
+def _hf_greedy(smollm2_dir):
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
@@ -44,7 +69,7 @@ def hf_greedy(smollm2_dir):
         ids = tok(prompt, return_tensors="pt").input_ids
         with torch.no_grad():
             gen = model.generate(ids, max_new_tokens=32, do_sample=False)
-        out.append(tuple(gen[0, ids.shape[1]:].tolist()))
+        out.append(gen[0, ids.shape[1]:].tolist())
     return out
 
 
