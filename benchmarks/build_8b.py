@@ -7,6 +7,10 @@ The kiln checkpoint (about 16 GB) is written once to ``--workdir`` and reused. T
 in a child process (``kiln build``) so its peak RSS is the build's own; the peak is sampled
 over the child's process tree (workers included) and cross-checked with getrusage.
 Goals (24 GB machine): peak RSS <= 20 GB, wall time < 3 minutes.
+
+Measured on the 2-core / 24 GB development machine (TensorRT-RTX 1.7.1.116, target sm86, other
+engineers' jobs running): 3 parts (layers 0-9, 10-21, 22-31), wall time 89.7 s, peak RSS
+16.85 GB, engines 16.09 GB.
 """
 
 from __future__ import annotations

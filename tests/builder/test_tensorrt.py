@@ -138,3 +138,20 @@ def test_fused_attention_refused_in_float32(checkpoint, tmp_path):
               **{**TRT, "dtype": "float32", "plugins": {"attention": "enable"}})
     result = build(checkpoint("llama-gqa"), tmp_path / "engine", **{**TRT, "dtype": "float32"})
     assert result.manifest.plugins["attention"] is False  # auto chose the decomposed form
+
+
+def test_missing_library(monkeypatch):
+    from kiln.builder import tensorrt_backend
+
+    def no_tensorrt(name):
+        raise ImportError(name)
+    monkeypatch.setattr(tensorrt_backend.importlib, "import_module", no_tensorrt)
+    with pytest.raises(EngineError, match="pip install tensorrt-rtx-cu13==1.7.1.116"):
+        TensorRTBackend()
+
+
+def test_full_tensorrt_builds_for_the_local_gpu_only():
+    from kiln.builder.tensorrt_backend import check_targets
+    check_targets(("sm90",), full=True, gpu="sm90")
+    with pytest.raises(EngineError, match=r"full TensorRT builds for the GPU it runs on \(sm90\)"):
+        check_targets(("sm86",), full=True, gpu="sm90")

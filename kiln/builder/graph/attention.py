@@ -57,6 +57,7 @@ def emit_attention(ctx: EmitContext, i: int, h: str) -> str:
 
 
 def _qkv(ctx: EmitContext, i: int, h: str) -> tuple[str, str, str]:
+    """h ─► MatMul(Transpose(qkv.weight)) ─► (Add qkv.bias) ─► (Clip ±clip_qkv) ─► Split q|k|v"""
     g, cfg = ctx.g, ctx.decoder
     qkv = g.op("MatMul", h, ctx.weight(Role.QKV, i, linear=True), name="qkv")
     bias = ctx.weight(Role.QKV_BIAS, i)
