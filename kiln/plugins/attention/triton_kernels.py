@@ -50,7 +50,7 @@ def _online_update(s, allowed, m_i, l_i, acc, v_ptrs, kmask, d_mask, PRECISION: 
     return m_new, l_i * alpha + tl.sum(p, 1), acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["window", "partition", "num_splits"])
 def _decode_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_stride_h,
                    c_stride_r, table_ptr, table_stride, ctx_ptr, rows_ptr, out_ptr, o_stride_t,
                    o_stride_h, part_ptr, ml_ptr, slopes_ptr, qk_scale, window, partition,
@@ -106,7 +106,7 @@ def _decode_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_st
         tl.store(ml_ptr + idx * 2 + 1, l_i, mask=m_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["partition", "num_splits"])
 def _merge_kernel(part_ptr, ml_ptr, ctx_ptr, rows_ptr, out_ptr, o_stride_t, o_stride_h,
                   num_heads, partition, num_splits, HEAD_DIM: tl.constexpr,
                   D_PAD: tl.constexpr, S_PAD: tl.constexpr):
@@ -247,7 +247,7 @@ def _unmasked_update(q, m_i, l_i, acc, k_ptrs, v_ptrs, kpos, d_mask, qk_scale, s
     return m_new, l_i * alpha + tl.sum(p, 1), acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["window"])
 def _prefill_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_stride_h,
                     c_stride_r, table_ptr, table_stride, ctx_ptr, starts_ptr, lens_ptr, out_ptr,
                     o_stride_t, o_stride_h, slopes_ptr, qk_scale, window,
@@ -307,7 +307,7 @@ def _prefill_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_s
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) for 16-bit head_dim <= 128; swept on an H200 by
 # benchmarks/gpu.py (kernels section), see benchmarks/GPU_NOTES.md.
-PREFILL_CONFIG_16BIT = (128, 64, 8, 2)
+PREFILL_CONFIG_16BIT = (64, 64, 4, 3)
 
 
 def prefill_config(d_pad: int, dtype: torch.dtype, page: int) -> tuple[int, int, int, int]:

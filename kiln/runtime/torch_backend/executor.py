@@ -107,16 +107,17 @@ class TorchExecutor(Executor):
         """Profile one full step on a small cache, then size the real one from what is free."""
         limits, cfg = self.limits, self.config
         n = min(limits.max_num_tokens, limits.max_seq_len)
-        probe = self._new_cache(cdiv(limits.max_seq_len, self.options.page_size) + 1, dtype, 1)
+        probe = self._new_cache(2 * cdiv(limits.max_seq_len, self.options.page_size) + 1,
+                                dtype, 2)
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         base = torch.cuda.memory_allocated(self.device)
         self.cache = probe
-        probe.allocator.reserve(0, n)
-        self._lengths = [0]
-        self._eager([SequenceChunk(0, [0] * n, 0)])
+        self._lengths = [0, 0]
+        self._step_on_probe([SequenceChunk(0, [0] * n, 0)])
         torch.cuda.synchronize(self.device)
         activations = torch.cuda.max_memory_allocated(self.device) - base
+        self._warm_up_kernels()
         del self.cache, probe
         torch.cuda.empty_cache()
         # logits of a full decode batch (model dtype in the graphs, float32 returned) + slack
@@ -129,6 +130,26 @@ class TorchExecutor(Executor):
         logger.info("KV cache: %.2f GiB free, %.2f GiB kept for activations -> %d blocks",
                     free / 2**30, reserve / 2**30, num_blocks)
         return num_blocks
+
+    def _step_on_probe(self, chunks: list[SequenceChunk], num_splits: int | None = None) -> None:
+        for c in chunks:
+            self.cache.allocator.reserve(c.slot, c.start + len(c.tokens))
+            self._lengths[c.slot] = c.start + len(c.tokens)
+        self._eager(chunks, num_splits)
+
+    def _warm_up_kernels(self) -> None:
+        """Compile every kernel variant a step can need now, not during someone's request.
+
+        Mixed steps run decode and prefill attention together; the decode kernel has a split
+        and an unsplit variant; single-row steps use the GEMV kernel.
+        """
+        for slot in (0, 1):
+            self.cache.allocator.release(slot)
+        self._step_on_probe([SequenceChunk(0, [0, 0, 0], 0)])
+        self._step_on_probe([SequenceChunk(0, [0], 3), SequenceChunk(1, [0, 0], 0)])
+        self._step_on_probe([SequenceChunk(0, [0], 4), SequenceChunk(1, [0], 2)], num_splits=2)
+        self._step_on_probe([SequenceChunk(0, [0], 5)])
+        torch.cuda.synchronize(self.device)
 
     # -- the executor contract ----------------------------------------------------------
     def reserve(self, slot: int, num_tokens: int) -> bool:
@@ -152,10 +173,11 @@ class TorchExecutor(Executor):
             self._lengths[c.slot] = c.start + len(c.tokens)
         return logits.float()
 
-    def _eager(self, chunks: Sequence[SequenceChunk]) -> torch.Tensor:
+    def _eager(self, chunks: Sequence[SequenceChunk], num_splits: int | None = None,
+               ) -> torch.Tensor:
         plan = make_plan(chunks, self.cache.allocator)
         inp = step_inputs(plan, self.uploader, self.rope, self.options.page_size,
-                          self.options.decode_splits)
+                          num_splits or self.options.decode_splits)
         return self.model.forward(inp, self.cache)
 
     def _check(self, chunks: Sequence[SequenceChunk]) -> None:
