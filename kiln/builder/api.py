@@ -21,12 +21,12 @@ import kiln
 from kiln.builder.backends import Backend, BuildPlan, PartResult, get_backend
 from kiln.builder.graph.context import GraphSpec, RankWeights
 from kiln.builder.options import BuildOptions, resolve_limits
-from kiln.builder.output import atomic_dir, check_output, copy_tokenizer
 from kiln.builder.plan import plan_rank
 from kiln.builder.runner import run_parts
 from kiln.checkpoint import CheckpointConfig, load_config, rank_file
 from kiln.engine import EngineManifest
 from kiln.errors import CheckpointError, ConfigError
+from kiln.outputs import atomic_dir, check_output, copy_tokenizer
 from kiln.plugins import PluginContext, resolve_plugins
 
 log = logging.getLogger(__name__)

@@ -19,12 +19,9 @@ import hashlib
 import json
 import logging
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,11 +29,12 @@ import torch
 from tqdm import tqdm
 
 import kiln
-from kiln.checkpoint import CONFIG_NAME, TOKENIZER_FILES, CheckpointConfig, rank_file
+from kiln.checkpoint import CONFIG_NAME, CheckpointConfig, rank_file
 from kiln.config import DTYPES, DecoderConfig, Mapping
 from kiln.converters.base import Converter, TensorRule, concat_rows, converter_for
 from kiln.converters.source import Source, SourceTensor, open_source
-from kiln.errors import ConfigError, OutputExistsError, TensorMappingError
+from kiln.errors import ConfigError, TensorMappingError
+from kiln.outputs import atomic_dir, check_output, copy_tokenizer
 from kiln.roles import SHARDING, Role, expected_shape, parse_name, tensor_names
 from kiln.sharding import shard_ranges, shard_shape
 from kiln.tensorio import StreamingWriter, iter_row_chunks
@@ -78,8 +76,7 @@ def convert_checkpoint(model_dir: str | Path, output_dir: str | Path, *, dtype: 
     input, leaving nothing behind.
     """
     output_dir = Path(output_dir).expanduser()
-    if output_dir.exists() and not overwrite:
-        raise OutputExistsError(f"{output_dir}: already exists; pass --overwrite to replace it")
+    check_output(output_dir, overwrite)
     if dtype != "auto" and dtype not in DTYPES:
         raise ConfigError(f"dtype must be auto or one of {', '.join(DTYPES)}, found {dtype!r}")
     source = open_source(str(model_dir), revision=revision, allow_pickle=allow_pickle)
@@ -92,10 +89,10 @@ def convert_checkpoint(model_dir: str | Path, output_dir: str | Path, *, dtype: 
     log.info("converting %s (%s, %d layers) to %s, tp=%d pp=%d", source.directory,
              decoder.architecture, decoder.num_layers, out_dtype, tp_size, pp_size)
     started = time.perf_counter()
-    with _atomic_dir(output_dir, overwrite) as tmp, ThreadPoolExecutor(1) as pool:
+    with atomic_dir(output_dir, overwrite) as tmp, ThreadPoolExecutor(1) as pool:
         hashes = pool.submit(_hash_files, source.weight_files)
         _write_ranks(tmp, plans, decoder, mapping, getattr(torch, out_dtype), progress)
-        _copy_tokenizer(source.directory, tmp)
+        copy_tokenizer(source.directory, tmp)
         config = CheckpointConfig(decoder=decoder, mapping=mapping, dtype=out_dtype,
                                   source=_provenance(source, converter, hashes),
                                   kiln_version=kiln.__version__)
@@ -266,35 +263,6 @@ def _ranks_holding(plan: TargetPlan, config: DecoderConfig, mapping: Mapping) ->
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype) if t.is_floating_point() else t
-
-
-@contextmanager
-def _atomic_dir(target: Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary directory beside ``target``, renamed onto it only if the body succeeds."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-        if target.exists():
-            if not overwrite:
-                raise OutputExistsError(f"{target}: appeared during conversion; not replaced")
-            trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            target.rename(trash / "old")
-            tmp.rename(target)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _copy_tokenizer(src: Path, dst: Path) -> None:
-    copied = [name for name in TOKENIZER_FILES if (src / name).is_file()]
-    for name in copied:
-        shutil.copy2(src / name, dst / name)
-    if not any(n in copied for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        log.warning("%s has no tokenizer files; the engine will need one to run text", src)
 
 
 def _hash_files(files: list[Path]) -> dict[str, str]:

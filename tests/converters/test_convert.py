@@ -143,7 +143,7 @@ def test_failure_mid_write_keeps_the_old_output(hf_dir, tmp_path, monkeypatch):
     def boom(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr("kiln.converters.convert._copy_tokenizer", boom)
+    monkeypatch.setattr("kiln.converters.convert.copy_tokenizer", boom)
     with pytest.raises(OSError, match="disk full"):
         _convert(hf_dir, out, overwrite=True)
     assert (out / "keep.txt").read_text() == "mine"

@@ -1,4 +1,5 @@
-"""Writing the engine dir: the existence check, atomic rename, tokenizer files."""
+"""Writing an output directory (kiln checkpoint or engine dir): the existence check, the
+atomic rename, and the tokenizer files that make it self-contained."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def atomic_dir(target: Path, overwrite: bool) -> Iterator[Path]:
         yield tmp
         if target.exists():
             if not overwrite:
-                raise OutputExistsError(f"{target}: appeared during the build; not replaced")
+                raise OutputExistsError(f"{target}: appeared while writing it; not replaced")
             trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             target.rename(trash / "old")
             tmp.rename(target)
