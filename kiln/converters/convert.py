@@ -22,8 +22,11 @@ import re
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Empty, Full, Queue
+from threading import Event, Thread
 
 import torch
 from tqdm import tqdm
@@ -161,15 +164,57 @@ def _write_ranks(out: Path, plans: list[TargetPlan], config: DecoderConfig, mapp
     total = sum(s.nbytes for p in plans for s in p.sources)
     with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress,
               leave=False) as bar:
-        for plan in plans:
-            placements = [_Placement.create(writers[rank], plan, config, mapping, tp_rank, dtype)
-                          for tp_rank, rank in _ranks_holding(plan, config, mapping)]
-            for row, chunk in _row_chunks(plan, dtype):
-                for placement in placements:
-                    placement.write(row, chunk)
-            bar.update(sum(s.nbytes for s in plan.sources))
+        # Reading (and casting) runs one chunk ahead of writing, in a thread: both are mostly
+        # system calls that release the GIL, so disk reads overlap disk writes.
+        for plan, row, chunk in _prefetch(((p, r, c) for p in plans for r, c in _row_chunks(p, dtype)),
+                                          depth=2):
+            if row == 0:
+                placements = [_Placement.create(writers[rank], plan, config, mapping, tp_rank, dtype)
+                              for tp_rank, rank in _ranks_holding(plan, config, mapping)]
+            for placement in placements:
+                placement.write(row, chunk)
+            bar.update(chunk.numel() * plan.sources[0].dtype.itemsize)
     for writer in writers.values():
         writer.close()
+
+
+def _prefetch(items: Iterator, depth: int) -> Iterator:
+    """Yield from ``items``, produced by a worker thread up to ``depth`` items ahead.
+
+    An error in the producer is re-raised here; if the consumer stops early (an error while
+    writing), the producer is told to stop and the thread ends.
+    """
+    done, stop = object(), Event()
+    queue: Queue = Queue(maxsize=depth)
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        queue.put(item, timeout=0.1)
+                        break
+                    except Full:
+                        pass
+                if stop.is_set():
+                    return
+            queue.put(done)
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            queue.put(e)
+
+    worker = Thread(target=produce, name="kiln-convert-read", daemon=True)
+    worker.start()
+    try:
+        while (item := queue.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():
+            with suppress(Empty):
+                queue.get(timeout=0.1)
+        worker.join()
 
 
 def _row_chunks(plan: TargetPlan, dtype: torch.dtype) -> Iterator[tuple[int, torch.Tensor]]:

@@ -174,3 +174,20 @@ def test_offline_hub_gives_a_clear_error(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "HF_HUB_OFFLINE" in lines[0] and "some-org/some-model" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_read_error_mid_stream_is_raised_and_cleaned_up(hf_dir, tmp_path, monkeypatch):
+    from kiln.converters.source import SafetensorsTensor
+
+    calls, original = [], SafetensorsTensor.read
+
+    def flaky(self, rows=None):
+        calls.append(rows)
+        if len(calls) == 5:
+            raise OSError("I/O error reading the source")
+        return original(self, rows)
+
+    monkeypatch.setattr(SafetensorsTensor, "read", flaky)
+    with pytest.raises(OSError, match="I/O error"):
+        _convert(hf_dir, tmp_path / "out", tp_size=2)
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
