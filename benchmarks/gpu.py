@@ -242,8 +242,9 @@ def kernel_bench(results: dict) -> None:
     zero = torch.zeros(1, device=dev, dtype=torch.int32)
     flops = 4 * n * n / 2 * d * hq
     sweep = []
-    for config in ((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3),
-                   (64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 3)):
+    for config in ((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 4, 4),
+                   (128, 64, 8, 2, True), (128, 64, 8, 3, True), (64, 64, 4, 3, True),
+                   (64, 64, 4, 4, True), (128, 64, 4, 3, True), (64, 32, 4, 3, True)):
         try:
             ms = bench_ms(partial(attn.paged_prefill_attention, q, kc, vc, table, one, zero, one,
                                   out, scale=d ** -0.5, max_q_len=n, config=config))

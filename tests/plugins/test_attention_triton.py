@@ -68,12 +68,15 @@ def test_decode_matches_reference(dtype, heads, page, variant):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("heads", HEADS, ids=str)
 @pytest.mark.parametrize("variant", ["plain", "window", "wide-window", "alibi"])
-@pytest.mark.parametrize("page,config", [(64, None), (16, None), (64, (64, 128, 4, 2))],
-                         ids=["page64", "page16", "tiles-span-pages"])
+@pytest.mark.parametrize("page,config", [(64, None), (16, None), (64, (64, 128, 4, 2)),
+                                         (64, (64, 64, 4, 3, True))],
+                         ids=["page64", "page16", "tiles-span-pages", "tma"])
 def test_prefill_matches_reference(dtype, heads, variant, page, config):
     device = triton_device()
     skip_unsupported(dtype, device)
     hq, hkv, d = heads
+    if config is not None and len(config) > 4 and (device.type != "cuda" or d & (d - 1)):
+        pytest.skip("TMA tiles: GPUs only, power-of-two head_dim")
     # (cached before, new queries): a fresh prefill, a later chunk, a one-token chunk, a long one
     chunks = [(0, 70), (100, 33), (5, 1), (0, 200)]
     ctx = [c + n for c, n in chunks]

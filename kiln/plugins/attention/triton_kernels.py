@@ -203,33 +203,64 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 @triton.jit
 def _prefill_tiles(q, m_i, l_i, acc, k_ptr, v_ptr, table, cache, c_stride_b, c_stride_r,
                    start, stop, hi,
-                   qpos, d_mask, qk_scale, slopes, window, PAGE: tl.constexpr,
-                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, WINDOW: tl.constexpr,
-                   ALIBI: tl.constexpr, PRECISION: tl.constexpr):
+                   qpos, d_mask, qk_scale, slopes, window, rows_per_block, kv_row,
+                   PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                   WINDOW: tl.constexpr, ALIBI: tl.constexpr, PRECISION: tl.constexpr,
+                   TMA: tl.constexpr):
     """Online softmax over key tiles [start, stop); MASKED applies causal/window/length masks."""
     n_offs = tl.arange(0, BLOCK_N)
     for n0 in range(start, stop, BLOCK_N):
         kpos = n0 + n_offs
-        if BLOCK_N <= PAGE:  # the tile lies in one block: one table entry
-            block = tl.load(table + n0 // PAGE).to(tl.int64)
-            base = block * c_stride_b + (n0 % PAGE) * c_stride_r + cache
-        else:  # the tile spans blocks: one entry per row (past the end: scratch block 0)
-            blocks = tl.load(table + kpos // PAGE, mask=kpos < hi, other=0).to(tl.int64)
-            base = blocks[:, None] * c_stride_b + (kpos % PAGE - n_offs)[:, None] * c_stride_r \
-                + cache
-        if MASKED:
-            kmask = kpos < hi
-            s = _tile_scores(q, k_ptr + base, kpos, kmask, d_mask, qk_scale, slopes, ALIBI,
-                             PRECISION)
-            allowed = (kpos[None, :] <= qpos[:, None]) & kmask[None, :]
-            if WINDOW:
-                allowed &= kpos[None, :] > qpos[:, None] - window
-            m_i, l_i, acc = _online_update(s, allowed, m_i, l_i, acc, v_ptr + base, kmask,
-                                           d_mask, PRECISION)
+        if TMA:  # k_ptr/v_ptr are descriptors of the cache as rows [blocks * Hkv * page, D]
+            block = tl.load(table + n0 // PAGE)
+            row0 = block * rows_per_block + kv_row + n0 % PAGE
+            m_i, l_i, acc = _tma_update(q, m_i, l_i, acc, k_ptr, v_ptr, row0, kpos, hi, qpos,
+                                        qk_scale, slopes, window, MASKED, WINDOW, ALIBI,
+                                        PRECISION)
         else:
-            m_i, l_i, acc = _unmasked_update(q, m_i, l_i, acc, k_ptr + base, v_ptr + base, kpos,
-                                             d_mask, qk_scale, slopes, ALIBI, PRECISION)
+            if BLOCK_N <= PAGE:  # the tile lies in one block: one table entry
+                block = tl.load(table + n0 // PAGE).to(tl.int64)
+                base = block * c_stride_b + (n0 % PAGE) * c_stride_r + cache
+            else:  # the tile spans blocks: one entry per row (past the end: scratch block 0)
+                blocks = tl.load(table + kpos // PAGE, mask=kpos < hi, other=0).to(tl.int64)
+                base = blocks[:, None] * c_stride_b \
+                    + (kpos % PAGE - n_offs)[:, None] * c_stride_r + cache
+            if MASKED:
+                kmask = kpos < hi
+                s = _tile_scores(q, k_ptr + base, kpos, kmask, d_mask, qk_scale, slopes, ALIBI,
+                                 PRECISION)
+                allowed = (kpos[None, :] <= qpos[:, None]) & kmask[None, :]
+                if WINDOW:
+                    allowed &= kpos[None, :] > qpos[:, None] - window
+                m_i, l_i, acc = _online_update(s, allowed, m_i, l_i, acc, v_ptr + base, kmask,
+                                               d_mask, PRECISION)
+            else:
+                m_i, l_i, acc = _unmasked_update(q, m_i, l_i, acc, k_ptr + base, v_ptr + base,
+                                                 kpos, d_mask, qk_scale, slopes, ALIBI,
+                                                 PRECISION)
     return m_i, l_i, acc
+
+
+@triton.jit
+def _tma_update(q, m_i, l_i, acc, k_desc, v_desc, row0, kpos, hi, qpos, qk_scale, slopes, window,
+                MASKED: tl.constexpr, WINDOW: tl.constexpr, ALIBI: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """One key tile through the tensor-memory accelerator (whole rows: head_dim == D_PAD)."""
+    k = k_desc.load([row0, 0])
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if ALIBI:
+        s += slopes[:, None] * kpos.to(tl.float32)[None, :]
+    if MASKED:  # rows past the context are stale or zero, finite either way: masked here
+        allowed = (kpos[None, :] <= qpos[:, None]) & (kpos < hi)[None, :]
+        if WINDOW:
+            allowed &= kpos[None, :] > qpos[:, None] - window
+        s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    v = v_desc.load([row0, 0])
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc
 
 
 @triton.jit
@@ -247,13 +278,14 @@ def _unmasked_update(q, m_i, l_i, acc, k_ptrs, v_ptrs, kpos, d_mask, qk_scale, s
     return m_new, l_i * alpha + tl.sum(p, 1), acc
 
 
-@triton.jit(do_not_specialize=["window"])
+@triton.jit(do_not_specialize=["window", "rows_per_block"])
 def _prefill_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_stride_h,
                     c_stride_r, table_ptr, table_stride, ctx_ptr, starts_ptr, lens_ptr, out_ptr,
-                    o_stride_t, o_stride_h, slopes_ptr, qk_scale, window,
+                    o_stride_t, o_stride_h, slopes_ptr, qk_scale, window, rows_per_block,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                     PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    ALIBI: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+                    ALIBI: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+                    TMA: tl.constexpr):
     b = tl.program_id(0)
     mt = tl.num_programs(1) - 1 - tl.program_id(1)  # causal: the heaviest tiles start first
     h = tl.program_id(2)
@@ -293,13 +325,16 @@ def _prefill_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_s
                              * BLOCK_N)
         m_i, l_i, acc = _prefill_tiles(q, m_i, l_i, acc, k_ptr, v_ptr, table, cache, c_stride_b,
                                        c_stride_r, lo, full_lo, hi, qpos, d_mask, qk_scale, slopes,
-                                       window, PAGE, BLOCK_N, True, WINDOW, ALIBI, PRECISION)
+                                       window, rows_per_block, kvh * PAGE, PAGE, BLOCK_N,
+                                       True, WINDOW, ALIBI, PRECISION, TMA)
     m_i, l_i, acc = _prefill_tiles(q, m_i, l_i, acc, k_ptr, v_ptr, table, cache, c_stride_b,
                                    c_stride_r, full_lo, diag, hi, qpos, d_mask, qk_scale, slopes,
-                                   window, PAGE, BLOCK_N, False, WINDOW, ALIBI, PRECISION)
+                                   window, rows_per_block, kvh * PAGE, PAGE, BLOCK_N,
+                                   False, WINDOW, ALIBI, PRECISION, TMA)
     m_i, l_i, acc = _prefill_tiles(q, m_i, l_i, acc, k_ptr, v_ptr, table, cache, c_stride_b,
                                    c_stride_r, diag, hi, hi, qpos, d_mask, qk_scale, slopes,
-                                   window, PAGE, BLOCK_N, True, WINDOW, ALIBI, PRECISION)
+                                   window, rows_per_block, kvh * PAGE, PAGE, BLOCK_N,
+                                       True, WINDOW, ALIBI, PRECISION, TMA)
     o = acc / l_i[:, None]
     tl.store(out_ptr + rows[:, None] * o_stride_t + h * o_stride_h + d_offs[None, :],
              o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
@@ -322,22 +357,33 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             scale: float, alibi_slopes: torch.Tensor | None = None,
                             sliding_window: int | None = None, max_q_len: int | None = None,
                             max_ctx_len: int | None = None,
-                            config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """``config``: (BLOCK_M, BLOCK_N, num_warps, num_stages), default :func:`prefill_config`."""
+                            config: tuple | None = None) -> torch.Tensor:
+    """``config``: (BLOCK_M, BLOCK_N, num_warps, num_stages[, tma]), default
+    :func:`prefill_config`; ``tma`` loads key/value tiles through tensor descriptors."""
     page, _ = _check(q, k_cache, v_cache)
     b, hq, d = q_starts.shape[0], q.shape[1], q.shape[2]
     if b == 0:
         return out
     max_q = max_q_len if max_q_len is not None else q.shape[0]
     d_pad = max(16, triton.next_power_of_2(d))
-    block_m, block_n, warps, stages = config or prefill_config(d_pad, q.dtype, page)
+    block_m, block_n, warps, stages, *tma = config or prefill_config(d_pad, q.dtype, page)
+    tma = bool(tma and tma[0])
+    if tma and (d_pad != d or block_n > page or not k_cache.is_contiguous()):
+        raise ValueError("paged attention (triton): TMA tiles need head_dim a power of two, "
+                         "BLOCK_N <= page_size and contiguous caches")
+    keys, values = k_cache, v_cache
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        keys = TensorDescriptor.from_tensor(k_cache.view(-1, d), [block_n, d])
+        values = TensorDescriptor.from_tensor(v_cache.view(-1, d), [block_n, d])
     slopes = alibi_slopes if alibi_slopes is not None else ctx_lens
     grid = (b, triton.cdiv(max_q, block_m), hq)
     _prefill_kernel[grid](
-        q, q.stride(0), q.stride(1), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1),
+        q, q.stride(0), q.stride(1), keys, values, k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables, block_tables.stride(0), ctx_lens, q_starts, q_lens, out,
         out.stride(0), out.stride(1), slopes, scale * LOG2E, sliding_window or 0,
+        k_cache.stride(0) // d,
         GROUP=hq // k_cache.shape[1], HEAD_DIM=d, D_PAD=d_pad, PAGE=page, BLOCK_M=block_m,
         BLOCK_N=block_n, ALIBI=alibi_slopes is not None, WINDOW=sliding_window is not None,
-        PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages)
+        PRECISION=_precision(q.dtype), TMA=tma, num_warps=warps, num_stages=stages)
     return out

@@ -171,7 +171,9 @@ class TorchExecutor(Executor):
             logits = self._eager(chunks)
         for c in chunks:
             self._lengths[c.slot] = c.start + len(c.tokens)
-        return logits.float()
+        # Always a new tensor: graph logits live in a static buffer the next replay overwrites,
+        # and .float() of a float32 model's logits would return that buffer itself.
+        return logits.to(torch.float32, copy=True)
 
     def _eager(self, chunks: Sequence[SequenceChunk], num_splits: int | None = None,
                ) -> torch.Tensor:
