@@ -1,7 +1,10 @@
 """CPU runtime benchmark: kiln's onnx backend vs onnxruntime-genai, SmolLM2-135M-Instruct, float32.
 
 Both run the same HF checkpoint (``kiln.testing.smollm2``) at the same precision on the same
-cores, in one process, interleaved round by round so that load from other processes hits both:
+cores. Every measurement runs in a fresh process (no thread pool of one runtime lingers beside
+the other), and rounds interleave the runners so that load from other processes hits all of
+them; kiln runs with its defaults and with ``cpu_spin_wait`` (ONNX Runtime's own default of
+busy-waiting worker threads); onnxruntime-genai with its defaults and the same thread count:
 
 - batch-1 decode tokens/s: one request, ``input_len`` prompt tokens, ``output_len`` new tokens
   (EOS ignored); tokens/s = (n - 1) / (time of last token - time of first token).
@@ -67,10 +70,11 @@ def set_genai_threads(genai: Path, threads: int) -> None:
 
 
 class Kiln:
-    def __init__(self, engine: Path, threads: int):
+    def __init__(self, engine: Path, threads: int, spin: bool = False):
         from kiln.runtime import LLM, ExecutorOptions
 
-        self.llm = LLM(engine, ExecutorOptions(device="cpu", num_threads=threads))
+        self.llm = LLM(engine, ExecutorOptions(device="cpu", num_threads=threads,
+                                               cpu_spin_wait=spin))
 
     def decode_b1(self, prompt: list[int], output_len: int) -> float:
         from kiln.runtime import SamplingParams
@@ -120,36 +124,60 @@ class Genai:
         return len(prompts) * len(times) / (times[-1] - start)
 
 
-def measure(args: argparse.Namespace) -> dict:
+RUNNERS = ("kiln", "kiln --cpu_spin_wait", "onnxruntime-genai")
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One measurement in this (fresh) process; prints its figure as JSON."""
     work = Path(args.work_dir).expanduser()
-    work.mkdir(parents=True, exist_ok=True)
-    kiln_engine, genai_dir = build_engines(work, args.input_len, args.output_len,
-                                           args.concurrency)
-    set_genai_threads(genai_dir, args.threads)
     rng = np.random.default_rng(0)
     prompts = rng.integers(100, 49000, size=(args.concurrency, args.input_len)).tolist()
-    runners = {"kiln": Kiln(kiln_engine, args.threads), "onnxruntime-genai": Genai(genai_dir)}
-    figures: dict[str, dict[str, list[float]]] = {
-        name: {"decode_b1_tokens_per_s": [], "throughput_tokens_per_s": []} for name in runners}
+    kiln_engine, genai_dir = build_engines(work, args.input_len, args.output_len,
+                                           args.concurrency)
+    if args.worker == "onnxruntime-genai":
+        runner = Genai(genai_dir)
+    else:
+        runner = Kiln(kiln_engine, args.threads, spin="spin" in args.worker)
+    runner.decode_b1(prompts[0], 8)  # warm-up: allocation and page-in
+    if args.mode == "decode_b1_tokens_per_s":
+        value = runner.decode_b1(prompts[args.round % len(prompts)], args.output_len)
+    else:
+        value = runner.throughput(prompts, args.output_len)
+    print(json.dumps({"value": value}))
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Rounds of (every runner x both measurements), each in a fresh process, interleaved."""
+    work = Path(args.work_dir).expanduser()
+    work.mkdir(parents=True, exist_ok=True)
+    _, genai_dir = build_engines(work, args.input_len, args.output_len, args.concurrency)
+    set_genai_threads(genai_dir, args.threads)
+    modes = ("decode_b1_tokens_per_s", "throughput_tokens_per_s")
+    figures = {name: {mode: [] for mode in modes} for name in RUNNERS}
     load = [os.getloadavg()[0]]
-    for runner in runners.values():  # warm-up: first runs pay allocation and page-in
-        runner.decode_b1(prompts[0], 8)
     for round_ in range(args.rounds):
-        for name, runner in runners.items():
-            figures[name]["decode_b1_tokens_per_s"].append(
-                runner.decode_b1(prompts[round_ % len(prompts)], args.output_len))
-        for name, runner in runners.items():
-            figures[name]["throughput_tokens_per_s"].append(
-                runner.throughput(prompts, args.output_len))
+        for mode in modes:
+            for name in RUNNERS:
+                cmd = [sys.executable, __file__, "--worker", name, "--mode", mode,
+                       "--round", str(round_), *_shared_flags(args)]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                figures[name][mode].append(json.loads(out.strip().splitlines()[-1])["value"])
         load.append(os.getloadavg()[0])
-        log.info("round %d: %s", round_, {n: {k: round(v[-1], 2) for k, v in f.items()}
-                                          for n, f in figures.items()})
+        log.info("round %d: %s (load %.1f)", round_, {n: {k: round(v[-1], 2)
+                                                       for k, v in f.items()}
+                                                   for n, f in figures.items()}, load[-1])
     return {"model": "SmolLM2-135M-Instruct", "dtype": "float32", "threads": args.threads,
             "input_len": args.input_len, "output_len": args.output_len,
             "concurrency": args.concurrency, "rounds": args.rounds, "load_average_1m": load,
             "runs": figures,
             "median": {n: {k: statistics.median(v) for k, v in f.items()}
                        for n, f in figures.items()}}
+
+
+def _shared_flags(args: argparse.Namespace) -> list[str]:
+    return ["--work_dir", str(args.work_dir), "--input_len", str(args.input_len),
+            "--output_len", str(args.output_len), "--concurrency", str(args.concurrency),
+            "--threads", str(args.threads)]
 
 
 def main() -> int:
@@ -162,16 +190,27 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--json_output", type=Path)
+    parser.add_argument("--worker", choices=RUNNERS, help=argparse.SUPPRESS)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING if args.worker else logging.INFO,
+                        format="%(message)s")
+    if args.worker:
+        worker(args)
+        return 0
     report = measure(args)
-    kiln, genai = report["median"]["kiln"], report["median"]["onnxruntime-genai"]
-    print(f"{'median of ' + str(args.rounds) + ' rounds':<34}{'kiln':>10}{'ort-genai':>11}"
-          f"{'ratio':>8}")
+    med = report["median"]
+    genai = med["onnxruntime-genai"]
+    print(f"{'median of ' + str(args.rounds) + ' rounds':<30}" + "".join(
+        f"{name:>22}" for name in RUNNERS))
     for key, label in (("decode_b1_tokens_per_s", "batch-1 decode tokens/s"),
                        ("throughput_tokens_per_s",
                         f"{args.concurrency} x {args.input_len}/{args.output_len} tokens/s")):
-        print(f"{label:<34}{kiln[key]:>10.2f}{genai[key]:>11.2f}{kiln[key] / genai[key]:>8.2f}")
+        cells = [f"{med[n][key]:.2f}" + ("" if n == "onnxruntime-genai" else
+                                          f" ({med[n][key] / genai[key]:.2f}x)")
+                 for n in RUNNERS]
+        print(f"{label:<30}" + "".join(f"{c:>22}" for c in cells))
     if args.json_output:
         args.json_output.write_text(json.dumps(report, indent=2) + "\n")
     return 0

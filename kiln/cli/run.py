@@ -20,8 +20,8 @@ import click
 from kiln.cli.context import CliContext
 from kiln.runtime import LLM, CompletionResult, ExecutorOptions, SamplingParams
 
-# Fields with their own flag (max_tokens is --max_output_len) or not useful on a command line.
-_NOT_FLAGS = {"max_tokens"}
+# Fields with their own flag (max_tokens is --max_output_len) or not shown by this command.
+_NOT_FLAGS = {"max_tokens", "logprobs"}  # logprobs: the API returns them; run prints text
 
 
 def _click_type(annotation: Any) -> tuple[Any, bool]:
