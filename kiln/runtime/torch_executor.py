@@ -44,8 +44,8 @@ def check_machine(manifest: EngineManifest, machine: MachineInfo) -> None:
 
 
 def _fraction(options: ExecutorOptions) -> float:
-    """--kv_cache_free_gpu_memory_fraction, where this kiln's ExecutorOptions carries it."""
-    value = getattr(options, "kv_cache_free_gpu_memory_fraction", None)
+    """--kv_cache_free_gpu_memory_fraction, or the torch executor's default (0.9)."""
+    value = options.kv_cache_free_gpu_memory_fraction
     return TorchExecutorOptions.kv_cache_free_gpu_memory_fraction if value is None else value
 
 

@@ -36,3 +36,16 @@ def test_hf_baseline_refuses_other_architectures(tmp_path):
     config = load_config(ckpt)
     with pytest.raises(ConfigError, match="Llama/Mistral-style"):
         hf_model(config.decoder, load_rank(ckpt, 0, config))
+
+
+def test_hf_baseline_for_a_torch_engine(tmp_path):
+    from kiln.builder.api import build
+    from kiln.runtime.torch_backend.hf_baseline import hf_baseline_for_engine
+
+    ckpt = kiln_checkpoint(make_hf("llama-gqa", tmp_path / "hf"), tmp_path / "ckpt")
+    build(ckpt, tmp_path / "engine", backend="torch", max_seq_len=32, dtype="float32")
+    outputs, run = hf_baseline_for_engine(tmp_path / "engine", [PROMPT, PROMPT[::-1]], 5, 2,
+                                          device="cpu")
+    ref = ReferenceDecoder.from_checkpoint(ckpt)
+    assert outputs == [ref.generate(PROMPT, 5), ref.generate(PROMPT[::-1], 5)]
+    assert run.output_tokens == 10 and run.tokens_per_second > 0

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -142,3 +143,34 @@ def hf_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
     logger.info("HF generate: %d tokens in %.2f s (%.1f tok/s, batch %d)", run.output_tokens,
                 run.seconds, run.tokens_per_second, batch_size)
     return outputs, run
+
+
+def hf_baseline_for_engine(engine_dir: str | Path, prompts: Sequence[Sequence[int]],
+                           max_new_tokens: int, batch_size: int,
+                           device: str = "cuda") -> tuple[list[list[int]], HfRun]:
+    """``--baseline hf`` of ``kiln bench``: HF ``generate()`` on a torch engine's own weights.
+
+    Loads rank 0's packed tensors onto ``device`` (release the kiln executor first: its KV
+    cache holds most of the GPU), wraps them in an HF model without copying, and times greedy
+    generation of ``prompts`` ``batch_size`` at a time.
+    """
+    from kiln.builder.torch_backend import check_packed, read_packed
+    from kiln.engine import EngineError, read_manifest
+
+    engine_dir = Path(engine_dir)
+    manifest = read_manifest(engine_dir)
+    if manifest.backend != "torch":
+        raise EngineError(f"--baseline hf needs a torch engine (its packed weights); "
+                          f"{engine_dir} is a {manifest.backend} engine: rebuild with --backend "
+                          f"torch")
+    tensors: dict[str, torch.Tensor] = {}
+    for name in manifest.rank_files.get(0, ()):
+        part, transposed = read_packed(engine_dir / name, torch.device(device))
+        if transposed:
+            raise EngineError(f"{engine_dir}: --baseline hf reads [out, in] weights; this engine "
+                              f"stores {sorted(transposed)[:3]} transposed")
+        tensors.update(part)
+    check_packed(manifest.decoder, tensors, str(engine_dir))
+    model = hf_model(manifest.decoder, tensors)
+    hf_generate(model, [prompts[0]], min(4, max_new_tokens), 1)  # warm up
+    return hf_generate(model, prompts, max_new_tokens, batch_size)
