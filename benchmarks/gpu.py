@@ -212,28 +212,10 @@ def gemv_experiment(results: dict, config: DecoderConfig) -> None:
     results["gemv_experiment"] = rows
 
 
-def kernel_bench(results: dict) -> None:
-    from kiln.plugins.attention import triton_kernels as attn
-    from kiln.plugins.gated_mlp import triton_kernels as mlp
-    from kiln.plugins.norm import triton_kernels as norm
-    from kiln.plugins.rotary import triton_kernels as rope
-
-    dev, dt = torch.device("cuda"), torch.bfloat16
-    hq, hkv, d, page = 32, 8, 128, 64
+def _prefill_sweep(results: dict, attn, dev, dt, hq: int, hkv: int, d: int,
+                   page: int) -> list[dict]:
+    """Prefill attention tile configs on one 2,048-token causal prompt; the best is kept."""
     rows = []
-    for b, ctx in ((1, 256), (1, 2048), (64, 256), (256, 256), (512, 256)):
-        pages = -(-ctx // page)
-        kc = torch.randn(b * pages + 1, hkv, page, d, device=dev, dtype=dt)
-        vc = torch.randn_like(kc)
-        table = (torch.randperm(b * pages, device=dev) + 1).view(b, pages).int()
-        lens = torch.full((b,), ctx, device=dev, dtype=torch.int32)
-        q = torch.randn(b, hq, d, device=dev, dtype=dt)
-        out, rows_i = torch.empty_like(q), torch.arange(b, device=dev, dtype=torch.int32)
-        ms = bench_ms(partial(attn.paged_decode_attention, q, kc, vc, table, lens, rows_i, out,
-                              scale=d ** -0.5, max_ctx_len=ctx))
-        byt = 2 * b * ctx * hkv * d * 2
-        rows.append({"kernel": f"decode b={b} ctx={ctx}", "us": ms * 1e3,
-                     "tb_s": byt / ms / 1e9})
     n = 2048
     kc = torch.randn(n // page + 1, hkv, page, d, device=dev, dtype=dt)
     vc = torch.randn_like(kc)
@@ -266,6 +248,32 @@ def kernel_bench(results: dict) -> None:
                           enable_gqa=True))
     rows.append({"kernel": f"prefill {n} causal (torch SDPA, contiguous)", "us": ms * 1e3,
                  "tflops": flops / ms / 1e9})
+    return rows
+
+
+def kernel_bench(results: dict) -> None:
+    from kiln.plugins.attention import triton_kernels as attn
+    from kiln.plugins.gated_mlp import triton_kernels as mlp
+    from kiln.plugins.norm import triton_kernels as norm
+    from kiln.plugins.rotary import triton_kernels as rope
+
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    hq, hkv, d, page = 32, 8, 128, 64
+    rows = []
+    for b, ctx in ((1, 256), (1, 2048), (64, 256), (256, 256), (512, 256)):
+        pages = -(-ctx // page)
+        kc = torch.randn(b * pages + 1, hkv, page, d, device=dev, dtype=dt)
+        vc = torch.randn_like(kc)
+        table = (torch.randperm(b * pages, device=dev) + 1).view(b, pages).int()
+        lens = torch.full((b,), ctx, device=dev, dtype=torch.int32)
+        q = torch.randn(b, hq, d, device=dev, dtype=dt)
+        out, rows_i = torch.empty_like(q), torch.arange(b, device=dev, dtype=torch.int32)
+        ms = bench_ms(partial(attn.paged_decode_attention, q, kc, vc, table, lens, rows_i, out,
+                              scale=d ** -0.5, max_ctx_len=ctx))
+        byt = 2 * b * ctx * hkv * d * 2
+        rows.append({"kernel": f"decode b={b} ctx={ctx}", "us": ms * 1e3,
+                     "tb_s": byt / ms / 1e9})
+    rows += _prefill_sweep(results, attn, dev, dt, hq, hkv, d, page)
     for t in (1, 512, 2048):
         x = torch.randn(t, 4096, device=dev, dtype=dt)
         res = torch.randn_like(x)
