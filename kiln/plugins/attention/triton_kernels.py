@@ -340,15 +340,18 @@ def _prefill_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_s
              o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) for 16-bit head_dim <= 128; swept on an H200 by
-# benchmarks/gpu.py (kernels section), see benchmarks/GPU_NOTES.md.
-PREFILL_CONFIG_16BIT = (64, 64, 4, 3)
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, tma) for 16-bit head_dim <= 128, the winner of the
+# sweep in benchmarks/gpu.py on an H200 (118 us vs 125 us without TMA for a 2,048-token causal
+# prompt, 32/8 heads of 128; GPU_NOTES.md). TMA tiles need whole power-of-two rows and a tile
+# inside one page; other shapes take the same tiles through pointer loads.
+PREFILL_CONFIG_16BIT = (64, 64, 4, 3, True)
 
 
-def prefill_config(d_pad: int, dtype: torch.dtype, page: int) -> tuple[int, int, int, int]:
+def prefill_config(d: int, d_pad: int, dtype: torch.dtype, page: int) -> tuple:
     if dtype == torch.float32 or d_pad > 128:
         return 64, 64, 4, 2
-    return PREFILL_CONFIG_16BIT
+    block_m, block_n, warps, stages, tma = PREFILL_CONFIG_16BIT
+    return block_m, block_n, warps, stages, tma and d == d_pad and block_n <= page
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -366,7 +369,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         return out
     max_q = max_q_len if max_q_len is not None else q.shape[0]
     d_pad = max(16, triton.next_power_of_2(d))
-    block_m, block_n, warps, stages, *tma = config or prefill_config(d_pad, q.dtype, page)
+    block_m, block_n, warps, stages, *tma = config or prefill_config(d, d_pad, q.dtype, page)
     tma = bool(tma and tma[0])
     if tma and (d_pad != d or block_n > page or not k_cache.is_contiguous()):
         raise ValueError("paged attention (triton): TMA tiles need head_dim a power of two, "
