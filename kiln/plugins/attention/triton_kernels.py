@@ -347,11 +347,12 @@ def _prefill_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_s
 PREFILL_CONFIG_16BIT = (64, 64, 4, 3, True)
 
 
-def prefill_config(d: int, d_pad: int, dtype: torch.dtype, page: int) -> tuple:
+def prefill_config(d: int, d_pad: int, dtype: torch.dtype, page: int, cuda: bool) -> tuple:
+    """Default tiles; TMA only on CUDA devices (Triton's CPU interpreter has no descriptors)."""
     if dtype == torch.float32 or d_pad > 128:
         return 64, 64, 4, 2
     block_m, block_n, warps, stages, tma = PREFILL_CONFIG_16BIT
-    return block_m, block_n, warps, stages, tma and d == d_pad and block_n <= page
+    return block_m, block_n, warps, stages, tma and cuda and d == d_pad and block_n <= page
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -369,7 +370,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         return out
     max_q = max_q_len if max_q_len is not None else q.shape[0]
     d_pad = max(16, triton.next_power_of_2(d))
-    block_m, block_n, warps, stages, *tma = config or prefill_config(d, d_pad, q.dtype, page)
+    block_m, block_n, warps, stages, *tma = config or prefill_config(d, d_pad, q.dtype, page,
+                                                                      q.is_cuda)
     tma = bool(tma and tma[0])
     if tma and (d_pad != d or block_n > page or not k_cache.is_contiguous()):
         raise ValueError("paged attention (triton): TMA tiles need head_dim a power of two, "
