@@ -10,10 +10,11 @@ import dataclasses
 from pathlib import Path
 
 import click
+import torch
 
 from kiln.cli.context import CliContext
 from kiln.runtime import LLM, ExecutorOptions
-from kiln.runtime.bench import Workload, run_benchmark
+from kiln.runtime.bench import Workload, make_prompts, run_benchmark
 
 
 @click.command("bench")
@@ -41,13 +42,23 @@ from kiln.runtime.bench import Workload, run_benchmark
 @click.option("--cpu_spin_wait", is_flag=True,
               help="Let idle CPU threads busy-wait between operators (faster only on an "
                    "otherwise idle machine).")
+@click.option("--kv_cache_free_gpu_memory_fraction", default=0.9, show_default=True,
+              type=click.FloatRange(min=0, max=1, min_open=True),
+              help="torch backend: share of free GPU memory for the paged KV cache.")
+@click.option("--baseline", type=click.Choice(("hf",)), default=None,
+              help="Also run the same prompts through HF transformers generate() on the "
+                   "engine's own weights (torch engines) and report kiln / HF.")
+@click.option("--baseline_batch_size", default=64, show_default=True,
+              type=click.IntRange(min=1), help="Batch size of the HF baseline.")
 @click.pass_obj
 def bench(obj: CliContext, engine_dir: Path, warmup: int, json_output: Path | None, device: str,
-          num_threads: int | None, cpu_spin_wait: bool, **workload: object) -> None:
+          num_threads: int | None, cpu_spin_wait: bool, kv_cache_free_gpu_memory_fraction: float,
+          baseline: str | None, baseline_batch_size: int, **workload: object) -> None:
     """Benchmark an engine with a synthetic workload (in the manner of trtllm-bench)."""
     spec = Workload(**workload)
-    with LLM(engine_dir, ExecutorOptions(device=device, num_threads=num_threads,
-                                         cpu_spin_wait=cpu_spin_wait)) as llm:
+    options = ExecutorOptions(device=device, num_threads=num_threads, cpu_spin_wait=cpu_spin_wait,
+                              kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction)
+    with LLM(engine_dir, options) as llm:
         limits = llm.limits
         if spec.input_len > limits.max_input_len:
             raise click.BadParameter(f"{spec.input_len} exceeds the engine's max_input_len "
@@ -63,11 +74,27 @@ def bench(obj: CliContext, engine_dir: Path, warmup: int, json_output: Path | No
         report = run_benchmark(llm.core, spec)
     report = dataclasses.replace(report, engine=_engine_info(llm))
     click.echo(report.table())
+    if baseline == "hf":  # after the engine is closed: its KV cache holds most of the GPU
+        _hf_baseline(engine_dir, spec, llm.manifest.decoder.vocab_size, baseline_batch_size,
+                     report.output_tokens_per_s)
     if json_output is not None:
         json_output.write_text(report.to_json() + "\n")
         click.echo(f"wrote {json_output}", err=True)
     else:
         click.echo(report.to_json())
+
+
+def _hf_baseline(engine_dir: Path, spec: Workload, vocab_size: int, batch_size: int,
+                 kiln_tokens_per_s: float) -> None:
+    """HF generate() on the same prompts and weights; prints its rate and kiln / HF."""
+    from kiln.runtime.torch_backend.hf_baseline import hf_baseline_for_engine
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    _, run = hf_baseline_for_engine(engine_dir, make_prompts(spec, vocab_size), spec.output_len,
+                                    batch_size, device=device)
+    click.echo(f"{'HF generate tokens/s':<24}{run.tokens_per_second:>10.1f}  (batch "
+               f"{run.batch_size}, {device})")
+    click.echo(f"{'kiln / HF':<24}{kiln_tokens_per_s / run.tokens_per_second:>10.2f}x")
 
 
 def _engine_info(llm: LLM) -> dict:

@@ -1,0 +1,28 @@
+"""kiln bench --baseline hf: the same prompts through HF generate() on a torch engine's weights."""
+
+from __future__ import annotations
+
+import shutil
+
+from click.testing import CliRunner
+
+from kiln.builder.api import build
+from kiln.cli.main import main
+from kiln.testing.smollm2 import smollm2_hf_dir
+from tests.models import hf_model, kiln_checkpoint
+
+
+def test_bench_reports_kiln_over_hf(tmp_path):
+    ckpt = kiln_checkpoint(hf_model("llama-gqa", tmp_path / "hf"), tmp_path / "ckpt")
+    shutil.copy(smollm2_hf_dir() / "tokenizer.json", ckpt / "tokenizer.json")  # text I/O only
+    build(ckpt, tmp_path / "engine", backend="torch", max_batch_size=4, max_seq_len=32,
+          dtype="float32")
+    result = CliRunner().invoke(main, ["bench", "--engine_dir", str(tmp_path / "engine"),
+                                       "--input_len", "6", "--output_len", "4", "--num_requests",
+                                       "3", "--warmup", "0", "--device", "cpu", "--baseline", "hf",
+                                       "--baseline_batch_size", "2"])
+    assert result.exit_code == 0, result.output
+    lines = {line.split("  ")[0]: line for line in result.output.splitlines()}
+    hf_rate = float(lines["HF generate tokens/s"].split()[3])
+    ratio = float(lines["kiln / HF"].split()[3].rstrip("x"))
+    assert hf_rate > 0 and ratio > 0
