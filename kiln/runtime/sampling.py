@@ -183,6 +183,13 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
+def is_plain_greedy(params: SamplingParams) -> bool:
+    """Greedy with no penalty and no logprobs: the token is the argmax of the raw logits, so
+    such rows of a batch can share one argmax (and one device-to-host copy)."""
+    return params.greedy and params.logprobs is None and params.repetition_penalty == 1.0 \
+        and not (params.presence_penalty or params.frequency_penalty)
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int],
            output_ids: Sequence[int], generator: torch.Generator) -> tuple[int, TokenLogprobs | None]:
     """The next token for one request from its float32 logits [vocab] (module docstring)."""

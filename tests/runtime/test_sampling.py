@@ -120,3 +120,16 @@ def test_from_generation_config():
     p = SamplingParams.from_generation_config(
         {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "max_new_tokens": 9}, seed=3)
     assert (p.temperature, p.top_p, p.max_tokens, p.seed) == (0.6, 0.9, 9, 3)
+
+
+@pytest.mark.parametrize("kwargs,plain", [
+    ({"temperature": 0}, True),
+    ({"temperature": 0, "repetition_penalty": 1.2}, False),
+    ({"temperature": 0, "presence_penalty": 0.5}, False),
+    ({"temperature": 0, "logprobs": 2}, False),
+    ({"temperature": 0.7}, False),
+])
+def test_plain_greedy_rows_share_one_argmax_only_when_nothing_else_applies(kwargs, plain):
+    from kiln.runtime.sampling import is_plain_greedy
+
+    assert is_plain_greedy(SamplingParams(**kwargs)) is plain
