@@ -566,9 +566,9 @@ def table(results: dict) -> str:
             ("TTFT 2048-token prompt ms", f"<= {GOALS['ttft_ms_h200']} (H200)", f("ttft_ms"), "",
              "", f"GPU {f('ttft_gpu_ms')} ms; floor {f('ttft_floor_ms')} ms at measured GEMM rate"),
             ("EngineCore batch-1 decode tok/s", "", f("engine_decode_tok_s"), "", "",
-             "runtime loop, per-request sampling"),
+             "runtime loop (scheduler + sampling)"),
             ("EngineCore throughput tok/s", "", f("engine_throughput_tok_s", "{:.0f}"), "", "",
-             "runtime loop, per-request sampling"),
+             "runtime loop (scheduler + sampling)"),
             ("kiln vs HF logits rel L2 (bf16)", "", f("hf_logits_rel_err", "{:.2e}"), "", "",
              f"argmax agree: {results.get('hf_argmax_agree', '-')}")]
     widths = [max(len(str(r[i])) for r in rows) for i in range(5)]
