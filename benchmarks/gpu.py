@@ -20,7 +20,7 @@ and ``gemv`` are experiments, run only when named):
   GPU time of one captured step, so host overhead per step = wall - GPU.
 - ``ttft``: one 2,048-token prompt, batch 1: time to the first token.
 - ``throughput``: N requests of 128 in / 128 out, all queued at once, kiln's scheduler.
-- ``engine``: the same workloads through the runtime's EngineCore (its per-request sampling).
+- ``engine``: the same workloads through the runtime's EngineCore (scheduler + sampling, one argmax per step for greedy rows).
 - ``profile``: torch.profiler tables (top kernels) of a decode step, a 2,048-token prefill and
   a large-batch step, written to ``<out>/profile_*.txt``.
 - ``hf``: HF transformers ``generate()`` on the same weight tensors (no copy), batch 1 and 64,
@@ -486,7 +486,7 @@ def throughput(results: dict, ex: TorchExecutor, n: int, batches: list[int], out
 
 
 def engine_core(results: dict, ex: TorchExecutor, n: int) -> None:
-    """The runtime's own loop (EngineCore: scheduler + per-request sampling), same workloads."""
+    """The runtime's own loop (EngineCore: scheduler + sampling), same workloads."""
     from kiln.runtime.core import EngineCore
     from kiln.runtime.sampling import SamplingParams
 
