@@ -4,6 +4,7 @@ asyncio, chat templates, bad requests."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -152,7 +153,14 @@ def test_no_chat_template_is_a_clear_error(tokenizer):
 
 
 def test_async_submit_stream_abort(scripted, tokenizer):
-    llm, prompt, _ = scripted()
+    llm, prompt, script = scripted()
+    step = llm.core.executor.step
+
+    def slow_step(chunks):  # the engine thread must not finish b before the abort lands
+        time.sleep(0.05)
+        return step(chunks)
+
+    llm.core.executor.step = slow_step
 
     async def main():
         async with AsyncLLM(llm) as engine:
@@ -172,7 +180,8 @@ def test_async_submit_stream_abort(scripted, tokenizer):
             return got_b, text_a, late
 
     got_b, text_a, late = asyncio.run(main())
-    assert got_b[-1].finish_reason == "abort" and len(got_b) <= 4
+    assert got_b[-1].finish_reason == "abort" and len(got_b) <= len(script)
+    assert all(d.finish_reason is None for d in got_b[:-1])
     assert text_a == ANSWER and late.text == ANSWER
     assert llm.async_owner is None and not llm.core.requests
     assert llm.generate(prompt, GREEDY)[0].text == ANSWER  # sync use works again
