@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 import torch
 
-from kiln.cli.context import CliContext
+from kiln.cli.context import CliContext, executor_options
 from kiln.runtime import LLM, ExecutorOptions
 from kiln.runtime.bench import Workload, make_prompts, run_benchmark
 
@@ -35,13 +35,7 @@ from kiln.runtime.bench import Workload, make_prompts, run_benchmark
 @click.option("--seed", default=0, show_default=True, help="Seed of prompts and arrivals.")
 @click.option("--json_output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the report as JSON here [default: print it after the table].")
-@click.option("--device", default="auto", show_default=True,
-              type=click.Choice(("auto", "cpu", "cuda")), help="Where the onnx backend runs.")
-@click.option("--num_threads", default=None, type=click.IntRange(min=1),
-              help="CPU threads [default: all cores].")
-@click.option("--cpu_spin_wait", is_flag=True,
-              help="Let idle CPU threads busy-wait between operators (faster only on an "
-                   "otherwise idle machine).")
+@executor_options
 @click.option("--kv_cache_free_gpu_memory_fraction", default=0.9, show_default=True,
               type=click.FloatRange(min=0, max=1, min_open=True),
               help="torch backend: share of free GPU memory for the paged KV cache.")

@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from kiln.cli.context import CliContext
+from kiln.cli.context import CliContext, executor_options
 from kiln.runtime import LLM, CompletionResult, ExecutorOptions, SamplingParams
 
 # Fields with their own flag (max_tokens is --max_output_len) or not shown by this command.
@@ -89,13 +89,7 @@ def read_prompts(input_text: tuple[str, ...], input_file: Path | None) -> list[s
 @click.option("--streaming", is_flag=True, help="Print text as it is generated.")
 @click.option("--chat", is_flag=True, help="Wrap each prompt as a user message in the model's "
                                            "chat template.")
-@click.option("--device", default="auto", show_default=True,
-              type=click.Choice(("auto", "cpu", "cuda")), help="Where the onnx backend runs.")
-@click.option("--num_threads", default=None, type=click.IntRange(min=1),
-              help="CPU threads [default: all cores].")
-@click.option("--cpu_spin_wait", is_flag=True,
-              help="Let idle CPU threads busy-wait between operators (faster only on an "
-                   "otherwise idle machine).")
+@executor_options
 @sampling_options
 @click.pass_obj
 def run(obj: CliContext, engine_dir: Path, input_text: tuple[str, ...], input_file: Path | None,
