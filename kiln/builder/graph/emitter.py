@@ -140,13 +140,20 @@ class GraphEmitter:
 
     # Nodes --------------------------------------------------------------------------------
     def op(self, op_type: str, *inputs: str, name: str | None = None,
-           outputs: int | Sequence[str] = 1, domain: str = "", **attrs: Any) -> Any:
-        """Add one node; returns its output name (or a list when it has several)."""
+           outputs: int | Sequence[str | None] = 1, domain: str = "", **attrs: Any) -> Any:
+        """Add one node; returns its output name (or a list when it has several).
+
+        ``outputs``: a count (all named after the node), or names, where None names an output
+        after the node and "" leaves an optional output out. A ``domain`` other than ONNX's
+        is imported at version 1 (ONNX Runtime's ``com.microsoft`` contrib ops).
+        """
         node_name = self._unique(f"{self.prefix}/{name}/{op_type}" if name
                                  else f"{self.prefix}/{op_type}")
-        names = [f"{node_name}/output_{k}" for k in range(outputs)] if isinstance(outputs, int) \
-            else list(outputs)
+        names = [None] * outputs if isinstance(outputs, int) else list(outputs)
+        names = [f"{node_name}/output_{k}" if n is None else n for k, n in enumerate(names)]
         attrs = {k: v for k, v in attrs.items() if v is not None}
+        if domain:
+            self.domains.setdefault(domain, 1)
         self.nodes.append(helper.make_node(op_type, list(inputs), names, name=node_name,
                                            domain=domain or None, **attrs))
         return names[0] if len(names) == 1 else names

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
-from onnx import FunctionProto, helper, numpy_helper
+from onnx import FunctionProto, helper
 
 from kiln.builder.graph.emitter import OPSET
 from kiln.plugins.gated_mlp.spec import DOMAIN, GatedMlpAttrs
@@ -47,12 +46,7 @@ def _function(name: str, bias: bool) -> FunctionProto:
     if bias:
         nodes.append(helper.make_node("Add", [matmul_out, "b_gate_up"], ["gate_up"]))
     nodes += [
-        helper.make_node("Shape", ["gate_up"], ["width"], start=-1),
-        helper.make_node("Constant", [], ["two"], value=numpy_helper.from_array(
-            np.array([2], dtype=np.int64))),
-        helper.make_node("Div", ["width", "two"], ["half"]),
-        helper.make_node("Concat", ["half", "half"], ["sizes"], axis=0),
-        helper.make_node("Split", ["gate_up", "sizes"], ["gate", "up"], axis=-1),
+        helper.make_node("Split", ["gate_up"], ["gate", "up"], axis=-1, num_outputs=2),
         helper.make_node("Sigmoid", ["gate"], ["sig"]),
         helper.make_node("Mul", ["gate", "sig"], ["silu"]),
         helper.make_node("Mul", ["silu", "up"], ["act"]),
