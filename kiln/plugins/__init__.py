@@ -7,7 +7,15 @@ kernel (``triton*.py``, for the torch backend). Build switches ``--<op>_plugin
 auto|enable|disable`` choose the form (:func:`resolve_plugins`).
 """
 
-from kiln.plugins import attention, gated_mlp, kv_cache, norm, rotary  # noqa: F401 (registers)
+from kiln.plugins import (  # noqa: F401 (registers)
+    attention,
+    gated_mlp,
+    gqa,
+    kv_cache,
+    norm,
+    residual_norm,
+    rotary,
+)
 from kiln.plugins.registry import (
     PLUGINS,
     PluginContext,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 from kiln.config import DecoderConfig
@@ -42,6 +42,15 @@ class PluginContext:
     backend: str
     targets: tuple[str, ...] = ()
     tp_size: int = 1
+    requested: dict[str, PluginMode] = field(default_factory=dict)  # the build's switches
+
+    def onnxruntime_cpu(self) -> str | None:
+        """None when the graph is built for ONNX Runtime's CPU provider, else why not (the
+        blocker of fused forms that are ONNX Runtime CPU contrib ops)."""
+        if self.backend != "onnx" or tuple(self.targets) != ("cpu",):
+            return (f"an ONNX Runtime CPU op; this build is for {self.backend} "
+                    f"{','.join(self.targets) or 'default targets'}")
+        return None
 
 
 @dataclass(frozen=True)
@@ -89,11 +98,10 @@ def resolve_plugins(modes: dict[str, str | PluginMode], ctx: PluginContext) -> d
     unknown = sorted(set(modes) - set(PLUGINS))
     if unknown:
         raise ConfigError(f"unknown plugins {unknown}; known: {sorted(PLUGINS)}")
-    chosen = {}
-    for name, spec in sorted(PLUGINS.items()):
-        mode = parse_mode(name, modes.get(name, PluginMode.AUTO))
-        chosen[name] = _resolve_one(spec, mode, ctx)
-    return chosen
+    requested = {name: parse_mode(name, modes.get(name, PluginMode.AUTO)) for name in PLUGINS}
+    ctx = replace(ctx, requested=requested)
+    return {name: _resolve_one(spec, requested[name], ctx)
+            for name, spec in sorted(PLUGINS.items())}
 
 
 def _resolve_one(spec: PluginSpec, mode: PluginMode, ctx: PluginContext) -> bool:

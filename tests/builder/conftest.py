@@ -63,4 +63,5 @@ def engine_runner(engine_dir: Path) -> StepRunner:
     chain = [[engine_dir / name] for rank in sorted(manifest.rank_files)
              for name in manifest.rank_files[rank] if name.endswith(".onnx")]
     return StepRunner(chain, manifest.decoder, manifest.mapping, manifest.dtype,
-                      manifest.limits.max_batch_size, manifest.limits.max_seq_len)
+                      manifest.limits.max_batch_size, manifest.limits.max_seq_len,
+                      gqa=manifest.plugins.get("gqa", False))

@@ -126,11 +126,14 @@ class StepRunner:
     """Steps of chunks through a chain of graph groups (see the module docstring).
 
     ``chain[k]`` lists the graphs of chain position k, one per tp rank (pipeline stages and
-    a rank's parts in order).
+    a rank's parts in order). ``gqa``: the graphs use GroupQueryAttention, which takes decodes,
+    prompts from position 0, and a continued prefill in separate runs (kiln/plugins/gqa); a
+    step then runs as one run per such group.
     """
 
     def __init__(self, chain: Sequence[Sequence[Path]], decoder: DecoderConfig, mapping: Mapping,
-                 dtype: str, max_slots: int, max_seq_len: int):
+                 dtype: str, max_slots: int, max_seq_len: int, gqa: bool = False):
+        self.gqa = gqa
         elem = helper.np_dtype_to_tensor_dtype(np.dtype(NP_DTYPES[dtype]))
         self.groups = [Single(g[0]) if len(g) == 1 else TpGroup(g, elem) for g in chain]
         self.tp = mapping.tp_size
@@ -141,6 +144,19 @@ class StepRunner:
 
     def step(self, chunks: Sequence[Chunk]) -> np.ndarray:
         """float32 logits [len(chunks), vocab] of each chunk's last token."""
+        if not self.gqa:
+            return self._run(chunks)
+        decodes = [b for b, c in enumerate(chunks) if len(c[1]) == 1]
+        prompts = [b for b, c in enumerate(chunks) if len(c[1]) > 1 and c[2] == 0]
+        groups = [g for g in (decodes, prompts) if g] + \
+            [[b] for b, c in enumerate(chunks) if len(c[1]) > 1 and c[2] > 0]
+        out = [None] * len(chunks)
+        for group in groups:
+            for b, logits in zip(group, self._run([chunks[b] for b in group]), strict=True):
+                out[b] = logits
+        return np.stack(out)
+
+    def _run(self, chunks: Sequence[Chunk]) -> np.ndarray:
         slots = [c[0] for c in chunks]
         width = max(len(c[1]) for c in chunks)
         ids = np.zeros((len(chunks), width), np.int64)

@@ -8,7 +8,7 @@ import pytest
 
 from kiln.builder import build
 from kiln.checkpoint import load_config
-from kiln.config import PositionType
+from kiln.config import PositionType, RopeScalingType
 from kiln.plugins import PLUGINS
 from tests.builder.conftest import LIMITS, engine_runner
 from tests.builder.reference_steps import SCHEDULE
@@ -43,9 +43,13 @@ def max_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
 def test_plugins_resolved(results):
     decoder, _, out = results
     assert out["disable"][0].plugins == dict.fromkeys(PLUGINS, False)
+    rope = decoder.position_type is PositionType.ROPE
+    static_rope = rope and (decoder.rope_scaling is None
+                            or decoder.rope_scaling.type is not RopeScalingType.DYNAMIC)
     assert out["auto"][0].plugins == {
         "attention": True, "kv_cache": True, "norm": True, "gated_mlp": decoder.gated_mlp,
-        "rotary": decoder.position_type is PositionType.ROPE}
+        "rotary": rope, "residual_norm": True,
+        "gqa": static_rope and decoder.head_dim % 16 == 0 and not decoder.qk_norm}
 
 
 @pytest.mark.parametrize("mode", ["auto", "disable"])

@@ -72,7 +72,8 @@ def tp_runner(ckpt, directory, plugins: bool) -> StepRunner:
     spec = GraphSpec(decoder=config.decoder, mapping=mapping, dtype="float32",
                      max_seq_len=LIMITS["max_seq_len"],
                      plugins=dict.fromkeys(PLUGINS, plugins) | {
-                         "gated_mlp": plugins and config.decoder.gated_mlp})
+                         "gated_mlp": plugins and config.decoder.gated_mlp,
+                         "gqa": False, "residual_norm": False})  # ONNX Runtime CPU only
     from kiln.builder.graph.context import PartSpec
     chain = []
     for pp_rank in range(mapping.pp_size):

@@ -14,8 +14,8 @@ BASE = dict(architecture="x", vocab_size=16, hidden_size=64, num_layers=1, num_h
             num_kv_heads=2, head_dim=16, intermediate_size=32, max_position_embeddings=32)
 
 
-def ctx(backend="onnx", dtype="float16", **kw) -> PluginContext:
-    return PluginContext(DecoderConfig(**{**BASE, **kw}), dtype, backend)
+def ctx(backend="onnx", dtype="float16", targets=("cpu",), **kw) -> PluginContext:
+    return PluginContext(DecoderConfig(**{**BASE, **kw}), dtype, backend, targets)
 
 
 def test_every_plugin_has_all_parts():
@@ -60,3 +60,30 @@ def test_tensorrt_head_limits():
     odd_dim = ctx(backend="tensorrt", head_dim=8)
     with pytest.raises(ConfigError, match="head_dim 8"):
         resolve_plugins({"attention": "enable"}, odd_dim)
+
+
+def test_onnxruntime_cpu_forms_only_for_onnx_cpu():
+    for other in (ctx(backend="tensorrt", targets=("sm86",)), ctx(targets=("cuda",))):
+        chosen = resolve_plugins({}, other)
+        assert chosen["gqa"] is False and chosen["residual_norm"] is False
+    with pytest.raises(ConfigError, match="gqa_plugin enable: an ONNX Runtime CPU op; this "
+                                          "build is for tensorrt sm86"):
+        resolve_plugins({"gqa": "enable"}, ctx(backend="tensorrt", targets=("sm86",)))
+
+
+@pytest.mark.parametrize("kw,reason", [
+    (dict(position_type=PositionType.ALIBI, alibi_slopes=[0.5, 0.25, 0.125, 0.0625]),
+     "no alibi position bias"),
+    (dict(head_dim=24), "head_dim % 16 == 0, found 24"),
+    (dict(qk_norm=True), "qk_norm"),
+])
+def test_gqa_model_limits(kw, reason):
+    assert resolve_plugins({}, ctx(**kw))["gqa"] is False
+    with pytest.raises(ConfigError, match=reason):
+        resolve_plugins({"gqa": "enable"}, ctx(**kw))
+
+
+@pytest.mark.parametrize("replaced", ["attention", "rotary", "kv_cache"])
+def test_gqa_yields_to_a_disabled_plugin_it_replaces(replaced):
+    chosen = resolve_plugins({replaced: "disable"}, ctx())
+    assert chosen["gqa"] is False and chosen[replaced] is False

@@ -7,6 +7,8 @@ from kiln.builder.graph.context import EmitContext
 from kiln.config import PositionType
 from kiln.plugins.attention import AttentionAttrs
 from kiln.plugins.attention import onnx as attention_plugin
+from kiln.plugins.gqa import GqaAttrs
+from kiln.plugins.gqa import onnx as gqa_plugin
 from kiln.plugins.kv_cache import onnx as kv_cache_plugin
 from kiln.plugins.norm import NormAttrs
 from kiln.plugins.norm import onnx as norm_plugin
@@ -28,10 +30,16 @@ def emit_attention(ctx: EmitContext, i: int, h: str) -> str:
     k, v ─► kv_cache plugin ─► present_key_i, present_value_i (graph outputs)
     q, presents ─► attention plugin ─► [B, Hq, S, D]
       ─► Transpose [B, S, Hq, D] ─► Reshape [B, S, Hq * D] ─► o MatMul
+
+    gqa plugin: h ─► qkv MatMul ─► (Add bias) ─► (Clip) ─► GroupQueryAttention ─► o MatMul
+    (rotary, the cache write and attention in one node; see kiln/plugins/gqa/spec.py).
     """
     g, cfg = ctx.g, ctx.decoder
     with g.scope("attn"):
-        q, k, v = _qkv(ctx, i, h)
+        if ctx.spec.plugins.get("gqa"):
+            return g.op("MatMul", _gqa(ctx, i, _projection(ctx, i, h)),
+                        ctx.weight(Role.OUT, i, linear=True), name="o")
+        q, k, v = _split(ctx, _projection(ctx, i, h))
         if cfg.qk_norm:
             q = _qk_norm(ctx, q, Role.Q_NORM, Role.Q_NORM_BIAS, i, "q_norm")
             k = _qk_norm(ctx, k, Role.K_NORM, Role.K_NORM_BIAS, i, "k_norm")
@@ -56,8 +64,8 @@ def emit_attention(ctx: EmitContext, i: int, h: str) -> str:
         return g.op("MatMul", out, ctx.weight(Role.OUT, i, linear=True), name="o")
 
 
-def _qkv(ctx: EmitContext, i: int, h: str) -> tuple[str, str, str]:
-    """h ─► MatMul(Transpose(qkv.weight)) ─► (Add qkv.bias) ─► (Clip ±clip_qkv) ─► Split q|k|v"""
+def _projection(ctx: EmitContext, i: int, h: str) -> str:
+    """h ─► MatMul(Transpose(qkv.weight)) ─► (Add qkv.bias) ─► (Clip ±clip_qkv): q|k|v packed"""
     g, cfg = ctx.g, ctx.decoder
     qkv = g.op("MatMul", h, ctx.weight(Role.QKV, i, linear=True), name="qkv")
     bias = ctx.weight(Role.QKV_BIAS, i)
@@ -66,9 +74,24 @@ def _qkv(ctx: EmitContext, i: int, h: str) -> tuple[str, str, str]:
     if cfg.clip_qkv is not None:
         qkv = g.op("Clip", qkv, g.scalar(-cfg.clip_qkv, ctx.elem), g.scalar(cfg.clip_qkv, ctx.elem),
                    name="clip_qkv")
+    return qkv
+
+
+def _split(ctx: EmitContext, qkv: str) -> tuple[str, str, str]:
+    g, cfg = ctx.g, ctx.decoder
     q_size, kv_size = ctx.heads * cfg.head_dim, ctx.kv_heads * cfg.head_dim
     return g.op("Split", qkv, g.int64s(q_size, kv_size, kv_size), name="qkv_split", axis=-1,
                 outputs=3)
+
+
+def _gqa(ctx: EmitContext, i: int, qkv: str) -> str:
+    cfg = ctx.decoder
+    cos, sin, _ = positions.rope_tables(ctx)
+    seqlens_k, total_length = positions.gqa_lengths(ctx)
+    attrs = GqaAttrs(num_heads=ctx.heads, num_kv_heads=ctx.kv_heads, head_dim=cfg.head_dim,
+                     scale=cfg.softmax_scale, sliding_window=cfg.sliding_window)
+    past, present = cache_names(i)
+    return gqa_plugin.emit(ctx.g, qkv, past, present, seqlens_k, total_length, cos, sin, attrs)
 
 
 def _qk_norm(ctx: EmitContext, x: str, weight: Role, bias: Role, i: int, name: str) -> str:

@@ -132,4 +132,5 @@ class EmitContext:
 
 
 FLOAT32 = TensorProto.FLOAT
+INT32 = TensorProto.INT32
 INT64 = TensorProto.INT64

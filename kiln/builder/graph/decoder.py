@@ -25,7 +25,7 @@ from kiln.builder.graph.context import (
 )
 from kiln.builder.graph.emitter import FileSink, GraphEmitter, WeightSink, save
 from kiln.builder.graph.head import emit_head
-from kiln.builder.graph.layer import emit_layer
+from kiln.builder.graph.layer import emit_layer, settle
 from kiln.config import RopeScalingType
 from kiln.roles import Role
 
@@ -39,16 +39,19 @@ def emit_part(spec: GraphSpec, part: PartSpec, weights: RankWeights,
     if part.first:
         with g.scope("embed"):
             x = g.op("Gather", ctx.weight(Role.EMBED), x, axis=0)  # [B, S, H]
+    pending = None
     for i in part.layers:
-        x = emit_layer(ctx, i, x)
-    _outputs(ctx, x)
+        x, pending = emit_layer(ctx, i, x, pending)
+    _outputs(ctx, settle(ctx, x, pending))
     return g.model(doc=f"kiln {part.stem}: layers {part.layers.start}..{part.layers.stop - 1}")
 
 
 def needs_last_index(spec: GraphSpec, part: PartSpec) -> bool:
-    """Whether the part reads ``last_index``: the head, and dynamic-NTK rotary tables."""
+    """Whether the part reads ``last_index``: the head, dynamic-NTK rotary tables, and
+    GroupQueryAttention (each row's valid length)."""
     scaling = spec.decoder.rope_scaling
-    return part.last or (scaling is not None and scaling.type is RopeScalingType.DYNAMIC)
+    return part.last or bool(spec.plugins.get("gqa")) or \
+        (scaling is not None and scaling.type is RopeScalingType.DYNAMIC)
 
 
 def _inputs(ctx: EmitContext) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kiln.builder.graph.context import FLOAT32, INT64, EmitContext
+from kiln.builder.graph.context import FLOAT32, INT32, INT64, EmitContext
 from kiln.config import PositionType, RopeScalingType
 from kiln.plugins.attention import AttentionMask
 from kiln.reference import rope_inv_freq
@@ -113,3 +113,22 @@ def _dynamic(ctx: EmitContext) -> tuple[str, str]:
     if ctx.elem != FLOAT32:
         cos, sin = g.op("Cast", cos, to=ctx.elem), g.op("Cast", sin, to=ctx.elem)
     return cos, sin
+
+
+def gqa_lengths(ctx: EmitContext) -> tuple[str, str]:
+    """GroupQueryAttention's (seqlens_k, total_sequence_length), built once per graph.
+
+    past_len + last_index ─► Cast int32 ─► seqlens_k [B]   (each row's last valid position)
+    ReduceMax(past_len) + Shape(position_ids)[1] ─► Cast int32 ─► total [1]
+    """
+    def build() -> tuple[str, str]:
+        g = ctx.g
+        with g.scope("gqa_lengths"):
+            past = ctx.shared["past_len"]
+            last = g.op("Add", past, ctx.shared["last_index"], name="last")
+            seqlens = g.op("Cast", last, name="seqlens_k", to=INT32)
+            width = g.op("Shape", ctx.shared["position_ids"], name="seq", start=1, end=2)
+            longest = g.op("ReduceMax", past, name="longest_past", keepdims=1)
+            total = g.op("Cast", g.op("Add", longest, width, name="total"), name="total", to=INT32)
+            return seqlens, total
+    return ctx.g.shared("gqa_lengths", build)
