@@ -97,7 +97,8 @@ class OnnxExecutor(Executor):
         self._caches = {(kind, i): ort.OrtValue.ortvalue_from_numpy(
                             np.zeros(shape, self._dtype), self.device, 0)
                         for layers in self._layers for i in layers for kind in ("key", "value")}
-        self.rows = SlotRows(self.limits.max_batch_size, self.max_seq_len)
+        self.rows = SlotRows(self.limits.max_batch_size, self.max_seq_len,
+                             fresh_prompt_batches=manifest.plugins.get("gqa", False))
         logger.info("onnx executor: %d part(s), %s, %d threads, cache %s x %d layers",
                     len(self.sessions), self.device, so.intra_op_num_threads, shape,
                     len(self._caches) // 2)

@@ -16,6 +16,10 @@ Invariant: a run never writes a cache position that holds a token some sequence 
   max_seq_len, and lengths are updated after every run (a later run's idle row must write past
   what an earlier run of the same step added).
 - Pad tokens of a row continue its positions (clamped into the rotary table).
+- Graphs whose attention is ONNX Runtime's GroupQueryAttention (the gqa plugin,
+  ``fresh_prompt_batches``) take a run of several rows with S > 1 only when every row starts
+  at position 0: prompts from position 0 batch together (their idle rows must hold no tokens,
+  the op writes a prompt at [0, S)), and each chunk that continues a prefill runs alone.
 
 Non-goals: paged caches (the torch backend has its own).
 """
@@ -47,9 +51,10 @@ class Run:
 class SlotRows:
     """Per-slot cached lengths and the planning of steps into runs (module docstring)."""
 
-    def __init__(self, max_batch_size: int, max_seq_len: int):
+    def __init__(self, max_batch_size: int, max_seq_len: int, fresh_prompt_batches: bool = False):
         self.max_seq_len = max_seq_len
         self.lengths = [0] * max_batch_size
+        self.fresh_prompt_batches = fresh_prompt_batches
 
     def release(self, slot: int) -> None:
         self.lengths[slot] = 0
@@ -67,6 +72,10 @@ class SlotRows:
         decodes = [i for i, c in enumerate(chunks) if len(c.tokens) == 1]
         prefills = sorted((i for i, c in enumerate(chunks) if len(c.tokens) > 1),
                           key=lambda i: chunks[i].slot)
+        alone = []
+        if self.fresh_prompt_batches:
+            alone = [i for i in prefills if chunks[i].start > 0]
+            prefills = [i for i in prefills if chunks[i].start == 0]
         groups = [decodes] if decodes else []
         if prefills:
             longest = max(len(chunks[i].tokens) for i in prefills)
@@ -76,6 +85,7 @@ class SlotRows:
                 groups.append(prefills)
             else:
                 groups.extend([i] for i in prefills)
+        groups.extend([i] for i in alone)
         runs = []
         for group in groups:
             seq = max(len(chunks[i].tokens) for i in group)
@@ -87,14 +97,19 @@ class SlotRows:
         runs, slots = [], sorted(by_slot)
         current = [slots[0]]
         for slot in slots[1:]:
-            if all(self.lengths[s] + seq <= self.max_seq_len
-                   for s in range(current[-1] + 1, slot)):
+            if all(self._can_idle(s, seq) for s in range(current[-1] + 1, slot)):
                 current.append(slot)
             else:
                 runs.append(current)
                 current = [slot]
         runs.append(current)
         return [Run(r[0], r[-1] + 1, seq, {s: by_slot[s] for s in r}) for r in runs]
+
+    def _can_idle(self, slot: int, seq: int) -> bool:
+        """Whether ``slot`` can sit in a run of ``seq`` tokens without a chunk of its own."""
+        if self.fresh_prompt_batches and seq > 1 and self.lengths[slot]:
+            return False
+        return self.lengths[slot] + seq <= self.max_seq_len
 
     def feeds(self, run: Run, chunks: Sequence[SequenceChunk]) -> dict[str, np.ndarray]:
         """int64 inputs of the run: input_ids, position_ids, past_len, last_index."""

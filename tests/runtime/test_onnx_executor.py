@@ -106,6 +106,8 @@ def built(tmp_path_factory, tiny_checkpoint):
     build(tiny_checkpoint, out, backend="onnx", max_batch_size=LIMITS.max_batch_size,
           max_input_len=LIMITS.max_input_len, max_seq_len=LIMITS.max_seq_len,
           max_num_tokens=LIMITS.max_num_tokens)
+    from kiln.engine import read_manifest
+    assert read_manifest(out).plugins["gqa"]  # the steps below run GroupQueryAttention's rules
     return out, ReferenceExecutor.from_checkpoint(tiny_checkpoint, LIMITS).decoder
 
 
