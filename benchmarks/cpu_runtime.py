@@ -3,8 +3,8 @@
 Both run the same HF checkpoint (``kiln.testing.smollm2``) at the same precision on the same
 cores. Every measurement runs in a fresh process (no thread pool of one runtime lingers beside
 the other), and rounds interleave the runners so that load from other processes hits all of
-them; kiln runs with its defaults and with ``cpu_spin_wait`` (ONNX Runtime's own default of
-busy-waiting worker threads); onnxruntime-genai with its defaults and the same thread count:
+them; kiln runs with its defaults (worker threads spin-wait, ONNX Runtime's default) and with
+``--no_cpu_spin_wait``; onnxruntime-genai with its defaults and the same thread count:
 
 - batch-1 decode tokens/s: one request, ``input_len`` prompt tokens, ``output_len`` new tokens
   (EOS ignored); tokens/s = (n - 1) / (time of last token - time of first token).
@@ -70,7 +70,7 @@ def set_genai_threads(genai: Path, threads: int) -> None:
 
 
 class Kiln:
-    def __init__(self, engine: Path, threads: int, spin: bool = False):
+    def __init__(self, engine: Path, threads: int, spin: bool):
         from kiln.runtime import LLM, ExecutorOptions
 
         self.llm = LLM(engine, ExecutorOptions(device="cpu", num_threads=threads,
@@ -124,7 +124,7 @@ class Genai:
         return len(prompts) * len(times) / (times[-1] - start)
 
 
-RUNNERS = ("kiln", "kiln --cpu_spin_wait", "onnxruntime-genai")
+RUNNERS = ("kiln", "kiln --no_cpu_spin_wait", "onnxruntime-genai")
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -137,7 +137,7 @@ def worker(args: argparse.Namespace) -> None:
     if args.worker == "onnxruntime-genai":
         runner = Genai(genai_dir)
     else:
-        runner = Kiln(kiln_engine, args.threads, spin="spin" in args.worker)
+        runner = Kiln(kiln_engine, args.threads, spin="no_cpu_spin_wait" not in args.worker)
     runner.decode_b1(prompts[0], 8)  # warm-up: allocation and page-in
     if args.mode == "decode_b1_tokens_per_s":
         value = runner.decode_b1(prompts[args.round % len(prompts)], args.output_len)

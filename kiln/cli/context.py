@@ -27,9 +27,9 @@ def executor_options(func):
                      help="Where the onnx backend runs."),
         click.option("--num_threads", default=None, type=click.IntRange(min=1),
                      help="CPU threads [default: all cores]."),
-        click.option("--cpu_spin_wait", is_flag=True,
-                     help="Let idle CPU threads busy-wait between operators (faster only on an "
-                          "otherwise idle machine)."),
+        click.option("--cpu_spin_wait/--no_cpu_spin_wait", default=True, show_default=True,
+                     help="Let idle CPU threads busy-wait between operators (ONNX Runtime's "
+                          "default; turn off on a machine shared with other busy processes)."),
     ]
     for option in reversed(options):
         func = option(func)

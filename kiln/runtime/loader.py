@@ -37,11 +37,13 @@ class ExecutorOptions:
 
     device: str = "auto"  # onnx: "cpu", "cuda" or "auto" (CUDA when onnxruntime-gpu has it)
     num_threads: int | None = None  # CPU threads (None: all cores of this process)
-    # Let idle CPU worker threads busy-wait for the next operator. Off by default: on a shared
-    # or busy machine a spinning thread starves the others (measured: SmolLM2 decode median
-    # 106 -> 59 ms/token at batch 1, 290 -> 185 ms/step at batch 16, on the loaded 2-core dev
-    # box); on an idle dedicated machine turning it on gains a little latency.
-    cpu_spin_wait: bool = False
+    # Let idle CPU worker threads busy-wait for the next operator: ONNX Runtime's own default
+    # (and onnxruntime-genai's), faster on a machine the runtime has to itself (SmolLM2 on the
+    # 2-core dev box: 16 x 128/128 tokens/s 160 vs 149, batch-1 decode 32 vs 29 tokens/s,
+    # medians of 3 rounds of benchmarks/cpu_runtime.py). Turn it off on a machine shared with
+    # other busy processes: there a spinning thread starves them and itself (measured under
+    # heavy load: batch-1 decode 106 ms/token spinning vs 59 ms not).
+    cpu_spin_wait: bool = True
     rank: int = 0  # this process's rank (tensor/pipeline parallel engines)
     verify_checksums: bool = True
     kv_cache_free_gpu_memory_fraction: float | None = None  # paged caches (torch backend)
