@@ -24,7 +24,9 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +40,7 @@ from kiln.runtime.rows import Run, SlotRows
 logger = logging.getLogger(__name__)
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
-MAX_BINDINGS = 256  # kept I/O bindings, one per (part, slot window); dropped all at once when full
+MAX_WINDOWS = 256  # kept I/O bindings, one per (part, slot window); dropped all at once when full
 
 
 def check_machine(manifest: EngineManifest, machine: MachineInfo) -> None:
@@ -72,6 +74,15 @@ def session_options(num_threads: int | None, spin_wait: bool = False):
     return so
 
 
+@dataclass
+class _Window:
+    """A kept I/O binding of one part over slots [lo, hi): caches bound once, and for the last
+    part the logits [hi - lo, vocab] in a buffer of their own (no output lookup per step)."""
+
+    binding: Any  # onnxruntime.IOBinding
+    logits: Any | None  # onnxruntime.OrtValue
+
+
 class OnnxExecutor(Executor):
     """ONNX Runtime executor (see the module docstring)."""
 
@@ -98,7 +109,7 @@ class OnnxExecutor(Executor):
         self._caches = {(kind, i): ort.OrtValue.ortvalue_from_numpy(
                             np.zeros(shape, self._dtype), self.device, 0)
                         for layers in self._layers for i in layers for kind in ("key", "value")}
-        self._bindings: dict[tuple[int, int, int], ort.IOBinding] = {}
+        self._windows: dict[tuple[int, int, int], _Window] = {}
         self.rows = SlotRows(self.limits.max_batch_size, self.max_seq_len,
                              fresh_prompt_batches=manifest.plugins.get("gqa", False))
         logger.info("onnx executor: %d part(s), %s, %d threads, cache %s x %d layers",
@@ -132,35 +143,39 @@ class OnnxExecutor(Executor):
     def _execute(self, run: Run, feeds: dict[str, np.ndarray]) -> np.ndarray:
         hidden = None
         for part, session in enumerate(self.sessions):
-            binding = self._binding(part, run)
+            window = self._window(part, run)
             for name, value in feeds.items():
                 if name in self._inputs[part]:
-                    binding.bind_cpu_input(name, value)
+                    window.binding.bind_cpu_input(name, value)
             if hidden is not None:
-                binding.bind_ortvalue_input("hidden_in", hidden)
-            self._bind_output(binding, part)
-            session.run_with_iobinding(binding)
-            hidden = binding.get_outputs()[0]
+                window.binding.bind_ortvalue_input("hidden_in", hidden)
+            if window.logits is None:  # a part's hidden_out [B, S, H] changes shape with S
+                window.binding.bind_output("hidden_out", self.device, 0)
+            session.run_with_iobinding(window.binding)
+            hidden = window.logits if window.logits is not None else \
+                window.binding.get_outputs()[0]  # hidden_out, bound first
         return hidden.numpy()
 
-    def _binding(self, part: int, run: Run):
-        """The part's I/O binding for the window [lo, hi) with its caches bound, kept: a decode
-        step of the same slots reuses it (binding 2 x layers caches costs ~1.5 ms)."""
+    def _window(self, part: int, run: Run) -> _Window:
+        """The part's I/O binding for the window [lo, hi), kept: a decode step of the same
+        slots reuses it (binding 2 x layers caches costs ~1.5 ms per step)."""
         key = (part, run.lo, run.hi)
-        binding = self._bindings.get(key)
-        if binding is None:
-            if len(self._bindings) >= MAX_BINDINGS:
-                self._bindings.clear()
-            binding = self._bindings[key] = self.sessions[part].io_binding()
-            self._bind_output(binding, part)  # first: get_outputs() lists bindings in order
-            self._bind_caches(binding, part, run)
-        return binding
+        window = self._windows.get(key)
+        if window is None:
+            if len(self._windows) >= MAX_WINDOWS:
+                self._windows.clear()
+            binding, logits = self.sessions[part].io_binding(), None
+            if part == len(self.sessions) - 1:
+                import onnxruntime as ort
 
-    def _bind_output(self, binding, part: int) -> None:
-        """Output 0 (logits or hidden_out), bound anew every run: a kept binding would hand
-        ONNX Runtime the last run's value, whose shape need not match this run's."""
-        last = part == len(self.sessions) - 1
-        binding.bind_output("logits" if last else "hidden_out", self.device, 0)
+                logits = ort.OrtValue.ortvalue_from_shape_and_type(
+                    [run.rows, self.vocab_size], np.float32, self.device, 0)
+                binding.bind_ortvalue_output("logits", logits)
+            else:
+                binding.bind_output("hidden_out", self.device, 0)
+            self._bind_caches(binding, part, run)
+            window = self._windows[key] = _Window(binding, logits)
+        return window
 
     def _bind_caches(self, binding, part: int, run: Run) -> None:
         """Bind rows [lo, hi) of each cache as both past (input) and present (output)."""
@@ -174,7 +189,7 @@ class OnnxExecutor(Executor):
                                     ptr)
 
     def close(self) -> None:
-        self._bindings.clear()
+        self._windows.clear()
         self.sessions.clear()
         self._caches.clear()
 
