@@ -15,12 +15,9 @@ MAX_FUSED = 16384
 
 
 @triton.jit
-def _add_norm_kernel(x_ptr, x_stride, res_ptr, res_stride, w_ptr, b_ptr, out_ptr, out_stride,
-                     n_cols, eps, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     RMS: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    mask = offs < n_cols
+def _residual_sum(x_ptr, x_stride, res_ptr, res_stride, row, offs, mask,
+                  HAS_RES: tl.constexpr):
+    """One block of a row in float32: x, or x + residual (stored back into the residual)."""
     x = tl.load(x_ptr + row * x_stride + offs, mask=mask, other=0.0)
     if HAS_RES:
         r = (tl.load(res_ptr + row * res_stride + offs, mask=mask, other=0.0) + x)
@@ -29,6 +26,17 @@ def _add_norm_kernel(x_ptr, x_stride, res_ptr, res_stride, w_ptr, b_ptr, out_ptr
         xf = r.to(tl.float32)
     else:
         xf = x.to(tl.float32)
+    return xf
+
+
+@triton.jit
+def _add_norm_kernel(x_ptr, x_stride, res_ptr, res_stride, w_ptr, b_ptr, out_ptr, out_stride,
+                     n_cols, eps, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     RMS: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n_cols
+    xf = _residual_sum(x_ptr, x_stride, res_ptr, res_stride, row, offs, mask, HAS_RES)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
     if RMS:
         rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / n_cols + eps)
@@ -53,14 +61,7 @@ def _add_norm_long_kernel(x_ptr, x_stride, res_ptr, res_stride, w_ptr, b_ptr, ou
     for c0 in range(0, n_cols, BLOCK):
         offs = c0 + tl.arange(0, BLOCK)
         mask = offs < n_cols
-        x = tl.load(x_ptr + row * x_stride + offs, mask=mask, other=0.0)
-        if HAS_RES:
-            r = (tl.load(res_ptr + row * res_stride + offs, mask=mask, other=0.0) + x)
-            r = r.to(res_ptr.dtype.element_ty)
-            tl.store(res_ptr + row * res_stride + offs, r, mask=mask)
-            xf = r.to(tl.float32)
-        else:
-            xf = x.to(tl.float32)
+        xf = _residual_sum(x_ptr, x_stride, res_ptr, res_stride, row, offs, mask, HAS_RES)
         total += xf
         squares += xf * xf
     mean = tl.sum(total, 0) / n_cols
