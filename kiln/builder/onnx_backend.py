@@ -2,8 +2,9 @@
 
 Files per part: ``<stem>.onnx`` and its weights ``<stem>.onnx.data`` (``<stem>`` is
 ``rank{N}`` or ``rank{N}.part{k}``). Targets: ``cpu`` (ONNX Runtime's extended optimizations
-for the CPU provider; the saved graph may use com.microsoft CPU ops) or ``cuda`` (basic,
-provider-independent optimizations only, for onnxruntime-gpu).
+for the CPU provider; the graph uses com.microsoft CPU ops: the gqa and residual_norm plugins,
+and what the optimizer fuses) or ``cuda`` (basic, provider-independent optimizations only, for
+onnxruntime-gpu).
 
 Non-goals: tensor parallelism (ONNX Runtime has no collective op; build tp > 1 checkpoints
 with ``--backend tensorrt``), bfloat16 on the CPU provider (it has no bfloat16 MatMul).
