@@ -38,11 +38,11 @@ class ExecutorOptions:
     device: str = "auto"  # onnx: "cpu", "cuda" or "auto" (CUDA when onnxruntime-gpu has it)
     num_threads: int | None = None  # CPU threads (None: all cores of this process)
     # Let idle CPU worker threads busy-wait for the next operator: ONNX Runtime's own default
-    # (and onnxruntime-genai's), faster on a machine the runtime has to itself (SmolLM2 on the
-    # 2-core dev box: 16 x 128/128 tokens/s 160 vs 149, batch-1 decode 32 vs 29 tokens/s,
-    # medians of 3 rounds of benchmarks/cpu_runtime.py). Turn it off on a machine shared with
-    # other busy processes: there a spinning thread starves them and itself (measured under
-    # heavy load: batch-1 decode 106 ms/token spinning vs 59 ms not).
+    # (and onnxruntime-genai's). On the 2-core dev box (benchmarks/cpu_runtime_results.json,
+    # SmolLM2) it gained in one run (16 x 128/128: 157 vs 147 tokens/s, batch-1 decode 32.1 vs
+    # 30.3) and was even in another (168 vs 174, 34.5 vs 34.6). Turn it off on a machine shared
+    # with other busy processes: there a spinning thread starves them and itself (measured
+    # under heavy load: batch-1 decode 106 ms/token spinning vs 59 ms not).
     cpu_spin_wait: bool = True
     rank: int = 0  # this process's rank (tensor/pipeline parallel engines)
     verify_checksums: bool = True
