@@ -81,7 +81,7 @@ class Kiln:
 
         params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
         (result,) = self.llm.generate([prompt], params)
-        return 1.0 / result.timings.tpot
+        return 1.0 / result.timings.tpot_s
 
     def throughput(self, prompts: list[list[int]], output_len: int) -> float:
         from kiln.runtime import SamplingParams

@@ -128,8 +128,8 @@ def _stream(llm: LLM, inputs: list[Any], params: SamplingParams,
 
 def format_stats(results: list[CompletionResult]) -> str:
     """One line: mean TTFT, mean time per output token, output tokens/s over the run."""
-    ttft = [r.timings.ttft for r in results if r.timings.ttft is not None]
-    tpot = [r.timings.tpot for r in results if r.timings.tpot is not None]
+    ttft = [r.timings.ttft_s for r in results if r.timings.ttft_s is not None]
+    tpot = [r.timings.tpot_s for r in results if r.timings.tpot_s is not None]
     tokens = sum(len(r.token_ids) for r in results)
     start = min(r.timings.arrival for r in results)
     end = max(r.timings.finished for r in results if r.timings.finished is not None)

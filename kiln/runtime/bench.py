@@ -155,6 +155,6 @@ def _report(workload: Workload, timings: list[RequestTimings], start: float) -> 
     tokens = sum(len(t.token_times) for t in timings)
     ms = lambda values: Stats.of([v * 1000 for v in values if v is not None])  # noqa: E731
     return BenchReport(
-        workload, duration, tokens, ms([t.ttft for t in timings]),
-        ms([t.tpot for t in timings]), ms([x for t in timings for x in t.itl]),
-        ms([t.latency for t in timings]), tokens / duration, len(timings) / duration)
+        workload, duration, tokens, ms([t.ttft_s for t in timings]),
+        ms([t.tpot_s for t in timings]), ms([x for t in timings for x in t.itl_s]),
+        ms([t.latency_s for t in timings]), tokens / duration, len(timings) / duration)

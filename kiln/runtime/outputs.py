@@ -17,24 +17,25 @@ class RequestTimings:
     finished: float | None
 
     @property
-    def ttft(self) -> float | None:
+    def ttft_s(self) -> float | None:
         """Time to first token (s)."""
         return self.token_times[0] - self.arrival if self.token_times else None
 
     @property
-    def tpot(self) -> float | None:
+    def tpot_s(self) -> float | None:
         """Time per output token after the first (s): (last - first) / (n - 1)."""
         n = len(self.token_times)
         return (self.token_times[-1] - self.token_times[0]) / (n - 1) if n > 1 else None
 
     @property
-    def itl(self) -> tuple[float, ...]:
+    def itl_s(self) -> tuple[float, ...]:
         """Inter-token latencies (s) between consecutive output tokens."""
         t = self.token_times
         return tuple(b - a for a, b in zip(t, t[1:], strict=False))
 
     @property
-    def latency(self) -> float | None:
+    def latency_s(self) -> float | None:
+        """Arrival to finish (s)."""
         return None if self.finished is None else self.finished - self.arrival
 
 
