@@ -1,45 +1,156 @@
-"""Writing an output directory (kiln checkpoint or engine dir): the existence check, the
-atomic rename, and the tokenizer files that make it self-contained."""
+"""Writing an output directory (kiln checkpoint or engine dir) without ever losing a user's file.
+
+Contract:
+- :func:`check_output` runs before any work. It refuses an output dir that is, contains or lies
+  inside one of the command's input dirs, and an existing one unless ``overwrite``. With
+  ``overwrite`` it replaces only an empty directory or one kiln itself wrote (a kiln checkpoint
+  or engine manifest in ``config.json`` and nothing but the files kiln writes beside it); never a
+  filesystem root, the home directory or the current directory.
+- :func:`atomic_dir` writes into a temporary directory beside the target and renames it into
+  place only when the body succeeds; the old output is moved aside first and restored if the
+  rename fails, so it survives any failure. What it replaces is logged at the default level.
+- New directories get the user's umask (``tempfile.mkdtemp`` alone would make them 0700).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from kiln.checkpoint import CONFIG_NAME as MANIFEST_NAME
 from kiln.checkpoint import TOKENIZER_FILES
 from kiln.errors import OutputExistsError
 
 log = logging.getLogger(__name__)
 
+# Files kiln writes beside the manifest: rank{N}[.part{k}] + .safetensors/.onnx/.onnx.data/.engine
+_KILN_FILE = re.compile(r"rank\d+(\.part\d+)?\.(safetensors|onnx|onnx\.data|engine)")
 
-def check_output(output_dir: Path, overwrite: bool) -> None:
-    if output_dir.exists() and not overwrite:
-        raise OutputExistsError(f"{output_dir}: already exists; pass --overwrite to replace it")
+
+class OutputError(OutputExistsError):
+    """The output directory cannot be written or replaced safely (what is in the way is named)."""
+
+
+def check_output(output_dir: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> None:
+    """Refuse an unsafe ``output_dir`` before any work is done (module docstring)."""
+    output_dir = Path(output_dir).expanduser()
+    out = output_dir.resolve()
+    for source in inputs:
+        _check_apart(output_dir, out, Path(source))
+    if not (output_dir.exists() or output_dir.is_symlink()):
+        return
+    if not output_dir.is_dir() or output_dir.is_symlink():
+        raise OutputError(f"{output_dir}: exists and is not a directory; choose another "
+                          f"--output_dir")
+    if not overwrite:
+        raise OutputExistsError(f"{output_dir}: already exists; pass --overwrite to replace it "
+                                f"(only a directory kiln wrote is replaced)")
+    protected = {Path(out.anchor): "the filesystem root", Path.home().resolve(): "your home "
+                 "directory", Path.cwd().resolve(): "the current directory"}
+    if out in protected:
+        raise OutputError(f"{output_dir}: is {protected[out]}; kiln never replaces it, choose a "
+                          f"new --output_dir")
+    describe_replaceable(output_dir)
+
+
+def _check_apart(output_dir: Path, out: Path, source: Path) -> None:
+    src = source.expanduser().resolve()
+    if out == src:
+        relation = "is"
+    elif out.is_relative_to(src):
+        relation = "lies inside"
+    elif src.is_relative_to(out):
+        relation = "contains"
+    else:
+        return
+    raise OutputError(f"--output_dir {output_dir} {relation} the input {source}; writing there "
+                      f"would destroy the input: choose a directory outside it")
+
+
+def describe_replaceable(directory: Path) -> str:
+    """What kiln output ``directory`` holds ("empty directory", "kiln engine dir ...");
+    raises :class:`OutputError` naming what is in the way if kiln did not write it."""
+    entries = sorted(p.name for p in directory.iterdir())
+    if not entries:
+        return "empty directory"
+    kind = _kiln_kind(directory / MANIFEST_NAME)
+    if kind is None:
+        raise OutputError(f"{directory}: holds {_few(entries)} and no kiln checkpoint or engine "
+                          f"manifest; kiln only replaces directories it wrote: move them away or "
+                          f"choose another --output_dir")
+    foreign = [n for n in entries if n != MANIFEST_NAME and n not in TOKENIZER_FILES
+               and not _KILN_FILE.fullmatch(n)]
+    if foreign:
+        raise OutputError(f"{directory}: is a {kind} but also holds {_few(foreign)}, which kiln "
+                          f"did not write; move them away or choose another --output_dir")
+    return kind
+
+
+def _kiln_kind(manifest: Path) -> str | None:
+    """"kiln engine dir" / "kiln checkpoint" when ``manifest`` is one kiln wrote, else None."""
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(data, dict) or not {"format_version", "kiln_version"} <= data.keys():
+        return None
+    if "backend" in data and "rank_files" in data:
+        return "kiln engine dir"
+    if "decoder" in data and "mapping" in data:
+        return "kiln checkpoint"
+    return None
+
+
+def _few(names: list[str]) -> str:
+    shown = ", ".join(repr(n) for n in names[:3])
+    return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 @contextmanager
 def atomic_dir(target: Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary directory beside ``target``, renamed onto it only if the body succeeds."""
+    """A temporary directory beside ``target``, renamed onto it only if the body succeeds.
+
+    An existing ``target`` (allowed by :func:`check_output`) is checked again, moved aside, and
+    put back if the final rename fails; it is deleted only once the new output is in place.
+    """
+    target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp.chmod(0o777 & ~_umask())
     try:
         yield tmp
-        if target.exists():
-            if not overwrite:
-                raise OutputExistsError(f"{target}: appeared while writing it; not replaced")
-            trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            target.rename(trash / "old")
+        if not target.exists():
             tmp.rename(target)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
+            return
+        if not overwrite:
+            raise OutputExistsError(f"{target}: appeared while writing it; not replaced")
+        kind = describe_replaceable(target)  # it may have changed since check_output
+        trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        target.rename(trash / "old")
+        try:
             tmp.rename(target)
+        except BaseException:
+            (trash / "old").rename(target)
+            trash.rmdir()
+            raise
+        log.warning("replaced %s (%s) with the new output", target, kind)
+        shutil.rmtree(trash, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def copy_tokenizer(checkpoint_dir: Path, out: Path) -> list[str]:

@@ -75,7 +75,7 @@ def build(checkpoint_dir: str | Path, output_dir: str | Path, *, backend: str = 
 
 def build_with(options: BuildOptions, progress: bool = False) -> BuildResult:
     started = time.perf_counter()
-    check_output(options.output_dir, options.overwrite)
+    check_output(options.output_dir, options.overwrite, inputs=[options.checkpoint_dir])
     ckpt = load_config(options.checkpoint_dir)
     weights = check_rank_files(options.checkpoint_dir, ckpt)
     engine = get_backend(options.backend)

@@ -79,7 +79,8 @@ def convert_checkpoint(model_dir: str | Path, output_dir: str | Path, *, dtype: 
     input, leaving nothing behind.
     """
     output_dir = Path(output_dir).expanduser()
-    check_output(output_dir, overwrite)
+    local = Path(model_dir).expanduser()
+    check_output(output_dir, overwrite, inputs=[local] if local.exists() else [])
     if dtype != "auto" and dtype not in DTYPES:
         raise ConfigError(f"dtype must be auto or one of {', '.join(DTYPES)}, found {dtype!r}")
     source = open_source(str(model_dir), revision=revision, allow_pickle=allow_pickle)

@@ -113,9 +113,11 @@ def test_output_exists(checkpoint, tmp_path):
     (tmp_path / "engine").mkdir()
     (tmp_path / "engine" / "keep").write_text("x")
     fails(tmp_path, checkpoint("llama-gqa"), OutputExistsError, "pass --overwrite")
-    assert (tmp_path / "engine" / "keep").read_text() == "x"
-    build(checkpoint("llama-gqa"), tmp_path / "engine", overwrite=True, **LIMITS)
-    assert not (tmp_path / "engine" / "keep").exists()
+    fails(tmp_path, checkpoint("llama-gqa"), OutputExistsError, "'keep' and no kiln", overwrite=True)
+    assert [p.name for p in (tmp_path / "engine").iterdir()] == ["keep"]
+    (tmp_path / "engine" / "keep").unlink()
+    build(checkpoint("llama-gqa"), tmp_path / "engine", overwrite=True, **LIMITS)  # empty: fine
+    build(checkpoint("llama-gqa"), tmp_path / "engine", overwrite=True, **LIMITS)  # kiln's: fine
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]
 
 
@@ -123,13 +125,13 @@ def test_failure_mid_build_leaves_nothing(checkpoint, tmp_path, monkeypatch):
     def broken(self, job):
         (job.out_dir / "rank0.onnx").write_text("half")
         raise EngineError("backend failed")
-    (tmp_path / "engine").mkdir()
-    (tmp_path / "engine" / "keep").write_text("x")
+    build(checkpoint("llama-gqa"), tmp_path / "engine", **LIMITS)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "engine").iterdir()}
     monkeypatch.setattr(OnnxBackend, "build_part", broken)
     with pytest.raises(EngineError, match="backend failed"):
         build(checkpoint("llama-gqa"), tmp_path / "engine", overwrite=True, **LIMITS)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]
-    assert [p.name for p in (tmp_path / "engine").iterdir()] == ["keep"]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "engine").iterdir()} == before
 
 
 def test_quantized_checkpoint(ckpt_copy, tmp_path):

@@ -125,20 +125,30 @@ def test_unknown_dtype(hf_dir, tmp_path):
 
 def test_existing_output_is_refused_then_replaced(hf_dir, tmp_path):
     out = tmp_path / "out"
+    _convert(hf_dir, out)
+    config = (out / "config.json").read_text()
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        _convert(hf_dir, out, dtype="float16")
+    assert (out / "config.json").read_text() == config
+    _convert(hf_dir, out, overwrite=True, dtype="float16")
+    assert '"dtype": "float16"' in (out / "config.json").read_text()
+    assert _leftovers(tmp_path) == []
+
+
+def test_overwrite_never_replaces_a_directory_kiln_did_not_write(hf_dir, tmp_path):
+    out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(OutputExistsError, match="--overwrite"):
-        _convert(hf_dir, out)
-    assert (out / "keep.txt").read_text() == "mine"
-    _convert(hf_dir, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "rank0.safetensors").is_file()
+    with pytest.raises(OutputExistsError, match="'keep.txt' and no kiln checkpoint"):
+        _convert(hf_dir, out, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert _leftovers(tmp_path) == []
 
 
 def test_failure_mid_write_keeps_the_old_output(hf_dir, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    _convert(hf_dir, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     def boom(*args):
         raise OSError("disk full")
@@ -146,7 +156,7 @@ def test_failure_mid_write_keeps_the_old_output(hf_dir, tmp_path, monkeypatch):
     monkeypatch.setattr("kiln.converters.convert.copy_tokenizer", boom)
     with pytest.raises(OSError, match="disk full"):
         _convert(hf_dir, out, overwrite=True)
-    assert (out / "keep.txt").read_text() == "mine"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert _leftovers(tmp_path) == []
 
 

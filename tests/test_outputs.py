@@ -1,0 +1,223 @@
+"""Output directories: a user's files are never deleted or overwritten, whatever the flags.
+
+Unit tests of kiln/outputs.py, then the cases a new user hit through the commands: building into
+the checkpoint, into its parent, converting into the HF dir, and --overwrite of a directory
+holding an unrelated file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import kiln
+from kiln.cli.main import main
+from kiln.errors import OutputExistsError
+from kiln.outputs import OutputError, atomic_dir, check_output
+from tests.models import hf_model, kiln_checkpoint
+
+LIMITS = dict(max_batch_size=2, max_input_len=8, max_seq_len=16)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    return hf_model("llama-gqa", tmp_path_factory.mktemp("hf") / "model")
+
+
+@pytest.fixture(scope="module")
+def built(hf_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """(pristine kiln checkpoint, pristine onnx engine dir), copied by tests that change them."""
+    root = tmp_path_factory.mktemp("built")
+    ckpt = kiln_checkpoint(hf_dir, root / "ckpt")
+    kiln.build(ckpt, root / "engine", backend="onnx", **LIMITS)
+    return ckpt, root / "engine"
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def cli(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+# --- check_output -----------------------------------------------------------------------------
+
+def test_missing_output_is_fine(tmp_path):
+    check_output(tmp_path / "new", overwrite=False, inputs=[tmp_path / "in"])
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    with pytest.raises(OutputExistsError, match="already exists; pass --overwrite"):
+        check_output(tmp_path, overwrite=False)
+
+
+@pytest.mark.parametrize("where,relation", [("same", "is"), ("inside", "lies inside"),
+                                            ("parent", "contains")])
+def test_output_may_not_overlap_an_input(tmp_path, where, relation):
+    source = tmp_path / "models" / "hf"
+    source.mkdir(parents=True)
+    out = {"same": source, "inside": source / "out", "parent": tmp_path / "models"}[where]
+    for overwrite in (False, True):
+        with pytest.raises(OutputError, match=f"{relation} the input .*choose a directory "
+                                              f"outside it"):
+            check_output(out, overwrite=overwrite, inputs=[source])
+
+
+def test_overlap_is_found_through_relative_paths_and_symlinks(tmp_path, monkeypatch):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OutputError, match="is the input"):
+        check_output(Path("link"), overwrite=True, inputs=[Path("./real/../real")])
+
+
+def test_unrelated_directory_is_never_replaced(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="holds 'notes.txt' and no kiln checkpoint or engine "
+                                          "manifest"):
+        check_output(tmp_path / "out", overwrite=True)
+
+
+def test_foreign_json_config_is_not_a_kiln_manifest(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    with pytest.raises(OutputError, match="no kiln checkpoint or engine manifest"):
+        check_output(tmp_path / "out", overwrite=True)
+
+
+def test_a_file_is_not_an_output_dir(tmp_path):
+    (tmp_path / "out").write_text("x")
+    with pytest.raises(OutputError, match="exists and is not a directory"):
+        check_output(tmp_path / "out", overwrite=True)
+
+
+def test_empty_directory_may_be_replaced(tmp_path):
+    (tmp_path / "out").mkdir()
+    check_output(tmp_path / "out", overwrite=True)
+
+
+@pytest.mark.parametrize("which", ["cwd", "home", "root"])
+def test_root_home_and_cwd_are_never_replaced(tmp_path, monkeypatch, which):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    path = {"cwd": Path("."), "home": Path("~"), "root": Path("/")}[which]
+    name = {"cwd": "the current directory", "home": "your home directory",
+            "root": "the filesystem root"}[which]
+    with pytest.raises(OutputError, match=f"is {name}; kiln never replaces it"):
+        check_output(path, overwrite=True)
+
+
+# --- atomic_dir -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_new_output_gets_the_users_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        with atomic_dir(tmp_path / "out", overwrite=False) as tmp:
+            (tmp / "config.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_failed_final_rename_restores_the_old_output(built, tmp_path, monkeypatch):
+    _, engine = built
+    out = Path(shutil.copytree(engine, tmp_path / "engine"))
+    before = snapshot(out)
+    rename = Path.rename
+
+    def failing(self, target):
+        if self.name.startswith(".engine.tmp-"):
+            raise OSError("disk full")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing)
+    with pytest.raises(OSError, match="disk full"):
+        with atomic_dir(out, overwrite=True) as tmp:
+            (tmp / "config.json").write_text("{}")
+    assert snapshot(out) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_replacement_is_logged_at_the_default_level(built, tmp_path, caplog):
+    _, engine = built
+    out = Path(shutil.copytree(engine, tmp_path / "engine"))
+    with caplog.at_level(logging.WARNING, logger="kiln.outputs"):
+        with atomic_dir(out, overwrite=True) as tmp:
+            (tmp / "config.json").write_text("{}")
+    assert f"replaced {out} (kiln engine dir)" in caplog.text
+
+
+# --- through the commands ---------------------------------------------------------------------
+
+def test_build_into_its_own_checkpoint_is_refused(built, tmp_path):
+    ckpt = Path(shutil.copytree(built[0], tmp_path / "ckpt"))
+    before = snapshot(ckpt)
+    result = cli("build", "--checkpoint_dir", str(ckpt), "--output_dir", str(ckpt),
+                 "--overwrite", "--max_batch_size", "2", "--max_seq_len", "16")
+    assert result.exit_code == 2, result.output
+    assert "is the input" in result.output and len(result.output.splitlines()) == 1
+    assert snapshot(ckpt) == before
+
+
+def test_build_into_the_checkpoints_parent_is_refused(built, tmp_path):
+    parent = tmp_path / "work"
+    ckpt = Path(shutil.copytree(built[0], parent / "ckpt"))
+    (parent / "notes.txt").write_text("keep me")
+    before = snapshot(parent)
+    result = cli("build", "--checkpoint_dir", str(ckpt), "--output_dir", str(parent),
+                 "--overwrite", "--max_batch_size", "2", "--max_seq_len", "16")
+    assert result.exit_code == 2 and "contains the input" in result.output
+    assert snapshot(parent) == before
+
+
+def test_convert_into_the_hf_dir_is_refused(hf_dir, tmp_path):
+    src = Path(shutil.copytree(hf_dir, tmp_path / "hf"))
+    before = snapshot(src)
+    for out in (src, src / "kiln"):
+        result = cli("convert_checkpoint", "--model_dir", str(src), "--output_dir", str(out),
+                     "--overwrite")
+        assert result.exit_code == 2, result.output
+        assert "the input" in result.output
+    assert snapshot(src) == before
+
+
+def test_overwrite_of_a_directory_with_a_users_file_is_refused(built, tmp_path):
+    out = tmp_path / "engine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    result = cli("build", "--checkpoint_dir", str(built[0]), "--output_dir", str(out),
+                 "--overwrite", "--max_batch_size", "2", "--max_seq_len", "16")
+    assert result.exit_code == 2 and "'notes.txt'" in result.output
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_a_users_file_inside_a_kiln_engine_dir_is_kept(built, tmp_path):
+    out = Path(shutil.copytree(built[1], tmp_path / "engine"))
+    (out / "notes.txt").write_text("keep me")
+    before = snapshot(out)
+    result = cli("build", "--checkpoint_dir", str(built[0]), "--output_dir", str(out),
+                 "--overwrite", "--max_batch_size", "2", "--max_seq_len", "16")
+    assert result.exit_code == 2
+    assert "is a kiln engine dir but also holds 'notes.txt'" in result.output
+    assert snapshot(out) == before
+
+
+def test_kiln_output_is_replaced(built, tmp_path, caplog):
+    out = Path(shutil.copytree(built[1], tmp_path / "engine"))
+    (out / "rank0.onnx").write_bytes(b"old")
+    result = cli("build", "--checkpoint_dir", str(built[0]), "--output_dir", str(out),
+                 "--overwrite", "--max_batch_size", "2", "--max_seq_len", "16")
+    assert result.exit_code == 0, result.output
+    assert f"replaced {out} (kiln engine dir)" in caplog.text
+    assert (out / "rank0.onnx").read_bytes() != b"old"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
