@@ -68,6 +68,18 @@ class PartJob:
     part: PartSpec
     out_dir: Path  # the engine dir being written (a temporary dir renamed at the end)
     work_dir: Path  # scratch space on the same filesystem, removed at the end
+    progress: bool = False  # draw a live progress line on stderr (in-process builds only)
+
+
+def part_label(plan: BuildPlan, part: PartSpec) -> str:
+    mapping = plan.checkpoint.mapping
+    tp_rank, pp_rank = mapping.coords(part.rank)
+    where = f"rank {part.rank}"
+    if mapping.world_size > 1:
+        where += f" (tp {tp_rank}, stage {pp_rank})"
+    if part.count > 1:
+        where += f" part {part.index + 1}/{part.count}"
+    return f"{where} layers {part.layers.start}-{part.layers.stop - 1}"
 
 
 @dataclass

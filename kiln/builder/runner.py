@@ -17,29 +17,28 @@ from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from kiln.builder.backends import Backend, BuildPlan, PartJob, PartResult, get_backend
+from kiln.builder.backends import (
+    Backend,
+    BuildPlan,
+    PartJob,
+    PartResult,
+    get_backend,
+    part_label,
+)
 from kiln.builder.graph.context import PartSpec
 from kiln.engine import sha256_file
 
 log = logging.getLogger(__name__)
 
 
-def part_label(plan: BuildPlan, part: PartSpec) -> str:
-    mapping = plan.checkpoint.mapping
-    tp_rank, pp_rank = mapping.coords(part.rank)
-    where = f"rank {part.rank}"
-    if mapping.world_size > 1:
-        where += f" (tp {tp_rank}, stage {pp_rank})"
-    if part.count > 1:
-        where += f" part {part.index + 1}/{part.count}"
-    return f"{where} layers {part.layers.start}-{part.layers.stop - 1}"
-
-
 def run_parts(engine: Backend, plan: BuildPlan, parts: list[PartSpec], out_dir: Path,
               workers: int, progress: bool) -> list[PartResult]:
     work_dir = out_dir / ".work"
     work_dir.mkdir()
-    jobs = [PartJob(plan=plan, part=p, out_dir=out_dir, work_dir=work_dir) for p in parts]
+    # A live line per part only in this process: workers' lines would overwrite each other.
+    live = progress and (workers == 1 or len(parts) == 1)
+    jobs = [PartJob(plan=plan, part=p, out_dir=out_dir, work_dir=work_dir, progress=live)
+            for p in parts]
     hashes: dict[str, Future] = {}
     try:
         with ThreadPoolExecutor(1) as hasher:
@@ -68,9 +67,17 @@ def _run_pool(backend: str, jobs: list[PartJob], workers: int,
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
         futures = [pool.submit(_build_in_worker, backend, job) for job in jobs]
-        for future in as_completed(futures):
-            results.append(future.result())
-            finished(results[-1], len(results))
+        try:
+            for future in as_completed(futures):
+                results.append(future.result())
+                finished(results[-1], len(results))
+        except BaseException:
+            # Ctrl-C, SIGTERM or a failed part: end the other builds now instead of letting the
+            # pool's exit wait minutes for them (no public API stops a running worker).
+            pool.shutdown(wait=False, cancel_futures=True)
+            for process in list((pool._processes or {}).values()):
+                process.terminate()
+            raise
     return results
 
 

@@ -24,11 +24,13 @@ import resource
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
 import onnx
 import torch
+from tqdm import tqdm
 
 from kiln.builder.backends import (
     Backend,
@@ -36,6 +38,7 @@ from kiln.builder.backends import (
     BuildPlan,
     PartJob,
     PartResult,
+    part_label,
     register_backend,
 )
 from kiln.builder.graph.context import BATCH, SEQ, RankWeights
@@ -43,6 +46,7 @@ from kiln.builder.graph.decoder import emit_part
 from kiln.builder.graph.emitter import MemorySink
 from kiln.checkpoint import rank_file
 from kiln.engine import BuildLimits, EngineError
+from kiln.interrupts import deferred_interrupts
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +123,9 @@ class TensorRTBackend(Backend):
         weights = RankWeights(job.plan.checkpoint_dir / rank_file(part.rank), job.plan.dtype)
         model = emit_part(job.plan.graph, part, weights, sink)
         emitted = time.perf_counter()
-        engine, layers = build_engine(self.trt, self.full, model, sink.tensors, job.plan)
+        label = part_label(job.plan, part)
+        engine, layers = build_engine(self.trt, self.full, model, sink.tensors, job.plan,
+                                      label, job.progress)
         del sink, weights
         built = time.perf_counter()
         name = f"{part.stem}.engine"
@@ -223,11 +229,46 @@ def _parse(trt: ModuleType, parser, model: onnx.ModelProto,
         raise BuildError(f"TensorRT could not parse the graph {model.graph.name}: {first}")
 
 
+def _progress_monitor(trt: ModuleType, label: str, live: bool, cancelled: Callable[[], bool]):
+    """A TensorRT progress monitor: shows the build's phases (a live line on stderr when
+    ``live``, else INFO logs of the top-level steps with the elapsed time) and cancels the build
+    once ``cancelled()`` (a pending Ctrl-C or SIGTERM: kiln.interrupts.deferred_interrupts)."""
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+            self.started = time.perf_counter()
+            self.bar: tqdm | None = None
+            self.top: str | None = None
+
+        def phase_start(self, phase, parent, steps):  # noqa: D401 - TensorRT callbacks
+            if parent is None and self.top is None:
+                self.top = phase
+                self.bar = tqdm(total=steps, desc=f"{label}: TensorRT", unit="step",
+                                leave=False, disable=not live)
+            elif self.bar is not None:
+                self.bar.set_postfix_str(phase, refresh=True)
+
+        def step_complete(self, phase, step):
+            if phase == self.top:
+                self.bar.update(1)
+                log.info("%s: TensorRT %s step %d/%d (%.0f s)", label, phase, step + 1,
+                         self.bar.total, time.perf_counter() - self.started)
+            return not cancelled()
+
+        def phase_finish(self, phase):
+            if phase == self.top and self.bar is not None:
+                self.bar.close()
+
+    return Monitor()
+
+
 def build_engine(trt: ModuleType, full: bool, model: onnx.ModelProto,
-                 tensors: dict[str, torch.Tensor], plan: BuildPlan) -> tuple[Any, dict]:
+                 tensors: dict[str, torch.Tensor], plan: BuildPlan, label: str = "engine",
+                 progress: bool = False) -> tuple[Any, dict]:
     """Parse ``model`` strongly typed, build it for the plan's targets and profiles.
 
-    Returns the serialized engine and the parsed network's layer counts by type.
+    Returns the serialized engine and the parsed network's layer counts by type. Ctrl-C or
+    SIGTERM cancels the build through its progress monitor and is raised when it returns.
     """
     logger = _logger(trt)
     builder = trt.Builder(logger)
@@ -242,7 +283,10 @@ def build_engine(trt: ModuleType, full: bool, model: onnx.ModelProto,
         for k, target in enumerate(plan.targets):
             config.set_compute_capability(getattr(trt.ComputeCapability, target.upper()), k)
     _add_profiles(builder, network, config, model, plan.limits)
-    engine = builder.build_serialized_network(network, config)
+    with deferred_interrupts() as cancelled:
+        config.progress_monitor = monitor = _progress_monitor(trt, label, progress, cancelled)
+        engine = builder.build_serialized_network(network, config)
+        del monitor  # referenced until the build returns: TensorRT does not own it
     if engine is None:
         raise BuildError(f"TensorRT failed to build {model.graph.name} for "
                          f"{','.join(plan.targets)} (its log, with -v, says why)")

@@ -14,12 +14,15 @@ import kiln
 from kiln.cli.context import CliContext
 from kiln.config import DTYPES
 from kiln.errors import KilnError
+from kiln.interrupts import Terminated, exit_code, install_sigterm
 
 
 class KilnGroup(click.Group):
-    """A group that turns KilnError into a one-line message (exit 2) unless --debug."""
+    """A group that turns KilnError into a one-line message (exit 2) unless --debug, and
+    Ctrl-C / SIGTERM into one line and exit 130 / 143 (click's own handler would exit 1)."""
 
     def invoke(self, ctx: click.Context):
+        install_sigterm()
         try:
             return super().invoke(ctx)
         except KilnError as e:
@@ -27,6 +30,10 @@ class KilnGroup(click.Group):
                 raise
             click.echo(f"error: {e}", err=True)
             ctx.exit(2)
+        except KeyboardInterrupt as e:
+            click.echo(f"interrupted ({'SIGTERM' if isinstance(e, Terminated) else 'Ctrl-C'}); "
+                       f"nothing was left half-written", err=True)
+            ctx.exit(exit_code(e))
 
     def resolve_command(self, ctx, args):
         # Accept dashes for underscores (convert-checkpoint == convert_checkpoint).

@@ -1,0 +1,121 @@
+"""Ctrl-C and SIGTERM stop a command promptly, leave nothing behind, and exit 130 / 143.
+
+Each case runs the real CLI in a subprocess that sends the signal to itself at a chosen point
+(inside TensorRT's native build, in the middle of a conversion), so the timing is exact.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from kiln.interrupts import Terminated, deferred_interrupts, exit_code
+from tests.models import hf_model, kiln_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    return hf_model("llama-gqa", tmp_path_factory.mktemp("hf") / "model")
+
+
+def run_cli(patch: str, args: list[str]) -> tuple[subprocess.CompletedProcess, float]:
+    """Run ``kiln ARGS`` in a subprocess after ``patch`` (Python source) and time it."""
+    script = textwrap.dedent(patch) + textwrap.dedent(f"""
+        import sys
+        from kiln.cli.main import main
+        main({args!r}, prog_name="kiln")
+    """)
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=ROOT, timeout=300)
+    return result, time.perf_counter() - started
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+def test_exit_codes():
+    assert exit_code(KeyboardInterrupt()) == 130
+    assert exit_code(Terminated()) == 143
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_deferred_interrupts_raise_when_the_native_call_returns(signum, code):
+    import os
+
+    with pytest.raises(KeyboardInterrupt) as info:
+        with deferred_interrupts() as pending:
+            assert not pending()
+            os.kill(os.getpid(), signum)
+            assert pending()  # the handler ran: the body goes on until it returns
+    assert exit_code(info.value) == code
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_during_tensorrt_build_cancels_it(hf_dir, tmp_path, signum, code):
+    """TensorRT swallows exceptions raised in its callbacks; the build must still stop."""
+    pytest.importorskip("tensorrt_rtx")
+    ckpt = kiln_checkpoint(hf_dir, tmp_path / "ckpt")
+    patch = f"""
+        import os, time
+        from kiln.builder import tensorrt_backend
+
+        made = tensorrt_backend._progress_monitor
+
+        def monitor(*args):
+            m = made(*args)
+            step = m.step_complete
+
+            def step_complete(phase, i):  # signal once, inside the native build
+                if not getattr(m, "sent", False):
+                    m.sent = True
+                    os.kill(os.getpid(), {int(signum)})
+                    with open({str(tmp_path / "sent")!r}, "w") as f:
+                        f.write(str(time.time()))
+                return step(phase, i)
+
+            m.step_complete = step_complete
+            return m
+
+        tensorrt_backend._progress_monitor = monitor
+    """
+    out = tmp_path / "engine"
+    result, _ = run_cli(patch, ["build", "--checkpoint_dir", str(ckpt), "--output_dir",
+                                str(out), "--backend", "tensorrt", "--target", "sm86",
+                                "--max_batch_size", "2", "--max_seq_len", "16"])
+    ended = time.time()
+    assert result.returncode == code, result.stderr
+    assert "interrupted" in result.stderr and "Traceback" not in result.stderr
+    assert ended - float((tmp_path / "sent").read_text()) < 3.0
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_ctrl_c_during_conversion_leaves_nothing(hf_dir, tmp_path):
+    patch = """
+        import os, signal
+        from kiln.converters import convert
+
+        write = convert._Placement.write
+
+        def interrupted(self, row, chunk):
+            os.kill(os.getpid(), signal.SIGINT)
+            return write(self, row, chunk)
+
+        convert._Placement.write = interrupted
+    """
+    out = tmp_path / "ckpt"
+    result, seconds = run_cli(patch, ["convert_checkpoint", "--model_dir", str(hf_dir),
+                                      "--output_dir", str(out)])
+    assert result.returncode == 130, result.stderr
+    assert "interrupted (Ctrl-C)" in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists() and leftovers(tmp_path) == []
