@@ -49,6 +49,8 @@ def bench(obj: CliContext, engine_dir: Path, warmup: int, json_output: Path | No
           num_threads: int | None, cpu_spin_wait: bool, kv_cache_free_gpu_memory_fraction: float,
           baseline: str | None, baseline_batch_size: int, **workload: object) -> None:
     """Benchmark an engine with a synthetic workload (in the manner of trtllm-bench)."""
+    if baseline == "hf":  # checked before any work: the baseline runs after the benchmark
+        _check_baseline(engine_dir)
     spec = Workload(**workload)
     options = ExecutorOptions(device=device, num_threads=num_threads, cpu_spin_wait=cpu_spin_wait,
                               kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction)
@@ -76,6 +78,17 @@ def bench(obj: CliContext, engine_dir: Path, warmup: int, json_output: Path | No
         click.echo(f"wrote {json_output}", err=True)
     else:
         click.echo(report.to_json())
+
+
+def _check_baseline(engine_dir: Path) -> None:
+    from kiln.engine import read_manifest
+
+    backend = read_manifest(engine_dir).backend
+    if backend != "torch":
+        raise click.BadParameter(f"hf runs HF transformers on a torch engine's weights and "
+                                 f"{engine_dir} was built with --backend {backend}; build one with kiln build "
+                                 f"--backend torch, or leave out --baseline",
+                                 param_hint="--baseline")
 
 
 def _hf_baseline(engine_dir: Path, spec: Workload, vocab_size: int, batch_size: int,

@@ -26,3 +26,17 @@ def test_bench_reports_kiln_over_hf(tmp_path):
     hf_rate = float(lines["HF generate tokens/s"].split()[3])
     ratio = float(lines["kiln / HF"].split()[3].rstrip("x"))
     assert hf_rate > 0 and ratio > 0
+
+
+def test_baseline_on_a_non_torch_engine_is_refused_before_any_work(tmp_path, monkeypatch):
+    from kiln.engine import BuildLimits
+    from tests.runtime.toy_onnx import toy_engine_dir
+
+    engine = toy_engine_dir(tmp_path / "engine", BuildLimits(2, 8, 16, 16))
+    def no_work(*args, **kwargs):
+        raise AssertionError("the engine was loaded before the options were checked")
+
+    monkeypatch.setattr("kiln.runtime.llm.open_engine", no_work)
+    result = CliRunner().invoke(main, ["bench", "--engine_dir", str(engine), "--baseline", "hf"])
+    assert result.exit_code == 2
+    assert "was built with --backend onnx; build one with kiln build --backend torch" in result.output
