@@ -3,6 +3,14 @@
 Thin over :class:`kiln.runtime.LLM`. Sampling flags are generated from the fields of
 :class:`~kiln.runtime.SamplingParams` (their help included); flags not given keep the engine's
 generation_config.json defaults (greedy unless it says ``do_sample``).
+
+Output contract:
+- stdout holds only generated text, so it can be piped. One prompt: its text and a newline.
+  Several prompts: one block per prompt, in prompt order, each a ``[i]`` header line, then the
+  text and a newline. ``--streaming`` prints the same bytes as they come: the earliest block
+  not yet complete is printed live; a later block's text is held until every block before it
+  is complete, then printed (what it has so far) and continued live.
+- The stats line (mean TTFT, time per output token, tokens/s) goes to stderr; ``-q`` drops it.
 """
 
 from __future__ import annotations
@@ -61,20 +69,55 @@ def read_prompts(input_text: tuple[str, ...], input_file: Path | None) -> list[s
     """Prompts from --input_text (repeatable) and --input_file (.jsonl: one per line; else one)."""
     prompts = list(input_text)
     if input_file is not None:
-        text = input_file.read_text()
-        if input_file.suffix == ".jsonl":
-            for n, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    item = json.loads(line)
-                    if isinstance(item, dict) and "prompt" not in item:
-                        raise click.BadParameter(f"line {n}: a JSON object needs a 'prompt' key",
-                                                 param_hint="--input_file")
-                    prompts.append(item["prompt"] if isinstance(item, dict) else str(item))
-        else:
-            prompts.append(text)
+        prompts += _read_input_file(input_file)
     if not prompts:
         raise click.BadParameter("give --input_text or --input_file", param_hint="--input_text")
     return prompts
+
+
+def _read_input_file(path: Path) -> list[str]:
+    """The prompts of one --input_file; a malformed file is one BadParameter naming the line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise click.BadParameter(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})",
+                                 param_hint="--input_file") from None
+    if path.suffix != ".jsonl":
+        return [text]
+    prompts = [_jsonl_prompt(f"{path} line {n}", line)
+               for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not prompts:
+        raise click.BadParameter(f"{path}: no prompts (every line is blank)",
+                                 param_hint="--input_file")
+    return prompts
+
+
+def _jsonl_prompt(where: str, line: str) -> str:
+    """One .jsonl line: a JSON string, or an object whose "prompt" is a string."""
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise click.BadParameter(f"{where}: not JSON ({e.msg}: column {e.colno})",
+                                 param_hint="--input_file") from None
+    if isinstance(item, str):
+        return item
+    if not isinstance(item, dict):
+        message = f'expected a JSON string or {{"prompt": "..."}}, found {_json_type(item)}'
+    elif "prompt" not in item:
+        message = "a JSON object needs a 'prompt' key"
+    elif not isinstance(item["prompt"], str):
+        message = f"'prompt' must be a string, found {_json_type(item['prompt'])}"
+    else:
+        return item["prompt"]
+    raise click.BadParameter(f"{where}: {message}", param_hint="--input_file")
+
+
+def _json_type(value: Any) -> str:
+    for kind, name in ((bool, "a boolean"), ((int, float), "a number"), (str, "a string"),
+                       (list, "an array"), (dict, "an object")):
+        if isinstance(value, kind):
+            return name
+    return "null"
 
 
 @click.command("run")
@@ -86,7 +129,9 @@ def read_prompts(input_text: tuple[str, ...], input_file: Path | None) -> list[s
                    "any other file = one prompt.")
 @click.option("--max_output_len", default=64, show_default=True, type=click.IntRange(min=1),
               help="New tokens per prompt at most.")
-@click.option("--streaming", is_flag=True, help="Print text as it is generated.")
+@click.option("--streaming", is_flag=True,
+              help="Print text as it is generated (several prompts: the same blocks, in order; "
+                   "each block is printed live once the ones before it are complete).")
 @click.option("--chat", is_flag=True, help="Wrap each prompt as a user message in the model's "
                                            "chat template.")
 @executor_options
@@ -96,7 +141,7 @@ def run(obj: CliContext, engine_dir: Path, input_text: tuple[str, ...], input_fi
         max_output_len: int, streaming: bool, chat: bool, device: str,
         num_threads: int | None, cpu_spin_wait: bool,
         **sampling: Any) -> None:
-    """Generate text with an engine; prints the output, then TTFT, TPOT and tokens/s."""
+    """Generate text with an engine; prints the text (stdout), then TTFT, TPOT, tokens/s (stderr)."""
     prompts = read_prompts(input_text, input_file)
     with LLM(engine_dir, ExecutorOptions(device=device, num_threads=num_threads,
                                          cpu_spin_wait=cpu_spin_wait)) as llm:
@@ -104,26 +149,39 @@ def run(obj: CliContext, engine_dir: Path, input_text: tuple[str, ...], input_fi
         inputs = [llm.render_chat([{"role": "user", "content": p}]) if chat else p
                   for p in prompts]
         if streaming:
-            results = _stream(llm, inputs, params, len(prompts) > 1)
+            results = _stream(llm, inputs, params)
         else:
             results = llm.generate(inputs, params)
             for i, result in enumerate(results):
-                click.echo(f"[{i}] {result.text}" if len(results) > 1 else result.text)
-    click.echo(format_stats(results), err=obj.verbosity < 0)
+                click.echo(_header(i, len(results)) + result.text)
+    if obj.verbosity >= 0:
+        click.echo(format_stats(results), err=True)
 
 
-def _stream(llm: LLM, inputs: list[Any], params: SamplingParams,
-            many: bool) -> list[CompletionResult]:
+def _header(index: int, count: int) -> str:
+    return f"[{index}]\n" if count > 1 else ""
+
+
+def _stream(llm: LLM, inputs: list[Any], params: SamplingParams) -> list[CompletionResult]:
+    """Print the blocks of the module docstring as text arrives; the results in prompt order."""
+    count = len(inputs)
+    held = [""] * count  # text received and not printed yet, per prompt
     results: dict[int, CompletionResult] = {}
+    live = 0  # the block printed live; every block before it is complete and printed
+    sys.stdout.write(_header(0, count))
     for delta in llm.generate_stream(inputs, params):
-        text = f"[{delta.index}] {delta.text}\n" if many and delta.text else delta.text
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        held[delta.index] += delta.text
         if delta.result is not None:
             results[delta.index] = delta.result
-    if not many:
-        sys.stdout.write("\n")
-    return [results[i] for i in range(len(inputs))]
+        while live < count:
+            sys.stdout.write(held[live])
+            held[live] = ""
+            if live not in results:
+                break
+            live += 1
+            sys.stdout.write("\n" + (_header(live, count) if live < count else ""))
+        sys.stdout.flush()
+    return [results[i] for i in range(count)]
 
 
 def format_stats(results: list[CompletionResult]) -> str:

@@ -1,4 +1,5 @@
-"""kiln run and kiln bench on a toy onnx engine with the real SmolLM2 tokenizer."""
+"""kiln run and kiln bench on a toy onnx engine (or a scripted mock model) with the real SmolLM2
+tokenizer: output layout (text on stdout, stats on stderr), prompt files, errors."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from kiln.cli import run as run_module
 from kiln.cli.bench import bench
 from kiln.cli.main import main
 from kiln.cli.run import run
 from kiln.engine import BuildLimits
+from kiln.runtime import LLM, CompletionResult, RequestTimings, StreamDelta
+from tests.runtime.mocks import ScriptedExecutor
 from tests.runtime.toy_onnx import rewrite_manifest, toy_engine_dir
 
 for command in (run, bench):  # registered by kiln.cli.main in the package; idempotent here
@@ -33,22 +37,94 @@ def kiln(*args: str):
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
-def test_run_prints_text_then_stats(engine):
+def test_run_prints_text_on_stdout_and_stats_on_stderr(engine):
     r = kiln("run", "--engine_dir", str(engine), "--input_text", "Hello there",
              "--max_output_len", "6", "--ignore_eos")
     assert r.exit_code == 0, r.output
-    text, stats = r.output.rstrip("\n").rsplit("\n", 1)
-    assert text.strip()
+    assert r.stdout.strip() and r.stdout.count("\n") == 1 and "TTFT" not in r.stdout
+    stats = r.stderr.strip()
     assert stats.startswith("TTFT ") and "time per output token" in stats
     assert "6 tokens, 1 request, finish: length" in stats
+
+
+def test_quiet_drops_the_stats_line(engine):
+    r = kiln("-q", "run", "--engine_dir", str(engine), "--input_text", "Hello there",
+             "--max_output_len", "4", "--ignore_eos")
+    assert r.exit_code == 0 and r.stdout.strip() and r.stderr == ""
 
 
 def test_streaming_prints_the_same_text(engine):
     args = ["run", "--engine_dir", str(engine), "--input_text", "Hi", "--max_output_len", "8",
             "--ignore_eos", "--temperature", "0"]
-    plain = kiln(*args).output.splitlines()[0]
-    streamed = kiln(*args, "--streaming").output.splitlines()[0]
-    assert streamed == plain
+    plain = kiln(*args).stdout
+    assert kiln(*args, "--streaming").stdout == plain and plain.count("\n") == 1
+
+
+def test_several_prompts_print_header_then_block_streaming_or_not(engine):
+    args = ["run", "--engine_dir", str(engine), "--input_text", "Hi", "--input_text",
+            "Good morning to you", "--max_output_len", "5", "--ignore_eos"]
+    plain = kiln(*args)
+    streamed = kiln(*args, "--streaming")
+    assert plain.stdout == streamed.stdout
+    lines = plain.stdout.split("\n")
+    assert (lines[0], lines[2], lines[4]) == ("[0]", "[1]", "") and len(lines) == 5
+    assert "10 tokens, 2 requests" in plain.stderr and "TTFT" not in plain.stdout
+
+
+ANSWER = "The capital of France is Paris."
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """kiln run over a mock model: after the first prompt, the tokens of ANSWER then EOS (a
+    longer prompt starts further into ANSWER, so it finishes first)."""
+    from kiln.runtime.tokenizer import load_tokenizer
+    from kiln.testing.smollm2 import smollm2_hf_dir
+
+    tokenizer = load_tokenizer(smollm2_hf_dir())
+    first = "Q: the capital of France?"
+
+    def scripted_llm(engine_dir, options):
+        executor = ScriptedExecutor(LIMITS, tokenizer.vocab_size, len(tokenizer.encode(first)),
+                                    tokenizer.encode(ANSWER, add_special_tokens=False),
+                                    eos=tokenizer.eos_token_ids[0])
+        return LLM.from_executor(executor, tokenizer)
+
+    monkeypatch.setattr(run_module, "LLM", scripted_llm)
+    return first
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_blocks_stay_in_prompt_order_when_a_later_prompt_finishes_first(scripted, streaming):
+    r = kiln("run", "--engine_dir", "mock", "--input_text", scripted, "--input_text",
+             scripted + " Answer in one short sentence.", *(["--streaming"] * streaming))
+    assert r.exit_code == 0, r.output
+    header0, text0, header1, text1, end = r.stdout.split("\n")
+    assert (header0, text0, header1, end) == ("[0]", ANSWER, "[1]", "")
+    assert text1 and ANSWER.endswith(text1) and text1 != ANSWER
+    assert "2 requests, finish: stop" in r.stderr
+
+
+def test_streaming_prints_the_earliest_unfinished_block_live(monkeypatch, capsys):
+    """Request 1 finishes first: it is held until request 0 is complete, then printed whole;
+    request 2's text so far follows at once and the rest of it live."""
+    script = [(0, "Hel", False), (1, "Wor", False), (1, "ld", True), (0, "lo", False),
+              (2, "x", False), (0, "", True), (2, "y", True)]
+    printed = []
+
+    class FakeLLM:
+        def generate_stream(self, inputs, params):
+            for index, text, done in script:
+                result = CompletionResult(f"r{index}", None, (), "", (), "stop", None, None,
+                                          RequestTimings(0.0, (), 1.0))
+                yield StreamDelta(index, f"r{index}", text, (),
+                                  finish_reason="stop" if done else None,
+                                  result=result if done else None)
+                printed.append(capsys.readouterr().out)  # what this delta printed
+
+    results = run_module._stream(FakeLLM(), ["a", "b", "c"], None)
+    assert [r.request_id for r in results] == ["r0", "r1", "r2"]
+    assert printed == ["[0]\nHel", "", "", "lo", "", "\n[1]\nWorld\n[2]\nx", "y\n"]
 
 
 def test_sampling_flags_and_seed_reproducible(engine):
@@ -60,11 +136,46 @@ def test_sampling_flags_and_seed_reproducible(engine):
 
 def test_input_file_jsonl_gives_one_result_per_line(engine, tmp_path):
     f = tmp_path / "prompts.jsonl"
-    f.write_text('"first"\n{"prompt": "second"}\n')
+    f.write_text('"first"\n\n{"prompt": "second"}\n')
     r = kiln("run", "--engine_dir", str(engine), "--input_file", str(f), "--max_output_len", "3",
              "--ignore_eos")
-    assert r.exit_code == 0 and r.output.startswith("[0] ") and "\n[1] " in r.output
-    assert "6 tokens, 2 requests" in r.output
+    assert r.exit_code == 0 and r.stdout.startswith("[0]\n") and "\n[1]\n" in r.stdout
+    assert "6 tokens, 2 requests" in r.stderr
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"prompt": "unterminated}',
+     "line 2: not JSON (Unterminated string starting at: column 12)"),
+    ('"a" "b"', "line 2: not JSON (Extra data: column 5)"),
+    ("5", 'line 2: expected a JSON string or {"prompt": "..."}, found a number'),
+    ('["a", "b"]', 'line 2: expected a JSON string or {"prompt": "..."}, found an array'),
+    ("null", 'line 2: expected a JSON string or {"prompt": "..."}, found null'),
+    ('{"text": "x"}', "line 2: a JSON object needs a 'prompt' key"),
+    ('{"prompt": ["x"]}', "line 2: 'prompt' must be a string, found an array"),
+])
+def test_malformed_jsonl_line_is_one_line_naming_file_and_line(engine, tmp_path, line, message):
+    f = tmp_path / "prompts.jsonl"
+    f.write_text(f'"fine"\n{line}\n')
+    r = CliRunner().invoke(main, ["run", "--engine_dir", str(engine), "--input_file", str(f)])
+    assert r.exit_code == 2, r.output
+    assert f"{f} {message}" in r.output and "Traceback" not in r.output
+    assert sum("Error" in x for x in r.output.splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["prompt.txt", "prompts.jsonl"])
+def test_input_file_not_utf8_is_one_line(engine, tmp_path, name):
+    f = tmp_path / name
+    f.write_bytes('"caf\u00e9"\n'.encode("latin-1"))
+    r = CliRunner().invoke(main, ["run", "--engine_dir", str(engine), "--input_file", str(f)])
+    assert r.exit_code == 2 and f"{f}: not UTF-8 text (byte 4: invalid continuation byte)" \
+        in r.output and "Traceback" not in r.output
+
+
+def test_blank_jsonl_is_refused(engine, tmp_path):
+    f = tmp_path / "prompts.jsonl"
+    f.write_text("\n  \n")
+    r = CliRunner().invoke(main, ["run", "--engine_dir", str(engine), "--input_file", str(f)])
+    assert r.exit_code == 2 and f"{f}: no prompts (every line is blank)" in r.output
 
 
 @pytest.mark.parametrize("args,message", [
