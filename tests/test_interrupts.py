@@ -119,3 +119,28 @@ def test_ctrl_c_during_conversion_leaves_nothing(hf_dir, tmp_path):
     assert result.returncode == 130, result.stderr
     assert "interrupted (Ctrl-C)" in result.stderr and "Traceback" not in result.stderr
     assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_ctrl_c_during_onnx_runtime_optimization_stops_at_once(hf_dir, tmp_path):
+    """ONNX Runtime optimizes in native code for minutes on large models: it runs in a child
+    process that the interrupt stops."""
+    ckpt = kiln_checkpoint(hf_dir, tmp_path / "ckpt")
+    patch = f"""
+        import os, signal, subprocess, time
+        from kiln.builder import onnx_backend
+
+        class Popen(subprocess.Popen):
+            def communicate(self, *args, **kwargs):
+                with open({str(tmp_path / "sent")!r}, "w") as f:
+                    f.write(str(time.time()))
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(30)  # the child's optimization, as long as a large model's
+
+        onnx_backend.subprocess.Popen = Popen
+    """
+    out = tmp_path / "engine"
+    result, _ = run_cli(patch, ["build", "--checkpoint_dir", str(ckpt), "--output_dir",
+                                str(out), "--max_batch_size", "2", "--max_seq_len", "16"])
+    assert result.returncode == 130, result.stderr
+    assert time.time() - float((tmp_path / "sent").read_text()) < 3.0
+    assert not out.exists() and leftovers(tmp_path) == []

@@ -13,19 +13,28 @@ with ``--backend tensorrt``), bfloat16 on the CPU provider (it has no bfloat16 M
 from __future__ import annotations
 
 import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import onnx
 import onnxruntime as ort
 
-from kiln.builder.backends import Backend, BuildPlan, PartJob, PartResult, register_backend
+from kiln.builder.backends import (
+    Backend,
+    BuildError,
+    BuildPlan,
+    PartJob,
+    PartResult,
+    register_backend,
+)
 from kiln.builder.graph.decoder import write_part
 from kiln.checkpoint import rank_file
 from kiln.engine import EngineError
 
-LEVELS = {"cpu": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-          "cuda": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}
+# ONNX Runtime's GraphOptimizationLevel per target (names: the child process looks them up).
+LEVELS = {"cpu": "ORT_ENABLE_EXTENDED", "cuda": "ORT_ENABLE_BASIC"}
 
 
 @register_backend("onnx")
@@ -64,17 +73,22 @@ class OnnxBackend(Backend):
                       if (job.out_dir / name).is_file())
         return PartResult(part=part, files=files,
                           seconds={"graph": emitted - started, "optimize": done - emitted},
-                          peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+                          peak_rss=max(resource.getrusage(who).ru_maxrss * 1024 for who in
+                                       (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
 
 
 def optimize(raw: Path, out: Path, target: str) -> None:
-    """Let ONNX Runtime optimize ``raw`` for ``target`` and save it (weights beside it)."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = LEVELS[target]
-    options.optimized_model_filepath = str(out)
-    options.add_session_config_entry(
-        "session.optimized_model_external_initializers_file_name", out.name + ".data")
-    options.add_session_config_entry(
-        "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    ort.InferenceSession(str(raw), options, providers=["CPUExecutionProvider"])
+    """Let ONNX Runtime optimize ``raw`` for ``target`` and save it (weights beside it), in a
+    child process that an interrupt stops at once (see kiln/builder/ort_optimize.py)."""
+    script = Path(__file__).with_name("ort_optimize.py")
+    child = subprocess.Popen([sys.executable, str(script), str(raw), str(out), LEVELS[target]],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _, errors = child.communicate()
+    except BaseException:  # Ctrl-C / SIGTERM: stop the child before unwinding
+        child.kill()
+        child.wait()
+        raise
+    if child.returncode != 0:
+        last = (errors.strip().splitlines() or [f"exit status {child.returncode}"])[-1]
+        raise BuildError(f"ONNX Runtime could not optimize {raw.name} for {target}: {last}")
