@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from kiln.config import DTYPES, DecoderConfig, Mapping
+from kiln.dirs import DirKind, wrong_kind
 from kiln.errors import CheckpointError, ConfigError, KilnError
 from kiln.roles import parse_name, tensor_names
 from kiln.sharding import unshard
@@ -103,6 +104,8 @@ def load_config(checkpoint_dir: str | Path) -> CheckpointConfig:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: invalid JSON ({e}); re-run kiln convert_checkpoint") from None
+    if message := wrong_kind(checkpoint_dir, data, DirKind.KILN_CHECKPOINT):
+        raise CheckpointError(message)
     return CheckpointConfig.from_dict(data, str(path))
 
 

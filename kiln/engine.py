@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.config import DTYPES, DecoderConfig, Mapping
+from kiln.dirs import DirKind, wrong_kind
 from kiln.errors import ConfigError, KilnError
 
 ENGINE_FORMAT_VERSION = 1
@@ -118,9 +119,13 @@ def read_manifest(engine_dir: str | Path) -> EngineManifest:
     if not path.is_file():
         raise EngineError(f"{path}: missing; not an engine dir (run kiln build first)")
     try:
-        return EngineManifest.from_dict(json.loads(path.read_text()))
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise EngineError(f"{path}: invalid JSON ({e}); rebuild with kiln build") from None
+    if message := wrong_kind(engine_dir, data, DirKind.ENGINE):
+        raise EngineError(message)
+    try:
+        return EngineManifest.from_dict(data)
     except (KeyError, TypeError) as e:
         raise EngineError(f"{path}: malformed manifest ({e!r}); rebuild with kiln build") from None
     except ConfigError as e:

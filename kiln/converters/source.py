@@ -10,16 +10,17 @@ refused unless ``allow_pickle`` is set, and then loaded with ``torch.load(weight
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
+from kiln.dirs import DirKind, wrong_kind
 from kiln.errors import CheckpointError, HubError, UnsafeCheckpointError
 from kiln.tensorio import TensorInfo, read_header, read_tensor
 
@@ -29,7 +30,6 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 HUB_PATTERNS = ("config.json", "generation_config.json", "*.safetensors",
                 "*.safetensors.index.json", "tokenizer*", "special_tokens_map.json",
                 "added_tokens.json", "vocab.json", "merges.txt", "chat_template.*")
-_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 class SourceTensor(Protocol):
@@ -108,15 +108,23 @@ class Source:
 
 
 def open_source(model_dir: str, revision: str | None = None, allow_pickle: bool = False) -> Source:
-    """Open a local HF checkpoint directory, or download one from the hub by id."""
+    """Open a local HF checkpoint directory, or download one from the hub by id.
+
+    A local directory wins. A string that does not exist locally is tried on the hub only if
+    it has a hub id's form (``org/name``, which is also a relative path): then a failure says
+    both that no such local directory exists and why the hub could not provide it. Any other
+    missing path (``./x``, ``../x``, ``/x``, ``~/x``, ``a/b/c`` ...) is a local path that does
+    not exist, reported without asking the hub.
+    """
     path = Path(model_dir).expanduser()
     repo_id = None
     if not path.exists():
-        if not _REPO_ID.match(model_dir):
-            raise CheckpointError(f"{model_dir}: no such directory (and not a hub id like "
-                                  f"'org/name'); pass a local HF checkpoint directory")
+        missing = f"{model_dir}: no such local directory{_near_miss(path)}"
+        if not _is_hub_id(model_dir):
+            raise CheckpointError(f"{missing}, and not a hub id (those have the form org/name); "
+                                  f"check the path")
         repo_id = model_dir
-        path = _download(model_dir, revision, allow_pickle)
+        path = _download(model_dir, revision, allow_pickle, missing)
     elif not path.is_dir():
         raise CheckpointError(f"{path}: not a directory; pass the directory holding config.json")
     config_path = path / "config.json"
@@ -126,6 +134,8 @@ def open_source(model_dir: str, revision: str | None = None, allow_pickle: bool 
         hf_config = json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{config_path}: invalid JSON ({e})") from None
+    if message := wrong_kind(model_dir, hf_config, DirKind.HF_CHECKPOINT):
+        raise CheckpointError(message)
     files = _weight_files(path, allow_pickle)
     tensors: dict[str, SourceTensor] = {}
     for file in files:
@@ -134,6 +144,36 @@ def open_source(model_dir: str, revision: str | None = None, allow_pickle: bool 
                 raise CheckpointError(f"{file}: tensor {name!r} also appears in another file")
             tensors[name] = tensor
     return Source(path, hf_config, tensors, files, repo_id, revision)
+
+
+def _is_hub_id(text: str) -> bool:
+    """``org/name`` as the hub validates it (no leading ``.``/``-``, no ``..``/``--``, ...)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if text.count("/") != 1:  # kiln asks for org/name: a bare name is far likelier a typo
+        return False
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _near_miss(path: Path) -> str:
+    """A hint for a missing local path: a close existing name, or where the path stops existing."""
+    parent = path.parent
+    while not parent.is_dir() and parent != parent.parent:
+        parent = parent.parent
+    first, *rest = path.relative_to(parent).parts
+    try:
+        names = [p.name for p in parent.iterdir() if p.is_dir()]
+    except OSError:  # unreadable: no suggestion
+        names = []
+    for name in difflib.get_close_matches(first, names, n=3, cutoff=0.6):
+        if (guess := parent.joinpath(name, *rest)).is_dir():
+            return f" (did you mean {guess}?)"
+    return "" if str(parent) == "." else f" ({str(parent).rstrip('/')}/ has no {first})"
 
 
 def _weight_files(path: Path, allow_pickle: bool) -> list[Path]:
@@ -165,21 +205,38 @@ def _open_weights(file: Path) -> dict[str, SourceTensor]:
     return {k: LoadedTensor(v, file.name) for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def _download(repo_id: str, revision: str | None, allow_pickle: bool) -> Path:
-    """snapshot_download with only the files conversion needs (HF_HOME/HF_TOKEN/HF_HUB_OFFLINE apply)."""
+def _download(repo_id: str, revision: str | None, allow_pickle: bool, missing: str) -> Path:
+    """snapshot_download with only the files conversion needs (HF_HOME/HF_TOKEN/HF_HUB_OFFLINE
+    apply). ``missing`` starts the error: no local directory of that name exists."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     patterns = list(HUB_PATTERNS) + (["*.bin", "*.bin.index.json"] if allow_pickle else [])
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    log.info("fetching %s%s from the Hugging Face hub", repo_id, f"@{revision}" if revision else "")
+    at = f"@{revision}" if revision else ""
+    log.info("fetching %s%s from the Hugging Face hub", repo_id, at)
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except LocalEntryNotFoundError:
-        why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else \
+        why = "offline (HF_HUB_OFFLINE is set) and it is not in the local cache" if offline else \
             "the hub is unreachable and it is not in the local cache"
-        raise HubError(f"{repo_id}: cannot fetch ({why}); download it where the hub is reachable "
-                       f"and pass the local directory") from None
+        fix = "fix the path, or download it where the hub is reachable and pass its directory"
+    except GatedRepoError:
+        why = "the model is gated"
+        fix = "accept its terms on huggingface.co and set HF_TOKEN, or fix the path"
+    except RepositoryNotFoundError:
+        why = "the hub has no such model (or it is private)"
+        fix = "fix the path or the id (set HF_TOKEN for a private model)"
+    except RevisionNotFoundError:
+        why = f"the hub model has no revision {revision}"
+        fix = "fix --revision"
     except HfHubHTTPError as e:
-        raise HubError(f"{repo_id}: the hub refused the download ({e}); check the id, "
-                       f"--revision, and HF_TOKEN for gated models") from None
+        why = f"the hub refused the download ({(str(e).splitlines() or [type(e).__name__])[0]})"
+        fix = "fix the path, or check the id, --revision and HF_TOKEN"
+    raise HubError(f"{missing}, and the hub cannot provide {repo_id}{at}: {why}; {fix}")

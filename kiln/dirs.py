@@ -1,0 +1,86 @@
+"""What kind of directory a path is: an HF checkpoint, a kiln checkpoint or an engine dir.
+
+Each command takes one kind (``convert_checkpoint`` an HF checkpoint, ``build`` a kiln
+checkpoint, ``run``/``bench`` an engine dir). Given another kind, its error says which kind it
+was given and the command that makes the kind it needs, instead of failing on a missing key.
+
+Contract: :func:`dir_kind` classifies a parsed ``config.json`` by its keys, nothing else:
+
+- engine dir: ``format_version`` and any of ``backend``, ``rank_files``, ``limits`` (the
+  manifest, :mod:`kiln.engine`; any one, so a damaged manifest is still called one);
+- kiln checkpoint: ``format_version``, ``decoder`` and ``mapping`` (:mod:`kiln.checkpoint`);
+- HF checkpoint: ``model_type`` or ``architectures`` (transformers writes both);
+- anything else: :attr:`DirKind.OTHER`.
+
+:func:`wrong_kind` turns a kind other than the wanted one into that one-line message. Non-goal:
+validating a directory; the owner of each format does that once the kind is right.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+_ENGINE_KEYS = frozenset({"backend", "rank_files", "limits"})  # none is in a kiln checkpoint
+
+
+class DirKind(Enum):
+    HF_CHECKPOINT = "a Hugging Face checkpoint"
+    KILN_CHECKPOINT = "a kiln checkpoint"
+    ENGINE = "an engine dir"
+    OTHER = "not a checkpoint or engine dir"
+
+
+def dir_kind(config: Any) -> DirKind:
+    """The kind of directory whose ``config.json`` parsed to ``config``."""
+    if not isinstance(config, dict):
+        return DirKind.OTHER
+    if "format_version" in config and not _ENGINE_KEYS.isdisjoint(config):
+        return DirKind.ENGINE
+    if {"format_version", "decoder", "mapping"} <= config.keys():
+        return DirKind.KILN_CHECKPOINT
+    if "model_type" in config or "architectures" in config:
+        return DirKind.HF_CHECKPOINT
+    return DirKind.OTHER
+
+
+def classify_dir(path: str | Path) -> DirKind:
+    """The kind of directory ``path`` is, from its ``config.json`` (OTHER if none is readable)."""
+    try:
+        return dir_kind(json.loads((Path(path) / "config.json").read_text()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return DirKind.OTHER
+
+
+def wrong_kind(path: str | Path, config: Any, wanted: DirKind) -> str | None:
+    """The one-line error for a directory of another kind than ``wanted`` (None if it is that
+    kind, or unrecognizable: then the caller's own checks say what is wrong)."""
+    found = dir_kind(config)
+    if found in (wanted, DirKind.OTHER):
+        return None
+    ckpt, engine = "<checkpoint_dir>", "<engine_dir>"
+    convert = f"kiln convert_checkpoint --model_dir {path} --output_dir {ckpt}"
+    build = f"kiln build --checkpoint_dir {path} --output_dir {engine}"
+    run = f"kiln run --engine_dir {path}"
+    todo = {
+        (DirKind.HF_CHECKPOINT, DirKind.KILN_CHECKPOINT): f"convert it first with {convert}",
+        (DirKind.HF_CHECKPOINT, DirKind.ENGINE):
+            f"convert it first with {convert}, then build with kiln build --checkpoint_dir "
+            f"{ckpt} --output_dir {engine}",
+        (DirKind.KILN_CHECKPOINT, DirKind.ENGINE): f"build it first with {build}",
+        (DirKind.KILN_CHECKPOINT, DirKind.HF_CHECKPOINT):
+            f"it is converted already; build it with {build}",
+        (DirKind.ENGINE, DirKind.KILN_CHECKPOINT):
+            f"it is built already; run it with {run}, or rebuild from the kiln checkpoint it "
+            f"was built from ({_built_from(config)})",
+        (DirKind.ENGINE, DirKind.HF_CHECKPOINT): f"it is built already; run it with {run}",
+    }[found, wanted]
+    return f"{path} is {found.value}, not {wanted.value}: {todo}"
+
+
+def _built_from(manifest: dict[str, Any]) -> str:
+    source = manifest.get("source")
+    checkpoint = source.get("checkpoint_dir") if isinstance(source, dict) else None
+    return f"--checkpoint_dir {checkpoint}" if checkpoint else "its --checkpoint_dir"

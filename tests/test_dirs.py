@@ -1,0 +1,138 @@
+"""A directory of one kind given where another is needed: the error names the kind and the fix.
+
+Every (given, wanted) combination of HF checkpoint, kiln checkpoint and engine dir, through
+the CLI (one line, exit 2, nothing written) and through the Python API.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import kiln
+from kiln.builder import build
+from kiln.checkpoint import load_config
+from kiln.cli.main import main
+from kiln.dirs import DirKind, classify_dir, dir_kind
+from kiln.engine import EngineError, read_manifest
+from kiln.errors import CheckpointError
+from tests.models import hf_model
+
+LIMITS = dict(max_batch_size=2, max_input_len=8, max_seq_len=16)
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory) -> dict[DirKind, Path]:
+    root = tmp_path_factory.mktemp("dirs")
+    hf = hf_model("llama-gqa", root / "hf")
+    ckpt = kiln.convert_checkpoint(hf, root / "ckpt", progress=False)
+    engine = build(ckpt, root / "engine", **LIMITS).output_dir
+    return {DirKind.HF_CHECKPOINT: hf, DirKind.KILN_CHECKPOINT: ckpt, DirKind.ENGINE: engine}
+
+
+def test_classify(dirs, tmp_path):
+    for kind, path in dirs.items():
+        assert classify_dir(path) is kind
+    (tmp_path / "config.json").write_text("{not json")
+    assert classify_dir(tmp_path) is DirKind.OTHER
+    assert classify_dir(tmp_path / "nope") is DirKind.OTHER
+    assert dir_kind({"hidden_size": 8}) is DirKind.OTHER
+    assert dir_kind([1, 2]) is DirKind.OTHER
+    assert dir_kind({"model_type": "llama"}) is DirKind.HF_CHECKPOINT
+    # An engine manifest holds format_version, decoder and mapping too: backend decides.
+    manifest = json.loads((dirs[DirKind.ENGINE] / "config.json").read_text())
+    assert {"format_version", "decoder", "mapping"} <= manifest.keys()
+
+
+def kiln_cli(*args: str):
+    return CliRunner().invoke(main, ["-q", *args])
+
+
+def expect_one_line(result, message: str, out: Path | None = None) -> None:
+    assert result.exit_code == 2, result.output
+    assert result.output == f"error: {message}\n"
+    assert out is None or not out.exists()
+
+
+def test_run_and_bench_given_a_kiln_checkpoint(dirs):
+    ckpt = dirs[DirKind.KILN_CHECKPOINT]
+    message = (f"{ckpt} is a kiln checkpoint, not an engine dir: build it first with kiln build "
+               f"--checkpoint_dir {ckpt} --output_dir <engine_dir>")
+    expect_one_line(kiln_cli("run", "--engine_dir", str(ckpt), "--input_text", "hi"), message)
+    expect_one_line(kiln_cli("bench", "--engine_dir", str(ckpt)), message)
+    with pytest.raises(EngineError) as err:
+        read_manifest(ckpt)
+    assert str(err.value) == message
+
+
+def test_run_given_an_hf_checkpoint(dirs):
+    hf = dirs[DirKind.HF_CHECKPOINT]
+    message = (f"{hf} is a Hugging Face checkpoint, not an engine dir: convert it first with kiln "
+               f"convert_checkpoint --model_dir {hf} --output_dir <checkpoint_dir>, then build "
+               f"with kiln build --checkpoint_dir <checkpoint_dir> --output_dir <engine_dir>")
+    expect_one_line(kiln_cli("run", "--engine_dir", str(hf), "--input_text", "hi"), message)
+    with pytest.raises(EngineError, match="is a Hugging Face checkpoint, not an engine dir"):
+        read_manifest(hf)
+
+
+def test_build_given_an_engine_dir(dirs, tmp_path):
+    engine, ckpt = dirs[DirKind.ENGINE], dirs[DirKind.KILN_CHECKPOINT]
+    message = (f"{engine} is an engine dir, not a kiln checkpoint: it is built already; run it "
+               f"with kiln run --engine_dir {engine}, or rebuild from the kiln checkpoint it was "
+               f"built from (--checkpoint_dir {ckpt})")
+    out = tmp_path / "out"
+    expect_one_line(kiln_cli("build", "--checkpoint_dir", str(engine), "--output_dir", str(out)),
+                    message, out)
+    with pytest.raises(CheckpointError) as err:
+        build(engine, out, **LIMITS)
+    assert str(err.value) == message and not out.exists()
+
+
+def test_build_given_an_hf_checkpoint(dirs, tmp_path):
+    hf = dirs[DirKind.HF_CHECKPOINT]
+    message = (f"{hf} is a Hugging Face checkpoint, not a kiln checkpoint: convert it first with "
+               f"kiln convert_checkpoint --model_dir {hf} --output_dir <checkpoint_dir>")
+    out = tmp_path / "out"
+    expect_one_line(kiln_cli("build", "--checkpoint_dir", str(hf), "--output_dir", str(out)),
+                    message, out)
+    with pytest.raises(CheckpointError) as err:
+        load_config(hf)
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("kind, fix", [
+    (DirKind.KILN_CHECKPOINT, "it is converted already; build it with kiln build "
+                              "--checkpoint_dir {path} --output_dir <engine_dir>"),
+    (DirKind.ENGINE, "it is built already; run it with kiln run --engine_dir {path}"),
+])
+def test_convert_given_a_kiln_dir(dirs, tmp_path, kind, fix):
+    path = dirs[kind]
+    message = f"{path} is {kind.value}, not a Hugging Face checkpoint: {fix.format(path=path)}"
+    out = tmp_path / "out"
+    expect_one_line(kiln_cli("convert_checkpoint", "--model_dir", str(path), "--output_dir",
+                             str(out)), message, out)
+    with pytest.raises(CheckpointError) as err:
+        kiln.convert_checkpoint(path, out, progress=False)
+    assert str(err.value) == message and not out.exists()
+
+
+def test_each_kind_still_loads_where_it_belongs(dirs):
+    assert load_config(dirs[DirKind.KILN_CHECKPOINT]).decoder.num_layers == 2
+    assert read_manifest(dirs[DirKind.ENGINE]).backend == "onnx"
+
+
+def test_unrecognized_configs_keep_their_own_errors(dirs, tmp_path):
+    """A config.json of no known kind (or a damaged one) gets the format owner's error."""
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 8}))
+    with pytest.raises(CheckpointError, match="format_version None is not supported"):
+        load_config(tmp_path)
+    with pytest.raises(EngineError, match="format_version None is not supported"):
+        read_manifest(tmp_path)
+    manifest = json.loads((dirs[DirKind.ENGINE] / "config.json").read_text())
+    del manifest["backend"]  # damaged manifest: no longer classified as an engine dir
+    (tmp_path / "config.json").write_text(json.dumps(manifest))
+    with pytest.raises(EngineError, match=r"malformed manifest \(KeyError\('backend'\)\)"):
+        read_manifest(tmp_path)
