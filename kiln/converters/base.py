@@ -3,6 +3,8 @@
 A converter holds all knowledge of one HF architecture family and nothing else:
 
 - ``config_from_hf(hf)``: the HF ``config.json`` dict -> :class:`~kiln.config.DecoderConfig`.
+- ``config_from_source(hf, shapes)``: the same, given the source tensors' shapes too; a
+  converter overrides it only where HF's own code takes a size from the weights, not the config.
 - ``tensor_rules(config)``: how each canonical role is made from HF tensors, as
   ``target <- [sources] + pure function`` (:class:`TensorRule`), with ``{layer}`` in names.
 - ``ignored``: regular expressions of HF tensor names that are deliberately dropped.
@@ -14,7 +16,8 @@ reading data, and streams the tensors out.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -25,6 +28,7 @@ from kiln.errors import ConfigError, UnsupportedArchitectureError
 from kiln.roles import Role
 
 Transform = Callable[..., torch.Tensor]
+log = logging.getLogger(__name__)
 
 
 def concat_rows(*tensors: torch.Tensor) -> torch.Tensor:
@@ -59,6 +63,12 @@ class Converter:
         raise NotImplementedError
 
     @classmethod
+    def config_from_source(cls, hf: dict[str, Any],
+                           shapes: Mapping[str, tuple[int, ...]]) -> DecoderConfig:
+        """The config of a checkpoint whose tensors have ``shapes`` (name -> shape)."""
+        return cls.config_from_hf(hf)
+
+    @classmethod
     def tensor_rules(cls, config: DecoderConfig) -> list[TensorRule]:
         raise NotImplementedError
 
@@ -69,16 +79,29 @@ class Converter:
 
 
 _REGISTRY: dict[str, type[Converter]] = {}
+# HF model_type -> the architecture transformers' AutoModelForCausalLM builds for it.
+_MODEL_TYPES: dict[str, str] = {}
 
 
-def register(*architectures: str) -> Callable[[type[Converter]], type[Converter]]:
-    """Class decorator: register a converter under one or more HF architecture names."""
+def register(*architectures: str, model_types: Mapping[str, str] | None = None
+             ) -> Callable[[type[Converter]], type[Converter]]:
+    """Class decorator: register a converter under one or more HF architecture names.
+
+    ``model_types`` maps HF ``model_type`` values to one of ``architectures``: the class
+    transformers builds for a config.json without ``architectures``.
+    """
+    model_types = dict(model_types or {})
 
     def wrap(cls: type[Converter]) -> type[Converter]:
         for name in architectures:
             if name in _REGISTRY:
                 raise ValueError(f"architecture {name} registered twice")
             _REGISTRY[name] = cls
+        for model_type, name in model_types.items():
+            if name not in architectures or model_type in _MODEL_TYPES:
+                raise ValueError(f"model_type {model_type}: {name} is not registered here, or "
+                                 f"the model_type is registered twice")
+            _MODEL_TYPES[model_type] = name
         cls.architectures = tuple(architectures)
         return cls
 
@@ -90,17 +113,32 @@ def supported_architectures() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def converter_for(hf: dict[str, Any], where: str = "config.json") -> type[Converter]:
-    """The converter for an HF config, from its ``architectures`` (or ``model_type``)."""
+def architecture_name(hf: dict[str, Any], where: str = "config.json") -> str:
+    """The registered HF architecture an HF config describes.
+
+    The first registered name in ``architectures``; a config without ``architectures`` falls
+    back to its ``model_type``, as transformers' ``AutoModelForCausalLM`` does.
+    """
     _load_builtin()
     names = list(hf.get("architectures") or [])
     for name in names:
         if name in _REGISTRY:
-            return _REGISTRY[name]
-    found = names or [hf.get("model_type", "<none>")]
+            return name
+    model_type = hf.get("model_type")
+    if not names and model_type in _MODEL_TYPES:
+        log.info("%s has no architectures; model_type %s means %s", where, model_type,
+                 _MODEL_TYPES[model_type])
+        return _MODEL_TYPES[model_type]
+    found = ", ".join(map(str, names)) if names else f"<none> (model_type {model_type or '<none>'})"
     raise UnsupportedArchitectureError(
-        f"{where}: architecture {', '.join(map(str, found))} is not supported; kiln converts "
-        f"{', '.join(supported_architectures())}")
+        f"{where}: architecture {found} is not supported; kiln converts "
+        f"{', '.join(supported_architectures())} (or a config without architectures whose "
+        f"model_type is {', '.join(sorted(_MODEL_TYPES))})")
+
+
+def converter_for(hf: dict[str, Any], where: str = "config.json") -> type[Converter]:
+    """The converter for an HF config, from its ``architectures`` (or ``model_type``)."""
+    return _REGISTRY[architecture_name(hf, where)]
 
 
 def _load_builtin() -> None:

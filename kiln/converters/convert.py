@@ -9,6 +9,12 @@ rank that keeps part of it, so no tensor (not even a fused qkv or a large embedd
 whole. Only a converter transform other than a row concatenation (Falcon's QKV regroup)
 materializes its sources and result, one tensor at a time.
 
+Finite weights: every floating chunk is checked as it is cast, in the reading thread, with one
+min/max reduction (NaN propagates through both; no copy). A NaN/Inf already in the source is a
+corrupt checkpoint; one that only appears after the cast is an overflow of the output dtype
+(float32 1e38 -> float16 inf). Either refuses the conversion, naming the source tensor, its file
+and the first bad row. Only then is the chunk searched for that row.
+
 Atomicity: output goes to a hidden temporary directory beside ``output_dir`` and is renamed
 into place at the end; on any error it is removed and an existing output is left untouched.
 """
@@ -34,9 +40,15 @@ from tqdm import tqdm
 import kiln
 from kiln.checkpoint import CONFIG_NAME, CheckpointConfig, rank_file
 from kiln.config import DTYPES, DecoderConfig, Mapping
-from kiln.converters.base import Converter, TensorRule, concat_rows, converter_for
+from kiln.converters.base import (
+    Converter,
+    TensorRule,
+    architecture_name,
+    concat_rows,
+    converter_for,
+)
 from kiln.converters.source import Source, SourceTensor, open_source
-from kiln.errors import ConfigError, TensorMappingError
+from kiln.errors import CheckpointError, ConfigError, TensorMappingError
 from kiln.outputs import atomic_dir, check_output, copy_tokenizer
 from kiln.roles import SHARDING, Role, expected_shape, parse_name, tensor_names
 from kiln.sharding import shard_ranges, shard_shape
@@ -63,10 +75,9 @@ class TargetPlan:
             return list(self.sources)
         return None
 
-    def read_full(self) -> torch.Tensor:
-        if self.rule.transform is None:
-            return self.sources[0].read()
-        return self.rule.transform(*(s.read() for s in self.sources))
+    def source_names(self) -> list[str]:
+        """The source tensors' names, in the order of ``sources``."""
+        return [s.format(layer=self.layer) for s in self.rule.sources]
 
 
 def convert_checkpoint(model_dir: str | Path, output_dir: str | Path, *, dtype: str = "auto",
@@ -85,7 +96,8 @@ def convert_checkpoint(model_dir: str | Path, output_dir: str | Path, *, dtype: 
         raise ConfigError(f"dtype must be auto or one of {', '.join(DTYPES)}, found {dtype!r}")
     source = open_source(str(model_dir), revision=revision, allow_pickle=allow_pickle)
     converter = converter_for(source.hf_config, str(source.directory / "config.json"))
-    decoder = converter.config_from_hf(source.hf_config)
+    decoder = converter.config_from_source(source.hf_config,
+                                           {n: tuple(t.shape) for n, t in source.tensors.items()})
     mapping = Mapping(tp_size=tp_size, pp_size=pp_size)
     mapping.validate_for(decoder)
     plans = plan_targets(converter, decoder, source)
@@ -133,9 +145,9 @@ def plan_targets(converter: type[Converter], config: DecoderConfig, source: Sour
     for plan in plans:
         want = expected_shape(plan.role, config)
         if plan.shape != want:
-            names = [s.format(layer=plan.layer) for s in plan.rule.sources]
-            raise TensorMappingError(f"{names}: give {plan.name} shape {list(plan.shape)}, the "
-                                     f"config implies {list(want)}; config.json and weights disagree")
+            raise TensorMappingError(f"{plan.source_names()}: give {plan.name} shape "
+                                     f"{list(plan.shape)}, the config implies {list(want)}; "
+                                     f"config.json and weights disagree")
     return plans
 
 
@@ -219,21 +231,75 @@ def _prefetch(items: Iterator, depth: int) -> Iterator:
 
 
 def _row_chunks(plan: TargetPlan, dtype: torch.dtype) -> Iterator[tuple[int, torch.Tensor]]:
-    """(first row, rows) chunks of the whole target tensor, each at most ~64 MB of source.
+    """(first row, rows) chunks of the whole target tensor, each at most ~64 MB of source,
+    cast to ``dtype`` and checked finite (:func:`_refuse_non_finite`).
 
     Copies and row concatenations (fused qkv, gate_up) are read piece by piece, so no fused
     tensor is ever materialized; any other transform is applied to whole sources once.
     """
     pieces = plan.row_pieces()
+    names = plan.source_names()
     if pieces is None:
-        yield 0, _cast(plan.read_full(), dtype)
+        sources = [s.read() for s in plan.sources]
+        whole = _cast(plan.rule.transform(*sources), dtype)
+        if not _all_finite(whole):
+            for name, src, raw in zip(names, plan.sources, sources, strict=True):
+                _refuse_non_finite(name, src, raw, _cast(raw, dtype), 0)
+            raise RuntimeError(f"{plan.name}: {plan.rule.transform.__name__} made NaN/Inf from "
+                               f"finite sources (a kiln bug)")
+        del sources
+        yield 0, whole
         return
     row = 0
-    for src in pieces:
+    for name, src in zip(names, pieces, strict=True):
         rows = src.shape[0]
         for a, b in iter_row_chunks(rows, src.nbytes // max(rows, 1)):
-            yield row + a, _cast(src.read((a, b)), dtype)
+            raw = src.read((a, b))
+            chunk = _cast(raw, dtype)
+            if not _all_finite(chunk):
+                _refuse_non_finite(name, src, raw, chunk, a)
+            del raw  # only the cast chunk waits in the prefetch queue
+            yield row + a, chunk
         row += rows
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN or +-inf in a (cast) chunk: one min/max pass, NaN propagating through both."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    low, high = torch.aminmax(t)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+def _first_non_finite(t: torch.Tensor) -> int | None:
+    """Index along dim 0 of the first row holding a NaN or +-inf (None if all are finite)."""
+    if not t.is_floating_point():
+        return None
+    if t.dtype.itemsize == 1:  # float8: no isfinite kernel on the CPU; widening is exact
+        t = t.float()
+    bad = ~torch.isfinite(t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(-1))
+    rows = (bad.any(dim=1) if bad.dim() > 1 else bad).nonzero()
+    return int(rows[0]) if len(rows) else None
+
+
+def _refuse_non_finite(name: str, src: SourceTensor, raw: torch.Tensor, cast: torch.Tensor,
+                       first_row: int) -> None:
+    """Raise CheckpointError for rows ``raw`` of source tensor ``name`` (from ``first_row``)
+    whose cast ``cast`` holds NaN/Inf: corrupt if the source does, else an overflow."""
+    where = f"{name} in {src.location()[0]}"
+    unit = "row" if len(src.shape) > 1 else "element"
+    if (bad := _first_non_finite(raw)) is not None:
+        raise CheckpointError(f"{where} holds NaN/Inf values (first at {unit} {first_row + bad}); "
+                              f"the checkpoint is corrupt: re-download it")
+    if (bad := _first_non_finite(cast)) is not None:
+        limit = torch.finfo(cast.dtype).max
+        out = str(cast.dtype).removeprefix("torch.")
+        wider = sorted((d for d in DTYPES if torch.finfo(getattr(torch, d)).max > limit),
+                       key=lambda d: torch.finfo(getattr(torch, d)).max)
+        fix = (f"convert with --dtype {' or '.join(wider)}" if wider else
+               f"no kiln dtype holds these values ({', '.join(DTYPES)})")
+        raise CheckpointError(f"{where} overflows {out}: values beyond +-{limit:.4g} (first at "
+                              f"{unit} {first_row + bad}) become inf; {fix}")
 
 
 @dataclass(frozen=True)
@@ -328,7 +394,7 @@ def _provenance(source: Source, converter: type[Converter], hashes: Future) -> d
         "model_dir": str(source.directory),
         "repo_id": source.repo_id,
         "revision": source.revision,
-        "architecture": source.hf_config.get("architectures", [None])[0],
+        "architecture": architecture_name(source.hf_config),
         "converter": converter.__name__,
         "files": hashes.result(),
     }

@@ -38,6 +38,7 @@ from kiln.config import DecoderConfig, MlpType, NormType, PositionType, Residual
 from kiln.converters.base import (
     Converter,
     TensorRule,
+    architecture_name,
     hf_get,
     register,
     rope_from_hf,
@@ -95,7 +96,7 @@ def regroup_qkv(fused: torch.Tensor, *, num_heads: int, num_kv_heads: int,
     return torch.cat([q, k, v], dim=0)
 
 
-@register("FalconForCausalLM", "RWForCausalLM")
+@register("FalconForCausalLM", "RWForCausalLM", model_types={"falcon": "FalconForCausalLM"})
 class FalconConverter(Converter):
     # The RW remote code registered its rotary inv_freq as a (persistent) buffer.
     ignored = (r"transformer\.h\.\d+\.self_attention\.\w*rotary\w*\.inv_freq",)
@@ -111,7 +112,7 @@ class FalconConverter(Converter):
         head_dim = hidden // heads
         bias = bool(hf.get("bias", False))
         return DecoderConfig(
-            architecture=hf["architectures"][0],
+            architecture=architecture_name(hf),
             vocab_size=hf_get(hf, "vocab_size"),
             hidden_size=hidden,
             num_layers=hf_get(hf, "num_hidden_layers", "n_layer"),

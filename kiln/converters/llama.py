@@ -14,6 +14,7 @@ from kiln.config import DecoderConfig, MlpType, NormType, PositionType
 from kiln.converters.base import (
     Converter,
     TensorRule,
+    architecture_name,
     concat_rows,
     hf_get,
     register,
@@ -30,7 +31,8 @@ _KNOWN = {"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads
           "attention_dropout", "pretraining_tp"}
 
 
-@register("LlamaForCausalLM", "MistralForCausalLM")
+@register("LlamaForCausalLM", "MistralForCausalLM",
+          model_types={"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"})
 class LlamaConverter(Converter):
     ignored = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
 
@@ -46,7 +48,7 @@ class LlamaConverter(Converter):
         window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
         bias = bool(hf.get("attention_bias", False))
         return DecoderConfig(
-            architecture=hf["architectures"][0],
+            architecture=architecture_name(hf),
             vocab_size=hf_get(hf, "vocab_size"),
             hidden_size=hidden,
             num_layers=hf_get(hf, "num_hidden_layers"),

@@ -2,8 +2,10 @@
 
 Two families of checkpoints share these tensor names (``transformer.blocks.{i}.attn.Wqkv`` ...):
 
-- ``MptForCausalLM``, HF transformers' port. It implements only MHA, no biases, a 4x MLP,
-  ALiBi with ``alibi_bias_max`` 8 (it ignores the config's value), clip_qkv and softmax_scale.
+- ``MptForCausalLM``, HF transformers' port. It implements only MHA, no biases, a 4x MLP
+  (it ignores ``expansion_ratio``: HF-saved checkpoints whose config says otherwise hold
+  ``4 * d_model`` weights), ALiBi with ``alibi_bias_max`` 8 (it ignores the config's value),
+  clip_qkv and softmax_scale.
 - ``MPTForCausalLM``, MosaicML's remote code (llm-foundry). It adds biases (``no_bias``
   false: every linear and every norm), ``qk_ln`` (a LayerNorm over the whole q projection and
   the whole k projection), GQA/MQA (``attn_type``, ``kv_n_heads``), ``expansion_ratio`` /
@@ -12,6 +14,8 @@ Two families of checkpoints share these tensor names (``transformer.blocks.{i}.a
 Contract: ``config_from_hf`` reads both spellings (``attn_config`` is a nested dict in
 config.json; ``d_model``/``n_heads``/``n_layers``/``max_seq_len`` or their HF aliases) and
 raises :class:`~kiln.errors.ConfigError` for anything this decoder cannot reproduce exactly.
+``config_from_source`` follows the weights where the MLP width from the config disagrees
+with them and they are ``4 * d_model`` wide (what HF runs), with a warning naming both.
 Wqkv is already ``[q | k | v]`` rows (llm-foundry splits it as ``[d_model, kv, kv]``), so
 every tensor is a plain copy. The LM head is tied to ``wte`` unless ``tie_word_embeddings``
 is false.
@@ -29,15 +33,26 @@ RoPE scaling (xpos, linear, dynamic).
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from kiln.config import DecoderConfig, MlpType, NormType, PositionType, ResidualType
-from kiln.converters.base import Converter, TensorRule, hf_get, register, unknown_keys
+from kiln.converters.base import (
+    Converter,
+    TensorRule,
+    architecture_name,
+    hf_get,
+    register,
+    unknown_keys,
+)
 from kiln.errors import ConfigError
 from kiln.roles import Role
+
+log = logging.getLogger(__name__)
 
 _KNOWN = {"d_model", "hidden_size", "n_heads", "num_attention_heads", "n_layers",
           "num_hidden_layers", "expansion_ratio", "max_seq_len", "max_position_embeddings",
@@ -64,14 +79,27 @@ def mpt_alibi_slopes(num_heads: int, alibi_bias_max: float = 8.0) -> tuple[float
     return tuple(float(s) for s in slopes)
 
 
-@register("MPTForCausalLM", "MptForCausalLM")
+_UP = "transformer.blocks.0.ffn.up_proj.weight"
+
+
+@register("MPTForCausalLM", "MptForCausalLM", model_types={"mpt": "MptForCausalLM"})
 class MptConverter(Converter):
     @classmethod
     def config_from_hf(cls, hf: dict[str, Any]) -> DecoderConfig:
+        return cls._config(hf, weights_width=None)
+
+    @classmethod
+    def config_from_source(cls, hf: dict[str, Any],
+                           shapes: Mapping[str, tuple[int, ...]]) -> DecoderConfig:
+        up = shapes.get(_UP)
+        return cls._config(hf, weights_width=up[0] if up is not None and len(up) == 2 else None)
+
+    @classmethod
+    def _config(cls, hf: dict[str, Any], weights_width: int | None) -> DecoderConfig:
         attn = hf.get("attn_config") or {}
         ffn = hf.get("ffn_config") or {}
         _refuse_unsupported(hf, attn, ffn)
-        arch = hf["architectures"][0]
+        arch = architecture_name(hf)
         hidden = hf_get(hf, "d_model", "hidden_size")
         heads = hf_get(hf, "n_heads", "num_attention_heads")
         if hidden % heads:
@@ -85,7 +113,7 @@ class MptConverter(Converter):
             num_heads=heads,
             num_kv_heads=_kv_heads(attn, heads),
             head_dim=hidden // heads,
-            intermediate_size=_ffn_size(hf, ffn, hidden),
+            intermediate_size=_ffn_size(hf, ffn, hidden, weights_width),
             max_position_embeddings=hf_get(hf, "max_seq_len", "max_position_embeddings"),
             norm_type=NormType.LAYERNORM,
             norm_eps=float(hf_get(hf, "layer_norm_epsilon", "norm_eps", default=1e-5)),
@@ -141,11 +169,30 @@ def _kv_heads(attn: dict[str, Any], heads: int) -> int:
     return kv if kv is not None else hf_get(attn, "kv_n_heads")
 
 
-def _ffn_size(hf: dict[str, Any], ffn: dict[str, Any], hidden: int) -> int:
-    """llm-foundry's resolve_ffn_hidden_size: ffn_config.ffn_hidden_size or d_model * ratio."""
+def _ffn_size(hf: dict[str, Any], ffn: dict[str, Any], hidden: int,
+              weights_width: int | None = None) -> int:
+    """llm-foundry's resolve_ffn_hidden_size: ffn_config.ffn_hidden_size or d_model * ratio.
+
+    Why the weights can win: HF's ``MptMLP`` is ``4 * hidden_size`` wide whatever
+    ``expansion_ratio`` says, so an HF-saved checkpoint with another ratio holds (and HF runs)
+    4x weights (``MptMLP.__init__`` in
+    https://github.com/huggingface/transformers/blob/main/src/transformers/models/mpt/modeling_mpt.py).
+    Given ``weights_width`` (rows of layer 0's up_proj) equal to ``4 * hidden`` and a config
+    that says otherwise, the weights' width is used, with a warning. Any other disagreement
+    is left for the shape check to refuse: no known MPT code runs such a checkpoint.
+    """
     if ffn.get("ffn_hidden_size") is not None:
-        return int(ffn["ffn_hidden_size"])
-    size = hidden * hf_get(hf, "expansion_ratio", default=4)
+        size, said = ffn["ffn_hidden_size"], f"ffn_config.ffn_hidden_size {ffn['ffn_hidden_size']}"
+    else:
+        ratio = hf_get(hf, "expansion_ratio", default=4)
+        size, said = hidden * ratio, f"expansion_ratio {ratio} (d_model {hidden} * {ratio} = " \
+                                     f"{hidden * ratio:g})"
+    if weights_width is not None and weights_width == 4 * hidden and size != weights_width:
+        log.warning("config.json: MPT %s disagrees with the weights: %s has %d rows, 4 x d_model, "
+                    "which is what HF's MptForCausalLM builds and runs whatever the config "
+                    "says; converting with an MLP width of %d", said, _UP, weights_width,
+                    weights_width)
+        return weights_width
     if size != int(size):
         raise ConfigError(f"config.json: d_model * expansion_ratio = {size} is not an integer; "
                           f"set ffn_config.ffn_hidden_size")

@@ -65,7 +65,8 @@ def test_output_format(hf_dir, tmp_path):
 
 
 def test_missing_directory(tmp_path):
-    with pytest.raises(CheckpointError, match="no such directory"):
+    with pytest.raises(CheckpointError,
+                       match=r"nope: no such local directory \(.* has no nope\), and not a hub id"):
         _convert(tmp_path / "nope", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -183,6 +184,7 @@ def test_offline_hub_gives_a_clear_error(tmp_path):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "HF_HUB_OFFLINE" in lines[0] and "some-org/some-model" in lines[0]
+    assert lines[0].startswith("error: some-org/some-model: no such local directory, and the hub")
     assert not (tmp_path / "out").exists()
 
 
@@ -201,3 +203,132 @@ def test_read_error_mid_stream_is_raised_and_cleaned_up(hf_dir, tmp_path, monkey
     with pytest.raises(OSError, match="I/O error"):
         _convert(hf_dir, tmp_path / "out", tp_size=2)
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+# Non-finite weights: refused while streaming, naming the source tensor, its file and row -------
+
+def _poison(src, name, index, value, file="model.safetensors"):
+    """Set one element of tensor ``name`` in ``src/file`` (index: a tuple into the tensor)."""
+    tensors = load_file(src / file)
+    tensors[name][index] = value
+    save_file(tensors, src / file, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_source_is_refused(src, tmp_path, value):
+    _poison(src, "model.layers.1.mlp.down_proj.weight", (5, 3), value)
+    with pytest.raises(CheckpointError) as err:
+        _convert(src, tmp_path / "out", tp_size=2)
+    assert str(err.value) == (
+        "model.layers.1.mlp.down_proj.weight in model.safetensors holds NaN/Inf values (first "
+        "at row 5); the checkpoint is corrupt: re-download it")
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+def test_non_finite_names_the_piece_of_a_fused_tensor(src, tmp_path):
+    # k_proj is the middle piece of the fused qkv: its own name and its own row are reported.
+    _poison(src, "model.layers.0.self_attn.k_proj.weight", (9, 0), float("nan"))
+    with pytest.raises(CheckpointError, match=r"^model\.layers\.0\.self_attn\.k_proj\.weight in "
+                                              r"model\.safetensors holds NaN/Inf .*row 9\)"):
+        _convert(src, tmp_path / "out")
+
+
+def test_non_finite_vector_reports_the_element(src, tmp_path):
+    _poison(src, "model.norm.weight", (17,), float("inf"))
+    with pytest.raises(CheckpointError, match=r"model\.norm\.weight .* \(first at element 17\)"):
+        _convert(src, tmp_path / "out")
+
+
+def test_non_finite_row_counts_across_chunks(src, tmp_path, monkeypatch):
+    """Rows are numbered in the whole tensor, not in the chunk that holds them."""
+    from kiln.tensorio import iter_row_chunks
+
+    monkeypatch.setattr("kiln.converters.convert.iter_row_chunks",
+                        lambda rows, row_bytes: iter_row_chunks(rows, row_bytes, budget=1000))
+    _poison(src, "model.embed_tokens.weight", (100, 2), float("nan"))  # rows of 64 float32
+    _poison(src, "model.embed_tokens.weight", (120, 2), float("nan"))
+    with pytest.raises(CheckpointError, match=r"model\.embed_tokens\.weight .*first at row 100\)"):
+        _convert(src, tmp_path / "out")
+
+
+@pytest.mark.parametrize("value, dtype, wider", [
+    (1e38, "float16", "bfloat16 or float32"),
+    (-70000.0, "float16", "bfloat16 or float32"),
+    (3.4e38, "bfloat16", "float32"),  # above bfloat16's largest finite value, 3.39e38
+])
+def test_overflow_on_cast_is_refused_distinctly(src, tmp_path, value, dtype, wider):
+    _poison(src, "model.layers.0.mlp.up_proj.weight", (11, 4), value)
+    with pytest.raises(CheckpointError) as err:
+        _convert(src, tmp_path / "out", dtype=dtype)
+    message = str(err.value)
+    assert message.startswith(f"model.layers.0.mlp.up_proj.weight in model.safetensors overflows "
+                              f"{dtype}: values beyond")
+    assert message.endswith(f"(first at row 11) become inf; convert with --dtype {wider}")
+    assert "corrupt" not in message
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+    out = _convert(src, tmp_path / "out", dtype="float32")  # the fix the message gives works
+    assert load_rank(out, 0)["layers.0.mlp.gate_up.weight"][96 + 11, 4] == value  # [gate | up]
+
+
+def test_non_finite_in_a_transformed_tensor(tmp_path):
+    """Falcon's regrouped query_key_value is transformed whole; the source is still named."""
+    src = hf_model("falcon-7b-mqa", tmp_path / "falcon")
+    _poison(src, "transformer.h.1.self_attention.query_key_value.weight", (70, 1), float("nan"))
+    with pytest.raises(CheckpointError, match=r"^transformer\.h\.1\.self_attention\.query_key_value"
+                                              r"\.weight in model\.safetensors holds NaN/Inf values "
+                                              r"\(first at row 70\)"):
+        _convert(src, tmp_path / "out")
+    assert _leftovers(tmp_path) == [] and not (tmp_path / "out").exists()
+
+
+def test_non_finite_through_the_cli_is_one_line(src, tmp_path):
+    from click.testing import CliRunner
+
+    from kiln.cli.main import main
+
+    _poison(src, "lm_head.weight", (3, 3), float("nan"))
+    result = CliRunner().invoke(main, ["-q", "convert_checkpoint", "--model_dir", str(src),
+                                       "--output_dir", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert result.output == ("error: lm_head.weight in model.safetensors holds NaN/Inf values "
+                             "(first at row 3); the checkpoint is corrupt: re-download it\n")
+    assert not (tmp_path / "out").exists()
+
+
+# config.json without architectures: model_type decides, as in transformers' AutoModel -------
+
+@pytest.mark.parametrize("variant, architecture", [
+    ("llama-gqa", "LlamaForCausalLM"), ("mistral-window", "MistralForCausalLM"),
+    ("mpt", "MptForCausalLM"), ("falcon-7b-mqa", "FalconForCausalLM")])
+def test_model_type_without_architectures(tmp_path, variant, architecture):
+    from transformers import AutoModelForCausalLM
+
+    src = hf_model(variant, tmp_path / "hf")
+    config = json.loads((src / "config.json").read_text())
+    assert config["architectures"] == [architecture]
+    reference = _convert(src, tmp_path / "with")
+    del config["architectures"]
+    (src / "config.json").write_text(json.dumps(config))
+    assert type(AutoModelForCausalLM.from_pretrained(src)).__name__ == architecture  # HF's rule
+    out = _convert(src, tmp_path / "without")
+    assert load_config(out).decoder == load_config(reference).decoder
+    assert load_config(out).source["architecture"] == architecture
+    got, want = load_file(out / "rank0.safetensors"), load_file(reference / "rank0.safetensors")
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[name], tensor) for name, tensor in want.items())
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"architectures": None, "model_type": "gpt2"}, r"architecture <none> \(model_type gpt2\) "
+                                                    r"is not supported.*model_type is falcon, "
+                                                    r"llama, mistral, mpt\)"),
+    ({"architectures": [], "model_type": None}, r"<none> \(model_type <none>\)"),
+    # A listed architecture is what the checkpoint is: model_type does not override it.
+    ({"architectures": ["LlamaForSequenceClassification"]}, "LlamaForSequenceClassification"),
+])
+def test_model_type_fallback_refusals(src, tmp_path, change, match):
+    config = json.loads((src / "config.json").read_text())
+    config.update(change)
+    (src / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    with pytest.raises(UnsupportedArchitectureError, match=match):
+        _convert(src, tmp_path / "out")

@@ -22,7 +22,7 @@ import kiln
 from kiln.checkpoint import load_config, load_merged
 from kiln.config import DecoderConfig, MlpType, NormType, PositionType, ResidualType
 from kiln.converters.mpt import MptConverter, mpt_alibi_slopes
-from kiln.errors import ConfigError
+from kiln.errors import ConfigError, TensorMappingError
 from kiln.reference import ReferenceDecoder
 from tests.helpers import max_abs_diff, ref_step_logits
 from tests.models import PROMPT
@@ -295,3 +295,52 @@ def test_qk_ln_needs_tp_1(tmp_path_factory):
     (src / "config.json").write_text(json.dumps(hf))
     with pytest.raises(ConfigError, match="qk_norm"):
         kiln.convert_checkpoint(src, src.parent / "out", tp_size=2, progress=False)
+
+
+# HF's MptForCausalLM ignores expansion_ratio: its MLP is 4 x d_model -----------------------
+
+def test_hf_mpt_with_another_expansion_ratio_follows_the_weights(tmp_path, caplog):
+    from transformers import MptConfig, MptForCausalLM
+
+    from tests.helpers import hf_step_logits, save_hf_model
+    from tests.models import MPT_BASE
+
+    src = save_hf_model(MptForCausalLM, MptConfig(**MPT_BASE, expansion_ratio=2), tmp_path / "hf")
+    assert json.loads((src / "config.json").read_text())["expansion_ratio"] == 2
+    with caplog.at_level("WARNING", logger="kiln.converters.mpt"):
+        out = kiln.convert_checkpoint(src, tmp_path / "ckpt", tp_size=2, progress=False)
+    warning, = (r.getMessage() for r in caplog.records if r.name == "kiln.converters.mpt")
+    assert "expansion_ratio 2 (d_model 64 * 2 = 128)" in warning
+    assert "up_proj.weight has 256 rows" in warning and "MLP width of 256" in warning
+    assert load_config(out).decoder.intermediate_size == 256
+    model = MptForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    assert model.transformer.blocks[0].ffn.up_proj.out_features == 256  # what HF runs
+    want, tokens = hf_step_logits(model, PROMPT, steps=8)
+    got = ref_step_logits(ReferenceDecoder.from_checkpoint(out), PROMPT, tokens)
+    assert max_abs_diff(got, want) <= 1e-4
+
+
+def test_ffn_hidden_size_disagreeing_with_4x_weights_follows_them(caplog):
+    hf = {**MPT_7B, "ffn_config": {"ffn_type": "mptmlp", "ffn_hidden_size": 11008}}
+    shapes = {"transformer.blocks.0.ffn.up_proj.weight": (16384, 4096)}
+    assert MptConverter.config_from_hf(hf).intermediate_size == 11008
+    with caplog.at_level("WARNING", logger="kiln.converters.mpt"):
+        assert MptConverter.config_from_source(hf, shapes).intermediate_size == 16384
+    assert "ffn_config.ffn_hidden_size 11008 disagrees" in caplog.text
+    # A non-integer expansion_ratio is refused from the config alone, followed given 4x weights.
+    odd = {**MPT_7B, "architectures": ["MptForCausalLM"], "expansion_ratio": 3.3}
+    assert MptConverter.config_from_source(odd, shapes).intermediate_size == 16384
+
+
+def test_weights_neither_config_nor_4x_are_refused(tmp_path, caplog):
+    """No MPT code runs an MLP of 3 x d_model under a config that says 2: still refused."""
+    hf = {**BASE, "n_heads": 4, "no_bias": True, "expansion_ratio": 3,
+          "attn_config": {"attn_type": "multihead_attention", "alibi": True}}
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file(mosaicml_weights(hf), src / "model.safetensors", metadata={"format": "pt"})
+    (src / "config.json").write_text(json.dumps({**hf, "expansion_ratio": 2}))
+    with pytest.raises(TensorMappingError, match="config.json and weights disagree"):
+        kiln.convert_checkpoint(src, tmp_path / "out", progress=False)
+    assert not [r for r in caplog.records if r.name == "kiln.converters.mpt"]
+    assert MptConverter.config_from_source(hf, {}).intermediate_size == 192  # no weights: config
