@@ -10,12 +10,17 @@ Layout (see docs/engine.md):
     config.json            the manifest below
     rank{N}...             backend files, listed per rank in ``manifest.rank_files``
     tokenizer.json ...     copied from the kiln checkpoint
+
+File checks: loading checks the presence and size of the files of the ranks it opens
+(:func:`check_files`, no data read); sha256 checksums are opt-in (:func:`verify_checksums`,
+``--verify_checksums``) and ``kiln verify`` checks every rank's files (:func:`file_problem`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +28,9 @@ from typing import Any
 from kiln.config import DTYPES, DecoderConfig, Mapping
 from kiln.dirs import DirKind, wrong_kind
 from kiln.errors import ConfigError, KilnError
+from kiln.hashing import sha256_file  # the one sha256 helper (also imported from here)
+
+logger = logging.getLogger(__name__)
 
 ENGINE_FORMAT_VERSION = 1
 MANIFEST_NAME = "config.json"
@@ -65,6 +73,8 @@ class EngineManifest:
     limits: BuildLimits
     rank_files: dict[int, tuple[str, ...]]  # rank -> its files, in load (chain) order
     checksums: dict[str, str]  # file name -> sha256
+    # file name -> bytes; None in manifests written before sizes were recorded (presence only)
+    sizes: dict[str, int] | None = None
     plugins: dict[str, bool] = field(default_factory=dict)
     quantization: dict[str, Any] = field(default_factory=lambda: {"scheme": None})
     kiln_version: str = ""
@@ -86,7 +96,9 @@ class EngineManifest:
             "limits": vars(self.limits), "plugins": self.plugins,
             "quantization": self.quantization,
             "rank_files": {str(r): list(f) for r, f in self.rank_files.items()},
-            "checksums": self.checksums, "decoder": self.decoder.to_dict(), "source": self.source,
+            "checksums": self.checksums,
+            **({} if self.sizes is None else {"sizes": self.sizes}),
+            "decoder": self.decoder.to_dict(), "source": self.source,
         }
 
     @classmethod
@@ -101,7 +113,9 @@ class EngineManifest:
             mapping=Mapping(**data["mapping"]), dtype=data["dtype"],
             limits=BuildLimits(**data["limits"]),
             rank_files={int(r): tuple(f) for r, f in data["rank_files"].items()},
-            checksums=dict(data["checksums"]), plugins=dict(data.get("plugins", {})),
+            checksums=dict(data["checksums"]),
+            sizes={k: int(v) for k, v in data["sizes"].items()} if "sizes" in data else None,
+            plugins=dict(data.get("plugins", {})),
             quantization=data.get("quantization", {"scheme": None}),
             kiln_version=data.get("kiln_version", ""), source=data.get("source", {}),
             format_version=version)
@@ -132,21 +146,62 @@ def read_manifest(engine_dir: str | Path) -> EngineManifest:
         raise EngineError(f"{path}: {e}") from None
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(16 << 20):
-            h.update(block)
-    return h.hexdigest()
+def rank_file_names(manifest: EngineManifest, ranks: Iterable[int]) -> list[str]:
+    """The files the manifest lists for ``ranks``, in rank then load order."""
+    return [name for rank in ranks for name in manifest.rank_files.get(rank, ())]
+
+
+def file_problem(engine_dir: Path, manifest: EngineManifest, name: str, checksum: bool = False,
+                 on_block: Callable[[int], object] | None = None) -> str | None:
+    """What is wrong with one listed file, or None: missing, a size other than the manifest's,
+    and with ``checksum`` a sha256 other than the manifest's (only then is the file read)."""
+    path = Path(engine_dir) / name
+    if not path.is_file():
+        return "missing (listed in the manifest)"
+    size, want = path.stat().st_size, (manifest.sizes or {}).get(name)
+    if want is not None and size != want:
+        return f"{size} bytes, the manifest says {want} (truncated, extended or replaced)"
+    digest = manifest.checksums.get(name)
+    if checksum and digest is not None and sha256_file(path, on_block) != digest:
+        return "checksum mismatch (corrupt or modified)"
+    return None
+
+
+def _raise(engine_dir: Path, name: str, problem: str | None) -> None:
+    if problem is not None:
+        raise EngineError(f"{Path(engine_dir) / name}: {problem}; rebuild with kiln build")
+
+
+def check_files(engine_dir: Path, manifest: EngineManifest, ranks: Iterable[int]) -> None:
+    """Check the ranks' files are present with the manifest's sizes (no file data is read)."""
+    if manifest.sizes is None:
+        logger.info("%s: the manifest records no file sizes (built by an older kiln); checking "
+                    "presence only (kiln verify checks checksums)", engine_dir)
+    for name in rank_file_names(manifest, ranks):
+        _raise(engine_dir, name, file_problem(engine_dir, manifest, name))
+
+
+def verify_checksums(engine_dir: Path, manifest: EngineManifest, ranks: Iterable[int],
+                     progress: bool | None = None) -> None:
+    """Check the ranks' files against their sha256 checksums (reads every byte).
+
+    ``progress``: a progress bar over the bytes, shown when hashing takes more than a second;
+    None shows it on a terminal only.
+    """
+    from tqdm import tqdm
+
+    names = rank_file_names(manifest, ranks)
+    paths = [p for n in names if (p := Path(engine_dir) / n).is_file()]
+    total = sum(p.stat().st_size for p in paths)
+    logger.info("verifying checksums of %d files (%.1f GB)", len(names), total / 1e9)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="sha256", delay=1.0,
+              disable=None if progress is None else not progress) as bar:
+        for name in names:
+            _raise(engine_dir, name, file_problem(engine_dir, manifest, name, checksum=True,
+                                                  on_block=bar.update))
 
 
 def verify_files(engine_dir: Path, manifest: EngineManifest, rank: int) -> None:
-    """Check a rank's files exist and match their checksums."""
-    for name in manifest.rank_files.get(rank, ()):
-        path = Path(engine_dir) / name
-        if not path.is_file():
-            raise EngineError(f"{path}: missing (listed in the manifest); rebuild with kiln build")
-        want = manifest.checksums.get(name)
-        if want is not None and sha256_file(path) != want:
-            raise EngineError(f"{path}: checksum mismatch (corrupt or modified); rebuild with "
-                              f"kiln build")
+    """Check a rank's files: present, the manifest's sizes, and their checksums."""
+    check_files(engine_dir, manifest, (rank,))
+    verify_checksums(engine_dir, manifest, (rank,), progress=False)

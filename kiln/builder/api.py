@@ -135,7 +135,7 @@ def make_plan(options: BuildOptions, ckpt: CheckpointConfig, engine: Backend) ->
 
 
 def _finish(tmp: Path, engine: Backend, plan: BuildPlan, results: list[PartResult]) -> EngineManifest:
-    """Tokenizer files, checksums and the manifest, written into the temporary dir."""
+    """Tokenizer files, checksums, sizes and the manifest, written into the temporary dir."""
     copy_tokenizer(plan.checkpoint_dir, tmp)
     rank_files: dict[int, list[str]] = {}
     for result in sorted(results, key=lambda r: (r.part.rank, r.part.index)):
@@ -146,6 +146,7 @@ def _finish(tmp: Path, engine: Backend, plan: BuildPlan, results: list[PartResul
         decoder=ckpt.decoder, mapping=ckpt.mapping, dtype=plan.dtype, limits=plan.limits,
         rank_files={r: tuple(f) for r, f in rank_files.items()},
         checksums={name: digest for r in results for name, digest in r.checksums.items()},
+        sizes={name: size for r in results for name, size in r.sizes.items()},
         plugins=dict(plan.graph.plugins), quantization=ckpt.quantization,
         kiln_version=kiln.__version__,
         source={"checkpoint_dir": str(plan.checkpoint_dir), **ckpt.source})

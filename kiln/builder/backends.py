@@ -90,6 +90,7 @@ class PartResult:
     peak_rss: int = 0  # bytes, of the process that built the part
     info: dict[str, Any] = field(default_factory=dict)  # backend details (e.g. layer counts)
     checksums: dict[str, str] = field(default_factory=dict)  # file -> sha256 (set by the runner)
+    sizes: dict[str, int] = field(default_factory=dict)  # file -> bytes (set by the runner)
 
 
 class BuildError(EngineError):

@@ -3,8 +3,8 @@
 Each part gets ``max_build_memory / workers`` (the planner sized parts for that). Worker
 processes are spawned (not forked) so each starts small and a backend library is initialized
 once per worker. A finished part's files are hashed (sha256, for the manifest) in a background
-thread while the next part builds. Progress: one line per finished part (rank, stage, layers,
-stage timings).
+thread while the next part builds; their sizes are recorded too (the runtime's load check).
+Progress: one line per finished part (rank, stage, layers, stage timings).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from kiln.builder.backends import (
     part_label,
 )
 from kiln.builder.graph.context import PartSpec
-from kiln.engine import sha256_file
+from kiln.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ def run_parts(engine: Backend, plan: BuildPlan, parts: list[PartSpec], out_dir: 
                 results = _run_pool(engine.name, jobs, workers, finished)
             for result in results:
                 result.checksums = {name: hashes[name].result() for name in result.files}
+                result.sizes = {name: (out_dir / name).stat().st_size for name in result.files}
         return results
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)

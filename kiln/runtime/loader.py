@@ -6,8 +6,12 @@ opened (so a CPU machine never imports TensorRT). A backend module defines
     check_machine(manifest: EngineManifest, machine: MachineInfo) -> None   # raise EngineError
     load_executor(engine_dir: Path, manifest: EngineManifest, options: ExecutorOptions) -> Executor
 
+and may define ``check_options(manifest, machine, options) -> None`` to refuse options this
+machine cannot honour (the torch backend: ``device auto`` without a GPU).
+
 Order (nothing heavy happens before the checks pass): read and validate ``config.json``, check
-it against this machine, verify the rank files' presence and checksums, then load.
+it against this machine and the options, check the presence and sizes of the files of the ranks
+this process opens (no data read; sha256 checksums too with ``verify_checksums``), then load.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-from kiln.engine import EngineError, EngineManifest, read_manifest, verify_files
+from kiln.engine import EngineError, EngineManifest, check_files, read_manifest, verify_checksums
 from kiln.runtime.compat import MachineInfo, describe_machine
 from kiln.runtime.executor import Executor
 
@@ -35,7 +39,9 @@ BACKEND_MODULES: dict[str, str] = {
 class ExecutorOptions:
     """Run-time choices that do not change the engine."""
 
-    device: str = "auto"  # onnx: "cpu", "cuda" or "auto" (CUDA when onnxruntime-gpu has it)
+    # onnx: "cpu", "cuda" or "auto" (CUDA when onnxruntime-gpu has it); torch: "auto" needs a
+    # CUDA GPU, "cpu" runs the slow PyTorch reference kernels (asked explicitly only)
+    device: str = "auto"
     num_threads: int | None = None  # CPU threads (None: all cores of this process)
     # Let idle CPU worker threads busy-wait for the next operator: ONNX Runtime's own default
     # (and onnxruntime-genai's). On the 2-core dev box (benchmarks/cpu_runtime_results.json,
@@ -45,7 +51,7 @@ class ExecutorOptions:
     # under heavy load: batch-1 decode 106 ms/token spinning vs 59 ms not).
     cpu_spin_wait: bool = True
     rank: int = 0  # this process's rank (tensor/pipeline parallel engines)
-    verify_checksums: bool = True
+    verify_checksums: bool = False  # sha256 the files at load (else presence and sizes only)
     kv_cache_free_gpu_memory_fraction: float | None = None  # paged caches (torch backend)
 
     def __post_init__(self) -> None:
@@ -73,6 +79,15 @@ def backend_module(backend: str) -> ModuleType:
         raise
 
 
+def loaded_ranks(manifest: EngineManifest, rank: int) -> tuple[int, ...]:
+    """The ranks whose files a process of rank ``rank`` opens: its tensor-parallel rank in every
+    pipeline stage (the onnx runtime chains the stages in one process; tensorrt and torch
+    engines have one stage, so this is ``rank`` alone)."""
+    mapping = manifest.mapping
+    tp_rank, _ = mapping.coords(rank)
+    return tuple(mapping.rank(tp_rank, stage) for stage in range(mapping.pp_size))
+
+
 def open_engine(engine_dir: str | Path, options: ExecutorOptions | None = None,
                 machine: MachineInfo | None = None) -> tuple[EngineManifest, Executor]:
     """Check and load an engine dir (see the module docstring)."""
@@ -80,9 +95,14 @@ def open_engine(engine_dir: str | Path, options: ExecutorOptions | None = None,
     options = options or ExecutorOptions()
     manifest = read_manifest(engine_dir)
     module = backend_module(manifest.backend)
-    module.check_machine(manifest, machine if machine is not None else describe_machine())
+    machine = machine if machine is not None else describe_machine()
+    module.check_machine(manifest, machine)
+    check_options = getattr(module, "check_options", None)
+    if check_options is not None:
+        check_options(manifest, machine, options)
+    ranks = loaded_ranks(manifest, options.rank)
+    check_files(engine_dir, manifest, ranks)
     if options.verify_checksums:
-        for rank in manifest.rank_files:
-            verify_files(engine_dir, manifest, rank)
+        verify_checksums(engine_dir, manifest, ranks)
     logger.info("loading %s engine from %s", manifest.backend, engine_dir)
     return manifest, module.load_executor(engine_dir, manifest, options)

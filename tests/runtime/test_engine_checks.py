@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
+import onnx
 import pytest
 
+import kiln.hashing
 from kiln.engine import BuildLimits, EngineError, read_manifest
 from kiln.runtime import LLM
 from kiln.runtime.compat import MachineInfo, check_onnx, check_tensorrt
 from kiln.runtime.errors import TokenizerError
-from kiln.runtime.loader import open_engine
+from kiln.runtime.loader import ExecutorOptions, loaded_ranks, open_engine
 from tests.runtime.toy_onnx import rewrite_manifest, toy_engine_dir
 
 LIMITS = BuildLimits(max_batch_size=2, max_input_len=8, max_seq_len=16, max_num_tokens=16)
@@ -53,12 +56,74 @@ def test_manifest_missing_keys(engine):
         open_engine(engine)
 
 
-def test_corrupt_engine_file_fails_its_checksum(engine):
-    with open(engine / "rank0.onnx", "r+b") as f:
-        f.seek(100)
-        f.write(b"\xff\xff")
-    with pytest.raises(EngineError, match="checksum mismatch"):
+def record_sizes(engine: Path) -> None:
+    """Give the toy engine's manifest the sizes kiln build records."""
+    names = read_manifest(engine).rank_files[0]
+    rewrite_manifest(engine, sizes={n: (engine / n).stat().st_size for n in names})
+
+
+def corrupt_a_weight(path: Path) -> None:
+    """Flip bytes inside the largest initializer: same size, still a valid graph."""
+    weights = max(onnx.load(str(path)).graph.initializer, key=lambda t: len(t.raw_data)).raw_data
+    data = bytearray(path.read_bytes())
+    at = data.index(weights) + len(weights) // 2
+    data[at:at + 2] = bytes(b ^ 0xFF for b in data[at:at + 2])
+    path.write_bytes(bytes(data))
+
+
+class NoHashing:
+    """Stands in for hashlib in kiln.hashing: any sha256 is a test failure."""
+
+    @staticmethod
+    def sha256():
+        raise AssertionError("a file was hashed")
+
+
+@pytest.mark.parametrize("change", ["truncate", "extend"])
+def test_size_change_is_caught_at_load_without_hashing(engine, monkeypatch, change):
+    record_sizes(engine)
+    monkeypatch.setattr(kiln.hashing, "hashlib", NoHashing)
+    with pytest.raises(AssertionError, match="hashed"):  # the stand-in is on the hashing path
+        open_engine(engine, ExecutorOptions(verify_checksums=True))
+    path = engine / "rank0.onnx"
+    size = path.stat().st_size
+    data = path.read_bytes()
+    path.write_bytes(data[:-10] if change == "truncate" else data + b"\0" * 10)
+    found = size - 10 if change == "truncate" else size + 10
+    with pytest.raises(EngineError, match=rf"rank0\.onnx: {found} bytes, the manifest says "
+                                          rf"{size} \(truncated, extended or replaced\); rebuild"):
         open_engine(engine)
+
+
+def test_same_size_corruption_loads_by_default_and_fails_verify_checksums(engine, caplog):
+    record_sizes(engine)
+    corrupt_a_weight(engine / "rank0.onnx")
+    open_engine(engine)  # presence and sizes only: the corruption goes unnoticed
+    with caplog.at_level(logging.INFO, logger="kiln.engine"):
+        with pytest.raises(EngineError, match=r"rank0\.onnx: checksum mismatch"):
+            open_engine(engine, ExecutorOptions(verify_checksums=True))
+    assert "verifying checksums of 1 files (0.0 GB)" in caplog.messages
+
+
+def test_manifest_without_sizes_checks_presence_only(engine, caplog):
+    assert read_manifest(engine).sizes is None  # the toy manifest records none, as older kilns
+    with caplog.at_level(logging.INFO, logger="kiln.engine"):
+        open_engine(engine)
+    assert any("records no file sizes" in m and "presence only" in m for m in caplog.messages)
+
+
+def test_sizes_round_trip_through_the_manifest(engine):
+    record_sizes(engine)
+    manifest = read_manifest(engine)
+    assert manifest.sizes == {"rank0.onnx": (engine / "rank0.onnx").stat().st_size}
+    assert manifest.to_dict()["sizes"] == manifest.sizes
+
+
+@pytest.mark.parametrize("tp,pp,rank,ranks", [(1, 1, 0, (0,)), (1, 3, 0, (0, 1, 2)),
+                                             (2, 1, 1, (1,)), (2, 2, 1, (1, 3))])
+def test_a_process_checks_the_ranks_it_opens(tp, pp, rank, ranks):
+    manifest = read_manifest_dict(mapping={"tp_size": tp, "pp_size": pp})
+    assert loaded_ranks(manifest, rank) == ranks
 
 
 def test_missing_engine_file(engine):
