@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from kiln.checkpoint import load_rank
 from kiln.engine import EngineError, read_manifest
 from kiln.reference import ReferenceDecoder
 from kiln.roles import Role
+from kiln.runtime.compat import MachineInfo
 from kiln.runtime.executor import SequenceChunk
 from kiln.runtime.loader import ExecutorOptions, open_engine
 from kiln.runtime.torch_backend.executor import TorchExecutor
@@ -26,7 +28,7 @@ def checkpoint(tmp_path_factory):
     return kiln_checkpoint(hf_model("llama-gqa", root / "hf"), root / "ckpt")
 
 
-def test_build_and_run_on_cpu(checkpoint, tmp_path):
+def test_build_and_run_on_cpu(checkpoint, tmp_path, caplog):
     out = tmp_path / "engine"
     build(checkpoint, out, backend="torch", max_batch_size=2, max_seq_len=32, dtype="float32")
     manifest = read_manifest(out)
@@ -37,12 +39,32 @@ def test_build_and_run_on_cpu(checkpoint, tmp_path):
     infos, metadata = read_header(out / "rank0.safetensors")
     assert metadata["kiln_torch_format"] == "1" and json.loads(metadata["transposed"]) == []
     assert infos["layers.0.attn.qkv.weight"].dtype == torch.float32
-    _, executor = open_engine(out, ExecutorOptions(device="cpu"))
+    assert manifest.sizes == {"rank0.safetensors": (out / "rank0.safetensors").stat().st_size}
+    with caplog.at_level(logging.WARNING):  # the default level: shown without -v
+        _, executor = open_engine(out, ExecutorOptions(device="cpu"))
     assert isinstance(executor, TorchExecutor) and executor.model.kernels.name == "reference"
+    (warning,) = [r for r in caplog.records if r.name == "kiln.runtime.torch_executor"]
+    assert warning.levelno == logging.WARNING and "reference kernels, the slow path" in \
+        warning.getMessage()
     assert executor.reserve(0, len(PROMPT))
     got = executor.step([SequenceChunk(0, PROMPT, 0)])[0]
     want = ReferenceDecoder.from_checkpoint(checkpoint).forward(torch.tensor([PROMPT]))[0, -1]
     assert float((got - want).abs().max()) <= 1e-4
+
+
+def test_device_auto_without_a_gpu_is_refused_before_any_file_is_read(checkpoint, tmp_path):
+    out = tmp_path / "engine"
+    build(checkpoint, out, backend="torch", max_batch_size=2, max_seq_len=32, dtype="float32")
+    (out / "rank0.safetensors").unlink()  # would fail the file check; the refusal comes first
+    no_gpu = MachineInfo(kiln_version=read_manifest(out).kiln_version)
+    with pytest.raises(EngineError) as info:
+        open_engine(out, ExecutorOptions(device="auto"), machine=no_gpu)
+    assert str(info.value) == (
+        "this torch engine needs a CUDA GPU for its Triton kernels; on this machine use an onnx "
+        "engine (kiln build --backend onnx), or pass --device cpu to run the PyTorch reference "
+        "kernels (about 25x slower)")
+    with pytest.raises(EngineError, match=r"rank0\.safetensors: missing"):  # cpu asked: it goes on
+        open_engine(out, ExecutorOptions(device="cpu"), machine=no_gpu)
 
 
 def test_build_casts_to_the_engine_dtype(checkpoint, tmp_path):
