@@ -2,19 +2,24 @@
 
 Prints a table (TTFT, time per output token, inter-token latency and end-to-end latency as
 mean/p50/p90/p99; output tokens/s; requests/s) and writes the same report as JSON.
+
+Imports here stay light (``kiln bench --help`` must not load torch); the runtime is imported in
+the command body.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import torch
 
 from kiln.cli.context import CliContext, executor_options
-from kiln.runtime import LLM, ExecutorOptions
-from kiln.runtime.bench import Workload, make_prompts, run_benchmark
+
+if TYPE_CHECKING:
+    from kiln.runtime import LLM
+    from kiln.runtime.bench import Workload
 
 
 @click.command("bench")
@@ -46,13 +51,18 @@ from kiln.runtime.bench import Workload, make_prompts, run_benchmark
               type=click.IntRange(min=1), help="Batch size of the HF baseline.")
 @click.pass_obj
 def bench(obj: CliContext, engine_dir: Path, warmup: int, json_output: Path | None, device: str,
-          num_threads: int | None, cpu_spin_wait: bool, kv_cache_free_gpu_memory_fraction: float,
-          baseline: str | None, baseline_batch_size: int, **workload: object) -> None:
+          num_threads: int | None, cpu_spin_wait: bool, verify_checksums: bool,
+          kv_cache_free_gpu_memory_fraction: float, baseline: str | None,
+          baseline_batch_size: int, **workload: object) -> None:
     """Benchmark an engine with a synthetic workload (in the manner of trtllm-bench)."""
+    from kiln.runtime import LLM, ExecutorOptions
+    from kiln.runtime.bench import Workload, run_benchmark
+
     if baseline == "hf":  # checked before any work: the baseline runs after the benchmark
         _check_baseline(engine_dir)
     spec = Workload(**workload)
     options = ExecutorOptions(device=device, num_threads=num_threads, cpu_spin_wait=cpu_spin_wait,
+                              verify_checksums=verify_checksums,
                               kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction)
     with LLM(engine_dir, options) as llm:
         limits = llm.limits
@@ -94,6 +104,9 @@ def _check_baseline(engine_dir: Path) -> None:
 def _hf_baseline(engine_dir: Path, spec: Workload, vocab_size: int, batch_size: int,
                  kiln_tokens_per_s: float) -> None:
     """HF generate() on the same prompts and weights; prints its rate and kiln / HF."""
+    import torch
+
+    from kiln.runtime.bench import make_prompts
     from kiln.runtime.torch_backend.hf_baseline import hf_baseline_for_engine
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,7 +1,9 @@
 """``kiln build``: parse and validate the options, then call :func:`kiln.builder.build`.
 
 Options and their help come from :class:`kiln.builder.options.BuildOptions`; one
-``--<name>_plugin auto|enable|disable`` option per registered plugin.
+``--<name>_plugin auto|enable|disable`` option per registered plugin. Imports here stay light
+(options, plugin specs, backend names: no ONNX, torch or ONNX Runtime), so help and usage errors
+come back at once; the builder is imported in the command body.
 """
 
 from __future__ import annotations
@@ -11,11 +13,10 @@ import re
 
 import click
 
-from kiln.builder import build as api_build
-from kiln.builder.backends import backend_names
 from kiln.builder.options import BuildOptions
 from kiln.cli.context import CliContext
 from kiln.config import DTYPES
+from kiln.engine import BACKENDS
 from kiln.plugins import PLUGINS, PluginMode
 
 _HELP = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(BuildOptions)}
@@ -70,7 +71,7 @@ def _plugin_options(command):
 @click.option("--output_dir", required=True, type=click.Path(file_okay=False),
               help=_HELP["output_dir"])
 @click.option("--backend", default="onnx", show_default=True,
-              type=click.Choice(backend_names()), help=_HELP["backend"])
+              type=click.Choice(BACKENDS), help=_HELP["backend"])
 @click.option("--max_batch_size", default=8, show_default=True, type=click.IntRange(min=1),
               help=_HELP["max_batch_size"])
 @click.option("--max_input_len", type=click.IntRange(min=1), help=_HELP["max_input_len"])
@@ -87,6 +88,8 @@ def _plugin_options(command):
 @click.pass_obj
 def build(obj: CliContext, **options) -> None:
     """Build an engine dir from a kiln checkpoint."""
+    from kiln.builder import build as api_build
+
     plugins = {name: options.pop(spec.option) for name, spec in PLUGINS.items()}
     result = api_build(**options, plugins=plugins, progress=obj.progress)
     if obj.verbosity >= 0:

@@ -2,10 +2,15 @@
 
 Errors a user can cause (:class:`~kiln.errors.KilnError`, click's own usage errors) print one
 line and exit with status 2; ``--debug`` shows the traceback instead.
+
+Start-up stays light: subcommands other than convert_checkpoint are registered lazily (module,
+short help) and imported only when invoked or their help is asked, so ``kiln --help`` and usage
+errors never import torch, onnx or onnxruntime (tests/cli/test_main.py checks it).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 
 import click
@@ -40,6 +45,33 @@ class KilnGroup(click.Group):
         if args and args[0].replace("-", "_") in self.commands:
             args = [args[0].replace("-", "_"), *args[1:]]
         return super().resolve_command(ctx, args)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        command = super().get_command(ctx, name)
+        if isinstance(command, LazyCommand):  # resolved: import it, from now on the real one
+            command = command.load()
+            self.add_command(command, name)
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # click's own lists get_command(name) of each, which would import every subcommand.
+        commands = [(n, c) for n, c in sorted(self.commands.items()) if not c.hidden]
+        if commands:
+            limit = formatter.width - 6 - max(len(n) for n, _ in commands)
+            with formatter.section("Commands"):
+                formatter.write_dl([(n, c.get_short_help_str(limit)) for n, c in commands])
+
+
+class LazyCommand(click.Command):
+    """A subcommand known by name and short help until it is resolved; then the module that
+    defines it (as a module attribute of the same name) is imported."""
+
+    def __init__(self, name: str, module: str, short_help: str) -> None:
+        super().__init__(name, help=short_help)  # help, not short_help: truncated like the real
+        self.module = module
+
+    def load(self) -> click.Command:
+        return getattr(importlib.import_module(self.module), self.name)
 
 
 @click.group(cls=KilnGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -80,12 +112,17 @@ def convert_checkpoint(obj: CliContext, **options) -> None:
 
 
 def _register_subcommands() -> None:
-    from kiln.cli.bench import bench
-    from kiln.cli.build import build
-    from kiln.cli.run import run as run_command
-
-    for command in (build, run_command, bench):
-        main.add_command(command)
+    # name, module defining the click command of that name, its short help (a test keeps each
+    # equal to the command's own).
+    for name, module, short_help in (
+            ("build", "kiln.cli.build", "Build an engine dir from a kiln checkpoint."),
+            ("run", "kiln.cli.run", "Generate text with an engine; prints the text (stdout), "
+                                    "then TTFT, TPOT, tokens/s (stderr)."),
+            ("bench", "kiln.cli.bench", "Benchmark an engine with a synthetic workload (in the "
+                                        "manner of trtllm-bench)."),
+            ("verify", "kiln.cli.verify", "Check an engine dir against its manifest: files, "
+                                          "sizes and checksums of every rank.")):
+        main.add_command(LazyCommand(name, module, short_help))
 
 
 _register_subcommands()

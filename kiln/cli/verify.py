@@ -1,0 +1,74 @@
+"""``kiln verify ENGINE_DIR``: check an engine dir against its manifest, on any machine.
+
+Reads and validates ``config.json``, checks that every rank of the mapping lists files, then
+checks every listed file of every rank: present, the manifest's size, the manifest's sha256
+(whether this machine could run the engine is not checked: ``kiln run`` does that). Prints one
+line per file (``-q``: the summary only), then a summary; exit 0 when all is good, else exit 2
+with a one-line error naming the first problem.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from kiln.cli.context import CliContext
+from kiln.engine import EngineError, EngineManifest, file_problem, read_manifest
+
+
+def manifest_problems(manifest: EngineManifest) -> list[str]:
+    """What the manifest itself lacks: a rank of the mapping without files, a file without a
+    checksum."""
+    ranks = range(manifest.mapping.world_size)
+    problems = [f"rank {r}: no files listed" for r in ranks if not manifest.rank_files.get(r)]
+    problems += [f"rank {r}: listed, but the mapping has {len(ranks)} ranks"
+                 for r in sorted(manifest.rank_files) if r not in ranks]
+    problems += [f"{name}: no checksum recorded" for files in manifest.rank_files.values()
+                 for name in files if name not in manifest.checksums]
+    return problems
+
+
+@click.command("verify")
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.pass_obj
+def verify(obj: CliContext, engine_dir: Path) -> None:
+    """Check an engine dir against its manifest: files, sizes and checksums of every rank."""
+    from tqdm import tqdm
+
+    manifest = read_manifest(engine_dir)
+    problems = manifest_problems(manifest)
+    files = [(rank, name) for rank in sorted(manifest.rank_files)
+             for name in manifest.rank_files[rank]]
+    paths = [p for _, name in files if (p := engine_dir / name).is_file()]
+    total = sum(p.stat().st_size for p in paths)
+    width = max((len(name) for _, name in files), default=0)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="sha256", delay=1.0,
+              disable=not obj.progress) as bar:
+        for rank, name in files:
+            problem = file_problem(engine_dir, manifest, name, checksum=True, on_block=bar.update)
+            if problem is not None:
+                problems.append(f"{name}: {problem}")
+            if obj.verbosity >= 0 or problem is not None:
+                with tqdm.external_write_mode():
+                    click.echo(_line(engine_dir / name, rank, name.ljust(width), problem))
+    sizes = "sizes and checksums" if manifest.sizes is not None else \
+        "checksums (the manifest records no sizes: built by an older kiln)"
+    if problems:
+        raise EngineError(f"{engine_dir}: {len(problems)} problem(s), first: {problems[0]}; "
+                          f"rebuild with kiln build")
+    click.echo(f"{engine_dir}: ok, {len(files)} files of {len(manifest.rank_files)} rank(s), "
+               f"{total / 1e9:.2f} GB: present, {sizes} match the manifest")
+
+
+def _line(path: Path, rank: int, name: str, problem: str | None) -> str:
+    if problem is not None:
+        return f"FAIL rank {rank}  {name}  {problem}"
+    return f"ok   rank {rank}  {name}  {_size(path.stat().st_size)}"
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"

@@ -1,0 +1,119 @@
+"""kiln verify, and --verify_checksums of run and bench, on a two-stage onnx engine."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from kiln.builder import build
+from kiln.cli.main import main
+from kiln.cli.verify import manifest_problems
+from kiln.engine import EngineError, read_manifest
+from kiln.runtime.loader import ExecutorOptions, open_engine
+from tests.models import hf_model, kiln_checkpoint
+from tests.runtime.toy_onnx import rewrite_manifest
+
+FILES = ["rank0.onnx", "rank0.onnx.data", "rank1.onnx", "rank1.onnx.data"]
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("verify")
+    ckpt = kiln_checkpoint(hf_model("llama-gqa", root / "hf"), root / "ckpt", pp=2)
+    return build(ckpt, root / "engine", max_batch_size=2, max_seq_len=32).output_dir
+
+
+@pytest.fixture
+def engine(pristine, tmp_path) -> Path:
+    return Path(shutil.copytree(pristine, tmp_path / "engine"))
+
+
+def kiln(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_good_engine_prints_one_line_per_file_then_ok(engine):
+    r = kiln("verify", str(engine))
+    assert r.exit_code == 0, r.output
+    *lines, summary = r.output.splitlines()
+    assert [line.split()[:4] for line in lines] == [
+        ["ok", "rank", name[4], name] for name in FILES]
+    assert summary.startswith(f"{engine}: ok, 4 files of 2 rank(s)")
+    assert summary.endswith("present, sizes and checksums match the manifest")
+    assert kiln("-q", "verify", str(engine)).output.splitlines() == [summary]
+
+
+def test_same_size_corruption_loads_by_default_but_fails_every_checksum_check(engine):
+    flip_a_byte(engine / "rank1.onnx.data")  # a weight of the second stage: still a valid graph
+    _, executor = open_engine(engine)  # presence and sizes only: the corruption goes unnoticed
+    executor.close()
+    with pytest.raises(EngineError, match=r"rank1\.onnx\.data: checksum mismatch"):
+        open_engine(engine, ExecutorOptions(verify_checksums=True))
+    r = kiln("verify", str(engine))
+    assert r.exit_code == 2
+    assert "FAIL rank 1  rank1.onnx.data  checksum mismatch (corrupt or modified)" in r.output
+    assert r.output.splitlines()[-1] == (
+        f"error: {engine}: 1 problem(s), first: rank1.onnx.data: checksum mismatch (corrupt or "
+        f"modified); rebuild with kiln build")
+    for command in ("run", "bench"):  # the flag reaches the loader through executor_options
+        r = kiln(command, "--engine_dir", str(engine), "--input_text", "hi",
+                 "--verify_checksums") if command == "run" else \
+            kiln(command, "--engine_dir", str(engine), "--verify_checksums")
+        assert r.exit_code == 2 and "rank1.onnx.data: checksum mismatch" in r.output, r.output
+
+
+def test_size_and_presence_problems_of_any_rank(engine):
+    (engine / "rank1.onnx").unlink()
+    with open(engine / "rank0.onnx.data", "ab") as f:
+        f.write(b"\0")
+    r = kiln("verify", str(engine))
+    assert r.exit_code == 2
+    assert "FAIL rank 0  rank0.onnx.data  157697 bytes, the manifest says 157696 (truncated, " \
+           "extended or replaced)" in r.output
+    assert "FAIL rank 1  rank1.onnx       missing (listed in the manifest)" in r.output
+    assert "ok   rank 1  rank1.onnx.data" in r.output
+    assert "error: " in r.output and "2 problem(s), first: rank0.onnx.data: 157697 bytes" in \
+        r.output
+
+
+def test_manifest_problems(engine):
+    data = json.loads((engine / "config.json").read_text())
+    rewrite_manifest(engine, rank_files={"0": data["rank_files"]["0"]},
+                     checksums={k: v for k, v in data["checksums"].items() if k != "rank0.onnx"})
+    r = kiln("verify", str(engine))
+    assert r.exit_code == 2 and "2 problem(s), first: rank 1: no files listed" in r.output
+    assert "ok   rank 0  rank0.onnx " in r.output  # present, its size: no checksum to compare
+    rewrite_manifest(engine, rank_files={"0": [], "1": [], "2": ["rank0.onnx"]})
+    assert manifest_problems(read_manifest(engine)) == [
+        "rank 0: no files listed", "rank 1: no files listed",
+        "rank 2: listed, but the mapping has 2 ranks", "rank0.onnx: no checksum recorded"]
+
+
+def test_a_manifest_without_sizes_is_verified_by_checksum(engine):
+    data = json.loads((engine / "config.json").read_text())
+    del data["sizes"]
+    (engine / "config.json").write_text(json.dumps(data))
+    r = kiln("verify", str(engine))
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[-1].endswith(
+        "present, checksums (the manifest records no sizes: built by an older kiln) match the "
+        "manifest")
+    flip_a_byte(engine / "rank0.onnx.data")
+    assert kiln("verify", str(engine)).exit_code == 2
+
+
+def test_not_an_engine_dir_is_one_line_exit_2(tmp_path):
+    r = kiln("verify", str(tmp_path / "missing"))
+    assert r.exit_code == 2
+    assert r.output.splitlines() == [f"error: {tmp_path / 'missing'}: no such engine directory; "
+                                     f"pass the output_dir of kiln build"]
