@@ -139,12 +139,13 @@ def _json_type(value: Any) -> str:
 @click.pass_obj
 def run(obj: CliContext, engine_dir: Path, input_text: tuple[str, ...], input_file: Path | None,
         max_output_len: int, streaming: bool, chat: bool, device: str,
-        num_threads: int | None, cpu_spin_wait: bool,
+        num_threads: int | None, cpu_spin_wait: bool, verify_checksums: bool,
         **sampling: Any) -> None:
     """Generate text with an engine; prints the text (stdout), then TTFT, TPOT, tokens/s (stderr)."""
     prompts = read_prompts(input_text, input_file)
     with LLM(engine_dir, ExecutorOptions(device=device, num_threads=num_threads,
-                                         cpu_spin_wait=cpu_spin_wait)) as llm:
+                                         cpu_spin_wait=cpu_spin_wait,
+                                         verify_checksums=verify_checksums)) as llm:
         params = build_params(llm, max_output_len, sampling)
         inputs = [llm.render_chat([{"role": "user", "content": p}]) if chat else p
                   for p in prompts]
