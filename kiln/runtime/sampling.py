@@ -1,16 +1,33 @@
-"""Sampling: validated parameters and pure functions from one row of logits to one token.
+"""Sampling: validated parameters and pure functions from rows of logits to tokens.
 
 Contract:
 - :class:`SamplingParams` is frozen and validated on construction; a bad value raises
   :class:`~kiln.runtime.errors.SamplingParamsError` naming the parameter.
-- :func:`sample` is a pure function of (logits, params, token history, generator): it reads the
-  request's own ``torch.Generator`` and nothing global, so a seeded request gives the same tokens
-  alone or in any batch. Greedy (``temperature == 0``) never touches the generator.
+- :func:`sample` (one row) and :func:`sample_rows` (one step of a batch) are pure functions of
+  (logits, params, token history, generator): each request has its own random source
+  (:class:`Generators`: one ``torch.Generator`` per device, made on first use on the logits'
+  device) and nothing global is read, so a seeded request gives the same tokens alone or in any
+  batch. Greedy (``temperature == 0``) never touches a generator.
+- A row whose logits are not all finite (NaN or Inf) gets no token: ``sample_rows`` answers
+  None for it (the caller fails that request), ``sample`` raises ValueError.
 - Processing order (as HF/vLLM): repetition penalty (prompt and output tokens), presence and
   frequency penalties (output tokens), temperature, then top-k, top-p and min-p filters, then a
   draw from the remaining distribution.
 - Logprobs (``logprobs=n``) are the model's raw distribution: ``log_softmax`` of the logits before
   penalties, temperature and filters (vLLM's default), for the chosen token and the top n.
+
+Where the work runs (two implementations of the same rules, checked against each other by
+tests/runtime/test_sampling.py):
+- Logits on an accelerator: torch ops on that device, with the request's generator on that
+  device; penalty index tensors are built there. A step reads the host once: the finite flags,
+  the shared argmax of plain-greedy rows, every sampled token and any logprobs come back in one
+  transfer.
+- Logits on the CPU: numpy, which stays on the calling thread. torch's CPU ops on a
+  vocabulary-sized row go parallel (its intra-op grain is 32768 elements) and wake its OpenMP
+  pool, whose workers then spin on the cores the executor's own threads (ONNX Runtime) need for
+  the next step; changing torch's thread count per step instead would change the caller's
+  process-wide setting. Torch only draws one uniform from the request's CPU generator per
+  sampled token (a 1-element op, never parallel).
 
 Non-goals: beam search, logit bias maps, guided decoding.
 """
@@ -20,10 +37,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from kiln.runtime.errors import SamplingParamsError
@@ -137,50 +155,48 @@ def _check(ok: bool, name: str, message: str) -> None:
         raise SamplingParamsError(f"SamplingParams.{name} {message}")
 
 
-def make_generator(seed: int | None) -> torch.Generator:
-    """A CPU generator for one request: seeded, or from OS entropy when ``seed`` is None."""
-    generator = torch.Generator()
-    generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little"))
+def _entropy() -> int:
+    return int.from_bytes(os.urandom(8), "little")
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on ``device``: seeded, or from OS entropy when ``seed`` is None."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else _entropy())
     return generator
 
 
-def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int],
-                    output_ids: Sequence[int]) -> torch.Tensor:
-    """Repetition (prompt + output) then presence/frequency (output) penalties.
+class Generators:
+    """One request's random source: a ``torch.Generator`` per device, made on first use (greedy
+    requests never make one) and seeded with the request's seed, drawn once from OS entropy
+    when it has none. The stream on a device depends on the seed alone; CPU and CUDA streams
+    differ."""
 
-    Returns ``logits`` itself when no penalty applies, else a new tensor."""
-    if params.repetition_penalty == 1.0 and not (params.presence_penalty
-                                                 or params.frequency_penalty):
-        return logits
-    logits = logits.clone()
-    if params.repetition_penalty != 1.0 and (prompt_ids or output_ids):
-        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long)
-        picked = logits[seen]
-        logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty,
-                                   picked * params.repetition_penalty)
-    if (params.presence_penalty or params.frequency_penalty) and output_ids:
-        ids, counts = torch.tensor(list(output_ids), dtype=torch.long).unique(return_counts=True)
-        logits[ids] -= params.presence_penalty + params.frequency_penalty * counts.float()
-    return logits
+    def __init__(self, seed: int | None):
+        self.seed = seed if seed is not None else _entropy()
+        self._by_device: dict[torch.device, torch.Generator] = {}
+
+    def on(self, device: torch.device | str) -> torch.Generator:
+        device = torch.device(device)
+        generator = self._by_device.get(device)
+        if generator is None:
+            generator = self._by_device[device] = make_generator(self.seed, device)
+        return generator
 
 
-def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, then top-k, top-p and min-p: dropped tokens get -inf. Needs temperature > 0."""
-    logits = logits / params.temperature
-    if 0 < params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = torch.softmax(sorted_logits, -1).cumsum(-1)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        drop_sorted = (cumulative - torch.softmax(sorted_logits, -1)) >= params.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
-        logits = logits.masked_fill(drop, -math.inf)
-    if params.min_p > 0:
-        probs = torch.softmax(logits, -1)
-        logits = logits.masked_fill(probs < params.min_p * probs.max(), -math.inf)
-    return logits
+@dataclass(frozen=True)
+class Row:
+    """One row of a step's logits to sample, with its request's parameters, token history and
+    random source (``generator(device)`` gives the generator on the logits' device)."""
+
+    index: int
+    params: SamplingParams
+    prompt_ids: Sequence[int]
+    output_ids: Sequence[int]
+    generator: Callable[[torch.device], torch.Generator]
+
+
+Picked = tuple[int, TokenLogprobs | None]
 
 
 def is_plain_greedy(params: SamplingParams) -> bool:
@@ -191,22 +207,233 @@ def is_plain_greedy(params: SamplingParams) -> bool:
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int],
-           output_ids: Sequence[int], generator: torch.Generator) -> tuple[int, TokenLogprobs | None]:
-    """The next token for one request from its float32 logits [vocab] (module docstring)."""
+           output_ids: Sequence[int], generator: torch.Generator) -> Picked:
+    """The next token (and logprobs) of one request from its logits [vocab] on any device;
+    ``generator`` must be on that device. Raises ValueError if the logits are not finite."""
+    picked = sample_rows(logits[None], [Row(0, params, prompt_ids, output_ids,
+                                            lambda device: generator)])[0]
+    if picked is None:
+        raise ValueError("the logits are not finite (NaN or Inf); there is nothing to sample")
+    return picked
+
+
+def sample_rows(logits: torch.Tensor, rows: Sequence[Row]) -> list[Picked | None]:
+    """One step of a batch: the next token (and logprobs) of each row of ``logits``
+    [batch, vocab], or None for a row whose logits are not all finite (NaN or Inf).
+
+    CPU logits are sampled with numpy, other devices with torch ops on the device and one
+    device-to-host read for the whole step (module docstring)."""
+    if not rows:
+        return []
+    if logits.device.type == "cpu":
+        return sample_rows_numpy(logits.numpy(), rows)
+    return sample_rows_torch(logits, rows)
+
+
+def _generator(row: Row, device: torch.device) -> torch.Generator | None:
+    if row.params.greedy:
+        return None
+    generator = row.generator(device)
+    if generator.device != device:
+        raise ValueError(f"the generator is on {generator.device} but the logits are on "
+                         f"{device}; make it on the logits' device (Generators.on)")
+    return generator
+
+
+# -- torch, on the logits' device -----------------------------------------------------------
+def sample_rows_torch(logits: torch.Tensor, rows: Sequence[Row]) -> list[Picked | None]:
+    """Everything stays on the device until one read of [finite flags, argmax, tokens,
+    logprobs], packed as float64 (token ids < 2^53 are exact)."""
+    batch = logits.shape[0]
+    parts = [torch.isfinite(logits).all(-1)]  # [batch]
+    plain = any(is_plain_greedy(row.params) for row in rows)
+    if plain:
+        parts.append(logits.argmax(-1))  # [batch]: cheaper than selecting the plain rows
+    for row in rows:
+        if is_plain_greedy(row.params):
+            continue
+        token = sample_torch(logits[row.index], row.params, row.prompt_ids, row.output_ids,
+                             _generator(row, logits.device))
+        parts.append(token.reshape(1))
+        if row.params.logprobs is not None:
+            parts.extend(_logprobs_on_device(logits[row.index], token, row.params.logprobs))
+    host = torch.cat([p.reshape(-1).double() for p in parts]).tolist()  # the one host read
+    finite, pos = host[:batch], batch
+    argmax = host[pos:pos + batch] if plain else []
+    pos += len(argmax)
+    picked: list[Picked | None] = []
+    for row in rows:
+        logprobs = None
+        if is_plain_greedy(row.params):
+            token = int(argmax[row.index])
+        else:
+            token, pos = int(host[pos]), pos + 1
+            if row.params.logprobs is not None:
+                n = min(row.params.logprobs, logits.shape[-1])
+                values, ids = host[pos:pos + 1 + n], host[pos + 1 + n:pos + 1 + 2 * n]
+                pos += 1 + 2 * n
+                logprobs = TokenLogprobs(token, values[0], {int(i): v for i, v in
+                                                            zip(ids, values[1:], strict=True)})
+        picked.append((token, logprobs) if finite[row.index] else None)
+    return picked
+
+
+def sample_torch(logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int],
+                 output_ids: Sequence[int], generator: torch.Generator | None) -> torch.Tensor:
+    """The next token of one row [vocab] as a 0-d tensor on its device (no host sync).
+
+    The draw is the exponential race argmax(p / q), q ~ Exp(1): torch.multinomial's own
+    single-sample algorithm, without its two host syncs that validate the distribution."""
     processed = apply_penalties(logits, params, prompt_ids, output_ids)
+    if params.greedy:
+        return processed.argmax()
+    probs = torch.softmax(filter_logits(processed, params), -1)
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / race.clamp_min_(torch.finfo(race.dtype).tiny)).argmax()
+
+
+def _index(ids: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Token ids as a long tensor on ``device``. To CUDA from pinned memory without blocking:
+    a blocking copy would wait for the step's kernels, a host sync per row."""
+    host = torch.tensor(list(ids), dtype=torch.long)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int],
+                    output_ids: Sequence[int]) -> torch.Tensor:
+    """Repetition (prompt + output) then presence/frequency (output) penalties, on the logits'
+    device. Returns ``logits`` itself when no penalty applies, else a new tensor."""
+    if params.repetition_penalty == 1.0 and not (params.presence_penalty
+                                                 or params.frequency_penalty):
+        return logits
+    vocab, device = logits.shape[-1], logits.device
+    if params.repetition_penalty != 1.0 and (prompt_ids or output_ids):
+        seen = torch.zeros(vocab, dtype=torch.bool, device=device).index_fill_(
+            0, _index([*prompt_ids, *output_ids], device), True)
+        penalized = torch.where(logits > 0, logits / params.repetition_penalty,
+                                logits * params.repetition_penalty)
+        logits = torch.where(seen, penalized, logits)
+    if (params.presence_penalty or params.frequency_penalty) and output_ids:
+        counts = torch.zeros(vocab, dtype=logits.dtype, device=device).index_add_(
+            0, _index(output_ids, device), torch.ones(len(output_ids), dtype=logits.dtype,
+                                                      device=device))
+        logits = logits - params.frequency_penalty * counts \
+            - params.presence_penalty * (counts > 0)
+    return logits
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p: dropped tokens get -inf. Needs temperature > 0.
+
+    Top-p keeps the smallest prefix of the sorted tokens whose mass reaches top_p (the first
+    always stays), then every token at least as likely as the last one kept, so tied tokens
+    stay or go together."""
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if params.top_p < 1.0:
+        ordered = torch.sort(logits, descending=True).values
+        probs = torch.softmax(ordered, -1)
+        kept = (probs.cumsum(-1) - probs) < params.top_p  # mass before each token: a prefix
+        threshold = torch.where(kept, ordered, math.inf).min()
+        logits = logits.masked_fill(logits < threshold, -math.inf)
+    if params.min_p > 0:
+        probs = torch.softmax(logits, -1)
+        logits = logits.masked_fill(probs < params.min_p * probs.max(), -math.inf)
+    return logits
+
+
+def _logprobs_on_device(logits: torch.Tensor, token: torch.Tensor, n: int,
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """[chosen, top n values] and [top n ids] of the raw log_softmax, on the device."""
+    logprobs = torch.log_softmax(logits.float(), -1)
+    top = torch.topk(logprobs, min(n, logprobs.shape[-1]))
+    return torch.cat([logprobs.gather(0, token.reshape(1)), top.values]), top.indices
+
+
+# -- numpy, for CPU logits -------------------------------------------------------------------
+def sample_rows_numpy(logits: np.ndarray, rows: Sequence[Row]) -> list[Picked | None]:
+    finite = {row.index: bool(np.isfinite(logits[row.index]).all()) for row in rows}
+    plain = [row.index for row in rows if finite[row.index] and is_plain_greedy(row.params)]
+    every = len(plain) == logits.shape[0]
+    argmax = dict(zip(plain, (logits if every else logits[plain]).argmax(-1).tolist(),
+                      strict=True))
+    cpu = torch.device("cpu")
+    picked: list[Picked | None] = []
+    for row in rows:
+        if not finite[row.index]:
+            picked.append(None)
+        elif row.index in argmax:
+            picked.append((argmax[row.index], None))
+        else:
+            picked.append(sample_numpy(logits[row.index], row.params, row.prompt_ids,
+                                       row.output_ids, _generator(row, cpu)))
+    return picked
+
+
+def sample_numpy(logits: np.ndarray, params: SamplingParams, prompt_ids: Sequence[int],
+                 output_ids: Sequence[int], generator: torch.Generator | None) -> Picked:
+    """:func:`sample_torch`'s twin for one CPU row [vocab]: the same penalties and filters
+    in numpy; the draw inverts the CDF at one uniform from the (CPU) generator."""
+    processed = penalties_numpy(logits, params, prompt_ids, output_ids)
     if params.greedy:
         token = int(processed.argmax())
     else:
-        probs = torch.softmax(filter_logits(processed, params), -1)
-        token = int(torch.multinomial(probs, 1, generator=generator))
-    return token, (None if params.logprobs is None else token_logprobs(logits, token,
-                                                                        params.logprobs))
+        kept = filter_numpy(processed, params)
+        cdf = np.cumsum(np.exp(kept - kept.max()), dtype=np.float64)  # dropped tokens add 0
+        u = torch.rand((), dtype=torch.float64, generator=generator).item()
+        token = int(np.searchsorted(cdf, u * cdf[-1], side="right"))
+    return token, (None if params.logprobs is None else _logprobs_numpy(logits, token,
+                                                                         params.logprobs))
 
 
-def token_logprobs(logits: torch.Tensor, token: int, n: int) -> TokenLogprobs:
-    """Raw logprob of ``token`` and of the ``n`` most likely tokens."""
-    logprobs = torch.log_softmax(logits.float(), -1)
-    top = torch.topk(logprobs, n) if n else None
-    top_map = {} if top is None else {int(i): float(v) for v, i in zip(top.values, top.indices,
-                                                                        strict=True)}
-    return TokenLogprobs(token, float(logprobs[token]), top_map)
+def penalties_numpy(logits: np.ndarray, params: SamplingParams, prompt_ids: Sequence[int],
+                    output_ids: Sequence[int]) -> np.ndarray:
+    """:func:`apply_penalties` in numpy (same float32 arithmetic)."""
+    if params.repetition_penalty == 1.0 and not (params.presence_penalty
+                                                 or params.frequency_penalty):
+        return logits
+    if params.repetition_penalty != 1.0 and (prompt_ids or output_ids):
+        seen = np.unique(np.asarray([*prompt_ids, *output_ids], np.int64))
+        logits = logits.copy()
+        picked = logits[seen]
+        logits[seen] = np.where(picked > 0, picked / params.repetition_penalty,
+                                picked * params.repetition_penalty)
+    if (params.presence_penalty or params.frequency_penalty) and output_ids:
+        counts = np.bincount(np.asarray(output_ids, np.int64),
+                             minlength=logits.shape[-1]).astype(logits.dtype)
+        logits = logits - np.float32(params.frequency_penalty) * counts \
+            - np.float32(params.presence_penalty) * (counts > 0)
+    return logits
+
+
+def filter_numpy(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """:func:`filter_logits` in numpy (same rules; sums in float64)."""
+    logits = logits / params.temperature
+    vocab = logits.shape[-1]
+    if 0 < params.top_k < vocab:
+        kth = np.partition(logits, vocab - params.top_k)[vocab - params.top_k]
+        logits[logits < kth] = -np.inf
+    if params.top_p < 1.0:
+        ordered = np.sort(logits)[::-1]
+        weights = np.exp(ordered - ordered[0])
+        probs = weights / weights.sum(dtype=np.float64)
+        kept = np.count_nonzero((np.cumsum(probs) - probs) < params.top_p)
+        logits[logits < ordered[kept - 1]] = -np.inf
+    if params.min_p > 0:
+        weights = np.exp(logits - logits.max())  # probabilities over the most likely one's
+        logits[weights < params.min_p] = -np.inf
+    return logits
+
+
+def _logprobs_numpy(logits: np.ndarray, token: int, n: int) -> TokenLogprobs:
+    top = logits.max()
+    logprobs = logits - np.float32(top + np.log(np.exp(logits - top).sum(dtype=np.float64)))
+    n = min(n, logprobs.shape[-1])
+    best = np.argpartition(-logprobs, n - 1)[:n] if n else np.empty(0, np.int64)
+    best = best[np.argsort(-logprobs[best], kind="stable")]
+    return TokenLogprobs(token, float(logprobs[token]),
+                         {int(i): float(logprobs[i]) for i in best})

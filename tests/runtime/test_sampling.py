@@ -1,4 +1,7 @@
-"""Sampling: parameter validation, each filter and penalty, seeded reproducibility, logprobs."""
+"""Sampling: parameter validation, each filter and penalty in both implementations (torch on the
+logits' device, numpy for CPU logits) and their agreement, seeded reproducibility, logprobs,
+non-finite rows, and, on an emulated accelerator (meta tensors), that every tensor and generator
+lives on the logits' device with one host read per step."""
 
 from __future__ import annotations
 
@@ -6,15 +9,46 @@ import math
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
+from kiln.runtime import sampling
 from kiln.runtime.errors import SamplingParamsError
 from kiln.runtime.sampling import (
+    Generators,
+    Row,
     SamplingParams,
     apply_penalties,
     filter_logits,
+    filter_numpy,
     make_generator,
+    penalties_numpy,
     sample,
+    sample_rows,
+    sample_rows_numpy,
+    sample_rows_torch,
 )
+from tests.runtime.mocks import FakeDeviceGenerator, OnDevice
+
+
+def _filter_numpy(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    return torch.from_numpy(filter_numpy(logits.numpy(), params))
+
+
+def _penalties_numpy(logits, params, prompt_ids, output_ids) -> torch.Tensor:
+    return torch.from_numpy(penalties_numpy(logits.numpy(), params, prompt_ids, output_ids))
+
+
+FILTERS = pytest.mark.parametrize("filt", [filter_logits, _filter_numpy], ids=["torch", "numpy"])
+PENALTIES = pytest.mark.parametrize("penalize", [apply_penalties, _penalties_numpy],
+                                    ids=["torch", "numpy"])
+ROWS = pytest.mark.parametrize("rows_fn", [
+    sample_rows_torch, lambda logits, rows: sample_rows_numpy(logits.numpy(), rows)],
+    ids=["torch", "numpy"])
+
+
+def _rows(params, n=1, seed=0, prompt=(), output=()):
+    return [Row(i, params, list(prompt), list(output), Generators(seed + i).on)
+            for i in range(n)]
 
 
 @pytest.mark.parametrize("field,value", [
@@ -42,46 +76,52 @@ def test_greedy_is_argmax_and_ignores_the_generator():
     assert torch.equal(g.get_state(), state)
 
 
-def test_top_k_keeps_only_k_tokens():
+@FILTERS
+def test_top_k_keeps_only_k_tokens(filt):
     logits = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0])
-    kept = torch.isfinite(filter_logits(logits, SamplingParams(top_k=2)))
+    kept = torch.isfinite(filt(logits, SamplingParams(top_k=2)))
     assert kept.tolist() == [True, True, False, False, False]
 
 
-def test_top_p_keeps_the_smallest_prefix_reaching_p():
+@FILTERS
+def test_top_p_keeps_the_smallest_prefix_reaching_p(filt):
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = probs.log()
-    assert torch.isfinite(filter_logits(logits, SamplingParams(top_p=0.7))).tolist() == \
+    assert torch.isfinite(filt(logits, SamplingParams(top_p=0.7))).tolist() == \
         [True, True, False, False]
-    assert torch.isfinite(filter_logits(logits, SamplingParams(top_p=0.85))).tolist() == \
+    assert torch.isfinite(filt(logits, SamplingParams(top_p=0.85))).tolist() == \
         [True, True, True, False]
-    assert torch.isfinite(filter_logits(logits, SamplingParams(top_p=0.1))).tolist() == \
+    assert torch.isfinite(filt(logits, SamplingParams(top_p=0.1))).tolist() == \
         [True, False, False, False]
 
 
-def test_min_p_drops_tokens_below_a_fraction_of_the_best():
+@FILTERS
+def test_min_p_drops_tokens_below_a_fraction_of_the_best(filt):
     logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
-    kept = torch.isfinite(filter_logits(logits, SamplingParams(min_p=0.5)))
+    kept = torch.isfinite(filt(logits, SamplingParams(min_p=0.5)))
     assert kept.tolist() == [True, True, False, False]
 
 
-def test_temperature_sharpens_the_distribution():
+@FILTERS
+def test_temperature_sharpens_the_distribution(filt):
     logits = torch.tensor([1.0, 0.0])
-    hot = torch.softmax(filter_logits(logits, SamplingParams(temperature=2.0)), -1)
-    cold = torch.softmax(filter_logits(logits, SamplingParams(temperature=0.5)), -1)
+    hot = torch.softmax(filt(logits, SamplingParams(temperature=2.0)), -1)
+    cold = torch.softmax(filt(logits, SamplingParams(temperature=0.5)), -1)
     assert cold[0] > torch.softmax(logits, -1)[0] > hot[0]
 
 
-def test_repetition_penalty_divides_positive_and_multiplies_negative():
+@PENALTIES
+def test_repetition_penalty_divides_positive_and_multiplies_negative(penalize):
     logits = torch.tensor([2.0, -2.0, 1.0, 1.0])
-    out = apply_penalties(logits, SamplingParams(repetition_penalty=2.0), [0], [1])
+    out = penalize(logits, SamplingParams(repetition_penalty=2.0), [0], [1])
     assert out.tolist() == [1.0, -4.0, 1.0, 1.0]
 
 
-def test_presence_and_frequency_penalties_count_output_tokens_only():
+@PENALTIES
+def test_presence_and_frequency_penalties_count_output_tokens_only(penalize):
     logits = torch.zeros(4)
     params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
-    out = apply_penalties(logits, params, prompt_ids=[3], output_ids=[1, 1, 2])
+    out = penalize(logits, params, prompt_ids=[3], output_ids=[1, 1, 2])
     assert out.tolist() == [0.0, -1.0, -0.75, 0.0]
 
 
@@ -133,3 +173,210 @@ def test_plain_greedy_rows_share_one_argmax_only_when_nothing_else_applies(kwarg
     from kiln.runtime.sampling import is_plain_greedy
 
     assert is_plain_greedy(SamplingParams(**kwargs)) is plain
+
+
+# -- the two implementations agree ---------------------------------------------------------
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.7),
+    SamplingParams(temperature=1.3, top_k=40),
+    SamplingParams(temperature=0.9, top_p=0.8),
+    SamplingParams(temperature=1.0, top_p=0.3, min_p=0.02),
+    SamplingParams(temperature=0.6, top_k=100, top_p=0.95, min_p=0.1),
+], ids=repr)
+def test_numpy_and_torch_filters_keep_the_same_tokens_with_the_same_probabilities(params):
+    g = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        logits = torch.randn(3000, generator=g) * 4
+        want, got = filter_logits(logits, params), _filter_numpy(logits, params)
+        assert torch.equal(torch.isfinite(got), torch.isfinite(want))
+        torch.testing.assert_close(torch.softmax(got, -1), torch.softmax(want, -1))
+
+
+def test_numpy_and_torch_penalties_agree():
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(500, generator=g) * 3
+    prompt = torch.randint(0, 500, (40,), generator=g).tolist()
+    output = torch.randint(0, 500, (30,), generator=g).tolist()
+    params = SamplingParams(repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.3)
+    want = apply_penalties(logits, params, prompt, output)
+    torch.testing.assert_close(_penalties_numpy(logits, params, prompt, output), want)
+    assert not torch.equal(want, logits)
+
+
+def test_numpy_and_torch_rows_pick_the_same_greedy_tokens_and_logprobs():
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(4, 300, generator=g) * 3
+    greedy = SamplingParams(temperature=0)
+    rows = [Row(0, greedy, [1], [2], None), Row(1, greedy.replace(repetition_penalty=3.0),
+                                                  [int(logits[1].argmax())], [], None),
+            Row(2, greedy.replace(logprobs=3, presence_penalty=2.0), [],
+                [int(logits[2].argmax())], None), Row(3, greedy.replace(logprobs=0), [], [], None)]
+    want = sample_rows_torch(logits, rows)
+    got = sample_rows_numpy(logits.numpy(), rows)
+    assert [t for t, _ in got] == [t for t, _ in want]
+    assert got[1][0] != int(logits[1].argmax()) and got[2][0] != int(logits[2].argmax())
+    for (_, a), (_, b) in zip(got, want, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.token_id == b.token_id and a.logprob == pytest.approx(b.logprob, abs=1e-5)
+            assert list(a.top) == list(b.top)
+            assert list(a.top.values()) == pytest.approx(list(b.top.values()), abs=1e-5)
+
+
+# -- rows: reproducible, distributed as asked, non-finite rows refused ---------------------
+@ROWS
+def test_a_seeded_row_gives_the_same_tokens_alone_or_in_a_batch(rows_fn):
+    logits = torch.randn(4, 1000, generator=torch.Generator().manual_seed(1))
+    params = SamplingParams(temperature=1.0, top_p=0.95, repetition_penalty=1.2)
+    others = [SamplingParams(temperature=0.5, top_k=3), SamplingParams(temperature=0),
+              SamplingParams(temperature=2.0, min_p=0.01)]
+
+    def draws(seed, batched):
+        mine, theirs = Generators(seed), [Generators(100 + i) for i in range(3)]
+        out = []
+        for _ in range(12):
+            if batched:  # this request is row 2 of 4, between others
+                rows = [Row(i, p, [1, 2], [], g.on) for i, (p, g) in enumerate(
+                    zip(others, theirs, strict=True))]
+                rows.insert(2, Row(3, params, [1, 2], out[:], mine.on))
+                out.append(rows_fn(logits, rows)[2][0])
+            else:
+                out.append(rows_fn(logits[3:], [Row(0, params, [1, 2], out[:], mine.on)])[0][0])
+        return out
+
+    alone = draws(7, batched=False)
+    assert draws(7, batched=True) == alone
+    assert draws(8, batched=False) != alone
+    assert len(set(alone)) > 1
+
+
+@ROWS
+def test_rows_sample_from_the_distribution_and_the_filters(rows_fn):
+    n = 4000
+    logits = torch.tensor([0.75, 0.25]).log().expand(n, 2)
+    picks = rows_fn(logits, _rows(SamplingParams(), n))
+    assert abs([t for t, _ in picks].count(0) / n - 0.75) < 0.03
+    wide = torch.randn(64, 500, generator=torch.Generator().manual_seed(2))
+    best = wide.argmax(-1).tolist()
+    for params in (SamplingParams(top_k=1), SamplingParams(top_p=1e-6), SamplingParams(
+            temperature=5.0, min_p=1.0)):
+        assert [t for t, _ in rows_fn(wide, _rows(params, 64))] == best
+    top5 = wide.topk(5).indices
+    picks = [t for t, _ in rows_fn(wide, _rows(SamplingParams(temperature=3.0, top_k=5), 64))]
+    assert all(t in top5[i].tolist() for i, t in enumerate(picks))
+    assert len(set(picks) - set(best)) > 0  # not just the argmax
+
+
+@ROWS
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0),
+                                    SamplingParams(temperature=0.8, top_p=0.9),
+                                    SamplingParams(temperature=0, logprobs=2,
+                                                   repetition_penalty=1.5)],
+                         ids=["plain-greedy", "sampled", "greedy-logprobs-penalty"])
+def test_a_row_with_non_finite_logits_gets_no_token_and_the_others_do(rows_fn, bad, params):
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(3))
+    logits[1, 7] = bad
+    rows = [Row(0, SamplingParams(temperature=0), [], [], None),
+            Row(1, params, [1], [2], Generators(0).on),
+            Row(2, SamplingParams(temperature=0.8, logprobs=1), [], [], Generators(1).on)]
+    picks = rows_fn(logits, rows)
+    assert picks[1] is None
+    assert picks[0] == (int(logits[0].argmax()), None)
+    assert 0 <= picks[2][0] < 50 and picks[2][1].token_id == picks[2][0]
+
+
+def test_sample_refuses_non_finite_logits_and_a_generator_on_another_device():
+    with pytest.raises(ValueError, match="not finite"):
+        sample(torch.tensor([0.0, math.nan]), SamplingParams(), [], [], make_generator(0))
+    with pytest.raises(ValueError, match="generator is on meta but the logits are on cpu"):
+        sample(torch.zeros(4), SamplingParams(), [], [], FakeDeviceGenerator("meta"))
+
+
+def test_generators_are_made_per_device_on_first_use_from_the_request_seed(monkeypatch):
+    made = []
+
+    def fake(seed, device):
+        made.append((seed, torch.device(device)))
+        return FakeDeviceGenerator(device, seed)
+
+    monkeypatch.setattr(sampling, "make_generator", fake)
+    generators = Generators(11)
+    assert generators.on("meta") is generators.on(torch.device("meta"))
+    generators.on("cpu")
+    assert made == [(11, torch.device("meta")), (11, torch.device("cpu"))]
+    assert Generators(None).seed != Generators(None).seed  # unseeded: from OS entropy
+
+
+def test_greedy_rows_never_ask_for_a_generator():
+    def refuse(device):
+        raise AssertionError("a greedy row asked for a generator")
+
+    logits = torch.randn(2, 10)
+    rows = [Row(0, SamplingParams(temperature=0), [], [], refuse),
+            Row(1, SamplingParams(temperature=0, repetition_penalty=2.0), [3], [], refuse)]
+    assert sample_rows(logits, rows) == sample_rows_torch(logits, rows)
+
+
+# -- on an accelerator (emulated with meta tensors) ----------------------------------------
+EVERY_FEATURE = [
+    SamplingParams(temperature=0.8),
+    SamplingParams(temperature=0.7, top_k=5, top_p=0.9, min_p=0.05),
+    SamplingParams(temperature=0.7, repetition_penalty=1.3, presence_penalty=0.5,
+                   frequency_penalty=0.5),
+    SamplingParams(temperature=0, repetition_penalty=1.3),
+    SamplingParams(temperature=0.9, top_p=0.8, logprobs=3),
+]
+
+
+@pytest.mark.parametrize("params", EVERY_FEATURE, ids=repr)
+def test_on_an_accelerator_a_row_stays_on_the_device_and_reads_the_host_once(params):
+    with OnDevice() as device:
+        sample(torch.zeros(64, device="meta"), params, [1, 2, 3, 2], [5, 5, 9],
+               FakeDeviceGenerator("meta"))
+    assert len(device.reads) == 1, device.reads
+
+
+def test_on_an_accelerator_a_whole_step_reads_the_host_once():
+    rows = [Row(i, p, [1, 2, 3], [4, 4], lambda d: FakeDeviceGenerator(d))
+            for i, p in enumerate([*EVERY_FEATURE, SamplingParams(temperature=0)])]
+    with OnDevice() as device:
+        picks = sample_rows(torch.zeros(len(rows), 64, device="meta"), rows)
+    assert device.reads == ["tolist"]
+    assert len(picks) == len(rows) and all(p is not None for p in picks)
+
+
+def test_the_emulated_accelerator_catches_what_breaks_on_a_gpu():
+    """OnDevice itself: the two bugs a CUDA GPU hit (a CPU generator, CPU index tensors)."""
+    logits = torch.zeros(8, device="meta")
+    with pytest.raises(AssertionError, match="generator on cpu"), OnDevice():
+        torch.multinomial(logits.softmax(-1), 1, generator=torch.Generator())
+    with pytest.raises(AssertionError, match=r"tensor \(2,\) on cpu"), OnDevice():
+        logits[torch.tensor([1, 2])] -= 1.0
+
+
+class _TorchCalls(TorchFunctionMode):
+    """Names of the torch calls that compute on a tensor of more than one element."""
+
+    VIEWS = {"__get__", "__getitem__", "numpy"}  # metadata and views: no compute
+
+    def __init__(self):
+        super().__init__()
+        self.computed: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        tensors = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
+        if name not in self.VIEWS and any(t.numel() > 1 for t in tensors):
+            self.computed.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("params", EVERY_FEATURE, ids=repr)
+def test_cpu_sampling_runs_no_torch_op_on_the_vocabulary(params):
+    """CPU rows run in numpy: a vocabulary-sized torch op would wake torch's thread pool, whose
+    spinning workers steal the executor's cores (ONNX Runtime's) on small machines."""
+    logits = torch.randn(49152)
+    with _TorchCalls() as calls:
+        sample(logits, params, [1, 2, 3], [4, 4], make_generator(0))
+    assert calls.computed == []
