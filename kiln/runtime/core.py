@@ -11,17 +11,20 @@ and releases finished slots before returning, so the next step can admit waiting
 
 Finish reasons: ``stop`` (EOS, a stop token id or a stop string), ``length`` (max_tokens, or the
 engine's max_seq_len), ``abort`` (asked by the caller), ``error`` (the request can never be
-served by this executor; its message is in :attr:`Request.error`).
+served by this executor, or its logits turned non-finite: NaN or Inf, as from corrupt weights or
+a 16-bit overflow; its message is in :attr:`Request.error`, and the other requests go on).
+
+The core leaves process-wide settings alone (torch's thread count included): CPU sampling runs
+in numpy so that it never wakes torch's thread pool (see :mod:`kiln.runtime.sampling`).
 
 Non-goals: multi-process ranks (executors hide them), beam search.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -29,13 +32,7 @@ import torch
 from kiln.runtime.detokenize import IncrementalDetokenizer, StopStringMatcher
 from kiln.runtime.errors import RequestError
 from kiln.runtime.executor import Executor
-from kiln.runtime.sampling import (
-    SamplingParams,
-    TokenLogprobs,
-    is_plain_greedy,
-    make_generator,
-    sample,
-)
+from kiln.runtime.sampling import Generators, Row, SamplingParams, TokenLogprobs, sample_rows
 from kiln.runtime.scheduler import Policy, Scheduler, SchedulerOutput
 from kiln.runtime.tokenizer import ModelTokenizer
 
@@ -50,7 +47,7 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     max_new_tokens: int  # params.max_tokens, cut to what max_seq_len allows
-    generator: torch.Generator
+    generators: Generators  # its random source, one generator per device the logits are on
     eos_ids: frozenset[int]
     detokenizer: IncrementalDetokenizer | None
     stops: StopStringMatcher | None
@@ -115,7 +112,7 @@ class EngineCore:
         max_new = min(params.max_tokens, self.limits.max_seq_len - len(prompt_ids) + 1)
         skip = params.skip_special_tokens
         request = Request(
-            request_id, list(prompt_ids), params, max_new, make_generator(params.seed),
+            request_id, list(prompt_ids), params, max_new, Generators(params.seed),
             frozenset() if params.ignore_eos else self._eos,
             None if self.tokenizer is None else IncrementalDetokenizer(self.tokenizer, prompt_ids,
                                                                        skip),
@@ -164,45 +161,29 @@ class EngineCore:
             return []
         logits = self.executor.step([row.chunk for row in output.chunks])
         self.scheduler.commit(output)
-        with single_threaded_torch():
-            return self._sample(output, logits)
+        return self._sample(output, logits)
 
     def _sample(self, output: SchedulerOutput, logits: torch.Tensor) -> list[RequestDelta]:
         now = time.perf_counter()
+        sampled = [(i, self.requests[row.request_id]) for i, row in enumerate(output.chunks)
+                   if row.samples]
+        picks = sample_rows(logits, [Row(i, r.params, r.prompt_ids, r.output_ids,
+                                         r.generators.on) for i, r in sampled])
         deltas = []
-        greedy = self._batched_argmax(output, logits)
-        for i, (row, row_logits) in enumerate(zip(output.chunks, logits, strict=True)):
-            if not row.samples:
+        for (_, request), picked in zip(sampled, picks, strict=True):
+            if picked is None:  # never sample garbage from NaN/Inf logits
+                deltas.append(self._fail(request, f"the model's logits for output token "
+                                         f"{len(request.output_ids) + 1} are not finite (NaN "
+                                         f"or Inf); the engine's weights or numerics are "
+                                         f"broken (check the checkpoint, or build in float32)"))
                 continue
-            request = self.requests[row.request_id]
-            if i in greedy:
-                token, logprobs = greedy[i], None
-            else:
-                token, logprobs = sample(row_logits, request.params, request.prompt_ids,
-                                         request.output_ids, request.generator)
+            token, logprobs = picked
             request.output_ids.append(token)
             request.token_times.append(now)
             if logprobs is not None:
                 request.logprobs.append(logprobs)
             deltas.append(self._advance(request, token, logprobs))
         return deltas
-
-    def _batched_argmax(self, output: SchedulerOutput, logits: torch.Tensor) -> dict[int, int]:
-        """Tokens of the plain-greedy rows (sampling.is_plain_greedy), from one argmax: on a GPU
-        this is one kernel and one device sync per step instead of one per request. On the CPU
-        numpy's argmax (SIMD; 0.15 ms for 16 x 49152 logits where torch's takes 1.7 ms)."""
-        rows = [i for i, row in enumerate(output.chunks)
-                if row.samples and is_plain_greedy(self.requests[row.request_id].params)]
-        if not rows:
-            return {}
-        every = len(rows) == logits.shape[0]
-        if logits.device.type == "cpu":
-            picked = (logits.numpy() if every else logits.numpy()[rows]).argmax(-1)
-        else:
-            chosen = logits if every else \
-                logits.index_select(0, torch.tensor(rows, device=logits.device))
-            picked = chosen.argmax(-1)
-        return dict(zip(rows, picked.tolist(), strict=True))
 
     def _advance(self, request: Request, token: int,
                  logprobs: TokenLogprobs | None) -> RequestDelta:
@@ -247,23 +228,6 @@ class EngineCore:
     def pop(self, request_id: str) -> Request:
         """Forget a finished request (callers collect results first)."""
         return self.requests.pop(request_id)
-
-
-@contextlib.contextmanager
-def single_threaded_torch() -> Iterator[None]:
-    """Run torch ops on one thread: sampling works on [vocab] rows, and torch's OpenMP workers,
-    once woken, spin-wait and steal the cores the executor's own thread pool (ONNX Runtime,
-    TensorRT host code) needs next. Measured on the 2-core dev box, SmolLM2 on the onnx backend,
-    batch 1: 149 ms per token with torch's 2 threads, 66 ms with this."""
-    threads = torch.get_num_threads()
-    if threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _one(logprobs: TokenLogprobs | None) -> tuple[TokenLogprobs, ...]:
