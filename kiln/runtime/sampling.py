@@ -283,7 +283,9 @@ def sample_torch(logits: torch.Tensor, params: SamplingParams, prompt_ids: Seque
     """The next token of one row [vocab] as a 0-d tensor on its device (no host sync).
 
     The draw is the exponential race argmax(p / q), q ~ Exp(1): torch.multinomial's own
-    single-sample algorithm, without its two host syncs that validate the distribution."""
+    single-sample algorithm, written out so that nothing validates the distribution: a
+    non-finite row must give a (discarded) token, not a failed device-side check that would
+    take the whole step, or the CUDA context, down."""
     processed = apply_penalties(logits, params, prompt_ids, output_ids)
     if params.greedy:
         return processed.argmax()
