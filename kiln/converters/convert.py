@@ -10,7 +10,7 @@ whole. Only a converter transform other than a row concatenation (Falcon's QKV r
 materializes its sources and result, one tensor at a time.
 
 Finite weights: every floating chunk is checked as it is cast, in the reading thread, with one
-min/max reduction (NaN propagates through both; no copy). A NaN/Inf already in the source is a
+sum (NaN/Inf propagate; no copy; min/max confirms a non-finite sum). A NaN/Inf in the source is a
 corrupt checkpoint; one that only appears after the cast is an overflow of the output dtype
 (float32 1e38 -> float16 inf). Either refuses the conversion, naming the source tensor, its file
 and the first bad row. Only then is the chunk searched for that row.
@@ -264,8 +264,15 @@ def _row_chunks(plan: TargetPlan, dtype: torch.dtype) -> Iterator[tuple[int, tor
 
 
 def _all_finite(t: torch.Tensor) -> bool:
-    """No NaN or +-inf in a (cast) chunk: one min/max pass, NaN propagating through both."""
+    """No NaN or +-inf in a (cast) chunk.
+
+    A sum is the cheapest pass (about half a min/max): any NaN or inf makes it NaN or inf. A
+    sum of finite values can overflow too (float16: past 65504), so a non-finite sum is
+    confirmed by min/max, which NaN and inf reach exactly.
+    """
     if not t.is_floating_point() or t.numel() == 0:
+        return True
+    if torch.isfinite(t.sum()):
         return True
     low, high = torch.aminmax(t)
     return bool(torch.isfinite(low) & torch.isfinite(high))

@@ -332,3 +332,28 @@ def test_model_type_fallback_refusals(src, tmp_path, change, match):
     (src / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
     with pytest.raises(UnsupportedArchitectureError, match=match):
         _convert(src, tmp_path / "out")
+
+
+def test_finite_weights_whose_sum_overflows_convert(src, tmp_path):
+    """The check's fast sum overflows float16 here (6144 x 1000); min/max clears the tensor."""
+    tensors = load_file(src / "model.safetensors")
+    tensors["model.layers.0.mlp.down_proj.weight"].fill_(1000.0)  # [64, 96]
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    out = _convert(src, tmp_path / "out", dtype="float16")
+    down = load_rank(out, 0)["layers.0.mlp.down.weight"]
+    assert down.dtype == torch.float16 and bool((down == 1000.0).all())
+
+
+@pytest.mark.parametrize("values, finite", [
+    ([1.0, -2.0, 3.0], True),
+    ([60000.0, 60000.0], True),  # the float16 sum overflows, the values do not
+    ([float("inf"), float("-inf")], False),  # the sum is NaN
+    ([1.0, float("nan")], False),
+    ([float("-inf")], False),
+])
+def test_all_finite(values, finite):
+    from kiln.converters.convert import _all_finite
+
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        assert _all_finite(torch.tensor(values, dtype=dtype)) is finite, dtype
+    assert _all_finite(torch.tensor([5, 7], dtype=torch.int64))  # integers are not checked
