@@ -103,6 +103,9 @@ class Backend(ABC):
     name: ClassVar[str]
     memory_factor: ClassVar[float] = 1.0
     base_memory: ClassVar[int] = 0
+    # Build parts in a worker process even with one worker: the library's native build runs
+    # for long stretches without returning to Python, and only a process stops at once.
+    isolated: ClassVar[bool] = False
 
     @abstractmethod
     def versions(self) -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""Run the planned parts through a backend: in this process, or in ``workers`` processes.
+"""Run the planned parts through a backend: in this process, or in ``workers`` processes
+(always in a worker process for a backend whose native build cannot be interrupted).
 
 Each part gets ``max_build_memory / workers`` (the planner sized parts for that). Worker
 processes are spawned (not forked) so each starts small and a backend library is initialized
@@ -35,8 +36,9 @@ def run_parts(engine: Backend, plan: BuildPlan, parts: list[PartSpec], out_dir: 
               workers: int, progress: bool) -> list[PartResult]:
     work_dir = out_dir / ".work"
     work_dir.mkdir()
-    # A live line per part only in this process: workers' lines would overwrite each other.
-    live = progress and (workers == 1 or len(parts) == 1)
+    workers = min(workers, len(parts))
+    # A live progress line only from a single builder: several would overwrite each other.
+    live = progress and workers == 1
     jobs = [PartJob(plan=plan, part=p, out_dir=out_dir, work_dir=work_dir, progress=live)
             for p in parts]
     hashes: dict[str, Future] = {}
@@ -47,7 +49,7 @@ def run_parts(engine: Backend, plan: BuildPlan, parts: list[PartSpec], out_dir: 
                     hashes[name] = hasher.submit(sha256_file, out_dir / name)
                 _report(plan, result, done, len(jobs), progress)
 
-            if workers == 1 or len(jobs) == 1:
+            if workers == 1 and not engine.isolated:
                 results = []
                 for job in jobs:
                     results.append(engine.build_part(job))
@@ -66,7 +68,9 @@ def _run_pool(backend: str, jobs: list[PartJob], workers: int,
               finished: Callable[[PartResult, int], None]) -> list[PartResult]:
     results = []
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
+    level = logging.getLogger().getEffectiveLevel()
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
+                             initargs=(level,)) as pool:
         futures = [pool.submit(_build_in_worker, backend, job) for job in jobs]
         try:
             for future in as_completed(futures):
@@ -75,11 +79,19 @@ def _run_pool(backend: str, jobs: list[PartJob], workers: int,
         except BaseException:
             # Ctrl-C, SIGTERM or a failed part: end the other builds now instead of letting the
             # pool's exit wait minutes for them (no public API stops a running worker).
+            processes = list((pool._processes or {}).values())  # shutdown() forgets them
+            for process in processes:
+                process.kill()  # SIGKILL: a worker defers SIGTERM while TensorRT builds
+            for process in processes:
+                process.join()  # gone before the caller removes the files it was writing
             pool.shutdown(wait=False, cancel_futures=True)
-            for process in list((pool._processes or {}).values()):
-                process.terminate()
             raise
     return results
+
+
+def _init_worker(level: int) -> None:
+    """A worker logs like its parent, in kiln.cli.main's format (TensorRT's warnings, progress)."""
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
 def _build_in_worker(backend: str, job: PartJob) -> PartResult:

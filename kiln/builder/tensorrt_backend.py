@@ -90,6 +90,9 @@ def local_gpu() -> str | None:
 class TensorRTBackend(Backend):
     memory_factor = 3.1
     base_memory = 1 << 30  # the libraries, the parsed graph, Python
+    # Phases such as "Determining refit engines" run for seconds (minutes for 8B) without a
+    # progress callback, so a cancel through the monitor alone can wait that long.
+    isolated = True
 
     def __init__(self) -> None:
         self.trt, self.full = load_library()
@@ -203,7 +206,7 @@ def _logger(trt: ModuleType):
     success: builds without a GPU log a harmless 'CUDA driver version is insufficient')."""
     class Logger(trt.ILogger):
         def log(self, severity, msg):  # noqa: D401 - TensorRT callback
-            if "driver version is insufficient" in msg:
+            if "driver version is insufficient" in msg or "BuildCanceled" in msg:
                 log.debug("TensorRT: %s", msg)
             elif severity in (trt.ILogger.INTERNAL_ERROR, trt.ILogger.ERROR):
                 log.warning("TensorRT: %s", msg)

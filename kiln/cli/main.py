@@ -36,8 +36,8 @@ class KilnGroup(click.Group):
             click.echo(f"error: {e}", err=True)
             ctx.exit(2)
         except KeyboardInterrupt as e:
-            click.echo(f"interrupted ({'SIGTERM' if isinstance(e, Terminated) else 'Ctrl-C'}); "
-                       f"nothing was left half-written", err=True)
+            click.echo(f"interrupted ({'SIGTERM' if isinstance(e, Terminated) else 'Ctrl-C'})",
+                       err=True)
             ctx.exit(exit_code(e))
 
     def resolve_command(self, ctx, args):

@@ -27,6 +27,18 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def tensorrt_in_process():
+    """TensorRT parts build in this process here: a spawned worker per build (the production
+    path, so that Ctrl-C stops a build at once) costs seconds each. That path is tested by
+    test_tensorrt.py::test_isolated_build and tests/test_interrupts.py."""
+    from kiln.builder.tensorrt_backend import TensorRTBackend
+
+    TensorRTBackend.isolated = False
+    yield
+    TensorRTBackend.isolated = True
+
+
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
     """checkpoint(variant, tp=1, pp=1, dtype="auto") -> kiln checkpoint dir (cached)."""

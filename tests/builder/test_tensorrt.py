@@ -51,6 +51,17 @@ def test_builds_every_variant(checkpoint, tmp_path, name):
     assert layers.get("ATTENTION_OUTPUT", 0) == (n if fused_attention else 0)
 
 
+def test_isolated_build(checkpoint, tmp_path, monkeypatch):
+    """The production path: parts build in a spawned worker (so Ctrl-C stops them at once),
+    with the same engine and layer report as in-process."""
+    monkeypatch.setattr(TensorRTBackend, "isolated", True)
+    monkeypatch.setattr(TensorRTBackend, "build_part", None)  # this process must not build
+    result = build(checkpoint("llama-gqa"), tmp_path / "engine", **TRT)
+    (layers,) = layer_counts(result)
+    assert layers.get("KV_CACHE_UPDATE") == 2 * read_manifest(tmp_path / "engine").decoder.num_layers
+    verify_files(tmp_path / "engine", read_manifest(tmp_path / "engine"), 0)
+
+
 def test_plugins_disabled_leave_no_fused_layers(checkpoint, tmp_path):
     result = build(checkpoint("llama-gqa"), tmp_path / "engine",
                    plugins=dict.fromkeys(PLUGINS, "disable"), **TRT)
