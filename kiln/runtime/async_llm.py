@@ -10,7 +10,9 @@ Contract:
 - ``async for delta in stream(request_id)`` yields :class:`StreamDelta` objects until the
   request finishes; ``await abort(request_id)`` ends it (its last delta has finish_reason
   ``abort``) and frees its slot at once; the others continue.
-- If the executor fails, every open stream raises the error.
+- A request that fails alone (non-finite logits, more KV cache than the executor has) ends its
+  stream with finish_reason ``error`` and the reason in ``result.error``; the others go on. If
+  the executor itself fails, every open stream raises the error.
 
 Non-goals: fairness between event loops, back-pressure on slow consumers (deltas queue up).
 """

@@ -12,6 +12,9 @@ Contract:
 - ``generate_stream`` yields :class:`StreamDelta` objects as tokens are produced (text deltas
   are whole UTF-8 characters and never include a stop string); the last delta of each prompt
   carries its result. Leaving the loop early aborts the prompts still running.
+- A prompt that cannot go on (its logits turn non-finite, NaN or Inf, as from corrupt weights;
+  or it needs more KV cache than the executor has) ends with finish_reason ``error``, the reason
+  in its result's ``error`` (also logged as a warning); the other prompts of the call go on.
 - ``chat(messages, params)`` renders the chat template and generates; ``render_chat`` gives the
   token ids for streaming a chat.
 - One thread drives an LLM at a time (a lock serializes calls); :class:`kiln.runtime.AsyncLLM`
