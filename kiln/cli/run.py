@@ -11,6 +11,8 @@ Output contract:
   not yet complete is printed live; a later block's text is held until every block before it
   is complete, then printed (what it has so far) and continued live.
 - The stats line (mean TTFT, time per output token, tokens/s) goes to stderr; ``-q`` drops it.
+- A request that ended with an error (its logits turned NaN/Inf, ...) adds an ``error:`` line
+  with its reason on stderr, and the command exits 2.
 """
 
 from __future__ import annotations
@@ -21,12 +23,15 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from kiln.cli.context import CliContext, executor_options
-from kiln.runtime import LLM, CompletionResult, ExecutorOptions, SamplingParams
+from kiln.runtime.params import SamplingParams  # torch-free: --help stays fast
+
+if TYPE_CHECKING:
+    from kiln.runtime import LLM, CompletionResult
 
 # Fields with their own flag (max_tokens is --max_output_len) or not shown by this command.
 _NOT_FLAGS = {"max_tokens", "logprobs"}  # logprobs: the API returns them; run prints text
@@ -143,6 +148,8 @@ def run(obj: CliContext, engine_dir: Path, input_text: tuple[str, ...], input_fi
         **sampling: Any) -> None:
     """Generate text with an engine; prints the text (stdout), then TTFT, TPOT, tokens/s (stderr)."""
     prompts = read_prompts(input_text, input_file)
+    from kiln.runtime import LLM, ExecutorOptions
+
     with LLM(engine_dir, ExecutorOptions(device=device, num_threads=num_threads,
                                          cpu_spin_wait=cpu_spin_wait,
                                          verify_checksums=verify_checksums)) as llm:
@@ -157,6 +164,11 @@ def run(obj: CliContext, engine_dir: Path, input_text: tuple[str, ...], input_fi
                 click.echo(_header(i, len(results)) + result.text)
     if obj.verbosity >= 0:
         click.echo(format_stats(results), err=True)
+    failed = [r.error for r in results if r.finish_reason == "error"]
+    if failed:  # each request's own reason (e.g. non-finite logits); exit 2 like any error
+        for error in failed:
+            click.echo(f"error: {error}", err=True)
+        raise SystemExit(2)
 
 
 def _header(index: int, count: int) -> str:

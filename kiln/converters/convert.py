@@ -21,7 +21,6 @@ into place at the end; on any error it is removed and an existing output is left
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -49,6 +48,7 @@ from kiln.converters.base import (
 )
 from kiln.converters.source import Source, SourceTensor, open_source
 from kiln.errors import CheckpointError, ConfigError, TensorMappingError
+from kiln.hashing import sha256_file
 from kiln.outputs import atomic_dir, check_output, copy_tokenizer
 from kiln.roles import SHARDING, Role, expected_shape, parse_name, tensor_names
 from kiln.sharding import shard_ranges, shard_shape
@@ -386,14 +386,7 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _hash_files(files: list[Path]) -> dict[str, str]:
     """sha256 of each weight file (runs in a worker thread; hashlib releases the GIL)."""
-    out = {}
-    for path in files:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(16 << 20):
-                h.update(block)
-        out[path.name] = h.hexdigest()
-    return out
+    return {path.name: sha256_file(path) for path in files}
 
 
 def _provenance(source: Source, converter: type[Converter], hashes: Future) -> dict:

@@ -1,14 +1,35 @@
 """Runtime: executors, KV caches, scheduling and sampling over built engines.
 
 Public API: :class:`LLM` (sync generate / generate_stream / chat), :class:`AsyncLLM` (asyncio
-submit / stream / abort), :class:`SamplingParams`, and the result types.
+submit / stream / abort), :class:`SamplingParams`, and the result types. The names are imported
+lazily (PEP 562), so ``from kiln.runtime import SamplingParams`` does not load torch.
 """
 
-from kiln.runtime.async_llm import AsyncLLM
-from kiln.runtime.llm import LLM
-from kiln.runtime.loader import ExecutorOptions, open_engine
-from kiln.runtime.outputs import CompletionResult, RequestTimings, StreamDelta
-from kiln.runtime.sampling import SamplingParams, TokenLogprobs
+from __future__ import annotations
 
-__all__ = ["LLM", "AsyncLLM", "SamplingParams", "ExecutorOptions", "open_engine",
-           "CompletionResult", "RequestTimings", "StreamDelta", "TokenLogprobs"]
+import importlib
+from typing import Any
+
+_LAZY = {
+    "LLM": "kiln.runtime.llm",
+    "AsyncLLM": "kiln.runtime.async_llm",
+    "SamplingParams": "kiln.runtime.params",
+    "TokenLogprobs": "kiln.runtime.params",
+    "ExecutorOptions": "kiln.runtime.loader",
+    "open_engine": "kiln.runtime.loader",
+    "CompletionResult": "kiln.runtime.outputs",
+    "RequestTimings": "kiln.runtime.outputs",
+    "StreamDelta": "kiln.runtime.outputs",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'kiln.runtime' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

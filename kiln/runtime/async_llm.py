@@ -31,7 +31,7 @@ from typing import Any
 from kiln.runtime.errors import RequestError
 from kiln.runtime.llm import LLM, Prompt
 from kiln.runtime.outputs import StreamDelta
-from kiln.runtime.sampling import SamplingParams
+from kiln.runtime.params import SamplingParams
 
 logger = logging.getLogger(__name__)
 

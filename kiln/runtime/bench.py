@@ -28,7 +28,7 @@ from typing import Any
 from kiln.runtime.core import EngineCore
 from kiln.runtime.errors import RequestError
 from kiln.runtime.outputs import RequestTimings
-from kiln.runtime.sampling import SamplingParams
+from kiln.runtime.params import SamplingParams
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ import torch
 from kiln.runtime.detokenize import IncrementalDetokenizer, StopStringMatcher
 from kiln.runtime.errors import RequestError
 from kiln.runtime.executor import Executor
-from kiln.runtime.sampling import Generators, Row, SamplingParams, TokenLogprobs, sample_rows
+from kiln.runtime.params import SamplingParams, TokenLogprobs
+from kiln.runtime.sampling import Generators, Row, sample_rows
 from kiln.runtime.scheduler import Policy, Scheduler, SchedulerOutput
 from kiln.runtime.tokenizer import ModelTokenizer
 

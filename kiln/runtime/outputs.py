@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kiln.runtime.core import Request, RequestDelta
-from kiln.runtime.sampling import TokenLogprobs
+from kiln.runtime.params import TokenLogprobs
 
 
 @dataclass(frozen=True)

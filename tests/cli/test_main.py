@@ -43,11 +43,10 @@ def _fresh_python(code: str) -> str:
     return done.stdout
 
 
-# kiln run --help is not here yet: its sampling flags come from SamplingParams, whose module
-# imports torch.
 @pytest.mark.parametrize("args", [
     None, [], ["--help"], ["build", "--help"], ["bench", "--help"], ["verify", "--help"],
-    ["convert_checkpoint", "--help"], ["build"], ["bench"], ["verify"], ["nope"],
+    ["run", "--help"], ["convert_checkpoint", "--help"], ["build"], ["bench"], ["verify"],
+    ["run"], ["run", "--engine_dir", "e", "--top_p", "x"], ["nope"],
     ["build", "--checkpoint_dir", "c", "--output_dir", "o", "--backend", "nope"]])
 def test_start_up_help_and_usage_errors_import_no_heavy_library(args):
     imported = json.loads(_fresh_python(f"""

@@ -90,7 +90,7 @@ def scripted(monkeypatch):
                                     eos=tokenizer.eos_token_ids[0])
         return LLM.from_executor(executor, tokenizer)
 
-    monkeypatch.setattr(run_module, "LLM", scripted_llm)
+    monkeypatch.setattr("kiln.runtime.LLM", scripted_llm)  # kiln run imports it when run
     return first
 
 
@@ -223,3 +223,19 @@ def test_bench_refuses_lengths_beyond_the_engine(engine):
     r = CliRunner().invoke(main, ["bench", "--engine_dir", str(engine), "--input_len", "40",
                                   "--output_len", "80"])
     assert r.exit_code == 2 and "max_seq_len 96" in r.output
+
+
+def test_a_request_ending_in_error_is_reported_and_exits_2(monkeypatch):
+    """Non-finite logits end that request with an error; kiln run says why, the other
+    request's text is still printed, and the exit status is 2."""
+    from tests.runtime.mocks import NonFiniteExecutor
+
+    def poisoned_llm(engine_dir, options):
+        return LLM.from_executor(NonFiniteExecutor(LIMITS, 64, poison=7, after=3), None)
+
+    monkeypatch.setattr("kiln.runtime.LLM", poisoned_llm)
+    monkeypatch.setattr(run_module, "read_prompts", lambda *a: [[7, 1, 2, 3], [5, 1]])
+    result = kiln("run", "--engine_dir", "mock", "--input_text", "x", "--max_output_len", "4")
+    assert result.exit_code == 2
+    assert "error: request" in result.stderr and "not finite (NaN or Inf)" in result.stderr
+    assert result.stdout.startswith("[0]\n")

@@ -1,0 +1,124 @@
+"""Sampling parameters and per-token log-probabilities: plain validated data, no torch.
+
+Kept apart from :mod:`kiln.runtime.sampling` (which implements them on torch and numpy) so that
+``kiln run --help`` builds its sampling flags from these fields without importing torch.
+:class:`SamplingParams` is frozen and validated on construction; a bad value raises
+:class:`~kiln.runtime.errors.SamplingParamsError` naming the parameter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from kiln.runtime.errors import SamplingParamsError
+
+
+def _f(default: Any, help: str) -> Any:
+    """A field with its CLI help (``kiln run`` builds its sampling flags from these)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token and when to stop (the rules: kiln.runtime.sampling)."""
+
+    max_tokens: int = _f(64, "New tokens at most (max_seq_len may end a request first: length).")
+    temperature: float = _f(1.0, "Softmax temperature; 0 = greedy.")
+    top_k: int = _f(0, "Sample from the k most likely tokens; 0 = all.")
+    top_p: float = _f(1.0, "Sample from the smallest set of tokens whose mass reaches top_p.")
+    min_p: float = _f(0.0, "Drop tokens less likely than min_p * p(most likely token).")
+    repetition_penalty: float = _f(1.0, "HF repetition penalty on prompt and output tokens "
+                                        "(> 1 discourages repeats; 1 = off).")
+    presence_penalty: float = _f(0.0, "Subtracted from the logit of every token already "
+                                      "generated, in [-2, 2].")
+    frequency_penalty: float = _f(0.0, "Subtracted once per earlier occurrence of a generated "
+                                       "token, in [-2, 2].")
+    seed: int | None = _f(None, "Seed of this request's generator (None: random).")
+    stop: tuple[str, ...] = _f((), "Stop strings; text ends before them (matched across "
+                                   "tokens).")
+    stop_token_ids: tuple[int, ...] = _f((), "Token ids that end generation (besides EOS).")
+    ignore_eos: bool = _f(False, "Keep generating after the model's EOS tokens.")
+    logprobs: int | None = _f(None, "Return the raw logprob of each token and of the top n "
+                                    "(0-20).")
+    include_stop_str_in_output: bool = _f(False, "Keep the matched stop string in the text.")
+    skip_special_tokens: bool = _f(True, "Leave special tokens out of the text.")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        _check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens",
+               f"must be an integer >= 1, found {self.max_tokens!r}")
+        _check(_is_num(self.temperature) and self.temperature >= 0, "temperature",
+               f"must be >= 0 (0 = greedy), found {self.temperature!r}")
+        _check(_is_int(self.top_k) and self.top_k >= 0, "top_k",
+               f"must be an integer >= 0 (0 = off), found {self.top_k!r}")
+        _check(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p",
+               f"must be in (0, 1], found {self.top_p!r}")
+        _check(_is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p",
+               f"must be in [0, 1], found {self.min_p!r}")
+        _check(_is_num(self.repetition_penalty) and self.repetition_penalty > 0,
+               "repetition_penalty", f"must be > 0 (1 = off), found {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(_is_num(value) and -2 <= value <= 2, name, f"must be in [-2, 2], found {value!r}")
+        _check(self.seed is None or _is_int(self.seed), "seed",
+               f"must be an integer or None, found {self.seed!r}")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop",
+               f"must be non-empty strings, found {self.stop!r}")
+        _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+               f"must be token ids >= 0, found {self.stop_token_ids!r}")
+        _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20),
+               "logprobs", f"must be None or an integer in [0, 20], found {self.logprobs!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def replace(self, **changes: Any) -> SamplingParams:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_generation_config(cls, generation_config: dict[str, Any],
+                               **overrides: Any) -> SamplingParams:
+        """Defaults from an HF ``generation_config.json`` (do_sample off -> greedy), then overrides."""
+        gc = generation_config
+        fields: dict[str, Any] = {}
+        if gc.get("do_sample"):
+            for key in ("temperature", "top_k", "top_p", "min_p"):
+                if gc.get(key) is not None:
+                    fields[key] = gc[key]
+        else:
+            fields["temperature"] = 0.0
+        if gc.get("repetition_penalty") is not None:
+            fields["repetition_penalty"] = gc["repetition_penalty"]
+        if gc.get("max_new_tokens") is not None:
+            fields["max_tokens"] = gc["max_new_tokens"]
+        return cls(**{**fields, **overrides})
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """The chosen token's raw logprob and the ``n`` most likely tokens' (id -> logprob)."""
+
+    token_id: int
+    logprob: float
+    top: dict[int, float]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_num(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise SamplingParamsError(f"SamplingParams.{name} {message}")
