@@ -17,9 +17,9 @@ _LAZY = {
     "TokenLogprobs": "kiln.runtime.params",
     "ExecutorOptions": "kiln.runtime.loader",
     "open_engine": "kiln.runtime.loader",
-    "CompletionResult": "kiln.runtime.outputs",
-    "RequestTimings": "kiln.runtime.outputs",
-    "StreamDelta": "kiln.runtime.outputs",
+    "CompletionResult": "kiln.runtime.results",
+    "RequestTimings": "kiln.runtime.results",
+    "StreamDelta": "kiln.runtime.results",
 }
 
 __all__ = list(_LAZY)

@@ -30,8 +30,8 @@ from typing import Any
 
 from kiln.runtime.errors import RequestError
 from kiln.runtime.llm import LLM, Prompt
-from kiln.runtime.outputs import StreamDelta
 from kiln.runtime.params import SamplingParams
+from kiln.runtime.results import StreamDelta
 
 logger = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from typing import Any
 
 from kiln.runtime.core import EngineCore
 from kiln.runtime.errors import RequestError
-from kiln.runtime.outputs import RequestTimings
 from kiln.runtime.params import SamplingParams
+from kiln.runtime.results import RequestTimings
 
 
 @dataclass(frozen=True)

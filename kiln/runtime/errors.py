@@ -1,7 +1,7 @@
 """Typed errors of the runtime. Each is a :class:`~kiln.errors.KilnError` with a one-line message.
 
 Engine-dir problems (missing, corrupt, incompatible with this machine) raise
-:class:`kiln.engine.EngineError`; the classes here cover requests and tokenizers.
+:class:`kiln.engine.EngineError`; the classes here cover requests, tokenizers and the KV cache.
 """
 
 from __future__ import annotations
@@ -19,3 +19,7 @@ class RequestError(KilnError, ValueError):
 
 class TokenizerError(KilnError):
     """The engine dir's tokenizer or chat template is missing or unreadable."""
+
+
+class KVCacheError(KilnError):
+    """The KV cache cannot be sized or cannot hold what was asked of it."""

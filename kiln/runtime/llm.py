@@ -36,8 +36,8 @@ from kiln.runtime.core import EngineCore
 from kiln.runtime.errors import RequestError, TokenizerError
 from kiln.runtime.executor import Executor
 from kiln.runtime.loader import ExecutorOptions, open_engine
-from kiln.runtime.outputs import CompletionResult, StreamDelta
 from kiln.runtime.params import SamplingParams
+from kiln.runtime.results import CompletionResult, StreamDelta
 from kiln.runtime.scheduler import Policy
 from kiln.runtime.tokenizer import ModelTokenizer, load_tokenizer
 

@@ -4,7 +4,7 @@ Contract: :mod:`kiln.runtime.executor`. ``step`` returns float32 logits on the e
 device. ``reserve(slot, n)`` gives the slot cache blocks for n tokens or answers False when the
 cache is full (the scheduler keeps the request waiting); ``release(slot)`` returns its blocks.
 A step whose chunk outgrows its slot's blocks reserves more on the spot and raises
-:class:`~kiln.runtime.torch_backend.paged_cache.KVCacheError` if none are left. A chunk whose
+:class:`~kiln.runtime.errors.KVCacheError` if none are left. A chunk whose
 ``start`` is not its slot's cached length is a scheduler bug and raises ``RuntimeError``.
 
 Cache size: on CUDA, ``kv_cache_free_gpu_memory_fraction`` of the memory free after the weights

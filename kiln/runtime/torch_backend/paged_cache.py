@@ -23,13 +23,9 @@ import logging
 import numpy as np
 import torch
 
-from kiln.errors import KilnError
+from kiln.runtime.errors import KVCacheError
 
 logger = logging.getLogger(__name__)
-
-
-class KVCacheError(KilnError):
-    """The KV cache cannot be sized or cannot hold what was asked of it."""
 
 
 def cdiv(a: int, b: int) -> int:
