@@ -12,10 +12,12 @@ Errors a user can cause are :class:`~kiln.errors.KilnError` subclasses with one-
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import kiln
 from kiln.builder.backends import Backend, BuildPlan, PartResult, get_backend
@@ -53,24 +55,23 @@ class BuildResult:
                 f"{stages}; peak RSS {self.peak_rss / 1e9:.2f} GB")
 
 
-def build(checkpoint_dir: str | Path, output_dir: str | Path, *, backend: str = "onnx",
-          max_batch_size: int = 8, max_input_len: int | None = None,
-          max_seq_len: int | None = None, max_num_tokens: int | None = None,
-          dtype: str | None = None, targets: tuple[str, ...] | list[str] = (),
-          plugins: dict[str, str] | None = None, max_build_memory: int | None = None,
-          workers: int = 1, overwrite: bool = False, allow_long_context: bool = False,
-          progress: bool = False) -> BuildResult:
-    """Build an engine dir from a kiln checkpoint (see :class:`BuildOptions` for the options).
+def build(checkpoint_dir: str | Path, output_dir: str | Path, *, progress: bool = False,
+          **options: Any) -> BuildResult:
+    """Build an engine dir from a kiln checkpoint.
 
-    Raises :class:`~kiln.errors.KilnError` subclasses on bad input, leaving nothing behind.
+    ``options`` are :class:`BuildOptions` fields by keyword, with its defaults (backend,
+    max_batch_size, max_input_len, max_seq_len, max_num_tokens, dtype, targets, plugins,
+    max_build_memory, workers, overwrite, allow_long_context): one definition for this function
+    and ``kiln build``. Raises :class:`~kiln.errors.KilnError` subclasses on bad input (an
+    unknown option too), leaving nothing behind.
     """
-    options = BuildOptions(
-        checkpoint_dir=checkpoint_dir, output_dir=output_dir, backend=backend,
-        max_batch_size=max_batch_size, max_input_len=max_input_len, max_seq_len=max_seq_len,
-        max_num_tokens=max_num_tokens, dtype=dtype, targets=tuple(targets),
-        plugins=dict(plugins or {}), max_build_memory=max_build_memory, workers=workers,
-        overwrite=overwrite, allow_long_context=allow_long_context)
-    return build_with(options, progress=progress)
+    known = {f.name for f in dataclasses.fields(BuildOptions)} - {"checkpoint_dir", "output_dir"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"build() got unknown options {unknown}; the options are "
+                          f"{', '.join(sorted(known))} (kiln.builder.BuildOptions)")
+    return build_with(BuildOptions(checkpoint_dir=checkpoint_dir, output_dir=output_dir,
+                                   **options), progress=progress)
 
 
 def build_with(options: BuildOptions, progress: bool = False) -> BuildResult:

@@ -59,6 +59,7 @@ class BuildOptions:
         object.__setattr__(self, "checkpoint_dir", Path(self.checkpoint_dir).expanduser())
         object.__setattr__(self, "output_dir", Path(self.output_dir).expanduser())
         object.__setattr__(self, "targets", tuple(self.targets))
+        object.__setattr__(self, "plugins", dict(self.plugins or {}))
         for name in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens",
                      "max_build_memory", "workers"):
             value = getattr(self, name)

@@ -19,7 +19,10 @@ from kiln.config import DTYPES
 from kiln.engine import BACKENDS
 from kiln.plugins import PLUGINS, PluginMode
 
-_HELP = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(BuildOptions)}
+# Help texts and defaults come from BuildOptions, the one definition (the API takes the same).
+_FIELDS = {f.name: f for f in dataclasses.fields(BuildOptions)}
+_HELP = {name: f.metadata.get("help", "") for name, f in _FIELDS.items()}
+_DEFAULT = {name: f.default for name, f in _FIELDS.items()}
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
           "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
           "tib": 2**40}
@@ -70,9 +73,10 @@ def _plugin_options(command):
               help=_HELP["checkpoint_dir"])
 @click.option("--output_dir", required=True, type=click.Path(file_okay=False),
               help=_HELP["output_dir"])
-@click.option("--backend", default="onnx", show_default=True,
+@click.option("--backend", default=_DEFAULT["backend"], show_default=True,
               type=click.Choice(BACKENDS), help=_HELP["backend"])
-@click.option("--max_batch_size", default=8, show_default=True, type=click.IntRange(min=1),
+@click.option("--max_batch_size", default=_DEFAULT["max_batch_size"], show_default=True,
+              type=click.IntRange(min=1),
               help=_HELP["max_batch_size"])
 @click.option("--max_input_len", type=click.IntRange(min=1), help=_HELP["max_input_len"])
 @click.option("--max_seq_len", type=click.IntRange(min=1), help=_HELP["max_seq_len"])
@@ -81,7 +85,8 @@ def _plugin_options(command):
 @click.option("--target", "targets", callback=_targets, help=_HELP["targets"])
 @_plugin_options
 @click.option("--max_build_memory", type=MemorySize(), help=_HELP["max_build_memory"])
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
+@click.option("--workers", default=_DEFAULT["workers"], show_default=True,
+              type=click.IntRange(min=1),
               help=_HELP["workers"])
 @click.option("--overwrite", is_flag=True, help=_HELP["overwrite"])
 @click.option("--allow_long_context", is_flag=True, help=_HELP["allow_long_context"])

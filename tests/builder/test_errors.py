@@ -139,3 +139,22 @@ def test_quantized_checkpoint(ckpt_copy, tmp_path):
     config["quantization"] = {"scheme": "w8a8_int8"}
     (ckpt_copy / "config.json").write_text(json.dumps(config))
     fails(tmp_path, ckpt_copy, ConfigError, "quantization scheme 'w8a8_int8' is not supported")
+
+
+def test_unknown_build_option_is_named(checkpoint, tmp_path):
+    fails(tmp_path, checkpoint("llama-gqa"), ConfigError, r"unknown options \['max_batch'\]",
+          max_batch=4)
+
+
+def test_cli_defaults_are_build_options_defaults():
+    """One definition: kiln build's flag defaults are BuildOptions' (the API takes them too)."""
+    import dataclasses
+
+    from kiln.builder.options import BuildOptions
+    from kiln.cli.build import build as command
+
+    defaults = {f.name: f.default for f in dataclasses.fields(BuildOptions)}
+    given = {p.name: p.default for p in command.params
+             if p.name in defaults and isinstance(p.default, (str, int))}  # not unset / None
+    assert {"backend", "max_batch_size", "workers"} <= set(given)
+    assert given == {name: defaults[name] for name in given}
