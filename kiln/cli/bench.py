@@ -22,6 +22,12 @@ if TYPE_CHECKING:
     from kiln.runtime.bench import Workload
 
 
+def _field_help(name: str) -> str:
+    from kiln.runtime.options import ExecutorOptions
+
+    return next(f for f in dataclasses.fields(ExecutorOptions) if f.name == name).metadata["help"]
+
+
 @click.command("bench")
 @click.option("--engine_dir", required=True, type=click.Path(path_type=Path),
               help="Engine dir (output of kiln build).")
@@ -41,9 +47,9 @@ if TYPE_CHECKING:
 @click.option("--json_output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the report as JSON here [default: print it after the table].")
 @executor_options
-@click.option("--kv_cache_free_gpu_memory_fraction", default=0.9, show_default=True,
+@click.option("--kv_cache_free_gpu_memory_fraction",
               type=click.FloatRange(min=0, max=1, min_open=True),
-              help="torch backend: share of free GPU memory for the paged KV cache.")
+              help=_field_help("kv_cache_free_gpu_memory_fraction"))
 @click.option("--baseline", type=click.Choice(("hf",)), default=None,
               help="Also run the same prompts through HF transformers generate() on the "
                    "engine's own weights (torch engines) and report kiln / HF.")
@@ -52,7 +58,7 @@ if TYPE_CHECKING:
 @click.pass_obj
 def bench(obj: CliContext, engine_dir: Path, warmup: int, json_output: Path | None, device: str,
           num_threads: int | None, cpu_spin_wait: bool, verify_checksums: bool,
-          kv_cache_free_gpu_memory_fraction: float, baseline: str | None,
+          kv_cache_free_gpu_memory_fraction: float | None, baseline: str | None,
           baseline_batch_size: int, **workload: object) -> None:
     """Benchmark an engine with a synthetic workload (in the manner of trtllm-bench)."""
     from kiln.runtime import LLM, ExecutorOptions

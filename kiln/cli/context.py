@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 
@@ -20,22 +21,21 @@ class CliContext:
 
 
 def executor_options(func):
-    """The options every command that loads an engine shares (ExecutorOptions' fields: device,
-    threads, spin-wait, checksums)."""
+    """The options every command that loads an engine shares: ExecutorOptions' fields, their
+    defaults and help (kiln.runtime.options, torch-free)."""
+    from kiln.runtime.options import DEVICES, ExecutorOptions
+
+    fields = {f.name: f for f in dataclasses.fields(ExecutorOptions)}
+
+    def kw(name: str) -> dict:
+        return {"default": fields[name].default, "help": fields[name].metadata["help"]}
+
     options = [
-        click.option("--device", default="auto", show_default=True,
-                     type=click.Choice(("auto", "cpu", "cuda")),
-                     help="Where the engine runs. auto: onnx engines on CUDA when ONNX Runtime "
-                          "has it, else the CPU; torch engines need a CUDA GPU (cpu runs their "
-                          "slow PyTorch reference kernels)."),
-        click.option("--num_threads", default=None, type=click.IntRange(min=1),
-                     help="CPU threads [default: all cores]."),
-        click.option("--cpu_spin_wait/--no_cpu_spin_wait", default=True, show_default=True,
-                     help="Let idle CPU threads busy-wait between operators (ONNX Runtime's "
-                          "default; turn off on a machine shared with other busy processes)."),
-        click.option("--verify_checksums", is_flag=True,
-                     help="sha256 the engine files before loading (reads every byte; by default "
-                          "only their presence and sizes are checked). See also kiln verify."),
+        click.option("--device", type=click.Choice(DEVICES), show_default=True, **kw("device")),
+        click.option("--num_threads", type=click.IntRange(min=1), **kw("num_threads")),
+        click.option("--cpu_spin_wait/--no_cpu_spin_wait", show_default=True,
+                     **kw("cpu_spin_wait")),
+        click.option("--verify_checksums", is_flag=True, **kw("verify_checksums")),
     ]
     for option in reversed(options):
         func = option(func)

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import importlib
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
 from kiln.engine import EngineError, EngineManifest, check_files, read_manifest, verify_checksums
 from kiln.runtime.compat import MachineInfo, describe_machine
 from kiln.runtime.executor import Executor
+from kiln.runtime.options import ExecutorOptions
 
 logger = logging.getLogger(__name__)
 
@@ -33,36 +33,6 @@ BACKEND_MODULES: dict[str, str] = {
     "tensorrt": "kiln.runtime.tensorrt_executor",
     "torch": "kiln.runtime.torch_executor",
 }
-
-
-@dataclass(frozen=True)
-class ExecutorOptions:
-    """Run-time choices that do not change the engine."""
-
-    # onnx: "cpu", "cuda" or "auto" (CUDA when onnxruntime-gpu has it); torch: "auto" needs a
-    # CUDA GPU, "cpu" runs the slow PyTorch reference kernels (asked explicitly only)
-    device: str = "auto"
-    num_threads: int | None = None  # CPU threads (None: all cores of this process)
-    # Let idle CPU worker threads busy-wait for the next operator: ONNX Runtime's own default
-    # (and onnxruntime-genai's). On the 2-core dev box (benchmarks/cpu_runtime_results.json,
-    # SmolLM2) it gained in one run (16 x 128/128: 157 vs 147 tokens/s, batch-1 decode 32.1 vs
-    # 30.3) and was even in another (168 vs 174, 34.5 vs 34.6). Turn it off on a machine shared
-    # with other busy processes: there a spinning thread starves them and itself (measured
-    # under heavy load: batch-1 decode 106 ms/token spinning vs 59 ms not).
-    cpu_spin_wait: bool = True
-    rank: int = 0  # this process's rank (tensor/pipeline parallel engines)
-    verify_checksums: bool = False  # sha256 the files at load (else presence and sizes only)
-    kv_cache_free_gpu_memory_fraction: float | None = None  # paged caches (torch backend)
-
-    def __post_init__(self) -> None:
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise EngineError(f"device must be auto, cpu or cuda, found {self.device!r}")
-        if self.num_threads is not None and self.num_threads < 1:
-            raise EngineError(f"num_threads must be >= 1, found {self.num_threads}")
-        fraction = self.kv_cache_free_gpu_memory_fraction
-        if fraction is not None and not 0 < fraction <= 1:
-            raise EngineError(f"kv_cache_free_gpu_memory_fraction must be in (0, 1], found "
-                              f"{fraction}")
 
 
 def backend_module(backend: str) -> ModuleType:

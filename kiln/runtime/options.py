@@ -1,0 +1,49 @@
+"""ExecutorOptions: the run-time choices that do not change the engine (device, threads, ...).
+
+Torch-free on purpose: ``kiln run`` and ``kiln bench`` build their shared flags, defaults and
+help from these fields (``metadata["help"]``), so ``--help`` loads no backend library. The
+Python API (``LLM(engine_dir, ExecutorOptions(...))``) takes the same dataclass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kiln.engine import EngineError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class ExecutorOptions:
+    """Run-time choices that do not change the engine."""
+
+    device: str = field(default="auto", metadata={"help": (
+        "Where the engine runs. auto: onnx engines on CUDA when ONNX Runtime has it, else the "
+        "CPU; torch engines need a CUDA GPU (cpu runs their slow PyTorch reference kernels).")})
+    num_threads: int | None = field(default=None, metadata={
+        "help": "CPU threads [default: all cores]."})
+    # ONNX Runtime's own default (and onnxruntime-genai's). On the 2-core dev box
+    # (benchmarks/cpu_runtime_results.json, SmolLM2) it gained in one run (16 x 128/128: 157 vs
+    # 147 tokens/s, batch-1 decode 32.1 vs 30.3) and was even in another (168 vs 174, 34.5 vs
+    # 34.6). Under heavy load a spinning thread starves others and itself (batch-1 decode 106
+    # ms/token spinning vs 59 ms not).
+    cpu_spin_wait: bool = field(default=True, metadata={"help": (
+        "Let idle CPU threads busy-wait between operators (ONNX Runtime's default; turn off on "
+        "a machine shared with other busy processes).")})
+    rank: int = 0  # this process's rank (tensor/pipeline parallel engines)
+    verify_checksums: bool = field(default=False, metadata={"help": (
+        "sha256 the engine files before loading (reads every byte; by default only their "
+        "presence and sizes are checked). See also kiln verify.")})
+    kv_cache_free_gpu_memory_fraction: float | None = field(default=None, metadata={"help": (
+        "torch backend: share of free GPU memory for the paged KV cache [default: 0.9].")})
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise EngineError(f"device must be auto, cpu or cuda, found {self.device!r}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise EngineError(f"num_threads must be >= 1, found {self.num_threads}")
+        fraction = self.kv_cache_free_gpu_memory_fraction
+        if fraction is not None and not 0 < fraction <= 1:
+            raise EngineError(f"kv_cache_free_gpu_memory_fraction must be in (0, 1], found "
+                              f"{fraction}")
