@@ -43,9 +43,9 @@ from kiln.builder.backends import (
 )
 from kiln.builder.graph.context import BATCH, SEQ, RankWeights
 from kiln.builder.graph.decoder import emit_part
-from kiln.builder.graph.emitter import MemorySink
 from kiln.checkpoint import rank_file
 from kiln.engine import BuildLimits, EngineError
+from kiln.graph.emitter import MemorySink
 from kiln.interrupts import deferred_interrupts
 
 log = logging.getLogger(__name__)

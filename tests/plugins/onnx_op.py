@@ -9,7 +9,7 @@ import onnxruntime as ort
 import torch
 from onnx import helper
 
-from kiln.builder.graph.emitter import GraphEmitter, MemorySink
+from kiln.graph.emitter import GraphEmitter, MemorySink
 
 ELEM = {torch.float32: 1, torch.float16: 10, torch.int64: 7, torch.bool: 9}
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from kiln.builder.graph.emitter import GraphEmitter, MemorySink
+from kiln.graph.emitter import GraphEmitter, MemorySink
 from kiln.plugins.gqa import GqaAttrs
 from kiln.plugins.gqa import onnx as gqa_onnx
 from kiln.plugins.gqa.reference import gqa

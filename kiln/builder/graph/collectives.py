@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from onnx import FunctionProto, helper
 
-from kiln.builder.graph.emitter import OPSET, GraphEmitter
+from kiln.graph.emitter import OPSET, GraphEmitter
 
 DOMAIN = "trt"
 OP = "DistCollective"

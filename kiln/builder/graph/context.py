@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from onnx import TensorProto
 
-from kiln.builder.graph.emitter import ONNX_DTYPES, GraphEmitter
 from kiln.config import DecoderConfig, Mapping
 from kiln.errors import CheckpointError
+from kiln.graph.emitter import ONNX_DTYPES, GraphEmitter
 from kiln.roles import Role
 from kiln.tensorio import TensorInfo, read_header, read_tensor
 

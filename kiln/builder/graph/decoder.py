@@ -23,10 +23,10 @@ from kiln.builder.graph.context import (
     PartSpec,
     RankWeights,
 )
-from kiln.builder.graph.emitter import FileSink, GraphEmitter, WeightSink, save
 from kiln.builder.graph.head import emit_head
 from kiln.builder.graph.layer import emit_layer, settle
 from kiln.config import RopeScalingType
+from kiln.graph.emitter import FileSink, GraphEmitter, WeightSink, save
 from kiln.roles import Role
 
 

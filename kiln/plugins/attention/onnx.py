@@ -9,7 +9,7 @@ from onnx import TensorProto
 from kiln.plugins.attention.spec import AttentionAttrs, AttentionMask
 
 if TYPE_CHECKING:
-    from kiln.builder.graph.emitter import GraphEmitter
+    from kiln.graph.emitter import GraphEmitter
 
 
 def emit(g: GraphEmitter, q: str, keys: str, values: str, mask: AttentionMask,

@@ -6,11 +6,11 @@ from typing import TYPE_CHECKING
 
 from onnx import FunctionProto, helper
 
-from kiln.builder.graph.emitter import OPSET
+from kiln.graph.emitter import OPSET
 from kiln.plugins.gated_mlp.spec import DOMAIN, GatedMlpAttrs
 
 if TYPE_CHECKING:
-    from kiln.builder.graph.emitter import GraphEmitter
+    from kiln.graph.emitter import GraphEmitter
 
 
 def emit(g: GraphEmitter, x: str, w_gate_up: str, b_gate_up: str | None, w_down: str,

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from kiln.plugins.gqa.spec import DOMAIN, GqaAttrs
 
 if TYPE_CHECKING:
-    from kiln.builder.graph.emitter import GraphEmitter
+    from kiln.graph.emitter import GraphEmitter
 
 
 def emit(g: GraphEmitter, qkv: str, past: tuple[str, str], present: tuple[str, str],

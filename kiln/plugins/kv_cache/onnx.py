@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from onnx import TensorProto
 
 if TYPE_CHECKING:
-    from kiln.builder.graph.emitter import GraphEmitter
+    from kiln.graph.emitter import GraphEmitter
 
 
 def emit(g: GraphEmitter, past: str, new: str, past_len: str, present: str, fused: bool) -> str:

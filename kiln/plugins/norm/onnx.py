@@ -10,7 +10,7 @@ from kiln.config import NormType
 from kiln.plugins.norm.spec import NormAttrs
 
 if TYPE_CHECKING:
-    from kiln.builder.graph.emitter import GraphEmitter
+    from kiln.graph.emitter import GraphEmitter
 
 
 def emit(g: GraphEmitter, x: str, weight: str, bias: str | None, attrs: NormAttrs,

@@ -10,7 +10,7 @@ from kiln.plugins.norm import onnx as norm_plugin
 from kiln.plugins.residual_norm.spec import DOMAIN
 
 if TYPE_CHECKING:
-    from kiln.builder.graph.emitter import GraphEmitter
+    from kiln.graph.emitter import GraphEmitter
 
 
 def emit(g: GraphEmitter, x: str, delta: str, weight: str, bias: str | None, attrs: NormAttrs,

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from kiln.plugins.rotary.spec import RotaryAttrs
 
 if TYPE_CHECKING:
-    from kiln.builder.graph.emitter import GraphEmitter
+    from kiln.graph.emitter import GraphEmitter
 
 
 def emit(g: GraphEmitter, x: str, cos: str, sin: str, position_ids: str | None,
