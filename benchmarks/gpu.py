@@ -41,9 +41,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kiln.builder.torch_backend import pack_weights
 from kiln.config import DecoderConfig, RopeScaling
 from kiln.engine import BuildLimits
+from kiln.engine.torch_files import pack_weights
 from kiln.roles import Role, expected_shape, parse_name, tensor_names
 from kiln.runtime.executor import SequenceChunk
 from kiln.runtime.scheduler import Scheduler

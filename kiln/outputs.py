@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -26,12 +25,10 @@ from pathlib import Path
 
 from kiln.checkpoint import CONFIG_NAME as MANIFEST_NAME
 from kiln.checkpoint import TOKENIZER_FILES
+from kiln.engine import ENGINE_FILE  # rank files of a checkpoint or engine dir
 from kiln.errors import OutputExistsError
 
 log = logging.getLogger(__name__)
-
-# Files kiln writes beside the manifest: rank{N}[.part{k}] + .safetensors/.onnx/.onnx.data/.engine
-_KILN_FILE = re.compile(r"rank\d+(\.part\d+)?\.(safetensors|onnx|onnx\.data|engine)")
 
 
 class OutputError(OutputExistsError):
@@ -86,7 +83,7 @@ def describe_replaceable(directory: Path) -> str:
                           f"manifest; kiln only replaces directories it wrote: move them away or "
                           f"choose another --output_dir")
     foreign = [n for n in entries if n != MANIFEST_NAME and n not in TOKENIZER_FILES
-               and not _KILN_FILE.fullmatch(n)]
+               and not ENGINE_FILE.fullmatch(n)]
     if foreign:
         raise OutputError(f"{directory}: is a {kind} but also holds {_few(foreign)}, which kiln "
                           f"did not write; move them away or choose another --output_dir")

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from kiln.builder.torch_backend import check_packed, read_packed
 from kiln.engine import EngineError, EngineManifest
+from kiln.engine.torch_files import check_packed, read_packed
 from kiln.runtime.compat import MachineInfo
 from kiln.runtime.loader import ExecutorOptions
 from kiln.runtime.torch_backend.executor import TorchExecutor, TorchExecutorOptions

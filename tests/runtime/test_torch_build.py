@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from kiln.builder.api import build
-from kiln.builder.torch_backend import pack_weights, read_packed
 from kiln.checkpoint import load_rank
 from kiln.engine import EngineError, read_manifest
+from kiln.engine.torch_files import pack_weights, read_packed
 from kiln.reference import ReferenceDecoder
 from kiln.roles import Role
 from kiln.runtime.compat import MachineInfo

@@ -164,7 +164,7 @@ def test_requests_wait_for_blocks_under_the_scheduler(checkpoints):
 
 
 def test_pre_transposed_weights_give_the_same_logits(checkpoints):
-    from kiln.builder.torch_backend import pack_weights
+    from kiln.engine.torch_files import pack_weights
     from kiln.roles import Role
 
     ckpt = checkpoints("llama-mha-headdim-bias")  # biases on every projection

@@ -154,8 +154,8 @@ def hf_baseline_for_engine(engine_dir: str | Path, prompts: Sequence[Sequence[in
     cache holds most of the GPU), wraps them in an HF model without copying, and times greedy
     generation of ``prompts`` ``batch_size`` at a time.
     """
-    from kiln.builder.torch_backend import check_packed, read_packed
     from kiln.engine import EngineError, read_manifest
+    from kiln.engine.torch_files import check_packed, read_packed
 
     engine_dir = Path(engine_dir)
     manifest = read_manifest(engine_dir)

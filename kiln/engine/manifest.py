@@ -1,4 +1,4 @@
-"""The engine dir and its compatibility manifest (``config.json``), shared by build and runtime.
+"""The engine dir's compatibility manifest (``config.json``) and file checks.
 
 An engine dir is self-contained: the manifest, per-rank engine files, and the tokenizer files
 copied from the checkpoint. The builder writes it (atomically); the runtime reads the manifest
@@ -9,17 +9,22 @@ Layout (see docs/engine.md):
 
     config.json            the manifest below
     rank{N}...             backend files, listed per rank in ``manifest.rank_files``
+                           (names: :data:`ENGINE_FILE`)
     tokenizer.json ...     copied from the kiln checkpoint
 
 File checks: loading checks the presence and size of the files of the ranks it opens
 (:func:`check_files`, no data read); sha256 checksums are opt-in (:func:`verify_checksums`,
 ``--verify_checksums``) and ``kiln verify`` checks every rank's files (:func:`file_problem`).
+
+Non-goals: what is inside a backend's files (``kiln/engine/<backend>_files.py`` where build
+and run share a format).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +35,15 @@ from kiln.dirs import DirKind, wrong_kind
 from kiln.errors import ConfigError, KilnError
 from kiln.hashing import sha256_file  # the one sha256 helper (also imported from here)
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("kiln.engine")  # the package's name, as before it was one
 
 ENGINE_FORMAT_VERSION = 1
 MANIFEST_NAME = "config.json"
 BACKENDS = ("onnx", "tensorrt", "torch")
+# Names of the backend files beside the manifest: ``rank{N}`` or ``rank{N}.part{k}`` (a rank
+# split into a chain of engine parts), then torch ``.safetensors``, onnx ``.onnx`` + its
+# weights ``.onnx.data``, tensorrt ``.engine``.
+ENGINE_FILE = re.compile(r"rank\d+(\.part\d+)?\.(safetensors|onnx|onnx\.data|engine)")
 
 
 class EngineError(KilnError):

@@ -1,0 +1,87 @@
+"""The ``torch`` backend's engine files: per-rank weights packed in the layouts the torch
+executor's kernels use. The builder writes them (:mod:`kiln.builder.torch_backend`), the
+runtime reads them (:mod:`kiln.runtime.torch_executor`); both take the format from here.
+
+Files per part: ``<stem>.safetensors`` (``<stem>`` is ``rank{N}`` or ``rank{N}.part{k}``) with
+canonical tensor names, the engine dtype, contiguous, and the safetensors metadata
+``{"kiln_torch_format": "1", "transposed": "<json list of names stored [in, out]>"}``
+(:func:`file_metadata`).
+
+Layouts:
+- QKV and gate/up stay fused (the checkpoint already stores ``[q | k | v]`` and ``[gate |
+  up]`` rows), so each is one matrix product per layer.
+- Projections stay ``[out, in]`` unless listed in :data:`TRANSPOSED_ROLES`. cuBLAS consumes
+  ``[out, in]`` row-major as its native "TN" product, and for single-token decode each output
+  is a contiguous dot product, so transposing pays nothing for these shapes (measured on an
+  H100: benchmarks/GPU_NOTES.md). The executor reads the metadata, so a build that transposes
+  runs unchanged.
+
+Non-goals: quantized weights, tensor/pipeline-parallel engines (the torch executor runs
+tp_size = pp_size = 1; building them is refused so nobody ships one that cannot run).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from kiln.config import DecoderConfig
+from kiln.engine.manifest import EngineError
+from kiln.roles import Role, parse_name, tensor_names
+from kiln.tensorio import read_header, read_tensor
+
+FORMAT = "1"
+# Roles stored pre-transposed ([in, out]); see the module docstring for why none is.
+TRANSPOSED_ROLES: frozenset[Role] = frozenset()
+
+
+def file_name(stem: str) -> str:
+    """The packed file of one part (``stem``: ``rank{N}`` or ``rank{N}.part{k}``)."""
+    return f"{stem}.safetensors"
+
+
+def file_metadata(transposed: Iterable[str]) -> dict[str, str]:
+    """The safetensors metadata of a packed file whose ``transposed`` names are ``[in, out]``."""
+    return {"kiln_torch_format": FORMAT, "transposed": json.dumps(sorted(transposed))}
+
+
+def pack_tensor(name: str, tensor: torch.Tensor, dtype: torch.dtype,
+                transposed: frozenset[Role] = TRANSPOSED_ROLES) -> torch.Tensor:
+    """One canonical tensor in the packed layout: cast, transposed if its role says so."""
+    role, _ = parse_name(name)
+    out = tensor.to(dtype)
+    if role in transposed:
+        out = out.t()
+    return out.contiguous()
+
+
+def pack_weights(tensors: dict[str, torch.Tensor], dtype: torch.dtype,
+                 transposed: frozenset[Role] = TRANSPOSED_ROLES,
+                 ) -> tuple[dict[str, torch.Tensor], frozenset[str]]:
+    """Pack a whole rank in memory (benchmarks, tests): (tensors, names stored transposed)."""
+    packed = {name: pack_tensor(name, t, dtype, transposed) for name, t in tensors.items()}
+    names = frozenset(n for n in packed if parse_name(n)[0] in transposed)
+    return packed, names
+
+
+def read_packed(path: Path, device: torch.device) -> tuple[dict[str, torch.Tensor], frozenset[str]]:
+    """Load one packed file onto ``device``: (tensors, names stored transposed)."""
+    infos, metadata = read_header(path)
+    if metadata.get("kiln_torch_format") != FORMAT:
+        raise EngineError(f"{path}: not a kiln torch engine file of format {FORMAT} (found "
+                          f"{metadata.get('kiln_torch_format')!r}); rebuild with kiln build "
+                          f"--backend torch")
+    tensors = {name: read_tensor(info).to(device) for name, info in infos.items()}
+    return tensors, frozenset(json.loads(metadata.get("transposed", "[]")))
+
+
+def check_packed(config: DecoderConfig, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Every tensor a tp_size 1 model needs is there, nothing else."""
+    expected = set(tensor_names(config))
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or unexpected:
+        raise EngineError(f"{where}: packed tensors do not match the manifest's model: missing "
+                          f"{missing}, unexpected {unexpected}; rebuild with kiln build")
