@@ -19,7 +19,13 @@ import torch
 from kiln.builder.backends import Backend, BuildPlan, PartJob, PartResult, register_backend
 from kiln.checkpoint import rank_file
 from kiln.engine import EngineError
-from kiln.engine.torch_files import TRANSPOSED_ROLES, file_metadata, file_name, pack_tensor
+from kiln.engine.torch_files import (
+    TRANSPOSED_ROLES,
+    check_mapping,
+    file_metadata,
+    file_name,
+    pack_tensor,
+)
 from kiln.roles import parse_name, tensor_names
 from kiln.tensorio import StreamingWriter, read_header, read_tensor
 
@@ -48,11 +54,7 @@ class TorchBackend(Backend):
         if unknown:
             raise EngineError(f"the torch backend builds for targets {', '.join(TARGETS)}; "
                               f"found {', '.join(unknown)}")
-        mapping = plan.checkpoint.mapping
-        if mapping.tp_size != 1 or mapping.pp_size != 1:
-            raise EngineError(f"the torch executor runs tp_size=1, pp_size=1 engines, found "
-                              f"tp_size={mapping.tp_size}, pp_size={mapping.pp_size}; convert "
-                              f"with --tp_size 1 --pp_size 1")
+        check_mapping(plan.checkpoint.mapping, "convert with --tp_size 1 --pp_size 1")
         if plan.checkpoint.quantization.get("scheme") is not None:
             raise EngineError("the torch backend packs unquantized weights only; convert "
                               "without quantization")

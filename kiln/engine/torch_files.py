@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from kiln.config import DecoderConfig
+from kiln.config import DecoderConfig, Mapping
 from kiln.engine.manifest import EngineError
 from kiln.roles import Role, parse_name, tensor_names
 from kiln.tensorio import read_header, read_tensor
@@ -36,6 +36,14 @@ from kiln.tensorio import read_header, read_tensor
 FORMAT = "1"
 # Roles stored pre-transposed ([in, out]); see the module docstring for why none is.
 TRANSPOSED_ROLES: frozenset[Role] = frozenset()
+
+
+def check_mapping(mapping: Mapping, fix: str) -> None:
+    """Refuse a tensor/pipeline-parallel engine (the torch executor runs tp_size = pp_size = 1):
+    at build (``fix``: how to convert) and at load (``fix``: how to rebuild)."""
+    if mapping.tp_size != 1 or mapping.pp_size != 1:
+        raise EngineError(f"the torch executor runs tp_size=1, pp_size=1 engines, found "
+                          f"tp_size={mapping.tp_size}, pp_size={mapping.pp_size}; {fix}")
 
 
 def file_name(stem: str) -> str:

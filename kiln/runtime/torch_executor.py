@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from kiln.engine import EngineError, EngineManifest
-from kiln.engine.torch_files import check_packed, read_packed
+from kiln.engine.torch_files import check_mapping, check_packed, read_packed
 from kiln.runtime.compat import MachineInfo
 from kiln.runtime.loader import ExecutorOptions
 from kiln.runtime.torch_backend.executor import TorchExecutor, TorchExecutorOptions
@@ -47,10 +47,7 @@ def _device(manifest: EngineManifest, requested: str, has_gpu: bool) -> str:
 
 
 def check_machine(manifest: EngineManifest, machine: MachineInfo) -> None:
-    if manifest.mapping.tp_size != 1 or manifest.mapping.pp_size != 1:
-        raise EngineError(f"the torch executor runs tp_size=1, pp_size=1 engines, this one has "
-                          f"tp_size={manifest.mapping.tp_size}, pp_size="
-                          f"{manifest.mapping.pp_size}; rebuild from a tp 1 / pp 1 checkpoint")
+    check_mapping(manifest.mapping, "rebuild from a tp 1 / pp 1 checkpoint")
     if not machine.gpus and "cpu" not in manifest.targets:
         raise EngineError("no CUDA GPU is visible for this torch engine, built for "
                           f"{', '.join(manifest.targets)}; run it on a GPU machine")

@@ -26,7 +26,6 @@ import torch
 
 from kiln.config import DecoderConfig
 from kiln.engine import BuildLimits
-from kiln.errors import ConfigError
 from kiln.runtime.executor import Executor, SequenceChunk
 from kiln.runtime.torch_backend.cuda_graphs import DecodeGraphs, default_batch_sizes
 from kiln.runtime.torch_backend.inputs import RopeTables, Uploader, make_plan, step_inputs
@@ -219,10 +218,3 @@ class TorchExecutor(Executor):
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-
-def check_supported(config: DecoderConfig, tp_size: int, pp_size: int) -> None:
-    """Raise ConfigError for what this executor does not run."""
-    if tp_size != 1 or pp_size != 1:
-        raise ConfigError(f"the torch backend runs tp_size=1, pp_size=1 engines, found "
-                          f"tp_size={tp_size}, pp_size={pp_size}; convert the checkpoint with "
-                          f"--tp_size 1 --pp_size 1 and rebuild")
