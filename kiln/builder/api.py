@@ -97,7 +97,7 @@ def build_with(options: BuildOptions, progress: bool = False) -> BuildResult:
         manifest = _finish(tmp, engine, plan, results)
     seconds["total"] = time.perf_counter() - started
     result = BuildResult(options.output_dir, manifest, results, seconds)
-    log.info("%s", result.summary())
+    log.debug("%s", result.summary())  # kiln build echoes it (at INFO, -v printed it twice)
     return result
 
 

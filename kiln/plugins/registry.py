@@ -11,7 +11,10 @@ build switch ``--<name>_plugin auto|enable|disable`` picks one per build:
   reason are logged.
 
 A plugin that does not occur in a model (the gated MLP of a GELU model) resolves to False;
-``enable`` on it is an error.
+``enable`` on it is an error. A fused plugin may replace others (``replaces``: gqa does the
+work of attention, rotary and kv_cache): they still resolve to True (the manifest records
+the switches), but the graph holds none of their forms. One INFO line says what the graph
+holds: ``plugins fused: ...; replaced by gqa: ...; decomposed: ...; not in the model: ...``.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ class PluginSpec:
     occurs: Callable[[DecoderConfig], str | None]
     fused_blocker: Callable[[PluginContext], str | None]
     trt_layers: tuple[str, ...] = ()
+    replaces: tuple[str, ...] = ()  # plugins whose work the fused form does (not emitted then)
 
     @property
     def option(self) -> str:
@@ -100,29 +104,53 @@ def resolve_plugins(modes: dict[str, str | PluginMode], ctx: PluginContext) -> d
         raise ConfigError(f"unknown plugins {unknown}; known: {sorted(PLUGINS)}")
     requested = {name: parse_mode(name, modes.get(name, PluginMode.AUTO)) for name in PLUGINS}
     ctx = replace(ctx, requested=requested)
-    return {name: _resolve_one(spec, requested[name], ctx)
-            for name, spec in sorted(PLUGINS.items())}
+    forms = {name: _resolve_one(spec, requested[name], ctx)
+             for name, spec in sorted(PLUGINS.items())}
+    _log_forms(forms, requested)
+    return {name: form == FUSED for name, form in forms.items()}
 
 
-def _resolve_one(spec: PluginSpec, mode: PluginMode, ctx: PluginContext) -> bool:
+FUSED, DECOMPOSED, ABSENT = "fused", "decomposed", "not in the model"  # one plugin's outcome
+
+
+def _resolve_one(spec: PluginSpec, mode: PluginMode, ctx: PluginContext) -> str:
     absent = spec.occurs(ctx.decoder)
     if absent is not None:
         if mode is PluginMode.ENABLE:
             raise ConfigError(f"--{spec.option} enable: {absent}; use auto or disable")
-        log.info("%s plugin: not used (%s)", spec.name, absent)
-        return False
+        log.debug("%s plugin: not used (%s)", spec.name, absent)
+        return ABSENT
     if mode is PluginMode.DISABLE:
-        log.info("%s plugin: disabled, decomposed form (%s)", spec.name, spec.decomposed_form)
-        return False
+        log.debug("%s plugin: disabled, decomposed form (%s)", spec.name, spec.decomposed_form)
+        return DECOMPOSED
     blocker = spec.fused_blocker(ctx)
     if blocker is not None:
         if mode is PluginMode.ENABLE:
             raise ConfigError(f"--{spec.option} enable: {blocker}; use auto or disable")
         log.info("%s plugin: auto chose the decomposed form (%s)", spec.name, blocker)
-        return False
-    log.info("%s plugin: %s, fused form (%s)", spec.name,
-             "enabled" if mode is PluginMode.ENABLE else "auto enabled", spec.fused_form)
-    return True
+        return DECOMPOSED
+    return FUSED
+
+
+def _log_forms(forms: dict[str, str], requested: dict[str, PluginMode]) -> None:
+    """The fused choices (DEBUG, one line each) and what the graph holds (one INFO line)."""
+    replaced_by = {name: spec.name for spec in PLUGINS.values() if forms[spec.name] == FUSED
+                   for name in spec.replaces if forms.get(name) == FUSED}
+    groups: dict[str, list[str]] = {}
+    for name, form in forms.items():
+        if name in replaced_by:
+            by = replaced_by[name]
+            log.debug("%s plugin: replaced by %s (%s)", name, by, PLUGINS[by].fused_form)
+            groups.setdefault(f"replaced by {by}", []).append(name)
+            continue
+        if form == FUSED:
+            log.debug("%s plugin: %s, fused form (%s)", name, "enabled"
+                      if requested[name] is PluginMode.ENABLE else "auto enabled",
+                      PLUGINS[name].fused_form)
+        groups.setdefault(form, []).append(name)
+    order = [FUSED, *sorted(k for k in groups if k.startswith("replaced")), DECOMPOSED, ABSENT]
+    log.info("plugins %s", "; ".join(f"{label}: {', '.join(sorted(groups[label]))}"
+                                      for label in order if label in groups))
 
 
 def always(_: object) -> None:

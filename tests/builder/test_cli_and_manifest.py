@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import onnx
@@ -35,6 +36,23 @@ def test_cli_builds(checkpoint, tmp_path):
     assert (manifest.limits.max_seq_len, manifest.limits.max_input_len,
             manifest.limits.max_batch_size, manifest.limits.max_num_tokens) == (32, 8, 2, 8)
     assert (tmp_path / "e" / "tokenizer.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("verbosity,level", [(0, logging.WARNING), (1, logging.INFO)])
+def test_cli_build_reports_once(checkpoint, tmp_path, caplog, verbosity, level):
+    """The summary and the plugin choice appear once, with and without -v (the level kiln's
+    main sets for it)."""
+    with caplog.at_level(level, logger="kiln"):
+        result = CliRunner().invoke(build, ["--checkpoint_dir", str(checkpoint("llama-gqa")),
+                                            "--output_dir", str(tmp_path / "e"),
+                                            "--max_seq_len", "32"],
+                                    obj=CliContext(debug=False, verbosity=verbosity))
+    assert result.exit_code == 0, result.output
+    logged = [r.getMessage() for r in caplog.records]
+    assert sum(m.startswith("built ") for m in logged + result.stderr.splitlines()) == 1
+    assert [m for m in logged if m.startswith("plugins ")] == (
+        ["plugins fused: gated_mlp, gqa, norm, residual_norm; "
+         "replaced by gqa: attention, kv_cache, rotary"] if verbosity else [])
 
 
 @pytest.mark.parametrize("args,message", [

@@ -87,3 +87,29 @@ def test_gqa_model_limits(kw, reason):
 def test_gqa_yields_to_a_disabled_plugin_it_replaces(replaced):
     chosen = resolve_plugins({replaced: "disable"}, ctx())
     assert chosen["gqa"] is False and chosen[replaced] is False
+
+
+def info_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "kiln.plugins.registry" and r.levelno >= logging.INFO]
+
+
+def test_one_info_line_says_what_the_graph_holds(caplog):
+    with caplog.at_level(logging.DEBUG, logger="kiln.plugins.registry"):
+        chosen = resolve_plugins({}, ctx())
+    assert chosen == dict.fromkeys(PLUGINS, True)  # the manifest's switches: unchanged
+    assert info_lines(caplog) == ["plugins fused: gated_mlp, gqa, norm, residual_norm; "
+                                  "replaced by gqa: attention, kv_cache, rotary"]
+    assert "attention plugin: replaced by gqa" in caplog.text
+    assert "attention plugin: auto enabled" not in caplog.text
+
+
+def test_summary_groups_decomposed_and_absent_plugins(caplog):
+    alibi = ctx(backend="tensorrt", targets=("sm86",), position_type=PositionType.ALIBI,
+                alibi_slopes=[0.5, 0.25, 0.125, 0.0625], mlp_type=MlpType.GELU)
+    with caplog.at_level(logging.INFO, logger="kiln.plugins.registry"):
+        resolve_plugins({"norm": "disable"}, alibi)
+    lines = info_lines(caplog)
+    assert lines[-1] == ("plugins fused: attention, kv_cache; decomposed: gqa, norm, "
+                         "residual_norm; not in the model: gated_mlp, rotary")
+    assert [line.split(":")[0] for line in lines[:-1]] == ["gqa plugin", "residual_norm plugin"]

@@ -71,4 +71,5 @@ SPEC = register_plugin(PluginSpec(
     decomposed_form="the attention, rotary and kv_cache plugins",
     occurs=always,
     fused_blocker=_fused_blocker,
+    replaces=REPLACES,
 ))
