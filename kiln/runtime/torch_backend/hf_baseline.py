@@ -20,8 +20,10 @@ from pathlib import Path
 import torch
 
 from kiln.config import DecoderConfig, MlpType, NormType, PositionType, ResidualType
+from kiln.converters.llama import LlamaConverter
 from kiln.errors import ConfigError
-from kiln.roles import Role
+from kiln.roles import SHARDING, Role
+from kiln.sharding import SEGMENT_RULES
 
 logger = logging.getLogger(__name__)
 
@@ -62,32 +64,24 @@ def _hf_config(config: DecoderConfig, dtype: torch.dtype):
 
 
 def _state_dict(config: DecoderConfig, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    q, kv, inter = config.q_size, config.kv_size, config.intermediate_size
-    out = {"model.embed_tokens.weight": t[Role.EMBED.name()],
-           "model.norm.weight": t[Role.FINAL_NORM.name()],
-           "lm_head.weight": t[Role.LM_HEAD.name()]}
-    for i in range(config.num_layers):
-        p = f"model.layers.{i}."
-        qkv, gate_up = t[Role.QKV.name(i)], t[Role.GATE_UP.name(i)]
-        out.update({
-            p + "self_attn.q_proj.weight": qkv[:q], p + "self_attn.k_proj.weight": qkv[q:q + kv],
-            p + "self_attn.v_proj.weight": qkv[q + kv:], p + "self_attn.o_proj.weight":
-                t[Role.OUT.name(i)],
-            p + "mlp.gate_proj.weight": gate_up[:inter], p + "mlp.up_proj.weight": gate_up[inter:],
-            p + "mlp.down_proj.weight": t[Role.DOWN.name(i)],
-            p + "input_layernorm.weight": t[Role.ATTN_NORM.name(i)],
-            p + "post_attention_layernorm.weight": t[Role.MLP_NORM.name(i)]})
-        for name, role, rows in (("q_proj", Role.QKV_BIAS, slice(0, q)),
-                                 ("k_proj", Role.QKV_BIAS, slice(q, q + kv)),
-                                 ("v_proj", Role.QKV_BIAS, slice(q + kv, None)),
-                                 ("o_proj", Role.OUT_BIAS, slice(None))):
-            if role.name(i) in t:
-                out[p + f"self_attn.{name}.bias"] = t[role.name(i)][rows]
-        for name, role, rows in (("gate_proj", Role.GATE_UP_BIAS, slice(0, inter)),
-                                 ("up_proj", Role.GATE_UP_BIAS, slice(inter, None)),
-                                 ("down_proj", Role.DOWN_BIAS, slice(None))):
-            if role.name(i) in t:
-                out[p + f"mlp.{name}.bias"] = t[role.name(i)][rows]
+    """HF names -> ``t``'s tensors: the Llama converter's tensor rules, inverted.
+
+    A fused target (``concat_rows`` of its sources: q/k/v, gate/up) is split back into row
+    views of its sources, by the segments the sharder splits it by. A tied lm_head's source is
+    the embedding, which the embedding's own rule already gives (``hf_model`` ties them).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for rule in LlamaConverter.tensor_rules(config):
+        for layer in range(config.num_layers) if rule.target.per_layer else (None,):
+            name = rule.target.name(layer)
+            if name not in t:  # a role this model does not have (biases)
+                continue
+            parts: Sequence[torch.Tensor] = (t[name],)
+            if len(rule.sources) > 1:
+                segments = SEGMENT_RULES[SHARDING[rule.target].segments](config)
+                parts = t[name].split([seg.rows for seg in segments])
+            for source, part in zip(rule.sources, parts, strict=True):
+                out.setdefault(source.format(layer=layer), part)
     return out
 
 
