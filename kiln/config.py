@@ -252,10 +252,6 @@ class Mapping:
     def local_intermediate(self, config: DecoderConfig) -> int:
         return config.intermediate_size // self.tp_size
 
-    def padded_vocab(self, config: DecoderConfig) -> int:
-        """Vocab rows of the vocab-parallel lm_head, padded to a multiple of tp_size."""
-        return -(-config.vocab_size // self.tp_size) * self.tp_size
-
 
 def _require(ok: bool, name: str, message: str) -> None:
     if not ok:

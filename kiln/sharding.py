@@ -46,6 +46,12 @@ def _segments(role: Role, config: DecoderConfig, size: int) -> list[Segment]:
     return segments
 
 
+def padded_rows(size: int, tp_size: int) -> int:
+    """``size`` rounded up to a multiple of ``tp_size``: the rows a padded role (the
+    vocab-parallel lm_head) is split over, zero rows past ``size``."""
+    return -(-size // tp_size) * tp_size
+
+
 def _segment_part(seg: Segment, tp: int, tp_rank: int) -> tuple[int, int]:
     """(start, length) of rank tp_rank's part of a segment, relative to the segment."""
     if seg.heads is not None and seg.heads < tp:
@@ -65,7 +71,7 @@ def shard_ranges(role: Role, config: DecoderConfig, mapping: Mapping, tp_rank: i
     tp = mapping.tp_size
     spec = SHARDING[role]
     if spec.pad_to_multiple:
-        size = -(-size // tp) * tp
+        size = padded_rows(size, tp)
     ranges, offset = [], 0
     for seg in _segments(role, config, size):
         start, length = _segment_part(seg, tp, tp_rank)
@@ -124,8 +130,7 @@ def unshard(shards: Sequence[torch.Tensor], role: Role, config: DecoderConfig,
             full_size = sum(seg.rows for seg in SEGMENT_RULES[spec.segments](config))
         else:
             full_size = sum(s.shape[dim] for s in shards)
-    padded = -(-full_size // mapping.tp_size) * mapping.tp_size if spec.pad_to_multiple \
-        else full_size
+    padded = padded_rows(full_size, mapping.tp_size) if spec.pad_to_multiple else full_size
     out_shape = list(shards[0].shape)
     out_shape[dim] = padded
     out = shards[0].new_empty(out_shape)

@@ -204,14 +204,6 @@ def _nccl() -> ctypes.CDLL:
                           "installed: pip install nvidia-nccl-cu12 (or cu13)") from None
 
 
-def nccl_unique_id() -> bytes:
-    """A new ncclUniqueId (rank 0 makes it; every rank passes the same bytes on)."""
-    uid = _NcclUniqueId()
-    if _nccl().ncclGetUniqueId(ctypes.byref(uid)) != 0:
-        raise EngineError("ncclGetUniqueId failed; check the NCCL install and network setup")
-    return bytes(uid.internal)
-
-
 def nccl_communicator(unique_id: bytes, rank: int, world_size: int) -> Any:
     """An ncclComm_t for this rank, as the capsule IExecutionContext.set_communicator takes."""
     comm = ctypes.c_void_p()

@@ -9,7 +9,6 @@ import torch
 from onnx import TensorProto
 
 from kiln.config import DecoderConfig, Mapping
-from kiln.errors import CheckpointError
 from kiln.graph.emitter import ONNX_DTYPES, GraphEmitter
 from kiln.roles import Role
 from kiln.tensorio import TensorInfo, read_header, read_tensor
@@ -57,13 +56,6 @@ class RankWeights:
         if info is None:
             return None
         return read_tensor(info).to(self.dtype)
-
-    def require(self, role: Role, layer: int | None = None) -> torch.Tensor:
-        tensor = self.get(role, layer)
-        if tensor is None:
-            raise CheckpointError(f"{self.path}: tensor {role.name(layer)!r} is missing; "
-                                  f"re-run kiln convert_checkpoint")
-        return tensor
 
     def nbytes(self, names: list[str]) -> int:
         """Bytes of the named tensors at the build dtype."""
