@@ -16,6 +16,7 @@ Sharding is declared here per role (:data:`SHARDING`) and applied by the generic
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -154,6 +155,16 @@ def tensor_names(config: DecoderConfig, layers: range | None = None, *, first_st
         elif (role in FIRST_STAGE_ROLES and first_stage) or (role in LAST_STAGE_ROLES and last_stage):
             names.append(role.name())
     return names
+
+
+def name_mismatch(expected: Iterable[str], found: Iterable[str]) -> str | None:
+    """``missing [...], unexpected [...]`` (each sorted) when ``found`` is not exactly
+    ``expected``, else None: the strict accounting every reader of tensor names reports."""
+    expected, found = set(expected), set(found)
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    if not (missing or unexpected):
+        return None
+    return f"missing {missing}, unexpected {unexpected}"
 
 
 def parse_name(name: str) -> tuple[Role, int | None]:

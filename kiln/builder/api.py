@@ -30,6 +30,7 @@ from kiln.engine import EngineManifest
 from kiln.errors import CheckpointError, ConfigError
 from kiln.outputs import atomic_dir, check_output, copy_tokenizer
 from kiln.plugins import PluginContext, resolve_plugins
+from kiln.roles import name_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -110,13 +111,9 @@ def check_rank_files(checkpoint_dir: Path, ckpt: CheckpointConfig) -> dict[int, 
             raise CheckpointError(f"{path}: missing (mapping has {ckpt.mapping.world_size} "
                                   f"ranks); re-run kiln convert_checkpoint")
         weights = RankWeights(path, ckpt.dtype)
-        expected = set(ckpt.rank_tensor_names(rank))
-        missing, unexpected = sorted(expected - set(weights.infos)), \
-            sorted(set(weights.infos) - expected)
-        if missing or unexpected:
-            raise CheckpointError(f"{path}: tensors do not match config.json: missing "
-                                  f"{missing}, unexpected {unexpected}; re-run kiln "
-                                  f"convert_checkpoint")
+        if problem := name_mismatch(ckpt.rank_tensor_names(rank), weights.infos):
+            raise CheckpointError(f"{path}: tensors do not match config.json: {problem}; "
+                                  f"re-run kiln convert_checkpoint")
         out[rank] = weights
     return out
 

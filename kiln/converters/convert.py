@@ -50,7 +50,7 @@ from kiln.converters.source import Source, SourceTensor, open_source
 from kiln.errors import CheckpointError, ConfigError, TensorMappingError
 from kiln.hashing import sha256_file
 from kiln.outputs import atomic_dir, check_output, copy_tokenizer
-from kiln.roles import SHARDING, Role, expected_shape, parse_name, tensor_names
+from kiln.roles import SHARDING, Role, expected_shape, name_mismatch, parse_name, tensor_names
 from kiln.sharding import shard_ranges, shard_shape
 from kiln.tensorio import StreamingWriter, iter_row_chunks
 
@@ -120,28 +120,25 @@ def convert_checkpoint(model_dir: str | Path, output_dir: str | Path, *, dtype: 
 def plan_targets(converter: type[Converter], config: DecoderConfig, source: Source) -> list[TargetPlan]:
     """Expand the converter's rules over layers and account for every tensor, strictly."""
     rules = {rule.target: rule for rule in converter.tensor_rules(config)}
-    plans, used, missing = [], set(), set()
+    plans, wanted = [], set()
     for name in tensor_names(config):
         role, layer = parse_name(name)
         rule = rules.get(role)
         if rule is None:
             raise TensorMappingError(f"{converter.__name__} has no rule for {name} (a kiln bug)")
         names = [s.format(layer=layer) for s in rule.sources]
-        absent = [n for n in names if n not in source.tensors]
-        used.update(n for n in names if n in source.tensors)
-        if absent:
-            missing.update(absent)
-            continue
+        wanted.update(names)
+        if any(n not in source.tensors for n in names):
+            continue  # reported below, with every other missing source
         sources = tuple(source.tensors[n] for n in names)
         plans.append(TargetPlan(name, role, layer, sources, rule, _planned_shape(rule, sources)))
     ignored = [re.compile(p) for p in converter.ignored_patterns(config)]
-    unexpected = sorted(n for n in set(source.tensors) - used
-                        if not any(p.fullmatch(n) for p in ignored))
-    if missing or unexpected:
+    found = (n for n in source.tensors if n in wanted or not any(p.fullmatch(n) for p in ignored))
+    if problem := name_mismatch(wanted, found):
         raise TensorMappingError(
             f"{source.directory}: source tensors do not match the {config.architecture} config: "
-            f"missing {sorted(missing)}, unexpected {unexpected}; check config.json against the "
-            f"weights (biases, tied embeddings, layer count)")
+            f"{problem}; check config.json against the weights (biases, tied embeddings, layer "
+            f"count)")
     for plan in plans:
         want = expected_shape(plan.role, config)
         if plan.shape != want:

@@ -30,7 +30,7 @@ import torch
 
 from kiln.config import DecoderConfig, Mapping
 from kiln.engine.manifest import EngineError
-from kiln.roles import Role, parse_name, tensor_names
+from kiln.roles import Role, name_mismatch, parse_name, tensor_names
 from kiln.tensorio import read_header, read_tensor
 
 FORMAT = "1"
@@ -88,8 +88,6 @@ def read_packed(path: Path, device: torch.device) -> tuple[dict[str, torch.Tenso
 
 def check_packed(config: DecoderConfig, tensors: dict[str, torch.Tensor], where: str) -> None:
     """Every tensor a tp_size 1 model needs is there, nothing else."""
-    expected = set(tensor_names(config))
-    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-    if missing or unexpected:
-        raise EngineError(f"{where}: packed tensors do not match the manifest's model: missing "
-                          f"{missing}, unexpected {unexpected}; rebuild with kiln build")
+    if problem := name_mismatch(tensor_names(config), tensors):
+        raise EngineError(f"{where}: packed tensors do not match the manifest's model: "
+                          f"{problem}; rebuild with kiln build")
