@@ -1,6 +1,7 @@
 """Typed errors for everything a user can get wrong.
 
-Every error a user can cause is a :class:`KilnError`; its message is one line that says what is
+The errors of the pipeline (convert, build, the engine dir contract) live here, the runtime's
+in :mod:`kiln.runtime.errors`. Every error a user can cause is a :class:`KilnError`; its message is one line that says what is
 wrong, where, and how to fix it. The CLI prints that line (exit code 2) and shows the traceback
 only under ``--debug``. Anything else escaping is a bug in kiln.
 """
@@ -38,3 +39,15 @@ class UnsafeCheckpointError(CheckpointError):
 
 class HubError(KilnError):
     """The Hugging Face hub could not provide the requested model."""
+
+
+class OutputError(OutputExistsError):
+    """The output directory cannot be written or replaced safely (what is in the way is named)."""
+
+
+class EngineError(KilnError):
+    """An engine dir is missing, corrupt, or cannot run on this machine."""
+
+
+class BuildError(EngineError):
+    """A backend failed to build an engine from a valid plan (the library said why)."""

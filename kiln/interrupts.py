@@ -3,7 +3,7 @@
 Contract:
 - SIGINT raises :class:`KeyboardInterrupt` (Python's default) and SIGTERM raises
   :class:`Terminated`, a subclass, once :func:`install_sigterm` ran (the CLI does). Both unwind
-  through ``finally`` blocks, so temporary outputs are removed (kiln.outputs.atomic_dir); the
+  through ``finally`` blocks, so temporary outputs are removed (kiln.output_dirs.atomic_dir); the
   CLI exits 130 or 143 (:func:`exit_code`).
 - Native calls that run Python callbacks and swallow their exceptions (TensorRT's builder logs
   ``Exception caught in log(): KeyboardInterrupt`` and carries on) run inside

@@ -28,7 +28,7 @@ from kiln.builder.runner import run_parts
 from kiln.checkpoint import CheckpointConfig, load_config, rank_file
 from kiln.engine import EngineManifest
 from kiln.errors import CheckpointError, ConfigError
-from kiln.outputs import atomic_dir, check_output, copy_tokenizer
+from kiln.output_dirs import atomic_dir, check_output, copy_tokenizer
 from kiln.plugins import PluginContext, resolve_plugins
 from kiln.roles import name_mismatch
 

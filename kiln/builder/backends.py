@@ -40,7 +40,8 @@ from typing import Any, ClassVar
 
 from kiln.builder.graph.context import GraphSpec, PartSpec
 from kiln.checkpoint import CheckpointConfig
-from kiln.engine import BuildLimits, EngineError
+from kiln.engine import BuildLimits
+from kiln.errors import EngineError
 
 _MODULES = ("kiln.builder.onnx_backend", "kiln.builder.tensorrt_backend",
             "kiln.builder.torch_backend")
@@ -91,10 +92,6 @@ class PartResult:
     info: dict[str, Any] = field(default_factory=dict)  # backend details (e.g. layer counts)
     checksums: dict[str, str] = field(default_factory=dict)  # file -> sha256 (set by the runner)
     sizes: dict[str, int] = field(default_factory=dict)  # file -> bytes (set by the runner)
-
-
-class BuildError(EngineError):
-    """A backend failed to build an engine from a valid plan (the library said why)."""
 
 
 class Backend(ABC):

@@ -23,7 +23,6 @@ import onnxruntime as ort
 
 from kiln.builder.backends import (
     Backend,
-    BuildError,
     BuildPlan,
     PartJob,
     PartResult,
@@ -32,6 +31,7 @@ from kiln.builder.backends import (
 from kiln.builder.graph.decoder import write_part
 from kiln.checkpoint import rank_file
 from kiln.engine import EngineError
+from kiln.errors import BuildError
 
 # ONNX Runtime's GraphOptimizationLevel per target (names: the child process looks them up).
 LEVELS = {"cpu": "ORT_ENABLE_EXTENDED", "cuda": "ORT_ENABLE_BASIC"}

@@ -34,7 +34,6 @@ from tqdm import tqdm
 
 from kiln.builder.backends import (
     Backend,
-    BuildError,
     BuildPlan,
     PartJob,
     PartResult,
@@ -45,6 +44,7 @@ from kiln.builder.graph.context import BATCH, SEQ, RankWeights
 from kiln.builder.graph.decoder import emit_part
 from kiln.checkpoint import rank_file
 from kiln.engine import BuildLimits, EngineError
+from kiln.errors import BuildError
 from kiln.graph.emitter import MemorySink
 from kiln.interrupts import deferred_interrupts
 

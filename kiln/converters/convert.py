@@ -49,7 +49,7 @@ from kiln.converters.base import (
 from kiln.converters.source import Source, SourceTensor, open_source
 from kiln.errors import CheckpointError, ConfigError, TensorMappingError
 from kiln.hashing import sha256_file
-from kiln.outputs import atomic_dir, check_output, copy_tokenizer
+from kiln.output_dirs import atomic_dir, check_output, copy_tokenizer
 from kiln.roles import SHARDING, Role, expected_shape, name_mismatch, parse_name, tensor_names
 from kiln.sharding import shard_ranges, shard_shape
 from kiln.tensorio import StreamingWriter, iter_row_chunks

@@ -32,7 +32,7 @@ from typing import Any
 
 from kiln.config import DTYPES, DecoderConfig, Mapping
 from kiln.dirs import DirKind, wrong_kind
-from kiln.errors import ConfigError, KilnError
+from kiln.errors import ConfigError, EngineError
 from kiln.hashing import sha256_file  # the one sha256 helper (also imported from here)
 
 logger = logging.getLogger("kiln.engine")  # the package's name, as before it was one
@@ -44,10 +44,6 @@ BACKENDS = ("onnx", "tensorrt", "torch")
 # split into a chain of engine parts), then torch ``.safetensors``, onnx ``.onnx`` + its
 # weights ``.onnx.data``, tensorrt ``.engine``.
 ENGINE_FILE = re.compile(r"rank\d+(\.part\d+)?\.(safetensors|onnx|onnx\.data|engine)")
-
-
-class EngineError(KilnError):
-    """An engine dir is missing, corrupt, or cannot run on this machine."""
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Output directories: a user's files are never deleted or overwritten, whatever the flags.
 
-Unit tests of kiln/outputs.py, then the cases a new user hit through the commands: building into
+Unit tests of kiln/output_dirs.py, then the cases a new user hit through the commands: building into
 the checkpoint, into its parent, converting into the HF dir, and --overwrite of a directory
 holding an unrelated file.
 """
@@ -18,7 +18,7 @@ from click.testing import CliRunner
 import kiln
 from kiln.cli.main import main
 from kiln.errors import OutputExistsError
-from kiln.outputs import OutputError, atomic_dir, check_output
+from kiln.output_dirs import OutputError, atomic_dir, check_output
 from tests.models import hf_model, kiln_checkpoint
 
 LIMITS = dict(max_batch_size=2, max_input_len=8, max_seq_len=16)
@@ -151,7 +151,7 @@ def test_failed_final_rename_restores_the_old_output(built, tmp_path, monkeypatc
 def test_replacement_is_logged_at_the_default_level(built, tmp_path, caplog):
     _, engine = built
     out = Path(shutil.copytree(engine, tmp_path / "engine"))
-    with caplog.at_level(logging.WARNING, logger="kiln.outputs"):
+    with caplog.at_level(logging.WARNING, logger="kiln.output_dirs"):
         with atomic_dir(out, overwrite=True) as tmp:
             (tmp / "config.json").write_text("{}")
     assert f"replaced {out} (kiln engine dir)" in caplog.text

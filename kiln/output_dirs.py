@@ -26,13 +26,9 @@ from pathlib import Path
 from kiln.checkpoint import CONFIG_NAME as MANIFEST_NAME
 from kiln.checkpoint import TOKENIZER_FILES
 from kiln.engine import ENGINE_FILE  # rank files of a checkpoint or engine dir
-from kiln.errors import OutputExistsError
+from kiln.errors import OutputError, OutputExistsError
 
 log = logging.getLogger(__name__)
-
-
-class OutputError(OutputExistsError):
-    """The output directory cannot be written or replaced safely (what is in the way is named)."""
 
 
 def check_output(output_dir: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> None:
