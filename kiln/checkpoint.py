@@ -17,7 +17,7 @@ import torch
 from kiln.config import DTYPES, DecoderConfig, Mapping
 from kiln.dirs import DirKind, wrong_kind
 from kiln.errors import CheckpointError, ConfigError, KilnError
-from kiln.roles import parse_name, tensor_names
+from kiln.roles import name_mismatch, parse_name, tensor_names
 from kiln.sharding import unshard
 from kiln.tensorio import read_header, read_tensor
 
@@ -119,11 +119,9 @@ def load_rank(checkpoint_dir: str | Path, rank: int,
         raise CheckpointError(f"{path}: missing (mapping has {config.mapping.world_size} ranks); "
                               f"re-run kiln convert_checkpoint")
     infos, _ = read_header(path)
-    expected = set(config.rank_tensor_names(rank))
-    missing, unexpected = sorted(expected - set(infos)), sorted(set(infos) - expected)
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: tensors do not match config.json: missing {missing}, "
-                              f"unexpected {unexpected}; re-run kiln convert_checkpoint")
+    if problem := name_mismatch(config.rank_tensor_names(rank), infos):
+        raise CheckpointError(f"{path}: tensors do not match config.json: {problem}; re-run "
+                              f"kiln convert_checkpoint")
     return {name: read_tensor(info) for name, info in infos.items()}
 
 
