@@ -15,6 +15,10 @@ from typing import Any
 
 from kiln.runtime.errors import SamplingParamsError
 
+# torch.Generator.manual_seed takes a 64-bit seed, signed or unsigned (a negative one is read as
+# its two's complement); the numpy path draws from the same CPU torch.Generator.
+SEED_MIN, SEED_MAX = -2**63, 2**64 - 1
+
 
 def _f(default: Any, help: str) -> Any:
     """A field with its CLI help (``kiln run`` builds its sampling flags from these)."""
@@ -66,8 +70,9 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _check(_is_num(value) and -2 <= value <= 2, name, f"must be in [-2, 2], found {value!r}")
-        _check(self.seed is None or _is_int(self.seed), "seed",
-               f"must be an integer or None, found {self.seed!r}")
+        _check(self.seed is None or (_is_int(self.seed) and SEED_MIN <= self.seed <= SEED_MAX),
+               "seed", f"must be an integer in [{SEED_MIN}, {SEED_MAX}] or None, "
+                       f"found {self.seed!r}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop",
                f"must be non-empty strings, found {self.stop!r}")
         _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",

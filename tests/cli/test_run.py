@@ -182,6 +182,9 @@ def test_blank_jsonl_is_refused(engine, tmp_path):
     (["--temperature", "-1"], "SamplingParams.temperature must be >= 0"),
     (["--top_p", "0"], "SamplingParams.top_p must be in (0, 1]"),
     (["--input_text", "word " * 60], "exceeds the engine's max_input_len 48"),
+    (["--seed", str(2**64), "--temperature", "0.7"], "SamplingParams.seed must be an integer in"),
+    (["--seed", str(-2**64)], "SamplingParams.seed must be an integer in"),
+    (["--seed", str(10**20)], "SamplingParams.seed must be an integer in"),
 ])
 def test_bad_input_is_one_line_and_exit_2(engine, args, message):
     base = ["run", "--engine_dir", str(engine)]

@@ -380,3 +380,16 @@ def test_cpu_sampling_runs_no_torch_op_on_the_vocabulary(params):
     with _TorchCalls() as calls:
         sample(logits, params, [1, 2, 3], [4, 4], make_generator(0))
     assert calls.computed == []
+
+
+@pytest.mark.parametrize("seed", [2**64, -2**63 - 1, 10**20, 2**70])
+def test_a_seed_out_of_the_generators_64_bit_range_is_refused_up_front(seed):
+    with pytest.raises(SamplingParamsError, match=r"SamplingParams\.seed must be an integer in "
+                                                  r"\[-9223372036854775808, 18446744073709551615\] "
+                                                  r"or None, found " + str(seed)):
+        SamplingParams(seed=seed)
+
+
+@pytest.mark.parametrize("seed", [-2**63, -1, 0, 2**64 - 1])
+def test_every_seed_in_range_seeds_a_generator(seed):
+    assert Generators(SamplingParams(seed=seed).seed).on("cpu").initial_seed() == seed % 2**64
