@@ -185,6 +185,8 @@ def test_blank_jsonl_is_refused(engine, tmp_path):
     (["--seed", str(2**64), "--temperature", "0.7"], "SamplingParams.seed must be an integer in"),
     (["--seed", str(-2**64)], "SamplingParams.seed must be an integer in"),
     (["--seed", str(10**20)], "SamplingParams.seed must be an integer in"),
+    (["--input_text", "caf\udce9"], "--input_text: 'caf\\xe9' is not UTF-8 text"),
+    (["--stop", "\udce9"], "SamplingParams.stop must be UTF-8 text"),
 ])
 def test_bad_input_is_one_line_and_exit_2(engine, args, message):
     base = ["run", "--engine_dir", str(engine)]
@@ -242,3 +244,11 @@ def test_a_request_ending_in_error_is_reported_and_exits_2(monkeypatch):
     assert result.exit_code == 2
     assert "error: request" in result.stderr and "not finite (NaN or Inf)" in result.stderr
     assert result.stdout.startswith("[0]\n")
+
+
+def test_a_jsonl_prompt_with_a_lone_surrogate_is_one_line_naming_the_line(engine, tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('"fine"\n{"prompt": "bad \\ud800"}\n')
+    r = CliRunner().invoke(main, ["run", "--engine_dir", str(engine), "--input_file", str(f)])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert f"{f} line 2: 'prompt' holds a lone surrogate escape" in r.output

@@ -56,7 +56,7 @@ def _rows(params, n=1, seed=0, prompt=(), output=()):
     ("top_k", -1), ("top_p", 0.0), ("top_p", 1.1), ("min_p", -0.01), ("min_p", 2),
     ("repetition_penalty", 0), ("presence_penalty", 2.5), ("frequency_penalty", -3),
     ("seed", "x"), ("stop", ("",)), ("stop_token_ids", (-1,)), ("logprobs", 21),
-    ("temperature", True),
+    ("temperature", True), ("stop", ("caf\udce9",)), ("stop", ("ok", "\ud800")),
 ])
 def test_invalid_values_name_the_parameter(field, value):
     with pytest.raises(SamplingParamsError, match=rf"SamplingParams\.{field} "):
