@@ -11,6 +11,9 @@ Metrics per request: TTFT (send -> first token), TPOT ((last - first) / (n - 1))
 inter-token latency, end-to-end latency; summarized as mean, p50, p90, p99. Throughput:
 output tokens/s and requests/s over the whole run (first send to last token).
 
+A request that ends in error (non-finite logits: see kiln.runtime.core) fails the whole run
+with a RequestError counting the failures and quoting the first: there are no figures to report.
+
 Non-goals: real datasets, HTTP serving overheads.
 """
 
@@ -131,6 +134,7 @@ def run_benchmark(core: EngineCore, workload: Workload,
     limit = workload.concurrency or workload.num_requests
     start = time.perf_counter()
     timings: list[RequestTimings] = []
+    errors: list[str] = []
     live: set[str] = set()
     while prompts or live:
         now = time.perf_counter() - start
@@ -144,8 +148,14 @@ def run_benchmark(core: EngineCore, workload: Workload,
             if delta.finished:
                 live.discard(delta.request_id)
                 request = core.pop(delta.request_id)
+                if request.finish_reason == "error":
+                    errors.append(str(request.error))
+                    continue
                 timings.append(RequestTimings(request.arrival_time, tuple(request.token_times),
                                               request.finish_time))
+    if errors:  # a benchmark of a broken engine has no figures: say why instead
+        raise RequestError(f"{len(errors)} of {workload.num_requests} benchmark requests failed; "
+                           f"the first: {errors[0]}")
     return _report(workload, timings, start)
 
 

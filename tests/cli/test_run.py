@@ -159,7 +159,7 @@ def test_malformed_jsonl_line_is_one_line_naming_file_and_line(engine, tmp_path,
     r = CliRunner().invoke(main, ["run", "--engine_dir", str(engine), "--input_file", str(f)])
     assert r.exit_code == 2, r.output
     assert f"{f} {message}" in r.output and "Traceback" not in r.output
-    assert sum("Error" in x for x in r.output.splitlines()) == 1
+    assert r.output.startswith("error: ") and len(r.output.splitlines()) == 1
 
 
 @pytest.mark.parametrize("name", ["prompt.txt", "prompts.jsonl"])
@@ -252,3 +252,25 @@ def test_a_jsonl_prompt_with_a_lone_surrogate_is_one_line_naming_the_line(engine
     r = CliRunner().invoke(main, ["run", "--engine_dir", str(engine), "--input_file", str(f)])
     assert r.exit_code == 2 and "Traceback" not in r.output
     assert f"{f} line 2: 'prompt' holds a lone surrogate escape" in r.output
+
+
+@pytest.mark.parametrize("warmup", ["0", "2"])
+def test_bench_of_an_engine_with_non_finite_logits_is_one_line_and_exits_2(monkeypatch, warmup):
+    """Every request's logits turn NaN: no figures to report, so one line saying how many
+    requests failed and why (not an IndexError from an empty report)."""
+    from tests.runtime.mocks import NonFiniteExecutor
+
+    class AllPoisoned(NonFiniteExecutor):  # every sequence as if it started with the poison
+        def logits(self, history):
+            return super().logits([self.poison, *history[1:]])
+
+    def poisoned_llm(engine_dir, options):
+        return LLM.from_executor(AllPoisoned(LIMITS, 64, poison=0, after=2), None)
+
+    monkeypatch.setattr("kiln.runtime.LLM", poisoned_llm)
+    r = CliRunner().invoke(main, ["bench", "--engine_dir", "mock", "--input_len", "8",
+                                  "--output_len", "4", "--num_requests", "3",
+                                  "--warmup", warmup])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert r.output.count("\n") == 1 and "requests failed; the first: request" in r.output
+    assert "not finite (NaN or Inf)" in r.output
