@@ -9,14 +9,19 @@ Contract:
 - :func:`atomic_dir` writes into a temporary directory beside the target and renames it into
   place only when the body succeeds; the old output is moved aside first and restored if the
   rename fails, so it survives any failure. What it replaces is logged at the default level.
-- New directories get the user's umask (``tempfile.mkdtemp`` alone would make them 0700).
+- New directories get the user's umask (``tempfile.mkdtemp`` alone would make them 0700). An
+  unwritable parent is refused before any work; parents created for a write that then failed
+  are removed again; temporary dirs left by a killed kiln process (their names carry its pid)
+  are removed, with a warning, by the next write of the same target.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -33,24 +38,42 @@ log = logging.getLogger(__name__)
 
 def check_output(output_dir: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> None:
     """Refuse an unsafe ``output_dir`` before any work is done (module docstring)."""
+    if not str(output_dir).strip():
+        raise OutputError("--output_dir is empty; give the directory to write")
     output_dir = Path(output_dir).expanduser()
     out = output_dir.resolve()
     for source in inputs:
         _check_apart(output_dir, out, Path(source))
     if not (output_dir.exists() or output_dir.is_symlink()):
+        _check_writable(output_dir)
         return
-    if not output_dir.is_dir() or output_dir.is_symlink():
+    if output_dir.is_symlink():
+        raise OutputError(f"{output_dir}: is a symbolic link; kiln does not replace links: pass "
+                          f"the directory it points to ({out}) or a new path")
+    if not output_dir.is_dir():
         raise OutputError(f"{output_dir}: exists and is not a directory; choose another "
                           f"--output_dir")
-    if not overwrite:
-        raise OutputExistsError(f"{output_dir}: already exists; pass --overwrite to replace it "
-                                f"(only a directory kiln wrote is replaced)")
     protected = {Path(out.anchor): "the filesystem root", Path.home().resolve(): "your home "
                  "directory", Path.cwd().resolve(): "the current directory"}
     if out in protected:
         raise OutputError(f"{output_dir}: is {protected[out]}; kiln never replaces it, choose a "
                           f"new --output_dir")
+    if not overwrite:
+        raise OutputExistsError(f"{output_dir}: already exists; pass --overwrite to replace it "
+                                f"(only a directory kiln wrote is replaced)")
     describe_replaceable(output_dir)
+    _check_writable(output_dir)
+
+
+def _check_writable(output_dir: Path) -> None:
+    """The nearest existing parent must take new entries (the output is renamed into it)."""
+    parent = output_dir.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{output_dir}: cannot be written, {parent} is not a writable "
+                          f"directory (permissions, or a read-only file system); choose another "
+                          f"--output_dir")
 
 
 def _check_apart(output_dir: Path, out: Path, source: Path) -> None:
@@ -114,30 +137,77 @@ def atomic_dir(target: Path, overwrite: bool) -> Iterator[Path]:
     put back if the final rename fails; it is deleted only once the new output is in place.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    created = _make_parents(target.parent)
+    _remove_stale(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     tmp.chmod(0o777 & ~_umask())
+    done = False
     try:
         yield tmp
         if not target.exists():
             tmp.rename(target)
-            return
-        if not overwrite:
+        elif not overwrite:
             raise OutputExistsError(f"{target}: appeared while writing it; not replaced")
-        kind = describe_replaceable(target)  # it may have changed since check_output
-        trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        target.rename(trash / "old")
-        try:
-            tmp.rename(target)
-        except BaseException:
-            (trash / "old").rename(target)
-            trash.rmdir()
-            raise
-        log.warning("replaced %s (%s) with the new output", target, kind)
-        shutil.rmtree(trash, ignore_errors=True)
+        else:
+            _replace(target, tmp)
+        done = True
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if not done:  # parents this call created, if the failure left them empty
+            for parent in reversed(created):
+                with contextlib.suppress(OSError):
+                    parent.rmdir()
+
+
+def _replace(target: Path, tmp: Path) -> None:
+    kind = describe_replaceable(target)  # it may have changed since check_output
+    trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{os.getpid()}-",
+                                  dir=target.parent))
+    try:
+        target.rename(trash / "old")
+    except BaseException:
+        trash.rmdir()
+        raise
+    try:
+        tmp.rename(target)
+    except BaseException:
+        (trash / "old").rename(target)
+        trash.rmdir()
+        raise
+    log.warning("replaced %s (%s) with the new output", target, kind)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _make_parents(parent: Path) -> list[Path]:
+    """mkdir -p ``parent``; the directories it created, outermost first."""
+    missing = []
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    for directory in reversed(missing):
+        directory.mkdir(exist_ok=True)
+    return list(reversed(missing))
+
+
+def _remove_stale(target: Path) -> None:
+    """Temporary dirs of ``target`` left by a kiln process that was killed (SIGKILL, OOM): the
+    names carry the writer's pid; those whose process is gone are removed, and said so."""
+    for path in target.parent.glob(f".{target.name}.*-*-*"):
+        match = re.fullmatch(rf"\.{re.escape(target.name)}\.(tmp|old)-(\d+)-\w+", path.name)
+        if match and path.is_dir() and not _alive(int(match.group(2))):
+            log.warning("removing %s, left by a kiln process that was killed", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _umask() -> int:

@@ -44,7 +44,7 @@ def snapshot(directory: Path) -> dict[str, bytes]:
 
 
 def cli(*args: str):
-    return CliRunner().invoke(main, list(args))
+    return CliRunner().invoke(main, list(args), prog_name="kiln")
 
 
 # --- check_output -----------------------------------------------------------------------------
@@ -221,3 +221,84 @@ def test_kiln_output_is_replaced(built, tmp_path, caplog):
     assert f"replaced {out} (kiln engine dir)" in caplog.text
     assert (out / "rank0.onnx").read_bytes() != b"old"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+# --- found by a new user's trial --------------------------------------------------------------
+
+def test_a_symlinked_output_dir_is_named_as_a_link(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "latest").symlink_to(tmp_path / "real")
+    with pytest.raises(OutputError, match="is a symbolic link; kiln does not replace links"):
+        check_output(tmp_path / "latest", overwrite=True)
+
+
+def test_protected_dirs_are_refused_without_suggesting_overwrite(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OutputError, match="is the current directory; kiln never replaces it"):
+        check_output(Path("."), overwrite=False)
+
+
+def test_empty_output_dir_is_refused():
+    with pytest.raises(OutputError, match="--output_dir is empty"):
+        check_output("", overwrite=False)
+
+
+def test_an_unwritable_parent_is_refused_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr("kiln.output_dirs.os.access", lambda path, mode: False)
+    with pytest.raises(OutputError, match=f"cannot be written, {tmp_path} is not a writable"):
+        check_output(tmp_path / "new" / "deeper", overwrite=False)
+
+
+def test_a_failed_write_removes_the_parents_it_created(tmp_path):
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_dir(tmp_path / "a" / "b" / "out", overwrite=False):
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_temporary_dirs_of_a_killed_run_are_removed_by_the_next(tmp_path, caplog):
+    stale = tmp_path / ".out.tmp-999999999-abcd"  # no such process
+    stale.mkdir()
+    (stale / "rank0.onnx.data").write_bytes(b"x" * 10)
+    live = tmp_path / f".out.tmp-{os.getpid()}-efgh"  # a writer still running: kept
+    live.mkdir()
+    with atomic_dir(tmp_path / "out", overwrite=False) as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert not stale.exists() and live.exists()
+    assert "left by a kiln process that was killed" in caplog.text
+
+
+def test_a_target_that_cannot_be_moved_aside_leaves_no_trash(built, tmp_path, monkeypatch):
+    out = Path(shutil.copytree(built[1], tmp_path / "engine"))
+    rename = Path.rename
+
+    def failing(self, target):
+        if self == out:
+            raise PermissionError(1, "Operation not permitted", str(self))
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing)
+    with pytest.raises(PermissionError):
+        with atomic_dir(out, overwrite=True) as tmp:
+            (tmp / "config.json").write_text("{}")
+    assert [p.name for p in tmp_path.iterdir()] == ["engine"]
+
+
+def test_an_os_error_is_one_line_and_exit_2(built, tmp_path, monkeypatch):
+    def full(*args):
+        raise OSError(28, "No space left on device", str(tmp_path / "engine"))
+
+    monkeypatch.setattr("kiln.builder.api.copy_tokenizer", full)
+    result = cli("build", "--checkpoint_dir", str(built[0]), "--output_dir",
+                 str(tmp_path / "engine"), "--max_batch_size", "2", "--max_seq_len", "16")
+    assert result.exit_code == 2
+    assert result.output == (f"error: {tmp_path / 'engine'}: No space left on device; nothing "
+                             f"was left half-written\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bad_flag_value_is_one_line():
+    result = cli("build", "--checkpoint_dir", "c", "--output_dir", "o", "--max_batch_size", "0")
+    assert result.exit_code == 2 and len(result.output.splitlines()) == 1
+    assert result.output.startswith("error: Invalid value for '--max_batch_size'")
+    assert result.output.rstrip().endswith("(see kiln build --help)")

@@ -23,8 +23,9 @@ from kiln.interrupts import Terminated, exit_code, install_sigterm
 
 
 class KilnGroup(click.Group):
-    """A group that turns KilnError into a one-line message (exit 2) unless --debug, and
-    Ctrl-C / SIGTERM into one line and exit 130 / 143 (click's own handler would exit 1)."""
+    """A group that turns KilnError, a subcommand's usage error and an OSError (disk full,
+    permissions) into a one-line message (exit 2) unless --debug, and Ctrl-C / SIGTERM into one
+    line and exit 130 / 143 (click's own handler would exit 1)."""
 
     def invoke(self, ctx: click.Context):
         install_sigterm()
@@ -34,6 +35,17 @@ class KilnGroup(click.Group):
             if ctx.obj is not None and ctx.obj.debug:
                 raise
             click.echo(f"error: {e}", err=True)
+            ctx.exit(2)
+        except click.UsageError as e:  # a subcommand's bad flag or value: one line too
+            command = e.ctx.command_path if e.ctx is not None else "kiln"
+            click.echo(f"error: {e.format_message()} (see {command} --help)", err=True)
+            ctx.exit(2)
+        except OSError as e:  # the machine refused: disk full, permissions, a read-only mount
+            if ctx.obj is not None and ctx.obj.debug:
+                raise
+            where = f"{e.filename}: " if e.filename else ""
+            click.echo(f"error: {where}{e.strerror or e}; nothing was left half-written",
+                       err=True)
             ctx.exit(2)
         except KeyboardInterrupt as e:
             click.echo(f"interrupted ({'SIGTERM' if isinstance(e, Terminated) else 'Ctrl-C'})",
