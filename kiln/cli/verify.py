@@ -2,13 +2,15 @@
 
 Reads and validates ``config.json``, checks that every rank of the mapping lists files, then
 checks every listed file of every rank: present, the manifest's size, the manifest's sha256
-(whether this machine could run the engine is not checked: ``kiln run`` does that). Prints one
-line per file (``-q``: the summary only), then a summary; exit 0 when all is good, else exit 2
+(whether this machine could run the engine is not checked: ``kiln run`` does that), and that the
+tokenizer loads as ``LLM`` loads it (``tokenizer.json`` present and readable). Prints one line per
+file (``-q``: the summary only; a tokenizer problem: always), then a summary; exit 0 when all is good, else exit 2
 with a one-line error naming the first problem.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -27,6 +29,18 @@ def manifest_problems(manifest: EngineManifest) -> list[str]:
     problems += [f"{name}: no checksum recorded" for files in manifest.rank_files.values()
                  for name in files if name not in manifest.checksums]
     return problems
+
+
+def tokenizer_problem(engine_dir: Path) -> str | None:
+    """Why the engine dir's tokenizer does not load (the check ``LLM`` makes), or None."""
+    from kiln.runtime.errors import TokenizerError
+    from kiln.runtime.tokenizer import load_tokenizer
+
+    try:
+        load_tokenizer(engine_dir)
+    except TokenizerError as e:
+        return str(e).removeprefix(f"{engine_dir}{os.sep}")
+    return None
 
 
 @click.command("verify")
@@ -52,6 +66,10 @@ def verify(obj: CliContext, engine_dir: Path) -> None:
             if obj.verbosity >= 0 or problem is not None:
                 with tqdm.external_write_mode():
                     click.echo(_line(engine_dir / name, rank, name.ljust(width), problem))
+    tokenizer = tokenizer_problem(engine_dir)
+    if tokenizer is not None:
+        problems.append(tokenizer)
+        click.echo(f"FAIL tokenizer  {tokenizer}")
     sizes = "sizes and checksums" if manifest.sizes is not None else \
         "checksums (the manifest records no sizes: built by an older kiln)"
     if problems:

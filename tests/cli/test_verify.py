@@ -14,6 +14,7 @@ from kiln.cli.main import main
 from kiln.cli.verify import manifest_problems
 from kiln.engine import EngineError, read_manifest
 from kiln.runtime.loader import ExecutorOptions, open_engine
+from kiln.testing.smollm2 import smollm2_hf_dir
 from tests.models import hf_model, kiln_checkpoint
 from tests.runtime.toy_onnx import rewrite_manifest
 
@@ -24,7 +25,10 @@ FILES = ["rank0.onnx", "rank0.onnx.data", "rank1.onnx", "rank1.onnx.data"]
 def pristine(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("verify")
     ckpt = kiln_checkpoint(hf_model("llama-gqa", root / "hf"), root / "ckpt", pp=2)
-    return build(ckpt, root / "engine", max_batch_size=2, max_seq_len=32).output_dir
+    out = build(ckpt, root / "engine", max_batch_size=2, max_seq_len=32).output_dir
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # what kiln run needs besides
+        shutil.copy(smollm2_hf_dir() / name, out / name)
+    return out
 
 
 @pytest.fixture
@@ -117,3 +121,20 @@ def test_not_an_engine_dir_is_one_line_exit_2(tmp_path):
     assert r.exit_code == 2
     assert r.output.splitlines() == [f"error: {tmp_path / 'missing'}: no such engine directory; "
                                      f"pass the output_dir of kiln build"]
+
+
+@pytest.mark.parametrize("damage,problem", [
+    ("delete", "tokenizer.json: missing; the engine dir needs the tokenizer files"),
+    ("corrupt", "tokenizer.json: unreadable ("),
+])
+def test_an_engine_whose_tokenizer_does_not_load_fails_like_kiln_run_would(engine, damage,
+                                                                           problem):
+    if damage == "delete":
+        (engine / "tokenizer.json").unlink()
+    else:
+        (engine / "tokenizer.json").write_text("{not json")
+    for args in (("verify",), ("-q", "verify")):
+        r = kiln(*args, str(engine))
+        assert r.exit_code == 2 and "Traceback" not in r.output
+        assert f"FAIL tokenizer  {problem}" in r.output
+        assert f"error: {engine}: 1 problem(s), first: {problem}" in r.output
