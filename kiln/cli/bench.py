@@ -10,6 +10,8 @@ the command body.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,7 +44,8 @@ def _field_help(name: str) -> str:
 @click.option("--concurrency", default=None, type=click.IntRange(min=1),
               help="Requests in flight at most [default: no limit].")
 @click.option("--warmup", default=1, show_default=True, type=click.IntRange(min=0),
-              help="Requests run (and not measured) before the workload.")
+              help="Rounds run (and not measured) before the workload, each as many requests "
+                   "as run at once in it (so its batch shapes are compiled and captured).")
 @click.option("--seed", default=0, show_default=True, help="Seed of prompts and arrivals.")
 @click.option("--json_output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the report as JSON here [default: print it after the table].")
@@ -66,6 +69,8 @@ def bench(obj: CliContext, engine_dir: Path, warmup: int, json_output: Path | No
 
     if baseline == "hf":  # checked before any work: the baseline runs after the benchmark
         _check_baseline(engine_dir)
+    if json_output is not None:
+        _check_json_output(json_output, engine_dir)
     spec = Workload(**workload)
     options = ExecutorOptions(device=device, num_threads=num_threads, cpu_spin_wait=cpu_spin_wait,
                               verify_checksums=verify_checksums,
@@ -80,9 +85,11 @@ def bench(obj: CliContext, engine_dir: Path, warmup: int, json_output: Path | No
                                      f"{spec.input_len + spec.output_len - 1} exceeds the "
                                      f"engine's max_seq_len {limits.max_seq_len}",
                                      param_hint="--output_len")
-        if warmup:
-            run_benchmark(llm.core, Workload(spec.input_len, min(spec.output_len, 8), warmup,
-                                             seed=spec.seed + 7))
+        if warmup:  # rounds as wide as the workload gets, so its batch shapes are compiled
+            width = min(spec.num_requests, spec.concurrency or limits.max_batch_size,
+                        limits.max_batch_size)
+            run_benchmark(llm.core, Workload(spec.input_len, min(spec.output_len, 8),
+                                             warmup * width, seed=spec.seed + 7))
         report = run_benchmark(llm.core, spec)
     report = dataclasses.replace(report, engine=_engine_info(llm))
     click.echo(report.table())
@@ -90,10 +97,42 @@ def bench(obj: CliContext, engine_dir: Path, warmup: int, json_output: Path | No
         _hf_baseline(engine_dir, spec, llm.manifest.decoder.vocab_size, baseline_batch_size,
                      report.output_tokens_per_s)
     if json_output is not None:
-        json_output.write_text(report.to_json() + "\n")
+        _write_atomically(json_output, report.to_json() + "\n")
         click.echo(f"wrote {json_output}", err=True)
     else:
         click.echo(report.to_json())
+
+
+def _check_json_output(path: Path, engine_dir: Path) -> None:
+    """Before any work: never overwrite a file kiln did not write, never write into the engine
+    dir, and the directory must take the file."""
+    if path.resolve().is_relative_to(Path(engine_dir).resolve()):
+        raise click.BadParameter(f"{path} is inside the engine dir {engine_dir}; write the "
+                                 f"report elsewhere", param_hint="--json_output")
+    if path.exists() and not _is_bench_report(path):
+        raise click.BadParameter(f"{path} exists and is not a kiln bench report; kiln never "
+                                 f"overwrites a file it did not write: choose another path",
+                                 param_hint="--json_output")
+    parent = path.absolute().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"{parent} is not a writable directory", param_hint="--json_output")
+
+
+def _is_bench_report(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and {"workload", "ttft_ms", "output_tokens_per_s"} <= data.keys()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _check_baseline(engine_dir: Path) -> None:

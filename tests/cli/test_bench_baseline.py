@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 from click.testing import CliRunner
@@ -40,3 +41,33 @@ def test_baseline_on_a_non_torch_engine_is_refused_before_any_work(tmp_path, mon
     result = CliRunner().invoke(main, ["bench", "--engine_dir", str(engine), "--baseline", "hf"])
     assert result.exit_code == 2
     assert "was built with --backend onnx; build one with kiln build --backend torch" in result.output
+
+
+def _bench(engine, *args):
+    return CliRunner().invoke(main, ["bench", "--engine_dir", str(engine), "--input_len", "4",
+                                     "--output_len", "2", "--num_requests", "2", *args],
+                              prog_name="kiln")
+
+
+def test_json_output_never_overwrites_a_users_file_or_writes_into_the_engine(tmp_path):
+    from kiln.engine import BuildLimits
+    from kiln.testing.smollm2 import smollm2_hf_dir
+    from tests.runtime.toy_onnx import toy_engine_dir
+
+    engine = toy_engine_dir(tmp_path / "engine", BuildLimits(2, 8, 16, 16), vocab=49152,
+                            tokenizer_dir=smollm2_hf_dir())
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    manifest = (engine / "config.json").read_text()
+    for target, message in ((notes, "exists and is not a kiln bench report"),
+                            (engine / "config.json", "is inside the engine dir"),
+                            (engine / "report.json", "is inside the engine dir")):
+        result = _bench(engine, "--json_output", str(target))
+        assert result.exit_code == 2 and message in result.output, result.output
+    assert notes.read_text() == "mine" and (engine / "config.json").read_text() == manifest
+    report = tmp_path / "report.json"
+    for _ in range(2):  # a report kiln wrote may be replaced
+        result = _bench(engine, "--json_output", str(report))
+        assert result.exit_code == 0, result.output
+    assert json.loads(report.read_text())["workload"]["num_requests"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine", "notes.txt", "report.json"]
