@@ -94,6 +94,9 @@ class CheckpointConfig:
 def load_config(checkpoint_dir: str | Path) -> CheckpointConfig:
     """Read and validate ``checkpoint_dir/config.json``."""
     path = Path(checkpoint_dir) / CONFIG_NAME
+    if Path(checkpoint_dir).is_file():
+        raise CheckpointError(f"{checkpoint_dir}: is a file, not a checkpoint directory; pass "
+                              f"the directory that holds it ({Path(checkpoint_dir).parent})")
     if not Path(checkpoint_dir).is_dir():
         raise CheckpointError(f"{checkpoint_dir}: no such directory; pass the output_dir of "
                               f"kiln convert_checkpoint")

@@ -136,3 +136,27 @@ def test_unrecognized_configs_keep_their_own_errors(dirs, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(manifest))
     with pytest.raises(EngineError, match=r"malformed manifest \(KeyError\('backend'\)\)"):
         read_manifest(tmp_path)
+
+
+@pytest.mark.parametrize("command", ["run", "bench", "verify"])
+def test_a_file_inside_the_dir_is_named_as_a_file_with_the_fix(dirs, command):
+    """``--engine_dir E/config.json`` (tab completion's slip): say it is a file and which
+    directory to pass, not "no such engine directory"."""
+    engine = dirs[DirKind.ENGINE]
+    given = engine / "config.json"
+    args = {"run": ["run", "--engine_dir", str(given), "--input_text", "x"],
+            "bench": ["bench", "--engine_dir", str(given)],
+            "verify": ["verify", str(given)]}[command]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2 and r.output.splitlines() == [
+        f"error: {given}: is a file, not an engine directory; pass the directory that holds it "
+        f"({engine})"]
+
+
+def test_load_config_given_a_file_names_the_directory_to_pass(dirs):
+    """(kiln build's click option refuses a file itself; the API says which dir to pass.)"""
+    ckpt = dirs[DirKind.KILN_CHECKPOINT]
+    with pytest.raises(CheckpointError) as err:
+        load_config(ckpt / "config.json")
+    assert str(err.value) == (f"{ckpt / 'config.json'}: is a file, not a checkpoint directory; "
+                              f"pass the directory that holds it ({ckpt})")

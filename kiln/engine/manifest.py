@@ -133,6 +133,9 @@ def read_manifest(engine_dir: str | Path) -> EngineManifest:
     """Read and validate an engine dir's manifest (no engine file is touched)."""
     engine_dir = Path(engine_dir)
     path = engine_dir / MANIFEST_NAME
+    if engine_dir.is_file():
+        raise EngineError(f"{engine_dir}: is a file, not an engine directory; pass the directory "
+                          f"that holds it ({engine_dir.parent})")
     if not engine_dir.is_dir():
         raise EngineError(f"{engine_dir}: no such engine directory; pass the output_dir of kiln build")
     if not path.is_file():
