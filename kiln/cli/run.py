@@ -226,14 +226,17 @@ def _stream(llm: LLM, inputs: list[Any], params: SamplingParams) -> list[Complet
 
 
 def format_stats(results: list[CompletionResult]) -> str:
-    """One line: mean TTFT, mean time per output token, output tokens/s over the run."""
+    """One line: mean TTFT, mean time per output token, output tokens/s over the run; ``-`` for
+    a figure that does not exist (no request produced a token, or none produced two)."""
     ttft = [r.timings.ttft_s for r in results if r.timings.ttft_s is not None]
     tpot = [r.timings.tpot_s for r in results if r.timings.tpot_s is not None]
     tokens = sum(len(r.token_ids) for r in results)
     start = min(r.timings.arrival for r in results)
-    end = max(r.timings.finished for r in results if r.timings.finished is not None)
-    mean = lambda v: sum(v) / len(v) * 1000 if v else float("nan")  # noqa: E731
+    end = max((r.timings.finished for r in results if r.timings.finished is not None),
+              default=start)
+    mean = lambda v: f"{sum(v) / len(v) * 1000:.1f} ms" if v else "-"  # noqa: E731
+    rate = f"{tokens / (end - start):.1f}" if end > start else "-"
     reasons = ",".join(sorted({str(r.finish_reason) for r in results}))
-    return (f"TTFT {mean(ttft):.1f} ms | time per output token {mean(tpot):.1f} ms | "
-            f"{tokens / (end - start):.1f} tokens/s ({tokens} tokens, {len(results)} "
+    return (f"TTFT {mean(ttft)} | time per output token {mean(tpot)} | "
+            f"{rate} tokens/s ({tokens} tokens, {len(results)} "
             f"request{'s' if len(results) > 1 else ''}, finish: {reasons})")

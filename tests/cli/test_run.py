@@ -274,3 +274,22 @@ def test_bench_of_an_engine_with_non_finite_logits_is_one_line_and_exits_2(monke
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
     assert r.output.count("\n") == 1 and "requests failed; the first: request" in r.output
     assert "not finite (NaN or Inf)" in r.output
+
+
+def _result(token_times, finish_reason="length"):
+    return CompletionResult("r", None, (), "", tuple(range(len(token_times))), finish_reason,
+                            None, None, RequestTimings(0.0, tuple(token_times), 1.0))
+
+
+@pytest.mark.parametrize("results,line", [
+    ([_result([0.25, 0.5, 0.75])],
+     "TTFT 250.0 ms | time per output token 250.0 ms | 3.0 tokens/s (3 tokens, 1 request, "
+     "finish: length)"),
+    ([_result([0.5])],
+     "TTFT 500.0 ms | time per output token - | 1.0 tokens/s (1 tokens, 1 request, "
+     "finish: length)"),
+    ([_result([], "error"), _result([], "error")],
+     "TTFT - | time per output token - | 0.0 tokens/s (0 tokens, 2 requests, finish: error)"),
+])
+def test_stats_print_a_dash_for_a_figure_that_does_not_exist(results, line):
+    assert run_module.format_stats(results) == line
