@@ -155,3 +155,51 @@ def test_ctrl_c_during_onnx_runtime_optimization_stops_at_once(hf_dir, tmp_path)
     assert result.returncode == 130, result.stderr
     assert time.time() - float((tmp_path / "sent").read_text()) < 3.0
     assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_a_build_worker_dies_with_its_killed_parent(hf_dir, tmp_path):
+    """SIGKILL (the OOM killer, a CI timeout) cannot be handled by the parent; its TensorRT
+    worker must not build on and then wait forever for its next job."""
+    pytest.importorskip("tensorrt_rtx")
+    ckpt = kiln_checkpoint(hf_dir, tmp_path / "ckpt")
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(textwrap.dedent(f"""
+        import multiprocessing, os, time
+        from kiln.builder import tensorrt_backend
+
+        made = tensorrt_backend._progress_monitor
+
+        def monitor(*args):
+            m = made(*args)
+            with open({str(tmp_path / "worker")!r}, "w") as f:
+                f.write(str(os.getpid()))
+            time.sleep(120)  # a long native phase
+            return m
+
+        tensorrt_backend._progress_monitor = monitor
+    """))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
+    parent = subprocess.Popen([sys.executable, "-m", "kiln.cli.main", "build", "--checkpoint_dir",
+                               str(ckpt), "--output_dir", str(tmp_path / "engine"), "--backend",
+                               "tensorrt", "--target", "sm86", "--max_batch_size", "2",
+                               "--max_seq_len", "16"], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "worker").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    worker = int((tmp_path / "worker").read_text())
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 5
+    while _alive(worker) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _alive(worker)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False

@@ -10,9 +10,12 @@ Progress: one line per finished part (rank, stage, layers, stage timings).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
+import os
 import shutil
+import signal
 import sys
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
@@ -30,6 +33,7 @@ from kiln.builder.graph.context import PartSpec
 from kiln.hashing import sha256_file
 
 log = logging.getLogger(__name__)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h: signal this process when its parent thread exits
 
 
 def run_parts(engine: Backend, plan: BuildPlan, parts: list[PartSpec], out_dir: Path,
@@ -70,7 +74,7 @@ def _run_pool(backend: str, jobs: list[PartJob], workers: int,
     context = multiprocessing.get_context("spawn")
     level = logging.getLogger().getEffectiveLevel()
     with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
-                             initargs=(level,)) as pool:
+                             initargs=(level, os.getpid())) as pool:
         futures = [pool.submit(_build_in_worker, backend, job) for job in jobs]
         try:
             for future in as_completed(futures):
@@ -89,8 +93,15 @@ def _run_pool(backend: str, jobs: list[PartJob], workers: int,
     return results
 
 
-def _init_worker(level: int) -> None:
-    """A worker logs like its parent, in kiln.cli.main's format (TensorRT's warnings, progress)."""
+def _init_worker(level: int, parent: int) -> None:
+    """A worker logs like its parent, in kiln.cli.main's format (TensorRT's warnings, progress),
+    and dies with it: a parent killed outright (SIGKILL, the OOM killer, a CI timeout) cannot
+    stop its workers, which would build on and then wait forever for the next job."""
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
