@@ -3,9 +3,9 @@
 Reads and validates ``config.json``, checks that every rank of the mapping lists files, then
 checks every listed file of every rank: present, the manifest's size, the manifest's sha256
 (whether this machine could run the engine is not checked: ``kiln run`` does that), and that the
-tokenizer loads as ``LLM`` loads it (``tokenizer.json`` present and readable). Prints one line per
-file (``-q``: the summary only; a tokenizer problem: always), then a summary; exit 0 when all is good, else exit 2
-with a one-line error naming the first problem.
+tokenizer loads as ``LLM`` loads it (``tokenizer.json`` present and readable). Prints one line
+per file (``-q``: the summary only; a tokenizer problem: always), then a summary; exit 0 when
+all is good, else exit 2 with a one-line error naming the first problem.
 """
 
 from __future__ import annotations

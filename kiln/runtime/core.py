@@ -108,6 +108,11 @@ class EngineCore:
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use; pick another")
         self.check_prompt(f"request {request_id}", prompt_ids)
+        vocab = self.executor.vocab_size
+        bad = [t for t in params.stop_token_ids if not t < vocab]
+        if bad:  # never sampled: a stop that cannot fire is a mistake (a wrong id or engine)
+            raise RequestError(f"request {request_id}: stop_token_ids {bad[:5]} are outside the "
+                               f"vocabulary [0, {vocab}); pass ids of this engine's tokenizer")
         if params.stop and self.tokenizer is None:
             raise RequestError(f"request {request_id}: stop strings need a tokenizer")
         max_new = min(params.max_tokens, self.limits.max_seq_len - len(prompt_ids) + 1)

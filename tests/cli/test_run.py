@@ -187,6 +187,8 @@ def test_blank_jsonl_is_refused(engine, tmp_path):
     (["--seed", str(10**20)], "SamplingParams.seed must be an integer in"),
     (["--input_text", "caf\udce9"], "--input_text: 'caf\\xe9' is not UTF-8 text"),
     (["--stop", "\udce9"], "SamplingParams.stop must be UTF-8 text"),
+    (["--stop_token_ids", "999999"],
+     "stop_token_ids [999999] are outside the vocabulary [0, 49152)"),
 ])
 def test_bad_input_is_one_line_and_exit_2(engine, args, message):
     base = ["run", "--engine_dir", str(engine)]

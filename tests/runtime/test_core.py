@@ -15,6 +15,7 @@ import torch
 from kiln.engine import BuildLimits
 from kiln.runtime import LLM, AsyncLLM, SamplingParams, sampling
 from kiln.runtime.core import EngineCore
+from kiln.runtime.errors import RequestError
 from tests.runtime.mocks import (
     FakeDeviceGenerator,
     HashExecutor,
@@ -130,3 +131,12 @@ def test_a_step_leaves_torchs_thread_count_alone(monkeypatch):
               SamplingParams(temperature=0)]
     llm.generate([[1, 2, 3], [4, 5]], params)
     assert calls == []
+
+
+def test_stop_token_ids_outside_the_vocabulary_are_refused_like_prompt_ids():
+    core = EngineCore(HashExecutor(LIMITS, 64), None)
+    with pytest.raises(RequestError, match=r"^request r1: stop_token_ids \[64, 999999\] are "
+                                           r"outside the vocabulary \[0, 64\); pass ids"):
+        core.add_request([1, 2], SamplingParams(stop_token_ids=(3, 64, 999999)), "r1")
+    assert not core.has_work() and "r1" not in core.requests
+    core.add_request([1, 2], SamplingParams(stop_token_ids=(0, 63)), "r1")  # the edges: fine
