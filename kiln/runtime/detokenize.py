@@ -4,7 +4,9 @@ Contract:
 - :class:`IncrementalDetokenizer` turns tokens into text deltas one token at a time and never
   emits a delta ending in an incomplete UTF-8 sequence (byte-level BPE splits characters across
   tokens): text is held back until the bytes complete. ``flush()`` releases what is left at the
-  end. The deltas concatenate to ``tokenizer.decode(output_ids)``.
+  end, less an incomplete character there (generation stopped mid-character): it is dropped,
+  never emitted as U+FFFD; a U+FFFD the model really wrote stays. The deltas concatenate to
+  ``tokenizer.decode(output_ids)``, less that dropped tail.
 - :class:`StopStringMatcher` finds stop strings in the text stream, also across token
   boundaries, and holds back the tail that could still become a stop string, so a stop string
   (or its prefix) is never streamed out and then retracted.
@@ -28,6 +30,11 @@ class Decoder(Protocol):
 # (SentencePiece "▁word"), so the first generated token must not be decoded on its own.
 _CONTEXT_TOKENS = 4
 _REPLACEMENT = "\ufffd"
+# A token of the lone byte 0x80 (a UTF-8 continuation byte), to tell an incomplete character
+# from a real U+FFFD: appended, it completes or extends an incomplete sequence (no new U+FFFD)
+# but adds one after a complete character. Byte-level BPE spells that byte "Ģ" (GPT-2's
+# bytes_to_unicode), SentencePiece byte fallback "<0x80>".
+_CONTINUATION_TOKENS = ("Ģ", "<0x80>")
 
 
 class IncrementalDetokenizer:
@@ -53,7 +60,8 @@ class IncrementalDetokenizer:
         return self._emit(final=False)
 
     def flush(self) -> str:
-        """Text still held back (an incomplete character at the end is decoded as U+FFFD)."""
+        """Text still held back, less an incomplete character at the end (see the module
+        docstring)."""
         return self._emit(final=True)
 
     def _emit(self, final: bool) -> str:
@@ -64,8 +72,31 @@ class IncrementalDetokenizer:
         if not final and (full_text.endswith(_REPLACEMENT) or len(full_text) <= len(prefix_text)):
             return ""
         delta = full_text[len(prefix_text):]
+        if final and delta.endswith(_REPLACEMENT) and self._ends_mid_character(full_text):
+            delta = delta[:-1]
         self._prefix, self._read = self._read, len(self._ids)
         return delta
+
+    def _ends_mid_character(self, text: str) -> bool:
+        """Whether ``text`` (the decode of ``ids[prefix:]``) ends in U+FFFD for an incomplete
+        byte sequence rather than a real U+FFFD; False when the tokenizer has no byte token."""
+        probe = _continuation_id(self._tok)
+        if probe is None:
+            return False
+        probed = self._tok.decode([*self._ids[self._prefix:], probe], self._skip)
+        return probed.count(_REPLACEMENT) <= text.count(_REPLACEMENT)
+
+
+def _continuation_id(tokenizer: Decoder) -> int | None:
+    """The id of a token of the lone byte 0x80, if the tokenizer has one."""
+    inner = getattr(tokenizer, "tokenizer", tokenizer)  # ModelTokenizer -> tokenizers.Tokenizer
+    token_to_id = getattr(inner, "token_to_id", None)
+    if token_to_id is None:
+        return None
+    for token in _CONTINUATION_TOKENS:
+        if (found := token_to_id(token)) is not None:
+            return found
+    return None
 
 
 class StopStringMatcher:

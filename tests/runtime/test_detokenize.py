@@ -31,11 +31,22 @@ def test_a_character_split_over_tokens_is_held_until_complete(tokenizer):
     assert detok.push(ids[-1]) == "🦙"
 
 
-def test_incomplete_bytes_at_the_end_flush_as_replacement(tokenizer):
-    ids = tokenizer.encode("🦙", add_special_tokens=False)
+@pytest.mark.parametrize("cut", [1, 2])
+def test_an_incomplete_character_at_the_end_is_dropped_not_flushed_as_replacement(tokenizer,
+                                                                                  cut):
+    """Generation stopped (length) mid-emoji: the text ends before it, never in U+FFFD."""
+    ids = tokenizer.encode("ok 🦙", add_special_tokens=False)
+    emoji = len(tokenizer.encode("🦙", add_special_tokens=False))
+    assert emoji > cut, "the llama emoji should span several byte-level tokens"
     detok = IncrementalDetokenizer(tokenizer, [])
-    assert detok.push(ids[0]) == ""
-    assert "\ufffd" in detok.flush()
+    deltas = [detok.push(t) for t in ids[:-cut]] + [detok.flush()]
+    assert "".join(deltas) == "ok "
+
+
+def test_a_real_replacement_character_at_the_end_stays(tokenizer):
+    ids = tokenizer.encode("ok \ufffd", add_special_tokens=False)
+    detok = IncrementalDetokenizer(tokenizer, [])
+    assert "".join([detok.push(t) for t in ids] + [detok.flush()]) == "ok \ufffd"
 
 
 def test_special_tokens_are_skipped_unless_asked(tokenizer):
