@@ -264,3 +264,14 @@ def _enum(enum: type[Enum], value: Any, name: str) -> Enum:
     except ValueError:
         choices = ", ".join(repr(m.value) for m in enum)
         raise ConfigError(f"{name} must be one of {choices}, found {value!r}") from None
+
+
+def options_from(cls: type, given: dict[str, Any], caller: str, **fixed: Any) -> Any:
+    """``cls(**fixed, **given)`` for an options dataclass, with a :class:`ConfigError` naming
+    any unknown keyword (the API functions take the dataclass's fields by keyword)."""
+    known = {f.name for f in dataclasses.fields(cls)} - set(fixed)
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ConfigError(f"{caller}() got unknown options {unknown}; the options are "
+                          f"{', '.join(sorted(known))} ({cls.__module__}.{cls.__name__})")
+    return cls(**fixed, **given)

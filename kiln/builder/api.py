@@ -12,7 +12,6 @@ Errors a user can cause are :class:`~kiln.errors.KilnError` subclasses with one-
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from kiln.builder.options import BuildOptions, resolve_limits
 from kiln.builder.plan import plan_rank
 from kiln.builder.runner import run_parts
 from kiln.checkpoint import CheckpointConfig, load_config, rank_file
+from kiln.config import options_from
 from kiln.engine import EngineManifest
 from kiln.errors import CheckpointError, ConfigError
 from kiln.output_dirs import atomic_dir, check_output, copy_tokenizer
@@ -66,13 +66,9 @@ def build(checkpoint_dir: str | Path, output_dir: str | Path, *, progress: bool 
     and ``kiln build``. Raises :class:`~kiln.errors.KilnError` subclasses on bad input (an
     unknown option too), leaving nothing behind.
     """
-    known = {f.name for f in dataclasses.fields(BuildOptions)} - {"checkpoint_dir", "output_dir"}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ConfigError(f"build() got unknown options {unknown}; the options are "
-                          f"{', '.join(sorted(known))} (kiln.builder.BuildOptions)")
-    return build_with(BuildOptions(checkpoint_dir=checkpoint_dir, output_dir=output_dir,
-                                   **options), progress=progress)
+    return build_with(options_from(BuildOptions, options, "build",
+                                   checkpoint_dir=checkpoint_dir, output_dir=output_dir),
+                      progress=progress)
 
 
 def build_with(options: BuildOptions, progress: bool = False) -> BuildResult:

@@ -10,6 +10,7 @@ errors never import torch, onnx or onnxruntime (tests/cli/test_main.py checks it
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 
@@ -18,6 +19,7 @@ import click
 import kiln
 from kiln.cli.context import CliContext
 from kiln.config import DTYPES
+from kiln.converters.options import ConvertOptions
 from kiln.errors import KilnError
 from kiln.interrupts import Terminated, exit_code, install_sigterm
 
@@ -100,22 +102,27 @@ def main(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
     ctx.obj = CliContext(debug=debug, verbosity=verbosity)
 
 
+def _convert_option(name: str) -> dict:
+    """Default and help of a ConvertOptions field (the API takes the same options)."""
+    field = next(f for f in dataclasses.fields(ConvertOptions) if f.name == name)
+    return {"default": field.default, "help": field.metadata["help"]}
+
+
 @main.command("convert_checkpoint")
 @click.option("--model_dir", required=True,
               help="HF checkpoint: a local directory or a hub id (org/name).")
 @click.option("--output_dir", required=True, type=click.Path(file_okay=False),
               help="Where to write the kiln checkpoint (must not exist unless --overwrite).")
-@click.option("--revision", default=None, help="Hub revision (branch, tag or commit) for a hub id.")
-@click.option("--dtype", default="auto", show_default=True,
-              type=click.Choice(("auto", *DTYPES)),
-              help="Weight dtype; auto keeps the checkpoint's torch_dtype.")
-@click.option("--tp_size", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Tensor-parallel ranks.")
-@click.option("--pp_size", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Pipeline-parallel stages.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --output_dir.")
+@click.option("--revision", **_convert_option("revision"))
+@click.option("--dtype", type=click.Choice(("auto", *DTYPES)), show_default=True,
+              **_convert_option("dtype"))
+@click.option("--tp_size", type=click.IntRange(min=1), show_default=True,
+              **_convert_option("tp_size"))
+@click.option("--pp_size", type=click.IntRange(min=1), show_default=True,
+              **_convert_option("pp_size"))
+@click.option("--overwrite", is_flag=True, **_convert_option("overwrite"))
 @click.option("--allow-pickle", "--allow_pickle", "allow_pickle", is_flag=True,
-              help="Load .bin/.pt pickle weights (torch.load weights_only=True).")
+              **_convert_option("allow_pickle"))
 @click.pass_obj
 def convert_checkpoint(obj: CliContext, **options) -> None:
     """Convert a Hugging Face checkpoint into a sharded kiln checkpoint."""

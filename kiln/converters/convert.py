@@ -32,13 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from queue import Empty, Full, Queue
 from threading import Event, Thread
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 import kiln
 from kiln.checkpoint import CONFIG_NAME, CheckpointConfig, rank_file
-from kiln.config import DTYPES, DecoderConfig, Mapping
+from kiln.config import DTYPES, DecoderConfig, Mapping, options_from
 from kiln.converters.base import (
     Converter,
     TensorRule,
@@ -46,8 +47,9 @@ from kiln.converters.base import (
     concat_rows,
     converter_for,
 )
+from kiln.converters.options import ConvertOptions
 from kiln.converters.source import Source, SourceTensor, open_source
-from kiln.errors import CheckpointError, ConfigError, TensorMappingError
+from kiln.errors import CheckpointError, TensorMappingError
 from kiln.hashing import sha256_file
 from kiln.output_dirs import atomic_dir, check_output, copy_tokenizer
 from kiln.roles import SHARDING, Role, expected_shape, name_mismatch, parse_name, tensor_names
@@ -80,20 +82,21 @@ class TargetPlan:
         return [s.format(layer=self.layer) for s in self.rule.sources]
 
 
-def convert_checkpoint(model_dir: str | Path, output_dir: str | Path, *, dtype: str = "auto",
-                       tp_size: int = 1, pp_size: int = 1, overwrite: bool = False,
-                       revision: str | None = None, allow_pickle: bool = False,
-                       progress: bool = True) -> Path:
+def convert_checkpoint(model_dir: str | Path, output_dir: str | Path, *, progress: bool = True,
+                       **options: Any) -> Path:
     """Convert an HF checkpoint (local dir or hub id) into a kiln checkpoint at ``output_dir``.
 
-    Returns the output directory. Raises :class:`~kiln.errors.KilnError` subclasses on bad
-    input, leaving nothing behind.
+    ``options`` are :class:`~kiln.converters.options.ConvertOptions` fields by keyword, with its
+    defaults (dtype, tp_size, pp_size, revision, overwrite, allow_pickle): one definition for
+    this function and ``kiln convert_checkpoint``. Returns the output directory. Raises
+    :class:`~kiln.errors.KilnError` subclasses on bad input, leaving nothing behind.
     """
+    opts = options_from(ConvertOptions, options, "convert_checkpoint")
+    dtype, tp_size, pp_size = opts.dtype, opts.tp_size, opts.pp_size
+    revision, overwrite, allow_pickle = opts.revision, opts.overwrite, opts.allow_pickle
     output_dir = Path(output_dir).expanduser()
     local = Path(model_dir).expanduser()
     check_output(output_dir, overwrite, inputs=[local] if local.exists() else [])
-    if dtype != "auto" and dtype not in DTYPES:
-        raise ConfigError(f"dtype must be auto or one of {', '.join(DTYPES)}, found {dtype!r}")
     source = open_source(str(model_dir), revision=revision, allow_pickle=allow_pickle)
     converter = converter_for(source.hf_config, str(source.directory / "config.json"))
     decoder = converter.config_from_source(source.hf_config,

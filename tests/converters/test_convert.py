@@ -357,3 +357,20 @@ def test_all_finite(values, finite):
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         assert _all_finite(torch.tensor(values, dtype=dtype)) is finite, dtype
     assert _all_finite(torch.tensor([5, 7], dtype=torch.int64))  # integers are not checked
+
+
+def test_options_have_one_definition(hf_dir, tmp_path):
+    """convert_checkpoint's keywords and kiln convert_checkpoint's flags are ConvertOptions'."""
+    import dataclasses
+
+    from kiln.cli.main import convert_checkpoint as command
+    from kiln.converters.options import ConvertOptions
+
+    defaults = {f.name: f.default for f in dataclasses.fields(ConvertOptions)}
+    given = {p.name: p.default for p in command.params
+             if p.name in defaults and isinstance(p.default, (str, int))}
+    assert {"dtype", "tp_size", "pp_size"} <= set(given)
+    assert given == {name: defaults[name] for name in given}
+    with pytest.raises(ConfigError, match=r"unknown options \['tp'\]"):
+        _convert(hf_dir, tmp_path / "out", tp=2)
+    assert _leftovers(tmp_path) == [] and not (tmp_path / "out").exists()
