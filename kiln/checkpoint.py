@@ -93,6 +93,9 @@ class CheckpointConfig:
 
 def load_config(checkpoint_dir: str | Path) -> CheckpointConfig:
     """Read and validate ``checkpoint_dir/config.json``."""
+    if not str(checkpoint_dir).strip():
+        raise CheckpointError("the checkpoint dir is empty; pass the output_dir of kiln "
+                              "convert_checkpoint")
     path = Path(checkpoint_dir) / CONFIG_NAME
     if Path(checkpoint_dir).is_file():
         raise CheckpointError(f"{checkpoint_dir}: is a file, not a checkpoint directory; pass "

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from kiln.cli.context import CliContext, executor_options
+from kiln.cli.context import CliContext, PathArg, executor_options
 
 if TYPE_CHECKING:
     from kiln.runtime import LLM
@@ -31,7 +31,7 @@ def _field_help(name: str) -> str:
 
 
 @click.command("bench")
-@click.option("--engine_dir", required=True, type=click.Path(path_type=Path),
+@click.option("--engine_dir", required=True, type=PathArg(path_type=Path),
               help="Engine dir (output of kiln build).")
 @click.option("--input_len", default=128, show_default=True, type=click.IntRange(min=1),
               help="Prompt tokens per request (random ids).")
@@ -47,7 +47,7 @@ def _field_help(name: str) -> str:
               help="Rounds run (and not measured) before the workload, each as many requests "
                    "as run at once in it (so its batch shapes are compiled and captured).")
 @click.option("--seed", default=0, show_default=True, help="Seed of prompts and arrivals.")
-@click.option("--json_output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--json_output", type=PathArg(dir_okay=False, path_type=Path), default=None,
               help="Write the report as JSON here [default: print it after the table].")
 @executor_options
 @click.option("--kv_cache_free_gpu_memory_fraction",

@@ -14,7 +14,7 @@ import re
 import click
 
 from kiln.builder.options import BuildOptions
-from kiln.cli.context import CliContext
+from kiln.cli.context import CliContext, PathArg
 from kiln.config import DTYPES
 from kiln.engine import BACKENDS
 from kiln.plugins import PLUGINS, PluginMode
@@ -69,9 +69,9 @@ def _plugin_options(command):
 
 
 @click.command("build")
-@click.option("--checkpoint_dir", required=True, type=click.Path(file_okay=False),
+@click.option("--checkpoint_dir", required=True, type=PathArg(file_okay=False),
               help=_HELP["checkpoint_dir"])
-@click.option("--output_dir", required=True, type=click.Path(file_okay=False),
+@click.option("--output_dir", required=True, type=PathArg(file_okay=False),
               help=_HELP["output_dir"])
 @click.option("--backend", default=_DEFAULT["backend"], show_default=True,
               type=click.Choice(BACKENDS), help=_HELP["backend"])

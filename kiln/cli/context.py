@@ -40,3 +40,12 @@ def executor_options(func):
     for option in reversed(options):
         func = option(func)
     return func
+
+
+class PathArg(click.Path):
+    """click.Path that refuses an empty value (click would read "" as the current directory)."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail("is empty; give a path", param, ctx)
+        return super().convert(value, param, ctx)

@@ -17,7 +17,7 @@ import logging
 import click
 
 import kiln
-from kiln.cli.context import CliContext
+from kiln.cli.context import CliContext, PathArg
 from kiln.config import DTYPES
 from kiln.converters.options import ConvertOptions
 from kiln.errors import KilnError
@@ -111,7 +111,7 @@ def _convert_option(name: str) -> dict:
 @main.command("convert_checkpoint")
 @click.option("--model_dir", required=True,
               help="HF checkpoint: a local directory or a hub id (org/name).")
-@click.option("--output_dir", required=True, type=click.Path(file_okay=False),
+@click.option("--output_dir", required=True, type=PathArg(file_okay=False),
               help="Where to write the kiln checkpoint (must not exist unless --overwrite).")
 @click.option("--revision", **_convert_option("revision"))
 @click.option("--dtype", type=click.Choice(("auto", *DTYPES)), show_default=True,

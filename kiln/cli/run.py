@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from kiln.cli.context import CliContext, executor_options
+from kiln.cli.context import CliContext, PathArg, executor_options
 from kiln.runtime.params import SamplingParams  # torch-free: --help stays fast
 
 if TYPE_CHECKING:
@@ -154,10 +154,10 @@ def _json_type(value: Any) -> str:
 
 
 @click.command("run")
-@click.option("--engine_dir", required=True, type=click.Path(path_type=Path),
+@click.option("--engine_dir", required=True, type=PathArg(path_type=Path),
               help="Engine dir (output of kiln build).")
 @click.option("--input_text", multiple=True, help="A prompt. Repeatable.")
-@click.option("--input_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.option("--input_file", type=PathArg(exists=True, dir_okay=False, path_type=Path),
               help="Prompt file: .jsonl = one prompt per line (string or {\"prompt\": ...}); "
                    "any other file = one prompt.")
 @click.option("--max_output_len", default=64, show_default=True, type=click.IntRange(min=1),

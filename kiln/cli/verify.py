@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from kiln.cli.context import CliContext
+from kiln.cli.context import CliContext, PathArg
 from kiln.engine import EngineError, EngineManifest, file_problem, read_manifest
 
 
@@ -44,7 +44,7 @@ def tokenizer_problem(engine_dir: Path) -> str | None:
 
 
 @click.command("verify")
-@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.argument("engine_dir", type=PathArg(path_type=Path))
 @click.pass_obj
 def verify(obj: CliContext, engine_dir: Path) -> None:
     """Check an engine dir against its manifest: files, sizes and checksums of every rank."""
@@ -73,8 +73,8 @@ def verify(obj: CliContext, engine_dir: Path) -> None:
     sizes = "sizes and checksums" if manifest.sizes is not None else \
         "checksums (the manifest records no sizes: built by an older kiln)"
     if problems:
-        raise EngineError(f"{engine_dir}: {len(problems)} problem(s), first: {problems[0]}; "
-                          f"rebuild with kiln build")
+        fix = "" if "rebuild" in problems[0] else "; rebuild with kiln build"
+        raise EngineError(f"{engine_dir}: {len(problems)} problem(s), first: {problems[0]}{fix}")
     click.echo(f"{engine_dir}: ok, {len(files)} files of {len(manifest.rank_files)} rank(s), "
                f"{total / 1e9:.2f} GB: present, {sizes} match the manifest")
 

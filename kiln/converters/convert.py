@@ -94,6 +94,8 @@ def convert_checkpoint(model_dir: str | Path, output_dir: str | Path, *, progres
     opts = options_from(ConvertOptions, options, "convert_checkpoint")
     dtype, tp_size, pp_size = opts.dtype, opts.tp_size, opts.pp_size
     revision, overwrite, allow_pickle = opts.revision, opts.overwrite, opts.allow_pickle
+    if not str(model_dir).strip():  # Path("") would be the current directory
+        raise CheckpointError("--model_dir is empty; pass an HF checkpoint directory or hub id")
     output_dir = Path(output_dir).expanduser()
     local = Path(model_dir).expanduser()
     check_output(output_dir, overwrite, inputs=[local] if local.exists() else [])

@@ -131,6 +131,8 @@ class EngineManifest:
 
 def read_manifest(engine_dir: str | Path) -> EngineManifest:
     """Read and validate an engine dir's manifest (no engine file is touched)."""
+    if not str(engine_dir).strip():
+        raise EngineError("the engine dir is empty; pass the output_dir of kiln build")
     engine_dir = Path(engine_dir)
     path = engine_dir / MANIFEST_NAME
     if engine_dir.is_file():

@@ -227,7 +227,7 @@ class EngineCore:
 
     def _fail(self, request: Request, message: str) -> RequestDelta:
         request.error = f"request {request.request_id}: {message}"
-        logger.warning("%s", request.error)
+        logger.info("%s", request.error)  # the caller gets it: finish "error", request.error
         self.scheduler.finish(request.request_id)
         return self._finish(request, "error", None)
 

@@ -112,3 +112,19 @@ def test_unknown_dtype_is_a_usage_error(hf_dir, tmp_path):
     result = _invoke("convert_checkpoint", "--model_dir", str(hf_dir), "--output_dir",
                      str(tmp_path / "out"), "--dtype", "float8")
     assert result.exit_code == 2 and "float8" in result.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["build", "--checkpoint_dir", "", "--output_dir", "e"], "'--checkpoint_dir': is empty"),
+    (["build", "--checkpoint_dir", "c", "--output_dir", " "], "'--output_dir': is empty"),
+    (["run", "--engine_dir", "", "--input_text", "hi"], "'--engine_dir': is empty"),
+    (["bench", "--engine_dir", "e", "--json_output", ""], "'--json_output': is empty"),
+    (["verify", ""], "'ENGINE_DIR': is empty"),
+    (["convert_checkpoint", "--model_dir", "", "--output_dir", "o"], "--model_dir is empty"),
+])
+def test_an_empty_path_is_refused_not_read_as_the_current_directory(args, message, tmp_path,
+                                                                     monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, args, prog_name="kiln")
+    assert result.exit_code == 2 and len(result.output.splitlines()) == 1, result.output
+    assert message in result.output
