@@ -40,6 +40,28 @@ def run_cli(patch: str, args: list[str]) -> tuple[subprocess.CompletedProcess, f
     return result, time.perf_counter() - started
 
 
+def tensorrt_build(tmp_path: Path, ckpt: Path, in_monitor: str) -> tuple[list[str], dict]:
+    """The command and environment of a TensorRT build whose progress monitor runs
+    ``in_monitor`` (Python, with ``m`` the monitor) when it is made, in every process of the
+    command (a sitecustomize module: the spawned build worker included)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    body = textwrap.indent(textwrap.dedent(in_monitor), " " * 4)
+    (site / "sitecustomize.py").write_text(
+        "import multiprocessing, os, signal, time\n"
+        "from kiln.builder import tensorrt_backend\n\n"
+        "made = tensorrt_backend._progress_monitor\n\n"
+        "def monitor(*args):\n"
+        "    m = made(*args)\n"
+        f"{body}\n"
+        "    return m\n\n"
+        "tensorrt_backend._progress_monitor = monitor\n")
+    command = [sys.executable, "-m", "kiln.cli.main", "build", "--checkpoint_dir", str(ckpt),
+               "--output_dir", str(tmp_path / "engine"), "--backend", "tensorrt", "--target",
+               "sm86", "--max_batch_size", "2", "--max_seq_len", "16"]
+    return command, {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
+
+
 def leftovers(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
 
@@ -67,48 +89,30 @@ def test_signal_during_tensorrt_build_stops_it(hf_dir, tmp_path, signum, code):
     the whole process group (a terminal's Ctrl-C), SIGTERM to the kiln process only."""
     pytest.importorskip("tensorrt_rtx")
     ckpt = kiln_checkpoint(hf_dir, tmp_path / "ckpt")
-    # sitecustomize runs in every process of the command, the spawned build worker included.
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(textwrap.dedent(f"""
-        import multiprocessing, os, signal, time
-        from kiln.builder import tensorrt_backend
+    command, env = tensorrt_build(tmp_path, ckpt, f"""
+        step = m.step_complete
 
-        made = tensorrt_backend._progress_monitor
+        def step_complete(phase, i):  # once, from inside the worker's native build
+            if multiprocessing.parent_process() is not None and not hasattr(m, "sent"):
+                m.sent = True
+                with open({str(tmp_path / "sent")!r}, "w") as f:
+                    f.write(str(time.time()))
+                if {int(signum)} == signal.SIGINT:
+                    os.killpg(0, signal.SIGINT)
+                else:
+                    os.kill(os.getppid(), signal.SIGTERM)
+                time.sleep(60)  # a native phase without callbacks: only a kill ends it
+            return step(phase, i)
 
-        def monitor(*args):
-            m = made(*args)
-            step = m.step_complete
-
-            def step_complete(phase, i):  # once, from inside the worker's native build
-                if multiprocessing.parent_process() is not None and not hasattr(m, "sent"):
-                    m.sent = True
-                    with open({str(tmp_path / "sent")!r}, "w") as f:
-                        f.write(str(time.time()))
-                    if {int(signum)} == signal.SIGINT:
-                        os.killpg(0, signal.SIGINT)
-                    else:
-                        os.kill(os.getppid(), signal.SIGTERM)
-                    time.sleep(60)  # a native phase without callbacks: only a kill ends it
-                return step(phase, i)
-
-            m.step_complete = step_complete
-            return m
-
-        tensorrt_backend._progress_monitor = monitor
-    """))
-    out = tmp_path / "engine"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
-    result = subprocess.run([sys.executable, "-m", "kiln.cli.main", "build", "--checkpoint_dir",
-                             str(ckpt), "--output_dir", str(out), "--backend", "tensorrt",
-                             "--target", "sm86", "--max_batch_size", "2", "--max_seq_len", "16"],
-                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
-                            start_new_session=True)
+        m.step_complete = step_complete
+    """)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env,
+                            timeout=300, start_new_session=True)
     ended = time.time()
     assert result.returncode == code, result.stderr
     assert "interrupted" in result.stderr and "Traceback" not in result.stderr
     assert ended - float((tmp_path / "sent").read_text()) < 3.0
-    assert not out.exists() and leftovers(tmp_path) == []
+    assert not (tmp_path / "engine").exists() and leftovers(tmp_path) == []
 
 
 def test_ctrl_c_during_conversion_leaves_nothing(hf_dir, tmp_path):
@@ -162,29 +166,13 @@ def test_a_build_worker_dies_with_its_killed_parent(hf_dir, tmp_path):
     worker must not build on and then wait forever for its next job."""
     pytest.importorskip("tensorrt_rtx")
     ckpt = kiln_checkpoint(hf_dir, tmp_path / "ckpt")
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(textwrap.dedent(f"""
-        import multiprocessing, os, time
-        from kiln.builder import tensorrt_backend
-
-        made = tensorrt_backend._progress_monitor
-
-        def monitor(*args):
-            m = made(*args)
-            with open({str(tmp_path / "worker")!r}, "w") as f:
-                f.write(str(os.getpid()))
-            time.sleep(120)  # a long native phase
-            return m
-
-        tensorrt_backend._progress_monitor = monitor
-    """))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
-    parent = subprocess.Popen([sys.executable, "-m", "kiln.cli.main", "build", "--checkpoint_dir",
-                               str(ckpt), "--output_dir", str(tmp_path / "engine"), "--backend",
-                               "tensorrt", "--target", "sm86", "--max_batch_size", "2",
-                               "--max_seq_len", "16"], cwd=tmp_path, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command, env = tensorrt_build(tmp_path, ckpt, f"""
+        with open({str(tmp_path / "worker")!r}, "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(120)  # a long native phase
+    """)
+    parent = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (tmp_path / "worker").exists() and time.time() < deadline:
         time.sleep(0.2)
