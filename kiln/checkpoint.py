@@ -7,7 +7,6 @@ See docs/checkpoint.md for the full description. This module owns the format: th
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import torch
 
 from kiln.config import DTYPES, DecoderConfig, Mapping
-from kiln.dirs import DirKind, wrong_kind
+from kiln.dirs import DirKind, read_config
 from kiln.errors import CheckpointError, ConfigError, KilnError
 from kiln.roles import name_mismatch, parse_name, tensor_names
 from kiln.sharding import unshard
@@ -93,25 +92,7 @@ class CheckpointConfig:
 
 def load_config(checkpoint_dir: str | Path) -> CheckpointConfig:
     """Read and validate ``checkpoint_dir/config.json``."""
-    if not str(checkpoint_dir).strip():
-        raise CheckpointError("the checkpoint dir is empty; pass the output_dir of kiln "
-                              "convert_checkpoint")
-    path = Path(checkpoint_dir) / CONFIG_NAME
-    if Path(checkpoint_dir).is_file():
-        raise CheckpointError(f"{checkpoint_dir}: is a file, not a checkpoint directory; pass "
-                              f"the directory that holds it ({Path(checkpoint_dir).parent})")
-    if not Path(checkpoint_dir).is_dir():
-        raise CheckpointError(f"{checkpoint_dir}: no such directory; pass the output_dir of "
-                              f"kiln convert_checkpoint")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing; not a kiln checkpoint (run kiln "
-                              f"convert_checkpoint first)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e}); re-run kiln convert_checkpoint") from None
-    if message := wrong_kind(checkpoint_dir, data, DirKind.KILN_CHECKPOINT):
-        raise CheckpointError(message)
+    path, data = read_config(checkpoint_dir, DirKind.KILN_CHECKPOINT, CheckpointError)
     return CheckpointConfig.from_dict(data, str(path))
 
 

@@ -84,3 +84,46 @@ def _built_from(manifest: dict[str, Any]) -> str:
     source = manifest.get("source")
     checkpoint = source.get("checkpoint_dir") if isinstance(source, dict) else None
     return f"--checkpoint_dir {checkpoint}" if checkpoint else "its --checkpoint_dir"
+
+
+# Per kind, for read_config's errors: its article, what the directory is called, which one to
+# pass, how to repair a damaged one.
+_MADE_BY = {
+    DirKind.HF_CHECKPOINT: ("an", "HF checkpoint directory",
+                            "pass the directory holding the model's config.json and weights",
+                            "download the checkpoint again"),
+    DirKind.KILN_CHECKPOINT: ("a", "kiln checkpoint directory",
+                              "pass the output_dir of kiln convert_checkpoint",
+                              "re-run kiln convert_checkpoint"),
+    DirKind.ENGINE: ("an", "engine directory", "pass the output_dir of kiln build",
+                     "rebuild with kiln build"),
+}
+
+
+def read_config(directory: str | Path, wanted: DirKind,
+                error: type[Exception]) -> tuple[Path, dict[str, Any]]:
+    """``(path, parsed config.json)`` of ``directory``, which must be of kind ``wanted``.
+
+    Every way it can fail (a file given, no such directory, no or invalid ``config.json``,
+    another kind of directory) raises ``error`` with one line that says how to fix it; the
+    format's owner then validates the contents.
+    """
+    article, noun, fix, repair = _MADE_BY[wanted]
+    if not str(directory).strip():  # Path("") would be the current directory
+        raise error(f"the {noun} is empty; {fix}")
+    directory = Path(directory)
+    path = directory / "config.json"
+    if directory.is_file():
+        raise error(f"{directory}: is a file, not {article} {noun}; pass the directory that holds it "
+                    f"({directory.parent})")
+    if not directory.is_dir():
+        raise error(f"{directory}: no such {noun}; {fix}")
+    if not path.is_file():
+        raise error(f"{path}: missing, so {directory} is not {article} {noun}; {fix}")
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: invalid JSON ({e}); {repair}") from None
+    if message := wrong_kind(directory, data, wanted):
+        raise error(message)
+    return path, data

@@ -158,5 +158,5 @@ def test_load_config_given_a_file_names_the_directory_to_pass(dirs):
     ckpt = dirs[DirKind.KILN_CHECKPOINT]
     with pytest.raises(CheckpointError) as err:
         load_config(ckpt / "config.json")
-    assert str(err.value) == (f"{ckpt / 'config.json'}: is a file, not a checkpoint directory; "
+    assert str(err.value) == (f"{ckpt / 'config.json'}: is a file, not a kiln checkpoint directory; "
                               f"pass the directory that holds it ({ckpt})")

@@ -11,7 +11,6 @@ refused unless ``allow_pickle`` is set, and then loaded with ``torch.load(weight
 from __future__ import annotations
 
 import difflib
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from typing import Any, Protocol
 
 import torch
 
-from kiln.dirs import DirKind, wrong_kind
+from kiln.dirs import DirKind, read_config
 from kiln.errors import CheckpointError, HubError, UnsafeCheckpointError
 from kiln.tensorio import TensorInfo, read_header, read_tensor
 
@@ -125,17 +124,7 @@ def open_source(model_dir: str, revision: str | None = None, allow_pickle: bool 
                                   f"check the path")
         repo_id = model_dir
         path = _download(model_dir, revision, allow_pickle, missing)
-    elif not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory; pass the directory holding config.json")
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"{path}: no config.json; pass an HF checkpoint directory")
-    try:
-        hf_config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config_path}: invalid JSON ({e})") from None
-    if message := wrong_kind(model_dir, hf_config, DirKind.HF_CHECKPOINT):
-        raise CheckpointError(message)
+    _, hf_config = read_config(path, DirKind.HF_CHECKPOINT, CheckpointError)
     files = _weight_files(path, allow_pickle)
     tensors: dict[str, SourceTensor] = {}
     for file in files:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.config import DTYPES, DecoderConfig, Mapping
-from kiln.dirs import DirKind, wrong_kind
+from kiln.dirs import DirKind, read_config
 from kiln.errors import ConfigError, EngineError
 from kiln.hashing import sha256_file  # the one sha256 helper (also imported from here)
 
@@ -131,23 +131,7 @@ class EngineManifest:
 
 def read_manifest(engine_dir: str | Path) -> EngineManifest:
     """Read and validate an engine dir's manifest (no engine file is touched)."""
-    if not str(engine_dir).strip():
-        raise EngineError("the engine dir is empty; pass the output_dir of kiln build")
-    engine_dir = Path(engine_dir)
-    path = engine_dir / MANIFEST_NAME
-    if engine_dir.is_file():
-        raise EngineError(f"{engine_dir}: is a file, not an engine directory; pass the directory "
-                          f"that holds it ({engine_dir.parent})")
-    if not engine_dir.is_dir():
-        raise EngineError(f"{engine_dir}: no such engine directory; pass the output_dir of kiln build")
-    if not path.is_file():
-        raise EngineError(f"{path}: missing; not an engine dir (run kiln build first)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise EngineError(f"{path}: invalid JSON ({e}); rebuild with kiln build") from None
-    if message := wrong_kind(engine_dir, data, DirKind.ENGINE):
-        raise EngineError(message)
+    path, data = read_config(engine_dir, DirKind.ENGINE, EngineError)
     try:
         return EngineManifest.from_dict(data)
     except (KeyError, TypeError) as e:

@@ -30,7 +30,7 @@ def ckpt_copy(checkpoint, tmp_path):
 
 
 def test_missing_checkpoint(tmp_path):
-    fails(tmp_path, tmp_path / "nope", CheckpointError, "no such directory")
+    fails(tmp_path, tmp_path / "nope", CheckpointError, "no such kiln checkpoint directory")
 
 
 def test_checkpoint_without_config(tmp_path):

@@ -73,7 +73,7 @@ def test_missing_directory(tmp_path):
 
 def test_missing_config(src, tmp_path):
     (src / "config.json").unlink()
-    with pytest.raises(CheckpointError, match="no config.json"):
+    with pytest.raises(CheckpointError, match="config.json: missing, so .* is not an HF checkpoint directory"):
         _convert(src, tmp_path / "out")
 
 
