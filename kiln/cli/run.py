@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from kiln.cli.context import CliContext, PathArg, executor_options
-from kiln.runtime.params import SamplingParams  # torch-free: --help stays fast
+from kiln.runtime.params import SamplingParams, is_utf8  # torch-free: --help stays fast
 
 if TYPE_CHECKING:
     from kiln.runtime import LLM, CompletionResult
@@ -73,7 +73,7 @@ def build_params(llm: LLM, max_output_len: int, given: dict[str, Any]) -> Sampli
 def read_prompts(input_text: tuple[str, ...], input_file: Path | None) -> list[str]:
     """Prompts from --input_text (repeatable) and --input_file (.jsonl: one per line; else one)."""
     for text in input_text:
-        if not _is_utf8(text):
+        if not is_utf8(text):
             raise click.BadParameter(f"{_shown(text)} is not UTF-8 text (the shell passed bytes "
                                      "that are not UTF-8; set a UTF-8 locale or use "
                                      "--input_file)", param_hint="--input_text")
@@ -109,7 +109,7 @@ def _jsonl_prompt(where: str, line: str) -> str:
     except json.JSONDecodeError as e:
         raise click.BadParameter(f"{where}: not JSON ({e.msg}: column {e.colno})",
                                  param_hint="--input_file") from None
-    if isinstance(item, str) and not _is_utf8(item):
+    if isinstance(item, str) and not is_utf8(item):
         message = "the string holds a lone surrogate escape (\\ud800-\\udfff), not UTF-8 text"
     elif isinstance(item, str):
         return item
@@ -119,21 +119,11 @@ def _jsonl_prompt(where: str, line: str) -> str:
         message = "a JSON object needs a 'prompt' key"
     elif not isinstance(item["prompt"], str):
         message = f"'prompt' must be a string, found {_json_type(item['prompt'])}"
-    elif not _is_utf8(item["prompt"]):
+    elif not is_utf8(item["prompt"]):
         message = "'prompt' holds a lone surrogate escape (\\ud800-\\udfff), not UTF-8 text"
     else:
         return item["prompt"]
     raise click.BadParameter(f"{where}: {message}", param_hint="--input_file")
-
-
-def _is_utf8(text: str) -> bool:
-    """False for a str holding lone surrogates: what Python makes of argument bytes that are
-    not UTF-8 (surrogateescape), or a JSON "\\udXXX" escape; the tokenizer refuses them."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _shown(text: str) -> str:

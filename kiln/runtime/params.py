@@ -75,7 +75,7 @@ class SamplingParams:
                        f"found {self.seed!r}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop",
                f"must be non-empty strings, found {self.stop!r}")
-        _check(all(_is_utf8(s) for s in self.stop), "stop",
+        _check(all(is_utf8(s) for s in self.stop), "stop",
                f"must be UTF-8 text, found {self.stop!r} (a lone surrogate: bytes that are not "
                "UTF-8, e.g. from a shell in another locale)")
         _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
@@ -122,7 +122,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_utf8(text: str) -> bool:
+def is_utf8(text: str) -> bool:
     """False for a str with lone surrogates (undecodable argument bytes, a JSON "\\udXXX"
     escape): the tokenizer cannot encode it, so a stop string could never match."""
     try:
