@@ -51,3 +51,7 @@ class EngineError(KilnError):
 
 class BuildError(EngineError):
     """A backend failed to build an engine from a valid plan (the library said why)."""
+
+
+class DatasetError(KilnError):
+    """A text dataset (calibration or evaluation) is missing, unreadable or has no text."""
