@@ -123,7 +123,8 @@ def make_plan(options: BuildOptions, ckpt: CheckpointConfig, engine: Backend) ->
                             targets=tuple(targets), tp_size=ckpt.mapping.tp_size)
     plugins = resolve_plugins(options.plugins, context)
     graph = GraphSpec(decoder=ckpt.decoder, mapping=ckpt.mapping, dtype=dtype,
-                      max_seq_len=limits.max_seq_len, plugins=plugins)
+                      max_seq_len=limits.max_seq_len, plugins=plugins,
+                      gather_context_logits=options.gather_context_logits)
     return BuildPlan(checkpoint_dir=options.checkpoint_dir, checkpoint=ckpt, graph=graph,
                      limits=limits, targets=tuple(targets))
 
@@ -142,6 +143,7 @@ def _finish(tmp: Path, engine: Backend, plan: BuildPlan, results: list[PartResul
         checksums={name: digest for r in results for name, digest in r.checksums.items()},
         sizes={name: size for r in results for name, size in r.sizes.items()},
         plugins=dict(plan.graph.plugins), quantization=ckpt.quantization,
+        gather_context_logits=plan.graph.gather_context_logits,
         kiln_version=kiln.__version__,
         source={"checkpoint_dir": str(plan.checkpoint_dir), **ckpt.source})
     manifest.write(tmp)

@@ -54,6 +54,9 @@ class BuildOptions:
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing output_dir."})
     allow_long_context: bool = field(default=False, metadata={
         "help": "Allow max_seq_len beyond the model's max positions without RoPE scaling."})
+    gather_context_logits: bool = field(default=False, metadata={
+        "help": "Engines that can return every prompt position's logits (prompt_logprobs, "
+                "kiln eval); the lm_head then runs on every prefill token."})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "checkpoint_dir", Path(self.checkpoint_dir).expanduser())

@@ -90,6 +90,7 @@ def _plugin_options(command):
               help=_HELP["workers"])
 @click.option("--overwrite", is_flag=True, help=_HELP["overwrite"])
 @click.option("--allow_long_context", is_flag=True, help=_HELP["allow_long_context"])
+@click.option("--gather_context_logits", is_flag=True, help=_HELP["gather_context_logits"])
 @click.pass_obj
 def build(obj: CliContext, **options) -> None:
     """Build an engine dir from a kiln checkpoint."""

@@ -84,6 +84,9 @@ class EngineManifest:
     quantization: dict[str, Any] = field(default_factory=lambda: {"scheme": None})
     kiln_version: str = ""
     source: dict[str, Any] = field(default_factory=dict)
+    # built with --gather_context_logits: every position's logits can be returned
+    # (prompt_logprobs, kiln eval); False in manifests written before the flag existed
+    gather_context_logits: bool = False
     format_version: int = ENGINE_FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -102,6 +105,7 @@ class EngineManifest:
             "quantization": self.quantization,
             "rank_files": {str(r): list(f) for r, f in self.rank_files.items()},
             "checksums": self.checksums,
+            "gather_context_logits": self.gather_context_logits,
             **({} if self.sizes is None else {"sizes": self.sizes}),
             "decoder": self.decoder.to_dict(), "source": self.source,
         }
@@ -123,10 +127,18 @@ class EngineManifest:
             plugins=dict(data.get("plugins", {})),
             quantization=data.get("quantization", {"scheme": None}),
             kiln_version=data.get("kiln_version", ""), source=data.get("source", {}),
+            gather_context_logits=_flag(data.get("gather_context_logits", False),
+                                        "gather_context_logits"),
             format_version=version)
 
     def write(self, engine_dir: Path) -> None:
         (Path(engine_dir) / MANIFEST_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def _flag(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, found {value!r}")
+    return value
 
 
 def read_manifest(engine_dir: str | Path) -> EngineManifest:

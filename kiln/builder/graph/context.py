@@ -25,6 +25,7 @@ class GraphSpec:
     dtype: str  # weights and activations ("float32" | "float16" | "bfloat16")
     max_seq_len: int  # Smax: the static KV-cache length
     plugins: dict[str, bool]  # plugin name -> fused form used
+    gather_context_logits: bool = False  # the head also returns context_logits [B, S, V]
 
 
 @dataclass(frozen=True)

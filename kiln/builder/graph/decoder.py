@@ -1,6 +1,7 @@
 """Emit one part's graph: the passes in order, and the graph I/O of docs/engine.md.
 
     inputs ─► (embedding | hidden_in) ─► layers[start:stop] ─► (head ─► logits | hidden_out)
+                                                        (+ context_logits: gather_context_logits)
 
 Positions (the mask, rotary tables) are emitted lazily by the first layer that needs them and
 shared by all. Weights stream from the rank's checkpoint file one tensor at a time into the
@@ -75,6 +76,9 @@ def _outputs(ctx: EmitContext, x: str) -> None:
     if part.last:
         g.output(emit_head(ctx, x), "logits", onnx.TensorProto.FLOAT,
                  [BATCH, spec.decoder.vocab_size])
+        if spec.gather_context_logits:
+            g.output("context_logits", "context_logits", onnx.TensorProto.FLOAT,
+                     [BATCH, SEQ, spec.decoder.vocab_size])
     else:
         g.output(g.op("Identity", x, name="hidden_out", outputs=["hidden_out"]), "hidden_out",
                  ctx.elem, [BATCH, SEQ, spec.decoder.hidden_size])

@@ -1,4 +1,9 @@
-"""The last part's head: pick each row's last valid token, final norm, lm_head, gather vocab."""
+"""The last part's head: pick each row's last valid token, final norm, lm_head, gather vocab.
+
+Built with ``gather_context_logits`` the head runs on every position instead and also returns
+``context_logits`` [B, S, V]; ``logits`` [B, V] are then gathered from them. Without it the
+graph is exactly the one the golden graphs pin.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ def emit_head(ctx: EmitContext, x: str) -> str:
               ─► Slice [:, :vocab] (drops the zero padding rows) ─► Cast f32
     """
     g, cfg = ctx.g, ctx.decoder
+    if ctx.spec.gather_context_logits:
+        return emit_context_head(ctx, x)
     with g.scope("head"):
         last = g.op("Unsqueeze", ctx.shared["last_index"], g.int64s(1), name="last_index")
         x = g.op("GatherND", x, last, name="last_token", batch_dims=1)  # [B, H]
@@ -30,3 +37,30 @@ def emit_head(ctx: EmitContext, x: str) -> str:
             logits = g.op("Slice", logits, g.int64s(0), g.int64s(cfg.vocab_size), g.int64s(1),
                           name="unpad")
         return g.op("Cast", logits, outputs=["logits"], to=FLOAT32)
+
+
+def emit_context_head(ctx: EmitContext, x: str) -> str:
+    """float32 ``context_logits`` [B, S, V] (a graph output of its own) and the ``logits``
+    [B, V] at ``last_index`` gathered from them.
+
+    x [B,S,H] ─► final_norm ─► lm_head MatMul
+      tp = 1: [B, S, V] ─► Cast f32 ─► context_logits
+      tp > 1: [B, S, V/tp] ─► Transpose [V/tp, B, S] ─► all_gather [V_pad, B, S]
+              ─► Transpose [B, S, V_pad] ─► Slice [..., :vocab] ─► Cast f32 ─► context_logits
+    context_logits ─► GatherND(last_index, batch_dims=1) [B, V] ─► logits
+    """
+    g, cfg = ctx.g, ctx.decoder
+    x = norm(ctx, x, Role.FINAL_NORM, Role.FINAL_NORM_BIAS, None, "final_norm")
+    with g.scope("lm_head"):
+        logits = g.op("MatMul", x, ctx.weight(Role.LM_HEAD, linear=True))  # [B, S, V/tp]
+        if ctx.tp > 1:
+            local = g.op("Transpose", logits, name="vocab_major", perm=[2, 0, 1])
+            gathered = collectives.all_gather(g, local, ctx.tp)  # [V_pad, B, S]
+            logits = g.op("Transpose", gathered, name="batch_major", perm=[1, 2, 0])
+            logits = g.op("Slice", logits, g.int64s(0), g.int64s(cfg.vocab_size), g.int64s(2),
+                          name="unpad")
+        context = g.op("Cast", logits, outputs=["context_logits"], to=FLOAT32)
+    with g.scope("head"):
+        last = g.op("Unsqueeze", ctx.shared["last_index"], g.int64s(1), name="last_index")
+        return g.op("GatherND", context, last, outputs=["logits"], name="last_token",
+                    batch_dims=1)  # [B, V]
