@@ -16,8 +16,9 @@ import torch
 from kiln.config import DTYPES, DecoderConfig, Mapping
 from kiln.dirs import DirKind, read_config
 from kiln.errors import CheckpointError, ConfigError, KilnError
-from kiln.roles import name_mismatch, parse_name, tensor_names
-from kiln.sharding import unshard
+from kiln.quantization.config import QuantConfig
+from kiln.roles import name_mismatch, tensor_names
+from kiln.sharding import unshard_named
 from kiln.tensorio import read_header, read_tensor
 
 FORMAT_VERSION = 1
@@ -40,7 +41,7 @@ class CheckpointConfig:
     decoder: DecoderConfig
     mapping: Mapping
     dtype: str
-    quantization: dict[str, Any] = field(default_factory=lambda: {"scheme": None})
+    quantization: QuantConfig | None = None
     source: dict[str, Any] = field(default_factory=dict)
     kiln_version: str = ""
     format_version: int = FORMAT_VERSION
@@ -59,7 +60,8 @@ class CheckpointConfig:
         _, pp_rank = self.mapping.coords(rank)
         layers = self.mapping.stage_layers(pp_rank, self.decoder.num_layers)
         return tensor_names(self.decoder, layers, first_stage=pp_rank == 0,
-                            last_stage=pp_rank == self.mapping.pp_size - 1)
+                            last_stage=pp_rank == self.mapping.pp_size - 1,
+                            quant=self.quantization)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -68,7 +70,7 @@ class CheckpointConfig:
             "decoder": self.decoder.to_dict(),
             "mapping": {"tp_size": self.mapping.tp_size, "pp_size": self.mapping.pp_size},
             "dtype": self.dtype,
-            "quantization": self.quantization,
+            "quantization": None if self.quantization is None else self.quantization.to_dict(),
             "source": self.source,
         }
 
@@ -81,7 +83,7 @@ class CheckpointConfig:
         try:
             return cls(decoder=DecoderConfig.from_dict(data["decoder"]),
                        mapping=Mapping(**data["mapping"]), dtype=data["dtype"],
-                       quantization=data.get("quantization", {"scheme": None}),
+                       quantization=QuantConfig.from_dict(data.get("quantization")),
                        source=data.get("source", {}), kiln_version=data.get("kiln_version", ""),
                        format_version=version)
         except KeyError as e:
@@ -122,8 +124,5 @@ def load_merged(checkpoint_dir: str | Path,
         tp_rank, _ = mapping.coords(rank)
         for name, tensor in load_rank(checkpoint_dir, rank, config).items():
             per_name.setdefault(name, [None] * mapping.tp_size)[tp_rank] = tensor
-    merged = {}
-    for name, shards in per_name.items():
-        role, _ = parse_name(name)
-        merged[name] = unshard(shards, role, config.decoder, mapping)
-    return merged
+    return {name: unshard_named(name, shards, config.decoder, mapping)
+            for name, shards in per_name.items()}

@@ -5,13 +5,18 @@ transformers. It favours being obviously right over being fast: whole-model tens
 and stages merged), float32 math by default, a KV cache of concatenated keys and values, and
 masks built from explicit positions (so prefill, decode and chunked prefill share one path).
 
-Non-goals: speed, padding within a batch (sequences of one batch share their positions),
-quantized weights.
+Quantized checkpoints run through the definition of their format (kiln.quantization.formats):
+weights dequantized once, activations of W8A8 formats and a quantized KV cache fake-quantized
+(quantize then dequantize) where the engines quantize them. ``observer`` (calibration) sees
+each linear's input, before any pre_quant_scale or quantization, and each layer's keys and values.
+
+Non-goals: speed, padding within a batch (sequences of one batch share their positions).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +25,12 @@ import torch.nn.functional as F
 
 from kiln.checkpoint import load_config, load_merged
 from kiln.config import DecoderConfig, NormType, PositionType, ResidualType, RopeScalingType
-from kiln.roles import Role
+from kiln.quantization.config import INPUT_SCALE, PRE_QUANT_SCALE, WEIGHT_SCALE, QuantConfig
+from kiln.quantization.formats import KV_DTYPES, dequantize_weight, fake_quant
+from kiln.roles import QUANTIZED_ROLES, Role, companion, parse_tensor
+
+# observer(name, tensor): a linear's input under its weight's name, or "layers.{i}.attn.k" / ".v"
+Observer = Callable[[str, torch.Tensor], None]
 
 
 def rope_inv_freq(config: DecoderConfig, seq_len: int) -> torch.Tensor:
@@ -91,19 +101,56 @@ class ReferenceDecoder:
     """Whole-model forward of the canonical decoder (see module docstring)."""
 
     def __init__(self, config: DecoderConfig, weights: dict[str, torch.Tensor],
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, quant: QuantConfig | None = None,
+                 observer: Observer | None = None):
         self.config = config
         self.dtype = dtype
-        self.w = {k: v.to(dtype) for k, v in weights.items()}
+        self.quant = quant
+        self.observer = observer
+        self.scales: dict[str, torch.Tensor] = {}  # float32 companions kept as they are
+        self.w = {}
+        for name, tensor in weights.items():
+            role, _, kind = parse_tensor(name)
+            if kind is not None:
+                if kind != WEIGHT_SCALE:
+                    self.scales[name] = tensor.float()
+            elif quant is not None and role in QUANTIZED_ROLES:
+                scale = weights[name.removesuffix("weight") + WEIGHT_SCALE]
+                self.w[name] = dequantize_weight(tensor, scale, quant).to(dtype)
+            else:
+                self.w[name] = tensor.to(dtype)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint_dir: str | Path,
-                        dtype: torch.dtype = torch.float32) -> ReferenceDecoder:
+    def from_checkpoint(cls, checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32,
+                        observer: Observer | None = None) -> ReferenceDecoder:
         ckpt = load_config(checkpoint_dir)
-        return cls(ckpt.decoder, load_merged(checkpoint_dir, ckpt), dtype)
+        return cls(ckpt.decoder, load_merged(checkpoint_dir, ckpt), dtype, ckpt.quantization,
+                   observer)
 
     def _get(self, role: Role, layer: int | None = None) -> torch.Tensor | None:
         return self.w.get(role.name(layer))
+
+    def linear(self, x: torch.Tensor, role: Role, layer: int,
+               bias: Role | None = None) -> torch.Tensor:
+        """``x @ W.T + b`` for a layer's projection, through its format's numerics."""
+        if self.observer is not None:
+            self.observer(role.name(layer), x)
+        pre = self.scales.get(companion(role, layer, PRE_QUANT_SCALE))
+        if pre is not None:
+            x = (x.float() * pre).to(x.dtype)
+        input_scale = self.scales.get(companion(role, layer, INPUT_SCALE))
+        if input_scale is not None:
+            x = fake_quant(x, input_scale, self.quant.activation_dtype)
+        return F.linear(x, self._get(role, layer), None if bias is None else self._get(bias, layer))
+
+    def _cache_entry(self, i: int, kind: str, x: torch.Tensor) -> torch.Tensor:
+        """Keys or values as the KV cache holds them (fake-quantized for a quantized cache)."""
+        if self.observer is not None:
+            self.observer(f"layers.{i}.attn.{kind}", x)
+        scale = self.scales.get(f"layers.{i}.attn.{kind}_scale")
+        if scale is None:
+            return x
+        return fake_quant(x, scale, KV_DTYPES[self.quant.kv_cache_dtype])
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
@@ -152,7 +199,7 @@ class ReferenceDecoder:
                    inv_freq: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
         cfg, g = self.config, lambda role: self._get(role, i)
         b, s, _ = h.shape
-        qkv = F.linear(h, g(Role.QKV), g(Role.QKV_BIAS))
+        qkv = self.linear(h, Role.QKV, i, Role.QKV_BIAS)
         if cfg.clip_qkv is not None:
             qkv = qkv.clamp(-cfg.clip_qkv, cfg.clip_qkv)
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
@@ -165,6 +212,7 @@ class ReferenceDecoder:
         v = v.view(b, s, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
         if inv_freq is not None:
             q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        k, v = self._cache_entry(i, "k", k), self._cache_entry(i, "v", v)
         if i in cache.keys:
             k = torch.cat([cache.keys[i], k], dim=2)
             v = torch.cat([cache.values[i], v], dim=2)
@@ -174,16 +222,15 @@ class ReferenceDecoder:
         scores = (q.float() @ k.float().transpose(-1, -2)) * cfg.softmax_scale + mask
         out = torch.softmax(scores, dim=-1).to(v.dtype) @ v  # [B, H, S, D]
         out = out.transpose(1, 2).reshape(b, s, cfg.q_size)
-        return F.linear(out, g(Role.OUT), g(Role.OUT_BIAS))
+        return self.linear(out, Role.OUT, i, Role.OUT_BIAS)
 
     def _mlp(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        g = lambda role: self._get(role, i)  # noqa: E731
         if self.config.gated_mlp:
-            gate, up = F.linear(h, g(Role.GATE_UP), g(Role.GATE_UP_BIAS)).chunk(2, dim=-1)
+            gate, up = self.linear(h, Role.GATE_UP, i, Role.GATE_UP_BIAS).chunk(2, dim=-1)
             act = F.silu(gate) * up
         else:
-            act = F.gelu(F.linear(h, g(Role.UP), g(Role.UP_BIAS)))
-        return F.linear(act, g(Role.DOWN), g(Role.DOWN_BIAS))
+            act = F.gelu(self.linear(h, Role.UP, i, Role.UP_BIAS))
+        return self.linear(act, Role.DOWN, i, Role.DOWN_BIAS)
 
     @torch.no_grad()
     def generate(self, prompt: list[int], max_new_tokens: int,

@@ -21,6 +21,14 @@ from dataclasses import dataclass
 from enum import Enum
 
 from kiln.config import DecoderConfig, MlpType, NormType
+from kiln.quantization.config import (
+    INPUT_SCALE,
+    KV_SCALES,
+    PRE_QUANT_SCALE,
+    WEIGHT_SCALE,
+    Granularity,
+    QuantConfig,
+)
 
 
 class Role(str, Enum):
@@ -55,7 +63,7 @@ class Role(str, Enum):
         """The canonical tensor name (``layer`` is required for per-layer roles)."""
         if self.per_layer:
             if layer is None:
-                raise ValueError(f"role {self.name} needs a layer index")
+                raise ValueError(f"role {self._name_} needs a layer index")
             return self.value.format(layer=layer)
         return self.value
 
@@ -116,6 +124,9 @@ SHARDING: dict[Role, ShardSpec] = {
     Role.LM_HEAD: ShardSpec(dim=0, pad_to_multiple=True),
 }
 
+# The linear weights a qformat quantizes (the embedding and lm_head stay in the model dtype).
+QUANTIZED_ROLES = (Role.QKV, Role.OUT, Role.GATE_UP, Role.UP, Role.DOWN)
+
 LAYER_ROLES = tuple(r for r in Role if r.per_layer)
 FIRST_STAGE_ROLES = (Role.EMBED,)
 LAST_STAGE_ROLES = (Role.FINAL_NORM, Role.FINAL_NORM_BIAS, Role.LM_HEAD)
@@ -145,15 +156,41 @@ def roles_for(config: DecoderConfig) -> tuple[Role, ...]:
 
 
 def tensor_names(config: DecoderConfig, layers: range | None = None, *, first_stage: bool = True,
-                 last_stage: bool = True) -> list[str]:
-    """Canonical names of the tensors of a stage holding ``layers`` (default: all layers)."""
+                 last_stage: bool = True, quant: QuantConfig | None = None) -> list[str]:
+    """Canonical names of the tensors of a stage holding ``layers`` (default: all layers),
+    with a quantized checkpoint's companion tensors (scales) after their weight."""
     layers = range(config.num_layers) if layers is None else layers
     names = []
     for role in roles_for(config):
         if role.per_layer:
-            names.extend(role.name(i) for i in layers)
+            for i in layers:
+                names.append(role.name(i))
+                if quant is not None:
+                    names.extend(companion_names(role, i, quant))
         elif (role in FIRST_STAGE_ROLES and first_stage) or (role in LAST_STAGE_ROLES and last_stage):
             names.append(role.name())
+    return names
+
+
+def companion(role: Role, layer: int, kind: str) -> str:
+    """``layers.3.attn.qkv.weight_scale``: a companion tensor of a quantized weight; for the
+    KV-cache scales (``k_scale``, ``v_scale``) the attention's: ``layers.3.attn.k_scale``."""
+    if kind in KV_SCALES:
+        return f"layers.{layer}.attn.{kind}"
+    return role.name(layer).removesuffix("weight") + kind
+
+
+def companion_names(role: Role, layer: int, quant: QuantConfig) -> list[str]:
+    """The companions a quantized checkpoint stores with ``role``'s tensor of ``layer``."""
+    names = []
+    if role in QUANTIZED_ROLES:
+        names.append(companion(role, layer, WEIGHT_SCALE))
+        if quant.activation_dtype is not None:
+            names.append(companion(role, layer, INPUT_SCALE))
+        if role.value in quant.pre_quant_scales:
+            names.append(companion(role, layer, PRE_QUANT_SCALE))
+    if role is Role.QKV and quant.kv_cache_dtype is not None:
+        names.extend(companion(role, layer, kind) for kind in KV_SCALES)
     return names
 
 
@@ -165,6 +202,52 @@ def name_mismatch(expected: Iterable[str], found: Iterable[str]) -> str | None:
     if not (missing or unexpected):
         return None
     return f"missing {missing}, unexpected {unexpected}"
+
+
+def parse_tensor(name: str) -> tuple[Role, int | None, str | None]:
+    """``(role, layer, companion kind or None)`` of any checkpoint tensor name:
+    ``layers.3.attn.qkv.weight_scale`` -> (Role.QKV, 3, "weight_scale")."""
+    for kind in KV_SCALES:
+        if name.startswith("layers.") and name.endswith(f".attn.{kind}"):
+            return (Role.QKV, *parse_name(name.removesuffix(kind) + "qkv.weight")[1:], kind)
+    for kind in (WEIGHT_SCALE, INPUT_SCALE, PRE_QUANT_SCALE):
+        if name.endswith("." + kind):
+            role, layer = parse_name(name.removesuffix(kind) + "weight")
+            if role in QUANTIZED_ROLES:
+                return role, layer, kind
+    return (*parse_name(name), None)
+
+
+def tensor_sharding(role: Role, kind: str | None, ndim: int) -> ShardSpec:
+    """How a tensor of ``role`` is split; a companion follows its weight's channels:
+
+    - scalars (per-tensor scales, input and KV-cache scales): replicated;
+    - ``weight_scale`` [out] (per channel): split like the weight's rows (column-parallel),
+      replicated for a row-parallel weight (every rank has every output channel);
+    - ``weight_scale`` [out, in / group] (per group): split like the weight itself;
+    - ``pre_quant_scale`` [in]: split with a row-parallel weight's input features.
+    A quantized weight (int4 packed [out, in / 2] included) splits like the float one.
+    """
+    spec = SHARDING[role]
+    if kind is None or (kind == WEIGHT_SCALE and ndim == 2):
+        return spec
+    if ndim == 0 or kind in (INPUT_SCALE, *KV_SCALES):
+        return REPLICATED
+    if kind == WEIGHT_SCALE:
+        return spec if spec.dim == 0 else REPLICATED
+    return ShardSpec(dim=0) if spec.dim == 1 else REPLICATED
+
+
+def scale_shape(role: Role, kind: str, config: DecoderConfig, quant: QuantConfig) -> tuple[int, ...]:
+    """Whole-model shape of a companion tensor."""
+    out, k = expected_shape(role, config)
+    if kind == PRE_QUANT_SCALE:
+        return (k,)
+    if kind != WEIGHT_SCALE or quant.weight_scales is Granularity.PER_TENSOR:
+        return ()
+    if quant.weight_scales is Granularity.PER_CHANNEL:
+        return (out,)
+    return (out, k // quant.group_size)
 
 
 def parse_name(name: str) -> tuple[Role, int | None]:

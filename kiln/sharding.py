@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from kiln.config import DecoderConfig, Mapping
-from kiln.roles import SHARDING, Role, Segment
+from kiln.roles import SHARDING, Role, Segment, ShardSpec, parse_tensor, tensor_sharding
 
 
 def _qkv_segments(config: DecoderConfig) -> list[Segment]:
@@ -35,8 +35,7 @@ SEGMENT_RULES: dict[str, Callable[[DecoderConfig], list[Segment]]] = {
 }
 
 
-def _segments(role: Role, config: DecoderConfig, size: int) -> list[Segment]:
-    spec = SHARDING[role]
+def _segments(role: Role, config: DecoderConfig, size: int, spec: ShardSpec) -> list[Segment]:
     if spec.segments is None:
         return [Segment(size)]
     segments = SEGMENT_RULES[spec.segments](config)
@@ -63,17 +62,18 @@ def _segment_part(seg: Segment, tp: int, tp_rank: int) -> tuple[int, int]:
 
 
 def shard_ranges(role: Role, config: DecoderConfig, mapping: Mapping, tp_rank: int,
-                 size: int) -> list[tuple[int, int]]:
+                 size: int, spec: ShardSpec | None = None) -> list[tuple[int, int]]:
     """Index ranges ``(start, stop)`` along the split dim that rank ``tp_rank`` stores.
 
-    Ranges may run past ``size`` for a padded role: those rows are zero padding.
+    Ranges may run past ``size`` for a padded role: those rows are zero padding. ``spec``
+    defaults to the role's (a quantized checkpoint's scales pass theirs: roles.tensor_sharding).
     """
     tp = mapping.tp_size
-    spec = SHARDING[role]
+    spec = spec or SHARDING[role]
     if spec.pad_to_multiple:
         size = padded_rows(size, tp)
     ranges, offset = [], 0
-    for seg in _segments(role, config, size):
+    for seg in _segments(role, config, size, spec):
         start, length = _segment_part(seg, tp, tp_rank)
         ranges.append((offset + start, offset + start + length))
         offset += seg.rows
@@ -81,15 +81,15 @@ def shard_ranges(role: Role, config: DecoderConfig, mapping: Mapping, tp_rank: i
 
 
 def shard(full: torch.Tensor, role: Role, config: DecoderConfig, mapping: Mapping,
-          tp_rank: int) -> torch.Tensor:
+          tp_rank: int, spec: ShardSpec | None = None) -> torch.Tensor:
     """The part of ``full`` that tensor-parallel rank ``tp_rank`` stores."""
-    spec = SHARDING[role]
+    spec = spec or SHARDING[role]
     if spec.dim is None or mapping.tp_size == 1 and not spec.pad_to_multiple:
         return full
     dim = spec.dim
     size = full.shape[dim]
     parts = []
-    for start, stop in shard_ranges(role, config, mapping, tp_rank, size):
+    for start, stop in shard_ranges(role, config, mapping, tp_rank, size, spec):
         real = full.narrow(dim, min(start, size), max(0, min(stop, size) - start))
         parts.append(real)
         if stop > max(start, size):  # zero padding past the real rows
@@ -100,24 +100,25 @@ def shard(full: torch.Tensor, role: Role, config: DecoderConfig, mapping: Mappin
 
 
 def shard_shape(shape: Sequence[int], role: Role, config: DecoderConfig, mapping: Mapping,
-                tp_rank: int) -> tuple[int, ...]:
+                tp_rank: int, spec: ShardSpec | None = None) -> tuple[int, ...]:
     """Shape of ``shard(...)`` for a full tensor of ``shape``, without any data."""
-    spec = SHARDING[role]
+    spec = spec or SHARDING[role]
     out = list(shape)
     if spec.dim is not None:
-        ranges = shard_ranges(role, config, mapping, tp_rank, shape[spec.dim])
+        ranges = shard_ranges(role, config, mapping, tp_rank, shape[spec.dim], spec)
         out[spec.dim] = sum(stop - start for start, stop in ranges)
     return tuple(out)
 
 
 def unshard(shards: Sequence[torch.Tensor], role: Role, config: DecoderConfig,
-            mapping: Mapping, full_size: int | None = None) -> torch.Tensor:
+            mapping: Mapping, full_size: int | None = None,
+            spec: ShardSpec | None = None) -> torch.Tensor:
     """Rebuild the full tensor from every tensor-parallel rank's shard (in tp_rank order).
 
     ``full_size`` (along the split dim) trims padding; it defaults to the model's vocab size
     for padded roles.
     """
-    spec = SHARDING[role]
+    spec = spec or SHARDING[role]
     if len(shards) != mapping.tp_size:
         raise ValueError(f"{role.name}: expected {mapping.tp_size} shards, got {len(shards)}")
     if spec.dim is None:
@@ -136,7 +137,22 @@ def unshard(shards: Sequence[torch.Tensor], role: Role, config: DecoderConfig,
     out = shards[0].new_empty(out_shape)
     for tp_rank, part in enumerate(shards):
         offset = 0
-        for start, stop in shard_ranges(role, config, mapping, tp_rank, full_size):
+        for start, stop in shard_ranges(role, config, mapping, tp_rank, full_size, spec):
             out.narrow(dim, start, stop - start).copy_(part.narrow(dim, offset, stop - start))
             offset += stop - start
     return out.narrow(dim, 0, full_size)
+
+
+def shard_named(name: str, full: torch.Tensor, config: DecoderConfig, mapping: Mapping,
+                tp_rank: int) -> torch.Tensor:
+    """:func:`shard` for any checkpoint tensor by name (quantized checkpoints' scales too)."""
+    role, _, kind = parse_tensor(name)
+    return shard(full, role, config, mapping, tp_rank, tensor_sharding(role, kind, full.dim()))
+
+
+def unshard_named(name: str, shards: Sequence[torch.Tensor], config: DecoderConfig,
+                  mapping: Mapping) -> torch.Tensor:
+    """:func:`unshard` for any checkpoint tensor by name (quantized checkpoints' scales too)."""
+    role, _, kind = parse_tensor(name)
+    return unshard(shards, role, config, mapping,
+                   spec=tensor_sharding(role, kind, shards[0].dim()))

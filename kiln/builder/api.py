@@ -79,10 +79,9 @@ def build_with(options: BuildOptions, progress: bool = False) -> BuildResult:
     engine = get_backend(options.backend)
     plan = make_plan(options, ckpt, engine)
     engine.check(plan)
-    scheme = ckpt.quantization.get("scheme")
-    if scheme is not None:
-        raise ConfigError(f"checkpoint quantization scheme {scheme!r} is not supported by kiln "
-                          f"build yet; convert the checkpoint without quantization")
+    if ckpt.quantization is not None:
+        raise ConfigError(f"{ckpt.quantization.qformat} checkpoints are not supported by kiln "
+                          f"build yet; build the unquantized checkpoint")
     budget = options.memory_budget() // options.workers
     parts = [p for rank in range(ckpt.mapping.world_size)
              for p in plan_rank(ckpt, rank, RankWeights(weights[rank].path, plan.dtype), budget,

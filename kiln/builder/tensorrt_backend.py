@@ -47,6 +47,7 @@ from kiln.engine import BuildLimits, EngineError
 from kiln.errors import BuildError
 from kiln.graph.emitter import MemorySink
 from kiln.interrupts import deferred_interrupts
+from kiln.quantization.config import QuantConfig
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,6 @@ RTX_REFUSED = {
     "sm100": "data-centre Blackwell (10.0) is not a TensorRT-RTX target; build on the machine "
              "with full TensorRT (import tensorrt)",
 }
-FP8_MIN = 89  # FP8 tensor cores: Ada (sm89) and later
 
 
 def load_library() -> tuple[ModuleType, bool]:
@@ -115,7 +115,7 @@ class TensorRTBackend(Backend):
 
     def check(self, plan: BuildPlan) -> None:
         check_targets(plan.targets, self.full, local_gpu() if self.full else None)
-        check_precision(plan.targets, plan.dtype, plan.checkpoint.quantization.get("scheme"))
+        check_precision(plan.targets, plan.dtype, plan.checkpoint.quantization)
 
     def build_part(self, job: PartJob) -> PartResult:
         """Emit the part's graph with its weights kept in memory, hand both to the parser
@@ -164,16 +164,17 @@ def check_targets(targets: tuple[str, ...], full: bool, gpu: str | None) -> None
                               f"{', '.join(RTX_TARGETS)}")
 
 
-def check_precision(targets: tuple[str, ...], dtype: str, scheme: str | None) -> None:
+def check_precision(targets: tuple[str, ...], dtype: str, quant: QuantConfig | None) -> None:
     for target in targets:
         cap = _capability(target)
         if dtype == "bfloat16" and cap < 80:
             raise EngineError(f"{target} has no bfloat16 support (needs sm80+); build with "
                               f"--dtype float16 or drop the target")
-        if scheme is not None and "fp8" in scheme.lower() and cap < FP8_MIN:
-            raise EngineError(f"{target} has no FP8 tensor cores (needs sm89+) for the "
-                              f"checkpoint's {scheme} quantization; target sm89/sm120 or use "
-                              f"an int8/int4 scheme")
+        if quant is not None and cap < quant.info.min_capability:
+            raise EngineError(f"{target} cannot run the checkpoint's {quant.qformat} "
+                              f"quantization (needs sm{quant.info.min_capability}+: FP8 tensor "
+                              f"cores); target sm89/sm120/sm121 or quantize to an int8/int4 "
+                              f"format")
 
 
 def profile_ranges(limits: BuildLimits) -> list[dict[str, tuple[int, int, int]]]:

@@ -55,9 +55,10 @@ class TorchBackend(Backend):
             raise EngineError(f"the torch backend builds for targets {', '.join(TARGETS)}; "
                               f"found {', '.join(unknown)}")
         check_mapping(plan.checkpoint.mapping, "convert with --tp_size 1 --pp_size 1")
-        if plan.checkpoint.quantization.get("scheme") is not None:
-            raise EngineError("the torch backend packs unquantized weights only; convert "
-                              "without quantization")
+        if plan.checkpoint.quantization is not None:
+            raise EngineError(f"the torch backend packs unquantized weights only, found a "
+                              f"{plan.checkpoint.quantization.qformat} checkpoint; build it with "
+                              f"--backend onnx or tensorrt, or build the unquantized checkpoint")
 
     def build_part(self, job: PartJob) -> PartResult:
         started = time.perf_counter()

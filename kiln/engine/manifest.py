@@ -34,6 +34,7 @@ from kiln.config import DTYPES, DecoderConfig, Mapping
 from kiln.dirs import DirKind, read_config
 from kiln.errors import ConfigError, EngineError
 from kiln.hashing import sha256_file  # the one sha256 helper (also imported from here)
+from kiln.quantization.config import QuantConfig
 
 logger = logging.getLogger("kiln.engine")  # the package's name, as before it was one
 
@@ -81,7 +82,7 @@ class EngineManifest:
     # file name -> bytes; None in manifests written before sizes were recorded (presence only)
     sizes: dict[str, int] | None = None
     plugins: dict[str, bool] = field(default_factory=dict)
-    quantization: dict[str, Any] = field(default_factory=lambda: {"scheme": None})
+    quantization: QuantConfig | None = None
     kiln_version: str = ""
     source: dict[str, Any] = field(default_factory=dict)
     # built with --gather_context_logits: every position's logits can be returned
@@ -102,7 +103,7 @@ class EngineManifest:
             "targets": list(self.targets), "dtype": self.dtype,
             "mapping": {"tp_size": self.mapping.tp_size, "pp_size": self.mapping.pp_size},
             "limits": vars(self.limits), "plugins": self.plugins,
-            "quantization": self.quantization,
+            "quantization": None if self.quantization is None else self.quantization.to_dict(),
             "rank_files": {str(r): list(f) for r, f in self.rank_files.items()},
             "checksums": self.checksums,
             "gather_context_logits": self.gather_context_logits,
@@ -125,7 +126,7 @@ class EngineManifest:
             checksums=dict(data["checksums"]),
             sizes={k: int(v) for k, v in data["sizes"].items()} if "sizes" in data else None,
             plugins=dict(data.get("plugins", {})),
-            quantization=data.get("quantization", {"scheme": None}),
+            quantization=QuantConfig.from_dict(data.get("quantization")),
             kiln_version=data.get("kiln_version", ""), source=data.get("source", {}),
             gather_context_logits=_flag(data.get("gather_context_logits", False),
                                         "gather_context_logits"),

@@ -138,7 +138,8 @@ def test_quantized_checkpoint(ckpt_copy, tmp_path):
     config = json.loads((ckpt_copy / "config.json").read_text())
     config["quantization"] = {"scheme": "w8a8_int8"}
     (ckpt_copy / "config.json").write_text(json.dumps(config))
-    fails(tmp_path, ckpt_copy, ConfigError, "quantization scheme 'w8a8_int8' is not supported")
+    fails(tmp_path, ckpt_copy, CheckpointError, "quantization must be null or an object with a "
+                                                "qformat")
 
 
 def test_unknown_build_option_is_named(checkpoint, tmp_path):

@@ -4,20 +4,20 @@ parsed networks hold the fused layers the plugins promise."""
 from __future__ import annotations
 
 import importlib.util
-import json
 
 import pytest
 
 from kiln.builder import build
 from kiln.builder.api import check_rank_files
 from kiln.builder.plan import plan_rank
-from kiln.builder.tensorrt_backend import TensorRTBackend
+from kiln.builder.tensorrt_backend import TensorRTBackend, check_precision
 from kiln.checkpoint import load_config
 from kiln.config import PositionType, ResidualType
 from kiln.engine import EngineError, read_manifest, verify_files
 from kiln.errors import ConfigError
 from kiln.plugins import PLUGINS
 from kiln.plugins.attention.spec import TRT_HEAD_DIMS, TRT_MIN_HEADS
+from kiln.quantization.config import QuantConfig
 from tests.builder.conftest import LIMITS
 from tests.helpers import save_hf_model
 from tests.models import VARIANTS, kiln_checkpoint
@@ -131,15 +131,11 @@ def test_refused_targets(checkpoint, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_fp8_refused_before_ada(checkpoint, tmp_path):
-    ckpt = tmp_path / "ckpt"
-    import shutil
-    shutil.copytree(checkpoint("llama-gqa"), ckpt)
-    config = json.loads((ckpt / "config.json").read_text())
-    config["quantization"] = {"scheme": "fp8_w8a8"}
-    (ckpt / "config.json").write_text(json.dumps(config))
-    with pytest.raises(EngineError, match="sm86 has no FP8"):
-        build(ckpt, tmp_path / "engine", **TRT)
+def test_fp8_refused_before_ada():
+    check_precision(("sm89", "sm120"), "float16", QuantConfig("fp8"))
+    check_precision(("sm75", "sm86"), "float16", QuantConfig("int4_awq"))
+    with pytest.raises(EngineError, match=r"sm86 cannot run the checkpoint's fp8 .*sm89\+"):
+        check_precision(("sm89", "sm86"), "float16", QuantConfig("fp8"))
 
 
 def test_fused_attention_refused_in_float32(checkpoint, tmp_path):

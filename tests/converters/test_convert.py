@@ -53,7 +53,7 @@ def test_output_format(hf_dir, tmp_path):
     assert config["format_version"] == 1
     assert config["mapping"] == {"tp_size": 2, "pp_size": 2}
     assert config["dtype"] == "bfloat16"
-    assert config["quantization"] == {"scheme": None}
+    assert config["quantization"] is None
     assert set(config["source"]["files"]) == {"model.safetensors"}
     assert len(config["source"]["files"]["model.safetensors"]) == 64  # sha256 hex
     ckpt = load_config(out)
