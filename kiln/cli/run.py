@@ -34,7 +34,8 @@ if TYPE_CHECKING:
     from kiln.runtime import LLM, CompletionResult
 
 # Fields with their own flag (max_tokens is --max_output_len) or not shown by this command.
-_NOT_FLAGS = {"max_tokens", "logprobs"}  # logprobs: the API returns them; run prints text
+# logprobs, prompt_logprobs: the API returns them; run prints text
+_NOT_FLAGS = {"max_tokens", "logprobs", "prompt_logprobs"}
 
 
 def _click_type(annotation: Any) -> tuple[Any, bool]:

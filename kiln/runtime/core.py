@@ -9,6 +9,13 @@ directly, the asyncio API from its engine thread). A step schedules, runs the ex
 samples one token for every chunk that ends a sequence's known tokens, applies stop conditions,
 and releases finished slots before returning, so the next step can admit waiting requests.
 
+Prompt logprobs (``SamplingParams.prompt_logprobs``): the request's prompt chunks ask the
+executor for context logits (engines built with ``--gather_context_logits``; others refuse the
+request at once), and each step turns them into the logprobs of the prompt tokens they
+predict, so chunked prefill and batching give the same list as one prefill alone. The first
+prompt token has none (None). ``max_tokens=0`` (allowed only with prompt_logprobs) feeds the
+prompt and finishes with ``length`` without sampling.
+
 Finish reasons: ``stop`` (EOS, a stop token id or a stop string), ``length`` (max_tokens, or the
 engine's max_seq_len), ``abort`` (asked by the caller), ``error`` (the request can never be
 served by this executor, or its logits turned non-finite: NaN or Inf, as from corrupt weights or
@@ -31,9 +38,9 @@ import torch
 
 from kiln.runtime.detokenize import IncrementalDetokenizer, StopStringMatcher
 from kiln.runtime.errors import RequestError
-from kiln.runtime.executor import Executor
+from kiln.runtime.executor import Executor, StepLogits
 from kiln.runtime.params import SamplingParams, TokenLogprobs
-from kiln.runtime.sampling import Generators, Row, sample_rows
+from kiln.runtime.sampling import Generators, Row, context_logprobs, sample_rows
 from kiln.runtime.scheduler import Policy, Scheduler, SchedulerOutput
 from kiln.runtime.tokenizer import ModelTokenizer
 
@@ -55,6 +62,8 @@ class Request:
     prompt: str | None = None
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] | None = None
+    # prompt_logprobs: one entry per prompt token known so far (None for the first)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
     text: str = ""
     finish_reason: str | None = None
     stop_reason: str | int | None = None
@@ -115,6 +124,10 @@ class EngineCore:
                                f"vocabulary [0, {vocab}); pass ids of this engine's tokenizer")
         if params.stop and self.tokenizer is None:
             raise RequestError(f"request {request_id}: stop strings need a tokenizer")
+        if params.prompt_logprobs is not None and not self.executor.gathers_context_logits:
+            raise RequestError(f"request {request_id}: prompt_logprobs need every prompt "
+                               f"position's logits, and this engine returns the last one only; "
+                               f"rebuild it with kiln build --gather_context_logits")
         max_new = min(params.max_tokens, self.limits.max_seq_len - len(prompt_ids) + 1)
         skip = params.skip_special_tokens
         request = Request(
@@ -124,9 +137,12 @@ class EngineCore:
                                                                        skip),
             None if self.tokenizer is None else StopStringMatcher(
                 params.stop, params.include_stop_str_in_output),
-            prompt, logprobs=None if params.logprobs is None else [])
-        # The last sampled token is never fed back, so the cache holds prompt + max_new - 1.
-        self.scheduler.add(request_id, prompt_ids, len(prompt_ids) + max_new - 1)
+            prompt, logprobs=None if params.logprobs is None else [],
+            prompt_logprobs=None if params.prompt_logprobs is None else [None])
+        # The last sampled token is never fed back, so the cache holds prompt + max_new - 1
+        # (the whole prompt when max_new is 0: it is fed to be scored).
+        self.scheduler.add(request_id, prompt_ids, len(prompt_ids) + max(max_new, 1) - 1,
+                           context_logits=params.prompt_logprobs is not None)
         self.requests[request_id] = request
         return request
 
@@ -165,17 +181,46 @@ class EngineCore:
         output = self.scheduler.schedule()
         if output.empty:
             return []
-        logits = self.executor.step([row.chunk for row in output.chunks])
+        logits = self.executor.step_logits([row.chunk for row in output.chunks])
         self.scheduler.commit(output)
-        return self._sample(output, logits)
+        failed = self._prompt_logprobs(output, logits)
+        return failed + self._sample(output, logits.last, {d.request_id for d in failed})
 
-    def _sample(self, output: SchedulerOutput, logits: torch.Tensor) -> list[RequestDelta]:
+    def _prompt_logprobs(self, output: SchedulerOutput, logits: StepLogits,
+                         ) -> list[RequestDelta]:
+        """Extend each request's prompt logprobs from its chunk's context logits: row j
+        predicts the token at ``start + j + 1`` (the prompt's part only); the deltas of the
+        requests whose logits were not finite (they fail)."""
+        failed = []
+        for i, row in enumerate(output.chunks):
+            if i not in logits.context:
+                continue
+            request, chunk = self.requests[row.request_id], row.chunk
+            targets = request.prompt_ids[chunk.start + 1:chunk.start + len(chunk.tokens) + 1]
+            scored = context_logprobs(logits.context[i], targets,
+                                      request.params.prompt_logprobs)
+            if scored is None:
+                failed.append(self._fail(request, f"the model's logits for prompt tokens "
+                                         f"{chunk.start + 2}..{chunk.start + len(targets) + 1} "
+                                         f"are not finite (NaN or Inf); the engine's weights or "
+                                         f"numerics are broken (check the checkpoint, or build "
+                                         f"in float32)"))
+                continue
+            request.prompt_logprobs.extend(scored)
+        return failed
+
+    def _sample(self, output: SchedulerOutput, logits: torch.Tensor,
+                failed: set[str] = frozenset()) -> list[RequestDelta]:
         now = time.perf_counter()
         sampled = [(i, self.requests[row.request_id]) for i, row in enumerate(output.chunks)
-                   if row.samples]
+                   if row.samples and row.request_id not in failed]
+        deltas = []
+        for _, request in [s for s in sampled if s[1].max_new_tokens == 0]:
+            self.scheduler.finish(request.request_id)  # scored, nothing to generate
+            deltas.append(self._finish(request, "length", None))
+        sampled = [s for s in sampled if s[1].max_new_tokens > 0]
         picks = sample_rows(logits, [Row(i, r.params, r.prompt_ids, r.output_ids,
                                          r.generators.on) for i, r in sampled])
-        deltas = []
         for (_, request), picked in zip(sampled, picks, strict=True):
             if picked is None:  # never sample garbage from NaN/Inf logits
                 deltas.append(self._fail(request, f"the model's logits for output token "

@@ -16,6 +16,10 @@ The caches are ONNX Runtime OrtValues on the executor's device (CPU, or CUDA wit
 onnxruntime-gpu: untested here, no GPU on the development machine); a run's window is bound by
 pointer (``base + lo * row_bytes``), so views cost nothing on either device.
 
+Engines built with ``--gather_context_logits`` have a second output, ``context_logits``
+[B, S, V]: bound to a buffer ONNX Runtime allocates per run (S changes), read back only for
+the chunks that ask (:meth:`OnnxExecutor.step_logits`).
+
 Non-goals: tensor parallelism (ONNX Runtime has no all-reduce; the manifest check refuses it).
 """
 
@@ -33,7 +37,7 @@ import torch
 
 from kiln.engine import EngineError, EngineManifest
 from kiln.runtime.compat import MachineInfo, check_onnx
-from kiln.runtime.executor import Executor, SequenceChunk
+from kiln.runtime.executor import Executor, SequenceChunk, StepLogits
 from kiln.runtime.loader import ExecutorOptions
 from kiln.runtime.rows import Run, SlotRows
 
@@ -93,6 +97,7 @@ class OnnxExecutor(Executor):
         options = options or ExecutorOptions()
         self.limits = manifest.limits
         self.vocab_size = manifest.decoder.vocab_size
+        self.gathers_context_logits = manifest.gather_context_logits
         self.device = _pick_device(options.device, ort.get_available_providers())
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] \
             if self.device == "cuda" else ["CPUExecutionProvider"]
@@ -129,18 +134,31 @@ class OnnxExecutor(Executor):
 
     # -- the step ----------------------------------------------------------------------------
     def step(self, chunks: Sequence[SequenceChunk]) -> torch.Tensor:
+        return self.step_logits(chunks).last
+
+    def step_logits(self, chunks: Sequence[SequenceChunk]) -> StepLogits:
+        if not self.gathers_context_logits and any(c.context_logits for c in chunks):
+            return super().step_logits(chunks)  # refuses
         out = np.empty((len(chunks), self.vocab_size), np.float32)
+        context: dict[int, torch.Tensor] = {}
         for run in self.rows.plan(chunks):
-            logits = self._execute(run, self.rows.feeds(run, chunks))
+            logits, window = self._execute(run, self.rows.feeds(run, chunks))
             for slot, index in run.chunks.items():
                 out[index] = logits[slot - run.lo]
+            wanted = {s: i for s, i in run.chunks.items() if chunks[i].context_logits}
+            if wanted:
+                every = window.binding.get_outputs()[1].numpy()  # context_logits [B, S, V]
+                for slot, index in wanted.items():
+                    context[index] = torch.from_numpy(
+                        every[slot - run.lo, :len(chunks[index].tokens)].copy())
             self.rows.commit(run, chunks)
-        return torch.from_numpy(out)
+        return StepLogits(torch.from_numpy(out), context)
 
     def release(self, slot: int) -> None:
         self.rows.release(slot)
 
-    def _execute(self, run: Run, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    def _execute(self, run: Run, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, _Window]:
+        """Logits [rows, V] of the run, and the last part's window (its other outputs)."""
         hidden = None
         for part, session in enumerate(self.sessions):
             window = self._window(part, run)
@@ -151,10 +169,12 @@ class OnnxExecutor(Executor):
                 window.binding.bind_ortvalue_input("hidden_in", hidden)
             if window.logits is None:  # a part's hidden_out [B, S, H] changes shape with S
                 window.binding.bind_output("hidden_out", self.device, 0)
+            elif self.gathers_context_logits:  # so do context_logits [B, S, V]
+                window.binding.bind_output("context_logits", self.device, 0)
             session.run_with_iobinding(window.binding)
             hidden = window.logits if window.logits is not None else \
                 window.binding.get_outputs()[0]  # hidden_out, bound first
-        return hidden.numpy()
+        return hidden.numpy(), window
 
     def _window(self, part: int, run: Run) -> _Window:
         """The part's I/O binding for the window [lo, hi), kept: a decode step of the same
@@ -171,6 +191,8 @@ class OnnxExecutor(Executor):
                 logits = ort.OrtValue.ortvalue_from_shape_and_type(
                     [run.rows, self.vocab_size], np.float32, self.device, 0)
                 binding.bind_ortvalue_output("logits", logits)
+                if self.gathers_context_logits:  # output 1, rebound per run
+                    binding.bind_output("context_logits", self.device, 0)
             else:
                 binding.bind_output("hidden_out", self.device, 0)
             self._bind_caches(binding, part, run)

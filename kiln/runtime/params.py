@@ -29,7 +29,8 @@ def _f(default: Any, help: str) -> Any:
 class SamplingParams:
     """How to pick each next token and when to stop (the rules: kiln.runtime.sampling)."""
 
-    max_tokens: int = _f(64, "New tokens at most (max_seq_len may end a request first: length).")
+    max_tokens: int = _f(64, "New tokens at most (max_seq_len may end a request first: length); "
+                             "0 only with prompt_logprobs (score the prompt, generate nothing).")
     temperature: float = _f(1.0, "Softmax temperature; 0 = greedy.")
     top_k: int = _f(0, "Sample from the k most likely tokens; 0 = all.")
     top_p: float = _f(1.0, "Sample from the smallest set of tokens whose mass reaches top_p.")
@@ -47,6 +48,9 @@ class SamplingParams:
     ignore_eos: bool = _f(False, "Keep generating after the model's EOS tokens.")
     logprobs: int | None = _f(None, "Return the raw logprob of each token and of the top n "
                                     "(0-20).")
+    prompt_logprobs: int | None = _f(None, "Return each prompt token's logprob and the top n "
+                                           "(0-20); the first token has none. Needs an engine "
+                                           "built with --gather_context_logits.")
     include_stop_str_in_output: bool = _f(False, "Keep the matched stop string in the text.")
     skip_special_tokens: bool = _f(True, "Leave special tokens out of the text.")
 
@@ -55,8 +59,12 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        _check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens",
-               f"must be an integer >= 1, found {self.max_tokens!r}")
+        _check(_is_int(self.max_tokens) and self.max_tokens >= 0, "max_tokens",
+               f"must be an integer >= 1 (0 only with prompt_logprobs), found "
+               f"{self.max_tokens!r}")
+        _check(self.max_tokens != 0 or self.prompt_logprobs is not None, "max_tokens",
+               "is 0, which only scores a prompt: also set prompt_logprobs (0-20), or ask "
+               "for max_tokens >= 1")
         _check(_is_num(self.temperature) and self.temperature >= 0, "temperature",
                f"must be >= 0 (0 = greedy), found {self.temperature!r}")
         _check(_is_int(self.top_k) and self.top_k >= 0, "top_k",
@@ -82,6 +90,10 @@ class SamplingParams:
                f"must be token ids >= 0, found {self.stop_token_ids!r}")
         _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20),
                "logprobs", f"must be None or an integer in [0, 20], found {self.logprobs!r}")
+        _check(self.prompt_logprobs is None or
+               (_is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= 20),
+               "prompt_logprobs",
+               f"must be None or an integer in [0, 20], found {self.prompt_logprobs!r}")
 
     @property
     def greedy(self) -> bool:
@@ -111,7 +123,8 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class TokenLogprobs:
-    """The chosen token's raw logprob and the ``n`` most likely tokens' (id -> logprob)."""
+    """A token's raw logprob and the ``n`` most likely tokens' (id -> logprob): a sampled token
+    (``logprobs``) or a prompt token (``prompt_logprobs``, from the logits before it)."""
 
     token_id: int
     logprob: float

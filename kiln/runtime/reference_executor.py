@@ -18,11 +18,14 @@ import torch
 
 from kiln.engine import BuildLimits
 from kiln.reference import KVCache, ReferenceDecoder
-from kiln.runtime.executor import Executor, SequenceChunk
+from kiln.runtime.executor import Executor, SequenceChunk, StepLogits
 
 
 class ReferenceExecutor(Executor):
-    """Per-slot :class:`ReferenceDecoder` caches behind the executor interface."""
+    """Per-slot :class:`ReferenceDecoder` caches behind the executor interface (context logits
+    included: the oracle computes every position anyway)."""
+
+    gathers_context_logits = True
 
     def __init__(self, decoder: ReferenceDecoder, limits: BuildLimits):
         self.decoder = decoder
@@ -36,11 +39,14 @@ class ReferenceExecutor(Executor):
         return cls(ReferenceDecoder.from_checkpoint(checkpoint_dir, dtype), limits)
 
     def step(self, chunks: Sequence[SequenceChunk]) -> torch.Tensor:
+        return self.step_logits(chunks).last
+
+    def step_logits(self, chunks: Sequence[SequenceChunk]) -> StepLogits:
         if len(chunks) > self.limits.max_batch_size:
             raise RuntimeError(f"step of {len(chunks)} chunks exceeds max_batch_size "
                                f"{self.limits.max_batch_size}")
-        rows = []
-        for chunk in chunks:
+        rows, context = [], {}
+        for index, chunk in enumerate(chunks):
             cache = self._caches.setdefault(chunk.slot, KVCache())
             if chunk.start != cache.length:
                 raise RuntimeError(f"slot {chunk.slot}: chunk starts at {chunk.start} but the "
@@ -50,9 +56,11 @@ class ReferenceExecutor(Executor):
                                    f"exceed max_seq_len {self.limits.max_seq_len}")
             logits = self.decoder.forward(torch.tensor([list(chunk.tokens)]), cache)
             rows.append(logits[0, -1])
+            if chunk.context_logits:
+                context[index] = logits[0].float()
         if not rows:
-            return torch.empty(0, self.vocab_size)
-        return torch.stack(rows).float()
+            return StepLogits(torch.empty(0, self.vocab_size), {})
+        return StepLogits(torch.stack(rows).float(), context)
 
     def release(self, slot: int) -> None:
         self._caches.pop(slot, None)

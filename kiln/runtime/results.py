@@ -53,6 +53,9 @@ class CompletionResult:
     logprobs: tuple[TokenLogprobs, ...] | None
     timings: RequestTimings
     error: str | None = None
+    # SamplingParams.prompt_logprobs: one per prompt token, None for the first (as vLLM); None
+    # when not asked
+    prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
 
     @classmethod
     def from_request(cls, request: Request) -> CompletionResult:
@@ -60,7 +63,8 @@ class CompletionResult:
                    tuple(request.output_ids), request.finish_reason, request.stop_reason,
                    None if request.logprobs is None else tuple(request.logprobs),
                    RequestTimings(request.arrival_time, tuple(request.token_times),
-                                  request.finish_time), request.error)
+                                  request.finish_time), request.error,
+                   None if request.prompt_logprobs is None else tuple(request.prompt_logprobs))
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ Contract:
   draw from the remaining distribution.
 - Logprobs (``logprobs=n``) are the model's raw distribution: ``log_softmax`` of the logits before
   penalties, temperature and filters (vLLM's default), for the chosen token and the top n.
+  :func:`context_logprobs` does the same for given tokens (prompt logprobs), one row each.
 
 Where the work runs (two implementations of the same rules, checked against each other by
 tests/runtime/test_sampling.py):
@@ -329,3 +330,38 @@ def _logprobs_numpy(logits: np.ndarray, token: int, n: int) -> TokenLogprobs:
     best = best[np.argsort(-logprobs[best], kind="stable")]
     return TokenLogprobs(token, float(logprobs[token]),
                          {int(i): float(logprobs[i]) for i in best})
+
+
+def context_logprobs(logits: torch.Tensor, token_ids: Sequence[int], n: int,
+                     ) -> list[TokenLogprobs] | None:
+    """Row j's raw logprob of ``token_ids[j]`` and its top ``n``, from float32 ``logits``
+    [len(token_ids), vocab] on any device (prompt logprobs); None if any row is not finite."""
+    rows = len(token_ids)
+    if rows == 0:
+        return []
+    if logits.device.type != "cpu":
+        logprobs = torch.log_softmax(logits[:rows].float(), -1)
+        if not bool(torch.isfinite(logits[:rows]).all()):
+            return None
+        ids = torch.tensor(list(token_ids), device=logits.device)
+        chosen = logprobs.gather(1, ids[:, None])[:, 0]
+        top = torch.topk(logprobs, min(n, logprobs.shape[-1]))
+        chosen, values, indices = chosen.tolist(), top.values.tolist(), top.indices.tolist()
+    else:
+        x = logits[:rows].numpy()
+        if not np.isfinite(x).all():
+            return None
+        peak = x.max(axis=1, keepdims=True)
+        total = np.exp(x - peak).sum(axis=1, keepdims=True, dtype=np.float64)
+        logprobs = x - (peak + np.log(total)).astype(np.float32)  # as _logprobs_numpy
+        chosen = logprobs[np.arange(rows), np.asarray(token_ids)].tolist()
+        n = min(n, logprobs.shape[-1])
+        best = np.argpartition(-logprobs, n - 1, axis=1)[:, :n] if n else \
+            np.empty((rows, 0), np.int64)
+        order = np.argsort(-np.take_along_axis(logprobs, best, 1), axis=1, kind="stable")
+        indices = np.take_along_axis(best, order, 1).tolist()
+        values = np.take_along_axis(logprobs, np.asarray(indices, np.int64).reshape(rows, n),
+                                    1).tolist()
+    return [TokenLogprobs(int(t), float(c), {int(i): float(v) for i, v in zip(ix, vs,
+                                                                              strict=True)})
+            for t, c, ix, vs in zip(token_ids, chosen, indices, values, strict=True)]

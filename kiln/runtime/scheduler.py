@@ -17,6 +17,9 @@ tokens in all. A running sequence with one pending token is a decode; with more 
 cached and :meth:`Scheduler.append` adds each sampled token. :meth:`Scheduler.finish` releases a
 slot at once, so the next step may admit a waiting request into it.
 
+A sequence added with ``context_logits`` (prompt logprobs) marks each of its prompt chunks
+``context_logits``: the executor then returns the logits of every prompt token.
+
 Policies are strategies (:class:`Policy`): the order in which running sequences take the token
 budget, and which waiting sequence is admitted next. The default runs decodes first, then
 prefills, oldest first, and admits first-come-first-served.
@@ -50,6 +53,7 @@ class SequenceState:
     arrival: int  # admission order key (monotonic)
     slot: int | None = None
     num_cached: int = 0  # tokens already written to its slot's cache
+    context_logits: bool = False  # its prompt chunks ask for every token's logits
 
     @property
     def pending(self) -> int:
@@ -108,13 +112,15 @@ class Scheduler:
         heapq.heapify(self._free)
         self._counter = 0
 
-    def add(self, request_id: str, prompt: Sequence[int], capacity: int) -> None:
-        """Queue a request; ``capacity`` = cache tokens it needs at most (<= max_seq_len)."""
+    def add(self, request_id: str, prompt: Sequence[int], capacity: int,
+            context_logits: bool = False) -> None:
+        """Queue a request; ``capacity`` = cache tokens it needs at most (<= max_seq_len);
+        ``context_logits``: its prompt chunks ask for every token's logits."""
         if request_id in self.running or any(s.request_id == request_id for s in self.waiting):
             raise ValueError(f"request id {request_id!r} is already scheduled")
         self._counter += 1
         self.waiting.append(SequenceState(request_id, list(prompt), len(prompt), capacity,
-                                          self._counter))
+                                          self._counter, context_logits=context_logits))
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -154,7 +160,8 @@ class Scheduler:
     @staticmethod
     def _chunk(seq: SequenceState, n: int) -> ScheduledChunk:
         start = seq.num_cached
-        chunk = SequenceChunk(seq.slot, tuple(seq.tokens[start:start + n]), start)
+        chunk = SequenceChunk(seq.slot, tuple(seq.tokens[start:start + n]), start,
+                              context_logits=seq.context_logits and start < seq.num_prompt)
         return ScheduledChunk(seq.request_id, chunk, samples=start + n == len(seq.tokens))
 
     def commit(self, output: SchedulerOutput) -> None:

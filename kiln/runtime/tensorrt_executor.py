@@ -11,7 +11,10 @@ Contract: :mod:`kiln.runtime.executor`; one executor per rank (one process, one 
   ``[max_batch_size, Hkv, max_seq_len, D]``; a run over slots ``[lo, hi)`` (planned by
   :mod:`kiln.runtime.rows`) binds ``buffer[lo:hi]`` (contiguous) as both ``past_*`` and
   ``present_*``: TensorRT's KV_CACHE_UPDATE layer writes in place. Parts chain
-  ``hidden_out`` -> ``hidden_in`` on the device.
+  ``hidden_out`` -> ``hidden_in`` on the device. Every output gets an address (TensorRT needs
+  all of them): an engine built with ``--gather_context_logits`` also writes
+  ``context_logits`` [B, S, V] into a buffer of its own per run, read back only for the chunks
+  that ask (:meth:`TensorRTExecutor.step_logits`).
 - Tensor parallelism: :meth:`TensorRTExecutor.set_communicator` hands an NCCL communicator to
   every context (DistCollective layers all-reduce inside the engine); every rank must run the
   same steps. :func:`nccl_communicator` makes one from a shared ``ncclUniqueId``.
@@ -37,7 +40,7 @@ import torch
 
 from kiln.engine import EngineError, EngineManifest
 from kiln.runtime.compat import MachineInfo, check_tensorrt
-from kiln.runtime.executor import Executor, SequenceChunk
+from kiln.runtime.executor import Executor, SequenceChunk, StepLogits
 from kiln.runtime.loader import ExecutorOptions
 from kiln.runtime.rows import Run, SlotRows
 
@@ -87,6 +90,7 @@ class TensorRTExecutor(Executor):
         self.trt = trt
         self.limits = manifest.limits
         self.vocab_size = manifest.decoder.vocab_size
+        self.gathers_context_logits = manifest.gather_context_logits
         self.device = torch.device("cuda", rank % torch.cuda.device_count())
         torch.cuda.set_device(self.device)
         self.stream = torch.cuda.Stream(self.device)
@@ -137,31 +141,47 @@ class TensorRTExecutor(Executor):
                                   "uses the same tp_size and NCCL is installed (libnccl.so.2)")
 
     def step(self, chunks: Sequence[SequenceChunk]) -> torch.Tensor:
+        return self.step_logits(chunks).last
+
+    def step_logits(self, chunks: Sequence[SequenceChunk]) -> StepLogits:
+        if not self.gathers_context_logits and any(c.context_logits for c in chunks):
+            return super().step_logits(chunks)  # refuses
         out = torch.empty((len(chunks), self.vocab_size), dtype=torch.float32)
+        context: dict[int, torch.Tensor] = {}
         for run in self.rows.plan(chunks):
-            logits = self._execute(run, self.rows.feeds(run, chunks))
+            wanted = {s: i for s, i in run.chunks.items() if chunks[i].context_logits}
+            logits, every = self._execute(run, self.rows.feeds(run, chunks), bool(wanted))
             for slot, index in run.chunks.items():
                 out[index] = logits[slot - run.lo]
+            for slot, index in wanted.items():  # every: [B, S, V] float32 on the host
+                context[index] = every[slot - run.lo, :len(chunks[index].tokens)].clone()
             self.rows.commit(run, chunks)
-        return out
+        return StepLogits(out, context)
 
     def release(self, slot: int) -> None:
         self.rows.release(slot)
 
-    def _execute(self, run: Run, feeds: dict[str, np.ndarray]) -> torch.Tensor:
+    def _execute(self, run: Run, feeds: dict[str, np.ndarray], want_context: bool = False,
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits [rows, V] of the run (host, float32) and, if ``want_context``, its
+        context_logits [rows, S, V] (host, float32)."""
         hidden: torch.Tensor | None = None
+        extra: dict[str, torch.Tensor] = {}
         with torch.cuda.stream(self.stream):
             for part, context in enumerate(self.contexts):
-                keep = self._bind_part(part, context, run, feeds, hidden)
+                keep, extra = self._bind_part(part, context, run, feeds, hidden)
                 if not context.execute_async_v3(self.stream.cuda_stream):
                     raise RuntimeError(f"TensorRT execute_async_v3 failed on engine part {part}")
                 hidden = keep[-1]
             self.stream.synchronize()
-        return hidden.float().cpu()
+        every = extra.get("context_logits")
+        return hidden.float().cpu(), (every.float().cpu() if want_context else None)
 
     def _bind_part(self, part: int, context: Any, run: Run, feeds: dict[str, np.ndarray],
-                   hidden: torch.Tensor | None) -> list[torch.Tensor]:
-        """Set shapes and addresses of one part; returns the tensors to keep alive (output last)."""
+                   hidden: torch.Tensor | None,
+                   ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        """Set shapes and addresses of one part; returns the tensors to keep alive (its main
+        output last) and its other outputs by name (context_logits)."""
         io, keep = self._io[part], []
         for name, (is_input, dtype, _) in io.items():
             if not is_input:
@@ -179,12 +199,19 @@ class TensorRTExecutor(Executor):
             context.set_input_shape(name, tuple(tensor.shape))
             context.set_tensor_address(name, tensor.data_ptr())
             keep.append(tensor)
-        name = "logits" if "logits" in io else "hidden_out"
+        extra = {}
+        if "context_logits" in io:  # after the inputs: its shape [B, S, V] follows theirs
+            extra["context_logits"] = self._output(context, io, "context_logits")
+        keep.extend(extra.values())
+        keep.append(self._output(context, io, "logits" if "logits" in io else "hidden_out"))
+        return keep, extra
+
+    def _output(self, context: Any, io: dict, name: str) -> torch.Tensor:
+        """A buffer for output ``name`` at the shape the bound inputs give, bound to it."""
         output = torch.empty(tuple(context.get_tensor_shape(name)), dtype=io[name][1],
                              device=self.device)
         context.set_tensor_address(name, output.data_ptr())
-        keep.append(output)
-        return keep
+        return output
 
     def close(self) -> None:
         self.contexts.clear()

@@ -85,4 +85,5 @@ def load_executor(engine_dir: Path, manifest: EngineManifest, options: ExecutorO
             kv_cache_free_gpu_memory_fraction=_fraction(options))
     logger.info("torch engine: %d tensors on %s", len(tensors), device)
     return TorchExecutor(manifest.decoder, tensors, manifest.limits,
-                         transposed=frozenset(transposed), device=device, options=torch_options)
+                         transposed=frozenset(transposed), device=device, options=torch_options,
+                         gather_context_logits=manifest.gather_context_logits)

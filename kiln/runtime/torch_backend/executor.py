@@ -12,6 +12,9 @@ are loaded and one step of ``max_num_tokens`` tokens has run (its peak is what a
 need); on the CPU, enough blocks for every slot at ``max_seq_len``. ``kv_cache_blocks``
 overrides both.
 
+Context logits (engines built with ``--gather_context_logits``): a step with a chunk that asks
+runs eagerly and applies the lm_head to every row; other steps compute the last rows only.
+
 Non-goals: tensor/pipeline parallelism (tp_size = pp_size = 1 engines only), prefix caching,
 preemption, sampling (the scheduler samples from the returned logits).
 """
@@ -26,7 +29,7 @@ import torch
 
 from kiln.config import DecoderConfig
 from kiln.engine import BuildLimits
-from kiln.runtime.executor import Executor, SequenceChunk
+from kiln.runtime.executor import Executor, SequenceChunk, StepLogits
 from kiln.runtime.torch_backend.cuda_graphs import DecodeGraphs, default_batch_sizes
 from kiln.runtime.torch_backend.inputs import RopeTables, Uploader, make_plan, step_inputs
 from kiln.runtime.torch_backend.kernels import load_kernels
@@ -60,13 +63,15 @@ class TorchExecutor(Executor):
     def __init__(self, config: DecoderConfig, tensors: dict[str, torch.Tensor],
                  limits: BuildLimits, *, transposed: frozenset[str] = frozenset(),
                  device: str | torch.device = "cpu",
-                 options: TorchExecutorOptions | None = None):
+                 options: TorchExecutorOptions | None = None,
+                 gather_context_logits: bool = False):
         self.options = options or TorchExecutorOptions()
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.limits, self.config = limits, config
         self.vocab_size = config.vocab_size
+        self.gathers_context_logits = gather_context_logits
         if limits.max_seq_len > config.max_position_embeddings and config.rope_scaling is None:
             logger.warning("max_seq_len %d exceeds the model's max_position_embeddings %d",
                            limits.max_seq_len, config.max_position_embeddings)
@@ -173,6 +178,24 @@ class TorchExecutor(Executor):
         # Always a new tensor: graph logits live in a static buffer the next replay overwrites,
         # and .float() of a float32 model's logits would return that buffer itself.
         return logits.to(torch.float32, copy=True)
+
+    def step_logits(self, chunks: Sequence[SequenceChunk]) -> StepLogits:
+        if not any(c.context_logits for c in chunks):
+            return StepLogits(self.step(chunks), {})
+        if not self.gathers_context_logits:
+            return super().step_logits(chunks)  # refuses
+        self._check(chunks)
+        plan = make_plan(chunks, self.cache.allocator)
+        inp = step_inputs(plan, self.uploader, self.rope, self.options.page_size,
+                          self.options.decode_splits)
+        every = self.model.forward_every_row(inp, self.cache).float()  # [T, V]
+        for c in chunks:
+            self._lengths[c.slot] = c.start + len(c.tokens)
+        context = {i: every[int(plan.rows[i]):int(plan.rows[i] + plan.lens[i])].clone()
+                   for i, c in enumerate(chunks) if c.context_logits}
+        last = every.index_select(0, torch.from_numpy(plan.last_rows.astype("int64"))
+                                  .to(every.device))
+        return StepLogits(last, context)
 
     def _eager(self, chunks: Sequence[SequenceChunk], num_splits: int | None = None,
                ) -> torch.Tensor:

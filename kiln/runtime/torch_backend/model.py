@@ -9,7 +9,8 @@ once over all rows (cuBLAS through ``torch``), and the plugin kernels do the res
 
 The residual stream lives in ``residual`` and is updated in place by the fused add+norm, so a
 layer reads and writes it once. Parallel-residual models (Falcon) add attention and MLP outputs
-first. Logits are computed for the last row of each sequence only.
+first. Logits are computed for the last row of each sequence only (:meth:`PagedDecoder.forward`),
+or for every row when a step asks for context logits (:meth:`PagedDecoder.forward_every_row`).
 
 Contract: :class:`StepInputs` holds the device-side metadata of one step (built by the
 executor); :meth:`PagedDecoder.forward` writes each row's keys/values into the cache and
@@ -145,6 +146,16 @@ class PagedDecoder:
     def forward(self, inp: StepInputs, cache: PagedKVCache,
                 logits_out: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [num_seqs, vocab] (model dtype); writes every row's k/v into ``cache``."""
+        h = self._final_hidden(inp, cache)
+        return self.lm_head(h.index_select(0, inp.last_rows), out=logits_out)
+
+    @torch.no_grad()
+    def forward_every_row(self, inp: StepInputs, cache: PagedKVCache) -> torch.Tensor:
+        """Logits [T, vocab] of every row of the step (model dtype); k/v as :meth:`forward`."""
+        return self.lm_head(self._final_hidden(inp, cache))
+
+    def _final_hidden(self, inp: StepInputs, cache: PagedKVCache) -> torch.Tensor:
+        """[T, hidden] after the final norm."""
         x = F.embedding(inp.tokens, self.embed)
         h, residual = self._norm(x, None, self.layers[0].attn_norm)
         parallel = self.config.residual is ResidualType.PARALLEL
@@ -158,7 +169,7 @@ class PagedDecoder:
                 delta = self._mlp(layer, h)
             nxt = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.final_norm
             h, residual = self._norm(delta, residual, nxt)
-        return self.lm_head(h.index_select(0, inp.last_rows), out=logits_out)
+        return h
 
     def _attention(self, i: int, layer: Layer, h: torch.Tensor, inp: StepInputs,
                    cache: PagedKVCache) -> torch.Tensor:
