@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -103,14 +104,17 @@ def bench(obj: CliContext, engine_dir: Path, warmup: int, json_output: Path | No
         click.echo(report.to_json())
 
 
-def _check_json_output(path: Path, engine_dir: Path) -> None:
-    """Before any work: never overwrite a file kiln did not write, never write into the engine
-    dir, and the directory must take the file."""
+def _check_json_output(path: Path, engine_dir: Path,
+                       is_report: Callable[[Path], bool] | None = None,
+                       kind: str = "kiln bench report") -> None:
+    """Before any work: never overwrite a file kiln did not write (``is_report``: one of
+    ``kind``, default a bench report), never write into the engine dir, and the directory must
+    take the file. Shared by ``kiln eval``."""
     if path.resolve().is_relative_to(Path(engine_dir).resolve()):
         raise click.BadParameter(f"{path} is inside the engine dir {engine_dir}; write the "
                                  f"report elsewhere", param_hint="--json_output")
-    if path.exists() and not _is_bench_report(path):
-        raise click.BadParameter(f"{path} exists and is not a kiln bench report; kiln never "
+    if path.exists() and not (is_report or _is_bench_report)(path):
+        raise click.BadParameter(f"{path} exists and is not a {kind}; kiln never "
                                  f"overwrites a file it did not write: choose another path",
                                  param_hint="--json_output")
     parent = path.absolute().parent

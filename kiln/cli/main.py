@@ -140,7 +140,9 @@ def _register_subcommands() -> None:
             ("bench", "kiln.cli.bench", "Benchmark an engine with a synthetic workload (in the "
                                         "manner of trtllm-bench)."),
             ("verify", "kiln.cli.verify", "Check an engine dir against its manifest: files, "
-                                          "sizes and checksums of every rank.")):
+                                          "sizes and checksums of every rank."),
+            ("eval", "kiln.cli.eval", "Perplexity of an engine on a text dataset (sliding "
+                                      "windows, as Hugging Face's).")):
         main.add_command(LazyCommand(name, module, short_help))
 
 

@@ -1,0 +1,71 @@
+"""``kiln eval``: sliding-window perplexity of an engine on a text dataset (kiln.evaluation).
+
+Prints ``perplexity <value>`` (stdout) and a summary line (tokens, windows, seconds, tokens/s;
+stderr); ``--json_output`` writes :meth:`kiln.evaluation.PerplexityResult.to_dict` atomically,
+with the same rules as ``kiln bench --json_output`` (never over a file kiln did not write,
+never into the engine dir). Imports stay light (``kiln eval --help`` must not load torch).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from kiln.cli.bench import _check_json_output, _write_atomically
+from kiln.cli.context import CliContext, PathArg, executor_options
+
+REPORT_KEYS = frozenset({"perplexity", "tokens", "seconds", "max_length", "stride"})
+
+
+@click.command("eval")
+@click.option("--engine_dir", required=True, type=PathArg(path_type=Path),
+              help="Engine dir built with --gather_context_logits.")
+@click.option("--dataset", required=True, type=PathArg(),
+              help="A .txt (paragraphs), .jsonl or .parquet file ('text'), a directory, or a "
+                   "hub dataset id owner/name[:glob] (kiln.datasets).")
+@click.option("--max_length", type=click.IntRange(min=2),
+              help="Tokens per window [default: the engine's max_input_len].")
+@click.option("--stride", type=click.IntRange(min=1),
+              help="Tokens between window starts [default: max_length // 2].")
+@click.option("--json_output", type=PathArg(dir_okay=False, path_type=Path), default=None,
+              help="Also write the result as JSON here.")
+@executor_options
+@click.pass_obj
+def eval_command(obj: CliContext, engine_dir: Path, dataset: str, max_length: int | None,
+                 stride: int | None, json_output: Path | None, device: str,
+                 num_threads: int | None, cpu_spin_wait: bool, verify_checksums: bool) -> None:
+    """Perplexity of an engine on a text dataset (sliding windows, as Hugging Face's)."""
+    from kiln.evaluation import evaluate
+    from kiln.runtime.loader import ExecutorOptions
+
+    if stride is not None and max_length is not None and stride > max_length:
+        raise click.BadParameter(f"{stride} exceeds --max_length {max_length}",
+                                 param_hint="--stride")
+    if json_output is not None:
+        _check_json_output(json_output, engine_dir, _is_eval_report, "kiln eval report")
+    options = ExecutorOptions(device=device, num_threads=num_threads, cpu_spin_wait=cpu_spin_wait,
+                              verify_checksums=verify_checksums)
+    result = evaluate(engine_dir, dataset, max_length, stride, options, progress=obj.progress)
+    click.echo(f"perplexity {result.perplexity:.6f}")
+    sys.stdout.flush()  # before the stderr summary, also when both go to one pipe
+    if obj.verbosity >= 0:
+        click.echo(f"{result.tokens} tokens in {result.windows} windows (max_length "
+                   f"{result.max_length}, stride {result.stride}), {result.seconds:.1f} s, "
+                   f"{result.tokens_per_s:.0f} tokens/s", err=True)
+    if json_output is not None:
+        _write_atomically(json_output, json.dumps(result.to_dict(), indent=2) + "\n")
+        click.echo(f"wrote {json_output}", err=True)
+
+
+eval = eval_command  # noqa: A001 - the lazy loader reads the attribute named like the command
+
+
+def _is_eval_report(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and REPORT_KEYS <= data.keys()

@@ -1,0 +1,181 @@
+"""Sliding-window perplexity of an engine on a text dataset: ``kiln eval`` and its Python API.
+
+The method is Hugging Face's, step for step (https://huggingface.co/docs/transformers/perplexity):
+the dataset's texts joined with ``"\\n\\n"`` are tokenized once (with the tokenizer's special
+tokens, as ``tokenizer(text)`` does: a BOS where the model adds one); windows of
+``max_length`` tokens start every ``stride`` tokens (``begin = 0, stride, 2 * stride, ...``,
+``end = min(begin + max_length, N)``, the last window is the one that reaches ``N``). Each
+window scores only its last ``end - previous_end`` tokens (those the previous window did not),
+each token given every token before it in the window; its first token is never a target. The
+window's loss is the mean negative log-likelihood of its targets, and it is weighted by
+``end - previous_end - 1``, HF's ``num_valid_tokens - batch_size`` (which subtracts the first
+token even from windows whose targets all were scored); perplexity = exp(sum of weighted
+losses / sum of weights). So ``kiln eval`` and the HF snippet agree to float rounding.
+
+Defaults: ``max_length`` = the engine's ``max_input_len`` (a window is one prompt);
+``stride`` = ``max_length // 2``. ``stride == max_length`` gives disjoint windows (faster,
+higher perplexity: less context per token).
+
+The engine scores each window as one request with ``SamplingParams(max_tokens=0,
+prompt_logprobs=0)``, so it needs an engine built with ``--gather_context_logits``; the
+windows run through the in-flight batcher together (chunked when longer than
+``max_num_tokens``). Bad input raises :class:`~kiln.errors.KilnError` subclasses with one-line
+messages. Imports stay light (no torch) until an engine is opened.
+
+Non-goals: other metrics, batching several datasets, BOS per window (HF's method has none).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kiln.datasets import TextDataset, load_texts
+from kiln.errors import ConfigError, DatasetError
+
+if TYPE_CHECKING:
+    from kiln.runtime import LLM
+    from kiln.runtime.loader import ExecutorOptions
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Window:
+    """Tokens ``[begin, end)``; its last ``targets`` tokens are scored (weight ``targets - 1``)."""
+
+    begin: int
+    end: int
+    targets: int
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    """What ``kiln eval --json_output`` writes (``to_dict``)."""
+
+    perplexity: float
+    nll: float  # mean negative log-likelihood per weighted token (nats), log(perplexity)
+    tokens: int  # tokens scored (every token but the first; with stride == max_length every
+    # window's first token is context only)
+    seconds: float  # wall time of the scoring
+    windows: int
+    max_length: int
+    stride: int
+    dataset: str = ""
+    dataset_sha256: str = ""
+    engine_dir: str = ""
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else math.inf
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "tokens_per_s": self.tokens_per_s}
+
+
+def sliding_windows(num_tokens: int, max_length: int, stride: int) -> list[Window]:
+    """HF's windows over ``num_tokens`` tokens (module docstring)."""
+    if num_tokens < 2:
+        raise DatasetError(f"the text is {num_tokens} token(s) long; perplexity needs at least "
+                           f"2 tokens (one to predict from, one to score)")
+    if not 1 <= stride <= max_length:
+        raise ConfigError(f"stride {stride} must be in [1, max_length {max_length}]; lower "
+                          f"--stride")
+    if max_length < 2:
+        raise ConfigError(f"max_length {max_length} must be at least 2")
+    windows, previous_end = [], 0
+    for begin in range(0, num_tokens, stride):
+        end = min(begin + max_length, num_tokens)
+        windows.append(Window(begin, end, end - previous_end))
+        previous_end = end
+        if end == num_tokens:
+            break
+    return windows
+
+
+def score_windows(llm: LLM, token_ids: list[int], windows: list[Window],
+                  progress: bool = False) -> tuple[float, int, int]:
+    """(sum of weighted window losses, sum of weights, tokens scored) for ``windows`` of
+    ``token_ids``."""
+    from tqdm import tqdm
+
+    from kiln.runtime import SamplingParams
+
+    params = SamplingParams(max_tokens=0, prompt_logprobs=0)
+    prompts = [token_ids[w.begin:w.end] for w in windows]
+    nll_sum, weight_sum = 0.0, 0
+    bar = tqdm(total=len(windows), unit="window", disable=not progress, dynamic_ncols=True)
+    scored = 0
+    started = time.perf_counter()
+    with bar:
+        for delta in llm.generate_stream(prompts, params):
+            if delta.result is None:
+                continue
+            result, window = delta.result, windows[delta.index]
+            if result.error is not None:
+                raise DatasetError(f"window {delta.index} (tokens {window.begin}..{window.end}) "
+                                   f"failed: {result.error}")
+            logprobs = [e.logprob for e in result.prompt_logprobs[1:]]  # token 0: none
+            targets = logprobs[-window.targets:] if window.targets < len(prompts[delta.index]) \
+                else logprobs  # the first window: every token after the first
+            nll = -math.fsum(targets) / len(targets)
+            if not math.isfinite(nll):
+                raise DatasetError(f"window {delta.index}: the loss is not finite ({nll}); the "
+                                   f"engine's numerics are broken (build in float32)")
+            nll_sum += nll * (window.targets - 1)
+            weight_sum += window.targets - 1
+            scored += len(targets)
+            bar.update(1)
+            bar.set_postfix_str(f"{scored / max(time.perf_counter() - started, 1e-9):.0f} tok/s")
+    return nll_sum, weight_sum, scored
+
+
+def perplexity(llm: LLM, token_ids: list[int], max_length: int | None = None,
+               stride: int | None = None, progress: bool = False) -> PerplexityResult:
+    """Sliding-window perplexity of ``token_ids`` on ``llm``'s engine (module docstring)."""
+    limit = llm.limits.max_input_len
+    max_length = limit if max_length is None else max_length
+    if max_length > limit:
+        raise ConfigError(f"max_length {max_length} exceeds the engine's max_input_len {limit}; "
+                          f"lower --max_length or rebuild with a larger --max_input_len")
+    stride = max(1, max_length // 2) if stride is None else stride
+    windows = sliding_windows(len(token_ids), max_length, stride)
+    logger.info("perplexity: %d tokens, %d windows of up to %d tokens, stride %d",
+                len(token_ids), len(windows), max_length, stride)
+    started = time.perf_counter()
+    nll_sum, weight_sum, scored = score_windows(llm, token_ids, windows, progress)
+    seconds = time.perf_counter() - started
+    nll = nll_sum / weight_sum if weight_sum else math.nan
+    if not math.isfinite(nll):
+        raise DatasetError(f"perplexity is undefined: {weight_sum} weighted tokens; use a longer "
+                           f"text or a larger --stride")
+    return PerplexityResult(perplexity=math.exp(nll), nll=nll, tokens=scored,
+                            seconds=seconds, windows=len(windows), max_length=max_length,
+                            stride=stride)
+
+
+def evaluate(engine_dir: str | Path, dataset: str | Path | TextDataset,
+             max_length: int | None = None, stride: int | None = None,
+             options: ExecutorOptions | None = None, progress: bool = False,
+             ) -> PerplexityResult:
+    """Perplexity of the engine in ``engine_dir`` on ``dataset`` (a path or hub id for
+    :func:`kiln.datasets.load_texts`, or a loaded :class:`TextDataset`)."""
+    from kiln.engine import read_manifest
+    from kiln.runtime import LLM
+
+    data = dataset if isinstance(dataset, TextDataset) else load_texts(dataset)
+    if stride is not None and max_length is not None and stride > max_length:
+        raise ConfigError(f"stride {stride} exceeds max_length {max_length}; lower --stride")
+    if not read_manifest(engine_dir).gather_context_logits:
+        raise ConfigError(f"{engine_dir}: perplexity needs every position's logits, and this "
+                          f"engine returns the last one only; rebuild it with kiln build "
+                          f"--gather_context_logits")
+    with LLM(engine_dir, options) as llm:
+        token_ids = llm.tokenizer.encode(data.joined())
+        result = perplexity(llm, token_ids, max_length, stride, progress)
+    return PerplexityResult(**{**asdict(result), "dataset": data.name,
+                               "dataset_sha256": data.sha256, "engine_dir": str(engine_dir)})
