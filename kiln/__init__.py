@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "convert_checkpoint": "kiln.converters.convert",
+    "quantize": "kiln.quantization.quantize",
     "build": "kiln.builder",
     "BuildOptions": "kiln.builder",
     "LLM": "kiln.runtime",

@@ -7,6 +7,7 @@ See docs/checkpoint.md for the full description. This module owns the format: th
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,9 +99,10 @@ def load_config(checkpoint_dir: str | Path) -> CheckpointConfig:
     return CheckpointConfig.from_dict(data, str(path))
 
 
-def load_rank(checkpoint_dir: str | Path, rank: int,
-              config: CheckpointConfig | None = None) -> dict[str, torch.Tensor]:
-    """All tensors of one rank, checked against the names the config implies."""
+def load_rank(checkpoint_dir: str | Path, rank: int, config: CheckpointConfig | None = None,
+              names: Collection[str] | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of one rank (only those in ``names`` if given), checked against the names
+    the config implies."""
     checkpoint_dir = Path(checkpoint_dir)
     config = config or load_config(checkpoint_dir)
     path = checkpoint_dir / rank_file(rank)
@@ -111,18 +113,20 @@ def load_rank(checkpoint_dir: str | Path, rank: int,
     if problem := name_mismatch(config.rank_tensor_names(rank), infos):
         raise CheckpointError(f"{path}: tensors do not match config.json: {problem}; re-run "
                               f"kiln convert_checkpoint")
-    return {name: read_tensor(info) for name, info in infos.items()}
+    return {name: read_tensor(info) for name, info in infos.items()
+            if names is None or name in names}
 
 
-def load_merged(checkpoint_dir: str | Path,
-                config: CheckpointConfig | None = None) -> dict[str, torch.Tensor]:
-    """Every canonical tensor of the whole model, ranks and stages merged (for the oracle)."""
+def load_merged(checkpoint_dir: str | Path, config: CheckpointConfig | None = None,
+                names: Collection[str] | None = None) -> dict[str, torch.Tensor]:
+    """Every canonical tensor of the whole model (only those in ``names`` if given: one
+    layer's, for layer-by-layer calibration), ranks and stages merged (for the oracle)."""
     config = config or load_config(checkpoint_dir)
     mapping = config.mapping
     per_name: dict[str, list[torch.Tensor | None]] = {}
     for rank in range(mapping.world_size):
         tp_rank, _ = mapping.coords(rank)
-        for name, tensor in load_rank(checkpoint_dir, rank, config).items():
+        for name, tensor in load_rank(checkpoint_dir, rank, config, names).items():
             per_name.setdefault(name, [None] * mapping.tp_size)[tp_rank] = tensor
     return {name: unshard_named(name, shards, config.decoder, mapping)
             for name, shards in per_name.items()}

@@ -55,3 +55,11 @@ class BuildError(EngineError):
 
 class DatasetError(KilnError):
     """A text dataset (calibration or evaluation) is missing, unreadable or has no text."""
+
+
+class QuantizationError(KilnError):
+    """A checkpoint cannot be quantized as asked (already quantized, sizes the format refuses)."""
+
+
+class AccuracyGateError(QuantizationError):
+    """The quantized model is further from its source than the accuracy gate allows."""

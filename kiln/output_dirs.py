@@ -34,6 +34,7 @@ from kiln.engine import ENGINE_FILE  # rank files of a checkpoint or engine dir
 from kiln.errors import OutputError, OutputExistsError
 
 log = logging.getLogger(__name__)
+ACCURACY_NAME = "accuracy.json"  # kiln quantize's accuracy gate figures, beside config.json
 
 
 def check_output(output_dir: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> None:
@@ -101,7 +102,8 @@ def describe_replaceable(directory: Path) -> str:
         raise OutputError(f"{directory}: holds {_few(entries)} and no kiln checkpoint or engine "
                           f"manifest; kiln only replaces directories it wrote: move them away or "
                           f"choose another --output_dir")
-    foreign = [n for n in entries if n != MANIFEST_NAME and n not in TOKENIZER_FILES
+    foreign = [n for n in entries if n not in (MANIFEST_NAME, ACCURACY_NAME)
+               and n not in TOKENIZER_FILES
                and not ENGINE_FILE.fullmatch(n)]
     if foreign:
         raise OutputError(f"{directory}: is a {kind} but also holds {_few(foreign)}, which kiln "

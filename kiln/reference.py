@@ -171,6 +171,17 @@ class ReferenceDecoder:
         x = norm(x, self._get(Role.FINAL_NORM), self._get(Role.FINAL_NORM_BIAS), self.config)
         return (x @ self._get(Role.LM_HEAD).T).float()
 
+    @torch.no_grad()
+    def forward_layer(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Decoder layer ``i`` alone on hidden states x [B, S, hidden] at positions 0..S-1, no
+        cache, on x's device: layer-by-layer calibration holds only layer ``i``'s tensors."""
+        b, s, _ = x.shape
+        positions = torch.arange(s).expand(b, s)
+        mask = self._mask(positions, positions).to(x.device)
+        inv_freq = rope_inv_freq(self.config, s).to(x.device) \
+            if self.config.position_type is PositionType.ROPE else None
+        return self._layer(i, x, positions.to(x.device), mask, inv_freq, KVCache())
+
     def _mask(self, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
         """Additive mask [B, H or 1, S, T]: causal, sliding window, ALiBi."""
         q, k = qpos[:, None, :, None], kpos[:, None, None, :]

@@ -141,6 +141,9 @@ def _register_subcommands() -> None:
                                         "manner of trtllm-bench)."),
             ("verify", "kiln.cli.verify", "Check an engine dir against its manifest: files, "
                                           "sizes and checksums of every rank."),
+            ("quantize", "kiln.cli.quantize", "Quantize a kiln checkpoint (fp8, int8_sq, "
+                                              "int8_wo, int4_wo, int4_awq), with calibration "
+                                              "and an accuracy gate."),
             ("eval", "kiln.cli.eval", "Perplexity of an engine on a text dataset (sliding "
                                       "windows, as Hugging Face's).")):
         main.add_command(LazyCommand(name, module, short_help))

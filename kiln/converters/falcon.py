@@ -100,6 +100,7 @@ def regroup_qkv(fused: torch.Tensor, *, num_heads: int, num_kv_heads: int,
 class FalconConverter(Converter):
     # The RW remote code registered its rotary inv_freq as a (persistent) buffer.
     ignored = (r"transformer\.h\.\d+\.self_attention\.\w*rotary\w*\.inv_freq",)
+    smoothquant_alpha = 0.6  # SmoothQuant's Falcon-7B setting (docs/quantization.md)
 
     @classmethod
     def config_from_hf(cls, hf: dict[str, Any]) -> DecoderConfig:

@@ -35,6 +35,7 @@ _KNOWN = {"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads
           model_types={"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"})
 class LlamaConverter(Converter):
     ignored = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
+    smoothquant_alpha = {"LlamaForCausalLM": 0.85, "MistralForCausalLM": 0.8}  # docs/quantization.md
 
     @classmethod
     def config_from_hf(cls, hf: dict[str, Any]) -> DecoderConfig:

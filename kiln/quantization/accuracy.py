@@ -1,0 +1,84 @@
+"""The accuracy gate: the quantized model against its source on text calibration never saw.
+
+Contract: :class:`AccuracyMeter` takes both models' logits for the same samples and
+accumulates, over every next-token prediction (positions 0..L-2 of each sample predict tokens
+1..L-1; samples are independent windows):
+
+- ``perplexity_source`` / ``perplexity_quantized``: ``exp(mean NLL)``;
+- ``ppl_ratio``: quantized / source;
+- ``top1_agreement``: the share of positions where both argmaxes agree;
+- ``kl_divergence``: mean ``KL(source || quantized)`` of the next-token distributions (nats).
+
+Sums are float64. :func:`check_gate` refuses (:class:`~kiln.errors.AccuracyGateError`, one line
+with the figures) a ratio above the limit, and any NaN/inf figure whatever the limit says.
+
+Non-goals: sliding-window perplexity across samples (``kiln eval`` does that on engines).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from kiln.errors import AccuracyGateError
+
+FIGURES = ("perplexity_source", "perplexity_quantized", "ppl_ratio", "top1_agreement",
+           "kl_divergence")
+
+
+class AccuracyMeter:
+    """Running sums of the gate's figures (module docstring)."""
+
+    def __init__(self) -> None:
+        self.nll_source = self.nll_quantized = self.kl = 0.0
+        self.agree = self.tokens = 0
+
+    def update(self, source: torch.Tensor, quantized: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Logits [B, L, V] of both models for samples ``tokens`` [B, L]."""
+        targets = tokens[:, 1:].reshape(-1).to(source.device)
+        ls = F.log_softmax(source[:, :-1].float(), dim=-1).flatten(0, 1)
+        lq = F.log_softmax(quantized[:, :-1].float(), dim=-1).flatten(0, 1)
+        self.nll_source -= float(ls.gather(1, targets[:, None]).sum(dtype=torch.float64))
+        self.nll_quantized -= float(lq.gather(1, targets[:, None]).sum(dtype=torch.float64))
+        self.kl += float((ls.exp() * (ls - lq)).sum(dtype=torch.float64))
+        self.agree += int((ls.argmax(-1) == lq.argmax(-1)).sum())
+        self.tokens += int(targets.numel())
+
+    def result(self) -> dict[str, Any]:
+        n = max(self.tokens, 1)
+        ppl_s, ppl_q = _exp(self.nll_source / n), _exp(self.nll_quantized / n)
+        return {"perplexity_source": ppl_s, "perplexity_quantized": ppl_q,
+                "ppl_ratio": ppl_q / ppl_s if ppl_s > 0 else math.nan,
+                "top1_agreement": self.agree / n, "kl_divergence": self.kl / n,
+                "tokens": self.tokens}
+
+
+def _exp(x: float) -> float:
+    return math.exp(x) if x < 700 else math.inf
+
+
+def check_gate(accuracy: dict[str, Any], qformat: str, max_ppl_ratio: float,
+               enforce: bool) -> bool:
+    """True if the figures pass; above the limit raises AccuracyGateError when ``enforce``,
+    a NaN/inf figure always (a model that computes NaN is broken, not less accurate)."""
+    figures = [accuracy[k] for k in FIGURES]
+    bad = any(not math.isfinite(v) for v in figures)
+    passed = not bad and accuracy["ppl_ratio"] <= max_ppl_ratio
+    if bad or (not passed and enforce):
+        why = "a figure is NaN/inf" if bad else f"ratio above --max_ppl_ratio {max_ppl_ratio}"
+        raise AccuracyGateError(
+            f"{qformat} fails the accuracy gate ({why}): {summary(accuracy)}; nothing written; "
+            f"calibrate with more or other data, choose a wider format, or pass "
+            f"--max_ppl_ratio / --no_accuracy_gate to accept it")
+    return passed
+
+
+def summary(accuracy: dict[str, Any]) -> str:
+    return (f"perplexity {accuracy['perplexity_source']:.4f} -> "
+            f"{accuracy['perplexity_quantized']:.4f} (ratio {accuracy['ppl_ratio']:.4f}), "
+            f"top-1 agreement {100 * accuracy['top1_agreement']:.2f}%, KL "
+            f"{accuracy['kl_divergence']:.5f} over {accuracy['tokens']} tokens of "
+            f"{accuracy.get('dataset', '?')}")

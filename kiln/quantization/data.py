@@ -1,0 +1,102 @@
+"""Calibration and evaluation tokens: text -> the checkpoint's tokenizer -> fixed-length samples.
+
+Contract: :func:`token_samples` encodes a :class:`~kiln.datasets.TextDataset`'s texts one by one
+(no special tokens, texts joined by a blank line as ``TextDataset.joined`` does), stopping once
+it has the tokens it needs, and cuts the stream into consecutive, non-overlapping samples of
+``seq_length`` tokens (a trailing partial sample is dropped). :func:`split_calibration` takes
+the first ``calib_size`` samples for calibration and the next ``held_out(calib_size)`` (a quarter
+as many: a fifth of the tokens read) for the accuracy gate, so the gate never sees a token
+calibration saw. Too little text is a :class:`~kiln.errors.DatasetError` saying how many tokens
+there are and what would fix it.
+
+Non-goals: packing with attention masks, padding, sampling samples at random offsets.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kiln.datasets import TextDataset
+from kiln.errors import DatasetError
+
+log = logging.getLogger(__name__)
+SEPARATOR = "\n\n"
+
+
+def held_out(calib_size: int) -> int:
+    """Samples after the calibration samples kept for the accuracy gate (a quarter as many)."""
+    return max(1, -(-calib_size // 4))
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Token samples [N, seq_length] (int64) from one dataset, with its provenance."""
+
+    tokens: torch.Tensor
+    dataset: TextDataset
+
+    @property
+    def provenance(self) -> dict:
+        return {"dataset": self.dataset.name, "sha256": self.dataset.sha256,
+                "samples": int(self.tokens.shape[0]), "seq_length": int(self.tokens.shape[1])}
+
+
+def load_tokenizer_of(checkpoint_dir: Path):
+    """The checkpoint's tokenizer (kiln.runtime.tokenizer: tokenizer.json and its config)."""
+    from kiln.runtime.errors import TokenizerError
+    from kiln.runtime.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(checkpoint_dir)
+    except TokenizerError as e:
+        raise DatasetError(f"{checkpoint_dir}: cannot tokenize calibration text: {e}") from None
+
+
+def encode_stream(dataset: TextDataset, tokenizer, limit: int | None) -> list[int]:
+    """Token ids of the texts joined by :data:`SEPARATOR`, stopping past ``limit`` tokens."""
+    ids: list[int] = []
+    separator = tokenizer.encode(SEPARATOR, add_special_tokens=False)
+    for n, text in enumerate(dataset.texts):
+        if n:
+            ids.extend(separator)
+        ids.extend(tokenizer.encode(text, add_special_tokens=False))
+        if limit is not None and len(ids) >= limit:
+            break
+    return ids
+
+
+def token_samples(dataset: TextDataset, tokenizer, seq_length: int,
+                  count: int | None = None) -> Samples:
+    """``count`` samples of ``seq_length`` tokens (all whole ones if None; at least one)."""
+    ids = encode_stream(dataset, tokenizer, None if count is None else count * seq_length)
+    n = len(ids) // seq_length if count is None else count
+    if n < 1 or len(ids) < n * seq_length:
+        raise DatasetError(
+            f"{dataset.name}: has {len(ids)} tokens, {max(n, 1) * seq_length} needed "
+            f"({max(n, 1)} samples x {seq_length} tokens); pass more text or lower the sample "
+            f"length (--calib_max_seq_length)")
+    tokens = torch.tensor(ids[:n * seq_length], dtype=torch.int64).view(n, seq_length)
+    return Samples(tokens, dataset)
+
+
+def split_calibration(dataset: TextDataset, tokenizer, calib_size: int,
+                      seq_length: int) -> tuple[Samples, Samples]:
+    """(calibration samples, held-out evaluation samples) from one dataset (module docstring)."""
+    evals = held_out(calib_size)
+    need = (calib_size + evals) * seq_length
+    ids = encode_stream(dataset, tokenizer, need)
+    if len(ids) < need:
+        fit = len(ids) // seq_length * 4 // 5
+        raise DatasetError(
+            f"{dataset.name}: has {len(ids)} tokens, --calib_size {calib_size} x "
+            f"--calib_max_seq_length {seq_length} plus {evals} held-out samples for the accuracy "
+            f"gate need {need}; pass more text, or lower --calib_size (at most {fit} fit) or "
+            f"--calib_max_seq_length")
+    tokens = torch.tensor(ids[:need], dtype=torch.int64).view(calib_size + evals, seq_length)
+    log.info("calibration: %d samples x %d tokens from %s, %d held out for the accuracy gate",
+             calib_size, seq_length, dataset.name, evals)
+    return Samples(tokens[:calib_size], dataset), Samples(tokens[calib_size:], dataset)

@@ -1,0 +1,90 @@
+"""QuantizeOptions: what ``kiln quantize`` takes besides its two directories.
+
+The one definition of the options, their defaults and help: the Python API
+(:func:`kiln.quantize`) takes them by keyword and the CLI builds its flags from these fields.
+Torch-free, so ``kiln quantize --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kiln.errors import ConfigError
+from kiln.quantization.config import FORMATS, GROUP_SIZES, KV_CACHE_DTYPES, Granularity
+
+DEVICES = ("auto", "cpu", "cuda")
+WEIGHT_SCALES = (Granularity.PER_TENSOR.value, Granularity.PER_CHANNEL.value)
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    qformat: str = field(default="", metadata={
+        "help": f"Quantization format: {', '.join(FORMATS)} (docs/quantization.md)."})
+    kv_cache_dtype: str | None = field(default=None, metadata={
+        "help": "Also calibrate KV-cache scales for an fp8 or int8 cache (needs "
+                "--calib_dataset)."})
+    calib_dataset: str | None = field(default=None, metadata={
+        "help": "Calibration text: a .txt, .jsonl (text key) or .parquet file, a directory, or a "
+                "hub dataset id[:glob]. Required by fp8, int8_sq, int4_awq and "
+                "--kv_cache_dtype."})
+    calib_size: int = field(default=512, metadata={
+        "help": "Calibration samples (each --calib_max_seq_length tokens)."})
+    calib_max_seq_length: int = field(default=512, metadata={
+        "help": "Tokens per calibration (and evaluation) sample."})
+    smoothquant_alpha: float | None = field(default=None, metadata={
+        "help": "int8_sq migration strength in [0, 1]; default: the architecture's (Llama 0.85, "
+                "Mistral 0.8, Falcon 0.6, others 0.5)."})
+    group_size: int | None = field(default=None, metadata={
+        "help": f"int4 formats: input features per scale, one of "
+                f"{', '.join(map(str, GROUP_SIZES))} (default 128)."})
+    weight_scales: str | None = field(default=None, metadata={
+        "help": "fp8 weight scales: per_tensor (default) or per_channel."})
+    eval_dataset: str | None = field(default=None, metadata={
+        "help": "Text for the accuracy gate (same forms as --calib_dataset); default: held-out "
+                "calibration text (a fifth of it) never used to calibrate."})
+    max_ppl_ratio: float | None = field(default=None, metadata={
+        "help": "Refuse (exit 2, nothing written) above this perplexity ratio quantized/source; "
+                "default per qformat (docs/quantization.md)."})
+    no_accuracy_gate: bool = field(default=False, metadata={
+        "help": "Measure and record accuracy, but never refuse."})
+    device: str = field(default="auto", metadata={
+        "help": "Where calibration runs: auto (cuda if available), cpu or cuda."})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Replace an existing --output_dir (only one kiln wrote)."})
+
+    def __post_init__(self) -> None:
+        if self.qformat not in FORMATS:
+            raise ConfigError(f"qformat must be one of {', '.join(FORMATS)}, found "
+                              f"{self.qformat!r}")
+        if self.kv_cache_dtype is not None and self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                              f"found {self.kv_cache_dtype!r}")
+        for name in ("calib_size", "calib_max_seq_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, found {value!r}")
+        if self.calib_max_seq_length < 2:
+            raise ConfigError("calib_max_seq_length must be at least 2 (a token and its next)")
+        if self.max_ppl_ratio is not None and not self.max_ppl_ratio >= 1:
+            raise ConfigError(f"max_ppl_ratio must be a number >= 1, found {self.max_ppl_ratio!r}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"device must be one of {', '.join(DEVICES)}, found "
+                              f"{self.device!r}")
+        if self.weight_scales is not None and self.qformat != "fp8":
+            raise ConfigError(f"weight_scales applies to fp8 only (per_tensor or per_channel); "
+                              f"{self.qformat} has {FORMATS[self.qformat].weight_scales[0].value}")
+        if self.weight_scales is not None and self.weight_scales not in WEIGHT_SCALES:
+            raise ConfigError(f"weight_scales must be one of {', '.join(WEIGHT_SCALES)}, found "
+                              f"{self.weight_scales!r}")
+        if self.group_size is not None and not self.qformat.startswith("int4"):
+            raise ConfigError(f"group_size applies to int4 formats only, not {self.qformat}")
+        alpha = self.smoothquant_alpha
+        if alpha is not None and (self.qformat != "int8_sq" or not 0 <= alpha <= 1):
+            raise ConfigError(f"smoothquant_alpha applies to int8_sq only, in [0, 1]; found "
+                              f"{alpha!r} for {self.qformat}")
+        needs = FORMATS[self.qformat].needs_calibration or self.kv_cache_dtype is not None
+        if needs and not self.calib_dataset:
+            what = self.qformat if FORMATS[self.qformat].needs_calibration else \
+                f"--kv_cache_dtype {self.kv_cache_dtype}"
+            raise ConfigError(f"{what} needs calibration data: pass --calib_dataset (a .txt, "
+                              f".jsonl or .parquet file, or a hub dataset id)")

@@ -1,0 +1,287 @@
+"""``kiln quantize``: a kiln checkpoint -> a quantized kiln checkpoint, layer by layer, gated.
+
+Steps: check the options, the input and the output (nothing is read or written on bad input)
+-> tokenize the calibration / evaluation text (kiln.quantization.data) -> open one writer per
+output rank (the input's tp/pp mapping) -> for each layer: read its float tensors (ranks
+merged, float32, on ``device``), run it on the calibration hidden states with the statistics
+observer, run it on the source evaluation hidden states, quantize it (smoothing, weights,
+scales), write each rank's part, run the quantized layer (as the reference decoder runs the
+written checkpoint) on the quantized evaluation hidden states -> the head: the accuracy gate
+-> config.json (``quantization`` with calibration provenance and accuracy), accuracy.json,
+tokenizer files -> rename into place.
+
+Memory: one float layer, one quantized layer, and the hidden states of the calibration samples
+and of both evaluation streams ([samples, seq_length, hidden] float32 each); run in
+micro-batches of about :data:`BATCH_TOKENS` tokens. Calibration hidden states move on through
+the float layer (each layer is calibrated on the source model's activations).
+
+Non-goals: quantizing the embedding or lm_head; calibrating on the quantized model's own
+activations (GPTQ-style sequential error feedback).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+import kiln
+from kiln.checkpoint import CONFIG_NAME, CheckpointConfig, load_config
+from kiln.config import options_from
+from kiln.datasets import load_texts
+from kiln.errors import ConfigError, QuantizationError
+from kiln.output_dirs import atomic_dir, check_output, copy_tokenizer
+from kiln.quantization.accuracy import AccuracyMeter, check_gate, summary
+from kiln.quantization.config import QuantConfig
+from kiln.quantization.data import Samples, load_tokenizer_of, split_calibration, token_samples
+from kiln.quantization.layerio import LayerReader, QuantizedWriter
+from kiln.quantization.options import QuantizeOptions
+from kiln.quantization.transforms import AWQ_ROWS, LayerStats, quantize_layer
+from kiln.reference import ReferenceDecoder, norm
+from kiln.roles import Role
+
+log = logging.getLogger(__name__)
+ACCURACY_FILE = "accuracy.json"
+BATCH_TOKENS = 4096
+DEFAULT_ALPHA = 0.5  # SmoothQuant's default migration strength (OPT, BLOOM)
+
+
+def quantize(checkpoint_dir: str | Path, output_dir: str | Path, *, progress: bool = True,
+             **options: Any) -> Path:
+    """Quantize the kiln checkpoint ``checkpoint_dir`` into ``output_dir``.
+
+    ``options`` are :class:`~kiln.quantization.options.QuantizeOptions` fields by keyword
+    (``qformat`` is required): one definition for this function and ``kiln quantize``. Returns
+    the output directory. Raises :class:`~kiln.errors.KilnError` subclasses on bad input or a
+    failed accuracy gate (:class:`~kiln.errors.AccuracyGateError`), leaving nothing behind.
+    """
+    opts = options_from(QuantizeOptions, options, "quantize")
+    if not str(checkpoint_dir).strip():
+        raise ConfigError("--checkpoint_dir is empty; pass a kiln checkpoint directory")
+    source_dir, output_dir = Path(checkpoint_dir).expanduser(), Path(output_dir).expanduser()
+    check_output(output_dir, opts.overwrite, inputs=[source_dir])
+    source = load_config(source_dir)
+    if source.quantization is not None:
+        raise QuantizationError(f"{source_dir}: is already quantized "
+                                f"({source.quantization.qformat}); quantize its unquantized "
+                                f"source checkpoint instead")
+    quant = quant_config(opts, source)
+    check_group_size(quant, source)
+    device = resolve_device(opts.device)
+    job = _Job(source_dir, source, quant, device, opts, progress)
+    job.load_data()
+    started = time.perf_counter()
+    with atomic_dir(output_dir, opts.overwrite) as tmp:
+        job.run(tmp)
+    log.info("wrote %s in %.1f s", output_dir, time.perf_counter() - started)
+    return output_dir
+
+
+def quant_config(opts: QuantizeOptions, source: CheckpointConfig) -> QuantConfig:
+    """The output's QuantConfig (calibration and accuracy filled in later)."""
+    alpha = None
+    if opts.qformat == "int8_sq":
+        alpha = opts.smoothquant_alpha if opts.smoothquant_alpha is not None else \
+            default_alpha(source.decoder.architecture)
+    quant = QuantConfig(opts.qformat, group_size=opts.group_size,
+                        weight_scales=opts.weight_scales, kv_cache_dtype=opts.kv_cache_dtype,
+                        smoothquant_alpha=alpha)
+    if quant.info.smoothing:
+        quant = quant.with_(pre_quant_scales=(Role.OUT.value, Role.DOWN.value))
+    return quant
+
+
+def default_alpha(architecture: str) -> float:
+    """SmoothQuant alpha of an architecture: its converter's ``smoothquant_alpha`` (a number,
+    or a dict by HF architecture name), else :data:`DEFAULT_ALPHA`."""
+    from kiln.converters.base import converter_for
+
+    try:
+        value = getattr(converter_for({"architectures": [architecture]}), "smoothquant_alpha",
+                        DEFAULT_ALPHA)
+    except ConfigError:
+        return DEFAULT_ALPHA
+    return float(value.get(architecture, DEFAULT_ALPHA) if isinstance(value, dict) else value)
+
+
+def check_group_size(quant: QuantConfig, source: CheckpointConfig) -> None:
+    """Each rank's input features of every quantized linear must split into whole groups."""
+    if quant.group_size is None:
+        return
+    cfg, tp = source.decoder, source.mapping.tp_size
+    inputs = {"attn.qkv / mlp (hidden)": cfg.hidden_size, "attn.o": cfg.q_size // tp,
+              "mlp.down": cfg.intermediate_size // tp}
+    for what, features in inputs.items():
+        if features % quant.group_size:
+            fits = [g for g in (32, 64, 128) if features % g == 0 and
+                    all(f % g == 0 for f in inputs.values())]
+            fix = f"use --group_size {' or '.join(map(str, fits))}" if fits else \
+                "no int4 group size fits; use int8_wo"
+            raise ConfigError(f"--group_size {quant.group_size} does not divide the "
+                              f"{features} input features of {what} per rank (tp_size {tp}); "
+                              f"{fix}")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA GPU is available to torch here; use --device "
+                          "cpu (or auto)")
+    return torch.device(device)
+
+
+@dataclass
+class _Streams:
+    """Hidden states [N, L, hidden] of the calibration samples and both evaluation streams."""
+
+    calib: torch.Tensor | None = None
+    source: torch.Tensor | None = None
+    quantized: torch.Tensor | None = None
+
+
+class _Job:
+    """One quantization run: data, then the layer loop, the gate and the output files."""
+
+    def __init__(self, source_dir: Path, source: CheckpointConfig, quant: QuantConfig,
+                 device: torch.device, opts: QuantizeOptions, progress: bool):
+        self.source_dir, self.source, self.quant = source_dir, source, quant
+        self.device, self.opts, self.progress = device, opts, progress
+        self.calib: Samples | None = None
+        self.eval: Samples | None = None
+
+    def load_data(self) -> None:
+        """Tokenized calibration and evaluation samples (module docstring of data.py)."""
+        opts = self.opts
+        if not (opts.calib_dataset or opts.eval_dataset):
+            return
+        tokenizer = load_tokenizer_of(self.source_dir)
+        if opts.calib_dataset:
+            calib, held = split_calibration(load_texts(opts.calib_dataset), tokenizer,
+                                            opts.calib_size, opts.calib_max_seq_length)
+            if self.quant.info.needs_calibration or self.quant.kv_cache_dtype is not None:
+                self.calib = calib
+                self.quant = self.quant.with_(calibration=calib.provenance)
+            self.eval = held
+        if opts.eval_dataset:
+            self.eval = token_samples(load_texts(opts.eval_dataset), tokenizer,
+                                      opts.calib_max_seq_length)
+
+    def run(self, out: Path) -> None:
+        cfg = self.source.decoder
+        reader = LayerReader(self.source_dir, self.source, self.device)
+        writer = QuantizedWriter(out, self.source_dir, self.source, self._target(self.quant))
+        streams = self._embed(reader)
+        started = time.perf_counter()
+        for i in tqdm(range(cfg.num_layers), desc="quantize", unit="layer",
+                      disable=not self.progress, leave=False):
+            layer_started = time.perf_counter()
+            self._layer(i, reader, writer, streams)
+            log.info("layer %d/%d quantized in %.2f s", i + 1, cfg.num_layers,
+                     time.perf_counter() - layer_started)
+        writer.copy_unlayered()
+        writer.close()
+        log.info("%d layers in %.1f s (%.2f s per layer)", cfg.num_layers,
+                 time.perf_counter() - started, (time.perf_counter() - started) / cfg.num_layers)
+        accuracy = self._accuracy(reader, streams)
+        quant = self.quant.with_(accuracy=accuracy)
+        target = self._target(quant)
+        (out / CONFIG_NAME).write_text(json.dumps(target.to_dict(), indent=2) + "\n")
+        (out / ACCURACY_FILE).write_text(json.dumps(accuracy, indent=2) + "\n")
+        copy_tokenizer(self.source_dir, out)
+
+    def _target(self, quant: QuantConfig) -> CheckpointConfig:
+        src = self.source
+        return CheckpointConfig(decoder=src.decoder, mapping=src.mapping, dtype=src.dtype,
+                                quantization=quant,
+                                source={**src.source, "quantized_from": str(self.source_dir)},
+                                kiln_version=kiln.__version__)
+
+    def _embed(self, reader: LayerReader) -> _Streams:
+        embed = reader.read([Role.EMBED.name()], float32=False)[Role.EMBED.name()]
+
+        def hidden(samples: Samples | None) -> torch.Tensor | None:
+            return None if samples is None else embed[samples.tokens.to(self.device)].float()
+
+        source = hidden(self.eval)
+        return _Streams(hidden(self.calib), source, None if source is None else source.clone())
+
+    def _layer(self, i: int, reader: LayerReader, writer: QuantizedWriter,
+               streams: _Streams) -> None:
+        cfg, quant = self.source.decoder, self.quant
+        w = reader.layer(i)
+        stats = None
+        if streams.calib is not None:
+            n, length = streams.calib.shape[:2]
+            awq = quant.qformat == "int4_awq"
+            stats = LayerStats(mean_abs=awq, row_stride=math.ceil(n * length / AWQ_ROWS) if awq
+                               else 0)
+        layer = ReferenceDecoder(cfg, w, observer=None if stats is None else stats.observe)
+        _run(layer, i, streams.calib)
+        layer.observer = None
+        _run(layer, i, streams.source)
+        tensors = quantize_layer(w, i, cfg, quant, stats, quant.smoothquant_alpha,
+                                 self.source.torch_dtype)
+        del layer, w
+        writer.write_layer(i, tensors)
+        if streams.quantized is not None:
+            qlayer = ReferenceDecoder(cfg, {n: t.to(self.device) for n, t in tensors.items()},
+                                      quant=quant)
+            _run(qlayer, i, streams.quantized)
+
+    def _accuracy(self, reader: LayerReader, streams: _Streams) -> dict[str, Any] | None:
+        """The gate's figures (None, said at WARNING, when there is no evaluation text)."""
+        if self.eval is None:
+            log.warning("accuracy was not measured: no --calib_dataset or --eval_dataset, so "
+                        "the quantized checkpoint records accuracy null")
+            return None
+        cfg = self.source.decoder
+        names = [r.name() for r in (Role.FINAL_NORM, Role.FINAL_NORM_BIAS, Role.LM_HEAD)
+                 if r.name() in self.source.rank_tensor_names(self.source.mapping.world_size - 1)]
+        head = reader.read(names, float32=False)
+        weight = head[Role.FINAL_NORM.name()].float()
+        bias = head.get(Role.FINAL_NORM_BIAS.name())
+        bias = None if bias is None else bias.float()
+        lm_head = head[Role.LM_HEAD.name()]
+        meter = AccuracyMeter()
+        n, length = self.eval.tokens.shape
+        step = max(1, (1 << 25) // (length * cfg.vocab_size))
+        for a in range(0, n, step):
+            logits = [_logits(norm(h[a:a + step], weight, bias, cfg), lm_head)
+                      for h in (streams.source, streams.quantized)]
+            meter.update(*logits, self.eval.tokens[a:a + step])
+        accuracy = {**meter.result(), **self.eval.provenance}
+        limit = self.opts.max_ppl_ratio or self.quant.info.max_ppl_ratio
+        accuracy["max_ppl_ratio"] = limit
+        accuracy["passed"] = check_gate(accuracy, self.quant.qformat, limit,
+                                        enforce=not self.opts.no_accuracy_gate)
+        log.info("accuracy: %s", summary(accuracy))
+        if not accuracy["passed"]:
+            log.warning("%s is above the accuracy gate (--no_accuracy_gate): %s",
+                        self.quant.qformat, summary(accuracy))
+        return accuracy
+
+
+def _run(layer: ReferenceDecoder, i: int, x: torch.Tensor | None) -> None:
+    """Layer ``i`` on hidden states x [N, L, hidden], in place, in micro-batches."""
+    if x is None:
+        return
+    step = max(1, BATCH_TOKENS // x.shape[1])
+    for a in range(0, x.shape[0], step):
+        x[a:a + step] = layer.forward_layer(i, x[a:a + step])
+
+
+def _logits(h: torch.Tensor, lm_head: torch.Tensor) -> torch.Tensor:
+    """``h @ lm_head.T`` in float32, the head upcast 32768 rows at a time."""
+    if lm_head.dtype == torch.float32:
+        return h @ lm_head.T
+    return torch.cat([h @ lm_head[r:r + 32768].float().T
+                      for r in range(0, lm_head.shape[0], 32768)], dim=-1)
+
