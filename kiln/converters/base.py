@@ -198,5 +198,6 @@ def unknown_keys(hf: dict[str, Any], known: set[str]) -> dict[str, Any]:
     """HF keys a converter did not interpret, kept in ``DecoderConfig.extra`` for provenance."""
     generic = {"architectures", "model_type", "torch_dtype", "dtype", "transformers_version",
                "_name_or_path", "auto_map", "bos_token_id", "eos_token_id", "pad_token_id",
-               "use_cache", "initializer_range"}
+               "use_cache", "initializer_range",
+               "quantization_config"}  # read by kiln/converters/quantized.py, kept in its record
     return {k: v for k, v in sorted(hf.items()) if k not in known | generic}

@@ -9,6 +9,11 @@ rank that keeps part of it, so no tensor (not even a fused qkv or a large embedd
 whole. Only a converter transform other than a row concatenation (Falcon's QKV regroup)
 materializes its sources and result, one tensor at a time.
 
+Quantized sources (FP8, kiln/converters/quantized.py): FP8 weights are copied as they are
+(float8_e4m3fn, fused by row concatenation, never cast); their scales are companion targets
+(``layers.{i}.attn.qkv.weight_scale`` ...) made by small transforms, written in float32 and
+sharded by :func:`kiln.roles.tensor_sharding` (a per-row scale splits with its weight's rows).
+
 Finite weights: every floating chunk is checked as it is cast, in the reading thread, with one
 sum (NaN/Inf propagate; no copy; min/max confirms a non-finite sum). A NaN/Inf in the source is a
 corrupt checkpoint; one that only appears after the cast is an overflow of the output dtype
@@ -48,11 +53,22 @@ from kiln.converters.base import (
     converter_for,
 )
 from kiln.converters.options import ConvertOptions
+from kiln.converters.quantized import FP8, ImportedQuant, import_quantization
 from kiln.converters.source import Source, SourceTensor, open_source
 from kiln.errors import CheckpointError, TensorMappingError
 from kiln.hashing import sha256_file
 from kiln.output_dirs import atomic_dir, check_output, copy_tokenizer
-from kiln.roles import SHARDING, Role, expected_shape, name_mismatch, parse_name, tensor_names
+from kiln.quantization.config import INPUT_SCALE, KV_SCALES, WEIGHT_SCALE
+from kiln.roles import (
+    Role,
+    ShardSpec,
+    expected_shape,
+    name_mismatch,
+    parse_tensor,
+    scale_shape,
+    tensor_names,
+    tensor_sharding,
+)
 from kiln.sharding import shard_ranges, shard_shape
 from kiln.tensorio import StreamingWriter, iter_row_chunks
 
@@ -69,6 +85,21 @@ class TargetPlan:
     sources: tuple[SourceTensor, ...]
     rule: TensorRule
     shape: tuple[int, ...]
+    kind: str | None = None  # a quantized weight's companion: weight_scale, input_scale, k_scale
+
+    @property
+    def spec(self) -> ShardSpec:
+        return tensor_sharding(self.role, self.kind, len(self.shape))
+
+    def out_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """What this tensor is stored as: scales float32, imported FP8 weights float8_e4m3fn
+        (the importer admits FP8 only there), other floating tensors ``dtype``."""
+        source = self.sources[0].dtype
+        if self.kind is not None:
+            return torch.float32
+        if source is FP8 or not source.is_floating_point:
+            return source
+        return dtype
 
     def row_pieces(self) -> list[SourceTensor] | None:
         """Sources whose rows, stacked, are this tensor's rows (a copy or a row concatenation);
@@ -105,7 +136,8 @@ def convert_checkpoint(model_dir: str | Path, output_dir: str | Path, *, progres
                                            {n: tuple(t.shape) for n, t in source.tensors.items()})
     mapping = Mapping(tp_size=tp_size, pp_size=pp_size)
     mapping.validate_for(decoder)
-    plans = plan_targets(converter, decoder, source)
+    quant = import_quantization(source, converter, decoder)
+    plans = plan_targets(converter, decoder, source, quant)
     out_dtype = _resolve_dtype(dtype, source, plans)
     log.info("converting %s (%s, %d layers) to %s, tp=%d pp=%d", source.directory,
              decoder.architecture, decoder.num_layers, out_dtype, tp_size, pp_size)
@@ -115,6 +147,7 @@ def convert_checkpoint(model_dir: str | Path, output_dir: str | Path, *, progres
         _write_ranks(tmp, plans, decoder, mapping, getattr(torch, out_dtype), progress)
         copy_tokenizer(source.directory, tmp)
         config = CheckpointConfig(decoder=decoder, mapping=mapping, dtype=out_dtype,
+                                  quantization=quant.config if quant else None,
                                   source=_provenance(source, converter, hashes),
                                   kiln_version=kiln.__version__)
         (tmp / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
@@ -122,13 +155,16 @@ def convert_checkpoint(model_dir: str | Path, output_dir: str | Path, *, progres
     return output_dir
 
 
-def plan_targets(converter: type[Converter], config: DecoderConfig, source: Source) -> list[TargetPlan]:
-    """Expand the converter's rules over layers and account for every tensor, strictly."""
+def plan_targets(converter: type[Converter], config: DecoderConfig, source: Source,
+                 quant: ImportedQuant | None = None) -> list[TargetPlan]:
+    """Expand the converter's rules (and an imported quantization's companion rules) over
+    layers and account for every tensor, strictly."""
     rules = {rule.target: rule for rule in converter.tensor_rules(config)}
+    companions = quant.rules if quant is not None else {}
     plans, wanted = [], set()
-    for name in tensor_names(config):
-        role, layer = parse_name(name)
-        rule = rules.get(role)
+    for name in tensor_names(config, quant=quant.config if quant is not None else None):
+        role, layer, kind = parse_tensor(name)
+        rule = rules.get(role) if kind is None else companions.get((role, kind))
         if rule is None:
             raise TensorMappingError(f"{converter.__name__} has no rule for {name} (a kiln bug)")
         names = [s.format(layer=layer) for s in rule.sources]
@@ -136,7 +172,8 @@ def plan_targets(converter: type[Converter], config: DecoderConfig, source: Sour
         if any(n not in source.tensors for n in names):
             continue  # reported below, with every other missing source
         sources = tuple(source.tensors[n] for n in names)
-        plans.append(TargetPlan(name, role, layer, sources, rule, _planned_shape(rule, sources)))
+        plans.append(TargetPlan(name, role, layer, sources, rule, _planned_shape(rule, sources),
+                                kind))
     ignored = [re.compile(p) for p in converter.ignored_patterns(config)]
     found = (n for n in source.tensors if n in wanted or not any(p.fullmatch(n) for p in ignored))
     if problem := name_mismatch(wanted, found):
@@ -145,7 +182,8 @@ def plan_targets(converter: type[Converter], config: DecoderConfig, source: Sour
             f"{problem}; check config.json against the weights (biases, tied embeddings, layer "
             f"count)")
     for plan in plans:
-        want = expected_shape(plan.role, config)
+        want = expected_shape(plan.role, config) if plan.kind is None else \
+            scale_shape(plan.role, plan.kind, config, quant.config)
         if plan.shape != want:
             raise TensorMappingError(f"{plan.source_names()}: give {plan.name} shape "
                                      f"{list(plan.shape)}, the config implies {list(want)}; "
@@ -166,9 +204,8 @@ def _resolve_dtype(dtype: str, source: Source, plans: list[TargetPlan]) -> str:
     name = source.hf_config.get("torch_dtype") or source.hf_config.get("dtype")
     if name in DTYPES:
         return name
-    first = next(p.sources[0].dtype for p in plans if p.sources[0].dtype.is_floating_point)
-    return str(first).removeprefix("torch.") if str(first).removeprefix("torch.") in DTYPES \
-        else "float32"
+    names = (str(p.sources[0].dtype).removeprefix("torch.") for p in plans if p.kind is None)
+    return next((n for n in names if n in DTYPES), "float32")  # FP8 weights are no model dtype
 
 
 def _write_ranks(out: Path, plans: list[TargetPlan], config: DecoderConfig, mapping: Mapping,
@@ -181,14 +218,15 @@ def _write_ranks(out: Path, plans: list[TargetPlan], config: DecoderConfig, mapp
               leave=False) as bar:
         # Reading (and casting) runs one chunk ahead of writing, in a thread: both are mostly
         # system calls that release the GIL, so disk reads overlap disk writes.
-        for plan, row, chunk in _prefetch(((p, r, c) for p in plans for r, c in _row_chunks(p, dtype)),
-                                          depth=2):
+        chunks = ((p, r, c) for p in plans for r, c in _row_chunks(p, p.out_dtype(dtype)))
+        for plan, row, chunk in _prefetch(chunks, depth=2):
             if row == 0:
                 placements = [_Placement.create(writers[rank], plan, config, mapping, tp_rank, dtype)
                               for tp_rank, rank in _ranks_holding(plan, config, mapping)]
             for placement in placements:
                 placement.write(row, chunk)
-            bar.update(chunk.numel() * plan.sources[0].dtype.itemsize)
+            bar.update(chunk.numel() * plan.sources[0].dtype.itemsize if plan.kind is None
+                       else sum(s.nbytes for s in plan.sources))
     for writer in writers.values():
         writer.close()
 
@@ -234,7 +272,8 @@ def _prefetch(items: Iterator, depth: int) -> Iterator:
 
 def _row_chunks(plan: TargetPlan, dtype: torch.dtype) -> Iterator[tuple[int, torch.Tensor]]:
     """(first row, rows) chunks of the whole target tensor, each at most ~64 MB of source,
-    cast to ``dtype`` and checked finite (:func:`_refuse_non_finite`).
+    cast to ``dtype`` (the plan's :meth:`~TargetPlan.out_dtype`: FP8 stays FP8) and checked
+    finite (:func:`_refuse_non_finite`).
 
     Copies and row concatenations (fused qkv, gate_up) are read piece by piece, so no fused
     tensor is ever materialized; any other transform is applied to whole sources once.
@@ -274,6 +313,8 @@ def _all_finite(t: torch.Tensor) -> bool:
     """
     if not t.is_floating_point() or t.numel() == 0:
         return True
+    if t.dtype is FP8:  # no sum on the CPU; e4m3fn has no inf, and NaN is S.1111.111
+        return not bool(((t.view(torch.uint8) & 0x7F) == 0x7F).any())
     if torch.isfinite(t.sum()):
         return True
     low, high = torch.aminmax(t)
@@ -323,10 +364,12 @@ class _Placement:
     @classmethod
     def create(cls, writer: StreamingWriter, plan: TargetPlan, config: DecoderConfig,
                mapping: Mapping, tp_rank: int, dtype: torch.dtype) -> _Placement:
-        dim = SHARDING[plan.role].dim
+        spec = plan.spec
+        dim = spec.dim
         ranges, local = [], 0
         if dim is not None:
-            for start, stop in shard_ranges(plan.role, config, mapping, tp_rank, plan.shape[dim]):
+            for start, stop in shard_ranges(plan.role, config, mapping, tp_rank, plan.shape[dim],
+                                            spec):
                 ranges.append((start, stop, local))
                 local += stop - start
         placement = cls(writer, plan.name, dim, tuple(ranges))
@@ -355,9 +398,9 @@ def _open_writers(out: Path, plans: list[TargetPlan], config: DecoderConfig, map
                   dtype: torch.dtype) -> dict[int, StreamingWriter]:
     entries: dict[int, list] = {rank: [] for rank in range(mapping.world_size)}
     for plan in plans:
-        out_dtype = dtype if plan.sources[0].dtype.is_floating_point else plan.sources[0].dtype
+        out_dtype = plan.out_dtype(dtype)
         for tp_rank, rank in _ranks_holding(plan, config, mapping):
-            shape = shard_shape(plan.shape, plan.role, config, mapping, tp_rank)
+            shape = shard_shape(plan.shape, plan.role, config, mapping, tp_rank, plan.spec)
             entries[rank].append((plan.name, out_dtype, shape))
     meta = {"format": "pt", "kiln_format": "checkpoint"}
     return {rank: StreamingWriter(out / rank_file(rank), sorted(e, key=lambda x: _name_key(x[0])),
@@ -365,11 +408,15 @@ def _open_writers(out: Path, plans: list[TargetPlan], config: DecoderConfig, map
             for rank, e in entries.items()}
 
 
+_KINDS = (None, WEIGHT_SCALE, INPUT_SCALE, *KV_SCALES)
+
+
 def _name_key(name: str) -> tuple:
-    """Natural order: embed, layers.0.*, layers.1.* ..., layers.10.*, then the head."""
-    role, layer = parse_name(name)
+    """Natural order: embed, layers.0.*, layers.1.* ..., layers.10.*, then the head; a
+    quantized weight's scales right after it."""
+    role, layer, kind = parse_tensor(name)
     return (-1 if layer is None and role is Role.EMBED else layer if layer is not None else 1 << 30,
-            list(Role).index(role))
+            list(Role).index(role), _KINDS.index(kind))
 
 
 def _ranks_holding(plan: TargetPlan, config: DecoderConfig, mapping: Mapping) -> list[tuple[int, int]]:

@@ -26,7 +26,8 @@ from kiln.tensorio import TensorInfo, read_header, read_tensor
 log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
-HUB_PATTERNS = ("config.json", "generation_config.json", "*.safetensors",
+# hf_quant_config.json: ModelOpt's quantization record (kiln/converters/quantized.py)
+HUB_PATTERNS = ("config.json", "generation_config.json", "hf_quant_config.json", "*.safetensors",
                 "*.safetensors.index.json", "tokenizer*", "special_tokens_map.json",
                 "added_tokens.json", "vocab.json", "merges.txt", "chat_template.*")
 
