@@ -54,7 +54,7 @@ def eval_command(obj: CliContext, engine_dir: Path, dataset: str, max_length: in
     if obj.verbosity >= 0:
         click.echo(f"{result.tokens} tokens in {result.windows} windows (max_length "
                    f"{result.max_length}, stride {result.stride}), {result.seconds:.1f} s, "
-                   f"{result.tokens_per_s:.0f} tokens/s", err=True)
+                   f"{result.tokens_per_s:.1f} tokens/s", err=True)
     if json_output is not None:
         _write_atomically(json_output, json.dumps(result.to_dict(), indent=2) + "\n")
         click.echo(f"wrote {json_output}", err=True)
