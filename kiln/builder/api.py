@@ -27,7 +27,7 @@ from kiln.builder.runner import run_parts
 from kiln.checkpoint import CheckpointConfig, load_config, rank_file
 from kiln.config import options_from
 from kiln.engine import EngineManifest
-from kiln.errors import CheckpointError, ConfigError
+from kiln.errors import CheckpointError
 from kiln.output_dirs import atomic_dir, check_output, copy_tokenizer
 from kiln.plugins import PluginContext, resolve_plugins
 from kiln.roles import name_mismatch
@@ -79,9 +79,6 @@ def build_with(options: BuildOptions, progress: bool = False) -> BuildResult:
     engine = get_backend(options.backend)
     plan = make_plan(options, ckpt, engine)
     engine.check(plan)
-    if ckpt.quantization is not None:
-        raise ConfigError(f"{ckpt.quantization.qformat} checkpoints are not supported by kiln "
-                          f"build yet; build the unquantized checkpoint")
     budget = options.memory_budget() // options.workers
     parts = [p for rank in range(ckpt.mapping.world_size)
              for p in plan_rank(ckpt, rank, RankWeights(weights[rank].path, plan.dtype), budget,
@@ -121,9 +118,16 @@ def make_plan(options: BuildOptions, ckpt: CheckpointConfig, engine: Backend) ->
     context = PluginContext(decoder=ckpt.decoder, dtype=dtype, backend=engine.name,
                             targets=tuple(targets), tp_size=ckpt.mapping.tp_size)
     plugins = resolve_plugins(options.plugins, context)
+    quant = ckpt.quantization
+    if quant is not None and plugins.get("gated_mlp"):
+        # The fused form is a function of float weights; a quantized projection is not one.
+        log.info("gated_mlp: the fused form takes float weights; the %s checkpoint's MLP is "
+                 "emitted unfused", quant.qformat)
+        plugins = {**plugins, "gated_mlp": False}
     graph = GraphSpec(decoder=ckpt.decoder, mapping=ckpt.mapping, dtype=dtype,
                       max_seq_len=limits.max_seq_len, plugins=plugins,
-                      gather_context_logits=options.gather_context_logits)
+                      gather_context_logits=options.gather_context_logits,
+                      quantization=quant, backend=engine.name)
     return BuildPlan(checkpoint_dir=options.checkpoint_dir, checkpoint=ckpt, graph=graph,
                      limits=limits, targets=tuple(targets))
 

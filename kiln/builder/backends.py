@@ -121,6 +121,17 @@ class Backend(ABC):
         """Write one part's files into ``job.out_dir``."""
 
 
+def check_kv_cache(plan: BuildPlan, backend: str) -> None:
+    """Refuse a quantized KV cache: the per-rank graph (onnx and tensorrt) keeps its cache in
+    the model dtype, because TensorRT's KV-cache update layer rejects FP8 and INT8 caches."""
+    quant = plan.checkpoint.quantization
+    if quant is not None and quant.kv_cache_dtype is not None:
+        raise EngineError(f"the {backend} backend cannot build the checkpoint's "
+                          f"{quant.kv_cache_dtype} KV cache: its graph keeps the cache in the "
+                          f"model dtype (TensorRT's KV-cache update layer rejects FP8/INT8 "
+                          f"caches); quantize the checkpoint without a KV-cache dtype")
+
+
 def register_backend(name: str) -> Callable[[type[Backend]], type[Backend]]:
     def register(cls: type[Backend]) -> type[Backend]:
         if name in _REGISTRY and _REGISTRY[name] is not cls:

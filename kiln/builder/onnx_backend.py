@@ -26,6 +26,7 @@ from kiln.builder.backends import (
     BuildPlan,
     PartJob,
     PartResult,
+    check_kv_cache,
     register_backend,
 )
 from kiln.builder.graph.decoder import write_part
@@ -56,6 +57,7 @@ class OnnxBackend(Backend):
             raise EngineError(f"the onnx backend cannot run tp_size "
                               f"{plan.checkpoint.mapping.tp_size}: ONNX Runtime has no "
                               f"collective op; use --backend tensorrt or a tp_size 1 checkpoint")
+        check_kv_cache(plan, "onnx")
         if plan.dtype == "bfloat16" and plan.targets[0] == "cpu":
             raise EngineError("ONNX Runtime's CPU provider has no bfloat16 MatMul; build with "
                               "--dtype float16 or float32, or --target cuda")

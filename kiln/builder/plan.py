@@ -26,7 +26,8 @@ def plan_rank(ckpt: CheckpointConfig, rank: int, weights: RankWeights, budget: i
     layers = ckpt.mapping.stage_layers(pp_rank, ckpt.decoder.num_layers)
     first, last = pp_rank == 0, pp_rank == ckpt.mapping.pp_size - 1
     sizes = [weights.nbytes(tensor_names(ckpt.decoder, range(i, i + 1), first_stage=False,
-                                         last_stage=False)) for i in layers]
+                                         last_stage=False, quant=ckpt.quantization))
+             for i in layers]
     embed = weights.nbytes([r.name() for r in FIRST_STAGE_ROLES]) if first else 0
     head = weights.nbytes([r.name() for r in LAST_STAGE_ROLES]) if last else 0
     sizes[0] += embed

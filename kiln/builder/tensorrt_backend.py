@@ -37,6 +37,7 @@ from kiln.builder.backends import (
     BuildPlan,
     PartJob,
     PartResult,
+    check_kv_cache,
     part_label,
     register_backend,
 )
@@ -116,6 +117,7 @@ class TensorRTBackend(Backend):
     def check(self, plan: BuildPlan) -> None:
         check_targets(plan.targets, self.full, local_gpu() if self.full else None)
         check_precision(plan.targets, plan.dtype, plan.checkpoint.quantization)
+        check_kv_cache(plan, "tensorrt")
 
     def build_part(self, job: PartJob) -> PartResult:
         """Emit the part's graph with its weights kept in memory, hand both to the parser

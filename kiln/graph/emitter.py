@@ -35,6 +35,7 @@ ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16,
 _TORCH_TO_ONNX = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16,
                   torch.bfloat16: TensorProto.BFLOAT16, torch.int64: TensorProto.INT64,
                   torch.int32: TensorProto.INT32, torch.int8: TensorProto.INT8,
+                  torch.uint8: TensorProto.UINT8, torch.float8_e4m3fn: TensorProto.FLOAT8E4M3FN,
                   torch.bool: TensorProto.BOOL}
 Dim = int | str
 
@@ -42,13 +43,32 @@ Dim = int | str
 class WeightSink(Protocol):
     """Where weight bytes go. ``add`` returns the initializer proto (data external)."""
 
-    def add(self, name: str, tensor: torch.Tensor) -> TensorProto: ...
+    def add(self, name: str, tensor: torch.Tensor, data_type: int | None = None,
+            dims: Sequence[int] | None = None) -> TensorProto: ...
 
 
-def external_tensor(name: str, tensor: torch.Tensor, location: str, offset: int) -> TensorProto:
-    """An initializer whose data lies at ``offset`` in the file ``location``."""
-    proto = TensorProto(name=name, data_type=_TORCH_TO_ONNX[tensor.dtype],
-                        dims=list(tensor.shape), data_location=TensorProto.EXTERNAL)
+class Projection(Protocol):
+    """A linear layer whose weight side is already emitted: ``proj(x)`` emits ``x @ W`` (its
+    node named ``name``, default the projection's). ``weight`` is the plain [in, out] MatMul
+    operand of a float projection, or None for a quantized one (whose form is not a MatMul of
+    one weight: fused plugin forms that take weights cannot use it)."""
+
+    weight: str | None
+
+    def __call__(self, x: str, name: str | None = None) -> str: ...
+
+
+def external_tensor(name: str, tensor: torch.Tensor, location: str, offset: int,
+                    data_type: int | None = None, dims: Sequence[int] | None = None) -> TensorProto:
+    """An initializer whose data lies at ``offset`` in the file ``location``.
+
+    ``data_type`` and ``dims`` describe the bytes of ``tensor`` when they are not its own
+    dtype and shape (INT4: two values per byte, ``tensor`` the packed uint8 bytes).
+    """
+    proto = TensorProto(name=name,
+                        data_type=_TORCH_TO_ONNX[tensor.dtype] if data_type is None else data_type,
+                        dims=list(tensor.shape if dims is None else dims),
+                        data_location=TensorProto.EXTERNAL)
     for key, value in (("location", location), ("offset", str(offset)),
                        ("length", str(tensor.numel() * tensor.element_size()))):
         proto.external_data.add(key=key, value=value)
@@ -66,7 +86,8 @@ class FileSink:
         self._offset = 0
         self.nbytes = 0
 
-    def add(self, name: str, tensor: torch.Tensor) -> TensorProto:
+    def add(self, name: str, tensor: torch.Tensor, data_type: int | None = None,
+            dims: Sequence[int] | None = None) -> TensorProto:
         offset = -(-self._offset // self.ALIGN) * self.ALIGN
         data = memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
         pos = offset
@@ -75,7 +96,7 @@ class FileSink:
             data, pos = data[done:], pos + done
         self._offset = pos
         self.nbytes += pos - offset
-        return external_tensor(name, tensor, self.path.name, offset)
+        return external_tensor(name, tensor, self.path.name, offset, data_type, dims)
 
     def close(self) -> None:
         os.close(self._fd)
@@ -89,11 +110,12 @@ class MemorySink:
         self.tensors: dict[str, torch.Tensor] = {}
         self.nbytes = 0
 
-    def add(self, name: str, tensor: torch.Tensor) -> TensorProto:
+    def add(self, name: str, tensor: torch.Tensor, data_type: int | None = None,
+            dims: Sequence[int] | None = None) -> TensorProto:
         tensor = tensor.contiguous()
         self.tensors[name] = tensor
         self.nbytes += tensor.numel() * tensor.element_size()
-        return external_tensor(name, tensor, self.location, 0)
+        return external_tensor(name, tensor, self.location, 0, data_type, dims)
 
     def close(self) -> None:
         pass
@@ -175,11 +197,22 @@ class GraphEmitter:
         np_dtype = helper.tensor_dtype_to_np_dtype(onnx_dtype)
         return self.const(np.array(value, dtype=np_dtype), name="scalar")
 
-    def weight(self, name: str, tensor: torch.Tensor) -> str:
-        """A weight initializer named ``name`` (a canonical tensor name), data via the sink."""
+    def zero_point(self, onnx_dtype: int) -> str:
+        """A scalar zero of ``onnx_dtype`` (a symmetric Q/DQ zero point: int8, float8e4m3fn)."""
+        key = ("zero_point", onnx_dtype)
+        if key not in self._consts:
+            unique = self._unique(f"{self.prefix}/zero_point")
+            self.initializers.append(helper.make_tensor(unique, onnx_dtype, [], [0]))
+            self._consts[key] = unique
+        return self._consts[key]
+
+    def weight(self, name: str, tensor: torch.Tensor, data_type: int | None = None,
+               dims: Sequence[int] | None = None) -> str:
+        """A weight initializer named ``name`` (a canonical tensor name), data via the sink;
+        ``data_type``/``dims`` as :func:`external_tensor` (packed INT4)."""
         if self.sink is None:
             raise RuntimeError("this emitter has no weight sink")
-        self.initializers.append(self.sink.add(name, tensor))
+        self.initializers.append(self.sink.add(name, tensor, data_type, dims))
         return name
 
     def shared(self, key: Any, build: Callable[[], Any]) -> Any:
@@ -217,6 +250,16 @@ class GraphEmitter:
             opset_imports=[helper.make_opsetid(d, v) for d, v in sorted(self.domains.items())],
             functions=list(self.functions.values()))
         return model
+
+
+class WeightProjection:
+    """A float :class:`Projection`: ``MatMul(x, weight)`` with an [in, out] operand."""
+
+    def __init__(self, g: GraphEmitter, weight: str, name: str):
+        self.g, self.weight, self.name = g, weight, name
+
+    def __call__(self, x: str, name: str | None = None) -> str:
+        return self.g.op("MatMul", x, self.weight, name=name or self.name)
 
 
 def save(model: onnx.ModelProto, path: Path) -> Path:

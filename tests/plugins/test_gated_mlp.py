@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kiln.graph.emitter import WeightProjection
 from kiln.plugins.gated_mlp import GatedMlpAttrs
 from kiln.plugins.gated_mlp import onnx as mlp_onnx
 from kiln.plugins.gated_mlp.reference import gated_mlp
@@ -25,7 +26,8 @@ def test_gated_mlp_forms(fused, dtype, bias):
 
     def emit(g, *names):
         b = names[2] if bias else None
-        return mlp_onnx.emit(g, names[0], names[1], b, names[-1], GatedMlpAttrs(i), fused)
+        return mlp_onnx.emit(g, names[0], WeightProjection(g, names[1], "gate_up"), b,
+                             WeightProjection(g, names[-1], "down"), GatedMlpAttrs(i), fused)
     (got,) = run_form(emit, inputs)
     want = gated_mlp(x.float(), w_gu.float(), None if b_gu is None else b_gu.float(),
                      w_down.float())

@@ -25,20 +25,21 @@ def cache_names(i: int) -> tuple[tuple[str, str], tuple[str, str]]:
 def emit_attention(ctx: EmitContext, i: int, h: str) -> str:
     """The attention output's row-parallel partial [B, S, H] (before all-reduce and o bias).
 
-    h ─► qkv MatMul ─► (Add bias) ─► (Clip) ─► Split ─► q, k, v   [B, S, heads * D]
+    h ─► qkv projection ─► (Add bias) ─► (Clip) ─► Split ─► q, k, v   [B, S, heads * D]
     q, k ─► (q_norm, k_norm) ─► heads [B, H, S, D] ─► (rotary plugin)
     k, v ─► kv_cache plugin ─► present_key_i, present_value_i (graph outputs)
     q, presents ─► attention plugin ─► [B, Hq, S, D]
-      ─► Transpose [B, S, Hq, D] ─► Reshape [B, S, Hq * D] ─► o MatMul
+      ─► Transpose [B, S, Hq, D] ─► Reshape [B, S, Hq * D] ─► o projection
 
-    gqa plugin: h ─► qkv MatMul ─► (Add bias) ─► (Clip) ─► GroupQueryAttention ─► o MatMul
+    gqa plugin: h ─► qkv ─► (Add bias) ─► (Clip) ─► GroupQueryAttention ─► o projection
     (rotary, the cache write and attention in one node; see kiln/plugins/gqa/spec.py).
+    Projections: ctx.linear (a MatMul, or a quantized form: kiln/builder/graph/linear.py).
     """
     g, cfg = ctx.g, ctx.decoder
     with g.scope("attn"):
         if ctx.spec.plugins.get("gqa"):
-            return g.op("MatMul", _gqa(ctx, i, _projection(ctx, i, h)),
-                        ctx.weight(Role.OUT, i, linear=True), name="o")
+            out = _gqa(ctx, i, _projection(ctx, i, h))
+            return ctx.linear(Role.OUT, i)(out)
         q, k, v = _split(ctx, _projection(ctx, i, h))
         if cfg.qk_norm:
             q = _qk_norm(ctx, q, Role.Q_NORM, Role.Q_NORM_BIAS, i, "q_norm")
@@ -61,13 +62,13 @@ def emit_attention(ctx: EmitContext, i: int, h: str) -> str:
                                         fused=fused["attention"])
         out = g.op("Transpose", out, name="merge_heads", perm=[0, 2, 1, 3])  # [B, S, Hq, D]
         out = g.op("Reshape", out, g.int64s(0, 0, ctx.heads * cfg.head_dim), name="merge_heads")
-        return g.op("MatMul", out, ctx.weight(Role.OUT, i, linear=True), name="o")
+        return ctx.linear(Role.OUT, i)(out)
 
 
 def _projection(ctx: EmitContext, i: int, h: str) -> str:
-    """h ─► MatMul(Transpose(qkv.weight)) ─► (Add qkv.bias) ─► (Clip ±clip_qkv): q|k|v packed"""
+    """h ─► qkv projection ─► (Add qkv.bias) ─► (Clip ±clip_qkv): q|k|v packed"""
     g, cfg = ctx.g, ctx.decoder
-    qkv = g.op("MatMul", h, ctx.weight(Role.QKV, i, linear=True), name="qkv")
+    qkv = ctx.linear(Role.QKV, i)(h)
     bias = ctx.weight(Role.QKV_BIAS, i)
     if bias is not None:
         qkv = g.op("Add", qkv, bias, name="qkv_bias")

@@ -9,7 +9,8 @@ import torch
 from onnx import TensorProto
 
 from kiln.config import DecoderConfig, Mapping
-from kiln.graph.emitter import ONNX_DTYPES, GraphEmitter
+from kiln.graph.emitter import ONNX_DTYPES, GraphEmitter, Projection
+from kiln.quantization.config import QuantConfig
 from kiln.roles import Role
 from kiln.tensorio import TensorInfo, read_header, read_tensor
 
@@ -26,6 +27,8 @@ class GraphSpec:
     max_seq_len: int  # Smax: the static KV-cache length
     plugins: dict[str, bool]  # plugin name -> fused form used
     gather_context_logits: bool = False  # the head also returns context_logits [B, S, V]
+    quantization: QuantConfig | None = None  # the checkpoint's (None: float weights)
+    backend: str = "onnx"  # the quantized projections' forms depend on it (linear.py)
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,9 @@ class PartSpec:
 
 
 class RankWeights:
-    """Reads one rank's tensors from its kiln checkpoint file, one at a time, cast to dtype."""
+    """Reads one rank's tensors from its kiln checkpoint file, one at a time: float tensors
+    cast to the build dtype (:meth:`get`), a quantized checkpoint's int8 / packed int4 / fp8
+    weights as stored (:meth:`raw`)."""
 
     def __init__(self, path: Path, dtype: str):
         self.path = Path(path)
@@ -58,11 +63,19 @@ class RankWeights:
             return None
         return read_tensor(info).to(self.dtype)
 
+    def raw(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` as stored (quantized values keep their dtype)."""
+        return read_tensor(self.infos[name])
+
     def nbytes(self, names: list[str]) -> int:
-        """Bytes of the named tensors at the build dtype."""
+        """Bytes of the named tensors as the build holds them: float tensors (weights, scales)
+        at the build dtype, quantized ones (int8, packed int4, fp8) as stored."""
         size = self.dtype.itemsize
-        return sum(self.infos[n].nbytes // self.infos[n].dtype.itemsize * size
-                   for n in names if n in self.infos)
+        total = 0
+        for info in (self.infos[n] for n in names if n in self.infos):
+            cast = info.dtype.is_floating_point and info.dtype.itemsize > 1
+            total += info.nbytes // info.dtype.itemsize * size if cast else info.nbytes
+        return total
 
 
 @dataclass
@@ -119,6 +132,14 @@ class EmitContext:
             return name
         return self.g.op("Transpose", name, name=role.name(layer).rsplit(".", 1)[0].split(".")[-1]
                          + "_weight", perm=[1, 0])
+
+    def linear(self, role: Role, layer: int) -> Projection:
+        """A layer's projection in the checkpoint's format and the backend's form: its weight
+        side is emitted now, the product when the returned Projection is called on an
+        activation (see kiln/builder/graph/linear.py)."""
+        from kiln.builder.graph.linear import projection
+
+        return projection(self, role, layer)
 
     def cache_shape(self) -> list:
         return [BATCH, self.kv_heads, self.spec.max_seq_len, self.decoder.head_dim]

@@ -93,17 +93,18 @@ def _reduce(ctx: EmitContext, partial: str, biases: tuple[Role, ...], layer: int
 def emit_mlp(ctx: EmitContext, i: int, h: str) -> str:
     """The MLP's row-parallel partial output (no all-reduce, no down bias).
 
-    gated: the gated_mlp plugin.   gelu: h ─► MatMul up ─► (Add b) ─► Gelu ─► MatMul down
+    gated: the gated_mlp plugin.   gelu: h ─► up ─► (Add b) ─► Gelu ─► down
+    (projections: ctx.linear, a MatMul or a quantized form)
     """
     g, cfg = ctx.g, ctx.decoder
     with g.scope("mlp"):
-        down = ctx.weight(Role.DOWN, i, linear=True)
+        down = ctx.linear(Role.DOWN, i)
         if cfg.mlp_type is MlpType.SWIGLU:
-            return gated_mlp.emit(g, h, ctx.weight(Role.GATE_UP, i, linear=True),
+            return gated_mlp.emit(g, h, ctx.linear(Role.GATE_UP, i),
                                   ctx.weight(Role.GATE_UP_BIAS, i), down,
                                   GatedMlpAttrs(ctx.intermediate), fused=ctx.spec.plugins["gated_mlp"])
-        up = g.op("MatMul", h, ctx.weight(Role.UP, i, linear=True), name="up")
+        up = ctx.linear(Role.UP, i)(h)
         bias = ctx.weight(Role.UP_BIAS, i)
         if bias is not None:
             up = g.op("Add", up, bias, name="up_bias")
-        return g.op("MatMul", g.op("Gelu", up, approximate="none"), down, name="down")
+        return down(g.op("Gelu", up, approximate="none"))

@@ -10,32 +10,38 @@ from kiln.graph.emitter import OPSET
 from kiln.plugins.gated_mlp.spec import DOMAIN, GatedMlpAttrs
 
 if TYPE_CHECKING:
-    from kiln.graph.emitter import GraphEmitter
+    from kiln.graph.emitter import GraphEmitter, Projection
 
 
-def emit(g: GraphEmitter, x: str, w_gate_up: str, b_gate_up: str | None, w_down: str,
+def emit(g: GraphEmitter, x: str, gate_up: Projection, b_gate_up: str | None, down: Projection,
          attrs: GatedMlpAttrs, fused: bool) -> str:
+    """The gated MLP over projections whose weight side is emitted. The fused form (a function
+    of the [in, out] weights) needs float projections (``weight`` set); the builder turns the
+    plugin off for quantized checkpoints (their projections are not one MatMul)."""
     if fused:
+        if gate_up.weight is None or down.weight is None:
+            raise ValueError("the fused gated_mlp form takes float projections; emit a "
+                             "quantized MLP with fused=False")
         name = "GatedMLPBias" if b_gate_up else "GatedMLP"
         g.add_function(_function(name, b_gate_up is not None))
-        inputs = [x, w_gate_up] + ([b_gate_up] if b_gate_up else []) + [w_down]
+        inputs = [x, gate_up.weight] + ([b_gate_up] if b_gate_up else []) + [down.weight]
         return g.op(name, *inputs, domain=DOMAIN)
-    return _decomposed(g, x, w_gate_up, b_gate_up, w_down, attrs)
+    return _decomposed(g, x, gate_up, b_gate_up, down, attrs)
 
 
-def _decomposed(g: GraphEmitter, x: str, w_gate_up: str, b_gate_up: str | None, w_down: str,
-                attrs: GatedMlpAttrs) -> str:
+def _decomposed(g: GraphEmitter, x: str, gate_up_proj: Projection, b_gate_up: str | None,
+                down: Projection, attrs: GatedMlpAttrs) -> str:
     """
-    x ─► MatMul w_gate_up ─► (Add b) ─► Split ─► gate ─► Sigmoid ─► Mul gate ─► Mul up ─► MatMul w_down
-                                             └─► up ────────────────────────────┘
+    x ─► gate_up ─► (Add b) ─► Split ─► gate ─► Sigmoid ─► Mul gate ─► Mul up ─► down
+                                    └─► up ────────────────────────────┘
     """
-    gate_up = g.op("MatMul", x, w_gate_up, name="gate_up")
+    gate_up = gate_up_proj(x, "gate_up")
     if b_gate_up:
         gate_up = g.op("Add", gate_up, b_gate_up, name="gate_up_bias")
     i = attrs.intermediate_size
     gate, up = g.op("Split", gate_up, g.int64s(i, i), name="gate_up_split", axis=-1, outputs=2)
     silu = g.op("Mul", gate, g.op("Sigmoid", gate, name="silu"), name="silu")
-    return g.op("MatMul", g.op("Mul", silu, up, name="gate"), w_down, name="down")
+    return down(g.op("Mul", silu, up, name="gate"), "down")
 
 
 def _function(name: str, bias: bool) -> FunctionProto:
