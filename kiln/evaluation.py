@@ -97,6 +97,18 @@ def sliding_windows(num_tokens: int, max_length: int, stride: int) -> list[Windo
     return windows
 
 
+def window_nll(logprobs: list[float], window: Window, index: int) -> tuple[float, int]:
+    """(mean negative log-likelihood of the window's targets, targets scored), from the
+    logprob of each window token after the first given the ones before it."""
+    targets = logprobs[-window.targets:] if window.targets < window.end - window.begin \
+        else logprobs  # the first window: every token after the first
+    nll = -math.fsum(targets) / len(targets)
+    if not math.isfinite(nll):
+        raise DatasetError(f"window {index}: the loss is not finite ({nll}); the engine's "
+                           f"numerics are broken (build in float32)")
+    return nll, len(targets)
+
+
 def score_windows(llm: LLM, token_ids: list[int], windows: list[Window],
                   progress: bool = False) -> tuple[float, int, int]:
     """(sum of weighted window losses, sum of weights, tokens scored) for ``windows`` of
@@ -120,15 +132,10 @@ def score_windows(llm: LLM, token_ids: list[int], windows: list[Window],
                 raise DatasetError(f"window {delta.index} (tokens {window.begin}..{window.end}) "
                                    f"failed: {result.error}")
             logprobs = [e.logprob for e in result.prompt_logprobs[1:]]  # token 0: none
-            targets = logprobs[-window.targets:] if window.targets < len(prompts[delta.index]) \
-                else logprobs  # the first window: every token after the first
-            nll = -math.fsum(targets) / len(targets)
-            if not math.isfinite(nll):
-                raise DatasetError(f"window {delta.index}: the loss is not finite ({nll}); the "
-                                   f"engine's numerics are broken (build in float32)")
+            nll, count = window_nll(logprobs, window, delta.index)
             nll_sum += nll * (window.targets - 1)
             weight_sum += window.targets - 1
-            scored += len(targets)
+            scored += count
             bar.update(1)
             bar.set_postfix_str(f"{scored / max(time.perf_counter() - started, 1e-9):.0f} tok/s")
     return nll_sum, weight_sum, scored
