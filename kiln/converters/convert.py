@@ -373,7 +373,7 @@ class _Placement:
                 ranges.append((start, stop, local))
                 local += stop - start
         placement = cls(writer, plan.name, dim, tuple(ranges))
-        rows = plan.shape[0]
+        rows = plan.shape[0] if plan.shape else 1  # a scalar (scale) is one row
         for start, stop, offset in placement.ranges if dim == 0 else ():
             if stop > rows:  # vocab padding of the last rank: zero rows
                 pad = torch.zeros((stop - max(start, rows), *plan.shape[1:]), dtype=dtype)
