@@ -1,0 +1,133 @@
+"""Bad input to kiln quantize: one line, exit 2, nothing written; the accuracy gate's refusal
+writes nothing; no data at all records accuracy null with a warning."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import kiln
+from kiln.checkpoint import load_config
+from kiln.cli.main import main
+from kiln.errors import AccuracyGateError
+from kiln.quantization.accuracy import check_gate
+
+
+def _cli(*args):
+    return CliRunner().invoke(main, ["quantize", *map(str, args)], prog_name="kiln")
+
+
+def _nothing_written(parent, name="q"):
+    return not any(p.name.startswith((name, f".{name}")) for p in parent.iterdir())
+
+
+@pytest.fixture(scope="module")
+def quantized(checkpoint, tmp_path_factory):
+    return kiln.quantize(checkpoint("llama-gqa"), tmp_path_factory.mktemp("done") / "q",
+                         qformat="int8_wo", progress=False)
+
+
+def _cases(src, src_tp2, texts, quantized, tmp):
+    calib = ["--calib_dataset", texts["calib"]]
+    empty, binary = tmp / "empty.txt", tmp / "binary.txt"
+    empty.write_text("  \n\n")
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    return {
+        "wrong qformat": (["--qformat", "int3"], src, "'int3' is not one of"),
+        "group size": (["--qformat", "int4_wo", "--group_size", "32"], src_tp2,
+                       "does not divide the 48 input features of mlp.down per rank"),
+        "missing file": (["--qformat", "int8_sq", "--calib_dataset", tmp / "nope.txt"], src,
+                         "nope.txt"),
+        "empty file": (["--qformat", "int8_sq", "--calib_dataset", empty], src, "empty.txt"),
+        "unreadable file": (["--qformat", "int8_sq", "--calib_dataset", binary], src,
+                            "binary.txt"),
+        "too few tokens": (["--qformat", "int8_sq", *calib, "--calib_size", "5000"], src,
+                           "lower --calib_size"),
+        "needs data": (["--qformat", "int4_awq"], src, "int4_awq needs calibration data"),
+        "kv needs data": (["--qformat", "int8_wo", "--kv_cache_dtype", "fp8"], src,
+                          "--kv_cache_dtype fp8 needs calibration data"),
+        "already quantized": (["--qformat", "int8_wo"], quantized, "is already quantized"),
+        "fp8 scales on int8": (["--qformat", "int8_wo", "--weight_scales", "per_tensor"], src,
+                               "weight_scales applies to fp8 only"),
+        "alpha on int4": (["--qformat", "int4_wo", "--smoothquant_alpha", "0.5"], src,
+                          "smoothquant_alpha applies to int8_sq only"),
+    }
+
+
+CASES = ["wrong qformat", "group size", "missing file", "empty file", "unreadable file",
+         "too few tokens", "needs data", "kv needs data", "already quantized",
+         "fp8 scales on int8", "alpha on int4"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line_exit_2_and_nothing_written(checkpoint, texts, quantized,
+                                                          tmp_path, case):
+    args, src, message = _cases(checkpoint("llama-gqa"), checkpoint("llama-gqa", tp=2), texts,
+                                quantized, tmp_path)[case]
+    result = _cli("--checkpoint_dir", src, "--output_dir", tmp_path / "q", *args)
+    assert result.exit_code == 2, result.output
+    assert len(result.output.strip().splitlines()) == 1 and message in result.output
+    assert _nothing_written(tmp_path)
+
+
+def test_output_inside_the_input_is_refused(checkpoint):
+    src = checkpoint("llama-gqa")
+    result = _cli("--checkpoint_dir", src, "--output_dir", src / "q", "--qformat", "int8_wo")
+    assert result.exit_code == 2 and "destroy the input" in result.output
+    assert not (src / "q").exists()
+
+
+def test_cuda_without_a_gpu_is_refused(checkpoint, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    result = _cli("--checkpoint_dir", checkpoint("llama-gqa"), "--output_dir", tmp_path / "q",
+                  "--qformat", "int8_wo", "--device", "cuda")
+    assert result.exit_code == 2 and "no CUDA GPU" in result.output
+    assert _nothing_written(tmp_path)
+
+
+def test_gate_refusal_writes_nothing_and_says_the_figures(checkpoint, texts, tmp_path):
+    src = checkpoint("mpt")  # its int4_wo perplexity ratio on this text: 1.0016
+    args = ["--checkpoint_dir", src, "--qformat", "int4_wo", "--group_size", "32",
+            "--eval_dataset", texts["eval"]]
+    measured = _cli(*args, "--output_dir", tmp_path / "m", "--no_accuracy_gate")
+    assert measured.exit_code == 0, measured.output
+    accuracy = load_config(tmp_path / "m").quantization.accuracy
+    assert accuracy["ppl_ratio"] > 1.0 and accuracy["max_ppl_ratio"] == 1.25  # int4_wo default
+    refused = _cli(*args, "--output_dir", tmp_path / "q", "--max_ppl_ratio", "1.0")
+    assert refused.exit_code == 2
+    line, = refused.output.strip().splitlines()
+    assert "int4_wo fails the accuracy gate" in line and f"{accuracy['ppl_ratio']:.4f}" in line
+    assert _nothing_written(tmp_path)
+    passed = _cli(*args, "--output_dir", tmp_path / "q", "--max_ppl_ratio", "1.5")
+    assert passed.exit_code == 0 and load_config(tmp_path / "q").quantization.accuracy["passed"]
+    again = _cli(*args, "--output_dir", tmp_path / "q", "--overwrite")  # accuracy.json is kiln's
+    assert again.exit_code == 0, again.output
+
+
+def test_a_nan_figure_fails_even_without_the_gate():
+    figures = dict(perplexity_source=10.0, perplexity_quantized=math.nan, ppl_ratio=math.nan,
+                   top1_agreement=0.5, kl_divergence=0.1, tokens=10)
+    with pytest.raises(AccuracyGateError, match="NaN"):
+        check_gate(figures, "fp8", 1.03, enforce=False)
+    ok = {**figures, "perplexity_quantized": 10.2, "ppl_ratio": 1.02}
+    assert check_gate(ok, "fp8", 1.03, enforce=True)
+    assert not check_gate({**ok, "ppl_ratio": 1.04}, "fp8", 1.03, enforce=False)
+
+
+def test_no_data_records_accuracy_null_with_a_warning(checkpoint, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        out = kiln.quantize(checkpoint("llama-gqa"), tmp_path / "q", qformat="int4_wo",
+                            group_size=32, progress=False)
+    assert load_config(out).quantization.accuracy is None
+    assert any("accuracy was not measured" in r.message and r.levelno == logging.WARNING
+               for r in caplog.records)
+
+
+def test_unknown_api_keyword_is_named(checkpoint, tmp_path):
+    with pytest.raises(Exception, match=r"unknown options \['calib_sise'\]"):
+        kiln.quantize(checkpoint("llama-gqa"), tmp_path / "q", qformat="int8_wo", calib_sise=3)

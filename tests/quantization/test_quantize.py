@@ -1,0 +1,197 @@
+"""kiln quantize on tiny random models: each format's checkpoint against a model quantized by
+hand (float64, from the stored tensors and the documented format), smoothing folds that leave
+the float function unchanged, tp 1 == tp 2, layer-by-layer statistics == whole-model ones, and
+the gate's figures == the reference decoder's on the written checkpoint."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import kiln
+from kiln.checkpoint import load_config, load_merged
+from kiln.datasets import load_texts
+from kiln.quantization.config import KV_SCALES
+from kiln.quantization.data import load_tokenizer_of, split_calibration, token_samples
+from kiln.quantization.quantize import ACCURACY_FILE
+from kiln.quantization.transforms import LayerStats, fold_smoothing, input_groups
+from kiln.reference import ReferenceDecoder
+from kiln.roles import QUANTIZED_ROLES, parse_tensor
+from tests.models import PROMPT
+
+CALIB = dict(calib_size=6, calib_max_seq_length=24)
+
+
+def quantize(ckpt, out, **options):
+    return kiln.quantize(ckpt, out, progress=False, **{**CALIB, **options})
+
+
+def hand_dequantize(stored: torch.Tensor, scale: torch.Tensor, qformat: str) -> torch.Tensor:
+    """float64 [out, in] from the documented storage (docs/checkpoint.md, Quantization)."""
+    scale = scale.double()
+    if qformat.startswith("int4"):
+        low, high = (stored & 0xF).long(), (stored >> 4).long()
+        values = torch.empty(stored.shape[0], stored.shape[1] * 2, dtype=torch.long)
+        values[:, 0::2], values[:, 1::2] = low, high  # feature 2j low nibble, 2j+1 high
+        values = torch.where(values >= 8, values - 16, values).double()
+        group = values.shape[1] // scale.shape[1]
+        return values * scale.repeat_interleave(group, dim=1)
+    values = stored.double()
+    return values * (scale[:, None] if scale.dim() == 1 else scale)
+
+
+def hand_fake_quant(x: torch.Tensor, scale: torch.Tensor, dtype: str) -> torch.Tensor:
+    s = float(scale)
+    if dtype == "int8":
+        return torch.round(x / s).clamp(-128, 127) * s  # torch.round: half to even
+    return (x / s).clamp(-448, 448).to(torch.float8_e4m3fn).double() * s
+
+
+class HandDecoder(ReferenceDecoder):
+    """The float64 decoder with linears and the KV cache quantized by hand."""
+
+    def __init__(self, config, tensors, qformat, act_dtype, kv_dtype):
+        floats = {}
+        for name, t in tensors.items():
+            role, _, kind = parse_tensor(name)
+            if kind is None and role in QUANTIZED_ROLES:
+                floats[name] = hand_dequantize(t, tensors[name[:-6] + "weight_scale"], qformat)
+            elif kind is None:
+                floats[name] = t.double()
+        super().__init__(config, floats, dtype=torch.float64)
+        self.t, self.act_dtype, self.kv_dtype = tensors, act_dtype, kv_dtype
+
+    def linear(self, x, role, layer, bias=None):
+        prefix = role.name(layer)[:-6]
+        if prefix + "pre_quant_scale" in self.t:
+            x = x * self.t[prefix + "pre_quant_scale"].double()
+        if self.act_dtype is not None:
+            x = hand_fake_quant(x, self.t[prefix + "input_scale"], self.act_dtype)
+        b = None if bias is None else self._get(bias, layer)
+        return torch.nn.functional.linear(x, self._get(role, layer), b)
+
+    def _cache_entry(self, i, kind, x):
+        scale = self.t.get(f"layers.{i}.attn.{kind}_scale")
+        return x if scale is None else hand_fake_quant(x, scale, self.kv_dtype)
+
+
+FORMAT_CASES = [("int8_wo", {}), ("int4_wo", {"group_size": 32}),
+                ("fp8", {"kv_cache_dtype": "fp8"}), ("fp8", {"weight_scales": "per_channel"}),
+                ("int8_sq", {"kv_cache_dtype": "int8"}), ("int4_awq", {"group_size": 32})]
+
+
+@pytest.mark.parametrize("qformat,extra", FORMAT_CASES, ids=lambda v: str(v))
+def test_checkpoint_equals_the_model_quantized_by_hand(checkpoint, texts, tmp_path, qformat,
+                                                       extra):
+    src = checkpoint("llama-gqa")
+    out = quantize(src, tmp_path / "q", qformat=qformat, calib_dataset=str(texts["calib"]),
+                   no_accuracy_gate=True, **extra)
+    config = load_config(out)
+    quant = config.quantization
+    calibrated = quant.info.needs_calibration or quant.kv_cache_dtype is not None
+    assert quant.qformat == qformat and (quant.calibration is not None) == calibrated
+    tensors = load_merged(out)
+    hand = HandDecoder(config.decoder, tensors, qformat, quant.activation_dtype,
+                       {"fp8": "fp8", "int8": "int8", None: None}[quant.kv_cache_dtype])
+    prompt = torch.tensor([PROMPT])
+    expected = hand.forward(prompt)
+    got = ReferenceDecoder.from_checkpoint(out).forward(prompt)
+    assert torch.isfinite(got).all()
+    assert (got.double() - expected).abs().max() <= 1e-4  # float32 vs float64 arithmetic
+    source = ReferenceDecoder.from_checkpoint(src).forward(prompt)
+    assert 0 < (got - source).abs().max() <= 0.1  # quantized, and still the same model
+    if not quant.info.smoothing:  # weights are the rounding of the source's, per the docs
+        float_weights = load_merged(src)
+        for name in (n for n in tensors if parse_tensor(n)[2] is None and
+                     parse_tensor(n)[0] in QUANTIZED_ROLES):
+            w = float_weights[name].double()
+            back = hand_dequantize(tensors[name], tensors[name[:-6] + "weight_scale"], qformat)
+            step = back.sub(w).abs().max() / w.abs().max()
+            assert step <= {"int8_wo": 1 / 254, "int4_wo": 1 / 14, "fp8": 1 / 16}[qformat] + 1e-6
+    accuracy = quant.accuracy
+    assert accuracy is not None and (out / ACCURACY_FILE).is_file()
+    assert accuracy["samples"] == 2 and accuracy["tokens"] == 2 * 23
+
+
+@pytest.mark.parametrize("variant", ["llama-mha-headdim-bias", "falcon-7b-mqa",
+                                     "falcon-rw-alibi", "mpt"])
+def test_smoothing_folds_leave_the_float_function_unchanged(checkpoint, variant):
+    """Any positive per-channel s, folded into norms and pre_quant_scales: same logits, 1e-5."""
+    src = checkpoint(variant)
+    config = load_config(src).decoder
+    weights = {n: t.double() for n, t in load_merged(src).items()}
+    folded = dict(weights)
+    generator = torch.Generator().manual_seed(0)
+    for layer in range(config.num_layers):
+        for group in input_groups(config):
+            k = weights[group.linears[0].name(layer)].shape[1]
+            s = torch.exp(torch.randn(k, generator=generator, dtype=torch.float64))
+            folded.update(fold_smoothing(folded, layer, group, s))
+    prompt = torch.tensor([PROMPT])
+    before = ReferenceDecoder(config, weights, dtype=torch.float64).forward(prompt)
+    after = ReferenceDecoder(config, folded, dtype=torch.float64).forward(prompt)
+    changed = sum(not torch.equal(weights[n], folded[n]) for n in weights)
+    assert changed >= 4 * config.num_layers
+    assert (before - after).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("variant,qformat,extra", [
+    ("llama-gqa", "int8_sq", {"kv_cache_dtype": "fp8"}),
+    ("llama-i128", "int4_awq", {"group_size": 32})])
+def test_tp1_and_tp2_quantized_checkpoints_give_the_same_logits(checkpoint, texts, tmp_path,
+                                                                 variant, qformat, extra):
+    outs = [quantize(checkpoint(variant, tp=tp), tmp_path / f"tp{tp}", qformat=qformat,
+                     calib_dataset=str(texts["calib"]), no_accuracy_gate=True, **extra)
+            for tp in (1, 2)]
+    merged = [load_merged(o) for o in outs]
+    assert merged[0].keys() == merged[1].keys()
+    assert all(torch.equal(merged[0][n], merged[1][n]) for n in merged[0])
+    logits = [ReferenceDecoder.from_checkpoint(o).forward(torch.tensor([PROMPT])) for o in outs]
+    assert torch.equal(logits[0], logits[1])
+    assert load_config(outs[1]).mapping.tp_size == 2
+
+
+def test_layer_by_layer_statistics_equal_whole_model_ones(checkpoint, texts, tmp_path):
+    """Static scales of a tp 2 x pp 2 checkpoint == max|x| / 448 over the whole float model's
+    forward of the same calibration samples."""
+    src = checkpoint("llama-gqa", tp=2, pp=2)
+    out = quantize(src, tmp_path / "q", qformat="fp8", kv_cache_dtype="fp8",
+                   calib_dataset=str(texts["calib"]), no_accuracy_gate=True)
+    calib, _ = split_calibration(load_texts(texts["calib"]), load_tokenizer_of(src),
+                                 CALIB["calib_size"], CALIB["calib_max_seq_length"])
+    stats = LayerStats()
+    ReferenceDecoder.from_checkpoint(src, observer=stats.observe).forward(calib.tokens)
+    tensors = load_merged(out)
+    checked = 0
+    for name, tensor in tensors.items():
+        role, layer, kind = parse_tensor(name)
+        if kind == "input_scale":
+            amax = stats.amax[role.name(layer)].amax()
+        elif kind in KV_SCALES:
+            amax = stats.amax[f"layers.{layer}.attn.{kind[0]}"]
+        else:
+            continue
+        torch.testing.assert_close(tensor, amax / 448, rtol=1e-5, atol=0)
+        checked += 1
+    assert checked == 2 * (4 + 2)
+
+
+def test_gate_figures_equal_the_reference_on_the_written_checkpoint(checkpoint, texts, tmp_path):
+    src = checkpoint("llama-gqa")
+    out = quantize(src, tmp_path / "q", qformat="int4_wo", group_size=32,
+                   eval_dataset=str(texts["eval"]), no_accuracy_gate=True)
+    accuracy = load_config(out).quantization.accuracy
+    samples = token_samples(load_texts(texts["eval"]), load_tokenizer_of(src), 24).tokens
+    nll = {}
+    for which, ckpt in (("source", src), ("quantized", out)):
+        logits = ReferenceDecoder.from_checkpoint(ckpt).forward(samples)
+        logp = torch.log_softmax(logits[:, :-1].double(), -1)
+        nll[which] = -logp.gather(-1, samples[:, 1:, None]).mean()
+    for which in nll:
+        assert math.isclose(accuracy[f"perplexity_{which}"], float(nll[which].exp()),
+                            rel_tol=1e-5)
+    assert accuracy["tokens"] == samples.shape[0] * 23 and accuracy["samples"] == len(samples)
+    assert 0 < accuracy["top1_agreement"] <= 1 and accuracy["kl_divergence"] >= 0
+    assert load_config(out).quantization.calibration is None  # weight-only: nothing calibrated
