@@ -21,6 +21,7 @@ from typing import Any
 import kiln
 from kiln.builder.backends import Backend, BuildPlan, PartResult, get_backend
 from kiln.builder.graph.context import GraphSpec, RankWeights
+from kiln.builder.graph.linear import check_scales
 from kiln.builder.options import BuildOptions, resolve_limits
 from kiln.builder.plan import plan_rank
 from kiln.builder.runner import run_parts
@@ -106,6 +107,8 @@ def check_rank_files(checkpoint_dir: Path, ckpt: CheckpointConfig) -> dict[int, 
         if problem := name_mismatch(ckpt.rank_tensor_names(rank), weights.infos):
             raise CheckpointError(f"{path}: tensors do not match config.json: {problem}; "
                                   f"re-run kiln convert_checkpoint")
+        if ckpt.quantization is not None:
+            check_scales(path, weights.infos, ckpt.quantization)
         out[rank] = weights
     return out
 

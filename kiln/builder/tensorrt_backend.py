@@ -268,12 +268,28 @@ def _progress_monitor(trt: ModuleType, label: str, live: bool, cancelled: Callab
     return Monitor()
 
 
+def _quantized_layers(network) -> dict[str, int]:
+    """``{"DEQUANTIZE int4": 8, "QUANTIZE float8_e4m3fn": 8, ...}``: the parsed network's Q/DQ
+    layers by their quantized tensor's type (the engine inspector, which would show the
+    kernels' precisions, needs a GPU to deserialize the engine)."""
+    counts: collections.Counter = collections.Counter()
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        kind = layer.type.name
+        if kind == "DEQUANTIZE":
+            counts[f"{kind} {layer.get_input(0).dtype.name.lower()}"] += 1
+        elif kind == "QUANTIZE":
+            counts[f"{kind} {layer.get_output(0).dtype.name.lower()}"] += 1
+    return dict(counts)
+
+
 def build_engine(trt: ModuleType, full: bool, model: onnx.ModelProto,
                  tensors: dict[str, torch.Tensor], plan: BuildPlan, label: str = "engine",
                  progress: bool = False) -> tuple[Any, dict]:
     """Parse ``model`` strongly typed, build it for the plan's targets and profiles.
 
-    Returns the serialized engine and the parsed network's layer counts by type. Ctrl-C or
+    Returns the serialized engine and the parsed network's layer counts by type (with
+    ``quantized``: its Q/DQ layers by quantized type, when it has any). Ctrl-C or
     SIGTERM cancels the build through its progress monitor and is raised when it returns.
     """
     logger = _logger(trt)
@@ -283,6 +299,9 @@ def build_engine(trt: ModuleType, full: bool, model: onnx.ModelProto,
     _parse(trt, parser, model, tensors)
     layers = dict(collections.Counter(network.get_layer(i).type.name
                                       for i in range(network.num_layers)))
+    quantized = _quantized_layers(network)
+    if quantized:
+        layers["quantized"] = quantized
     config = builder.create_builder_config()
     if not full:
         config.num_compute_capabilities = len(plan.targets)

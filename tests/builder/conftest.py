@@ -11,6 +11,7 @@ import torch
 from kiln.engine import read_manifest
 from kiln.reference import ReferenceDecoder
 from tests.builder.onnx_steps import StepRunner
+from tests.builder.quantized import quantize_checkpoint
 from tests.builder.reference_steps import SCHEDULE, ReferenceSteps
 from tests.models import hf_model, kiln_checkpoint
 
@@ -51,6 +52,21 @@ def checkpoint(tmp_path_factory):
         if key not in made:
             out = tmp_path_factory.mktemp(f"ckpt-{name}-tp{tp}-pp{pp}-{dtype}") / "ckpt"
             made[key] = kiln_checkpoint(made[(name,)], out, tp=tp, pp=pp, dtype=dtype)
+        return made[key]
+    return get
+
+
+@pytest.fixture(scope="session")
+def quantized(checkpoint, tmp_path_factory):
+    """quantized(qformat, tp=1, variant="llama-gqa", kv_cache_dtype=None) -> checkpoint (cached)."""
+    made = {}
+
+    def get(qformat: str, tp: int = 1, variant: str = "llama-gqa", kv_cache_dtype=None):
+        key = (qformat, tp, variant, kv_cache_dtype)
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"q-{variant}-{qformat}-tp{tp}") / "ckpt"
+            made[key] = quantize_checkpoint(checkpoint(variant), out, qformat, tp=tp,
+                                            kv_cache_dtype=kv_cache_dtype)
         return made[key]
     return get
 

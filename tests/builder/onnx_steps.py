@@ -32,6 +32,10 @@ def session(model: str | Path | bytes) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = 1
+    # ONNX Runtime rewrites DequantizeLinear(int4 blocks) -> MatMul (the tensorrt form) into
+    # MatMulNBits that quantizes its input to int8 (accuracy level 4) by default: keep the
+    # graph's float activations, as TensorRT does.
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 

@@ -17,7 +17,7 @@ from kiln.engine import EngineError, read_manifest, verify_files
 from kiln.errors import ConfigError
 from kiln.plugins import PLUGINS
 from kiln.plugins.attention.spec import TRT_HEAD_DIMS, TRT_MIN_HEADS
-from kiln.quantization.config import QuantConfig
+from kiln.quantization.config import FORMATS, QuantConfig
 from tests.builder.conftest import LIMITS
 from tests.helpers import save_hf_model
 from tests.models import VARIANTS, kiln_checkpoint
@@ -162,3 +162,34 @@ def test_full_tensorrt_builds_for_the_local_gpu_only():
     check_targets(("sm90",), full=True, gpu="sm90")
     with pytest.raises(EngineError, match=r"full TensorRT builds for the GPU it runs on \(sm90\)"):
         check_targets(("sm86",), full=True, gpu="sm90")
+
+
+@pytest.mark.parametrize("qformat", sorted(FORMATS))
+def test_quantized_builds(quantized, tmp_path, qformat):
+    """Every format builds for sm86 and sm89 in one engine (fp8: sm89 only, sm86 refused
+    with the reason); the parsed network's Q/DQ layers carry the format's types. (The engine
+    inspector, which would name the kernels' precision, needs a GPU to load the engine.)"""
+    ckpt = quantized(qformat)
+    info = FORMATS[qformat]
+    targets = ["sm89"] if qformat == "fp8" else ["sm86", "sm89"]
+    if qformat == "fp8":
+        with pytest.raises(EngineError, match="sm86 cannot run the checkpoint's fp8"):
+            build(ckpt, tmp_path / "refused", **{**TRT, "targets": ["sm86", "sm89"]})
+    result = build(ckpt, tmp_path / "engine", **{**TRT, "targets": targets})
+    assert result.manifest.quantization == load_config(ckpt).quantization
+    (layers,) = layer_counts(result)
+    weight = {"int4": "int4", "int8": "int8", "float8_e4m3fn": "fp8"}[info.weight_dtype]
+    n = 4 * result.manifest.decoder.num_layers  # qkv, o, gate_up, down
+    if info.activation_dtype is None:
+        assert layers["quantized"] == {f"DEQUANTIZE {weight}": n}
+    else:
+        assert layers["quantized"] == {f"DEQUANTIZE {weight}": 2 * n, f"QUANTIZE {weight}": n}
+    assert layers["MATRIX_MULTIPLY"] == n + 1  # + lm_head
+    verify_files(tmp_path / "engine", result.manifest, 0)
+
+
+def test_quantized_tensor_parallel_build(quantized, tmp_path):
+    result = build(quantized("int4_wo", tp=2, variant="mpt"), tmp_path / "engine", **TRT)
+    quantized_layers = [layers["quantized"] for layers in layer_counts(result)]
+    assert quantized_layers == [{"DEQUANTIZE int4": 8}] * 2  # qkv, o, up, down x 2
+    assert result.manifest.rank_files == {0: ("rank0.engine",), 1: ("rank1.engine",)}

@@ -28,11 +28,13 @@ values keep theirs.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from onnx import TensorProto
 
+from kiln.errors import CheckpointError
 from kiln.graph.emitter import WeightProjection
 from kiln.quantization.config import (
     INPUT_SCALE,
@@ -42,7 +44,8 @@ from kiln.quantization.config import (
     QuantConfig,
 )
 from kiln.quantization.formats import pack_int4, unpack_int4
-from kiln.roles import Role, companion
+from kiln.roles import Role, companion, parse_tensor
+from kiln.tensorio import TensorInfo
 
 if TYPE_CHECKING:
     from kiln.builder.graph.context import EmitContext
@@ -79,6 +82,25 @@ def projection(ctx: EmitContext, role: Role, layer: int) -> WeightProjection | Q
     else:
         product = _qdq(ctx, role, layer, short, quant)
     return QuantizedProjection(ctx, short, pre, product)
+
+
+def check_scales(path: Path, infos: dict[str, TensorInfo], quant: QuantConfig) -> None:
+    """Raise CheckpointError unless every quantized weight of a rank file has the scale shape
+    its format needs for the weight's local shape (a row-parallel shard must hold whole groups)."""
+    for name, info in infos.items():
+        role, layer, kind = parse_tensor(name)
+        if kind != WEIGHT_SCALE:
+            continue
+        weight = infos[role.name(layer)].shape
+        n, k = weight[0], weight[1] * (2 if quant.info.weight_dtype == "int4" else 1)
+        expected = {Granularity.PER_TENSOR: (), Granularity.PER_CHANNEL: (n,),
+                    Granularity.PER_GROUP: (n, k // (quant.group_size or 1))}[quant.weight_scales]
+        whole = quant.weight_scales is not Granularity.PER_GROUP or k % quant.group_size == 0
+        if tuple(info.shape) != expected or not whole:
+            raise CheckpointError(
+                f"{path}: {name} has shape {list(info.shape)}, expected {list(expected)} for a "
+                f"[{n}, {k}] {quant.qformat} weight (group_size {quant.group_size}); "
+                f"re-quantize with a group_size that divides every rank's input features")
 
 
 def _scale(ctx: EmitContext, name: str, tensor: torch.Tensor | None = None) -> str | None:

@@ -1,0 +1,195 @@
+"""Quantized checkpoints build: the onnx engines and the graph TensorRT parses reproduce the
+oracle on the quantized checkpoint (ReferenceDecoder runs its format's numerics), tp 2 rank
+graphs too; a quantized KV cache is refused.
+
+Tolerances. The reference computes in float32. float32 builds: 1e-4 absolute, as unquantized
+graphs (weights are dequantized exactly; W8A8 activations are quantized from values that agree
+to ~1e-7, so a rounding flip, possible in principle, did not occur on this schedule: a flip
+would move a logit by about one activation step times a weight row). float16 builds: relative
+to the logits' range, 2e-2 for weight-only formats (as unquantized float16 builds) and 5e-2
+for W8A8: float16 activations (~1e-3 relative) and the float16 input_scale move values across
+int8 / fp8 rounding boundaries, each flip one quantization step (fp8: 1/16 of the value).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import pytest
+
+from kiln.builder import build
+from kiln.builder.api import make_plan
+from kiln.builder.graph.context import RankWeights
+from kiln.builder.graph.decoder import write_part
+from kiln.builder.options import BuildOptions
+from kiln.builder.plan import plan_rank
+from kiln.checkpoint import load_config, rank_file
+from kiln.engine import EngineError
+from kiln.errors import CheckpointError
+from kiln.quantization.config import FORMATS
+from kiln.reference import ReferenceDecoder
+from tests.builder.conftest import LIMITS, engine_runner
+from tests.builder.onnx_steps import StepRunner
+from tests.builder.reference_steps import SCHEDULE, ReferenceSteps
+
+TOL = 1e-4
+FP16_REL_TOL = {False: 2e-2, True: 5e-2}  # by W8A8
+VARIANT = "llama-gqa"
+QFORMATS = sorted(FORMATS)
+
+
+@dataclass(frozen=True)
+class NamedBackend:
+    """make_plan needs only the backend's name (the graph's form depends on nothing else)."""
+
+    name: str
+
+
+@pytest.fixture(scope="session")
+def oracle(quantized):
+    """oracle(checkpoint) -> the reference's float32 logits over SCHEDULE (cached)."""
+    made = {}
+
+    def get(ckpt) -> list[np.ndarray]:
+        if ckpt not in made:
+            steps = ReferenceSteps(ReferenceDecoder.from_checkpoint(ckpt))
+            made[ckpt] = [steps.step(chunks) for chunks in SCHEDULE]
+        return made[ckpt]
+    return get
+
+
+def run_schedule(runner: StepRunner) -> list[np.ndarray]:
+    return [runner.step(chunks) for chunks in SCHEDULE]
+
+
+def max_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    assert all(np.isfinite(x).all() for x in a + b), "non-finite logits"
+    return max(float(np.abs(x - y).max()) for x, y in zip(a, b, strict=True))
+
+
+def assert_close(got, want, dtype: str, w8a8: bool) -> None:
+    if dtype == "float32":
+        assert max_diff(got, want) <= TOL
+    else:
+        scale = max(float(np.abs(w).max()) for w in want)
+        assert max_diff(got, want) <= FP16_REL_TOL[w8a8] * scale
+
+
+def op_counts(path) -> dict[str, int]:
+    model = onnx.load(str(path), load_external_data=False)
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def test_quantization_is_visible(checkpoint, quantized, oracle):
+    """The oracle on each quantized checkpoint differs from the float model (so matching it
+    checks the quantized form), though not by much."""
+    want = oracle(checkpoint(VARIANT))
+    for qformat in QFORMATS:
+        diff = max_diff(oracle(quantized(qformat)), want)
+        assert 10 * TOL < diff < 0.2, qformat
+
+
+# The optimized onnx graph's kernels per format, float32 (2 layers x qkv, o, gate_up, down).
+ONNX_KERNELS = {"int4_wo": {"MatMulNBits": 8}, "int4_awq": {"MatMulNBits": 8},
+                "int8_wo": {"MatMulNBits": 8},
+                "int8_sq": {"MatMulIntegerToFloat": 8, "QuantizeLinear": 8},
+                "fp8": {"QuantizeLinear": 8, "DequantizeLinear": 16}}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("qformat", QFORMATS)
+def test_onnx_engine_matches_reference(quantized, oracle, tmp_path, qformat, dtype):
+    ckpt = quantized(qformat)
+    result = build(ckpt, tmp_path / "engine", backend="onnx", dtype=dtype, **LIMITS)
+    manifest = result.manifest
+    assert manifest.quantization == load_config(ckpt).quantization
+    assert manifest.plugins["gated_mlp"] is False  # the fused form takes float weights
+    if dtype == "float32":
+        counts = op_counts(tmp_path / "engine" / "rank0.onnx")
+        assert {op: counts.get(op, 0) for op in ONNX_KERNELS[qformat]} == ONNX_KERNELS[qformat]
+    got = run_schedule(engine_runner(tmp_path / "engine"))
+    assert_close(got, oracle(ckpt), dtype, FORMATS[qformat].activation_dtype is not None)
+
+
+def tensorrt_graphs(ckpt, directory, dtype: str, targets: tuple[str, ...]) -> StepRunner:
+    """The rank graphs exactly as the tensorrt backend emits them, run by ONNX Runtime (tp > 1:
+    emulated NCCL, tests/builder/onnx_steps.py)."""
+    return _graphs(ckpt, directory, dict(backend="tensorrt", targets=targets, dtype=dtype))
+
+
+def _graphs(ckpt, directory, options: dict) -> StepRunner:
+    config = load_config(ckpt)
+    opts = BuildOptions(checkpoint_dir=ckpt, output_dir=directory / "unused", **LIMITS, **options)
+    plan = make_plan(opts, config, NamedBackend(opts.backend))
+    chain = [[]]
+    for rank in range(config.mapping.world_size):
+        weights = RankWeights(ckpt / rank_file(rank), plan.dtype)
+        (part,) = plan_rank(config, rank, weights, None, 1.0, 0)
+        chain[0].append(write_part(plan.graph, part, ckpt / rank_file(rank), directory))
+    return StepRunner(chain, config.decoder, config.mapping, plan.dtype,
+                      LIMITS["max_batch_size"], LIMITS["max_seq_len"],
+                      gqa=plan.graph.plugins.get("gqa", False))
+
+
+@pytest.mark.parametrize("qformat,dtype", [(q, "float32") for q in QFORMATS]
+                         + [("int4_wo", "float16"), ("int8_sq", "float16")])
+def test_tensorrt_graph_matches_reference(quantized, oracle, tmp_path, qformat, dtype):
+    ckpt = quantized(qformat)
+    targets = ("sm89",) if qformat == "fp8" else ("sm86",)
+    runner = tensorrt_graphs(ckpt, tmp_path, dtype, targets)
+    model = onnx.load(str(tmp_path / "rank0.onnx"), load_external_data=False)
+    assert "MatMulNBits" not in {n.op_type for n in model.graph.node}
+    assert_close(run_schedule(runner), oracle(ckpt), dtype,
+                 FORMATS[qformat].activation_dtype is not None)
+
+
+@pytest.mark.parametrize("qformat", ["int4_wo", "int8_sq"])
+@pytest.mark.parametrize("backend", ["onnx", "tensorrt"])
+def test_tensor_parallel_graphs(quantized, oracle, tmp_path, qformat, backend):
+    """tp 2 rank graphs (scales sharded with their weights) reproduce the oracle when run
+    with emulated NCCL; the onnx backend itself refuses tp > 1 (no collective op)."""
+    ckpt = quantized(qformat, tp=2, variant="mpt")  # 4x GELU MLP: 128 per rank, 4 groups
+    options = dict(backend=backend, targets=("sm86",) if backend == "tensorrt" else ("cpu",))
+    runner = _graphs(ckpt, tmp_path, options)
+    for path in (tmp_path / "rank0.onnx", tmp_path / "rank1.onnx"):
+        onnx.checker.check_model(str(path))
+    assert_close(run_schedule(runner), oracle(ckpt), "float32", qformat == "int8_sq")
+
+
+@pytest.mark.parametrize("backend", ["onnx", "tensorrt", "torch"])
+def test_quantized_kv_cache_refused(quantized, tmp_path, backend):
+    if backend == "tensorrt":
+        pytest.importorskip("tensorrt_rtx")
+    ckpt = quantized("int8_wo", kv_cache_dtype="fp8")
+    reason = "packs unquantized weights" if backend == "torch" else "rejects FP8/INT8 caches"
+    with pytest.raises(EngineError, match=reason):
+        build(ckpt, tmp_path / "engine", backend=backend, dtype="float16",
+              **({"targets": ["sm89"]} if backend == "tensorrt" else {}), **LIMITS)
+    assert not (tmp_path / "engine").exists()
+
+
+def test_build_memory_counts_quantized_bytes(quantized):
+    """The planner counts quantized weights as stored and float tensors (scales too) at the
+    build dtype."""
+    ckpt = quantized("int4_wo")
+    weights = RankWeights(ckpt / rank_file(0), "float16")
+    infos = weights.infos
+    expected = sum(i.nbytes if i.dtype.itemsize == 1 else i.nbytes // i.dtype.itemsize * 2
+                   for i in infos.values())
+    assert weights.nbytes(list(infos)) == expected
+    packed = [n for n, i in infos.items() if i.dtype.itemsize == 1]
+    assert len(packed) == 8 and weights.nbytes(packed) == sum(infos[n].nbytes for n in packed)
+
+
+def test_groups_split_by_tensor_parallelism_refused(quantized, tmp_path):
+    """llama-gqa's intermediate size 96 in groups of 32 cannot be split over 2 ranks (48
+    features each): the build names the scale and the fix before writing anything."""
+    ckpt = quantized("int4_wo", tp=2)
+    with pytest.raises(CheckpointError, match=r"mlp.down.weight_scale has shape .*group_size"):
+        build(ckpt, tmp_path / "engine", backend="onnx", **LIMITS)
+    assert not (tmp_path / "engine").exists()
