@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import sys
 import types
 import typing
@@ -31,7 +32,10 @@ from kiln.cli.context import CliContext, PathArg, executor_options
 from kiln.runtime.params import SamplingParams, is_utf8  # torch-free: --help stays fast
 
 if TYPE_CHECKING:
+    from kiln.engine import EngineManifest
     from kiln.runtime import LLM, CompletionResult
+
+log = logging.getLogger(__name__)
 
 # Fields with their own flag (max_tokens is --max_output_len) or not shown by this command.
 # logprobs, prompt_logprobs: the API returns them; run prints text
@@ -172,6 +176,7 @@ def run(obj: CliContext, engine_dir: Path, input_text: tuple[str, ...], input_fi
     with LLM(engine_dir, ExecutorOptions(device=device, num_threads=num_threads,
                                          cpu_spin_wait=cpu_spin_wait,
                                          verify_checksums=verify_checksums)) as llm:
+        log_quantization(llm.manifest)
         params = build_params(llm, max_output_len, sampling)
         inputs = [llm.render_chat([{"role": "user", "content": p}]) if chat else p
                   for p in prompts]
@@ -188,6 +193,22 @@ def run(obj: CliContext, engine_dir: Path, input_text: tuple[str, ...], input_fi
         for error in failed:
             click.echo(f"error: {error}", err=True)
         raise SystemExit(2)
+
+
+def log_quantization(manifest: EngineManifest | None) -> None:
+    """INFO (``-v``): the engine's quantization and the accuracy its checkpoint recorded."""
+    quant = manifest.quantization if manifest is not None else None
+    if quant is None:
+        return
+    from kiln.quantization.accuracy import summary
+
+    try:
+        accuracy = summary(quant.accuracy) if quant.accuracy else "accuracy not measured"
+    except KeyError:  # a record without the gate's figures (an imported checkpoint)
+        accuracy = f"accuracy {quant.accuracy}"
+    log.info("quantization %s (weights %s, activations %s%s): %s", quant.qformat,
+             quant.info.weight_dtype, quant.activation_dtype or "float",
+             f", group_size {quant.group_size}" if quant.group_size else "", accuracy)
 
 
 def _header(index: int, count: int) -> str:

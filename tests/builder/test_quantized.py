@@ -193,3 +193,31 @@ def test_groups_split_by_tensor_parallelism_refused(quantized, tmp_path):
     with pytest.raises(CheckpointError, match=r"mlp.down.weight_scale has shape .*group_size"):
         build(ckpt, tmp_path / "engine", backend="onnx", **LIMITS)
     assert not (tmp_path / "engine").exists()
+
+
+def test_run_logs_quantization(quantized, tmp_path, caplog):
+    """The manifest carries the checkpoint's quantization record; ``kiln run -v`` logs it
+    with the accuracy it records."""
+    import dataclasses
+    import logging
+
+    from kiln.cli.run import log_quantization
+    from kiln.engine import read_manifest
+
+    build(quantized("int4_wo"), tmp_path / "engine", backend="onnx", **LIMITS)
+    manifest = read_manifest(tmp_path / "engine")
+    assert manifest.quantization == load_config(quantized("int4_wo")).quantization
+    accuracy = {"perplexity_source": 10.0, "perplexity_quantized": 10.5, "ppl_ratio": 1.05,
+                "top1_agreement": 0.9, "kl_divergence": 0.01, "tokens": 100, "dataset": "x"}
+    measured = dataclasses.replace(manifest, quantization=manifest.quantization.with_(
+        accuracy=accuracy))
+    with caplog.at_level(logging.INFO, logger="kiln.cli.run"):
+        log_quantization(manifest)
+        log_quantization(measured)
+        log_quantization(dataclasses.replace(manifest, quantization=None))
+    assert [r.getMessage() for r in caplog.records if r.name == "kiln.cli.run"] == [
+        "quantization int4_wo (weights int4, activations float, group_size 32): accuracy not "
+        "measured",
+        "quantization int4_wo (weights int4, activations float, group_size 32): perplexity "
+        "10.0000 -> 10.5000 (ratio 1.0500), top-1 agreement 90.00%, KL 0.01000 over 100 tokens "
+        "of x"]
