@@ -357,9 +357,9 @@ class _Survey:
         if tensor.dtype is not FP8:
             layer = name.removesuffix(".weight")
             listed = [str(e) for e in self.scheme.excluded][:6]
-            raise ConfigError(f"{layer} is {str(tensor.dtype)[6:]}, not FP8, while other linears "
-                              f"are FP8 (the source left it unquantized; its ignore list: "
-                              f"{listed}): kiln's fp8 format quantizes every decoder linear; {FIX}")
+            raise ConfigError(f"{layer} is {str(tensor.dtype)[6:]}, not FP8 e4m3, while other "
+                              f"linears are (the source left it out; its ignore list: {listed}): "
+                              f"kiln's fp8 format quantizes every decoder linear in e4m3; {FIX}")
         return tensor
 
     def _scale(self, weight: str, kind: str, rows: int | None) -> torch.Tensor:

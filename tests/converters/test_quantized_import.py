@@ -426,9 +426,9 @@ def test_fp8_weights_without_a_quantization_record_are_refused(hf_dir, amax, tmp
 def test_an_ignored_decoder_linear_is_refused(hf_dir, amax, tmp_path):
     src = write_fp8(hf_dir, tmp_path / "src", amax, "compressed-tensors",
                     skip=("model.layers.1.mlp.down_proj",))
-    with pytest.raises(ConfigError, match=r"^model.layers.1.mlp.down_proj is float32, not FP8, "
-                       r"while other linears are FP8 .*'model.layers.1.mlp.down_proj'.*kiln's fp8 "
-                       r"format quantizes every decoder linear"):
+    with pytest.raises(ConfigError, match=r"^model.layers.1.mlp.down_proj is float32, not FP8 "
+                       r"e4m3, while other linears are .*'model.layers.1.mlp.down_proj'.*kiln's "
+                       r"fp8 format quantizes every decoder linear"):
         _convert(src, tmp_path / "out")
 
 
