@@ -131,3 +131,29 @@ def test_no_data_records_accuracy_null_with_a_warning(checkpoint, tmp_path, capl
 def test_unknown_api_keyword_is_named(checkpoint, tmp_path):
     with pytest.raises(Exception, match=r"unknown options \['calib_sise'\]"):
         kiln.quantize(checkpoint("llama-gqa"), tmp_path / "q", qformat="int8_wo", calib_sise=3)
+
+
+def test_ctrl_c_during_the_layer_loop_exits_130_and_leaves_nothing(checkpoint, texts, tmp_path):
+    from tests.test_interrupts import leftovers, run_cli
+
+    patch = """
+        import os, signal, time
+        from kiln.quantization import layerio
+
+        write = layerio.QuantizedWriter.write_layer
+
+        def interrupted(self, layer, tensors):
+            write(self, layer, tensors)
+            print(f"signal {time.perf_counter()}", flush=True)
+            os.kill(os.getpid(), signal.SIGINT)
+
+        layerio.QuantizedWriter.write_layer = interrupted
+    """
+    script_end = ["--checkpoint_dir", str(checkpoint("llama-gqa")), "--output_dir",
+                  str(tmp_path / "q"), "--qformat", "int8_sq", "--calib_dataset",
+                  str(texts["calib"]), "--calib_size", "6", "--calib_max_seq_length", "24"]
+    result, _ = run_cli(patch, ["quantize", *script_end])
+    assert result.returncode == 130, result.stderr
+    assert "interrupted (Ctrl-C)" in result.stderr and "Traceback" not in result.stderr
+    assert result.stdout.count("signal") == 1  # stopped in the first layer
+    assert not (tmp_path / "q").exists() and leftovers(tmp_path) == []
