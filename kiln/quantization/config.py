@@ -44,7 +44,7 @@ class FormatInfo:
 
 FORMATS: dict[str, FormatInfo] = {f.name: f for f in (
     FormatInfo("fp8", "float8_e4m3fn", (Granularity.PER_TENSOR, Granularity.PER_CHANNEL),
-               "float8_e4m3fn", False, True, 89, 1.03,
+               "float8_e4m3fn", False, True, 89, 1.05,
                "FP8 W8A8 (e4m3): per-tensor or per-channel weight scales, static per-tensor "
                "activation scales from calibration"),
     FormatInfo("int8_sq", "int8", (Granularity.PER_CHANNEL,), "int8", True, True, 75, 1.08,
@@ -52,9 +52,9 @@ FORMATS: dict[str, FormatInfo] = {f.name: f for f in (
                "pre_quant_scale), per-channel weights, static per-tensor activations"),
     FormatInfo("int8_wo", "int8", (Granularity.PER_CHANNEL,), None, False, False, 75, 1.01,
                "INT8 weight-only (W8A16), per-channel scales"),
-    FormatInfo("int4_wo", "int4", (Granularity.PER_GROUP,), None, False, False, 75, 1.25,
+    FormatInfo("int4_wo", "int4", (Granularity.PER_GROUP,), None, False, False, 75, 1.6,
                "INT4 weight-only (W4A16), symmetric, groups of group_size input features"),
-    FormatInfo("int4_awq", "int4", (Granularity.PER_GROUP,), None, True, True, 75, 1.20,
+    FormatInfo("int4_awq", "int4", (Granularity.PER_GROUP,), None, True, True, 75, 1.35,
                "INT4 AWQ: activation-aware per-channel scale search, then symmetric group INT4"),
 )}
 KV_CACHE_DTYPES = ("fp8", "int8")
