@@ -8,8 +8,12 @@ Weights keep ``torch.nn.Linear``'s ``[out, in]`` layout:
 - ``int8`` (int8_wo, int8_sq): ``q = clamp(round(w / s), -128, 127)`` with ``s = amax / 127`` per
   output channel (``weight_scale`` [out]).
 - ``int4`` (int4_wo, int4_awq): groups of ``group_size`` consecutive input features of one output
-  channel, ``s = amax / 7`` per group (``weight_scale`` [out, in / group_size]),
-  ``q = clamp(round(w / s), -8, 7)``, symmetric (no zero point). Stored packed two per byte
+  channel, one scale per group (``weight_scale`` [out, in / group_size]),
+  ``q = clamp(round(w / s), -8, 7)``, symmetric (no zero point). ``s`` is the candidate with
+  the least squared error over the group among ``amax / 8`` (exact when the group's extreme is
+  negative: all 16 levels used) and ``amax * r / 7`` for r in :data:`INT4_CLIP_RATIOS` (r < 1
+  clips the few largest weights to resolve the many small ones better), ties going to
+  ``amax / 7``. Scales stay positive (TensorRT's DequantizeLinear wants them so). Stored packed two per byte
   as uint8 ``[out, in / 2]``: input feature ``2j`` in the low nibble, ``2j + 1`` in the high
   nibble, each a 4-bit two's complement value (ONNX's INT4 packing order along the input dim).
 - ``float8_e4m3fn`` (fp8): ``q = fp8(w / s)`` with ``s = amax / 448``, per tensor (``weight_scale``
@@ -30,6 +34,7 @@ from kiln.quantization.config import Granularity, QuantConfig
 QMAX = {"int8": 127.0, "int4": 7.0, "float8_e4m3fn": 448.0}
 QMIN = {"int8": -128.0, "int4": -8.0, "float8_e4m3fn": -448.0}
 KV_DTYPES = {"fp8": "float8_e4m3fn", "int8": "int8"}
+INT4_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 
 
 def scale_from_amax(amax: torch.Tensor, dtype: str) -> torch.Tensor:
@@ -90,10 +95,34 @@ def _expand(scale: torch.Tensor, shape: torch.Size, granularity: Granularity,
     return scale.repeat_interleave(group_size, dim=1)
 
 
+def int4_group_scales(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per-group int4 scales [out, in / group_size] of least squared error (module docstring)."""
+    out, k = w.shape
+    groups = w.float().view(out, k // group_size, group_size)
+    amax = groups.abs().amax(dim=2)
+    best = best_err = None
+    for scale in (*(amax * r / 7 for r in INT4_CLIP_RATIOS), amax / 8):
+        scale = torch.where(amax > 0, scale, torch.ones_like(scale))
+        q = torch.round(groups / scale[..., None]).clamp_(-8, 7)
+        err = (q.mul_(scale[..., None]) - groups).pow_(2).sum(dim=2)
+        if best is None:
+            best, best_err = scale, err
+        else:
+            better = err < best_err
+            best, best_err = torch.where(better, scale, best), torch.where(better, err, best_err)
+    return best
+
+
 def quantize_weight(w: torch.Tensor, quant: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(stored weight, weight_scale) of a float weight [out, in] in the checkpoint's layout."""
     dtype, granularity = quant.info.weight_dtype, quant.weight_scales
-    scale = scale_from_amax(weight_amax(w, granularity, quant.group_size), dtype)
+    if dtype == "int4":
+        if w.shape[1] % quant.group_size:
+            raise ValueError(f"group_size {quant.group_size} does not divide the input dim "
+                             f"{w.shape[1]}")
+        scale = int4_group_scales(w, quant.group_size)
+    else:
+        scale = scale_from_amax(weight_amax(w, granularity, quant.group_size), dtype)
     q = quantize_values(w, _expand(scale, w.shape, granularity, quant.group_size), dtype)
     return (pack_int4(q) if dtype == "int4" else q), scale
 

@@ -91,8 +91,8 @@ def test_cuda_without_a_gpu_is_refused(checkpoint, tmp_path):
 
 
 def test_gate_refusal_writes_nothing_and_says_the_figures(checkpoint, texts, tmp_path):
-    src = checkpoint("mpt")  # its int4_wo perplexity ratio on this text: 1.0016
-    args = ["--checkpoint_dir", src, "--qformat", "int4_wo", "--group_size", "32",
+    src = checkpoint("mpt")  # its int4_wo perplexity ratio on this text at group 64: 1.0082
+    args = ["--checkpoint_dir", src, "--qformat", "int4_wo", "--group_size", "64",
             "--eval_dataset", texts["eval"]]
     measured = _cli(*args, "--output_dir", tmp_path / "m", "--no_accuracy_gate")
     assert measured.exit_code == 0, measured.output
