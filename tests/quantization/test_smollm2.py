@@ -14,7 +14,7 @@ from kiln.testing.smollm2 import smollm2_hf_dir
 
 pytestmark = pytest.mark.slow
 
-EVAL_PARAGRAPHS = 40  # the evaluation set's first paragraphs: about 1,300 tokens
+EVAL_PARAGRAPHS = 10  # the evaluation set's first paragraphs: about 400 tokens
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def test_int8_wo_within_one_percent_and_awq_beats_int4_wo(smollm2, tmp_path):
     evaluation = tmp_path / "evaluation.txt"
     evaluation.write_text("\n\n".join(load_texts(english_file("evaluation")).texts
                                       [:EVAL_PARAGRAPHS]) + "\n")
-    common = dict(calib_dataset=str(english_file("calibration")), calib_size=4,
+    common = dict(calib_dataset=str(english_file("calibration")), calib_size=2,
                   calib_max_seq_length=128, eval_dataset=str(evaluation), progress=False)
     accuracy = {}
     for qformat in ("int8_wo", "int4_wo", "int4_awq"):
@@ -35,7 +35,7 @@ def test_int8_wo_within_one_percent_and_awq_beats_int4_wo(smollm2, tmp_path):
         out = kiln.quantize(smollm2, tmp_path / qformat, qformat=qformat, group_size=group,
                             no_accuracy_gate=True, **common)
         accuracy[qformat] = load_config(out).quantization.accuracy
-    assert accuracy["int8_wo"]["tokens"] >= 1000
+    assert accuracy["int8_wo"]["tokens"] >= 250
     assert 1.0 - 1e-3 <= accuracy["int8_wo"]["ppl_ratio"] <= 1.01
     increase = {q: a["perplexity_quantized"] - a["perplexity_source"] for q, a in accuracy.items()}
     assert 0 < increase["int4_awq"] < increase["int4_wo"], accuracy
