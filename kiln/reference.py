@@ -27,7 +27,7 @@ from kiln.checkpoint import load_config, load_merged
 from kiln.config import DecoderConfig, NormType, PositionType, ResidualType, RopeScalingType
 from kiln.quantization.config import INPUT_SCALE, PRE_QUANT_SCALE, WEIGHT_SCALE, QuantConfig
 from kiln.quantization.formats import KV_DTYPES, dequantize_weight, fake_quant
-from kiln.roles import QUANTIZED_ROLES, Role, companion, parse_tensor
+from kiln.roles import Role, companion, parse_tensor, quantized_roles
 
 # observer(name, tensor): a linear's input under its weight's name, or "layers.{i}.attn.k" / ".v"
 Observer = Callable[[str, torch.Tensor], None]
@@ -109,12 +109,13 @@ class ReferenceDecoder:
         self.observer = observer
         self.scales: dict[str, torch.Tensor] = {}  # float32 companions kept as they are
         self.w = {}
+        quantized = quantized_roles(quant)
         for name, tensor in weights.items():
             role, _, kind = parse_tensor(name)
             if kind is not None:
                 if kind != WEIGHT_SCALE:
                     self.scales[name] = tensor.float()
-            elif quant is not None and role in QUANTIZED_ROLES:
+            elif role in quantized:
                 scale = weights[name.removesuffix("weight") + WEIGHT_SCALE]
                 self.w[name] = dequantize_weight(tensor, scale, quant).to(dtype)
             else:

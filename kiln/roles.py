@@ -124,8 +124,16 @@ SHARDING: dict[Role, ShardSpec] = {
     Role.LM_HEAD: ShardSpec(dim=0, pad_to_multiple=True),
 }
 
-# The linear weights a qformat quantizes (the embedding and lm_head stay in the model dtype).
+# The linear weights a qformat quantizes; the embedding stays in the model dtype, and so does
+# the lm_head unless the checkpoint says quantize_lm_head (quantized_roles).
 QUANTIZED_ROLES = (Role.QKV, Role.OUT, Role.GATE_UP, Role.UP, Role.DOWN)
+
+
+def quantized_roles(quant: QuantConfig | None) -> tuple[Role, ...]:
+    """The roles whose weights ``quant`` stores quantized (none for an unquantized checkpoint)."""
+    if quant is None:
+        return ()
+    return (*QUANTIZED_ROLES, Role.LM_HEAD) if quant.quantize_lm_head else QUANTIZED_ROLES
 
 LAYER_ROLES = tuple(r for r in Role if r.per_layer)
 FIRST_STAGE_ROLES = (Role.EMBED,)
@@ -169,10 +177,12 @@ def tensor_names(config: DecoderConfig, layers: range | None = None, *, first_st
                     names.extend(companion_names(role, i, quant))
         elif (role in FIRST_STAGE_ROLES and first_stage) or (role in LAST_STAGE_ROLES and last_stage):
             names.append(role.name())
+            if quant is not None:
+                names.extend(companion_names(role, None, quant))
     return names
 
 
-def companion(role: Role, layer: int, kind: str) -> str:
+def companion(role: Role, layer: int | None, kind: str) -> str:
     """``layers.3.attn.qkv.weight_scale``: a companion tensor of a quantized weight; for the
     KV-cache scales (``k_scale``, ``v_scale``) the attention's: ``layers.3.attn.k_scale``."""
     if kind in KV_SCALES:
@@ -180,10 +190,10 @@ def companion(role: Role, layer: int, kind: str) -> str:
     return role.name(layer).removesuffix("weight") + kind
 
 
-def companion_names(role: Role, layer: int, quant: QuantConfig) -> list[str]:
+def companion_names(role: Role, layer: int | None, quant: QuantConfig) -> list[str]:
     """The companions a quantized checkpoint stores with ``role``'s tensor of ``layer``."""
     names = []
-    if role in QUANTIZED_ROLES:
+    if role in quantized_roles(quant):
         names.append(companion(role, layer, WEIGHT_SCALE))
         if quant.activation_dtype is not None:
             names.append(companion(role, layer, INPUT_SCALE))
@@ -213,7 +223,7 @@ def parse_tensor(name: str) -> tuple[Role, int | None, str | None]:
     for kind in (WEIGHT_SCALE, INPUT_SCALE, PRE_QUANT_SCALE):
         if name.endswith("." + kind):
             role, layer = parse_name(name.removesuffix(kind) + "weight")
-            if role in QUANTIZED_ROLES:
+            if role in QUANTIZED_ROLES or (role is Role.LM_HEAD and kind == WEIGHT_SCALE):
                 return role, layer, kind
     return (*parse_name(name), None)
 

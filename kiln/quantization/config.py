@@ -76,6 +76,7 @@ class QuantConfig:
     kv_cache_dtype: str | None = None
     smoothquant_alpha: float | None = None  # int8_sq only
     pre_quant_scales: tuple[str, ...] = ()  # canonical weight roles carrying a pre_quant_scale
+    quantize_lm_head: bool = False  # weight-only formats: lm_head in the weight format too
     calibration: dict[str, Any] | None = None  # dataset, sha256, samples, seq_length
     accuracy: dict[str, Any] | None = None  # the gate's measurements, or None if not measured
     source_format: str = "kiln"  # kiln | modelopt | compressed-tensors (imported checkpoints)
@@ -107,6 +108,9 @@ class QuantConfig:
             raise ConfigError(f"smoothquant_alpha applies to int8_sq only, in [0, 1]; found "
                               f"{alpha!r} for {self.qformat}")
         object.__setattr__(self, "pre_quant_scales", tuple(self.pre_quant_scales))
+        if self.quantize_lm_head and info.activation_dtype is not None:
+            raise ConfigError(f"quantize_lm_head applies to weight-only formats (int8_wo, "
+                              f"int4_wo, int4_awq), not {self.qformat}")
 
     @property
     def info(self) -> FormatInfo:

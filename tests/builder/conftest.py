@@ -58,15 +58,17 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def quantized(checkpoint, tmp_path_factory):
-    """quantized(qformat, tp=1, variant="llama-gqa", kv_cache_dtype=None) -> checkpoint (cached)."""
+    """quantized(qformat, tp=1, variant="llama-gqa", kv_cache_dtype=None, lm_head=False) ->
+    checkpoint (cached)."""
     made = {}
 
-    def get(qformat: str, tp: int = 1, variant: str = "llama-gqa", kv_cache_dtype=None):
-        key = (qformat, tp, variant, kv_cache_dtype)
+    def get(qformat: str, tp: int = 1, variant: str = "llama-gqa", kv_cache_dtype=None,
+            lm_head: bool = False):
+        key = (qformat, tp, variant, kv_cache_dtype, lm_head)
         if key not in made:
             out = tmp_path_factory.mktemp(f"q-{variant}-{qformat}-tp{tp}") / "ckpt"
             made[key] = quantize_checkpoint(checkpoint(variant), out, qformat, tp=tp,
-                                            kv_cache_dtype=kv_cache_dtype)
+                                            kv_cache_dtype=kv_cache_dtype, lm_head=lm_head)
         return made[key]
     return get
 

@@ -23,7 +23,7 @@ from kiln.output_dirs import copy_tokenizer
 from kiln.quantization.config import INPUT_SCALE, PRE_QUANT_SCALE, WEIGHT_SCALE, QuantConfig
 from kiln.quantization.formats import KV_DTYPES, quantize_weight, scale_from_amax
 from kiln.reference import ReferenceDecoder
-from kiln.roles import QUANTIZED_ROLES, Role, companion, parse_tensor
+from kiln.roles import Role, companion, parse_tensor, quantized_roles
 from kiln.sharding import shard_named
 from kiln.tensorio import write_tensors
 
@@ -49,7 +49,8 @@ def observe(ckpt_dir: Path, weights: dict[str, torch.Tensor]) -> dict[str, torch
 
 def quantize_checkpoint(src: Path, out: Path, qformat: str, *, tp: int = 1,
                         group_size: int | None = None, kv_cache_dtype: str | None = None,
-                        pre_quant: tuple[Role, ...] = PRE_QUANT_ROLES, seed: int = 0) -> Path:
+                        pre_quant: tuple[Role, ...] = PRE_QUANT_ROLES, seed: int = 0,
+                        lm_head: bool = False) -> Path:
     """Write the ``qformat`` checkpoint of the tp-1 float checkpoint ``src`` into ``out``."""
     ckpt = load_config(src)
     weights = load_merged(src, ckpt)
@@ -57,15 +58,17 @@ def quantize_checkpoint(src: Path, out: Path, qformat: str, *, tp: int = 1,
     int4 = qformat.startswith("int4")
     quant = QuantConfig(qformat, group_size=(group_size or 32) if int4 else None,
                         kv_cache_dtype=kv_cache_dtype,
-                        pre_quant_scales=tuple(r.value for r in pre_quant))
+                        pre_quant_scales=tuple(r.value for r in pre_quant),
+                        quantize_lm_head=lm_head)
     generator = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
     for name, tensor in weights.items():
         role, layer, _ = parse_tensor(name)
-        if role not in QUANTIZED_ROLES:
+        if role not in quantized_roles(quant):
             tensors[name] = tensor
             continue
-        tensors.update(_quantized(name, role, layer, tensor, amax[name], quant, generator))
+        seen = amax.get(name, torch.zeros(tensor.shape[1]))  # the lm_head's input: unobserved
+        tensors.update(_quantized(name, role, layer, tensor, seen, quant, generator))
         if role is Role.QKV and kv_cache_dtype is not None:
             for kind in ("k", "v"):
                 seen = amax[f"layers.{layer}.attn.{kind}"].amax()

@@ -148,6 +148,26 @@ def test_tensorrt_graph_matches_reference(quantized, oracle, tmp_path, qformat, 
                  FORMATS[qformat].activation_dtype is not None)
 
 
+@pytest.mark.parametrize("qformat", ["int4_wo", "int8_wo"])
+def test_quantized_lm_head(quantized, oracle, tmp_path, qformat):
+    """quantize_lm_head: the head's projection in the weight format too (onnx: one more
+    MatMulNBits; the graph TensorRT parses: one more DequantizeLinear), matching the oracle,
+    whose logits move with the head's rounding."""
+    ckpt, plain = quantized(qformat, lm_head=True), quantized(qformat)
+    assert 10 * TOL < max_diff(oracle(ckpt), oracle(plain))
+    build(ckpt, tmp_path / "engine", backend="onnx", dtype="float32", gather_context_logits=True,
+          **LIMITS)
+    assert op_counts(tmp_path / "engine" / "rank0.onnx")["MatMulNBits"] == 9
+    assert_close(run_schedule(engine_runner(tmp_path / "engine")), oracle(ckpt), "float32", False)
+    runner = tensorrt_graphs(ckpt, tmp_path, "float32", ("sm86",))
+    assert_close(run_schedule(runner), oracle(ckpt), "float32", False)
+    tp2 = quantized(qformat, tp=2, variant="mpt", lm_head=True)
+    (tmp_path / "tp2").mkdir()
+    assert_close(run_schedule(_graphs(tp2, tmp_path / "tp2", dict(backend="tensorrt",
+                                                                    targets=("sm86",)))),
+                 oracle(tp2), "float32", False)
+
+
 @pytest.mark.parametrize("qformat", ["int4_wo", "int8_sq"])
 @pytest.mark.parametrize("backend", ["onnx", "tensorrt"])
 def test_tensor_parallel_graphs(quantized, oracle, tmp_path, qformat, backend):

@@ -133,7 +133,7 @@ class EmitContext:
         return self.g.op("Transpose", name, name=role.name(layer).rsplit(".", 1)[0].split(".")[-1]
                          + "_weight", perm=[1, 0])
 
-    def linear(self, role: Role, layer: int) -> Projection:
+    def linear(self, role: Role, layer: int | None) -> Projection:
         """A layer's projection in the checkpoint's format and the backend's form: its weight
         side is emitted now, the product when the returned Projection is called on an
         activation (see kiln/builder/graph/linear.py)."""

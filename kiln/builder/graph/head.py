@@ -29,7 +29,7 @@ def emit_head(ctx: EmitContext, x: str) -> str:
         x = g.op("GatherND", x, last, name="last_token", batch_dims=1)  # [B, H]
     x = norm(ctx, x, Role.FINAL_NORM, Role.FINAL_NORM_BIAS, None, "final_norm")
     with g.scope("lm_head"):
-        logits = g.op("MatMul", x, ctx.weight(Role.LM_HEAD, linear=True))
+        logits = lm_head(ctx, x)
         if ctx.tp > 1:
             local = g.op("Transpose", logits, name="vocab_major", perm=[1, 0])
             gathered = collectives.all_gather(g, local, ctx.tp)
@@ -52,7 +52,7 @@ def emit_context_head(ctx: EmitContext, x: str) -> str:
     g, cfg = ctx.g, ctx.decoder
     x = norm(ctx, x, Role.FINAL_NORM, Role.FINAL_NORM_BIAS, None, "final_norm")
     with g.scope("lm_head"):
-        logits = g.op("MatMul", x, ctx.weight(Role.LM_HEAD, linear=True))  # [B, S, V/tp]
+        logits = lm_head(ctx, x)  # [B, S, V/tp]
         if ctx.tp > 1:
             local = g.op("Transpose", logits, name="vocab_major", perm=[2, 0, 1])
             gathered = collectives.all_gather(g, local, ctx.tp)  # [V_pad, B, S]
@@ -64,3 +64,12 @@ def emit_context_head(ctx: EmitContext, x: str) -> str:
         last = g.op("Unsqueeze", ctx.shared["last_index"], g.int64s(1), name="last_index")
         return g.op("GatherND", context, last, outputs=["logits"], name="last_token",
                     batch_dims=1)  # [B, V]
+
+
+def lm_head(ctx: EmitContext, x: str) -> str:
+    """``x @ lm_head.T``: a MatMul, or the quantized projection of a checkpoint quantized with
+    ``quantize_lm_head`` (kiln/builder/graph/linear.py)."""
+    quant = ctx.spec.quantization
+    if quant is not None and quant.quantize_lm_head:
+        return ctx.linear(Role.LM_HEAD, None)(x)
+    return ctx.g.op("MatMul", x, ctx.weight(Role.LM_HEAD, linear=True))

@@ -70,7 +70,8 @@ class QuantizedProjection:
         return self.product(x, name)
 
 
-def projection(ctx: EmitContext, role: Role, layer: int) -> WeightProjection | QuantizedProjection:
+def projection(ctx: EmitContext, role: Role,
+               layer: int | None) -> WeightProjection | QuantizedProjection:
     """``role``'s projection of ``layer`` (see the module docstring)."""
     short = role.name(layer).rsplit(".", 1)[0].split(".")[-1]  # qkv, o, gate_up, up, down
     quant = ctx.spec.quantization
