@@ -28,7 +28,7 @@ from kiln.builder.runner import run_parts
 from kiln.checkpoint import CheckpointConfig, load_config, rank_file
 from kiln.config import options_from
 from kiln.engine import EngineManifest
-from kiln.errors import CheckpointError
+from kiln.errors import CheckpointError, ConfigError
 from kiln.output_dirs import atomic_dir, check_output, copy_tokenizer
 from kiln.plugins import PluginContext, resolve_plugins
 from kiln.roles import name_mismatch
@@ -127,10 +127,16 @@ def make_plan(options: BuildOptions, ckpt: CheckpointConfig, engine: Backend) ->
         log.info("gated_mlp: the fused form takes float weights; the %s checkpoint's MLP is "
                  "emitted unfused", quant.qformat)
         plugins = {**plugins, "gated_mlp": False}
+    if options.weight_only_int8_compute and (engine.name != "onnx" or quant is None
+                                             or quant.activation_dtype is not None):
+        raise ConfigError(f"--weight_only_int8_compute applies to onnx engines of weight-only "
+                          f"checkpoints (int8_wo, int4_wo, int4_awq), not a {engine.name} engine "
+                          f"of a {quant.qformat if quant else 'float'} checkpoint; drop the flag")
     graph = GraphSpec(decoder=ckpt.decoder, mapping=ckpt.mapping, dtype=dtype,
                       max_seq_len=limits.max_seq_len, plugins=plugins,
                       gather_context_logits=options.gather_context_logits,
-                      quantization=quant, backend=engine.name)
+                      quantization=quant, backend=engine.name,
+                      weight_only_int8_compute=options.weight_only_int8_compute)
     return BuildPlan(checkpoint_dir=options.checkpoint_dir, checkpoint=ckpt, graph=graph,
                      limits=limits, targets=tuple(targets))
 
@@ -150,6 +156,7 @@ def _finish(tmp: Path, engine: Backend, plan: BuildPlan, results: list[PartResul
         sizes={name: size for r in results for name, size in r.sizes.items()},
         plugins=dict(plan.graph.plugins), quantization=ckpt.quantization,
         gather_context_logits=plan.graph.gather_context_logits,
+        weight_only_int8_compute=plan.graph.weight_only_int8_compute,
         kiln_version=kiln.__version__,
         source={"checkpoint_dir": str(plan.checkpoint_dir), **ckpt.source})
     manifest.write(tmp)

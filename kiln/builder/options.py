@@ -57,6 +57,11 @@ class BuildOptions:
     gather_context_logits: bool = field(default=False, metadata={
         "help": "Engines that can return every prompt position's logits (prompt_logprobs, "
                 "kiln eval); the lm_head then runs on every prefill token."})
+    weight_only_int8_compute: bool = field(default=False, metadata={
+        "help": "onnx backend, int8_wo/int4_wo/int4_awq checkpoints: MatMulNBits quantizes each "
+                "activation block to int8 and computes in integers (ONNX Runtime's "
+                "accuracy_level 4, onnxruntime-genai's CPU default): faster on CPU, but the "
+                "logits no longer follow the checkpoint's weight-only numerics exactly."})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "checkpoint_dir", Path(self.checkpoint_dir).expanduser())

@@ -91,6 +91,8 @@ def _plugin_options(command):
 @click.option("--overwrite", is_flag=True, help=_HELP["overwrite"])
 @click.option("--allow_long_context", is_flag=True, help=_HELP["allow_long_context"])
 @click.option("--gather_context_logits", is_flag=True, help=_HELP["gather_context_logits"])
+@click.option("--weight_only_int8_compute", is_flag=True,
+              help=_HELP["weight_only_int8_compute"])
 @click.pass_obj
 def build(obj: CliContext, **options) -> None:
     """Build an engine dir from a kiln checkpoint."""

@@ -88,6 +88,8 @@ class EngineManifest:
     # built with --gather_context_logits: every position's logits can be returned
     # (prompt_logprobs, kiln eval); False in manifests written before the flag existed
     gather_context_logits: bool = False
+    # built with --weight_only_int8_compute (onnx MatMulNBits with int8 activation blocks)
+    weight_only_int8_compute: bool = False
     format_version: int = ENGINE_FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -107,6 +109,7 @@ class EngineManifest:
             "rank_files": {str(r): list(f) for r, f in self.rank_files.items()},
             "checksums": self.checksums,
             "gather_context_logits": self.gather_context_logits,
+            "weight_only_int8_compute": self.weight_only_int8_compute,
             **({} if self.sizes is None else {"sizes": self.sizes}),
             "decoder": self.decoder.to_dict(), "source": self.source,
         }
@@ -130,6 +133,8 @@ class EngineManifest:
             kiln_version=data.get("kiln_version", ""), source=data.get("source", {}),
             gather_context_logits=_flag(data.get("gather_context_logits", False),
                                         "gather_context_logits"),
+            weight_only_int8_compute=_flag(data.get("weight_only_int8_compute", False),
+                                           "weight_only_int8_compute"),
             format_version=version)
 
     def write(self, engine_dir: Path) -> None:

@@ -27,7 +27,7 @@ from kiln.builder.options import BuildOptions
 from kiln.builder.plan import plan_rank
 from kiln.checkpoint import load_config, rank_file
 from kiln.engine import EngineError
-from kiln.errors import CheckpointError
+from kiln.errors import CheckpointError, ConfigError
 from kiln.quantization.config import FORMATS
 from kiln.reference import ReferenceDecoder
 from tests.builder.conftest import LIMITS, engine_runner
@@ -166,6 +166,29 @@ def test_quantized_lm_head(quantized, oracle, tmp_path, qformat):
     assert_close(run_schedule(_graphs(tp2, tmp_path / "tp2", dict(backend="tensorrt",
                                                                     targets=("sm86",)))),
                  oracle(tp2), "float32", False)
+
+
+def test_weight_only_int8_compute(checkpoint, quantized, oracle, tmp_path):
+    """--weight_only_int8_compute: MatMulNBits with accuracy_level 4 (int8 activation blocks),
+    recorded in the manifest; its logits move off the oracle by about an int8 activation
+    step (5e-2 of the logits' range) and no further; refused where it means nothing."""
+    ckpt = quantized("int4_wo")
+    result = build(ckpt, tmp_path / "engine", backend="onnx", dtype="float32",
+                   weight_only_int8_compute=True, **LIMITS)
+    assert result.manifest.weight_only_int8_compute
+    model = onnx.load(str(tmp_path / "engine" / "rank0.onnx"), load_external_data=False)
+    levels = {a.i for n in model.graph.node if n.op_type == "MatMulNBits"
+              for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {4}
+    got, want = run_schedule(engine_runner(tmp_path / "engine")), oracle(ckpt)
+    scale = max(float(np.abs(w).max()) for w in want)
+    assert TOL < max_diff(got, want) <= 5e-2 * scale
+    for source, backend in ((checkpoint(VARIANT), "onnx"), (quantized("int8_sq"), "onnx"),
+                            (ckpt, "tensorrt")):
+        with pytest.raises(ConfigError, match="--weight_only_int8_compute applies to onnx"):
+            build(source, tmp_path / "refused", backend=backend, weight_only_int8_compute=True,
+                  **LIMITS)
+    assert not (tmp_path / "refused").exists()
 
 
 @pytest.mark.parametrize("qformat", ["int4_wo", "int8_sq"])

@@ -29,6 +29,7 @@ class GraphSpec:
     gather_context_logits: bool = False  # the head also returns context_logits [B, S, V]
     quantization: QuantConfig | None = None  # the checkpoint's (None: float weights)
     backend: str = "onnx"  # the quantized projections' forms depend on it (linear.py)
+    weight_only_int8_compute: bool = False  # MatMulNBits accuracy_level 4 (onnx, weight-only)
 
 
 @dataclass(frozen=True)

@@ -120,8 +120,11 @@ def _matmul_nbits(ctx: EmitContext, role: Role, layer: int, quant: QuantConfig) 
                                           quant)
     b, s = ctx.g.weight(name, blob), _scale(ctx, scale_name, scales)
     bits = 4 if quant.info.weight_dtype == "int4" else 8
+    # accuracy_level 4: int8 activation blocks and integer products (--weight_only_int8_compute)
+    level = 4 if ctx.spec.weight_only_int8_compute else None
     return lambda x, node: ctx.g.op("MatMulNBits", x, b, s, name=node, domain="com.microsoft",
-                                    K=k, N=blob.shape[0], bits=bits, block_size=block)
+                                    K=k, N=blob.shape[0], bits=bits, block_size=block,
+                                    accuracy_level=level)
 
 
 def nbits_weight(stored: torch.Tensor, scale: torch.Tensor,
