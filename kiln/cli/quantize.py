@@ -42,6 +42,7 @@ def _kw(name: str, **extra) -> dict:
 @click.option("--weight_scales", **_kw("weight_scales", type=click.Choice(WEIGHT_SCALES)))
 @click.option("--eval_dataset", **_kw("eval_dataset"))
 @click.option("--max_ppl_ratio", **_kw("max_ppl_ratio", type=click.FloatRange(min=1.0)))
+@click.option("--quantize_lm_head", is_flag=True, **_kw("quantize_lm_head"))
 @click.option("--no_accuracy_gate", is_flag=True, **_kw("no_accuracy_gate"))
 @click.option("--device", **_kw("device", type=click.Choice(DEVICES)))
 @click.option("--overwrite", is_flag=True, **_kw("overwrite"))

@@ -9,13 +9,15 @@ Weights keep ``torch.nn.Linear``'s ``[out, in]`` layout:
   output channel (``weight_scale`` [out]).
 - ``int4`` (int4_wo, int4_awq): groups of ``group_size`` consecutive input features of one output
   channel, one scale per group (``weight_scale`` [out, in / group_size]),
-  ``q = clamp(round(w / s), -8, 7)``, symmetric (no zero point). ``s`` is the candidate with
-  the least squared error over the group among ``amax / 8`` (exact when the group's extreme is
-  negative: all 16 levels used) and ``amax * r / 7`` for r in :data:`INT4_CLIP_RATIOS` (r < 1
-  clips the few largest weights to resolve the many small ones better), ties going to
-  ``amax / 7``. Scales stay positive (TensorRT's DequantizeLinear wants them so). Stored packed two per byte
-  as uint8 ``[out, in / 2]``: input feature ``2j`` in the low nibble, ``2j + 1`` in the high
-  nibble, each a 4-bit two's complement value (ONNX's INT4 packing order along the input dim).
+  ``q = clamp(round(w / s), -8, 7)``, symmetric (no zero point), with ``s = e / -8`` where ``e``
+  is the group's weight of largest magnitude (llama.cpp's Q4_0 and ONNX Runtime's symmetric
+  MLAS rule): that weight is exact at -8 and the step is amax / 8. So an int4 scale is
+  negative when the group's extreme is positive. On SmolLM2 (group 64) this gives perplexity
+  ratio 1.25 against 1.48 for ``amax / 7`` and 1.40 for a least-squares scale that clips the
+  extreme: the largest weights matter more than the mean squared error says. Stored packed two
+  per byte as uint8 ``[out, in / 2]``: input feature ``2j`` in the low nibble, ``2j + 1`` in the
+  high nibble, each a 4-bit two's complement value (ONNX's INT4 packing order along the input
+  dim).
 - ``float8_e4m3fn`` (fp8): ``q = fp8(w / s)`` with ``s = amax / 448``, per tensor (``weight_scale``
   a scalar) or per output channel.
 
@@ -34,7 +36,6 @@ from kiln.quantization.config import Granularity, QuantConfig
 QMAX = {"int8": 127.0, "int4": 7.0, "float8_e4m3fn": 448.0}
 QMIN = {"int8": -128.0, "int4": -8.0, "float8_e4m3fn": -448.0}
 KV_DTYPES = {"fp8": "float8_e4m3fn", "int8": "int8"}
-INT4_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 
 
 def scale_from_amax(amax: torch.Tensor, dtype: str) -> torch.Tensor:
@@ -96,21 +97,12 @@ def _expand(scale: torch.Tensor, shape: torch.Size, granularity: Granularity,
 
 
 def int4_group_scales(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Per-group int4 scales [out, in / group_size] of least squared error (module docstring)."""
+    """Per-group int4 scales [out, in / group_size]: the group's extreme weight / -8 (module
+    docstring); 1 for an all-zero group."""
     out, k = w.shape
     groups = w.float().view(out, k // group_size, group_size)
-    amax = groups.abs().amax(dim=2)
-    best = best_err = None
-    for scale in (*(amax * r / 7 for r in INT4_CLIP_RATIOS), amax / 8):
-        scale = torch.where(amax > 0, scale, torch.ones_like(scale))
-        q = torch.round(groups / scale[..., None]).clamp_(-8, 7)
-        err = (q.mul_(scale[..., None]) - groups).pow_(2).sum(dim=2)
-        if best is None:
-            best, best_err = scale, err
-        else:
-            better = err < best_err
-            best, best_err = torch.where(better, scale, best), torch.where(better, err, best_err)
-    return best
+    extreme = groups.gather(2, groups.abs().argmax(dim=2, keepdim=True)).squeeze(2)
+    return torch.where(extreme != 0, extreme / -8, torch.ones_like(extreme))
 
 
 def quantize_weight(w: torch.Tensor, quant: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:

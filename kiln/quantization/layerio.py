@@ -20,9 +20,9 @@ import torch
 from kiln.checkpoint import CheckpointConfig, load_merged, rank_file
 from kiln.quantization.config import QuantConfig
 from kiln.roles import (
-    QUANTIZED_ROLES,
     expected_shape,
     parse_tensor,
+    quantized_roles,
     scale_shape,
     tensor_names,
     tensor_sharding,
@@ -74,7 +74,7 @@ class QuantizedWriter:
             entries = []
             for name in target.rank_tensor_names(rank):
                 role, _, kind = parse_tensor(name)
-                if kind is None and role not in QUANTIZED_ROLES:
+                if kind is None and role not in quantized_roles(quant):
                     entries.append((name, infos[name].dtype, infos[name].shape))
                     continue
                 whole = stored_shape(name, target, quant)
@@ -99,12 +99,24 @@ class QuantizedWriter:
                                    tp_rank)
                 self.writers[rank].write(name, part.contiguous())
 
+    def write_head(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Each last-stage rank's part of the quantized lm_head and its scale (whole-model)."""
+        mapping = self.target.mapping
+        for name, tensor in tensors.items():
+            for tp_rank in range(mapping.tp_size):
+                part = shard_named(name, tensor, self.target.decoder, mapping, tp_rank)
+                self.writers[mapping.rank(tp_rank, mapping.pp_size - 1)].write(
+                    name, part.contiguous())
+
     def copy_unlayered(self) -> None:
-        """The embedding and the head, copied rank by rank in row chunks (not quantized)."""
+        """The embedding and the head, copied rank by rank in row chunks (the lm_head only
+        when it stays unquantized: :meth:`write_head` writes a quantized one)."""
+        quantized = quantized_roles(self.target.quantization)
         for rank, writer in self.writers.items():
             infos, _ = read_header(self.source_dir / rank_file(rank))
             for name, info in infos.items():
-                if parse_tensor(name)[1] is not None:
+                role, layer, _ = parse_tensor(name)
+                if layer is not None or role in quantized:
                     continue
                 rows = info.shape[0] if info.shape else 1
                 for a, b in iter_row_chunks(rows, info.nbytes // max(rows, 1)):

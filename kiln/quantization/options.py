@@ -45,6 +45,9 @@ class QuantizeOptions:
     max_ppl_ratio: float | None = field(default=None, metadata={
         "help": "Refuse (exit 2, nothing written) above this perplexity ratio quantized/source; "
                 "default per qformat (docs/quantization.md)."})
+    quantize_lm_head: bool = field(default=False, metadata={
+        "help": "Weight-only formats: quantize the lm_head too (round to nearest at the "
+                "format's granularity; the embedding stays as it is)."})
     no_accuracy_gate: bool = field(default=False, metadata={
         "help": "Measure and record accuracy, but never refuse."})
     device: str = field(default="auto", metadata={

@@ -15,8 +15,12 @@ and of both evaluation streams ([samples, seq_length, hidden] float32 each); run
 micro-batches of about :data:`BATCH_TOKENS` tokens. Calibration hidden states move on through
 the float layer (each layer is calibrated on the source model's activations).
 
-Non-goals: quantizing the embedding or lm_head; calibrating on the quantized model's own
-activations (GPTQ-style sequential error feedback).
+The lm_head is quantized only with ``--quantize_lm_head`` (weight-only formats; round to nearest
+at the format's granularity, no smoothing: its input is the final norm's), after the layers;
+the gate then scores the quantized stream through the quantized head.
+
+Non-goals: quantizing the embedding; calibrating on the quantized model's own activations
+(GPTQ-style sequential error feedback).
 """
 
 from __future__ import annotations
@@ -39,13 +43,14 @@ from kiln.datasets import load_texts
 from kiln.errors import ConfigError, QuantizationError
 from kiln.output_dirs import atomic_dir, check_output, copy_tokenizer
 from kiln.quantization.accuracy import AccuracyMeter, check_gate, summary
-from kiln.quantization.config import QuantConfig
+from kiln.quantization.config import WEIGHT_SCALE, QuantConfig
 from kiln.quantization.data import Samples, load_tokenizer_of, split_calibration, token_samples
+from kiln.quantization.formats import dequantize_weight, quantize_weight
 from kiln.quantization.layerio import LayerReader, QuantizedWriter
 from kiln.quantization.options import QuantizeOptions
 from kiln.quantization.transforms import AWQ_ROWS, LayerStats, quantize_layer
 from kiln.reference import ReferenceDecoder, norm
-from kiln.roles import Role
+from kiln.roles import Role, companion
 
 log = logging.getLogger(__name__)
 ACCURACY_FILE = "accuracy.json"
@@ -92,7 +97,7 @@ def quant_config(opts: QuantizeOptions, source: CheckpointConfig) -> QuantConfig
             default_alpha(source.decoder.architecture)
     quant = QuantConfig(opts.qformat, group_size=opts.group_size,
                         weight_scales=opts.weight_scales, kv_cache_dtype=opts.kv_cache_dtype,
-                        smoothquant_alpha=alpha)
+                        smoothquant_alpha=alpha, quantize_lm_head=opts.quantize_lm_head)
     if quant.info.smoothing:
         quant = quant.with_(pre_quant_scales=(Role.OUT.value, Role.DOWN.value))
     return quant
@@ -187,10 +192,11 @@ class _Job:
             log.info("layer %d/%d quantized in %.2f s", i + 1, cfg.num_layers,
                      time.perf_counter() - layer_started)
         writer.copy_unlayered()
+        head = self._quantize_head(reader, writer)
         writer.close()
         log.info("%d layers in %.1f s (%.2f s per layer)", cfg.num_layers,
                  time.perf_counter() - started, (time.perf_counter() - started) / cfg.num_layers)
-        accuracy = self._accuracy(reader, streams)
+        accuracy = self._accuracy(reader, streams, head)
         quant = self.quant.with_(accuracy=accuracy)
         target = self._target(quant)
         (out / CONFIG_NAME).write_text(json.dumps(target.to_dict(), indent=2) + "\n")
@@ -236,7 +242,19 @@ class _Job:
                                       quant=quant)
             _run(qlayer, i, streams.quantized)
 
-    def _accuracy(self, reader: LayerReader, streams: _Streams) -> dict[str, Any] | None:
+    def _quantize_head(self, reader: LayerReader, writer: QuantizedWriter) -> torch.Tensor | None:
+        """With quantize_lm_head: write the quantized lm_head; return it dequantized (the
+        quantized model's head for the gate)."""
+        if not self.quant.quantize_lm_head:
+            return None
+        name = Role.LM_HEAD.name()
+        weight = reader.read([name])[name]
+        stored, scale = quantize_weight(weight, self.quant)
+        writer.write_head({name: stored, companion(Role.LM_HEAD, None, WEIGHT_SCALE): scale})
+        return dequantize_weight(stored, scale, self.quant)
+
+    def _accuracy(self, reader: LayerReader, streams: _Streams,
+                  quantized_head: torch.Tensor | None = None) -> dict[str, Any] | None:
         """The gate's figures (None, said at WARNING, when there is no evaluation text)."""
         if self.eval is None:
             log.warning("accuracy was not measured: no --calib_dataset or --eval_dataset, so "
@@ -254,8 +272,10 @@ class _Job:
         n, length = self.eval.tokens.shape
         step = max(1, (1 << 25) // (length * cfg.vocab_size))
         for a in range(0, n, step):
-            logits = [_logits(norm(h[a:a + step], weight, bias, cfg), lm_head)
-                      for h in (streams.source, streams.quantized)]
+            logits = [_logits(norm(h[a:a + step], weight, bias, cfg), head)
+                      for h, head in ((streams.source, lm_head),
+                                      (streams.quantized, quantized_head
+                                       if quantized_head is not None else lm_head))]
             meter.update(*logits, self.eval.tokens[a:a + step])
         accuracy = {**meter.result(), **self.eval.provenance}
         limit = self.opts.max_ppl_ratio or self.quant.info.max_ppl_ratio

@@ -109,7 +109,7 @@ def test_checkpoint_equals_the_model_quantized_by_hand(checkpoint, texts, tmp_pa
             w = float_weights[name].double()
             back = hand_dequantize(tensors[name], tensors[name[:-6] + "weight_scale"], qformat)
             if qformat.startswith("int4"):  # each value is its weight rounded at its group's
-                # scale (a least-squares choice per group, docs/checkpoint.md)
+                # scale (the group's extreme / -8, docs/checkpoint.md)
                 scale = tensors[name[:-6] + "weight_scale"].double()
                 scale = scale.repeat_interleave(w.shape[1] // scale.shape[1], dim=1)
                 assert torch.equal(back, (w / scale).round().clamp(-8, 7) * scale)
@@ -145,7 +145,8 @@ def test_smoothing_folds_leave_the_float_function_unchanged(checkpoint, variant)
 
 @pytest.mark.parametrize("variant,qformat,extra", [
     ("llama-gqa", "int8_sq", {"kv_cache_dtype": "fp8"}),
-    ("llama-i128", "int4_awq", {"group_size": 32})])
+    ("llama-i128", "int4_awq", {"group_size": 32}),
+    ("llama-i128", "int4_awq", {"group_size": 32, "quantize_lm_head": True})])
 def test_tp1_and_tp2_quantized_checkpoints_give_the_same_logits(checkpoint, texts, tmp_path,
                                                                  variant, qformat, extra):
     outs = [quantize(checkpoint(variant, tp=tp), tmp_path / f"tp{tp}", qformat=qformat,
@@ -184,10 +185,14 @@ def test_layer_by_layer_statistics_equal_whole_model_ones(checkpoint, texts, tmp
     assert checked == 2 * (4 + 2)
 
 
-def test_gate_figures_equal_the_reference_on_the_written_checkpoint(checkpoint, texts, tmp_path):
+@pytest.mark.parametrize("lm_head", [False, True])
+def test_gate_figures_equal_the_reference_on_the_written_checkpoint(checkpoint, texts, tmp_path,
+                                                                    lm_head):
     src = checkpoint("llama-gqa")
     out = quantize(src, tmp_path / "q", qformat="int4_wo", group_size=32,
-                   eval_dataset=str(texts["eval"]), no_accuracy_gate=True)
+                   eval_dataset=str(texts["eval"]), no_accuracy_gate=True,
+                   quantize_lm_head=lm_head)
+    assert load_merged(out)["lm_head.weight"].dtype == (torch.uint8 if lm_head else torch.float32)
     accuracy = load_config(out).quantization.accuracy
     samples = token_samples(load_texts(texts["eval"]), load_tokenizer_of(src), 24).tokens
     nll = {}
