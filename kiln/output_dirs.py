@@ -71,10 +71,23 @@ def _check_writable(output_dir: Path) -> None:
     parent = output_dir.absolute().parent
     while not parent.exists():
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK) or \
+            cannot_create_in(parent):
         raise OutputError(f"{output_dir}: cannot be written, {parent} is not a writable "
                           f"directory (permissions, or a read-only file system); choose another "
                           f"--output_dir")
+
+
+def cannot_create_in(directory: Path) -> str | None:
+    """Why a file cannot be created in ``directory`` (None if it can): the one sure check, since
+    permission bits say nothing about read-only or pseudo file systems (/sys) or root."""
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".kiln-probe-", dir=directory)
+    except OSError as e:
+        return e.strerror or str(e)
+    os.close(handle)
+    os.unlink(probe)
+    return None
 
 
 def _check_apart(output_dir: Path, out: Path, source: Path) -> None:

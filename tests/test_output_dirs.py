@@ -302,3 +302,23 @@ def test_a_bad_flag_value_is_one_line():
     assert result.exit_code == 2 and len(result.output.splitlines()) == 1
     assert result.output.startswith("error: Invalid value for '--max_batch_size'")
     assert result.output.rstrip().endswith("(see kiln build --help)")
+
+
+def test_a_directory_that_refuses_new_files_is_refused_before_any_work(tmp_path, monkeypatch):
+    """Permission bits do not tell (root; read-only or pseudo file systems such as /sys): the
+    output's parent and a --json_output's directory are probed by creating a file in them."""
+    import errno
+    import tempfile
+
+    from kiln.cli.bench import _check_json_output
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(OutputError, match="is not a writable directory"):
+        check_output(tmp_path / "out", False, inputs=[])
+    import click
+    with pytest.raises(click.BadParameter, match=r"not a writable directory \(Read-only file"):
+        _check_json_output(tmp_path / "r.json", tmp_path / "engine")
+    assert list(tmp_path.iterdir()) == []

@@ -31,6 +31,7 @@ from kiln.engine import EngineManifest
 from kiln.errors import CheckpointError, ConfigError
 from kiln.output_dirs import atomic_dir, check_output, copy_tokenizer
 from kiln.plugins import PluginContext, resolve_plugins
+from kiln.quantization.config import QuantConfig
 from kiln.roles import name_mismatch
 
 log = logging.getLogger(__name__)
@@ -130,8 +131,10 @@ def make_plan(options: BuildOptions, ckpt: CheckpointConfig, engine: Backend) ->
     if options.weight_only_int8_compute and (engine.name != "onnx" or quant is None
                                              or quant.activation_dtype is not None):
         raise ConfigError(f"--weight_only_int8_compute applies to onnx engines of weight-only "
-                          f"checkpoints (int8_wo, int4_wo, int4_awq), not a {engine.name} engine "
-                          f"of a {quant.qformat if quant else 'float'} checkpoint; drop the flag")
+                          f"checkpoints (int8_wo, int4_wo, int4_awq), not to a {engine.name} "
+                          f"engine of a {quant.qformat if quant else 'float'} checkpoint; drop "
+                          f"the flag")
+    _warn_slow_forms(engine.name, quant, options.weight_only_int8_compute)
     graph = GraphSpec(decoder=ckpt.decoder, mapping=ckpt.mapping, dtype=dtype,
                       max_seq_len=limits.max_seq_len, plugins=plugins,
                       gather_context_logits=options.gather_context_logits,
@@ -139,6 +142,21 @@ def make_plan(options: BuildOptions, ckpt: CheckpointConfig, engine: Backend) ->
                       weight_only_int8_compute=options.weight_only_int8_compute)
     return BuildPlan(checkpoint_dir=options.checkpoint_dir, checkpoint=ckpt, graph=graph,
                      limits=limits, targets=tuple(targets))
+
+
+def _warn_slow_forms(backend: str, quant: QuantConfig | None, int8_compute: bool) -> None:
+    """Say when an onnx engine of this checkpoint runs slower than float32 on a CPU (ONNX
+    Runtime's float path of 8-bit MatMulNBits, and FP8 Q/DQ, are unoptimized kernels)."""
+    if backend != "onnx" or quant is None:
+        return
+    if quant.qformat == "int8_wo" and not int8_compute:
+        log.warning("int8_wo on ONNX Runtime's CPU runs 8-bit MatMulNBits in float32, several "
+                    "times slower than a float32 engine; build with --weight_only_int8_compute "
+                    "(int8 activation blocks, fast) or use int4_awq / int8_sq for speed")
+    elif quant.qformat == "fp8":
+        log.warning("fp8 on ONNX Runtime's CPU runs Q/DQ around float kernels, for numerics: "
+                    "several times slower than a float32 engine; FP8 speed needs a GPU "
+                    "(tensorrt sm89+)")
 
 
 def _finish(tmp: Path, engine: Backend, plan: BuildPlan, results: list[PartResult]) -> EngineManifest:

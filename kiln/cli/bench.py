@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import click
 
 from kiln.cli.context import CliContext, PathArg, executor_options
+from kiln.errors import OutputError
 
 if TYPE_CHECKING:
     from kiln.runtime import LLM
@@ -117,9 +118,13 @@ def _check_json_output(path: Path, engine_dir: Path,
         raise click.BadParameter(f"{path} exists and is not a {kind}; kiln never "
                                  f"overwrites a file it did not write: choose another path",
                                  param_hint="--json_output")
+    from kiln.output_dirs import cannot_create_in  # imports torch: not at --help time
+
     parent = path.absolute().parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise click.BadParameter(f"{parent} is not a writable directory", param_hint="--json_output")
+    if not parent.is_dir() or (why := cannot_create_in(parent)):
+        raise click.BadParameter(f"{parent} is not a writable directory"
+                                 + (f" ({why})" if parent.is_dir() else ""),
+                                 param_hint="--json_output")
 
 
 def _is_bench_report(path: Path) -> bool:
@@ -135,6 +140,9 @@ def _write_atomically(path: Path, text: str) -> None:
     try:
         tmp.write_text(text)
         os.replace(tmp, path)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot be written ({e.strerror or e}); nothing was left "
+                          f"half-written") from None
     finally:
         tmp.unlink(missing_ok=True)
 

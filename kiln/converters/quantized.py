@@ -178,6 +178,9 @@ def _check_ct_group(group: dict[str, Any], fmt: str | None) -> None:
                f"format {fmt}")
     fp8_weights = (_is_fp8(weights) and weights.get("strategy") in ("tensor", "channel")
                    and not weights.get("dynamic"))
+    if _is_fp8(weights) and weights.get("strategy") in ("block", "group"):
+        raise refused(COMPRESSED_TENSORS, details, f"kiln's fp8 format has per-tensor or "
+                      f"per-channel weight scales, not {weights.get('strategy')}-wise ones")
     if not fp8_weights or fmt not in CT_FORMATS or group.get("output_activations"):
         raise refused(COMPRESSED_TENSORS, details)
     if acts is None:

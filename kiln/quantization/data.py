@@ -91,11 +91,12 @@ def split_calibration(dataset: TextDataset, tokenizer, calib_size: int,
     ids = encode_stream(dataset, tokenizer, need)
     if len(ids) < need:
         fit = len(ids) // seq_length * 4 // 5
+        lower = f"lower --calib_size (at most {fit} fit) or --calib_max_seq_length" if fit \
+            else f"lower --calib_max_seq_length (not even one {seq_length}-token sample fits)"
         raise DatasetError(
             f"{dataset.name}: has {len(ids)} tokens, --calib_size {calib_size} x "
             f"--calib_max_seq_length {seq_length} plus {evals} held-out samples for the accuracy "
-            f"gate need {need}; pass more text, or lower --calib_size (at most {fit} fit) or "
-            f"--calib_max_seq_length")
+            f"gate need {need}; pass more text, or {lower}")
     tokens = torch.tensor(ids[:need], dtype=torch.int64).view(calib_size + evals, seq_length)
     log.info("calibration: %d samples x %d tokens from %s, %d held out for the accuracy gate",
              calib_size, seq_length, dataset.name, evals)

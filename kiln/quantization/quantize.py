@@ -55,6 +55,7 @@ from kiln.roles import Role, companion
 log = logging.getLogger(__name__)
 ACCURACY_FILE = "accuracy.json"
 BATCH_TOKENS = 4096
+FIRM_GATE_TOKENS = 4096  # fewer evaluation tokens than this: the gate says it is weak
 DEFAULT_ALPHA = 0.5  # SmoothQuant's default migration strength (OPT, BLOOM)
 
 
@@ -278,6 +279,11 @@ class _Job:
                                        if quantized_head is not None else lm_head))]
             meter.update(*logits, self.eval.tokens[a:a + step])
         accuracy = {**meter.result(), **self.eval.provenance}
+        if accuracy["tokens"] < FIRM_GATE_TOKENS:
+            log.warning("the accuracy gate rests on %d tokens only (under %d: its ratio can miss "
+                        "a real loss); pass --eval_dataset with more text, or a larger "
+                        "--calib_size (a fifth is held out)", accuracy["tokens"],
+                        FIRM_GATE_TOKENS)
         limit = self.opts.max_ppl_ratio or self.quant.info.max_ppl_ratio
         accuracy["max_ppl_ratio"] = limit
         accuracy["passed"] = check_gate(accuracy, self.quant.qformat, limit,

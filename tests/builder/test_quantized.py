@@ -264,3 +264,15 @@ def test_run_logs_quantization(quantized, tmp_path, caplog):
         "quantization int4_wo (weights int4, activations float, group_size 32): perplexity "
         "10.0000 -> 10.5000 (ratio 1.0500), top-1 agreement 90.00%, KL 0.01000 over 100 tokens "
         "of x"]
+
+
+@pytest.mark.parametrize("qformat,options,slow", [("int8_wo", {}, True), ("fp8", {}, True),
+                                                  ("int8_wo", {"weight_only_int8_compute": True},
+                                                   False), ("int4_wo", {}, False)])
+def test_slow_cpu_forms_are_said(quantized, tmp_path, caplog, qformat, options, slow):
+    """ONNX Runtime runs 8-bit MatMulNBits in float32 and FP8 Q/DQ around float kernels:
+    slower than a float32 engine on a CPU, which the build says at the default level."""
+    with caplog.at_level("WARNING", logger="kiln"):
+        build(quantized(qformat), tmp_path / "engine", backend="onnx", **LIMITS, **options)
+    warned = [r.message for r in caplog.records if "slower than a float32 engine" in r.message]
+    assert bool(warned) == slow
