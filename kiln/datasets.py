@@ -38,6 +38,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from kiln.dirs import is_hub_id
 from kiln.errors import DatasetError
 from kiln.hashing import sha256_file
 
@@ -76,7 +77,7 @@ def load_texts(source: str | Path) -> TextDataset:
             return _read_dir(path, path.name, "dir", None)
         return _read_file(path)
     repo_id, _, pattern = text.partition(":")
-    if _is_hub_id(repo_id) and Path(repo_id).suffix.lstrip(".") not in KINDS:
+    if is_hub_id(repo_id) and Path(repo_id).suffix.lstrip(".") not in KINDS:
         return _read_hub(repo_id, pattern or None)
     raise DatasetError(f"{text}: no such file or directory (and not a hub dataset id, which has "
                        f"the form owner/name); check the path")
@@ -203,19 +204,6 @@ def _sha256(path: Path) -> str:
     except OSError as e:
         raise DatasetError(f"{path}: cannot read the file ({e.strerror or e}); check the path and "
                            f"its permissions") from None
-
-
-def _is_hub_id(text: str) -> bool:
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    if text.count("/") != 1:
-        return False
-    try:
-        validate_repo_id(text)
-    except HFValidationError:
-        return False
-    return True
 
 
 def _read_hub(repo_id: str, pattern: str | None) -> TextDataset:

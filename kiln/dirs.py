@@ -127,3 +127,19 @@ def read_config(directory: str | Path, wanted: DirKind,
     if message := wrong_kind(directory, data, wanted):
         raise error(message)
     return path, data
+
+
+def is_hub_id(text: str) -> bool:
+    """``org/name`` as the Hugging Face hub validates it (no leading ``.``/``-``, no
+    ``..``/``--``, ...): what kiln reads as a hub repo id when no local path of that name exists.
+    A bare ``name`` is not one: it is far likelier a typo'd local path."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if text.count("/") != 1:
+        return False
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from kiln.reference import KVCache, ReferenceDecoder
@@ -51,3 +52,13 @@ def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     for x in a + b:
         assert torch.isfinite(x).all(), "NaN/inf in logits"
     return max(diffs)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny models: threads only contend (tests run in parallel workers). A conftest imports
+    this to apply it to its directory."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

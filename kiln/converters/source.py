@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import torch
 
-from kiln.dirs import DirKind, read_config
+from kiln.dirs import DirKind, is_hub_id, read_config
 from kiln.errors import CheckpointError, HubError, UnsafeCheckpointError
 from kiln.tensorio import TensorInfo, read_header, read_tensor
 
@@ -120,7 +120,7 @@ def open_source(model_dir: str, revision: str | None = None, allow_pickle: bool 
     repo_id = None
     if not path.exists():
         missing = f"{model_dir}: no such local directory{_near_miss(path)}"
-        if not _is_hub_id(model_dir):
+        if not is_hub_id(model_dir):
             raise CheckpointError(f"{missing}, and not a hub id (those have the form org/name); "
                                   f"check the path")
         repo_id = model_dir
@@ -134,20 +134,6 @@ def open_source(model_dir: str, revision: str | None = None, allow_pickle: bool 
                 raise CheckpointError(f"{file}: tensor {name!r} also appears in another file")
             tensors[name] = tensor
     return Source(path, hf_config, tensors, files, repo_id, revision)
-
-
-def _is_hub_id(text: str) -> bool:
-    """``org/name`` as the hub validates it (no leading ``.``/``-``, no ``..``/``--``, ...)."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    if text.count("/") != 1:  # kiln asks for org/name: a bare name is far likelier a typo
-        return False
-    try:
-        validate_repo_id(text)
-    except HFValidationError:
-        return False
-    return True
 
 
 def _near_miss(path: Path) -> str:

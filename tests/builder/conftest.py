@@ -6,26 +6,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from kiln.engine import read_manifest
 from kiln.reference import ReferenceDecoder
 from tests.builder.onnx_steps import StepRunner
 from tests.builder.quantized import quantize_checkpoint
 from tests.builder.reference_steps import SCHEDULE, ReferenceSteps
+from tests.helpers import one_torch_thread  # noqa: F401 (fixture)
 from tests.models import hf_model, kiln_checkpoint
 
 # Limits every test build uses (small: tiny models, short schedules).
 LIMITS = dict(max_batch_size=4, max_input_len=16, max_seq_len=32)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def one_torch_thread():
-    """Tiny models: threads only contend (tests run in parallel workers)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -8,11 +8,10 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 from tokenizers import Tokenizer, models
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tests.helpers import save_hf_model
+from tests.helpers import one_torch_thread, save_hf_model  # noqa: F401 (fixture)
 from tests.models import LLAMA_BASE, hf_model, kiln_checkpoint
 
 # Printable ASCII and a newline: ids 0..95, under the tiny models' vocab of 128.
@@ -34,14 +33,6 @@ def write_text(path: Path, paragraphs: int, seed: int) -> Path:
     path.write_text("\n\n".join(" ".join(rng.choice(WORDS) for _ in range(30))
                                 for _ in range(paragraphs)) + "\n")
     return path
-
-
-@pytest.fixture(scope="session", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
