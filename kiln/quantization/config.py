@@ -139,9 +139,12 @@ class QuantConfig:
         if not isinstance(data, dict) or "qformat" not in data:
             raise ConfigError(f"quantization must be null or an object with a qformat, found "
                               f"{data!r}")
-        known = {f for f in cls.__dataclass_fields__}
-        kwargs = {k: v for k, v in data.items() if k in known}
-        return cls(**kwargs)
+        derived = {"weight_dtype", "activation_dtype"}  # written for readers, implied by qformat
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__) - derived)
+        if unknown:
+            raise ConfigError(f"quantization has unknown keys {unknown}; written by a newer "
+                              f"kiln? re-quantize with this one")
+        return cls(**{k: v for k, v in data.items() if k not in derived})
 
 
 def _names(values) -> str:

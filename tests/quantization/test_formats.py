@@ -85,6 +85,8 @@ def test_config_validation():
                         pre_quant_scales=("layers.{layer}.attn.o.weight",))
     assert QuantConfig.from_dict(quant.to_dict()) == quant
     assert QuantConfig.from_dict(None) is None and QuantConfig.from_dict({"scheme": None}) is None
+    with pytest.raises(ConfigError, match=r"unknown keys \['zero_points'\]"):
+        QuantConfig.from_dict({**quant.to_dict(), "zero_points": True})
 
 
 def test_companion_names_parse_back():
