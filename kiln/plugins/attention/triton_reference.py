@@ -24,6 +24,11 @@ only k > p - W. ``alibi_slopes`` [Hq] float32 adds ``slope[h] * k`` to the score
 key-position form; equal to the relative form under softmax). Scores are ``q.k * scale``; GQA/
 MQA map query head h to key head ``h // (Hq // Hkv)``. Softmax in float32.
 
+Quantized cache (float8_e4m3fn or int8, written by the rotary kernel): ``k_scale`` and
+``v_scale`` (float32 scalar tensors) are required, and each cached key/value is read as
+``(stored * scale)`` rounded to q's dtype (what the reference decoder's fake-quantized cache
+holds) before the products.
+
 ``max_ctx_len`` / ``max_q_len`` (host ints bounding ``ctx_lens`` / ``q_lens``) and
 ``num_splits`` size the Triton launch grid; the reference only checks the bounds.
 """
@@ -35,14 +40,19 @@ import math
 import torch
 
 from kiln.plugins.attention.reference import attention
+from kiln.plugins.rotary.triton_reference import check_cache_scales
 
 
-def gather_keys(cache: torch.Tensor, table_row: torch.Tensor, length: int) -> torch.Tensor:
-    """One sequence's cached rows [length, Hkv, D] from a paged cache."""
+def gather_keys(cache: torch.Tensor, table_row: torch.Tensor, length: int,
+                scale: torch.Tensor | None = None, dtype: torch.dtype | None = None,
+                ) -> torch.Tensor:
+    """One sequence's cached rows [length, Hkv, D] from a paged cache; with ``scale``, a
+    quantized cache's rows dequantized into ``dtype``."""
     page = cache.shape[2]
     pos = torch.arange(length, device=cache.device)
     blocks = table_row.long()[pos // page]
-    return cache[blocks, :, pos % page, :]
+    rows = cache[blocks, :, pos % page, :]
+    return rows if scale is None else (rows.float() * scale.float().reshape(())).to(dtype)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Tensor, *,
@@ -74,12 +84,14 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            q_rows: torch.Tensor, out: torch.Tensor, *, scale: float,
                            alibi_slopes: torch.Tensor | None = None,
                            sliding_window: int | None = None, max_ctx_len: int | None = None,
-                           num_splits: int | None = None) -> torch.Tensor:
+                           num_splits: int | None = None, k_scale: torch.Tensor | None = None,
+                           v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    check_cache_scales(k_cache.dtype, k_scale, v_scale)
     _check_bound(ctx_lens, max_ctx_len, "ctx_lens")
     for b in range(q_rows.shape[0]):
         length, row = int(ctx_lens[b]), int(q_rows[b])
-        k = gather_keys(k_cache, block_tables[b], length)
-        v = gather_keys(v_cache, block_tables[b], length)
+        k = gather_keys(k_cache, block_tables[b], length, k_scale, q.dtype)
+        v = gather_keys(v_cache, block_tables[b], length, v_scale, q.dtype)
         qpos = torch.tensor([length - 1], device=q.device)
         out[row:row + 1] = attend(q[row:row + 1], k, v, qpos, scale=scale,
                                   alibi_slopes=alibi_slopes,
@@ -92,13 +104,15 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             q_starts: torch.Tensor, q_lens: torch.Tensor, out: torch.Tensor, *,
                             scale: float, alibi_slopes: torch.Tensor | None = None,
                             sliding_window: int | None = None, max_q_len: int | None = None,
-                            max_ctx_len: int | None = None) -> torch.Tensor:
+                            max_ctx_len: int | None = None, k_scale: torch.Tensor | None = None,
+                            v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    check_cache_scales(k_cache.dtype, k_scale, v_scale)
     _check_bound(ctx_lens, max_ctx_len, "ctx_lens")
     _check_bound(q_lens, max_q_len, "q_lens")
     for b in range(q_starts.shape[0]):
         length, start, n = int(ctx_lens[b]), int(q_starts[b]), int(q_lens[b])
-        k = gather_keys(k_cache, block_tables[b], length)
-        v = gather_keys(v_cache, block_tables[b], length)
+        k = gather_keys(k_cache, block_tables[b], length, k_scale, q.dtype)
+        v = gather_keys(v_cache, block_tables[b], length, v_scale, q.dtype)
         qpos = torch.arange(length - n, length, device=q.device)
         out[start:start + n] = attend(q[start:start + n], k, v, qpos, scale=scale,
                                       alibi_slopes=alibi_slopes,

@@ -16,6 +16,11 @@ num_kv_heads, head_dim, clip=None) -> q``
 - Paged cache layout ``[num_blocks, Hkv, page_size, D]``; token t is written to block
   ``slot_mapping[t] // page_size``, row ``slot_mapping[t] % page_size``. Keys are stored after
   rotation.
+- Quantized cache (``k_cache``/``v_cache`` float8_e4m3fn or int8): ``k_scale`` and ``v_scale``
+  (float32 scalar tensors, the checkpoint's per-layer KV-cache scales) are required; keys and
+  values are first rounded to q's dtype, then stored as ``quantize_values(x, scale)`` of
+  :mod:`kiln.quantization.formats` (saturating; fp8 round to nearest even, int8 round half to
+  even). A 16/32-bit cache takes no scales.
 - Returns the rotated q as a new contiguous tensor [T, Hq, D].
 """
 
@@ -24,6 +29,27 @@ from __future__ import annotations
 import torch
 
 from kiln.plugins.rotary.reference import rotary
+from kiln.quantization.formats import quantize_values
+
+QUANTIZED_CACHE = {torch.float8_e4m3fn: "float8_e4m3fn", torch.int8: "int8"}
+
+
+def check_cache_scales(cache_dtype: torch.dtype, k_scale: torch.Tensor | None,
+                       v_scale: torch.Tensor | None) -> str | None:
+    """The formats dtype name of a quantized cache (None for a float one); checks the scales."""
+    quantized = QUANTIZED_CACHE.get(cache_dtype)
+    if (quantized is not None) != (k_scale is not None and v_scale is not None):
+        raise ValueError(f"a {cache_dtype} KV cache needs k_scale and v_scale exactly when it is "
+                         f"quantized (float8_e4m3fn or int8)")
+    return quantized
+
+
+def to_cache(x: torch.Tensor, cache_dtype: torch.dtype, scale: torch.Tensor | None,
+             quantized: str | None) -> torch.Tensor:
+    """Keys or values (q's dtype) as the cache stores them."""
+    if quantized is None:
+        return x.to(cache_dtype)
+    return quantize_values(x, scale.float().reshape(()), quantized)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -39,7 +65,9 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 def rope_qkv_to_cache(qkv: torch.Tensor, table: torch.Tensor | None, table_index: torch.Tensor,
                       k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
                       *, num_heads: int, num_kv_heads: int, head_dim: int,
-                      clip: float | None = None) -> torch.Tensor:
+                      clip: float | None = None, k_scale: torch.Tensor | None = None,
+                      v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    quantized = check_cache_scales(k_cache.dtype, k_scale, v_scale)
     t = qkv.shape[0]
     d, hq, hkv = head_dim, num_heads, num_kv_heads
     if clip is not None:
@@ -55,6 +83,6 @@ def rope_qkv_to_cache(qkv: torch.Tensor, table: torch.Tensor | None, table_index
     page = k_cache.shape[2]
     slots = slot_mapping.long()
     blocks, rows = slots // page, slots % page
-    k_cache[blocks, :, rows, :] = k.to(k_cache.dtype)
-    v_cache[blocks, :, rows, :] = v.to(v_cache.dtype)
+    k_cache[blocks, :, rows, :] = to_cache(k, k_cache.dtype, k_scale, quantized)
+    v_cache[blocks, :, rows, :] = to_cache(v, v_cache.dtype, v_scale, quantized)
     return q.contiguous()

@@ -1,0 +1,95 @@
+"""PyTorch references of the quantized projections (the CPU path, and the oracle of the GPU
+kernels in :mod:`kiln.plugins.quant_linear.triton_kernels`).
+
+Contract, shared with the kernels (tested against each other on the GPU). Every function takes
+activations ``x [M, K]`` (float16, bfloat16 or float32, rows contiguous), returns ``y [M, N]``
+in x's dtype, accumulates in float32 (exact int32 for INT8 W8A8), adds ``bias [N]`` (x's
+dtype) last, and is safe to capture in a CUDA graph (no host reads). Scales are float32 device
+tensors; a scalar scale is a 0-dim or 1-element tensor. Weights use the engine layouts of
+:mod:`kiln.plugins.quant_linear.layout`. A ``pre_quant_scale`` (smoothing) is not applied here:
+the caller multiplies the input first, as the reference decoder does.
+
+- ``fp8_linear(x, weight, weight_scale, input_scale, bias=None)``: FP8 W8A8 (e4m3).
+  ``weight`` float8_e4m3fn [N, K], ``weight_scale`` scalar or [N]. The input is quantized as
+  ``q = fp8(clamp(x / s, -448, 448))`` (round to nearest even) with the static ``input_scale``
+  ``s``, or, when ``input_scale`` is None, per token (row) with ``s = amax(|x_row|) / 448`` (1 for
+  an all-zero row). ``y = (q * s) @ (weight * weight_scale).T``.
+- ``int8_w8a8_linear(x, weight, weight_scale, input_scale, bias=None)``: INT8 SmoothQuant.
+  ``weight`` int8 [N, K], ``weight_scale`` [N]; ``q = clamp(round_half_even(x / s), -128, 127)``
+  with the static scalar ``input_scale`` (None: per token, ``amax / 127``);
+  ``y = (q @ weight.T)`` in int32, times ``s * weight_scale[n]``.
+- ``int8_weight_only_linear(x, weight, weight_scale, bias=None)``: W8A16.
+  ``y = x @ (weight * weight_scale[:, None]).T``.
+- ``int4_weight_only_linear(x, weight, weight_scale, group_size, bias=None)``: W4A16.
+  ``weight`` uint8 [N, K/2] in the split-group layout, ``weight_scale`` [N, K / group_size];
+  ``y = x @ (values * scale of the value's group).T``.
+
+Numerics match :class:`kiln.reference.ReferenceDecoder` up to where each rounds to the model
+dtype (the reference dequantizes weights and fake-quantizes activations into the model dtype
+and multiplies there; here products accumulate in float32).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kiln.plugins.quant_linear.layout import unpack_split_int4
+
+FP8_MAX = 448.0
+INT8_MAX = 127.0
+
+
+def _per_token_scale(x: torch.Tensor, qmax: float) -> torch.Tensor:
+    amax = x.float().abs().amax(dim=1, keepdim=True)
+    return torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+
+
+def quantize_fp8_input(x: torch.Tensor, input_scale: torch.Tensor | None,
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q float8_e4m3fn [M, K], scale [] or [M, 1] float32) of the activations."""
+    s = _per_token_scale(x, FP8_MAX) if input_scale is None else input_scale.float().reshape(())
+    return (x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), s
+
+
+def quantize_int8_input(x: torch.Tensor, input_scale: torch.Tensor | None,
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 [M, K], scale [] or [M, 1] float32) of the activations."""
+    s = _per_token_scale(x, INT8_MAX) if input_scale is None else input_scale.float().reshape(())
+    return torch.round(x.float() / s).clamp(-128, INT8_MAX).to(torch.int8), s
+
+
+def _finish(acc: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    if bias is not None:
+        acc = acc + bias.float()
+    return acc.to(dtype)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               input_scale: torch.Tensor | None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    q, s = quantize_fp8_input(x, input_scale)
+    ws = weight_scale.float()
+    w = weight.float() * (ws.reshape(-1, 1) if ws.numel() > 1 else ws.reshape(()))
+    return _finish(F.linear(q.float() * s, w), bias, x.dtype)
+
+
+def int8_w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                     input_scale: torch.Tensor | None,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    q, s = quantize_int8_input(x, input_scale)
+    # int32-exact: |products| < 2^14 and K < 2^10 terms per float64 mantissa bit is far inside
+    acc = (q.double() @ weight.double().T).float()
+    return _finish(acc * s * weight_scale.float()[None, :], bias, x.dtype)
+
+
+def int8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                            bias: torch.Tensor | None = None) -> torch.Tensor:
+    w = weight.float() * weight_scale.float()[:, None]
+    return _finish(F.linear(x.float(), w), bias, x.dtype)
+
+
+def int4_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                            group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    values = unpack_split_int4(weight, group_size).float()
+    w = values * weight_scale.float().repeat_interleave(group_size, dim=1)
+    return _finish(F.linear(x.float(), w), bias, x.dtype)
