@@ -5,8 +5,12 @@ and lives in :mod:`kiln.engine.torch_files`; this module streams a checkpoint ra
 Targets: ``cuda`` (Triton kernels, CUDA graphs) and ``cpu`` (PyTorch reference kernels); both
 read the same files.
 
-Non-goals: quantized weights, tensor/pipeline-parallel engines (the torch executor runs
-tp_size = pp_size = 1; building them is refused here so nobody ships one that cannot run).
+Quantized checkpoints of every qformat build (weights keep their stored dtype, int4 is
+repacked for the kernels: :mod:`kiln.engine.torch_files`); whether a GPU can run a format
+(FP8 needs sm89+) is decided at load, where the GPU is known.
+
+Non-goals: tensor/pipeline-parallel engines (the torch executor runs tp_size = pp_size = 1;
+building them is refused here so nobody ships one that cannot run).
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ from kiln.engine.torch_files import (
     file_metadata,
     file_name,
     pack_tensor,
+    packed_dtype,
 )
-from kiln.roles import parse_name, tensor_names
+from kiln.plugins.quant_linear.layout import INT4_GROUP_SIZES
+from kiln.roles import parse_tensor, tensor_names
 from kiln.tensorio import StreamingWriter, read_header, read_tensor
 
 TARGETS = ("cuda", "cpu")
@@ -55,27 +61,36 @@ class TorchBackend(Backend):
             raise EngineError(f"the torch backend builds for targets {', '.join(TARGETS)}; "
                               f"found {', '.join(unknown)}")
         check_mapping(plan.checkpoint.mapping, "convert with --tp_size 1 --pp_size 1")
-        if plan.checkpoint.quantization is not None:
-            raise EngineError(f"the torch backend packs unquantized weights only, found a "
-                              f"{plan.checkpoint.quantization.qformat} checkpoint; build it with "
-                              f"--backend onnx or tensorrt, or build the unquantized checkpoint")
+        quant = plan.checkpoint.quantization
+        if quant is not None and quant.info.weight_dtype == "int4" \
+                and quant.group_size not in INT4_GROUP_SIZES:
+            raise EngineError(f"the torch backend's int4 kernels read group sizes "
+                              f"{', '.join(map(str, INT4_GROUP_SIZES))}, this checkpoint has "
+                              f"group_size {quant.group_size}; quantize again with --group_size "
+                              f"128 (or 64, 32)")
 
     def build_part(self, job: PartJob) -> PartResult:
         started = time.perf_counter()
         part, plan = job.part, job.plan
         dtype = getattr(torch, plan.dtype)
+        quant = plan.checkpoint.quantization
         infos, _ = read_header(plan.checkpoint_dir / rank_file(part.rank))
         names = tensor_names(plan.checkpoint.decoder, part.layers, first_stage=part.first,
-                             last_stage=part.last)
-        transposed = sorted(n for n in names if parse_name(n)[0] in TRANSPOSED_ROLES)
-        entries = []
+                             last_stage=part.last, quant=quant)
+        entries, transposed = [], []
         for name in names:
-            shape = infos[name].shape
-            entries.append((name, dtype, shape[::-1] if name in transposed else shape))
+            info = infos[name]
+            packed = packed_dtype(name, info.dtype, dtype, quant)
+            if packed == dtype and parse_tensor(name)[0] in TRANSPOSED_ROLES:
+                transposed.append(name)
+                entries.append((name, packed, info.shape[::-1]))
+            else:  # an int4 repack keeps the packed [out, in / 2] shape
+                entries.append((name, packed, info.shape))
         out = file_name(part.stem)
-        writer = StreamingWriter(job.out_dir / out, entries, file_metadata(transposed))
+        writer = StreamingWriter(job.out_dir / out, entries, file_metadata(transposed, quant))
         for name in names:  # on an error the build removes its whole temporary dir
-            writer.write(name, pack_tensor(name, read_tensor(infos[name]), dtype))
+            writer.write(name, pack_tensor(name, read_tensor(infos[name]), dtype,
+                                           quant=quant))
         writer.close()
         return PartResult(part=part, files=(out,),
                           seconds={"pack": time.perf_counter() - started},

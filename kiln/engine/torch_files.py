@@ -16,8 +16,15 @@ Layouts:
   H100: benchmarks/GPU_NOTES.md). The executor reads the metadata, so a build that transposes
   runs unchanged.
 
-Non-goals: quantized weights, tensor/pipeline-parallel engines (the torch executor runs
-tp_size = pp_size = 1; building them is refused so nobody ships one that cannot run).
+Quantized checkpoints (docs/engine.md, "Quantized projections"): a quantized projection's
+weight keeps its stored dtype (float8_e4m3fn or int8 ``[out, in]``), int4 is repacked into the
+kernels' split-group layout (:mod:`kiln.plugins.quant_linear.layout`; the metadata's
+``int4_layout`` names it), and every companion (``weight_scale``, ``input_scale``,
+``pre_quant_scale``, the KV-cache ``k_scale``/``v_scale``) stays float32. Other tensors take
+the engine dtype.
+
+Non-goals: tensor/pipeline-parallel engines (the torch executor runs tp_size = pp_size = 1;
+building them is refused so nobody ships one that cannot run).
 """
 
 from __future__ import annotations
@@ -30,7 +37,9 @@ import torch
 
 from kiln.config import DecoderConfig, Mapping
 from kiln.engine.manifest import EngineError
-from kiln.roles import Role, name_mismatch, parse_name, tensor_names
+from kiln.plugins.quant_linear.layout import INT4_LAYOUT, repack_int4
+from kiln.quantization.config import QuantConfig
+from kiln.roles import Role, name_mismatch, parse_tensor, quantized_roles, tensor_names
 from kiln.tensorio import read_header, read_tensor
 
 FORMAT = "1"
@@ -51,43 +60,71 @@ def file_name(stem: str) -> str:
     return f"{stem}.safetensors"
 
 
-def file_metadata(transposed: Iterable[str]) -> dict[str, str]:
+def file_metadata(transposed: Iterable[str], quant: QuantConfig | None = None) -> dict[str, str]:
     """The safetensors metadata of a packed file whose ``transposed`` names are ``[in, out]``."""
-    return {"kiln_torch_format": FORMAT, "transposed": json.dumps(sorted(transposed))}
+    metadata = {"kiln_torch_format": FORMAT, "transposed": json.dumps(sorted(transposed))}
+    if quant is not None and quant.info.weight_dtype == "int4":
+        metadata["int4_layout"] = INT4_LAYOUT
+    return metadata
+
+
+def packed_dtype(name: str, stored: torch.dtype, dtype: torch.dtype,
+                 quant: QuantConfig | None) -> torch.dtype:
+    """The dtype ``name`` has in the engine file (``stored``: its checkpoint dtype)."""
+    if quant is None:
+        return dtype
+    role, _, kind = parse_tensor(name)
+    if kind is not None:
+        return torch.float32
+    return stored if role in quantized_roles(quant) else dtype
 
 
 def pack_tensor(name: str, tensor: torch.Tensor, dtype: torch.dtype,
-                transposed: frozenset[Role] = TRANSPOSED_ROLES) -> torch.Tensor:
-    """One canonical tensor in the packed layout: cast, transposed if its role says so."""
-    role, _ = parse_name(name)
-    out = tensor.to(dtype)
+                transposed: frozenset[Role] = TRANSPOSED_ROLES,
+                quant: QuantConfig | None = None) -> torch.Tensor:
+    """One canonical tensor in the packed layout: cast (a quantized weight keeps its dtype, an
+    int4 one is repacked; scales stay float32), transposed if its role says so."""
+    role, _, kind = parse_tensor(name)
+    out = tensor.to(packed_dtype(name, tensor.dtype, dtype, quant))
+    if quant is not None and kind is None and role in quantized_roles(quant):
+        if quant.info.weight_dtype == "int4":
+            out = repack_int4(out, quant.group_size)
+        return out.contiguous()
     if role in transposed:
         out = out.t()
     return out.contiguous()
 
 
 def pack_weights(tensors: dict[str, torch.Tensor], dtype: torch.dtype,
-                 transposed: frozenset[Role] = TRANSPOSED_ROLES,
+                 transposed: frozenset[Role] = TRANSPOSED_ROLES, quant: QuantConfig | None = None,
                  ) -> tuple[dict[str, torch.Tensor], frozenset[str]]:
     """Pack a whole rank in memory (benchmarks, tests): (tensors, names stored transposed)."""
-    packed = {name: pack_tensor(name, t, dtype, transposed) for name, t in tensors.items()}
-    names = frozenset(n for n in packed if parse_name(n)[0] in transposed)
+    packed = {name: pack_tensor(name, t, dtype, transposed, quant)
+              for name, t in tensors.items()}
+    names = frozenset(n for n in packed if parse_tensor(n)[0] in transposed
+                      and packed[n].dtype == dtype)
     return packed, names
 
 
-def read_packed(path: Path, device: torch.device) -> tuple[dict[str, torch.Tensor], frozenset[str]]:
+def read_packed(path: Path, device: torch.device, quant: QuantConfig | None = None,
+                ) -> tuple[dict[str, torch.Tensor], frozenset[str]]:
     """Load one packed file onto ``device``: (tensors, names stored transposed)."""
     infos, metadata = read_header(path)
     if metadata.get("kiln_torch_format") != FORMAT:
         raise EngineError(f"{path}: not a kiln torch engine file of format {FORMAT} (found "
                           f"{metadata.get('kiln_torch_format')!r}); rebuild with kiln build "
                           f"--backend torch")
+    want = file_metadata((), quant).get("int4_layout")
+    if metadata.get("int4_layout") != want:
+        raise EngineError(f"{path}: int4 layout {metadata.get('int4_layout')!r}, this kiln "
+                          f"reads {want!r}; rebuild with kiln build --backend torch")
     tensors = {name: read_tensor(info).to(device) for name, info in infos.items()}
     return tensors, frozenset(json.loads(metadata.get("transposed", "[]")))
 
 
-def check_packed(config: DecoderConfig, tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Every tensor a tp_size 1 model needs is there, nothing else."""
-    if problem := name_mismatch(tensor_names(config), tensors):
+def check_packed(config: DecoderConfig, tensors: dict[str, torch.Tensor], where: str,
+                 quant: QuantConfig | None = None) -> None:
+    """Every tensor a tp_size 1 model needs is there (with its scales), nothing else."""
+    if problem := name_mismatch(tensor_names(config, quant=quant), tensors):
         raise EngineError(f"{where}: packed tensors do not match the manifest's model: "
                           f"{problem}; rebuild with kiln build")

@@ -19,11 +19,13 @@ import torch
 
 from kiln.engine import EngineError, EngineManifest
 from kiln.engine.torch_files import check_mapping, check_packed, read_packed
-from kiln.runtime.compat import MachineInfo
+from kiln.runtime.compat import MachineInfo, sm
 from kiln.runtime.loader import ExecutorOptions
 from kiln.runtime.torch_backend.executor import TorchExecutor, TorchExecutorOptions
 
 logger = logging.getLogger(__name__)
+
+FP8_CAPABILITY = (8, 9)
 
 
 # Measured by a new-user trial (kiln run, same machine, onnx vs torch --device cpu): a
@@ -55,6 +57,21 @@ def check_machine(manifest: EngineManifest, machine: MachineInfo) -> None:
                           f"{', '.join(manifest.targets)}; run it on a GPU machine")
 
 
+def check_gpu_formats(manifest: EngineManifest, capability: tuple[int, int]) -> None:
+    """Refuse FP8 (weights or KV cache) on a GPU below sm89: no FP8 conversion or tensor cores."""
+    quant = manifest.quantization
+    if quant is None or capability >= FP8_CAPABILITY:
+        return
+    what = [f"{quant.qformat} weights"] if quant.info.weight_dtype == "float8_e4m3fn" else []
+    if quant.kv_cache_dtype == "fp8":
+        what.append("an fp8 KV cache")
+    if what:
+        raise EngineError(f"this torch engine has {' and '.join(what)}, which need a GPU of "
+                          f"compute capability 8.9 or newer (sm89: Ada, Hopper, Blackwell); this "
+                          f"GPU is {sm(capability)}; quantize with int8_sq, int8_wo, int4_wo or "
+                          f"int4_awq (and --kv_cache_dtype int8) for it, or pass --device cpu")
+
+
 def check_options(manifest: EngineManifest, machine: MachineInfo,
                   options: ExecutorOptions) -> None:
     _device(manifest, options.device, bool(machine.gpus))
@@ -69,6 +86,8 @@ def _fraction(options: ExecutorOptions) -> float:
 def load_executor(engine_dir: Path, manifest: EngineManifest, options: ExecutorOptions,
                   torch_options: TorchExecutorOptions | None = None) -> TorchExecutor:
     device = torch.device(_device(manifest, options.device, torch.cuda.is_available()))
+    if device.type == "cuda":
+        check_gpu_formats(manifest, torch.cuda.get_device_capability(device))
     if device.type == "cpu":
         logger.warning("torch engine on the CPU: PyTorch reference kernels, the slow path (%s); "
                        "for speed run it on a CUDA GPU or build an onnx engine (kiln build "
@@ -76,14 +95,15 @@ def load_executor(engine_dir: Path, manifest: EngineManifest, options: ExecutorO
     tensors: dict[str, torch.Tensor] = {}
     transposed: set[str] = set()
     for name in manifest.rank_files.get(0, ()):
-        part, names = read_packed(Path(engine_dir) / name, device)
+        part, names = read_packed(Path(engine_dir) / name, device, manifest.quantization)
         tensors.update(part)
         transposed |= names
-    check_packed(manifest.decoder, tensors, str(engine_dir))
+    check_packed(manifest.decoder, tensors, str(engine_dir), manifest.quantization)
     if torch_options is None:
         torch_options = TorchExecutorOptions(
             kv_cache_free_gpu_memory_fraction=_fraction(options))
     logger.info("torch engine: %d tensors on %s", len(tensors), device)
     return TorchExecutor(manifest.decoder, tensors, manifest.limits,
                          transposed=frozenset(transposed), device=device, options=torch_options,
-                         gather_context_logits=manifest.gather_context_logits)
+                         gather_context_logits=manifest.gather_context_logits,
+                         quant=manifest.quantization)

@@ -12,6 +12,10 @@ are loaded and one step of ``max_num_tokens`` tokens has run (its peak is what a
 need); on the CPU, enough blocks for every slot at ``max_seq_len``. ``kv_cache_blocks``
 overrides both.
 
+Quantized engines (``quant``): projections run their format's kernels; a quantized KV cache
+(``kv_cache_dtype`` fp8 or int8) stores one byte per value, so the same memory holds twice the
+blocks of a 16-bit cache (the sizing below counts the cache's own element size).
+
 Context logits (engines built with ``--gather_context_logits``): a step with a chunk that asks
 runs eagerly and applies the lm_head to every row; other steps compute the last rows only.
 
@@ -29,6 +33,7 @@ import torch
 
 from kiln.config import DecoderConfig
 from kiln.engine import BuildLimits
+from kiln.quantization.config import QuantConfig
 from kiln.runtime.executor import Executor, SequenceChunk, StepLogits
 from kiln.runtime.torch_backend.cuda_graphs import DecodeGraphs, default_batch_sizes
 from kiln.runtime.torch_backend.inputs import RopeTables, Uploader, make_plan, step_inputs
@@ -42,6 +47,8 @@ from kiln.runtime.torch_backend.paged_cache import (
 )
 
 logger = logging.getLogger(__name__)
+
+KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
 
 
 @dataclass(frozen=True)
@@ -64,7 +71,7 @@ class TorchExecutor(Executor):
                  limits: BuildLimits, *, transposed: frozenset[str] = frozenset(),
                  device: str | torch.device = "cpu",
                  options: TorchExecutorOptions | None = None,
-                 gather_context_logits: bool = False):
+                 gather_context_logits: bool = False, quant: QuantConfig | None = None):
         self.options = options or TorchExecutorOptions()
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
@@ -76,10 +83,12 @@ class TorchExecutor(Executor):
             logger.warning("max_seq_len %d exceeds the model's max_position_embeddings %d",
                            limits.max_seq_len, config.max_position_embeddings)
         kernels = load_kernels(self.options.kernels, self.device)
-        self.model = PagedDecoder(config, tensors, transposed, kernels)
+        self.model = PagedDecoder(config, tensors, transposed, kernels, quant)
         self.rope = RopeTables(config, limits.max_seq_len, self.device)
         self.uploader = Uploader(self.device)
-        self.cache = self._make_cache(self.model.embed.dtype)
+        kv_dtype = quant.kv_cache_dtype if quant is not None else None
+        self.cache = self._make_cache(KV_CACHE_DTYPES[kv_dtype] if kv_dtype
+                                      else self.model.embed.dtype)
         self._lengths = [0] * limits.max_batch_size
         self.graphs = None
         if self.options.cuda_graphs and self.device.type == "cuda":

@@ -23,6 +23,10 @@ _OPS = {  # op -> plugin folder under kiln.plugins
     "add_norm": "norm",
     "silu_and_mul": "gated_mlp",
     "gemv": "gemv",
+    "fp8_linear": "quant_linear",
+    "int8_w8a8_linear": "quant_linear",
+    "int8_weight_only_linear": "quant_linear",
+    "int4_weight_only_linear": "quant_linear",
 }
 
 
@@ -35,6 +39,10 @@ class KernelSet:
     add_norm: Callable
     silu_and_mul: Callable
     gemv: Callable  # single-row projections (batch-1 decode), optionally fed by silu*up
+    fp8_linear: Callable  # quantized projections: kiln.plugins.quant_linear
+    int8_w8a8_linear: Callable
+    int8_weight_only_linear: Callable
+    int4_weight_only_linear: Callable
 
 
 def load_kernels(name: str | None, device: torch.device) -> KernelSet:

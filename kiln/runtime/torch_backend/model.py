@@ -7,6 +7,11 @@ once over all rows (cuBLAS through ``torch``), and the plugin kernels do the res
     h ──qkv──▶ rope+cache write ──▶ paged attention ──o──▶ add+norm ──gate_up──▶ silu*up
       ──down──▶ add+norm (next layer's attn norm, or the final norm) ──▶ h
 
+Quantized engines (:mod:`kiln.engine.torch_files`): each quantized projection is a
+:class:`QuantLinear` calling its format's kernel (:mod:`kiln.plugins.quant_linear`), after the
+``pre_quant_scale`` smoothing where the checkpoint has one; a quantized KV cache passes each
+layer's ``k_scale``/``v_scale`` to the rotary and attention kernels.
+
 The residual stream lives in ``residual`` and is updated in place by the fused add+norm, so a
 layer reads and writes it once. Parallel-residual models (Falcon) add attention and MLP outputs
 first. Logits are computed for the last row of each sequence only (:meth:`PagedDecoder.forward`),
@@ -27,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from kiln.config import DecoderConfig, NormType, PositionType, ResidualType
-from kiln.roles import Role
+from kiln.quantization.config import INPUT_SCALE, PRE_QUANT_SCALE, WEIGHT_SCALE, QuantConfig
+from kiln.roles import Role, companion, quantized_roles
 from kiln.runtime.torch_backend.kernels import KernelSet
 from kiln.runtime.torch_backend.paged_cache import PagedKVCache
 
@@ -79,6 +85,41 @@ class Linear:
         return F.linear(x, self.weight, self.bias)
 
 
+class QuantLinear:
+    """A quantized projection: its format's kernel over the packed weight and scales."""
+
+    gemv = None  # no fused silu*up GEMV: the gated MLP's activation runs first
+
+    def __init__(self, kernel: Callable, weight: torch.Tensor, scales: tuple, bias: torch.Tensor | None,
+                 pre_quant_scale: torch.Tensor | None):
+        self.kernel, self.weight, self.scales = kernel, weight, scales
+        self.bias, self.pre_quant_scale = bias, pre_quant_scale
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if self.pre_quant_scale is not None:  # as the reference decoder: in float32, rounded
+            x = (x.float() * self.pre_quant_scale).to(x.dtype)
+        y = self.kernel(x, self.weight, *self.scales, bias=self.bias)
+        return y if out is None else out.copy_(y)
+
+
+def quant_linear(quant: QuantConfig, kernels: KernelSet, tensors: dict[str, torch.Tensor],
+                 role: Role, layer: int | None, bias: torch.Tensor | None) -> QuantLinear:
+    """The :class:`QuantLinear` of ``role``'s weight in layer ``layer`` of a ``quant`` engine."""
+    get = tensors.get
+    weight = tensors[role.name(layer)]
+    weight_scale = tensors[companion(role, layer, WEIGHT_SCALE)]
+    input_scale = get(companion(role, layer, INPUT_SCALE))
+    if quant.qformat == "fp8":
+        kernel, scales = kernels.fp8_linear, (weight_scale, input_scale)
+    elif quant.qformat == "int8_sq":
+        kernel, scales = kernels.int8_w8a8_linear, (weight_scale, input_scale)
+    elif quant.info.weight_dtype == "int8":
+        kernel, scales = kernels.int8_weight_only_linear, (weight_scale,)
+    else:
+        kernel, scales = kernels.int4_weight_only_linear, (weight_scale, quant.group_size)
+    return QuantLinear(kernel, weight, scales, bias, get(companion(role, layer, PRE_QUANT_SCALE)))
+
+
 @dataclass
 class Norm:
     weight: torch.Tensor
@@ -96,21 +137,34 @@ class Layer:
     down: Linear
     q_norm: Norm | None = None
     k_norm: Norm | None = None
+    kv_scales: dict[str, torch.Tensor] | None = None  # k_scale, v_scale of a quantized cache
 
 
 class PagedDecoder:
     """Weights and forward of the canonical decoder for one rank (tp_size 1, pp_size 1)."""
 
     def __init__(self, config: DecoderConfig, tensors: dict[str, torch.Tensor],
-                 transposed: frozenset[str], kernels: KernelSet):
+                 transposed: frozenset[str], kernels: KernelSet,
+                 quant: QuantConfig | None = None):
         self.config = config
         self.kernels = kernels
+        self.quant = quant
         self.rms = config.norm_type is NormType.RMSNORM
         get = tensors.get
+        quantized = quantized_roles(quant)
 
-        def linear(role: Role, bias: Role, i: int | None = None) -> Linear:
+        def linear(role: Role, bias: Role | None, i: int | None = None) -> Linear | QuantLinear:
             name = role.name(i)
-            return Linear(tensors[name], get(bias.name(i)), name in transposed, kernels.gemv)
+            b = None if bias is None else get(bias.name(i))
+            if role in quantized:
+                return quant_linear(quant, kernels, tensors, role, i, b)
+            return Linear(tensors[name], b, name in transposed,
+                          None if role is Role.LM_HEAD else kernels.gemv)
+
+        def kv_scales(i: int) -> dict[str, torch.Tensor] | None:
+            if quant is None or quant.kv_cache_dtype is None:
+                return None
+            return {kind: tensors[companion(Role.QKV, i, kind)] for kind in ("k_scale", "v_scale")}
 
         def norm(role: Role, bias: Role, i: int | None = None) -> Norm | None:
             w = get(role.name(i))
@@ -128,10 +182,9 @@ class PagedDecoder:
                 up=None if gated else linear(Role.UP, Role.UP_BIAS, i),
                 down=linear(Role.DOWN, Role.DOWN_BIAS, i),
                 q_norm=norm(Role.Q_NORM, Role.Q_NORM_BIAS, i),
-                k_norm=norm(Role.K_NORM, Role.K_NORM_BIAS, i)))
+                k_norm=norm(Role.K_NORM, Role.K_NORM_BIAS, i), kv_scales=kv_scales(i)))
         self.final_norm = norm(Role.FINAL_NORM, Role.FINAL_NORM_BIAS)
-        lm_head = Role.LM_HEAD.name()
-        self.lm_head = Linear(tensors[lm_head], None, lm_head in transposed)
+        self.lm_head = linear(Role.LM_HEAD, None)
         device = self.embed.device
         self.alibi = None
         if config.position_type is PositionType.ALIBI:
@@ -185,12 +238,13 @@ class PagedDecoder:
             self._norm(q_part, None, layer.q_norm, out=q_part)
             self._norm(k_part, None, layer.k_norm, out=k_part)
         k_cache, v_cache = cache.layer(i)
+        scales = layer.kv_scales or {}
         q = k.rope_qkv_to_cache(qkv, inp.rope_table, inp.rope_index, k_cache, v_cache,
                                 inp.slot_mapping, num_heads=hq, num_kv_heads=hkv, head_dim=d,
-                                clip=clip)
+                                clip=clip, **scales)
         out = torch.empty_like(q)  # [T, Hq, D]
         common = dict(scale=cfg.softmax_scale, alibi_slopes=self.alibi,
-                      sliding_window=cfg.sliding_window)
+                      sliding_window=cfg.sliding_window, **scales)
         if inp.dec_rows is not None:
             k.paged_decode_attention(q, k_cache, v_cache, inp.dec_tables, inp.dec_ctx,
                                      inp.dec_rows, out, max_ctx_len=inp.dec_max_ctx,

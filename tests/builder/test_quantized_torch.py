@@ -1,0 +1,136 @@
+"""Quantized checkpoints build for the torch backend, and its executor (the PyTorch reference
+kernels on the CPU) reproduces the oracle (ReferenceDecoder on the same quantized checkpoint)
+over the mixed prefill/decode SCHEDULE, for every qformat, with an fp8 or int8 KV cache, and
+with a quantized lm_head. The GPU kernels are checked against these same references
+(tests/plugins/test_quant_linear_triton.py, tests/gpu/test_quantized_torch_gpu.py).
+
+Tolerance: float32 engines 1e-4 absolute, as the unquantized torch engine. Both sides
+dequantize weights exactly in float32 and quantize activations and cache entries from values
+that agree to ~1e-7; a rounding flip (possible in principle, not seen on this schedule) would
+move a logit by one quantization step times a weight row.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kiln.builder import build
+from kiln.engine import EngineError, read_manifest
+from kiln.engine.torch_files import read_packed
+from kiln.plugins.quant_linear.layout import INT4_LAYOUT
+from kiln.quantization.config import FORMATS
+from kiln.reference import ReferenceDecoder
+from kiln.runtime.executor import SequenceChunk
+from kiln.runtime.loader import ExecutorOptions, open_engine
+from kiln.runtime.torch_backend.executor import TorchExecutor
+from kiln.runtime.torch_executor import check_gpu_formats
+from kiln.tensorio import read_header
+from tests.builder.conftest import LIMITS
+from tests.builder.reference_steps import SCHEDULE, ReferenceSteps
+
+TOL = 1e-4
+
+
+def torch_engine(ckpt, out, dtype="float32"):
+    build(ckpt, out, backend="torch", dtype=dtype, **LIMITS)
+    _, executor = open_engine(out, ExecutorOptions(device="cpu"))
+    assert isinstance(executor, TorchExecutor)
+    return executor
+
+
+def run_schedule(executor: TorchExecutor) -> list[np.ndarray]:
+    out = []
+    for chunks in SCHEDULE:
+        step = [SequenceChunk(slot, tokens, start) for slot, tokens, start in chunks]
+        out.append(executor.step(step).numpy())
+    return out
+
+
+def oracle(ckpt) -> list[np.ndarray]:
+    steps = ReferenceSteps(ReferenceDecoder.from_checkpoint(ckpt))
+    return [steps.step(chunks) for chunks in SCHEDULE]
+
+
+def assert_matches_oracle(executor, ckpt):
+    for got, want in zip(run_schedule(executor), oracle(ckpt), strict=True):
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("qformat", sorted(FORMATS))
+def test_every_qformat_matches_the_oracle(quantized, qformat, tmp_path):
+    ckpt = quantized(qformat)
+    executor = torch_engine(ckpt, tmp_path / "e")
+    assert read_manifest(tmp_path / "e").quantization.qformat == qformat
+    assert_matches_oracle(executor, ckpt)
+
+
+@pytest.mark.parametrize("kv", ["fp8", "int8"])
+def test_quantized_kv_cache_matches_the_oracle(quantized, kv, tmp_path):
+    ckpt = quantized("int8_wo", kv_cache_dtype=kv)
+    executor = torch_engine(ckpt, tmp_path / "e")
+    want = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}[kv]
+    assert executor.cache.data.dtype == want
+    assert_matches_oracle(executor, ckpt)
+
+
+def test_quantized_lm_head(quantized, tmp_path):
+    ckpt = quantized("int4_wo", lm_head=True)
+    assert_matches_oracle(torch_engine(ckpt, tmp_path / "e"), ckpt)
+
+
+def test_engine_file_layout(quantized, tmp_path):
+    """Quantized weights keep their dtype (int4 repacked), scales stay float32, the rest
+    takes the engine dtype; the int4 layout is named in the metadata."""
+    build(quantized("int4_awq"), tmp_path / "e", backend="torch", dtype="bfloat16", **LIMITS)
+    infos, metadata = read_header(tmp_path / "e" / "rank0.safetensors")
+    assert metadata["int4_layout"] == INT4_LAYOUT
+    assert infos["layers.0.attn.qkv.weight"].dtype == torch.uint8
+    assert infos["layers.0.attn.qkv.weight_scale"].dtype == torch.float32
+    assert infos["layers.0.mlp.down.pre_quant_scale"].dtype == torch.float32
+    assert infos["layers.0.attn_norm.weight"].dtype == torch.bfloat16
+    build(quantized("fp8", kv_cache_dtype="fp8"), tmp_path / "f", backend="torch", **LIMITS)
+    infos, metadata = read_header(tmp_path / "f" / "rank0.safetensors")
+    assert "int4_layout" not in metadata
+    assert infos["layers.0.attn.qkv.weight"].dtype == torch.float8_e4m3fn
+    assert infos["layers.0.attn.qkv.input_scale"].dtype == torch.float32
+    assert infos["layers.0.attn.k_scale"].dtype == torch.float32
+
+
+def test_unsupported_group_size_refused_at_build(quantized, tmp_path, monkeypatch):
+    """Every group size kiln quantize writes (32, 64, 128) has kernels; were one added to the
+    checkpoint format without them, the build says so (simulated: kernels for 64 and 128)."""
+    monkeypatch.setattr("kiln.builder.torch_backend.INT4_GROUP_SIZES", (64, 128))
+    with pytest.raises(EngineError, match="the torch backend's int4 kernels read group sizes "
+                                          "64, 128, this checkpoint has group_size 32; quantize "
+                                          "again with --group_size 128"):
+        build(quantized("int4_wo"), tmp_path / "e", backend="torch", **LIMITS)
+    assert not (tmp_path / "e").exists()
+
+
+def test_int4_layout_mismatch_refused_at_load(quantized, tmp_path):
+    build(quantized("int4_wo"), tmp_path / "e", backend="torch", **LIMITS)
+    quant = read_manifest(tmp_path / "e").quantization
+    with pytest.raises(EngineError, match="int4 layout 'int4_split_group', this kiln reads None"):
+        read_packed(tmp_path / "e" / "rank0.safetensors", torch.device("cpu"))
+    read_packed(tmp_path / "e" / "rank0.safetensors", torch.device("cpu"), quant)
+
+
+@pytest.mark.parametrize("qformat,kv,refused", [
+    ("fp8", None, "fp8 weights"), ("int8_wo", "fp8", "an fp8 KV cache"),
+    ("fp8", "fp8", "fp8 weights and an fp8 KV cache"), ("int8_sq", "int8", None),
+    ("int4_wo", None, None)])
+def test_fp8_needs_sm89(quantized, tmp_path, qformat, kv, refused):
+    build(quantized(qformat, kv_cache_dtype=kv), tmp_path / "e", backend="torch", **LIMITS)
+    manifest = read_manifest(tmp_path / "e")
+    check_gpu_formats(manifest, (9, 0))
+    check_gpu_formats(manifest, (8, 9))
+    if refused is None:
+        check_gpu_formats(manifest, (8, 0))
+        return
+    with pytest.raises(EngineError, match=f"this torch engine has {refused}, which need a GPU "
+                                          f"of compute capability 8.9 or newer .* this GPU is "
+                                          f"sm80"):
+        check_gpu_formats(manifest, (8, 0))
