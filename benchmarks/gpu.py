@@ -21,6 +21,14 @@ layout/kernel experiments behind design choices are in benchmarks/gpu_experiment
   a large-batch step, written to ``<out>/profile_*.txt``.
 - ``hf``: HF transformers ``generate()`` on the same weight tensors (no copy), batch 1 and 64,
   plus kiln-vs-HF logits on one prompt.
+- ``quantized``: the same model in each ``--formats`` variant (FP8, INT8/INT4 weight-only, INT8
+  SmoothQuant, FP8/INT8 KV cache), quantized in memory by kiln's numerics
+  (benchmarks/gpu_quantized.py): batch-1 decode for each, TTFT and 128/128 throughput for FP8,
+  1000/1000 throughput for FP8 + FP8 KV cache, KV-cache capacity per variant.
+- ``peer``: torchao's int4 weight-only and float8 recipes on HF Llama, same weights (needs the
+  torchao wheel carried to the GPU machine).
+- ``fp32``: is kiln-vs-HF's bf16 logits difference rounding? kiln and HF in float32 on the same
+  (bf16-representable) weights, and each bf16 run against that float32 truth.
 
 The weights are made on the GPU (torch.randn * 0.02, norms near 1) in the canonical layout and
 packed by the build's own packing function; nothing is written to disk.
@@ -50,9 +58,26 @@ from kiln.runtime.scheduler import Scheduler
 from kiln.runtime.torch_backend.executor import TorchExecutor, TorchExecutorOptions
 
 log = logging.getLogger("benchmarks.gpu")
-SECTIONS = ("ceilings", "kernels", "decode", "ttft", "throughput", "engine", "profile", "hf")
-GOALS = {"decode_tok_s": {"NVIDIA H100": 160, "NVIDIA H200": 225},
-         "throughput_tok_s": 15600, "ttft_ms_h200": 47}
+SECTIONS = ("ceilings", "kernels", "decode", "ttft", "throughput", "engine", "profile", "hf",
+            "quantized", "peer", "fp32")
+GOALS = {"decode_tok_s": {"NVIDIA H100": 160, "NVIDIA H200": 240},
+         "throughput_tok_s": 16500, "ttft_ms_h200": 44}
+# Issue 12's goals for the quantized variants on an H200 (anchor: where the figure comes from).
+QUANT_GOALS = [  # (label, result key, goal, comparison, anchor)
+    ("batch-1 decode FP8 tok/s", "fp8.decode_tok_s", 420, ">=", "roofline ~525"),
+    ("batch-1 decode INT4 wo g128 tok/s", "int4_wo.decode_tok_s", 600, ">=",
+     "roofline ~850; torchao int4 H100 241"),
+    ("batch-1 decode INT8 wo tok/s", "int8_wo.decode_tok_s", 400, ">=", "torchao int8 H100 199"),
+    ("batch-1 decode INT8 SQ tok/s", "int8_sq.decode_tok_s", None, "", ""),
+    ("throughput FP8 128/128 tok/s", "fp8.throughput_tok_s", 25000, ">=",
+     "TensorRT-LLM v1.0 H200 27,911"),
+    ("throughput FP8+FP8 KV 1000/1000 tok/s", "fp8_kv_fp8.throughput_1000_tok_s", 16000, ">=",
+     "TensorRT-LLM v1.0 H200 17,744"),
+    ("TTFT 2048 FP8 ms", "fp8.ttft_ms", 30, "<=", "bf16 48.5 before"),
+]
+# What each quantized variant runs (beyond batch-1 decode), by label.
+QUANT_RUNS = {"fp8": ("ttft", "throughput"), "fp8_kv_fp8": ("throughput_1000",),
+              "int8_sq": ("ttft",)}
 
 
 def llama31_8b() -> DecoderConfig:
@@ -362,27 +387,30 @@ def ttft(results: dict, ex: TorchExecutor, out: Path) -> None:
     log.info("TTFT 2048: %.1f ms (GPU %.1f ms)", results["ttft_ms"], results["ttft_gpu_ms"])
 
 
-def throughput(results: dict, ex: TorchExecutor, n: int, batches: list[int], out: Path) -> None:
-    prompts = random_prompts(n, 128, ex.vocab_size, 3)
+def throughput(results: dict, ex: TorchExecutor, n: int, batches: list[int], out: Path,
+               lengths: tuple[int, int] = (128, 128), key: str = "throughput") -> None:
+    """n requests of lengths[0] prompt tokens and lengths[1] new ones, all queued at once."""
+    prompts = random_prompts(n, lengths[0], ex.vocab_size, 3)
     run_requests(ex, prompts[:64], 8)  # warm up the mixed-step shapes
     for i, batch in enumerate(batches):
         limits = BuildLimits(max_batch_size=batch, max_input_len=ex.limits.max_input_len,
                              max_seq_len=ex.limits.max_seq_len,
                              max_num_tokens=ex.limits.max_num_tokens)
         profile = 40 if "profile" in results["sections"] and i == 0 else None
-        run = run_requests(ex, prompts, 128, limits, profile_step=profile,
+        run = run_requests(ex, prompts, lengths[1], limits, profile_step=profile,
                            profile_out=out / "profile_batch_step.txt")
         row = {"max_batch_size": batch, "tok_s": run.output_tokens / run.seconds,
                "steps": run.steps, "seconds": run.seconds,
                "host_step_ms": 1e3 * run.host_step_s / run.steps}
-        results.setdefault("throughput_runs", []).append(row)
-        log.info("throughput: %d requests, max batch %d: %.0f output tok/s, %d steps, %.2f ms "
-                 "host per step", n, batch, row["tok_s"], run.steps, row["host_step_ms"])
-    best = max(results["throughput_runs"], key=lambda r: r["tok_s"])
-    results["throughput_tok_s"] = best["tok_s"]
-    results["throughput_batch"] = best["max_batch_size"]
-    results["throughput_requests"] = n
-    results["throughput_host_step_ms"] = best["host_step_ms"]
+        results.setdefault(f"{key}_runs", []).append(row)
+        log.info("%s: %d requests %d/%d, max batch %d: %.0f output tok/s, %d steps, %.2f ms "
+                 "host per step", key, n, *lengths, batch, row["tok_s"], run.steps,
+                 row["host_step_ms"])
+    best = max(results[f"{key}_runs"], key=lambda r: r["tok_s"])
+    results[f"{key}_tok_s"] = best["tok_s"]
+    results[f"{key}_batch"] = best["max_batch_size"]
+    results[f"{key}_requests"] = n
+    results[f"{key}_host_step_ms"] = best["host_step_ms"]
 
 
 def engine_core(results: dict, ex: TorchExecutor, n: int) -> None:
@@ -438,6 +466,38 @@ def kiln_logits_for_hf(ex: TorchExecutor, config: DecoderConfig) -> torch.Tensor
     return logits
 
 
+def quant_rows(results: dict) -> list[tuple]:
+    """Table rows of the quantized variants, the peers and the fp32 check (goal, kiln, peer)."""
+    formats = results.get("formats", {})
+
+    def get(path: str):
+        label, key = path.split(".", 1)
+        return formats.get(label, {}).get(key)
+
+    peers = {"int4_wo.decode_tok_s": "peer_int4_weight_only_g128_tok_s",
+             "fp8.decode_tok_s": "peer_float8_dynamic_per_row_tok_s"}
+    rows = []
+    for label, path, goal, op, anchor in QUANT_GOALS:
+        value, peer = get(path), results.get(peers.get(path, ""))
+        met = "" if value is None or goal is None else \
+            (" MET" if (value >= goal if op == ">=" else value <= goal) else " MISSED")
+        rows.append((label, f"{op} {goal}" if goal else "", "-" if value is None else
+                     f"{value:.1f}", "-" if peer is None else f"{peer:.1f} (torchao)",
+                     "-" if peer is None or value is None else f"{value / peer:.2f}x",
+                     f"{anchor}{met}"))
+    for label, r in formats.items():
+        if "kv_cache_tokens" in r:
+            rows.append((f"{label}: KV cache tokens / weights GB", "",
+                          f"{r['kv_cache_tokens']} / {r.get('weight_gb', 0):.2f}", "", "",
+                          f"bf16: {results.get('kv_cache_tokens', '-')} tokens"))
+    if "fp32_kiln_vs_hf_rel" in results:
+        rows.append(("kiln vs HF logits rel L2, fp32", "<= 1e-4",
+                     f"{results['fp32_kiln_vs_hf_rel']:.2e}", "", "",
+                     f"bf16 vs fp32 truth: kiln {results['bf16_kiln_vs_fp32_rel']:.2e}, HF "
+                     f"{results['bf16_hf_vs_fp32_rel']:.2e}"))
+    return rows
+
+
 # -- the command ---------------------------------------------------------------------------
 def table(results: dict) -> str:
     gpu = results.get("gpu", "?")
@@ -471,6 +531,7 @@ def table(results: dict) -> str:
              "runtime loop (scheduler + sampling)"),
             ("kiln vs HF logits rel L2 (bf16)", "", f("hf_logits_rel_err", "{:.2e}"), "", "",
              f"argmax agree: {results.get('hf_argmax_agree', '-')}")]
+    rows += quant_rows(results)
     widths = [max(len(str(r[i])) for r in rows) for i in range(5)]
     lines = [f"== kiln torch backend on {gpu}, Llama-3.1-8B shape, random bf16 weights =="]
     for r in rows:
@@ -487,6 +548,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_batch_sizes", default="512,1024",
                         help="throughput runs, one per scheduler batch limit")
     parser.add_argument("--engine_requests", type=int, default=256)
+    parser.add_argument("--formats", default="fp8,int8_wo,int4_wo,int8_sq,fp8_kv_fp8",
+                        help="quantized variants of the 'quantized' section "
+                             "(benchmarks/gpu_quantized.py VARIANTS)")
+    parser.add_argument("--long_requests", type=int, default=1024,
+                        help="requests of the 1000/1000 throughput run")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         stream=sys.stdout)
@@ -506,7 +572,8 @@ def main(argv: list[str] | None = None) -> int:
             _guarded(name, fn, results)
             save()
             torch.cuda.empty_cache()
-    model_sections = sections & {"decode", "ttft", "throughput", "engine", "profile", "hf"}
+    model_sections = sections & {"decode", "ttft", "throughput", "engine", "profile", "hf",
+                                 "quantized", "peer", "fp32"}
     if model_sections:
         run_model(results, args, sections)
         save()
@@ -545,11 +612,101 @@ def run_model(results: dict, args, sections: set[str]) -> None:
             _guarded(name, fn, results)
             (out / "gpu_results.json").write_text(json.dumps(results, indent=1, default=str))
     kiln_logits = kiln_logits_for_hf(ex, config) if "hf" in sections else None
+    amax = None
+    if "quantized" in sections:
+        from benchmarks.gpu_quantized import calibrate
+        amax = calibrate(ex)
     ex.close()
     ex = None
     torch.cuda.empty_cache()
+    if "quantized" in sections:
+        for label in args.formats.split(","):
+            _guarded(f"quantized.{label}", partial(quantized_variant, results, label, config,
+                                                   tensors, amax, limits, args, batches), results)
+            (out / "gpu_results.json").write_text(json.dumps(results, indent=1, default=str))
+            torch.cuda.empty_cache()
     if "hf" in sections:
         _guarded("hf", lambda: hf_section(results, config, tensors, kiln_logits), results)
+    if "peer" in sections:
+        from benchmarks.gpu_quantized import peer_section
+        prompt = random_prompts(1, 128, config.vocab_size, 1)[0]
+        _guarded("peer", lambda: peer_section(results, config, tensors, prompt), results)
+    if "fp32" in sections:
+        _guarded("fp32", lambda: fp32_section(results, config, tensors), results)
+
+
+def quantized_variant(results: dict, label: str, config: DecoderConfig, tensors, amax,
+                      limits: BuildLimits, args, batches: list[int]) -> None:
+    """One quantized variant: quantize in memory, then its runs (QUANT_RUNS)."""
+    from benchmarks.gpu_quantized import VARIANTS, quantize_in_memory, weight_bytes
+
+    variant = VARIANTS[label]
+    r = results.setdefault("formats", {}).setdefault(label, {"sections": []})
+    for key in ("copy_tb_s", "gemm_tflops"):
+        if key in results:
+            r[key] = results[key]
+    quant = variant.quant()
+    started = time.perf_counter()
+    packed, transposed = quantize_in_memory(config, tensors, quant, amax)
+    ex = TorchExecutor(config, packed, limits, transposed=transposed, device="cuda",
+                       options=TorchExecutorOptions(kv_cache_free_gpu_memory_fraction=0.9),
+                       quant=quant)
+    r["setup_s"] = time.perf_counter() - started
+    r["kv_cache_tokens"] = ex.cache.num_tokens
+    r["weight_gb"] = weight_bytes(packed) / 1e9
+    log.info("%s ready in %.1f s: %.2f GB read per decode step, KV cache %d tokens", label,
+             r["setup_s"], r["weight_gb"], r["kv_cache_tokens"])
+    try:
+        decode_batch1(r, ex, packed, args.out)
+        for what in QUANT_RUNS.get(label, ()):
+            if what == "ttft":
+                ttft(r, ex, args.out)
+            elif what == "throughput":
+                throughput(r, ex, args.requests, batches, args.out)
+            elif what == "throughput_1000":
+                throughput(r, ex, args.long_requests, batches, args.out, (1000, 1000),
+                           "throughput_1000")
+    finally:
+        ex.close()
+
+
+def fp32_section(results: dict, config: DecoderConfig, tensors) -> None:
+    """kiln vs HF in float32 on the bf16 weights upcast, and each bf16 run against that truth:
+    equal bf16 distances mean the bf16 gap is rounding (accumulation order), not a difference."""
+    from kiln.runtime.torch_backend.hf_baseline import hf_model
+
+    prompt = random_prompts(1, 128, config.vocab_size, 5)[0]
+    ids = torch.tensor([prompt], device="cuda")
+
+    def kiln(t, dtype):
+        packed, transposed = pack_weights(t, dtype)
+        ex = TorchExecutor(config, packed, BuildLimits(max_batch_size=1, max_input_len=128,
+                                                       max_seq_len=256, max_num_tokens=256),
+                           transposed=transposed, device="cuda",
+                           options=TorchExecutorOptions(kv_cache_blocks=16, cuda_graphs=False))
+        assert ex.reserve(0, 128)
+        logits = ex.step([SequenceChunk(0, prompt, 0)])[0].clone()
+        ex.close()
+        return logits
+
+    def hf(t):
+        with torch.no_grad():
+            return hf_model(config, t)(ids).logits[0, -1].float()
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    k16, h16 = kiln(tensors, torch.bfloat16), hf(tensors)
+    t32 = {n: v.float() for n, v in tensors.items()}
+    k32, h32 = kiln(t32, torch.float32), hf(t32)
+    del t32
+    torch.cuda.empty_cache()
+    results.update(fp32_kiln_vs_hf_rel=rel(k32, h32), bf16_kiln_vs_fp32_rel=rel(k16, h32),
+                   bf16_hf_vs_fp32_rel=rel(h16, h32), bf16_kiln_vs_hf_rel=rel(k16, h16),
+                   fp32_argmax_agree=int(k32.argmax()) == int(h32.argmax()))
+    log.info("fp32 kiln vs HF %.2e; vs fp32 truth: kiln bf16 %.2e, HF bf16 %.2e (kiln bf16 vs HF "
+             "bf16 %.2e)", results["fp32_kiln_vs_hf_rel"], results["bf16_kiln_vs_fp32_rel"],
+             results["bf16_hf_vs_fp32_rel"], results["bf16_kiln_vs_hf_rel"])
 
 
 if __name__ == "__main__":

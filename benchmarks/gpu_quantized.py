@@ -1,0 +1,171 @@
+"""Quantized rows of benchmarks/gpu.py: the Llama-3.1-8B-shaped random model in each qformat,
+quantized in memory by kiln's own numerics (kiln.quantization.formats), and the torchao peer.
+
+Weights: the bf16 random weights of gpu.py. Each quantized projection is quantized by
+``formats.quantize_weight`` (int4: group 128). W8A8 input scales and KV-cache scales come from a
+calibration prefill of the bf16 model (512 random tokens): every projection's input amax, and
+the keys'/values' amax read from the qkv projection's output (keys x sqrt(2): a rotation can
+raise a coordinate to the norm of its pair). On random weights the accuracy says nothing; the
+numerics are the real ones, so the speed is.
+
+Peer (``peer`` section): torchao's int4 weight-only (group 128) and float8 (dynamic activation,
+per-row weights) recipes on an HF ``LlamaForCausalLM`` over the same bf16 weights, timed by
+the same ``hf_generate`` as gpu.py's bf16 HF row (carry the torchao wheel: GPU_NOTES.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kiln.config import DecoderConfig
+from kiln.engine.torch_files import pack_weights
+from kiln.quantization.config import INPUT_SCALE, WEIGHT_SCALE, QuantConfig
+from kiln.quantization.formats import KV_DTYPES, quantize_weight, scale_from_amax
+from kiln.roles import Role, companion, parse_tensor, quantized_roles
+from kiln.runtime.executor import SequenceChunk
+from kiln.runtime.torch_backend.executor import TorchExecutor
+
+log = logging.getLogger("benchmarks.gpu")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A benchmarked form: ``qformat`` None is the bf16 engine."""
+
+    label: str
+    qformat: str | None
+    kv_cache_dtype: str | None = None
+
+    def quant(self) -> QuantConfig | None:
+        if self.qformat is None:
+            return None
+        group = 128 if self.qformat.startswith("int4") else None
+        return QuantConfig(self.qformat, group_size=group, kv_cache_dtype=self.kv_cache_dtype)
+
+
+VARIANTS = {v.label: v for v in (
+    Variant("bf16", None), Variant("fp8", "fp8"), Variant("int8_wo", "int8_wo"),
+    Variant("int4_wo", "int4_wo"), Variant("int8_sq", "int8_sq"),
+    Variant("fp8_kv_fp8", "fp8", "fp8"), Variant("int8_wo_kv_int8", "int8_wo", "int8"))}
+
+
+class _Observed:
+    """Wraps a projection; records its input's amax (and, for qkv, the k/v output amax)."""
+
+    def __init__(self, inner, name: str, amax: dict[str, float], kv_split=None):
+        self.inner, self.name, self.amax, self.kv_split = inner, name, amax, kv_split
+        self.gemv = None  # no fused silu*up: the observed input must be the real one
+
+    def __call__(self, x, out=None):
+        self.amax[self.name] = max(self.amax.get(self.name, 0.0), float(x.abs().amax()))
+        y = self.inner(x, out=out)
+        if self.kv_split is not None:
+            q, kv = self.kv_split
+            layer = self.name.split(".")[1]
+            for kind, part in (("k", y[:, q:q + kv]), ("v", y[:, q + kv:])):
+                key = f"layers.{layer}.attn.{kind}"
+                self.amax[key] = max(self.amax.get(key, 0.0), float(part.abs().amax()))
+        return y
+
+
+@torch.no_grad()
+def calibrate(ex: TorchExecutor, tokens: int = 512, seed: int = 7) -> dict[str, float]:
+    """Input amax of every projection (``layers.3.mlp.down.weight``) and k/v amax per layer."""
+    cfg, amax = ex.config, {}
+    model = ex.model
+    saved = [(layer, dict(vars(layer))) for layer in model.layers]
+    split = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim)
+    for i, layer in enumerate(model.layers):
+        for attr, role in (("qkv", Role.QKV), ("o", Role.OUT), ("gate_up", Role.GATE_UP),
+                           ("up", Role.UP), ("down", Role.DOWN)):
+            if getattr(layer, attr) is not None:
+                setattr(layer, attr, _Observed(getattr(layer, attr), role.name(i), amax,
+                                               split if role is Role.QKV else None))
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, cfg.vocab_size, (tokens,), generator=g).tolist()
+    try:
+        assert ex.reserve(0, tokens)
+        ex._eager([SequenceChunk(0, prompt, 0)])  # the amax reads synchronize
+    finally:
+        ex.release(0)
+        for layer, attrs in saved:
+            vars(layer).update(attrs)
+    return amax
+
+
+@torch.no_grad()
+def quantize_in_memory(config: DecoderConfig, tensors: dict[str, torch.Tensor],
+                       quant: QuantConfig, amax: dict[str, float],
+                       ) -> tuple[dict[str, torch.Tensor], frozenset[str]]:
+    """Canonical bf16 ``tensors`` -> the packed tensors of a ``quant`` engine (kiln's numerics)."""
+    out: dict[str, torch.Tensor] = {}
+    roles = quantized_roles(quant)
+    for name, w in tensors.items():
+        role, layer, _ = parse_tensor(name)
+        if role not in roles:
+            out[name] = w
+            continue
+        out[name], out[companion(role, layer, WEIGHT_SCALE)] = quantize_weight(w.float(), quant)
+        if quant.activation_dtype is not None:
+            seen = torch.tensor(amax[name], device=w.device)
+            out[companion(role, layer, INPUT_SCALE)] = scale_from_amax(seen,
+                                                                       quant.activation_dtype)
+        if role is Role.QKV and quant.kv_cache_dtype is not None:
+            for kind, margin in (("k", math.sqrt(2.0)), ("v", 1.0)):
+                seen = torch.tensor(amax[f"layers.{layer}.attn.{kind}"] * margin,
+                                    device=w.device)
+                out[companion(role, layer, f"{kind}_scale")] = scale_from_amax(
+                    seen, KV_DTYPES[quant.kv_cache_dtype])
+    return pack_weights(out, torch.bfloat16, quant=quant)
+
+
+def weight_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    """Bytes a decode step reads: every tensor but the embedding (one row of it)."""
+    return sum(t.numel() * t.element_size() for n, t in tensors.items()
+               if n != Role.EMBED.name())
+
+
+# -- torchao peer ----------------------------------------------------------------------------
+PEER_RECIPES = ("int4_weight_only_g128", "float8_dynamic_per_row")
+
+
+def torchao_config(recipe: str):
+    import torchao.quantization as tq
+
+    if recipe == "int4_weight_only_g128":
+        try:  # torchao >= 0.14: version 1 is the tinygemm path in torch itself
+            return tq.Int4WeightOnlyConfig(group_size=128, version=1)
+        except TypeError:
+            return tq.Int4WeightOnlyConfig(group_size=128)
+    return tq.Float8DynamicActivationFloat8WeightConfig(granularity=tq.PerRow())
+
+
+def peer_section(results: dict, config: DecoderConfig, tensors: dict[str, torch.Tensor],
+                 prompt: list[int]) -> None:
+    """torchao recipes on HF Llama over the same bf16 weights, batch-1 decode 128 tokens."""
+    import torchao
+    from torchao.quantization import quantize_
+
+    from kiln.runtime.torch_backend.hf_baseline import hf_generate, hf_model
+
+    results["torchao"] = torchao.__version__
+    for recipe in PEER_RECIPES:
+        model = None
+        try:
+            model = hf_model(config, tensors)  # quantize_ swaps in new weights, views stay
+            quantize_(model, torchao_config(recipe))
+            model.generation_config.cache_implementation = "static"
+            hf_generate(model, [prompt], 8, 1)  # compile and warm up
+            _, run = hf_generate(model, [prompt], 128, 1)
+            results[f"peer_{recipe}_tok_s"] = run.tokens_per_second
+            log.info("torchao %s (HF, static cache): %.1f tok/s", recipe, run.tokens_per_second)
+        except Exception as e:  # noqa: BLE001 - a recipe this torchao cannot run is reported
+            log.exception("torchao %s failed", recipe)
+            results.setdefault("errors", {})[f"peer_{recipe}"] = repr(e)
+        finally:
+            model = None
+            torch.cuda.empty_cache()
