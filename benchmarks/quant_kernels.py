@@ -1,0 +1,194 @@
+"""Time every quantized-projection kernel path against bf16 F.linear on Llama-3.1-8B shapes.
+
+    PYTHONPATH=. python3 benchmarks/quant_kernels.py --out DIR  (a CUDA GPU; writes
+    DIR/quant_kernels_results.json)
+
+Each case is a CUDA graph of calls cycling over enough weight copies (>= 3x the L2) that every
+call streams its weight from HBM, as decode steps do; the time per call is the median over
+graph replays. Effective TB/s = (weight + scale bytes) / time; TFLOP/s = 2 M N K / time. The
+"sweep" entries time GEMV and GEMM block configurations (what the config tables in
+kiln/plugins/quant_linear/triton_kernels.py were picked from).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
+          "down": (4096, 14336)}
+MS = (1, 4, 16, 64, 256, 2048)
+GROUPS = (128, 64)
+GEMV_SWEEP = [(4, 1024, 4, 3), (8, 1024, 4, 3), (8, 512, 4, 4), (16, 512, 4, 3),
+              (16, 1024, 8, 3), (4, 2048, 4, 3), (32, 256, 4, 4)]
+INT4_GEMV_SWEEP = [(4, 512, 4, 3), (8, 512, 4, 3), (8, 256, 4, 4), (16, 256, 4, 3),
+                   (16, 512, 8, 3), (32, 128, 4, 4)]
+GEMM_SWEEP = {16: [(64, 16, 128, 4, 4), (64, 16, 256, 4, 4), (32, 16, 256, 4, 4),
+                   (128, 16, 128, 4, 3)],
+              2048: [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 128, 8, 3),
+                     (256, 128, 64, 8, 3)]}
+
+
+def time_calls(fns: list, replays: int = 7) -> float:
+    """Median seconds per call of a CUDA graph running each fn of ``fns`` once (after warm-up)."""
+    for fn in fns:
+        fn()
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / len(fns))
+    del graph
+    return statistics.median(times)
+
+
+def copies_for(nbytes: int) -> int:
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    return max(2, math.ceil(3 * l2 / nbytes))
+
+
+def make_weights(fmt: str, n: int, k: int, group: int, copies: int) -> list[tuple]:
+    """(weight, scale) copies in the engine layouts; random bytes (values don't change speed)."""
+    out = []
+    for _ in range(copies):
+        if fmt == "bf16":
+            out.append((torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5,))
+        elif fmt == "fp8":
+            w = (torch.randn(n, k, device="cuda") * 100).to(torch.float8_e4m3fn)
+            out.append((w, torch.rand(n, device="cuda") / 1000))
+        elif fmt == "int4":
+            w = torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8)
+            out.append((w, torch.rand(n, k // group, device="cuda") / 100))
+        else:
+            w = torch.randint(-128, 128, (n, k), device="cuda", dtype=torch.int8)
+            out.append((w, torch.rand(n, device="cuda") / 1000))
+    return out
+
+
+def nbytes(ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def calls(fmt: str, path: str, x: torch.Tensor, weights, group: int, config=None,
+          dynamic: bool = False) -> list:
+    from kiln.plugins.quant_linear.triton_kernels import PATHS
+    s = None if dynamic else torch.tensor([0.01], device="cuda")
+    if fmt == "bf16":
+        return [lambda w=w: F.linear(x, w[0]) for w in weights]
+    if fmt == "int4":
+        fn = PATHS["int4_weight_only_linear"][path]
+        return [lambda w=w: fn(x, w[0], w[1], group, None, config) for w in weights]
+    if fmt == "int8_wo":
+        fn = PATHS["int8_weight_only_linear"][path]
+        return [lambda w=w: fn(x, w[0], w[1], None, config) for w in weights]
+    fn = PATHS["fp8_linear" if fmt == "fp8" else "int8_w8a8_linear"][path]
+    return [lambda w=w: fn(x, w[0], w[1], s, None, config) for w in weights]
+
+
+def paths_at(fmt: str, m: int) -> list[str]:
+    if fmt == "bf16":
+        return ["cublas"]
+    first = ["gemv"] if m == 1 else []
+    if fmt == "fp8":
+        return first + ["triton", "scaled_mm"] if m > 1 else first
+    if fmt == "int8_sq":
+        return first + (["triton"] if m > 1 else []) + (["int_mm"] if m > 16 else [])
+    return first if m == 1 else ["triton"]
+
+
+def record(results, fmt, path, name, n, k, m, group, weights, sec, **extra):
+    wbytes = nbytes(weights[0])
+    row = dict(format=fmt, path=path, shape=name, n=n, k=k, m=m, group=group, us=sec * 1e6,
+               tbps=wbytes / sec / 1e12, tflops=2 * m * n * k / sec / 1e12, **extra)
+    results.append(row)
+    print(f"{fmt:8} {path:12} {name:8} M={m:<5} g={group or '-':<4} {row['us']:9.1f} us "
+          f"{row['tbps']:6.2f} TB/s {row['tflops']:7.1f} TFLOP/s {extra or ''}", flush=True)
+
+
+def main_cases(results):
+    for name, (n, k) in SHAPES.items():
+        for fmt, group in [("bf16", 0), ("fp8", 0), ("int8_sq", 0), ("int8_wo", 0),
+                           ("int4", 128), ("int4", 64)]:
+            probe = make_weights(fmt, n, k, group or 128, 1)
+            weights = probe + make_weights(fmt, n, k, group or 128,
+                                           copies_for(nbytes(probe[0])) - 1)
+            for m in MS:
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                for path in paths_at(fmt, m):
+                    sec = time_calls(calls(fmt, path, x, weights, group))
+                    record(results, fmt, path, name, n, k, m, group, weights, sec)
+                if fmt == "fp8" and m == 1:
+                    sec = time_calls(calls(fmt, "gemv", x, weights, group, dynamic=True))
+                    record(results, fmt, "gemv_dynamic", name, n, k, m, group, weights, sec)
+            del weights, probe
+            torch.cuda.empty_cache()
+
+
+def sweeps(results):
+    for name, (n, k) in SHAPES.items():
+        for fmt, sweep in [("fp8", GEMV_SWEEP), ("int8_wo", GEMV_SWEEP), ("int4", INT4_GEMV_SWEEP)]:
+            weights = make_weights(fmt, n, k, 128, 1)
+            weights += make_weights(fmt, n, k, 128, copies_for(nbytes(weights[0])) - 1)
+            x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+            for config in sweep:
+                sec = time_calls(calls(fmt, "gemv", x, weights, 128, config))
+                record(results, fmt, "sweep_gemv", name, n, k, 1, 128, weights, sec,
+                       config=list(config))
+            if name == "gate_up":
+                for m, configs in GEMM_SWEEP.items():
+                    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                    for config in configs:
+                        sec = time_calls(calls(fmt, "triton", x, weights, 128, config))
+                        record(results, fmt, "sweep_gemm", name, n, k, m, 128, weights, sec,
+                               config=list(config))
+            del weights
+            torch.cuda.empty_cache()
+
+
+def copy_bandwidth() -> float:
+    a = torch.empty(2 ** 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    sec = time_calls([lambda: b.copy_(a)] * 10)
+    return 2 * a.numel() / sec / 1e12
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("."))
+    parser.add_argument("--no-sweep", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    results: list[dict] = []
+    copy = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}: copy {copy:.2f} TB/s (read + write)")
+    main_cases(results)
+    if not args.no_sweep:
+        sweeps(results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                triton=__import__("triton").__version__, copy_tbps=copy)
+    path = args.out / "quant_kernels_results.json"
+    path.write_text(json.dumps(dict(meta=meta, results=results), indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

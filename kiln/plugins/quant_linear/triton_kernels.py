@@ -1,0 +1,597 @@
+"""GPU kernels of the quantized projections: Triton GEMVs and tiled GEMMs, cuBLASLt for prefill.
+
+Same contract as :mod:`kiln.plugins.quant_linear.triton_reference` (same names and signatures),
+weights in the engine layouts of :mod:`kiln.plugins.quant_linear.layout`. Each function picks
+its path from the token count ``M`` (a host shape, so every path is CUDA-graph capturable: no
+host reads of device values):
+
+- ``M == 1`` (batch-1 decode): a GEMV that streams each weight byte once. Each program owns
+  ``BLOCK_N`` output rows, keeps ``[BLOCK_N, BLOCK_K]`` float32 partial products and reduces
+  once at the end; per-channel scales are applied once per output. FP8/INT8 W8A8 quantize the
+  input row on the fly (a per-token scale is an amax prologue in every program; x sits in L2).
+- small ``M`` (decode batches): a tiled Triton GEMM computing ``y^T = W x^T`` ("swap AB": the
+  weight fills the MMA's 64-row side, the few tokens its narrow side), the weight tile
+  converted in registers (INT8/INT4 weight-only, into x's dtype, INT4 scaled per group before
+  the dot) or fed as is (FP8 and INT8 W8A8: fp8 x fp8 -> f32, int8 x int8 -> exact int32).
+- large ``M`` (prefill): cuBLASLt via ``torch._scaled_mm`` (FP8, tensorwise or rowwise scales)
+  and ``torch._int_mm`` (INT8 W8A8, plus a Triton epilogue), after a Triton kernel quantizes
+  the activations; the weight-only formats stay on the Triton GEMM.
+
+Integer and fp8 weights become float32 without I2F (a quarter-rate instruction that would cap
+a GEMV near 4 TB/s): the byte goes into the mantissa of 2^23 (``0x4B000000 | u``) and a float
+subtraction removes the offset, exact for every 8- and 4-bit value.
+
+Non-goals: other activation layouts (x must be [M, K] with contiguous rows), split-K.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kiln.plugins.quant_linear.layout import check_group_size
+
+FP8_MAX = 448.0
+INT8_MAX = 127.0
+_ACT_NONE, _ACT_FP8, _ACT_INT8 = 0, 1, 2
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# --------------------------------------------------------------------------- jit helpers
+
+
+@triton.jit
+def _round_half_even(v):
+    # |v| <= 2^22: adding 1.5 * 2^23 leaves no fraction bits, so the add rounds (to nearest
+    # even, the hardware mode) and the subtraction is exact
+    return (v + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _quantize(x, s, ACT: tl.constexpr):
+    """The quantized values of ``x / s`` as float32 (fp8 e4m3 or int8, the reference's rule)."""
+    v = tl.math.div_rn(x, s)  # IEEE division, as the reference (plain '/' is approximate)
+    if ACT == 1:
+        return tl.clamp(v, -448.0, 448.0).to(tl.float8e4nv).to(tl.float32)
+    return _round_half_even(tl.clamp(v, -128.0, 127.0))
+
+
+@triton.jit
+def _row_scale(x_row, k, QMAX: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Per-token scale amax(|x_row|) / QMAX (1 for an all-zero row)."""
+    amax = tl.zeros([BLOCK_K], tl.float32)
+    for k0 in range(0, k, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_row + cols, mask=cols < k, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    a = tl.max(amax, 0)
+    return tl.where(a > 0, tl.math.div_rn(a, QMAX), 1.0)
+
+
+@triton.jit
+def _act_scale(x_row, s_ptr, k, ACT: tl.constexpr, DYNAMIC: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The activation scale of one token: static (``*s_ptr``) or per token."""
+    if not DYNAMIC:
+        return tl.load(s_ptr)
+    if ACT == 1:
+        return _row_scale(x_row, k, 448.0, BLOCK_K)
+    return _row_scale(x_row, k, 127.0, BLOCK_K)
+
+
+@triton.jit
+def _int8_to_f32(w):
+    """int8 -> float32 exactly, via the mantissa of 2^23 (module docstring)."""
+    u = w.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080  # 2^23 + (w + 128)
+    return u.to(tl.float32, bitcast=True) - 8388736.0
+
+
+@triton.jit
+def _nibbles_to_f32(b):
+    """uint8 bytes (as int32 0..255) -> (low, high) 4-bit two's complement values as float32."""
+    lo = ((b & 0xF) ^ 0x4B000008).to(tl.float32, bitcast=True) - 8388616.0
+    hi = ((b >> 4) ^ 0x4B000008).to(tl.float32, bitcast=True) - 8388616.0
+    return lo, hi
+
+
+# --------------------------------------------------------------------------- M == 1: GEMVs
+
+
+@triton.jit
+def _w8_gemv_kernel(x_ptr, w_ptr, ws_ptr, s_ptr, b_ptr, y_ptr, n, k, ACT: tl.constexpr,
+                    DYNAMIC: tl.constexpr, WS_PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[n] = sum_k w[n, k] * xq[k] * ws[n] (* s) for fp8 or int8 weights [N, K]."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n
+    w_rows = w_ptr + rows[:, None].to(tl.int64) * k
+    s = 1.0
+    if ACT != 0:
+        s = _act_scale(x_ptr, s_ptr, k, ACT, DYNAMIC, BLOCK_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(0, k, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < k
+        w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0)
+        x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if ACT != 0:
+            x = _quantize(x, s, ACT)
+        if ACT == 1:  # fp8 weights arrive as their bytes (uint8): masked loads need 'other=0'
+            acc += w.to(tl.float8e4nv, bitcast=True).to(tl.float32) * x[None, :]
+        else:
+            acc += _int8_to_f32(w) * x[None, :]
+    if ACT == 2:  # int8 x int8: each partial < K / BLOCK_K * 2^14 < 2^24 is exact; sum exactly
+        y = tl.sum(acc.to(tl.int32), 1).to(tl.float32)
+    else:
+        y = tl.sum(acc, 1)
+    y = y * s
+    if WS_PER_ROW:
+        y = y * tl.load(ws_ptr + rows, mask=row_ok, other=0.0)
+    else:
+        y = y * tl.load(ws_ptr)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _int4_gemv_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, n, k, HALF: tl.constexpr,
+                      GROUPS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y[n] = sum over groups g of s[n, g] * (lo . x[gG : gG+G/2] + hi . x[gG+G/2 : (g+1)G]),
+    ``GROUPS`` groups (``GROUPS * HALF`` bytes of each row) per iteration."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n
+    n_groups = k // (2 * HALF)
+    w_rows = w_ptr + rows[:, None, None].to(tl.int64) * (k // 2)
+    s_rows = ws_ptr + rows[:, None].to(tl.int64) * n_groups
+    j = tl.arange(0, HALF)
+    acc = tl.zeros([BLOCK_N, GROUPS, HALF], tl.float32)
+    for g0 in range(0, n_groups, GROUPS):
+        g = g0 + tl.arange(0, GROUPS)
+        g_ok = g < n_groups
+        byte = g[:, None] * HALF + j[None, :]  # [GROUPS, HALF]
+        w = tl.load(w_rows + byte[None, :, :], mask=row_ok[:, None, None] & g_ok[None, :, None],
+                    other=0)
+        x_lo = x_ptr + g[:, None] * (2 * HALF) + j[None, :]
+        xl = tl.load(x_lo, mask=g_ok[:, None], other=0.0).to(tl.float32)
+        xh = tl.load(x_lo + HALF, mask=g_ok[:, None], other=0.0).to(tl.float32)
+        s = tl.load(s_rows + g[None, :], mask=row_ok[:, None] & g_ok[None, :], other=0.0)
+        lo, hi = _nibbles_to_f32(w.to(tl.int32))
+        acc += (lo * xl[None, :, :] + hi * xh[None, :, :]) * s[:, :, None]
+    y = tl.sum(tl.sum(acc, 2), 1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+
+# --------------------------------------------------------------------------- M > 1: GEMMs
+
+
+@triton.jit
+def _tile_ids(m, n, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_N: tl.constexpr):
+    """(n tile, m tile) of this program, GROUP_N weight tiles sharing a sweep over the tokens
+    so they stay in L2 (the usual grouped ordering)."""
+    pid = tl.program_id(0)
+    tiles_n, tiles_m = tl.cdiv(n, BLOCK_N), tl.cdiv(m, BLOCK_M)
+    per_group = GROUP_N * tiles_m
+    first_n = (pid // per_group) * GROUP_N
+    group_n = min(tiles_n - first_n, GROUP_N)
+    return first_n + (pid % per_group) % group_n, (pid % per_group) // group_n
+
+
+@triton.jit
+def _store_tile(acc, y_ptr, ws_ptr, as_ptr, b_ptr, rn, rm, m, n, stride_ym,
+                WS_MODE: tl.constexpr, AS_PER_ROW: tl.constexpr, HAS_AS: tl.constexpr,
+                HAS_BIAS: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_M] (y^T) (* weight scale: WS_MODE 0 none, 1 scalar, 2 [n])
+    (* input scale[m]) + bias[n] -> y[m, n]."""
+    n_ok, m_ok = rn < n, rm < m
+    out = acc.to(tl.float32)
+    if HAS_AS:
+        if AS_PER_ROW:
+            out = out * tl.load(as_ptr + rm, mask=m_ok, other=0.0)[None, :]
+        else:
+            out = out * tl.load(as_ptr)
+    if WS_MODE == 2:
+        out = out * tl.load(ws_ptr + rn, mask=n_ok, other=0.0)[:, None]
+    if WS_MODE == 1:
+        out = out * tl.load(ws_ptr)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    y = y_ptr + rm[None, :].to(tl.int64) * stride_ym + rn[:, None]
+    tl.store(y, out.to(y_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
+
+
+@triton.jit
+def _w8_gemm_kernel(a_ptr, w_ptr, ws_ptr, as_ptr, b_ptr, y_ptr, m, n, k, stride_am, stride_ym,
+                    MODE: tl.constexpr, WS_MODE: tl.constexpr, AS_PER_ROW: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                    GROUP_N: tl.constexpr):
+    """y^T tile = W [BLOCK_N, K] @ A^T [K, BLOCK_M]; MODE 0: A = x, int8 W converted to x's
+    dtype; 1: A = fp8 q, fp8 W; 2: A = int8 q, int8 W, exact int32 accumulation of per-tile
+    bf16 dots (Triton's int8 tl.dot gave wrong sums in this swapped orientation on an H200,
+    Triton 3.6: to look into)."""
+    tile_n, tile_m = _tile_ids(m, n, BLOCK_N, BLOCK_M, GROUP_N)
+    rn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + (rn % n)[:, None].to(tl.int64) * k + rk[None, :]  # rows past n: re-read
+    a_ptrs = a_ptr + (rm % m)[None, :].to(tl.int64) * stride_am + rk[:, None]
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.int32 if MODE == 2 else tl.float32)
+    for k0 in range(0, k, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptrs)
+            a = tl.load(a_ptrs)
+        else:
+            k_ok = rk + k0 < k
+            w = tl.load(w_ptrs, mask=k_ok[None, :], other=0)
+            a = tl.load(a_ptrs, mask=k_ok[:, None], other=0)
+        if MODE == 0:
+            acc = tl.dot(_int8_to_f32(w).to(a.dtype), a, acc, input_precision=PRECISION)
+        elif MODE == 1:  # fp8 operands arrive as their bytes (uint8), see the GEMV
+            acc = tl.dot(w.to(tl.float8e4nv, bitcast=True), a.to(tl.float8e4nv, bitcast=True),
+                         acc)
+        else:  # int8 x int8 as bf16 (exact) dots; one tile's sum < BLOCK_K * 2^14 is exact
+            part = tl.dot(_int8_to_f32(w).to(tl.bfloat16), _int8_to_f32(a).to(tl.bfloat16))
+            acc += part.to(tl.int32)
+        w_ptrs += BLOCK_K
+        a_ptrs += BLOCK_K
+    _store_tile(acc, y_ptr, ws_ptr, as_ptr, b_ptr, rn, rm, m, n, stride_ym,
+                WS_MODE, AS_PER_ROW, MODE != 0, HAS_BIAS)
+
+
+@triton.jit
+def _int4_gemm_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, m, n, k, stride_xm, stride_ym,
+                      HALF: tl.constexpr, GROUPS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                      GROUP_N: tl.constexpr):
+    """y^T tile = sum over groups of (lo * s) @ x_lo^T + (hi * s) @ x_hi^T, ``GROUPS`` groups
+    per iteration (``n_groups % GROUPS == 0``), weights dequantized into x's dtype."""
+    tile_n, tile_m = _tile_ids(m, n, BLOCK_N, BLOCK_M, GROUP_N)
+    rn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    j = tl.arange(0, HALF)
+    n_groups = k // (2 * HALF)
+    w_ptrs = w_ptr + (rn % n)[:, None].to(tl.int64) * (k // 2) + j[None, :]  # [BLOCK_N, HALF]
+    x_ptrs = x_ptr + (rm % m)[None, :].to(tl.int64) * stride_xm + j[:, None]  # [HALF, BLOCK_M]
+    s_ptrs = ws_ptr + (rn % n).to(tl.int64) * n_groups
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    for g0 in range(0, n_groups, GROUPS):
+        for gi in tl.static_range(GROUPS):
+            g = g0 + gi
+            w = tl.load(w_ptrs + g * HALF).to(tl.int32)
+            s = tl.load(s_ptrs + g)[:, None]
+            xl = tl.load(x_ptrs + g * (2 * HALF))
+            xh = tl.load(x_ptrs + g * (2 * HALF) + HALF)
+            lo, hi = _nibbles_to_f32(w)
+            acc = tl.dot((lo * s).to(xl.dtype), xl, acc, input_precision=PRECISION)
+            acc = tl.dot((hi * s).to(xh.dtype), xh, acc, input_precision=PRECISION)
+    _store_tile(acc, y_ptr, ws_ptr, ws_ptr, b_ptr, rn, rm, m, n, stride_ym, 0, False, False,
+                HAS_BIAS)
+
+
+# --------------------------------------------------------------------------- activations
+
+
+@triton.jit
+def _quant_rows_kernel(x_ptr, s_in_ptr, q_ptr, s_out_ptr, k, stride_xm, ACT: tl.constexpr,
+                       DYNAMIC: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One program per token: q[m, :] (fp8 or int8) and its scale s[m] (static or amax/QMAX)."""
+    row = tl.program_id(0)
+    x_row = x_ptr + row.to(tl.int64) * stride_xm
+    s = _act_scale(x_row, s_in_ptr, k, ACT, DYNAMIC, BLOCK_K)
+    for k0 in range(0, k, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_row + cols, mask=cols < k, other=0.0).to(tl.float32)
+        q = _quantize(x, s, ACT)
+        tl.store(q_ptr + row.to(tl.int64) * k + cols, q.to(q_ptr.dtype.element_ty), mask=cols < k)
+    tl.store(s_out_ptr + row, s)
+
+
+@triton.jit
+def _int_epilogue_kernel(acc_ptr, s_ptr, ws_ptr, b_ptr, y_ptr, m, n, stride_ym,
+                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y = int32 acc * s[m] * ws[n] (+ bias[n]) in y's dtype (after torch._int_mm)."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = (rm < m)[:, None] & (rn < n)[None, :]
+    acc = tl.load(acc_ptr + rm[:, None].to(tl.int64) * n + rn[None, :], mask=ok, other=0)
+    out = acc.to(tl.float32) * tl.load(s_ptr + rm, mask=rm < m, other=0.0)[:, None]
+    out = out * tl.load(ws_ptr + rn, mask=rn < n, other=0.0)[None, :]
+    if HAS_BIAS:
+        out += tl.load(b_ptr + rn, mask=rn < n, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :],
+             out.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+# --------------------------------------------------------------------------- configs
+# From benchmarks/quant_kernels.py on an H200 (benchmarks/quant_kernels_results.json, the
+# "sweep" entries): medians of CUDA-graph replays over weight copies larger than L2.
+
+
+def w8_gemv_config(n: int, k: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) of the fp8/int8 GEMV."""
+    if n >= 16384:
+        return 16, 512, 4, 4
+    return 8, 1024, 4, 3
+
+
+def int4_gemv_config(n: int, k: int, group_size: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, bytes of a row per iteration, num_warps, num_stages) of the int4 GEMV."""
+    if n >= 16384:
+        return 16, 256, 4, 4
+    return 8, 512, 4, 3
+
+
+def gemm_config(m: int, eight_bit_a: bool) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, num_stages) of the tiled GEMMs (BLOCK_N weight
+    rows by BLOCK_M tokens); ``eight_bit_a``: fp8/int8 activations (twice the K per byte)."""
+    if m <= 16:
+        return 64, 16, 256 if eight_bit_a else 128, 4, 4
+    if m <= 32:
+        return 64, 32, 256 if eight_bit_a else 128, 4, 4
+    if m <= 64:
+        return 64, 64, 128, 4, 4
+    if m <= 256:
+        return 128, 64, 128 if eight_bit_a else 64, 4, 4
+    return 128, 128, 128 if eight_bit_a else 64, 8, 3
+
+
+# Largest M on the Triton GEMM before cuBLASLt takes over (W8A8 formats).
+FP8_TRITON_MAX_M = 64
+INT8_TRITON_MAX_M = 64
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_x_weight(fn: str, x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype,
+                    k_per_col: int = 1) -> tuple[int, int, int]:
+    if x.dim() != 2 or x.dtype not in _FLOAT_DTYPES or (x.shape[0] and x.stride(1) != 1):
+        raise ValueError(f"{fn}: x must be [M, K] float16/bfloat16/float32 with contiguous rows, "
+                         f"found {tuple(x.shape)} {x.dtype} strides {x.stride()}")
+    if weight.dim() != 2 or weight.dtype != dtype or not weight.is_contiguous():
+        raise ValueError(f"{fn}: weight must be a contiguous 2-D {dtype} tensor, found "
+                         f"{tuple(weight.shape)} {weight.dtype}")
+    n, k = weight.shape[0], weight.shape[1] * k_per_col
+    if x.shape[1] != k:
+        raise ValueError(f"{fn}: x has {x.shape[1]} input features, the weight {k}")
+    if weight.device != x.device:
+        raise ValueError(f"{fn}: x and weight must be on one device, found {x.device} and "
+                         f"{weight.device}")
+    return x.shape[0], n, k
+
+
+def _vector(fn: str, what: str, t: torch.Tensor | None, sizes: tuple[int, ...],
+            ) -> torch.Tensor | None:
+    """A scale or bias as a flat tensor (float32 for scales), checking its element count."""
+    if t is None:
+        return None
+    if t.numel() not in sizes:
+        raise ValueError(f"{fn}: {what} must have {' or '.join(map(str, sizes))} elements, "
+                         f"found shape {tuple(t.shape)}")
+    return t.reshape(-1) if what == "bias" else t.reshape(-1).float()
+
+
+def _scales(fn: str, x: torch.Tensor, n: int, weight_scale: torch.Tensor, per_tensor_ok: bool,
+            input_scale: torch.Tensor | None, bias: torch.Tensor | None):
+    ws = _vector(fn, "weight_scale", weight_scale, (1, n) if per_tensor_ok else (n,))
+    return ws, _vector(fn, "input_scale", input_scale, (1,)), _vector(fn, "bias", bias, (n,))
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """fp8 tensors as uint8 views (the kernels bitcast them back after masked loads)."""
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+def _launch_w8_gemv(x, weight, ws, s, bias, act, config=None):
+    n, k = weight.shape
+    block_n, block_k, warps, stages = config or w8_gemv_config(n, k)
+    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    _w8_gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, _bytes(weight), ws, s if s is not None else ws, bias if bias is not None else ws, y, n, k,
+        ACT=act, DYNAMIC=s is None, WS_PER_ROW=ws.numel() > 1, HAS_BIAS=bias is not None,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    return y
+
+
+def _launch_w8_gemm(a, weight, ws, a_scale, bias, out_dtype, mode, config=None):
+    m, k = a.shape
+    n = weight.shape[0]
+    if config is None:
+        config = gemm_config(m, mode != 0)
+        if a.dtype == torch.float32:  # ieee fp32 dots: small tiles (registers, shared memory)
+            config = (64, 32, 32, 4, 2)
+    block_n, block_m, block_k, warps, stages = config
+    y = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    grid = (triton.cdiv(n, block_n) * triton.cdiv(m, block_m),)
+    _w8_gemm_kernel[grid](
+        _bytes(a), _bytes(weight), ws, a_scale if a_scale is not None else ws,
+        bias if bias is not None else ws, y, m, n, k, a.stride(0), y.stride(0), MODE=mode,
+        WS_MODE=2 if ws.numel() > 1 else 1, AS_PER_ROW=a_scale is not None and a_scale.numel() > 1,
+        HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0,
+        PRECISION="ieee" if a.dtype == torch.float32 else "tf32", BLOCK_N=block_n,
+        BLOCK_M=block_m, BLOCK_K=block_k, GROUP_N=8, num_warps=warps, num_stages=stages)
+    return y
+
+
+def _quantize_rows(x, input_scale, act):
+    """(q [M, K] fp8/int8, s [M] float32) by the Triton activation kernel."""
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=torch.float8_e4m3fn if act == _ACT_FP8 else torch.int8,
+                    device=x.device)
+    s = torch.empty(m, dtype=torch.float32, device=x.device)
+    _quant_rows_kernel[(m,)](x, input_scale if input_scale is not None else s, q, s, k,
+                             x.stride(0), ACT=act, DYNAMIC=input_scale is None,
+                             BLOCK_K=min(2048, triton.next_power_of_2(k)), num_warps=4)
+    return q, s
+
+
+# --------------------------------------------------------------------------- paths
+# Each path takes the public function's arguments after checking (flat float32 scales); the
+# public functions pick one by M, the benchmark and tests call them by name through PATHS.
+
+
+def _fp8_gemv(x, weight, ws, s, bias, config=None):
+    return _launch_w8_gemv(x, weight, ws, s, bias, _ACT_FP8, config)
+
+
+def _fp8_triton(x, weight, ws, s, bias, config=None):
+    q, s_rows = _quantize_rows(x, s, _ACT_FP8)
+    return _launch_w8_gemm(q, weight, ws, s_rows, bias, x.dtype, _ACT_FP8, config)
+
+
+def _fp8_scaled_mm_ok(x, n, k, ws, s) -> bool:
+    tensorwise = ws.numel() == 1 and s is not None
+    return k % 16 == 0 and n % 16 == 0 and (tensorwise or x.dtype == torch.bfloat16)
+
+
+def _fp8_scaled_mm(x, weight, ws, s, bias, config=None):
+    """cuBLASLt: tensorwise scales when both are scalars, else rowwise (bf16 output only)."""
+    q, s_rows = _quantize_rows(x, s, _ACT_FP8)
+    m, n = x.shape[0], weight.shape[0]
+    if ws.numel() == 1 and s is not None:
+        y = torch._scaled_mm(q, weight.t(), s.reshape(()), ws.reshape(()), out_dtype=x.dtype)
+    else:
+        scale_b = ws.reshape(1, n) if ws.numel() == n else ws.reshape(1, 1).expand(1, n)
+        y = torch._scaled_mm(q, weight.t(), s_rows.view(m, 1), scale_b.contiguous(),
+                             out_dtype=torch.bfloat16)
+    return y if bias is None else y.add_(bias)  # rounds twice: within an ulp of one rounding
+
+
+def _int8_gemv(x, weight, ws, s, bias, config=None):
+    return _launch_w8_gemv(x, weight, ws, s, bias, _ACT_INT8, config)
+
+
+def _int8_triton(x, weight, ws, s, bias, config=None):
+    q, s_rows = _quantize_rows(x, s, _ACT_INT8)
+    return _launch_w8_gemm(q, weight, ws, s_rows, bias, x.dtype, _ACT_INT8, config)
+
+
+def _int_mm_ok(m, n, k) -> bool:
+    return m > 16 and k % 8 == 0 and n % 8 == 0  # torch._int_mm's (cuBLASLt's) limits
+
+
+def _int8_int_mm(x, weight, ws, s, bias, config=None):
+    q, s_rows = _quantize_rows(x, s, _ACT_INT8)
+    m, n = x.shape[0], weight.shape[0]
+    acc = torch._int_mm(q, weight.t())  # [M, N] int32, exact
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    _int_epilogue_kernel[(triton.cdiv(m, 32), triton.cdiv(n, 128))](
+        acc, s_rows, ws, bias if bias is not None else ws, y, m, n, y.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_M=32, BLOCK_N=128, num_warps=4)
+    return y
+
+
+def _int8_wo_gemv(x, weight, ws, bias, config=None):
+    return _launch_w8_gemv(x, weight, ws, None, bias, _ACT_NONE, config)
+
+
+def _int8_wo_triton(x, weight, ws, bias, config=None):
+    return _launch_w8_gemm(x, weight, ws, None, bias, x.dtype, _ACT_NONE, config)
+
+
+def _int4_gemv(x, weight, ws, group_size, bias, config=None):
+    n, k = weight.shape[0], 2 * weight.shape[1]
+    block_n, block_bytes, warps, stages = config or int4_gemv_config(n, k, group_size)
+    half = group_size // 2
+    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    _int4_gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, ws, bias if bias is not None else ws, y, n, k, HALF=half,
+        GROUPS=max(1, block_bytes // half), HAS_BIAS=bias is not None, BLOCK_N=block_n,
+        num_warps=warps, num_stages=stages)
+    return y
+
+
+def _int4_triton(x, weight, ws, group_size, bias, config=None):
+    m, k = x.shape
+    n = weight.shape[0]
+    if config is None:
+        block_n, block_m, _, warps, stages = gemm_config(m, False)
+        if x.dtype == torch.float32:
+            block_n, block_m, warps, stages = 64, 32, 4, 2
+    else:
+        block_n, block_m, _, warps, stages = config
+    n_groups = k // group_size
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(n, block_n) * triton.cdiv(m, block_m),)
+    _int4_gemm_kernel[grid](
+        x, weight, ws, bias if bias is not None else ws, y, m, n, k, x.stride(0), y.stride(0),
+        HALF=group_size // 2, GROUPS=math.gcd(n_groups, max(1, 128 // group_size)),
+        HAS_BIAS=bias is not None, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        BLOCK_N=block_n, BLOCK_M=block_m, GROUP_N=8, num_warps=warps, num_stages=stages)
+    return y
+
+
+PATHS = {
+    "fp8_linear": {"gemv": _fp8_gemv, "triton": _fp8_triton, "scaled_mm": _fp8_scaled_mm},
+    "int8_w8a8_linear": {"gemv": _int8_gemv, "triton": _int8_triton, "int_mm": _int8_int_mm},
+    "int8_weight_only_linear": {"gemv": _int8_wo_gemv, "triton": _int8_wo_triton},
+    "int4_weight_only_linear": {"gemv": _int4_gemv, "triton": _int4_triton},
+}
+
+
+# --------------------------------------------------------------------------- public functions
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               input_scale: torch.Tensor | None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    m, n, k = _check_x_weight("fp8_linear", x, weight, torch.float8_e4m3fn)
+    ws, s, b = _scales("fp8_linear", x, n, weight_scale, True, input_scale, bias)
+    return _run(x, n, fp8_path(x, n, k, ws, s), "fp8_linear", weight, ws, s, b)
+
+
+def fp8_path(x: torch.Tensor, n: int, k: int, ws: torch.Tensor, s: torch.Tensor | None) -> str:
+    m = x.shape[0]
+    if m == 1:
+        return "gemv"
+    if m <= FP8_TRITON_MAX_M or not _fp8_scaled_mm_ok(x, n, k, ws, s):
+        return "triton"
+    return "scaled_mm"
+
+
+def int8_w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                     input_scale: torch.Tensor | None,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    m, n, k = _check_x_weight("int8_w8a8_linear", x, weight, torch.int8)
+    ws, s, b = _scales("int8_w8a8_linear", x, n, weight_scale, False, input_scale, bias)
+    return _run(x, n, int8_w8a8_path(m, n, k), "int8_w8a8_linear", weight, ws, s, b)
+
+
+def int8_w8a8_path(m: int, n: int, k: int) -> str:
+    # the GEMV's float32 partial sums stay exact integers while K / BLOCK_K < 1024
+    if m == 1 and k < 1024 * w8_gemv_config(n, k)[1]:
+        return "gemv"
+    return "int_mm" if m > INT8_TRITON_MAX_M and _int_mm_ok(m, n, k) else "triton"
+
+
+def int8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                            bias: torch.Tensor | None = None) -> torch.Tensor:
+    m, n, k = _check_x_weight("int8_weight_only_linear", x, weight, torch.int8)
+    ws, _, b = _scales("int8_weight_only_linear", x, n, weight_scale, False, None, bias)
+    return _run(x, n, "gemv" if m == 1 else "triton", "int8_weight_only_linear", weight, ws, b)
+
+
+def int4_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                            group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    fn = "int4_weight_only_linear"
+    m, n, k = _check_x_weight(fn, x, weight, torch.uint8, k_per_col=2)
+    check_group_size(group_size, k)
+    if tuple(weight_scale.shape) != (n, k // group_size):
+        raise ValueError(f"{fn}: weight_scale must be [{n}, {k // group_size}] (one scale per "
+                         f"group of {group_size}), found {tuple(weight_scale.shape)}")
+    ws = weight_scale.float().contiguous()
+    b = _vector(fn, "bias", bias, (n,))
+    return _run(x, n, "gemv" if m == 1 else "triton", fn, weight, ws, group_size, b)
+
+
+def _run(x: torch.Tensor, n: int, path: str, fn: str, *args) -> torch.Tensor:
+    if x.shape[0] == 0:
+        return x.new_empty((0, n))
+    return PATHS[fn][path](x, *args)

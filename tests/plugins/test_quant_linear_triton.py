@@ -1,0 +1,206 @@
+"""Quantized-projection kernels (Triton GEMVs/GEMMs, cuBLASLt paths) against their references.
+
+Tolerances (tests/gpu/support.py): float32 1e-4, float16 4e-3, bfloat16 3e-2 (atol and rtol),
+outputs of O(1). Kernel and reference quantize activations with the same IEEE division and
+rounding, so W8A8 inputs match exactly; what differs is float32 summation order, the final
+rounding to x's dtype, and for INT4 in 16-bit x the dequantized weight rounded to x's dtype
+before the dot (2^-9 relative in bf16, averaging out over K), all inside those tolerances.
+cuBLASLt's rowwise FP8 adds the bias after rounding to bf16 (two roundings, still 3e-2).
+NaN never passes (assert_close checks finiteness first).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kiln.plugins.quant_linear import triton_reference as ref
+from kiln.plugins.quant_linear.layout import repack_int4
+from kiln.quantization.config import QuantConfig
+from kiln.quantization.formats import quantize_weight, scale_from_amax
+from tests.gpu.support import INTERPRET, assert_close, skip_unsupported, triton_device
+
+pytestmark = pytest.mark.gpu
+
+LLAMA_8B = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def _kernels():
+    pytest.importorskip("triton")
+    from kiln.plugins.quant_linear import triton_kernels
+    return triton_kernels
+
+
+def _skip(dtype, device, fmt):
+    skip_unsupported(dtype, device)
+    if device.type == "cpu" and fmt in ("fp8", "int8_sq"):
+        pytest.skip("W8A8 kernels (fp8 casts, 8-bit dots, cuBLASLt) run on GPUs only")
+    if fmt == "fp8" and device.type == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs sm89+")
+
+
+def _case(fmt, n, k, m, dtype, device, *, per_channel=True, static=True, bias=False,
+          group_size=128):
+    """(kernel name, args) of one call with fresh random inputs."""
+    w = torch.randn(n, k, device=device) / k ** 0.5
+    x = (torch.randn(m, k, device=device) * (1 + torch.rand(k, device=device))).to(dtype)
+    b = torch.randn(n, device=device).to(dtype) if bias else None
+    if fmt == "int4":
+        packed, scale = quantize_weight(w, QuantConfig("int4_wo", group_size=group_size))
+        return "int4_weight_only_linear", (x, repack_int4(packed, group_size), scale,
+                                           group_size, b)
+    if fmt == "int8_wo":
+        q, scale = quantize_weight(w, QuantConfig("int8_wo"))
+        return "int8_weight_only_linear", (x, q, scale, b)
+    act = "float8_e4m3fn" if fmt == "fp8" else "int8"
+    quant = QuantConfig(fmt, weight_scales="per_channel" if per_channel else "per_tensor") \
+        if fmt == "fp8" else QuantConfig(fmt)
+    q, scale = quantize_weight(w, quant)
+    # a static scale below amax/QMAX, so that the largest activations saturate
+    s = scale_from_amax(x.float().abs().amax() * 0.7, act).reshape(1) if static else None
+    return ("fp8_linear" if fmt == "fp8" else "int8_w8a8_linear"), (x, q, scale, s, b)
+
+
+def _check(name, args, dtype, path=None):
+    kernels = _kernels()
+    fn = getattr(kernels, name) if path is None else None
+    if fn is None:
+        got = _call_path(kernels, name, path, args)
+    else:
+        got = fn(*args)
+    want = getattr(ref, name)(*args)
+    assert got.shape == want.shape and got.dtype == dtype
+    assert_close(got, want, dtype)
+
+
+def _call_path(kernels, name, path, args):
+    """A path called directly (past the M-based choice), with the public function's scales."""
+    x, weight = args[0], args[1]
+    n = weight.shape[0]
+    if name == "int4_weight_only_linear":
+        return kernels.PATHS[name][path](x, weight, args[2].float().contiguous(), args[3],
+                                         args[4])
+    if name == "int8_weight_only_linear":
+        return kernels.PATHS[name][path](x, weight, args[2].reshape(-1).float(), args[3])
+    s = None if args[3] is None else args[3].reshape(-1).float()
+    ws = args[2].reshape(-1).float()
+    assert ws.numel() in (1, n)
+    return kernels.PATHS[name][path](x, weight, ws, s, args[4])
+
+
+FORMAT_CASES = [  # (fmt, dtype, per_channel, static, bias)
+    ("fp8", torch.bfloat16, False, True, False), ("fp8", torch.bfloat16, True, True, True),
+    ("fp8", torch.bfloat16, False, False, True), ("fp8", torch.bfloat16, True, False, False),
+    ("fp8", torch.float16, False, True, True), ("fp8", torch.float16, True, False, False),
+    ("fp8", torch.float32, True, True, False), ("fp8", torch.float32, False, False, True),
+    ("int8_sq", torch.bfloat16, True, True, False), ("int8_sq", torch.bfloat16, True, False, True),
+    ("int8_sq", torch.float16, True, True, True), ("int8_sq", torch.float32, True, False, False),
+    ("int8_wo", torch.bfloat16, True, True, False), ("int8_wo", torch.bfloat16, True, True, True),
+    ("int8_wo", torch.float16, True, True, True), ("int8_wo", torch.float32, True, True, False),
+]
+
+
+@pytest.mark.parametrize("m", [1, 3, 16, 100, 2048])
+@pytest.mark.parametrize("shape", [(300, 200), (512, 1024)], ids=str)
+@pytest.mark.parametrize("fmt,dtype,per_channel,static,bias", FORMAT_CASES,
+                         ids=lambda v: str(v).replace("torch.", ""))
+def test_w8_matches_reference(fmt, dtype, per_channel, static, bias, shape, m):
+    device = triton_device()
+    _skip(dtype, device, fmt)
+    if device.type == "cpu" and m > 16:
+        pytest.skip("interpreter: small M only")
+    name, args = _case(fmt, *shape, m, dtype, device, per_channel=per_channel, static=static,
+                       bias=bias)
+    _check(name, args, dtype)
+
+
+@pytest.mark.parametrize("m", [1, 3, 16, 100, 2048])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("shape", [(300, 384), (512, 1024)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_int4_matches_reference(bias, dtype, shape, group_size, m):
+    device = triton_device()
+    _skip(dtype, device, "int4")
+    if device.type == "cpu" and m > 16:
+        pytest.skip("interpreter: small M only")
+    name, args = _case("int4", *shape, m, dtype, device, bias=bias, group_size=group_size)
+    _check(name, args, dtype)
+
+
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("shape", LLAMA_8B, ids=str)
+@pytest.mark.parametrize("fmt", ["fp8", "int8_sq", "int8_wo", "int4"])
+def test_llama_8b_shapes(fmt, shape, m):
+    device = triton_device()
+    if device.type == "cpu":
+        pytest.skip("large shapes run on GPUs")
+    _skip(torch.bfloat16, device, fmt)
+    name, args = _case(fmt, *shape, m, torch.bfloat16, device, static=fmt != "int8_sq")
+    _check(name, args, torch.bfloat16)
+
+
+@pytest.mark.parametrize("m", [3, 100, 2048])
+@pytest.mark.parametrize("name,path", [
+    ("fp8_linear", "triton"), ("fp8_linear", "scaled_mm"), ("int8_w8a8_linear", "triton"),
+    ("int8_w8a8_linear", "int_mm")], ids=str)
+@pytest.mark.parametrize("per_channel,static", [(False, True), (True, False)])
+def test_every_w8a8_path(name, path, per_channel, static, m):
+    """Each path at M it is not chosen for (the choice is a kernel choice, not numerics)."""
+    device = triton_device()
+    fmt = "fp8" if name == "fp8_linear" else "int8_sq"
+    _skip(torch.bfloat16, device, fmt)
+    if path == "int_mm" and m <= 16:
+        pytest.skip("torch._int_mm needs M > 16")
+    _, args = _case(fmt, 256, 512, m, torch.bfloat16, device, per_channel=per_channel,
+                    static=static, bias=True)
+    _check(name, args, torch.bfloat16, path=path)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8_sq", "int8_wo", "int4"])
+@pytest.mark.parametrize("m", [1, 16, 100])
+def test_cuda_graph_capture(fmt, m):
+    device = triton_device()
+    if device.type != "cuda" or INTERPRET:
+        pytest.skip("CUDA graphs need a GPU")
+    _skip(torch.bfloat16, device, fmt)
+    name, args = _case(fmt, 1024, 2048, m, torch.bfloat16, device, static=fmt == "fp8",
+                       bias=True)
+    fn = getattr(_kernels(), name)
+    fn(*args)  # compile outside the capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        out = fn(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    for _ in range(2):
+        args[0].copy_(torch.randn_like(args[0]))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(out, getattr(ref, name)(*args), torch.bfloat16)
+
+
+def test_rejects_bad_inputs():
+    device = triton_device()
+    kernels = _kernels()
+    x = torch.randn(2, 64, device=device)
+    w8 = torch.zeros(32, 64, dtype=torch.int8, device=device)
+    ws = torch.ones(32, device=device)
+    with pytest.raises(ValueError, match="input features"):
+        kernels.int8_weight_only_linear(x[:, :48], w8, ws)
+    with pytest.raises(ValueError, match="weight must be"):
+        kernels.int8_weight_only_linear(x, w8.float(), ws)
+    with pytest.raises(ValueError, match="x must be"):
+        kernels.int8_weight_only_linear(x.to(torch.int32), w8, ws)
+    with pytest.raises(ValueError, match="weight_scale"):
+        kernels.int8_w8a8_linear(x, w8, ws[:3], None)
+    with pytest.raises(ValueError, match="input_scale"):
+        kernels.int8_w8a8_linear(x, w8, ws, ws)
+    w4 = torch.zeros(32, 32, dtype=torch.uint8, device=device)
+    with pytest.raises(ValueError, match="group_size"):
+        kernels.int4_weight_only_linear(x, w4, torch.ones(32, 1, device=device), 48)
+    with pytest.raises(ValueError, match="weight_scale"):
+        kernels.int4_weight_only_linear(x, w4, torch.ones(32, 2, device=device), 64)
