@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.plugins.attention import triton_reference as ref
+from kiln.quantization.formats import quantize_values, scale_from_amax
 from tests.gpu.support import alibi_slopes, assert_close, skip_unsupported, triton_device
 
 pytestmark = pytest.mark.gpu
@@ -118,3 +119,68 @@ def test_prefill_and_decode_match_torch_sdpa(dtype):
     _kernels().paged_decode_attention(q[-1:], k, v, table, ctx_lens, zero, last,
                                       scale=d ** -0.5, max_ctx_len=n)
     assert_close(last, want[-1:], dtype)
+
+
+QUANT_CACHES = {torch.float8_e4m3fn: "float8_e4m3fn", torch.int8: "int8"}
+
+
+def _quantize(k, v, cache_dtype):
+    """(k, v, k_scale, v_scale): a float cache stored quantized, its amax a little saturated."""
+    name = QUANT_CACHES[cache_dtype]
+    scales = [scale_from_amax(x.float().abs().amax() * 0.8, name) for x in (k, v)]
+    return (quantize_values(k, scales[0], name), quantize_values(v, scales[1], name), *scales)
+
+
+@pytest.mark.parametrize("cache_dtype", list(QUANT_CACHES), ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("heads,page", [((32, 8, 128), 64), ((8, 1, 64), 16), ((4, 4, 80), 16)],
+                         ids=str)
+@pytest.mark.parametrize("variant", ["unsplit", "split4", "window"])
+def test_decode_quantized_cache_matches_reference(cache_dtype, dtype, heads, page, variant):
+    device = triton_device()
+    skip_unsupported(dtype, device)
+    hq, hkv, d = heads
+    ctx = [1, 37, 300, 64, 129]
+    k, v, table, ctx_lens = _paged_case(device, dtype, hkv, d, page, ctx, seed=hq + d)
+    k, v, k_scale, v_scale = _quantize(k, v, cache_dtype)
+    q = torch.randn(9, hq, d, device=device).to(dtype)
+    rows = torch.tensor([8, 0, 3, 5, 6], dtype=torch.int32, device=device)
+    kw = dict(scale=d ** -0.5, max_ctx_len=320, k_scale=k_scale, v_scale=v_scale,
+              sliding_window=50 if variant == "window" else None)
+    got = torch.full_like(q, float("nan"))
+    _kernels().paged_decode_attention(q, k, v, table, ctx_lens, rows, got,
+                                      num_splits={"unsplit": 1, "split4": 4}.get(variant), **kw)
+    want = torch.full_like(q, float("nan"))
+    ref.paged_decode_attention(q, k, v, table, ctx_lens, rows, want, **kw)
+    assert_close(got[rows.long()], want[rows.long()], dtype)
+
+
+@pytest.mark.parametrize("cache_dtype", list(QUANT_CACHES), ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("heads", [(32, 8, 128), (4, 4, 80)], ids=str)
+@pytest.mark.parametrize("variant,page,config", [
+    ("plain", 64, None), ("window", 16, None), ("wide-window", 64, (64, 128, 4, 2)),
+    ("window", 64, (64, 64, 4, 3, True))], ids=["default", "page16", "tiles-span-pages", "tma"])
+def test_prefill_quantized_cache_matches_reference(cache_dtype, dtype, heads, variant, page,
+                                                   config):
+    """On GPUs the default tiles of head_dim 128 are TMA ones, those of 80 pointer loads."""
+    device = triton_device()
+    skip_unsupported(dtype, device)
+    hq, hkv, d = heads
+    if config is not None and len(config) > 4 and (device.type != "cuda" or d & (d - 1)):
+        pytest.skip("TMA tiles: GPUs only, power-of-two head_dim")
+    chunks = [(0, 70), (100, 33), (5, 1), (0, 200)]
+    k, v, table, ctx_lens = _paged_case(device, dtype, hkv, d, page, [c + n for c, n in chunks],
+                                        seed=hq * d)
+    k, v, k_scale, v_scale = _quantize(k, v, cache_dtype)
+    lens = torch.tensor([n for _, n in chunks], dtype=torch.int32, device=device)
+    starts = torch.cumsum(lens, 0, dtype=torch.int32) - lens
+    q = torch.randn(int(lens.sum()), hq, d, device=device).to(dtype)
+    kw = dict(scale=d ** -0.5, max_q_len=200, k_scale=k_scale, v_scale=v_scale,
+              sliding_window={"window": 40, "wide-window": 150}.get(variant))
+    got = torch.full_like(q, float("nan"))
+    _kernels().paged_prefill_attention(q, k, v, table, ctx_lens, starts, lens, got,
+                                       config=config, **kw)
+    want = torch.empty_like(q)
+    ref.paged_prefill_attention(q, k, v, table, ctx_lens, starts, lens, want, **kw)
+    assert_close(got, want, dtype)

@@ -71,3 +71,59 @@ def test_rotation_matches_oracle_apply_rope():
     want = apply_rope(qkv[:, : hq * d].view(1, t, hq, d).transpose(1, 2).cpu(),
                       positions.cpu()[None], inv_freq)[0].transpose(0, 1)
     torch.testing.assert_close(q.cpu(), want, atol=2e-5, rtol=2e-5)
+
+
+# Quantized caches: scales that saturate the largest values and push small ones into fp8
+# subnormals (qkv ~ 2 * randn, rotated keys and values up to ~9).
+QUANT_SCALES = {torch.float8_e4m3fn: (0.012, 0.009), torch.int8: (0.035, 0.05)}
+
+
+def _assert_codes_match(got: torch.Tensor, want: torch.Tensor, exact: bool) -> None:
+    """Equal cache bytes; with ``exact=False`` a few codes may be one quantization step apart.
+
+    Rotated keys on a GPU: the kernel's float32 rotation contracts into FMAs, so it may differ
+    from the reference's by 1 float32 ulp; rounding to q's dtype then rarely lands 1 ulp apart,
+    and the stored code then at most one step (fp8: one mantissa step, 1/8 relative; int8: 1).
+    Values are never rotated and are stored bit-exactly; in the interpreter (no FMA) so are keys.
+    """
+    diff = got.view(torch.uint8) != want.view(torch.uint8)
+    if exact:
+        assert not diff.any(), f"{int(diff.sum())} of {diff.numel()} cache bytes differ"
+        return
+    assert int(diff.sum()) <= max(2, diff.numel() // 1000), f"{int(diff.sum())} codes differ"
+    atol, rtol = (1.0, 0.0) if got.dtype == torch.int8 else (2.0 ** -9, 0.125)
+    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("cache_dtype", list(QUANT_SCALES), ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("heads", [(32, 8, 128), (6, 6, 24)], ids=str)
+@pytest.mark.parametrize("variant", ["rope", "rope-clip", "no-rope"])
+def test_rope_qkv_to_quantized_cache_matches_reference(cache_dtype, dtype, heads, variant):
+    device = triton_device()
+    skip_unsupported(dtype, device)
+    hq, hkv, d = heads
+    t, page, blocks = 37, 16, 8
+    width = (hq + 2 * hkv) * d
+    qkv = (torch.randn(t, width + 8, device=device) * 2).to(dtype)[:, :width]
+    qkv[0, :4] = torch.tensor([0.0, -0.0, 1e-4, -1e-4])  # signed zeros and fp8 underflow
+    table = _table(d, 512, device) if variant != "no-rope" else None
+    index = torch.randint(0, 512, (t,), device=device, dtype=torch.int32)
+    slots = torch.randperm(blocks * page, device=device)[:t].to(torch.int32)
+    clip = 7.5 if variant == "rope-clip" else None
+    k_scale, v_scale = (torch.tensor(s, device=device) for s in QUANT_SCALES[cache_dtype])
+    caches = []
+    for impl in (_kernels(), ref):
+        # the same non-zero bytes everywhere first: untouched rows must stay as they were
+        k = torch.full((blocks, hkv, page, d), 0x55, device=device, dtype=torch.uint8)
+        k, v = k.view(cache_dtype), k.clone().view(cache_dtype)
+        q = impl.rope_qkv_to_cache(qkv, table, index, k, v, slots, num_heads=hq,
+                                   num_kv_heads=hkv, head_dim=d, clip=clip, k_scale=k_scale,
+                                   v_scale=v_scale)
+        caches.append((q, k, v))
+    (q1, k1, v1), (q2, k2, v2) = caches
+    assert_close(q1, q2, dtype)
+    _assert_codes_match(v1, v2, exact=True)
+    _assert_codes_match(k1, k2, exact=table is None or device.type == "cpu")
+    saturated = 127 if cache_dtype == torch.int8 else 448.0
+    assert (v2.float().abs() == saturated).any(), "the case should saturate"

@@ -15,6 +15,11 @@ are split along the keys (flash-decoding): each split writes an unnormalized par
 Prefill: grid ``(num_seqs, cdiv(max_q_len, BLOCK_M), Hq)``; programs past a sequence's
 queries exit at once. Causal and sliding-window bounds skip whole key tiles; the mask is
 applied per element inside the tiles that remain.
+
+Quantized caches (float8_e4m3fn, int8; the ``QUANT`` constexpr, so the float paths compile as
+before): each program reads ``k_scale``/``v_scale`` once from device scalars, and every key/value
+tile is dequantized in registers as the reference reads it, ``(stored * scale)`` rounded to q's
+dtype, before its dot. The 1-byte tiles halve what decode reads from the cache.
 """
 
 from __future__ import annotations
@@ -25,14 +30,26 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.plugins.rotary.triton_kernels import scale_arg
+from kiln.plugins.rotary.triton_reference import check_cache_scales
+
 LOG2E = 1.4426950408889634
 _NEG = -1.0e30  # finite "minus infinity" for running maxima: keeps exp2(m_old - m_new) NaN-free
 
 
 @triton.jit
-def _tile_scores(q, k_ptrs, kpos, kmask, d_mask, qk_scale, slopes, ALIBI: tl.constexpr,
-                 PRECISION: tl.constexpr):
+def _dequant(x, scale, DTYPE: tl.constexpr, QUANT: tl.constexpr):
+    """A cache tile as the reference reads it: a quantized one as (stored * scale) in DTYPE."""
+    if QUANT:
+        x = (x.to(tl.float32) * scale).to(DTYPE)
+    return x
+
+
+@triton.jit
+def _tile_scores(q, k_ptrs, kpos, kmask, d_mask, qk_scale, slopes, k_scale, ALIBI: tl.constexpr,
+                 PRECISION: tl.constexpr, QUANT: tl.constexpr):
     k = tl.load(k_ptrs, mask=kmask[:, None] & d_mask[None, :], other=0.0)
+    k = _dequant(k, k_scale, q.dtype, QUANT)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if ALIBI:
         s += slopes[:, None] * kpos.to(tl.float32)[None, :]
@@ -40,24 +57,37 @@ def _tile_scores(q, k_ptrs, kpos, kmask, d_mask, qk_scale, slopes, ALIBI: tl.con
 
 
 @triton.jit
-def _online_update(s, allowed, m_i, l_i, acc, v_ptrs, kmask, d_mask, PRECISION: tl.constexpr):
+def _online_update(s, allowed, m_i, l_i, acc, v_ptrs, kmask, d_mask, v_scale,
+                   PRECISION: tl.constexpr, DTYPE: tl.constexpr, QUANT: tl.constexpr):
     s = tl.where(allowed, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     v = tl.load(v_ptrs, mask=kmask[:, None] & d_mask[None, :], other=0.0)
+    v = _dequant(v, v_scale, DTYPE, QUANT)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i * alpha + tl.sum(p, 1), acc
+
+
+@triton.jit
+def _load_scales(k_scale_ptr, v_scale_ptr, QUANT: tl.constexpr):
+    """A quantized cache's (k_scale, v_scale), read once per program; (1, 1) otherwise (unused)."""
+    k_scale = 1.0
+    v_scale = 1.0
+    if QUANT:
+        k_scale = tl.load(k_scale_ptr)
+        v_scale = tl.load(v_scale_ptr)
+    return k_scale, v_scale
 
 
 @triton.jit(do_not_specialize=["window", "partition", "num_splits"])
 def _decode_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_stride_h,
                    c_stride_r, table_ptr, table_stride, ctx_ptr, rows_ptr, out_ptr, o_stride_t,
-                   o_stride_h, part_ptr, ml_ptr, slopes_ptr, qk_scale, window, partition,
-                   num_splits, GROUP: tl.constexpr, M_PAD: tl.constexpr,
+                   o_stride_h, part_ptr, ml_ptr, slopes_ptr, k_scale_ptr, v_scale_ptr, qk_scale,
+                   window, partition, num_splits, GROUP: tl.constexpr, M_PAD: tl.constexpr,
                    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
                    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, ALIBI: tl.constexpr,
-                   WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+                   WINDOW: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -80,6 +110,7 @@ def _decode_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_st
     slopes = tl.zeros([M_PAD], tl.float32)
     if ALIBI:
         slopes = tl.load(slopes_ptr + heads, mask=m_mask, other=0.0) * 1.4426950408889634
+    k_scale, v_scale = _load_scales(k_scale_ptr, v_scale_ptr, QUANT)
     m_i = tl.full([M_PAD], -1.0e30, tl.float32)
     l_i = tl.zeros([M_PAD], tl.float32)
     acc = tl.zeros([M_PAD, D_PAD], tl.float32)
@@ -91,9 +122,10 @@ def _decode_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_st
             + d_offs[None, :]
         kpos = n0 + n_offs
         kmask = (kpos < end) & (kpos >= lo)
-        s = _tile_scores(q, k_ptr + base, kpos, kmask, d_mask, qk_scale, slopes, ALIBI, PRECISION)
+        s = _tile_scores(q, k_ptr + base, kpos, kmask, d_mask, qk_scale, slopes, k_scale, ALIBI,
+                         PRECISION, QUANT)
         m_i, l_i, acc = _online_update(s, kmask[None, :], m_i, l_i, acc, v_ptr + base, kmask,
-                                       d_mask, PRECISION)
+                                       d_mask, v_scale, PRECISION, q.dtype, QUANT)
     if not SPLIT:
         o = acc / l_i[:, None]
         tl.store(out_ptr + row * o_stride_t + heads[:, None] * o_stride_h + d_offs[None, :],
@@ -152,6 +184,14 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tup
     return page, min(64, page)
 
 
+def _scales(k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
+            unread: torch.Tensor) -> tuple[bool, torch.Tensor, torch.Tensor]:
+    """(quantized, k_scale, v_scale) kernel arguments; ``unread`` stands in for a float cache's."""
+    if check_cache_scales(k_cache.dtype, k_scale, v_scale) is None:
+        return False, unread, unread
+    return True, scale_arg(k_scale, k_cache.device), scale_arg(v_scale, k_cache.device)
+
+
 def decode_splits(num_seqs: int, num_kv_heads: int, max_ctx_len: int, device: torch.device,
                   min_partition: int = 128) -> int:
     """Key splits so that ~2 programs per multiprocessor run, none under ``min_partition`` keys."""
@@ -168,8 +208,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            q_rows: torch.Tensor, out: torch.Tensor, *, scale: float,
                            alibi_slopes: torch.Tensor | None = None,
                            sliding_window: int | None = None, max_ctx_len: int | None = None,
-                           num_splits: int | None = None) -> torch.Tensor:
+                           num_splits: int | None = None, k_scale: torch.Tensor | None = None,
+                           v_scale: torch.Tensor | None = None) -> torch.Tensor:
     page, block_n = _check(q, k_cache, v_cache)
+    quant, k_arg, v_arg = _scales(k_cache, k_scale, v_scale, ctx_lens)
     b, hq, d = q_rows.shape[0], q.shape[1], q.shape[2]
     hkv = k_cache.shape[1]
     if b == 0:
@@ -187,12 +229,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _decode_kernel[(b, hkv, splits)](
         q, q.stride(0), q.stride(1), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables, block_tables.stride(0), ctx_lens, q_rows, out,
-        out.stride(0), out.stride(1), part, ml, slopes, scale * LOG2E,
+        out.stride(0), out.stride(1), part, ml, slopes, k_arg, v_arg, scale * LOG2E,
         sliding_window or 0, partition, splits, GROUP=group,
         M_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, D_PAD=d_pad, PAGE=page,
         BLOCK_N=block_n, SPLIT=splits > 1, ALIBI=alibi_slopes is not None,
-        WINDOW=sliding_window is not None,
-        PRECISION=_precision(q.dtype), num_warps=4, num_stages=2)
+        WINDOW=sliding_window is not None, PRECISION=_precision(q.dtype), QUANT=quant,
+        num_warps=4, num_stages=2)
     if splits > 1:
         _merge_kernel[(b, hq)](part, ml, ctx_lens, q_rows, out, out.stride(0), out.stride(1), hq,
                                partition, splits, HEAD_DIM=d, D_PAD=d_pad,
@@ -203,10 +245,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 @triton.jit
 def _prefill_tiles(q, m_i, l_i, acc, k_ptr, v_ptr, table, cache, c_stride_b, c_stride_r,
                    start, stop, hi,
-                   qpos, d_mask, qk_scale, slopes, window, rows_per_block, kv_row,
-                   PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                   qpos, d_mask, qk_scale, slopes, window, rows_per_block, kv_row, k_scale,
+                   v_scale, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                    WINDOW: tl.constexpr, ALIBI: tl.constexpr, PRECISION: tl.constexpr,
-                   TMA: tl.constexpr):
+                   TMA: tl.constexpr, QUANT: tl.constexpr):
     """Online softmax over key tiles [start, stop); MASKED applies causal/window/length masks."""
     n_offs = tl.arange(0, BLOCK_N)
     for n0 in range(start, stop, BLOCK_N):
@@ -215,8 +257,8 @@ def _prefill_tiles(q, m_i, l_i, acc, k_ptr, v_ptr, table, cache, c_stride_b, c_s
             block = tl.load(table + n0 // PAGE)
             row0 = block * rows_per_block + kv_row + n0 % PAGE
             m_i, l_i, acc = _tma_update(q, m_i, l_i, acc, k_ptr, v_ptr, row0, kpos, hi, qpos,
-                                        qk_scale, slopes, window, MASKED, WINDOW, ALIBI,
-                                        PRECISION)
+                                        qk_scale, slopes, window, k_scale, v_scale, MASKED,
+                                        WINDOW, ALIBI, PRECISION, QUANT)
         else:
             if BLOCK_N <= PAGE:  # the tile lies in one block: one table entry
                 block = tl.load(table + n0 // PAGE).to(tl.int64)
@@ -227,26 +269,26 @@ def _prefill_tiles(q, m_i, l_i, acc, k_ptr, v_ptr, table, cache, c_stride_b, c_s
                     + (kpos % PAGE - n_offs)[:, None] * c_stride_r + cache
             if MASKED:
                 kmask = kpos < hi
-                s = _tile_scores(q, k_ptr + base, kpos, kmask, d_mask, qk_scale, slopes, ALIBI,
-                                 PRECISION)
+                s = _tile_scores(q, k_ptr + base, kpos, kmask, d_mask, qk_scale, slopes, k_scale,
+                                 ALIBI, PRECISION, QUANT)
                 allowed = (kpos[None, :] <= qpos[:, None]) & kmask[None, :]
                 if WINDOW:
                     allowed &= kpos[None, :] > qpos[:, None] - window
                 m_i, l_i, acc = _online_update(s, allowed, m_i, l_i, acc, v_ptr + base, kmask,
-                                               d_mask, PRECISION)
+                                               d_mask, v_scale, PRECISION, q.dtype, QUANT)
             else:
                 m_i, l_i, acc = _unmasked_update(q, m_i, l_i, acc, k_ptr + base, v_ptr + base,
-                                                 kpos, d_mask, qk_scale, slopes, ALIBI,
-                                                 PRECISION)
+                                                 kpos, d_mask, qk_scale, slopes, k_scale,
+                                                 v_scale, ALIBI, PRECISION, QUANT)
     return m_i, l_i, acc
 
 
 @triton.jit
 def _tma_update(q, m_i, l_i, acc, k_desc, v_desc, row0, kpos, hi, qpos, qk_scale, slopes, window,
-                MASKED: tl.constexpr, WINDOW: tl.constexpr, ALIBI: tl.constexpr,
-                PRECISION: tl.constexpr):
+                k_scale, v_scale, MASKED: tl.constexpr, WINDOW: tl.constexpr,
+                ALIBI: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr):
     """One key tile through the tensor-memory accelerator (whole rows: head_dim == D_PAD)."""
-    k = k_desc.load([row0, 0])
+    k = _dequant(k_desc.load([row0, 0]), k_scale, q.dtype, QUANT)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if ALIBI:
         s += slopes[:, None] * kpos.to(tl.float32)[None, :]
@@ -258,22 +300,22 @@ def _tma_update(q, m_i, l_i, acc, k_desc, v_desc, row0, kpos, hi, qpos, qk_scale
     m_new = tl.maximum(m_i, tl.max(s, 1))
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
-    v = v_desc.load([row0, 0])
+    v = _dequant(v_desc.load([row0, 0]), v_scale, q.dtype, QUANT)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i * alpha + tl.sum(p, 1), acc
 
 
 @triton.jit
-def _unmasked_update(q, m_i, l_i, acc, k_ptrs, v_ptrs, kpos, d_mask, qk_scale, slopes,
-                     ALIBI: tl.constexpr, PRECISION: tl.constexpr):
-    k = tl.load(k_ptrs, mask=d_mask[None, :], other=0.0)
+def _unmasked_update(q, m_i, l_i, acc, k_ptrs, v_ptrs, kpos, d_mask, qk_scale, slopes, k_scale,
+                     v_scale, ALIBI: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr):
+    k = _dequant(tl.load(k_ptrs, mask=d_mask[None, :], other=0.0), k_scale, q.dtype, QUANT)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if ALIBI:
         s += slopes[:, None] * kpos.to(tl.float32)[None, :]
     m_new = tl.maximum(m_i, tl.max(s, 1))
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
-    v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0)
+    v = _dequant(tl.load(v_ptrs, mask=d_mask[None, :], other=0.0), v_scale, q.dtype, QUANT)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i * alpha + tl.sum(p, 1), acc
 
@@ -281,11 +323,11 @@ def _unmasked_update(q, m_i, l_i, acc, k_ptrs, v_ptrs, kpos, d_mask, qk_scale, s
 @triton.jit(do_not_specialize=["window", "rows_per_block"])
 def _prefill_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_stride_h,
                     c_stride_r, table_ptr, table_stride, ctx_ptr, starts_ptr, lens_ptr, out_ptr,
-                    o_stride_t, o_stride_h, slopes_ptr, qk_scale, window, rows_per_block,
-                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-                    PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    ALIBI: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr,
-                    TMA: tl.constexpr):
+                    o_stride_t, o_stride_h, slopes_ptr, k_scale_ptr, v_scale_ptr, qk_scale, window,
+                    rows_per_block, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    D_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
+                    PRECISION: tl.constexpr, TMA: tl.constexpr, QUANT: tl.constexpr):
     b = tl.program_id(0)
     mt = tl.num_programs(1) - 1 - tl.program_id(1)  # causal: the heaviest tiles start first
     h = tl.program_id(2)
@@ -307,6 +349,7 @@ def _prefill_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_s
     slopes = tl.zeros([BLOCK_M], tl.float32)
     if ALIBI:
         slopes += tl.load(slopes_ptr + h) * 1.4426950408889634
+    k_scale, v_scale = _load_scales(k_scale_ptr, v_scale_ptr, QUANT)
     kvh = h // GROUP
     hi = tl.minimum(ctx, first + BLOCK_M)
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
@@ -325,16 +368,16 @@ def _prefill_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_s
                              * BLOCK_N)
         m_i, l_i, acc = _prefill_tiles(q, m_i, l_i, acc, k_ptr, v_ptr, table, cache, c_stride_b,
                                        c_stride_r, lo, full_lo, hi, qpos, d_mask, qk_scale, slopes,
-                                       window, rows_per_block, kvh * PAGE, PAGE, BLOCK_N,
-                                       True, WINDOW, ALIBI, PRECISION, TMA)
+                                       window, rows_per_block, kvh * PAGE, k_scale, v_scale, PAGE,
+                                       BLOCK_N, True, WINDOW, ALIBI, PRECISION, TMA, QUANT)
     m_i, l_i, acc = _prefill_tiles(q, m_i, l_i, acc, k_ptr, v_ptr, table, cache, c_stride_b,
                                    c_stride_r, full_lo, diag, hi, qpos, d_mask, qk_scale, slopes,
-                                   window, rows_per_block, kvh * PAGE, PAGE, BLOCK_N,
-                                   False, WINDOW, ALIBI, PRECISION, TMA)
+                                   window, rows_per_block, kvh * PAGE, k_scale, v_scale, PAGE,
+                                   BLOCK_N, False, WINDOW, ALIBI, PRECISION, TMA, QUANT)
     m_i, l_i, acc = _prefill_tiles(q, m_i, l_i, acc, k_ptr, v_ptr, table, cache, c_stride_b,
                                    c_stride_r, diag, hi, hi, qpos, d_mask, qk_scale, slopes,
-                                   window, rows_per_block, kvh * PAGE, PAGE, BLOCK_N,
-                                       True, WINDOW, ALIBI, PRECISION, TMA)
+                                   window, rows_per_block, kvh * PAGE, k_scale, v_scale, PAGE,
+                                   BLOCK_N, True, WINDOW, ALIBI, PRECISION, TMA, QUANT)
     o = acc / l_i[:, None]
     tl.store(out_ptr + rows[:, None] * o_stride_t + h * o_stride_h + d_offs[None, :],
              o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
@@ -361,10 +404,12 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             scale: float, alibi_slopes: torch.Tensor | None = None,
                             sliding_window: int | None = None, max_q_len: int | None = None,
                             max_ctx_len: int | None = None,
-                            config: tuple | None = None) -> torch.Tensor:
+                            config: tuple | None = None, k_scale: torch.Tensor | None = None,
+                            v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``config``: (BLOCK_M, BLOCK_N, num_warps, num_stages[, tma]), default
     :func:`prefill_config`; ``tma`` loads key/value tiles through tensor descriptors."""
     page, _ = _check(q, k_cache, v_cache)
+    quant, k_arg, v_arg = _scales(k_cache, k_scale, v_scale, ctx_lens)
     b, hq, d = q_starts.shape[0], q.shape[1], q.shape[2]
     if b == 0:
         return out
@@ -386,9 +431,9 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     _prefill_kernel[grid](
         q, q.stride(0), q.stride(1), keys, values, k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables, block_tables.stride(0), ctx_lens, q_starts, q_lens, out,
-        out.stride(0), out.stride(1), slopes, scale * LOG2E, sliding_window or 0,
+        out.stride(0), out.stride(1), slopes, k_arg, v_arg, scale * LOG2E, sliding_window or 0,
         k_cache.stride(0) // d,
         GROUP=hq // k_cache.shape[1], HEAD_DIM=d, D_PAD=d_pad, PAGE=page, BLOCK_M=block_m,
         BLOCK_N=block_n, ALIBI=alibi_slopes is not None, WINDOW=sliding_window is not None,
-        PRECISION=_precision(q.dtype), TMA=tma, num_warps=warps, num_stages=stages)
+        PRECISION=_precision(q.dtype), TMA=tma, QUANT=quant, num_warps=warps, num_stages=stages)
     return out

@@ -38,7 +38,7 @@ def check_cache_scales(cache_dtype: torch.dtype, k_scale: torch.Tensor | None,
                        v_scale: torch.Tensor | None) -> str | None:
     """The formats dtype name of a quantized cache (None for a float one); checks the scales."""
     quantized = QUANTIZED_CACHE.get(cache_dtype)
-    if (quantized is not None) != (k_scale is not None and v_scale is not None):
+    if any((quantized is not None) != (scale is not None) for scale in (k_scale, v_scale)):
         raise ValueError(f"a {cache_dtype} KV cache needs k_scale and v_scale exactly when it is "
                          f"quantized (float8_e4m3fn or int8)")
     return quantized
