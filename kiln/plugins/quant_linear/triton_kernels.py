@@ -309,8 +309,9 @@ def _int_epilogue_kernel(acc_ptr, s_ptr, ws_ptr, b_ptr, y_ptr, m, n, stride_ym,
 
 
 # --------------------------------------------------------------------------- configs
-# From benchmarks/quant_kernels.py on an H200 (benchmarks/quant_kernels_results.json, the
-# "sweep" entries): medians of CUDA-graph replays over weight copies larger than L2.
+# NOT tuned yet: first guesses from the bf16 gemv's table (kiln/plugins/gemv), scaled for
+# 1-byte weights. benchmarks/quant_kernels.py (without --no-sweep) times the candidates; its
+# first H200 run (benchmarks/quant_kernels_results.json) ran with --no-sweep.
 
 
 def w8_gemv_config(n: int, k: int) -> tuple[int, int, int, int]:
