@@ -91,6 +91,9 @@ def calls(fmt: str, path: str, x: torch.Tensor, weights, group: int, config=None
           dynamic: bool = False) -> list:
     from kiln.plugins.quant_linear.triton_kernels import PATHS
     s = None if dynamic else torch.tensor([0.01], device="cuda")
+    if fmt == "bf16" and path == "gemv":  # kiln's bf16 batch-1 path (kiln.plugins.gemv)
+        from kiln.plugins.gemv.triton_kernels import gemv
+        return [lambda w=w: gemv(x, w[0]) for w in weights]
     if fmt == "bf16":
         return [lambda w=w: F.linear(x, w[0]) for w in weights]
     if fmt == "int4":
@@ -105,13 +108,13 @@ def calls(fmt: str, path: str, x: torch.Tensor, weights, group: int, config=None
 
 def paths_at(fmt: str, m: int) -> list[str]:
     if fmt == "bf16":
-        return ["cublas"]
+        return ["cublas", "gemv"] if m == 1 else ["cublas"]
     first = ["gemv"] if m == 1 else []
     if fmt == "fp8":
         return first + ["triton", "scaled_mm"] if m > 1 else first
     if fmt == "int8_sq":
         return first + (["triton"] if m > 1 else []) + (["int_mm"] if m > 16 else [])
-    return first if m == 1 else ["triton"]
+    return first if m == 1 else ["triton", "dequant"]
 
 
 def record(results, fmt, path, name, n, k, m, group, weights, sec, **extra):
@@ -123,14 +126,14 @@ def record(results, fmt, path, name, n, k, m, group, weights, sec, **extra):
           f"{row['tbps']:6.2f} TB/s {row['tflops']:7.1f} TFLOP/s {extra or ''}", flush=True)
 
 
-def main_cases(results):
+def main_cases(results, ms=MS):
     for name, (n, k) in SHAPES.items():
         for fmt, group in [("bf16", 0), ("fp8", 0), ("int8_sq", 0), ("int8_wo", 0),
                            ("int4", 128), ("int4", 64)]:
             probe = make_weights(fmt, n, k, group or 128, 1)
             weights = probe + make_weights(fmt, n, k, group or 128,
                                            copies_for(nbytes(probe[0])) - 1)
-            for m in MS:
+            for m in ms:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 for path in paths_at(fmt, m):
                     sec = time_calls(calls(fmt, path, x, weights, group))
@@ -174,12 +177,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--ms", default=",".join(map(str, MS)),
+                        help="token counts of the main cases (comma-separated)")
     args = parser.parse_args()
     torch.manual_seed(0)
     results: list[dict] = []
     copy = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy {copy:.2f} TB/s (read + write)")
-    main_cases(results)
+    main_cases(results, [int(m) for m in args.ms.split(",")])
     if not args.no_sweep:
         sweeps(results)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,9 @@ def case(float_checkpoint, tmp_path, qformat, kv=None, dtype="bfloat16"):
     ckpt = quantize_checkpoint(float_checkpoint, tmp_path / "q", qformat, kv_cache_dtype=kv,
                                group_size=32 if qformat.startswith("int4") else None)
     build(ckpt, tmp_path / "e", backend="torch", dtype=dtype, **LIMITS)
-    _, executor = open_engine(tmp_path / "e", ExecutorOptions(device="cuda"))
+    # a small cache: test workers share the GPU (pytest -n), each would take 90% of what is free
+    _, executor = open_engine(tmp_path / "e", ExecutorOptions(
+        device="cuda", kv_cache_free_gpu_memory_fraction=0.01))
     assert isinstance(executor, TorchExecutor) and executor.model.kernels.name == "triton"
     assert executor.graphs is not None
     got = []

@@ -163,6 +163,18 @@ def test_every_w8a8_path(name, path, per_channel, static, m):
     _check(name, args, torch.bfloat16, path=path)
 
 
+@pytest.mark.parametrize("m", [3, 100, 300])
+@pytest.mark.parametrize("fmt,path", [("int8_wo", "triton"), ("int8_wo", "dequant"),
+                                      ("int4", "triton"), ("int4", "dequant")], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_every_weight_only_path(fmt, path, m, dtype):
+    """Each weight-only path at M it is not chosen for, ragged N (K whole groups)."""
+    device = triton_device()
+    _skip(dtype, device, fmt)
+    name, args = _case(fmt, 200, 512, m, dtype, device, bias=True)
+    _check(name, args, dtype, path=path)
+
+
 @pytest.mark.parametrize("fmt", ["fp8", "int8_sq", "int8_wo", "int4"])
 @pytest.mark.parametrize("m", [1, 16, 100])
 def test_cuda_graph_capture(fmt, m):

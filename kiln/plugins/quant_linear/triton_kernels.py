@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -52,9 +53,17 @@ def _round_half_even(v):
 
 
 @triton.jit
-def _quantize(x, s, ACT: tl.constexpr):
-    """The quantized values of ``x / s`` as float32 (fp8 e4m3 or int8, the reference's rule)."""
-    v = tl.math.div_rn(x, s)  # IEEE division, as the reference (plain '/' is approximate)
+def _quantize(x, s, inv_s, ACT: tl.constexpr, EXACT: tl.constexpr):
+    """The quantized values of ``x / s`` as float32 (fp8 e4m3 or int8, the reference's rule).
+    ``EXACT``: IEEE division, as the reference (the activation-quantization pass of the GEMMs);
+    else ``x * inv_s`` with ``inv_s = 1 / s`` computed once (the GEMV, which quantizes x in
+    every program: the per-element division cost 10-25% of its speed on an H200). The product
+    is within an ulp of the quotient, so a value rounds the other way only within an ulp of a
+    rounding tie."""
+    if EXACT:
+        v = tl.math.div_rn(x, s)
+    else:
+        v = x * inv_s
     if ACT == 1:
         return tl.clamp(v, -448.0, 448.0).to(tl.float8e4nv).to(tl.float32)
     return _round_half_even(tl.clamp(v, -128.0, 127.0))
@@ -109,8 +118,10 @@ def _w8_gemv_kernel(x_ptr, w_ptr, ws_ptr, s_ptr, b_ptr, y_ptr, n, k, ACT: tl.con
     row_ok = rows < n
     w_rows = w_ptr + rows[:, None].to(tl.int64) * k
     s = 1.0
+    inv_s = 1.0
     if ACT != 0:
         s = _act_scale(x_ptr, s_ptr, k, ACT, DYNAMIC, BLOCK_K)
+        inv_s = tl.math.div_rn(1.0, s)
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     for k0 in range(0, k, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
@@ -118,7 +129,7 @@ def _w8_gemv_kernel(x_ptr, w_ptr, ws_ptr, s_ptr, b_ptr, y_ptr, n, k, ACT: tl.con
         w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0)
         x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         if ACT != 0:
-            x = _quantize(x, s, ACT)
+            x = _quantize(x, s, inv_s, ACT, False)
         if ACT == 1:  # fp8 weights arrive as their bytes (uint8): masked loads need 'other=0'
             acc += w.to(tl.float8e4nv, bitcast=True).to(tl.float32) * x[None, :]
         else:
@@ -148,7 +159,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, n, k, HALF: tl.constex
     w_rows = w_ptr + rows[:, None, None].to(tl.int64) * (k // 2)
     s_rows = ws_ptr + rows[:, None].to(tl.int64) * n_groups
     j = tl.arange(0, HALF)
-    acc = tl.zeros([BLOCK_N, GROUPS, HALF], tl.float32)
+    acc = tl.zeros([BLOCK_N, GROUPS], tl.float32)
     for g0 in range(0, n_groups, GROUPS):
         g = g0 + tl.arange(0, GROUPS)
         g_ok = g < n_groups
@@ -160,8 +171,9 @@ def _int4_gemv_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, n, k, HALF: tl.constex
         xh = tl.load(x_lo + HALF, mask=g_ok[:, None], other=0.0).to(tl.float32)
         s = tl.load(s_rows + g[None, :], mask=row_ok[:, None] & g_ok[None, :], other=0.0)
         lo, hi = _nibbles_to_f32(w.to(tl.int32))
-        acc += (lo * xl[None, :, :] + hi * xh[None, :, :]) * s[:, :, None]
-    y = tl.sum(tl.sum(acc, 2), 1)
+        # each group's dot first, its scale once per group (not once per weight)
+        acc += tl.sum(lo * xl[None, :, :] + hi * xh[None, :, :], 2) * s
+    y = tl.sum(acc, 1)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
@@ -274,6 +286,58 @@ def _int4_gemm_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, m, n, k, stride_xm, st
                 HAS_BIAS)
 
 
+# --------------------------------------------------------------------------- dequantization
+
+
+@triton.jit
+def _dequant_int8_kernel(w_ptr, ws_ptr, out_ptr, n, k, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+    """out[n, k] = w[n, k] * ws[n] in out's dtype (weight-only INT8, for cuBLAS)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ok = (rows < n)[:, None] & (cols < k)[None, :]
+    offs = rows[:, None].to(tl.int64) * k + cols[None, :]
+    w = _int8_to_f32(tl.load(w_ptr + offs, mask=ok, other=0))
+    s = tl.load(ws_ptr + rows, mask=rows < n, other=0.0)
+    tl.store(out_ptr + offs, (w * s[:, None]).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _dequant_int4_kernel(w_ptr, ws_ptr, out_ptr, n, k, HALF: tl.constexpr,
+                         BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
+    """out[n, k] = value * its group's scale in out's dtype (split-group INT4, for cuBLAS)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    j = tl.arange(0, HALF)
+    n_groups = k // (2 * HALF)
+    ok = (rows < n)[:, None, None] & (g < n_groups)[None, :, None]
+    byte = rows[:, None, None].to(tl.int64) * (k // 2) + (g[:, None] * HALF + j[None, :])[None]
+    lo, hi = _nibbles_to_f32(tl.load(w_ptr + byte, mask=ok, other=0).to(tl.int32))
+    s = tl.load(ws_ptr + rows[:, None].to(tl.int64) * n_groups + g[None, :],
+                mask=(rows < n)[:, None] & (g < n_groups)[None, :], other=0.0)[:, :, None]
+    out = out_ptr + rows[:, None, None].to(tl.int64) * k + (g[:, None] * (2 * HALF) + j[None, :])[None]
+    tl.store(out, (lo * s).to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out + HALF, (hi * s).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def dequantize_int8(weight: torch.Tensor, ws: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    n, k = weight.shape
+    out = torch.empty((n, k), dtype=dtype, device=weight.device)
+    _dequant_int8_kernel[(triton.cdiv(n, 16), triton.cdiv(k, 256))](
+        weight, ws, out, n, k, BLOCK_N=16, BLOCK_K=256, num_warps=4)
+    return out
+
+
+def dequantize_int4(weight: torch.Tensor, ws: torch.Tensor, group_size: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    n, k = weight.shape[0], 2 * weight.shape[1]
+    out = torch.empty((n, k), dtype=dtype, device=weight.device)
+    groups = max(1, 128 // group_size)
+    _dequant_int4_kernel[(triton.cdiv(n, 16), triton.cdiv(k // group_size, groups))](
+        weight, ws, out, n, k, HALF=group_size // 2, BLOCK_N=16, GROUPS=groups, num_warps=4)
+    return out
+
+
 # --------------------------------------------------------------------------- activations
 
 
@@ -287,7 +351,7 @@ def _quant_rows_kernel(x_ptr, s_in_ptr, q_ptr, s_out_ptr, k, stride_xm, ACT: tl.
     for k0 in range(0, k, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_row + cols, mask=cols < k, other=0.0).to(tl.float32)
-        q = _quantize(x, s, ACT)
+        q = _quantize(x, s, s, ACT, True)
         tl.store(q_ptr + row.to(tl.int64) * k + cols, q.to(q_ptr.dtype.element_ty), mask=cols < k)
     tl.store(s_out_ptr + row, s)
 
@@ -426,10 +490,10 @@ def _launch_w8_gemm(a, weight, ws, a_scale, bias, out_dtype, mode, config=None):
 def _quantize_rows(x, input_scale, act):
     """(q [M, K] fp8/int8, s [M] float32) by the Triton activation kernel."""
     m, k = x.shape
-    if act == _ACT_FP8:  # torch ops: the Triton kernel's fp8 rows disagreed with the reference
-        q, s = quantize_fp8_input(x, input_scale)  # on a few elements (H200): to look into
-        return q, s.reshape(-1).expand(m).contiguous()
-    q = torch.empty((m, k), dtype=torch.int8,
+    # One Triton pass dividing exactly, as the reference (_quantize); the torch ops it replaced
+    # for fp8 made four passes over [M, K] float32 and cost FP8 prefill its lead over bf16 on o
+    # and down (H200).
+    q = torch.empty((m, k), dtype=torch.float8_e4m3fn if act == _ACT_FP8 else torch.int8,
                     device=x.device)
     s = torch.empty(m, dtype=torch.float32, device=x.device)
     _quant_rows_kernel[(m,)](x, input_scale if input_scale is not None else s, q, s, k,
@@ -536,11 +600,26 @@ def _int4_triton(x, weight, ws, group_size, bias, config=None):
     return y
 
 
+def _int8_wo_dequant(x, weight, ws, bias, config=None):
+    """Prefill: the weight dequantized into x's dtype once (3 bytes of traffic per weight),
+    then cuBLAS: the Triton GEMM converts each tile once per token tile instead."""
+    return F.linear(x, dequantize_int8(weight, ws, x.dtype), bias)
+
+
+def _int4_dequant(x, weight, ws, group_size, bias, config=None):
+    return F.linear(x, dequantize_int4(weight, ws, group_size, x.dtype), bias)
+
+
+# Smallest M where weight-only projections dequantize and call cuBLAS (benchmarks/quant_kernels.py).
+DEQUANT_MIN_M = 256
+
 PATHS = {
     "fp8_linear": {"gemv": _fp8_gemv, "triton": _fp8_triton, "scaled_mm": _fp8_scaled_mm},
     "int8_w8a8_linear": {"gemv": _int8_gemv, "triton": _int8_triton, "int_mm": _int8_int_mm},
-    "int8_weight_only_linear": {"gemv": _int8_wo_gemv, "triton": _int8_wo_triton},
-    "int4_weight_only_linear": {"gemv": _int4_gemv, "triton": _int4_triton},
+    "int8_weight_only_linear": {"gemv": _int8_wo_gemv, "triton": _int8_wo_triton,
+                                "dequant": _int8_wo_dequant},
+    "int4_weight_only_linear": {"gemv": _int4_gemv, "triton": _int4_triton,
+                                "dequant": _int4_dequant},
 }
 
 
@@ -582,7 +661,11 @@ def int8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale:
                             bias: torch.Tensor | None = None) -> torch.Tensor:
     m, n, k = _check_x_weight("int8_weight_only_linear", x, weight, torch.int8)
     ws, _, b = _scales("int8_weight_only_linear", x, n, weight_scale, False, None, bias)
-    return _run(x, n, "gemv" if m == 1 else "triton", "int8_weight_only_linear", weight, ws, b)
+    return _run(x, n, weight_only_path(m), "int8_weight_only_linear", weight, ws, b)
+
+
+def weight_only_path(m: int) -> str:
+    return "gemv" if m == 1 else "triton" if m < DEQUANT_MIN_M else "dequant"
 
 
 def int4_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -595,7 +678,7 @@ def int4_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale:
                          f"group of {group_size}), found {tuple(weight_scale.shape)}")
     ws = weight_scale.float().contiguous()
     b = _vector(fn, "bias", bias, (n,))
-    return _run(x, n, "gemv" if m == 1 else "triton", fn, weight, ws, group_size, b)
+    return _run(x, n, weight_only_path(m), fn, weight, ws, group_size, b)
 
 
 def _run(x: torch.Tensor, n: int, path: str, fn: str, *args) -> torch.Tensor:
