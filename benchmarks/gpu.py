@@ -414,25 +414,47 @@ def throughput(results: dict, ex: TorchExecutor, n: int, batches: list[int], out
 
 
 def engine_core(results: dict, ex: TorchExecutor, n: int) -> None:
-    """The runtime's own loop (EngineCore: scheduler + sampling), same workloads."""
+    """The runtime's own loop (EngineCore: scheduler + sampling), same workloads, in both
+    modes: async scheduling (the default: step n+1 launched before step n's tokens are read)
+    and the synchronous loop; beside them the bare executor loop (run_requests) on the
+    throughput workload. Keys without a suffix are the default (async) mode."""
     from kiln.runtime.core import EngineCore
     from kiln.runtime.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
-    for label, count in (("engine_decode", 1), ("engine_throughput", n)):
-        core = EngineCore(ex)
-        prompts = random_prompts(count, 128, ex.vocab_size, 4)
-        started = time.perf_counter()
-        requests = [core.add_request(p, params) for p in prompts]
+    warm = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    for mode in (True, False):  # warm up the mixed-step shapes of both loops (the first
+        core = EngineCore(ex, async_scheduling=mode)  # large workload compiles kernels)
+        for p in random_prompts(n, 128, ex.vocab_size, 7):
+            core.add_request(p, warm)
         while core.has_work():
             core.step()
-        seconds = time.perf_counter() - started
-        tokens = sum(len(r.output_ids) for r in requests)
-        results[f"{label}_tok_s"] = tokens / seconds
-        if count == 1:
-            times = requests[0].token_times
-            results[f"{label}_tok_s"] = (len(times) - 1) / (times[-1] - times[0])
-        log.info("%s (EngineCore): %.1f tok/s", label, results[f"{label}_tok_s"])
+    for mode, suffix in ((True, ""), (False, "_sync")):
+        for label, count in (("engine_decode", 1), ("engine_throughput", n)):
+            core = EngineCore(ex, async_scheduling=mode)
+            prompts = random_prompts(count, 128, ex.vocab_size, 4)
+            started = time.perf_counter()
+            requests = [core.add_request(p, params) for p in prompts]
+            while core.has_work():
+                core.step()
+            seconds = time.perf_counter() - started
+            key = f"{label}{suffix}_tok_s"
+            results[key] = sum(len(r.output_ids) for r in requests) / seconds
+            if count == 1:
+                times = requests[0].token_times
+                results[key] = (len(times) - 1) / (times[-1] - times[0])
+                results[f"{label}{suffix}_wall_step_ms"] = 1e3 / results[key]
+            log.info("%s (EngineCore, %s): %.1f tok/s", label,
+                     "async" if mode else "sync", results[key])
+    run = run_requests(ex, random_prompts(n, 128, ex.vocab_size, 4), 128)
+    results["engine_executor_loop_tok_s"] = run.output_tokens / run.seconds
+    for suffix in ("", "_sync"):
+        results[f"engine{suffix}_vs_executor_loop"] = \
+            results[f"engine_throughput{suffix}_tok_s"] / results["engine_executor_loop_tok_s"]
+    log.info("executor loop (run_requests), same %d requests: %.0f tok/s; EngineCore async "
+             "%.1f%%, sync %.1f%% of it", n, results["engine_executor_loop_tok_s"],
+             100 * results["engine_vs_executor_loop"],
+             100 * results["engine_sync_vs_executor_loop"])
 
 
 def hf_section(results: dict, config: DecoderConfig, tensors, kiln_logits) -> None:

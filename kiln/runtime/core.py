@@ -21,6 +21,37 @@ engine's max_seq_len), ``abort`` (asked by the caller), ``error`` (the request c
 served by this executor, or its logits turned non-finite: NaN or Inf, as from corrupt weights or
 a 16-bit overflow; its message is in :attr:`Request.error`, and the other requests go on).
 
+Async scheduling (the default on executors with ``supports_async``: the torch executor, on CUDA
+and on the CPU; ``EngineCore(..., async_scheduling=False)``, and other executors such as onnx and
+tensorrt, run the synchronous loop above). The host prepares step n+1 while the device runs
+step n, and reads step n's tokens once per step:
+
+1. step n is launched: its forward, then the sampling of its rows on the device
+   (:func:`~kiln.runtime.sampling.launch_rows`); the tokens stay in a device tensor. Each
+   request that sampled is assumed to go on, and the scheduler gets a placeholder for its token
+   (:data:`~kiln.runtime.scheduler.PLACEHOLDER`), unless it certainly ends at n (max_tokens, or
+   max_seq_len, which caps max_tokens): that one leaves the scheduler at once, its slot free
+   for step n+1 as in the synchronous loop.
+2. the next :meth:`EngineCore.step` schedules step n+1 with those placeholders and launches its
+   forward; a placeholder chunk takes its token from step n's device tensor
+   (:class:`~kiln.runtime.executor.DeviceTokens`), so the host needs no value from step n.
+3. only then it reads step n's tokens (one transfer, waiting on an event of step n's sampling,
+   not on step n+1), fills the placeholders, detokenizes and applies stop conditions.
+4. it launches step n+1's sampling with every request's full token history (penalties) and
+   returns step n's deltas.
+
+So a request gets the tokens of the synchronous loop: the same tokens fed at the same positions,
+the same sampling rules and generator draws, hence the same logits up to the executor's batch
+invariance (the two loops may batch a request with different company, as the synchronous loop
+itself does when requests arrive at other times; float GEMMs can differ in the last bit). A
+request that stopped at
+n (EOS, stop token or string, non-finite logits) or was aborted while a row of it was in flight
+wastes that row: its result is dropped, and its slot is released now, while the launched step
+n+1 may still write its KV blocks. That is safe because the executor runs steps in launch order
+on one stream (its ``supports_async`` contract): a later owner of those blocks writes them only
+in a step launched later, after the stray write, and reads only what it wrote itself. Prompt
+logprobs steps still read their context logits on the host at their sampling launch.
+
 The core leaves process-wide settings alone (torch's thread count included): CPU sampling runs
 in numpy so that it never wakes torch's thread pool (see :mod:`kiln.runtime.sampling`).
 
@@ -34,14 +65,20 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import torch
-
 from kiln.runtime.detokenize import IncrementalDetokenizer, StopStringMatcher
 from kiln.runtime.errors import RequestError
-from kiln.runtime.executor import Executor, StepLogits
+from kiln.runtime.executor import DeviceTokens, Executor, StepLogits
 from kiln.runtime.params import SamplingParams, TokenLogprobs
-from kiln.runtime.sampling import Generators, Row, context_logprobs, sample_rows
-from kiln.runtime.scheduler import Policy, Scheduler, SchedulerOutput
+from kiln.runtime.sampling import (
+    Generators,
+    Picked,
+    Row,
+    SampledRows,
+    context_logprobs,
+    launch_rows,
+    sample_rows,
+)
+from kiln.runtime.scheduler import PLACEHOLDER, Policy, Scheduler, SchedulerOutput
 from kiln.runtime.tokenizer import ModelTokenizer
 
 logger = logging.getLogger(__name__)
@@ -92,11 +129,30 @@ class RequestDelta:
         return self.finish_reason is not None
 
 
+@dataclass
+class _InFlight:
+    """A launched step whose sampled tokens are still on the device (async scheduling)."""
+
+    rows: list[tuple[int, Request, bool]]  # (logits row, request, placeholder appended)
+    sampled: SampledRows | None  # None when no row samples
+    placeholders: dict[str, int]  # request id -> its logits row, for each placeholder
+
+
 class EngineCore:
-    """Scheduler + executor + per-request sampling (see the module docstring)."""
+    """Scheduler + executor + per-request sampling (see the module docstring).
+
+    ``async_scheduling``: overlap the host's work with the device's (module docstring); None
+    (the default) where the executor supports it, False never; True where it cannot is said
+    at INFO, and the synchronous loop runs."""
 
     def __init__(self, executor: Executor, tokenizer: ModelTokenizer | None = None,
-                 policy: Policy | None = None):
+                 policy: Policy | None = None, async_scheduling: bool | None = None):
+        self.async_scheduling = async_scheduling is not False and executor.supports_async
+        if async_scheduling and not executor.supports_async:
+            logger.info("%s cannot take tokens still on the device; the engine runs the "
+                        "synchronous loop (one host round trip between steps)",
+                        type(executor).__name__)
+        self._inflight: _InFlight | None = None
         self.executor = executor
         self.tokenizer = tokenizer
         self.limits = executor.limits
@@ -161,7 +217,7 @@ class EngineCore:
                                f"vocabulary [0, {vocab})")
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._inflight is not None
 
     def abort(self, request_id: str) -> RequestDelta | None:
         """End a request now (its slot is freed); None if it is unknown or already finished."""
@@ -178,13 +234,81 @@ class EngineCore:
             return [self._fail(self.requests[stalled.request_id],
                                f"needs {stalled.capacity} tokens of KV cache, more than the "
                                f"executor can ever hold; lower max_tokens or the prompt")]
+        if self.async_scheduling:
+            return self._step_async()
         output = self.scheduler.schedule()
         if output.empty:
             return []
         logits = self.executor.step_logits([row.chunk for row in output.chunks])
         self.scheduler.commit(output)
         failed = self._prompt_logprobs(output, logits)
-        return failed + self._sample(output, logits.last, {d.request_id for d in failed})
+        deltas, sampled = self._to_sample(output, {d.request_id for d in failed})
+        picks = sample_rows(logits.last, self._rows(sampled))
+        now = time.perf_counter()
+        for (_, request), picked in zip(sampled, picks, strict=True):
+            deltas.append(self._take(request, picked, now, appended=False))
+        return failed + deltas
+
+    # -- async scheduling (module docstring) ---------------------------------------------
+    def _step_async(self) -> list[RequestDelta]:
+        """Launch step n+1, then collect step n and launch n+1's sampling; n's deltas.
+        With nothing in flight, step n is launched first (the pipeline fills)."""
+        deltas: list[RequestDelta] = []
+        if self._inflight is None:
+            output = self.scheduler.schedule()
+            if output.empty:
+                return []
+            deltas = self._launch(output, self._forward(output, None))
+        previous, self._inflight = self._inflight, None
+        output = self.scheduler.schedule()
+        logits = None if output.empty else self._forward(output, previous)
+        deltas += self._collect(previous)
+        if logits is not None:
+            deltas += self._launch(output, logits)
+        return deltas
+
+    def _forward(self, output: SchedulerOutput, previous: _InFlight | None) -> StepLogits:
+        """Launch the step's forward; placeholder tokens come from ``previous``'s ids."""
+        chunks = [row.chunk for row in output.chunks]
+        feeds = {j: previous.placeholders[row.request_id]
+                 for j, row in enumerate(output.chunks) if row.chunk.tokens[-1] == PLACEHOLDER}
+        pending = DeviceTokens(previous.sampled.ids, feeds) if feeds else None
+        logits = self.executor.step_logits(chunks, pending)
+        self.scheduler.commit(output)
+        return logits
+
+    def _launch(self, output: SchedulerOutput, logits: StepLogits) -> list[RequestDelta]:
+        """Score prompt chunks, launch the sampling of the step's rows and leave it in
+        flight; a placeholder for each request that goes on, the scheduler released for each
+        that certainly ends here. Deltas of the requests that ended without sampling."""
+        failed = self._prompt_logprobs(output, logits)
+        deltas, sampled = self._to_sample(output, {d.request_id for d in failed})
+        rows = []
+        for i, request in sampled:
+            goes_on = len(request.output_ids) + 1 < request.max_new_tokens
+            if goes_on:
+                self.scheduler.append(request.request_id, PLACEHOLDER)
+            else:  # its last KV write is in this launched step: the slot may be reused now
+                self.scheduler.finish(request.request_id)
+            rows.append((i, request, goes_on))
+        self._inflight = _InFlight(rows, launch_rows(logits.last, self._rows(sampled))
+                                   if sampled else None,
+                                   {r.request_id: i for i, r, appended in rows if appended})
+        return failed + deltas
+
+    def _collect(self, inflight: _InFlight) -> list[RequestDelta]:
+        """Read a launched step's tokens (the step's one host read) and apply them."""
+        if inflight.sampled is None:
+            return []
+        picks = inflight.sampled.collect()
+        now, deltas = time.perf_counter(), []
+        for (_, request, placeholder), picked in zip(inflight.rows, picks, strict=True):
+            if request.finished:  # aborted while its row was in flight: dropped
+                continue
+            if placeholder and picked is not None:
+                self.scheduler.fill(request.request_id, picked[0])
+            deltas.append(self._take(request, picked, now, appended=placeholder))
+        return deltas
 
     def _prompt_logprobs(self, output: SchedulerOutput, logits: StepLogits,
                          ) -> list[RequestDelta]:
@@ -209,35 +333,46 @@ class EngineCore:
             request.prompt_logprobs.extend(scored)
         return failed
 
-    def _sample(self, output: SchedulerOutput, logits: torch.Tensor,
-                failed: set[str] = frozenset()) -> list[RequestDelta]:
-        now = time.perf_counter()
-        sampled = [(i, self.requests[row.request_id]) for i, row in enumerate(output.chunks)
-                   if row.samples and row.request_id not in failed]
-        deltas = []
-        for _, request in [s for s in sampled if s[1].max_new_tokens == 0]:
-            self.scheduler.finish(request.request_id)  # scored, nothing to generate
-            deltas.append(self._finish(request, "length", None))
-        sampled = [s for s in sampled if s[1].max_new_tokens > 0]
-        picks = sample_rows(logits, [Row(i, r.params, r.prompt_ids, r.output_ids,
-                                         r.generators.on) for i, r in sampled])
-        for (_, request), picked in zip(sampled, picks, strict=True):
-            if picked is None:  # never sample garbage from NaN/Inf logits
-                deltas.append(self._fail(request, f"the model's logits for output token "
-                                         f"{len(request.output_ids) + 1} are not finite (NaN "
-                                         f"or Inf); the engine's weights or numerics are "
-                                         f"broken (check the checkpoint, or build in float32)"))
+    def _to_sample(self, output: SchedulerOutput, failed: set[str],
+                   ) -> tuple[list[RequestDelta], list[tuple[int, Request]]]:
+        """The step's rows that sample, (logits row, request), and the deltas of requests that
+        finish without sampling (max_tokens 0: scored only). Rows of finished requests (async:
+        stopped or aborted while this step was in flight) and of ``failed`` ones are skipped."""
+        deltas, sampled = [], []
+        for i, row in enumerate(output.chunks):
+            request = self.requests[row.request_id]
+            if not row.samples or request.finished or row.request_id in failed:
                 continue
-            token, logprobs = picked
-            request.output_ids.append(token)
-            request.token_times.append(now)
-            if logprobs is not None:
-                request.logprobs.append(logprobs)
-            deltas.append(self._advance(request, token, logprobs))
-        return deltas
+            if request.max_new_tokens == 0:
+                self.scheduler.finish(request.request_id)  # scored, nothing to generate
+                deltas.append(self._finish(request, "length", None))
+            else:
+                sampled.append((i, request))
+        return deltas, sampled
 
-    def _advance(self, request: Request, token: int,
-                 logprobs: TokenLogprobs | None) -> RequestDelta:
+    @staticmethod
+    def _rows(sampled: list[tuple[int, Request]]) -> list[Row]:
+        return [Row(i, r.params, r.prompt_ids, r.output_ids, r.generators.on)
+                for i, r in sampled]
+
+    def _take(self, request: Request, picked: Picked | None, now: float,
+              appended: bool) -> RequestDelta:
+        """Apply one sampled token (None: non-finite logits, the request fails);
+        ``appended``: the scheduler already holds it (async placeholder, filled)."""
+        if picked is None:  # never sample garbage from NaN/Inf logits
+            return self._fail(request, f"the model's logits for output token "
+                              f"{len(request.output_ids) + 1} are not finite (NaN or Inf); the "
+                              f"engine's weights or numerics are broken (check the checkpoint, "
+                              f"or build in float32)")
+        token, logprobs = picked
+        request.output_ids.append(token)
+        request.token_times.append(now)
+        if logprobs is not None:
+            request.logprobs.append(logprobs)
+        return self._advance(request, token, logprobs, appended)
+
+    def _advance(self, request: Request, token: int, logprobs: TokenLogprobs | None,
+                 appended: bool = False) -> RequestDelta:
         text = ""
         if request.detokenizer is not None:
             text = request.stops.push(request.detokenizer.push(token))
@@ -250,7 +385,8 @@ class EngineCore:
             reason = "length"
         request.text += text
         if reason is None:
-            self.scheduler.append(request.request_id, token)
+            if not appended:
+                self.scheduler.append(request.request_id, token)
             return RequestDelta(request.request_id, (token,), text, _one(logprobs))
         self.scheduler.finish(request.request_id)
         final = self._finish(request, reason, stop_reason)

@@ -20,6 +20,20 @@ Context logits: an executor whose engine was built with ``--gather_context_logit
 ``[len(tokens), vocab_size]`` for every token of each chunk marked ``context_logits`` (row j:
 the distribution of the token after ``tokens[j]``), on the same device as the last-token
 logits. Other executors refuse such a chunk (``RuntimeError``: the core checks first).
+
+Async scheduling (``supports_async``; the core's default loop where it is True): the core may
+launch step n+1 before it has read step n's sampled tokens to the host. Such an executor
+1. accepts ``step_logits(chunks, pending)``: :class:`DeviceTokens` names the chunks whose last
+   token is still on the device (the previous step's sampled ids; the chunk's own value there is
+   a placeholder); the executor writes ``pending.ids[row]`` into the step's token input on the
+   device, never reading it to the host;
+2. launches the step without reading anything from the device (no host sync): the returned
+   logits are device tensors whose values are ready in stream order;
+3. runs steps in launch order on one stream, so a write launched earlier lands earlier. The core
+   relies on it when it releases a slot whose blocks a launched step still writes (a request
+   that stopped at step n while its row of step n+1 was in flight): a later owner of those
+   blocks only writes them in a later step.
+Other executors (onnx, tensorrt) keep the synchronous loop and never get ``pending``.
 """
 
 from __future__ import annotations
@@ -42,6 +56,16 @@ class SequenceChunk:
 
 
 @dataclass(frozen=True)
+class DeviceTokens:
+    """Tokens a previous step sampled, still on the executor's device (async scheduling):
+    ``ids`` [rows] int64; ``feeds`` maps a chunk index of this step to the row of ``ids``
+    holding that chunk's last token (the chunk's own value there is a placeholder)."""
+
+    ids: torch.Tensor
+    feeds: dict[int, int]
+
+
+@dataclass(frozen=True)
 class StepLogits:
     """What :meth:`Executor.step_logits` returns: each chunk's last-token logits [n, V] and,
     for chunks marked ``context_logits``, chunk index -> logits of all its tokens [len, V]."""
@@ -56,13 +80,19 @@ class Executor(ABC):
     limits: BuildLimits
     vocab_size: int
     gathers_context_logits: bool = False  # the engine returns context logits (step_logits)
+    supports_async: bool = False  # step_logits takes ``pending`` device tokens (docstring)
 
     @abstractmethod
     def step(self, chunks: Sequence[SequenceChunk]) -> torch.Tensor:
         """Run one step; float32 logits [len(chunks), vocab_size] of each chunk's last token."""
 
-    def step_logits(self, chunks: Sequence[SequenceChunk]) -> StepLogits:
-        """:meth:`step`, plus the context logits of chunks that ask for them."""
+    def step_logits(self, chunks: Sequence[SequenceChunk],
+                    pending: DeviceTokens | None = None) -> StepLogits:
+        """:meth:`step`, plus the context logits of chunks that ask for them; ``pending``
+        only where ``supports_async``."""
+        if pending is not None:
+            raise RuntimeError(f"{type(self).__name__} cannot take tokens still on the device "
+                               f"(supports_async is False); read them to the host first")
         if any(c.context_logits for c in chunks):
             raise RuntimeError(f"{type(self).__name__} cannot return context logits (its engine "
                                f"was built without --gather_context_logits)")

@@ -22,7 +22,11 @@ tests/runtime/test_sampling.py):
 - Logits on an accelerator: torch ops on that device, with the request's generator on that
   device; penalty index tensors are built there. A step reads the host once: the finite flags,
   the shared argmax of plain-greedy rows, every sampled token and any logprobs come back in one
-  transfer.
+  transfer. :func:`launch_rows` splits that in two for async scheduling: it launches the work
+  and returns :class:`SampledRows`, whose ``ids`` (the sampled tokens, a device tensor) the
+  next step can consume on the device, and whose ``collect`` does the one read later, waiting
+  on an event of this step's sampling only. Generators advance at launch (CUDA draws take their
+  offsets on the host), so launching early changes no draw.
 - Logits on the CPU: numpy, which stays on the calling thread. torch's CPU ops on a
   vocabulary-sized row go parallel (its intra-op grain is 32768 elements) and wake its OpenMP
   pool, whose workers then spin on the cores the executor's own threads (ONNX Runtime) need for
@@ -121,6 +125,34 @@ def sample_rows(logits: torch.Tensor, rows: Sequence[Row]) -> list[Picked | None
     return sample_rows_torch(logits, rows)
 
 
+class SampledRows:
+    """A step's sampling, launched (:func:`launch_rows`): ``ids`` [batch] int64 on the logits'
+    device holds each sampled row's token (0 in the other rows, any value in a non-finite
+    one) with no host read, for the next step to feed on the device; :meth:`collect` gives
+    what :func:`sample_rows` returns, reading the device once (it waits for this step's
+    sampling only, not for work launched after it)."""
+
+    def __init__(self, ids: torch.Tensor, collect: Callable[[], list[Picked | None]]):
+        self.ids = ids
+        self._collect = collect
+
+    def collect(self) -> list[Picked | None]:
+        return self._collect()
+
+
+def launch_rows(logits: torch.Tensor, rows: Sequence[Row]) -> SampledRows:
+    """:func:`sample_rows` in two halves (async scheduling): launch now, collect later. Same
+    tokens, same generator draws. CPU logits are sampled at once (numpy); ``ids`` then is a
+    CPU tensor of the picks."""
+    if logits.device.type == "cpu":
+        picked = sample_rows_numpy(logits.numpy(), rows) if rows else []
+        ids = [0] * logits.shape[0]
+        for row, pick in zip(rows, picked, strict=True):
+            ids[row.index] = 0 if pick is None else pick[0]
+        return SampledRows(torch.tensor(ids, dtype=torch.long), lambda: picked)
+    return launch_rows_torch(logits, rows)
+
+
 def _generator(row: Row, device: torch.device) -> torch.Generator | None:
     if row.params.greedy:
         return None
@@ -135,20 +167,50 @@ def _generator(row: Row, device: torch.device) -> torch.Generator | None:
 def sample_rows_torch(logits: torch.Tensor, rows: Sequence[Row]) -> list[Picked | None]:
     """Everything stays on the device until one read of [finite flags, argmax, tokens,
     logprobs], packed as float64 (token ids < 2^53 are exact)."""
-    batch = logits.shape[0]
+    return launch_rows_torch(logits, rows).collect()
+
+
+def launch_rows_torch(logits: torch.Tensor, rows: Sequence[Row]) -> SampledRows:
+    """:func:`sample_rows_torch`, launched: on CUDA the packed result is copied to pinned host
+    memory without blocking and an event marks its end; ``collect`` waits on that event."""
+    batch, device = logits.shape[0], logits.device
     parts = [torch.isfinite(logits).all(-1)]  # [batch]
     plain = any(is_plain_greedy(row.params) for row in rows)
+    ids = logits.argmax(-1) if plain else None  # [batch]: cheaper than selecting plain rows
     if plain:
-        parts.append(logits.argmax(-1))  # [batch]: cheaper than selecting the plain rows
+        parts.append(ids)
+    drawn, drawn_rows = [], []
     for row in rows:
         if is_plain_greedy(row.params):
             continue
         token = sample_torch(logits[row.index], row.params, row.prompt_ids, row.output_ids,
-                             _generator(row, logits.device))
+                             _generator(row, device))
+        drawn.append(token.reshape(1))
+        drawn_rows.append(row.index)
         parts.append(token.reshape(1))
         if row.params.logprobs is not None:
             parts.extend(_logprobs_on_device(logits[row.index], token, row.params.logprobs))
-    host = torch.cat([p.reshape(-1).double() for p in parts]).tolist()  # the one host read
+    packed = torch.cat([p.reshape(-1).double() for p in parts])
+    if ids is None:
+        ids = torch.zeros(batch, dtype=torch.long, device=device)
+    if drawn:
+        ids = ids.index_copy(0, _index(drawn_rows, device), torch.cat(drawn))
+    event = None
+    if device.type == "cuda":
+        packed = packed.to("cpu", non_blocking=True)  # into pinned memory
+        event = torch.cuda.Event()
+        event.record()
+    vocab = logits.shape[-1]
+
+    def collect() -> list[Picked | None]:
+        if event is not None:
+            event.synchronize()
+        return _unpack(packed.tolist(), rows, batch, plain, vocab)  # the one host read
+    return SampledRows(ids, collect)
+
+
+def _unpack(host: list[float], rows: Sequence[Row], batch: int, plain: bool, vocab: int,
+            ) -> list[Picked | None]:
     finite, pos = host[:batch], batch
     argmax = host[pos:pos + batch] if plain else []
     pos += len(argmax)
@@ -160,7 +222,7 @@ def sample_rows_torch(logits: torch.Tensor, rows: Sequence[Row]) -> list[Picked 
         else:
             token, pos = int(host[pos]), pos + 1
             if row.params.logprobs is not None:
-                n = min(row.params.logprobs, logits.shape[-1])
+                n = min(row.params.logprobs, vocab)
                 values, ids = host[pos:pos + 1 + n], host[pos + 1 + n:pos + 1 + 2 * n]
                 pos += 1 + 2 * n
                 logprobs = TokenLogprobs(token, values[0], {int(i): v for i, v in

@@ -17,6 +17,11 @@ tokens in all. A running sequence with one pending token is a decode; with more 
 cached and :meth:`Scheduler.append` adds each sampled token. :meth:`Scheduler.finish` releases a
 slot at once, so the next step may admit a waiting request into it.
 
+Async scheduling (the core's default on executors that support it): the core appends
+:data:`PLACEHOLDER` for a token sampled on the device but not yet read, so the next step can be
+scheduled before it is known (its chunk carries the placeholder, which the executor replaces on
+the device); :meth:`Scheduler.fill` then puts the real token in its place.
+
 A sequence added with ``context_logits`` (prompt logprobs) marks each of its prompt chunks
 ``context_logits``: the executor then returns the logits of every prompt token.
 
@@ -40,6 +45,8 @@ from dataclasses import dataclass, field
 
 from kiln.engine import BuildLimits
 from kiln.runtime.executor import SequenceChunk
+
+PLACEHOLDER = -1  # a sampled token still on the device (async scheduling)
 
 
 @dataclass
@@ -173,6 +180,13 @@ class Scheduler:
 
     def append(self, request_id: str, token: int) -> None:
         self.running[request_id].tokens.append(token)
+
+    def fill(self, request_id: str, token: int) -> None:
+        """Replace the sequence's trailing :data:`PLACEHOLDER` by the token it stands for."""
+        tokens = self.running[request_id].tokens
+        if tokens[-1] != PLACEHOLDER:
+            raise RuntimeError(f"{request_id}: no placeholder to fill (core bug)")
+        tokens[-1] = token
 
     def finish(self, request_id: str) -> None:
         """Remove a request (finished or aborted), releasing its slot now. Unknown ids: no-op."""

@@ -7,8 +7,11 @@ captured size >= n, with the extra rows padded: they read and write scratch bloc
 :mod:`~kiln.runtime.torch_backend.paged_cache`) and their logits are dropped.
 
 Static inputs, per captured size bs: one int32 device buffer ``[tokens | positions | slots |
-ctx | rows | tables (bs x max_blocks)]`` that a step fills with one host-to-device copy, and for
-dynamic-NTK models a float32 per-token rotary table. The decode kernel's split count and
+ctx | rows | tables (bs x max_blocks) | feed dst | feed src]`` that a step fills with one
+host-to-device copy, and for dynamic-NTK models a float32 per-token rotary table. Under async
+scheduling some tokens are still on the device (the previous step's sampled ids): the feed
+fields name them, and a device gather writes them into the static token field after the copy,
+before the replay (:func:`~kiln.runtime.torch_backend.inputs.feed_tokens`). The decode kernel's split count and
 partition are fixed at capture from ``max_seq_len``; programs past a row's context exit early.
 All graphs share one memory pool and write logits into one ``[max_bs, vocab]`` buffer.
 """
@@ -21,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from kiln.runtime.torch_backend.inputs import RopeTables, StepPlan
+from kiln.runtime.torch_backend.inputs import Feeds, RopeTables, StepPlan, feed_tokens
 from kiln.runtime.torch_backend.model import PagedDecoder, StepInputs
 from kiln.runtime.torch_backend.paged_cache import PagedKVCache
 
@@ -43,7 +46,7 @@ class _Graph:
     def __init__(self, bs: int, max_blocks: int, head_dim: int, dynamic: bool,
                  device: torch.device):
         self.bs = bs
-        self.fields = 5 * bs + bs * max_blocks
+        self.fields = 5 * bs + bs * max_blocks + 2 * bs  # the last 2 bs: feed dst, src
         self.host = torch.zeros(self.fields, dtype=torch.int32, pin_memory=True)
         self.host[4 * bs:5 * bs] = torch.arange(bs, dtype=torch.int32)  # rows, constant
         self.dev = torch.zeros(self.fields, dtype=torch.int32, device=device)
@@ -52,7 +55,13 @@ class _Graph:
 
     def views(self, max_blocks: int) -> list[torch.Tensor]:
         bs, d = self.bs, self.dev
-        return [d[i * bs:(i + 1) * bs] for i in range(5)] + [d[5 * bs:].view(bs, max_blocks)]
+        end = 5 * bs + bs * max_blocks
+        return [d[i * bs:(i + 1) * bs] for i in range(5)] + [d[5 * bs:end].view(bs, max_blocks)]
+
+    def feeds(self) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
+        """Device and host views of the feed fields (dst, src)."""
+        at, bs, host = self.fields - 2 * self.bs, self.bs, self.host.numpy()
+        return (self.dev[at:at + bs], self.dev[at + bs:], host[at:at + bs], host[at + bs:])
 
 
 class DecodeGraphs:
@@ -107,8 +116,9 @@ class DecodeGraphs:
                 return bs
         return None
 
-    def run(self, plan: StepPlan) -> torch.Tensor:
-        """Replay the graph for a decode-only plan; logits [n, vocab] in the model dtype."""
+    def run(self, plan: StepPlan, feeds: Feeds | None = None) -> torch.Tensor:
+        """Replay the graph for a decode-only plan (its ``feeds`` gathered on the device);
+        logits [n, vocab] in the model dtype."""
         n = plan.num_seqs
         g = self.graphs[self.size_for(n)]
         bs, mb = g.bs, self.max_blocks
@@ -117,12 +127,20 @@ class DecodeGraphs:
         fields = host[:4 * bs].reshape(4, bs)  # the rows field after them never changes
         fields[0, :n], fields[1, :n] = plan.tokens, plan.positions
         fields[2, :n], fields[3, :n] = plan.slot_mapping, plan.ends
-        tables = host[5 * bs:].reshape(bs, mb)
+        tables = host[5 * bs:5 * bs + bs * mb].reshape(bs, mb)
         tables[:n] = plan.tables
         if n < bs:  # padding rows: token 0 at position 0 of scratch block 0, context 1
             fields[:, n:] = _PAD
             tables[n:] = 0
+        indices = ()
+        if feeds is not None and not feeds.prefix:
+            dst_dev, src_dev, dst_host, src_host = g.feeds()
+            k = len(feeds.dst)
+            dst_host[:k], src_host[:k] = feeds.dst, feeds.src
+            indices = (dst_dev[:k], src_dev[:k])
         g.dev.copy_(g.host, non_blocking=True)
+        if feeds is not None:
+            feed_tokens(g.dev[:bs], feeds, *indices)
         if g.table is not None:
             g.table[:n].copy_(self.rope.per_token(plan), non_blocking=True)
         self._event.record()

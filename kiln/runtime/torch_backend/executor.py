@@ -16,6 +16,13 @@ Quantized engines (``quant``): projections run their format's kernels; a quantiz
 (``kv_cache_dtype`` fp8 or int8) stores one byte per value, so the same memory holds twice the
 blocks of a 16-bit cache (the sizing below counts the cache's own element size).
 
+Async scheduling (``supports_async``, CUDA and CPU): ``step_logits(chunks, pending)`` takes
+the tokens that ``pending`` names from the previous step's device tensor, gathered on the device
+into the step's token input (eager steps) or the graph's static one (CUDA-graph decode steps);
+nothing in a step reads the device, and all work runs on the current stream in launch order, so
+blocks released while a launched step still writes them (a finished request's stray row) are
+written by their next owner only after it.
+
 Context logits (engines built with ``--gather_context_logits``): a step with a chunk that asks
 runs eagerly and applies the lm_head to every row; other steps compute the last rows only.
 
@@ -34,9 +41,15 @@ import torch
 from kiln.config import DecoderConfig
 from kiln.engine import BuildLimits
 from kiln.quantization.config import QuantConfig
-from kiln.runtime.executor import Executor, SequenceChunk, StepLogits
+from kiln.runtime.executor import DeviceTokens, Executor, SequenceChunk, StepLogits
 from kiln.runtime.torch_backend.cuda_graphs import DecodeGraphs, default_batch_sizes
-from kiln.runtime.torch_backend.inputs import RopeTables, Uploader, make_plan, step_inputs
+from kiln.runtime.torch_backend.inputs import (
+    RopeTables,
+    Uploader,
+    feeds_for,
+    make_plan,
+    step_inputs,
+)
 from kiln.runtime.torch_backend.kernels import load_kernels
 from kiln.runtime.torch_backend.model import PagedDecoder
 from kiln.runtime.torch_backend.paged_cache import (
@@ -66,6 +79,8 @@ class TorchExecutorOptions:
 
 class TorchExecutor(Executor):
     """See the module docstring."""
+
+    supports_async = True
 
     def __init__(self, config: DecoderConfig, tensors: dict[str, torch.Tensor],
                  limits: BuildLimits, *, transposed: frozenset[str] = frozenset(),
@@ -172,45 +187,46 @@ class TorchExecutor(Executor):
         self.cache.allocator.release(slot)
         self._lengths[slot] = 0
 
-    def step(self, chunks: Sequence[SequenceChunk]) -> torch.Tensor:
+    def step(self, chunks: Sequence[SequenceChunk],
+             pending: DeviceTokens | None = None) -> torch.Tensor:
         if not chunks:
             return torch.empty(0, self.vocab_size, device=self.device)
         self._check(chunks)
         if self.graphs is not None and all(len(c.tokens) == 1 for c in chunks) \
                 and self.graphs.size_for(len(chunks)) is not None:
             plan = make_plan(chunks, self.cache.allocator)
-            logits = self.graphs.run(plan)
+            logits = self.graphs.run(plan, feeds_for(plan, pending))
         else:
-            logits = self._eager(chunks)
+            logits = self._eager(chunks, pending=pending)
         for c in chunks:
             self._lengths[c.slot] = c.start + len(c.tokens)
         # Always a new tensor: graph logits live in a static buffer the next replay overwrites,
         # and .float() of a float32 model's logits would return that buffer itself.
         return logits.to(torch.float32, copy=True)
 
-    def step_logits(self, chunks: Sequence[SequenceChunk]) -> StepLogits:
+    def step_logits(self, chunks: Sequence[SequenceChunk],
+                    pending: DeviceTokens | None = None) -> StepLogits:
         if not any(c.context_logits for c in chunks):
-            return StepLogits(self.step(chunks), {})
+            return StepLogits(self.step(chunks, pending), {})
         if not self.gathers_context_logits:
             return super().step_logits(chunks)  # refuses
         self._check(chunks)
         plan = make_plan(chunks, self.cache.allocator)
         inp = step_inputs(plan, self.uploader, self.rope, self.options.page_size,
-                          self.options.decode_splits)
+                          self.options.decode_splits, feeds_for(plan, pending))
         every = self.model.forward_every_row(inp, self.cache).float()  # [T, V]
         for c in chunks:
             self._lengths[c.slot] = c.start + len(c.tokens)
         context = {i: every[int(plan.rows[i]):int(plan.rows[i] + plan.lens[i])].clone()
                    for i, c in enumerate(chunks) if c.context_logits}
-        last = every.index_select(0, torch.from_numpy(plan.last_rows.astype("int64"))
-                                  .to(every.device))
+        last = every.index_select(0, inp.last_rows)  # uploaded: no blocking copy
         return StepLogits(last, context)
 
     def _eager(self, chunks: Sequence[SequenceChunk], num_splits: int | None = None,
-               ) -> torch.Tensor:
+               pending: DeviceTokens | None = None) -> torch.Tensor:
         plan = make_plan(chunks, self.cache.allocator)
         inp = step_inputs(plan, self.uploader, self.rope, self.options.page_size,
-                          num_splits or self.options.decode_splits)
+                          num_splits or self.options.decode_splits, feeds_for(plan, pending))
         return self.model.forward(inp, self.cache)
 
     def _check(self, chunks: Sequence[SequenceChunk]) -> None:

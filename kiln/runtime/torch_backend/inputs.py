@@ -6,6 +6,12 @@ and copies it to the device in one transfer; :class:`~kiln.runtime.torch_backend
 are views into the device copy. The pinned buffer is reused: an event makes the next step wait
 until the device has read the previous one, so the host never overwrites data in flight.
 
+Async scheduling: a step may take some tokens from the previous step's sampled ids, still on
+the device (:class:`~kiln.runtime.executor.DeviceTokens`). :func:`feeds_for` turns them into
+:class:`Feeds` (token rows of this step, rows of the ids) that travel in the same upload, and
+:func:`feed_tokens` writes them into the uploaded token input on the device; the host never
+reads them.
+
 Rotary tables: positions index a table ``[max_seq_len, head_dim]`` (cos | sin, float32) built
 once, exactly as the oracle computes ``cos(position * inv_freq)``. Dynamic NTK scaling changes
 ``inv_freq`` with a sequence's length (as HF recomputes it from the longest position of each
@@ -22,7 +28,7 @@ import torch
 
 from kiln.config import DecoderConfig, PositionType, RopeScalingType
 from kiln.reference import rope_inv_freq
-from kiln.runtime.executor import SequenceChunk
+from kiln.runtime.executor import DeviceTokens, SequenceChunk
 from kiln.runtime.torch_backend.model import StepInputs
 from kiln.runtime.torch_backend.paged_cache import BlockAllocator, cdiv
 
@@ -75,6 +81,42 @@ def make_plan(chunks: Sequence[SequenceChunk], allocator: BlockAllocator) -> Ste
                     last_rows=rows + lens - 1, ends=starts + lens,
                     dec=np.flatnonzero(single), pre=np.flatnonzero(~single), rows=rows,
                     lens=lens, tables=tables)
+
+
+@dataclass(frozen=True)
+class Feeds:
+    """Tokens of a step to take on the device: token row ``dst[i]`` <- ``ids[src[i]]``.
+    ``prefix``: dst and src are both ``0..k-1`` (steady decoding: the scheduler keeps decode
+    rows in order and first), one copy with no index tensors."""
+
+    dst: np.ndarray  # int32 rows of the step's flat token input
+    src: np.ndarray  # int32 rows of ids
+    ids: torch.Tensor  # [rows] int64: the previous step's sampled tokens, on the device
+    prefix: bool
+
+
+def feeds_for(plan: StepPlan, pending: DeviceTokens | None) -> Feeds | None:
+    """The feeds of ``pending`` (chunk index -> ids row) in ``plan``'s token rows: each fed
+    token is its chunk's last one."""
+    if pending is None or not pending.feeds:
+        return None
+    n = len(pending.feeds)
+    chunks = np.fromiter(pending.feeds.keys(), np.int64, n)
+    src = np.fromiter(pending.feeds.values(), np.int32, n)
+    dst = plan.last_rows[chunks].astype(np.int32)
+    order = np.arange(n, dtype=np.int32)
+    return Feeds(dst, src, pending.ids, bool((dst == order).all() and (src == order).all()))
+
+
+def feed_tokens(tokens: torch.Tensor, feeds: Feeds, dst: torch.Tensor | None = None,
+                src: torch.Tensor | None = None) -> None:
+    """``tokens[feeds.dst] = feeds.ids[feeds.src]`` on the device, no host read; ``dst`` and
+    ``src`` are the index arrays already on the device (int32; not needed for a prefix)."""
+    if feeds.prefix:
+        k = len(feeds.dst)
+        tokens[:k].copy_(feeds.ids[:k])
+    else:
+        tokens.index_copy_(0, dst.long(), feeds.ids.index_select(0, src).to(tokens.dtype))
 
 
 class RopeTables:
@@ -144,8 +186,8 @@ class Uploader:
 
 
 def step_inputs(plan: StepPlan, uploader: Uploader, rope: RopeTables, page_size: int,
-                num_splits: int | None = None) -> StepInputs:
-    """Upload a plan for an eager (not graph-captured) forward."""
+                num_splits: int | None = None, feeds: Feeds | None = None) -> StepInputs:
+    """Upload a plan for an eager (not graph-captured) forward, then apply its feeds."""
     ends = plan.ends
     dec, pre = plan.dec, plan.pre
     dec_ctx, pre_ctx = ends[dec], ends[pre]
@@ -155,8 +197,12 @@ def step_inputs(plan: StepPlan, uploader: Uploader, rope: RopeTables, page_size:
               plan.rows[dec], dec_ctx, np.ascontiguousarray(plan.tables[dec, :width_dec]),
               plan.rows[pre], plan.lens[pre], pre_ctx,
               np.ascontiguousarray(plan.tables[pre, :width_pre])]
+    if feeds is not None and not feeds.prefix:
+        arrays += [feeds.dst, feeds.src]
     (tokens, positions, slots, last_rows, dec_rows, dec_ctx_t, dec_tables, pre_starts,
-     pre_lens, pre_ctx_t, pre_tables) = uploader.upload(arrays)
+     pre_lens, pre_ctx_t, pre_tables, *fed) = uploader.upload(arrays)
+    if feeds is not None:
+        feed_tokens(tokens, feeds, *fed)
     table, index = rope.table, positions
     if rope.dynamic:
         table = rope.per_token(plan).to(rope.device, non_blocking=True)
