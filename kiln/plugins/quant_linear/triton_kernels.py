@@ -65,8 +65,21 @@ def _quantize(x, s, inv_s, ACT: tl.constexpr, EXACT: tl.constexpr):
     else:
         v = x * inv_s
     if ACT == 1:
-        return tl.clamp(v, -448.0, 448.0).to(tl.float8e4nv).to(tl.float32)
+        return _round_to_e4m3(tl.clamp(v, -448.0, 448.0))
     return _round_half_even(tl.clamp(v, -128.0, 127.0))
+
+
+@triton.jit
+def _round_to_e4m3(v):
+    """float32 ``v`` (|v| <= 448) rounded to the nearest e4m3 value, ties to even, as float32
+    (torch's float8_e4m3fn cast; Triton's f32 -> fp8 conversion flipped about 0.1% of values
+    against it on an H200). Normal range: round the float32 mantissa to 3 bits with the usual
+    add-and-mask; below 2^-6, e4m3 is fixed-point in steps of 2^-9. Checked against torch over
+    14M values including every tie (bit-equal). The result is exactly representable, so
+    storing it as fp8 does not round again."""
+    bits = v.to(tl.int32, bitcast=True)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
+    return tl.where(tl.abs(v) < 0.015625, _round_half_even(v * 512.0) * 0.001953125, normal)
 
 
 @triton.jit
