@@ -40,7 +40,7 @@ def make_executor(ckpt, limits=LIMITS, device="cpu", **options) -> TorchExecutor
     config = load_config(ckpt)
     tensors = {name: t.to(device) for name, t in load_rank(ckpt, 0, config).items()}
     return TorchExecutor(config.decoder, tensors, limits, device=device,
-                         options=TorchExecutorOptions(page_size=PAGE, **options),
+                         options=TorchExecutorOptions(**{"page_size": PAGE, **options}),
                          gather_context_logits=True)
 
 
@@ -268,7 +268,9 @@ def test_async_and_sync_agree_on_cuda(tiny_checkpoint):
     ps = prompts(len(workload))
     out = {}
     for mode in (False, True):
-        executor = make_executor(tiny_checkpoint, device="cuda", kv_cache_blocks=1 + 4 * 16)
+        # Triton's paged attention takes pages of 16 tokens or more
+        executor = make_executor(tiny_checkpoint, device="cuda", page_size=16,
+                                 kv_cache_blocks=1 + 4 * 4)
         assert executor.graphs is not None
         core = EngineCore(executor, async_scheduling=mode)
         out[mode] = run(core, workload, ps, abort=(ABORTED, ABORT_AFTER))

@@ -13,7 +13,7 @@ the caller multiplies the input first, as the reference decoder does.
   ``weight`` float8_e4m3fn [N, K], ``weight_scale`` scalar or [N]. The input is quantized as
   ``q = fp8(clamp(x / s, -448, 448))`` (round to nearest even) with the static ``input_scale``
   ``s``, or, when ``input_scale`` is None, per token (row) with ``s = amax(|x_row|) / 448`` (1 for
-  an all-zero row). ``y = (q * s) @ (weight * weight_scale).T``.
+  an all-zero row; computed as amax times float32(1 / 448)). ``y = (q * s) @ (weight * weight_scale).T``.
 - ``int8_w8a8_linear(x, weight, weight_scale, input_scale, bias=None)``: INT8 SmoothQuant.
   ``weight`` int8 [N, K], ``weight_scale`` [N]; ``q = clamp(round_half_even(x / s), -128, 127)``
   with the static scalar ``input_scale`` (None: per token, ``amax / 127``);
@@ -41,8 +41,12 @@ INT8_MAX = 127.0
 
 
 def _per_token_scale(x: torch.Tensor, qmax: float) -> torch.Tensor:
+    """amax / qmax, as amax times the float32 reciprocal of qmax: what torch's division by a
+    Python scalar computes on a GPU, and what the kernels compute (one definition on every
+    device; a one-ulp difference in a scale flips roundings)."""
     amax = x.float().abs().amax(dim=1, keepdim=True)
-    return torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    inv = torch.tensor(1.0 / qmax, dtype=torch.float32)
+    return torch.where(amax > 0, amax * inv.to(amax.device), torch.ones_like(amax))
 
 
 def quantize_fp8_input(x: torch.Tensor, input_scale: torch.Tensor | None,
