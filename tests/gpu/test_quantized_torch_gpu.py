@@ -3,8 +3,14 @@ decode steps) against the oracle: ReferenceDecoder on the same quantized checkpo
 
 Tolerances, relative L2 of each step's logits (the schedule mixes prefill, chunked prefill and
 decode, rows in any slot order):
-- float32 engines: 1e-3. The oracle dequantizes in float32 too; the GPU's own summation order
-  and, for W8A8, activation-rounding flips near ties are what remain.
+- float32 engines: 1e-3 (fp8: 3e-2). The oracle dequantizes in float32 too; the GPU's own
+  summation order and, for W8A8, activation-rounding flips near ties are what remain. FP8
+  products run on Hopper's FP8 tensor cores, whose accumulator keeps fewer bits than float32
+  (~2^-14 relative per dot: step 0 differs by 4.7e-5); each such difference can move a later
+  activation across an fp8 rounding boundary, one e4m3 step (1/16 of the value), so later
+  steps differ by up to 1.6e-2 (H200). Diagnosis on the H200: the same engine with fp8_linear
+  swapped for its PyTorch reference (float32 matmul of the dequantized operands) is within
+  2e-7 of the oracle, and the Triton and cuBLASLt FP8 paths give the same error to two digits.
 - bfloat16 engines: 2e-2 for weight-only formats (the unquantized bf16 engine's own bound in
   tests/gpu/test_torch_ops_in_model.py), 6e-2 for W8A8 and quantized KV caches: bf16
   activations (3 significant digits) move values across int8/fp8 rounding boundaries, each
@@ -66,7 +72,10 @@ def case(float_checkpoint, tmp_path, qformat, kv=None, dtype="bfloat16"):
 @pytest.mark.parametrize("qformat", sorted(FORMATS))
 def test_quantized_engine_matches_oracle(float_checkpoint, tmp_path, qformat, dtype):
     errors = case(float_checkpoint, tmp_path, qformat, dtype=dtype)
-    tol = 1e-3 if dtype == "float32" else (6e-2 if qformat in W8A8 else 2e-2)
+    if dtype == "float32":
+        tol = 3e-2 if qformat == "fp8" else 1e-3
+    else:
+        tol = 6e-2 if qformat in W8A8 else 2e-2
     assert max(errors) <= tol, f"{qformat} {dtype}: relative error per step {errors}"
 
 
