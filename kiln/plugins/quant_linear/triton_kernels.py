@@ -386,9 +386,10 @@ def _int_epilogue_kernel(acc_ptr, s_ptr, ws_ptr, b_ptr, y_ptr, m, n, stride_ym,
 
 
 # --------------------------------------------------------------------------- configs
-# NOT tuned yet: first guesses from the bf16 gemv's table (kiln/plugins/gemv), scaled for
-# 1-byte weights. benchmarks/quant_kernels.py (without --no-sweep) times the candidates; its
-# first H200 run (benchmarks/quant_kernels_results.json) ran with --no-sweep.
+# First guesses from the bf16 gemv's table (kiln/plugins/gemv), scaled for 1-byte weights.
+# benchmarks/quant_kernels.py's sweep on an H200 (qkv and o shapes, 7 GEMV candidates each):
+# the best candidate was within 10% of these (fp8 qkv 1.93 vs 1.75 TB/s at 16 x 512), so the
+# GEMVs' gap to the bf16 kernel is not in the block shape (benchmarks/GPU_NOTES.md, issue 12).
 
 
 def w8_gemv_config(n: int, k: int) -> tuple[int, int, int, int]:
@@ -521,8 +522,8 @@ def _quantize_rows(x, input_scale, act):
 
 
 def _fp8_gemv(x, weight, ws, s, bias, config=None):
-    if s is None:  # per-token scale by torch ops: the in-kernel amax prologue flipped a few
-        s = quantize_fp8_input(x, None)[1].reshape(1)  # fp8 roundings on an H200: to look into
+    if s is None:  # per-token scale by the reference itself (one row: a few tiny launches)
+        s = quantize_fp8_input(x, None)[1].reshape(1)
     return _launch_w8_gemv(x, weight, ws, s, bias, _ACT_FP8, config)
 
 
