@@ -18,7 +18,7 @@ from kiln.config import DTYPES, DecoderConfig, Mapping
 from kiln.dirs import DirKind, read_config
 from kiln.errors import CheckpointError, ConfigError, KilnError
 from kiln.quantization.config import QuantConfig
-from kiln.roles import name_mismatch, tensor_names
+from kiln.roles import tensor_names
 from kiln.sharding import unshard_named
 from kiln.tensorio import read_header, read_tensor
 
@@ -110,11 +110,39 @@ def load_rank(checkpoint_dir: str | Path, rank: int, config: CheckpointConfig | 
         raise CheckpointError(f"{path}: missing (mapping has {config.mapping.world_size} ranks); "
                               f"re-run kiln convert_checkpoint")
     infos, _ = read_header(path)
-    if problem := name_mismatch(config.rank_tensor_names(rank), infos):
-        raise CheckpointError(f"{path}: tensors do not match config.json: {problem}; re-run "
-                              f"kiln convert_checkpoint")
+    check_tensor_names(path, config, rank, infos)
     return {name: read_tensor(info) for name, info in infos.items()
             if names is None or name in names}
+
+
+def check_tensor_names(path: Path, config: CheckpointConfig, rank: int,
+                       found: Collection[str]) -> None:
+    """Raise CheckpointError when rank ``rank``'s file ``path`` does not hold exactly the tensors
+    ``config`` implies; a KV-cache record without its scales (or the reverse) is named as such."""
+    expected = set(config.rank_tensor_names(rank))
+    missing, unexpected = sorted(expected - set(found)), sorted(set(found) - expected)
+    if not (missing or unexpected):
+        return
+    kv = config.quantization.kv_cache_dtype if config.quantization is not None else None
+    if missing and not unexpected and all(n.endswith(("k_scale", "v_scale")) for n in missing):
+        raise CheckpointError(f"{path}: config.json records kv_cache_dtype {kv}, but the "
+                              f"checkpoint has no KV-cache scales ({missing[0]} and "
+                              f"{len(missing) - 1} more); quantize again with kiln quantize "
+                              f"--kv_cache_dtype {kv}, or remove kv_cache_dtype from config.json")
+    if unexpected and not missing and all(n.endswith(("k_scale", "v_scale")) for n in unexpected):
+        raise CheckpointError(f"{path}: the checkpoint holds KV-cache scales ({unexpected[0]} and "
+                              f"{len(unexpected) - 1} more) that config.json does not record "
+                              f"(no kv_cache_dtype); use the config.json kiln quantize wrote")
+    raise CheckpointError(f"{path}: tensors do not match config.json: missing "
+                          f"{_names(missing)}, unexpected {_names(unexpected)}; re-run kiln "
+                          f"convert_checkpoint (and kiln quantize, for a quantized checkpoint)")
+
+
+def _names(names: list[str], limit: int = 8) -> str:
+    """A sorted name list as Python writes it, cut after ``limit`` names (one line stays short)."""
+    if len(names) <= limit:
+        return str(names)
+    return f"{str(names[:limit])[:-1]}, ... ({len(names)} in all)]"
 
 
 def load_merged(checkpoint_dir: str | Path, config: CheckpointConfig | None = None,

@@ -25,14 +25,13 @@ from kiln.builder.graph.linear import check_scales
 from kiln.builder.options import BuildOptions, resolve_limits
 from kiln.builder.plan import plan_rank
 from kiln.builder.runner import run_parts
-from kiln.checkpoint import CheckpointConfig, load_config, rank_file
+from kiln.checkpoint import CheckpointConfig, check_tensor_names, load_config, rank_file
 from kiln.config import options_from
 from kiln.engine import EngineManifest
 from kiln.errors import CheckpointError, ConfigError
 from kiln.output_dirs import atomic_dir, check_output, copy_tokenizer
 from kiln.plugins import PluginContext, resolve_plugins
 from kiln.quantization.config import QuantConfig
-from kiln.roles import name_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +104,7 @@ def check_rank_files(checkpoint_dir: Path, ckpt: CheckpointConfig) -> dict[int, 
             raise CheckpointError(f"{path}: missing (mapping has {ckpt.mapping.world_size} "
                                   f"ranks); re-run kiln convert_checkpoint")
         weights = RankWeights(path, ckpt.dtype)
-        if problem := name_mismatch(ckpt.rank_tensor_names(rank), weights.infos):
-            raise CheckpointError(f"{path}: tensors do not match config.json: {problem}; "
-                                  f"re-run kiln convert_checkpoint")
+        check_tensor_names(path, ckpt, rank, weights.infos)
         if ckpt.quantization is not None:
             check_scales(path, weights.infos, ckpt.quantization)
         out[rank] = weights

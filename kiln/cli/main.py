@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import sys
 
 import click
 
@@ -50,8 +51,10 @@ class KilnGroup(click.Group):
                        err=True)
             ctx.exit(2)
         except KeyboardInterrupt as e:
-            click.echo(f"interrupted ({'SIGTERM' if isinstance(e, Terminated) else 'Ctrl-C'})",
-                       err=True)
+            # on a terminal, streamed text or a progress bar may have left the cursor mid-line
+            fresh = "\n" if sys.stderr.isatty() else ""
+            click.echo(f"{fresh}interrupted "
+                       f"({'SIGTERM' if isinstance(e, Terminated) else 'Ctrl-C'})", err=True)
             ctx.exit(exit_code(e))
 
     def resolve_command(self, ctx, args):

@@ -26,6 +26,9 @@ logger = logging.getLogger(__name__)
 RTX_UNSUPPORTED = {(9, 0): "Hopper", (10, 0): "Blackwell (data centre)",
                    (10, 3): "Blackwell (data centre)"}
 BACKEND_LIBRARIES = ("onnxruntime", "tensorrt", "tensorrt_rtx")
+# What each backend's runtime imports (describe_machine probes only these: importing a library
+# the engine never uses costs seconds, and tensorrt_rtx's import swallows a Ctrl-C).
+LIBRARIES_OF = {"onnx": ("onnxruntime",), "tensorrt": ("tensorrt", "tensorrt_rtx"), "torch": ()}
 
 
 @dataclass(frozen=True)
@@ -47,8 +50,21 @@ def library_version(module: str) -> str | None:
     try:
         return str(getattr(importlib.import_module(module), "__version__", "unknown"))
     except Exception as e:  # a broken install (missing shared library) counts as absent
+        if _interrupted(e):  # a Ctrl-C the library's import turned into its own error
+            raise KeyboardInterrupt from e
         logger.warning("%s is installed but fails to import: %s", module, e)
         return None
+
+
+def _interrupted(error: BaseException) -> bool:
+    """Whether a KeyboardInterrupt is anywhere in ``error``'s cause/context chain."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def cuda_capabilities() -> tuple[tuple[int, int], ...]:
@@ -72,8 +88,10 @@ def cuda_capabilities() -> tuple[tuple[int, int], ...]:
     return tuple(caps)
 
 
-def describe_machine() -> MachineInfo:
-    libraries = {m: v for m in BACKEND_LIBRARIES if (v := library_version(m)) is not None}
+def describe_machine(backend: str | None = None) -> MachineInfo:
+    """This machine, with the libraries of ``backend`` (None: of every backend)."""
+    modules = BACKEND_LIBRARIES if backend is None else LIBRARIES_OF.get(backend, BACKEND_LIBRARIES)
+    libraries = {m: v for m in modules if (v := library_version(m)) is not None}
     providers: tuple[str, ...] = ()
     if "onnxruntime" in libraries:
         import onnxruntime

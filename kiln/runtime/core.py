@@ -21,9 +21,11 @@ engine's max_seq_len), ``abort`` (asked by the caller), ``error`` (the request c
 served by this executor, or its logits turned non-finite: NaN or Inf, as from corrupt weights or
 a 16-bit overflow; its message is in :attr:`Request.error`, and the other requests go on).
 
-Async scheduling (the default on executors with ``supports_async``: the torch executor, on CUDA
-and on the CPU; ``EngineCore(..., async_scheduling=False)``, and other executors such as onnx and
-tensorrt, run the synchronous loop above). The host prepares step n+1 while the device runs
+Async scheduling (the default where the executor ``prefers_async``: the torch executor on CUDA;
+``async_scheduling=True`` also runs it where it is only supported, the torch executor on the
+CPU, where it gains nothing: the CPU computes each step as it is launched, so every token but
+the last would wait one step longer; ``async_scheduling=False``, and other executors such as
+onnx and tensorrt, run the synchronous loop above). The host prepares step n+1 while the device runs
 step n, and reads step n's tokens once per step:
 
 1. step n is launched: its forward, then the sampling of its rows on the device
@@ -142,12 +144,13 @@ class EngineCore:
     """Scheduler + executor + per-request sampling (see the module docstring).
 
     ``async_scheduling``: overlap the host's work with the device's (module docstring); None
-    (the default) where the executor supports it, False never; True where it cannot is said
-    at INFO, and the synchronous loop runs."""
+    (the default) where the executor prefers it, True wherever it supports it, False never;
+    True where it cannot is said at INFO, and the synchronous loop runs."""
 
     def __init__(self, executor: Executor, tokenizer: ModelTokenizer | None = None,
                  policy: Policy | None = None, async_scheduling: bool | None = None):
-        self.async_scheduling = async_scheduling is not False and executor.supports_async
+        wanted = executor.prefers_async if async_scheduling is None else async_scheduling
+        self.async_scheduling = wanted and executor.supports_async
         if async_scheduling and not executor.supports_async:
             logger.info("%s cannot take tokens still on the device; the engine runs the "
                         "synchronous loop (one host round trip between steps)",

@@ -81,6 +81,8 @@ class Executor(ABC):
     vocab_size: int
     gathers_context_logits: bool = False  # the engine returns context logits (step_logits)
     supports_async: bool = False  # step_logits takes ``pending`` device tokens (docstring)
+    # ...and gains from it (a device that runs apart from the host): the core's default
+    prefers_async: bool = False
 
     @abstractmethod
     def step(self, chunks: Sequence[SequenceChunk]) -> torch.Tensor:

@@ -65,7 +65,7 @@ def open_engine(engine_dir: str | Path, options: ExecutorOptions | None = None,
     options = options or ExecutorOptions()
     manifest = read_manifest(engine_dir)
     module = backend_module(manifest.backend)
-    machine = machine if machine is not None else describe_machine()
+    machine = machine if machine is not None else describe_machine(manifest.backend)
     module.check_machine(manifest, machine)
     check_options = getattr(module, "check_options", None)
     if check_options is not None:

@@ -31,6 +31,10 @@ FP8_CAPABILITY = (8, 9)
 # Measured by a new-user trial (kiln run, same machine, onnx vs torch --device cpu): a
 # measurement to quote, not a factor that holds for every model.
 CPU_SPEED = "slower than an onnx engine (SmolLM2 on 2 CPU cores: 25 vs 40 tokens/s)"
+# Measured by the same trial on quantized SmolLM2 torch engines (kiln run --chat, 8 tokens).
+QUANTIZED_CPU_SPEED = (", and a quantized one dequantizes every weight at every step there "
+                       "(SmolLM2 on 2 cores: int8_wo 5.7, fp8 2.8, int4_awq 1.6 tokens/s, "
+                       "float32 21.4)")
 NEEDS_GPU = ("this torch engine needs a CUDA GPU for its Triton kernels; on this machine use an "
              "onnx engine (kiln build --backend onnx), or pass --device cpu to run the PyTorch "
              f"reference kernels, {CPU_SPEED}")
@@ -89,9 +93,10 @@ def load_executor(engine_dir: Path, manifest: EngineManifest, options: ExecutorO
     if device.type == "cuda":
         check_gpu_formats(manifest, torch.cuda.get_device_capability(device))
     if device.type == "cpu":
-        logger.warning("torch engine on the CPU: PyTorch reference kernels, the slow path (%s); "
+        logger.warning("torch engine on the CPU: PyTorch reference kernels, the slow path (%s)%s; "
                        "for speed run it on a CUDA GPU or build an onnx engine (kiln build "
-                       "--backend onnx)", CPU_SPEED)
+                       "--backend onnx)", CPU_SPEED,
+                       "" if manifest.quantization is None else QUANTIZED_CPU_SPEED)
     tensors: dict[str, torch.Tensor] = {}
     transposed: set[str] = set()
     for name in manifest.rank_files.get(0, ()):
@@ -103,7 +108,20 @@ def load_executor(engine_dir: Path, manifest: EngineManifest, options: ExecutorO
         torch_options = TorchExecutorOptions(
             kv_cache_free_gpu_memory_fraction=_fraction(options))
     logger.info("torch engine: %d tensors on %s", len(tensors), device)
-    return TorchExecutor(manifest.decoder, tensors, manifest.limits,
-                         transposed=frozenset(transposed), device=device, options=torch_options,
-                         gather_context_logits=manifest.gather_context_logits,
-                         quant=manifest.quantization)
+    try:
+        return TorchExecutor(manifest.decoder, tensors, manifest.limits,
+                             transposed=frozenset(transposed), device=device,
+                             options=torch_options,
+                             gather_context_logits=manifest.gather_context_logits,
+                             quant=manifest.quantization)
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e):
+            raise
+        limits = manifest.limits
+        reason = str(e).splitlines()[0][:160]
+        raise EngineError(f"{engine_dir}: the torch executor could not allocate its tables and KV "
+                          f"cache on {device} for this engine's limits (max_seq_len "
+                          f"{limits.max_seq_len}, max_batch_size {limits.max_batch_size}): "
+                          f"{reason}; rebuild with a smaller --max_seq_len or --max_batch_size"
+                          + (", or lower --kv_cache_free_gpu_memory_fraction"
+                             if device.type == "cuda" else "")) from None

@@ -12,13 +12,18 @@ move a logit by one quantization step times a weight row.
 
 from __future__ import annotations
 
+import json
+import logging
+
 import numpy as np
 import pytest
 import torch
 
 from kiln.builder import build
+from kiln.checkpoint import check_tensor_names, load_config
 from kiln.engine import EngineError, read_manifest
 from kiln.engine.torch_files import read_packed
+from kiln.errors import CheckpointError
 from kiln.plugins.quant_linear.layout import INT4_LAYOUT
 from kiln.quantization.config import FORMATS
 from kiln.reference import ReferenceDecoder
@@ -134,3 +139,65 @@ def test_fp8_needs_sm89(quantized, tmp_path, qformat, kv, refused):
                                           f"of compute capability 8.9 or newer .* this GPU is "
                                           f"sm80"):
         check_gpu_formats(manifest, (8, 0))
+
+
+def _edited(src, tmp_path, edit):
+    """A copy of checkpoint ``src`` (tensor files linked) whose config.json ``edit`` changes."""
+    ckpt = tmp_path / "edited"
+    ckpt.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.name != "config.json":
+            (ckpt / f.name).symlink_to(f)
+    config = json.loads((src / "config.json").read_text())
+    edit(config["quantization"])
+    (ckpt / "config.json").write_text(json.dumps(config))
+    return ckpt
+
+
+def test_kv_cache_record_without_scales_is_named(quantized, tmp_path):
+    ckpt = _edited(quantized("int8_wo"), tmp_path, lambda q: q.update(kv_cache_dtype="fp8"))
+    with pytest.raises(CheckpointError, match=r"config.json records kv_cache_dtype fp8, but the "
+                                              r"checkpoint has no KV-cache scales \(layers.0.attn."
+                                              r"k_scale and 3 more\); quantize again with kiln "
+                                              r"quantize --kv_cache_dtype fp8"):
+        build(ckpt, tmp_path / "e", backend="torch", **LIMITS)
+    ckpt = _edited(quantized("int8_wo", kv_cache_dtype="int8"), tmp_path / "b",
+                   lambda q: q.update(kv_cache_dtype=None))
+    with pytest.raises(CheckpointError, match="holds KV-cache scales .* that config.json does "
+                                              "not record"):
+        build(ckpt, tmp_path / "e", backend="torch", **LIMITS)
+    assert not (tmp_path / "e").exists()
+
+
+def test_long_name_lists_are_cut(quantized):
+    """A rank file of the wrong checkpoint: one short line, not every name."""
+    ckpt = quantized("int8_wo")
+    config = load_config(ckpt)
+    with pytest.raises(CheckpointError, match=r"missing \['embed.weight', .*, "
+                                              r"\.\.\. \(\d+ in all\)\], unexpected "
+                                              r"\['other'\]") as err:
+        check_tensor_names(ckpt / "rank0.safetensors", config, 0, ["other"])
+    assert len(str(err.value)) < 600
+
+
+def test_allocation_failure_at_load_is_one_line(quantized, tmp_path, monkeypatch):
+    build(quantized("int4_wo"), tmp_path / "e", backend="torch", **LIMITS)
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                           "3276800032768 bytes")
+
+    monkeypatch.setattr("kiln.runtime.torch_executor.TorchExecutor", no_memory)
+    with pytest.raises(EngineError, match=r"could not allocate its tables and KV cache on cpu for "
+                                          r"this engine's limits \(max_seq_len 32, max_batch_size "
+                                          r"4\): DefaultCPUAllocator: .*; rebuild with a smaller "
+                                          r"--max_seq_len or --max_batch_size$"):
+        open_engine(tmp_path / "e", ExecutorOptions(device="cpu"))
+
+
+def test_cpu_warning_says_quantized_engines_are_slower(quantized, tmp_path, caplog):
+    build(quantized("int8_wo"), tmp_path / "e", backend="torch", **LIMITS)
+    with caplog.at_level(logging.WARNING, logger="kiln.runtime.torch_executor"):
+        open_engine(tmp_path / "e", ExecutorOptions(device="cpu"))
+    assert "a quantized one dequantizes every weight at every step there (SmolLM2 on 2 cores: " \
+           "int8_wo 5.7" in caplog.text

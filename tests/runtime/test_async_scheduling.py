@@ -194,7 +194,7 @@ def test_stopped_requests_blocks_reused_while_its_stray_row_was_in_flight(tiny_c
     a_params = greedy.replace(stop_token_ids=(a_tokens[stop_at],))
     executor = make_executor(tiny_checkpoint, limits, kv_cache_blocks=1 + 5)  # one sequence
     recorder = Recorder(executor)
-    core = EngineCore(executor)
+    core = EngineCore(executor, async_scheduling=True)  # on the CPU only when asked
     a, b = core.add_request(a_prompt, a_params), core.add_request(b_prompt, b_params)
     tables = {}
     while core.has_work():
@@ -310,3 +310,13 @@ def test_launched_ids_are_the_collected_tokens():
     for launched in (launch_rows_torch(logits, rows), launch_rows(logits, rows)):
         picks = launched.collect()
         assert [launched.ids[r.index].item() for r in rows] == [p[0] for p in picks]
+
+
+def test_async_is_the_default_only_where_it_overlaps(tiny_checkpoint):
+    """The torch executor prefers async on CUDA only: on the CPU a step is computed as it is
+    launched, and async would only make every token but the last wait one step longer."""
+    executor = make_executor(tiny_checkpoint)
+    assert executor.supports_async and not executor.prefers_async
+    assert not EngineCore(executor).async_scheduling
+    assert EngineCore(executor, async_scheduling=True).async_scheduling
+    executor.close()

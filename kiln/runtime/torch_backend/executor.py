@@ -82,6 +82,12 @@ class TorchExecutor(Executor):
 
     supports_async = True
 
+    @property
+    def prefers_async(self) -> bool:
+        """On CUDA the host prepares step n+1 while the GPU runs step n; on the CPU nothing
+        runs apart from the host, so async would only delay tokens (the core's default)."""
+        return self.device.type == "cuda"
+
     def __init__(self, config: DecoderConfig, tensors: dict[str, torch.Tensor],
                  limits: BuildLimits, *, transposed: frozenset[str] = frozenset(),
                  device: str | torch.device = "cpu",
