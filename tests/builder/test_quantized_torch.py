@@ -201,3 +201,10 @@ def test_cpu_warning_says_quantized_engines_are_slower(quantized, tmp_path, capl
         open_engine(tmp_path / "e", ExecutorOptions(device="cpu"))
     assert "a quantized one dequantizes every weight at every step there (SmolLM2 on 2 cores: " \
            "int8_wo 5.7" in caplog.text
+
+
+def test_group_size_edited_in_config_is_named(quantized, tmp_path):
+    ckpt = _edited(quantized("int4_wo"), tmp_path, lambda q: q.update(group_size=64))
+    with pytest.raises(CheckpointError, match=r"its scales are of group_size 32: config.json's "
+                                              r"quantization.group_size does not match"):
+        build(ckpt, tmp_path / "e", backend="torch", **LIMITS)

@@ -98,10 +98,15 @@ def check_scales(path: Path, infos: dict[str, TensorInfo], quant: QuantConfig) -
                     Granularity.PER_GROUP: (n, k // (quant.group_size or 1))}[quant.weight_scales]
         whole = quant.weight_scales is not Granularity.PER_GROUP or k % quant.group_size == 0
         if tuple(info.shape) != expected or not whole:
+            fix = "re-quantize with a group_size that divides every rank's input features"
+            if (whole and quant.weight_scales is Granularity.PER_GROUP and len(info.shape) == 2
+                    and info.shape[0] == n and info.shape[1] and k % info.shape[1] == 0):
+                fix = (f"its scales are of group_size {k // info.shape[1]}: config.json's "
+                       f"quantization.group_size does not match the tensors (use the config.json "
+                       f"kiln quantize wrote)")
             raise CheckpointError(
                 f"{path}: {name} has shape {list(info.shape)}, expected {list(expected)} for a "
-                f"[{n}, {k}] {quant.qformat} weight (group_size {quant.group_size}); "
-                f"re-quantize with a group_size that divides every rank's input features")
+                f"[{n}, {k}] {quant.qformat} weight (group_size {quant.group_size}); {fix}")
 
 
 def _scale(ctx: EmitContext, name: str, tensor: torch.Tensor | None = None) -> str | None:
