@@ -23,6 +23,7 @@ _LAZY = {
     "AsyncLLM": "kiln.runtime",
     "SamplingParams": "kiln.runtime",
     "CompletionResult": "kiln.runtime",
+    "ExecutorOptions": "kiln.runtime",  # LLM(engine_dir, ExecutorOptions(device="cpu"))
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -21,7 +21,12 @@ from kiln.engine import EngineError, EngineManifest
 from kiln.engine.torch_files import check_mapping, check_packed, read_packed
 from kiln.runtime.compat import MachineInfo, sm
 from kiln.runtime.loader import ExecutorOptions
-from kiln.runtime.torch_backend.executor import TorchExecutor, TorchExecutorOptions
+from kiln.runtime.torch_backend.executor import (
+    KV_CACHE_DTYPES,
+    TorchExecutor,
+    TorchExecutorOptions,
+)
+from kiln.runtime.torch_backend.paged_cache import PagedKVCache, cdiv
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +38,7 @@ FP8_CAPABILITY = (8, 9)
 CPU_SPEED = "slower than an onnx engine (SmolLM2 on 2 CPU cores: 25 vs 40 tokens/s)"
 # Measured by the same trial on quantized SmolLM2 torch engines (kiln run --chat, 8 tokens).
 QUANTIZED_CPU_SPEED = (", and a quantized one dequantizes every weight at every step there "
-                       "(SmolLM2 on 2 cores: int8_wo 5.7, fp8 2.8, int4_awq 1.6 tokens/s, "
-                       "float32 21.4)")
+                       "(SmolLM2 on 2 idle cores: int8_wo 5.7, fp8 2.8, int4_awq 1.6 tokens/s)")
 NEEDS_GPU = ("this torch engine needs a CUDA GPU for its Triton kernels; on this machine use an "
              "onnx engine (kiln build --backend onnx), or pass --device cpu to run the PyTorch "
              f"reference kernels, {CPU_SPEED}")
@@ -81,6 +85,51 @@ def check_options(manifest: EngineManifest, machine: MachineInfo,
     _device(manifest, options.device, bool(machine.gpus))
 
 
+def host_bytes(manifest: EngineManifest, device: torch.device,
+               options: TorchExecutorOptions) -> dict[str, int]:
+    """Host memory the executor allocates beyond the weights: the rotary tables (built on the
+    host, peak ~10 bytes per position per head-dim entry) and, on the CPU, the KV cache."""
+    cfg, limits = manifest.decoder, manifest.limits
+    need = {"rotary tables": (10 * cfg.head_dim + 12) * limits.max_seq_len}
+    if device.type == "cpu":
+        page = options.page_size
+        blocks = options.kv_cache_blocks or \
+            limits.max_batch_size * cdiv(limits.max_seq_len, page) + 1
+        quant = manifest.quantization
+        kv = quant.kv_cache_dtype if quant is not None else None
+        dtype = KV_CACHE_DTYPES[kv] if kv else getattr(torch, manifest.dtype)
+        need["KV cache"] = blocks * PagedKVCache.block_bytes(
+            cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, page, dtype)
+    return need
+
+
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_host_memory(manifest: EngineManifest, device: torch.device,
+                      options: TorchExecutorOptions) -> None:
+    """Refuse, before allocating, limits whose host memory exceeds what is available: the
+    kernel's OOM killer ends an overcommitted process before any allocation fails."""
+    need, available = host_bytes(manifest, device, options), available_memory()
+    if available is None or sum(need.values()) <= available:
+        return
+    parts = ", ".join(f"{what} {n / 2**30:.1f} GiB" for what, n in need.items())
+    limits = manifest.limits
+    raise EngineError(f"this torch engine's limits (max_seq_len {limits.max_seq_len}, "
+                      f"max_batch_size {limits.max_batch_size}) need {parts} of host memory, "
+                      f"and {available / 2**30:.1f} GiB is available; rebuild with a smaller "
+                      f"--max_seq_len or --max_batch_size")
+
+
 def _fraction(options: ExecutorOptions) -> float:
     """--kv_cache_free_gpu_memory_fraction, or the torch executor's default (0.9)."""
     value = options.kv_cache_free_gpu_memory_fraction
@@ -108,6 +157,7 @@ def load_executor(engine_dir: Path, manifest: EngineManifest, options: ExecutorO
         torch_options = TorchExecutorOptions(
             kv_cache_free_gpu_memory_fraction=_fraction(options))
     logger.info("torch engine: %d tensors on %s", len(tensors), device)
+    check_host_memory(manifest, device, torch_options)
     try:
         return TorchExecutor(manifest.decoder, tensors, manifest.limits,
                              transposed=frozenset(transposed), device=device,
@@ -118,7 +168,9 @@ def load_executor(engine_dir: Path, manifest: EngineManifest, options: ExecutorO
         if not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e):
             raise
         limits = manifest.limits
-        reason = str(e).splitlines()[0][:160]
+        reason = str(e).splitlines()[0]
+        if len(reason) > 160:  # cut at a word
+            reason = reason[:160].rsplit(" ", 1)[0] + " ..."
         raise EngineError(f"{engine_dir}: the torch executor could not allocate its tables and KV "
                           f"cache on {device} for this engine's limits (max_seq_len "
                           f"{limits.max_seq_len}, max_batch_size {limits.max_batch_size}): "

@@ -199,7 +199,7 @@ def test_cpu_warning_says_quantized_engines_are_slower(quantized, tmp_path, capl
     build(quantized("int8_wo"), tmp_path / "e", backend="torch", **LIMITS)
     with caplog.at_level(logging.WARNING, logger="kiln.runtime.torch_executor"):
         open_engine(tmp_path / "e", ExecutorOptions(device="cpu"))
-    assert "a quantized one dequantizes every weight at every step there (SmolLM2 on 2 cores: " \
+    assert "a quantized one dequantizes every weight at every step there (SmolLM2 on 2 idle cores: " \
            "int8_wo 5.7" in caplog.text
 
 
@@ -208,3 +208,18 @@ def test_group_size_edited_in_config_is_named(quantized, tmp_path):
     with pytest.raises(CheckpointError, match=r"its scales are of group_size 32: config.json's "
                                               r"quantization.group_size does not match"):
         build(ckpt, tmp_path / "e", backend="torch", **LIMITS)
+
+
+def test_limits_beyond_host_memory_refused_before_allocating(quantized, tmp_path, monkeypatch):
+    """The OOM killer ends an overcommitted process before any allocation fails, so the
+    executor compares its rotary tables and CPU KV cache with MemAvailable first."""
+    build(quantized("int8_wo", kv_cache_dtype="int8"), tmp_path / "e", backend="torch",
+          **LIMITS)
+    monkeypatch.setattr("kiln.runtime.torch_executor.available_memory", lambda: 1000)
+    with pytest.raises(EngineError, match=r"this torch engine's limits \(max_seq_len 32, "
+                                          r"max_batch_size 4\) need rotary tables 0.0 GiB, KV "
+                                          r"cache 0.0 GiB of host memory, and 0.0 GiB is "
+                                          r"available; rebuild with a smaller --max_seq_len"):
+        open_engine(tmp_path / "e", ExecutorOptions(device="cpu"))
+    monkeypatch.setattr("kiln.runtime.torch_executor.available_memory", lambda: None)
+    open_engine(tmp_path / "e", ExecutorOptions(device="cpu"))  # unknown: no check
