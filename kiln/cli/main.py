@@ -165,6 +165,8 @@ def _register_subcommands() -> None:
             ("quantize", "kiln.cli.quantize", "Quantize a kiln checkpoint (fp8, int8_sq, "
                                               "int8_wo, int4_wo, int4_awq), with calibration "
                                               "and an accuracy gate."),
+            ("serve", "kiln.cli.serve", "Serve an engine over HTTP with the OpenAI API "
+                                        "(completions, chat, streaming)."),
             ("eval", "kiln.cli.eval", "Perplexity of an engine on a text dataset (sliding "
                                       "windows, as Hugging Face's).")):
         main.add_command(LazyCommand(name, module, short_help))

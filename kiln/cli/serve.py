@@ -1,0 +1,145 @@
+"""``kiln serve``: an OpenAI-compatible HTTP server over an engine dir (kiln.serve on uvicorn).
+
+Thin: parse and validate the flags, open the engine (:class:`kiln.runtime.LLM` driven by an
+:class:`kiln.runtime.AsyncLLM`), run :func:`kiln.serve.create_app` on uvicorn, close the engine.
+SIGINT/SIGTERM while serving: stop accepting, let running requests finish for
+``--grace_period`` seconds, abort the rest, exit 0 (uvicorn's default would re-raise the
+signal after its own shutdown, and the CLI would exit 130/143).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from pathlib import Path
+
+import click
+
+from kiln.cli.context import CliContext, PathArg, executor_options
+from kiln.errors import KilnError
+
+log = logging.getLogger(__name__)
+
+
+class ServeError(KilnError):
+    """kiln serve cannot start (missing extra, unreadable chat template, port in use)."""
+
+
+@click.command("serve")
+@click.option("--engine_dir", required=True, type=PathArg(path_type=Path),
+              help="Engine dir (output of kiln build).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535),
+              help="TCP port to listen on.")
+@click.option("--served_model_name", default=None,
+              help="The model name clients send and /v1/models lists (default: the engine "
+                   "dir's name).")
+@click.option("--api_key", envvar="KILN_API_KEY", default=None, show_envvar=True,
+              help="Require 'Authorization: Bearer KEY' on /v1/* (401 otherwise); /health, "
+                   "/metrics and /version stay open.")
+@click.option("--max_queue", type=click.IntRange(min=0), default=None,
+              help="Answer 429 (with Retry-After) when more than this many requests would wait "
+                   "for an engine slot (default: no limit).")
+@click.option("--chat_template", type=PathArg(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="A jinja2 chat template file to use instead of the engine "
+                                 "dir's (rendered sandboxed).")
+@click.option("--max_body_bytes", type=click.IntRange(min=1), default=4 * 1024 * 1024,
+              show_default=True, help="Largest request body accepted (413 above).")
+@click.option("--grace_period", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="Seconds running requests may finish after SIGINT/SIGTERM before they are "
+                   "aborted.")
+@click.option("-v", "--verbose", count=True, help="Log each request (-vv: debug logs).")
+@executor_options
+@click.pass_obj
+def serve(obj: CliContext, engine_dir: Path, host: str, port: int, served_model_name: str | None,
+          api_key: str | None, max_queue: int | None, chat_template: Path | None,
+          max_body_bytes: int, grace_period: float, verbose: int, device: str,
+          num_threads: int | None, cpu_spin_wait: bool, verify_checksums: bool) -> None:
+    """Serve an engine over HTTP with the OpenAI API (completions, chat, streaming).
+
+    \b
+    Endpoints:
+      POST /v1/completions, /v1/chat/completions   (stream: server-sent events, data: [DONE])
+      GET  /v1/models, /health, /metrics (Prometheus), /version
+    Sampling fields: max_tokens, temperature, top_p, top_k, min_p, n, stop, seed,
+    presence_penalty, frequency_penalty, repetition_penalty, logprobs / top_logprobs,
+    ignore_eos; echo + logprobs (+ max_tokens 0) scores a prompt and needs an engine built with
+    --gather_context_logits. Errors are OpenAI-shaped JSON: 400 (the bad parameter named),
+    401, 404 (unknown model), 413, 429. A client that disconnects aborts its request.
+    Ctrl-C / SIGTERM: stop accepting, finish or abort running requests, exit 0.
+    """
+    try:
+        import uvicorn
+
+        from kiln.serve import create_app
+    except ImportError as e:
+        raise ServeError(f"kiln serve needs the serve extra ({e.name} is missing): "
+                         f"pip install 'kiln-llm[serve]'") from None
+    template = _read_template(chat_template)
+    from kiln.runtime import LLM, AsyncLLM, ExecutorOptions
+
+    level = logging.INFO if verbose == 1 or obj.verbosity == 1 else \
+        logging.DEBUG if verbose + max(obj.verbosity, 0) > 1 else None
+    if level is not None:
+        logging.getLogger().setLevel(level)
+    with LLM(engine_dir, ExecutorOptions(device=device, num_threads=num_threads,
+                                         cpu_spin_wait=cpu_spin_wait,
+                                         verify_checksums=verify_checksums)) as llm:
+        engine = AsyncLLM(llm)
+        try:
+            app = create_app(engine, served_model_name or engine_dir.resolve().name,
+                             api_key=api_key, max_queue=max_queue, chat_template=template,
+                             max_body_bytes=max_body_bytes)
+            config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=
+                                    grace_period, log_level="info" if level else "warning",
+                                    access_log=bool(level), lifespan="off")
+            server = _Server(config, on_exit=lambda: setattr(app.state.kiln, "draining", True))
+            try:
+                asyncio.run(server.serve())
+            except SystemExit:  # uvicorn exits 1 when it cannot bind (it logged why)
+                if server.started:
+                    raise
+                raise ServeError(f"could not listen on {host}:{port} (in use, or not an "
+                                 f"address of this machine); pick another --host/--port") \
+                    from None
+        finally:
+            engine.close()  # aborts what the grace period left running
+    click.echo("kiln serve: stopped", err=True)
+
+
+class _Server:
+    """uvicorn.Server whose SIGINT/SIGTERM handlers start a graceful shutdown and are not
+    re-raised afterwards (see the module docstring)."""
+
+    def __new__(cls, config, on_exit):
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self):
+                signals = (signal.SIGINT, signal.SIGTERM)
+                previous = {s: signal.signal(s, self.handle_exit) for s in signals}
+                try:
+                    yield
+                finally:
+                    for s, handler in previous.items():
+                        signal.signal(s, handler)
+
+            def handle_exit(self, sig, frame):
+                on_exit()
+                super().handle_exit(sig, frame)
+
+        return Server(config)
+
+
+def _read_template(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise click.BadParameter(f"{path}: not UTF-8 text ({e.reason})",
+                                 param_hint="--chat_template") from None

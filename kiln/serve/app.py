@@ -1,0 +1,247 @@
+"""The FastAPI app of ``kiln serve``: OpenAI's completions and chat endpoints over an AsyncLLM.
+
+Contract:
+- :func:`create_app` takes an engine that is already open and serves it; it never opens or
+  closes the engine (the CLI does; tests build apps in-process over their own engines).
+- Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (JSON, or server-sent events
+  ending ``data: [DONE]`` with ``stream``), ``GET /v1/models``, ``GET /health`` (200 only while
+  the engine's loop runs and the server is not shutting down, else 503), ``GET /metrics``
+  (Prometheus text), ``GET /version``.
+- With an API key, ``/v1/*`` needs ``Authorization: Bearer KEY`` (401 otherwise); ``/health``,
+  ``/metrics`` and ``/version`` stay open, for probes and scrapers.
+- Every error is OpenAI-shaped JSON (:class:`~kiln.serve.protocol.ApiError`): 400 bad
+  parameter (named in ``param``), prompt too long, echo+logprobs on an engine without context
+  logits; 401; 404 unknown model or route; 413 body over ``max_body_bytes``; 429 with
+  ``Retry-After`` when more than ``max_queue`` requests would wait. Bad input never gives a 500.
+- ``n > 1``: the runtime samples one sequence per request, so each choice is its own engine
+  request; with a ``seed``, choice j uses ``seed + j`` (so the choices differ, reproducibly).
+- A client that disconnects (or closes its stream) aborts its engine requests
+  (:mod:`kiln.serve.state`).
+
+Non-goals: tools, ``response_format``, ``logit_bias``, embeddings, several models per server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import kiln
+from kiln.runtime.async_llm import AsyncLLM
+from kiln.serve import render
+from kiln.serve.protocol import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_body,
+    completion_body,
+    new_id,
+    usage,
+)
+from kiln.serve.state import Job, ServerState, Submitted
+
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+def create_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = None,
+               max_queue: int | None = None, chat_template: str | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    """An app serving ``engine`` as model ``served_model_name`` (see the module docstring)."""
+    state = ServerState(engine, max_queue)
+    app = FastAPI(title="kiln serve", version=kiln.__version__, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.kiln = state
+    renderer = render.Renderer(engine.llm, chat_template)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, e: ApiError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        error = ApiError(e.status_code, str(e.detail))
+        return JSONResponse(error.body(), status_code=error.status)
+
+    def check(request: Request, model: str | None = None) -> None:
+        if api_key is not None:
+            given = request.headers.get("authorization", "")
+            if given != f"Bearer {api_key}":
+                raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                               code="invalid_api_key")
+        if model is not None and model != served_model_name:
+            raise ApiError(404, f"model {model!r} does not exist; this server serves "
+                                f"{served_model_name!r}", param="model", code="model_not_found")
+
+    @app.get("/health")
+    async def health() -> Response:
+        if state.healthy():
+            return Response(status_code=200)
+        return JSONResponse(ApiError(503, "the engine is not running").body(), status_code=503)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": kiln.__version__}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return PlainTextResponse(state.metrics.render(),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        check(request)
+        return {"object": "list", "data": [{
+            "id": served_model_name, "object": "model", "created": int(time.time()),
+            "owned_by": "kiln", "max_model_len": engine.llm.limits.max_seq_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        check(request)
+        req = await _parse(request, CompletionRequest)
+        check(request, req.model)
+        prompts = render.completion_prompts(req.prompt)
+        params = renderer.completion_params(req)
+        jobs = [Job(i * req.n + j, prompt, render.nth(params, j))
+                for i, prompt in enumerate(prompts) for j in range(req.n)]
+        rid = new_id("cmpl")
+        if req.stream:
+            submitted = await state.submit(jobs, "prompt")
+            return _sse(_events(submitted, jobs, req, lambda choices, use: completion_body(
+                rid, req.model, choices, use, chunk=True), functools.partial(renderer.completion_chunk, req)))
+        results = await _collect(request, state, jobs, "prompt")
+        choices = [renderer.completion_choice(job, results[job.index], req) for job in jobs]
+        return JSONResponse(completion_body(rid, req.model, choices, _usage(results, req.n)))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        check(request)
+        req = await _parse(request, ChatCompletionRequest)
+        check(request, req.model)
+        prompt = renderer.chat_prompt(req)
+        params = renderer.chat_params(req)
+        jobs = [Job(j, prompt, render.nth(params, j)) for j in range(req.n)]
+        rid = new_id("chatcmpl")
+        if req.stream:
+            submitted = await state.submit(jobs, "messages")
+            return _sse(_events(submitted, jobs, req, lambda choices, use: chat_body(
+                rid, req.model, choices, use, chunk=True), functools.partial(renderer.chat_chunk, req)))
+        results = await _collect(request, state, jobs, "messages")
+        choices = [renderer.chat_choice(job, results[job.index], req) for job in jobs]
+        return JSONResponse(chat_body(rid, req.model, choices, _usage(results, req.n)))
+
+    return app
+
+
+async def _parse(request: Request, model: type) -> Any:
+    try:
+        data = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the body is not JSON ({e})", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        param = str(first["loc"][0]) if first["loc"] else None  # the request field
+        loc = ".".join(str(p) for p in first["loc"])
+        raise ApiError(400, f"{loc}: {first['msg']}", param=param) from None
+
+
+async def _collect(request: Request, state: ServerState, jobs: list[Job], param: str) -> dict:
+    """Each job's result by index; aborts them all if the client disconnects first."""
+    submitted = await state.submit(jobs, param)
+
+    async def gather() -> dict:
+        return {d.index: d.result async for d in submitted.deltas() if d.result is not None}
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(gather())
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+            await submitted.abort()
+    if task not in done:
+        raise ApiError(499, "the client disconnected")
+    results = task.result()
+    for result in results.values():
+        if result.finish_reason == "error":
+            raise render.failed(result)
+    return results
+
+
+def _usage(results: dict, n: int) -> dict:
+    prompt = sum(len(r.prompt_token_ids) for i, r in results.items() if i % n == 0)
+    return usage(prompt, sum(len(r.token_ids) for r in results.values()))
+
+
+def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
+    async def body() -> AsyncIterator[str]:
+        async for event in events:
+            yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+        yield "data: [DONE]\n\n"
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+async def _events(submitted: Submitted, jobs: list[Job], req: Any, body: Callable,
+                  chunk: Callable) -> AsyncIterator[dict]:
+    """The chunk bodies of every delta, then the usage chunk if asked for."""
+    by_index = {job.index: job for job in jobs}
+    started: set[int] = set()
+    results = {}
+    async for delta in submitted.deltas():
+        if delta.result is not None:
+            results[delta.index] = delta.result
+        for choice in chunk(by_index[delta.index], delta, delta.index not in started):
+            yield body([choice], None)
+        started.add(delta.index)
+    if req.stream_options is not None and req.stream_options.include_usage:
+        yield body([], _usage(results, req.n))
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` is a 413 (by its Content-Length at
+    once, or when a chunked body grows past the limit while the handler reads it)."""
+
+    def __init__(self, app: Any, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return await JSONResponse(self._error().body(), status_code=413)(scope, receive, send)
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise self._error()
+            return message
+
+        await self.app(scope, limited, send)
+
+    def _error(self) -> ApiError:
+        return ApiError(413, f"the request body is larger than the server's limit of "
+                             f"{self.max_bytes} bytes", code="request_too_large")

@@ -1,0 +1,123 @@
+"""The OpenAI wire format kiln serve speaks: pydantic request models, response builders, errors.
+
+Contract:
+- Request models accept the OpenAI fields kiln implements plus vLLM's sampling extras
+  (``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``); unknown fields are ignored
+  (clients send newer fields than any server knows), ``user`` is accepted and ignored.
+- A type error in a field (pydantic) and a value SamplingParams refuses both become
+  :class:`ApiError` 400 naming the parameter; nothing a client sends can cause a 500.
+- Response bodies are plain dicts in OpenAI's shapes (``text_completion``, ``chat.completion``
+  and their ``.chunk`` stream forms), with ``usage``.
+
+Non-goals: tools/function calling, ``response_format``, ``logit_bias``, ``suffix``, ``best_of``
+other than 1, audio/images in messages.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ApiError(Exception):
+    """An OpenAI-shaped error response: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+             413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+             503: "server_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "error"),
+                          "param": self.param, "code": self.code}}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    """Fields shared by both endpoints (mapped onto SamplingParams by kiln.serve.app)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    n: int = Field(1, ge=1, le=16)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # accepted, ignored
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+    best_of: int | None = Field(None, ge=1, le=1)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # name, tool_call_id...: passed to the template
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    max_completion_tokens: int | None = None
+    add_generation_prompt: bool = True
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_body(rid: str, model: str, choices: list[dict], use: dict | None,
+                    chunk: bool = False) -> dict[str, Any]:
+    body = {"id": rid, "object": "text_completion", "created": now(), "model": model,
+            "choices": choices}
+    if use is not None or not chunk:
+        body["usage"] = use
+    return body
+
+
+def chat_body(rid: str, model: str, choices: list[dict], use: dict | None,
+              chunk: bool = False) -> dict[str, Any]:
+    body = {"id": rid, "object": "chat.completion.chunk" if chunk else "chat.completion",
+            "created": now(), "model": model, "choices": choices}
+    if use is not None or not chunk:
+        body["usage"] = use
+    return body
+
+
+FinishReason = Literal["stop", "length", "abort", "error"]

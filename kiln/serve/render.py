@@ -1,0 +1,221 @@
+"""Requests to engine inputs (prompts, SamplingParams) and results to OpenAI choices.
+
+Contract:
+- :meth:`Renderer.completion_params` / :meth:`Renderer.chat_params` start from the engine's
+  defaults (its generation_config.json, as ``LLM``) and override the fields the request gives;
+  a value SamplingParams refuses is an :class:`ApiError` 400 whose ``param`` is the request
+  field (``logprobs``/``top_logprobs`` for SamplingParams' logprobs and prompt_logprobs).
+- Completions' default ``max_tokens`` is 16 (OpenAI's); chat's is the engine's max_seq_len
+  (the runtime ends the request at the engine's length limit first).
+- ``echo`` prepends the prompt's text; with ``logprobs`` it also prepends the prompt tokens'
+  log-probabilities (the first is null), which needs an engine built with
+  ``--gather_context_logits`` (a 400 otherwise). Streaming echo sends the prompt's text in the
+  first chunk, without its log-probabilities.
+- Chat prompts are the engine's chat template (or ``--chat_template``), rendered in jinja2's
+  sandbox as :meth:`kiln.runtime.LLM.render_chat`; message ``content`` may be a string or a list
+  of ``{"type": "text"}`` parts.
+
+Non-goals: images/audio parts, tool calls, the OpenAI logprobs ``bytes`` of partial UTF-8.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from kiln.runtime.errors import SamplingParamsError, TokenizerError
+from kiln.runtime.llm import LLM, Prompt
+from kiln.runtime.params import SamplingParams, TokenLogprobs
+from kiln.runtime.results import CompletionResult, StreamDelta
+from kiln.runtime.tokenizer import render_chat_template
+from kiln.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest
+from kiln.serve.state import Job
+
+_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
+             "frequency_penalty", "repetition_penalty")
+_PARAM = re.compile(r"SamplingParams\.(\w+)")
+COMPLETIONS_MAX_TOKENS = 16
+
+
+def completion_prompts(prompt: Any) -> list[Prompt]:
+    """OpenAI's prompt forms (a string, strings, token ids, lists of token ids) as a list."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise ApiError(400, "prompt is an empty list; give a string or token ids", param="prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    return list(prompt)
+
+
+def nth(params: SamplingParams, j: int) -> SamplingParams:
+    """Choice j of ``n``: a seeded request's choices use seed + j (distinct, reproducible)."""
+    if j == 0 or params.seed is None:
+        return params
+    return _checked(lambda: params.replace(seed=params.seed + j), {})
+
+
+def failed(result: CompletionResult) -> ApiError:
+    """The error response of a request that ended with finish_reason ``error``."""
+    if "KV cache" in (result.error or ""):  # too big for this engine: the request's fault
+        return ApiError(400, result.error or "", param="max_tokens")
+    return ApiError(500, f"the request failed: {result.error}", code="engine_error")
+
+
+def _checked(make, renames: dict[str, str]) -> SamplingParams:
+    try:
+        return make()
+    except SamplingParamsError as e:
+        match = _PARAM.search(str(e))
+        name = match.group(1) if match else None
+        raise ApiError(400, str(e).replace("SamplingParams.", "", 1),
+                       param=renames.get(name, name)) from None
+
+
+class Renderer:
+    """Prompts, params and response choices for one engine (see the module docstring)."""
+
+    def __init__(self, llm: LLM, chat_template: str | None = None):
+        self.llm = llm
+        self.tokenizer = llm.tokenizer
+        self.chat_template = chat_template
+
+    # -- inputs ------------------------------------------------------------------------------
+    def _params(self, req: Any, max_tokens: int, renames: dict[str, str],
+                **fields: Any) -> SamplingParams:
+        given = {k: getattr(req, k) for k in _SAMPLING if getattr(req, k) is not None}
+        if req.stop is not None:
+            given["stop"] = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
+        if req.ignore_eos:
+            given["ignore_eos"] = True
+        return _checked(lambda: self.llm.default_params.replace(
+            max_tokens=max_tokens, **given, **fields), renames)
+
+    def completion_params(self, req: CompletionRequest) -> SamplingParams:
+        prompt_logprobs = None
+        if req.echo and req.logprobs is not None:
+            if not self.llm.executor.gathers_context_logits:
+                raise ApiError(400, "echo with logprobs scores the prompt, which needs every "
+                                    "prompt position's logits; this engine returns the last "
+                                    "one only: rebuild it with kiln build "
+                                    "--gather_context_logits", param="echo")
+            prompt_logprobs = req.logprobs
+        max_tokens = COMPLETIONS_MAX_TOKENS if req.max_tokens is None else req.max_tokens
+        return self._params(req, max_tokens, {"prompt_logprobs": "logprobs"},
+                            logprobs=req.logprobs, prompt_logprobs=prompt_logprobs)
+
+    def chat_params(self, req: ChatCompletionRequest) -> SamplingParams:
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        max_tokens = next((m for m in (req.max_completion_tokens, req.max_tokens)
+                           if m is not None), self.llm.limits.max_seq_len)
+        renames = {"logprobs": "top_logprobs", "max_tokens": "max_tokens"}
+        return self._params(req, max_tokens, renames,
+                            logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+
+    def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+        if self.tokenizer is None:
+            raise ApiError(400, "this engine has no tokenizer; chat needs one", param="messages")
+        messages = [_message(i, m.model_dump(exclude_none=True))
+                    for i, m in enumerate(req.messages)]
+        try:
+            if self.chat_template is not None:
+                text = render_chat_template(self.chat_template, messages,
+                                            req.add_generation_prompt,
+                                            dict(self.tokenizer.special_tokens))
+            else:
+                text = self.tokenizer.apply_chat_template(messages, req.add_generation_prompt)
+        except TokenizerError as e:
+            raise ApiError(400, str(e), param="messages") from None
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    # -- outputs -----------------------------------------------------------------------------
+    def token(self, token_id: int) -> str:
+        if self.tokenizer is None:
+            return f"<{token_id}>"
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _prompt_text(self, prompt: Prompt) -> str:
+        if isinstance(prompt, str):
+            return prompt
+        return "" if self.tokenizer is None else self.tokenizer.decode(list(prompt), False)
+
+    def _completion_logprobs(self, entries: list[TokenLogprobs | None],
+                             token_ids: list[int]) -> dict[str, list]:
+        tokens = [self.token(t) for t in token_ids]
+        offsets, at = [], 0
+        for text in tokens:
+            offsets.append(at)
+            at += len(text)
+        return {"tokens": tokens,
+                "token_logprobs": [None if e is None else e.logprob for e in entries],
+                "top_logprobs": [None if e is None else
+                                 {self.token(t): lp for t, lp in e.top.items()}
+                                 for e in entries],
+                "text_offset": offsets}
+
+    def completion_choice(self, job: Job, result: CompletionResult,
+                          req: CompletionRequest) -> dict[str, Any]:
+        text, entries, ids = result.text, list(result.logprobs or ()), list(result.token_ids)
+        if req.echo:
+            text = self._prompt_text(job.prompt) + text
+            if result.prompt_logprobs is not None:
+                entries = list(result.prompt_logprobs) + entries
+                ids = list(result.prompt_token_ids) + ids
+        logprobs = None if req.logprobs is None else self._completion_logprobs(entries, ids)
+        return {"index": job.index, "text": text, "logprobs": logprobs,
+                "finish_reason": result.finish_reason, "stop_reason": result.stop_reason}
+
+    def completion_chunk(self, req: CompletionRequest, job: Job, delta: StreamDelta,
+                         first: bool) -> list[dict[str, Any]]:
+        text = (self._prompt_text(job.prompt) if req.echo and first else "") + delta.text
+        wants_logprobs = req.logprobs is not None and bool(delta.token_ids)
+        if not (text or delta.finished or wants_logprobs):
+            return []
+        logprobs = (self._completion_logprobs(list(delta.logprobs), list(delta.token_ids))
+                    if wants_logprobs else None)
+        return [{"index": job.index, "text": text, "logprobs": logprobs,
+                 "finish_reason": delta.finish_reason}]
+
+    def _chat_logprobs(self, entries: tuple[TokenLogprobs, ...]) -> dict[str, list]:
+        def one(token_id: int, logprob: float) -> dict[str, Any]:
+            text = self.token(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        return {"content": [
+            {**one(e.token_id, e.logprob),
+             "top_logprobs": [one(t, lp) for t, lp in sorted(e.top.items(),
+                                                             key=lambda kv: -kv[1])]}
+            for e in entries]}
+
+    def chat_choice(self, job: Job, result: CompletionResult,
+                    req: ChatCompletionRequest) -> dict[str, Any]:
+        logprobs = self._chat_logprobs(result.logprobs or ()) if req.logprobs else None
+        return {"index": job.index, "message": {"role": "assistant", "content": result.text},
+                "logprobs": logprobs, "finish_reason": result.finish_reason,
+                "stop_reason": result.stop_reason}
+
+    def chat_chunk(self, req: ChatCompletionRequest, job: Job, delta: StreamDelta,
+                   first: bool) -> list[dict[str, Any]]:
+        chunks = []
+        if first:
+            chunks.append({"index": job.index, "delta": {"role": "assistant", "content": ""},
+                           "logprobs": None, "finish_reason": None})
+        wants_logprobs = req.logprobs and bool(delta.token_ids)
+        if delta.text or delta.finished or wants_logprobs:
+            chunks.append({"index": job.index,
+                           "delta": {"content": delta.text} if delta.text else {},
+                           "logprobs": self._chat_logprobs(delta.logprobs)
+                           if wants_logprobs else None,
+                           "finish_reason": delta.finish_reason})
+        return chunks
+
+
+def _message(i: int, message: dict[str, Any]) -> dict[str, Any]:
+    """A message with list-of-parts content joined into its text."""
+    content = message.get("content")
+    if isinstance(content, list):
+        if any(part.get("type") != "text" for part in content):
+            raise ApiError(400, f"messages[{i}].content: only text parts are supported",
+                           param="messages")
+        message["content"] = "".join(str(part.get("text", "")) for part in content)
+    return message

@@ -1,0 +1,150 @@
+"""The server's hold on one AsyncLLM: submitting, merging streams, aborting, counting.
+
+Invariant: every request the server submits has exactly one *pump* task, owned by the server and
+never by an HTTP handler, that reads the request's AsyncLLM stream to its end, records its
+metrics and drops it from :attr:`ServerState.live`. Handlers only read what pumps forward; a
+handler that stops early (client gone, error) aborts its unfinished requests and the pumps
+drain the ``abort`` ends. So a client that disconnects frees its engine slots within one engine
+step, and no AsyncLLM stream is left unread.
+
+``running`` = live requests holding an engine slot (``Scheduler.running``, read from the event
+loop: a dict membership test, atomic under the GIL); ``waiting`` = the other live ones (queued
+in the scheduler or still in AsyncLLM's inbox).
+
+Non-goals: priorities, per-client fairness, more than one engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from kiln.runtime.async_llm import AsyncLLM
+from kiln.runtime.errors import RequestError
+from kiln.runtime.llm import Prompt
+from kiln.runtime.params import SamplingParams
+from kiln.runtime.results import StreamDelta
+from kiln.serve.metrics import ServeMetrics
+from kiln.serve.protocol import ApiError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One engine request of an HTTP request: its choice index, prompt and params."""
+
+    index: int
+    prompt: Prompt
+    params: SamplingParams
+
+
+class ServerState:
+    """Submits jobs to the engine and streams their deltas back (see the module docstring)."""
+
+    def __init__(self, engine: AsyncLLM, max_queue: int | None):
+        self.engine = engine
+        self.max_queue = max_queue
+        self.live: dict[str, None] = {}
+        self.draining = False  # set at shutdown: /health answers 503
+        self._pumps: set[asyncio.Task] = set()
+        self.metrics = ServeMetrics(self.running, self.waiting, self.kv_usage)
+        self._next = 0
+
+    # -- gauges ------------------------------------------------------------------------------
+    def running(self) -> int:
+        running = self.engine.llm.core.scheduler.running
+        return sum(1 for rid in list(self.live) if rid in running)
+
+    def waiting(self) -> int:
+        return len(self.live) - self.running()
+
+    def kv_usage(self) -> float:
+        scheduler = self.engine.llm.core.scheduler
+        return len(scheduler.running) / max(1, scheduler.limits.max_batch_size)
+
+    def healthy(self) -> bool:
+        # AsyncLLM has no public liveness probe; its engine thread is the loop (kiln.runtime)
+        thread = getattr(self.engine, "_thread", None)
+        return (not self.draining and not getattr(self.engine, "_closed", False)
+                and thread is not None and thread.is_alive())
+
+    # -- requests ----------------------------------------------------------------------------
+    def admit(self, count: int) -> None:
+        """Raise a 429 when ``count`` more requests would queue beyond --max_queue."""
+        if self.max_queue is not None and self.waiting() + count > self.max_queue:
+            raise ApiError(429, f"the server's queue is full ({self.waiting()} requests waiting, "
+                                f"--max_queue {self.max_queue}); retry later",
+                           code="queue_full", headers={"Retry-After": "1"})
+
+    async def submit(self, jobs: Sequence[Job], param: str) -> Submitted:
+        """Submit every job (all or none: a RequestError is a 400 naming ``param``)."""
+        self.admit(len(jobs))
+        out: asyncio.Queue = asyncio.Queue()
+        rids = await self._submit_all(jobs, out, param)
+        return Submitted(self.engine, rids, out)
+
+    async def _submit_all(self, jobs: Sequence[Job], out: asyncio.Queue,
+                          param: str) -> list[str]:
+        rids: list[str] = []
+        for job in jobs:
+            self._next += 1
+            rid = f"kiln-{self._next}"
+            self.live[rid] = None
+            try:
+                await self.engine.submit(job.prompt, job.params, request_id=rid)
+            except RequestError as e:
+                self.live.pop(rid, None)
+                for submitted in rids:
+                    await self.engine.abort(submitted)
+                raise ApiError(400, str(e), param=param, code=_code(str(e))) from None
+            rids.append(rid)
+            task = asyncio.get_running_loop().create_task(self._pump(rid, job.index, out))
+            self._pumps.add(task)
+            task.add_done_callback(self._pumps.discard)
+        return rids
+
+    async def _pump(self, rid: str, index: int, out: asyncio.Queue) -> None:
+        try:
+            async for delta in self.engine.stream(rid):
+                if delta.result is not None:
+                    self.metrics.finished(delta.result)
+                    self.live.pop(rid, None)
+                out.put_nowait(StreamDelta(index, delta.request_id, delta.text, delta.token_ids,
+                                           delta.logprobs, delta.finish_reason, delta.result))
+        except Exception as e:  # the executor failed: AsyncLLM raises in every stream
+            logger.error("request %s failed: %s", rid, e)
+            out.put_nowait(e)
+        finally:
+            self.live.pop(rid, None)
+
+
+class Submitted:
+    """The jobs of one HTTP request, submitted: iterate :meth:`deltas` (each delta's ``index``
+    is its job's) or :meth:`abort` them; leaving ``deltas`` early aborts the ones running."""
+
+    def __init__(self, engine: AsyncLLM, rids: list[str], out: asyncio.Queue):
+        self.engine, self.out = engine, out
+        self.open = set(rids)
+
+    async def deltas(self) -> AsyncIterator[StreamDelta]:
+        try:
+            while self.open:
+                item = await self.out.get()
+                if isinstance(item, BaseException):
+                    raise ApiError(500, f"the engine failed: {item}", code="engine_error")
+                if item.finished:
+                    self.open.discard(item.request_id)
+                yield item
+        finally:
+            await self.abort()
+
+    async def abort(self) -> None:
+        for rid in list(self.open):
+            await self.engine.abort(rid)  # never suspends: safe while being cancelled
+
+
+def _code(message: str) -> str | None:
+    return "context_length_exceeded" if "max_input_len" in message else None

@@ -1,0 +1,103 @@
+"""The app in-process (fastapi's TestClient) over a mock executor with the real SmolLM2
+tokenizer: request validation, body limits, echo on an engine without context logits, custom
+chat templates, health, error shapes. No model runs, so these take milliseconds."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from kiln.engine import BuildLimits
+from kiln.runtime import LLM, AsyncLLM
+from kiln.runtime.tokenizer import load_tokenizer
+from kiln.serve import create_app
+from tests.runtime.mocks import HashExecutor
+
+LIMITS = BuildLimits(max_batch_size=2, max_input_len=32, max_seq_len=64, max_num_tokens=32)
+
+
+@pytest.fixture
+def engine(smollm2_dir):
+    tokenizer = load_tokenizer(smollm2_dir)
+    llm = LLM.from_executor(HashExecutor(LIMITS, tokenizer.vocab_size), tokenizer)
+    engine = AsyncLLM(llm)
+    yield engine
+    engine.close()
+
+
+def _client(engine, **options) -> TestClient:
+    return TestClient(create_app(engine, "m", **options))
+
+
+def test_completion_and_chat(engine):
+    client = _client(engine, chat_template="{% for m in messages %}<{{ m.content }}>{% endfor %}")
+    out = client.post("/v1/completions", json={"model": "m", "prompt": [5, 6, 7],
+                                               "max_tokens": 3, "temperature": 0})
+    assert out.status_code == 200 and out.json()["usage"]["completion_tokens"] == 3
+    chat = client.post("/v1/chat/completions", json={
+        "model": "m", "max_tokens": 2, "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "hi"}]}]})
+    assert chat.status_code == 200
+    assert chat.json()["usage"]["prompt_tokens"] == len(engine.llm.tokenizer.encode("<hi>", False))
+    stream = client.post("/v1/completions", json={"model": "m", "prompt": "a", "max_tokens": 2,
+                                                  "stream": True})
+    assert stream.text.rstrip().endswith("data: [DONE]")
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "a", "n": 0}, "n"),
+    ({"prompt": "a", "logprobs": 21}, "logprobs"),
+    ({"prompt": 5}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "a", "seed": 2**64}, "seed"),
+    ({"prompt": "a", "stop": [""]}, "stop"),
+    ({"prompt": "a", "echo": True, "logprobs": 1, "max_tokens": 0}, "echo"),
+])
+def test_invalid_parameter_is_400_naming_it(engine, body, param):
+    out = _client(engine).post("/v1/completions", json={"model": "m", **body})
+    assert out.status_code == 400, out.text
+    error = out.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+
+
+def test_echo_logprobs_needs_context_logits(engine):
+    out = _client(engine).post("/v1/completions", json={
+        "model": "m", "prompt": "a b", "echo": True, "logprobs": 0, "max_tokens": 0})
+    assert "--gather_context_logits" in out.json()["error"]["message"]
+
+
+def test_chat_parameter_errors(engine):
+    client = _client(engine)
+    out = client.post("/v1/chat/completions", json={"model": "m", "messages": []})
+    assert out.status_code == 400 and out.json()["error"]["param"] == "messages"
+    out = client.post("/v1/chat/completions", json={
+        "model": "m", "top_logprobs": 2, "messages": [{"role": "user", "content": "x"}]})
+    assert out.json()["error"]["param"] == "top_logprobs"
+
+
+def test_chunked_body_over_the_limit_is_413(engine):
+    client = _client(engine, max_body_bytes=100)
+    out = client.post("/v1/completions", content=iter([b"{" + b" " * 80, b" " * 80 + b"}"]))
+    assert out.status_code == 413 and out.json()["error"]["code"] == "request_too_large"
+
+
+def test_unknown_route_and_not_json(engine):
+    client = _client(engine)
+    out = client.get("/v1/nope")
+    assert out.status_code == 404 and "error" in out.json()
+    assert client.post("/v1/completions", content=b"[1]").status_code == 400
+
+
+def test_health_is_503_once_the_engine_is_closed(engine):
+    client = _client(engine)
+    assert client.get("/health").status_code == 200
+    engine.close()
+    assert client.get("/health").status_code == 503
+
+
+def test_max_queue_0_refuses_when_anything_waits(engine):
+    app = create_app(engine, "m", max_queue=0)
+    app.state.kiln.live["fake"] = None  # a request that is waiting
+    out = TestClient(app).post("/v1/completions", json={"model": "m", "prompt": "a"})
+    assert out.status_code == 429 and out.headers["retry-after"] == "1"

@@ -1,0 +1,197 @@
+"""``kiln serve`` as a real process on the SmolLM2 onnx engine, driven by the official openai
+client: completions and chat (streaming and not), stop strings, seeds, n, logprobs, echo
+scoring, every error status, /v1/models, /metrics, aborts on disconnect, the queue limit and a
+graceful SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.serve.conftest import API_KEY, MODEL, ServerProcess
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "The capital of France is"
+GREEDY = dict(temperature=0, max_tokens=12)
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def _wait_for(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def test_completion_streamed_equals_whole(client):
+    whole = client.completions.create(model=MODEL, prompt=PROMPT, **GREEDY)
+    assert whole.choices[0].text and whole.choices[0].finish_reason == "length"
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (5, 12)
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, stream=True,
+                                            stream_options={"include_usage": True}, **GREEDY))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == 17
+
+
+def test_chat_streamed_equals_whole(client):
+    whole = client.chat.completions.create(model=MODEL, messages=CHAT, **GREEDY)
+    message = whole.choices[0].message
+    assert message.role == "assistant" and "Paris" in message.content
+    chunks = list(client.chat.completions.create(model=MODEL, messages=CHAT, stream=True,
+                                                 **GREEDY))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_stop_string(client):
+    text = client.completions.create(model=MODEL, prompt=PROMPT, **GREEDY).choices[0].text
+    word = text.split()[1]  # a word after the first: the text must end before it
+    stopped = client.completions.create(model=MODEL, prompt=PROMPT, stop=[word], **GREEDY)
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].text == text[:text.index(word)]
+
+
+def test_seeded_sampling_is_reproducible_and_n_choices_differ(client):
+    ask = dict(model=MODEL, prompt="Once upon a time", max_tokens=10, temperature=1.0, seed=7,
+               n=2)
+    first, second = client.completions.create(**ask), client.completions.create(**ask)
+    assert [c.text for c in first.choices] == [c.text for c in second.choices]
+    assert [c.index for c in first.choices] == [0, 1]
+    assert first.choices[0].text != first.choices[1].text
+    assert first.usage.completion_tokens == 20 and first.usage.prompt_tokens == 4
+
+
+def test_logprobs(client):
+    out = client.completions.create(model=MODEL, prompt=PROMPT, logprobs=2, **GREEDY)
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == 12
+    assert "".join(lp.tokens) == out.choices[0].text
+    assert all(len(top) <= 2 and max(top.values()) == pytest.approx(v, abs=1e-6)
+               for top, v in zip(lp.top_logprobs, lp.token_logprobs, strict=True))  # greedy
+    chat = client.chat.completions.create(model=MODEL, messages=CHAT, logprobs=True,
+                                          top_logprobs=3, **GREEDY)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    assert all(len(c.top_logprobs) == 3 and c.logprob <= 0 for c in content)
+
+
+def test_echo_logprobs_scores_the_prompt(client):
+    out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=0, echo=True,
+                                    logprobs=1, temperature=0)
+    choice = choice = out.choices[0]
+    assert choice.text == PROMPT and out.usage.completion_tokens == 0
+    assert choice.logprobs.token_logprobs[0] is None
+    assert len(choice.logprobs.token_logprobs) == 5
+    assert all(v < 0 for v in choice.logprobs.token_logprobs[1:])
+
+
+@pytest.mark.parametrize("bad, param", [(dict(top_p=0.0), "top_p"),
+                                        (dict(temperature=-1.0), "temperature"),
+                                        (dict(max_tokens=-3), "max_tokens"),
+                                        (dict(extra_body={"top_k": "x"}), "top_k"),
+                                        (dict(presence_penalty=5.0), "presence_penalty")])
+def test_bad_parameter_is_400_naming_it(client, bad, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=PROMPT, **bad)
+    assert e.value.status_code == 400 and e.value.body["param"] == param
+    assert e.value.body["type"] == "invalid_request_error"
+
+
+def test_prompt_too_long_is_400(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="1 " * 200, max_tokens=4)
+    assert e.value.body["code"] == "context_length_exceeded"
+    assert "max_input_len 96" in e.value.body["message"]
+
+
+def test_auth_model_and_body_size_errors(server, client):
+    bad_key = openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad_key.models.list()
+    assert httpx.get(f"{server.url}/v1/models").status_code == 401
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="gpt-4", prompt=PROMPT, max_tokens=2)
+    assert e.value.body["param"] == "model"
+    big = httpx.post(f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                     json={"model": MODEL, "prompt": "x" * 100_000})
+    assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+    assert httpx.post(f"{server.url}/v1/completions", content=b"{nope",
+                      headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 400
+
+
+def test_models_version_health(server, client):
+    assert [m.id for m in client.models.list()] == [MODEL]
+    assert httpx.get(f"{server.url}/version").json()["version"]
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_metrics_count_a_finished_request(server, client):
+    before = server.metric('kiln:request_success_total{finished_reason="length"}')
+    tokens = server.metric("kiln:generation_tokens_total")
+    client.completions.create(model=MODEL, prompt=PROMPT, **GREEDY)
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in ("kiln:num_requests_running", "kiln:num_requests_waiting",
+                 "kiln:prompt_tokens_total", "kiln:time_to_first_token_seconds_bucket",
+                 "kiln:e2e_request_latency_seconds_count", "kiln:kv_cache_usage_perc"):
+        assert name in text
+    assert server.metric('kiln:request_success_total{finished_reason="length"}') == before + 1
+    assert server.metric("kiln:generation_tokens_total") == tokens + 12
+
+
+def _long_stream(client):
+    return client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=100, stream=True,
+                                     temperature=0, extra_body={"ignore_eos": True})
+
+
+def test_closing_a_stream_aborts_its_request(server, client):
+    aborted = server.metric('kiln:request_success_total{finished_reason="abort"}')
+    stream = _long_stream(client)
+    for _, _chunk in zip(range(3), stream, strict=False):
+        pass
+    assert server.metric("kiln:num_requests_running") == 1
+    stream.close()
+    assert _wait_for(lambda: server.metric("kiln:num_requests_running") == 0)
+    assert server.metric('kiln:request_success_total{finished_reason="abort"}') == aborted + 1
+    assert server.metric("kiln:generation_tokens_total") > 0
+
+
+def test_full_queue_is_429_with_retry_after(server, client):
+    running = [_long_stream(client) for _ in range(4)]  # the engine's 4 slots
+    for stream in running:
+        next(iter(stream))
+    waiting = [_long_stream(client) for _ in range(4)]  # --max_queue 4
+    try:
+        assert server.metric("kiln:num_requests_waiting") == 4
+        with pytest.raises(openai.RateLimitError) as e:
+            client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2)
+        assert e.value.response.headers["retry-after"] == "1"
+    finally:
+        for stream in running + waiting:
+            stream.close()
+    assert _wait_for(lambda: server.metric("kiln:num_requests_running") == 0
+                     and server.metric("kiln:num_requests_waiting") == 0)
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits_0(engine):
+    import threading
+
+    process = ServerProcess(engine, "--grace_period", "20")
+    client = openai.OpenAI(base_url=f"{process.url}/v1", api_key=API_KEY, max_retries=0)
+    results = []
+    thread = threading.Thread(target=lambda: results.append(
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=40, temperature=0,
+                                  extra_body={"ignore_eos": True})))
+    thread.start()
+    assert _wait_for(lambda: process.metric("kiln:num_requests_running") == 1)
+    assert process.stop(signal.SIGTERM) == 0
+    thread.join(10)
+    assert results and results[0].choices[0].finish_reason == "length"
+    assert results[0].usage.completion_tokens == 40
