@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 from pathlib import Path
@@ -96,7 +97,8 @@ def serve(obj: CliContext, engine_dir: Path, host: str, port: int, served_model_
             config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=
                                     grace_period, log_level="info" if level else "warning",
                                     access_log=bool(level), lifespan="off")
-            server = _Server(config, on_exit=lambda: setattr(app.state.kiln, "draining", True))
+            server = _Server(config, on_exit=functools.partial(_drain, app.state.kiln,
+                                                               grace_period))
             try:
                 asyncio.run(server.serve())
             except SystemExit:  # uvicorn exits 1 when it cannot bind (it logged why)
@@ -108,6 +110,18 @@ def serve(obj: CliContext, engine_dir: Path, host: str, port: int, served_model_
         finally:
             engine.close()  # aborts what the grace period left running
     click.echo("kiln serve: stopped", err=True)
+
+
+def _drain(state, grace_period: float) -> None:
+    """On SIGINT/SIGTERM (in the event loop's thread): /health turns 503 at once, and what still
+    runs shortly before the grace period ends is aborted, so its stream ends with finish_reason
+    ``abort`` and ``[DONE]`` instead of being cut by uvicorn's task cancellation."""
+    if state.draining:
+        return
+    state.draining = True
+    loop = asyncio.get_event_loop()
+    abort = lambda: loop.create_task(state.abort_all())  # noqa: E731
+    loop.call_soon_threadsafe(loop.call_later, max(0.0, grace_period - 0.5), abort)
 
 
 class _Server:

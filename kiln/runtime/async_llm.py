@@ -42,7 +42,10 @@ class _Sink:
     queue: asyncio.Queue
 
     def put(self, item: Any) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the caller's event loop is closed: nobody is left to read it
+            pass
 
 
 class AsyncLLM:

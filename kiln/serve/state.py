@@ -72,11 +72,26 @@ class ServerState:
                 and thread is not None and thread.is_alive())
 
     # -- requests ----------------------------------------------------------------------------
+    async def abort_all(self) -> None:
+        """End every live request now (shutdown after the grace period): each stream then
+        finishes with finish_reason ``abort`` and ``[DONE]``, so no handler is left to cancel."""
+        for rid in list(self.live):
+            await self.engine.abort(rid)
+
+    def free_slots(self) -> int:
+        scheduler = self.engine.llm.core.scheduler
+        return max(0, scheduler.limits.max_batch_size - len(scheduler.running))
+
     def admit(self, count: int) -> None:
-        """Raise a 429 when ``count`` more requests would queue beyond --max_queue."""
-        if self.max_queue is not None and self.waiting() + count > self.max_queue:
-            raise ApiError(429, f"the server's queue is full ({self.waiting()} requests waiting, "
-                                f"--max_queue {self.max_queue}); retry later",
+        """Raise a 429 when ``count`` more requests would queue beyond --max_queue: those not
+        yet running (submitted or queued) beyond the engine's free slots would wait."""
+        if self.max_queue is None:
+            return
+        would_wait = self.waiting() + count - self.free_slots()
+        if would_wait > self.max_queue:
+            raise ApiError(429, f"the server's queue is full ({max(0, would_wait - count)} "
+                                f"waiting for an engine slot, --max_queue {self.max_queue}); "
+                                f"retry later",
                            code="queue_full", headers={"Retry-After": "1"})
 
     async def submit(self, jobs: Sequence[Job], param: str) -> Submitted:

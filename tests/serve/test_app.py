@@ -96,8 +96,17 @@ def test_health_is_503_once_the_engine_is_closed(engine):
     assert client.get("/health").status_code == 503
 
 
-def test_max_queue_0_refuses_when_anything_waits(engine):
+def test_max_queue_0_refuses_only_what_would_wait(engine):
+    """Free engine slots take requests at once: --max_queue counts those beyond them (a trial
+    found a burst of 3 refused by --max_queue 1 on a 16-slot engine)."""
     app = create_app(engine, "m", max_queue=0)
-    app.state.kiln.live["fake"] = None  # a request that is waiting
-    out = TestClient(app).post("/v1/completions", json={"model": "m", "prompt": "a"})
+    client = TestClient(app)
+    out = client.post("/v1/completions", json={"model": "m", "prompt": "a", "max_tokens": 1})
+    assert out.status_code == 200  # a free slot: nothing waits
+    state = app.state.kiln
+    for i in range(state.free_slots()):  # submitted requests that will take every free slot
+        state.live[f"fake-{i}"] = None
+    out = client.post("/v1/completions", json={"model": "m", "prompt": "a"})
     assert out.status_code == 429 and out.headers["retry-after"] == "1"
+    assert out.json()["error"]["message"] == ("the server's queue is full (0 waiting for an engine "
+                                              "slot, --max_queue 0); retry later")

@@ -5,6 +5,7 @@ graceful SIGTERM."""
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 
@@ -195,3 +196,23 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(engine):
     thread.join(10)
     assert results and results[0].choices[0].finish_reason == "length"
     assert results[0].usage.completion_tokens == 40
+
+
+def test_what_outlives_the_grace_period_ends_as_abort_with_done(engine):
+    """A stream still running when the grace period ends gets a last chunk with finish_reason
+    ``abort`` and ``[DONE]`` (a trial found it cut mid-token, with tracebacks in the log)."""
+    process = ServerProcess(engine, "--grace_period", "1")
+    lines = []
+    with httpx.stream("POST", f"{process.url}/v1/completions",
+                      headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60,
+                      json={"model": MODEL, "prompt": PROMPT, "max_tokens": 400, "stream": True,
+                            "ignore_eos": True}) as response:
+        for line in response.iter_lines():
+            if line:
+                lines.append(line)
+            if len(lines) == 2:
+                process.proc.send_signal(signal.SIGINT)
+    assert process.stop() == 0
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "abort"
+    assert "Traceback" not in process.proc.stdout.read()
