@@ -44,10 +44,17 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# OpenAI request fields kiln cannot honour: refused by name (a client relying on JSON mode or
+# tool calls must not get free text back as if they had been applied; kiln.serve.render
+# checks). Other unknown fields are ignored, as vLLM does.
+UNSUPPORTED = ("response_format", "tools", "tool_choice", "functions", "function_call",
+               "logit_bias", "suffix", "parallel_tool_calls")
+
+
 class _Sampling(BaseModel):
     """Fields shared by both endpoints (mapped onto SamplingParams by kiln.serve.app)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
     model: str
     max_tokens: int | None = None

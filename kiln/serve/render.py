@@ -28,7 +28,7 @@ from kiln.runtime.llm import LLM, Prompt
 from kiln.runtime.params import SamplingParams, TokenLogprobs
 from kiln.runtime.results import CompletionResult, StreamDelta
 from kiln.runtime.tokenizer import render_chat_template
-from kiln.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest
+from kiln.serve.protocol import UNSUPPORTED, ApiError, ChatCompletionRequest, CompletionRequest
 from kiln.serve.state import Job
 
 _SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
@@ -83,6 +83,10 @@ class Renderer:
     # -- inputs ------------------------------------------------------------------------------
     def _params(self, req: Any, max_tokens: int, renames: dict[str, str],
                 **fields: Any) -> SamplingParams:
+        for name in UNSUPPORTED:
+            if (req.model_extra or {}).get(name) is not None:
+                raise ApiError(400, f"{name} is not supported by kiln serve; send the request "
+                                    f"without it", param=name)
         given = {k: getattr(req, k) for k in _SAMPLING if getattr(req, k) is not None}
         if req.stop is not None:
             given["stop"] = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
@@ -101,6 +105,10 @@ class Renderer:
                                     "--gather_context_logits", param="echo")
             prompt_logprobs = req.logprobs
         max_tokens = COMPLETIONS_MAX_TOKENS if req.max_tokens is None else req.max_tokens
+        if max_tokens == 0 and prompt_logprobs is None:
+            raise ApiError(400, "max_tokens 0 only scores the prompt: set echo: true and "
+                                "logprobs (0-20) as well, or ask for max_tokens >= 1",
+                           param="max_tokens")
         return self._params(req, max_tokens, {"prompt_logprobs": "logprobs"},
                             logprobs=req.logprobs, prompt_logprobs=prompt_logprobs)
 
@@ -109,6 +117,10 @@ class Renderer:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         max_tokens = next((m for m in (req.max_completion_tokens, req.max_tokens)
                            if m is not None), self.llm.limits.max_seq_len)
+        if max_tokens == 0:
+            raise ApiError(400, "chat needs max_tokens >= 1 (a prompt is scored on "
+                                "/v1/completions with echo: true, logprobs and max_tokens 0)",
+                           param="max_tokens")
         renames = {"logprobs": "top_logprobs", "max_tokens": "max_tokens"}
         return self._params(req, max_tokens, renames,
                             logprobs=(req.top_logprobs or 0) if req.logprobs else None)
@@ -213,6 +225,9 @@ class Renderer:
 def _message(i: int, message: dict[str, Any]) -> dict[str, Any]:
     """A message with list-of-parts content joined into its text."""
     content = message.get("content")
+    if content is None and message.get("role") != "assistant":  # (assistant: tool calls)
+        raise ApiError(400, f"messages[{i}].content is missing or null; give the "
+                            f"{message.get('role')} message's text", param="messages")
     if isinstance(content, list):
         if any(part.get("type") != "text" for part in content):
             raise ApiError(400, f"messages[{i}].content: only text parts are supported",

@@ -110,3 +110,34 @@ def test_max_queue_0_refuses_only_what_would_wait(engine):
     assert out.status_code == 429 and out.headers["retry-after"] == "1"
     assert out.json()["error"]["message"] == ("the server's queue is full (0 waiting for an engine "
                                               "slot, --max_queue 0); retry later")
+
+
+@pytest.mark.parametrize("endpoint,body,param,message", [
+    ("/v1/completions", {"prompt": "a", "max_tokens": 0}, "max_tokens",
+     "max_tokens 0 only scores the prompt: set echo: true and logprobs (0-20) as well"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "max_tokens": 0},
+     "max_tokens", "chat needs max_tokens >= 1"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, "messages",
+     "messages[0].content is missing or null; give the user message's text"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}],
+                              "response_format": {"type": "json_object"}}, "response_format",
+     "response_format is not supported by kiln serve"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}],
+                              "tools": [{"type": "function"}]}, "tools",
+     "tools is not supported by kiln serve"),
+    ("/v1/completions", {"prompt": "a", "logit_bias": {"5": 3}}, "logit_bias",
+     "logit_bias is not supported by kiln serve"),
+])
+def test_requests_kiln_cannot_honour_are_refused_by_name(engine, endpoint, body, param, message):
+    """Found by a trial: these answered 200 (JSON mode and tools silently ignored), or with
+    the runtime's field names, or a template's internals."""
+    out = _client(engine).post(endpoint, json={"model": "m", **body})
+    error = out.json()["error"]
+    assert out.status_code == 400 and error["param"] == param, error
+    assert error["message"].startswith(message), error
+
+
+def test_unknown_fields_are_ignored(engine):
+    out = _client(engine).post("/v1/completions", json={"model": "m", "prompt": "a",
+                                                        "max_tokens": 1, "foo": 3})
+    assert out.status_code == 200
