@@ -105,13 +105,13 @@ def bench(obj: CliContext, engine_dir: Path, warmup: int, json_output: Path | No
         click.echo(report.to_json())
 
 
-def _check_json_output(path: Path, engine_dir: Path,
+def _check_json_output(path: Path, engine_dir: Path | None,
                        is_report: Callable[[Path], bool] | None = None,
                        kind: str = "kiln bench report") -> None:
     """Before any work: never overwrite a file kiln did not write (``is_report``: one of
     ``kind``, default a bench report), never write into the engine dir, and the directory must
     take the file. Shared by ``kiln eval``."""
-    if path.resolve().is_relative_to(Path(engine_dir).resolve()):
+    if engine_dir is not None and path.resolve().is_relative_to(Path(engine_dir).resolve()):
         raise click.BadParameter(f"{path} is inside the engine dir {engine_dir}; write the "
                                  f"report elsewhere", param_hint="--json_output")
     if path.exists() and not (is_report or _is_bench_report)(path):

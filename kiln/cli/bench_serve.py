@@ -1,0 +1,82 @@
+"""``kiln bench_serve``: a serving benchmark against a running OpenAI-compatible server (see
+kiln.serve.bench), in the manner of ``vllm bench serve``.
+
+Prints a table per request rate (TTFT, time per output token, inter-token latency and
+end-to-end latency as mean/p50/p90/p99; output tokens/s; requests/s) and writes the same
+report as JSON. Imports here stay light; the client (httpx) is imported in the command body.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from kiln.cli.bench import _check_json_output, _write_atomically
+from kiln.cli.context import CliContext, PathArg
+
+
+class RatesType(click.ParamType):
+    name = "RATES"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        from kiln.serve.bench import parse_rates
+
+        try:
+            return parse_rates(value)
+        except ValueError as e:
+            self.fail(f"{e} (give rates per second, comma-separated, e.g. 1,4,inf)", param, ctx)
+
+
+def _is_serve_report(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("kind") == "kiln bench_serve"
+
+
+@click.command("bench_serve")
+@click.option("--serve", "url", required=True, metavar="URL",
+              help="The running server's base URL (e.g. http://127.0.0.1:8000).")
+@click.option("--model", default=None,
+              help="The model name to send [default: the first /v1/models lists].")
+@click.option("--api_key", envvar="KILN_API_KEY", default=None, show_envvar=True,
+              help="Sent as 'Authorization: Bearer KEY'.")
+@click.option("--request_rates", default="inf", show_default=True, type=RatesType(),
+              help="Poisson arrival rates (requests/s) to run, comma-separated; inf: all "
+                   "sent at once.")
+@click.option("--num_requests", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Requests per rate.")
+@click.option("--input_len", default=128, show_default=True, type=click.IntRange(min=1),
+              help="Prompt tokens per request (random ids).")
+@click.option("--output_len", default=128, show_default=True, type=click.IntRange(min=1),
+              help="Generated tokens per request (ignore_eos).")
+@click.option("--max_concurrency", default=None, type=click.IntRange(min=1),
+              help="Requests in flight at most [default: no limit].")
+@click.option("--vocab_size", default=10000, show_default=True, type=click.IntRange(min=1),
+              help="Prompt token ids are drawn from [0, N) (within any real vocabulary).")
+@click.option("--warmup", default=1, show_default=True, type=click.IntRange(min=0),
+              help="Unmeasured rounds first, each as many requests as run at once.")
+@click.option("--seed", default=0, show_default=True, help="Seed of prompts and arrivals.")
+@click.option("--json_output", type=PathArg(dir_okay=False, path_type=Path), default=None,
+              help="Write the report as JSON here [default: print it after the table].")
+@click.pass_obj
+def bench_serve(obj: CliContext, url: str, model: str | None, api_key: str | None,
+                warmup: int, json_output: Path | None, **workload: object) -> None:
+    """Benchmark a running OpenAI-compatible server (in the manner of vllm bench serve)."""
+    from kiln.serve.bench import ServeWorkload, run_serve_benchmark
+
+    if json_output is not None:
+        _check_json_output(json_output, None, _is_serve_report, "kiln bench_serve report")
+    spec = ServeWorkload(**workload)
+    report = run_serve_benchmark(url, spec, model, api_key, warmup)
+    click.echo(report.table())
+    if json_output is not None:
+        _write_atomically(json_output, report.to_json() + "\n")
+        click.echo(f"wrote {json_output}", err=True)
+    else:
+        click.echo(report.to_json())

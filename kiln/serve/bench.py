@@ -1,0 +1,349 @@
+"""A serving benchmark against a running OpenAI-compatible server (the figures of ``vllm bench
+serve``): the client behind ``kiln bench_serve``.
+
+Contract: :func:`run_serve_benchmark` first asks ``GET /v1/models`` (the model name, the
+server's ``max_model_len``; an unreachable URL or a refused key is one :class:`ServeBenchError`),
+runs ``warmup`` unmeasured rounds, then for each request rate sends ``num_requests`` streaming
+``POST /v1/completions`` requests of ``input_len`` random token ids (seeded; ids drawn from
+``[0, vocab_size)``) that each generate exactly ``output_len`` tokens (greedy, ``ignore_eos``).
+Arrivals are a Poisson process of the rate (``inf``: all sent at once); at most
+``max_concurrency`` are in flight (the rest wait in the client, and their clock starts when
+they are sent). One httpx AsyncClient, one connection per request in flight.
+
+Metrics per rate: TTFT (send -> first streamed token), TPOT ((last - first) / (n - 1)), every
+inter-token latency (between streamed chunks that carry text), end-to-end latency; mean, p50,
+p90, p99. Output tokens (the usage chunk's completion_tokens) and requests per second over the
+rate's run (first send to last token). A request that fails (an HTTP error, a dropped stream)
+is counted and the first error quoted; a rate where every request failed is an error.
+
+Imports stay light (httpx only): no torch, no engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import httpx
+
+from kiln.errors import KilnError
+
+
+class ServeBenchError(KilnError):
+    """The server cannot be benchmarked (unreachable, refused, every request failed)."""
+
+
+@dataclass(frozen=True)
+class Stats:
+    mean: float
+    p50: float
+    p90: float
+    p99: float
+
+    @classmethod
+    def of(cls, values: list[float]) -> Stats:
+        if not values:
+            return cls(math.nan, math.nan, math.nan, math.nan)
+        ordered = sorted(values)
+        return cls(sum(ordered) / len(ordered), *(_percentile(ordered, q) for q in (50, 90, 99)))
+
+
+def _percentile(ordered: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default, as kiln.runtime.bench)."""
+    pos = (len(ordered) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+@dataclass(frozen=True)
+class ServeWorkload:
+    input_len: int = 128
+    output_len: int = 128
+    num_requests: int = 16
+    request_rates: tuple[float, ...] = (math.inf,)  # requests/s (Poisson); inf: all at once
+    max_concurrency: int | None = None  # in flight at most; None: no limit
+    seed: int = 0
+    vocab_size: int = 10000  # prompt ids drawn from [0, vocab_size)
+
+    def __post_init__(self) -> None:
+        for name in ("input_len", "output_len", "num_requests", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ServeBenchError(f"{name} must be >= 1, found {getattr(self, name)}")
+        if not self.request_rates:
+            raise ServeBenchError("request_rates is empty")
+        for rate in self.request_rates:
+            if not rate > 0:  # also NaN
+                raise ServeBenchError(f"a request rate must be > 0 (or inf), found {rate}")
+        if self.max_concurrency is not None and self.max_concurrency < 1:
+            raise ServeBenchError(f"max_concurrency must be >= 1, found {self.max_concurrency}")
+
+
+def parse_rates(text: str) -> tuple[float, ...]:
+    """``"1,4,inf"`` -> (1.0, 4.0, inf); raises ValueError naming the bad entry."""
+    rates = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            rate = float(part)
+        except ValueError:
+            raise ValueError(f"{part!r} is not a number or inf") from None
+        if not rate > 0:
+            raise ValueError(f"{part!r}: a request rate must be > 0 (or inf)")
+        rates.append(rate)
+    return tuple(rates)
+
+
+@dataclass(frozen=True)
+class RateReport:
+    request_rate: float
+    max_concurrency: int | None
+    duration_s: float
+    completed: int
+    failed: int
+    output_tokens: int
+    ttft_ms: Stats
+    tpot_ms: Stats
+    itl_ms: Stats
+    e2e_ms: Stats
+    output_tokens_per_s: float
+    requests_per_s: float
+    first_error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["request_rate"] = _rate_json(self.request_rate)
+        return data
+
+    def table(self, workload: ServeWorkload) -> str:
+        rate = "inf (all at once)" if math.isinf(self.request_rate) else \
+            f"{self.request_rate:g} req/s"
+        failed = f", {self.failed} failed (first: {self.first_error})" if self.failed else ""
+        lines = [f"rate {rate}, max concurrency {self.max_concurrency or 'unlimited'}: "
+                 f"{self.completed} requests ({workload.input_len} in / {workload.output_len} "
+                 f"out) in {self.duration_s:.2f} s{failed}",
+                 f"{'metric':<24}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}"]
+        for name, stats in (("TTFT (ms)", self.ttft_ms), ("TPOT (ms)", self.tpot_ms),
+                            ("inter-token (ms)", self.itl_ms), ("E2E latency (ms)", self.e2e_ms)):
+            lines.append(f"{name:<24}" + "".join(f"{getattr(stats, k):>10.1f}"
+                                                for k in ("mean", "p50", "p90", "p99")))
+        lines.append(f"{'output tokens/s':<24}{self.output_tokens_per_s:>10.1f}")
+        lines.append(f"{'requests/s':<24}{self.requests_per_s:>10.3f}")
+        return "\n".join(lines)
+
+
+def _rate_json(rate: float) -> float | str:
+    return "inf" if math.isinf(rate) else rate
+
+
+@dataclass(frozen=True)
+class ServeBenchReport:
+    url: str
+    model: str
+    workload: ServeWorkload
+    rates: list[RateReport] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        workload = asdict(self.workload)
+        workload["request_rates"] = [_rate_json(r) for r in self.workload.request_rates]
+        return json.dumps({"kind": "kiln bench_serve", "url": self.url, "model": self.model,
+                           "workload": workload, "rates": [r.to_dict() for r in self.rates]},
+                          indent=2)
+
+    def table(self) -> str:
+        head = f"{self.url} model {self.model}"
+        return "\n\n".join([head, *(r.table(self.workload) for r in self.rates)])
+
+
+@dataclass
+class _Result:
+    sent: float = 0.0
+    chunk_times: list[float] = field(default_factory=list)
+    tokens: int = 0
+    done: float = 0.0
+    error: str | None = None
+
+
+def make_prompts(workload: ServeWorkload) -> list[list[int]]:
+    rng = random.Random(workload.seed)
+    return [[rng.randrange(workload.vocab_size) for _ in range(workload.input_len)]
+            for _ in range(workload.num_requests)]
+
+
+def arrival_offsets(num_requests: int, rate: float, seed: int) -> list[float]:
+    if math.isinf(rate):
+        return [0.0] * num_requests
+    rng = random.Random(seed + 1)
+    t, out = 0.0, []
+    for _ in range(num_requests):
+        out.append(t)
+        t += rng.expovariate(rate)
+    return out
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+async def _models(client: httpx.AsyncClient, url: str, api_key: str | None) -> list[dict]:
+    try:
+        response = await client.get(f"{url}/v1/models", headers=_headers(api_key), timeout=10)
+    except httpx.HTTPError as e:
+        raise ServeBenchError(f"cannot reach {url} ({type(e).__name__}: {e or 'no answer'}); "
+                              f"is kiln serve running there?") from None
+    if response.status_code == 401:
+        raise ServeBenchError(f"{url} refused the API key (401); pass --api_key or set "
+                              f"KILN_API_KEY")
+    if response.status_code != 200:
+        raise ServeBenchError(f"{url}/v1/models answered {response.status_code}; is it an "
+                              f"OpenAI-compatible server?")
+    try:
+        data = response.json()["data"]
+        assert isinstance(data, list) and data and all("id" in m for m in data)
+    except (ValueError, KeyError, TypeError, AssertionError):
+        raise ServeBenchError(f"{url}/v1/models did not list a model") from None
+    return data
+
+
+async def _one(client: httpx.AsyncClient, url: str, body: dict, api_key: str | None,
+               result: _Result) -> None:
+    result.sent = time.perf_counter()
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body,
+                                 headers=_headers(api_key)) as response:
+            if response.status_code != 200:
+                text = (await response.aread()).decode(errors="replace")
+                try:
+                    text = json.loads(text)["error"]["message"]
+                except (ValueError, KeyError, TypeError):
+                    pass
+                result.error = f"HTTP {response.status_code}: {text[:200]}"
+                return
+            finished = False
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    finished = True
+                    break
+                now = time.perf_counter()
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    result.error = str(chunk["error"])[:200]
+                    return
+                if chunk.get("usage"):
+                    result.tokens = chunk["usage"]["completion_tokens"]
+                for choice in chunk.get("choices") or ():
+                    if choice.get("text"):
+                        result.chunk_times.append(now)
+                    if choice.get("finish_reason") in ("error", "abort"):
+                        result.error = f"finish_reason {choice['finish_reason']}"
+            if not finished:
+                result.error = "the stream ended without data: [DONE]"
+    except httpx.HTTPError as e:
+        result.error = f"{type(e).__name__}: {e or 'no detail'}"
+    except json.JSONDecodeError as e:
+        result.error = f"a chunk is not JSON ({e})"
+    finally:
+        result.done = time.perf_counter()
+    if result.error is None and not result.chunk_times:
+        result.error = "no token was streamed"
+
+
+async def _run_rate(client: httpx.AsyncClient, url: str, model: str, api_key: str | None,
+                    prompts: list[list[int]], output_len: int, rate: float,
+                    max_concurrency: int | None, seed: int) -> tuple[list[_Result], float]:
+    limit = asyncio.Semaphore(max_concurrency or len(prompts))
+    results = [_Result() for _ in prompts]
+    start = time.perf_counter()
+
+    async def send(prompt: list[int], offset: float, result: _Result) -> None:
+        await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
+        async with limit:
+            body = {"model": model, "prompt": prompt, "max_tokens": output_len,
+                    "temperature": 0, "ignore_eos": True, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            await _one(client, url, body, api_key, result)
+
+    offsets = arrival_offsets(len(prompts), rate, seed)
+    await asyncio.gather(*(send(p, o, r) for p, o, r in zip(prompts, offsets, results,
+                                                            strict=True)))
+    return results, start
+
+
+def _rate_report(rate: float, max_concurrency: int | None, results: list[_Result],
+                 start: float) -> RateReport:
+    ok = [r for r in results if r.error is None]
+    failed = [r for r in results if r.error is not None]
+    if not ok:
+        raise ServeBenchError(f"every request at rate {rate:g} failed; the first: "
+                              f"{failed[0].error}")
+    end = max(r.chunk_times[-1] for r in ok)
+    duration = end - start
+    tokens = sum(r.tokens or len(r.chunk_times) for r in ok)
+
+    def ms(values: list[float]) -> Stats:
+        return Stats.of([v * 1000 for v in values])
+
+    ttft = [r.chunk_times[0] - r.sent for r in ok]
+    tpot = [(r.chunk_times[-1] - r.chunk_times[0]) / ((r.tokens or len(r.chunk_times)) - 1)
+            for r in ok if (r.tokens or len(r.chunk_times)) > 1]
+    itl = [b - a for r in ok for a, b in itertools.pairwise(r.chunk_times)]
+    e2e = [r.chunk_times[-1] - r.sent for r in ok]
+    return RateReport(rate, max_concurrency, duration, len(ok), len(failed), tokens, ms(ttft),
+                      ms(tpot), ms(itl), ms(e2e), tokens / duration, len(ok) / duration,
+                      failed[0].error if failed else None)
+
+
+async def _benchmark(url: str, workload: ServeWorkload, model: str | None, api_key: str | None,
+                     warmup: int, on_rate: Any) -> ServeBenchReport:
+    url = url.rstrip("/")
+    width = min(workload.num_requests, workload.max_concurrency or workload.num_requests)
+    limits = httpx.Limits(max_connections=width, max_keepalive_connections=width)
+    timeout = httpx.Timeout(None, connect=10)
+    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+        models = await _models(client, url, api_key)
+        if model is None:
+            model = models[0]["id"]
+        elif model not in {m["id"] for m in models}:
+            raise ServeBenchError(f"{url} serves no model {model!r} (it lists "
+                                  f"{', '.join(repr(m['id']) for m in models)})")
+        max_len = next((m.get("max_model_len") for m in models if m["id"] == model), None)
+        if isinstance(max_len, int) and workload.input_len + workload.output_len - 1 > max_len:
+            raise ServeBenchError(f"input_len + output_len - 1 = "
+                                  f"{workload.input_len + workload.output_len - 1} exceeds the "
+                                  f"server's max_model_len {max_len}")
+        prompts = make_prompts(workload)
+        if warmup:  # rounds as wide as the workload runs at once, unmeasured
+            rng = random.Random(workload.seed + 7)
+            warm = [[rng.randrange(workload.vocab_size) for _ in range(workload.input_len)]
+                    for _ in range(warmup * width)]
+            results, start = await _run_rate(client, url, model, api_key, warm,
+                                             min(workload.output_len, 8), math.inf, width,
+                                             workload.seed)
+            _rate_report(math.inf, width, results, start)  # raises if every one failed
+        report = ServeBenchReport(url, model, workload)
+        for rate in workload.request_rates:
+            results, start = await _run_rate(client, url, model, api_key, prompts,
+                                             workload.output_len, rate,
+                                             workload.max_concurrency, workload.seed)
+            report.rates.append(_rate_report(rate, workload.max_concurrency, results, start))
+            if on_rate is not None:
+                on_rate(report.rates[-1])
+    return report
+
+
+def run_serve_benchmark(url: str, workload: ServeWorkload, model: str | None = None,
+                        api_key: str | None = None, warmup: int = 1,
+                        on_rate: Any = None) -> ServeBenchReport:
+    """Benchmark the server at ``url`` (see the module docstring); ``on_rate(RateReport)`` is
+    called as each rate finishes."""
+    if not url.startswith(("http://", "https://")):
+        raise ServeBenchError(f"{url!r} is not an http:// or https:// URL")
+    return asyncio.run(_benchmark(url, workload, model, api_key, warmup, on_rate))

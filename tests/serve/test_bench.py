@@ -1,0 +1,86 @@
+"""kiln bench_serve against a real kiln serve process (tests/serve/conftest.py): the report's
+shape and sanity, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from kiln.cli.main import main
+from tests.serve.conftest import API_KEY, MODEL, free_port
+
+
+def _bench(*args: str, env: dict | None = None):
+    return CliRunner().invoke(main, ["bench_serve", *args], env=env)
+
+
+def test_report_per_rate_with_sane_figures(server, tmp_path):
+    out = tmp_path / "report.json"
+    result = _bench("--serve", server.url, "--api_key", API_KEY, "--request_rates", "inf,50",
+                    "--num_requests", "6", "--input_len", "8", "--output_len", "6",
+                    "--max_concurrency", "4", "--json_output", str(out))
+    assert result.exit_code == 0, result.output
+    assert "rate inf (all at once), max concurrency 4: 6 requests" in result.output
+    assert "rate 50 req/s" in result.output
+    report = json.loads(out.read_text())
+    assert report["kind"] == "kiln bench_serve" and report["model"] == MODEL
+    assert report["workload"]["request_rates"] == ["inf", 50.0]
+    assert [r["request_rate"] for r in report["rates"]] == ["inf", 50.0]
+    for rate in report["rates"]:
+        assert rate["completed"] == 6 and rate["failed"] == 0 and rate["first_error"] is None
+        assert rate["output_tokens"] == 6 * 6
+        for name in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+            s = rate[name]
+            assert 0 < s["p50"] <= s["p90"] <= s["p99"], (name, s)
+        assert rate["ttft_ms"]["p99"] <= rate["e2e_ms"]["p99"]
+        assert rate["e2e_ms"]["mean"] <= rate["duration_s"] * 1000 + 1
+        assert rate["output_tokens_per_s"] == pytest.approx(
+            rate["output_tokens"] / rate["duration_s"])
+        assert rate["requests_per_s"] == pytest.approx(6 / rate["duration_s"])
+    # the file is a kiln bench_serve report: written again without complaint
+    again = _bench("--serve", server.url, "--api_key", API_KEY, "--num_requests", "1",
+                   "--input_len", "4", "--output_len", "2", "--warmup", "0",
+                   "--json_output", str(out))
+    assert again.exit_code == 0, again.output
+    assert json.loads(out.read_text())["rates"][0]["output_tokens"] == 2
+
+
+def _one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_unreachable_url_is_one_line():
+    _one_line_error(_bench("--serve", f"http://127.0.0.1:{free_port()}"),
+                    "cannot reach", "is kiln serve running there?")
+    _one_line_error(_bench("--serve", "localhost:8000"), "not an http:// or https:// URL")
+
+
+@pytest.mark.parametrize("rates, fragment", [("0", "'0': a request rate must be > 0"),
+                                             ("1,abc", "'abc' is not a number or inf"),
+                                             ("-2", "'-2': a request rate must be > 0"),
+                                             ("nan", "'nan': a request rate must be > 0")])
+def test_bad_rate_is_one_line(rates, fragment):
+    _one_line_error(_bench("--serve", "http://127.0.0.1:1", "--request_rates", rates),
+                    "--request_rates", fragment)
+
+
+def test_refused_key_unknown_model_and_too_long_are_one_line(server):
+    _one_line_error(_bench("--serve", server.url, "--api_key", "wrong"), "refused the API key")
+    _one_line_error(_bench("--serve", server.url, "--api_key", API_KEY, "--model", "nope"),
+                    "serves no model 'nope'")
+    _one_line_error(_bench("--serve", server.url, "--api_key", API_KEY, "--input_len", "90",
+                           "--output_len", "90"), "exceeds the server's max_model_len 128")
+
+
+def test_json_output_never_overwrites_a_foreign_file(server, tmp_path):
+    foreign = tmp_path / "notes.json"
+    foreign.write_text("{}")
+    _one_line_error(_bench("--serve", server.url, "--json_output", str(foreign)),
+                    "is not a kiln bench_serve report")
+    assert foreign.read_text() == "{}"
