@@ -28,6 +28,8 @@ import pytest
 from tests.runtime.test_smollm2_onnx import shared_dir
 from tests.serve.conftest import API_KEY, MODEL, ServerProcess
 
+pytestmark = pytest.mark.slow  # ~30-40 s on 2 cores (in the default suite, as test_server)
+
 CLIENTS = 64
 MAX_TOKENS = 12
 DISCONNECT_MAX_TOKENS = 48  # disconnecting clients never reach their end
