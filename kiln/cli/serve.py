@@ -95,7 +95,8 @@ def serve(obj: CliContext, engine_dir: Path, host: str, port: int, served_model_
                              api_key=api_key, max_queue=max_queue, chat_template=template,
                              max_body_bytes=max_body_bytes)
             config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=
-                                    grace_period, log_level="info" if level else "warning",
+                                    grace_period + FLUSH_SECONDS,
+                                    log_level="info" if level else "warning",
                                     access_log=bool(level), lifespan="off")
             server = _Server(config, on_exit=functools.partial(_drain, app.state.kiln,
                                                                grace_period))
@@ -112,16 +113,23 @@ def serve(obj: CliContext, engine_dir: Path, host: str, port: int, served_model_
     click.echo("kiln serve: stopped", err=True)
 
 
+# After the grace period's aborts, the time their streams get to end (one engine step, then
+# the last chunk and [DONE]) before uvicorn cancels what is left.
+FLUSH_SECONDS = 5.0
+
+
 def _drain(state, grace_period: float) -> None:
     """On SIGINT/SIGTERM (in the event loop's thread): /health turns 503 at once, and what still
-    runs shortly before the grace period ends is aborted, so its stream ends with finish_reason
-    ``abort`` and ``[DONE]`` instead of being cut by uvicorn's task cancellation."""
+    runs when the grace period ends is aborted, so its stream ends with finish_reason ``abort``
+    and ``[DONE]`` (within FLUSH_SECONDS) instead of being cut by uvicorn's task cancellation
+    (a test cut at grace - 0.5 s failed on a loaded CI machine: the abort waits for an engine
+    step)."""
     if state.draining:
         return
     state.draining = True
     loop = asyncio.get_event_loop()
     abort = lambda: loop.create_task(state.abort_all())  # noqa: E731
-    loop.call_soon_threadsafe(loop.call_later, max(0.0, grace_period - 0.5), abort)
+    loop.call_soon_threadsafe(loop.call_later, grace_period, abort)
 
 
 class _Server:
