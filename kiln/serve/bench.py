@@ -33,32 +33,11 @@ from typing import Any
 import httpx
 
 from kiln.errors import KilnError
+from kiln.runtime.bench import Stats  # one definition of the percentiles, as kiln bench
 
 
 class ServeBenchError(KilnError):
     """The server cannot be benchmarked (unreachable, refused, every request failed)."""
-
-
-@dataclass(frozen=True)
-class Stats:
-    mean: float
-    p50: float
-    p90: float
-    p99: float
-
-    @classmethod
-    def of(cls, values: list[float]) -> Stats:
-        if not values:
-            return cls(math.nan, math.nan, math.nan, math.nan)
-        ordered = sorted(values)
-        return cls(sum(ordered) / len(ordered), *(_percentile(ordered, q) for q in (50, 90, 99)))
-
-
-def _percentile(ordered: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default, as kiln.runtime.bench)."""
-    pos = (len(ordered) - 1) * q / 100
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 @dataclass(frozen=True)
