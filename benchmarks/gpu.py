@@ -577,6 +577,8 @@ def main(argv: list[str] | None = None) -> int:
                              "(benchmarks/gpu_quantized.py VARIANTS)")
     parser.add_argument("--long_requests", type=int, default=1024,
                         help="requests of the 1000/1000 throughput run")
+    parser.add_argument("--quant_decode_only", action="store_true",
+                        help="quantized variants: batch-1 decode only (not QUANT_RUNS)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         stream=sys.stdout)
@@ -680,9 +682,11 @@ def quantized_variant(results: dict, label: str, config: DecoderConfig, tensors,
     r["weight_gb"] = weight_bytes(packed) / 1e9
     log.info("%s ready in %.1f s: %.2f GB read per decode step, KV cache %d tokens", label,
              r["setup_s"], r["weight_gb"], r["kv_cache_tokens"])
+    out = args.out / label  # the variant's profile tables
+    out.mkdir(exist_ok=True)
     try:
-        decode_batch1(r, ex, packed, args.out)
-        for what in QUANT_RUNS.get(label, ()):
+        decode_batch1(r, ex, packed, out)
+        for what in () if args.quant_decode_only else QUANT_RUNS.get(label, ()):
             if what == "ttft":
                 ttft(r, ex, args.out)
             elif what == "throughput":

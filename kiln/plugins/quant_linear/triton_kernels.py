@@ -34,7 +34,6 @@ import triton
 import triton.language as tl
 
 from kiln.plugins.quant_linear.layout import check_group_size
-from kiln.plugins.quant_linear.triton_reference import quantize_fp8_input
 
 FP8_MAX = 448.0
 INT8_MAX = 127.0
@@ -120,38 +119,66 @@ def _nibbles_to_f32(b):
 
 
 # --------------------------------------------------------------------------- M == 1: GEMVs
+# A GEMV at one token is a weight stream: on an H200 each SM must take ~18 weight bytes per
+# clock, and issues at most 128 thread-instructions per clock (64 on the integer pipe). So the
+# instructions per weight byte decide the speed (benchmarks/GPU_NOTES.md counts them from
+# the SASS): the bf16 GEMV spends 2 per byte. The kernels below keep the quantized formats near
+# that: INT8/INT4 weights are read as 32-bit words and each value becomes float32 with one
+# LOP3 (mask and magic in one) and one FADD, in place in the word (value * 2^b, the matching x
+# scaled by 2^-b: exact); FP8 weights with the hardware e4m3x2 -> f16x2 conversion; the
+# activation row is quantized with one cvt per two values instead of a bit-exact emulation.
 
 
 @triton.jit
-def _w8_gemv_kernel(x_ptr, w_ptr, ws_ptr, s_ptr, b_ptr, y_ptr, n, k, ACT: tl.constexpr,
-                    DYNAMIC: tl.constexpr, WS_PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y[n] = sum_k w[n, k] * xq[k] * ws[n] (* s) for fp8 or int8 weights [N, K]."""
+def _e4m3(v):
+    """float32 -> the nearest e4m3 value (ties to even, saturating at +-448), as float32: the
+    sm89+ ``cvt.rn.satfinite.e4m3x2.f32`` (one per two values, then back through f16x2), equal
+    to torch's float8_e4m3fn cast of the clamped value (NaN stays NaN)."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b16 q;
+        .reg .b32 h;
+        .reg .b16 lo, hi;
+        cvt.rn.satfinite.e4m3x2.f32 q, $3, $2;
+        cvt.rn.f16x2.e4m3x2 h, q;
+        mov.b32 {lo, hi}, h;
+        cvt.f32.f16 $0, lo;
+        cvt.f32.f16 $1, hi;
+        }""",
+        "=r,=r,r,r", [v], dtype=tl.float32, is_pure=True, pack=2)
+
+
+@triton.jit
+def _field(word, SHIFT: tl.constexpr, BITS: tl.constexpr):
+    """The BITS-bit two's complement field at bit SHIFT of int32 ``word`` (SHIFT + BITS <= 23),
+    as float32 times 2^SHIFT, exactly: the field, sign bit flipped (offset binary), lands in
+    the mantissa of 2^23 in one LOP3; an FADD removes 2^23 and the offset."""
+    mask: tl.constexpr = ((1 << BITS) - 1) << SHIFT
+    sign: tl.constexpr = (1 << (BITS - 1)) << SHIFT
+    offset: tl.constexpr = 8388608.0 + sign
+    return ((word & mask) ^ (0x4B000000 | sign)).to(tl.float32, bitcast=True) - offset
+
+
+@triton.jit
+def _fp8_gemv_kernel(x_ptr, w_ptr, ws_ptr, s_ptr, b_ptr, y_ptr, n, k, DYNAMIC: tl.constexpr,
+                     WS_PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+    """y[n] = sum_k w[n, k] * e4m3(x[k] / s) * s * ws[n] for fp8 weights [N, K] (as bytes)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n
     w_rows = w_ptr + rows[:, None].to(tl.int64) * k
-    s = 1.0
-    inv_s = 1.0
-    if ACT != 0:
-        s = _act_scale(x_ptr, s_ptr, k, ACT, DYNAMIC, BLOCK_K)
-        inv_s = tl.math.div_rn(1.0, s)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    s = _act_scale(x_ptr, s_ptr, k, 1, DYNAMIC, BLOCK_K)
+    inv_s = tl.math.div_rn(1.0, s)
+    acc = tl.zeros([BLOCK_N, BLOCK_K // 16], tl.float32)  # see the INT8 GEMV
     for k0 in range(0, k, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < k
         w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0)
-        x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        if ACT != 0:
-            x = _quantize(x, s, inv_s, ACT, False)
-        if ACT == 1:  # fp8 weights arrive as their bytes (uint8): masked loads need 'other=0'
-            acc += w.to(tl.float8e4nv, bitcast=True).to(tl.float32) * x[None, :]
-        else:
-            acc += _int8_to_f32(w) * x[None, :]
-    if ACT == 2:  # int8 x int8: each partial < K / BLOCK_K * 2^14 < 2^24 is exact; sum exactly
-        y = tl.sum(acc.to(tl.int32), 1).to(tl.float32)
-    else:
-        y = tl.sum(acc, 1)
-    y = y * s
+        x = _e4m3(tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32) * inv_s)
+        # fp8 weights arrive as their bytes (uint8): masked loads need 'other=0'
+        prod = w.to(tl.float8e4nv, bitcast=True).to(tl.float32) * x[None, :]
+        acc += tl.sum(prod.reshape(BLOCK_N, BLOCK_K // 16, 16), 2)
+    y = tl.sum(acc, 1) * s
     if WS_PER_ROW:
         y = y * tl.load(ws_ptr + rows, mask=row_ok, other=0.0)
     else:
@@ -162,31 +189,128 @@ def _w8_gemv_kernel(x_ptr, w_ptr, ws_ptr, s_ptr, b_ptr, y_ptr, n, k, ACT: tl.con
 
 
 @triton.jit
+def _int8_words_to_f32(w):
+    """int32 words of four int8 values -> four float32 tensors (bytes 0..3), exactly: the sign
+    bits flipped once per word (offset binary, w + 128), then each byte moved into the
+    mantissa of 2^23 by one PRMT; an FADD removes 2^23 + 128."""
+    b0, b1, b2, b3 = tl.inline_asm_elementwise(
+        """{
+        .reg .b32 t;
+        xor.b32 t, $4, 0x80808080;
+        prmt.b32 $0, t, 0x4B000000, 0x7650;
+        prmt.b32 $1, t, 0x4B000000, 0x7651;
+        prmt.b32 $2, t, 0x4B000000, 0x7652;
+        prmt.b32 $3, t, 0x4B000000, 0x7653;
+        }""",
+        "=r,=r,=r,=r,r", [w], dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
+        is_pure=True, pack=1)
+    return b0 - 8388736.0, b1 - 8388736.0, b2 - 8388736.0, b3 - 8388736.0
+
+
+@triton.jit
+def _int8_gemv_kernel(x_ptr, w_ptr, ws_ptr, s_ptr, b_ptr, y_ptr, n, k, ACT: tl.constexpr,
+                      DYNAMIC: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_W: tl.constexpr):
+    """y[n] = sum_k w[n, k] * x[k] * ws[n] for int8 weights [N, K] (K % 4 == 0), read as int32
+    words, ``BLOCK_W`` words of each row per iteration; ``ACT`` 2 (SmoothQuant): x quantized
+    to int8 by s (sums of integers, exact), else x as is (weight-only)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n
+    words = k // 4
+    w_rows = w_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None].to(tl.int64) * words
+    s = 1.0
+    inv_s = 1.0
+    if ACT == 2:
+        s = _act_scale(x_ptr, s_ptr, k, 2, DYNAMIC, 4 * BLOCK_W)
+        inv_s = tl.math.div_rn(1.0, s)
+    acc = tl.zeros([BLOCK_N, BLOCK_W // 4], tl.float32)
+    for j0 in range(0, words, BLOCK_W):
+        j = j0 + tl.arange(0, BLOCK_W)
+        w = tl.load(w_rows + j[None, :], mask=row_ok[:, None] & (j < words)[None, :], other=0)
+        b0, b1, b2, b3 = _int8_words_to_f32(w)
+        # [BLOCK_N, BLOCK_W, 2, 2] -> [BLOCK_N, 4 * BLOCK_W]: weight 4j + p in column 4j + p
+        wf = tl.join(tl.join(b0, b2), tl.join(b1, b3)).reshape(BLOCK_N, 4 * BLOCK_W)
+        cols = 4 * j0 + tl.arange(0, 4 * BLOCK_W)
+        x = tl.load(x_ptr + cols, mask=cols < k, other=0.0).to(tl.float32)
+        if ACT == 2:
+            x = _quantize(x, s, inv_s, 2, False)
+        # the 16 products of each thread's 16-byte piece summed first: a small accumulator
+        # (registers: twice the programs resident per SM, twice the loads in flight)
+        acc += tl.sum((wf * x[None, :]).reshape(BLOCK_N, BLOCK_W // 4, 16), 2)
+    if ACT == 2:  # integer products < 2^14: partials < K / (4 BLOCK_W) * 16 * 2^14 < 2^24 exact
+        y = tl.sum(acc.to(tl.int32), 1).to(tl.float32) * s
+    else:
+        y = tl.sum(acc, 1)
+    y = y * tl.load(ws_ptr + rows, mask=row_ok, other=0.0)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _int4_words_to_f32(w):
+    """int32 words of eight int4 values (byte p: value 2p in the low nibble, 2p + 1 in the high)
+    -> eight float32 tensors, exactly. The sign bits are flipped once per word (offset binary,
+    q + 8); each nibble at bit s lands in the mantissa of 2^(23 - s), whose unit is bit s, by one
+    LOP3 (mask, or the magic exponent held in a register); an FADD removes 2^(23 - s) + 8."""
+    v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
+        """{
+        .reg .b32 t, u, m0, m4, m8, m12;
+        xor.b32 t, $8, 0x88888888;
+        shr.u32 u, t, 16;
+        mov.b32 m0, 0x4B000000;
+        mov.b32 m4, 0x49000000;
+        mov.b32 m8, 0x47000000;
+        mov.b32 m12, 0x45000000;
+        lop3.b32 $0, t, 0x0000000F, m0, 0xEA;
+        lop3.b32 $1, t, 0x000000F0, m4, 0xEA;
+        lop3.b32 $2, t, 0x00000F00, m8, 0xEA;
+        lop3.b32 $3, t, 0x0000F000, m12, 0xEA;
+        lop3.b32 $4, u, 0x0000000F, m0, 0xEA;
+        lop3.b32 $5, u, 0x000000F0, m4, 0xEA;
+        lop3.b32 $6, u, 0x00000F00, m8, 0xEA;
+        lop3.b32 $7, u, 0x0000F000, m12, 0xEA;
+        }""",
+        "=r,=r,=r,=r,=r,=r,=r,=r,r", [w], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+    # 2^23 + 8, 2^19 + 8, 2^15 + 8, 2^11 + 8
+    return (v0 - 8388616.0, v1 - 524296.0, v2 - 32776.0, v3 - 2056.0,
+            v4 - 8388616.0, v5 - 524296.0, v6 - 32776.0, v7 - 2056.0)
+
+
+@triton.jit
 def _int4_gemv_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, n, k, HALF: tl.constexpr,
                       GROUPS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
     """y[n] = sum over groups g of s[n, g] * (lo . x[gG : gG+G/2] + hi . x[gG+G/2 : (g+1)G]),
-    ``GROUPS`` groups (``GROUPS * HALF`` bytes of each row) per iteration."""
+    ``GROUPS`` groups per iteration. The split-group bytes are read as int32 words: byte p of
+    word j of a group holds feature 4j + p (low nibble) and G/2 + 4j + p (high nibble)."""
+    WORDS: tl.constexpr = HALF // 4
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n
     n_groups = k // (2 * HALF)
-    w_rows = w_ptr + rows[:, None, None].to(tl.int64) * (k // 2)
+    w_rows = (w_ptr.to(tl.pointer_type(tl.int32))
+              + rows[:, None, None].to(tl.int64) * (n_groups * WORDS))
     s_rows = ws_ptr + rows[:, None].to(tl.int64) * n_groups
-    j = tl.arange(0, HALF)
-    acc = tl.zeros([BLOCK_N, GROUPS], tl.float32)
+    j = tl.arange(0, WORDS)
+    f = tl.arange(0, HALF)
+    acc = tl.zeros([BLOCK_N, GROUPS, HALF // 16], tl.float32)
     for g0 in range(0, n_groups, GROUPS):
         g = g0 + tl.arange(0, GROUPS)
         g_ok = g < n_groups
-        byte = g[:, None] * HALF + j[None, :]  # [GROUPS, HALF]
-        w = tl.load(w_rows + byte[None, :, :], mask=row_ok[:, None, None] & g_ok[None, :, None],
-                    other=0)
-        x_lo = x_ptr + g[:, None] * (2 * HALF) + j[None, :]
+        w = tl.load(w_rows + (g[:, None] * WORDS + j[None, :])[None, :, :],
+                    mask=row_ok[:, None, None] & g_ok[None, :, None], other=0)
+        l0, h0, l1, h1, l2, h2, l3, h3 = _int4_words_to_f32(w)
+        # [BLOCK_N, GROUPS, WORDS, 2, 2] -> [BLOCK_N, GROUPS, HALF]: feature 4j + p
+        lo = tl.join(tl.join(l0, l2), tl.join(l1, l3)).reshape(BLOCK_N, GROUPS, HALF)
+        hi = tl.join(tl.join(h0, h2), tl.join(h1, h3)).reshape(BLOCK_N, GROUPS, HALF)
+        x_lo = x_ptr + g[:, None] * (2 * HALF) + f[None, :]  # [GROUPS, HALF]
         xl = tl.load(x_lo, mask=g_ok[:, None], other=0.0).to(tl.float32)
         xh = tl.load(x_lo + HALF, mask=g_ok[:, None], other=0.0).to(tl.float32)
         s = tl.load(s_rows + g[None, :], mask=row_ok[:, None] & g_ok[None, :], other=0.0)
-        lo, hi = _nibbles_to_f32(w.to(tl.int32))
-        # each group's dot first, its scale once per group (not once per weight)
-        acc += tl.sum(lo * xl[None, :, :] + hi * xh[None, :, :], 2) * s
-    y = tl.sum(acc, 1)
+        # each group's products summed per feature pair, its scale applied once per pair
+        part = tl.sum((lo * xl[None, :, :] + hi * xh[None, :, :]).reshape(
+            BLOCK_N, GROUPS, HALF // 16, 16), 3)
+        acc += part * s[:, :, None]
+    y = tl.sum(tl.sum(acc, 2), 1)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
@@ -474,11 +598,22 @@ def _launch_w8_gemv(x, weight, ws, s, bias, act, config=None):
     n, k = weight.shape
     block_n, block_k, warps, stages = config or w8_gemv_config(n, k)
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    _w8_gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, _bytes(weight), ws, s if s is not None else ws, bias if bias is not None else ws, y, n, k,
-        ACT=act, DYNAMIC=s is None, WS_PER_ROW=ws.numel() > 1, HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    common = dict(DYNAMIC=s is None, HAS_BIAS=bias is not None, BLOCK_N=block_n,
+                  num_warps=warps, num_stages=stages)
+    args = (x, _bytes(weight), ws, s if s is not None else ws, bias if bias is not None else ws,
+            y, n, k)
+    if act == _ACT_FP8:
+        _fp8_gemv_kernel[(triton.cdiv(n, block_n),)](
+            *args, WS_PER_ROW=ws.numel() > 1, BLOCK_K=block_k, **common)
+    else:
+        _int8_gemv_kernel[(triton.cdiv(n, block_n),)](
+            *args, ACT=act, BLOCK_W=block_k // 4, **common)
     return y
+
+
+def _words_ok(weight: torch.Tensor) -> bool:
+    """int8 GEMV reads rows as int32 words: K % 4 == 0 and a 4-byte aligned weight."""
+    return weight.shape[1] % 4 == 0 and weight.data_ptr() % 4 == 0
 
 
 def _launch_w8_gemm(a, weight, ws, a_scale, bias, out_dtype, mode, config=None):
@@ -522,8 +657,6 @@ def _quantize_rows(x, input_scale, act):
 
 
 def _fp8_gemv(x, weight, ws, s, bias, config=None):
-    if s is None:  # per-token scale by the reference itself (one row: a few tiny launches)
-        s = quantize_fp8_input(x, None)[1].reshape(1)
     return _launch_w8_gemv(x, weight, ws, s, bias, _ACT_FP8, config)
 
 
@@ -661,12 +794,14 @@ def int8_w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
                      bias: torch.Tensor | None = None) -> torch.Tensor:
     m, n, k = _check_x_weight("int8_w8a8_linear", x, weight, torch.int8)
     ws, s, b = _scales("int8_w8a8_linear", x, n, weight_scale, False, input_scale, bias)
-    return _run(x, n, int8_w8a8_path(m, n, k), "int8_w8a8_linear", weight, ws, s, b)
+    return _run(x, n, int8_w8a8_path(m, n, k, _words_ok(weight)), "int8_w8a8_linear", weight,
+                ws, s, b)
 
 
-def int8_w8a8_path(m: int, n: int, k: int) -> str:
-    # the GEMV's float32 partial sums stay exact integers while K / BLOCK_K < 1024
-    if m == 1 and k < 1024 * w8_gemv_config(n, k)[1]:
+def int8_w8a8_path(m: int, n: int, k: int, words_ok: bool = True) -> str:
+    # the GEMV's float32 partial sums (K / BLOCK_K * 16 integer products < 2^14 each) stay
+    # exact while K < 64 * BLOCK_K
+    if m == 1 and words_ok and k < 64 * w8_gemv_config(n, k)[1]:
         return "gemv"
     return "int_mm" if m > INT8_TRITON_MAX_M and _int_mm_ok(m, n, k) else "triton"
 
@@ -675,11 +810,13 @@ def int8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale:
                             bias: torch.Tensor | None = None) -> torch.Tensor:
     m, n, k = _check_x_weight("int8_weight_only_linear", x, weight, torch.int8)
     ws, _, b = _scales("int8_weight_only_linear", x, n, weight_scale, False, None, bias)
-    return _run(x, n, weight_only_path(m), "int8_weight_only_linear", weight, ws, b)
+    return _run(x, n, weight_only_path(m, _words_ok(weight)), "int8_weight_only_linear", weight,
+                ws, b)
 
 
-def weight_only_path(m: int) -> str:
-    return "gemv" if m == 1 else "triton" if m < DEQUANT_MIN_M else "dequant"
+def weight_only_path(m: int, words_ok: bool = True) -> str:
+    """``words_ok``: the GEMV can read the weight as int32 words (always for INT4)."""
+    return "gemv" if m == 1 and words_ok else "triton" if m < DEQUANT_MIN_M else "dequant"
 
 
 def int4_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
