@@ -667,7 +667,8 @@ def quantized_variant(results: dict, label: str, config: DecoderConfig, tensors,
     from benchmarks.gpu_quantized import VARIANTS, quantize_in_memory, weight_bytes
 
     variant = VARIANTS[label]
-    r = results.setdefault("formats", {}).setdefault(label, {"sections": []})
+    r = results.setdefault("formats", {}).setdefault(
+        label, {"sections": [s for s in ("profile",) if s in results["sections"]]})
     for key in ("copy_tb_s", "gemm_tflops"):
         if key in results:
             r[key] = results[key]

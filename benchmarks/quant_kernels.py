@@ -26,9 +26,12 @@ SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
 MS = (1, 4, 16, 64, 256, 2048)
 GROUPS = (128, 64)
 GEMV_SWEEP = [(4, 1024, 4, 3), (8, 1024, 4, 3), (8, 512, 4, 4), (16, 512, 4, 3),
-              (16, 1024, 8, 3), (4, 2048, 4, 3), (32, 256, 4, 4)]
+              (16, 1024, 8, 3), (4, 2048, 4, 3), (32, 256, 4, 4), (2, 2048, 4, 3),
+              (8, 2048, 8, 3)]
+BF16_GEMV_SWEEP = [(2, 1024, 4, 3), (4, 1024, 4, 3), (8, 512, 4, 3), (8, 1024, 4, 3),
+                   (16, 256, 4, 4), (16, 512, 4, 3), (4, 2048, 8, 3)]
 INT4_GEMV_SWEEP = [(4, 512, 4, 3), (8, 512, 4, 3), (8, 256, 4, 4), (16, 256, 4, 3),
-                   (16, 512, 8, 3), (32, 128, 4, 4)]
+                   (16, 512, 8, 3), (32, 128, 4, 4), (4, 1024, 4, 3), (8, 1024, 8, 3)]
 GEMM_SWEEP = {16: [(64, 16, 128, 4, 4), (64, 16, 256, 4, 4), (32, 16, 256, 4, 4),
                    (128, 16, 128, 4, 3)],
               2048: [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 128, 8, 3),
@@ -93,7 +96,7 @@ def calls(fmt: str, path: str, x: torch.Tensor, weights, group: int, config=None
     s = None if dynamic else torch.tensor([0.01], device="cuda")
     if fmt == "bf16" and path == "gemv":  # kiln's bf16 batch-1 path (kiln.plugins.gemv)
         from kiln.plugins.gemv.triton_kernels import gemv
-        return [lambda w=w: gemv(x, w[0]) for w in weights]
+        return [lambda w=w: gemv(x, w[0], config=config) for w in weights]
     if fmt == "bf16":
         return [lambda w=w: F.linear(x, w[0]) for w in weights]
     if fmt == "int4":
@@ -147,7 +150,8 @@ def main_cases(results, ms=MS):
 
 def sweeps(results):
     for name, (n, k) in SHAPES.items():
-        for fmt, sweep in [("fp8", GEMV_SWEEP), ("int8_wo", GEMV_SWEEP), ("int4", INT4_GEMV_SWEEP)]:
+        for fmt, sweep in [("bf16", BF16_GEMV_SWEEP), ("fp8", GEMV_SWEEP), ("int8_wo", GEMV_SWEEP),
+                           ("int4", INT4_GEMV_SWEEP)]:
             weights = make_weights(fmt, n, k, 128, 1)
             weights += make_weights(fmt, n, k, 128, copies_for(nbytes(weights[0])) - 1)
             x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
@@ -155,7 +159,7 @@ def sweeps(results):
                 sec = time_calls(calls(fmt, "gemv", x, weights, 128, config))
                 record(results, fmt, "sweep_gemv", name, n, k, 1, 128, weights, sec,
                        config=list(config))
-            if name == "gate_up":
+            if name == "gate_up" and fmt != "bf16":
                 for m, configs in GEMM_SWEEP.items():
                     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                     for config in configs:

@@ -50,14 +50,16 @@ def gemv_config(n: int, k: int) -> tuple[int, int, int, int]:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-         silu_input: bool = False) -> torch.Tensor:
+         silu_input: bool = False,
+         config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """``config``: (BLOCK_N, BLOCK_K, num_warps, num_stages), default :func:`gemv_config`."""
     n, k = weight.shape
     if x.shape[0] != 1 or x.shape[1] != (2 * k if silu_input else k) or x.stride(-1) != 1 \
             or not weight.is_contiguous():
         raise ValueError(f"gemv: need x [1, {2 * k if silu_input else k}] with contiguous rows "
                          f"and a contiguous [N, K] weight; found x {tuple(x.shape)}")
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    block_n, block_k, warps, stages = gemv_config(n, k)
+    block_n, block_k, warps, stages = config or gemv_config(n, k)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, y, n, k, SILU=silu_input,
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,

@@ -510,24 +510,26 @@ def _int_epilogue_kernel(acc_ptr, s_ptr, ws_ptr, b_ptr, y_ptr, m, n, stride_ym,
 
 
 # --------------------------------------------------------------------------- configs
-# First guesses from the bf16 gemv's table (kiln/plugins/gemv), scaled for 1-byte weights.
-# benchmarks/quant_kernels.py's sweep on an H200 (qkv and o shapes, 7 GEMV candidates each):
-# the best candidate was within 10% of these (fp8 qkv 1.93 vs 1.75 TB/s at 16 x 512), so the
-# GEMVs' gap to the bf16 kernel is not in the block shape (benchmarks/GPU_NOTES.md, issue 12).
+# From benchmarks/quant_kernels.py's sweep on an H200 (commit a518f1a's kernels, Llama-3.1-8B
+# shapes, M = 1): the best of 9 candidates per shape, within 3% of the next best.
 
 
 def w8_gemv_config(n: int, k: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages) of the fp8/int8 GEMV."""
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) of the fp8/int8 GEMV (BLOCK_K in bytes)."""
     if n >= 16384:
-        return 16, 512, 4, 4
-    return 8, 1024, 4, 3
+        return 32, 256, 4, 4  # gate_up: fp8 3.56 TB/s, int8 3.63
+    if k >= 8192:
+        return 8, 2048, 8, 3  # down: 3.28, 3.29
+    if n <= 4096:
+        return 4, 2048, 4, 3  # o: 2.31, 2.31
+    return 8, 1024, 4, 3  # qkv: 2.54, 2.59
 
 
 def int4_gemv_config(n: int, k: int, group_size: int) -> tuple[int, int, int, int]:
     """(BLOCK_N, bytes of a row per iteration, num_warps, num_stages) of the int4 GEMV."""
     if n >= 16384:
-        return 16, 256, 4, 4
-    return 8, 512, 4, 3
+        return 16, 256, 4, 4  # gate_up: 1.86 TB/s
+    return 4, 1024, 4, 3  # qkv 1.34, o 1.20, down 1.58
 
 
 def gemm_config(m: int, eight_bit_a: bool) -> tuple[int, int, int, int, int]:
