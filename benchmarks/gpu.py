@@ -391,9 +391,10 @@ def throughput(results: dict, ex: TorchExecutor, n: int, batches: list[int], out
                lengths: tuple[int, int] = (128, 128), key: str = "throughput") -> None:
     """n requests of lengths[0] prompt tokens and lengths[1] new ones, all queued at once."""
     prompts = random_prompts(n, lengths[0], ex.vocab_size, 3)
-    # warm up the mixed-step shapes: a first large workload compiled Triton variants for 10 s
-    # (H200 run of 2026-12-01: 65 ms host per step cold, 5.5 ms warm)
-    run_requests(ex, prompts[:256], 16)
+    # warm up the mixed-step shapes at every batch size the runs reach: a first large workload
+    # compiled Triton variants for 10 s (H200 runs of 2026-12-01: 65 and 36 ms host per step
+    # cold, 5.5 ms warm; a warm-up of 256 requests left the larger batches cold)
+    run_requests(ex, prompts, 16)
     for i, batch in enumerate(batches):
         limits = BuildLimits(max_batch_size=batch, max_input_len=ex.limits.max_input_len,
                              max_seq_len=ex.limits.max_seq_len,
