@@ -4,14 +4,14 @@ Thin: parse and validate the flags, open the engine (:class:`kiln.runtime.LLM` d
 :class:`kiln.runtime.AsyncLLM`), run :func:`kiln.serve.create_app` on uvicorn, close the engine.
 SIGINT/SIGTERM while serving: stop accepting, let running requests finish for
 ``--grace_period`` seconds, abort the rest, exit 0 (uvicorn's default would re-raise the
-signal after its own shutdown, and the CLI would exit 130/143).
+signal after its own shutdown, and the CLI would exit 130/143); a second signal aborts them
+at once (:class:`_Drain`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import signal
 from pathlib import Path
@@ -70,7 +70,8 @@ def serve(obj: CliContext, engine_dir: Path, host: str, port: int, served_model_
     ignore_eos; echo + logprobs (+ max_tokens 0) scores a prompt and needs an engine built with
     --gather_context_logits. Errors are OpenAI-shaped JSON: 400 (the bad parameter named),
     401, 404 (unknown model), 413, 429. A client that disconnects aborts its request.
-    Ctrl-C / SIGTERM: stop accepting, finish or abort running requests, exit 0.
+    Ctrl-C / SIGTERM: stop accepting, finish or abort running requests, exit 0 (a second
+    Ctrl-C aborts them at once, a third quits without waiting).
     """
     try:
         import uvicorn
@@ -98,8 +99,7 @@ def serve(obj: CliContext, engine_dir: Path, host: str, port: int, served_model_
                                     grace_period + FLUSH_SECONDS,
                                     log_level="info" if level else "warning",
                                     access_log=bool(level), lifespan="off")
-            server = _Server(config, on_exit=functools.partial(_drain, app.state.kiln,
-                                                               grace_period))
+            server = _Server(config, _Drain(app.state.kiln, grace_period))
             try:
                 asyncio.run(server.serve())
             except SystemExit:  # uvicorn exits 1 when it cannot bind (it logged why)
@@ -118,25 +118,50 @@ def serve(obj: CliContext, engine_dir: Path, host: str, port: int, served_model_
 FLUSH_SECONDS = 5.0
 
 
-def _drain(state, grace_period: float) -> None:
-    """On SIGINT/SIGTERM (in the event loop's thread): /health turns 503 at once, and what still
+class _Drain:
+    """What SIGINT/SIGTERM do while serving (run in the event loop's thread, by the handler).
+
+    1st signal: /health turns 503 and uvicorn stops accepting (its ``should_exit``); what still
     runs when the grace period ends is aborted, so its stream ends with finish_reason ``abort``
     and ``[DONE]`` (within FLUSH_SECONDS) instead of being cut by uvicorn's task cancellation
     (a test cut at grace - 0.5 s failed on a loaded CI machine: the abort waits for an engine
-    step)."""
-    if state.draining:
-        return
-    state.draining = True
-    loop = asyncio.get_event_loop()
-    abort = lambda: loop.create_task(state.abort_all())  # noqa: E731
-    loop.call_soon_threadsafe(loop.call_later, grace_period, abort)
+    step).
+    2nd signal: abort the rest now, streams still ending with ``abort`` and ``[DONE]``. Left
+    to uvicorn, a 2nd SIGINT is its force exit: it stops waiting for connections and
+    ``asyncio.run`` cancels the handlers mid-stream (cut bodies, CancelledError tracebacks).
+    3rd SIGINT: uvicorn's force exit after all, for an engine that does not step any more.
+    """
+
+    def __init__(self, state, grace_period: float):
+        self.state, self.grace_period = state, grace_period
+        self.signals = 0
+
+    def on_signal(self) -> bool:
+        """Count a signal; True when uvicorn's own handler should see it (1st and 3rd+)."""
+        self.signals += 1
+        loop = asyncio.get_event_loop()
+        abort = lambda: loop.create_task(self.state.abort_all())  # noqa: E731
+        if self.signals == 1:
+            self.state.draining = True
+            loop.call_soon_threadsafe(loop.call_later, self.grace_period, abort)
+            return True
+        if self.signals == 2:  # printing inside a signal handler could re-enter stderr's writer
+            loop.call_soon_threadsafe(self._abort_now, abort)
+            return False
+        return True
+
+    def _abort_now(self, abort) -> None:
+        if self.state.live:
+            click.echo(f"kiln serve: aborting the {len(self.state.live)} running request(s) now "
+                       f"(a third Ctrl-C quits at once)", err=True)
+        abort()
 
 
 class _Server:
-    """uvicorn.Server whose SIGINT/SIGTERM handlers start a graceful shutdown and are not
+    """uvicorn.Server whose SIGINT/SIGTERM handlers drain (:class:`_Drain`) and are not
     re-raised afterwards (see the module docstring)."""
 
-    def __new__(cls, config, on_exit):
+    def __new__(cls, config, drain: _Drain):
         import uvicorn
 
         class Server(uvicorn.Server):
@@ -151,8 +176,8 @@ class _Server:
                         signal.signal(s, handler)
 
             def handle_exit(self, sig, frame):
-                on_exit()
-                super().handle_exit(sig, frame)
+                if drain.on_signal():
+                    super().handle_exit(sig, frame)
 
         return Server(config)
 
