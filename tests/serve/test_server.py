@@ -87,11 +87,76 @@ def test_logprobs(client):
 def test_echo_logprobs_scores_the_prompt(client):
     out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=0, echo=True,
                                     logprobs=1, temperature=0)
-    choice = choice = out.choices[0]
+    choice = out.choices[0]
     assert choice.text == PROMPT and out.usage.completion_tokens == 0
     assert choice.logprobs.token_logprobs[0] is None
     assert len(choice.logprobs.token_logprobs) == 5
     assert all(v < 0 for v in choice.logprobs.token_logprobs[1:])
+
+
+SCORED = ["The capital of France is Paris, and the capital of Germany is Berlin.",
+          "Question: What is the boiling point of water at sea level?\nAnswer: 100 degrees",
+          "def add(a, b):\n    return a + b\n"]
+TOP = 5
+LOGPROB_ATOL = 1e-4  # float32 engine vs float32 HF, per token (measured: <= 2.1e-5)
+
+
+@pytest.fixture(scope="module")
+def hf(smollm2_dir):
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    return AutoTokenizer.from_pretrained(smollm2_dir), model
+
+
+def _hf_logprobs(model, ids: list[int]):
+    """(len(ids), vocab) float64 log-softmax of HF's float32 logits: row i scores token i + 1."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0]  # (positions, vocab) float32
+    return torch.log_softmax(logits.double(), dim=-1)
+
+
+def _long_prompt_ids(tokenizer) -> list[int]:
+    from kiln.testing.english import english_paragraphs
+
+    text = " ".join(english_paragraphs("evaluation")[:4])
+    return tokenizer(text).input_ids[:90]  # over max_num_tokens 64: a chunked prefill
+
+
+def test_echo_logprobs_equal_hf_transformers(client, hf):
+    """lm-eval-harness's local-completions loglikelihood request (echo, logprobs, max_tokens 0,
+    as text and as token ids): every prompt token's logprob and top_logprobs equal HF
+    transformers' on the same float32 checkpoint within 1e-4."""
+    tokenizer, model = hf
+    prompts = [tokenizer(p).input_ids for p in SCORED] + [_long_prompt_ids(tokenizer)]
+    for k, ids in enumerate(prompts):
+        prompt = SCORED[k] if k < len(SCORED) else ids
+        out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True,
+                                        logprobs=TOP, temperature=0)
+        choice, want = out.choices[0], _hf_logprobs(model, ids)
+        assert choice.text == tokenizer.decode(ids) and out.usage.prompt_tokens == len(ids)
+        lp = choice.logprobs
+        assert len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None
+        assert lp.top_logprobs[0] is None
+        for i in range(1, len(ids)):
+            assert abs(lp.token_logprobs[i] - want[i - 1, ids[i]].item()) <= LOGPROB_ATOL, (k, i)
+            _assert_top_equal(tokenizer, lp.top_logprobs[i], want[i - 1], (k, i))
+
+
+def _assert_top_equal(tokenizer, got: dict[str, float], want, where) -> None:
+    """``got`` (token text -> logprob) holds HF's TOP best tokens up to ties within the
+    tolerance, with HF's logprobs."""
+    values, ids = want.topk(TOP + 3)
+    hf = {}
+    for value, token_id in zip(values.tolist(), ids.tolist(), strict=True):
+        hf.setdefault(tokenizer.decode([token_id]), value)
+    assert len(got) == TOP, where
+    for text, value in got.items():
+        assert text in hf and abs(value - hf[text]) <= LOGPROB_ATOL, (where, text, value)
+    assert min(got.values()) >= values[TOP].item() - LOGPROB_ATOL, where
 
 
 @pytest.mark.parametrize("bad, param", [(dict(top_p=0.0), "top_p"),
