@@ -2,15 +2,17 @@
 
 Each app has its own :class:`prometheus_client.CollectorRegistry` (so several apps in one test
 process never collide). Gauges are read when scraped: requests running (holding an engine slot)
-and waiting (accepted, not yet admitted), and the share of KV-cache slots in use. Counters and
-histograms are fed by :meth:`ServeMetrics.finished` from each request's result.
+and waiting (accepted, not yet admitted), and the share of KV-cache slots in use. Generated
+tokens are counted as each delta brings them (:meth:`ServeMetrics.produced`); queue time is
+observed by the server when a request first holds an engine slot (kiln.serve.state); the other
+counters and histograms are fed by :meth:`ServeMetrics.finished` from each request's result.
 
 Non-goals: multiprocess collection, per-model labels (one engine per server).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -45,12 +47,19 @@ class ServeMetrics:
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("kiln:inter_token_latency_seconds", "Time between output tokens.",
                              buckets=_ITL_BUCKETS, registry=r)
+        self.queue_time = Histogram("kiln:request_queue_time_seconds",
+                                    "Arrival to first scheduled (holding an engine slot).",
+                                    buckets=_LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("kiln:e2e_request_latency_seconds", "Arrival to finish.",
                              buckets=_LATENCY_BUCKETS, registry=r)
 
+    def produced(self, token_ids: Sequence[int]) -> None:
+        """Tokens a request just generated (counted now, not when the request ends)."""
+        if token_ids:
+            self.generation_tokens.inc(len(token_ids))
+
     def finished(self, result: CompletionResult) -> None:
         self.prompt_tokens.inc(len(result.prompt_token_ids))
-        self.generation_tokens.inc(len(result.token_ids))
         self.success.labels(finished_reason=str(result.finish_reason)).inc()
         timings = result.timings
         if timings.ttft_s is not None:

@@ -199,17 +199,60 @@ def test_models_version_health(server, client):
     assert httpx.get(f"{server.url}/health").status_code == 200
 
 
+QUEUED = ("kiln:request_queue_time_seconds_count", "kiln:request_queue_time_seconds_sum")
+
+
 def test_metrics_count_a_finished_request(server, client):
     before = server.metric('kiln:request_success_total{finished_reason="length"}')
     tokens = server.metric("kiln:generation_tokens_total")
+    (queued, waited), ttft = map(server.metric, QUEUED), server.metric(
+        "kiln:time_to_first_token_seconds_sum")
     client.completions.create(model=MODEL, prompt=PROMPT, **GREEDY)
     text = httpx.get(f"{server.url}/metrics").text
     for name in ("kiln:num_requests_running", "kiln:num_requests_waiting",
                  "kiln:prompt_tokens_total", "kiln:time_to_first_token_seconds_bucket",
-                 "kiln:e2e_request_latency_seconds_count", "kiln:kv_cache_usage_perc"):
+                 "kiln:e2e_request_latency_seconds_count", "kiln:kv_cache_usage_perc",
+                 "kiln:request_queue_time_seconds_bucket"):
         assert name in text
     assert server.metric('kiln:request_success_total{finished_reason="length"}') == before + 1
     assert server.metric("kiln:generation_tokens_total") == tokens + 12
+    assert server.metric(QUEUED[0]) == queued + 1
+    assert 0 <= server.metric(QUEUED[1]) - waited <= server.metric(
+        "kiln:time_to_first_token_seconds_sum") - ttft  # scheduled before its first token
+
+
+def test_generated_tokens_are_counted_as_they_come(server, client):
+    tokens = server.metric("kiln:generation_tokens_total")
+    stream = _long_stream(client)
+    try:
+        for _, _chunk in zip(range(5), stream, strict=False):
+            pass
+        assert server.metric("kiln:num_requests_running") == 1  # still generating
+        assert server.metric("kiln:generation_tokens_total") >= tokens + 5
+    finally:
+        stream.close()
+
+
+def test_queue_time_is_observed_when_a_waiting_request_gets_a_slot(server, client):
+    queued, waited = map(server.metric, QUEUED)
+    running = [_long_stream(client) for _ in range(4)]  # the engine's 4 slots
+    later = None
+    try:
+        for stream in running:
+            next(iter(stream))
+        assert server.metric(QUEUED[0]) == queued + 4
+        later = _long_stream(client)  # waits for a slot (httpx returns at the headers)
+        time.sleep(0.5)
+        assert server.metric("kiln:num_requests_waiting") == 1
+        assert server.metric(QUEUED[0]) == queued + 4
+        running.pop().close()
+        next(iter(later))
+        assert server.metric(QUEUED[0]) == queued + 5
+        assert server.metric(QUEUED[1]) - waited >= 0.5
+    finally:
+        for stream in running + ([later] if later else []):
+            stream.close()
+    assert _wait_for(lambda: server.metric("kiln:num_requests_running") == 0)
 
 
 def _accepting(process) -> bool:
