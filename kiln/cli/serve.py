@@ -1,7 +1,9 @@
 """``kiln serve``: an OpenAI-compatible HTTP server over an engine dir (kiln.serve on uvicorn).
 
-Thin: parse and validate the flags, open the engine (:class:`kiln.runtime.LLM` driven by an
-:class:`kiln.runtime.AsyncLLM`), run :func:`kiln.serve.create_app` on uvicorn, close the engine.
+Thin: parse and validate the flags, bind the listening address (so a port in use is one line
+before the engine loads, which can take minutes on a GPU), open the engine
+(:class:`kiln.runtime.LLM` driven by an :class:`kiln.runtime.AsyncLLM`), run
+:func:`kiln.serve.create_app` on uvicorn over the bound sockets, close the engine.
 SIGINT/SIGTERM while serving: stop accepting, let running requests finish for
 ``--grace_period`` seconds, abort the rest, exit 0 (uvicorn's default would re-raise the
 signal after its own shutdown, and the CLI would exit 130/143); a second signal aborts them
@@ -12,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
+import socket
 from pathlib import Path
 
 import click
@@ -81,36 +85,78 @@ def serve(obj: CliContext, engine_dir: Path, host: str, port: int, served_model_
         raise ServeError(f"kiln serve needs the serve extra ({e.name} is missing): "
                          f"pip install 'kiln-llm[serve]'") from None
     template = _read_template(chat_template)
+    sockets = _bind(host, port)
     from kiln.runtime import LLM, AsyncLLM, ExecutorOptions
 
     level = logging.INFO if verbose == 1 or obj.verbosity == 1 else \
         logging.DEBUG if verbose + max(obj.verbosity, 0) > 1 else None
     if level is not None:
         logging.getLogger().setLevel(level)
-    with LLM(engine_dir, ExecutorOptions(device=device, num_threads=num_threads,
-                                         cpu_spin_wait=cpu_spin_wait,
-                                         verify_checksums=verify_checksums)) as llm:
+    with contextlib.ExitStack() as stack:
+        for sock in sockets:
+            stack.enter_context(sock)
+        llm = stack.enter_context(LLM(engine_dir, ExecutorOptions(
+            device=device, num_threads=num_threads, cpu_spin_wait=cpu_spin_wait,
+            verify_checksums=verify_checksums)))
         engine = AsyncLLM(llm)
+        stack.callback(engine.close)  # aborts what the grace period left running
+        app = create_app(engine, served_model_name or engine_dir.resolve().name,
+                         api_key=api_key, max_queue=max_queue, chat_template=template,
+                         max_body_bytes=max_body_bytes)
+        config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=
+                                grace_period + FLUSH_SECONDS,
+                                log_level="info" if level else "warning",
+                                access_log=bool(level), lifespan="off")
+        server = _Server(config, _Drain(app.state.kiln, grace_period))
+        log.info("kiln serve: serving %s on http://%s", engine_dir, _address(host, port))
         try:
-            app = create_app(engine, served_model_name or engine_dir.resolve().name,
-                             api_key=api_key, max_queue=max_queue, chat_template=template,
-                             max_body_bytes=max_body_bytes)
-            config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=
-                                    grace_period + FLUSH_SECONDS,
-                                    log_level="info" if level else "warning",
-                                    access_log=bool(level), lifespan="off")
-            server = _Server(config, _Drain(app.state.kiln, grace_period))
-            try:
-                asyncio.run(server.serve())
-            except SystemExit:  # uvicorn exits 1 when it cannot bind (it logged why)
-                if server.started:
-                    raise
-                raise ServeError(f"could not listen on {host}:{port} (in use, or not an "
-                                 f"address of this machine); pick another --host/--port") \
-                    from None
-        finally:
-            engine.close()  # aborts what the grace period left running
+            asyncio.run(server.serve(sockets=sockets))
+        except OSError as e:  # listen() refused: another server took the port meanwhile
+            if server.started:
+                raise
+            raise ServeError(_cannot_listen(host, port, e)) from None
     click.echo("kiln serve: stopped", err=True)
+
+
+def _bind(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to every address of ``host`` (as asyncio's create_server binds them),
+    not listening yet: connections are refused until the engine is loaded and uvicorn listens.
+    A port in use, or a host that is not this machine's, is a ServeError now."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ServeError(f"cannot listen on {_address(host, port)}: {e.strerror}; give --host "
+                         f"an address or name of this machine") from None
+    sockets = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn/asyncio
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+    except OSError as e:
+        for sock in sockets:
+            sock.close()
+        raise ServeError(_cannot_listen(host, port, e)) from None
+    return sockets
+
+
+_BIND_FIXES = {
+    errno.EADDRINUSE: "another process listens there: pick a free --port (or stop that process)",
+    errno.EADDRNOTAVAIL: "not an address of this machine: pick another --host",
+    errno.EACCES: "ports below 1024 need privileges: pick a --port of 1024 or above",
+}
+
+
+def _cannot_listen(host: str, port: int, e: OSError) -> str:
+    fix = _BIND_FIXES.get(e.errno, "pick another --host or --port")
+    return f"cannot listen on {_address(host, port)}: {(e.strerror or str(e)).lower()}; {fix}"
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # After the grace period's aborts, the time their streams get to end (one engine step, then
