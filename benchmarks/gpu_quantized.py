@@ -137,10 +137,9 @@ def torchao_config(recipe: str):
     import torchao.quantization as tq
 
     if recipe == "int4_weight_only_g128":
-        try:  # torchao >= 0.14: version 1 is the tinygemm path in torch itself
-            return tq.Int4WeightOnlyConfig(group_size=128, version=1)
-        except TypeError:
-            return tq.Int4WeightOnlyConfig(group_size=128)
+        # tinygemm (torch's own _weight_int4pack_mm): torchao 0.17 dropped version 1 (it asserts
+        # version 2) and names it by packing format; its default ("plain") needs fbgemm kernels
+        return tq.Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
     return tq.Float8DynamicActivationFloat8WeightConfig(granularity=tq.PerRow())
 
 
