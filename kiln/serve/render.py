@@ -29,7 +29,7 @@ from kiln.runtime.params import SamplingParams, TokenLogprobs
 from kiln.runtime.results import CompletionResult, StreamDelta
 from kiln.runtime.tokenizer import render_chat_template
 from kiln.serve.protocol import UNSUPPORTED, ApiError, ChatCompletionRequest, CompletionRequest
-from kiln.serve.state import Job
+from kiln.serve.state import Job, public
 
 _SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
              "frequency_penalty", "repetition_penalty")
@@ -56,10 +56,12 @@ def nth(params: SamplingParams, j: int) -> SamplingParams:
 
 
 def failed(result: CompletionResult) -> ApiError:
-    """The error response of a request that ended with finish_reason ``error``."""
-    if "KV cache" in (result.error or ""):  # too big for this engine: the request's fault
-        return ApiError(400, result.error or "", param="max_tokens")
-    return ApiError(500, f"the request failed: {result.error}", code="engine_error")
+    """The error response of a request that ended with finish_reason ``error`` (without the
+    internal request id the runtime's message starts with)."""
+    error = public(result.error or "", [result.request_id])
+    if "KV cache" in error:  # too big for this engine: the request's fault
+        return ApiError(400, error, param="max_tokens")
+    return ApiError(500, f"the request failed: {error}", code="engine_error")
 
 
 def _checked(make, renames: dict[str, str]) -> SamplingParams:

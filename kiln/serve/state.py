@@ -126,7 +126,8 @@ class ServerState:
                 self.live.pop(rid, None)
                 for submitted in rids:
                     await self.engine.abort(submitted)
-                raise ApiError(400, str(e), param=param, code=_code(str(e))) from None
+                message = public(str(e), [rid])
+                raise ApiError(400, message, param=param, code=_code(message)) from None
             rids.append(rid)
             self._queued(rid)
             task = asyncio.get_running_loop().create_task(self._pump(rid, job.index, out))
@@ -181,14 +182,15 @@ class Submitted:
 
     def __init__(self, engine: AsyncLLM, rids: list[str], out: asyncio.Queue):
         self.engine, self.out = engine, out
-        self.open = set(rids)
+        self.rids, self.open = rids, set(rids)
 
     async def deltas(self) -> AsyncIterator[StreamDelta]:
         try:
             while self.open:
                 item = await self.out.get()
                 if isinstance(item, BaseException):
-                    raise ApiError(500, f"the engine failed: {item}", code="engine_error")
+                    raise ApiError(500, f"the engine failed: {public(str(item), self.rids)}",
+                                   code="engine_error")
                 if item.finished:
                     self.open.discard(item.request_id)
                 yield item
@@ -198,6 +200,14 @@ class Submitted:
     async def abort(self) -> None:
         for rid in list(self.open):
             await self.engine.abort(rid)  # never suspends: safe while being cancelled
+
+
+def public(message: str, rids: Sequence[str]) -> str:
+    """A runtime message fit for a client: without the server's internal request ids
+    (``request kiln-7: ...``), which mean nothing to it (its response has its own id)."""
+    for rid in rids:
+        message = message.replace(f"request {rid}: ", "").replace(rid, "the request")
+    return message
 
 
 def _code(message: str) -> str | None:

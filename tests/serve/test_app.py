@@ -5,13 +5,14 @@ chat templates, health, error shapes. No model runs, so these take milliseconds.
 from __future__ import annotations
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from kiln.engine import BuildLimits
 from kiln.runtime import LLM, AsyncLLM
 from kiln.runtime.tokenizer import load_tokenizer
 from kiln.serve import create_app
-from tests.runtime.mocks import HashExecutor
+from tests.runtime.mocks import CapacityExecutor, HashExecutor
 
 LIMITS = BuildLimits(max_batch_size=2, max_input_len=32, max_seq_len=64, max_num_tokens=32)
 
@@ -141,3 +142,30 @@ def test_unknown_fields_are_ignored(engine):
     out = _client(engine).post("/v1/completions", json={"model": "m", "prompt": "a",
                                                         "max_tokens": 1, "foo": 3})
     assert out.status_code == 200
+
+
+class _NanExecutor(HashExecutor):
+    def logits(self, history: list[int]) -> torch.Tensor:
+        return torch.full((self.vocab_size,), float("nan"))
+
+
+@pytest.mark.parametrize("executor, status, param, start", [
+    (lambda vocab: CapacityExecutor(LIMITS, vocab, capacity=8), 400, "max_tokens",
+     "needs 20 tokens of KV cache, more than the executor can ever hold"),
+    (lambda vocab: _NanExecutor(LIMITS, vocab), 500, None,
+     "the request failed: the model's logits for output token 1 are not finite"),
+])
+def test_failed_requests_name_no_internal_request_id(smollm2_dir, executor, status, param,
+                                                     start):
+    """The runtime's messages start 'request kiln-N: ', an id the client never saw (a trial
+    found them in error responses)."""
+    tokenizer = load_tokenizer(smollm2_dir)
+    engine = AsyncLLM(LLM.from_executor(executor(tokenizer.vocab_size), tokenizer))
+    try:
+        out = _client(engine).post("/v1/completions", json={
+            "model": "m", "prompt": [5], "max_tokens": 20, "ignore_eos": True})
+    finally:
+        engine.close()
+    error = out.json()["error"]
+    assert out.status_code == status and error["param"] == param, error
+    assert error["message"].startswith(start) and "kiln-" not in error["message"], error

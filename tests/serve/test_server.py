@@ -175,7 +175,15 @@ def test_prompt_too_long_is_400(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt="1 " * 200, max_tokens=4)
     assert e.value.body["code"] == "context_length_exceeded"
-    assert "max_input_len 96" in e.value.body["message"]
+    assert e.value.body["message"].startswith("prompt of 400 tokens exceeds the engine's "
+                                              "max_input_len 96")  # no internal request id
+
+
+def test_token_ids_outside_the_vocabulary_are_400_without_internal_ids(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=[[1, 2], [3, 10**6]], max_tokens=2, n=2)
+    assert e.value.body["param"] == "prompt"
+    assert e.value.body["message"] == "token ids [1000000] are outside the vocabulary [0, 49152)"
 
 
 def test_auth_model_and_body_size_errors(server, client):
