@@ -24,7 +24,6 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import torch
 
 from kiln.checkpoint import CONFIG_NAME, CheckpointConfig, rank_file
@@ -41,9 +40,10 @@ LLAMA_8B = dict(architecture="LlamaForCausalLM", vocab_size=128256, hidden_size=
                                          low_freq_factor=1.0, high_freq_factor=4.0))
 
 
-def make_checkpoint(out: Path, layers: int) -> Path:
+def make_checkpoint(out: Path, layers: int, vocab_size: int = LLAMA_8B["vocab_size"]) -> Path:
     """A kiln checkpoint of the 8B shape with ``layers`` layers, random float16 weights."""
-    config = CheckpointConfig(decoder=DecoderConfig(**{**LLAMA_8B, "num_layers": layers}),
+    shape = {**LLAMA_8B, "num_layers": layers, "vocab_size": vocab_size}
+    config = CheckpointConfig(decoder=DecoderConfig(**shape),
                               mapping=Mapping(), dtype="float16",
                               source={"benchmark": "random weights, Llama-3.1-8B shape"})
     if (out / CONFIG_NAME).is_file():
@@ -66,12 +66,14 @@ def make_checkpoint(out: Path, layers: int) -> Path:
 
 def sample_peak(pid: int, stop: threading.Event, peak: list[int]) -> None:
     """Largest summed RSS of the process tree rooted at ``pid``."""
+    import psutil
+
     root = psutil.Process(pid)
     while not stop.is_set():
         try:
             procs = [root, *root.children(recursive=True)]
             peak[0] = max(peak[0], sum(p.memory_info().rss for p in procs))
-        except psutil.Error:
+        except psutil.Error:  # a child that ended between the listing and the read
             pass
         time.sleep(0.1)
 

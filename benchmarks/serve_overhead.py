@@ -9,6 +9,11 @@ same machine. Prints the medians of the rounds beside the goal (server output to
 of in-process) and writes benchmarks/serve_overhead_results.json.
 
     python benchmarks/serve_overhead.py [--rounds 3] [--work_dir ~/.cache/kiln]
+
+On a GPU machine (issue 13's GPU goal, same >= 95%): ``--gpu_8b`` makes a Llama-3.1-8B-shaped
+bfloat16 torch engine with random weights in ``--work_dir`` and measures that instead. Its
+vocabulary is SmolLM2's (49,152 tokens, ``--tokenizer_dir``, default the SmolLM2 fixture) so
+that the server has a real tokenizer to detokenize with; the 8B model's other shapes are kept.
 """
 
 from __future__ import annotations
@@ -45,6 +50,30 @@ def build_engine(work: Path, input_len: int, output_len: int, batch: int) -> Pat
         build(checkpoint, engine, backend="onnx", max_batch_size=batch,
               max_input_len=input_len, max_seq_len=input_len + output_len,
               max_num_tokens=batch * input_len, overwrite=True)
+    return engine
+
+
+def build_gpu_8b(work: Path, tokenizer_dir: Path | None) -> Path:
+    """The 8B-shaped bfloat16 torch engine of ``--gpu_8b`` (module docstring), built once."""
+    import shutil
+
+    from benchmarks.build_8b import make_checkpoint
+    from kiln.builder import build
+    from kiln.checkpoint import TOKENIZER_FILES
+
+    engine = work / "kiln-torch-8b-shape-smollm2-vocab"
+    if (engine / "config.json").is_file():
+        return engine
+    if tokenizer_dir is None:
+        from kiln.testing.smollm2 import smollm2_hf_dir
+        tokenizer_dir = smollm2_hf_dir()
+    checkpoint = make_checkpoint(work / "kiln-checkpoint-8b-shape-smollm2-vocab", 32,
+                                 vocab_size=49152)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            shutil.copy(tokenizer_dir / name, checkpoint / name)
+    build(checkpoint, engine, backend="torch", dtype="bfloat16", max_batch_size=64,
+          max_input_len=2048, max_seq_len=4096, max_num_tokens=8192, overwrite=True)
     return engine
 
 
@@ -104,10 +133,17 @@ def main() -> int:
     parser.add_argument("--serve_args", default="",
                         help="Extra kiln serve flags, e.g. '--no_cpu_spin_wait'.")
     parser.add_argument("--output", default=str(HERE / "serve_overhead_results.json"))
+    parser.add_argument("--gpu_8b", action="store_true",
+                        help="the 8B-shaped torch engine on a GPU (module docstring)")
+    parser.add_argument("--tokenizer_dir", type=Path, default=None,
+                        help="tokenizer files of --gpu_8b's engine (default: SmolLM2's)")
     args = parser.parse_args()
     work = Path(args.work_dir).expanduser()
     work.mkdir(parents=True, exist_ok=True)
-    engine = build_engine(work, args.input_len, args.output_len, args.concurrency)
+    if args.gpu_8b:
+        engine = build_gpu_8b(work, args.tokenizer_dir)
+    else:
+        engine = build_engine(work, args.input_len, args.output_len, args.concurrency)
     rounds = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.rounds):
@@ -157,7 +193,10 @@ def main() -> int:
     result = {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) or "serve_overhead.py",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "engine": str(engine), "backend": "onnx", "dtype": "float32",
+        "engine": str(engine),
+        **({"backend": "torch", "dtype": "bfloat16", "model": "Llama-3.1-8B shape, random "
+            "weights, SmolLM2 vocabulary (49,152)", "gpu": _gpu_name()} if args.gpu_8b
+           else {"backend": "onnx", "dtype": "float32"}),
         "workload": {"num_requests": args.num_requests, "input_len": args.input_len,
                      "output_len": args.output_len, "concurrency": args.concurrency,
                      "request_rate": "inf", "seed": args.seed},
@@ -168,6 +207,11 @@ def main() -> int:
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.output}")
     return 0
+
+
+def _gpu_name() -> str:
+    import torch
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
 
 
 if __name__ == "__main__":
