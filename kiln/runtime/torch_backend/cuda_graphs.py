@@ -74,7 +74,7 @@ class DecodeGraphs:
         self.max_blocks = cache.allocator.max_blocks_per_seq
         self.sizes = sorted(batch_sizes)
         vocab = model.lm_head.weight.shape[1 if model.lm_head.transposed else 0]
-        self.logits = torch.empty(self.sizes[-1], vocab, dtype=model.embed.dtype, device=device)
+        self.logits = torch.empty(self.sizes[-1], vocab, dtype=model.dtype, device=device)
         self.graphs = {bs: _Graph(bs, self.max_blocks, model.config.head_dim, rope.dynamic,
                                   device) for bs in self.sizes}
         self._event = torch.cuda.Event()

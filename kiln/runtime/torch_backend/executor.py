@@ -26,8 +26,17 @@ written by their next owner only after it.
 Context logits (engines built with ``--gather_context_logits``): a step with a chunk that asks
 runs eagerly and applies the lm_head to every row; other steps compute the last rows only.
 
-Non-goals: tensor/pipeline parallelism (tp_size = pp_size = 1 engines only), prefix caching,
-preemption, sampling (the scheduler samples from the returned logits).
+One rank of a tensor/pipeline-parallel engine (``shard``): the executor holds that rank's
+weights and a cache of its stage's layers and KV heads, and every rank of the engine must run
+the same calls in the same order (the distributed executor, :mod:`kiln.runtime.distributed`,
+replays the driver's on every worker): the block allocators then agree, and the forward's
+collectives match. On CUDA each rank sizes its cache from its own free memory and all take the
+smallest count. A rank of a stage before the last returns an empty ``[0, vocab]`` tensor from
+``step`` (and no context logits): the last stage's ranks return the logits. Such executors
+capture no CUDA graphs (a graph would capture the collectives).
+
+Non-goals: prefix caching, preemption, sampling (the scheduler samples from the returned
+logits).
 """
 
 from __future__ import annotations
@@ -58,6 +67,7 @@ from kiln.runtime.torch_backend.paged_cache import (
     blocks_for_memory,
     cdiv,
 )
+from kiln.runtime.torch_backend.parallel import RankShard
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +85,9 @@ class TorchExecutorOptions:
     cuda_graphs: bool = True  # capture decode steps (CUDA only)
     graph_batch_sizes: tuple[int, ...] | None = None  # default: default_batch_sizes()
     decode_splits: int | None = None  # split-K of eager decode attention; None: heuristic
+    # engines of several ranks: the longest a collective may wait for a peer before the run
+    # ends (a dead peer ends it at once; this bounds a hung one)
+    collective_timeout_s: float = 120.0
 
 
 class TorchExecutor(Executor):
@@ -92,8 +105,10 @@ class TorchExecutor(Executor):
                  limits: BuildLimits, *, transposed: frozenset[str] = frozenset(),
                  device: str | torch.device = "cpu",
                  options: TorchExecutorOptions | None = None,
-                 gather_context_logits: bool = False, quant: QuantConfig | None = None):
+                 gather_context_logits: bool = False, quant: QuantConfig | None = None,
+                 shard: RankShard | None = None):
         self.options = options or TorchExecutorOptions()
+        self.shard = shard = shard or RankShard()
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -104,15 +119,16 @@ class TorchExecutor(Executor):
             logger.warning("max_seq_len %d exceeds the model's max_position_embeddings %d",
                            limits.max_seq_len, config.max_position_embeddings)
         kernels = load_kernels(self.options.kernels, self.device)
-        self.model = PagedDecoder(config, tensors, transposed, kernels, quant)
+        self.model = PagedDecoder(config, tensors, transposed, kernels, quant, shard)
         self.rope = RopeTables(config, limits.max_seq_len, self.device)
         self.uploader = Uploader(self.device)
         kv_dtype = quant.kv_cache_dtype if quant is not None else None
         self.cache = self._make_cache(KV_CACHE_DTYPES[kv_dtype] if kv_dtype
-                                      else self.model.embed.dtype)
+                                      else self.model.dtype)
         self._lengths = [0] * limits.max_batch_size
         self.graphs = None
-        if self.options.cuda_graphs and self.device.type == "cuda":
+        single = shard.mapping.world_size == 1  # graphs would capture the collectives
+        if self.options.cuda_graphs and self.device.type == "cuda" and single:
             sizes = list(self.options.graph_batch_sizes or
                          default_batch_sizes(limits.max_batch_size))
             self.graphs = DecodeGraphs(self.model, self.cache, self.rope, sizes,
@@ -120,8 +136,8 @@ class TorchExecutor(Executor):
 
     # -- cache sizing -------------------------------------------------------------------
     def _new_cache(self, num_blocks: int, dtype: torch.dtype, slots: int) -> PagedKVCache:
-        cfg = self.config
-        return PagedKVCache(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads,
+        cfg, model = self.config, self.model
+        return PagedKVCache(num_layers=len(model.layers), num_kv_heads=model.num_kv_heads,
                             head_dim=cfg.head_dim, page_size=self.options.page_size,
                             num_blocks=num_blocks, max_slots=slots,
                             max_seq_len=self.limits.max_seq_len, dtype=dtype, device=self.device)
@@ -135,6 +151,8 @@ class TorchExecutor(Executor):
             num_blocks = limits.max_batch_size * blocks_per_seq + 1
         else:
             num_blocks = self._blocks_from_free_memory(dtype)
+        if self.shard.comm is not None:  # every rank replays one allocator: the same blocks
+            num_blocks = self.shard.comm.min_over_world(num_blocks)
         return self._new_cache(num_blocks, dtype, limits.max_batch_size)
 
     def _blocks_from_free_memory(self, dtype: torch.dtype) -> int:
@@ -157,8 +175,8 @@ class TorchExecutor(Executor):
         # logits of a full decode batch (model dtype in the graphs, float32 returned) + slack
         reserve = activations + limits.max_batch_size * cfg.vocab_size * 6 + (256 << 20)
         free, _ = torch.cuda.mem_get_info(self.device)
-        block = PagedKVCache.block_bytes(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
-                                         self.options.page_size, dtype)
+        block = PagedKVCache.block_bytes(len(self.model.layers), self.model.num_kv_heads,
+                                         cfg.head_dim, self.options.page_size, dtype)
         num_blocks = blocks_for_memory(free, reserve,
                                        self.options.kv_cache_free_gpu_memory_fraction, block)
         logger.info("KV cache: %.2f GiB free, %.2f GiB kept for activations -> %d blocks",
@@ -193,6 +211,10 @@ class TorchExecutor(Executor):
         self.cache.allocator.release(slot)
         self._lengths[slot] = 0
 
+    def capacity(self, slot: int) -> int:
+        """Tokens ``slot`` holds room for now (a step reserves beyond it on the spot)."""
+        return self.cache.allocator.capacity(slot)
+
     def step(self, chunks: Sequence[SequenceChunk],
              pending: DeviceTokens | None = None) -> torch.Tensor:
         if not chunks:
@@ -206,6 +228,8 @@ class TorchExecutor(Executor):
             logits = self._eager(chunks, pending=pending)
         for c in chunks:
             self._lengths[c.slot] = c.start + len(c.tokens)
+        if logits is None:  # a stage before the last: the last stage has the logits
+            return torch.empty(0, self.vocab_size, device=self.device)
         # Always a new tensor: graph logits live in a static buffer the next replay overwrites,
         # and .float() of a float32 model's logits would return that buffer itself.
         return logits.to(torch.float32, copy=True)
@@ -220,22 +244,27 @@ class TorchExecutor(Executor):
         plan = make_plan(chunks, self.cache.allocator)
         inp = step_inputs(plan, self.uploader, self.rope, self.options.page_size,
                           self.options.decode_splits, feeds_for(plan, pending))
-        every = self.model.forward_every_row(inp, self.cache).float()  # [T, V]
+        every = self.model.forward_every_row(inp, self.cache)  # [T, V]
         for c in chunks:
             self._lengths[c.slot] = c.start + len(c.tokens)
+        if every is None:  # a stage before the last
+            return StepLogits(torch.empty(0, self.vocab_size, device=self.device), {})
+        every = every.float()
         context = {i: every[int(plan.rows[i]):int(plan.rows[i] + plan.lens[i])].clone()
                    for i, c in enumerate(chunks) if c.context_logits}
         last = every.index_select(0, inp.last_rows)  # uploaded: no blocking copy
         return StepLogits(last, context)
 
     def _eager(self, chunks: Sequence[SequenceChunk], num_splits: int | None = None,
-               pending: DeviceTokens | None = None) -> torch.Tensor:
+               pending: DeviceTokens | None = None) -> torch.Tensor | None:
         plan = make_plan(chunks, self.cache.allocator)
         inp = step_inputs(plan, self.uploader, self.rope, self.options.page_size,
                           num_splits or self.options.decode_splits, feeds_for(plan, pending))
         return self.model.forward(inp, self.cache)
 
-    def _check(self, chunks: Sequence[SequenceChunk]) -> None:
+    def check_step(self, chunks: Sequence[SequenceChunk]) -> None:
+        """Raise the contract's errors :meth:`step` would raise for ``chunks``, changing
+        nothing (the cache's room is not checked: the step reserves what it grows into)."""
         limits = self.limits
         if len(chunks) > limits.max_batch_size:
             raise RuntimeError(f"step of {len(chunks)} chunks exceeds max_batch_size "
@@ -258,6 +287,9 @@ class TorchExecutor(Executor):
         if total > limits.max_num_tokens:
             raise RuntimeError(f"step of {total} tokens exceeds max_num_tokens "
                                f"{limits.max_num_tokens}")
+
+    def _check(self, chunks: Sequence[SequenceChunk]) -> None:
+        self.check_step(chunks)
         allocator = self.cache.allocator
         for c in chunks:  # only a valid step takes blocks
             end = c.start + len(c.tokens)

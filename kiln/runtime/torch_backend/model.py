@@ -17,10 +17,20 @@ layer reads and writes it once. Parallel-residual models (Falcon) add attention 
 first. Logits are computed for the last row of each sequence only (:meth:`PagedDecoder.forward`),
 or for every row when a step asks for context logits (:meth:`PagedDecoder.forward_every_row`).
 
+Tensor and pipeline parallel ranks (:class:`~kiln.runtime.torch_backend.parallel.RankShard`):
+a rank holds its heads, MLP columns and vocab rows (the checkpoint's shards) and its stage's
+layers. Row-parallel projections (``o``, ``down``) give partial sums, all-reduced over the
+stage's ranks before the residual add (once per layer for a parallel block: attention and MLP
+partials are added first); their replicated biases are added by tensor-parallel rank 0 only,
+so the sum holds them once. The lm_head's logits are gathered over the vocab and cut to
+``vocab_size``. A stage after the first starts from the residual stream the previous one sent;
+a stage before the last sends its stream (the residual plus the last layer's output, before
+the next layer's norm) and returns None instead of logits.
+
 Contract: :class:`StepInputs` holds the device-side metadata of one step (built by the
 executor); :meth:`PagedDecoder.forward` writes each row's keys/values into the cache and
-returns ``[num_seqs, vocab]`` logits in the model dtype. Nothing here touches the host, so a
-decode step can be captured in a CUDA graph.
+returns ``[num_seqs, vocab]`` logits in the model dtype (None on a stage before the last).
+Nothing here touches the host, so a single-rank decode step can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ from kiln.quantization.config import INPUT_SCALE, PRE_QUANT_SCALE, WEIGHT_SCALE,
 from kiln.roles import Role, companion, quantized_roles
 from kiln.runtime.torch_backend.kernels import KernelSet
 from kiln.runtime.torch_backend.paged_cache import PagedKVCache
+from kiln.runtime.torch_backend.parallel import RankShard
 
 
 @dataclass
@@ -141,21 +152,28 @@ class Layer:
 
 
 class PagedDecoder:
-    """Weights and forward of the canonical decoder for one rank (tp_size 1, pp_size 1)."""
+    """Weights and forward of the canonical decoder for one rank (``shard``: its part of a
+    tensor/pipeline-parallel model; the whole model by default)."""
 
     def __init__(self, config: DecoderConfig, tensors: dict[str, torch.Tensor],
                  transposed: frozenset[str], kernels: KernelSet,
-                 quant: QuantConfig | None = None):
+                 quant: QuantConfig | None = None, shard: RankShard | None = None):
         self.config = config
         self.kernels = kernels
         self.quant = quant
+        self.shard = shard = shard or RankShard()
+        mapping = shard.mapping
+        self.num_heads = mapping.local_heads(config)
+        self.num_kv_heads = mapping.local_kv_heads(config)
         self.rms = config.norm_type is NormType.RMSNORM
         get = tensors.get
         quantized = quantized_roles(quant)
+        # Row-parallel biases are replicated: added by one rank, the all-reduce sums them once.
+        drop_bias = {Role.OUT, Role.DOWN} if shard.tp_rank > 0 else set()
 
         def linear(role: Role, bias: Role | None, i: int | None = None) -> Linear | QuantLinear:
             name = role.name(i)
-            b = None if bias is None else get(bias.name(i))
+            b = None if bias is None or role in drop_bias else get(bias.name(i))
             if role in quantized:
                 return quant_linear(quant, kernels, tensors, role, i, b)
             return Linear(tensors[name], b, name in transposed,
@@ -170,9 +188,9 @@ class PagedDecoder:
             w = get(role.name(i))
             return None if w is None else Norm(w, get(bias.name(i)))
 
-        self.embed = tensors[Role.EMBED.name()]
+        self.embed = tensors[Role.EMBED.name()] if shard.first_stage else None
         self.layers = []
-        for i in range(config.num_layers):
+        for i in shard.layers(config):  # global layer indices; the cache counts them from 0
             gated = config.gated_mlp
             self.layers.append(Layer(
                 attn_norm=norm(Role.ATTN_NORM, Role.ATTN_NORM_BIAS, i),
@@ -183,12 +201,16 @@ class PagedDecoder:
                 down=linear(Role.DOWN, Role.DOWN_BIAS, i),
                 q_norm=norm(Role.Q_NORM, Role.Q_NORM_BIAS, i),
                 k_norm=norm(Role.K_NORM, Role.K_NORM_BIAS, i), kv_scales=kv_scales(i)))
-        self.final_norm = norm(Role.FINAL_NORM, Role.FINAL_NORM_BIAS)
-        self.lm_head = linear(Role.LM_HEAD, None)
-        device = self.embed.device
+        last = shard.last_stage
+        self.final_norm = norm(Role.FINAL_NORM, Role.FINAL_NORM_BIAS) if last else None
+        self.lm_head = linear(Role.LM_HEAD, None) if last else None
+        first_norm = self.layers[0].attn_norm.weight
+        self.dtype, device = first_norm.dtype, first_norm.device  # the model (and cache) dtype
         self.alibi = None
-        if config.position_type is PositionType.ALIBI:
-            self.alibi = torch.tensor(config.alibi_slopes, dtype=torch.float32, device=device)
+        if config.position_type is PositionType.ALIBI:  # this rank's heads' slopes
+            heads = slice(shard.tp_rank * self.num_heads, (shard.tp_rank + 1) * self.num_heads)
+            self.alibi = torch.tensor(config.alibi_slopes[heads], dtype=torch.float32,
+                                      device=device)
 
     def _norm(self, x: torch.Tensor, residual: torch.Tensor | None, norm: Norm,
               out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,37 +219,57 @@ class PagedDecoder:
 
     @torch.no_grad()
     def forward(self, inp: StepInputs, cache: PagedKVCache,
-                logits_out: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [num_seqs, vocab] (model dtype); writes every row's k/v into ``cache``."""
+                logits_out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Logits [num_seqs, vocab] (model dtype; None on a stage before the last); writes
+        every row's k/v into ``cache``."""
         h = self._final_hidden(inp, cache)
-        return self.lm_head(h.index_select(0, inp.last_rows), out=logits_out)
+        return None if h is None else self._logits(h.index_select(0, inp.last_rows), logits_out)
 
     @torch.no_grad()
-    def forward_every_row(self, inp: StepInputs, cache: PagedKVCache) -> torch.Tensor:
+    def forward_every_row(self, inp: StepInputs, cache: PagedKVCache) -> torch.Tensor | None:
         """Logits [T, vocab] of every row of the step (model dtype); k/v as :meth:`forward`."""
-        return self.lm_head(self._final_hidden(inp, cache))
+        h = self._final_hidden(inp, cache)
+        return None if h is None else self._logits(h)
 
-    def _final_hidden(self, inp: StepInputs, cache: PagedKVCache) -> torch.Tensor:
-        """[T, hidden] after the final norm."""
-        x = F.embedding(inp.tokens, self.embed)
-        h, residual = self._norm(x, None, self.layers[0].attn_norm)
+    def _logits(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if self.shard.tp_size == 1:
+            return self.lm_head(h, out=out)
+        full = self.shard.comm.gather_vocab(self.lm_head(h))  # [n, padded vocab]
+        return full[:, :self.config.vocab_size]
+
+    def _final_hidden(self, inp: StepInputs, cache: PagedKVCache) -> torch.Tensor | None:
+        """[T, hidden] after the final norm; None on a stage before the last (it sent its
+        residual stream to the next stage)."""
+        shard, comm = self.shard, self.shard.comm
+        first = self.layers[0].attn_norm
+        if self.embed is not None:
+            x = F.embedding(inp.tokens, self.embed)
+        else:
+            x = comm.recv_hidden(inp.tokens.shape[0], first.weight)
+        h, residual = self._norm(x, None, first)
         parallel = self.config.residual is ResidualType.PARALLEL
+        reduce = comm.all_reduce if shard.tp_size > 1 else (lambda t: t)
         for i, layer in enumerate(self.layers):
             attn = self._attention(i, layer, h, inp, cache)
-            if parallel:
+            if parallel:  # one all-reduce of both partial sums
                 h_mlp = self._norm(residual, None, layer.mlp_norm)[0] if layer.mlp_norm else h
-                delta = attn.add_(self._mlp(layer, h_mlp))
+                delta = reduce(attn.add_(self._mlp(layer, h_mlp)))
             else:
-                h, residual = self._norm(attn, residual, layer.mlp_norm)
-                delta = self._mlp(layer, h)
-            nxt = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.final_norm
-            h, residual = self._norm(delta, residual, nxt)
+                h, residual = self._norm(reduce(attn), residual, layer.mlp_norm)
+                delta = reduce(self._mlp(layer, h))
+            if i + 1 < len(self.layers):
+                h, residual = self._norm(delta, residual, self.layers[i + 1].attn_norm)
+            elif shard.last_stage:
+                h, residual = self._norm(delta, residual, self.final_norm)
+            else:  # the next stage's first norm adds nothing: hand it the summed stream
+                comm.send_hidden(residual.add_(delta))
+                return None
         return h
 
     def _attention(self, i: int, layer: Layer, h: torch.Tensor, inp: StepInputs,
                    cache: PagedKVCache) -> torch.Tensor:
         cfg, k = self.config, self.kernels
-        hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        hq, hkv, d = self.num_heads, self.num_kv_heads, cfg.head_dim  # this rank's heads
         qkv = layer.qkv(h)
         clip = cfg.clip_qkv
         if layer.q_norm is not None:  # clamp, then q/k norms over whole projections, then rope
