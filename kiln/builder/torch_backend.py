@@ -9,8 +9,8 @@ Quantized checkpoints of every qformat build (weights keep their stored dtype, i
 repacked for the kernels: :mod:`kiln.engine.torch_files`); whether a GPU can run a format
 (FP8 needs sm89+) is decided at load, where the GPU is known.
 
-Non-goals: tensor/pipeline-parallel engines (the torch executor runs tp_size = pp_size = 1;
-building them is refused here so nobody ships one that cannot run).
+Tensor/pipeline-parallel checkpoints build one file per rank (its shards, its stage's
+layers); the runtime runs them with one process per rank (:mod:`kiln.runtime.distributed`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from kiln.checkpoint import rank_file
 from kiln.engine import EngineError
 from kiln.engine.torch_files import (
     TRANSPOSED_ROLES,
-    check_mapping,
     file_metadata,
     file_name,
     pack_tensor,
@@ -60,7 +59,6 @@ class TorchBackend(Backend):
         if unknown:
             raise EngineError(f"the torch backend builds for targets {', '.join(TARGETS)}; "
                               f"found {', '.join(unknown)}")
-        check_mapping(plan.checkpoint.mapping, "convert with --tp_size 1 --pp_size 1")
         quant = plan.checkpoint.quantization
         if quant is not None and quant.info.weight_dtype == "int4" \
                 and quant.group_size not in INT4_GROUP_SIZES:

@@ -23,8 +23,9 @@ kernels' split-group layout (:mod:`kiln.plugins.quant_linear.layout`; the metada
 ``pre_quant_scale``, the KV-cache ``k_scale``/``v_scale``) stays float32. Other tensors take
 the engine dtype.
 
-Non-goals: tensor/pipeline-parallel engines (the torch executor runs tp_size = pp_size = 1;
-building them is refused so nobody ships one that cannot run).
+Tensor/pipeline-parallel engines: ``rank{N}`` files hold rank N's checkpoint shards (its
+stage's layers, the embedding on the first stage, the final norm and lm_head on the last),
+packed the same way; :func:`check_packed` checks a rank's names.
 """
 
 from __future__ import annotations
@@ -45,14 +46,6 @@ from kiln.tensorio import read_header, read_tensor
 FORMAT = "1"
 # Roles stored pre-transposed ([in, out]); see the module docstring for why none is.
 TRANSPOSED_ROLES: frozenset[Role] = frozenset()
-
-
-def check_mapping(mapping: Mapping, fix: str) -> None:
-    """Refuse a tensor/pipeline-parallel engine (the torch executor runs tp_size = pp_size = 1):
-    at build (``fix``: how to convert) and at load (``fix``: how to rebuild)."""
-    if mapping.tp_size != 1 or mapping.pp_size != 1:
-        raise EngineError(f"the torch executor runs tp_size=1, pp_size=1 engines, found "
-                          f"tp_size={mapping.tp_size}, pp_size={mapping.pp_size}; {fix}")
 
 
 def file_name(stem: str) -> str:
@@ -123,8 +116,15 @@ def read_packed(path: Path, device: torch.device, quant: QuantConfig | None = No
 
 
 def check_packed(config: DecoderConfig, tensors: dict[str, torch.Tensor], where: str,
-                 quant: QuantConfig | None = None) -> None:
-    """Every tensor a tp_size 1 model needs is there (with its scales), nothing else."""
-    if problem := name_mismatch(tensor_names(config, quant=quant), tensors):
+                 quant: QuantConfig | None = None, mapping: Mapping | None = None,
+                 rank: int = 0) -> None:
+    """Every tensor rank ``rank`` of ``mapping`` (default: a single rank) needs is there (with
+    its scales), nothing else."""
+    mapping = mapping or Mapping()
+    _, stage = mapping.coords(rank)
+    names = tensor_names(config, mapping.stage_layers(stage, config.num_layers),
+                         first_stage=stage == 0, last_stage=stage == mapping.pp_size - 1,
+                         quant=quant)
+    if problem := name_mismatch(names, tensors):
         raise EngineError(f"{where}: packed tensors do not match the manifest's model: "
                           f"{problem}; rebuild with kiln build")

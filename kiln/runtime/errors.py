@@ -23,3 +23,8 @@ class TokenizerError(KilnError):
 
 class KVCacheError(KilnError):
     """The KV cache cannot be sized or cannot hold what was asked of it."""
+
+
+class WorkerError(KilnError):
+    """A rank of a multi-process engine died, failed or stopped answering; the message names
+    the rank and the cause. The engine's other ranks are stopped: the engine cannot go on."""

@@ -7,7 +7,9 @@ opened (so a CPU machine never imports TensorRT). A backend module defines
     load_executor(engine_dir: Path, manifest: EngineManifest, options: ExecutorOptions) -> Executor
 
 and may define ``check_options(manifest, machine, options) -> None`` to refuse options this
-machine cannot honour (the torch backend: ``device auto`` without a GPU).
+machine cannot honour (the torch backend: ``device auto`` without a GPU), and
+``loaded_ranks(manifest, rank) -> tuple[int, ...]`` when the files it opens are not the
+default :func:`loaded_ranks` (the torch backend starts every rank of an engine itself).
 
 Order (nothing heavy happens before the checks pass): read and validate ``config.json``, check
 it against this machine and the options, check the presence and sizes of the files of the ranks
@@ -51,8 +53,8 @@ def backend_module(backend: str) -> ModuleType:
 
 def loaded_ranks(manifest: EngineManifest, rank: int) -> tuple[int, ...]:
     """The ranks whose files a process of rank ``rank`` opens: its tensor-parallel rank in every
-    pipeline stage (the onnx runtime chains the stages in one process; tensorrt and torch
-    engines have one stage, so this is ``rank`` alone)."""
+    pipeline stage (the onnx runtime chains the stages in one process; tensorrt engines have
+    one stage, so this is ``rank`` alone). A backend module may define its own."""
     mapping = manifest.mapping
     tp_rank, _ = mapping.coords(rank)
     return tuple(mapping.rank(tp_rank, stage) for stage in range(mapping.pp_size))
@@ -70,7 +72,7 @@ def open_engine(engine_dir: str | Path, options: ExecutorOptions | None = None,
     check_options = getattr(module, "check_options", None)
     if check_options is not None:
         check_options(manifest, machine, options)
-    ranks = loaded_ranks(manifest, options.rank)
+    ranks = getattr(module, "loaded_ranks", loaded_ranks)(manifest, options.rank)
     check_files(engine_dir, manifest, ranks)
     if options.verify_checksums:
         verify_checksums(engine_dir, manifest, ranks)

@@ -1,13 +1,17 @@
 """Runtime entry of the ``torch`` backend for :mod:`kiln.runtime.loader`.
 
 ``check_machine`` refuses, from the manifest alone, what cannot run here (no CUDA GPU for a
-cuda-only engine, tensor/pipeline-parallel engines); ``check_options`` refuses ``device auto``
-on a machine without a GPU: the CPU path runs PyTorch reference kernels, slower than an onnx
-engine there (:data:`CPU_SPEED`), so it runs only when ``device cpu`` is asked, with a
-warning. ``load_executor`` reads the packed weights of rank 0 and returns a
+cuda-only engine); ``check_options`` refuses ``device auto`` on a machine without a GPU: the
+CPU path runs PyTorch reference kernels, slower than an onnx engine there (:data:`CPU_SPEED`),
+so it runs only when ``device cpu`` is asked, with a warning; and a tensor/pipeline-parallel
+engine on CUDA with fewer visible GPUs than ranks (one process and one GPU per rank).
+``load_executor`` reads the packed weights of rank 0 and returns a
 :class:`~kiln.runtime.torch_backend.executor.TorchExecutor` on CUDA (Triton kernels, CUDA
-graphs) or, asked explicitly, on the CPU. The executor itself lives in
-:mod:`kiln.runtime.torch_backend`.
+graphs) or, asked explicitly, on the CPU; for an engine of several ranks it starts one worker
+process per other rank and returns the driver's
+:class:`~kiln.runtime.distributed.executor.DistributedExecutor` (:mod:`kiln.runtime.distributed`;
+``loaded_ranks``: this process checks the files of every rank before starting them). The
+executor itself lives in :mod:`kiln.runtime.torch_backend`.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 import torch
 
 from kiln.engine import EngineError, EngineManifest
-from kiln.engine.torch_files import check_mapping, check_packed, read_packed
+from kiln.engine.torch_files import check_packed, read_packed
 from kiln.runtime.compat import MachineInfo, sm
 from kiln.runtime.loader import ExecutorOptions
 from kiln.runtime.torch_backend.executor import (
@@ -27,6 +31,7 @@ from kiln.runtime.torch_backend.executor import (
     TorchExecutorOptions,
 )
 from kiln.runtime.torch_backend.paged_cache import PagedKVCache, cdiv
+from kiln.runtime.torch_backend.parallel import RankShard
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +64,6 @@ def _device(manifest: EngineManifest, requested: str, has_gpu: bool) -> str:
 
 
 def check_machine(manifest: EngineManifest, machine: MachineInfo) -> None:
-    check_mapping(manifest.mapping, "rebuild from a tp 1 / pp 1 checkpoint")
     if not machine.gpus and "cpu" not in manifest.targets:
         raise EngineError("no CUDA GPU is visible for this torch engine, built for "
                           f"{', '.join(manifest.targets)}; run it on a GPU machine")
@@ -80,17 +84,36 @@ def check_gpu_formats(manifest: EngineManifest, capability: tuple[int, int]) -> 
                           f"int4_awq (and --kv_cache_dtype int8) for it, or pass --device cpu")
 
 
+def processes(manifest: EngineManifest) -> str:
+    """``4 ranks (tp 2 x pp 2), one process each``: what an engine needs, in one phrase."""
+    mapping = manifest.mapping
+    return (f"{mapping.world_size} ranks (tp {mapping.tp_size} x pp {mapping.pp_size}), one "
+            f"process each")
+
+
 def check_options(manifest: EngineManifest, machine: MachineInfo,
                   options: ExecutorOptions) -> None:
-    _device(manifest, options.device, bool(machine.gpus))
+    device = _device(manifest, options.device, bool(machine.gpus))
+    world = manifest.mapping.world_size
+    if device == "cuda" and world > len(machine.gpus):
+        raise EngineError(f"this torch engine has {processes(manifest)} and one GPU per "
+                          f"process, and {len(machine.gpus)} CUDA GPU(s) are visible here; run "
+                          f"it where {world} GPUs are visible, or rebuild from a checkpoint "
+                          f"converted with fewer ranks (--tp_size/--pp_size)")
+
+
+def loaded_ranks(manifest: EngineManifest, rank: int) -> tuple[int, ...]:
+    """Every rank: this process starts them all (a single-rank engine: rank 0)."""
+    return tuple(range(manifest.mapping.world_size))
 
 
 def host_bytes(manifest: EngineManifest, device: torch.device,
                options: TorchExecutorOptions) -> dict[str, int]:
     """Host memory the executor allocates beyond the weights: the rotary tables (built on the
     host, peak ~10 bytes per position per head-dim entry) and, on the CPU, the KV cache."""
-    cfg, limits = manifest.decoder, manifest.limits
-    need = {"rotary tables": (10 * cfg.head_dim + 12) * limits.max_seq_len}
+    cfg, limits, mapping = manifest.decoder, manifest.limits, manifest.mapping
+    ranks = mapping.world_size  # each rank's process builds its tables, on this host
+    need = {"rotary tables": ranks * (10 * cfg.head_dim + 12) * limits.max_seq_len}
     if device.type == "cpu":
         page = options.page_size
         blocks = options.kv_cache_blocks or \
@@ -98,8 +121,9 @@ def host_bytes(manifest: EngineManifest, device: torch.device,
         quant = manifest.quantization
         kv = quant.kv_cache_dtype if quant is not None else None
         dtype = KV_CACHE_DTYPES[kv] if kv else getattr(torch, manifest.dtype)
-        need["KV cache"] = blocks * PagedKVCache.block_bytes(
-            cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, page, dtype)
+        layers = cdiv(cfg.num_layers, mapping.pp_size)  # the largest stage
+        need["KV cache"] = ranks * blocks * PagedKVCache.block_bytes(
+            layers, mapping.local_kv_heads(cfg), cfg.head_dim, page, dtype)
     return need
 
 
@@ -123,9 +147,11 @@ def check_host_memory(manifest: EngineManifest, device: torch.device,
     if available is None or sum(need.values()) <= available:
         return
     parts = ", ".join(f"{what} {n / 2**30:.1f} GiB" for what, n in need.items())
-    limits = manifest.limits
+    limits, world = manifest.limits, manifest.mapping.world_size
+    ranks = f" ({world} ranks together)" if world > 1 else ""
     raise EngineError(f"this torch engine's limits (max_seq_len {limits.max_seq_len}, "
-                      f"max_batch_size {limits.max_batch_size}) need {parts} of host memory, "
+                      f"max_batch_size {limits.max_batch_size}) need {parts} of host memory"
+                      f"{ranks}, "
                       f"and {available / 2**30:.1f} GiB is available; rebuild with a smaller "
                       f"--max_seq_len or --max_batch_size")
 
@@ -137,33 +163,61 @@ def _fraction(options: ExecutorOptions) -> float:
 
 
 def load_executor(engine_dir: Path, manifest: EngineManifest, options: ExecutorOptions,
-                  torch_options: TorchExecutorOptions | None = None) -> TorchExecutor:
+                  torch_options: TorchExecutorOptions | None = None):
+    """The executor of the loader's contract: a TorchExecutor, or for an engine of several
+    ranks the driver's DistributedExecutor over one worker process per other rank."""
     device = torch.device(_device(manifest, options.device, torch.cuda.is_available()))
     if device.type == "cuda":
         check_gpu_formats(manifest, torch.cuda.get_device_capability(device))
+    world = manifest.mapping.world_size
     if device.type == "cpu":
         logger.warning("torch engine on the CPU: PyTorch reference kernels, the slow path (%s)%s; "
                        "for speed run it on a CUDA GPU or build an onnx engine (kiln build "
                        "--backend onnx)", CPU_SPEED,
                        "" if manifest.quantization is None else QUANTIZED_CPU_SPEED)
-    tensors: dict[str, torch.Tensor] = {}
-    transposed: set[str] = set()
-    for name in manifest.rank_files.get(0, ()):
-        part, names = read_packed(Path(engine_dir) / name, device, manifest.quantization)
-        tensors.update(part)
-        transposed |= names
-    check_packed(manifest.decoder, tensors, str(engine_dir), manifest.quantization)
     if torch_options is None:
         torch_options = TorchExecutorOptions(
             kv_cache_free_gpu_memory_fraction=_fraction(options))
-    logger.info("torch engine: %d tensors on %s", len(tensors), device)
     check_host_memory(manifest, device, torch_options)
+    if world > 1:
+        from kiln.runtime.distributed.executor import DistributedExecutor
+
+        logger.info("torch engine of %s: starting %d worker processes (%s)", processes(manifest),
+                    world - 1, "NCCL, one GPU each" if device.type == "cuda" else "gloo")
+        return DistributedExecutor.open(engine_dir, manifest, device, torch_options,
+                                        num_threads=options.num_threads)
+    tensors = read_rank(engine_dir, manifest, 0, device)
+    return build_executor(engine_dir, manifest, tensors, device, torch_options)
+
+
+def read_rank(engine_dir: Path, manifest: EngineManifest, rank: int, device: torch.device,
+              ) -> tuple[dict[str, torch.Tensor], frozenset[str]]:
+    """Rank ``rank``'s packed weights on ``device``, checked against the manifest's model:
+    (tensors, names stored transposed)."""
+    tensors: dict[str, torch.Tensor] = {}
+    transposed: set[str] = set()
+    for name in manifest.rank_files.get(rank, ()):
+        part, names = read_packed(Path(engine_dir) / name, device, manifest.quantization)
+        tensors.update(part)
+        transposed |= names
+    check_packed(manifest.decoder, tensors, str(engine_dir), manifest.quantization,
+                 manifest.mapping, rank)
+    logger.info("torch engine rank %d: %d tensors on %s", rank, len(tensors), device)
+    return tensors, frozenset(transposed)
+
+
+def build_executor(engine_dir: Path, manifest: EngineManifest,
+                   weights: tuple[dict[str, torch.Tensor], frozenset[str]], device: torch.device,
+                   torch_options: TorchExecutorOptions, shard: RankShard | None = None,
+                   ) -> TorchExecutor:
+    """The executor of one rank over the weights :func:`read_rank` gave; an allocation failure
+    is one line naming the limits."""
+    tensors, transposed = weights
     try:
         return TorchExecutor(manifest.decoder, tensors, manifest.limits,
-                             transposed=frozenset(transposed), device=device,
-                             options=torch_options,
+                             transposed=transposed, device=device, options=torch_options,
                              gather_context_logits=manifest.gather_context_logits,
-                             quant=manifest.quantization)
+                             quant=manifest.quantization, shard=shard)
     except (torch.OutOfMemoryError, RuntimeError) as e:
         if not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e):
             raise

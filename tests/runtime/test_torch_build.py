@@ -73,11 +73,18 @@ def test_build_casts_to_the_engine_dtype(checkpoint, tmp_path):
     assert {t.dtype for t in tensors.values()} == {torch.bfloat16} and not transposed
 
 
-def test_build_refuses_tensor_parallel_checkpoints(tmp_path):
-    ckpt = kiln_checkpoint(hf_model("llama-gqa", tmp_path / "hf"), tmp_path / "ckpt", tp=2)
-    with pytest.raises(EngineError, match="tp_size=1"):
-        build(ckpt, tmp_path / "e", backend="torch", max_seq_len=32)
-    assert not (tmp_path / "e").exists()
+def test_a_tp2_pp2_checkpoint_builds_one_file_per_rank_with_its_shards(tmp_path):
+    """Engines of several ranks run in tests/runtime/test_distributed.py."""
+    ckpt = kiln_checkpoint(hf_model("llama-gqa", tmp_path / "hf"), tmp_path / "ckpt", tp=2, pp=2)
+    build(ckpt, tmp_path / "e", backend="torch", max_seq_len=32, dtype="float32")
+    manifest = read_manifest(tmp_path / "e")
+    assert manifest.rank_files == {r: (f"rank{r}.safetensors",) for r in range(4)}
+    first, _ = read_packed(tmp_path / "e" / "rank1.safetensors", torch.device("cpu"))
+    last, _ = read_packed(tmp_path / "e" / "rank3.safetensors", torch.device("cpu"))
+    assert "embed.weight" in first and "lm_head.weight" not in first
+    assert set(first) & set(last) == set()  # stage 0 holds layer 0, stage 1 layer 1
+    assert first["layers.0.attn.qkv.weight"].shape == (64, 64)  # (4 + 2 * 2) heads x 16 / 2
+    assert last["lm_head.weight"].shape == (64, 64)  # vocab-parallel: 128 rows / 2
 
 
 def test_packing_transposes_only_what_it_is_told(checkpoint):

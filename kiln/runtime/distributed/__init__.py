@@ -1,0 +1,47 @@
+"""Multi-process engines: tensor- and pipeline-parallel torch engines on one machine.
+
+Design (issue 14, phase 1):
+
+- One process per rank. The process that opens the engine (``LLM``, ``EngineCore`` over
+  :func:`kiln.runtime.loader.open_engine`, ``kiln run``/``bench``/``serve``/``eval``) is the
+  driver and rank 0; :class:`~kiln.runtime.distributed.pool.WorkerPool` spawns ranks
+  1..N-1 itself, N = tp_size x pp_size from the engine's mapping. The driver keeps the
+  scheduler, the sampling and the requests; it sees one
+  :class:`~kiln.runtime.executor.Executor`, :class:`~.executor.DistributedExecutor`, so the
+  core needs no change. Every rank, the driver included, runs the same
+  :class:`~kiln.runtime.torch_backend.executor.TorchExecutor` on its shard (the builder's
+  ``rank{N}`` files: the checkpoint's shards, kiln/sharding.py).
+- Control: per step the driver sends every worker the step's plan (the chunks, and the
+  ``reserve``/``release`` calls since the last step, which the workers replay so that every
+  rank's block allocator is the same) through a pipe, pickled once. Workers wait for the plan
+  on the pipe, never in a collective, so an idle engine never runs into a timeout.
+- Data: torch.distributed process groups (:mod:`.comm`), gloo on the CPU and NCCL on CUDA
+  (rank r on GPU r), the same code. Tensor parallel: an all-reduce after each row-parallel
+  projection (attention ``o``, MLP ``down``; one per layer for Falcon's parallel block) and an
+  all-gather of the vocab-parallel logits (:mod:`kiln.runtime.torch_backend.parallel` states
+  what the forward calls; :mod:`kiln.runtime.torch_backend.model` calls it). Pipeline
+  parallel: each stage sends its residual stream to the next (send/recv, one step at a time);
+  the last stage's tensor-parallel rank 0 sends the logits to the driver.
+- Faults (:mod:`.pool`): a monitor thread in the driver watches every worker's process and
+  pipe. A worker that dies or fails ends the run within about a second with one
+  :class:`~kiln.runtime.errors.WorkerError` line naming the rank and the cause; the other
+  ranks are killed, so nothing is left behind. Collectives time out
+  (``TorchExecutorOptions.collective_timeout_s``, 120 s), so a rank that hangs alive ends the
+  run too, named as the one that did not answer. Workers ignore SIGINT and exit within half a
+  second when the driver's pid is gone; Ctrl-C in the driver stops every rank (``kiln``
+  exits 130).
+
+Multi-node: not in this phase. The pool starts its ranks on this machine (store and gloo on
+127.0.0.1). Running ranks on several machines means starting them under torchrun's environment
+(``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``): each process
+would join the same store instead of being spawned, rank 0 keeping the driver's role.
+
+Not yet: micro-batched pipeline steps (stages run one after the other within a step), async
+scheduling and CUDA graphs for engines of several ranks, data-parallel replicas (``--dp``),
+the TensorRT executor's communicator.
+"""
+
+from kiln.runtime.distributed.executor import DistributedExecutor
+from kiln.runtime.distributed.pool import WorkerPool
+
+__all__ = ["DistributedExecutor", "WorkerPool"]

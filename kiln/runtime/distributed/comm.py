@@ -1,0 +1,153 @@
+"""Process groups of one worker pool, and the collectives a rank's forward calls over them.
+
+Groups are made directly from torch.distributed's backend classes (``ProcessGroupGloo`` on the
+CPU, ``ProcessGroupNCCL`` on CUDA) over a TCP store on 127.0.0.1, not through
+``init_process_group``: that would bind the whole process to one world, and a driver may hold
+several pools (the tests hold one of 2 ranks and one of 4). Every operation waits at most the
+pool's timeout; a failure raises :class:`CollectiveError`.
+
+Groups per pool: ``world`` (every rank: pipeline send/recv, the logits to the driver, the KV
+cache block count) and, per mapping, the tensor-parallel group of this rank's stage (the world
+itself when pp_size is 1; none when tp_size is 1).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from kiln.config import Mapping
+from kiln.runtime.torch_backend.parallel import Collectives
+
+logger = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+# Tags of the point-to-point messages (gloo matches them; NCCL matches by order).
+HIDDEN_TAG, LOGITS_TAG, CONTEXT_TAG = 1, 2, 3
+
+
+class CollectiveError(RuntimeError):
+    """A collective or point-to-point operation failed or timed out (a peer died or hangs)."""
+
+
+@contextmanager
+def collective(what: str) -> Iterator[None]:
+    try:
+        yield
+    except RuntimeError as e:
+        if isinstance(e, CollectiveError):
+            raise
+        raise CollectiveError(f"{what} failed: {str(e).splitlines()[0]}") from e
+
+
+def backend_for(device: str) -> str:
+    return "nccl" if device == "cuda" else "gloo"
+
+
+def new_group(store: dist.Store, prefix: str, rank: int, size: int, backend: str,
+              timeout: timedelta):
+    """A process group of ``size`` ranks (this one is ``rank`` in it) on its own store prefix."""
+    store = dist.PrefixStore(prefix, store)
+    with collective(f"connecting process group {prefix!r}"):
+        if backend == "gloo":
+            options = dist.ProcessGroupGloo._Options()
+            # loopback explicitly: the default device resolves the hostname, which fails on
+            # machines whose hostname has no address (one machine only, see the package doc)
+            options._devices = [dist.ProcessGroupGloo.create_device(hostname=HOST)]
+            options._timeout = timeout
+            return dist.ProcessGroupGloo(store, rank, size, options)
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return dist.ProcessGroupNCCL(store, rank, size, options)
+
+
+class Groups:
+    """The process groups of one rank of a pool (see the module docstring)."""
+
+    def __init__(self, store: dist.Store, rank: int, world_size: int, device: str,
+                 timeout: timedelta):
+        self.store, self.rank, self.world_size = store, rank, world_size
+        self.backend, self.timeout = backend_for(device), timeout
+        self.device = torch.device(device, rank) if device == "cuda" else torch.device("cpu")
+        self.world = new_group(store, "world", rank, world_size, self.backend, timeout)
+        self._tp: dict[tuple[int, int], object] = {}
+
+    def tp_group(self, mapping: Mapping):
+        """This rank's tensor-parallel group under ``mapping`` (made once per mapping)."""
+        if mapping.tp_size == 1:
+            return None
+        if mapping.pp_size == 1:
+            return self.world
+        tp_rank, stage = mapping.coords(self.rank)
+        key = (mapping.tp_size, stage)
+        if key not in self._tp:
+            self._tp[key] = new_group(self.store, f"tp{mapping.tp_size}.stage{stage}", tp_rank,
+                                      mapping.tp_size, self.backend, self.timeout)
+        return self._tp[key]
+
+    def collectives(self, mapping: Mapping) -> DistCollectives:
+        return DistCollectives(self, mapping)
+
+    def abort(self) -> None:
+        """Make pending operations fail now (NCCL; a gloo peer's death already does)."""
+        if self.backend != "nccl":
+            return
+        for group in {id(g): g for g in [self.world, *self._tp.values()]}.values():
+            try:
+                group.abort()
+            except RuntimeError as e:  # already aborted or torn down
+                logger.debug("abort: %s", e)
+
+
+class DistCollectives(Collectives):
+    """:class:`~kiln.runtime.torch_backend.parallel.Collectives` over a pool's groups."""
+
+    def __init__(self, groups: Groups, mapping: Mapping):
+        self.groups, self.mapping = groups, mapping
+        self.tp = groups.tp_group(mapping)
+        tp_rank, stage = mapping.coords(groups.rank)
+        self.next_rank = mapping.rank(tp_rank, stage + 1) if stage + 1 < mapping.pp_size else None
+        self.prev_rank = mapping.rank(tp_rank, stage - 1) if stage > 0 else None
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        with collective("tensor-parallel all-reduce"):
+            self.tp.allreduce([x]).wait()
+        return x
+
+    def gather_vocab(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.mapping.tp_size)]
+        with collective("vocab all-gather"):
+            self.tp.allgather([parts], [x]).wait()
+        return torch.cat(parts, dim=1)
+
+    def send_hidden(self, x: torch.Tensor) -> None:
+        send(self.groups.world, x, self.next_rank, HIDDEN_TAG, "sending hidden states")
+
+    def recv_hidden(self, rows: int, like: torch.Tensor) -> torch.Tensor:
+        buf = torch.empty(rows, like.shape[-1], dtype=like.dtype, device=like.device)
+        return recv(self.groups.world, buf, self.prev_rank, HIDDEN_TAG, "receiving hidden states")
+
+    def min_over_world(self, value: int) -> int:
+        t = torch.tensor([value], dtype=torch.int64, device=self.groups.device)
+        options = dist.AllreduceOptions()
+        options.reduceOp = dist.ReduceOp.MIN
+        with collective("KV-cache size all-reduce"):
+            self.groups.world.allreduce([t], options).wait()
+        return int(t.item())
+
+
+def send(group, x: torch.Tensor, dst: int, tag: int, what: str) -> None:
+    with collective(f"{what} to rank {dst}"):
+        group.send([x.contiguous()], dst, tag).wait()
+
+
+def recv(group, buf: torch.Tensor, src: int, tag: int, what: str) -> torch.Tensor:
+    with collective(f"{what} from rank {src}"):
+        group.recv([buf], src, tag).wait()
+    return buf

@@ -1,0 +1,304 @@
+"""A pool of worker processes: ranks 1..N-1 of one world, this process being rank 0.
+
+Contract:
+- :class:`WorkerPool` spawns the workers (``multiprocessing`` spawn context, daemon processes),
+  gives each a duplex pipe (commands down, replies and error reports up), and connects the
+  world's process groups once every worker has imported torch (:mod:`.comm`).
+- A monitor thread watches every worker's pipe and process sentinel. The first report (a worker
+  died, or sent its error) starts a short settle window (:data:`SETTLE_S`) in which the other
+  ranks' reports arrive (a killed rank's peers see their collectives fail a moment later); then
+  the pool is failed for good: every worker is killed, pending NCCL operations are aborted,
+  and :meth:`WorkerPool.error` names the cause in one line, preferring a rank that died or
+  failed on its own over ranks whose collectives failed because of it. When no rank died
+  (a collective timed out), the ranks that neither finished the last step sent (each worker
+  counts its finished steps in shared memory) nor reported are named as the ones that hung.
+- Commands go out with :meth:`WorkerPool.send_all`; :meth:`WorkerPool.expect` waits for one
+  reply of a kind from every worker, raising :class:`~kiln.runtime.errors.WorkerError` as soon
+  as the pool has failed. A caller whose own collective failed calls :meth:`WorkerPool.fault`.
+- :meth:`WorkerPool.shutdown` asks the workers to exit (or kills them: ``kill=True``, after an
+  interrupted step, when a worker may sit in a collective that will never complete) and waits
+  for them: no process outlives the pool. Workers also exit by themselves when this process
+  dies (:mod:`.worker`).
+
+Non-goals: workers on other machines, restarting a failed rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from multiprocessing.connection import Connection, wait
+from multiprocessing.reduction import ForkingPickler
+from typing import Any
+
+import torch.distributed as dist
+
+from kiln.config import Mapping
+from kiln.runtime.distributed.comm import HOST, CollectiveError, Groups
+from kiln.runtime.errors import WorkerError
+from kiln.runtime.torch_backend.parallel import rank_label
+
+logger = logging.getLogger(__name__)
+
+SETTLE_S = 0.5  # after a first report, how long the other ranks' reports may take to arrive
+STOP_WAIT_S = 5.0  # a graceful shutdown's wait for the workers to exit before killing them
+# Report kinds: a rank's own death or error, or a collective that failed (a consequence).
+DIED, FAULT, COLLECTIVE = "died", "fault", "collective"
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker process needs to join the pool (pickled to it)."""
+
+    rank: int
+    world_size: int
+    port: int
+    device: str  # "cpu" or "cuda"
+    parent_pid: int
+    timeout_s: float
+    num_threads: int
+    log_level: int
+
+
+@dataclass(frozen=True)
+class Report:
+    rank: int
+    kind: str  # DIED, FAULT or COLLECTIVE
+    text: str
+
+
+def exit_cause(code: int | None) -> str:
+    """How a process ended, from its exit code (negative: the signal)."""
+    if code is None:
+        return "is gone"
+    if code < 0:
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+        hint = " (sent by a user, or by the kernel's OOM killer when memory ran out)" \
+            if -code == signal.SIGKILL else ""
+        return f"died: killed by {name}{hint}"
+    return f"died: exited with code {code}"
+
+
+class WorkerPool:
+    """Ranks 1..world_size-1 as worker processes (see the module docstring)."""
+
+    def __init__(self, world_size: int, device: str = "cpu", timeout_s: float = 120.0,
+                 num_threads: int | None = None):
+        if world_size < 2:
+            raise ValueError(f"a worker pool needs a world of 2 or more ranks, got {world_size}")
+        self.world_size, self.device = world_size, device
+        self.timeout_s = timeout_s
+        self.mapping = Mapping(tp_size=world_size)  # for rank labels; set by each engine
+        self.processes: dict[int, multiprocessing.Process] = {}
+        self.conns: dict[int, Connection] = {}
+        self.groups: Groups | None = None
+        self._reports: dict[int, Report] = {}
+        self._lock = threading.Lock()
+        self._failed = threading.Event()
+        self._replies: queue.Queue = queue.Queue()
+        self._closing = False
+        self._killing = False  # deaths from here on are the pool's own kills
+        self.steps_sent = 0
+        self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
+        timeout = timedelta(seconds=timeout_s)
+        self.store = dist.TCPStore(HOST, 0, world_size, True, timeout=timeout,
+                                   wait_for_workers=False)
+        threads = num_threads or max(1, len(os.sched_getaffinity(0)) // world_size)
+        context = multiprocessing.get_context("spawn")
+        self.progress = context.Array("q", world_size, lock=False)  # steps finished per rank
+        try:
+            self._spawn(context, threads)
+            self._monitor = threading.Thread(target=self._watch, name="kiln-worker-monitor",
+                                             daemon=True)
+            self._monitor.start()
+            self.expect("up")
+            self.groups = Groups(self.store, 0, world_size, device, timeout)
+        except CollectiveError as e:  # a worker died while the groups connected
+            error = self.fault(e)
+            self.shutdown(kill=True)
+            raise error from None
+        except BaseException:
+            self.shutdown(kill=True)
+            raise
+        logger.info("worker processes up: ranks 1 to %d, %s", world_size - 1,
+                    self.groups.backend)
+
+    def _spawn(self, context, threads: int) -> None:
+        from kiln.runtime.distributed.worker import main
+
+        level = logging.getLogger().getEffectiveLevel()
+        for rank in range(1, self.world_size):
+            spec = WorkerSpec(rank, self.world_size, self.store.port, self.device, os.getpid(),
+                              self.timeout_s, threads, level)
+            ours, theirs = context.Pipe()
+            process = context.Process(target=main, args=(spec, theirs, self.progress),
+                                      daemon=True, name=f"kiln-rank{rank}")
+            # The child inherits a blocked SIGINT through fork and exec, so a Ctrl-C while it
+            # starts Python and imports torch stays pending until it ignores SIGINT (a
+            # handler would be reset by exec); here the signal waits until start() returns.
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                process.start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            theirs.close()
+            self.processes[rank], self.conns[rank] = process, ours
+
+    def label(self, rank: int) -> str:
+        return rank_label(self.mapping, rank)
+
+    # -- commands ---------------------------------------------------------------------------
+    def send_all(self, message: tuple) -> None:
+        """Send ``message`` to every worker (pickled once); a ``step`` is counted."""
+        self.check()
+        payload = bytes(ForkingPickler.dumps(message))
+        if message[0] == "step":
+            self.steps_sent += 1
+        try:
+            for conn in self.conns.values():
+                conn.send_bytes(payload)
+        except OSError as e:  # a worker's end is closed: it died
+            raise self.fault(e) from None
+
+    def expect(self, kind: str) -> dict[int, Any]:
+        """One reply of ``kind`` from every worker: rank -> its payload."""
+        got: dict[int, Any] = {}
+        while len(got) < self.world_size - 1:
+            self.check()
+            try:
+                rank, message = self._replies.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if message[0] != kind:
+                raise RuntimeError(f"{self.label(rank)} replied {message[0]!r}, expected {kind!r}")
+            got[rank] = message[1:]
+        return got
+
+    # -- failures ---------------------------------------------------------------------------
+    @property
+    def failed(self) -> bool:
+        return self._failed.is_set()
+
+    def check(self) -> None:
+        """Raise the pool's WorkerError if it has failed."""
+        if self._failed.is_set():
+            raise self.error()
+
+    def fault(self, cause: BaseException) -> WorkerError:
+        """The error to raise after this process's own collective (or pipe) failed: the
+        monitor's verdict when a worker reported within the settle window, else this rank's
+        failure (all workers alive: a rank hangs), which fails the pool."""
+        self._report(Report(0, COLLECTIVE, str(cause).splitlines()[0]))
+        if not self._failed.wait(SETTLE_S + 1.0):
+            self._fail()
+        return self.error()
+
+    def error(self) -> WorkerError:
+        """One line naming the rank and the cause (see the module docstring)."""
+        with self._lock:
+            reports = sorted(self._reports.values(), key=lambda r: r.rank)
+        own = [r for r in reports if r.kind in (DIED, FAULT)]
+        if own:
+            r = own[0]
+            return WorkerError(f"{self.label(r.rank)} {r.text}; the engine's other ranks were "
+                               f"stopped")
+        silent = [rank for rank in range(1, self.world_size) if rank not in self._reports
+                  and self.progress[rank] < self.steps_sent]
+        if silent:
+            names = ", ".join(self.label(rank) for rank in silent)
+            return WorkerError(f"{names} did not answer within the collective timeout of "
+                               f"{self.timeout_s:g} s (alive but stuck or stopped); the engine's "
+                               f"ranks were stopped")
+        r = reports[0] if reports else Report(0, COLLECTIVE, "unknown")
+        return WorkerError(f"{self.label(r.rank)}: {r.text}; the engine's ranks were stopped")
+
+    def _report(self, report: Report) -> None:
+        with self._lock:  # a rank's first report stands (an error it sent, then its exit)
+            self._reports.setdefault(report.rank, report)
+        logger.debug("%s: %s %s", self.label(report.rank), report.kind, report.text)
+
+    def _fail(self) -> None:
+        """Kill every worker, abort pending NCCL operations, mark the pool failed."""
+        self._killing = True
+        for process in self.processes.values():
+            if process.is_alive():
+                process.kill()
+        for process in self.processes.values():
+            process.join(STOP_WAIT_S)
+        if self.groups is not None:
+            self.groups.abort()
+        self._failed.set()
+
+    # -- the monitor thread -----------------------------------------------------------------
+    def _watch(self) -> None:
+        conns = {conn: rank for rank, conn in self.conns.items()}
+        sentinels = {p.sentinel: rank for rank, p in self.processes.items()}
+        deadline = None
+        while deadline is None or time.monotonic() < deadline:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            for ready in wait([self._wake_r, *conns, *sentinels], timeout):
+                if ready is self._wake_r:
+                    return
+                if ready in conns:
+                    self._read(conns, ready)
+                else:
+                    rank = sentinels.pop(ready)
+                    conn = self.conns[rank]
+                    while conn in conns and conn.poll():  # its last words come first
+                        self._read(conns, conn)
+                    if not (self._closing or self._killing):
+                        process = self.processes[rank]
+                        process.join(1.0)  # its pipes close a moment before it can be reaped
+                        self._report(Report(rank, DIED, exit_cause(process.exitcode)))
+            if self._closing:
+                return
+            if deadline is None and self._reports:
+                deadline = time.monotonic() + SETTLE_S
+        self._fail()
+
+    def _read(self, conns: dict[Connection, int], conn: Connection) -> None:
+        rank = conns[conn]
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            del conns[conn]  # closed: the sentinel says how it ended
+            return
+        if message[0] == "error":
+            self._report(Report(rank, message[1], message[2]))
+        else:
+            self._replies.put((rank, message))
+
+    # -- shutdown ---------------------------------------------------------------------------
+    def shutdown(self, kill: bool = False) -> None:
+        """Stop every worker (asked to exit, killed after :data:`STOP_WAIT_S`; at once with
+        ``kill``) and the monitor; idempotent."""
+        if self._closing:
+            return
+        self._closing = True
+        if not kill and not self._failed.is_set():
+            for conn in self.conns.values():
+                try:
+                    conn.send(("exit",))
+                except OSError:
+                    pass
+            deadline = time.monotonic() + STOP_WAIT_S
+            for process in self.processes.values():
+                process.join(max(0.0, deadline - time.monotonic()))
+        for process in self.processes.values():
+            if process.is_alive():
+                process.kill()
+            process.join()
+        self._wake_w.send(None)
+        monitor = getattr(self, "_monitor", None)
+        if monitor is not None and monitor is not threading.current_thread():
+            monitor.join(STOP_WAIT_S)
+        for conn in self.conns.values():
+            conn.close()
+        self.groups = None

@@ -1,0 +1,152 @@
+"""A worker process: one rank of a pool, running the torch executor on its shard.
+
+Life of a worker (spawned by :class:`~kiln.runtime.distributed.pool.WorkerPool`):
+
+1. ignore SIGINT (a terminal's Ctrl-C reaches every process of the group; the driver stops the
+   ranks; SIGINT was blocked from the spawn on, so one that came while Python started and
+   imported torch is dropped), start a thread that ends the process within
+   :data:`PARENT_POLL_S` when the driver's pid is gone (killed outright: nothing else would
+   stop a rank blocked in a collective);
+2. reply ``up``, connect the world's process groups;
+3. serve the driver's commands until ``exit`` or the pipe closes (the driver is gone):
+
+   ``open``    read this rank's engine files (no collective yet: ranks load at their own
+               pace), connect its tensor-parallel group; reply ``loaded``
+   ``build``   make the :class:`~kiln.runtime.torch_backend.executor.TorchExecutor` (its KV
+               cache size is agreed over the world); reply ``ready``
+   ``step``    replay the driver's ``reserve``/``release`` calls since the last step (each
+               ``reserve`` must answer as the driver's did: the allocators are one), then run the
+               step; the last stage's tensor-parallel rank 0 sends the logits to the driver
+   ``close``   drop the executor (the pool stays for another engine); reply ``closed``
+
+Any exception ends the worker: it sends ``("error", kind, text)`` (kind ``collective`` when a
+collective failed, a consequence of another rank's failure; ``fault`` otherwise) and exits 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from datetime import timedelta
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from kiln.runtime.distributed.comm import HOST, CollectiveError, Groups
+from kiln.runtime.distributed.executor import replay, send_logits
+from kiln.runtime.executor import SequenceChunk
+from kiln.runtime.torch_backend.parallel import RankShard
+from kiln.runtime.torch_executor import build_executor, read_rank
+
+PARENT_POLL_S = 0.5
+logger = logging.getLogger(__name__)
+
+
+def main(spec, conn: Connection, progress) -> None:
+    """Entry of the spawned process (``spec``: a :class:`~.pool.WorkerSpec`; ``progress``: the
+    pool's shared step counters, this rank's incremented after each step)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # blocked since the spawn (pool._spawn)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a pending one is dropped
+    threading.Thread(target=_watch_parent, args=(spec.parent_pid,), daemon=True,
+                     name="kiln-parent-watch").start()
+    logging.basicConfig(level=spec.log_level,
+                        format=f"%(levelname)s %(name)s [rank {spec.rank}]: %(message)s")
+    code = 0
+    try:
+        _serve(spec, conn, progress)
+    except BaseException as e:  # every failure is reported, then the rank ends
+        code = 1
+        _report(conn, e)
+    conn.close()
+    os._exit(code)  # no interpreter teardown: process-group destructors may wait on peers
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    os._exit(3)  # the driver is gone (its pid is no longer our parent)
+
+
+def _report(conn: Connection, error: BaseException) -> None:
+    first = str(error).splitlines()[0] if str(error) else ""
+    if isinstance(error, CollectiveError):
+        kind, text = "collective", first
+    else:
+        kind, text = "fault", f"failed: {type(error).__name__}" + (f": {first}" if first else "")
+    logger.debug("reporting: %s", text, exc_info=True)
+    try:
+        conn.send(("error", kind, text))
+    except OSError:
+        pass  # the driver is gone
+
+
+def _serve(spec, conn: Connection, progress) -> None:
+    torch.set_num_threads(spec.num_threads)
+    if spec.device == "cuda":
+        torch.cuda.set_device(spec.rank)
+    conn.send(("up",))
+    groups = Groups(_store(spec), spec.rank, spec.world_size, spec.device,
+                    timedelta(seconds=spec.timeout_s))
+    _Worker(spec, conn, groups, progress).serve()
+
+
+def _store(spec) -> dist.Store:
+    return dist.TCPStore(HOST, spec.port, spec.world_size, False,
+                         timeout=timedelta(seconds=spec.timeout_s))
+
+
+class _Worker:
+    def __init__(self, spec, conn: Connection, groups, progress):
+        self.spec, self.conn, self.groups, self.progress = spec, conn, groups, progress
+        self.rank = spec.rank
+        self.executor = None
+        self.pending = None  # (engine dir, manifest, device, options, shard, tensors)
+
+    def serve(self) -> None:
+        handlers = {"open": self.open, "build": self.build, "step": self.step,
+                    "close": self.close}
+        while True:
+            try:
+                message = self.conn.recv()
+            except EOFError:
+                return  # the driver closed its end: it is gone
+            if message[0] == "exit":
+                self.close(reply=False)
+                return
+            handlers[message[0]](*message[1:])
+
+    def open(self, engine_dir: str, manifest, device: str, options) -> None:
+        self.close(reply=False)
+        where = torch.device(device, self.rank) if device == "cuda" else torch.device(device)
+        shard = RankShard(manifest.mapping, self.rank,
+                          self.groups.collectives(manifest.mapping))
+        tensors = read_rank(Path(engine_dir), manifest, self.rank, where)
+        self.pending = (Path(engine_dir), manifest, where, options, shard, tensors)
+        self.conn.send(("loaded",))
+
+    def build(self) -> None:
+        engine_dir, manifest, device, options, shard, tensors = self.pending
+        self.pending = None
+        self.executor = build_executor(engine_dir, manifest, tensors, device, options, shard)
+        self.delivers = shard.last_stage and shard.tp_rank == 0
+        self.conn.send(("ready",))
+
+    def step(self, ops: list[tuple], chunks: list[tuple]) -> None:
+        replay(self.executor, ops, self.rank)
+        batch = [SequenceChunk(*c) for c in chunks]
+        out = self.executor.step_logits(batch)
+        if self.delivers:
+            send_logits(self.groups.world, out, batch)
+        self.progress[self.rank] += 1
+
+    def close(self, reply: bool = True) -> None:
+        if self.executor is not None:
+            self.executor.close()
+        self.executor, self.pending = None, None
+        if reply:
+            self.conn.send(("closed",))

@@ -1,0 +1,82 @@
+"""Multi-process torch engines on GPUs (NCCL; one GPU per rank): the CPU tests' claims where
+the collectives are NCCL's and the kernels Triton's (tests/runtime/test_distributed.py).
+
+Float32 engines against the tp 1 engine on the same GPU: the same greedy tokens, last-token
+logits within 1e-3 (split GEMMs sum in another order than whole ones, and Triton's float32 dots
+may round differently from cuBLAS's); a killed worker ends the run within 10 s, even though a
+dead NCCL peer does not fail its peers' collectives by itself (the pool aborts them).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from kiln.builder.api import build
+from kiln.runtime.errors import WorkerError
+from kiln.runtime.loader import ExecutorOptions, open_engine
+from tests.models import hf_model, kiln_checkpoint
+from tests.runtime.test_distributed import LIMITS, run_all
+
+pytestmark = pytest.mark.gpu
+
+
+def _need_gpus(n: int) -> None:
+    if torch.cuda.device_count() < n:
+        pytest.skip(f"needs {n} CUDA GPUs, found {torch.cuda.device_count()}")
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    def get(name: str, tp: int, pp: int):
+        root = tmp_path_factory.mktemp(f"{name}-tp{tp}-pp{pp}")
+        ckpt = kiln_checkpoint(hf_model(name, root / "hf"), root / "ckpt", tp=tp, pp=pp)
+        build(ckpt, root / "engine", backend="torch", dtype="float32", **LIMITS)
+        return root / "engine"
+    return get
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "falcon-7b-mqa", "mpt"])
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)])
+def test_nccl_engines_give_the_tokens_of_tp1(engines, name, tp, pp):
+    _need_gpus(tp * pp)
+    outs = []
+    for layout in ((1, 1), (tp, pp)):
+        _, executor = open_engine(engines(name, *layout), ExecutorOptions(device="cuda"))
+        try:
+            outs.append({what: (tokens, [x.cpu() for x in logits])
+                         for what, (tokens, logits) in run_all(executor).items()})
+        finally:
+            executor.close()
+    for what, (tokens, logits) in outs[0].items():
+        assert outs[1][what][0] == tokens, what
+        error = max(float((a - b).abs().max()) for a, b in zip(outs[1][what][1], logits,
+                                                               strict=True))
+        assert error <= 1e-3, (what, error)
+
+
+def test_a_killed_nccl_worker_ends_the_run_within_seconds(engines):
+    _need_gpus(2)
+    from kiln.runtime.core import EngineCore
+    from kiln.runtime.params import SamplingParams
+
+    _, executor = open_engine(engines("llama-gqa", 2, 1), ExecutorOptions(device="cuda"))
+    worker = executor.pool.processes[1]
+    core, at = EngineCore(executor), []
+    timer = threading.Timer(0.5, lambda: (at.append(time.monotonic()), worker.kill()))
+    timer.start()
+    try:
+        with pytest.raises(WorkerError, match=r"rank 1 \(tp 1, stage 0\) died: killed by SIGKILL"):
+            for _ in range(1_000_000):
+                if not core.has_work():
+                    core.add_request([1, 2, 3], SamplingParams(temperature=0, ignore_eos=True,
+                                                               max_tokens=30))
+                core.step()
+        assert time.monotonic() - at[0] < 10
+        assert not worker.is_alive()
+    finally:
+        timer.cancel()
+        executor.close()

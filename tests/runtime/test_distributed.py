@@ -1,0 +1,225 @@
+"""Tensor- and pipeline-parallel torch engines on the CPU (gloo, float32) against tp 1.
+
+For every tiny variant (tests/models.py) and every layout its heads allow (tp 2, tp 4, pp 2,
+tp 2 x pp 2), the engine run by the driver and its worker processes gives the tp 1 engine's
+greedy tokens and, step by step, its last-token logits within 1e-4: one request alone, and
+several requests of different lengths admitted mid-flight. Worker processes cost seconds to
+start, so the module shares one pool per world size; each engine opens on it and closes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from kiln.builder.api import build
+from kiln.engine import read_manifest
+from kiln.runtime.core import EngineCore
+from kiln.runtime.distributed import DistributedExecutor, WorkerPool
+from kiln.runtime.executor import Executor, SequenceChunk
+from kiln.runtime.loader import ExecutorOptions, open_engine
+from kiln.runtime.params import SamplingParams
+from kiln.runtime.torch_backend.executor import TorchExecutor, TorchExecutorOptions
+from kiln.runtime.torch_backend.paged_cache import KVCacheError
+from tests.models import PROMPT, VARIANTS, hf_model, kiln_checkpoint, tp_sizes
+
+LIMITS = dict(max_batch_size=4, max_input_len=24, max_seq_len=40, max_num_tokens=32)
+LAYOUTS = [(2, 1), (4, 1), (1, 2), (2, 2)]  # (tp, pp)
+OPTIONS = TorchExecutorOptions(page_size=8, collective_timeout_s=60)
+GREEDY = SamplingParams(temperature=0, ignore_eos=True)
+# (prompt length, max_tokens, step it arrives at): different lengths, two admitted mid-flight
+INFLIGHT = [(5, 6, 0), (17, 4, 0), (9, 7, 2), (23, 5, 3)]
+
+
+@pytest.fixture(scope="module")
+def pools():
+    made: dict[int, WorkerPool] = {}
+
+    def get(world: int) -> WorkerPool:
+        if world not in made:
+            made[world] = WorkerPool(world, timeout_s=OPTIONS.collective_timeout_s)
+        return made[world]
+
+    yield get
+    for pool in made.values():
+        pool.shutdown()
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    hf: dict = {}
+
+    def get(name: str, tp: int = 1, pp: int = 1, **build_options):
+        root = tmp_path_factory.mktemp(f"{name}-tp{tp}-pp{pp}")
+        if name not in hf:
+            hf[name] = hf_model(name, tmp_path_factory.mktemp(name) / "hf")
+        ckpt = kiln_checkpoint(hf[name], root / "ckpt", tp=tp, pp=pp)
+        build(ckpt, root / "engine", backend="torch", dtype="float32", **LIMITS,
+              **build_options)
+        return root / "engine"
+    return get
+
+
+def open_on(pool: WorkerPool, engine_dir) -> DistributedExecutor:
+    manifest = read_manifest(engine_dir)
+    return DistributedExecutor.open(engine_dir, manifest, torch.device("cpu"), OPTIONS,
+                                    pool=pool)
+
+
+def open_single(engine_dir) -> TorchExecutor:
+    _, executor = open_engine(engine_dir, ExecutorOptions(device="cpu"))
+    return executor
+
+
+class Recorder(Executor):
+    """Any executor, with the last-token logits of every step kept."""
+
+    def __init__(self, inner: Executor):
+        self.inner, self.logits = inner, []
+        self.limits, self.vocab_size = inner.limits, inner.vocab_size
+        self.gathers_context_logits = inner.gathers_context_logits
+
+    def step(self, chunks):
+        return self.step_logits(chunks).last
+
+    def step_logits(self, chunks, pending=None):
+        out = self.inner.step_logits(chunks)
+        self.logits.append(out.last.clone())
+        return out
+
+    def reserve(self, slot, num_tokens):
+        return self.inner.reserve(slot, num_tokens)
+
+    def release(self, slot):
+        self.inner.release(slot)
+
+
+def generate(executor: Executor, requests) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Greedy outputs of ``requests`` ((prompt, max_tokens, arrival step)) and every step's
+    logits, through the engine core (sync loop)."""
+    recorder = Recorder(executor)
+    core = EngineCore(recorder, async_scheduling=False)
+    pending, added, step = list(requests), [], 0
+    while pending or core.has_work():
+        while pending and pending[0][2] <= step:
+            prompt, max_tokens, _ = pending.pop(0)
+            added.append(core.add_request(prompt, GREEDY.replace(max_tokens=max_tokens)))
+        core.step()
+        step += 1
+    return [r.output_ids for r in added], recorder.logits
+
+
+def workloads(vocab: int) -> dict[str, list]:
+    g = torch.Generator().manual_seed(7)
+    inflight = [(torch.randint(0, vocab, (n,), generator=g).tolist(), m, at)
+                for n, m, at in INFLIGHT]
+    return {"alone": [(PROMPT, 6, 0)], "in-flight": inflight}
+
+
+def run_all(executor: Executor) -> dict[str, tuple]:
+    return {what: generate(executor, requests)
+            for what, requests in workloads(executor.vocab_size).items()}
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_parallel_engines_give_the_tokens_and_logits_of_tp1(name, engines, pools):
+    single = open_single(engines(name))
+    want = run_all(single)
+    single.close()
+    layouts = [(tp, pp) for tp, pp in LAYOUTS if tp in tp_sizes(name)]
+    for tp, pp in layouts:
+        executor = open_on(pools(tp * pp), engines(name, tp, pp))
+        try:
+            got = run_all(executor)
+        finally:
+            executor.close()
+        for what, (tokens, logits) in want.items():
+            assert got[what][0] == tokens, (tp, pp, what)
+            assert len(got[what][1]) == len(logits)
+            error = max(float((a - b).abs().max()) for a, b in zip(got[what][1], logits,
+                                                                   strict=True))
+            assert error <= 1e-4, (tp, pp, what, error)
+
+
+def test_a_quantized_tp2_engine_gives_the_tokens_and_logits_of_tp1(tmp_path, pools):
+    """int8_sq with an int8 KV cache: static input scales and per-channel weight scales shard
+    with their weights (a row-parallel weight's scales are whole), so tp 2 is tp 1's numerics."""
+    from tests.builder.quantized import quantize_checkpoint
+
+    src = kiln_checkpoint(hf_model("llama-mha-headdim-bias", tmp_path / "hf"), tmp_path / "ckpt")
+    outs = []
+    for tp in (1, 2):
+        ckpt = quantize_checkpoint(src, tmp_path / f"q{tp}", "int8_sq", tp=tp,
+                                   kv_cache_dtype="int8")
+        build(ckpt, tmp_path / f"e{tp}", backend="torch", dtype="float32", **LIMITS)
+        executor = open_single(tmp_path / "e1") if tp == 1 else open_on(pools(2), tmp_path / "e2")
+        try:
+            outs.append(run_all(executor))
+        finally:
+            executor.close()
+    for what, (tokens, logits) in outs[0].items():
+        assert outs[1][what][0] == tokens, what
+        error = max(float((a - b).abs().max()) for a, b in zip(outs[1][what][1], logits,
+                                                               strict=True))
+        assert error <= 1e-4, (what, error)
+
+
+def test_context_logits_come_back_from_the_last_stage(engines, pools):
+    """Prompt logprobs' context logits: gathered over the vocab on the last stage, sent to the
+    driver, split per chunk."""
+    single = open_single(engines("llama-gqa", gather_context_logits=True))
+    executor = open_on(pools(4), engines("llama-gqa", 2, 2, gather_context_logits=True))
+    try:
+        outs = []
+        for ex in (single, executor):
+            assert ex.reserve(1, 12) and ex.reserve(2, 7)
+            chunks = [SequenceChunk(1, PROMPT, 0, context_logits=True),
+                      SequenceChunk(2, PROMPT[:3], 0),
+                      SequenceChunk(3, PROMPT[4:9], 0, context_logits=True)]
+            assert ex.reserve(3, 5)
+            outs.append(ex.step_logits(chunks))
+    finally:
+        executor.close()
+        single.close()
+    want, got = outs
+    assert sorted(got.context) == [0, 2]
+    assert float((got.last - want.last).abs().max()) <= 1e-4
+    for i in (0, 2):
+        assert got.context[i].shape == want.context[i].shape
+        assert float((got.context[i] - want.context[i]).abs().max()) <= 1e-4
+
+
+def test_an_invalid_step_is_refused_before_any_worker_runs_it(engines, pools):
+    executor = open_on(pools(2), engines("llama-gqa", 2, 1))
+    try:
+        assert executor.reserve(0, 8)
+        with pytest.raises(RuntimeError, match="starts at 3"):
+            executor.step([SequenceChunk(0, [1, 2], 3)])
+        got = executor.step([SequenceChunk(0, PROMPT[:5], 0)])  # the ranks still agree
+        assert got.shape == (1, 128) and not executor.pool.failed
+    finally:
+        executor.close()
+
+
+def test_a_step_the_cache_cannot_hold_leaves_every_rank_with_the_same_blocks(engines, pools):
+    """Slot 0 grows into the last free block, then slot 2 finds none: the step is refused on
+    the driver, and the block slot 0 took is replayed on the workers, so their reserve()
+    answers stay the driver's (a worker whose answer differed would fail the engine)."""
+    options = dataclasses.replace(OPTIONS, kv_cache_blocks=1 + 7)  # 5 blocks of 8 per 40 tokens
+    engine = engines("llama-gqa", 2, 1)
+    executor = DistributedExecutor.open(engine, read_manifest(engine), torch.device("cpu"),
+                                        options, pool=pools(2))
+    try:
+        assert executor.reserve(0, 8) and executor.reserve(1, 40)  # 6 of 7 blocks
+        executor.step([SequenceChunk(0, PROMPT[:8], 0)])
+        with pytest.raises(KVCacheError, match="slot 2"):
+            executor.step([SequenceChunk(0, PROMPT[8:10], 8), SequenceChunk(2, [5] * 8, 0)])
+        assert not executor.reserve(2, 8)  # the workers replay: no block left there either
+        executor.release(1)
+        assert executor.reserve(2, 8) and executor.reserve(3, 24)
+        got = executor.step([SequenceChunk(0, PROMPT[8:10], 8), SequenceChunk(2, [5] * 8, 0)])
+        assert got.shape == (2, 128) and not executor.pool.failed
+    finally:
+        executor.close()

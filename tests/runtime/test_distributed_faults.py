@@ -1,0 +1,225 @@
+"""Faults of multi-process torch engines: a rank that dies or hangs ends the run with one line
+naming it, within seconds, and leaves no process behind; workers end with their driver; Ctrl-C
+stops every rank and ``kiln run`` exits 130. Each case starts its own workers (a fault ends
+them), on the CPU over gloo.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kiln.builder.api import build
+from kiln.engine import EngineError, read_manifest
+from kiln.runtime.compat import MachineInfo
+from kiln.runtime.core import EngineCore
+from kiln.runtime.distributed import DistributedExecutor
+from kiln.runtime.distributed.pool import exit_cause
+from kiln.runtime.errors import WorkerError
+from kiln.runtime.loader import ExecutorOptions, open_engine
+from kiln.runtime.params import SamplingParams
+from kiln.runtime.torch_backend.executor import TorchExecutorOptions
+from tests.models import hf_model, kiln_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+LIMITS = dict(max_batch_size=2, max_input_len=16, max_seq_len=40, max_num_tokens=32)
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    hf = hf_model("llama-gqa", tmp_path_factory.mktemp("hf") / "hf")
+    made = {}
+
+    def get(tp: int, pp: int) -> Path:
+        if (tp, pp) not in made:
+            root = tmp_path_factory.mktemp(f"tp{tp}-pp{pp}")
+            ckpt = kiln_checkpoint(hf, root / "ckpt", tp=tp, pp=pp)
+            build(ckpt, root / "engine", backend="torch", dtype="float32", **LIMITS)
+            write_char_tokenizer(root / "engine")
+            made[tp, pp] = root / "engine"
+        return made[tp, pp]
+    return get
+
+
+def write_char_tokenizer(directory: Path) -> None:
+    """One token per printable ASCII character (ids 1-95): text prompts for a 128-token model."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, **{chr(c): c - 31 for c in range(32, 127)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    tokenizer.save(str(directory / "tokenizer.json"))
+
+
+def generate_until_error(executor, fault, after: float = 0.3) -> tuple[WorkerError, float]:
+    """Generate without end; ``fault()`` runs in a thread ``after`` seconds in (mid-step, most
+    likely). The WorkerError that ends it, and the seconds from the fault to it."""
+    core = EngineCore(executor)
+    at = []
+    timer = threading.Timer(after, lambda: (at.append(time.monotonic()), fault()))
+    timer.start()
+    try:
+        with pytest.raises(WorkerError) as info:
+            for _ in range(100_000):
+                if not core.has_work():
+                    core.add_request([1, 2, 3], SamplingParams(temperature=0, ignore_eos=True,
+                                                               max_tokens=30))
+                core.step()
+    finally:
+        timer.cancel()
+    return info.value, time.monotonic() - at[0]
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+def test_a_killed_worker_ends_the_run_within_seconds_and_no_rank_is_left(engines):
+    engine = engines(2, 2)
+    executor = DistributedExecutor.open(engine, read_manifest(engine), torch.device("cpu"),
+                                        TorchExecutorOptions())
+    processes = executor.pool.processes
+    error, seconds = generate_until_error(executor, lambda: processes[3].kill())
+    assert str(error) == ("rank 3 (tp 1, stage 1) died: killed by SIGKILL (sent by a user, or by "
+                          "the kernel's OOM killer when memory ran out); the engine's other ranks "
+                          "were stopped")
+    assert seconds < 10
+    assert all(not p.is_alive() for p in processes.values())
+    with pytest.raises(WorkerError, match="rank 3"):  # the engine stays failed
+        executor.step([])
+    executor.close()
+
+
+def test_a_hung_worker_ends_the_run_at_the_collective_timeout(engines):
+    engine = engines(2, 1)
+    executor = DistributedExecutor.open(engine, read_manifest(engine), torch.device("cpu"),
+                                        TorchExecutorOptions(collective_timeout_s=2))
+    victim = executor.pool.processes[1]
+    try:
+        error, seconds = generate_until_error(executor,
+                                              lambda: os.kill(victim.pid, signal.SIGSTOP))
+    finally:
+        executor.close()
+    assert str(error) == ("rank 1 (tp 1, stage 0) did not answer within the collective timeout "
+                          "of 2 s (alive but stuck or stopped); the engine's ranks were stopped")
+    assert seconds < 10
+    assert not alive(victim.pid)
+
+
+def run_python(source: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(source)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def wait_for(path: Path, seconds: float = 120) -> str:
+    deadline = time.monotonic() + seconds
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return path.read_text()
+
+
+def test_workers_end_with_their_killed_driver(engines, tmp_path):
+    """SIGKILL (the OOM killer, a CI timeout) gives the driver no chance to stop its ranks:
+    they notice it is gone, mid-step or idle, and exit."""
+    pids = tmp_path / "pids"
+    driver = run_python(f"""
+        import multiprocessing
+        from kiln.runtime.core import EngineCore
+        from kiln.runtime.loader import ExecutorOptions, open_engine
+        from kiln.runtime.params import SamplingParams
+
+        _, executor = open_engine({str(engines(2, 2))!r}, ExecutorOptions(device="cpu"))
+        core = EngineCore(executor)
+        for step in range(100_000):
+            if not core.has_work():
+                core.add_request([1, 2], SamplingParams(ignore_eos=True, max_tokens=30))
+            core.step()
+            if step == 3:
+                pids = [str(p.pid) for p in multiprocessing.active_children()]
+                with open({str(pids)!r} + ".tmp", "w") as f:
+                    f.write(" ".join(pids))
+                import os
+                os.rename({str(pids)!r} + ".tmp", {str(pids)!r})
+    """)
+    workers = [int(p) for p in wait_for(pids).split()]
+    assert len(workers) == 3
+    driver.kill()
+    driver.communicate()
+    deadline = time.monotonic() + 5
+    while any(alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in workers)
+
+
+def test_ctrl_c_stops_every_rank_and_kiln_run_exits_130(engines, tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group: the workers ignore it, the driver
+    stops them all. It lands mid-step (in the driver's forward, between two all-reduces), so
+    the worker waits in a collective the driver never joins: it is killed."""
+    pids = tmp_path / "pids"
+    cli = run_python(f"""
+        import multiprocessing, os, signal
+        from kiln.runtime.distributed import comm
+
+        all_reduce = comm.DistCollectives.all_reduce
+        count = [0]
+
+        def interrupted(self, x):
+            count[0] += 1
+            if count[0] == 10:
+                with open({str(pids)!r}, "w") as f:
+                    f.write(" ".join(str(p.pid) for p in multiprocessing.active_children()))
+                os.killpg(0, signal.SIGINT)  # after the write: the file is complete
+            return all_reduce(self, x)
+
+        comm.DistCollectives.all_reduce = interrupted
+        from kiln.cli.main import main
+        main(["run", "--engine_dir", {str(engines(2, 1))!r}, "--device", "cpu",
+              "--input_text", "Hello there", "--max_output_len", "20", "--ignore_eos"],
+             prog_name="kiln")
+    """, start_new_session=True)
+    _, stderr = cli.communicate(timeout=120)
+    assert time.time() - pids.stat().st_mtime < 5  # the interrupt ended the run at once
+    assert cli.returncode == 130, stderr
+    assert "interrupted (Ctrl-C)" in stderr and "Traceback" not in stderr
+    workers = [int(p) for p in pids.read_text().split()]
+    assert len(workers) == 1 and not alive(workers[0])
+
+
+def test_kiln_run_of_a_tp2_engine_on_the_cpu(engines):
+    result = subprocess.run([sys.executable, "-m", "kiln.cli.main", "run", "--engine_dir",
+                             str(engines(2, 1)), "--device", "cpu", "--input_text", "Hi",
+                             "--max_output_len", "5", "--ignore_eos"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "5 tokens, 1 request, finish: length" in result.stderr
+
+
+def test_a_cuda_engine_of_more_ranks_than_gpus_is_refused_saying_how_many(engines):
+    engine = engines(2, 2)
+    one_gpu = MachineInfo(kiln_version=read_manifest(engine).kiln_version, gpus=((9, 0),))
+    with pytest.raises(EngineError) as info:
+        open_engine(engine, ExecutorOptions(device="cuda"), machine=one_gpu)
+    assert str(info.value) == (
+        "this torch engine has 4 ranks (tp 2 x pp 2), one process each and one GPU per process, "
+        "and 1 CUDA GPU(s) are visible here; run it where 4 GPUs are visible, or rebuild from a "
+        "checkpoint converted with fewer ranks (--tp_size/--pp_size)")
+
+
+def test_exit_causes():
+    assert exit_cause(-9).startswith("died: killed by SIGKILL (sent by a user, or by the kernel")
+    assert exit_cause(-15) == "died: killed by SIGTERM"
+    assert exit_cause(1) == "died: exited with code 1"
