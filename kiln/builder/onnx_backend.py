@@ -7,7 +7,7 @@ and what the optimizer fuses) or ``cuda`` (basic, provider-independent optimizat
 onnxruntime-gpu).
 
 Non-goals: tensor parallelism (ONNX Runtime has no collective op; build tp > 1 checkpoints
-with ``--backend tensorrt``), bfloat16 on the CPU provider (it has no bfloat16 MatMul).
+with ``--backend torch``, which runs one process per rank, or ``--backend tensorrt``), bfloat16 on the CPU provider (it has no bfloat16 MatMul).
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ class OnnxBackend(Backend):
         if plan.checkpoint.mapping.tp_size > 1:
             raise EngineError(f"the onnx backend cannot run tp_size "
                               f"{plan.checkpoint.mapping.tp_size}: ONNX Runtime has no "
-                              f"collective op; use --backend tensorrt or a tp_size 1 checkpoint")
+                              f"collective op; use --backend torch (one process per rank), "
+                              f"--backend tensorrt, or a tp_size 1 checkpoint")
         check_kv_cache(plan, "onnx")
         if plan.dtype == "bfloat16" and plan.targets[0] == "cpu":
             raise EngineError("ONNX Runtime's CPU provider has no bfloat16 MatMul; build with "

@@ -121,7 +121,8 @@ def check_onnx(manifest: EngineManifest, machine: MachineInfo) -> None:
     if manifest.mapping.tp_size != 1:
         raise EngineError(f"onnx engine has tp_size {manifest.mapping.tp_size}; ONNX Runtime has "
                           f"no all-reduce, so it runs tp_size 1 only (pipeline stages chain in "
-                          f"one process): rebuild with --tp_size 1, or use --backend tensorrt")
+                          f"one process): build the checkpoint with --backend torch, which runs "
+                          f"one process per rank, or rebuild with --tp_size 1")
     have = machine.libraries.get("onnxruntime")
     if have is None:
         raise EngineError("onnx engine needs ONNX Runtime, which is not installed: "

@@ -87,7 +87,8 @@ def test_unknown_backend(checkpoint, tmp_path):
 
 def test_onnx_refuses_gpu_targets_and_tensor_parallelism(checkpoint, tmp_path):
     fails(tmp_path, checkpoint("llama-gqa"), EngineError, "cpu or cuda", targets=["sm86"])
-    fails(tmp_path, checkpoint("llama-gqa", tp=2), EngineError, "no collective op")
+    fails(tmp_path, checkpoint("llama-gqa", tp=2), EngineError,
+          "no collective op; use --backend torch")
     fails(tmp_path, checkpoint("llama-gqa"), EngineError, "no bfloat16", dtype="bfloat16")
 
 
