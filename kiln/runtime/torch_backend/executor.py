@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,7 @@ from kiln.config import DecoderConfig
 from kiln.engine import BuildLimits
 from kiln.quantization.config import QuantConfig
 from kiln.runtime.executor import DeviceTokens, Executor, SequenceChunk, StepLogits
+from kiln.runtime.torch_backend import compile_watch
 from kiln.runtime.torch_backend.cuda_graphs import DecodeGraphs, default_batch_sizes
 from kiln.runtime.torch_backend.inputs import (
     RopeTables,
@@ -118,21 +120,24 @@ class TorchExecutor(Executor):
         if limits.max_seq_len > config.max_position_embeddings and config.rope_scaling is None:
             logger.warning("max_seq_len %d exceeds the model's max_position_embeddings %d",
                            limits.max_seq_len, config.max_position_embeddings)
-        kernels = load_kernels(self.options.kernels, self.device)
-        self.model = PagedDecoder(config, tensors, transposed, kernels, quant, shard)
-        self.rope = RopeTables(config, limits.max_seq_len, self.device)
-        self.uploader = Uploader(self.device)
-        kv_dtype = quant.kv_cache_dtype if quant is not None else None
-        self.cache = self._make_cache(KV_CACHE_DTYPES[kv_dtype] if kv_dtype
-                                      else self.model.dtype)
-        self._lengths = [0] * limits.max_batch_size
-        self.graphs = None
-        single = shard.mapping.world_size == 1  # graphs would capture the collectives
-        if self.options.cuda_graphs and self.device.type == "cuda" and single:
-            sizes = list(self.options.graph_batch_sizes or
-                         default_batch_sizes(limits.max_batch_size))
-            self.graphs = DecodeGraphs(self.model, self.cache, self.rope, sizes,
-                                       limits.max_seq_len, self.device)
+        # what compiles after the load (and its warm-up), a request waits for
+        loading = compile_watch.loading() if self.device.type == "cuda" else nullcontext()
+        with loading:
+            kernels = load_kernels(self.options.kernels, self.device)
+            self.model = PagedDecoder(config, tensors, transposed, kernels, quant, shard)
+            self.rope = RopeTables(config, limits.max_seq_len, self.device)
+            self.uploader = Uploader(self.device)
+            kv_dtype = quant.kv_cache_dtype if quant is not None else None
+            self.cache = self._make_cache(KV_CACHE_DTYPES[kv_dtype] if kv_dtype
+                                          else self.model.dtype)
+            self._lengths = [0] * limits.max_batch_size
+            self.graphs = None
+            single = shard.mapping.world_size == 1  # graphs would capture the collectives
+            if self.options.cuda_graphs and self.device.type == "cuda" and single:
+                sizes = list(self.options.graph_batch_sizes or
+                             default_batch_sizes(limits.max_batch_size))
+                self.graphs = DecodeGraphs(self.model, self.cache, self.rope, sizes,
+                                           limits.max_seq_len, self.device)
 
     # -- cache sizing -------------------------------------------------------------------
     def _new_cache(self, num_blocks: int, dtype: torch.dtype, slots: int) -> PagedKVCache:

@@ -1,0 +1,64 @@
+"""After an engine is loaded, its steps compile nothing: the load-time warm-up covers them.
+
+A kernel variant compiled at first use makes some request wait for Triton's compiler (0.2-1 s
+per variant on an H200; `kiln serve`'s first requests waited 1.3-1.9 s, GPU_NOTES.md). The
+executor loads with its default sizing (the warm-up runs there), then steps of every kind a
+scheduler makes: prompts of 1, 3, 16, 17 and 100 tokens (Triton specializes integers equal
+to 1 and multiples of 16), chunked prefill, mixed prefill + decode, decode batches of every
+size up to the limit, long contexts (split decode attention). Any compile is named by
+kiln.runtime.torch_backend.compile_watch.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kiln.checkpoint import load_config, load_rank
+from kiln.engine import BuildLimits
+from kiln.runtime.executor import SequenceChunk
+from kiln.runtime.torch_backend import compile_watch
+from kiln.runtime.torch_backend.executor import TorchExecutor, TorchExecutorOptions
+from tests.models import hf_model, kiln_checkpoint
+
+pytestmark = pytest.mark.gpu
+LIMITS = BuildLimits(max_batch_size=8, max_input_len=128, max_seq_len=512, max_num_tokens=256)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_steps_after_the_load_compile_nothing(tmp_path, dtype):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    ckpt = kiln_checkpoint(hf_model("llama-gqa", tmp_path / "hf"), tmp_path / "ckpt")
+    config = load_config(ckpt)
+    tensors = {k: v.to("cuda", dtype) for k, v in load_rank(ckpt, 0, config).items()}
+    ex = TorchExecutor(config.decoder, tensors, LIMITS, device="cuda",
+                       options=TorchExecutorOptions(kv_cache_free_gpu_memory_fraction=0.05))
+    before = len(compile_watch.late_compiles())
+    g = torch.Generator().manual_seed(0)
+
+    def tokens(n):
+        return torch.randint(0, config.decoder.vocab_size, (n,), generator=g).tolist()
+
+    lengths = [0] * LIMITS.max_batch_size
+
+    def step(chunks):
+        for slot, toks in chunks:
+            assert ex.reserve(slot, lengths[slot] + len(toks))
+        ex.step([SequenceChunk(slot, toks, lengths[slot]) for slot, toks in chunks])
+        for slot, toks in chunks:
+            lengths[slot] += len(toks)
+
+    for slot, n in enumerate([1, 3, 16, 17, 100]):  # prompts alone
+        step([(slot, tokens(n))])
+    step([(5, tokens(64)), (0, tokens(1)), (1, tokens(1))])  # chunked prefill + decode rows
+    step([(5, tokens(64)), (2, tokens(1))])
+    step([(6, tokens(32)), (7, tokens(48))])  # two prompts in one step
+    for width in range(1, LIMITS.max_batch_size + 1):  # decode batches of every size
+        step([(slot, tokens(1)) for slot in range(width)])
+    for _ in range(3):  # a long context: split decode attention
+        step([(3, tokens(100))])
+    step([(3, tokens(1))])
+    torch.cuda.synchronize()
+    late = compile_watch.late_compiles()[before:]
+    assert late == [], "compiled after the load:\n" + "\n".join(late)
