@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.plugins.pdl import enabled as pdl_enabled
+from kiln.plugins.pdl import prologue
 from kiln.plugins.rotary.triton_kernels import scale_arg
 from kiln.plugins.rotary.triton_reference import check_cache_scales
 
@@ -103,7 +105,9 @@ def _decode_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_st
                    window, partition, num_splits, GROUP: tl.constexpr, M_PAD: tl.constexpr,
                    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
                    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, ALIBI: tl.constexpr,
-                   WINDOW: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr):
+                   WINDOW: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr,
+                   PDL: tl.constexpr = False):
+    prologue(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -157,7 +161,8 @@ def _decode_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_st
 @triton.jit(do_not_specialize=["partition", "num_splits"])
 def _merge_kernel(part_ptr, ml_ptr, ctx_ptr, rows_ptr, out_ptr, o_stride_t, o_stride_h,
                   num_heads, partition, num_splits, HEAD_DIM: tl.constexpr,
-                  D_PAD: tl.constexpr, S_PAD: tl.constexpr):
+                  D_PAD: tl.constexpr, S_PAD: tl.constexpr, PDL: tl.constexpr = False):
+    prologue(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     ctx = tl.load(ctx_ptr + b)
@@ -242,6 +247,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         part = torch.empty((b, hq, splits, d_pad), dtype=torch.float32, device=q.device)
         ml = torch.empty((b, hq, splits, 2), dtype=torch.float32, device=q.device)
     slopes = alibi_slopes if alibi_slopes is not None else ctx_lens
+    pdl = pdl_enabled(q.device)
     _decode_kernel[(b, hkv, splits)](
         q, q.stride(0), q.stride(1), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables, block_tables.stride(0), ctx_lens, q_rows, out,
@@ -250,11 +256,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         M_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, D_PAD=d_pad, PAGE=page,
         BLOCK_N=block_n, SPLIT=splits > 1, ALIBI=alibi_slopes is not None,
         WINDOW=sliding_window is not None, PRECISION=_precision(q.dtype), QUANT=quant,
-        num_warps=4, num_stages=2)
+        PDL=pdl, num_warps=4, num_stages=2, launch_pdl=pdl)
     if splits > 1:
         _merge_kernel[(b, hq)](part, ml, ctx_lens, q_rows, out, out.stride(0), out.stride(1), hq,
                                partition, splits, HEAD_DIM=d, D_PAD=d_pad,
-                               S_PAD=triton.next_power_of_2(splits), num_warps=4)
+                               S_PAD=triton.next_power_of_2(splits), PDL=pdl, num_warps=4,
+                               launch_pdl=pdl)
     return out
 
 

@@ -11,9 +11,14 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.plugins.pdl import enabled as pdl_enabled
+from kiln.plugins.pdl import prologue
+
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, x_stride, out_ptr, out_stride, n_cols, BLOCK: tl.constexpr):
+def _silu_mul_kernel(x_ptr, x_stride, out_ptr, out_stride, n_cols, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr = False):
+    prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_cols
@@ -32,7 +37,8 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if t == 0:
         return out
     block = min(1024, triton.next_power_of_2(inter))
+    pdl = pdl_enabled(gate_up.device)
     _silu_mul_kernel[(t, triton.cdiv(inter, block))](gate_up, gate_up.stride(0), out,
-                                                     out.stride(0), inter, BLOCK=block,
-                                                     num_warps=4)
+                                                     out.stride(0), inter, BLOCK=block, PDL=pdl,
+                                                     num_warps=4, launch_pdl=pdl)
     return out

@@ -11,6 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.plugins.pdl import enabled as pdl_enabled
+from kiln.plugins.pdl import prologue
+
 MAX_FUSED = 16384
 
 
@@ -32,7 +35,8 @@ def _residual_sum(x_ptr, x_stride, res_ptr, res_stride, row, offs, mask,
 @triton.jit
 def _add_norm_kernel(x_ptr, x_stride, res_ptr, res_stride, w_ptr, b_ptr, out_ptr, out_stride,
                      n_cols, eps, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     RMS: tl.constexpr, BLOCK: tl.constexpr):
+                     RMS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < n_cols
@@ -54,7 +58,9 @@ def _add_norm_kernel(x_ptr, x_stride, res_ptr, res_stride, w_ptr, b_ptr, out_ptr
 @triton.jit
 def _add_norm_long_kernel(x_ptr, x_stride, res_ptr, res_stride, w_ptr, b_ptr, out_ptr,
                           out_stride, n_cols, eps, HAS_RES: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, RMS: tl.constexpr, BLOCK: tl.constexpr):
+                          HAS_BIAS: tl.constexpr, RMS: tl.constexpr, BLOCK: tl.constexpr,
+                          PDL: tl.constexpr = False):
+    prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     total = tl.zeros([BLOCK], tl.float32)
     squares = tl.zeros([BLOCK], tl.float32)
@@ -100,7 +106,9 @@ def add_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tenso
     if block > MAX_FUSED:
         kernel, block = _add_norm_long_kernel, 4096
     warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
+    pdl = pdl_enabled(x.device)
     kernel[(t,)](x, x.stride(0), r, r.stride(0), weight, bias if bias is not None else weight,
                  out, out.stride(0), h, eps, HAS_RES=residual is not None,
-                 HAS_BIAS=bias is not None, RMS=rms, BLOCK=block, num_warps=warps)
+                 HAS_BIAS=bias is not None, RMS=rms, BLOCK=block, PDL=pdl, num_warps=warps,
+                 launch_pdl=pdl)
     return out, r

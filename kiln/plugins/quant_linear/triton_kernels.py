@@ -33,6 +33,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kiln.plugins.pdl import enabled as pdl_enabled
+from kiln.plugins.pdl import prologue
 from kiln.plugins.quant_linear.layout import check_group_size
 
 FP8_MAX = 448.0
@@ -162,8 +164,9 @@ def _field(word, SHIFT: tl.constexpr, BITS: tl.constexpr):
 @triton.jit
 def _fp8_gemv_kernel(x_ptr, w_ptr, ws_ptr, s_ptr, b_ptr, y_ptr, n, k, DYNAMIC: tl.constexpr,
                      WS_PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
+                     BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
     """y[n] = sum_k w[n, k] * e4m3(x[k] / s) * s * ws[n] for fp8 weights [N, K] (as bytes)."""
+    prologue(PDL)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n
     w_rows = w_ptr + rows[:, None].to(tl.int64) * k
@@ -210,10 +213,11 @@ def _int8_words_to_f32(w):
 @triton.jit
 def _int8_gemv_kernel(x_ptr, w_ptr, ws_ptr, s_ptr, b_ptr, y_ptr, n, k, ACT: tl.constexpr,
                       DYNAMIC: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_W: tl.constexpr):
+                      BLOCK_W: tl.constexpr, PDL: tl.constexpr = False):
     """y[n] = sum_k w[n, k] * x[k] * ws[n] for int8 weights [N, K] (K % 4 == 0), read as int32
     words, ``BLOCK_W`` words of each row per iteration; ``ACT`` 2 (SmoothQuant): x quantized
     to int8 by s (sums of integers, exact), else x as is (weight-only)."""
+    prologue(PDL)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n
     words = k // 4
@@ -279,10 +283,12 @@ def _int4_words_to_f32(w):
 
 @triton.jit
 def _int4_gemv_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, n, k, HALF: tl.constexpr,
-                      GROUPS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+                      GROUPS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                      PDL: tl.constexpr = False):
     """y[n] = sum over groups g of s[n, g] * (lo . x[gG : gG+G/2] + hi . x[gG+G/2 : (g+1)G]),
     ``GROUPS`` groups per iteration. The split-group bytes are read as int32 words: byte p of
     word j of a group holds feature 4j + p (low nibble) and G/2 + 4j + p (high nibble)."""
+    prologue(PDL)
     WORDS: tl.constexpr = HALF // 4
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n
@@ -600,8 +606,9 @@ def _launch_w8_gemv(x, weight, ws, s, bias, act, config=None):
     n, k = weight.shape
     block_n, block_k, warps, stages = config or w8_gemv_config(n, k)
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    common = dict(DYNAMIC=s is None, HAS_BIAS=bias is not None, BLOCK_N=block_n,
-                  num_warps=warps, num_stages=stages)
+    pdl = pdl_enabled(x.device)
+    common = dict(DYNAMIC=s is None, HAS_BIAS=bias is not None, BLOCK_N=block_n, PDL=pdl,
+                  num_warps=warps, num_stages=stages, launch_pdl=pdl)
     args = (x, _bytes(weight), ws, s if s is not None else ws, bias if bias is not None else ws,
             y, n, k)
     if act == _ACT_FP8:
@@ -725,7 +732,8 @@ def _int4_gemv(x, weight, ws, group_size, bias, config=None):
     _int4_gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, ws, bias if bias is not None else ws, y, n, k, HALF=half,
         GROUPS=max(1, block_bytes // half), HAS_BIAS=bias is not None, BLOCK_N=block_n,
-        num_warps=warps, num_stages=stages)
+        PDL=pdl_enabled(x.device), num_warps=warps, num_stages=stages,
+        launch_pdl=pdl_enabled(x.device))
     return y
 
 

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.plugins.pdl import enabled as pdl_enabled
+from kiln.plugins.pdl import prologue
 from kiln.plugins.rotary.triton_reference import check_cache_scales
 
 
@@ -57,7 +59,8 @@ def _rope_qkv_kernel(qkv_ptr, qkv_stride, table_ptr, table_stride, index_ptr, q_
                      clip, k_scale_ptr, v_scale_ptr, NUM_HEADS: tl.constexpr,
                      NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr,
                      HEADS: tl.constexpr, PAGE: tl.constexpr, ROTARY: tl.constexpr,
-                     CLIP: tl.constexpr, QUANT: tl.constexpr):
+                     CLIP: tl.constexpr, QUANT: tl.constexpr, PDL: tl.constexpr = False):
+    prologue(PDL)
     t = tl.program_id(0).to(tl.int64)
     half: tl.constexpr = HEAD_DIM // 2
     h = tl.program_id(1) * HEADS + tl.arange(0, HEADS)  # q heads, then k heads
@@ -138,11 +141,13 @@ def rope_qkv_to_cache(qkv: torch.Tensor, table: torch.Tensor | None, table_index
         k_arg, v_arg = scale_arg(k_scale, k_cache.device), scale_arg(v_scale, k_cache.device)
     heads = 8  # per program: [8, D/2] tiles make 16-byte accesses at head_dim 128
     grid = (t, triton.cdiv(num_heads + num_kv_heads, heads))
+    pdl = pdl_enabled(qkv.device)
     _rope_qkv_kernel[grid](
         qkv, qkv.stride(0), table_arg, table.stride(0) if rotary else 0, table_index, q,
         k_cache, v_cache, slot_mapping, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         float(clip) if clip is not None else 0.0, k_arg, v_arg,
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         HALF_PAD=triton.next_power_of_2(head_dim // 2), HEADS=heads, PAGE=k_cache.shape[2],
-        ROTARY=rotary, CLIP=clip is not None, QUANT=quantized, num_warps=2)
+        ROTARY=rotary, CLIP=clip is not None, QUANT=quantized, PDL=pdl, num_warps=2,
+        launch_pdl=pdl)
     return q
