@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from kiln.cli.context import CliContext, PathArg, executor_options
+from kiln.cli.context import CliContext, PathArg, dp_option, executor_options
 from kiln.errors import OutputError
 
 if TYPE_CHECKING:
@@ -52,6 +52,7 @@ def _field_help(name: str) -> str:
 @click.option("--json_output", type=PathArg(dir_okay=False, path_type=Path), default=None,
               help="Write the report as JSON here [default: print it after the table].")
 @executor_options
+@dp_option
 @click.option("--kv_cache_free_gpu_memory_fraction",
               type=click.FloatRange(min=0, max=1, min_open=True),
               help=_field_help("kv_cache_free_gpu_memory_fraction"))
@@ -62,7 +63,7 @@ def _field_help(name: str) -> str:
               type=click.IntRange(min=1), help="Batch size of the HF baseline.")
 @click.pass_obj
 def bench(obj: CliContext, engine_dir: Path, warmup: int, json_output: Path | None, device: str,
-          num_threads: int | None, cpu_spin_wait: bool, verify_checksums: bool,
+          num_threads: int | None, cpu_spin_wait: bool, verify_checksums: bool, dp: int,
           kv_cache_free_gpu_memory_fraction: float | None, baseline: str | None,
           baseline_batch_size: int, **workload: object) -> None:
     """Benchmark an engine with a synthetic workload (in the manner of trtllm-bench)."""
@@ -75,7 +76,7 @@ def bench(obj: CliContext, engine_dir: Path, warmup: int, json_output: Path | No
         _check_json_output(json_output, engine_dir)
     spec = Workload(**workload)
     options = ExecutorOptions(device=device, num_threads=num_threads, cpu_spin_wait=cpu_spin_wait,
-                              verify_checksums=verify_checksums,
+                              verify_checksums=verify_checksums, dp=dp,
                               kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction)
     with LLM(engine_dir, options) as llm:
         limits = llm.limits
@@ -93,7 +94,7 @@ def bench(obj: CliContext, engine_dir: Path, warmup: int, json_output: Path | No
             run_benchmark(llm.core, Workload(spec.input_len, min(spec.output_len, 8),
                                              warmup * width, seed=spec.seed + 7))
         report = run_benchmark(llm.core, spec)
-    report = dataclasses.replace(report, engine=_engine_info(llm))
+    report = dataclasses.replace(report, engine=_engine_info(llm, dp))
     click.echo(report.table())
     if baseline == "hf":  # after the engine is closed: its KV cache holds most of the GPU
         _hf_baseline(engine_dir, spec, llm.manifest.decoder.vocab_size, baseline_batch_size,
@@ -174,7 +175,7 @@ def _hf_baseline(engine_dir: Path, spec: Workload, vocab_size: int, batch_size: 
     click.echo(f"{'kiln / HF':<24}{kiln_tokens_per_s / run.tokens_per_second:>10.2f}x")
 
 
-def _engine_info(llm: LLM) -> dict:
+def _engine_info(llm: LLM, dp: int) -> dict:
     manifest = llm.manifest
     return {"engine_dir": str(llm.engine_dir), "backend": manifest.backend,
-            "dtype": manifest.dtype, "limits": vars(manifest.limits)}
+            "dtype": manifest.dtype, "limits": vars(manifest.limits), "dp": dp}

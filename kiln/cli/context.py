@@ -49,3 +49,12 @@ class PathArg(click.Path):
         if isinstance(value, str) and not value.strip():
             self.fail("is empty; give a path", param, ctx)
         return super().convert(value, param, ctx)
+
+
+def dp_option(func):
+    """``--dp N``: data-parallel replicas (ExecutorOptions.dp; kiln run and kiln bench)."""
+    from kiln.runtime.options import ExecutorOptions
+
+    field = next(f for f in dataclasses.fields(ExecutorOptions) if f.name == "dp")
+    return click.option("--dp", type=click.IntRange(min=1), default=field.default,
+                        show_default=True, help=field.metadata["help"])(func)

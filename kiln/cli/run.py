@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from kiln.cli.context import CliContext, PathArg, executor_options
+from kiln.cli.context import CliContext, PathArg, dp_option, executor_options
 from kiln.runtime.params import SamplingParams, is_utf8  # torch-free: --help stays fast
 
 if TYPE_CHECKING:
@@ -163,11 +163,12 @@ def _json_type(value: Any) -> str:
 @click.option("--chat", is_flag=True, help="Wrap each prompt as a user message in the model's "
                                            "chat template.")
 @executor_options
+@dp_option
 @sampling_options
 @click.pass_obj
 def run(obj: CliContext, engine_dir: Path, input_text: tuple[str, ...], input_file: Path | None,
         max_output_len: int, streaming: bool, chat: bool, device: str,
-        num_threads: int | None, cpu_spin_wait: bool, verify_checksums: bool,
+        num_threads: int | None, cpu_spin_wait: bool, verify_checksums: bool, dp: int,
         **sampling: Any) -> None:
     """Generate text with an engine; prints the text (stdout), then TTFT, TPOT, tokens/s (stderr)."""
     prompts = read_prompts(input_text, input_file)
@@ -175,7 +176,7 @@ def run(obj: CliContext, engine_dir: Path, input_text: tuple[str, ...], input_fi
 
     with LLM(engine_dir, ExecutorOptions(device=device, num_threads=num_threads,
                                          cpu_spin_wait=cpu_spin_wait,
-                                         verify_checksums=verify_checksums)) as llm:
+                                         verify_checksums=verify_checksums, dp=dp)) as llm:
         log_quantization(llm.manifest)
         params = build_params(llm, max_output_len, sampling)
         inputs = [llm.render_chat([{"role": "user", "content": p}]) if chat else p

@@ -127,9 +127,10 @@ def arrival_offsets(workload: Workload) -> list[float]:
 
 def run_benchmark(core: EngineCore, workload: Workload,
                   avoid_tokens: frozenset[int] = frozenset()) -> BenchReport:
-    """Drive ``core`` through the workload (see the module docstring)."""
+    """Drive ``core`` (an EngineCore, or data-parallel replicas' ReplicaCore: the same request
+    API) through the workload (see the module docstring)."""
     params = SamplingParams(temperature=0, max_tokens=workload.output_len, ignore_eos=True)
-    prompts = deque(zip(make_prompts(workload, core.executor.vocab_size, avoid_tokens),
+    prompts = deque(zip(make_prompts(workload, core.vocab_size, avoid_tokens),
                         arrival_offsets(workload), strict=True))
     limit = workload.concurrency or workload.num_requests
     start = time.perf_counter()

@@ -67,6 +67,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from kiln.engine import BuildLimits
 from kiln.runtime.detokenize import IncrementalDetokenizer, StopStringMatcher
 from kiln.runtime.errors import RequestError
 from kiln.runtime.executor import DeviceTokens, Executor, StepLogits
@@ -175,19 +176,9 @@ class EngineCore:
         request_id = request_id or self.new_request_id()
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use; pick another")
-        self.check_prompt(f"request {request_id}", prompt_ids)
-        vocab = self.executor.vocab_size
-        bad = [t for t in params.stop_token_ids if not t < vocab]
-        if bad:  # never sampled: a stop that cannot fire is a mistake (a wrong id or engine)
-            raise RequestError(f"request {request_id}: stop_token_ids {bad[:5]} are outside the "
-                               f"vocabulary [0, {vocab}); pass ids of this engine's tokenizer")
-        if params.stop and self.tokenizer is None:
-            raise RequestError(f"request {request_id}: stop strings need a tokenizer")
-        if params.prompt_logprobs is not None and not self.executor.gathers_context_logits:
-            raise RequestError(f"request {request_id}: prompt_logprobs need every prompt "
-                               f"position's logits, and this engine returns the last one only; "
-                               f"rebuild it with kiln build --gather_context_logits")
-        max_new = min(params.max_tokens, self.limits.max_seq_len - len(prompt_ids) + 1)
+        max_new = check_request(request_id, prompt_ids, params, self.limits,
+                                self.executor.vocab_size, self.tokenizer is not None,
+                                self.executor.gathers_context_logits)
         skip = params.skip_special_tokens
         request = Request(
             request_id, list(prompt_ids), params, max_new, Generators(params.seed),
@@ -207,17 +198,11 @@ class EngineCore:
 
     def check_prompt(self, label: str, prompt_ids: Sequence[int]) -> None:
         """Raise RequestError (message starting with ``label``) if the engine cannot take it."""
-        if not prompt_ids:
-            raise RequestError(f"{label}: the prompt is empty; give at least one token")
-        if len(prompt_ids) > self.limits.max_input_len:
-            raise RequestError(f"{label}: prompt of {len(prompt_ids)} tokens exceeds "
-                               f"the engine's max_input_len {self.limits.max_input_len}; shorten "
-                               f"it or rebuild with a larger --max_input_len")
-        vocab = self.executor.vocab_size
-        bad = [t for t in prompt_ids if not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"{label}: token ids {bad[:5]} are outside the "
-                               f"vocabulary [0, {vocab})")
+        check_prompt(label, prompt_ids, self.limits, self.executor.vocab_size)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.executor.vocab_size
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or self._inflight is not None
@@ -418,6 +403,40 @@ class EngineCore:
     def pop(self, request_id: str) -> Request:
         """Forget a finished request (callers collect results first)."""
         return self.requests.pop(request_id)
+
+
+def check_prompt(label: str, prompt_ids: Sequence[int], limits: BuildLimits,
+                 vocab_size: int) -> None:
+    """Raise RequestError (message starting with ``label``) if the engine cannot take it."""
+    if not prompt_ids:
+        raise RequestError(f"{label}: the prompt is empty; give at least one token")
+    if len(prompt_ids) > limits.max_input_len:
+        raise RequestError(f"{label}: prompt of {len(prompt_ids)} tokens exceeds "
+                           f"the engine's max_input_len {limits.max_input_len}; shorten "
+                           f"it or rebuild with a larger --max_input_len")
+    bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise RequestError(f"{label}: token ids {bad[:5]} are outside the "
+                           f"vocabulary [0, {vocab_size})")
+
+
+def check_request(request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
+                  limits: BuildLimits, vocab_size: int, has_tokenizer: bool,
+                  gathers_context_logits: bool) -> int:
+    """Raise RequestError if an engine of these properties cannot serve the request; else the
+    tokens it may generate (max_tokens, cut to what max_seq_len allows)."""
+    check_prompt(f"request {request_id}", prompt_ids, limits, vocab_size)
+    bad = [t for t in params.stop_token_ids if not t < vocab_size]
+    if bad:  # never sampled: a stop that cannot fire is a mistake (a wrong id or engine)
+        raise RequestError(f"request {request_id}: stop_token_ids {bad[:5]} are outside the "
+                           f"vocabulary [0, {vocab_size}); pass ids of this engine's tokenizer")
+    if params.stop and not has_tokenizer:
+        raise RequestError(f"request {request_id}: stop strings need a tokenizer")
+    if params.prompt_logprobs is not None and not gathers_context_logits:
+        raise RequestError(f"request {request_id}: prompt_logprobs need every prompt "
+                           f"position's logits, and this engine returns the last one only; "
+                           f"rebuild it with kiln build --gather_context_logits")
+    return min(params.max_tokens, limits.max_seq_len - len(prompt_ids) + 1)
 
 
 def _one(logprobs: TokenLogprobs | None) -> tuple[TokenLogprobs, ...]:

@@ -19,6 +19,11 @@ Contract:
   token ids for streaming a chat.
 - One thread drives an LLM at a time (a lock serializes calls); :class:`kiln.runtime.AsyncLLM`
   serves asyncio callers.
+- ``ExecutorOptions(dp=N)``: N replicas of a single-rank engine, one process each (one GPU each
+  on CUDA), behind one front that routes whole requests
+  (:mod:`kiln.runtime.distributed.replicas`); ``core`` is then a
+  :class:`~kiln.runtime.distributed.replicas.ReplicaCore`, ``executor`` is None, and ``limits``
+  count the slots of every replica.
 
 Non-goals: multiple engines per LLM, LoRA.
 """
@@ -29,7 +34,7 @@ import logging
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kiln.engine import EngineManifest
 from kiln.runtime.core import EngineCore
@@ -40,6 +45,9 @@ from kiln.runtime.params import SamplingParams
 from kiln.runtime.results import CompletionResult, StreamDelta
 from kiln.runtime.scheduler import Policy
 from kiln.runtime.tokenizer import ModelTokenizer, load_tokenizer
+
+if TYPE_CHECKING:
+    from kiln.runtime.distributed.replicas import ReplicaCore
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +62,10 @@ class LLM:
                  policy: Policy | None = None):
         self.engine_dir = Path(engine_dir)
         self.manifest: EngineManifest | None
+        options = options or ExecutorOptions()
+        if options.dp > 1:
+            self._open_replicas(options, policy)
+            return
         self.manifest, executor = open_engine(self.engine_dir, options)
         try:
             tokenizer = load_tokenizer(self.engine_dir)
@@ -61,6 +73,15 @@ class LLM:
             executor.close()
             raise
         self._setup(executor, tokenizer, policy)
+
+    def _open_replicas(self, options: ExecutorOptions, policy: Policy | None) -> None:
+        """``options.dp`` replicas behind one front (kiln.runtime.distributed.replicas)."""
+        from kiln.runtime.distributed.replicas import ReplicaCore
+
+        tokenizer = load_tokenizer(self.engine_dir)  # before any process starts
+        core = ReplicaCore.open(self.engine_dir, options, policy)
+        self.manifest = core.manifest
+        self._setup(None, tokenizer, policy, core)
 
     @classmethod
     def from_executor(cls, executor: Executor, tokenizer: ModelTokenizer | None = None,
@@ -71,11 +92,11 @@ class LLM:
         llm._setup(executor, tokenizer, policy)
         return llm
 
-    def _setup(self, executor: Executor, tokenizer: ModelTokenizer | None,
-               policy: Policy | None) -> None:
-        self.executor = executor
+    def _setup(self, executor: Executor | None, tokenizer: ModelTokenizer | None,
+               policy: Policy | None, core: ReplicaCore | None = None) -> None:
+        self.executor = executor  # None with replicas: each runs its own
         self.tokenizer = tokenizer
-        self.core = EngineCore(executor, tokenizer, policy)
+        self.core = core if core is not None else EngineCore(executor, tokenizer, policy)
         self.lock = threading.Lock()
         self.async_owner: object | None = None  # an open AsyncLLM drives the core instead
         gc = tokenizer.generation_config if tokenizer is not None else {}
@@ -83,10 +104,19 @@ class LLM:
 
     @property
     def limits(self):
-        return self.executor.limits
+        """The engine's limits (with replicas: max_batch_size and max_num_tokens of all)."""
+        return self.core.limits
+
+    @property
+    def gathers_context_logits(self) -> bool:
+        return self.core.gathers_context_logits if self.executor is None \
+            else self.executor.gathers_context_logits
 
     def close(self) -> None:
-        self.executor.close()
+        if self.executor is not None:
+            self.executor.close()
+        else:
+            self.core.close()
 
     def __enter__(self) -> LLM:
         return self

@@ -7,13 +7,20 @@ opened (so a CPU machine never imports TensorRT). A backend module defines
     load_executor(engine_dir: Path, manifest: EngineManifest, options: ExecutorOptions) -> Executor
 
 and may define ``check_options(manifest, machine, options) -> None`` to refuse options this
-machine cannot honour (the torch backend: ``device auto`` without a GPU), and
+machine cannot honour (the torch backend: ``device auto`` without a GPU),
 ``loaded_ranks(manifest, rank) -> tuple[int, ...]`` when the files it opens are not the
-default :func:`loaded_ranks` (the torch backend starts every rank of an engine itself).
+default :func:`loaded_ranks` (the torch backend starts every rank of an engine itself), and
+``run_device(manifest, machine, options) -> str`` (``"cuda"`` or ``"cpu"``: where the
+executor will run; default ``"cpu"``), which data-parallel replicas need to know before
+starting one process per GPU.
 
 Order (nothing heavy happens before the checks pass): read and validate ``config.json``, check
 it against this machine and the options, check the presence and sizes of the files of the ranks
 this process opens (no data read; sha256 checksums too with ``verify_checksums``), then load.
+:func:`check_engine` is every step but the load; with ``options.dp`` > 1 it also checks that
+the engine and machine can hold that many replicas (:func:`check_replicas`), which
+:class:`~kiln.runtime.distributed.replicas.ReplicaCore` (``LLM`` with ``dp``) starts;
+:func:`open_engine` opens one executor, so it refuses ``dp`` > 1.
 """
 
 from __future__ import annotations
@@ -60,9 +67,34 @@ def loaded_ranks(manifest: EngineManifest, rank: int) -> tuple[int, ...]:
     return tuple(mapping.rank(tp_rank, stage) for stage in range(mapping.pp_size))
 
 
-def open_engine(engine_dir: str | Path, options: ExecutorOptions | None = None,
-                machine: MachineInfo | None = None) -> tuple[EngineManifest, Executor]:
-    """Check and load an engine dir (see the module docstring)."""
+def run_device(module: ModuleType, manifest: EngineManifest, machine: MachineInfo,
+               options: ExecutorOptions) -> str:
+    """Where the backend's executor runs with these options: ``"cuda"`` or ``"cpu"``."""
+    device_of = getattr(module, "run_device", None)
+    return "cpu" if device_of is None else device_of(manifest, machine, options)
+
+
+def check_replicas(manifest: EngineManifest, device: str, machine: MachineInfo,
+                   options: ExecutorOptions) -> None:
+    """``options.dp`` replicas of this engine: each is one process of a tp 1 x pp 1 engine,
+    and on CUDA each has a GPU of its own."""
+    dp, mapping = options.dp, manifest.mapping
+    if mapping.world_size > 1:
+        raise EngineError(f"--dp {dp} runs copies of a single-rank engine, and this engine has "
+                          f"{mapping.world_size} ranks (tp {mapping.tp_size} x pp "
+                          f"{mapping.pp_size}); run it with --dp 1, or build a tp 1 engine "
+                          f"(kiln convert_checkpoint --tp_size 1) for data parallelism")
+    gpus = len(machine.gpus)
+    if device == "cuda" and dp > gpus:
+        raise EngineError(f"--dp {dp} needs {dp} GPUs (one replica per GPU), and this machine "
+                          f"has {gpus} visible; run with --dp {max(1, gpus)}, or where {dp} "
+                          f"GPUs are visible")
+
+
+def check_engine(engine_dir: str | Path, options: ExecutorOptions | None = None,
+                 machine: MachineInfo | None = None,
+                 ) -> tuple[EngineManifest, ModuleType, MachineInfo]:
+    """Every check of :func:`open_engine`, nothing loaded: (manifest, backend module, machine)."""
     engine_dir = Path(engine_dir)
     options = options or ExecutorOptions()
     manifest = read_manifest(engine_dir)
@@ -72,9 +104,23 @@ def open_engine(engine_dir: str | Path, options: ExecutorOptions | None = None,
     check_options = getattr(module, "check_options", None)
     if check_options is not None:
         check_options(manifest, machine, options)
+    if options.dp > 1:
+        check_replicas(manifest, run_device(module, manifest, machine, options), machine,
+                       options)
     ranks = getattr(module, "loaded_ranks", loaded_ranks)(manifest, options.rank)
     check_files(engine_dir, manifest, ranks)
     if options.verify_checksums:
         verify_checksums(engine_dir, manifest, ranks)
+    return manifest, module, machine
+
+
+def open_engine(engine_dir: str | Path, options: ExecutorOptions | None = None,
+                machine: MachineInfo | None = None) -> tuple[EngineManifest, Executor]:
+    """Check and load an engine dir (see the module docstring)."""
+    options = options or ExecutorOptions()
+    if options.dp > 1:
+        raise EngineError(f"open_engine opens one executor, and dp is {options.dp}: replicas "
+                          f"are started by LLM(engine_dir, ExecutorOptions(dp=...))")
+    manifest, module, _ = check_engine(engine_dir, options, machine)
     logger.info("loading %s engine from %s", manifest.backend, engine_dir)
-    return manifest, module.load_executor(engine_dir, manifest, options)
+    return manifest, module.load_executor(Path(engine_dir), manifest, options)

@@ -54,6 +54,10 @@ def check_machine(manifest: EngineManifest, machine: MachineInfo) -> None:
                           f"runtime here (float32, float16): rebuild with --dtype float16")
 
 
+def run_device(manifest: EngineManifest, machine: MachineInfo, options: ExecutorOptions) -> str:
+    return _pick_device(options.device, machine.onnxruntime_providers)
+
+
 def load_executor(engine_dir: Path, manifest: EngineManifest,
                   options: ExecutorOptions) -> OnnxExecutor:
     files = [engine_dir / f for rank in sorted(manifest.rank_files)

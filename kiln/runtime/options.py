@@ -32,6 +32,10 @@ class ExecutorOptions:
         "Let idle CPU threads busy-wait between operators (ONNX Runtime's default; turn off on "
         "a machine shared with other busy processes).")})
     rank: int = 0  # this process's rank (tensor/pipeline parallel engines)
+    dp: int = field(default=1, metadata={"help": (
+        "Data-parallel replicas: run N copies of a tp 1 engine, one process each (one GPU "
+        "each on CUDA), and spread the requests over them. num_threads is per replica "
+        "[default: all cores / N].")})
     verify_checksums: bool = field(default=False, metadata={"help": (
         "sha256 the engine files before loading (reads every byte; by default only their "
         "presence and sizes are checked). See also kiln verify.")})
@@ -41,6 +45,8 @@ class ExecutorOptions:
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise EngineError(f"device must be auto, cpu or cuda, found {self.device!r}")
+        if not isinstance(self.dp, int) or self.dp < 1:
+            raise EngineError(f"dp must be an integer >= 1, found {self.dp!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise EngineError(f"num_threads must be >= 1, found {self.num_threads}")
         fraction = self.kv_cache_free_gpu_memory_fraction

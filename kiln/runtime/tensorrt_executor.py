@@ -59,6 +59,10 @@ def check_machine(manifest: EngineManifest, machine: MachineInfo) -> None:
                           f"ranks are split into engine parts within one GPU instead)")
 
 
+def run_device(manifest: EngineManifest, machine: MachineInfo, options: ExecutorOptions) -> str:
+    return "cuda"
+
+
 def load_executor(engine_dir: Path, manifest: EngineManifest,
                   options: ExecutorOptions) -> TensorRTExecutor:
     files = [Path(engine_dir) / f for f in manifest.rank_files.get(options.rank, ())

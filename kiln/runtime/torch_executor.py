@@ -102,6 +102,10 @@ def check_options(manifest: EngineManifest, machine: MachineInfo,
                           f"converted with fewer ranks (--tp_size/--pp_size)")
 
 
+def run_device(manifest: EngineManifest, machine: MachineInfo, options: ExecutorOptions) -> str:
+    return _device(manifest, options.device, bool(machine.gpus))
+
+
 def loaded_ranks(manifest: EngineManifest, rank: int) -> tuple[int, ...]:
     """Every rank: this process starts them all (a single-rank engine: rank 0)."""
     return tuple(range(manifest.mapping.world_size))

@@ -36,9 +36,11 @@ Multi-node: not in this phase. The pool starts its ranks on this machine (store 
 (``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``): each process
 would join the same store instead of being spawned, rank 0 keeping the driver's role.
 
+Also here (phase 2): data-parallel replicas (``--dp``, :mod:`.replicas`: N single-rank engines
+in processes of their own behind one front that routes whole requests).
+
 Not yet: micro-batched pipeline steps (stages run one after the other within a step), async
-scheduling and CUDA graphs for engines of several ranks, data-parallel replicas (``--dp``),
-the TensorRT executor's communicator.
+scheduling and CUDA graphs for engines of several ranks, the TensorRT executor's communicator.
 """
 
 from kiln.runtime.distributed.executor import DistributedExecutor

@@ -29,7 +29,6 @@ import logging
 import multiprocessing
 import os
 import queue
-import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ import torch.distributed as dist
 
 from kiln.config import Mapping
 from kiln.runtime.distributed.comm import HOST, CollectiveError, Groups
+from kiln.runtime.distributed.process import exit_cause, start
 from kiln.runtime.errors import WorkerError
 from kiln.runtime.torch_backend.parallel import rank_label
 
@@ -72,18 +72,6 @@ class Report:
     rank: int
     kind: str  # DIED, FAULT or COLLECTIVE
     text: str
-
-
-def exit_cause(code: int | None) -> str:
-    """How a process ended, from its exit code (negative: the signal)."""
-    if code is None:
-        return "is gone"
-    if code < 0:
-        name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
-        hint = " (sent by a user, or by the kernel's OOM killer when memory ran out)" \
-            if -code == signal.SIGKILL else ""
-        return f"died: killed by {name}{hint}"
-    return f"died: exited with code {code}"
 
 
 class WorkerPool:
@@ -140,14 +128,7 @@ class WorkerPool:
             ours, theirs = context.Pipe()
             process = context.Process(target=main, args=(spec, theirs, self.progress),
                                       daemon=True, name=f"kiln-rank{rank}")
-            # The child inherits a blocked SIGINT through fork and exec, so a Ctrl-C while it
-            # starts Python and imports torch stays pending until it ignores SIGINT (a
-            # handler would be reset by exec); here the signal waits until start() returns.
-            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-            try:
-                process.start()
-            finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            start(process)  # SIGINT blocked until the child ignores it (.process)
             theirs.close()
             self.processes[rank], self.conns[rank] = process, ours
 

@@ -5,8 +5,8 @@ Life of a worker (spawned by :class:`~kiln.runtime.distributed.pool.WorkerPool`)
 1. ignore SIGINT (a terminal's Ctrl-C reaches every process of the group; the driver stops the
    ranks; SIGINT was blocked from the spawn on, so one that came while Python started and
    imported torch is dropped), start a thread that ends the process within
-   :data:`PARENT_POLL_S` when the driver's pid is gone (killed outright: nothing else would
-   stop a rank blocked in a collective);
+   :data:`~.process.PARENT_POLL_S` when the driver's pid is gone (killed outright: nothing
+   else would stop a rank blocked in a collective);
 2. reply ``up``, connect the world's process groups;
 3. serve the driver's commands until ``exit`` or the pipe closes (the driver is gone):
 
@@ -27,9 +27,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import threading
-import time
 from datetime import timedelta
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -39,21 +36,18 @@ import torch.distributed as dist
 
 from kiln.runtime.distributed.comm import HOST, CollectiveError, Groups
 from kiln.runtime.distributed.executor import replay, send_logits
+from kiln.runtime.distributed.process import detach
 from kiln.runtime.executor import SequenceChunk
 from kiln.runtime.torch_backend.parallel import RankShard
 from kiln.runtime.torch_executor import build_executor, read_rank
 
-PARENT_POLL_S = 0.5
 logger = logging.getLogger(__name__)
 
 
 def main(spec, conn: Connection, progress) -> None:
     """Entry of the spawned process (``spec``: a :class:`~.pool.WorkerSpec`; ``progress``: the
     pool's shared step counters, this rank's incremented after each step)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # blocked since the spawn (pool._spawn)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a pending one is dropped
-    threading.Thread(target=_watch_parent, args=(spec.parent_pid,), daemon=True,
-                     name="kiln-parent-watch").start()
+    detach(spec.parent_pid)  # ignore SIGINT, end with the driver (.process)
     logging.basicConfig(level=spec.log_level,
                         format=f"%(levelname)s %(name)s [rank {spec.rank}]: %(message)s")
     code = 0
@@ -64,12 +58,6 @@ def main(spec, conn: Connection, progress) -> None:
         _report(conn, e)
     conn.close()
     os._exit(code)  # no interpreter teardown: process-group destructors may wait on peers
-
-
-def _watch_parent(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(PARENT_POLL_S)
-    os._exit(3)  # the driver is gone (its pid is no longer our parent)
 
 
 def _report(conn: Connection, error: BaseException) -> None:

@@ -1,0 +1,59 @@
+"""What every worker process kiln spawns shares: how it starts, how it ends with its driver, and
+how its end is told.
+
+- :func:`start` starts a spawned process with SIGINT blocked: the child inherits the blocked
+  signal through fork and exec, so a Ctrl-C that reaches the whole process group while the
+  child starts Python and imports torch stays pending until :func:`detach` makes the child
+  ignore it (a handler would be reset by exec). The driver stops its workers itself.
+- :func:`detach` (first thing in the child): ignore SIGINT, drop a pending one, and start a
+  thread that ends the process within :data:`PARENT_POLL_S` once the driver's pid is gone
+  (killed outright: nothing else would stop a process blocked in a collective or a step).
+- :func:`exit_cause` says how a process ended, from its exit code.
+
+Torch-free, so a replica can set its visible GPU before anything imports CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from multiprocessing.process import BaseProcess
+
+PARENT_POLL_S = 0.5
+
+
+def start(process: BaseProcess) -> None:
+    """``process.start()`` with SIGINT blocked until it returns (see the module docstring)."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        process.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def detach(parent_pid: int) -> None:
+    """In the child: ignore SIGINT (a pending one is dropped) and end with the parent."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # blocked since the spawn (start)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True,
+                     name="kiln-parent-watch").start()
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    os._exit(3)  # the driver is gone (its pid is no longer our parent)
+
+
+def exit_cause(code: int | None) -> str:
+    """How a process ended, from its exit code (negative: the signal)."""
+    if code is None:
+        return "is gone"
+    if code < 0:
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+        hint = " (sent by a user, or by the kernel's OOM killer when memory ran out)" \
+            if -code == signal.SIGKILL else ""
+        return f"died: killed by {name}{hint}"
+    return f"died: exited with code {code}"

@@ -1,0 +1,372 @@
+"""Data-parallel replicas: N copies of a single-rank engine behind one scheduler front.
+
+``LLM(engine_dir, ExecutorOptions(dp=N))`` (``kiln run --dp N``, ``kiln bench --dp N``) starts
+N replica processes (:mod:`.replica_worker`), one per GPU on CUDA (replica i on the driver's
+i-th visible GPU) or N CPU processes (the cores split between them), and drives them through
+:class:`ReplicaCore`, which has the request API of :class:`~kiln.runtime.core.EngineCore`
+(``add_request``, ``step``, ``abort``, ``pop``, ``requests``), so ``LLM``, ``AsyncLLM`` and the
+benchmark run unchanged over it.
+
+Design: the front routes whole requests; each replica is a complete engine (its own
+``EngineCore``: scheduler, KV cache, sampling, detokenization, stop strings) and runs its own
+steps at its own pace. The alternative, a driver that owns N executors and schedules and
+samples every replica's steps itself, was not taken: every step of every replica would pass
+through one process (its logits, [batch, vocab] floats, or a lockstep of plans), the replicas
+would wait on each other and on the driver's sampling, and the torch executor's async
+scheduling and CUDA graphs would stop at a process boundary. Here only requests go down and
+token ids and text come up: a replica never waits for another.
+
+Routing (the front's invariant): a request is sent to a replica only when that replica has a
+free slot (fewer live requests than its ``max_batch_size``), to the one with the fewest live
+requests, ties to the fewest tokens still to process (prompt + max new tokens - generated), then
+the lowest index; requests beyond every free slot wait in the front, first come first served,
+and go to the first replica that frees a slot. So no request waits in one replica's queue while
+another has room, and a replica gets at most what it can batch at once. The cost: when a slot
+frees, its next request reaches the replica one message later (the replica may run one step
+without it). A request stays on its replica to the end (no migration); a replica whose paged KV
+cache cannot hold a request yet keeps it waiting there, as one engine would.
+
+Per request, a replica returns exactly what one engine returns (its core is EngineCore, its
+executor the same engine): the same greedy tokens, text, logprobs and finish reasons. Timings
+are the front's: a token's time is when the front received it, arrival is ``add_request``.
+
+``ReplicaCore.limits`` is one replica's, with ``max_batch_size`` and ``max_num_tokens`` times N
+(what the front holds at once); ``scheduler.running`` lists the requests that hold a slot in
+some replica (for ``kiln serve``'s gauges).
+
+Faults: a replica that dies or fails ends the run: the next :meth:`ReplicaCore.step` (the
+front waits on every replica's pipe and process sentinel, so within :data:`STEP_WAIT_S` of the
+death when a run is going) raises one :class:`~kiln.runtime.errors.WorkerError` line naming
+the replica and the cause; the other replicas are killed; every later step raises it again.
+Replicas end by themselves when the driver dies (:mod:`.process`); Ctrl-C in the driver ends
+the run and closing the LLM stops every replica.
+
+Not supported: replicas of a multi-rank engine (dp x tp > 1, refused at load by
+:func:`~kiln.runtime.loader.check_replicas`: a replica would start its own ranks, one GPU each,
+from a daemon process), replicas on other machines, restarting a failed replica.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import os
+import time
+from collections import deque
+from collections.abc import Sequence
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+
+from kiln.engine import BuildLimits, EngineManifest
+from kiln.runtime.core import Request, RequestDelta, check_prompt, check_request
+from kiln.runtime.distributed.process import exit_cause, start
+from kiln.runtime.distributed.replica_worker import ReplicaInfo, ReplicaSpec, Update, main
+from kiln.runtime.errors import RequestError, WorkerError
+from kiln.runtime.loader import check_engine, run_device
+from kiln.runtime.options import ExecutorOptions
+from kiln.runtime.params import SamplingParams
+from kiln.runtime.scheduler import Policy
+
+logger = logging.getLogger(__name__)
+
+STEP_WAIT_S = 0.05  # a step waits this long at most for a replica's message
+STOP_WAIT_S = 5.0  # a graceful shutdown's wait for the replicas to exit before killing them
+
+
+class ReplicaPool:
+    """The replica processes, their pipes, and the first fault among them."""
+
+    def __init__(self, engine_dir: Path, options: ExecutorOptions, policy: Policy | None,
+                 with_tokenizer: bool, devices: Sequence[str | None]):
+        self.size = len(devices)
+        self.devices = list(devices)
+        self.processes: list[multiprocessing.Process] = []
+        self.conns: list[Connection] = []
+        self._error: WorkerError | None = None
+        self._closed = False
+        threads = options.num_threads or max(1, len(os.sched_getaffinity(0)) // self.size)
+        single = dataclasses.replace(options, dp=1, num_threads=threads)
+        context = multiprocessing.get_context("spawn")
+        level = logging.getLogger().getEffectiveLevel()
+        try:
+            for i, device in enumerate(devices):
+                spec = ReplicaSpec(i, str(engine_dir), single, policy, with_tokenizer, device,
+                                   threads, os.getpid(), level)
+                ours, theirs = context.Pipe()
+                process = context.Process(target=main, args=(spec, theirs), daemon=True,
+                                          name=f"kiln-replica{i}")
+                start(process)
+                theirs.close()
+                self.processes.append(process)
+                self.conns.append(ours)
+            self.infos = self._ready()
+        except BaseException:
+            self.shutdown(kill=True)
+            raise
+
+    def label(self, i: int) -> str:
+        gpu = f"GPU {self.devices[i]}, " if self.devices[i] is not None else ""
+        return f"replica {i} ({gpu}pid {self.processes[i].pid})"
+
+    def _ready(self) -> list[ReplicaInfo]:
+        infos: dict[int, ReplicaInfo] = {}
+        while len(infos) < self.size:
+            for i, message in self.receive(None):
+                if message[0] != "ready":
+                    raise RuntimeError(f"{self.label(i)} sent {message[0]!r} before 'ready'")
+                infos[i] = message[1]
+        return [infos[i] for i in range(self.size)]
+
+    # -- messages -----------------------------------------------------------------------------
+    def send(self, i: int, message: tuple) -> bool:
+        """Send to replica ``i``; False if its pipe is closed (it died: :meth:`receive` says)."""
+        try:
+            self.conns[i].send(message)
+            return True
+        except OSError:
+            return False
+
+    def receive(self, timeout: float | None) -> list[tuple[int, tuple]]:
+        """Every message that arrives within ``timeout`` (None: until one does), as (replica,
+        message); raises the pool's WorkerError when a replica died or failed."""
+        self.check()
+        index = {conn: i for i, conn in enumerate(self.conns)}
+        sentinels = {p.sentinel: i for i, p in enumerate(self.processes)}
+        out = []
+        for ready in wait([*index, *sentinels], timeout):
+            i = index.get(ready)
+            if i is None:  # a process ended: its last words first, then its exit
+                i = sentinels[ready]
+                self.processes[i].join(1.0)
+                self._fail(i, exit_cause(self.processes[i].exitcode), self._drain(i))
+            for message in self._drain(i):
+                if message[0] == "error":
+                    self._fail(i, message[1])
+                out.append((i, message))
+        return out
+
+    def _drain(self, i: int) -> list[tuple]:
+        messages = []
+        try:
+            while self.conns[i].poll():
+                messages.append(self.conns[i].recv())
+        except (EOFError, OSError):
+            pass
+        return messages
+
+    # -- faults and shutdown ------------------------------------------------------------------
+    @property
+    def failed(self) -> bool:
+        return self._error is not None
+
+    def check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _fail(self, i: int, cause: str, last: Sequence[tuple] = ()) -> None:
+        """Replica ``i`` died or failed: stop every replica, raise the one line naming it."""
+        said = [m[1] for m in last if m[0] == "error"]
+        self._error = WorkerError(f"{self.label(i)} {said[0] if said else cause}; the other "
+                                  f"replicas were stopped")
+        logger.debug("%s", self._error)
+        self.shutdown(kill=True)
+        raise self._error
+
+    def shutdown(self, kill: bool = False) -> None:
+        """Ask every replica to exit (killed after :data:`STOP_WAIT_S`; at once with ``kill``)
+        and wait for them: no process outlives the pool. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if not kill:
+            for i in range(len(self.conns)):
+                self.send(i, ("exit",))
+            deadline = time.monotonic() + STOP_WAIT_S
+            for process in self.processes:
+                process.join(max(0.0, deadline - time.monotonic()))
+        for process in self.processes:
+            if process.is_alive():
+                process.kill()
+            process.join()
+        for conn in self.conns:
+            conn.close()
+
+
+class RunningView:
+    """``ReplicaCore.scheduler``: the requests holding a slot in some replica (``running``,
+    updated in place) and the front's ``limits``; what ``kiln serve``'s gauges read."""
+
+    def __init__(self, limits: BuildLimits):
+        self.limits = limits
+        self.running: dict[str, None] = {}
+
+
+class ReplicaCore:
+    """EngineCore's request API over data-parallel replicas (see the module docstring)."""
+
+    def __init__(self, pool: ReplicaPool, manifest: EngineManifest, has_tokenizer: bool):
+        info = pool.infos[0]
+        self.pool, self.manifest, self.has_tokenizer = pool, manifest, has_tokenizer
+        self.replica_limits = info.limits
+        self.limits = dataclasses.replace(
+            info.limits, max_batch_size=info.limits.max_batch_size * pool.size,
+            max_num_tokens=info.limits.max_num_tokens * pool.size)
+        self.vocab_size = info.vocab_size
+        self.gathers_context_logits = info.gathers_context_logits
+        self.scheduler = RunningView(self.limits)
+        self.requests: dict[str, Request] = {}
+        self.served = [0] * pool.size  # requests routed to each replica
+        self._queue: deque[str] = deque()  # requests not routed yet
+        self._replica_of: dict[str, int] = {}
+        self._live = [0] * pool.size
+        self._tokens = [0] * pool.size  # tokens still to process, per replica
+        self._aborting: set[tuple[int, str]] = set()  # (replica, id): abort sent, not answered
+        self._next_id = 0
+
+    @classmethod
+    def open(cls, engine_dir: str | Path, options: ExecutorOptions,
+             policy: Policy | None = None, with_tokenizer: bool = True) -> ReplicaCore:
+        """Check the engine and machine for ``options.dp`` replicas, start them, wait until
+        each has loaded the engine."""
+        manifest, module, machine = check_engine(engine_dir, options)
+        device = run_device(module, manifest, machine, options)
+        devices: list[str | None] = [None] * options.dp
+        if device == "cuda":
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            names = visible.split(",") if visible else [str(i) for i in range(len(machine.gpus))]
+            devices = [name.strip() for name in names[:options.dp]]
+        logger.info("starting %d replicas of %s (%s)", options.dp, engine_dir,
+                    f"GPUs {', '.join(devices)}" if device == "cuda" else "CPU processes")
+        pool = ReplicaPool(Path(engine_dir), options, policy, with_tokenizer, devices)
+        return cls(pool, manifest, with_tokenizer)
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+    # -- requests -----------------------------------------------------------------------------
+    def new_request_id(self) -> str:
+        self._next_id += 1
+        return f"req-{self._next_id}"
+
+    def check_prompt(self, label: str, prompt_ids: Sequence[int]) -> None:
+        check_prompt(label, prompt_ids, self.replica_limits, self.vocab_size)
+
+    def add_request(self, prompt_ids: Sequence[int], params: SamplingParams,
+                    request_id: str | None = None, prompt: str | None = None) -> Request:
+        """Validate and queue a request (EngineCore's checks and errors); it is routed at once
+        when a replica has a free slot."""
+        request_id = request_id or self.new_request_id()
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already in use; pick another")
+        max_new = check_request(request_id, prompt_ids, params, self.replica_limits,
+                                self.vocab_size, self.has_tokenizer, self.gathers_context_logits)
+        request = Request(request_id, list(prompt_ids), params, max_new, None, frozenset(),
+                          None, None, prompt,
+                          logprobs=None if params.logprobs is None else [],
+                          prompt_logprobs=None if params.prompt_logprobs is None else [None])
+        self.requests[request_id] = request
+        self._queue.append(request_id)
+        self._route()
+        return request
+
+    def has_work(self) -> bool:
+        return bool(self._queue or self._replica_of)
+
+    def step(self) -> list[RequestDelta]:
+        """The deltas the replicas sent within :data:`STEP_WAIT_S` (at least one message's
+        worth when one comes sooner); raises the WorkerError of a replica that died."""
+        self.pool.check()
+        self._route()
+        if not self._replica_of:
+            return []
+        deltas: list[RequestDelta] = []
+        for i, message in self.pool.receive(STEP_WAIT_S):
+            if message[0] == "aborted":
+                self._aborting.discard((i, message[1]))
+            else:
+                deltas += self._apply(i, message[1], message[2])
+        self._route()
+        return deltas
+
+    def abort(self, request_id: str) -> RequestDelta | None:
+        """End a request now; None if it is unknown or already finished."""
+        request = self.requests.get(request_id)
+        if request is None or request.finished:
+            return None
+        if request_id in self._replica_of:
+            i = self._replica_of[request_id]
+            self.pool.send(i, ("abort", request_id))
+            self._aborting.add((i, request_id))  # its updates still on the way are dropped
+            self._release(request_id)
+        else:
+            self._queue.remove(request_id)
+        request.finish_reason, request.finish_time = "abort", time.perf_counter()
+        return RequestDelta(request_id, (), "", (), "abort")
+
+    def pop(self, request_id: str) -> Request:
+        return self.requests.pop(request_id)
+
+    # -- routing (module docstring) -----------------------------------------------------------
+    def _route(self) -> None:
+        while self._queue and not self.pool.failed:
+            free = [i for i in range(self.pool.size)
+                    if self._live[i] < self.replica_limits.max_batch_size]
+            if not free:
+                return
+            i = min(free, key=lambda r: (self._live[r], self._tokens[r], r))
+            request = self.requests[self._queue[0]]
+            if not self.pool.send(i, ("add", request.request_id, request.prompt_ids,
+                                      request.params, request.prompt)):
+                return  # it died: the next receive names it
+            self._queue.popleft()
+            self._replica_of[request.request_id] = i
+            self._live[i] += 1
+            self._tokens[i] += _remaining(request)
+            self.served[i] += 1
+
+    def _release(self, request_id: str) -> None:
+        i = self._replica_of.pop(request_id)
+        self._live[i] -= 1
+        self._tokens[i] -= _remaining(self.requests[request_id])
+        self.scheduler.running.pop(request_id, None)
+
+    def _apply(self, i: int, updates: list[Update], admitted: list[str]) -> list[RequestDelta]:
+        now = time.perf_counter()
+        for request_id in admitted:
+            if self._replica_of.get(request_id) == i and (i, request_id) not in self._aborting:
+                self.scheduler.running[request_id] = None
+        deltas = []
+        for update in updates:
+            delta = update.delta
+            request = self.requests.get(delta.request_id)
+            if request is None or request.finished or (i, delta.request_id) in self._aborting \
+                    or self._replica_of.get(delta.request_id) != i:
+                continue  # aborted meanwhile (its id may be a new request's already)
+            self._tokens[i] -= len(delta.token_ids)
+            request.output_ids.extend(delta.token_ids)
+            request.token_times.extend([now] * len(delta.token_ids))
+            request.text += delta.text
+            if request.logprobs is not None:
+                request.logprobs.extend(delta.logprobs)
+            if delta.finished:
+                self._finish(request, delta.finish_reason, update.outcome, now)
+            deltas.append(delta)
+        return deltas
+
+    def _finish(self, request: Request, reason: str, outcome, now: float) -> None:
+        self._release(request.request_id)
+        request.finish_reason, request.finish_time = reason, now
+        if outcome is None:
+            return
+        request.text, request.output_ids = outcome.text, list(outcome.output_ids)
+        request.stop_reason, request.error = outcome.stop_reason, outcome.error
+        if outcome.logprobs is not None:
+            request.logprobs = list(outcome.logprobs)
+        if outcome.prompt_logprobs is not None:
+            request.prompt_logprobs = list(outcome.prompt_logprobs)
+
+
+def _remaining(request: Request) -> int:
+    """Tokens the request still makes its replica process: prompt + new tokens not made yet."""
+    return len(request.prompt_ids) + request.max_new_tokens - len(request.output_ids)

@@ -1,0 +1,204 @@
+"""Data-parallel replicas (``dp``) on the CPU: N replica processes of a tp 1 torch engine behind
+one front give each request what one engine gives it; a replica that dies ends the run with one
+line naming it and leaves no process; what cannot run as replicas is refused before anything
+starts. Replica processes cost seconds to start, so the module shares one pair of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from kiln.builder.api import build
+from kiln.cli.main import main
+from kiln.engine import EngineError, read_manifest
+from kiln.runtime import LLM, AsyncLLM, ExecutorOptions, SamplingParams
+from kiln.runtime.bench import Workload, run_benchmark
+from kiln.runtime.compat import MachineInfo
+from kiln.runtime.errors import RequestError, WorkerError
+from kiln.runtime.loader import check_engine, open_engine
+from tests.models import hf_model, kiln_checkpoint
+from tests.runtime.test_distributed_faults import alive, write_char_tokenizer
+
+# two slots per replica: six requests make the front hold some until a slot frees
+LIMITS = dict(max_batch_size=2, max_input_len=24, max_seq_len=48, max_num_tokens=32)
+PROMPTS = ["Hi", "The quick brown fox", "a", "Once upon a time, far", "0123456789",
+           "xyz?"]
+MAX_TOKENS = [7, 3, 9, 5, 6, 8]
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    hf = hf_model("llama-gqa", tmp_path_factory.mktemp("hf") / "hf")
+    made = {}
+
+    def get(tp: int = 1):
+        if tp not in made:
+            root = tmp_path_factory.mktemp(f"tp{tp}")
+            build(kiln_checkpoint(hf, root / "ckpt", tp=tp), root / "engine", backend="torch",
+                  dtype="float32", **LIMITS)
+            write_char_tokenizer(root / "engine")
+            made[tp] = root / "engine"
+        return made[tp]
+    return get
+
+
+@pytest.fixture(scope="module")
+def single(engines):
+    with LLM(engines(), ExecutorOptions(device="cpu")) as llm:
+        yield llm
+
+
+@pytest.fixture(scope="module")
+def replicas(engines):
+    with LLM(engines(), ExecutorOptions(device="cpu", dp=2)) as llm:
+        yield llm
+
+
+def params(**kwargs) -> list[SamplingParams]:
+    return [SamplingParams(temperature=0, ignore_eos=True, max_tokens=n, **kwargs)
+            for n in MAX_TOKENS]
+
+
+def test_dp2_gives_each_request_the_tokens_of_one_replica(replicas, single):
+    served = list(replicas.core.served)
+    got = replicas.generate(PROMPTS, params(logprobs=2))
+    want = single.generate(PROMPTS, params(logprobs=2))
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert [len(r.token_ids) for r in got] == MAX_TOKENS
+    assert [r.text for r in got] == [r.text for r in want]
+    assert [r.finish_reason for r in got] == ["length"] * len(PROMPTS)
+    for a, b in zip(got, want, strict=True):
+        assert [x.token_id for x in a.logprobs] == [x.token_id for x in b.logprobs]
+        assert [x.logprob for x in a.logprobs] == pytest.approx([x.logprob for x in b.logprobs],
+                                                                abs=1e-5)
+        assert len(a.timings.token_times) == len(a.token_ids)
+    routed = [now - before for now, before in zip(replicas.core.served, served, strict=True)]
+    assert sum(routed) == len(PROMPTS) and min(routed) >= 2  # both replicas worked
+    assert not replicas.core.has_work() and not replicas.core.requests
+
+
+def test_stop_strings_streaming_and_abort_through_the_front(replicas, single):
+    stop = SamplingParams(temperature=0, ignore_eos=True, max_tokens=12)
+    want = single.generate(PROMPTS[:3], stop)
+    cut = want[1].text[2:4]  # a stop string the second prompt's output holds
+    stopped = SamplingParams(temperature=0, ignore_eos=True, max_tokens=12, stop=(cut,))
+    assert replicas.generate(PROMPTS[1], stopped)[0].text == single.generate(PROMPTS[1],
+                                                                              stopped)[0].text
+    streamed = {}
+    for delta in replicas.generate_stream(PROMPTS[:3], stop):
+        streamed[delta.index] = streamed.get(delta.index, "") + delta.text
+    assert [streamed[i] for i in range(3)] == [r.text for r in want]
+
+    async def submit_abort_and_finish():
+        async with AsyncLLM(replicas) as engine:
+            kept = await engine.submit(PROMPTS[0], stop)
+            dropped = await engine.submit(PROMPTS[3], SamplingParams(max_tokens=40,
+                                                                     ignore_eos=True))
+            await engine.abort(dropped)
+            last = [d async for d in engine.stream(dropped)][-1]
+            result = [d async for d in engine.stream(kept)][-1].result
+            return last.finish_reason, result
+
+    reason, result = asyncio.run(submit_abort_and_finish())
+    assert reason == "abort" and result.token_ids == want[0].token_ids
+    assert not replicas.core.scheduler.running and not replicas.core.has_work()
+
+
+def test_an_aborted_requests_id_can_be_reused_at_once(replicas, single):
+    """Tokens of the aborted request still on their way are not the new request's."""
+    core, greedy = replicas.core, SamplingParams(temperature=0, ignore_eos=True, max_tokens=8)
+    core.add_request([5, 6, 7], greedy, request_id="again")
+    while not core.requests["again"].output_ids:
+        core.step()
+    time.sleep(0.3)  # the replica steps on: more of its tokens wait in the pipe
+    core.abort("again")
+    core.pop("again")
+    core.add_request([9, 9], greedy, request_id="again")
+    streamed: list[int] = []
+    while "again" not in core.requests or not core.requests["again"].finished:
+        for delta in core.step():
+            streamed += delta.token_ids
+    done = core.pop("again")
+    want = single.generate([[9, 9]], greedy)[0].token_ids
+    assert tuple(streamed) == tuple(done.output_ids) == want
+    assert len(done.token_times) == 8
+
+
+def test_requests_are_checked_in_the_front_as_one_engine_checks_them(replicas, single):
+    for llm in (replicas, single):
+        with pytest.raises(RequestError) as info:
+            llm.core.add_request(list(range(1, 30)), SamplingParams(), request_id="long")
+        assert str(info.value) == ("request long: prompt of 29 tokens exceeds the engine's "
+                                   "max_input_len 24; shorten it or rebuild with a larger "
+                                   "--max_input_len")
+    assert replicas.limits.max_batch_size == 4 and replicas.limits.max_input_len == 24
+    assert replicas.executor is None and replicas.gathers_context_logits is False
+
+
+def test_kiln_run_with_dp2_and_the_benchmark_over_replicas(engines, replicas, single):
+    result = CliRunner().invoke(main, ["run", "--engine_dir", str(engines()), "--device", "cpu",
+                                       "--dp", "2", "--max_output_len", "5", "--ignore_eos",
+                                       *[a for p in PROMPTS[:4] for a in ("--input_text", p)]],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    want = single.generate(PROMPTS[:4], SamplingParams(temperature=0, ignore_eos=True,
+                                                       max_tokens=5))
+    assert result.stdout == "".join(f"[{i}]\n{r.text}\n" for i, r in enumerate(want))
+    report = run_benchmark(replicas.core, Workload(input_len=4, output_len=3, num_requests=5))
+    assert report.output_tokens == 15 and report.ttft_ms.mean > 0
+
+
+def test_a_killed_replica_ends_the_run_within_seconds_naming_it(engines):
+    llm = LLM(engines(), ExecutorOptions(device="cpu", dp=2))
+    processes = llm.core.pool.processes
+    at = []
+    timer = threading.Timer(1.0, lambda: (at.append(time.monotonic()), processes[1].kill()))
+    timer.start()
+    try:
+        with pytest.raises(WorkerError) as info:
+            for _ in range(100_000):
+                while len(llm.core.requests) < 4:
+                    llm.core.add_request([5, 6, 7], SamplingParams(ignore_eos=True,
+                                                                   max_tokens=40))
+                for delta in llm.core.step():
+                    if delta.finished:
+                        llm.core.pop(delta.request_id)
+    finally:
+        timer.cancel()
+    assert time.monotonic() - at[0] < 10
+    assert re.fullmatch(r"replica 1 \(pid \d+\) died: killed by SIGKILL \(sent by a user, or by "
+                        r"the kernel's OOM killer when memory ran out\); the other replicas were "
+                        r"stopped", str(info.value)), str(info.value)
+    assert not any(alive(p.pid) for p in processes)
+    with pytest.raises(WorkerError, match="replica 1"):  # the engine stays failed
+        llm.core.step()
+    llm.close()
+
+
+def test_what_cannot_run_as_replicas_is_refused_before_anything_starts(engines):
+    engine = engines()
+    one_gpu = MachineInfo(kiln_version=read_manifest(engine).kiln_version, gpus=((9, 0),))
+    with pytest.raises(EngineError) as info:
+        check_engine(engine, ExecutorOptions(device="cuda", dp=2), machine=one_gpu)
+    assert str(info.value) == ("--dp 2 needs 2 GPUs (one replica per GPU), and this machine has "
+                               "1 visible; run with --dp 1, or where 2 GPUs are visible")
+    two_gpus = MachineInfo(kiln_version=one_gpu.kiln_version, gpus=((9, 0), (9, 0)))
+    with pytest.raises(EngineError) as info:
+        check_engine(engines(tp=2), ExecutorOptions(device="cuda", dp=2), machine=two_gpus)
+    assert str(info.value) == ("--dp 2 runs copies of a single-rank engine, and this engine has "
+                               "2 ranks (tp 2 x pp 1); run it with --dp 1, or build a tp 1 "
+                               "engine (kiln convert_checkpoint --tp_size 1) for data "
+                               "parallelism")
+    with pytest.raises(EngineError, match="open_engine opens one executor, and dp is 2"):
+        open_engine(engine, ExecutorOptions(device="cpu", dp=2))
+    for args in (["run", "--input_text", "Hi"], ["bench", "--num_requests", "2"]):
+        result = CliRunner().invoke(main, [*args, "--engine_dir", str(engines(tp=2)), "--device",
+                                           "cpu", "--dp", "2"])
+        assert result.exit_code == 2
+        assert result.output.startswith("error: --dp 2 runs copies of a single-rank engine")
