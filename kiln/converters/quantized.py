@@ -44,7 +44,7 @@ import torch
 
 from kiln.config import DecoderConfig
 from kiln.converters.base import Converter, TensorRule, concat_rows
-from kiln.converters.source import Source
+from kiln.converters.source import HF_QUANT_CONFIG, Source
 from kiln.errors import CheckpointError, ConfigError, TensorMappingError
 from kiln.quantization.config import (
     INPUT_SCALE,
@@ -60,7 +60,6 @@ log = logging.getLogger(__name__)
 FP8 = torch.float8_e4m3fn
 FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 MODELOPT, COMPRESSED_TENSORS = "modelopt", "compressed-tensors"
-HF_QUANT_CONFIG = "hf_quant_config.json"  # ModelOpt's own record, beside config.json
 CT_FORMATS = ("float-quantized", "naive-quantized")  # FP8 values stored as float8_e4m3fn
 FIX = "convert the unquantized model and use kiln quantize"
 FIX_FP8 = "convert the unquantized model and use kiln quantize --qformat fp8 (it calibrates static scales)"

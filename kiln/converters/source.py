@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import torch
 
+from kiln.checkpoint import TOKENIZER_FILES
 from kiln.dirs import DirKind, is_hub_id, read_config
 from kiln.errors import CheckpointError, HubError, UnsafeCheckpointError
 from kiln.tensorio import TensorInfo, read_header, read_tensor
@@ -26,8 +27,9 @@ from kiln.tensorio import TensorInfo, read_header, read_tensor
 log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
-# hf_quant_config.json: ModelOpt's quantization record (kiln/converters/quantized.py)
-HUB_PATTERNS = ("config.json", "generation_config.json", "hf_quant_config.json", "*.safetensors",
+# ModelOpt's quantization record, beside config.json (kiln/converters/quantized.py)
+HF_QUANT_CONFIG = "hf_quant_config.json"
+HUB_PATTERNS = ("config.json", "generation_config.json", HF_QUANT_CONFIG, "*.safetensors",
                 "*.safetensors.index.json", "tokenizer*", "special_tokens_map.json",
                 "added_tokens.json", "vocab.json", "merges.txt", "chat_template.*")
 
@@ -116,15 +118,7 @@ def open_source(model_dir: str, revision: str | None = None, allow_pickle: bool 
     missing path (``./x``, ``../x``, ``/x``, ``~/x``, ``a/b/c`` ...) is a local path that does
     not exist, reported without asking the hub.
     """
-    path = Path(model_dir).expanduser()
-    repo_id = None
-    if not path.exists():
-        missing = f"{model_dir}: no such local directory{_near_miss(path)}"
-        if not is_hub_id(model_dir):
-            raise CheckpointError(f"{missing}, and not a hub id (those have the form org/name); "
-                                  f"check the path")
-        repo_id = model_dir
-        path = _download(model_dir, revision, allow_pickle, missing)
+    path, repo_id = locate(model_dir, revision, allow_pickle)
     _, hf_config = read_config(path, DirKind.HF_CHECKPOINT, CheckpointError)
     files = _weight_files(path, allow_pickle)
     tensors: dict[str, SourceTensor] = {}
@@ -134,6 +128,32 @@ def open_source(model_dir: str, revision: str | None = None, allow_pickle: bool 
                 raise CheckpointError(f"{file}: tensor {name!r} also appears in another file")
             tensors[name] = tensor
     return Source(path, hf_config, tensors, files, repo_id, revision)
+
+
+def locate(model_dir: str, revision: str | None = None,
+           allow_pickle: bool = False) -> tuple[Path, str | None]:
+    """``(local directory, hub id or None)`` of ``model_dir`` by :func:`open_source`'s rules: an
+    existing local path as it is; otherwise a hub id's snapshot (``snapshot_download`` of the
+    files conversion reads: ``<hub cache>/snapshots/<commit>``). Raises as open_source does."""
+    path = Path(model_dir).expanduser()
+    if path.exists():
+        return path, None
+    missing = f"{model_dir}: no such local directory{_near_miss(path)}"
+    if not is_hub_id(model_dir):
+        raise CheckpointError(f"{missing}, and not a hub id (those have the form org/name); "
+                              f"check the path")
+    return _download(model_dir, revision, allow_pickle, missing), model_dir
+
+
+def files_read(directory: Path, allow_pickle: bool = False) -> list[Path]:
+    """Every file of the local HF checkpoint ``directory`` that conversion reads, sorted:
+    ``config.json``, ModelOpt's ``hf_quant_config.json``, the weight files :func:`open_source`
+    picks and the tokenizer files copied into the output. Nothing else in the directory (a
+    README, ``.git``, optimizer states, other weight formats) changes a conversion's result: the
+    build cache hashes exactly these files (tests check conversion opens no other)."""
+    directory = Path(directory)
+    named = [directory / name for name in ("config.json", HF_QUANT_CONFIG, *TOKENIZER_FILES)]
+    return sorted({*(p for p in named if p.is_file()), *_weight_files(directory, allow_pickle)})
 
 
 def _near_miss(path: Path) -> str:
