@@ -19,6 +19,7 @@ _LAZY = {
     "quantize": "kiln.quantization.quantize",
     "build": "kiln.builder",
     "BuildOptions": "kiln.builder",
+    "engine_for_model": "kiln.build_cache",  # HF checkpoint -> cached engine dir
     "LLM": "kiln.runtime",
     "AsyncLLM": "kiln.runtime",
     "SamplingParams": "kiln.runtime",

@@ -63,3 +63,8 @@ class QuantizationError(KilnError):
 
 class AccuracyGateError(QuantizationError):
     """The quantized model is further from its source than the accuracy gate allows."""
+
+
+class BuildCacheError(KilnError):
+    """The build cache (``$KILN_CACHE_DIR/engines``) cannot be used as asked: an unwritable
+    cache directory, something in the way of an entry that the cache did not create."""

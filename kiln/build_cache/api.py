@@ -1,0 +1,256 @@
+"""``engine_for_model``: an HF checkpoint (dir or hub id) -> a cached engine dir, built once.
+
+Steps: validate the options (nothing is read or written on bad input) -> pick the backend (the
+caller's, else :func:`~kiln.build_cache.key.default_backend`) -> identify the source (hash the
+files conversion reads, memoized; or resolve the hub revision) -> the key -> under the entry's
+shared lock, a complete entry is a hit: one line at the default log level, "using cached
+engine ..." -> else, under its exclusive lock: check again (another process may have built it
+while this one waited), remove leftovers of killed builds, convert and build into a temporary
+dir, write ``entry.json`` last, rename into place -> evict least recently used entries above
+``max_cache_size``.
+
+A failed, interrupted (Ctrl-C) or killed build leaves no entry; the temporary dir is removed on
+the way out, or by the next build of that entry when the process was killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import kiln
+from kiln.build_cache.key import (
+    FIXED,
+    KeyParts,
+    SourceId,
+    build_part,
+    code_digest,
+    default_backend,
+    identify_source,
+    source_dtype,
+)
+from kiln.build_cache.store import ENGINE_DIR, NAME_CHARS, EngineCache, Entry, damage
+from kiln.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def engine_for_model(model: str | Path, *, backend: str | None = None, dtype: str = "auto",
+                     tp_size: int = 1, pp_size: int = 1, revision: str | None = None,
+                     allow_pickle: bool = False, cache_dir: str | Path | None = None,
+                     max_cache_size: int | None = None, progress: bool = False,
+                     **build_options: Any) -> Path:
+    """The engine dir for HF checkpoint ``model`` (a local dir, or a hub id), from the build
+    cache, converted and built there first if no entry matches.
+
+    ``backend``: default torch where torch sees a CUDA GPU, else onnx (logged). ``dtype``,
+    ``tp_size``, ``pp_size``, ``revision``, ``allow_pickle``: as ``kiln convert_checkpoint``
+    (``dtype`` is the weights' dtype; an onnx CPU engine of a bfloat16 model defaults to
+    float32, which ONNX Runtime's CPU provider computes in). ``build_options``: every other
+    :class:`~kiln.builder.options.BuildOptions` field by keyword (max_batch_size, max_input_len,
+    max_seq_len, max_num_tokens, targets, plugins, max_build_memory, workers,
+    allow_long_context, gather_context_logits, weight_only_int8_compute). ``cache_dir``: the
+    cache root (default ``$KILN_CACHE_DIR``, else the user's cache dir + ``/kiln``).
+    ``max_cache_size``: bytes; after a build, least recently used entries not in use are
+    evicted until the cache fits. Raises :class:`~kiln.errors.KilnError` subclasses on bad input.
+    """
+    if max_cache_size is not None and (not isinstance(max_cache_size, int) or max_cache_size < 1):
+        raise ConfigError(f"max_cache_size must be a positive number of bytes, found "
+                          f"{max_cache_size!r}")
+    request = request_for(model, backend=backend, dtype=dtype, tp_size=tp_size, pp_size=pp_size,
+                          revision=revision, allow_pickle=allow_pickle, cache_dir=cache_dir,
+                          **build_options)
+    entry, built = _lookup_or_build(request, progress)
+    if not built:
+        log.warning("using cached engine %s (%s; %s, built %s ago)", entry.engine_dir,
+                    request.what, entry.source, _age(time.time() - entry.created))
+    elif max_cache_size is not None:
+        _evict(request.cache, max_cache_size, entry)
+    return entry.engine_dir
+
+
+@dataclass(frozen=True)
+class Request:
+    """One call's validated inputs: where, what source, the key's parts, the build options."""
+
+    cache: EngineCache
+    source: SourceId
+    parts: KeyParts
+    build: Any  # BuildOptions, targets resolved
+    what: str  # "onnx, the default on a machine without a CUDA GPU"
+
+    @property
+    def key(self) -> str:
+        return self.parts.key()
+
+    @property
+    def name(self) -> str:
+        return self.key[:NAME_CHARS]
+
+
+def request_for(model: str | Path, *, backend: str | None = None, dtype: str = "auto",
+                tp_size: int = 1, pp_size: int = 1, revision: str | None = None,
+                allow_pickle: bool = False, cache_dir: str | Path | None = None,
+                **build_options: Any) -> Request:
+    """Validate the options (before anything is read or written), pick the backend, identify
+    the source and make the key's parts: everything but the lookup."""
+    from kiln.builder.options import BuildOptions
+    from kiln.config import options_from
+    from kiln.converters.options import ConvertOptions
+
+    convert = ConvertOptions(dtype=dtype, tp_size=tp_size, pp_size=pp_size, revision=revision,
+                             allow_pickle=allow_pickle)
+    build = options_from(BuildOptions, build_options, "engine_for_model", **FIXED,
+                         backend=backend or "onnx")
+    cache = EngineCache(cache_dir)
+    cache.ensure()
+    why = None
+    if backend is None:
+        backend, why = default_backend()
+        build = dataclasses.replace(build, backend=backend)
+    source = identify_source(str(model), revision, allow_pickle, cache.dir)
+    parts, build = key_parts(source, convert, build)
+    return Request(cache, source, parts, build, f"{backend}{f', {why}' if why else ''}")
+
+
+@contextlib.contextmanager
+def hold_engine(engine_dir: str | Path, cache_dir: str | Path | None = None) -> Iterator[Path]:
+    """Use ``engine_dir`` in the body with its cache entry kept from ``kiln cache prune`` and
+    eviction (a shared lock, released on exit or when the process dies). A dir outside the
+    cache passes through unlocked."""
+    with EngineCache(cache_dir).hold(engine_dir) as path:
+        yield path
+
+
+def key_parts(source: SourceId, convert: Any, build: Any) -> tuple[KeyParts, Any]:
+    """The key's parts for these validated options, and ``build`` with its targets resolved
+    (the backend's default targets on this machine when none were given)."""
+    from kiln.builder.backends import get_backend
+
+    engine = get_backend(build.backend)  # EngineError if it cannot be used here
+    dtype = resolve_dtype(convert.dtype, build, source)
+    targets = tuple(build.targets) or tuple(engine.default_targets(dtype))
+    build = dataclasses.replace(build, targets=targets)
+    parts = KeyParts(
+        source=source.key,
+        kiln={"version": kiln.__version__, "code": code_digest()},
+        convert={"dtype": dtype, "tp_size": convert.tp_size, "pp_size": convert.pp_size,
+                 "allow_pickle": convert.allow_pickle},
+        backend=build.backend, backend_versions=dict(engine.versions()), targets=targets,
+        build=build_part(build))
+    return parts, build
+
+
+def resolve_dtype(dtype: str, build: Any, source: SourceId) -> str:
+    """``dtype`` as asked; ``auto`` is the source's, except that an onnx CPU engine of a
+    bfloat16 model gets float32 (ONNX Runtime's CPU provider has no bfloat16 MatMul, and
+    float16 runs slowly there)."""
+    if dtype != "auto":
+        return dtype
+    cpu = build.backend == "onnx" and tuple(build.targets) in ((), ("cpu",))
+    if cpu and source_dtype(source.directory) == "bfloat16":
+        log.info("dtype: float32 (the bfloat16 model's onnx CPU engine computes in float32)")
+        return "float32"
+    return "auto"
+
+
+def _lookup_or_build(request: Request, progress: bool) -> tuple[Entry, bool]:
+    cache, name, key, source = request.cache, request.name, request.key, request.source
+
+    def waiting() -> None:
+        log.warning("waiting for another kiln process that builds or uses this engine (%s)",
+                    cache.dir / name)
+
+    with cache.locked(name, write=False, on_wait=waiting):  # taken: a build (or prune) runs
+        entry = _usable(cache, name, key)
+        if entry is not None:
+            cache.touch(entry)
+            return entry, False
+    with cache.locked(name, write=True, on_wait=waiting):
+        entry = _usable(cache, name, key, repair=True)
+        if entry is not None:  # built by the process this one waited for
+            cache.touch(entry)
+            return entry, False
+        cache.clear_leftovers(name)
+        log.warning("building the engine for %s (%s) into the build cache %s; later calls "
+                    "with the same inputs reuse it", source.label, request.what, cache.dir)
+        started = time.time()
+        tmp = cache.new_tmp(name)
+        try:
+            _convert_and_build(tmp, source, request.parts, request.build, key, progress)
+            entry = cache.install(tmp, name, {
+                "key": key, "parts": request.parts.to_dict(), "source": source.label,
+                "backend": request.build.backend, "created": started,
+                "build_seconds": round(time.time() - started, 3),
+                "kiln_version": kiln.__version__})
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    log.info("built cached engine %s in %.1f s", entry.engine_dir, entry.build_seconds)
+    return entry, True
+
+
+def _usable(cache: EngineCache, name: str, key: str, repair: bool = False) -> Entry | None:
+    """The complete, undamaged entry ``name`` for ``key``, else None. With ``repair`` (under the
+    write lock) a damaged entry of the cache is removed; something else in the way is refused."""
+    from kiln.errors import BuildCacheError
+
+    path = cache.dir / name
+    entry = cache.read(name)
+    if entry is None:
+        if repair and (path.exists() or path.is_symlink()):
+            raise BuildCacheError(f"{path}: is in the way of a build cache entry and was not made "
+                                  f"by the cache (no valid entry.json); move it away")
+        return None
+    problem = "another key has this entry's name" if entry.key != key else \
+        damage(entry.engine_dir)
+    if problem is None:
+        return entry
+    if repair:
+        log.warning("the cached engine %s is damaged (%s); rebuilding it", entry.engine_dir,
+                    problem)
+        cache.remove(entry)
+    return None
+
+
+def _convert_and_build(tmp: Path, source: SourceId, parts: KeyParts, build: Any, key: str,
+                       progress: bool) -> None:
+    """Convert into ``tmp/checkpoint``, build ``tmp/engine``, drop the checkpoint."""
+    from kiln.builder import build as build_engine
+    from kiln.converters.convert import convert_checkpoint
+    from kiln.engine import read_manifest
+
+    checkpoint = tmp / "checkpoint"
+    convert_checkpoint(source.model_dir, checkpoint, revision=source.revision,
+                       progress=progress, **parts.convert)
+    options = {f.name: getattr(build, f.name) for f in dataclasses.fields(build)
+               if f.name not in FIXED}
+    build_engine(checkpoint, tmp / ENGINE_DIR, progress=progress, **options)
+    shutil.rmtree(checkpoint)
+    # The manifest names the checkpoint it was built from: a temporary dir, now gone.
+    manifest = read_manifest(tmp / ENGINE_DIR)
+    source_record = {**manifest.source, "checkpoint_dir": None, "build_cache_key": key}
+    dataclasses.replace(manifest, source=source_record).write(tmp / ENGINE_DIR)
+
+
+def _evict(cache: EngineCache, max_size: int, keep: Entry) -> None:
+    result = cache.prune(max_size=max_size, keep=(keep.name,))
+    if result.removed:
+        log.warning("evicted %d least recently used cached engines (%.2f GB) to keep the build "
+                    "cache under %.2f GB", len(result.removed), result.freed / 1e9, max_size / 1e9)
+    for _, why in result.refused:
+        log.warning("not evicted: %s", why)
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{max(seconds, 0):.0f} s"

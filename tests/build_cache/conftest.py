@@ -1,0 +1,59 @@
+"""Fixtures of the build cache tests: a tiny HF model, an empty cache, a record of builds."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from kiln.build_cache import api
+from tests.models import hf_model
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory):
+    """llama-gqa (2 layers, vocab 128) with a tokenizer config beside it; read-only by tests
+    (copy it with ``hf_copy`` to change it)."""
+    path = hf_model("llama-gqa", tmp_path_factory.mktemp("hf") / "llama-gqa")
+    _write_char_tokenizer(path)
+    (path / "tokenizer_config.json").write_text('{"model_max_length": 64}\n')
+    return path
+
+
+def _write_char_tokenizer(directory) -> None:
+    """One token per printable ASCII character (ids 1-95) for the 128-token model."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, **{chr(c): c - 31 for c in range(32, 127)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    tokenizer.save(str(directory / "tokenizer.json"))
+
+
+@pytest.fixture
+def hf_copy(tiny_hf, tmp_path):
+    """A private copy of the tiny model that a test may change."""
+    return shutil.copytree(tiny_hf, tmp_path / "model")
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    """An empty cache root, also as $KILN_CACHE_DIR (no test touches the user's cache)."""
+    root = tmp_path / "kiln-cache"
+    monkeypatch.setenv("KILN_CACHE_DIR", str(root))
+    return root
+
+
+@pytest.fixture
+def builds(monkeypatch):
+    """The labels of the sources converted and built in this test, in order (what ran)."""
+    done: list[str] = []
+    real = api._convert_and_build
+
+    def recording(tmp, source, *args, **kwargs):
+        done.append(source.label)
+        return real(tmp, source, *args, **kwargs)
+
+    monkeypatch.setattr(api, "_convert_and_build", recording)
+    return done

@@ -1,0 +1,194 @@
+"""EngineCache on disk: entries, prune by age / all / size (least recently used first), locks,
+and never deleting what the cache did not create. Entries here are made by hand (no build)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+import pytest
+
+from kiln.build_cache.hashes import MEMO_NAME
+from kiln.build_cache.store import NAME_CHARS, EngineCache, Entry, damage
+
+DAY = 86400.0
+
+
+@pytest.fixture
+def cache(tmp_path):
+    cache = EngineCache(tmp_path / "root")
+    cache.ensure()
+    return cache
+
+
+def fake_entry(cache: EngineCache, seed: str, age_days: float = 0.0, size: int = 1000) -> Entry:
+    """A complete entry with a one-file onnx engine of ``size`` bytes, last used
+    ``age_days`` ago."""
+    key = hashlib.sha256(seed.encode()).hexdigest()
+    name = key[:NAME_CHARS]
+    tmp = cache.new_tmp(name)
+    engine = tmp / "engine"
+    engine.mkdir()
+    (engine / "rank0.onnx").write_bytes(b"\0" * size)
+    (engine / "config.json").write_text(json.dumps({
+        "format_version": 1, "kiln_version": "0.1.0", "backend": "onnx",
+        "rank_files": {"0": ["rank0.onnx"]}, "sizes": {"rank0.onnx": size}}))
+    when = time.time() - age_days * DAY
+    entry = cache.install(tmp, name, {"key": key, "parts": {}, "source": f"/models/{seed}",
+                                      "backend": "onnx", "created": when,
+                                      "build_seconds": 1.0})
+    os.utime(entry.path / "entry.json", (when, when))
+    return cache.read(name)
+
+
+def names(entries) -> list[str]:
+    return sorted(e.source.removeprefix("/models/") for e in entries)
+
+
+def test_entries_are_listed_least_recently_used_first(cache):
+    for seed, age in (("b", 1), ("a", 3), ("c", 0.5)):
+        fake_entry(cache, seed, age)
+    assert [e.source for e in cache.entries()] == ["/models/a", "/models/b", "/models/c"]
+    assert cache.read(cache.entries()[0].name).engine_dir.is_dir()
+
+
+def test_a_use_moves_an_entry_to_the_end(cache):
+    old, new = fake_entry(cache, "old", 3), fake_entry(cache, "new", 1)
+    cache.touch(old)
+    assert [e.name for e in cache.entries()] == [new.name, old.name]
+
+
+def test_prune_older_than(cache):
+    sizes = {e.name: e.size() for e in (fake_entry(cache, s, a) for s, a in
+                                        (("a", 10), ("b", 8), ("c", 1)))}
+    result = cache.prune(older_than=7 * DAY)
+    assert names(result.removed) == ["a", "b"]
+    assert names(cache.entries()) == ["c"]
+    assert result.freed == sum(sizes[e.name] for e in result.removed)
+
+
+def test_prune_all(cache):
+    for seed in "abc":
+        fake_entry(cache, seed)
+    (cache.dir / MEMO_NAME).write_text("{}")
+    assert names(cache.prune(everything=True).removed) == ["a", "b", "c"]
+    assert list(cache.dir.iterdir()) == []  # no entry, leftover, lock file or hash memo
+
+
+def test_max_size_evicts_least_recently_used_first(cache):
+    entries = [fake_entry(cache, seed, age, size=10_000) for seed, age in
+               (("newest", 0), ("oldest", 5), ("middle", 2), ("older", 3))]
+    size = entries[0].size()
+    result = cache.prune(max_size=2 * size + size // 2)
+    assert [e.source for e in result.removed] == ["/models/oldest", "/models/older"]
+    assert names(cache.entries()) == ["middle", "newest"]
+    assert sum(e.size() for e in cache.entries()) <= 2 * size + size // 2
+
+
+def test_an_entry_in_use_is_kept_and_the_next_one_goes(cache):
+    oldest, older, new = (fake_entry(cache, s, a, size=10_000) for s, a in
+                          (("oldest", 5), ("older", 3), ("new", 0)))
+    with cache.hold(oldest.engine_dir):
+        result = cache.prune(max_size=2 * new.size() + 10)
+        assert [e.name for e in result.in_use] == [oldest.name]
+        assert [e.name for e in result.removed] == [older.name]
+        assert [e.name for e in cache.prune(everything=True).removed] == [new.name]
+    assert names(cache.entries()) == ["oldest"]
+
+
+def test_a_build_in_progress_blocks_prune_not_the_other_way(cache):
+    entry = fake_entry(cache, "a", 9)
+    with cache.locked(entry.name, write=True):
+        assert cache.prune(everything=True).in_use == [entry]
+    assert cache.prune(everything=True).removed == [entry]
+
+
+def test_prune_refuses_what_the_cache_did_not_create(cache, tmp_path):
+    mine = fake_entry(cache, "mine", 9)
+    edited = fake_entry(cache, "edited", 9)
+    (edited.engine_dir / "my-notes.txt").write_text("keep me")
+    beside = fake_entry(cache, "beside", 9)
+    (beside.path / "outputs").mkdir()
+    user_dir = cache.dir / ("0" * NAME_CHARS)  # an entry's name, but no entry.json
+    user_dir.mkdir()
+    (user_dir / "data.bin").write_bytes(b"user data")
+    other = cache.dir / "my-engines"
+    other.mkdir()
+    unmarked = cache.dir / ("1" * NAME_CHARS)
+    unmarked.mkdir()
+    (unmarked / "entry.json").write_text(json.dumps({"key": "1" * 64, "source": "x"}))
+    target = tmp_path / "user-engine"
+    target.mkdir()
+    (target / "entry.json").write_text((mine.path / "entry.json").read_text())
+    (cache.dir / ("2" * NAME_CHARS)).symlink_to(target)
+    fixtures = cache.root / "fixtures" / "model"
+    fixtures.mkdir(parents=True)
+
+    result = cache.prune(everything=True)
+
+    assert [e.name for e in result.removed] == [mine.name]
+    assert sorted(str(p) for p, _ in result.refused) == sorted([str(edited.path),
+                                                                 str(beside.path)])
+    assert any("my-notes.txt" in why for _, why in result.refused)
+    assert (edited.engine_dir / "my-notes.txt").read_text() == "keep me"
+    assert (beside.path / "outputs").is_dir() and edited.engine_dir.is_dir()
+    for path in (user_dir / "data.bin", other, unmarked / "entry.json", target / "entry.json",
+                 fixtures):
+        assert path.exists()
+    _, _, foreign = cache.names()
+    assert other in foreign and cache.dir / ("2" * NAME_CHARS) in foreign
+
+
+def test_leftovers_of_killed_builds_go_unless_a_build_runs(cache):
+    dead = cache.dir / f".{'a' * NAME_CHARS}.tmp-999999-x1"
+    live = cache.dir / f".{'b' * NAME_CHARS}.tmp-{os.getpid()}-x2"
+    deleting = cache.dir / f".{'c' * NAME_CHARS}.del-999999-x3"
+    for path in (dead, live, deleting):
+        (path / "checkpoint").mkdir(parents=True)
+    with cache.locked("b" * NAME_CHARS, write=True):  # its build is running
+        result = cache.prune()
+    assert sorted(result.leftovers) == sorted([dead, deleting])
+    assert live.exists() and not dead.exists() and not deleting.exists()
+
+
+def test_dry_run_removes_nothing(cache):
+    entries = [fake_entry(cache, s, 9) for s in "ab"]
+    result = cache.prune(everything=True, dry_run=True)
+    assert names(result.removed) == ["a", "b"] and result.freed == sum(e.size() for e in entries)
+    assert names(cache.entries()) == ["a", "b"]
+
+
+def test_lock_files_of_removed_entries_go(cache):
+    entry = fake_entry(cache, "a")
+    with cache.locked(entry.name, write=False):
+        pass
+    assert (cache.dir / f"{entry.name}.lock").exists()
+    cache.prune(everything=True)
+    assert not (cache.dir / f"{entry.name}.lock").exists()
+
+
+def test_hold_refuses_a_removed_entry_and_passes_other_dirs(cache, tmp_path):
+    entry = fake_entry(cache, "a")
+    cache.prune(everything=True)
+    with pytest.raises(Exception, match="removed .*kiln cache prune"):
+        with cache.hold(entry.engine_dir):
+            pass
+    with cache.hold(tmp_path / "engine") as path:
+        assert path == tmp_path / "engine"
+
+
+def test_damage_names_a_missing_or_truncated_file(cache):
+    entry = fake_entry(cache, "a")
+    assert damage(entry.engine_dir) is None
+    (entry.engine_dir / "rank0.onnx").write_bytes(b"\0" * 10)
+    assert "rank0.onnx has 10 bytes" in damage(entry.engine_dir)
+    (entry.engine_dir / "rank0.onnx").unlink()
+    assert damage(entry.engine_dir) == "rank0.onnx is missing"
+
+
+def test_an_unwritable_cache_dir_is_one_line_with_the_fix(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(Exception, match="cannot be written .*set KILN_CACHE_DIR"):
+        EngineCache(tmp_path / "file").ensure()
