@@ -68,8 +68,9 @@ class KilnGroup(click.Group):
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         command = super().get_command(ctx, name)
         if isinstance(command, LazyCommand):  # resolved: import it, from now on the real one
-            command = command.load()
-            command.invoke = _heavy_imports_first(command.invoke)
+            heavy, command = command.heavy, command.load()
+            if heavy:
+                command.invoke = _heavy_imports_first(command.invoke)
             self.add_command(command, name)
         return command
 
@@ -99,11 +100,14 @@ def _heavy_imports_first(invoke: Callable[[click.Context], Any]) -> Callable[[cl
 
 class LazyCommand(click.Command):
     """A subcommand known by name and short help until it is resolved; then the module that
-    defines it (as a module attribute of the same name) is imported."""
+    defines it (as a module attribute of the same name) is imported. A command that is not
+    ``heavy`` (``kiln cache``: listing and pruning need no torch) is run without importing
+    torch first; its own parts that need it import it (kiln.cli.cache)."""
 
-    def __init__(self, name: str, module: str, short_help: str) -> None:
+    def __init__(self, name: str, module: str, short_help: str, heavy: bool = True) -> None:
         super().__init__(name, help=short_help)  # help, not short_help: truncated like the real
         self.module = module
+        self.heavy = heavy
 
     def load(self) -> click.Command:
         return getattr(importlib.import_module(self.module), self.name)
@@ -173,6 +177,9 @@ def _register_subcommands() -> None:
             ("eval", "kiln.cli.eval", "Perplexity of an engine on a text dataset (sliding "
                                       "windows, as Hugging Face's).")):
         main.add_command(LazyCommand(name, module, short_help))
+    main.add_command(LazyCommand("cache", "kiln.cli.cache", "The build cache of engines made "
+                                 "from Hugging Face checkpoints: list, prune, build.",
+                                 heavy=False))
 
 
 _register_subcommands()

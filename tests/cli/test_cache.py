@@ -1,0 +1,164 @@
+"""``kiln cache list / prune / build``: output, one-line errors (exit 2), no torch for listing
+and pruning's start-up, and every ``kiln build`` option offered by ``kiln cache build``."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from kiln.build_cache.store import EngineCache
+from kiln.cli.build import build as build_command
+from kiln.cli.cache import build as cache_build
+from kiln.cli.main import main
+from tests.build_cache.test_store import fake_entry
+from tests.cli.test_main import HEAVY, _fresh_python
+from tests.models import hf_model
+
+
+def _invoke(*args):
+    return CliRunner().invoke(main, list(args), prog_name="kiln")
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    return hf_model("llama-gqa", tmp_path_factory.mktemp("hf") / "model")
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "root"))
+    cache = EngineCache()
+    cache.ensure()
+    return cache
+
+
+def test_list_shows_entries_most_recent_first_and_what_is_not_the_cache_s(cache):
+    fake_entry(cache, "old-model", age_days=3, size=2_000_000)
+    fake_entry(cache, "new-model", age_days=0, size=1000)
+    (cache.dir / "my-stuff").mkdir()
+    (cache.dir / f".{'a' * 20}.tmp-999999-x").mkdir()
+    result = _invoke("cache", "list")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == f"{cache.dir}: 2 cached engines, 2.0 MB"
+    assert lines[1].split() == ["NAME", "SIZE", "BACKEND", "LAST", "USED", "SOURCE"]
+    assert lines[2].endswith("/models/new-model") and "s ago" in lines[2]
+    assert lines[3].endswith("/models/old-model") and "3 d ago" in lines[3]
+    assert "1 leftover of builds that did not finish" in result.output
+    assert f"not made by the cache, left alone: {cache.dir / 'my-stuff'}" in result.output
+
+
+def test_list_marks_an_entry_in_use(cache):
+    entry = fake_entry(cache, "m")
+    with cache.hold(entry.engine_dir):
+        result = _invoke("cache", "list", "--cache_dir", str(cache.root))
+    assert result.output.splitlines()[2].endswith("/models/m (in use)")
+
+
+def test_prune_by_age_all_and_size(cache):
+    for seed, age in (("a", 10), ("b", 5), ("c", 1), ("d", 0)):
+        fake_entry(cache, seed, age_days=age, size=100_000)
+    result = _invoke("cache", "prune", "--older_than", "7d")
+    assert result.exit_code == 0, result.output
+    assert "removed " in result.output and "/models/a" in result.output
+    assert "removed 1 cached engine" in result.output.splitlines()[-1]
+    result = _invoke("cache", "prune", "--max_size", "250kB")
+    assert [e.source for e in cache.entries()] == ["/models/c", "/models/d"]
+    result = _invoke("cache", "prune", "--all", "--dry_run")
+    assert "would remove 2 cached engines" in result.output and len(cache.entries()) == 2
+    result = _invoke("cache", "prune", "--all")
+    assert cache.entries() == [] and "0 left in" in result.output
+
+
+def test_prune_says_what_it_left_alone(cache):
+    edited = fake_entry(cache, "edited", age_days=9)
+    (edited.engine_dir / "notes.txt").write_text("mine")
+    result = _invoke("cache", "prune", "--all")
+    assert result.exit_code == 0
+    assert "left alone: " in result.output and "notes.txt" in result.output
+    assert (edited.engine_dir / "notes.txt").exists()
+
+
+def test_prune_without_a_selection_removes_only_leftovers(cache):
+    fake_entry(cache, "a", age_days=100)
+    leftover = cache.dir / f".{'a' * 20}.tmp-999999-x"
+    leftover.mkdir()
+    result = _invoke("cache", "prune")
+    assert result.exit_code == 0 and len(cache.entries()) == 1 and not leftover.exists()
+    assert "pass --all, --older_than or --max_size" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["cache", "prune", "--older_than", "7"], "'7' is not a duration like 7d"),
+    (["cache", "prune", "--max_size", "lots"], "'lots' is not a size like 20GB"),
+    (["cache", "build"], "Missing option '--model_dir'"),
+    (["cache", "build", "--model_dir", "x", "--backend", "nope"], "'nope' is not one of"),
+])
+def test_usage_errors_are_one_line_exit_2(args, message, cache):
+    result = _invoke(*args)
+    assert result.exit_code == 2 and len(result.output.splitlines()) == 1, result.output
+    assert message in result.output
+
+
+def test_a_bad_model_dir_is_one_line_exit_2(cache, tmp_path):
+    result = _invoke("cache", "build", "--model_dir", str(tmp_path / "nope"))
+    assert result.exit_code == 2 and len(result.output.splitlines()) == 1, result.output
+    assert result.output.startswith(f"error: {tmp_path / 'nope'}: no such local directory")
+
+
+def test_an_unwritable_cache_dir_is_one_line_exit_2(tmp_path, tiny_hf, monkeypatch):
+    (tmp_path / "file").write_text("")
+    result = _invoke("cache", "build", "--model_dir", str(tiny_hf), "--cache_dir",
+                     str(tmp_path / "file"))
+    assert result.exit_code == 2 and "is a file" in result.output
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "file"))
+    result = _invoke("cache", "build", "--model_dir", str(tiny_hf))
+    assert result.exit_code == 2 and len(result.output.splitlines()) == 1, result.output
+    assert result.output.startswith(f"error: {tmp_path / 'file' / 'engines'}: the build cache "
+                                    f"cannot be written")
+    assert "set KILN_CACHE_DIR to a writable directory" in result.output
+
+
+def test_build_prints_the_engine_dir_and_then_finds_it(tiny_hf, tmp_path, monkeypatch):
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "root"))
+    args = ["-q", "cache", "build", "--model_dir", str(tiny_hf), "--max_batch_size", "2",
+            "--norm_plugin", "disable", "--max_cache_size", "1GB"]
+    first = _invoke(*args)
+    assert first.exit_code == 0, first.output
+    engine = first.output.strip()
+    manifest = json.loads((tmp_path / "root" / "engines" / engine.split("/")[-2] / "engine" /
+                           "config.json").read_text())
+    assert manifest["limits"]["max_batch_size"] == 2 and manifest["plugins"]["norm"] is False
+    mtime = os.stat(engine).st_mtime
+    time.sleep(0.01)
+    assert _invoke(*args).output.strip() == engine and os.stat(engine).st_mtime == mtime
+
+
+def test_cache_build_offers_every_option_of_kiln_build():
+    offered = {p.name for p in cache_build.params}
+    dirs = {"checkpoint_dir", "output_dir", "overwrite"}
+    assert {p.name for p in build_command.params} - dirs <= offered
+    assert {"model_dir", "revision", "tp_size", "pp_size", "allow_pickle", "cache_dir",
+            "max_cache_size"} <= offered
+
+
+@pytest.mark.parametrize("args", [["cache", "--help"], ["cache", "list"], ["cache", "prune"],
+                                  ["cache", "build", "--help"], ["cache", "prune", "--all"]])
+def test_cache_commands_start_without_heavy_libraries(args, tmp_path):
+    imported = json.loads(_fresh_python(f"""
+        import io, json, os, sys
+        from contextlib import redirect_stderr, redirect_stdout
+        os.environ["KILN_CACHE_DIR"] = {str(tmp_path)!r}
+        from kiln.cli.main import main
+        with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+            try:
+                main({args!r}, prog_name="kiln")
+            except SystemExit:
+                pass
+        print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))
+    """))
+    assert imported == []
