@@ -37,10 +37,12 @@ Multi-node: not in this phase. The pool starts its ranks on this machine (store 
 would join the same store instead of being spawned, rank 0 keeping the driver's role.
 
 Also here (phase 2): data-parallel replicas (``--dp``, :mod:`.replicas`: N single-rank engines
-in processes of their own behind one front that routes whole requests).
+in processes of their own behind one front that routes whole requests), and the ranks of a
+tensor-parallel tensorrt engine (:mod:`.tensorrt_ranks`, over the same pool, with an NCCL
+communicator of their own: :mod:`.nccl`).
 
 Not yet: micro-batched pipeline steps (stages run one after the other within a step), async
-scheduling and CUDA graphs for engines of several ranks, the TensorRT executor's communicator.
+scheduling and CUDA graphs for engines of several ranks.
 """
 
 from kiln.runtime.distributed.executor import DistributedExecutor

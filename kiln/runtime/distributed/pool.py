@@ -12,6 +12,9 @@ Contract:
   failed on its own over ranks whose collectives failed because of it. When no rank died
   (a collective timed out), the ranks that neither finished the last step sent (each worker
   counts its finished steps in shared memory) nor reported are named as the ones that hung.
+- ``on_fail``: callables the failing pool calls after killing its workers (from any thread),
+  for communicators its groups do not own: a tensorrt engine's (:mod:`.tensorrt_ranks`), so
+  that a step waiting in one of its collectives fails instead of waiting forever.
 - Commands go out with :meth:`WorkerPool.send_all`; :meth:`WorkerPool.expect` waits for one
   reply of a kind from every worker, raising :class:`~kiln.runtime.errors.WorkerError` as soon
   as the pool has failed. A caller whose own collective failed calls :meth:`WorkerPool.fault`.
@@ -31,6 +34,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.connection import Connection, wait
@@ -94,6 +98,7 @@ class WorkerPool:
         self._closing = False
         self._killing = False  # deaths from here on are the pool's own kills
         self.steps_sent = 0
+        self.on_fail: list[Callable[[], None]] = []  # called when the pool fails, any thread
         self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
         timeout = timedelta(seconds=timeout_s)
         self.store = dist.TCPStore(HOST, 0, world_size, True, timeout=timeout,
@@ -215,6 +220,11 @@ class WorkerPool:
             process.join(STOP_WAIT_S)
         if self.groups is not None:
             self.groups.abort()
+        for abort in self.on_fail:  # communicators the pool's groups do not own (tensorrt)
+            try:
+                abort()
+            except Exception as e:  # noqa: BLE001 - the pool fails anyway; say why below
+                logger.debug("aborting a communicator: %s", e)
         self._failed.set()
 
     # -- the monitor thread -----------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""A worker process: one rank of a pool, running the torch executor on its shard.
+"""A worker process: one rank of a pool, running the torch executor on its shard (or the
+tensorrt executor on its rank's engine files).
 
 Life of a worker (spawned by :class:`~kiln.runtime.distributed.pool.WorkerPool`):
 
@@ -18,6 +19,8 @@ Life of a worker (spawned by :class:`~kiln.runtime.distributed.pool.WorkerPool`)
                ``reserve`` must answer as the driver's did: the allocators are one), then run the
                step; the last stage's tensor-parallel rank 0 sends the logits to the driver
    ``close``   drop the executor (the pool stays for another engine); reply ``closed``
+   ``open_tensorrt``  a tensorrt engine's rank instead (:mod:`.tensorrt_ranks`): join its NCCL
+               communicator, load its engine files; reply ``ready``
 
 Any exception ends the worker: it sends ``("error", kind, text)`` (kind ``collective`` when a
 collective failed, a consequence of another rank's failure; ``fault`` otherwise) and exits 1.
@@ -97,7 +100,7 @@ class _Worker:
 
     def serve(self) -> None:
         handlers = {"open": self.open, "build": self.build, "step": self.step,
-                    "close": self.close}
+                    "close": self.close, "open_tensorrt": self.open_tensorrt}
         while True:
             try:
                 message = self.conn.recv()
@@ -122,6 +125,21 @@ class _Worker:
         self.pending = None
         self.executor = build_executor(engine_dir, manifest, tensors, device, options, shard)
         self.delivers = shard.last_stage and shard.tp_rank == 0
+        self.conn.send(("ready",))
+
+    def open_tensorrt(self, engine_dir: str, manifest, key: str) -> None:
+        """This rank of a tensor-parallel tensorrt engine: join the engine's NCCL communicator
+        (collective with every rank, bootstrapped through the pool's store), load the rank's
+        engine files; reply ``ready``. Every rank ends a step with the whole logits."""
+        from kiln.runtime.distributed.nccl import communicator
+        from kiln.runtime.tensorrt_executor import TensorRTExecutor, cuda_device, rank_engines
+
+        self.close(reply=False)
+        device = cuda_device(self.rank)
+        comm = communicator(self.groups.store, key, self.rank, self.spec.world_size)
+        self.executor = TensorRTExecutor(rank_engines(Path(engine_dir), manifest, self.rank),
+                                         manifest, self.rank, comm, device)
+        self.delivers = False
         self.conn.send(("ready",))
 
     def step(self, ops: list[tuple], chunks: list[tuple]) -> None:
