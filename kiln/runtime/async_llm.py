@@ -11,8 +11,13 @@ Contract:
   request finishes; ``await abort(request_id)`` ends it (its last delta has finish_reason
   ``abort``) and frees its slot at once; the others continue.
 - A request that fails alone (non-finite logits, more KV cache than the executor has) ends its
-  stream with finish_reason ``error`` and the reason in ``result.error``; the others go on. If
-  the executor itself fails, every open stream raises the error.
+  stream with finish_reason ``error`` and the reason in ``result.error``; the others go on.
+- An engine failure (an exception out of a step: a rank or replica that died, a CUDA error) is
+  terminal: it is logged in one line, every running request's stream raises it, the engine
+  thread ends, :meth:`AsyncLLM.healthy` is False from then on, and every later request is
+  accepted by ``submit`` (an id, as before) and its stream raises the same error at once, so a
+  consumer has one place to turn it into an error event. The LLM keeps the error
+  (:attr:`~kiln.runtime.llm.LLM.error`): its sync calls raise it too.
 
 Non-goals: fairness between event loops, back-pressure on slow consumers (deltas queue up).
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
 import logging
 import queue
 import threading
@@ -52,16 +58,24 @@ class AsyncLLM:
     """See the module docstring. Use as ``async with AsyncLLM(llm) as engine: ...``."""
 
     def __init__(self, llm: LLM):
+        llm.check_open()
         if getattr(llm, "async_owner", None) is not None:
             raise RuntimeError("this LLM is already driven by an AsyncLLM; close that one first")
         self.llm = llm
-        llm.async_owner = self
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake = threading.Event()
-        self._sinks: dict[str, _Sink] = {}
+        self._loop = _EngineLoop(llm)
+        llm.async_owner = self._loop
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="kiln-engine", daemon=True)
+        self._thread = threading.Thread(target=self._loop.run, name="kiln-engine", daemon=True)
         self._thread.start()
+
+    @property
+    def error(self) -> BaseException | None:
+        """The engine's failure (terminal), or None."""
+        return self._loop.error
+
+    def healthy(self) -> bool:
+        """True while the engine can serve requests: open, its thread running, not failed."""
+        return not self._closed and self._loop.error is None and self._thread.is_alive()
 
     async def submit(self, prompt: Prompt, params: SamplingParams | None = None,
                      request_id: str | None = None) -> str:
@@ -72,27 +86,31 @@ class AsyncLLM:
         future: concurrent.futures.Future = concurrent.futures.Future()
         sink = _Sink(asyncio.get_running_loop(), asyncio.Queue())
         text = prompt if isinstance(prompt, str) else None
-        self._send(("add", ids, params or self.llm.default_params, request_id, text, sink, future))
+        self._loop.send(("add", ids, params or self.llm.default_params, request_id, text, sink,
+                         future))
         return await asyncio.wrap_future(future)
 
     async def stream(self, request_id: str) -> AsyncIterator[StreamDelta]:
-        """Deltas of a submitted request until it finishes."""
-        sink = self._sinks.get(request_id)
+        """Deltas of a submitted request until it finishes (raises the engine's failure)."""
+        sink = self._loop.sinks.get(request_id)
         if sink is None:
+            if self._loop.error is not None:
+                raise _again(self._loop.error)
             raise RequestError(f"unknown request id {request_id!r} (not submitted, or finished "
                                f"and already streamed)")
         while True:
             item = await sink.queue.get()
             if isinstance(item, BaseException):
-                raise item
+                self._loop.sinks.pop(request_id, None)
+                raise _again(item)
             yield item
             if item.finished:
-                self._sinks.pop(request_id, None)
+                self._loop.sinks.pop(request_id, None)
                 return
 
     async def abort(self, request_id: str) -> None:
         """End a request now; its stream ends with finish_reason ``abort``."""
-        self._send(("abort", request_id))
+        self._loop.send(("abort", request_id))
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None):
         """Submit and wait for the result; cancelling the awaiting task aborts the request."""
@@ -102,7 +120,7 @@ class AsyncLLM:
                 if delta.result is not None:
                     return delta.result
         except asyncio.CancelledError:
-            self._send(("abort", request_id))
+            self._loop.send(("abort", request_id))
             raise
         raise RuntimeError(f"request {request_id} ended without a result")
 
@@ -111,9 +129,8 @@ class AsyncLLM:
         if self._closed:
             return
         self._closed = True
-        self._send(("close",))
+        self._loop.send(("close",))
         self._thread.join()
-        self.llm.async_owner = None
 
     async def __aenter__(self) -> AsyncLLM:
         return self
@@ -121,37 +138,75 @@ class AsyncLLM:
     async def __aexit__(self, *exc: object) -> None:
         await asyncio.to_thread(self.close)
 
-    # -- engine thread -----------------------------------------------------------------------
-    def _send(self, message: tuple) -> None:
-        self._inbox.put(message)
-        self._wake.set()
 
-    def _run(self) -> None:
+def _again(error: BaseException) -> BaseException:
+    """``error`` to raise once more in another stream: a copy without the earlier traceback."""
+    try:
+        return copy.copy(error).with_traceback(None)
+    except Exception:  # noqa: BLE001 - an exception that does not copy: raise it as it is
+        return error
+
+
+class _EngineLoop:
+    """The engine thread's state and loop. It holds the LLM, never its AsyncLLM.
+
+    ``send`` and the failure share a lock: once the loop has ended (failed or closed) nothing
+    more enters the inbox; a message sent after that is answered on the sender's thread.
+    """
+
+    def __init__(self, llm: LLM):
+        self.llm = llm
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.wake = threading.Event()
+        self.sinks: dict[str, _Sink] = {}
+        self.error: BaseException | None = None
+        self.ended = False
+        self._gate = threading.Lock()
+
+    def send(self, message: tuple) -> None:
+        with self._gate:
+            if not self.ended:
+                self.inbox.put(message)
+                self.wake.set()
+                return
+        self._refuse(message)
+
+    def run(self) -> None:
         core = self.llm.core
-        while True:
-            self._wake.clear()
-            with self.llm.lock:
-                if not self._drain():
-                    for rid in list(core.requests):
-                        self._deliver(core.abort(rid))
-                    return
+        try:
+            while True:
+                self.wake.clear()
+                with self.llm.lock:
+                    if not self._drain():
+                        for rid in list(core.requests):
+                            self._deliver(core.abort(rid))
+                        return
+                    try:
+                        deltas = self.llm._step() if core.has_work() else []
+                    except Exception as e:  # the engine failed: terminal (module docstring)
+                        self._fail(e)
+                        return
+                for delta in deltas:
+                    self._deliver(delta)
+                if not core.has_work():
+                    self.wake.wait()
+        finally:
+            with self._gate:
+                self.ended = True
+            while True:  # sent before the loop ended, never read
                 try:
-                    deltas = core.step() if core.has_work() else []
-                except Exception as e:  # the executor failed: every stream gets the error
-                    logger.exception("engine step failed")
-                    self._fail_all(e)
-                    deltas = []
-            for delta in deltas:
-                self._deliver(delta)
-            if not core.has_work():
-                self._wake.wait()
+                    self._refuse(self.inbox.get_nowait())
+                except queue.Empty:
+                    break
+            if self.llm.async_owner is self:
+                self.llm.async_owner = None
 
     def _drain(self) -> bool:
         """Apply queued commands; False when asked to close."""
         core = self.llm.core
         while True:
             try:
-                message = self._inbox.get_nowait()
+                message = self.inbox.get_nowait()
             except queue.Empty:
                 return True
             if message[0] == "close":
@@ -165,24 +220,44 @@ class AsyncLLM:
             except RequestError as e:
                 future.set_exception(e)
                 continue
-            self._sinks[request.request_id] = sink
+            self.sinks[request.request_id] = sink
             future.set_result(request.request_id)
+
+    def _refuse(self, message: tuple) -> None:
+        """A message for a loop that has ended: a request gets an id and a stream that raises
+        the engine's failure (or is refused if the AsyncLLM was closed); the rest is moot."""
+        if message[0] != "add":
+            return
+        _, _, _, request_id, _, sink, future = message
+        if self.error is None:
+            future.set_exception(RuntimeError("AsyncLLM is closed"))
+            return
+        request_id = request_id or self.llm.core.new_request_id()
+        self.sinks[request_id] = sink
+        sink.put(self.error)
+        future.set_result(request_id)
 
     def _deliver(self, delta) -> None:
         if delta is None:
             return
         request = self.llm.core.requests[delta.request_id]
-        sink = self._sinks.get(delta.request_id)
+        sink = self.sinks.get(delta.request_id)
         if delta.finished:
             self.llm.core.pop(delta.request_id)
         if sink is not None:
             sink.put(StreamDelta.of(0, delta, request))
 
-    def _fail_all(self, error: Exception) -> None:
+    def _fail(self, error: Exception) -> None:
+        """Every running request's stream gets ``error``; later ones too (:meth:`_refuse`)."""
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        logger.error("the engine failed, every request fails from now on: %s", first)
+        logger.debug("engine failure", exc_info=error)
+        with self._gate:
+            self.error, self.ended = error, True
         core = self.llm.core
         for rid in list(core.requests):
             core.abort(rid)
             core.pop(rid)
-            sink = self._sinks.pop(rid, None)
+            sink = self.sinks.get(rid)
             if sink is not None:
                 sink.put(error)

@@ -17,6 +17,9 @@ Contract:
   in its result's ``error`` (also logged as a warning); the other prompts of the call go on.
 - ``chat(messages, params)`` renders the chat template and generates; ``render_chat`` gives the
   token ids for streaming a chat.
+- An engine failure (an exception out of a step: a rank or replica of the engine died, a CUDA
+  error) is terminal: the call raises it, :attr:`LLM.error` keeps it, and every later call
+  raises it again at once (close the LLM and open the engine again).
 - One thread drives an LLM at a time (a lock serializes calls); :class:`kiln.runtime.AsyncLLM`
   serves asyncio callers.
 - ``ExecutorOptions(dp=N)``: N replicas of a single-rank engine, one process each (one GPU each
@@ -37,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.engine import EngineManifest
-from kiln.runtime.core import EngineCore
+from kiln.runtime.core import EngineCore, RequestDelta
 from kiln.runtime.errors import RequestError, TokenizerError
 from kiln.runtime.executor import Executor
 from kiln.runtime.loader import ExecutorOptions, open_engine
@@ -99,6 +102,7 @@ class LLM:
         self.core = core if core is not None else EngineCore(executor, tokenizer, policy)
         self.lock = threading.Lock()
         self.async_owner: object | None = None  # an open AsyncLLM drives the core instead
+        self.error: BaseException | None = None  # the engine's failure: terminal
         gc = tokenizer.generation_config if tokenizer is not None else {}
         self.default_params = SamplingParams.from_generation_config(gc)
 
@@ -123,6 +127,20 @@ class LLM:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def check_open(self) -> None:
+        """Raise unless this LLM can run requests: its engine failed (that error again)."""
+        if self.error is not None:
+            raise self.error.with_traceback(None)
+
+    def _step(self) -> list[RequestDelta]:
+        """One core step (generate_stream's, or an AsyncLLM's engine thread's); an exception
+        out of it is the engine's failure, kept in :attr:`error`."""
+        try:
+            return self.core.step()
+        except Exception as e:
+            self.error = e
+            raise
 
     # -- prompts -----------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
@@ -184,6 +202,7 @@ class LLM:
                         ) -> Iterator[StreamDelta]:
         """Deltas of all prompts as they are produced (see the module docstring)."""
         prompts = _as_list(prompts)
+        self.check_open()
         if self.async_owner is not None:
             raise RuntimeError("this LLM is driven by an AsyncLLM; use its submit/stream, or "
                                "close it first")
@@ -193,7 +212,7 @@ class LLM:
             live = set(ids)
             try:
                 while live:
-                    for delta in self.core.step():
+                    for delta in self._step():
                         if delta.request_id not in index:
                             continue  # another caller's request (cannot happen under the lock)
                         request = self.core.requests[delta.request_id]

@@ -120,6 +120,43 @@ def test_a_hung_worker_ends_the_run_at_the_collective_timeout(engines):
     assert not alive(victim.pid)
 
 
+def test_a_killed_rank_fails_every_asyncllm_request_for_good(engines, caplog):
+    """kiln serve's view: the running request's stream raises the one line naming the rank,
+    healthy() turns False, a later request's stream raises it too, one log line, no traceback."""
+    import asyncio
+
+    from kiln.runtime import LLM, AsyncLLM
+
+    llm = LLM(engines(2, 1), ExecutorOptions(device="cpu"))
+    params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=30)
+
+    async def main():
+        async with AsyncLLM(llm) as engine:
+            rid = await engine.submit("Hello", params)
+            with pytest.raises(WorkerError) as running:
+                async for delta in engine.stream(rid):
+                    if delta.token_ids and llm.executor.pool.processes[1].is_alive():
+                        llm.executor.pool.processes[1].kill()
+            engine._thread.join(10)
+            healthy = engine.healthy()
+            later = await engine.submit("Hi", params)
+            with pytest.raises(WorkerError) as after:
+                [d async for d in engine.stream(later)]
+            return running.value, after.value, healthy
+
+    try:
+        with caplog.at_level("INFO"):
+            running, after, healthy = asyncio.run(main())
+        with pytest.raises(WorkerError, match="rank 1"):  # the sync API: the same error
+            llm.generate("Hi", params)
+    finally:
+        llm.close()
+    assert str(running).startswith("rank 1 (tp 1, stage 0) died: killed by SIGKILL")
+    assert str(after) == str(running) and not healthy
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].exc_info is None
+
+
 def run_python(source: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(source)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)

@@ -10,7 +10,7 @@ import pytest
 
 from kiln.engine import BuildLimits
 from kiln.runtime import LLM, AsyncLLM, SamplingParams
-from kiln.runtime.errors import RequestError, TokenizerError
+from kiln.runtime.errors import RequestError, TokenizerError, WorkerError
 from tests.runtime.mocks import HashExecutor, ScriptedExecutor
 
 ANSWER = "The capital of France is Paris. 🦙 Done!"
@@ -185,3 +185,50 @@ def test_async_submit_stream_abort(scripted, tokenizer):
     assert text_a == ANSWER and late.text == ANSWER
     assert llm.async_owner is None and not llm.core.requests
     assert llm.generate(prompt, GREEDY)[0].text == ANSWER  # sync use works again
+
+
+def test_an_engine_failure_is_terminal_for_async_and_sync_callers(scripted, caplog):
+    """A step that raises (a rank died) fails every running request with that one line, ends
+    the engine thread (healthy() False: kiln serve's /health), and every later request's
+    stream raises it at once; the sync API raises it too."""
+    llm, prompt, _ = scripted()
+    step = llm.core.executor.step
+    calls = []
+
+    def failing_step(chunks):
+        calls.append(1)
+        if len(calls) == 3:
+            raise WorkerError("rank 1 (tp 1, stage 0) died: killed by SIGKILL")
+        time.sleep(0.01)
+        return step(chunks)
+
+    llm.core.executor.step = failing_step
+
+    async def main():
+        async with AsyncLLM(llm) as engine:
+            assert engine.healthy()
+            a = await engine.submit(prompt, GREEDY)
+            with pytest.raises(WorkerError, match="rank 1 .* died") as running:
+                async for _ in engine.stream(a):
+                    pass
+            engine._thread.join(5)
+            assert not engine.healthy() and not engine._thread.is_alive()
+            later = await engine.submit(prompt, GREEDY)
+            with pytest.raises(WorkerError, match="rank 1 .* died") as after:
+                [d async for d in engine.stream(later)]
+            with pytest.raises(WorkerError, match="rank 1 .* died"):
+                await engine.generate(prompt, GREEDY)
+            return running.value, after.value
+
+    with caplog.at_level("INFO"):
+        running, after = asyncio.run(main())
+    assert str(running) == str(after) == "rank 1 (tp 1, stage 0) died: killed by SIGKILL"
+    failed = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(failed) == 1 and failed[0].exc_info is None
+    assert "rank 1 (tp 1, stage 0) died" in failed[0].getMessage()
+    assert len(calls) == 3 and not llm.core.requests
+    with pytest.raises(WorkerError, match="rank 1 .* died"):  # the sync API: the same error
+        llm.generate(prompt, GREEDY)
+    with pytest.raises(WorkerError, match="rank 1 .* died"):
+        AsyncLLM(llm)
+    assert len(calls) == 3  # nothing ran again
