@@ -18,6 +18,8 @@ Contract:
   accepted by ``submit`` (an id, as before) and its stream raises the same error at once, so a
   consumer has one place to turn it into an error event. The LLM keeps the error
   (:attr:`~kiln.runtime.llm.LLM.error`): its sync calls raise it too.
+- An AsyncLLM dropped without ``close()`` stops its engine thread when it is garbage collected
+  (the thread holds the LLM, never the AsyncLLM), so an unreferenced LLM under it is freed too.
 
 Non-goals: fairness between event loops, back-pressure on slow consumers (deltas queue up).
 """
@@ -30,6 +32,7 @@ import copy
 import logging
 import queue
 import threading
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -67,6 +70,8 @@ class AsyncLLM:
         self._closed = False
         self._thread = threading.Thread(target=self._loop.run, name="kiln-engine", daemon=True)
         self._thread.start()
+        # dropped without close(): the thread stops when this is collected, and lets the LLM go
+        weakref.finalize(self, self._loop.send, ("close",)).atexit = False
 
     @property
     def error(self) -> BaseException | None:

@@ -20,6 +20,8 @@ Contract:
 - An engine failure (an exception out of a step: a rank or replica of the engine died, a CUDA
   error) is terminal: the call raises it, :attr:`LLM.error` keeps it, and every later call
   raises it again at once (close the LLM and open the engine again).
+- ``close()`` (or ``with LLM(...) as llm``) stops the engine's worker processes at once; an
+  LLM dropped without it releases them when it is garbage collected (the executor's finalizer).
 - One thread drives an LLM at a time (a lock serializes calls); :class:`kiln.runtime.AsyncLLM`
   serves asyncio callers.
 - ``ExecutorOptions(dp=N)``: N replicas of a single-rank engine, one process each (one GPU each

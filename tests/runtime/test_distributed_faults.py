@@ -157,6 +157,34 @@ def test_a_killed_rank_fails_every_asyncllm_request_for_good(engines, caplog):
     assert len(errors) == 1 and errors[0].exc_info is None
 
 
+def wait_gone(pids: list[int], seconds: float = 10) -> bool:
+    """Collect garbage until every pid has exited (True) or ``seconds`` passed."""
+    import gc
+
+    deadline = time.monotonic() + seconds
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.1)
+    return not any(alive(p) for p in pids)
+
+
+def test_an_engine_dropped_without_close_releases_its_workers(engines):
+    """The pool's monitor thread holds the pool; the engine's finalizer kills its workers when
+    the LLM (alone, or under an AsyncLLM never closed) is collected."""
+    from kiln.runtime import LLM, AsyncLLM
+
+    llm = LLM(engines(2, 1), ExecutorOptions(device="cpu"))
+    llm.generate([1, 2, 3], SamplingParams(max_tokens=2))
+    pids = [p.pid for p in llm.executor.pool.processes.values()]
+    del llm
+    assert wait_gone(pids)
+    engine = AsyncLLM(LLM(engines(2, 1), ExecutorOptions(device="cpu")))
+    pids = [p.pid for p in engine.llm.executor.pool.processes.values()]
+    thread = engine._thread
+    del engine
+    assert wait_gone(pids) and not thread.is_alive()
+
+
 def run_python(source: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(source)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)

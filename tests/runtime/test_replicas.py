@@ -202,3 +202,12 @@ def test_what_cannot_run_as_replicas_is_refused_before_anything_starts(engines):
                                            "cpu", "--dp", "2"])
         assert result.exit_code == 2
         assert result.output.startswith("error: --dp 2 runs copies of a single-rank engine")
+
+
+def test_replicas_of_an_llm_dropped_without_close_exit(engines):
+    from tests.runtime.test_distributed_faults import wait_gone
+
+    llm = LLM(engines(), ExecutorOptions(device="cpu", dp=2))
+    pids = [p.pid for p in llm.core.pool.processes]
+    del llm
+    assert wait_gone(pids)

@@ -28,7 +28,7 @@ import torch
 
 from kiln.engine import EngineManifest
 from kiln.runtime.distributed.comm import CONTEXT_TAG, LOGITS_TAG, CollectiveError, recv, send
-from kiln.runtime.distributed.pool import WorkerPool
+from kiln.runtime.distributed.pool import WorkerPool, stop_with
 from kiln.runtime.executor import DeviceTokens, Executor, SequenceChunk, StepLogits
 from kiln.runtime.torch_backend.executor import TorchExecutor, TorchExecutorOptions
 from kiln.runtime.torch_backend.paged_cache import KVCacheError
@@ -53,6 +53,8 @@ class DistributedExecutor(Executor):
         self._ops: list[tuple] = []
         self._busy = False  # a step was sent and did not complete (interrupted or failed)
         self._closed = False
+        # dropped without close(): its workers are killed when it is collected
+        self._finalizer = stop_with(self, pool) if owns_pool else None
 
     @classmethod
     def open(cls, engine_dir: Path, manifest: EngineManifest, device: torch.device,
@@ -138,6 +140,8 @@ class DistributedExecutor(Executor):
         if self._closed:
             return
         self._closed = True
+        if self._finalizer is not None:
+            self._finalizer.detach()
         try:
             if self.owns_pool or self._busy or self.pool.failed:
                 self.pool.shutdown(kill=self._busy or self.pool.failed)

@@ -21,7 +21,9 @@ Contract:
 - :meth:`WorkerPool.shutdown` asks the workers to exit (or kills them: ``kill=True``, after an
   interrupted step, when a worker may sit in a collective that will never complete) and waits
   for them: no process outlives the pool. Workers also exit by themselves when this process
-  dies (:mod:`.worker`).
+  dies (:mod:`.worker`). The monitor thread holds the pool, so a pool is never collected while
+  it runs: an engine that owns one ties the workers to itself with :func:`stop_with` (an engine
+  dropped without ``close()`` kills them when it is collected).
 
 Non-goals: workers on other machines, restarting a failed rank.
 """
@@ -34,6 +36,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -55,6 +58,15 @@ SETTLE_S = 0.5  # after a first report, how long the other ranks' reports may ta
 STOP_WAIT_S = 5.0  # a graceful shutdown's wait for the workers to exit before killing them
 # Report kinds: a rank's own death or error, or a collective that failed (a consequence).
 DIED, FAULT, COLLECTIVE = "died", "fault", "collective"
+
+
+def stop_with(owner: object, pool: WorkerPool) -> weakref.finalize:
+    """Kill ``pool``'s workers when ``owner`` (the engine that owns it) is garbage collected
+    unclosed; ``detach()`` the finalizer once the owner shuts the pool down itself. Not at
+    interpreter exit: multiprocessing ends daemon workers then."""
+    finalizer = weakref.finalize(owner, pool.shutdown, True)
+    finalizer.atexit = False
+    return finalizer
 
 
 @dataclass(frozen=True)

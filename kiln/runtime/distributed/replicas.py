@@ -39,7 +39,9 @@ front waits on every replica's pipe and process sentinel, so within :data:`STEP_
 death when a run is going) raises one :class:`~kiln.runtime.errors.WorkerError` line naming
 the replica and the cause; the other replicas are killed; every later step raises it again.
 Replicas end by themselves when the driver dies (:mod:`.process`); Ctrl-C in the driver ends
-the run and closing the LLM stops every replica.
+the run and closing the LLM stops every replica; an LLM dropped without closing lets them go
+when it is garbage collected (the pool's pipes close: each replica exits at its next wait for
+a message).
 
 Not supported: replicas of a multi-rank engine (dp x tp > 1, refused at load by
 :func:`~kiln.runtime.loader.check_replicas`: a replica would start its own ranks, one GPU each,

@@ -39,7 +39,7 @@ import torch
 
 from kiln.engine import EngineManifest
 from kiln.runtime.distributed.nccl import communicator
-from kiln.runtime.distributed.pool import WorkerPool
+from kiln.runtime.distributed.pool import WorkerPool, stop_with
 from kiln.runtime.executor import DeviceTokens, Executor, SequenceChunk, StepLogits
 from kiln.runtime.options import ExecutorOptions
 from kiln.runtime.tensorrt_executor import TensorRTExecutor, cuda_device, rank_engines
@@ -62,6 +62,7 @@ class TensorRTRanks(Executor):
         self._ops: list[tuple] = []
         self._busy = False
         self._closed = False
+        self._finalizer = stop_with(self, pool)  # dropped without close(): workers killed
 
     @classmethod
     def open(cls, engine_dir: Path, manifest: EngineManifest,
@@ -117,6 +118,7 @@ class TensorRTRanks(Executor):
         if self._closed:
             return
         self._closed = True
+        self._finalizer.detach()
         try:
             self.pool.shutdown(kill=self._busy or self.pool.failed)
         finally:
