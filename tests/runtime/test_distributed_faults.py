@@ -104,6 +104,26 @@ def test_a_killed_worker_ends_the_run_within_seconds_and_no_rank_is_left(engines
     executor.close()
 
 
+def test_a_rank_that_dies_at_startup_is_named_by_the_engines_mapping(engines, monkeypatch):
+    """pp 2: rank 2 is (tp 0, stage 1), not the (tp 2, stage 0) of a tp-only world; it dies
+    while the pool starts (before any engine command)."""
+    from kiln.runtime.distributed import pool as pool_module
+
+    start = pool_module.start
+
+    def start_and_kill_rank2(process):
+        start(process)
+        if process.name == "kiln-rank2":
+            process.kill()
+
+    monkeypatch.setattr(pool_module, "start", start_and_kill_rank2)
+    engine = engines(2, 2)
+    with pytest.raises(WorkerError) as info:
+        DistributedExecutor.open(engine, read_manifest(engine), torch.device("cpu"),
+                                 TorchExecutorOptions())
+    assert str(info.value).startswith("rank 2 (tp 0, stage 1) died: killed by SIGKILL")
+
+
 def test_a_hung_worker_ends_the_run_at_the_collective_timeout(engines):
     engine = engines(2, 1)
     executor = DistributedExecutor.open(engine, read_manifest(engine), torch.device("cpu"),

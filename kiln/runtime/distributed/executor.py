@@ -66,7 +66,8 @@ class DistributedExecutor(Executor):
         world = manifest.mapping.world_size
         owns = pool is None
         if pool is None:
-            pool = WorkerPool(world, device.type, options.collective_timeout_s, num_threads)
+            pool = WorkerPool(world, device.type, options.collective_timeout_s, num_threads,
+                              manifest.mapping)
         elif pool.world_size != world or pool.failed:
             raise ValueError(f"a pool of {pool.world_size} ranks (failed: {pool.failed}) cannot "
                              f"run an engine of {world}")

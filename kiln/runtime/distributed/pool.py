@@ -94,12 +94,14 @@ class WorkerPool:
     """Ranks 1..world_size-1 as worker processes (see the module docstring)."""
 
     def __init__(self, world_size: int, device: str = "cpu", timeout_s: float = 120.0,
-                 num_threads: int | None = None):
+                 num_threads: int | None = None, mapping: Mapping | None = None):
         if world_size < 2:
             raise ValueError(f"a worker pool needs a world of 2 or more ranks, got {world_size}")
         self.world_size, self.device = world_size, device
         self.timeout_s = timeout_s
-        self.mapping = Mapping(tp_size=world_size)  # for rank labels; set by each engine
+        # rank labels: the engine's (a rank that dies at startup is named by it); a pool made
+        # for several engines (the tests') gets each one's as it opens
+        self.mapping = mapping or Mapping(tp_size=world_size)
         self.processes: dict[int, multiprocessing.Process] = {}
         self.conns: dict[int, Connection] = {}
         self.groups: Groups | None = None

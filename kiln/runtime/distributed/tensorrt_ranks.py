@@ -70,8 +70,7 @@ class TensorRTRanks(Executor):
         world = manifest.mapping.world_size
         logger.info("tensorrt engine of tp %d: starting %d worker processes (one GPU each)",
                     world, world - 1)
-        pool = WorkerPool(world, "cuda", TIMEOUT_S, options.num_threads)
-        pool.mapping = manifest.mapping
+        pool = WorkerPool(world, "cuda", TIMEOUT_S, options.num_threads, manifest.mapping)
         try:
             pool.send_all(("open_tensorrt", str(engine_dir), manifest, COMMUNICATOR_KEY))
             device = cuda_device(0)
