@@ -28,3 +28,7 @@ class KVCacheError(KilnError):
 class WorkerError(KilnError):
     """A rank of a multi-process engine died, failed or stopped answering; the message names
     the rank and the cause. The engine's other ranks are stopped: the engine cannot go on."""
+
+
+class EngineClosedError(KilnError, RuntimeError):
+    """An LLM was used after ``close()``: its executor and worker processes are gone."""

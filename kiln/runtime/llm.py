@@ -22,6 +22,7 @@ Contract:
   raises it again at once (close the LLM and open the engine again).
 - ``close()`` (or ``with LLM(...) as llm``) stops the engine's worker processes at once; an
   LLM dropped without it releases them when it is garbage collected (the executor's finalizer).
+  A closed LLM raises :class:`~kiln.runtime.errors.EngineClosedError` when used.
 - One thread drives an LLM at a time (a lock serializes calls); :class:`kiln.runtime.AsyncLLM`
   serves asyncio callers.
 - ``ExecutorOptions(dp=N)``: N replicas of a single-rank engine, one process each (one GPU each
@@ -43,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from kiln.engine import EngineManifest
 from kiln.runtime.core import EngineCore, RequestDelta
-from kiln.runtime.errors import RequestError, TokenizerError
+from kiln.runtime.errors import EngineClosedError, RequestError, TokenizerError
 from kiln.runtime.executor import Executor
 from kiln.runtime.loader import ExecutorOptions, open_engine
 from kiln.runtime.params import SamplingParams
@@ -105,6 +106,7 @@ class LLM:
         self.lock = threading.Lock()
         self.async_owner: object | None = None  # an open AsyncLLM drives the core instead
         self.error: BaseException | None = None  # the engine's failure: terminal
+        self.closed = False
         gc = tokenizer.generation_config if tokenizer is not None else {}
         self.default_params = SamplingParams.from_generation_config(gc)
 
@@ -119,6 +121,10 @@ class LLM:
             else self.executor.gathers_context_logits
 
     def close(self) -> None:
+        """Stop the engine (its worker processes too); later calls raise EngineClosedError."""
+        if self.closed:
+            return
+        self.closed = True
         if self.executor is not None:
             self.executor.close()
         else:
@@ -131,7 +137,10 @@ class LLM:
         self.close()
 
     def check_open(self) -> None:
-        """Raise unless this LLM can run requests: its engine failed (that error again)."""
+        """Raise unless this LLM can run requests: it was closed (EngineClosedError), or its
+        engine failed (that error again)."""
+        if self.closed:
+            raise EngineClosedError("this LLM was closed; open the engine again (LLM(engine_dir))")
         if self.error is not None:
             raise self.error.with_traceback(None)
 

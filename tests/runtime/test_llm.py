@@ -10,7 +10,7 @@ import pytest
 
 from kiln.engine import BuildLimits
 from kiln.runtime import LLM, AsyncLLM, SamplingParams
-from kiln.runtime.errors import RequestError, TokenizerError, WorkerError
+from kiln.runtime.errors import EngineClosedError, RequestError, TokenizerError, WorkerError
 from tests.runtime.mocks import HashExecutor, ScriptedExecutor
 
 ANSWER = "The capital of France is Paris. 🦙 Done!"
@@ -232,3 +232,13 @@ def test_an_engine_failure_is_terminal_for_async_and_sync_callers(scripted, capl
     with pytest.raises(WorkerError, match="rank 1 .* died"):
         AsyncLLM(llm)
     assert len(calls) == 3  # nothing ran again
+
+
+def test_a_closed_llm_says_so(scripted):
+    llm, prompt, _ = scripted()
+    llm.close()
+    llm.close()  # idempotent
+    for use in (lambda: llm.generate(prompt, GREEDY), lambda: list(llm.generate_stream(prompt)),
+                lambda: llm.chat([{"role": "user", "content": "hi"}]), lambda: AsyncLLM(llm)):
+        with pytest.raises(EngineClosedError, match="this LLM was closed; open the engine again"):
+            use()
