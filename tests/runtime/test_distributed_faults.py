@@ -284,6 +284,25 @@ def test_ctrl_c_stops_every_rank_and_kiln_run_exits_130(engines, tmp_path):
     assert len(workers) == 1 and not alive(workers[0])
 
 
+def test_a_script_without_the_main_guard_is_told_to_add_it(engines, tmp_path):
+    """The spawned rank imports the script again and would open the engine again: it exits
+    at once, and the driver's last line says what to do (not multiprocessing's traceback)."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(textwrap.dedent(f"""
+        from kiln.runtime import LLM, ExecutorOptions
+        llm = LLM({str(engines(2, 1))!r}, ExecutorOptions(device="cpu"))
+        print(llm.generate("Hi")[0].text)
+    """))
+    result = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("kiln.runtime.errors.WorkerError: rank 1 (tp 1, stage 0) died while "
+                           "starting: the script that opened the engine has no 'if __name__ == "
+                           "\"__main__\":' guard"), result.stderr
+    assert "bootstrapping" not in result.stderr
+
+
 def test_kiln_run_of_a_tp2_engine_on_the_cpu(engines):
     result = subprocess.run([sys.executable, "-m", "kiln.cli.main", "run", "--engine_dir",
                              str(engines(2, 1)), "--device", "cpu", "--input_text", "Hi",

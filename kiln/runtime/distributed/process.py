@@ -9,12 +9,19 @@ how its end is told.
   thread that ends the process within :data:`PARENT_POLL_S` once the driver's pid is gone
   (killed outright: nothing else would stop a process blocked in a collective or a step).
 - :func:`exit_cause` says how a process ended, from its exit code.
+- A script that opens a multi-process engine without the ``if __name__ == "__main__":`` guard
+  runs again in every process spawned for it (the spawn start method imports the parent's main
+  module in the child), so the child opens the engine too and comes to :func:`start` while
+  multiprocessing bootstraps it, where multiprocessing would raise its RuntimeError (a
+  traceback, then exit code 1). :func:`start` ends such a child at once with
+  :data:`UNGUARDED_EXIT`, which :func:`exit_cause` turns into the advice to add the guard.
 
 Torch-free, so a replica can set its visible GPU before anything imports CUDA.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import threading
@@ -22,10 +29,20 @@ import time
 from multiprocessing.process import BaseProcess
 
 PARENT_POLL_S = 0.5
+UNGUARDED_EXIT = 87  # a spawned child that ran the unguarded script of its parent (see above)
+UNGUARDED = ("died while starting: the script that opened the engine has no "
+             "'if __name__ == \"__main__\":' guard, and every process the engine spawns imports "
+             "that script again (multiprocessing's spawn start method), so it opened the engine "
+             "once more; put the code that opens the engine under the guard")
 
 
 def start(process: BaseProcess) -> None:
-    """``process.start()`` with SIGINT blocked until it returns (see the module docstring)."""
+    """``process.start()`` with SIGINT blocked until it returns (see the module docstring).
+    In a child that multiprocessing is still bootstrapping (an unguarded script run again):
+    exit with :data:`UNGUARDED_EXIT`."""
+    # the test multiprocessing's own spawn._check_not_importing_main makes (CPython 3.8-3.13)
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        os._exit(UNGUARDED_EXIT)
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         process.start()
@@ -51,6 +68,8 @@ def exit_cause(code: int | None) -> str:
     """How a process ended, from its exit code (negative: the signal)."""
     if code is None:
         return "is gone"
+    if code == UNGUARDED_EXIT:
+        return UNGUARDED
     if code < 0:
         name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
         hint = " (sent by a user, or by the kernel's OOM killer when memory ran out)" \
