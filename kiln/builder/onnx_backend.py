@@ -57,7 +57,7 @@ class OnnxBackend(Backend):
             raise EngineError(f"the onnx backend cannot run tp_size "
                               f"{plan.checkpoint.mapping.tp_size}: ONNX Runtime has no "
                               f"collective op; use --backend torch (one process per rank), "
-                              f"--backend tensorrt, or a tp_size 1 checkpoint")
+                              f"--backend tensorrt (NVIDIA GPUs), or a tp_size 1 checkpoint")
         check_kv_cache(plan, "onnx")
         if plan.dtype == "bfloat16" and plan.targets[0] == "cpu":
             raise EngineError("ONNX Runtime's CPU provider has no bfloat16 MatMul; build with "

@@ -122,7 +122,8 @@ def check_onnx(manifest: EngineManifest, machine: MachineInfo) -> None:
         raise EngineError(f"onnx engine has tp_size {manifest.mapping.tp_size}; ONNX Runtime has "
                           f"no all-reduce, so it runs tp_size 1 only (pipeline stages chain in "
                           f"one process): build the checkpoint with --backend torch, which runs "
-                          f"one process per rank, or rebuild with --tp_size 1")
+                          f"one process per rank, or --backend tensorrt (NVIDIA GPUs), or "
+                          f"convert it with --tp_size 1")
     have = machine.libraries.get("onnxruntime")
     if have is None:
         raise EngineError("onnx engine needs ONNX Runtime, which is not installed: "

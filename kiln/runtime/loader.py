@@ -9,7 +9,8 @@ opened (so a CPU machine never imports TensorRT). A backend module defines
 and may define ``check_options(manifest, machine, options) -> None`` to refuse options this
 machine cannot honour (the torch backend: ``device auto`` without a GPU),
 ``loaded_ranks(manifest, rank) -> tuple[int, ...]`` when the files it opens are not the
-default :func:`loaded_ranks` (the torch backend starts every rank of an engine itself), and
+default :func:`loaded_ranks` (the torch and tensorrt backends start every rank of an engine
+themselves from the driver, rank 0: ``options.rank`` must be 0 for them, :func:`check_rank`), and
 ``run_device(manifest, machine, options) -> str`` (``"cuda"`` or ``"cpu"``: where the
 executor will run; default ``"cpu"``), which data-parallel replicas need to know before
 starting one process per GPU.
@@ -67,6 +68,19 @@ def loaded_ranks(manifest: EngineManifest, rank: int) -> tuple[int, ...]:
     return tuple(mapping.rank(tp_rank, stage) for stage in range(mapping.pp_size))
 
 
+def check_rank(manifest: EngineManifest, module: ModuleType, options: ExecutorOptions) -> None:
+    """``options.rank`` is a rank of the engine's world; 0 where the backend starts every rank
+    itself (it defines ``loaded_ranks``): the process that opens the engine is the driver."""
+    rank, world = options.rank, manifest.mapping.world_size
+    if not 0 <= rank < world:
+        raise EngineError(f"rank {rank} is not a rank of this engine, which has {world} "
+                          f"(0 to {world - 1}); leave rank out (0)")
+    if rank != 0 and hasattr(module, "loaded_ranks"):
+        raise EngineError(f"rank must be 0 for a {manifest.backend} engine, found {rank}: the "
+                          f"process that opens it is the driver (rank 0) and starts the "
+                          f"engine's other ranks itself; leave rank out")
+
+
 def run_device(module: ModuleType, manifest: EngineManifest, machine: MachineInfo,
                options: ExecutorOptions) -> str:
     """Where the backend's executor runs with these options: ``"cuda"`` or ``"cpu"``."""
@@ -101,6 +115,7 @@ def check_engine(engine_dir: str | Path, options: ExecutorOptions | None = None,
     module = backend_module(manifest.backend)
     machine = machine if machine is not None else describe_machine(manifest.backend)
     module.check_machine(manifest, machine)
+    check_rank(manifest, module, options)
     check_options = getattr(module, "check_options", None)
     if check_options is not None:
         check_options(manifest, machine, options)

@@ -31,7 +31,9 @@ class ExecutorOptions:
     cpu_spin_wait: bool = field(default=True, metadata={"help": (
         "Let idle CPU threads busy-wait between operators (ONNX Runtime's default; turn off on "
         "a machine shared with other busy processes).")})
-    rank: int = 0  # this process's rank (tensor/pipeline parallel engines)
+    # The rank whose files this process opens. 0 for torch and tensorrt engines: the process
+    # that opens one is the driver and starts the other ranks itself (kiln.runtime.loader).
+    rank: int = 0
     dp: int = field(default=1, metadata={"help": (
         "Data-parallel replicas: run N copies of a tp 1 engine, one process each (one GPU "
         "each on CUDA), and spread the requests over them. num_threads is per replica "
@@ -45,6 +47,8 @@ class ExecutorOptions:
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise EngineError(f"device must be auto, cpu or cuda, found {self.device!r}")
+        if not isinstance(self.rank, int) or self.rank < 0:
+            raise EngineError(f"rank must be an integer >= 0, found {self.rank!r}")
         if not isinstance(self.dp, int) or self.dp < 1:
             raise EngineError(f"dp must be an integer >= 1, found {self.dp!r}")
         if self.num_threads is not None and self.num_threads < 1:

@@ -49,24 +49,46 @@ NEEDS_GPU = ("this torch engine needs a CUDA GPU for its Triton kernels; on this
              f"reference kernels, {CPU_SPEED}")
 
 
+# An engine of several ranks: an onnx engine is no alternative (ONNX Runtime runs tp 1 only).
+RANKS_ON_CPU = ("pass --device cpu (Python: ExecutorOptions(device=\"cpu\")) to run its ranks on "
+                f"the CPU with the PyTorch reference kernels, {CPU_SPEED}")
+
+
+def gpus_needed(manifest: EngineManifest) -> str:
+    """``a CUDA GPU``, or for several ranks ``4 CUDA GPUs (4 ranks, tp 2 x pp 2, one GPU
+    each)``."""
+    mapping = manifest.mapping
+    if mapping.world_size == 1:
+        return "a CUDA GPU"
+    return (f"{mapping.world_size} CUDA GPUs ({mapping.world_size} ranks, tp {mapping.tp_size} "
+            f"x pp {mapping.pp_size}, one GPU each)")
+
+
 def _device(manifest: EngineManifest, requested: str, has_gpu: bool) -> str:
+    single = manifest.mapping.world_size == 1
     if requested == "auto" and not has_gpu:
-        raise EngineError(NEEDS_GPU)
+        raise EngineError(NEEDS_GPU if single else
+                          f"this torch engine needs {gpus_needed(manifest)} for its Triton "
+                          f"kernels, and none is visible here; {RANKS_ON_CPU}")
     device = "cuda" if requested == "auto" else requested
     if device not in manifest.targets:
         raise EngineError(f"this torch engine was built for {', '.join(manifest.targets)}, not "
                           f"{device}; rebuild with kiln build --backend torch --target "
                           f"{device}")
     if device == "cuda" and not has_gpu:
-        raise EngineError("no CUDA GPU is visible for this torch engine; run on a GPU machine, "
-                          f"or pass --device cpu to run the PyTorch reference kernels, {CPU_SPEED}")
+        raise EngineError(f"no CUDA GPU is visible, and this torch engine needs "
+                          f"{gpus_needed(manifest)}; run it where "
+                          f"{'one is' if single else 'they are'} visible, or "
+                          + (f"pass --device cpu to run the PyTorch reference kernels, {CPU_SPEED}"
+                             if single else RANKS_ON_CPU))
     return device
 
 
 def check_machine(manifest: EngineManifest, machine: MachineInfo) -> None:
     if not machine.gpus and "cpu" not in manifest.targets:
-        raise EngineError("no CUDA GPU is visible for this torch engine, built for "
-                          f"{', '.join(manifest.targets)}; run it on a GPU machine")
+        raise EngineError(f"no CUDA GPU is visible, and this torch engine, built for "
+                          f"{', '.join(manifest.targets)}, needs {gpus_needed(manifest)}; run "
+                          f"it on a GPU machine")
 
 
 def check_gpu_formats(manifest: EngineManifest, capability: tuple[int, int]) -> None:
@@ -107,7 +129,8 @@ def run_device(manifest: EngineManifest, machine: MachineInfo, options: Executor
 
 
 def loaded_ranks(manifest: EngineManifest, rank: int) -> tuple[int, ...]:
-    """Every rank: this process starts them all (a single-rank engine: rank 0)."""
+    """Every rank: this process starts them all (a single-rank engine: rank 0). ``rank`` is
+    0 (:func:`kiln.runtime.loader.check_rank`)."""
     return tuple(range(manifest.mapping.world_size))
 
 

@@ -88,7 +88,8 @@ def test_unknown_backend(checkpoint, tmp_path):
 def test_onnx_refuses_gpu_targets_and_tensor_parallelism(checkpoint, tmp_path):
     fails(tmp_path, checkpoint("llama-gqa"), EngineError, "cpu or cuda", targets=["sm86"])
     fails(tmp_path, checkpoint("llama-gqa", tp=2), EngineError,
-          "no collective op; use --backend torch")
+          r"no collective op; use --backend torch \(one process per rank\), --backend tensorrt "
+          r"\(NVIDIA GPUs\)")
     fails(tmp_path, checkpoint("llama-gqa"), EngineError, "no bfloat16", dtype="bfloat16")
 
 

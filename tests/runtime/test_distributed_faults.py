@@ -323,6 +323,34 @@ def test_a_cuda_engine_of_more_ranks_than_gpus_is_refused_saying_how_many(engine
         "checkpoint converted with fewer ranks (--tp_size/--pp_size)")
 
 
+def test_a_multi_rank_engine_without_a_gpu_is_told_to_pass_device_cpu(engines):
+    """Not an onnx engine (ONNX Runtime runs tp 1 only); --device cuda names the GPUs needed."""
+    engine = engines(2, 1)
+    no_gpu = MachineInfo(kiln_version=read_manifest(engine).kiln_version)
+    with pytest.raises(EngineError) as auto:
+        open_engine(engine, ExecutorOptions(), machine=no_gpu)
+    assert str(auto.value).startswith(
+        "this torch engine needs 2 CUDA GPUs (2 ranks, tp 2 x pp 1, one GPU each) for its Triton "
+        "kernels, and none is visible here; pass --device cpu (Python: "
+        "ExecutorOptions(device=\"cpu\")) to run its ranks on the CPU")
+    assert "onnx" not in str(auto.value).split("slower")[0]
+    with pytest.raises(EngineError) as cuda:
+        open_engine(engine, ExecutorOptions(device="cuda"), machine=no_gpu)
+    assert str(cuda.value).startswith(
+        "no CUDA GPU is visible, and this torch engine needs 2 CUDA GPUs (2 ranks, tp 2 x pp 1, "
+        "one GPU each); run it where they are visible, or pass --device cpu")
+
+
+@pytest.mark.parametrize("rank, message", [
+    (5, "rank 5 is not a rank of this engine, which has 2 (0 to 1); leave rank out (0)"),
+    (1, "rank must be 0 for a torch engine, found 1: the process that opens it is the driver "
+        "(rank 0) and starts the engine's other ranks itself; leave rank out")])
+def test_a_rank_option_other_than_0_is_refused_for_a_torch_engine(engines, rank, message):
+    with pytest.raises(EngineError) as info:
+        open_engine(engines(2, 1), ExecutorOptions(device="cpu", rank=rank))
+    assert str(info.value) == message
+
+
 def test_exit_causes():
     assert exit_cause(-9).startswith("died: killed by SIGKILL (sent by a user, or by the kernel")
     assert exit_cause(-15) == "died: killed by SIGTERM"

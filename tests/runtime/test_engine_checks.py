@@ -156,7 +156,8 @@ def test_onnx_checks():
         check_onnx(manifest, machine(libraries={"onnxruntime": "1.18.0"}))
     tp2 = read_manifest_dict(backend="onnx", backend_version={"onnxruntime": "1.31.1"},
                              mapping={"tp_size": 2, "pp_size": 1})
-    with pytest.raises(EngineError, match="tp_size 2.*no all-reduce.*--backend torch"):
+    with pytest.raises(EngineError, match=r"tp_size 2.*no all-reduce.*--backend torch, "
+                       r"which runs one process per rank, or --backend tensorrt \(NVIDIA GPUs\)"):
         check_onnx(tp2, machine())
     cuda = read_manifest_dict(backend="onnx", backend_version={"onnxruntime": "1.31.1"},
                               targets=["cuda"])
