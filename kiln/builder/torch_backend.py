@@ -85,7 +85,8 @@ class TorchBackend(Backend):
             else:  # an int4 repack keeps the packed [out, in / 2] shape
                 entries.append((name, packed, info.shape))
         out = file_name(part.stem)
-        writer = StreamingWriter(job.out_dir / out, entries, file_metadata(transposed, quant))
+        metadata = file_metadata(transposed, quant, part.rank, plan.checkpoint.mapping)
+        writer = StreamingWriter(job.out_dir / out, entries, metadata)
         for name in names:  # on an error the build removes its whole temporary dir
             writer.write(name, pack_tensor(name, read_tensor(infos[name]), dtype,
                                            quant=quant))

@@ -4,8 +4,11 @@ runtime reads them (:mod:`kiln.runtime.torch_executor`); both take the format fr
 
 Files per part: ``<stem>.safetensors`` (``<stem>`` is ``rank{N}`` or ``rank{N}.part{k}``) with
 canonical tensor names, the engine dtype, contiguous, and the safetensors metadata
-``{"kiln_torch_format": "1", "transposed": "<json list of names stored [in, out]>"}``
-(:func:`file_metadata`).
+``{"kiln_torch_format": "1", "transposed": "<json list of names stored [in, out]>",
+"rank": "<N>", "tp_size": "<T>", "pp_size": "<P>"}`` (:func:`file_metadata`): the rank and the
+world it was built for, checked at load (:func:`read_packed`), so files swapped between ranks or
+mixed from another build are refused instead of giving wrong text. Files of engines built
+before the rank fields existed have none and load unchecked.
 
 Layouts:
 - QKV and gate/up stay fused (the checkpoint already stores ``[q | k | v]`` and ``[gate |
@@ -53,12 +56,29 @@ def file_name(stem: str) -> str:
     return f"{stem}.safetensors"
 
 
-def file_metadata(transposed: Iterable[str], quant: QuantConfig | None = None) -> dict[str, str]:
-    """The safetensors metadata of a packed file whose ``transposed`` names are ``[in, out]``."""
-    metadata = {"kiln_torch_format": FORMAT, "transposed": json.dumps(sorted(transposed))}
+def file_metadata(transposed: Iterable[str], quant: QuantConfig | None = None,
+                  rank: int = 0, mapping: Mapping | None = None) -> dict[str, str]:
+    """The safetensors metadata of a packed file of rank ``rank`` of ``mapping`` (default: a
+    single rank) whose ``transposed`` names are ``[in, out]``."""
+    mapping = mapping or Mapping()
+    metadata = {"kiln_torch_format": FORMAT, "transposed": json.dumps(sorted(transposed)),
+                "rank": str(rank), "tp_size": str(mapping.tp_size),
+                "pp_size": str(mapping.pp_size)}
     if quant is not None and quant.info.weight_dtype == "int4":
         metadata["int4_layout"] = INT4_LAYOUT
     return metadata
+
+
+def check_rank(path: Path, metadata: dict[str, str], rank: int, mapping: Mapping) -> None:
+    """The file was built for rank ``rank`` of ``mapping`` (unchecked without the fields)."""
+    if "rank" not in metadata:
+        return  # built before the rank fields (module docstring)
+    built = (metadata["rank"], metadata.get("tp_size"), metadata.get("pp_size"))
+    if built != (str(rank), str(mapping.tp_size), str(mapping.pp_size)):
+        raise EngineError(f"{path}: built as rank {built[0]} of tp {built[1]} x pp {built[2]}, "
+                          f"and the manifest lists it for rank {rank} of tp {mapping.tp_size} x "
+                          f"pp {mapping.pp_size}: the engine dir's files were renamed, swapped "
+                          f"or mixed from another build; rebuild with kiln build --backend torch")
 
 
 def packed_dtype(name: str, stored: torch.dtype, dtype: torch.dtype,
@@ -100,8 +120,10 @@ def pack_weights(tensors: dict[str, torch.Tensor], dtype: torch.dtype,
 
 
 def read_packed(path: Path, device: torch.device, quant: QuantConfig | None = None,
+                rank: int | None = None, mapping: Mapping | None = None,
                 ) -> tuple[dict[str, torch.Tensor], frozenset[str]]:
-    """Load one packed file onto ``device``: (tensors, names stored transposed)."""
+    """Load one packed file onto ``device``: (tensors, names stored transposed). With
+    ``rank``: check that it was built for that rank of ``mapping`` (default: a single rank)."""
     infos, metadata = read_header(path)
     if metadata.get("kiln_torch_format") != FORMAT:
         raise EngineError(f"{path}: not a kiln torch engine file of format {FORMAT} (found "
@@ -111,6 +133,8 @@ def read_packed(path: Path, device: torch.device, quant: QuantConfig | None = No
     if metadata.get("int4_layout") != want:
         raise EngineError(f"{path}: int4 layout {metadata.get('int4_layout')!r}, this kiln "
                           f"reads {want!r}; rebuild with kiln build --backend torch")
+    if rank is not None:
+        check_rank(path, metadata, rank, mapping or Mapping())
     tensors = {name: read_tensor(info).to(device) for name, info in infos.items()}
     return tensors, frozenset(json.loads(metadata.get("transposed", "[]")))
 

@@ -224,7 +224,8 @@ def read_rank(engine_dir: Path, manifest: EngineManifest, rank: int, device: tor
     tensors: dict[str, torch.Tensor] = {}
     transposed: set[str] = set()
     for name in manifest.rank_files.get(rank, ()):
-        part, names = read_packed(Path(engine_dir) / name, device, manifest.quantization)
+        part, names = read_packed(Path(engine_dir) / name, device, manifest.quantization, rank,
+                                  manifest.mapping)
         tensors.update(part)
         transposed |= names
     check_packed(manifest.decoder, tensors, str(engine_dir), manifest.quantization,

@@ -87,6 +87,35 @@ def test_a_tp2_pp2_checkpoint_builds_one_file_per_rank_with_its_shards(tmp_path)
     assert last["lm_head.weight"].shape == (64, 64)  # vocab-parallel: 128 rows / 2
 
 
+def test_swapped_rank_files_are_refused_at_load_and_old_files_load(tmp_path):
+    """Each file records its rank and world; swapped rank0/rank1 (same names, same shapes)
+    used to run silently with wrong text. Files without the fields (older builds) load."""
+    from kiln.config import Mapping
+    from kiln.runtime.torch_executor import read_rank
+
+    ckpt = kiln_checkpoint(hf_model("llama-gqa", tmp_path / "hf"), tmp_path / "ckpt", tp=2)
+    engine = tmp_path / "e"
+    build(ckpt, engine, backend="torch", max_seq_len=32, dtype="float32")
+    manifest = read_manifest(engine)
+    _, metadata = read_header(engine / "rank1.safetensors")
+    assert (metadata["rank"], metadata["tp_size"], metadata["pp_size"]) == ("1", "2", "1")
+    read_rank(engine, manifest, 1, torch.device("cpu"))
+    (engine / "rank0.safetensors").rename(engine / "swap")
+    (engine / "rank1.safetensors").rename(engine / "rank0.safetensors")
+    (engine / "swap").rename(engine / "rank1.safetensors")
+    with pytest.raises(EngineError) as info:
+        read_rank(engine, manifest, 0, torch.device("cpu"))
+    assert str(info.value) == (
+        f"{engine / 'rank0.safetensors'}: built as rank 1 of tp 2 x pp 1, and the manifest lists "
+        f"it for rank 0 of tp 2 x pp 1: the engine dir's files were renamed, swapped or mixed "
+        f"from another build; rebuild with kiln build --backend torch")
+    old = tmp_path / "old.safetensors"
+    write_tensors(old, {"embed.weight": torch.zeros(2, 2)},
+                  metadata={"kiln_torch_format": "1", "transposed": "[]"})
+    tensors, _ = read_packed(old, torch.device("cpu"), rank=1, mapping=Mapping(tp_size=2))
+    assert set(tensors) == {"embed.weight"}
+
+
 def test_packing_transposes_only_what_it_is_told(checkpoint):
     tensors = load_rank(checkpoint, 0)
     packed, names = pack_weights(tensors, torch.float16, frozenset({Role.OUT}))
