@@ -227,20 +227,14 @@ class Mapping:
         return range(start, start + base + (1 if pp_rank < rem else 0))
 
     def validate_for(self, config: DecoderConfig) -> None:
-        """Raise ConfigError if this split does not fit the model."""
+        """Raise ConfigError if this split does not fit the model (a tp_size error lists the
+        sizes that fit: :func:`tp_sizes`)."""
         tp = self.tp_size
-        _require(config.num_heads % tp == 0, "tp_size",
-                 f"{tp} does not divide the {config.num_heads} query heads; use a divisor")
-        _require(config.intermediate_size % tp == 0, "tp_size",
-                 f"{tp} does not divide the MLP width {config.intermediate_size}; use a divisor")
-        kv = config.num_kv_heads
-        _require(kv % tp == 0 if kv >= tp else tp % kv == 0, "tp_size",
-                 f"{tp} and the {kv} KV heads must divide one another (KV heads are split "
-                 f"when tp_size <= {kv}, replicated when it is a multiple)")
+        fits = f"; this model allows tp_size {', '.join(map(str, tp_sizes(config)))}"
+        problem = tp_problem(config, tp)
+        _require(problem is None, "tp_size", f"{problem}{fits}")
         _require(self.pp_size <= config.num_layers, "pp_size",
                  f"{self.pp_size} exceeds the {config.num_layers} layers")
-        _require(not config.qk_norm or tp == 1, "tp_size",
-                 "qk_norm normalizes across all heads, so it needs tp_size 1")
 
     # TP-local sizes, derived.
     def local_heads(self, config: DecoderConfig) -> int:
@@ -251,6 +245,29 @@ class Mapping:
 
     def local_intermediate(self, config: DecoderConfig) -> int:
         return config.intermediate_size // self.tp_size
+
+
+def tp_problem(config: DecoderConfig, tp: int) -> str | None:
+    """Why ``tp`` tensor-parallel ranks cannot split ``config`` (None: they can). The query
+    heads and the MLP width split evenly; the KV heads split evenly when tp <= their count and
+    are duplicated (each rank of a group holds a copy) when tp is a multiple of it."""
+    if config.num_heads % tp:
+        return f"{tp} does not divide the {config.num_heads} query heads"
+    if config.intermediate_size % tp:
+        return f"{tp} does not divide the MLP width {config.intermediate_size}"
+    kv = config.num_kv_heads
+    if (kv % tp if kv >= tp else tp % kv):
+        return (f"{tp} and the {kv} KV heads must divide one another (KV heads are split when "
+                f"tp_size <= {kv}, duplicated when it is a multiple)")
+    if config.qk_norm and tp > 1:
+        return f"{tp} > 1: qk_norm normalizes across all heads, so it needs tp_size 1"
+    return None
+
+
+def tp_sizes(config: DecoderConfig) -> tuple[int, ...]:
+    """Every tp_size that splits ``config`` (divisors of the query heads that pass
+    :func:`tp_problem`)."""
+    return tuple(tp for tp in range(1, config.num_heads + 1) if tp_problem(config, tp) is None)
 
 
 def _require(ok: bool, name: str, message: str) -> None:

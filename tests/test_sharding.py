@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kiln.config import DecoderConfig, Mapping, MlpType
+from kiln.config import DecoderConfig, Mapping, MlpType, tp_sizes
 from kiln.errors import ConfigError
 from kiln.roles import SHARDING, Role, expected_shape, roles_for
 from kiln.sharding import shard, shard_shape, unshard
@@ -73,3 +73,16 @@ def test_stage_layers_cover_all_layers_once():
             mapping = Mapping(pp_size=pp)
             got = [i for s in range(pp) for i in mapping.stage_layers(s, layers)]
             assert got == list(range(layers))
+
+
+def test_a_tp_size_error_lists_the_sizes_that_fit():
+    """SmolLM2-135M's shape: 9 query heads, 3 KV heads, MLP 1536: tp 1 or 3 (9 does not
+    divide 1536); 6 KV heads under tp 12 would be duplicated, 3 under 2 cannot split."""
+    smollm2 = _config(hidden_size=576, num_heads=9, num_kv_heads=3, head_dim=64,
+                      intermediate_size=1536)
+    with pytest.raises(ConfigError) as info:
+        Mapping(tp_size=2).validate_for(smollm2)
+    assert str(info.value) == ("tp_size 2 does not divide the 9 query heads; this model allows "
+                               "tp_size 1, 3")
+    assert tp_sizes(smollm2) == (1, 3)
+    assert tp_sizes(CONFIGS["gqa"]) == (1, 2, 4, 8)
