@@ -198,10 +198,11 @@ def load_executor(engine_dir: Path, manifest: EngineManifest, options: ExecutorO
         check_gpu_formats(manifest, torch.cuda.get_device_capability(device))
     world = manifest.mapping.world_size
     if device.type == "cpu":
+        faster = "a CUDA GPU or build an onnx engine (kiln build --backend onnx)" \
+            if world == 1 else f"{gpus_needed(manifest)}"  # onnx runs tp 1 only
         logger.warning("torch engine on the CPU: PyTorch reference kernels, the slow path (%s)%s; "
-                       "for speed run it on a CUDA GPU or build an onnx engine (kiln build "
-                       "--backend onnx)", CPU_SPEED,
-                       "" if manifest.quantization is None else QUANTIZED_CPU_SPEED)
+                       "for speed run it on %s", CPU_SPEED,
+                       "" if manifest.quantization is None else QUANTIZED_CPU_SPEED, faster)
     if torch_options is None:
         torch_options = TorchExecutorOptions(
             kv_cache_free_gpu_memory_fraction=_fraction(options))

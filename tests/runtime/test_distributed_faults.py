@@ -310,6 +310,8 @@ def test_kiln_run_of_a_tp2_engine_on_the_cpu(engines):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "5 tokens, 1 request, finish: length" in result.stderr
+    assert "for speed run it on 2 CUDA GPUs (2 ranks" in result.stderr  # not an onnx engine
+    assert "--backend onnx" not in result.stderr
 
 
 def test_a_cuda_engine_of_more_ranks_than_gpus_is_refused_saying_how_many(engines):
