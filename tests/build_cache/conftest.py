@@ -38,11 +38,13 @@ def hf_copy(tiny_hf, tmp_path):
 
 
 @pytest.fixture
-def cache_dir(tmp_path, monkeypatch):
-    """An empty cache root, also as $KILN_CACHE_DIR (no test touches the user's cache)."""
+def cache_dir(tmp_path):
+    """An empty cache root, also as $KILN_CACHE_DIR (no test touches the user's cache). Set
+    through its own MonkeyPatch, so a test's ``monkeypatch.undo()`` keeps it."""
     root = tmp_path / "kiln-cache"
-    monkeypatch.setenv("KILN_CACHE_DIR", str(root))
-    return root
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KILN_CACHE_DIR", str(root))
+        yield root
 
 
 @pytest.fixture

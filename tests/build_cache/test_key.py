@@ -97,9 +97,10 @@ def test_what_does_not_decide_the_engine_keeps_the_key(tiny_hf, cache_dir, optio
 
 def test_kiln_s_version_and_build_code_change_the_key(tiny_hf, cache_dir, monkeypatch):
     before = _key(tiny_hf)
+    version = kiln.__version__
     monkeypatch.setattr(kiln, "__version__", "99.0.0")
     assert _key(tiny_hf) != before
-    monkeypatch.undo()
+    monkeypatch.setattr(kiln, "__version__", version)
     monkeypatch.setattr(api, "code_digest", lambda: "0" * 64)
     assert _key(tiny_hf) != before
 
