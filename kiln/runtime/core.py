@@ -8,6 +8,9 @@ executor's logits for its own sequence, never on the other requests of a step.
 directly, the asyncio API from its engine thread). A step schedules, runs the executor once,
 samples one token for every chunk that ends a sequence's known tokens, applies stop conditions,
 and releases finished slots before returning, so the next step can admit waiting requests.
+Each request is stamped (``time.perf_counter``) when it arrives (``add_request``), when the
+scheduling of a step admits it into an engine slot (its queue time ends there), at each sampled
+token and when it finishes (:class:`~kiln.runtime.results.RequestTimings`).
 
 Prompt logprobs (``SamplingParams.prompt_logprobs``): the request's prompt chunks ask the
 executor for context logits (engines built with ``--gather_context_logits``; others refuse the
@@ -109,6 +112,7 @@ class Request:
     stop_reason: str | int | None = None
     error: str | None = None
     arrival_time: float = field(default_factory=time.perf_counter)
+    admitted_time: float | None = None  # when the scheduler gave it an engine slot
     token_times: list[float] = field(default_factory=list)
     finish_time: float | None = None
 
@@ -224,7 +228,7 @@ class EngineCore:
                                f"executor can ever hold; lower max_tokens or the prompt")]
         if self.async_scheduling:
             return self._step_async()
-        output = self.scheduler.schedule()
+        output = self._schedule()
         if output.empty:
             return []
         logits = self.executor.step_logits([row.chunk for row in output.chunks])
@@ -237,18 +241,27 @@ class EngineCore:
             deltas.append(self._take(request, picked, now, appended=False))
         return failed + deltas
 
+    def _schedule(self) -> SchedulerOutput:
+        """The scheduler's next step; the requests it admits are stamped admitted now."""
+        output = self.scheduler.schedule()
+        if output.admitted:
+            now = time.perf_counter()
+            for request_id in output.admitted:
+                self.requests[request_id].admitted_time = now
+        return output
+
     # -- async scheduling (module docstring) ---------------------------------------------
     def _step_async(self) -> list[RequestDelta]:
         """Launch step n+1, then collect step n and launch n+1's sampling; n's deltas.
         With nothing in flight, step n is launched first (the pipeline fills)."""
         deltas: list[RequestDelta] = []
         if self._inflight is None:
-            output = self.scheduler.schedule()
+            output = self._schedule()
             if output.empty:
                 return []
             deltas = self._launch(output, self._forward(output, None))
         previous, self._inflight = self._inflight, None
-        output = self.scheduler.schedule()
+        output = self._schedule()
         logits = None if output.empty else self._forward(output, previous)
         deltas += self._collect(previous)
         if logits is not None:

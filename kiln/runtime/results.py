@@ -15,6 +15,12 @@ class RequestTimings:
     arrival: float
     token_times: tuple[float, ...]  # when each output token was sampled
     finished: float | None
+    admitted: float | None = None  # when it got an engine slot; None: never (aborted waiting)
+
+    @property
+    def queue_s(self) -> float | None:
+        """Queue time (s): arrival to admission into an engine slot."""
+        return None if self.admitted is None else self.admitted - self.arrival
 
     @property
     def ttft_s(self) -> float | None:
@@ -63,7 +69,7 @@ class CompletionResult:
                    tuple(request.output_ids), request.finish_reason, request.stop_reason,
                    None if request.logprobs is None else tuple(request.logprobs),
                    RequestTimings(request.arrival_time, tuple(request.token_times),
-                                  request.finish_time), request.error,
+                                  request.finish_time, request.admitted_time), request.error,
                    None if request.prompt_logprobs is None else tuple(request.prompt_logprobs))
 
 
@@ -78,6 +84,9 @@ class StreamDelta:
     logprobs: tuple[TokenLogprobs, ...] = ()
     finish_reason: str | None = None
     result: CompletionResult | None = None
+    # arrival to admission into an engine slot (s), on every delta once the request was
+    # admitted (so a server can observe it at its first delta); None if it never was
+    queue_s: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -86,5 +95,7 @@ class StreamDelta:
     @classmethod
     def of(cls, index: int, delta: RequestDelta, request: Request) -> StreamDelta:
         result = CompletionResult.from_request(request) if delta.finished else None
+        queue_s = None if request.admitted_time is None \
+            else request.admitted_time - request.arrival_time
         return cls(index, delta.request_id, delta.text, delta.token_ids, delta.logprobs,
-                   delta.finish_reason, result)
+                   delta.finish_reason, result, queue_s)

@@ -3,9 +3,10 @@
 Each app has its own :class:`prometheus_client.CollectorRegistry` (so several apps in one test
 process never collide). Gauges are read when scraped: requests running (holding an engine slot)
 and waiting (accepted, not yet admitted), and the share of KV-cache slots in use. Generated
-tokens are counted as each delta brings them (:meth:`ServeMetrics.produced`); queue time is
-observed by the server when a request first holds an engine slot (kiln.serve.state); the other
-counters and histograms are fed by :meth:`ServeMetrics.finished` from each request's result.
+tokens are counted as each delta brings them (:meth:`ServeMetrics.produced`); queue time
+(arrival to admission into an engine slot, as the engine stamped it) is observed by the server
+at a request's first delta after its admission (kiln.serve.state); the other counters and
+histograms are fed by :meth:`ServeMetrics.finished` from each request's result.
 
 Non-goals: multiprocess collection, per-model labels (one engine per server).
 """
@@ -48,7 +49,7 @@ class ServeMetrics:
         self.itl = Histogram("kiln:inter_token_latency_seconds", "Time between output tokens.",
                              buckets=_ITL_BUCKETS, registry=r)
         self.queue_time = Histogram("kiln:request_queue_time_seconds",
-                                    "Arrival to first scheduled (holding an engine slot).",
+                                    "Arrival to admission into an engine slot.",
                                     buckets=_LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("kiln:e2e_request_latency_seconds", "Arrival to finish.",
                              buckets=_LATENCY_BUCKETS, registry=r)

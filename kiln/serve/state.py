@@ -11,12 +11,11 @@ step, and no AsyncLLM stream is left unread.
 loop: a dict membership test, atomic under the GIL); ``waiting`` = the other live ones (queued
 in the scheduler or still in AsyncLLM's inbox).
 
-Queue time (arrival in the engine to first holding a slot): the runtime stamps arrival but not
-scheduling, so while some live request has not been seen running, one watcher task looks at
-``Scheduler.running`` every SCHEDULED_POLL_S and observes each newcomer's wait (late by at most
-the poll and one GIL switch); a request whose first delta comes before the watcher saw it
-running is observed then (late by under one step); one aborted before is not observed (vLLM
-observes only scheduled requests).
+Queue time (arrival in the engine to admission into a slot) is the engine's: the core stamps
+admission when its scheduler admits a request, and every delta after that carries the wait
+(:attr:`~kiln.runtime.results.StreamDelta.queue_s`); the pump observes it at the request's
+first such delta (its first token, or its end). A request aborted before admission is not
+observed (vLLM observes only scheduled requests).
 
 Non-goals: priorities, per-client fairness, more than one engine.
 """
@@ -24,8 +23,8 @@ Non-goals: priorities, per-client fairness, more than one engine.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -38,9 +37,6 @@ from kiln.serve.metrics import ServeMetrics
 from kiln.serve.protocol import ApiError
 
 logger = logging.getLogger(__name__)
-
-SCHEDULED_POLL_S = 0.002  # how often the queue-time watcher looks at the scheduler
-
 
 @dataclass(frozen=True)
 class Job:
@@ -60,8 +56,6 @@ class ServerState:
         self.live: dict[str, None] = {}
         self.draining = False  # set at shutdown: /health answers 503
         self._pumps: set[asyncio.Task] = set()
-        self._unscheduled: dict[str, float] = {}  # live, not yet seen running: id -> arrival
-        self._watcher: asyncio.Task | None = None
         self.metrics = ServeMetrics(self.running, self.waiting, self.kv_usage)
         self._next = 0
 
@@ -129,51 +123,28 @@ class ServerState:
                 message = public(str(e), [rid])
                 raise ApiError(400, message, param=param, code=_code(message)) from None
             rids.append(rid)
-            self._queued(rid)
             task = asyncio.get_running_loop().create_task(self._pump(rid, job.index, out))
             self._pumps.add(task)
             task.add_done_callback(self._pumps.discard)
         return rids
 
     async def _pump(self, rid: str, index: int, out: asyncio.Queue) -> None:
+        queued = True  # its queue time is not observed yet (module docstring)
         try:
             async for delta in self.engine.stream(rid):
-                if rid in self._unscheduled and (delta.token_ids or delta.finish_reason
-                                                 in ("stop", "length")):
-                    self._scheduled(rid, time.perf_counter())
+                if queued and delta.queue_s is not None:
+                    self.metrics.queue_time.observe(delta.queue_s)
+                    queued = False
                 self.metrics.produced(delta.token_ids)
                 if delta.result is not None:
                     self.metrics.finished(delta.result)
                     self.live.pop(rid, None)
-                out.put_nowait(StreamDelta(index, delta.request_id, delta.text, delta.token_ids,
-                                           delta.logprobs, delta.finish_reason, delta.result))
+                out.put_nowait(dataclasses.replace(delta, index=index))
         except Exception as e:  # the executor failed: AsyncLLM raises in every stream
             logger.error("request %s failed: %s", rid, e)
             out.put_nowait(e)
         finally:
             self.live.pop(rid, None)
-            self._unscheduled.pop(rid, None)
-
-    # -- queue time (module docstring) -------------------------------------------------------
-    def _queued(self, rid: str) -> None:
-        request = self.engine.llm.core.requests.get(rid)  # a dict read: atomic under the GIL
-        if request is None:  # finished already
-            return
-        self._unscheduled[rid] = request.arrival_time
-        if self._watcher is None or self._watcher.done():
-            self._watcher = asyncio.get_running_loop().create_task(self._watch())
-
-    def _scheduled(self, rid: str, now: float) -> None:
-        arrival = self._unscheduled.pop(rid)
-        self.metrics.queue_time.observe(max(0.0, now - arrival))
-
-    async def _watch(self) -> None:
-        running = self.engine.llm.core.scheduler.running
-        while self._unscheduled:
-            now = time.perf_counter()
-            for rid in [rid for rid in self._unscheduled if rid in running]:
-                self._scheduled(rid, now)
-            await asyncio.sleep(SCHEDULED_POLL_S)
 
 
 class Submitted:

@@ -5,6 +5,8 @@
   wrong slot or at the wrong position) changes every later token.
 - :class:`ScriptedExecutor`: after a prompt of known length, the most likely next token follows
   a fixed script, then EOS; for text, stop and streaming tests.
+- :class:`SlowExecutor`: a HashExecutor whose steps take ``step_s`` seconds (a model's time on
+  a device), so that waits and latencies are measurable.
 - :class:`NonFiniteExecutor`: a HashExecutor whose logits for chosen sequences turn NaN or Inf
   (corrupt weights, a 16-bit overflow) after some tokens.
 - :class:`MetaExecutor` with :class:`OnDevice` and :class:`FakeDeviceGenerator`: an accelerator
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -84,6 +87,16 @@ class ScriptedExecutor(_ContractExecutor):
         out = torch.zeros(self.vocab_size)
         out[token] = 10.0
         return out
+
+
+class SlowExecutor(HashExecutor):
+    def __init__(self, limits: BuildLimits, vocab_size: int, step_s: float):
+        super().__init__(limits, vocab_size)
+        self.step_s = step_s
+
+    def step(self, chunks: Sequence[SequenceChunk]) -> torch.Tensor:
+        time.sleep(self.step_s)
+        return super().step(chunks)
 
 
 class CapacityExecutor(HashExecutor):

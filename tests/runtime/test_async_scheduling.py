@@ -240,6 +240,21 @@ def test_abort_with_a_row_in_flight_releases_cleanly(tiny_checkpoint):
     assert want[True][-1] == "abort" and len(want[True][1]) == 3
 
 
+def test_admission_is_stamped_by_the_overlapped_loops_scheduling(tiny_checkpoint):
+    """One slot, two requests: the overlapped loop frees A's slot when it launches A's last
+    row, so B is admitted by the next step's scheduling, after A's last launch (A's last but
+    one token collected) and before B's first token; stamps come from both of its schedule
+    calls (the pipeline's fill and each later step)."""
+    limits = BuildLimits(max_batch_size=1, max_input_len=8, max_seq_len=20, max_num_tokens=16)
+    core = EngineCore(make_executor(tiny_checkpoint, limits), async_scheduling=True)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    a, b = core.add_request([20, 31, 42], params), core.add_request([90, 80], params)
+    while core.has_work():
+        core.step()
+    assert a.arrival_time <= a.admitted_time <= a.token_times[0]
+    assert a.token_times[-2] <= b.admitted_time <= b.token_times[0]
+
+
 def test_executors_without_device_feeds_keep_the_synchronous_loop(tmp_path, caplog):
     limits = BuildLimits(max_batch_size=2, max_input_len=8, max_seq_len=16, max_num_tokens=16)
     _, onnx = open_engine(toy_engine_dir(tmp_path / "engine", limits))

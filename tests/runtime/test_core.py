@@ -22,6 +22,7 @@ from tests.runtime.mocks import (
     MetaExecutor,
     NonFiniteExecutor,
     OnDevice,
+    SlowExecutor,
 )
 from tests.runtime.test_inflight import run_mid_flight
 
@@ -143,3 +144,37 @@ def test_stop_token_ids_outside_the_vocabulary_are_refused_like_prompt_ids():
         core.add_request([1, 2], SamplingParams(stop_token_ids=(3, 64, 999999)), "r1")
     assert not core.has_work() and "r1" not in core.requests
     core.add_request([1, 2], SamplingParams(stop_token_ids=(0, 63)), "r1")  # the edges: fine
+
+
+STEP_S = 0.02  # a model step's time, so that waits are measurable
+
+
+def test_queue_time_is_arrival_to_admission_into_a_slot():
+    """One slot, two requests: the second is admitted by the scheduling right after the first
+    one's finish, so it queued for the whole of the first one's run; each stamp is taken when
+    the scheduler admits, before the step runs; every delta after admission carries the wait."""
+    one_slot = BuildLimits(max_batch_size=1, max_input_len=32, max_seq_len=64, max_num_tokens=24)
+    llm = LLM.from_executor(SlowExecutor(one_slot, 97, STEP_S))
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    deltas = list(llm.generate_stream([[1, 2, 3], [4, 5]], params))
+    first, second = (next(d.result for d in deltas if d.index == i and d.result) for i in (0, 1))
+    a, b = first.timings, second.timings
+    assert a.arrival <= a.admitted and a.queue_s < STEP_S  # a free slot: admitted at once
+    assert a.token_times[0] - a.admitted >= STEP_S  # stamped before its first step ran
+    assert a.finished <= b.admitted and b.token_times[0] - b.admitted >= STEP_S
+    assert b.queue_s == pytest.approx(a.latency_s, abs=STEP_S / 2)  # waited for a's whole run
+    assert a.latency_s >= 4 * STEP_S
+    for d in deltas:
+        assert d.queue_s == (first if d.index == 0 else second).timings.queue_s
+
+
+def test_a_request_aborted_while_it_waits_has_no_queue_time():
+    one_slot = BuildLimits(max_batch_size=1, max_input_len=32, max_seq_len=64, max_num_tokens=24)
+    core = EngineCore(HashExecutor(one_slot, 97), None)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    core.add_request([1, 2], params, "runs")
+    core.add_request([3, 4], params, "waits")
+    core.step()
+    core.abort("waits")
+    assert core.requests["runs"].admitted_time is not None
+    assert core.requests["waits"].admitted_time is None

@@ -83,6 +83,19 @@ def test_dp2_gives_each_request_the_tokens_of_one_replica(replicas, single):
     assert not replicas.core.has_work() and not replicas.core.requests
 
 
+def test_queue_time_through_the_front_counts_the_wait_for_a_replica_slot(replicas):
+    """Four slots (two replicas of two), six requests: four are admitted at once, the last two
+    wait in the front until a request has finished. A one-token request, which finishes in the
+    step that admits it, has its admission too."""
+    timings = [r.timings for r in replicas.generate(PROMPTS, params())]
+    for t in timings:
+        assert t.arrival <= t.admitted <= t.token_times[0]
+    assert all(t.admitted >= min(s.finished for s in timings[:4]) for t in timings[4:])
+    assert max(t.queue_s for t in timings[:4]) < min(t.queue_s for t in timings[4:])
+    (one,) = replicas.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=1))
+    assert one.timings.arrival <= one.timings.admitted <= one.timings.finished
+
+
 def test_stop_strings_streaming_and_abort_through_the_front(replicas, single):
     stop = SamplingParams(temperature=0, ignore_eos=True, max_tokens=12)
     want = single.generate(PROMPTS[:3], stop)

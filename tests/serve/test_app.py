@@ -4,15 +4,19 @@ chat templates, health, error shapes. No model runs, so these take milliseconds.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+
 import pytest
 import torch
 from fastapi.testclient import TestClient
 
 from kiln.engine import BuildLimits
-from kiln.runtime import LLM, AsyncLLM
+from kiln.runtime import LLM, AsyncLLM, SamplingParams
 from kiln.runtime.tokenizer import load_tokenizer
 from kiln.serve import create_app
-from tests.runtime.mocks import CapacityExecutor, HashExecutor
+from kiln.serve.state import Job
+from tests.runtime.mocks import CapacityExecutor, HashExecutor, SlowExecutor
 
 LIMITS = BuildLimits(max_batch_size=2, max_input_len=32, max_seq_len=64, max_num_tokens=32)
 
@@ -169,3 +173,35 @@ def test_failed_requests_name_no_internal_request_id(smollm2_dir, executor, stat
     error = out.json()["error"]
     assert out.status_code == status and error["param"] == param, error
     assert error["message"].startswith(start) and "kiln-" not in error["message"], error
+
+
+def test_queue_time_metric_is_each_requests_wait_for_an_engine_slot(smollm2_dir):
+    """One engine slot, two requests at once: the second waits for the whole run of the first.
+    The histogram holds the engine's stamps (arrival to admission), observed once each."""
+    step_s = 0.02
+    tokenizer = load_tokenizer(smollm2_dir)
+    llm = LLM.from_executor(SlowExecutor(dataclasses.replace(LIMITS, max_batch_size=1),
+                                         tokenizer.vocab_size, step_s), tokenizer)
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    engine = AsyncLLM(llm)
+    state = create_app(engine, "m").state.kiln
+
+    async def both():
+        submitted = await state.submit([Job(0, [5, 6, 7], params), Job(1, [8, 9], params)],
+                                       "prompt")
+        return {d.index: d.result async for d in submitted.deltas() if d.result}
+
+    try:
+        results = asyncio.run(both())
+    finally:
+        engine.close()
+    first, second = results[0].timings, results[1].timings
+    assert first.queue_s < step_s and first.latency_s >= 5 * step_s
+    # admitted as the first finished: it waited from its arrival (during the first's first
+    # step: jobs are submitted one after the other) to the end of the first's run
+    assert second.admitted == pytest.approx(first.finished, abs=step_s / 2)
+    assert second.queue_s >= 3 * step_s
+    sample = state.metrics.registry.get_sample_value
+    assert sample("kiln:request_queue_time_seconds_count") == 2
+    assert sample("kiln:request_queue_time_seconds_sum") == pytest.approx(
+        first.queue_s + second.queue_s, abs=1e-9)

@@ -12,8 +12,10 @@ Life of a replica (spawned by :class:`~kiln.runtime.distributed.replicas.Replica
 3. loop until ``("exit",)`` or the pipe closes (the driver is gone): apply the driver's
    commands (``("add", id, prompt ids, params, prompt text)``, ``("abort", id)``), waiting for
    one only when the core has no work, then run one core step and send
-   ``("step", updates, admitted)``: an :class:`Update` per request that progressed, and the ids
-   the scheduler admitted since the last message (they hold a KV-cache slot now). An abort is
+   ``("step", updates, admitted)``: an :class:`Update` per request that progressed, and
+   ``(id, seconds it waited in this replica's scheduler)`` for each request admitted since the
+   last message (it holds a KV-cache slot now, or held one: a request may finish in the step
+   that admitted it). A wait, not a time: no clock is compared across processes. An abort is
    answered ``("aborted", id)``: no update of that request comes after it (the driver may
    reuse the id).
 
@@ -148,15 +150,18 @@ class _Replica:
             self.conn.send(("step", [_refused(request_id, str(e))], []))
 
     def step(self) -> None:
+        deltas = self.core.step()
+        admitted = [(rid, r.admitted_time - r.arrival_time)
+                    for rid, r in self.core.requests.items()
+                    if r.admitted_time is not None and rid not in self.reported]
+        self.reported.update(rid for rid, _ in admitted)
         updates = []
-        for delta in self.core.step():
+        for delta in deltas:
             outcome = None
             if delta.finished:
                 outcome = _outcome(self.core.requests[delta.request_id])
                 self._forget(delta.request_id)
             updates.append(Update(delta, outcome))
-        admitted = [rid for rid in self.core.scheduler.running if rid not in self.reported]
-        self.reported.update(admitted)
         if updates or admitted:
             self.conn.send(("step", updates, admitted))
 

@@ -28,7 +28,9 @@ cache cannot hold a request yet keeps it waiting there, as one engine would.
 
 Per request, a replica returns exactly what one engine returns (its core is EngineCore, its
 executor the same engine): the same greedy tokens, text, logprobs and finish reasons. Timings
-are the front's: a token's time is when the front received it, arrival is ``add_request``.
+are the front's: a token's time is when the front received it, arrival is ``add_request``,
+admission is when the front routed it plus the wait its replica measured in its own scheduler
+(usually none: a request is routed only to a free slot).
 
 ``ReplicaCore.limits`` is one replica's, with ``max_batch_size`` and ``max_num_tokens`` times N
 (what the front holds at once); ``scheduler.running`` lists the requests that hold a slot in
@@ -221,6 +223,7 @@ class ReplicaCore:
         self.served = [0] * pool.size  # requests routed to each replica
         self._queue: deque[str] = deque()  # requests not routed yet
         self._replica_of: dict[str, int] = {}
+        self._routed: dict[str, float] = {}  # routed, not yet admitted: when it was sent
         self._live = [0] * pool.size
         self._tokens = [0] * pool.size  # tokens still to process, per replica
         self._aborting: set[tuple[int, str]] = set()  # (replica, id): abort sent, not answered
@@ -323,21 +326,26 @@ class ReplicaCore:
                 return  # it died: the next receive names it
             self._queue.popleft()
             self._replica_of[request.request_id] = i
+            self._routed[request.request_id] = time.perf_counter()
             self._live[i] += 1
             self._tokens[i] += _remaining(request)
             self.served[i] += 1
 
     def _release(self, request_id: str) -> None:
         i = self._replica_of.pop(request_id)
+        self._routed.pop(request_id, None)
         self._live[i] -= 1
         self._tokens[i] -= _remaining(self.requests[request_id])
         self.scheduler.running.pop(request_id, None)
 
-    def _apply(self, i: int, updates: list[Update], admitted: list[str]) -> list[RequestDelta]:
+    def _apply(self, i: int, updates: list[Update], admitted: list[tuple[str, float]],
+               ) -> list[RequestDelta]:
         now = time.perf_counter()
-        for request_id in admitted:
+        for request_id, waited in admitted:
             if self._replica_of.get(request_id) == i and (i, request_id) not in self._aborting:
                 self.scheduler.running[request_id] = None
+                routed = self._routed.pop(request_id)
+                self.requests[request_id].admitted_time = routed + waited
         deltas = []
         for update in updates:
             delta = update.delta
