@@ -274,3 +274,74 @@ def test_the_driver_stops_waiting_for_ranks_to_connect_when_one_died():
         joined(Pool(), never.wait)
     assert time.monotonic() - start < 5
     assert joined(Pool(), lambda: 42) == 42
+
+
+class FakePool:
+    """What :class:`TensorRTRanks` asks of its pool, recorded: the messages sent to the workers,
+    the faults reported, the shutdown."""
+
+    def __init__(self):
+        self.sent, self.faults, self.stopped = [], [], None
+        self.failed = False
+
+    def check(self):
+        if self.failed:
+            raise WorkerError("rank 1 (tp 1, stage 0) died: killed by SIGKILL")
+
+    def send_all(self, message):
+        self.check()
+        self.sent.append(message)
+
+    def fault(self, cause):
+        self.faults.append(str(cause))
+        self.failed = True
+        return WorkerError("rank 1 (tp 1, stage 0) died: killed by SIGKILL")
+
+    def shutdown(self, kill=False):
+        self.stopped = kill
+
+
+def test_the_tensorrt_driver_sends_each_step_with_the_releases_before_it(trt, tmp_path):
+    """Rank 0's share runs on the driver; the workers get each step's plan with the release
+    calls since the last step (their row planners must stay rank 0's); an empty step sends
+    nothing."""
+    from kiln.runtime.distributed.tensorrt_ranks import TensorRTRanks
+
+    pool = FakePool()
+    ranks = TensorRTRanks(pool, executor(tmp_path))
+    empty = ranks.step_logits([])
+    assert empty.last.shape == (0, VOCAB) and empty.last.device == CPU and not pool.sent
+    assert greedy(ranks.step([SequenceChunk(0, [3, 4, 5], 0)])) == [6]
+    ranks.release(0)
+    ranks.release(2)
+    assert greedy(ranks.step([SequenceChunk(1, [7, 8], 0), SequenceChunk(0, [1], 0)])) == [9, 2]
+    assert pool.sent == [("step", [], [(0, (3, 4, 5), 0, False)]),
+                         ("step", [("release", 0), ("release", 2)],
+                          [(1, (7, 8), 0, False), (0, (1,), 0, False)])]
+    with pytest.raises(RuntimeError, match="cannot return context logits"):
+        ranks.step_logits([SequenceChunk(1, [9], 2, context_logits=True)])
+    assert len(pool.sent) == 2
+    ranks.close()
+    assert pool.stopped is False  # asked to exit, not killed
+    ranks.close()  # idempotent
+
+
+def test_a_failed_step_of_rank_0_is_the_pools_error_and_the_ranks_are_killed(trt, tmp_path):
+    """A rank that died aborts the engine's communicator, so rank 0's share fails with
+    whatever TensorRT raises: the step raises the pool's one-line error; closing kills."""
+    from kiln.runtime.distributed.tensorrt_ranks import TensorRTRanks
+
+    pool = FakePool()
+    local = executor(tmp_path)
+    ranks = TensorRTRanks(pool, local)
+
+    def aborted(chunks):
+        raise RuntimeError("ncclCommAbort: the communicator was aborted")
+    local.step_logits = aborted
+    with pytest.raises(WorkerError, match=r"rank 1 \(tp 1, stage 0\) died"):
+        ranks.step([SequenceChunk(0, [3], 0)])
+    assert pool.faults == ["ncclCommAbort: the communicator was aborted"]
+    with pytest.raises(WorkerError, match="rank 1"):  # every later call
+        ranks.step([SequenceChunk(0, [3], 0)])
+    ranks.close()
+    assert pool.stopped is True

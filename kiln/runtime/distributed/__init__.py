@@ -8,7 +8,8 @@ Design (issue 14, phase 1):
   1..N-1 itself, N = tp_size x pp_size from the engine's mapping. The driver keeps the
   scheduler, the sampling and the requests; it sees one
   :class:`~kiln.runtime.executor.Executor`, :class:`~.executor.DistributedExecutor`, so the
-  core needs no change. Every rank, the driver included, runs the same
+  core needs no change (what every multi-rank driver does alike, the tensorrt one's too, is
+  :class:`~.driver.RankDriver`). Every rank, the driver included, runs the same
   :class:`~kiln.runtime.torch_backend.executor.TorchExecutor` on its shard (the builder's
   ``rank{N}`` files: the checkpoint's shards, kiln/sharding.py).
 - Control: per step the driver sends every worker the step's plan (the chunks, and the

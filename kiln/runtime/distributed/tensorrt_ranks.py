@@ -1,10 +1,10 @@
 """The driver's executor of a tensor-parallel tensorrt engine: rank 0's TensorRTExecutor plus
 one worker process per other rank.
 
-:class:`TensorRTRanks` implements :class:`~kiln.runtime.executor.Executor` over a
+:class:`TensorRTRanks` is a :class:`~kiln.runtime.distributed.driver.RankDriver` over a
 :class:`~kiln.runtime.distributed.pool.WorkerPool` of the engine's ranks (NCCL groups, rank r on
-GPU r), as :class:`~kiln.runtime.distributed.executor.DistributedExecutor` does for torch
-engines:
+GPU r), as :class:`~kiln.runtime.distributed.executor.DistributedExecutor` is for torch
+engines (the driver's rules are written once there):
 
 - open: every worker is told to open its rank (``open_tensorrt``); every rank, the driver
   included, joins the engine's NCCL communicator (:func:`kiln.runtime.distributed.nccl
@@ -18,7 +18,8 @@ engines:
   the driver's are used.
 - faults: a worker that dies or fails fails the pool, whose monitor kills the others and
   aborts the engine's communicator (``on_fail``), so that rank 0 waiting in a collective
-  fails; the step raises the pool's :class:`~kiln.runtime.errors.WorkerError` naming the rank.
+  fails (with whatever TensorRT raises then: any ``Exception`` of rank 0's share counts); the
+  step raises the pool's :class:`~kiln.runtime.errors.WorkerError` naming the rank.
 
 Limits: a rank that hangs alive inside the engine is not detected (NCCL collectives inside
 TensorRT have no timeout); the driver waits. Not executed anywhere yet: no machine with full
@@ -38,9 +39,10 @@ from typing import Any
 import torch
 
 from kiln.engine import EngineManifest
+from kiln.runtime.distributed.driver import RankDriver
 from kiln.runtime.distributed.nccl import communicator
-from kiln.runtime.distributed.pool import WorkerPool, stop_with
-from kiln.runtime.executor import DeviceTokens, Executor, SequenceChunk, StepLogits
+from kiln.runtime.distributed.pool import WorkerPool
+from kiln.runtime.executor import SequenceChunk, StepLogits
 from kiln.runtime.options import ExecutorOptions
 from kiln.runtime.tensorrt_executor import TensorRTExecutor, cuda_device, rank_engines
 
@@ -50,19 +52,13 @@ COMMUNICATOR_KEY = "tensorrt/nccl"  # in the pool's store (one engine per pool)
 TIMEOUT_S = 120.0  # the pool's store and groups (TensorRT's own collectives have none)
 
 
-class TensorRTRanks(Executor):
+class TensorRTRanks(RankDriver):
     """See the module docstring. Make one with :meth:`open`."""
 
-    supports_async = False
+    rank_failures = (Exception,)  # rank 0's share failed: a rank died (communicator aborted)
 
     def __init__(self, pool: WorkerPool, local: TensorRTExecutor):
-        self.pool, self.local = pool, local
-        self.limits, self.vocab_size = local.limits, local.vocab_size
-        self.gathers_context_logits = local.gathers_context_logits
-        self._ops: list[tuple] = []
-        self._busy = False
-        self._closed = False
-        self._finalizer = stop_with(self, pool)  # dropped without close(): workers killed
+        super().__init__(pool, local, torch.device("cpu"))  # its logits are host tensors
 
     @classmethod
     def open(cls, engine_dir: Path, manifest: EngineManifest,
@@ -84,44 +80,8 @@ class TensorRTRanks(Executor):
             raise
         return cls(pool, local)
 
-    def release(self, slot: int) -> None:
-        self.local.release(slot)
-        self._ops.append(("release", slot))
-
-    def step(self, chunks: Sequence[SequenceChunk]) -> torch.Tensor:
-        return self.step_logits(chunks).last
-
-    def step_logits(self, chunks: Sequence[SequenceChunk],
-                    pending: DeviceTokens | None = None) -> StepLogits:
-        if pending is not None or (any(c.context_logits for c in chunks)
-                                   and not self.gathers_context_logits):
-            return super().step_logits(chunks, pending)  # refuses
-        self.pool.check()
-        if self._busy:
-            raise RuntimeError("a previous step of this engine did not complete (interrupted); "
-                               "close it and open the engine again")
-        if not chunks:
-            return StepLogits(torch.empty(0, self.vocab_size), {})
-        plan = [(c.slot, tuple(c.tokens), c.start, c.context_logits) for c in chunks]
-        ops, self._ops = self._ops, []
-        self._busy = True
-        self.pool.send_all(("step", ops, plan))
-        try:
-            out = self.local.step_logits(chunks)
-        except Exception as e:  # rank 0's share failed: a rank died (communicator aborted)
-            raise self.pool.fault(e) from None
-        self._busy = False
-        return out
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._finalizer.detach()
-        try:
-            self.pool.shutdown(kill=self._busy or self.pool.failed)
-        finally:
-            self.local.close()
+    def _run_local(self, chunks: Sequence[SequenceChunk]) -> StepLogits:
+        return self.local.step_logits(chunks)
 
 
 def joined(pool: WorkerPool, join: Callable[[], Any]) -> Any:

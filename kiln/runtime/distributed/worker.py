@@ -38,7 +38,8 @@ import torch
 import torch.distributed as dist
 
 from kiln.runtime.distributed.comm import HOST, CollectiveError, Groups
-from kiln.runtime.distributed.executor import replay, send_logits
+from kiln.runtime.distributed.driver import replay
+from kiln.runtime.distributed.executor import send_logits
 from kiln.runtime.distributed.process import detach
 from kiln.runtime.executor import SequenceChunk
 from kiln.runtime.torch_backend.parallel import RankShard
