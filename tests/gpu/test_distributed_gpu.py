@@ -5,6 +5,12 @@ Float32 engines against the tp 1 engine on the same GPU: the same greedy tokens,
 logits within 1e-3 (split GEMMs sum in another order than whole ones, and Triton's float32 dots
 may round differently from cuBLAS's); a killed worker ends the run within 10 s, even though a
 dead NCCL peer does not fail its peers' collectives by itself (the pool aborts them).
+
+With one GPU: the NCCL path with a world of one rank. A tp 1 x pp 1 engine opened on the
+multi-rank driver (DistributedExecutor over a pool without workers: an NCCL process group of
+one rank, the step plans, the KV-cache size all-reduce, the all-reduce and vocab all-gather of
+the tensor-parallel collectives called directly) gives the plain TorchExecutor's greedy tokens
+and logits within 1e-5 (float32, the same kernels, CUDA graphs and options on the same GPU).
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ import torch
 from kiln.builder.api import build
 from kiln.runtime.errors import WorkerError
 from kiln.runtime.loader import ExecutorOptions, open_engine
+from kiln.runtime.torch_backend.executor import TorchExecutorOptions
 from tests.models import hf_model, kiln_checkpoint
-from tests.runtime.test_distributed import LIMITS, run_all
+from tests.runtime.test_distributed import LIMITS, assert_same_outputs, one_rank_twins, run_on_host
 
 pytestmark = pytest.mark.gpu
 
@@ -47,15 +54,17 @@ def test_nccl_engines_give_the_tokens_of_tp1(engines, name, tp, pp):
     for layout in ((1, 1), (tp, pp)):
         _, executor = open_engine(engines(name, *layout), ExecutorOptions(device="cuda"))
         try:
-            outs.append({what: (tokens, [x.cpu() for x in logits])
-                         for what, (tokens, logits) in run_all(executor).items()})
+            outs.append(run_on_host(executor))
         finally:
             executor.close()
-    for what, (tokens, logits) in outs[0].items():
-        assert outs[1][what][0] == tokens, what
-        error = max(float((a - b).abs().max()) for a, b in zip(outs[1][what][1], logits,
-                                                               strict=True))
-        assert error <= 1e-3, (what, error)
+    assert_same_outputs(outs[1], outs[0], 1e-3)
+
+
+def test_the_nccl_path_with_one_rank_gives_the_plain_executors_tokens_and_logits(engines):
+    _need_gpus(1)
+    options = TorchExecutorOptions(collective_timeout_s=60)
+    want, got = one_rank_twins(engines("llama-gqa", 1, 1), torch.device("cuda"), options)
+    assert_same_outputs(got, want, 1e-5)
 
 
 def test_a_killed_nccl_worker_ends_the_run_within_seconds(engines):

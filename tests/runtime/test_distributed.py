@@ -5,11 +5,16 @@ tp 2 x pp 2), the engine run by the driver and its worker processes gives the tp
 greedy tokens and, step by step, its last-token logits within 1e-4: one request alone, and
 several requests of different lengths admitted mid-flight. Worker processes cost seconds to
 start, so the module shares one pool per world size; each engine opens on it and closes.
+
+A world of one rank (the driver alone, over process groups of one rank) runs a tp 1 engine as
+the plain TorchExecutor does: the gloo twin of the single-GPU NCCL test
+(tests/gpu/test_distributed_gpu.py), through the same helper (:func:`one_rank_twins`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +28,7 @@ from kiln.runtime.loader import ExecutorOptions, open_engine
 from kiln.runtime.params import SamplingParams
 from kiln.runtime.torch_backend.executor import TorchExecutor, TorchExecutorOptions
 from kiln.runtime.torch_backend.paged_cache import KVCacheError
+from kiln.runtime.torch_executor import load_executor
 from tests.models import PROMPT, VARIANTS, hf_model, kiln_checkpoint, tp_sizes
 
 LIMITS = dict(max_batch_size=4, max_input_len=24, max_seq_len=40, max_num_tokens=32)
@@ -123,6 +129,57 @@ def run_all(executor: Executor) -> dict[str, tuple]:
             for what, requests in workloads(executor.vocab_size).items()}
 
 
+def run_on_host(executor: Executor) -> dict[str, tuple]:
+    """:func:`run_all` with the logits copied to the host (they outlive the executor)."""
+    return {what: (tokens, [x.cpu() for x in logits])
+            for what, (tokens, logits) in run_all(executor).items()}
+
+
+def assert_same_outputs(got: dict[str, tuple], want: dict[str, tuple], tolerance: float,
+                        *where) -> None:
+    """The same greedy tokens per workload, and every step's logits within ``tolerance``."""
+    assert got.keys() == want.keys()
+    for what, (tokens, logits) in want.items():
+        assert got[what][0] == tokens, (*where, what)
+        assert len(got[what][1]) == len(logits), (*where, what)
+        error = max(float((a - b).abs().max()) for a, b in zip(got[what][1], logits,
+                                                               strict=True))
+        assert error <= tolerance, (*where, what, error)
+
+
+def one_rank_twins(engine_dir: Path, device: torch.device, options: TorchExecutorOptions,
+                   ) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """A tp 1 x pp 1 engine run by the plain TorchExecutor, then by the multi-rank driver over
+    a world of one rank (no worker process; gloo groups on the CPU, NCCL on a GPU), with the
+    same options: their :func:`run_on_host` outputs (plain, driver). Checks on the way that
+    every step of the driver went out as a plan, that the collectives the forward of a larger
+    world calls run over the world of one (its forward calls none but the KV-cache size
+    all-reduce), and that closing leaves no thread of the pool running."""
+    manifest = read_manifest(engine_dir)
+    plain = load_executor(engine_dir, manifest, ExecutorOptions(device=device.type), options)
+    try:
+        assert type(plain) is TorchExecutor
+        want = run_on_host(plain)
+    finally:
+        plain.close()
+    driver = DistributedExecutor.open(engine_dir, manifest, device, options)
+    try:
+        pool, comm = driver.pool, driver.shard.comm
+        assert pool.world_size == 1 and not pool.processes
+        assert comm.groups.backend == ("nccl" if device.type == "cuda" else "gloo")
+        assert comm.groups.world.size() == 1 and comm.tp is comm.groups.world
+        got = run_on_host(driver)
+        assert pool.steps_sent == sum(len(logits) for _, logits in got.values())
+        x = torch.randn(3, 5, generator=torch.Generator().manual_seed(0)).to(driver.local.device)
+        assert torch.equal(comm.all_reduce(x.clone()), x)
+        assert torch.equal(comm.gather_vocab(x), x)
+        assert comm.min_over_world(7) == 7
+    finally:
+        driver.close()
+    assert pool.groups is None and not pool._monitor.is_alive()
+    return want, got
+
+
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_parallel_engines_give_the_tokens_and_logits_of_tp1(name, engines, pools):
     single = open_single(engines(name))
@@ -135,12 +192,7 @@ def test_parallel_engines_give_the_tokens_and_logits_of_tp1(name, engines, pools
             got = run_all(executor)
         finally:
             executor.close()
-        for what, (tokens, logits) in want.items():
-            assert got[what][0] == tokens, (tp, pp, what)
-            assert len(got[what][1]) == len(logits)
-            error = max(float((a - b).abs().max()) for a, b in zip(got[what][1], logits,
-                                                                   strict=True))
-            assert error <= 1e-4, (tp, pp, what, error)
+        assert_same_outputs(got, want, 1e-4, tp, pp)
 
 
 def test_a_quantized_tp2_engine_gives_the_tokens_and_logits_of_tp1(tmp_path, pools):
@@ -159,11 +211,14 @@ def test_a_quantized_tp2_engine_gives_the_tokens_and_logits_of_tp1(tmp_path, poo
             outs.append(run_all(executor))
         finally:
             executor.close()
-    for what, (tokens, logits) in outs[0].items():
-        assert outs[1][what][0] == tokens, what
-        error = max(float((a - b).abs().max()) for a, b in zip(outs[1][what][1], logits,
-                                                               strict=True))
-        assert error <= 1e-4, (what, error)
+    assert_same_outputs(outs[1], outs[0], 1e-4)
+
+
+def test_a_world_of_one_rank_gives_the_plain_executors_tokens_and_logits(engines):
+    """The driver's path with one rank, on gloo: same kernels, same options, same cache
+    size, so the logits agree to 1e-5 (in practice exactly)."""
+    want, got = one_rank_twins(engines("llama-gqa"), torch.device("cpu"), OPTIONS)
+    assert_same_outputs(got, want, 1e-5)
 
 
 def test_context_logits_come_back_from_the_last_stage(engines, pools):

@@ -8,7 +8,7 @@ pool's timeout; a failure raises :class:`CollectiveError`.
 
 Groups per pool: ``world`` (every rank: pipeline send/recv, the logits to the driver, the KV
 cache block count) and, per mapping, the tensor-parallel group of this rank's stage (the world
-itself when pp_size is 1; none when tp_size is 1).
+itself when pp_size is 1, a world of one rank included; none when tp_size is 1 in a pipeline).
 """
 
 from __future__ import annotations
@@ -79,10 +79,10 @@ class Groups:
 
     def tp_group(self, mapping: Mapping):
         """This rank's tensor-parallel group under ``mapping`` (made once per mapping)."""
+        if mapping.pp_size == 1:
+            return self.world  # a world of one too (its tp 1 forward calls no tp collective)
         if mapping.tp_size == 1:
             return None
-        if mapping.pp_size == 1:
-            return self.world
         tp_rank, stage = mapping.coords(self.rank)
         key = (mapping.tp_size, stage)
         if key not in self._tp:

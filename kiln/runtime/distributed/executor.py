@@ -15,6 +15,10 @@ sampling run unchanged in the driver. What the torch engine adds:
 - a failed collective or pipe (:class:`~kiln.runtime.distributed.comm.CollectiveError`) raises
   :class:`~kiln.runtime.errors.WorkerError` naming the rank that died or hung
   (:meth:`~kiln.runtime.distributed.pool.WorkerPool.fault`); every later call raises it again.
+
+An engine of one rank runs too (:meth:`DistributedExecutor.open`): a pool with no worker, the
+driver's process groups of one rank. The loader opens such an engine on a plain TorchExecutor;
+this path is what a machine with a single GPU can run of the NCCL code (the tests').
 """
 
 from __future__ import annotations
@@ -52,7 +56,8 @@ class DistributedExecutor(RankDriver):
     def open(cls, engine_dir: Path, manifest: EngineManifest, device: torch.device,
              options: TorchExecutorOptions, num_threads: int | None = None,
              pool: WorkerPool | None = None) -> DistributedExecutor:
-        """Start (or reuse: ``pool``, the tests') the workers and load every rank."""
+        """Start (or reuse: ``pool``, the tests') the workers and load every rank. A
+        single-rank engine gets a pool without workers (see the module docstring)."""
         from kiln.runtime.torch_executor import build_executor, read_rank
 
         world = manifest.mapping.world_size

@@ -1,5 +1,12 @@
 """A pool of worker processes: ranks 1..N-1 of one world, this process being rank 0.
 
+A world of one rank (N = 1) has no worker: the driver alone, with its process groups of one
+rank (gloo, or NCCL on a single GPU). The loader never makes one (it opens a single-rank engine
+on a plain :class:`~kiln.runtime.torch_backend.executor.TorchExecutor`);
+:meth:`~kiln.runtime.distributed.executor.DistributedExecutor.open` over a single-rank engine
+does, which is how a machine with one GPU runs the multi-rank driver's NCCL path
+(tests/gpu/test_distributed_gpu.py; its gloo twin in tests/runtime/test_distributed.py).
+
 Contract:
 - :class:`WorkerPool` spawns the workers (``multiprocessing`` spawn context, daemon processes),
   gives each a duplex pipe (commands down, replies and error reports up), and connects the
@@ -91,12 +98,13 @@ class Report:
 
 
 class WorkerPool:
-    """Ranks 1..world_size-1 as worker processes (see the module docstring)."""
+    """Ranks 1..world_size-1 as worker processes, none for a world of 1 (see the module
+    docstring)."""
 
     def __init__(self, world_size: int, device: str = "cpu", timeout_s: float = 120.0,
                  num_threads: int | None = None, mapping: Mapping | None = None):
-        if world_size < 2:
-            raise ValueError(f"a worker pool needs a world of 2 or more ranks, got {world_size}")
+        if world_size < 1:
+            raise ValueError(f"a worker pool needs a world of 1 or more ranks, got {world_size}")
         self.world_size, self.device = world_size, device
         self.timeout_s = timeout_s
         # rank labels: the engine's (a rank that dies at startup is named by it); a pool made
@@ -134,8 +142,11 @@ class WorkerPool:
         except BaseException:
             self.shutdown(kill=True)
             raise
-        logger.info("worker processes up: ranks 1 to %d, %s", world_size - 1,
-                    self.groups.backend)
+        if world_size == 1:
+            logger.info("a world of one rank: no worker process, %s", self.groups.backend)
+        else:
+            logger.info("worker processes up: ranks 1 to %d, %s", world_size - 1,
+                        self.groups.backend)
 
     def _spawn(self, context, threads: int) -> None:
         from kiln.runtime.distributed.worker import main
