@@ -98,6 +98,21 @@ def hf_model(name: str, path: Path) -> Path:
     return save_hf_model(model_cls, config_cls(**{**base, **overrides}), path)
 
 
+def hf_model_with_tokenizer(name: str, path: Path) -> Path:
+    """:func:`hf_model` with a tokenizer beside it, so text prompts run: one token per
+    printable ASCII character (ids 1-95; 0 is ``<unk>``) and a ``tokenizer_config.json``."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    hf_model(name, path)
+    vocab = {"<unk>": 0, **{chr(c): c - 31 for c in range(32, 127)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    tokenizer.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text('{"model_max_length": 64}\n')
+    return path
+
+
 def tp_sizes(name: str) -> tuple[int, ...]:
     return TP_SIZES.get(name, (1, 2, 4))
 

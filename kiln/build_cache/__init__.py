@@ -1,8 +1,9 @@
 """The build cache: an HF checkpoint (local dir or hub id) + build options -> an engine dir,
 converted and built once per machine, then reused.
 
-Public: :func:`engine_for_model` (what ``--model_dir`` on run/bench/eval/serve and
-``LLM(model=...)`` call), :func:`hold_engine` (keeps prune away while an engine is used),
+Public: :func:`engine_for_model` (an HF checkpoint -> its cached engine dir),
+:func:`hold_engine` (keeps prune away while an engine is used), :func:`cached_engine` (both:
+what ``--model_dir`` on run/bench/eval and ``LLM(model=...)`` use),
 :class:`EngineCache` (entries, ``kiln cache list`` / ``prune``), :func:`cache_root`.
 
 Where what lives: the key (what decides an engine) in :mod:`kiln.build_cache.key`, memoized
@@ -22,6 +23,7 @@ from typing import Any
 _LAZY = {
     "engine_for_model": "kiln.build_cache.api",
     "hold_engine": "kiln.build_cache.api",
+    "cached_engine": "kiln.build_cache.api",
     "EngineCache": "kiln.build_cache.store",
     "Entry": "kiln.build_cache.store",
     "cache_root": "kiln.build_cache.store",

@@ -37,9 +37,11 @@ from kiln.build_cache.key import (
     source_dtype,
 )
 from kiln.build_cache.store import ENGINE_DIR, NAME_CHARS, EngineCache, Entry, damage
-from kiln.errors import ConfigError
+from kiln.errors import BuildCacheError, ConfigError
 
 log = logging.getLogger(__name__)
+
+_HOLD_ATTEMPTS = 3  # cached_engine: lookups of an entry that a prune keeps removing
 
 
 def engine_for_model(model: str | Path, *, backend: str | None = None, dtype: str = "auto",
@@ -129,6 +131,29 @@ def hold_engine(engine_dir: str | Path, cache_dir: str | Path | None = None) -> 
         yield path
 
 
+@contextlib.contextmanager
+def cached_engine(model: str | Path, *, cache_dir: str | Path | None = None,
+                  **options: Any) -> Iterator[Path]:
+    """:func:`engine_for_model`'s engine dir (same arguments), held for the body as
+    :func:`hold_engine` holds it: what ``--model_dir`` and ``LLM(model=...)`` run. An entry
+    pruned between the lookup and the hold is looked up (so rebuilt) again."""
+    cache = EngineCache(cache_dir)
+    for _ in range(_HOLD_ATTEMPTS):
+        engine_dir = engine_for_model(model, cache_dir=cache_dir, **options)
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(cache.hold(engine_dir))
+            except BuildCacheError:
+                if cache.read(engine_dir.parent.name) is not None:
+                    raise
+                continue  # pruned since the lookup
+            yield engine_dir
+            return
+    raise BuildCacheError(f"{model}: its cached engine was removed {_HOLD_ATTEMPTS} times "
+                          f"(kiln cache prune) before it could be used; let the prune finish, "
+                          f"then try again")
+
+
 def key_parts(source: SourceId, convert: Any, build: Any) -> tuple[KeyParts, Any]:
     """The key's parts for these validated options, and ``build`` with its targets resolved
     (the backend's default targets on this machine when none were given)."""
@@ -200,8 +225,6 @@ def _lookup_or_build(request: Request, progress: bool) -> tuple[Entry, bool]:
 def _usable(cache: EngineCache, name: str, key: str, repair: bool = False) -> Entry | None:
     """The complete, undamaged entry ``name`` for ``key``, else None. With ``repair`` (under the
     write lock) a damaged entry of the cache is removed; something else in the way is refused."""
-    from kiln.errors import BuildCacheError
-
     path = cache.dir / name
     entry = cache.read(name)
     if entry is None:

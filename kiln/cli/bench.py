@@ -14,15 +14,16 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from kiln.cli.context import CliContext, PathArg, dp_option, executor_options
+from kiln.cli.engine_source import engine_command, held_engine
 from kiln.errors import OutputError
 
 if TYPE_CHECKING:
-    from kiln.runtime import LLM
+    from kiln.runtime import LLM, ExecutorOptions
     from kiln.runtime.bench import Workload
 
 
@@ -32,9 +33,7 @@ def _field_help(name: str) -> str:
     return next(f for f in dataclasses.fields(ExecutorOptions) if f.name == name).metadata["help"]
 
 
-@click.command("bench")
-@click.option("--engine_dir", required=True, type=PathArg(path_type=Path),
-              help="Engine dir (output of kiln build).")
+@engine_command("bench", "Engine dir (output of kiln build).")
 @click.option("--input_len", default=128, show_default=True, type=click.IntRange(min=1),
               help="Prompt tokens per request (random ids).")
 @click.option("--output_len", default=128, show_default=True, type=click.IntRange(min=1),
@@ -62,22 +61,38 @@ def _field_help(name: str) -> str:
 @click.option("--baseline_batch_size", default=64, show_default=True,
               type=click.IntRange(min=1), help="Batch size of the HF baseline.")
 @click.pass_obj
-def bench(obj: CliContext, engine_dir: Path, warmup: int, json_output: Path | None, device: str,
+def bench(obj: CliContext, warmup: int, json_output: Path | None, device: str,
           num_threads: int | None, cpu_spin_wait: bool, verify_checksums: bool, dp: int,
           kv_cache_free_gpu_memory_fraction: float | None, baseline: str | None,
-          baseline_batch_size: int, **workload: object) -> None:
+          baseline_batch_size: int, input_len: int, output_len: int, num_requests: int,
+          request_rate: float | None, concurrency: int | None, seed: int,
+          **source: Any) -> None:
     """Benchmark an engine with a synthetic workload (in the manner of trtllm-bench)."""
-    from kiln.runtime import LLM, ExecutorOptions
-    from kiln.runtime.bench import Workload, run_benchmark
+    from kiln.runtime import ExecutorOptions
+    from kiln.runtime.bench import Workload
 
-    if baseline == "hf":  # checked before any work: the baseline runs after the benchmark
-        _check_baseline(engine_dir)
-    if json_output is not None:
-        _check_json_output(json_output, engine_dir)
-    spec = Workload(**workload)
+    # checked before any work (a build, with --model_dir): the baseline runs after the benchmark
+    if baseline == "hf":
+        _check_baseline(source["engine_dir"], source["backend"])
+    if json_output is not None and source["engine_dir"] is None:
+        _check_json_output(json_output, None)  # checked again once the engine dir is known
+    spec = Workload(input_len=input_len, output_len=output_len, num_requests=num_requests,
+                    request_rate=request_rate, concurrency=concurrency, seed=seed)
     options = ExecutorOptions(device=device, num_threads=num_threads, cpu_spin_wait=cpu_spin_wait,
                               verify_checksums=verify_checksums, dp=dp,
                               kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction)
+    with held_engine(obj, source) as engine_dir:
+        if json_output is not None:
+            _check_json_output(json_output, engine_dir)
+        _bench(engine_dir, spec, options, warmup, json_output, baseline, baseline_batch_size)
+
+
+def _bench(engine_dir: Path, spec: Workload, options: ExecutorOptions, warmup: int,
+           json_output: Path | None, baseline: str | None, baseline_batch_size: int) -> None:
+    from kiln.runtime import LLM
+    from kiln.runtime.bench import Workload, run_benchmark
+
+    dp = options.dp
     with LLM(engine_dir, options) as llm:
         limits = llm.limits
         if spec.input_len > limits.max_input_len:
@@ -148,14 +163,22 @@ def _write_atomically(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _check_baseline(engine_dir: Path) -> None:
-    from kiln.engine import read_manifest
+def _check_baseline(engine_dir: Path | None, backend: str | None) -> None:
+    """``--baseline hf`` needs a torch engine: ``engine_dir``'s, or the one --model_dir builds
+    (``backend``, else this machine's default)."""
+    if engine_dir is not None:
+        from kiln.engine import read_manifest
 
-    backend = read_manifest(engine_dir).backend
+        backend = read_manifest(engine_dir).backend
+        what, fix = f"{engine_dir} was built with", "build one with kiln build --backend torch"
+    else:
+        from kiln.build_cache.key import default_backend
+
+        backend = backend or default_backend()[0]
+        what, fix = "--model_dir builds with", "add --backend torch"
     if backend != "torch":
         raise click.BadParameter(f"hf runs HF transformers on a torch engine's weights and "
-                                 f"{engine_dir} was built with --backend {backend}; build one with kiln build "
-                                 f"--backend torch, or leave out --baseline",
+                                 f"{what} --backend {backend}; {fix}, or leave out --baseline",
                                  param_hint="--baseline")
 
 

@@ -6,34 +6,24 @@ and the leftovers of builds that did not finish, ``kiln cache build`` converts a
 model into the cache (or finds it there) and prints its engine dir. docs/build_cache.md.
 
 Listing and pruning import no torch (kiln/cli/main.py registers the group as not heavy); ``kiln
-cache build`` imports it first with Ctrl-C deferred, as every heavy command does.
-:func:`model_options` and :func:`engine_from_options` are the flags and the call that
-``--model_dir`` on other commands can share.
+cache build`` imports it first with Ctrl-C deferred, as every heavy command does. Its options
+are those of ``--model_dir`` on kiln run, bench and eval (kiln/cli/engine_source.py).
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import re
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import click
 
 from kiln.cli.build import MemorySize
-from kiln.cli.build import build as build_command
 from kiln.cli.context import CliContext, PathArg
-from kiln.config import DTYPES
-from kiln.converters.options import ConvertOptions
-from kiln.engine import BACKENDS
+from kiln.cli.engine_source import CACHE_DIR_HELP, engine_from_options, model_options
 
 _DURATION = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*(s|sec|m|min|h|d|w)\s*", re.IGNORECASE)
 _SECONDS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-# kiln build's options that the cache sets itself (its own dirs; dtype goes to the conversion)
-_NOT_FROM_BUILD = ("checkpoint_dir", "output_dir", "overwrite", "dtype", "backend")
 
 
 class Duration(click.ParamType):
@@ -52,8 +42,7 @@ class Duration(click.ParamType):
 
 def _cache_dir_option(func):
     return click.option("--cache_dir", type=PathArg(file_okay=False, path_type=Path),
-                        help="Cache root [default: $KILN_CACHE_DIR, else $XDG_CACHE_HOME/kiln, "
-                             "else ~/.cache/kiln]; entries live in its engines/.")(func)
+                        help=CACHE_DIR_HELP)(func)
 
 
 @click.group("cache")
@@ -141,68 +130,6 @@ def prune(obj: CliContext, everything: bool, older_than: float | None, max_size:
 
 
 # -- build --------------------------------------------------------------------------------
-
-def model_options(func: Callable) -> Callable:
-    """``--model_dir`` and what decides its engine: the conversion's options, every option of
-    ``kiln build`` but its dirs, ``--backend`` defaulting to this machine's best, the cache's
-    own (``--cache_dir``, ``--max_cache_size``). :func:`engine_from_options` takes them."""
-    fields = {f.name: f for f in dataclasses.fields(ConvertOptions)}
-
-    def convert(name: str) -> dict:
-        return {"default": fields[name].default, "help": fields[name].metadata["help"]}
-
-    options = [
-        click.option("--model_dir", required=True,
-                     help="HF checkpoint: a local directory or a hub id (org/name)."),
-        click.option("--revision", **convert("revision")),
-        click.option("--dtype", type=click.Choice(("auto", *DTYPES)), show_default=True,
-                     **convert("dtype")),
-        click.option("--tp_size", type=click.IntRange(min=1), show_default=True,
-                     **convert("tp_size")),
-        click.option("--pp_size", type=click.IntRange(min=1), show_default=True,
-                     **convert("pp_size")),
-        click.option("--allow-pickle", "--allow_pickle", "allow_pickle", is_flag=True,
-                     **convert("allow_pickle")),
-        click.option("--backend", type=click.Choice(BACKENDS),
-                     help="Engine backend [default: torch where torch sees a CUDA GPU, else "
-                          "onnx]."),
-        # kiln build's own option objects (defaults, types, help, plugin flags): one definition
-        *(_attach(copy.copy(p)) for p in build_command.params if p.name not in _NOT_FROM_BUILD),
-        _cache_dir_option,
-        click.option("--max_cache_size", type=MemorySize(),
-                     help="After a build, evict least recently used entries until the cache "
-                          "holds at most this (20GB)."),
-    ]
-    for option in reversed(options):  # decorators apply bottom-up: the first is shown first
-        func = option(func)
-    return func
-
-
-def _attach(param: click.Parameter) -> Callable:
-    """A decorator adding an existing click parameter object, as click.option adds its own."""
-
-    def decorate(func: Callable) -> Callable:
-        func.__click_params__ = [*getattr(func, "__click_params__", []), param]
-        return func
-
-    return decorate
-
-
-def engine_from_options(obj: CliContext, options: dict[str, Any]) -> Path:
-    """Call :func:`kiln.build_cache.engine_for_model` with :func:`model_options`' values
-    (removed from ``options``)."""
-    from kiln.build_cache import engine_for_model
-    from kiln.plugins import PLUGINS
-
-    names = ["model_dir", "revision", "dtype", "tp_size", "pp_size", "allow_pickle", "backend",
-             "cache_dir", "max_cache_size"]
-    names += [p.name for p in build_command.params if p.name not in _NOT_FROM_BUILD]
-    given = {name: options.pop(name) for name in names if name in options}
-    plugins = {name: given.pop(spec.option) for name, spec in PLUGINS.items()
-               if spec.option in given}
-    return engine_for_model(given.pop("model_dir"), plugins=plugins, progress=obj.progress,
-                            **given)
-
 
 @cache.command("build")
 @model_options

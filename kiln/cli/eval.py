@@ -3,7 +3,8 @@
 Prints ``perplexity <value>`` (stdout) and a summary line (tokens, windows, seconds, tokens/s;
 stderr); ``--json_output`` writes :meth:`kiln.evaluation.PerplexityResult.to_dict` atomically,
 with the same rules as ``kiln bench --json_output`` (never over a file kiln did not write,
-never into the engine dir). Imports stay light (``kiln eval --help`` must not load torch).
+never into the engine dir). ``--model_dir`` builds its engine with ``--gather_context_logits``
+(kiln/cli/engine_source.py). Imports stay light (``kiln eval --help`` must not load torch).
 """
 
 from __future__ import annotations
@@ -11,18 +12,19 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from kiln.cli.bench import _check_json_output, _write_atomically
 from kiln.cli.context import CliContext, PathArg, executor_options
+from kiln.cli.engine_source import engine_command, held_engine
 
 REPORT_KEYS = frozenset({"perplexity", "tokens", "seconds", "max_length", "stride"})
 
 
-@click.command("eval")
-@click.option("--engine_dir", required=True, type=PathArg(path_type=Path),
-              help="Engine dir built with --gather_context_logits.")
+@engine_command("eval", "Engine dir built with --gather_context_logits (--model_dir builds "
+                        "with it).", exclude=("gather_context_logits",))
 @click.option("--dataset", required=True, type=PathArg(),
               help="A .txt (paragraphs), .jsonl or .parquet file ('text'), a directory, or a "
                    "hub dataset id owner/name[:glob] (kiln.datasets).")
@@ -34,9 +36,10 @@ REPORT_KEYS = frozenset({"perplexity", "tokens", "seconds", "max_length", "strid
               help="Also write the result as JSON here.")
 @executor_options
 @click.pass_obj
-def eval_command(obj: CliContext, engine_dir: Path, dataset: str, max_length: int | None,
+def eval_command(obj: CliContext, dataset: str, max_length: int | None,
                  stride: int | None, json_output: Path | None, device: str,
-                 num_threads: int | None, cpu_spin_wait: bool, verify_checksums: bool) -> None:
+                 num_threads: int | None, cpu_spin_wait: bool, verify_checksums: bool,
+                 **source: Any) -> None:
     """Perplexity of an engine on a text dataset (sliding windows, as Hugging Face's)."""
     from kiln.evaluation import evaluate
     from kiln.runtime.loader import ExecutorOptions
@@ -44,11 +47,15 @@ def eval_command(obj: CliContext, engine_dir: Path, dataset: str, max_length: in
     if stride is not None and max_length is not None and stride > max_length:
         raise click.BadParameter(f"{stride} exceeds --max_length {max_length}",
                                  param_hint="--stride")
-    if json_output is not None:
-        _check_json_output(json_output, engine_dir, _is_eval_report, "kiln eval report")
+    if json_output is not None and source["engine_dir"] is None:  # before a build
+        _check_json_output(json_output, None, _is_eval_report, "kiln eval report")
     options = ExecutorOptions(device=device, num_threads=num_threads, cpu_spin_wait=cpu_spin_wait,
                               verify_checksums=verify_checksums)
-    result = evaluate(engine_dir, dataset, max_length, stride, options, progress=obj.progress)
+    with held_engine(obj, source, gather_context_logits=True) as engine_dir:
+        if json_output is not None:
+            _check_json_output(json_output, engine_dir, _is_eval_report, "kiln eval report")
+        result = evaluate(engine_dir, dataset, max_length, stride, options,
+                          progress=obj.progress)
     click.echo(f"perplexity {result.perplexity:.6f}")
     sys.stdout.flush()  # before the stderr summary, also when both go to one pipe
     if obj.verbosity >= 0:

@@ -1,6 +1,7 @@
 """``kiln run``: generate from an engine dir and print the text, then TTFT, TPOT and tokens/s.
 
-Thin over :class:`kiln.runtime.LLM`. Sampling flags are generated from the fields of
+Thin over :class:`kiln.runtime.LLM`. The engine is ``--engine_dir``'s, or ``--model_dir``'s
+from the build cache (kiln/cli/engine_source.py). Sampling flags are generated from the fields of
 :class:`~kiln.runtime.SamplingParams` (their help included); flags not given keep the engine's
 generation_config.json defaults (greedy unless it says ``do_sample``).
 
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from kiln.cli.context import CliContext, PathArg, dp_option, executor_options
+from kiln.cli.engine_source import engine_command, held_engine
 from kiln.runtime.params import SamplingParams, is_utf8  # torch-free: --help stays fast
 
 if TYPE_CHECKING:
@@ -148,9 +150,7 @@ def _json_type(value: Any) -> str:
     return "null"
 
 
-@click.command("run")
-@click.option("--engine_dir", required=True, type=PathArg(path_type=Path),
-              help="Engine dir (output of kiln build).")
+@engine_command("run", "Engine dir (output of kiln build).")
 @click.option("--input_text", multiple=True, help="A prompt. Repeatable.")
 @click.option("--input_file", type=PathArg(exists=True, dir_okay=False, path_type=Path),
               help="Prompt file: .jsonl = one prompt per line (string or {\"prompt\": ...}); "
@@ -166,19 +166,20 @@ def _json_type(value: Any) -> str:
 @dp_option
 @sampling_options
 @click.pass_obj
-def run(obj: CliContext, engine_dir: Path, input_text: tuple[str, ...], input_file: Path | None,
+def run(obj: CliContext, input_text: tuple[str, ...], input_file: Path | None,
         max_output_len: int, streaming: bool, chat: bool, device: str,
         num_threads: int | None, cpu_spin_wait: bool, verify_checksums: bool, dp: int,
-        **sampling: Any) -> None:
+        **options: Any) -> None:
     """Generate text with an engine; prints the text (stdout), then TTFT, TPOT, tokens/s (stderr)."""
     prompts = read_prompts(input_text, input_file)
     from kiln.runtime import LLM, ExecutorOptions
 
-    with LLM(engine_dir, ExecutorOptions(device=device, num_threads=num_threads,
-                                         cpu_spin_wait=cpu_spin_wait,
-                                         verify_checksums=verify_checksums, dp=dp)) as llm:
+    executor = ExecutorOptions(device=device, num_threads=num_threads,
+                               cpu_spin_wait=cpu_spin_wait, verify_checksums=verify_checksums,
+                               dp=dp)
+    with held_engine(obj, options) as engine_dir, LLM(engine_dir, executor) as llm:
         log_quantization(llm.manifest)
-        params = build_params(llm, max_output_len, sampling)
+        params = build_params(llm, max_output_len, options)  # the sampling flags are left
         inputs = [llm.render_chat([{"role": "user", "content": p}]) if chat else p
                   for p in prompts]
         if streaming:

@@ -7,28 +7,14 @@ import shutil
 import pytest
 
 from kiln.build_cache import api
-from tests.models import hf_model
+from tests.models import hf_model_with_tokenizer
 
 
 @pytest.fixture(scope="session")
 def tiny_hf(tmp_path_factory):
-    """llama-gqa (2 layers, vocab 128) with a tokenizer config beside it; read-only by tests
-    (copy it with ``hf_copy`` to change it)."""
-    path = hf_model("llama-gqa", tmp_path_factory.mktemp("hf") / "llama-gqa")
-    _write_char_tokenizer(path)
-    (path / "tokenizer_config.json").write_text('{"model_max_length": 64}\n')
-    return path
-
-
-def _write_char_tokenizer(directory) -> None:
-    """One token per printable ASCII character (ids 1-95) for the 128-token model."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {"<unk>": 0, **{chr(c): c - 31 for c in range(32, 127)}}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tokenizer.decoder = decoders.Fuse()
-    tokenizer.save(str(directory / "tokenizer.json"))
+    """llama-gqa (2 layers, vocab 128) with a tokenizer beside it; read-only by tests (copy it
+    with ``hf_copy`` to change it)."""
+    return hf_model_with_tokenizer("llama-gqa", tmp_path_factory.mktemp("hf") / "llama-gqa")
 
 
 @pytest.fixture

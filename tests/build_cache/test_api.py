@@ -10,7 +10,7 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from kiln.build_cache import api, engine_for_model, hold_engine
+from kiln.build_cache import api, cached_engine, engine_for_model, hold_engine
 from kiln.build_cache.store import EngineCache
 from kiln.cli.main import main
 from kiln.errors import BuildCacheError, CheckpointError, ConfigError, KilnError
@@ -169,3 +169,30 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_hf, tmp_path, cache_dir, 
     assert message in str(raised.value) and "\n" not in str(raised.value)
     assert builds == []
     assert EngineCache(cache_dir).entries() == []
+
+
+def test_cached_engine_holds_its_entry_for_the_body(tiny_hf, cache_dir, builds):
+    cache = EngineCache(cache_dir)
+    with cached_engine(tiny_hf) as engine:
+        assert engine == engine_for_model(tiny_hf)
+        assert [e.engine_dir for e in cache.prune(everything=True).in_use] == [engine]
+    assert [e.engine_dir for e in cache.prune(everything=True).removed] == [engine]
+    assert len(builds) == 1
+
+
+def test_cached_engine_looks_up_again_an_entry_pruned_before_it_was_held(tiny_hf, cache_dir,
+                                                                          builds, monkeypatch):
+    real = api.engine_for_model
+    looked_up = []
+
+    def pruned_right_after(*args, **kwargs):
+        engine = real(*args, **kwargs)
+        looked_up.append(engine)
+        if len(looked_up) == 1:  # a kiln cache prune in another process, between the two steps
+            assert EngineCache(cache_dir).prune(everything=True).removed
+        return engine
+
+    monkeypatch.setattr(api, "engine_for_model", pruned_right_after)
+    with cached_engine(tiny_hf) as engine:
+        assert api.damage(engine) is None and EngineCache(cache_dir).read(engine.parent.name)
+    assert len(looked_up) == 2 and len(builds) == 2

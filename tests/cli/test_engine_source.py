@@ -1,0 +1,186 @@
+"""--engine_dir or --model_dir on kiln run, bench and eval: exactly one (one line, exit 2,
+before torch loads), build options refused beside --engine_dir, --model_dir built through the
+build cache once and then found there (saying so), and the engine held while a command runs."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from click.testing import CliRunner
+
+from kiln.build_cache.store import EngineCache
+from kiln.cli.build import build as build_command
+from kiln.cli.engine_source import MODEL_ONLY
+from kiln.cli.main import main
+from tests.cli.test_main import HEAVY, _fresh_python
+from tests.models import hf_model_with_tokenizer
+
+COMMANDS = {"run": ["--input_text", "Hi"], "bench": [], "eval": ["--dataset", "x.txt"]}
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    return hf_model_with_tokenizer("llama-gqa", tmp_path_factory.mktemp("hf") / "model")
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty build cache, the default one of this test ($KILN_CACHE_DIR)."""
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "kiln-cache"))
+    return EngineCache()
+
+
+def kiln(*args: str):
+    return CliRunner().invoke(main, list(args), prog_name="kiln")
+
+
+def _one_line_error(result, *parts: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert len(result.output.splitlines()) == 1 and result.output.startswith("error: "), \
+        result.output
+    for part in parts:
+        assert part in result.output
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_neither_or_both_is_one_line_saying_what_each_does(command, cache):
+    _one_line_error(kiln(command, *COMMANDS[command]),
+                    "give --engine_dir ENGINE_DIR (an engine built by kiln build) or "
+                    "--model_dir HF_DIR|HUB_ID", f"(see kiln {command} --help)")
+    _one_line_error(kiln(command, "--engine_dir", "e", "--model_dir", "m", *COMMANDS[command]),
+                    "give --engine_dir or --model_dir, not both")
+    assert not cache.dir.exists()
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_build_options_beside_engine_dir_are_refused_by_name(command, cache):
+    result = kiln(command, "--engine_dir", "e", "--max_seq_len", "64", "--norm_plugin",
+                  "enable", *COMMANDS[command])
+    _one_line_error(result, "--max_seq_len and --norm_plugin apply to --model_dir only",
+                    "drop them, or give --model_dir instead of --engine_dir")
+    _one_line_error(kiln(command, "--engine_dir", "e", "--cache_dir", "c", *COMMANDS[command]),
+                    "--cache_dir applies to --model_dir only", "drop it")
+
+
+def test_every_build_option_passes_through_and_eval_sets_gather_context_logits():
+    from kiln.cli.bench import bench
+    from kiln.cli.eval import eval_command
+    from kiln.cli.run import run
+
+    dirs = {"checkpoint_dir", "output_dir", "overwrite"}
+    wanted = {p.name for p in build_command.params} - dirs | set(MODEL_ONLY) | {"model_dir"}
+    for command in (run, bench):
+        assert wanted <= {p.name for p in command.params}
+    assert {p.name for p in eval_command.params} >= wanted - {"gather_context_logits"}
+    assert "gather_context_logits" not in {p.name for p in eval_command.params}
+
+
+@pytest.mark.parametrize("args", [
+    ["run", "--engine_dir", "e", "--model_dir", "m", "--input_text", "x"],
+    ["bench", "--engine_dir", "e", "--max_batch_size", "2"],
+    ["eval", "--dataset", "x"]])
+def test_the_checks_run_before_torch_loads(args):
+    imported = json.loads(_fresh_python(f"""
+        import io, json, sys
+        from contextlib import redirect_stderr, redirect_stdout
+        from kiln.cli.main import main
+        with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+            try:
+                main({args!r}, prog_name="kiln")
+            except SystemExit as e:
+                assert e.code == 2, e.code
+        print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))
+    """))
+    assert imported == []
+
+
+def test_run_builds_once_then_uses_the_cached_engine_and_says_so(tiny_hf, cache, caplog):
+    args = ["run", "--model_dir", str(tiny_hf), "--input_text", "Hello", "--max_output_len", "5",
+            "--ignore_eos", "--max_batch_size", "2"]
+    with caplog.at_level(logging.WARNING):
+        first = kiln(*args)
+        built = [r.getMessage() for r in caplog.records]
+        caplog.clear()
+        second = kiln(*args)
+    assert first.exit_code == 0 and second.exit_code == 0, first.output + second.output
+    assert first.stdout == second.stdout and first.stdout.count("\n") == 1
+    (entry,) = cache.entries()
+    assert json.loads((entry.engine_dir / "config.json").read_text())["limits"][
+        "max_batch_size"] == 2
+    assert len(built) == 1 and built[0].startswith(f"building the engine for {tiny_hf} (onnx, "
+                                                   f"the default on a machine without a CUDA GPU)")
+    (hit,) = caplog.records  # one line at the default level (WARNING), naming the backend
+    assert hit.levelno == logging.WARNING and "\n" not in hit.getMessage()
+    assert hit.getMessage().startswith(f"using cached engine {entry.engine_dir} (onnx, the "
+                                       f"default on a machine without a CUDA GPU; {tiny_hf}, "
+                                       f"built ")
+    assert kiln(*args[:-1], "3").exit_code == 0 and len(cache.entries()) == 2  # another key
+
+
+def test_the_engine_is_held_while_the_command_runs(tiny_hf, cache, monkeypatch):
+    """A prune between the lookup and the engine's opening keeps the engine (in use; the LLM
+    then holds it itself: tests/runtime/test_llm_model.py); after the command it is removed.
+    An --engine_dir inside the cache is held as well."""
+    from kiln.runtime import LLM
+
+    pruned = []
+
+    def prune_then_open(*args):
+        pruned.append(EngineCache().prune(everything=True))
+        return LLM(*args)
+
+    monkeypatch.setattr("kiln.runtime.LLM", prune_then_open)  # kiln run imports it when run
+    prompt = ["--input_text", "Hi", "--max_output_len", "2"]
+    assert kiln("run", "--model_dir", str(tiny_hf), *prompt).exit_code == 0
+    (entry,) = cache.entries()
+    assert kiln("run", "--engine_dir", str(entry.engine_dir), *prompt).exit_code == 0
+    assert [[e.name for e in p.in_use] for p in pruned] == [[entry.name]] * 2
+    assert [p.removed for p in pruned] == [[], []]
+    assert [e.name for e in cache.prune(everything=True).removed] == [entry.name]
+
+
+def test_eval_builds_its_engine_with_context_logits(tiny_hf, cache, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog.\n\nPack my box with five "
+                    "dozen liquor jugs.\n")
+    result = kiln("eval", "--model_dir", str(tiny_hf), "--dataset", str(text), "--stride", "32")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("perplexity ")
+    (entry,) = cache.entries()
+    assert json.loads((entry.engine_dir / "config.json").read_text())["gather_context_logits"]
+    again = kiln("eval", "--engine_dir", str(entry.engine_dir), "--dataset", str(text),
+                 "--stride", "32")
+    assert again.stdout == result.stdout
+
+
+def test_bench_on_a_model_dir(tiny_hf, cache):
+    result = kiln("bench", "--model_dir", str(tiny_hf), "--input_len", "8", "--output_len", "4",
+                  "--num_requests", "2", "--warmup", "0")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    (entry,) = cache.entries()
+    assert report["engine"]["engine_dir"] == str(entry.engine_dir)
+    assert report["engine"]["backend"] == "onnx"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["bench", "--baseline", "hf"], "--model_dir builds with --backend onnx; add --backend torch"),
+    (["bench", "--json_output", "{notes}"], "exists and is not a kiln bench report"),
+    (["eval", "--dataset", "x.txt", "--json_output", "{notes}"],
+     "exists and is not a kiln eval report"),
+    (["run", "--input_text", "Hi", "--dtype", "float64"], "'float64' is not one of"),
+])
+def test_bad_input_with_model_dir_is_refused_before_a_build(tiny_hf, cache, tmp_path, args,
+                                                            message):
+    notes = tmp_path / "notes.json"
+    notes.write_text("{}")
+    args = [a.format(notes=notes) for a in args]
+    _one_line_error(kiln(args[0], "--model_dir", str(tiny_hf), *args[1:]), message)
+    assert cache.entries() == []
+
+
+def test_a_missing_model_dir_is_one_line(tmp_path, cache):
+    _one_line_error(kiln("run", "--model_dir", str(tmp_path / "nope"), "--input_text", "Hi"),
+                    f"{tmp_path / 'nope'}: no such local directory")
