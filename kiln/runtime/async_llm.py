@@ -3,7 +3,9 @@
 Contract:
 - :class:`AsyncLLM` takes over an :class:`~kiln.runtime.llm.LLM`: one engine thread drives its
   core (so the event loop never blocks on a model step); the sync ``generate`` methods of that
-  LLM refuse to run while the AsyncLLM is open.
+  LLM refuse to run while the AsyncLLM is open. ``AsyncLLM(model=..., options=..., policy=...,
+  **build_options)`` opens its own ``LLM(model=...)`` (the build cache's engine for a Hugging
+  Face checkpoint) and closes it on ``close()``.
 - ``await submit(prompt, params)`` validates and queues a request and returns its id, or raises
   :class:`~kiln.runtime.errors.RequestError` for that request alone; requests join the running
   batch at the next step.
@@ -35,12 +37,15 @@ import threading
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from kiln.runtime.errors import RequestError
 from kiln.runtime.llm import LLM, Prompt
+from kiln.runtime.options import ExecutorOptions
 from kiln.runtime.params import SamplingParams
 from kiln.runtime.results import StreamDelta
+from kiln.runtime.scheduler import Policy
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +65,26 @@ class _Sink:
 class AsyncLLM:
     """See the module docstring. Use as ``async with AsyncLLM(llm) as engine: ...``."""
 
-    def __init__(self, llm: LLM):
+    def __init__(self, llm: LLM | None = None, *, model: str | Path | None = None,
+                 options: ExecutorOptions | None = None, policy: Policy | None = None,
+                 **build_options: Any):
+        if (llm is None) == (model is None):
+            raise TypeError("AsyncLLM() takes an LLM or model=... (a Hugging Face checkpoint "
+                            "dir or hub id, built through the build cache)"
+                            + (", not both" if model is not None else ""))
+        if llm is not None and (options is not None or policy is not None or build_options):
+            raise TypeError("AsyncLLM(llm) takes no options: the LLM was opened with its own")
+        self._owns_llm = llm is None  # close() closes an LLM this AsyncLLM opened
+        if llm is None:
+            llm = LLM(model=model, options=options, policy=policy, **build_options)
+        try:
+            self._start(llm)
+        except BaseException:
+            if self._owns_llm:
+                llm.close()
+            raise
+
+    def _start(self, llm: LLM) -> None:
         llm.check_open()
         if getattr(llm, "async_owner", None) is not None:
             raise RuntimeError("this LLM is already driven by an AsyncLLM; close that one first")
@@ -130,12 +154,15 @@ class AsyncLLM:
         raise RuntimeError(f"request {request_id} ended without a result")
 
     def close(self) -> None:
-        """Stop the engine thread (running requests are aborted) and hand the LLM back."""
+        """Stop the engine thread (running requests are aborted) and hand the LLM back, or
+        close it if this AsyncLLM opened it (``model=``)."""
         if self._closed:
             return
         self._closed = True
         self._loop.send(("close",))
         self._thread.join()
+        if self._owns_llm:
+            self.llm.close()
 
     async def __aenter__(self) -> AsyncLLM:
         return self

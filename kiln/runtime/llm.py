@@ -5,6 +5,13 @@ Contract:
   tokenizer (``tokenizer.json`` via the ``tokenizers`` library) and reads
   ``generation_config.json``: its EOS ids always end generation (unless ``ignore_eos``), and its
   sampling fields are the default :class:`SamplingParams` when a call passes none.
+- ``LLM(model=HF_DIR_OR_HUB_ID, **build_options)`` opens the engine the build cache holds for
+  that checkpoint and those options, converting and building it first if it has none
+  (:func:`kiln.build_cache.engine_for_model`: its keywords, e.g. ``backend``, ``dtype``,
+  ``max_batch_size``, ``max_seq_len``, ``cache_dir``). Build options with an engine dir, or
+  both an engine dir and a model, or neither, raise TypeError.
+- An engine of the build cache is held from the LLM's opening to its ``close()`` (or its
+  garbage collection): ``kiln cache prune`` and eviction leave it alone meanwhile.
 - ``generate(prompts, params)`` returns one :class:`CompletionResult` per prompt, in order. A
   prompt is a string or a list of token ids. ``params`` is one SamplingParams for all prompts or
   one per prompt. All prompts are validated before any runs; a bad one raises
@@ -36,8 +43,10 @@ Non-goals: multiple engines per LLM, LoRA.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,14 +73,31 @@ Messages = list[dict[str, Any]]
 class LLM:
     """Generate text with a built engine (see the module docstring)."""
 
-    def __init__(self, engine_dir: str | Path, options: ExecutorOptions | None = None,
-                 policy: Policy | None = None):
-        self.engine_dir = Path(engine_dir)
+    def __init__(self, engine_dir: str | Path | None = None, options: ExecutorOptions | None = None,
+                 policy: Policy | None = None, *, model: str | Path | None = None,
+                 **build_options: Any):
+        if (engine_dir is None) == (model is None):
+            raise TypeError("LLM() takes an engine dir (LLM('engines/x')) or model=... (a Hugging "
+                            "Face checkpoint dir or hub id, built through the build cache)"
+                            + (", not both" if model is not None else ""))
+        if engine_dir is not None and build_options:
+            raise TypeError(f"LLM() got build options {sorted(build_options)} with an engine dir, "
+                            f"which is built already; they apply to LLM(model=...) only")
         self.manifest: EngineManifest | None
         options = options or ExecutorOptions()
-        if options.dp > 1:
-            self._open_replicas(options, policy)
-            return
+        hold = contextlib.ExitStack()  # the engine's cache entry, held until close()
+        try:
+            self.engine_dir = hold.enter_context(_held(engine_dir, model, build_options))
+            if options.dp > 1:
+                self._open_replicas(options, policy)
+            else:
+                self._open(options, policy)
+        except BaseException:
+            hold.close()
+            raise
+        self._release = weakref.finalize(self, hold.close)  # dropped without close(): at GC
+
+    def _open(self, options: ExecutorOptions, policy: Policy | None) -> None:
         self.manifest, executor = open_engine(self.engine_dir, options)
         try:
             tokenizer = load_tokenizer(self.engine_dir)
@@ -94,7 +120,7 @@ class LLM:
                       policy: Policy | None = None) -> LLM:
         """An LLM over an executor built by hand (the oracle's, a mock model's in tests)."""
         llm = cls.__new__(cls)
-        llm.engine_dir, llm.manifest = None, None
+        llm.engine_dir, llm.manifest, llm._release = None, None, None
         llm._setup(executor, tokenizer, policy)
         return llm
 
@@ -125,10 +151,14 @@ class LLM:
         if self.closed:
             return
         self.closed = True
-        if self.executor is not None:
-            self.executor.close()
-        else:
-            self.core.close()
+        try:
+            if self.executor is not None:
+                self.executor.close()
+            else:
+                self.core.close()
+        finally:
+            if self._release is not None:
+                self._release()  # the cache entry may be pruned from now on
 
     def __enter__(self) -> LLM:
         return self
@@ -243,6 +273,21 @@ class LLM:
         """Generate replies to one conversation (a list of messages) or to several."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         return self.generate([self.render_chat(c) for c in conversations], params)
+
+
+def _held(engine_dir: str | Path | None, model: str | Path | None,
+          build_options: dict[str, Any]) -> contextlib.AbstractContextManager[Path]:
+    """The engine dir to open, held while it is used (kiln.build_cache: prune and eviction skip
+    it): ``engine_dir`` (held if it lies in the build cache), or ``model``'s cached engine,
+    converted and built first if the cache has none. The build cache sits above the runtime
+    in the pipeline: it imports the builder only to build, so only for ``model=``."""
+    if model is not None:
+        from kiln.build_cache.api import cached_engine
+
+        return cached_engine(model, **build_options)
+    from kiln.build_cache.api import hold_engine
+
+    return hold_engine(engine_dir)
 
 
 def _as_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

@@ -1,0 +1,134 @@
+"""LLM(model=...) and AsyncLLM(model=...): a Hugging Face checkpoint built through the build
+cache (build options passed through), held while open and released on close or when dropped;
+the engine-dir API unchanged; wrong combinations are TypeErrors."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+
+import pytest
+
+from kiln.build_cache.store import Busy, EngineCache
+from kiln.errors import ConfigError
+from kiln.runtime import LLM, AsyncLLM, ExecutorOptions, SamplingParams
+from tests.models import hf_model_with_tokenizer
+
+GREEDY = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    return hf_model_with_tokenizer("llama-gqa", tmp_path_factory.mktemp("hf") / "model")
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "kiln-cache"))
+    return EngineCache()
+
+
+def _busy(cache: EngineCache, name: str) -> bool:
+    """Whether entry ``name``'s lock is held (a prune would keep it: in use)."""
+    try:
+        with cache.locked(name, write=True, wait=False):
+            return False
+    except Busy:
+        return True
+
+
+def test_model_builds_through_the_cache_with_the_options_given(tiny_hf, cache, caplog):
+    with LLM(model=tiny_hf, max_batch_size=2, max_seq_len=48) as llm:
+        (entry,) = cache.entries()
+        assert llm.engine_dir == entry.engine_dir
+        assert (llm.limits.max_batch_size, llm.limits.max_seq_len) == (2, 48)
+        text = llm.generate("Hello", GREEDY)[0].text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kiln.build_cache"):
+        with LLM(model=str(tiny_hf), max_batch_size=2, max_seq_len=48) as again:
+            assert again.engine_dir == entry.engine_dir
+            assert again.generate("Hello", GREEDY)[0].text == text
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [
+        f"using cached engine {entry.engine_dir}"]
+    with LLM(entry.engine_dir) as by_dir:  # the engine-dir API, on the same engine
+        assert by_dir.generate("Hello", GREEDY)[0].text == text
+
+
+def test_the_engine_is_held_until_close(tiny_hf, cache):
+    llm = LLM(model=tiny_hf)
+    (entry,) = cache.entries()
+    assert _busy(cache, entry.name)
+    result = cache.prune(everything=True)
+    assert result.removed == [] and [e.name for e in result.in_use] == [entry.name]
+    llm.close()
+    assert not _busy(cache, entry.name)
+    assert [e.name for e in cache.prune(everything=True).removed] == [entry.name]
+
+
+def test_an_llm_dropped_without_close_releases_its_engine(tiny_hf, cache):
+    llm = LLM(model=tiny_hf)
+    (entry,) = cache.entries()
+    assert _busy(cache, entry.name)
+    del llm
+    gc.collect()
+    assert not _busy(cache, entry.name)
+
+
+def test_an_engine_dir_in_the_cache_is_held_too(tiny_hf, cache):
+    with LLM(model=tiny_hf) as llm:
+        engine = llm.engine_dir
+    with LLM(engine):
+        assert _busy(cache, engine.parent.name)
+    assert not _busy(cache, engine.parent.name)
+
+
+def test_an_engine_that_fails_to_open_is_released(tiny_hf, cache):
+    from kiln.engine import EngineError
+
+    with pytest.raises(EngineError):  # no CUDA here: refused after the build, at the load
+        LLM(model=tiny_hf, options=ExecutorOptions(device="cuda"))
+    (entry,) = cache.entries()
+    assert not _busy(cache, entry.name)
+
+
+@pytest.mark.parametrize("args, kwargs, message", [
+    ((), {}, "LLM() takes an engine dir (LLM('engines/x')) or model=..."),
+    (("engines/x",), {"model": "m"}, "not both"),
+    (("engines/x",), {"max_batch_size": 2}, "LLM() got build options ['max_batch_size'] with an "
+                                            "engine dir"),
+])
+def test_wrong_combinations_are_type_errors(args, kwargs, message, cache):
+    with pytest.raises(TypeError) as raised:
+        LLM(*args, **kwargs)
+    assert message in str(raised.value)
+    assert not cache.dir.exists()
+
+
+def test_an_unknown_build_option_is_named(tiny_hf, cache):
+    with pytest.raises(ConfigError, match=r"unknown options \['max_batch_sizes'\]"):
+        LLM(model=tiny_hf, max_batch_sizes=2)
+
+
+def test_async_llm_opens_and_closes_its_own_llm(tiny_hf, cache):
+    async def main():
+        async with AsyncLLM(model=tiny_hf, max_batch_size=2) as engine:
+            (entry,) = cache.entries()
+            assert _busy(cache, entry.name) and engine.llm.limits.max_batch_size == 2
+            result = await engine.generate("Hello", GREEDY)
+        return engine, entry, result
+
+    engine, entry, result = asyncio.run(main())
+    assert len(result.token_ids) == 4
+    assert engine.llm.closed and not _busy(cache, entry.name)
+
+
+def test_async_llm_over_an_llm_is_unchanged_and_takes_no_options(tiny_hf, cache):
+    with LLM(model=tiny_hf) as llm:
+        engine = AsyncLLM(llm)
+        engine.close()
+        assert not llm.closed  # handed back, not closed
+        with pytest.raises(TypeError, match="takes no options"):
+            AsyncLLM(llm, max_batch_size=2)
+    with pytest.raises(TypeError, match="AsyncLLM\\(\\) takes an LLM or model=..."):
+        AsyncLLM()
