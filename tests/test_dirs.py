@@ -70,9 +70,11 @@ def test_run_and_bench_given_a_kiln_checkpoint(dirs):
 
 def test_run_given_an_hf_checkpoint(dirs):
     hf = dirs[DirKind.HF_CHECKPOINT]
-    message = (f"{hf} is a Hugging Face checkpoint, not an engine dir: convert it first with kiln "
-               f"convert_checkpoint --model_dir {hf} --output_dir <checkpoint_dir>, then build "
-               f"with kiln build --checkpoint_dir <checkpoint_dir> --output_dir <engine_dir>")
+    message = (f"{hf} is a Hugging Face checkpoint, not an engine dir: kiln run, bench and eval "
+               f"take it as --model_dir {hf} (LLM(model=...)), which converts and builds it "
+               f"through the build cache; or convert it first with kiln convert_checkpoint "
+               f"--model_dir {hf} --output_dir <checkpoint_dir>, then build with kiln build "
+               f"--checkpoint_dir <checkpoint_dir> --output_dir <engine_dir>")
     expect_one_line(kiln_cli("run", "--engine_dir", str(hf), "--input_text", "hi"), message)
     with pytest.raises(EngineError, match="is a Hugging Face checkpoint, not an engine dir"):
         read_manifest(hf)
