@@ -91,7 +91,6 @@ def test_queue_time_through_the_front_counts_the_wait_for_a_replica_slot(replica
     for t in timings:
         assert t.arrival <= t.admitted <= t.token_times[0]
     assert all(t.admitted >= min(s.finished for s in timings[:4]) for t in timings[4:])
-    assert max(t.queue_s for t in timings[:4]) < min(t.queue_s for t in timings[4:])
     (one,) = replicas.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=1))
     assert one.timings.arrival <= one.timings.admitted <= one.timings.finished
 
