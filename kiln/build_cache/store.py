@@ -63,7 +63,7 @@ LEFTOVER = re.compile(rf"\.([0-9a-f]{{{NAME_CHARS}}})\.(tmp|del)-\d+-\w+")
 
 def cache_root() -> Path:
     """``$KILN_CACHE_DIR``, else ``$XDG_CACHE_HOME/kiln``, else ``~/.cache/kiln`` (the root the
-    SmolLM2 fixture uses too: kiln/testing/smollm2.py)."""
+    SmolLM2 fixture and the English texts of kiln/testing use too)."""
     if os.environ.get("KILN_CACHE_DIR"):
         return Path(os.environ["KILN_CACHE_DIR"]).expanduser()
     if os.environ.get("XDG_CACHE_HOME"):

