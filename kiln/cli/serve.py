@@ -2,7 +2,9 @@
 
 Thin: parse and validate the flags, bind the listening address (so a port in use is one line
 before the engine loads, which can take minutes on a GPU), open the engine
-(:class:`kiln.runtime.LLM` driven by an :class:`kiln.runtime.AsyncLLM`), run
+(:class:`kiln.runtime.LLM` driven by an :class:`kiln.runtime.AsyncLLM`) and warm it up
+(:meth:`kiln.runtime.LLM.warm_up`: what compiles at first use does so before the first client,
+who would otherwise wait for it; logged at INFO with its time), run
 :func:`kiln.serve.create_app` on uvicorn over the bound sockets, close the engine.
 SIGINT/SIGTERM while serving: stop accepting, let running requests finish for
 ``--grace_period`` seconds, abort the rest, exit 0 (uvicorn's default would re-raise the
@@ -98,6 +100,7 @@ def serve(obj: CliContext, engine_dir: Path, host: str, port: int, served_model_
         llm = stack.enter_context(LLM(engine_dir, ExecutorOptions(
             device=device, num_threads=num_threads, cpu_spin_wait=cpu_spin_wait,
             verify_checksums=verify_checksums)))
+        llm.warm_up()  # before uvicorn listens: /health is 200 only on a warm engine
         engine = AsyncLLM(llm)
         stack.callback(engine.close)  # aborts what the grace period left running
         app = create_app(engine, served_model_name or engine_dir.resolve().name,

@@ -34,6 +34,10 @@ launch step n+1 before it has read step n's sampled tokens to the host. Such an 
    that stopped at step n while its row of step n+1 was in flight): a later owner of those
    blocks only writes them in a later step.
 Other executors (onnx, tensorrt) keep the synchronous loop and never get ``pending``.
+
+Warm-up (``needs_warm_up``): True where the first steps of a shape or path pay a one-time cost
+(GPU kernel compiles and set-up) that :meth:`kiln.runtime.LLM.warm_up` should move before the
+first request; executors on the CPU say False, and the warm-up skips them.
 """
 
 from __future__ import annotations
@@ -83,6 +87,7 @@ class Executor(ABC):
     supports_async: bool = False  # step_logits takes ``pending`` device tokens (docstring)
     # ...and gains from it (a device that runs apart from the host): the core's default
     prefers_async: bool = False
+    needs_warm_up: bool = True  # its first steps pay a one-time cost (docstring); CPU: False
 
     @abstractmethod
     def step(self, chunks: Sequence[SequenceChunk]) -> torch.Tensor:

@@ -30,6 +30,9 @@ Contract:
 - ``close()`` (or ``with LLM(...) as llm``) stops the engine's worker processes at once; an
   LLM dropped without it releases them when it is garbage collected (the executor's finalizer).
   A closed LLM raises :class:`~kiln.runtime.errors.EngineClosedError` when used.
+- ``warm_up()`` runs a few short requests of every kind (:mod:`kiln.runtime.warm_up`) before
+  the first real one, so that what compiles or sets up at first use does so then (``kiln
+  serve`` calls it before it reports healthy); with replicas, each warms itself up.
 - One thread drives an LLM at a time (a lock serializes calls); :class:`kiln.runtime.AsyncLLM`
   serves asyncio callers.
 - ``ExecutorOptions(dp=N)``: N replicas of a single-rank engine, one process each (one GPU each
@@ -46,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -182,6 +186,34 @@ class LLM:
         except Exception as e:
             self.error = e
             raise
+
+    def warm_up(self) -> float:
+        """Run the warm-up requests (kiln.runtime.warm_up) before any other, where the engine
+        needs them (not on the CPU); its seconds, logged at INFO."""
+        from kiln.runtime.warm_up import warm_up
+
+        self.check_open()
+        if self.async_owner is not None:
+            raise RuntimeError("warm the LLM up before an AsyncLLM drives it")
+        start = time.perf_counter()
+        with self.lock:
+            if self.core.has_work():
+                raise RuntimeError("warm the LLM up before it takes requests")
+            try:
+                if self.executor is None:  # replicas: each warms its own engine up, together
+                    warmed = self.core.warm_up()
+                else:
+                    warmed = warm_up(self.core)
+            except Exception as e:  # out of a step: the engine's failure, as in _step
+                self.error = e
+                raise
+        seconds = time.perf_counter() - start
+        if warmed:
+            logger.info("warmed the engine up in %.2f s", seconds)
+        else:
+            logger.info("no warm-up: the engine runs on the CPU, where nothing is compiled or "
+                        "set up at first use")
+        return seconds
 
     # -- prompts -----------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:

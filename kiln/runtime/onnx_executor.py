@@ -103,6 +103,7 @@ class OnnxExecutor(Executor):
         self.vocab_size = manifest.decoder.vocab_size
         self.gathers_context_logits = manifest.gather_context_logits
         self.device = _pick_device(options.device, ort.get_available_providers())
+        self.needs_warm_up = self.device == "cuda"  # the CUDA provider sets up at first use
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] \
             if self.device == "cuda" else ["CPUExecutionProvider"]
         so = session_options(options.num_threads, options.cpu_spin_wait)

@@ -95,6 +95,16 @@ def test_queue_time_through_the_front_counts_the_wait_for_a_replica_slot(replica
     assert one.timings.arrival <= one.timings.admitted <= one.timings.finished
 
 
+def test_each_replica_is_asked_to_warm_itself_up(replicas, single, caplog):
+    """On the CPU each replica answers that it needs none (kiln.runtime.warm_up)."""
+    with caplog.at_level("INFO", logger="kiln.runtime.llm"):
+        replicas.warm_up()
+    assert "no warm-up: the engine runs on the CPU" in caplog.text
+    assert not replicas.core.has_work() and not replicas.core.scheduler.running
+    got, want = replicas.generate(PROMPTS, params()), single.generate(PROMPTS, params())
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+
+
 def test_stop_strings_streaming_and_abort_through_the_front(replicas, single):
     stop = SamplingParams(temperature=0, ignore_eos=True, max_tokens=12)
     want = single.generate(PROMPTS[:3], stop)

@@ -10,8 +10,9 @@ Life of a replica (spawned by :class:`~kiln.runtime.distributed.replicas.Replica
 2. open the engine (:func:`~kiln.runtime.loader.open_engine`, one executor) and, when the
    driver has one, its tokenizer; reply ``("ready", ReplicaInfo)``;
 3. loop until ``("exit",)`` or the pipe closes (the driver is gone): apply the driver's
-   commands (``("add", id, prompt ids, params, prompt text)``, ``("abort", id)``), waiting for
-   one only when the core has no work, then run one core step and send
+   commands (``("add", id, prompt ids, params, prompt text)``, ``("abort", id)``,
+   ``("warm_up",)``: run :func:`~kiln.runtime.warm_up.warm_up`, answered ``("warmed", ran)``),
+   waiting for one only when the core has no work, then run one core step and send
    ``("step", updates, admitted)``: an :class:`Update` per request that progressed, and
    ``(id, seconds it waited in this replica's scheduler)`` for each request admitted since the
    last message (it holds a KV-cache slot now, or held one: a request may finish in the step
@@ -138,6 +139,11 @@ class _Replica:
     def apply(self, message: tuple) -> None:
         from kiln.runtime.errors import RequestError
 
+        if message[0] == "warm_up":
+            from kiln.runtime.warm_up import warm_up
+
+            self.conn.send(("warmed", warm_up(self.core)))
+            return
         if message[0] == "abort":
             self.core.abort(message[1])
             self._forget(message[1])

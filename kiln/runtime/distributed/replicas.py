@@ -249,6 +249,23 @@ class ReplicaCore:
     def close(self) -> None:
         self.pool.shutdown()
 
+    def warm_up(self) -> bool:
+        """Every replica warms its own engine up (kiln.runtime.warm_up), all at once; returns
+        when each has, whether they needed it (raises the WorkerError of one that died)."""
+        if self.has_work():
+            raise RuntimeError("warm the replicas up before they take requests")
+        waiting = {i for i in range(self.pool.size) if self.pool.send(i, ("warm_up",))}
+        self.pool.check()
+        warmed = False
+        while waiting:
+            for i, message in self.pool.receive(None):
+                if message[0] == "warmed":
+                    waiting.discard(i)
+                    warmed = warmed or message[1]
+                elif message[0] == "aborted":
+                    self._aborting.discard((i, message[1]))
+        return warmed
+
     # -- requests -----------------------------------------------------------------------------
     def new_request_id(self) -> str:
         self._next_id += 1

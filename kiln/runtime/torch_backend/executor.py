@@ -117,6 +117,7 @@ class TorchExecutor(Executor):
         self.limits, self.config = limits, config
         self.vocab_size = config.vocab_size
         self.gathers_context_logits = gather_context_logits
+        self.needs_warm_up = self.device.type == "cuda"  # Triton compiles, cuBLAS set-up
         if limits.max_seq_len > config.max_position_embeddings and config.rope_scaling is None:
             logger.warning("max_seq_len %d exceeds the model's max_position_embeddings %d",
                            limits.max_seq_len, config.max_position_embeddings)
