@@ -52,7 +52,7 @@ class PathArg(click.Path):
 
 
 def dp_option(func):
-    """``--dp N``: data-parallel replicas (ExecutorOptions.dp; kiln run and kiln bench)."""
+    """``--dp N``: data-parallel replicas (ExecutorOptions.dp; kiln run, bench and serve)."""
     from kiln.runtime.options import ExecutorOptions
 
     field = next(f for f in dataclasses.fields(ExecutorOptions) if f.name == "dp")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import click
 
-from kiln.cli.context import CliContext, PathArg, executor_options
+from kiln.cli.context import CliContext, PathArg, dp_option, executor_options
 from kiln.errors import KilnError
 
 log = logging.getLogger(__name__)
@@ -60,11 +60,12 @@ class ServeError(KilnError):
                    "aborted.")
 @click.option("-v", "--verbose", count=True, help="Log each request (-vv: debug logs).")
 @executor_options
+@dp_option
 @click.pass_obj
 def serve(obj: CliContext, engine_dir: Path, host: str, port: int, served_model_name: str | None,
           api_key: str | None, max_queue: int | None, chat_template: Path | None,
           max_body_bytes: int, grace_period: float, verbose: int, device: str,
-          num_threads: int | None, cpu_spin_wait: bool, verify_checksums: bool) -> None:
+          num_threads: int | None, cpu_spin_wait: bool, verify_checksums: bool, dp: int) -> None:
     """Serve an engine over HTTP with the OpenAI API (completions, chat, streaming).
 
     \b
@@ -99,7 +100,7 @@ def serve(obj: CliContext, engine_dir: Path, host: str, port: int, served_model_
             stack.enter_context(sock)
         llm = stack.enter_context(LLM(engine_dir, ExecutorOptions(
             device=device, num_threads=num_threads, cpu_spin_wait=cpu_spin_wait,
-            verify_checksums=verify_checksums)))
+            verify_checksums=verify_checksums, dp=dp)))
         llm.warm_up()  # before uvicorn listens: /health is 200 only on a warm engine
         engine = AsyncLLM(llm)
         stack.callback(engine.close)  # aborts what the grace period left running

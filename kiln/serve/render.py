@@ -100,7 +100,7 @@ class Renderer:
     def completion_params(self, req: CompletionRequest) -> SamplingParams:
         prompt_logprobs = None
         if req.echo and req.logprobs is not None:
-            if not self.llm.executor.gathers_context_logits:
+            if not self.llm.gathers_context_logits:  # replicas (dp) have no executor here
                 raise ApiError(400, "echo with logprobs scores the prompt, which needs every "
                                     "prompt position's logits; this engine returns the last "
                                     "one only: rebuild it with kiln build "

@@ -72,10 +72,8 @@ class ServerState:
         return len(scheduler.running) / max(1, scheduler.limits.max_batch_size)
 
     def healthy(self) -> bool:
-        # AsyncLLM has no public liveness probe; its engine thread is the loop (kiln.runtime)
-        thread = getattr(self.engine, "_thread", None)
-        return (not self.draining and not getattr(self.engine, "_closed", False)
-                and thread is not None and thread.is_alive())
+        """Not shutting down, and the engine can serve (open, its loop running, not failed)."""
+        return not self.draining and self.engine.healthy()
 
     # -- requests ----------------------------------------------------------------------------
     async def abort_all(self) -> None:

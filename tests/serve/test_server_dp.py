@@ -1,0 +1,81 @@
+"""``kiln serve --dp 2`` as a real process: two replicas of the SmolLM2 onnx engine behind one
+server answer what one engine answers (concurrent completions, echo + logprobs scoring, which
+asks the LLM and not an executor: replicas leave none in the server), the gauges and the
+queue time come from the front, and a replica that dies turns /health to 503."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from kiln.runtime import LLM
+from tests.serve.conftest import API_KEY, MODEL, ServerProcess
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["The capital of France is", "Once upon a time", "def add(a, b):", "1, 2, 3, 4,"]
+
+
+@pytest.fixture(scope="module")
+def dp_server(engine):
+    process = ServerProcess(engine, "--dp", "2", "-v")
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def single(engine):
+    with LLM(engine) as llm:
+        yield llm
+
+
+@pytest.fixture
+def client(dp_server):
+    return openai.OpenAI(base_url=f"{dp_server.url}/v1", api_key=API_KEY, max_retries=0)
+
+
+def test_replicas_answer_what_one_engine_answers(dp_server, client, single):
+    queued = dp_server.metric("kiln:request_queue_time_seconds_count")
+
+    def complete(prompt):
+        return client.completions.create(model=MODEL, prompt=prompt, max_tokens=10,
+                                         temperature=0).choices[0].text
+
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:  # at once: both replicas take some
+        got = list(pool.map(complete, PROMPTS))
+    params = single.default_params.replace(temperature=0, max_tokens=10)
+    assert got == [r.text for r in single.generate(PROMPTS, params)]
+    assert dp_server.metric("kiln:request_queue_time_seconds_count") == queued + len(PROMPTS)
+    assert dp_server.metric("kiln:num_requests_running") == 0
+    assert dp_server.metric("kiln:num_requests_waiting") == 0
+
+
+def test_echo_logprobs_score_the_prompt_on_a_replica(client, single):
+    out = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=0, echo=True,
+                                    logprobs=2, temperature=0)
+    (want,) = single.generate(PROMPTS[0], single.default_params.replace(
+        temperature=0, max_tokens=0, prompt_logprobs=2))
+    lp = out.choices[0].logprobs
+    assert out.choices[0].text == PROMPTS[0] and lp.token_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx([p.logprob for p in want.prompt_logprobs[1:]],
+                                                  abs=1e-5)
+
+
+def test_a_replica_that_dies_turns_health_to_503(dp_server, client):
+    """Last in the module: it ends the server's engine."""
+    assert httpx.get(f"{dp_server.url}/health").status_code == 200
+    replicas = sorted((p for p in psutil.Process(dp_server.proc.pid).children()
+                       if "spawn_main" in " ".join(p.cmdline())), key=lambda p: p.pid)
+    assert len(replicas) == 2, replicas  # (multiprocessing's resource tracker is the third)
+    replicas[1].kill()  # started second: replica 1
+    with pytest.raises(openai.InternalServerError) as e:  # the request that finds it dead
+        client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=4)
+    assert "replica 1" in e.value.body["message"], e.value.body
+    assert httpx.get(f"{dp_server.url}/health").status_code == 503
+    assert dp_server.stop() == 0
+    log = dp_server.proc.stdout.read()
+    assert "starting 2 replicas" in log and "replica 1" in log
