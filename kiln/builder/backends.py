@@ -36,12 +36,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from kiln.builder.graph.context import GraphSpec, PartSpec
 from kiln.checkpoint import CheckpointConfig
 from kiln.engine import BuildLimits
 from kiln.errors import EngineError
+
+if TYPE_CHECKING:  # the graph context imports onnx (~0.6 s): not for a backend's versions
+    from kiln.builder.graph.context import GraphSpec, PartSpec
 
 _MODULES = ("kiln.builder.onnx_backend", "kiln.builder.tensorrt_backend",
             "kiln.builder.torch_backend")
@@ -154,8 +156,13 @@ def backend_names() -> list[str]:
 
 
 def get_backend(name: str) -> Backend:
-    """An instance of the named backend (EngineError if unknown or unusable here)."""
-    _load_modules()
+    """An instance of the named backend (EngineError if unknown or unusable here). Imports
+    that backend's module only, when it follows the naming rule (module docstring)."""
+    module = f"kiln.builder.{name}_backend"
+    if name not in _REGISTRY and module in _MODULES and importlib.util.find_spec(module):
+        importlib.import_module(module)
+    if name not in _REGISTRY:
+        _load_modules()
     if name not in _REGISTRY:
         raise EngineError(f"unknown backend {name!r}; this kiln has {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]()

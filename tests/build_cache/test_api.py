@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -196,3 +198,23 @@ def test_cached_engine_looks_up_again_an_entry_pruned_before_it_was_held(tiny_hf
     with cached_engine(tiny_hf) as engine:
         assert api.damage(engine) is None and EngineCache(cache_dir).read(engine.parent.name)
     assert len(looked_up) == 2 and len(builds) == 2
+
+
+def test_a_cache_hit_imports_neither_onnx_nor_the_converter_and_builder_code(tiny_hf, cache_dir):
+    """What a hit needs of the backend (its versions, its default targets) is read without
+    onnx (~0.6 s to import) and without the graph, conversion or build modules. Both calls run
+    in fresh processes (this one's code digest is cached, and the code may change meanwhile)."""
+    code = f"""
+import json, sys
+from kiln.build_cache import engine_for_model
+engine = str(engine_for_model({str(tiny_hf)!r}))
+heavy = ("onnx", "kiln.builder.graph.context", "kiln.builder.api", "kiln.converters.convert")
+print(json.dumps([engine, [m for m in heavy if m in sys.modules]]))
+"""
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=120) for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[-1].stderr
+    (built, imported), (found, hit_imported) = (json.loads(r.stdout) for r in runs)
+    assert "building the engine" in runs[0].stderr and imported  # a build needs them
+    assert found == built and "using cached engine" in runs[1].stderr
+    assert hit_imported == []
