@@ -1,7 +1,8 @@
 """``kiln serve``: an OpenAI-compatible HTTP server over an engine dir (kiln.serve on uvicorn).
 
 Thin: parse and validate the flags, bind the listening address (so a port in use is one line
-before the engine loads, which can take minutes on a GPU), open the engine
+before the engine loads, which can take minutes on a GPU, and before ``--model_dir``'s engine is
+built: kiln/cli/engine_source.py, held while serving), open the engine
 (:class:`kiln.runtime.LLM` driven by an :class:`kiln.runtime.AsyncLLM`) and warm it up
 (:meth:`kiln.runtime.LLM.warm_up`: what compiles at first use does so before the first client,
 who would otherwise wait for it; logged at INFO with its time), run
@@ -21,11 +22,16 @@ import logging
 import signal
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from kiln.cli.context import CliContext, PathArg, dp_option, executor_options
+from kiln.cli.engine_source import engine_command, held_engine
 from kiln.errors import KilnError
+
+if TYPE_CHECKING:
+    from kiln.runtime import AsyncLLM, ExecutorOptions
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +40,14 @@ class ServeError(KilnError):
     """kiln serve cannot start (missing extra, unreadable chat template, port in use)."""
 
 
-@click.command("serve")
-@click.option("--engine_dir", required=True, type=PathArg(path_type=Path),
-              help="Engine dir (output of kiln build).")
+@engine_command("serve", "Engine dir (output of kiln build).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (0.0.0.0: every interface).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535),
               help="TCP port to listen on.")
 @click.option("--served_model_name", default=None,
-              help="The model name clients send and /v1/models lists (default: the engine "
-                   "dir's name).")
+              help="The model name clients send and /v1/models lists (default: --model_dir "
+                   "as given, or the engine dir's name).")
 @click.option("--api_key", envvar="KILN_API_KEY", default=None, show_envvar=True,
               help="Require 'Authorization: Bearer KEY' on /v1/* (401 otherwise); /health, "
                    "/metrics and /version stay open.")
@@ -62,10 +66,11 @@ class ServeError(KilnError):
 @executor_options
 @dp_option
 @click.pass_obj
-def serve(obj: CliContext, engine_dir: Path, host: str, port: int, served_model_name: str | None,
+def serve(obj: CliContext, host: str, port: int, served_model_name: str | None,
           api_key: str | None, max_queue: int | None, chat_template: Path | None,
           max_body_bytes: int, grace_period: float, verbose: int, device: str,
-          num_threads: int | None, cpu_spin_wait: bool, verify_checksums: bool, dp: int) -> None:
+          num_threads: int | None, cpu_spin_wait: bool, verify_checksums: bool, dp: int,
+          **source: Any) -> None:
     """Serve an engine over HTTP with the OpenAI API (completions, chat, streaming).
 
     \b
@@ -89,24 +94,23 @@ def serve(obj: CliContext, engine_dir: Path, host: str, port: int, served_model_
                          f"pip install 'kiln-llm[serve]'") from None
     template = _read_template(chat_template)
     sockets = _bind(host, port)
-    from kiln.runtime import LLM, AsyncLLM, ExecutorOptions
+    from kiln.runtime import ExecutorOptions
 
     level = logging.INFO if verbose == 1 or obj.verbosity == 1 else \
         logging.DEBUG if verbose + max(obj.verbosity, 0) > 1 else None
     if level is not None:
         logging.getLogger().setLevel(level)
+    options = ExecutorOptions(device=device, num_threads=num_threads,
+                              cpu_spin_wait=cpu_spin_wait, verify_checksums=verify_checksums,
+                              dp=dp)
+    name = served_model_name or source["model_dir"] or Path(source["engine_dir"]).resolve().name
     with contextlib.ExitStack() as stack:
         for sock in sockets:
             stack.enter_context(sock)
-        llm = stack.enter_context(LLM(engine_dir, ExecutorOptions(
-            device=device, num_threads=num_threads, cpu_spin_wait=cpu_spin_wait,
-            verify_checksums=verify_checksums, dp=dp)))
-        llm.warm_up()  # before uvicorn listens: /health is 200 only on a warm engine
-        engine = AsyncLLM(llm)
-        stack.callback(engine.close)  # aborts what the grace period left running
-        app = create_app(engine, served_model_name or engine_dir.resolve().name,
-                         api_key=api_key, max_queue=max_queue, chat_template=template,
-                         max_body_bytes=max_body_bytes)
+        engine_dir = stack.enter_context(held_engine(obj, source))
+        engine = _warm_engine(stack, engine_dir, options)
+        app = create_app(engine, name, api_key=api_key, max_queue=max_queue,
+                         chat_template=template, max_body_bytes=max_body_bytes)
         config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=
                                 grace_period + FLUSH_SECONDS,
                                 log_level="info" if level else "warning",
@@ -120,6 +124,19 @@ def serve(obj: CliContext, engine_dir: Path, host: str, port: int, served_model_
                 raise
             raise ServeError(_cannot_listen(host, port, e)) from None
     click.echo("kiln serve: stopped", err=True)
+
+
+def _warm_engine(stack: contextlib.ExitStack, engine_dir: Path,
+                 options: ExecutorOptions) -> AsyncLLM:
+    """Open the engine, warm it up and drive it with an AsyncLLM, each closed by ``stack``.
+    Before uvicorn listens: /health answers 200 only on a warm engine."""
+    from kiln.runtime import LLM, AsyncLLM
+
+    llm = stack.enter_context(LLM(engine_dir, options))
+    llm.warm_up()
+    engine = AsyncLLM(llm)
+    stack.callback(engine.close)  # aborts what the grace period left running
+    return engine
 
 
 def _bind(host: str, port: int) -> list[socket.socket]:

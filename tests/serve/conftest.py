@@ -50,13 +50,18 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, engine: Path, *args: str):
+    """``kiln serve`` on ``engine`` (``source``: --engine_dir, or --model_dir for an HF
+    checkpoint) as model ``name`` (None: the server's default name)."""
+
+    def __init__(self, engine: Path, *args: str, source: str = "--engine_dir",
+                 name: str | None = MODEL):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "KILN_API_KEY": API_KEY}
+        named = ["--served_model_name", name] if name is not None else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kiln.cli.main", "serve", "--engine_dir", str(engine),
-             "--port", str(self.port), "--served_model_name", MODEL, *args],
+            [sys.executable, "-m", "kiln.cli.main", "serve", source, str(engine),
+             "--port", str(self.port), *named, *args],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + 120  # the engine load, on a shared and loaded machine
         while time.monotonic() < deadline:

@@ -1,6 +1,7 @@
 """``kiln serve``'s start-up errors, before any engine is loaded: a port in use (or a host that
 is not this machine's) is one line, exit 2, naming host:port and the flag to change. The engine
-dir given is empty, so reaching the engine load would fail differently."""
+dir given is empty, so reaching the engine load would fail differently. Exactly one of
+--engine_dir and --model_dir, and no build option beside --engine_dir, checked first."""
 
 from __future__ import annotations
 
@@ -44,3 +45,25 @@ def test_a_free_port_goes_on_to_the_engine(tmp_path):
     code, lines = _serve("--engine_dir", str(tmp_path), "--port", str(free_port()))
     assert code == 2 and len(lines) == 1, lines
     assert "cannot listen" not in lines[0] and str(tmp_path) in lines[0]  # the engine's error
+
+
+def test_engine_dir_or_model_dir_exactly_one_checked_before_the_address_is_bound(busy_port):
+    """As kiln run, bench and eval (kiln/cli/engine_source.py); the busy port is never reached."""
+    code, lines = _serve("--port", str(busy_port))
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("error: give --engine_dir ENGINE_DIR (an engine built by kiln "
+                               "build) or --model_dir HF_DIR|HUB_ID")
+    code, lines = _serve("--engine_dir", "e", "--model_dir", "m", "--port", str(busy_port))
+    assert code == 2 and lines[0].startswith("error: give --engine_dir or --model_dir, not both")
+    code, lines = _serve("--engine_dir", "e", "--max_batch_size", "8", "--port", str(busy_port))
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("error: --max_batch_size applies to --model_dir only")
+
+
+def test_every_build_option_passes_through_with_model_dir():
+    from kiln.cli.build import build
+    from kiln.cli.engine_source import MODEL_ONLY
+    from kiln.cli.serve import serve
+
+    built = {p.name for p in build.params} - {"checkpoint_dir", "output_dir", "overwrite"}
+    assert built | set(MODEL_ONLY) | {"model_dir", "engine_dir"} <= {p.name for p in serve.params}
