@@ -12,16 +12,20 @@ Conventions in README.md's source (also described in its "README test" section):
     about a value is written as an ``assert`` in the block).
 - A ```` ```text ```` block right after a run block (only blank lines between) is the output of
   that block's last command: stdout and stderr as one stream, as on a terminal. Line by line,
-  decimal numbers (timings such as ``92.6``) match any number; the rest, integers included,
-  must match exactly.
+  decimal numbers (timings such as ``92.6``) match any number and ``...`` any text (a cache
+  path, an age); the rest, integers included, must match exactly.
+- The blocks run with ``KILN_CACHE_DIR`` set to an empty build cache inside the working
+  directory, so the main job's first ``kiln run --model_dir`` builds and says so, whatever the
+  user's cache holds, and nothing is written into it. The shared SmolLM2 checkpoint is linked
+  into that cache's ``fixtures/``, so ``python -m kiln.testing.smollm2`` finds it built.
 - ``<!-- not run: REASON -->`` on the line right before a block's opening fence: the block is
   illustrative (needs a GPU, the hub, minutes; a synopsis with ``[optional]`` flags) and is
   skipped. The reason is required.
 
 ``test_every_block_runs_or_says_why_not`` checks the conventions (instant);
 ``test_readme_blocks_run`` runs the blocks on the real SmolLM2 (CPU; about a minute, most of it
-converting and building twice: the main job's commands and the Python API's calls). The
-SmolLM2 HF checkpoint comes from the kiln cache shared with the other real-model tests.
+converting and building twice: through the build cache and step by step). The SmolLM2 HF
+checkpoint comes from the kiln cache shared with the other real-model tests.
 """
 
 from __future__ import annotations
@@ -41,7 +45,9 @@ RUN_LANGUAGES = ("bash", "python")
 FENCE = re.compile(r"^```(\S*)\s*$")
 NOT_RUN = re.compile(r"^<!--\s*not run:\s*(.*?)\s*-->\s*$")
 DECIMAL = re.compile(r"\d+\.\d+")
+ANY = "..."
 TIMEOUT_S = 600
+CACHE = "kiln-cache"  # the blocks' KILN_CACHE_DIR, inside their working directory
 
 
 @dataclass(frozen=True)
@@ -114,9 +120,11 @@ def commands(code: str) -> list[str]:
 
 
 def matches(expected: str, actual: str) -> bool:
-    """Line by line; a decimal number in ``expected`` stands for any decimal number."""
+    """Line by line; in ``expected``, a decimal number stands for any decimal number and
+    ``...`` for any text."""
     exp, act = expected.rstrip("\n").splitlines(), actual.rstrip("\n").splitlines()
-    patterns = [r"\d+\.\d+".join(re.escape(part) for part in DECIMAL.split(line))
+    patterns = [".*".join(r"\d+\.\d+".join(re.escape(part) for part in DECIMAL.split(text))
+                          for text in line.split(ANY))
                 for line in exp]
     return len(exp) == len(act) and all(re.fullmatch(p, a) for p, a in zip(patterns, act, strict=True))
 
@@ -145,6 +153,9 @@ def test_the_conventions_on_a_small_text():
     assert matches("TTFT 92.6 ms (8 tokens)\n", "TTFT 1234.0 ms (8 tokens)\n")
     assert not matches("TTFT 92.6 ms (8 tokens)\n", "TTFT 92.6 ms (9 tokens)\n")
     assert not matches("a\n", "a\nb\n")
+    assert matches("cached engine ... (built ... ago)\n", "cached engine /a/b (built 3 s ago)\n")
+    assert not matches("cached engine ... (built ... ago)\n", "cached engine /a/b (built)\n")
+    assert not matches("a ... b\n", "a x c\n") and matches("(a.b)\n", "(a.b)\n")
 
 
 @pytest.fixture
@@ -156,7 +167,8 @@ def workdir(tmp_path):
 
 def _run(args: list[str], cwd: Path, where: str) -> str:
     env = dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent),
-                                                 os.environ.get("PATH", "")]))
+                                                 os.environ.get("PATH", "")]),
+               KILN_CACHE_DIR=str(cwd / CACHE))
     proc = subprocess.run(args, cwd=cwd, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, f"{where}: exit {proc.returncode}\n{args[-1]}\n{proc.stdout}"
@@ -167,7 +179,10 @@ def _run(args: list[str], cwd: Path, where: str) -> str:
 def test_readme_blocks_run(workdir):
     from kiln.testing.smollm2 import smollm2_hf_dir
 
-    smollm2_hf_dir()  # build the shared cache under its lock first (a no-op when cached)
+    hf_dir = smollm2_hf_dir()  # build the shared cache under its lock first (a no-op when cached)
+    linked = workdir / CACHE / hf_dir.relative_to(hf_dir.parents[1])  # fixtures/<name>
+    linked.parent.mkdir(parents=True)
+    linked.symlink_to(hf_dir, target_is_directory=True)
     last_output, last_command = "", ""
     for block, kind in classify(parse(README.read_text())[0]):
         if kind == "run" and block.language == "bash":
