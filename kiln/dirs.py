@@ -67,8 +67,8 @@ def wrong_kind(path: str | Path, config: Any, wanted: DirKind) -> str | None:
     todo = {
         (DirKind.HF_CHECKPOINT, DirKind.KILN_CHECKPOINT): f"convert it first with {convert}",
         (DirKind.HF_CHECKPOINT, DirKind.ENGINE):
-            f"kiln run, bench and eval take it as --model_dir {path} (LLM(model=...)), which "
-            f"converts and builds it through the build cache; or convert it first with "
+            f"kiln run, bench, eval and serve take it as --model_dir {path} (LLM(model=...)), "
+            f"which converts and builds it through the build cache; or convert it first with "
             f"{convert}, then build with kiln build --checkpoint_dir {ckpt} --output_dir "
             f"{engine}",
         (DirKind.KILN_CHECKPOINT, DirKind.ENGINE): f"build it first with {build}",

@@ -70,8 +70,8 @@ def test_run_and_bench_given_a_kiln_checkpoint(dirs):
 
 def test_run_given_an_hf_checkpoint(dirs):
     hf = dirs[DirKind.HF_CHECKPOINT]
-    message = (f"{hf} is a Hugging Face checkpoint, not an engine dir: kiln run, bench and eval "
-               f"take it as --model_dir {hf} (LLM(model=...)), which converts and builds it "
+    message = (f"{hf} is a Hugging Face checkpoint, not an engine dir: kiln run, bench, eval and "
+               f"serve take it as --model_dir {hf} (LLM(model=...)), which converts and builds it "
                f"through the build cache; or convert it first with kiln convert_checkpoint "
                f"--model_dir {hf} --output_dir <checkpoint_dir>, then build with kiln build "
                f"--checkpoint_dir <checkpoint_dir> --output_dir <engine_dir>")
