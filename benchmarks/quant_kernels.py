@@ -32,6 +32,9 @@ BF16_GEMV_SWEEP = [(2, 1024, 4, 3), (4, 1024, 4, 3), (8, 512, 4, 3), (8, 1024, 4
                    (16, 256, 4, 4), (16, 512, 4, 3), (4, 2048, 8, 3)]
 INT4_GEMV_SWEEP = [(4, 512, 4, 3), (8, 512, 4, 3), (8, 256, 4, 4), (16, 256, 4, 3),
                    (16, 512, 8, 3), (32, 128, 4, 4), (4, 1024, 4, 3), (8, 1024, 8, 3)]
+INT4_MMA_SWEEP = [(16, 8, 1, 1, 8), (16, 8, 2, 1, 4), (32, 8, 1, 2, 8), (32, 8, 2, 2, 4),
+                  (32, 8, 2, 2, 6), (64, 8, 1, 4, 8), (64, 8, 2, 4, 4), (128, 8, 2, 8, 3),
+                  (16, 16, 2, 1, 4), (32, 16, 2, 2, 4), (64, 16, 2, 4, 4)]
 GEMM_SWEEP = {16: [(64, 16, 128, 4, 4), (64, 16, 256, 4, 4), (32, 16, 256, 4, 4),
                    (128, 16, 128, 4, 3)],
               2048: [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 128, 8, 3),
@@ -117,6 +120,8 @@ def paths_at(fmt: str, m: int) -> list[str]:
         return first + ["triton", "scaled_mm"] if m > 1 else first
     if fmt == "int8_sq":
         return first + (["triton"] if m > 1 else []) + (["int_mm"] if m > 16 else [])
+    if fmt == "int4" and m <= 16:
+        return first + ["mma"] + (["triton"] if m > 1 else [])
     return first if m == 1 else ["triton", "dequant"]
 
 
@@ -129,10 +134,15 @@ def record(results, fmt, path, name, n, k, m, group, weights, sec, **extra):
           f"{row['tbps']:6.2f} TB/s {row['tflops']:7.1f} TFLOP/s {extra or ''}", flush=True)
 
 
-def main_cases(results, ms=MS):
+FORMATS = ("bf16", "fp8", "int8_sq", "int8_wo", "int4")
+
+
+def main_cases(results, ms=MS, formats=FORMATS):
     for name, (n, k) in SHAPES.items():
         for fmt, group in [("bf16", 0), ("fp8", 0), ("int8_sq", 0), ("int8_wo", 0),
                            ("int4", 128), ("int4", 64)]:
+            if fmt not in formats:
+                continue
             probe = make_weights(fmt, n, k, group or 128, 1)
             weights = probe + make_weights(fmt, n, k, group or 128,
                                            copies_for(nbytes(probe[0])) - 1)
@@ -148,10 +158,12 @@ def main_cases(results, ms=MS):
             torch.cuda.empty_cache()
 
 
-def sweeps(results):
+def sweeps(results, formats=FORMATS):
     for name, (n, k) in SHAPES.items():
         for fmt, sweep in [("bf16", BF16_GEMV_SWEEP), ("fp8", GEMV_SWEEP), ("int8_wo", GEMV_SWEEP),
                            ("int4", INT4_GEMV_SWEEP)]:
+            if fmt not in formats:
+                continue
             weights = make_weights(fmt, n, k, 128, 1)
             weights += make_weights(fmt, n, k, 128, copies_for(nbytes(weights[0])) - 1)
             x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
@@ -159,6 +171,13 @@ def sweeps(results):
                 sec = time_calls(calls(fmt, "gemv", x, weights, 128, config))
                 record(results, fmt, "sweep_gemv", name, n, k, 1, 128, weights, sec,
                        config=list(config))
+            if fmt == "int4":
+                for config in INT4_MMA_SWEEP:
+                    m = 1 if config[1] == 8 else 16
+                    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                    sec = time_calls(calls(fmt, "mma", x, weights, 128, config))
+                    record(results, fmt, "sweep_mma", name, n, k, m, 128, weights, sec,
+                           config=list(config))
             if name == "gate_up" and fmt != "bf16":
                 for m, configs in GEMM_SWEEP.items():
                     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -183,14 +202,17 @@ def main() -> None:
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument("--ms", default=",".join(map(str, MS)),
                         help="token counts of the main cases (comma-separated)")
+    parser.add_argument("--formats", default=",".join(FORMATS),
+                        help=f"formats to time (comma-separated, from {FORMATS})")
     args = parser.parse_args()
     torch.manual_seed(0)
     results: list[dict] = []
     copy = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy {copy:.2f} TB/s (read + write)")
-    main_cases(results, [int(m) for m in args.ms.split(",")])
+    formats = tuple(args.formats.split(","))
+    main_cases(results, [int(m) for m in args.ms.split(",")], formats)
     if not args.no_sweep:
-        sweeps(results)
+        sweeps(results, formats)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                 triton=__import__("triton").__version__, copy_tbps=copy)

@@ -175,6 +175,21 @@ def test_every_weight_only_path(fmt, path, m, dtype):
     _check(name, args, dtype, path=path)
 
 
+@pytest.mark.parametrize("m", [1, 2, 8, 9, 16, 100])
+@pytest.mark.parametrize("group_size", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_int4_tensor_core_path(bias, dtype, group_size, m):
+    """The INT4 tensor-core kernel at the token counts of both its tiles (8 and 16 wide, and
+    several tiles), ragged N, K of several groups."""
+    device = triton_device()
+    if device.type == "cpu":
+        pytest.skip("inline PTX and tensor cores run on GPUs only")
+    name, args = _case("int4", 200, 4 * group_size, m, dtype, device, bias=bias,
+                       group_size=group_size)
+    _check(name, args, dtype, path="mma")
+
+
 @pytest.mark.parametrize("fmt", ["fp8", "int8_sq", "int8_wo", "int4"])
 @pytest.mark.parametrize("m", [1, 16, 100])
 def test_cuda_graph_capture(fmt, m):

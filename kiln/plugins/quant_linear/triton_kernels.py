@@ -13,6 +13,8 @@ host reads of device values):
   weight fills the MMA's 64-row side, the few tokens its narrow side), the weight tile
   converted in registers (INT8/INT4 weight-only, into x's dtype, INT4 scaled per group before
   the dot) or fed as is (FP8 and INT8 W8A8: fp8 x fp8 -> f32, int8 x int8 -> exact int32).
+  INT4 at 2..16 16-bit tokens has its own tensor-core kernel (``_int4_mma_kernel``: exact
+  values from the words in the MMA operand layout, the group scale after each group's dot).
 - large ``M`` (prefill): cuBLASLt via ``torch._scaled_mm`` (FP8, tensorwise or rowwise scales)
   and ``torch._int_mm`` (INT8 W8A8, plus a Triton epilogue), after a Triton kernel quantizes
   the activations; the weight-only formats stay on the Triton GEMM.
@@ -322,6 +324,91 @@ def _int4_gemv_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, n, k, HALF: tl.constex
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
+def _int4_pairs_asm(magic: str, one: str, minus_offset: str, fma: str) -> tl.constexpr:
+    """PTX of :func:`_int4_words_to_halves` for one 16-bit float type (its constants)."""
+    lines = [f"mov.b32 c, {magic};", f"mov.b32 one, {one};", f"mov.b32 neg, {minus_offset};",
+             "lop3.b32 d0, $8, 0x000F000F, c, 0x6A;"]
+    for s in (1, 2, 3):
+        lines += [f"shr.u32 u, $8, {4 * s};", f"lop3.b32 d{s}, u, 0x000F000F, c, 0x6A;"]
+    lines += [f"{fma} d{s}, d{s}, one, neg;" for s in range(4)]
+    lines += [f"mov.b32 {{${s}, ${s + 4}}}, d{s};" for s in range(4)]
+    return tl.constexpr("{ .reg .b32 c, one, neg, u, d0, d1, d2, d3;\n" + "\n".join(lines) + "\n}")
+
+
+_INT4_TO_BF16 = _int4_pairs_asm("0x43084308", "0x3F803F80", "0xC308C308", "fma.rn.bf16x2")
+_INT4_TO_F16 = _int4_pairs_asm("0x64086408", "0x3C003C00", "0xE408E408", "fma.rn.f16x2")
+
+
+@triton.jit
+def _int4_words_to_halves(w, BF16: tl.constexpr):
+    """int32 words of eight int4 values (two's complement) -> eight 16-bit float tensors
+    (bfloat16 if ``BF16`` else float16), exactly. Nibbles 2p and 2p + 1 of 16-bit half h of
+    ``w >> 4s`` (s = 0..3) land in one 16-bit float pair with one LOP3: bits under the mask
+    0x000F000F become ``w ^ c``, the rest ``c`` (lut 0x6A), with c = the magic 128.0 (bf16) or
+    1024.0 (f16), whose unit is 1, plus 8 in each nibble's position (flipping its sign bit:
+    offset binary). One FMA (x 1 - 136, or - 1032) per pair leaves the value. Output r holds
+    the pair's low half for r < 4, its high half for r >= 4: nibble s of bytes 0/2 or 1/3."""
+    if BF16:
+        return tl.inline_asm_elementwise(_INT4_TO_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r", [w],
+                                         dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise(_INT4_TO_F16, "=h,=h,=h,=h,=h,=h,=h,=h,r", [w],
+                                         dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+
+
+@triton.jit
+def _int4_mma_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, m, n, k, stride_xm, stride_ym,
+                     HALF: tl.constexpr, GROUPS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, PDL: tl.constexpr = False):
+    """y^T tile [BLOCK_N rows, BLOCK_M tokens] = sum over groups g of s[:, g] * (q_g @ x_g^T)
+    on tensor cores, for a few tokens (decode batches), ``GROUPS`` groups per iteration. Each
+    group's int32 words become exact 16-bit values in 2.75 instructions per weight byte
+    (:func:`_int4_words_to_halves`) feeding four dots: pair register r of word j holds
+    features 4j + (0, 2) + (0, HALF, 1, HALF + 1)[r], so each dot's K index 2j + h is one pair
+    register, already in the operand layout (no shuffles); x is read whole per group (vector
+    loads the pipeliner can prefetch) and split to match. The group's scale multiplies its
+    float32 dot once per output (the reference's q * s, summed)."""
+    prologue(PDL)
+    WORDS: tl.constexpr = HALF // 4
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n
+    tok = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    tok_ok = tok < m
+    n_groups = k // (2 * HALF)
+    w_rows = (w_ptr.to(tl.pointer_type(tl.int32))
+              + rows[:, None].to(tl.int64) * (n_groups * WORDS))
+    s_rows = ws_ptr + rows.to(tl.int64) * n_groups
+    j = tl.arange(0, WORDS)
+    x_toks = x_ptr + tok[None, :].to(tl.int64) * stride_xm
+    f = tl.arange(0, 2 * HALF)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    for g0 in range(0, n_groups, GROUPS):
+        for gi in tl.static_range(GROUPS):
+            g = g0 + gi
+            w = tl.load(w_rows + g * WORDS + j[None, :], mask=row_ok[:, None], other=0)
+            q0, q1, q2, q3, q4, q5, q6, q7 = _int4_words_to_halves(w, x_ptr.dtype.element_ty
+                                                                    == tl.bfloat16)
+            # the group's x read whole (vector loads, pipelined), then split into the dots'
+            # operands: feature hi * HALF + 4j + 2h + p goes to operand (hi, p), K index 2j + h
+            xg = tl.load(x_toks + g * (2 * HALF) + f[:, None], mask=tok_ok[None, :], other=0.0)
+            x_lo, x_hi = tl.split(xg.reshape(2, WORDS, 2, 2, BLOCK_M).permute(4, 1, 2, 3, 0))
+            x0, x2 = tl.split(x_lo)  # [BLOCK_M, WORDS, 2] each
+            x1, x3 = tl.split(x_hi)
+            part = tl.dot(tl.join(q0, q4).reshape(BLOCK_N, 2 * WORDS),
+                          x0.reshape(BLOCK_M, 2 * WORDS).T)
+            part = tl.dot(tl.join(q1, q5).reshape(BLOCK_N, 2 * WORDS),
+                          x1.reshape(BLOCK_M, 2 * WORDS).T, part)
+            part = tl.dot(tl.join(q2, q6).reshape(BLOCK_N, 2 * WORDS),
+                          x2.reshape(BLOCK_M, 2 * WORDS).T, part)
+            part = tl.dot(tl.join(q3, q7).reshape(BLOCK_N, 2 * WORDS),
+                          x3.reshape(BLOCK_M, 2 * WORDS).T, part)
+            acc += part * tl.load(s_rows + g, mask=row_ok, other=0.0)[:, None]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    out = y_ptr + tok[None, :].to(tl.int64) * stride_ym + rows[:, None]
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & tok_ok[None, :])
+
+
 # --------------------------------------------------------------------------- M > 1: GEMMs
 
 
@@ -538,6 +625,16 @@ def int4_gemv_config(n: int, k: int, group_size: int) -> tuple[int, int, int, in
     return 4, 1024, 4, 3  # qkv 1.34, o 1.20, down 1.58
 
 
+def int4_mma_config(n: int, k: int, m: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_M, groups per iteration, num_warps, num_stages) of the int4
+    tensor-core kernel (groups per iteration: at most; a divisor of the row's groups)."""
+    return 32, 8 if m <= 8 else 16, 2, 2, 4  # H200 sweep: the best or within 3% at M 1, 16
+
+
+# Largest M on the INT4 tensor-core kernel (a program's token tile is 8 or 16 wide).
+INT4_MMA_MAX_M = 16
+
+
 def gemm_config(m: int, eight_bit_a: bool) -> tuple[int, int, int, int, int]:
     """(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, num_stages) of the tiled GEMMs (BLOCK_N weight
     rows by BLOCK_M tokens); ``eight_bit_a``: fp8/int8 activations (twice the K per byte)."""
@@ -737,6 +834,20 @@ def _int4_gemv(x, weight, ws, group_size, bias, config=None):
     return y
 
 
+def _int4_mma(x, weight, ws, group_size, bias, config=None):
+    m, k = x.shape
+    n = weight.shape[0]
+    block_n, block_m, groups, warps, stages = config or int4_mma_config(n, k, m)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    pdl = pdl_enabled(x.device)
+    _int4_mma_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m))](
+        x, weight, ws, bias if bias is not None else ws, y, m, n, k, x.stride(0), y.stride(0),
+        HALF=group_size // 2, GROUPS=math.gcd(k // group_size, groups),
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_M=block_m, PDL=pdl,
+        num_warps=warps, num_stages=stages, launch_pdl=pdl)
+    return y
+
+
 def _int4_triton(x, weight, ws, group_size, bias, config=None):
     m, k = x.shape
     n = weight.shape[0]
@@ -775,7 +886,7 @@ PATHS = {
     "int8_w8a8_linear": {"gemv": _int8_gemv, "triton": _int8_triton, "int_mm": _int8_int_mm},
     "int8_weight_only_linear": {"gemv": _int8_wo_gemv, "triton": _int8_wo_triton,
                                 "dequant": _int8_wo_dequant},
-    "int4_weight_only_linear": {"gemv": _int4_gemv, "triton": _int4_triton,
+    "int4_weight_only_linear": {"gemv": _int4_gemv, "mma": _int4_mma, "triton": _int4_triton,
                                 "dequant": _int4_dequant},
 }
 
@@ -839,7 +950,17 @@ def int4_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale:
                          f"group of {group_size}), found {tuple(weight_scale.shape)}")
     ws = weight_scale.float().contiguous()
     b = _vector(fn, "bias", bias, (n,))
-    return _run(x, n, weight_only_path(m), fn, weight, ws, group_size, b)
+    return _run(x, n, int4_path(m, x.dtype, group_size), fn, weight, ws, group_size, b)
+
+
+def int4_path(m: int, dtype: torch.dtype, group_size: int) -> str:
+    """The GEMV at one token, tensor cores for a few more in 16 bits (1.5-2x the tiled GEMM
+    at M = 16 on an H200; at M = 1 slower than the GEMV but on gate_up, whose programs are
+    many: benchmarks/GPU_NOTES.md). Their dots take K >= 16, and a group's words make
+    K = group_size / 4; float32 keeps the exact float32 GEMM."""
+    if 1 < m <= INT4_MMA_MAX_M and dtype != torch.float32 and group_size >= 64:
+        return "mma"
+    return weight_only_path(m)
 
 
 def _run(x: torch.Tensor, n: int, path: str, fn: str, *args) -> torch.Tensor:
