@@ -8,7 +8,7 @@ import torch
 
 from kiln.runtime.executor import SequenceChunk
 from kiln.runtime.torch_backend.cuda_graphs import default_batch_sizes
-from kiln.runtime.torch_backend.inputs import make_plan
+from kiln.runtime.torch_backend.inputs import Uploader, make_plan
 from kiln.runtime.torch_backend.paged_cache import (
     BlockAllocator,
     KVCacheError,
@@ -70,6 +70,17 @@ def test_plan_packs_chunks_and_addresses_blocks():
     assert plan.last_rows.tolist() == [2, 3] and plan.ends.tolist() == [7, 3]
     assert plan.dec.tolist() == [1] and plan.pre.tolist() == [0] and not plan.all_decode
     assert np.array_equal(plan.tables, alloc.tables[[2, 0]])
+
+
+def test_uploaded_arrays_each_start_16_bytes_aligned():
+    """Triton specializes pointers on 16-byte divisibility: packed end to end, the index arrays
+    of a step took alignments that depended on the sizes before them, and the attention
+    kernels compiled new variants during requests on a GPU (kiln.runtime.torch_backend.inputs)."""
+    arrays = [np.arange(n, dtype=np.int32) + 100 * n for n in (3, 1, 5, 4, 7, 2)]
+    arrays.append(np.arange(6, dtype=np.int32).reshape(2, 3))
+    views = Uploader(torch.device("cpu"), capacity=8).upload(arrays)  # grows: 4 + 4 + 8 + ...
+    for array, view in zip(arrays, views, strict=True):
+        assert view.data_ptr() % 16 == 0 and np.array_equal(view.numpy(), array)
 
 
 def test_graph_batch_sizes():

@@ -98,7 +98,9 @@ def _load_scales(k_scale_ptr, v_scale_ptr, QUANT: tl.constexpr):
     return k_scale, v_scale
 
 
-@triton.jit(do_not_specialize=["window", "partition", "num_splits"])
+# table_stride, the block-table width of the step's longest context (1, a multiple of 16 or
+# neither), is not specialized: each value class compiled a variant during requests.
+@triton.jit(do_not_specialize=["window", "partition", "num_splits", "table_stride"])
 def _decode_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_stride_h,
                    c_stride_r, table_ptr, table_stride, ctx_ptr, rows_ptr, out_ptr, o_stride_t,
                    o_stride_h, part_ptr, ml_ptr, slopes_ptr, k_scale_ptr, v_scale_ptr, qk_scale,
@@ -343,7 +345,7 @@ def _unmasked_update(q, m_i, l_i, acc, k_ptrs, v_ptrs, kpos, d_mask, qk_scale, s
     return m_new, l_i * alpha + tl.sum(p, 1), acc
 
 
-@triton.jit(do_not_specialize=["window", "rows_per_block"])
+@triton.jit(do_not_specialize=["window", "rows_per_block", "table_stride"])  # as _decode_kernel
 def _prefill_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_stride_h,
                     c_stride_r, table_ptr, table_stride, ctx_ptr, starts_ptr, lens_ptr, out_ptr,
                     o_stride_t, o_stride_h, slopes_ptr, k_scale_ptr, v_scale_ptr, qk_scale, window,

@@ -4,7 +4,12 @@ A :class:`StepPlan` is everything the forward needs, computed with a few vectori
 operations (no per-token Python). :class:`Uploader` packs a plan into one pinned int32 buffer
 and copies it to the device in one transfer; :class:`~kiln.runtime.torch_backend.model.StepInputs`
 are views into the device copy. The pinned buffer is reused: an event makes the next step wait
-until the device has read the previous one, so the host never overwrites data in flight.
+until the device has read the previous one, so the host never overwrites data in flight. Each
+array starts on a 16-byte boundary (:data:`ALIGN`): Triton specializes a pointer argument on its
+divisibility by 16, and arrays packed end to end gave the attention kernels' index pointers an
+alignment that depended on the sizes before them, so steps of new compositions compiled new
+kernel variants during requests (on an H200, 9 compiles after the engine's warm-up in two rounds
+of 16 requests, TTFT 1.9-3.4 s; none with the alignment, TTFT 25-58 ms: GPU_NOTES.md).
 
 Async scheduling: a step may take some tokens from the previous step's sampled ids, still on
 the device (:class:`~kiln.runtime.executor.DeviceTokens`). :func:`feeds_for` turns them into
@@ -147,6 +152,13 @@ class RopeTables:
         return self._cos_sin(torch.from_numpy(plan.positions), inv[torch.from_numpy(seq_of)])
 
 
+ALIGN = 4  # int32 elements: 16 bytes, Triton's pointer specialization (module docstring)
+
+
+def _aligned(size: int) -> int:
+    return -(-size // ALIGN) * ALIGN
+
+
 class Uploader:
     """One pinned int32 buffer -> one device buffer per step (see the module docstring)."""
 
@@ -165,7 +177,7 @@ class Uploader:
 
     def upload(self, arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
         """Copy int32 arrays to the device in one transfer; returns device views (same shapes)."""
-        total = sum(a.size for a in arrays)
+        total = sum(_aligned(a.size) for a in arrays)
         if total > self._host.numel():
             self._grow(max(total, 2 * self._host.numel()))
         if self._event is not None:
@@ -175,7 +187,7 @@ class Uploader:
         for a in arrays:
             host[offset:offset + a.size] = a.ravel()
             spans.append((offset, a.shape))
-            offset += a.size
+            offset += _aligned(a.size)
         if self._pin:
             dev = self._dev[:total]
             dev.copy_(self._host[:total], non_blocking=True)
