@@ -112,7 +112,9 @@ def request_for(model: str | Path, *, backend: str | None = None, dtype: str = "
     build = options_from(BuildOptions, build_options, "engine_for_model", **FIXED,
                          backend=backend or "onnx")
     cache = EngineCache(cache_dir)
-    cache.ensure()
+    cache.check_dir()
+    with contextlib.suppress(BuildCacheError):  # read-only: its entries still serve; a build
+        cache.ensure()  # calls it again and refuses
     why = None
     if backend is None:
         backend, why = default_backend()
@@ -187,39 +189,51 @@ def resolve_dtype(dtype: str, build: Any, source: SourceId) -> str:
 
 
 def _lookup_or_build(request: Request, progress: bool) -> tuple[Entry, bool]:
-    cache, name, key, source = request.cache, request.name, request.key, request.source
+    cache, name, key = request.cache, request.name, request.key
 
     def waiting() -> None:
         log.warning("waiting for another kiln process that builds or uses this engine (%s)",
                     cache.dir / name)
 
-    with cache.locked(name, write=False, on_wait=waiting):  # taken: a build (or prune) runs
-        entry = _usable(cache, name, key)
-        if entry is not None:
-            cache.touch(entry)
-            return entry, False
+    if (cache.dir / name).is_dir():  # else a miss, even where the cache cannot be written
+        with cache.locked(name, write=False, on_wait=waiting):  # taken: a build (or prune) runs
+            entry = _usable(cache, name, key)
+            if entry is not None:
+                cache.touch(entry)
+                return entry, False
+    cache.ensure()  # a read-only cache: one line, before anything else is written
     with cache.locked(name, write=True, on_wait=waiting):
-        entry = _usable(cache, name, key, repair=True)
-        if entry is not None:  # built by the process this one waited for
-            cache.touch(entry)
-            return entry, False
-        cache.clear_leftovers(name)
-        log.warning("building the engine for %s (%s) into the build cache %s; later calls "
-                    "with the same inputs reuse it", source.label, request.what, cache.dir)
-        started = time.time()
-        tmp = cache.new_tmp(name)
         try:
-            _convert_and_build(tmp, source, request.parts, request.build, key, progress)
-            entry = cache.install(tmp, name, {
-                "key": key, "parts": request.parts.to_dict(), "source": source.label,
-                "backend": request.build.backend, "created": started,
-                "build_seconds": round(time.time() - started, 3),
-                "kiln_version": kiln.__version__})
+            entry = _usable(cache, name, key, repair=True)
+            if entry is not None:  # built by the process this one waited for
+                cache.touch(entry)
+                return entry, False
+            cache.clear_leftovers(name)
+            entry = _build(request, progress)
         finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+            cache.drop_lock(name)  # a failed build: no lock file left behind (store.py)
     log.info("built cached engine %s in %.1f s", entry.engine_dir, entry.build_seconds)
     return entry, True
+
+
+def _build(request: Request, progress: bool) -> Entry:
+    """Convert and build into a temporary dir and install it (the caller holds the write
+    lock); the temporary dir is gone on the way out, whatever happens."""
+    cache, name, key, source = request.cache, request.name, request.key, request.source
+    log.warning("building the engine for %s (%s) into the build cache %s; later calls "
+                "with the same inputs reuse it", source.label, request.what, cache.dir)
+    started = time.time()
+    tmp = cache.new_tmp(name)
+    try:
+        _convert_and_build(tmp, source, request.parts, request.build, key, progress)
+        return cache.install(tmp, name, {
+            "key": key, "parts": request.parts.to_dict(), "source": source.label,
+            "backend": request.build.backend, "created": started,
+            "build_seconds": round(time.time() - started, 3),
+            "kiln_version": kiln.__version__})
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _usable(cache: EngineCache, name: str, key: str, repair: bool = False) -> Entry | None:

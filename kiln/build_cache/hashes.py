@@ -20,6 +20,8 @@ Non-goals: hashing anything but regular files; sharing the memo between machines
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -50,7 +52,14 @@ def content_hashes(files: list[Path], memo_dir: Path) -> dict[Path, str]:
     """sha256 of each of ``files`` (as given -> hex digest), from the memo in ``memo_dir`` where
     it still holds, else computed (in threads) and memoized."""
     memo_path = Path(memo_dir) / MEMO_NAME
-    with FileLock(memo_path.with_suffix(".lock")):
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(FileLock(memo_path.with_suffix(".lock")))
+        except OSError as e:  # a read-only (or not yet made) cache: hash, remember nothing
+            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT):
+                raise
+            log.info("%s: cannot be locked (%s); hashing without the memo's lock",
+                     memo_path.with_suffix(".lock"), e.strerror or e)
         memo = _read_memo(memo_path)
         out, todo = {}, []
         for path in files:
@@ -71,7 +80,11 @@ def content_hashes(files: list[Path], memo_dir: Path) -> dict[Path, str]:
             out[path] = digest
             if _identity(Path(path)) == identity:  # unchanged while it was read
                 memo[real] = {**identity, "sha256": digest}
-        _write_memo(memo_path, {k: v for k, v in memo.items() if Path(k).exists()})
+        try:
+            _write_memo(memo_path, {k: v for k, v in memo.items() if Path(k).exists()})
+        except OSError as e:  # a read-only cache: the hashes are right, only not remembered
+            log.info("%s: not written (%s); the source files are hashed again next time",
+                     memo_path, e.strerror or e)
         return out
 
 

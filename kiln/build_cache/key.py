@@ -100,7 +100,8 @@ def identify_source(model: str, revision: str | None, allow_pickle: bool,
     files = files_read(path, allow_pickle)
     hashes = content_hashes(files, memo_dir)
     model_dir = repo_id if repo_id is not None else str(path)
-    return SourceId(path, model_dir, revision if repo_id else None, repo_id or str(path),
+    label = repo_id or str(path.absolute())  # kiln cache list: where it is, wherever run from
+    return SourceId(path, model_dir, revision if repo_id else None, label,
                     {"files": {str(p.relative_to(path)): hashes[p] for p in files}})
 
 

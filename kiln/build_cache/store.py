@@ -10,15 +10,22 @@ Layout (``<root>``: :func:`cache_root`; the cache owns ``<root>/engines`` and no
       <name>.lock              the entry's reader/writer lock (filelock.ReadWriteLock)
       .<name>.tmp-<pid>-<x>/   a build in progress, or one that was killed
       .<name>.del-<pid>-<x>/   an entry being deleted
+        .kiln-build-cache-tmp  written first into both: the cache made this dir (the name is no
+                               proof: a user may have made a dir of that name)
       .content-hashes.json     source file hashes (kiln/build_cache/hashes.py)
 
 Contract:
 - An entry appears by one rename of a temporary dir whose ``entry.json`` was written last, so
   ``<name>/`` is either complete or absent. A killed build leaves only a ``.tmp`` dir; the next
   build of that name (which holds the lock, so no one else is writing it) or prune removes it.
+  A dir is a leftover only if it holds :data:`TMP_MARKER` (or an ``entry.json`` of the cache);
+  one with a leftover's name but no marker is someone else's and is left alone.
 - Locks: a lookup and a user of an engine (:meth:`EngineCache.hold`) take the entry's lock
   shared; a build, a repair and a deletion take it exclusively. Prune and eviction never wait:
-  an entry whose lock is taken is in use and skipped. Locks die with their process.
+  an entry whose lock is taken is in use and skipped. Locks die with their process. A lock
+  file that is not a lock database is not the cache's: it is named (one line) and left alone.
+  A lock file that cannot be written (a read-only cache) makes a lookup and a hold run
+  unlocked, with one warning; a build or a deletion refuses (one line).
 - What the cache deletes: entries whose ``entry.json`` it wrote and which hold nothing else than
   that file and an engine dir of files kiln writes (:func:`kiln.output_dirs.describe_replaceable`),
   and its own leftovers. Anything else under ``engines/`` is reported and left alone; nothing
@@ -32,11 +39,14 @@ file identities).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import json
 import logging
 import os
 import re
 import shutil
+import sqlite3
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -59,6 +69,9 @@ MARKER = "kiln_build_cache"  # entry.json's key holding ENTRY_FORMAT: the cache 
 NAME_CHARS = 20
 NAME = re.compile(rf"[0-9a-f]{{{NAME_CHARS}}}")
 LEFTOVER = re.compile(rf"\.([0-9a-f]{{{NAME_CHARS}}})\.(tmp|del)-\d+-\w+")
+TMP_MARKER = ".kiln-build-cache-tmp"  # in a .tmp / .del dir: the cache made it
+_READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+_warned_unlocked = False  # the read-only warning is given once per process
 
 
 def cache_root() -> Path:
@@ -73,6 +86,20 @@ def cache_root() -> Path:
 
 class Busy(Exception):
     """An entry's lock is held by someone else (prune and eviction skip such entries)."""
+
+
+class Unwritable(BuildCacheError):
+    """A lock file that cannot be written (a read-only cache), where a write lock is needed."""
+
+
+class _NoLock:
+    """What :meth:`EngineCache._acquire` holds where a read-only cache cannot be locked."""
+
+    def close(self) -> None:
+        pass
+
+
+_NO_LOCK = _NoLock()
 
 
 @dataclass(frozen=True)
@@ -95,7 +122,7 @@ class Entry:
 
     def size(self) -> int:
         """Bytes of its files (apparent sizes; links are not followed)."""
-        return sum(p.lstat().st_size for p in self.path.rglob("*") if not p.is_dir())
+        return dir_size(self.path)
 
 
 @dataclass
@@ -103,8 +130,8 @@ class PruneResult:
     removed: list[Entry] = field(default_factory=list)
     in_use: list[Entry] = field(default_factory=list)
     refused: list[tuple[Path, str]] = field(default_factory=list)  # path, why
-    leftovers: list[Path] = field(default_factory=list)  # removed .tmp / .del dirs
-    freed: int = 0
+    leftovers: list[tuple[Path, int]] = field(default_factory=list)  # .tmp / .del dirs, bytes
+    freed: int = 0  # bytes of the entries removed (leftovers: their own sizes)
 
 
 class EngineCache:
@@ -113,6 +140,13 @@ class EngineCache:
     def __init__(self, root: str | Path | None = None) -> None:
         self.root = Path(root).expanduser() if root is not None else cache_root()
         self.dir = self.root / ENGINES
+
+    def check_dir(self) -> None:
+        """Refuse (one line) a cache root or engines dir that exists but is not a directory."""
+        for path in (self.root, self.dir):
+            if path.exists() and not path.is_dir():
+                raise BuildCacheError(f"{path}: the build cache is a file, not a directory; "
+                                      f"set KILN_CACHE_DIR (or --cache_dir) to a directory")
 
     def ensure(self) -> None:
         """Create the engines dir; refuse one kiln cannot write (one line, with the fix)."""
@@ -145,20 +179,55 @@ class EngineCache:
             lock.close()
 
     def _acquire(self, name: str, write: bool, blocking: bool) -> ReadWriteLock | None:
+        path = self.dir / f"{name}.lock"
         for attempt in range(3):
-            lock = ReadWriteLock(self.dir / f"{name}.lock", timeout=-1 if blocking else 0,
-                                 blocking=blocking, is_singleton=False)
+            lock: ReadWriteLock | _NoLock = _NO_LOCK  # the constructor opens the file
             try:
+                lock = ReadWriteLock(path, timeout=-1 if blocking else 0, blocking=blocking,
+                                     is_singleton=False)
                 (lock.acquire_write if write else lock.acquire_read)()
                 return lock
             except Timeout:
                 lock.close()
                 return None
+            except sqlite3.DatabaseError as e:
+                lock.close()
+                if type(e) is not sqlite3.DatabaseError:  # OperationalError: cannot open/write
+                    return self._unlocked(path, write, str(e))
+                raise BuildCacheError(f"{path}: is not a kiln lock file (not a lock database: "
+                                      f"kiln did not write it); move it away, or delete it if it "
+                                      f"is yours to delete, then try again") from None
             except OSError as e:  # prune removed the lock file while this one waited on it
                 lock.close()
+                if e.errno in _READ_ONLY:
+                    return self._unlocked(path, write, e.strerror or str(e))
                 if attempt == 2 or "unlinked or replaced" not in str(e):
                     raise
         raise AssertionError("unreachable")
+
+    def _unlocked(self, path: Path, write: bool, why: str) -> None:
+        """A lock file that cannot be written: a build or deletion refuses; a lookup or a hold
+        runs without the lock (said once), as nothing can change a read-only cache."""
+        global _warned_unlocked
+        if write:
+            raise Unwritable(f"{path}: cannot be written ({why}); building or removing "
+                                  f"cached engines needs a writable build cache: set "
+                                  f"KILN_CACHE_DIR to a writable directory") from None
+        if not _warned_unlocked:
+            _warned_unlocked = True
+            log.warning("%s: cannot be written (%s); using the build cache without its locks "
+                        "(a kiln cache prune elsewhere could remove an engine in use)", path, why)
+        return _NO_LOCK
+
+    def in_use(self, name: str) -> bool:
+        """Whether another process holds entry ``name``'s lock. Raises
+        :class:`BuildCacheError` for a lock file that is not kiln's, :class:`Unwritable` for
+        one that cannot be written (then no one can tell)."""
+        try:
+            with self.locked(name, write=True, wait=False):
+                return False
+        except Busy:
+            return True
 
     # -- entries --------------------------------------------------------------------------
 
@@ -171,16 +240,17 @@ class EngineCache:
         for path in sorted(self.dir.iterdir()):
             if NAME.fullmatch(path.name) and path.is_dir() and not path.is_symlink():
                 names.append(path.name)
-            elif LEFTOVER.fullmatch(path.name) and path.is_dir() and not path.is_symlink():
+            elif self.is_leftover(path):
                 leftovers.append(path)
             elif not (path.name.endswith(".lock") and NAME.fullmatch(path.stem)) and \
                     not path.name.startswith(MEMO_NAME.removesuffix("json")):
                 foreign.append(path)
         return names, leftovers, foreign
 
-    def read(self, name: str) -> Entry | None:
-        """The entry ``name`` if ``entry.json`` is one the cache wrote, else None."""
-        path = self.dir / name
+    def read(self, name: str, path: Path | None = None) -> Entry | None:
+        """The entry ``name`` (in ``path``, default its place) if ``entry.json`` is one the
+        cache wrote, else None."""
+        path = self.dir / name if path is None else path
         try:
             data = json.loads((path / ENTRY_FILE).read_text())
             mtime = (path / ENTRY_FILE).stat().st_mtime
@@ -197,6 +267,20 @@ class EngineCache:
         except (KeyError, TypeError, ValueError):
             return None
 
+    def is_leftover(self, path: Path) -> bool:
+        """Whether ``path`` is a .tmp / .del dir the cache made (module docstring): its name
+        and its marker, or an ``entry.json`` the cache wrote (a build killed while renaming)."""
+        match = LEFTOVER.fullmatch(path.name)
+        if match is None or not path.is_dir() or path.is_symlink():
+            return False
+        try:
+            marker = json.loads((path / TMP_MARKER).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            marker = None
+        if isinstance(marker, dict) and marker.get(MARKER) == ENTRY_FORMAT:
+            return True
+        return self.read(match.group(1), path) is not None
+
     def entries(self) -> list[Entry]:
         """Complete entries, least recently used first."""
         found = [e for n in self.names()[0] if (e := self.read(n)) is not None]
@@ -207,8 +291,14 @@ class EngineCache:
         with contextlib.suppress(OSError):  # a read-only cache still serves its engines
             os.utime(entry.path / ENTRY_FILE)
 
-    def new_tmp(self, name: str) -> Path:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-{os.getpid()}-", dir=self.dir))
+    def new_tmp(self, name: str, kind: str = "tmp") -> Path:
+        """A new .tmp (a build) or .del (a deletion) dir for ``name``, marked as the cache's."""
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.{kind}-{os.getpid()}-", dir=self.dir))
+        try:
+            (tmp / TMP_MARKER).write_text(json.dumps({MARKER: ENTRY_FORMAT}) + "\n")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         tmp.chmod(0o777 & ~_umask())
         return tmp
 
@@ -221,6 +311,7 @@ class EngineCache:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+        (tmp / TMP_MARKER).unlink(missing_ok=True)  # entry.json marks it from here on
         tmp.rename(self.dir / name)
         entry = self.read(name)
         if entry is None:  # pragma: no cover - what was just written
@@ -230,7 +321,7 @@ class EngineCache:
     def clear_leftovers(self, name: str) -> None:
         """Remove ``name``'s .tmp / .del dirs (the caller holds its write lock: none is live)."""
         for path in self.dir.glob(f".{name}.*"):
-            if LEFTOVER.fullmatch(path.name) and path.is_dir() and not path.is_symlink():
+            if self.is_leftover(path):
                 log.warning("removing %s, left by a kiln build or prune that did not finish",
                             path)
                 shutil.rmtree(path, ignore_errors=True)
@@ -240,11 +331,10 @@ class EngineCache:
         :class:`BuildCacheError`, an entry holding anything the cache did not write."""
         problem = self.foreign_content(entry)
         if problem:
-            raise BuildCacheError(f"{entry.path}: {problem}, which the build cache did not "
-                                  f"write; it is left alone: move those files away, then "
-                                  f"delete the entry yourself or prune again")
+            raise BuildCacheError(f"{entry.path}: {problem}; it is left alone: move those files "
+                                  f"away, then delete the entry yourself or prune again")
         size = entry.size()
-        trash = Path(tempfile.mkdtemp(prefix=f".{entry.name}.del-{os.getpid()}-", dir=self.dir))
+        trash = self.new_tmp(entry.name, "del")
         entry.path.rename(trash / entry.name)
         shutil.rmtree(trash, ignore_errors=True)
         return size
@@ -257,10 +347,10 @@ class EngineCache:
         others = sorted(p.name for p in entry.path.iterdir() if p.name not in (ENTRY_FILE,
                                                                                 ENGINE_DIR))
         if others:
-            return f"holds {', '.join(others)}"
+            return f"holds {', '.join(others)}, which the build cache did not write"
         engine = entry.engine_dir
         if engine.is_symlink() or (engine.exists() and not engine.is_dir()):
-            return f"{ENGINE_DIR} is not a directory the cache made"
+            return f"its {ENGINE_DIR} is not a directory the build cache made"
         if engine.is_dir():
             try:
                 describe_replaceable(engine)
@@ -297,9 +387,9 @@ class EngineCache:
             result.removed.append(entry)
             result.freed += freed
             total -= sizes[entry.name]
+        result.leftovers = self._prune_leftovers(result, dry_run)
         if not dry_run:
-            result.leftovers = self._prune_leftovers()
-            self._prune_locks()
+            self._prune_locks(result)
             if everything:  # a fresh start: source files are hashed again (hashes.py)
                 (self.dir / MEMO_NAME).unlink(missing_ok=True)
         return result
@@ -311,29 +401,47 @@ class EngineCache:
                 raise Busy(entry.name)
             return self.remove(current)
 
-    def _prune_leftovers(self) -> list[Path]:
+    def _prune_leftovers(self, result: PruneResult, dry_run: bool) -> list[tuple[Path, int]]:
+        """The leftovers removed (with ``dry_run``: that would be), with their sizes."""
         removed = []
         for path in self.names()[1]:
             name = LEFTOVER.fullmatch(path.name).group(1)
             try:
                 with self.locked(name, write=True, wait=False):
-                    shutil.rmtree(path, ignore_errors=True)
-                    removed.append(path)
+                    size = dir_size(path)
+                    if not dry_run:
+                        shutil.rmtree(path, ignore_errors=True)
+                    removed.append((path, size))
             except Busy:
                 continue  # a build of that entry is running
+            except BuildCacheError as e:
+                result.refused.append((path, str(e)))
         return removed
 
-    def _prune_locks(self) -> None:
+    def _prune_locks(self, result: PruneResult) -> None:
         """Delete the lock files of entries that no longer exist (a process waiting on one
         takes a fresh lock: :meth:`_acquire`)."""
         names = set(self.names()[0])
         for lock in self.dir.glob("*.lock"):
             name = lock.stem
-            if not NAME.fullmatch(name) or name in names or any(self.dir.glob(f".{name}.*")):
+            if not NAME.fullmatch(name) or name in names:
                 continue
-            with contextlib.suppress(Busy), self.locked(name, write=True, wait=False):
-                if not (self.dir / name).exists():
-                    lock.unlink(missing_ok=True)
+            try:
+                with self.locked(name, write=True, wait=False):
+                    self.drop_lock(name)
+            except Busy:
+                continue
+            except BuildCacheError as e:
+                result.refused.append((lock, str(e)))
+
+    def drop_lock(self, name: str) -> None:
+        """Delete entry ``name``'s lock file if no entry or leftover of that name is left. The
+        caller holds the lock exclusively: a process waiting on this file finds it unlinked
+        when it gets the lock and takes a fresh one (filelock checks the file's identity after
+        locking; :meth:`_acquire` retries), so no two processes ever hold two files of one
+        name."""
+        if not (self.dir / name).exists() and not any(self.dir.glob(f".{name}.*")):
+            (self.dir / f"{name}.lock").unlink(missing_ok=True)
 
     # -- holding an engine ----------------------------------------------------------------
 
@@ -358,6 +466,41 @@ class EngineCache:
                 raise BuildCacheError(f"{engine_dir}: the cached engine was removed (kiln cache "
                                       f"prune) before it was used; ask for it again to rebuild")
             yield Path(engine_dir)
+
+
+def describe_options(parts: dict[str, Any]) -> str:
+    """What tells entries of one source apart, short: the dtype, the mapping when not 1x1, the
+    targets, and the build options not at their :class:`~kiln.builder.options.BuildOptions`
+    defaults (``max_seq_len=512``, ``norm=disable``); ``-`` for an entry without key parts."""
+    from kiln.builder.options import BuildOptions
+
+    convert, build = parts.get("convert") or {}, parts.get("build") or {}
+    if not (convert or build):
+        return "-"
+    out = [str(convert.get("dtype", "auto"))]
+    if (convert.get("tp_size", 1), convert.get("pp_size", 1)) != (1, 1):
+        out.append(f"tp{convert.get('tp_size', 1)}xpp{convert.get('pp_size', 1)}")
+    if parts.get("targets"):
+        out.append(",".join(parts["targets"]))
+    defaults = {f.name: f.default for f in dataclasses.fields(BuildOptions)}
+    for name, value in sorted(build.items()):
+        if name == "plugins":
+            out += [f"{plugin}={mode}" for plugin, mode in sorted((value or {}).items())]
+        elif value is True:
+            out.append(name)
+        elif value not in (None, False) and value != defaults.get(name):
+            out.append(f"{name}={value}")
+    return " ".join(out)
+
+
+def dir_size(path: Path) -> int:
+    """Bytes of the files under ``path`` (apparent sizes; links are not followed)."""
+    total = 0
+    for p in path.rglob("*"):
+        with contextlib.suppress(OSError):
+            if not p.is_dir():
+                total += p.lstat().st_size
+    return total
 
 
 def damage(engine_dir: Path) -> str | None:

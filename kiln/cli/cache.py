@@ -24,10 +24,13 @@ from kiln.cli.engine_source import CACHE_DIR_HELP, engine_from_options, model_op
 
 _DURATION = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*(s|sec|m|min|h|d|w)\s*", re.IGNORECASE)
 _SECONDS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+DURATION_RULE = ("a number with its unit: s, min, h, d or w (7d, 12h, 30min, 0s); a bare number "
+                 "is refused, 0 included (7 days or 7 seconds? --max_size's bare number is "
+                 "bytes, its smallest unit, which deletes less, not more)")
 
 
 class Duration(click.ParamType):
-    """A duration: 7d, 12h, 30min, 90s, 2w (seconds)."""
+    """A duration: a number with its unit (:data:`DURATION_RULE`), in seconds."""
 
     name = "duration"
 
@@ -36,7 +39,8 @@ class Duration(click.ParamType):
             return float(value)
         match = _DURATION.fullmatch(str(value))
         if match is None:
-            self.fail(f"{value!r} is not a duration like 7d, 12h, 30min or 90s", param, ctx)
+            self.fail(f"{value!r} is not a duration: give a number with its unit, s, min, h, d "
+                      f"or w (7d, 12h, 30min, 90s)", param, ctx)
         return float(match.group(1)) * _SECONDS[match.group(2).lower()]
 
 
@@ -58,61 +62,104 @@ def cache() -> None:
 @cache.command("list")
 @_cache_dir_option
 def list_entries(cache_dir: Path | None) -> None:
-    """Show the cached engines: name, size, backend, last use, source."""
-    from kiln.build_cache.store import Busy, EngineCache
+    """Show the cached engines: name, size, backend, last use, the options that built them
+    (dtype, mapping, targets, build options not at their defaults), source."""
+    from kiln.build_cache.store import EngineCache, Unwritable, describe_options, dir_size
+    from kiln.errors import BuildCacheError
 
     store = EngineCache(cache_dir)
+    store.check_dir()
     entries = store.entries()[::-1]  # most recently used first
     names, leftovers, foreign = store.names()
     sizes = [e.size() for e in entries]
+    leftover_sizes = [dir_size(p) for p in leftovers]
+    total = sum(sizes) + sum(leftover_sizes)
     click.echo(f"{store.dir}: {len(entries)} cached engine{'s' * (len(entries) != 1)}, "
-               f"{_size(sum(sizes))}")
-    rows = []
+               f"{_size(total)}")
+    rows, lock_problems, read_only = [], [], False
     for entry, size in zip(entries, sizes, strict=True):
         try:
-            with store.locked(entry.name, write=True, wait=False):
-                state = ""
-        except Busy:
-            state = " (in use)"
+            state = " (in use)" if store.in_use(entry.name) else ""
+        except Unwritable:
+            state, read_only = "", True
+        except BuildCacheError as e:
+            state = " (lock unreadable)"
+            lock_problems.append(str(e))
         rows.append((entry.name, _size(size), entry.backend, _ago(entry.last_used),
-                     entry.source + state))
+                     describe_options(entry.parts), entry.source + state))
     if rows:
-        header = ("NAME", "SIZE", "BACKEND", "LAST USED", "SOURCE")
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
-        for row in [header, *rows]:
-            click.echo("  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True))
-                       + "  " + row[4])
+        _table(("NAME", "SIZE", "BACKEND", "LAST USED", "OPTIONS", "SOURCE"), rows)
     incomplete = [n for n in names if store.read(n) is None]
-    if leftovers:
-        click.echo(f"{len(leftovers)} leftover{'s' * (len(leftovers) != 1)} of builds that did "
-                   f"not finish (in progress, or killed: kiln cache prune removes the latter)")
+    for path, size in zip(leftovers, leftover_sizes, strict=True):
+        click.echo(f"leftover of a build or prune that did not finish ({_size(size)}; in "
+                   f"progress, or killed: kiln cache prune removes the latter): {path}")
     for path in [*(store.dir / n for n in incomplete), *foreign]:
         click.echo(f"not made by the cache, left alone: {path}")
+    for problem in lock_problems:
+        click.echo(problem, err=True)
+    if read_only:
+        click.echo(f"{store.dir}: its lock files cannot be written (a read-only cache?): "
+                   f"which entries are in use is unknown", err=True)
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """Columns padded to their widest cell; the last one as is."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
+    for row in [header, *rows]:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row[:-1], widths, strict=True))
+                   + "  " + row[-1])
 
 
 # -- prune --------------------------------------------------------------------------------
 
 @cache.command("prune")
-@click.option("--all", "everything", is_flag=True, help="Remove every entry not in use.")
+@click.option("--all", "everything", is_flag=True,
+              help="Remove every entry not in use (alone: --older_than and --max_size select "
+                   "some entries, --all every one).")
 @click.option("--older_than", type=Duration(),
-              help="Remove entries last used longer ago than this (7d, 12h, 30min).")
+              help=f"Remove entries last used longer ago than this: {DURATION_RULE}.")
 @click.option("--max_size", type=MemorySize(),
               help="Remove least recently used entries until the cache holds at most this "
-                   "(20GB, 512MiB).")
+                   "(20GB, 512MiB; a bare number is bytes). With --older_than: both apply "
+                   "(entries either selects go).")
+@click.option("--leftovers", "leftovers_only", is_flag=True,
+              help="Remove only the leftovers of builds and prunes that did not finish (every "
+                   "prune removes them too).")
 @click.option("--dry_run", is_flag=True, help="Say what would be removed; remove nothing.")
 @_cache_dir_option
 @click.pass_obj
 def prune(obj: CliContext, everything: bool, older_than: float | None, max_size: int | None,
-          dry_run: bool, cache_dir: Path | None) -> None:
-    """Remove cached engines (never one in use, never anything the cache did not create)."""
+          leftovers_only: bool, dry_run: bool, cache_dir: Path | None) -> None:
+    """Remove cached engines (never one in use, never anything the cache did not create) and
+    the leftovers of builds that did not finish. Give one of --all, --older_than / --max_size,
+    --leftovers."""
     from kiln.build_cache.store import EngineCache
 
+    selectors = [name for name, given in (("--older_than", older_than is not None),
+                                          ("--max_size", max_size is not None)) if given]
+    if everything and (selectors or leftovers_only):
+        raise click.UsageError(f"--all removes every entry; "
+                               f"{' and '.join(selectors) or '--leftovers'} select"
+                               f"{'s' * (len(selectors) < 2)} fewer: give one or the other")
+    if leftovers_only and selectors:
+        raise click.UsageError(f"--leftovers removes no entry; drop it or "
+                               f"{' and '.join(selectors)}")
+    if not (everything or selectors or leftovers_only):
+        raise click.UsageError("say what to remove: --all, --older_than 7d, --max_size 20GB "
+                               "or --leftovers (add --dry_run to see what would go)")
     store = EngineCache(cache_dir)
+    store.check_dir()
     if not store.dir.is_dir():
         click.echo(f"{store.dir}: no build cache here; nothing to prune")
         return
+    if not dry_run:
+        store.ensure()  # a read-only cache: one line, not one per entry
     result = store.prune(everything=everything, older_than=older_than, max_size=max_size,
                          dry_run=dry_run)
+    _report(store, result, dry_run)
+
+
+def _report(store, result, dry_run: bool) -> None:
     verb = "would remove" if dry_run else "removed"
     for entry in result.removed:
         click.echo(f"{verb} {entry.name} ({entry.backend}, {entry.source}, last used "
@@ -121,12 +168,17 @@ def prune(obj: CliContext, everything: bool, older_than: float | None, max_size:
         click.echo(f"kept {entry.name}: in use by another process ({entry.source})", err=True)
     for _, why in result.refused:
         click.echo(f"left alone: {why}", err=True)
-    for path in result.leftovers:
-        click.echo(f"removed {path.name} (left by a build or prune that did not finish)")
-    if not (everything or older_than is not None or max_size is not None):
-        click.echo("no entries selected: pass --all, --older_than or --max_size", err=True)
+    for path, size in result.leftovers:
+        click.echo(f"{verb} {path.name} ({_size(size)}, left by a build or prune that did not "
+                   f"finish)")
+    left = len(store.entries()) - (len(result.removed) if dry_run else 0)
+    leftovers = ""
+    if result.leftovers:
+        n = len(result.leftovers)
+        leftovers = (f" and {n} leftover{'s' * (n != 1)}, "
+                     f"{_size(sum(size for _, size in result.leftovers))}")
     click.echo(f"{verb} {len(result.removed)} cached engine{'s' * (len(result.removed) != 1)}, "
-               f"{_size(result.freed)}; {len(store.entries())} left in {store.dir}")
+               f"{_size(result.freed)}{leftovers}; {left} left in {store.dir}")
 
 
 # -- build --------------------------------------------------------------------------------

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import shutil
 
 import pytest
 
-from kiln.build_cache import api
+from kiln.build_cache import api, store
 from tests.models import hf_model_with_tokenizer
 
 
@@ -45,3 +46,15 @@ def builds(monkeypatch):
 
     monkeypatch.setattr(api, "_convert_and_build", recording)
     return done
+
+
+@pytest.fixture
+def read_only_locks(monkeypatch):
+    """Lock files that cannot be opened for writing, as on a read-only file system."""
+
+    class ReadOnly:
+        def __init__(self, path, **_):  # filelock opens the file here
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(store, "ReadWriteLock", ReadOnly)
+    monkeypatch.setattr(store, "_warned_unlocked", False)

@@ -63,6 +63,27 @@ def test_a_failed_build_leaves_nothing(tiny_hf, cache_dir, monkeypatch):
     with pytest.raises(BuildError):
         engine_for_model(tiny_hf)
     assert EngineCache(cache_dir).entries() == [] and _leftovers(cache_dir) == []
+    assert list((cache_dir / "engines").glob("[0-9a-f]*.lock")) == []  # nor its lock file
+
+
+def test_a_read_only_cache_serves_its_entries_and_refuses_a_build(tiny_hf, cache_dir, builds,
+                                                                  monkeypatch, request, caplog):
+    engine = engine_for_model(tiny_hf)
+
+    def read_only(self):
+        raise BuildCacheError(f"{self.dir}: the build cache cannot be written (Read-only file "
+                              f"system); set KILN_CACHE_DIR to a writable directory")
+
+    monkeypatch.setattr(EngineCache, "ensure", read_only)
+    request.getfixturevalue("read_only_locks")
+    with caplog.at_level(logging.WARNING, logger="kiln.build_cache"):
+        with cached_engine(tiny_hf) as path:
+            assert path == engine and len(builds) == 1
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("using the build cache without its locks" in m for m in messages)
+    with pytest.raises(BuildCacheError, match="cannot be written .*set KILN_CACHE_DIR"):
+        engine_for_model(tiny_hf, max_batch_size=3)
+    assert len(builds) == 1
 
 
 def test_ctrl_c_during_a_build_leaves_nothing_and_the_next_call_builds(tiny_hf, cache_dir,
@@ -79,6 +100,7 @@ def test_ctrl_c_during_a_build_leaves_nothing_and_the_next_call_builds(tiny_hf, 
     with pytest.raises(KeyboardInterrupt):
         engine_for_model(tiny_hf)
     assert EngineCache(cache_dir).entries() == [] and _leftovers(cache_dir) == []
+    assert list((cache_dir / "engines").glob("[0-9a-f]*.lock")) == []
     monkeypatch.setattr(builder, "build", real)
     assert engine_for_model(tiny_hf).is_dir() and len(builds) == 2
 

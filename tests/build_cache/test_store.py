@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
+from pathlib import Path
 
 import pytest
 
 from kiln.build_cache.hashes import MEMO_NAME
-from kiln.build_cache.store import NAME_CHARS, EngineCache, Entry, damage
+from kiln.build_cache.store import NAME_CHARS, EngineCache, Entry, damage, describe_options
+from kiln.errors import BuildCacheError
 
 DAY = 86400.0
 
@@ -41,6 +44,14 @@ def fake_entry(cache: EngineCache, seed: str, age_days: float = 0.0, size: int =
                                       "build_seconds": 1.0})
     os.utime(entry.path / "entry.json", (when, when))
     return cache.read(name)
+
+
+def leftover(cache: EngineCache, name: str) -> Path:
+    """A .tmp / .del dir called ``name`` as the cache makes it (marked), holding a file."""
+    path = cache.new_tmp("f" * NAME_CHARS).rename(cache.dir / name)
+    (path / "checkpoint").mkdir()
+    (path / "checkpoint" / "rank0.safetensors").write_bytes(b"\0" * 5000)
+    return path
 
 
 def names(entries) -> list[str]:
@@ -142,15 +153,86 @@ def test_prune_refuses_what_the_cache_did_not_create(cache, tmp_path):
 
 
 def test_leftovers_of_killed_builds_go_unless_a_build_runs(cache):
-    dead = cache.dir / f".{'a' * NAME_CHARS}.tmp-999999-x1"
-    live = cache.dir / f".{'b' * NAME_CHARS}.tmp-{os.getpid()}-x2"
-    deleting = cache.dir / f".{'c' * NAME_CHARS}.del-999999-x3"
-    for path in (dead, live, deleting):
-        (path / "checkpoint").mkdir(parents=True)
+    dead = leftover(cache, f".{'a' * NAME_CHARS}.tmp-999999-x1")
+    live = leftover(cache, f".{'b' * NAME_CHARS}.tmp-{os.getpid()}-x2")
+    deleting = leftover(cache, f".{'c' * NAME_CHARS}.del-999999-x3")
     with cache.locked("b" * NAME_CHARS, write=True):  # its build is running
         result = cache.prune()
-    assert sorted(result.leftovers) == sorted([dead, deleting])
+    assert sorted(p for p, _ in result.leftovers) == sorted([dead, deleting])
+    assert all(5000 <= size < 5100 for _, size in result.leftovers)  # + the marker
     assert live.exists() and not dead.exists() and not deleting.exists()
+
+
+def test_a_dir_named_like_a_leftover_is_not_one_without_the_cache_s_marker(cache):
+    mine = cache.dir / f".{'0' * NAME_CHARS}.tmp-1-x"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("user data")
+    result = cache.prune(everything=True)
+    assert result.leftovers == [] and (mine / "notes.txt").read_text() == "user data"
+    assert mine in cache.names()[2]  # listed as not the cache's
+
+
+def test_an_install_leaves_no_marker_in_the_entry(cache):
+    entry = fake_entry(cache, "a")
+    assert sorted(p.name for p in entry.path.iterdir()) == ["engine", "entry.json"]
+    assert cache.foreign_content(entry) is None
+
+
+def test_dry_run_lists_the_leftovers_it_would_remove(cache):
+    dead = leftover(cache, f".{'a' * NAME_CHARS}.tmp-999999-x1")
+    result = cache.prune(dry_run=True)
+    assert [p for p, _ in result.leftovers] == [dead] and dead.exists()
+    assert 5000 <= result.leftovers[0][1] < 5100
+
+
+def test_a_lock_file_that_is_not_a_lock_is_named_and_left_alone(cache):
+    entry = fake_entry(cache, "a", 9)
+    lock = cache.dir / f"{entry.name}.lock"
+    lock.write_text("x\n")
+    with pytest.raises(BuildCacheError, match=f"^{lock}: is not a kiln lock file .*move it away"):
+        with cache.locked(entry.name, write=False):
+            pass
+    result = cache.prune(everything=True)
+    assert result.removed == [] and [p for p, _ in result.refused] == [entry.path]
+    assert "is not a kiln lock file" in result.refused[0][1]
+    entry.path.rename(cache.dir / "elsewhere")  # its lock file is now an orphan: still kept
+    result = cache.prune(everything=True)
+    assert lock.read_text() == "x\n" and [p for p, _ in result.refused] == [lock]
+
+
+def test_a_read_only_cache_is_used_unlocked_with_one_warning_and_not_written(
+        cache, read_only_locks, caplog):
+    entry = fake_entry(cache, "a")
+    with caplog.at_level(logging.WARNING), cache.hold(entry.engine_dir):
+        with cache.hold(entry.engine_dir):
+            pass
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "using the build cache without its locks" in warnings[0]
+    with pytest.raises(BuildCacheError, match="cannot be written .*needs a writable build cache"):
+        with cache.locked(entry.name, write=True):
+            pass
+
+
+def test_lock_files_without_an_entry_go_only_under_their_lock(cache):
+    name = "a" * NAME_CHARS
+    with cache.locked(name, write=True):
+        cache.drop_lock(name)
+    assert not (cache.dir / f"{name}.lock").exists()
+    leftover(cache, f".{name}.tmp-999999-x")
+    with cache.locked(name, write=True):
+        cache.drop_lock(name)  # a leftover of that name: kept for the next build's lock
+    assert (cache.dir / f"{name}.lock").exists()
+
+
+def test_describe_options_shows_what_tells_entries_apart():
+    parts = {"convert": {"dtype": "float32", "tp_size": 2, "pp_size": 1},
+             "targets": ["cpu"],
+             "build": {"max_batch_size": 8, "max_seq_len": 512, "max_input_len": None,
+                       "plugins": {"norm": "disable"}, "gather_context_logits": True,
+                       "allow_long_context": False}}
+    assert describe_options(parts) == ("float32 tp2xpp1 cpu gather_context_logits "
+                                       "max_seq_len=512 norm=disable")
+    assert describe_options({}) == "-"
 
 
 def test_dry_run_removes_nothing(cache):

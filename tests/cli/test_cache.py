@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -14,7 +17,8 @@ from kiln.build_cache.store import EngineCache
 from kiln.cli.build import build as build_command
 from kiln.cli.cache import build as cache_build
 from kiln.cli.main import main
-from tests.build_cache.test_store import fake_entry
+from tests.build_cache.conftest import read_only_locks  # noqa: F401 (a fixture)
+from tests.build_cache.test_store import fake_entry, leftover
 from tests.cli.test_main import HEAVY, _fresh_python
 from tests.models import hf_model
 
@@ -40,15 +44,17 @@ def test_list_shows_entries_most_recent_first_and_what_is_not_the_cache_s(cache)
     fake_entry(cache, "old-model", age_days=3, size=2_000_000)
     fake_entry(cache, "new-model", age_days=0, size=1000)
     (cache.dir / "my-stuff").mkdir()
-    (cache.dir / f".{'a' * 20}.tmp-999999-x").mkdir()
+    dead = leftover(cache, f".{'a' * 20}.tmp-999999-x")
+    (dead / "checkpoint" / "rank0.safetensors").write_bytes(b"\0" * 3_000_000)
     result = _invoke("cache", "list")
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert lines[0] == f"{cache.dir}: 2 cached engines, 2.0 MB"
-    assert lines[1].split() == ["NAME", "SIZE", "BACKEND", "LAST", "USED", "SOURCE"]
+    assert lines[0] == f"{cache.dir}: 2 cached engines, 5.0 MB"  # the leftover's 3 MB too
+    assert lines[1].split() == ["NAME", "SIZE", "BACKEND", "LAST", "USED", "OPTIONS", "SOURCE"]
     assert lines[2].endswith("/models/new-model") and "s ago" in lines[2]
     assert lines[3].endswith("/models/old-model") and "3 d ago" in lines[3]
-    assert "1 leftover of builds that did not finish" in result.output
+    assert (f"leftover of a build or prune that did not finish (3.0 MB; in progress, or killed: "
+            f"kiln cache prune removes the latter): {dead}") in lines
     assert f"not made by the cache, left alone: {cache.dir / 'my-stuff'}" in result.output
 
 
@@ -83,17 +89,57 @@ def test_prune_says_what_it_left_alone(cache):
     assert (edited.engine_dir / "notes.txt").exists()
 
 
-def test_prune_without_a_selection_removes_only_leftovers(cache):
+def test_prune_leftovers_removes_only_leftovers_and_dry_run_lists_them(cache):
     fake_entry(cache, "a", age_days=100)
-    leftover = cache.dir / f".{'a' * 20}.tmp-999999-x"
-    leftover.mkdir()
-    result = _invoke("cache", "prune")
-    assert result.exit_code == 0 and len(cache.entries()) == 1 and not leftover.exists()
-    assert "pass --all, --older_than or --max_size" in result.output
+    dead = leftover(cache, f".{'a' * 20}.tmp-999999-x")
+    result = _invoke("cache", "prune", "--leftovers", "--dry_run")
+    assert result.exit_code == 0 and dead.exists(), result.output
+    assert f"would remove {dead.name} (5.0 kB, left by a build" in result.output
+    assert "would remove 0 cached engines, 0 B and 1 leftover, 5.0 kB; 1 left" in result.output
+    result = _invoke("cache", "prune", "--leftovers")
+    assert result.exit_code == 0 and len(cache.entries()) == 1 and not dead.exists()
+
+
+def test_a_dry_run_counts_what_would_be_left(cache):
+    fake_entry(cache, "a")
+    result = _invoke("cache", "prune", "--all", "--dry_run")
+    last = result.output.splitlines()[-1]
+    assert last.startswith("would remove 1 cached engine, ") and "; 0 left in " in last
+
+
+def test_a_lock_file_that_is_not_a_lock_is_one_line_and_kept(cache, tiny_hf):
+    entry = fake_entry(cache, "a")
+    lock = cache.dir / f"{entry.name}.lock"
+    lock.write_text("x\n")
+    result = _invoke("cache", "prune", "--all")
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert f"left alone: {lock}: is not a kiln lock file" in result.output
+    assert lock.read_text() == "x\n" and cache.entries() == [entry]
+    result = _invoke("cache", "list")
+    assert result.exit_code == 0 and "(lock unreadable)" in result.output, result.output
+
+
+@pytest.mark.parametrize("command", [["list"], ["prune", "--all"]])
+def test_a_cache_dir_that_is_a_file_is_one_line_exit_2(command, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "file"))
+    result = _invoke("cache", *command)
+    assert result.exit_code == 2 and len(result.output.splitlines()) == 1, result.output
+    assert result.output.startswith(f"error: {tmp_path / 'file'}: the build cache is a file, "
+                                    f"not a directory; set KILN_CACHE_DIR")
 
 
 @pytest.mark.parametrize("args, message", [
-    (["cache", "prune", "--older_than", "7"], "'7' is not a duration like 7d"),
+    (["cache", "prune"], "say what to remove: --all, --older_than 7d"),
+    (["cache", "prune", "--dry_run"], "say what to remove"),
+    (["cache", "prune", "--all", "--older_than", "7d"], "--all removes every entry; "
+                                                        "--older_than selects fewer"),
+    (["cache", "prune", "--all", "--max_size", "1GB", "--older_than", "1d"],
+     "--older_than and --max_size select fewer"),
+    (["cache", "prune", "--leftovers", "--older_than", "1d"], "--leftovers removes no entry"),
+    (["cache", "prune", "--older_than", "7"], "'7' is not a duration: give a number with its "
+                                              "unit"),
+    (["cache", "prune", "--older_than", "0"], "'0' is not a duration"),
     (["cache", "prune", "--max_size", "lots"], "'lots' is not a size like 20GB"),
     (["cache", "build"], "Missing option '--model_dir'"),
     (["cache", "build", "--model_dir", "x", "--backend", "nope"], "'nope' is not one of"),
@@ -102,6 +148,14 @@ def test_usage_errors_are_one_line_exit_2(args, message, cache):
     result = _invoke(*args)
     assert result.exit_code == 2 and len(result.output.splitlines()) == 1, result.output
     assert message in result.output
+
+
+def test_older_than_takes_0s_and_its_help_says_the_rule(cache):
+    fake_entry(cache, "a", age_days=1)
+    assert _invoke("cache", "prune", "--older_than", "0s").exit_code == 0
+    assert cache.entries() == []
+    help_text = " ".join(_invoke("cache", "prune", "--help").output.split())
+    assert "a bare number is refused, 0 included" in help_text
 
 
 def test_a_bad_model_dir_is_one_line_exit_2(cache, tmp_path):
@@ -118,9 +172,8 @@ def test_an_unwritable_cache_dir_is_one_line_exit_2(tmp_path, tiny_hf, monkeypat
     monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "file"))
     result = _invoke("cache", "build", "--model_dir", str(tiny_hf))
     assert result.exit_code == 2 and len(result.output.splitlines()) == 1, result.output
-    assert result.output.startswith(f"error: {tmp_path / 'file' / 'engines'}: the build cache "
-                                    f"cannot be written")
-    assert "set KILN_CACHE_DIR to a writable directory" in result.output
+    assert result.output.startswith(f"error: {tmp_path / 'file'}: the build cache is a file, "
+                                    f"not a directory; set KILN_CACHE_DIR")
 
 
 def test_build_prints_the_engine_dir_and_then_finds_it(tiny_hf, tmp_path, monkeypatch):
@@ -162,3 +215,29 @@ def test_cache_commands_start_without_heavy_libraries(args, tmp_path):
         print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))
     """))
     assert imported == []
+
+
+@pytest.mark.usefixtures("read_only_locks")
+def test_list_works_on_a_read_only_cache(cache):
+    fake_entry(cache, "a")
+    result = _invoke("cache", "list")
+    assert result.exit_code == 0 and result.output.splitlines()[2].endswith("/models/a")
+    assert "its lock files cannot be written (a read-only cache?)" in result.output
+
+
+def test_the_docs_two_step_example_runs_as_written(tiny_hf, tmp_path, monkeypatch):
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "build_cache.md").read_text()
+    (inner,) = re.findall(r'"\$\((kiln [^)]*)\)"', docs)
+    args = shlex.split(inner)[1:]
+    args[args.index("--model_dir") + 1] = str(tiny_hf)
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "root"))
+    result = _invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert (Path(result.output.strip()) / "config.json").is_file()  # only the dir is printed
+
+
+def test_a_relative_model_dir_is_listed_by_its_absolute_path(tiny_hf, tmp_path, monkeypatch):
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "root"))
+    monkeypatch.chdir(tiny_hf.parent)
+    assert _invoke("-q", "cache", "build", "--model_dir", tiny_hf.name).exit_code == 0
+    assert _invoke("cache", "list").output.splitlines()[2].endswith(f"  {tiny_hf}")
