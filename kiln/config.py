@@ -17,6 +17,7 @@ Non-goals: encoder-decoder models, MoE, learned absolute position embeddings.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, field
 from enum import Enum
@@ -283,12 +284,18 @@ def _enum(enum: type[Enum], value: Any, name: str) -> Enum:
         raise ConfigError(f"{name} must be one of {choices}, found {value!r}") from None
 
 
-def options_from(cls: type, given: dict[str, Any], caller: str, **fixed: Any) -> Any:
+def options_from(cls: type, given: dict[str, Any], caller: str, also: tuple[str, ...] = (),
+                 **fixed: Any) -> Any:
     """``cls(**fixed, **given)`` for an options dataclass, with a :class:`ConfigError` naming
-    any unknown keyword (the API functions take the dataclass's fields by keyword)."""
+    any unknown keyword, the closest known name, and every name ``caller`` takes: the
+    dataclass's fields but ``fixed``, and ``also`` (the caller's own keywords)."""
     known = {f.name for f in dataclasses.fields(cls)} - set(fixed)
     unknown = sorted(set(given) - known)
     if unknown:
-        raise ConfigError(f"{caller}() got unknown options {unknown}; the options are "
-                          f"{', '.join(sorted(known))} ({cls.__module__}.{cls.__name__})")
+        names = sorted(known | set(also))
+        hints = [f"{name}: did you mean {close[0]}?" for name in unknown
+                 if (close := difflib.get_close_matches(name, names, n=1))]
+        guess = f" ({'; '.join(hints)})" if hints else ""
+        raise ConfigError(f"{caller}() got unknown options {unknown}{guess}; it takes "
+                          f"{', '.join(names)}")
     return cls(**fixed, **given)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import logging
 import shutil
 import time
@@ -109,7 +110,9 @@ def request_for(model: str | Path, *, backend: str | None = None, dtype: str = "
 
     convert = ConvertOptions(dtype=dtype, tp_size=tp_size, pp_size=pp_size, revision=revision,
                              allow_pickle=allow_pickle)
-    build = options_from(BuildOptions, build_options, "engine_for_model", **FIXED,
+    own = tuple(name for name, p in inspect.signature(engine_for_model).parameters.items()
+                if p.kind is p.KEYWORD_ONLY)
+    build = options_from(BuildOptions, build_options, "engine_for_model", also=own, **FIXED,
                          backend=backend or "onnx")
     cache = EngineCache(cache_dir)
     cache.check_dir()

@@ -153,10 +153,11 @@ def check_engine_source(ctx: click.Context) -> None:
     if given:
         one = len(given) == 1
         names = given[0] if one else f"{', '.join(given[:-1])} and {given[-1]}"
-        raise click.UsageError(f"{names} appl{'ies' if one else 'y'} to --model_dir only (how "
-                               f"its engine is built); --engine_dir's engine is built already: "
-                               f"drop {'it' if one else 'them'}, or give --model_dir instead of "
-                               f"--engine_dir", ctx)
+        raise click.UsageError(f"{names} appl{'ies' if one else 'y'} to --model_dir only: "
+                               f"{'it decides' if one else 'they decide'} the engine the build "
+                               f"cache builds (or where it keeps it); --engine_dir's engine is "
+                               f"built already: drop {'it' if one else 'them'}, or give "
+                               f"--model_dir instead of --engine_dir", ctx)
 
 
 @contextlib.contextmanager

@@ -176,6 +176,10 @@ def test_a_hub_model_is_keyed_by_its_resolved_commit(tiny_hf, tmp_path, cache_di
     ("{engine}", {}, CheckpointError, "is an engine dir, not a Hugging Face checkpoint"),
     ("{hf}", {"max_batch_size": 0}, ConfigError, "max_batch_size must be a positive integer"),
     ("{hf}", {"max_batch_sizes": 8}, ConfigError, "unknown options ['max_batch_sizes']"),
+    ("{hf}", {"max_batchsize": 4}, ConfigError, "(max_batchsize: did you mean max_batch_size?); "
+                                                "it takes allow_long_context, allow_pickle, "
+                                                "backend, cache_dir, dtype,"),
+    ("{hf}", {"revision": "main"}, ConfigError, "--revision main: {hf} is a local directory"),
     ("{hf}", {"dtype": "float64"}, ConfigError, "dtype must be auto or one of"),
     ("{hf}", {"plugins": {"nope": "enable"}}, ConfigError, "unknown plugins ['nope']"),
     ("{hf}", {"plugins": {"norm": "on"}}, ConfigError, "norm_plugin must be one of"),
@@ -190,7 +194,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_hf, tmp_path, cache_dir, 
     model = model.format(tmp=tmp_path, hf=tiny_hf, engine=engine)
     with pytest.raises(error) as raised:
         engine_for_model(model, **options)
-    assert message in str(raised.value) and "\n" not in str(raised.value)
+    assert message.format(hf=tiny_hf) in str(raised.value) and "\n" not in str(raised.value)
     assert builds == []
     assert EngineCache(cache_dir).entries() == []
 

@@ -61,7 +61,8 @@ def test_build_options_beside_engine_dir_are_refused_by_name(command, cache):
     _one_line_error(result, "--max_seq_len and --norm_plugin apply to --model_dir only",
                     "drop them, or give --model_dir instead of --engine_dir")
     _one_line_error(kiln(command, "--engine_dir", "e", "--cache_dir", "c", *COMMANDS[command]),
-                    "--cache_dir applies to --model_dir only", "drop it")
+                    "--cache_dir applies to --model_dir only: it decides the engine the build "
+                    "cache builds (or where it keeps it)", "drop it")
 
 
 def test_every_build_option_passes_through_and_eval_sets_gather_context_logits():
