@@ -86,6 +86,7 @@ def test_prune_says_what_it_left_alone(cache):
     result = _invoke("cache", "prune", "--all")
     assert result.exit_code == 0
     assert "left alone: " in result.output and "notes.txt" in result.output
+    assert result.output.count("did not write") == 1, result.output  # said once
     assert (edited.engine_dir / "notes.txt").exists()
 
 
