@@ -56,10 +56,20 @@ class _Sink:
     queue: asyncio.Queue
 
     def put(self, item: Any) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the caller's event loop is closed: nobody is left to read it
-            pass
+        _post(self.loop, [(self.queue, item)])
+
+
+def _post(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, Any]]) -> None:
+    """Hand ``items`` to their queues on ``loop``: one wake-up of the loop for all of them."""
+    try:
+        loop.call_soon_threadsafe(_put_all, items)
+    except RuntimeError:  # the caller's event loop is closed: nobody is left to read it
+        pass
+
+
+def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
+    for queue_, item in items:
+        queue_.put_nowait(item)
 
 
 class AsyncLLM:
@@ -218,8 +228,13 @@ class _EngineLoop:
                     except Exception as e:  # the engine failed: terminal (module docstring)
                         self._fail(e)
                         return
+                # one wake-up per event loop per step, not one per request (a server's loop
+                # serves every stream: 16 streams were 16 cross-thread wake-ups a step)
+                posts: dict[asyncio.AbstractEventLoop, list] = {}
                 for delta in deltas:
-                    self._deliver(delta)
+                    self._deliver(delta, posts)
+                for loop, items in posts.items():
+                    _post(loop, items)
                 if not core.has_work():
                     self.wake.wait()
         finally:
@@ -269,15 +284,21 @@ class _EngineLoop:
         sink.put(self.error)
         future.set_result(request_id)
 
-    def _deliver(self, delta) -> None:
+    def _deliver(self, delta, posts: dict | None = None) -> None:
+        """Send ``delta`` to its stream now, or gather it in ``posts`` (per event loop)."""
         if delta is None:
             return
         request = self.llm.core.requests[delta.request_id]
         sink = self.sinks.get(delta.request_id)
         if delta.finished:
             self.llm.core.pop(delta.request_id)
-        if sink is not None:
-            sink.put(StreamDelta.of(0, delta, request))
+        if sink is None:
+            return
+        item = StreamDelta.of(0, delta, request)
+        if posts is None:
+            sink.put(item)
+        else:
+            posts.setdefault(sink.loop, []).append((sink.queue, item))
 
     def _fail(self, error: Exception) -> None:
         """Every running request's stream gets ``error``; later ones too (:meth:`_refuse`)."""
