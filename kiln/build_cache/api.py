@@ -21,7 +21,7 @@ import inspect
 import logging
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ def engine_for_model(model: str | Path, *, backend: str | None = None, dtype: st
                      tp_size: int = 1, pp_size: int = 1, revision: str | None = None,
                      allow_pickle: bool = False, cache_dir: str | Path | None = None,
                      max_cache_size: int | None = None, progress: bool = False,
+                     check: Callable[[Any], None] | None = None,
                      **build_options: Any) -> Path:
     """The engine dir for HF checkpoint ``model`` (a local dir, or a hub id), from the build
     cache, converted and built there first if no entry matches.
@@ -62,7 +63,11 @@ def engine_for_model(model: str | Path, *, backend: str | None = None, dtype: st
     allow_long_context, gather_context_logits, weight_only_int8_compute). ``cache_dir``: the
     cache root (default ``$KILN_CACHE_DIR``, else the user's cache dir + ``/kiln``).
     ``max_cache_size``: bytes; after a build, least recently used entries not in use are
-    evicted until the cache fits. Raises :class:`~kiln.errors.KilnError` subclasses on bad input.
+    evicted until the cache fits. ``check``: called on a miss, before converting, with the
+    manifest the build would write (:func:`~kiln.build_cache.preflight.planned_manifest`, which
+    runs conversion's and the build's own checks first): a caller that runs the engine passes
+    :func:`kiln.runtime.loader.check_runnable`'s, so a machine that cannot run it is refused
+    before the build. Raises :class:`~kiln.errors.KilnError` subclasses on bad input.
     """
     if max_cache_size is not None and (not isinstance(max_cache_size, int) or max_cache_size < 1):
         raise ConfigError(f"max_cache_size must be a positive number of bytes, found "
@@ -70,7 +75,7 @@ def engine_for_model(model: str | Path, *, backend: str | None = None, dtype: st
     request = request_for(model, backend=backend, dtype=dtype, tp_size=tp_size, pp_size=pp_size,
                           revision=revision, allow_pickle=allow_pickle, cache_dir=cache_dir,
                           **build_options)
-    entry, built = _lookup_or_build(request, progress)
+    entry, built = _lookup_or_build(request, progress, check)
     if not built:
         log.warning("using cached engine %s (%s; %s, built %s ago)", entry.engine_dir,
                     request.what, entry.source, _age(time.time() - entry.created))
@@ -191,7 +196,8 @@ def resolve_dtype(dtype: str, build: Any, source: SourceId) -> str:
     return "auto"
 
 
-def _lookup_or_build(request: Request, progress: bool) -> tuple[Entry, bool]:
+def _lookup_or_build(request: Request, progress: bool,
+                     check: Callable[[Any], None] | None) -> tuple[Entry, bool]:
     cache, name, key = request.cache, request.name, request.key
 
     def waiting() -> None:
@@ -204,6 +210,7 @@ def _lookup_or_build(request: Request, progress: bool) -> tuple[Entry, bool]:
             if entry is not None:
                 cache.touch(entry)
                 return entry, False
+    _preflight(request, check)
     cache.ensure()  # a read-only cache: one line, before anything else is written
     with cache.locked(name, write=True, on_wait=waiting):
         try:
@@ -217,6 +224,16 @@ def _lookup_or_build(request: Request, progress: bool) -> tuple[Entry, bool]:
             cache.drop_lock(name)  # a failed build: no lock file left behind (store.py)
     log.info("built cached engine %s in %.1f s", entry.engine_dir, entry.build_seconds)
     return entry, True
+
+
+def _preflight(request: Request, check: Callable[[Any], None] | None) -> None:
+    """A miss: refuse, before the 'building' line, what conversion, the build or ``check``
+    would refuse (:mod:`kiln.build_cache.preflight`)."""
+    from kiln.build_cache.preflight import planned_manifest
+
+    manifest = planned_manifest(request.source, request.parts, request.build)
+    if check is not None:
+        check(manifest)
 
 
 def _build(request: Request, progress: bool) -> Entry:

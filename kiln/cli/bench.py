@@ -81,10 +81,24 @@ def bench(obj: CliContext, warmup: int, json_output: Path | None, device: str,
     options = ExecutorOptions(device=device, num_threads=num_threads, cpu_spin_wait=cpu_spin_wait,
                               verify_checksums=verify_checksums, dp=dp,
                               kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction)
-    with held_engine(obj, source) as engine_dir:
+    with held_engine(obj, source, options, check=lambda m: _check_workload(spec, m.limits)) \
+            as engine_dir:
         if json_output is not None:
             _check_json_output(json_output, engine_dir)
         _bench(engine_dir, spec, options, warmup, json_output, baseline, baseline_batch_size)
+
+
+def _check_workload(spec: Workload, limits: Any) -> None:
+    """The workload fits the engine's BuildLimits (with --model_dir, checked before a build on
+    the limits it would have)."""
+    if spec.input_len > limits.max_input_len:
+        raise click.BadParameter(f"{spec.input_len} exceeds the engine's max_input_len "
+                                 f"{limits.max_input_len}", param_hint="--input_len")
+    if spec.input_len + spec.output_len - 1 > limits.max_seq_len:
+        raise click.BadParameter(f"input_len + output_len - 1 = "
+                                 f"{spec.input_len + spec.output_len - 1} exceeds the "
+                                 f"engine's max_seq_len {limits.max_seq_len}",
+                                 param_hint="--output_len")
 
 
 def _bench(engine_dir: Path, spec: Workload, options: ExecutorOptions, warmup: int,
@@ -95,14 +109,7 @@ def _bench(engine_dir: Path, spec: Workload, options: ExecutorOptions, warmup: i
     dp = options.dp
     with LLM(engine_dir, options) as llm:
         limits = llm.limits
-        if spec.input_len > limits.max_input_len:
-            raise click.BadParameter(f"{spec.input_len} exceeds the engine's max_input_len "
-                                     f"{limits.max_input_len}", param_hint="--input_len")
-        if spec.input_len + spec.output_len - 1 > limits.max_seq_len:
-            raise click.BadParameter(f"input_len + output_len - 1 = "
-                                     f"{spec.input_len + spec.output_len - 1} exceeds the "
-                                     f"engine's max_seq_len {limits.max_seq_len}",
-                                     param_hint="--output_len")
+        _check_workload(spec, limits)
         if warmup:  # rounds as wide as the workload gets, so its batch shapes are compiled
             width = min(spec.num_requests, spec.concurrency or limits.max_batch_size,
                         limits.max_batch_size)

@@ -41,6 +41,7 @@ def eval_command(obj: CliContext, dataset: str, max_length: int | None,
                  num_threads: int | None, cpu_spin_wait: bool, verify_checksums: bool,
                  **source: Any) -> None:
     """Perplexity of an engine on a text dataset (sliding windows, as Hugging Face's)."""
+    from kiln.datasets import load_texts
     from kiln.evaluation import evaluate
     from kiln.runtime.loader import ExecutorOptions
 
@@ -51,10 +52,11 @@ def eval_command(obj: CliContext, dataset: str, max_length: int | None,
         _check_json_output(json_output, None, _is_eval_report, "kiln eval report")
     options = ExecutorOptions(device=device, num_threads=num_threads, cpu_spin_wait=cpu_spin_wait,
                               verify_checksums=verify_checksums)
-    with held_engine(obj, source, gather_context_logits=True) as engine_dir:
+    texts = load_texts(dataset)  # before a build (--model_dir): a bad dataset is refused first
+    with held_engine(obj, source, options, gather_context_logits=True) as engine_dir:
         if json_output is not None:
             _check_json_output(json_output, engine_dir, _is_eval_report, "kiln eval report")
-        result = evaluate(engine_dir, dataset, max_length, stride, options,
+        result = evaluate(engine_dir, texts, max_length, stride, options,
                           progress=obj.progress)
     click.echo(f"perplexity {result.perplexity:.6f}")
     sys.stdout.flush()  # before the stderr summary, also when both go to one pipe

@@ -177,7 +177,7 @@ def run(obj: CliContext, input_text: tuple[str, ...], input_file: Path | None,
     executor = ExecutorOptions(device=device, num_threads=num_threads,
                                cpu_spin_wait=cpu_spin_wait, verify_checksums=verify_checksums,
                                dp=dp)
-    with held_engine(obj, options) as engine_dir, LLM(engine_dir, executor) as llm:
+    with held_engine(obj, options, executor) as engine_dir, LLM(engine_dir, executor) as llm:
         log_quantization(llm.manifest)
         params = build_params(llm, max_output_len, options)  # the sampling flags are left
         inputs = [llm.render_chat([{"role": "user", "content": p}]) if chat else p

@@ -107,7 +107,7 @@ def serve(obj: CliContext, host: str, port: int, served_model_name: str | None,
     with contextlib.ExitStack() as stack:
         for sock in sockets:
             stack.enter_context(sock)
-        engine_dir = stack.enter_context(held_engine(obj, source))
+        engine_dir = stack.enter_context(held_engine(obj, source, options))
         engine = _warm_engine(stack, engine_dir, options)
         app = create_app(engine, name, api_key=api_key, max_queue=max_queue,
                          chat_template=template, max_body_bytes=max_body_bytes)

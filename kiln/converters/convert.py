@@ -33,7 +33,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from queue import Empty, Full, Queue
 from threading import Event, Thread
@@ -130,7 +130,48 @@ def convert_checkpoint(model_dir: str | Path, output_dir: str | Path, *, progres
     output_dir = Path(output_dir).expanduser()
     local = Path(model_dir).expanduser()
     check_output(output_dir, overwrite, inputs=[local] if local.exists() else [])
-    source = open_source(str(model_dir), revision=revision, allow_pickle=allow_pickle)
+    plan = plan_conversion(str(model_dir), dtype=dtype, tp_size=tp_size, pp_size=pp_size,
+                           revision=revision, allow_pickle=allow_pickle)
+    source, decoder, mapping, out_dtype = plan.source, plan.decoder, plan.mapping, plan.dtype
+    log.info("converting %s (%s, %d layers) to %s, tp=%d pp=%d", source.directory,
+             decoder.architecture, decoder.num_layers, out_dtype, tp_size, pp_size)
+    started = time.perf_counter()
+    with atomic_dir(output_dir, overwrite) as tmp, ThreadPoolExecutor(1) as pool:
+        hashes = pool.submit(_hash_files, source.weight_files)
+        _write_ranks(tmp, plan.targets, decoder, mapping, getattr(torch, out_dtype), progress)
+        copy_tokenizer(source.directory, tmp)
+        config = replace(plan.checkpoint_config(),
+                         source=_provenance(source, plan.converter, hashes))
+        (tmp / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    log.info("wrote %s in %.1f s", output_dir, time.perf_counter() - started)
+    return output_dir
+
+
+@dataclass(frozen=True)
+class ConversionPlan:
+    """What :func:`convert_checkpoint` checks and decides before it writes anything."""
+
+    source: Source
+    converter: type[Converter]
+    decoder: DecoderConfig
+    mapping: Mapping
+    quant: ImportedQuant | None
+    targets: list[TargetPlan]
+    dtype: str  # the checkpoint's dtype, ``auto`` resolved
+
+    def checkpoint_config(self) -> CheckpointConfig:
+        """The checkpoint's config as conversion will write it, less its provenance."""
+        return CheckpointConfig(decoder=self.decoder, mapping=self.mapping, dtype=self.dtype,
+                                quantization=self.quant.config if self.quant else None,
+                                kiln_version=kiln.__version__)
+
+
+def plan_conversion(model_dir: str, *, dtype: str = "auto", tp_size: int = 1, pp_size: int = 1,
+                    revision: str | None = None, allow_pickle: bool = False) -> ConversionPlan:
+    """Open the source (its config and tensor headers; no tensor data read) and run every check
+    of the conversion: architecture, config, mapping, quantization, strict tensor accounting.
+    Also what the build cache checks before it converts (:mod:`kiln.build_cache.preflight`)."""
+    source = open_source(model_dir, revision=revision, allow_pickle=allow_pickle)
     converter = converter_for(source.hf_config, str(source.directory / "config.json"))
     decoder = converter.config_from_source(source.hf_config,
                                            {n: tuple(t.shape) for n, t in source.tensors.items()})
@@ -138,21 +179,8 @@ def convert_checkpoint(model_dir: str | Path, output_dir: str | Path, *, progres
     mapping.validate_for(decoder)
     quant = import_quantization(source, converter, decoder)
     plans = plan_targets(converter, decoder, source, quant)
-    out_dtype = _resolve_dtype(dtype, source, plans)
-    log.info("converting %s (%s, %d layers) to %s, tp=%d pp=%d", source.directory,
-             decoder.architecture, decoder.num_layers, out_dtype, tp_size, pp_size)
-    started = time.perf_counter()
-    with atomic_dir(output_dir, overwrite) as tmp, ThreadPoolExecutor(1) as pool:
-        hashes = pool.submit(_hash_files, source.weight_files)
-        _write_ranks(tmp, plans, decoder, mapping, getattr(torch, out_dtype), progress)
-        copy_tokenizer(source.directory, tmp)
-        config = CheckpointConfig(decoder=decoder, mapping=mapping, dtype=out_dtype,
-                                  quantization=quant.config if quant else None,
-                                  source=_provenance(source, converter, hashes),
-                                  kiln_version=kiln.__version__)
-        (tmp / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    log.info("wrote %s in %.1f s", output_dir, time.perf_counter() - started)
-    return output_dir
+    return ConversionPlan(source, converter, decoder, mapping, quant, plans,
+                          _resolve_dtype(dtype, source, plans))
 
 
 def plan_targets(converter: type[Converter], config: DecoderConfig, source: Source,

@@ -146,8 +146,8 @@ def check_tensorrt(manifest: EngineManifest, machine: MachineInfo) -> None:
     built = manifest.backend_version.get(library, "unknown")
     if not machine.gpus:
         raise EngineError("tensorrt engine needs an NVIDIA GPU, and this machine has no CUDA "
-                          "GPU (or driver): run it on a GPU machine, or build the onnx backend "
-                          "for CPU (kiln build --backend onnx)")
+                          "GPU (or driver): run it on a GPU machine, or build an onnx engine "
+                          "for the CPU (--backend onnx)")
     gpu = machine.gpus[0]
     if library == "tensorrt_rtx" and gpu in RTX_UNSUPPORTED:
         raise EngineError(f"this is a TensorRT-RTX engine and this GPU is {sm(gpu)} "

@@ -91,7 +91,8 @@ class LLM:
         options = options or ExecutorOptions()
         hold = contextlib.ExitStack()  # the engine's cache entry, held until close()
         try:
-            self.engine_dir = hold.enter_context(_held(engine_dir, model, build_options))
+            self.engine_dir = hold.enter_context(_held(engine_dir, model, options,
+                                                       build_options))
             if options.dp > 1:
                 self._open_replicas(options, policy)
             else:
@@ -307,16 +308,19 @@ class LLM:
         return self.generate([self.render_chat(c) for c in conversations], params)
 
 
-def _held(engine_dir: str | Path | None, model: str | Path | None,
+def _held(engine_dir: str | Path | None, model: str | Path | None, options: ExecutorOptions,
           build_options: dict[str, Any]) -> contextlib.AbstractContextManager[Path]:
     """The engine dir to open, held while it is used (kiln.build_cache: prune and eviction skip
     it): ``engine_dir`` (held if it lies in the build cache), or ``model``'s cached engine,
     converted and built first if the cache has none. The build cache sits above the runtime
-    in the pipeline: it imports the builder only to build, so only for ``model=``."""
+    in the pipeline: it imports the builder only to build, so only for ``model=``. Before a
+    build, the engine it would make is checked against this machine and ``options``."""
     if model is not None:
         from kiln.build_cache.api import cached_engine
+        from kiln.runtime.loader import check_runnable
 
-        return cached_engine(model, **build_options)
+        return cached_engine(model, check=lambda manifest: check_runnable(manifest, options),
+                             **build_options)
     from kiln.build_cache.api import hold_engine
 
     return hold_engine(engine_dir)

@@ -105,13 +105,12 @@ def check_replicas(manifest: EngineManifest, device: str, machine: MachineInfo,
                           f"GPUs are visible")
 
 
-def check_engine(engine_dir: str | Path, options: ExecutorOptions | None = None,
-                 machine: MachineInfo | None = None,
-                 ) -> tuple[EngineManifest, ModuleType, MachineInfo]:
-    """Every check of :func:`open_engine`, nothing loaded: (manifest, backend module, machine)."""
-    engine_dir = Path(engine_dir)
+def check_runnable(manifest: EngineManifest, options: ExecutorOptions | None = None,
+                   machine: MachineInfo | None = None) -> tuple[ModuleType, MachineInfo]:
+    """The checks of :func:`check_engine` that read the manifest alone (no engine file): can
+    this machine run it with these options. Also run on a planned manifest before a build that
+    a command then runs (``kiln run --model_dir``): (backend module, machine)."""
     options = options or ExecutorOptions()
-    manifest = read_manifest(engine_dir)
     module = backend_module(manifest.backend)
     machine = machine if machine is not None else describe_machine(manifest.backend)
     module.check_machine(manifest, machine)
@@ -122,6 +121,17 @@ def check_engine(engine_dir: str | Path, options: ExecutorOptions | None = None,
     if options.dp > 1:
         check_replicas(manifest, run_device(module, manifest, machine, options), machine,
                        options)
+    return module, machine
+
+
+def check_engine(engine_dir: str | Path, options: ExecutorOptions | None = None,
+                 machine: MachineInfo | None = None,
+                 ) -> tuple[EngineManifest, ModuleType, MachineInfo]:
+    """Every check of :func:`open_engine`, nothing loaded: (manifest, backend module, machine)."""
+    engine_dir = Path(engine_dir)
+    options = options or ExecutorOptions()
+    manifest = read_manifest(engine_dir)
+    module, machine = check_runnable(manifest, options, machine)
     ranks = getattr(module, "loaded_ranks", loaded_ranks)(manifest, options.rank)
     check_files(engine_dir, manifest, ranks)
     if options.verify_checksums:

@@ -45,7 +45,7 @@ CPU_SPEED = "slower than an onnx engine (SmolLM2 on 2 CPU cores: 25 vs 40 tokens
 QUANTIZED_CPU_SPEED = (", and a quantized one dequantizes every weight at every step there "
                        "(SmolLM2 on 2 idle cores: int8_wo 5.7, fp8 2.8, int4_awq 1.6 tokens/s)")
 NEEDS_GPU = ("this torch engine needs a CUDA GPU for its Triton kernels; on this machine use an "
-             "onnx engine (kiln build --backend onnx), or pass --device cpu to run the PyTorch "
+             "onnx engine (build with --backend onnx), or pass --device cpu to run the PyTorch "
              f"reference kernels, {CPU_SPEED}")
 
 
@@ -198,7 +198,7 @@ def load_executor(engine_dir: Path, manifest: EngineManifest, options: ExecutorO
         check_gpu_formats(manifest, torch.cuda.get_device_capability(device))
     world = manifest.mapping.world_size
     if device.type == "cpu":
-        faster = "a CUDA GPU or build an onnx engine (kiln build --backend onnx)" \
+        faster = "a CUDA GPU or build an onnx engine (build with --backend onnx)" \
             if world == 1 else f"{gpus_needed(manifest)}"  # onnx runs tp 1 only
         logger.warning("torch engine on the CPU: PyTorch reference kernels, the slow path (%s)%s; "
                        "for speed run it on %s", CPU_SPEED,

@@ -178,7 +178,7 @@ def test_a_hub_model_is_keyed_by_its_resolved_commit(tiny_hf, tmp_path, cache_di
     ("{hf}", {"max_batch_sizes": 8}, ConfigError, "unknown options ['max_batch_sizes']"),
     ("{hf}", {"max_batchsize": 4}, ConfigError, "(max_batchsize: did you mean max_batch_size?); "
                                                 "it takes allow_long_context, allow_pickle, "
-                                                "backend, cache_dir, dtype,"),
+                                                "backend, cache_dir, check, dtype,"),
     ("{hf}", {"revision": "main"}, ConfigError, "--revision main: {hf} is a local directory"),
     ("{hf}", {"dtype": "float64"}, ConfigError, "dtype must be auto or one of"),
     ("{hf}", {"plugins": {"nope": "enable"}}, ConfigError, "unknown plugins ['nope']"),

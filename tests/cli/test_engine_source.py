@@ -172,14 +172,43 @@ def test_bench_on_a_model_dir(tiny_hf, cache):
     (["eval", "--dataset", "x.txt", "--json_output", "{notes}"],
      "exists and is not a kiln eval report"),
     (["run", "--input_text", "Hi", "--dtype", "float64"], "'float64' is not one of"),
+    # the command's own checks, on the engine the build would make
+    (["eval", "--dataset", "{tmp}/nope.txt"], "nope.txt: no such file or directory"),
+    (["bench", "--input_len", "60", "--max_seq_len", "48"],
+     "60 exceeds the engine's max_input_len 48"),
+    # conversion's and the build's checks, from the options and the HF config
+    (["run", "--input_text", "Hi", "--max_input_len", "60", "--max_seq_len", "32"],
+     "max_input_len (60) exceeds max_seq_len (32)"),
+    (["run", "--input_text", "Hi", "--target", "sm999"], "builds for one target, cpu or cuda"),
+    (["run", "--input_text", "Hi", "--max_seq_len", "100000"],
+     "exceeds the model's max_position_embeddings 64"),
+    (["run", "--input_text", "Hi", "--tp_size", "3"], "tp_size"),
+    (["run", "--input_text", "Hi", "--pp_size", "100"], "pp_size 100 exceeds the 2 layers"),
+    # this machine (no CUDA GPU) cannot run the engine: the runtime's machine check
+    (["run", "--input_text", "Hi", "--backend", "torch"],
+     "needs a CUDA GPU for its Triton kernels; on this machine use an onnx engine (build with "
+     "--backend onnx)"),
+    (["serve", "--backend", "torch"], "needs a CUDA GPU"),
 ])
 def test_bad_input_with_model_dir_is_refused_before_a_build(tiny_hf, cache, tmp_path, args,
-                                                            message):
+                                                            message, caplog):
     notes = tmp_path / "notes.json"
     notes.write_text("{}")
-    args = [a.format(notes=notes) for a in args]
-    _one_line_error(kiln(args[0], "--model_dir", str(tiny_hf), *args[1:]), message)
+    args = [a.format(notes=notes, tmp=tmp_path) for a in args]
+    with caplog.at_level(logging.WARNING):
+        _one_line_error(kiln(args[0], "--model_dir", str(tiny_hf), *args[1:]), message)
+    assert not [r for r in caplog.records if "building the engine" in r.getMessage()]
     assert cache.entries() == []
+
+
+def test_cache_build_still_builds_what_this_machine_cannot_run(tiny_hf, cache):
+    """Engines built ahead of time: kiln cache build runs no machine check (a torch engine for
+    CUDA, on this machine without a GPU), and kiln run on it then refuses without building."""
+    result = kiln("cache", "build", "--model_dir", str(tiny_hf), "--backend", "torch")
+    assert result.exit_code == 0, result.output
+    assert len(cache.entries()) == 1
+    _one_line_error(kiln("run", "--model_dir", str(tiny_hf), "--backend", "torch",
+                         "--input_text", "Hi"), "needs a CUDA GPU")
 
 
 def test_a_missing_model_dir_is_one_line(tmp_path, cache):

@@ -1,0 +1,42 @@
+"""The checks a cache miss runs before it converts: bad options refused in seconds, not after
+the conversion and build they would otherwise wait for.
+
+Contract: :func:`planned_manifest` runs, from the HF config and tensor headers alone (no tensor
+data read), every check that conversion (:func:`~kiln.converters.convert.plan_conversion`) and
+the build (:func:`~kiln.builder.api.make_plan`, the backend's ``check``) run before they write,
+and returns the engine manifest the build would write, less its files. A caller that will run
+the engine checks that manifest against this machine (``engine_for_model(check=...)``:
+:func:`kiln.runtime.loader.check_runnable`); ``kiln cache build`` does not, so a TensorRT engine
+can still be built ahead of time on a machine without a GPU.
+
+Non-goals: a cache hit runs none of this (its engine's own manifest is checked when it opens).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kiln.build_cache.key import KeyParts, SourceId
+from kiln.engine import EngineManifest
+
+
+def planned_manifest(source: SourceId, parts: KeyParts, build: Any) -> EngineManifest:
+    """The manifest of the engine ``build`` (resolved :class:`~kiln.builder.options.
+    BuildOptions`) would make from ``source`` converted with ``parts.convert``; raises what
+    conversion or the build would raise first."""
+    from kiln.builder.api import make_plan
+    from kiln.builder.backends import get_backend
+    from kiln.converters.convert import plan_conversion
+
+    conversion = plan_conversion(source.model_dir, revision=source.revision, **parts.convert)
+    engine = get_backend(build.backend)
+    plan = make_plan(build, conversion.checkpoint_config(), engine)
+    engine.check(plan)
+    ckpt = plan.checkpoint
+    return EngineManifest(
+        backend=engine.name, backend_version=engine.versions(), targets=plan.targets,
+        decoder=ckpt.decoder, mapping=ckpt.mapping, dtype=plan.dtype, limits=plan.limits,
+        rank_files={}, checksums={}, plugins=dict(plan.graph.plugins),
+        quantization=ckpt.quantization, gather_context_logits=plan.graph.gather_context_logits,
+        weight_only_int8_compute=plan.graph.weight_only_int8_compute,
+        kiln_version=ckpt.kiln_version)
