@@ -16,6 +16,7 @@ import kiln
 from kiln.build_cache import api, key
 from kiln.build_cache.key import FIXED, KEYED, UNKEYED, KeyParts, code_digest
 from kiln.builder.options import BuildOptions
+from kiln.errors import ConfigError
 
 
 def _key(model, **options) -> str:
@@ -88,11 +89,17 @@ def test_each_option_changes_the_key(tiny_hf, cache_dir, options):
 
 @pytest.mark.parametrize("options", [
     dict(workers=2), dict(max_build_memory=1 << 30), dict(plugins={"norm": "auto"}),
-    dict(targets=("cpu",)), dict(backend="onnx"), dict(revision="main"),
+    dict(targets=("cpu",)), dict(backend="onnx"),
 ])
 def test_what_does_not_decide_the_engine_keeps_the_key(tiny_hf, cache_dir, options):
-    """How the build runs, defaults spelled out, and a revision for a local dir (unused)."""
+    """How the build runs, and defaults spelled out."""
     assert _key(tiny_hf, **options) == _key(tiny_hf)
+
+
+def test_a_revision_for_a_local_dir_is_refused(tiny_hf, cache_dir):
+    """A revision names a hub commit; a local directory has none (it is not silently unused)."""
+    with pytest.raises(ConfigError, match=r"--revision main: .* is a local directory"):
+        _key(tiny_hf, revision="main")
 
 
 def test_kiln_s_version_and_build_code_change_the_key(tiny_hf, cache_dir, monkeypatch):
