@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import onnxruntime as ort
+from tqdm import tqdm
 
 from kiln.builder.backends import (
     Backend,
@@ -27,6 +28,7 @@ from kiln.builder.backends import (
     PartJob,
     PartResult,
     check_kv_cache,
+    part_label,
     register_backend,
 )
 from kiln.checkpoint import rank_file
@@ -66,10 +68,16 @@ class OnnxBackend(Backend):
         from kiln.builder.graph.decoder import write_part  # onnx: only to build (see _onnx_version)
 
         part, started = job.part, time.perf_counter()
-        raw = write_part(job.plan.graph, part, job.plan.checkpoint_dir / rank_file(part.rank),
-                         job.work_dir)
-        emitted = time.perf_counter()
-        optimize(raw, job.out_dir / f"{part.stem}.onnx", job.plan.targets[0])
+        label = part_label(job.plan, part)
+        # a live line on a terminal (the runner's report comes when the part is done)
+        with tqdm(total=2, desc=f"{label}: graph", bar_format="{desc} {elapsed}",
+                  disable=not job.progress, leave=False) as bar:
+            raw = write_part(job.plan.graph, part,
+                             job.plan.checkpoint_dir / rank_file(part.rank), job.work_dir)
+            emitted = time.perf_counter()
+            bar.set_description_str(f"{label}: optimize")
+            bar.update()
+            optimize(raw, job.out_dir / f"{part.stem}.onnx", job.plan.targets[0])
         for path in (raw, raw.with_name(raw.name + ".data")):
             path.unlink()
         done = time.perf_counter()
