@@ -17,9 +17,12 @@ import os
 import shutil
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from pathlib import Path
+
+from tqdm import tqdm
 
 from kiln.builder.backends import (
     Backend,
@@ -103,6 +106,10 @@ def _init_worker(level: int, parent: int) -> None:
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # tqdm's default lock is a multiprocessing semaphore, which a worker killed mid-build
+    # (Ctrl-C) never unlinks: the resource tracker then warned of it on kiln's stderr. One
+    # worker draws at most one bar (runner: a live line only from a single builder).
+    tqdm.set_lock(threading.RLock())
 
 
 def _build_in_worker(backend: str, job: PartJob) -> PartResult:
