@@ -78,9 +78,9 @@ def cache_root() -> Path:
     """``$KILN_CACHE_DIR``, else ``$XDG_CACHE_HOME/kiln``, else ``~/.cache/kiln`` (the root the
     SmolLM2 fixture and the English texts of kiln/testing use too)."""
     if os.environ.get("KILN_CACHE_DIR"):
-        return Path(os.environ["KILN_CACHE_DIR"]).expanduser()
+        return Path(os.environ["KILN_CACHE_DIR"]).expanduser().absolute()
     if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "kiln"
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser().absolute() / "kiln"
     return Path.home() / ".cache" / "kiln"
 
 
@@ -138,7 +138,7 @@ class EngineCache:
     """The engine cache under ``root`` (default :func:`cache_root`)."""
 
     def __init__(self, root: str | Path | None = None) -> None:
-        self.root = Path(root).expanduser() if root is not None else cache_root()
+        self.root = Path(root).expanduser().absolute() if root is not None else cache_root()
         self.dir = self.root / ENGINES
 
     def check_dir(self) -> None:
@@ -156,8 +156,8 @@ class EngineCache:
             os.rmdir(probe)
         except OSError as e:
             raise BuildCacheError(f"{self.dir}: the build cache cannot be written "
-                                  f"({e.strerror or e}); set KILN_CACHE_DIR to a writable "
-                                  f"directory") from None
+                                  f"({e.strerror or e}); set KILN_CACHE_DIR (or --cache_dir) "
+                                  f"to a writable directory") from None
 
     # -- locks ----------------------------------------------------------------------------
 
@@ -211,8 +211,8 @@ class EngineCache:
         global _warned_unlocked
         if write:
             raise Unwritable(f"{path}: cannot be written ({why}); building or removing "
-                                  f"cached engines needs a writable build cache: set "
-                                  f"KILN_CACHE_DIR to a writable directory") from None
+                             f"cached engines needs a writable build cache: set "
+                             f"KILN_CACHE_DIR (or --cache_dir) to a writable directory") from None
         if not _warned_unlocked:
             _warned_unlocked = True
             log.warning("%s: cannot be written (%s); using the build cache without its locks "

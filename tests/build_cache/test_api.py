@@ -72,7 +72,7 @@ def test_a_read_only_cache_serves_its_entries_and_refuses_a_build(tiny_hf, cache
 
     def read_only(self):
         raise BuildCacheError(f"{self.dir}: the build cache cannot be written (Read-only file "
-                              f"system); set KILN_CACHE_DIR to a writable directory")
+                              f"system); set KILN_CACHE_DIR (or --cache_dir) to a writable directory")
 
     monkeypatch.setattr(EngineCache, "ensure", read_only)
     request.getfixturevalue("read_only_locks")

@@ -274,3 +274,14 @@ def test_an_unwritable_cache_dir_is_one_line_with_the_fix(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(Exception, match="cannot be written .*set KILN_CACHE_DIR"):
         EngineCache(tmp_path / "file").ensure()
+
+
+def test_a_relative_cache_dir_is_made_absolute(tmp_path, monkeypatch):
+    """KILN_CACHE_DIR=relative (or --cache_dir relative) names one place however kiln is
+    run later from elsewhere, and messages show where that is."""
+    from kiln.build_cache.store import cache_root
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KILN_CACHE_DIR", "rel")
+    assert cache_root() == tmp_path / "rel"
+    assert EngineCache("other").dir == tmp_path / "other" / "engines"
