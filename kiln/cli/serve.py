@@ -118,7 +118,7 @@ def serve(obj: CliContext, host: str, port: int, served_model_name: str | None,
         server = _Server(config, _Drain(app.state.kiln, grace_period))
         log.info("kiln serve: serving %s on http://%s", engine_dir, _address(host, port))
         try:
-            asyncio.run(server.serve(sockets=sockets))
+            server.run(sockets=sockets)  # uvicorn's loop: uvloop where installed (serve extra)
         except OSError as e:  # listen() refused: another server took the port meanwhile
             if server.started:
                 raise
