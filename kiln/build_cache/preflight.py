@@ -24,7 +24,7 @@ def planned_manifest(source: SourceId, parts: KeyParts, build: Any) -> EngineMan
     """The manifest of the engine ``build`` (resolved :class:`~kiln.builder.options.
     BuildOptions`) would make from ``source`` converted with ``parts.convert``; raises what
     conversion or the build would raise first."""
-    from kiln.builder.api import make_plan
+    from kiln.builder.api import make_plan, plan_manifest
     from kiln.builder.backends import get_backend
     from kiln.converters.convert import plan_conversion
 
@@ -32,11 +32,4 @@ def planned_manifest(source: SourceId, parts: KeyParts, build: Any) -> EngineMan
     engine = get_backend(build.backend)
     plan = make_plan(build, conversion.checkpoint_config(), engine)
     engine.check(plan)
-    ckpt = plan.checkpoint
-    return EngineManifest(
-        backend=engine.name, backend_version=engine.versions(), targets=plan.targets,
-        decoder=ckpt.decoder, mapping=ckpt.mapping, dtype=plan.dtype, limits=plan.limits,
-        rank_files={}, checksums={}, plugins=dict(plan.graph.plugins),
-        quantization=ckpt.quantization, gather_context_logits=plan.graph.gather_context_logits,
-        weight_only_int8_compute=plan.graph.weight_only_int8_compute,
-        kiln_version=ckpt.kiln_version)
+    return plan_manifest(plan, engine, rank_files={}, checksums={})

@@ -156,24 +156,31 @@ def _warn_slow_forms(backend: str, quant: QuantConfig | None, int8_compute: bool
                     "(tensorrt sm89+)")
 
 
+def plan_manifest(plan: BuildPlan, engine: Backend, **files: Any) -> EngineManifest:
+    """The manifest of an engine built from ``plan`` by ``engine``; ``files``: its
+    ``rank_files``, ``checksums``, ``sizes`` and ``source`` (none before the build: the build
+    cache checks a planned engine against the machine before building it)."""
+    ckpt = plan.checkpoint
+    return EngineManifest(
+        backend=engine.name, backend_version=engine.versions(), targets=plan.targets,
+        decoder=ckpt.decoder, mapping=ckpt.mapping, dtype=plan.dtype, limits=plan.limits,
+        plugins=dict(plan.graph.plugins), quantization=ckpt.quantization,
+        gather_context_logits=plan.graph.gather_context_logits,
+        weight_only_int8_compute=plan.graph.weight_only_int8_compute,
+        kiln_version=kiln.__version__, **files)
+
+
 def _finish(tmp: Path, engine: Backend, plan: BuildPlan, results: list[PartResult]) -> EngineManifest:
     """Tokenizer files, checksums, sizes and the manifest, written into the temporary dir."""
     copy_tokenizer(plan.checkpoint_dir, tmp)
     rank_files: dict[int, list[str]] = {}
     for result in sorted(results, key=lambda r: (r.part.rank, r.part.index)):
         rank_files.setdefault(result.part.rank, []).extend(result.files)
-    ckpt = plan.checkpoint
-    manifest = EngineManifest(
-        backend=engine.name, backend_version=engine.versions(), targets=plan.targets,
-        decoder=ckpt.decoder, mapping=ckpt.mapping, dtype=plan.dtype, limits=plan.limits,
-        rank_files={r: tuple(f) for r, f in rank_files.items()},
+    manifest = plan_manifest(
+        plan, engine, rank_files={r: tuple(f) for r, f in rank_files.items()},
         checksums={name: digest for r in results for name, digest in r.checksums.items()},
         sizes={name: size for r in results for name, size in r.sizes.items()},
-        plugins=dict(plan.graph.plugins), quantization=ckpt.quantization,
-        gather_context_logits=plan.graph.gather_context_logits,
-        weight_only_int8_compute=plan.graph.weight_only_int8_compute,
-        kiln_version=kiln.__version__,
-        source={"checkpoint_dir": str(plan.checkpoint_dir), **ckpt.source})
+        source={"checkpoint_dir": str(plan.checkpoint_dir), **plan.checkpoint.source})
     manifest.write(tmp)
     return manifest
 
