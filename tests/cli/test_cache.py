@@ -19,7 +19,7 @@ from kiln.cli.cache import build as cache_build
 from kiln.cli.main import main
 from tests.build_cache.conftest import read_only_locks  # noqa: F401 (a fixture)
 from tests.build_cache.test_store import fake_entry, leftover
-from tests.cli.test_main import HEAVY, _fresh_python
+from tests.cli.test_main import heavy_imports
 from tests.models import hf_model
 
 
@@ -203,19 +203,7 @@ def test_cache_build_offers_every_option_of_kiln_build():
 @pytest.mark.parametrize("args", [["cache", "--help"], ["cache", "list"], ["cache", "prune"],
                                   ["cache", "build", "--help"], ["cache", "prune", "--all"]])
 def test_cache_commands_start_without_heavy_libraries(args, tmp_path):
-    imported = json.loads(_fresh_python(f"""
-        import io, json, os, sys
-        from contextlib import redirect_stderr, redirect_stdout
-        os.environ["KILN_CACHE_DIR"] = {str(tmp_path)!r}
-        from kiln.cli.main import main
-        with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
-            try:
-                main({args!r}, prog_name="kiln")
-            except SystemExit:
-                pass
-        print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))
-    """))
-    assert imported == []
+    assert heavy_imports(args, {"KILN_CACHE_DIR": str(tmp_path)}) == []
 
 
 @pytest.mark.usefixtures("read_only_locks")

@@ -49,9 +49,16 @@ def _fresh_python(code: str) -> str:
     ["run"], ["run", "--engine_dir", "e", "--top_p", "x"], ["nope"],
     ["build", "--checkpoint_dir", "c", "--output_dir", "o", "--backend", "nope"]])
 def test_start_up_help_and_usage_errors_import_no_heavy_library(args):
-    imported = json.loads(_fresh_python(f"""
-        import io, json, sys
+    assert heavy_imports(args) == []
+
+
+def heavy_imports(args: list[str] | None, env: dict[str, str] | None = None) -> list[str]:
+    """The HEAVY modules a fresh Python has imported after ``kiln ARGS`` (None: only
+    importing kiln's CLI), with ``env`` set in its os.environ first."""
+    return json.loads(_fresh_python(f"""
+        import io, json, os, sys
         from contextlib import redirect_stderr, redirect_stdout
+        os.environ.update({env or {}!r})
         from kiln.cli.main import main
         if {args!r} is not None:
             with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
@@ -61,7 +68,6 @@ def test_start_up_help_and_usage_errors_import_no_heavy_library(args):
                     pass
         print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))
     """))
-    assert imported == []
 
 
 def test_the_listing_shows_each_lazy_command_s_own_short_help():
