@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from kiln.plugins.pdl import enabled as pdl_enabled
-from kiln.plugins.pdl import prologue
+from kiln.plugins.pdl.triton_kernels import prologue
 
 MAX_FUSED = 16384
 

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from kiln.plugins.pdl import enabled as pdl_enabled
-from kiln.plugins.pdl import prologue
+from kiln.plugins.pdl.triton_kernels import prologue
 from kiln.plugins.quant_linear.layout import check_group_size
 
 FP8_MAX = 448.0

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from kiln.plugins.pdl import enabled as pdl_enabled
-from kiln.plugins.pdl import prologue
+from kiln.plugins.pdl.triton_kernels import prologue
 from kiln.plugins.rotary.triton_reference import check_cache_scales
 
 
