@@ -1,7 +1,9 @@
 """kiln.runtime.torch_backend.compile_watch: Triton compiles after a load are recorded and said.
 
 Triton is driven by hand here (no GPU): the test calls the post-compile hook the way Triton's
-JIT does after a compile (keyword arguments, ``repr`` naming the kernel variant).
+JIT does after a compile (keyword arguments, ``repr`` naming the kernel variant). Marked ``gpu``
+although it needs no GPU: it needs Triton, which only the GPU machine's Python has (in the CPU
+suite it would skip, and unmarked it was deselected from the GPU one, so it ran nowhere).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import logging
 
 import pytest
 
+pytestmark = pytest.mark.gpu
 triton = pytest.importorskip("triton")
 
 from kiln.runtime.torch_backend import compile_watch  # noqa: E402
