@@ -8,14 +8,6 @@ import shutil
 import pytest
 
 from kiln.build_cache import api, store
-from tests.models import hf_model_with_tokenizer
-
-
-@pytest.fixture(scope="session")
-def tiny_hf(tmp_path_factory):
-    """llama-gqa (2 layers, vocab 128) with a tokenizer beside it; read-only by tests (copy it
-    with ``hf_copy`` to change it)."""
-    return hf_model_with_tokenizer("llama-gqa", tmp_path_factory.mktemp("hf") / "llama-gqa")
 
 
 @pytest.fixture

@@ -13,29 +13,21 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from kiln.build_cache.store import EngineCache
 from kiln.cli.build import build as build_command
 from kiln.cli.cache import build as cache_build
 from kiln.cli.main import main
 from tests.build_cache.conftest import read_only_locks  # noqa: F401 (a fixture)
 from tests.build_cache.test_store import fake_entry, leftover
 from tests.cli.test_main import heavy_imports
-from tests.models import hf_model
 
 
 def _invoke(*args):
     return CliRunner().invoke(main, list(args), prog_name="kiln")
 
 
-@pytest.fixture(scope="module")
-def tiny_hf(tmp_path_factory):
-    return hf_model("llama-gqa", tmp_path_factory.mktemp("hf") / "model")
-
-
 @pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "root"))
-    cache = EngineCache()
+def cache(cache):
+    """The shared empty cache (tests/conftest.py), its directory made."""
     cache.ensure()
     return cache
 

@@ -15,21 +15,8 @@ from kiln.cli.build import build as build_command
 from kiln.cli.engine_source import MODEL_ONLY
 from kiln.cli.main import main
 from tests.cli.test_main import HEAVY, _fresh_python
-from tests.models import hf_model_with_tokenizer
 
 COMMANDS = {"run": ["--input_text", "Hi"], "bench": [], "eval": ["--dataset", "x.txt"]}
-
-
-@pytest.fixture(scope="module")
-def tiny_hf(tmp_path_factory):
-    return hf_model_with_tokenizer("llama-gqa", tmp_path_factory.mktemp("hf") / "model")
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """An empty build cache, the default one of this test ($KILN_CACHE_DIR)."""
-    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "kiln-cache"))
-    return EngineCache()
 
 
 def kiln(*args: str):

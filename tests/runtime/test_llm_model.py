@@ -13,20 +13,8 @@ import pytest
 from kiln.build_cache.store import Busy, EngineCache
 from kiln.errors import ConfigError
 from kiln.runtime import LLM, AsyncLLM, ExecutorOptions, SamplingParams
-from tests.models import hf_model_with_tokenizer
 
 GREEDY = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def tiny_hf(tmp_path_factory):
-    return hf_model_with_tokenizer("llama-gqa", tmp_path_factory.mktemp("hf") / "model")
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "kiln-cache"))
-    return EngineCache()
 
 
 def _busy(cache: EngineCache, name: str) -> bool:

@@ -1,0 +1,24 @@
+"""Fixtures shared across test packages: a tiny Hugging Face model and an empty build cache."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.models import hf_model_with_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory):
+    """llama-gqa (2 layers, vocab 128) with a tokenizer beside it; read-only by tests (copy it
+    to change it: ``hf_copy`` in tests/build_cache)."""
+    return hf_model_with_tokenizer("llama-gqa", tmp_path_factory.mktemp("hf") / "llama-gqa")
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty build cache, the default one of this test ($KILN_CACHE_DIR); its directory is
+    not made (tests check that refusals leave none)."""
+    from kiln.build_cache.store import EngineCache
+
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "kiln-cache"))
+    return EngineCache()
