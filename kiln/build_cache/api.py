@@ -210,7 +210,7 @@ def _lookup_or_build(request: Request, progress: bool,
             if entry is not None:
                 cache.touch(entry)
                 return entry, False
-    _preflight(request, check)
+    conversion = _preflight(request, check)
     cache.ensure()  # a read-only cache: one line, before anything else is written
     with cache.locked(name, write=True, on_wait=waiting):
         try:
@@ -219,24 +219,25 @@ def _lookup_or_build(request: Request, progress: bool,
                 cache.touch(entry)
                 return entry, False
             cache.clear_leftovers(name)
-            entry = _build(request, progress)
+            entry = _build(request, conversion, progress)
         finally:
             cache.drop_lock(name)  # a failed build: no lock file left behind (store.py)
     log.info("built cached engine %s in %.1f s", entry.engine_dir, entry.build_seconds)
     return entry, True
 
 
-def _preflight(request: Request, check: Callable[[Any], None] | None) -> None:
+def _preflight(request: Request, check: Callable[[Any], None] | None) -> Any:
     """A miss: refuse, before the 'building' line, what conversion, the build or ``check``
-    would refuse (:mod:`kiln.build_cache.preflight`)."""
+    would refuse (:mod:`kiln.build_cache.preflight`); the conversion's plan."""
     from kiln.build_cache.preflight import planned_manifest
 
-    manifest = planned_manifest(request.source, request.parts, request.build)
+    conversion, manifest = planned_manifest(request.source, request.parts, request.build)
     if check is not None:
         check(manifest)
+    return conversion
 
 
-def _build(request: Request, progress: bool) -> Entry:
+def _build(request: Request, conversion: Any, progress: bool) -> Entry:
     """Convert and build into a temporary dir and install it (the caller holds the write
     lock); the temporary dir is gone on the way out, whatever happens."""
     cache, name, key, source = request.cache, request.name, request.key, request.source
@@ -245,7 +246,7 @@ def _build(request: Request, progress: bool) -> Entry:
     started = time.time()
     tmp = cache.new_tmp(name)
     try:
-        _convert_and_build(tmp, source, request.parts, request.build, key, progress)
+        _convert_and_build(tmp, request, conversion, progress)
         return cache.install(tmp, name, {
             "key": key, "parts": request.parts.to_dict(), "source": source.label,
             "backend": request.build.backend, "created": started,
@@ -277,23 +278,23 @@ def _usable(cache: EngineCache, name: str, key: str, repair: bool = False) -> En
     return None
 
 
-def _convert_and_build(tmp: Path, source: SourceId, parts: KeyParts, build: Any, key: str,
-                       progress: bool) -> None:
-    """Convert into ``tmp/checkpoint``, build ``tmp/engine``, drop the checkpoint."""
+def _convert_and_build(tmp: Path, request: Request, conversion: Any, progress: bool) -> None:
+    """Convert (the preflight's plan) into ``tmp/checkpoint``, build ``tmp/engine``, drop the
+    checkpoint."""
     from kiln.builder import build as build_engine
-    from kiln.converters.convert import convert_checkpoint
+    from kiln.converters.convert import write_checkpoint
     from kiln.engine import read_manifest
 
     checkpoint = tmp / "checkpoint"
-    convert_checkpoint(source.model_dir, checkpoint, revision=source.revision,
-                       progress=progress, **parts.convert)
+    write_checkpoint(conversion, checkpoint, progress=progress)
+    build = request.build
     options = {f.name: getattr(build, f.name) for f in dataclasses.fields(build)
                if f.name not in FIXED}
     build_engine(checkpoint, tmp / ENGINE_DIR, progress=progress, **options)
     shutil.rmtree(checkpoint)
     # The manifest names the checkpoint it was built from: a temporary dir, now gone.
     manifest = read_manifest(tmp / ENGINE_DIR)
-    source_record = {**manifest.source, "checkpoint_dir": None, "build_cache_key": key}
+    source_record = {**manifest.source, "checkpoint_dir": None, "build_cache_key": request.key}
     dataclasses.replace(manifest, source=source_record).write(tmp / ENGINE_DIR)
 
 

@@ -132,9 +132,19 @@ def convert_checkpoint(model_dir: str | Path, output_dir: str | Path, *, progres
     check_output(output_dir, overwrite, inputs=[local] if local.exists() else [])
     plan = plan_conversion(str(model_dir), dtype=dtype, tp_size=tp_size, pp_size=pp_size,
                            revision=revision, allow_pickle=allow_pickle)
+    return write_checkpoint(plan, output_dir, overwrite=overwrite, progress=progress)
+
+
+def write_checkpoint(plan: ConversionPlan, output_dir: Path, *, overwrite: bool = False,
+                     progress: bool = True) -> Path:
+    """Write the kiln checkpoint ``plan`` (:func:`plan_conversion`) describes to ``output_dir``
+    (through a temporary dir, renamed at the end); the caller has checked ``output_dir``
+    (:func:`convert_checkpoint` does). The build cache plans once, before it takes its lock,
+    and writes with this."""
     source, decoder, mapping, out_dtype = plan.source, plan.decoder, plan.mapping, plan.dtype
     log.info("converting %s (%s, %d layers) to %s, tp=%d pp=%d", source.directory,
-             decoder.architecture, decoder.num_layers, out_dtype, tp_size, pp_size)
+             decoder.architecture, decoder.num_layers, out_dtype, mapping.tp_size,
+             mapping.pp_size)
     started = time.perf_counter()
     with atomic_dir(output_dir, overwrite) as tmp, ThreadPoolExecutor(1) as pool:
         hashes = pool.submit(_hash_files, source.weight_files)

@@ -32,9 +32,9 @@ def builds(monkeypatch):
     done: list[str] = []
     real = api._convert_and_build
 
-    def recording(tmp, source, *args, **kwargs):
-        done.append(source.label)
-        return real(tmp, source, *args, **kwargs)
+    def recording(tmp, request, *args, **kwargs):
+        done.append(request.source.label)
+        return real(tmp, request, *args, **kwargs)
 
     monkeypatch.setattr(api, "_convert_and_build", recording)
     return done

@@ -23,6 +23,19 @@ def _leftovers(cache_dir) -> list[str]:
                   and ".tmp-" in p.name)
 
 
+def test_a_miss_reads_the_source_once(tiny_hf, cache_dir, monkeypatch):
+    """The preflight's conversion plan is the one the build writes: the source's config and
+    tensor headers are opened once."""
+    from kiln.converters import convert
+
+    opened = []
+    real = convert.open_source
+    monkeypatch.setattr(convert, "open_source",
+                        lambda *a, **k: opened.append(a[0]) or real(*a, **k))
+    engine = engine_for_model(tiny_hf)
+    assert opened == [str(tiny_hf)] and (engine / "config.json").is_file()
+
+
 def test_the_second_call_uses_the_cached_engine_and_says_so(tiny_hf, cache_dir, builds, caplog):
     with caplog.at_level(logging.WARNING, logger="kiln.build_cache"):
         first = engine_for_model(tiny_hf)
