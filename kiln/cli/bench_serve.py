@@ -15,6 +15,7 @@ import click
 
 from kiln.cli.bench import _check_json_output, _write_atomically
 from kiln.cli.context import CliContext, PathArg
+from kiln.errors import KilnError
 
 
 class RatesType(click.ParamType):
@@ -23,10 +24,8 @@ class RatesType(click.ParamType):
     def convert(self, value, param, ctx):
         if isinstance(value, tuple):
             return value
-        from kiln.serve.bench import parse_rates
-
         try:
-            return parse_rates(value)
+            return _client().parse_rates(value)
         except ValueError as e:
             self.fail(f"{e} (give rates per second, comma-separated, e.g. 1,4,inf)", param, ctx)
 
@@ -68,15 +67,24 @@ def _is_serve_report(path: Path) -> bool:
 def bench_serve(obj: CliContext, url: str, model: str | None, api_key: str | None,
                 warmup: int, json_output: Path | None, **workload: object) -> None:
     """Benchmark a running OpenAI-compatible server (in the manner of vllm bench serve)."""
-    from kiln.serve.bench import ServeWorkload, run_serve_benchmark
-
+    bench = _client()
     if json_output is not None:
         _check_json_output(json_output, None, _is_serve_report, "kiln bench_serve report")
-    spec = ServeWorkload(**workload)
-    report = run_serve_benchmark(url, spec, model, api_key, warmup)
+    spec = bench.ServeWorkload(**workload)
+    report = bench.run_serve_benchmark(url, spec, model, api_key, warmup)
     click.echo(report.table())
     if json_output is not None:
         _write_atomically(json_output, report.to_json() + "\n")
         click.echo(f"wrote {json_output}", err=True)
     else:
         click.echo(report.to_json())
+
+
+def _client():
+    """kiln.serve.bench, or one line naming the extra it needs (its HTTP client, aiohttp)."""
+    try:
+        import kiln.serve.bench as bench
+    except ImportError as e:
+        raise KilnError(f"kiln bench_serve needs the serve extra ({e.name} is missing): "
+                        f"pip install 'kiln-llm[serve]'") from None
+    return bench

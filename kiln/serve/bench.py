@@ -8,7 +8,10 @@ runs ``warmup`` unmeasured rounds, then for each request rate sends ``num_reques
 ``[0, vocab_size)``) that each generate exactly ``output_len`` tokens (greedy, ``ignore_eos``).
 Arrivals are a Poisson process of the rate (``inf``: all sent at once); at most
 ``max_concurrency`` are in flight (the rest wait in the client, and their clock starts when
-they are sent). One httpx AsyncClient, one connection per request in flight.
+they are sent). One aiohttp ClientSession, one kept-alive connection per request in flight.
+aiohttp, as vLLM's benchmark client: the client's own time per request is part of every
+figure, and httpx's came to ~10 ms a request against ~1 ms here (send to the server's first
+look at it, 16 streams, benchmarks/GPU_NOTES.md "Issue 13").
 
 Metrics per rate: TTFT (send -> first streamed token), TPOT ((last - first) / (n - 1)), every
 inter-token latency (between streamed chunks that carry text), end-to-end latency; mean, p50,
@@ -16,7 +19,7 @@ p90, p99. Output tokens (the usage chunk's completion_tokens) and requests per s
 rate's run (first send to last token). A request that fails (an HTTP error, a dropped stream)
 is counted and the first error quoted; a rate where every request failed is an error.
 
-Imports stay light (httpx only): no torch, no engine.
+Imports stay light (aiohttp only): no torch, no engine.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import httpx
+import aiohttp
 
 from kiln.errors import KilnError
 from kiln.runtime.bench import Stats  # one definition of the percentiles, as kiln bench
@@ -169,48 +172,53 @@ def _headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
-async def _models(client: httpx.AsyncClient, url: str, api_key: str | None) -> list[dict]:
+async def _models(session: aiohttp.ClientSession, url: str,
+                  api_key: str | None) -> list[dict]:
     try:
-        response = await client.get(f"{url}/v1/models", headers=_headers(api_key), timeout=10)
-    except httpx.HTTPError as e:
+        async with session.get(f"{url}/v1/models", headers=_headers(api_key),
+                               timeout=aiohttp.ClientTimeout(total=10)) as response:
+            status = response.status
+            text = await response.text()
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
         raise ServeBenchError(f"cannot reach {url} ({type(e).__name__}: {e or 'no answer'}); "
                               f"is kiln serve running there?") from None
-    if response.status_code == 401:
+    if status == 401:
         raise ServeBenchError(f"{url} refused the API key (401); pass --api_key or set "
                               f"KILN_API_KEY")
-    if response.status_code != 200:
-        raise ServeBenchError(f"{url}/v1/models answered {response.status_code}; is it an "
+    if status != 200:
+        raise ServeBenchError(f"{url}/v1/models answered {status}; is it an "
                               f"OpenAI-compatible server?")
     try:
-        data = response.json()["data"]
+        data = json.loads(text)["data"]
         assert isinstance(data, list) and data and all("id" in m for m in data)
     except (ValueError, KeyError, TypeError, AssertionError):
         raise ServeBenchError(f"{url}/v1/models did not list a model") from None
     return data
 
 
-async def _one(client: httpx.AsyncClient, url: str, body: dict, api_key: str | None,
+async def _one(session: aiohttp.ClientSession, url: str, body: dict, api_key: str | None,
                result: _Result) -> None:
     result.sent = time.perf_counter()
     try:
-        async with client.stream("POST", f"{url}/v1/completions", json=body,
-                                 headers=_headers(api_key)) as response:
-            if response.status_code != 200:
-                text = (await response.aread()).decode(errors="replace")
+        async with session.post(f"{url}/v1/completions", json=body,
+                                headers=_headers(api_key)) as response:
+            if response.status != 200:
+                text = await response.text(errors="replace")
                 try:
                     text = json.loads(text)["error"]["message"]
                 except (ValueError, KeyError, TypeError):
                     pass
-                result.error = f"HTTP {response.status_code}: {text[:200]}"
+                result.error = f"HTTP {response.status}: {text[:200]}"
                 return
             finished = False
-            async for line in response.aiter_lines():
+            async for raw in response.content:  # one SSE line at a time
+                line = raw.decode().strip()
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
                     finished = True
-                    break
+                    continue  # read the body to its end: the connection is then kept alive
                 now = time.perf_counter()
                 chunk = json.loads(data)
                 if "error" in chunk:
@@ -225,9 +233,9 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict, api_key: str | N
                         result.error = f"finish_reason {choice['finish_reason']}"
             if not finished:
                 result.error = "the stream ended without data: [DONE]"
-    except httpx.HTTPError as e:
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
         result.error = f"{type(e).__name__}: {e or 'no detail'}"
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         result.error = f"a chunk is not JSON ({e})"
     finally:
         result.done = time.perf_counter()
@@ -235,7 +243,7 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict, api_key: str | N
         result.error = "no token was streamed"
 
 
-async def _run_rate(client: httpx.AsyncClient, url: str, model: str, api_key: str | None,
+async def _run_rate(session: aiohttp.ClientSession, url: str, model: str, api_key: str | None,
                     prompts: list[list[int]], output_len: int, rate: float,
                     max_concurrency: int | None, seed: int) -> tuple[list[_Result], float]:
     limit = asyncio.Semaphore(max_concurrency or len(prompts))
@@ -248,7 +256,7 @@ async def _run_rate(client: httpx.AsyncClient, url: str, model: str, api_key: st
             body = {"model": model, "prompt": prompt, "max_tokens": output_len,
                     "temperature": 0, "ignore_eos": True, "stream": True,
                     "stream_options": {"include_usage": True}}
-            await _one(client, url, body, api_key, result)
+            await _one(session, url, body, api_key, result)
 
     offsets = arrival_offsets(len(prompts), rate, seed)
     await asyncio.gather(*(send(p, o, r) for p, o, r in zip(prompts, offsets, results,
@@ -284,10 +292,10 @@ async def _benchmark(url: str, workload: ServeWorkload, model: str | None, api_k
                      warmup: int, on_rate: Any) -> ServeBenchReport:
     url = url.rstrip("/")
     width = min(workload.num_requests, workload.max_concurrency or workload.num_requests)
-    limits = httpx.Limits(max_connections=width, max_keepalive_connections=width)
-    timeout = httpx.Timeout(None, connect=10)
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
-        models = await _models(client, url, api_key)
+    connector = aiohttp.TCPConnector(limit=width)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        models = await _models(session, url, api_key)
         if model is None:
             model = models[0]["id"]
         elif model not in {m["id"] for m in models}:
@@ -303,13 +311,13 @@ async def _benchmark(url: str, workload: ServeWorkload, model: str | None, api_k
             rng = random.Random(workload.seed + 7)
             warm = [[rng.randrange(workload.vocab_size) for _ in range(workload.input_len)]
                     for _ in range(warmup * width)]
-            results, start = await _run_rate(client, url, model, api_key, warm,
+            results, start = await _run_rate(session, url, model, api_key, warm,
                                              min(workload.output_len, 8), math.inf, width,
                                              workload.seed)
             _rate_report(math.inf, width, results, start)  # raises if every one failed
         report = ServeBenchReport(url, model, workload)
         for rate in workload.request_rates:
-            results, start = await _run_rate(client, url, model, api_key, prompts,
+            results, start = await _run_rate(session, url, model, api_key, prompts,
                                              workload.output_len, rate,
                                              workload.max_concurrency, workload.seed)
             report.rates.append(_rate_report(rate, workload.max_concurrency, results, start))

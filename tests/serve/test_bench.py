@@ -84,3 +84,13 @@ def test_json_output_never_overwrites_a_foreign_file(server, tmp_path):
     _one_line_error(_bench("--serve", server.url, "--json_output", str(foreign)),
                     "is not a kiln bench_serve report")
     assert foreign.read_text() == "{}"
+
+
+def test_without_the_serve_extra_it_is_one_line(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "aiohttp", None)  # import aiohttp raises ImportError
+    monkeypatch.delitem(sys.modules, "kiln.serve.bench", raising=False)
+    _one_line_error(_bench("--serve", "http://127.0.0.1:9"),
+                    "kiln bench_serve needs the serve extra (aiohttp is missing)",
+                    "pip install 'kiln-llm[serve]'")
