@@ -3,7 +3,10 @@
 For every tiny variant (tests/models.py) and every layout its heads allow (tp 2, tp 4, pp 2,
 tp 2 x pp 2), the engine run by the driver and its worker processes gives the tp 1 engine's
 greedy tokens and, step by step, its last-token logits within 1e-4: one request alone, and
-several requests of different lengths admitted mid-flight. Worker processes cost seconds to
+several requests of different lengths admitted mid-flight. Pipeline engines run each step in
+micro-batches: one per stage by default, and also one (the stages one after the other) or more
+than a step's chunks (one per chunk); tests/runtime/test_pipeline_micro_batches.py checks
+that a stage sends each micro-batch without waiting for it. Worker processes cost seconds to
 start, so the module shares one pool per world size; each engine opens on it and closes.
 
 A world of one rank (the driver alone, over process groups of one rank) runs a tp 1 engine as
@@ -195,6 +198,24 @@ def test_parallel_engines_give_the_tokens_and_logits_of_tp1(name, engines, pools
         assert_same_outputs(got, want, 1e-4, tp, pp)
 
 
+@pytest.mark.parametrize("micro_batches", [1, 4])
+def test_pipeline_engines_give_tp1s_outputs_with_any_micro_batch_count(micro_batches, engines,
+                                                                      pools):
+    single = open_single(engines("llama-gqa"))
+    want = run_all(single)
+    single.close()
+    options = dataclasses.replace(OPTIONS, micro_batches=micro_batches)
+    for tp, pp in [(1, 2), (2, 2)]:
+        engine = engines("llama-gqa", tp, pp)
+        executor = DistributedExecutor.open(engine, read_manifest(engine), torch.device("cpu"),
+                                            options, pool=pools(tp * pp))
+        try:
+            got = run_all(executor)
+        finally:
+            executor.close()
+        assert_same_outputs(got, want, 1e-4, tp, pp, micro_batches)
+
+
 def test_a_quantized_tp2_engine_gives_the_tokens_and_logits_of_tp1(tmp_path, pools):
     """int8_sq with an int8 KV cache: static input scales and per-channel weight scales shard
     with their weights (a row-parallel weight's scales are whole), so tp 2 is tp 1's numerics."""
@@ -223,7 +244,8 @@ def test_a_world_of_one_rank_gives_the_plain_executors_tokens_and_logits(engines
 
 def test_context_logits_come_back_from_the_last_stage(engines, pools):
     """Prompt logprobs' context logits: gathered over the vocab on the last stage, sent to the
-    driver, split per chunk."""
+    driver, split per chunk (the step runs in two micro-batches: the first chunk, then the
+    other two)."""
     single = open_single(engines("llama-gqa", gather_context_logits=True))
     executor = open_on(pools(4), engines("llama-gqa", 2, 2, gather_context_logits=True))
     try:

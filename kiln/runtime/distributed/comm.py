@@ -113,6 +113,7 @@ class DistCollectives(Collectives):
         tp_rank, stage = mapping.coords(groups.rank)
         self.next_rank = mapping.rank(tp_rank, stage + 1) if stage + 1 < mapping.pp_size else None
         self.prev_rank = mapping.rank(tp_rank, stage - 1) if stage > 0 else None
+        self._sending: list[tuple[dist.Work, torch.Tensor]] = []  # (handle, tensor) in flight
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         with collective("tensor-parallel all-reduce"):
@@ -127,7 +128,19 @@ class DistCollectives(Collectives):
         return torch.cat(parts, dim=1)
 
     def send_hidden(self, x: torch.Tensor) -> None:
-        send(self.groups.world, x, self.next_rank, HIDDEN_TAG, "sending hidden states")
+        """Posts the send (a gloo send completes only once the peer posts its receive, so
+        waiting here would hold this stage until the next one finished its micro-batch); the
+        handle and the tensor stay in ``_sending`` until :meth:`wait_sent`. Sends of one tag
+        to one peer arrive in order."""
+        x = x.contiguous()
+        with collective(f"sending hidden states to rank {self.next_rank}"):
+            self._sending.append((self.groups.world.send([x], self.next_rank, HIDDEN_TAG), x))
+
+    def wait_sent(self) -> None:
+        sending, self._sending = self._sending, []
+        with collective(f"sending hidden states to rank {self.next_rank}"):
+            for work, _ in sending:
+                work.wait()
 
     def recv_hidden(self, rows: int, like: torch.Tensor) -> torch.Tensor:
         buf = torch.empty(rows, like.shape[-1], dtype=like.dtype, device=like.device)

@@ -11,6 +11,10 @@ alignment that depended on the sizes before them, so steps of new compositions c
 kernel variants during requests (on an H200, 9 compiles after the engine's warm-up in two rounds
 of 16 requests, TTFT 1.9-3.4 s; none with the alignment, TTFT 25-58 ms: GPU_NOTES.md).
 
+Pipeline engines split a step into micro-batches of whole chunks (:func:`split_micro_batches`),
+each planned and uploaded on its own; one micro-batch's upload rewrites the device buffer in
+stream order, after the kernels of the one before have read it.
+
 Async scheduling: a step may take some tokens from the previous step's sampled ids, still on
 the device (:class:`~kiln.runtime.executor.DeviceTokens`). :func:`feeds_for` turns them into
 :class:`Feeds` (token rows of this step, rows of the ids) that travel in the same upload, and
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -86,6 +91,26 @@ def make_plan(chunks: Sequence[SequenceChunk], allocator: BlockAllocator) -> Ste
                     last_rows=rows + lens - 1, ends=starts + lens,
                     dec=np.flatnonzero(single), pre=np.flatnonzero(~single), rows=rows,
                     lens=lens, tables=tables)
+
+
+def split_micro_batches(lens: Sequence[int], count: int) -> list[slice]:
+    """A step's chunks (their token counts ``lens``) as ``min(count, len(lens))`` micro-batches:
+    contiguous, non-empty slices in order, balanced by tokens. Cut k (the first k micro-batches
+    take ``chunks[:cut]``) goes where the running token count is nearest k/count of the step's,
+    ties to the earlier cut, after the previous cut and leaving a chunk to each later
+    micro-batch; so a micro-batch holds at most ``sum(lens) / count + max(lens)`` tokens, and
+    equal chunks (decode tokens) split as evenly as they can. Integer arithmetic: every rank
+    of a pipeline engine splits the driver's plan alike."""
+    n = len(lens)
+    count = min(count, n)
+    ends = np.cumsum(lens, dtype=np.int64) * count  # ends[i]: tokens of chunks[:i + 1], x count
+    total = int(ends[-1]) // count
+    cuts = [0]
+    for k in range(1, count):
+        lo, hi = cuts[-1] + 1, n - (count - k)  # the cut's range
+        cuts.append(lo + int(np.argmin(np.abs(ends[lo - 1:hi] - total * k))))
+    cuts.append(n)
+    return [slice(a, b) for a, b in pairwise(cuts)]
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,11 @@ executor need to run one rank: the mapping, the rank, and (world size > 1) a
 - pipeline parallel (pp_size > 1): a stage other than the first takes the residual stream
   ``[T, hidden]`` from :meth:`Collectives.recv_hidden`, a stage other than the last hands its
   own to :meth:`Collectives.send_hidden` (tensor-parallel rank t of stage s sends to rank t of
-  stage s + 1; all ranks of a stage hold the same stream after the all-reduce).
+  stage s + 1; all ranks of a stage hold the same stream after the all-reduce). A step runs in
+  micro-batches (:mod:`kiln.runtime.torch_backend.executor`), one forward each: the sends of
+  a step only start (the stage goes on with its next micro-batch while the next stage takes
+  this one), arrive in the order they were made, and the executor waits for them all
+  (:meth:`Collectives.wait_sent`) before the step returns.
 
 The implementation over torch.distributed lives in :mod:`kiln.runtime.distributed`; this module
 only states the contract, so the torch backend never imports process management.
@@ -43,7 +47,14 @@ class Collectives(ABC):
 
     @abstractmethod
     def send_hidden(self, x: torch.Tensor) -> None:
-        """Hand this stage's residual stream ``[T, hidden]`` to the next stage."""
+        """Start handing this stage's residual stream ``[T, hidden]`` to the next stage and
+        return without waiting for it to arrive; ``x`` is kept, and must not change, until
+        :meth:`wait_sent`."""
+
+    @abstractmethod
+    def wait_sent(self) -> None:
+        """Wait until every :meth:`send_hidden` since the last call has completed (on CUDA:
+        work queued after this call runs after them); their tensors are then released."""
 
     @abstractmethod
     def recv_hidden(self, rows: int, like: torch.Tensor) -> torch.Tensor:
