@@ -10,7 +10,8 @@ who would otherwise wait for it; logged at INFO with its time), run
 SIGINT/SIGTERM while serving: stop accepting, let running requests finish for
 ``--grace_period`` seconds, abort the rest, exit 0 (uvicorn's default would re-raise the
 signal after its own shutdown, and the CLI would exit 130/143); a second signal aborts them
-at once (:class:`_Drain`).
+at once (:class:`_Drain`). Under torchrun, rank 0 serves; the other ranks bind nothing, serve
+its engine as workers and exit 0 when it closes (:mod:`kiln.runtime.launch`).
 """
 
 from __future__ import annotations
@@ -93,8 +94,12 @@ def serve(obj: CliContext, host: str, port: int, served_model_name: str | None,
         raise ServeError(f"kiln serve needs the serve extra ({e.name} is missing): "
                          f"pip install 'kiln-llm[serve]'") from None
     template = _read_template(chat_template)
-    sockets = _bind(host, port)
     from kiln.runtime import ExecutorOptions
+    from kiln.runtime.launch import is_worker_rank
+
+    # a torchrun rank other than 0 serves the driver's engine, not HTTP: it binds nothing (its
+    # LLM ends the process once the driver closes the engine)
+    sockets = [] if is_worker_rank() else _bind(host, port)
 
     level = logging.INFO if verbose == 1 or obj.verbosity == 1 else \
         logging.DEBUG if verbose + max(obj.verbosity, 0) > 1 else None

@@ -40,6 +40,11 @@ Contract:
   (:mod:`kiln.runtime.distributed.replicas`); ``core`` is then a
   :class:`~kiln.runtime.distributed.replicas.ReplicaCore`, ``executor`` is None, and ``limits``
   count the slots of every replica.
+- Under torchrun (``WORLD_SIZE`` > 1: :mod:`kiln.runtime.launch`), the ranks of a multi-rank
+  engine are torchrun's processes, on this machine or several: on rank 0 the LLM is the driver,
+  as usual; on any other rank ``LLM(...)`` serves the driver's engine as a worker and, once the
+  driver closes it, raises ``SystemExit(0)``: that process ends with status 0, the rest of the
+  script unrun there (:mod:`kiln.runtime.distributed.torchrun`). One such engine per launch.
 
 Non-goals: multiple engines per LLM, LoRA.
 """

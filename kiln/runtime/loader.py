@@ -15,6 +15,10 @@ themselves from the driver, rank 0: ``options.rank`` must be 0 for them, :func:`
 executor will run; default ``"cpu"``), which data-parallel replicas need to know before
 starting one process per GPU.
 
+Under torchrun (``WORLD_SIZE`` > 1: :mod:`kiln.runtime.launch`), every rank checks
+that the engine runs in that many processes (its ranks, for a backend that defines
+``loaded_ranks``; else one), and ``dp`` is 1, before anything else of the options.
+
 Order (nothing heavy happens before the checks pass): read and validate ``config.json``, check
 it against this machine and the options, check the presence and sizes of the files of the ranks
 this process opens (no data read; sha256 checksums too with ``verify_checksums``), then load.
@@ -34,6 +38,7 @@ from types import ModuleType
 from kiln.engine import EngineError, EngineManifest, check_files, read_manifest, verify_checksums
 from kiln.runtime.compat import MachineInfo, describe_machine
 from kiln.runtime.executor import Executor
+from kiln.runtime.launch import check_launch
 from kiln.runtime.options import ExecutorOptions
 
 logger = logging.getLogger(__name__)
@@ -114,6 +119,7 @@ def check_runnable(manifest: EngineManifest, options: ExecutorOptions | None = N
     module = backend_module(manifest.backend)
     machine = machine if machine is not None else describe_machine(manifest.backend)
     module.check_machine(manifest, machine)
+    check_launch(manifest.mapping, manifest.backend, hasattr(module, "loaded_ranks"), options.dp)
     check_rank(manifest, module, options)
     check_options = getattr(module, "check_options", None)
     if check_options is not None:

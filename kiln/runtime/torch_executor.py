@@ -4,11 +4,13 @@
 cuda-only engine); ``check_options`` refuses ``device auto`` on a machine without a GPU: the
 CPU path runs PyTorch reference kernels, slower than an onnx engine there (:data:`CPU_SPEED`),
 so it runs only when ``device cpu`` is asked, with a warning; and a tensor/pipeline-parallel
-engine on CUDA with fewer visible GPUs than ranks (one process and one GPU per rank).
+engine on CUDA with fewer visible GPUs than ranks on this machine (one process and one GPU per
+rank; under torchrun, this node's ranks: ``LOCAL_WORLD_SIZE``).
 ``load_executor`` reads the packed weights of rank 0 and returns a
 :class:`~kiln.runtime.torch_backend.executor.TorchExecutor` on CUDA (Triton kernels, CUDA
 graphs) or, asked explicitly, on the CPU; for an engine of several ranks it starts one worker
-process per other rank and returns the driver's
+process per other rank (or joins torchrun's: :func:`kiln.runtime.distributed.pool.start_ranks`)
+and returns the driver's
 :class:`~kiln.runtime.distributed.executor.DistributedExecutor` (:mod:`kiln.runtime.distributed`;
 ``loaded_ranks``: this process checks the files of every rank before starting them). The
 executor itself lives in :mod:`kiln.runtime.torch_backend`.
@@ -24,6 +26,7 @@ import torch
 from kiln.engine import EngineError, EngineManifest
 from kiln.engine.torch_files import check_packed, read_packed
 from kiln.runtime.compat import MachineInfo, sm
+from kiln.runtime.launch import torchrun_env
 from kiln.runtime.loader import ExecutorOptions
 from kiln.runtime.torch_backend.executor import (
     KV_CACHE_DTYPES,
@@ -116,10 +119,16 @@ def processes(manifest: EngineManifest) -> str:
 def check_options(manifest: EngineManifest, machine: MachineInfo,
                   options: ExecutorOptions) -> None:
     device = _device(manifest, options.device, bool(machine.gpus))
-    world = manifest.mapping.world_size
-    if device == "cuda" and world > len(machine.gpus):
+    world, gpus = manifest.mapping.world_size, len(machine.gpus)
+    launch = torchrun_env()
+    if device == "cuda" and launch is not None and launch.local_world_size > gpus:
         raise EngineError(f"this torch engine has {processes(manifest)} and one GPU per "
-                          f"process, and {len(machine.gpus)} CUDA GPU(s) are visible here; run "
+                          f"process, torchrun started {launch.local_world_size} of them on this "
+                          f"node (LOCAL_WORLD_SIZE), and {gpus} CUDA GPU(s) are visible here; "
+                          f"start at most {gpus} per node (--nproc_per_node)")
+    if device == "cuda" and launch is None and world > gpus:
+        raise EngineError(f"this torch engine has {processes(manifest)} and one GPU per "
+                          f"process, and {gpus} CUDA GPU(s) are visible here; run "
                           f"it where {world} GPUs are visible, or rebuild from a checkpoint "
                           f"converted with fewer ranks (--tp_size/--pp_size)")
 
@@ -134,12 +143,19 @@ def loaded_ranks(manifest: EngineManifest, rank: int) -> tuple[int, ...]:
     return tuple(range(manifest.mapping.world_size))
 
 
+def ranks_here(manifest: EngineManifest) -> int:
+    """The engine's ranks on this machine: all of them, or under torchrun this node's."""
+    launch = torchrun_env()
+    return manifest.mapping.world_size if launch is None else launch.local_world_size
+
+
 def host_bytes(manifest: EngineManifest, device: torch.device,
                options: TorchExecutorOptions) -> dict[str, int]:
-    """Host memory the executor allocates beyond the weights: the rotary tables (built on the
-    host, peak ~10 bytes per position per head-dim entry) and, on the CPU, the KV cache."""
+    """Host memory the executor allocates beyond the weights, on this machine: the rotary
+    tables (built on the host, peak ~10 bytes per position per head-dim entry) and, on the
+    CPU, the KV cache."""
     cfg, limits, mapping = manifest.decoder, manifest.limits, manifest.mapping
-    ranks = mapping.world_size  # each rank's process builds its tables, on this host
+    ranks = ranks_here(manifest)  # each rank's process builds its tables, on its host
     need = {"rotary tables": ranks * (10 * cfg.head_dim + 12) * limits.max_seq_len}
     if device.type == "cpu":
         page = options.page_size
@@ -174,8 +190,8 @@ def check_host_memory(manifest: EngineManifest, device: torch.device,
     if available is None or sum(need.values()) <= available:
         return
     parts = ", ".join(f"{what} {n / 2**30:.1f} GiB" for what, n in need.items())
-    limits, world = manifest.limits, manifest.mapping.world_size
-    ranks = f" ({world} ranks together)" if world > 1 else ""
+    limits, here = manifest.limits, ranks_here(manifest)
+    ranks = f" ({here} ranks together)" if here > 1 else ""
     raise EngineError(f"this torch engine's limits (max_seq_len {limits.max_seq_len}, "
                       f"max_batch_size {limits.max_batch_size}) need {parts} of host memory"
                       f"{ranks}, "
@@ -210,8 +226,10 @@ def load_executor(engine_dir: Path, manifest: EngineManifest, options: ExecutorO
     if world > 1:
         from kiln.runtime.distributed.executor import DistributedExecutor
 
-        logger.info("torch engine of %s: starting %d worker processes (%s)", processes(manifest),
-                    world - 1, "NCCL, one GPU each" if device.type == "cuda" else "gloo")
+        logger.info("torch engine of %s: %s (%s)", processes(manifest),
+                    "torchrun's processes" if torchrun_env() is not None else
+                    f"starting {world - 1} worker processes",
+                    "NCCL, one GPU each" if device.type == "cuda" else "gloo")
         return DistributedExecutor.open(engine_dir, manifest, device, torch_options,
                                         num_threads=options.num_threads)
     tensors = read_rank(engine_dir, manifest, 0, device)

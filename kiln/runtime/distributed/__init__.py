@@ -1,4 +1,5 @@
-"""Multi-process engines: tensor- and pipeline-parallel torch engines on one machine.
+"""Multi-process engines: tensor- and pipeline-parallel torch engines, their ranks spawned on
+one machine or started by torchrun on several.
 
 Design (issue 14, phase 1):
 
@@ -21,8 +22,10 @@ Design (issue 14, phase 1):
   projection (attention ``o``, MLP ``down``; one per layer for Falcon's parallel block) and an
   all-gather of the vocab-parallel logits (:mod:`kiln.runtime.torch_backend.parallel` states
   what the forward calls; :mod:`kiln.runtime.torch_backend.model` calls it). Pipeline
-  parallel: each stage sends its residual stream to the next (send/recv, one step at a time);
-  the last stage's tensor-parallel rank 0 sends the logits to the driver.
+  parallel: each stage sends its residual stream to the next (send/recv), a step in
+  micro-batches whose sends do not wait, so that the stages overlap (prefill steps; decode
+  steps run whole: :mod:`kiln.runtime.torch_backend.executor`); the last stage's
+  tensor-parallel rank 0 sends the logits to the driver.
 - Faults (:mod:`.pool`): a monitor thread in the driver watches every worker's process and
   pipe. A worker that dies or fails ends the run within about a second with one
   :class:`~kiln.runtime.errors.WorkerError` line naming the rank and the cause; the other
@@ -32,18 +35,28 @@ Design (issue 14, phase 1):
   second when the driver's pid is gone; Ctrl-C in the driver stops every rank (``kiln``
   exits 130).
 
-Multi-node: not in this phase. The pool starts its ranks on this machine (store and gloo on
-127.0.0.1). Running ranks on several machines means starting them under torchrun's environment
-(``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``): each process
-would join the same store instead of being spawned, rank 0 keeping the driver's role.
+Multi-node (:mod:`.torchrun`): a kiln process that torchrun started (``WORLD_SIZE`` > 1:
+:mod:`kiln.runtime.launch`, which refuses, on every rank, a rank count other than the
+engine's, and ``--dp``) spawns nothing. Every rank joins torchrun's store
+(``torch.distributed.rendezvous("env://")``), rank 0 keeps the driver's role behind the same
+pool interface (:class:`~.pool.RankPool`: :class:`~.torchrun.TorchrunPool`, chosen by
+:func:`~.pool.start_ranks`), and the other ranks serve it as workers (:class:`~.worker.Worker`)
+and exit 0 once it closes the engine, without doing the command's own work. Pipes do not cross
+machines: commands, replies, error reports and heartbeats go through the store
+(:mod:`.channel`: queues and counters, nothing per step); gloo listens on an address the other
+nodes reach (``GLOO_SOCKET_IFNAME``, else the route to ``MASTER_ADDR``), CUDA rank r on GPU
+``LOCAL_RANK``. Faults are told by heartbeat counters, not process sentinels: a worker whose
+heartbeat stops is named within seconds, a failed pool writes its verdict to the store and every
+worker exits on it, and workers exit when the driver's heartbeat or the store is gone.
+docs/engine.md ("Ranks on several machines (torchrun)") has a two-node example.
 
 Also here (phase 2): data-parallel replicas (``--dp``, :mod:`.replicas`: N single-rank engines
 in processes of their own behind one front that routes whole requests), and the ranks of a
 tensor-parallel tensorrt engine (:mod:`.tensorrt_ranks`, over the same pool, with an NCCL
 communicator of their own: :mod:`.nccl`).
 
-Not yet: micro-batched pipeline steps (stages run one after the other within a step), async
-scheduling and CUDA graphs for engines of several ranks.
+Not yet: async scheduling and CUDA graphs for engines of several ranks; pipeline stages that
+overlap across steps.
 """
 
 from kiln.runtime.distributed.executor import DistributedExecutor

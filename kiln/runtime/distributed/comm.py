@@ -1,10 +1,15 @@
 """Process groups of one worker pool, and the collectives a rank's forward calls over them.
 
 Groups are made directly from torch.distributed's backend classes (``ProcessGroupGloo`` on the
-CPU, ``ProcessGroupNCCL`` on CUDA) over a TCP store on 127.0.0.1, not through
-``init_process_group``: that would bind the whole process to one world, and a driver may hold
-several pools (the tests hold one of 2 ranks and one of 4). Every operation waits at most the
-pool's timeout; a failure raises :class:`CollectiveError`.
+CPU, ``ProcessGroupNCCL`` on CUDA) over the pool's store, not through ``init_process_group``:
+that would bind the whole process to one world, and a driver may hold several pools (the tests
+hold one of 2 ranks and one of 4). Every operation waits at most the pool's timeout; a failure
+raises :class:`CollectiveError`.
+
+Where gloo listens is the pool's choice (:class:`GlooBind`): 127.0.0.1 for ranks kiln spawned
+(:data:`LOOPBACK`), an address other machines reach for ranks torchrun started
+(:mod:`.torchrun`). On CUDA each rank uses the GPU the pool gives it (``gpu``: its rank when
+spawned, torchrun's ``LOCAL_RANK`` otherwise).
 
 Groups per pool: ``world`` (every rank: pipeline send/recv, the logits to the driver, the KV
 cache block count) and, per mapping, the tensor-parallel group of this rank's stage (the world
@@ -16,6 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -49,16 +55,35 @@ def backend_for(device: str) -> str:
     return "nccl" if device == "cuda" else "gloo"
 
 
+@dataclass(frozen=True)
+class GlooBind:
+    """Where a rank's gloo sockets listen: the network interfaces named (``interfaces``, as
+    ``GLOO_SOCKET_IFNAME`` gives them), else the host name or address ``address``."""
+
+    address: str = HOST
+    interfaces: tuple[str, ...] = ()
+
+    def devices(self) -> list:
+        create = dist.ProcessGroupGloo.create_device
+        if self.interfaces:
+            return [create(interface=name) for name in self.interfaces]
+        return [create(hostname=self.address)]
+
+
+# Spawned ranks: loopback explicitly: the default device resolves the hostname, which fails on
+# machines whose hostname has no address.
+LOOPBACK = GlooBind()
+
+
 def new_group(store: dist.Store, prefix: str, rank: int, size: int, backend: str,
-              timeout: timedelta):
-    """A process group of ``size`` ranks (this one is ``rank`` in it) on its own store prefix."""
+              timeout: timedelta, bind: GlooBind = LOOPBACK):
+    """A process group of ``size`` ranks (this one is ``rank`` in it) on its own store prefix;
+    gloo's sockets listen where ``bind`` says."""
     store = dist.PrefixStore(prefix, store)
     with collective(f"connecting process group {prefix!r}"):
         if backend == "gloo":
             options = dist.ProcessGroupGloo._Options()
-            # loopback explicitly: the default device resolves the hostname, which fails on
-            # machines whose hostname has no address (one machine only, see the package doc)
-            options._devices = [dist.ProcessGroupGloo.create_device(hostname=HOST)]
+            options._devices = bind.devices()
             options._timeout = timeout
             return dist.ProcessGroupGloo(store, rank, size, options)
         options = dist.ProcessGroupNCCL.Options()
@@ -70,11 +95,12 @@ class Groups:
     """The process groups of one rank of a pool (see the module docstring)."""
 
     def __init__(self, store: dist.Store, rank: int, world_size: int, device: str,
-                 timeout: timedelta):
+                 timeout: timedelta, gpu: int | None = None, bind: GlooBind = LOOPBACK):
         self.store, self.rank, self.world_size = store, rank, world_size
-        self.backend, self.timeout = backend_for(device), timeout
-        self.device = torch.device(device, rank) if device == "cuda" else torch.device("cpu")
-        self.world = new_group(store, "world", rank, world_size, self.backend, timeout)
+        self.backend, self.timeout, self.bind = backend_for(device), timeout, bind
+        self.device = torch.device(device, rank if gpu is None else gpu) if device == "cuda" \
+            else torch.device("cpu")
+        self.world = new_group(store, "world", rank, world_size, self.backend, timeout, bind)
         self._tp: dict[tuple[int, int], object] = {}
 
     def tp_group(self, mapping: Mapping):
@@ -87,7 +113,7 @@ class Groups:
         key = (mapping.tp_size, stage)
         if key not in self._tp:
             self._tp[key] = new_group(self.store, f"tp{mapping.tp_size}.stage{stage}", tp_rank,
-                                      mapping.tp_size, self.backend, self.timeout)
+                                      mapping.tp_size, self.backend, self.timeout, self.bind)
         return self._tp[key]
 
     def collectives(self, mapping: Mapping) -> DistCollectives:

@@ -1,5 +1,6 @@
 """What the driver's executor of every multi-rank engine does the same way: rank 0's executor
-plus a :class:`~kiln.runtime.distributed.pool.WorkerPool` of the other ranks.
+plus a :class:`~kiln.runtime.distributed.pool.RankPool` of the other ranks (spawned, or
+torchrun's).
 
 :class:`RankDriver` holds the rules; :class:`~.executor.DistributedExecutor` (torch engines)
 and :class:`~.tensorrt_ranks.TensorRTRanks` (tensorrt engines) add how rank 0's share of a
@@ -16,7 +17,7 @@ step runs and what its failure looks like.
   step (:meth:`RankDriver._prepare`: before any worker sees it), the plan (the log and the
   chunks) goes to every worker, and rank 0 runs its share (:meth:`RankDriver._run_local`); a
   failure of that share of a kind the subclass names (:attr:`RankDriver.rank_failures`) is a
-  rank's failure: the step raises the pool's verdict (:meth:`~.pool.WorkerPool.fault`).
+  rank's failure: the step raises the pool's verdict (:meth:`~.pool.RankPool.fault`).
 - ``close`` stops the workers (killed when a step did not complete or the pool failed; a pool
   the driver does not own, the tests', is told to drop the engine instead), then rank 0's
   executor. A driver that owns its pool and is dropped without ``close()`` kills the workers
@@ -33,7 +34,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kiln.runtime.distributed.pool import WorkerPool, stop_with
+from kiln.runtime.distributed.pool import RankPool, stop_with
 from kiln.runtime.executor import DeviceTokens, Executor, SequenceChunk, StepLogits
 
 
@@ -46,7 +47,7 @@ class RankDriver(Executor):
     # exceptions of rank 0's share that mean another rank failed (the pool names which)
     rank_failures: tuple[type[BaseException], ...] = ()
 
-    def __init__(self, pool: WorkerPool, local: Executor, logits_device: torch.device,
+    def __init__(self, pool: RankPool, local: Executor, logits_device: torch.device,
                  owns_pool: bool = True):
         self.pool, self.local, self.owns_pool = pool, local, owns_pool
         self.logits_device = logits_device  # where rank 0's executor returns logits

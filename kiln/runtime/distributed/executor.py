@@ -14,7 +14,7 @@ sampling run unchanged in the driver. What the torch engine adds:
   (and any context logits) to it.
 - a failed collective or pipe (:class:`~kiln.runtime.distributed.comm.CollectiveError`) raises
   :class:`~kiln.runtime.errors.WorkerError` naming the rank that died or hung
-  (:meth:`~kiln.runtime.distributed.pool.WorkerPool.fault`); every later call raises it again.
+  (:meth:`~kiln.runtime.distributed.pool.RankPool.fault`); every later call raises it again.
 
 An engine of one rank runs too (:meth:`DistributedExecutor.open`): a pool with no worker, the
 driver's process groups of one rank. The loader opens such an engine on a plain TorchExecutor;
@@ -32,7 +32,7 @@ import torch
 from kiln.engine import EngineManifest
 from kiln.runtime.distributed.comm import CONTEXT_TAG, LOGITS_TAG, CollectiveError, recv, send
 from kiln.runtime.distributed.driver import RankDriver
-from kiln.runtime.distributed.pool import WorkerPool
+from kiln.runtime.distributed.pool import RankPool, start_ranks
 from kiln.runtime.executor import SequenceChunk, StepLogits
 from kiln.runtime.torch_backend.executor import TorchExecutor, TorchExecutorOptions
 from kiln.runtime.torch_backend.paged_cache import KVCacheError
@@ -46,7 +46,7 @@ class DistributedExecutor(RankDriver):
 
     rank_failures = (CollectiveError,)
 
-    def __init__(self, pool: WorkerPool, local: TorchExecutor, manifest: EngineManifest,
+    def __init__(self, pool: RankPool, local: TorchExecutor, manifest: EngineManifest,
                  owns_pool: bool):
         super().__init__(pool, local, local.device, owns_pool)
         self.shard: RankShard = local.shard
@@ -55,16 +55,18 @@ class DistributedExecutor(RankDriver):
     @classmethod
     def open(cls, engine_dir: Path, manifest: EngineManifest, device: torch.device,
              options: TorchExecutorOptions, num_threads: int | None = None,
-             pool: WorkerPool | None = None) -> DistributedExecutor:
-        """Start (or reuse: ``pool``, the tests') the workers and load every rank. A
-        single-rank engine gets a pool without workers (see the module docstring)."""
+             pool: RankPool | None = None) -> DistributedExecutor:
+        """Start (:func:`~kiln.runtime.distributed.pool.start_ranks`: spawned, or
+        torchrun's) or reuse (``pool``, the tests') the workers and load every rank. A
+        single-rank engine gets a pool without workers (see the module docstring). On a
+        torchrun rank other than 0 this serves the driver, then raises ``SystemExit(0)``."""
         from kiln.runtime.torch_executor import build_executor, read_rank
 
         world = manifest.mapping.world_size
         owns = pool is None
         if pool is None:
-            pool = WorkerPool(world, device.type, options.collective_timeout_s, num_threads,
-                              manifest.mapping)
+            pool = start_ranks(manifest.mapping, manifest.backend, device.type,
+                               options.collective_timeout_s, num_threads)
         elif pool.world_size != world or pool.failed:
             raise ValueError(f"a pool of {pool.world_size} ranks (failed: {pool.failed}) cannot "
                              f"run an engine of {world}")

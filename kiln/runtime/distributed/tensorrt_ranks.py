@@ -2,9 +2,11 @@
 one worker process per other rank.
 
 :class:`TensorRTRanks` is a :class:`~kiln.runtime.distributed.driver.RankDriver` over a
-:class:`~kiln.runtime.distributed.pool.WorkerPool` of the engine's ranks (NCCL groups, rank r on
-GPU r), as :class:`~kiln.runtime.distributed.executor.DistributedExecutor` is for torch
-engines (the driver's rules are written once there):
+:class:`~kiln.runtime.distributed.pool.RankPool` of the engine's ranks (spawned, or torchrun's:
+:func:`~kiln.runtime.distributed.pool.start_ranks`; NCCL groups, rank r on GPU r, or on GPU
+``LOCAL_RANK`` under torchrun), as
+:class:`~kiln.runtime.distributed.executor.DistributedExecutor` is for torch engines (the
+driver's rules are written once there):
 
 - open: every worker is told to open its rank (``open_tensorrt``); every rank, the driver
   included, joins the engine's NCCL communicator (:func:`kiln.runtime.distributed.nccl
@@ -41,7 +43,7 @@ import torch
 from kiln.engine import EngineManifest
 from kiln.runtime.distributed.driver import RankDriver
 from kiln.runtime.distributed.nccl import communicator
-from kiln.runtime.distributed.pool import WorkerPool
+from kiln.runtime.distributed.pool import RankPool, start_ranks
 from kiln.runtime.executor import SequenceChunk, StepLogits
 from kiln.runtime.options import ExecutorOptions
 from kiln.runtime.tensorrt_executor import TensorRTExecutor, cuda_device, rank_engines
@@ -57,16 +59,16 @@ class TensorRTRanks(RankDriver):
 
     rank_failures = (Exception,)  # rank 0's share failed: a rank died (communicator aborted)
 
-    def __init__(self, pool: WorkerPool, local: TensorRTExecutor):
+    def __init__(self, pool: RankPool, local: TensorRTExecutor):
         super().__init__(pool, local, torch.device("cpu"))  # its logits are host tensors
 
     @classmethod
     def open(cls, engine_dir: Path, manifest: EngineManifest,
              options: ExecutorOptions) -> TensorRTRanks:
         world = manifest.mapping.world_size
-        logger.info("tensorrt engine of tp %d: starting %d worker processes (one GPU each)",
-                    world, world - 1)
-        pool = WorkerPool(world, "cuda", TIMEOUT_S, options.num_threads, manifest.mapping)
+        logger.info("tensorrt engine of tp %d: one process and one GPU per rank", world)
+        pool = start_ranks(manifest.mapping, manifest.backend, "cuda", TIMEOUT_S,
+                           options.num_threads)
         try:
             pool.send_all(("open_tensorrt", str(engine_dir), manifest, COMMUNICATOR_KEY))
             device = cuda_device(0)
@@ -84,7 +86,7 @@ class TensorRTRanks(RankDriver):
         return self.local.step_logits(chunks)
 
 
-def joined(pool: WorkerPool, join: Callable[[], Any]) -> Any:
+def joined(pool: RankPool, join: Callable[[], Any]) -> Any:
     """``join()`` (a collective that waits for every rank, with no timeout of its own) in a
     helper thread, while the pool is watched: its WorkerError if a rank dies meanwhile."""
     result: list[Any] = []

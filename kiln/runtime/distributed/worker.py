@@ -1,7 +1,12 @@
 """A worker process: one rank of a pool, running the torch executor on its shard (or the
 tensorrt executor on its rank's engine files).
 
-Life of a worker (spawned by :class:`~kiln.runtime.distributed.pool.WorkerPool`):
+:class:`Worker` serves the driver's commands over an end of the pool's control channel: a pipe
+for a spawned rank (:class:`PipeEnd`, here), torchrun's store for a rank torchrun started
+(:mod:`.torchrun`). An end has ``recv()`` (the next command; None once the driver is gone),
+``send(message)`` (a reply or an error report) and ``stepped()`` (one more step finished).
+
+Life of a spawned worker (:class:`~kiln.runtime.distributed.pool.WorkerPool`):
 
 1. ignore SIGINT (a terminal's Ctrl-C reaches every process of the group; the driver stops the
    ranks; SIGINT was blocked from the spawn on, so one that came while Python started and
@@ -22,8 +27,10 @@ Life of a worker (spawned by :class:`~kiln.runtime.distributed.pool.WorkerPool`)
    ``open_tensorrt``  a tensorrt engine's rank instead (:mod:`.tensorrt_ranks`): join its NCCL
                communicator, load its engine files; reply ``ready``
 
-Any exception ends the worker: it sends ``("error", kind, text)`` (kind ``collective`` when a
-collective failed, a consequence of another rank's failure; ``fault`` otherwise) and exits 1.
+Any exception ends a spawned worker: it sends ``("error", kind, text)`` (kind ``collective``
+when a collective failed, a consequence of another rank's failure; ``fault`` otherwise:
+:func:`report`) and exits 1. (A torchrun rank reports the same way, then waits for the
+driver's verdict: :mod:`.torchrun`.)
 """
 
 from __future__ import annotations
@@ -55,16 +62,19 @@ def main(spec, conn: Connection, progress) -> None:
     logging.basicConfig(level=spec.log_level,
                         format=f"%(levelname)s %(name)s [rank {spec.rank}]: %(message)s")
     code = 0
+    end = PipeEnd(conn, progress, spec.rank)
     try:
-        _serve(spec, conn, progress)
+        _serve(spec, end)
     except BaseException as e:  # every failure is reported, then the rank ends
         code = 1
-        _report(conn, e)
+        report(end, e)
     conn.close()
     os._exit(code)  # no interpreter teardown: process-group destructors may wait on peers
 
 
-def _report(conn: Connection, error: BaseException) -> None:
+def report(end, error: BaseException) -> str:
+    """Send the driver ``("error", kind, text)`` for ``error`` (see the module docstring), if
+    it can still be reached; the text."""
     first = str(error).splitlines()[0] if str(error) else ""
     if isinstance(error, CollectiveError):
         kind, text = "collective", first
@@ -72,19 +82,39 @@ def _report(conn: Connection, error: BaseException) -> None:
         kind, text = "fault", f"failed: {type(error).__name__}" + (f": {first}" if first else "")
     logger.debug("reporting: %s", text, exc_info=True)
     try:
-        conn.send(("error", kind, text))
-    except OSError:
+        end.send(("error", kind, text))
+    except (OSError, dist.DistError):
         pass  # the driver is gone
+    return text
 
 
-def _serve(spec, conn: Connection, progress) -> None:
+class PipeEnd:
+    """A spawned worker's end: its pipe to the driver, and the pool's shared step counters."""
+
+    def __init__(self, conn: Connection, progress, rank: int):
+        self.conn, self.progress, self.rank = conn, progress, rank
+
+    def recv(self) -> tuple | None:
+        try:
+            return self.conn.recv()
+        except EOFError:
+            return None  # the driver closed its end: it is gone
+
+    def send(self, message: tuple) -> None:
+        self.conn.send(message)
+
+    def stepped(self) -> None:
+        self.progress[self.rank] += 1
+
+
+def _serve(spec, end: PipeEnd) -> None:
     torch.set_num_threads(spec.num_threads)
     if spec.device == "cuda":
         torch.cuda.set_device(spec.rank)
-    conn.send(("up",))
+    end.send(("up",))
     groups = Groups(_store(spec), spec.rank, spec.world_size, spec.device,
                     timedelta(seconds=spec.timeout_s))
-    _Worker(spec, conn, groups, progress).serve()
+    Worker(end, groups, spec.rank).serve()
 
 
 def _store(spec) -> dist.Store:
@@ -92,21 +122,24 @@ def _store(spec) -> dist.Store:
                          timeout=timedelta(seconds=spec.timeout_s))
 
 
-class _Worker:
-    def __init__(self, spec, conn: Connection, groups, progress):
-        self.spec, self.conn, self.groups, self.progress = spec, conn, groups, progress
-        self.rank = spec.rank
+class Worker:
+    """One rank serving the driver's commands (see the module docstring) over ``end``; on
+    CUDA on GPU ``gpu`` (default: its rank)."""
+
+    def __init__(self, end, groups: Groups, rank: int, gpu: int | None = None):
+        self.end, self.groups, self.rank = end, groups, rank
+        self.gpu = rank if gpu is None else gpu
         self.executor = None
         self.pending = None  # (engine dir, manifest, device, options, shard, tensors)
 
     def serve(self) -> None:
+        """Until ``exit`` (the engine is closed) or the driver is gone."""
         handlers = {"open": self.open, "build": self.build, "step": self.step,
                     "close": self.close, "open_tensorrt": self.open_tensorrt}
         while True:
-            try:
-                message = self.conn.recv()
-            except EOFError:
-                return  # the driver closed its end: it is gone
+            message = self.end.recv()
+            if message is None:
+                return
             if message[0] == "exit":
                 self.close(reply=False)
                 return
@@ -114,19 +147,19 @@ class _Worker:
 
     def open(self, engine_dir: str, manifest, device: str, options) -> None:
         self.close(reply=False)
-        where = torch.device(device, self.rank) if device == "cuda" else torch.device(device)
+        where = torch.device(device, self.gpu) if device == "cuda" else torch.device(device)
         shard = RankShard(manifest.mapping, self.rank,
                           self.groups.collectives(manifest.mapping))
         tensors = read_rank(Path(engine_dir), manifest, self.rank, where)
         self.pending = (Path(engine_dir), manifest, where, options, shard, tensors)
-        self.conn.send(("loaded",))
+        self.end.send(("loaded",))
 
     def build(self) -> None:
         engine_dir, manifest, device, options, shard, tensors = self.pending
         self.pending = None
         self.executor = build_executor(engine_dir, manifest, tensors, device, options, shard)
         self.delivers = shard.last_stage and shard.tp_rank == 0
-        self.conn.send(("ready",))
+        self.end.send(("ready",))
 
     def open_tensorrt(self, engine_dir: str, manifest, key: str) -> None:
         """This rank of a tensor-parallel tensorrt engine: join the engine's NCCL communicator
@@ -136,12 +169,12 @@ class _Worker:
         from kiln.runtime.tensorrt_executor import TensorRTExecutor, cuda_device, rank_engines
 
         self.close(reply=False)
-        device = cuda_device(self.rank)
-        comm = communicator(self.groups.store, key, self.rank, self.spec.world_size)
+        device = cuda_device(self.gpu)
+        comm = communicator(self.groups.store, key, self.rank, self.groups.world_size)
         self.executor = TensorRTExecutor(rank_engines(Path(engine_dir), manifest, self.rank),
                                          manifest, self.rank, comm, device)
         self.delivers = False
-        self.conn.send(("ready",))
+        self.end.send(("ready",))
 
     def step(self, ops: list[tuple], chunks: list[tuple]) -> None:
         replay(self.executor, ops, self.rank)
@@ -149,11 +182,11 @@ class _Worker:
         out = self.executor.step_logits(batch)
         if self.delivers:
             send_logits(self.groups.world, out, batch)
-        self.progress[self.rank] += 1
+        self.end.stepped()
 
     def close(self, reply: bool = True) -> None:
         if self.executor is not None:
             self.executor.close()
         self.executor, self.pending = None, None
         if reply:
-            self.conn.send(("closed",))
+            self.end.send(("closed",))

@@ -1,0 +1,143 @@
+"""Ranks on several machines under torchrun's environment, two nodes simulated on this machine:
+two torchrun launches (``--nnodes 2 --node_rank 0|1 --nproc_per_node 1``, MASTER_ADDR
+127.0.0.1), each running ``kiln run --device cpu`` on a tiny tp 2 torch engine (gloo), as two
+machines would. Rank 0 drives and prints; rank 1 serves it and exits 0 having printed nothing;
+the tokens are the spawned ranks'. A killed worker ends the driver within seconds with one line
+naming it, and every process ends. A rank count other than the engine's is refused on every
+rank, in one line, exit 2, before anything joins.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from kiln.builder.api import build
+from kiln.cli.main import main
+from kiln.runtime import LLM, ExecutorOptions
+from tests.models import hf_model, kiln_checkpoint
+from tests.runtime.test_distributed_faults import alive, write_char_tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+LIMITS = dict(max_batch_size=2, max_input_len=16, max_seq_len=48, max_num_tokens=32)
+KILLED = ("error: rank 1 (tp 1, stage 0) stopped answering: no heartbeat for 3 s (killed, out of "
+          "memory, stopped, or its node or network failed); the engine's other ranks were "
+          "stopped")
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("torchrun")
+    ckpt = kiln_checkpoint(hf_model("llama-gqa", root / "hf"), root / "ckpt", tp=2)
+    build(ckpt, root / "engine", backend="torch", dtype="float32", **LIMITS)
+    write_char_tokenizer(root / "engine")
+    return root / "engine"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(*kiln_args: str) -> list[subprocess.Popen]:
+    """Node 0's and node 1's torchrun, one kiln process each."""
+    port = free_port()
+    return [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+         "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+         "-m", "kiln.cli.main", *kiln_args],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for node in (0, 1)]
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (a torchrun agent's: its ranks)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+        except (OSError, ValueError):
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def test_two_nodes_give_the_tokens_of_the_spawned_ranks(engine):
+    args = ["run", "--engine_dir", str(engine), "--device", "cpu", "--input_text", "Hello there",
+            "--max_output_len", "8", "--ignore_eos"]
+    nodes = two_nodes(*args)
+    try:
+        with LLM(engine, ExecutorOptions(device="cpu")) as llm:  # rank 1 spawned, as usual
+            want = llm.generate("Hello there",
+                                llm.default_params.replace(max_tokens=8, ignore_eos=True))[0]
+        outs = [node.communicate(timeout=120) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], outs
+    assert len(want.token_ids) == 8 and outs[0][0] == want.text + "\n"
+    assert "8 tokens, 1 request, finish: length" in outs[0][1]
+    assert outs[1][0] == "" and "error" not in outs[1][1].lower()  # rank 1 served, no more
+
+
+def test_a_killed_worker_ends_the_run_within_seconds_and_no_process_is_left(engine):
+    prompts = [arg for i in range(40) for arg in ("--input_text", f"Hello {i}")]
+    nodes = two_nodes("run", "--engine_dir", str(engine), "--device", "cpu", "--streaming",
+                      "--max_output_len", "30", "--ignore_eos", *prompts)
+    try:
+        streamed = nodes[0].stdout.read(8)  # "[0]\n" and text: the ranks are stepping
+        ranks = [children(node.pid) for node in nodes]
+        assert len(streamed) == 8 and [len(r) for r in ranks] == [1, 1], nodes[0].stderr.read()
+        os.kill(ranks[1][0], signal.SIGKILL)
+        killed = time.monotonic()
+        _, stderr = nodes[0].communicate(timeout=60)
+        seconds = time.monotonic() - killed
+        nodes[1].communicate(timeout=60)
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [line for line in stderr.splitlines() if line.startswith("error:")] == [KILLED]
+    assert "exitcode  : 2" in stderr  # torchrun's report of rank 0: kiln's exit status
+    assert seconds < 10
+    assert not any(alive(pid) for pid in ranks[0] + ranks[1])
+
+
+@pytest.mark.parametrize("rank", [0, 1, 3])
+def test_a_rank_count_other_than_the_engines_is_refused_on_every_rank(engine, monkeypatch, rank):
+    """WORLD_SIZE 4 (two nodes of two) for an engine of 2 ranks: one line, exit 2, before any
+    rank joins (nothing listens on MASTER_PORT: joining would wait for the timeout)."""
+    env = {"WORLD_SIZE": "4", "RANK": str(rank), "LOCAL_RANK": str(rank % 2),
+           "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    result = CliRunner().invoke(main, ["run", "--engine_dir", str(engine), "--device", "cpu",
+                                       "--input_text", "Hi"])
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "error: this torch engine runs in 2 processes (tp 2 x pp 1, one per rank), and torchrun "
+        "started 4 (WORLD_SIZE 4); launch 2: torchrun --nnodes 2 --nproc_per_node 1 (its other "
+        "options as before)\n")
+
+
+def test_dp_is_refused_under_torchrun(engine, monkeypatch):
+    env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    result = CliRunner().invoke(main, ["run", "--engine_dir", str(engine), "--device", "cpu",
+                                       "--input_text", "Hi", "--dp", "2"])
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "error: --dp 2 starts its replicas from this process, on this machine, and this process "
+        "is rank 0 of torchrun's 2 (WORLD_SIZE); run --dp without torchrun (one kiln per "
+        "machine)\n")
