@@ -19,6 +19,8 @@ itself when pp_size is 1, a world of one rank included; none when tp_size is 1 i
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,6 +37,9 @@ logger = logging.getLogger(__name__)
 HOST = "127.0.0.1"
 # Tags of the point-to-point messages (gloo matches them; NCCL matches by order).
 HIDDEN_TAG, LOGITS_TAG, CONTEXT_TAG = 1, 2, 3
+
+
+POLL_S = 0.0002  # a gloo wait's poll: Ctrl-C and the pool's stop are seen between polls
 
 
 class CollectiveError(RuntimeError):
@@ -98,6 +103,7 @@ class Groups:
                  timeout: timedelta, gpu: int | None = None, bind: GlooBind = LOOPBACK):
         self.store, self.rank, self.world_size = store, rank, world_size
         self.backend, self.timeout, self.bind = backend_for(device), timeout, bind
+        self.stopped = threading.Event()  # set by abort(): every wait of these groups fails
         self.device = torch.device(device, rank if gpu is None else gpu) if device == "cuda" \
             else torch.device("cpu")
         self.world = new_group(store, "world", rank, world_size, self.backend, timeout, bind)
@@ -119,8 +125,25 @@ class Groups:
     def collectives(self, mapping: Mapping) -> DistCollectives:
         return DistCollectives(self, mapping)
 
+    def wait(self, work: dist.Work, poll: bool = True) -> None:
+        """Wait for ``work`` (inside :func:`collective`). NCCL: as ``work.wait()`` (the host
+        does not block). gloo: ``work.wait()`` blocks in C++ until the op completes or times
+        out, where neither Ctrl-C (Python runs signal handlers between bytecodes) nor the
+        pool's verdict on a frozen peer (a stopped process or a cut network closes no socket)
+        can end it; so a collective's wait polls, and fails once :meth:`abort` was called.
+        Point-to-point works (``poll=False``) cannot poll: gloo marks them complete only in
+        ``wait()``, and a ``wait`` with a timeout closes the connection to the peer."""
+        if poll and self.backend == "gloo":
+            while not work.is_completed():
+                if self.stopped.is_set():
+                    raise CollectiveError("the engine's ranks were stopped")
+                time.sleep(POLL_S)
+        work.wait()  # raises the op's own error
+
     def abort(self) -> None:
-        """Make pending operations fail now (NCCL; a gloo peer's death already does)."""
+        """Make pending operations fail now: NCCL aborts its communicators; gloo collectives'
+        waits poll :attr:`stopped` (:meth:`wait`)."""
+        self.stopped.set()
         if self.backend != "nccl":
             return
         for group in {id(g): g for g in [self.world, *self._tp.values()]}.values():
@@ -143,14 +166,14 @@ class DistCollectives(Collectives):
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         with collective("tensor-parallel all-reduce"):
-            self.tp.allreduce([x]).wait()
+            self.groups.wait(self.tp.allreduce([x]))
         return x
 
     def gather_vocab(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(self.mapping.tp_size)]
         with collective("vocab all-gather"):
-            self.tp.allgather([parts], [x]).wait()
+            self.groups.wait(self.tp.allgather([parts], [x]))
         return torch.cat(parts, dim=1)
 
     def send_hidden(self, x: torch.Tensor) -> None:
@@ -166,27 +189,29 @@ class DistCollectives(Collectives):
         sending, self._sending = self._sending, []
         with collective(f"sending hidden states to rank {self.next_rank}"):
             for work, _ in sending:
-                work.wait()
+                self.groups.wait(work, poll=False)
 
     def recv_hidden(self, rows: int, like: torch.Tensor) -> torch.Tensor:
         buf = torch.empty(rows, like.shape[-1], dtype=like.dtype, device=like.device)
-        return recv(self.groups.world, buf, self.prev_rank, HIDDEN_TAG, "receiving hidden states")
+        return recv(self.groups, buf, self.prev_rank, HIDDEN_TAG, "receiving hidden states")
 
     def min_over_world(self, value: int) -> int:
         t = torch.tensor([value], dtype=torch.int64, device=self.groups.device)
         options = dist.AllreduceOptions()
         options.reduceOp = dist.ReduceOp.MIN
         with collective("KV-cache size all-reduce"):
-            self.groups.world.allreduce([t], options).wait()
+            self.groups.wait(self.groups.world.allreduce([t], options))
         return int(t.item())
 
 
-def send(group, x: torch.Tensor, dst: int, tag: int, what: str) -> None:
+def send(groups: Groups, x: torch.Tensor, dst: int, tag: int, what: str) -> None:
+    """Send ``x`` to rank ``dst`` of ``groups``' world, and wait for it."""
     with collective(f"{what} to rank {dst}"):
-        group.send([x.contiguous()], dst, tag).wait()
+        groups.wait(groups.world.send([x.contiguous()], dst, tag), poll=False)
 
 
-def recv(group, buf: torch.Tensor, src: int, tag: int, what: str) -> torch.Tensor:
+def recv(groups: Groups, buf: torch.Tensor, src: int, tag: int, what: str) -> torch.Tensor:
+    """Receive into ``buf`` from rank ``src`` of ``groups``' world."""
     with collective(f"{what} from rank {src}"):
-        group.recv([buf], src, tag).wait()
+        groups.wait(groups.world.recv([buf], src, tag), poll=False)
     return buf

@@ -107,29 +107,29 @@ class DistributedExecutor(RankDriver):
     def _run_local(self, chunks: Sequence[SequenceChunk]) -> StepLogits:
         out = self.local.step_logits(chunks)
         if not self.shard.last_stage:
-            out = recv_logits(self.pool.groups.world, self.mapping, chunks, self.vocab_size,
+            out = recv_logits(self.pool.groups, self.mapping, chunks, self.vocab_size,
                               self.local.device)
         return out
 
 
-def send_logits(world, out: StepLogits, chunks: Sequence[SequenceChunk]) -> None:
+def send_logits(groups, out: StepLogits, chunks: Sequence[SequenceChunk]) -> None:
     """The last stage's tensor-parallel rank 0 sends a step's logits to the driver (rank 0)."""
-    send(world, out.last, 0, LOGITS_TAG, "sending logits")
+    send(groups, out.last, 0, LOGITS_TAG, "sending logits")
     if out.context:
         every = torch.cat([out.context[i] for i in sorted(out.context)])
-        send(world, every, 0, CONTEXT_TAG, "sending context logits")
+        send(groups, every, 0, CONTEXT_TAG, "sending context logits")
 
 
-def recv_logits(world, mapping, chunks: Sequence[SequenceChunk], vocab: int,
+def recv_logits(groups, mapping, chunks: Sequence[SequenceChunk], vocab: int,
                 device: torch.device) -> StepLogits:
     """The driver's side of :func:`send_logits`."""
     src = mapping.rank(0, mapping.pp_size - 1)
-    last = recv(world, torch.empty(len(chunks), vocab, device=device), src, LOGITS_TAG,
+    last = recv(groups, torch.empty(len(chunks), vocab, device=device), src, LOGITS_TAG,
                 "receiving logits")
     asked = [i for i, c in enumerate(chunks) if c.context_logits]
     if not asked:
         return StepLogits(last, {})
     rows = [len(chunks[i].tokens) for i in asked]
-    every = recv(world, torch.empty(sum(rows), vocab, device=device), src, CONTEXT_TAG,
+    every = recv(groups, torch.empty(sum(rows), vocab, device=device), src, CONTEXT_TAG,
                  "receiving context logits")
     return StepLogits(last, dict(zip(asked, every.split(rows), strict=True)))

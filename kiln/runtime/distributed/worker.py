@@ -181,7 +181,7 @@ class Worker:
         batch = [SequenceChunk(*c) for c in chunks]
         out = self.executor.step_logits(batch)
         if self.delivers:
-            send_logits(self.groups.world, out, batch)
+            send_logits(self.groups, out, batch)
         self.end.stepped()
 
     def close(self, reply: bool = True) -> None:
