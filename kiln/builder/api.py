@@ -52,8 +52,9 @@ class BuildResult:
 
     def summary(self) -> str:
         stages = ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
-        return (f"built {self.output_dir} ({self.manifest.backend}, "
-                f"{sum(len(p.files) for p in self.parts)} files, {len(self.parts)} parts): "
+        files, parts = sum(len(p.files) for p in self.parts), len(self.parts)
+        counts = f"{files} file{'s' * (files != 1)}, {parts} part{'s' * (parts != 1)}"
+        return (f"built {self.output_dir} ({self.manifest.backend}, {counts}): "
                 f"{stages}; peak RSS {self.peak_rss / 1e9:.2f} GB")
 
 

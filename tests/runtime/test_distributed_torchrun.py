@@ -141,3 +141,22 @@ def test_dp_is_refused_under_torchrun(engine, monkeypatch):
         "error: --dp 2 starts its replicas from this process, on this machine, and this process "
         "is rank 0 of torchrun's 2 (WORLD_SIZE); run --dp without torchrun (one kiln per "
         "machine)\n")
+
+
+def test_rank_0_alone_says_the_other_ranks_did_not_come(monkeypatch):
+    """WORLD_SIZE set by hand (no torchrun): rank 0 hosts the store and waits for the others."""
+    from kiln.engine import EngineError
+    from kiln.runtime.distributed.torchrun import join
+    from kiln.runtime.launch import torchrun_env
+
+    env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(EngineError) as raised:
+        join(torchrun_env(), timeout_s=1)
+    message = str(raised.value)
+    assert message.startswith("rank 0 waited 1 s at 127.0.0.1:") and \
+        "for the other 1 ranks (WORLD_SIZE 2) and not all came" in message and \
+        message.endswith("start kiln on every node with torchrun, the same --nnodes and "
+                         "--master_addr")

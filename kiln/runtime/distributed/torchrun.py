@@ -97,6 +97,12 @@ def join(env: TorchrunEnv, timeout_s: float) -> dist.PrefixStore:
         store, _, _ = next(dist.rendezvous("env://", rank=env.rank, world_size=env.world_size,
                                            timeout=timedelta(seconds=timeout_s)))
     except dist.DistError as e:
+        if env.rank == 0:  # it hosts the store (no agent store): the others did not come
+            raise EngineError(f"rank 0 waited {timeout_s:g} s at {env.master_addr}:"
+                              f"{env.master_port} for the other {env.world_size - 1} ranks "
+                              f"(WORLD_SIZE {env.world_size}) and not all came "
+                              f"({str(e).splitlines()[0]}); start kiln on every node with "
+                              f"torchrun, the same --nnodes and --master_addr") from None
         raise EngineError(f"rank {env.rank} could not reach torchrun's store at "
                           f"{env.master_addr}:{env.master_port} within {timeout_s:g} s: "
                           f"{str(e).splitlines()[0]}") from None
