@@ -99,6 +99,11 @@ def test_the_store_does_not_grow_per_step_and_is_empty_once_cleared(server):
     assert server.num_keys() == empty
     assert worker.aborted() is None
     driver.abort("rank 1 died")
+    # a store's set is not acknowledged: another client sees it a moment later (the workers'
+    # watch polls it every heartbeat)
+    deadline = time.monotonic() + 5
+    while worker.aborted() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert worker.aborted() == "rank 1 died" and server.num_keys() == empty + 1
 
 
