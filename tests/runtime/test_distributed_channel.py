@@ -38,6 +38,16 @@ def ends(server, world: int) -> list[StoreChannel]:
         for rank in range(world)]
 
 
+def replies_until(driver: StoreChannel, count: int) -> list[tuple[int, tuple]]:
+    """The driver's replies until ``count`` came: a store's queue_push is not acknowledged, so
+    another client sees it a moment later (the driver's monitor polls them)."""
+    got, deadline = [], time.monotonic() + 5
+    while len(got) < count and time.monotonic() < deadline:
+        got += driver.replies()
+        time.sleep(0.005)
+    return got
+
+
 def test_commands_and_replies_keep_their_order(server):
     driver, one, two = ends(server, 3)
     sent = [("step", i, list(range(i))) for i in range(30)]
@@ -56,7 +66,7 @@ def test_commands_and_replies_keep_their_order(server):
     for thread in threads:
         thread.join(30)
     assert got == {1: sent, 2: sent}
-    replies = driver.replies()
+    replies = replies_until(driver, 60)
     assert len(replies) == 60
     for rank in (1, 2):
         assert [m[1] for r, m in replies if r == rank] == list(range(30))
@@ -87,7 +97,7 @@ def test_the_store_does_not_grow_per_step_and_is_empty_once_cleared(server):
         worker.reply(("ready",))
         worker.beat(steps=1)
         driver.beat()
-        assert driver.beats(1) >= 1 and worker.beats(0) >= 1 and driver.replies()
+        assert driver.beats(1) >= 1 and worker.beats(0) >= 1 and replies_until(driver, 1)
 
     one_step()
     after_one = server.num_keys()
@@ -221,6 +231,6 @@ def test_a_workers_watch_ends_it_when_the_driver_aborts_or_is_gone_or_torchrun_s
     else:  # the driver hears why first (the verdict prefers a rank that died on its own)
         assert worker.returncode == 128 + signal.SIGTERM and seconds < 2 * HEARTBEAT_S + 1
         assert stderr == "rank 1 (tp 1, stage 0) stopped by SIGTERM\n"
-        assert driver.replies() == [(1, ("error", "stopped", "was stopped by SIGTERM (torchrun "
-                                             "stops a node's ranks when one fails, or when it "
-                                             "is stopped)"))]
+        assert replies_until(driver, 1) == [(1, (
+            "error", "stopped", "was stopped by SIGTERM (torchrun stops a node's ranks when one "
+                                "fails, or when it is stopped)"))]
