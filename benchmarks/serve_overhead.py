@@ -93,13 +93,13 @@ def in_process(engine: Path, args: argparse.Namespace, out: Path) -> dict:
     return json.loads(out.read_text())
 
 
-def through_server(engine: Path, args: argparse.Namespace, out: Path) -> dict:
+def through_server(engine: Path, args: argparse.Namespace, serve_args: str, out: Path) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(kiln("serve", "--engine_dir", str(engine), "--port", str(port),
-                                   *args.serve_args.split()),
+                                   *serve_args.split()),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
@@ -132,6 +132,10 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--serve_args", default="",
                         help="Extra kiln serve flags, e.g. '--no_cpu_spin_wait'.")
+    parser.add_argument("--compare_serve_args", default=None,
+                        help="A second server in each round, with these flags instead (e.g. "
+                             "'--serve_args=--no_engine_process --compare_serve_args="
+                             "--engine_process'): its figures are under 'compared'.")
     parser.add_argument("--output", default=str(HERE / "serve_overhead_results.json"))
     parser.add_argument("--gpu_8b", action="store_true",
                         help="the 8B-shaped torch engine on a GPU (module docstring)")
@@ -144,27 +148,65 @@ def main() -> int:
         engine = build_gpu_8b(work, args.tokenizer_dir)
     else:
         engine = build_engine(work, args.input_len, args.output_len, args.concurrency)
-    rounds = []
+    variants = [args.serve_args] + ([args.compare_serve_args]
+                                    if args.compare_serve_args is not None else [])
+    rounds: list[dict] = []
+    compared: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.rounds):
             load_before = os.getloadavg()[0]  # other processes on the machine skew figures
             local = in_process(engine, args, Path(tmp) / "bench.json")
-            served = through_server(engine, args, Path(tmp) / "serve.json")
-            row = {"in_process_tokens_per_s": local["output_tokens_per_s"],
-                   "server_tokens_per_s": served["output_tokens_per_s"],
-                   "in_process_ttft_ms": local["ttft_ms"],
-                   "server_ttft_ms": served["ttft_ms"],
-                   "in_process_itl_ms": local["itl_ms"], "server_itl_ms": served["itl_ms"],
-                   "server_failed": served["failed"],
-                   "loadavg_1min_before_after": [load_before, os.getloadavg()[0]]}
-            row["ratio"] = row["server_tokens_per_s"] / row["in_process_tokens_per_s"]
-            rounds.append(row)
-            print(f"round {i + 1}: in-process {row['in_process_tokens_per_s']:.1f} tok/s, "
-                  f"server {row['server_tokens_per_s']:.1f} tok/s ({row['ratio']:.3f}); "
-                  f"TTFT p50 {local['ttft_ms']['p50']:.0f} vs "
-                  f"{served['ttft_ms']['p50']:.0f} ms; load average "
-                  f"{load_before:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus",
-                  flush=True)
+            for serve_args, rows in zip(variants, (rounds, compared)[:len(variants)], strict=True):
+                served = through_server(engine, args, serve_args, Path(tmp) / "serve.json")
+                row = _row(local, served, load_before)
+                rows.append(row)
+                print(f"round {i + 1} [{serve_args or 'kiln serve'}]: in-process "
+                      f"{row['in_process_tokens_per_s']:.1f} tok/s, server "
+                      f"{row['server_tokens_per_s']:.1f} tok/s ({row['ratio']:.3f}); "
+                      f"TTFT p50 {local['ttft_ms']['p50']:.0f} vs "
+                      f"{served['ttft_ms']['p50']:.0f} ms; load average "
+                      f"{load_before:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus",
+                      flush=True)
+
+    summary = _summary(rounds, args.serve_args)
+    more = {}
+    if compared:
+        more["compared"] = {"serve_args": args.compare_serve_args,
+                            "summary": _summary(compared, args.compare_serve_args),
+                            "rounds": compared}
+    result = {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) or "serve_overhead.py",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "engine": str(engine),
+        **({"backend": "torch", "dtype": "bfloat16", "model": "Llama-3.1-8B shape, random "
+            "weights, SmolLM2 vocabulary (49,152)", "gpu": _gpu_name()} if args.gpu_8b
+           else {"backend": "onnx", "dtype": "float32"}),
+        "workload": {"num_requests": args.num_requests, "input_len": args.input_len,
+                     "output_len": args.output_len, "concurrency": args.concurrency,
+                     "request_rate": "inf", "seed": args.seed},
+        "serve_args": args.serve_args,
+        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                 cwd=HERE).stdout.strip(),
+        "summary": summary, "rounds": rounds, **more}
+    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _row(local: dict, served: dict, load_before: float) -> dict:
+    row = {"in_process_tokens_per_s": local["output_tokens_per_s"],
+           "server_tokens_per_s": served["output_tokens_per_s"],
+           "in_process_ttft_ms": local["ttft_ms"],
+           "server_ttft_ms": served["ttft_ms"],
+           "in_process_itl_ms": local["itl_ms"], "server_itl_ms": served["itl_ms"],
+           "server_failed": served["failed"],
+           "loadavg_1min_before_after": [load_before, os.getloadavg()[0]]}
+    row["ratio"] = row["server_tokens_per_s"] / row["in_process_tokens_per_s"]
+    return row
+
+
+def _summary(rounds: list[dict], serve_args: str) -> dict:
+    """Medians over the rounds of one server variant, printed beside the goal."""
 
     def med(key: str, sub: str | None = None) -> float:
         return statistics.median(r[key][sub] if sub else r[key] for r in rounds)
@@ -182,7 +224,7 @@ def main() -> int:
         "server_itl_p50_ms": med("server_itl_ms", "p50"),
     }
     summary["meets_goal"] = summary["ratio"] >= GOAL
-    print(f"\n{'':<28}{'in-process':>12}{'server':>12}")
+    print(f"\n[{serve_args or 'kiln serve'}]\n{'':<28}{'in-process':>12}{'server':>12}")
     for name, a, b in (("output tokens/s", "in_process_tokens_per_s", "server_tokens_per_s"),
                        ("TTFT p50 (ms)", "in_process_ttft_p50_ms", "server_ttft_p50_ms"),
                        ("TTFT p99 (ms)", "in_process_ttft_p99_ms", "server_ttft_p99_ms"),
@@ -190,23 +232,7 @@ def main() -> int:
         print(f"{name:<28}{summary[a]:>12.1f}{summary[b]:>12.1f}")
     print(f"server / in-process throughput (median of per-round ratios): {summary['ratio']:.3f} "
           f"(goal >= {GOAL}: {'met' if summary['meets_goal'] else 'NOT met'})")
-    result = {
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) or "serve_overhead.py",
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "engine": str(engine),
-        **({"backend": "torch", "dtype": "bfloat16", "model": "Llama-3.1-8B shape, random "
-            "weights, SmolLM2 vocabulary (49,152)", "gpu": _gpu_name()} if args.gpu_8b
-           else {"backend": "onnx", "dtype": "float32"}),
-        "workload": {"num_requests": args.num_requests, "input_len": args.input_len,
-                     "output_len": args.output_len, "concurrency": args.concurrency,
-                     "request_rate": "inf", "seed": args.seed},
-        "serve_args": args.serve_args,
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                 cwd=HERE).stdout.strip(),
-        "summary": summary, "rounds": rounds}
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.output}")
-    return 0
+    return summary
 
 
 def _gpu_name() -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import logging
 import signal
@@ -63,13 +64,18 @@ class ServeError(KilnError):
 @click.option("--grace_period", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="Seconds running requests may finish after SIGINT/SIGTERM before they are "
                    "aborted.")
+@click.option("--engine_process/--no_engine_process", default=None, help=(
+    "Run the engine in a process of its own, so that the server's event loop does not slow its "
+    "steps down through the GIL [default: on for a single-rank engine that runs on a GPU, off "
+    "otherwise]."))
 @click.option("-v", "--verbose", count=True, help="Log each request (-vv: debug logs).")
 @executor_options
 @dp_option
 @click.pass_obj
 def serve(obj: CliContext, host: str, port: int, served_model_name: str | None,
           api_key: str | None, max_queue: int | None, chat_template: Path | None,
-          max_body_bytes: int, grace_period: float, verbose: int, device: str,
+          max_body_bytes: int, grace_period: float, engine_process: bool | None,
+          verbose: int, device: str,
           num_threads: int | None, cpu_spin_wait: bool, verify_checksums: bool, dp: int,
           **source: Any) -> None:
     """Serve an engine over HTTP with the OpenAI API (completions, chat, streaming).
@@ -113,7 +119,10 @@ def serve(obj: CliContext, host: str, port: int, served_model_name: str | None,
         for sock in sockets:
             stack.enter_context(sock)
         engine_dir = stack.enter_context(held_engine(obj, source, options))
-        engine = _warm_engine(stack, engine_dir, options)
+        if engine_process is None:
+            engine_process = _on_a_gpu(engine_dir, options)
+        engine = _warm_engine(stack, engine_dir,
+                              dataclasses.replace(options, engine_process=engine_process))
         app = create_app(engine, name, api_key=api_key, max_queue=max_queue,
                          chat_template=template, max_body_bytes=max_body_bytes)
         config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=
@@ -129,6 +138,16 @@ def serve(obj: CliContext, host: str, port: int, served_model_name: str | None,
                 raise
             raise ServeError(_cannot_listen(host, port, e)) from None
     click.echo("kiln serve: stopped", err=True)
+
+
+def _on_a_gpu(engine_dir: Path, options: ExecutorOptions) -> bool:
+    """``--engine_process``'s default: a single-rank engine (no replicas) that runs on CUDA,
+    where the server's threads would slow the thread that launches its kernels."""
+    from kiln.runtime.loader import check_engine, run_device
+
+    manifest, module, machine = check_engine(engine_dir, options)
+    return (options.dp == 1 and manifest.mapping.world_size == 1
+            and run_device(module, manifest, machine, options) == "cuda")
 
 
 def _warm_engine(stack: contextlib.ExitStack, engine_dir: Path,

@@ -210,6 +210,7 @@ class _EngineLoop:
             if not self.ended:
                 self.inbox.put(message)
                 self.wake.set()
+                self.llm.core.wake()  # a step waiting on engine processes ends its wait
                 return
         self._refuse(message)
 

@@ -211,6 +211,9 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.scheduler.has_work() or self._inflight is not None
 
+    def wake(self) -> None:
+        """Nothing to do: a step here never waits (ReplicaCore's does, and ends its wait)."""
+
     def abort(self, request_id: str) -> RequestDelta | None:
         """End a request now (its slot is freed); None if it is unknown or already finished."""
         request = self.requests.get(request_id)

@@ -39,7 +39,8 @@ Contract:
   on CUDA), behind one front that routes whole requests
   (:mod:`kiln.runtime.distributed.replicas`); ``core`` is then a
   :class:`~kiln.runtime.distributed.replicas.ReplicaCore`, ``executor`` is None, and ``limits``
-  count the slots of every replica.
+  count the slots of every replica. ``ExecutorOptions(engine_process=True)`` is the same with one
+  replica: the engine runs in a process of its own (what ``kiln serve`` does on a GPU).
 - Under torchrun (``WORLD_SIZE`` > 1: :mod:`kiln.runtime.launch`), the ranks of a multi-rank
   engine are torchrun's processes, on this machine or several: on rank 0 the LLM is the driver,
   as usual; on any other rank ``LLM(...)`` serves the driver's engine as a worker and, once the
@@ -98,7 +99,7 @@ class LLM:
         try:
             self.engine_dir = hold.enter_context(_held(engine_dir, model, options,
                                                        build_options))
-            if options.dp > 1:
+            if options.dp > 1 or options.engine_process:
                 self._open_replicas(options, policy)
             else:
                 self._open(options, policy)
@@ -117,7 +118,8 @@ class LLM:
         self._setup(executor, tokenizer, policy)
 
     def _open_replicas(self, options: ExecutorOptions, policy: Policy | None) -> None:
-        """``options.dp`` replicas behind one front (kiln.runtime.distributed.replicas)."""
+        """``options.dp`` replicas (one with ``engine_process``) behind one front
+        (kiln.runtime.distributed.replicas)."""
         from kiln.runtime.distributed.replicas import ReplicaCore
 
         tokenizer = load_tokenizer(self.engine_dir)  # before any process starts

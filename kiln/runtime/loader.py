@@ -22,10 +22,11 @@ that the engine runs in that many processes (its ranks, for a backend that defin
 Order (nothing heavy happens before the checks pass): read and validate ``config.json``, check
 it against this machine and the options, check the presence and sizes of the files of the ranks
 this process opens (no data read; sha256 checksums too with ``verify_checksums``), then load.
-:func:`check_engine` is every step but the load; with ``options.dp`` > 1 it also checks that
-the engine and machine can hold that many replicas (:func:`check_replicas`), which
-:class:`~kiln.runtime.distributed.replicas.ReplicaCore` (``LLM`` with ``dp``) starts;
-:func:`open_engine` opens one executor, so it refuses ``dp`` > 1.
+:func:`check_engine` is every step but the load; with ``options.dp`` > 1 (or
+``engine_process``) it also checks that the engine and machine can hold that many replicas
+(:func:`check_replicas`), which :class:`~kiln.runtime.distributed.replicas.ReplicaCore` (``LLM``
+with ``dp`` or ``engine_process``) starts; :func:`open_engine` opens one executor in this
+process, so it refuses both.
 """
 
 from __future__ import annotations
@@ -95,9 +96,14 @@ def run_device(module: ModuleType, manifest: EngineManifest, machine: MachineInf
 
 def check_replicas(manifest: EngineManifest, device: str, machine: MachineInfo,
                    options: ExecutorOptions) -> None:
-    """``options.dp`` replicas of this engine: each is one process of a tp 1 x pp 1 engine,
-    and on CUDA each has a GPU of its own."""
+    """``options.dp`` replicas of this engine (or the one process of ``engine_process``): each
+    is one process of a tp 1 x pp 1 engine, and on CUDA each has a GPU of its own."""
     dp, mapping = options.dp, manifest.mapping
+    if dp == 1 and mapping.world_size > 1:  # engine_process
+        raise EngineError(f"--engine_process runs a single-rank engine in a process of its "
+                          f"own, and this engine has {mapping.world_size} ranks (tp "
+                          f"{mapping.tp_size} x pp {mapping.pp_size}), whose model steps "
+                          f"already run in rank processes; leave --engine_process out")
     if mapping.world_size > 1:
         raise EngineError(f"--dp {dp} runs copies of a single-rank engine, and this engine has "
                           f"{mapping.world_size} ranks (tp {mapping.tp_size} x pp "
@@ -124,7 +130,7 @@ def check_runnable(manifest: EngineManifest, options: ExecutorOptions | None = N
     check_options = getattr(module, "check_options", None)
     if check_options is not None:
         check_options(manifest, machine, options)
-    if options.dp > 1:
+    if options.dp > 1 or options.engine_process:
         check_replicas(manifest, run_device(module, manifest, machine, options), machine,
                        options)
     return module, machine
@@ -149,9 +155,10 @@ def open_engine(engine_dir: str | Path, options: ExecutorOptions | None = None,
                 machine: MachineInfo | None = None) -> tuple[EngineManifest, Executor]:
     """Check and load an engine dir (see the module docstring)."""
     options = options or ExecutorOptions()
-    if options.dp > 1:
-        raise EngineError(f"open_engine opens one executor, and dp is {options.dp}: replicas "
-                          f"are started by LLM(engine_dir, ExecutorOptions(dp=...))")
+    if options.dp > 1 or options.engine_process:
+        asked = f"dp is {options.dp}" if options.dp > 1 else "engine_process is set"
+        raise EngineError(f"open_engine opens one executor in this process, and {asked}: engine "
+                          f"processes are started by LLM(engine_dir, ExecutorOptions(...))")
     manifest, module, _ = check_engine(engine_dir, options, machine)
     logger.info("loading %s engine from %s", manifest.backend, engine_dir)
     return manifest, module.load_executor(Path(engine_dir), manifest, options)

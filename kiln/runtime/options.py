@@ -38,6 +38,11 @@ class ExecutorOptions:
         "Data-parallel replicas: run N copies of a tp 1 engine, one process each (one GPU "
         "each on CUDA), and spread the requests over them. num_threads is per replica "
         "[default: all cores / N].")})
+    engine_process: bool = field(default=False, metadata={"help": (
+        "Run the engine (scheduler, model steps, sampling, detokenization) in a process of "
+        "its own, so that the caller's Python threads (a server's event loop) do not slow its "
+        "steps down through the GIL; only requests and tokens cross over. Single-rank "
+        "engines.")})
     verify_checksums: bool = field(default=False, metadata={"help": (
         "sha256 the engine files before loading (reads every byte; by default only their "
         "presence and sizes are checked). See also kiln verify.")})

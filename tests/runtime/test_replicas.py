@@ -1,7 +1,8 @@
 """Data-parallel replicas (``dp``) on the CPU: N replica processes of a tp 1 torch engine behind
 one front give each request what one engine gives it; a replica that dies ends the run with one
 line naming it and leaves no process; what cannot run as replicas is refused before anything
-starts. Replica processes cost seconds to start, so the module shares one pair of them.
+starts. Replica processes cost seconds to start, so the module shares one pair of them. The
+engine in a process of its own (``engine_process``) is the same front over one replica.
 """
 
 from __future__ import annotations
@@ -217,8 +218,16 @@ def test_what_cannot_run_as_replicas_is_refused_before_anything_starts(engines):
                                "2 ranks (tp 2 x pp 1); run it with --dp 1, or build a tp 1 "
                                "engine (kiln convert_checkpoint --tp_size 1) for data "
                                "parallelism")
-    with pytest.raises(EngineError, match="open_engine opens one executor, and dp is 2"):
+    with pytest.raises(EngineError, match="open_engine opens one executor in this process, "
+                                          "and dp is 2"):
         open_engine(engine, ExecutorOptions(device="cpu", dp=2))
+    with pytest.raises(EngineError, match="and engine_process is set"):
+        open_engine(engine, ExecutorOptions(device="cpu", engine_process=True))
+    with pytest.raises(EngineError) as info:
+        check_engine(engines(tp=2), ExecutorOptions(device="cpu", engine_process=True))
+    assert str(info.value) == ("--engine_process runs a single-rank engine in a process of its "
+                               "own, and this engine has 2 ranks (tp 2 x pp 1), whose model "
+                               "steps already run in rank processes; leave --engine_process out")
     for args in (["run", "--input_text", "Hi"], ["bench", "--num_requests", "2"]):
         result = CliRunner().invoke(main, [*args, "--engine_dir", str(engines(tp=2)), "--device",
                                            "cpu", "--dp", "2"])
@@ -233,3 +242,61 @@ def test_replicas_of_an_llm_dropped_without_close_exit(engines):
     pids = [p.pid for p in llm.core.pool.processes]
     del llm
     assert wait_gone(pids)
+
+
+@pytest.fixture(scope="module")
+def engine_process(engines):
+    with LLM(engines(), ExecutorOptions(device="cpu", engine_process=True)) as llm:
+        yield llm
+
+
+def test_the_engine_in_its_own_process_gives_what_it_gives_in_this_one(engine_process, single):
+    assert engine_process.executor is None and engine_process.core.pool.size == 1
+    assert engine_process.limits == single.limits
+    sampled = [SamplingParams(temperature=0.8, top_k=20, seed=i, max_tokens=n, ignore_eos=True)
+               for i, n in enumerate(MAX_TOKENS)]
+    for plist in (params(logprobs=2), sampled):
+        got, want = engine_process.generate(PROMPTS, plist), single.generate(PROMPTS, plist)
+        assert [r.token_ids for r in got] == [r.token_ids for r in want]
+        assert [r.text for r in got] == [r.text for r in want]
+
+    async def stream_while_others_run():
+        async with AsyncLLM(engine_process) as engine:
+            results = await asyncio.gather(*(engine.generate(prompt, p) for prompt, p
+                                             in zip(PROMPTS, params(), strict=True)))
+            return [r.token_ids for r in results]
+
+    assert asyncio.run(stream_while_others_run()) == [r.token_ids for r in
+                                                      single.generate(PROMPTS, params())]
+    assert not engine_process.core.has_work() and not engine_process.core.scheduler.running
+
+
+def test_a_wake_ends_the_fronts_wait_for_the_engine_process_at_once(engine_process):
+    """AsyncLLM wakes the front whenever it queues a command, so a request submitted while the
+    engine thread waits for the engine process's next message is routed now, not after it."""
+    pool, returned = engine_process.core.pool, []
+    waiter = threading.Thread(target=lambda: returned.append(pool.receive(30.0)))
+    start = time.monotonic()
+    waiter.start()
+    time.sleep(0.2)
+    assert not returned  # the idle engine process sends nothing: the wait goes on
+    for _ in range(100_000):  # many wake-ups before the next wait: the pipe never blocks
+        engine_process.core.wake()
+    waiter.join(5.0)
+    assert returned == [[]] and time.monotonic() - start < 5.0
+    (result,) = engine_process.generate(PROMPTS[0], params()[0])  # still serves
+    assert len(result.token_ids) == MAX_TOKENS[0]
+
+
+def test_a_killed_engine_process_is_named_as_such(engines):
+    llm = LLM(engines(), ExecutorOptions(device="cpu", engine_process=True))
+    (process,) = llm.core.pool.processes
+    llm.core.add_request([5, 6, 7], SamplingParams(ignore_eos=True, max_tokens=40))
+    process.kill()
+    with pytest.raises(WorkerError) as info:
+        for _ in range(1000):
+            llm.core.step()
+    assert re.fullmatch(r"the engine process \(pid \d+\) died: killed by SIGKILL \(sent by a "
+                        r"user, or by the kernel's OOM killer when memory ran out\)",
+                        str(info.value)), str(info.value)
+    llm.close()

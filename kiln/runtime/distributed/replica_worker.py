@@ -49,6 +49,7 @@ class ReplicaSpec:
     threads: int
     parent_pid: int
     log_level: int
+    name: str  # in its log lines: "replica 1", or "engine" when it is the only one
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ def main(spec: ReplicaSpec, conn: Connection) -> None:
     if spec.cuda_device is not None:  # before anything initializes CUDA
         os.environ["CUDA_VISIBLE_DEVICES"] = spec.cuda_device
     logging.basicConfig(level=spec.log_level,
-                        format=f"%(levelname)s %(name)s [replica {spec.index}]: %(message)s")
+                        format=f"%(levelname)s %(name)s [{spec.name}]: %(message)s")
     code = 0
     try:
         _Replica(spec, conn).serve()

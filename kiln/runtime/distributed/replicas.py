@@ -45,6 +45,16 @@ the run and closing the LLM stops every replica; an LLM dropped without closing 
 when it is garbage collected (the pool's pipes close: each replica exits at its next wait for
 a message).
 
+One replica (``ExecutorOptions(engine_process=True)``, ``kiln serve --engine_process``) is the
+engine in a process of its own: the caller's process keeps only this front, so its Python
+threads (a server's event loop: HTTP, JSON, one chunk per token per stream) no longer share a
+GIL with the thread that launches the model's kernels. Measured in ``benchmarks/GPU_NOTES.md``
+(issue 13): in one process the server's prefill steps took 36-51 ms of host time against 25.
+
+Waking: :meth:`ReplicaCore.step` waits up to :data:`STEP_WAIT_S` for the replicas' messages;
+:meth:`ReplicaCore.wake` (any thread) ends that wait at once, so a request submitted meanwhile
+(``AsyncLLM`` calls it on every command) is routed without waiting for a replica's next step.
+
 Not supported: replicas of a multi-rank engine (dp x tp > 1, refused at load by
 :func:`~kiln.runtime.loader.check_replicas`: a replica would start its own ranks, one GPU each,
 from a daemon process), replicas on other machines, restarting a failed replica.
@@ -57,6 +67,7 @@ import logging
 import multiprocessing
 import os
 import time
+import weakref
 from collections import deque
 from collections.abc import Sequence
 from multiprocessing.connection import Connection, wait
@@ -85,18 +96,27 @@ class ReplicaPool:
                  with_tokenizer: bool, devices: Sequence[str | None]):
         self.size = len(devices)
         self.devices = list(devices)
+        # the front's wake-up (ReplicaCore.wake): a self-pipe that receive() also waits on;
+        # non-blocking, so a write to a full pipe (a wake-up pending already) is dropped
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        # closed with the pool object, never before: a wake() racing a shutdown must not
+        # write into a descriptor number that another file has taken since
+        weakref.finalize(self, _close_fds, self._wake_r, self._wake_w)
         self.processes: list[multiprocessing.Process] = []
         self.conns: list[Connection] = []
         self._error: WorkerError | None = None
         self._closed = False
         threads = options.num_threads or max(1, len(os.sched_getaffinity(0)) // self.size)
-        single = dataclasses.replace(options, dp=1, num_threads=threads)
+        single = dataclasses.replace(options, dp=1, engine_process=False, num_threads=threads)
         context = multiprocessing.get_context("spawn")
         level = logging.getLogger().getEffectiveLevel()
         try:
             for i, device in enumerate(devices):
                 spec = ReplicaSpec(i, str(engine_dir), single, policy, with_tokenizer, device,
-                                   threads, os.getpid(), level)
+                                   threads, os.getpid(), level,
+                                   f"replica {i}" if self.size > 1 else "engine")
                 ours, theirs = context.Pipe()
                 process = context.Process(target=main, args=(spec, theirs), daemon=True,
                                           name=f"kiln-replica{i}")
@@ -111,7 +131,8 @@ class ReplicaPool:
 
     def label(self, i: int) -> str:
         gpu = f"GPU {self.devices[i]}, " if self.devices[i] is not None else ""
-        return f"replica {i} ({gpu}pid {self.processes[i].pid})"
+        name = f"replica {i}" if self.size > 1 else "the engine process"
+        return f"{name} ({gpu}pid {self.processes[i].pid})"
 
     def _ready(self) -> list[ReplicaInfo]:
         infos: dict[int, ReplicaInfo] = {}
@@ -138,7 +159,10 @@ class ReplicaPool:
         index = {conn: i for i, conn in enumerate(self.conns)}
         sentinels = {p.sentinel: i for i, p in enumerate(self.processes)}
         out = []
-        for ready in wait([*index, *sentinels], timeout):
+        for ready in wait([*index, *sentinels, self._wake_r], timeout):
+            if ready == self._wake_r:
+                self._clear_wake()
+                continue
             i = index.get(ready)
             if i is None:  # a process ended: its last words first, then its exit
                 i = sentinels[ready]
@@ -149,6 +173,20 @@ class ReplicaPool:
                     self._fail(i, message[1])
                 out.append((i, message))
         return out
+
+    def wake(self) -> None:
+        """End a :meth:`receive` that waits now, or the next one, at once (any thread)."""
+        try:
+            os.write(self._wake_w, b"w")
+        except (BlockingIOError, OSError):  # full: a wake-up is pending; closed: shut down
+            pass
+
+    def _clear_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 512):
+                pass
+        except (BlockingIOError, OSError):
+            pass
 
     def _drain(self, i: int) -> list[tuple]:
         messages = []
@@ -171,8 +209,8 @@ class ReplicaPool:
     def _fail(self, i: int, cause: str, last: Sequence[tuple] = ()) -> None:
         """Replica ``i`` died or failed: stop every replica, raise the one line naming it."""
         said = [m[1] for m in last if m[0] == "error"]
-        self._error = WorkerError(f"{self.label(i)} {said[0] if said else cause}; the other "
-                                  f"replicas were stopped")
+        others = "; the other replicas were stopped" if self.size > 1 else ""
+        self._error = WorkerError(f"{self.label(i)} {said[0] if said else cause}{others}")
         logger.debug("%s", self._error)
         self.shutdown(kill=True)
         raise self._error
@@ -232,8 +270,8 @@ class ReplicaCore:
     @classmethod
     def open(cls, engine_dir: str | Path, options: ExecutorOptions,
              policy: Policy | None = None, with_tokenizer: bool = True) -> ReplicaCore:
-        """Check the engine and machine for ``options.dp`` replicas, start them, wait until
-        each has loaded the engine."""
+        """Check the engine and machine for ``options.dp`` replicas (one with
+        ``engine_process``), start them, wait until each has loaded the engine."""
         manifest, module, machine = check_engine(engine_dir, options)
         device = run_device(module, manifest, machine, options)
         devices: list[str | None] = [None] * options.dp
@@ -241,13 +279,22 @@ class ReplicaCore:
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
             names = visible.split(",") if visible else [str(i) for i in range(len(machine.gpus))]
             devices = [name.strip() for name in names[:options.dp]]
-        logger.info("starting %d replicas of %s (%s)", options.dp, engine_dir,
-                    f"GPUs {', '.join(devices)}" if device == "cuda" else "CPU processes")
+        if options.dp == 1:
+            logger.info("starting the engine %s in a process of its own (%s)", engine_dir,
+                        f"GPU {devices[0]}" if device == "cuda" else "CPU")
+        else:
+            logger.info("starting %d replicas of %s (%s)", options.dp, engine_dir,
+                        f"GPUs {', '.join(devices)}" if device == "cuda" else "CPU processes")
         pool = ReplicaPool(Path(engine_dir), options, policy, with_tokenizer, devices)
         return cls(pool, manifest, with_tokenizer)
 
     def close(self) -> None:
         self.pool.shutdown()
+
+    def wake(self) -> None:
+        """End the wait of a :meth:`step` now (thread-safe): a request added meanwhile is routed
+        at once rather than after the replicas' next message."""
+        self.pool.wake()
 
     def warm_up(self) -> bool:
         """Every replica warms its own engine up (kiln.runtime.warm_up), all at once; returns
@@ -392,6 +439,11 @@ class ReplicaCore:
             request.logprobs = list(outcome.logprobs)
         if outcome.prompt_logprobs is not None:
             request.prompt_logprobs = list(outcome.prompt_logprobs)
+
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def _remaining(request: Request) -> int:
