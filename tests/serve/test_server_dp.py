@@ -1,10 +1,12 @@
 """``kiln serve --dp 2`` as a real process: two replicas of the SmolLM2 onnx engine behind one
 server answer what one engine answers (concurrent completions, echo + logprobs scoring, which
 asks the LLM and not an executor: replicas leave none in the server), the gauges and the
-queue time come from the front, and a replica that dies turns /health to 503."""
+queue time come from the front, and a replica that dies turns /health to 503. ``kiln serve
+--engine_process`` (the default on a GPU) is the same front over one replica."""
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -79,3 +81,37 @@ def test_a_replica_that_dies_turns_health_to_503(dp_server, client):
     assert dp_server.stop() == 0
     log = dp_server.proc.stdout.read()
     assert "starting 2 replicas" in log and "replica 1" in log
+
+
+def test_the_engine_in_a_process_of_its_own_serves_streams_and_stops(engine, single):
+    server = ServerProcess(engine, "--engine_process", "-v")
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
+
+        def stream(prompt):
+            chunks = client.completions.create(model=MODEL, prompt=prompt, max_tokens=10,
+                                               temperature=0, stream=True)
+            return "".join(c.choices[0].text for c in chunks if c.choices)
+
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            got = list(pool.map(stream, PROMPTS))
+        params = single.default_params.replace(temperature=0, max_tokens=10)
+        assert got == [r.text for r in single.generate(PROMPTS, params)]
+        cut = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=200,
+                                        extra_body={"ignore_eos": True}, stream=True)
+        next(iter(cut))
+        cut.close()  # a client that leaves mid-stream: its request is aborted in the engine
+        for _ in range(100):
+            if server.metric("kiln:num_requests_running") == 0:
+                break
+            time.sleep(0.1)
+        assert server.metric("kiln:num_requests_running") == 0
+        children = [p for p in psutil.Process(server.proc.pid).children()
+                    if "spawn_main" in " ".join(p.cmdline())]
+        assert len(children) == 1, children
+    finally:
+        code = server.stop()
+    assert code == 0
+    log = server.proc.stdout.read()
+    assert "in a process of its own (CPU)" in log and "[engine]" in log, log
+    assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
