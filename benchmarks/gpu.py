@@ -76,7 +76,7 @@ QUANT_GOALS = [  # (label, result key, goal, comparison, anchor)
     ("TTFT 2048 FP8 ms", "fp8.ttft_ms", 30, "<=", "bf16 48.5 before"),
 ]
 # What each quantized variant runs (beyond batch-1 decode), by label.
-QUANT_RUNS = {"fp8": ("ttft", "throughput"), "fp8_kv_fp8": ("throughput_1000",),
+QUANT_RUNS = {"fp8": ("ttft", "throughput", "engine"), "fp8_kv_fp8": ("throughput_1000",),
               "int8_sq": ("ttft",)}
 
 
@@ -305,6 +305,19 @@ def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]
     return torch.randint(0, vocab, (n, length), generator=g).tolist()
 
 
+def _replay_ms(ex: TorchExecutor, plan) -> float:
+    for _ in range(3):
+        ex.graphs.run(plan)
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(50):
+        ex.graphs.run(plan)
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / 50
+
+
 def decode_batch1(results: dict, ex: TorchExecutor, tensors, out: Path) -> None:
     prompts = random_prompts(1, 128, ex.vocab_size, 1)
     run_requests(ex, prompts, 16)  # warm up
@@ -318,16 +331,13 @@ def decode_batch1(results: dict, ex: TorchExecutor, tensors, out: Path) -> None:
     assert ex.reserve(0, 200)
     ex._lengths[0] = 150
     plan = make_plan([SequenceChunk(0, [1], 150)], ex.cache.allocator)
-    for _ in range(3):
-        ex.graphs.run(plan)
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(50):
-        ex.graphs.run(plan)
-    b.record()
-    b.synchronize()
-    gpu_ms = a.elapsed_time(b) / 50
+    gpu_ms = _replay_ms(ex, plan)
+    if ex.graphs.short:  # the split graph of the same step, for comparison
+        short, ex.graphs.short_ctx = ex.graphs.short_ctx, 0
+        results["decode_gpu_step_split_graph_ms"] = _replay_ms(ex, plan)
+        ex.graphs.short_ctx = short
+        log.info("batch-1 decode GPU step at context 151: %.3f ms unsplit (short-context "
+                 "graph), %.3f ms split", gpu_ms, results["decode_gpu_step_split_graph_ms"])
     launches, plans = [], []
     for _ in range(10):  # host cost of pieces of a step, the GPU idle each time
         torch.cuda.synchronize()
@@ -416,23 +426,25 @@ def throughput(results: dict, ex: TorchExecutor, n: int, batches: list[int], out
     results[f"{key}_host_step_ms"] = best["host_step_ms"]
 
 
-def engine_core(results: dict, ex: TorchExecutor, n: int) -> None:
+def engine_core(results: dict, ex: TorchExecutor, n: int, sync: bool = True) -> None:
     """The runtime's own loop (EngineCore: scheduler + sampling), same workloads, in both
     modes: async scheduling (the default: step n+1 launched before step n's tokens are read)
     and the synchronous loop; beside them the bare executor loop (run_requests) on the
-    throughput workload. Keys without a suffix are the default (async) mode."""
+    throughput workload. Keys without a suffix are the default (async) mode. ``sync=False``:
+    the async mode alone (what ``kiln bench`` and ``kiln serve`` run)."""
     from kiln.runtime.core import EngineCore
     from kiln.runtime.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
     warm = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-    for mode in (True, False):  # warm up the mixed-step shapes of both loops (the first
+    modes = ((True, ""), (False, "_sync")) if sync else ((True, ""),)
+    for mode, _ in modes:  # warm up the mixed-step shapes of both loops (the first
         core = EngineCore(ex, async_scheduling=mode)  # large workload compiles kernels)
         for p in random_prompts(n, 128, ex.vocab_size, 7):
             core.add_request(p, warm)
         while core.has_work():
             core.step()
-    for mode, suffix in ((True, ""), (False, "_sync")):
+    for mode, suffix in modes:
         for label, count in (("engine_decode", 1), ("engine_throughput", n)):
             core = EngineCore(ex, async_scheduling=mode)
             prompts = random_prompts(count, 128, ex.vocab_size, 4)
@@ -449,6 +461,8 @@ def engine_core(results: dict, ex: TorchExecutor, n: int) -> None:
                 results[f"{label}{suffix}_wall_step_ms"] = 1e3 / results[key]
             log.info("%s (EngineCore, %s): %.1f tok/s", label,
                      "async" if mode else "sync", results[key])
+    if not sync:
+        return
     run = run_requests(ex, random_prompts(n, 128, ex.vocab_size, 4), 128)
     results["engine_executor_loop_tok_s"] = run.output_tokens / run.seconds
     for suffix in ("", "_sync"):
@@ -693,6 +707,8 @@ def quantized_variant(results: dict, label: str, config: DecoderConfig, tensors,
                 ttft(r, ex, args.out)
             elif what == "throughput":
                 throughput(r, ex, args.requests, batches, args.out)
+            elif what == "engine":  # EngineCore, async: batch-1 decode and args.requests
+                engine_core(r, ex, args.requests, sync=False)
             elif what == "throughput_1000":
                 throughput(r, ex, args.long_requests, batches, args.out, (1000, 1000),
                            "throughput_1000")
