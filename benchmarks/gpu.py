@@ -332,12 +332,6 @@ def decode_batch1(results: dict, ex: TorchExecutor, tensors, out: Path) -> None:
     ex._lengths[0] = 150
     plan = make_plan([SequenceChunk(0, [1], 150)], ex.cache.allocator)
     gpu_ms = _replay_ms(ex, plan)
-    if ex.graphs.short:  # the split graph of the same step, for comparison
-        short, ex.graphs.short_ctx = ex.graphs.short_ctx, 0
-        results["decode_gpu_step_split_graph_ms"] = _replay_ms(ex, plan)
-        ex.graphs.short_ctx = short
-        log.info("batch-1 decode GPU step at context 151: %.3f ms unsplit (short-context "
-                 "graph), %.3f ms split", gpu_ms, results["decode_gpu_step_split_graph_ms"])
     launches, plans = [], []
     for _ in range(10):  # host cost of pieces of a step, the GPU idle each time
         torch.cuda.synchronize()

@@ -14,13 +14,6 @@ fields name them, and a device gather writes them into the static token field af
 before the replay (:func:`~kiln.runtime.torch_backend.inputs.feed_tokens`). The decode kernel's split count and
 partition are fixed at capture from ``max_seq_len``; programs past a row's context exit early.
 All graphs share one memory pool and write logits into one ``[max_bs, vocab]`` buffer.
-
-Short contexts: where that split count is above 1 (small batches: few programs per key split
-would leave most multiprocessors idle on a long context), each such batch size gets a second
-graph, captured for contexts up to ``short_ctx`` keys with the attention unsplit: one program
-per (sequence, key head) over at most ``short_ctx`` keys, and no merge kernel. A step whose
-longest context fits replays it. At ``short_ctx`` = 256 that is at most four 64-key tiles per
-program; the split graph's programs each take one tile, then a merge kernel runs per layer.
 """
 
 from __future__ import annotations
@@ -36,8 +29,6 @@ from kiln.runtime.torch_backend.model import PagedDecoder, StepInputs
 from kiln.runtime.torch_backend.paged_cache import PagedKVCache
 
 logger = logging.getLogger(__name__)
-
-SHORT_CTX = 256  # contexts up to this many keys replay the unsplit graphs (module docstring)
 
 
 def default_batch_sizes(max_batch_size: int) -> list[int]:
@@ -77,8 +68,7 @@ class DecodeGraphs:
     """Captured decode forwards (see the module docstring)."""
 
     def __init__(self, model: PagedDecoder, cache: PagedKVCache, rope: RopeTables,
-                 batch_sizes: list[int], max_seq_len: int, device: torch.device,
-                 short_ctx: int | None = SHORT_CTX):
+                 batch_sizes: list[int], max_seq_len: int, device: torch.device):
         self.model, self.cache, self.rope = model, cache, rope
         self.max_seq_len = max_seq_len
         self.max_blocks = cache.allocator.max_blocks_per_seq
@@ -87,53 +77,38 @@ class DecodeGraphs:
         self.logits = torch.empty(self.sizes[-1], vocab, dtype=model.dtype, device=device)
         self.graphs = {bs: _Graph(bs, self.max_blocks, model.config.head_dim, rope.dynamic,
                                   device) for bs in self.sizes}
-        # the unsplit graphs of short contexts, where the long graph splits (module docstring)
-        self.short_ctx = short_ctx if short_ctx is not None and short_ctx < max_seq_len else 0
-        self.short = {bs: _Graph(bs, self.max_blocks, model.config.head_dim, rope.dynamic,
-                                 device)
-                      for bs in self.sizes
-                      if self.short_ctx and _splits(model, bs, max_seq_len, device) > 1}
         self._event = torch.cuda.Event()
         self._capture(device)
 
-    def _inputs(self, g: _Graph, short: bool) -> StepInputs:
+    def _inputs(self, g: _Graph) -> StepInputs:
         tokens, positions, slots, ctx, rows, tables = g.views(self.max_blocks)
         table, index = self.rope.table, positions
         if g.table is not None:
             table, index = g.table, rows
         return StepInputs(tokens=tokens, rope_index=index, rope_table=table, slot_mapping=slots,
                           last_rows=rows, dec_rows=rows, dec_tables=tables, dec_ctx=ctx,
-                          dec_max_ctx=self.short_ctx if short else self.max_seq_len,
-                          dec_splits=1 if short else None)
+                          dec_max_ctx=self.max_seq_len)
 
     def _capture(self, device: torch.device) -> None:
         started = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(device)
         for bs in reversed(self.sizes):  # largest first: later graphs reuse its pool memory
-            for g, short in ((self.graphs[bs], False), (self.short.get(bs), True)):
-                if g is not None:
-                    self._capture_one(g, short, pool, stream, device)
-        torch.cuda.synchronize(device)
-        logger.info("captured %d decode graphs (batch sizes %s%s) in %.1f s",
-                    len(self.graphs) + len(self.short), self.sizes,
-                    f"; unsplit attention up to {self.short_ctx} keys at {sorted(self.short)}"
-                    if self.short else "", time.perf_counter() - started)
-
-    def _capture_one(self, g: _Graph, short: bool, pool, stream: torch.cuda.Stream,
-                     device: torch.device) -> None:
-        bs = g.bs
-        g.dev[4 * bs:5 * bs].copy_(torch.arange(bs, dtype=torch.int32))  # rows
-        g.dev[3 * bs:4 * bs].fill_(1)  # ctx 1: a padded row sees its own scratch key
-        inp = self._inputs(g, short)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # compile the Triton kernels, settle cuBLAS workspaces
+            g = self.graphs[bs]
+            g.dev[4 * bs:5 * bs].copy_(torch.arange(bs, dtype=torch.int32))  # rows
+            g.dev[3 * bs:4 * bs].fill_(1)  # ctx 1: a padded row sees its own scratch key
+            inp = self._inputs(g)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # compile the Triton kernels, settle cuBLAS workspaces
+                    self.model.forward(inp, self.cache, logits_out=self.logits[:bs])
+            torch.cuda.current_stream(device).wait_stream(stream)
+            g.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g.graph, pool=pool, stream=stream):
                 self.model.forward(inp, self.cache, logits_out=self.logits[:bs])
-        torch.cuda.current_stream(device).wait_stream(stream)
-        g.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g.graph, pool=pool, stream=stream):
-            self.model.forward(inp, self.cache, logits_out=self.logits[:bs])
+        torch.cuda.synchronize(device)
+        logger.info("captured %d decode graphs (batch sizes %s) in %.1f s", len(self.sizes),
+                    self.sizes, time.perf_counter() - started)
 
     def size_for(self, n: int) -> int | None:
         for bs in self.sizes:
@@ -145,10 +120,7 @@ class DecodeGraphs:
         """Replay the graph for a decode-only plan (its ``feeds`` gathered on the device);
         logits [n, vocab] in the model dtype."""
         n = plan.num_seqs
-        bs = self.size_for(n)
-        g = self.graphs[bs]
-        if bs in self.short and int(plan.ends.max()) <= self.short_ctx:
-            g = self.short[bs]
+        g = self.graphs[self.size_for(n)]
         bs, mb = g.bs, self.max_blocks
         self._event.synchronize()  # the previous replay has read its pinned inputs
         host = g.host.numpy()
@@ -174,13 +146,3 @@ class DecodeGraphs:
         self._event.record()
         g.graph.replay()
         return self.logits[:n]
-
-
-def _splits(model: PagedDecoder, bs: int, max_ctx: int, device: torch.device) -> int:
-    """The key splits of the Triton decode kernel in a graph of ``bs`` rows (1: unsplit; the
-    PyTorch reference kernels never split)."""
-    if model.kernels.name != "triton":
-        return 1
-    from kiln.plugins.attention.triton_kernels import decode_splits
-
-    return decode_splits(bs, model.num_kv_heads, max_ctx, device)
