@@ -223,3 +223,63 @@ def test_limits_beyond_host_memory_refused_before_allocating(quantized, tmp_path
         open_engine(tmp_path / "e", ExecutorOptions(device="cpu"))
     monkeypatch.setattr("kiln.runtime.torch_executor.available_memory", lambda: None)
     open_engine(tmp_path / "e", ExecutorOptions(device="cpu"))  # unknown: no check
+
+
+def test_fp8_inputs_quantized_by_the_kernel_before_them(quantized, tmp_path, monkeypatch):
+    """Steps of more than FP8_TRITON_MAX_M rows: the norms and the gated MLP's activation hand
+    the FP8 projections their inputs quantized already (each with its own projection's input
+    scale; the activation also applies down's pre_quant_scale, which this checkpoint has),
+    which gives the same logits, bit for bit, as each projection quantizing its input itself,
+    and the oracle's. A 4-row decode step quantizes in the projections."""
+    import dataclasses
+
+    from kiln.plugins.quant_linear.triton_reference import FP8_TRITON_MAX_M
+    from kiln.runtime.torch_backend.model import QuantLinear
+
+    ckpt = quantized("fp8")
+    build(ckpt, tmp_path / "e", backend="torch", dtype="float32", max_batch_size=4,
+          max_input_len=32, max_seq_len=40, max_num_tokens=128)
+    gen = torch.Generator().manual_seed(3)
+    vocab = load_config(ckpt).decoder.vocab_size
+    prompts = [torch.randint(1, vocab, (30,), generator=gen).tolist() for _ in range(4)]
+    assert 4 * 30 > FP8_TRITON_MAX_M
+
+    def run(fused: bool) -> tuple[list[torch.Tensor], list[str]]:
+        _, ex = open_engine(tmp_path / "e", ExecutorOptions(device="cpu"))
+        kernels, quantized_by = ex.model.kernels, []
+
+        def add_norm(*args, quant_scale=None, **kwargs):
+            quantized_by.append("norm" if quant_scale is not None else "-")
+            return kernels.add_norm(*args, quant_scale=quant_scale, **kwargs)
+
+        def silu_and_mul(gate_up, quant_scale=None, pre_quant_scale=None):
+            quantized_by.append("silu" if quant_scale is not None else "-")
+            if quant_scale is not None:
+                assert pre_quant_scale is not None  # down's smoothing, applied here
+            return kernels.silu_and_mul(gate_up, quant_scale=quant_scale,
+                                        pre_quant_scale=pre_quant_scale)
+
+        ex.model.kernels = dataclasses.replace(kernels, add_norm=add_norm,
+                                               silu_and_mul=silu_and_mul)
+        if not fused:
+            monkeypatch.setattr(QuantLinear, "quantized_input", lambda self, rows: None)
+        for slot, p in enumerate(prompts):
+            assert ex.reserve(slot, len(p) + 2)
+        logits = [ex.step([SequenceChunk(s, p, 0) for s, p in enumerate(prompts)])]
+        prefill_calls = list(quantized_by)
+        logits.append(ex.step([SequenceChunk(s, [5], 30) for s in range(4)]))  # 4 rows
+        ex.close()
+        return logits, prefill_calls
+
+    fused, calls = run(True)
+    layers = load_config(ckpt).decoder.num_layers
+    # per layer: the attention norm (for qkv), the MLP norm (gate_up), silu*up (down); the
+    # final norm feeds the unquantized lm_head
+    assert calls.count("norm") == 2 * layers and calls.count("silu") == layers, calls
+    unfused, calls = run(False)
+    assert "norm" not in calls and "silu" not in calls
+    for a, b in zip(fused, unfused, strict=True):
+        assert torch.equal(a, b)
+    steps = ReferenceSteps(ReferenceDecoder.from_checkpoint(ckpt))
+    want = steps.step([(s, p, 0) for s, p in enumerate(prompts)])
+    np.testing.assert_allclose(fused[0].numpy(), want, atol=TOL, rtol=0)

@@ -67,3 +67,34 @@ def test_in_place_norm_of_a_strided_slice():
     _kernels().add_norm(view, None, w, None, 1e-5, rms=False, out=view)
     assert_close(qkv[:, 32:64], want, torch.float32)
     assert torch.equal(qkv[:, :32], before[:, :32]) and torch.equal(qkv[:, 64:], before[:, 64:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("hidden", [576, 4096, 20000])
+@pytest.mark.parametrize("kind", ["rms", "layer-bias"])
+def test_add_norm_quantized_for_fp8_equals_the_projections_own_pass(dtype, hidden, kind):
+    """``quant_scale``: the normed rows as FP8, bit for bit what the FP8 projection's own
+    activation pass makes of the normed rows in the model dtype; the residual as without."""
+    from kiln.plugins.quant_linear.triton_kernels import _ACT_FP8, _quantize_rows
+
+    device = triton_device()
+    skip_unsupported(dtype, device)
+    if device.type == "cpu":
+        pytest.skip("fp8 casts run on GPUs only")
+    t = 70
+    x = (torch.randn(t, hidden, device=device) * 2).to(dtype)
+    res = torch.randn(t, hidden, device=device).to(dtype)
+    w = (1 + 0.1 * torch.randn(hidden, device=device)).to(dtype)
+    b = (0.1 * torch.randn(hidden, device=device)).to(dtype) if kind == "layer-bias" else None
+    s = torch.tensor([0.004], device=device)  # saturates the largest values
+    normed, r1 = _kernels().add_norm(x, res.clone(), w, b, 1e-5, rms=kind == "rms")
+    want, _ = _quantize_rows(normed, s, _ACT_FP8)
+    got, r2 = _kernels().add_norm(x, res.clone(), w, b, 1e-5, rms=kind == "rms", quant_scale=s)
+    assert got.dtype == torch.float8_e4m3fn
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    assert torch.equal(r1, r2)
+    assert (got.float().abs() == 448).any()  # the clamp was exercised
+    fused_ref, _ = ref.add_norm(x, res.clone(), w, b, 1e-5, rms=kind == "rms", quant_scale=s)
+    assert fused_ref.dtype == torch.float8_e4m3fn  # the reference's contract, same type
+    with pytest.raises(ValueError, match="out must be None"):
+        _kernels().add_norm(x, None, w, b, 1e-5, rms=True, out=normed, quant_scale=s)

@@ -236,3 +236,31 @@ def test_rejects_bad_inputs():
         kernels.int4_weight_only_linear(x, w4, torch.ones(32, 1, device=device), 48)
     with pytest.raises(ValueError, match="weight_scale"):
         kernels.int4_weight_only_linear(x, w4, torch.ones(32, 2, device=device), 64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"])
+@pytest.mark.parametrize("m", [65, 300])
+def test_fp8_linear_takes_its_input_quantized_already(dtype, per_channel, m):
+    """Where ``fp8_takes_quantized`` says so, an FP8 x (quantized by the kernel before, with the
+    static input scale) gives what the bf16/fp16/fp32 x gives, bit for bit (the same cuBLASLt
+    call after the same quantization); elsewhere an FP8 x is refused in one line."""
+    device = triton_device()
+    _skip(dtype, device, "fp8")
+    kernels = _kernels()
+    name, (x, w, ws, s, b) = _case("fp8", 512, 1024, m, dtype, device, per_channel=per_channel,
+                                   bias=True)
+    takes = kernels.fp8_takes_quantized(m, 512, 1024, ws, s, dtype)
+    assert takes == (not per_channel or dtype == torch.bfloat16)
+    assert ref.fp8_takes_quantized(m, 512, 1024, ws, s, dtype)  # the reference takes any
+    q, _ = kernels._quantize_rows(x, s.reshape(-1).float(), kernels._ACT_FP8)
+    if not takes:
+        with pytest.raises(ValueError, match="fp8_takes_quantized"):
+            kernels.fp8_linear(q, w, ws, s, b, out_dtype=dtype)
+        return
+    got = kernels.fp8_linear(q, w, ws, s, b, out_dtype=dtype)
+    assert got.dtype == dtype and torch.equal(got, kernels.fp8_linear(x, w, ws, s, b))
+    assert torch.equal(ref.fp8_linear(q, w, ws, s, b, out_dtype=dtype),
+                       ref.fp8_linear(x, w, ws, s, b))
+    assert not kernels.fp8_takes_quantized(64, 512, 1024, ws, s, dtype)
+    assert not kernels.fp8_takes_quantized(m, 512, 1024, ws, None, dtype)

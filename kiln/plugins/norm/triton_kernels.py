@@ -2,7 +2,10 @@
 
 Same contract as :mod:`kiln.plugins.norm.triton_reference`. One program per row; rows up
 to ``MAX_FUSED`` elements are held in registers (one pass), longer rows take two passes
-(statistics, then normalize), which stays correct when ``out`` aliases ``x``.
+(statistics, then normalize), which stays correct when ``out`` aliases ``x``. With
+``quant_scale`` the normed row is stored as FP8 (the FP8 projection's quantization of its
+input, by the same rule: :func:`kiln.plugins.quant_linear.triton_kernels._quantize`), so that no
+separate pass reads it back to quantize it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import triton.language as tl
 
 from kiln.plugins.pdl import enabled as pdl_enabled
 from kiln.plugins.pdl.triton_kernels import prologue
+from kiln.plugins.quant_linear.triton_kernels import _quantize
 
 MAX_FUSED = 16384
 
@@ -33,9 +37,22 @@ def _residual_sum(x_ptr, x_stride, res_ptr, res_stride, row, offs, mask,
 
 
 @triton.jit
+def _store(out_ptr, y, s_ptr, mask, QUANT: tl.constexpr, DTYPE: tl.constexpr):
+    """The normed block: in the model dtype, or (QUANT) rounded to it and quantized to FP8 with
+    the static scale ``*s_ptr``, as the projection's own pass would quantize that row."""
+    if QUANT:
+        s = tl.load(s_ptr)
+        q = _quantize(y.to(DTYPE).to(tl.float32), s, s, 1, True)
+        tl.store(out_ptr, q.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptr, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _add_norm_kernel(x_ptr, x_stride, res_ptr, res_stride, w_ptr, b_ptr, out_ptr, out_stride,
-                     n_cols, eps, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     RMS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+                     s_ptr, n_cols, eps, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     RMS: tl.constexpr, BLOCK: tl.constexpr, QUANT: tl.constexpr,
+                     DTYPE: tl.constexpr, PDL: tl.constexpr = False):
     prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -44,7 +61,7 @@ def _add_norm_kernel(x_ptr, x_stride, res_ptr, res_stride, w_ptr, b_ptr, out_ptr
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
     if RMS:
         rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / n_cols + eps)
-        y = (xf * rstd).to(out_ptr.dtype.element_ty).to(tl.float32) * w.to(tl.float32)
+        y = (xf * rstd).to(DTYPE).to(tl.float32) * w.to(tl.float32)
     else:
         mean = tl.sum(xf, 0) / n_cols
         diff = tl.where(mask, xf - mean, 0.0)
@@ -52,14 +69,14 @@ def _add_norm_kernel(x_ptr, x_stride, res_ptr, res_stride, w_ptr, b_ptr, out_ptr
         y = diff * rstd * w.to(tl.float32)
         if HAS_BIAS:
             y += tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * out_stride + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    _store(out_ptr + row * out_stride + offs, y, s_ptr, mask, QUANT, DTYPE)
 
 
 @triton.jit
 def _add_norm_long_kernel(x_ptr, x_stride, res_ptr, res_stride, w_ptr, b_ptr, out_ptr,
-                          out_stride, n_cols, eps, HAS_RES: tl.constexpr,
+                          out_stride, s_ptr, n_cols, eps, HAS_RES: tl.constexpr,
                           HAS_BIAS: tl.constexpr, RMS: tl.constexpr, BLOCK: tl.constexpr,
-                          PDL: tl.constexpr = False):
+                          QUANT: tl.constexpr, DTYPE: tl.constexpr, PDL: tl.constexpr = False):
     prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     total = tl.zeros([BLOCK], tl.float32)
@@ -83,21 +100,28 @@ def _add_norm_long_kernel(x_ptr, x_stride, res_ptr, res_stride, w_ptr, b_ptr, ou
         xf = tl.load(src_ptr + row * src_stride + offs, mask=mask, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if RMS:
-            y = (xf * rstd).to(out_ptr.dtype.element_ty).to(tl.float32) * w
+            y = (xf * rstd).to(DTYPE).to(tl.float32) * w
         else:
             y = (xf - mean) * rstd * w
             if HAS_BIAS:
                 y += tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * out_stride + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        _store(out_ptr + row * out_stride + offs, y, s_ptr, mask, QUANT, DTYPE)
+
+
+_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 def add_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
              bias: torch.Tensor | None, eps: float, *, rms: bool,
-             out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             out: torch.Tensor | None = None, quant_scale: torch.Tensor | None = None,
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     t, h = x.shape
     if x.stride(-1) != 1 or (residual is not None and residual.stride(-1) != 1):
         raise ValueError("add_norm (triton): rows must be contiguous (last stride 1)")
-    out = torch.empty((t, h), dtype=x.dtype, device=x.device) if out is None else out
+    if quant_scale is not None and out is not None:
+        raise ValueError("add_norm: quant_scale makes a new FP8 output; out must be None")
+    dtype = torch.float8_e4m3fn if quant_scale is not None else x.dtype
+    out = torch.empty((t, h), dtype=dtype, device=x.device) if out is None else out
     r = residual if residual is not None else x
     if t == 0:
         return out, r
@@ -108,7 +132,8 @@ def add_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tenso
     warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
     pdl = pdl_enabled(x.device)
     kernel[(t,)](x, x.stride(0), r, r.stride(0), weight, bias if bias is not None else weight,
-                 out, out.stride(0), h, eps, HAS_RES=residual is not None,
-                 HAS_BIAS=bias is not None, RMS=rms, BLOCK=block, PDL=pdl, num_warps=warps,
-                 launch_pdl=pdl)
+                 out, out.stride(0), quant_scale if quant_scale is not None else weight, h, eps,
+                 HAS_RES=residual is not None, HAS_BIAS=bias is not None, RMS=rms, BLOCK=block,
+                 QUANT=quant_scale is not None, DTYPE=_DTYPES[x.dtype], PDL=pdl,
+                 num_warps=warps, launch_pdl=pdl)
     return out, r

@@ -15,6 +15,10 @@ Contract, shared with :mod:`kiln.plugins.norm.triton_kernels`:
   bias`` (``bias`` may be None). Statistics in float32.
 - ``out``: where ``normed`` goes (may alias ``x`` when there is no residual: in-place norms of a
   strided slice, as q/k norms use); a new tensor when None.
+- ``quant_scale`` (a static FP8 input scale, a float32 scalar tensor): ``normed`` is the FP8
+  projection's input quantized already, float8_e4m3fn: the normed row in the model dtype
+  (as above), then ``fp8(clamp(row / quant_scale, -448, 448))``, round to nearest even
+  (:func:`kiln.plugins.quant_linear.triton_reference.quantize_fp8_input`). ``out`` must be None.
 """
 
 from __future__ import annotations
@@ -23,17 +27,23 @@ import torch
 
 from kiln.config import NormType
 from kiln.plugins.norm.reference import norm
+from kiln.plugins.quant_linear.triton_reference import quantize_fp8_input
 
 
 def add_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
              bias: torch.Tensor | None, eps: float, *, rms: bool,
-             out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             out: torch.Tensor | None = None, quant_scale: torch.Tensor | None = None,
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    if quant_scale is not None and out is not None:
+        raise ValueError("add_norm: quant_scale makes a new FP8 output; out must be None")
     if residual is not None:
         residual.add_(x)
         r = residual
     else:
         r = x
     normed = norm(r, weight, bias, NormType.RMSNORM if rms else NormType.LAYERNORM, eps)
+    if quant_scale is not None:
+        return quantize_fp8_input(normed, quant_scale)[0], r
     if out is None:
         return normed, r
     out.copy_(normed)

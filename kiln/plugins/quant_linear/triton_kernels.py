@@ -779,9 +779,15 @@ def _fp8_scaled_mm_ok(x, n, k, ws, s) -> bool:
 def _fp8_scaled_mm(x, weight, ws, s, bias, config=None):
     """cuBLASLt: tensorwise scales when both are scalars, else rowwise (bf16 output only)."""
     q, s_rows = _quantize_rows(x, s, _ACT_FP8)
-    m, n = x.shape[0], weight.shape[0]
+    return _scaled_mm(q, s, s_rows, weight, ws, bias, x.dtype)
+
+
+def _scaled_mm(q, s, s_rows, weight, ws, bias, out_dtype):
+    """``torch._scaled_mm`` of the quantized input ``q`` (its static scale ``s``, or None and
+    per-row ``s_rows``)."""
+    m, n = q.shape[0], weight.shape[0]
     if ws.numel() == 1 and s is not None:
-        y = torch._scaled_mm(q, weight.t(), s.reshape(()), ws.reshape(()), out_dtype=x.dtype)
+        y = torch._scaled_mm(q, weight.t(), s.reshape(()), ws.reshape(()), out_dtype=out_dtype)
     else:
         scale_b = ws.reshape(1, n) if ws.numel() == n else ws.reshape(1, 1).expand(1, n)
         y = torch._scaled_mm(q, weight.t(), s_rows.view(m, 1), scale_b.contiguous(),
@@ -895,10 +901,40 @@ PATHS = {
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-               input_scale: torch.Tensor | None, bias: torch.Tensor | None = None) -> torch.Tensor:
+               input_scale: torch.Tensor | None, bias: torch.Tensor | None = None,
+               out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    if x.dtype == torch.float8_e4m3fn:  # quantized already, by the kernel before it
+        return _fp8_linear_quantized(x, weight, weight_scale, input_scale, bias, out_dtype)
     m, n, k = _check_x_weight("fp8_linear", x, weight, torch.float8_e4m3fn)
     ws, s, b = _scales("fp8_linear", x, n, weight_scale, True, input_scale, bias)
     return _run(x, n, fp8_path(x, n, k, ws, s), "fp8_linear", weight, ws, s, b)
+
+
+def fp8_takes_quantized(m: int, n: int, k: int, weight_scale: torch.Tensor,
+                        input_scale: torch.Tensor | None, dtype: torch.dtype) -> bool:
+    """Whether fp8_linear on these ``m`` rows of ``dtype`` would quantize them in a pass of its
+    own (the cuBLASLt path with a static input scale), which the kernel before it can do
+    instead (the contract, triton_reference)."""
+    tensorwise = weight_scale.numel() == 1
+    return (input_scale is not None and m > FP8_TRITON_MAX_M and k % 16 == 0 and n % 16 == 0
+            and (tensorwise or dtype == torch.bfloat16))
+
+
+def _fp8_linear_quantized(q, weight, weight_scale, input_scale, bias, out_dtype):
+    fn = "fp8_linear"
+    if q.dim() != 2 or (q.shape[0] and q.stride(1) != 1) or out_dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{fn}: an FP8 x must be [M, K] with contiguous rows, and out_dtype "
+                         f"float16/bfloat16/float32, found {tuple(q.shape)} and {out_dtype}")
+    m, k, n = q.shape[0], q.shape[1], weight.shape[0]
+    if not fp8_takes_quantized(m, n, k, weight_scale, input_scale, out_dtype):
+        raise ValueError(f"{fn}: an FP8 x of {m} rows is not taken here (fp8_takes_quantized "
+                         f"says where it is); pass the {out_dtype} activations")
+    if weight.dtype != torch.float8_e4m3fn or weight.shape[1] != k:
+        raise ValueError(f"{fn}: weight must be float8_e4m3fn [N, {k}], found "
+                         f"{tuple(weight.shape)} {weight.dtype}")
+    ws, s, b = _scales(fn, q, n, weight_scale, True, input_scale, bias)
+    s_rows = s.expand(m).contiguous() if ws.numel() > 1 else None
+    return _scaled_mm(q, None if ws.numel() > 1 else s, s_rows, weight, ws, b, out_dtype)
 
 
 def fp8_path(x: torch.Tensor, n: int, k: int, ws: torch.Tensor, s: torch.Tensor | None) -> str:

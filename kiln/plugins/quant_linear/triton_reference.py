@@ -9,11 +9,18 @@ tensors; a scalar scale is a 0-dim or 1-element tensor. Weights use the engine l
 :mod:`kiln.plugins.quant_linear.layout`. A ``pre_quant_scale`` (smoothing) is not applied here:
 the caller multiplies the input first, as the reference decoder does.
 
-- ``fp8_linear(x, weight, weight_scale, input_scale, bias=None)``: FP8 W8A8 (e4m3).
-  ``weight`` float8_e4m3fn [N, K], ``weight_scale`` scalar or [N]. The input is quantized as
-  ``q = fp8(clamp(x / s, -448, 448))`` (round to nearest even) with the static ``input_scale``
-  ``s``, or, when ``input_scale`` is None, per token (row) with ``s = amax(|x_row|) / 448`` (1 for
-  an all-zero row; computed as amax times float32(1 / 448)). ``y = (q * s) @ (weight * weight_scale).T``.
+- ``fp8_linear(x, weight, weight_scale, input_scale, bias=None, out_dtype=None)``: FP8 W8A8
+  (e4m3). ``weight`` float8_e4m3fn [N, K], ``weight_scale`` scalar or [N]. The input is quantized
+  as ``q = fp8(clamp(x / s, -448, 448))`` (round to nearest even) with the static
+  ``input_scale`` ``s``, or, when ``input_scale`` is None, per token (row) with
+  ``s = amax(|x_row|) / 448`` (1 for an all-zero row; computed as amax times float32(1 / 448)).
+  ``y = (q * s) @ (weight * weight_scale).T``. An ``x`` of dtype float8_e4m3fn is that ``q``
+  already (quantized by the kernel before, under the static ``input_scale``: the norm's or the
+  gated MLP's ``quant_scale``); ``y`` is then in ``out_dtype``.
+- ``fp8_takes_quantized(m, n, k, weight_scale, input_scale, dtype)``: whether ``fp8_linear`` on
+  ``m`` rows of ``dtype`` would quantize them in a pass of their own, which the kernel before it
+  can do instead (a static ``input_scale``, and ``m`` above ``FP8_TRITON_MAX_M``: fewer rows go
+  to kernels that quantize as they read).
 - ``int8_w8a8_linear(x, weight, weight_scale, input_scale, bias=None)``: INT8 SmoothQuant.
   ``weight`` int8 [N, K], ``weight_scale`` [N]; ``q = clamp(round_half_even(x / s), -128, 127)``
   with the static scalar ``input_scale`` (None: per token, ``amax / 127``);
@@ -69,12 +76,32 @@ def _finish(acc: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) ->
     return acc.to(dtype)
 
 
+FP8_TRITON_MAX_M = 64  # as the kernels' (triton_kernels.FP8_TRITON_MAX_M)
+
+
+def fp8_takes_quantized(m: int, n: int, k: int, weight_scale: torch.Tensor,
+                        input_scale: torch.Tensor | None, dtype: torch.dtype) -> bool:
+    return input_scale is not None and m > FP8_TRITON_MAX_M
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-               input_scale: torch.Tensor | None, bias: torch.Tensor | None = None) -> torch.Tensor:
-    q, s = quantize_fp8_input(x, input_scale)
+               input_scale: torch.Tensor | None, bias: torch.Tensor | None = None,
+               out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    if x.dtype == torch.float8_e4m3fn:
+        q, s, dtype = x, _static_scale(input_scale, out_dtype), out_dtype
+    else:
+        (q, s), dtype = quantize_fp8_input(x, input_scale), x.dtype
     ws = weight_scale.float()
     w = weight.float() * (ws.reshape(-1, 1) if ws.numel() > 1 else ws.reshape(()))
-    return _finish(F.linear(q.float() * s, w), bias, x.dtype)
+    return _finish(F.linear(q.float() * s, w), bias, dtype)
+
+
+def _static_scale(input_scale: torch.Tensor | None, out_dtype: torch.dtype | None) -> torch.Tensor:
+    """The scale of an input quantized already (fp8_linear's contract)."""
+    if input_scale is None or out_dtype is None:
+        raise ValueError("fp8_linear: an FP8 x was quantized with the static input_scale, and "
+                         "needs it and out_dtype")
+    return input_scale.float().reshape(())
 
 
 def int8_w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,

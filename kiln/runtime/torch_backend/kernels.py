@@ -27,6 +27,7 @@ _OPS = {  # op -> plugin folder under kiln.plugins
     "int8_w8a8_linear": "quant_linear",
     "int8_weight_only_linear": "quant_linear",
     "int4_weight_only_linear": "quant_linear",
+    "fp8_takes_quantized": "quant_linear",
 }
 
 
@@ -43,6 +44,7 @@ class KernelSet:
     int8_w8a8_linear: Callable
     int8_weight_only_linear: Callable
     int4_weight_only_linear: Callable
+    fp8_takes_quantized: Callable  # where fp8_linear takes an input its producer quantized
 
 
 def load_kernels(name: str | None, device: torch.device) -> KernelSet:

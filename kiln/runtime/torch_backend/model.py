@@ -97,16 +97,40 @@ class Linear:
 
 
 class QuantLinear:
-    """A quantized projection: its format's kernel over the packed weight and scales."""
+    """A quantized projection: its format's kernel over the packed weight and scales.
+
+    An FP8 projection with a static input scale may take its input quantized already (FP8),
+    by the kernel that makes it (the norm, the gated MLP's activation, which also applies the
+    projection's ``pre_quant_scale`` first), where it would quantize it in a pass of its own
+    (:meth:`quantized_input`; the kernels' ``fp8_takes_quantized``).
+    """
 
     gemv = None  # no fused silu*up GEMV: the gated MLP's activation runs first
 
     def __init__(self, kernel: Callable, weight: torch.Tensor, scales: tuple, bias: torch.Tensor | None,
-                 pre_quant_scale: torch.Tensor | None):
+                 pre_quant_scale: torch.Tensor | None, dtype: torch.dtype,
+                 takes_quantized: Callable | None = None):
         self.kernel, self.weight, self.scales = kernel, weight, scales
-        self.bias, self.pre_quant_scale = bias, pre_quant_scale
+        self.bias, self.pre_quant_scale, self.dtype = bias, pre_quant_scale, dtype
+        self.takes_quantized = takes_quantized
+
+    def quantized_input(self, rows: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(input scale, pre_quant_scale or None) to quantize an input of ``rows`` rows with
+        before this projection (which then skips its own pass: multiply by the
+        pre_quant_scale, round to the model dtype, quantize to FP8), or None: give it the
+        input in the model dtype."""
+        if self.takes_quantized is None:
+            return None
+        weight_scale, input_scale = self.scales
+        n, k = self.weight.shape
+        if self.takes_quantized(rows, n, k, weight_scale, input_scale, self.dtype):
+            return input_scale, self.pre_quant_scale
+        return None
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dtype == torch.float8_e4m3fn:  # quantized by its producer (input_scale_for)
+            y = self.kernel(x, self.weight, *self.scales, bias=self.bias, out_dtype=self.dtype)
+            return y if out is None else out.copy_(y)
         if self.pre_quant_scale is not None:  # as the reference decoder: in float32, rounded
             x = (x.float() * self.pre_quant_scale).to(x.dtype)
         y = self.kernel(x, self.weight, *self.scales, bias=self.bias)
@@ -114,21 +138,25 @@ class QuantLinear:
 
 
 def quant_linear(quant: QuantConfig, kernels: KernelSet, tensors: dict[str, torch.Tensor],
-                 role: Role, layer: int | None, bias: torch.Tensor | None) -> QuantLinear:
-    """The :class:`QuantLinear` of ``role``'s weight in layer ``layer`` of a ``quant`` engine."""
+                 role: Role, layer: int | None, bias: torch.Tensor | None,
+                 dtype: torch.dtype) -> QuantLinear:
+    """The :class:`QuantLinear` of ``role``'s weight in layer ``layer`` of a ``quant`` engine
+    whose activations are ``dtype``."""
     get = tensors.get
     weight = tensors[role.name(layer)]
     weight_scale = tensors[companion(role, layer, WEIGHT_SCALE)]
     input_scale = get(companion(role, layer, INPUT_SCALE))
+    pre_quant_scale = get(companion(role, layer, PRE_QUANT_SCALE))
     if quant.qformat == "fp8":
-        kernel, scales = kernels.fp8_linear, (weight_scale, input_scale)
-    elif quant.qformat == "int8_sq":
+        return QuantLinear(kernels.fp8_linear, weight, (weight_scale, input_scale), bias,
+                           pre_quant_scale, dtype, kernels.fp8_takes_quantized)
+    if quant.qformat == "int8_sq":
         kernel, scales = kernels.int8_w8a8_linear, (weight_scale, input_scale)
     elif quant.info.weight_dtype == "int8":
         kernel, scales = kernels.int8_weight_only_linear, (weight_scale,)
     else:
         kernel, scales = kernels.int4_weight_only_linear, (weight_scale, quant.group_size)
-    return QuantLinear(kernel, weight, scales, bias, get(companion(role, layer, PRE_QUANT_SCALE)))
+    return QuantLinear(kernel, weight, scales, bias, pre_quant_scale, dtype)
 
 
 @dataclass
@@ -168,6 +196,8 @@ class PagedDecoder:
         self.rms = config.norm_type is NormType.RMSNORM
         get = tensors.get
         quantized = quantized_roles(quant)
+        # the model (and activation) dtype: the norms' (a quantized engine's norms stay unquantized)
+        dtype = tensors[Role.ATTN_NORM.name(next(iter(shard.layers(config))))].dtype
         # Row-parallel biases are replicated: added by one rank, the all-reduce sums them once.
         drop_bias = {Role.OUT, Role.DOWN} if shard.tp_rank > 0 else set()
 
@@ -175,7 +205,7 @@ class PagedDecoder:
             name = role.name(i)
             b = None if bias is None or role in drop_bias else get(bias.name(i))
             if role in quantized:
-                return quant_linear(quant, kernels, tensors, role, i, b)
+                return quant_linear(quant, kernels, tensors, role, i, b, dtype)
             return Linear(tensors[name], b, name in transposed,
                           None if role is Role.LM_HEAD else kernels.gemv)
 
@@ -213,9 +243,15 @@ class PagedDecoder:
                                       device=device)
 
     def _norm(self, x: torch.Tensor, residual: torch.Tensor | None, norm: Norm,
-              out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              out: torch.Tensor | None = None, into: Linear | QuantLinear | None = None,
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add and norm; ``into``: the one projection that reads the result, which may take
+        it quantized to FP8 by the norm (:meth:`QuantLinear.quantized_input`; not with a
+        pre_quant_scale, which the norm kernel does not apply)."""
+        fused = into.quantized_input(x.shape[0]) if isinstance(into, QuantLinear) else None
+        scale = fused[0] if fused is not None and fused[1] is None else None
         return self.kernels.add_norm(x, residual, norm.weight, norm.bias, self.config.norm_eps,
-                                     rms=self.rms, out=out)
+                                     rms=self.rms, out=out, quant_scale=scale)
 
     @torch.no_grad()
     def forward(self, inp: StepInputs, cache: PagedKVCache,
@@ -246,8 +282,12 @@ class PagedDecoder:
             x = F.embedding(inp.tokens, self.embed)
         else:
             x = comm.recv_hidden(inp.tokens.shape[0], first.weight)
-        h, residual = self._norm(x, None, first)
         parallel = self.config.residual is ResidualType.PARALLEL
+        # a parallel block's attention and MLP may both read the attention norm: never FP8
+        def qkv(i: int) -> QuantLinear | Linear | None:
+            return None if parallel else self.layers[i].qkv
+
+        h, residual = self._norm(x, None, first, into=qkv(0))
         reduce = comm.all_reduce if shard.tp_size > 1 else (lambda t: t)
         for i, layer in enumerate(self.layers):
             attn = self._attention(i, layer, h, inp, cache)
@@ -255,10 +295,12 @@ class PagedDecoder:
                 h_mlp = self._norm(residual, None, layer.mlp_norm)[0] if layer.mlp_norm else h
                 delta = reduce(attn.add_(self._mlp(layer, h_mlp)))
             else:
-                h, residual = self._norm(reduce(attn), residual, layer.mlp_norm)
+                h, residual = self._norm(reduce(attn), residual, layer.mlp_norm,
+                                         into=layer.gate_up or layer.up)
                 delta = reduce(self._mlp(layer, h))
             if i + 1 < len(self.layers):
-                h, residual = self._norm(delta, residual, self.layers[i + 1].attn_norm)
+                h, residual = self._norm(delta, residual, self.layers[i + 1].attn_norm,
+                                         into=qkv(i + 1))
             elif shard.last_stage:
                 h, residual = self._norm(delta, residual, self.final_norm)
             else:  # the next stage's first norm adds nothing: hand it the summed stream
@@ -303,5 +345,9 @@ class PagedDecoder:
             if h.shape[0] == 1 and layer.down.gemv is not None:  # silu*up fused into down
                 return layer.down.gemv(gate_up, layer.down.weight, layer.down.bias,
                                        silu_input=True)
-            return layer.down(self.kernels.silu_and_mul(gate_up))
+            fused = layer.down.quantized_input(h.shape[0]) \
+                if isinstance(layer.down, QuantLinear) else None
+            scale, smoothing = fused if fused is not None else (None, None)
+            return layer.down(self.kernels.silu_and_mul(gate_up, quant_scale=scale,
+                                                        pre_quant_scale=smoothing))
         return layer.down(F.gelu(layer.up(h)))
