@@ -70,7 +70,7 @@ def test_in_place_norm_of_a_strided_slice():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("hidden", [576, 4096, 20000])
+@pytest.mark.parametrize("hidden", [576, 4096, 8192, 14336, 16384, 20000])
 @pytest.mark.parametrize("kind", ["rms", "layer-bias"])
 def test_add_norm_quantized_for_fp8_equals_the_projections_own_pass(dtype, hidden, kind):
     """``quant_scale``: the normed rows as FP8, bit for bit what the FP8 projection's own
