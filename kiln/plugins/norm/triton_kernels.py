@@ -5,10 +5,11 @@ to ``MAX_FUSED`` elements are held in registers (one pass), longer rows take two
 (statistics, then normalize), which stays correct when ``out`` aliases ``x``. With
 ``quant_scale`` the normed row is stored as FP8 (the FP8 projection's quantization of its
 input, by the same rule: :func:`kiln.plugins.quant_linear.triton_kernels._quantize`), so that no
-separate pass reads it back to quantize it. Rows longer than ``MAX_FUSED`` are normed, then
-quantized by the projection's own pass: there, on an H200, the fused two-pass kernel's values
-differed from that pass's in a few elements per row (its partial sums are kept in the layout
-the stores choose, and an FP8 store chooses another one, which moves the statistics by an ulp).
+separate pass reads it back to quantize it. The row's statistics are the same sums, but the
+compiler may add them in another order when the store is FP8 (on an H200: LayerNorm rows of
+14336 and more, and rows beyond ``MAX_FUSED``; RMSNorm rows up to it never), so a value can
+land one FP8 step from what the projection's pass makes of the 16-bit output: a rounding of
+an equally exact norm.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import triton.language as tl
 
 from kiln.plugins.pdl import enabled as pdl_enabled
 from kiln.plugins.pdl.triton_kernels import prologue
-from kiln.plugins.quant_linear.triton_kernels import _ACT_FP8, _quantize, _quantize_rows
+from kiln.plugins.quant_linear.triton_kernels import _quantize
 
 MAX_FUSED = 16384
 
@@ -129,9 +130,6 @@ def add_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tenso
     if t == 0:
         return out, r
     block = triton.next_power_of_2(h)
-    if quant_scale is not None and block > MAX_FUSED:  # the module docstring
-        normed, r = add_norm(x, residual, weight, bias, eps, rms=rms)
-        return _quantize_rows(normed, quant_scale.reshape(-1).float(), _ACT_FP8)[0], r
     kernel = _add_norm_kernel
     if block > MAX_FUSED:
         kernel, block = _add_norm_long_kernel, 4096
