@@ -97,8 +97,6 @@ def test_add_norm_quantized_for_fp8_equals_the_projections_own_pass(dtype, hidde
     steps = _fp8_steps(got, want)
     assert steps.max() <= 1 and (steps > 0).float().mean() <= 1e-3, \
         f"{int((steps > 0).sum())} of {steps.numel()} values differ, by up to {steps.max()} steps"
-    if kind == "rms" and hidden <= 16384:  # what the H200 gave (one-pass kernel): equal
-        assert steps.max() == 0
     assert torch.equal(r1, r2)
     assert (got.float().abs() == 448).any()  # the clamp was exercised
     fused_ref, _ = ref.add_norm(x, res.clone(), w, b, 1e-5, rms=kind == "rms", quant_scale=s)

@@ -6,10 +6,10 @@ to ``MAX_FUSED`` elements are held in registers (one pass), longer rows take two
 ``quant_scale`` the normed row is stored as FP8 (the FP8 projection's quantization of its
 input, by the same rule: :func:`kiln.plugins.quant_linear.triton_kernels._quantize`), so that no
 separate pass reads it back to quantize it. The row's statistics are the same sums, but the
-compiler may add them in another order when the store is FP8 (on an H200: LayerNorm rows of
-14336 and more, and rows beyond ``MAX_FUSED``; RMSNorm rows up to it never), so a value can
-land one FP8 step from what the projection's pass makes of the 16-bit output: a rounding of
-an equally exact norm.
+compiler may add them in another order when the store is FP8 (seen on an H200 in rows of
+14336 and more; tests/plugins/test_norm_triton.py bounds it), so a value can land one FP8 step
+from what the projection's pass makes of the 16-bit output: a rounding of an equally exact
+norm.
 """
 
 from __future__ import annotations
