@@ -403,9 +403,11 @@ def throughput(results: dict, ex: TorchExecutor, n: int, batches: list[int], out
         limits = BuildLimits(max_batch_size=batch, max_input_len=ex.limits.max_input_len,
                              max_seq_len=ex.limits.max_seq_len,
                              max_num_tokens=ex.limits.max_num_tokens)
-        profile = 40 if "profile" in results["sections"] and i == 0 else None
+        # a decode step: 40 steps after the prompts' prefill steps would have ended
+        at = 40 + n * lengths[0] // limits.max_num_tokens
+        profile = at if "profile" in results["sections"] and i == 0 else None
         run = run_requests(ex, prompts, lengths[1], limits, profile_step=profile,
-                           profile_out=out / "profile_batch_step.txt")
+                           profile_out=out / f"profile_batch_step_{key}.txt")
         row = {"max_batch_size": batch, "tok_s": run.output_tokens / run.seconds,
                "steps": run.steps, "seconds": run.seconds,
                "host_step_ms": 1e3 * run.host_step_s / run.steps}
