@@ -100,6 +100,9 @@ def serve(obj: CliContext, host: str, port: int, served_model_name: str | None,
         raise ServeError(f"kiln serve needs the serve extra ({e.name} is missing): "
                          f"pip install 'kiln-llm[serve]'") from None
     template = _read_template(chat_template)
+    if dp > 1 and engine_process is not None:
+        raise ServeError(f"--dp {dp} runs every replica in a process of its own already; "
+                         f"leave --{'' if engine_process else 'no_'}engine_process out")
     from kiln.runtime import ExecutorOptions
     from kiln.runtime.launch import is_worker_rank
 
@@ -121,16 +124,19 @@ def serve(obj: CliContext, host: str, port: int, served_model_name: str | None,
         engine_dir = stack.enter_context(held_engine(obj, source, options))
         if engine_process is None:
             engine_process = _on_a_gpu(engine_dir, options)
+        signals = _Signals()
         engine = _warm_engine(stack, engine_dir,
-                              dataclasses.replace(options, engine_process=engine_process))
+                              dataclasses.replace(options, engine_process=engine_process),
+                              signals)
         app = create_app(engine, name, api_key=api_key, max_queue=max_queue,
                          chat_template=template, max_body_bytes=max_body_bytes)
         config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=
                                 grace_period + FLUSH_SECONDS,
                                 log_level="info" if level else "warning",
                                 access_log=bool(level), lifespan="off")
-        server = _Server(config, _Drain(app.state.kiln, grace_period))
-        log.info("kiln serve: serving %s on http://%s", engine_dir, _address(host, port))
+        listening = f"kiln serve: serving {engine_dir} as {name!r} on " \
+                    f"http://{_address(host, port)} (Ctrl-C stops)"
+        server = _Server(config, _Drain(app.state.kiln, grace_period, signals), listening)
         try:
             server.run(sockets=sockets)  # uvicorn's loop: uvloop where installed (serve extra)
         except OSError as e:  # listen() refused: another server took the port meanwhile
@@ -150,13 +156,21 @@ def _on_a_gpu(engine_dir: Path, options: ExecutorOptions) -> bool:
             and run_device(module, manifest, machine, options) == "cuda")
 
 
-def _warm_engine(stack: contextlib.ExitStack, engine_dir: Path,
-                 options: ExecutorOptions) -> AsyncLLM:
+class _Signals:
+    """How many SIGINT/SIGTERM the server got (set by :class:`_Drain`; the engine's close reads
+    it: from the third on, its processes are killed at once)."""
+
+    count = 0
+
+
+def _warm_engine(stack: contextlib.ExitStack, engine_dir: Path, options: ExecutorOptions,
+                 signals: _Signals) -> AsyncLLM:
     """Open the engine, warm it up and drive it with an AsyncLLM, each closed by ``stack``.
     Before uvicorn listens: /health answers 200 only on a warm engine."""
     from kiln.runtime import LLM, AsyncLLM
 
-    llm = stack.enter_context(LLM(engine_dir, options))
+    llm = LLM(engine_dir, options)
+    stack.callback(lambda: llm.close(now=signals.count >= 3))
     llm.warm_up()
     engine = AsyncLLM(llm)
     stack.callback(engine.close)  # aborts what the grace period left running
@@ -223,23 +237,31 @@ class _Drain:
     3rd SIGINT: uvicorn's force exit after all, for an engine that does not step any more.
     """
 
-    def __init__(self, state, grace_period: float):
+    def __init__(self, state, grace_period: float, signals: _Signals):
         self.state, self.grace_period = state, grace_period
-        self.signals = 0
+        self.signals = signals
 
     def on_signal(self) -> bool:
         """Count a signal; True when uvicorn's own handler should see it (1st and 3rd+)."""
-        self.signals += 1
+        self.signals.count += 1
         loop = asyncio.get_event_loop()
         abort = lambda: loop.create_task(self.state.abort_all())  # noqa: E731
-        if self.signals == 1:
+        # printing inside a signal handler could re-enter stderr's writer: the loop prints
+        if self.signals.count == 1:
             self.state.draining = True
+            loop.call_soon_threadsafe(self._stopping)
             loop.call_soon_threadsafe(loop.call_later, self.grace_period, abort)
             return True
-        if self.signals == 2:  # printing inside a signal handler could re-enter stderr's writer
+        if self.signals.count == 2:
             loop.call_soon_threadsafe(self._abort_now, abort)
             return False
         return True
+
+    def _stopping(self) -> None:
+        running = len(self.state.live)
+        click.echo("kiln serve: stopping" + (
+            f"; {running} running request(s) may finish within {self.grace_period:g} s "
+            f"(Ctrl-C again aborts them)" if running else ""), err=True)
 
     def _abort_now(self, abort) -> None:
         if self.state.live:
@@ -252,10 +274,15 @@ class _Server:
     """uvicorn.Server whose SIGINT/SIGTERM handlers drain (:class:`_Drain`) and are not
     re-raised afterwards (see the module docstring)."""
 
-    def __new__(cls, config, drain: _Drain):
+    def __new__(cls, config, drain: _Drain, listening: str):
         import uvicorn
 
         class Server(uvicorn.Server):
+            async def startup(self, sockets=None):
+                await super().startup(sockets)
+                if self.started:  # what a user waits for, at the default level
+                    click.echo(listening, err=True)
+
             @contextlib.contextmanager
             def capture_signals(self):
                 signals = (signal.SIGINT, signal.SIGTERM)

@@ -49,6 +49,8 @@ from kiln.runtime.scheduler import Policy
 
 logger = logging.getLogger(__name__)
 
+IDLE_CHECK_S = 0.5  # an idle engine thread checks this often that the engine's processes live
+
 
 @dataclass
 class _Sink:
@@ -236,8 +238,8 @@ class _EngineLoop:
                     self._deliver(delta, posts)
                 for loop, items in posts.items():
                     _post(loop, items)
-                if not core.has_work():
-                    self.wake.wait()
+                if not core.has_work() and not self._idle():
+                    return
         finally:
             with self._gate:
                 self.ended = True
@@ -248,6 +250,18 @@ class _EngineLoop:
                     break
             if self.llm.async_owner is self:
                 self.llm.async_owner = None
+
+    def _idle(self) -> bool:
+        """Wait for a command; meanwhile check every :data:`IDLE_CHECK_S` that the engine's
+        processes live (one that died is the engine's failure now, not at the next request).
+        False when the engine failed."""
+        while not self.wake.wait(IDLE_CHECK_S):
+            try:
+                self.llm.check_alive()
+            except Exception as e:  # noqa: BLE001 - the engine failed: terminal
+                self._fail(e)
+                return False
+        return True
 
     def _drain(self) -> bool:
         """Apply queued commands; False when asked to close."""

@@ -214,6 +214,9 @@ class EngineCore:
     def wake(self) -> None:
         """Nothing to do: a step here never waits (ReplicaCore's does, and ends its wait)."""
 
+    def check_alive(self) -> None:
+        """Nothing to check: this engine runs in this process (ReplicaCore's may die)."""
+
     def abort(self, request_id: str) -> RequestDelta | None:
         """End a request now (its slot is freed); None if it is unknown or already finished."""
         request = self.requests.get(request_id)

@@ -65,7 +65,7 @@ from kiln.engine import EngineManifest
 from kiln.runtime.core import EngineCore, RequestDelta
 from kiln.runtime.errors import EngineClosedError, RequestError, TokenizerError
 from kiln.runtime.executor import Executor
-from kiln.runtime.loader import ExecutorOptions, open_engine
+from kiln.runtime.loader import ExecutorOptions, check_engine, open_engine
 from kiln.runtime.params import SamplingParams
 from kiln.runtime.results import CompletionResult, StreamDelta
 from kiln.runtime.scheduler import Policy
@@ -122,6 +122,7 @@ class LLM:
         (kiln.runtime.distributed.replicas)."""
         from kiln.runtime.distributed.replicas import ReplicaCore
 
+        check_engine(self.engine_dir, options)  # a bad engine dir is named as such, first
         tokenizer = load_tokenizer(self.engine_dir)  # before any process starts
         core = ReplicaCore.open(self.engine_dir, options, policy)
         self.manifest = core.manifest
@@ -158,8 +159,10 @@ class LLM:
         return self.core.gathers_context_logits if self.executor is None \
             else self.executor.gathers_context_logits
 
-    def close(self) -> None:
-        """Stop the engine (its worker processes too); later calls raise EngineClosedError."""
+    def close(self, now: bool = False) -> None:
+        """Stop the engine (its worker processes too); later calls raise EngineClosedError.
+        Engine processes (replicas, ``engine_process``) are asked to exit and killed if they
+        have not within seconds, or killed at once with ``now``."""
         if self.closed:
             return
         self.closed = True
@@ -167,7 +170,7 @@ class LLM:
             if self.executor is not None:
                 self.executor.close()
             else:
-                self.core.close()
+                self.core.close(now)
         finally:
             if self._release is not None:
                 self._release()  # the cache entry may be pruned from now on
@@ -185,6 +188,15 @@ class LLM:
             raise EngineClosedError("this LLM was closed; open the engine again (LLM(engine_dir))")
         if self.error is not None:
             raise self.error.with_traceback(None)
+
+    def check_alive(self) -> None:
+        """Raise (and keep, as :meth:`_step`) the failure of an engine process that died while
+        no step ran; nothing for an engine in this process."""
+        try:
+            self.core.check_alive()
+        except Exception as e:
+            self.error = e
+            raise
 
     def _step(self) -> list[RequestDelta]:
         """One core step (generate_stream's, or an AsyncLLM's engine thread's); an exception

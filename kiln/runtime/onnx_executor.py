@@ -228,5 +228,5 @@ def _pick_device(device: str, providers: Sequence[str]) -> str:
                           "pip install onnxruntime-gpu, or use --device cpu")
     if device == "auto":
         device = "cuda" if has_cuda else "cpu"
-        logger.info("onnx executor: device auto -> %s", device)
+        logger.debug("onnx executor: device auto -> %s", device)  # the load logs it too
     return device

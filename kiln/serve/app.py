@@ -193,9 +193,15 @@ def _usage(results: dict, n: int) -> dict:
 
 
 def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
+    """The events as server-sent events, then ``[DONE]``. An error once the stream has begun
+    (the engine failed) can no longer change the status: it is sent as an event of its own,
+    OpenAI's error body, before ``[DONE]``, as vLLM's server does."""
     async def body() -> AsyncIterator[str]:
-        async for event in events:
-            yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+        try:
+            async for event in events:
+                yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+        except ApiError as e:
+            yield f"data: {json.dumps(e.body(), ensure_ascii=False)}\n\n"
         yield "data: [DONE]\n\n"
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})

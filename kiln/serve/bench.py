@@ -1,7 +1,9 @@
 """A serving benchmark against a running OpenAI-compatible server (the figures of ``vllm bench
 serve``): the client behind ``kiln bench_serve``.
 
-Contract: :func:`run_serve_benchmark` first asks ``GET /v1/models`` (the model name, the
+Contract: the URL is the server's root (``http://host:port``; an OpenAI client's base URL,
+ending in ``/v1``, is taken as its root). :func:`run_serve_benchmark` first asks
+``GET /v1/models`` (the model name, the
 server's ``max_model_len``; an unreachable URL or a refused key is one :class:`ServeBenchError`),
 runs ``warmup`` unmeasured rounds, then for each request rate sends ``num_requests`` streaming
 ``POST /v1/completions`` requests of ``input_len`` random token ids (seeded; ids drawn from
@@ -291,6 +293,8 @@ def _rate_report(rate: float, max_concurrency: int | None, results: list[_Result
 async def _benchmark(url: str, workload: ServeWorkload, model: str | None, api_key: str | None,
                      warmup: int, on_rate: Any) -> ServeBenchReport:
     url = url.rstrip("/")
+    if url.endswith("/v1"):  # the openai client's base_url: the server's root is above it
+        url = url[:-len("/v1")]
     width = min(workload.num_requests, workload.max_concurrency or workload.num_requests)
     connector = aiohttp.TCPConnector(limit=width)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)

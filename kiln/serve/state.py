@@ -99,7 +99,11 @@ class ServerState:
                            code="queue_full", headers={"Retry-After": "1"})
 
     async def submit(self, jobs: Sequence[Job], param: str) -> Submitted:
-        """Submit every job (all or none: a RequestError is a 400 naming ``param``)."""
+        """Submit every job (all or none: a RequestError is a 400 naming ``param``); once the
+        engine has failed, a 500 saying why, before any response (or stream) begins."""
+        if self.engine.error is not None:
+            raise ApiError(500, f"the engine failed: {public(str(self.engine.error), [])}",
+                           code="engine_error")
         self.admit(len(jobs))
         out: asyncio.Queue = asyncio.Queue()
         rids = await self._submit_all(jobs, out, param)

@@ -275,6 +275,7 @@ def test_a_wake_ends_the_fronts_wait_for_the_engine_process_at_once(engine_proce
     """AsyncLLM wakes the front whenever it queues a command, so a request submitted while the
     engine thread waits for the engine process's next message is routed now, not after it."""
     pool, returned = engine_process.core.pool, []
+    pool.receive(0)  # a wake-up an earlier AsyncLLM left pending: cleared
     waiter = threading.Thread(target=lambda: returned.append(pool.receive(30.0)))
     start = time.monotonic()
     waiter.start()
@@ -300,3 +301,49 @@ def test_a_killed_engine_process_is_named_as_such(engines):
                         r"user, or by the kernel's OOM killer when memory ran out\)",
                         str(info.value)), str(info.value)
     llm.close()
+
+
+def test_an_engine_process_that_dies_while_idle_fails_the_engine_at_once(engines):
+    """Nothing steps while the server is idle: the engine thread checks the process itself,
+    so health turns False and a later request's stream raises the failure (it did not hang
+    with a core spinning: the front had no replica to receive from)."""
+    llm = LLM(engines(), ExecutorOptions(device="cpu", engine_process=True))
+    (process,) = llm.core.pool.processes
+
+    async def scenario():
+        async with AsyncLLM(llm) as engine:
+            assert engine.healthy()
+            process.kill()
+            deadline = time.monotonic() + 10
+            while engine.healthy() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert not engine.healthy()
+            rid = await engine.submit(PROMPTS[0], params()[0])
+            with pytest.raises(WorkerError, match=r"the engine process \(pid \d+\) died"):
+                async for _ in engine.stream(rid):
+                    pass
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert isinstance(llm.error, WorkerError)
+    llm.close()
+
+
+def test_a_request_routed_to_a_dead_engine_process_is_not_lost(engines):
+    """The front's send to a process that died fails; the step then names the death instead
+    of returning nothing for ever."""
+    llm = LLM(engines(), ExecutorOptions(device="cpu", engine_process=True))
+    (process,) = llm.core.pool.processes
+    process.kill()
+    process.join()
+    llm.core.add_request([5, 6, 7], SamplingParams(max_tokens=4))
+    with pytest.raises(WorkerError, match="the engine process"):
+        for _ in range(200):  # 50 ms a step at most: 10 s
+            llm.core.step()
+    llm.close()
+
+
+def test_a_bad_engine_dir_is_named_before_the_tokenizer(tmp_path):
+    for options in (ExecutorOptions(device="cpu", engine_process=True),
+                    ExecutorOptions(device="cpu", dp=2)):
+        with pytest.raises(EngineError, match="no such engine directory"):
+            LLM(tmp_path / "nosuch", options)

@@ -67,3 +67,14 @@ def test_every_build_option_passes_through_with_model_dir():
 
     built = {p.name for p in build.params} - {"checkpoint_dir", "output_dir", "overwrite"}
     assert built | set(MODEL_ONLY) | {"model_dir", "engine_dir"} <= {p.name for p in serve.params}
+
+
+@pytest.mark.parametrize("flag", ["--engine_process", "--no_engine_process"])
+def test_engine_process_flags_with_dp_are_one_line(tmp_path, busy_port, flag):
+    """--dp runs its replicas in processes of their own: either flag beside it contradicts it
+    or says nothing, so it is refused before the address is bound."""
+    code, lines = _serve("--engine_dir", str(tmp_path), "--dp", "2", flag, "--port",
+                         str(busy_port))
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0] == (f"error: --dp 2 runs every replica in a process of its own already; "
+                        f"leave {flag} out")

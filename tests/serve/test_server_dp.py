@@ -6,6 +6,7 @@ queue time come from the front, and a replica that dies turns /health to 503. ``
 
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -114,4 +115,41 @@ def test_the_engine_in_a_process_of_its_own_serves_streams_and_stops(engine, sin
     assert code == 0
     log = server.proc.stdout.read()
     assert "in a process of its own (CPU)" in log and "[engine]" in log, log
+    assert f"kiln serve: serving {engine} as '{MODEL}' on http://127.0.0.1:{server.port}" in log
     assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
+
+
+def test_an_engine_process_that_dies_ends_streams_with_an_error_event(engine):
+    """A stream running when the engine process dies gets OpenAI's error body as an event,
+    then [DONE]; a later stream is refused before it begins (500); /health turns 503; the
+    server still stops cleanly (without -v: what a user sees by default)."""
+    server = ServerProcess(engine, "--engine_process")
+    try:
+        body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 200, "ignore_eos": True,
+                "stream": True}
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        (child,) = [p for p in psutil.Process(server.proc.pid).children()
+                    if "spawn_main" in " ".join(p.cmdline())]
+        events = []
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=headers,
+                          timeout=60) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                events.append(line[len("data: "):])
+                if len(events) == 2:
+                    child.kill()
+        assert events[-1] == "[DONE]"
+        error = json.loads(events[-2])["error"]
+        assert error["code"] == "engine_error"
+        assert "the engine process" in error["message"] and "died" in error["message"]
+        later = httpx.post(f"{server.url}/v1/completions", json=body, headers=headers,
+                           timeout=30)
+        assert later.status_code == 500 and "the engine process" in later.text
+        assert httpx.get(f"{server.url}/health").status_code == 503
+    finally:
+        code = server.stop()
+    assert code == 0
+    log = server.proc.stdout.read()
+    assert "Traceback" not in log, log

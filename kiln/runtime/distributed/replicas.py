@@ -206,6 +206,15 @@ class ReplicaPool:
         if self._error is not None:
             raise self._error
 
+    def check_alive(self) -> None:
+        """Raise the pool's WorkerError if a replica died, reading no message (an idle
+        front's check: nothing else would look until the next request)."""
+        self.check()
+        for ready in wait([p.sentinel for p in self.processes], 0):
+            i = next(i for i, p in enumerate(self.processes) if p.sentinel == ready)
+            self.processes[i].join(1.0)
+            self._fail(i, exit_cause(self.processes[i].exitcode), self._drain(i))
+
     def _fail(self, i: int, cause: str, last: Sequence[tuple] = ()) -> None:
         """Replica ``i`` died or failed: stop every replica, raise the one line naming it."""
         said = [m[1] for m in last if m[0] == "error"]
@@ -227,8 +236,11 @@ class ReplicaPool:
             deadline = time.monotonic() + STOP_WAIT_S
             for process in self.processes:
                 process.join(max(0.0, deadline - time.monotonic()))
-        for process in self.processes:
+        for i, process in enumerate(self.processes):
             if process.is_alive():
+                if not kill:
+                    logger.warning("%s did not exit within %.0f s of being asked; killed it",
+                                   self.label(i), STOP_WAIT_S)
                 process.kill()
             process.join()
         for conn in self.conns:
@@ -288,8 +300,14 @@ class ReplicaCore:
         pool = ReplicaPool(Path(engine_dir), options, policy, with_tokenizer, devices)
         return cls(pool, manifest, with_tokenizer)
 
-    def close(self) -> None:
-        self.pool.shutdown()
+    def close(self, now: bool = False) -> None:
+        """Stop the replicas: asked to exit (killed after :data:`STOP_WAIT_S`), or killed
+        at once with ``now``."""
+        self.pool.shutdown(kill=now)
+
+    def check_alive(self) -> None:
+        """Raise the WorkerError of a replica that died while the front was idle."""
+        self.pool.check_alive()
 
     def wake(self) -> None:
         """End the wait of a :meth:`step` now (thread-safe): a request added meanwhile is routed
@@ -347,8 +365,10 @@ class ReplicaCore:
         worth when one comes sooner); raises the WorkerError of a replica that died."""
         self.pool.check()
         self._route()
-        if not self._replica_of:
+        if not self._replica_of and not self._queue:
             return []
+        # requests left queued while every replica is free: a send failed (one died), and the
+        # receive below names it
         deltas: list[RequestDelta] = []
         for i, message in self.pool.receive(STEP_WAIT_S):
             if message[0] == "aborted":
