@@ -7,6 +7,7 @@ queue time come from the front, and a replica that dies turns /health to 503. ``
 from __future__ import annotations
 
 import json
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -153,3 +154,26 @@ def test_an_engine_process_that_dies_ends_streams_with_an_error_event(engine):
     assert code == 0
     log = server.proc.stdout.read()
     assert "Traceback" not in log, log
+
+
+def test_ctrl_c_while_a_stopped_engine_process_is_awaited_kills_it(engine):
+    """SIGSTOP the engine process, then Ctrl-C: the server waits for it to exit, says so after
+    a second, and a second Ctrl-C kills it at once (exit 130, nothing left behind)."""
+    server = ServerProcess(engine, "--engine_process")
+    (child,) = [p for p in psutil.Process(server.proc.pid).children()
+                if "spawn_main" in " ".join(p.cmdline())]
+    child.suspend()
+    server.proc.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + 20
+    log = []
+    while time.monotonic() < deadline:  # the server's word that it waits for the engine
+        line = server.proc.stdout.readline()
+        log.append(line)
+        if "to exit (Ctrl-C: kill it now)" in line:
+            break
+    assert "to exit (Ctrl-C: kill it now)" in log[-1], log
+    started = time.monotonic()
+    server.proc.send_signal(signal.SIGINT)
+    assert server.proc.wait(10) == 130
+    assert time.monotonic() - started < 3
+    assert not (child.is_running() and child.status() != psutil.STATUS_ZOMBIE)

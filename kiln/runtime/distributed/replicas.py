@@ -230,21 +230,31 @@ class ReplicaPool:
         if self._closed:
             return
         self._closed = True
-        if not kill:
-            for i in range(len(self.conns)):
-                self.send(i, ("exit",))
-            deadline = time.monotonic() + STOP_WAIT_S
-            for process in self.processes:
-                process.join(max(0.0, deadline - time.monotonic()))
-        for i, process in enumerate(self.processes):
-            if process.is_alive():
-                if not kill:
-                    logger.warning("%s did not exit within %.0f s of being asked; killed it",
-                                   self.label(i), STOP_WAIT_S)
-                process.kill()
-            process.join()
-        for conn in self.conns:
-            conn.close()
+        waited = False
+        try:
+            if not kill:
+                for i in range(len(self.conns)):
+                    self.send(i, ("exit",))
+                start = time.monotonic()
+                for patience in (1.0, STOP_WAIT_S):  # a word to the user after the first second
+                    for process in self.processes:
+                        process.join(max(0.0, start + patience - time.monotonic()))
+                    slow = [i for i, p in enumerate(self.processes) if p.is_alive()]
+                    if not slow or patience == STOP_WAIT_S:
+                        break
+                    logger.warning("waiting up to %.0f s for %s to exit (Ctrl-C: kill it now)",
+                                   STOP_WAIT_S, ", ".join(self.label(i) for i in slow))
+                waited = True
+        finally:  # also when Ctrl-C ends the wait: a stopped replica would outlive the driver
+            for i, process in enumerate(self.processes):
+                if process.is_alive():
+                    if waited:
+                        logger.warning("%s did not exit within %.0f s of being asked; killed "
+                                       "it", self.label(i), STOP_WAIT_S)
+                    process.kill()
+                process.join()
+            for conn in self.conns:
+                conn.close()
 
 
 class RunningView:
