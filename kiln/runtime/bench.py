@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import random
 import time
 from collections import deque
@@ -32,6 +31,7 @@ from kiln.runtime.core import EngineCore
 from kiln.runtime.errors import RequestError
 from kiln.runtime.params import SamplingParams
 from kiln.runtime.results import RequestTimings
+from kiln.runtime.stats import Stats
 
 
 @dataclass(frozen=True)
@@ -51,28 +51,6 @@ class Workload:
             raise RequestError(f"request_rate must be > 0, found {self.request_rate}")
         if self.concurrency is not None and self.concurrency < 1:
             raise RequestError(f"concurrency must be >= 1, found {self.concurrency}")
-
-
-@dataclass(frozen=True)
-class Stats:
-    mean: float
-    p50: float
-    p90: float
-    p99: float
-
-    @classmethod
-    def of(cls, values: list[float]) -> Stats:
-        if not values:
-            return cls(math.nan, math.nan, math.nan, math.nan)
-        ordered = sorted(values)
-        return cls(sum(ordered) / len(ordered), *(_percentile(ordered, q) for q in (50, 90, 99)))
-
-
-def _percentile(ordered: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    pos = (len(ordered) - 1) * q / 100
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 @dataclass(frozen=True)

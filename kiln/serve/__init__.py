@@ -7,6 +7,15 @@ Needs the ``serve`` extra (fastapi, uvicorn, prometheus_client).
 
 from __future__ import annotations
 
-from kiln.serve.app import create_app
+from typing import Any
 
 __all__ = ["create_app"]
+
+
+def __getattr__(name: str) -> Any:
+    """``create_app`` on first use: ``kiln bench_serve`` imports kiln.serve.bench, a light
+    client, without loading the server's stack (FastAPI, the runtime)."""
+    if name == "create_app":
+        from kiln.serve.app import create_app
+        return create_app
+    raise AttributeError(f"module 'kiln.serve' has no attribute {name!r}")

@@ -38,7 +38,7 @@ from typing import Any
 import aiohttp
 
 from kiln.errors import KilnError
-from kiln.runtime.bench import Stats  # one definition of the percentiles, as kiln bench
+from kiln.runtime.stats import Stats  # one definition of the percentiles, as kiln bench
 
 
 class ServeBenchError(KilnError):
