@@ -164,9 +164,6 @@ def _register_subcommands() -> None:
                                     "then TTFT, TPOT, tokens/s (stderr)."),
             ("bench", "kiln.cli.bench", "Benchmark an engine with a synthetic workload (in the "
                                         "manner of trtllm-bench)."),
-            ("bench_serve", "kiln.cli.bench_serve", "Benchmark a running OpenAI-compatible "
-                                                    "server (in the manner of vllm bench "
-                                                    "serve)."),
             ("verify", "kiln.cli.verify", "Check an engine dir against its manifest: files, "
                                           "sizes and checksums of every rank."),
             ("quantize", "kiln.cli.quantize", "Quantize a kiln checkpoint (fp8, int8_sq, "
@@ -180,6 +177,9 @@ def _register_subcommands() -> None:
     main.add_command(LazyCommand("cache", "kiln.cli.cache", "The build cache of engines made "
                                  "from Hugging Face checkpoints: list, prune, build.",
                                  heavy=False))
+    main.add_command(LazyCommand("bench_serve", "kiln.cli.bench_serve", "Benchmark a running "
+                                 "OpenAI-compatible server (in the manner of vllm bench serve).",
+                                 heavy=False))  # an HTTP client: no torch, no engine
 
 
 _register_subcommands()

@@ -107,7 +107,7 @@ class OnnxExecutor(Executor):
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] \
             if self.device == "cuda" else ["CPUExecutionProvider"]
         so = session_options(options.num_threads, options.cpu_spin_wait)
-        self.sessions = [ort.InferenceSession(str(p), so, providers=providers) for p in graphs]
+        self.sessions = [_session(ort, p, so, providers) for p in graphs]
         self._inputs = [{i.name for i in s.get_inputs()} for s in self.sessions]
         self._layers = [sorted(int(n[len("past_key_"):]) for n in names
                                if n.startswith("past_key_")) for names in self._inputs]
@@ -219,6 +219,19 @@ class OnnxExecutor(Executor):
         self._windows.clear()
         self.sessions.clear()
         self._caches.clear()
+
+
+def _session(ort, path, options, providers):
+    """An ONNX Runtime session of one graph file; a file it cannot read (corrupt, though its
+    size matched the manifest's: check_files only compares sizes) is one line naming it."""
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except (ort.capi.onnxruntime_pybind11_state.InvalidProtobuf,
+            ort.capi.onnxruntime_pybind11_state.InvalidGraph) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise EngineError(f"{path}: ONNX Runtime cannot load it ({first}); the file is corrupt "
+                          f"or modified: check it with kiln verify {Path(path).parent}, and "
+                          f"rebuild the engine with kiln build") from None
 
 
 def _pick_device(device: str, providers: Sequence[str]) -> str:

@@ -223,8 +223,10 @@ async def _one(session: aiohttp.ClientSession, url: str, body: dict, api_key: st
                     continue  # read the body to its end: the connection is then kept alive
                 now = time.perf_counter()
                 chunk = json.loads(data)
-                if "error" in chunk:
-                    result.error = str(chunk["error"])[:200]
+                if "error" in chunk:  # OpenAI's error body, sent as an event once streaming
+                    error = chunk["error"]
+                    message = error.get("message") if isinstance(error, dict) else None
+                    result.error = str(message or error)[:300]
                     return
                 if chunk.get("usage"):
                     result.tokens = chunk["usage"]["completion_tokens"]
@@ -307,9 +309,10 @@ async def _benchmark(url: str, workload: ServeWorkload, model: str | None, api_k
                                   f"{', '.join(repr(m['id']) for m in models)})")
         max_len = next((m.get("max_model_len") for m in models if m["id"] == model), None)
         if isinstance(max_len, int) and workload.input_len + workload.output_len - 1 > max_len:
-            raise ServeBenchError(f"input_len + output_len - 1 = "
+            raise ServeBenchError(f"--input_len + --output_len - 1 = "
                                   f"{workload.input_len + workload.output_len - 1} exceeds the "
-                                  f"server's max_model_len {max_len}")
+                                  f"server's max_model_len {max_len}; lower --input_len or "
+                                  f"--output_len")
         prompts = make_prompts(workload)
         if warmup:  # rounds as wide as the workload runs at once, unmeasured
             rng = random.Random(workload.seed + 7)
@@ -336,5 +339,6 @@ def run_serve_benchmark(url: str, workload: ServeWorkload, model: str | None = N
     """Benchmark the server at ``url`` (see the module docstring); ``on_rate(RateReport)`` is
     called as each rate finishes."""
     if not url.startswith(("http://", "https://")):
-        raise ServeBenchError(f"{url!r} is not an http:// or https:// URL")
+        raise ServeBenchError(f"{url!r} is not an http:// or https:// URL; give --serve as "
+                              f"http://HOST:PORT")
     return asyncio.run(_benchmark(url, workload, model, api_key, warmup, on_rate))

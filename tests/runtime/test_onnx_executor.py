@@ -151,3 +151,24 @@ def test_built_engine_greedy_is_batch_invariant(built):
         core.step()
         step += 1
     assert [tuple(got[i].output_ids) for i in range(16)] == want
+
+
+def test_a_graph_file_corrupted_in_place_is_one_line_naming_it(built, tmp_path):
+    """Loading checks file sizes, not contents (kiln verify reads them): a graph whose bytes
+    changed but not its size is named, with the commands that check and fix it."""
+    import shutil
+
+    from kiln.engine import EngineError
+
+    engine = tmp_path / "engine"
+    shutil.copytree(built[0], engine)
+    graph = engine / "rank0.onnx"
+    data = bytearray(graph.read_bytes())
+    data[100:400] = bytes(b ^ 0x5A for b in data[100:400])
+    graph.write_bytes(bytes(data))
+    with pytest.raises(EngineError) as info:
+        open_engine(engine)
+    message = str(info.value)
+    assert message.startswith(f"{graph}: ONNX Runtime cannot load it (") and "\n" not in message
+    assert message.endswith(f"the file is corrupt or modified: check it with kiln verify "
+                            f"{engine}, and rebuild the engine with kiln build")
