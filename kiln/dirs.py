@@ -63,7 +63,7 @@ def wrong_kind(path: str | Path, config: Any, wanted: DirKind) -> str | None:
     ckpt, engine = "<checkpoint_dir>", "<engine_dir>"
     convert = f"kiln convert_checkpoint --model_dir {path} --output_dir {ckpt}"
     build = f"kiln build --checkpoint_dir {path} --output_dir {engine}"
-    run = f"kiln run --engine_dir {path}"
+    run = f"kiln run --engine_dir {path} (kiln bench, eval and serve take --engine_dir too)"
     todo = {
         (DirKind.HF_CHECKPOINT, DirKind.KILN_CHECKPOINT): f"convert it first with {convert}",
         (DirKind.HF_CHECKPOINT, DirKind.ENGINE):

@@ -83,7 +83,8 @@ def test_run_given_an_hf_checkpoint(dirs):
 def test_build_given_an_engine_dir(dirs, tmp_path):
     engine, ckpt = dirs[DirKind.ENGINE], dirs[DirKind.KILN_CHECKPOINT]
     message = (f"{engine} is an engine dir, not a kiln checkpoint: it is built already; run it "
-               f"with kiln run --engine_dir {engine}, or rebuild from the kiln checkpoint it was "
+               f"with kiln run --engine_dir {engine} (kiln bench, eval and serve take "
+               f"--engine_dir too), or rebuild from the kiln checkpoint it was "
                f"built from (--checkpoint_dir {ckpt})")
     out = tmp_path / "out"
     expect_one_line(kiln_cli("build", "--checkpoint_dir", str(engine), "--output_dir", str(out)),
@@ -108,7 +109,8 @@ def test_build_given_an_hf_checkpoint(dirs, tmp_path):
 @pytest.mark.parametrize("kind, fix", [
     (DirKind.KILN_CHECKPOINT, "it is converted already; build it with kiln build "
                               "--checkpoint_dir {path} --output_dir <engine_dir>"),
-    (DirKind.ENGINE, "it is built already; run it with kiln run --engine_dir {path}"),
+    (DirKind.ENGINE, "it is built already; run it with kiln run --engine_dir {path} (kiln "
+                     "bench, eval and serve take --engine_dir too)"),
 ])
 def test_convert_given_a_kiln_dir(dirs, tmp_path, kind, fix):
     path = dirs[kind]
