@@ -14,7 +14,8 @@ Contract:
   ``abort``) and frees its slot at once; the others continue.
 - A request that fails alone (non-finite logits, more KV cache than the executor has) ends its
   stream with finish_reason ``error`` and the reason in ``result.error``; the others go on.
-- An engine failure (an exception out of a step: a rank or replica that died, a CUDA error) is
+- An engine failure (an exception out of a step: a rank or replica that died, a CUDA error;
+  or an engine process or replica found dead while idle, checked every :data:`IDLE_CHECK_S`) is
   terminal: it is logged in one line, every running request's stream raises it, the engine
   thread ends, :meth:`AsyncLLM.healthy` is False from then on, and every later request is
   accepted by ``submit`` (an id, as before) and its stream raises the same error at once, so a
