@@ -102,8 +102,7 @@ class ServerState:
         """Submit every job (all or none: a RequestError is a 400 naming ``param``); once the
         engine has failed, a 500 saying why, before any response (or stream) begins."""
         if self.engine.error is not None:
-            raise ApiError(500, f"the engine failed: {public(str(self.engine.error), [])}",
-                           code="engine_error")
+            raise engine_failed(self.engine.error, [])
         self.admit(len(jobs))
         out: asyncio.Queue = asyncio.Queue()
         rids = await self._submit_all(jobs, out, param)
@@ -162,8 +161,7 @@ class Submitted:
             while self.open:
                 item = await self.out.get()
                 if isinstance(item, BaseException):
-                    raise ApiError(500, f"the engine failed: {public(str(item), self.rids)}",
-                                   code="engine_error")
+                    raise engine_failed(item, self.rids)
                 if item.finished:
                     self.open.discard(item.request_id)
                 yield item
@@ -173,6 +171,11 @@ class Submitted:
     async def abort(self) -> None:
         for rid in list(self.open):
             await self.engine.abort(rid)  # never suspends: safe while being cancelled
+
+
+def engine_failed(error: BaseException, rids: Sequence[str]) -> ApiError:
+    """The 500 of a request that the engine's failure ended (or refused)."""
+    return ApiError(500, f"the engine failed: {public(str(error), rids)}", code="engine_error")
 
 
 def public(message: str, rids: Sequence[str]) -> str:

@@ -37,6 +37,7 @@ import triton.language as tl
 
 from kiln.plugins.pdl import enabled as pdl_enabled
 from kiln.plugins.pdl.triton_kernels import prologue
+from kiln.plugins.quant_linear import FP8_TRITON_MAX_M
 from kiln.plugins.quant_linear.layout import check_group_size
 
 FP8_MAX = 448.0
@@ -649,8 +650,8 @@ def gemm_config(m: int, eight_bit_a: bool) -> tuple[int, int, int, int, int]:
     return 128, 128, 128 if eight_bit_a else 64, 8, 3
 
 
-# Largest M on the Triton GEMM before cuBLASLt takes over (W8A8 formats).
-FP8_TRITON_MAX_M = 64
+# Largest M on the Triton GEMM before cuBLASLt takes over (W8A8 formats; FP8_TRITON_MAX_M is
+# the package's, shared with the reference).
 INT8_TRITON_MAX_M = 64
 
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kiln.plugins.quant_linear import FP8_TRITON_MAX_M
 from kiln.plugins.quant_linear.layout import unpack_split_int4
 
 FP8_MAX = 448.0
@@ -74,9 +75,6 @@ def _finish(acc: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) ->
     if bias is not None:
         acc = acc + bias.float()
     return acc.to(dtype)
-
-
-FP8_TRITON_MAX_M = 64  # as the kernels' (triton_kernels.FP8_TRITON_MAX_M)
 
 
 def fp8_takes_quantized(m: int, n: int, k: int, weight_scale: torch.Tensor,

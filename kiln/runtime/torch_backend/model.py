@@ -128,7 +128,7 @@ class QuantLinear:
         return None
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        if x.dtype == torch.float8_e4m3fn:  # quantized by its producer (input_scale_for)
+        if x.dtype == torch.float8_e4m3fn:  # quantized by its producer (quantized_input)
             y = self.kernel(x, self.weight, *self.scales, bias=self.bias, out_dtype=self.dtype)
             return y if out is None else out.copy_(y)
         if self.pre_quant_scale is not None:  # as the reference decoder: in float32, rounded
