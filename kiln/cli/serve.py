@@ -149,9 +149,11 @@ def serve(obj: CliContext, host: str, port: int, served_model_name: str | None,
 def _on_a_gpu(engine_dir: Path, options: ExecutorOptions) -> bool:
     """``--engine_process``'s default: a single-rank engine (no replicas) that runs on CUDA,
     where the server's threads would slow the thread that launches its kernels."""
-    from kiln.runtime.loader import check_engine, run_device
+    from kiln.engine import read_manifest
+    from kiln.runtime.loader import check_runnable, run_device
 
-    manifest, module, machine = check_engine(engine_dir, options)
+    manifest = read_manifest(engine_dir)  # the files are checked when the engine opens, next
+    module, machine = check_runnable(manifest, options)
     return (options.dp == 1 and manifest.mapping.world_size == 1
             and run_device(module, manifest, machine, options) == "cuda")
 

@@ -122,9 +122,9 @@ class LLM:
         (kiln.runtime.distributed.replicas)."""
         from kiln.runtime.distributed.replicas import ReplicaCore
 
-        check_engine(self.engine_dir, options)  # a bad engine dir is named as such, first
+        checked = check_engine(self.engine_dir, options)  # a bad engine dir named as such first
         tokenizer = load_tokenizer(self.engine_dir)  # before any process starts
-        core = ReplicaCore.open(self.engine_dir, options, policy)
+        core = ReplicaCore.open(self.engine_dir, options, policy, checked=checked)
         self.manifest = core.manifest
         self._setup(None, tokenizer, policy, core)
 

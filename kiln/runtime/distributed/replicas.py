@@ -109,7 +109,9 @@ class ReplicaPool:
         self._error: WorkerError | None = None
         self._closed = False
         threads = options.num_threads or max(1, len(os.sched_getaffinity(0)) // self.size)
-        single = dataclasses.replace(options, dp=1, engine_process=False, num_threads=threads)
+        # the front checked the files (and their checksums, if asked) before any replica starts
+        single = dataclasses.replace(options, dp=1, engine_process=False, num_threads=threads,
+                                     verify_checksums=False)
         context = multiprocessing.get_context("spawn")
         level = logging.getLogger().getEffectiveLevel()
         try:
@@ -291,10 +293,12 @@ class ReplicaCore:
 
     @classmethod
     def open(cls, engine_dir: str | Path, options: ExecutorOptions,
-             policy: Policy | None = None, with_tokenizer: bool = True) -> ReplicaCore:
+             policy: Policy | None = None, with_tokenizer: bool = True,
+             checked: tuple | None = None) -> ReplicaCore:
         """Check the engine and machine for ``options.dp`` replicas (one with
-        ``engine_process``), start them, wait until each has loaded the engine."""
-        manifest, module, machine = check_engine(engine_dir, options)
+        ``engine_process``; ``checked``: what :func:`~kiln.runtime.loader.check_engine` gave the
+        caller already), start them, wait until each has loaded the engine."""
+        manifest, module, machine = checked or check_engine(engine_dir, options)
         device = run_device(module, manifest, machine, options)
         devices: list[str | None] = [None] * options.dp
         if device == "cuda":
