@@ -20,6 +20,18 @@ Quantized caches (float8_e4m3fn, int8; the ``QUANT`` constexpr, so the float pat
 before): each program reads ``k_scale``/``v_scale`` once from device scalars, and every key/value
 tile is dequantized in registers as the reference reads it, ``(stored * scale)`` rounded to q's
 dtype, before its dot. The 1-byte tiles halve what decode reads from the cache.
+
+Decode over a float8 cache with 16-bit queries (``WIDEN``) does less per element, since it
+reads every cached byte once per step: each e4m3 pair becomes an exact float16 pair in one
+instruction (``cvt.rn.f16x2.e4m3x2``), q is rounded to float16 (exact for bfloat16 values in
+float16's range, |q| < 65504), the dots run on the stored values, and the scales are applied to
+the float32 scores (``k_scale``) and the output (``v_scale``). Keys and values are then exact
+where the reference rounds ``stored * scale`` to q's dtype: within its tolerances, not bit-equal.
+At 1,040 keys per sequence this took a decode step's attention from ~670 us per layer (the
+dequantizing form, profiled in the engine) to 373 (:data:`DECODE_CONFIG_8BIT`;
+benchmarks/GPU_NOTES.md). Reading the pairs as 16-bit words and widening them before the tile
+moves into the dot's layout (no byte loads from shared memory) measured the same, so the
+simpler form stays.
 """
 
 from __future__ import annotations
@@ -37,6 +49,9 @@ from kiln.plugins.rotary.triton_reference import check_cache_scales
 
 LOG2E = 1.4426950408889634
 _NEG = -1.0e30  # finite "minus infinity" for running maxima: keeps exp2(m_old - m_new) NaN-free
+# QUANT modes: 0 a float cache, 1 tiles dequantized as the reference reads them, WIDEN a float8
+# cache's tiles widened exactly to float16 with the scales applied to the scores and the output.
+WIDEN = tl.constexpr(2)
 
 
 @triton.jit
@@ -51,7 +66,9 @@ def _dequant(x, scale, DTYPE: tl.constexpr, QUANT: tl.constexpr):
     factors bring it back inside the one rounded product (scale below 2^72). Both equal
     ``stored.float() * scale`` bit for bit (every code checked; NaN codes are never stored).
     """
-    if QUANT:
+    if QUANT == WIDEN:  # float8 decode: exact e4m3 -> float16, the scales applied outside
+        x = x.to(DTYPE)
+    elif QUANT:
         bits = x.to(tl.int8, bitcast=True).to(tl.int32)  # sign-extended
         if x.dtype == tl.int8:
             y = ((bits + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0) * scale
@@ -133,6 +150,9 @@ def _decode_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_st
     if ALIBI:
         slopes = tl.load(slopes_ptr + heads, mask=m_mask, other=0.0) * 1.4426950408889634
     k_scale, v_scale = _load_scales(k_scale_ptr, v_scale_ptr, QUANT)
+    if QUANT == WIDEN:
+        q = q.to(tl.float16)
+        qk_scale *= k_scale
     m_i = tl.full([M_PAD], -1.0e30, tl.float32)
     l_i = tl.zeros([M_PAD], tl.float32)
     acc = tl.zeros([M_PAD, D_PAD], tl.float32)
@@ -148,6 +168,8 @@ def _decode_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_st
                          PRECISION, QUANT)
         m_i, l_i, acc = _online_update(s, kmask[None, :], m_i, l_i, acc, v_ptr + base, kmask,
                                        d_mask, v_scale, PRECISION, q.dtype, QUANT)
+    if QUANT == WIDEN:
+        acc *= v_scale
     if not SPLIT:
         o = acc / l_i[:, None]
         tl.store(out_ptr + row * o_stride_t + heads[:, None] * o_stride_h + d_offs[None, :],
@@ -226,13 +248,25 @@ def decode_splits(num_seqs: int, num_kv_heads: int, max_ctx_len: int, device: to
     return max(1, min(want, triton.cdiv(max_ctx_len, min_partition), 64))
 
 
+# (num_warps, num_stages) of decode: benchmarks/decode_attention.py on an H200, one layer, 512
+# sequences of 1,040 / 2,000 keys (decode_attention_results.json): a bf16 cache 563 / 1,076 us
+# (~3.9 TB/s). A float8 cache 541 / 1,007 us with the bf16 cache's (4, 2), 395 / 733 with
+# (4, 3), 373 / 692 with (2, 3): its tiles are half the bytes, so more of them in flight; int8
+# 567 / 1,061 with (4, 2), 532 / 980 with (2, 3).
+DECODE_CONFIG = (4, 2)
+DECODE_CONFIG_8BIT = (2, 3)
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, ctx_lens: torch.Tensor,
                            q_rows: torch.Tensor, out: torch.Tensor, *, scale: float,
                            alibi_slopes: torch.Tensor | None = None,
                            sliding_window: int | None = None, max_ctx_len: int | None = None,
                            num_splits: int | None = None, k_scale: torch.Tensor | None = None,
-                           v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                           v_scale: torch.Tensor | None = None,
+                           config: tuple[int, int] | None = None) -> torch.Tensor:
+    """``config``: (num_warps, num_stages), default :data:`DECODE_CONFIG_8BIT` for a quantized
+    cache, else :data:`DECODE_CONFIG`."""
     page, block_n = _check(q, k_cache, v_cache)
     quant, k_arg, v_arg = _scales(k_cache, k_scale, v_scale, ctx_lens)
     b, hq, d = q_rows.shape[0], q.shape[1], q.shape[2]
@@ -250,6 +284,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         ml = torch.empty((b, hq, splits, 2), dtype=torch.float32, device=q.device)
     slopes = alibi_slopes if alibi_slopes is not None else ctx_lens
     pdl = pdl_enabled(q.device)
+    mode = int(quant)
+    if quant and k_cache.dtype == torch.float8_e4m3fn and q.dtype != torch.float32:
+        mode = WIDEN.value
+    warps, stages = config or (DECODE_CONFIG_8BIT if quant else DECODE_CONFIG)
     _decode_kernel[(b, hkv, splits)](
         q, q.stride(0), q.stride(1), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables, block_tables.stride(0), ctx_lens, q_rows, out,
@@ -257,8 +295,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         sliding_window or 0, partition, splits, GROUP=group,
         M_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, D_PAD=d_pad, PAGE=page,
         BLOCK_N=block_n, SPLIT=splits > 1, ALIBI=alibi_slopes is not None,
-        WINDOW=sliding_window is not None, PRECISION=_precision(q.dtype), QUANT=quant,
-        PDL=pdl, num_warps=4, num_stages=2, launch_pdl=pdl)
+        WINDOW=sliding_window is not None, PRECISION=_precision(q.dtype), QUANT=mode,
+        PDL=pdl, num_warps=warps, num_stages=stages, launch_pdl=pdl)
     if splits > 1:
         _merge_kernel[(b, hq)](part, ml, ctx_lens, q_rows, out, out.stride(0), out.stride(1), hq,
                                partition, splits, HEAD_DIM=d, D_PAD=d_pad,

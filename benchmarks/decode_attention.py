@@ -1,0 +1,90 @@
+"""Time the paged decode-attention kernel over bf16, float8 and int8 KV caches (Llama-3.1-8B heads).
+
+    PYTHONPATH=. python3 benchmarks/decode_attention.py --out DIR  (a CUDA GPU; writes
+    DIR/decode_attention_results.json)
+
+One layer's decode step: ``--seqs`` sequences of ``--ctx`` cached tokens each, 32 query and 8
+key heads of 128, pages of 64 in a shuffled block table, as the engine's long-context decode
+runs it. Time per call is the median over CUDA-graph replays (quant_kernels.time_calls), the
+cache of each call a different copy so that every call streams its keys and values from HBM.
+Effective TB/s = cache bytes read (keys + values) / time, printed beside the copy rate
+measured in the same run (bytes read + written) and the bf16 cache's time as the baseline.
+``--configs`` sweeps the kernel's (num_warps, num_stages) over the quantized caches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from benchmarks.quant_kernels import copy_bandwidth, time_calls
+
+HQ, HKV, D, PAGE = 32, 8, 128, 64
+
+
+def make_case(seqs: int, ctx: int, dtype: torch.dtype, copies: int) -> list[tuple]:
+    pages = -(-ctx // PAGE)
+    blocks = seqs * pages
+    out = []
+    for _ in range(copies):
+        k = torch.randn(blocks, HKV, PAGE, D, device="cuda").to(dtype)
+        v = torch.randn(blocks, HKV, PAGE, D, device="cuda").to(dtype)
+        table = torch.randperm(blocks, device="cuda", dtype=torch.int32).view(seqs, pages)
+        out.append((k, v, table))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("."))
+    parser.add_argument("--seqs", type=int, default=512)
+    parser.add_argument("--ctx", default="1040,2000", help="context lengths (comma-separated)")
+    parser.add_argument("--configs", default="4x2,4x3,4x4,4x5,2x3",
+                        help="(num_warps)x(num_stages) of the quantized caches' sweep")
+    args = parser.parse_args()
+    from kiln.plugins.attention.triton_kernels import DECODE_CONFIG, paged_decode_attention
+    torch.manual_seed(0)
+    copy = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}: copy {copy:.2f} TB/s (read + write)")
+    results = []
+    q = torch.randn(args.seqs, HQ, D, device="cuda", dtype=torch.bfloat16)
+    rows = torch.arange(args.seqs, device="cuda", dtype=torch.int32)
+    out = torch.empty_like(q)
+    scales = dict(k_scale=torch.tensor(0.02, device="cuda"), v_scale=torch.tensor(0.01, device="cuda"))
+    configs = [tuple(map(int, c.split("x"))) for c in args.configs.split(",")]
+    for ctx in map(int, args.ctx.split(",")):
+        lens = torch.full((args.seqs,), ctx, device="cuda", dtype=torch.int32)
+        base = None
+        for dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.int8):
+            quant = scales if dtype != torch.bfloat16 else {}
+            read = 2 * args.seqs * ctx * HKV * D * dtype.itemsize
+            cases = make_case(args.seqs, ctx, dtype, copies=2 if read > 2e9 else 3)
+            for config in ([DECODE_CONFIG] if not quant else configs):
+                fns = [partial(paged_decode_attention, q, c[0], c[1], c[2], lens, rows, out,
+                               scale=D ** -0.5, max_ctx_len=ctx, config=config, **quant)
+                       for c in cases]
+                sec = time_calls(fns)
+                base = base or sec
+                row = dict(cache=str(dtype).removeprefix("torch."), seqs=args.seqs, ctx=ctx,
+                           config=list(config), us=sec * 1e6, tbps=read / sec / 1e12,
+                           of_copy=read / sec / 1e12 / copy, vs_bf16=base / sec)
+                results.append(row)
+                print(f"{row['cache']:14} ctx {ctx:5} {config}: {row['us']:8.1f} us "
+                      f"{row['tbps']:5.2f} TB/s ({row['of_copy']:.0%} of copy), "
+                      f"{row['vs_bf16']:.2f}x the bf16 cache", flush=True)
+            del cases
+            torch.cuda.empty_cache()
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                triton=__import__("triton").__version__, copy_tbps=copy)
+    path = args.out / "decode_attention_results.json"
+    path.write_text(json.dumps(dict(meta=meta, results=results), indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
