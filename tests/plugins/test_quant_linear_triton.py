@@ -190,6 +190,33 @@ def test_int4_tensor_core_path(bias, dtype, group_size, m):
     _check(name, args, dtype, path="mma")
 
 
+@pytest.mark.parametrize("m", [1, 9])
+@pytest.mark.parametrize("group_size,groups,splits", [(128, 8, 4), (64, 12, 8), (128, 7, 4)],
+                         ids=["even", "gcd-4", "prime"])  # splits actually run: 4, 4, 1
+def test_int4_split_k(m, group_size, groups, splits):
+    """Split-K over the groups: the reference's values, the same bits on every call (the runs
+    are added in split order, whichever program is last), and counters left at zero for the
+    next call (a second shape's call after it is right too)."""
+    device = triton_device()
+    if device.type == "cpu":
+        pytest.skip("inline PTX and tensor cores run on GPUs only")
+    kernels = _kernels()
+    name, args = _case("int4", 200, groups * group_size, m, torch.bfloat16, device, bias=True,
+                       group_size=group_size)
+    x, weight, scale, _, bias = args
+    ws = scale.float().contiguous()
+    config = kernels.int4_mma_config(200, groups * group_size, m)[:5] + (splits,)
+    first = kernels.PATHS[name]["mma"](x, weight, ws, group_size, bias, config)
+    assert_close(first, ref.int4_weight_only_linear(*args), torch.bfloat16)
+    for _ in range(3):
+        again = kernels.PATHS[name]["mma"](x, weight, ws, group_size, bias, config)
+        assert torch.equal(again, first)
+    _, other = _case("int4", 96, 4 * group_size, m, torch.bfloat16, device, group_size=group_size)
+    got = kernels.PATHS[name]["mma"](*other[:2], other[2].float().contiguous(), group_size, None,
+                                     config)
+    assert_close(got, ref.int4_weight_only_linear(*other), torch.bfloat16)
+
+
 @pytest.mark.parametrize("fmt", ["fp8", "int8_sq", "int8_wo", "int4"])
 @pytest.mark.parametrize("m", [1, 16, 100])
 def test_cuda_graph_capture(fmt, m):

@@ -23,11 +23,13 @@ Integer and fp8 weights become float32 without I2F (a quarter-rate instruction t
 a GEMV near 4 TB/s): the byte goes into the mantissa of 2^23 (``0x4B000000 | u``) and a float
 subtraction removes the offset, exact for every 8- and 4-bit value.
 
-Non-goals: other activation layouts (x must be [M, K] with contiguous rows), split-K.
+Non-goals: other activation layouts (x must be [M, K] with contiguous rows); split-K outside
+the INT4 tensor-core kernel.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -358,9 +360,10 @@ def _int4_words_to_halves(w, BF16: tl.constexpr):
 
 
 @triton.jit
-def _int4_mma_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, m, n, k, stride_xm, stride_ym,
-                     HALF: tl.constexpr, GROUPS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, PDL: tl.constexpr = False):
+def _int4_mma_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, count_ptr, m, n, k,
+                     stride_xm, stride_ym, HALF: tl.constexpr, GROUPS: tl.constexpr,
+                     SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_M: tl.constexpr, PDL: tl.constexpr = False):
     """y^T tile [BLOCK_N rows, BLOCK_M tokens] = sum over groups g of s[:, g] * (q_g @ x_g^T)
     on tensor cores, for a few tokens (decode batches), ``GROUPS`` groups per iteration. Each
     group's int32 words become exact 16-bit values in 2.75 instructions per weight byte
@@ -368,7 +371,12 @@ def _int4_mma_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, m, n, k, stride_xm, str
     features 4j + (0, 2) + (0, HALF, 1, HALF + 1)[r], so each dot's K index 2j + h is one pair
     register, already in the operand layout (no shuffles); x is read whole per group (vector
     loads the pipeliner can prefetch) and split to match. The group's scale multiplies its
-    float32 dot once per output (the reference's q * s, summed)."""
+    float32 dot once per output (the reference's q * s, summed).
+
+    ``SPLITS > 1`` (split-K, for shapes with few row tiles): program (i, j, s) sums the s-th of
+    ``SPLITS`` equal runs of groups and writes it to ``part [SPLITS, m, n]``; the last of a
+    tile's programs to arrive (a counter per tile, reset by that program for the next call)
+    adds the runs in split order, so the result does not depend on which program is last."""
     prologue(PDL)
     WORDS: tl.constexpr = HALF // 4
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -383,7 +391,9 @@ def _int4_mma_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, m, n, k, stride_xm, str
     x_toks = x_ptr + tok[None, :].to(tl.int64) * stride_xm
     f = tl.arange(0, 2 * HALF)
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    for g0 in range(0, n_groups, GROUPS):
+    per_split = n_groups // SPLITS
+    first = tl.program_id(2) * per_split
+    for g0 in range(first, first + per_split, GROUPS):
         for gi in tl.static_range(GROUPS):
             g = g0 + gi
             w = tl.load(w_rows + g * WORDS + j[None, :], mask=row_ok[:, None], other=0)
@@ -404,10 +414,24 @@ def _int4_mma_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, m, n, k, stride_xm, str
             part = tl.dot(tl.join(q3, q7).reshape(BLOCK_N, 2 * WORDS),
                           x3.reshape(BLOCK_M, 2 * WORDS).T, part)
             acc += part * tl.load(s_rows + g, mask=row_ok, other=0.0)[:, None]
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-    out = y_ptr + tok[None, :].to(tl.int64) * stride_ym + rows[:, None]
-    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & tok_ok[None, :])
+    ok = row_ok[:, None] & tok_ok[None, :]
+    last = True
+    if SPLITS > 1:
+        runs = part_ptr + tok[None, :].to(tl.int64) * n + rows[:, None]
+        tl.store(runs + tl.program_id(2) * m * n, acc, mask=ok)
+        tl.debug_barrier()  # every thread's run stored before the counter says so
+        tile = count_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        last = tl.atomic_add(tile, 1, sem="acq_rel", scope="gpu") == SPLITS - 1
+        if last:
+            acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            for split in tl.static_range(SPLITS):  # in split order: deterministic
+                acc += tl.load(runs + split * m * n, mask=ok, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(tile, 0, sem="relaxed", scope="gpu")
+    if last:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+        out = y_ptr + tok[None, :].to(tl.int64) * stride_ym + rows[:, None]
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 # --------------------------------------------------------------------------- M > 1: GEMMs
@@ -626,10 +650,19 @@ def int4_gemv_config(n: int, k: int, group_size: int) -> tuple[int, int, int, in
     return 4, 1024, 4, 3  # qkv 1.34, o 1.20, down 1.58
 
 
-def int4_mma_config(n: int, k: int, m: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_N, BLOCK_M, groups per iteration, num_warps, num_stages) of the int4
-    tensor-core kernel (groups per iteration: at most; a divisor of the row's groups)."""
-    return 32, 8 if m <= 8 else 16, 2, 2, 4  # H200 sweep: the best or within 3% at M 1, 16
+def int4_mma_config(n: int, k: int, m: int) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_M, groups per iteration, num_warps, num_stages, splits) of the int4
+    tensor-core kernel (groups per iteration and splits: at most; divisors of the row's
+    groups)."""
+    # H200 sweep (quant_kernels_int4_split_results.json; us at M = 1 / M = 16, g128): the best
+    # or within 3%. Split-K pays where the row tiles are few (o, down: 128 of them).
+    if m <= 8:
+        if n >= 16384:
+            return 32, 8, 2, 2, 4, 1  # gate_up 30.0 (the GEMV 32.6)
+        return 32, 8, 2, 2, 4, 2 if n > k else 4  # qkv 9.3 (unsplit 11.0), o 7.1, down 16.1
+    if n >= 16384:
+        return 16, 16, 2, 1, 4, 1  # gate_up 38.1
+    return 32, 16, 2, 2, 4, 2  # qkv 11.7 (unsplit 13.4), o 9.4 (11.8), down 24.7 (37.5)
 
 
 # Largest M on the INT4 tensor-core kernel (a program's token tile is 8 or 16 wide).
@@ -844,15 +877,40 @@ def _int4_gemv(x, weight, ws, group_size, bias, config=None):
 def _int4_mma(x, weight, ws, group_size, bias, config=None):
     m, k = x.shape
     n = weight.shape[0]
-    block_n, block_m, groups, warps, stages = config or int4_mma_config(n, k, m)
+    block_n, block_m, groups, warps, stages, *splits = config or int4_mma_config(n, k, m)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    splits = math.gcd(k // group_size, splits[0] if splits else 1)
+    if grid[0] * grid[1] > _SPLIT_COUNTERS:
+        splits = 1
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    runs = counters = y
+    if splits > 1:
+        runs = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
+        counters = _split_counters(x.device.index if x.device.index is not None
+                                   else torch.cuda.current_device())
     pdl = pdl_enabled(x.device)
-    _int4_mma_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m))](
-        x, weight, ws, bias if bias is not None else ws, y, m, n, k, x.stride(0), y.stride(0),
-        HALF=group_size // 2, GROUPS=math.gcd(k // group_size, groups),
+    _int4_mma_kernel[(*grid, splits)](
+        x, weight, ws, bias if bias is not None else ws, y, runs, counters, m, n, k,
+        x.stride(0), y.stride(0), HALF=group_size // 2,
+        GROUPS=math.gcd(k // group_size // splits, groups), SPLITS=splits,
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_M=block_m, PDL=pdl,
         num_warps=warps, num_stages=stages, launch_pdl=pdl)
     return y
+
+
+# Split-K arrival counters, one per output tile, zero between calls (each call's last program
+# resets its tile's). One buffer per device: kernels on one device's stream run one after
+# another (under PDL a kernel waits for the one before it to finish before its first load),
+# so calls never share a counter; calls on two streams of one device at once would.
+_SPLIT_COUNTERS = 1 << 16
+
+
+@functools.cache
+def _split_counters(device: int) -> torch.Tensor:
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("int4 split-K: run the projection once before capturing a CUDA "
+                           "graph (its counters are allocated on the first call)")
+    return torch.zeros(_SPLIT_COUNTERS, dtype=torch.int32, device=device)
 
 
 def _int4_triton(x, weight, ws, group_size, bias, config=None):
@@ -987,15 +1045,18 @@ def int4_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale:
                          f"group of {group_size}), found {tuple(weight_scale.shape)}")
     ws = weight_scale.float().contiguous()
     b = _vector(fn, "bias", bias, (n,))
-    return _run(x, n, int4_path(m, x.dtype, group_size), fn, weight, ws, group_size, b)
+    return _run(x, n, int4_path(m, x.dtype, group_size, n, k), fn, weight, ws, group_size, b)
 
 
-def int4_path(m: int, dtype: torch.dtype, group_size: int) -> str:
-    """The GEMV at one token, tensor cores for a few more in 16 bits (1.5-2x the tiled GEMM
-    at M = 16 on an H200; at M = 1 slower than the GEMV but on gate_up, whose programs are
-    many: benchmarks/GPU_NOTES.md). Their dots take K >= 16, and a group's words make
+def int4_path(m: int, dtype: torch.dtype, group_size: int, n: int = 0, k: int = 0) -> str:
+    """Tensor cores for a few tokens in 16 bits (1.5-2x the tiled GEMM at M = 16 on an H200),
+    and at one token for the wide shapes (gate_up; down split over K: 30.0 and 16.1 us against
+    the GEMV's 32.6 and 19.2, group 128), the GEMV for the other shapes at one token
+    (benchmarks/GPU_NOTES.md). The dots take K >= 16, and a group's words make
     K = group_size / 4; float32 keeps the exact float32 GEMM."""
-    if 1 < m <= INT4_MMA_MAX_M and dtype != torch.float32 and group_size >= 64:
+    if dtype == torch.float32 or group_size < 64:
+        return weight_only_path(m)
+    if 1 < m <= INT4_MMA_MAX_M or (m == 1 and group_size == 128 and (n >= 16384 or k >= 8192)):
         return "mma"
     return weight_only_path(m)
 
