@@ -39,10 +39,14 @@ def _paged_case(device, dtype, hkv, d, page, ctx_lens, seed):
     return k, v, table.to(device), torch.tensor(ctx_lens, dtype=torch.int32, device=device)
 
 
+# decode tiles of other sizes (num_warps, num_stages, BLOCK_N): 128 keys span pages of 16 and 64
+DECODE_TILES = {"tile128": (4, 2, 128), "tile32": (1, 3, 32)}
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("heads", HEADS, ids=str)
 @pytest.mark.parametrize("page", [16, 64])
-@pytest.mark.parametrize("variant", ["plain", "window", "alibi", "split4"])
+@pytest.mark.parametrize("variant", ["plain", "window", "alibi", "split4", "tile128", "tile32"])
 def test_decode_matches_reference(dtype, heads, page, variant):
     device = triton_device()
     skip_unsupported(dtype, device)
@@ -57,7 +61,8 @@ def test_decode_matches_reference(dtype, heads, page, variant):
               alibi_slopes=alibi_slopes(hq, device) if variant == "alibi" else None)
     got = torch.full_like(q, float("nan"))
     _kernels().paged_decode_attention(q, k, v, table, ctx_lens, rows, got,
-                                      num_splits=4 if variant == "split4" else None, **kw)
+                                      num_splits=4 if variant == "split4" else None,
+                                      config=DECODE_TILES.get(variant), **kw)
     want = torch.full_like(q, float("nan"))
     ref.paged_decode_attention(q, k, v, table, ctx_lens, rows, want, **kw)
     untouched = torch.ones(total, dtype=torch.bool)
@@ -135,7 +140,7 @@ def _quantize(k, v, cache_dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("heads,page", [((32, 8, 128), 64), ((8, 1, 64), 16), ((4, 4, 80), 16)],
                          ids=str)
-@pytest.mark.parametrize("variant", ["unsplit", "split4", "window"])
+@pytest.mark.parametrize("variant", ["unsplit", "split4", "window", "tile128", "tile32"])
 def test_decode_quantized_cache_matches_reference(cache_dtype, dtype, heads, page, variant):
     device = triton_device()
     skip_unsupported(dtype, device)
@@ -149,7 +154,8 @@ def test_decode_quantized_cache_matches_reference(cache_dtype, dtype, heads, pag
               sliding_window=50 if variant == "window" else None)
     got = torch.full_like(q, float("nan"))
     _kernels().paged_decode_attention(q, k, v, table, ctx_lens, rows, got,
-                                      num_splits={"unsplit": 1, "split4": 4}.get(variant), **kw)
+                                      num_splits={"unsplit": 1, "split4": 4}.get(variant),
+                                      config=DECODE_TILES.get(variant), **kw)
     want = torch.full_like(q, float("nan"))
     ref.paged_decode_attention(q, k, v, table, ctx_lens, rows, want, **kw)
     assert_close(got[rows.long()], want[rows.long()], dtype)

@@ -3,8 +3,8 @@
 Same contract as :mod:`kiln.plugins.attention.triton_reference` (its docstring has the
 cache layout and masking rules). Both kernels are flash-attention style: online softmax in
 float32 with ``exp2``, key/value tiles of ``BLOCK_N`` rows read straight from the paged cache
-(``page_size % BLOCK_N == 0``, so a tile never straddles two blocks and is one contiguous
-``[BLOCK_N, D]`` read).
+(by default ``page_size % BLOCK_N == 0``, so a tile lies in one block and is one contiguous
+``[BLOCK_N, D]`` read; a tile of more rows than a page takes one table entry per row).
 
 Decode: grid ``(num_seqs, Hkv, num_splits)``. One program holds the ``G = Hq / Hkv`` query
 heads that share a key head as the rows of its ``tl.dot`` tile (padded to 16 rows), so each
@@ -28,8 +28,8 @@ float16's range, |q| < 65504), the dots run on the stored values, and the scales
 the float32 scores (``k_scale``) and the output (``v_scale``). Keys and values are then exact
 where the reference rounds ``stored * scale`` to q's dtype: within its tolerances, not bit-equal.
 At 1,040 keys per sequence this took a decode step's attention from ~670 us per layer (the
-dequantizing form, profiled in the engine) to 373 (:data:`DECODE_CONFIG_8BIT`;
-benchmarks/GPU_NOTES.md). Reading the pairs as 16-bit words and widening them before the tile
+dequantizing form, profiled in the engine) to 291 (with :data:`DECODE_CONFIG_8BIT`'s
+one-warp programs of 32-key tiles; benchmarks/GPU_NOTES.md). Reading the pairs as 16-bit words and widening them before the tile
 moves into the dot's layout (no byte loads from shared memory) measured the same, so the
 simpler form stays.
 """
@@ -159,11 +159,15 @@ def _decode_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_st
     n_offs = tl.arange(0, BLOCK_N)
     table = table_ptr + b.to(tl.int64) * table_stride
     for n0 in range((lo // BLOCK_N) * BLOCK_N, end, BLOCK_N):
-        block = tl.load(table + n0 // PAGE).to(tl.int64)
-        base = block * c_stride_b + kvh * c_stride_h + ((n0 % PAGE) + n_offs)[:, None] * c_stride_r \
-            + d_offs[None, :]
         kpos = n0 + n_offs
         kmask = (kpos < end) & (kpos >= lo)
+        if BLOCK_N <= PAGE:  # the tile lies in one block: one table entry
+            block = tl.load(table + n0 // PAGE).to(tl.int64)
+            rows = block * c_stride_b + ((n0 % PAGE) + n_offs) * c_stride_r
+        else:  # the tile spans blocks: one entry per row (past the context: block 0, masked)
+            blocks = tl.load(table + kpos // PAGE, mask=kpos < end, other=0).to(tl.int64)
+            rows = blocks * c_stride_b + (kpos % PAGE) * c_stride_r
+        base = (rows + kvh * c_stride_h)[:, None] + d_offs[None, :]
         s = _tile_scores(q, k_ptr + base, kpos, kmask, d_mask, qk_scale, slopes, k_scale, ALIBI,
                          PRECISION, QUANT)
         m_i, l_i, acc = _online_update(s, kmask[None, :], m_i, l_i, acc, v_ptr + base, kmask,
@@ -248,13 +252,15 @@ def decode_splits(num_seqs: int, num_kv_heads: int, max_ctx_len: int, device: to
     return max(1, min(want, triton.cdiv(max_ctx_len, min_partition), 64))
 
 
-# (num_warps, num_stages) of decode: benchmarks/decode_attention.py on an H200, one layer, 512
-# sequences of 1,040 / 2,000 keys (decode_attention_results.json): a bf16 cache 563 / 1,076 us
-# (~3.9 TB/s). A float8 cache 541 / 1,007 us with the bf16 cache's (4, 2), 395 / 733 with
-# (4, 3), 373 / 692 with (2, 3): its tiles are half the bytes, so more of them in flight; int8
-# 567 / 1,061 with (4, 2), 532 / 980 with (2, 3).
+# (num_warps, num_stages[, BLOCK_N]) of decode: benchmarks/decode_attention.py on an H200, one
+# layer, 512 sequences of 1,040 / 2,000 keys (decode_attention_results.json): a bf16 cache
+# 563 / 1,076 us (~3.9 TB/s). A float8 cache 541 / 1,007 us with the bf16 cache's (4, 2),
+# 373 / 692 with (2, 3); then (decode_attention_tiles_results.json, 1,040 keys) 291 us with one
+# warp per program and 32-key tiles (1, 3, 32; 3.75 TB/s), 415 with two warps on such tiles,
+# 466 with 128-key tiles: 1-byte tiles are cheap to hold, and small programs put more of them
+# in flight per multiprocessor. int8: 567 with (4, 2), 532 with (2, 3), 503 with (1, 3, 32).
 DECODE_CONFIG = (4, 2)
-DECODE_CONFIG_8BIT = (2, 3)
+DECODE_CONFIG_8BIT = (1, 3, 32)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -264,11 +270,18 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            sliding_window: int | None = None, max_ctx_len: int | None = None,
                            num_splits: int | None = None, k_scale: torch.Tensor | None = None,
                            v_scale: torch.Tensor | None = None,
-                           config: tuple[int, int] | None = None) -> torch.Tensor:
-    """``config``: (num_warps, num_stages), default :data:`DECODE_CONFIG_8BIT` for a quantized
-    cache, else :data:`DECODE_CONFIG`."""
+                           config: tuple[int, ...] | None = None) -> torch.Tensor:
+    """``config``: (num_warps, num_stages[, BLOCK_N]), default :data:`DECODE_CONFIG_8BIT` for
+    a quantized cache, else :data:`DECODE_CONFIG`; BLOCK_N (keys per tile, a power of two
+    >= 16) defaults to ``min(64, page_size)``, and a larger one spans pages."""
     page, block_n = _check(q, k_cache, v_cache)
     quant, k_arg, v_arg = _scales(k_cache, k_scale, v_scale, ctx_lens)
+    warps, stages, *tile = config or (DECODE_CONFIG_8BIT if quant else DECODE_CONFIG)
+    if tile:
+        block_n = tile[0]
+        if block_n < 16 or block_n & (block_n - 1):
+            raise ValueError(f"paged attention (triton): BLOCK_N must be a power of two >= 16, "
+                             f"found {block_n}")
     b, hq, d = q_rows.shape[0], q.shape[1], q.shape[2]
     hkv = k_cache.shape[1]
     if b == 0:
@@ -287,7 +300,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     mode = int(quant)
     if quant and k_cache.dtype == torch.float8_e4m3fn and q.dtype != torch.float32:
         mode = WIDEN.value
-    warps, stages = config or (DECODE_CONFIG_8BIT if quant else DECODE_CONFIG)
     _decode_kernel[(b, hkv, splits)](
         q, q.stride(0), q.stride(1), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables, block_tables.stride(0), ctx_lens, q_rows, out,
