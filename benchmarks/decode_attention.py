@@ -46,6 +46,8 @@ def main() -> None:
     parser.add_argument("--configs", default="4x2,4x3,4x4,4x5,2x3",
                         help="(num_warps)x(num_stages) of the quantized caches' sweep")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU: torch sees none (torch.cuda.is_available() is False)")
     from kiln.plugins.attention.triton_kernels import DECODE_CONFIG, paged_decode_attention
     torch.manual_seed(0)
     copy = copy_bandwidth()

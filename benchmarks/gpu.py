@@ -619,6 +619,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quant_decode_only", action="store_true",
                         help="quantized variants: batch-1 decode only (not QUANT_RUNS)")
     args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU: torch sees none (torch.cuda.is_available() is False)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         stream=sys.stdout)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -212,6 +212,8 @@ def main() -> None:
     parser.add_argument("--formats", default=",".join(FORMATS),
                         help=f"formats to time (comma-separated, from {FORMATS})")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU: torch sees none (torch.cuda.is_available() is False)")
     torch.manual_seed(0)
     results: list[dict] = []
     copy = copy_bandwidth()
