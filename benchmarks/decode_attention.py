@@ -9,7 +9,8 @@ runs it. Time per call is the median over CUDA-graph replays (quant_kernels.time
 cache of each call a different copy so that every call streams its keys and values from HBM.
 Effective TB/s = cache bytes read (keys + values) / time, printed beside the copy rate
 measured in the same run (bytes read + written) and the bf16 cache's time as the baseline.
-``--configs`` sweeps the kernel's (num_warps, num_stages) over the quantized caches.
+``--configs`` sweeps the kernel's (num_warps, num_stages[, keys per tile]) over the quantized
+caches.
 """
 
 from __future__ import annotations
@@ -43,9 +44,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument("--seqs", type=int, default=512)
     parser.add_argument("--ctx", default="1040,2000", help="context lengths (comma-separated)")
-    parser.add_argument("--configs", default="4x2,4x3,4x4,4x5,2x3",
-                        help="(num_warps)x(num_stages) of the quantized caches' sweep")
+    parser.add_argument("--configs", default="1x3x32,1x4x32,2x3,2x3x32,4x2,4x3",
+                        help="the quantized caches' sweep: WARPSxSTAGES[xKEYS per tile]")
     args = parser.parse_args()
+    try:
+        configs = [tuple(map(int, c.split("x"))) for c in args.configs.split(",")]
+        contexts = [int(c) for c in args.ctx.split(",")]
+    except ValueError:
+        parser.error(f"--configs takes WARPSxSTAGES[xKEYS] items and --ctx integers, "
+                     f"comma-separated; found {args.configs!r} and {args.ctx!r}")
+    if any(len(c) not in (2, 3) for c in configs) or min(contexts) < 1 or args.seqs < 1:
+        parser.error("--configs items are WARPSxSTAGES or WARPSxSTAGESxKEYS; --ctx and --seqs "
+                     "positive")
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU: torch sees none (torch.cuda.is_available() is False)")
     from kiln.plugins.attention.triton_kernels import DECODE_CONFIG, paged_decode_attention
@@ -57,8 +67,7 @@ def main() -> None:
     rows = torch.arange(args.seqs, device="cuda", dtype=torch.int32)
     out = torch.empty_like(q)
     scales = dict(k_scale=torch.tensor(0.02, device="cuda"), v_scale=torch.tensor(0.01, device="cuda"))
-    configs = [tuple(map(int, c.split("x"))) for c in args.configs.split(",")]
-    for ctx in map(int, args.ctx.split(",")):
+    for ctx in contexts:
         lens = torch.full((args.seqs,), ctx, device="cuda", dtype=torch.int32)
         base = None
         for dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.int8):
