@@ -3,8 +3,8 @@
 Same contract as :mod:`kiln.plugins.attention.triton_reference` (its docstring has the
 cache layout and masking rules). Both kernels are flash-attention style: online softmax in
 float32 with ``exp2``, key/value tiles of ``BLOCK_N`` rows read straight from the paged cache
-(by default ``page_size % BLOCK_N == 0``, so a tile lies in one block and is one contiguous
-``[BLOCK_N, D]`` read; a tile of more rows than a page takes one table entry per row).
+(a tile of at most a page's rows lies in one block and is one contiguous ``[BLOCK_N, D]`` read;
+a decode tile of more rows than a page takes one table entry per row).
 
 Decode: grid ``(num_seqs, Hkv, num_splits)``. One program holds the ``G = Hq / Hkv`` query
 heads that share a key head as the rows of its ``tl.dot`` tile (padded to 16 rows), so each
@@ -23,15 +23,16 @@ dtype, before its dot. The 1-byte tiles halve what decode reads from the cache.
 
 Decode over a float8 cache with 16-bit queries (``WIDEN``) does less per element, since it
 reads every cached byte once per step: each e4m3 pair becomes an exact float16 pair in one
-instruction (``cvt.rn.f16x2.e4m3x2``), q is rounded to float16 (exact for bfloat16 values in
-float16's range, |q| < 65504), the dots run on the stored values, and the scales are applied to
-the float32 scores (``k_scale``) and the output (``v_scale``). Keys and values are then exact
-where the reference rounds ``stored * scale`` to q's dtype: within its tolerances, not bit-equal.
-At 1,040 keys per sequence this took a decode step's attention from ~670 us per layer (the
-dequantizing form, profiled in the engine) to 291 (with :data:`DECODE_CONFIG_8BIT`'s
-one-warp programs of 32-key tiles; benchmarks/GPU_NOTES.md). Reading the pairs as 16-bit words and widening them before the tile
-moves into the dot's layout (no byte loads from shared memory) measured the same, so the
-simpler form stays.
+instruction (``cvt.rn.f16x2.e4m3x2``), q is rounded to float16 (bfloat16 values keep every bit
+between 2^-14 and 65504; smaller ones lose bits as float16 subnormals, and |q| beyond float16's
+range, not seen in practice, is clamped to 65504 rather than becoming inf), the dots run on the
+stored values, and the scales are applied to the float32 scores (``k_scale``) and the output
+(``v_scale``). Keys and values are then exact where the reference rounds ``stored * scale`` to
+q's dtype: within its tolerances, not bit-equal. One layer of 512 sequences x 1,040 keys took
+547 us in the dequantizing form and 291 us widened, with :data:`DECODE_CONFIG_8BIT`'s one-warp
+programs of 32-key tiles (benchmarks/GPU_NOTES.md). Reading the pairs as 16-bit words and
+widening them before the tile moves into the dot's layout (no byte loads from shared memory)
+measured the same, so the simpler form stays.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ WIDEN = tl.constexpr(2)
 
 @triton.jit
 def _dequant(x, scale, DTYPE: tl.constexpr, QUANT: tl.constexpr):
-    """A cache tile as the reference reads it: a quantized one as (stored * scale) in DTYPE.
+    """A cache tile as the reference reads it: a quantized one as (stored * scale) in DTYPE;
+    under ``WIDEN`` a float8 tile as its stored values in float16 (the scales applied outside).
 
     ``stored.to(float32)`` is made with integer ops, not conversions: decode dequantizes every
     cached element, and Hopper's conversion unit (16 results per clock per SM) then bounds a
@@ -151,7 +153,7 @@ def _decode_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_st
         slopes = tl.load(slopes_ptr + heads, mask=m_mask, other=0.0) * 1.4426950408889634
     k_scale, v_scale = _load_scales(k_scale_ptr, v_scale_ptr, QUANT)
     if QUANT == WIDEN:
-        q = q.to(tl.float16)
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
         qk_scale *= k_scale
     m_i = tl.full([M_PAD], -1.0e30, tl.float32)
     l_i = tl.zeros([M_PAD], tl.float32)
@@ -259,8 +261,21 @@ def decode_splits(num_seqs: int, num_kv_heads: int, max_ctx_len: int, device: to
 # warp per program and 32-key tiles (1, 3, 32; 3.75 TB/s), 415 with two warps on such tiles,
 # 466 with 128-key tiles: 1-byte tiles are cheap to hold, and small programs put more of them
 # in flight per multiprocessor. int8: 567 with (4, 2), 532 with (2, 3), 503 with (1, 3, 32).
+# Measured for groups of up to 16 query heads of up to 128 dims (a 16 x 128 query tile) and
+# unsplit grids: elsewhere quantized caches keep (2, 3) (larger tiles would spill the one-warp
+# program's registers; split grids are sized for bigger programs) or, for larger query tiles,
+# the bf16 cache's (4, 2).
 DECODE_CONFIG = (4, 2)
 DECODE_CONFIG_8BIT = (1, 3, 32)
+DECODE_CONFIG_8BIT_SPLIT = (2, 3)
+
+
+def decode_config(quantized: bool, group: int, head_dim: int, splits: int) -> tuple[int, ...]:
+    """Default (num_warps, num_stages[, BLOCK_N]) of decode (see the configs above)."""
+    if not quantized or max(16, triton.next_power_of_2(group)) \
+            * max(16, triton.next_power_of_2(head_dim)) > 16 * 128:
+        return DECODE_CONFIG
+    return DECODE_CONFIG_8BIT if splits == 1 else DECODE_CONFIG_8BIT_SPLIT
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -271,23 +286,23 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            num_splits: int | None = None, k_scale: torch.Tensor | None = None,
                            v_scale: torch.Tensor | None = None,
                            config: tuple[int, ...] | None = None) -> torch.Tensor:
-    """``config``: (num_warps, num_stages[, BLOCK_N]), default :data:`DECODE_CONFIG_8BIT` for
-    a quantized cache, else :data:`DECODE_CONFIG`; BLOCK_N (keys per tile, a power of two
-    >= 16) defaults to ``min(64, page_size)``, and a larger one spans pages."""
+    """``config``: (num_warps, num_stages[, BLOCK_N]), default :func:`decode_config`; BLOCK_N
+    (keys per tile, a power of two >= 16) is ``min(64, page_size)`` where the config has none,
+    and one larger than a page spans pages."""
     page, block_n = _check(q, k_cache, v_cache)
     quant, k_arg, v_arg = _scales(k_cache, k_scale, v_scale, ctx_lens)
-    warps, stages, *tile = config or (DECODE_CONFIG_8BIT if quant else DECODE_CONFIG)
-    if tile:
-        block_n = tile[0]
-        if block_n < 16 or block_n & (block_n - 1):
-            raise ValueError(f"paged attention (triton): BLOCK_N must be a power of two >= 16, "
-                             f"found {block_n}")
     b, hq, d = q_rows.shape[0], q.shape[1], q.shape[2]
     hkv = k_cache.shape[1]
     if b == 0:
         return out
     max_ctx = max_ctx_len if max_ctx_len is not None else block_tables.shape[1] * page
     splits = num_splits or decode_splits(b, hkv, max_ctx, q.device)
+    warps, stages, *tile = config or decode_config(quant, hq // hkv, d, splits)
+    if tile:
+        block_n = tile[0]
+        if block_n < 16 or block_n & (block_n - 1):
+            raise ValueError(f"paged attention (triton): BLOCK_N must be a power of two >= 16, "
+                             f"found {block_n}")
     partition = triton.cdiv(triton.cdiv(max_ctx, splits), block_n) * block_n
     splits = triton.cdiv(max_ctx, partition)
     d_pad, group = max(16, triton.next_power_of_2(d)), hq // hkv

@@ -28,7 +28,7 @@ Quantized cache (float8_e4m3fn or int8, written by the rotary kernel): ``k_scale
 ``v_scale`` (float32 scalar tensors) are required, and each cached key/value is read as
 ``(stored * scale)`` rounded to q's dtype (what the reference decoder's fake-quantized cache
 holds) before the products: the Triton prefill does exactly this; its decode over a float8 cache
-keeps the stored values exact and applies the scales to the scores and the output instead
+with 16-bit queries keeps the stored values exact and applies the scales to the scores and the output instead
 (within the same tolerances; triton_kernels' docstring).
 
 ``max_ctx_len`` / ``max_q_len`` (host ints bounding ``ctx_lens`` / ``q_lens``) and

@@ -654,14 +654,14 @@ def int4_mma_config(n: int, k: int, m: int) -> tuple[int, int, int, int, int, in
     """(BLOCK_N, BLOCK_M, groups per iteration, num_warps, num_stages, splits) of the int4
     tensor-core kernel (groups per iteration and splits: at most; divisors of the row's
     groups)."""
-    # H200 sweep (quant_kernels_int4_split_results.json; us at M = 1 / M = 16, g128): the best
-    # or within 3%. Split-K pays where the row tiles are few (o, down: 128 of them).
+    # H200 sweep (quant_kernels_int4_split_results.json; Llama-3.1-8B shapes, us, g128): the
+    # best or within 3%. Split-K pays where the row tiles are few (o, down: 128 of them).
     if m <= 8:
-        if n >= 16384:
-            return 32, 8, 2, 2, 4, 1  # gate_up 30.0 (the GEMV 32.6)
+        if n >= 4 * k:
+            return 32, 8, 2, 2, 4, 1  # gate_up 30.1 (M = 1)
         return 32, 8, 2, 2, 4, 2 if n > k else 4  # qkv 9.3 (unsplit 11.0), o 7.1, down 16.1
-    if n >= 16384:
-        return 16, 16, 2, 1, 4, 1  # gate_up 38.1
+    if n >= 4 * k:
+        return 16, 16, 2, 1, 4, 1  # gate_up 38.1 (M = 16)
     return 32, 16, 2, 2, 4, 2  # qkv 11.7 (unsplit 13.4), o 9.4 (11.8), down 24.7 (37.5)
 
 
@@ -879,7 +879,7 @@ def _int4_mma(x, weight, ws, group_size, bias, config=None):
     n = weight.shape[0]
     block_n, block_m, groups, warps, stages, *splits = config or int4_mma_config(n, k, m)
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
-    splits = math.gcd(k // group_size, splits[0] if splits else 1)
+    splits = math.gcd(k // group_size, max(1, splits[0]) if splits else 1)
     if grid[0] * grid[1] > _SPLIT_COUNTERS:
         splits = 1
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -1050,13 +1050,13 @@ def int4_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale:
 
 def int4_path(m: int, dtype: torch.dtype, group_size: int, n: int = 0, k: int = 0) -> str:
     """Tensor cores for a few tokens in 16 bits (1.5-2x the tiled GEMM at M = 16 on an H200),
-    and at one token for the wide shapes (gate_up; down split over K: 30.0 and 16.1 us against
-    the GEMV's 32.6 and 19.2, group 128), the GEMV for the other shapes at one token
-    (benchmarks/GPU_NOTES.md). The dots take K >= 16, and a group's words make
-    K = group_size / 4; float32 keeps the exact float32 GEMM."""
+    and at one token for the MLP's shapes, N >= 4K (gate_up) and K >= 3N (down, split over K):
+    30.8 and 16.1 us on an H200 against the GEMV's 33.2 and 19.7 (group 128; the GEMV stays for
+    the other shapes at one token: benchmarks/GPU_NOTES.md). The dots take K >= 16, and a
+    group's words make K = group_size / 4; float32 keeps the exact float32 GEMM."""
     if dtype == torch.float32 or group_size < 64:
         return weight_only_path(m)
-    if 1 < m <= INT4_MMA_MAX_M or (m == 1 and group_size == 128 and (n >= 16384 or k >= 8192)):
+    if 1 < m <= INT4_MMA_MAX_M or (m == 1 and group_size == 128 and (n >= 4 * k or k >= 3 * n)):
         return "mma"
     return weight_only_path(m)
 
