@@ -16,13 +16,12 @@ caches.
 from __future__ import annotations
 
 import argparse
-import json
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from benchmarks.quant_kernels import copy_bandwidth, time_calls
+from benchmarks.quant_kernels import copy_bandwidth, time_calls, write_results
 
 HQ, HKV, D, PAGE = 32, 8, 128, 64
 
@@ -89,12 +88,7 @@ def main() -> None:
                       f"{row['vs_bf16']:.2f}x the bf16 cache", flush=True)
             del cases
             torch.cuda.empty_cache()
-    args.out.mkdir(parents=True, exist_ok=True)
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                triton=__import__("triton").__version__, copy_tbps=copy)
-    path = args.out / "decode_attention_results.json"
-    path.write_text(json.dumps(dict(meta=meta, results=results), indent=1))
-    print(f"wrote {path}")
+    write_results(args.out / "decode_attention_results.json", results, copy)
 
 
 if __name__ == "__main__":

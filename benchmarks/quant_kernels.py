@@ -203,6 +203,15 @@ def copy_bandwidth() -> float:
     return 2 * a.numel() / sec / 1e12
 
 
+def write_results(path: Path, results: list[dict], copy_tbps: float) -> None:
+    """The results JSON: the rows beside the device, versions and copy rate they came from."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                triton=__import__("triton").__version__, copy_tbps=copy_tbps)
+    path.write_text(json.dumps(dict(meta=meta, results=results), indent=1))
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("."))
@@ -222,12 +231,7 @@ def main() -> None:
     main_cases(results, [int(m) for m in args.ms.split(",")], formats)
     if not args.no_sweep:
         sweeps(results, formats)
-    args.out.mkdir(parents=True, exist_ok=True)
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                triton=__import__("triton").__version__, copy_tbps=copy)
-    path = args.out / "quant_kernels_results.json"
-    path.write_text(json.dumps(dict(meta=meta, results=results), indent=1))
-    print(f"wrote {path}")
+    write_results(args.out / "quant_kernels_results.json", results, copy)
 
 
 if __name__ == "__main__":
