@@ -270,10 +270,10 @@ DECODE_CONFIG_8BIT = (1, 3, 32)
 DECODE_CONFIG_8BIT_SPLIT = (2, 3)
 
 
-def decode_config(quantized: bool, group: int, head_dim: int, splits: int) -> tuple[int, ...]:
-    """Default (num_warps, num_stages[, BLOCK_N]) of decode (see the configs above)."""
-    if not quantized or max(16, triton.next_power_of_2(group)) \
-            * max(16, triton.next_power_of_2(head_dim)) > 16 * 128:
+def decode_config(quantized: bool, m_pad: int, d_pad: int, splits: int) -> tuple[int, ...]:
+    """Default (num_warps, num_stages[, BLOCK_N]) of decode for a program's padded query tile
+    [m_pad, d_pad] (see the configs above)."""
+    if not quantized or m_pad * d_pad > 16 * 128:
         return DECODE_CONFIG
     return DECODE_CONFIG_8BIT if splits == 1 else DECODE_CONFIG_8BIT_SPLIT
 
@@ -297,7 +297,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         return out
     max_ctx = max_ctx_len if max_ctx_len is not None else block_tables.shape[1] * page
     splits = num_splits or decode_splits(b, hkv, max_ctx, q.device)
-    warps, stages, *tile = config or decode_config(quant, hq // hkv, d, splits)
+    d_pad, group = max(16, triton.next_power_of_2(d)), hq // hkv
+    m_pad = max(16, triton.next_power_of_2(group))
+    warps, stages, *tile = config or decode_config(quant, m_pad, d_pad, splits)
     if tile:
         block_n = tile[0]
         if block_n < 16 or block_n & (block_n - 1):
@@ -305,7 +307,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                              f"found {block_n}")
     partition = triton.cdiv(triton.cdiv(max_ctx, splits), block_n) * block_n
     splits = triton.cdiv(max_ctx, partition)
-    d_pad, group = max(16, triton.next_power_of_2(d)), hq // hkv
     part = ml = out  # unread unless split
     if splits > 1:
         part = torch.empty((b, hq, splits, d_pad), dtype=torch.float32, device=q.device)
@@ -320,7 +321,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         k_cache.stride(2), block_tables, block_tables.stride(0), ctx_lens, q_rows, out,
         out.stride(0), out.stride(1), part, ml, slopes, k_arg, v_arg, scale * LOG2E,
         sliding_window or 0, partition, splits, GROUP=group,
-        M_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, D_PAD=d_pad, PAGE=page,
+        M_PAD=m_pad, HEAD_DIM=d, D_PAD=d_pad, PAGE=page,
         BLOCK_N=block_n, SPLIT=splits > 1, ALIBI=alibi_slopes is not None,
         WINDOW=sliding_window is not None, PRECISION=_precision(q.dtype), QUANT=mode,
         PDL=pdl, num_warps=warps, num_stages=stages, launch_pdl=pdl)
