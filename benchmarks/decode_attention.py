@@ -10,7 +10,7 @@ cache of each call a different copy so that every call streams its keys and valu
 Effective TB/s = cache bytes read (keys + values) / time, printed beside the copy rate
 measured in the same run (bytes read + written) and the bf16 cache's time as the baseline.
 ``--configs`` sweeps the kernel's (num_warps, num_stages[, keys per tile]) over the quantized
-caches.
+caches, ``--bf16_configs`` over the bf16 cache (the first bf16 row is the baseline).
 """
 
 from __future__ import annotations
@@ -45,14 +45,17 @@ def main() -> None:
     parser.add_argument("--ctx", default="1040,2000", help="context lengths (comma-separated)")
     parser.add_argument("--configs", default="1x3x32,1x4x32,2x3,2x3x32,4x2,4x3",
                         help="the quantized caches' sweep: WARPSxSTAGES[xKEYS per tile]")
+    parser.add_argument("--bf16_configs", default="",
+                        help="the bf16 cache's sweep, the same form (default: its default config)")
     args = parser.parse_args()
     try:
         configs = [tuple(map(int, c.split("x"))) for c in args.configs.split(",")]
+        bf16_configs = [tuple(map(int, c.split("x"))) for c in args.bf16_configs.split(",") if c]
         contexts = [int(c) for c in args.ctx.split(",")]
     except ValueError:
         parser.error(f"--configs takes WARPSxSTAGES[xKEYS] items and --ctx integers, "
                      f"comma-separated; found {args.configs!r} and {args.ctx!r}")
-    if any(len(c) not in (2, 3) for c in configs) or min(contexts) < 1 or args.seqs < 1:
+    if any(len(c) not in (2, 3) for c in configs + bf16_configs) or min(contexts) < 1 or args.seqs < 1:
         parser.error("--configs items are WARPSxSTAGES or WARPSxSTAGESxKEYS; --ctx and --seqs "
                      "positive")
     if not torch.cuda.is_available():
@@ -73,7 +76,7 @@ def main() -> None:
             quant = scales if dtype != torch.bfloat16 else {}
             read = 2 * args.seqs * ctx * HKV * D * dtype.itemsize
             cases = make_case(args.seqs, ctx, dtype, copies=2 if read > 2e9 else 3)
-            for config in ([DECODE_CONFIG] if not quant else configs):
+            for config in (configs if quant else bf16_configs or [DECODE_CONFIG]):
                 fns = [partial(paged_decode_attention, q, c[0], c[1], c[2], lens, rows, out,
                                scale=D ** -0.5, max_ctx_len=ctx, config=config, **quant)
                        for c in cases]
