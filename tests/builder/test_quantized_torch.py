@@ -226,9 +226,10 @@ def test_limits_beyond_host_memory_refused_before_allocating(quantized, tmp_path
 
 
 def test_fp8_inputs_quantized_by_the_kernel_before_them(quantized, tmp_path, monkeypatch):
-    """Steps of more than FP8_TRITON_MAX_M rows: the norms and the gated MLP's activation hand
-    the FP8 projections their inputs quantized already (each with its own projection's input
-    scale; the activation also applies down's pre_quant_scale, which this checkpoint has),
+    """Steps of more than FP8_TRITON_MAX_M rows: the norms, the attention (prefill, and decode
+    in a mixed step) and the gated MLP's activation hand the FP8 projections their inputs
+    quantized already (each with its own projection's input scale; the attention and the
+    activation also apply o's and down's pre_quant_scale, which this checkpoint has),
     which gives the same logits, bit for bit, as each projection quantizing its input itself,
     and the oracle's. A 4-row decode step quantizes in the projections."""
     import dataclasses
@@ -238,13 +239,13 @@ def test_fp8_inputs_quantized_by_the_kernel_before_them(quantized, tmp_path, mon
 
     ckpt = quantized("fp8")
     build(ckpt, tmp_path / "e", backend="torch", dtype="float32", max_batch_size=4,
-          max_input_len=32, max_seq_len=40, max_num_tokens=128)
+          max_input_len=62, max_seq_len=64, max_num_tokens=128)
     gen = torch.Generator().manual_seed(3)
     vocab = load_config(ckpt).decoder.vocab_size
-    prompts = [torch.randint(1, vocab, (30,), generator=gen).tolist() for _ in range(4)]
-    assert 4 * 30 > FP8_TRITON_MAX_M
+    prompts = [torch.randint(1, vocab, (n,), generator=gen).tolist() for n in (24, 24, 24, 62)]
+    assert 3 * 24 > FP8_TRITON_MAX_M and 3 + 62 > FP8_TRITON_MAX_M
 
-    def run(fused: bool) -> tuple[list[torch.Tensor], list[str]]:
+    def run(fused: bool) -> tuple[list[torch.Tensor], list[list[str]]]:
         _, ex = open_engine(tmp_path / "e", ExecutorOptions(device="cpu"))
         kernels, quantized_by = ex.model.kernels, []
 
@@ -259,27 +260,49 @@ def test_fp8_inputs_quantized_by_the_kernel_before_them(quantized, tmp_path, mon
             return kernels.silu_and_mul(gate_up, quant_scale=quant_scale,
                                         pre_quant_scale=pre_quant_scale)
 
-        ex.model.kernels = dataclasses.replace(kernels, add_norm=add_norm,
-                                               silu_and_mul=silu_and_mul)
+        def attention(kind: str):
+            def call(*args, quant_scale=None, pre_quant_scale=None, **kwargs):
+                quantized_by.append(kind if quant_scale is not None else "-")
+                if quant_scale is not None:
+                    assert pre_quant_scale is not None  # o's smoothing, applied here
+                return getattr(kernels, f"paged_{kind}_attention")(
+                    *args, quant_scale=quant_scale, pre_quant_scale=pre_quant_scale, **kwargs)
+            return call
+
+        ex.model.kernels = dataclasses.replace(
+            kernels, add_norm=add_norm, silu_and_mul=silu_and_mul,
+            paged_prefill_attention=attention("prefill"),
+            paged_decode_attention=attention("decode"))
         if not fused:
             monkeypatch.setattr(QuantLinear, "quantized_input", lambda self, rows: None)
         for slot, p in enumerate(prompts):
             assert ex.reserve(slot, len(p) + 2)
-        logits = [ex.step([SequenceChunk(s, p, 0) for s, p in enumerate(prompts)])]
-        prefill_calls = list(quantized_by)
-        logits.append(ex.step([SequenceChunk(s, [5], 30) for s in range(4)]))  # 4 rows
+        steps = [[SequenceChunk(s, prompts[s], 0) for s in range(3)],  # 72 prefill rows
+                 [SequenceChunk(s, [5], 24) for s in range(3)]  # mixed: 3 decode rows + 62
+                 + [SequenceChunk(3, prompts[3], 0)],
+                 [SequenceChunk(s, [7], len(prompts[s]) + (s < 3)) for s in range(4)]]  # 4 rows
+        logits, calls = [], []
+        for chunks in steps:
+            del quantized_by[:]
+            logits.append(ex.step(chunks))
+            calls.append(list(quantized_by))
         ex.close()
-        return logits, prefill_calls
+        return logits, calls
 
     fused, calls = run(True)
     layers = load_config(ckpt).decoder.num_layers
-    # per layer: the attention norm (for qkv), the MLP norm (gate_up), silu*up (down); the
-    # final norm feeds the unquantized lm_head
-    assert calls.count("norm") == 2 * layers and calls.count("silu") == layers, calls
+    # per layer: the attention norm (for qkv), the attention (o), the MLP norm (gate_up),
+    # silu*up (down); the final norm feeds the unquantized lm_head
+    for step, kinds in enumerate([["prefill"], ["decode", "prefill"], []]):
+        got = calls[step]
+        assert got.count("norm") == 2 * layers * (step < 2), (step, got)
+        assert got.count("silu") == layers * (step < 2), (step, got)
+        for kind in ("prefill", "decode"):
+            assert got.count(kind) == layers * (kind in kinds), (step, got)
     unfused, calls = run(False)
-    assert "norm" not in calls and "silu" not in calls
+    assert all(set(c) == {"-"} for c in calls), calls
     for a, b in zip(fused, unfused, strict=True):
         assert torch.equal(a, b)
     steps = ReferenceSteps(ReferenceDecoder.from_checkpoint(ckpt))
-    want = steps.step([(s, p, 0) for s, p in enumerate(prompts)])
+    want = steps.step([(s, prompts[s], 0) for s in range(3)])
     np.testing.assert_allclose(fused[0].numpy(), want, atol=TOL, rtol=0)

@@ -39,3 +39,23 @@ def test_attention_forms(fused, dtype, hq, hkv, additive):
                                                       attrs, fused),
         {"q": q, "keys": keys, "values": values, "mask": mask})
     assert close(got, attention(q, keys, values, mask, d ** -0.5), dtype)
+
+
+def test_prefill_fp8_output_refuses_mismatched_buffers():
+    """The paged prefill's FP8 output (kiln.plugins.attention.triton_reference): a scale goes
+    with a float8_e4m3fn buffer, a smoothing vector has Hq * D values."""
+    from kiln.plugins.attention import triton_reference as ref
+
+    k = v = torch.zeros(2, 1, 16, 16)
+    table = torch.tensor([[0]], dtype=torch.int32)
+    ctx_lens = torch.tensor([4], dtype=torch.int32)
+    q = torch.randn(4, 2, 16)
+    args = (q, k, v, table, ctx_lens, torch.zeros(1, dtype=torch.int32),
+            torch.tensor([4], dtype=torch.int32))
+    with pytest.raises(ValueError, match="quant_scale and a float8_e4m3fn out go together"):
+        ref.paged_prefill_attention(*args, torch.empty_like(q), scale=0.25,
+                                    quant_scale=torch.tensor(1.0))
+    with pytest.raises(ValueError, match="Hq \\* D = 32 values, found 16"):
+        ref.paged_prefill_attention(*args, torch.empty_like(q, dtype=torch.float8_e4m3fn),
+                                    scale=0.25, quant_scale=torch.tensor(1.0),
+                                    pre_quant_scale=torch.ones(16))

@@ -8,7 +8,13 @@ import torch.nn.functional as F
 
 from kiln.plugins.attention import triton_reference as ref
 from kiln.quantization.formats import quantize_values, scale_from_amax
-from tests.gpu.support import alibi_slopes, assert_close, skip_unsupported, triton_device
+from tests.gpu.support import (
+    TOLERANCE,
+    alibi_slopes,
+    assert_close,
+    skip_unsupported,
+    triton_device,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -46,7 +52,8 @@ DECODE_TILES = {"tile128": (4, 2, 128), "tile32": (1, 3, 32)}
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("heads", HEADS, ids=str)
 @pytest.mark.parametrize("page", [16, 64])
-@pytest.mark.parametrize("variant", ["plain", "window", "alibi", "split4", "tile128", "tile32"])
+@pytest.mark.parametrize("variant", ["plain", "window", "alibi", "split4", "unsplit", "tile128",
+                                     "tile32"])
 def test_decode_matches_reference(dtype, heads, page, variant):
     device = triton_device()
     skip_unsupported(dtype, device)
@@ -61,7 +68,7 @@ def test_decode_matches_reference(dtype, heads, page, variant):
               alibi_slopes=alibi_slopes(hq, device) if variant == "alibi" else None)
     got = torch.full_like(q, float("nan"))
     _kernels().paged_decode_attention(q, k, v, table, ctx_lens, rows, got,
-                                      num_splits=4 if variant == "split4" else None,
+                                      num_splits={"split4": 4, "unsplit": 1}.get(variant),
                                       config=DECODE_TILES.get(variant), **kw)
     want = torch.full_like(q, float("nan"))
     ref.paged_decode_attention(q, k, v, table, ctx_lens, rows, want, **kw)
@@ -124,6 +131,60 @@ def test_prefill_and_decode_match_torch_sdpa(dtype):
     _kernels().paged_decode_attention(q[-1:], k, v, table, ctx_lens, zero, last,
                                       scale=d ** -0.5, max_ctx_len=n)
     assert_close(last, want[-1:], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("heads", HEADS, ids=str)
+@pytest.mark.parametrize("smooth", [False, True], ids=["plain", "smoothed"])
+@pytest.mark.parametrize("kind", ["prefill", "prefill-tma", "decode", "decode-split4"])
+def test_fp8_output_is_the_projection_quantization(dtype, heads, smooth, kind):
+    """With quant_scale (and o's smoothing) prefill, decode and the split merge write exactly
+    what quantizing their own 16-bit output as the FP8 projection does would give (the same
+    values; a zero's sign may differ, as in every FP8 quantization kernel); and the
+    reference's values."""
+    from kiln.plugins.quant_linear.triton_reference import quantize_fp8_input
+
+    device = triton_device()
+    skip_unsupported(dtype, device)
+    hq, hkv, d = heads
+    if kind == "prefill-tma" and (device.type != "cuda" or d & (d - 1)):
+        pytest.skip("TMA tiles: GPUs only, power-of-two head_dim")
+    chunks = [(0, 70), (100, 33), (0, 130)]
+    ctx = [c + n for c, n in chunks]
+    k, v, table, ctx_lens = _paged_case(device, dtype, hkv, d, 64, ctx, seed=hq + d)
+    g = torch.Generator().manual_seed(5)
+    smoothing = (torch.rand(hq * d, generator=g) * 1.5 + 0.5).to(device) if smooth else None
+    scale = torch.tensor(0.004, device=device)  # saturates the largest outputs at 448
+    if kind.startswith("prefill"):
+        lens = torch.tensor([n for _, n in chunks], dtype=torch.int32, device=device)
+        starts = torch.cumsum(lens, 0, dtype=torch.int32) - lens
+        q = torch.randn(int(lens.sum()), hq, d, device=device).to(dtype)
+        args = (q, k, v, table, ctx_lens, starts, lens)
+        kw = dict(scale=d ** -0.5, max_q_len=130)
+        kernel, reference = _kernels().paged_prefill_attention, ref.paged_prefill_attention
+        extra = dict(config=(64, 64, 4, 3, True)) if kind == "prefill-tma" else {}
+    else:
+        q = torch.randn(5, hq, d, device=device).to(dtype)
+        rows = torch.tensor([4, 0, 2], dtype=torch.int32, device=device)
+        args = (q, k, v, table, ctx_lens, rows)
+        kw = dict(scale=d ** -0.5, max_ctx_len=200)
+        kernel, reference = _kernels().paged_decode_attention, ref.paged_decode_attention
+        extra = dict(num_splits=4 if kind == "decode-split4" else 1)
+    plain = torch.zeros_like(q)
+    kernel(*args, plain, **kw, **extra)
+    got = torch.zeros_like(q, dtype=torch.float8_e4m3fn)
+    kernel(*args, got, quant_scale=scale, pre_quant_scale=smoothing, **kw, **extra)
+    flat = plain.view(q.shape[0], hq * d)
+    if smooth:
+        flat = (flat.float() * smoothing).to(dtype)
+    want_bits = quantize_fp8_input(flat, scale)[0].view(q.shape)
+    assert torch.equal(got.float(), want_bits.float())  # values: -0 and +0 may differ in sign
+    want = torch.zeros_like(got)
+    reference(*args, want, quant_scale=scale, pre_quant_scale=smoothing, **kw)
+    # the 16-bit outputs' tolerance, plus one FP8 step where they round apart (2^-3 relative)
+    assert torch.isfinite(got.float()).all()
+    torch.testing.assert_close(got.float() * scale, want.float() * scale,
+                               atol=TOLERANCE[dtype][0], rtol=0.13)
 
 
 QUANT_CACHES = {torch.float8_e4m3fn: "float8_e4m3fn", torch.int8: "int8"}

@@ -16,6 +16,10 @@ Prefill: grid ``(num_seqs, cdiv(max_q_len, BLOCK_M), Hq)``; programs past a sequ
 queries exit at once. Causal and sliding-window bounds skip whole key tiles; the mask is
 applied per element inside the tiles that remain.
 
+FP8 output (``quant_scale``, both kernels and the merge): the output is stored as the FP8 input
+of the ``o`` projection (that projection's own rounding and smoothing), which then skips its
+quantization pass (~17 us per layer at 2,048 tokens on an H200: GPU_NOTES.md).
+
 Quantized caches (float8_e4m3fn, int8; the ``QUANT`` constexpr, so the float paths compile as
 before): each program reads ``k_scale``/``v_scale`` once from device scalars, and every key/value
 tile is dequantized in registers as the reference reads it, ``(stored * scale)`` rounded to q's
@@ -43,10 +47,14 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.plugins.attention.triton_reference import check_fp8_output
 from kiln.plugins.pdl import enabled as pdl_enabled
 from kiln.plugins.pdl.triton_kernels import prologue
+from kiln.plugins.quant_linear.triton_kernels import _quantize
 from kiln.plugins.rotary.triton_kernels import scale_arg
 from kiln.plugins.rotary.triton_reference import check_cache_scales
+
+_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 LOG2E = 1.4426950408889634
 _NEG = -1.0e30  # finite "minus infinity" for running maxima: keeps exp2(m_old - m_new) NaN-free
@@ -117,17 +125,34 @@ def _load_scales(k_scale_ptr, v_scale_ptr, QUANT: tl.constexpr):
     return k_scale, v_scale
 
 
+@triton.jit
+def _output(o, out_ptrs, mask, o_scale_ptr, pqs_ptr, cols, DTYPE: tl.constexpr,
+            FP8_OUT: tl.constexpr, SMOOTH: tl.constexpr):
+    """Store the float32 output ``o``: in the out buffer's dtype, or with FP8_OUT as the FP8
+    input of the projection after (rounded to the model dtype ``DTYPE``, times its smoothing
+    vector at columns ``cols`` and rounded again with SMOOTH, then quantized by its scale)."""
+    if FP8_OUT:
+        o = o.to(DTYPE).to(tl.float32)
+        if SMOOTH:
+            pqs = tl.load(pqs_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            o = (o * pqs).to(DTYPE).to(tl.float32)
+        s_o = tl.load(o_scale_ptr)
+        o = _quantize(o, s_o, s_o, 1, True)
+    tl.store(out_ptrs, o.to(out_ptrs.dtype.element_ty), mask=mask)
+
+
 # table_stride, the block-table width of the step's longest context (1, a multiple of 16 or
 # neither), is not specialized: each value class compiled a variant during requests.
 @triton.jit(do_not_specialize=["window", "partition", "num_splits", "table_stride"])
 def _decode_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_stride_h,
                    c_stride_r, table_ptr, table_stride, ctx_ptr, rows_ptr, out_ptr, o_stride_t,
-                   o_stride_h, part_ptr, ml_ptr, slopes_ptr, k_scale_ptr, v_scale_ptr, qk_scale,
-                   window, partition, num_splits, GROUP: tl.constexpr, M_PAD: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
-                   BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, ALIBI: tl.constexpr,
-                   WINDOW: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr,
-                   PDL: tl.constexpr = False):
+                   o_stride_h, part_ptr, ml_ptr, slopes_ptr, k_scale_ptr, v_scale_ptr,
+                   o_scale_ptr, pqs_ptr, qk_scale, window, partition, num_splits,
+                   GROUP: tl.constexpr, M_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   D_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+                   SPLIT: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
+                   PRECISION: tl.constexpr, QUANT: tl.constexpr, FP8_OUT: tl.constexpr,
+                   SMOOTH: tl.constexpr, PDL: tl.constexpr = False):
     prologue(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -177,9 +202,11 @@ def _decode_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_st
     if QUANT == WIDEN:
         acc *= v_scale
     if not SPLIT:
-        o = acc / l_i[:, None]
-        tl.store(out_ptr + row * o_stride_t + heads[:, None] * o_stride_h + d_offs[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+        _output(acc / l_i[:, None],
+                out_ptr + row * o_stride_t + heads[:, None] * o_stride_h + d_offs[None, :],
+                m_mask[:, None] & d_mask[None, :], o_scale_ptr, pqs_ptr,
+                heads[:, None] * HEAD_DIM + d_offs[None, :], q_ptr.dtype.element_ty, FP8_OUT,
+                SMOOTH)
     else:
         # partials [B, Hq, num_splits, D_PAD] float32; (max, sum) [B, Hq, num_splits, 2]
         idx = (b * (GROUP * tl.num_programs(1)) + heads).to(tl.int64) * num_splits + split
@@ -190,8 +217,9 @@ def _decode_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_st
 
 @triton.jit(do_not_specialize=["partition", "num_splits"])
 def _merge_kernel(part_ptr, ml_ptr, ctx_ptr, rows_ptr, out_ptr, o_stride_t, o_stride_h,
-                  num_heads, partition, num_splits, HEAD_DIM: tl.constexpr,
-                  D_PAD: tl.constexpr, S_PAD: tl.constexpr, PDL: tl.constexpr = False):
+                  o_scale_ptr, pqs_ptr, num_heads, partition, num_splits, HEAD_DIM: tl.constexpr,
+                  D_PAD: tl.constexpr, S_PAD: tl.constexpr, DTYPE: tl.constexpr,
+                  FP8_OUT: tl.constexpr, SMOOTH: tl.constexpr, PDL: tl.constexpr = False):
     prologue(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -209,8 +237,8 @@ def _merge_kernel(part_ptr, ml_ptr, ctx_ptr, rows_ptr, out_ptr, o_stride_t, o_st
                    mask=s_mask[:, None], other=0.0)
     o = tl.sum(part * w[:, None], 0) / tl.sum(lsum * w, 0)
     row = tl.load(rows_ptr + b).to(tl.int64)
-    tl.store(out_ptr + row * o_stride_t + h * o_stride_h + d_offs, o.to(out_ptr.dtype.element_ty),
-             mask=d_offs < HEAD_DIM)
+    _output(o, out_ptr + row * o_stride_t + h * o_stride_h + d_offs, d_offs < HEAD_DIM,
+            o_scale_ptr, pqs_ptr, h * HEAD_DIM + d_offs, DTYPE, FP8_OUT, SMOOTH)
 
 
 @functools.lru_cache(maxsize=8)
@@ -243,6 +271,14 @@ def _scales(k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.
     return True, scale_arg(k_scale, k_cache.device), scale_arg(v_scale, k_cache.device)
 
 
+def _output_args(quant_scale: torch.Tensor | None, pre_quant_scale: torch.Tensor | None,
+                 device: torch.device, unread: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(FP8 output scale, smoothing vector) kernel arguments; ``unread`` stands in for absent
+    ones."""
+    o_scale = unread if quant_scale is None else scale_arg(quant_scale, device)
+    return o_scale, unread if pre_quant_scale is None else pre_quant_scale
+
+
 def decode_splits(num_seqs: int, num_kv_heads: int, max_ctx_len: int, device: torch.device,
                   min_partition: int = 128) -> int:
     """Key splits so that ~2 programs per multiprocessor run, none under ``min_partition`` keys."""
@@ -256,25 +292,32 @@ def decode_splits(num_seqs: int, num_kv_heads: int, max_ctx_len: int, device: to
 
 # (num_warps, num_stages[, BLOCK_N]) of decode: benchmarks/decode_attention.py on an H200, one
 # layer, 512 sequences of 1,040 / 2,000 keys (decode_attention_results.json): a bf16 cache
-# 563 / 1,076 us (~3.9 TB/s). A float8 cache 541 / 1,007 us with the bf16 cache's (4, 2),
-# 373 / 692 with (2, 3); then (decode_attention_tiles_results.json, 1,040 keys) 291 us with one
-# warp per program and 32-key tiles (1, 3, 32; 3.75 TB/s), 415 with two warps on such tiles,
-# 466 with 128-key tiles: 1-byte tiles are cheap to hold, and small programs put more of them
-# in flight per multiprocessor. int8: 567 with (4, 2), 532 with (2, 3), 503 with (1, 3, 32).
+# 563 / 1,076 us (~3.9 TB/s) with (4, 2), 505 / 950 with (2, 3) (4.3-4.4 TB/s; one warp on
+# 32-key tiles the same: decode_attention_bf16_results.json). A float8 cache 541 / 1,007 us
+# with the bf16 cache's (4, 2), 373 / 692 with (2, 3); then (decode_attention_tiles_results.json,
+# 1,040 keys) 291 us with one warp per program and 32-key tiles (1, 3, 32; 3.75 TB/s), 415 with
+# two warps on such tiles, 466 with 128-key tiles: 1-byte tiles are cheap to hold, and small
+# programs put more of them in flight per multiprocessor (smaller or larger one-warp tiles,
+# (1, 2, 32), (1, 3, 16), (1, 3, 64): 6-12% slower, decode_attention_small_tiles_results.json).
+# int8: 567 with (4, 2), 532 with (2, 3), 503 with (1, 3, 32).
 # Measured for groups of up to 16 query heads of up to 128 dims (a 16 x 128 query tile) and
-# unsplit grids: elsewhere quantized caches keep (2, 3) (larger tiles would spill the one-warp
-# program's registers; split grids are sized for bigger programs) or, for larger query tiles,
-# the bf16 cache's (4, 2).
+# unsplit grids: there a bf16 cache takes (2, 3) and a quantized one (1, 3, 32). Elsewhere
+# quantized caches keep (2, 3) (larger tiles would spill the one-warp program's registers;
+# split grids are sized for bigger programs) or, for larger query tiles, (4, 2), as bf16 does.
 DECODE_CONFIG = (4, 2)
+DECODE_CONFIG_16BIT = (2, 3)
 DECODE_CONFIG_8BIT = (1, 3, 32)
 DECODE_CONFIG_8BIT_SPLIT = (2, 3)
 
 
-def decode_config(quantized: bool, m_pad: int, d_pad: int, splits: int) -> tuple[int, ...]:
-    """Default (num_warps, num_stages[, BLOCK_N]) of decode for a program's padded query tile
-    [m_pad, d_pad] (see the configs above)."""
-    if not quantized or m_pad * d_pad > 16 * 128:
+def decode_config(cache_bytes: int, m_pad: int, d_pad: int, splits: int) -> tuple[int, ...]:
+    """Default (num_warps, num_stages[, BLOCK_N]) of decode for a cache of ``cache_bytes`` per
+    element and a program's padded query tile [m_pad, d_pad] (see the configs above); float32
+    caches keep (4, 2)."""
+    if m_pad * d_pad > 16 * 128 or cache_bytes > 2:
         return DECODE_CONFIG
+    if cache_bytes == 2:
+        return DECODE_CONFIG_16BIT if splits == 1 else DECODE_CONFIG
     return DECODE_CONFIG_8BIT if splits == 1 else DECODE_CONFIG_8BIT_SPLIT
 
 
@@ -285,12 +328,17 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            sliding_window: int | None = None, max_ctx_len: int | None = None,
                            num_splits: int | None = None, k_scale: torch.Tensor | None = None,
                            v_scale: torch.Tensor | None = None,
-                           config: tuple[int, ...] | None = None) -> torch.Tensor:
+                           config: tuple[int, ...] | None = None,
+                           quant_scale: torch.Tensor | None = None,
+                           pre_quant_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``config``: (num_warps, num_stages[, BLOCK_N]), default :func:`decode_config`; BLOCK_N
     (keys per tile, a power of two >= 16) is ``min(64, page_size)`` where the config has none,
-    and one larger than a page spans pages."""
+    and one larger than a page spans pages. ``quant_scale`` (and ``pre_quant_scale``): ``out``
+    is float8_e4m3fn, the FP8 input of the projection after (triton_reference's contract)."""
     page, block_n = _check(q, k_cache, v_cache)
     quant, k_arg, v_arg = _scales(k_cache, k_scale, v_scale, ctx_lens)
+    check_fp8_output(out, quant_scale, pre_quant_scale)
+    o_scale, pqs = _output_args(quant_scale, pre_quant_scale, q.device, k_arg)
     b, hq, d = q_rows.shape[0], q.shape[1], q.shape[2]
     hkv = k_cache.shape[1]
     if b == 0:
@@ -299,7 +347,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     splits = num_splits or decode_splits(b, hkv, max_ctx, q.device)
     d_pad, group = max(16, triton.next_power_of_2(d)), hq // hkv
     m_pad = max(16, triton.next_power_of_2(group))
-    warps, stages, *tile = config or decode_config(quant, m_pad, d_pad, splits)
+    warps, stages, *tile = config or decode_config(k_cache.element_size(), m_pad, d_pad, splits)
     if tile:
         block_n = tile[0]
         if block_n < 16 or block_n & (block_n - 1):
@@ -319,16 +367,19 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _decode_kernel[(b, hkv, splits)](
         q, q.stride(0), q.stride(1), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables, block_tables.stride(0), ctx_lens, q_rows, out,
-        out.stride(0), out.stride(1), part, ml, slopes, k_arg, v_arg, scale * LOG2E,
-        sliding_window or 0, partition, splits, GROUP=group,
+        out.stride(0), out.stride(1), part, ml, slopes, k_arg, v_arg, o_scale, pqs,
+        scale * LOG2E, sliding_window or 0, partition, splits, GROUP=group,
         M_PAD=m_pad, HEAD_DIM=d, D_PAD=d_pad, PAGE=page,
         BLOCK_N=block_n, SPLIT=splits > 1, ALIBI=alibi_slopes is not None,
         WINDOW=sliding_window is not None, PRECISION=_precision(q.dtype), QUANT=mode,
+        FP8_OUT=quant_scale is not None, SMOOTH=pre_quant_scale is not None,
         PDL=pdl, num_warps=warps, num_stages=stages, launch_pdl=pdl)
     if splits > 1:
-        _merge_kernel[(b, hq)](part, ml, ctx_lens, q_rows, out, out.stride(0), out.stride(1), hq,
-                               partition, splits, HEAD_DIM=d, D_PAD=d_pad,
-                               S_PAD=triton.next_power_of_2(splits), PDL=pdl, num_warps=4,
+        _merge_kernel[(b, hq)](part, ml, ctx_lens, q_rows, out, out.stride(0), out.stride(1),
+                               o_scale, pqs, hq, partition, splits, HEAD_DIM=d, D_PAD=d_pad,
+                               S_PAD=triton.next_power_of_2(splits), DTYPE=_DTYPES[q.dtype],
+                               FP8_OUT=quant_scale is not None,
+                               SMOOTH=pre_quant_scale is not None, PDL=pdl, num_warps=4,
                                launch_pdl=pdl)
     return out
 
@@ -414,11 +465,12 @@ def _unmasked_update(q, m_i, l_i, acc, k_ptrs, v_ptrs, kpos, d_mask, qk_scale, s
 @triton.jit(do_not_specialize=["window", "rows_per_block", "table_stride"])  # as _decode_kernel
 def _prefill_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_stride_h,
                     c_stride_r, table_ptr, table_stride, ctx_ptr, starts_ptr, lens_ptr, out_ptr,
-                    o_stride_t, o_stride_h, slopes_ptr, k_scale_ptr, v_scale_ptr, qk_scale, window,
-                    rows_per_block, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    o_stride_t, o_stride_h, slopes_ptr, k_scale_ptr, v_scale_ptr, o_scale_ptr,
+                    pqs_ptr, qk_scale, window, rows_per_block, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                     D_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
-                    PRECISION: tl.constexpr, TMA: tl.constexpr, QUANT: tl.constexpr):
+                    PRECISION: tl.constexpr, TMA: tl.constexpr, QUANT: tl.constexpr,
+                    FP8_OUT: tl.constexpr, SMOOTH: tl.constexpr):
     b = tl.program_id(0)
     mt = tl.num_programs(1) - 1 - tl.program_id(1)  # causal: the heaviest tiles start first
     h = tl.program_id(2)
@@ -469,9 +521,10 @@ def _prefill_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_s
                                    c_stride_r, diag, hi, hi, qpos, d_mask, qk_scale, slopes,
                                    window, rows_per_block, kvh * PAGE, k_scale, v_scale, PAGE,
                                    BLOCK_N, True, WINDOW, ALIBI, PRECISION, TMA, QUANT)
-    o = acc / l_i[:, None]
-    tl.store(out_ptr + rows[:, None] * o_stride_t + h * o_stride_h + d_offs[None, :],
-             o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+    _output(acc / l_i[:, None],
+            out_ptr + rows[:, None] * o_stride_t + h * o_stride_h + d_offs[None, :],
+            m_mask[:, None] & d_mask[None, :], o_scale_ptr, pqs_ptr,
+            h * HEAD_DIM + d_offs[None, :], q_ptr.dtype.element_ty, FP8_OUT, SMOOTH)
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, tma) for 16-bit head_dim <= 128, the winner of the
@@ -496,10 +549,16 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             sliding_window: int | None = None, max_q_len: int | None = None,
                             max_ctx_len: int | None = None,
                             config: tuple | None = None, k_scale: torch.Tensor | None = None,
-                            v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                            v_scale: torch.Tensor | None = None,
+                            quant_scale: torch.Tensor | None = None,
+                            pre_quant_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``config``: (BLOCK_M, BLOCK_N, num_warps, num_stages[, tma]), default
-    :func:`prefill_config`; ``tma`` loads key/value tiles through tensor descriptors."""
+    :func:`prefill_config`; ``tma`` loads key/value tiles through tensor descriptors.
+    ``quant_scale`` (and ``pre_quant_scale``): ``out`` is float8_e4m3fn, the FP8 input of the
+    projection after (triton_reference's contract)."""
     page, _ = _check(q, k_cache, v_cache)
+    check_fp8_output(out, quant_scale, pre_quant_scale)
+    o_scale, pqs = _output_args(quant_scale, pre_quant_scale, q.device, ctx_lens)
     quant, k_arg, v_arg = _scales(k_cache, k_scale, v_scale, ctx_lens)
     b, hq, d = q_starts.shape[0], q.shape[1], q.shape[2]
     if b == 0:
@@ -522,9 +581,10 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     _prefill_kernel[grid](
         q, q.stride(0), q.stride(1), keys, values, k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables, block_tables.stride(0), ctx_lens, q_starts, q_lens, out,
-        out.stride(0), out.stride(1), slopes, k_arg, v_arg, scale * LOG2E, sliding_window or 0,
+        out.stride(0), out.stride(1), slopes, k_arg, v_arg, o_scale, pqs, scale * LOG2E, sliding_window or 0,
         k_cache.stride(0) // d,
         GROUP=hq // k_cache.shape[1], HEAD_DIM=d, D_PAD=d_pad, PAGE=page, BLOCK_M=block_m,
         BLOCK_N=block_n, ALIBI=alibi_slopes is not None, WINDOW=sliding_window is not None,
-        PRECISION=_precision(q.dtype), TMA=tma, QUANT=quant, num_warps=warps, num_stages=stages)
+        PRECISION=_precision(q.dtype), TMA=tma, QUANT=quant, FP8_OUT=quant_scale is not None,
+        SMOOTH=pre_quant_scale is not None, num_warps=warps, num_stages=stages)
     return out

@@ -31,6 +31,14 @@ holds) before the products: the Triton prefill does exactly this; its decode ove
 with 16-bit queries keeps the stored values exact and applies the scales to the scores and the output instead
 (within the same tolerances; triton_kernels' docstring).
 
+FP8 output (decode and prefill; ``quant_scale``, a static FP8 input scale of the projection that
+reads the output, a float32 scalar tensor; ``pre_quant_scale``, that projection's smoothing
+vector ``[Hq * D]``, or None): ``out`` is float8_e4m3fn and each row is the projection's own
+quantization of the output: rounded to q's dtype, times ``pre_quant_scale`` in float32 and
+rounded again (as the projection applies it), then ``fp8(clamp(o / quant_scale, -448, 448))``
+(:func:`kiln.plugins.quant_linear.triton_reference.quantize_fp8_input`), so the projection takes
+it without a pass of its own.
+
 ``max_ctx_len`` / ``max_q_len`` (host ints bounding ``ctx_lens`` / ``q_lens``) and
 ``num_splits`` size the Triton launch grid; the reference only checks the bounds.
 """
@@ -42,6 +50,7 @@ import math
 import torch
 
 from kiln.plugins.attention.reference import attention
+from kiln.plugins.quant_linear.triton_reference import quantize_fp8_input
 from kiln.plugins.rotary.triton_reference import check_cache_scales
 
 
@@ -87,17 +96,20 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            alibi_slopes: torch.Tensor | None = None,
                            sliding_window: int | None = None, max_ctx_len: int | None = None,
                            num_splits: int | None = None, k_scale: torch.Tensor | None = None,
-                           v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                           v_scale: torch.Tensor | None = None,
+                           quant_scale: torch.Tensor | None = None,
+                           pre_quant_scale: torch.Tensor | None = None) -> torch.Tensor:
     check_cache_scales(k_cache.dtype, k_scale, v_scale)
+    check_fp8_output(out, quant_scale, pre_quant_scale)
     _check_bound(ctx_lens, max_ctx_len, "ctx_lens")
     for b in range(q_rows.shape[0]):
         length, row = int(ctx_lens[b]), int(q_rows[b])
         k = gather_keys(k_cache, block_tables[b], length, k_scale, q.dtype)
         v = gather_keys(v_cache, block_tables[b], length, v_scale, q.dtype)
         qpos = torch.tensor([length - 1], device=q.device)
-        out[row:row + 1] = attend(q[row:row + 1], k, v, qpos, scale=scale,
-                                  alibi_slopes=alibi_slopes,
-                                  sliding_window=sliding_window).to(out.dtype)
+        o = attend(q[row:row + 1], k, v, qpos, scale=scale, alibi_slopes=alibi_slopes,
+                   sliding_window=sliding_window)
+        out[row:row + 1] = _output(o, q.dtype, quant_scale, pre_quant_scale).to(out.dtype)
     return out
 
 
@@ -107,8 +119,11 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             scale: float, alibi_slopes: torch.Tensor | None = None,
                             sliding_window: int | None = None, max_q_len: int | None = None,
                             max_ctx_len: int | None = None, k_scale: torch.Tensor | None = None,
-                            v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                            v_scale: torch.Tensor | None = None,
+                            quant_scale: torch.Tensor | None = None,
+                            pre_quant_scale: torch.Tensor | None = None) -> torch.Tensor:
     check_cache_scales(k_cache.dtype, k_scale, v_scale)
+    check_fp8_output(out, quant_scale, pre_quant_scale)
     _check_bound(ctx_lens, max_ctx_len, "ctx_lens")
     _check_bound(q_lens, max_q_len, "q_lens")
     for b in range(q_starts.shape[0]):
@@ -116,7 +131,33 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         k = gather_keys(k_cache, block_tables[b], length, k_scale, q.dtype)
         v = gather_keys(v_cache, block_tables[b], length, v_scale, q.dtype)
         qpos = torch.arange(length - n, length, device=q.device)
-        out[start:start + n] = attend(q[start:start + n], k, v, qpos, scale=scale,
-                                      alibi_slopes=alibi_slopes,
-                                      sliding_window=sliding_window).to(out.dtype)
+        o = attend(q[start:start + n], k, v, qpos, scale=scale, alibi_slopes=alibi_slopes,
+                   sliding_window=sliding_window)
+        out[start:start + n] = _output(o, q.dtype, quant_scale, pre_quant_scale).to(out.dtype)
     return out
+
+
+def _output(o: torch.Tensor, dtype: torch.dtype, quant_scale: torch.Tensor | None,
+            pre_quant_scale: torch.Tensor | None) -> torch.Tensor:
+    """Output rows ``[n, Hq, D]``, or with ``quant_scale`` the FP8 projection's input: rounded
+    to ``dtype`` first as the unfused output is, smoothed, quantized (the contract above)."""
+    if quant_scale is None:
+        return o
+    rows = o.to(dtype).reshape(o.shape[0], -1)
+    if pre_quant_scale is not None:
+        rows = (rows.float() * pre_quant_scale).to(dtype)
+    return quantize_fp8_input(rows, quant_scale)[0].view(o.shape)
+
+
+def check_fp8_output(out: torch.Tensor, quant_scale: torch.Tensor | None,
+                     pre_quant_scale: torch.Tensor | None) -> None:
+    """An FP8 output buffer comes with its scale, a scale with an FP8 buffer, and a smoothing
+    vector only with them, one value per output column."""
+    if (quant_scale is not None) != (out.dtype == torch.float8_e4m3fn):
+        raise ValueError(f"paged attention: quant_scale and a float8_e4m3fn out go "
+                         f"together; found out {out.dtype}, quant_scale "
+                         f"{'set' if quant_scale is not None else 'None'}")
+    columns = out.shape[1] * out.shape[2]
+    if pre_quant_scale is not None and (quant_scale is None or pre_quant_scale.numel() != columns):
+        raise ValueError(f"paged attention: pre_quant_scale comes with quant_scale and "
+                         f"has Hq * D = {columns} values, found {pre_quant_scale.numel()}")

@@ -100,9 +100,9 @@ class QuantLinear:
     """A quantized projection: its format's kernel over the packed weight and scales.
 
     An FP8 projection with a static input scale may take its input quantized already (FP8),
-    by the kernel that makes it (the norm, the gated MLP's activation, which also applies the
-    projection's ``pre_quant_scale`` first), where it would quantize it in a pass of its own
-    (:meth:`quantized_input`; the kernels' ``fp8_takes_quantized``).
+    by the kernel that makes it (the norm, the attention, the gated MLP's activation,
+    which also applies the projection's ``pre_quant_scale`` first), where it would quantize it
+    in a pass of its own (:meth:`quantized_input`; the kernels' ``fp8_takes_quantized``).
     """
 
     gemv = None  # no fused silu*up GEMV: the gated MLP's activation runs first
@@ -326,9 +326,12 @@ class PagedDecoder:
         q = k.rope_qkv_to_cache(qkv, inp.rope_table, inp.rope_index, k_cache, v_cache,
                                 inp.slot_mapping, num_heads=hq, num_kv_heads=hkv, head_dim=d,
                                 clip=clip, **scales)
-        out = torch.empty_like(q)  # [T, Hq, D]
         common = dict(scale=cfg.softmax_scale, alibi_slopes=self.alibi,
                       sliding_window=cfg.sliding_window, **scales)
+        fused = layer.o.quantized_input(q.shape[0]) if isinstance(layer.o, QuantLinear) else None
+        if fused is not None:  # ``o`` takes its input quantized to FP8 by the attention
+            common.update(quant_scale=fused[0], pre_quant_scale=fused[1])
+        out = torch.empty_like(q, dtype=q.dtype if fused is None else torch.float8_e4m3fn)
         if inp.dec_rows is not None:
             k.paged_decode_attention(q, k_cache, v_cache, inp.dec_tables, inp.dec_ctx,
                                      inp.dec_rows, out, max_ctx_len=inp.dec_max_ctx,
