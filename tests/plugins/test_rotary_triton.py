@@ -105,11 +105,13 @@ def test_rope_qkv_to_quantized_cache_matches_reference(cache_dtype, dtype, heads
     hq, hkv, d = heads
     t, page, blocks = 37, 16, 8
     width = (hq + 2 * hkv) * d
-    qkv = (torch.randn(t, width + 8, device=device) * 2).to(dtype)[:, :width]
+    g = torch.Generator().manual_seed(hq * d + len(variant))
+    qkv = (torch.randn(t, width + 8, generator=g) * 2).to(device, dtype)[:, :width]
     qkv[0, :4] = torch.tensor([0.0, -0.0, 1e-4, -1e-4])  # signed zeros and fp8 underflow
+    qkv[1, -1] = 100.0  # a value beyond both caches' range (clipped to 7.5 or not): saturates
     table = _table(d, 512, device) if variant != "no-rope" else None
-    index = torch.randint(0, 512, (t,), device=device, dtype=torch.int32)
-    slots = torch.randperm(blocks * page, device=device)[:t].to(torch.int32)
+    index = torch.randint(0, 512, (t,), generator=g, dtype=torch.int32).to(device)
+    slots = torch.randperm(blocks * page, generator=g)[:t].to(device, torch.int32)
     clip = 7.5 if variant == "rope-clip" else None
     k_scale, v_scale = (torch.tensor(s, device=device) for s in QUANT_SCALES[cache_dtype])
     caches = []
