@@ -10,7 +10,8 @@ cache of each call a different copy so that every call streams its keys and valu
 Effective TB/s = cache bytes read (keys + values) / time, printed beside the copy rate
 measured in the same run (bytes read + written) and the bf16 cache's time as the baseline.
 ``--configs`` sweeps the kernel's (num_warps, num_stages[, keys per tile]) over the quantized
-caches, ``--bf16_configs`` over the bf16 cache (the first bf16 row is the baseline).
+caches, ``--bf16_configs`` over the bf16 cache (default: its default config; the first bf16
+row is the baseline).
 """
 
 from __future__ import annotations
@@ -55,12 +56,13 @@ def main() -> None:
     except ValueError:
         parser.error(f"--configs takes WARPSxSTAGES[xKEYS] items and --ctx integers, "
                      f"comma-separated; found {args.configs!r} and {args.ctx!r}")
-    if any(len(c) not in (2, 3) for c in configs + bf16_configs) or min(contexts) < 1 or args.seqs < 1:
+    if any(len(c) not in (2, 3) for c in configs + bf16_configs) or min(contexts) < 1 \
+            or args.seqs < 1:
         parser.error("--configs items are WARPSxSTAGES or WARPSxSTAGESxKEYS; --ctx and --seqs "
                      "positive")
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU: torch sees none (torch.cuda.is_available() is False)")
-    from kiln.plugins.attention.triton_kernels import DECODE_CONFIG, paged_decode_attention
+    from kiln.plugins.attention.triton_kernels import decode_config, paged_decode_attention
     torch.manual_seed(0)
     copy = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy {copy:.2f} TB/s (read + write)")
@@ -76,7 +78,8 @@ def main() -> None:
             quant = scales if dtype != torch.bfloat16 else {}
             read = 2 * args.seqs * ctx * HKV * D * dtype.itemsize
             cases = make_case(args.seqs, ctx, dtype, copies=2 if read > 2e9 else 3)
-            for config in (configs if quant else bf16_configs or [DECODE_CONFIG]):
+            default = decode_config(2, 16, D, 1)  # the bf16 cache's, unsplit (512 sequences)
+            for config in (configs if quant else bf16_configs or [default]):
                 fns = [partial(paged_decode_attention, q, c[0], c[1], c[2], lens, rows, out,
                                scale=D ** -0.5, max_ctx_len=ctx, config=config, **quant)
                        for c in cases]

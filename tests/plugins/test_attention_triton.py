@@ -136,12 +136,14 @@ def test_prefill_and_decode_match_torch_sdpa(dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("heads", HEADS, ids=str)
 @pytest.mark.parametrize("smooth", [False, True], ids=["plain", "smoothed"])
-@pytest.mark.parametrize("kind", ["prefill", "prefill-tma", "decode", "decode-split4"])
+@pytest.mark.parametrize("kind", ["prefill", "prefill-tma", "decode", "decode-split4",
+                                  "decode-float8-cache"])
 def test_fp8_output_is_the_projection_quantization(dtype, heads, smooth, kind):
     """With quant_scale (and o's smoothing) prefill, decode and the split merge write exactly
     what quantizing their own 16-bit output as the FP8 projection does would give (the same
     values; a zero's sign may differ, as in every FP8 quantization kernel); and the
-    reference's values."""
+    reference's values. Over a float8 cache the decode's dots run in float16 (WIDEN), and
+    the output is still rounded to the model dtype first."""
     from kiln.plugins.quant_linear.triton_reference import quantize_fp8_input
 
     device = triton_device()
@@ -152,6 +154,10 @@ def test_fp8_output_is_the_projection_quantization(dtype, heads, smooth, kind):
     chunks = [(0, 70), (100, 33), (0, 130)]
     ctx = [c + n for c, n in chunks]
     k, v, table, ctx_lens = _paged_case(device, dtype, hkv, d, 64, ctx, seed=hq + d)
+    cache_scales = {}
+    if kind == "decode-float8-cache":
+        k, v, k_scale, v_scale = _quantize(k, v, torch.float8_e4m3fn)
+        cache_scales = dict(k_scale=k_scale, v_scale=v_scale)
     g = torch.Generator().manual_seed(5)
     smoothing = (torch.rand(hq * d, generator=g) * 1.5 + 0.5).to(device) if smooth else None
     scale = torch.tensor(0.004, device=device)  # saturates the largest outputs at 448
@@ -167,7 +173,7 @@ def test_fp8_output_is_the_projection_quantization(dtype, heads, smooth, kind):
         q = torch.randn(5, hq, d, device=device).to(dtype)
         rows = torch.tensor([4, 0, 2], dtype=torch.int32, device=device)
         args = (q, k, v, table, ctx_lens, rows)
-        kw = dict(scale=d ** -0.5, max_ctx_len=200)
+        kw = dict(scale=d ** -0.5, max_ctx_len=200, **cache_scales)
         kernel, reference = _kernels().paged_decode_attention, ref.paged_decode_attention
         extra = dict(num_splits=4 if kind == "decode-split4" else 1)
     plain = torch.zeros_like(q)

@@ -301,7 +301,8 @@ def decode_splits(num_seqs: int, num_kv_heads: int, max_ctx_len: int, device: to
 # (1, 2, 32), (1, 3, 16), (1, 3, 64): 6-12% slower, decode_attention_small_tiles_results.json).
 # int8: 567 with (4, 2), 532 with (2, 3), 503 with (1, 3, 32).
 # Measured for groups of up to 16 query heads of up to 128 dims (a 16 x 128 query tile) and
-# unsplit grids: there a bf16 cache takes (2, 3) and a quantized one (1, 3, 32). Elsewhere
+# unsplit grids: there a 16-bit cache takes (2, 3) (measured with bf16; fp16 reads the same
+# bytes) and a quantized one (1, 3, 32). Elsewhere
 # quantized caches keep (2, 3) (larger tiles would spill the one-warp program's registers;
 # split grids are sized for bigger programs) or, for larger query tiles, (4, 2), as bf16 does.
 DECODE_CONFIG = (4, 2)
@@ -466,8 +467,8 @@ def _unmasked_update(q, m_i, l_i, acc, k_ptrs, v_ptrs, kpos, d_mask, qk_scale, s
 def _prefill_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_stride_h,
                     c_stride_r, table_ptr, table_stride, ctx_ptr, starts_ptr, lens_ptr, out_ptr,
                     o_stride_t, o_stride_h, slopes_ptr, k_scale_ptr, v_scale_ptr, o_scale_ptr,
-                    pqs_ptr, qk_scale, window, rows_per_block, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    D_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
+                    pqs_ptr, qk_scale, window, rows_per_block, GROUP: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
                     PRECISION: tl.constexpr, TMA: tl.constexpr, QUANT: tl.constexpr,
                     FP8_OUT: tl.constexpr, SMOOTH: tl.constexpr):
@@ -581,8 +582,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     _prefill_kernel[grid](
         q, q.stride(0), q.stride(1), keys, values, k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables, block_tables.stride(0), ctx_lens, q_starts, q_lens, out,
-        out.stride(0), out.stride(1), slopes, k_arg, v_arg, o_scale, pqs, scale * LOG2E, sliding_window or 0,
-        k_cache.stride(0) // d,
+        out.stride(0), out.stride(1), slopes, k_arg, v_arg, o_scale, pqs, scale * LOG2E,
+        sliding_window or 0, k_cache.stride(0) // d,
         GROUP=hq // k_cache.shape[1], HEAD_DIM=d, D_PAD=d_pad, PAGE=page, BLOCK_M=block_m,
         BLOCK_N=block_n, ALIBI=alibi_slopes is not None, WINDOW=sliding_window is not None,
         PRECISION=_precision(q.dtype), TMA=tma, QUANT=quant, FP8_OUT=quant_scale is not None,

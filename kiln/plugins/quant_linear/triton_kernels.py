@@ -16,8 +16,9 @@ host reads of device values):
   INT4 at 2..16 16-bit tokens has its own tensor-core kernel (``_int4_mma_kernel``: exact
   values from the words in the MMA operand layout, the group scale after each group's dot).
 - large ``M`` (prefill): cuBLASLt via ``torch._scaled_mm`` (FP8, tensorwise or rowwise scales,
-  fast accumulation: see :func:`_scaled_mm`) and ``torch._int_mm`` (INT8 W8A8, plus a Triton epilogue), after a Triton kernel quantizes
-  the activations; the weight-only formats stay on the Triton GEMM.
+  fast accumulation: see :func:`_scaled_mm`) and ``torch._int_mm`` (INT8 W8A8, plus a Triton
+  epilogue), after a Triton kernel quantizes the activations; the weight-only formats stay on
+  the Triton GEMM.
 
 Integer and fp8 weights become float32 without I2F (a quarter-rate instruction that would cap
 a GEMV near 4 TB/s): the byte goes into the mantissa of 2^23 (``0x4B000000 | u``) and a float

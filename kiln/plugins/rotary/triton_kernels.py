@@ -112,10 +112,10 @@ def _rope_qkv_kernel(qkv_ptr, qkv_stride, table_ptr, table_stride, index_ptr, q_
 
 
 def scale_arg(scale: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A KV-cache scale as the kernels read it: one float32 on the cache's device (no copy if
-    it is one already, so CUDA graphs see the same pointer)."""
+    """A scale as the kernels read it (a KV-cache scale, an FP8 output's): one float32 on the
+    device (no copy if it is one already, so CUDA graphs see the same pointer)."""
     if scale.numel() != 1 or scale.device != device:
-        raise ValueError(f"a KV-cache scale must be one value on {device}, found shape "
+        raise ValueError(f"a kernel's scale must be one value on {device}, found shape "
                          f"{tuple(scale.shape)} on {scale.device}")
     return scale.float().reshape(())
 

@@ -100,9 +100,10 @@ class QuantLinear:
     """A quantized projection: its format's kernel over the packed weight and scales.
 
     An FP8 projection with a static input scale may take its input quantized already (FP8),
-    by the kernel that makes it (the norm, the attention, the gated MLP's activation,
-    which also applies the projection's ``pre_quant_scale`` first), where it would quantize it
-    in a pass of its own (:meth:`quantized_input`; the kernels' ``fp8_takes_quantized``).
+    by the kernel that makes it, where it would quantize it in a pass of its own
+    (:meth:`quantized_input`; the kernels' ``fp8_takes_quantized``): the norm (not with a
+    ``pre_quant_scale``), the attention and the gated MLP's activation (which also apply the
+    projection's ``pre_quant_scale`` first).
     """
 
     gemv = None  # no fused silu*up GEMV: the gated MLP's activation runs first
