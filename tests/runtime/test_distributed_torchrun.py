@@ -72,6 +72,21 @@ def children(pid: int) -> list[int]:
     return found
 
 
+# Node 1's torchrun agent may lose node 0's store in its exit barrier, when node 0's agent (the
+# store's host) ends first: torch.distributed.elastic logs "Error waiting on exit barrier" and
+# the store's traceback (a connection reset by peer), and still exits 0. That last report is
+# torchrun's, not kiln's. A CI run on 2026-12-02 failed on node 1's stderr ending in such a
+# traceback (c10 frames, "Connection reset by peer"; pytest cut the lines that named it).
+AGENT_EXIT_RACE = "Error waiting on exit barrier"
+
+
+def kiln_stderr(stderr: str) -> str:
+    """A node's stderr up to its agent's exit-barrier report (which ends the agent's output)."""
+    lines = stderr.splitlines()
+    cut = next((i for i, line in enumerate(lines) if AGENT_EXIT_RACE in line), len(lines))
+    return "\n".join(lines[:cut])
+
+
 def test_two_nodes_give_the_tokens_of_the_spawned_ranks(engine):
     args = ["run", "--engine_dir", str(engine), "--device", "cpu", "--input_text", "Hello there",
             "--max_output_len", "8", "--ignore_eos"]
@@ -87,7 +102,8 @@ def test_two_nodes_give_the_tokens_of_the_spawned_ranks(engine):
     assert [node.returncode for node in nodes] == [0, 0], outs
     assert len(want.token_ids) == 8 and outs[0][0] == want.text + "\n"
     assert "8 tokens, 1 request, finish: length" in outs[0][1]
-    assert outs[1][0] == "" and "error" not in outs[1][1].lower()  # rank 1 served, no more
+    assert outs[1][0] == "" and "error" not in kiln_stderr(outs[1][1]).lower()  # served, no more
+
 
 
 def test_a_killed_worker_ends_the_run_within_seconds_and_no_process_is_left(engine):
