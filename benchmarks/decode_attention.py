@@ -70,7 +70,8 @@ def main() -> None:
     q = torch.randn(args.seqs, HQ, D, device="cuda", dtype=torch.bfloat16)
     rows = torch.arange(args.seqs, device="cuda", dtype=torch.int32)
     out = torch.empty_like(q)
-    scales = dict(k_scale=torch.tensor(0.02, device="cuda"), v_scale=torch.tensor(0.01, device="cuda"))
+    scales = dict(k_scale=torch.tensor(0.02, device="cuda"),
+                  v_scale=torch.tensor(0.01, device="cuda"))
     for ctx in contexts:
         lens = torch.full((args.seqs,), ctx, device="cuda", dtype=torch.int32)
         base = None

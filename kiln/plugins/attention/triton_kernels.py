@@ -48,13 +48,12 @@ import triton
 import triton.language as tl
 
 from kiln.plugins.attention.triton_reference import check_fp8_output
+from kiln.plugins.norm.triton_kernels import TL_DTYPES
 from kiln.plugins.pdl import enabled as pdl_enabled
 from kiln.plugins.pdl.triton_kernels import prologue
 from kiln.plugins.quant_linear.triton_kernels import _quantize
 from kiln.plugins.rotary.triton_kernels import scale_arg
 from kiln.plugins.rotary.triton_reference import check_cache_scales
-
-_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 LOG2E = 1.4426950408889634
 _NEG = -1.0e30  # finite "minus infinity" for running maxima: keeps exp2(m_old - m_new) NaN-free
@@ -302,9 +301,9 @@ def decode_splits(num_seqs: int, num_kv_heads: int, max_ctx_len: int, device: to
 # int8: 567 with (4, 2), 532 with (2, 3), 503 with (1, 3, 32).
 # Measured for groups of up to 16 query heads of up to 128 dims (a 16 x 128 query tile) and
 # unsplit grids: there a 16-bit cache takes (2, 3) (measured with bf16; fp16 reads the same
-# bytes) and a quantized one (1, 3, 32). Elsewhere
-# quantized caches keep (2, 3) (larger tiles would spill the one-warp program's registers;
-# split grids are sized for bigger programs) or, for larger query tiles, (4, 2), as bf16 does.
+# bytes) and a quantized one (1, 3, 32). Elsewhere quantized caches keep (2, 3) (larger tiles
+# would spill the one-warp program's registers; split grids are sized for bigger programs) or,
+# for larger query tiles, (4, 2), as bf16 does.
 DECODE_CONFIG = (4, 2)
 DECODE_CONFIG_16BIT = (2, 3)
 DECODE_CONFIG_8BIT = (1, 3, 32)
@@ -339,7 +338,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     page, block_n = _check(q, k_cache, v_cache)
     quant, k_arg, v_arg = _scales(k_cache, k_scale, v_scale, ctx_lens)
     check_fp8_output(out, quant_scale, pre_quant_scale)
-    o_scale, pqs = _output_args(quant_scale, pre_quant_scale, q.device, k_arg)
+    o_scale, pqs = _output_args(quant_scale, pre_quant_scale, q.device, ctx_lens)
     b, hq, d = q_rows.shape[0], q.shape[1], q.shape[2]
     hkv = k_cache.shape[1]
     if b == 0:
@@ -378,7 +377,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if splits > 1:
         _merge_kernel[(b, hq)](part, ml, ctx_lens, q_rows, out, out.stride(0), out.stride(1),
                                o_scale, pqs, hq, partition, splits, HEAD_DIM=d, D_PAD=d_pad,
-                               S_PAD=triton.next_power_of_2(splits), DTYPE=_DTYPES[q.dtype],
+                               S_PAD=triton.next_power_of_2(splits), DTYPE=TL_DTYPES[q.dtype],
                                FP8_OUT=quant_scale is not None,
                                SMOOTH=pre_quant_scale is not None, PDL=pdl, num_warps=4,
                                launch_pdl=pdl)
@@ -468,10 +467,10 @@ def _prefill_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_s
                     c_stride_r, table_ptr, table_stride, ctx_ptr, starts_ptr, lens_ptr, out_ptr,
                     o_stride_t, o_stride_h, slopes_ptr, k_scale_ptr, v_scale_ptr, o_scale_ptr,
                     pqs_ptr, qk_scale, window, rows_per_block, GROUP: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
-                    PRECISION: tl.constexpr, TMA: tl.constexpr, QUANT: tl.constexpr,
-                    FP8_OUT: tl.constexpr, SMOOTH: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIBI: tl.constexpr,
+                    WINDOW: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
+                    QUANT: tl.constexpr, FP8_OUT: tl.constexpr, SMOOTH: tl.constexpr):
     b = tl.program_id(0)
     mt = tl.num_programs(1) - 1 - tl.program_id(1)  # causal: the heaviest tiles start first
     h = tl.program_id(2)

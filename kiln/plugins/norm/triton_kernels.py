@@ -112,7 +112,8 @@ def _add_norm_long_kernel(x_ptr, x_stride, res_ptr, res_stride, w_ptr, b_ptr, ou
         _store(out_ptr + row * out_stride + offs, y, s_ptr, mask, QUANT, DTYPE)
 
 
-_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+# Triton's dtype of each torch float dtype (a constexpr argument where no pointer carries it)
+TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 def add_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
@@ -138,6 +139,6 @@ def add_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tenso
     kernel[(t,)](x, x.stride(0), r, r.stride(0), weight, bias if bias is not None else weight,
                  out, out.stride(0), quant_scale if quant_scale is not None else weight, h, eps,
                  HAS_RES=residual is not None, HAS_BIAS=bias is not None, RMS=rms, BLOCK=block,
-                 QUANT=quant_scale is not None, DTYPE=_DTYPES[x.dtype], PDL=pdl,
+                 QUANT=quant_scale is not None, DTYPE=TL_DTYPES[x.dtype], PDL=pdl,
                  num_warps=warps, launch_pdl=pdl)
     return out, r
