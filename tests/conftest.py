@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 
 from tests.models import hf_model_with_tokenizer
@@ -22,3 +24,13 @@ def cache(tmp_path, monkeypatch):
 
     monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "kiln-cache"))
     return EngineCache()
+
+
+@pytest.fixture(autouse=True)
+def _unfreeze_gc():
+    """kiln bench and kiln serve freeze the objects alive once their engine is loaded
+    (kiln.runtime.core.freeze_loaded_objects); run in this process, that would keep earlier
+    tests' garbage out of the collector's reach: give it back after each test."""
+    yield
+    if gc.get_freeze_count():
+        gc.unfreeze()

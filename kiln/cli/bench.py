@@ -105,9 +105,11 @@ def _bench(engine_dir: Path, spec: Workload, options: ExecutorOptions, warmup: i
            json_output: Path | None, baseline: str | None, baseline_batch_size: int) -> None:
     from kiln.runtime import LLM
     from kiln.runtime.bench import Workload, run_benchmark
+    from kiln.runtime.core import freeze_loaded_objects
 
     dp = options.dp
     with LLM(engine_dir, options) as llm:
+        freeze_loaded_objects()
         limits = llm.limits
         _check_workload(spec, limits)
         if warmup:  # rounds as wide as the workload gets, so its batch shapes are compiled

@@ -170,10 +170,12 @@ def _warm_engine(stack: contextlib.ExitStack, engine_dir: Path, options: Executo
     """Open the engine, warm it up and drive it with an AsyncLLM, each closed by ``stack``.
     Before uvicorn listens: /health answers 200 only on a warm engine."""
     from kiln.runtime import LLM, AsyncLLM
+    from kiln.runtime.core import freeze_loaded_objects
 
     llm = LLM(engine_dir, options)
     stack.callback(lambda: llm.close(now=signals.count >= 3))
     llm.warm_up()
+    freeze_loaded_objects()
     engine = AsyncLLM(llm)
     stack.callback(engine.close)  # aborts what the grace period left running
     return engine

@@ -71,3 +71,24 @@ def test_json_output_never_overwrites_a_users_file_or_writes_into_the_engine(tmp
         assert result.exit_code == 0, result.output
     assert json.loads(report.read_text())["workload"]["num_requests"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engine", "notes.txt", "report.json"]
+
+
+def test_bench_freezes_the_loaded_objects_before_its_workload(tmp_path, monkeypatch):
+    """kiln bench owns its process: once the engine is loaded, the collector's full passes skip
+    what is alive (kiln.runtime.core.freeze_loaded_objects), before any timed step."""
+    from kiln.engine import BuildLimits
+    from kiln.runtime import bench
+    from kiln.testing.smollm2 import smollm2_hf_dir
+    from tests.runtime.toy_onnx import toy_engine_dir
+
+    engine = toy_engine_dir(tmp_path / "engine", BuildLimits(2, 8, 16, 16), vocab=49152,
+                            tokenizer_dir=smollm2_hf_dir())
+    events = []
+    monkeypatch.setattr("kiln.runtime.core.freeze_loaded_objects",
+                        lambda: events.append("freeze") or 0)
+    real = bench.run_benchmark
+    monkeypatch.setattr(bench, "run_benchmark",
+                        lambda *a, **k: events.append("workload") or real(*a, **k))
+    result = _bench(engine, "--warmup", "1")
+    assert result.exit_code == 0, result.output
+    assert events == ["freeze", "workload", "workload"]  # warm-up, then the measured run

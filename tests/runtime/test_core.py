@@ -6,6 +6,7 @@ host once; a step never changes torch's process-wide thread count."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import math
 
@@ -14,7 +15,7 @@ import torch
 
 from kiln.engine import BuildLimits
 from kiln.runtime import LLM, AsyncLLM, SamplingParams, sampling
-from kiln.runtime.core import EngineCore
+from kiln.runtime.core import EngineCore, freeze_loaded_objects
 from kiln.runtime.errors import RequestError
 from tests.runtime.mocks import (
     FakeDeviceGenerator,
@@ -178,3 +179,22 @@ def test_a_request_aborted_while_it_waits_has_no_queue_time():
     core.abort("waits")
     assert core.requests["runs"].admitted_time is not None
     assert core.requests["waits"].admitted_time is None
+
+
+def test_freezing_the_loaded_objects_keeps_them_out_of_full_collections():
+    loaded = [[i] for i in range(1000)]  # tracked containers alive at "load" time
+    assert freeze_loaded_objects() >= len(loaded)
+    later = [[i] for i in range(10)]
+    tracked = {id(o) for o in gc.get_objects()}  # frozen ones are no longer listed
+    assert id(loaded[0]) not in tracked and id(later[0]) in tracked
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+
+
+def test_the_core_itself_freezes_nothing():
+    """EngineCore leaves process-wide settings alone; the processes that own it freeze."""
+    core = EngineCore(HashExecutor(LIMITS, 97))
+    core.add_request([1, 2], SamplingParams(temperature=0, max_tokens=2))
+    while core.has_work():
+        core.step()
+    assert gc.get_freeze_count() == 0

@@ -78,3 +78,25 @@ def test_engine_process_flags_with_dp_are_one_line(tmp_path, busy_port, flag):
     assert code == 2 and len(lines) == 1, lines
     assert lines[0] == (f"error: --dp 2 runs every replica in a process of its own already; "
                         f"leave {flag} out")
+
+
+def test_the_warm_engine_freezes_the_loaded_objects_before_serving(tmp_path, monkeypatch):
+    """kiln serve owns its process: after the warm-up, the collector's full passes skip what is
+    alive (kiln.runtime.core.freeze_loaded_objects), before the first request is taken."""
+    import contextlib
+
+    from kiln.cli import serve
+    from kiln.engine import BuildLimits
+    from kiln.runtime.options import ExecutorOptions
+    from kiln.testing.smollm2 import smollm2_hf_dir
+    from tests.runtime.toy_onnx import toy_engine_dir
+
+    engine = toy_engine_dir(tmp_path / "engine", BuildLimits(2, 8, 16, 16), vocab=49152,
+                            tokenizer_dir=smollm2_hf_dir())
+    events = []
+    monkeypatch.setattr("kiln.runtime.core.freeze_loaded_objects",
+                        lambda: events.append("freeze") or 0)
+    monkeypatch.setattr("kiln.runtime.LLM.warm_up", lambda self: events.append("warm_up"))
+    with contextlib.ExitStack() as stack:
+        serve._warm_engine(stack, engine, ExecutorOptions(device="cpu"), serve._Signals())
+    assert events == ["warm_up", "freeze"]

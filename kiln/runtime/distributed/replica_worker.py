@@ -109,7 +109,7 @@ class _Replica:
         # Imported here, after CUDA_VISIBLE_DEVICES is set (main).
         import torch
 
-        from kiln.runtime.core import EngineCore
+        from kiln.runtime.core import EngineCore, freeze_loaded_objects
         from kiln.runtime.loader import open_engine
         from kiln.runtime.tokenizer import load_tokenizer
 
@@ -118,6 +118,7 @@ class _Replica:
         _, self.executor = open_engine(spec.engine_dir, spec.options)
         tokenizer = load_tokenizer(spec.engine_dir) if spec.with_tokenizer else None
         self.core = EngineCore(self.executor, tokenizer, spec.policy)
+        freeze_loaded_objects()
         self.reported: set[str] = set()  # admitted ids the driver was told of
         conn.send(("ready", ReplicaInfo(self.executor.limits, self.executor.vocab_size,
                                         self.executor.gathers_context_logits)))
