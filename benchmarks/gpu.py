@@ -25,8 +25,9 @@ layout/kernel experiments behind design choices are in benchmarks/gpu_experiment
   SmoothQuant, FP8/INT8 KV cache), quantized in memory by kiln's numerics
   (benchmarks/gpu_quantized.py): batch-1 decode for each, TTFT and 128/128 throughput for FP8,
   1000/1000 throughput for FP8 + FP8 KV cache, KV-cache capacity per variant.
-- ``peer``: torchao's int4 weight-only and float8 recipes on HF Llama, same weights (needs the
-  torchao wheel carried to the GPU machine).
+- ``peer``: batch-1 decode of HF Llama on the same weights with a static KV cache and the
+  one-token forward compiled once (CUDA graphs), as is (bf16) and in torchao's int4 / int8
+  weight-only and float8 recipes (those need the torchao wheel carried to the GPU machine).
 - ``fp32``: is kiln-vs-HF's bf16 logits difference rounding? kiln and HF in float32 on the same
   (bf16-representable) weights, and each bf16 run against that float32 truth.
 
@@ -430,10 +431,11 @@ def engine_workload(results: dict, ex: TorchExecutor, n: int, lengths: tuple[int
     """n requests of lengths[0] prompt tokens and lengths[1] new ones, all queued at once,
     through EngineCore with async scheduling (the loop ``kiln bench`` runs), after a warm-up
     of the same requests cut to 8 new tokens; ``throughput`` runs them in the executor loop."""
-    from kiln.runtime.core import EngineCore
+    from kiln.runtime.core import EngineCore, freeze_loaded_objects
     from kiln.runtime.sampling import SamplingParams
 
     prompts = random_prompts(n, lengths[0], ex.vocab_size, 3)
+    freeze_loaded_objects()  # as kiln bench does
     for tokens in (8, lengths[1]):
         core = EngineCore(ex, async_scheduling=True)
         params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
@@ -456,9 +458,10 @@ def engine_core(results: dict, ex: TorchExecutor, n: int, sync: bool = True) -> 
     and the synchronous loop; beside them the bare executor loop (run_requests) on the
     throughput workload. Keys without a suffix are the default (async) mode. ``sync=False``:
     the async mode alone (what ``kiln bench`` and ``kiln serve`` run)."""
-    from kiln.runtime.core import EngineCore
+    from kiln.runtime.core import EngineCore, freeze_loaded_objects
     from kiln.runtime.sampling import SamplingParams
 
+    freeze_loaded_objects()  # as kiln bench does
     params = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
     warm = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     modes = ((True, ""), (False, "_sync")) if sync else ((True, ""),)
@@ -537,9 +540,15 @@ def quant_rows(results: dict) -> list[tuple]:
         label, key = path.split(".", 1)
         return formats.get(label, {}).get(key)
 
-    peers = {"int4_wo.decode_tok_s": "peer_int4_weight_only_g128_tok_s",
-             "fp8.decode_tok_s": "peer_float8_dynamic_per_row_tok_s"}
+    from benchmarks.gpu_quantized import PEER_RECIPES
+
+    peers = {key: f"peer_{recipe}_tok_s" for recipe, key in PEER_RECIPES if recipe != "bf16"}
     rows = []
+    if "peer_bf16_tok_s" in results:
+        value, peer = results.get("decode_tok_s"), results["peer_bf16_tok_s"]
+        rows.append(("batch-1 decode bf16 tok/s", "", "-" if value is None else f"{value:.1f}",
+                     f"{peer:.1f} (HF compiled)", "-" if value is None else
+                     f"{value / peer:.2f}x", "HF static cache, torch.compile + CUDA graphs"))
     for label, path, goal, op, anchor in QUANT_GOALS:
         value, peer = get(path), results.get(peers.get(path, ""))
         met = "" if value is None or goal is None else \

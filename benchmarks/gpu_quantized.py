@@ -8,15 +8,17 @@ the keys'/values' amax read from the qkv projection's output (keys x sqrt(2): a 
 raise a coordinate to the norm of its pair). On random weights the accuracy says nothing; the
 numerics are the real ones, so the speed is.
 
-Peer (``peer`` section): torchao's int4 weight-only (group 128) and float8 (dynamic activation,
-per-row weights) recipes on an HF ``LlamaForCausalLM`` over the same bf16 weights, timed by
-the same ``hf_generate`` as gpu.py's bf16 HF row (carry the torchao wheel: GPU_NOTES.md).
+Peers (``peer`` section): an HF ``LlamaForCausalLM`` over the same bf16 weights, decoded batch 1
+with a static KV cache and its one-token forward compiled once (:func:`compiled_decode`), as is
+and in torchao's int4 weight-only (group 128), int8 weight-only and float8 (dynamic activation,
+per-row weights) recipes (carry the torchao wheel: GPU_NOTES.md).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -129,8 +131,11 @@ def weight_bytes(tensors: dict[str, torch.Tensor]) -> int:
                if n != Role.EMBED.name())
 
 
-# -- torchao peer ----------------------------------------------------------------------------
-PEER_RECIPES = ("int4_weight_only_g128", "float8_dynamic_per_row")
+# -- peers: HF Llama compiled once, bf16 and torchao's recipes ---------------------------------
+# (recipe, kiln's result key it is the peer of); "bf16": no quantization
+PEER_RECIPES = (("bf16", "decode_tok_s"), ("int4_weight_only_g128", "int4_wo.decode_tok_s"),
+                ("int8_weight_only", "int8_wo.decode_tok_s"),
+                ("float8_dynamic_per_row", "fp8.decode_tok_s"))
 
 
 def torchao_config(recipe: str):
@@ -140,30 +145,80 @@ def torchao_config(recipe: str):
         # tinygemm (torch's own _weight_int4pack_mm): torchao 0.17 dropped version 1 (it asserts
         # version 2) and names it by packing format; its default ("plain") needs fbgemm kernels
         return tq.Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
+    if recipe == "int8_weight_only":
+        return tq.Int8WeightOnlyConfig(version=2)  # version 1 (the default) is deprecated
     return tq.Float8DynamicActivationFloat8WeightConfig(granularity=tq.PerRow())
+
+
+@torch.no_grad()
+def compiled_decode(model, prompt: list[int], new_tokens: int, mode: str | None =
+                    "reduce-overhead") -> tuple[float, list[int]]:
+    """Batch-1 greedy decode of an HF causal LM as HF's and torchao's own speed recipes run it:
+    a static KV cache and the one-token forward compiled once (``torch.compile``,
+    ``fullgraph``; ``mode`` "reduce-overhead" replays it as a CUDA graph), the prompt's prefill
+    eager. A first pass compiles and warms up; the second, from a reset cache, is timed over
+    its decode steps only (the first new token comes from the prefill). Returns (decode tok/s,
+    the timed pass's tokens)."""
+    from transformers import StaticCache
+
+    device = model.lm_head.weight.device
+    cache = StaticCache(config=model.config, max_cache_len=len(prompt) + new_tokens)
+
+    def forward(ids, pos):
+        return model(input_ids=ids, position_ids=pos[None], cache_position=pos,
+                     past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+
+    step = torch.compile(forward, mode=mode, fullgraph=True)
+    ids = torch.tensor([prompt], device=device)
+    for _ in range(2):
+        cache.reset()
+        token = forward(ids, torch.arange(len(prompt), device=device))
+        tokens = [int(token)]
+        _sync(device)
+        started = time.perf_counter()
+        for i in range(new_tokens - 1):
+            pos = torch.tensor([len(prompt) + i], device=device)
+            token = step(token.clone(), pos)  # a CUDA graph's output is its next replay's
+            tokens.append(token)
+        _sync(device)
+        seconds = time.perf_counter() - started
+    return (new_tokens - 1) / seconds, [int(t) for t in tokens]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def peer_section(results: dict, config: DecoderConfig, tensors: dict[str, torch.Tensor],
                  prompt: list[int]) -> None:
-    """torchao recipes on HF Llama over the same bf16 weights, batch-1 decode 128 tokens."""
-    import torchao
-    from torchao.quantization import quantize_
+    """HF Llama over the same bf16 weights, compiled once (:func:`compiled_decode`): as is
+    (bf16) and in each of torchao's recipes; batch-1 decode of 128 tokens."""
+    from kiln.runtime.torch_backend.hf_baseline import hf_model
 
-    from kiln.runtime.torch_backend.hf_baseline import hf_generate, hf_model
-
-    results["torchao"] = torchao.__version__
-    for recipe in PEER_RECIPES:
+    try:
+        import torchao
+        from torchao.quantization import quantize_
+        results["torchao"] = torchao.__version__
+    except ImportError as e:  # the bf16 peer still runs
+        log.warning("torchao is not installed (%s): only the bf16 peer runs", e)
+        quantize_ = None
+    for recipe, _ in PEER_RECIPES:
+        if recipe != "bf16" and quantize_ is None:
+            continue
         model = None
         try:
+            torch._dynamo.reset()
             model = hf_model(config, tensors)  # quantize_ swaps in new weights, views stay
-            quantize_(model, torchao_config(recipe))
-            model.generation_config.cache_implementation = "static"
-            hf_generate(model, [prompt], 8, 1)  # compile and warm up
-            _, run = hf_generate(model, [prompt], 128, 1)
-            results[f"peer_{recipe}_tok_s"] = run.tokens_per_second
-            log.info("torchao %s (HF, static cache): %.1f tok/s", recipe, run.tokens_per_second)
+            if recipe != "bf16":
+                quantize_(model, torchao_config(recipe))
+            started = time.perf_counter()
+            tok_s, _ = compiled_decode(model, prompt, 128)
+            results[f"peer_{recipe}_tok_s"] = tok_s
+            log.info("peer %s (HF, static cache, compiled): %.1f tok/s (%.0f s with compiling)",
+                     recipe, tok_s, time.perf_counter() - started)
         except Exception as e:  # noqa: BLE001 - a recipe this torchao cannot run is reported
-            log.exception("torchao %s failed", recipe)
+            log.exception("peer %s failed", recipe)
             results.setdefault("errors", {})[f"peer_{recipe}"] = repr(e)
         finally:
             model = None
