@@ -109,7 +109,6 @@ def _bench(engine_dir: Path, spec: Workload, options: ExecutorOptions, warmup: i
 
     dp = options.dp
     with LLM(engine_dir, options) as llm:
-        freeze_loaded_objects()
         limits = llm.limits
         _check_workload(spec, limits)
         if warmup:  # rounds as wide as the workload gets, so its batch shapes are compiled
@@ -117,6 +116,7 @@ def _bench(engine_dir: Path, spec: Workload, options: ExecutorOptions, warmup: i
                         limits.max_batch_size)
             run_benchmark(llm.core, Workload(spec.input_len, min(spec.output_len, 8),
                                              warmup * width, seed=spec.seed + 7))
+        freeze_loaded_objects()  # as kiln serve does after its warm-up
         report = run_benchmark(llm.core, spec)
     report = dataclasses.replace(report, engine=_engine_info(llm, dp))
     click.echo(report.table())

@@ -59,8 +59,9 @@ logprobs steps still read their context logits on the host at their sampling lau
 
 The core leaves process-wide settings alone (torch's thread count included): CPU sampling runs
 in numpy so that it never wakes torch's thread pool (see :mod:`kiln.runtime.sampling`). A
-process that owns its loop (``kiln bench``, ``kiln serve``, a replica's worker) calls
-:func:`freeze_loaded_objects` once the engine is loaded.
+process that owns its loop (``kiln bench`` and ``kiln serve`` after their warm-up, a replica's or
+a rank's worker once its engine is ready) calls :func:`freeze_loaded_objects`; the ``LLM`` API
+and ``kiln run`` do not (a user's long-running process may call it itself).
 
 Non-goals: multi-process ranks (executors hide them), beam search.
 """

@@ -73,9 +73,9 @@ def test_json_output_never_overwrites_a_users_file_or_writes_into_the_engine(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engine", "notes.txt", "report.json"]
 
 
-def test_bench_freezes_the_loaded_objects_before_its_workload(tmp_path, monkeypatch):
-    """kiln bench owns its process: once the engine is loaded, the collector's full passes skip
-    what is alive (kiln.runtime.core.freeze_loaded_objects), before any timed step."""
+def test_bench_freezes_the_loaded_objects_before_its_measured_run(tmp_path, monkeypatch):
+    """kiln bench owns its process: once the engine is loaded and warm, the collector's full
+    passes skip what is alive (kiln.runtime.core.freeze_loaded_objects), before the timed run."""
     from kiln.engine import BuildLimits
     from kiln.runtime import bench
     from kiln.testing.smollm2 import smollm2_hf_dir
@@ -91,4 +91,4 @@ def test_bench_freezes_the_loaded_objects_before_its_workload(tmp_path, monkeypa
                         lambda *a, **k: events.append("workload") or real(*a, **k))
     result = _bench(engine, "--warmup", "1")
     assert result.exit_code == 0, result.output
-    assert events == ["freeze", "workload", "workload"]  # warm-up, then the measured run
+    assert events == ["workload", "freeze", "workload"]  # warm-up, freeze, the measured run

@@ -9,6 +9,7 @@ import asyncio
 import gc
 import logging
 import math
+import weakref
 
 import pytest
 import torch
@@ -181,9 +182,18 @@ def test_a_request_aborted_while_it_waits_has_no_queue_time():
     assert core.requests["waits"].admitted_time is None
 
 
+class _Cycle(list):
+    """A list that takes weak references."""
+
+
 def test_freezing_the_loaded_objects_keeps_them_out_of_full_collections():
     loaded = [[i] for i in range(1000)]  # tracked containers alive at "load" time
+    cycle = _Cycle()
+    cycle.append(cycle)  # garbage in a reference cycle: collected, not frozen
+    gone = weakref.ref(cycle)
+    del cycle
     assert freeze_loaded_objects() >= len(loaded)
+    assert gone() is None
     later = [[i] for i in range(10)]
     tracked = {id(o) for o in gc.get_objects()}  # frozen ones are no longer listed
     assert id(loaded[0]) not in tracked and id(later[0]) in tracked

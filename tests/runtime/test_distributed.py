@@ -300,3 +300,34 @@ def test_a_step_the_cache_cannot_hold_leaves_every_rank_with_the_same_blocks(eng
         assert got.shape == (2, 128) and not executor.pool.failed
     finally:
         executor.close()
+
+
+def test_a_worker_freezes_its_process_once_its_engine_is_ready_and_thaws_it_on_close(
+        monkeypatch):
+    """A rank's process serves nothing else: a full collection there would hold up every rank's
+    collectives (kiln.runtime.core.freeze_loaded_objects); the pool may open another engine."""
+    import gc
+    from types import SimpleNamespace
+
+    from kiln.runtime.distributed import worker
+
+    class End:
+        def __init__(self):
+            self.sent = []
+
+        def send(self, message):
+            self.sent.append((message[0], gc.get_freeze_count()))
+
+    class Closing:
+        def close(self):
+            pass
+
+    monkeypatch.setattr(worker, "build_executor", lambda *args: Closing())
+    end = End()
+    w = worker.Worker(end, groups=None, rank=1)
+    shard = SimpleNamespace(last_stage=True, tp_rank=1)
+    w.pending = (Path("engine"), None, torch.device("cpu"), None, shard, {})
+    w.build()
+    w.close()
+    (ready, frozen), (closed, after) = end.sent
+    assert (ready, closed) == ("ready", "closed") and frozen > 0 and after == 0

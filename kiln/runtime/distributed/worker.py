@@ -35,6 +35,7 @@ driver's verdict: :mod:`.torchrun`.)
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from datetime import timedelta
@@ -44,6 +45,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from kiln.runtime.core import freeze_loaded_objects
 from kiln.runtime.distributed.comm import HOST, CollectiveError, Groups
 from kiln.runtime.distributed.driver import replay
 from kiln.runtime.distributed.executor import send_logits
@@ -124,7 +126,10 @@ def _store(spec) -> dist.Store:
 
 class Worker:
     """One rank serving the driver's commands (see the module docstring) over ``end``; on
-    CUDA on GPU ``gpu`` (default: its rank)."""
+    CUDA on GPU ``gpu`` (default: its rank). Its process serves nothing else: once an engine
+    is ready the objects alive are frozen (:func:`~kiln.runtime.core.freeze_loaded_objects`:
+    a full collection on one rank would hold up every rank's collectives), and unfrozen when
+    it closes (the pool may open another engine)."""
 
     def __init__(self, end, groups: Groups, rank: int, gpu: int | None = None):
         self.end, self.groups, self.rank = end, groups, rank
@@ -159,6 +164,7 @@ class Worker:
         self.pending = None
         self.executor = build_executor(engine_dir, manifest, tensors, device, options, shard)
         self.delivers = shard.last_stage and shard.tp_rank == 0
+        freeze_loaded_objects()
         self.end.send(("ready",))
 
     def open_tensorrt(self, engine_dir: str, manifest, key: str) -> None:
@@ -174,6 +180,7 @@ class Worker:
         self.executor = TensorRTExecutor(rank_engines(Path(engine_dir), manifest, self.rank),
                                          manifest, self.rank, comm, device)
         self.delivers = False
+        freeze_loaded_objects()
         self.end.send(("ready",))
 
     def step(self, ops: list[tuple], chunks: list[tuple]) -> None:
@@ -187,6 +194,7 @@ class Worker:
     def close(self, reply: bool = True) -> None:
         if self.executor is not None:
             self.executor.close()
+            gc.unfreeze()  # the closed engine's objects may be collected again
         self.executor, self.pending = None, None
         if reply:
             self.end.send(("closed",))
