@@ -178,11 +178,17 @@ def compiled_decode(model, prompt: list[int], new_tokens: int, mode: str | None 
         started = time.perf_counter()
         for i in range(new_tokens - 1):
             pos = torch.tensor([len(prompt) + i], device=device)
-            token = step(token.clone(), pos)  # a CUDA graph's output is its next replay's
+            token = step(token, pos).clone()  # a CUDA graph's output is its next replay's
             tokens.append(token)
         _sync(device)
         seconds = time.perf_counter() - started
     return (new_tokens - 1) / seconds, [int(t) for t in tokens]
+
+
+def _cudagraph_skips() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
 
 
 def _sync(device: torch.device) -> None:
@@ -213,10 +219,14 @@ def peer_section(results: dict, config: DecoderConfig, tensors: dict[str, torch.
             if recipe != "bf16":
                 quantize_(model, torchao_config(recipe))
             started = time.perf_counter()
+            skips = _cudagraph_skips()
             tok_s, _ = compiled_decode(model, prompt, 128)
             results[f"peer_{recipe}_tok_s"] = tok_s
-            log.info("peer %s (HF, static cache, compiled): %.1f tok/s (%.0f s with compiling)",
-                     recipe, tok_s, time.perf_counter() - started)
+            # inductor runs a graph without CUDA graphs where it cannot capture it (it logs why)
+            results[f"peer_{recipe}_cudagraph_skips"] = _cudagraph_skips() - skips
+            log.info("peer %s (HF, static cache, compiled): %.1f tok/s (%.0f s with compiling; "
+                     "CUDA graphs skipped %d times)", recipe, tok_s,
+                     time.perf_counter() - started, _cudagraph_skips() - skips)
         except Exception as e:  # noqa: BLE001 - a recipe this torchao cannot run is reported
             log.exception("peer %s failed", recipe)
             results.setdefault("errors", {})[f"peer_{recipe}"] = repr(e)
