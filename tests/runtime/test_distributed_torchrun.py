@@ -9,6 +9,7 @@ rank, in one line, exit 2, before anything joins.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -104,22 +105,32 @@ def test_two_nodes_give_the_tokens_of_the_spawned_ranks(engine, tmp_path):
     assert rank1[0] == "" and "error" not in rank1[1].lower(), (rank1, outs[1])  # served, no more
 
 
-def test_a_killed_worker_ends_the_run_within_seconds_and_no_process_is_left(engine):
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "frozen"])
+def test_a_lost_worker_ends_the_run_within_seconds_and_no_process_is_left(engine, stop):
+    """A killed worker closes its sockets; a frozen one (SIGSTOP, as a hung process or a lost
+    node) closes none, and the driver's gloo operation posted to it would hold the process
+    group's destructor, so the driver's exit, until the collective timeout (120 s)."""
     prompts = [arg for i in range(40) for arg in ("--input_text", f"Hello {i}")]
     nodes = two_nodes("run", "--engine_dir", str(engine), "--device", "cpu", "--streaming",
                       "--max_output_len", "30", "--ignore_eos", *prompts)
+    ranks = [[], []]
     try:
         streamed = nodes[0].stdout.read(8)  # "[0]\n" and text: the ranks are stepping
         ranks = [children(node.pid) for node in nodes]
         assert len(streamed) == 8 and [len(r) for r in ranks] == [1, 1], nodes[0].stderr.read()
-        os.kill(ranks[1][0], signal.SIGKILL)
-        killed = time.monotonic()
+        os.kill(ranks[1][0], stop)
+        lost = time.monotonic()
         _, stderr = nodes[0].communicate(timeout=60)
-        seconds = time.monotonic() - killed
+        seconds = time.monotonic() - lost
+        if stop == signal.SIGSTOP:  # a frozen rank never ends: its node's agent waits on it
+            os.kill(ranks[1][0], signal.SIGKILL)
         nodes[1].communicate(timeout=60)
     finally:
         for node in nodes:
             node.kill()
+        for pid in ranks[1]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     assert [line for line in stderr.splitlines() if line.startswith("error:")] == [KILLED]
     assert "exitcode  : 2" in stderr  # torchrun's report of rank 0: kiln's exit status
     assert seconds < 10

@@ -18,6 +18,7 @@ itself when pp_size is 1, a world of one rank included; none when tp_size is 1 i
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 import time
@@ -142,15 +143,31 @@ class Groups:
 
     def abort(self) -> None:
         """Make pending operations fail now: NCCL aborts its communicators; gloo collectives'
-        waits poll :attr:`stopped` (:meth:`wait`)."""
-        self.stopped.set()
-        if self.backend != "nccl":
+        waits poll :attr:`stopped` (:meth:`wait`). A gloo operation already posted to a peer
+        that does not answer and closed no socket (a stopped process, a lost node) runs on in
+        gloo's thread until the timeout, and the group's destructor waits for that thread
+        (``abort`` and ``shutdown`` do not end it); so aborted gloo groups are never destroyed
+        (:func:`keep_alive`), and a driver whose pool failed ends at once, not a collective
+        timeout later."""
+        if self.stopped.is_set():
             return
-        for group in {id(g): g for g in [self.world, *self._tp.values()]}.values():
+        self.stopped.set()
+        groups = {id(g): g for g in [self.world, *self._tp.values()]}.values()
+        if self.backend != "nccl":
+            for group in groups:
+                keep_alive(group)
+            return
+        for group in groups:
             try:
                 group.abort()
             except RuntimeError as e:  # already aborted or torn down
                 logger.debug("abort: %s", e)
+
+
+def keep_alive(obj: object) -> None:
+    """Hold a reference to ``obj`` that is never released, not even at interpreter exit (which
+    clears module globals): its destructor never runs."""
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
 
 
 class DistCollectives(Collectives):
