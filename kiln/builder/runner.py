@@ -91,7 +91,10 @@ def _run_pool(backend: str, jobs: list[PartJob], workers: int,
                 process.kill()  # SIGKILL: a worker defers SIGTERM while TensorRT builds
             for process in processes:
                 process.join()  # gone before the caller removes the files it was writing
-            pool.shutdown(wait=False, cancel_futures=True)
+            # Waiting is quick now (its workers are gone) and ends the pool's manager thread
+            # here: left running, it raced the interpreter's exit, whose wake-up write to the
+            # thread then failed on a closed pipe ("Exception ignored ... Bad file descriptor").
+            pool.shutdown(wait=True, cancel_futures=True)
             raise
     return results
 
