@@ -11,12 +11,15 @@ Effective TB/s = cache bytes read (keys + values) / time, printed beside the cop
 measured in the same run (bytes read + written) and the bf16 cache's time as the baseline.
 ``--configs`` sweeps the kernel's (num_warps, num_stages[, keys per tile]) over the quantized
 caches, ``--bf16_configs`` over the bf16 cache (default: its default config; the first bf16
-row is the baseline).
+row is the baseline). ``--before FILE`` (an earlier version of
+kiln/plugins/attention/triton_kernels.py, e.g. ``git show REV:kiln/plugins/attention/triton_kernels.py``)
+times that kernel too, on the same caches in the same run, each row beside it (``vs_before``).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from functools import partial
 from pathlib import Path
 
@@ -39,6 +42,15 @@ def make_case(seqs: int, ctx: int, dtype: torch.dtype, copies: int) -> list[tupl
     return out
 
 
+def load_kernels(path: Path):
+    """The attention kernel module in ``path`` (an earlier version of kiln's), imported under
+    a name of its own."""
+    spec = importlib.util.spec_from_file_location("attention_kernels_before", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("."))
@@ -48,7 +60,11 @@ def main() -> None:
                         help="the quantized caches' sweep: WARPSxSTAGES[xKEYS per tile]")
     parser.add_argument("--bf16_configs", default="",
                         help="the bf16 cache's sweep, the same form (default: its default config)")
+    parser.add_argument("--before", type=Path, default=None,
+                        help="an earlier triton_kernels.py of kiln's attention, timed beside it")
     args = parser.parse_args()
+    if args.before is not None and not args.before.is_file():
+        parser.error(f"--before {args.before}: no such file")
     try:
         configs = [tuple(map(int, c.split("x"))) for c in args.configs.split(",")]
         bf16_configs = [tuple(map(int, c.split("x"))) for c in args.bf16_configs.split(",") if c]
@@ -63,6 +79,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU: torch sees none (torch.cuda.is_available() is False)")
     from kiln.plugins.attention.triton_kernels import decode_config, paged_decode_attention
+    before = load_kernels(args.before).paged_decode_attention if args.before else None
     torch.manual_seed(0)
     copy = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy {copy:.2f} TB/s (read + write)")
@@ -81,18 +98,23 @@ def main() -> None:
             cases = make_case(args.seqs, ctx, dtype, copies=2 if read > 2e9 else 3)
             default = decode_config(2, 16, D, 1)  # the bf16 cache's, unsplit (512 sequences)
             for config in (configs if quant else bf16_configs or [default]):
-                fns = [partial(paged_decode_attention, q, c[0], c[1], c[2], lens, rows, out,
-                               scale=D ** -0.5, max_ctx_len=ctx, config=config, **quant)
-                       for c in cases]
-                sec = time_calls(fns)
+                sec, sec_before = (
+                    time_calls([partial(kernel, q, c[0], c[1], c[2], lens, rows, out,
+                                        scale=D ** -0.5, max_ctx_len=ctx, config=config, **quant)
+                                for c in cases]) if kernel else None
+                    for kernel in (paged_decode_attention, before))
                 base = base or sec
                 row = dict(cache=str(dtype).removeprefix("torch."), seqs=args.seqs, ctx=ctx,
                            config=list(config), us=sec * 1e6, tbps=read / sec / 1e12,
                            of_copy=read / sec / 1e12 / copy, vs_bf16=base / sec)
+                if sec_before is not None:
+                    row["before_us"], row["vs_before"] = sec_before * 1e6, sec_before / sec
                 results.append(row)
                 print(f"{row['cache']:14} ctx {ctx:5} {config}: {row['us']:8.1f} us "
                       f"{row['tbps']:5.2f} TB/s ({row['of_copy']:.0%} of copy), "
-                      f"{row['vs_bf16']:.2f}x the bf16 cache", flush=True)
+                      f"{row['vs_bf16']:.2f}x the bf16 cache" + (
+                          f", {row['before_us']:.1f} us before ({row['vs_before']:.2f}x)"
+                          if before is not None else ""), flush=True)
             del cases
             torch.cuda.empty_cache()
     write_results(args.out / "decode_attention_results.json", results, copy)
