@@ -2,9 +2,10 @@
 two torchrun launches (``--nnodes 2 --node_rank 0|1 --nproc_per_node 1``, MASTER_ADDR
 127.0.0.1), each running ``kiln run --device cpu`` on a tiny tp 2 torch engine (gloo), as two
 machines would. Rank 0 drives and prints; rank 1 serves it and exits 0 having printed nothing;
-the tokens are the spawned ranks'. A killed worker ends the driver within seconds with one line
-naming it, and every process ends. A rank count other than the engine's is refused on every
-rank, in one line, exit 2, before anything joins.
+the tokens are the spawned ranks'. A killed or frozen worker ends the driver within seconds with
+one line naming it, and every process ends; so does Ctrl-C on the driver just after a worker
+froze. A rank count other than the engine's is refused on every rank, in one line, exit 2,
+before anything joins.
 """
 
 from __future__ import annotations
@@ -105,19 +106,38 @@ def test_two_nodes_give_the_tokens_of_the_spawned_ranks(engine, tmp_path):
     assert rank1[0] == "" and "error" not in rank1[1].lower(), (rank1, outs[1])  # served, no more
 
 
+def end_all(ranks: list[list[int]]) -> None:
+    """SIGKILL every rank still alive (a frozen one never ends by itself)."""
+    for pid in ranks[0] + ranks[1]:
+        if alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def start_streaming(engine: Path) -> tuple[list[subprocess.Popen], list[list[int]]]:
+    """Two nodes running a long streamed generation, once the ranks are stepping; and each
+    node's rank pids."""
+    prompts = [arg for i in range(40) for arg in ("--input_text", f"Hello {i}")]
+    nodes = two_nodes("run", "--engine_dir", str(engine), "--device", "cpu", "--streaming",
+                      "--max_output_len", "30", "--ignore_eos", *prompts)
+    try:
+        streamed = nodes[0].stdout.read(8)  # "[0]\n" and text: the ranks are stepping
+        ranks = [children(node.pid) for node in nodes]
+        assert len(streamed) == 8 and [len(r) for r in ranks] == [1, 1], nodes[0].stderr.read()
+    except BaseException:
+        for node in nodes:
+            node.kill()
+        raise
+    return nodes, ranks
+
+
 @pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "frozen"])
 def test_a_lost_worker_ends_the_run_within_seconds_and_no_process_is_left(engine, stop):
     """A killed worker closes its sockets; a frozen one (SIGSTOP, as a hung process or a lost
     node) closes none, and the driver's gloo operation posted to it would hold the process
     group's destructor, so the driver's exit, until the collective timeout (120 s)."""
-    prompts = [arg for i in range(40) for arg in ("--input_text", f"Hello {i}")]
-    nodes = two_nodes("run", "--engine_dir", str(engine), "--device", "cpu", "--streaming",
-                      "--max_output_len", "30", "--ignore_eos", *prompts)
-    ranks = [[], []]
+    nodes, ranks = start_streaming(engine)
     try:
-        streamed = nodes[0].stdout.read(8)  # "[0]\n" and text: the ranks are stepping
-        ranks = [children(node.pid) for node in nodes]
-        assert len(streamed) == 8 and [len(r) for r in ranks] == [1, 1], nodes[0].stderr.read()
         os.kill(ranks[1][0], stop)
         lost = time.monotonic()
         _, stderr = nodes[0].communicate(timeout=60)
@@ -128,13 +148,30 @@ def test_a_lost_worker_ends_the_run_within_seconds_and_no_process_is_left(engine
     finally:
         for node in nodes:
             node.kill()
-        for pid in ranks[1]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        end_all(ranks)
     assert [line for line in stderr.splitlines() if line.startswith("error:")] == [KILLED]
     assert "exitcode  : 2" in stderr  # torchrun's report of rank 0: kiln's exit status
     assert seconds < 10
     assert not any(alive(pid) for pid in ranks[0] + ranks[1])
+
+
+def test_ctrl_c_just_after_a_worker_froze_ends_the_driver_at_once(engine):
+    """Before the pool's verdict (3 s without a heartbeat), the driver's shutdown cannot wait
+    for a frozen worker: it ends, exit 130, without waiting on gloo operations posted to it."""
+    nodes, ranks = start_streaming(engine)
+    try:
+        os.kill(ranks[1][0], signal.SIGSTOP)
+        time.sleep(0.3)
+        os.kill(ranks[0][0], signal.SIGINT)
+        interrupted = time.monotonic()
+        _, stderr = nodes[0].communicate(timeout=60)
+        seconds = time.monotonic() - interrupted
+    finally:
+        for node in nodes:
+            node.kill()
+        end_all(ranks)
+    assert "interrupted (Ctrl-C)" in stderr and "exitcode  : 130" in stderr, stderr
+    assert seconds < 10
 
 
 @pytest.mark.parametrize("rank", [0, 1, 3])

@@ -141,21 +141,21 @@ class Groups:
                 time.sleep(POLL_S)
         work.wait()  # raises the op's own error
 
-    def abort(self) -> None:
+    def abort(self, peers_may_hang: bool = False) -> None:
         """Make pending operations fail now: NCCL aborts its communicators; gloo collectives'
-        waits poll :attr:`stopped` (:meth:`wait`). A gloo operation already posted to a peer
-        that does not answer and closed no socket (a stopped process, a lost node) runs on in
-        gloo's thread until the timeout, and the group's destructor waits for that thread
-        (``abort`` and ``shutdown`` do not end it); so aborted gloo groups are never destroyed
-        (:func:`keep_alive`), and a driver whose pool failed ends at once, not a collective
-        timeout later."""
-        if self.stopped.is_set():
-            return
+        waits poll :attr:`stopped` (:meth:`wait`). ``peers_may_hang``: a peer may be frozen
+        where no one can kill it (a stopped process or a lost node, for ranks that torchrun
+        started). A gloo operation already posted to such a peer runs on in gloo's thread until
+        the timeout, and the group's destructor waits for that thread (gloo's ``abort`` and
+        ``shutdown`` do not end it); so these gloo groups are never destroyed
+        (:func:`keep_alive`), and the driver ends at once, not a collective timeout later.
+        Peers that the pool kills close their sockets, which ends such an operation."""
         self.stopped.set()
         groups = {id(g): g for g in [self.world, *self._tp.values()]}.values()
         if self.backend != "nccl":
-            for group in groups:
-                keep_alive(group)
+            if peers_may_hang:
+                for group in groups:
+                    keep_alive(group)
             return
         for group in groups:
             try:

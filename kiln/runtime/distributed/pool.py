@@ -143,6 +143,9 @@ class RankPool(ABC):
     :meth:`shutdown`) and count their finished steps (:meth:`_progress`)."""
 
     settle_s = SETTLE_S  # after a first report, how long the other ranks' reports may take
+    # whether stopping the workers ends their processes (spawned ones), closing their sockets;
+    # not torchrun's ranks on other machines: a frozen one stays, and so may its connections
+    kills_workers = True
 
     def __init__(self, world_size: int, device: str, timeout_s: float, mapping: Mapping | None):
         if world_size < 1:
@@ -266,7 +269,7 @@ class RankPool(ABC):
         self._killing = True
         self._stop_workers()
         if self.groups is not None:
-            self.groups.abort()
+            self.groups.abort(peers_may_hang=not self.kills_workers)
         for abort in self.on_fail:  # communicators the pool's groups do not own (tensorrt)
             try:
                 abort()

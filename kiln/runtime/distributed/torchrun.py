@@ -146,6 +146,7 @@ class TorchrunPool(RankPool):
     # a heartbeat on each side (its last beat, the monitor's reading); its peers' reports come
     # at once, so the window outlasts that, with a margin for a busy machine
     settle_s = LOST_AFTER_S + 4 * HEARTBEAT_S
+    kills_workers = False  # it asks them to end (abort); a frozen one cannot
 
     def __init__(self, env: TorchrunEnv, device: str, timeout_s: float, mapping: Mapping,
                  num_threads: int | None = None):
@@ -251,6 +252,8 @@ class TorchrunPool(RankPool):
             monitor.join(STOP_WAIT_S)
         if clean:
             channel.clear()
+        elif self.groups is not None:  # a worker may be frozen, with an operation posted to it
+            self.groups.abort(peers_may_hang=True)
         self.groups = None
 
     def _say_goodbye(self) -> set[int]:
