@@ -226,7 +226,8 @@ def _decode_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_st
     full_hi = tl.maximum(full_lo, (end // BLOCK_N) * BLOCK_N)
     if WINDOW:  # lo = start is a tile boundary otherwise (partitions are whole tiles)
         m_i, l_i, acc = _decode_tiles(q, m_i, l_i, acc, k_ptr, v_ptr, table, cache, c_stride_b,
-                                      c_stride_r, (lo // BLOCK_N) * BLOCK_N, full_lo, lo, end,
+                                      c_stride_r, (lo // BLOCK_N) * BLOCK_N,
+                                      tl.minimum(full_lo, end), lo, end,
                                       d_mask, qk_scale, slopes, k_scale, v_scale, PAGE, BLOCK_N,
                                       True, ALIBI, PRECISION, QUANT)
     m_i, l_i, acc = _decode_tiles(q, m_i, l_i, acc, k_ptr, v_ptr, table, cache, c_stride_b,
