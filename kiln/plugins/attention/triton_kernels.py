@@ -140,42 +140,6 @@ def _output(o, out_ptrs, mask, o_scale_ptr, pqs_ptr, cols, DTYPE: tl.constexpr,
     tl.store(out_ptrs, o.to(out_ptrs.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _decode_tiles(q, m_i, l_i, acc, k_ptr, v_ptr, table, cache, c_stride_b, c_stride_r, start,
-                  stop, lo, end, d_mask, qk_scale, slopes, k_scale, v_scale, PAGE: tl.constexpr,
-                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, ALIBI: tl.constexpr,
-                  PRECISION: tl.constexpr, QUANT: tl.constexpr):
-    """Online softmax of one query group over the key tiles [start, stop); MASKED: keys
-    outside [lo, end) are masked (the tiles at a window's edge and at the context's end). The
-    unmasked tiles are the decode's bulk, and their loop is shorter: 874 instead of 1,168 SASS
-    instructions per 32-key tile over a float8 cache, 471 instead of 666 per 64-key tile over a
-    bf16 one (sm90, Llama-3.1-8B heads; GPU_NOTES.md, "Issue 12, eighth pass")."""
-    n_offs = tl.arange(0, BLOCK_N)
-    for n0 in range(start, stop, BLOCK_N):
-        kpos = n0 + n_offs
-        if BLOCK_N <= PAGE:  # the tile lies in one block: one table entry
-            block = tl.load(table + n0 // PAGE).to(tl.int64)
-            rows = block * c_stride_b + ((n0 % PAGE) + n_offs) * c_stride_r
-        elif MASKED:  # the tile spans blocks: one entry per row (past the context: block 0)
-            blocks = tl.load(table + kpos // PAGE, mask=kpos < end, other=0).to(tl.int64)
-            rows = blocks * c_stride_b + (kpos % PAGE) * c_stride_r
-        else:
-            blocks = tl.load(table + kpos // PAGE).to(tl.int64)
-            rows = blocks * c_stride_b + (kpos % PAGE) * c_stride_r
-        base = rows[:, None] + cache
-        if MASKED:
-            kmask = (kpos < end) & (kpos >= lo)
-            s = _tile_scores(q, k_ptr + base, kpos, kmask, d_mask, qk_scale, slopes, k_scale,
-                             ALIBI, PRECISION, QUANT)
-            m_i, l_i, acc = _online_update(s, kmask[None, :], m_i, l_i, acc, v_ptr + base,
-                                           kmask, d_mask, v_scale, PRECISION, q.dtype, QUANT)
-        else:
-            m_i, l_i, acc = _unmasked_update(q, m_i, l_i, acc, k_ptr + base, v_ptr + base, kpos,
-                                             d_mask, qk_scale, slopes, k_scale, v_scale, ALIBI,
-                                             PRECISION, QUANT)
-    return m_i, l_i, acc
-
-
 # table_stride, the block-table width of the step's longest context (1, a multiple of 16 or
 # neither), is not specialized: each value class compiled a variant during requests.
 @triton.jit(do_not_specialize=["window", "partition", "num_splits", "table_stride"])
@@ -218,24 +182,22 @@ def _decode_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_st
     m_i = tl.full([M_PAD], -1.0e30, tl.float32)
     l_i = tl.zeros([M_PAD], tl.float32)
     acc = tl.zeros([M_PAD, D_PAD], tl.float32)
+    n_offs = tl.arange(0, BLOCK_N)
     table = table_ptr + b.to(tl.int64) * table_stride
-    cache = kvh * c_stride_h + d_offs[None, :]
-    # Key tiles [full_lo, full_hi) hold only keys in [lo, end) (no mask); a tile before them
-    # straddles a sliding window's edge, one after them the context's end.
-    full_lo = tl.cdiv(lo, BLOCK_N) * BLOCK_N
-    full_hi = tl.maximum(full_lo, (end // BLOCK_N) * BLOCK_N)
-    if WINDOW:  # lo = start is a tile boundary otherwise (partitions are whole tiles)
-        m_i, l_i, acc = _decode_tiles(q, m_i, l_i, acc, k_ptr, v_ptr, table, cache, c_stride_b,
-                                      c_stride_r, (lo // BLOCK_N) * BLOCK_N,
-                                      tl.minimum(full_lo, end), lo, end,
-                                      d_mask, qk_scale, slopes, k_scale, v_scale, PAGE, BLOCK_N,
-                                      True, ALIBI, PRECISION, QUANT)
-    m_i, l_i, acc = _decode_tiles(q, m_i, l_i, acc, k_ptr, v_ptr, table, cache, c_stride_b,
-                                  c_stride_r, full_lo, full_hi, lo, end, d_mask, qk_scale, slopes,
-                                  k_scale, v_scale, PAGE, BLOCK_N, False, ALIBI, PRECISION, QUANT)
-    m_i, l_i, acc = _decode_tiles(q, m_i, l_i, acc, k_ptr, v_ptr, table, cache, c_stride_b,
-                                  c_stride_r, full_hi, end, lo, end, d_mask, qk_scale, slopes,
-                                  k_scale, v_scale, PAGE, BLOCK_N, True, ALIBI, PRECISION, QUANT)
+    for n0 in range((lo // BLOCK_N) * BLOCK_N, end, BLOCK_N):
+        kpos = n0 + n_offs
+        kmask = (kpos < end) & (kpos >= lo)
+        if BLOCK_N <= PAGE:  # the tile lies in one block: one table entry
+            block = tl.load(table + n0 // PAGE).to(tl.int64)
+            rows = block * c_stride_b + ((n0 % PAGE) + n_offs) * c_stride_r
+        else:  # the tile spans blocks: one entry per row (past the context: block 0, masked)
+            blocks = tl.load(table + kpos // PAGE, mask=kpos < end, other=0).to(tl.int64)
+            rows = blocks * c_stride_b + (kpos % PAGE) * c_stride_r
+        base = (rows + kvh * c_stride_h)[:, None] + d_offs[None, :]
+        s = _tile_scores(q, k_ptr + base, kpos, kmask, d_mask, qk_scale, slopes, k_scale, ALIBI,
+                         PRECISION, QUANT)
+        m_i, l_i, acc = _online_update(s, kmask[None, :], m_i, l_i, acc, v_ptr + base, kmask,
+                                       d_mask, v_scale, PRECISION, q.dtype, QUANT)
     if QUANT == WIDEN:
         acc *= v_scale
     if not SPLIT:
