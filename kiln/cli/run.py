@@ -31,6 +31,7 @@ import click
 
 from kiln.cli.context import CliContext, PathArg, dp_option, executor_options
 from kiln.cli.engine_source import engine_command, held_engine
+from kiln.errors import KilnError
 from kiln.runtime.params import SamplingParams, is_utf8  # torch-free: --help stays fast
 
 if TYPE_CHECKING:
@@ -182,6 +183,7 @@ def run(obj: CliContext, input_text: tuple[str, ...], input_file: Path | None,
         params = build_params(llm, max_output_len, options)  # the sampling flags are left
         inputs = [llm.render_chat([{"role": "user", "content": p}]) if chat else p
                   for p in prompts]
+        warn_if_cut(llm, inputs, max_output_len)
         if streaming:
             results = _stream(llm, inputs, params)
         else:
@@ -195,6 +197,24 @@ def run(obj: CliContext, input_text: tuple[str, ...], input_file: Path | None,
         for error in failed:
             click.echo(f"error: {error}", err=True)
         raise SystemExit(2)
+
+
+def warn_if_cut(llm: LLM, inputs: list[Any], max_output_len: int) -> None:
+    """WARNING when ``--max_output_len`` is more than the engine's ``max_seq_len`` leaves after
+    every prompt (the outputs stop there, finish 'length', which the stats line alone does not
+    explain). A prompt the engine refuses is left to generate() to report."""
+    from kiln.runtime.core import output_room
+
+    try:
+        shortest = min(len(llm.encode(p)) for p in inputs)
+    except KilnError:
+        return
+    room = output_room(llm.limits, shortest)
+    if 0 < room < max_output_len:
+        log.warning("--max_output_len %d is more than the engine's max_seq_len %d leaves after "
+                    "the prompt: at most %d new tokens%s (finish 'length'); rebuild with a "
+                    "larger --max_seq_len for more", max_output_len, llm.limits.max_seq_len, room,
+                    "" if len(inputs) == 1 else " for the shortest prompt, fewer for the others")
 
 
 def log_quantization(manifest: EngineManifest | None) -> None:

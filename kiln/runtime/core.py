@@ -477,7 +477,13 @@ def check_request(request_id: str, prompt_ids: Sequence[int], params: SamplingPa
         raise RequestError(f"request {request_id}: prompt_logprobs need every prompt "
                            f"position's logits, and this engine returns the last one only; "
                            f"rebuild it with kiln build --gather_context_logits")
-    return min(params.max_tokens, limits.max_seq_len - len(prompt_ids) + 1)
+    return min(params.max_tokens, output_room(limits, len(prompt_ids)))
+
+
+def output_room(limits: BuildLimits, prompt_len: int) -> int:
+    """New tokens at most after a prompt of ``prompt_len`` tokens: the KV cache holds the
+    prompt and every output token but the last."""
+    return limits.max_seq_len - prompt_len + 1
 
 
 def _one(logprobs: TokenLogprobs | None) -> tuple[TokenLogprobs, ...]:

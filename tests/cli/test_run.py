@@ -127,6 +127,28 @@ def test_streaming_prints_the_earliest_unfinished_block_live(monkeypatch, capsys
     assert printed == ["[0]\nHel", "", "", "lo", "", "\n[1]\nWorld\n[2]\nx", "y\n"]
 
 
+@pytest.mark.parametrize("prompts,cut", [(["Hi"], True), (["Hi", "Hello there"], True),
+                                         (["Hi"], False)])
+def test_a_max_output_len_past_the_engine_says_where_outputs_stop(engine, caplog, prompts, cut):
+    shortest = min(len(LLM(engine).encode(p)) for p in prompts)
+    room = LIMITS.max_seq_len - shortest + 1  # the last output token is never cached
+    asked = room + 50 if cut else room
+    args = [a for p in prompts for a in ("--input_text", p)]
+    with caplog.at_level("WARNING", logger="kiln.cli.run"):
+        r = kiln("run", "--engine_dir", str(engine), *args, "--max_output_len", str(asked),
+                 "--ignore_eos")
+    assert r.exit_code == 0, r.output
+    warned = [m for m in caplog.messages if "--max_output_len" in m]
+    if not cut:
+        assert warned == []
+        return
+    assert len(warned) == 1 and f"at most {room} new tokens" in warned[0]
+    assert f"max_seq_len {LIMITS.max_seq_len}" in warned[0]
+    assert ("shortest prompt" in warned[0]) == (len(prompts) > 1)
+    if len(prompts) == 1:
+        assert f"({room} tokens, 1 request, finish: length)" in r.stderr
+
+
 def test_sampling_flags_and_seed_reproducible(engine):
     args = ["run", "--engine_dir", str(engine), "--input_text", "Hi", "--max_output_len", "8",
             "--temperature", "1.0", "--top_k", "40", "--top_p", "0.9", "--seed", "3",
