@@ -142,6 +142,24 @@ def test_requests_kiln_cannot_honour_are_refused_by_name(engine, endpoint, body,
     assert error["message"].startswith(message), error
 
 
+def test_omitted_fields_take_the_engines_defaults_not_openais(engine):
+    """As README says: the engine's generation_config defaults (here greedy), so n > 1 without
+    a temperature gives equal choices; a temperature given overrides the default."""
+    from kiln.serve.protocol import CompletionRequest
+    from kiln.serve.render import Renderer
+
+    renderer = Renderer(engine.llm)
+    engine.llm.default_params = engine.llm.default_params.replace(temperature=0.0, top_k=7)
+    omitted = renderer.completion_params(CompletionRequest(model="m", prompt="a"))
+    assert omitted.temperature == 0.0 and omitted.top_k == 7
+    given = renderer.completion_params(CompletionRequest(model="m", prompt="a", temperature=1.0))
+    assert given.temperature == 1.0 and given.top_k == 7
+    out = _client(engine).post("/v1/completions", json={"model": "m", "prompt": "a",
+                                                        "max_tokens": 4, "n": 3})
+    assert out.status_code == 200
+    assert len({c["text"] for c in out.json()["choices"]}) == 1
+
+
 def test_unknown_fields_are_ignored(engine):
     out = _client(engine).post("/v1/completions", json={"model": "m", "prompt": "a",
                                                         "max_tokens": 1, "foo": 3})
