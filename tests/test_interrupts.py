@@ -167,8 +167,9 @@ def test_a_build_worker_dies_with_its_killed_parent(hf_dir, tmp_path):
     pytest.importorskip("tensorrt_rtx")
     ckpt = kiln_checkpoint(hf_dir, tmp_path / "ckpt")
     command, env = tensorrt_build(tmp_path, ckpt, f"""
-        with open({str(tmp_path / "worker")!r}, "w") as f:
+        with open({str(tmp_path / "worker.tmp")!r}, "w") as f:
             f.write(str(os.getpid()))
+        os.replace({str(tmp_path / "worker.tmp")!r}, {str(tmp_path / "worker")!r})  # whole
         time.sleep(120)  # a long native phase
     """)
     parent = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,

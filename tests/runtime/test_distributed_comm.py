@@ -29,6 +29,7 @@ class Pending:
 def gloo_groups() -> Groups:
     groups = Groups.__new__(Groups)  # no process group is needed to wait on a work
     groups.backend, groups.stopped = "gloo", threading.Event()
+    groups.world, groups._tp = None, {}  # what abort() looks through
     return groups
 
 
