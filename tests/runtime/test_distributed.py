@@ -109,15 +109,21 @@ def generate(executor: Executor, requests) -> tuple[list[list[int]], list[torch.
     """Greedy outputs of ``requests`` ((prompt, max_tokens, arrival step)) and every step's
     logits, through the engine core (sync loop)."""
     recorder = Recorder(executor)
-    core = EngineCore(recorder, async_scheduling=False)
+    added = drive(EngineCore(recorder, async_scheduling=False), requests, GREEDY)
+    return [r.output_ids for r in added], recorder.logits
+
+
+def drive(core: EngineCore, requests, params: SamplingParams) -> list:
+    """Run ``requests`` ((prompt, max_tokens, arrival step)) under ``params`` to the end on
+    ``core``, each added at its step; the requests."""
     pending, added, step = list(requests), [], 0
     while pending or core.has_work():
         while pending and pending[0][2] <= step:
             prompt, max_tokens, _ = pending.pop(0)
-            added.append(core.add_request(prompt, GREEDY.replace(max_tokens=max_tokens)))
+            added.append(core.add_request(prompt, params.replace(max_tokens=max_tokens)))
         core.step()
         step += 1
-    return [r.output_ids for r in added], recorder.logits
+    return added
 
 
 def workloads(vocab: int) -> dict[str, list]:
@@ -214,6 +220,39 @@ def test_pipeline_engines_give_tp1s_outputs_with_any_micro_batch_count(micro_bat
         finally:
             executor.close()
         assert_same_outputs(got, want, 1e-4, tp, pp, micro_batches)
+
+
+def decode(executor: Executor, async_scheduling: bool, requests, params) -> list[list[int]]:
+    """Outputs of ``requests`` under ``params`` through the engine core's sync or async
+    loop (:func:`drive`)."""
+    core = EngineCore(executor, async_scheduling=async_scheduling)
+    assert core.async_scheduling == async_scheduling
+    return [r.output_ids for r in drive(core, requests, params)]
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)])
+def test_async_scheduling_gives_the_sync_loops_tokens(tp, pp, engines, pools, monkeypatch):
+    """The async loop over a multi-rank engine (the previous step's sampled ids broadcast from
+    the driver to every rank, never read to the host first) gives the sync loop's tokens:
+    greedy and seeded sampling, requests admitted mid-flight."""
+    executor = open_on(pools(tp * pp), engines("llama-gqa", tp, pp))
+    sent = []
+    send_all = executor.pool.send_all
+    monkeypatch.setattr(executor.pool, "send_all", lambda m: (sent.append(m), send_all(m)))
+    try:
+        assert not executor.prefers_async  # opt-in until measured on GPUs
+        requests = workloads(executor.vocab_size)["in-flight"]
+        for params in (GREEDY, SamplingParams(temperature=1.0, top_k=20, seed=5,
+                                              ignore_eos=True)):
+            sync = decode(executor, False, requests, params)
+            assert all(m[3] is None for m in sent if m[0] == "step")
+            sent.clear()
+            assert decode(executor, True, requests, params) == sync, params
+            fed = [m[3] for m in sent if m[0] == "step" and m[3] is not None]
+            assert fed and all(rows >= len(feeds) > 0 for rows, feeds in fed)
+            sent.clear()
+    finally:
+        executor.close()
 
 
 def test_a_quantized_tp2_engine_gives_the_tokens_and_logits_of_tp1(tmp_path, pools):

@@ -55,8 +55,10 @@ in processes of their own behind one front that routes whole requests), and the 
 tensor-parallel tensorrt engine (:mod:`.tensorrt_ranks`, over the same pool, with an NCCL
 communicator of their own: :mod:`.nccl`).
 
-Not yet: async scheduling and CUDA graphs for engines of several ranks; pipeline stages that
-overlap across steps.
+Async scheduling (the previous step's sampled ids broadcast from the driver to every rank on
+the device: :mod:`.executor`) runs where asked, ``EngineCore(async_scheduling=True)``; it is
+not the default until measured on several GPUs. Not yet: CUDA graphs for engines of several
+ranks; pipeline stages that overlap across steps.
 """
 
 from kiln.runtime.distributed.executor import DistributedExecutor

@@ -221,6 +221,18 @@ class DistCollectives(Collectives):
         return int(t.item())
 
 
+def broadcast(groups: Groups, x: torch.Tensor, what: str) -> torch.Tensor:
+    """``x`` of rank 0 (the driver) into ``x`` of every rank of ``groups``' world, in place.
+    NCCL: queued on the stream, the host does not wait; gloo: waited for as a collective."""
+    if groups.world_size == 1:
+        return x
+    options = dist.BroadcastOptions()
+    options.rootRank, options.rootTensor = 0, 0
+    with collective(what):
+        groups.wait(groups.world.broadcast([x], options))
+    return x
+
+
 def send(groups: Groups, x: torch.Tensor, dst: int, tag: int, what: str) -> None:
     """Send ``x`` to rank ``dst`` of ``groups``' world, and wait for it."""
     with collective(f"{what} to rank {dst}"):

@@ -23,8 +23,10 @@ step runs and what its failure looks like.
   executor. A driver that owns its pool and is dropped without ``close()`` kills the workers
   when it is collected (:func:`~.pool.stop_with`).
 
-Not async: ``supports_async`` is False (the plan would have to carry tokens still on the
-device), so the core runs its synchronous loop.
+Async scheduling is a subclass's choice (``supports_async``; False here, so the core runs its
+synchronous loop): a step with ``pending`` device tokens sends the workers the plan plus which
+rows are fed and how many ids there are (:func:`pending_spec`), and :meth:`_run_local` gets
+``pending``; the ids themselves stay on the devices (the torch engine broadcasts them).
 """
 
 from __future__ import annotations
@@ -68,8 +70,8 @@ class RankDriver(Executor):
 
     def step_logits(self, chunks: Sequence[SequenceChunk],
                     pending: DeviceTokens | None = None) -> StepLogits:
-        if pending is not None or (any(c.context_logits for c in chunks)
-                                   and not self.gathers_context_logits):
+        if (pending is not None and not self.supports_async) or (
+                any(c.context_logits for c in chunks) and not self.gathers_context_logits):
             return super().step_logits(chunks, pending)  # refuses
         self.pool.check()
         if self._busy:
@@ -81,9 +83,9 @@ class RankDriver(Executor):
         plan = [(c.slot, tuple(c.tokens), c.start, c.context_logits) for c in chunks]
         ops, self._ops = self._ops, []
         self._busy = True
-        self.pool.send_all(("step", ops, plan))
+        self.pool.send_all(("step", ops, plan, pending_spec(pending)))
         try:
-            out = self._run_local(chunks)
+            out = self._run_local(chunks, pending)
         except self.rank_failures as e:
             raise self.pool.fault(e) from None
         self._busy = False
@@ -93,8 +95,10 @@ class RankDriver(Executor):
         """Check the step on rank 0 (raise before any worker sees it); may log ops."""
 
     @abstractmethod
-    def _run_local(self, chunks: Sequence[SequenceChunk]) -> StepLogits:
-        """Rank 0's share of a step the workers were sent: the step's logits."""
+    def _run_local(self, chunks: Sequence[SequenceChunk],
+                   pending: DeviceTokens | None) -> StepLogits:
+        """Rank 0's share of a step the workers were sent: the step's logits (``pending``
+        only where ``supports_async``)."""
 
     def close(self) -> None:
         if self._closed:
@@ -110,6 +114,11 @@ class RankDriver(Executor):
                 self.pool.expect("closed")
         finally:
             self.local.close()
+
+
+def pending_spec(pending: DeviceTokens | None) -> tuple[int, dict[int, int]] | None:
+    """What a worker needs of ``pending`` besides the ids: their count and the feeds."""
+    return None if pending is None else (len(pending.ids), dict(pending.feeds))
 
 
 def replay(executor: Executor, ops: list[tuple], rank: int) -> None:

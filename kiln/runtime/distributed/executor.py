@@ -16,6 +16,13 @@ sampling run unchanged in the driver. What the torch engine adds:
   :class:`~kiln.runtime.errors.WorkerError` naming the rank that died or hung
   (:meth:`~kiln.runtime.distributed.pool.RankPool.fault`); every later call raises it again.
 
+- async scheduling (``supports_async``): a step's ``pending`` ids (the previous step's sampled
+  tokens, on rank 0's device) are broadcast to every rank before the step runs
+  (:func:`~kiln.runtime.distributed.comm.broadcast`: on CUDA queued on the stream, no host
+  read), and every rank feeds them into its token input as a one-rank executor does; the
+  plan carries which rows are fed. Not the default (``prefers_async`` False: the core's sync
+  loop unless ``EngineCore(async_scheduling=True)``) until it is measured on several GPUs.
+
 An engine of one rank runs too (:meth:`DistributedExecutor.open`): a pool with no worker, the
 driver's process groups of one rank. The loader opens such an engine on a plain TorchExecutor;
 this path is what a machine with a single GPU can run of the NCCL code (the tests').
@@ -30,10 +37,17 @@ from pathlib import Path
 import torch
 
 from kiln.engine import EngineManifest
-from kiln.runtime.distributed.comm import CONTEXT_TAG, LOGITS_TAG, CollectiveError, recv, send
+from kiln.runtime.distributed.comm import (
+    CONTEXT_TAG,
+    LOGITS_TAG,
+    CollectiveError,
+    broadcast,
+    recv,
+    send,
+)
 from kiln.runtime.distributed.driver import RankDriver
 from kiln.runtime.distributed.pool import RankPool, start_ranks
-from kiln.runtime.executor import SequenceChunk, StepLogits
+from kiln.runtime.executor import DeviceTokens, SequenceChunk, StepLogits
 from kiln.runtime.torch_backend.executor import TorchExecutor, TorchExecutorOptions
 from kiln.runtime.torch_backend.paged_cache import KVCacheError
 from kiln.runtime.torch_backend.parallel import RankShard
@@ -45,6 +59,7 @@ class DistributedExecutor(RankDriver):
     """See the module docstring. Make one with :meth:`open`."""
 
     rank_failures = (CollectiveError,)
+    supports_async = True
 
     def __init__(self, pool: RankPool, local: TorchExecutor, manifest: EngineManifest,
                  owns_pool: bool):
@@ -104,8 +119,11 @@ class DistributedExecutor(RankDriver):
                 raise KVCacheError(f"slot {c.slot}: the KV cache has no free block for {end} "
                                    f"tokens; reserve() before scheduling the sequence")
 
-    def _run_local(self, chunks: Sequence[SequenceChunk]) -> StepLogits:
-        out = self.local.step_logits(chunks)
+    def _run_local(self, chunks: Sequence[SequenceChunk],
+                   pending: DeviceTokens | None) -> StepLogits:
+        if pending is not None:
+            broadcast(self.pool.groups, pending.ids.contiguous(), "sending sampled tokens")
+        out = self.local.step_logits(chunks, pending)
         if not self.shard.last_stage:
             out = recv_logits(self.pool.groups, self.mapping, chunks, self.vocab_size,
                               self.local.device)

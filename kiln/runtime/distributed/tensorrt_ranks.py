@@ -82,8 +82,8 @@ class TensorRTRanks(RankDriver):
             raise
         return cls(pool, local)
 
-    def _run_local(self, chunks: Sequence[SequenceChunk]) -> StepLogits:
-        return self.local.step_logits(chunks)
+    def _run_local(self, chunks: Sequence[SequenceChunk], pending: None) -> StepLogits:
+        return self.local.step_logits(chunks)  # never pending: supports_async is False
 
 
 def joined(pool: RankPool, join: Callable[[], Any]) -> Any:

@@ -21,8 +21,10 @@ Life of a spawned worker (:class:`~kiln.runtime.distributed.pool.WorkerPool`):
    ``build``   make the :class:`~kiln.runtime.torch_backend.executor.TorchExecutor` (its KV
                cache size is agreed over the world); reply ``ready``
    ``step``    replay the driver's ``reserve``/``release`` calls since the last step (each
-               ``reserve`` must answer as the driver's did: the allocators are one), then run the
-               step; the last stage's tensor-parallel rank 0 sends the logits to the driver
+               ``reserve`` must answer as the driver's did: the allocators are one), take the
+               driver's broadcast of the previous step's sampled ids where the step feeds them
+               (async scheduling), then run the step; the last stage's tensor-parallel rank 0
+               sends the logits to the driver
    ``close``   drop the executor (the pool stays for another engine); reply ``closed``
    ``open_tensorrt``  a tensorrt engine's rank instead (:mod:`.tensorrt_ranks`): join its NCCL
                communicator, load its engine files; reply ``ready``
@@ -46,11 +48,11 @@ import torch
 import torch.distributed as dist
 
 from kiln.runtime.core import freeze_loaded_objects
-from kiln.runtime.distributed.comm import HOST, CollectiveError, Groups
+from kiln.runtime.distributed.comm import HOST, CollectiveError, Groups, broadcast
 from kiln.runtime.distributed.driver import replay
 from kiln.runtime.distributed.executor import send_logits
 from kiln.runtime.distributed.process import detach
-from kiln.runtime.executor import SequenceChunk
+from kiln.runtime.executor import DeviceTokens, SequenceChunk
 from kiln.runtime.torch_backend.parallel import RankShard
 from kiln.runtime.torch_executor import build_executor, read_rank
 
@@ -183,10 +185,16 @@ class Worker:
         freeze_loaded_objects()
         self.end.send(("ready",))
 
-    def step(self, ops: list[tuple], chunks: list[tuple]) -> None:
+    def step(self, ops: list[tuple], chunks: list[tuple],
+             pending: tuple[int, dict[int, int]] | None = None) -> None:
         replay(self.executor, ops, self.rank)
         batch = [SequenceChunk(*c) for c in chunks]
-        out = self.executor.step_logits(batch)
+        fed = None
+        if pending is not None:  # async scheduling: the driver's sampled ids, broadcast
+            rows, feeds = pending
+            ids = torch.empty(rows, dtype=torch.int64, device=self.executor.device)
+            fed = DeviceTokens(broadcast(self.groups, ids, "receiving sampled tokens"), feeds)
+        out = self.executor.step_logits(batch, fed)
         if self.delivers:
             send_logits(self.groups, out, batch)
         self.end.stepped()
