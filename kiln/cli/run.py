@@ -201,20 +201,24 @@ def run(obj: CliContext, input_text: tuple[str, ...], input_file: Path | None,
 
 def warn_if_cut(llm: LLM, inputs: list[Any], max_output_len: int) -> None:
     """WARNING when ``--max_output_len`` is more than the engine's ``max_seq_len`` leaves after
-    every prompt (the outputs stop there, finish 'length', which the stats line alone does not
-    explain). A prompt the engine refuses is left to generate() to report."""
+    some prompt (its output stops there, finish 'length', which the stats line alone does not
+    explain). Prompts the engine refuses are left to generate() to report."""
     from kiln.runtime.core import output_room
 
+    limits = llm.limits
     try:
-        shortest = min(len(llm.encode(p)) for p in inputs)
+        lengths = [len(llm.encode(p)) for p in inputs]
     except KilnError:
         return
-    room = output_room(llm.limits, shortest)
-    if 0 < room < max_output_len:
-        log.warning("--max_output_len %d is more than the engine's max_seq_len %d leaves after "
-                    "the prompt: at most %d new tokens%s (finish 'length'); rebuild with a "
-                    "larger --max_seq_len for more", max_output_len, llm.limits.max_seq_len, room,
-                    "" if len(inputs) == 1 else " for the shortest prompt, fewer for the others")
+    rooms = [output_room(limits, n) for n in lengths if 0 < n <= limits.max_input_len]
+    cut = [room for room in rooms if room < max_output_len]
+    if not cut:
+        return
+    after = "the prompt" if len(inputs) == 1 else f"{len(cut)} of {len(inputs)} prompts"
+    log.warning("--max_output_len %d is more than the engine's max_seq_len %d leaves after %s: "
+                "at most %d new tokens%s (finish 'length'); rebuild with a larger --max_seq_len "
+                "for more", max_output_len, limits.max_seq_len, after, min(cut),
+                "" if len(inputs) == 1 else " after the longest")
 
 
 def log_quantization(manifest: EngineManifest | None) -> None:

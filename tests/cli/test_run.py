@@ -127,26 +127,41 @@ def test_streaming_prints_the_earliest_unfinished_block_live(monkeypatch, capsys
     assert printed == ["[0]\nHel", "", "", "lo", "", "\n[1]\nWorld\n[2]\nx", "y\n"]
 
 
-@pytest.mark.parametrize("prompts,cut", [(["Hi"], True), (["Hi", "Hello there"], True),
-                                         (["Hi"], False)])
-def test_a_max_output_len_past_the_engine_says_where_outputs_stop(engine, caplog, prompts, cut):
-    shortest = min(len(LLM(engine).encode(p)) for p in prompts)
-    room = LIMITS.max_seq_len - shortest + 1  # the last output token is never cached
-    asked = room + 50 if cut else room
+LONG = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen"
+
+
+@pytest.mark.parametrize("prompts,extra,cut", [
+    (["Hi"], 50, 1), (["Hi"], 0, 0),
+    (["Hi", LONG], 0, 1),  # the shortest prompt has room: the longer one is still cut
+    (["Hi", LONG], 60, 2),
+    ([LONG * 5], 50, 0),  # over max_input_len: refused by generate(), not announced as cut
+])
+def test_a_max_output_len_past_the_engine_says_where_outputs_stop(engine, caplog, prompts,
+                                                                  extra, cut):
+    lengths = [len(LLM(engine).encode(p)) for p in prompts]
+    valid = [n for n in lengths if n <= LIMITS.max_input_len]
+    rooms = [LIMITS.max_seq_len - n + 1 for n in valid]  # the last output is never cached
+    asked = (max(rooms) if valid else 1) + extra
     args = [a for p in prompts for a in ("--input_text", p)]
     with caplog.at_level("WARNING", logger="kiln.cli.run"):
         r = kiln("run", "--engine_dir", str(engine), *args, "--max_output_len", str(asked),
                  "--ignore_eos")
-    assert r.exit_code == 0, r.output
     warned = [m for m in caplog.messages if "--max_output_len" in m]
+    if not valid:
+        assert r.exit_code == 2 and "max_input_len" in r.stderr and warned == []
+        return
+    assert r.exit_code == 0, r.output
     if not cut:
         assert warned == []
         return
-    assert len(warned) == 1 and f"at most {room} new tokens" in warned[0]
+    assert len(warned) == 1 and f"at most {min(rooms)} new tokens" in warned[0]
     assert f"max_seq_len {LIMITS.max_seq_len}" in warned[0]
-    assert ("shortest prompt" in warned[0]) == (len(prompts) > 1)
     if len(prompts) == 1:
-        assert f"({room} tokens, 1 request, finish: length)" in r.stderr
+        assert "after the prompt" in warned[0]
+        assert f"({min(rooms)} tokens, 1 request, finish: length)" in r.stderr
+    else:
+        assert f"after {cut} of {len(prompts)} prompts" in warned[0]
+        assert "after the longest" in warned[0]
 
 
 def test_sampling_flags_and_seed_reproducible(engine):

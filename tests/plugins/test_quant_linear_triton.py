@@ -2,9 +2,11 @@
 
 Tolerances (tests/gpu/support.py): float32 1e-4, float16 4e-3, bfloat16 3e-2 (atol and rtol),
 outputs of O(1). Kernel and reference quantize activations with the same IEEE division and
-rounding, so W8A8 inputs match exactly; what differs is float32 summation order, the final
-rounding to x's dtype, and for INT4 in 16-bit x the dequantized weight rounded to x's dtype
-before the dot (2^-9 relative in bf16, averaging out over K), all inside those tolerances.
+rounding (the one-token GEMVs: the same product by the float32 reciprocal of the scale, their
+documented rule; see ``_reference``), so W8A8 inputs match exactly; what differs is float32
+summation order, the final rounding to x's dtype, and for INT4 in 16-bit x the dequantized
+weight rounded to x's dtype before the dot (2^-9 relative in bf16, averaging out over K), all
+inside those tolerances.
 cuBLASLt's rowwise FP8 adds the bias after rounding to bf16 (two roundings, still 3e-2).
 FP8 at M > 1 (fp8 tl.dot, cuBLASLt) is held to 3e-2 for every x dtype: Hopper's FP8 MMAs
 accumulate with fewer bits than float32 (seen on an H200: 2e-3 absolute off a float32 reference

@@ -230,12 +230,18 @@ def decode(executor: Executor, async_scheduling: bool, requests, params) -> list
     return [r.output_ids for r in drive(core, requests, params)]
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)])
-def test_async_scheduling_gives_the_sync_loops_tokens(tp, pp, engines, pools, monkeypatch):
+@pytest.mark.parametrize("tp,pp,micro_batches", [(2, 1, None), (1, 2, None), (2, 2, None),
+                                                 (1, 2, 4), (2, 2, 2)])
+def test_async_scheduling_gives_the_sync_loops_tokens(tp, pp, micro_batches, engines, pools,
+                                                      monkeypatch):
     """The async loop over a multi-rank engine (the previous step's sampled ids broadcast from
     the driver to every rank, never read to the host first) gives the sync loop's tokens:
-    greedy and seeded sampling, requests admitted mid-flight."""
-    executor = open_on(pools(tp * pp), engines("llama-gqa", tp, pp))
+    greedy and seeded sampling, requests admitted mid-flight, pipeline steps whole and in
+    micro-batches (each takes its share of the fed rows)."""
+    engine = engines("llama-gqa", tp, pp)
+    options = dataclasses.replace(OPTIONS, micro_batches=micro_batches)
+    executor = DistributedExecutor.open(engine, read_manifest(engine), torch.device("cpu"),
+                                        options, pool=pools(tp * pp))
     sent = []
     send_all = executor.pool.send_all
     monkeypatch.setattr(executor.pool, "send_all", lambda m: (sent.append(m), send_all(m)))
@@ -245,10 +251,11 @@ def test_async_scheduling_gives_the_sync_loops_tokens(tp, pp, engines, pools, mo
         for params in (GREEDY, SamplingParams(temperature=1.0, top_k=20, seed=5,
                                               ignore_eos=True)):
             sync = decode(executor, False, requests, params)
-            assert all(m[3] is None for m in sent if m[0] == "step")
+            steps = [m for m in sent if m[0] == "step"]
+            assert steps and all(len(m) == 3 for m in steps)  # the plan alone
             sent.clear()
             assert decode(executor, True, requests, params) == sync, params
-            fed = [m[3] for m in sent if m[0] == "step" and m[3] is not None]
+            fed = [m[3] for m in sent if m[0] == "step" and len(m) == 4]
             assert fed and all(rows >= len(feeds) > 0 for rows, feeds in fed)
             sent.clear()
     finally:

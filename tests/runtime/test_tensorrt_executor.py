@@ -326,6 +326,35 @@ def test_the_tensorrt_driver_sends_each_step_with_the_releases_before_it(trt, tm
     ranks.close()  # idempotent
 
 
+def test_a_tensorrt_worker_runs_the_drivers_step_messages(trt, tmp_path):
+    """A worker rank serves the driver's step messages on its TensorRT executor as sent (the
+    plan alone: tensorrt ranks never take async steps), replaying the releases first."""
+    from kiln.runtime.distributed.tensorrt_ranks import TensorRTRanks
+    from kiln.runtime.distributed.worker import Worker
+
+    pool = FakePool()
+    ranks = TensorRTRanks(pool, executor(tmp_path))
+    ranks.step([SequenceChunk(0, [3, 4, 5], 0)])
+    ranks.release(0)
+    ranks.step([SequenceChunk(1, [7, 8], 0), SequenceChunk(0, [1], 0)])
+    ranks.close()
+
+    class End:
+        steps = 0
+
+        def stepped(self):
+            self.steps += 1
+
+    worker = Worker(End(), groups=None, rank=1)
+    worker.executor, worker.delivers = executor(tmp_path), False
+    released = []
+    release = worker.executor.release
+    worker.executor.release = lambda slot: (released.append(slot), release(slot))
+    for message in [m for m in pool.sent if m[0] == "step"]:
+        worker.step(*message[1:])
+    assert worker.end.steps == 2 and released == [0]
+
+
 def test_a_failed_step_of_rank_0_is_the_pools_error_and_the_ranks_are_killed(trt, tmp_path):
     """A rank that died aborts the engine's communicator, so rank 0's share fails with
     whatever TensorRT raises: the step raises the pool's one-line error; closing kills."""

@@ -171,7 +171,8 @@ def _field(word, SHIFT: tl.constexpr, BITS: tl.constexpr):
 def _fp8_gemv_kernel(x_ptr, w_ptr, ws_ptr, s_ptr, b_ptr, y_ptr, n, k, DYNAMIC: tl.constexpr,
                      WS_PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
-    """y[n] = sum_k w[n, k] * e4m3(x[k] / s) * s * ws[n] for fp8 weights [N, K] (as bytes)."""
+    """y[n] = sum_k w[n, k] * e4m3(x[k] * (1 / s)) * s * ws[n] for fp8 weights [N, K] (as
+    bytes): x quantized with one float32 reciprocal of s (``_quantize``'s inexact rule)."""
     prologue(PDL)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n

@@ -25,8 +25,9 @@ step runs and what its failure looks like.
 
 Async scheduling is a subclass's choice (``supports_async``; False here, so the core runs its
 synchronous loop): a step with ``pending`` device tokens sends the workers the plan plus which
-rows are fed and how many ids there are (:func:`pending_spec`), and :meth:`_run_local` gets
-``pending``; the ids themselves stay on the devices (the torch engine broadcasts them).
+rows are fed and how many ids there are (:func:`pending_spec`; a step without sends the plan
+alone), and :meth:`_run_local` gets ``pending``; the ids themselves stay on the devices (the
+torch engine broadcasts them).
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ class RankDriver(Executor):
         plan = [(c.slot, tuple(c.tokens), c.start, c.context_logits) for c in chunks]
         ops, self._ops = self._ops, []
         self._busy = True
-        self.pool.send_all(("step", ops, plan, pending_spec(pending)))
+        fed = () if pending is None else (pending_spec(pending),)  # async steps only
+        self.pool.send_all(("step", ops, plan, *fed))
         try:
             out = self._run_local(chunks, pending)
         except self.rank_failures as e:
@@ -116,9 +118,9 @@ class RankDriver(Executor):
             self.local.close()
 
 
-def pending_spec(pending: DeviceTokens | None) -> tuple[int, dict[int, int]] | None:
+def pending_spec(pending: DeviceTokens) -> tuple[int, dict[int, int]]:
     """What a worker needs of ``pending`` besides the ids: their count and the feeds."""
-    return None if pending is None else (len(pending.ids), dict(pending.feeds))
+    return len(pending.ids), dict(pending.feeds)
 
 
 def replay(executor: Executor, ops: list[tuple], rank: int) -> None:

@@ -189,12 +189,13 @@ class Worker:
              pending: tuple[int, dict[int, int]] | None = None) -> None:
         replay(self.executor, ops, self.rank)
         batch = [SequenceChunk(*c) for c in chunks]
-        fed = None
-        if pending is not None:  # async scheduling: the driver's sampled ids, broadcast
+        if pending is None:  # every step of a tensorrt rank (its executor takes no pending)
+            out = self.executor.step_logits(batch)
+        else:  # async scheduling: the driver's sampled ids, broadcast
             rows, feeds = pending
             ids = torch.empty(rows, dtype=torch.int64, device=self.executor.device)
             fed = DeviceTokens(broadcast(self.groups, ids, "receiving sampled tokens"), feeds)
-        out = self.executor.step_logits(batch, fed)
+            out = self.executor.step_logits(batch, fed)
         if self.delivers:
             send_logits(self.groups, out, batch)
         self.end.stepped()
