@@ -206,9 +206,13 @@ def _fraction(options: ExecutorOptions) -> float:
 
 
 def load_executor(engine_dir: Path, manifest: EngineManifest, options: ExecutorOptions,
-                  torch_options: TorchExecutorOptions | None = None):
+                  torch_options: TorchExecutorOptions | None = None,
+                  random_seed: int | None = None):
     """The executor of the loader's contract: a TorchExecutor, or for an engine of several
-    ranks the driver's DistributedExecutor over one worker process per other rank."""
+    ranks the driver's DistributedExecutor over one worker process per other rank.
+    ``random_seed``: every rank makes random weights of the manifest's model on its device
+    instead of reading files (:mod:`kiln.engine.random_weights`; ``engine_dir`` only names the
+    engine in messages)."""
     device = torch.device(_device(manifest, options.device, torch.cuda.is_available()))
     if device.type == "cuda":
         check_gpu_formats(manifest, torch.cuda.get_device_capability(device))
@@ -231,9 +235,23 @@ def load_executor(engine_dir: Path, manifest: EngineManifest, options: ExecutorO
                     f"starting {world - 1} worker processes",
                     "NCCL, one GPU each" if device.type == "cuda" else "gloo")
         return DistributedExecutor.open(engine_dir, manifest, device, torch_options,
-                                        num_threads=options.num_threads)
-    tensors = read_rank(engine_dir, manifest, 0, device)
+                                        num_threads=options.num_threads,
+                                        random_seed=random_seed)
+    tensors = rank_weights(engine_dir, manifest, 0, device, random_seed)
     return build_executor(engine_dir, manifest, tensors, device, torch_options)
+
+
+def rank_weights(engine_dir: Path, manifest: EngineManifest, rank: int, device: torch.device,
+                 random_seed: int | None = None,
+                 ) -> tuple[dict[str, torch.Tensor], frozenset[str]]:
+    """:func:`read_rank`, or with ``random_seed`` the random weights of that rank."""
+    if random_seed is None:
+        return read_rank(engine_dir, manifest, rank, device)
+    from kiln.engine.random_weights import random_rank_weights
+
+    logger.warning("torch engine rank %d: random weights (seed %d), not %s's files", rank,
+                   random_seed, engine_dir)
+    return random_rank_weights(manifest, rank, device, random_seed)
 
 
 def read_rank(engine_dir: Path, manifest: EngineManifest, rank: int, device: torch.device,

@@ -70,12 +70,14 @@ class DistributedExecutor(RankDriver):
     @classmethod
     def open(cls, engine_dir: Path, manifest: EngineManifest, device: torch.device,
              options: TorchExecutorOptions, num_threads: int | None = None,
-             pool: RankPool | None = None) -> DistributedExecutor:
+             pool: RankPool | None = None,
+             random_seed: int | None = None) -> DistributedExecutor:
         """Start (:func:`~kiln.runtime.distributed.pool.start_ranks`: spawned, or
-        torchrun's) or reuse (``pool``, the tests') the workers and load every rank. A
-        single-rank engine gets a pool without workers (see the module docstring). On a
-        torchrun rank other than 0 this serves the driver, then raises ``SystemExit(0)``."""
-        from kiln.runtime.torch_executor import build_executor, read_rank
+        torchrun's) or reuse (``pool``, the tests') the workers and load every rank (with
+        ``random_seed``: each makes random weights instead, ``torch_executor.rank_weights``).
+        A single-rank engine gets a pool without workers (see the module docstring). On a torchrun rank other than 0 this serves the driver, then raises
+        ``SystemExit(0)``."""
+        from kiln.runtime.torch_executor import build_executor, rank_weights
 
         world = manifest.mapping.world_size
         owns = pool is None
@@ -87,9 +89,10 @@ class DistributedExecutor(RankDriver):
                              f"run an engine of {world}")
         pool.mapping = manifest.mapping
         try:
-            pool.send_all(("open", str(engine_dir), manifest, device.type, options))
+            pool.send_all(("open", str(engine_dir), manifest, device.type, options,
+                           random_seed))
             shard = RankShard(manifest.mapping, 0, pool.groups.collectives(manifest.mapping))
-            weights = read_rank(Path(engine_dir), manifest, 0, device)
+            weights = rank_weights(Path(engine_dir), manifest, 0, device, random_seed)
             pool.expect("loaded")
             pool.send_all(("build",))
             local = build_executor(Path(engine_dir), manifest, weights, device, options, shard)

@@ -16,8 +16,9 @@ Life of a spawned worker (:class:`~kiln.runtime.distributed.pool.WorkerPool`):
 2. reply ``up``, connect the world's process groups;
 3. serve the driver's commands until ``exit`` or the pipe closes (the driver is gone):
 
-   ``open``    read this rank's engine files (no collective yet: ranks load at their own
-               pace), connect its tensor-parallel group; reply ``loaded``
+   ``open``    read this rank's engine files, or make its random weights (no collective yet:
+               ranks load at their own pace), connect its tensor-parallel group; reply
+               ``loaded``
    ``build``   make the :class:`~kiln.runtime.torch_backend.executor.TorchExecutor` (its KV
                cache size is agreed over the world); reply ``ready``
    ``step``    replay the driver's ``reserve``/``release`` calls since the last step (each
@@ -54,7 +55,7 @@ from kiln.runtime.distributed.executor import send_logits
 from kiln.runtime.distributed.process import detach
 from kiln.runtime.executor import DeviceTokens, SequenceChunk
 from kiln.runtime.torch_backend.parallel import RankShard
-from kiln.runtime.torch_executor import build_executor, read_rank
+from kiln.runtime.torch_executor import build_executor, rank_weights
 
 logger = logging.getLogger(__name__)
 
@@ -152,12 +153,13 @@ class Worker:
                 return
             handlers[message[0]](*message[1:])
 
-    def open(self, engine_dir: str, manifest, device: str, options) -> None:
+    def open(self, engine_dir: str, manifest, device: str, options,
+             random_seed: int | None = None) -> None:
         self.close(reply=False)
         where = torch.device(device, self.gpu) if device == "cuda" else torch.device(device)
         shard = RankShard(manifest.mapping, self.rank,
                           self.groups.collectives(manifest.mapping))
-        tensors = read_rank(Path(engine_dir), manifest, self.rank, where)
+        tensors = rank_weights(Path(engine_dir), manifest, self.rank, where, random_seed)
         self.pending = (Path(engine_dir), manifest, where, options, shard, tensors)
         self.end.send(("loaded",))
 
