@@ -53,4 +53,16 @@ def quantize(obj: CliContext, **options) -> None:
     import kiln
 
     out = kiln.quantize(**options, progress=obj.progress)
+    if obj.verbosity >= 0:  # the result that matters, as kiln build's summary line
+        click.echo(_summary(out), err=True)
     click.echo(str(out))
+
+
+def _summary(out) -> str:
+    from kiln.checkpoint import load_config
+    from kiln.quantization.accuracy import summary
+
+    quant = load_config(out).quantization
+    accuracy = quant.accuracy
+    return (f"quantized {out} ({quant.qformat}): "
+            + (f"accuracy {summary(accuracy)}" if accuracy else "accuracy not measured"))

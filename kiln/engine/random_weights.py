@@ -25,7 +25,7 @@ import torch
 
 from kiln.config import DecoderConfig, Mapping
 from kiln.engine.manifest import BuildLimits, EngineManifest
-from kiln.engine.torch_files import pack_weights
+from kiln.engine.torch_files import TRANSPOSED_ROLES, pack_tensor
 from kiln.quantization.config import (
     INPUT_SCALE,
     KV_SCALES,
@@ -34,7 +34,14 @@ from kiln.quantization.config import (
     QuantConfig,
 )
 from kiln.quantization.formats import KV_DTYPES, quantize_weight, scale_from_amax
-from kiln.roles import expected_shape, parse_tensor, quantized_roles, tensor_names, tensor_sharding
+from kiln.roles import (
+    Role,
+    expected_shape,
+    parse_tensor,
+    quantized_roles,
+    tensor_names,
+    tensor_sharding,
+)
 from kiln.sharding import shard
 
 RANDOM_AMAX = 8.0  # activations and KV values a random model's static scales are sized for
@@ -48,8 +55,12 @@ def random_engine_manifest(decoder: DecoderConfig, mapping: Mapping, dtype: str,
     ``kiln.runtime.torch_executor.load_executor(..., random_seed=...)`` take (a model's
     DecoderConfig: ``kiln.converters``' ``config_from_hf`` of its config.json)."""
     import kiln
+    from kiln.checkpoint import CheckpointConfig
+    from kiln.quantization.quantize import check_group_size
 
-    mapping.validate_for(decoder)
+    source = CheckpointConfig(decoder=decoder, mapping=mapping, dtype=dtype)  # validates both
+    if quant is not None:
+        check_group_size(quant, source)  # as kiln quantize refuses it
     return EngineManifest(backend="torch", backend_version={"torch": torch.__version__},
                           targets=("cuda", "cpu"), decoder=decoder, mapping=mapping,
                           dtype=dtype, limits=limits, rank_files={}, checksums={}, sizes={},
@@ -67,7 +78,15 @@ def random_rank_weights(manifest: EngineManifest, rank: int, device: torch.devic
                          first_stage=stage == 0, last_stage=stage == mapping.pp_size - 1,
                          quant=quant)
     quantized = quantized_roles(quant) if quant is not None else ()
+    dtype = getattr(torch, manifest.dtype)
     out: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, part: torch.Tensor) -> None:
+        """Pack a shard at once; a view of a whole tensor would keep all of it alive."""
+        packed = pack_tensor(name, part, dtype, quant=quant)
+        out[name] = packed.clone() if packed.untyped_storage().nbytes() > packed.nbytes else \
+            packed
+
     for name in names:
         role, layer, kind = parse_tensor(name)
         if kind is not None:
@@ -75,27 +94,32 @@ def random_rank_weights(manifest: EngineManifest, rank: int, device: torch.devic
                 continue  # made with its weight
             if kind == PRE_QUANT_SCALE:
                 _, k = expected_shape(role, config)
-                ones = torch.ones(k, device=device)
-                out[name] = shard(ones, role, config, mapping, tp_rank,
-                                  tensor_sharding(role, kind, 1))
+                keep(name, shard(torch.ones(k, device=device), role, config, mapping, tp_rank,
+                                 tensor_sharding(role, kind, 1)))
             else:  # a static activation or KV-cache scale
-                dtype = quant.activation_dtype if kind == INPUT_SCALE else \
+                act = quant.activation_dtype if kind == INPUT_SCALE else \
                     KV_DTYPES[quant.kv_cache_dtype]
                 assert kind == INPUT_SCALE or kind in KV_SCALES, kind
-                out[name] = scale_from_amax(torch.tensor(RANDOM_AMAX, device=device), dtype)
+                keep(name, scale_from_amax(torch.tensor(RANDOM_AMAX, device=device), act))
             continue
-        full = _random(name, expected_shape(role, config), device, seed)
+        tied = role is Role.LM_HEAD and config.tie_word_embeddings  # a build writes the embedding
+        full = _random(Role.EMBED.name() if tied else name, expected_shape(role, config),
+                       device, seed)
         if role in quantized:
             stored, scale = quantize_weight(full, quant)
-            out[name] = shard(stored, role, config, mapping, tp_rank,
-                              tensor_sharding(role, None, stored.ndim))
-            out[name.removesuffix("weight") + WEIGHT_SCALE] = shard(
-                scale, role, config, mapping, tp_rank,
-                tensor_sharding(role, WEIGHT_SCALE, scale.ndim))
+            del full
+            keep(name, shard(stored, role, config, mapping, tp_rank,
+                             tensor_sharding(role, None, stored.ndim)))
+            keep(name.removesuffix("weight") + WEIGHT_SCALE,
+                 shard(scale, role, config, mapping, tp_rank,
+                       tensor_sharding(role, WEIGHT_SCALE, scale.ndim)))
+            del stored, scale
         else:
-            out[name] = shard(full, role, config, mapping, tp_rank)
-        del full
-    return pack_weights(out, getattr(torch, manifest.dtype), quant=quant)
+            keep(name, shard(full, role, config, mapping, tp_rank))
+            del full
+    transposed = frozenset(n for n in out if parse_tensor(n)[0] in TRANSPOSED_ROLES
+                           and out[n].dtype == dtype)  # as pack_weights says
+    return out, transposed
 
 
 def _random(name: str, shape: tuple[int, ...], device: torch.device, seed: int) -> torch.Tensor:

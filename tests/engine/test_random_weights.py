@@ -11,12 +11,17 @@ import pytest
 import torch
 
 from kiln.builder.api import build
-from kiln.engine import read_manifest
+from kiln.config import Mapping
+from kiln.engine import BuildLimits, read_manifest
 from kiln.engine.random_weights import random_engine_manifest, random_rank_weights
+from kiln.errors import ConfigError
+from kiln.quantization.config import QuantConfig
+from kiln.roles import Role
 from kiln.runtime.loader import ExecutorOptions
 from kiln.runtime.params import SamplingParams
 from kiln.runtime.torch_backend.executor import TorchExecutorOptions
 from kiln.runtime.torch_executor import load_executor, read_rank
+from kiln.sharding import shard_ranges
 from tests.builder.quantized import quantize_checkpoint
 from tests.models import hf_model, kiln_checkpoint
 
@@ -125,3 +130,50 @@ def test_quantized_engines_of_random_weights_run(sources, qformat, kv, tp):
         (result,) = llm.generate([[5, 6, 7, 8]], params)
     assert result.finish_reason == "length" and len(result.token_ids) == 5
     assert all(math.isfinite(lp.logprob) for lp in result.logprobs)
+
+
+def small_llama(**overrides):
+    from kiln.config import DecoderConfig
+
+    return DecoderConfig.from_dict({
+        "architecture": "LlamaForCausalLM", "vocab_size": 1001, "hidden_size": 64,
+        "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16,
+        "intermediate_size": 128, "max_position_embeddings": 64, "norm_eps": 1e-5,
+        **overrides})
+
+
+SMALL_LIMITS = BuildLimits(max_batch_size=2, max_input_len=8, max_seq_len=16, max_num_tokens=8)
+
+
+def test_shards_own_their_memory_padding_is_zero_and_tied_heads_are_the_embedding():
+    """No returned tensor keeps a whole tensor's storage alive (a 70B rank would not fit);
+    vocabulary rows past the model's are zero, as a build pads them; a tied lm_head is the
+    embedding, as a build writes it."""
+    config = small_llama()
+    for quant in (None, QuantConfig("int8_wo", quantize_lm_head=True)):
+        manifest = random_engine_manifest(config, Mapping(tp_size=2), "float32", SMALL_LIMITS,
+                                          quant)
+        for rank in (0, 1):
+            tensors, _ = random_rank_weights(manifest, rank, CPU)
+            for name, t in tensors.items():
+                assert t.untyped_storage().nbytes() == t.nbytes, (quant, rank, name)
+            head = tensors[Role.LM_HEAD.name()]
+            start = 0
+            for lo, hi in shard_ranges(Role.LM_HEAD, config, manifest.mapping, rank, 1001):
+                pad = max(0, hi - max(lo, 1001))
+                if pad:
+                    assert not head[start + hi - lo - pad:start + hi - lo].any(), (quant, rank)
+                start += hi - lo
+            assert head.shape[0] == start and head.float().abs().sum() > 0
+        assert any(hi > 1001 for r in (0, 1) for _, hi in
+                   shard_ranges(Role.LM_HEAD, config, manifest.mapping, r, 1001))
+    tied = random_engine_manifest(small_llama(tie_word_embeddings=True), Mapping(), "float32",
+                                  SMALL_LIMITS)
+    tensors, _ = random_rank_weights(tied, 0, CPU)
+    assert torch.equal(tensors[Role.LM_HEAD.name()], tensors[Role.EMBED.name()])
+
+
+def test_a_group_size_the_ranks_cannot_split_is_refused_before_any_rank_loads():
+    with pytest.raises(ConfigError, match="group_size 32 does not divide the 48"):
+        random_engine_manifest(small_llama(intermediate_size=96), Mapping(tp_size=2),
+                               "bfloat16", SMALL_LIMITS, QuantConfig("int4_wo", group_size=32))

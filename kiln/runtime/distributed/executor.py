@@ -75,8 +75,8 @@ class DistributedExecutor(RankDriver):
         """Start (:func:`~kiln.runtime.distributed.pool.start_ranks`: spawned, or
         torchrun's) or reuse (``pool``, the tests') the workers and load every rank (with
         ``random_seed``: each makes random weights instead, ``torch_executor.rank_weights``).
-        A single-rank engine gets a pool without workers (see the module docstring). On a torchrun rank other than 0 this serves the driver, then raises
-        ``SystemExit(0)``."""
+        A single-rank engine gets a pool without workers (see the module docstring). On a
+        torchrun rank other than 0 this serves the driver, then raises ``SystemExit(0)``."""
         from kiln.runtime.torch_executor import build_executor, rank_weights
 
         world = manifest.mapping.world_size
