@@ -98,6 +98,10 @@ def test_gate_refusal_writes_nothing_and_says_the_figures(checkpoint, texts, tmp
     assert measured.exit_code == 0, measured.output
     accuracy = load_config(tmp_path / "m").quantization.accuracy
     assert accuracy["ppl_ratio"] > 1.0 and accuracy["max_ppl_ratio"] == 1.35  # int4_wo default
+    # the result's line by default (stderr), the output dir alone on stdout
+    assert "(int4_wo): accuracy perplexity" in measured.stderr
+    assert f"(ratio {accuracy['ppl_ratio']:.4f})" in measured.stderr
+    assert measured.stdout.strip() == str(tmp_path / "m")
     refused = _cli(*args, "--output_dir", tmp_path / "q", "--max_ppl_ratio", "1.0")
     assert refused.exit_code == 2
     line, = refused.output.strip().splitlines()
