@@ -71,7 +71,10 @@ def _check_writable(output_dir: Path) -> None:
     parent = output_dir.absolute().parent
     while not parent.exists():
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK) or \
+    if not parent.is_dir():
+        raise OutputError(f"{output_dir}: cannot be written, {parent} is a file, not a "
+                          f"directory; choose another --output_dir")
+    if not os.access(parent, os.W_OK | os.X_OK) or \
             cannot_create_in(parent):
         raise OutputError(f"{output_dir}: cannot be written, {parent} is not a writable "
                           f"directory (permissions, or a read-only file system); choose another "

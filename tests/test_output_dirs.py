@@ -249,6 +249,13 @@ def test_an_unwritable_parent_is_refused_before_any_work(tmp_path, monkeypatch):
         check_output(tmp_path / "new" / "deeper", overwrite=False)
 
 
+def test_an_output_under_a_file_says_it_is_a_file(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match=f"{tmp_path / 'notes.txt'} is a file, not a dir"):
+        check_output(tmp_path / "notes.txt" / "sub", overwrite=False)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_a_failed_write_removes_the_parents_it_created(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         with atomic_dir(tmp_path / "a" / "b" / "out", overwrite=False):
