@@ -22,6 +22,7 @@ DIR/multi_gpu_tp{TP}_pp{PP}_results.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import logging
@@ -30,7 +31,9 @@ from pathlib import Path
 
 import torch
 
-from kiln.config import DecoderConfig, Mapping, RopeScaling
+from benchmarks.gpu import llama31_8b, random_prompts
+from benchmarks.quant_kernels import copy_bandwidth
+from kiln.config import DecoderConfig, Mapping
 from kiln.engine import BuildLimits
 from kiln.engine.random_weights import random_engine_manifest
 from kiln.quantization.config import QuantConfig
@@ -43,8 +46,6 @@ log = logging.getLogger("benchmarks.multi_gpu")
 ANCHORS = {  # TensorRT-LLM v1.0, H200, Llama-3.3-70B FP8: (workload, tp) -> output tok/s
     ("128x128", 1): 3605, ("128x128", 2): 6428, ("128x128", 4): 10407,
     ("1000x1000", 1): 2744, ("1000x1000", 2): 5120, ("1000x1000", 4): 8685}
-LLAMA3_ROPE = RopeScaling(type="llama3", factor=8.0, original_max_position_embeddings=8192,
-                          low_freq_factor=1.0, high_freq_factor=4.0)
 SHAPES = {  # Llama-3.x shapes
     "70b": dict(hidden_size=8192, num_layers=80, num_heads=64, num_kv_heads=8, head_dim=128,
                 intermediate_size=28672, vocab_size=128256),
@@ -56,14 +57,8 @@ SHAPES = {  # Llama-3.x shapes
 
 
 def decoder(shape: str) -> DecoderConfig:
-    return DecoderConfig(architecture="LlamaForCausalLM", max_position_embeddings=131072,
-                         norm_eps=1e-5, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE,
-                         **SHAPES[shape])
-
-
-def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (n, length), generator=g).tolist()
+    """Llama-3.1-8B's config (gpu.py's) with the shape's sizes."""
+    return dataclasses.replace(llama31_8b(), **SHAPES[shape])
 
 
 def run(executor, prompts: list[list[int]], new_tokens: int, async_scheduling: bool,
@@ -86,22 +81,6 @@ def decode_weight_bytes(config: DecoderConfig, mapping: Mapping, bytes_per_weigh
     per_layer = h * (q + 2 * kv) + q * h + 2 * i * h + i * h
     matrices = config.num_layers * per_layer + config.vocab_size * h  # + lm_head
     return matrices * bytes_per_weight / mapping.world_size
-
-
-def copy_bandwidth(device: torch.device) -> float | None:
-    """TB/s of a 1 GiB device-to-device copy (read + write), or None off CUDA."""
-    if device.type != "cuda":
-        return None
-    a = torch.empty(2 ** 30, dtype=torch.uint8, device=device)
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize(device)
-    started = time.perf_counter()
-    for _ in range(10):
-        b.copy_(a)
-    torch.cuda.synchronize(device)
-    return 2 * a.numel() * 10 / (time.perf_counter() - started) / 1e12
 
 
 def bench_format(fmt: str, args, mapping: Mapping, copy_tbs: float | None) -> dict:
@@ -165,8 +144,7 @@ def main() -> None:
     if args.device == "cuda" and torch.cuda.device_count() < mapping.world_size:
         raise SystemExit(f"error: tp {args.tp} x pp {args.pp} needs {mapping.world_size} GPUs, "
                          f"this machine has {torch.cuda.device_count()}")
-    device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
-    copy_tbs = copy_bandwidth(device)
+    copy_tbs = copy_bandwidth() if args.device == "cuda" else None  # GPU 0's
     results = dict(device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                    tp=args.tp, pp=args.pp, shape=args.shape, copy_tb_s=copy_tbs, rows=[])
     for fmt in args.formats.split(","):
