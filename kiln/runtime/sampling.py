@@ -20,9 +20,11 @@ Contract:
 Where the work runs (two implementations of the same rules, checked against each other by
 tests/runtime/test_sampling.py):
 - Logits on an accelerator: torch ops on that device, with the request's generator on that
-  device; penalty index tensors are built there. A step reads the host once: the finite flags,
-  the shared argmax of plain-greedy rows, every sampled token and any logprobs come back in one
-  transfer. :func:`launch_rows` splits that in two for async scheduling: it launches the work
+  device; penalty index tensors are built there. Every row's finite flag and argmax come from
+  one pass (:func:`finite_argmax`: one Triton kernel on CUDA, :mod:`kiln.plugins.greedy`),
+  shared by the plain-greedy rows. A step reads the host once: the flags, the argmax, every
+  drawn token and any logprobs come back in one transfer, copied on a side stream so that the
+  next step's work does not queue behind it. :func:`launch_rows` splits that in two for async scheduling: it launches the work
   and returns :class:`SampledRows`, whose ``ids`` (the sampled tokens, a device tensor) the
   next step can consume on the device, and whose ``collect`` does the one read later, waiting
   on an event of this step's sampling only. Generators advance at launch (CUDA draws take their
@@ -39,6 +41,8 @@ Non-goals: beam search, logit bias maps, guided decoding.
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -48,6 +52,8 @@ import numpy as np
 import torch
 
 from kiln.runtime.params import SamplingParams, TokenLogprobs
+
+logger = logging.getLogger(__name__)
 
 
 def _entropy() -> int:
@@ -127,8 +133,8 @@ def sample_rows(logits: torch.Tensor, rows: Sequence[Row]) -> list[Picked | None
 
 class SampledRows:
     """A step's sampling, launched (:func:`launch_rows`): ``ids`` [batch] int64 on the logits'
-    device holds each sampled row's token (0 in the other rows, any value in a non-finite
-    one) with no host read, for the next step to feed on the device; :meth:`collect` gives
+    device holds each sampled row's token (the argmax in the other rows, a valid but
+    unspecified token id in a non-finite one) with no host read, for the next step to feed on the device; :meth:`collect` gives
     what :func:`sample_rows` returns, reading the device once (it waits for this step's
     sampling only, not for work launched after it)."""
 
@@ -172,14 +178,12 @@ def sample_rows_torch(logits: torch.Tensor, rows: Sequence[Row]) -> list[Picked 
 
 def launch_rows_torch(logits: torch.Tensor, rows: Sequence[Row]) -> SampledRows:
     """:func:`sample_rows_torch`, launched: on CUDA the packed result is copied to pinned host
-    memory without blocking and an event marks its end; ``collect`` waits on that event."""
+    memory on a side stream without blocking, and an event marks its end; ``collect`` waits
+    on that event. The finite flags and the argmax of every row come from one pass
+    (:func:`finite_argmax`); rows that draw are sampled one by one after it."""
     batch, device = logits.shape[0], logits.device
-    parts = [torch.isfinite(logits).all(-1)]  # [batch]
-    plain = any(is_plain_greedy(row.params) for row in rows)
-    ids = logits.argmax(-1) if plain else None  # [batch]: cheaper than selecting plain rows
-    if plain:
-        parts.append(ids)
-    drawn, drawn_rows = [], []
+    head, ids = finite_argmax(logits)  # [finite flags | argmax] float64, argmax int64
+    parts, drawn, drawn_rows = [], [], []
     for row in rows:
         if is_plain_greedy(row.params):
             continue
@@ -190,30 +194,71 @@ def launch_rows_torch(logits: torch.Tensor, rows: Sequence[Row]) -> SampledRows:
         parts.append(token.reshape(1))
         if row.params.logprobs is not None:
             parts.extend(_logprobs_on_device(logits[row.index], token, row.params.logprobs))
-    packed = torch.cat([p.reshape(-1).double() for p in parts])
-    if ids is None:
-        ids = torch.zeros(batch, dtype=torch.long, device=device)
+    packed = torch.cat([head] + [p.reshape(-1).double() for p in parts]) if parts else head
     if drawn:
         ids = ids.index_copy(0, _index(drawn_rows, device), torch.cat(drawn))
     event = None
     if device.type == "cuda":
-        packed = packed.to("cpu", non_blocking=True)  # into pinned memory
-        event = torch.cuda.Event()
-        event.record()
+        packed, event = _copy_to_host(packed)
     vocab = logits.shape[-1]
 
     def collect() -> list[Picked | None]:
         if event is not None:
             event.synchronize()
-        return _unpack(packed.tolist(), rows, batch, plain, vocab)  # the one host read
+        return _unpack(packed.tolist(), rows, batch, vocab)  # the one host read
     return SampledRows(ids, collect)
 
 
-def _unpack(host: list[float], rows: Sequence[Row], batch: int, plain: bool, vocab: int,
+def finite_argmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(packed, ids)`` of :mod:`kiln.plugins.greedy`: every row's finite flag and argmax
+    as float64 ``[2B]``, and the argmax as int64 ``[B]``; one Triton kernel on CUDA, the
+    reference's torch ops elsewhere."""
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    if logits.is_cuda:
+        kernels = _greedy_kernels()
+        if kernels is not None:
+            return kernels.finite_argmax(logits)
+    from kiln.plugins.greedy import triton_reference
+    return triton_reference.finite_argmax(logits)
+
+
+@functools.cache
+def _greedy_kernels():
+    try:
+        from kiln.plugins.greedy import triton_kernels
+    except ImportError as e:
+        logger.warning("the sampler's greedy pass runs as torch ops, ~10 kernels a step "
+                       "instead of one: the Triton kernel could not be imported (%s); pip "
+                       "install triton", e)
+        return None
+    return triton_kernels
+
+
+_copy_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _copy_to_host(packed: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
+    """Copy ``packed`` to pinned host memory on a side stream, after the work queued so far
+    on the current one, so that the current stream goes on to the next step without waiting
+    for the copy; returns the host tensor and an event recorded after the copy."""
+    device = packed.device
+    stream = _copy_streams.get(device)
+    if stream is None:
+        stream = _copy_streams[device] = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+    with torch.cuda.stream(stream):
+        host.copy_(packed, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(stream)
+    packed.record_stream(stream)  # its memory is not reused before the copy has read it
+    return host, event
+
+
+def _unpack(host: list[float], rows: Sequence[Row], batch: int, vocab: int,
             ) -> list[Picked | None]:
-    finite, pos = host[:batch], batch
-    argmax = host[pos:pos + batch] if plain else []
-    pos += len(argmax)
+    finite, argmax, pos = host[:batch], host[batch:2 * batch], 2 * batch
     picked: list[Picked | None] = []
     for row in rows:
         logprobs = None

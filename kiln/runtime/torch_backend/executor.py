@@ -63,6 +63,7 @@ from kiln.config import DecoderConfig
 from kiln.engine import BuildLimits
 from kiln.quantization.config import QuantConfig
 from kiln.runtime.executor import DeviceTokens, Executor, SequenceChunk, StepLogits
+from kiln.runtime.sampling import finite_argmax
 from kiln.runtime.torch_backend import compile_watch
 from kiln.runtime.torch_backend.cuda_graphs import DecodeGraphs, default_batch_sizes
 from kiln.runtime.torch_backend.inputs import (
@@ -228,7 +229,8 @@ class TorchExecutor(Executor):
         """Compile every kernel variant a step can need now, not during someone's request.
 
         Mixed steps run decode and prefill attention together; the decode kernel has a split
-        and an unsplit variant; single-row steps use the GEMV kernel.
+        and an unsplit variant; single-row steps use the GEMV kernel; the sampler's greedy
+        pass reads every step's logits.
         """
         for slot in (0, 1):
             self.cache.allocator.release(slot)
@@ -236,6 +238,8 @@ class TorchExecutor(Executor):
         self._step_on_probe([SequenceChunk(0, [0], 3), SequenceChunk(1, [0, 0], 0)])
         self._step_on_probe([SequenceChunk(0, [0], 4), SequenceChunk(1, [0], 2)], num_splits=2)
         self._step_on_probe([SequenceChunk(0, [0], 5)])
+        # the sampler's greedy pass over a step's float32 logits (kiln.runtime.sampling)
+        finite_argmax(torch.zeros(1, self.vocab_size, device=self.device))
         torch.cuda.synchronize(self.device)
 
     # -- the executor contract ----------------------------------------------------------

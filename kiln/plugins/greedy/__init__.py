@@ -1,0 +1,1 @@
+"""Greedy picks of the sampler (finite flags and argmax of logits rows): Triton and reference."""
