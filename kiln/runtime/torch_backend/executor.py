@@ -238,8 +238,10 @@ class TorchExecutor(Executor):
         self._step_on_probe([SequenceChunk(0, [0], 3), SequenceChunk(1, [0, 0], 0)])
         self._step_on_probe([SequenceChunk(0, [0], 4), SequenceChunk(1, [0], 2)], num_splits=2)
         self._step_on_probe([SequenceChunk(0, [0], 5)])
-        # the sampler's greedy pass over a step's float32 logits (kiln.runtime.sampling)
-        finite_argmax(torch.zeros(1, self.vocab_size, device=self.device))
+        # the sampler's greedy pass over a step's float32 logits (kiln.runtime.sampling): its
+        # sliced and whole-row kernels (kiln.plugins.greedy.triton_kernels.default_slices)
+        for rows in (1, 64):
+            finite_argmax(torch.zeros(rows, self.vocab_size, device=self.device))
         torch.cuda.synchronize(self.device)
 
     # -- the executor contract ----------------------------------------------------------
