@@ -5,8 +5,9 @@ per variant on an H200; `kiln serve`'s first requests waited 1.3-1.9 s, GPU_NOTE
 executor loads with its default sizing (the warm-up runs there), then steps of every kind a
 scheduler makes: prompts of 1, 3, 16, 17 and 100 tokens (Triton specializes integers equal
 to 1 and multiples of 16), chunked prefill, mixed prefill + decode, decode batches of every
-size up to the limit, long contexts (split decode attention). Any compile is named by
-kiln.runtime.torch_backend.compile_watch.
+size up to the limit, long contexts (split decode attention), each step's logits through the
+sampler's greedy pass; for bf16, float32 and FP8 engines (with and without an FP8 KV cache).
+Any compile is named by kiln.runtime.torch_backend.compile_watch.
 """
 
 from __future__ import annotations
@@ -14,11 +15,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kiln.builder import build
 from kiln.checkpoint import load_config, load_rank
 from kiln.engine import BuildLimits
 from kiln.runtime.executor import SequenceChunk
+from kiln.runtime.loader import ExecutorOptions, open_engine
+from kiln.runtime.sampling import launch_rows
 from kiln.runtime.torch_backend import compile_watch
 from kiln.runtime.torch_backend.executor import TorchExecutor, TorchExecutorOptions
+from tests.builder.quantized import quantize_checkpoint
 from tests.models import hf_model, kiln_checkpoint
 
 pytestmark = pytest.mark.gpu
@@ -34,18 +39,43 @@ def test_steps_after_the_load_compile_nothing(tmp_path, dtype):
     tensors = {k: v.to("cuda", dtype) for k, v in load_rank(ckpt, 0, config).items()}
     ex = TorchExecutor(config.decoder, tensors, LIMITS, device="cuda",
                        options=TorchExecutorOptions(kv_cache_free_gpu_memory_fraction=0.05))
+    _assert_steps_compile_nothing(ex, config.decoder.vocab_size)
+
+
+@pytest.mark.parametrize("kv", [None, "fp8"])
+def test_fp8_engine_steps_after_the_load_compile_nothing(tmp_path, kv):
+    """FP8 engines add variants: from 65 rows the attention kernels write the ``o``
+    projection's FP8 input, split decode attention included (a prompt's chunk beside a
+    sequence with a long context); the FP8 1000/1000 benchmark compiled such variants after
+    the load (GPU_NOTES.md, "Issue 12, tenth pass")."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    ckpt = kiln_checkpoint(hf_model("llama-gqa", tmp_path / "hf"), tmp_path / "ckpt")
+    quantized = quantize_checkpoint(ckpt, tmp_path / "q", "fp8", kv_cache_dtype=kv)
+    build(quantized, tmp_path / "e", backend="torch", dtype="bfloat16",
+          max_batch_size=LIMITS.max_batch_size, max_input_len=LIMITS.max_input_len,
+          max_seq_len=LIMITS.max_seq_len, max_num_tokens=LIMITS.max_num_tokens,
+          allow_long_context=True)  # the tiny model's 64 positions: rotary needs no more
+    _, ex = open_engine(tmp_path / "e", ExecutorOptions(
+        device="cuda", kv_cache_free_gpu_memory_fraction=0.05))
+    assert isinstance(ex, TorchExecutor) and ex.model.quant is not None
+    _assert_steps_compile_nothing(ex, ex.vocab_size)
+
+
+def _assert_steps_compile_nothing(ex: TorchExecutor, vocab_size: int) -> None:
     before = len(compile_watch.late_compiles())
     g = torch.Generator().manual_seed(0)
 
     def tokens(n):
-        return torch.randint(0, config.decoder.vocab_size, (n,), generator=g).tolist()
+        return torch.randint(0, vocab_size, (n,), generator=g).tolist()
 
     lengths = [0] * LIMITS.max_batch_size
 
     def step(chunks):
         for slot, toks in chunks:
             assert ex.reserve(slot, lengths[slot] + len(toks))
-        ex.step([SequenceChunk(slot, toks, lengths[slot]) for slot, toks in chunks])
+        logits = ex.step([SequenceChunk(slot, toks, lengths[slot]) for slot, toks in chunks])
+        launch_rows(logits, [])  # the sampler's greedy pass over the step's logits
         for slot, toks in chunks:
             lengths[slot] += len(toks)
 
@@ -59,6 +89,7 @@ def test_steps_after_the_load_compile_nothing(tmp_path, dtype):
     for _ in range(3):  # a long context: split decode attention
         step([(3, tokens(100))])
     step([(3, tokens(1))])
+    step([(3, tokens(1)), (4, tokens(70))])  # split decode beside a chunk: 71 rows
     torch.cuda.synchronize()
     late = compile_watch.late_compiles()[before:]
     assert late == [], "compiled after the load:\n" + "\n".join(late)

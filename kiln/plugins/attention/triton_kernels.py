@@ -305,6 +305,11 @@ def decode_splits(num_seqs: int, num_kv_heads: int, max_ctx_len: int, device: to
 # would spill the one-warp program's registers; split grids are sized for bigger programs) or,
 # for larger query tiles, (4, 2), as bf16 does.
 DECODE_CONFIG = (4, 2)
+# The merge's tile of splits: one size for every split count up to decode_splits' cap, so that
+# split counts the load-time warm-up did not run compile no new variant during requests (the
+# FP8 1000/1000 benchmark compiled two merge variants after the load, GPU_NOTES.md "Issue 12,
+# tenth pass"); rows past the step's splits are masked.
+MERGE_S_PAD = 64
 DECODE_CONFIG_16BIT = (2, 3)
 DECODE_CONFIG_8BIT = (1, 3, 32)
 DECODE_CONFIG_8BIT_SPLIT = (2, 3)
@@ -377,7 +382,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if splits > 1:
         _merge_kernel[(b, hq)](part, ml, ctx_lens, q_rows, out, out.stride(0), out.stride(1),
                                o_scale, pqs, hq, partition, splits, HEAD_DIM=d, D_PAD=d_pad,
-                               S_PAD=triton.next_power_of_2(splits), DTYPE=TL_DTYPES[q.dtype],
+                               S_PAD=max(MERGE_S_PAD, triton.next_power_of_2(splits)),
+                               DTYPE=TL_DTYPES[q.dtype],
                                FP8_OUT=quant_scale is not None,
                                SMOOTH=pre_quant_scale is not None, PDL=pdl, num_warps=4,
                                launch_pdl=pdl)

@@ -61,6 +61,7 @@ import torch
 
 from kiln.config import DecoderConfig
 from kiln.engine import BuildLimits
+from kiln.plugins.quant_linear import FP8_TRITON_MAX_M
 from kiln.quantization.config import QuantConfig
 from kiln.runtime.executor import DeviceTokens, Executor, SequenceChunk, StepLogits
 from kiln.runtime.sampling import finite_argmax
@@ -229,8 +230,10 @@ class TorchExecutor(Executor):
         """Compile every kernel variant a step can need now, not during someone's request.
 
         Mixed steps run decode and prefill attention together; the decode kernel has a split
-        and an unsplit variant; single-row steps use the GEMV kernel; the sampler's greedy
-        pass reads every step's logits.
+        and an unsplit variant, and in FP8 engines a variant writing the ``o`` projection's
+        FP8 input in steps of more than 64 rows (a long prompt's chunk beside a few decoding
+        sequences, whose attention is split); single-row steps use the GEMV kernel; the
+        sampler's greedy pass reads every step's logits.
         """
         for slot in (0, 1):
             self.cache.allocator.release(slot)
@@ -238,6 +241,11 @@ class TorchExecutor(Executor):
         self._step_on_probe([SequenceChunk(0, [0], 3), SequenceChunk(1, [0, 0], 0)])
         self._step_on_probe([SequenceChunk(0, [0], 4), SequenceChunk(1, [0], 2)], num_splits=2)
         self._step_on_probe([SequenceChunk(0, [0], 5)])
+        rows = FP8_TRITON_MAX_M + 1  # FP8 projections take inputs quantized by the kernel
+        limits = self.limits         # before them from this many rows: the attention's too
+        if limits.max_num_tokens > rows and limits.max_seq_len >= 3 + rows:
+            self._step_on_probe([SequenceChunk(0, [0], 6), SequenceChunk(1, [0] * rows, 3)],
+                                num_splits=2)
         # the sampler's greedy pass over a step's float32 logits (kiln.runtime.sampling): its
         # sliced and whole-row kernels (kiln.plugins.greedy.triton_kernels.default_slices)
         for rows in (1, 64):
