@@ -21,14 +21,15 @@ Where the work runs (two implementations of the same rules, checked against each
 tests/runtime/test_sampling.py):
 - Logits on an accelerator: torch ops on that device, with the request's generator on that
   device; penalty index tensors are built there. Every row's finite flag and argmax come from
-  one pass (:func:`finite_argmax`: one Triton kernel on CUDA, :mod:`kiln.plugins.greedy`),
-  shared by the plain-greedy rows. A step reads the host once: the flags, the argmax, every
-  drawn token and any logprobs come back in one transfer, copied on a side stream so that the
-  next step's work does not queue behind it. :func:`launch_rows` splits that in two for async scheduling: it launches the work
-  and returns :class:`SampledRows`, whose ``ids`` (the sampled tokens, a device tensor) the
-  next step can consume on the device, and whose ``collect`` does the one read later, waiting
-  on an event of this step's sampling only. Generators advance at launch (CUDA draws take their
-  offsets on the host), so launching early changes no draw.
+  one pass (:func:`finite_argmax`: Triton kernels on CUDA, :mod:`kiln.plugins.greedy`), shared
+  by the plain-greedy rows. A step reads the host once: the flags, the argmax, every drawn
+  token and any logprobs come back in one transfer, copied on a side stream so that the next
+  step's work does not queue behind it. :func:`launch_rows` splits that in two for async
+  scheduling: it launches the work and returns :class:`SampledRows`, whose ``ids`` (the
+  sampled tokens, a device tensor) the next step can consume on the device, and whose
+  ``collect`` does the one read later, waiting on an event of this step's sampling only.
+  Generators advance at launch (CUDA draws take their offsets on the host), so launching early
+  changes no draw.
 - Logits on the CPU: numpy, which stays on the calling thread. torch's CPU ops on a
   vocabulary-sized row go parallel (its intra-op grain is 32768 elements) and wake its OpenMP
   pool, whose workers then spin on the cores the executor's own threads (ONNX Runtime) need for
@@ -134,8 +135,8 @@ def sample_rows(logits: torch.Tensor, rows: Sequence[Row]) -> list[Picked | None
 class SampledRows:
     """A step's sampling, launched (:func:`launch_rows`): ``ids`` [batch] int64 on the logits'
     device holds each sampled row's token (the argmax in the other rows, a valid but
-    unspecified token id in a non-finite one) with no host read, for the next step to feed on the device; :meth:`collect` gives
-    what :func:`sample_rows` returns, reading the device once (it waits for this step's
+    unspecified token id in a non-finite one) with no host read, for the next step to feed on
+    the device; :meth:`collect` gives what :func:`sample_rows` returns, reading the device once (it waits for this step's
     sampling only, not for work launched after it)."""
 
     def __init__(self, ids: torch.Tensor, collect: Callable[[], list[Picked | None]]):
@@ -211,7 +212,7 @@ def launch_rows_torch(logits: torch.Tensor, rows: Sequence[Row]) -> SampledRows:
 
 def finite_argmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(packed, ids)`` of :mod:`kiln.plugins.greedy`: every row's finite flag and argmax
-    as float64 ``[2B]``, and the argmax as int64 ``[B]``; one Triton kernel on CUDA, the
+    as float64 ``[2B]``, and the argmax as int64 ``[B]``; Triton kernels on CUDA, the
     reference's torch ops elsewhere."""
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
@@ -228,9 +229,9 @@ def _greedy_kernels():
     try:
         from kiln.plugins.greedy import triton_kernels
     except ImportError as e:
-        logger.warning("the sampler's greedy pass runs as torch ops, ~10 kernels a step "
-                       "instead of one: the Triton kernel could not be imported (%s); pip "
-                       "install triton", e)
+        logger.warning("the sampler's greedy pass runs as torch ops, eleven kernels a step "
+                       "instead of one or two: its Triton kernels could not be imported (%s); "
+                       "pip install triton", e)
         return None
     return triton_kernels
 
