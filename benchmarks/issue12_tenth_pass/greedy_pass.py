@@ -5,7 +5,8 @@
 
 float32 logits [B, 128256] (Llama 3's vocabulary), B in 1, 8, 64, 512, 1024: the reference's
 torch ops (kiln.plugins.greedy.triton_reference, what the sampler ran before) and the kernels
-at their default slice count (1: the whole-row kernel) and a few others. Each is queued 200 times behind a ~20 ms sleep
+at their default slice count (1: the whole-row kernel) and a few others (2, 4, 8, half and
+twice the default). Each is queued 200 times behind a ~20 ms sleep
 kernel, so the GPU runs the calls back to back with the host ahead of it (GPU time, launch gaps
 on the GPU's queue included, not the host's launch cost). Every variant must give the same
 flags and indices as torch.
@@ -55,7 +56,7 @@ def main() -> int:
         default = triton_kernels.default_slices(batch, VOCAB, sms)
         row = {"default_slices": default,
                "torch_ops_us": time_us(partial(triton_reference.finite_argmax, logits))}
-        for slices in sorted({default, 1, max(1, default // 2), min(256, 2 * default)}):
+        for slices in sorted({default, 1, 2, 4, 8, max(1, default // 2), min(256, 2 * default)}):
             got = triton_kernels.finite_argmax(logits, slices=slices)
             if not (torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])):
                 raise SystemExit(f"{slices} slices differ from torch at batch {batch}")

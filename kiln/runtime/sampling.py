@@ -136,8 +136,8 @@ class SampledRows:
     """A step's sampling, launched (:func:`launch_rows`): ``ids`` [batch] int64 on the logits'
     device holds each sampled row's token (the argmax in the other rows, a valid but
     unspecified token id in a non-finite one) with no host read, for the next step to feed on
-    the device; :meth:`collect` gives what :func:`sample_rows` returns, reading the device once (it waits for this step's
-    sampling only, not for work launched after it)."""
+    the device; :meth:`collect` gives what :func:`sample_rows` returns, reading the device
+    once (it waits for this step's sampling only, not for work launched after it)."""
 
     def __init__(self, ids: torch.Tensor, collect: Callable[[], list[Picked | None]]):
         self.ids = ids
@@ -212,11 +212,12 @@ def launch_rows_torch(logits: torch.Tensor, rows: Sequence[Row]) -> SampledRows:
 
 def finite_argmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(packed, ids)`` of :mod:`kiln.plugins.greedy`: every row's finite flag and argmax
-    as float64 ``[2B]``, and the argmax as int64 ``[B]``; Triton kernels on CUDA, the
-    reference's torch ops elsewhere."""
+    as float64 ``[2B]``, and the argmax as int64 ``[B]``; Triton kernels on CUDA for 16- and
+    32-bit floats, the reference's torch ops otherwise (a float64 row would lose its exact
+    flags and picks in the kernels' float32)."""
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    if logits.is_cuda:
+    if logits.is_cuda and logits.dtype in (torch.float16, torch.bfloat16, torch.float32):
         kernels = _greedy_kernels()
         if kernels is not None:
             return kernels.finite_argmax(logits)
@@ -229,7 +230,7 @@ def _greedy_kernels():
     try:
         from kiln.plugins.greedy import triton_kernels
     except ImportError as e:
-        logger.warning("the sampler's greedy pass runs as torch ops, eleven kernels a step "
+        logger.warning("the sampler's greedy pass runs as torch ops, nine kernels a step "
                        "instead of one or two: its Triton kernels could not be imported (%s); "
                        "pip install triton", e)
         return None

@@ -57,19 +57,23 @@ def test_any_slice_count_gives_the_same_picks(slices):
     _check(logits.to(device), slices=slices)
 
 
+@pytest.mark.parametrize("slices", [None, 1, 2], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_ties_take_the_first_index(dtype):
+def test_ties_take_the_first_index(dtype, slices):
+    """Ties within a step, across steps of one lane (the whole-row kernel's 8,192-value steps:
+    row 4; a slice's 2,048-value steps: row 5 with 2 slices of 6,144) and across slices (row 5
+    with the default 5 slices of 2,048)."""
     device = triton_device()
     skip_unsupported(dtype, device)
     v = 10000
-    logits = torch.zeros(6, v)
+    logits = torch.zeros(7, v)
     for row, places in enumerate([(0, 9999), (4095, 4096), (17, 8192, 5000), (9999,),
-                                  (3, 4099, 8195)]):  # the same lane of several tiles
+                                  (5, 5 + 8192), (6, 6 + 2048, 6 + 4096)]):
         logits[row, list(places)] = 2.5
-    # row 5: all equal
-    _check(logits.to(dtype).to(device))
-    packed, ids = _kernels().finite_argmax(logits.to(dtype).to(device))
-    assert ids.tolist() == [0, 4095, 17, 9999, 3, 0]
+    # row 6: all equal
+    _check(logits.to(dtype).to(device), slices=slices)
+    packed, ids = _kernels().finite_argmax(logits.to(dtype).to(device), slices=slices)
+    assert ids.tolist() == [0, 4095, 17, 9999, 5, 6, 0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -102,9 +106,41 @@ def test_rows_of_a_wider_tensor():
     assert bool((_kernels().finite_argmax(padded[:, :1000])[1] < 1000).all())
 
 
+@pytest.mark.parametrize("slices", [None, 1, 3, 10], ids=str)
+def test_sliced_rows_of_a_wider_tensor(slices):
+    """The same through the sliced kernel (under 64 rows, several 2,048-value steps): the row
+    stride is not a multiple of the slice length, and the padding holds the largest values."""
+    device = triton_device()
+    g = torch.Generator().manual_seed(6)
+    padded = (torch.randn(4, 20100, generator=g) * 3).to(device)
+    padded[:, 20000:] = 100.0
+    padded[1, 20000:] = float("nan")  # nor is a non-finite value there seen
+    padded[2, 19999] = 50.0  # the vocabulary's last id, next to the padding
+    rows = padded[:, :20000]
+    _check(rows, slices=slices)
+    packed, ids = _kernels().finite_argmax(rows, slices=slices)
+    assert packed[:4].tolist() == [1.0] * 4
+    assert ids[2].item() == 19999
+
+
 def test_refuses_bad_arguments():
     device = triton_device()
     with pytest.raises(ValueError, match="unit stride"):
         _kernels().finite_argmax(torch.zeros(8, 4, device=device).t())
     with pytest.raises(ValueError, match="slices must be"):
         _kernels().finite_argmax(torch.zeros(2, 4, device=device), slices=0)
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
+        _kernels().finite_argmax(torch.zeros(2, 4, dtype=torch.float64, device=device))
+
+
+def test_the_sampler_keeps_float64_rows_exact():
+    """Rows the kernels would round to float32 go through the reference: two values one
+    float64 ulp apart keep their order."""
+    from kiln.runtime import sampling
+    logits = torch.zeros(2, 3000, dtype=torch.float64)
+    logits[0, 7] = 1.0
+    logits[0, 2500] = 1.0 + 2.0 ** -40  # equal in float32
+    logits[1, 5] = 1e300  # infinite in float32
+    packed, ids = sampling.finite_argmax(logits.to(triton_device()))
+    assert ids.tolist() == [2500, 5]
+    assert packed[:2].tolist() == [1.0, 1.0]

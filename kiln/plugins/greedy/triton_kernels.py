@@ -1,13 +1,15 @@
 """Triton greedy pass of the sampler: finite flags and argmax of every logits row.
 
-Same contract as :mod:`kiln.plugins.greedy.triton_reference`. The reference's torch ops are
-eleven kernels per step (the isfinite test is four elementwise passes, then two reductions, two
-casts and a concatenation); on an H200 with one 128,256-wide row they took ~70 us between two
-batch-1 decode steps, ~40 of them in the two single-block reductions (benchmarks/GPU_NOTES.md,
-"Issue 12, tenth pass"). Every program below keeps, per lane, the running maximum and the
-index where it was first seen (indices grow along a lane, so a strict ``>`` keeps the first;
-NaN never wins) and whether every value was finite; the lanes then reduce to the largest value
-and the smallest index holding it, which is torch.argmax's first maximal index.
+Same contract as :mod:`kiln.plugins.greedy.triton_reference` (float16, bfloat16 and float32
+logits). The reference's torch ops run nine kernels per step (the isfinite test is four
+elementwise passes, then two reductions, two casts and a concatenation); with the sampler's
+float32 copy of the logits and the copy to the host, an H200 spent ~70 us between two batch-1
+decode steps on one 128,256-wide row, ~40 of them in the two single-block reductions
+(benchmarks/GPU_NOTES.md, "Issue 12, tenth pass"). Every program below keeps, per lane, the
+running maximum and the index where it was first seen (indices grow along a lane, so a strict
+``>`` keeps the first; NaN never wins) and whether every value was finite; the lanes then
+reduce to the largest value and the smallest index holding it, which is torch.argmax's first
+maximal index.
 
 Two forms, by the number of rows (:func:`default_slices`; measured on an H200, float32 rows of
 128,256):
@@ -21,12 +23,15 @@ Two forms, by the number of rows (:func:`default_slices`; measured on an H200, f
   in order. One row in 63 slices: 5.8 us (the torch ops: 57).
 
 No kernel specializes on the row or slice count (one compiled variant each serves every batch
-width; the torch executor compiles them while it loads); the vocabulary and the row stride are
-specialized, as they are fixed per engine and let the loads vectorize.
+width; the torch executor compiles them while it loads). The vocabulary, the row stride and
+the slice length (always a multiple of the 2,048-value step) are specialized: Triton then
+knows every step's start and the row's end to be multiples of 16 and loads 16 bytes at a time
+(``ld.global.v4``; with the slice length unspecialized the sliced kernel's loads were scalar).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -37,6 +42,7 @@ WHOLE = (8192, 8)  # (values per loop step, warps) of the whole-row kernel
 SLICED = (2048, 4)  # the same for a slice
 MAX_SLICES = 256  # the row kernel's tile
 WHOLE_FROM_ROWS = 64
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
@@ -75,7 +81,7 @@ def _whole_rows_kernel(x_ptr, stride, vocab, packed_ptr, ids_ptr, rows, BLOCK: t
     _store(packed_ptr, ids_ptr, rows, row, first, bad, vocab)
 
 
-@triton.jit(do_not_specialize=["rows", "slices", "slice_len"])
+@triton.jit(do_not_specialize=["rows", "slices"])
 def _slices_kernel(x_ptr, stride, vocab, part_ptr, rows, slices, slice_len,
                    BLOCK: tl.constexpr):
     row, piece = tl.program_id(0), tl.program_id(1)
@@ -128,8 +134,17 @@ def finite_argmax(logits: torch.Tensor, *, slices: int | None = None,
     if logits.dim() != 2 or logits.stride(-1) != 1:
         raise ValueError(f"finite_argmax: need logits [B, V] with unit stride along V; found "
                          f"shape {tuple(logits.shape)}, strides {logits.stride()}")
+    if logits.dtype not in DTYPES:
+        raise ValueError(f"finite_argmax: logits must be float16, bfloat16 or float32; found "
+                         f"{logits.dtype} (the reference takes any float dtype)")
     rows, vocab = logits.shape
     device = logits.device
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        return _finite_argmax(logits, rows, vocab, device, slices)
+
+
+def _finite_argmax(logits: torch.Tensor, rows: int, vocab: int, device: torch.device,
+                   slices: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     packed = torch.empty(2 * rows, dtype=torch.float64, device=device)
     ids = torch.empty(rows, dtype=torch.int64, device=device)
     if rows == 0:
