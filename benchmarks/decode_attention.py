@@ -14,6 +14,9 @@ caches, ``--bf16_configs`` over the bf16 cache (default: its default config; the
 row is the baseline). ``--before FILE`` (an earlier version of
 kiln/plugins/attention/triton_kernels.py, e.g. ``git show REV:kiln/plugins/attention/triton_kernels.py``)
 times that kernel too, on the same caches in the same run, each row beside it (``vs_before``).
+``--graph_max_ctx N``: the grid of a decode CUDA graph captured for N keys (the split count of
+``max_ctx_len=N``, the engine's default configs) over the ``--ctx`` keys each sequence holds,
+as batch-1 decode runs it (e.g. ``--seqs 1 --ctx 256,1024 --graph_max_ctx 8192``).
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ def main() -> None:
                         help="the quantized caches' sweep: WARPSxSTAGES[xKEYS per tile]")
     parser.add_argument("--bf16_configs", default="",
                         help="the bf16 cache's sweep, the same form (default: its default config)")
+    parser.add_argument("--graph_max_ctx", type=int, default=None,
+                        help="size the grid for this many keys, as a CUDA graph does")
     parser.add_argument("--before", type=Path, default=None,
                         help="an earlier triton_kernels.py of kiln's attention, timed beside it")
     args = parser.parse_args()
@@ -73,9 +78,9 @@ def main() -> None:
         parser.error(f"--configs takes WARPSxSTAGES[xKEYS] items and --ctx integers, "
                      f"comma-separated; found {args.configs!r} and {args.ctx!r}")
     if any(len(c) not in (2, 3) for c in configs + bf16_configs) or min(contexts) < 1 \
-            or args.seqs < 1:
+            or args.seqs < 1 or (args.graph_max_ctx or max(contexts)) < max(contexts):
         parser.error("--configs items are WARPSxSTAGES or WARPSxSTAGESxKEYS; --ctx and --seqs "
-                     "positive")
+                     "positive; --graph_max_ctx at least the longest --ctx")
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU: torch sees none (torch.cuda.is_available() is False)")
     from kiln.plugins.attention.triton_kernels import decode_config, paged_decode_attention
@@ -97,15 +102,18 @@ def main() -> None:
             read = 2 * args.seqs * ctx * HKV * D * dtype.itemsize
             cases = make_case(args.seqs, ctx, dtype, copies=2 if read > 2e9 else 3)
             default = decode_config(2, 16, D, 1)  # the bf16 cache's, unsplit (512 sequences)
-            for config in (configs if quant else bf16_configs or [default]):
+            sweep = configs if quant else bf16_configs or [default]
+            for config in [None] if args.graph_max_ctx else sweep:
                 sec, sec_before = (
                     time_calls([partial(kernel, q, c[0], c[1], c[2], lens, rows, out,
-                                        scale=D ** -0.5, max_ctx_len=ctx, config=config, **quant)
+                                        scale=D ** -0.5, max_ctx_len=args.graph_max_ctx or ctx,
+                                        config=config, **quant)
                                 for c in cases]) if kernel else None
                     for kernel in (paged_decode_attention, before))
                 base = base or sec
                 row = dict(cache=str(dtype).removeprefix("torch."), seqs=args.seqs, ctx=ctx,
-                           config=list(config), us=sec * 1e6, tbps=read / sec / 1e12,
+                           config=list(config) if config else "default",
+                           grid_ctx=args.graph_max_ctx or ctx, us=sec * 1e6, tbps=read / sec / 1e12,
                            of_copy=read / sec / 1e12 / copy, vs_bf16=base / sec)
                 if sec_before is not None:
                     row["before_us"], row["vs_before"] = sec_before * 1e6, sec_before / sec

@@ -53,8 +53,10 @@ DECODE_TILES = {"tile128": (4, 2, 128), "tile32": (1, 3, 32)}
 @pytest.mark.parametrize("heads", HEADS, ids=str)
 @pytest.mark.parametrize("page", [16, 64])
 @pytest.mark.parametrize("variant", ["plain", "window", "alibi", "split4", "unsplit", "tile128",
-                                     "tile32"])
+                                     "tile32", "graph"])
 def test_decode_matches_reference(dtype, heads, page, variant):
+    """``graph``: the grid of a CUDA graph captured for 8,192 keys (33 splits), over short rows
+    (each divides its keys among the splits)."""
     device = triton_device()
     skip_unsupported(dtype, device)
     hq, hkv, d = heads
@@ -68,8 +70,11 @@ def test_decode_matches_reference(dtype, heads, page, variant):
               alibi_slopes=alibi_slopes(hq, device) if variant == "alibi" else None)
     got = torch.full_like(q, float("nan"))
     _kernels().paged_decode_attention(q, k, v, table, ctx_lens, rows, got,
-                                      num_splits={"split4": 4, "unsplit": 1}.get(variant),
-                                      config=DECODE_TILES.get(variant), **kw)
+                                      num_splits={"split4": 4, "unsplit": 1,
+                                                  "graph": 33}.get(variant),
+                                      config=DECODE_TILES.get(variant),
+                                      **{**kw, **({"max_ctx_len": 8192}
+                                                  if variant == "graph" else {})})
     want = torch.full_like(q, float("nan"))
     ref.paged_decode_attention(q, k, v, table, ctx_lens, rows, want, **kw)
     untouched = torch.ones(total, dtype=torch.bool)
@@ -207,7 +212,8 @@ def _quantize(k, v, cache_dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("heads,page", [((32, 8, 128), 64), ((8, 1, 64), 16), ((4, 4, 80), 16)],
                          ids=str)
-@pytest.mark.parametrize("variant", ["unsplit", "split4", "window", "tile128", "tile32"])
+@pytest.mark.parametrize("variant", ["unsplit", "split4", "window", "tile128", "tile32",
+                                     "graph"])
 def test_decode_quantized_cache_matches_reference(cache_dtype, dtype, heads, page, variant):
     device = triton_device()
     skip_unsupported(dtype, device)
@@ -221,8 +227,11 @@ def test_decode_quantized_cache_matches_reference(cache_dtype, dtype, heads, pag
               sliding_window=50 if variant == "window" else None)
     got = torch.full_like(q, float("nan"))
     _kernels().paged_decode_attention(q, k, v, table, ctx_lens, rows, got,
-                                      num_splits={"unsplit": 1, "split4": 4}.get(variant),
-                                      config=DECODE_TILES.get(variant), **kw)
+                                      num_splits={"unsplit": 1, "split4": 4,
+                                                  "graph": 33}.get(variant),
+                                      config=DECODE_TILES.get(variant),
+                                      **{**kw, **({"max_ctx_len": 8192}
+                                                  if variant == "graph" else {})})
     want = torch.full_like(q, float("nan"))
     ref.paged_decode_attention(q, k, v, table, ctx_lens, rows, want, **kw)
     assert_close(got[rows.long()], want[rows.long()], dtype)

@@ -11,6 +11,10 @@ heads that share a key head as the rows of its ``tl.dot`` tile (padded to 16 row
 key/value tile is read once per group, not once per query head. Long contexts at small batch
 are split along the keys (flash-decoding): each split writes an unnormalized partial and its
 ``(max, sum)``, and a second kernel merges them. ``num_splits == 1`` writes the output directly.
+The grid's split count comes from the longest context (a CUDA graph's from ``max_seq_len``);
+each row divides its own keys among those splits in whole tiles, so a short row does not run
+in one program while the others exit (batch-1 decode of a few hundred keys in a graph sized
+for 8,192: one program walked every tile).
 
 Prefill: grid ``(num_seqs, cdiv(max_q_len, BLOCK_M), Hq)``; programs past a sequence's
 queries exit at once. Causal and sliding-window bounds skip whole key tiles; the mask is
@@ -142,11 +146,21 @@ def _output(o, out_ptrs, mask, o_scale_ptr, pqs_ptr, cols, DTYPE: tl.constexpr,
 
 # table_stride, the block-table width of the step's longest context (1, a multiple of 16 or
 # neither), is not specialized: each value class compiled a variant during requests.
-@triton.jit(do_not_specialize=["window", "partition", "num_splits", "table_stride"])
+@triton.jit
+def _row_partition(ctx, num_splits, BLOCK_N: tl.constexpr):
+    """Keys per split of a row of ``ctx`` keys: its context over the grid's splits, whole
+    tiles (at least one), so that a short row in a grid sized for long ones (a CUDA graph's,
+    captured for ``max_seq_len``) still spreads over the splits instead of running in the first
+    one alone. ``cdiv(ctx, partition) <= num_splits``."""
+    tiles = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N)
+    return tl.maximum(tiles, 1) * BLOCK_N
+
+
+@triton.jit(do_not_specialize=["window", "num_splits", "table_stride"])
 def _decode_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_stride_h,
                    c_stride_r, table_ptr, table_stride, ctx_ptr, rows_ptr, out_ptr, o_stride_t,
                    o_stride_h, part_ptr, ml_ptr, slopes_ptr, k_scale_ptr, v_scale_ptr,
-                   o_scale_ptr, pqs_ptr, qk_scale, window, partition, num_splits,
+                   o_scale_ptr, pqs_ptr, qk_scale, window, num_splits,
                    GROUP: tl.constexpr, M_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                    D_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
                    SPLIT: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
@@ -157,6 +171,7 @@ def _decode_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_st
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(ctx_ptr + b)
+    partition = _row_partition(ctx, num_splits, BLOCK_N)
     start = split * partition
     if start >= ctx:
         return
@@ -214,16 +229,17 @@ def _decode_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_st
         tl.store(ml_ptr + idx * 2 + 1, l_i, mask=m_mask)
 
 
-@triton.jit(do_not_specialize=["partition", "num_splits"])
+@triton.jit(do_not_specialize=["num_splits"])
 def _merge_kernel(part_ptr, ml_ptr, ctx_ptr, rows_ptr, out_ptr, o_stride_t, o_stride_h,
-                  o_scale_ptr, pqs_ptr, num_heads, partition, num_splits, HEAD_DIM: tl.constexpr,
-                  D_PAD: tl.constexpr, S_PAD: tl.constexpr, DTYPE: tl.constexpr,
-                  FP8_OUT: tl.constexpr, SMOOTH: tl.constexpr, PDL: tl.constexpr = False):
+                  o_scale_ptr, pqs_ptr, num_heads, num_splits, HEAD_DIM: tl.constexpr,
+                  D_PAD: tl.constexpr, S_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                  DTYPE: tl.constexpr, FP8_OUT: tl.constexpr, SMOOTH: tl.constexpr,
+                  PDL: tl.constexpr = False):
     prologue(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     ctx = tl.load(ctx_ptr + b)
-    used = (ctx + partition - 1) // partition
+    used = tl.cdiv(ctx, _row_partition(ctx, num_splits, BLOCK_N))
     s_offs = tl.arange(0, S_PAD)
     d_offs = tl.arange(0, D_PAD)
     s_mask = s_offs < used
@@ -358,8 +374,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         if block_n < 16 or block_n & (block_n - 1):
             raise ValueError(f"paged attention (triton): BLOCK_N must be a power of two >= 16, "
                              f"found {block_n}")
-    partition = triton.cdiv(triton.cdiv(max_ctx, splits), block_n) * block_n
-    splits = triton.cdiv(max_ctx, partition)
+    # the grid's splits: none past the longest context's last key (each row then takes
+    # its own share of them, _row_partition)
+    splits = triton.cdiv(max_ctx, triton.cdiv(triton.cdiv(max_ctx, splits), block_n) * block_n)
     part = ml = out  # unread unless split
     if splits > 1:
         part = torch.empty((b, hq, splits, d_pad), dtype=torch.float32, device=q.device)
@@ -373,7 +390,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q, q.stride(0), q.stride(1), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables, block_tables.stride(0), ctx_lens, q_rows, out,
         out.stride(0), out.stride(1), part, ml, slopes, k_arg, v_arg, o_scale, pqs,
-        scale * LOG2E, sliding_window or 0, partition, splits, GROUP=group,
+        scale * LOG2E, sliding_window or 0, splits, GROUP=group,
         M_PAD=m_pad, HEAD_DIM=d, D_PAD=d_pad, PAGE=page,
         BLOCK_N=block_n, SPLIT=splits > 1, ALIBI=alibi_slopes is not None,
         WINDOW=sliding_window is not None, PRECISION=_precision(q.dtype), QUANT=mode,
@@ -381,8 +398,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         PDL=pdl, num_warps=warps, num_stages=stages, launch_pdl=pdl)
     if splits > 1:
         _merge_kernel[(b, hq)](part, ml, ctx_lens, q_rows, out, out.stride(0), out.stride(1),
-                               o_scale, pqs, hq, partition, splits, HEAD_DIM=d, D_PAD=d_pad,
+                               o_scale, pqs, hq, splits, HEAD_DIM=d, D_PAD=d_pad,
                                S_PAD=max(MERGE_S_PAD, triton.next_power_of_2(splits)),
+                               BLOCK_N=block_n,
                                DTYPE=TL_DTYPES[q.dtype],
                                FP8_OUT=quant_scale is not None,
                                SMOOTH=pre_quant_scale is not None, PDL=pdl, num_warps=4,

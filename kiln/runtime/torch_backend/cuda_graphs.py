@@ -11,8 +11,9 @@ ctx | rows | tables (bs x max_blocks) | feed dst | feed src]`` that a step fills
 host-to-device copy, and for dynamic-NTK models a float32 per-token rotary table. Under async
 scheduling some tokens are still on the device (the previous step's sampled ids): the feed
 fields name them, and a device gather writes them into the static token field after the copy,
-before the replay (:func:`~kiln.runtime.torch_backend.inputs.feed_tokens`). The decode kernel's split count and
-partition are fixed at capture from ``max_seq_len``; programs past a row's context exit early.
+before the replay (:func:`~kiln.runtime.torch_backend.inputs.feed_tokens`). The decode
+kernel's split count is fixed at capture from ``max_seq_len``; each row divides its own keys
+among those splits, and programs past a row's context exit early.
 All graphs share one memory pool and write logits into one ``[max_bs, vocab]`` buffer.
 """
 
