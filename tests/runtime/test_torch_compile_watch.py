@@ -8,6 +8,7 @@ suite it would skip, and unmarked it was deselected from the GPU one, so it ran 
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -65,3 +66,19 @@ def test_install_chains_once(watch):
     assert knobs.runtime.jit_post_compile_hook is hook
     _compile("x")
     assert watch == ["x"] and compile_watch.late_compiles() == ["x"]
+
+
+def test_a_variant_is_described_by_its_specialization():
+    """Triton's serialized specialization: types, which arguments are multiples of 16 (or
+    16-byte aligned pointers), constexpr values; its repr alone where that is missing."""
+    data = json.dumps({"signature": {"x_ptr": "*bf16", "n": "i32", "m": "i32",
+                                     "BLOCK": "constexpr", "PDL": "constexpr"},
+                       "constant_keys": [[3], [4], [2]], "constant_vals": [64, {"constexpr": True}, 1],
+                       "attrs_keys": [[0], [1]], "attrs_vals": [[["tt.divisibility", 16]],
+                                                                [["tt.divisibility", 16]]]})
+    kwargs = dict(repr="_k[num_warps=4](x_ptr: ())", compile={"specialization_data": data})
+    assert compile_watch.describe(kwargs) == \
+        "_k[num_warps=4](x_ptr: *bf16 %16, n: i32 %16, m=1, BLOCK=64, PDL=True)"
+    assert compile_watch.describe({"repr": "_k(x)", "compile": {}}) == "_k(x)"
+    assert compile_watch.describe({"repr": "_k(x)",
+                                   "compile": {"specialization_data": "{}"}}) == "_k(x)"
