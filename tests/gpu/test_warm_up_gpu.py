@@ -6,7 +6,8 @@ executor loads with its default sizing (the warm-up runs there), then steps of e
 scheduler makes: prompts of 1, 3, 16, 17 and 100 tokens (Triton specializes integers equal
 to 1 and multiples of 16), chunked prefill, mixed prefill + decode, decode batches of every
 size up to the limit, long contexts (split decode attention), each step's logits through the
-sampler's greedy pass; for bf16, float32 and FP8 engines (with and without an FP8 KV cache).
+sampler's greedy pass; for bf16, float32 and quantized engines (FP8 with and without an FP8 KV
+cache, INT4 AWQ, INT8 SmoothQuant).
 Any compile is named by kiln.runtime.torch_backend.compile_watch.
 """
 
@@ -42,16 +43,19 @@ def test_steps_after_the_load_compile_nothing(tmp_path, dtype):
     _assert_steps_compile_nothing(ex, config.decoder.vocab_size)
 
 
-@pytest.mark.parametrize("kv", [None, "fp8"])
-def test_fp8_engine_steps_after_the_load_compile_nothing(tmp_path, kv):
-    """FP8 engines add variants: from 65 rows the attention kernels write the ``o``
+@pytest.mark.parametrize("qformat,kv", [("fp8", None), ("fp8", "fp8"), ("int4_awq", None),
+                                        ("int8_sq", None)], ids=str)
+def test_quantized_engine_steps_after_the_load_compile_nothing(tmp_path, qformat, kv):
+    """Quantized engines add variants: the Triton GEMMs' tiles by token count (up to 64
+    tokens for FP8 and INT8 W8A8, every count for the weight-only formats, INT4 on tensor
+    cores up to 16); in FP8 engines, from 65 rows the attention kernels write the ``o``
     projection's FP8 input, split decode attention included (a prompt's chunk beside a
-    sequence with a long context); the FP8 1000/1000 benchmark compiled such variants after
+    sequence with a long context). The FP8 1000/1000 benchmark compiled such variants after
     the load (GPU_NOTES.md, "Issue 12, tenth pass")."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     ckpt = kiln_checkpoint(hf_model("llama-gqa", tmp_path / "hf"), tmp_path / "ckpt")
-    quantized = quantize_checkpoint(ckpt, tmp_path / "q", "fp8", kv_cache_dtype=kv)
+    quantized = quantize_checkpoint(ckpt, tmp_path / "q", qformat, kv_cache_dtype=kv)
     build(quantized, tmp_path / "e", backend="torch", dtype="bfloat16",
           max_batch_size=LIMITS.max_batch_size, max_input_len=LIMITS.max_input_len,
           max_seq_len=LIMITS.max_seq_len, max_num_tokens=LIMITS.max_num_tokens,
@@ -83,7 +87,8 @@ def _assert_steps_compile_nothing(ex: TorchExecutor, vocab_size: int) -> None:
         step([(slot, tokens(n))])
     step([(5, tokens(64)), (0, tokens(1)), (1, tokens(1))])  # chunked prefill + decode rows
     step([(5, tokens(64)), (2, tokens(1))])
-    step([(6, tokens(32)), (7, tokens(48))])  # two prompts in one step
+    step([(6, tokens(8)), (7, tokens(32))])  # two prompts in one step: 40 rows
+    step([(6, tokens(32)), (7, tokens(48))])  # and 80 rows
     for width in range(1, LIMITS.max_batch_size + 1):  # decode batches of every size
         step([(slot, tokens(1)) for slot in range(width)])
     for _ in range(3):  # a long context: split decode attention

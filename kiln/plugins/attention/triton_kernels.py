@@ -342,6 +342,19 @@ def decode_config(cache_bytes: int, m_pad: int, d_pad: int, splits: int) -> tupl
     return DECODE_CONFIG_8BIT if splits == 1 else DECODE_CONFIG_8BIT_SPLIT
 
 
+def _decode_launch(config: tuple[int, ...] | None, cache_bytes: int, m_pad: int, d_pad: int,
+                   splits: int, block_n: int) -> tuple[int, int, int]:
+    """(num_warps, num_stages, BLOCK_N) of a decode launch: ``config`` or the default for
+    ``splits``; ``block_n`` where the config names no tile."""
+    warps, stages, *tile = config or decode_config(cache_bytes, m_pad, d_pad, splits)
+    if tile:
+        block_n = tile[0]
+        if block_n < 16 or block_n & (block_n - 1):
+            raise ValueError(f"paged attention (triton): BLOCK_N must be a power of two >= 16, "
+                             f"found {block_n}")
+    return warps, stages, block_n
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, ctx_lens: torch.Tensor,
                            q_rows: torch.Tensor, out: torch.Tensor, *, scale: float,
@@ -356,7 +369,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     (keys per tile, a power of two >= 16) is ``min(64, page_size)`` where the config has none,
     and one larger than a page spans pages. ``quant_scale`` (and ``pre_quant_scale``): ``out``
     is float8_e4m3fn, the FP8 input of the projection after (triton_reference's contract)."""
-    page, block_n = _check(q, k_cache, v_cache)
+    page, page_tile = _check(q, k_cache, v_cache)
     quant, k_arg, v_arg = _scales(k_cache, k_scale, v_scale, ctx_lens)
     check_fp8_output(out, quant_scale, pre_quant_scale)
     o_scale, pqs = _output_args(quant_scale, pre_quant_scale, q.device, ctx_lens)
@@ -368,15 +381,16 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     splits = num_splits or decode_splits(b, hkv, max_ctx, q.device)
     d_pad, group = max(16, triton.next_power_of_2(d)), hq // hkv
     m_pad = max(16, triton.next_power_of_2(group))
-    warps, stages, *tile = config or decode_config(k_cache.element_size(), m_pad, d_pad, splits)
-    if tile:
-        block_n = tile[0]
-        if block_n < 16 or block_n & (block_n - 1):
-            raise ValueError(f"paged attention (triton): BLOCK_N must be a power of two >= 16, "
-                             f"found {block_n}")
+    warps, stages, block_n = _decode_launch(config, k_cache.element_size(), m_pad, d_pad,
+                                            splits, page_tile)
     # the grid's splits: none past the longest context's last key (each row then takes
     # its own share of them, _row_partition)
-    splits = triton.cdiv(max_ctx, triton.cdiv(triton.cdiv(max_ctx, splits), block_n) * block_n)
+    fewer = triton.cdiv(max_ctx, triton.cdiv(triton.cdiv(max_ctx, splits), block_n) * block_n)
+    if fewer == 1 < splits and config is None:  # unsplit after all: the unsplit default (a
+        # split default here compiled a variant of its own, which no other launch used)
+        warps, stages, block_n = _decode_launch(None, k_cache.element_size(), m_pad, d_pad, 1,
+                                                page_tile)
+    splits = fewer
     part = ml = out  # unread unless split
     if splits > 1:
         part = torch.empty((b, hq, splits, d_pad), dtype=torch.float32, device=q.device)

@@ -361,7 +361,10 @@ def _int4_words_to_halves(w, BF16: tl.constexpr):
                                          dtype=(tl.float16,) * 8, is_pure=True, pack=1)
 
 
-@triton.jit
+# The token count m is not specialized (nor in the GEMMs below): a step's token count is
+# any number, and m = 16, 32, 48, 64 compiled a variant of their own during requests
+# that the load-time warm-up (other counts) had not (tests/gpu/test_warm_up_gpu.py).
+@triton.jit(do_not_specialize=["m"])
 def _int4_mma_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, count_ptr, m, n, k,
                      stride_xm, stride_ym, HALF: tl.constexpr, GROUPS: tl.constexpr,
                      SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -474,7 +477,7 @@ def _store_tile(acc, y_ptr, ws_ptr, as_ptr, b_ptr, rn, rm, m, n, stride_ym,
     tl.store(y, out.to(y_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["m"])
 def _w8_gemm_kernel(a_ptr, w_ptr, ws_ptr, as_ptr, b_ptr, y_ptr, m, n, k, stride_am, stride_ym,
                     MODE: tl.constexpr, WS_MODE: tl.constexpr, AS_PER_ROW: tl.constexpr,
                     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
@@ -513,7 +516,7 @@ def _w8_gemm_kernel(a_ptr, w_ptr, ws_ptr, as_ptr, b_ptr, y_ptr, m, n, k, stride_
                 WS_MODE, AS_PER_ROW, MODE != 0, HAS_BIAS)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["m"])
 def _int4_gemm_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, m, n, k, stride_xm, stride_ym,
                       HALF: tl.constexpr, GROUPS: tl.constexpr, HAS_BIAS: tl.constexpr,
                       PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -613,7 +616,7 @@ def _quant_rows_kernel(x_ptr, s_in_ptr, q_ptr, s_out_ptr, k, stride_xm, ACT: tl.
     tl.store(s_out_ptr + row, s)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["m"])
 def _int_epilogue_kernel(acc_ptr, s_ptr, ws_ptr, b_ptr, y_ptr, m, n, stride_ym,
                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """y = int32 acc * s[m] * ws[n] (+ bias[n]) in y's dtype (after torch._int_mm)."""

@@ -229,27 +229,39 @@ class TorchExecutor(Executor):
     def _warm_up_kernels(self) -> None:
         """Compile every kernel variant a step can need now, not during someone's request.
 
-        Mixed steps run decode and prefill attention together; the decode kernel has a split
-        and an unsplit variant, and in FP8 engines a variant writing the ``o`` projection's
-        FP8 input in steps of more than 64 rows (a long prompt's chunk beside a few decoding
-        sequences, whose attention is split); single-row steps use the GEMV kernel; the
-        sampler's greedy pass reads every step's logits.
+        Steps of each token-count band of the Triton GEMMs' tile configs (quantized engines:
+        ``gemm_config``, ``int4_mma_config``; the profile step before this one ran the largest
+        step);
+        decode attention beside a prefill, unsplit (short contexts) and split (a context of
+        129 keys in two); in FP8 engines both again in steps of more than 64 rows, where the
+        attention writes the ``o`` projection's FP8 input; a single row (the GEMVs); the
+        sampler's greedy pass over a step's logits. CUDA graphs compile their own decode
+        variants when they are captured.
         """
+        limits = self.limits
         for slot in (0, 1):
             self.cache.allocator.release(slot)
-        self._step_on_probe([SequenceChunk(0, [0, 0, 0], 0)])
-        self._step_on_probe([SequenceChunk(0, [0], 3), SequenceChunk(1, [0, 0], 0)])
-        self._step_on_probe([SequenceChunk(0, [0], 4), SequenceChunk(1, [0], 2)], num_splits=2)
-        self._step_on_probe([SequenceChunk(0, [0], 5)])
+        long = min(limits.max_seq_len, 129) - 1  # a decode row of 129 keys: two splits
+
+        def probe(chunks: list[SequenceChunk], num_splits: int | None = None) -> None:
+            for slot in (0, 1):
+                self.cache.allocator.release(slot)
+            self._step_on_probe(chunks, num_splits)
+
+        for n in (3, 12, 24, 48, 70):  # rows <= 8, 16, 32, 64, 256 (the profile step: its own)
+            if n <= min(limits.max_num_tokens, limits.max_seq_len):
+                probe([SequenceChunk(0, [0] * n, 0)])
+        probe([SequenceChunk(0, [0], 3), SequenceChunk(1, [0, 0], 0)])
+        probe([SequenceChunk(0, [0], long), SequenceChunk(1, [0], 2)], num_splits=2)
+        probe([SequenceChunk(0, [0], 5)])
         rows = FP8_TRITON_MAX_M + 1  # FP8 projections take inputs quantized by the kernel
-        limits = self.limits         # before them from this many rows: the attention's too
-        if limits.max_num_tokens > rows and limits.max_seq_len >= 3 + rows:
-            self._step_on_probe([SequenceChunk(0, [0], 6), SequenceChunk(1, [0] * rows, 3)],
-                                num_splits=2)
+        if limits.max_num_tokens > rows and limits.max_seq_len > rows + 3:  # before them
+            probe([SequenceChunk(0, [0], 6), SequenceChunk(1, [0] * rows, 3)])
+            probe([SequenceChunk(0, [0], long), SequenceChunk(1, [0] * rows, 3)], num_splits=2)
         # the sampler's greedy pass over a step's float32 logits (kiln.runtime.sampling): its
         # sliced and whole-row kernels (kiln.plugins.greedy.triton_kernels.default_slices)
-        for rows in (1, 64):
-            finite_argmax(torch.zeros(rows, self.vocab_size, device=self.device))
+        for n in (1, 64):
+            finite_argmax(torch.zeros(n, self.vocab_size, device=self.device))
         torch.cuda.synchronize(self.device)
 
     # -- the executor contract ----------------------------------------------------------
