@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks.gpu_quantized import PEER_RECIPES
 from kiln.config import DecoderConfig, RopeScaling
 from kiln.engine import BuildLimits
 from kiln.engine.torch_files import pack_weights
@@ -548,8 +549,6 @@ def quant_rows(results: dict) -> list[tuple]:
         label, key = path.split(".", 1)
         return formats.get(label, {}).get(key)
 
-    from benchmarks.gpu_quantized import PEER_RECIPES
-
     peers = {key: f"peer_{recipe}_tok_s" for recipe, key in PEER_RECIPES if recipe != "bf16"}
     rows = []
     if "peer_bf16_tok_s" in results:
@@ -635,6 +634,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="requests of the 1000/1000 throughput run")
     parser.add_argument("--quant_decode_only", action="store_true",
                         help="quantized variants: batch-1 decode only (not QUANT_RUNS)")
+    parser.add_argument("--peers", default=",".join(r for r, _ in PEER_RECIPES),
+                        help="recipes of the 'peer' section (benchmarks/gpu_quantized.py "
+                             "PEER_RECIPES; default: all)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU: torch sees none (torch.cuda.is_available() is False)")
@@ -645,6 +647,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sections - set(SECTIONS)
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+    recipes = [r for r, _ in PEER_RECIPES]
+    args.peers = args.peers.split(",")
+    if set(args.peers) - set(recipes):
+        parser.error(f"unknown peers {sorted(set(args.peers) - set(recipes))}; choose from "
+                     f"{recipes}")
     results: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                      "sections": sorted(sections)}
     save = lambda: (args.out / "gpu_results.json").write_text(  # noqa: E731
@@ -714,7 +721,10 @@ def run_model(results: dict, args, sections: set[str]) -> None:
     if "peer" in sections:
         from benchmarks.gpu_quantized import peer_section
         prompt = random_prompts(1, 128, config.vocab_size, 1)[0]
-        _guarded("peer", lambda: peer_section(results, config, tensors, prompt), results)
+        save = lambda: (out / "gpu_results.json").write_text(  # noqa: E731
+            json.dumps(results, indent=1, default=str))
+        _guarded("peer", lambda: peer_section(results, config, tensors, prompt, args.peers,
+                                              save), results)
     if "fp32" in sections:
         _guarded("fp32", lambda: fp32_section(results, config, tensors), results)
 

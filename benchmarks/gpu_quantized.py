@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -197,9 +198,12 @@ def _sync(device: torch.device) -> None:
 
 
 def peer_section(results: dict, config: DecoderConfig, tensors: dict[str, torch.Tensor],
-                 prompt: list[int]) -> None:
+                 prompt: list[int], recipes: list[str] | None = None,
+                 save: Callable[[], None] | None = None) -> None:
     """HF Llama over the same bf16 weights, compiled once (:func:`compiled_decode`): as is
-    (bf16) and in each of torchao's recipes; batch-1 decode of 128 tokens."""
+    (bf16) and in each of torchao's recipes (``recipes``: those of PEER_RECIPES to run, all by
+    default); batch-1 decode of 128 tokens. ``save`` is called after each recipe (a recipe
+    compiles for minutes: what ran is kept if a time limit stops the next)."""
     from kiln.runtime.torch_backend.hf_baseline import hf_model
 
     try:
@@ -210,6 +214,8 @@ def peer_section(results: dict, config: DecoderConfig, tensors: dict[str, torch.
         log.warning("torchao is not installed (%s): only the bf16 peer runs", e)
         quantize_ = None
     for recipe, _ in PEER_RECIPES:
+        if recipes is not None and recipe not in recipes:
+            continue
         if recipe != "bf16" and quantize_ is None:
             continue
         model = None
@@ -233,3 +239,5 @@ def peer_section(results: dict, config: DecoderConfig, tensors: dict[str, torch.
         finally:
             model = None
             torch.cuda.empty_cache()
+            if save is not None:
+                save()
