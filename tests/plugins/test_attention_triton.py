@@ -83,6 +83,54 @@ def test_decode_matches_reference(dtype, heads, page, variant):
     assert_close(got[rows.long()], want[rows.long()], dtype)
 
 
+@pytest.mark.parametrize("page", [16, 64])
+def test_decode_split_merge_repeats_bit_for_bit(page):
+    """Split rows are merged by the last program of their splits (arrival counters): repeated
+    calls give the same bits, whichever program arrives last, and leave every counter zero.
+    Page 16: the rows use up to 19 splits, more than one merge tile of splits."""
+    from kiln.plugins.split_counters import split_counters
+    device = triton_device()
+    hq, hkv, d = 32, 8, 128
+    ctx = [1, 37, 300, 64, 129]
+    k, v, table, ctx_lens = _paged_case(device, torch.float16, hkv, d, page, ctx, seed=11)
+    q = torch.randn(len(ctx), hq, d, device=device).half()
+    rows = torch.arange(len(ctx), dtype=torch.int32, device=device)
+    outs = []
+    for _ in range(3):
+        out = torch.full_like(q, float("nan"))
+        _kernels().paged_decode_attention(q, k, v, table, ctx_lens, rows, out, scale=d ** -0.5,
+                                          max_ctx_len=8192, num_splits=33)
+        assert not split_counters(device, "paged decode attention").any()
+        outs.append(out)
+    want = torch.empty_like(q)
+    ref.paged_decode_attention(q, k, v, table, ctx_lens, rows, want, scale=d ** -0.5)
+    assert_close(outs[0], want, torch.float16)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_decode_grid_beyond_the_counters_is_unsplit(monkeypatch):
+    """More (row, key head) programs than the merge has counters for: the grid is not split
+    (asking for the counters fails the test) and the output is the reference's."""
+    kernels = _kernels()
+    device = triton_device()
+    hq, hkv, d = 8, 1, 64
+    ctx = [300, 37, 129]
+    k, v, table, ctx_lens = _paged_case(device, torch.float16, hkv, d, 64, ctx, seed=5)
+    q = torch.randn(len(ctx), hq, d, device=device).half()
+    rows = torch.arange(len(ctx), dtype=torch.int32, device=device)
+    monkeypatch.setattr(kernels, "COUNTER_CAPACITY", 2)
+
+    def refuse(*args):
+        raise AssertionError("split beyond the counters")
+    monkeypatch.setattr(kernels, "split_counters", refuse)
+    got = torch.empty_like(q)
+    kernels.paged_decode_attention(q, k, v, table, ctx_lens, rows, got, scale=d ** -0.5,
+                                   num_splits=4)
+    want = torch.empty_like(q)
+    ref.paged_decode_attention(q, k, v, table, ctx_lens, rows, want, scale=d ** -0.5)
+    assert_close(got, want, torch.float16)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("heads", HEADS, ids=str)
 @pytest.mark.parametrize("variant", ["plain", "window", "wide-window", "alibi"])

@@ -10,7 +10,13 @@ Decode: grid ``(num_seqs, Hkv, num_splits)``. One program holds the ``G = Hq / H
 heads that share a key head as the rows of its ``tl.dot`` tile (padded to 16 rows), so each
 key/value tile is read once per group, not once per query head. Long contexts at small batch
 are split along the keys (flash-decoding): each split writes an unnormalized partial and its
-``(max, sum)``, and a second kernel merges them. ``num_splits == 1`` writes the output directly.
+``(max, sum)``, and the last of a key head's programs to finish (an arrival counter per
+``(row, key head)``, :mod:`kiln.plugins.split_counters`) merges them in split order, so the
+result does not depend on which program was last; a row whose keys fit one split's share, and
+``num_splits == 1``, write the output directly. Against a merge kernel of its own, a batch-1
+token's decode attention took 152.5 us instead of 168.9 on an H200 (32 layers, ~200 keys);
+alone, one layer is 1.05-1.22x faster up to ~1,000 keys and 0-5% slower at 4,096-8,000, where
+a row's 33 splits take five merge tiles one after another (GPU_NOTES.md, twelfth pass).
 The grid's split count comes from the longest context (a CUDA graph's from ``max_seq_len``);
 each row divides its own keys among those splits in whole tiles, so a short row does not run
 in one program while the others exit (batch-1 decode of a few hundred keys in a graph sized
@@ -52,15 +58,17 @@ import triton
 import triton.language as tl
 
 from kiln.plugins.attention.triton_reference import check_fp8_output
-from kiln.plugins.norm.triton_kernels import TL_DTYPES
 from kiln.plugins.pdl import enabled as pdl_enabled
 from kiln.plugins.pdl.triton_kernels import prologue
 from kiln.plugins.quant_linear.triton_kernels import _quantize
 from kiln.plugins.rotary.triton_kernels import scale_arg
 from kiln.plugins.rotary.triton_reference import check_cache_scales
+from kiln.plugins.split_counters import CAPACITY as COUNTER_CAPACITY
+from kiln.plugins.split_counters import split_counters
 
 LOG2E = 1.4426950408889634
-_NEG = -1.0e30  # finite "minus infinity" for running maxima: keeps exp2(m_old - m_new) NaN-free
+# finite "minus infinity" for running maxima: keeps exp2(m_old - m_new) NaN-free
+_NEG = tl.constexpr(-1.0e30)
 # QUANT modes: 0 a float cache, 1 tiles dequantized as the reference reads them, WIDEN a float8
 # cache's tiles widened exactly to float16 with the scales applied to the scores and the output.
 WIDEN = tl.constexpr(2)
@@ -159,13 +167,14 @@ def _row_partition(ctx, num_splits, BLOCK_N: tl.constexpr):
 @triton.jit(do_not_specialize=["window", "num_splits", "table_stride"])
 def _decode_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_stride_h,
                    c_stride_r, table_ptr, table_stride, ctx_ptr, rows_ptr, out_ptr, o_stride_t,
-                   o_stride_h, part_ptr, ml_ptr, slopes_ptr, k_scale_ptr, v_scale_ptr,
-                   o_scale_ptr, pqs_ptr, qk_scale, window, num_splits,
+                   o_stride_h, part_ptr, ml_ptr, count_ptr, slopes_ptr, k_scale_ptr,
+                   v_scale_ptr, o_scale_ptr, pqs_ptr, qk_scale, window, num_splits,
                    GROUP: tl.constexpr, M_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                    D_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                   SPLIT: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
-                   PRECISION: tl.constexpr, QUANT: tl.constexpr, FP8_OUT: tl.constexpr,
-                   SMOOTH: tl.constexpr, PDL: tl.constexpr = False):
+                   SPLIT: tl.constexpr, G_CHUNK: tl.constexpr, S_CHUNK: tl.constexpr,
+                   ALIBI: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+                   QUANT: tl.constexpr, FP8_OUT: tl.constexpr, SMOOTH: tl.constexpr,
+                   PDL: tl.constexpr = False):
     prologue(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -215,45 +224,63 @@ def _decode_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, v_ptr, c_stride_b, c_st
                                        d_mask, v_scale, PRECISION, q.dtype, QUANT)
     if QUANT == WIDEN:
         acc *= v_scale
-    if not SPLIT:
-        _output(acc / l_i[:, None],
-                out_ptr + row * o_stride_t + heads[:, None] * o_stride_h + d_offs[None, :],
+    out_rows = out_ptr + row * o_stride_t
+    dtype = q_ptr.dtype.element_ty
+    used = tl.cdiv(ctx, partition)  # the programs of this row that did not exit
+    if not SPLIT or used == 1:
+        _output(acc / l_i[:, None], out_rows + heads[:, None] * o_stride_h + d_offs[None, :],
                 m_mask[:, None] & d_mask[None, :], o_scale_ptr, pqs_ptr,
-                heads[:, None] * HEAD_DIM + d_offs[None, :], q_ptr.dtype.element_ty, FP8_OUT,
-                SMOOTH)
+                heads[:, None] * HEAD_DIM + d_offs[None, :], dtype, FP8_OUT, SMOOTH)
     else:
         # partials [B, Hq, num_splits, D_PAD] float32; (max, sum) [B, Hq, num_splits, 2]
         idx = (b * (GROUP * tl.num_programs(1)) + heads).to(tl.int64) * num_splits + split
         tl.store(part_ptr + idx[:, None] * D_PAD + d_offs[None, :], acc, mask=m_mask[:, None])
         tl.store(ml_ptr + idx * 2, m_i, mask=m_mask)
         tl.store(ml_ptr + idx * 2 + 1, l_i, mask=m_mask)
+        tl.debug_barrier()  # every thread's part stored before the counter says so
+        tile = count_ptr + b * tl.num_programs(1) + kvh
+        if tl.atomic_add(tile, 1, sem="acq_rel", scope="gpu") == used - 1:
+            _merge(part_ptr, ml_ptr, out_rows, o_stride_h, o_scale_ptr, pqs_ptr,
+                   (b * (GROUP * tl.num_programs(1)) + kvh * GROUP).to(tl.int64) * num_splits,
+                   num_splits, kvh * GROUP, used, d_offs, d_mask, GROUP, HEAD_DIM, D_PAD,
+                   G_CHUNK, S_CHUNK, dtype, FP8_OUT, SMOOTH)
+            tl.atomic_xchg(tile, 0, sem="relaxed", scope="gpu")  # zero for the next call
 
 
-@triton.jit(do_not_specialize=["num_splits"])
-def _merge_kernel(part_ptr, ml_ptr, ctx_ptr, rows_ptr, out_ptr, o_stride_t, o_stride_h,
-                  o_scale_ptr, pqs_ptr, num_heads, num_splits, HEAD_DIM: tl.constexpr,
-                  D_PAD: tl.constexpr, S_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                  DTYPE: tl.constexpr, FP8_OUT: tl.constexpr, SMOOTH: tl.constexpr,
-                  PDL: tl.constexpr = False):
-    prologue(PDL)
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    ctx = tl.load(ctx_ptr + b)
-    used = tl.cdiv(ctx, _row_partition(ctx, num_splits, BLOCK_N))
-    s_offs = tl.arange(0, S_PAD)
-    d_offs = tl.arange(0, D_PAD)
-    s_mask = s_offs < used
-    base = (b * num_heads + h).to(tl.int64) * num_splits
-    m = tl.load(ml_ptr + (base + s_offs) * 2, mask=s_mask, other=float("-inf"))
-    lsum = tl.load(ml_ptr + (base + s_offs) * 2 + 1, mask=s_mask, other=0.0)
-    w = tl.exp2(m - tl.max(m, 0))
-    w = tl.where(s_mask, w, 0.0)
-    part = tl.load(part_ptr + (base + s_offs)[:, None] * D_PAD + d_offs[None, :],
-                   mask=s_mask[:, None], other=0.0)
-    o = tl.sum(part * w[:, None], 0) / tl.sum(lsum * w, 0)
-    row = tl.load(rows_ptr + b).to(tl.int64)
-    _output(o, out_ptr + row * o_stride_t + h * o_stride_h + d_offs, d_offs < HEAD_DIM,
-            o_scale_ptr, pqs_ptr, h * HEAD_DIM + d_offs, DTYPE, FP8_OUT, SMOOTH)
+@triton.jit
+def _merge(part_ptr, ml_ptr, out_rows, o_stride_h, o_scale_ptr, pqs_ptr, base, num_splits,
+           head0, used, d_offs, d_mask, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+           D_PAD: tl.constexpr, G_CHUNK: tl.constexpr, S_CHUNK: tl.constexpr,
+           DTYPE: tl.constexpr, FP8_OUT: tl.constexpr, SMOOTH: tl.constexpr):
+    """The last program of a key head's splits: each query head's output from the ``used``
+    splits' partials, ``G_CHUNK`` heads by ``S_CHUNK`` splits a tile (an online softmax over
+    the tiles, in split order). Partials are read past L1 (``.cg``): other programs wrote them
+    during this kernel. ``base``: the partials' row of (head ``head0``, split 0)."""
+    g_offs = tl.arange(0, G_CHUNK)
+    for g0 in range(0, GROUP, G_CHUNK):
+        g_ok = g0 + g_offs < GROUP
+        first = base + (g0 + g_offs).to(tl.int64) * num_splits  # each head's split 0
+        m_run = tl.full([G_CHUNK], _NEG, tl.float32)
+        l_run = tl.zeros([G_CHUNK], tl.float32)
+        o_run = tl.zeros([G_CHUNK, D_PAD], tl.float32)
+        for s0 in range(0, used, S_CHUNK):
+            s_offs = s0 + tl.arange(0, S_CHUNK)
+            ok = g_ok[:, None] & (s_offs < used)[None, :]
+            idx = first[:, None] + s_offs[None, :]
+            m = tl.load(ml_ptr + idx * 2, mask=ok, other=_NEG, cache_modifier=".cg")
+            lsum = tl.load(ml_ptr + idx * 2 + 1, mask=ok, other=0.0, cache_modifier=".cg")
+            part = tl.load(part_ptr + idx[:, :, None] * D_PAD + d_offs[None, None, :],
+                           mask=ok[:, :, None], other=0.0, cache_modifier=".cg")
+            m_new = tl.maximum(m_run, tl.max(m, 1))
+            alpha = tl.exp2(m_run - m_new)
+            w = tl.exp2(m - m_new[:, None])
+            o_run = o_run * alpha[:, None] + tl.sum(part * w[:, :, None], 1)
+            l_run = l_run * alpha + tl.sum(lsum * w, 1)
+            m_run = m_new
+        heads = head0 + g0 + g_offs
+        _output(o_run / l_run[:, None], out_rows + heads[:, None] * o_stride_h + d_offs[None, :],
+                g_ok[:, None] & d_mask[None, :], o_scale_ptr, pqs_ptr,
+                heads[:, None] * HEAD_DIM + d_offs[None, :], DTYPE, FP8_OUT, SMOOTH)
 
 
 @functools.lru_cache(maxsize=8)
@@ -321,11 +348,11 @@ def decode_splits(num_seqs: int, num_kv_heads: int, max_ctx_len: int, device: to
 # would spill the one-warp program's registers; split grids are sized for bigger programs) or,
 # for larger query tiles, (4, 2), as bf16 does.
 DECODE_CONFIG = (4, 2)
-# The merge's tile of splits: one size for every split count up to decode_splits' cap, so that
-# split counts the load-time warm-up did not run compile no new variant during requests (the
-# FP8 1000/1000 benchmark compiled two merge variants after the load, GPU_NOTES.md "Issue 12,
-# tenth pass"); rows past the step's splits are masked.
-MERGE_S_PAD = 64
+# The merge (the last program of a key head's splits): tiles of MERGE_S_CHUNK splits by as many
+# of the group's query heads as keep a tile within MERGE_TILE float32 values; fixed per model,
+# so that no split count compiles a variant of its own during requests.
+MERGE_S_CHUNK = 8
+MERGE_TILE = 4096
 DECODE_CONFIG_16BIT = (2, 3)
 DECODE_CONFIG_8BIT = (1, 3, 32)
 DECODE_CONFIG_8BIT_SPLIT = (2, 3)
@@ -386,15 +413,18 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     # the grid's splits: none past the longest context's last key (each row then takes
     # its own share of them, _row_partition)
     fewer = triton.cdiv(max_ctx, triton.cdiv(triton.cdiv(max_ctx, splits), block_n) * block_n)
+    if fewer > 1 and b * hkv > COUNTER_CAPACITY:  # more key-head rows than the merge has
+        fewer = 1  # counters for: unsplit (such a grid fills the GPU without splits)
     if fewer == 1 < splits and config is None:  # unsplit after all: the unsplit default (a
         # split default here compiled a variant of its own, which no other launch used)
         warps, stages, block_n = _decode_launch(None, k_cache.element_size(), m_pad, d_pad, 1,
                                                 page_tile)
     splits = fewer
-    part = ml = out  # unread unless split
+    part = ml = counters = out  # unread unless split
     if splits > 1:
         part = torch.empty((b, hq, splits, d_pad), dtype=torch.float32, device=q.device)
         ml = torch.empty((b, hq, splits, 2), dtype=torch.float32, device=q.device)
+        counters = split_counters(q.device, "paged decode attention")
     slopes = alibi_slopes if alibi_slopes is not None else ctx_lens
     pdl = pdl_enabled(q.device)
     mode = int(quant)
@@ -403,22 +433,15 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _decode_kernel[(b, hkv, splits)](
         q, q.stride(0), q.stride(1), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables, block_tables.stride(0), ctx_lens, q_rows, out,
-        out.stride(0), out.stride(1), part, ml, slopes, k_arg, v_arg, o_scale, pqs,
+        out.stride(0), out.stride(1), part, ml, counters, slopes, k_arg, v_arg, o_scale, pqs,
         scale * LOG2E, sliding_window or 0, splits, GROUP=group,
         M_PAD=m_pad, HEAD_DIM=d, D_PAD=d_pad, PAGE=page,
-        BLOCK_N=block_n, SPLIT=splits > 1, ALIBI=alibi_slopes is not None,
+        BLOCK_N=block_n, SPLIT=splits > 1, S_CHUNK=MERGE_S_CHUNK,
+        G_CHUNK=min(triton.next_power_of_2(group), max(1, MERGE_TILE // (MERGE_S_CHUNK * d_pad))),
+        ALIBI=alibi_slopes is not None,
         WINDOW=sliding_window is not None, PRECISION=_precision(q.dtype), QUANT=mode,
         FP8_OUT=quant_scale is not None, SMOOTH=pre_quant_scale is not None,
         PDL=pdl, num_warps=warps, num_stages=stages, launch_pdl=pdl)
-    if splits > 1:
-        _merge_kernel[(b, hq)](part, ml, ctx_lens, q_rows, out, out.stride(0), out.stride(1),
-                               o_scale, pqs, hq, splits, HEAD_DIM=d, D_PAD=d_pad,
-                               S_PAD=max(MERGE_S_PAD, triton.next_power_of_2(splits)),
-                               BLOCK_N=block_n,
-                               DTYPE=TL_DTYPES[q.dtype],
-                               FP8_OUT=quant_scale is not None,
-                               SMOOTH=pre_quant_scale is not None, PDL=pdl, num_warps=4,
-                               launch_pdl=pdl)
     return out
 
 

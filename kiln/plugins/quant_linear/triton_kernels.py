@@ -30,7 +30,6 @@ the INT4 tensor-core kernel.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -42,6 +41,8 @@ from kiln.plugins.pdl import enabled as pdl_enabled
 from kiln.plugins.pdl.triton_kernels import prologue
 from kiln.plugins.quant_linear import FP8_TRITON_MAX_M
 from kiln.plugins.quant_linear.layout import check_group_size
+from kiln.plugins.split_counters import CAPACITY as COUNTER_CAPACITY
+from kiln.plugins.split_counters import split_counters
 
 FP8_MAX = 448.0
 INT8_MAX = 127.0
@@ -893,14 +894,13 @@ def _int4_mma(x, weight, ws, group_size, bias, config=None):
     block_n, block_m, groups, warps, stages, *splits = config or int4_mma_config(n, k, m)
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
     splits = math.gcd(k // group_size, max(1, splits[0]) if splits else 1)
-    if grid[0] * grid[1] > _SPLIT_COUNTERS:
+    if grid[0] * grid[1] > COUNTER_CAPACITY:
         splits = 1
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     runs = counters = y
     if splits > 1:
         runs = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
-        counters = _split_counters(x.device.index if x.device.index is not None
-                                   else torch.cuda.current_device())
+        counters = split_counters(x.device, "int4 split-K")
     pdl = pdl_enabled(x.device)
     _int4_mma_kernel[(*grid, splits)](
         x, weight, ws, bias if bias is not None else ws, y, runs, counters, m, n, k,
@@ -909,21 +909,6 @@ def _int4_mma(x, weight, ws, group_size, bias, config=None):
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_M=block_m, PDL=pdl,
         num_warps=warps, num_stages=stages, launch_pdl=pdl)
     return y
-
-
-# Split-K arrival counters, one per output tile, zero between calls (each call's last program
-# resets its tile's). One buffer per device: kernels on one device's stream run one after
-# another (under PDL a kernel waits for the one before it to finish before its first load),
-# so calls never share a counter; calls on two streams of one device at once would.
-_SPLIT_COUNTERS = 1 << 16
-
-
-@functools.cache
-def _split_counters(device: int) -> torch.Tensor:
-    if torch.cuda.is_current_stream_capturing():
-        raise RuntimeError("int4 split-K: run the projection once before capturing a CUDA "
-                           "graph (its counters are allocated on the first call)")
-    return torch.zeros(_SPLIT_COUNTERS, dtype=torch.int32, device=device)
 
 
 def _int4_triton(x, weight, ws, group_size, bias, config=None):
