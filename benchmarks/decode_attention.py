@@ -9,9 +9,9 @@ runs it. Time per call is the median over CUDA-graph replays (quant_kernels.time
 cache of each call a different copy so that every call streams its keys and values from HBM.
 Effective TB/s = cache bytes read (keys + values) / time, printed beside the copy rate
 measured in the same run (bytes read + written) and the bf16 cache's time as the baseline.
-``--configs`` sweeps the kernel's (num_warps, num_stages[, keys per tile]) over the quantized
-caches, ``--bf16_configs`` over the bf16 cache (default: its default config; the first bf16
-row is the baseline). ``--before FILE`` (an earlier version of
+``--configs`` sweeps the kernel's (num_warps, num_stages[, keys per tile[, registers per thread
+at most]]) over the quantized caches, ``--bf16_configs`` over the bf16 cache (default: its
+default config; the first bf16 row is the baseline). ``--before FILE`` (an earlier version of
 kiln/plugins/attention/triton_kernels.py, e.g. ``git show REV:kiln/plugins/attention/triton_kernels.py``)
 times that kernel too, on the same caches in the same run, each row beside it (``vs_before``).
 ``--graph_max_ctx N``: the grid of a decode CUDA graph captured for N keys (the split count of
@@ -60,7 +60,8 @@ def main() -> None:
     parser.add_argument("--seqs", type=int, default=512)
     parser.add_argument("--ctx", default="1040,2000", help="context lengths (comma-separated)")
     parser.add_argument("--configs", default="1x3x32,1x4x32,2x3,2x3x32,4x2,4x3",
-                        help="the quantized caches' sweep: WARPSxSTAGES[xKEYS per tile]")
+                        help="the quantized caches' sweep: "
+                             "WARPSxSTAGES[xKEYS per tile[xMAX REGISTERS]]")
     parser.add_argument("--bf16_configs", default="",
                         help="the bf16 cache's sweep, the same form (default: its default config)")
     parser.add_argument("--graph_max_ctx", type=int, default=None,
@@ -77,9 +78,9 @@ def main() -> None:
     except ValueError:
         parser.error(f"--configs takes WARPSxSTAGES[xKEYS] items and --ctx integers, "
                      f"comma-separated; found {args.configs!r} and {args.ctx!r}")
-    if any(len(c) not in (2, 3) for c in configs + bf16_configs) or min(contexts) < 1 \
+    if any(len(c) not in (2, 3, 4) for c in configs + bf16_configs) or min(contexts) < 1 \
             or args.seqs < 1 or (args.graph_max_ctx or max(contexts)) < max(contexts):
-        parser.error("--configs items are WARPSxSTAGES or WARPSxSTAGESxKEYS; --ctx and --seqs "
+        parser.error("--configs items are WARPSxSTAGES[xKEYS[xMAXREGISTERS]]; --ctx and --seqs "
                      "positive; --graph_max_ctx at least the longest --ctx")
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU: torch sees none (torch.cuda.is_available() is False)")

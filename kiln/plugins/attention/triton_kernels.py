@@ -354,7 +354,13 @@ DECODE_CONFIG = (4, 2)
 MERGE_S_CHUNK = 8
 MERGE_TILE = 4096
 DECODE_CONFIG_16BIT = (2, 3)
-DECODE_CONFIG_8BIT = (1, 3, 32)
+# 8-bit caches' one-warp program held 178 registers, so a multiprocessor partition ran two of
+# them (12.5% occupancy; Nsight Compute on an H200: 3.4 TB/s, the warps stalled on memory and
+# on each other's fixed latencies). Capped at 168 (no spills for a float8 cache), three fit:
+# 512 sequences of a float8 cache 323 -> 286 us at 1,040 keys, 639 -> 535 at 2,000 (3.9 TB/s);
+# int8 (a few spills) the same to 2% faster; a cap of 128 spills and is slower
+# (benchmarks/GPU_NOTES.md, "Issue 12, twelfth pass").
+DECODE_CONFIG_8BIT = (1, 3, 32, 168)
 DECODE_CONFIG_8BIT_SPLIT = (2, 3)
 
 
@@ -370,16 +376,17 @@ def decode_config(cache_bytes: int, m_pad: int, d_pad: int, splits: int) -> tupl
 
 
 def _decode_launch(config: tuple[int, ...] | None, cache_bytes: int, m_pad: int, d_pad: int,
-                   splits: int, block_n: int) -> tuple[int, int, int]:
-    """(num_warps, num_stages, BLOCK_N) of a decode launch: ``config`` or the default for
-    ``splits``; ``block_n`` where the config names no tile."""
-    warps, stages, *tile = config or decode_config(cache_bytes, m_pad, d_pad, splits)
-    if tile:
-        block_n = tile[0]
+                   splits: int, block_n: int) -> tuple[int, int, int, dict]:
+    """(num_warps, num_stages, BLOCK_N, other launch options) of a decode launch: ``config``
+    or the default for ``splits``; ``block_n`` where the config names no tile; a fourth item
+    caps the registers per thread (Triton's ``maxnreg``)."""
+    warps, stages, *rest = config or decode_config(cache_bytes, m_pad, d_pad, splits)
+    if rest:
+        block_n = rest[0]
         if block_n < 16 or block_n & (block_n - 1):
             raise ValueError(f"paged attention (triton): BLOCK_N must be a power of two >= 16, "
                              f"found {block_n}")
-    return warps, stages, block_n
+    return warps, stages, block_n, {"maxnreg": rest[1]} if len(rest) > 1 else {}
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -408,8 +415,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     splits = num_splits or decode_splits(b, hkv, max_ctx, q.device)
     d_pad, group = max(16, triton.next_power_of_2(d)), hq // hkv
     m_pad = max(16, triton.next_power_of_2(group))
-    warps, stages, block_n = _decode_launch(config, k_cache.element_size(), m_pad, d_pad,
-                                            splits, page_tile)
+    warps, stages, block_n, options = _decode_launch(config, k_cache.element_size(), m_pad,
+                                                     d_pad, splits, page_tile)
     # the grid's splits: none past the longest context's last key (each row then takes
     # its own share of them, _row_partition)
     fewer = triton.cdiv(max_ctx, triton.cdiv(triton.cdiv(max_ctx, splits), block_n) * block_n)
@@ -417,8 +424,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         fewer = 1  # counters for: unsplit (such a grid fills the GPU without splits)
     if fewer == 1 < splits and config is None:  # unsplit after all: the unsplit default (a
         # split default here compiled a variant of its own, which no other launch used)
-        warps, stages, block_n = _decode_launch(None, k_cache.element_size(), m_pad, d_pad, 1,
-                                                page_tile)
+        warps, stages, block_n, options = _decode_launch(None, k_cache.element_size(), m_pad,
+                                                         d_pad, 1, page_tile)
     splits = fewer
     part = ml = counters = out  # unread unless split
     if splits > 1:
@@ -441,7 +448,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         ALIBI=alibi_slopes is not None,
         WINDOW=sliding_window is not None, PRECISION=_precision(q.dtype), QUANT=mode,
         FP8_OUT=quant_scale is not None, SMOOTH=pre_quant_scale is not None,
-        PDL=pdl, num_warps=warps, num_stages=stages, launch_pdl=pdl)
+        PDL=pdl, num_warps=warps, num_stages=stages, launch_pdl=pdl, **options)
     return out
 
 
