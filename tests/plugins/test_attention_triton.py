@@ -45,15 +45,16 @@ def _paged_case(device, dtype, hkv, d, page, ctx_lens, seed):
     return k, v, table.to(device), torch.tensor(ctx_lens, dtype=torch.int32, device=device)
 
 
-# decode tiles of other sizes (num_warps, num_stages, BLOCK_N): 128 keys span pages of 16 and 64
-DECODE_TILES = {"tile128": (4, 2, 128), "tile32": (1, 3, 32)}
+# decode tiles of other sizes (num_warps, num_stages, BLOCK_N[, register cap]): 128 keys span
+# pages of 16 and 64
+DECODE_TILES = {"tile128": (4, 2, 128), "tile32": (1, 3, 32), "capped": (1, 3, 32, 168)}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("heads", HEADS, ids=str)
 @pytest.mark.parametrize("page", [16, 64])
 @pytest.mark.parametrize("variant", ["plain", "window", "alibi", "split4", "unsplit", "tile128",
-                                     "tile32", "graph"])
+                                     "tile32", "capped", "graph"])
 def test_decode_matches_reference(dtype, heads, page, variant):
     """``graph``: the grid of a CUDA graph captured for 8,192 keys (33 splits), over short rows
     (each divides its keys among the splits)."""
