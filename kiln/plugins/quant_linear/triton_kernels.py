@@ -576,7 +576,8 @@ def _dequant_int4_kernel(w_ptr, ws_ptr, out_ptr, n, k, HALF: tl.constexpr,
     lo, hi = _nibbles_to_f32(tl.load(w_ptr + byte, mask=ok, other=0).to(tl.int32))
     s = tl.load(ws_ptr + rows[:, None].to(tl.int64) * n_groups + g[None, :],
                 mask=(rows < n)[:, None] & (g < n_groups)[None, :], other=0.0)[:, :, None]
-    out = out_ptr + rows[:, None, None].to(tl.int64) * k + (g[:, None] * (2 * HALF) + j[None, :])[None]
+    cols = g[:, None] * (2 * HALF) + j[None, :]
+    out = out_ptr + rows[:, None, None].to(tl.int64) * k + cols[None]
     tl.store(out, (lo * s).to(out_ptr.dtype.element_ty), mask=ok)
     tl.store(out + HALF, (hi * s).to(out_ptr.dtype.element_ty), mask=ok)
 
