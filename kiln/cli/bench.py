@@ -130,6 +130,10 @@ def _bench(engine_dir: Path, spec: Workload, options: ExecutorOptions, warmup: i
         click.echo(report.to_json())
 
 
+# A report is a few KiB: a larger existing file is not one, and is not read to find out.
+_REPORT_MAX_BYTES = 16 << 20
+
+
 def _check_json_output(path: Path, engine_dir: Path | None,
                        is_report: Callable[[Path], bool] | None = None,
                        kind: str = "kiln bench report") -> None:
@@ -139,7 +143,11 @@ def _check_json_output(path: Path, engine_dir: Path | None,
     if engine_dir is not None and path.resolve().is_relative_to(Path(engine_dir).resolve()):
         raise click.BadParameter(f"{path} is inside the engine dir {engine_dir}; write the "
                                  f"report elsewhere", param_hint="--json_output")
-    if path.exists() and not (is_report or _is_bench_report)(path):
+    if path.exists() and not path.is_file():  # a device, pipe or socket: never read it whole
+        raise click.BadParameter(f"{path} is not a regular file (a device, pipe or socket); "
+                                 f"give a file path for the report", param_hint="--json_output")
+    if path.exists() and (path.stat().st_size > _REPORT_MAX_BYTES
+                          or not (is_report or _is_bench_report)(path)):
         raise click.BadParameter(f"{path} exists and is not a {kind}; kiln never "
                                  f"overwrites a file it did not write: choose another path",
                                  param_hint="--json_output")

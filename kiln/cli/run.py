@@ -93,13 +93,32 @@ def read_prompts(input_text: tuple[str, ...], input_file: Path | None) -> list[s
     return prompts
 
 
+# Most bytes an --input_file may hold (prompts, not a corpus): a device such as /dev/zero, or a
+# wrong file, is refused at this size instead of filling the memory.
+INPUT_FILE_MAX_BYTES = 256 << 20
+
+
 def _read_input_file(path: Path) -> list[str]:
     """The prompts of one --input_file; a malformed file is one BadParameter naming the line."""
+    data = bytearray()
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise click.BadParameter(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})",
+        with path.open("rb") as f:  # in pieces: a signal is handled between them
+            while piece := f.read(min(1 << 20, INPUT_FILE_MAX_BYTES + 1 - len(data))):
+                data += piece
+                if len(data) > INPUT_FILE_MAX_BYTES:
+                    raise click.BadParameter(
+                        f"{path}: more than {INPUT_FILE_MAX_BYTES >> 20} MiB; --input_file "
+                        f"takes prompts (a text file, or .jsonl with one per line)",
+                        param_hint="--input_file")
+    except OSError as e:
+        raise click.BadParameter(f"{path}: cannot be read ({e.strerror or e})",
                                  param_hint="--input_file") from None
+    try:  # newlines as text mode reads them ("\r\n" and "\r" as "\n")
+        text = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise click.BadParameter(f"{path} line {line}: not UTF-8 text (byte offset {e.start}: "
+                                 f"{e.reason})", param_hint="--input_file") from None
     if path.suffix != ".jsonl":
         return [text]
     prompts = [_jsonl_prompt(f"{path} line {n}", line)

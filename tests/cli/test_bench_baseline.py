@@ -73,6 +73,24 @@ def test_json_output_never_overwrites_a_users_file_or_writes_into_the_engine(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engine", "notes.txt", "report.json"]
 
 
+def test_json_output_larger_than_a_report_is_not_read(tmp_path, monkeypatch):
+    """An existing --json_output file over the report size cap is refused unread, even one
+    that parses as a report (padded); a report within the cap may be replaced."""
+    import click
+    import pytest
+
+    from kiln.cli import bench as bench_cli
+
+    monkeypatch.setattr(bench_cli, "_REPORT_MAX_BYTES", 1024)
+    report = tmp_path / "report.json"
+    text = json.dumps({"workload": {}, "ttft_ms": {}, "output_tokens_per_s": 1.0})
+    report.write_text(text)
+    bench_cli._check_json_output(report, None)  # a report: may be replaced
+    report.write_text(text + " " * 1024)
+    with pytest.raises(click.BadParameter, match="exists and is not a kiln bench report"):
+        bench_cli._check_json_output(report, None)
+
+
 def test_bench_freezes_the_loaded_objects_before_its_measured_run(tmp_path, monkeypatch):
     """kiln bench owns its process: once the engine is loaded and warm, the collector's full
     passes skip what is alive (kiln.runtime.core.freeze_loaded_objects), before the timed run."""

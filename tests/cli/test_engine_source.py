@@ -158,6 +158,10 @@ def test_bench_on_a_model_dir(tiny_hf, cache):
     (["bench", "--json_output", "{notes}"], "exists and is not a kiln bench report"),
     (["eval", "--dataset", "x.txt", "--json_output", "{notes}"],
      "exists and is not a kiln eval report"),
+    # not read whole to find out (a new user's /dev/full took 24 GB)
+    (["bench", "--json_output", "/dev/zero"], "/dev/zero is not a regular file"),
+    (["eval", "--dataset", "x.txt", "--json_output", "{big}"],
+     "exists and is not a kiln eval report"),
     (["run", "--input_text", "Hi", "--dtype", "float64"], "'float64' is not one of"),
     # the command's own checks, on the engine the build would make
     (["eval", "--dataset", "{tmp}/nope.txt"], "nope.txt: no such file or directory"),
@@ -181,7 +185,10 @@ def test_bad_input_with_model_dir_is_refused_before_a_build(tiny_hf, cache, tmp_
                                                             message, caplog):
     notes = tmp_path / "notes.json"
     notes.write_text("{}")
-    args = [a.format(notes=notes, tmp=tmp_path) for a in args]
+    big = tmp_path / "big.json"
+    with big.open("wb") as f:
+        f.truncate(1 << 30)  # sparse: 1 GiB that the check must not read
+    args = [a.format(notes=notes, tmp=tmp_path, big=big) for a in args]
     with caplog.at_level(logging.WARNING):
         _one_line_error(kiln(args[0], "--model_dir", str(tiny_hf), *args[1:]), message)
     assert not [r for r in caplog.records if "building the engine" in r.getMessage()]

@@ -202,10 +202,32 @@ def test_malformed_jsonl_line_is_one_line_naming_file_and_line(engine, tmp_path,
 @pytest.mark.parametrize("name", ["prompt.txt", "prompts.jsonl"])
 def test_input_file_not_utf8_is_one_line(engine, tmp_path, name):
     f = tmp_path / name
-    f.write_bytes('"caf\u00e9"\n'.encode("latin-1"))
+    f.write_bytes('"fine"\n"caf\u00e9"\n'.encode("latin-1"))
     r = CliRunner().invoke(main, ["run", "--engine_dir", str(engine), "--input_file", str(f)])
-    assert r.exit_code == 2 and f"{f}: not UTF-8 text (byte 4: invalid continuation byte)" \
-        in r.output and "Traceback" not in r.output
+    assert r.exit_code == 2 and f"{f} line 2: not UTF-8 text (byte offset 11: invalid " \
+        "continuation byte)" in r.output and "Traceback" not in r.output
+
+
+def test_input_file_is_read_up_to_a_size(engine, monkeypatch):
+    """A device (a new user's /dev/zero filled the memory) or an oversized file: one line."""
+    from kiln.cli import run as run_cli
+
+    monkeypatch.setattr(run_cli, "INPUT_FILE_MAX_BYTES", 3 << 20)
+    r = CliRunner().invoke(main, ["run", "--engine_dir", str(engine), "--input_file",
+                                  "/dev/zero"])
+    assert r.exit_code == 2 and "/dev/zero: more than 3 MiB; --input_file takes prompts" \
+        in r.output and len(r.output.splitlines()) == 1, r.output
+
+
+def test_input_file_newlines_read_as_text(tmp_path):
+    from kiln.cli.run import read_prompts
+
+    f = tmp_path / "prompt.txt"
+    f.write_bytes(b"one\r\ntwo\rthree\n")
+    assert read_prompts((), f) == ["one\ntwo\nthree\n"]
+    f = tmp_path / "prompts.jsonl"
+    f.write_bytes(b'"a"\r\n"b"\r\n')
+    assert read_prompts((), f) == ["a", "b"]
 
 
 def test_blank_jsonl_is_refused(engine, tmp_path):
