@@ -279,13 +279,35 @@ def main(argv: list[str] | None = None) -> int:
             )
         hf_dir = smollm2_hf_dir(args.cache_dir)
         if args.output_dir is not None:
-            shutil.copytree(hf_dir, args.output_dir, ignore=shutil.ignore_patterns(STAMP_FILENAME))
+            _copy_out(hf_dir, args.output_dir)
             hf_dir = args.output_dir
     except (FileNotFoundError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:
+        print(f"error: {args.output_dir}: cannot be written ({error.strerror or error}); nothing "
+              f"was left half-written", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was left half-written", file=sys.stderr)
+        return 130
     print(hf_dir)
     return 0
+
+
+def _copy_out(hf_dir: Path, output_dir: Path) -> None:
+    """Copy the checkpoint to ``output_dir`` through a temporary dir beside it, renamed when
+    whole: an interrupted or failed copy leaves nothing at ``output_dir``."""
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output_dir.with_name(f".{output_dir.name}.tmp-{os.getpid()}")
+    try:
+        shutil.copytree(hf_dir, tmp, ignore=shutil.ignore_patterns(STAMP_FILENAME))
+        if output_dir.exists():  # made by someone else meanwhile
+            raise FileExistsError(f"--output_dir {output_dir} appeared while copying; not "
+                                  f"replaced: remove it or pick another path")
+        os.rename(tmp, output_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

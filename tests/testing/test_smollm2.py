@@ -132,3 +132,45 @@ def test_stale_fixture_is_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert len(calls) == 1
     assert (target / "config.json").is_file()
     assert sorted(p.name for p in target.parent.iterdir()) == [target.name, target.name + ".lock"]
+
+
+def _fake_fixture(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    src = tmp_path / "cached"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    (src / "model.safetensors").write_bytes(b"weights")
+    (src / smollm2.STAMP_FILENAME).write_text("stamp")
+    monkeypatch.setattr(smollm2, "smollm2_hf_dir", lambda cache_dir=None: src)
+    return src
+
+
+def test_main_copies_the_checkpoint_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture) -> None:
+    _fake_fixture(tmp_path, monkeypatch)
+    out = tmp_path / "new" / "m2"  # a missing parent is made
+    assert smollm2.main(["--output_dir", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert capsys.readouterr().out.strip() == str(out)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m2"]  # no temporary left
+    assert smollm2.main(["--output_dir", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_interrupted_copy_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture) -> None:
+    """Ctrl-C while copying (a new user's run left a truncated model.safetensors and no
+    config.json at --output_dir): exit 130, one line, no output dir, no temporary."""
+    _fake_fixture(tmp_path, monkeypatch)
+    real_copytree = smollm2.shutil.copytree
+
+    def copy_then_interrupt(src, dst, **kwargs):
+        smollm2.shutil.copy2(src, dst)
+        raise KeyboardInterrupt  # after the first file, as Ctrl-C mid-copy
+
+    monkeypatch.setattr(smollm2.shutil, "copytree", lambda src, dst, **kwargs: real_copytree(
+        src, dst, copy_function=copy_then_interrupt, **kwargs))
+    out = tmp_path / "m2"
+    assert smollm2.main(["--output_dir", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "interrupted: nothing was left half-written"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cached"]
