@@ -1,7 +1,7 @@
 """The ``kiln`` command: a click group whose subcommands parse, validate and call the Python API.
 
 Errors a user can cause (:class:`~kiln.errors.KilnError`, click's own usage errors) print one
-line and exit with status 2; ``--debug`` shows the traceback instead.
+line and exit with status 2; ``--debug`` adds the traceback.
 
 Start-up stays light: subcommands other than convert_checkpoint are registered lazily (module,
 short help) and imported only when invoked or their help is asked, so ``kiln --help`` and usage
@@ -14,6 +14,7 @@ import dataclasses
 import importlib
 import logging
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,13 @@ from kiln.errors import KilnError
 from kiln.interrupts import Terminated, deferred_interrupts, exit_code, install_sigterm
 
 
+def _traceback_if_debug(ctx: click.Context) -> None:
+    """--debug: the exception being handled, as a traceback on stderr (the exit status and the
+    one-line message stay as without it)."""
+    if ctx.obj is not None and ctx.obj.debug:
+        traceback.print_exc()
+
+
 class KilnGroup(click.Group):
     """A group that turns KilnError, a subcommand's usage error and an OSError (disk full,
     permissions) into a one-line message (exit 2) unless --debug, and Ctrl-C / SIGTERM into one
@@ -37,8 +45,7 @@ class KilnGroup(click.Group):
         try:
             return super().invoke(ctx)
         except KilnError as e:
-            if ctx.obj is not None and ctx.obj.debug:
-                raise
+            _traceback_if_debug(ctx)
             click.echo(f"error: {e}", err=True)
             ctx.exit(2)
         except click.UsageError as e:  # a subcommand's bad flag or value: one line too
@@ -46,8 +53,7 @@ class KilnGroup(click.Group):
             click.echo(f"error: {e.format_message()} (see {command} --help)", err=True)
             ctx.exit(2)
         except OSError as e:  # the machine refused: disk full, permissions, a read-only mount
-            if ctx.obj is not None and ctx.obj.debug:
-                raise
+            _traceback_if_debug(ctx)
             where = f"{e.filename}: " if e.filename else ""
             click.echo(f"error: {where}{e.strerror or e}; nothing was left half-written",
                        err=True)

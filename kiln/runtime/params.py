@@ -66,7 +66,7 @@ class SamplingParams:
                "is 0, which only scores a prompt: also set prompt_logprobs (0-20), or ask "
                "for max_tokens >= 1")
         _check(_is_num(self.temperature) and self.temperature >= 0, "temperature",
-               f"must be >= 0 (0 = greedy), found {self.temperature!r}")
+               f"must be a finite number >= 0 (0 = greedy), found {self.temperature!r}")
         _check(_is_int(self.top_k) and self.top_k >= 0, "top_k",
                f"must be an integer >= 0 (0 = off), found {self.top_k!r}")
         _check(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p",
@@ -74,7 +74,8 @@ class SamplingParams:
         _check(_is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p",
                f"must be in [0, 1], found {self.min_p!r}")
         _check(_is_num(self.repetition_penalty) and self.repetition_penalty > 0,
-               "repetition_penalty", f"must be > 0 (1 = off), found {self.repetition_penalty!r}")
+               "repetition_penalty",
+               f"must be a finite number > 0 (1 = off), found {self.repetition_penalty!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _check(_is_num(value) and -2 <= value <= 2, name, f"must be in [-2, 2], found {value!r}")

@@ -108,10 +108,15 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
     assert re.search("no such (local )?directory", lines[0])
 
 
-def test_debug_shows_the_exception(tmp_path):
+def test_debug_shows_the_traceback_and_keeps_the_exit_status(tmp_path):
+    """--debug adds the traceback; the one-line message and exit 2 stay (a new user's --debug
+    run exited 1, where the README says 2)."""
     result = _invoke("--debug", "convert_checkpoint", "--model_dir", str(tmp_path / "missing"),
                      "--output_dir", str(tmp_path / "out"))
-    assert isinstance(result.exception, CheckpointError)
+    assert result.exit_code == 2, result.output
+    assert "Traceback (most recent call last)" in result.output
+    assert CheckpointError.__name__ in result.output
+    assert result.output.strip().splitlines()[-1].startswith("error: ")
 
 
 def test_unknown_dtype_is_a_usage_error(hf_dir, tmp_path):

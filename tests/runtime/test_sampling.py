@@ -63,6 +63,14 @@ def test_invalid_values_name_the_parameter(field, value):
         SamplingParams(**{field: value})
 
 
+@pytest.mark.parametrize("field,value", [("temperature", math.inf), ("temperature", math.nan),
+                                         ("repetition_penalty", math.inf)])
+def test_non_finite_values_are_named_as_such(field, value):
+    """inf is >= 0: the message says finite (a new user read 'must be >= 0, found inf')."""
+    with pytest.raises(SamplingParamsError, match=rf"SamplingParams\.{field} must be a finite "):
+        SamplingParams(**{field: value})
+
+
 def test_single_stop_string_becomes_a_tuple():
     assert SamplingParams(stop="###").stop == ("###",)
 
