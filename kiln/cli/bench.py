@@ -154,6 +154,9 @@ def _check_json_output(path: Path, engine_dir: Path | None,
     from kiln.output_dirs import cannot_create_in  # imports torch: not at --help time
 
     parent = path.absolute().parent
+    if not parent.exists():
+        raise click.BadParameter(f"{parent}: no such directory; create it or write the report "
+                                 f"elsewhere", param_hint="--json_output")
     if not parent.is_dir() or (why := cannot_create_in(parent)):
         raise click.BadParameter(f"{parent} is not a writable directory"
                                  + (f" ({why})" if parent.is_dir() else ""),

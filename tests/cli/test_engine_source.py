@@ -160,6 +160,7 @@ def test_bench_on_a_model_dir(tiny_hf, cache):
      "exists and is not a kiln eval report"),
     # not read whole to find out (a new user's /dev/full took 24 GB)
     (["bench", "--json_output", "/dev/zero"], "/dev/zero is not a regular file"),
+    (["bench", "--json_output", "{tmp}/nodir/r.json"], "nodir: no such directory; create it"),
     (["eval", "--dataset", "x.txt", "--json_output", "{big}"],
      "exists and is not a kiln eval report"),
     (["run", "--input_text", "Hi", "--dtype", "float64"], "'float64' is not one of"),
