@@ -238,7 +238,7 @@ def test_blank_jsonl_is_refused(engine, tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--temperature", "-1"], "SamplingParams.temperature must be >= 0"),
+    (["--temperature", "-1"], "SamplingParams.temperature must be a finite number >= 0"),
     (["--top_p", "0"], "SamplingParams.top_p must be in (0, 1]"),
     (["--input_text", "word " * 60], "exceeds the engine's max_input_len 48"),
     (["--seed", str(2**64), "--temperature", "0.7"], "SamplingParams.seed must be an integer in"),
