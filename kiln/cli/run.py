@@ -120,6 +120,9 @@ def _read_input_file(path: Path) -> list[str]:
         raise click.BadParameter(f"{path} line {line}: not UTF-8 text (byte offset {e.start}: "
                                  f"{e.reason})", param_hint="--input_file") from None
     if path.suffix != ".jsonl":
+        if not text:
+            raise click.BadParameter(f"{path}: the file is empty; write the prompt in it",
+                                     param_hint="--input_file")
         return [text]
     prompts = [_jsonl_prompt(f"{path} line {n}", line)
                for n, line in enumerate(text.splitlines(), 1) if line.strip()]
@@ -138,6 +141,8 @@ def _jsonl_prompt(where: str, line: str) -> str:
                                  param_hint="--input_file") from None
     if isinstance(item, str) and not is_utf8(item):
         message = "the string holds a lone surrogate escape (\\ud800-\\udfff), not UTF-8 text"
+    elif isinstance(item, str) and not item:
+        message = "the prompt is empty"
     elif isinstance(item, str):
         return item
     elif not isinstance(item, dict):
@@ -148,6 +153,8 @@ def _jsonl_prompt(where: str, line: str) -> str:
         message = f"'prompt' must be a string, found {_json_type(item['prompt'])}"
     elif not is_utf8(item["prompt"]):
         message = "'prompt' holds a lone surrogate escape (\\ud800-\\udfff), not UTF-8 text"
+    elif not item["prompt"]:
+        message = "'prompt' is empty"
     else:
         return item["prompt"]
     raise click.BadParameter(f"{where}: {message}", param_hint="--input_file")

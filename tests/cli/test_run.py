@@ -189,6 +189,8 @@ def test_input_file_jsonl_gives_one_result_per_line(engine, tmp_path):
     ("null", 'line 2: expected a JSON string or {"prompt": "..."}, found null'),
     ('{"text": "x"}', "line 2: a JSON object needs a 'prompt' key"),
     ('{"prompt": ["x"]}', "line 2: 'prompt' must be a string, found an array"),
+    ('""', "line 2: the prompt is empty"),
+    ('{"prompt": ""}', "line 2: 'prompt' is empty"),
 ])
 def test_malformed_jsonl_line_is_one_line_naming_file_and_line(engine, tmp_path, line, message):
     f = tmp_path / "prompts.jsonl"
@@ -228,6 +230,14 @@ def test_input_file_newlines_read_as_text(tmp_path):
     f = tmp_path / "prompts.jsonl"
     f.write_bytes(b'"a"\r\n"b"\r\n')
     assert read_prompts((), f) == ["a", "b"]
+
+
+def test_empty_prompt_file_is_refused_by_name(engine, tmp_path):
+    f = tmp_path / "prompt.txt"
+    f.write_text("")
+    r = CliRunner().invoke(main, ["run", "--engine_dir", str(engine), "--input_file", str(f)])
+    assert r.exit_code == 2 and f"{f}: the file is empty; write the prompt in it" in r.output
+    assert len(r.output.splitlines()) == 1, r.output
 
 
 def test_blank_jsonl_is_refused(engine, tmp_path):
