@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.build_cache import cache_root
+from kiln.errors import KilnError
 
 logger = logging.getLogger(__name__)
 
@@ -271,43 +272,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output_dir", type=Path, help="copy the checkpoint here (must not exist)")
     parser.add_argument("--cache_dir", type=Path, help="cache root (default: $KILN_CACHE_DIR, ...)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kiln").setLevel(logging.INFO)  # kiln's progress, not other libraries'
     try:
-        if args.output_dir is not None and args.output_dir.exists():
-            raise FileExistsError(
-                f"--output_dir {args.output_dir} already exists: remove it or pick another path"
-            )
-        hf_dir = smollm2_hf_dir(args.cache_dir)
-        if args.output_dir is not None:
-            _copy_out(hf_dir, args.output_dir)
-            hf_dir = args.output_dir
-    except (FileNotFoundError, FileExistsError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:
-        print(f"error: {args.output_dir}: cannot be written ({error.strerror or error}); nothing "
-              f"was left half-written", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
+        return _make(args.output_dir, args.cache_dir)
+    except KeyboardInterrupt:  # the cache build and the copy leave nothing half-written
         print("interrupted: nothing was left half-written", file=sys.stderr)
         return 130
-    print(hf_dir)
-    return 0
 
 
-def _copy_out(hf_dir: Path, output_dir: Path) -> None:
-    """Copy the checkpoint to ``output_dir`` through a temporary dir beside it, renamed when
-    whole: an interrupted or failed copy leaves nothing at ``output_dir``."""
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_dir.with_name(f".{output_dir.name}.tmp-{os.getpid()}")
+def _make(output_dir: Path | None, cache_dir: Path | None) -> int:
+    """main's work: the cached checkpoint (built once), copied to ``output_dir`` if given."""
     try:
-        shutil.copytree(hf_dir, tmp, ignore=shutil.ignore_patterns(STAMP_FILENAME))
-        if output_dir.exists():  # made by someone else meanwhile
-            raise FileExistsError(f"--output_dir {output_dir} appeared while copying; not "
-                                  f"replaced: remove it or pick another path")
-        os.rename(tmp, output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if output_dir is not None and output_dir.exists():
+            raise FileExistsError(
+                f"--output_dir {output_dir} already exists: remove it or pick another path"
+            )
+        hf_dir = smollm2_hf_dir(cache_dir)
+    except (FileNotFoundError, FileExistsError) as error:  # no package; the output exists
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if output_dir is None:
+        print(hf_dir)
+        return 0
+    from kiln.output_dirs import atomic_dir
+
+    try:
+        with atomic_dir(output_dir, overwrite=False) as tmp:  # renamed when whole
+            shutil.copytree(hf_dir, tmp, ignore=shutil.ignore_patterns(STAMP_FILENAME),
+                            dirs_exist_ok=True)
+    except KilnError as error:  # it appeared meanwhile
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # the machine refused: a read-only or full disk, permissions
+        print(f"error: --output_dir {output_dir}: {error.strerror or error}; nothing was "
+              f"left half-written", file=sys.stderr)
+        return 2
+    print(output_dir)
+    return 0
 
 
 if __name__ == "__main__":
