@@ -134,6 +134,9 @@ def _texts_of(path: Path, kind: str, where: str) -> list[str]:
 
 
 def _read_text(path: Path, where: str) -> str:
+    if path.exists() and not path.is_file():  # a device through a link: never read it whole
+        raise DatasetError(f"{where}: not a regular file (a device, pipe or socket); pass a "
+                           f".txt, .jsonl or .parquet file")
     try:
         raw = path.read_bytes()
     except OSError as e:

@@ -126,6 +126,15 @@ def test_missing_and_empty_paths(tmp_path):
         load_texts(tmp_path / "empty")
 
 
+def test_device_behind_a_txt_name_is_not_read(tmp_path):
+    """A link named .txt to /dev/zero: one line, not a read that fills the memory."""
+    link = tmp_path / "zero.txt"
+    link.symlink_to("/dev/zero")
+    with pytest.raises(DatasetError) as error:
+        load_texts(link)
+    assert "not a regular file (a device, pipe or socket)" in _one_line(error)
+
+
 def test_unreadable_file(tmp_path):
     path = tmp_path / "secret.txt"
     path.write_text("text")
