@@ -63,7 +63,8 @@ class _Observed:
         self.inner, self.name, self.amax, self.kv_split = inner, name, amax, kv_split
         self.gemv = None  # no fused silu*up: the observed input must be the real one
 
-    def __call__(self, x, out=None):
+    def __call__(self, x, out=None, epilogue=None):
+        """The projection, then its epilogue (unfused: the k/v amax is read off the output)."""
         self.amax[self.name] = max(self.amax.get(self.name, 0.0), float(x.abs().amax()))
         y = self.inner(x, out=out)
         if self.kv_split is not None:
@@ -72,7 +73,7 @@ class _Observed:
             for kind, part in (("k", y[:, q:q + kv]), ("v", y[:, q + kv:])):
                 key = f"layers.{layer}.attn.{kind}"
                 self.amax[key] = max(self.amax.get(key, 0.0), float(part.abs().amax()))
-        return y
+        return y if epilogue is None else epilogue.apply(y)
 
 
 @torch.no_grad()

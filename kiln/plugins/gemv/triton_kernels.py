@@ -15,15 +15,24 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.plugins.gemv.epilogue import Epilogue
+from kiln.plugins.gemv.triton_epilogue import fused_epilogue, output_rows, store_rows
 from kiln.plugins.pdl import enabled as pdl_enabled
 from kiln.plugins.pdl.triton_kernels import prologue
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, n, k, SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
+                 EPILOGUE: tl.constexpr = 0, HALF=0, table_ptr=None, table_stride=0,
+                 index_ptr=None, slot_ptr=None, k_cache_ptr=None, v_cache_ptr=None,
+                 c_stride_b=0, c_stride_h=0, c_stride_r=0, clip=0.0, k_scale_ptr=None,
+                 v_scale_ptr=None, NUM_HEADS: tl.constexpr = 0, NUM_KV_HEADS: tl.constexpr = 0,
+                 HEAD_DIM: tl.constexpr = 0, PAGE: tl.constexpr = 0,
+                 ROTARY: tl.constexpr = False, CLIP: tl.constexpr = False,
+                 QUANT: tl.constexpr = False):
     prologue(PDL)
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = output_rows(tl.program_id(0), BLOCK_N, EPILOGUE, HALF)
     row_ok = rows < n
     w_rows = w_ptr + rows[:, None].to(tl.int64) * k
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
@@ -41,7 +50,10 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, n, k, SILU: tl.constexpr, HAS_BIAS:
     y = tl.sum(acc, 1)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+    store_rows(y, rows, row_ok, y_ptr, BLOCK_N, EPILOGUE, HALF, table_ptr, table_stride,
+               index_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, c_stride_b, c_stride_h, c_stride_r,
+               clip, k_scale_ptr, v_scale_ptr, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, PAGE, ROTARY,
+               CLIP, QUANT)
 
 
 def gemv_config(n: int, k: int) -> tuple[int, int, int, int]:
@@ -54,19 +66,22 @@ def gemv_config(n: int, k: int) -> tuple[int, int, int, int]:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-         silu_input: bool = False,
-         config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """``config``: (BLOCK_N, BLOCK_K, num_warps, num_stages), default :func:`gemv_config`."""
+         silu_input: bool = False, config: tuple[int, int, int, int] | None = None,
+         epilogue: Epilogue | None = None) -> torch.Tensor:
+    """``config``: (BLOCK_N, BLOCK_K, num_warps, num_stages), default :func:`gemv_config`;
+    ``epilogue``: fused into the store where it fits (:mod:`.triton_epilogue`), else applied
+    after."""
     n, k = weight.shape
     if x.shape[0] != 1 or x.shape[1] != (2 * k if silu_input else k) or x.stride(-1) != 1 \
             or not weight.is_contiguous():
         raise ValueError(f"gemv: need x [1, {2 * k if silu_input else k}] with contiguous rows "
                          f"and a contiguous [N, K] weight; found x {tuple(x.shape)}")
-    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     block_n, block_k, warps, stages = config or gemv_config(n, k)
+    fused = fused_epilogue(epilogue, n, block_n, x.dtype, x.device)
+    y, epilogue_args = fused or (torch.empty((1, n), dtype=x.dtype, device=x.device), {})
     pdl = pdl_enabled(x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, y, n, k, SILU=silu_input,
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl, num_warps=warps,
-        num_stages=stages, launch_pdl=pdl)
-    return y
+        num_stages=stages, launch_pdl=pdl, **epilogue_args)
+    return y if fused is not None or epilogue is None else epilogue.apply(y)

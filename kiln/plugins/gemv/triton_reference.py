@@ -9,6 +9,8 @@ Contract, shared with :mod:`kiln.plugins.gemv.triton_kernels`:
 - ``silu_input``: x holds a fused ``[gate | up]`` row and the product's input is
   ``silu(gate) * up`` rounded to the dtype (the gated MLP's activation, then its down
   projection, in one kernel).
+- ``epilogue`` (:mod:`kiln.plugins.gemv.epilogue`): the result of that op on ``y`` is returned
+  instead of ``y`` (the kernel fuses it into its store where it fits).
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from kiln.plugins.gated_mlp.triton_reference import silu_and_mul
+from kiln.plugins.gemv.epilogue import Epilogue
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-         silu_input: bool = False) -> torch.Tensor:
+         silu_input: bool = False, epilogue: Epilogue | None = None) -> torch.Tensor:
     if silu_input:
         x = silu_and_mul(x)
-    return F.linear(x, weight, bias)
+    y = F.linear(x, weight, bias)
+    return y if epilogue is None else epilogue.apply(y)

@@ -37,6 +37,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kiln.plugins.gemv.epilogue import Epilogue
+from kiln.plugins.gemv.triton_epilogue import fused_epilogue, output_rows, store_rows
 from kiln.plugins.pdl import enabled as pdl_enabled
 from kiln.plugins.pdl.triton_kernels import prologue
 from kiln.plugins.quant_linear import FP8_TRITON_MAX_M
@@ -171,11 +173,19 @@ def _field(word, SHIFT: tl.constexpr, BITS: tl.constexpr):
 @triton.jit
 def _fp8_gemv_kernel(x_ptr, w_ptr, ws_ptr, s_ptr, b_ptr, y_ptr, n, k, DYNAMIC: tl.constexpr,
                      WS_PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
+                     BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
+                     EPILOGUE: tl.constexpr = 0, HALF=0, table_ptr=None, table_stride=0,
+                     index_ptr=None, slot_ptr=None, k_cache_ptr=None, v_cache_ptr=None,
+                     c_stride_b=0, c_stride_h=0, c_stride_r=0, clip=0.0, k_scale_ptr=None,
+                     v_scale_ptr=None, NUM_HEADS: tl.constexpr = 0,
+                     NUM_KV_HEADS: tl.constexpr = 0, HEAD_DIM: tl.constexpr = 0,
+                     PAGE: tl.constexpr = 0, ROTARY: tl.constexpr = False,
+                     CLIP: tl.constexpr = False, QUANT: tl.constexpr = False):
     """y[n] = sum_k w[n, k] * e4m3(x[k] * (1 / s)) * s * ws[n] for fp8 weights [N, K] (as
-    bytes): x quantized with one float32 reciprocal of s (``_quantize``'s inexact rule)."""
+    bytes): x quantized with one float32 reciprocal of s (``_quantize``'s inexact rule); the
+    rows and the store as :mod:`kiln.plugins.gemv.triton_epilogue` (an epilogue's arguments)."""
     prologue(PDL)
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = output_rows(tl.program_id(0), BLOCK_N, EPILOGUE, HALF)
     row_ok = rows < n
     w_rows = w_ptr + rows[:, None].to(tl.int64) * k
     s = _act_scale(x_ptr, s_ptr, k, 1, DYNAMIC, BLOCK_K)
@@ -196,7 +206,10 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, ws_ptr, s_ptr, b_ptr, y_ptr, n, k, DYNAMIC: t
         y = y * tl.load(ws_ptr)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+    store_rows(y, rows, row_ok, y_ptr, BLOCK_N, EPILOGUE, HALF, table_ptr, table_stride,
+               index_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, c_stride_b, c_stride_h, c_stride_r,
+               clip, k_scale_ptr, v_scale_ptr, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, PAGE, ROTARY,
+               CLIP, QUANT)
 
 
 @triton.jit
@@ -221,12 +234,19 @@ def _int8_words_to_f32(w):
 @triton.jit
 def _int8_gemv_kernel(x_ptr, w_ptr, ws_ptr, s_ptr, b_ptr, y_ptr, n, k, ACT: tl.constexpr,
                       DYNAMIC: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_W: tl.constexpr, PDL: tl.constexpr = False):
+                      BLOCK_W: tl.constexpr, PDL: tl.constexpr = False,
+                      EPILOGUE: tl.constexpr = 0, HALF=0, table_ptr=None, table_stride=0,
+                      index_ptr=None, slot_ptr=None, k_cache_ptr=None, v_cache_ptr=None,
+                      c_stride_b=0, c_stride_h=0, c_stride_r=0, clip=0.0, k_scale_ptr=None,
+                      v_scale_ptr=None, NUM_HEADS: tl.constexpr = 0,
+                      NUM_KV_HEADS: tl.constexpr = 0, HEAD_DIM: tl.constexpr = 0,
+                      PAGE: tl.constexpr = 0, ROTARY: tl.constexpr = False,
+                      CLIP: tl.constexpr = False, QUANT: tl.constexpr = False):
     """y[n] = sum_k w[n, k] * x[k] * ws[n] for int8 weights [N, K] (K % 4 == 0), read as int32
     words, ``BLOCK_W`` words of each row per iteration; ``ACT`` 2 (SmoothQuant): x quantized
     to int8 by s (sums of integers, exact), else x as is (weight-only)."""
     prologue(PDL)
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = output_rows(tl.program_id(0), BLOCK_N, EPILOGUE, HALF)
     row_ok = rows < n
     words = k // 4
     w_rows = w_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None].to(tl.int64) * words
@@ -256,7 +276,10 @@ def _int8_gemv_kernel(x_ptr, w_ptr, ws_ptr, s_ptr, b_ptr, y_ptr, n, k, ACT: tl.c
     y = y * tl.load(ws_ptr + rows, mask=row_ok, other=0.0)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+    store_rows(y, rows, row_ok, y_ptr, BLOCK_N, EPILOGUE, HALF, table_ptr, table_stride,
+               index_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, c_stride_b, c_stride_h, c_stride_r,
+               clip, k_scale_ptr, v_scale_ptr, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, PAGE, ROTARY,
+               CLIP, QUANT)
 
 
 @triton.jit
@@ -740,13 +763,14 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
 
 
-def _launch_w8_gemv(x, weight, ws, s, bias, act, config=None):
+def _launch_w8_gemv(x, weight, ws, s, bias, act, config=None, epilogue=None):
     n, k = weight.shape
     block_n, block_k, warps, stages = config or w8_gemv_config(n, k)
-    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    fused = fused_epilogue(epilogue, n, block_n, x.dtype, x.device)
+    y, epilogue_args = fused or (torch.empty((1, n), dtype=x.dtype, device=x.device), {})
     pdl = pdl_enabled(x.device)
     common = dict(DYNAMIC=s is None, HAS_BIAS=bias is not None, BLOCK_N=block_n, PDL=pdl,
-                  num_warps=warps, num_stages=stages, launch_pdl=pdl)
+                  num_warps=warps, num_stages=stages, launch_pdl=pdl, **epilogue_args)
     args = (x, _bytes(weight), ws, s if s is not None else ws, bias if bias is not None else ws,
             y, n, k)
     if act == _ACT_FP8:
@@ -755,7 +779,7 @@ def _launch_w8_gemv(x, weight, ws, s, bias, act, config=None):
     else:
         _int8_gemv_kernel[(triton.cdiv(n, block_n),)](
             *args, ACT=act, BLOCK_W=block_k // 4, **common)
-    return y
+    return y if fused is not None or epilogue is None else epilogue.apply(y)
 
 
 def _words_ok(weight: torch.Tensor) -> bool:
@@ -803,8 +827,8 @@ def _quantize_rows(x, input_scale, act):
 # public functions pick one by M, the benchmark and tests call them by name through PATHS.
 
 
-def _fp8_gemv(x, weight, ws, s, bias, config=None):
-    return _launch_w8_gemv(x, weight, ws, s, bias, _ACT_FP8, config)
+def _fp8_gemv(x, weight, ws, s, bias, config=None, epilogue=None):
+    return _launch_w8_gemv(x, weight, ws, s, bias, _ACT_FP8, config, epilogue)
 
 
 def _fp8_triton(x, weight, ws, s, bias, config=None):
@@ -844,8 +868,8 @@ def _scaled_mm(q, s, s_rows, weight, ws, bias, out_dtype):
     return y if bias is None else y.add_(bias)  # rounds twice: within an ulp of one rounding
 
 
-def _int8_gemv(x, weight, ws, s, bias, config=None):
-    return _launch_w8_gemv(x, weight, ws, s, bias, _ACT_INT8, config)
+def _int8_gemv(x, weight, ws, s, bias, config=None, epilogue=None):
+    return _launch_w8_gemv(x, weight, ws, s, bias, _ACT_INT8, config, epilogue)
 
 
 def _int8_triton(x, weight, ws, s, bias, config=None):
@@ -868,8 +892,8 @@ def _int8_int_mm(x, weight, ws, s, bias, config=None):
     return y
 
 
-def _int8_wo_gemv(x, weight, ws, bias, config=None):
-    return _launch_w8_gemv(x, weight, ws, None, bias, _ACT_NONE, config)
+def _int8_wo_gemv(x, weight, ws, bias, config=None, epilogue=None):
+    return _launch_w8_gemv(x, weight, ws, None, bias, _ACT_NONE, config, epilogue)
 
 
 def _int8_wo_triton(x, weight, ws, bias, config=None):
@@ -960,12 +984,15 @@ PATHS = {
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                input_scale: torch.Tensor | None, bias: torch.Tensor | None = None,
-               out_dtype: torch.dtype | None = None) -> torch.Tensor:
+               out_dtype: torch.dtype | None = None, *,
+               epilogue: Epilogue | None = None) -> torch.Tensor:
     if x.dtype == torch.float8_e4m3fn:  # quantized already, by the kernel before it
-        return _fp8_linear_quantized(x, weight, weight_scale, input_scale, bias, out_dtype)
+        y = _fp8_linear_quantized(x, weight, weight_scale, input_scale, bias, out_dtype)
+        return y if epilogue is None else epilogue.apply(y)
     m, n, k = _check_x_weight("fp8_linear", x, weight, torch.float8_e4m3fn)
     ws, s, b = _scales("fp8_linear", x, n, weight_scale, True, input_scale, bias)
-    return _run(x, n, fp8_path(x, n, k, ws, s), "fp8_linear", weight, ws, s, b)
+    return _run(x, n, fp8_path(x, n, k, ws, s), "fp8_linear", weight, ws, s, b,
+                epilogue=epilogue)
 
 
 def fp8_takes_quantized(m: int, n: int, k: int, weight_scale: torch.Tensor,
@@ -1005,12 +1032,12 @@ def fp8_path(x: torch.Tensor, n: int, k: int, ws: torch.Tensor, s: torch.Tensor 
 
 
 def int8_w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                     input_scale: torch.Tensor | None,
-                     bias: torch.Tensor | None = None) -> torch.Tensor:
+                     input_scale: torch.Tensor | None, bias: torch.Tensor | None = None, *,
+                     epilogue: Epilogue | None = None) -> torch.Tensor:
     m, n, k = _check_x_weight("int8_w8a8_linear", x, weight, torch.int8)
     ws, s, b = _scales("int8_w8a8_linear", x, n, weight_scale, False, input_scale, bias)
     return _run(x, n, int8_w8a8_path(m, n, k, _words_ok(weight)), "int8_w8a8_linear", weight,
-                ws, s, b)
+                ws, s, b, epilogue=epilogue)
 
 
 def int8_w8a8_path(m: int, n: int, k: int, words_ok: bool = True) -> str:
@@ -1022,11 +1049,12 @@ def int8_w8a8_path(m: int, n: int, k: int, words_ok: bool = True) -> str:
 
 
 def int8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                            bias: torch.Tensor | None = None) -> torch.Tensor:
+                            bias: torch.Tensor | None = None, *,
+                            epilogue: Epilogue | None = None) -> torch.Tensor:
     m, n, k = _check_x_weight("int8_weight_only_linear", x, weight, torch.int8)
     ws, _, b = _scales("int8_weight_only_linear", x, n, weight_scale, False, None, bias)
     return _run(x, n, weight_only_path(m, _words_ok(weight)), "int8_weight_only_linear", weight,
-                ws, b)
+                ws, b, epilogue=epilogue)
 
 
 def weight_only_path(m: int, words_ok: bool = True) -> str:
@@ -1035,7 +1063,8 @@ def weight_only_path(m: int, words_ok: bool = True) -> str:
 
 
 def int4_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                            group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+                            group_size: int, bias: torch.Tensor | None = None, *,
+                            epilogue: Epilogue | None = None) -> torch.Tensor:
     fn = "int4_weight_only_linear"
     m, n, k = _check_x_weight(fn, x, weight, torch.uint8, k_per_col=2)
     check_group_size(group_size, k)
@@ -1044,7 +1073,8 @@ def int4_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale:
                          f"group of {group_size}), found {tuple(weight_scale.shape)}")
     ws = weight_scale.float().contiguous()
     b = _vector(fn, "bias", bias, (n,))
-    return _run(x, n, int4_path(m, x.dtype, group_size, n, k), fn, weight, ws, group_size, b)
+    return _run(x, n, int4_path(m, x.dtype, group_size, n, k), fn, weight, ws, group_size, b,
+                epilogue=epilogue)
 
 
 def int4_path(m: int, dtype: torch.dtype, group_size: int, n: int = 0, k: int = 0) -> str:
@@ -1060,7 +1090,17 @@ def int4_path(m: int, dtype: torch.dtype, group_size: int, n: int = 0, k: int = 
     return weight_only_path(m)
 
 
-def _run(x: torch.Tensor, n: int, path: str, fn: str, *args) -> torch.Tensor:
+# the paths that fuse an epilogue into their kernel (where it fits: triton_epilogue)
+_FUSING_PATHS = (_fp8_gemv, _int8_gemv, _int8_wo_gemv)
+
+
+def _run(x: torch.Tensor, n: int, path: str, fn: str, *args,
+         epilogue: Epilogue | None = None) -> torch.Tensor:
+    run = PATHS[fn][path]
     if x.shape[0] == 0:
-        return x.new_empty((0, n))
-    return PATHS[fn][path](x, *args)
+        y = x.new_empty((0, n))
+    elif epilogue is not None and run in _FUSING_PATHS:
+        return run(x, *args, epilogue=epilogue)
+    else:
+        y = run(x, *args)
+    return y if epilogue is None else epilogue.apply(y)

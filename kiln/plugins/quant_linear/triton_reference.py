@@ -31,6 +31,10 @@ the caller multiplies the input first, as the reference decoder does.
   ``weight`` uint8 [N, K/2] in the split-group layout, ``weight_scale`` [N, K / group_size];
   ``y = x @ (values * scale of the value's group).T``.
 
+Each takes a keyword ``epilogue`` (:mod:`kiln.plugins.gemv.epilogue`: silu * up, or rotary
+into the KV cache) and then returns the epilogue's result on ``y`` instead of ``y``; the
+kernels fuse it into their one-row GEMVs, the references apply it after.
+
 The one-token GEMVs quantize with ``x * (1 / s)`` (one float32 reciprocal per call) instead
 of ``x / s``: within an ulp of the quotient, so an element rounds one step the other way only
 where ``x / s`` lies within an ulp of a rounding tie (measured on an H200: 28 elements in 120
@@ -46,6 +50,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kiln.plugins.gemv.epilogue import Epilogue
 from kiln.plugins.quant_linear import FP8_TRITON_MAX_M
 from kiln.plugins.quant_linear.layout import unpack_split_int4
 
@@ -76,10 +81,12 @@ def quantize_int8_input(x: torch.Tensor, input_scale: torch.Tensor | None,
     return torch.round(x.float() / s).clamp(-128, INT8_MAX).to(torch.int8), s
 
 
-def _finish(acc: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+def _finish(acc: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+            epilogue: Epilogue | None = None) -> torch.Tensor:
     if bias is not None:
         acc = acc + bias.float()
-    return acc.to(dtype)
+    y = acc.to(dtype)
+    return y if epilogue is None else epilogue.apply(y)
 
 
 def fp8_takes_quantized(m: int, n: int, k: int, weight_scale: torch.Tensor,
@@ -89,14 +96,15 @@ def fp8_takes_quantized(m: int, n: int, k: int, weight_scale: torch.Tensor,
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                input_scale: torch.Tensor | None, bias: torch.Tensor | None = None,
-               out_dtype: torch.dtype | None = None) -> torch.Tensor:
+               out_dtype: torch.dtype | None = None, *,
+               epilogue: Epilogue | None = None) -> torch.Tensor:
     if x.dtype == torch.float8_e4m3fn:
         q, s, dtype = x, _static_scale(input_scale, out_dtype), out_dtype
     else:
         (q, s), dtype = quantize_fp8_input(x, input_scale), x.dtype
     ws = weight_scale.float()
     w = weight.float() * (ws.reshape(-1, 1) if ws.numel() > 1 else ws.reshape(()))
-    return _finish(F.linear(q.float() * s, w), bias, dtype)
+    return _finish(F.linear(q.float() * s, w), bias, dtype, epilogue)
 
 
 def _static_scale(input_scale: torch.Tensor | None, out_dtype: torch.dtype | None) -> torch.Tensor:
@@ -108,22 +116,24 @@ def _static_scale(input_scale: torch.Tensor | None, out_dtype: torch.dtype | Non
 
 
 def int8_w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                     input_scale: torch.Tensor | None,
-                     bias: torch.Tensor | None = None) -> torch.Tensor:
+                     input_scale: torch.Tensor | None, bias: torch.Tensor | None = None, *,
+                     epilogue: Epilogue | None = None) -> torch.Tensor:
     q, s = quantize_int8_input(x, input_scale)
     # int32-exact: |products| < 2^14 and K < 2^10 terms per float64 mantissa bit is far inside
     acc = (q.double() @ weight.double().T).float()
-    return _finish(acc * s * weight_scale.float()[None, :], bias, x.dtype)
+    return _finish(acc * s * weight_scale.float()[None, :], bias, x.dtype, epilogue)
 
 
 def int8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                            bias: torch.Tensor | None = None) -> torch.Tensor:
+                            bias: torch.Tensor | None = None, *,
+                            epilogue: Epilogue | None = None) -> torch.Tensor:
     w = weight.float() * weight_scale.float()[:, None]
-    return _finish(F.linear(x.float(), w), bias, x.dtype)
+    return _finish(F.linear(x.float(), w), bias, x.dtype, epilogue)
 
 
 def int4_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                            group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+                            group_size: int, bias: torch.Tensor | None = None, *,
+                            epilogue: Epilogue | None = None) -> torch.Tensor:
     values = unpack_split_int4(weight, group_size).float()
     w = values * weight_scale.float().repeat_interleave(group_size, dim=1)
-    return _finish(F.linear(x.float(), w), bias, x.dtype)
+    return _finish(F.linear(x.float(), w), bias, x.dtype, epilogue)

@@ -80,8 +80,10 @@ def _rope_qkv_kernel(qkv_ptr, qkv_stride, table_ptr, table_stride, index_ptr, q_
         idx = tl.load(index_ptr + t).to(tl.int64)
         cos = tl.load(table_ptr + idx * table_stride + offs, mask=offs < half, other=0.0)
         sin = tl.load(table_ptr + idx * table_stride + half + offs, mask=offs < half, other=0.0)
-        y1 = x1 * cos[None, :] - x2 * sin[None, :]
-        y2 = x2 * cos[None, :] + x1 * sin[None, :]
+        # explicit FMAs: the contraction is not the compiler's choice, so the GEMV epilogue
+        # that does the same rotation (kiln.plugins.gemv.triton_epilogue) stores the same bits
+        y1 = tl.fma(x1, cos[None, :], -(x2 * sin[None, :]))
+        y2 = tl.fma(x2, cos[None, :], x1 * sin[None, :])
     else:
         y1 = x1
         y2 = x2

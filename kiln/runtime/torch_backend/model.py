@@ -7,6 +7,10 @@ once over all rows (cuBLAS through ``torch``), and the plugin kernels do the res
     h ──qkv──▶ rope+cache write ──▶ paged attention ──o──▶ add+norm ──gate_up──▶ silu*up
       ──down──▶ add+norm (next layer's attn norm, or the final norm) ──▶ h
 
+The rope+cache write and silu*up are their projections' epilogues
+(:mod:`kiln.plugins.gemv.epilogue`): a one-row GEMV runs them in its own kernel (batch-1
+decode: two kernels a layer fewer); other steps run them after the projection.
+
 Quantized engines (:mod:`kiln.engine.torch_files`): each quantized projection is a
 :class:`QuantLinear` calling its format's kernel (:mod:`kiln.plugins.quant_linear`), after the
 ``pre_quant_scale`` smoothing where the checkpoint has one; a quantized KV cache passes each
@@ -42,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.config import DecoderConfig, NormType, PositionType, ResidualType
+from kiln.plugins.gemv.epilogue import Epilogue, RopeToCache, SiluMul
 from kiln.quantization.config import INPUT_SCALE, PRE_QUANT_SCALE, WEIGHT_SCALE, QuantConfig
 from kiln.roles import Role, companion, quantized_roles
 from kiln.runtime.torch_backend.kernels import KernelSet
@@ -83,17 +88,18 @@ class Linear:
         self.weight, self.bias, self.transposed = weight, bias, transposed
         self.gemv = None if transposed else gemv
 
-    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None,
+                 epilogue: Epilogue | None = None) -> torch.Tensor:
+        """``epilogue``: the op that reads the output, run on it (fused by the GEMV)."""
         if self.gemv is not None and x.shape[0] == 1 and out is None:
-            return self.gemv(x, self.weight, self.bias)
-        if out is not None:
+            return self.gemv(x, self.weight, self.bias, epilogue=epilogue)
+        if out is not None or self.transposed:
             w = self.weight if self.transposed else self.weight.t()
             y = torch.matmul(x, w, out=out)
-            return y if self.bias is None else y.add_(self.bias)
-        if self.transposed:
-            y = torch.matmul(x, self.weight)
-            return y if self.bias is None else y.add_(self.bias)
-        return F.linear(x, self.weight, self.bias)
+            y = y if self.bias is None else y.add_(self.bias)
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        return y if epilogue is None else epilogue.apply(y)
 
 
 class QuantLinear:
@@ -128,13 +134,17 @@ class QuantLinear:
             return input_scale, self.pre_quant_scale
         return None
 
-    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None,
+                 epilogue: Epilogue | None = None) -> torch.Tensor:
+        """``epilogue``: the op that reads the output, run on it (fused by the one-row GEMVs);
+        not with ``out``."""
         if x.dtype == torch.float8_e4m3fn:  # quantized by its producer (quantized_input)
-            y = self.kernel(x, self.weight, *self.scales, bias=self.bias, out_dtype=self.dtype)
+            y = self.kernel(x, self.weight, *self.scales, bias=self.bias, out_dtype=self.dtype,
+                            epilogue=epilogue)
             return y if out is None else out.copy_(y)
         if self.pre_quant_scale is not None:  # as the reference decoder: in float32, rounded
             x = (x.float() * self.pre_quant_scale).to(x.dtype)
-        y = self.kernel(x, self.weight, *self.scales, bias=self.bias)
+        y = self.kernel(x, self.weight, *self.scales, bias=self.bias, epilogue=epilogue)
         return y if out is None else out.copy_(y)
 
 
@@ -313,20 +323,24 @@ class PagedDecoder:
                    cache: PagedKVCache) -> torch.Tensor:
         cfg, k = self.config, self.kernels
         hq, hkv, d = self.num_heads, self.num_kv_heads, cfg.head_dim  # this rank's heads
-        qkv = layer.qkv(h)
+        k_cache, v_cache = cache.layer(i)
+        scales = layer.kv_scales or {}
         clip = cfg.clip_qkv
-        if layer.q_norm is not None:  # clamp, then q/k norms over whole projections, then rope
+        if layer.q_norm is None:  # the projection's epilogue (fused by a one-row GEMV)
+            q = layer.qkv(h, epilogue=RopeToCache(
+                k.rope_qkv_to_cache, inp.rope_table, inp.rope_index, k_cache, v_cache,
+                inp.slot_mapping, hq, hkv, d, clip, **scales))
+        else:  # clamp, then q/k norms over whole projections, then rope
+            qkv = layer.qkv(h)
             if clip is not None:
                 qkv.clamp_(-clip, clip)
                 clip = None
             q_part, k_part = qkv[:, : hq * d], qkv[:, hq * d: (hq + hkv) * d]
             self._norm(q_part, None, layer.q_norm, out=q_part)
             self._norm(k_part, None, layer.k_norm, out=k_part)
-        k_cache, v_cache = cache.layer(i)
-        scales = layer.kv_scales or {}
-        q = k.rope_qkv_to_cache(qkv, inp.rope_table, inp.rope_index, k_cache, v_cache,
-                                inp.slot_mapping, num_heads=hq, num_kv_heads=hkv, head_dim=d,
-                                clip=clip, **scales)
+            q = k.rope_qkv_to_cache(qkv, inp.rope_table, inp.rope_index, k_cache, v_cache,
+                                    inp.slot_mapping, num_heads=hq, num_kv_heads=hkv,
+                                    head_dim=d, clip=clip, **scales)
         common = dict(scale=cfg.softmax_scale, alibi_slopes=self.alibi,
                       sliding_window=cfg.sliding_window, **scales)
         fused = layer.o.quantized_input(q.shape[0]) if isinstance(layer.o, QuantLinear) else None
@@ -345,13 +359,14 @@ class PagedDecoder:
 
     def _mlp(self, layer: Layer, h: torch.Tensor) -> torch.Tensor:
         if layer.gate_up is not None:
-            gate_up = layer.gate_up(h)
             if h.shape[0] == 1 and layer.down.gemv is not None:  # silu*up fused into down
-                return layer.down.gemv(gate_up, layer.down.weight, layer.down.bias,
+                return layer.down.gemv(layer.gate_up(h), layer.down.weight, layer.down.bias,
                                        silu_input=True)
             fused = layer.down.quantized_input(h.shape[0]) \
                 if isinstance(layer.down, QuantLinear) else None
-            scale, smoothing = fused if fused is not None else (None, None)
-            return layer.down(self.kernels.silu_and_mul(gate_up, quant_scale=scale,
+            if fused is None:  # silu*up as the projection's epilogue (fused by a one-row GEMV)
+                return layer.down(layer.gate_up(h, epilogue=SiluMul(self.kernels.silu_and_mul)))
+            scale, smoothing = fused
+            return layer.down(self.kernels.silu_and_mul(layer.gate_up(h), quant_scale=scale,
                                                         pre_quant_scale=smoothing))
         return layer.down(F.gelu(layer.up(h)))
