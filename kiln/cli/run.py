@@ -32,6 +32,7 @@ import click
 from kiln.cli.context import CliContext, PathArg, dp_option, executor_options
 from kiln.cli.engine_source import engine_command, held_engine
 from kiln.errors import KilnError
+from kiln.runtime.errors import SamplingParamsError
 from kiln.runtime.params import SamplingParams, is_utf8  # torch-free: --help stays fast
 
 if TYPE_CHECKING:
@@ -73,9 +74,27 @@ def sampling_options(func):
     return func
 
 
+def _overrides(given: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in given.items() if v is not None and v != ()}
+
+
+def check_sampling_flags(max_output_len: int, given: dict[str, Any]) -> None:
+    """The sampling flags checked before the engine loads, each over SamplingParams' defaults
+    (the engine's own are read with it), a bad one named as its flag."""
+    fields = {f.name for f in dataclasses.fields(SamplingParams)}
+    flags = {k: v for k, v in _overrides(given).items() if k in fields}  # not the engine's
+    try:
+        SamplingParams(max_tokens=max_output_len, **flags)
+    except SamplingParamsError as e:
+        if e.field is None:
+            raise
+        flag = "--max_output_len" if e.field == "max_tokens" else f"--{e.field}"
+        raise click.BadParameter(str(e).removeprefix(f"SamplingParams.{e.field} "),
+                                 param_hint=flag) from None
+
+
 def build_params(llm: LLM, max_output_len: int, given: dict[str, Any]) -> SamplingParams:
-    overrides = {k: v for k, v in given.items() if v is not None and v != ()}
-    return llm.default_params.replace(max_tokens=max_output_len, **overrides)
+    return llm.default_params.replace(max_tokens=max_output_len, **_overrides(given))
 
 
 def read_prompts(input_text: tuple[str, ...], input_file: Path | None) -> list[str]:
@@ -199,6 +218,7 @@ def run(obj: CliContext, input_text: tuple[str, ...], input_file: Path | None,
         **options: Any) -> None:
     """Generate text with an engine; prints the text (stdout), then TTFT, TPOT, tokens/s (stderr)."""
     prompts = read_prompts(input_text, input_file)
+    check_sampling_flags(max_output_len, options)
     from kiln.runtime import LLM, ExecutorOptions
 
     executor = ExecutorOptions(device=device, num_threads=num_threads,

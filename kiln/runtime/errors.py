@@ -10,7 +10,11 @@ from kiln.errors import KilnError
 
 
 class SamplingParamsError(KilnError, ValueError):
-    """A sampling parameter is out of range; the message names the parameter."""
+    """A sampling parameter is out of range; the message names the parameter (``field``)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class RequestError(KilnError, ValueError):

@@ -153,4 +153,4 @@ def _is_num(value: Any) -> bool:
 
 def _check(ok: bool, name: str, message: str) -> None:
     if not ok:
-        raise SamplingParamsError(f"SamplingParams.{name} {message}")
+        raise SamplingParamsError(f"SamplingParams.{name} {message}", field=name)

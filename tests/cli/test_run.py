@@ -248,14 +248,14 @@ def test_blank_jsonl_is_refused(engine, tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--temperature", "-1"], "SamplingParams.temperature must be a finite number >= 0"),
-    (["--top_p", "0"], "SamplingParams.top_p must be in (0, 1]"),
+    (["--temperature", "-1"], "--temperature: must be a finite number >= 0"),
+    (["--top_p", "0"], "--top_p: must be in (0, 1]"),
     (["--input_text", "word " * 60], "exceeds the engine's max_input_len 48"),
-    (["--seed", str(2**64), "--temperature", "0.7"], "SamplingParams.seed must be an integer in"),
-    (["--seed", str(-2**64)], "SamplingParams.seed must be an integer in"),
-    (["--seed", str(10**20)], "SamplingParams.seed must be an integer in"),
+    (["--seed", str(2**64), "--temperature", "0.7"], "--seed: must be an integer in"),
+    (["--seed", str(-2**64)], "--seed: must be an integer in"),
+    (["--seed", str(10**20)], "--seed: must be an integer in"),
     (["--input_text", "caf\udce9"], "--input_text: 'caf\\xe9' is not UTF-8 text"),
-    (["--stop", "\udce9"], "SamplingParams.stop must be UTF-8 text"),
+    (["--stop", "\udce9"], "--stop: must be UTF-8 text"),
     (["--stop_token_ids", "999999"],
      "stop_token_ids [999999] are outside the vocabulary [0, 49152)"),
 ])
@@ -265,6 +265,22 @@ def test_bad_input_is_one_line_and_exit_2(engine, args, message):
         base += ["--input_text", "Hi"]
     r = CliRunner().invoke(main, [*base, *args])
     assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--top_p", "2"], "--top_p: must be in (0, 1], found 2.0"),
+    (["--temperature", "nan"], "--temperature: must be a finite number >= 0"),
+])
+def test_a_bad_sampling_flag_is_refused_before_the_engine_loads(engine, monkeypatch, args,
+                                                                 message):
+    import kiln.runtime
+
+    def no_load(*a, **k):
+        raise AssertionError("the engine was loaded")
+    monkeypatch.setattr(kiln.runtime, "LLM", no_load)
+    r = CliRunner().invoke(main, ["run", "--engine_dir", str(engine), "--input_text", "Hi",
+                                  *args])
+    assert r.exit_code == 2 and message in r.output and len(r.output.splitlines()) == 1, r.output
 
 
 def test_missing_engine_dir(tmp_path):
