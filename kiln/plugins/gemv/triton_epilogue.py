@@ -3,8 +3,8 @@ owns, and how it stores them (plainly, or through a fused epilogue).
 
 A GEMV kernel that takes epilogues computes ``rows = output_rows(...)``, its ``[BLOCK_N]``
 outputs in float32 with scales and bias applied, and ends with ``store_rows(...)``; the
-arguments after ``HALF`` default to "no epilogue", so its launches without one stay as they
-were. With an epilogue a program owns ``BLOCK_N / 2`` pairs ``(r, r + HALF)`` in
+arguments after ``EPILOGUE`` default to "no epilogue", so its launches without one stay as they
+were. With an epilogue a program owns ``BLOCK_N / 2`` pairs ``(r, r + PAIR_HALF)`` in
 interleaved order, each rounded to the projection's dtype first, as the unfused op reads it:
 
 - silu * up: pair ``(gate j, up j)`` becomes output ``j`` (the gated-MLP kernel's arithmetic);
@@ -34,13 +34,13 @@ def _pair_first(pid, PAIRS: tl.constexpr, HALF):
 
 
 @triton.jit
-def output_rows(pid, BLOCK_N: tl.constexpr, EPILOGUE: tl.constexpr, HALF):
+def output_rows(pid, BLOCK_N: tl.constexpr, EPILOGUE: tl.constexpr, PAIR_HALF):
     """The rows GEMV program ``pid`` computes, in the order :func:`store_rows` takes them."""
     j = tl.arange(0, BLOCK_N)
     if EPILOGUE == 0:
         rows = pid * BLOCK_N + j
     else:
-        rows = _pair_first(pid, BLOCK_N // 2, HALF) + j // 2 + (j % 2) * HALF
+        rows = _pair_first(pid, BLOCK_N // 2, PAIR_HALF) + j // 2 + (j % 2) * PAIR_HALF
     return rows
 
 
@@ -87,7 +87,7 @@ def _rope_pairs(a, b, first, q_ptr, table_ptr, table_stride, index_ptr, slot_ptr
 
 @triton.jit
 def store_rows(y, rows, row_ok, y_ptr, BLOCK_N: tl.constexpr, EPILOGUE: tl.constexpr = 0,
-               HALF=0, table_ptr=None, table_stride=0, index_ptr=None, slot_ptr=None,
+               PAIR_HALF=0, table_ptr=None, table_stride=0, index_ptr=None, slot_ptr=None,
                k_cache_ptr=None, v_cache_ptr=None, c_stride_b=0, c_stride_h=0, c_stride_r=0,
                clip=0.0, k_scale_ptr=None, v_scale_ptr=None, NUM_HEADS: tl.constexpr = 0,
                NUM_KV_HEADS: tl.constexpr = 0, HEAD_DIM: tl.constexpr = 0,
@@ -99,7 +99,7 @@ def store_rows(y, rows, row_ok, y_ptr, BLOCK_N: tl.constexpr, EPILOGUE: tl.const
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
     else:
         PAIRS: tl.constexpr = BLOCK_N // 2
-        first = _pair_first(tl.program_id(0), PAIRS, HALF)
+        first = _pair_first(tl.program_id(0), PAIRS, PAIR_HALF)
         # as the projection would have stored them, read back in float32 by the unfused op
         a, b = tl.split(y.to(y_ptr.dtype.element_ty).to(tl.float32).reshape(PAIRS, 2))
         if EPILOGUE == 1:  # silu(gate) * up, as _silu_mul_kernel
@@ -124,7 +124,7 @@ def fused_epilogue(epilogue: Epilogue | None, n: int, block_n: int, dtype: torch
         return None
     if not isinstance(epilogue, RopeToCache):
         return torch.empty((1, n // 2), dtype=dtype, device=device), dict(
-            EPILOGUE=EPILOGUE_SILU_MUL, HALF=half)
+            EPILOGUE=EPILOGUE_SILU_MUL, PAIR_HALF=half)
     e = epilogue
     k_cache, v_cache, table = e.k_cache, e.v_cache, e.table
     if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1 \
@@ -137,7 +137,7 @@ def fused_epilogue(epilogue: Epilogue | None, n: int, block_n: int, dtype: torch
         scales = dict(k_scale_ptr=scale_arg(e.k_scale, device),
                       v_scale_ptr=scale_arg(e.v_scale, device))
     return q, dict(
-        EPILOGUE=EPILOGUE_ROPE, HALF=half, table_ptr=table if table is not None else q,
+        EPILOGUE=EPILOGUE_ROPE, PAIR_HALF=half, table_ptr=table if table is not None else q,
         table_stride=table.stride(0) if table is not None else 0, index_ptr=e.table_index,
         slot_ptr=e.slot_mapping, k_cache_ptr=k_cache, v_cache_ptr=v_cache,
         c_stride_b=k_cache.stride(0), c_stride_h=k_cache.stride(1), c_stride_r=k_cache.stride(2),

@@ -24,7 +24,7 @@ from kiln.plugins.pdl.triton_kernels import prologue
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, n, k, SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
-                 EPILOGUE: tl.constexpr = 0, HALF=0, table_ptr=None, table_stride=0,
+                 EPILOGUE: tl.constexpr = 0, PAIR_HALF=0, table_ptr=None, table_stride=0,
                  index_ptr=None, slot_ptr=None, k_cache_ptr=None, v_cache_ptr=None,
                  c_stride_b=0, c_stride_h=0, c_stride_r=0, clip=0.0, k_scale_ptr=None,
                  v_scale_ptr=None, NUM_HEADS: tl.constexpr = 0, NUM_KV_HEADS: tl.constexpr = 0,
@@ -32,7 +32,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, n, k, SILU: tl.constexpr, HAS_BIAS:
                  ROTARY: tl.constexpr = False, CLIP: tl.constexpr = False,
                  QUANT: tl.constexpr = False):
     prologue(PDL)
-    rows = output_rows(tl.program_id(0), BLOCK_N, EPILOGUE, HALF)
+    rows = output_rows(tl.program_id(0), BLOCK_N, EPILOGUE, PAIR_HALF)
     row_ok = rows < n
     w_rows = w_ptr + rows[:, None].to(tl.int64) * k
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
@@ -50,7 +50,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, n, k, SILU: tl.constexpr, HAS_BIAS:
     y = tl.sum(acc, 1)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    store_rows(y, rows, row_ok, y_ptr, BLOCK_N, EPILOGUE, HALF, table_ptr, table_stride,
+    store_rows(y, rows, row_ok, y_ptr, BLOCK_N, EPILOGUE, PAIR_HALF, table_ptr, table_stride,
                index_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, c_stride_b, c_stride_h, c_stride_r,
                clip, k_scale_ptr, v_scale_ptr, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, PAGE, ROTARY,
                CLIP, QUANT)

@@ -174,7 +174,7 @@ def _field(word, SHIFT: tl.constexpr, BITS: tl.constexpr):
 def _fp8_gemv_kernel(x_ptr, w_ptr, ws_ptr, s_ptr, b_ptr, y_ptr, n, k, DYNAMIC: tl.constexpr,
                      WS_PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
-                     EPILOGUE: tl.constexpr = 0, HALF=0, table_ptr=None, table_stride=0,
+                     EPILOGUE: tl.constexpr = 0, PAIR_HALF=0, table_ptr=None, table_stride=0,
                      index_ptr=None, slot_ptr=None, k_cache_ptr=None, v_cache_ptr=None,
                      c_stride_b=0, c_stride_h=0, c_stride_r=0, clip=0.0, k_scale_ptr=None,
                      v_scale_ptr=None, NUM_HEADS: tl.constexpr = 0,
@@ -185,7 +185,7 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, ws_ptr, s_ptr, b_ptr, y_ptr, n, k, DYNAMIC: t
     bytes): x quantized with one float32 reciprocal of s (``_quantize``'s inexact rule); the
     rows and the store as :mod:`kiln.plugins.gemv.triton_epilogue` (an epilogue's arguments)."""
     prologue(PDL)
-    rows = output_rows(tl.program_id(0), BLOCK_N, EPILOGUE, HALF)
+    rows = output_rows(tl.program_id(0), BLOCK_N, EPILOGUE, PAIR_HALF)
     row_ok = rows < n
     w_rows = w_ptr + rows[:, None].to(tl.int64) * k
     s = _act_scale(x_ptr, s_ptr, k, 1, DYNAMIC, BLOCK_K)
@@ -206,7 +206,7 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, ws_ptr, s_ptr, b_ptr, y_ptr, n, k, DYNAMIC: t
         y = y * tl.load(ws_ptr)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    store_rows(y, rows, row_ok, y_ptr, BLOCK_N, EPILOGUE, HALF, table_ptr, table_stride,
+    store_rows(y, rows, row_ok, y_ptr, BLOCK_N, EPILOGUE, PAIR_HALF, table_ptr, table_stride,
                index_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, c_stride_b, c_stride_h, c_stride_r,
                clip, k_scale_ptr, v_scale_ptr, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, PAGE, ROTARY,
                CLIP, QUANT)
@@ -235,7 +235,7 @@ def _int8_words_to_f32(w):
 def _int8_gemv_kernel(x_ptr, w_ptr, ws_ptr, s_ptr, b_ptr, y_ptr, n, k, ACT: tl.constexpr,
                       DYNAMIC: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_W: tl.constexpr, PDL: tl.constexpr = False,
-                      EPILOGUE: tl.constexpr = 0, HALF=0, table_ptr=None, table_stride=0,
+                      EPILOGUE: tl.constexpr = 0, PAIR_HALF=0, table_ptr=None, table_stride=0,
                       index_ptr=None, slot_ptr=None, k_cache_ptr=None, v_cache_ptr=None,
                       c_stride_b=0, c_stride_h=0, c_stride_r=0, clip=0.0, k_scale_ptr=None,
                       v_scale_ptr=None, NUM_HEADS: tl.constexpr = 0,
@@ -246,7 +246,7 @@ def _int8_gemv_kernel(x_ptr, w_ptr, ws_ptr, s_ptr, b_ptr, y_ptr, n, k, ACT: tl.c
     words, ``BLOCK_W`` words of each row per iteration; ``ACT`` 2 (SmoothQuant): x quantized
     to int8 by s (sums of integers, exact), else x as is (weight-only)."""
     prologue(PDL)
-    rows = output_rows(tl.program_id(0), BLOCK_N, EPILOGUE, HALF)
+    rows = output_rows(tl.program_id(0), BLOCK_N, EPILOGUE, PAIR_HALF)
     row_ok = rows < n
     words = k // 4
     w_rows = w_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None].to(tl.int64) * words
@@ -276,7 +276,7 @@ def _int8_gemv_kernel(x_ptr, w_ptr, ws_ptr, s_ptr, b_ptr, y_ptr, n, k, ACT: tl.c
     y = y * tl.load(ws_ptr + rows, mask=row_ok, other=0.0)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    store_rows(y, rows, row_ok, y_ptr, BLOCK_N, EPILOGUE, HALF, table_ptr, table_stride,
+    store_rows(y, rows, row_ok, y_ptr, BLOCK_N, EPILOGUE, PAIR_HALF, table_ptr, table_stride,
                index_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, c_stride_b, c_stride_h, c_stride_r,
                clip, k_scale_ptr, v_scale_ptr, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, PAGE, ROTARY,
                CLIP, QUANT)
@@ -318,7 +318,8 @@ def _int4_gemv_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, n, k, HALF: tl.constex
                       PDL: tl.constexpr = False):
     """y[n] = sum over groups g of s[n, g] * (lo . x[gG : gG+G/2] + hi . x[gG+G/2 : (g+1)G]),
     ``GROUPS`` groups per iteration. The split-group bytes are read as int32 words: byte p of
-    word j of a group holds feature 4j + p (low nibble) and G/2 + 4j + p (high nibble)."""
+    word j of a group holds feature 4j + p (low nibble) and G/2 + 4j + p (high nibble).
+    No epilogues: measured slower with the rotary (GPU_NOTES.md, thirteenth pass)."""
     prologue(PDL)
     WORDS: tl.constexpr = HALF // 4
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -1090,7 +1091,8 @@ def int4_path(m: int, dtype: torch.dtype, group_size: int, n: int = 0, k: int = 
     return weight_only_path(m)
 
 
-# the paths that fuse an epilogue into their kernel (where it fits: triton_epilogue)
+# the paths that fuse an epilogue into their kernel (where it fits: triton_epilogue); not the
+# INT4 GEMV, measured slower with the rotary (GPU_NOTES.md, "Issue 12, thirteenth pass")
 _FUSING_PATHS = (_fp8_gemv, _int8_gemv, _int8_wo_gemv)
 
 
