@@ -39,6 +39,7 @@ from types import ModuleType
 from kiln.engine import EngineError, EngineManifest, check_files, read_manifest, verify_checksums
 from kiln.runtime.compat import MachineInfo, describe_machine
 from kiln.runtime.executor import Executor
+from kiln.runtime.host_memory import available_memory
 from kiln.runtime.launch import check_launch
 from kiln.runtime.options import ExecutorOptions
 
@@ -114,6 +115,37 @@ def check_replicas(manifest: EngineManifest, device: str, machine: MachineInfo,
         raise EngineError(f"--dp {dp} needs {dp} GPUs (one replica per GPU), and this machine "
                           f"has {gpus} visible; run with --dp {max(1, gpus)}, or where {dp} "
                           f"GPUs are visible")
+    if device != "cuda" and dp > 1:
+        check_replica_memory(manifest, dp)
+
+
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def replica_host_bytes(manifest: EngineManifest) -> int:
+    """A CPU replica's host memory, from below: its engine files (read into memory) and a KV
+    cache for the engine's limits (every row at max_seq_len)."""
+    cfg, limits, quant = manifest.decoder, manifest.limits, manifest.quantization
+    item = 1 if quant is not None and quant.kv_cache_dtype else _DTYPE_BYTES.get(manifest.dtype, 4)
+    cache = (2 * cfg.num_layers * limits.max_batch_size * limits.max_seq_len * cfg.num_kv_heads
+             * cfg.head_dim * item)
+    return sum((manifest.sizes or {}).values()) + cache
+
+
+def check_replica_memory(manifest: EngineManifest, dp: int) -> None:
+    """Refuse ``dp`` CPU replicas whose host memory exceeds what is available, before any
+    starts: they start one after another, and past the memory the kernel's OOM killer ends
+    them while the rest still load (a new user's ``--dp 100`` on a 23 GB machine)."""
+    each, available = replica_host_bytes(manifest), available_memory()
+    if available is None or dp * each <= available:
+        return
+    fit = available // each
+    fix = f"run with --dp {fit} or fewer" if fit > 1 else \
+        "run without --dp, or rebuild with a smaller --max_batch_size or --max_seq_len"
+    raise EngineError(f"--dp {dp}: {dp} CPU replicas of this engine need at least "
+                      f"{dp * each / 2**30:.1f} GiB of host memory ({each / 2**30:.2f} GiB "
+                      f"each: its files and KV cache), and {available / 2**30:.1f} GiB is "
+                      f"available; {fix}")
 
 
 def check_runnable(manifest: EngineManifest, options: ExecutorOptions | None = None,

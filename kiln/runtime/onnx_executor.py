@@ -38,6 +38,7 @@ import torch
 from kiln.engine import EngineError, EngineManifest
 from kiln.runtime.compat import MachineInfo, check_onnx
 from kiln.runtime.executor import Executor, SequenceChunk, StepLogits
+from kiln.runtime.host_memory import available_memory
 from kiln.runtime.loader import ExecutorOptions
 from kiln.runtime.rows import Run, SlotRows
 
@@ -91,6 +92,21 @@ class _Window:
     logits: Any | None  # onnxruntime.OrtValue
 
 
+def _check_cache_memory(manifest: EngineManifest, cache_bytes: int, device: str) -> None:
+    """Refuse, before allocating, a CPU KV cache that does not fit in the host memory
+    available: the OOM killer, or numpy's refusal of a huge array, would otherwise end the load
+    with a traceback."""
+    available = available_memory() if device == "cpu" else None
+    if available is None or cache_bytes <= available:
+        return
+    limits = manifest.limits
+    raise EngineError(f"this onnx engine's limits (max_seq_len {limits.max_seq_len}, "
+                      f"max_batch_size {limits.max_batch_size}) need a KV cache of "
+                      f"{cache_bytes / 2**30:.1f} GiB of host memory, and "
+                      f"{available / 2**30:.1f} GiB is available; rebuild with a smaller "
+                      f"--max_seq_len or --max_batch_size")
+
+
 class OnnxExecutor(Executor):
     """ONNX Runtime executor (see the module docstring)."""
 
@@ -115,6 +131,8 @@ class OnnxExecutor(Executor):
         shape = self._cache_shape(manifest)
         self.max_seq_len, self._cache_row = shape[2], list(shape[1:])
         self._row_bytes = int(np.prod(shape[1:])) * np.dtype(self._dtype).itemsize
+        _check_cache_memory(manifest, 2 * sum(map(len, self._layers)) * shape[0]
+                            * self._row_bytes, self.device)
         # Zero-filled (masked positions must hold finite values: 0 * NaN would leak into outputs).
         self._caches = {(kind, i): ort.OrtValue.ortvalue_from_numpy(
                             np.zeros(shape, self._dtype), self.device, 0)

@@ -26,6 +26,7 @@ import torch
 from kiln.engine import EngineError, EngineManifest
 from kiln.engine.torch_files import check_packed, read_packed
 from kiln.runtime.compat import MachineInfo, sm
+from kiln.runtime.host_memory import available_memory
 from kiln.runtime.launch import torchrun_env
 from kiln.runtime.loader import ExecutorOptions
 from kiln.runtime.torch_backend.executor import (
@@ -168,18 +169,6 @@ def host_bytes(manifest: EngineManifest, device: torch.device,
         need["KV cache"] = ranks * blocks * PagedKVCache.block_bytes(
             layers, mapping.local_kv_heads(cfg), cfg.head_dim, page, dtype)
     return need
-
-
-def available_memory() -> int | None:
-    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def check_host_memory(manifest: EngineManifest, device: torch.device,

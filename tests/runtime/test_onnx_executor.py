@@ -172,3 +172,19 @@ def test_a_graph_file_corrupted_in_place_is_one_line_naming_it(built, tmp_path):
     assert message.startswith(f"{graph}: ONNX Runtime cannot load it (") and "\n" not in message
     assert message.endswith(f"the file is corrupt or modified: check it with kiln verify "
                             f"{engine}, and rebuild the engine with kiln build")
+
+
+def test_a_kv_cache_beyond_the_host_memory_is_refused_before_allocating(engine, monkeypatch):
+    """A build's --max_batch_size 100000 made a 36.6 GiB cache, which numpy refused at load
+    with a traceback (a new user's trial); now it is one EngineError naming the fix."""
+    from kiln.engine import EngineError
+    from kiln.runtime import onnx_executor
+
+    monkeypatch.setattr(onnx_executor, "available_memory", lambda: 1000)
+    monkeypatch.setattr(onnx_executor.np, "zeros", lambda *a, **k: pytest.fail("allocated"))
+    with pytest.raises(EngineError, match=r"max_batch_size 6\) need a KV cache of 0\.0 GiB of "
+                                          r"host memory, and 0\.0 GiB is available; rebuild "
+                                          r"with a smaller --max_seq_len or --max_batch_size"):
+        open_engine(engine)
+    monkeypatch.undo()
+    assert open_engine(engine)[1] is not None

@@ -235,6 +235,53 @@ def test_what_cannot_run_as_replicas_is_refused_before_anything_starts(engines):
         assert result.output.startswith("error: --dp 2 runs copies of a single-rank engine")
 
 
+def test_cpu_replicas_beyond_the_host_memory_are_refused_before_any_starts(engines,
+                                                                           monkeypatch):
+    from kiln.runtime import loader
+
+    engine = engines()
+    each = loader.replica_host_bytes(read_manifest(engine))
+    assert each > sum(read_manifest(engine).sizes.values()) > 0  # files and a KV cache
+    monkeypatch.setattr(loader, "available_memory", lambda: 3 * each + 1)
+    check_engine(engine, ExecutorOptions(device="cpu", dp=3))  # fits
+    with pytest.raises(EngineError) as info:
+        check_engine(engine, ExecutorOptions(device="cpu", dp=100))
+    assert re.fullmatch(r"--dp 100: 100 CPU replicas of this engine need at least \S+ GiB of "
+                        r"host memory \(\S+ GiB each: its files and KV cache\), and \S+ GiB is "
+                        r"available; run with --dp 3 or fewer", str(info.value)), str(info.value)
+    monkeypatch.setattr(loader, "available_memory", lambda: each)
+    with pytest.raises(EngineError, match="run without --dp, or rebuild with a smaller"):
+        check_engine(engine, ExecutorOptions(device="cpu", dp=2))
+    result = CliRunner().invoke(main, ["run", "--input_text", "Hi", "--engine_dir", str(engine),
+                                       "--device", "cpu", "--dp", "2"])
+    assert result.exit_code == 2 and result.output.startswith("error: --dp 2: 2 CPU replicas")
+
+
+def test_a_replica_that_dies_while_the_others_start_stops_the_start(engines, monkeypatch):
+    """Replicas start one after another; one that died meanwhile (the OOM killer, under a large
+    --dp) is named at once instead of after every other replica has started."""
+    import os
+    import signal
+
+    from kiln.runtime.distributed import replicas
+
+    started = []
+
+    def start_killing_the_first(process):
+        if started:  # replica 0 dies before replica 1 starts
+            os.kill(started[0].pid, signal.SIGKILL)
+            started[0].join(10)
+        replicas_start(process)
+        started.append(process)
+
+    replicas_start = replicas.start
+    monkeypatch.setattr(replicas, "start", start_killing_the_first)
+    with pytest.raises(WorkerError, match=r"replica 0 \(pid \d+\) died: killed by SIGKILL"):
+        LLM(engines(), ExecutorOptions(device="cpu", dp=3))
+    assert len(started) == 2  # replica 2 never started
+    assert not any(alive(p.pid) for p in started)
+
+
 def test_replicas_of_an_llm_dropped_without_close_exit(engines):
     from tests.runtime.test_distributed_faults import wait_gone
 

@@ -126,6 +126,7 @@ class ReplicaPool:
                 theirs.close()
                 self.processes.append(process)
                 self.conns.append(ours)
+                self.check_alive()  # one that died while the others start (memory ran out)
             self.infos = self._ready()
         except BaseException:
             self.shutdown(kill=True)
