@@ -123,8 +123,9 @@ _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 def replica_host_bytes(manifest: EngineManifest) -> int:
-    """A CPU replica's host memory, from below: its engine files (read into memory) and a KV
-    cache for the engine's limits (every row at max_seq_len)."""
+    """A CPU replica's host memory at full load: its engine files (read into memory) and a KV
+    cache for the engine's limits (every row at max_seq_len; its pages are touched as it
+    fills)."""
     cfg, limits, quant = manifest.decoder, manifest.limits, manifest.quantization
     item = 1 if quant is not None and quant.kv_cache_dtype else _DTYPE_BYTES.get(manifest.dtype, 4)
     cache = (2 * cfg.num_layers * limits.max_batch_size * limits.max_seq_len * cfg.num_kv_heads
@@ -142,10 +143,10 @@ def check_replica_memory(manifest: EngineManifest, dp: int) -> None:
     fit = available // each
     fix = f"run with --dp {fit} or fewer" if fit > 1 else \
         "run without --dp, or rebuild with a smaller --max_batch_size or --max_seq_len"
-    raise EngineError(f"--dp {dp}: {dp} CPU replicas of this engine need at least "
+    raise EngineError(f"--dp {dp}: {dp} CPU replicas of this engine need up to "
                       f"{dp * each / 2**30:.1f} GiB of host memory ({each / 2**30:.2f} GiB "
-                      f"each: its files and KV cache), and {available / 2**30:.1f} GiB is "
-                      f"available; {fix}")
+                      f"each, its files and a full KV cache), and {available / 2**30:.1f} GiB "
+                      f"is available; {fix}")
 
 
 def check_runnable(manifest: EngineManifest, options: ExecutorOptions | None = None,
