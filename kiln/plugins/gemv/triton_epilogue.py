@@ -15,6 +15,8 @@ interleaved order, each rounded to the projection's dtype first, as the unfused 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -112,7 +114,24 @@ def store_rows(y, rows, row_ok, y_ptr, BLOCK_N: tl.constexpr, EPILOGUE: tl.const
                         PAGE, ROTARY, CLIP, QUANT)
 
 
-def fused_epilogue(epilogue: Epilogue | None, n: int, block_n: int, dtype: torch.dtype,
+def gemv_output(epilogue: Epilogue | None, n: int, block_n: int, x: torch.Tensor,
+                ) -> tuple[torch.Tensor, dict, Callable[[torch.Tensor], torch.Tensor]]:
+    """For a one-row GEMV of ``n`` rows over ``x`` whose programs own ``block_n`` rows: (the
+    tensor its kernel writes, its :func:`store_rows` arguments, what turns that tensor into
+    the call's result: nothing where the epilogue is fused or there is none, else the
+    epilogue applied after)."""
+    fused = _fused_epilogue(epilogue, n, block_n, x.dtype, x.device)
+    if fused is not None:
+        return (*fused, _as_is)
+    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    return y, {}, _as_is if epilogue is None else epilogue.apply
+
+
+def _as_is(y: torch.Tensor) -> torch.Tensor:
+    return y
+
+
+def _fused_epilogue(epilogue: Epilogue | None, n: int, block_n: int, dtype: torch.dtype,
                    device: torch.device) -> tuple[torch.Tensor, dict] | None:
     """(the epilogue's output, the GEMV kernel's :func:`store_rows` arguments) to fuse
     ``epilogue`` into a one-row GEMV of ``n`` rows in ``dtype`` whose programs own ``block_n``

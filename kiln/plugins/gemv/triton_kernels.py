@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from kiln.plugins.gemv.epilogue import Epilogue
-from kiln.plugins.gemv.triton_epilogue import fused_epilogue, output_rows, store_rows
+from kiln.plugins.gemv.triton_epilogue import gemv_output, output_rows, store_rows
 from kiln.plugins.pdl import enabled as pdl_enabled
 from kiln.plugins.pdl.triton_kernels import prologue
 
@@ -77,11 +77,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise ValueError(f"gemv: need x [1, {2 * k if silu_input else k}] with contiguous rows "
                          f"and a contiguous [N, K] weight; found x {tuple(x.shape)}")
     block_n, block_k, warps, stages = config or gemv_config(n, k)
-    fused = fused_epilogue(epilogue, n, block_n, x.dtype, x.device)
-    y, epilogue_args = fused or (torch.empty((1, n), dtype=x.dtype, device=x.device), {})
+    y, epilogue_args, finish = gemv_output(epilogue, n, block_n, x)
     pdl = pdl_enabled(x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, y, n, k, SILU=silu_input,
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl, num_warps=warps,
         num_stages=stages, launch_pdl=pdl, **epilogue_args)
-    return y if fused is not None or epilogue is None else epilogue.apply(y)
+    return finish(y)

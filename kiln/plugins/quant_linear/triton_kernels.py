@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from kiln.plugins.gemv.epilogue import Epilogue
-from kiln.plugins.gemv.triton_epilogue import fused_epilogue, output_rows, store_rows
+from kiln.plugins.gemv.triton_epilogue import gemv_output, output_rows, store_rows
 from kiln.plugins.pdl import enabled as pdl_enabled
 from kiln.plugins.pdl.triton_kernels import prologue
 from kiln.plugins.quant_linear import FP8_TRITON_MAX_M
@@ -767,8 +767,7 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 def _launch_w8_gemv(x, weight, ws, s, bias, act, config=None, epilogue=None):
     n, k = weight.shape
     block_n, block_k, warps, stages = config or w8_gemv_config(n, k)
-    fused = fused_epilogue(epilogue, n, block_n, x.dtype, x.device)
-    y, epilogue_args = fused or (torch.empty((1, n), dtype=x.dtype, device=x.device), {})
+    y, epilogue_args, finish = gemv_output(epilogue, n, block_n, x)
     pdl = pdl_enabled(x.device)
     common = dict(DYNAMIC=s is None, HAS_BIAS=bias is not None, BLOCK_N=block_n, PDL=pdl,
                   num_warps=warps, num_stages=stages, launch_pdl=pdl, **epilogue_args)
@@ -780,7 +779,7 @@ def _launch_w8_gemv(x, weight, ws, s, bias, act, config=None, epilogue=None):
     else:
         _int8_gemv_kernel[(triton.cdiv(n, block_n),)](
             *args, ACT=act, BLOCK_W=block_k // 4, **common)
-    return y if fused is not None or epilogue is None else epilogue.apply(y)
+    return finish(y)
 
 
 def _words_ok(weight: torch.Tensor) -> bool:
