@@ -685,15 +685,20 @@ def int4_mma_config(n: int, k: int, m: int) -> tuple[int, int, int, int, int, in
     """(BLOCK_N, BLOCK_M, groups per iteration, num_warps, num_stages, splits) of the int4
     tensor-core kernel (groups per iteration and splits: at most; divisors of the row's
     groups)."""
-    # H200 sweep (quant_kernels_int4_split_results.json; Llama-3.1-8B shapes, us, g128): the
-    # best or within 3%. Split-K pays where the row tiles are few (o, down: 128 of them).
+    # H200 sweeps (Llama-3.1-8B shapes, us, g128): the best or within 3%. Split-K pays where
+    # the row tiles are few (o, down: 128 of them at 32 rows). A warp's 16-row mma tiles share
+    # the group's activations, shuffled into the operand layout once per warp: 32 rows a warp
+    # (BLOCK_N 128 on 4 warps, 64 on 2) spend 4.2 instructions per weight byte where 16 spend
+    # 5.0 (issue12_fourteenth_pass/int4_mma_rows_*.json; quant_kernels_int4_split_results.json)
     if m <= 8:
         if n >= 4 * k:
-            return 32, 8, 2, 2, 4, 1  # gate_up 30.1 (M = 1)
-        return 32, 8, 2, 2, 4, 2 if n > k else 4  # qkv 9.3 (unsplit 11.0), o 7.1, down 16.1
+            return 128, 8, 2, 4, 3, 1  # gate_up 27.4 (31.4 at 16 rows a warp; M = 1)
+        return 32, 8, 2, 2, 4, 2 if n > k else 4  # qkv 9.4 (unsplit 11.1), o 7.2, down 15.6
     if n >= 4 * k:
-        return 16, 16, 2, 1, 4, 1  # gate_up 38.1 (M = 16)
-    return 32, 16, 2, 2, 4, 2  # qkv 11.7 (unsplit 13.4), o 9.4 (11.8), down 24.7 (37.5)
+        return 64, 16, 2, 2, 3, 1  # gate_up 34.7 (16 rows on 1 warp: 40.9; M = 16)
+    if n <= k:
+        return 64, 16, 2, 2, 3, 4  # o 8.4 (32-row tiles in 2 splits: 9.1), down 19.2 (23.8)
+    return 32, 16, 2, 2, 4, 2  # qkv 11.7 (unsplit 13.3)
 
 
 # Largest M on the INT4 tensor-core kernel (a program's token tile is 8 or 16 wide).
