@@ -21,8 +21,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.plugins.gemv.epilogue import (EPILOGUE_ROPE, EPILOGUE_SILU_MUL, Epilogue,
-                                        RopeToCache, pair_half)
+from kiln.plugins.gemv.epilogue import (
+    EPILOGUE_ROPE,
+    EPILOGUE_SILU_MUL,
+    Epilogue,
+    RopeToCache,
+    pair_half,
+)
 from kiln.plugins.rotary.triton_kernels import _to_cache, scale_arg
 from kiln.plugins.rotary.triton_reference import check_cache_scales
 
