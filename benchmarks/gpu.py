@@ -58,7 +58,11 @@ from kiln.engine.torch_files import pack_weights
 from kiln.roles import Role, expected_shape, parse_name, tensor_names
 from kiln.runtime.executor import SequenceChunk
 from kiln.runtime.scheduler import Scheduler
-from kiln.runtime.torch_backend.executor import TorchExecutor, TorchExecutorOptions
+from kiln.runtime.torch_backend.executor import (
+    PREFILL_ATTENTION,
+    TorchExecutor,
+    TorchExecutorOptions,
+)
 
 log = logging.getLogger("benchmarks.gpu")
 SECTIONS = ("ceilings", "kernels", "decode", "ttft", "throughput", "engine", "profile", "hf",
@@ -634,6 +638,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="requests of the 1000/1000 throughput run")
     parser.add_argument("--quant_decode_only", action="store_true",
                         help="quantized variants: batch-1 decode only (not QUANT_RUNS)")
+    parser.add_argument("--prefill_attention", default="auto", choices=PREFILL_ATTENTION,
+                        help="a fresh prompt's attention (TorchExecutorOptions)")
     parser.add_argument("--peers", default=",".join(r for r, _ in PEER_RECIPES),
                         help="recipes of the 'peer' section (benchmarks/gpu_quantized.py "
                              "PEER_RECIPES; default: all)")
@@ -653,7 +659,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown peers {sorted(set(args.peers) - set(recipes))}; choose from "
                      f"{recipes}")
     results: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                     "sections": sorted(sections)}
+                     "sections": sorted(sections), "prefill_attention": args.prefill_attention}
     save = lambda: (args.out / "gpu_results.json").write_text(  # noqa: E731
         json.dumps({k: v for k, v in results.items()}, indent=1, default=str))
     steps = [("ceilings", lambda: ceilings(results)),
@@ -690,7 +696,8 @@ def run_model(results: dict, args, sections: set[str]) -> None:
     limits = BuildLimits(max_batch_size=max(batches), max_input_len=2048,
                          max_seq_len=4096, max_num_tokens=8192)
     ex = TorchExecutor(config, tensors, limits, transposed=transposed, device="cuda",
-                       options=TorchExecutorOptions(kv_cache_free_gpu_memory_fraction=0.9))
+                       options=TorchExecutorOptions(kv_cache_free_gpu_memory_fraction=0.9,
+                                                    prefill_attention=args.prefill_attention))
     results["setup_s"] = time.perf_counter() - started
     results["kv_cache_tokens"] = ex.cache.num_tokens
     log.info("model ready in %.1f s; KV cache %d tokens", results["setup_s"], ex.cache.num_tokens)
@@ -744,7 +751,8 @@ def quantized_variant(results: dict, label: str, config: DecoderConfig, tensors,
     started = time.perf_counter()
     packed, transposed = quantize_in_memory(config, tensors, quant, amax)
     ex = TorchExecutor(config, packed, limits, transposed=transposed, device="cuda",
-                       options=TorchExecutorOptions(kv_cache_free_gpu_memory_fraction=0.9),
+                       options=TorchExecutorOptions(kv_cache_free_gpu_memory_fraction=0.9,
+                                                    prefill_attention=args.prefill_attention),
                        quant=quant)
     r["setup_s"] = time.perf_counter() - started
     r["kv_cache_tokens"] = ex.cache.num_tokens

@@ -14,6 +14,7 @@ import torch
 
 from kiln.builder.api import build
 from kiln.engine import read_manifest
+from kiln.plugins.attention import cudnn
 from kiln.runtime.executor import SequenceChunk
 from kiln.runtime.loader import ExecutorOptions
 from kiln.runtime.torch_backend.executor import TorchExecutorOptions
@@ -50,12 +51,15 @@ def hf_logits(model, prompt: list[int], tokens: list[int]) -> list[torch.Tensor]
     return logits
 
 
-def kiln_logits(engine_dir, prompt: list[int], steps: int) -> tuple[list[torch.Tensor], list[int]]:
+def kiln_logits(engine_dir, prompt: list[int], steps: int, on_load=None,
+                **options) -> tuple[list[torch.Tensor], list[int]]:
     # An explicit cache size: parallel test workers share the GPU, so sizing from free memory
     # would race (benchmarks/gpu.py covers the free-memory sizing).
     ex = load_executor(engine_dir, read_manifest(engine_dir), ExecutorOptions(device="cuda"),
-                       TorchExecutorOptions(kv_cache_blocks=16))
+                       TorchExecutorOptions(kv_cache_blocks=16, **options))
     assert ex.model.kernels.name == "triton" and ex.graphs is not None
+    if on_load is not None:
+        on_load(ex)
     assert ex.reserve(2, len(prompt) + steps)
     logits = [ex.step([SequenceChunk(2, prompt, 0)])[0]]
     tokens = []
@@ -79,16 +83,52 @@ def test_logits_match_hf(variant, tmp_path, dtype):
     build(ckpt, engine, backend="torch", max_batch_size=4, max_seq_len=64, dtype=dtype,
           allow_long_context=True)
     got, tokens = kiln_logits(engine, PROMPT, STEPS)
+    check_against_hf(name, src, dtype == "float32", got, tokens)
+
+
+def check_against_hf(name: str, src, float32: bool, got: list[torch.Tensor],
+                     tokens: list[int]) -> None:
+    """float32 engines within 1e-3 of HF's float32; 16-bit ones no worse than twice HF's own
+    bfloat16 error (or 1e-2)."""
     truth = model_class(name).from_pretrained(src, dtype=torch.float32).cuda().eval()
     want = hf_logits(truth, PROMPT, tokens)
     err = rel(got, want)
-    if dtype == "float32":
+    if float32:
         assert err <= 1e-3, f"{name}: float32 relative error {err:.2e}"
         return
     hf16 = model_class(name).from_pretrained(src, dtype=torch.bfloat16).cuda().eval()
     hf_err = rel(hf_logits(hf16, PROMPT, tokens), want)
     assert hf_err <= 0.1, f"{name}: HF's own bf16 error {hf_err:.2e} is no yardstick"
     assert err <= max(2 * hf_err, 1e-2), f"{name}: bf16 error {err:.2e}, HF's own {hf_err:.2e}"
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_fresh_prompt_through_cudnn_matches_hf(tmp_path, monkeypatch, dtype):
+    """A fresh prompt's attention through cuDNN (``prefill_attention="cudnn"``, MIN_TOKENS
+    lowered to this prompt's length): taken once per layer, and the logits match HF as the
+    paged kernel's do."""
+    _need_gpu()
+    monkeypatch.setattr(cudnn, "MIN_TOKENS", len(PROMPT))
+    name = "llama-gqa"
+    src = hf_model(name, tmp_path / "hf")
+    engine = tmp_path / "engine"
+    build(kiln_checkpoint(src, tmp_path / "ckpt"), engine, backend="torch", max_batch_size=4,
+          max_seq_len=64, dtype=dtype, allow_long_context=True)
+    calls = []
+
+    def count_calls(ex):
+        real = ex.model.fresh_prefill
+        assert real is cudnn.fresh_prefill_attention
+
+        def counted(*args, **kwargs):
+            calls.append(args[0].shape[0])
+            return real(*args, **kwargs)
+        ex.model.fresh_prefill = counted
+
+    got, tokens = kiln_logits(engine, PROMPT, STEPS, on_load=count_calls,
+                              prefill_attention="cudnn")
+    assert calls == [len(PROMPT)] * read_manifest(engine).decoder.num_layers
+    check_against_hf(name, src, False, got, tokens)
 
 
 def test_step_logits_are_not_overwritten_by_later_steps(tmp_path):

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kiln.checkpoint import load_config, load_rank
 from kiln.engine import BuildLimits
+from kiln.errors import ConfigError
+from kiln.plugins.attention import cudnn
+from kiln.plugins.attention import triton_reference as attention_reference
 from kiln.reference import KVCache, ReferenceDecoder
 from kiln.runtime.core import EngineCore
 from kiln.runtime.executor import SequenceChunk
@@ -177,3 +182,51 @@ def test_pre_transposed_weights_give_the_same_logits(checkpoints):
     got = ex.step([SequenceChunk(0, PROMPT, 0)])[0]
     want = oracle_logits(ReferenceDecoder.from_checkpoint(ckpt), PROMPT)[-1]
     assert float((got - want).abs().max()) <= 1e-4
+
+
+def test_prefill_attention_option(checkpoints):
+    with pytest.raises(ValueError, match="prefill_attention is 'flash'; it must be one of auto"):
+        TorchExecutorOptions(prefill_attention="flash")
+    ckpt = checkpoints("llama-gqa")
+    with pytest.raises(ConfigError, match="cuDNN's attention cannot run this model here .the "
+                                          "reference kernel set"):
+        make_executor(ckpt, prefill_attention="cudnn")
+    assert make_executor(ckpt).model.fresh_prefill is None  # "auto" on the CPU: the reference
+
+
+def test_fresh_prompts_take_the_fresh_prefill_attention(checkpoints, monkeypatch):
+    """A step that is one prompt from position 0, of MIN_TOKENS or more, goes to the model's
+    fresh-prefill attention (cuDNN on GPUs; here a stand-in that reads the cache the same way
+    and runs SDPA's math); every other step to the paged kernel. The logits stay the oracle's."""
+    monkeypatch.setattr(cudnn, "MIN_TOKENS", 4)
+    ckpt = checkpoints("llama-gqa")
+    ex, ref = make_executor(ckpt), ReferenceDecoder.from_checkpoint(ckpt)
+    calls = []
+
+    def stand_in(q, k_cache, v_cache, table, *, scale):
+        calls.append(q.shape[0])
+        n = q.shape[0]
+        keys, values = (attention_reference.gather_keys(c, table, n).transpose(0, 1)[None]
+                        for c in (k_cache, v_cache))
+        with sdpa_kernel(SDPBackend.MATH):
+            out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, values,
+                                                 is_causal=True, scale=scale, enable_gqa=True)
+        return out[0].transpose(0, 1).contiguous()
+
+    ex.model.fresh_prefill = stand_in
+    layers = len(ex.model.layers)  # one call per layer
+    for slot in range(3):
+        assert ex.reserve(slot, 24)
+    got = ex.step([SequenceChunk(0, PROMPT[:6], 0)])[0]
+    assert calls == [6] * layers
+    assert float((got - oracle_logits(ref, PROMPT[:6])[-1]).abs().max()) <= 1e-4
+    ex.step([SequenceChunk(0, PROMPT[6:], 6)])  # a later chunk: keys cached before it
+    ex.step([SequenceChunk(1, PROMPT[:3], 0)])  # shorter than MIN_TOKENS
+    ex.step([SequenceChunk(0, [5], 11), SequenceChunk(2, PROMPT[:6], 0)])  # with a decode row
+    ex.step([SequenceChunk(1, PROMPT[3:], 3), SequenceChunk(0, PROMPT[:5], 12)])
+    assert calls == [6] * layers
+    ex.release(2)
+    assert ex.reserve(2, 24)
+    got = ex.step([SequenceChunk(2, PROMPT[2:], 0)])[0]
+    assert calls == [6] * layers + [9] * layers
+    assert float((got - oracle_logits(ref, PROMPT[2:])[-1]).abs().max()) <= 1e-4

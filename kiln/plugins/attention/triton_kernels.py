@@ -656,3 +656,41 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         PRECISION=_precision(q.dtype), TMA=tma, QUANT=quant, FP8_OUT=quant_scale is not None,
         SMOOTH=pre_quant_scale is not None, num_warps=warps, num_stages=stages)
     return out
+
+
+@triton.jit(do_not_specialize=["n"])  # a prompt's length: any number (16 | n compiled its own)
+def _gather_kv_kernel(k_ptr, v_ptr, table_ptr, k_out, v_out, n, c_stride_b, c_stride_h,
+                      c_stride_r, o_stride_h, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                      PAGE: tl.constexpr):
+    """Program (j, h, kv): page j of key head h of the keys (kv 0) or values (kv 1), rows past
+    ``n`` zero."""
+    j, h = tl.program_id(0), tl.program_id(1)
+    rows = j * PAGE + tl.arange(0, PAGE)
+    d = tl.arange(0, D_PAD)
+    block = tl.load(table_ptr + j, mask=j * PAGE < n, other=0).to(tl.int64)
+    src = block * c_stride_b + h * c_stride_h + (rows % PAGE)[:, None] * c_stride_r + d[None, :]
+    dst = h * o_stride_h + rows[:, None] * HEAD_DIM + d[None, :]
+    d_ok = (d < HEAD_DIM)[None, :]
+    ok = (rows < n)[:, None] & d_ok
+    if tl.program_id(2) == 0:
+        tl.store(k_out + dst, tl.load(k_ptr + src, mask=ok, other=0.0), mask=d_ok)
+    else:
+        tl.store(v_out + dst, tl.load(v_ptr + src, mask=ok, other=0.0), mask=d_ok)
+
+
+def gather_fresh_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor, n: int,
+                    length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence's first ``n`` cached keys and values, read through its block ``table`` (int32,
+    at least ``cdiv(n, page)`` entries) into contiguous ``[1, Hkv, length, D]`` tensors, zero past
+    ``n`` (``length``: a multiple of the page size, at least ``n``): one launch for both."""
+    _, hkv, page, d = k_cache.shape
+    if length % page or length < n:
+        raise ValueError(f"gather_fresh_kv: length {length} must be a multiple of the page "
+                         f"size {page} and at least n = {n}")
+    k = torch.empty(1, hkv, length, d, dtype=k_cache.dtype, device=k_cache.device)
+    v = torch.empty_like(k)
+    _gather_kv_kernel[(length // page, hkv, 2)](
+        k_cache, v_cache, table, k, v, n, k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), k.stride(1), HEAD_DIM=d, D_PAD=max(16, triton.next_power_of_2(d)),
+        PAGE=page)
+    return k, v

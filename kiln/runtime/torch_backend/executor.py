@@ -52,6 +52,7 @@ logits).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ import torch
 
 from kiln.config import DecoderConfig
 from kiln.engine import BuildLimits
+from kiln.plugins.attention import cudnn as cudnn_attention
 from kiln.plugins.quant_linear import FP8_TRITON_MAX_M
 from kiln.quantization.config import QuantConfig
 from kiln.runtime.executor import DeviceTokens, Executor, SequenceChunk, StepLogits
@@ -91,6 +93,9 @@ _T = TypeVar("_T")
 KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
 
 
+PREFILL_ATTENTION = ("auto", "triton", "cudnn")
+
+
 @dataclass(frozen=True)
 class TorchExecutorOptions:
     """Runtime choices of the torch executor (none changes results beyond rounding)."""
@@ -112,8 +117,15 @@ class TorchExecutorOptions:
     # took 1.35x as long on a CPU; a 512-token prefill 0.86-0.92x: benchmarks/pipeline_overlap.py)
     micro_batches: int | None = None
     micro_batch_tokens: int = 256
+    # a fresh prompt's attention (one chunk from position 0): "auto" takes cuDNN's fused
+    # attention where it applies and runs (kiln.plugins.attention.cudnn), "triton" never,
+    # "cudnn" requires it
+    prefill_attention: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.prefill_attention not in PREFILL_ATTENTION:
+            raise ValueError(f"prefill_attention is {self.prefill_attention!r}; it must be one "
+                             f"of {', '.join(PREFILL_ATTENTION)}")
         if self.micro_batches is not None and self.micro_batches < 1:
             raise ValueError(f"micro_batches is {self.micro_batches}; it must be at least 1 "
                              f"(or None: one per pipeline stage)")
@@ -156,7 +168,8 @@ class TorchExecutor(Executor):
         loading = compile_watch.loading() if self.device.type == "cuda" else nullcontext()
         with loading:
             kernels = load_kernels(self.options.kernels, self.device)
-            self.model = PagedDecoder(config, tensors, transposed, kernels, quant, shard)
+            self.model = PagedDecoder(config, tensors, transposed, kernels, quant, shard,
+                                      prefill_attention=self.options.prefill_attention)
             self.rope = RopeTables(config, limits.max_seq_len, self.device)
             self.uploader = Uploader(self.device)
             kv_dtype = quant.kv_cache_dtype if quant is not None else None
@@ -235,8 +248,9 @@ class TorchExecutor(Executor):
         decode attention beside a prefill, unsplit (short contexts) and split (a context of
         129 keys in two); in FP8 engines both again in steps of more than 64 rows, where the
         attention writes the ``o`` projection's FP8 input; a single row (the GEMVs); the
-        sampler's greedy pass over a step's logits. CUDA graphs compile their own decode
-        variants when they are captured.
+        sampler's greedy pass over a step's logits; cuDNN's attention plans for fresh prompts'
+        padded lengths (:mod:`kiln.plugins.attention.cudnn`). CUDA graphs compile their own
+        decode variants when they are captured.
         """
         limits = self.limits
         for slot in (0, 1):
@@ -262,6 +276,15 @@ class TorchExecutor(Executor):
         # sliced and whole-row kernels (kiln.plugins.greedy.triton_kernels.default_slices)
         for n in (1, 64):
             finite_argmax(torch.zeros(n, self.vocab_size, device=self.device))
+        model = self.model
+        if model.fresh_prefill is not None:  # cuDNN's plan for each padded prompt length
+            started = time.perf_counter()
+            lengths = cudnn_attention.warm_up(
+                self.device, model.num_heads, model.num_kv_heads, self.config.head_dim,
+                model.dtype, self.options.page_size, self.config.softmax_scale,
+                min(limits.max_num_tokens, limits.max_seq_len))
+            logger.info("cuDNN attention: plans for %d prompt lengths built in %.1f s",
+                        len(lengths), time.perf_counter() - started)
         torch.cuda.synchronize(self.device)
 
     # -- the executor contract ----------------------------------------------------------

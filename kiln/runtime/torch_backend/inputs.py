@@ -253,4 +253,7 @@ def step_inputs(plan: StepPlan, uploader: Uploader, rope: RopeTables, page_size:
         inp.pre_starts, inp.pre_lens, inp.pre_ctx, inp.pre_tables = \
             pre_starts, pre_lens, pre_ctx_t, pre_tables
         inp.pre_max_q, inp.pre_max_ctx = int(plan.lens[pre].max()), int(pre_ctx.max())
+        # one prompt from position 0 (its context is this chunk): kiln.plugins.attention.cudnn
+        inp.pre_fresh = (not len(dec) and len(pre) == 1
+                         and int(pre_ctx[0]) == int(plan.lens[pre][0]))
     return inp

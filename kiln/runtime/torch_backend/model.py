@@ -9,7 +9,9 @@ once over all rows (cuBLAS through ``torch``), and the plugin kernels do the res
 
 The rope+cache write and silu*up are their projections' epilogues
 (:mod:`kiln.plugins.gemv.epilogue`): a one-row GEMV runs them in its own kernel (batch-1
-decode: two kernels a layer fewer); other steps run them after the projection.
+decode: two kernels a layer fewer); other steps run them after the projection. A step that is
+one prompt from position 0 may take cuDNN's fused attention instead of the paged kernel
+(:mod:`kiln.plugins.attention.cudnn`; the executor's ``prefill_attention`` option).
 
 Quantized engines (:mod:`kiln.engine.torch_files`): each quantized projection is a
 :class:`QuantLinear` calling its format's kernel (:mod:`kiln.plugins.quant_linear`), after the
@@ -39,6 +41,7 @@ Nothing here touches the host, so a single-rank decode step can be captured in a
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,12 +49,16 @@ import torch
 import torch.nn.functional as F
 
 from kiln.config import DecoderConfig, NormType, PositionType, ResidualType
+from kiln.errors import ConfigError
+from kiln.plugins.attention import cudnn as cudnn_attention
 from kiln.plugins.gemv.epilogue import Epilogue, RopeToCache, SiluMul
 from kiln.quantization.config import INPUT_SCALE, PRE_QUANT_SCALE, WEIGHT_SCALE, QuantConfig
 from kiln.roles import Role, companion, quantized_roles
 from kiln.runtime.torch_backend.kernels import KernelSet
 from kiln.runtime.torch_backend.paged_cache import PagedKVCache
 from kiln.runtime.torch_backend.parallel import RankShard
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -74,6 +81,7 @@ class StepInputs:
     pre_ctx: torch.Tensor | None = None  # [Bp] int32
     pre_max_q: int = 0
     pre_max_ctx: int = 0
+    pre_fresh: bool = False  # the step is one prefill chunk from position 0 (no decode rows)
 
 
 class Linear:
@@ -196,7 +204,8 @@ class PagedDecoder:
 
     def __init__(self, config: DecoderConfig, tensors: dict[str, torch.Tensor],
                  transposed: frozenset[str], kernels: KernelSet,
-                 quant: QuantConfig | None = None, shard: RankShard | None = None):
+                 quant: QuantConfig | None = None, shard: RankShard | None = None,
+                 prefill_attention: str = "auto"):
         self.config = config
         self.kernels = kernels
         self.quant = quant
@@ -252,6 +261,33 @@ class PagedDecoder:
             heads = slice(shard.tp_rank * self.num_heads, (shard.tp_rank + 1) * self.num_heads)
             self.alibi = torch.tensor(config.alibi_slopes[heads], dtype=torch.float32,
                                       device=device)
+        self.fresh_prefill = self._fresh_prefill(prefill_attention, device)
+
+    def _fresh_prefill(self, choice: str, device: torch.device) -> Callable | None:
+        """cuDNN's attention for fresh prompts where it applies and runs (kiln.plugins.attention
+        .cudnn), else None: the Triton (or reference) prefill kernel takes every chunk.
+        ``choice``: "auto", "triton" (never cuDNN) or "cudnn" (an error where it cannot)."""
+        if choice == "triton" or (choice == "auto" and self.kernels.name != "triton"):
+            return None
+        cfg = self.config
+        if self.kernels.name != "triton":
+            why = f"the {self.kernels.name} kernel set"
+        elif self.alibi is not None or cfg.sliding_window is not None:
+            why = "ALiBi or a sliding window"
+        elif self.quant is not None and self.quant.kv_cache_dtype is not None:
+            why = f"a {self.quant.kv_cache_dtype} KV cache"
+        else:
+            why = cudnn_attention.refusal(device, self.num_heads, self.num_kv_heads,
+                                          cfg.head_dim, self.dtype)
+        if why is None:
+            logger.info("prefill attention: cuDNN for fresh prompts of %d tokens or more, "
+                        "kiln's Triton kernel for the rest", cudnn_attention.MIN_TOKENS)
+            return cudnn_attention.fresh_prefill_attention
+        if choice == "cudnn":
+            raise ConfigError(f"prefill_attention='cudnn': cuDNN's attention cannot run this "
+                              f"model here ({why}); use 'auto' or 'triton'")
+        logger.info("prefill attention: kiln's Triton kernel (not cuDNN: %s)", why)
+        return None
 
     def _norm(self, x: torch.Tensor, residual: torch.Tensor | None, norm: Norm,
               out: torch.Tensor | None = None, into: Linear | QuantLinear | None = None,
@@ -341,6 +377,11 @@ class PagedDecoder:
             q = k.rope_qkv_to_cache(qkv, inp.rope_table, inp.rope_index, k_cache, v_cache,
                                     inp.slot_mapping, num_heads=hq, num_kv_heads=hkv,
                                     head_dim=d, clip=clip, **scales)
+        if (self.fresh_prefill is not None and inp.pre_fresh
+                and q.shape[0] >= cudnn_attention.MIN_TOKENS):  # one prompt, from position 0
+            out = self.fresh_prefill(q, k_cache, v_cache, inp.pre_tables[0],
+                                     scale=cfg.softmax_scale)
+            return layer.o(out.view(q.shape[0], hq * d))  # o quantizes a 16-bit input itself
         common = dict(scale=cfg.softmax_scale, alibi_slopes=self.alibi,
                       sliding_window=cfg.sliding_window, **scales)
         fused = layer.o.quantized_input(q.shape[0]) if isinstance(layer.o, QuantLinear) else None
