@@ -9,6 +9,11 @@ only under ``--debug``. Anything else escaping is a bug in kiln.
 from __future__ import annotations
 
 
+def a_or_an(word: str) -> str:
+    """``word`` after its article, for messages: "an onnx engine", "a torch engine"."""
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
+
+
 class KilnError(Exception):
     """Base class of user-facing errors (bad input, unsupported models, unusable machines)."""
 

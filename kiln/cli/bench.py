@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +27,9 @@ from kiln.errors import OutputError
 if TYPE_CHECKING:
     from kiln.runtime import LLM, ExecutorOptions
     from kiln.runtime.bench import Workload
+
+logger = logging.getLogger(__name__)
+LONG_ARRIVALS_S = 3600.0  # --request_rate whose arrivals span longer than this is said so
 
 
 def _field_help(name: str) -> str:
@@ -72,6 +77,7 @@ def bench(obj: CliContext, warmup: int, json_output: Path | None, device: str,
     from kiln.runtime.bench import Workload
 
     # checked before any work (a build, with --model_dir): the baseline runs after the benchmark
+    _check_request_rate(request_rate, num_requests)
     if baseline == "hf":
         _check_baseline(source["engine_dir"], source["backend"])
     if json_output is not None and source["engine_dir"] is None:
@@ -86,6 +92,24 @@ def bench(obj: CliContext, warmup: int, json_output: Path | None, device: str,
         if json_output is not None:
             _check_json_output(json_output, engine_dir)
         _bench(engine_dir, spec, options, warmup, json_output, baseline, baseline_batch_size)
+
+
+def _check_request_rate(rate: float | None, num_requests: int) -> None:
+    """A finite rate (no rate queues every request at the start); one whose arrivals would
+    take more than an hour is said so, with how long."""
+    if rate is None:
+        return
+    if not math.isfinite(rate):
+        raise click.BadParameter(f"{rate} is not a finite number of requests per second; leave "
+                                 f"it out to queue every request at the start",
+                                 param_hint="--request_rate")
+    span = num_requests / rate
+    if span > LONG_ARRIVALS_S:
+        hours, days = span / 3600, span / 86400
+        how_long = f"{hours:.1f} hours" if hours < 48 else f"{days:.0f} days" if days < 730 \
+            else f"{days / 365.25:.3g} years"
+        logger.warning("--request_rate %g: %d requests arrive over ~%s on average, and the "
+                       "benchmark lasts that long", rate, num_requests, how_long)
 
 
 def _check_workload(spec: Workload, limits: Any) -> None:

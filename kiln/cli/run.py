@@ -24,6 +24,7 @@ import logging
 import sys
 import types
 import typing
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -118,10 +119,15 @@ INPUT_FILE_MAX_BYTES = 256 << 20
 
 
 def _read_input_file(path: Path) -> list[str]:
-    """The prompts of one --input_file; a malformed file is one BadParameter naming the line."""
+    """The prompts of one --input_file ("-": standard input, one prompt); a malformed file is
+    one BadParameter naming the line."""
     data = bytearray()
+    stdin = str(path) == "-"
+    if stdin:
+        path = Path("stdin")  # how messages name it
     try:
-        with path.open("rb") as f:  # in pieces: a signal is handled between them
+        with nullcontext(sys.stdin.buffer) if stdin else path.open("rb") as f:
+            # in pieces: a signal is handled between them
             while piece := f.read(min(1 << 20, INPUT_FILE_MAX_BYTES + 1 - len(data))):
                 data += piece
                 if len(data) > INPUT_FILE_MAX_BYTES:
@@ -140,8 +146,9 @@ def _read_input_file(path: Path) -> list[str]:
                                  f"{e.reason})", param_hint="--input_file") from None
     if path.suffix != ".jsonl":
         if not text:
-            raise click.BadParameter(f"{path}: the file is empty; write the prompt in it",
-                                     param_hint="--input_file")
+            fix = "empty; pipe the prompt in" if stdin else \
+                "the file is empty; write the prompt in it"
+            raise click.BadParameter(f"{path}: {fix}", param_hint="--input_file")
         return [text]
     prompts = [_jsonl_prompt(f"{path} line {n}", line)
                for n, line in enumerate(text.splitlines(), 1) if line.strip()]
@@ -198,9 +205,10 @@ def _json_type(value: Any) -> str:
 
 @engine_command("run", "Engine dir (output of kiln build).")
 @click.option("--input_text", multiple=True, help="A prompt. Repeatable.")
-@click.option("--input_file", type=PathArg(exists=True, dir_okay=False, path_type=Path),
+@click.option("--input_file", type=PathArg(exists=True, dir_okay=False, path_type=Path,
+                                           allow_dash=True),
               help="Prompt file: .jsonl = one prompt per line (string or {\"prompt\": ...}); "
-                   "any other file = one prompt.")
+                   "any other file = one prompt; - = one prompt from standard input.")
 @click.option("--max_output_len", default=64, show_default=True, type=click.IntRange(min=1),
               help="New tokens per prompt at most.")
 @click.option("--streaming", is_flag=True,
@@ -322,5 +330,5 @@ def format_stats(results: list[CompletionResult]) -> str:
     rate = f"{tokens / (end - start):.1f}" if end > start else "-"
     reasons = ",".join(sorted({str(r.finish_reason) for r in results}))
     return (f"TTFT {mean(ttft)} | time per output token {mean(tpot)} | "
-            f"{rate} tokens/s ({tokens} tokens, {len(results)} "
+            f"{rate} tokens/s ({tokens} token{'s' if tokens != 1 else ''}, {len(results)} "
             f"request{'s' if len(results) > 1 else ''}, finish: {reasons})")

@@ -4,6 +4,8 @@ whose limits cannot fit is refused in one line instead (torch-free: the onnx pat
 
 from __future__ import annotations
 
+import math
+
 
 def available_memory() -> int | None:
     """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
@@ -16,3 +18,12 @@ def available_memory() -> int | None:
         return None
     return None
 
+
+
+def size_text(n: float) -> str:
+    """Bytes for a message: GiB (one decimal) from 0.1 GiB, else MiB, else KiB (never "0.0")."""
+    if n >= 2**30 / 10:
+        return f"{n / 2**30:.1f} GiB"
+    if n >= 2**20:
+        return f"{n / 2**20:.0f} MiB"
+    return f"{max(1, math.ceil(n / 2**10))} KiB"

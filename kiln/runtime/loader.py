@@ -37,9 +37,10 @@ from pathlib import Path
 from types import ModuleType
 
 from kiln.engine import EngineError, EngineManifest, check_files, read_manifest, verify_checksums
+from kiln.errors import a_or_an
 from kiln.runtime.compat import MachineInfo, describe_machine
 from kiln.runtime.executor import Executor
-from kiln.runtime.host_memory import available_memory
+from kiln.runtime.host_memory import available_memory, size_text
 from kiln.runtime.launch import check_launch
 from kiln.runtime.options import ExecutorOptions
 
@@ -83,8 +84,8 @@ def check_rank(manifest: EngineManifest, module: ModuleType, options: ExecutorOp
         raise EngineError(f"rank {rank} is not a rank of this engine, which has {world} "
                           f"(0 to {world - 1}); leave rank out (0)")
     if rank != 0 and hasattr(module, "loaded_ranks"):
-        raise EngineError(f"rank must be 0 for a {manifest.backend} engine, found {rank}: the "
-                          f"process that opens it is the driver (rank 0) and starts the "
+        raise EngineError(f"rank must be 0 for {a_or_an(manifest.backend)} engine, found {rank}: "
+                          f"the process that opens it is the driver (rank 0) and starts the "
                           f"engine's other ranks itself; leave rank out")
 
 
@@ -144,9 +145,9 @@ def check_replica_memory(manifest: EngineManifest, dp: int) -> None:
     fix = f"run with --dp {fit} or fewer" if fit > 1 else \
         "run without --dp, or rebuild with a smaller --max_batch_size or --max_seq_len"
     raise EngineError(f"--dp {dp}: {dp} CPU replicas of this engine need up to "
-                      f"{dp * each / 2**30:.1f} GiB of host memory ({each / 2**30:.2f} GiB "
-                      f"each, its files and a full KV cache), and {available / 2**30:.1f} GiB "
-                      f"is available; {fix}")
+                      f"{size_text(dp * each)} of host memory ({size_text(each)} each, its "
+                      f"files and a full KV cache), and {size_text(available)} is available; "
+                      f"{fix}")
 
 
 def check_runnable(manifest: EngineManifest, options: ExecutorOptions | None = None,
@@ -163,9 +164,14 @@ def check_runnable(manifest: EngineManifest, options: ExecutorOptions | None = N
     check_options = getattr(module, "check_options", None)
     if check_options is not None:
         check_options(manifest, machine, options)
+    device = run_device(module, manifest, machine, options)
+    if options.kv_cache_free_gpu_memory_fraction is not None and (
+            manifest.backend != "torch" or device != "cuda"):
+        logger.warning("kv_cache_free_gpu_memory_fraction has no effect on %s: it sizes the "
+                       "torch backend's KV cache on a GPU", f"{a_or_an(manifest.backend)} engine"
+                       if manifest.backend != "torch" else "the CPU")
     if options.dp > 1 or options.engine_process:
-        check_replicas(manifest, run_device(module, manifest, machine, options), machine,
-                       options)
+        check_replicas(manifest, device, machine, options)
     return module, machine
 
 

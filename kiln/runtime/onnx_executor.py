@@ -38,7 +38,7 @@ import torch
 from kiln.engine import EngineError, EngineManifest
 from kiln.runtime.compat import MachineInfo, check_onnx
 from kiln.runtime.executor import Executor, SequenceChunk, StepLogits
-from kiln.runtime.host_memory import available_memory
+from kiln.runtime.host_memory import available_memory, size_text
 from kiln.runtime.loader import ExecutorOptions
 from kiln.runtime.rows import Run, SlotRows
 
@@ -102,8 +102,8 @@ def _check_cache_memory(manifest: EngineManifest, cache_bytes: int, device: str)
     limits = manifest.limits
     raise EngineError(f"this onnx engine's limits (max_seq_len {limits.max_seq_len}, "
                       f"max_batch_size {limits.max_batch_size}) need a KV cache of "
-                      f"{cache_bytes / 2**30:.1f} GiB of host memory, and "
-                      f"{available / 2**30:.1f} GiB is available; rebuild with a smaller "
+                      f"{size_text(cache_bytes)} of host memory, and "
+                      f"{size_text(available)} is available; rebuild with a smaller "
                       f"--max_seq_len or --max_batch_size")
 
 

@@ -217,8 +217,8 @@ def test_limits_beyond_host_memory_refused_before_allocating(quantized, tmp_path
           **LIMITS)
     monkeypatch.setattr("kiln.runtime.torch_executor.available_memory", lambda: 1000)
     with pytest.raises(EngineError, match=r"this torch engine's limits \(max_seq_len 32, "
-                                          r"max_batch_size 4\) need rotary tables 0.0 GiB, KV "
-                                          r"cache 0.0 GiB of host memory, and 0.0 GiB is "
+                                          r"max_batch_size 4\) need rotary tables 6 KiB, KV "
+                                          r"cache 40 KiB of host memory, and 1 KiB is "
                                           r"available; rebuild with a smaller --max_seq_len"):
         open_engine(tmp_path / "e", ExecutorOptions(device="cpu"))
     monkeypatch.setattr("kiln.runtime.torch_executor.available_memory", lambda: None)

@@ -311,6 +311,37 @@ def test_bench_table_and_json(engine, tmp_path):
     assert report["ttft_ms"]["p99"] >= report["ttft_ms"]["p50"] > 0
 
 
+def test_bench_says_the_gpu_memory_fraction_does_nothing_for_this_engine(engine, caplog):
+    with caplog.at_level("WARNING", logger="kiln.runtime.loader"):
+        r = kiln("bench", "--engine_dir", str(engine), "--input_len", "8", "--output_len", "2",
+                 "--num_requests", "1", "--kv_cache_free_gpu_memory_fraction", "0.5")
+    assert r.exit_code == 0, r.output
+    assert ("kv_cache_free_gpu_memory_fraction has no effect on an onnx engine: it sizes the "
+            "torch backend's KV cache on a GPU") in caplog.messages
+
+
+@pytest.mark.parametrize("rate", ["nan", "inf"])
+def test_bench_refuses_a_request_rate_that_is_not_finite(engine, rate):
+    r = CliRunner().invoke(main, ["bench", "--engine_dir", str(engine), "--request_rate", rate])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "Invalid value for --request_rate" in r.output and "not a finite number" in r.output
+
+
+def test_bench_says_how_long_a_slow_request_rate_takes(caplog):
+    from kiln.cli.bench import _check_request_rate
+
+    with caplog.at_level("WARNING", logger="kiln.cli.bench"):
+        _check_request_rate(16 / 3600, 16)  # an hour of arrivals: said nothing
+        assert not caplog.messages
+        _check_request_rate(1e-9, 16)
+        _check_request_rate(1e-6, 16)
+    assert caplog.messages == [
+        "--request_rate 1e-09: 16 requests arrive over ~507 years on average, and the "
+        "benchmark lasts that long",
+        "--request_rate 1e-06: 16 requests arrive over ~185 days on average, and the "
+        "benchmark lasts that long"]
+
+
 def test_bench_refuses_lengths_beyond_the_engine(engine):
     r = CliRunner().invoke(main, ["bench", "--engine_dir", str(engine), "--input_len", "40",
                                   "--output_len", "80"])
@@ -331,6 +362,18 @@ def test_a_request_ending_in_error_is_reported_and_exits_2(monkeypatch):
     assert result.exit_code == 2
     assert "error: request" in result.stderr and "not finite (NaN or Inf)" in result.stderr
     assert result.stdout.startswith("[0]\n")
+
+
+def test_input_file_dash_reads_one_prompt_from_stdin(engine, tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("Hello there")
+    args = ["run", "--engine_dir", str(engine), "--max_output_len", "4", "--ignore_eos"]
+    from_file = CliRunner().invoke(main, [*args, "--input_file", str(f)])
+    piped = CliRunner().invoke(main, [*args, "--input_file", "-"], input="Hello there")
+    assert from_file.exit_code == piped.exit_code == 0, piped.output
+    assert piped.stdout == from_file.stdout and piped.stdout.strip()
+    empty = CliRunner().invoke(main, [*args, "--input_file", "-"], input="")
+    assert empty.exit_code == 2 and "stdin: empty; pipe the prompt in" in empty.output
 
 
 def test_a_jsonl_prompt_with_a_lone_surrogate_is_one_line_naming_the_line(engine, tmp_path):
@@ -373,7 +416,7 @@ def _result(token_times, finish_reason="length"):
      "TTFT 250.0 ms | time per output token 250.0 ms | 3.0 tokens/s (3 tokens, 1 request, "
      "finish: length)"),
     ([_result([0.5])],
-     "TTFT 500.0 ms | time per output token - | 1.0 tokens/s (1 tokens, 1 request, "
+     "TTFT 500.0 ms | time per output token - | 1.0 tokens/s (1 token, 1 request, "
      "finish: length)"),
     ([_result([], "error"), _result([], "error")],
      "TTFT - | time per output token - | 0.0 tokens/s (0 tokens, 2 requests, finish: error)"),

@@ -182,8 +182,8 @@ def test_a_kv_cache_beyond_the_host_memory_is_refused_before_allocating(engine, 
 
     monkeypatch.setattr(onnx_executor, "available_memory", lambda: 1000)
     monkeypatch.setattr(onnx_executor.np, "zeros", lambda *a, **k: pytest.fail("allocated"))
-    with pytest.raises(EngineError, match=r"max_batch_size 6\) need a KV cache of 0\.0 GiB of "
-                                          r"host memory, and 0\.0 GiB is available; rebuild "
+    with pytest.raises(EngineError, match=r"max_batch_size 6\) need a KV cache of \d+ [KM]iB "
+                                          r"of host memory, and 1 KiB is available; rebuild "
                                           r"with a smaller --max_seq_len or --max_batch_size"):
         open_engine(engine)
     monkeypatch.undo()

@@ -246,9 +246,10 @@ def test_cpu_replicas_beyond_the_host_memory_are_refused_before_any_starts(engin
     check_engine(engine, ExecutorOptions(device="cpu", dp=3))  # fits
     with pytest.raises(EngineError) as info:
         check_engine(engine, ExecutorOptions(device="cpu", dp=100))
-    assert re.fullmatch(r"--dp 100: 100 CPU replicas of this engine need up to \S+ GiB of "
-                        r"host memory \(\S+ GiB each, its files and a full KV cache\), and \S+ "
-                        r"GiB is available; run with --dp 3 or fewer", str(info.value)), \
+    assert re.fullmatch(r"--dp 100: 100 CPU replicas of this engine need up to \S+ [KMG]iB "
+                        r"of host memory \(\S+ [KMG]iB each, its files and a full KV cache\), "
+                        r"and \S+ [KMG]iB is available; run with --dp 3 or fewer",
+                        str(info.value)), \
         str(info.value)
     monkeypatch.setattr(loader, "available_memory", lambda: each)
     with pytest.raises(EngineError, match="run without --dp, or rebuild with a smaller"):

@@ -21,7 +21,7 @@ import torch
 
 from kiln.config import DecoderConfig, MlpType, NormType, PositionType, ResidualType
 from kiln.converters.llama import LlamaConverter
-from kiln.errors import ConfigError
+from kiln.errors import ConfigError, a_or_an
 from kiln.roles import SHARDING, Role
 from kiln.sharding import SEGMENT_RULES
 
@@ -155,7 +155,7 @@ def hf_baseline_for_engine(engine_dir: str | Path, prompts: Sequence[Sequence[in
     manifest = read_manifest(engine_dir)
     if manifest.backend != "torch":
         raise EngineError(f"--baseline hf needs a torch engine (its packed weights); "
-                          f"{engine_dir} is a {manifest.backend} engine: rebuild with --backend "
+                          f"{engine_dir} is {a_or_an(manifest.backend)} engine: rebuild with --backend "
                           f"torch")
     tensors: dict[str, torch.Tensor] = {}
     for name in manifest.rank_files.get(0, ()):

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.config import DecoderConfig, NormType, PositionType, ResidualType
-from kiln.errors import ConfigError
+from kiln.errors import ConfigError, a_or_an
 from kiln.plugins.attention import cudnn as cudnn_attention
 from kiln.plugins.gemv.epilogue import Epilogue, RopeToCache, SiluMul
 from kiln.quantization.config import INPUT_SCALE, PRE_QUANT_SCALE, WEIGHT_SCALE, QuantConfig
@@ -275,7 +275,7 @@ class PagedDecoder:
         elif self.alibi is not None or cfg.sliding_window is not None:
             why = "ALiBi or a sliding window"
         elif self.quant is not None and self.quant.kv_cache_dtype is not None:
-            why = f"a {self.quant.kv_cache_dtype} KV cache"
+            why = f"{a_or_an(self.quant.kv_cache_dtype)} KV cache"
         else:
             why = cudnn_attention.refusal(device, self.num_heads, self.num_kv_heads,
                                           cfg.head_dim, self.dtype)
