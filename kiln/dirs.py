@@ -18,6 +18,8 @@ validating a directory; the owner of each format does that once the kind is righ
 
 from __future__ import annotations
 
+import difflib
+import itertools
 import json
 from enum import Enum
 from pathlib import Path
@@ -102,6 +104,17 @@ _MADE_BY = {
 }
 
 
+def _near_names(directory: Path) -> str | None:
+    """A sibling directory whose name is close to ``directory``'s (a typo), as a path, or None."""
+    parent = directory.parent if str(directory.parent) else Path(".")
+    try:  # the first entries only: a huge parent is not worth the wait
+        names = [p.name for p in itertools.islice(parent.iterdir(), 10000) if p.is_dir()]
+    except OSError:  # no such parent, or not readable
+        return None
+    close = difflib.get_close_matches(directory.name, names, n=1, cutoff=0.75)
+    return str(directory.with_name(close[0])) if close else None
+
+
 def read_config(directory: str | Path, wanted: DirKind,
                 error: type[Exception]) -> tuple[Path, dict[str, Any]]:
     """``(path, parsed config.json)`` of ``directory``, which must be of kind ``wanted``.
@@ -119,7 +132,9 @@ def read_config(directory: str | Path, wanted: DirKind,
         raise error(f"{directory}: is a file, not {article} {noun}; pass the directory that holds it "
                     f"({directory.parent})")
     if not directory.is_dir():
-        raise error(f"{directory}: no such {noun}; {fix}")
+        near = _near_names(directory)
+        raise error(f"{directory}: no such {noun}; "
+                    + (f"did you mean {near}? " if near else "") + fix)
     if not path.is_file():
         raise error(f"{path}: missing, so {directory} is not {article} {noun}; {fix}")
     try:

@@ -164,3 +164,23 @@ def test_load_config_given_a_file_names_the_directory_to_pass(dirs):
         load_config(ckpt / "config.json")
     assert str(err.value) == (f"{ckpt / 'config.json'}: is a file, not a kiln checkpoint directory; "
                               f"pass the directory that holds it ({ckpt})")
+
+
+def test_a_missing_directory_names_a_sibling_close_to_it(tmp_path, monkeypatch):
+    """A typo in a directory name: the one-line error names the sibling it most likely meant
+    (absolute and relative paths); nothing close, no suggestion."""
+    from kiln.dirs import read_config
+    from kiln.engine import EngineError
+
+    (tmp_path / "engine_smol").mkdir()
+    (tmp_path / "notes.txt").write_text("a file is never suggested")
+    with pytest.raises(EngineError, match=rf"^{tmp_path}/engine_smoll: no such engine directory; "
+                                          rf"did you mean {tmp_path}/engine_smol\? pass the "):
+        read_config(tmp_path / "engine_smoll", DirKind.ENGINE, EngineError)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(EngineError, match=r"^engine_smoll: .* did you mean engine_smol\? "):
+        read_config("engine_smoll", DirKind.ENGINE, EngineError)
+    for far in ("other", "notes.tx", "nowhere/engine_smoll"):
+        with pytest.raises(EngineError) as info:
+            read_config(far, DirKind.ENGINE, EngineError)
+        assert "did you mean" not in str(info.value)
