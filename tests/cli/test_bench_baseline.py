@@ -27,6 +27,12 @@ def test_bench_reports_kiln_over_hf(tmp_path):
     hf_rate = float(lines["HF generate tokens/s"].split()[3])
     ratio = float(lines["kiln / HF"].split()[3].rstrip("x"))
     assert hf_rate > 0 and ratio > 0
+    assert "(batch 2, cpu)" in lines["HF generate tokens/s"]
+    wide = CliRunner().invoke(main, ["bench", "--engine_dir", str(tmp_path / "engine"),
+                                     "--input_len", "6", "--output_len", "2", "--num_requests",
+                                     "3", "--warmup", "0", "--device", "cpu", "--baseline", "hf"])
+    assert wide.exit_code == 0, wide.output
+    assert "(batch 3, cpu)" in wide.output  # the batch that ran: all 3, not the default 64
 
 
 def test_baseline_on_a_non_torch_engine_is_refused_before_any_work(tmp_path, monkeypatch):

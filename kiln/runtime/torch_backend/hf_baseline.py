@@ -133,9 +133,11 @@ def hf_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
         outputs.extend(out[:, ids.shape[1]:].tolist())
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    run = HfRun(batch_size, sum(len(o) for o in outputs), time.perf_counter() - started)
+    # the batch that ran: no wider than the prompts
+    run = HfRun(min(batch_size, len(prompts)), sum(len(o) for o in outputs),
+                time.perf_counter() - started)
     logger.info("HF generate: %d tokens in %.2f s (%.1f tok/s, batch %d)", run.output_tokens,
-                run.seconds, run.tokens_per_second, batch_size)
+                run.seconds, run.tokens_per_second, run.batch_size)
     return outputs, run
 
 
