@@ -164,14 +164,15 @@ def check_runnable(manifest: EngineManifest, options: ExecutorOptions | None = N
     check_options = getattr(module, "check_options", None)
     if check_options is not None:
         check_options(manifest, machine, options)
-    device = run_device(module, manifest, machine, options)
     if options.kv_cache_free_gpu_memory_fraction is not None and (
-            manifest.backend != "torch" or device != "cuda"):
+            manifest.backend != "torch"
+            or run_device(module, manifest, machine, options) != "cuda"):
         logger.warning("kv_cache_free_gpu_memory_fraction has no effect on %s: it sizes the "
                        "torch backend's KV cache on a GPU", f"{a_or_an(manifest.backend)} engine"
                        if manifest.backend != "torch" else "the CPU")
     if options.dp > 1 or options.engine_process:
-        check_replicas(manifest, device, machine, options)
+        check_replicas(manifest, run_device(module, manifest, machine, options), machine,
+                       options)
     return module, machine
 
 
