@@ -232,7 +232,20 @@ def run(obj: CliContext, input_text: tuple[str, ...], input_file: Path | None,
     executor = ExecutorOptions(device=device, num_threads=num_threads,
                                cpu_spin_wait=cpu_spin_wait, verify_checksums=verify_checksums,
                                dp=dp)
-    with held_engine(obj, options, executor) as engine_dir, LLM(engine_dir, executor) as llm:
+    def check_stop_ids(manifest: EngineManifest) -> None:  # before the engine loads
+        vocab = manifest.decoder.vocab_size
+        bad = [t for t in options.get("stop_token_ids") or () if not 0 <= t < vocab]
+        if bad:
+            raise click.BadParameter(f"{', '.join(map(str, bad[:5]))}: outside this engine's "
+                                     f"vocabulary [0, {vocab}); pass ids of its tokenizer",
+                                     param_hint="--stop_token_ids")
+
+    if options.get("stop_token_ids") and options.get("engine_dir") is not None:
+        from kiln.engine import read_manifest
+
+        check_stop_ids(read_manifest(options["engine_dir"]))
+    with held_engine(obj, options, executor, check=check_stop_ids) as engine_dir, \
+            LLM(engine_dir, executor) as llm:
         log_quantization(llm.manifest)
         params = build_params(llm, max_output_len, options)  # the sampling flags are left
         inputs = [llm.render_chat([{"role": "user", "content": p}]) if chat else p

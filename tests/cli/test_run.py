@@ -257,7 +257,7 @@ def test_blank_jsonl_is_refused(engine, tmp_path):
     (["--input_text", "caf\udce9"], "--input_text: 'caf\\xe9' is not UTF-8 text"),
     (["--stop", "\udce9"], "--stop: must be UTF-8 text"),
     (["--stop_token_ids", "999999"],
-     "stop_token_ids [999999] are outside the vocabulary [0, 49152)"),
+     "Invalid value for --stop_token_ids: 999999: outside this engine's vocabulary [0, 49152)"),
 ])
 def test_bad_input_is_one_line_and_exit_2(engine, args, message):
     base = ["run", "--engine_dir", str(engine)]
@@ -362,6 +362,19 @@ def test_a_request_ending_in_error_is_reported_and_exits_2(monkeypatch):
     assert result.exit_code == 2
     assert "error: request" in result.stderr and "not finite (NaN or Inf)" in result.stderr
     assert result.stdout.startswith("[0]\n")
+
+
+def test_stop_token_ids_outside_the_vocabulary_are_refused_before_the_load(engine,
+                                                                           monkeypatch):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the engine was loaded before --stop_token_ids was checked")
+
+    monkeypatch.setattr("kiln.runtime.LLM", no_load)
+    r = CliRunner().invoke(main, ["run", "--engine_dir", str(engine), "--input_text", "x",
+                                  "--stop_token_ids", "5", "--stop_token_ids", "49152"])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert ("Invalid value for --stop_token_ids: 49152: outside this engine's vocabulary "
+            "[0, 49152); pass ids of its tokenizer") in r.output
 
 
 def test_input_file_dash_reads_one_prompt_from_stdin(engine, tmp_path):
