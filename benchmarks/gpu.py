@@ -57,12 +57,9 @@ from kiln.engine import BuildLimits
 from kiln.engine.torch_files import pack_weights
 from kiln.roles import Role, expected_shape, parse_name, tensor_names
 from kiln.runtime.executor import SequenceChunk
+from kiln.runtime.options import PREFILL_ATTENTION
 from kiln.runtime.scheduler import Scheduler
-from kiln.runtime.torch_backend.executor import (
-    PREFILL_ATTENTION,
-    TorchExecutor,
-    TorchExecutorOptions,
-)
+from kiln.runtime.torch_backend.executor import TorchExecutor, TorchExecutorOptions
 
 log = logging.getLogger("benchmarks.gpu")
 SECTIONS = ("ceilings", "kernels", "decode", "ttft", "throughput", "engine", "profile", "hf",

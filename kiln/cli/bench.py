@@ -20,7 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from kiln.cli.context import CliContext, PathArg, dp_option, executor_options
+from kiln.cli.context import (
+    CliContext,
+    PathArg,
+    dp_option,
+    executor_options,
+    kv_fraction_option,
+)
 from kiln.cli.engine_source import engine_command, held_engine
 from kiln.errors import OutputError
 
@@ -30,12 +36,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 LONG_ARRIVALS_S = 3600.0  # --request_rate whose arrivals span longer than this is said so
-
-
-def _field_help(name: str) -> str:
-    from kiln.runtime.options import ExecutorOptions
-
-    return next(f for f in dataclasses.fields(ExecutorOptions) if f.name == name).metadata["help"]
 
 
 @engine_command("bench", "Engine dir (output of kiln build).")
@@ -57,9 +57,7 @@ def _field_help(name: str) -> str:
               help="Write the report as JSON here [default: print it after the table].")
 @executor_options
 @dp_option
-@click.option("--kv_cache_free_gpu_memory_fraction",
-              type=click.FloatRange(min=0, max=1, min_open=True),
-              help=_field_help("kv_cache_free_gpu_memory_fraction"))
+@kv_fraction_option
 @click.option("--baseline", type=click.Choice(("hf",)), default=None,
               help="Also run the same prompts through HF transformers generate() on the "
                    "engine's own weights (torch engines) and report kiln / HF.")
@@ -91,7 +89,8 @@ def bench(obj: CliContext, warmup: int, json_output: Path | None, device: str,
             as engine_dir:
         if json_output is not None:
             _check_json_output(json_output, engine_dir)
-        _bench(engine_dir, spec, options, warmup, json_output, baseline, baseline_batch_size)
+        _bench(engine_dir, spec, options, warmup, json_output, baseline, baseline_batch_size,
+               quiet=obj.verbosity < 0)
 
 
 def _check_request_rate(rate: float | None, num_requests: int) -> None:
@@ -126,7 +125,8 @@ def _check_workload(spec: Workload, limits: Any) -> None:
 
 
 def _bench(engine_dir: Path, spec: Workload, options: ExecutorOptions, warmup: int,
-           json_output: Path | None, baseline: str | None, baseline_batch_size: int) -> None:
+           json_output: Path | None, baseline: str | None, baseline_batch_size: int,
+           quiet: bool = False) -> None:
     from kiln.runtime import LLM
     from kiln.runtime.bench import Workload, run_benchmark
     from kiln.runtime.core import freeze_loaded_objects
@@ -149,7 +149,8 @@ def _bench(engine_dir: Path, spec: Workload, options: ExecutorOptions, warmup: i
                      report.output_tokens_per_s)
     if json_output is not None:
         _write_atomically(json_output, report.to_json() + "\n")
-        click.echo(f"wrote {json_output}", err=True)
+        if not quiet:
+            click.echo(f"wrote {json_output}", err=True)
     else:
         click.echo(report.to_json())
 

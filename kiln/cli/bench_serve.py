@@ -75,7 +75,8 @@ def bench_serve(obj: CliContext, url: str, model: str | None, api_key: str | Non
     click.echo(report.table())
     if json_output is not None:
         _write_atomically(json_output, report.to_json() + "\n")
-        click.echo(f"wrote {json_output}", err=True)
+        if obj.verbosity >= 0:
+            click.echo(f"wrote {json_output}", err=True)
     else:
         click.echo(report.to_json())
 

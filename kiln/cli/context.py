@@ -58,3 +58,13 @@ def dp_option(func):
     field = next(f for f in dataclasses.fields(ExecutorOptions) if f.name == "dp")
     return click.option("--dp", type=click.IntRange(min=1), default=field.default,
                         show_default=True, help=field.metadata["help"])(func)
+
+
+def kv_fraction_option(func):
+    """``--kv_cache_free_gpu_memory_fraction`` (ExecutorOptions; kiln run, bench, serve, eval)."""
+    from kiln.runtime.options import ExecutorOptions
+
+    name = "kv_cache_free_gpu_memory_fraction"
+    field = next(f for f in dataclasses.fields(ExecutorOptions) if f.name == name)
+    return click.option(f"--{name}", type=click.FloatRange(min=0, max=1, min_open=True),
+                        default=None, help=field.metadata["help"])(func)

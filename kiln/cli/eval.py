@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from kiln.cli.bench import _check_json_output, _write_atomically
-from kiln.cli.context import CliContext, PathArg, executor_options
+from kiln.cli.context import CliContext, PathArg, executor_options, kv_fraction_option
 from kiln.cli.engine_source import engine_command, held_engine
 
 REPORT_KEYS = frozenset({"perplexity", "tokens", "seconds", "max_length", "stride"})
@@ -35,11 +35,12 @@ REPORT_KEYS = frozenset({"perplexity", "tokens", "seconds", "max_length", "strid
 @click.option("--json_output", type=PathArg(dir_okay=False, path_type=Path), default=None,
               help="Also write the result as JSON here.")
 @executor_options
+@kv_fraction_option
 @click.pass_obj
 def eval_command(obj: CliContext, dataset: str, max_length: int | None,
                  stride: int | None, json_output: Path | None, device: str,
                  num_threads: int | None, cpu_spin_wait: bool, verify_checksums: bool,
-                 **source: Any) -> None:
+                 kv_cache_free_gpu_memory_fraction: float | None, **source: Any) -> None:
     """Perplexity of an engine on a text dataset (sliding windows, as Hugging Face's)."""
     from kiln.datasets import load_texts
     from kiln.evaluation import evaluate
@@ -51,7 +52,8 @@ def eval_command(obj: CliContext, dataset: str, max_length: int | None,
     if json_output is not None and source["engine_dir"] is None:  # before a build
         _check_json_output(json_output, None, _is_eval_report, "kiln eval report")
     options = ExecutorOptions(device=device, num_threads=num_threads, cpu_spin_wait=cpu_spin_wait,
-                              verify_checksums=verify_checksums)
+                              verify_checksums=verify_checksums,
+                              kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction)
     texts = load_texts(dataset)  # before a build (--model_dir): a bad dataset is refused first
     with held_engine(obj, source, options, gather_context_logits=True) as engine_dir:
         if json_output is not None:
@@ -66,7 +68,8 @@ def eval_command(obj: CliContext, dataset: str, max_length: int | None,
                    f"{result.tokens_per_s:.1f} tokens/s", err=True)
     if json_output is not None:
         _write_atomically(json_output, json.dumps(result.to_dict(), indent=2) + "\n")
-        click.echo(f"wrote {json_output}", err=True)
+        if obj.verbosity >= 0:
+            click.echo(f"wrote {json_output}", err=True)
 
 
 eval = eval_command  # noqa: A001 - the lazy loader reads the attribute named like the command

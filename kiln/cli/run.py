@@ -30,7 +30,13 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from kiln.cli.context import CliContext, PathArg, dp_option, executor_options
+from kiln.cli.context import (
+    CliContext,
+    PathArg,
+    dp_option,
+    executor_options,
+    kv_fraction_option,
+)
 from kiln.cli.engine_source import engine_command, held_engine
 from kiln.errors import KilnError
 from kiln.runtime.errors import SamplingParamsError
@@ -218,12 +224,13 @@ def _json_type(value: Any) -> str:
                                            "chat template.")
 @executor_options
 @dp_option
+@kv_fraction_option
 @sampling_options
 @click.pass_obj
 def run(obj: CliContext, input_text: tuple[str, ...], input_file: Path | None,
         max_output_len: int, streaming: bool, chat: bool, device: str,
         num_threads: int | None, cpu_spin_wait: bool, verify_checksums: bool, dp: int,
-        **options: Any) -> None:
+        kv_cache_free_gpu_memory_fraction: float | None, **options: Any) -> None:
     """Generate text with an engine; prints the text (stdout), then TTFT, TPOT, tokens/s (stderr)."""
     prompts = read_prompts(input_text, input_file)
     check_sampling_flags(max_output_len, options)
@@ -231,7 +238,8 @@ def run(obj: CliContext, input_text: tuple[str, ...], input_file: Path | None,
 
     executor = ExecutorOptions(device=device, num_threads=num_threads,
                                cpu_spin_wait=cpu_spin_wait, verify_checksums=verify_checksums,
-                               dp=dp)
+                               dp=dp,
+                               kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction)
     def check_stop_ids(manifest: EngineManifest) -> None:  # before the engine loads
         vocab = manifest.decoder.vocab_size
         bad = [t for t in options.get("stop_token_ids") or () if not 0 <= t < vocab]

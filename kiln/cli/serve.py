@@ -28,7 +28,13 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from kiln.cli.context import CliContext, PathArg, dp_option, executor_options
+from kiln.cli.context import (
+    CliContext,
+    PathArg,
+    dp_option,
+    executor_options,
+    kv_fraction_option,
+)
 from kiln.cli.engine_source import engine_command, held_engine
 from kiln.errors import KilnError
 
@@ -71,13 +77,14 @@ class ServeError(KilnError):
 @click.option("-v", "--verbose", count=True, help="Log each request (-vv: debug logs).")
 @executor_options
 @dp_option
+@kv_fraction_option
 @click.pass_obj
 def serve(obj: CliContext, host: str, port: int, served_model_name: str | None,
           api_key: str | None, max_queue: int | None, chat_template: Path | None,
           max_body_bytes: int, grace_period: float, engine_process: bool | None,
           verbose: int, device: str,
           num_threads: int | None, cpu_spin_wait: bool, verify_checksums: bool, dp: int,
-          **source: Any) -> None:
+          kv_cache_free_gpu_memory_fraction: float | None, **source: Any) -> None:
     """Serve an engine over HTTP with the OpenAI API (completions, chat, streaming).
 
     \b
@@ -116,7 +123,8 @@ def serve(obj: CliContext, host: str, port: int, served_model_name: str | None,
         logging.getLogger().setLevel(level)
     options = ExecutorOptions(device=device, num_threads=num_threads,
                               cpu_spin_wait=cpu_spin_wait, verify_checksums=verify_checksums,
-                              dp=dp)
+                              dp=dp,
+                              kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction)
     name = served_model_name or source["model_dir"] or Path(source["engine_dir"]).resolve().name
     with contextlib.ExitStack() as stack:
         for sock in sockets:

@@ -281,9 +281,9 @@ class _Job:
         accuracy = {**meter.result(), **self.eval.provenance}
         if accuracy["tokens"] < FIRM_GATE_TOKENS:
             log.warning("the accuracy gate rests on %d tokens only (under %d: its ratio can miss "
-                        "a real loss); pass --eval_dataset with more text, or a larger "
-                        "--calib_size (a fifth is held out)", accuracy["tokens"],
-                        FIRM_GATE_TOKENS)
+                        "a real loss); give eval_dataset (--eval_dataset) more text, or "
+                        "calib_size (--calib_size) more samples: a fifth is held out",
+                        accuracy["tokens"], FIRM_GATE_TOKENS)
         limit = self.opts.max_ppl_ratio or self.quant.info.max_ppl_ratio
         accuracy["max_ppl_ratio"] = limit
         accuracy["passed"] = check_gate(accuracy, self.quant.qformat, limit,

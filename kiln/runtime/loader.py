@@ -170,6 +170,9 @@ def check_runnable(manifest: EngineManifest, options: ExecutorOptions | None = N
         logger.warning("kv_cache_free_gpu_memory_fraction has no effect on %s: it sizes the "
                        "torch backend's KV cache on a GPU", f"{a_or_an(manifest.backend)} engine"
                        if manifest.backend != "torch" else "the CPU")
+    if options.prefill_attention is not None and manifest.backend != "torch":
+        logger.warning("prefill_attention has no effect on %s engine: it chooses the torch "
+                       "backend's attention kernel", a_or_an(manifest.backend))
     if options.dp > 1 or options.engine_process:
         check_replicas(manifest, run_device(module, manifest, machine, options), machine,
                        options)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from kiln.engine import EngineError
 
 DEVICES = ("auto", "cpu", "cuda")
+PREFILL_ATTENTION = ("auto", "kiln", "cudnn")  # the torch backend's choices (TorchExecutorOptions)
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,13 @@ class ExecutorOptions:
         "sha256 the engine files before loading (reads every byte; by default only their "
         "presence and sizes are checked). See also kiln verify.")})
     kv_cache_free_gpu_memory_fraction: float | None = field(default=None, metadata={"help": (
-        "torch backend: share of free GPU memory for the paged KV cache [default: 0.9].")})
+        "torch backend: share of free GPU memory for the paged KV cache, at most what "
+        "max_batch_size sequences of max_seq_len tokens can use [default: 0.9].")})
+    prefill_attention: str | None = field(default=None, metadata={"help": (
+        "torch backend: the attention of a fresh prompt (one prompt from position 0, of "
+        "1,536 tokens or more). auto: cuDNN's fused attention where it runs, else kiln's "
+        "kernel; kiln: kiln's paged kernel; cudnn: cuDNN's, an error where it cannot run "
+        "[default: auto].")})
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -58,6 +65,9 @@ class ExecutorOptions:
             raise EngineError(f"dp must be an integer >= 1, found {self.dp!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise EngineError(f"num_threads must be >= 1, found {self.num_threads}")
+        if self.prefill_attention not in (None, *PREFILL_ATTENTION):
+            raise EngineError(f"prefill_attention must be one of {', '.join(PREFILL_ATTENTION)}, "
+                              f"found {self.prefill_attention!r}")
         fraction = self.kv_cache_free_gpu_memory_fraction
         if fraction is not None and not 0 < fraction <= 1:
             raise EngineError(f"kv_cache_free_gpu_memory_fraction must be in (0, 1], found "

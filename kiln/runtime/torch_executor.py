@@ -18,6 +18,7 @@ executor itself lives in :mod:`kiln.runtime.torch_backend`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -188,10 +189,13 @@ def check_host_memory(manifest: EngineManifest, device: torch.device,
                       f"--max_seq_len or --max_batch_size")
 
 
-def _fraction(options: ExecutorOptions) -> float:
-    """--kv_cache_free_gpu_memory_fraction, or the torch executor's default (0.9)."""
-    value = options.kv_cache_free_gpu_memory_fraction
-    return TorchExecutorOptions.kv_cache_free_gpu_memory_fraction if value is None else value
+def _torch_options(options: ExecutorOptions,
+                   given: TorchExecutorOptions | None) -> TorchExecutorOptions:
+    """The executor's options: ``given`` (or the defaults) with what ``options`` sets."""
+    set_here = {name: getattr(options, name) for name in
+                ("kv_cache_free_gpu_memory_fraction", "prefill_attention")
+                if getattr(options, name) is not None}
+    return dataclasses.replace(given or TorchExecutorOptions(), **set_here)
 
 
 def load_executor(engine_dir: Path, manifest: EngineManifest, options: ExecutorOptions,
@@ -212,9 +216,7 @@ def load_executor(engine_dir: Path, manifest: EngineManifest, options: ExecutorO
         logger.warning("torch engine on the CPU: PyTorch reference kernels, the slow path (%s)%s; "
                        "for speed run it on %s", CPU_SPEED,
                        "" if manifest.quantization is None else QUANTIZED_CPU_SPEED, faster)
-    if torch_options is None:
-        torch_options = TorchExecutorOptions(
-            kv_cache_free_gpu_memory_fraction=_fraction(options))
+    torch_options = _torch_options(options, torch_options)
     check_host_memory(manifest, device, torch_options)
     if world > 1:
         from kiln.runtime.distributed.executor import DistributedExecutor

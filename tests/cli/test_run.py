@@ -342,6 +342,14 @@ def test_bench_says_how_long_a_slow_request_rate_takes(caplog):
         "benchmark lasts that long"]
 
 
+def test_quiet_bench_writes_its_report_without_a_word(engine, tmp_path):
+    out = tmp_path / "bench.json"
+    r = kiln("-q", "bench", "--engine_dir", str(engine), "--input_len", "8", "--output_len", "2",
+             "--num_requests", "1", "--json_output", str(out))
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text())["output_tokens"] == 2 and r.stderr == ""
+
+
 def test_bench_refuses_lengths_beyond_the_engine(engine):
     r = CliRunner().invoke(main, ["bench", "--engine_dir", str(engine), "--input_len", "40",
                                   "--output_len", "80"])

@@ -145,3 +145,44 @@ def test_step_logits_are_not_overwritten_by_later_steps(tmp_path):
     kept = first.clone()
     ex.step([SequenceChunk(0, [6], len(PROMPT) + 1)])
     assert torch.equal(first, kept)
+
+
+def test_kv_cache_holds_no_more_than_the_limits_can_use(tmp_path):
+    """Sized from free GPU memory, a small engine's cache stops at max_batch_size slots of
+    max_seq_len tokens (plus the scratch block): the rest of the GPU stays free for others."""
+    _need_gpu()
+    ckpt = kiln_checkpoint(hf_model("llama-gqa", tmp_path / "hf"), tmp_path / "ckpt")
+    build(ckpt, tmp_path / "engine", backend="torch", max_batch_size=3, max_seq_len=200,
+          dtype="bfloat16", allow_long_context=True)
+    ex = load_executor(tmp_path / "engine", read_manifest(tmp_path / "engine"),
+                       ExecutorOptions(device="cuda"))  # 90% of free memory, by default
+    page = ex.options.page_size
+    assert ex.cache.allocator.num_blocks == 3 * -(-200 // page) + 1
+    ex.close()
+
+
+def test_a_cudnn_failure_at_warm_up_leaves_fresh_prompts_to_kilns_kernel(tmp_path, monkeypatch,
+                                                                          caplog):
+    """A prompt length cuDNN fails at while the engine loads (its small probe passed): "auto"
+    says so at WARNING and keeps kiln's kernel; "cudnn" is an error."""
+    _need_gpu()
+    from kiln.errors import ConfigError
+
+    ckpt = kiln_checkpoint(hf_model("llama-gqa", tmp_path / "hf"), tmp_path / "ckpt")
+    engine = tmp_path / "engine"
+    build(ckpt, engine, backend="torch", max_batch_size=2, max_seq_len=2048, dtype="bfloat16",
+          allow_long_context=True)
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("cuDNN Frontend error: no execution plan\nmore")
+
+    monkeypatch.setattr(cudnn, "warm_up", fails)
+    with caplog.at_level("WARNING"):
+        ex = load_executor(engine, read_manifest(engine), ExecutorOptions(device="cuda"))
+    assert ex.model.fresh_prefill is None
+    assert ("prefill attention: kiln's Triton kernel, since cuDNN's attention failed at a prompt "
+            "length this engine serves (cuDNN Frontend error: no execution plan)") in caplog.messages
+    ex.close()
+    with pytest.raises(ConfigError, match="prefill_attention='cudnn': cuDNN's attention failed"):
+        load_executor(engine, read_manifest(engine),
+                      ExecutorOptions(device="cuda", prefill_attention="cudnn"))

@@ -188,10 +188,12 @@ def test_prefill_attention_option(checkpoints):
     with pytest.raises(ValueError, match="prefill_attention is 'flash'; it must be one of auto"):
         TorchExecutorOptions(prefill_attention="flash")
     ckpt = checkpoints("llama-gqa")
-    with pytest.raises(ConfigError, match="cuDNN's attention cannot run this model here .the "
-                                          "reference kernel set"):
+    with pytest.raises(ConfigError, match="prefill_attention='cudnn': cuDNN's attention cannot "
+                                          "run this model here: kiln's reference kernels run "
+                                          "here, not on a CUDA device; use 'auto' or 'kiln'"):
         make_executor(ckpt, prefill_attention="cudnn")
-    assert make_executor(ckpt).model.fresh_prefill is None  # "auto" on the CPU: the reference
+    for choice in ("auto", "kiln"):  # the CPU: kiln's reference kernel
+        assert make_executor(ckpt, prefill_attention=choice).model.fresh_prefill is None
 
 
 def test_fresh_prompts_take_the_fresh_prefill_attention(checkpoints, monkeypatch):
@@ -230,3 +232,22 @@ def test_fresh_prompts_take_the_fresh_prefill_attention(checkpoints, monkeypatch
     got = ex.step([SequenceChunk(2, PROMPT[2:], 0)])[0]
     assert calls == [6] * layers + [9] * layers
     assert float((got - oracle_logits(ref, PROMPT[2:])[-1]).abs().max()) <= 1e-4
+
+
+def test_executor_options_reach_the_torch_executor():
+    """ExecutorOptions' torch fields (what LLM and the CLI take) override the defaults, and
+    the TorchExecutorOptions a caller passes too; a bad choice is refused in one line."""
+    from kiln.engine import EngineError
+    from kiln.runtime.options import ExecutorOptions
+    from kiln.runtime.torch_executor import _torch_options
+
+    given = TorchExecutorOptions(page_size=16, prefill_attention="cudnn")
+    assert _torch_options(ExecutorOptions(), None) == TorchExecutorOptions()
+    assert _torch_options(ExecutorOptions(), given) == given
+    got = _torch_options(ExecutorOptions(kv_cache_free_gpu_memory_fraction=0.5,
+                                         prefill_attention="kiln"), given)
+    assert (got.page_size, got.kv_cache_free_gpu_memory_fraction, got.prefill_attention) == \
+        (16, 0.5, "kiln")
+    with pytest.raises(EngineError, match="prefill_attention must be one of auto, kiln, cudnn, "
+                                          "found 'triton'"):
+        ExecutorOptions(prefill_attention="triton")

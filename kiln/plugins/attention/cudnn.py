@@ -48,7 +48,8 @@ def refusal(device: torch.device, num_heads: int, num_kv_heads: int, head_dim: i
     if device.type != "cuda":
         return f"{device} is not a CUDA device"
     if dtype not in DTYPES:
-        return f"{dtype} activations (cuDNN's attention takes float16 and bfloat16)"
+        return f"the activations are {str(dtype).removeprefix('torch.')}, and cuDNN's " \
+               f"attention takes float16 and bfloat16"
     gen = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(1, num_heads, 80, head_dim, device=device, dtype=dtype, generator=gen)
     k = torch.randn(1, num_kv_heads, 80, head_dim, device=device, dtype=dtype, generator=gen)

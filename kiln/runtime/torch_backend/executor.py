@@ -62,10 +62,12 @@ import torch
 
 from kiln.config import DecoderConfig
 from kiln.engine import BuildLimits
+from kiln.errors import ConfigError
 from kiln.plugins.attention import cudnn as cudnn_attention
 from kiln.plugins.quant_linear import FP8_TRITON_MAX_M
 from kiln.quantization.config import QuantConfig
 from kiln.runtime.executor import DeviceTokens, Executor, SequenceChunk, StepLogits
+from kiln.runtime.options import PREFILL_ATTENTION
 from kiln.runtime.sampling import finite_argmax
 from kiln.runtime.torch_backend import compile_watch
 from kiln.runtime.torch_backend.cuda_graphs import DecodeGraphs, default_batch_sizes
@@ -93,7 +95,6 @@ _T = TypeVar("_T")
 KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
 
 
-PREFILL_ATTENTION = ("auto", "triton", "cudnn")
 
 
 @dataclass(frozen=True)
@@ -118,8 +119,8 @@ class TorchExecutorOptions:
     micro_batches: int | None = None
     micro_batch_tokens: int = 256
     # a fresh prompt's attention (one chunk from position 0): "auto" takes cuDNN's fused
-    # attention where it applies and runs (kiln.plugins.attention.cudnn), "triton" never,
-    # "cudnn" requires it
+    # attention where it applies and runs (kiln.plugins.attention.cudnn), "kiln" kiln's own
+    # paged kernel (Triton on GPUs, the reference on the CPU), "cudnn" requires cuDNN's
     prefill_attention: str = "auto"
 
     def __post_init__(self) -> None:
@@ -201,6 +202,14 @@ class TorchExecutor(Executor):
             num_blocks = limits.max_batch_size * blocks_per_seq + 1
         else:
             num_blocks = self._blocks_from_free_memory(dtype)
+            # no prefix sharing: max_batch_size slots of max_seq_len tokens use no more (and a
+            # small engine leaves the rest of the GPU to other processes)
+            usable = limits.max_batch_size * blocks_per_seq + 1
+            if num_blocks > usable:
+                logger.info("KV cache: %d blocks, all that max_batch_size %d x max_seq_len %d "
+                            "can use (free memory allowed %d)", usable, limits.max_batch_size,
+                            limits.max_seq_len, num_blocks)
+                num_blocks = usable
         if self.shard.comm is not None:  # every rank replays one allocator: the same blocks
             num_blocks = self.shard.comm.min_over_world(num_blocks)
         return self._new_cache(num_blocks, dtype, limits.max_batch_size)
@@ -208,6 +217,7 @@ class TorchExecutor(Executor):
     def _blocks_from_free_memory(self, dtype: torch.dtype) -> int:
         """Profile one full step on a small cache, then size the real one from what is free."""
         limits, cfg = self.limits, self.config
+        self._warm_up_fresh_prefill()
         n = min(limits.max_num_tokens, limits.max_seq_len)
         probe = self._new_cache(2 * cdiv(limits.max_seq_len, self.options.page_size) + 1,
                                 dtype, 2)
@@ -248,9 +258,9 @@ class TorchExecutor(Executor):
         decode attention beside a prefill, unsplit (short contexts) and split (a context of
         129 keys in two); in FP8 engines both again in steps of more than 64 rows, where the
         attention writes the ``o`` projection's FP8 input; a single row (the GEMVs); the
-        sampler's greedy pass over a step's logits; cuDNN's attention plans for fresh prompts'
-        padded lengths (:mod:`kiln.plugins.attention.cudnn`). CUDA graphs compile their own
-        decode variants when they are captured.
+        sampler's greedy pass over a step's logits. CUDA graphs compile their own decode
+        variants when they are captured; cuDNN's attention plans are built before the memory
+        probe (:meth:`_warm_up_fresh_prefill`).
         """
         limits = self.limits
         for slot in (0, 1):
@@ -276,16 +286,34 @@ class TorchExecutor(Executor):
         # sliced and whole-row kernels (kiln.plugins.greedy.triton_kernels.default_slices)
         for n in (1, 64):
             finite_argmax(torch.zeros(n, self.vocab_size, device=self.device))
-        model = self.model
-        if model.fresh_prefill is not None:  # cuDNN's plan for each padded prompt length
-            started = time.perf_counter()
+        torch.cuda.synchronize(self.device)
+
+    def _warm_up_fresh_prefill(self) -> None:
+        """cuDNN's plan for each padded length a fresh prompt can take (before the memory
+        probe, whose full step may take that path). A length cuDNN fails at, which load's
+        small probe passed, leaves fresh prompts to kiln's kernel, said at WARNING ("cudnn":
+        an error)."""
+        model, limits = self.model, self.limits
+        if model.fresh_prefill is None:
+            return
+        started = time.perf_counter()
+        try:
             lengths = cudnn_attention.warm_up(
                 self.device, model.num_heads, model.num_kv_heads, self.config.head_dim,
                 model.dtype, self.options.page_size, self.config.softmax_scale,
                 min(limits.max_num_tokens, limits.max_seq_len))
-            logger.info("cuDNN attention: plans for %d prompt lengths built in %.1f s",
-                        len(lengths), time.perf_counter() - started)
-        torch.cuda.synchronize(self.device)
+        except RuntimeError as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if self.options.prefill_attention == "cudnn":
+                raise ConfigError(f"prefill_attention='cudnn': cuDNN's attention failed at a "
+                                  f"prompt length this engine serves ({reason}); use 'auto' "
+                                  f"or 'kiln'") from None
+            logger.warning("prefill attention: kiln's Triton kernel, since cuDNN's attention "
+                           "failed at a prompt length this engine serves (%s)", reason)
+            model.fresh_prefill = None
+            return
+        logger.info("cuDNN attention: plans for %d prompt lengths built in %.1f s",
+                    len(lengths), time.perf_counter() - started)
 
     # -- the executor contract ----------------------------------------------------------
     def reserve(self, slot: int, num_tokens: int) -> bool:

@@ -265,17 +265,18 @@ class PagedDecoder:
 
     def _fresh_prefill(self, choice: str, device: torch.device) -> Callable | None:
         """cuDNN's attention for fresh prompts where it applies and runs (kiln.plugins.attention
-        .cudnn), else None: the Triton (or reference) prefill kernel takes every chunk.
-        ``choice``: "auto", "triton" (never cuDNN) or "cudnn" (an error where it cannot)."""
-        if choice == "triton" or (choice == "auto" and self.kernels.name != "triton"):
+        .cudnn), else None: kiln's paged prefill kernel (Triton, or the reference) takes every
+        chunk. ``choice``: "auto", "kiln" (never cuDNN) or "cudnn" (an error where it
+        cannot run)."""
+        if choice == "kiln" or (choice == "auto" and self.kernels.name != "triton"):
             return None
         cfg = self.config
         if self.kernels.name != "triton":
-            why = f"the {self.kernels.name} kernel set"
+            why = f"kiln's {self.kernels.name} kernels run here, not on a CUDA device"
         elif self.alibi is not None or cfg.sliding_window is not None:
-            why = "ALiBi or a sliding window"
+            why = "the model has ALiBi or a sliding window"
         elif self.quant is not None and self.quant.kv_cache_dtype is not None:
-            why = f"{a_or_an(self.quant.kv_cache_dtype)} KV cache"
+            why = f"the engine has {a_or_an(self.quant.kv_cache_dtype)} KV cache"
         else:
             why = cudnn_attention.refusal(device, self.num_heads, self.num_kv_heads,
                                           cfg.head_dim, self.dtype)
@@ -285,7 +286,7 @@ class PagedDecoder:
             return cudnn_attention.fresh_prefill_attention
         if choice == "cudnn":
             raise ConfigError(f"prefill_attention='cudnn': cuDNN's attention cannot run this "
-                              f"model here ({why}); use 'auto' or 'triton'")
+                              f"model here: {why}; use 'auto' or 'kiln'")
         logger.info("prefill attention: kiln's Triton kernel (not cuDNN: %s)", why)
         return None
 
