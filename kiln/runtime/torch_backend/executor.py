@@ -95,8 +95,6 @@ _T = TypeVar("_T")
 KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
 
 
-
-
 @dataclass(frozen=True)
 class TorchExecutorOptions:
     """Runtime choices of the torch executor (none changes results beyond rounding)."""
