@@ -105,14 +105,28 @@ _MADE_BY = {
 
 
 def _near_names(directory: Path) -> str | None:
-    """A sibling directory whose name is close to ``directory``'s (a typo), as a path, or None."""
+    """A directory whose path is close to ``directory``'s (a typo in its name or in a parent's,
+    case included), as a path, or None."""
+    near = _near_dir(directory, 3)
+    return None if near is None else str(near)
+
+
+def _near_dir(directory: Path, depth: int) -> Path | None:
     parent = directory.parent if str(directory.parent) else Path(".")
+    if not parent.is_dir():  # a typo further up: find the parent first
+        near_parent = _near_dir(parent, depth - 1) if depth and parent != directory else None
+        if near_parent is None:
+            return None
+        if (near_parent / directory.name).is_dir():
+            return near_parent / directory.name
+        parent, directory = near_parent, near_parent / directory.name
     try:  # the first entries only: a huge parent is not worth the wait
         names = [p.name for p in itertools.islice(parent.iterdir(), 10000) if p.is_dir()]
-    except OSError:  # no such parent, or not readable
+    except OSError:  # not readable
         return None
-    close = difflib.get_close_matches(directory.name, names, n=1, cutoff=0.75)
-    return str(directory.with_name(close[0])) if close else None
+    lower = {name.lower(): name for name in names}
+    close = difflib.get_close_matches(directory.name.lower(), list(lower), n=1, cutoff=0.75)
+    return directory.with_name(lower[close[0]]) if close else None
 
 
 def read_config(directory: str | Path, wanted: DirKind,

@@ -180,7 +180,11 @@ def test_a_missing_directory_names_a_sibling_close_to_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(EngineError, match=r"^engine_smoll: .* did you mean engine_smol\? "):
         read_config("engine_smoll", DirKind.ENGINE, EngineError)
-    for far in ("other", "notes.tx", "nowhere/engine_smoll"):
+    (tmp_path / "engines" / "smollm2").mkdir(parents=True)
+    for typo in ("engine/smollm2", "Engines/smollm2", "engines/SMOLLM2", "engine/smolm2/"):
+        with pytest.raises(EngineError, match=r"did you mean engines/smollm2\? "):
+            read_config(typo, DirKind.ENGINE, EngineError)
+    for far in ("other", "notes.tx", "nowhere/engine_smoll", "a/b/c/d/e/f"):
         with pytest.raises(EngineError) as info:
             read_config(far, DirKind.ENGINE, EngineError)
         assert "did you mean" not in str(info.value)

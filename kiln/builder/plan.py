@@ -19,6 +19,11 @@ log = logging.getLogger(__name__)
 GB = 1e9
 
 
+def _gb(n: float) -> str:
+    """Bytes as GB for a message, in MB under 0.1 GB (never "0.0 GB")."""
+    return f"{n / GB:.1f} GB" if n >= GB / 10 else f"{max(1, round(n / 1e6))} MB"
+
+
 def plan_rank(ckpt: CheckpointConfig, rank: int, weights: RankWeights, budget: int | None,
               memory_factor: float, base_memory: int) -> list[PartSpec]:
     """The parts of ``rank`` (one part when ``budget`` is None)."""
@@ -55,7 +60,7 @@ def _split(sizes: list[int], budget: int | None, factor: float, base: int, rank:
         if need > budget:
             raise EngineError(
                 f"rank {rank}: one layer (with the embedding or head it carries) needs about "
-                f"{need / GB:.1f} GB of host RAM to build, over the {budget / GB:.1f} GB budget "
+                f"{_gb(need)} of host RAM to build, over the {_gb(budget)} budget "
                 f"per worker; raise --max_build_memory or lower --workers")
         if count and factor * (current + size) + base > budget:
             groups.append(count)

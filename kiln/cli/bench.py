@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 LONG_ARRIVALS_S = 3600.0  # --request_rate whose arrivals span longer than this is said so
+MAX_ARRIVALS_S = 30 * 86400.0  # and longer than this, refused (a typo, not a benchmark)
 
 
 @engine_command("bench", "Engine dir (output of kiln build).")
@@ -54,7 +55,8 @@ LONG_ARRIVALS_S = 3600.0  # --request_rate whose arrivals span longer than this 
                    "as run at once in it (so its batch shapes are compiled and captured).")
 @click.option("--seed", default=0, show_default=True, help="Seed of prompts and arrivals.")
 @click.option("--json_output", type=PathArg(dir_okay=False, path_type=Path), default=None,
-              help="Write the report as JSON here [default: print it after the table].")
+              help="Write the report as JSON here (-: standard output) [default: print it "
+                   "after the table].")
 @executor_options
 @dp_option
 @kv_fraction_option
@@ -78,6 +80,8 @@ def bench(obj: CliContext, warmup: int, json_output: Path | None, device: str,
     _check_request_rate(request_rate, num_requests)
     if baseline == "hf":
         _check_baseline(source["engine_dir"], source["backend"])
+    if json_output is not None and str(json_output) == "-":
+        json_output = None  # standard output, where the report goes by default
     if json_output is not None and source["engine_dir"] is None:
         _check_json_output(json_output, None)  # checked again once the engine dir is known
     spec = Workload(input_len=input_len, output_len=output_len, num_requests=num_requests,
@@ -94,21 +98,30 @@ def bench(obj: CliContext, warmup: int, json_output: Path | None, device: str,
 
 
 def _check_request_rate(rate: float | None, num_requests: int) -> None:
-    """A finite rate (no rate queues every request at the start); one whose arrivals would
-    take more than an hour is said so, with how long."""
+    """A finite rate (no rate queues every request at the start) whose arrivals end within
+    MAX_ARRIVALS_S; one whose arrivals take more than an hour is said so, with how long."""
     if rate is None:
         return
     if not math.isfinite(rate):
         raise click.BadParameter(f"{rate} is not a finite number of requests per second; leave "
                                  f"it out to queue every request at the start",
                                  param_hint="--request_rate")
-    span = num_requests / rate
+    span = (num_requests - 1) / rate  # the first arrives at once; the mean span of the rest
+    if span > MAX_ARRIVALS_S:
+        when = f"would arrive over ~{_duration(span)}" if math.isfinite(span) else \
+            "would never all arrive"
+        raise click.BadParameter(f"{rate:g}: {num_requests} requests {when}; give at least "
+                                 f"{(num_requests - 1) / MAX_ARRIVALS_S:.3g} requests/s",
+                                 param_hint="--request_rate")
     if span > LONG_ARRIVALS_S:
-        hours, days = span / 3600, span / 86400
-        how_long = f"{hours:.1f} hours" if hours < 48 else f"{days:.0f} days" if days < 730 \
-            else f"{days / 365.25:.3g} years"
         logger.warning("--request_rate %g: %d requests arrive over ~%s on average, and the "
-                       "benchmark lasts that long", rate, num_requests, how_long)
+                       "benchmark lasts that long", rate, num_requests, _duration(span))
+
+
+def _duration(seconds: float) -> str:
+    hours, days = seconds / 3600, seconds / 86400
+    return f"{hours:.1f} hours" if hours < 48 else f"{days:.0f} days" if days < 730 \
+        else f"{days / 365.25:.3g} years"
 
 
 def _check_workload(spec: Workload, limits: Any) -> None:
@@ -145,8 +158,9 @@ def _bench(engine_dir: Path, spec: Workload, options: ExecutorOptions, warmup: i
     report = dataclasses.replace(report, engine=_engine_info(llm, dp))
     click.echo(report.table())
     if baseline == "hf":  # after the engine is closed: its KV cache holds most of the GPU
-        _hf_baseline(engine_dir, spec, llm.manifest.decoder.vocab_size, baseline_batch_size,
-                     report.output_tokens_per_s)
+        report = dataclasses.replace(report, baseline=_hf_baseline(
+            engine_dir, spec, llm.manifest.decoder.vocab_size, baseline_batch_size,
+            report.output_tokens_per_s))
     if json_output is not None:
         _write_atomically(json_output, report.to_json() + "\n")
         if not quiet:
@@ -228,19 +242,24 @@ def _check_baseline(engine_dir: Path | None, backend: str | None) -> None:
 
 
 def _hf_baseline(engine_dir: Path, spec: Workload, vocab_size: int, batch_size: int,
-                 kiln_tokens_per_s: float) -> None:
-    """HF generate() on the same prompts and weights; prints its rate and kiln / HF."""
+                 kiln_tokens_per_s: float) -> dict:
+    """HF generate() on the same prompts and weights, at most --concurrency at a time as kiln
+    ran them; prints its rate and kiln / HF, and returns them for the JSON report."""
     import torch
 
     from kiln.runtime.bench import make_prompts
     from kiln.runtime.torch_backend.hf_baseline import hf_baseline_for_engine
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    batch_size = min(batch_size, spec.concurrency or batch_size)
     _, run = hf_baseline_for_engine(engine_dir, make_prompts(spec, vocab_size), spec.output_len,
                                     batch_size, device=device)
+    ratio = kiln_tokens_per_s / run.tokens_per_second
     click.echo(f"{'HF generate tokens/s':<24}{run.tokens_per_second:>10.1f}  (batch "
                f"{run.batch_size}, {device})")
-    click.echo(f"{'kiln / HF':<24}{kiln_tokens_per_s / run.tokens_per_second:>10.2f}x")
+    click.echo(f"{'kiln / HF':<24}{ratio:>10.2f}x")
+    return {"name": "hf", "device": device, "batch_size": run.batch_size,
+            "output_tokens_per_s": run.tokens_per_second, "kiln_over_baseline": ratio}
 
 
 def _engine_info(llm: LLM, dp: int) -> dict:

@@ -62,12 +62,15 @@ def _is_serve_report(path: Path) -> bool:
               help="Unmeasured rounds first, each as many requests as run at once.")
 @click.option("--seed", default=0, show_default=True, help="Seed of prompts and arrivals.")
 @click.option("--json_output", type=PathArg(dir_okay=False, path_type=Path), default=None,
-              help="Write the report as JSON here [default: print it after the table].")
+              help="Write the report as JSON here (-: standard output) [default: print it "
+                   "after the table].")
 @click.pass_obj
 def bench_serve(obj: CliContext, url: str, model: str | None, api_key: str | None,
                 warmup: int, json_output: Path | None, **workload: object) -> None:
     """Benchmark a running OpenAI-compatible server (in the manner of vllm bench serve)."""
     bench = _client()
+    if json_output is not None and str(json_output) == "-":
+        json_output = None  # standard output, where the report goes by default
     if json_output is not None:
         _check_json_output(json_output, None, _is_serve_report, "kiln bench_serve report")
     spec = bench.ServeWorkload(**workload)

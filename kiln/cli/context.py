@@ -66,5 +66,15 @@ def kv_fraction_option(func):
 
     name = "kv_cache_free_gpu_memory_fraction"
     field = next(f for f in dataclasses.fields(ExecutorOptions) if f.name == name)
-    return click.option(f"--{name}", type=click.FloatRange(min=0, max=1, min_open=True),
+    return click.option(f"--{name}", type=_Fraction(min=0, max=1, min_open=True),
                         default=None, help=field.metadata["help"])(func)
+
+
+class _Fraction(click.FloatRange):
+    """A float in the range, and not NaN (which every comparison lets through)."""
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if value != value:
+            self.fail("nan is not a number in (0, 1]", param, ctx)
+        return value

@@ -33,7 +33,7 @@ REPORT_KEYS = frozenset({"perplexity", "tokens", "seconds", "max_length", "strid
 @click.option("--stride", type=click.IntRange(min=1),
               help="Tokens between window starts [default: max_length // 2].")
 @click.option("--json_output", type=PathArg(dir_okay=False, path_type=Path), default=None,
-              help="Also write the result as JSON here.")
+              help="Also write the result as JSON here (-: standard output).")
 @executor_options
 @kv_fraction_option
 @click.pass_obj
@@ -49,6 +49,9 @@ def eval_command(obj: CliContext, dataset: str, max_length: int | None,
     if stride is not None and max_length is not None and stride > max_length:
         raise click.BadParameter(f"{stride} exceeds --max_length {max_length}",
                                  param_hint="--stride")
+    to_stdout = json_output is not None and str(json_output) == "-"
+    if to_stdout:
+        json_output = None
     if json_output is not None and source["engine_dir"] is None:  # before a build
         _check_json_output(json_output, None, _is_eval_report, "kiln eval report")
     options = ExecutorOptions(device=device, num_threads=num_threads, cpu_spin_wait=cpu_spin_wait,
@@ -63,9 +66,12 @@ def eval_command(obj: CliContext, dataset: str, max_length: int | None,
     click.echo(f"perplexity {result.perplexity:.6f}")
     sys.stdout.flush()  # before the stderr summary, also when both go to one pipe
     if obj.verbosity >= 0:
-        click.echo(f"{result.tokens} tokens in {result.windows} windows (max_length "
+        click.echo(f"{result.tokens} tokens in {result.windows} window{'s' if result.windows != 1 else ''} "
+                   f"(max_length "
                    f"{result.max_length}, stride {result.stride}), {result.seconds:.1f} s, "
                    f"{result.tokens_per_s:.1f} tokens/s", err=True)
+    if to_stdout:
+        click.echo(json.dumps(result.to_dict(), indent=2))
     if json_output is not None:
         _write_atomically(json_output, json.dumps(result.to_dict(), indent=2) + "\n")
         if obj.verbosity >= 0:

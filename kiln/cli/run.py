@@ -104,16 +104,20 @@ def build_params(llm: LLM, max_output_len: int, given: dict[str, Any]) -> Sampli
     return llm.default_params.replace(max_tokens=max_output_len, **_overrides(given))
 
 
-def read_prompts(input_text: tuple[str, ...], input_file: Path | None) -> list[str]:
-    """Prompts from --input_text (repeatable) and --input_file (.jsonl: one per line; else one)."""
+def read_prompts(input_text: tuple[str, ...],
+                 input_file: Path | tuple[Path, ...] | None) -> list[str]:
+    """Prompts from --input_text and --input_file (both repeatable; a file: .jsonl, one per
+    line, else one), texts first, then the files in order."""
     for text in input_text:
         if not is_utf8(text):
             raise click.BadParameter(f"{_shown(text)} is not UTF-8 text (the shell passed bytes "
                                      "that are not UTF-8; set a UTF-8 locale or use "
                                      "--input_file)", param_hint="--input_text")
     prompts = list(input_text)
-    if input_file is not None:
-        prompts += _read_input_file(input_file)
+    files = () if input_file is None else (input_file,) if isinstance(input_file, Path) \
+        else input_file
+    for path in files:
+        prompts += _read_input_file(path)
     if not prompts:
         raise click.BadParameter("give --input_text or --input_file", param_hint="--input_text")
     return prompts
@@ -125,12 +129,18 @@ INPUT_FILE_MAX_BYTES = 256 << 20
 
 
 def _read_input_file(path: Path) -> list[str]:
-    """The prompts of one --input_file ("-": standard input, one prompt); a malformed file is
-    one BadParameter naming the line."""
+    """The prompts of one --input_file ("-": standard input, one prompt; a text file's
+    trailing newlines are dropped, as the shell's ``$(cat FILE)`` drops them); a malformed
+    file is one BadParameter naming the line."""
     data = bytearray()
     stdin = str(path) == "-"
     if stdin:
         path = Path("stdin")  # how messages name it
+        if sys.stdin is None:
+            raise click.BadParameter("stdin: closed; pipe the prompt in",
+                                     param_hint="--input_file")
+        if sys.stdin.isatty():
+            click.echo("reading the prompt from standard input (end it with Ctrl-D)", err=True)
     try:
         with nullcontext(sys.stdin.buffer) if stdin else path.open("rb") as f:
             # in pieces: a signal is handled between them
@@ -151,6 +161,7 @@ def _read_input_file(path: Path) -> list[str]:
         raise click.BadParameter(f"{path} line {line}: not UTF-8 text (byte offset {e.start}: "
                                  f"{e.reason})", param_hint="--input_file") from None
     if path.suffix != ".jsonl":
+        text = text.rstrip("\n")  # the newline(s) an editor or echo ends a file with
         if not text:
             fix = "empty; pipe the prompt in" if stdin else \
                 "the file is empty; write the prompt in it"
@@ -212,9 +223,10 @@ def _json_type(value: Any) -> str:
 @engine_command("run", "Engine dir (output of kiln build).")
 @click.option("--input_text", multiple=True, help="A prompt. Repeatable.")
 @click.option("--input_file", type=PathArg(exists=True, dir_okay=False, path_type=Path,
-                                           allow_dash=True),
+                                           allow_dash=True), multiple=True,
               help="Prompt file: .jsonl = one prompt per line (string or {\"prompt\": ...}); "
-                   "any other file = one prompt; - = one prompt from standard input.")
+                   "any other file = one prompt; - = one prompt from standard input. "
+                   "Repeatable.")
 @click.option("--max_output_len", default=64, show_default=True, type=click.IntRange(min=1),
               help="New tokens per prompt at most.")
 @click.option("--streaming", is_flag=True,
@@ -227,7 +239,7 @@ def _json_type(value: Any) -> str:
 @kv_fraction_option
 @sampling_options
 @click.pass_obj
-def run(obj: CliContext, input_text: tuple[str, ...], input_file: Path | None,
+def run(obj: CliContext, input_text: tuple[str, ...], input_file: tuple[Path, ...],
         max_output_len: int, streaming: bool, chat: bool, device: str,
         num_threads: int | None, cpu_spin_wait: bool, verify_checksums: bool, dp: int,
         kv_cache_free_gpu_memory_fraction: float | None, **options: Any) -> None:
@@ -248,23 +260,13 @@ def run(obj: CliContext, input_text: tuple[str, ...], input_file: Path | None,
                                      f"vocabulary [0, {vocab}); pass ids of its tokenizer",
                                      param_hint="--stop_token_ids")
 
-    if options.get("stop_token_ids") and options.get("engine_dir") is not None:
-        from kiln.engine import read_manifest
+    with held_engine(obj, options, executor, check=check_stop_ids) as engine_dir:
+        if options.get("stop_token_ids"):  # an --engine_dir, or a cached engine: not built
+            from kiln.engine import read_manifest
 
-        check_stop_ids(read_manifest(options["engine_dir"]))
-    with held_engine(obj, options, executor, check=check_stop_ids) as engine_dir, \
-            LLM(engine_dir, executor) as llm:
-        log_quantization(llm.manifest)
-        params = build_params(llm, max_output_len, options)  # the sampling flags are left
-        inputs = [llm.render_chat([{"role": "user", "content": p}]) if chat else p
-                  for p in prompts]
-        warn_if_cut(llm, inputs, max_output_len)
-        if streaming:
-            results = _stream(llm, inputs, params)
-        else:
-            results = llm.generate(inputs, params)
-            for i, result in enumerate(results):
-                click.echo(_header(i, len(results)) + result.text)
+            check_stop_ids(read_manifest(engine_dir))
+        with LLM(engine_dir, executor) as llm:
+            results = _generate(llm, prompts, max_output_len, streaming, chat, options)
     if obj.verbosity >= 0:
         click.echo(format_stats(results), err=True)
     failed = [r.error for r in results if r.finish_reason == "error"]
@@ -272,6 +274,22 @@ def run(obj: CliContext, input_text: tuple[str, ...], input_file: Path | None,
         for error in failed:
             click.echo(f"error: {error}", err=True)
         raise SystemExit(2)
+
+
+def _generate(llm: LLM, prompts: list[str], max_output_len: int, streaming: bool, chat: bool,
+              options: dict[str, Any]) -> list[CompletionResult]:
+    """The prompts' results, their text printed (streamed, or after each finishes)."""
+    log_quantization(llm.manifest)
+    params = build_params(llm, max_output_len, options)  # the sampling flags are left
+    inputs = [llm.render_chat([{"role": "user", "content": p}]) if chat else p
+              for p in prompts]
+    warn_if_cut(llm, inputs, max_output_len)
+    if streaming:
+        return _stream(llm, inputs, params)
+    results = llm.generate(inputs, params)
+    for i, result in enumerate(results):
+        click.echo(_header(i, len(results)) + result.text)
+    return results
 
 
 def warn_if_cut(llm: LLM, inputs: list[Any], max_output_len: int) -> None:

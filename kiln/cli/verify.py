@@ -75,7 +75,8 @@ def verify(obj: CliContext, engine_dir: Path) -> None:
     if problems:
         fix = "" if "rebuild" in problems[0] else "; rebuild with kiln build"
         raise EngineError(f"{engine_dir}: {len(problems)} problem(s), first: {problems[0]}{fix}")
-    click.echo(f"{engine_dir}: ok, {len(files)} files of {len(manifest.rank_files)} rank(s), "
+    ranks = len(manifest.rank_files)
+    click.echo(f"{engine_dir}: ok, {len(files)} files of {ranks} rank{'s' if ranks != 1 else ''}, "
                f"{total / 1e9:.2f} GB: present, {sizes} match the manifest")
 
 

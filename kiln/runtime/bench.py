@@ -65,6 +65,7 @@ class BenchReport:
     output_tokens_per_s: float
     requests_per_s: float
     engine: dict[str, Any] = field(default_factory=dict)
+    baseline: dict[str, Any] | None = None  # kiln bench --baseline hf: HF's run beside kiln's
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -120,8 +121,8 @@ def run_benchmark(core: EngineCore, workload: Workload,
         while prompts and prompts[0][1] <= now and len(live) < limit:
             prompt, _ = prompts.popleft()
             live.add(core.add_request(prompt, params).request_id)
-        if not live:
-            time.sleep(max(0.0, prompts[0][1] - now))
+        if not live:  # a second at most, so that any wait fits the platform's sleep
+            time.sleep(min(1.0, max(0.0, prompts[0][1] - now)))
             continue
         for delta in core.step():
             if delta.finished:

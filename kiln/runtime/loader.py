@@ -167,16 +167,26 @@ def check_runnable(manifest: EngineManifest, options: ExecutorOptions | None = N
     if options.kv_cache_free_gpu_memory_fraction is not None and (
             manifest.backend != "torch"
             or run_device(module, manifest, machine, options) != "cuda"):
-        logger.warning("kv_cache_free_gpu_memory_fraction has no effect on %s: it sizes the "
-                       "torch backend's KV cache on a GPU", f"{a_or_an(manifest.backend)} engine"
-                       if manifest.backend != "torch" else "the CPU")
-    if options.prefill_attention is not None and manifest.backend != "torch":
-        logger.warning("prefill_attention has no effect on %s engine: it chooses the torch "
-                       "backend's attention kernel", a_or_an(manifest.backend))
+        where = f"{a_or_an(manifest.backend)} engine" if manifest.backend != "torch" \
+            else "the CPU"
+        _warn_once(f"kv_cache_free_gpu_memory_fraction has no effect on {where}: it sizes the "
+                   f"torch backend's KV cache on a GPU")
+    if options.prefill_attention not in (None, "auto") and manifest.backend != "torch":
+        _warn_once(f"prefill_attention has no effect on {a_or_an(manifest.backend)} engine: it "
+                   f"chooses the torch backend's attention kernel")
     if options.dp > 1 or options.engine_process:
         check_replicas(manifest, run_device(module, manifest, machine, options), machine,
                        options)
     return module, machine
+
+
+_WARNED: set[str] = set()  # what this process has said once (checks run before and at a load)
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logger.warning(message)
 
 
 def check_engine(engine_dir: str | Path, options: ExecutorOptions | None = None,

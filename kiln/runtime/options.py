@@ -69,6 +69,10 @@ class ExecutorOptions:
             raise EngineError(f"prefill_attention must be one of {', '.join(PREFILL_ATTENTION)}, "
                               f"found {self.prefill_attention!r}")
         fraction = self.kv_cache_free_gpu_memory_fraction
+        if fraction is not None and (isinstance(fraction, bool)
+                                     or not isinstance(fraction, (int, float))):
+            raise EngineError(f"kv_cache_free_gpu_memory_fraction must be a number in (0, 1], "
+                              f"found {fraction!r}")
         if fraction is not None and not 0 < fraction <= 1:
             raise EngineError(f"kv_cache_free_gpu_memory_fraction must be in (0, 1], found "
                               f"{fraction}")

@@ -88,7 +88,8 @@ class SamplingParams:
                f"must be UTF-8 text, found {self.stop!r} (a lone surrogate: bytes that are not "
                "UTF-8, e.g. from a shell in another locale)")
         _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
-               f"must be token ids >= 0, found {self.stop_token_ids!r}")
+               f"must be token ids >= 0, found "
+               f"{', '.join(map(repr, self.stop_token_ids))}")
         _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20),
                "logprobs", f"must be None or an integer in [0, 20], found {self.logprobs!r}")
         _check(self.prompt_logprobs is None or

@@ -33,6 +33,16 @@ def test_bench_reports_kiln_over_hf(tmp_path):
                                      "3", "--warmup", "0", "--device", "cpu", "--baseline", "hf"])
     assert wide.exit_code == 0, wide.output
     assert "(batch 3, cpu)" in wide.output  # the batch that ran: all 3, not the default 64
+    out = tmp_path / "report.json"
+    one_at_a_time = CliRunner().invoke(main, [
+        "bench", "--engine_dir", str(tmp_path / "engine"), "--input_len", "6", "--output_len",
+        "2", "--num_requests", "3", "--concurrency", "1", "--warmup", "0", "--device", "cpu",
+        "--baseline", "hf", "--json_output", str(out)])
+    assert one_at_a_time.exit_code == 0, one_at_a_time.output
+    assert "(batch 1, cpu)" in one_at_a_time.output  # as kiln ran them: one at a time
+    report = json.loads(out.read_text())["baseline"]
+    assert report["name"] == "hf" and report["batch_size"] == 1
+    assert report["output_tokens_per_s"] > 0 and report["kiln_over_baseline"] > 0
 
 
 def test_baseline_on_a_non_torch_engine_is_refused_before_any_work(tmp_path, monkeypatch):

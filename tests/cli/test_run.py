@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -226,7 +227,9 @@ def test_input_file_newlines_read_as_text(tmp_path):
 
     f = tmp_path / "prompt.txt"
     f.write_bytes(b"one\r\ntwo\rthree\n")
-    assert read_prompts((), f) == ["one\ntwo\nthree\n"]
+    assert read_prompts((), f) == ["one\ntwo\nthree"]  # the file's last newline(s) dropped
+    f.write_bytes(b"  indented\n\nkept  \n\r\n")
+    assert read_prompts((), f) == ["  indented\n\nkept  "]
     f = tmp_path / "prompts.jsonl"
     f.write_bytes(b'"a"\r\n"b"\r\n')
     assert read_prompts((), f) == ["a", "b"]
@@ -311,13 +314,15 @@ def test_bench_table_and_json(engine, tmp_path):
     assert report["ttft_ms"]["p99"] >= report["ttft_ms"]["p50"] > 0
 
 
-def test_bench_says_the_gpu_memory_fraction_does_nothing_for_this_engine(engine, caplog):
+def test_bench_says_the_gpu_memory_fraction_does_nothing_for_this_engine(engine, caplog,
+                                                                         monkeypatch):
+    monkeypatch.setattr("kiln.runtime.loader._WARNED", set())  # said once a process
     with caplog.at_level("WARNING", logger="kiln.runtime.loader"):
         r = kiln("bench", "--engine_dir", str(engine), "--input_len", "8", "--output_len", "2",
                  "--num_requests", "1", "--kv_cache_free_gpu_memory_fraction", "0.5")
     assert r.exit_code == 0, r.output
-    assert ("kv_cache_free_gpu_memory_fraction has no effect on an onnx engine: it sizes the "
-            "torch backend's KV cache on a GPU") in caplog.messages
+    assert caplog.messages.count("kv_cache_free_gpu_memory_fraction has no effect on an onnx "
+                                 "engine: it sizes the torch backend's KV cache on a GPU") == 1
 
 
 @pytest.mark.parametrize("rate", ["nan", "inf"])
@@ -331,23 +336,26 @@ def test_bench_says_how_long_a_slow_request_rate_takes(caplog):
     from kiln.cli.bench import _check_request_rate
 
     with caplog.at_level("WARNING", logger="kiln.cli.bench"):
-        _check_request_rate(16 / 3600, 16)  # an hour of arrivals: said nothing
+        _check_request_rate(15 / 3600, 16)  # an hour of arrivals: said nothing
+        _check_request_rate(1e-9, 1)  # one request arrives at once
         assert not caplog.messages
-        _check_request_rate(1e-9, 16)
-        _check_request_rate(1e-6, 16)
-    assert caplog.messages == [
-        "--request_rate 1e-09: 16 requests arrive over ~507 years on average, and the "
-        "benchmark lasts that long",
-        "--request_rate 1e-06: 16 requests arrive over ~185 days on average, and the "
-        "benchmark lasts that long"]
+        _check_request_rate(15 / 86400, 16)
+    assert caplog.messages == ["--request_rate 0.000173611: 16 requests arrive over ~24.0 "
+                               "hours on average, and the benchmark lasts that long"]
+    for rate in (1e-9, 1e-300, 5e-324):  # a typo, and past what time.sleep takes
+        with pytest.raises(click.BadParameter, match=r"requests (would arrive over ~.* years|"
+                                                     r"would never all arrive); give at least "
+                                                     r"5.79e-06 requests/s"):
+            _check_request_rate(rate, 16)
 
 
-def test_quiet_bench_writes_its_report_without_a_word(engine, tmp_path):
-    out = tmp_path / "bench.json"
-    r = kiln("-q", "bench", "--engine_dir", str(engine), "--input_len", "8", "--output_len", "2",
-             "--num_requests", "1", "--json_output", str(out))
+def test_bench_json_output_dash_is_standard_output(engine, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = kiln("bench", "--engine_dir", str(engine), "--input_len", "8", "--output_len", "2",
+             "--num_requests", "1", "--json_output", "-")
     assert r.exit_code == 0, r.output
-    assert json.loads(out.read_text())["output_tokens"] == 2 and r.stderr == ""
+    assert json.loads(r.stdout[r.stdout.index("{"):])["output_tokens"] == 2
+    assert not (tmp_path / "-").exists()
 
 
 def test_bench_refuses_lengths_beyond_the_engine(engine):
@@ -393,8 +401,27 @@ def test_input_file_dash_reads_one_prompt_from_stdin(engine, tmp_path):
     piped = CliRunner().invoke(main, [*args, "--input_file", "-"], input="Hello there")
     assert from_file.exit_code == piped.exit_code == 0, piped.output
     assert piped.stdout == from_file.stdout and piped.stdout.strip()
+    echoed = CliRunner().invoke(main, [*args, "--input_file", "-"], input="Hello there\n")
+    assert echoed.stdout == from_file.stdout  # echo's newline is not part of the prompt
     empty = CliRunner().invoke(main, [*args, "--input_file", "-"], input="")
     assert empty.exit_code == 2 and "stdin: empty; pipe the prompt in" in empty.output
+
+
+def test_input_file_repeats_in_order_after_the_texts(tmp_path):
+    from kiln.cli.run import read_prompts
+
+    (tmp_path / "a.txt").write_text("first\n")
+    (tmp_path / "b.jsonl").write_text('"second"\n"third"\n')
+    assert read_prompts(("zero",), (tmp_path / "a.txt", tmp_path / "b.jsonl")) == \
+        ["zero", "first", "second", "third"]
+
+
+def test_input_file_dash_with_stdin_closed_is_one_line(monkeypatch):
+    from kiln.cli.run import read_prompts
+
+    monkeypatch.setattr("sys.stdin", None)
+    with pytest.raises(click.BadParameter, match="stdin: closed; pipe the prompt in"):
+        read_prompts((), Path("-"))
 
 
 def test_a_jsonl_prompt_with_a_lone_surrogate_is_one_line_naming_the_line(engine, tmp_path):

@@ -52,7 +52,7 @@ def test_a_good_engine_prints_one_line_per_file_then_ok(engine):
     *lines, summary = r.output.splitlines()
     assert [line.split()[:4] for line in lines] == [
         ["ok", "rank", name[4], name] for name in FILES]
-    assert summary.startswith(f"{engine}: ok, 4 files of 2 rank(s)")
+    assert summary.startswith(f"{engine}: ok, 4 files of 2 ranks")
     assert summary.endswith("present, sizes and checksums match the manifest")
     assert kiln("-q", "verify", str(engine)).output.splitlines() == [summary]
 
