@@ -41,15 +41,22 @@ def bucket(n: int, page: int) -> int:
     return -(-n // step) * step
 
 
+def dtype_refusal(dtype: torch.dtype) -> str | None:
+    """None for activations cuDNN's attention takes, else why not."""
+    if dtype in DTYPES:
+        return None
+    return (f"the activations are {str(dtype).removeprefix('torch.')}, and cuDNN's attention "
+            f"takes float16 and bfloat16")
+
+
 def refusal(device: torch.device, num_heads: int, num_kv_heads: int, head_dim: int,
             dtype: torch.dtype) -> str | None:
     """None if cuDNN's attention runs these heads on ``device``, else why not (one line):
     one small causal call, checked against the math backend."""
     if device.type != "cuda":
         return f"{device} is not a CUDA device"
-    if dtype not in DTYPES:
-        return f"the activations are {str(dtype).removeprefix('torch.')}, and cuDNN's " \
-               f"attention takes float16 and bfloat16"
+    if (why := dtype_refusal(dtype)) is not None:
+        return why
     gen = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(1, num_heads, 80, head_dim, device=device, dtype=dtype, generator=gen)
     k = torch.randn(1, num_kv_heads, 80, head_dim, device=device, dtype=dtype, generator=gen)

@@ -277,9 +277,15 @@ class PagedDecoder:
             why = "the model has ALiBi or a sliding window"
         elif self.quant is not None and self.quant.kv_cache_dtype is not None:
             why = f"the engine has {a_or_an(self.quant.kv_cache_dtype)} KV cache"
-        else:
+        elif (why := cudnn_attention.dtype_refusal(self.dtype)) is not None:
+            pass  # a float32 engine: by design, not a refusal
+        else:  # where it should run: a refusal is a slower path the user is told of
             why = cudnn_attention.refusal(device, self.num_heads, self.num_kv_heads,
                                           cfg.head_dim, self.dtype)
+            if why is not None and choice == "auto":
+                logger.warning("prefill attention: kiln's Triton kernel, since cuDNN's "
+                               "attention refused this model here (%s)", why)
+                return None
         if why is None:
             logger.info("prefill attention: cuDNN for fresh prompts of %d tokens or more, "
                         "kiln's Triton kernel for the rest", cudnn_attention.MIN_TOKENS)
