@@ -28,3 +28,24 @@ def test_gemv_matches_reference(dtype, shape, variant):
     got = triton_kernels.gemv(x, w, b, silu_input=variant == "silu")
     assert got.shape == (1, n) and got.dtype == dtype
     assert_close(got, ref.gemv(x, w, b, silu_input=variant == "silu"), dtype)
+
+
+@pytest.mark.parametrize("n,k", [(200, 512), (96, 768), (64, 96)], ids=str)
+@pytest.mark.parametrize("silu", [False, True], ids=["plain", "silu"])
+def test_early_tiles_change_no_output(n, k, silu):
+    """Weight tiles loaded before the PDL wait (the config's fifth item): the same outputs,
+    bit for bit, as the loop alone. 256-column tiles: two whole (512), a third after them
+    (768), one partial and one past K (96)."""
+    device = triton_device()
+    if device.type != "cuda" or torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("early tiles are loaded under PDL only: an sm90+ GPU")
+    from kiln.plugins.gemv import triton_kernels
+    w = (torch.randn(n, k, device=device) / k ** 0.5).to(torch.bfloat16)
+    x = torch.randn(1, 2 * k if silu else k, device=device).to(torch.bfloat16)
+    b = torch.randn(n, device=device).to(torch.bfloat16)
+    outs = [triton_kernels.gemv(x, w, b, silu_input=silu, config=(8, 256, 4, 3, early))
+            for early in (0, 1, 2)]
+    assert_close(outs[0], ref.gemv(x, w, b, silu_input=silu), torch.bfloat16)
+    assert torch.equal(outs[1], outs[0]) and torch.equal(outs[2], outs[0])
+    with pytest.raises(ValueError, match="early tiles are 0 to 2, found 3"):
+        triton_kernels.gemv(x, w, b, silu_input=silu, config=(8, 256, 4, 3, 3))

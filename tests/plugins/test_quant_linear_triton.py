@@ -250,6 +250,53 @@ def test_int4_split_k(m, group_size, groups, splits):
     assert_close(got, ref.int4_weight_only_linear(*other), torch.bfloat16)
 
 
+@pytest.mark.parametrize("fmt", ["fp8", "int8_sq", "int8_wo"])
+@pytest.mark.parametrize("n,k", [(200, 512), (96, 768), (64, 96)], ids=str)
+def test_w8_gemv_early_tiles_change_no_output(fmt, n, k):
+    """Weight tiles loaded before the PDL wait (the config's fifth item): the same outputs,
+    bit for bit, as the loop alone. 256-byte tiles: two whole (512), a third after them
+    (768), one partial and one past K (96)."""
+    device = triton_device()
+    if device.type != "cuda" or INTERPRET or torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("early tiles are loaded under PDL only: an sm90+ GPU")
+    _skip(torch.bfloat16, device, fmt)
+    kernels = _kernels()
+    name, args = _case(fmt, n, k, 1, torch.bfloat16, device, bias=True)
+    x, weight = args[0], args[1]
+    gemv = kernels.PATHS[name]["gemv"]
+    scales = (args[2].reshape(-1).float(),) if fmt == "int8_wo" else \
+        (args[2].reshape(-1).float(), args[3].reshape(-1).float())
+    outs = [gemv(x, weight, *scales, args[-1], config=(8, 256, 4, 3, early))
+            for early in (0, 1, 2)]
+    assert torch.isfinite(outs[0]).all()
+    assert_close(outs[0], _reference(name, args), torch.bfloat16)
+    assert torch.equal(outs[1], outs[0]) and torch.equal(outs[2], outs[0])
+    with pytest.raises(ValueError, match="early tiles are 0 to 2, found 3"):
+        gemv(x, weight, *scales, args[-1], config=(8, 256, 4, 3, 3))
+
+
+@pytest.mark.parametrize("group_size,k", [(128, 1024), (64, 640), (128, 384)], ids=str)
+def test_int4_gemv_early_iteration_changes_no_output(group_size, k):
+    """The int4 GEMV's first iteration loaded before the PDL wait: the same outputs, bit for
+    bit. 256 bytes a row per iteration: two iterations of 4 groups (1024, g128), 2.5 of 4 (640,
+    g64), one partial (384, g128)."""
+    device = triton_device()
+    if device.type != "cuda" or INTERPRET or torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("early loads run under PDL only: an sm90+ GPU")
+    kernels = _kernels()
+    name, args = _case("int4", 200, k, 1, torch.bfloat16, device, bias=True,
+                       group_size=group_size)
+    x, packed, scale, _, bias = args
+    gemv = kernels.PATHS[name]["gemv"]
+    scale = scale.float().contiguous()
+    outs = [gemv(x, packed, scale, group_size, bias, config=(4, 256, 4, 3, early))
+            for early in (0, 1)]
+    assert_close(outs[0], _reference(name, args), torch.bfloat16)
+    assert torch.equal(outs[1], outs[0])
+    with pytest.raises(ValueError, match="early tiles are 0 to 1, found 2"):
+        gemv(x, packed, scale, group_size, bias, config=(4, 256, 4, 3, 2))
+
+
 @pytest.mark.parametrize("fmt", ["fp8", "int8_sq", "int8_wo", "int4"])
 @pytest.mark.parametrize("m", [1, 16, 100])
 def test_cuda_graph_capture(fmt, m):

@@ -52,6 +52,16 @@ def output_rows(pid, BLOCK_N: tl.constexpr, EPILOGUE: tl.constexpr, PAIR_HALF):
 
 
 @triton.jit
+def row_tile(w_rows, row_ok, k0, k, BLOCK_K: tl.constexpr):
+    """Columns ``[k0, k0 + BLOCK_K)`` of a GEMV program's weight rows (``w_rows``: each row's
+    start; masked past ``k`` and past the last row, as 0). A one-row GEMV loads its first
+    tiles before the PDL wait where its config says so: weights do not depend on the kernel
+    before it, so they stream while that kernel runs (decode attention before ``o``)."""
+    cols = k0 + tl.arange(0, BLOCK_K)
+    return tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & (cols < k)[None, :], other=0)
+
+
+@triton.jit
 def _rope_pairs(a, b, first, q_ptr, table_ptr, table_stride, index_ptr, slot_ptr,
                 k_cache_ptr, v_cache_ptr, c_stride_b, c_stride_h, c_stride_r, clip, k_scale_ptr,
                 v_scale_ptr, PAIRS: tl.constexpr, NUM_HEADS: tl.constexpr,
@@ -117,6 +127,15 @@ def store_rows(y, rows, row_ok, y_ptr, BLOCK_N: tl.constexpr, EPILOGUE: tl.const
                         k_cache_ptr, v_cache_ptr, c_stride_b, c_stride_h, c_stride_r, clip,
                         k_scale_ptr, v_scale_ptr, PAIRS, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM,
                         PAGE, ROTARY, CLIP, QUANT)
+
+
+def early_tiles(fn: str, config_rest: list[int], pdl: bool, most: int = 2) -> int:
+    """A one-row GEMV config's early tiles (its fifth item, 0 where it has none; at most
+    ``most``) as the kernel's ``EARLY``: 0 without PDL, where nothing runs before the wait."""
+    early = config_rest[0] if config_rest else 0
+    if not 0 <= early <= most:
+        raise ValueError(f"{fn}: a config's early tiles are 0 to {most}, found {early}")
+    return early if pdl else 0
 
 
 def gemv_output(epilogue: Epilogue | None, n: int, block_n: int, x: torch.Tensor,

@@ -38,7 +38,13 @@ import triton
 import triton.language as tl
 
 from kiln.plugins.gemv.epilogue import Epilogue
-from kiln.plugins.gemv.triton_epilogue import gemv_output, output_rows, store_rows
+from kiln.plugins.gemv.triton_epilogue import (
+    early_tiles,
+    gemv_output,
+    output_rows,
+    row_tile,
+    store_rows,
+)
 from kiln.plugins.pdl import enabled as pdl_enabled
 from kiln.plugins.pdl.triton_kernels import prologue
 from kiln.plugins.quant_linear import FP8_TRITON_MAX_M
@@ -171,6 +177,16 @@ def _field(word, SHIFT: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _fp8_tile(acc, w, x_ptr, k0, k, inv_s, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``acc`` plus one tile's products: fp8 weight bytes ``w`` [BLOCK_N, BLOCK_K] (uint8: a
+    masked load's 'other=0') by x's columns from ``k0``, quantized by ``inv_s``."""
+    cols = k0 + tl.arange(0, BLOCK_K)
+    x = _e4m3(tl.load(x_ptr + cols, mask=cols < k, other=0.0).to(tl.float32) * inv_s)
+    prod = w.to(tl.float8e4nv, bitcast=True).to(tl.float32) * x[None, :]
+    return acc + tl.sum(prod.reshape(BLOCK_N, BLOCK_K // 16, 16), 2)
+
+
+@triton.jit
 def _fp8_gemv_kernel(x_ptr, w_ptr, ws_ptr, s_ptr, b_ptr, y_ptr, n, k, DYNAMIC: tl.constexpr,
                      WS_PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
@@ -180,25 +196,30 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, ws_ptr, s_ptr, b_ptr, y_ptr, n, k, DYNAMIC: t
                      v_scale_ptr=None, NUM_HEADS: tl.constexpr = 0,
                      NUM_KV_HEADS: tl.constexpr = 0, HEAD_DIM: tl.constexpr = 0,
                      PAGE: tl.constexpr = 0, ROTARY: tl.constexpr = False,
-                     CLIP: tl.constexpr = False, QUANT: tl.constexpr = False):
+                     CLIP: tl.constexpr = False, QUANT: tl.constexpr = False,
+                     EARLY: tl.constexpr = 0):
     """y[n] = sum_k w[n, k] * e4m3(x[k] * (1 / s)) * s * ws[n] for fp8 weights [N, K] (as
     bytes): x quantized with one float32 reciprocal of s (``_quantize``'s inexact rule); the
-    rows and the store as :mod:`kiln.plugins.gemv.triton_epilogue` (an epilogue's arguments)."""
-    prologue(PDL)
+    rows, the store and the early tiles (``EARLY``: 0-2, loaded before the PDL wait, see
+    ``row_tile``) as :mod:`kiln.plugins.gemv.triton_epilogue`."""
     rows = output_rows(tl.program_id(0), BLOCK_N, EPILOGUE, PAIR_HALF)
     row_ok = rows < n
     w_rows = w_ptr + rows[:, None].to(tl.int64) * k
+    if EARLY >= 1:
+        w_first = row_tile(w_rows, row_ok, 0, k, BLOCK_K)
+    if EARLY >= 2:
+        w_second = row_tile(w_rows, row_ok, BLOCK_K, k, BLOCK_K)
+    prologue(PDL)
     s = _act_scale(x_ptr, s_ptr, k, 1, DYNAMIC, BLOCK_K)
     inv_s = tl.math.div_rn(1.0, s)
     acc = tl.zeros([BLOCK_N, BLOCK_K // 16], tl.float32)  # see the INT8 GEMV
-    for k0 in range(0, k, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_ok = cols < k
-        w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0)
-        x = _e4m3(tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32) * inv_s)
-        # fp8 weights arrive as their bytes (uint8): masked loads need 'other=0'
-        prod = w.to(tl.float8e4nv, bitcast=True).to(tl.float32) * x[None, :]
-        acc += tl.sum(prod.reshape(BLOCK_N, BLOCK_K // 16, 16), 2)
+    if EARLY >= 1:
+        acc = _fp8_tile(acc, w_first, x_ptr, 0, k, inv_s, BLOCK_N, BLOCK_K)
+    if EARLY >= 2:
+        acc = _fp8_tile(acc, w_second, x_ptr, BLOCK_K, k, inv_s, BLOCK_N, BLOCK_K)
+    for k0 in range(EARLY * BLOCK_K, k, BLOCK_K):
+        acc = _fp8_tile(acc, row_tile(w_rows, row_ok, k0, k, BLOCK_K), x_ptr, k0, k, inv_s,
+                        BLOCK_N, BLOCK_K)
     y = tl.sum(acc, 1) * s
     if WS_PER_ROW:
         y = y * tl.load(ws_ptr + rows, mask=row_ok, other=0.0)
@@ -232,6 +253,23 @@ def _int8_words_to_f32(w):
 
 
 @triton.jit
+def _int8_tile(acc, w, x_ptr, j0, k, s, inv_s, ACT: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_W: tl.constexpr):
+    """``acc`` plus one tile's products: int8 weights as int32 words ``w`` [BLOCK_N, BLOCK_W]
+    from word ``j0`` by x's columns (quantized by s where ``ACT`` is 2)."""
+    b0, b1, b2, b3 = _int8_words_to_f32(w)
+    # [BLOCK_N, BLOCK_W, 2, 2] -> [BLOCK_N, 4 * BLOCK_W]: weight 4j + p in column 4j + p
+    wf = tl.join(tl.join(b0, b2), tl.join(b1, b3)).reshape(BLOCK_N, 4 * BLOCK_W)
+    cols = 4 * j0 + tl.arange(0, 4 * BLOCK_W)
+    x = tl.load(x_ptr + cols, mask=cols < k, other=0.0).to(tl.float32)
+    if ACT == 2:
+        x = _quantize(x, s, inv_s, 2, False)
+    # the 16 products of each thread's 16-byte piece summed first: a small accumulator
+    # (registers: twice the programs resident per SM, twice the loads in flight)
+    return acc + tl.sum((wf * x[None, :]).reshape(BLOCK_N, BLOCK_W // 4, 16), 2)
+
+
+@triton.jit
 def _int8_gemv_kernel(x_ptr, w_ptr, ws_ptr, s_ptr, b_ptr, y_ptr, n, k, ACT: tl.constexpr,
                       DYNAMIC: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_W: tl.constexpr, PDL: tl.constexpr = False,
@@ -241,34 +279,34 @@ def _int8_gemv_kernel(x_ptr, w_ptr, ws_ptr, s_ptr, b_ptr, y_ptr, n, k, ACT: tl.c
                       v_scale_ptr=None, NUM_HEADS: tl.constexpr = 0,
                       NUM_KV_HEADS: tl.constexpr = 0, HEAD_DIM: tl.constexpr = 0,
                       PAGE: tl.constexpr = 0, ROTARY: tl.constexpr = False,
-                      CLIP: tl.constexpr = False, QUANT: tl.constexpr = False):
+                      CLIP: tl.constexpr = False, QUANT: tl.constexpr = False,
+                      EARLY: tl.constexpr = 0):
     """y[n] = sum_k w[n, k] * x[k] * ws[n] for int8 weights [N, K] (K % 4 == 0), read as int32
     words, ``BLOCK_W`` words of each row per iteration; ``ACT`` 2 (SmoothQuant): x quantized
-    to int8 by s (sums of integers, exact), else x as is (weight-only)."""
-    prologue(PDL)
+    to int8 by s (sums of integers, exact), else x as is (weight-only). ``EARLY``: as in the
+    fp8 GEMV."""
     rows = output_rows(tl.program_id(0), BLOCK_N, EPILOGUE, PAIR_HALF)
     row_ok = rows < n
     words = k // 4
     w_rows = w_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None].to(tl.int64) * words
+    if EARLY >= 1:
+        w_first = row_tile(w_rows, row_ok, 0, words, BLOCK_W)
+    if EARLY >= 2:
+        w_second = row_tile(w_rows, row_ok, BLOCK_W, words, BLOCK_W)
+    prologue(PDL)
     s = 1.0
     inv_s = 1.0
     if ACT == 2:
         s = _act_scale(x_ptr, s_ptr, k, 2, DYNAMIC, 4 * BLOCK_W)
         inv_s = tl.math.div_rn(1.0, s)
     acc = tl.zeros([BLOCK_N, BLOCK_W // 4], tl.float32)
-    for j0 in range(0, words, BLOCK_W):
-        j = j0 + tl.arange(0, BLOCK_W)
-        w = tl.load(w_rows + j[None, :], mask=row_ok[:, None] & (j < words)[None, :], other=0)
-        b0, b1, b2, b3 = _int8_words_to_f32(w)
-        # [BLOCK_N, BLOCK_W, 2, 2] -> [BLOCK_N, 4 * BLOCK_W]: weight 4j + p in column 4j + p
-        wf = tl.join(tl.join(b0, b2), tl.join(b1, b3)).reshape(BLOCK_N, 4 * BLOCK_W)
-        cols = 4 * j0 + tl.arange(0, 4 * BLOCK_W)
-        x = tl.load(x_ptr + cols, mask=cols < k, other=0.0).to(tl.float32)
-        if ACT == 2:
-            x = _quantize(x, s, inv_s, 2, False)
-        # the 16 products of each thread's 16-byte piece summed first: a small accumulator
-        # (registers: twice the programs resident per SM, twice the loads in flight)
-        acc += tl.sum((wf * x[None, :]).reshape(BLOCK_N, BLOCK_W // 4, 16), 2)
+    if EARLY >= 1:
+        acc = _int8_tile(acc, w_first, x_ptr, 0, k, s, inv_s, ACT, BLOCK_N, BLOCK_W)
+    if EARLY >= 2:
+        acc = _int8_tile(acc, w_second, x_ptr, BLOCK_W, k, s, inv_s, ACT, BLOCK_N, BLOCK_W)
+    for j0 in range(EARLY * BLOCK_W, words, BLOCK_W):
+        acc = _int8_tile(acc, row_tile(w_rows, row_ok, j0, words, BLOCK_W), x_ptr, j0, k,
+                         s, inv_s, ACT, BLOCK_N, BLOCK_W)
     if ACT == 2:  # integer products < 2^14: partials < K / (4 BLOCK_W) * 16 * 2^14 < 2^24 exact
         y = tl.sum(acc.to(tl.int32), 1).to(tl.float32) * s
     else:
@@ -313,14 +351,49 @@ def _int4_words_to_f32(w):
 
 
 @triton.jit
+def _int4_weights(w_rows, s_rows, row_ok, g0, n_groups, WORDS: tl.constexpr,
+                  GROUPS: tl.constexpr):
+    """Groups ``[g0, g0 + GROUPS)`` of an int4 GEMV program's rows: their int32 words
+    [BLOCK_N, GROUPS, WORDS] and scales [BLOCK_N, GROUPS] (0 past the last group or row)."""
+    g = g0 + tl.arange(0, GROUPS)
+    g_ok = g < n_groups
+    j = tl.arange(0, WORDS)
+    w = tl.load(w_rows + (g[:, None] * WORDS + j[None, :])[None, :, :],
+                mask=row_ok[:, None, None] & g_ok[None, :, None], other=0)
+    s = tl.load(s_rows + g[None, :], mask=row_ok[:, None] & g_ok[None, :], other=0.0)
+    return w, s
+
+
+@triton.jit
+def _int4_tile(acc, w, s, x_ptr, g0, n_groups, HALF: tl.constexpr, GROUPS: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """``acc`` plus groups ``[g0, g0 + GROUPS)``'s products (:func:`_int4_weights`)."""
+    g = g0 + tl.arange(0, GROUPS)
+    g_ok = g < n_groups
+    f = tl.arange(0, HALF)
+    l0, h0, l1, h1, l2, h2, l3, h3 = _int4_words_to_f32(w)
+    # [BLOCK_N, GROUPS, WORDS, 2, 2] -> [BLOCK_N, GROUPS, HALF]: feature 4j + p
+    lo = tl.join(tl.join(l0, l2), tl.join(l1, l3)).reshape(BLOCK_N, GROUPS, HALF)
+    hi = tl.join(tl.join(h0, h2), tl.join(h1, h3)).reshape(BLOCK_N, GROUPS, HALF)
+    x_lo = x_ptr + g[:, None] * (2 * HALF) + f[None, :]  # [GROUPS, HALF]
+    xl = tl.load(x_lo, mask=g_ok[:, None], other=0.0).to(tl.float32)
+    xh = tl.load(x_lo + HALF, mask=g_ok[:, None], other=0.0).to(tl.float32)
+    # each group's products summed per feature pair, its scale applied once per pair
+    part = tl.sum((lo * xl[None, :, :] + hi * xh[None, :, :]).reshape(
+        BLOCK_N, GROUPS, HALF // 16, 16), 3)
+    return acc + part * s[:, :, None]
+
+
+@triton.jit
 def _int4_gemv_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, n, k, HALF: tl.constexpr,
                       GROUPS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                      PDL: tl.constexpr = False):
+                      PDL: tl.constexpr = False, EARLY: tl.constexpr = 0):
     """y[n] = sum over groups g of s[n, g] * (lo . x[gG : gG+G/2] + hi . x[gG+G/2 : (g+1)G]),
     ``GROUPS`` groups per iteration. The split-group bytes are read as int32 words: byte p of
     word j of a group holds feature 4j + p (low nibble) and G/2 + 4j + p (high nibble).
-    No epilogues: measured slower with the rotary (GPU_NOTES.md, thirteenth pass)."""
-    prologue(PDL)
+    No epilogues: measured slower with the rotary (GPU_NOTES.md, thirteenth pass). ``EARLY``
+    (0 or 1): the first iteration's weights and scales loaded before the PDL wait (as
+    ``kiln.plugins.gemv.triton_epilogue.row_tile``)."""
     WORDS: tl.constexpr = HALF // 4
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n
@@ -328,26 +401,15 @@ def _int4_gemv_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, n, k, HALF: tl.constex
     w_rows = (w_ptr.to(tl.pointer_type(tl.int32))
               + rows[:, None, None].to(tl.int64) * (n_groups * WORDS))
     s_rows = ws_ptr + rows[:, None].to(tl.int64) * n_groups
-    j = tl.arange(0, WORDS)
-    f = tl.arange(0, HALF)
+    if EARLY:
+        w_first, s_first = _int4_weights(w_rows, s_rows, row_ok, 0, n_groups, WORDS, GROUPS)
+    prologue(PDL)
     acc = tl.zeros([BLOCK_N, GROUPS, HALF // 16], tl.float32)
-    for g0 in range(0, n_groups, GROUPS):
-        g = g0 + tl.arange(0, GROUPS)
-        g_ok = g < n_groups
-        w = tl.load(w_rows + (g[:, None] * WORDS + j[None, :])[None, :, :],
-                    mask=row_ok[:, None, None] & g_ok[None, :, None], other=0)
-        l0, h0, l1, h1, l2, h2, l3, h3 = _int4_words_to_f32(w)
-        # [BLOCK_N, GROUPS, WORDS, 2, 2] -> [BLOCK_N, GROUPS, HALF]: feature 4j + p
-        lo = tl.join(tl.join(l0, l2), tl.join(l1, l3)).reshape(BLOCK_N, GROUPS, HALF)
-        hi = tl.join(tl.join(h0, h2), tl.join(h1, h3)).reshape(BLOCK_N, GROUPS, HALF)
-        x_lo = x_ptr + g[:, None] * (2 * HALF) + f[None, :]  # [GROUPS, HALF]
-        xl = tl.load(x_lo, mask=g_ok[:, None], other=0.0).to(tl.float32)
-        xh = tl.load(x_lo + HALF, mask=g_ok[:, None], other=0.0).to(tl.float32)
-        s = tl.load(s_rows + g[None, :], mask=row_ok[:, None] & g_ok[None, :], other=0.0)
-        # each group's products summed per feature pair, its scale applied once per pair
-        part = tl.sum((lo * xl[None, :, :] + hi * xh[None, :, :]).reshape(
-            BLOCK_N, GROUPS, HALF // 16, 16), 3)
-        acc += part * s[:, :, None]
+    if EARLY:
+        acc = _int4_tile(acc, w_first, s_first, x_ptr, 0, n_groups, HALF, GROUPS, BLOCK_N)
+    for g0 in range(EARLY * GROUPS, n_groups, GROUPS):
+        w, s = _int4_weights(w_rows, s_rows, row_ok, g0, n_groups, WORDS, GROUPS)
+        acc = _int4_tile(acc, w, s, x_ptr, g0, n_groups, HALF, GROUPS, BLOCK_N)
     y = tl.sum(tl.sum(acc, 2), 1)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -663,22 +725,31 @@ def _int_epilogue_kernel(acc_ptr, s_ptr, ws_ptr, b_ptr, y_ptr, m, n, stride_ym,
 # shapes, M = 1): the best of 9 candidates per shape, within 3% of the next best.
 
 
-def w8_gemv_config(n: int, k: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages) of the fp8/int8 GEMV (BLOCK_K in bytes)."""
+def w8_gemv_config(n: int, k: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages, early tiles) of the fp8/int8 GEMV (BLOCK_K in
+    bytes; early tiles: loaded before the PDL wait, 0-2; a config may leave them out: 0).
+
+    One early tile on ``o`` and ``down``: their weights start streaming while decode attention
+    or the gate/up GEMV's tail runs. On ``qkv`` and ``gate_up`` (after a norm) they gain
+    nothing: the norm, a one-program kernel, waits on memory behind them. An H200's FP8
+    batch-1 step, in us (GPU_NOTES.md, fifteenth pass): 2,475 with none, 2,416 so, 2,418 with
+    one on each, 2,426 with two on ``down``, 2,437-2,457 with two on ``o``."""
     if n >= 16384:
-        return 32, 256, 4, 4  # gate_up: fp8 3.56 TB/s, int8 3.63
+        return 32, 256, 4, 4, 0  # gate_up: fp8 3.56 TB/s, int8 3.63
     if k >= 8192:
-        return 8, 2048, 8, 3  # down: 3.28, 3.29
+        return 8, 2048, 8, 3, 1  # down: 3.28, 3.29
     if n <= 4096:
-        return 4, 2048, 4, 3  # o: 2.31, 2.31
-    return 8, 1024, 4, 3  # qkv: 2.54, 2.59
+        return 4, 2048, 4, 3, 1  # o: 2.31, 2.31
+    return 8, 1024, 4, 3, 0  # qkv: 2.54, 2.59
 
 
-def int4_gemv_config(n: int, k: int, group_size: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, bytes of a row per iteration, num_warps, num_stages) of the int4 GEMV."""
+def int4_gemv_config(n: int, k: int, group_size: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, bytes of a row per iteration, num_warps, num_stages, early: 0 or 1) of the int4
+    GEMV; early: the first iteration's loads before the PDL wait, on ``o`` and ``down`` (as
+    ``w8_gemv_config``; a config may leave it out: 0)."""
     if n >= 16384:
-        return 16, 256, 4, 4  # gate_up: 1.86 TB/s
-    return 4, 1024, 4, 3  # qkv 1.34, o 1.20, down 1.58
+        return 16, 256, 4, 4, 0  # gate_up: 1.86 TB/s
+    return 4, 1024, 4, 3, int(k >= 8192 or n <= 4096)  # qkv 1.34, o 1.20, down 1.58
 
 
 def int4_mma_config(n: int, k: int, m: int) -> tuple[int, int, int, int, int, int]:
@@ -771,11 +842,12 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 
 def _launch_w8_gemv(x, weight, ws, s, bias, act, config=None, epilogue=None):
     n, k = weight.shape
-    block_n, block_k, warps, stages = config or w8_gemv_config(n, k)
+    block_n, block_k, warps, stages, *early = config or w8_gemv_config(n, k)
     y, epilogue_args, finish = gemv_output(epilogue, n, block_n, x)
     pdl = pdl_enabled(x.device)
     common = dict(DYNAMIC=s is None, HAS_BIAS=bias is not None, BLOCK_N=block_n, PDL=pdl,
-                  num_warps=warps, num_stages=stages, launch_pdl=pdl, **epilogue_args)
+                  EARLY=early_tiles("w8 gemv", early, pdl), num_warps=warps,
+                  num_stages=stages, launch_pdl=pdl, **epilogue_args)
     args = (x, _bytes(weight), ws, s if s is not None else ws, bias if bias is not None else ws,
             y, n, k)
     if act == _ACT_FP8:
@@ -907,14 +979,15 @@ def _int8_wo_triton(x, weight, ws, bias, config=None):
 
 def _int4_gemv(x, weight, ws, group_size, bias, config=None):
     n, k = weight.shape[0], 2 * weight.shape[1]
-    block_n, block_bytes, warps, stages = config or int4_gemv_config(n, k, group_size)
+    block_n, block_bytes, warps, stages, *early = config or int4_gemv_config(n, k, group_size)
     half = group_size // 2
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    pdl = pdl_enabled(x.device)
+    early = early_tiles("int4 gemv", early, pdl, most=1)
     _int4_gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, ws, bias if bias is not None else ws, y, n, k, HALF=half,
         GROUPS=max(1, block_bytes // half), HAS_BIAS=bias is not None, BLOCK_N=block_n,
-        PDL=pdl_enabled(x.device), num_warps=warps, num_stages=stages,
-        launch_pdl=pdl_enabled(x.device))
+        PDL=pdl, EARLY=early, num_warps=warps, num_stages=stages, launch_pdl=pdl)
     return y
 
 
