@@ -91,11 +91,11 @@ def gemv_config(n: int, k: int) -> tuple[int, int, int, int, int]:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-         silu_input: bool = False, config: tuple[int, int, int, int] | None = None,
+         silu_input: bool = False, config: tuple[int, ...] | None = None,
          epilogue: Epilogue | None = None) -> torch.Tensor:
-    """``config``: (BLOCK_N, BLOCK_K, num_warps, num_stages[, early tiles]), default :func:`gemv_config`;
-    ``epilogue``: fused into the store where it fits (:mod:`.triton_epilogue`), else applied
-    after."""
+    """``config``: (BLOCK_N, BLOCK_K, num_warps, num_stages[, early tiles]), default
+    :func:`gemv_config`; ``epilogue``: fused into the store where it fits
+    (:mod:`.triton_epilogue`), else applied after."""
     n, k = weight.shape
     if x.shape[0] != 1 or x.shape[1] != (2 * k if silu_input else k) or x.stride(-1) != 1 \
             or not weight.is_contiguous():
