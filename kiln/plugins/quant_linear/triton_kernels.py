@@ -745,8 +745,9 @@ def w8_gemv_config(n: int, k: int) -> tuple[int, int, int, int, int]:
 
 def int4_gemv_config(n: int, k: int, group_size: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_N, bytes of a row per iteration, num_warps, num_stages, early: 0 or 1) of the int4
-    GEMV; early: the first iteration's loads before the PDL wait, on ``o`` and ``down`` (as
-    ``w8_gemv_config``; a config may leave it out: 0)."""
+    GEMV; early: the first iteration's loads before the PDL wait, on ``o`` (and ``down``,
+    which at one token runs the tensor-core kernel instead), as ``w8_gemv_config``; a config
+    may leave it out: 0."""
     if n >= 16384:
         return 16, 256, 4, 4, 0  # gate_up: 1.86 TB/s
     return 4, 1024, 4, 3, int(k >= 8192 or n <= 4096)  # qkv 1.34, o 1.20, down 1.58
