@@ -189,6 +189,17 @@ def _warn_once(message: str) -> None:
         logger.warning(message)
 
 
+def warned() -> frozenset[str]:
+    """The warnings of the checks that this process has said (each once)."""
+    return frozenset(_WARNED)
+
+
+def mark_warned(messages: frozenset[str]) -> None:
+    """Take ``messages`` as said already: an engine process started by one that said them
+    (a ``--dp`` replica) does not say them again."""
+    _WARNED.update(messages)
+
+
 def check_engine(engine_dir: str | Path, options: ExecutorOptions | None = None,
                  machine: MachineInfo | None = None,
                  ) -> tuple[EngineManifest, ModuleType, MachineInfo]:

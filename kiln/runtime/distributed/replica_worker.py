@@ -50,6 +50,7 @@ class ReplicaSpec:
     parent_pid: int
     log_level: int
     name: str  # in its log lines: "replica 1", or "engine" when it is the only one
+    warned: frozenset[str] = frozenset()  # the checks' warnings the driver has said already
 
 
 @dataclass(frozen=True)
@@ -110,11 +111,12 @@ class _Replica:
         import torch
 
         from kiln.runtime.core import EngineCore, freeze_loaded_objects
-        from kiln.runtime.loader import open_engine
+        from kiln.runtime.loader import mark_warned, open_engine
         from kiln.runtime.tokenizer import load_tokenizer
 
         torch.set_num_threads(spec.threads)
         self.conn = conn
+        mark_warned(spec.warned)  # said once by the driver, not once per replica
         _, self.executor = open_engine(spec.engine_dir, spec.options)
         tokenizer = load_tokenizer(spec.engine_dir) if spec.with_tokenizer else None
         self.core = EngineCore(self.executor, tokenizer, spec.policy)

@@ -78,7 +78,7 @@ from kiln.runtime.core import Request, RequestDelta, check_prompt, check_request
 from kiln.runtime.distributed.process import exit_cause, start
 from kiln.runtime.distributed.replica_worker import ReplicaInfo, ReplicaSpec, Update, main
 from kiln.runtime.errors import RequestError, WorkerError
-from kiln.runtime.loader import check_engine, run_device
+from kiln.runtime.loader import check_engine, run_device, warned
 from kiln.runtime.options import ExecutorOptions
 from kiln.runtime.params import SamplingParams
 from kiln.runtime.scheduler import Policy
@@ -118,7 +118,7 @@ class ReplicaPool:
             for i, device in enumerate(devices):
                 spec = ReplicaSpec(i, str(engine_dir), single, policy, with_tokenizer, device,
                                    threads, os.getpid(), level,
-                                   f"replica {i}" if self.size > 1 else "engine")
+                                   f"replica {i}" if self.size > 1 else "engine", warned())
                 ours, theirs = context.Pipe()
                 process = context.Process(target=main, args=(spec, theirs), daemon=True,
                                           name=f"kiln-replica{i}")
