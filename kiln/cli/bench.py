@@ -25,7 +25,7 @@ from kiln.cli.context import (
     PathArg,
     dp_option,
     executor_options,
-    kv_fraction_option,
+    gpu_options,
 )
 from kiln.cli.engine_source import engine_command, held_engine
 from kiln.errors import OutputError
@@ -59,7 +59,7 @@ MAX_ARRIVALS_S = 30 * 86400.0  # and longer than this, refused (a typo, not a be
                    "after the table].")
 @executor_options
 @dp_option
-@kv_fraction_option
+@gpu_options
 @click.option("--baseline", type=click.Choice(("hf",)), default=None,
               help="Also run the same prompts through HF transformers generate() on the "
                    "engine's own weights (torch engines) and report kiln / HF.")
@@ -68,7 +68,8 @@ MAX_ARRIVALS_S = 30 * 86400.0  # and longer than this, refused (a typo, not a be
 @click.pass_obj
 def bench(obj: CliContext, warmup: int, json_output: Path | None, device: str,
           num_threads: int | None, cpu_spin_wait: bool, verify_checksums: bool, dp: int,
-          kv_cache_free_gpu_memory_fraction: float | None, baseline: str | None,
+          kv_cache_free_gpu_memory_fraction: float | None, prefill_attention: str | None,
+          baseline: str | None,
           baseline_batch_size: int, input_len: int, output_len: int, num_requests: int,
           request_rate: float | None, concurrency: int | None, seed: int,
           **source: Any) -> None:
@@ -88,7 +89,8 @@ def bench(obj: CliContext, warmup: int, json_output: Path | None, device: str,
                     request_rate=request_rate, concurrency=concurrency, seed=seed)
     options = ExecutorOptions(device=device, num_threads=num_threads, cpu_spin_wait=cpu_spin_wait,
                               verify_checksums=verify_checksums, dp=dp,
-                              kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction)
+                              kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction,
+                              prefill_attention=prefill_attention)
     with held_engine(obj, source, options, check=lambda m: _check_workload(spec, m.limits)) \
             as engine_dir:
         if json_output is not None:

@@ -60,14 +60,18 @@ def dp_option(func):
                         show_default=True, help=field.metadata["help"])(func)
 
 
-def kv_fraction_option(func):
-    """``--kv_cache_free_gpu_memory_fraction`` (ExecutorOptions; kiln run, bench, serve, eval)."""
-    from kiln.runtime.options import ExecutorOptions
+def gpu_options(func):
+    """The torch backend's GPU options of ExecutorOptions (kiln run, bench, serve, eval):
+    ``--kv_cache_free_gpu_memory_fraction`` and ``--prefill_attention``; None where not given
+    (an engine they do nothing for says so at load)."""
+    from kiln.runtime.options import PREFILL_ATTENTION, ExecutorOptions
 
+    fields = {f.name: f for f in dataclasses.fields(ExecutorOptions)}
+    func = click.option("--prefill_attention", type=click.Choice(PREFILL_ATTENTION),
+                        default=None, help=fields["prefill_attention"].metadata["help"])(func)
     name = "kv_cache_free_gpu_memory_fraction"
-    field = next(f for f in dataclasses.fields(ExecutorOptions) if f.name == name)
     return click.option(f"--{name}", type=_Fraction(min=0, max=1, min_open=True),
-                        default=None, help=field.metadata["help"])(func)
+                        default=None, help=fields[name].metadata["help"])(func)
 
 
 class _Fraction(click.FloatRange):

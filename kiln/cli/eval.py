@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from kiln.cli.bench import _check_json_output, _write_atomically
-from kiln.cli.context import CliContext, PathArg, executor_options, kv_fraction_option
+from kiln.cli.context import CliContext, PathArg, executor_options, gpu_options
 from kiln.cli.engine_source import engine_command, held_engine
 
 REPORT_KEYS = frozenset({"perplexity", "tokens", "seconds", "max_length", "stride"})
@@ -35,12 +35,13 @@ REPORT_KEYS = frozenset({"perplexity", "tokens", "seconds", "max_length", "strid
 @click.option("--json_output", type=PathArg(dir_okay=False, path_type=Path), default=None,
               help="Also write the result as JSON here (-: standard output).")
 @executor_options
-@kv_fraction_option
+@gpu_options
 @click.pass_obj
 def eval_command(obj: CliContext, dataset: str, max_length: int | None,
                  stride: int | None, json_output: Path | None, device: str,
                  num_threads: int | None, cpu_spin_wait: bool, verify_checksums: bool,
-                 kv_cache_free_gpu_memory_fraction: float | None, **source: Any) -> None:
+                 kv_cache_free_gpu_memory_fraction: float | None, prefill_attention: str | None,
+                 **source: Any) -> None:
     """Perplexity of an engine on a text dataset (sliding windows, as Hugging Face's)."""
     from kiln.datasets import load_texts
     from kiln.evaluation import evaluate
@@ -56,7 +57,8 @@ def eval_command(obj: CliContext, dataset: str, max_length: int | None,
         _check_json_output(json_output, None, _is_eval_report, "kiln eval report")
     options = ExecutorOptions(device=device, num_threads=num_threads, cpu_spin_wait=cpu_spin_wait,
                               verify_checksums=verify_checksums,
-                              kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction)
+                              kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction,
+                              prefill_attention=prefill_attention)
     texts = load_texts(dataset)  # before a build (--model_dir): a bad dataset is refused first
     with held_engine(obj, source, options, gather_context_logits=True) as engine_dir:
         if json_output is not None:

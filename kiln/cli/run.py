@@ -35,7 +35,7 @@ from kiln.cli.context import (
     PathArg,
     dp_option,
     executor_options,
-    kv_fraction_option,
+    gpu_options,
 )
 from kiln.cli.engine_source import engine_command, held_engine
 from kiln.errors import KilnError
@@ -236,13 +236,14 @@ def _json_type(value: Any) -> str:
                                            "chat template.")
 @executor_options
 @dp_option
-@kv_fraction_option
+@gpu_options
 @sampling_options
 @click.pass_obj
 def run(obj: CliContext, input_text: tuple[str, ...], input_file: tuple[Path, ...],
         max_output_len: int, streaming: bool, chat: bool, device: str,
         num_threads: int | None, cpu_spin_wait: bool, verify_checksums: bool, dp: int,
-        kv_cache_free_gpu_memory_fraction: float | None, **options: Any) -> None:
+        kv_cache_free_gpu_memory_fraction: float | None, prefill_attention: str | None,
+        **options: Any) -> None:
     """Generate text with an engine; prints the text (stdout), then TTFT, TPOT, tokens/s (stderr)."""
     prompts = read_prompts(input_text, input_file)
     check_sampling_flags(max_output_len, options)
@@ -251,7 +252,8 @@ def run(obj: CliContext, input_text: tuple[str, ...], input_file: tuple[Path, ..
     executor = ExecutorOptions(device=device, num_threads=num_threads,
                                cpu_spin_wait=cpu_spin_wait, verify_checksums=verify_checksums,
                                dp=dp,
-                               kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction)
+                               kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction,
+                               prefill_attention=prefill_attention)
     def check_stop_ids(manifest: EngineManifest) -> None:  # before the engine loads
         vocab = manifest.decoder.vocab_size
         bad = [t for t in options.get("stop_token_ids") or () if not 0 <= t < vocab]

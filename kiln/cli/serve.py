@@ -33,7 +33,7 @@ from kiln.cli.context import (
     PathArg,
     dp_option,
     executor_options,
-    kv_fraction_option,
+    gpu_options,
 )
 from kiln.cli.engine_source import engine_command, held_engine
 from kiln.errors import KilnError
@@ -77,14 +77,15 @@ class ServeError(KilnError):
 @click.option("-v", "--verbose", count=True, help="Log each request (-vv: debug logs).")
 @executor_options
 @dp_option
-@kv_fraction_option
+@gpu_options
 @click.pass_obj
 def serve(obj: CliContext, host: str, port: int, served_model_name: str | None,
           api_key: str | None, max_queue: int | None, chat_template: Path | None,
           max_body_bytes: int, grace_period: float, engine_process: bool | None,
           verbose: int, device: str,
           num_threads: int | None, cpu_spin_wait: bool, verify_checksums: bool, dp: int,
-          kv_cache_free_gpu_memory_fraction: float | None, **source: Any) -> None:
+          kv_cache_free_gpu_memory_fraction: float | None, prefill_attention: str | None,
+          **source: Any) -> None:
     """Serve an engine over HTTP with the OpenAI API (completions, chat, streaming).
 
     \b
@@ -124,7 +125,8 @@ def serve(obj: CliContext, host: str, port: int, served_model_name: str | None,
     options = ExecutorOptions(device=device, num_threads=num_threads,
                               cpu_spin_wait=cpu_spin_wait, verify_checksums=verify_checksums,
                               dp=dp,
-                              kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction)
+                              kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction,
+                              prefill_attention=prefill_attention)
     name = served_model_name or source["model_dir"] or Path(source["engine_dir"]).resolve().name
     with contextlib.ExitStack() as stack:
         for sock in sockets:

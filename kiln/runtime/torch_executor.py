@@ -121,6 +121,9 @@ def processes(manifest: EngineManifest) -> str:
 def check_options(manifest: EngineManifest, machine: MachineInfo,
                   options: ExecutorOptions) -> None:
     device = _device(manifest, options.device, bool(machine.gpus))
+    if options.prefill_attention == "cudnn" and device != "cuda":  # else said at the load
+        raise EngineError("prefill_attention='cudnn': cuDNN's attention runs on a CUDA GPU, "
+                          "and this torch engine runs on the CPU here; use 'auto' or 'kiln'")
     world, gpus = manifest.mapping.world_size, len(machine.gpus)
     launch = torchrun_env()
     if device == "cuda" and launch is not None and launch.local_world_size > gpus:

@@ -325,6 +325,25 @@ def test_bench_says_the_gpu_memory_fraction_does_nothing_for_this_engine(engine,
                                  "engine: it sizes the torch backend's KV cache on a GPU") == 1
 
 
+def test_prefill_attention_is_said_to_do_nothing_for_an_onnx_engine(engine, caplog,
+                                                                    monkeypatch):
+    monkeypatch.setattr("kiln.runtime.loader._WARNED", set())  # said once a process
+    with caplog.at_level("WARNING", logger="kiln.runtime.loader"):
+        r = kiln("run", "--engine_dir", str(engine), "--input_text", "x", "--max_output_len",
+                 "2", "--prefill_attention", "kiln")
+    assert r.exit_code == 0, r.output
+    assert caplog.messages.count("prefill_attention has no effect on an onnx engine: it "
+                                 "chooses the torch backend's attention kernel") == 1
+
+
+@pytest.mark.parametrize("command", ["run", "bench", "serve", "eval"])
+def test_prefill_attention_takes_auto_kiln_or_cudnn(engine, command):
+    r = CliRunner().invoke(main, [command, "--engine_dir", str(engine), "--prefill_attention",
+                                  "flash"])
+    assert r.exit_code == 2
+    assert "'flash' is not one of 'auto', 'kiln', 'cudnn'" in r.output
+
+
 @pytest.mark.parametrize("rate", ["nan", "inf"])
 def test_bench_refuses_a_request_rate_that_is_not_finite(engine, rate):
     r = CliRunner().invoke(main, ["bench", "--engine_dir", str(engine), "--request_rate", rate])

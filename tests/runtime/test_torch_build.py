@@ -67,6 +67,18 @@ def test_device_auto_without_a_gpu_is_refused_before_any_file_is_read(checkpoint
         open_engine(out, ExecutorOptions(device="cpu"), machine=no_gpu)
 
 
+def test_cudnn_prefill_attention_on_the_cpu_is_refused_before_any_file_is_read(checkpoint,
+                                                                              tmp_path):
+    out = tmp_path / "engine"
+    build(checkpoint, out, backend="torch", max_batch_size=2, max_seq_len=32, dtype="float32")
+    (out / "rank0.safetensors").unlink()  # would fail the file check; the refusal comes first
+    with pytest.raises(EngineError) as info:
+        open_engine(out, ExecutorOptions(device="cpu", prefill_attention="cudnn"))
+    assert str(info.value) == (
+        "prefill_attention='cudnn': cuDNN's attention runs on a CUDA GPU, and this torch engine "
+        "runs on the CPU here; use 'auto' or 'kiln'")
+
+
 def test_build_casts_to_the_engine_dtype(checkpoint, tmp_path):
     build(checkpoint, tmp_path / "e", backend="torch", max_seq_len=32, dtype="bfloat16")
     tensors, transposed = read_packed(tmp_path / "e" / "rank0.safetensors", torch.device("cpu"))
