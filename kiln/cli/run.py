@@ -267,6 +267,7 @@ def run(obj: CliContext, input_text: tuple[str, ...], input_file: tuple[Path, ..
             from kiln.engine import read_manifest
 
             check_stop_ids(read_manifest(engine_dir))
+        check_prompts(engine_dir, prompts, chat)
         with LLM(engine_dir, executor) as llm:
             results = _generate(llm, prompts, max_output_len, streaming, chat, options)
     if obj.verbosity >= 0:
@@ -276,6 +277,21 @@ def run(obj: CliContext, input_text: tuple[str, ...], input_file: tuple[Path, ..
         for error in failed:
             click.echo(f"error: {error}", err=True)
         raise SystemExit(2)
+
+
+def check_prompts(engine_dir: Path, prompts: list[str], chat: bool) -> None:
+    """What the engine would refuse in the prompts (one that tokenizes to nothing, one past
+    ``max_input_len``, an engine without a tokenizer or chat template), said before it loads,
+    which on a GPU takes a while: the checks of ``LLM.generate``, on the engine's files."""
+    from kiln.engine import read_manifest
+    from kiln.runtime.core import check_prompt
+    from kiln.runtime.tokenizer import load_tokenizer
+
+    manifest, tokenizer = read_manifest(engine_dir), load_tokenizer(engine_dir)
+    for i, prompt in enumerate(prompts):
+        ids = tokenizer.chat_ids([{"role": "user", "content": prompt}]) if chat \
+            else tokenizer.encode(prompt)
+        check_prompt(f"prompt #{i}", ids, manifest.limits, manifest.decoder.vocab_size)
 
 
 def _generate(llm: LLM, prompts: list[str], max_output_len: int, streaming: bool, chat: bool,

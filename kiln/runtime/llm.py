@@ -250,8 +250,7 @@ class LLM:
         """Token ids of a conversation rendered with the model's chat template."""
         if self.tokenizer is None:
             raise TokenizerError("chat needs a tokenizer with a chat template")
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.chat_ids(messages, add_generation_prompt)
 
     def _params_list(self, n: int, params: SamplingParams | Sequence[SamplingParams] | None,
                      ) -> list[SamplingParams]:

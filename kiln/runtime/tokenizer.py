@@ -76,6 +76,13 @@ class ModelTokenizer:
         return render_chat_template(self.chat_template, messages, add_generation_prompt,
                                     {**self.special_tokens, **variables})
 
+    def chat_ids(self, messages: list[dict[str, Any]],
+                 add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of ``messages`` rendered with the chat template (whose text holds the
+        special tokens already)."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt),
+                           add_special_tokens=False)
+
 
 def render_chat_template(template: str, messages: list[dict[str, Any]],
                          add_generation_prompt: bool, variables: dict[str, Any]) -> str:

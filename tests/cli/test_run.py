@@ -92,6 +92,7 @@ def scripted(monkeypatch):
         return LLM.from_executor(executor, tokenizer)
 
     monkeypatch.setattr("kiln.runtime.LLM", scripted_llm)  # kiln run imports it when run
+    monkeypatch.setattr(run_module, "check_prompts", lambda *a: None)  # no engine dir to read
     return first
 
 
@@ -393,10 +394,28 @@ def test_a_request_ending_in_error_is_reported_and_exits_2(monkeypatch):
 
     monkeypatch.setattr("kiln.runtime.LLM", poisoned_llm)
     monkeypatch.setattr(run_module, "read_prompts", lambda *a: [[7, 1, 2, 3], [5, 1]])
+    monkeypatch.setattr(run_module, "check_prompts", lambda *a: None)  # no engine dir to read
     result = kiln("run", "--engine_dir", "mock", "--input_text", "x", "--max_output_len", "4")
     assert result.exit_code == 2
     assert "error: request" in result.stderr and "not finite (NaN or Inf)" in result.stderr
     assert result.stdout.startswith("[0]\n")
+
+
+@pytest.mark.parametrize("args,said", [
+    (["--input_text", "x", "--input_text", ""], "prompt #1: the prompt is empty; give at least "
+                                               "one token"),
+    (["--input_text", "word " * 5000], "prompt #0: prompt of 5001 tokens exceeds the engine's "
+                                       "max_input_len 48; shorten it"),
+], ids=["empty", "too long"])
+def test_a_prompt_the_engine_would_refuse_is_refused_before_the_load(engine, monkeypatch, args,
+                                                                     said):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the engine was loaded before its prompts were checked")
+
+    monkeypatch.setattr("kiln.runtime.LLM", no_load)
+    r = CliRunner().invoke(main, ["run", "--engine_dir", str(engine), *args])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert r.output.startswith(f"error: {said}"), r.output
 
 
 def test_stop_token_ids_outside_the_vocabulary_are_refused_before_the_load(engine,
