@@ -285,9 +285,14 @@ def check_prompts(engine_dir: Path, prompts: list[str], chat: bool) -> None:
     which on a GPU takes a while: the checks of ``LLM.generate``, on the engine's files."""
     from kiln.engine import read_manifest
     from kiln.runtime.core import check_prompt
+    from kiln.runtime.errors import TokenizerError
     from kiln.runtime.tokenizer import load_tokenizer
 
     manifest, tokenizer = read_manifest(engine_dir), load_tokenizer(engine_dir)
+    if chat and not tokenizer.chat_template:
+        raise TokenizerError(f"--chat: {engine_dir} has no chat template (tokenizer_config.json "
+                             f"chat_template or chat_template.jinja); run without --chat, or "
+                             f"copy the model's template into the engine dir")
     for i, prompt in enumerate(prompts):
         ids = tokenizer.chat_ids([{"role": "user", "content": prompt}]) if chat \
             else tokenizer.encode(prompt)

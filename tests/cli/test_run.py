@@ -4,6 +4,7 @@ tokenizer: output layout (text on stdout, stats on stderr), prompt files, errors
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import click
@@ -416,6 +417,25 @@ def test_a_prompt_the_engine_would_refuse_is_refused_before_the_load(engine, mon
     r = CliRunner().invoke(main, ["run", "--engine_dir", str(engine), *args])
     assert r.exit_code == 2 and "Traceback" not in r.output
     assert r.output.startswith(f"error: {said}"), r.output
+
+
+def test_chat_without_a_chat_template_is_refused_before_the_load(engine, tmp_path,
+                                                                 monkeypatch):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the engine was loaded before --chat was checked")
+
+    bare = Path(shutil.copytree(engine, tmp_path / "engine"))
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    monkeypatch.setattr("kiln.runtime.LLM", no_load)
+    r = CliRunner().invoke(main, ["run", "--engine_dir", str(bare), "--input_text", "x",
+                                  "--chat"])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert r.output == (f"error: --chat: {bare} has no chat template (tokenizer_config.json "
+                        f"chat_template or chat_template.jinja); run without --chat, or copy "
+                        f"the model's template into the engine dir\n")
 
 
 def test_stop_token_ids_outside_the_vocabulary_are_refused_before_the_load(engine,
