@@ -118,13 +118,34 @@ def describe_replaceable(directory: Path) -> str:
         raise OutputError(f"{directory}: holds {_few(entries)} and no kiln checkpoint or engine "
                           f"manifest; kiln only replaces directories it wrote: move them away or "
                           f"choose another --output_dir")
-    foreign = [n for n in entries if n not in (MANIFEST_NAME, ACCURACY_NAME)
-               and n not in TOKENIZER_FILES
-               and not ENGINE_FILE.fullmatch(n)]
+    foreign = [n for n in entries if not _written_with(directory, n)]
     if foreign:
         raise OutputError(f"{directory}: is a {kind} but also holds {_few(foreign)}, which kiln "
-                          f"did not write; move them away or choose another --output_dir")
+                          f"did not write (or which changed after it wrote the directory); move "
+                          f"them away or choose another --output_dir")
     return kind
+
+
+def _written_with(directory: Path, name: str) -> bool:
+    """Whether kiln wrote ``name`` with the manifest of ``directory``: a name kiln writes
+    (tokenizer, rank and accuracy files; an engine's rank files listed in its manifest) and no
+    newer than the manifest, which kiln writes last (tokenizer copies keep their source's
+    time). A chat template a user copied in after the build is not kiln's."""
+    if name == MANIFEST_NAME:
+        return True
+    if name not in (ACCURACY_NAME, *TOKENIZER_FILES) and not ENGINE_FILE.fullmatch(name):
+        return False
+    manifest = directory / MANIFEST_NAME
+    if ENGINE_FILE.fullmatch(name):
+        data = json.loads(manifest.read_text())  # read by _kiln_kind already
+        listed = data.get("rank_files")
+        if isinstance(listed, dict) and not any(
+                isinstance(files, list) and name in files for files in listed.values()):
+            return False  # an engine dir's rank file its manifest does not name
+    try:
+        return (directory / name).lstat().st_mtime_ns <= manifest.stat().st_mtime_ns
+    except OSError:
+        return False
 
 
 def _kiln_kind(manifest: Path) -> str | None:

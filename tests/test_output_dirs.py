@@ -214,13 +214,31 @@ def test_a_users_file_inside_a_kiln_engine_dir_is_kept(built, tmp_path):
 
 def test_kiln_output_is_replaced(built, tmp_path, caplog):
     out = Path(shutil.copytree(built[1], tmp_path / "engine"))
-    (out / "rank0.onnx").write_bytes(b"old")
+    (out / "rank0.onnx").write_bytes(b"old")  # a marker, dated as kiln wrote it (not after)
+    written = (out / "config.json").stat().st_mtime_ns
+    os.utime(out / "rank0.onnx", ns=(written, written))
     result = cli("build", "--checkpoint_dir", str(built[0]), "--output_dir", str(out),
                  "--overwrite", "--max_batch_size", "2", "--max_seq_len", "16")
     assert result.exit_code == 0, result.output
     assert f"replaced {out} (kiln engine dir)" in caplog.text
     assert (out / "rank0.onnx").read_bytes() != b"old"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("name", ["chat_template.jinja", "rank5.onnx", "tokenizer.json"])
+def test_a_kiln_named_file_added_after_the_build_is_not_replaced(built, tmp_path, name):
+    """A chat template copied in after the build (as kiln run --chat's refusal suggests), a
+    rank file the manifest does not name, a tokenizer file changed since: not kiln's."""
+    out = Path(shutil.copytree(built[1], tmp_path / "engine"))
+    written = (out / "config.json").stat().st_mtime_ns
+    (out / name).write_text("mine")
+    os.utime(out / name, ns=(written + 10**9, written + 10**9))
+    result = cli("build", "--checkpoint_dir", str(built[0]), "--output_dir", str(out),
+                 "--overwrite", "--max_batch_size", "2", "--max_seq_len", "16")
+    assert result.exit_code == 2
+    assert f"also holds '{name}', which kiln did not write (or which changed after it wrote " \
+           "the directory)" in result.output
+    assert (out / name).read_text() == "mine"
 
 
 # --- found by a new user's trial --------------------------------------------------------------

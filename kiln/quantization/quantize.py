@@ -200,9 +200,10 @@ class _Job:
         accuracy = self._accuracy(reader, streams, head)
         quant = self.quant.with_(accuracy=accuracy)
         target = self._target(quant)
-        (out / CONFIG_NAME).write_text(json.dumps(target.to_dict(), indent=2) + "\n")
         (out / ACCURACY_FILE).write_text(json.dumps(accuracy, indent=2) + "\n")
         copy_tokenizer(self.source_dir, out)
+        # the manifest last: files newer than it are not kiln's (output_dirs._written_with)
+        (out / CONFIG_NAME).write_text(json.dumps(target.to_dict(), indent=2) + "\n")
 
     def _target(self, quant: QuantConfig) -> CheckpointConfig:
         src = self.source
