@@ -7,6 +7,7 @@ Python API (``LLM(engine_dir, ExecutorOptions(...))``) takes the same dataclass.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from kiln.engine import EngineError
@@ -65,6 +66,13 @@ class ExecutorOptions:
             raise EngineError(f"dp must be an integer >= 1, found {self.dp!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise EngineError(f"num_threads must be >= 1, found {self.num_threads}")
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else os.cpu_count() or 1
+        most = max(64, 4 * cpus)  # threads past the CPUs only contend
+        if self.num_threads is not None and self.num_threads > most:
+            raise EngineError(f"num_threads {self.num_threads} is more than {most} ({cpus} "
+                              f"CPU(s) here, and threads past them only contend); pass at most "
+                              f"{cpus}, or leave it out (all cores)")
         if self.prefill_attention not in (None, *PREFILL_ATTENTION):
             raise EngineError(f"prefill_attention must be one of {', '.join(PREFILL_ATTENTION)}, "
                               f"found {self.prefill_attention!r}")

@@ -220,3 +220,17 @@ def read_manifest_dict(**changes):
             _BASE.update(json.loads((Path(d) / "e" / "config.json").read_text()))
             assert read_manifest(Path(d) / "e").backend == "onnx"
     return EngineManifest.from_dict({**_BASE, **changes})
+
+
+def test_num_threads_far_past_the_cpus_is_refused(monkeypatch):
+    """--num_threads 10000 on 2 cores had started ~3,000 threads and ignored SIGTERM for
+    minutes (a new user's trial)."""
+    from kiln.runtime.options import ExecutorOptions
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert ExecutorOptions(num_threads=64).num_threads == 64  # a few past the CPUs: allowed
+    with pytest.raises(EngineError) as info:
+        ExecutorOptions(num_threads=10000)
+    assert str(info.value) == ("num_threads 10000 is more than 64 (2 CPU(s) here, and threads "
+                               "past them only contend); pass at most 2, or leave it out (all "
+                               "cores)")
