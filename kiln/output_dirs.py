@@ -127,21 +127,20 @@ def describe_replaceable(directory: Path) -> str:
 
 
 def _written_with(directory: Path, name: str) -> bool:
-    """Whether kiln wrote ``name`` with the manifest of ``directory``: a name kiln writes
-    (tokenizer, rank and accuracy files; an engine's rank files listed in its manifest) and no
-    newer than the manifest, which kiln writes last (tokenizer copies keep their source's
-    time). A chat template a user copied in after the build is not kiln's."""
+    """Whether kiln wrote ``name`` with the manifest of ``directory``: an engine's rank file
+    that its manifest names (even damaged: the build cache rebuilds such entries), or another
+    name kiln writes (tokenizer, rank and accuracy files) no newer than the manifest, which
+    kiln writes last (tokenizer copies keep their source's time). A chat template a user
+    copied in after the build is not kiln's."""
     if name == MANIFEST_NAME:
         return True
     if name not in (ACCURACY_NAME, *TOKENIZER_FILES) and not ENGINE_FILE.fullmatch(name):
         return False
     manifest = directory / MANIFEST_NAME
     if ENGINE_FILE.fullmatch(name):
-        data = json.loads(manifest.read_text())  # read by _kiln_kind already
-        listed = data.get("rank_files")
-        if isinstance(listed, dict) and not any(
-                isinstance(files, list) and name in files for files in listed.values()):
-            return False  # an engine dir's rank file its manifest does not name
+        listed = json.loads(manifest.read_text()).get("rank_files")  # read by _kiln_kind
+        if isinstance(listed, dict):  # an engine dir: its manifest names its rank files
+            return any(isinstance(files, list) and name in files for files in listed.values())
     try:
         return (directory / name).lstat().st_mtime_ns <= manifest.stat().st_mtime_ns
     except OSError:
