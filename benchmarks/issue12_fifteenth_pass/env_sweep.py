@@ -27,9 +27,8 @@ from pathlib import Path
 import torch
 
 from benchmarks import gpu
-from benchmarks.issue12_tenth_pass.batch1_timeline import engine_batch1, replay_us
+from benchmarks.issue12_tenth_pass.batch1_timeline import engine_batch1, format_weights, replay_us
 from kiln.engine import BuildLimits
-from kiln.engine.torch_files import pack_weights
 from kiln.runtime.torch_backend.executor import TorchExecutor, TorchExecutorOptions
 
 
@@ -49,7 +48,6 @@ def main() -> int:
               file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING)
-    from benchmarks.gpu_quantized import VARIANTS, calibrate, quantize_in_memory
     args.out.mkdir(parents=True, exist_ok=True)
     values = args.values.split(";")
     traced = set(args.trace_values.split(";")) if args.trace_values else set()
@@ -59,19 +57,10 @@ def main() -> int:
                          max_num_tokens=8192)
     options = TorchExecutorOptions(kv_cache_free_gpu_memory_fraction=0.5)
     results: dict = {"env": args.env, "values": values, "runs": []}
-    amax = None
+    calibration: dict = {}
     for label in args.formats.split(","):
-        quant = VARIANTS[label].quant()
-        if quant is None:
-            packed, transposed = pack_weights(tensors, torch.bfloat16)
-        else:
-            if amax is None:
-                packed, transposed = pack_weights(tensors, torch.bfloat16)
-                ex = TorchExecutor(config, packed, limits, transposed=transposed, device="cuda",
-                                   options=options)
-                amax = calibrate(ex)
-                ex.close()
-            packed, transposed = quantize_in_memory(config, tensors, quant, amax)
+        packed, transposed, quant = format_weights(label, config, tensors, limits, options,
+                                                   calibration)
         for i, value in enumerate(values):
             started = time.perf_counter()
             os.environ[args.env] = value

@@ -124,6 +124,24 @@ def use_baseline_sampler() -> None:
     sampling._copy_to_host = same_stream_copy
 
 
+def format_weights(label: str, config, tensors: dict, limits: BuildLimits,
+                   options: TorchExecutorOptions, calibration: dict):
+    """(packed weights, transposed names, QuantConfig or None) of format ``label`` (a
+    gpu_quantized VARIANTS key) of the random weights; ``calibration`` keeps the bf16 amax
+    across calls, so that it is measured once."""
+    from benchmarks.gpu_quantized import VARIANTS, calibrate, quantize_in_memory
+    quant = VARIANTS[label].quant()
+    if quant is None:
+        return (*pack_weights(tensors, torch.bfloat16), None)
+    if "amax" not in calibration:
+        packed, transposed = pack_weights(tensors, torch.bfloat16)
+        ex = TorchExecutor(config, packed, limits, transposed=transposed, device="cuda",
+                           options=options)
+        calibration["amax"] = calibrate(ex)
+        ex.close()
+    return (*quantize_in_memory(config, tensors, quant, calibration["amax"]), quant)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("."))
@@ -140,7 +158,6 @@ def main() -> int:
     suffix = "_baseline" if args.baseline else ""
     if args.baseline:
         use_baseline_sampler()
-    from benchmarks.gpu_quantized import VARIANTS, calibrate, quantize_in_memory
     args.out.mkdir(parents=True, exist_ok=True)
     config = gpu.llama31_8b()
     tensors = gpu.random_weights(config, torch.device("cuda"), torch.bfloat16)
@@ -148,20 +165,11 @@ def main() -> int:
                          max_num_tokens=8192)
     options = TorchExecutorOptions(kv_cache_free_gpu_memory_fraction=0.5)
     results: dict = {}
-    amax = None
+    calibration: dict = {}
     for label in args.formats.split(","):
         started = time.perf_counter()
-        quant = VARIANTS[label].quant()
-        if quant is None:
-            packed, transposed = pack_weights(tensors, torch.bfloat16)
-        else:
-            if amax is None:
-                packed, transposed = pack_weights(tensors, torch.bfloat16)
-                ex = TorchExecutor(config, packed, limits, transposed=transposed, device="cuda",
-                                   options=options)
-                amax = calibrate(ex)
-                ex.close()
-            packed, transposed = quantize_in_memory(config, tensors, quant, amax)
+        packed, transposed, quant = format_weights(label, config, tensors, limits, options,
+                                                   calibration)
         ex = TorchExecutor(config, packed, limits, transposed=transposed, device="cuda",
                            options=options, quant=quant)
         r, prof = engine_batch1(ex, args.tokens)
