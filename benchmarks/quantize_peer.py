@@ -133,7 +133,7 @@ def peer_perplexity(model: Path, token_ids: list[int], max_length: int, stride: 
     pasts = {i.name: i.shape for i in session.get_inputs() if i.name.startswith("past_")}
     head_dim = json.loads((model / "genai_config.json").read_text())["model"]["decoder"][
         "head_size"]
-    nll_sum = weight_sum = 0.0
+    nll_sum, scored = 0.0, 0
     started = time.perf_counter()
     windows = sliding_windows(len(token_ids), max_length, stride)
     for index, window in enumerate(windows):
@@ -144,10 +144,10 @@ def peer_perplexity(model: Path, token_ids: list[int], max_length: int, stride: 
         logits = session.run(["logits"], feed)[0][0].astype(np.float64)  # [S, V]
         logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
         picked = logits[np.arange(len(ids[0]) - 1), ids[0, 1:]] - logz[:-1]
-        nll, _ = window_nll(picked.tolist(), window, index)
-        nll_sum += nll * (window.targets - 1)
-        weight_sum += window.targets - 1
-    return {"perplexity": float(np.exp(nll_sum / weight_sum)), "windows": len(windows),
+        nll, count = window_nll(picked.tolist(), window, index)
+        nll_sum += nll * count
+        scored += count
+    return {"perplexity": float(np.exp(nll_sum / scored)), "windows": len(windows),
             "seconds": time.perf_counter() - started}
 
 

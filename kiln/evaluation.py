@@ -1,16 +1,22 @@
 """Sliding-window perplexity of an engine on a text dataset: ``kiln eval`` and its Python API.
 
-The method is Hugging Face's, step for step (https://huggingface.co/docs/transformers/perplexity):
-the dataset's texts joined with ``"\\n\\n"`` are tokenized once (with the tokenizer's special
+The windows are Hugging Face's (https://huggingface.co/docs/transformers/perplexity): the
+dataset's texts joined with ``"\\n\\n"`` are tokenized once (with the tokenizer's special
 tokens, as ``tokenizer(text)`` does: a BOS where the model adds one); windows of
 ``max_length`` tokens start every ``stride`` tokens (``begin = 0, stride, 2 * stride, ...``,
 ``end = min(begin + max_length, N)``, the last window is the one that reaches ``N``). Each
 window scores only its last ``end - previous_end`` tokens (those the previous window did not),
-each token given every token before it in the window; its first token is never a target. The
-window's loss is the mean negative log-likelihood of its targets, and it is weighted by
-``end - previous_end - 1``, HF's ``num_valid_tokens - batch_size`` (which subtracts the first
-token even from windows whose targets all were scored); perplexity = exp(sum of weighted
-losses / sum of weights). So ``kiln eval`` and the HF snippet agree to float rounding.
+each token given every token before it in the window; its first token is never a target. So
+every token but the first is scored exactly once (with ``stride == max_length``, every window's
+first token is context only), and perplexity = exp(the mean negative log-likelihood of the
+scored tokens), the definition on that page.
+
+One deliberate difference from the page's code snippet: it weights each window's mean loss by
+``num_valid_tokens - batch_size``, one less than the tokens the window scored after the first
+window. That undercounts every later window by a token, and at ``stride`` 1 (one target per
+window) gives each of them weight 0, so the "perplexity" is the first window's alone. kiln
+weights each scored token once. Both agree exactly when the windows do not overlap
+(``stride == max_length``).
 
 Defaults: ``max_length`` = the engine's ``max_input_len`` (a window is one prompt);
 ``stride`` = ``max_length // 2``. ``stride == max_length`` gives disjoint windows (faster,
@@ -46,7 +52,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Window:
-    """Tokens ``[begin, end)``; its last ``targets`` tokens are scored (weight ``targets - 1``)."""
+    """Tokens ``[begin, end)``; its last ``targets`` tokens are scored (all but the first token
+    in the first window)."""
 
     begin: int
     end: int
@@ -58,7 +65,7 @@ class PerplexityResult:
     """What ``kiln eval --json_output`` writes (``to_dict``)."""
 
     perplexity: float
-    nll: float  # mean negative log-likelihood per weighted token (nats), log(perplexity)
+    nll: float  # mean negative log-likelihood per scored token (nats), log(perplexity)
     tokens: int  # tokens scored (every token but the first; with stride == max_length every
     # window's first token is context only)
     seconds: float  # wall time of the scoring
@@ -110,18 +117,17 @@ def window_nll(logprobs: list[float], window: Window, index: int) -> tuple[float
 
 
 def score_windows(llm: LLM, token_ids: list[int], windows: list[Window],
-                  progress: bool = False) -> tuple[float, int, int]:
-    """(sum of weighted window losses, sum of weights, tokens scored) for ``windows`` of
-    ``token_ids``."""
+                  progress: bool = False) -> tuple[float, int]:
+    """(sum of the negative log-likelihoods of the scored tokens, tokens scored) for ``windows``
+    of ``token_ids``."""
     from tqdm import tqdm
 
     from kiln.runtime import SamplingParams
 
     params = SamplingParams(max_tokens=0, prompt_logprobs=0)
     prompts = [token_ids[w.begin:w.end] for w in windows]
-    nll_sum, weight_sum = 0.0, 0
+    nll_sum, scored = 0.0, 0
     bar = tqdm(total=len(windows), unit="window", disable=not progress, dynamic_ncols=True)
-    scored = 0
     started = time.perf_counter()
     with bar:
         for delta in llm.generate_stream(prompts, params):
@@ -133,12 +139,11 @@ def score_windows(llm: LLM, token_ids: list[int], windows: list[Window],
                                    f"failed: {result.error}")
             logprobs = [e.logprob for e in result.prompt_logprobs[1:]]  # token 0: none
             nll, count = window_nll(logprobs, window, delta.index)
-            nll_sum += nll * (window.targets - 1)
-            weight_sum += window.targets - 1
+            nll_sum += nll * count
             scored += count
             bar.update(1)
             bar.set_postfix_str(f"{scored / max(time.perf_counter() - started, 1e-9):.0f} tok/s")
-    return nll_sum, weight_sum, scored
+    return nll_sum, scored
 
 
 def perplexity(llm: LLM, token_ids: list[int], max_length: int | None = None,
@@ -154,12 +159,9 @@ def perplexity(llm: LLM, token_ids: list[int], max_length: int | None = None,
     logger.info("perplexity: %d tokens, %d windows of up to %d tokens, stride %d",
                 len(token_ids), len(windows), max_length, stride)
     started = time.perf_counter()
-    nll_sum, weight_sum, scored = score_windows(llm, token_ids, windows, progress)
+    nll_sum, scored = score_windows(llm, token_ids, windows, progress)
     seconds = time.perf_counter() - started
-    nll = nll_sum / weight_sum if weight_sum else math.nan
-    if not math.isfinite(nll):
-        raise DatasetError(f"perplexity is undefined: {weight_sum} weighted tokens; use a longer "
-                           f"text or a larger --stride")
+    nll = nll_sum / scored
     return PerplexityResult(perplexity=math.exp(nll), nll=nll, tokens=scored,
                             seconds=seconds, windows=len(windows), max_length=max_length,
                             stride=stride)

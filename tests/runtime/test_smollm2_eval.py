@@ -1,7 +1,8 @@
 """``kiln eval`` on SmolLM2 (float32 onnx engine built with --gather_context_logits): the
-perplexity equals HF transformers' sliding-window perplexity (the snippet of
-https://huggingface.co/docs/transformers/perplexity) on the same text, max_length and stride;
-and its bad inputs are one line, exit 2."""
+perplexity equals HF transformers' sliding-window perplexity (the windows of
+https://huggingface.co/docs/transformers/perplexity, every scored token weighted once) on the
+same text, max_length and stride, stride 1 included; with disjoint windows it equals the page's
+snippet verbatim; and its bad inputs are one line, exit 2."""
 
 from __future__ import annotations
 
@@ -46,34 +47,42 @@ def text_file(tmp_path_factory):
     return path
 
 
-def _hf_perplexity(smollm2_dir, text: str) -> tuple[float, int]:
-    """The HF docs' loop, verbatim in substance (batch 1)."""
+def _hf_perplexity(smollm2_dir, text: str, max_length: int,
+                   stride: int) -> tuple[float, float, int]:
+    """The HF docs' loop (batch 1) on HF's own model: (perplexity with each window's mean loss
+    weighted by the tokens it averaged, i.e. the labels after HF's shift that are not -100;
+    the same with the snippet's weights ``num_valid_tokens - batch_size``; tokens)."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     model = LlamaForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     encodings = tokenizer(text, return_tensors="pt")
     seq_len = encodings.input_ids.size(1)
-    nll_sum, n_tokens, prev_end_loc = 0.0, 0, 0
-    for begin_loc in range(0, seq_len, STRIDE):
-        end_loc = min(begin_loc + MAX_LENGTH, seq_len)
+    sums = {"tokens": [0.0, 0], "snippet": [0.0, 0]}
+    prev_end_loc = 0
+    for begin_loc in range(0, seq_len, stride):
+        end_loc = min(begin_loc + max_length, seq_len)
         trg_len = end_loc - prev_end_loc
         input_ids = encodings.input_ids[:, begin_loc:end_loc]
         target_ids = input_ids.clone()
         target_ids[:, :-trg_len] = -100
         with torch.no_grad():
-            neg_log_likelihood = model(input_ids, labels=target_ids).loss
-        num_loss_tokens = (target_ids != -100).sum().item() - target_ids.size(0)
-        nll_sum += neg_log_likelihood.item() * num_loss_tokens
-        n_tokens += num_loss_tokens
+            neg_log_likelihood = model(input_ids, labels=target_ids).loss.item()
+        weights = {"tokens": (target_ids[:, 1:] != -100).sum().item(),
+                   "snippet": (target_ids != -100).sum().item() - target_ids.size(0)}
+        for name, weight in weights.items():
+            sums[name][0] += neg_log_likelihood * weight
+            sums[name][1] += weight
         prev_end_loc = end_loc
         if end_loc == seq_len:
             break
-    return math.exp(nll_sum / n_tokens), seq_len
+    per_token, snippet = (math.exp(total / count) for total, count in sums.values())
+    return per_token, snippet, seq_len
 
 
 def test_kiln_eval_equals_hf_sliding_window_perplexity(engine, smollm2_dir, text_file, tmp_path):
-    want, seq_len = _hf_perplexity(smollm2_dir, text_file.read_text().strip())
+    want, _, seq_len = _hf_perplexity(smollm2_dir, text_file.read_text().strip(), MAX_LENGTH,
+                                      STRIDE)
     assert seq_len > 2 * MAX_LENGTH  # several windows
     out = tmp_path / "ppl.json"
     result = CliRunner().invoke(main, ["eval", "--engine_dir", str(engine), "--dataset",
@@ -91,6 +100,33 @@ def test_kiln_eval_equals_hf_sliding_window_perplexity(engine, smollm2_dir, text
     # a second run may replace its own report; defaults: max_length = max_input_len (96)
     default = evaluate(engine, text_file)
     assert (default.max_length, default.stride) == (96, 48) and default.perplexity > 1
+
+
+def test_stride_1_scores_every_token_with_its_full_window(engine, smollm2_dir, text_file,
+                                                          tmp_path):
+    # One target per window: the snippet's weights (targets - 1) would give every window after
+    # the first weight 0, and the first window's perplexity alone.
+    text = tmp_path / "short.txt"
+    text.write_text(text_file.read_text()[:300])
+    max_length = 32
+    want, first_window, seq_len = _hf_perplexity(smollm2_dir, text.read_text().strip(),
+                                                 max_length, 1)
+    assert seq_len > max_length + 20
+    got = evaluate(engine, text, max_length=max_length, stride=1)
+    assert got.windows == seq_len - max_length + 1 and got.tokens == seq_len - 1
+    assert math.isfinite(got.perplexity) and abs(got.perplexity - want) <= RTOL * want, \
+        (got.perplexity, want)
+    assert abs(first_window - want) > 100 * RTOL * want  # the case tells the weights apart
+
+
+def test_disjoint_windows_equal_the_snippet_verbatim(engine, smollm2_dir, text_file):
+    per_token, want, seq_len = _hf_perplexity(smollm2_dir, text_file.read_text().strip(),
+                                              MAX_LENGTH, MAX_LENGTH)
+    assert per_token == want  # disjoint windows: the two weights are the same
+    got = evaluate(engine, text_file, max_length=MAX_LENGTH, stride=MAX_LENGTH)
+    assert got.tokens == seq_len - got.windows  # each window's first token is context only
+    assert math.isfinite(got.perplexity) and abs(got.perplexity - want) <= RTOL * want, \
+        (got.perplexity, want)
 
 
 @pytest.mark.parametrize(("args", "expected"), [
