@@ -13,8 +13,9 @@ Invariant: a run never writes a cache position that holds a token some sequence 
 - A slot inside a run's window without a chunk of its own is an idle row: its pad tokens are
   written at ``[length, length + S)``, past its valid tokens, where they are overwritten
   before anything attends to them. A window is split where an idle row would not fit in
-  max_seq_len, and lengths are updated after every run (a later run's idle row must write past
-  what an earlier run of the same step added).
+  max_seq_len at the length it has after the whole step, and lengths are updated after every
+  run (a later run's idle row must write past what an earlier run of the same step added: a
+  decode row at 48 idle in a later 48-token prefill run of a 96-token cache writes at 49).
 - Pad tokens of a row continue its positions (clamped into the rotary table).
 - Graphs whose attention is ONNX Runtime's GroupQueryAttention (the gqa plugin,
   ``fresh_prompt_batches``) take a run of several rows with S > 1 only when every row starts
@@ -86,18 +87,21 @@ class SlotRows:
             else:
                 groups.extend([i] for i in prefills)
         groups.extend([i] for i in alone)
+        after = list(self.lengths)  # each slot's length once the step has run
+        for chunk in chunks:
+            after[chunk.slot] = max(after[chunk.slot], chunk.start + len(chunk.tokens))
         runs = []
         for group in groups:
             seq = max(len(chunks[i].tokens) for i in group)
-            runs.extend(self._windows({chunks[i].slot: i for i in group}, seq))
+            runs.extend(self._windows({chunks[i].slot: i for i in group}, seq, after))
         return runs
 
-    def _windows(self, by_slot: dict[int, int], seq: int) -> list[Run]:
+    def _windows(self, by_slot: dict[int, int], seq: int, after: list[int]) -> list[Run]:
         """Consecutive-slot windows over ``by_slot``; idle rows must fit ``seq`` tokens."""
         runs, slots = [], sorted(by_slot)
         current = [slots[0]]
         for slot in slots[1:]:
-            if all(self._can_idle(s, seq) for s in range(current[-1] + 1, slot)):
+            if all(self._can_idle(after[s], seq) for s in range(current[-1] + 1, slot)):
                 current.append(slot)
             else:
                 runs.append(current)
@@ -105,11 +109,12 @@ class SlotRows:
         runs.append(current)
         return [Run(r[0], r[-1] + 1, seq, {s: by_slot[s] for s in r}) for r in runs]
 
-    def _can_idle(self, slot: int, seq: int) -> bool:
-        """Whether ``slot`` can sit in a run of ``seq`` tokens without a chunk of its own."""
-        if self.fresh_prompt_batches and seq > 1 and self.lengths[slot]:
+    def _can_idle(self, length: int, seq: int) -> bool:
+        """Whether a slot of ``length`` tokens (its most in this step) can sit in a run of
+        ``seq`` tokens without a chunk of its own."""
+        if self.fresh_prompt_batches and seq > 1 and length:
             return False
-        return self.lengths[slot] + seq <= self.max_seq_len
+        return length + seq <= self.max_seq_len
 
     def feeds(self, run: Run, chunks: Sequence[SequenceChunk]) -> dict[str, np.ndarray]:
         """int64 inputs of the run: input_ids, position_ids, past_len, last_index."""
