@@ -91,12 +91,12 @@ def bench(obj: CliContext, warmup: int, json_output: Path | None, device: str,
                               verify_checksums=verify_checksums, dp=dp,
                               kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction,
                               prefill_attention=prefill_attention)
-    with held_engine(obj, source, options, check=lambda m: _check_workload(spec, m.limits)) \
-            as engine_dir:
+    check = lambda manifest: _check_workload(spec, manifest.limits, warmup)  # noqa: E731
+    with held_engine(obj, source, options, check=check) as engine_dir:
         if json_output is not None:
             _check_json_output(json_output, engine_dir)
         _bench(engine_dir, spec, options, warmup, json_output, baseline, baseline_batch_size,
-               quiet=obj.verbosity < 0)
+               quiet=obj.verbosity < 0, progress=obj.progress)
 
 
 def _check_request_rate(rate: float | None, num_requests: int) -> None:
@@ -126,9 +126,11 @@ def _duration(seconds: float) -> str:
         else f"{days / 365.25:.3g} years"
 
 
-def _check_workload(spec: Workload, limits: Any) -> None:
+def _check_workload(spec: Workload, limits: Any, warmup: int) -> None:
     """The workload fits the engine's BuildLimits (with --model_dir, checked before a build on
-    the limits it would have)."""
+    the limits it would have), and it and its warm-up fit in host memory."""
+    from kiln.runtime.host_memory import available_memory
+
     if spec.input_len > limits.max_input_len:
         raise click.BadParameter(f"{spec.input_len} exceeds the engine's max_input_len "
                                  f"{limits.max_input_len}", param_hint="--input_len")
@@ -137,26 +139,47 @@ def _check_workload(spec: Workload, limits: Any) -> None:
                                  f"{spec.input_len + spec.output_len - 1} exceeds the "
                                  f"engine's max_seq_len {limits.max_seq_len}",
                                  param_hint="--output_len")
+    available = available_memory()
+    problem = spec.host_memory_problem(available)
+    if problem:
+        raise click.BadParameter(f"{spec.num_requests} requests of {spec.input_len} in / "
+                                 f"{spec.output_len} out {problem}; lower --num_requests",
+                                 param_hint="--num_requests")
+    rounds = _warmup_workload(spec, warmup, limits)
+    problem = rounds and rounds.host_memory_problem(available)
+    if problem:
+        raise click.BadParameter(f"{warmup} rounds of {rounds.num_requests // warmup} requests "
+                                 f"{problem}; lower --warmup", param_hint="--warmup")
+
+
+def _warmup_workload(spec: Workload, warmup: int, limits: Any) -> Workload | None:
+    """``warmup`` rounds as wide as the workload gets, so its batch shapes are compiled and
+    captured (None for no warm-up)."""
+    from kiln.runtime.bench import Workload
+
+    if not warmup:
+        return None
+    width = min(spec.num_requests, spec.concurrency or limits.max_batch_size,
+                limits.max_batch_size)
+    return Workload(spec.input_len, min(spec.output_len, 8), warmup * width, seed=spec.seed + 7)
 
 
 def _bench(engine_dir: Path, spec: Workload, options: ExecutorOptions, warmup: int,
            json_output: Path | None, baseline: str | None, baseline_batch_size: int,
-           quiet: bool = False) -> None:
+           quiet: bool = False, progress: bool = False) -> None:
     from kiln.runtime import LLM
-    from kiln.runtime.bench import Workload, run_benchmark
+    from kiln.runtime.bench import run_benchmark
     from kiln.runtime.core import freeze_loaded_objects
 
     dp = options.dp
     with LLM(engine_dir, options) as llm:
         limits = llm.limits
-        _check_workload(spec, limits)
-        if warmup:  # rounds as wide as the workload gets, so its batch shapes are compiled
-            width = min(spec.num_requests, spec.concurrency or limits.max_batch_size,
-                        limits.max_batch_size)
-            run_benchmark(llm.core, Workload(spec.input_len, min(spec.output_len, 8),
-                                             warmup * width, seed=spec.seed + 7))
+        _check_workload(spec, limits, warmup)
+        rounds = _warmup_workload(spec, warmup, limits)
+        if rounds is not None:
+            run_benchmark(llm.core, rounds, progress=progress, label="warm-up")
         freeze_loaded_objects()  # as kiln serve does after its warm-up
-        report = run_benchmark(llm.core, spec)
+        report = run_benchmark(llm.core, spec, progress=progress)
     report = dataclasses.replace(report, engine=_engine_info(llm, dp))
     click.echo(report.table())
     if baseline == "hf":  # after the engine is closed: its KV cache holds most of the GPU

@@ -11,6 +11,9 @@ Metrics per request: TTFT (send -> first token), TPOT ((last - first) / (n - 1))
 inter-token latency, end-to-end latency; summarized as mean, p50, p90, p99. Throughput:
 output tokens/s and requests/s over the whole run (first send to last token).
 
+Every request's prompt is made up front, and its token times are kept until the report:
+:meth:`Workload.host_bytes` is what they hold, for a check before a workload that cannot fit.
+
 A request that ends in error (non-finite logits: see kiln.runtime.core) fails the whole run
 with a RequestError counting the failures and quoting the first: there are no figures to report.
 
@@ -29,9 +32,16 @@ from typing import Any
 
 from kiln.runtime.core import EngineCore
 from kiln.runtime.errors import RequestError
+from kiln.runtime.host_memory import size_text
 from kiln.runtime.params import SamplingParams
 from kiln.runtime.results import RequestTimings
 from kiln.runtime.stats import Stats
+
+# Host bytes a request of the workload holds until the report, from tracemalloc on the onnx
+# executor (per request past the first 1,024 of 4,096: 1,268 bytes, 22.6 a prompt token, 48.3 a
+# generated token), rounded up: the request's objects; each prompt token (a list slot: the ids
+# are the vocabulary's int objects); each generated token (its id, its time).
+REQUEST_BYTES, INPUT_TOKEN_BYTES, OUTPUT_TOKEN_BYTES = 1536, 32, 64
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,21 @@ class Workload:
             raise RequestError(f"request_rate must be > 0, found {self.request_rate}")
         if self.concurrency is not None and self.concurrency < 1:
             raise RequestError(f"concurrency must be >= 1, found {self.concurrency}")
+
+    def host_bytes(self) -> int:
+        """Host memory the workload's requests hold until the report (estimate)."""
+        return self.num_requests * (REQUEST_BYTES + INPUT_TOKEN_BYTES * self.input_len
+                                    + OUTPUT_TOKEN_BYTES * self.output_len)
+
+    def host_memory_problem(self, available: int | None) -> str | None:
+        """Why the workload cannot fit in ``available`` bytes of host memory (None: it can, or
+        nothing is known); checked before any request is made, since Linux's OOM killer ends
+        the process before an allocation fails."""
+        need = self.host_bytes()
+        if available is None or need <= available:
+            return None
+        return (f"would hold ~{size_text(need)} of host memory, and {size_text(available)} is "
+                f"available")
 
 
 @dataclass(frozen=True)
@@ -105,9 +130,13 @@ def arrival_offsets(workload: Workload) -> list[float]:
 
 
 def run_benchmark(core: EngineCore, workload: Workload,
-                  avoid_tokens: frozenset[int] = frozenset()) -> BenchReport:
+                  avoid_tokens: frozenset[int] = frozenset(), progress: bool = False,
+                  label: str = "bench") -> BenchReport:
     """Drive ``core`` (an EngineCore, or data-parallel replicas' ReplicaCore: the same request
-    API) through the workload (see the module docstring)."""
+    API) through the workload (see the module docstring); ``progress``: a bar of finished
+    requests on stderr, named ``label``."""
+    from tqdm import tqdm
+
     params = SamplingParams(temperature=0, max_tokens=workload.output_len, ignore_eos=True)
     prompts = deque(zip(make_prompts(workload, core.vocab_size, avoid_tokens),
                         arrival_offsets(workload), strict=True))
@@ -116,18 +145,23 @@ def run_benchmark(core: EngineCore, workload: Workload,
     timings: list[RequestTimings] = []
     errors: list[str] = []
     live: set[str] = set()
-    while prompts or live:
-        now = time.perf_counter() - start
-        while prompts and prompts[0][1] <= now and len(live) < limit:
-            prompt, _ = prompts.popleft()
-            live.add(core.add_request(prompt, params).request_id)
-        if not live:  # a second at most, so that any wait fits the platform's sleep
-            time.sleep(min(1.0, max(0.0, prompts[0][1] - now)))
-            continue
-        for delta in core.step():
-            if delta.finished:
+    bar = tqdm(total=workload.num_requests, unit="req", desc=label, disable=not progress,
+               dynamic_ncols=True)
+    with bar:
+        while prompts or live:
+            now = time.perf_counter() - start
+            while prompts and prompts[0][1] <= now and len(live) < limit:
+                prompt, _ = prompts.popleft()
+                live.add(core.add_request(prompt, params).request_id)
+            if not live:  # a second at most, so that any wait fits the platform's sleep
+                time.sleep(min(1.0, max(0.0, prompts[0][1] - now)))
+                continue
+            for delta in core.step():
+                if not delta.finished:
+                    continue
                 live.discard(delta.request_id)
                 request = core.pop(delta.request_id)
+                bar.update(1)
                 if request.finish_reason == "error":
                     errors.append(str(request.error))
                     continue

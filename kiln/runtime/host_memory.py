@@ -21,7 +21,10 @@ def available_memory() -> int | None:
 
 
 def size_text(n: float) -> str:
-    """Bytes for a message: GiB (one decimal) from 0.1 GiB, else MiB, else KiB (never "0.0")."""
+    """Bytes for a message: TiB (one decimal) from 1 TiB, GiB (one decimal) from 0.1 GiB, else
+    MiB, else KiB (never "0.0")."""
+    if n >= 2**40:
+        return f"{n / 2**40:.1f} TiB"
     if n >= 2**30 / 10:
         return f"{n / 2**30:.1f} GiB"
     if n >= 2**20:

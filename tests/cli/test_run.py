@@ -370,6 +370,58 @@ def test_bench_says_how_long_a_slow_request_rate_takes(caplog):
             _check_request_rate(rate, 16)
 
 
+@pytest.mark.parametrize(("args", "flag"), [(["--num_requests", "99999999999"], "--num_requests"),
+                                            (["--warmup", "99999999"], "--warmup")])
+def test_bench_refuses_a_workload_host_memory_cannot_hold(engine, args, flag):
+    # it had run silently until the OOM killer ended it
+    r = CliRunner().invoke(main, ["bench", "--engine_dir", str(engine), "--input_len", "16",
+                                  "--output_len", "8", *args])
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and f"Invalid value for {flag}" in lines[0], lines
+    assert "of host memory, and" in lines[0] and f"lower {flag}" in lines[0]
+
+
+def test_a_workloads_host_memory_estimate_bounds_what_its_requests_hold(tmp_path):
+    import tracemalloc
+
+    from kiln.runtime import ExecutorOptions
+    from kiln.runtime.bench import Workload, run_benchmark
+
+    def peak(workload: Workload) -> int:
+        tracemalloc.start()
+        try:
+            run_benchmark(llm.core, workload)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    # per request: what 3,072 requests hold past 1,024 (the step arrays and the vocabulary list
+    # the prompts are drawn from are in both; past 1,024 requests their timings outweigh them),
+    # 64 at once (fewer steps to trace)
+    limits = BuildLimits(max_batch_size=64, max_input_len=16, max_seq_len=40, max_num_tokens=256)
+    from kiln.testing.smollm2 import smollm2_hf_dir
+
+    engine = toy_engine_dir(tmp_path / "engine", limits, vocab=49152,
+                            tokenizer_dir=smollm2_hf_dir())
+    with LLM(engine, ExecutorOptions(device="cpu", num_threads=1)) as llm:
+        run_benchmark(llm.core, Workload(8, 2, 4))  # first-use allocations are not a workload's
+        small, large = Workload(12, 24, 1024), Workload(12, 24, 3072)
+        held = peak(large) - peak(small)
+    estimate = large.host_bytes() - small.host_bytes()
+    assert held <= estimate <= 2 * held, (held, estimate)
+
+
+def test_bench_progress_counts_finished_requests(engine, capsys):
+    from kiln.runtime import ExecutorOptions
+    from kiln.runtime.bench import Workload, run_benchmark
+
+    with LLM(engine, ExecutorOptions(device="cpu", num_threads=1)) as llm:
+        run_benchmark(llm.core, Workload(8, 2, 3), progress=True, label="warm-up")
+    err = capsys.readouterr().err
+    assert "warm-up" in err and "3/3" in err
+
+
 def test_bench_json_output_dash_is_standard_output(engine, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     r = kiln("bench", "--engine_dir", str(engine), "--input_len", "8", "--output_len", "2",
