@@ -49,7 +49,7 @@ def engine_for_model(model: str | Path, *, backend: str | None = None, dtype: st
                      tp_size: int = 1, pp_size: int = 1, revision: str | None = None,
                      allow_pickle: bool = False, cache_dir: str | Path | None = None,
                      max_cache_size: int | None = None, progress: bool = False,
-                     check: Callable[[Any], None] | None = None,
+                     check: Callable[[Any, Path], None] | None = None,
                      **build_options: Any) -> Path:
     """The engine dir for HF checkpoint ``model`` (a local dir, or a hub id), from the build
     cache, converted and built there first if no entry matches.
@@ -65,9 +65,10 @@ def engine_for_model(model: str | Path, *, backend: str | None = None, dtype: st
     ``max_cache_size``: bytes; after a build, least recently used entries not in use are
     evicted until the cache fits. ``check``: called on a miss, before converting, with the
     manifest the build would write (:func:`~kiln.build_cache.preflight.planned_manifest`, which
-    runs conversion's and the build's own checks first): a caller that runs the engine passes
+    runs conversion's and the build's own checks first) and the checkpoint directory its
+    tokenizer files come from: a caller that runs the engine passes
     :func:`kiln.runtime.loader.check_runnable`'s, so a machine that cannot run it is refused
-    before the build. Raises :class:`~kiln.errors.KilnError` subclasses on bad input.
+    before the build (and ``kiln run`` its prompt checks). Raises :class:`~kiln.errors.KilnError` subclasses on bad input.
     """
     if max_cache_size is not None and (not isinstance(max_cache_size, int) or max_cache_size < 1):
         raise ConfigError(f"max_cache_size must be a positive number of bytes, found "
@@ -197,7 +198,7 @@ def resolve_dtype(dtype: str, build: Any, source: SourceId) -> str:
 
 
 def _lookup_or_build(request: Request, progress: bool,
-                     check: Callable[[Any], None] | None) -> tuple[Entry, bool]:
+                     check: Callable[[Any, Path], None] | None) -> tuple[Entry, bool]:
     cache, name, key = request.cache, request.name, request.key
 
     def waiting() -> None:
@@ -226,14 +227,14 @@ def _lookup_or_build(request: Request, progress: bool,
     return entry, True
 
 
-def _preflight(request: Request, check: Callable[[Any], None] | None) -> Any:
+def _preflight(request: Request, check: Callable[[Any, Path], None] | None) -> Any:
     """A miss: refuse, before the 'building' line, what conversion, the build or ``check``
     would refuse (:mod:`kiln.build_cache.preflight`); the conversion's plan."""
     from kiln.build_cache.preflight import planned_manifest
 
     conversion, manifest = planned_manifest(request.source, request.parts, request.build)
     if check is not None:
-        check(manifest)
+        check(manifest, request.source.directory)
     return conversion
 
 

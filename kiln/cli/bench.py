@@ -91,7 +91,7 @@ def bench(obj: CliContext, warmup: int, json_output: Path | None, device: str,
                               verify_checksums=verify_checksums, dp=dp,
                               kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction,
                               prefill_attention=prefill_attention)
-    check = lambda manifest: _check_workload(spec, manifest.limits, warmup)  # noqa: E731
+    check = lambda manifest, _: _check_workload(spec, manifest.limits, warmup)  # noqa: E731
     with held_engine(obj, source, options, check=check) as engine_dir:
         if json_output is not None:
             _check_json_output(json_output, engine_dir)

@@ -162,20 +162,22 @@ def check_engine_source(ctx: click.Context) -> None:
 
 @contextlib.contextmanager
 def held_engine(obj: CliContext, options: dict[str, Any], executor: Any,
-                check: Callable[[Any], None] | None = None, **fixed: Any) -> Iterator[Path]:
+                check: Callable[[Any, Path], None] | None = None,
+                **fixed: Any) -> Iterator[Path]:
     """The engine dir a command of :func:`engine_command` runs, held for the body: its
     ``--engine_dir``, or ``--model_dir``'s cached engine (built first if need be, with the
     options given and ``fixed``). Removes those options from ``options`` (the rest are the
     command's own). Before a build, the engine it would make is checked against this machine
     with ``executor`` (the command's ExecutorOptions), then with ``check`` (the command's own
-    checks of its manifest), so a refusal comes before the build, not after it."""
+    checks of its manifest, and of the checkpoint dir its tokenizer comes from), so a refusal
+    comes before the build, not after it."""
     from kiln.build_cache.api import cached_engine, hold_engine
     from kiln.runtime.loader import check_runnable
 
-    def check_all(manifest: Any) -> None:
+    def check_all(manifest: Any, tokenizer_dir: Path) -> None:
         check_runnable(manifest, executor)
         if check is not None:
-            check(manifest)
+            check(manifest, tokenizer_dir)
 
     engine_dir = options.pop("engine_dir")
     model_dir, model = _engine_request(options)

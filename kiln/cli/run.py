@@ -43,6 +43,8 @@ from kiln.runtime.errors import SamplingParamsError
 from kiln.runtime.params import SamplingParams, is_utf8  # torch-free: --help stays fast
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from kiln.engine import EngineManifest
     from kiln.runtime import LLM, CompletionResult
 
@@ -254,20 +256,13 @@ def run(obj: CliContext, input_text: tuple[str, ...], input_file: tuple[Path, ..
                                dp=dp,
                                kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction,
                                prefill_attention=prefill_attention)
-    def check_stop_ids(manifest: EngineManifest) -> None:  # before the engine loads
-        vocab = manifest.decoder.vocab_size
-        bad = [t for t in options.get("stop_token_ids") or () if not 0 <= t < vocab]
-        if bad:
-            raise click.BadParameter(f"{', '.join(map(str, bad[:5]))}: outside this engine's "
-                                     f"vocabulary [0, {vocab}); pass ids of its tokenizer",
-                                     param_hint="--stop_token_ids")
+    stop_ids = options.get("stop_token_ids") or ()
 
-    with held_engine(obj, options, executor, check=check_stop_ids) as engine_dir:
-        if options.get("stop_token_ids"):  # an --engine_dir, or a cached engine: not built
-            from kiln.engine import read_manifest
+    def check_build(manifest: EngineManifest, tokenizer_dir: Path) -> None:
+        check_manifest(manifest, tokenizer_dir, prompts, chat, stop_ids)
 
-            check_stop_ids(read_manifest(engine_dir))
-        check_prompts(engine_dir, prompts, chat)
+    with held_engine(obj, options, executor, check=check_build) as engine_dir:
+        check_engine(engine_dir, prompts, chat, stop_ids)  # --engine_dir, or a cache hit
         with LLM(engine_dir, executor) as llm:
             results = _generate(llm, prompts, max_output_len, streaming, chat, options)
     if obj.verbosity >= 0:
@@ -279,20 +274,48 @@ def run(obj: CliContext, input_text: tuple[str, ...], input_file: tuple[Path, ..
         raise SystemExit(2)
 
 
-def check_prompts(engine_dir: Path, prompts: list[str], chat: bool) -> None:
+def check_engine(engine_dir: Path, prompts: list[str], chat: bool,
+                 stop_ids: Sequence[int]) -> None:
+    """:func:`check_manifest` on a built engine's files, before it loads."""
+    from kiln.engine import read_manifest
+
+    check_manifest(read_manifest(engine_dir), engine_dir, prompts, chat, stop_ids)
+
+
+def check_manifest(manifest: EngineManifest, tokenizer_dir: Path, prompts: list[str],
+                   chat: bool, stop_ids: Sequence[int]) -> None:
+    """The engine's vocabulary takes ``stop_ids``, and it takes the prompts
+    (:func:`check_prompts`): before it loads, or before a --model_dir engine is built (on the
+    manifest it would have and the tokenizer of its checkpoint)."""
+    check_stop_ids(manifest, stop_ids)
+    check_prompts(manifest, tokenizer_dir, prompts, chat)
+
+
+def check_stop_ids(manifest: EngineManifest, stop_ids: Sequence[int]) -> None:
+    vocab = manifest.decoder.vocab_size
+    bad = [t for t in stop_ids if not 0 <= t < vocab]
+    if bad:
+        raise click.BadParameter(f"{', '.join(map(str, bad[:5]))}: outside this engine's "
+                                 f"vocabulary [0, {vocab}); pass ids of its tokenizer",
+                                 param_hint="--stop_token_ids")
+
+
+def check_prompts(manifest: EngineManifest, tokenizer_dir: Path, prompts: list[str],
+                  chat: bool) -> None:
     """What the engine would refuse in the prompts (one that tokenizes to nothing, one past
     ``max_input_len``, an engine without a tokenizer or chat template), said before it loads,
-    which on a GPU takes a while: the checks of ``LLM.generate``, on the engine's files."""
-    from kiln.engine import read_manifest
+    which on a GPU takes a while, or before it is built: the checks of ``LLM.generate``, on
+    ``manifest`` and the tokenizer files in ``tokenizer_dir`` (the engine dir, or the checkpoint
+    a --model_dir engine is built from)."""
     from kiln.runtime.core import check_prompt
     from kiln.runtime.errors import TokenizerError
     from kiln.runtime.tokenizer import load_tokenizer
 
-    manifest, tokenizer = read_manifest(engine_dir), load_tokenizer(engine_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
     if chat and not tokenizer.chat_template:
-        raise TokenizerError(f"--chat: {engine_dir} has no chat template (tokenizer_config.json "
-                             f"chat_template or chat_template.jinja); run without --chat, or "
-                             f"copy the model's template into the engine dir")
+        raise TokenizerError(f"--chat: {tokenizer_dir} has no chat template "
+                             f"(tokenizer_config.json chat_template or chat_template.jinja); run "
+                             f"without --chat, or copy the model's template into that directory")
     for i, prompt in enumerate(prompts):
         ids = tokenizer.chat_ids([{"role": "user", "content": prompt}]) if chat \
             else tokenizer.encode(prompt)

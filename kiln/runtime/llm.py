@@ -337,7 +337,7 @@ def _held(engine_dir: str | Path | None, model: str | Path | None, options: Exec
         from kiln.build_cache.api import cached_engine
         from kiln.runtime.loader import check_runnable
 
-        return cached_engine(model, check=lambda manifest: check_runnable(manifest, options),
+        return cached_engine(model, check=lambda manifest, _: check_runnable(manifest, options),
                              **build_options)
     from kiln.build_cache.api import hold_engine
 

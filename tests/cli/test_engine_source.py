@@ -168,6 +168,11 @@ def test_bench_on_a_model_dir(tiny_hf, cache):
     (["eval", "--dataset", "{tmp}/nope.txt"], "nope.txt: no such file or directory"),
     (["bench", "--input_len", "60", "--max_seq_len", "48"],
      "60 exceeds the engine's max_input_len 48"),
+    (["run", "--input_text", ""], "prompt #0: the prompt is empty"),
+    (["run", "--input_text", "one two three four five six seven eight nine ten",
+      "--max_input_len", "4"], "exceeds the engine's max_input_len 4"),
+    (["run", "--input_text", "Hi", "--stop_token_ids", "99999"],
+     "99999: outside this engine's vocabulary"),
     # conversion's and the build's checks, from the options and the HF config
     (["run", "--input_text", "Hi", "--max_input_len", "60", "--max_seq_len", "32"],
      "max_input_len (60) exceeds max_seq_len (32)"),

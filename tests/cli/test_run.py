@@ -93,7 +93,7 @@ def scripted(monkeypatch):
         return LLM.from_executor(executor, tokenizer)
 
     monkeypatch.setattr("kiln.runtime.LLM", scripted_llm)  # kiln run imports it when run
-    monkeypatch.setattr(run_module, "check_prompts", lambda *a: None)  # no engine dir to read
+    monkeypatch.setattr(run_module, "check_engine", lambda *a: None)  # no engine dir to read
     return first
 
 
@@ -447,7 +447,7 @@ def test_a_request_ending_in_error_is_reported_and_exits_2(monkeypatch):
 
     monkeypatch.setattr("kiln.runtime.LLM", poisoned_llm)
     monkeypatch.setattr(run_module, "read_prompts", lambda *a: [[7, 1, 2, 3], [5, 1]])
-    monkeypatch.setattr(run_module, "check_prompts", lambda *a: None)  # no engine dir to read
+    monkeypatch.setattr(run_module, "check_engine", lambda *a: None)  # no engine dir to read
     result = kiln("run", "--engine_dir", "mock", "--input_text", "x", "--max_output_len", "4")
     assert result.exit_code == 2
     assert "error: request" in result.stderr and "not finite (NaN or Inf)" in result.stderr
@@ -487,7 +487,7 @@ def test_chat_without_a_chat_template_is_refused_before_the_load(engine, tmp_pat
     assert r.exit_code == 2 and "Traceback" not in r.output
     assert r.output == (f"error: --chat: {bare} has no chat template (tokenizer_config.json "
                         f"chat_template or chat_template.jinja); run without --chat, or copy "
-                        f"the model's template into the engine dir\n")
+                        f"the model's template into that directory\n")
 
 
 def test_stop_token_ids_outside_the_vocabulary_are_refused_before_the_load(engine,
