@@ -22,8 +22,10 @@ Contract:
   may run in a worker process (``--workers``): jobs and results are picklable, and a backend
   instance is created in each worker.
 - Planning splits a rank into parts of consecutive layers so that
-  ``memory_factor * part_weight_bytes + base_memory`` stays under the per-worker budget; the
-  runtime chains a rank's parts (``hidden_out`` -> ``hidden_in``).
+  ``memory_factor * part_weight_bytes + base_memory`` stays under the per-worker budget (a
+  backend that streams tensors one at a time sets ``tensor_copies``: the part's largest tensor
+  as read plus that many copies at the build's size are added); the runtime chains a rank's
+  parts (``hidden_out`` -> ``hidden_in``).
 
 Backends live in ``kiln/builder/<name>_backend.py`` and are imported on first use.
 """
@@ -102,6 +104,7 @@ class Backend(ABC):
     name: ClassVar[str]
     memory_factor: ClassVar[float] = 1.0
     base_memory: ClassVar[int] = 0
+    tensor_copies: ClassVar[int] = 0
     # Build parts in a worker process even with one worker: the library's native build runs
     # for long stretches without returning to Python, and only a process stops at once.
     isolated: ClassVar[bool] = False

@@ -1,9 +1,11 @@
 """Split each rank into parts of consecutive layers that fit the build-memory budget.
 
 A part's cost is ``memory_factor * weight_bytes + base_memory`` (the backend's model of its
-peak host RAM, e.g. TensorRT-RTX holds about 3.1x the weights of the network it builds). Parts
-are filled greedily in layer order; the first part of the first stage carries the embedding,
-the last part of the last stage the final norm and lm_head.
+peak host RAM, e.g. TensorRT-RTX holds about 3.1x the weights of the network it builds), plus,
+for a backend that streams tensors one at a time (``tensor_copies`` > 0), its largest tensor
+as read plus that many copies at the build's size. Parts are filled greedily in layer order;
+the first part of the first stage carries the embedding, the last part of the last stage the
+final norm and lm_head.
 """
 
 from __future__ import annotations
@@ -20,24 +22,31 @@ GB = 1e9
 
 
 def _gb(n: float) -> str:
-    """Bytes as GB for a message, in MB under 0.1 GB (never "0.0 GB")."""
-    return f"{n / GB:.1f} GB" if n >= GB / 10 else f"{max(1, round(n / 1e6))} MB"
+    """Bytes as GB for a message, in MB under 0.1 GB, in KB under 1 MB (never "0.0 GB")."""
+    if n >= GB / 10:
+        return f"{n / GB:.1f} GB"
+    return f"{round(n / 1e6)} MB" if n >= 1e6 else f"{max(1, round(n / 1e3))} KB"
 
 
 def plan_rank(ckpt: CheckpointConfig, rank: int, weights: RankWeights, budget: int | None,
-              memory_factor: float, base_memory: int) -> list[PartSpec]:
+              memory_factor: float, base_memory: int, tensor_copies: int = 0) -> list[PartSpec]:
     """The parts of ``rank`` (one part when ``budget`` is None)."""
     _, pp_rank = ckpt.mapping.coords(rank)
     layers = ckpt.mapping.stage_layers(pp_rank, ckpt.decoder.num_layers)
     first, last = pp_rank == 0, pp_rank == ckpt.mapping.pp_size - 1
-    sizes = [weights.nbytes(tensor_names(ckpt.decoder, range(i, i + 1), first_stage=False,
-                                         last_stage=False, quant=ckpt.quantization))
-             for i in layers]
-    embed = weights.nbytes([r.name() for r in FIRST_STAGE_ROLES]) if first else 0
-    head = weights.nbytes([r.name() for r in LAST_STAGE_ROLES]) if last else 0
-    sizes[0] += embed
-    sizes[-1] += head
-    groups = _split(sizes, budget, memory_factor, base_memory, rank)
+    names = [tensor_names(ckpt.decoder, range(i, i + 1), first_stage=False, last_stage=False,
+                          quant=ckpt.quantization) for i in layers]
+    names[0] += [r.name() for r in FIRST_STAGE_ROLES] if first else []
+    names[-1] += [r.name() for r in LAST_STAGE_ROLES] if last else []
+    sizes = [weights.nbytes(layer) for layer in names]
+
+    def streamed(name: str) -> int:  # a tensor as read, and its copies at the build's size
+        stored, built = weights.sizes(name)
+        return stored + tensor_copies * built
+
+    peaks = [max((streamed(n) for n in layer if n in weights.infos), default=0)
+             if tensor_copies else 0 for layer in names]
+    groups = _split(sizes, peaks, budget, memory_factor, base_memory, rank)
     parts, start = [], layers.start
     for k, count in enumerate(groups):
         parts.append(PartSpec(rank=rank, layers=range(start, start + count),
@@ -50,22 +59,25 @@ def plan_rank(ckpt: CheckpointConfig, rank: int, weights: RankWeights, budget: i
     return parts
 
 
-def _split(sizes: list[int], budget: int | None, factor: float, base: int, rank: int) -> list[int]:
-    """Layer counts per part, greedy in order."""
+def _split(sizes: list[int], peaks: list[int], budget: int | None, factor: float, base: int,
+           rank: int) -> list[int]:
+    """Layer counts per part, greedy in order: a part of layers ``L`` needs
+    ``factor * sum(sizes[L]) + max(peaks[L]) + base``."""
     if budget is None:
         return [len(sizes)]
-    groups, current, count = [], 0, 0
-    for size in sizes:
-        need = factor * size + base
+    groups, current, peak, count = [], 0, 0, 0
+    for size, layer_peak in zip(sizes, peaks, strict=True):
+        need = factor * size + layer_peak + base
         if need > budget:
             raise EngineError(
                 f"rank {rank}: one layer (with the embedding or head it carries) needs about "
                 f"{_gb(need)} of host RAM to build, over the {_gb(budget)} budget "
                 f"per worker; raise --max_build_memory or lower --workers")
-        if count and factor * (current + size) + base > budget:
+        if count and factor * (current + size) + max(peak, layer_peak) + base > budget:
             groups.append(count)
-            current, count = 0, 0
+            current, peak, count = 0, 0, 0
         current += size
+        peak = max(peak, layer_peak)
         count += 1
     groups.append(count)
     return groups

@@ -65,6 +65,31 @@ def test_budget_too_small_for_one_layer(checkpoint, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_a_streaming_backend_budgets_its_largest_tensor_not_a_fixed_size(checkpoint):
+    """The torch backend streams tensors: a part needs its largest tensor as read plus its
+    copies at the build size, and the libraries (a fixed 3 GiB had refused SmolLM2 under 2 GB,
+    whose build peaks at 0.37 GB)."""
+    from kiln.builder.api import check_rank_files
+    from kiln.builder.graph.context import RankWeights
+    from kiln.builder.torch_backend import TorchBackend
+    from kiln.engine import EngineError
+
+    ckpt = checkpoint("llama-gqa")
+    config = load_config(ckpt)
+    stored = RankWeights(check_rank_files(ckpt, config)[0].path, "bfloat16")  # float32 on disk
+    largest = max(stored.infos.values(), key=lambda info: info.nbytes).nbytes
+    need = TorchBackend.base_memory + largest + TorchBackend.tensor_copies * largest // 2
+
+    def parts(budget: int) -> int:
+        return len(plan_rank(config, 0, stored, budget, TorchBackend.memory_factor,
+                             TorchBackend.base_memory, TorchBackend.tensor_copies))
+
+    assert parts(need) == 1 and parts(10**12) == 1
+    with pytest.raises(EngineError, match=r"needs about 0\.4 GB of host RAM to build, over the "
+                                          r"1 KB budget"):
+        parts(1000)
+
+
 def tp_runner(ckpt, directory, plugins: bool) -> StepRunner:
     """The tp ranks' graphs (as the tensorrt backend parses them), run with emulated NCCL."""
     config = load_config(ckpt)

@@ -71,12 +71,14 @@ class RankWeights:
     def nbytes(self, names: list[str]) -> int:
         """Bytes of the named tensors as the build holds them: float tensors (weights, scales)
         at the build dtype, quantized ones (int8, packed int4, fp8) as stored."""
-        size = self.dtype.itemsize
-        total = 0
-        for info in (self.infos[n] for n in names if n in self.infos):
-            cast = info.dtype.is_floating_point and info.dtype.itemsize > 1
-            total += info.nbytes // info.dtype.itemsize * size if cast else info.nbytes
-        return total
+        return sum(self.sizes(n)[1] for n in names if n in self.infos)
+
+    def sizes(self, name: str) -> tuple[int, int]:
+        """(bytes of tensor ``name`` as stored, as the build holds it: see :meth:`nbytes`)."""
+        info = self.infos[name]
+        cast = info.dtype.is_floating_point and info.dtype.itemsize > 1
+        built = info.nbytes // info.dtype.itemsize * self.dtype.itemsize if cast else info.nbytes
+        return info.nbytes, built
 
 
 @dataclass
