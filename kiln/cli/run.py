@@ -118,6 +118,9 @@ def read_prompts(input_text: tuple[str, ...],
     prompts = list(input_text)
     files = () if input_file is None else (input_file,) if isinstance(input_file, Path) \
         else input_file
+    if sum(str(path) == "-" for path in files) > 1:
+        raise click.BadParameter("- (standard input) given more than once; it holds one prompt",
+                                 param_hint="--input_file")
     for path in files:
         prompts += _read_input_file(path)
     if not prompts:
@@ -355,9 +358,9 @@ def warn_if_cut(llm: LLM, inputs: list[Any], max_output_len: int) -> None:
         return
     after = "the prompt" if len(inputs) == 1 else f"{len(cut)} of {len(inputs)} prompts"
     log.warning("--max_output_len %d is more than the engine's max_seq_len %d leaves after %s: "
-                "at most %d new tokens%s (finish 'length'); rebuild with a larger --max_seq_len "
-                "for more", max_output_len, limits.max_seq_len, after, min(cut),
-                "" if len(inputs) == 1 else " after the longest")
+                "at most %d new token%s%s (finish 'length'); rebuild with a larger "
+                "--max_seq_len for more", max_output_len, limits.max_seq_len, after, min(cut),
+                "" if min(cut) == 1 else "s", "" if len(inputs) == 1 else " after the longest")
 
 
 def log_quantization(manifest: EngineManifest | None) -> None:

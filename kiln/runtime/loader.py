@@ -169,11 +169,15 @@ def check_runnable(manifest: EngineManifest, options: ExecutorOptions | None = N
             or run_device(module, manifest, machine, options) != "cuda"):
         where = f"{a_or_an(manifest.backend)} engine" if manifest.backend != "torch" \
             else "the CPU"
-        _warn_once(f"kv_cache_free_gpu_memory_fraction has no effect on {where}: it sizes the "
-                   f"torch backend's KV cache on a GPU")
-    if options.prefill_attention not in (None, "auto") and manifest.backend != "torch":
-        _warn_once(f"prefill_attention has no effect on {a_or_an(manifest.backend)} engine: it "
-                   f"chooses the torch backend's attention kernel")
+        warn_once(f"kv_cache_free_gpu_memory_fraction has no effect on {where}: it sizes the "
+                  f"torch backend's KV cache on a GPU")
+    if options.prefill_attention not in (None, "auto") and (
+            manifest.backend != "torch"
+            or run_device(module, manifest, machine, options) != "cuda"):
+        where = f"{a_or_an(manifest.backend)} engine" if manifest.backend != "torch" \
+            else "the CPU"
+        warn_once(f"prefill_attention has no effect on {where}: it chooses the torch backend's "
+                  f"attention kernel on a GPU")
     if options.dp > 1 or options.engine_process:
         check_replicas(manifest, run_device(module, manifest, machine, options), machine,
                        options)
@@ -183,10 +187,12 @@ def check_runnable(manifest: EngineManifest, options: ExecutorOptions | None = N
 _WARNED: set[str] = set()  # what this process has said once (checks run before and at a load)
 
 
-def _warn_once(message: str) -> None:
+def warn_once(message: str, log: logging.Logger = logger) -> None:
+    """Say ``message`` at WARNING once a process (a --dp replica: once for all, by the front):
+    for what the checks find, which run before a load and again at it."""
     if message not in _WARNED:
         _WARNED.add(message)
-        logger.warning(message)
+        log.warning(message)
 
 
 def warned() -> frozenset[str]:

@@ -29,7 +29,7 @@ from kiln.engine.torch_files import check_packed, read_packed
 from kiln.runtime.compat import MachineInfo, sm
 from kiln.runtime.host_memory import available_memory, size_text
 from kiln.runtime.launch import torchrun_env
-from kiln.runtime.loader import ExecutorOptions
+from kiln.runtime.loader import ExecutorOptions, warn_once
 from kiln.runtime.torch_backend.executor import (
     KV_CACHE_DTYPES,
     TorchExecutor,
@@ -121,6 +121,12 @@ def processes(manifest: EngineManifest) -> str:
 def check_options(manifest: EngineManifest, machine: MachineInfo,
                   options: ExecutorOptions) -> None:
     device = _device(manifest, options.device, bool(machine.gpus))
+    if device == "cpu":
+        faster = "a CUDA GPU or build an onnx engine (build with --backend onnx)" \
+            if manifest.mapping.world_size == 1 else f"{gpus_needed(manifest)}"  # onnx: tp 1
+        warn_once(f"torch engine on the CPU: PyTorch reference kernels, the slow path "
+                  f"({CPU_SPEED}){'' if manifest.quantization is None else QUANTIZED_CPU_SPEED};"
+                  f" for speed run it on {faster}", logger)
     if options.prefill_attention == "cudnn" and device != "cuda":  # else said at the load
         raise EngineError("prefill_attention='cudnn': cuDNN's attention runs on a CUDA GPU, "
                           "and this torch engine runs on the CPU here; use 'auto' or 'kiln'")
@@ -212,13 +218,7 @@ def load_executor(engine_dir: Path, manifest: EngineManifest, options: ExecutorO
     device = torch.device(_device(manifest, options.device, torch.cuda.is_available()))
     if device.type == "cuda":
         check_gpu_formats(manifest, torch.cuda.get_device_capability(device))
-    world = manifest.mapping.world_size
-    if device.type == "cpu":
-        faster = "a CUDA GPU or build an onnx engine (build with --backend onnx)" \
-            if world == 1 else f"{gpus_needed(manifest)}"  # onnx runs tp 1 only
-        logger.warning("torch engine on the CPU: PyTorch reference kernels, the slow path (%s)%s; "
-                       "for speed run it on %s", CPU_SPEED,
-                       "" if manifest.quantization is None else QUANTIZED_CPU_SPEED, faster)
+    world = manifest.mapping.world_size  # on the CPU, check_options said the slow path
     torch_options = _torch_options(options, torch_options)
     check_host_memory(manifest, device, torch_options)
     if world > 1:

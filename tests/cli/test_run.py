@@ -335,7 +335,7 @@ def test_prefill_attention_is_said_to_do_nothing_for_an_onnx_engine(engine, capl
                  "2", "--prefill_attention", "kiln")
     assert r.exit_code == 0, r.output
     assert caplog.messages.count("prefill_attention has no effect on an onnx engine: it "
-                                 "chooses the torch backend's attention kernel") == 1
+                                 "chooses the torch backend's attention kernel on a GPU") == 1
 
 
 @pytest.mark.parametrize("command", ["run", "bench", "serve", "eval"])
@@ -515,6 +515,9 @@ def test_input_file_dash_reads_one_prompt_from_stdin(engine, tmp_path):
     assert echoed.stdout == from_file.stdout  # echo's newline is not part of the prompt
     empty = CliRunner().invoke(main, [*args, "--input_file", "-"], input="")
     assert empty.exit_code == 2 and "stdin: empty; pipe the prompt in" in empty.output
+    twice = CliRunner().invoke(main, [*args, "--input_file", "-", "--input_file", "-"],
+                               input="Hello there")
+    assert twice.exit_code == 2 and "- (standard input) given more than once" in twice.output
 
 
 def test_input_file_repeats_in_order_after_the_texts(tmp_path):

@@ -180,17 +180,21 @@ def test_kiln_run_with_dp2_and_the_benchmark_over_replicas(engines, replicas, si
 def test_a_check_said_by_the_front_is_not_said_again_by_each_replica(engines, capfd, caplog,
                                                                     monkeypatch):
     monkeypatch.setattr("kiln.runtime.loader._WARNED", set())  # said once a process
-    with caplog.at_level("WARNING", logger="kiln.runtime.loader"):
-        result = CliRunner().invoke(main, ["run", "--engine_dir", str(engines()), "--device",
-                                           "cpu", "--dp", "2", "--max_output_len", "2",
-                                           "--input_text", "a",
-                                           "--kv_cache_free_gpu_memory_fraction", "0.5"],
+    with caplog.at_level("INFO"):  # the replicas' level: they log their loads at INFO
+        result = CliRunner().invoke(main, ["run", "--engine_dir", str(engines()),
+                                           "--device", "cpu", "--dp", "2", "--max_output_len",
+                                           "2", "--input_text", "a",
+                                           "--kv_cache_free_gpu_memory_fraction", "0.5",
+                                           "--prefill_attention", "kiln"],
                                     catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    message = "kv_cache_free_gpu_memory_fraction has no effect on the CPU"
-    assert sum(message in m for m in caplog.messages) == 1  # the front's
     replicas = capfd.readouterr().err  # they log to this process's fd 2
-    assert "[replica 1]" in replicas and message not in replicas
+    assert "[replica 1]" in replicas
+    for message in ("kv_cache_free_gpu_memory_fraction has no effect on the CPU",
+                    "prefill_attention has no effect on the CPU",
+                    "torch engine on the CPU: PyTorch reference kernels, the slow path"):
+        assert sum(message in m for m in caplog.messages) == 1, message  # the front's
+        assert message not in replicas
 
 
 def test_a_killed_replica_ends_the_run_within_seconds_naming_it(engines):
