@@ -171,7 +171,6 @@ def _bench(engine_dir: Path, spec: Workload, options: ExecutorOptions, warmup: i
     from kiln.runtime.bench import run_benchmark
     from kiln.runtime.core import freeze_loaded_objects
 
-    dp = options.dp
     with LLM(engine_dir, options) as llm:
         limits = llm.limits
         _check_workload(spec, limits, warmup)
@@ -180,7 +179,7 @@ def _bench(engine_dir: Path, spec: Workload, options: ExecutorOptions, warmup: i
             run_benchmark(llm.core, rounds, progress=progress, label="warm-up")
         freeze_loaded_objects()  # as kiln serve does after its warm-up
         report = run_benchmark(llm.core, spec, progress=progress)
-    report = dataclasses.replace(report, engine=_engine_info(llm, dp))
+    report = dataclasses.replace(report, engine=_engine_info(llm, options))
     click.echo(report.table())
     if baseline == "hf":  # after the engine is closed: its KV cache holds most of the GPU
         report = dataclasses.replace(report, baseline=_hf_baseline(
@@ -287,7 +286,9 @@ def _hf_baseline(engine_dir: Path, spec: Workload, vocab_size: int, batch_size: 
             "output_tokens_per_s": run.tokens_per_second, "kiln_over_baseline": ratio}
 
 
-def _engine_info(llm: LLM, dp: int) -> dict:
+def _engine_info(llm: LLM, options: ExecutorOptions) -> dict:
+    """The engine and how it ran (every ExecutorOptions field as given: the GPU options too)."""
     manifest = llm.manifest
     return {"engine_dir": str(llm.engine_dir), "backend": manifest.backend,
-            "dtype": manifest.dtype, "limits": vars(manifest.limits), "dp": dp}
+            "dtype": manifest.dtype, "limits": vars(manifest.limits), "dp": options.dp,
+            "options": dataclasses.asdict(options)}

@@ -56,6 +56,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -292,6 +293,10 @@ def _make(output_dir: Path | None, cache_dir: Path | None) -> int:
     except (FileNotFoundError, FileExistsError) as error:  # no package; the output exists
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # the cache refused: a read-only or full disk, permissions
+        print(f"error: the kiln cache: {_reason(error)}; nothing was left half-written",
+              file=sys.stderr)
+        return 2
     if output_dir is None:
         print(hf_dir)
         return 0
@@ -305,11 +310,24 @@ def _make(output_dir: Path | None, cache_dir: Path | None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # the machine refused: a read-only or full disk, permissions
-        print(f"error: --output_dir {output_dir}: {error.strerror or error}; nothing was "
-              f"left half-written", file=sys.stderr)
+        print(f"error: --output_dir {output_dir}: {_reason(error)}; nothing was left "
+              f"half-written", file=sys.stderr)
         return 2
     print(output_dir)
     return 0
+
+
+def _reason(error: OSError) -> str:
+    """The machine's reason, in words: a copytree's ``shutil.Error`` holds a list of
+    (source, destination, reason) for the files it could not copy; the first is said."""
+    if isinstance(error, shutil.Error) and error.args and isinstance(error.args[0], list) \
+            and error.args[0]:
+        source, _, why = error.args[0][0]  # why: str(OSError), "[Errno 28] No space ...: 'x'"
+        words = re.sub(r"^\[Errno \d+\] ", "", str(why)).split(": '")[0]
+        return f"{words} (copying {Path(source).name})"
+    if error.strerror:
+        return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    return str(error)
 
 
 if __name__ == "__main__":

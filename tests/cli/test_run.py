@@ -313,6 +313,9 @@ def test_bench_table_and_json(engine, tmp_path):
         assert row in r.output
     report = json.loads(out.read_text())
     assert report["output_tokens"] == 36 and report["workload"]["concurrency"] == 3
+    options = report["engine"]["options"]  # how it ran, GPU options too
+    assert options["device"] == "auto" and options["prefill_attention"] is None
+    assert options["kv_cache_free_gpu_memory_fraction"] is None and options["dp"] == 1
     assert report["ttft_ms"]["p99"] >= report["ttft_ms"]["p50"] > 0
 
 

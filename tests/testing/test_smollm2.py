@@ -174,3 +174,25 @@ def test_interrupted_copy_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Mon
     err = capsys.readouterr().err
     assert err.strip() == "interrupted: nothing was left half-written"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cached"]
+
+
+def test_a_full_disk_is_one_line_in_words(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture) -> None:
+    """copytree reports a full disk as a list of (source, destination, reason); a new user saw
+    that list printed raw."""
+    import errno
+
+    _fake_fixture(tmp_path, monkeypatch)
+    real_copytree = smollm2.shutil.copytree
+
+    def copy_to_a_full_disk(src, dst, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", dst)
+
+    monkeypatch.setattr(smollm2.shutil, "copytree", lambda src, dst, **kwargs: real_copytree(
+        src, dst, copy_function=copy_to_a_full_disk, **kwargs))
+    out = tmp_path / "m2"
+    assert smollm2.main(["--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --output_dir {out}: ") and "[" not in err, err
+    assert "No space left on device (copying " in err and err.endswith("half-written")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cached"]
