@@ -164,20 +164,18 @@ def check_runnable(manifest: EngineManifest, options: ExecutorOptions | None = N
     check_options = getattr(module, "check_options", None)
     if check_options is not None:
         check_options(manifest, machine, options)
-    if options.kv_cache_free_gpu_memory_fraction is not None and (
-            manifest.backend != "torch"
-            or run_device(module, manifest, machine, options) != "cuda"):
+    gpu_only = {  # the torch backend's options for a GPU: said to do nothing elsewhere
+        "kv_cache_free_gpu_memory_fraction": (options.kv_cache_free_gpu_memory_fraction
+                                              is not None, "sizes the torch backend's KV cache"),
+        "prefill_attention": (options.prefill_attention not in (None, "auto"),
+                              "chooses the torch backend's attention kernel")}
+    given = [(name, what) for name, (set_, what) in gpu_only.items() if set_]
+    if given and (manifest.backend != "torch"
+                  or run_device(module, manifest, machine, options) != "cuda"):
         where = f"{a_or_an(manifest.backend)} engine" if manifest.backend != "torch" \
             else "the CPU"
-        warn_once(f"kv_cache_free_gpu_memory_fraction has no effect on {where}: it sizes the "
-                  f"torch backend's KV cache on a GPU")
-    if options.prefill_attention not in (None, "auto") and (
-            manifest.backend != "torch"
-            or run_device(module, manifest, machine, options) != "cuda"):
-        where = f"{a_or_an(manifest.backend)} engine" if manifest.backend != "torch" \
-            else "the CPU"
-        warn_once(f"prefill_attention has no effect on {where}: it chooses the torch backend's "
-                  f"attention kernel on a GPU")
+        for name, what in given:
+            warn_once(f"{name} has no effect on {where}: it {what} on a GPU")
     if options.dp > 1 or options.engine_process:
         check_replicas(manifest, run_device(module, manifest, machine, options), machine,
                        options)
