@@ -81,8 +81,9 @@ def bench(obj: CliContext, warmup: int, json_output: Path | None, device: str,
     _check_request_rate(request_rate, num_requests)
     if baseline == "hf":
         _check_baseline(source["engine_dir"], source["backend"])
-    if json_output is not None and str(json_output) == "-":
-        json_output = None  # standard output, where the report goes by default
+    json_only = json_output is not None and str(json_output) == "-"
+    if json_only:  # standard output holds the JSON alone; the table goes to stderr
+        json_output = None
     if json_output is not None and source["engine_dir"] is None:
         _check_json_output(json_output, None)  # checked again once the engine dir is known
     spec = Workload(input_len=input_len, output_len=output_len, num_requests=num_requests,
@@ -96,7 +97,7 @@ def bench(obj: CliContext, warmup: int, json_output: Path | None, device: str,
         if json_output is not None:
             _check_json_output(json_output, engine_dir)
         _bench(engine_dir, spec, options, warmup, json_output, baseline, baseline_batch_size,
-               quiet=obj.verbosity < 0, progress=obj.progress)
+               quiet=obj.verbosity < 0, progress=obj.progress, json_only=json_only)
 
 
 def _check_request_rate(rate: float | None, num_requests: int) -> None:
@@ -166,7 +167,7 @@ def _warmup_workload(spec: Workload, warmup: int, limits: Any) -> Workload | Non
 
 def _bench(engine_dir: Path, spec: Workload, options: ExecutorOptions, warmup: int,
            json_output: Path | None, baseline: str | None, baseline_batch_size: int,
-           quiet: bool = False, progress: bool = False) -> None:
+           quiet: bool = False, progress: bool = False, json_only: bool = False) -> None:
     from kiln.runtime import LLM
     from kiln.runtime.bench import run_benchmark
     from kiln.runtime.core import freeze_loaded_objects
@@ -180,7 +181,7 @@ def _bench(engine_dir: Path, spec: Workload, options: ExecutorOptions, warmup: i
         freeze_loaded_objects()  # as kiln serve does after its warm-up
         report = run_benchmark(llm.core, spec, progress=progress)
     report = dataclasses.replace(report, engine=_engine_info(llm, options))
-    click.echo(report.table())
+    click.echo(report.table(), err=json_only)
     if baseline == "hf":  # after the engine is closed: its KV cache holds most of the GPU
         report = dataclasses.replace(report, baseline=_hf_baseline(
             engine_dir, spec, llm.manifest.decoder.vocab_size, baseline_batch_size,

@@ -65,17 +65,18 @@ def eval_command(obj: CliContext, dataset: str, max_length: int | None,
             _check_json_output(json_output, engine_dir, _is_eval_report, "kiln eval report")
         result = evaluate(engine_dir, texts, max_length, stride, options,
                           progress=obj.progress)
-    click.echo(f"perplexity {result.perplexity:.6f}")
+    click.echo(f"perplexity {result.perplexity:.6f}", err=to_stdout)  # '-': stdout is JSON
     sys.stdout.flush()  # before the stderr summary, also when both go to one pipe
     if obj.verbosity >= 0:
-        click.echo(f"{result.tokens} tokens in {result.windows} window{'s' if result.windows != 1 else ''} "
-                   f"(max_length "
-                   f"{result.max_length}, stride {result.stride}), {result.seconds:.1f} s, "
-                   f"{result.tokens_per_s:.1f} tokens/s", err=True)
+        rate = "-" if result.tokens_per_s is None else f"{result.tokens_per_s:.1f}"
+        windows = f"{result.windows} window{'s' if result.windows != 1 else ''}"
+        click.echo(f"{result.tokens} tokens in {windows} (max_length {result.max_length}, "
+                   f"stride {result.stride}), {result.seconds:.1f} s, {rate} tokens/s", err=True)
     if to_stdout:
-        click.echo(json.dumps(result.to_dict(), indent=2))
+        click.echo(json.dumps(result.to_dict(), indent=2, allow_nan=False))
     if json_output is not None:
-        _write_atomically(json_output, json.dumps(result.to_dict(), indent=2) + "\n")
+        _write_atomically(json_output, json.dumps(result.to_dict(), indent=2, allow_nan=False)
+                          + "\n")
         if obj.verbosity >= 0:
             click.echo(f"wrote {json_output}", err=True)
 

@@ -93,7 +93,7 @@ class BenchReport:
     baseline: dict[str, Any] | None = None  # kiln bench --baseline hf: HF's run beside kiln's
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
+        return json.dumps(dataclasses.asdict(self), indent=2, allow_nan=False)  # JSON has none
 
     def table(self) -> str:
         w = self.workload
@@ -103,8 +103,7 @@ class BenchReport:
                  f"{'metric':<24}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}"]
         for name, stats in (("TTFT (ms)", self.ttft_ms), ("TPOT (ms)", self.tpot_ms),
                             ("inter-token (ms)", self.itl_ms), ("latency (ms)", self.latency_ms)):
-            lines.append(f"{name:<24}" + "".join(f"{getattr(stats, k):>10.1f}"
-                                                for k in ("mean", "p50", "p90", "p99")))
+            lines.append(f"{name:<24}{stats.cells()}")
         lines.append(f"{'output tokens/s':<24}{self.output_tokens_per_s:>10.1f}")
         lines.append(f"{'requests/s':<24}{self.requests_per_s:>10.3f}")
         return "\n".join(lines)

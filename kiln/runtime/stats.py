@@ -12,17 +12,25 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Stats:
-    mean: float
-    p50: float
-    p90: float
-    p99: float
+    """Mean and percentiles; all None when there were no values (a TPOT of one-token outputs:
+    JSON ``null``, ``-`` in a table; NaN is not JSON)."""
+
+    mean: float | None
+    p50: float | None
+    p90: float | None
+    p99: float | None
 
     @classmethod
     def of(cls, values: list[float]) -> Stats:
         if not values:
-            return cls(math.nan, math.nan, math.nan, math.nan)
+            return cls(None, None, None, None)
         ordered = sorted(values)
         return cls(sum(ordered) / len(ordered), *(_percentile(ordered, q) for q in (50, 90, 99)))
+
+    def cells(self) -> str:
+        """mean, p50, p90, p99 as a table's columns, 10 wide, one decimal (``-``: none)."""
+        return "".join(f"{'-':>10}" if v is None else f"{v:>10.1f}"
+                       for v in (self.mean, self.p50, self.p90, self.p99))
 
 
 def _percentile(ordered: list[float], q: float) -> float:

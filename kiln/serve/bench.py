@@ -114,8 +114,7 @@ class RateReport:
                  f"{'metric':<24}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}"]
         for name, stats in (("TTFT (ms)", self.ttft_ms), ("TPOT (ms)", self.tpot_ms),
                             ("inter-token (ms)", self.itl_ms), ("E2E latency (ms)", self.e2e_ms)):
-            lines.append(f"{name:<24}" + "".join(f"{getattr(stats, k):>10.1f}"
-                                                for k in ("mean", "p50", "p90", "p99")))
+            lines.append(f"{name:<24}{stats.cells()}")
         lines.append(f"{'output tokens/s':<24}{self.output_tokens_per_s:>10.1f}")
         lines.append(f"{'requests/s':<24}{self.requests_per_s:>10.3f}")
         return "\n".join(lines)
@@ -137,7 +136,7 @@ class ServeBenchReport:
         workload["request_rates"] = [_rate_json(r) for r in self.workload.request_rates]
         return json.dumps({"kind": "kiln bench_serve", "url": self.url, "model": self.model,
                            "workload": workload, "rates": [r.to_dict() for r in self.rates]},
-                          indent=2)
+                          indent=2, allow_nan=False)  # JSON has no NaN
 
     def table(self) -> str:
         head = f"{self.url} model {self.model}"

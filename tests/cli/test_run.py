@@ -430,8 +430,21 @@ def test_bench_json_output_dash_is_standard_output(engine, tmp_path, monkeypatch
     r = kiln("bench", "--engine_dir", str(engine), "--input_len", "8", "--output_len", "2",
              "--num_requests", "1", "--json_output", "-")
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout[r.stdout.index("{"):])["output_tokens"] == 2
+    assert json.loads(r.stdout)["output_tokens"] == 2  # the JSON alone: the table is on stderr
+    assert "TTFT (ms)" in r.stderr
     assert not (tmp_path / "-").exists()
+
+
+def test_a_one_token_output_has_no_time_per_token_and_the_report_stays_json(engine):
+    r = kiln("bench", "--engine_dir", str(engine), "--input_len", "8", "--output_len", "1",
+             "--num_requests", "2", "--json_output", "-")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
+    assert report["tpot_ms"] == report["itl_ms"] == {"mean": None, "p50": None, "p90": None,
+                                                     "p99": None}
+    assert report["ttft_ms"]["p50"] > 0
+    (tpot,) = [line for line in r.stderr.splitlines() if line.startswith("TPOT (ms)")]
+    assert tpot.split()[2:] == ["-"] * 4
 
 
 def test_bench_refuses_lengths_beyond_the_engine(engine):

@@ -129,6 +129,15 @@ def test_disjoint_windows_equal_the_snippet_verbatim(engine, smollm2_dir, text_f
         (got.perplexity, want)
 
 
+def test_json_output_dash_puts_the_json_alone_on_stdout(engine, text_file):
+    result = CliRunner().invoke(main, ["eval", "--engine_dir", str(engine), "--dataset",
+                                       str(text_file), "--stride", "96", "--json_output", "-"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)  # the perplexity line and the summary: stderr
+    assert f"perplexity {report['perplexity']:.6f}" in result.stderr
+    assert report["tokens_per_s"] > 0
+
+
 @pytest.mark.parametrize(("args", "expected"), [
     (["--dataset", "{tmp}/missing.txt"], "no such file or directory"),
     (["--dataset", "{tmp}/empty.txt"], "holds no text"),
