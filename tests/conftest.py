@@ -27,6 +27,13 @@ def cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def _checks_warn_afresh(monkeypatch):
+    """The engine checks say each warning once a process (kiln.runtime.loader.warn_once): each
+    test is a fresh process for them, whatever ran before it in this worker."""
+    monkeypatch.setattr("kiln.runtime.loader._WARNED", set())
+
+
+@pytest.fixture(autouse=True)
 def _unfreeze_gc():
     """kiln bench and kiln serve freeze the objects alive once their engine is loaded
     (kiln.runtime.core.freeze_loaded_objects); run in this process, that would keep earlier

@@ -319,9 +319,7 @@ def test_bench_table_and_json(engine, tmp_path):
     assert report["ttft_ms"]["p99"] >= report["ttft_ms"]["p50"] > 0
 
 
-def test_bench_says_the_gpu_memory_fraction_does_nothing_for_this_engine(engine, caplog,
-                                                                         monkeypatch):
-    monkeypatch.setattr("kiln.runtime.loader._WARNED", set())  # said once a process
+def test_bench_says_the_gpu_memory_fraction_does_nothing_for_this_engine(engine, caplog):
     with caplog.at_level("WARNING", logger="kiln.runtime.loader"):
         r = kiln("bench", "--engine_dir", str(engine), "--input_len", "8", "--output_len", "2",
                  "--num_requests", "1", "--kv_cache_free_gpu_memory_fraction", "0.5")
@@ -330,9 +328,7 @@ def test_bench_says_the_gpu_memory_fraction_does_nothing_for_this_engine(engine,
                                  "engine: it sizes the torch backend's KV cache on a GPU") == 1
 
 
-def test_prefill_attention_is_said_to_do_nothing_for_an_onnx_engine(engine, caplog,
-                                                                    monkeypatch):
-    monkeypatch.setattr("kiln.runtime.loader._WARNED", set())  # said once a process
+def test_prefill_attention_is_said_to_do_nothing_for_an_onnx_engine(engine, caplog):
     with caplog.at_level("WARNING", logger="kiln.runtime.loader"):
         r = kiln("run", "--engine_dir", str(engine), "--input_text", "x", "--max_output_len",
                  "2", "--prefill_attention", "kiln")

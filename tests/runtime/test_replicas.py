@@ -177,9 +177,7 @@ def test_kiln_run_with_dp2_and_the_benchmark_over_replicas(engines, replicas, si
     assert report.output_tokens == 15 and report.ttft_ms.mean > 0
 
 
-def test_a_check_said_by_the_front_is_not_said_again_by_each_replica(engines, capfd, caplog,
-                                                                    monkeypatch):
-    monkeypatch.setattr("kiln.runtime.loader._WARNED", set())  # said once a process
+def test_a_check_said_by_the_front_is_not_said_again_by_each_replica(engines, capfd, caplog):
     with caplog.at_level("INFO"):  # the replicas' level: they log their loads at INFO
         result = CliRunner().invoke(main, ["run", "--engine_dir", str(engines()),
                                            "--device", "cpu", "--dp", "2", "--max_output_len",

@@ -28,7 +28,7 @@ def checkpoint(tmp_path_factory):
     return kiln_checkpoint(hf_model("llama-gqa", root / "hf"), root / "ckpt")
 
 
-def test_build_and_run_on_cpu(checkpoint, tmp_path, caplog, monkeypatch):
+def test_build_and_run_on_cpu(checkpoint, tmp_path, caplog):
     out = tmp_path / "engine"
     build(checkpoint, out, backend="torch", max_batch_size=2, max_seq_len=32, dtype="float32")
     manifest = read_manifest(out)
@@ -40,7 +40,6 @@ def test_build_and_run_on_cpu(checkpoint, tmp_path, caplog, monkeypatch):
     assert metadata["kiln_torch_format"] == "1" and json.loads(metadata["transposed"]) == []
     assert infos["layers.0.attn.qkv.weight"].dtype == torch.float32
     assert manifest.sizes == {"rank0.safetensors": (out / "rank0.safetensors").stat().st_size}
-    monkeypatch.setattr("kiln.runtime.loader._WARNED", set())  # said once a process
     with caplog.at_level(logging.WARNING):  # the default level: shown without -v
         _, executor = open_engine(out, ExecutorOptions(device="cpu"))
     assert isinstance(executor, TorchExecutor) and executor.model.kernels.name == "reference"
