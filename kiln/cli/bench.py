@@ -28,6 +28,7 @@ from kiln.cli.context import (
     gpu_options,
 )
 from kiln.cli.engine_source import engine_command, held_engine
+from kiln.dirs import DirKind, classify_dir
 from kiln.errors import OutputError
 
 if TYPE_CHECKING:
@@ -207,13 +208,19 @@ def _check_json_output(path: Path, engine_dir: Path | None,
     if engine_dir is not None and path.resolve().is_relative_to(Path(engine_dir).resolve()):
         raise click.BadParameter(f"{path} is inside the engine dir {engine_dir}; write the "
                                  f"report elsewhere", param_hint="--json_output")
+    for folder in path.resolve().parents:  # another engine or checkpoint kiln wrote
+        if (made := classify_dir(folder)) in (DirKind.ENGINE, DirKind.KILN_CHECKPOINT):
+            raise click.BadParameter(f"{path} is inside {made.value} {folder}, which kiln "
+                                     f"wrote and replaces whole; write the report elsewhere",
+                                     param_hint="--json_output")
     if path.exists() and not path.is_file():  # a device, pipe or socket: never read it whole
         raise click.BadParameter(f"{path} is not a regular file (a device, pipe or socket); "
                                  f"give a file path for the report", param_hint="--json_output")
     if path.exists() and (path.stat().st_size > _REPORT_MAX_BYTES
                           or not (is_report or _is_bench_report)(path)):
-        raise click.BadParameter(f"{path} exists and is not a {kind}; kiln never "
-                                 f"overwrites a file it did not write: choose another path",
+        raise click.BadParameter(f"{path} exists and is not a {kind} as kiln writes it; "
+                                 f"kiln never overwrites a file it did not write (or one "
+                                 f"changed since): choose another path",
                                  param_hint="--json_output")
     from kiln.output_dirs import cannot_create_in  # imports torch: not at --help time
 
@@ -228,11 +235,20 @@ def _check_json_output(path: Path, engine_dir: Path | None,
 
 
 def _is_bench_report(path: Path) -> bool:
+    """A bench report as kiln writes it: exactly its keys (one a user added notes to is the
+    user's)."""
+    from kiln.runtime.bench import BenchReport
+
+    return is_report(path, {f.name for f in dataclasses.fields(BenchReport)})
+
+
+def is_report(path: Path, keys: set[str]) -> bool:
+    """Whether ``path`` holds a JSON object with exactly ``keys`` at the top."""
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
-    return isinstance(data, dict) and {"workload", "ttft_ms", "output_tokens_per_s"} <= data.keys()
+    return isinstance(data, dict) and data.keys() == keys
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -9,6 +9,7 @@ never into the engine dir). ``--model_dir`` builds its engine with ``--gather_co
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -16,11 +17,9 @@ from typing import Any
 
 import click
 
-from kiln.cli.bench import _check_json_output, _write_atomically
+from kiln.cli.bench import _check_json_output, _write_atomically, is_report
 from kiln.cli.context import CliContext, PathArg, executor_options, gpu_options
 from kiln.cli.engine_source import engine_command, held_engine
-
-REPORT_KEYS = frozenset({"perplexity", "tokens", "seconds", "max_length", "stride"})
 
 
 @engine_command("eval", "Engine dir built with --gather_context_logits (--model_dir builds "
@@ -85,8 +84,8 @@ eval = eval_command  # noqa: A001 - the lazy loader reads the attribute named li
 
 
 def _is_eval_report(path: Path) -> bool:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(data, dict) and REPORT_KEYS <= data.keys()
+    """An eval report as kiln writes it: exactly its keys."""
+    from kiln.evaluation import PerplexityResult
+
+    return is_report(path, {f.name for f in dataclasses.fields(PerplexityResult)}
+                     | {"tokens_per_s"})

@@ -87,19 +87,31 @@ def test_json_output_never_overwrites_a_users_file_or_writes_into_the_engine(tmp
         assert result.exit_code == 0, result.output
     assert json.loads(report.read_text())["workload"]["num_requests"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engine", "notes.txt", "report.json"]
+    # one the user has added to is the user's; so is any path in a dir kiln writes whole
+    edited = {**json.loads(report.read_text()), "my_notes": "keep"}
+    report.write_text(json.dumps(edited))
+    other = toy_engine_dir(tmp_path / "other", BuildLimits(2, 8, 16, 16), vocab=49152)
+    for target, message in ((report, "exists and is not a kiln bench report as kiln writes"),
+                            (other / "r.json", f"is inside an engine dir {other}, which kiln")):
+        result = _bench(engine, "--json_output", str(target))
+        assert result.exit_code == 2 and message in result.output, result.output
+    assert json.loads(report.read_text()) == edited and not (other / "r.json").exists()
 
 
 def test_json_output_larger_than_a_report_is_not_read(tmp_path, monkeypatch):
     """An existing --json_output file over the report size cap is refused unread, even one
     that parses as a report (padded); a report within the cap may be replaced."""
+    import dataclasses
+
     import click
     import pytest
 
     from kiln.cli import bench as bench_cli
+    from kiln.runtime.bench import BenchReport
 
     monkeypatch.setattr(bench_cli, "_REPORT_MAX_BYTES", 1024)
     report = tmp_path / "report.json"
-    text = json.dumps({"workload": {}, "ttft_ms": {}, "output_tokens_per_s": 1.0})
+    text = json.dumps(dict.fromkeys(f.name for f in dataclasses.fields(BenchReport)))
     report.write_text(text)
     bench_cli._check_json_output(report, None)  # a report: may be replaced
     report.write_text(text + " " * 1024)
