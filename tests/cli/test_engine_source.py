@@ -173,6 +173,8 @@ def test_bench_on_a_model_dir(tiny_hf, cache):
       "--max_input_len", "4"], "exceeds the engine's max_input_len 4"),
     (["run", "--input_text", "Hi", "--stop_token_ids", "99999"],
      "99999: outside this engine's vocabulary"),
+    (["bench", "--max_batch_size", "100000000", "--max_seq_len", "64"],
+     "max_batch_size 100000000) need a KV cache of"),
     # conversion's and the build's checks, from the options and the HF config
     (["run", "--input_text", "Hi", "--max_input_len", "60", "--max_seq_len", "32"],
      "max_input_len (60) exceeds max_seq_len (32)"),
