@@ -37,8 +37,9 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from kiln.dirs import is_hub_id
+from kiln.dirs import is_hub_id, near_path
 from kiln.errors import DatasetError
 from kiln.hashing import sha256_file
 
@@ -79,8 +80,19 @@ def load_texts(source: str | Path) -> TextDataset:
     repo_id, _, pattern = text.partition(":")
     if is_hub_id(repo_id) and Path(repo_id).suffix.lstrip(".") not in KINDS:
         return _read_hub(repo_id, pattern or None)
+    near = near_path(path, dirs_only=False)
+    hint = f"did you mean {near}?" if near is not None else "check the path"
     raise DatasetError(f"{text}: no such file or directory (and not a hub dataset id, which has "
-                       f"the form owner/name); check the path")
+                       f"the form owner/name); {hint}")
+
+
+def json_type(value: Any) -> str:
+    """What a parsed JSON value is, in JSON's words ("a number", "an array", "null")."""
+    for kind, name in ((bool, "a boolean"), ((int, float), "a number"), (str, "a string"),
+                       (list, "an array"), (dict, "an object")):
+        if isinstance(value, kind):
+            return name
+    return "null"
 
 
 def _read_file(path: Path) -> TextDataset:
@@ -165,8 +177,8 @@ def _jsonl_texts(data: str, where: str) -> list[str]:
             raise DatasetError(f"{where}: line {number} has no 'text' key (found {found}); each "
                                f"line must be an object like {{\"text\": \"...\"}}")
         if not isinstance(record["text"], str):
-            raise DatasetError(f"{where}: line {number}: 'text' is a "
-                               f"{type(record['text']).__name__}, expected a string")
+            raise DatasetError(f"{where}: line {number}: 'text' is {json_type(record['text'])}, "
+                               f"expected a string")
         texts.append(record["text"])
     return texts
 

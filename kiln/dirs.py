@@ -107,26 +107,29 @@ _MADE_BY = {
 def _near_names(directory: Path) -> str | None:
     """A directory whose path is close to ``directory``'s (a typo in its name or in a parent's,
     case included), as a path, or None."""
-    near = _near_dir(directory, 3)
+    near = near_path(directory)
     return None if near is None else str(near)
 
 
-def _near_dir(directory: Path, depth: int) -> Path | None:
-    parent = directory.parent if str(directory.parent) else Path(".")
+def near_path(path: Path, dirs_only: bool = True, depth: int = 3) -> Path | None:
+    """An existing path close to ``path`` (a typo in its name or in a parent's, case included):
+    a directory, or with ``dirs_only`` False a file too; None if there is none."""
+    exists = Path.is_dir if dirs_only else Path.exists
+    parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():  # a typo further up: find the parent first
-        near_parent = _near_dir(parent, depth - 1) if depth and parent != directory else None
+        near_parent = near_path(parent, True, depth - 1) if depth and parent != path else None
         if near_parent is None:
             return None
-        if (near_parent / directory.name).is_dir():
-            return near_parent / directory.name
-        parent, directory = near_parent, near_parent / directory.name
+        if exists(near_parent / path.name):
+            return near_parent / path.name
+        parent, path = near_parent, near_parent / path.name
     try:  # the first entries only: a huge parent is not worth the wait
-        names = [p.name for p in itertools.islice(parent.iterdir(), 10000) if p.is_dir()]
+        names = [p.name for p in itertools.islice(parent.iterdir(), 10000) if exists(p)]
     except OSError:  # not readable
         return None
     lower = {name.lower(): name for name in names}
-    close = difflib.get_close_matches(directory.name.lower(), list(lower), n=1, cutoff=0.75)
-    return directory.with_name(lower[close[0]]) if close else None
+    close = difflib.get_close_matches(path.name.lower(), list(lower), n=1, cutoff=0.75)
+    return path.with_name(lower[close[0]]) if close else None
 
 
 def read_config(directory: str | Path, wanted: DirKind,
@@ -143,8 +146,10 @@ def read_config(directory: str | Path, wanted: DirKind,
     directory = Path(directory)
     path = directory / "config.json"
     if directory.is_file():
-        raise error(f"{directory}: is a file, not {article} {noun}; pass the directory that holds it "
-                    f"({directory.parent})")
+        holder = directory.parent if str(directory.parent) else Path(".")
+        hint = f"pass the directory that holds it ({holder})" \
+            if classify_dir(holder) is wanted else fix
+        raise error(f"{directory}: is a file, not {article} {noun}; {hint}")
     if not directory.is_dir():
         near = _near_names(directory)
         raise error(f"{directory}: no such {noun}; "

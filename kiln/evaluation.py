@@ -185,6 +185,9 @@ def evaluate(engine_dir: str | Path, dataset: str | Path | TextDataset,
                           f"--gather_context_logits")
     with LLM(engine_dir, options) as llm:
         token_ids = llm.tokenizer.encode(data.joined())
-        result = perplexity(llm, token_ids, max_length, stride, progress)
+        try:
+            result = perplexity(llm, token_ids, max_length, stride, progress)
+        except DatasetError as e:  # the text's own problem: say which text
+            raise DatasetError(f"{data.name}: {e}") from None
     return PerplexityResult(**{**asdict(result), "dataset": data.name,
                                "dataset_sha256": data.sha256, "engine_dir": str(engine_dir)})

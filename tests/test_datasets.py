@@ -43,7 +43,7 @@ def test_jsonl_texts_and_blank_lines(tmp_path):
 @pytest.mark.parametrize(("body", "expected"), [
     ('{"text": "a"}\n{"title": "b"}\n', "line 2 has no 'text' key (found ['title'])"),
     ('{"text": "a"}\n[1]\n', "line 2 has no 'text' key (found list)"),
-    ('{"text": "a"}\n\n{"text": 3}\n', "line 3: 'text' is a int, expected a string"),
+    ('{"text": "a"}\n\n{"text": 3}\n', "line 3: 'text' is a number, expected a string"),
     ('{"text": "a"\n', "line 1 is not valid JSON"),
 ])
 def test_jsonl_errors_name_the_line(tmp_path, body, expected):
@@ -116,7 +116,11 @@ def test_bad_files(tmp_path, name, content, expected):
 def test_missing_and_empty_paths(tmp_path):
     with pytest.raises(DatasetError) as error:
         load_texts(tmp_path / "nope.txt")
-    assert "no such file or directory" in _one_line(error)
+    assert "no such file or directory" in _one_line(error) and "check the path" in str(error.value)
+    (tmp_path / "english.txt").write_text("Some text.")
+    with pytest.raises(DatasetError) as error:  # a typo: the file it most likely meant
+        load_texts(tmp_path / "englsh.txt")
+    assert str(error.value).endswith(f"did you mean {tmp_path / 'english.txt'}?")
     with pytest.raises(DatasetError, match="dataset path is empty"):
         load_texts(" ")
     with pytest.raises(DatasetError, match="no such file"):  # a missing owner/name.txt: local

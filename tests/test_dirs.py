@@ -157,6 +157,16 @@ def test_a_file_inside_the_dir_is_named_as_a_file_with_the_fix(dirs, command):
         f"({engine})"]
 
 
+def test_a_file_outside_any_engine_is_not_sent_to_its_directory(tmp_path, monkeypatch):
+    """``--engine_dir english.txt``: its directory is no engine either; say what to pass."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "english.txt").write_text("text")
+    r = CliRunner().invoke(main, ["verify", "english.txt"])
+    assert r.exit_code == 2 and r.output.splitlines() == [
+        "error: english.txt: is a file, not an engine directory; pass the output_dir of kiln "
+        "build"]
+
+
 def test_load_config_given_a_file_names_the_directory_to_pass(dirs):
     """(kiln build's click option refuses a file itself; the API says which dir to pass.)"""
     ckpt = dirs[DirKind.KILN_CHECKPOINT]

@@ -88,15 +88,11 @@ def identify_source(model: str, revision: str | None, allow_pickle: bool,
     from kiln.build_cache.hashes import content_hashes
     from kiln.converters.source import files_read, locate
     from kiln.dirs import DirKind, read_config
-    from kiln.errors import CheckpointError, ConfigError
+    from kiln.errors import CheckpointError
 
     if not str(model).strip():
         raise CheckpointError("--model_dir is empty; pass an HF checkpoint directory or hub id")
     path, repo_id = locate(str(model), revision, allow_pickle)
-    if repo_id is None and revision is not None:
-        raise ConfigError(f"--revision {revision}: {model} is a local directory, and a revision "
-                          f"names a commit, branch or tag of a hub model; drop --revision (or "
-                          f"check out that revision into the directory)")
     read_config(path, DirKind.HF_CHECKPOINT, CheckpointError)  # an engine dir, ...: says so
     if repo_id is not None and COMMIT.fullmatch(path.name):  # <hub cache>/snapshots/<commit>
         return SourceId(path, repo_id, path.name, f"{repo_id}@{path.name}",

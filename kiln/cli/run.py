@@ -38,6 +38,7 @@ from kiln.cli.context import (
     gpu_options,
 )
 from kiln.cli.engine_source import engine_command, held_engine
+from kiln.datasets import json_type
 from kiln.errors import KilnError
 from kiln.runtime.errors import SamplingParamsError
 from kiln.runtime.params import SamplingParams, is_utf8  # torch-free: --help stays fast
@@ -194,11 +195,11 @@ def _jsonl_prompt(where: str, line: str) -> str:
     elif isinstance(item, str):
         return item
     elif not isinstance(item, dict):
-        message = f'expected a JSON string or {{"prompt": "..."}}, found {_json_type(item)}'
+        message = f'expected a JSON string or {{"prompt": "..."}}, found {json_type(item)}'
     elif "prompt" not in item:
         message = "a JSON object needs a 'prompt' key"
     elif not isinstance(item["prompt"], str):
-        message = f"'prompt' must be a string, found {_json_type(item['prompt'])}"
+        message = f"'prompt' must be a string, found {json_type(item['prompt'])}"
     elif not is_utf8(item["prompt"]):
         message = "'prompt' holds a lone surrogate escape (\\ud800-\\udfff), not UTF-8 text"
     elif not item["prompt"]:
@@ -215,14 +216,6 @@ def _shown(text: str) -> str:
     except UnicodeEncodeError:  # a surrogate no undecodable byte gives
         shown = ascii(text)[1:-1]
     return f"'{shown if len(shown) <= 40 else shown[:37] + '...'}'"
-
-
-def _json_type(value: Any) -> str:
-    for kind, name in ((bool, "a boolean"), ((int, float), "a number"), (str, "a string"),
-                       (list, "an array"), (dict, "an object")):
-        if isinstance(value, kind):
-            return name
-    return "null"
 
 
 @engine_command("run", "Engine dir (output of kiln build).")

@@ -21,7 +21,7 @@ import torch
 
 from kiln.checkpoint import TOKENIZER_FILES
 from kiln.dirs import DirKind, is_hub_id, read_config
-from kiln.errors import CheckpointError, HubError, UnsafeCheckpointError
+from kiln.errors import CheckpointError, ConfigError, HubError, UnsafeCheckpointError
 from kiln.tensorio import TensorInfo, read_header, read_tensor
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,10 @@ def locate(model_dir: str, revision: str | None = None,
     files conversion reads: ``<hub cache>/snapshots/<commit>``). Raises as open_source does."""
     path = Path(model_dir).expanduser()
     if path.exists():
+        if revision is not None:
+            raise ConfigError(f"--revision {revision}: {model_dir} is a local directory, and a "
+                              f"revision names a commit, branch or tag of a hub model; drop "
+                              f"--revision (or check out that revision into the directory)")
         return path, None
     missing = f"{model_dir}: no such local directory{_near_miss(path)}"
     if not is_hub_id(model_dir):

@@ -125,6 +125,15 @@ def test_unknown_dtype_is_a_usage_error(hf_dir, tmp_path):
     assert result.exit_code == 2 and "float8" in result.output
 
 
+def test_a_revision_of_a_local_directory_is_refused(hf_dir, tmp_path):
+    """A revision names a hub model's commit: on a local directory it had been ignored."""
+    result = _invoke("convert_checkpoint", "--model_dir", str(hf_dir), "--output_dir",
+                     str(tmp_path / "out"), "--revision", "foo")
+    assert result.exit_code == 2 and len(result.output.splitlines()) == 1, result.output
+    assert f"--revision foo: {hf_dir} is a local directory" in result.output
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("args,message", [
     (["build", "--checkpoint_dir", "", "--output_dir", "e"], "'--checkpoint_dir': is empty"),
     (["build", "--checkpoint_dir", "c", "--output_dir", " "], "'--output_dir': is empty"),

@@ -231,6 +231,6 @@ def test_num_threads_far_past_the_cpus_is_refused(monkeypatch):
     assert ExecutorOptions(num_threads=64).num_threads == 64  # a few past the CPUs: allowed
     with pytest.raises(EngineError) as info:
         ExecutorOptions(num_threads=10000)
-    assert str(info.value) == ("num_threads 10000 is more than 64 (2 CPU(s) here, and threads "
-                               "past them only contend); pass at most 2, or leave it out (all "
-                               "cores)")
+    assert str(info.value) == ("num_threads 10000 is more than 64, the most kiln starts (2 "
+                               "CPU(s) here, and threads past them only contend); pass 2 or "
+                               "fewer for speed, or leave it out (all cores)")

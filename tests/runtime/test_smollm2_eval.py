@@ -141,7 +141,8 @@ def test_json_output_dash_puts_the_json_alone_on_stdout(engine, text_file):
 @pytest.mark.parametrize(("args", "expected"), [
     (["--dataset", "{tmp}/missing.txt"], "no such file or directory"),
     (["--dataset", "{tmp}/empty.txt"], "holds no text"),
-    (["--dataset", "{tmp}/one.txt"], "perplexity needs at least 2 tokens"),
+    (["--dataset", "{tmp}/one.txt"], "one.txt: the text is 1 token(s) long; perplexity needs "
+                                     "at least 2 tokens"),
     (["--dataset", "{text}", "--max_length", "8", "--stride", "9"], "9 exceeds --max_length 8"),
     (["--dataset", "{text}", "--max_length", "97"], "max_length 97 exceeds the engine's "
                                                     "max_input_len 96"),
