@@ -23,7 +23,7 @@ from kiln.builder.backends import Backend, BuildPlan, PartResult, get_backend
 from kiln.builder.graph.context import GraphSpec, RankWeights
 from kiln.builder.graph.linear import check_scales
 from kiln.builder.options import BuildOptions, resolve_limits
-from kiln.builder.plan import plan_rank
+from kiln.builder.plan import gb_text, plan_rank
 from kiln.builder.runner import run_parts
 from kiln.checkpoint import CheckpointConfig, check_tensor_names, load_config, rank_file
 from kiln.config import options_from
@@ -81,6 +81,7 @@ def build_with(options: BuildOptions, progress: bool = False) -> BuildResult:
     engine = get_backend(options.backend)
     plan = make_plan(options, ckpt, engine)
     engine.check(plan)
+    _warn_if_the_cache_cannot_fit_here(plan, engine)
     budget = options.memory_budget() // options.workers
     parts = [p for rank in range(ckpt.mapping.world_size)
              for p in plan_rank(ckpt, rank, RankWeights(weights[rank].path, plan.dtype), budget,
@@ -94,6 +95,25 @@ def build_with(options: BuildOptions, progress: bool = False) -> BuildResult:
     result = BuildResult(options.output_dir, manifest, results, seconds)
     log.debug("%s", result.summary())  # kiln build echoes it (at INFO, -v printed it twice)
     return result
+
+
+def _warn_if_the_cache_cannot_fit_here(plan: BuildPlan, engine: Backend) -> None:
+    """An onnx engine for the CPU allocates its whole KV cache at load: say before the build
+    when its limits need more than this machine's memory (built ahead of time for a larger
+    machine, that is fine; a typo in --max_batch_size is not)."""
+    if engine.name != "onnx" or "cpu" not in plan.targets:
+        return
+    import psutil
+
+    need = plan_manifest(plan, engine, rank_files={}, checksums={}).full_kv_cache_bytes()
+    total = psutil.virtual_memory().total
+    if need > total:
+        limits = plan.limits
+        log.warning("this engine's limits (max_batch_size %d, max_seq_len %d) need a KV cache "
+                    "of %s at load on the CPU, and this machine has %s of memory: it will not "
+                    "load here; lower --max_batch_size or --max_seq_len unless it runs on a "
+                    "larger machine", limits.max_batch_size, limits.max_seq_len, gb_text(need),
+                    gb_text(total))
 
 
 def check_rank_files(checkpoint_dir: Path, ckpt: CheckpointConfig) -> dict[int, RankWeights]:

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 GB = 1e9
 
 
-def _gb(n: float) -> str:
+def gb_text(n: float) -> str:
     """Bytes as GB for a message, in MB under 0.1 GB, in KB under 1 MB (never "0.0 GB")."""
     if n >= GB / 10:
         return f"{n / GB:.1f} GB"
@@ -71,7 +71,7 @@ def _split(sizes: list[int], peaks: list[int], budget: int | None, factor: float
         if need > budget:
             raise EngineError(
                 f"rank {rank}: one layer (with the embedding or head it carries) needs about "
-                f"{_gb(need)} of host RAM to build, over the {_gb(budget)} budget "
+                f"{gb_text(need)} of host RAM to build, over the {gb_text(budget)} budget "
                 f"per worker; raise --max_build_memory or lower --workers")
         if count and factor * (current + size) + max(peak, layer_peak) + base > budget:
             groups.append(count)

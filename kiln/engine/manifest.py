@@ -37,6 +37,7 @@ from kiln.hashing import sha256_file  # the one sha256 helper (also imported fro
 from kiln.quantization.config import QuantConfig
 
 logger = logging.getLogger("kiln.engine")  # the package's name, as before it was one
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}  # of DTYPES
 
 ENGINE_FORMAT_VERSION = 1
 MANIFEST_NAME = "config.json"
@@ -97,6 +98,16 @@ class EngineManifest:
             raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, found {self.backend!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, found {self.dtype!r}")
+
+    def full_kv_cache_bytes(self) -> int:
+        """Keys and values of every layer for ``max_batch_size`` sequences of ``max_seq_len``
+        tokens, in the cache's dtype: what the onnx and tensorrt executors allocate, and the
+        most a torch engine's paged cache holds."""
+        cfg, limits = self.decoder, self.limits
+        item = 1 if self.quantization is not None and self.quantization.kv_cache_dtype \
+            else _DTYPE_BYTES[self.dtype]
+        return (2 * cfg.num_layers * limits.max_batch_size * limits.max_seq_len
+                * cfg.num_kv_heads * cfg.head_dim * item)
 
     def to_dict(self) -> dict[str, Any]:
         return {

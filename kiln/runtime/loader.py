@@ -120,18 +120,11 @@ def check_replicas(manifest: EngineManifest, device: str, machine: MachineInfo,
         check_replica_memory(manifest, dp)
 
 
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-
-
 def replica_host_bytes(manifest: EngineManifest) -> int:
     """A CPU replica's host memory at full load: its engine files (read into memory) and a KV
     cache for the engine's limits (every row at max_seq_len; its pages are touched as it
     fills)."""
-    cfg, limits, quant = manifest.decoder, manifest.limits, manifest.quantization
-    item = 1 if quant is not None and quant.kv_cache_dtype else _DTYPE_BYTES.get(manifest.dtype, 4)
-    cache = (2 * cfg.num_layers * limits.max_batch_size * limits.max_seq_len * cfg.num_kv_heads
-             * cfg.head_dim * item)
-    return sum((manifest.sizes or {}).values()) + cache
+    return sum((manifest.sizes or {}).values()) + manifest.full_kv_cache_bytes()
 
 
 def check_replica_memory(manifest: EngineManifest, dp: int) -> None:

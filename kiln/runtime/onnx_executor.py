@@ -59,10 +59,8 @@ def check_options(manifest: EngineManifest, machine: MachineInfo,
                   options: ExecutorOptions) -> None:
     """Before the load, and before a ``--model_dir`` engine is built: its KV cache fits in the
     host memory (the load checks again on the graphs' own cache shapes)."""
-    cfg, limits = manifest.decoder, manifest.limits
-    cache = (2 * cfg.num_layers * limits.max_batch_size * limits.max_seq_len
-             * cfg.num_kv_heads * cfg.head_dim * np.dtype(_NP_DTYPES[manifest.dtype]).itemsize)
-    _check_cache_memory(manifest, cache, run_device(manifest, machine, options))
+    _check_cache_memory(manifest, manifest.full_kv_cache_bytes(),
+                        run_device(manifest, machine, options))
 
 
 def run_device(manifest: EngineManifest, machine: MachineInfo, options: ExecutorOptions) -> str:

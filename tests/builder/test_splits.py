@@ -126,3 +126,26 @@ def test_tensor_parallel_graphs(checkpoint, reference_logits, tmp_path, name, tp
     per_layer = 1 if load_config(ckpt).decoder.residual.value == "parallel" else 2
     assert collectives == ["all_reduce"] * (per_layer * layers) + ["all_gather"]
     assert_matches(runner, reference_logits(name))
+
+
+def test_an_onnx_cpu_engine_whose_cache_cannot_fit_here_is_said_before_the_build(
+        checkpoint, tmp_path, caplog, monkeypatch):
+    """A typo in --max_batch_size built an engine that no load could take (a new user's
+    100,000,000); built ahead of time for a larger machine it may be right, so a warning."""
+    import logging
+
+    import psutil
+
+    real = psutil.virtual_memory()  # the build's own budget reads what is available
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: real._replace(total=1000))
+    with caplog.at_level(logging.WARNING, logger="kiln.builder.api"):
+        build(checkpoint("llama-gqa"), tmp_path / "engine", **LIMITS)
+    (message,) = [m for m in caplog.messages if "KV cache" in m]
+    assert "max_batch_size 4, max_seq_len 32) need a KV cache of " in message
+    assert "at load on the CPU, and this machine has 1 KB of memory: it will not load here" \
+        in message
+    caplog.clear()
+    monkeypatch.undo()
+    with caplog.at_level(logging.WARNING, logger="kiln.builder.api"):
+        build(checkpoint("llama-gqa"), tmp_path / "engine2", **LIMITS)
+    assert not [m for m in caplog.messages if "KV cache" in m]
