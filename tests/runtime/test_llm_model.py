@@ -71,11 +71,23 @@ def test_an_engine_dir_in_the_cache_is_held_too(tiny_hf, cache):
     assert not _busy(cache, engine.parent.name)
 
 
-def test_an_engine_that_fails_to_open_is_released(tiny_hf, cache):
+def test_a_device_this_machine_lacks_is_refused_before_the_build(tiny_hf, cache):
     from kiln.engine import EngineError
 
-    with pytest.raises(EngineError):  # no CUDA here: refused after the build, at the load
+    with pytest.raises(EngineError, match="CUDA"):  # no CUDA here
         LLM(model=tiny_hf, options=ExecutorOptions(device="cuda"))
+    assert cache.entries() == []
+
+
+def test_an_engine_that_fails_to_open_is_released(tiny_hf, cache, monkeypatch):
+    from kiln.engine import EngineError
+
+    def broken(*args, **kwargs):
+        raise EngineError("the load failed")
+
+    monkeypatch.setattr("kiln.runtime.onnx_executor.load_executor", broken)
+    with pytest.raises(EngineError, match="the load failed"):  # after the build, at the load
+        LLM(model=tiny_hf)
     (entry,) = cache.entries()
     assert not _busy(cache, entry.name)
 
