@@ -217,7 +217,8 @@ def test_queue_time_metric_is_each_requests_wait_for_an_engine_slot(smollm2_dir)
     assert first.queue_s < step_s and first.latency_s >= 5 * step_s
     # admitted as the first finished: it waited from its arrival (during the first's first
     # step: jobs are submitted one after the other) to the end of the first's run
-    assert second.admitted == pytest.approx(first.finished, abs=step_s / 2)
+    # (not before it; after it by one step at most, and a loaded CI machine's scheduling delay)
+    assert first.finished - step_s / 2 <= second.admitted <= first.finished + 3 * step_s
     assert second.queue_s >= 3 * step_s
     sample = state.metrics.registry.get_sample_value
     assert sample("kiln:request_queue_time_seconds_count") == 2
