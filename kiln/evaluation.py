@@ -89,11 +89,7 @@ def sliding_windows(num_tokens: int, max_length: int, stride: int) -> list[Windo
     if num_tokens < 2:
         raise DatasetError(f"the text is {num_tokens} token(s) long; perplexity needs at least "
                            f"2 tokens (one to predict from, one to score)")
-    if not 1 <= stride <= max_length:
-        raise ConfigError(f"stride {stride} must be in [1, max_length {max_length}]; lower "
-                          f"--stride")
-    if max_length < 2:
-        raise ConfigError(f"max_length {max_length} must be at least 2")
+    _check_window(max_length, stride)
     windows, previous_end = [], 0
     for begin in range(0, num_tokens, stride):
         end = min(begin + max_length, num_tokens)
@@ -102,6 +98,28 @@ def sliding_windows(num_tokens: int, max_length: int, stride: int) -> list[Windo
         if end == num_tokens:
             break
     return windows
+
+
+def _check_window(max_length: int, stride: int) -> None:
+    if not 1 <= stride <= max_length:
+        raise ConfigError(f"stride {stride} must be in [1, max_length {max_length}]; lower "
+                          f"--stride")
+    if max_length < 2:
+        raise ConfigError(f"max_length {max_length} must be at least 2")
+
+
+def resolve_window(max_input_len: int, max_length: int | None,
+                   stride: int | None) -> tuple[int, int]:
+    """(max_length, stride) on an engine of ``max_input_len`` (the defaults filled in, module
+    docstring), or ConfigError: checked before a ``--model_dir`` engine is built, too."""
+    max_length = max_input_len if max_length is None else max_length
+    if max_length > max_input_len:
+        raise ConfigError(f"max_length {max_length} exceeds the engine's max_input_len "
+                          f"{max_input_len}; lower --max_length or rebuild with a larger "
+                          f"--max_input_len")
+    stride = max(1, max_length // 2) if stride is None else stride
+    _check_window(max_length, stride)
+    return max_length, stride
 
 
 def window_nll(logprobs: list[float], window: Window, index: int) -> tuple[float, int]:
@@ -149,12 +167,7 @@ def score_windows(llm: LLM, token_ids: list[int], windows: list[Window],
 def perplexity(llm: LLM, token_ids: list[int], max_length: int | None = None,
                stride: int | None = None, progress: bool = False) -> PerplexityResult:
     """Sliding-window perplexity of ``token_ids`` on ``llm``'s engine (module docstring)."""
-    limit = llm.limits.max_input_len
-    max_length = limit if max_length is None else max_length
-    if max_length > limit:
-        raise ConfigError(f"max_length {max_length} exceeds the engine's max_input_len {limit}; "
-                          f"lower --max_length or rebuild with a larger --max_input_len")
-    stride = max(1, max_length // 2) if stride is None else stride
+    max_length, stride = resolve_window(llm.limits.max_input_len, max_length, stride)
     windows = sliding_windows(len(token_ids), max_length, stride)
     logger.info("perplexity: %d tokens, %d windows of up to %d tokens, stride %d",
                 len(token_ids), len(windows), max_length, stride)

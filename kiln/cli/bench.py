@@ -10,6 +10,7 @@ the command body.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -188,7 +189,7 @@ def _bench(engine_dir: Path, spec: Workload, options: ExecutorOptions, warmup: i
             engine_dir, spec, llm.manifest.decoder.vocab_size, baseline_batch_size,
             report.output_tokens_per_s))
     if json_output is not None:
-        _write_atomically(json_output, report.to_json() + "\n")
+        write_report(json_output, report.to_json())
         if not quiet:
             click.echo(f"wrote {json_output}", err=True)
     else:
@@ -208,10 +209,10 @@ def _check_json_output(path: Path, engine_dir: Path | None,
     if engine_dir is not None and path.resolve().is_relative_to(Path(engine_dir).resolve()):
         raise click.BadParameter(f"{path} is inside the engine dir {engine_dir}; write the "
                                  f"report elsewhere", param_hint="--json_output")
-    for folder in path.resolve().parents:  # another engine or checkpoint kiln wrote
-        if (made := classify_dir(folder)) in (DirKind.ENGINE, DirKind.KILN_CHECKPOINT):
-            raise click.BadParameter(f"{path} is inside {made.value} {folder}, which kiln "
-                                     f"wrote and replaces whole; write the report elsewhere",
+    for folder in path.resolve().parents:  # another engine, checkpoint or cache entry of kiln's
+        if made := _made_by_kiln(folder):
+            raise click.BadParameter(f"{path} is inside {made} {folder}, which kiln wrote and "
+                                     f"replaces whole; write the report elsewhere",
                                      param_hint="--json_output")
     if path.exists() and not path.is_file():  # a device, pipe or socket: never read it whole
         raise click.BadParameter(f"{path} is not a regular file (a device, pipe or socket); "
@@ -234,6 +235,19 @@ def _check_json_output(path: Path, engine_dir: Path | None,
                                  param_hint="--json_output")
 
 
+def _made_by_kiln(folder: Path) -> str | None:
+    """What ``folder`` is if kiln wrote it and replaces it whole (an engine or checkpoint dir,
+    a build cache entry), else None."""
+    from kiln.build_cache.store import ENGINE_DIR, ENTRY_FILE
+
+    made = classify_dir(folder)
+    if made in (DirKind.ENGINE, DirKind.KILN_CHECKPOINT):
+        return made.value
+    if (folder / ENTRY_FILE).is_file() and classify_dir(folder / ENGINE_DIR) is DirKind.ENGINE:
+        return "a build cache entry"
+    return None
+
+
 def _is_bench_report(path: Path) -> bool:
     """A bench report as kiln writes it: exactly its keys (one a user added notes to is the
     user's)."""
@@ -242,13 +256,34 @@ def _is_bench_report(path: Path) -> bool:
     return is_report(path, {f.name for f in dataclasses.fields(BenchReport)})
 
 
+# A report file's sha256 of its other keys (canonical JSON): kiln replaces a report only as it
+# wrote it, not one a user changed since (a value edited, a note added).
+REPORT_DIGEST = "kiln_sha256"
+
+
+def _digest(data: dict) -> str:
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 def is_report(path: Path, keys: set[str]) -> bool:
-    """Whether ``path`` holds a JSON object with exactly ``keys`` at the top."""
+    """Whether ``path`` holds a report as kiln wrote it: a JSON object of exactly ``keys`` and
+    :data:`REPORT_DIGEST`, whose digest matches."""
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
-    return isinstance(data, dict) and data.keys() == keys
+    if not isinstance(data, dict) or data.keys() != keys | {REPORT_DIGEST}:
+        return False
+    digest = data.pop(REPORT_DIGEST)
+    return digest == _digest(data)
+
+
+def write_report(path: Path, text: str) -> None:
+    """Write a report's JSON ``text`` to ``path`` (atomically), with its digest."""
+    data = json.loads(text)
+    data[REPORT_DIGEST] = _digest(data)
+    _write_atomically(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
 def _write_atomically(path: Path, text: str) -> None:

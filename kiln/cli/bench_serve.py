@@ -8,12 +8,11 @@ report as JSON. Imports here stay light; the client (httpx) is imported in the c
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
-from kiln.cli.bench import _check_json_output, _write_atomically
+from kiln.cli.bench import _check_json_output, is_report, write_report
 from kiln.cli.context import CliContext, PathArg
 from kiln.errors import KilnError
 
@@ -31,11 +30,7 @@ class RatesType(click.ParamType):
 
 
 def _is_serve_report(path: Path) -> bool:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(data, dict) and data.get("kind") == "kiln bench_serve"
+    return is_report(path, {"kind", "url", "model", "workload", "rates"})
 
 
 @click.command("bench_serve")
@@ -77,7 +72,7 @@ def bench_serve(obj: CliContext, url: str, model: str | None, api_key: str | Non
     report = bench.run_serve_benchmark(url, spec, model, api_key, warmup)
     click.echo(report.table())
     if json_output is not None:
-        _write_atomically(json_output, report.to_json() + "\n")
+        write_report(json_output, report.to_json())
         if obj.verbosity >= 0:
             click.echo(f"wrote {json_output}", err=True)
     else:

@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from kiln.cli.bench import _check_json_output, _write_atomically, is_report
+from kiln.cli.bench import _check_json_output, is_report, write_report
 from kiln.cli.context import CliContext, PathArg, executor_options, gpu_options
 from kiln.cli.engine_source import engine_command, held_engine
 
@@ -59,7 +59,13 @@ def eval_command(obj: CliContext, dataset: str, max_length: int | None,
                               kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction,
                               prefill_attention=prefill_attention)
     texts = load_texts(dataset)  # before a build (--model_dir): a bad dataset is refused first
-    with held_engine(obj, source, options, gather_context_logits=True) as engine_dir:
+    from kiln.evaluation import resolve_window
+
+    def check(manifest: Any, _: Path) -> None:  # before a --model_dir build
+        resolve_window(manifest.limits.max_input_len, max_length, stride)
+
+    with held_engine(obj, source, options, check=check, gather_context_logits=True) \
+            as engine_dir:
         if json_output is not None:
             _check_json_output(json_output, engine_dir, _is_eval_report, "kiln eval report")
         result = evaluate(engine_dir, texts, max_length, stride, options,
@@ -74,8 +80,7 @@ def eval_command(obj: CliContext, dataset: str, max_length: int | None,
     if to_stdout:
         click.echo(json.dumps(result.to_dict(), indent=2, allow_nan=False))
     if json_output is not None:
-        _write_atomically(json_output, json.dumps(result.to_dict(), indent=2, allow_nan=False)
-                          + "\n")
+        write_report(json_output, json.dumps(result.to_dict(), allow_nan=False))
         if obj.verbosity >= 0:
             click.echo(f"wrote {json_output}", err=True)
 

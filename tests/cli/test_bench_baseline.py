@@ -87,15 +87,22 @@ def test_json_output_never_overwrites_a_users_file_or_writes_into_the_engine(tmp
         assert result.exit_code == 0, result.output
     assert json.loads(report.read_text())["workload"]["num_requests"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engine", "notes.txt", "report.json"]
-    # one the user has added to is the user's; so is any path in a dir kiln writes whole
-    edited = {**json.loads(report.read_text()), "my_notes": "keep"}
-    report.write_text(json.dumps(edited))
+    # one the user has changed (a value edited, a note added) is the user's; so is any path
+    # in a dir kiln writes whole
+    edited = json.loads(report.read_text())
+    edited["workload"]["seed"] = 1
+    report.write_text(json.dumps(edited, indent=2) + "\n")
     other = toy_engine_dir(tmp_path / "other", BuildLimits(2, 8, 16, 16), vocab=49152)
+    entry = tmp_path / "cache" / "0123"  # a build cache entry: entry.json beside its engine
+    toy_engine_dir(entry / "engine", BuildLimits(2, 8, 16, 16), vocab=49152)
+    (entry / "entry.json").write_text("{}")
     for target, message in ((report, "exists and is not a kiln bench report as kiln writes"),
-                            (other / "r.json", f"is inside an engine dir {other}, which kiln")):
+                            (other / "r.json", f"is inside an engine dir {other}, which kiln"),
+                            (entry / "r.json", f"is inside a build cache entry {entry}")):
         result = _bench(engine, "--json_output", str(target))
         assert result.exit_code == 2 and message in result.output, result.output
     assert json.loads(report.read_text()) == edited and not (other / "r.json").exists()
+    assert not (entry / "r.json").exists()
 
 
 def test_json_output_larger_than_a_report_is_not_read(tmp_path, monkeypatch):
@@ -111,10 +118,10 @@ def test_json_output_larger_than_a_report_is_not_read(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench_cli, "_REPORT_MAX_BYTES", 1024)
     report = tmp_path / "report.json"
-    text = json.dumps(dict.fromkeys(f.name for f in dataclasses.fields(BenchReport)))
-    report.write_text(text)
+    bench_cli.write_report(report, json.dumps(
+        dict.fromkeys(f.name for f in dataclasses.fields(BenchReport))))
     bench_cli._check_json_output(report, None)  # a report: may be replaced
-    report.write_text(text + " " * 1024)
+    report.write_text(report.read_text() + " " * 1024)
     with pytest.raises(click.BadParameter, match="exists and is not a kiln bench report"):
         bench_cli._check_json_output(report, None)
 

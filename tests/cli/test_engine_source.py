@@ -166,6 +166,10 @@ def test_bench_on_a_model_dir(tiny_hf, cache):
     (["run", "--input_text", "Hi", "--dtype", "float64"], "'float64' is not one of"),
     # the command's own checks, on the engine the build would make
     (["eval", "--dataset", "{tmp}/nope.txt"], "nope.txt: no such file or directory"),
+    (["eval", "--dataset", "{text}", "--max_seq_len", "48", "--max_length", "60"],
+     "max_length 60 exceeds the engine's max_input_len 48"),
+    (["eval", "--dataset", "{text}", "--max_seq_len", "48", "--stride", "60"],
+     "stride 60 must be in [1, max_length 48]"),
     (["bench", "--input_len", "60", "--max_seq_len", "48"],
      "60 exceeds the engine's max_input_len 48"),
     (["run", "--input_text", ""], "prompt #0: the prompt is empty"),
@@ -196,7 +200,9 @@ def test_bad_input_with_model_dir_is_refused_before_a_build(tiny_hf, cache, tmp_
     big = tmp_path / "big.json"
     with big.open("wb") as f:
         f.truncate(1 << 30)  # sparse: 1 GiB that the check must not read
-    args = [a.format(notes=notes, tmp=tmp_path, big=big) for a in args]
+    text = tmp_path / "text.txt"
+    text.write_text("Some text to score, long enough for a window or two.")
+    args = [a.format(notes=notes, tmp=tmp_path, big=big, text=text) for a in args]
     with caplog.at_level(logging.WARNING):
         _one_line_error(kiln(args[0], "--model_dir", str(tiny_hf), *args[1:]), message)
     assert not [r for r in caplog.records if "building the engine" in r.getMessage()]
