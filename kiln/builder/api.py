@@ -85,7 +85,8 @@ def build_with(options: BuildOptions, progress: bool = False) -> BuildResult:
     budget = options.memory_budget() // options.workers
     parts = [p for rank in range(ckpt.mapping.world_size)
              for p in plan_rank(ckpt, rank, RankWeights(weights[rank].path, plan.dtype), budget,
-                                engine.memory_factor, engine.base_memory, engine.tensor_copies)]
+                                engine.memory_factor, engine.base_memory, engine.tensor_copies,
+                                options.workers)]
     seconds = {"plan": time.perf_counter() - started}
     with atomic_dir(options.output_dir, options.overwrite) as tmp:
         results = run_parts(engine, plan, parts, tmp, options.workers, progress)

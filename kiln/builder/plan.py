@@ -29,8 +29,9 @@ def gb_text(n: float) -> str:
 
 
 def plan_rank(ckpt: CheckpointConfig, rank: int, weights: RankWeights, budget: int | None,
-              memory_factor: float, base_memory: int, tensor_copies: int = 0) -> list[PartSpec]:
-    """The parts of ``rank`` (one part when ``budget`` is None)."""
+              memory_factor: float, base_memory: int, tensor_copies: int = 0,
+              workers: int = 1) -> list[PartSpec]:
+    """The parts of ``rank`` (one part when ``budget``, per worker of ``workers``, is None)."""
     _, pp_rank = ckpt.mapping.coords(rank)
     layers = ckpt.mapping.stage_layers(pp_rank, ckpt.decoder.num_layers)
     first, last = pp_rank == 0, pp_rank == ckpt.mapping.pp_size - 1
@@ -46,7 +47,7 @@ def plan_rank(ckpt: CheckpointConfig, rank: int, weights: RankWeights, budget: i
 
     peaks = [max((streamed(n) for n in layer if n in weights.infos), default=0)
              if tensor_copies else 0 for layer in names]
-    groups = _split(sizes, peaks, budget, memory_factor, base_memory, rank)
+    groups = _split(sizes, peaks, budget, memory_factor, base_memory, rank, workers)
     parts, start = [], layers.start
     for k, count in enumerate(groups):
         parts.append(PartSpec(rank=rank, layers=range(start, start + count),
@@ -60,7 +61,7 @@ def plan_rank(ckpt: CheckpointConfig, rank: int, weights: RankWeights, budget: i
 
 
 def _split(sizes: list[int], peaks: list[int], budget: int | None, factor: float, base: int,
-           rank: int) -> list[int]:
+           rank: int, workers: int) -> list[int]:
     """Layer counts per part, greedy in order: a part of layers ``L`` needs
     ``factor * sum(sizes[L]) + max(peaks[L]) + base``."""
     if budget is None:
@@ -72,7 +73,8 @@ def _split(sizes: list[int], peaks: list[int], budget: int | None, factor: float
             raise EngineError(
                 f"rank {rank}: one layer (with the embedding or head it carries) needs about "
                 f"{gb_text(need)} of host RAM to build, over the {gb_text(budget)} budget "
-                f"per worker; raise --max_build_memory or lower --workers")
+                f"per worker; raise --max_build_memory"
+                + (f" or lower --workers ({workers})" if workers > 1 else ""))
         if count and factor * (current + size) + max(peak, layer_peak) + base > budget:
             groups.append(count)
             current, peak, count = 0, 0, 0
