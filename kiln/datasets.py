@@ -106,6 +106,7 @@ def _read_file(path: Path) -> TextDataset:
 
 
 def _read_dir(directory: Path, name: str, kind: str, sha256: str | None) -> TextDataset:
+    where = str(directory) if kind == "dir" else name  # messages: the path given, or the hub id
     try:
         files = sorted(p for p in directory.rglob("*") if p.is_file() and not _hidden(p, directory))
     except OSError as e:
@@ -116,19 +117,19 @@ def _read_dir(directory: Path, name: str, kind: str, sha256: str | None) -> Text
         if chosen:
             break
     else:
-        raise DatasetError(f"{name}: holds no .parquet, .jsonl or .txt file; pass a directory or "
-                           f"dataset that has one")
+        raise DatasetError(f"{where}: holds no .parquet, .jsonl or .txt file; pass a directory "
+                           f"or dataset that has one")
     texts: list[str] = []
     lines = []
     for file in chosen:
         relative = file.relative_to(directory).as_posix()
-        texts.extend(_texts_of(file, file_kind, f"{name}/{relative}"))
+        texts.extend(_texts_of(file, file_kind, f"{where}/{relative}"))
         lines.append(f"{_sha256(file)}  {relative}\n")
     if sha256 is None:
         sha256 = hashlib.sha256("".join(lines).encode()).hexdigest()
     log.info("dataset %s: %d %s file(s): %s", name, len(chosen), file_kind,
              ", ".join(p.relative_to(directory).as_posix() for p in chosen))
-    return TextDataset(texts=_non_empty(texts, name), name=name, sha256=sha256, kind=kind)
+    return TextDataset(texts=_non_empty(texts, where), name=name, sha256=sha256, kind=kind)
 
 
 def _hidden(path: Path, root: Path) -> bool:
