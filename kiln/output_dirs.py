@@ -113,12 +113,18 @@ def describe_replaceable(directory: Path) -> str:
     entries = sorted(p.name for p in directory.iterdir())
     if not entries:
         return "empty directory"
-    kind = _kiln_kind(directory / MANIFEST_NAME)
+    manifest = directory / MANIFEST_NAME
+    data = _read_manifest(manifest)
+    kind = _kiln_kind(data)
     if kind is None:
         raise OutputError(f"{directory}: holds {_few(entries)} and no kiln checkpoint or engine "
                           f"manifest; kiln only replaces directories it wrote: move them away or "
                           f"choose another --output_dir")
-    foreign = [n for n in entries if not _written_with(directory, n)]
+    listed = data.get("rank_files")  # an engine dir: its manifest names its rank files
+    named = None if not isinstance(listed, dict) else \
+        {n for files in listed.values() if isinstance(files, list) for n in files}
+    written = manifest.stat().st_mtime_ns
+    foreign = [n for n in entries if not _written_with(directory / n, named, written)]
     if foreign:
         raise OutputError(f"{directory}: is a {kind} but also holds {_few(foreign)}, which kiln "
                           f"did not write (or which changed after it wrote the directory); move "
@@ -126,34 +132,38 @@ def describe_replaceable(directory: Path) -> str:
     return kind
 
 
-def _written_with(directory: Path, name: str) -> bool:
-    """Whether kiln wrote ``name`` with the manifest of ``directory``: an engine's rank file
-    that its manifest names (even damaged: the build cache rebuilds such entries), or another
-    name kiln writes (tokenizer, rank and accuracy files) no newer than the manifest, which
-    kiln writes last (tokenizer copies keep their source's time). A chat template a user
+def _written_with(path: Path, named: set[str] | None, written: int) -> bool:
+    """Whether kiln wrote ``path`` with the manifest beside it (written at ``written``, in ns;
+    ``named``: the rank files an engine's manifest names, None for a checkpoint): an engine's
+    rank file that its manifest names (even damaged: the build cache rebuilds such entries), or
+    another name kiln writes (tokenizer, rank and accuracy files) no newer than the manifest,
+    which kiln writes last (tokenizer copies keep their source's time). A chat template a user
     copied in after the build is not kiln's."""
+    name = path.name
     if name == MANIFEST_NAME:
         return True
     if name not in (ACCURACY_NAME, *TOKENIZER_FILES) and not ENGINE_FILE.fullmatch(name):
         return False
-    manifest = directory / MANIFEST_NAME
-    if ENGINE_FILE.fullmatch(name):
-        listed = json.loads(manifest.read_text()).get("rank_files")  # read by _kiln_kind
-        if isinstance(listed, dict):  # an engine dir: its manifest names its rank files
-            return any(isinstance(files, list) and name in files for files in listed.values())
+    if ENGINE_FILE.fullmatch(name) and named is not None:
+        return name in named
     try:
-        return (directory / name).lstat().st_mtime_ns <= manifest.stat().st_mtime_ns
+        return path.lstat().st_mtime_ns <= written
     except OSError:
         return False
 
 
-def _kiln_kind(manifest: Path) -> str | None:
-    """"kiln engine dir" / "kiln checkpoint" when ``manifest`` is one kiln wrote, else None."""
+def _read_manifest(manifest: Path) -> dict | None:
     try:
         data = json.loads(manifest.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    if not isinstance(data, dict) or not {"format_version", "kiln_version"} <= data.keys():
+    return data if isinstance(data, dict) else None
+
+
+def _kiln_kind(data: dict | None) -> str | None:
+    """"kiln engine dir" / "kiln checkpoint" when ``data`` (a parsed manifest) is one kiln
+    wrote, else None."""
+    if data is None or not {"format_version", "kiln_version"} <= data.keys():
         return None
     if "backend" in data and "rank_files" in data:
         return "kiln engine dir"

@@ -68,7 +68,8 @@ def engine_for_model(model: str | Path, *, backend: str | None = None, dtype: st
     runs conversion's and the build's own checks first) and the checkpoint directory its
     tokenizer files come from: a caller that runs the engine passes
     :func:`kiln.runtime.loader.check_runnable`'s, so a machine that cannot run it is refused
-    before the build (and ``kiln run`` its prompt checks). Raises :class:`~kiln.errors.KilnError` subclasses on bad input.
+    before the build (and ``kiln run`` its prompt checks). Raises
+    :class:`~kiln.errors.KilnError` subclasses on bad input.
     """
     if max_cache_size is not None and (not isinstance(max_cache_size, int) or max_cache_size < 1):
         raise ConfigError(f"max_cache_size must be a positive number of bytes, found "

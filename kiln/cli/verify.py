@@ -76,8 +76,10 @@ def verify(obj: CliContext, engine_dir: Path) -> None:
         fix = "" if "rebuild" in problems[0] else "; rebuild with kiln build"
         raise EngineError(f"{engine_dir}: {len(problems)} problem(s), first: {problems[0]}{fix}")
     ranks = len(manifest.rank_files)
-    click.echo(f"{engine_dir}: ok, {len(files)} file{'s' if len(files) != 1 else ''} of {ranks} rank{'s' if ranks != 1 else ''}, "
-               f"{total / 1e9:.2f} GB: present, {sizes} match the manifest")
+    counted = (f"{len(files)} file{'s' if len(files) != 1 else ''} of {ranks} "
+               f"rank{'s' if ranks != 1 else ''}")
+    click.echo(f"{engine_dir}: ok, {counted}, {total / 1e9:.2f} GB: present, {sizes} match the "
+               f"manifest")
 
 
 def _line(path: Path, rank: int, name: str, problem: str | None) -> str:
