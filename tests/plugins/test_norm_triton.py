@@ -112,3 +112,41 @@ def _fp8_steps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         code = t.view(torch.uint8).to(torch.int32)
         return torch.where(code >= 128, -(code - 128), code)
     return (rank(a) - rank(b)).abs()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["rms", "layer-bias"])
+@pytest.mark.parametrize("quant", [False, True], ids=["16-bit", "fp8"])
+def test_a_residual_read_early_changes_nothing(dtype, kind, quant):
+    """``residual_early`` moves the residual's load ahead of the PDL wait, nothing else: a
+    decoder's chain of norms and GEMVs (each norm's residual written two kernels back, the
+    model's order; PDL on where the GPU has it) gives the same bits with and without it."""
+    from kiln.plugins.gemv.triton_kernels import gemv
+
+    device = triton_device()
+    skip_unsupported(dtype, device)
+    if quant and device.type == "cpu":
+        pytest.skip("fp8 casts run on GPUs only")
+    hidden, layers = 4096 if device.type == "cuda" else 256, 6
+    gen = torch.Generator(device=device).manual_seed(0)
+    weights = [(torch.randn(hidden, hidden, device=device, generator=gen) / hidden ** 0.5)
+               .to(dtype) for _ in range(layers)]
+    w = (1 + 0.1 * torch.randn(hidden, device=device, generator=gen)).to(dtype)
+    b = (0.1 * torch.randn(hidden, device=device, generator=gen)).to(dtype) \
+        if kind == "layer-bias" else None
+    s = torch.tensor([0.02], device=device) if quant else None
+    x0 = torch.randn(1, hidden, device=device, generator=gen).to(dtype)
+
+    def chain(early: bool) -> list[torch.Tensor]:
+        h, residual = _kernels().add_norm(x0.clone(), None, w, b, 1e-5, rms=kind == "rms")
+        outs = []
+        for weight in weights:  # norm -> projection -> norm, as a decoder's layers
+            delta = gemv(h if h.dtype == dtype else h.to(dtype), weight)
+            h, residual = _kernels().add_norm(delta, residual, w, b, 1e-5, rms=kind == "rms",
+                                              quant_scale=s, residual_early=early)
+            outs += [h.view(torch.uint8) if quant else h, residual.clone()]
+        return outs
+
+    late, early = chain(False), chain(True)
+    assert all(torch.isfinite(t.float()).all() for t in late[1::2])
+    assert all(torch.equal(a, b) for a, b in zip(late, early, strict=True))

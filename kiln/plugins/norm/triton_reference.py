@@ -19,6 +19,10 @@ Contract, shared with :mod:`kiln.plugins.norm.triton_kernels`:
   projection's input quantized already, float8_e4m3fn: the normed row in the model dtype
   (as above), then ``fp8(clamp(row / quant_scale, -448, 448))``, round to nearest even
   (:func:`kiln.plugins.quant_linear.triton_reference.quantize_fp8_input`). ``out`` must be None.
+- ``residual_early``: a promise that the kernel just before this one on the stream does not
+  write the residual (a decoder's residual stream: the norm two or more kernels back writes
+  it), so that a kernel launched with programmatic dependent launch may read it before
+  waiting for that kernel (:mod:`kiln.plugins.norm.triton_kernels`). No effect on the result.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from kiln.plugins.quant_linear.triton_reference import quantize_fp8_input
 def add_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
              bias: torch.Tensor | None, eps: float, *, rms: bool,
              out: torch.Tensor | None = None, quant_scale: torch.Tensor | None = None,
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+             residual_early: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    del residual_early  # a scheduling promise (the contract above); nothing to schedule here
     if quant_scale is not None and out is not None:
         raise ValueError("add_norm: quant_scale makes a new FP8 output; out must be None")
     if residual is not None:

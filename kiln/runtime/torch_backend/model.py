@@ -304,8 +304,11 @@ class PagedDecoder:
         pre_quant_scale, which the norm kernel does not apply)."""
         fused = into.quantized_input(x.shape[0]) if isinstance(into, QuantLinear) else None
         scale = fused[0] if fused is not None and fused[1] is None else None
+        # the residual stream is written by the norm two or more kernels back, never the one
+        # just before: the norm may load it before waiting for that kernel
         return self.kernels.add_norm(x, residual, norm.weight, norm.bias, self.config.norm_eps,
-                                     rms=self.rms, out=out, quant_scale=scale)
+                                     rms=self.rms, out=out, quant_scale=scale,
+                                     residual_early=residual is not None)
 
     @torch.no_grad()
     def forward(self, inp: StepInputs, cache: PagedKVCache,
