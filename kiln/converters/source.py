@@ -10,7 +10,6 @@ refused unless ``allow_pickle`` is set, and then loaded with ``torch.load(weight
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from typing import Any, Protocol
 import torch
 
 from kiln.checkpoint import TOKENIZER_FILES
-from kiln.dirs import DirKind, is_hub_id, read_config
+from kiln.dirs import DirKind, is_hub_id, near_path, read_config
 from kiln.errors import CheckpointError, ConfigError, HubError, UnsafeCheckpointError
 from kiln.tensorio import TensorInfo, read_header, read_tensor
 
@@ -162,17 +161,13 @@ def files_read(directory: Path, allow_pickle: bool = False) -> list[Path]:
 
 def _near_miss(path: Path) -> str:
     """A hint for a missing local path: a close existing name, or where the path stops existing."""
+    guess = near_path(path)
+    if guess is not None:
+        return f" (did you mean {guess}?)"
     parent = path.parent
     while not parent.is_dir() and parent != parent.parent:
         parent = parent.parent
-    first, *rest = path.relative_to(parent).parts
-    try:
-        names = [p.name for p in parent.iterdir() if p.is_dir()]
-    except OSError:  # unreadable: no suggestion
-        names = []
-    for name in difflib.get_close_matches(first, names, n=3, cutoff=0.6):
-        if (guess := parent.joinpath(name, *rest)).is_dir():
-            return f" (did you mean {guess}?)"
+    first = path.relative_to(parent).parts[0]
     return "" if str(parent) == "." else f" ({str(parent).rstrip('/')}/ has no {first})"
 
 
