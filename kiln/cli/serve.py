@@ -315,10 +315,19 @@ class _Server:
 
 
 def _read_template(path: Path | None) -> str | None:
+    from kiln.runtime.errors import TokenizerError
+    from kiln.runtime.tokenizer import check_chat_template
+
     if path is None:
         return None
     try:
-        return path.read_text(encoding="utf-8")
+        template = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise click.BadParameter(f"{path}: not UTF-8 text ({e.reason})",
                                  param_hint="--chat_template") from None
+    try:
+        check_chat_template(template)
+    except TokenizerError as e:
+        raise click.BadParameter(f"{path}: not a Jinja template: {e}",
+                                 param_hint="--chat_template") from None
+    return template

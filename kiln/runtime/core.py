@@ -454,7 +454,8 @@ def check_prompt(label: str, prompt_ids: Sequence[int], limits: BuildLimits,
     if len(prompt_ids) > limits.max_input_len:
         raise RequestError(f"{label}: prompt of {len(prompt_ids)} tokens exceeds "
                            f"the engine's max_input_len {limits.max_input_len}; shorten "
-                           f"it or rebuild with a larger --max_input_len")
+                           f"it, or build with a larger --max_input_len (kiln build, or "
+                           f"beside --model_dir)")
     bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
     if bad:
         raise RequestError(f"{label}: token ids {bad[:5]} are outside the "

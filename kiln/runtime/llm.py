@@ -241,9 +241,10 @@ class LLM:
             if self.tokenizer is None:
                 raise RequestError("text prompts need a tokenizer; pass token ids instead")
             return self.tokenizer.encode(prompt)
-        ids = list(prompt)
-        if not all(isinstance(t, int) for t in ids):
-            raise RequestError("a prompt must be a string or a list of int token ids")
+        ids = list(prompt) if isinstance(prompt, (list, tuple)) else None
+        if ids is None or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise RequestError(f"a prompt must be a string or a list of int token ids, found "
+                               f"{_described(prompt)}")
         return ids
 
     def render_chat(self, messages: Messages, add_generation_prompt: bool = True) -> list[int]:
@@ -258,6 +259,11 @@ class LLM:
             return [self.default_params] * n
         if isinstance(params, SamplingParams):
             return [params] * n
+        if not isinstance(params, (list, tuple)) \
+                or not all(isinstance(p, SamplingParams) for p in params):
+            raise RequestError(f"sampling params must be a SamplingParams or a list of them (one "
+                               f"per prompt), found {_described(params)}; "
+                               f"SamplingParams(**options) makes one")
         params = list(params)
         if len(params) != n:
             raise RequestError(f"got {len(params)} SamplingParams for {n} prompts; pass one, or "
@@ -322,8 +328,7 @@ class LLM:
              params: SamplingParams | Sequence[SamplingParams] | None = None,
              ) -> list[CompletionResult]:
         """Generate replies to one conversation (a list of messages) or to several."""
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        return self.generate([self.render_chat(c) for c in conversations], params)
+        return self.generate([self.render_chat(c) for c in _conversations(messages)], params)
 
 
 def _held(engine_dir: str | Path | None, model: str | Path | None, options: ExecutorOptions,
@@ -344,9 +349,41 @@ def _held(engine_dir: str | Path | None, model: str | Path | None, options: Exec
     return hold_engine(engine_dir)
 
 
+def _described(value: Any) -> str:
+    """A value in an error message: its type, and its start where it is text or a container."""
+    text = repr(value)
+    return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
+
+
+def _conversations(messages: Messages | Sequence[Messages]) -> list[Messages]:
+    """``LLM.chat``'s argument as a list of conversations, each a non-empty list of messages
+    with a string ``role`` and a string ``content`` (an assistant's may be None)."""
+    one = isinstance(messages, (list, tuple)) and bool(messages) \
+        and isinstance(messages[0], dict)
+    conversations = [messages] if one else messages
+    if not isinstance(conversations, (list, tuple)) or not conversations:
+        raise RequestError(f"chat takes a conversation (a list of {{'role': ..., 'content': "
+                           f"...}} messages) or a list of them, found {_described(messages)}")
+    for c, conversation in enumerate(conversations):
+        where = "" if one else f"conversation #{c}: "
+        if not isinstance(conversation, (list, tuple)) or not conversation:
+            raise RequestError(f"{where}a conversation is a non-empty list of messages, found "
+                               f"{_described(conversation)}")
+        for i, m in enumerate(conversation):
+            content = m.get("content") if isinstance(m, dict) else None
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not (
+                    isinstance(content, str) or (content is None and m["role"] == "assistant")):
+                raise RequestError(f"{where}message #{i} needs a 'role' string and a 'content' "
+                                   f"string, found {_described(m)}")
+    return list(conversations)
+
+
 def _as_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     if isinstance(prompts, str):
         return [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise RequestError(f"prompts must be a string, a list of token ids, or a list of those, "
+                           f"found {_described(prompts)}")
     prompts = list(prompts)
     if prompts and all(isinstance(t, int) for t in prompts):
         return [prompts]  # one prompt of token ids

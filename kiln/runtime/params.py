@@ -18,6 +18,10 @@ from kiln.runtime.errors import SamplingParamsError
 # torch.Generator.manual_seed takes a 64-bit seed, signed or unsigned (a negative one is read as
 # its two's complement); the numpy path draws from the same CPU torch.Generator.
 SEED_MIN, SEED_MAX = -2**63, 2**64 - 1
+# Temperatures below this sample greedily (vLLM's _SAMPLING_EPS): float32 logits divided by a
+# smaller one overflow to inf, and the draw would read NaN. At 1e-5 a logit lead of 0.001
+# already makes the rest e^-100 less likely.
+GREEDY_BELOW = 1e-5
 
 
 def _f(default: Any, help: str) -> Any:
@@ -31,7 +35,8 @@ class SamplingParams:
 
     max_tokens: int = _f(64, "New tokens at most (max_seq_len may end a request first: length); "
                              "0 only with prompt_logprobs (score the prompt, generate nothing).")
-    temperature: float = _f(1.0, "Softmax temperature; 0 = greedy.")
+    temperature: float = _f(1.0, "Softmax temperature; 0 = greedy, as is anything below 1e-5 "
+                                 "(vLLM's rule: logits divided by less overflow float32).")
     top_k: int = _f(0, "Sample from the k most likely tokens; 0 = all.")
     top_p: float = _f(1.0, "Sample from the smallest set of tokens whose mass reaches top_p.")
     min_p: float = _f(0.0, "Drop tokens less likely than min_p * p(most likely token).")
@@ -99,7 +104,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     def replace(self, **changes: Any) -> SamplingParams:
         return dataclasses.replace(self, **changes)

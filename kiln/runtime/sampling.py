@@ -56,6 +56,10 @@ from kiln.runtime.params import SamplingParams, TokenLogprobs
 
 logger = logging.getLogger(__name__)
 
+# The largest temperature the logits are divided by (float32 ends near 3.4e38; logits / 1e30 are
+# all zero to within float32's resolution around them, the same uniform draw).
+MAX_TEMPERATURE = 1e30
+
 
 def _entropy() -> int:
     return int.from_bytes(os.urandom(8), "little")
@@ -332,7 +336,7 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     Top-p keeps the smallest prefix of the sorted tokens whose mass reaches top_p (the first
     always stays), then every token at least as likely as the last one kept, so tied tokens
     stay or go together."""
-    logits = logits / params.temperature
+    logits = logits / _temperature(params)
     if 0 < params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, -math.inf)
@@ -346,6 +350,13 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         probs = torch.softmax(logits, -1)
         logits = logits.masked_fill(probs < params.min_p * probs.max(), -math.inf)
     return logits
+
+
+def _temperature(params: SamplingParams) -> float:
+    """The temperature the logits are divided by: the request's, at most ``MAX_TEMPERATURE``
+    (a larger one, up to float64's range, would overflow float32 to inf; the draw is uniform
+    well before either)."""
+    return min(params.temperature, MAX_TEMPERATURE)
 
 
 def _logprobs_on_device(logits: torch.Tensor, token: torch.Tensor, n: int,
@@ -414,7 +425,7 @@ def penalties_numpy(logits: np.ndarray, params: SamplingParams, prompt_ids: Sequ
 
 def filter_numpy(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     """:func:`filter_logits` in numpy (same rules; sums in float64)."""
-    logits = logits / params.temperature
+    logits = logits / np.float32(_temperature(params))
     vocab = logits.shape[-1]
     if 0 < params.top_k < vocab:
         kth = np.partition(logits, vocab - params.top_k)[vocab - params.top_k]

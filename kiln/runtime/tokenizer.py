@@ -24,7 +24,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from kiln.runtime.errors import TokenizerError
+from kiln.runtime.errors import RequestError, TokenizerError
+from kiln.runtime.params import is_utf8
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,10 @@ class ModelTokenizer:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if not is_utf8(text):
+            raise RequestError("the text is not UTF-8: it holds a lone surrogate (a JSON "
+                               "\\udXXX escape of half a character, or bytes from a shell in "
+                               "another locale); fix the text")
         ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
         bos = self.special_tokens.get("bos_token")
         if add_special_tokens and self.add_bos_token and bos is not None:
@@ -87,6 +92,28 @@ class ModelTokenizer:
 def render_chat_template(template: str, messages: list[dict[str, Any]],
                          add_generation_prompt: bool, variables: dict[str, Any]) -> str:
     from jinja2 import TemplateError
+
+    try:
+        return _chat_environment().from_string(template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+    except TemplateError as e:
+        raise TokenizerError(f"chat template failed to render: {e}") from None
+
+
+def check_chat_template(template: str) -> None:
+    """Parse ``template`` as :func:`render_chat_template` would: a syntax error raises
+    :class:`TokenizerError` naming its line (a server checks its template once, at start)."""
+    from jinja2 import TemplateSyntaxError
+
+    try:
+        _chat_environment().parse(template)
+    except TemplateSyntaxError as e:
+        raise TokenizerError(f"line {e.lineno}: {e.message}") from None
+
+
+def _chat_environment() -> Any:
+    """HF's sandboxed Jinja environment for chat templates (its filters and globals)."""
+    from jinja2 import TemplateError
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -103,11 +130,7 @@ def render_chat_template(template: str, messages: list[dict[str, Any]],
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    try:
-        return env.from_string(template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **variables)
-    except TemplateError as e:
-        raise TokenizerError(f"chat template failed to render: {e}") from None
+    return env
 
 
 def load_tokenizer(directory: str | Path) -> ModelTokenizer:

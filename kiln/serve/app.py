@@ -102,7 +102,9 @@ def create_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = N
         check(request)
         return {"object": "list", "data": [{
             "id": served_model_name, "object": "model", "created": int(time.time()),
-            "owned_by": "kiln", "max_model_len": engine.llm.limits.max_seq_len}]}
+            # vLLM's meaning: prompt + output tokens of one request. The last token needs no
+            # cache slot, so a request holds max_seq_len + 1 (kiln run says the same)
+            "owned_by": "kiln", "max_model_len": engine.llm.limits.max_seq_len + 1}]}
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

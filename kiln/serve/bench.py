@@ -307,11 +307,11 @@ async def _benchmark(url: str, workload: ServeWorkload, model: str | None, api_k
             raise ServeBenchError(f"{url} serves no model {model!r} (it lists "
                                   f"{', '.join(repr(m['id']) for m in models)})")
         max_len = next((m.get("max_model_len") for m in models if m["id"] == model), None)
-        if isinstance(max_len, int) and workload.input_len + workload.output_len - 1 > max_len:
-            raise ServeBenchError(f"--input_len + --output_len - 1 = "
-                                  f"{workload.input_len + workload.output_len - 1} exceeds the "
-                                  f"server's max_model_len {max_len}; lower --input_len or "
-                                  f"--output_len")
+        if isinstance(max_len, int) and workload.input_len + workload.output_len > max_len:
+            raise ServeBenchError(f"--input_len + --output_len = "
+                                  f"{workload.input_len + workload.output_len} exceeds the "
+                                  f"server's max_model_len {max_len} (prompt and output tokens "
+                                  f"of a request); lower --input_len or --output_len")
         prompts = make_prompts(workload)
         if warmup:  # rounds as wide as the workload runs at once, unmeasured
             rng = random.Random(workload.seed + 7)

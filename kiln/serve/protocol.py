@@ -41,6 +41,8 @@ class ApiError(Exception):
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     include_usage: bool = False
 
 
@@ -52,9 +54,11 @@ UNSUPPORTED = ("response_format", "tools", "tool_choice", "functions", "function
 
 
 class _Sampling(BaseModel):
-    """Fields shared by both endpoints (mapped onto SamplingParams by kiln.serve.app)."""
+    """Fields shared by both endpoints (mapped onto SamplingParams by kiln.serve.app). Types are
+    strict, as OpenAI's: "5" or true is not a max_tokens, "yes" not a stream (a number may be
+    an integer where a float is asked for)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str
     max_tokens: int | None = None
@@ -82,7 +86,8 @@ class CompletionRequest(_Sampling):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # name, tool_call_id...: passed to the template
+    # name, tool_call_id...: passed to the template
+    model_config = ConfigDict(extra="allow", strict=True)
 
     role: str
     content: str | list[dict[str, Any]] | None = None

@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from kiln.runtime.errors import SamplingParamsError, TokenizerError
+from kiln.runtime.errors import RequestError, SamplingParamsError, TokenizerError
 from kiln.runtime.llm import LLM, Prompt
 from kiln.runtime.params import SamplingParams, TokenLogprobs
 from kiln.runtime.results import CompletionResult, StreamDelta
@@ -139,9 +139,9 @@ class Renderer:
                                             dict(self.tokenizer.special_tokens))
             else:
                 text = self.tokenizer.apply_chat_template(messages, req.add_generation_prompt)
-        except TokenizerError as e:
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        except (TokenizerError, RequestError) as e:
             raise ApiError(400, str(e), param="messages") from None
-        return self.tokenizer.encode(text, add_special_tokens=False)
 
     # -- outputs -----------------------------------------------------------------------------
     def token(self, token_id: int) -> str:

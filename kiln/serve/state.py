@@ -117,10 +117,12 @@ class ServerState:
             self.live[rid] = None
             try:
                 await self.engine.submit(job.prompt, job.params, request_id=rid)
-            except RequestError as e:
+            except BaseException as e:  # none of the request's prompts stays queued or counted
                 self.live.pop(rid, None)
                 for submitted in rids:
                     await self.engine.abort(submitted)
+                if not isinstance(e, RequestError):
+                    raise
                 message = public(str(e), [rid])
                 raise ApiError(400, message, param=param, code=_code(message)) from None
             rids.append(rid)

@@ -92,6 +92,33 @@ def test_bad_token_prompts(scripted, bad, match):
         llm.generate([bad], GREEDY)
 
 
+@pytest.mark.parametrize("call,match", [
+    (lambda llm: llm.generate("hi", {"max_tokens": 3}),
+     r"^sampling params must be a SamplingParams or a list of them \(one per prompt\), found "
+     r"dict \{'max_tokens': 3\}; SamplingParams\(\*\*options\) makes one$"),
+    (lambda llm: llm.generate(None), r"^prompts must be a string, .*found NoneType None$"),
+    (lambda llm: llm.generate([None]), r"^a prompt must be a string or a list of int token "
+                                       r"ids, found NoneType None$"),
+    (lambda llm: llm.generate([[1, True]]), r"found list \[1, True\]$"),
+    (lambda llm: llm.generate("\ud800"), r"^the text is not UTF-8: it holds a lone surrogate"),
+    (lambda llm: llm.chat("hi"), r"^chat takes a conversation .*found str 'hi'$"),
+    (lambda llm: llm.chat([]), r"^chat takes a conversation"),
+    (lambda llm: llm.chat([{"role": "user"}]),
+     r"^message #0 needs a 'role' string and a 'content' string, found dict"),
+    (lambda llm: llm.chat([[{"role": "user", "content": "a"}], []]),
+     r"^conversation #1: a conversation is a non-empty list of messages, found list \[\]$"),
+    (lambda llm: llm.chat([{"role": "user", "content": "\udc80"}]), r"^the text is not UTF-8"),
+])
+def test_bad_api_arguments_are_one_line_request_errors(scripted, call, match):
+    """A trial's calls that raised AttributeError, TypeError (from the tokenizers library)
+    or a template error in place of saying what was wrong."""
+    llm, prompt, _ = scripted()
+    with pytest.raises(RequestError, match=match):
+        call(llm)
+    assert not llm.core.has_work()
+    assert llm.generate(prompt, GREEDY)[0].text == ANSWER  # the engine is still fine
+
+
 def test_breaking_out_of_a_stream_aborts_and_frees_the_slot(scripted):
     llm, prompt, _ = scripted()
     stream = llm.generate_stream([prompt, prompt], GREEDY)

@@ -401,3 +401,32 @@ def test_a_seed_out_of_the_generators_64_bit_range_is_refused_up_front(seed):
 @pytest.mark.parametrize("seed", [-2**63, -1, 0, 2**64 - 1])
 def test_every_seed_in_range_seeds_a_generator(seed):
     assert Generators(SamplingParams(seed=seed).seed).on("cpu").initial_seed() == seed % 2**64
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-38, 9.9e-6])
+def test_a_temperature_below_1e_5_is_greedy(temperature):
+    """Float32 logits divided by less overflow to inf and the draw read NaN: a trial's server
+    sampled token id == vocab and its engine failed for good (vLLM's rule: greedy)."""
+    params = SamplingParams(temperature=temperature, seed=3)
+    assert params.greedy and not SamplingParams(temperature=1e-5).greedy
+    logits = torch.randn(1000) * 5
+    want = int(logits.argmax())
+    assert sample(logits, params, [], [], make_generator(3))[0] == want
+    rows = [Row(0, params.replace(logprobs=1), [], [], lambda device: make_generator(3))]
+    assert sample_rows_numpy(logits[None].numpy(), rows)[0][0] == want
+
+
+@pytest.mark.parametrize("temperature", [1e-5, 1.0, 1e30, 1e308])
+def test_every_finite_temperature_draws_a_token_of_the_vocabulary(temperature):
+    import warnings
+
+    logits = torch.randn(1000) * 5
+    rows = [Row(0, SamplingParams(temperature=temperature), [], [],
+                lambda device: make_generator(3))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's overflow warnings went to the server log
+        picks = [sample_rows_numpy(logits[None].numpy(), rows)[0][0],
+                 sample_rows_torch(logits[None], rows)[0][0]]
+    assert all(0 <= p < 1000 for p in picks)
+    if temperature == 1e-5:
+        assert picks == [int(logits.argmax())] * 2

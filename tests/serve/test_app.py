@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import time
 
 import pytest
 import torch
@@ -34,6 +36,13 @@ def _client(engine, **options) -> TestClient:
     return TestClient(create_app(engine, "m", **options))
 
 
+def test_an_integer_is_a_float(engine):
+    out = _client(engine).post("/v1/completions", json={"model": "m", "prompt": "a",
+                                                        "max_tokens": 2, "temperature": 1,
+                                                        "top_p": 1})
+    assert out.status_code == 200, out.text
+
+
 def test_completion_and_chat(engine):
     client = _client(engine, chat_template="{% for m in messages %}<{{ m.content }}>{% endfor %}")
     out = client.post("/v1/completions", json={"model": "m", "prompt": [5, 6, 7],
@@ -58,6 +67,11 @@ def test_completion_and_chat(engine):
     ({"prompt": "a", "seed": 2**64}, "seed"),
     ({"prompt": "a", "stop": [""]}, "stop"),
     ({"prompt": "a", "echo": True, "logprobs": 1, "max_tokens": 0}, "echo"),
+    # strict types, as OpenAI's (a trial's "5", true and "yes" were taken as 5, 1 and true)
+    ({"prompt": "a", "max_tokens": "5"}, "max_tokens"),
+    ({"prompt": "a", "max_tokens": True}, "max_tokens"),
+    ({"prompt": "a", "stream": "yes"}, "stream"),
+    ({"prompt": "a", "seed": 1e30}, "seed"),
 ])
 def test_invalid_parameter_is_400_naming_it(engine, body, param):
     out = _client(engine).post("/v1/completions", json={"model": "m", **body})
@@ -224,3 +238,39 @@ def test_queue_time_metric_is_each_requests_wait_for_an_engine_slot(smollm2_dir)
     assert sample("kiln:request_queue_time_seconds_count") == 2
     assert sample("kiln:request_queue_time_seconds_sum") == pytest.approx(
         first.queue_s + second.queue_s, abs=1e-9)
+
+
+@pytest.mark.parametrize("endpoint,body", [
+    ("/v1/completions", {"prompt": "\ud800"}),
+    ("/v1/completions", {"prompt": ["fine", "\ud800"]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\udc80"}]}),
+])
+def test_a_prompt_that_is_not_utf8_is_400_and_leaves_nothing_queued(engine, endpoint, body):
+    """A trial's lone surrogate gave a 500 and kept a queue place for good: 17 of them and
+    every request got 429."""
+    app = create_app(engine, "m")
+    client = TestClient(app)
+    for _ in range(3):  # the JSON escape "\ud800", as a client sends it
+        out = client.post(endpoint, content=json.dumps({"model": "m", "max_tokens": 2, **body}),
+                          headers={"content-type": "application/json"})
+        assert out.status_code == 400, out.text
+        assert out.json()["error"]["message"].startswith("the text is not UTF-8")
+        assert out.json()["error"]["param"] == ("messages" if "messages" in body else "prompt")
+    deadline = time.monotonic() + 5  # a good prompt before the bad one is aborted, not awaited
+    while app.state.kiln.live and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert app.state.kiln.live == {}
+    out = client.post("/v1/completions", json={"model": "m", "prompt": "a", "max_tokens": 1})
+    assert out.status_code == 200
+
+
+def test_an_unexpected_submit_failure_leaves_nothing_queued(engine, monkeypatch):
+    app = create_app(engine, "m")
+    client = TestClient(app, raise_server_exceptions=False)
+
+    async def fails(*args, **kwargs):
+        raise TypeError("not a request error")
+    monkeypatch.setattr(engine, "submit", fails)
+    out = client.post("/v1/completions", json={"model": "m", "prompt": "a", "max_tokens": 1})
+    assert out.status_code == 500
+    assert app.state.kiln.live == {}

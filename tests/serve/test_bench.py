@@ -75,7 +75,9 @@ def test_refused_key_unknown_model_and_too_long_are_one_line(server):
     _one_line_error(_bench("--serve", server.url, "--api_key", API_KEY, "--model", "nope"),
                     "serves no model 'nope'")
     _one_line_error(_bench("--serve", server.url, "--api_key", API_KEY, "--input_len", "90",
-                           "--output_len", "90"), "exceeds the server's max_model_len 128")
+                           "--output_len", "90"), "--input_len + --output_len = 180 exceeds "
+                                                  "the server's max_model_len 129 (prompt and "
+                                                  "output tokens of a request)")
 
 
 def test_json_output_never_overwrites_a_foreign_file(server, tmp_path):

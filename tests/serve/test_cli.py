@@ -100,3 +100,14 @@ def test_the_warm_engine_freezes_the_loaded_objects_before_serving(tmp_path, mon
     with contextlib.ExitStack() as stack:
         serve._warm_engine(stack, engine, ExecutorOptions(device="cpu"), serve._Signals())
     assert events == ["warm_up", "freeze"]
+
+
+def test_a_chat_template_that_does_not_parse_is_one_line_before_the_engine_loads(tmp_path):
+    """A trial's server started with a broken template and blamed each chat request for it."""
+    template = tmp_path / "bad.jinja"
+    template.write_text("<s>\n{% for m in messages %}{{ m.content ")
+    code, lines = _serve("--engine_dir", str(tmp_path), "--chat_template", str(template),
+                         "--port", str(free_port()))
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: Invalid value for --chat_template: {template}: not a "
+                               f"Jinja template: line 2: unexpected end of template"), lines
