@@ -3,9 +3,11 @@
 Contract:
 - :func:`check_output` runs before any work. It refuses an output dir that is, contains or lies
   inside one of the command's input dirs, and an existing one unless ``overwrite``. With
-  ``overwrite`` it replaces only an empty directory or one kiln itself wrote (a kiln checkpoint
-  or engine manifest in ``config.json`` and nothing but the files kiln writes beside it); never a
-  filesystem root, the home directory or the current directory.
+  ``overwrite`` it replaces only an empty directory or one kiln itself wrote of the kind the
+  command writes (``writes``: a kiln checkpoint or engine manifest in ``config.json`` and
+  nothing but the files kiln writes beside it; a build's ``--overwrite`` never replaces a
+  checkpoint that took a long calibration); never a filesystem root, the home directory or the
+  current directory.
 - :func:`atomic_dir` writes into a temporary directory beside the target and renames it into
   place only when the body succeeds; the old output is moved aside first and restored if the
   rename fails, so it survives any failure. What it replaces is logged at the default level.
@@ -35,10 +37,13 @@ from kiln.errors import OutputError, OutputExistsError
 
 log = logging.getLogger(__name__)
 ACCURACY_NAME = "accuracy.json"  # kiln quantize's accuracy gate figures, beside config.json
+ENGINE_KIND, CHECKPOINT_KIND = "kiln engine dir", "kiln checkpoint"  # what a command writes
 
 
-def check_output(output_dir: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> None:
-    """Refuse an unsafe ``output_dir`` before any work is done (module docstring)."""
+def check_output(output_dir: Path, overwrite: bool, inputs: Sequence[Path] = (),
+                 writes: str | None = None) -> None:
+    """Refuse an unsafe ``output_dir`` before any work is done (module docstring); ``writes``:
+    the kind of directory the command writes (``ENGINE_KIND`` or ``CHECKPOINT_KIND``)."""
     if not str(output_dir).strip():
         raise OutputError("--output_dir is empty; give the directory to write")
     output_dir = Path(output_dir).expanduser()
@@ -62,7 +67,7 @@ def check_output(output_dir: Path, overwrite: bool, inputs: Sequence[Path] = ())
     if not overwrite:
         raise OutputExistsError(f"{output_dir}: already exists; pass --overwrite to replace it "
                                 f"(only a directory kiln wrote is replaced)")
-    describe_replaceable(output_dir)
+    _check_kind(output_dir, describe_replaceable(output_dir), writes)
     _check_writable(output_dir)
 
 
@@ -132,6 +137,14 @@ def describe_replaceable(directory: Path) -> str:
     return kind
 
 
+def _check_kind(directory: Path, kind: str, writes: str | None) -> None:
+    """Refuse to replace a kiln directory of another kind than the one being written."""
+    if writes is not None and kind in (ENGINE_KIND, CHECKPOINT_KIND) and kind != writes:
+        raise OutputError(f"{directory}: is a {kind}, and this command writes a {writes}; "
+                          f"--overwrite replaces only its own kind: choose another "
+                          f"--output_dir (or delete that one yourself)")
+
+
 def _written_with(path: Path, named: set[str] | None, written: int) -> bool:
     """Whether kiln wrote ``path`` with the manifest beside it (written at ``written``, in ns;
     ``named``: the rank files an engine's manifest names, None for a checkpoint): an engine's
@@ -166,9 +179,9 @@ def _kiln_kind(data: dict | None) -> str | None:
     if data is None or not {"format_version", "kiln_version"} <= data.keys():
         return None
     if "backend" in data and "rank_files" in data:
-        return "kiln engine dir"
+        return ENGINE_KIND
     if "decoder" in data and "mapping" in data:
-        return "kiln checkpoint"
+        return CHECKPOINT_KIND
     return None
 
 
@@ -178,11 +191,12 @@ def _few(names: list[str]) -> str:
 
 
 @contextmanager
-def atomic_dir(target: Path, overwrite: bool) -> Iterator[Path]:
+def atomic_dir(target: Path, overwrite: bool, writes: str | None = None) -> Iterator[Path]:
     """A temporary directory beside ``target``, renamed onto it only if the body succeeds.
 
-    An existing ``target`` (allowed by :func:`check_output`) is checked again, moved aside, and
-    put back if the final rename fails; it is deleted only once the new output is in place.
+    An existing ``target`` (allowed by :func:`check_output`, for ``writes`` as there) is
+    checked again, moved aside, and put back if the final rename fails; it is deleted only
+    once the new output is in place.
     """
     target = Path(target)
     created = _make_parents(target.parent)
@@ -197,7 +211,7 @@ def atomic_dir(target: Path, overwrite: bool) -> Iterator[Path]:
         elif not overwrite:
             raise OutputExistsError(f"{target}: appeared while writing it; not replaced")
         else:
-            _replace(target, tmp)
+            _replace(target, tmp, writes)
         done = True
     finally:
         if tmp.exists():
@@ -208,8 +222,9 @@ def atomic_dir(target: Path, overwrite: bool) -> Iterator[Path]:
                     parent.rmdir()
 
 
-def _replace(target: Path, tmp: Path) -> None:
+def _replace(target: Path, tmp: Path, writes: str | None) -> None:
     kind = describe_replaceable(target)  # it may have changed since check_output
+    _check_kind(target, kind, writes)
     trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{os.getpid()}-",
                                   dir=target.parent))
     try:

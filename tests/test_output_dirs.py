@@ -225,6 +225,26 @@ def test_kiln_output_is_replaced(built, tmp_path, caplog):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.parametrize("command", ["build", "convert_checkpoint"])
+def test_overwrite_never_replaces_the_other_kind_of_kiln_output(built, hf_dir, tmp_path,
+                                                                 command):
+    """A trial's typo: kiln build --overwrite replaced a quantized checkpoint (minutes of
+    calibration) with an engine; a convert replaced an engine with a checkpoint."""
+    victim = built[0] if command == "build" else built[1]
+    out = Path(shutil.copytree(victim, tmp_path / "out"))
+    before = snapshot(out)
+    source = ["--checkpoint_dir", str(built[0]), "--max_batch_size", "2", "--max_seq_len", "16"] \
+        if command == "build" else ["--model_dir", str(hf_dir)]
+    result = cli(command, *source, "--output_dir", str(out), "--overwrite")
+    assert result.exit_code == 2, result.output
+    kind, writes = ("kiln checkpoint", "kiln engine dir") if command == "build" \
+        else ("kiln engine dir", "kiln checkpoint")
+    assert result.output.strip() == (
+        f"error: {out}: is a {kind}, and this command writes a {writes}; --overwrite replaces "
+        f"only its own kind: choose another --output_dir (or delete that one yourself)")
+    assert snapshot(out) == before
+
+
 @pytest.mark.parametrize("name", ["chat_template.jinja", "rank5.onnx", "tokenizer.json"])
 def test_a_kiln_named_file_added_after_the_build_is_not_replaced(built, tmp_path, name):
     """A chat template copied in after the build (as kiln run --chat's refusal suggests), a

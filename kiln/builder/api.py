@@ -29,7 +29,7 @@ from kiln.checkpoint import CheckpointConfig, check_tensor_names, load_config, r
 from kiln.config import options_from
 from kiln.engine import EngineManifest
 from kiln.errors import CheckpointError, ConfigError
-from kiln.output_dirs import atomic_dir, check_output, copy_tokenizer
+from kiln.output_dirs import ENGINE_KIND, atomic_dir, check_output, copy_tokenizer
 from kiln.plugins import PluginContext, resolve_plugins
 from kiln.quantization.config import QuantConfig
 
@@ -73,11 +73,24 @@ def build(checkpoint_dir: str | Path, output_dir: str | Path, *, progress: bool 
                       progress=progress)
 
 
+def _warn_if_the_gate_failed(checkpoint_dir: Path, ckpt: CheckpointConfig) -> None:
+    """Say so when the checkpoint was quantized past its accuracy gate (--no_accuracy_gate):
+    the engine carries the figures, and nothing else would tell its user."""
+    quant = ckpt.quantization
+    accuracy = quant.accuracy if quant is not None else None
+    if accuracy and accuracy.get("passed") is False:
+        log.warning("%s failed its accuracy gate (quantized with --no_accuracy_gate: ppl ratio "
+                    "%.4f, over %s); the engine is built from it as asked", checkpoint_dir,
+                    accuracy.get("ppl_ratio", float("nan")), accuracy.get("max_ppl_ratio"))
+
+
 def build_with(options: BuildOptions, progress: bool = False) -> BuildResult:
     started = time.perf_counter()
-    check_output(options.output_dir, options.overwrite, inputs=[options.checkpoint_dir])
+    check_output(options.output_dir, options.overwrite, inputs=[options.checkpoint_dir],
+                 writes=ENGINE_KIND)
     ckpt = load_config(options.checkpoint_dir)
     weights = check_rank_files(options.checkpoint_dir, ckpt)
+    _warn_if_the_gate_failed(options.checkpoint_dir, ckpt)
     engine = get_backend(options.backend)
     plan = make_plan(options, ckpt, engine)
     engine.check(plan)
@@ -88,7 +101,7 @@ def build_with(options: BuildOptions, progress: bool = False) -> BuildResult:
                                 engine.memory_factor, engine.base_memory, engine.tensor_copies,
                                 options.workers)]
     seconds = {"plan": time.perf_counter() - started}
-    with atomic_dir(options.output_dir, options.overwrite) as tmp:
+    with atomic_dir(options.output_dir, options.overwrite, ENGINE_KIND) as tmp:
         results = run_parts(engine, plan, parts, tmp, options.workers, progress)
         seconds["parts"] = time.perf_counter() - started - seconds["plan"]
         manifest = _finish(tmp, engine, plan, results)

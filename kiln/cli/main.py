@@ -35,6 +35,10 @@ def _traceback_if_debug(ctx: click.Context) -> None:
         traceback.print_exc()
 
 
+# kiln's own options (before the command); given after it, the error says where they go
+GLOBAL_OPTIONS = ("-v", "--verbose", "-vv", "-q", "--quiet", "--debug")
+
+
 class KilnGroup(click.Group):
     """A group that turns KilnError, a subcommand's usage error and an OSError (disk full,
     permissions) into a one-line message (exit 2) unless --debug, and Ctrl-C / SIGTERM into one
@@ -50,7 +54,13 @@ class KilnGroup(click.Group):
             ctx.exit(2)
         except click.UsageError as e:  # a subcommand's bad flag or value: one line too
             command = e.ctx.command_path if e.ctx is not None else "kiln"
-            click.echo(f"error: {e.format_message()} (see {command} --help)", err=True)
+            hint = f"see {command} --help"
+            if isinstance(e, click.NoSuchOption) and e.option_name in GLOBAL_OPTIONS \
+                    and e.ctx is not None and e.ctx.parent is not None:
+                root, _, rest = command.partition(" ")
+                hint = (f"{e.option_name} is kiln's own option: it goes before the command, "
+                        f"{root} {e.option_name} {rest} ...")
+            click.echo(f"error: {e.format_message()} ({hint})", err=True)
             ctx.exit(2)
         except OSError as e:  # the machine refused: disk full, permissions, a read-only mount
             _traceback_if_debug(ctx)

@@ -43,12 +43,28 @@ def tokenizer_problem(engine_dir: Path) -> str | None:
     return None
 
 
-@click.command("verify")
-@click.argument("engine_dir", type=PathArg(path_type=Path))
+class _OneEngineDir(click.Command):
+    """The engine dir given once, as an argument or as ``--engine_dir``: checked with the
+    parsing, so that a usage error imports nothing heavy."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        rest = super().parse_args(ctx, args)
+        if (ctx.params.get("engine_dir") is None) == (ctx.params.get("engine_dir_option") is None):
+            raise click.UsageError("give the engine dir once: kiln verify ENGINE_DIR (or "
+                                   "--engine_dir ENGINE_DIR)", ctx)
+        return rest
+
+
+@click.command("verify", cls=_OneEngineDir)
+@click.argument("engine_dir", type=PathArg(path_type=Path), required=False)
+@click.option("--engine_dir", "engine_dir_option", type=PathArg(path_type=Path),
+              help="The engine dir, as the other commands take it (or give it alone).")
 @click.pass_obj
-def verify(obj: CliContext, engine_dir: Path) -> None:
+def verify(obj: CliContext, engine_dir: Path | None, engine_dir_option: Path | None) -> None:
     """Check an engine dir against its manifest: files, sizes and checksums of every rank."""
     from tqdm import tqdm
+
+    engine_dir = engine_dir or engine_dir_option
 
     manifest = read_manifest(engine_dir)
     problems = manifest_problems(manifest)

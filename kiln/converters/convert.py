@@ -57,7 +57,7 @@ from kiln.converters.quantized import FP8, ImportedQuant, import_quantization
 from kiln.converters.source import Source, SourceTensor, open_source
 from kiln.errors import CheckpointError, TensorMappingError
 from kiln.hashing import sha256_file
-from kiln.output_dirs import atomic_dir, check_output, copy_tokenizer
+from kiln.output_dirs import CHECKPOINT_KIND, atomic_dir, check_output, copy_tokenizer
 from kiln.quantization.config import INPUT_SCALE, KV_SCALES, WEIGHT_SCALE
 from kiln.roles import (
     Role,
@@ -129,7 +129,8 @@ def convert_checkpoint(model_dir: str | Path, output_dir: str | Path, *, progres
         raise CheckpointError("--model_dir is empty; pass an HF checkpoint directory or hub id")
     output_dir = Path(output_dir).expanduser()
     local = Path(model_dir).expanduser()
-    check_output(output_dir, overwrite, inputs=[local] if local.exists() else [])
+    check_output(output_dir, overwrite, inputs=[local] if local.exists() else [],
+                 writes=CHECKPOINT_KIND)
     plan = plan_conversion(str(model_dir), dtype=dtype, tp_size=tp_size, pp_size=pp_size,
                            revision=revision, allow_pickle=allow_pickle)
     return write_checkpoint(plan, output_dir, overwrite=overwrite, progress=progress)
@@ -146,7 +147,8 @@ def write_checkpoint(plan: ConversionPlan, output_dir: Path, *, overwrite: bool 
              decoder.architecture, decoder.num_layers, out_dtype, mapping.tp_size,
              mapping.pp_size)
     started = time.perf_counter()
-    with atomic_dir(output_dir, overwrite) as tmp, ThreadPoolExecutor(1) as pool:
+    with atomic_dir(output_dir, overwrite, CHECKPOINT_KIND) as tmp, \
+            ThreadPoolExecutor(1) as pool:
         hashes = pool.submit(_hash_files, source.weight_files)
         _write_ranks(tmp, plan.targets, decoder, mapping, getattr(torch, out_dtype), progress)
         copy_tokenizer(source.directory, tmp)

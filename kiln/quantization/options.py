@@ -7,7 +7,8 @@ Torch-free, so ``kiln quantize --help`` stays fast.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 
 from kiln.errors import ConfigError
 from kiln.quantization.config import FORMATS, GROUP_SIZES, KV_CACHE_DTYPES, Granularity
@@ -68,8 +69,21 @@ class QuantizeOptions:
                 raise ConfigError(f"{name} must be a positive integer, found {value!r}")
         if self.calib_max_seq_length < 2:
             raise ConfigError("calib_max_seq_length must be at least 2 (a token and its next)")
-        if self.max_ppl_ratio is not None and not self.max_ppl_ratio >= 1:
-            raise ConfigError(f"max_ppl_ratio must be a number >= 1, found {self.max_ppl_ratio!r}")
+        if self.max_ppl_ratio is not None and not 1 <= self.max_ppl_ratio < math.inf:
+            raise ConfigError(f"max_ppl_ratio must be a finite number >= 1 (--no_accuracy_gate "
+                              f"measures without refusing), found {self.max_ppl_ratio!r}")
+        if self.calib_dataset is None:  # settings of text that is not given do nothing
+            asked = ["--calib_size"] if self.calib_size != _DEFAULTS["calib_size"] else []
+            if self.eval_dataset is None:  # (its samples have --calib_max_seq_length tokens)
+                if self.calib_max_seq_length != _DEFAULTS["calib_max_seq_length"]:
+                    asked.append("--calib_max_seq_length")
+                if self.max_ppl_ratio is not None:
+                    asked.append("--max_ppl_ratio (the gate measures held-out calibration "
+                                 "text, or --eval_dataset)")
+            if asked:
+                verb, them = ("needs", "it") if len(asked) == 1 else ("need", "them")
+                raise ConfigError(f"{' and '.join(asked)} {verb} --calib_dataset, which is not "
+                                  f"given; give it, or leave {them} out")
         if self.device not in DEVICES:
             raise ConfigError(f"device must be one of {', '.join(DEVICES)}, found "
                               f"{self.device!r}")
@@ -91,3 +105,6 @@ class QuantizeOptions:
                 f"--kv_cache_dtype {self.kv_cache_dtype}"
             raise ConfigError(f"{what} needs calibration data: pass --calib_dataset (a .txt, "
                               f".jsonl or .parquet file, or a hub dataset id)")
+
+
+_DEFAULTS = {f.name: f.default for f in fields(QuantizeOptions)}

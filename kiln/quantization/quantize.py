@@ -41,7 +41,7 @@ from kiln.checkpoint import CONFIG_NAME, CheckpointConfig, load_config
 from kiln.config import options_from
 from kiln.datasets import load_texts
 from kiln.errors import ConfigError, QuantizationError
-from kiln.output_dirs import atomic_dir, check_output, copy_tokenizer
+from kiln.output_dirs import CHECKPOINT_KIND, atomic_dir, check_output, copy_tokenizer
 from kiln.quantization.accuracy import AccuracyMeter, check_gate, summary
 from kiln.quantization.config import WEIGHT_SCALE, QuantConfig
 from kiln.quantization.data import Samples, load_tokenizer_of, split_calibration, token_samples
@@ -72,8 +72,14 @@ def quantize(checkpoint_dir: str | Path, output_dir: str | Path, *, progress: bo
     if not str(checkpoint_dir).strip():
         raise ConfigError("--checkpoint_dir is empty; pass a kiln checkpoint directory")
     source_dir, output_dir = Path(checkpoint_dir).expanduser(), Path(output_dir).expanduser()
-    check_output(output_dir, opts.overwrite, inputs=[source_dir])
+    check_output(output_dir, opts.overwrite, inputs=[source_dir], writes=CHECKPOINT_KIND)
     source = load_config(source_dir)
+    context = source.decoder.max_position_embeddings
+    if (opts.calib_dataset or opts.eval_dataset) and opts.calib_max_seq_length > context \
+            and opts.calib_max_seq_length != QuantizeOptions.calib_max_seq_length:  # asked for
+        raise ConfigError(f"calib_max_seq_length {opts.calib_max_seq_length} exceeds the model's "
+                          f"max_position_embeddings {context} (positions it was not trained "
+                          f"for would calibrate it); lower --calib_max_seq_length")
     if source.quantization is not None:
         raise QuantizationError(f"{source_dir}: is already quantized "
                                 f"({source.quantization.qformat}); quantize its unquantized "
@@ -84,7 +90,7 @@ def quantize(checkpoint_dir: str | Path, output_dir: str | Path, *, progress: bo
     job = _Job(source_dir, source, quant, device, opts, progress)
     job.load_data()
     started = time.perf_counter()
-    with atomic_dir(output_dir, opts.overwrite) as tmp:
+    with atomic_dir(output_dir, opts.overwrite, CHECKPOINT_KIND) as tmp:
         job.run(tmp)
     log.info("wrote %s in %.1f s", output_dir, time.perf_counter() - started)
     return output_dir

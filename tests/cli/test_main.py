@@ -108,6 +108,21 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
     assert re.search("no such (local )?directory", lines[0])
 
 
+@pytest.mark.parametrize("args,hint", [
+    (["run", "-v"], "(-v is kiln's own option: it goes before the command, kiln -v run ...)"),
+    (["quantize", "--debug"], "(--debug is kiln's own option: it goes before the command, "
+                              "kiln --debug quantize ...)"),
+    (["cache", "prune", "-q"], "(-q is kiln's own option: it goes before the command, "
+                               "kiln -q cache prune ...)"),
+    (["run", "--bogus"], "(see kiln run --help)"),
+])
+def test_a_global_option_after_the_command_says_where_it_goes(args, hint):
+    """The README's own "kiln run -v" (a trial copied it) ended at "No such option"."""
+    result = _invoke(*args)
+    assert result.exit_code == 2 and len(result.output.splitlines()) == 1, result.output
+    assert result.output.rstrip().endswith(hint)
+
+
 def test_debug_shows_the_traceback_and_keeps_the_exit_status(tmp_path):
     """--debug adds the traceback; the one-line message and exit 2 stay (a new user's --debug
     run exited 1, where the README says 2)."""

@@ -57,6 +57,15 @@ def test_a_good_engine_prints_one_line_per_file_then_ok(engine):
     assert kiln("-q", "verify", str(engine)).output.splitlines() == [summary]
 
 
+def test_the_engine_dir_may_be_given_as_the_other_commands_take_it(engine):
+    """A trial typed kiln verify --engine_dir X, as every other command takes it."""
+    assert kiln("verify", "--engine_dir", str(engine)).output == kiln("verify", str(engine)).output
+    for args in ([], [str(engine), "--engine_dir", str(engine)]):
+        r = kiln("verify", *args)
+        assert r.exit_code == 2 and len(r.output.splitlines()) == 1, r.output
+        assert "give the engine dir once: kiln verify ENGINE_DIR (or --engine_dir" in r.output
+
+
 def test_same_size_corruption_loads_by_default_but_fails_every_checksum_check(engine):
     flip_a_byte(engine / "rank1.onnx.data")  # a weight of the second stage: still a valid graph
     _, executor = open_engine(engine)  # presence and sizes only: the corruption goes unnoticed

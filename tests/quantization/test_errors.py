@@ -55,12 +55,27 @@ def _cases(src, src_tp2, texts, quantized, tmp):
                                "weight_scales applies to fp8 only"),
         "alpha on int4": (["--qformat", "int4_wo", "--smoothquant_alpha", "0.5"], src,
                           "smoothquant_alpha applies to int8_sq only"),
+        # a trial's settings that did nothing, written with a warning only
+        "ratio inf": (["--qformat", "int8_wo", *calib, "--max_ppl_ratio", "inf"], src,
+                      "max_ppl_ratio must be a finite number >= 1 (--no_accuracy_gate measures "
+                      "without refusing), found inf"),
+        "calib size without data": (["--qformat", "int8_wo", "--calib_size", "4"], src,
+                                    "--calib_size needs --calib_dataset, which is not given; "
+                                    "give it, or leave it out"),
+        "gate without text": (["--qformat", "int8_wo", "--max_ppl_ratio", "1.5"], src,
+                              "--max_ppl_ratio (the gate measures held-out calibration text, "
+                              "or --eval_dataset) needs --calib_dataset"),
+        "calibration past the context": (["--qformat", "int8_sq", *calib,
+                                          "--calib_max_seq_length", "100000"], src,
+                                         "calib_max_seq_length 100000 exceeds the model's "
+                                         "max_position_embeddings"),
     }
 
 
 CASES = ["wrong qformat", "group size", "missing file", "empty file", "unreadable file",
          "too few tokens", "needs data", "kv needs data", "already quantized",
-         "fp8 scales on int8", "alpha on int4"]
+         "fp8 scales on int8", "alpha on int4", "ratio inf", "calib size without data",
+         "gate without text", "calibration past the context"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -161,3 +176,16 @@ def test_ctrl_c_during_the_layer_loop_exits_130_and_leaves_nothing(checkpoint, t
     assert "interrupted (Ctrl-C)" in result.stderr and "Traceback" not in result.stderr
     assert result.stdout.count("signal") == 1  # stopped in the first layer
     assert not (tmp_path / "q").exists() and leftovers(tmp_path) == []
+
+
+def test_an_engine_built_past_a_failed_gate_says_so(checkpoint, texts, tmp_path, caplog):
+    """A trial's engine from a --no_accuracy_gate checkpoint that failed it: nothing said."""
+    src = checkpoint("mpt")
+    out = kiln.quantize(src, tmp_path / "q", qformat="int4_wo", group_size=64,
+                        eval_dataset=texts["eval"], max_ppl_ratio=1.0, no_accuracy_gate=True,
+                        progress=False)
+    ratio = load_config(out).quantization.accuracy["ppl_ratio"]
+    with caplog.at_level(logging.WARNING):
+        kiln.build(out, tmp_path / "e", backend="onnx", max_batch_size=1, max_seq_len=16)
+    assert (f"{out} failed its accuracy gate (quantized with --no_accuracy_gate: ppl ratio "
+            f"{ratio:.4f}, over 1.0); the engine is built from it as asked") in caplog.text
