@@ -35,7 +35,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +57,16 @@ class TextDataset:
     ``parquet``, ``dir`` or ``hub``."""
 
     texts: tuple[str, ...]
-    name: str
+    name: str  # recorded in results: a file's or directory's name, or the hub id
     sha256: str
     kind: str
+    # messages: the path as given (or the hub id); not compared, not recorded
+    where: str = field(default="", compare=False)
+
+    @property
+    def shown(self) -> str:
+        """How messages name the dataset: the path as given, else its name."""
+        return self.where or self.name
 
     def joined(self, separator: str = "\n\n") -> str:
         """All texts as one stream (what a sliding-window perplexity reads)."""
@@ -102,7 +109,7 @@ def _read_file(path: Path) -> TextDataset:
                            f"pass a .txt, .jsonl or .parquet file")
     texts = _texts_of(path, kind, str(path))
     return TextDataset(texts=_non_empty(texts, path), name=path.name, sha256=_sha256(path),
-                       kind=kind)
+                       kind=kind, where=str(path))
 
 
 def _read_dir(directory: Path, name: str, kind: str, sha256: str | None) -> TextDataset:
@@ -129,7 +136,8 @@ def _read_dir(directory: Path, name: str, kind: str, sha256: str | None) -> Text
         sha256 = hashlib.sha256("".join(lines).encode()).hexdigest()
     log.info("dataset %s: %d %s file(s): %s", name, len(chosen), file_kind,
              ", ".join(p.relative_to(directory).as_posix() for p in chosen))
-    return TextDataset(texts=_non_empty(texts, where), name=name, sha256=sha256, kind=kind)
+    return TextDataset(texts=_non_empty(texts, where), name=name, sha256=sha256, kind=kind,
+                       where=where)
 
 
 def _hidden(path: Path, root: Path) -> bool:

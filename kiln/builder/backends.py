@@ -134,7 +134,8 @@ def check_kv_cache(plan: BuildPlan, backend: str) -> None:
         raise EngineError(f"the {backend} backend cannot build the checkpoint's "
                           f"{quant.kv_cache_dtype} KV cache: its graph keeps the cache in the "
                           f"model dtype (TensorRT's KV-cache update layer rejects FP8/INT8 "
-                          f"caches); quantize the checkpoint without a KV-cache dtype")
+                          f"caches); build it with --backend torch (which runs it on a GPU), "
+                          f"or quantize the checkpoint without a KV-cache dtype")
 
 
 def register_backend(name: str) -> Callable[[type[Backend]], type[Backend]]:

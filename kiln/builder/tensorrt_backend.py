@@ -56,8 +56,9 @@ RTX_REQUIREMENT = "tensorrt-rtx-cu13==1.7.1.116"
 RTX_TARGETS = ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121")
 RTX_DEFAULT_TARGETS = ("sm80", "sm86", "sm89", "sm120")
 RTX_REFUSED = {
-    "sm90": "Hopper (compute capability 9.0): the TensorRT-RTX runtime refuses it; build on "
-            "the Hopper machine with full TensorRT (import tensorrt)",
+    "sm90": "Hopper (compute capability 9.0): the TensorRT-RTX runtime refuses it; build "
+            "with --backend torch for Hopper, or on the Hopper machine with full TensorRT "
+            "(import tensorrt)",
     "sm100": "data-centre Blackwell (10.0) is not a TensorRT-RTX target; build on the machine "
              "with full TensorRT (import tensorrt)",
 }

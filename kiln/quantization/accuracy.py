@@ -60,6 +60,15 @@ def _exp(x: float) -> float:
     return math.exp(x) if x < 700 else math.inf
 
 
+def _remedy(qformat: str) -> str:
+    """What more data can do for ``qformat``: only a calibrated format learns from it."""
+    from kiln.quantization.config import FORMATS
+
+    info = FORMATS.get(qformat)
+    return "calibrate with more or other data, " if info is not None and \
+        info.needs_calibration else ""
+
+
 def check_gate(accuracy: dict[str, Any], qformat: str, max_ppl_ratio: float,
                enforce: bool) -> bool:
     """True if the figures pass; above the limit raises AccuracyGateError when ``enforce``,
@@ -71,8 +80,8 @@ def check_gate(accuracy: dict[str, Any], qformat: str, max_ppl_ratio: float,
         why = "a figure is NaN/inf" if bad else f"ratio above --max_ppl_ratio {max_ppl_ratio}"
         raise AccuracyGateError(
             f"{qformat} fails the accuracy gate ({why}): {summary(accuracy)}; nothing written; "
-            f"calibrate with more or other data, choose a wider format, or pass "
-            f"--max_ppl_ratio / --no_accuracy_gate to accept it")
+            f"{_remedy(qformat)}choose a wider format, or pass --max_ppl_ratio / "
+            f"--no_accuracy_gate to accept it")
     return passed
 
 

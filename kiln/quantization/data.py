@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 SEPARATOR = "\n\n"
 
 
+def _tokens(n: int) -> str:
+    return f"{n} token" if n == 1 else f"{n} tokens"
+
+
 def held_out(calib_size: int) -> int:
     """Samples after the calibration samples kept for the accuracy gate (a quarter as many)."""
     return max(1, -(-calib_size // 4))
@@ -76,7 +80,7 @@ def token_samples(dataset: TextDataset, tokenizer, seq_length: int,
     n = len(ids) // seq_length if count is None else count
     if n < 1 or len(ids) < n * seq_length:
         raise DatasetError(
-            f"{dataset.name}: has {len(ids)} tokens, {max(n, 1) * seq_length} needed "
+            f"{dataset.shown}: has {_tokens(len(ids))}, {max(n, 1) * seq_length} needed "
             f"({max(n, 1)} samples x {seq_length} tokens); pass more text or lower the sample "
             f"length (--calib_max_seq_length)")
     tokens = torch.tensor(ids[:n * seq_length], dtype=torch.int64).view(n, seq_length)
@@ -94,7 +98,7 @@ def split_calibration(dataset: TextDataset, tokenizer, calib_size: int,
         lower = f"lower --calib_size (at most {fit} fit) or --calib_max_seq_length" if fit \
             else f"lower --calib_max_seq_length (not even one {seq_length}-token sample fits)"
         raise DatasetError(
-            f"{dataset.name}: has {len(ids)} tokens, --calib_size {calib_size} x "
+            f"{dataset.shown}: has {_tokens(len(ids))}, --calib_size {calib_size} x "
             f"--calib_max_seq_length {seq_length} plus {evals} held-out samples for the accuracy "
             f"gate need {need}; pass more text, or {lower}")
     tokens = torch.tensor(ids[:need], dtype=torch.int64).view(calib_size + evals, seq_length)

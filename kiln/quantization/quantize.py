@@ -288,8 +288,8 @@ class _Job:
         accuracy = {**meter.result(), **self.eval.provenance}
         if accuracy["tokens"] < FIRM_GATE_TOKENS:
             log.warning("the accuracy gate rests on %d tokens only (under %d: its ratio can miss "
-                        "a real loss); give eval_dataset (--eval_dataset) more text, or "
-                        "calib_size (--calib_size) more samples: a fifth is held out",
+                        "a real loss); give more text (--eval_dataset), or more calibration "
+                        "samples (--calib_size: a fifth of them is held out for the gate)",
                         accuracy["tokens"], FIRM_GATE_TOKENS)
         limit = self.opts.max_ppl_ratio or self.quant.info.max_ppl_ratio
         accuracy["max_ppl_ratio"] = limit

@@ -25,7 +25,10 @@ CALIB = dict(calib_size=6, calib_max_seq_length=24)
 
 
 def quantize(ckpt, out, **options):
-    return kiln.quantize(ckpt, out, progress=False, **{**CALIB, **options})
+    """kiln.quantize with this file's small samples (calib_size only where there is
+    calibration text: without it, kiln refuses a setting that does nothing)."""
+    calib = CALIB if options.get("calib_dataset") else {"calib_max_seq_length": 24}
+    return kiln.quantize(ckpt, out, progress=False, **{**calib, **options})
 
 
 def hand_dequantize(stored: torch.Tensor, scale: torch.Tensor, qformat: str) -> torch.Tensor:
