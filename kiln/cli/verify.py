@@ -56,7 +56,7 @@ class _OneEngineDir(click.Command):
 
 
 @click.command("verify", cls=_OneEngineDir)
-@click.argument("engine_dir", type=PathArg(path_type=Path), required=False)
+@click.argument("engine_dir", type=PathArg(path_type=Path), required=False, metavar="ENGINE_DIR")
 @click.option("--engine_dir", "engine_dir_option", type=PathArg(path_type=Path),
               help="The engine dir, as the other commands take it (or give it alone).")
 @click.pass_obj
