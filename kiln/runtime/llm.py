@@ -357,7 +357,8 @@ def _described(value: Any) -> str:
 
 def _conversations(messages: Messages | Sequence[Messages]) -> list[Messages]:
     """``LLM.chat``'s argument as a list of conversations, each a non-empty list of messages
-    with a string ``role`` and a string ``content`` (an assistant's may be None)."""
+    with a string ``role`` and a ``content`` (a string, or a list of parts for the template;
+    an assistant's may be None)."""
     one = isinstance(messages, (list, tuple)) and bool(messages) \
         and isinstance(messages[0], dict)
     conversations = [messages] if one else messages
@@ -372,7 +373,8 @@ def _conversations(messages: Messages | Sequence[Messages]) -> list[Messages]:
         for i, m in enumerate(conversation):
             content = m.get("content") if isinstance(m, dict) else None
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not (
-                    isinstance(content, str) or (content is None and m["role"] == "assistant")):
+                    isinstance(content, (str, list))  # a list of parts: the template's to read
+                    or (content is None and m["role"] == "assistant")):
                 raise RequestError(f"{where}message #{i} needs a 'role' string and a 'content' "
                                    f"string, found {_described(m)}")
     return list(conversations)
