@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.dirs import is_hub_id, near_path
-from kiln.errors import DatasetError
+from kiln.errors import UNREADABLE_JSON, DatasetError
 from kiln.hashing import sha256_file
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ def _jsonl_texts(data: str, where: str) -> list[str]:
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as e:
+        except UNREADABLE_JSON as e:
             raise DatasetError(f"{where}: line {number} is not valid JSON ({e.msg}, column "
                                f"{e.colno}); each line must be one JSON object") from None
         if not isinstance(record, dict) or "text" not in record:

@@ -25,6 +25,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from kiln.errors import UNREADABLE_JSON
+
 _ENGINE_KEYS = frozenset({"backend", "rank_files", "limits"})  # none is in a kiln checkpoint
 
 
@@ -52,7 +54,7 @@ def classify_dir(path: str | Path) -> DirKind:
     """The kind of directory ``path`` is, from its ``config.json`` (OTHER if none is readable)."""
     try:
         return dir_kind(json.loads((Path(path) / "config.json").read_text()))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, *UNREADABLE_JSON):
         return DirKind.OTHER
 
 
@@ -158,7 +160,7 @@ def read_config(directory: str | Path, wanted: DirKind,
         raise error(f"{path}: missing, so {directory} is not {article} {noun}; {fix}")
     try:
         data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except UNREADABLE_JSON as e:
         raise error(f"{path}: invalid JSON ({e}); {repair}") from None
     if message := wrong_kind(directory, data, wanted):
         raise error(message)

@@ -14,6 +14,11 @@ def a_or_an(word: str) -> str:
     return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
 
 
+# What json.loads raises on text it cannot read: bad JSON or bad UTF-8 (ValueError subclasses),
+# an integer past Python's digit limit (a plain ValueError), nesting past the recursion limit.
+UNREADABLE_JSON = (ValueError, RecursionError)
+
+
 class KilnError(Exception):
     """Base class of user-facing errors (bad input, unsupported models, unusable machines)."""
 

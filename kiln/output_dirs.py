@@ -33,7 +33,7 @@ from pathlib import Path
 from kiln.checkpoint import CONFIG_NAME as MANIFEST_NAME
 from kiln.checkpoint import TOKENIZER_FILES
 from kiln.engine import ENGINE_FILE  # rank files of a checkpoint or engine dir
-from kiln.errors import OutputError, OutputExistsError
+from kiln.errors import UNREADABLE_JSON, OutputError, OutputExistsError
 
 log = logging.getLogger(__name__)
 ACCURACY_NAME = "accuracy.json"  # kiln quantize's accuracy gate figures, beside config.json
@@ -168,7 +168,7 @@ def _written_with(path: Path, named: set[str] | None, written: int) -> bool:
 def _read_manifest(manifest: Path) -> dict | None:
     try:
         data = json.loads(manifest.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, *UNREADABLE_JSON):
         return None
     return data if isinstance(data, dict) else None
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from kiln.errors import CheckpointError
+from kiln.errors import UNREADABLE_JSON, CheckpointError
 
 DTYPE_NAMES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -61,7 +61,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             raise _corrupt(path, f"header length {n} does not fit a {size}-byte file")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except UNREADABLE_JSON as e:
             raise _corrupt(path, f"header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise _corrupt(path, "header is not a JSON object")

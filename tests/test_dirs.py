@@ -198,3 +198,15 @@ def test_a_missing_directory_names_a_sibling_close_to_it(tmp_path, monkeypatch):
         with pytest.raises(EngineError) as info:
             read_config(far, DirKind.ENGINE, EngineError)
         assert "did you mean" not in str(info.value)
+
+
+@pytest.mark.parametrize("text", ['{"a": 1' + "0" * 5000 + "}", "[" * 100000 + "]" * 100000])
+def test_a_config_python_cannot_read_is_one_line(tmp_path, text):
+    """A trial's config.json nested 100,000 deep (or with a 5,000-digit number): a
+    RecursionError (ValueError) traceback from every command that read it."""
+    from kiln.dirs import DirKind, read_config
+    from kiln.errors import ConfigError
+
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ConfigError, match=r"config.json: invalid JSON \("):
+        read_config(tmp_path, DirKind.ENGINE, ConfigError)

@@ -32,6 +32,7 @@ from threading import Event
 
 from filelock import FileLock
 
+from kiln.errors import UNREADABLE_JSON
 from kiln.hashing import sha256_file
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ def _hash_all(paths: list[Path]) -> list[str]:
 def _read_memo(path: Path) -> dict[str, dict]:
     try:
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, *UNREADABLE_JSON):
         return {}  # none yet, or damaged: everything is hashed again
     if not isinstance(data, dict) or data.get("format") != MEMO_FORMAT or \
             not isinstance(data.get("files"), dict):

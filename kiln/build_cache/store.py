@@ -57,7 +57,7 @@ from typing import Any
 from filelock import ReadWriteLock, Timeout
 
 from kiln.build_cache.hashes import MEMO_NAME
-from kiln.errors import BuildCacheError
+from kiln.errors import UNREADABLE_JSON, BuildCacheError
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ class EngineCache:
         try:
             data = json.loads((path / ENTRY_FILE).read_text())
             mtime = (path / ENTRY_FILE).stat().st_mtime
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        except (OSError, *UNREADABLE_JSON):
             return None
         if not isinstance(data, dict) or data.get(MARKER) != ENTRY_FORMAT or \
                 not str(data.get("key", "")).startswith(name):
@@ -275,7 +275,7 @@ class EngineCache:
             return False
         try:
             marker = json.loads((path / TMP_MARKER).read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        except (OSError, *UNREADABLE_JSON):
             marker = None
         if isinstance(marker, dict) and marker.get(MARKER) == ENTRY_FORMAT:
             return True
@@ -511,7 +511,7 @@ def damage(engine_dir: Path) -> str | None:
         ranks = manifest["rank_files"]
         sizes = manifest.get("sizes") or {}
         names = [name for files in ranks.values() for name in files]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
+    except (OSError, *UNREADABLE_JSON, KeyError, TypeError,
             AttributeError):
         return "config.json is missing or unreadable"
     for name in names:

@@ -30,7 +30,7 @@ from kiln.cli.context import (
 )
 from kiln.cli.engine_source import engine_command, held_engine
 from kiln.dirs import DirKind, classify_dir
-from kiln.errors import OutputError
+from kiln.errors import UNREADABLE_JSON, OutputError
 
 if TYPE_CHECKING:
     from kiln.runtime import LLM, ExecutorOptions
@@ -271,7 +271,7 @@ def is_report(path: Path, keys: set[str]) -> bool:
     :data:`REPORT_DIGEST`, whose digest matches."""
     try:
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, *UNREADABLE_JSON):
         return False
     if not isinstance(data, dict) or data.keys() != keys | {REPORT_DIGEST}:
         return False

@@ -39,7 +39,7 @@ from kiln.cli.context import (
 )
 from kiln.cli.engine_source import engine_command, held_engine
 from kiln.datasets import json_type
-from kiln.errors import KilnError
+from kiln.errors import UNREADABLE_JSON, KilnError
 from kiln.runtime.errors import SamplingParamsError
 from kiln.runtime.params import SamplingParams, is_utf8  # torch-free: --help stays fast
 
@@ -185,7 +185,7 @@ def _jsonl_prompt(where: str, line: str) -> str:
     """One .jsonl line: a JSON string, or an object whose "prompt" is a string."""
     try:
         item = json.loads(line)
-    except json.JSONDecodeError as e:
+    except UNREADABLE_JSON as e:
         raise click.BadParameter(f"{where}: not JSON ({e.msg}: column {e.colno})",
                                  param_hint="--input_file") from None
     if isinstance(item, str) and not is_utf8(item):

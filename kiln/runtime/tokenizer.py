@@ -24,6 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from kiln.errors import UNREADABLE_JSON
 from kiln.runtime.errors import RequestError, TokenizerError
 from kiln.runtime.params import is_utf8
 
@@ -109,6 +110,8 @@ def check_chat_template(template: str) -> None:
         _chat_environment().parse(template)
     except TemplateSyntaxError as e:
         raise TokenizerError(f"line {e.lineno}: {e.message}") from None
+    except RecursionError:
+        raise TokenizerError("nested too deeply to parse") from None
 
 
 def _chat_environment() -> Any:
@@ -175,7 +178,7 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except UNREADABLE_JSON as e:
         raise TokenizerError(f"{path}: invalid JSON ({e}); re-copy it from the checkpoint") \
             from None
     return data if isinstance(data, dict) else {}

@@ -36,6 +36,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import kiln
+from kiln.errors import UNREADABLE_JSON
 from kiln.runtime.async_llm import AsyncLLM
 from kiln.serve import render
 from kiln.serve.protocol import (
@@ -147,12 +148,14 @@ def create_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = N
 async def _parse(request: Request, model: type) -> Any:
     try:
         data = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except UNREADABLE_JSON as e:
         raise ApiError(400, f"the body is not JSON ({e})", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object", code="invalid_json")
     try:
         return model.model_validate(data)
+    except RecursionError:
+        raise ApiError(400, "the body is nested too deeply", code="invalid_json") from None
     except ValidationError as e:
         first = e.errors()[0]
         param = str(first["loc"][0]) if first["loc"] else None  # the request field

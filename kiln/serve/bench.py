@@ -37,7 +37,7 @@ from typing import Any
 
 import aiohttp
 
-from kiln.errors import KilnError
+from kiln.errors import UNREADABLE_JSON, KilnError
 from kiln.runtime.stats import Stats  # one definition of the percentiles, as kiln bench
 
 
@@ -238,7 +238,7 @@ async def _one(session: aiohttp.ClientSession, url: str, body: dict, api_key: st
                 result.error = "the stream ended without data: [DONE]"
     except (aiohttp.ClientError, asyncio.TimeoutError) as e:
         result.error = f"{type(e).__name__}: {e or 'no detail'}"
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except UNREADABLE_JSON as e:
         result.error = f"a chunk is not JSON ({e})"
     finally:
         result.done = time.perf_counter()

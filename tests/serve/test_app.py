@@ -274,3 +274,15 @@ def test_an_unexpected_submit_failure_leaves_nothing_queued(engine, monkeypatch)
     out = client.post("/v1/completions", json={"model": "m", "prompt": "a", "max_tokens": 1})
     assert out.status_code == 500
     assert app.state.kiln.live == {}
+
+
+@pytest.mark.parametrize("body", [
+    '{"model": "m", "prompt": "a", "seed": 1' + "0" * 5000 + "}",  # past int's digit limit
+    '{"model": "m", "prompt": "a", "x": ' + "[" * 100000 + "]" * 100000 + "}",
+])
+def test_json_python_cannot_read_is_a_400(engine, body):
+    """A trial's 5,000-digit number and 100,000-deep array: 500s with tracebacks."""
+    out = _client(engine).post("/v1/completions", content=body,
+                               headers={"content-type": "application/json"})
+    assert out.status_code == 400, out.text
+    assert out.json()["error"]["code"] == "invalid_json"
