@@ -328,6 +328,6 @@ def _read_template(path: Path | None) -> str | None:
     try:
         check_chat_template(template)
     except TokenizerError as e:
-        raise click.BadParameter(f"{path}: not a Jinja template: {e}",
+        raise click.BadParameter(f"{path}: {e}",
                                  param_hint="--chat_template") from None
     return template

@@ -96,9 +96,11 @@ class QuantizeOptions:
         if self.group_size is not None and not self.qformat.startswith("int4"):
             raise ConfigError(f"group_size applies to int4 formats only, not {self.qformat}")
         alpha = self.smoothquant_alpha
-        if alpha is not None and (self.qformat != "int8_sq" or not 0 <= alpha <= 1):
+        if alpha is not None and self.qformat != "int8_sq":
             raise ConfigError(f"smoothquant_alpha applies to int8_sq only, in [0, 1]; found "
                               f"{alpha!r} for {self.qformat}")
+        if alpha is not None and not 0 <= alpha <= 1:
+            raise ConfigError(f"smoothquant_alpha must be in [0, 1], found {alpha!r}")
         needs = FORMATS[self.qformat].needs_calibration or self.kv_cache_dtype is not None
         if needs and not self.calib_dataset:
             what = self.qformat if FORMATS[self.qformat].needs_calibration else \

@@ -106,12 +106,14 @@ def check_chat_template(template: str) -> None:
     :class:`TokenizerError` naming its line (a server checks its template once, at start)."""
     from jinja2 import TemplateSyntaxError
 
+    if not template.strip():
+        raise TokenizerError("is empty: it would render every conversation as an empty prompt")
     try:
         _chat_environment().parse(template)
     except TemplateSyntaxError as e:
-        raise TokenizerError(f"line {e.lineno}: {e.message}") from None
+        raise TokenizerError(f"not a Jinja template: line {e.lineno}: {e.message}") from None
     except RecursionError:
-        raise TokenizerError("nested too deeply to parse") from None
+        raise TokenizerError("not a Jinja template kiln can parse: nested too deeply") from None
 
 
 def _chat_environment() -> Any:

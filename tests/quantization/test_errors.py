@@ -55,6 +55,8 @@ def _cases(src, src_tp2, texts, quantized, tmp):
                                "weight_scales applies to fp8 only"),
         "alpha on int4": (["--qformat", "int4_wo", "--smoothquant_alpha", "0.5"], src,
                           "smoothquant_alpha applies to int8_sq only"),
+        "alpha nan": (["--qformat", "int8_sq", *calib, "--smoothquant_alpha", "nan"], src,
+                      "smoothquant_alpha must be in [0, 1], found nan"),
         # a trial's settings that did nothing, written with a warning only
         "ratio inf": (["--qformat", "int8_wo", *calib, "--max_ppl_ratio", "inf"], src,
                       "max_ppl_ratio must be a finite number >= 1 (--no_accuracy_gate measures "
@@ -74,7 +76,7 @@ def _cases(src, src_tp2, texts, quantized, tmp):
 
 CASES = ["wrong qformat", "group size", "missing file", "empty file", "unreadable file",
          "too few tokens", "needs data", "kv needs data", "already quantized",
-         "fp8 scales on int8", "alpha on int4", "ratio inf", "calib size without data",
+         "fp8 scales on int8", "alpha on int4", "alpha nan", "ratio inf", "calib size without data",
          "gate without text", "calibration past the context"]
 
 

@@ -111,3 +111,13 @@ def test_a_chat_template_that_does_not_parse_is_one_line_before_the_engine_loads
     assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith(f"error: Invalid value for --chat_template: {template}: not a "
                                f"Jinja template: line 2: unexpected end of template"), lines
+
+
+def test_an_empty_chat_template_is_one_line_before_the_engine_loads(tmp_path):
+    template = tmp_path / "empty.jinja"
+    template.write_text(" \n")
+    code, lines = _serve("--engine_dir", str(tmp_path), "--chat_template", str(template),
+                         "--port", str(free_port()))
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: Invalid value for --chat_template: {template}: is empty: "
+                               f"it would render every conversation as an empty prompt"), lines
