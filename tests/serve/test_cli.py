@@ -102,22 +102,19 @@ def test_the_warm_engine_freezes_the_loaded_objects_before_serving(tmp_path, mon
     assert events == ["warm_up", "freeze"]
 
 
-def test_a_chat_template_that_does_not_parse_is_one_line_before_the_engine_loads(tmp_path):
-    """A trial's server started with a broken template and blamed each chat request for it."""
-    template = tmp_path / "bad.jinja"
-    template.write_text("<s>\n{% for m in messages %}{{ m.content ")
+@pytest.mark.parametrize("text,why", [
+    ("<s>\n{% for m in messages %}{{ m.content ",
+     "not a Jinja template: line 2: unexpected end of template"),
+    (" \n", "is empty: it would render every conversation as an empty prompt"),
+])
+def test_a_chat_template_kiln_cannot_use_is_one_line_before_the_engine_loads(tmp_path, text,
+                                                                             why):
+    """A trial's server started with a broken (or empty) template and blamed each chat request
+    for it."""
+    template = tmp_path / "template.jinja"
+    template.write_text(text)
     code, lines = _serve("--engine_dir", str(tmp_path), "--chat_template", str(template),
                          "--port", str(free_port()))
     assert code == 2 and len(lines) == 1, lines
-    assert lines[0].startswith(f"error: Invalid value for --chat_template: {template}: not a "
-                               f"Jinja template: line 2: unexpected end of template"), lines
-
-
-def test_an_empty_chat_template_is_one_line_before_the_engine_loads(tmp_path):
-    template = tmp_path / "empty.jinja"
-    template.write_text(" \n")
-    code, lines = _serve("--engine_dir", str(tmp_path), "--chat_template", str(template),
-                         "--port", str(free_port()))
-    assert code == 2 and len(lines) == 1, lines
-    assert lines[0].startswith(f"error: Invalid value for --chat_template: {template}: is empty: "
-                               f"it would render every conversation as an empty prompt"), lines
+    assert lines[0].startswith(f"error: Invalid value for --chat_template: {template}: {why}"), \
+        lines
