@@ -87,7 +87,7 @@ class DecodeGraphs:
         if g.table is not None:
             table, index = g.table, rows
         return StepInputs(tokens=tokens, rope_index=index, rope_table=table, slot_mapping=slots,
-                          last_rows=rows, dec_rows=rows, dec_tables=tables, dec_ctx=ctx,
+                          last_rows=None, dec_rows=rows, dec_tables=tables, dec_ctx=ctx,
                           dec_max_ctx=self.max_seq_len)
 
     def _capture(self, device: torch.device) -> None:

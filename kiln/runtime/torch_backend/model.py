@@ -69,7 +69,9 @@ class StepInputs:
     rope_index: torch.Tensor  # [T] int32: row of ``rope_table`` per token
     rope_table: torch.Tensor | None  # [P, head_dim] float32 (cos | sin), None without RoPE
     slot_mapping: torch.Tensor  # [T] int32: block * page_size + row, where each token's k/v go
-    last_rows: torch.Tensor  # [num_seqs] int64: the row whose logits each sequence returns
+    # [num_seqs] int64: the row whose logits each sequence returns; None: every row is its
+    # sequence's last (a CUDA graph's decode step), so no gather runs
+    last_rows: torch.Tensor | None
     dec_rows: torch.Tensor | None = None  # [Bd] int32
     dec_tables: torch.Tensor | None = None  # [Bd, max_blocks] int32
     dec_ctx: torch.Tensor | None = None  # [Bd] int32 (tokens cached, this one included)
@@ -316,7 +318,10 @@ class PagedDecoder:
         """Logits [num_seqs, vocab] (model dtype; None on a stage before the last); writes
         every row's k/v into ``cache``."""
         h = self._final_hidden(inp, cache)
-        return None if h is None else self._logits(h.index_select(0, inp.last_rows), logits_out)
+        if h is None:
+            return None
+        return self._logits(h if inp.last_rows is None else h.index_select(0, inp.last_rows),
+                            logits_out)
 
     @torch.no_grad()
     def forward_every_row(self, inp: StepInputs, cache: PagedKVCache) -> torch.Tensor | None:
