@@ -12,6 +12,9 @@ from __future__ import annotations
 import signal
 import sys
 
+# ONNX Runtime's transformers the build leaves to the session that runs the engine (below)
+UNFUSED = ["QDQSelectorActionTransformer", "QDQS8ToU8Transformer"]
+
 
 def optimize(raw: str, out: str, level: str) -> None:
     """Optimize ``raw`` at ``level`` (an ``onnxruntime.GraphOptimizationLevel`` name) and save it
@@ -27,7 +30,12 @@ def optimize(raw: str, out: str, level: str) -> None:
         "session.optimized_model_external_initializers_file_name", name + ".data")
     options.add_session_config_entry(
         "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    ort.InferenceSession(raw, options, providers=["CPUExecutionProvider"])
+    # An int8_sq projection's Q/DQ nodes stay in the engine, unfused: which integer kernel is
+    # exact depends on the CPU that runs it (kiln.runtime.onnx_executor.session_options), and
+    # ONNX Runtime's default here would save its x86 rewrite to uint8 activations, whose
+    # kernels saturate on CPUs without VNNI, into the engine.
+    ort.InferenceSession(raw, options, providers=["CPUExecutionProvider"],
+                         disabled_optimizers=UNFUSED)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,10 @@ Non-goals: tensor parallelism (ONNX Runtime has no all-reduce; the manifest chec
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import platform
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,18 +79,58 @@ def load_executor(engine_dir: Path, manifest: EngineManifest,
 
 
 def session_options(num_threads: int | None, spin_wait: bool = False):
-    """CPU session options: all optimizations, sequential, ``num_threads`` intra-op threads."""
+    """CPU session options: all optimizations, sequential, ``num_threads`` intra-op threads.
+
+    An int8_sq engine's quantized activations: ONNX Runtime fuses each projection's Q/DQ nodes
+    into MatMulIntegerToFloat, and on x86 rewrites the int8 activations to uint8 for its
+    u8 x s8 kernels. Those sum pairs of products in 16 bits, which saturate on CPUs without
+    VNNI: there the activations stay int8 (:func:`int8_must_stay_int8`), whose kernels are
+    exact and much slower (benchmarks/ort_int8_kernels.py)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     spin = "1" if spin_wait else "0"
     so.add_session_config_entry("session.intra_op.allow_spinning", spin)
     so.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    if int8_must_stay_int8():
+        so.add_session_config_entry("session.qdqisint8allowed", "1")
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.intra_op_num_threads = num_threads or len(os.sched_getaffinity(0))
     so.inter_op_num_threads = 1
     return so
+
+
+# x86 CPU flags of instructions that sum u8 x s8 products into 32 bits (no 16-bit saturation)
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+@functools.cache
+def int8_must_stay_int8() -> bool:
+    """Whether ONNX Runtime must keep int8 activations int8 on this CPU: an x86 CPU without
+    VNNI (or one whose flags cannot be read: Linux's /proc/cpuinfo is where they are read),
+    where its uint8 kernels saturate. On an H200 machine's Xeon (AVX-512 VNNI, AMX), a
+    4096 x 4096 projection took 221 us in the uint8 kernels and 4,377 in the int8 ones, both
+    exact; on a 2-core AVX2 machine 698 us off by up to 20% of the values, and 24,929 exact."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return False  # ONNX Runtime keeps int8 there itself
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f
+                          if line.startswith("flags")), [])
+    except OSError:
+        return True
+    return not VNNI_FLAGS & set(flags)
+
+
+def _say_int8_kernels(manifest: EngineManifest, device: str) -> None:
+    quant = manifest.quantization
+    if device == "cpu" and quant is not None and quant.qformat == "int8_sq" \
+            and int8_must_stay_int8():
+        logger.warning("int8_sq on a CPU without VNNI: ONNX Runtime's fast uint8 kernels "
+                       "would saturate here, so its exact int8 kernels run (35x slower per "
+                       "projection on a 2-core AVX2 machine: benchmarks/ort_int8_kernels.py); "
+                       "a float, int8_wo or int4 engine runs faster on this CPU")
 
 
 @dataclass
@@ -130,6 +172,7 @@ class OnnxExecutor(Executor):
         self.needs_warm_up = self.device == "cuda"  # the CUDA provider sets up at first use
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] \
             if self.device == "cuda" else ["CPUExecutionProvider"]
+        _say_int8_kernels(manifest, self.device)
         so = session_options(options.num_threads, options.cpu_spin_wait)
         self.sessions = [_session(ort, p, so, providers) for p in graphs]
         self._inputs = [{i.name for i in s.get_inputs()} for s in self.sessions]

@@ -36,6 +36,9 @@ def session(model: str | Path | bytes) -> ort.InferenceSession:
     # MatMulNBits that quantizes its input to int8 (accuracy level 4) by default: keep the
     # graph's float activations, as TensorRT does.
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    # int8 activations stay int8, as in kiln's sessions (onnx_executor.session_options): ONNX
+    # Runtime's uint8 rewrite saturates on CPUs without VNNI
+    options.add_session_config_entry("session.qdqisint8allowed", "1")
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
