@@ -69,9 +69,10 @@ def engine_for(hf: Path, work: Path, tp: int, pp: int, dtype: str, limits: dict)
 
 
 def generate(engine: Path, device: str, prompts: list[list[int]], new_tokens: int,
-             ) -> tuple[list[list[int]], list[list[float]], float]:
-    """Greedy tokens and their logprobs for every prompt, and the seconds it took."""
-    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True, logprobs=0)
+             ) -> tuple[list[list[int]], list[list[dict[int, float]]], float]:
+    """Greedy tokens for every prompt, each step's two most likely tokens' logprobs (the
+    chosen one first: {id: logprob}), and the seconds it took."""
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True, logprobs=2)
     _, executor = open_engine(engine, ExecutorOptions(device=device))  # token ids: no tokenizer
     with LLM.from_executor(executor) as llm:
         started = time.perf_counter()
@@ -81,23 +82,33 @@ def generate(engine: Path, device: str, prompts: list[list[int]], new_tokens: in
     if failed:
         raise RuntimeError(f"{engine}: {failed[0]}")
     return ([list(r.token_ids) for r in results],
-            [[lp.logprob for lp in r.logprobs] for r in results], seconds)
+            [[{lp.token_id: lp.logprob, **lp.top} for lp in r.logprobs] for r in results],
+            seconds)
 
 
 def compare(tokens, logprobs, want_tokens, want_logprobs) -> dict:
-    """Identical prompts, the first divergence (prompt, position), and the largest logprob
-    difference over every prompt's tokens before its first divergence."""
-    identical, first, worst = 0, None, 0.0
+    """Identical prompts, the first divergence (prompt, position), the largest logprob
+    difference over every prompt's tokens up to its first divergence, and at each divergence
+    how close the reference's choice was: the reference's logprob of its own token minus that
+    of the token chosen instead (None where that token was not among its two most likely).
+    A divergence at a gap within the noise of the dtype is a near-tie broken the other way."""
+    identical, first, worst, gaps = 0, None, 0.0, []
     for i, (got, want) in enumerate(zip(tokens, want_tokens, strict=True)):
         same = next((j for j, (a, b) in enumerate(zip(got, want, strict=True)) if a != b),
                     len(want))
         identical += same == len(want)
-        if same < len(want) and first is None:
-            first = (i, same)
-        # the logprob of the first diverging token is compared too: the same context made it
-        for a, b in zip(logprobs[i][:same + 1], want_logprobs[i][:same + 1], strict=False):
-            worst = max(worst, abs(a - b))
-    return dict(identical_prompts=identical, first_divergence=first, max_logprob_diff=worst)
+        if same < len(want):
+            first = first or (i, same)
+            theirs = want_logprobs[i][same]
+            other = theirs.get(got[same])
+            gaps.append(None if other is None else theirs[want[same]] - other)
+        # the logprob of the diverging step's chosen token is compared too: the same context
+        for j in range(min(same + 1, len(want))):
+            worst = max(worst, abs(logprobs[i][j][got[j]] - want_logprobs[i][j][want[j]]))
+    near = [g for g in gaps if g is not None]
+    return dict(identical_prompts=identical, first_divergence=first, max_logprob_diff=worst,
+                divergences=len(gaps), largest_gap_at_divergence=max(near) if near else None,
+                divergences_beyond_top2=sum(g is None for g in gaps))
 
 
 def main() -> None:
@@ -146,10 +157,13 @@ def main() -> None:
             row["ok"] = (row["identical_prompts"] == len(prompts)
                          and row["max_logprob_diff"] <= TOLERANCE[dtype])
             results["engines"].append(row)
+            gap = row["largest_gap_at_divergence"]
             print(f"{dtype:9} tp{tp} x pp{pp}: {row['identical_prompts']}/{len(prompts)} prompts "
                   f"identical, first divergence {row['first_divergence']}, max |logprob diff| "
                   f"{row['max_logprob_diff']:.2e} (tolerance {TOLERANCE[dtype]:g}) "
-                  f"{'OK' if row['ok'] else 'MISSED'}; {seconds:.1f} s")
+                  f"{'OK' if row['ok'] else 'MISSED'}; at the divergences the reference's "
+                  f"margin was at most {'-' if gap is None else f'{gap:.2e}'} "
+                  f"({row['divergences_beyond_top2']} beyond its top 2); {seconds:.1f} s")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "parallel_correctness_results.json"
     path.write_text(json.dumps(results, indent=1) + "\n")
