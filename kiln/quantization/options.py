@@ -14,6 +14,7 @@ from kiln.errors import ConfigError
 from kiln.quantization.config import FORMATS, GROUP_SIZES, KV_CACHE_DTYPES, Granularity
 
 DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_CALIB_SEQ_LENGTH = 512  # tokens per sample, unless the model's context is shorter
 WEIGHT_SCALES = (Granularity.PER_TENSOR.value, Granularity.PER_CHANNEL.value)
 
 
@@ -30,8 +31,10 @@ class QuantizeOptions:
                 "--kv_cache_dtype."})
     calib_size: int = field(default=512, metadata={
         "help": "Calibration samples (each --calib_max_seq_length tokens)."})
-    calib_max_seq_length: int = field(default=512, metadata={
-        "help": "Tokens per calibration (and evaluation) sample."})
+    calib_max_seq_length: int | None = field(default=None, metadata={
+        "help": f"Tokens per calibration (and evaluation) sample [default: "
+                f"{DEFAULT_CALIB_SEQ_LENGTH}, or the model's max_position_embeddings where "
+                f"that is smaller]."})
     smoothquant_alpha: float | None = field(default=None, metadata={
         "help": "int8_sq migration strength in [0, 1]; default: the architecture's (Llama 0.85, "
                 "Mistral 0.8, Falcon 0.6, others 0.5)."})
@@ -65,9 +68,11 @@ class QuantizeOptions:
                               f"found {self.kv_cache_dtype!r}")
         for name in ("calib_size", "calib_max_seq_length"):
             value = getattr(self, name)
+            if name == "calib_max_seq_length" and value is None:
+                continue  # the default: the model's to say
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, found {value!r}")
-        if self.calib_max_seq_length < 2:
+        if self.calib_max_seq_length is not None and self.calib_max_seq_length < 2:
             raise ConfigError("calib_max_seq_length must be at least 2 (a token and its next)")
         if self.max_ppl_ratio is not None and not 1 <= self.max_ppl_ratio < math.inf:
             raise ConfigError(f"max_ppl_ratio must be a finite number >= 1 (--no_accuracy_gate "
@@ -75,7 +80,7 @@ class QuantizeOptions:
         if self.calib_dataset is None:  # settings of text that is not given do nothing
             asked = ["--calib_size"] if self.calib_size != _DEFAULTS["calib_size"] else []
             if self.eval_dataset is None:  # (its samples have --calib_max_seq_length tokens)
-                if self.calib_max_seq_length != _DEFAULTS["calib_max_seq_length"]:
+                if self.calib_max_seq_length is not None:
                     asked.append("--calib_max_seq_length")
                 if self.max_ppl_ratio is not None:
                     asked.append("--max_ppl_ratio (the gate measures held-out calibration "

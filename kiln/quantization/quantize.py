@@ -25,6 +25,7 @@ Non-goals: quantizing the embedding; calibrating on the quantized model's own ac
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -47,7 +48,7 @@ from kiln.quantization.config import WEIGHT_SCALE, QuantConfig
 from kiln.quantization.data import Samples, load_tokenizer_of, split_calibration, token_samples
 from kiln.quantization.formats import dequantize_weight, quantize_weight
 from kiln.quantization.layerio import LayerReader, QuantizedWriter
-from kiln.quantization.options import QuantizeOptions
+from kiln.quantization.options import DEFAULT_CALIB_SEQ_LENGTH, QuantizeOptions
 from kiln.quantization.transforms import AWQ_ROWS, LayerStats, quantize_layer
 from kiln.reference import ReferenceDecoder, norm
 from kiln.roles import Role, companion
@@ -75,8 +76,11 @@ def quantize(checkpoint_dir: str | Path, output_dir: str | Path, *, progress: bo
     check_output(output_dir, opts.overwrite, inputs=[source_dir], writes=CHECKPOINT_KIND)
     source = load_config(source_dir)
     context = source.decoder.max_position_embeddings
-    if (opts.calib_dataset or opts.eval_dataset) and opts.calib_max_seq_length > context \
-            and opts.calib_max_seq_length != QuantizeOptions.calib_max_seq_length:  # asked for
+    texts = opts.calib_dataset or opts.eval_dataset  # (without, the length is not used)
+    if texts and opts.calib_max_seq_length is None:
+        opts = dataclasses.replace(opts, calib_max_seq_length=min(DEFAULT_CALIB_SEQ_LENGTH,
+                                                                  context))
+    elif texts and opts.calib_max_seq_length > context:
         raise ConfigError(f"calib_max_seq_length {opts.calib_max_seq_length} exceeds the model's "
                           f"max_position_embeddings {context} (positions it was not trained "
                           f"for would calibrate it); lower --calib_max_seq_length")

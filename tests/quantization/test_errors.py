@@ -71,13 +71,18 @@ def _cases(src, src_tp2, texts, quantized, tmp):
                                           "--calib_max_seq_length", "100000"], src,
                                          "calib_max_seq_length 100000 exceeds the model's "
                                          "max_position_embeddings"),
+        # the default's value, asked for: refused as any other (left out, it is capped)
+        "512 past the context": (["--qformat", "int8_sq", *calib,
+                                  "--calib_max_seq_length", "512"], src,
+                                 "calib_max_seq_length 512 exceeds the model's "
+                                 "max_position_embeddings 64"),
     }
 
 
 CASES = ["wrong qformat", "group size", "missing file", "empty file", "unreadable file",
          "too few tokens", "needs data", "kv needs data", "already quantized",
          "fp8 scales on int8", "alpha on int4", "alpha nan", "ratio inf", "calib size without data",
-         "gate without text", "calibration past the context"]
+         "gate without text", "calibration past the context", "512 past the context"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -163,6 +163,17 @@ def test_tp1_and_tp2_quantized_checkpoints_give_the_same_logits(checkpoint, text
     assert load_config(outs[1]).mapping.tp_size == 2
 
 
+def test_the_default_sample_length_is_the_models_context_where_shorter(checkpoint, texts,
+                                                                      tmp_path):
+    """Without calib_max_seq_length a sample is 512 tokens, or max_position_embeddings where
+    that is shorter (64 here); asked for past it, the length is refused (test_errors.py)."""
+    src = checkpoint("llama-gqa")
+    assert load_config(src).decoder.max_position_embeddings == 64
+    out = kiln.quantize(src, tmp_path / "q", qformat="fp8", calib_dataset=str(texts["calib"]),
+                        calib_size=6, no_accuracy_gate=True, progress=False)
+    assert load_config(out).quantization.calibration["seq_length"] == 64
+
+
 def test_layer_by_layer_statistics_equal_whole_model_ones(checkpoint, texts, tmp_path):
     """Static scales of a tp 2 x pp 2 checkpoint == max|x| / 448 over the whole float model's
     forward of the same calibration samples."""
