@@ -1,6 +1,6 @@
 """ONNX Runtime's int8 x int8 kernels against its uint8 x int8 ones on this CPU: exactness and time.
 
-    python3 benchmarks/ort_int8_kernels.py [--out results.json]
+    PYTHONPATH=. python3 benchmarks/ort_int8_kernels.py [--out results.json]
 
 An int8_sq engine's projections are x -> QuantizeLinear/DequantizeLinear (int8) -> MatMul <-
 DequantizeLinear(W int8), which ONNX Runtime fuses into MatMulIntegerToFloat. By default it
@@ -41,15 +41,10 @@ def model(k: int, n: int, w: np.ndarray, w_scale: np.ndarray, x_scale: np.ndarra
 
 
 def cpu_flags() -> list[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return sorted(f for f in line.split(":", 1)[1].split()
-                                  if "vnni" in f or f.startswith(("avx512f", "avx2", "amx")))
-    except OSError:
-        pass
-    return []
+    """The flags that decide ONNX Runtime's int8 kernels (VNNI, AVX-512, AVX2, AMX)."""
+    from kiln.runtime.onnx_executor import cpu_flags as all_flags
+
+    return sorted(f for f in all_flags() if "vnni" in f or f.startswith(("avx512f", "avx2", "amx")))
 
 
 def main() -> None:

@@ -114,13 +114,17 @@ def int8_must_stay_int8() -> bool:
     exact; on a 2-core AVX2 machine 698 us off by up to 20% of the values, and 24,929 exact."""
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
         return False  # ONNX Runtime keeps int8 there itself
+    return VNNI_FLAGS.isdisjoint(cpu_flags())
+
+
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags as Linux lists them in /proc/cpuinfo (empty where unreadable)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f
-                          if line.startswith("flags")), [])
+            return frozenset(next((line.split(":", 1)[1].split() for line in f
+                                   if line.startswith("flags")), []))
     except OSError:
-        return True
-    return not VNNI_FLAGS & set(flags)
+        return frozenset()
 
 
 def _say_int8_kernels(manifest: EngineManifest, device: str) -> None:

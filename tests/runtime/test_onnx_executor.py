@@ -231,18 +231,9 @@ def test_int8_activations_stay_int8_on_cpus_without_vnni(monkeypatch, vnni):
             so.get_session_config_entry("session.qdqisint8allowed")
     else:
         assert so.get_session_config_entry("session.qdqisint8allowed") == "1"
-    if vnni and onnx_executor.VNNI_FLAGS.isdisjoint(_cpu_flags()):
+    if vnni and onnx_executor.VNNI_FLAGS.isdisjoint(onnx_executor.cpu_flags()):
         return  # this CPU's uint8 kernels saturate: what the branch above avoids
     model, x, want = _qdq_projection(4, 256, 64)
     session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
     assert np.abs(session.run(None, {"x": x})[0] - want).max() < 1e-4
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return set(next((line.split(":", 1)[1].split() for line in f
-                             if line.startswith("flags")), []))
-    except OSError:
-        return set()
 
