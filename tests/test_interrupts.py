@@ -1,4 +1,5 @@
-"""Ctrl-C and SIGTERM stop a command promptly, leave nothing behind, and exit 130 / 143.
+"""Ctrl-C, SIGTERM and SIGHUP stop a command promptly, leave nothing behind, and exit 130 / 143
+/ 129.
 
 Each case runs the real CLI in a subprocess that sends the signal to itself at a chosen point
 (inside TensorRT's native build, in the middle of a conversion), so the timing is exact.
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from kiln.interrupts import Terminated, deferred_interrupts, exit_code
+from kiln.interrupts import Terminated, deferred_interrupts, exit_code, signal_name
 from tests.models import hf_model, kiln_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,9 +70,13 @@ def leftovers(parent: Path) -> list[str]:
 def test_exit_codes():
     assert exit_code(KeyboardInterrupt()) == 130
     assert exit_code(Terminated()) == 143
+    assert exit_code(Terminated(signal.SIGHUP)) == 129
+    assert signal_name(Terminated(signal.SIGHUP)) == "SIGHUP"
+    assert signal_name(KeyboardInterrupt()) == "Ctrl-C"
 
 
-@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143),
+                                         (signal.SIGHUP, 129)])
 def test_deferred_interrupts_raise_when_the_native_call_returns(signum, code):
     with pytest.raises(KeyboardInterrupt) as info:
         with deferred_interrupts() as pending:
@@ -115,15 +120,20 @@ def test_signal_during_tensorrt_build_stops_it(hf_dir, tmp_path, signum, code):
     assert not (tmp_path / "engine").exists() and leftovers(tmp_path) == []
 
 
-def test_ctrl_c_during_conversion_leaves_nothing(hf_dir, tmp_path):
-    patch = """
+@pytest.mark.parametrize("signum,code,told", [(signal.SIGINT, 130, "Ctrl-C"),
+                                              (signal.SIGTERM, 143, "SIGTERM"),
+                                              (signal.SIGHUP, 129, "SIGHUP")])
+def test_a_signal_during_conversion_leaves_nothing(hf_dir, tmp_path, signum, code, told):
+    """SIGHUP is a closed terminal or a dropped SSH session: Python's default would end the
+    process at once, leaving the temporary output behind."""
+    patch = f"""
         import os, signal
         from kiln.converters import convert
 
         write = convert._Placement.write
 
         def interrupted(self, row, chunk):
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), {int(signum)})
             return write(self, row, chunk)
 
         convert._Placement.write = interrupted
@@ -131,8 +141,8 @@ def test_ctrl_c_during_conversion_leaves_nothing(hf_dir, tmp_path):
     out = tmp_path / "ckpt"
     result, seconds = run_cli(patch, ["convert_checkpoint", "--model_dir", str(hf_dir),
                                       "--output_dir", str(out)])
-    assert result.returncode == 130, result.stderr
-    assert "interrupted (Ctrl-C)" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == code, result.stderr
+    assert f"interrupted ({told})" in result.stderr and "Traceback" not in result.stderr
     assert not out.exists() and leftovers(tmp_path) == []
 
 

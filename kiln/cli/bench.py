@@ -23,6 +23,8 @@ import click
 
 from kiln.cli.context import (
     CliContext,
+    FloatRange,
+    IntRange,
     PathArg,
     dp_option,
     executor_options,
@@ -42,17 +44,17 @@ MAX_ARRIVALS_S = 30 * 86400.0  # and longer than this, refused (a typo, not a be
 
 
 @engine_command("bench", "Engine dir (output of kiln build).")
-@click.option("--input_len", default=128, show_default=True, type=click.IntRange(min=1),
+@click.option("--input_len", default=128, show_default=True, type=IntRange(min=1),
               help="Prompt tokens per request (random ids).")
-@click.option("--output_len", default=128, show_default=True, type=click.IntRange(min=1),
+@click.option("--output_len", default=128, show_default=True, type=IntRange(min=1),
               help="Generated tokens per request (EOS ignored).")
-@click.option("--num_requests", default=16, show_default=True, type=click.IntRange(min=1),
+@click.option("--num_requests", default=16, show_default=True, type=IntRange(min=1),
               help="Requests in the workload.")
-@click.option("--request_rate", default=None, type=click.FloatRange(min=0, min_open=True),
+@click.option("--request_rate", default=None, type=FloatRange(min=0, min_open=True),
               help="Poisson arrivals per second [default: all queued at the start].")
-@click.option("--concurrency", default=None, type=click.IntRange(min=1),
+@click.option("--concurrency", default=None, type=IntRange(min=1),
               help="Requests in flight at most [default: no limit].")
-@click.option("--warmup", default=1, show_default=True, type=click.IntRange(min=0),
+@click.option("--warmup", default=1, show_default=True, type=IntRange(min=0),
               help="Rounds run (and not measured) before the workload, each as many requests "
                    "as run at once in it (so its batch shapes are compiled and captured).")
 @click.option("--seed", default=0, show_default=True, help="Seed of prompts and arrivals.")
@@ -66,7 +68,7 @@ MAX_ARRIVALS_S = 30 * 86400.0  # and longer than this, refused (a typo, not a be
               help="Also run the same prompts through HF transformers generate() on the "
                    "engine's own weights (torch engines) and report kiln / HF.")
 @click.option("--baseline_batch_size", default=64, show_default=True,
-              type=click.IntRange(min=1), help="Batch size of the HF baseline.")
+              type=IntRange(min=1), help="Batch size of the HF baseline.")
 @click.pass_obj
 def bench(obj: CliContext, warmup: int, json_output: Path | None, device: str,
           num_threads: int | None, cpu_spin_wait: bool, verify_checksums: bool, dp: int,

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from kiln.cli.bench import _check_json_output, is_report, write_report
-from kiln.cli.context import CliContext, PathArg
+from kiln.cli.context import CliContext, IntRange, PathArg
 from kiln.errors import KilnError
 
 
@@ -43,17 +43,17 @@ def _is_serve_report(path: Path) -> bool:
 @click.option("--request_rates", default="inf", show_default=True, type=RatesType(),
               help="Poisson arrival rates (requests/s) to run, comma-separated; inf: all "
                    "sent at once.")
-@click.option("--num_requests", default=16, show_default=True, type=click.IntRange(min=1),
+@click.option("--num_requests", default=16, show_default=True, type=IntRange(min=1),
               help="Requests per rate.")
-@click.option("--input_len", default=128, show_default=True, type=click.IntRange(min=1),
+@click.option("--input_len", default=128, show_default=True, type=IntRange(min=1),
               help="Prompt tokens per request (random ids).")
-@click.option("--output_len", default=128, show_default=True, type=click.IntRange(min=1),
+@click.option("--output_len", default=128, show_default=True, type=IntRange(min=1),
               help="Generated tokens per request (ignore_eos).")
-@click.option("--max_concurrency", default=None, type=click.IntRange(min=1),
+@click.option("--max_concurrency", default=None, type=IntRange(min=1),
               help="Requests in flight at most [default: no limit].")
-@click.option("--vocab_size", default=10000, show_default=True, type=click.IntRange(min=1),
+@click.option("--vocab_size", default=10000, show_default=True, type=IntRange(min=1),
               help="Prompt token ids are drawn from [0, N) (within any real vocabulary).")
-@click.option("--warmup", default=1, show_default=True, type=click.IntRange(min=0),
+@click.option("--warmup", default=1, show_default=True, type=IntRange(min=0),
               help="Unmeasured rounds first, each as many requests as run at once.")
 @click.option("--seed", default=0, show_default=True, help="Seed of prompts and arrivals.")
 @click.option("--json_output", type=PathArg(dir_okay=False, path_type=Path), default=None,

@@ -14,7 +14,7 @@ import re
 import click
 
 from kiln.builder.options import BuildOptions
-from kiln.cli.context import CliContext, PathArg
+from kiln.cli.context import CliContext, IntRange, PathArg
 from kiln.config import DTYPES
 from kiln.engine import BACKENDS
 from kiln.plugins import PLUGINS, PluginMode
@@ -76,17 +76,17 @@ def _plugin_options(command):
 @click.option("--backend", default=_DEFAULT["backend"], show_default=True,
               type=click.Choice(BACKENDS), help=_HELP["backend"])
 @click.option("--max_batch_size", default=_DEFAULT["max_batch_size"], show_default=True,
-              type=click.IntRange(min=1),
+              type=IntRange(min=1),
               help=_HELP["max_batch_size"])
-@click.option("--max_input_len", type=click.IntRange(min=1), help=_HELP["max_input_len"])
-@click.option("--max_seq_len", type=click.IntRange(min=1), help=_HELP["max_seq_len"])
-@click.option("--max_num_tokens", type=click.IntRange(min=1), help=_HELP["max_num_tokens"])
+@click.option("--max_input_len", type=IntRange(min=1), help=_HELP["max_input_len"])
+@click.option("--max_seq_len", type=IntRange(min=1), help=_HELP["max_seq_len"])
+@click.option("--max_num_tokens", type=IntRange(min=1), help=_HELP["max_num_tokens"])
 @click.option("--dtype", type=click.Choice(DTYPES), help=_HELP["dtype"])
 @click.option("--target", "targets", callback=_targets, help=_HELP["targets"])
 @_plugin_options
 @click.option("--max_build_memory", type=MemorySize(), help=_HELP["max_build_memory"])
 @click.option("--workers", default=_DEFAULT["workers"], show_default=True,
-              type=click.IntRange(min=1),
+              type=IntRange(min=1),
               help=_HELP["workers"])
 @click.option("--overwrite", is_flag=True, help=_HELP["overwrite"])
 @click.option("--allow_long_context", is_flag=True, help=_HELP["allow_long_context"])

@@ -32,7 +32,7 @@ def executor_options(func):
 
     options = [
         click.option("--device", type=click.Choice(DEVICES), show_default=True, **kw("device")),
-        click.option("--num_threads", type=click.IntRange(min=1), **kw("num_threads")),
+        click.option("--num_threads", type=IntRange(min=1), **kw("num_threads")),
         click.option("--cpu_spin_wait/--no_cpu_spin_wait", show_default=True,
                      **kw("cpu_spin_wait")),
         click.option("--verify_checksums", is_flag=True, **kw("verify_checksums")),
@@ -56,7 +56,7 @@ def dp_option(func):
     from kiln.runtime.options import ExecutorOptions
 
     field = next(f for f in dataclasses.fields(ExecutorOptions) if f.name == "dp")
-    return click.option("--dp", type=click.IntRange(min=1), default=field.default,
+    return click.option("--dp", type=IntRange(min=1), default=field.default,
                         show_default=True, help=field.metadata["help"])(func)
 
 
@@ -70,15 +70,25 @@ def gpu_options(func):
     func = click.option("--prefill_attention", type=click.Choice(PREFILL_ATTENTION),
                         default=None, help=fields["prefill_attention"].metadata["help"])(func)
     name = "kv_cache_free_gpu_memory_fraction"
-    return click.option(f"--{name}", type=_Fraction(min=0, max=1, min_open=True),
+    return click.option(f"--{name}", type=FloatRange(min=0, max=1, min_open=True),
                         default=None, help=fields[name].metadata["help"])(func)
 
 
-class _Fraction(click.FloatRange):
-    """A float in the range, and not NaN (which every comparison lets through)."""
+class IntRange(click.IntRange):
+    """click's IntRange, whose bad value reads "'abc' is not a valid integer" (click's own
+    "is not a valid integer range" reads as if a range were expected)."""
+
+    name = "integer"
+
+
+class FloatRange(click.FloatRange):
+    """click's FloatRange, named "number" in its message (as :class:`IntRange`), and refusing
+    NaN, which every bound's comparison lets through."""
+
+    name = "number"
 
     def convert(self, value, param, ctx):
         value = super().convert(value, param, ctx)
         if value != value:
-            self.fail("nan is not a number in (0, 1]", param, ctx)
+            self.fail(f"nan is not a number in {self._describe_range()}", param, ctx)
         return value

@@ -35,7 +35,7 @@ from click.core import ParameterSource
 
 from kiln.cli.build import MemorySize
 from kiln.cli.build import build as build_command
-from kiln.cli.context import CliContext, PathArg
+from kiln.cli.context import CliContext, IntRange, PathArg
 from kiln.config import DTYPES
 from kiln.converters.options import ConvertOptions
 from kiln.engine import BACKENDS
@@ -68,9 +68,9 @@ def _model_params(model_dir_required: bool, exclude: tuple[str, ...] = (),
         click.Option(["--revision"], **convert("revision")),
         click.Option(["--dtype"], type=click.Choice(("auto", *DTYPES)), show_default=True,
                      **convert("dtype")),
-        click.Option(["--tp_size"], type=click.IntRange(min=1), show_default=True,
+        click.Option(["--tp_size"], type=IntRange(min=1), show_default=True,
                      **convert("tp_size")),
-        click.Option(["--pp_size"], type=click.IntRange(min=1), show_default=True,
+        click.Option(["--pp_size"], type=IntRange(min=1), show_default=True,
                      **convert("pp_size")),
         click.Option(["--allow-pickle", "--allow_pickle", "allow_pickle"], is_flag=True,
                      **convert("allow_pickle")),

@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from kiln.cli.bench import _check_json_output, is_report, write_report
-from kiln.cli.context import CliContext, PathArg, executor_options, gpu_options
+from kiln.cli.context import CliContext, IntRange, PathArg, executor_options, gpu_options
 from kiln.cli.engine_source import engine_command, held_engine
 
 
@@ -27,9 +27,9 @@ from kiln.cli.engine_source import engine_command, held_engine
 @click.option("--dataset", required=True, type=PathArg(),
               help="A .txt (paragraphs), .jsonl or .parquet file ('text'), a directory, or a "
                    "hub dataset id owner/name[:glob] (kiln.datasets).")
-@click.option("--max_length", type=click.IntRange(min=2),
+@click.option("--max_length", type=IntRange(min=2),
               help="Tokens per window [default: the engine's max_input_len].")
-@click.option("--stride", type=click.IntRange(min=1),
+@click.option("--stride", type=IntRange(min=1),
               help="Tokens between window starts [default: max_length // 2].")
 @click.option("--json_output", type=PathArg(dir_okay=False, path_type=Path), default=None,
               help="Also write the result as JSON here (-: standard output).")

@@ -21,11 +21,11 @@ from typing import Any
 import click
 
 import kiln
-from kiln.cli.context import CliContext, PathArg
+from kiln.cli.context import CliContext, IntRange, PathArg
 from kiln.config import DTYPES
 from kiln.converters.options import ConvertOptions
 from kiln.errors import KilnError
-from kiln.interrupts import Terminated, deferred_interrupts, exit_code, install_sigterm
+from kiln.interrupts import deferred_interrupts, exit_code, install_termination_signals, signal_name
 
 
 def _traceback_if_debug(ctx: click.Context) -> None:
@@ -41,11 +41,11 @@ GLOBAL_OPTIONS = ("-v", "--verbose", "-vv", "-q", "--quiet", "--debug")
 
 class KilnGroup(click.Group):
     """A group that turns KilnError, a subcommand's usage error and an OSError (disk full,
-    permissions) into a one-line message (exit 2) unless --debug, and Ctrl-C / SIGTERM into one
-    line and exit 130 / 143 (click's own handler would exit 1)."""
+    permissions) into a one-line message (exit 2) unless --debug, and Ctrl-C / SIGTERM / SIGHUP
+    into one line and exit 130 / 143 / 129 (click's own handler would exit 1)."""
 
     def invoke(self, ctx: click.Context):
-        install_sigterm()
+        install_termination_signals()
         try:
             return super().invoke(ctx)
         except KilnError as e:
@@ -71,8 +71,7 @@ class KilnGroup(click.Group):
         except KeyboardInterrupt as e:
             # on a terminal, streamed text or a progress bar may have left the cursor mid-line
             fresh = "\n" if sys.stderr.isatty() else ""
-            click.echo(f"{fresh}interrupted "
-                       f"({'SIGTERM' if isinstance(e, Terminated) else 'Ctrl-C'})", err=True)
+            click.echo(f"{fresh}interrupted ({signal_name(e)})", err=True)
             ctx.exit(exit_code(e))
 
     def resolve_command(self, ctx, args):
@@ -157,9 +156,9 @@ def _convert_option(name: str) -> dict:
 @click.option("--revision", **_convert_option("revision"))
 @click.option("--dtype", type=click.Choice(("auto", *DTYPES)), show_default=True,
               **_convert_option("dtype"))
-@click.option("--tp_size", type=click.IntRange(min=1), show_default=True,
+@click.option("--tp_size", type=IntRange(min=1), show_default=True,
               **_convert_option("tp_size"))
-@click.option("--pp_size", type=click.IntRange(min=1), show_default=True,
+@click.option("--pp_size", type=IntRange(min=1), show_default=True,
               **_convert_option("pp_size"))
 @click.option("--overwrite", is_flag=True, **_convert_option("overwrite"))
 @click.option("--allow-pickle", "--allow_pickle", "allow_pickle", is_flag=True,

@@ -11,7 +11,7 @@ import dataclasses
 
 import click
 
-from kiln.cli.context import CliContext, PathArg
+from kiln.cli.context import CliContext, FloatRange, IntRange, PathArg
 from kiln.quantization.config import FORMATS, GROUP_SIZES, KV_CACHE_DTYPES
 from kiln.quantization.options import DEVICES, WEIGHT_SCALES, QuantizeOptions
 
@@ -33,15 +33,15 @@ def _kw(name: str, **extra) -> dict:
 @click.option("--qformat", required=True, **_kw("qformat", type=click.Choice(tuple(FORMATS))))
 @click.option("--kv_cache_dtype", **_kw("kv_cache_dtype", type=click.Choice(KV_CACHE_DTYPES)))
 @click.option("--calib_dataset", **_kw("calib_dataset"))
-@click.option("--calib_size", **_kw("calib_size", type=click.IntRange(min=1)))
-@click.option("--calib_max_seq_length", **_kw("calib_max_seq_length", type=click.IntRange(min=2)))
+@click.option("--calib_size", **_kw("calib_size", type=IntRange(min=1)))
+@click.option("--calib_max_seq_length", **_kw("calib_max_seq_length", type=IntRange(min=2)))
 @click.option("--smoothquant_alpha", **_kw("smoothquant_alpha",
-                                           type=click.FloatRange(0.0, 1.0)))
+                                           type=FloatRange(0.0, 1.0)))
 @click.option("--group_size", **_kw("group_size", type=click.Choice([str(g) for g in GROUP_SIZES])),
               callback=lambda ctx, param, value: None if value is None else int(value))
 @click.option("--weight_scales", **_kw("weight_scales", type=click.Choice(WEIGHT_SCALES)))
 @click.option("--eval_dataset", **_kw("eval_dataset"))
-@click.option("--max_ppl_ratio", **_kw("max_ppl_ratio", type=click.FloatRange(min=1.0)))
+@click.option("--max_ppl_ratio", **_kw("max_ppl_ratio", type=FloatRange(min=1.0)))
 @click.option("--quantize_lm_head", is_flag=True, **_kw("quantize_lm_head"))
 @click.option("--no_accuracy_gate", is_flag=True, **_kw("no_accuracy_gate"))
 @click.option("--device", **_kw("device", type=click.Choice(DEVICES)))

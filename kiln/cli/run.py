@@ -32,6 +32,7 @@ import click
 
 from kiln.cli.context import (
     CliContext,
+    IntRange,
     PathArg,
     dp_option,
     executor_options,
@@ -225,7 +226,7 @@ def _shown(text: str) -> str:
               help="Prompt file: .jsonl = one prompt per line (string or {\"prompt\": ...}); "
                    "any other file = one prompt; - = one prompt from standard input. "
                    "Repeatable.")
-@click.option("--max_output_len", default=64, show_default=True, type=click.IntRange(min=1),
+@click.option("--max_output_len", default=64, show_default=True, type=IntRange(min=1),
               help="New tokens per prompt at most.")
 @click.option("--streaming", is_flag=True,
               help="Print text as it is generated (several prompts: the same blocks, in order; "

@@ -7,7 +7,7 @@ built: kiln/cli/engine_source.py, held while serving), open the engine
 (:meth:`kiln.runtime.LLM.warm_up`: what compiles at first use does so before the first client,
 who would otherwise wait for it; logged at INFO with its time), run
 :func:`kiln.serve.create_app` on uvicorn over the bound sockets, close the engine.
-SIGINT/SIGTERM while serving: stop accepting, let running requests finish for
+SIGINT/SIGTERM/SIGHUP while serving: stop accepting, let running requests finish for
 ``--grace_period`` seconds, abort the rest, exit 0 (uvicorn's default would re-raise the
 signal after its own shutdown, and the CLI would exit 130/143); a second signal aborts them
 at once (:class:`_Drain`). Under torchrun, rank 0 serves; the other ranks bind nothing, serve
@@ -30,6 +30,8 @@ import click
 
 from kiln.cli.context import (
     CliContext,
+    FloatRange,
+    IntRange,
     PathArg,
     dp_option,
     executor_options,
@@ -37,6 +39,7 @@ from kiln.cli.context import (
 )
 from kiln.cli.engine_source import engine_command, held_engine
 from kiln.errors import KilnError
+from kiln.interrupts import TERMINATING
 
 if TYPE_CHECKING:
     from kiln.runtime import AsyncLLM, ExecutorOptions
@@ -51,7 +54,7 @@ class ServeError(KilnError):
 @engine_command("serve", "Engine dir (output of kiln build).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (0.0.0.0: every interface).")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535),
+@click.option("--port", default=8000, show_default=True, type=IntRange(1, 65535),
               help="TCP port to listen on.")
 @click.option("--served_model_name", default=None,
               help="The model name clients send and /v1/models lists (default: --model_dir "
@@ -59,15 +62,15 @@ class ServeError(KilnError):
 @click.option("--api_key", envvar="KILN_API_KEY", default=None, show_envvar=True,
               help="Require 'Authorization: Bearer KEY' on /v1/* (401 otherwise); /health, "
                    "/metrics and /version stay open.")
-@click.option("--max_queue", type=click.IntRange(min=0), default=None,
+@click.option("--max_queue", type=IntRange(min=0), default=None,
               help="Answer 429 (with Retry-After) when more than this many requests would wait "
                    "for an engine slot (default: no limit).")
 @click.option("--chat_template", type=PathArg(exists=True, dir_okay=False, path_type=Path),
               default=None, help="A jinja2 chat template file to use instead of the engine "
                                  "dir's (rendered sandboxed).")
-@click.option("--max_body_bytes", type=click.IntRange(min=1), default=4 * 1024 * 1024,
+@click.option("--max_body_bytes", type=IntRange(min=1), default=4 * 1024 * 1024,
               show_default=True, help="Largest request body accepted (413 above).")
-@click.option("--grace_period", type=click.FloatRange(min=0), default=30.0, show_default=True,
+@click.option("--grace_period", type=FloatRange(min=0), default=30.0, show_default=True,
               help="Seconds running requests may finish after SIGINT/SIGTERM before they are "
                    "aborted.")
 @click.option("--engine_process/--no_engine_process", default=None, help=(
@@ -299,7 +302,7 @@ class _Server:
 
             @contextlib.contextmanager
             def capture_signals(self):
-                signals = (signal.SIGINT, signal.SIGTERM)
+                signals = (signal.SIGINT, *TERMINATING)  # SIGHUP drains as SIGTERM does
                 previous = {s: signal.signal(s, self.handle_exit) for s in signals}
                 try:
                     yield

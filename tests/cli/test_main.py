@@ -108,6 +108,22 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
     assert re.search("no such (local )?directory", lines[0])
 
 
+@pytest.mark.parametrize("args,message", [
+    (["quantize", "--calib_size", "abc"], "'abc' is not a valid integer."),
+    (["quantize", "--max_ppl_ratio", "abc"], "'abc' is not a valid number."),
+    (["quantize", "--max_ppl_ratio", "nan"], "nan is not a number in x>=1.0"),
+    (["serve", "--port", "0"], "0 is not in the range 1<=x<=65535."),
+])
+def test_a_bad_number_is_named_as_a_number(args, message, tmp_path):
+    """click's own words were "'abc' is not a valid integer range" (a trial read it as asking
+    for a range), and a range let NaN through."""
+    result = _invoke(*args, "--checkpoint_dir", str(tmp_path), "--output_dir",
+                     str(tmp_path / "q"), "--qformat", "int8_wo") if args[0] == "quantize" \
+        else _invoke(*args, "--engine_dir", str(tmp_path))
+    assert result.exit_code == 2 and len(result.output.splitlines()) == 1, result.output
+    assert message in result.output
+
+
 @pytest.mark.parametrize("args,hint", [
     (["run", "-v"], "(-v is kiln's own option: it goes before the command, kiln -v run ...)"),
     (["quantize", "--debug"], "(--debug is kiln's own option: it goes before the command, "

@@ -307,7 +307,9 @@ def test_full_queue_is_429_with_retry_after(server, client):
                      and server.metric("kiln:num_requests_waiting") == 0)
 
 
-def test_sigterm_finishes_in_flight_requests_and_exits_0(engine):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_finishes_in_flight_requests_and_exits_0(engine, sig):
+    """SIGHUP (the terminal that started the server closed) drains as SIGTERM does."""
     import threading
 
     # a grace period far above the request's few seconds: 20 s was too short for 40 tokens on
@@ -320,7 +322,7 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(engine):
                                   extra_body={"ignore_eos": True})))
     thread.start()
     assert _wait_for(lambda: process.metric("kiln:num_requests_running") == 1)
-    assert process.stop(signal.SIGTERM, timeout=130) == 0
+    assert process.stop(sig, timeout=130) == 0
     thread.join(10)
     assert results and results[0].choices[0].finish_reason == "length"
     assert results[0].usage.completion_tokens == 40

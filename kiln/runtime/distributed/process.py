@@ -1,11 +1,12 @@
 """What every worker process kiln spawns shares: how it starts, how it ends with its driver, and
 how its end is told.
 
-- :func:`start` starts a spawned process with SIGINT blocked: the child inherits the blocked
-  signal through fork and exec, so a Ctrl-C that reaches the whole process group while the
-  child starts Python and imports torch stays pending until :func:`detach` makes the child
-  ignore it (a handler would be reset by exec). The driver stops its workers itself.
-- :func:`detach` (first thing in the child): ignore SIGINT, drop a pending one, and start a
+- :func:`start` starts a spawned process with SIGINT and SIGHUP blocked (:data:`GROUP_SIGNALS`,
+  the signals a terminal sends its whole process group: Ctrl-C, a closed window): the child
+  inherits the blocked signals through fork and exec, so one that arrives while the child starts
+  Python and imports torch stays pending until :func:`detach` makes the child ignore it (a
+  handler would be reset by exec). The driver stops its workers itself.
+- :func:`detach` (first thing in the child): ignore those signals, drop pending ones, and start a
   thread that ends the process within :data:`PARENT_POLL_S` once the driver's pid is gone
   (killed outright: nothing else would stop a process blocked in a collective or a step).
 - :func:`exit_cause` says how a process ended, from its exit code.
@@ -28,6 +29,9 @@ import threading
 import time
 from multiprocessing.process import BaseProcess
 
+# what a terminal sends to its whole foreground process group (SIGHUP: not on Windows)
+GROUP_SIGNALS = {signal.SIGINT} | ({signal.SIGHUP} if hasattr(signal, "SIGHUP") else set())
+
 PARENT_POLL_S = 0.5
 UNGUARDED_EXIT = 87  # a spawned child that ran the unguarded script of its parent (see above)
 UNGUARDED = ("died while starting: the script that opened the engine has no "
@@ -37,13 +41,13 @@ UNGUARDED = ("died while starting: the script that opened the engine has no "
 
 
 def start(process: BaseProcess) -> None:
-    """``process.start()`` with SIGINT blocked until it returns (see the module docstring).
+    """``process.start()`` with :data:`GROUP_SIGNALS` blocked until it returns (see the module docstring).
     In a child that multiprocessing is still bootstrapping (an unguarded script run again):
     exit with :data:`UNGUARDED_EXIT`."""
     # the test multiprocessing's own spawn._check_not_importing_main makes (CPython 3.8-3.13)
     if getattr(multiprocessing.current_process(), "_inheriting", False):
         os._exit(UNGUARDED_EXIT)
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)
     try:
         process.start()
     finally:
@@ -51,9 +55,11 @@ def start(process: BaseProcess) -> None:
 
 
 def detach(parent_pid: int) -> None:
-    """In the child: ignore SIGINT (a pending one is dropped) and end with the parent."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # blocked since the spawn (start)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    """In the child: ignore :data:`GROUP_SIGNALS` (pending ones are dropped) and end with the
+    parent."""
+    for number in GROUP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)  # blocked since the spawn (start)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, GROUP_SIGNALS)
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True,
                      name="kiln-parent-watch").start()
 
