@@ -15,6 +15,7 @@ from kiln.quantization.config import FORMATS, GROUP_SIZES, KV_CACHE_DTYPES, Gran
 
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_CALIB_SEQ_LENGTH = 512  # tokens per sample, unless the model's context is shorter
+SHORT_CALIB_SEQ_LENGTH = 64  # shorter samples are warned about (unless the context is shorter)
 WEIGHT_SCALES = (Granularity.PER_TENSOR.value, Granularity.PER_CHANNEL.value)
 
 
@@ -77,6 +78,13 @@ class QuantizeOptions:
         if self.max_ppl_ratio is not None and not 1 <= self.max_ppl_ratio < math.inf:
             raise ConfigError(f"max_ppl_ratio must be a finite number >= 1 (--no_accuracy_gate "
                               f"measures without refusing), found {self.max_ppl_ratio!r}")
+        # what is missing comes before what is extra
+        needs = FORMATS[self.qformat].needs_calibration or self.kv_cache_dtype is not None
+        if needs and not self.calib_dataset:
+            what = self.qformat if FORMATS[self.qformat].needs_calibration else \
+                f"--kv_cache_dtype {self.kv_cache_dtype}"
+            raise ConfigError(f"{what} needs calibration data: pass --calib_dataset (a .txt, "
+                              f".jsonl or .parquet file, or a hub dataset id)")
         if self.calib_dataset is None:  # settings of text that is not given do nothing
             asked = ["--calib_size"] if self.calib_size != _DEFAULTS["calib_size"] else []
             if self.eval_dataset is None:  # (its samples have --calib_max_seq_length tokens)
@@ -106,12 +114,6 @@ class QuantizeOptions:
                               f"{alpha!r} for {self.qformat}")
         if alpha is not None and not 0 <= alpha <= 1:
             raise ConfigError(f"smoothquant_alpha must be in [0, 1], found {alpha!r}")
-        needs = FORMATS[self.qformat].needs_calibration or self.kv_cache_dtype is not None
-        if needs and not self.calib_dataset:
-            what = self.qformat if FORMATS[self.qformat].needs_calibration else \
-                f"--kv_cache_dtype {self.kv_cache_dtype}"
-            raise ConfigError(f"{what} needs calibration data: pass --calib_dataset (a .txt, "
-                              f".jsonl or .parquet file, or a hub dataset id)")
 
 
 _DEFAULTS = {f.name: f.default for f in fields(QuantizeOptions)}

@@ -48,7 +48,11 @@ from kiln.quantization.config import WEIGHT_SCALE, QuantConfig
 from kiln.quantization.data import Samples, load_tokenizer_of, split_calibration, token_samples
 from kiln.quantization.formats import dequantize_weight, quantize_weight
 from kiln.quantization.layerio import LayerReader, QuantizedWriter
-from kiln.quantization.options import DEFAULT_CALIB_SEQ_LENGTH, QuantizeOptions
+from kiln.quantization.options import (
+    DEFAULT_CALIB_SEQ_LENGTH,
+    SHORT_CALIB_SEQ_LENGTH,
+    QuantizeOptions,
+)
 from kiln.quantization.transforms import AWQ_ROWS, LayerStats, quantize_layer
 from kiln.reference import ReferenceDecoder, norm
 from kiln.roles import Role, companion
@@ -84,6 +88,11 @@ def quantize(checkpoint_dir: str | Path, output_dir: str | Path, *, progress: bo
         raise ConfigError(f"calib_max_seq_length {opts.calib_max_seq_length} exceeds the model's "
                           f"max_position_embeddings {context} (positions it was not trained "
                           f"for would calibrate it); lower --calib_max_seq_length")
+    elif texts and opts.calib_max_seq_length < min(SHORT_CALIB_SEQ_LENGTH, context):
+        log.warning("--calib_max_seq_length %d: activation ranges and the accuracy gate's "
+                    "perplexity come from %d-token contexts, far shorter than real prompts; "
+                    "%d or more measures the model as it is used", opts.calib_max_seq_length,
+                    opts.calib_max_seq_length, min(DEFAULT_CALIB_SEQ_LENGTH, context))
     if source.quantization is not None:
         raise QuantizationError(f"{source_dir}: is already quantized "
                                 f"({source.quantization.qformat}); quantize its unquantized "
@@ -291,10 +300,11 @@ class _Job:
             meter.update(*logits, self.eval.tokens[a:a + step])
         accuracy = {**meter.result(), **self.eval.provenance}
         if accuracy["tokens"] < FIRM_GATE_TOKENS:
+            more = "longer --eval_dataset text" if self.opts.eval_dataset else \
+                "more calibration samples (--calib_size: a fifth of them is held out for the " \
+                "gate), or an --eval_dataset"
             log.warning("the accuracy gate rests on %d tokens only (under %d: its ratio can miss "
-                        "a real loss); give more text (--eval_dataset), or more calibration "
-                        "samples (--calib_size: a fifth of them is held out for the gate)",
-                        accuracy["tokens"], FIRM_GATE_TOKENS)
+                        "a real loss); give %s", accuracy["tokens"], FIRM_GATE_TOKENS, more)
         limit = self.opts.max_ppl_ratio or self.quant.info.max_ppl_ratio
         accuracy["max_ppl_ratio"] = limit
         accuracy["passed"] = check_gate(accuracy, self.quant.qformat, limit,

@@ -50,6 +50,9 @@ def _cases(src, src_tp2, texts, quantized, tmp):
         "needs data": (["--qformat", "int4_awq"], src, "int4_awq needs calibration data"),
         "kv needs data": (["--qformat", "int8_wo", "--kv_cache_dtype", "fp8"], src,
                           "--kv_cache_dtype fp8 needs calibration data"),
+        # what is missing is said before what is extra (a trial was told to leave the length out)
+        "needs data, length given": (["--qformat", "int8_sq", "--calib_max_seq_length", "16"],
+                                     src, "int8_sq needs calibration data"),
         "already quantized": (["--qformat", "int8_wo"], quantized, "is already quantized"),
         "fp8 scales on int8": (["--qformat", "int8_wo", "--weight_scales", "per_tensor"], src,
                                "weight_scales applies to fp8 only"),
@@ -80,7 +83,8 @@ def _cases(src, src_tp2, texts, quantized, tmp):
 
 
 CASES = ["wrong qformat", "group size", "missing file", "empty file", "unreadable file",
-         "too few tokens", "needs data", "kv needs data", "already quantized",
+         "too few tokens", "needs data", "kv needs data", "needs data, length given",
+         "already quantized",
          "fp8 scales on int8", "alpha on int4", "alpha nan", "ratio inf", "calib size without data",
          "gate without text", "calibration past the context", "512 past the context"]
 
@@ -152,6 +156,19 @@ def test_no_data_records_accuracy_null_with_a_warning(checkpoint, tmp_path, capl
     assert load_config(out).quantization.accuracy is None
     assert any("accuracy was not measured" in r.message and r.levelno == logging.WARNING
                for r in caplog.records)
+
+
+def test_short_samples_and_a_small_gate_are_warned_about(checkpoint, texts, tmp_path, caplog):
+    """A trial's --calib_max_seq_length 2 ran without a word; the small-gate warning advised
+    --calib_size, which does nothing to an --eval_dataset gate."""
+    with caplog.at_level(logging.WARNING):
+        kiln.quantize(checkpoint("llama-gqa"), tmp_path / "q", qformat="int8_wo",
+                      eval_dataset=texts["eval"], calib_max_seq_length=8, progress=False)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("--calib_max_seq_length 8: activation ranges and the accuracy gate's perplexity "
+               "come from 8-token contexts" in m and "64 or more" in m for m in warned), warned
+    small, = [m for m in warned if "the accuracy gate rests on" in m]
+    assert small.endswith("give longer --eval_dataset text") and "--calib_size" not in small
 
 
 def test_unknown_api_keyword_is_named(checkpoint, tmp_path):
