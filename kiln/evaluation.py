@@ -188,19 +188,24 @@ def evaluate(engine_dir: str | Path, dataset: str | Path | TextDataset,
     :func:`kiln.datasets.load_texts`, or a loaded :class:`TextDataset`)."""
     from kiln.engine import read_manifest
     from kiln.runtime import LLM
+    from kiln.runtime.tokenizer import load_tokenizer
 
     data = dataset if isinstance(dataset, TextDataset) else load_texts(dataset)
     if stride is not None and max_length is not None and stride > max_length:
         raise ConfigError(f"stride {stride} exceeds max_length {max_length}; lower --stride")
-    if not read_manifest(engine_dir).gather_context_logits:
+    manifest = read_manifest(engine_dir)
+    if not manifest.gather_context_logits:
         raise ConfigError(f"{engine_dir}: perplexity needs every position's logits, and this "
                           f"engine returns the last one only; rebuild it with kiln build "
                           f"--gather_context_logits")
+    # the window and the text are checked before the engine loads (seconds to minutes)
+    max_length, stride = resolve_window(manifest.limits.max_input_len, max_length, stride)
+    token_ids = load_tokenizer(engine_dir).encode(data.joined())
+    try:
+        sliding_windows(len(token_ids), max_length, stride)
+    except DatasetError as e:  # the text's own problem: say which text
+        raise DatasetError(f"{data.name}: {e}") from None
     with LLM(engine_dir, options) as llm:
-        token_ids = llm.tokenizer.encode(data.joined())
-        try:
-            result = perplexity(llm, token_ids, max_length, stride, progress)
-        except DatasetError as e:  # the text's own problem: say which text
-            raise DatasetError(f"{data.name}: {e}") from None
+        result = perplexity(llm, token_ids, max_length, stride, progress)
     return PerplexityResult(**{**asdict(result), "dataset": data.name,
                                "dataset_sha256": data.sha256, "engine_dir": str(engine_dir)})

@@ -148,7 +148,15 @@ def test_json_output_dash_puts_the_json_alone_on_stdout(engine, text_file):
                                                     "max_input_len 96"),
     (["--dataset", "{text}", "--json_output", "{text}"], "is not a kiln eval report"),
 ])
-def test_bad_inputs_are_one_line_exit_2(engine, text_file, tmp_path, args, expected):
+def test_bad_inputs_are_one_line_exit_2(engine, text_file, tmp_path, monkeypatch, args,
+                                        expected):
+    """Refused before the engine loads (a trial waited for the load, and read its warnings)."""
+    import kiln.runtime
+
+    def not_loaded(*args, **kwargs):
+        raise AssertionError("the engine was loaded before the refusal")
+
+    monkeypatch.setattr(kiln.runtime, "LLM", not_loaded)
     (tmp_path / "empty.txt").write_text("\n\n")
     (tmp_path / "one.txt").write_text("Hi")
     args = [a.format(tmp=tmp_path, text=text_file) for a in args]
