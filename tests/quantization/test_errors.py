@@ -59,7 +59,7 @@ def _cases(src, src_tp2, texts, quantized, tmp):
         "alpha on int4": (["--qformat", "int4_wo", "--smoothquant_alpha", "0.5"], src,
                           "smoothquant_alpha applies to int8_sq only"),
         "alpha nan": (["--qformat", "int8_sq", *calib, "--smoothquant_alpha", "nan"], src,
-                      "nan is not a number in 0<=x<=1"),
+                      "nan is not a number in 0.0<=x<=1.0"),
         # a trial's settings that did nothing, written with a warning only
         "ratio inf": (["--qformat", "int8_wo", *calib, "--max_ppl_ratio", "inf"], src,
                       "max_ppl_ratio must be a finite number >= 1 (--no_accuracy_gate measures "
