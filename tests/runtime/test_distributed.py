@@ -65,8 +65,8 @@ def engines(tmp_path_factory):
         if name not in hf:
             hf[name] = hf_model(name, tmp_path_factory.mktemp(name) / "hf")
         ckpt = kiln_checkpoint(hf[name], root / "ckpt", tp=tp, pp=pp)
-        build(ckpt, root / "engine", backend="torch", dtype="float32", **LIMITS,
-              **build_options)
+        build(ckpt, root / "engine", backend="torch", **{"dtype": "float32", **LIMITS,
+                                                         **build_options})
         return root / "engine"
     return get
 
@@ -258,6 +258,26 @@ def test_async_scheduling_gives_the_sync_loops_tokens(tp, pp, micro_batches, eng
             fed = [m[3] for m in sent if m[0] == "step" and len(m) == 4]
             assert fed and all(rows >= len(feeds) > 0 for rows, feeds in fed)
             sent.clear()
+    finally:
+        executor.close()
+
+
+@pytest.mark.parametrize("name", ["llama-mha-headdim-bias", "falcon-40b-gqa"])
+def test_a_bfloat16_tp2_engine_rounds_its_sums_once_as_tp1(name, engines, pools):
+    """A 16-bit engine's row-parallel partial sums cross the all-reduce in float32 and are
+    rounded once, as tp 1 rounds its whole sum: tp 1's logits to 1e-3 (the same bits in
+    practice, on a model whose logits stay under 1). Each rank's rounded partial had been
+    2.2e-3 to 3.9e-3 away here, and made an 8B-shaped bfloat16 tp 2 leave tp 1's greedy
+    tokens on an H200. With biases (added by rank 0 alone) and a parallel-residual block
+    (one all-reduce of both partials)."""
+    single = open_single(engines(name, dtype="bfloat16"))
+    try:
+        want = run_all(single)
+    finally:
+        single.close()
+    executor = open_on(pools(2), engines(name, 2, dtype="bfloat16"))
+    try:
+        assert_same_outputs(run_all(executor), want, 1e-3, name)
     finally:
         executor.close()
 

@@ -139,15 +139,18 @@ def early_tiles(fn: str, config_rest: list[int], pdl: bool, most: int = 2) -> in
 
 
 def gemv_output(epilogue: Epilogue | None, n: int, block_n: int, x: torch.Tensor,
+                out_dtype: torch.dtype | None = None,
                 ) -> tuple[torch.Tensor, dict, Callable[[torch.Tensor], torch.Tensor]]:
     """For a one-row GEMV of ``n`` rows over ``x`` whose programs own ``block_n`` rows: (the
-    tensor its kernel writes, its :func:`store_rows` arguments, what turns that tensor into
-    the call's result: nothing where the epilogue is fused or there is none, else the
-    epilogue applied after)."""
+    tensor its kernel writes, in ``out_dtype`` (default x's), its :func:`store_rows`
+    arguments, what turns that tensor into the call's result: nothing where the epilogue is
+    fused or there is none, else the epilogue applied after)."""
+    if out_dtype is not None and out_dtype != x.dtype and epilogue is not None:
+        raise ValueError("gemv: an epilogue takes the result in x's dtype, not out_dtype")
     fused = _fused_epilogue(epilogue, n, block_n, x.dtype, x.device)
     if fused is not None:
         return (*fused, _as_is)
-    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    y = torch.empty((1, n), dtype=out_dtype or x.dtype, device=x.device)
     return y, {}, _as_is if epilogue is None else epilogue.apply
 
 

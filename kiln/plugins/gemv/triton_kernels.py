@@ -64,12 +64,12 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, n, k, SILU: tl.constexpr, HAS_BIAS:
     prologue(PDL)
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     if EARLY >= 1:
-        acc = _tile(acc, w_first, x_ptr, 0, k, SILU, y_ptr.dtype.element_ty, BLOCK_K)
+        acc = _tile(acc, w_first, x_ptr, 0, k, SILU, x_ptr.dtype.element_ty, BLOCK_K)
     if EARLY >= 2:
-        acc = _tile(acc, w_second, x_ptr, BLOCK_K, k, SILU, y_ptr.dtype.element_ty, BLOCK_K)
+        acc = _tile(acc, w_second, x_ptr, BLOCK_K, k, SILU, x_ptr.dtype.element_ty, BLOCK_K)
     for k0 in range(EARLY * BLOCK_K, k, BLOCK_K):
         acc = _tile(acc, row_tile(w_rows, row_ok, k0, k, BLOCK_K), x_ptr, k0, k, SILU,
-                    y_ptr.dtype.element_ty, BLOCK_K)
+                    x_ptr.dtype.element_ty, BLOCK_K)
     y = tl.sum(acc, 1)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -92,17 +92,19 @@ def gemv_config(n: int, k: int) -> tuple[int, int, int, int, int]:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
          silu_input: bool = False, config: tuple[int, ...] | None = None,
-         epilogue: Epilogue | None = None) -> torch.Tensor:
+         epilogue: Epilogue | None = None, out_dtype: torch.dtype | None = None,
+         ) -> torch.Tensor:
     """``config``: (BLOCK_N, BLOCK_K, num_warps, num_stages[, early tiles]), default
     :func:`gemv_config`; ``epilogue``: fused into the store where it fits
-    (:mod:`.triton_epilogue`), else applied after."""
+    (:mod:`.triton_epilogue`), else applied after; ``out_dtype``: the result's dtype (default
+    x's; float32 stores the accumulator unrounded), not with an epilogue."""
     n, k = weight.shape
     if x.shape[0] != 1 or x.shape[1] != (2 * k if silu_input else k) or x.stride(-1) != 1 \
             or not weight.is_contiguous():
         raise ValueError(f"gemv: need x [1, {2 * k if silu_input else k}] with contiguous rows "
                          f"and a contiguous [N, K] weight; found x {tuple(x.shape)}")
     block_n, block_k, warps, stages, *early = config or gemv_config(n, k)
-    y, epilogue_args, finish = gemv_output(epilogue, n, block_n, x)
+    y, epilogue_args, finish = gemv_output(epilogue, n, block_n, x, out_dtype)
     pdl = pdl_enabled(x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, y, n, k, SILU=silu_input,

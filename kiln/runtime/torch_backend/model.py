@@ -52,6 +52,7 @@ from kiln.config import DecoderConfig, NormType, PositionType, ResidualType
 from kiln.errors import ConfigError, a_or_an
 from kiln.plugins.attention import cudnn as cudnn_attention
 from kiln.plugins.gemv.epilogue import Epilogue, RopeToCache, SiluMul
+from kiln.plugins.gemv.triton_reference import wide_linear
 from kiln.quantization.config import INPUT_SCALE, PRE_QUANT_SCALE, WEIGHT_SCALE, QuantConfig
 from kiln.roles import Role, companion, quantized_roles
 from kiln.runtime.torch_backend.kernels import KernelSet
@@ -91,16 +92,28 @@ class Linear:
 
     With ``gemv`` (the plugin kernel), single-row inputs of an ``[out, in]`` weight use it
     instead of cuBLAS (batch-1 decode streams the weight faster that way).
+
+    With ``out_dtype`` (float32 for a 16-bit model's row-parallel projection at tp > 1), the
+    result is the float32 accumulator, unrounded: each rank's partial sum goes through the
+    all-reduce as such and is rounded once, as tp 1 rounds its whole sum.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool,
-                 gemv: Callable | None = None):
+                 gemv: Callable | None = None, out_dtype: torch.dtype | None = None):
         self.weight, self.bias, self.transposed = weight, bias, transposed
         self.gemv = None if transposed else gemv
+        self.out_dtype = out_dtype
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None,
                  epilogue: Epilogue | None = None) -> torch.Tensor:
         """``epilogue``: the op that reads the output, run on it (fused by the GEMV)."""
+        if self.out_dtype is not None:  # a partial sum: nothing reads it before the all-reduce
+            if out is not None or epilogue is not None:
+                raise ValueError("a partial-sum projection takes no out= or epilogue")
+            if self.gemv is not None and x.shape[0] == 1:
+                return self.gemv(x, self.weight, self.bias, out_dtype=self.out_dtype)
+            weight = self.weight.t() if self.transposed else self.weight
+            return wide_linear(x, weight, self.bias, self.out_dtype)
         if self.gemv is not None and x.shape[0] == 1 and out is None:
             return self.gemv(x, self.weight, self.bias, epilogue=epilogue)
         if out is not None or self.transposed:
@@ -222,6 +235,11 @@ class PagedDecoder:
         dtype = tensors[Role.ATTN_NORM.name(next(iter(shard.layers(config))))].dtype
         # Row-parallel biases are replicated: added by one rank, the all-reduce sums them once.
         drop_bias = {Role.OUT, Role.DOWN} if shard.tp_rank > 0 else set()
+        # A 16-bit model's row-parallel partial sums stay float32 through the all-reduce and are
+        # rounded once, as tp 1 rounds its sum: each rank's rounded partial had made bfloat16
+        # tp 2's greedy tokens leave tp 1's (GPU_NOTES "Issue 15, first run on two H200s").
+        # Twice the all-reduce's bytes. Quantized projections keep their kernels' output.
+        partial = torch.float32 if shard.tp_size > 1 and dtype.itemsize == 2 else None
 
         def linear(role: Role, bias: Role | None, i: int | None = None) -> Linear | QuantLinear:
             name = role.name(i)
@@ -229,7 +247,8 @@ class PagedDecoder:
             if role in quantized:
                 return quant_linear(quant, kernels, tensors, role, i, b, dtype)
             return Linear(tensors[name], b, name in transposed,
-                          None if role is Role.LM_HEAD else kernels.gemv)
+                          None if role is Role.LM_HEAD else kernels.gemv,
+                          partial if role in (Role.OUT, Role.DOWN) else None)
 
         def kv_scales(i: int) -> dict[str, torch.Tensor] | None:
             if quant is None or quant.kv_cache_dtype is None:
@@ -350,12 +369,19 @@ class PagedDecoder:
             return None if parallel else self.layers[i].qkv
 
         h, residual = self._norm(x, None, first, into=qkv(0))
-        reduce = comm.all_reduce if shard.tp_size > 1 else (lambda t: t)
+        # (a float32 partial sum is rounded to the model dtype once summed; see Linear)
+        reduce = (lambda t: comm.all_reduce(t).to(self.dtype)) if shard.tp_size > 1 \
+            else (lambda t: t)
         for i, layer in enumerate(self.layers):
             attn = self._attention(i, layer, h, inp, cache)
             if parallel:  # one all-reduce of both partial sums
                 h_mlp = self._norm(residual, None, layer.mlp_norm)[0] if layer.mlp_norm else h
-                delta = reduce(attn.add_(self._mlp(layer, h_mlp)))
+                mlp = self._mlp(layer, h_mlp)
+                if attn.dtype == self.dtype:
+                    delta = reduce(attn.add_(mlp))
+                else:  # float32 partials: each sum rounded, then added, as tp 1 adds them
+                    both = comm.all_reduce(torch.cat((attn, mlp), dim=1)).to(self.dtype)
+                    delta = both[:, :attn.shape[1]].add_(both[:, attn.shape[1]:])
             else:
                 h, residual = self._norm(reduce(attn), residual, layer.mlp_norm,
                                          into=layer.gate_up or layer.up)
@@ -417,7 +443,7 @@ class PagedDecoder:
         if layer.gate_up is not None:
             if h.shape[0] == 1 and layer.down.gemv is not None:  # silu*up fused into down
                 return layer.down.gemv(layer.gate_up(h), layer.down.weight, layer.down.bias,
-                                       silu_input=True)
+                                       silu_input=True, out_dtype=layer.down.out_dtype)
             fused = layer.down.quantized_input(h.shape[0]) \
                 if isinstance(layer.down, QuantLinear) else None
             if fused is None:  # silu*up as the projection's epilogue (fused by a one-row GEMV)
