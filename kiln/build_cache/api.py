@@ -105,6 +105,11 @@ class Request:
         return self.key[:NAME_CHARS]
 
 
+# engine_for_model's own keywords (the rest are BuildOptions fields)
+_OWN = tuple(name for name, p in inspect.signature(engine_for_model).parameters.items()
+             if p.kind is p.KEYWORD_ONLY)
+
+
 def request_for(model: str | Path, *, backend: str | None = None, dtype: str = "auto",
                 tp_size: int = 1, pp_size: int = 1, revision: str | None = None,
                 allow_pickle: bool = False, cache_dir: str | Path | None = None,
@@ -117,9 +122,7 @@ def request_for(model: str | Path, *, backend: str | None = None, dtype: str = "
 
     convert = ConvertOptions(dtype=dtype, tp_size=tp_size, pp_size=pp_size, revision=revision,
                              allow_pickle=allow_pickle)
-    own = tuple(name for name, p in inspect.signature(engine_for_model).parameters.items()
-                if p.kind is p.KEYWORD_ONLY)
-    build = options_from(BuildOptions, build_options, "engine_for_model", also=own, **FIXED,
+    build = options_from(BuildOptions, build_options, "engine_for_model", also=_OWN, **FIXED,
                          backend=backend or "onnx")
     cache = EngineCache(cache_dir)
     cache.check_dir()
@@ -141,6 +144,16 @@ def hold_engine(engine_dir: str | Path, cache_dir: str | Path | None = None) -> 
     cache passes through unlocked."""
     with EngineCache(cache_dir).hold(engine_dir) as path:
         yield path
+
+
+def check_option_names(options: dict[str, Any], caller: str) -> None:
+    """A :class:`~kiln.errors.ConfigError` naming ``caller`` (e.g. ``"LLM"``, which passes its
+    keywords on to :func:`engine_for_model`) for any keyword engine_for_model does not take."""
+    from kiln.builder.options import BuildOptions
+    from kiln.config import options_from
+
+    options_from(BuildOptions, {k: v for k, v in options.items() if k not in _OWN}, caller,
+                 also=_OWN, **FIXED, backend="onnx")
 
 
 @contextlib.contextmanager

@@ -93,6 +93,10 @@ class LLM:
         if engine_dir is not None and build_options:
             raise TypeError(f"LLM() got build options {sorted(build_options)} with an engine dir, "
                             f"which is built already; they apply to LLM(model=...) only")
+        if model is not None:  # its keywords go on to engine_for_model: refused as LLM's
+            from kiln.build_cache.api import check_option_names
+
+            check_option_names(build_options, "LLM")
         self.manifest: EngineManifest | None
         options = options or ExecutorOptions()
         hold = contextlib.ExitStack()  # the engine's cache entry, held until close()

@@ -106,7 +106,7 @@ def test_wrong_combinations_are_type_errors(args, kwargs, message, cache):
 
 
 def test_an_unknown_build_option_is_named(tiny_hf, cache):
-    with pytest.raises(ConfigError, match=r"unknown options \['max_batch_sizes'\]"):
+    with pytest.raises(ConfigError, match=r"^LLM\(\) got unknown options \['max_batch_sizes'\]"):
         LLM(model=tiny_hf, max_batch_sizes=2)
 
 
