@@ -15,6 +15,11 @@ before the replay (:func:`~kiln.runtime.torch_backend.inputs.feed_tokens`). The 
 kernel's split count is fixed at capture from ``max_seq_len``; each row divides its own keys
 among those splits, and programs past a row's context exit early.
 All graphs share one memory pool and write logits into one ``[max_bs, vocab]`` buffer.
+
+A tensor-parallel rank's graphs hold its NCCL collectives (see
+:mod:`~kiln.runtime.torch_backend.executor`). They are captured in ``thread_local`` mode:
+NCCL's watchdog thread queries its own events while a rank captures, which the default mode
+would count as an error of the capture.
 """
 
 from __future__ import annotations
@@ -74,7 +79,9 @@ class DecodeGraphs:
         self.max_seq_len = max_seq_len
         self.max_blocks = cache.allocator.max_blocks_per_seq
         self.sizes = sorted(batch_sizes)
-        vocab = model.lm_head.weight.shape[1 if model.lm_head.transposed else 0]
+        # tp > 1: the lm_head holds this rank's vocab rows; the logits are gathered whole
+        vocab = model.config.vocab_size if model.shard.tp_size > 1 else \
+            model.lm_head.weight.shape[1 if model.lm_head.transposed else 0]
         self.logits = torch.empty(self.sizes[-1], vocab, dtype=model.dtype, device=device)
         self.graphs = {bs: _Graph(bs, self.max_blocks, model.config.head_dim, rope.dynamic,
                                   device) for bs in self.sizes}
@@ -105,7 +112,8 @@ class DecodeGraphs:
                     self.model.forward(inp, self.cache, logits_out=self.logits[:bs])
             torch.cuda.current_stream(device).wait_stream(stream)
             g.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g.graph, pool=pool, stream=stream):
+            mode = "thread_local" if self.model.shard.tp_size > 1 else "global"
+            with torch.cuda.graph(g.graph, pool=pool, stream=stream, capture_error_mode=mode):
                 self.model.forward(inp, self.cache, logits_out=self.logits[:bs])
         torch.cuda.synchronize(device)
         logger.info("captured %d decode graphs (batch sizes %s) in %.1f s", len(self.sizes),

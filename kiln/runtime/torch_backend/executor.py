@@ -32,8 +32,11 @@ the same calls in the same order (the distributed executor, :mod:`kiln.runtime.d
 replays the driver's on every worker): the block allocators then agree, and the forward's
 collectives match. On CUDA each rank sizes its cache from its own free memory and all take the
 smallest count. A rank of a stage before the last returns an empty ``[0, vocab]`` tensor from
-``step`` (and no context logits): the last stage's ranks return the logits. Such executors
-capture no CUDA graphs (a graph would capture the collectives).
+``step`` (and no context logits): the last stage's ranks return the logits. The ranks of a
+tensor-parallel engine (pp 1) capture their decode steps too, NCCL's all-reduces and vocab
+all-gather inside: every rank captures the same batch sizes in the same order, and replays the
+same graph in the same step, so the captured collectives pair up as eager ones do. Pipeline
+engines capture none (a step is micro-batches of sends and receives between stages).
 
 Micro-batches (pipeline engines, pp_size > 1): every rank splits a step's chunks alike into
 micro-batches of whole sequences (:func:`~kiln.runtime.torch_backend.inputs.split_micro_batches`:
@@ -176,12 +179,16 @@ class TorchExecutor(Executor):
                                           else self.model.dtype)
             self._lengths = [0] * limits.max_batch_size
             self.graphs = None
-            single = shard.mapping.world_size == 1  # graphs would capture the collectives
-            if self.options.cuda_graphs and self.device.type == "cuda" and single:
-                sizes = list(self.options.graph_batch_sizes or
-                             default_batch_sizes(limits.max_batch_size))
-                self.graphs = DecodeGraphs(self.model, self.cache, self.rope, sizes,
-                                           limits.max_seq_len, self.device)
+            if self.options.cuda_graphs and self.device.type == "cuda":
+                if self.pipelined:
+                    logger.warning("pipeline-parallel engine: decode steps run without CUDA "
+                                   "graphs, each launching its kernels from Python (slower "
+                                   "at small batches than tensor parallelism's graphs)")
+                else:
+                    sizes = list(self.options.graph_batch_sizes or
+                                 default_batch_sizes(limits.max_batch_size))
+                    self.graphs = DecodeGraphs(self.model, self.cache, self.rope, sizes,
+                                               limits.max_seq_len, self.device)
 
     # -- cache sizing -------------------------------------------------------------------
     def _new_cache(self, num_blocks: int, dtype: torch.dtype, slots: int) -> PagedKVCache:

@@ -352,7 +352,8 @@ class PagedDecoder:
         if self.shard.tp_size == 1:
             return self.lm_head(h, out=out)
         full = self.shard.comm.gather_vocab(self.lm_head(h))  # [n, padded vocab]
-        return full[:, :self.config.vocab_size]
+        logits = full[:, :self.config.vocab_size]
+        return logits if out is None else out.copy_(logits)  # (a CUDA graph's static buffer)
 
     def _final_hidden(self, inp: StepInputs, cache: PagedKVCache) -> torch.Tensor | None:
         """[T, hidden] after the final norm; None on a stage before the last (it sent its
