@@ -32,10 +32,9 @@ import re
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
-from queue import Empty, Full, Queue
+from queue import Full, Queue
 from threading import Event, Thread
 from typing import Any
 
@@ -147,14 +146,19 @@ def write_checkpoint(plan: ConversionPlan, output_dir: Path, *, overwrite: bool 
              decoder.architecture, decoder.num_layers, out_dtype, mapping.tp_size,
              mapping.pp_size)
     started = time.perf_counter()
+    stop = Event()  # set: the hashing thread stops within a block (an interrupted conversion)
     with atomic_dir(output_dir, overwrite, CHECKPOINT_KIND) as tmp, \
             ThreadPoolExecutor(1) as pool:
-        hashes = pool.submit(_hash_files, source.weight_files)
-        _write_ranks(tmp, plan.targets, decoder, mapping, getattr(torch, out_dtype), progress)
-        copy_tokenizer(source.directory, tmp)
-        config = replace(plan.checkpoint_config(),
-                         source=_provenance(source, plan.converter, hashes))
-        (tmp / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        try:
+            hashes = pool.submit(_hash_files, source.weight_files, stop)
+            _write_ranks(tmp, plan.targets, decoder, mapping, getattr(torch, out_dtype),
+                         progress)
+            copy_tokenizer(source.directory, tmp)
+            config = replace(plan.checkpoint_config(),
+                             source=_provenance(source, plan.converter, hashes))
+            (tmp / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        finally:
+            stop.set()  # (the pool's exit waits for the thread: gigabytes of files unstopped)
     log.info("wrote %s in %.1f s", output_dir, time.perf_counter() - started)
     return output_dir
 
@@ -271,29 +275,40 @@ def _write_ranks(out: Path, plans: list[TargetPlan], config: DecoderConfig, mapp
         writer.close()
 
 
+PREFETCH_JOIN_S = 1.0  # _prefetch: how long a stopped consumer waits for the reader thread
+
+
 def _prefetch(items: Iterator, depth: int) -> Iterator:
     """Yield from ``items``, produced by a worker thread up to ``depth`` items ahead.
 
     An error in the producer is re-raised here; if the consumer stops early (an error while
-    writing), the producer is told to stop and the thread ends.
+    writing, Ctrl-C, SIGTERM, SIGHUP), the producer is told to stop, and the consumer waits
+    for it at most :data:`PREFETCH_JOIN_S` (it is a daemon thread). The consumer never touches
+    the queue again once it stops: a signal's exception can land while its thread holds the
+    queue's lock (inside ``Queue.get``), which is then never released, and a drain of the queue
+    in cleanup hung on it (a trial's SIGHUP during a conversion, 1 in ~20 signals).
     """
     done, stop = object(), Event()
     queue: Queue = Queue(maxsize=depth)
 
+    def offer(item: Any) -> bool:
+        """Put ``item`` unless the consumer stopped first; True if it was put."""
+        while not stop.is_set():
+            try:
+                queue.put(item, timeout=0.1)
+                return True
+            except Full:
+                pass
+        return False
+
     def produce() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        queue.put(item, timeout=0.1)
-                        break
-                    except Full:
-                        pass
-                if stop.is_set():
+                if not offer(item):
                     return
-            queue.put(done)
+            offer(done)
         except BaseException as e:  # handed to the consumer, which re-raises it
-            queue.put(e)
+            offer(e)
 
     worker = Thread(target=produce, name="kiln-convert-read", daemon=True)
     worker.start()
@@ -304,10 +319,7 @@ def _prefetch(items: Iterator, depth: int) -> Iterator:
             yield item
     finally:
         stop.set()
-        while worker.is_alive():
-            with suppress(Empty):
-                queue.get(timeout=0.1)
-        worker.join()
+        worker.join(PREFETCH_JOIN_S)  # it ends within its put's 0.1 s, or its read's time
 
 
 def _row_chunks(plan: TargetPlan, dtype: torch.dtype) -> Iterator[tuple[int, torch.Tensor]]:
@@ -473,9 +485,18 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype) if t.is_floating_point() else t
 
 
-def _hash_files(files: list[Path]) -> dict[str, str]:
-    """sha256 of each weight file (runs in a worker thread; hashlib releases the GIL)."""
-    return {path.name: sha256_file(path) for path in files}
+class _Stopped(Exception):
+    """The conversion ended before its weight files were hashed."""
+
+
+def _hash_files(files: list[Path], stop: Event) -> dict[str, str]:
+    """sha256 of each weight file (runs in a worker thread; hashlib releases the GIL); stops
+    within a block once ``stop`` is set."""
+    def check(_: int) -> None:
+        if stop.is_set():
+            raise _Stopped
+
+    return {path.name: sha256_file(path, on_block=check) for path in files}
 
 
 def _provenance(source: Source, converter: type[Converter], hashes: Future) -> dict:

@@ -374,3 +374,57 @@ def test_options_have_one_definition(hf_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"unknown options \['tp'\]"):
         _convert(hf_dir, tmp_path / "out", tp=2)
     assert _leftovers(tmp_path) == [] and not (tmp_path / "out").exists()
+
+
+def test_a_signal_inside_the_read_queue_does_not_hang_the_cleanup(monkeypatch):
+    """A trial's SIGHUP during a conversion hung it (1 in ~20 signals): the signal's exception
+    landed inside ``Queue.get`` while the reading loop held the queue's lock, which was never
+    released, and the cleanup's drain of the queue waited for it forever. Simulated: a get
+    that leaves the lock held and raises. The interrupt must come out within about
+    PREFETCH_JOIN_S, the reader thread (stuck on the lock) left behind as a daemon."""
+    import queue
+    import threading
+    import time
+
+    from kiln.converters import convert
+
+    class Interrupted(queue.Queue):
+        def get(self, block=True, timeout=None):
+            super().get(block, timeout)
+            self.mutex.acquire()  # the signal's exception after the lock, before the `with`
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert, "Queue", Interrupted)
+    outcome = []
+
+    def consume() -> None:
+        started = time.perf_counter()
+        try:
+            list(convert._prefetch(iter(range(100)), depth=2))
+        except KeyboardInterrupt:
+            outcome.append(time.perf_counter() - started)
+
+    thread = threading.Thread(target=consume, daemon=True)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), "the cleanup hung on the queue's lock"
+    assert outcome and outcome[0] < convert.PREFETCH_JOIN_S + 1.0
+
+
+def test_an_interrupted_conversion_stops_hashing_its_sources(tmp_path):
+    """The provenance hashes run beside the conversion; an interrupt had waited for every
+    source file to be hashed (tens of seconds for an 8B model) before the command ended."""
+    import time
+    from threading import Event
+
+    from kiln.converters import convert
+
+    big = tmp_path / "model.safetensors"
+    with open(big, "wb") as f:
+        f.truncate(1 << 30)  # a sparse 1 GiB file: hashing it whole takes seconds
+    stop = Event()
+    stop.set()
+    started = time.perf_counter()
+    with pytest.raises(convert._Stopped):
+        convert._hash_files([big], stop)
+    assert time.perf_counter() - started < 0.5  # one 16 MiB block, not the gigabyte
