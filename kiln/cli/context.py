@@ -90,5 +90,5 @@ class FloatRange(click.FloatRange):
     def convert(self, value, param, ctx):
         value = super().convert(value, param, ctx)
         if value != value:
-            self.fail(f"nan is not a number in {self._describe_range()}", param, ctx)
+            self.fail(f"nan is not in the range {self._describe_range()}.", param, ctx)
         return value

@@ -81,7 +81,8 @@ def token_samples(dataset: TextDataset, tokenizer, seq_length: int,
     if n < 1 or len(ids) < n * seq_length:
         raise DatasetError(
             f"{dataset.shown}: has {_tokens(len(ids))}, {max(n, 1) * seq_length} needed "
-            f"({max(n, 1)} samples x {seq_length} tokens); pass more text or lower the sample "
+            f"({max(n, 1)} sample{'s' if max(n, 1) != 1 else ''} x {seq_length} tokens); pass "
+            f"more text or lower the sample "
             f"length (--calib_max_seq_length)")
     tokens = torch.tensor(ids[:n * seq_length], dtype=torch.int64).view(n, seq_length)
     return Samples(tokens, dataset)

@@ -111,12 +111,13 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["quantize", "--calib_size", "abc"], "'abc' is not a valid integer."),
     (["quantize", "--max_ppl_ratio", "abc"], "'abc' is not a valid number."),
-    (["quantize", "--max_ppl_ratio", "nan"], "nan is not a number in x>=1.0"),
+    (["quantize", "--max_ppl_ratio", "nan"], "nan is not in the range x>=1.0."),
     (["serve", "--port", "0"], "0 is not in the range 1<=x<=65535."),
 ])
 def test_a_bad_number_is_named_as_a_number(args, message, tmp_path):
     """click's own words were "'abc' is not a valid integer range" (a trial read it as asking
-    for a range), and a range let NaN through."""
+    for a range), and a range let NaN through (now refused in click's words for a value out of
+    range)."""
     result = _invoke(*args, "--checkpoint_dir", str(tmp_path), "--output_dir",
                      str(tmp_path / "q"), "--qformat", "int8_wo") if args[0] == "quantize" \
         else _invoke(*args, "--engine_dir", str(tmp_path))

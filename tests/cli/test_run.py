@@ -349,7 +349,7 @@ def test_prefill_attention_takes_auto_kiln_or_cudnn(engine, command):
 def test_bench_refuses_a_request_rate_that_is_not_finite(engine, rate):
     r = CliRunner().invoke(main, ["bench", "--engine_dir", str(engine), "--request_rate", rate])
     assert r.exit_code == 2 and "Traceback" not in r.output
-    told = "nan is not a number in x>0" if rate == "nan" else "not a finite number"
+    told = "nan is not in the range x>0." if rate == "nan" else "not a finite number"
     assert "Invalid value for" in r.output and "--request_rate" in r.output and told in r.output
 
 
