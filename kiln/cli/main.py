@@ -52,6 +52,9 @@ class KilnGroup(click.Group):
             _traceback_if_debug(ctx)
             click.echo(f"error: {e}", err=True)
             ctx.exit(2)
+        except click.exceptions.NoArgsIsHelpError as e:  # `kiln cache`: its help, as `kiln`
+            click.echo(e.format_message(), err=True)
+            ctx.exit(2)
         except click.UsageError as e:  # a subcommand's bad flag or value: one line too
             command = e.ctx.command_path if e.ctx is not None else "kiln"
             hint = f"see {command} --help"

@@ -108,6 +108,16 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
     assert re.search("no such (local )?directory", lines[0])
 
 
+@pytest.mark.parametrize("args", [[], ["cache"]])
+def test_a_group_without_its_command_prints_its_help(args):
+    """``kiln cache`` alone had printed its whole help after "error:" and before "(see kiln
+    cache --help)"; now it prints the help as ``kiln`` alone does, exit 2 (click's)."""
+    result = _invoke(*args)
+    assert result.exit_code == 2
+    assert result.output.startswith(f"Usage: kiln {' '.join(args)}".rstrip() + " [OPTIONS]")
+    assert "error:" not in result.output and "(see kiln" not in result.output
+
+
 @pytest.mark.parametrize("args,message", [
     (["quantize", "--calib_size", "abc"], "'abc' is not a valid integer."),
     (["quantize", "--max_ppl_ratio", "abc"], "'abc' is not a valid number."),
