@@ -71,6 +71,19 @@ def test_non_finite_values_are_named_as_such(field, value):
         SamplingParams(**{field: value})
 
 
+@pytest.mark.parametrize("value,shown", [
+    (10 ** 5000, "found an integer of about 5,001 digits"),
+    (-(10 ** 60), "found a negative integer of about 61 digits"),
+    ("9" * 100, "found '9999999999999999999...9999999' (102 characters)"),
+], ids=["5000-digit", "negative-61-digit", "100-character"])
+def test_a_huge_value_is_shown_cut(value, shown):
+    """A request's 5,000-digit seed had been echoed whole (and str() refuses such an int)."""
+    field = "seed" if isinstance(value, int) else "top_p"
+    with pytest.raises(SamplingParamsError) as raised:
+        SamplingParams(**{field: value})
+    assert str(raised.value).endswith(shown) and len(str(raised.value)) < 200
+
+
 def test_single_stop_string_becomes_a_tuple():
     assert SamplingParams(stop="###").stop == ("###",)
 
