@@ -146,14 +146,17 @@ def hold_engine(engine_dir: str | Path, cache_dir: str | Path | None = None) -> 
         yield path
 
 
-def check_option_names(options: dict[str, Any], caller: str) -> None:
+def check_option_names(options: dict[str, Any], caller: str,
+                       sets_itself: tuple[str, ...] = ()) -> None:
     """A :class:`~kiln.errors.ConfigError` naming ``caller`` (e.g. ``"LLM"``, which passes its
-    keywords on to :func:`engine_for_model`) for any keyword engine_for_model does not take."""
+    keywords on to :func:`engine_for_model`) for any keyword engine_for_model does not take,
+    or one of ``sets_itself`` (what the caller passes on its own)."""
     from kiln.builder.options import BuildOptions
     from kiln.config import options_from
 
-    options_from(BuildOptions, {k: v for k, v in options.items() if k not in _OWN}, caller,
-                 also=_OWN, **FIXED, backend="onnx")
+    own = tuple(name for name in _OWN if name not in sets_itself)
+    options_from(BuildOptions, {k: v for k, v in options.items() if k not in own}, caller,
+                 also=own, **FIXED, backend="onnx")
 
 
 @contextlib.contextmanager

@@ -96,7 +96,7 @@ class LLM:
         if model is not None:  # its keywords go on to engine_for_model: refused as LLM's
             from kiln.build_cache.api import check_option_names
 
-            check_option_names(build_options, "LLM")
+            check_option_names(build_options, "LLM", sets_itself=("check",))
         self.manifest: EngineManifest | None
         options = options or ExecutorOptions()
         hold = contextlib.ExitStack()  # the engine's cache entry, held until close()

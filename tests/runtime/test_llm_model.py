@@ -108,6 +108,10 @@ def test_wrong_combinations_are_type_errors(args, kwargs, message, cache):
 def test_an_unknown_build_option_is_named(tiny_hf, cache):
     with pytest.raises(ConfigError, match=r"^LLM\(\) got unknown options \['max_batch_sizes'\]"):
         LLM(model=tiny_hf, max_batch_sizes=2)
+    with pytest.raises(ConfigError) as raised:  # LLM passes engine_for_model's check itself
+        LLM(model=tiny_hf, check=print)
+    assert "unknown options ['check']" in str(raised.value)
+    assert " check," not in str(raised.value).partition("it takes")[2]
 
 
 def test_async_llm_opens_and_closes_its_own_llm(tiny_hf, cache):
