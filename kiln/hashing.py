@@ -2,7 +2,8 @@
 checksums, ``--verify_checksums`` and ``kiln verify``.
 
 Reads in 16 MiB blocks (hashlib releases the GIL on them, so a hashing thread runs beside
-other work). Non-goal: anything but sha256 hex digests.
+other work); :func:`stops_when` makes such a thread end within a block once its caller is
+interrupted. Non-goal: anything but sha256 hex digests.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
+from threading import Event
 
 BLOCK_SIZE = 16 << 20
 
@@ -23,3 +25,17 @@ def sha256_file(path: str | Path, on_block: Callable[[int], object] | None = Non
             if on_block is not None:
                 on_block(len(block))
     return h.hexdigest()
+
+
+class HashingStopped(Exception):
+    """Raised by :func:`stops_when`'s callback: the caller stopped wanting the digest."""
+
+
+def stops_when(stop: Event) -> Callable[[int], None]:
+    """An ``on_block`` callback for :func:`sha256_file` that raises :class:`HashingStopped`
+    once ``stop`` is set (a hashing thread of an interrupted command ends within a block)."""
+    def check(_: int) -> None:
+        if stop.is_set():
+            raise HashingStopped
+
+    return check

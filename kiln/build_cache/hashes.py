@@ -33,7 +33,7 @@ from threading import Event
 from filelock import FileLock
 
 from kiln.errors import UNREADABLE_JSON
-from kiln.hashing import sha256_file
+from kiln.hashing import sha256_file, stops_when
 
 log = logging.getLogger(__name__)
 
@@ -89,22 +89,13 @@ def content_hashes(files: list[Path], memo_dir: Path) -> dict[Path, str]:
         return out
 
 
-class _Stopped(Exception):
-    pass
-
-
 def _hash_all(paths: list[Path]) -> list[str]:
     """sha256 of each path, in threads; an interrupt (Ctrl-C) stops every thread within one
     block instead of waiting for whole files."""
     stop = Event()
-
-    def check(_: int) -> None:
-        if stop.is_set():
-            raise _Stopped
-
     pool = ThreadPoolExecutor(min(THREADS, len(paths)))
     try:
-        return list(pool.map(lambda p: sha256_file(p, on_block=check), paths))
+        return list(pool.map(lambda p: sha256_file(p, on_block=stops_when(stop)), paths))
     finally:
         stop.set()
         pool.shutdown(wait=True, cancel_futures=True)

@@ -55,7 +55,7 @@ from kiln.converters.options import ConvertOptions
 from kiln.converters.quantized import FP8, ImportedQuant, import_quantization
 from kiln.converters.source import Source, SourceTensor, open_source
 from kiln.errors import CheckpointError, TensorMappingError
-from kiln.hashing import sha256_file
+from kiln.hashing import sha256_file, stops_when
 from kiln.output_dirs import CHECKPOINT_KIND, atomic_dir, check_output, copy_tokenizer
 from kiln.quantization.config import INPUT_SCALE, KV_SCALES, WEIGHT_SCALE
 from kiln.roles import (
@@ -485,18 +485,10 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype) if t.is_floating_point() else t
 
 
-class _Stopped(Exception):
-    """The conversion ended before its weight files were hashed."""
-
-
 def _hash_files(files: list[Path], stop: Event) -> dict[str, str]:
     """sha256 of each weight file (runs in a worker thread; hashlib releases the GIL); stops
     within a block once ``stop`` is set."""
-    def check(_: int) -> None:
-        if stop.is_set():
-            raise _Stopped
-
-    return {path.name: sha256_file(path, on_block=check) for path in files}
+    return {path.name: sha256_file(path, on_block=stops_when(stop)) for path in files}
 
 
 def _provenance(source: Source, converter: type[Converter], hashes: Future) -> dict:

@@ -418,6 +418,7 @@ def test_an_interrupted_conversion_stops_hashing_its_sources(tmp_path):
     from threading import Event
 
     from kiln.converters import convert
+    from kiln.hashing import HashingStopped
 
     big = tmp_path / "model.safetensors"
     with open(big, "wb") as f:
@@ -425,6 +426,6 @@ def test_an_interrupted_conversion_stops_hashing_its_sources(tmp_path):
     stop = Event()
     stop.set()
     started = time.perf_counter()
-    with pytest.raises(convert._Stopped):
+    with pytest.raises(HashingStopped):
         convert._hash_files([big], stop)
     assert time.perf_counter() - started < 0.5  # one 16 MiB block, not the gigabyte
