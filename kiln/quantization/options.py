@@ -60,6 +60,12 @@ class QuantizeOptions:
     overwrite: bool = field(default=False, metadata={
         "help": "Replace an existing --output_dir (only one kiln wrote)."})
 
+    @property
+    def calibrates(self) -> bool:
+        """Whether these options calibrate from data: activation ranges (the qformat's) or
+        KV-cache scales."""
+        return FORMATS[self.qformat].needs_calibration or self.kv_cache_dtype is not None
+
     def __post_init__(self) -> None:
         if self.qformat not in FORMATS:
             raise ConfigError(f"qformat must be one of {', '.join(FORMATS)}, found "
@@ -79,8 +85,7 @@ class QuantizeOptions:
             raise ConfigError(f"max_ppl_ratio must be a finite number >= 1 (--no_accuracy_gate "
                               f"measures without refusing), found {self.max_ppl_ratio!r}")
         # what is missing comes before what is extra
-        needs = FORMATS[self.qformat].needs_calibration or self.kv_cache_dtype is not None
-        if needs and not self.calib_dataset:
+        if self.calibrates and not self.calib_dataset:
             what = self.qformat if FORMATS[self.qformat].needs_calibration else \
                 f"--kv_cache_dtype {self.kv_cache_dtype}"
             raise ConfigError(f"{what} needs calibration data: pass --calib_dataset (a .txt, "

@@ -44,7 +44,7 @@ from kiln.datasets import load_texts
 from kiln.errors import ConfigError, QuantizationError
 from kiln.output_dirs import CHECKPOINT_KIND, atomic_dir, check_output, copy_tokenizer
 from kiln.quantization.accuracy import AccuracyMeter, check_gate, summary
-from kiln.quantization.config import FORMATS, WEIGHT_SCALE, QuantConfig
+from kiln.quantization.config import WEIGHT_SCALE, QuantConfig
 from kiln.quantization.data import Samples, load_tokenizer_of, split_calibration, token_samples
 from kiln.quantization.formats import dequantize_weight, quantize_weight
 from kiln.quantization.layerio import LayerReader, QuantizedWriter
@@ -89,8 +89,7 @@ def quantize(checkpoint_dir: str | Path, output_dir: str | Path, *, progress: bo
                           f"max_position_embeddings {context} (positions it was not trained "
                           f"for would calibrate it); lower --calib_max_seq_length")
     elif texts and opts.calib_max_seq_length < min(SHORT_CALIB_SEQ_LENGTH, context):
-        calibrates = FORMATS[opts.qformat].needs_calibration or opts.kv_cache_dtype is not None
-        what = ("activation ranges and the accuracy gate's perplexity come" if calibrates
+        what = ("activation ranges and the accuracy gate's perplexity come" if opts.calibrates
                 else "the accuracy gate's perplexity comes")
         log.warning("--calib_max_seq_length %d: %s from %d-token contexts, far shorter than "
                     "real prompts; %d or more measures the model as it is used",
@@ -194,7 +193,7 @@ class _Job:
         if opts.calib_dataset:
             calib, held = split_calibration(load_texts(opts.calib_dataset), tokenizer,
                                             opts.calib_size, opts.calib_max_seq_length)
-            if self.quant.info.needs_calibration or self.quant.kv_cache_dtype is not None:
+            if opts.calibrates:
                 self.calib = calib
                 self.quant = self.quant.with_(calibration=calib.provenance)
             self.eval = held
