@@ -83,15 +83,16 @@ class SamplingParams:
                f"must be a finite number > 0 (1 = off), found {_shown(self.repetition_penalty)}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
-            _check(_is_num(value) and -2 <= value <= 2, name, f"must be in [-2, 2], found {_shown(value)}")
+            _check(_is_num(value) and -2 <= value <= 2, name,
+                   f"must be in [-2, 2], found {_shown(value)}")
         _check(self.seed is None or (_is_int(self.seed) and SEED_MIN <= self.seed <= SEED_MAX),
                "seed", f"must be an integer in [{SEED_MIN}, {SEED_MAX}] or None, "
                        f"found {_shown(self.seed)}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop",
                f"must be non-empty strings, found {_shown(self.stop)}")
         _check(all(is_utf8(s) for s in self.stop), "stop",
-               f"must be UTF-8 text, found {_shown(self.stop)} (a lone surrogate: bytes that are not "
-               "UTF-8, e.g. from a shell in another locale)")
+               f"must be UTF-8 text, found {_shown(self.stop)} (a lone surrogate: bytes that are "
+               "not UTF-8, e.g. from a shell in another locale)")
         _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                f"must be token ids >= 0, found "
                f"{', '.join(map(repr, self.stop_token_ids))}")

@@ -41,7 +41,8 @@ UNGUARDED = ("died while starting: the script that opened the engine has no "
 
 
 def start(process: BaseProcess) -> None:
-    """``process.start()`` with :data:`GROUP_SIGNALS` blocked until it returns (see the module docstring).
+    """``process.start()`` with :data:`GROUP_SIGNALS` blocked until it returns (see the module
+    docstring).
     In a child that multiprocessing is still bootstrapping (an unguarded script run again):
     exit with :data:`UNGUARDED_EXIT`."""
     # the test multiprocessing's own spawn._check_not_importing_main makes (CPython 3.8-3.13)
