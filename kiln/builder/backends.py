@@ -32,6 +32,7 @@ Backends live in ``kiln/builder/<name>_backend.py`` and are imported on first us
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
 from abc import ABC, abstractmethod
@@ -168,5 +169,8 @@ def get_backend(name: str) -> Backend:
     if name not in _REGISTRY:
         _load_modules()
     if name not in _REGISTRY:
-        raise EngineError(f"unknown backend {name!r}; this kiln has {', '.join(sorted(_REGISTRY))}")
+        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=1)
+        guess = f" (did you mean {close[0]}?)" if close else ""
+        raise EngineError(f"unknown backend {name!r}{guess}; this kiln has "
+                          f"{', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]()

@@ -81,8 +81,10 @@ def test_sequence_beyond_positions_alibi(checkpoint, tmp_path):
 
 
 def test_unknown_backend(checkpoint, tmp_path):
-    fails(tmp_path, checkpoint("llama-gqa"), EngineError, "unknown backend 'nope'",
+    fails(tmp_path, checkpoint("llama-gqa"), EngineError, "unknown backend 'nope'; this kiln has",
           backend="nope")
+    fails(tmp_path, checkpoint("llama-gqa"), EngineError,
+          r"unknown backend 'onnxx' \(did you mean onnx\?\)", backend="onnxx")
 
 
 def test_onnx_refuses_gpu_targets_and_tensor_parallelism(checkpoint, tmp_path):
