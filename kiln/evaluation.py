@@ -138,14 +138,14 @@ def score_windows(llm: LLM, token_ids: list[int], windows: list[Window],
                   progress: bool = False) -> tuple[float, int]:
     """(sum of the negative log-likelihoods of the scored tokens, tokens scored) for ``windows``
     of ``token_ids``."""
-    from tqdm import tqdm
-
+    from kiln.progress import progress_bar
     from kiln.runtime import SamplingParams
 
     params = SamplingParams(max_tokens=0, prompt_logprobs=0)
     prompts = [token_ids[w.begin:w.end] for w in windows]
     nll_sum, scored = 0.0, 0
-    bar = tqdm(total=len(windows), unit="window", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(windows), unit="window", show=progress,
+                       dynamic_ncols=True)
     started = time.perf_counter()
     with bar:
         for delta in llm.generate_stream(prompts, params):

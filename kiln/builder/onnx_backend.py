@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import onnxruntime as ort
-from tqdm import tqdm
 
 from kiln.builder.backends import (
     Backend,
@@ -34,6 +33,7 @@ from kiln.builder.backends import (
 from kiln.checkpoint import rank_file
 from kiln.engine import EngineError
 from kiln.errors import BuildError
+from kiln.progress import progress_bar
 
 # ONNX Runtime's GraphOptimizationLevel per target (names: the child process looks them up).
 LEVELS = {"cpu": "ORT_ENABLE_EXTENDED", "cuda": "ORT_ENABLE_BASIC"}
@@ -70,8 +70,8 @@ class OnnxBackend(Backend):
         part, started = job.part, time.perf_counter()
         label = part_label(job.plan, part)
         # a live line on a terminal (the runner's report comes when the part is done)
-        with tqdm(total=2, desc=f"{label}: graph", bar_format="{desc} {elapsed}",
-                  disable=not job.progress, leave=False) as bar:
+        with progress_bar(total=2, desc=f"{label}: graph", bar_format="{desc} {elapsed}",
+                          show=job.progress, leave=False) as bar:
             raw = write_part(job.plan.graph, part,
                              job.plan.checkpoint_dir / rank_file(part.rank), job.work_dir)
             emitted = time.perf_counter()

@@ -18,6 +18,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -34,6 +35,7 @@ from kiln.builder.backends import (
 )
 from kiln.builder.graph.context import PartSpec
 from kiln.hashing import sha256_file
+from kiln.progress import report_line
 
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h: signal this process when its parent thread exits
@@ -41,6 +43,7 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h: signal this process when its parent threa
 
 def run_parts(engine: Backend, plan: BuildPlan, parts: list[PartSpec], out_dir: Path,
               workers: int, progress: bool) -> list[PartResult]:
+    started = time.perf_counter()
     work_dir = out_dir / ".work"
     work_dir.mkdir()
     workers = min(workers, len(parts))
@@ -54,7 +57,7 @@ def run_parts(engine: Backend, plan: BuildPlan, parts: list[PartSpec], out_dir: 
             def finished(result: PartResult, done: int) -> None:
                 for name in result.files:
                     hashes[name] = hasher.submit(sha256_file, out_dir / name)
-                _report(plan, result, done, len(jobs), progress)
+                _report(plan, result, done, len(jobs), progress, started)
 
             if workers == 1 and not engine.isolated:
                 results = []
@@ -119,9 +122,9 @@ def _build_in_worker(backend: str, job: PartJob) -> PartResult:
     return get_backend(backend).build_part(job)
 
 
-def _report(plan: BuildPlan, result: PartResult, done: int, total: int, progress: bool) -> None:
+def _report(plan: BuildPlan, result: PartResult, done: int, total: int, progress: bool,
+            started: float) -> None:
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
     line = f"[{done}/{total}] {part_label(plan, result.part)}: {stages}"
     log.info("%s", line)
-    if progress:
-        print(line, file=sys.stderr, flush=True)
+    report_line(line, show=progress, started=started)

@@ -48,6 +48,7 @@ from kiln.engine import BuildLimits, EngineError
 from kiln.errors import BuildError
 from kiln.graph.emitter import MemorySink
 from kiln.interrupts import deferred_interrupts
+from kiln.progress import progress_bar
 from kiln.quantization.config import QuantConfig
 
 log = logging.getLogger(__name__)
@@ -250,8 +251,8 @@ def _progress_monitor(trt: ModuleType, label: str, live: bool, cancelled: Callab
         def phase_start(self, phase, parent, steps):  # noqa: D401 - TensorRT callbacks
             if parent is None and self.top is None:
                 self.top = phase
-                self.bar = tqdm(total=steps, desc=f"{label}: TensorRT", unit="step",
-                                leave=False, disable=not live)
+                self.bar = progress_bar(total=steps, desc=f"{label}: TensorRT",
+                                        unit="step", leave=False, show=live)
             elif self.bar is not None:
                 self.bar.set_postfix_str(phase, refresh=True)
 

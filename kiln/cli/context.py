@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass
 
 import click
@@ -16,8 +15,9 @@ class CliContext:
 
     @property
     def progress(self) -> bool:
-        """Show progress bars: not under --quiet, and only on a terminal."""
-        return self.verbosity >= 0 and sys.stderr.isatty()
+        """Show progress, but not under --quiet: a bar on a terminal, a line every 30 s in a
+        log (:mod:`kiln.progress`)."""
+        return self.verbosity >= 0
 
 
 def executor_options(func):

@@ -64,6 +64,8 @@ def verify(obj: CliContext, engine_dir: Path | None, engine_dir_option: Path | N
     """Check an engine dir against its manifest: files, sizes and checksums of every rank."""
     from tqdm import tqdm
 
+    from kiln.progress import progress_bar
+
     engine_dir = engine_dir or engine_dir_option
 
     manifest = read_manifest(engine_dir)
@@ -73,8 +75,8 @@ def verify(obj: CliContext, engine_dir: Path | None, engine_dir_option: Path | N
     paths = [p for _, name in files if (p := engine_dir / name).is_file()]
     total = sum(p.stat().st_size for p in paths)
     width = max((len(name) for _, name in files), default=0)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="sha256", delay=1.0,
-              disable=not obj.progress) as bar:
+    with progress_bar(total=total, unit="B", unit_scale=True, desc="sha256", delay=1.0,
+                      show=obj.progress) as bar:
         for rank, name in files:
             problem = file_problem(engine_dir, manifest, name, checksum=True, on_block=bar.update)
             if problem is not None:

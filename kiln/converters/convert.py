@@ -39,7 +39,6 @@ from threading import Event, Thread
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 import kiln
 from kiln.checkpoint import CONFIG_NAME, CheckpointConfig, rank_file
@@ -57,6 +56,7 @@ from kiln.converters.source import Source, SourceTensor, open_source
 from kiln.errors import CheckpointError, TensorMappingError
 from kiln.hashing import sha256_file, stops_when
 from kiln.output_dirs import CHECKPOINT_KIND, atomic_dir, check_output, copy_tokenizer
+from kiln.progress import progress_bar
 from kiln.quantization.config import INPUT_SCALE, KV_SCALES, WEIGHT_SCALE
 from kiln.roles import (
     Role,
@@ -258,8 +258,8 @@ def _write_ranks(out: Path, plans: list[TargetPlan], config: DecoderConfig, mapp
     writers = _open_writers(out, plans, config, mapping, dtype)
     plans = sorted(plans, key=lambda p: p.sources[0].location())
     total = sum(s.nbytes for p in plans for s in p.sources)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress,
-              leave=False) as bar:
+    with progress_bar(total=total, unit="B", unit_scale=True, desc="convert", show=progress,
+                      leave=False) as bar:
         # Reading (and casting) runs one chunk ahead of writing, in a thread: both are mostly
         # system calls that release the GIL, so disk reads overlap disk writes.
         chunks = ((p, r, c) for p in plans for r, c in _row_chunks(p, p.out_dtype(dtype)))

@@ -211,14 +211,14 @@ def verify_checksums(engine_dir: Path, manifest: EngineManifest, ranks: Iterable
     ``progress``: a progress bar over the bytes, shown when hashing takes more than a second;
     None shows it on a terminal only.
     """
-    from tqdm import tqdm
+    from kiln.progress import progress_bar
 
     names = rank_file_names(manifest, ranks)
     paths = [p for n in names if (p := Path(engine_dir) / n).is_file()]
     total = sum(p.stat().st_size for p in paths)
     logger.info("verifying checksums of %d files (%.1f GB)", len(names), total / 1e9)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="sha256", delay=1.0,
-              disable=None if progress is None else not progress) as bar:
+    with progress_bar(total=total, unit="B", unit_scale=True, desc="sha256", delay=1.0,
+                      show=progress) as bar:
         for name in names:
             _raise(engine_dir, name, file_problem(engine_dir, manifest, name, checksum=True,
                                                   on_block=bar.update))

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 import kiln
 from kiln.checkpoint import CONFIG_NAME, CheckpointConfig, load_config
@@ -43,6 +42,7 @@ from kiln.config import options_from
 from kiln.datasets import load_texts
 from kiln.errors import ConfigError, QuantizationError
 from kiln.output_dirs import CHECKPOINT_KIND, atomic_dir, check_output, copy_tokenizer
+from kiln.progress import progress_bar
 from kiln.quantization.accuracy import AccuracyMeter, check_gate, summary
 from kiln.quantization.config import WEIGHT_SCALE, QuantConfig
 from kiln.quantization.data import Samples, load_tokenizer_of, split_calibration, token_samples
@@ -207,8 +207,8 @@ class _Job:
         writer = QuantizedWriter(out, self.source_dir, self.source, self._target(self.quant))
         streams = self._embed(reader)
         started = time.perf_counter()
-        for i in tqdm(range(cfg.num_layers), desc="quantize", unit="layer",
-                      disable=not self.progress, leave=False):
+        for i in progress_bar(range(cfg.num_layers), desc="quantize", unit="layer",
+                               show=self.progress, leave=False):
             layer_started = time.perf_counter()
             self._layer(i, reader, writer, streams)
             log.info("layer %d/%d quantized in %.2f s", i + 1, cfg.num_layers,

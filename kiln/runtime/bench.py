@@ -134,7 +134,7 @@ def run_benchmark(core: EngineCore, workload: Workload,
     """Drive ``core`` (an EngineCore, or data-parallel replicas' ReplicaCore: the same request
     API) through the workload (see the module docstring); ``progress``: a bar of finished
     requests on stderr, named ``label``."""
-    from tqdm import tqdm
+    from kiln.progress import progress_bar
 
     params = SamplingParams(temperature=0, max_tokens=workload.output_len, ignore_eos=True)
     prompts = deque(zip(make_prompts(workload, core.vocab_size, avoid_tokens),
@@ -144,8 +144,8 @@ def run_benchmark(core: EngineCore, workload: Workload,
     timings: list[RequestTimings] = []
     errors: list[str] = []
     live: set[str] = set()
-    bar = tqdm(total=workload.num_requests, unit="req", desc=label, disable=not progress,
-               dynamic_ncols=True)
+    bar = progress_bar(total=workload.num_requests, unit="req", desc=label, show=progress,
+                       dynamic_ncols=True)
     with bar:
         while prompts or live:
             now = time.perf_counter() - start

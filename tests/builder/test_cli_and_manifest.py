@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 
 import onnx
 import pytest
@@ -139,10 +140,11 @@ def test_onnx_cuda_target_is_provider_independent(checkpoint, reference_logits, 
         assert float(abs(runner.step(chunks) - want).max()) <= 1e-4
 
 
-def test_an_onnx_build_shows_its_phase_live(checkpoint, tmp_path, capsys):
-    """With progress on (a terminal), each part names its running phase on a live line, which
+def test_an_onnx_build_shows_its_phase_live(checkpoint, tmp_path, capsys, monkeypatch):
+    """With progress on a terminal, each part names its running phase on a live line, which
     the runner's one-line report replaces when the part is done."""
     from kiln.builder import build as api_build
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # capsys's stream, as a terminal
     api_build(checkpoint("llama-gqa"), tmp_path / "e", max_seq_len=32, progress=True)
     err = capsys.readouterr().err
     assert "rank 0 layers 0-1: graph" in err and "rank 0 layers 0-1: optimize" in err

@@ -412,10 +412,12 @@ def test_a_workloads_host_memory_estimate_bounds_what_its_requests_hold(tmp_path
     assert held <= estimate <= 2 * held, (held, estimate)
 
 
-def test_bench_progress_counts_finished_requests(engine, capsys):
+def test_bench_progress_counts_finished_requests(engine, capsys, monkeypatch):
+    import kiln.progress
     from kiln.runtime import ExecutorOptions
     from kiln.runtime.bench import Workload, run_benchmark
 
+    monkeypatch.setattr(kiln.progress, "LOG_EVERY_S", 0.0)  # captured: a log, lines at once
     with LLM(engine, ExecutorOptions(device="cpu", num_threads=1)) as llm:
         run_benchmark(llm.core, Workload(8, 2, 3), progress=True, label="warm-up")
     err = capsys.readouterr().err

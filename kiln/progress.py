@@ -1,0 +1,73 @@
+"""Progress bars on a terminal, progress lines in a log.
+
+Every long kiln step (conversion, quantization, a build, checksums, a benchmark, an
+evaluation) reports through :func:`progress_bar`. On a terminal it is a tqdm bar redrawn in
+place. Anywhere else (a CI job's log, a pipe, a file) a bar redrawn with carriage returns
+would be one ever-growing line, and no bar at all leaves a long job silent, which CI systems
+read as a hang. There the same bar is written as a plain line every :data:`LOG_EVERY_S`
+seconds, the first after that long: a long job is never silent, a short one writes nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+import time
+from collections.abc import Iterable
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+LOG_EVERY_S = 30.0
+
+
+class _Lines(io.TextIOBase):
+    """A text stream that writes each of tqdm's redraws ("\\r" + the bar) as a line of its own,
+    and drops the blank redraw that clears a finished bar."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__()
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        line = text.replace("\r", "").strip()
+        if line:
+            self.stream.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+class _LogBar(tqdm):
+    """A bar for a log: a forced redraw (a new description or postfix) waits for the same
+    interval and delay as an update's, so a bar that renames its phase stays quiet too."""
+
+    def refresh(self, nolock: bool = False, lock_args: Any = None) -> bool | None:
+        now, started = self._time(), getattr(self, "start_t", None)  # None: tqdm's first draw
+        if started is not None and (now < started + self.delay
+                                    or now - self.last_print_t < self.mininterval):
+            return False
+        return super().refresh(nolock=nolock, lock_args=lock_args)
+
+
+def progress_bar(iterable: Iterable | None = None, *, show: bool | None,
+                 **kwargs: Any) -> tqdm:
+    """``tqdm(iterable, **kwargs)`` on stderr. ``show`` False: nothing; None: a bar on a
+    terminal only; True: a bar on a terminal, otherwise a line every :data:`LOG_EVERY_S` s."""
+    stream = sys.stderr
+    if show is None:
+        show = stream.isatty()
+    if show and not stream.isatty():
+        kwargs.update(file=_Lines(stream), mininterval=LOG_EVERY_S, ascii=True,
+                      delay=max(kwargs.get("delay", 0.0), LOG_EVERY_S), dynamic_ncols=False)
+        return _LogBar(iterable, **kwargs)
+    return tqdm(iterable, disable=not show, **kwargs)
+
+
+def report_line(line: str, *, show: bool, started: float) -> None:
+    """Write a finished step's ``line`` (e.g. one part of a build) to stderr when ``show``: on a
+    terminal always, in a log once the work (begun at ``time.perf_counter()`` ``started``) has
+    run :data:`LOG_EVERY_S`, as a bar would be."""
+    if show and (sys.stderr.isatty() or time.perf_counter() - started >= LOG_EVERY_S):
+        print(line, file=sys.stderr, flush=True)
