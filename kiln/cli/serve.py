@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import errno
 import logging
+import os
 import signal
 import socket
 from pathlib import Path
@@ -56,10 +57,11 @@ class ServeError(KilnError):
               help="Address to listen on (0.0.0.0: every interface).")
 @click.option("--port", default=8000, show_default=True, type=IntRange(1, 65535),
               help="TCP port to listen on.")
-@click.option("--served_model_name", default=None,
+@click.option("--served_model_name", default=None, callback=lambda c, p, v: _named(p, v),
               help="The model name clients send and /v1/models lists (default: --model_dir "
                    "as given, or the engine dir's name).")
 @click.option("--api_key", envvar="KILN_API_KEY", default=None, show_envvar=True,
+              callback=lambda c, p, v: _key(c, p, v),
               help="Require 'Authorization: Bearer KEY' on /v1/* (401 otherwise); /health, "
                    "/metrics and /version stay open.")
 @click.option("--max_queue", type=IntRange(min=0), default=None,
@@ -315,6 +317,31 @@ class _Server:
                     super().handle_exit(sig, frame)
 
         return Server(config)
+
+
+def _named(param: click.Parameter, name: str | None) -> str | None:
+    if name is not None and (not name.strip() or name != name.strip()):
+        raise click.BadParameter(f"{name!r}: a model name clients can send has no leading or "
+                                 f"trailing spaces and is not empty; give one, or leave the "
+                                 f"option out", param=param)
+    return name
+
+
+def _key(ctx: click.Context, param: click.Parameter, key: str | None) -> str | None:
+    """An empty key would lock every client out (and clients refuse to send one), and spaces
+    around it cannot travel in an HTTP header: both are refused, naming where the key came
+    from. An empty KILN_API_KEY, which click reads as unset, is refused too: it is what
+    ``KILN_API_KEY=$SECRET`` gives when SECRET is unset, and would serve with no key."""
+    if key is None and os.environ.get("KILN_API_KEY") == "":
+        key = ""
+    elif key is None or (key.strip() and key == key.strip()):
+        return key
+    source = "--api_key" if ctx.get_parameter_source(param.name) is \
+        click.core.ParameterSource.COMMANDLINE else "KILN_API_KEY"
+    problem = "is empty" if not key.strip() else "has leading or trailing spaces"
+    fix = "unset KILN_API_KEY" if source == "KILN_API_KEY" else "leave --api_key out"
+    raise click.BadParameter(f"the API key given by {source} {problem}: no client could send "
+                             f"it; give a key, or {fix} to serve without one", param=param)
 
 
 def _read_template(path: Path | None) -> str | None:

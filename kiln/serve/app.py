@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -73,10 +74,12 @@ def create_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = N
         error = ApiError(e.status_code, str(e.detail))
         return JSONResponse(error.body(), status_code=error.status)
 
+    expected = f"Bearer {api_key}".encode()
+
     def check(request: Request, model: str | None = None) -> None:
         if api_key is not None:
-            given = request.headers.get("authorization", "")
-            if given != f"Bearer {api_key}":
+            given = request.headers.get("authorization", "").encode("latin-1")  # raw bytes
+            if not secrets.compare_digest(given, expected):  # in time that tells nothing
                 raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
                                code="invalid_api_key")
         if model is not None and model != served_model_name:

@@ -118,3 +118,21 @@ def test_a_chat_template_kiln_cannot_use_is_one_line_before_the_engine_loads(tmp
     assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith(f"error: Invalid value for --chat_template: {template}: {why}"), \
         lines
+
+
+@pytest.mark.parametrize(("args", "env", "message"), [
+    (["--api_key", ""], {}, "the API key given by --api_key is empty: no client could send it; "
+                            "give a key, or leave --api_key out to serve without one"),
+    ([], {"KILN_API_KEY": ""}, "the API key given by KILN_API_KEY is empty: no client could "
+                               "send it; give a key, or unset KILN_API_KEY to serve without one"),
+    (["--api_key", " key"], {}, "--api_key has leading or trailing spaces"),
+    (["--served_model_name", ""], {}, "'': a model name clients can send has no leading or "
+                                      "trailing spaces and is not empty"),
+])
+def test_a_key_or_name_no_client_could_send_is_refused_before_the_port_is_bound(
+        busy_port, args, env, message):
+    result = CliRunner(env=env).invoke(main, ["serve", "--engine_dir", "e", "--port",
+                                              str(busy_port), *args])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, lines
+    assert message in lines[0], lines
