@@ -329,15 +329,18 @@ class EngineCache:
     def remove(self, entry: Entry) -> int:
         """Delete ``entry`` (the caller holds its write lock); its size. Refuses, with
         :class:`BuildCacheError`, an entry holding anything the cache did not write."""
-        problem = self.foreign_content(entry)
-        if problem:
-            raise BuildCacheError(f"{entry.path}: {problem}; it is left alone: move those files "
-                                  f"away, then delete the entry yourself or prune again")
+        self._check_removable(entry)
         size = entry.size()
         trash = self.new_tmp(entry.name, "del")
         entry.path.rename(trash / entry.name)
         shutil.rmtree(trash, ignore_errors=True)
         return size
+
+    def _check_removable(self, entry: Entry) -> None:
+        problem = self.foreign_content(entry)
+        if problem:
+            raise BuildCacheError(f"{entry.path}: {problem}; it is left alone: move those files "
+                                  f"away, then delete the entry yourself or prune again")
 
     def foreign_content(self, entry: Entry) -> str | None:
         """What in ``entry`` the cache did not write (None: nothing)."""
@@ -377,7 +380,7 @@ class EngineCache:
             if entry.name in keep or not (everything or old or over):
                 continue
             try:
-                freed = sizes[entry.name] if dry_run else self._remove_unused(entry)
+                freed = self._remove_unused(entry, dry_run)
             except Busy:
                 result.in_use.append(entry)
                 continue
@@ -394,11 +397,17 @@ class EngineCache:
                 (self.dir / MEMO_NAME).unlink(missing_ok=True)
         return result
 
-    def _remove_unused(self, entry: Entry) -> int:
+    def _remove_unused(self, entry: Entry, dry_run: bool) -> int:
+        """Remove ``entry`` unless in use (:class:`Busy`) or holding what the cache did not
+        write (:class:`BuildCacheError`); its size. ``dry_run``: the same checks, no removal,
+        so that a dry run reports what the real one would do."""
         with self.locked(entry.name, write=True, wait=False):
             current = self.read(entry.name)  # it may have been rebuilt or removed meanwhile
             if current is None or current.key != entry.key:
                 raise Busy(entry.name)
+            if dry_run:
+                self._check_removable(current)
+                return current.size()
             return self.remove(current)
 
     def _prune_leftovers(self, result: PruneResult, dry_run: bool) -> list[tuple[Path, int]]:

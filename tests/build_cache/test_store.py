@@ -242,6 +242,21 @@ def test_dry_run_removes_nothing(cache):
     assert names(cache.entries()) == ["a", "b"]
 
 
+def test_a_dry_run_reports_what_the_real_one_would_keep(cache):
+    """An entry in use, or one holding a user's file, is kept by a prune: its dry run says so
+    too (a new-user trial saw 'would remove' on an engine a server was holding)."""
+    held, edited, free = (fake_entry(cache, s, a, size=100) for s, a in
+                          (("held", 3), ("edited", 2), ("free", 1)))
+    (edited.engine_dir / "my-notes.txt").write_text("keep me")
+    with cache.hold(held.engine_dir):
+        dry = cache.prune(everything=True, dry_run=True)
+        assert names(dry.in_use) == ["held"] and names(dry.removed) == ["free"]
+        assert [p for p, _ in dry.refused] == [edited.path] and dry.freed == free.size()
+        real = cache.prune(everything=True)
+    assert (names(real.in_use), names(real.removed), real.refused) == (
+        names(dry.in_use), names(dry.removed), dry.refused)
+
+
 def test_lock_files_of_removed_entries_go(cache):
     entry = fake_entry(cache, "a")
     with cache.locked(entry.name, write=False):
