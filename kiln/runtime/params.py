@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,10 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
+        _check(isinstance(self.stop, Iterable), "stop",
+               f"must be a string or a list of strings, found {_shown(self.stop)}")
+        _check(isinstance(self.stop_token_ids, Iterable), "stop_token_ids",
+               f"must be a list of token ids, found {_shown(self.stop_token_ids)}")
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         _check(_is_int(self.max_tokens) and self.max_tokens >= 0, "max_tokens",

@@ -57,6 +57,7 @@ def _rows(params, n=1, seed=0, prompt=(), output=()):
     ("repetition_penalty", 0), ("presence_penalty", 2.5), ("frequency_penalty", -3),
     ("seed", "x"), ("stop", ("",)), ("stop_token_ids", (-1,)), ("logprobs", 21),
     ("temperature", True), ("stop", ("caf\udce9",)), ("stop", ("ok", "\ud800")),
+    ("stop", 5), ("stop", None), ("stop_token_ids", 7),
 ])
 def test_invalid_values_name_the_parameter(field, value):
     with pytest.raises(SamplingParamsError, match=rf"SamplingParams\.{field} "):
