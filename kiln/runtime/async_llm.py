@@ -33,6 +33,7 @@ import asyncio
 import concurrent.futures
 import copy
 import logging
+import os
 import queue
 import threading
 import weakref
@@ -85,6 +86,11 @@ class AsyncLLM:
             raise TypeError("AsyncLLM() takes an LLM or model=... (a Hugging Face checkpoint "
                             "dir or hub id, built through the build cache)"
                             + (", not both" if model is not None else ""))
+        if llm is not None and not isinstance(llm, LLM):
+            hint = f" (an engine dir: AsyncLLM(LLM({str(llm)!r})))" \
+                if isinstance(llm, (str, os.PathLike)) else ""
+            raise TypeError(f"AsyncLLM() takes an LLM or model=..., found "
+                            f"{type(llm).__name__} {llm!r:.60}{hint}")
         if llm is not None and (options is not None or policy is not None or build_options):
             raise TypeError("AsyncLLM(llm) takes no options: the LLM was opened with its own")
         self._owns_llm = llm is None  # close() closes an LLM this AsyncLLM opened

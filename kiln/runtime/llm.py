@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 import weakref
@@ -90,6 +91,13 @@ class LLM:
             raise TypeError("LLM() takes an engine dir (LLM('engines/x')) or model=... (a Hugging "
                             "Face checkpoint dir or hub id, built through the build cache)"
                             + (", not both" if model is not None else ""))
+        for name, value in (("an engine dir", engine_dir), ("model", model)):
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise TypeError(f"LLM() takes {name} as a str or Path, found "
+                                f"{type(value).__name__} {value!r:.60}")
+        if options is not None and not isinstance(options, ExecutorOptions):
+            raise TypeError(f"LLM() takes options as ExecutorOptions(...), found "
+                            f"{type(options).__name__} {options!r:.60}")
         if engine_dir is not None and build_options:
             raise TypeError(f"LLM() got build options {sorted(build_options)} with an engine dir, "
                             f"which is built already; they apply to LLM(model=...) only")

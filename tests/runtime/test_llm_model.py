@@ -97,6 +97,10 @@ def test_an_engine_that_fails_to_open_is_released(tiny_hf, cache, monkeypatch):
     (("engines/x",), {"model": "m"}, "not both"),
     (("engines/x",), {"max_batch_size": 2}, "LLM() got build options ['max_batch_size'] with an "
                                             "engine dir"),
+    ((123,), {}, "LLM() takes an engine dir as a str or Path, found int 123"),
+    ((), {"model": ["m"]}, "LLM() takes model as a str or Path, found list ['m']"),
+    (("engines/x", {"device": "cpu"}), {}, "LLM() takes options as ExecutorOptions(...), found "
+                                           "dict"),
 ])
 def test_wrong_combinations_are_type_errors(args, kwargs, message, cache):
     with pytest.raises(TypeError) as raised:
@@ -136,3 +140,8 @@ def test_async_llm_over_an_llm_is_unchanged_and_takes_no_options(tiny_hf, cache)
             AsyncLLM(llm, max_batch_size=2)
     with pytest.raises(TypeError, match="AsyncLLM\\(\\) takes an LLM or model=..."):
         AsyncLLM()
+    with pytest.raises(TypeError, match="found int 123$"):
+        AsyncLLM(123)
+    with pytest.raises(TypeError, match=r"found str 'engines/x' \(an engine dir: "
+                                        r"AsyncLLM\(LLM\('engines/x'\)\)\)"):
+        AsyncLLM("engines/x")
