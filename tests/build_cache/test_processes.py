@@ -49,8 +49,8 @@ if how == "api":
     logging.basicConfig(level=logging.WARNING)
     print(api.engine_for_model(model), flush=True)
 else:
-    from kiln.cli.main import main
-    main(["cache", "build", "--model_dir", model], prog_name="kiln")
+    from kiln.cli.main import run
+    run(["cache", "build", "--model_dir", model])
 """
 
 

@@ -273,10 +273,9 @@ def test_ctrl_c_stops_every_rank_and_kiln_run_exits_130(engines, tmp_path):
             return all_reduce(self, x)
 
         comm.DistCollectives.all_reduce = interrupted
-        from kiln.cli.main import main
-        main(["run", "--engine_dir", {str(engines(2, 1))!r}, "--device", "cpu",
-              "--input_text", "Hello there", "--max_output_len", "20", "--ignore_eos"],
-             prog_name="kiln")
+        from kiln.cli.main import run
+        run(["run", "--engine_dir", {str(engines(2, 1))!r}, "--device", "cpu",
+             "--input_text", "Hello there", "--max_output_len", "20", "--ignore_eos"])
     """, start_new_session=True)
     _, stderr = cli.communicate(timeout=120)
     assert time.time() - pids.stat().st_mtime < 5  # the interrupt ended the run at once
