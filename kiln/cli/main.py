@@ -213,8 +213,9 @@ _interrupted = False
 
 
 def run(args: list[str] | None = None) -> None:
-    """``kiln`` (the console entry point; ``args``: the command line's). A command that ends on a signal has removed what it was writing and said so by
-    the time it exits; the interpreter's teardown of torch, ONNX Runtime and the objects a
+    """``kiln`` (the console entry point; ``args``: the command line's). A command that ends
+    on a signal has removed what it was writing and said so by the time it exits; the
+    interpreter's teardown of torch, ONNX Runtime and the objects a
     build or run left (0.5-1 s on 2 cores, measured at Ctrl-C during ``kiln run --model_dir``'s
     build) would then push the exit past the second a Ctrl-C may take, so the process exits at
     once, after flushing the logs and standard streams. Other threads (a prefetching reader,
