@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any, TextIO
@@ -40,21 +41,42 @@ class _Lines(io.TextIOBase):
 
 
 class _LogBar(tqdm):
-    """A bar for a log: a forced redraw (a new description or postfix) waits for the same
-    interval and delay as an update's, so a bar that renames its phase stays quiet too."""
+    """A bar for a log. A line is drawn once :data:`LOG_EVERY_S` has passed since the last one
+    (and the bar's delay since its start), whatever asks: an update, a forced redraw (a new
+    description or postfix), or the bar's clock, a thread that wakes when the next line is
+    due, so that one step longer than the interval (a large model's layer) does not leave the
+    log silent until it ends."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._closed = threading.Event()
+        super().__init__(*args, **kwargs)
+        threading.Thread(target=self._clock, name="progress-line", daemon=True).start()
+
+    def _due(self) -> float:
+        return max(self.start_t + self.delay, self.last_print_t + self.mininterval)
+
+    def _clock(self) -> None:
+        while not self._closed.wait(max(0.05, self._due() - self._time())):
+            self.refresh()
 
     def refresh(self, nolock: bool = False, lock_args: Any = None) -> bool | None:
-        now, started = self._time(), getattr(self, "start_t", None)  # None: tqdm's first draw
-        if started is not None and (now < started + self.delay
-                                    or now - self.last_print_t < self.mininterval):
-            return False
+        if hasattr(self, "start_t"):  # (not yet: tqdm's first draw, at no delay)
+            now = self._time()
+            if now < self._due():
+                return False
+            self.last_print_t = now
         return super().refresh(nolock=nolock, lock_args=lock_args)
+
+    def close(self) -> None:
+        self._closed.set()
+        super().close()
 
 
 def progress_bar(iterable: Iterable | None = None, *, show: bool | None,
                  **kwargs: Any) -> tqdm:
     """``tqdm(iterable, **kwargs)`` on stderr. ``show`` False: nothing; None: a bar on a
-    terminal only; True: a bar on a terminal, otherwise a line every :data:`LOG_EVERY_S` s."""
+    terminal only; True: a bar on a terminal, otherwise a line every :data:`LOG_EVERY_S` s
+    (closing the bar, as ``with`` or the end of its iterable does, stops them)."""
     stream = sys.stderr
     if show is None:
         show = stream.isatty()

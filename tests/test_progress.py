@@ -85,3 +85,18 @@ def test_a_finished_step_is_reported_on_a_terminal_or_once_the_work_is_long(
     report_line("[1/2] part", show=True, started=time.perf_counter() - ran_s)
     report_line("[2/2] part", show=False, started=time.perf_counter() - ran_s)
     assert out.getvalue() == ("[1/2] part\n" if shown else "")
+
+
+def test_a_log_gets_lines_on_a_clock_while_a_long_step_runs(stderr, monkeypatch):
+    """One step longer than the interval (a large model's layer) still writes its lines."""
+    import time
+
+    monkeypatch.setattr(kiln.progress, "LOG_EVERY_S", 0.2)
+    out = stderr(io.StringIO())
+    with progress_bar(total=2, desc="quantize", show=True, leave=False) as bar:
+        time.sleep(1.0)  # no update at all
+        during = out.getvalue().splitlines()
+        bar.update(2)
+    time.sleep(0.5)
+    assert len(during) >= 2 and all(line.startswith("quantize:   0%") for line in during)
+    assert len(out.getvalue().splitlines()) <= len(during) + 2  # the clock stopped with it
