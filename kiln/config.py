@@ -235,7 +235,8 @@ class Mapping:
         problem = tp_problem(config, tp)
         _require(problem is None, "tp_size", f"{problem}{fits}")
         _require(self.pp_size <= config.num_layers, "pp_size",
-                 f"{self.pp_size} exceeds the {config.num_layers} layers")
+                 f"{self.pp_size} exceeds the {config.num_layers} layers (a stage holds at "
+                 f"least one); this model allows pp_size 1 to {config.num_layers}")
 
     # TP-local sizes, derived.
     def local_heads(self, config: DecoderConfig) -> int:

@@ -144,7 +144,7 @@ def score_windows(llm: LLM, token_ids: list[int], windows: list[Window],
     params = SamplingParams(max_tokens=0, prompt_logprobs=0)
     prompts = [token_ids[w.begin:w.end] for w in windows]
     nll_sum, scored = 0.0, 0
-    bar = progress_bar(total=len(windows), unit="window", show=progress,
+    bar = progress_bar(total=len(windows), desc="eval", unit="window", show=progress,
                        dynamic_ncols=True)
     started = time.perf_counter()
     with bar:

@@ -186,7 +186,9 @@ def test_bench_on_a_model_dir(tiny_hf, cache):
     (["run", "--input_text", "Hi", "--max_seq_len", "100000"],
      "exceeds the model's max_position_embeddings 64"),
     (["run", "--input_text", "Hi", "--tp_size", "3"], "tp_size"),
-    (["run", "--input_text", "Hi", "--pp_size", "100"], "pp_size 100 exceeds the 2 layers"),
+    (["run", "--input_text", "Hi", "--pp_size", "100"], "pp_size 100 exceeds the 2 layers (a "
+                                                        "stage holds at least one); this model "
+                                                        "allows pp_size 1 to 2"),
     # this machine (no CUDA GPU) cannot run the engine: the runtime's machine check
     (["run", "--input_text", "Hi", "--backend", "torch"],
      "needs a CUDA GPU for its Triton kernels; on this machine use an onnx engine (build with "
