@@ -64,6 +64,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from kiln.build_cache import cache_root
 from kiln.errors import KilnError
@@ -176,14 +177,38 @@ def _make_world_readable(directory: Path) -> None:
 
 
 def _export_hf_checkpoint(source: Path, out_dir: Path) -> None:
-    """Load the GGUF with transformers and save it as a plain float32 Llama checkpoint."""
+    """Load the GGUF with transformers and save it as a plain float32 Llama checkpoint.
+    transformers' own progress bars (loading, writing shards) are off where stderr is not a
+    terminal: a bar redrawn with carriage returns is noise in a CI log, and each takes
+    seconds."""
+    from transformers.utils import logging as hf_logging
+
+    if sys.stderr.isatty() or not hf_logging.is_progress_bar_enabled():
+        _export(source, out_dir)
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        _export(source, out_dir)
+    finally:
+        hf_logging.enable_progress_bar()
+
+
+def _export(source: Path, out_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import modeling_gguf_pytorch_utils as gguf
+
+    from kiln.progress import progress_bar
 
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(
-        source.parent, gguf_file=source.name, dtype=torch.float32
-    )
+    # The GGUF loader draws a plain tqdm bar on whatever stderr is: carriage returns in a CI
+    # log. kiln's bar instead (a line every 30 s there; this load takes seconds: none).
+    kiln_bar = contextlib.nullcontext() if not hasattr(gguf, "tqdm") else mock.patch.object(
+        gguf, "tqdm", lambda iterable=None, **kwargs: progress_bar(iterable, show=True, **kwargs))
+    with kiln_bar:
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            source.parent, gguf_file=source.name, dtype=torch.float32
+        )
     model = _plain_llama_copy(gguf_model)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
