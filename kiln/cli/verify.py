@@ -15,8 +15,18 @@ from pathlib import Path
 
 import click
 
+import kiln
 from kiln.cli.context import CliContext, PathArg
-from kiln.engine import EngineError, EngineManifest, file_problem, read_manifest
+from kiln.dirs import DirKind, read_config
+from kiln.engine import (
+    DIGEST_KEY,
+    EngineError,
+    EngineManifest,
+    file_problem,
+    manifest_edit,
+    read_manifest,
+)
+from kiln.runtime.compat import kiln_version_problem
 
 
 def manifest_problems(manifest: EngineManifest) -> list[str]:
@@ -69,7 +79,13 @@ def verify(obj: CliContext, engine_dir: Path | None, engine_dir_option: Path | N
     engine_dir = engine_dir or engine_dir_option
 
     manifest = read_manifest(engine_dir)
-    problems = manifest_problems(manifest)
+    _, data = read_config(engine_dir, DirKind.ENGINE, EngineError)
+    problems = [p for p in (manifest_edit(data),
+                            kiln_version_problem(manifest.kiln_version, kiln.__version__))
+                if p is not None]
+    for problem in problems:
+        click.echo(f"FAIL manifest  {problem}")
+    problems += manifest_problems(manifest)
     files = [(rank, name) for rank in sorted(manifest.rank_files)
              for name in manifest.rank_files[rank]]
     paths = [p for _, name in files if (p := engine_dir / name).is_file()]
@@ -90,14 +106,16 @@ def verify(obj: CliContext, engine_dir: Path | None, engine_dir_option: Path | N
         click.echo(f"FAIL tokenizer  {tokenizer}")
     sizes = "sizes and checksums" if manifest.sizes is not None else \
         "checksums (the manifest records no sizes: built by an older kiln)"
+    unedited = "the manifest unedited since the build, " if DIGEST_KEY in data else \
+        "(the manifest records no digest of its own: built by an older kiln) "
     if problems:
         fix = "" if "rebuild" in problems[0] else "; rebuild with kiln build"
         raise EngineError(f"{engine_dir}: {len(problems)} problem(s), first: {problems[0]}{fix}")
     ranks = len(manifest.rank_files)
     counted = (f"{len(files)} file{'s' if len(files) != 1 else ''} of {ranks} "
                f"rank{'s' if ranks != 1 else ''}")
-    click.echo(f"{engine_dir}: ok, {counted}, {total / 1e9:.2f} GB: present, {sizes} match the "
-               f"manifest")
+    click.echo(f"{engine_dir}: ok, {unedited}{counted}, {total / 1e9:.2f} GB: present, {sizes} "
+               f"match the manifest")
 
 
 def _line(path: Path, rank: int, name: str, problem: str | None) -> str:

@@ -15,6 +15,7 @@ TensorRT engines; build and run share only their names (:data:`ENGINE_FILE`).
 
 from kiln.engine.manifest import (
     BACKENDS,
+    DIGEST_KEY,
     ENGINE_FILE,
     ENGINE_FORMAT_VERSION,
     MANIFEST_NAME,
@@ -23,6 +24,7 @@ from kiln.engine.manifest import (
     EngineManifest,
     check_files,
     file_problem,
+    manifest_edit,
     rank_file_names,
     read_manifest,
     sha256_file,
@@ -30,6 +32,7 @@ from kiln.engine.manifest import (
     verify_files,
 )
 
-__all__ = ["BACKENDS", "ENGINE_FILE", "ENGINE_FORMAT_VERSION", "MANIFEST_NAME", "BuildLimits",
-           "EngineError", "EngineManifest", "check_files", "file_problem", "rank_file_names",
+__all__ = ["BACKENDS", "DIGEST_KEY", "ENGINE_FILE", "ENGINE_FORMAT_VERSION", "MANIFEST_NAME", "BuildLimits",
+           "EngineError", "EngineManifest", "check_files", "file_problem", "manifest_edit",
+           "rank_file_names",
            "read_manifest", "sha256_file", "verify_checksums", "verify_files"]

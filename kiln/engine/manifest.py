@@ -22,6 +22,7 @@ and run share a format).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -41,6 +42,7 @@ _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}  # of DTYPES
 
 ENGINE_FORMAT_VERSION = 1
 MANIFEST_NAME = "config.json"
+DIGEST_KEY = "manifest_sha256"  # the manifest's own digest (manifest_digest), from the build
 BACKENDS = ("onnx", "tensorrt", "torch")
 # Names of the backend files beside the manifest: ``rank{N}`` or ``rank{N}.part{k}`` (a rank
 # split into a chain of engine parts), then torch ``.safetensors``, onnx ``.onnx`` + its
@@ -149,7 +151,31 @@ class EngineManifest:
             format_version=version)
 
     def write(self, engine_dir: Path) -> None:
-        (Path(engine_dir) / MANIFEST_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        """Write ``config.json`` with its own digest (:func:`manifest_edit` checks it)."""
+        data = self.to_dict()
+        data[DIGEST_KEY] = manifest_digest(data)
+        (Path(engine_dir) / MANIFEST_NAME).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def manifest_digest(data: dict[str, Any]) -> str:
+    """sha256 of a manifest's content, its digest field left out: canonical JSON (sorted keys,
+    no spaces), so that what is written and what is read back give the same digest."""
+    content = {k: v for k, v in data.items() if k != DIGEST_KEY}
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def manifest_edit(data: dict[str, Any]) -> str | None:
+    """Whether a manifest (``data``: its ``config.json`` as read, :func:`kiln.dirs.read_config`)
+    was edited since the build wrote it: the problem, or None. None too for a manifest written
+    before kiln recorded its digest (no :data:`DIGEST_KEY`). The file checks cannot catch such
+    an edit: they trust the manifest."""
+    recorded = data.get(DIGEST_KEY)
+    if recorded is None or recorded == manifest_digest(data):
+        return None
+    return (f"{MANIFEST_NAME}: edited since the build (its content no longer matches the digest "
+            f"the build recorded in it), and the engine files were built for what it said then: "
+            f"restore the build's {MANIFEST_NAME}, or rebuild with kiln build")
 
 
 def _flag(value: Any, name: str) -> bool:

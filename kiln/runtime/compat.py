@@ -108,11 +108,19 @@ def _major_minor(version: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
+def kiln_version_problem(built: str, running: str) -> str | None:
+    """Why kiln ``running`` cannot run an engine built by kiln ``built`` (another major or
+    minor version; unrecorded: no problem), or None."""
+    if built and _major_minor(built) != _major_minor(running):
+        return (f"engine built by kiln {built}, this is kiln {running}: rebuild the engine with "
+                f"this kiln (kiln build)")
+    return None
+
+
 def check_kiln_version(manifest: EngineManifest, machine: MachineInfo) -> None:
-    built = manifest.kiln_version
-    if built and _major_minor(built) != _major_minor(machine.kiln_version):
-        raise EngineError(f"engine built by kiln {built}, this is kiln {machine.kiln_version}: "
-                          f"rebuild the engine with this kiln (kiln build)")
+    problem = kiln_version_problem(manifest.kiln_version, machine.kiln_version)
+    if problem is not None:
+        raise EngineError(problem)
 
 
 def check_onnx(manifest: EngineManifest, machine: MachineInfo) -> None:

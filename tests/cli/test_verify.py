@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from kiln.builder import build
 from kiln.cli.main import main
 from kiln.cli.verify import manifest_problems
-from kiln.engine import EngineError, read_manifest
+from kiln.engine import DIGEST_KEY, EngineError, read_manifest
 from kiln.runtime.loader import ExecutorOptions, open_engine
 from kiln.testing.smollm2 import smollm2_hf_dir
 from tests.models import hf_model, kiln_checkpoint
@@ -52,7 +52,8 @@ def test_a_good_engine_prints_one_line_per_file_then_ok(engine):
     *lines, summary = r.output.splitlines()
     assert [line.split()[:4] for line in lines] == [
         ["ok", "rank", name[4], name] for name in FILES]
-    assert summary.startswith(f"{engine}: ok, 4 files of 2 ranks")
+    assert summary.startswith(f"{engine}: ok, the manifest unedited since the build, 4 files "
+                              f"of 2 ranks")
     assert summary.endswith("present, sizes and checksums match the manifest")
     assert kiln("-q", "verify", str(engine)).output.splitlines() == [summary]
 
@@ -104,7 +105,8 @@ def test_manifest_problems(engine):
     rewrite_manifest(engine, rank_files={"0": data["rank_files"]["0"]},
                      checksums={k: v for k, v in data["checksums"].items() if k != "rank0.onnx"})
     r = kiln("verify", str(engine))
-    assert r.exit_code == 2 and "2 problem(s), first: rank 1: no files listed" in r.output
+    assert r.exit_code == 2 and "3 problem(s), first: config.json: edited since the build" in \
+        r.output  # (this test's own edit), then the two the edit made
     assert "ok   rank 0  rank0.onnx " in r.output  # present, its size: no checksum to compare
     rewrite_manifest(engine, rank_files={"0": [], "1": [], "2": ["rank0.onnx"]})
     assert manifest_problems(read_manifest(engine)) == [
@@ -114,15 +116,55 @@ def test_manifest_problems(engine):
 
 def test_a_manifest_without_sizes_is_verified_by_checksum(engine):
     data = json.loads((engine / "config.json").read_text())
-    del data["sizes"]
+    del data["sizes"], data[DIGEST_KEY]  # as an older kiln wrote it
     (engine / "config.json").write_text(json.dumps(data))
     r = kiln("verify", str(engine))
     assert r.exit_code == 0, r.output
     assert r.output.splitlines()[-1].endswith(
-        "present, checksums (the manifest records no sizes: built by an older kiln) match the "
-        "manifest")
+        "ok, (the manifest records no digest of its own: built by an older kiln) 4 files of 2 "
+        "ranks, 0.00 GB: present, checksums (the manifest records no sizes: built by an older "
+        "kiln) match the manifest")
     flip_a_byte(engine / "rank0.onnx.data")
     assert kiln("verify", str(engine)).exit_code == 2
+
+
+@pytest.mark.parametrize("edit", [
+    lambda d: d["limits"].update(max_seq_len=100000),  # kiln run: refused at load
+    lambda d: d["decoder"].update(num_layers=1),  # kiln run: loads; the graph has 2
+    lambda d: d["decoder"].update(rope_theta=10.0),  # kiln run: runs, unaware
+    lambda d: d.update(source={"model_dir": "elsewhere"}),
+], ids=["max_seq_len", "num_layers", "rope_theta", "source"])
+def test_a_manifest_edited_since_the_build_fails(engine, edit):
+    """The file checks trust the manifest; its own digest, written by the build, catches edits
+    to it (a new-user trial's edits had all verified ok)."""
+    path = engine / "config.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data, indent=4))
+    r = kiln("verify", str(engine))
+    assert r.exit_code == 2, r.output
+    assert r.output.splitlines()[0] == (
+        "FAIL manifest  config.json: edited since the build (its content no longer matches the "
+        "digest the build recorded in it), and the engine files were built for what it said "
+        "then: restore the build's config.json, or rebuild with kiln build")
+    assert "1 problem(s), first: config.json: edited since the build" in r.output
+
+
+def test_a_manifest_only_reformatted_still_verifies(engine):
+    path = engine / "config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()), indent=None, sort_keys=True))
+    assert kiln("verify", str(engine)).exit_code == 0
+
+
+def test_an_engine_of_another_kiln_version_fails_as_kiln_run_would(engine, monkeypatch):
+    import kiln as package
+
+    monkeypatch.setattr(package, "__version__", "9.9.0")
+    r = kiln("verify", str(engine))
+    assert r.exit_code == 2, r.output
+    built = read_manifest(engine).kiln_version
+    assert f"FAIL manifest  engine built by kiln {built}, this is kiln 9.9.0: rebuild the " \
+           f"engine with this kiln (kiln build)" in r.output
 
 
 def test_not_an_engine_dir_is_one_line_exit_2(tmp_path):
