@@ -49,26 +49,31 @@ class _LogBar(tqdm):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._closed = threading.Event()
+        self._line_at = float("-inf")  # when a line was last drawn (tqdm's own clock untouched)
         super().__init__(*args, **kwargs)
         threading.Thread(target=self._clock, name="progress-line", daemon=True).start()
 
     def _due(self) -> float:
-        return max(self.start_t + self.delay, self.last_print_t + self.mininterval)
+        return max(self.start_t + self.delay, self._line_at + self.mininterval)
 
     def _clock(self) -> None:
         while not self._closed.wait(max(0.05, self._due() - self._time())):
             self.refresh()
 
     def refresh(self, nolock: bool = False, lock_args: Any = None) -> bool | None:
+        # tqdm's last_print_t is its update()'s and __iter__'s bookkeeping: moved from here,
+        # an iterating bar counted some steps twice (a trial's "43layer" of 30)
         if hasattr(self, "start_t"):  # (not yet: tqdm's first draw, at no delay)
             now = self._time()
             if now < self._due():
                 return False
-            self.last_print_t = now
+            self._line_at = now
         return super().refresh(nolock=nolock, lock_args=lock_args)
 
     def close(self) -> None:
-        self._closed.set()
+        closed = getattr(self, "_closed", None)  # None: a signal ended __init__ before it
+        if closed is not None:
+            closed.set()
         super().close()
 
 

@@ -100,3 +100,19 @@ def test_a_log_gets_lines_on_a_clock_while_a_long_step_runs(stderr, monkeypatch)
     time.sleep(0.5)
     assert len(during) >= 2 and all(line.startswith("quantize:   0%") for line in during)
     assert len(out.getvalue().splitlines()) <= len(during) + 2  # the clock stopped with it
+
+
+def test_an_iterating_bar_counts_each_step_once_while_its_clock_draws(stderr, monkeypatch):
+    """The clock's lines must not move tqdm's own bookkeeping: an iterating bar had counted
+    steps twice (a trial's quantize showed "43layer" of 30, its total lost)."""
+    import time
+
+    monkeypatch.setattr(kiln.progress, "LOG_EVERY_S", 0.05)
+    out = stderr(io.StringIO())
+    bar = progress_bar(range(30), desc="quantize", show=True, leave=True)
+    for _ in bar:
+        time.sleep(0.02)
+    assert bar.n == 30
+    lines = out.getvalue().splitlines()
+    assert lines and "30/30" in lines[-1]
+    assert all("/30" in line for line in lines), lines  # the total is never lost
