@@ -107,7 +107,8 @@ def verify(obj: CliContext, engine_dir: Path | None, engine_dir_option: Path | N
     sizes = "sizes and checksums" if manifest.sizes is not None else \
         "checksums (the manifest records no sizes: built by an older kiln)"
     unedited = "the manifest unedited since the build, " if DIGEST_KEY in data else \
-        "(the manifest records no digest of its own: built by an older kiln) "
+        "(the manifest records no digest of its own: built by an older kiln, or removed, so " \
+        "its edits cannot be told) "
     if problems:
         fix = "" if "rebuild" in problems[0] else "; rebuild with kiln build"
         raise EngineError(f"{engine_dir}: {len(problems)} problem(s), first: {problems[0]}{fix}")

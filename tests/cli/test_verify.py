@@ -121,8 +121,8 @@ def test_a_manifest_without_sizes_is_verified_by_checksum(engine):
     r = kiln("verify", str(engine))
     assert r.exit_code == 0, r.output
     assert r.output.splitlines()[-1].endswith(
-        "ok, (the manifest records no digest of its own: built by an older kiln) 4 files of 2 "
-        "ranks, 0.00 GB: present, checksums (the manifest records no sizes: built by an older "
+        "ok, (the manifest records no digest of its own: built by an older kiln, or removed, so "
+        "its edits cannot be told) 4 files of 2 ranks, 0.00 GB: present, checksums (the manifest records no sizes: built by an older "
         "kiln) match the manifest")
     flip_a_byte(engine / "rank0.onnx.data")
     assert kiln("verify", str(engine)).exit_code == 2
@@ -133,7 +133,8 @@ def test_a_manifest_without_sizes_is_verified_by_checksum(engine):
     lambda d: d["decoder"].update(num_layers=1),  # kiln run: loads; the graph has 2
     lambda d: d["decoder"].update(rope_theta=10.0),  # kiln run: runs, unaware
     lambda d: d.update(source={"model_dir": "elsewhere"}),
-], ids=["max_seq_len", "num_layers", "rope_theta", "source"])
+    lambda d: d.update(manifest_sha256=None),  # a null digest is an edit, not an older kiln's
+], ids=["max_seq_len", "num_layers", "rope_theta", "source", "null_digest"])
 def test_a_manifest_edited_since_the_build_fails(engine, edit):
     """The file checks trust the manifest; its own digest, written by the build, catches edits
     to it (a new-user trial's edits had all verified ok)."""
