@@ -165,7 +165,8 @@ def _report(store, result, dry_run: bool) -> None:
         click.echo(f"{verb} {entry.name} ({entry.backend}, {entry.source}, last used "
                    f"{_ago(entry.last_used)})")
     for entry in result.in_use:
-        click.echo(f"kept {entry.name}: in use by another process ({entry.source})", err=True)
+        click.echo(f"{'would keep' if dry_run else 'kept'} {entry.name}: in use by another "
+                   f"process ({entry.source})", err=True)
     for _, why in result.refused:
         click.echo(f"left alone: {why}", err=True)
     for path, size in result.leftovers:
