@@ -68,6 +68,7 @@ from unittest import mock
 
 from kiln.build_cache import cache_root
 from kiln.errors import KilnError
+from kiln.interrupts import exit_code, install_termination_signals, signal_name
 
 logger = logging.getLogger(__name__)
 
@@ -300,11 +301,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("kiln").setLevel(logging.INFO)  # kiln's progress, not other libraries'
+    install_termination_signals()  # SIGTERM, SIGHUP: as Ctrl-C, as every kiln command
     try:
         return _make(args.output_dir, args.cache_dir)
-    except KeyboardInterrupt:  # the cache build and the copy leave nothing half-written
-        print("interrupted: nothing was left half-written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # the cache build and the copy leave nothing half-written
+        print(f"interrupted ({signal_name(e)}): nothing was left half-written", file=sys.stderr)
+        return exit_code(e)
 
 
 def _make(output_dir: Path | None, cache_dir: Path | None) -> int:

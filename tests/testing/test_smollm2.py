@@ -7,6 +7,7 @@ both xdist workers through its file lock; later runs reuse it.
 from __future__ import annotations
 
 import json
+import signal
 import threading
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 
+from kiln.interrupts import Terminated
 from kiln.testing import smollm2
 
 PROMPT = "What is the capital of France?"
@@ -156,23 +158,28 @@ def test_main_copies_the_checkpoint_whole(tmp_path: Path, monkeypatch: pytest.Mo
     assert "already exists" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("interrupt", "code", "told"), [
+    (KeyboardInterrupt(), 130, "Ctrl-C"), (Terminated(signal.SIGTERM), 143, "SIGTERM"),
+    (Terminated(signal.SIGHUP), 129, "SIGHUP")], ids=["sigint", "sigterm", "sighup"])
 def test_interrupted_copy_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                         capsys: pytest.CaptureFixture) -> None:
-    """Ctrl-C while copying (a new user's run left a truncated model.safetensors and no
-    config.json at --output_dir): exit 130, one line, no output dir, no temporary."""
+                                         capsys: pytest.CaptureFixture, interrupt, code,
+                                         told) -> None:
+    """Ctrl-C, SIGTERM or SIGHUP while copying (a new user's run left a truncated
+    model.safetensors and no config.json at --output_dir): the signal's exit code, one line,
+    no output dir, no temporary."""
     _fake_fixture(tmp_path, monkeypatch)
     real_copytree = smollm2.shutil.copytree
 
     def copy_then_interrupt(src, dst, **kwargs):
         smollm2.shutil.copy2(src, dst)
-        raise KeyboardInterrupt  # after the first file, as Ctrl-C mid-copy
+        raise interrupt  # after the first file, as a signal mid-copy
 
     monkeypatch.setattr(smollm2.shutil, "copytree", lambda src, dst, **kwargs: real_copytree(
         src, dst, copy_function=copy_then_interrupt, **kwargs))
     out = tmp_path / "m2"
-    assert smollm2.main(["--output_dir", str(out)]) == 130
+    assert smollm2.main(["--output_dir", str(out)]) == code
     err = capsys.readouterr().err
-    assert err.strip() == "interrupted: nothing was left half-written"
+    assert err.strip() == f"interrupted ({told}): nothing was left half-written"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cached"]
 
 
