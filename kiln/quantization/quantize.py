@@ -207,18 +207,25 @@ class _Job:
         writer = QuantizedWriter(out, self.source_dir, self.source, self._target(self.quant))
         streams = self._embed(reader)
         started = time.perf_counter()
-        for i in progress_bar(range(cfg.num_layers), desc="quantize", unit="layer",
-                               show=self.progress, leave=False):
-            layer_started = time.perf_counter()
-            self._layer(i, reader, writer, streams)
-            log.info("layer %d/%d quantized in %.2f s", i + 1, cfg.num_layers,
-                     time.perf_counter() - layer_started)
-        writer.copy_unlayered()
-        head = self._quantize_head(reader, writer)
-        writer.close()
-        log.info("%d layers in %.1f s (%.2f s per layer)", cfg.num_layers,
-                 time.perf_counter() - started, (time.perf_counter() - started) / cfg.num_layers)
-        accuracy = self._accuracy(reader, streams, head)
+        # one bar to the end, the head and the accuracy gate named on it: in a log its clock
+        # keeps the lines coming through them too
+        with progress_bar(total=cfg.num_layers, desc="quantize", unit="layer",
+                          show=self.progress, leave=False) as bar:
+            for i in range(cfg.num_layers):
+                layer_started = time.perf_counter()
+                self._layer(i, reader, writer, streams)
+                bar.update()
+                log.info("layer %d/%d quantized in %.2f s", i + 1, cfg.num_layers,
+                         time.perf_counter() - layer_started)
+            bar.set_postfix_str("lm_head", refresh=False)
+            writer.copy_unlayered()
+            head = self._quantize_head(reader, writer)
+            writer.close()
+            log.info("%d layers in %.1f s (%.2f s per layer)", cfg.num_layers,
+                     time.perf_counter() - started,
+                     (time.perf_counter() - started) / cfg.num_layers)
+            bar.set_postfix_str("accuracy gate", refresh=False)
+            accuracy = self._accuracy(reader, streams, head)
         quant = self.quant.with_(accuracy=accuracy)
         target = self._target(quant)
         (out / ACCURACY_FILE).write_text(json.dumps(accuracy, indent=2) + "\n")
