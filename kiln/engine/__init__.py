@@ -32,7 +32,8 @@ from kiln.engine.manifest import (
     verify_files,
 )
 
-__all__ = ["BACKENDS", "DIGEST_KEY", "ENGINE_FILE", "ENGINE_FORMAT_VERSION", "MANIFEST_NAME", "BuildLimits",
+__all__ = ["BACKENDS", "DIGEST_KEY", "ENGINE_FILE", "ENGINE_FORMAT_VERSION", "MANIFEST_NAME",
+           "BuildLimits",
            "EngineError", "EngineManifest", "check_files", "file_problem", "manifest_edit",
            "rank_file_names",
            "read_manifest", "sha256_file", "verify_checksums", "verify_files"]

@@ -168,8 +168,8 @@ def manifest_digest(data: dict[str, Any]) -> str:
 def manifest_edit(data: dict[str, Any]) -> str | None:
     """Whether a manifest (``data``: its ``config.json`` as read, :func:`kiln.dirs.read_config`)
     was edited since the build wrote it: the problem, or None. None too for a manifest without
-    :data:`DIGEST_KEY` (written before kiln recorded it; a null digest is an edit). The file checks cannot catch such
-    an edit: they trust the manifest."""
+    :data:`DIGEST_KEY` (written before kiln recorded it; a null digest is an edit). The file
+    checks cannot catch such an edit: they trust the manifest."""
     if DIGEST_KEY not in data or data[DIGEST_KEY] == manifest_digest(data):
         return None
     return (f"{MANIFEST_NAME}: edited since the build (its content no longer matches the digest "

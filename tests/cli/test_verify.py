@@ -122,8 +122,8 @@ def test_a_manifest_without_sizes_is_verified_by_checksum(engine):
     assert r.exit_code == 0, r.output
     assert r.output.splitlines()[-1].endswith(
         "ok, (the manifest records no digest of its own: built by an older kiln, or removed, so "
-        "its edits cannot be told) 4 files of 2 ranks, 0.00 GB: present, checksums (the manifest records no sizes: built by an older "
-        "kiln) match the manifest")
+        "its edits cannot be told) 4 files of 2 ranks, 0.00 GB: present, checksums (the "
+        "manifest records no sizes: built by an older kiln) match the manifest")
     flip_a_byte(engine / "rank0.onnx.data")
     assert kiln("verify", str(engine)).exit_code == 2
 
