@@ -103,7 +103,7 @@ def serve(obj: CliContext, host: str, port: int, served_model_name: str | None,
     --gather_context_logits. Errors are OpenAI-shaped JSON: 400 (the bad parameter named),
     401, 404 (unknown model), 413, 429. A client that disconnects aborts its request.
     Ctrl-C / SIGTERM: stop accepting, finish or abort running requests, exit 0 (a second
-    Ctrl-C aborts them at once, a third quits without waiting).
+    signal aborts them at once, a third quits without waiting).
     """
     try:
         import uvicorn
@@ -253,14 +253,16 @@ class _Drain:
     2nd signal: abort the rest now, streams still ending with ``abort`` and ``[DONE]``. Left
     to uvicorn, a 2nd SIGINT is its force exit: it stops waiting for connections and
     ``asyncio.run`` cancels the handlers mid-stream (cut bodies, CancelledError tracebacks).
-    3rd SIGINT: uvicorn's force exit after all, for an engine that does not step any more.
+    3rd signal of any kind: uvicorn's force exit after all, for an engine that does not step
+    any more (uvicorn forces on SIGINT only; SIGTERMs alone, as a supervisor sends, end it too).
+    The messages name Ctrl-C where the first signal was one, "a second signal" otherwise.
     """
 
     def __init__(self, state, grace_period: float, signals: _Signals):
         self.state, self.grace_period = state, grace_period
         self.signals = signals
 
-    def on_signal(self) -> bool:
+    def on_signal(self, sig: int) -> bool:
         """Count a signal; True when uvicorn's own handler should see it (1st and 3rd+)."""
         self.signals.count += 1
         loop = asyncio.get_event_loop()
@@ -268,24 +270,26 @@ class _Drain:
         # printing inside a signal handler could re-enter stderr's writer: the loop prints
         if self.signals.count == 1:
             self.state.draining = True
-            loop.call_soon_threadsafe(self._stopping)
+            loop.call_soon_threadsafe(self._stopping, sig)
             loop.call_soon_threadsafe(loop.call_later, self.grace_period, abort)
             return True
         if self.signals.count == 2:
-            loop.call_soon_threadsafe(self._abort_now, abort)
+            loop.call_soon_threadsafe(self._abort_now, abort, sig)
             return False
         return True
 
-    def _stopping(self) -> None:
+    def _stopping(self, sig: int) -> None:
         running = len(self.state.live)
+        again = "Ctrl-C again" if sig == signal.SIGINT else "a second signal"
         click.echo("kiln serve: stopping" + (
             f"; {running} running request(s) may finish within {self.grace_period:g} s "
-            f"(Ctrl-C again aborts them)" if running else ""), err=True)
+            f"({again} aborts them)" if running else ""), err=True)
 
-    def _abort_now(self, abort) -> None:
+    def _abort_now(self, abort, sig: int) -> None:
         if self.state.live:
+            third = "a third Ctrl-C" if sig == signal.SIGINT else "a third signal"
             click.echo(f"kiln serve: aborting the {len(self.state.live)} running request(s) now "
-                       f"(a third Ctrl-C quits at once)", err=True)
+                       f"({third} quits at once)", err=True)
         abort()
 
 
@@ -313,8 +317,11 @@ class _Server:
                         signal.signal(s, handler)
 
             def handle_exit(self, sig, frame):
-                if drain.on_signal():
-                    super().handle_exit(sig, frame)
+                if drain.on_signal(sig):
+                    # uvicorn force-exits on a second SIGINT only: a third signal of any kind
+                    # quits, so that SIGTERMs alone can end a server whose drain hangs
+                    force = signal.SIGINT if drain.signals.count >= 3 else sig
+                    super().handle_exit(force, frame)
 
         return Server(config)
 

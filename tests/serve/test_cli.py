@@ -5,6 +5,7 @@ dir given is empty, so reaching the engine load would fail differently. Exactly 
 
 from __future__ import annotations
 
+import signal
 import socket
 
 import pytest
@@ -136,3 +137,39 @@ def test_a_key_or_name_no_client_could_send_is_refused_before_the_port_is_bound(
     lines = result.output.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1, lines
     assert message in lines[0], lines
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_the_third_signal_of_any_kind_quits_without_waiting(sig, capsys):
+    """1st signal: stop accepting (drain); 2nd: abort the running requests, not uvicorn's force
+    exit; 3rd: uvicorn's force exit, also when every signal was a SIGTERM (uvicorn forces on
+    SIGINT only, so a supervisor's SIGTERMs could not end a drain that hung)."""
+    import asyncio
+
+    import uvicorn
+
+    from kiln.cli.serve import _Drain, _Server, _Signals
+
+    class State:
+        live, draining, aborted = {"request": None}, False, 0
+
+        async def abort_all(self):
+            self.aborted += 1
+
+    async def three_signals():
+        state, seen = State(), []
+        server = _Server(uvicorn.Config(app=None), _Drain(state, 120, _Signals()), "listening")
+        for _ in range(3):
+            server.handle_exit(sig, None)
+            await asyncio.sleep(0.05)  # the loop prints and aborts
+            seen.append((server.should_exit, server.force_exit, state.aborted))
+        return state, seen
+
+    state, seen = asyncio.run(three_signals())
+    assert state.draining
+    assert seen == [(True, False, 0), (True, False, 1), (True, True, 1)]
+    err = capsys.readouterr().err
+    named = "Ctrl-C" if sig == signal.SIGINT else "signal"
+    assert "1 running request(s) may finish within 120 s" in err
+    assert ("Ctrl-C" in err) == (sig == signal.SIGINT), err
+    assert f"a third {named} quits at once" in err, err

@@ -339,19 +339,25 @@ def test_what_outlives_the_grace_period_ends_as_abort_with_done(engine):
     assert "Traceback" not in process.proc.stdout.read()
 
 
-def test_a_second_ctrl_c_aborts_at_once_and_streams_still_end_with_done(engine):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_second_signal_aborts_at_once_and_streams_still_end_with_done(engine, sig):
     """Uvicorn's own handler takes a second SIGINT as a force exit: it stopped waiting and
     asyncio.run cancelled the handler mid-stream (this test, once sending a signal per SSE line,
-    failed that way when the server handled the two signals apart)."""
+    failed that way when the server handled the two signals apart). The messages name Ctrl-C
+    only where it was one (a trial read "Ctrl-C again" after a SIGTERM)."""
     process = ServerProcess(engine, "--grace_period", "120")
     start = time.monotonic()
-    lines = _stream_with_signals(process, [signal.SIGINT, signal.SIGINT])
+    lines = _stream_with_signals(process, [sig, sig])
     assert time.monotonic() - start < 60  # not the grace period's 120 s
     assert process.proc.wait(30) == 0
     assert lines[-1] == "data: [DONE]"
     assert json.loads(lines[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "abort"
     log = process.proc.stdout.read()
     assert "aborting the 1 running request(s) now" in log and "Traceback" not in log
+    again, third = ("Ctrl-C again", "a third Ctrl-C") if sig == signal.SIGINT else \
+        ("a second signal", "a third signal")
+    assert f"({again} aborts them)" in log and f"({third} quits at once)" in log, log
+    assert (sig == signal.SIGINT) == ("Ctrl-C" in log.replace("(Ctrl-C stops)", "")), log
 
 
 def _stream_with_signals(process, signals: list[int]) -> list[str]:
