@@ -378,24 +378,40 @@ def _header(index: int, count: int) -> str:
 
 
 def _stream(llm: LLM, inputs: list[Any], params: SamplingParams) -> list[CompletionResult]:
-    """Print the blocks of the module docstring as text arrives; the results in prompt order."""
+    """Print the blocks of the module docstring as text arrives; the results in prompt order.
+    Interrupted mid-line, the text printed so far ends with a newline off a terminal, so that
+    a pipe or file gets whole lines (on a terminal the CLI's message starts a fresh line)."""
     count = len(inputs)
     held = [""] * count  # text received and not printed yet, per prompt
     results: dict[int, CompletionResult] = {}
     live = 0  # the block printed live; every block before it is complete and printed
-    sys.stdout.write(_header(0, count))
-    for delta in llm.generate_stream(inputs, params):
-        held[delta.index] += delta.text
-        if delta.result is not None:
-            results[delta.index] = delta.result
-        while live < count:
-            sys.stdout.write(held[live])
-            held[live] = ""
-            if live not in results:
-                break
-            live += 1
-            sys.stdout.write("\n" + (_header(live, count) if live < count else ""))
-        sys.stdout.flush()
+    last = "\n"  # the last character printed
+
+    def write(text: str) -> None:
+        nonlocal last
+        if text:
+            sys.stdout.write(text)
+            last = text[-1]
+
+    write(_header(0, count))
+    try:
+        for delta in llm.generate_stream(inputs, params):
+            held[delta.index] += delta.text
+            if delta.result is not None:
+                results[delta.index] = delta.result
+            while live < count:
+                write(held[live])
+                held[live] = ""
+                if live not in results:
+                    break
+                live += 1
+                write("\n" + (_header(live, count) if live < count else ""))
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        if last != "\n" and not sys.stdout.isatty():
+            write("\n")
+            sys.stdout.flush()
+        raise
     return [results[i] for i in range(count)]
 
 

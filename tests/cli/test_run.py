@@ -130,6 +130,29 @@ def test_streaming_prints_the_earliest_unfinished_block_live(monkeypatch, capsys
     assert printed == ["[0]\nHel", "", "", "lo", "", "\n[1]\nWorld\n[2]\nx", "y\n"]
 
 
+
+@pytest.mark.parametrize("script,out", [
+    ([(0, "Hel", False)], "[0]\nHel\n"),  # mid-line: the line is ended
+    ([(0, "Hel", False), (0, "", True)], "[0]\nHel\n[1]\n"),  # at a line's end: as it was
+])
+def test_streaming_interrupted_off_a_terminal_leaves_whole_lines(capsys, script, out):
+    """A pipe got ``...Hel`` and then, from stderr, ``interrupted (Ctrl-C)`` on the same line
+    (a trial's ``kiln run --streaming 2>&1 | tee``)."""
+    class FakeLLM:
+        def generate_stream(self, inputs, params):
+            for index, text, done in script:
+                result = CompletionResult(f"r{index}", None, (), "", (), "stop", None, None,
+                                          RequestTimings(0.0, (), 1.0))
+                yield StreamDelta(index, f"r{index}", text, (),
+                                  finish_reason="stop" if done else None,
+                                  result=result if done else None)
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_module._stream(FakeLLM(), ["a", "b"], None)
+    assert capsys.readouterr().out == out
+
+
 LONG = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen"
 
 
