@@ -108,24 +108,33 @@ def test_blocks_stay_in_prompt_order_when_a_later_prompt_finishes_first(scripted
     assert "2 requests, finish: stop" in r.stderr
 
 
+class _ScriptedLLM:
+    """generate_stream yields ``script``'s deltas, (index, text, done) each; ``after_each`` runs
+    after each delta was consumed, ``then`` is raised after the last."""
+
+    def __init__(self, script, after_each=lambda: None, then: type[BaseException] | None = None):
+        self.script, self.after_each, self.then = script, after_each, then
+
+    def generate_stream(self, inputs, params):
+        for index, text, done in self.script:
+            result = CompletionResult(f"r{index}", None, (), "", (), "stop", None, None,
+                                      RequestTimings(0.0, (), 1.0))
+            yield StreamDelta(index, f"r{index}", text, (), finish_reason="stop" if done else None,
+                              result=result if done else None)
+            self.after_each()
+        if self.then is not None:
+            raise self.then
+
+
 def test_streaming_prints_the_earliest_unfinished_block_live(monkeypatch, capsys):
     """Request 1 finishes first: it is held until request 0 is complete, then printed whole;
     request 2's text so far follows at once and the rest of it live."""
     script = [(0, "Hel", False), (1, "Wor", False), (1, "ld", True), (0, "lo", False),
               (2, "x", False), (0, "", True), (2, "y", True)]
     printed = []
-
-    class FakeLLM:
-        def generate_stream(self, inputs, params):
-            for index, text, done in script:
-                result = CompletionResult(f"r{index}", None, (), "", (), "stop", None, None,
-                                          RequestTimings(0.0, (), 1.0))
-                yield StreamDelta(index, f"r{index}", text, (),
-                                  finish_reason="stop" if done else None,
-                                  result=result if done else None)
-                printed.append(capsys.readouterr().out)  # what this delta printed
-
-    results = run_module._stream(FakeLLM(), ["a", "b", "c"], None)
+    results = run_module._stream(
+        _ScriptedLLM(script, after_each=lambda: printed.append(capsys.readouterr().out)),
+        ["a", "b", "c"], None)
     assert [r.request_id for r in results] == ["r0", "r1", "r2"]
     assert printed == ["[0]\nHel", "", "", "lo", "", "\n[1]\nWorld\n[2]\nx", "y\n"]
 
@@ -138,18 +147,8 @@ def test_streaming_prints_the_earliest_unfinished_block_live(monkeypatch, capsys
 def test_streaming_interrupted_off_a_terminal_leaves_whole_lines(capsys, script, out):
     """A pipe got ``...Hel`` and then, from stderr, ``interrupted (Ctrl-C)`` on the same line
     (a trial's ``kiln run --streaming 2>&1 | tee``)."""
-    class FakeLLM:
-        def generate_stream(self, inputs, params):
-            for index, text, done in script:
-                result = CompletionResult(f"r{index}", None, (), "", (), "stop", None, None,
-                                          RequestTimings(0.0, (), 1.0))
-                yield StreamDelta(index, f"r{index}", text, (),
-                                  finish_reason="stop" if done else None,
-                                  result=result if done else None)
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        run_module._stream(FakeLLM(), ["a", "b"], None)
+        run_module._stream(_ScriptedLLM(script, then=KeyboardInterrupt), ["a", "b"], None)
     assert capsys.readouterr().out == out
 
 
