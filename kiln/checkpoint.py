@@ -45,6 +45,10 @@ class CheckpointConfig:
     quantization: QuantConfig | None = None
     source: dict[str, Any] = field(default_factory=dict)
     kiln_version: str = ""
+    # the other files written beside config.json (tokenizer files, kiln quantize's
+    # accuracy.json): name -> sha256, so that --overwrite can tell them from a user's file of
+    # the same name; None in checkpoints written before kiln recorded them
+    other_files: dict[str, str] | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -73,6 +77,7 @@ class CheckpointConfig:
             "dtype": self.dtype,
             "quantization": None if self.quantization is None else self.quantization.to_dict(),
             "source": self.source,
+            **({} if self.other_files is None else {"other_files": self.other_files}),
         }
 
     @classmethod
@@ -86,10 +91,11 @@ class CheckpointConfig:
                        mapping=Mapping(**data["mapping"]), dtype=data["dtype"],
                        quantization=QuantConfig.from_dict(data.get("quantization")),
                        source=data.get("source", {}), kiln_version=data.get("kiln_version", ""),
+                       other_files=dict(data["other_files"]) if "other_files" in data else None,
                        format_version=version)
         except KeyError as e:
             raise CheckpointError(f"{where}: missing key {e}; not a kiln checkpoint config") from None
-        except (KilnError, TypeError) as e:
+        except (KilnError, TypeError, ValueError) as e:
             raise CheckpointError(f"{where}: {e}") from None
 
 

@@ -31,9 +31,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from kiln.checkpoint import CONFIG_NAME as MANIFEST_NAME
-from kiln.checkpoint import TOKENIZER_FILES
+from kiln.checkpoint import TOKENIZER_FILES, rank_file
 from kiln.engine import ENGINE_FILE  # rank files of a checkpoint or engine dir
 from kiln.errors import UNREADABLE_JSON, OutputError, OutputExistsError
+from kiln.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 ACCURACY_NAME = "accuracy.json"  # kiln quantize's accuracy gate figures, beside config.json
@@ -125,11 +126,9 @@ def describe_replaceable(directory: Path) -> str:
         raise OutputError(f"{directory}: holds {_few(entries)} and no kiln checkpoint or engine "
                           f"manifest; kiln only replaces directories it wrote: move them away or "
                           f"choose another --output_dir")
-    listed = data.get("rank_files")  # an engine dir: its manifest names its rank files
-    named = None if not isinstance(listed, dict) else \
-        {n for files in listed.values() if isinstance(files, list) for n in files}
     written = manifest.stat().st_mtime_ns
-    foreign = [n for n in entries if not _written_with(directory / n, named, written)]
+    ranks = _rank_files(data)
+    foreign = [n for n in entries if not _written_with(directory / n, data, ranks, written)]
     if foreign:
         raise OutputError(f"{directory}: is a {kind} but also holds {_few(foreign)}, which kiln "
                           f"did not write (or which changed after it wrote the directory); move "
@@ -145,22 +144,39 @@ def _check_kind(directory: Path, kind: str, writes: str | None) -> None:
                           f"--output_dir (or delete that one yourself)")
 
 
-def _written_with(path: Path, named: set[str] | None, written: int) -> bool:
-    """Whether kiln wrote ``path`` with the manifest beside it (written at ``written``, in ns;
-    ``named``: the rank files an engine's manifest names, None for a checkpoint): an engine's
-    rank file that its manifest names (even damaged: the build cache rebuilds such entries), or
-    another name kiln writes (tokenizer, rank and accuracy files) no newer than the manifest,
-    which kiln writes last (tokenizer copies keep their source's time). A chat template a user
-    copied in after the build is not kiln's."""
+def _rank_files(data: dict) -> set[str]:
+    """The rank files a manifest says its directory holds: an engine's ``rank_files``, a
+    checkpoint's ``rank{r}.safetensors`` for each rank of its mapping (empty if malformed)."""
+    listed = data.get("rank_files")
+    if isinstance(listed, dict):  # an engine dir
+        return {n for files in listed.values() if isinstance(files, list) for n in files
+                if isinstance(n, str)}
+    mapping = data.get("mapping")
+    sizes = [mapping.get(k) for k in ("tp_size", "pp_size")] if isinstance(mapping, dict) else []
+    if len(sizes) != 2 or not all(isinstance(n, int) and 0 < n <= 4096 for n in sizes):
+        return set()
+    return {rank_file(r) for r in range(sizes[0] * sizes[1])}
+
+
+def _written_with(path: Path, data: dict, ranks: set[str], written: int) -> bool:
+    """Whether kiln wrote ``path`` with the manifest ``data`` beside it (written at
+    ``written``, in ns; ``ranks``: :func:`_rank_files`): a rank file the manifest names (even
+    damaged: the build cache rebuilds such entries), or one of the manifest's ``other_files``
+    with the sha256 recorded there (a user's ``special_tokens_map.json``, or a chat template
+    edited after the build, is not kiln's). A manifest of an older kiln records no other files:
+    then a name kiln writes (tokenizer and accuracy files) no newer than the manifest, which
+    kiln writes last (tokenizer copies keep their source's time)."""
     name = path.name
     if name == MANIFEST_NAME:
         return True
-    if name not in (ACCURACY_NAME, *TOKENIZER_FILES) and not ENGINE_FILE.fullmatch(name):
-        return False
-    if ENGINE_FILE.fullmatch(name) and named is not None:
-        return name in named
+    if ENGINE_FILE.fullmatch(name):
+        return name in ranks
+    recorded = data.get("other_files")
     try:
-        return path.lstat().st_mtime_ns <= written
+        if isinstance(recorded, dict):
+            return name in recorded and path.is_file() and not path.is_symlink() \
+                and sha256_file(path) == recorded[name]
+        return name in (ACCURACY_NAME, *TOKENIZER_FILES) and path.lstat().st_mtime_ns <= written
     except OSError:
         return False
 
@@ -279,11 +295,19 @@ def _umask() -> int:
     return mask
 
 
-def copy_tokenizer(checkpoint_dir: Path, out: Path) -> list[str]:
+def copy_tokenizer(checkpoint_dir: Path, out: Path) -> dict[str, str]:
+    """Copy the tokenizer files of ``checkpoint_dir`` into ``out``: their names and sha256s
+    (:func:`file_digests`), for the manifest's ``other_files``."""
     copied = [name for name in TOKENIZER_FILES if (checkpoint_dir / name).is_file()]
     for name in copied:
         shutil.copy2(checkpoint_dir / name, out / name)
     if not any(n in copied for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         log.warning("%s has no tokenizer files; the engine will need one to run text",
                     checkpoint_dir)
-    return copied
+    return file_digests(out, copied)
+
+
+def file_digests(directory: Path, names: Sequence[str]) -> dict[str, str]:
+    """``{name: sha256}`` of files kiln wrote into ``directory``: a manifest's ``other_files``,
+    by which :func:`describe_replaceable` tells them from a user's file of the same name."""
+    return {name: sha256_file(directory / name) for name in sorted(names)}

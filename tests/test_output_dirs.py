@@ -7,6 +7,7 @@ holding an unrelated file.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -16,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 import kiln
+from kiln.checkpoint import TOKENIZER_FILES
 from kiln.cli.main import main
 from kiln.errors import OutputExistsError
 from kiln.output_dirs import OutputError, atomic_dir, check_output
@@ -259,6 +261,61 @@ def test_a_kiln_named_file_added_after_the_build_is_not_replaced(built, tmp_path
     assert f"also holds '{name}', which kiln did not write (or which changed after it wrote " \
            "the directory)" in result.output
     assert (out / name).read_text() == "mine"
+
+
+def _replace(built, hf_dir, kind: str, out: Path):
+    """Run the command that writes ``kind`` ("engine" or "checkpoint") onto ``out``."""
+    if kind == "engine":
+        return cli("build", "--checkpoint_dir", str(built[0]), "--output_dir", str(out),
+                   "--overwrite", "--max_batch_size", "2", "--max_seq_len", "16")
+    return cli("convert_checkpoint", "--model_dir", str(hf_dir), "--output_dir", str(out),
+               "--overwrite")
+
+
+@pytest.mark.parametrize("kind", ["engine", "checkpoint"])
+@pytest.mark.parametrize("case", ["unwritten tokenizer name", "rank past the mapping",
+                                  "edited tokenizer file"])
+def test_a_kiln_named_file_dated_before_the_manifest_is_not_kiln_s(built, hf_dir, tmp_path,
+                                                                   kind, case):
+    """A trial's data loss: --overwrite deleted a user's special_tokens_map.json and
+    rank3.safetensors in a tp 1 checkpoint, named as kiln names its files and dated before
+    its manifest (cp -p, tar, mv keep old times). The manifest now records the files kiln
+    wrote beside it, with their sha256; a checkpoint's rank files follow from its mapping."""
+    out = Path(shutil.copytree(built[1] if kind == "engine" else built[0], tmp_path / kind))
+    recorded = json.loads((out / "config.json").read_text())["other_files"]
+    assert set(recorded) == {p.name for p in out.iterdir()
+                             if p.name in TOKENIZER_FILES} and recorded
+    if case == "unwritten tokenizer name":
+        name = next(n for n in TOKENIZER_FILES if n not in recorded)
+    elif case == "rank past the mapping":
+        name = "rank3.onnx" if kind == "engine" else "rank3.safetensors"
+    else:
+        name = sorted(recorded)[0]
+    (out / name).write_text("mine")
+    os.utime(out / name, ns=(1_500_000_000 * 10**9,) * 2)  # 2017: long before the manifest
+    result = _replace(built, hf_dir, kind, out)
+    assert result.exit_code == 2, result.output
+    assert f"also holds '{name}', which kiln did not write" in result.output
+    assert (out / name).read_text() == "mine"
+
+
+@pytest.mark.parametrize("kind", ["engine", "checkpoint"])
+def test_an_older_kilns_output_without_other_files_keeps_the_name_and_time_rule(
+        built, hf_dir, tmp_path, kind):
+    """An older kiln's manifest records no other files: a kiln name no newer than the manifest
+    is taken as kiln's (and replaced), a newer one is refused."""
+    out = Path(shutil.copytree(built[1] if kind == "engine" else built[0], tmp_path / kind))
+    manifest = out / "config.json"
+    data = json.loads(manifest.read_text())
+    tokenizer = out / sorted(data.pop("other_files"))[0]
+    manifest.write_text(json.dumps(data))
+    newer = manifest.stat().st_mtime_ns + 10**9
+    os.utime(tokenizer, ns=(newer, newer))
+    assert _replace(built, hf_dir, kind, out).exit_code == 2
+    os.utime(tokenizer, ns=(newer - 2 * 10**9,) * 2)
+    result = _replace(built, hf_dir, kind, out)
+    assert result.exit_code == 0, result.output
+    assert "other_files" in json.loads(manifest.read_text())
 
 
 # --- found by a new user's trial --------------------------------------------------------------

@@ -207,7 +207,7 @@ def plan_manifest(plan: BuildPlan, engine: Backend, **files: Any) -> EngineManif
 
 def _finish(tmp: Path, engine: Backend, plan: BuildPlan, results: list[PartResult]) -> EngineManifest:
     """Tokenizer files, checksums, sizes and the manifest, written into the temporary dir."""
-    copy_tokenizer(plan.checkpoint_dir, tmp)
+    other_files = copy_tokenizer(plan.checkpoint_dir, tmp)
     rank_files: dict[int, list[str]] = {}
     for result in sorted(results, key=lambda r: (r.part.rank, r.part.index)):
         rank_files.setdefault(result.part.rank, []).extend(result.files)
@@ -215,7 +215,8 @@ def _finish(tmp: Path, engine: Backend, plan: BuildPlan, results: list[PartResul
         plan, engine, rank_files={r: tuple(f) for r, f in rank_files.items()},
         checksums={name: digest for r in results for name, digest in r.checksums.items()},
         sizes={name: size for r in results for name, size in r.sizes.items()},
-        source={"checkpoint_dir": str(plan.checkpoint_dir), **plan.checkpoint.source})
+        source={"checkpoint_dir": str(plan.checkpoint_dir), **plan.checkpoint.source},
+        other_files=other_files)
     manifest.write(tmp)
     return manifest
 

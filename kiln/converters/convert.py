@@ -153,9 +153,9 @@ def write_checkpoint(plan: ConversionPlan, output_dir: Path, *, overwrite: bool 
             hashes = pool.submit(_hash_files, source.weight_files, stop)
             _write_ranks(tmp, plan.targets, decoder, mapping, getattr(torch, out_dtype),
                          progress)
-            copy_tokenizer(source.directory, tmp)
             config = replace(plan.checkpoint_config(),
-                             source=_provenance(source, plan.converter, hashes))
+                             source=_provenance(source, plan.converter, hashes),
+                             other_files=copy_tokenizer(source.directory, tmp))
             (tmp / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         finally:
             stop.set()  # (the pool's exit waits for the thread: gigabytes of files unstopped)

@@ -10,7 +10,7 @@ Layout (see docs/engine.md):
     config.json            the manifest below
     rank{N}...             backend files, listed per rank in ``manifest.rank_files``
                            (names: :data:`ENGINE_FILE`)
-    tokenizer.json ...     copied from the kiln checkpoint
+    tokenizer.json ...     copied from the kiln checkpoint (``manifest.other_files``)
 
 File checks: loading checks the presence and size of the files of the ranks it opens
 (:func:`check_files`, no data read); sha256 checksums are opt-in (:func:`verify_checksums`,
@@ -93,6 +93,10 @@ class EngineManifest:
     gather_context_logits: bool = False
     # built with --weight_only_int8_compute (onnx MatMulNBits with int8 activation blocks)
     weight_only_int8_compute: bool = False
+    # the other files the build wrote beside the manifest (tokenizer files): name -> sha256, so
+    # that --overwrite and the build cache can tell them from a user's file of the same name;
+    # None in manifests written before kiln recorded them
+    other_files: dict[str, str] | None = None
     format_version: int = ENGINE_FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -124,6 +128,7 @@ class EngineManifest:
             "gather_context_logits": self.gather_context_logits,
             "weight_only_int8_compute": self.weight_only_int8_compute,
             **({} if self.sizes is None else {"sizes": self.sizes}),
+            **({} if self.other_files is None else {"other_files": self.other_files}),
             "decoder": self.decoder.to_dict(), "source": self.source,
         }
 
@@ -148,6 +153,7 @@ class EngineManifest:
                                         "gather_context_logits"),
             weight_only_int8_compute=_flag(data.get("weight_only_int8_compute", False),
                                            "weight_only_int8_compute"),
+            other_files=dict(data["other_files"]) if "other_files" in data else None,
             format_version=version)
 
     def write(self, engine_dir: Path) -> None:
@@ -188,7 +194,7 @@ def read_manifest(engine_dir: str | Path) -> EngineManifest:
     path, data = read_config(engine_dir, DirKind.ENGINE, EngineError)
     try:
         return EngineManifest.from_dict(data)
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise EngineError(f"{path}: malformed manifest ({e!r}); rebuild with kiln build") from None
     except ConfigError as e:
         raise EngineError(f"{path}: {e}") from None

@@ -41,7 +41,13 @@ from kiln.checkpoint import CONFIG_NAME, CheckpointConfig, load_config
 from kiln.config import options_from
 from kiln.datasets import load_texts
 from kiln.errors import ConfigError, QuantizationError
-from kiln.output_dirs import CHECKPOINT_KIND, atomic_dir, check_output, copy_tokenizer
+from kiln.output_dirs import (
+    CHECKPOINT_KIND,
+    atomic_dir,
+    check_output,
+    copy_tokenizer,
+    file_digests,
+)
 from kiln.progress import progress_bar
 from kiln.quantization.accuracy import AccuracyMeter, check_gate, summary
 from kiln.quantization.config import WEIGHT_SCALE, QuantConfig
@@ -227,18 +233,21 @@ class _Job:
             bar.set_postfix_str("accuracy gate", refresh=False)
             accuracy = self._accuracy(reader, streams, head)
         quant = self.quant.with_(accuracy=accuracy)
-        target = self._target(quant)
         (out / ACCURACY_FILE).write_text(json.dumps(accuracy, indent=2) + "\n")
-        copy_tokenizer(self.source_dir, out)
-        # the manifest last: files newer than it are not kiln's (output_dirs._written_with)
+        other_files = {**copy_tokenizer(self.source_dir, out), **file_digests(out, [ACCURACY_FILE])}
+        target = self._target(quant, other_files)
+        # the manifest last (an older kiln's overwrite check trusted files no newer than it)
         (out / CONFIG_NAME).write_text(json.dumps(target.to_dict(), indent=2) + "\n")
 
-    def _target(self, quant: QuantConfig) -> CheckpointConfig:
+    def _target(self, quant: QuantConfig,
+                other_files: dict[str, str] | None = None) -> CheckpointConfig:
         src = self.source
         return CheckpointConfig(decoder=src.decoder, mapping=src.mapping, dtype=src.dtype,
                                 quantization=quant,
                                 source={**src.source, "quantized_from": str(self.source_dir)},
-                                kiln_version=kiln.__version__)
+                                kiln_version=kiln.__version__,
+                                other_files=None if other_files is None else
+                                dict(sorted(other_files.items())))
 
     def _embed(self, reader: LayerReader) -> _Streams:
         embed = reader.read([Role.EMBED.name()], float32=False)[Role.EMBED.name()]

@@ -13,6 +13,7 @@ import torch
 import kiln
 from kiln.checkpoint import load_config, load_merged
 from kiln.datasets import load_texts
+from kiln.hashing import sha256_file
 from kiln.quantization.config import KV_SCALES
 from kiln.quantization.data import load_tokenizer_of, split_calibration, token_samples
 from kiln.quantization.quantize import ACCURACY_FILE
@@ -122,6 +123,10 @@ def test_checkpoint_equals_the_model_quantized_by_hand(checkpoint, texts, tmp_pa
     accuracy = quant.accuracy
     assert accuracy is not None and (out / ACCURACY_FILE).is_file()
     assert accuracy["samples"] == 2 and accuracy["tokens"] == 2 * 23
+    # what it wrote beside config.json, with sha256s, for --overwrite (kiln.output_dirs)
+    written = {p.name: sha256_file(p) for p in out.iterdir()
+               if p.name != "config.json" and not p.name.startswith("rank")}
+    assert load_config(out).other_files == written and ACCURACY_FILE in written
 
 
 @pytest.mark.parametrize("variant", ["llama-mha-headdim-bias", "falcon-7b-mqa",
