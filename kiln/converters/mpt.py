@@ -11,6 +11,9 @@ Two families of checkpoints share these tensor names (``transformer.blocks.{i}.a
   the whole k projection), GQA/MQA (``attn_type``, ``kv_n_heads``), ``expansion_ratio`` /
   ``ffn_config.ffn_hidden_size``, and unscaled RoPE instead of ALiBi.
 
+An ``MptForCausalLM`` checkpoint converts as HF runs it: bias max 8, no biases, no q/k norm,
+with a warning naming each config setting HF ignores.
+
 Contract: ``config_from_hf`` reads both spellings (``attn_config`` is a nested dict in
 config.json; ``d_model``/``n_heads``/``n_layers``/``max_seq_len`` or their HF aliases) and
 raises :class:`~kiln.errors.ConfigError` for anything this decoder cannot reproduce exactly.
@@ -86,16 +89,17 @@ _UP = "transformer.blocks.0.ffn.up_proj.weight"
 class MptConverter(Converter):
     @classmethod
     def config_from_hf(cls, hf: dict[str, Any]) -> DecoderConfig:
-        return cls._config(hf, weights_width=None)
+        return cls._config(hf, weights_width=None, warn=False)
 
     @classmethod
     def config_from_source(cls, hf: dict[str, Any],
                            shapes: Mapping[str, tuple[int, ...]]) -> DecoderConfig:
         up = shapes.get(_UP)
-        return cls._config(hf, weights_width=up[0] if up is not None and len(up) == 2 else None)
+        return cls._config(hf, weights_width=up[0] if up is not None and len(up) == 2 else None,
+                           warn=True)
 
     @classmethod
-    def _config(cls, hf: dict[str, Any], weights_width: int | None) -> DecoderConfig:
+    def _config(cls, hf: dict[str, Any], weights_width: int | None, warn: bool) -> DecoderConfig:
         attn = hf.get("attn_config") or {}
         ffn = hf.get("ffn_config") or {}
         _refuse_unsupported(hf, attn, ffn)
@@ -104,7 +108,10 @@ class MptConverter(Converter):
         heads = hf_get(hf, "n_heads", "num_attention_heads")
         if hidden % heads:
             raise ConfigError(f"config.json: d_model {hidden} is not a multiple of n_heads {heads}")
-        bias = not hf.get("no_bias", True)
+        bias, qk_norm = not hf.get("no_bias", True), bool(attn.get("qk_ln", False))
+        if arch == "MptForCausalLM":  # HF's port: what it runs, whatever the config says
+            attn = _as_hf_port_runs(attn, bias, qk_norm, warn)
+            bias = qk_norm = False
         return DecoderConfig(
             architecture=arch,
             vocab_size=hf_get(hf, "vocab_size"),
@@ -121,7 +128,7 @@ class MptConverter(Converter):
             **_positions(hf, attn, heads, arch),
             attention_scale=attn.get("softmax_scale"),
             clip_qkv=attn.get("clip_qkv") or None,  # llm-foundry tests `if clip_qkv:`
-            qk_norm=bool(attn.get("qk_ln", False)),
+            qk_norm=qk_norm,
             qkv_bias=bias,
             o_bias=bias,
             mlp_type=MlpType.GELU,
@@ -156,6 +163,26 @@ class MptConverter(Converter):
     def ignored_patterns(cls, config: DecoderConfig) -> tuple[str, ...]:
         # HF's tied MptForCausalLM may store lm_head.weight anyway (a copy of wte).
         return (r"lm_head\.weight",) if config.tie_word_embeddings else ()
+
+
+def _as_hf_port_runs(attn: dict[str, Any], bias: bool, qk_norm: bool,
+                     warn: bool) -> dict[str, Any]:
+    """``attn_config`` as HF's ``MptForCausalLM`` runs it: ALiBi's bias max 8, no biases and no
+    q/k LayerNorm whatever the config says (its ``MptAttention`` and ``build_mpt_alibi_tensor``
+    call); a warning names each setting it ignores (a trial's bias max 16 gave other tokens
+    than HF's)."""
+    ignored = []
+    if attn.get("alibi_bias_max", 8) != 8:
+        ignored.append(f"attn_config.alibi_bias_max {attn['alibi_bias_max']} (it runs 8)")
+    if bias:
+        ignored.append("no_bias false (it has no biases)")
+    if qk_norm:
+        ignored.append("attn_config.qk_ln (it has no q/k LayerNorm)")
+    if ignored and warn:
+        log.warning("config.json: HF's MptForCausalLM ignores %s; converting as it runs the "
+                    "checkpoint (MosaicML's remote code, architectures MPTForCausalLM, would "
+                    "use them: set that if the checkpoint is llm-foundry's)", "; ".join(ignored))
+    return {**attn, "alibi_bias_max": 8}
 
 
 def _kv_heads(attn: dict[str, Any], heads: int) -> int:

@@ -344,3 +344,28 @@ def test_weights_neither_config_nor_4x_are_refused(tmp_path, caplog):
         kiln.convert_checkpoint(src, tmp_path / "out", progress=False)
     assert not [r for r in caplog.records if r.name == "kiln.converters.mpt"]
     assert MptConverter.config_from_source(hf, {}).intermediate_size == 192  # no weights: config
+
+
+def test_hf_mpt_converts_as_hf_runs_it_whatever_its_config_says(tmp_path, caplog):
+    """HF's MptForCausalLM runs ALiBi with bias max 8, no biases and no q/k LayerNorm,
+    whatever the config says; a trial's alibi_bias_max 16 gave other tokens than HF's, and its
+    no_bias false or qk_ln were refused as missing tensors HF never has."""
+    from transformers import MptConfig, MptForCausalLM
+
+    from tests.helpers import hf_step_logits, save_hf_model
+    from tests.models import MPT_BASE
+
+    config = MptConfig(**{**MPT_BASE, "no_bias": False, "attn_config": {
+        **MPT_BASE.get("attn_config", {}), "alibi": True, "alibi_bias_max": 16, "qk_ln": True}})
+    src = save_hf_model(MptForCausalLM, config, tmp_path / "hf")
+    with caplog.at_level("WARNING", logger="kiln.converters.mpt"):
+        out = kiln.convert_checkpoint(src, tmp_path / "ckpt", progress=False)
+    warning, = (r.getMessage() for r in caplog.records if r.name == "kiln.converters.mpt")
+    for ignored in ("alibi_bias_max 16 (it runs 8)", "no_bias false", "attn_config.qk_ln"):
+        assert ignored in warning, warning
+    decoder = load_config(out).decoder
+    assert decoder.alibi_slopes == mpt_alibi_slopes(decoder.num_heads, 8)
+    model = MptForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    want, tokens = hf_step_logits(model, PROMPT, steps=8)
+    got = ref_step_logits(ReferenceDecoder.from_checkpoint(out), PROMPT, tokens)
+    assert max_abs_diff(got, want) <= 1e-4
