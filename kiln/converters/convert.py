@@ -184,19 +184,54 @@ class ConversionPlan:
 
 def plan_conversion(model_dir: str, *, dtype: str = "auto", tp_size: int = 1, pp_size: int = 1,
                     revision: str | None = None, allow_pickle: bool = False) -> ConversionPlan:
-    """Open the source (its config and tensor headers; no tensor data read) and run every check
+    """Open the source (its config and tensor headers; no tensor data read, but for a tied
+    checkpoint that stores an LM head too: :func:`untie_a_different_head`) and run every check
     of the conversion: architecture, config, mapping, quantization, strict tensor accounting.
     Also what the build cache checks before it converts (:mod:`kiln.build_cache.preflight`)."""
     source = open_source(model_dir, revision=revision, allow_pickle=allow_pickle)
     converter = converter_for(source.hf_config, str(source.directory / "config.json"))
     decoder = converter.config_from_source(source.hf_config,
                                            {n: tuple(t.shape) for n, t in source.tensors.items()})
+    decoder = untie_a_different_head(converter, decoder, source)
     mapping = Mapping(tp_size=tp_size, pp_size=pp_size)
     mapping.validate_for(decoder)
     quant = import_quantization(source, converter, decoder)
     plans = plan_targets(converter, decoder, source, quant)
     return ConversionPlan(source, converter, decoder, mapping, quant, plans,
                           _resolve_dtype(dtype, source, plans))
+
+
+def untie_a_different_head(converter: type[Converter], decoder: DecoderConfig,
+                           source: Source) -> DecoderConfig:
+    """``decoder`` untied where its config ties the LM head to the embedding but the source also
+    stores an LM head that differs from it: transformers loads such a checkpoint untied, with
+    the stored head (a trial's engine left HF's tokens at the first one). Compared in row
+    chunks, so no more than ~64 MB of each is held; a warning says what was done."""
+    if not decoder.tie_word_embeddings:
+        return decoder
+    untied = replace(decoder, tie_word_embeddings=False)
+    embed_name = _head_source(converter, decoder)
+    head_name = _head_source(converter, untied)
+    embed, head = source.tensors.get(embed_name), source.tensors.get(head_name)
+    if head is None or embed is None or head_name == embed_name or _same(embed, head):
+        return decoder
+    log.warning("config.json: tie_word_embeddings is true, but %s differs from %s; converting "
+                "with the stored %s as the LM head, as transformers loads it (untied)",
+                head_name, embed_name, head_name)
+    return untied
+
+
+def _head_source(converter: type[Converter], decoder: DecoderConfig) -> str:
+    rule, = (r for r in converter.tensor_rules(decoder) if r.target is Role.LM_HEAD)
+    return rule.sources[0]
+
+
+def _same(a: SourceTensor, b: SourceTensor) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    rows = a.shape[0] if a.shape else 0
+    return all(torch.equal(a.read(chunk), b.read(chunk))
+               for chunk in iter_row_chunks(rows, a.nbytes // max(rows, 1)))
 
 
 def plan_targets(converter: type[Converter], config: DecoderConfig, source: Source,

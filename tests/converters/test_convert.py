@@ -429,3 +429,34 @@ def test_an_interrupted_conversion_stops_hashing_its_sources(tmp_path):
     with pytest.raises(HashingStopped):
         convert._hash_files([big], stop)
     assert time.perf_counter() - started < 0.5  # one 16 MiB block, not the gigabyte
+
+
+@pytest.mark.parametrize("stored", ["a different head", "a copy of the embedding"])
+def test_a_tied_config_with_a_stored_head_converts_as_transformers_loads_it(tmp_path, caplog,
+                                                                            stored):
+    """tie_word_embeddings true, and the file holds lm_head.weight too: transformers unties
+    them when they differ and runs the stored head (a trial's engine left HF's tokens at the
+    first token, kiln having dropped it), and ties them when it is a copy."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from kiln.reference import ReferenceDecoder
+    from tests.helpers import hf_step_logits, max_abs_diff, ref_step_logits, save_hf_model
+    from tests.models import LLAMA_BASE, PROMPT
+
+    src = save_hf_model(LlamaForCausalLM, LlamaConfig(**LLAMA_BASE, tie_word_embeddings=True),
+                        tmp_path / "hf")
+    tensors = load_file(src / "model.safetensors")
+    embed = tensors["model.embed_tokens.weight"]
+    tensors["lm_head.weight"] = embed + torch.randn_like(embed) if stored == "a different head" \
+        else embed.clone()
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    with caplog.at_level("WARNING", logger="kiln.converters.convert"):
+        out = kiln.convert_checkpoint(src, tmp_path / "ckpt", progress=False)
+    untied = stored == "a different head"
+    assert load_config(out).decoder.tie_word_embeddings is not untied
+    warned = [r.getMessage() for r in caplog.records if "tie_word_embeddings" in r.getMessage()]
+    assert len(warned) == untied and all("lm_head.weight differs" in w for w in warned)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    want, tokens = hf_step_logits(model, PROMPT, steps=8)
+    got = ref_step_logits(ReferenceDecoder.from_checkpoint(out), PROMPT, tokens)
+    assert max_abs_diff(got, want) <= 1e-4
