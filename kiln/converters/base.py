@@ -151,21 +151,46 @@ def _load_builtin() -> None:
 _MISSING = object()
 
 
+# settings read through hf_get that must be integers, or numbers (a string "4" had made a
+# traceback out of the arithmetic on it)
+_INTEGERS = {"vocab_size", "hidden_size", "d_model", "n_embed", "num_attention_heads", "n_heads",
+             "n_head", "num_key_value_heads", "num_kv_heads", "n_head_kv", "kv_n_heads",
+             "num_hidden_layers", "n_layers", "n_layer", "intermediate_size", "ffn_hidden_size",
+             "max_position_embeddings", "max_seq_len", "head_dim"}
+_NUMBERS = {"rms_norm_eps", "layer_norm_epsilon", "norm_eps", "rope_theta", "expansion_ratio"}
+
+
 def hf_get(hf: dict[str, Any], *keys: str | Sequence[str], default: Any = _MISSING) -> Any:
     """First present, non-null value among alias keys; a key may be a path ``("a", "b")``.
 
-    Resolves transformers v4/v5 and remote-code spellings of one setting in one place.
+    Resolves transformers v4/v5 and remote-code spellings of one setting in one place. A size
+    that is not an integer (or an epsilon, theta or ratio that is not a number) is a
+    ConfigError naming the key.
     """
     for key in keys:
         value: Any = hf
         for part in (key,) if isinstance(key, str) else key:
             value = value.get(part) if isinstance(value, dict) else None
         if value is not None:
+            _check_type(key if isinstance(key, str) else ".".join(key), value)
             return value
     if default is _MISSING:
         spelled = " / ".join(k if isinstance(k, str) else ".".join(k) for k in keys)
         raise ConfigError(f"config.json: missing {spelled}; is this a complete HF config?")
     return default
+
+
+def _check_type(key: str, value: Any) -> None:
+    name = key.rpartition(".")[2]
+    if name in _INTEGERS:
+        ok, what = isinstance(value, int), "an integer"
+    elif name in _NUMBERS:
+        ok, what = isinstance(value, (int, float)), "a number"
+    else:
+        return
+    if not ok or isinstance(value, bool):
+        raise ConfigError(f"config.json: {key} must be {what}, found {value!r}; fix it in "
+                          f"config.json")
 
 
 _ROPE_TYPES = {"linear": RopeScalingType.LINEAR, "dynamic": RopeScalingType.DYNAMIC,

@@ -460,3 +460,23 @@ def test_a_tied_config_with_a_stored_head_converts_as_transformers_loads_it(tmp_
     want, tokens = hf_step_logits(model, PROMPT, steps=8)
     got = ref_step_logits(ReferenceDecoder.from_checkpoint(out), PROMPT, tokens)
     assert max_abs_diff(got, want) <= 1e-4
+
+
+@pytest.mark.parametrize("key,value,what", [
+    ("num_attention_heads", "4", "an integer"), ("hidden_size", 64.0, "an integer"),
+    ("num_hidden_layers", True, "an integer"), ("rms_norm_eps", "1e-5", "a number"),
+])
+def test_a_config_value_of_the_wrong_type_is_one_line(src, tmp_path, key, value, what):
+    """A string "4" for num_attention_heads had been a TypeError traceback, exit 1."""
+    from click.testing import CliRunner
+
+    from kiln.cli.main import main
+
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, key: value}))
+    result = CliRunner().invoke(main, ["convert_checkpoint", "--model_dir", str(src),
+                                       "--output_dir", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == \
+        f"error: config.json: {key} must be {what}, found {value!r}; fix it in config.json"
+    assert not (tmp_path / "out").exists()
