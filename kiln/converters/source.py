@@ -10,6 +10,7 @@ refused unless ``allow_pickle`` is set, and then loaded with ``torch.load(weight
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -28,9 +29,13 @@ log = logging.getLogger(__name__)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 # ModelOpt's quantization record, beside config.json (kiln/converters/quantized.py)
 HF_QUANT_CONFIG = "hf_quant_config.json"
-HUB_PATTERNS = ("config.json", "generation_config.json", HF_QUANT_CONFIG, "*.safetensors",
-                "*.safetensors.index.json", "tokenizer*", "special_tokens_map.json",
-                "added_tokens.json", "vocab.json", "merges.txt", "chat_template.*")
+# The weights transformers loads, in its order: one file, else the files its index names
+# (a Mistral repo's consolidated.safetensors beside the indexed shards is not read)
+SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")
+PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+HUB_PATTERNS = ("config.json", "generation_config.json", HF_QUANT_CONFIG, "tokenizer*",
+                "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+                "chat_template.*")  # and the weights: _download
 
 
 class SourceTensor(Protocol):
@@ -121,11 +126,14 @@ def open_source(model_dir: str, revision: str | None = None, allow_pickle: bool 
     _, hf_config = read_config(path, DirKind.HF_CHECKPOINT, CheckpointError)
     files = _weight_files(path, allow_pickle)
     tensors: dict[str, SourceTensor] = {}
+    found_in: dict[str, Path] = {}
     for file in files:
         for name, tensor in _open_weights(file).items():
             if name in tensors:
-                raise CheckpointError(f"{file}: tensor {name!r} also appears in another file")
-            tensors[name] = tensor
+                raise CheckpointError(f"{file}: tensor {name!r} is also in "
+                                      f"{found_in[name].name}; a checkpoint holds each tensor "
+                                      f"once: move the file that is not part of it away")
+            tensors[name], found_in[name] = tensor, file
     return Source(path, hf_config, tensors, files, repo_id, revision)
 
 
@@ -150,13 +158,17 @@ def locate(model_dir: str, revision: str | None = None,
 
 def files_read(directory: Path, allow_pickle: bool = False) -> list[Path]:
     """Every file of the local HF checkpoint ``directory`` that conversion reads, sorted:
-    ``config.json``, ModelOpt's ``hf_quant_config.json``, the weight files :func:`open_source`
-    picks and the tokenizer files copied into the output. Nothing else in the directory (a
+    ``config.json``, ModelOpt's ``hf_quant_config.json``, the weight index, the weight files
+    :func:`open_source` picks and the tokenizer files copied into the output. Nothing else in the directory (a
     README, ``.git``, optimizer states, other weight formats) changes a conversion's result: the
     build cache hashes exactly these files (tests check conversion opens no other)."""
     directory = Path(directory)
     named = [directory / name for name in ("config.json", HF_QUANT_CONFIG, *TOKENIZER_FILES)]
-    return sorted({*(p for p in named if p.is_file()), *_weight_files(directory, allow_pickle)})
+    weights = _weight_files(directory, allow_pickle)
+    single, index = SAFETENSORS if weights[0].suffix == ".safetensors" else PICKLES
+    if not (directory / single).is_file() and (directory / index).is_file():
+        named.append(directory / index)  # it chose the weights
+    return sorted({*(p for p in named if p.is_file()), *weights})
 
 
 def _near_miss(path: Path) -> str:
@@ -172,11 +184,15 @@ def _near_miss(path: Path) -> str:
 
 
 def _weight_files(path: Path, allow_pickle: bool) -> list[Path]:
-    safetensors = sorted(path.glob("*.safetensors"))
+    """The weight files transformers would load from ``path``: ``model.safetensors``, else those
+    ``model.safetensors.index.json`` names, else every ``*.safetensors``; then the same for
+    pickles (``pytorch_model.bin`` ...), which need ``allow_pickle``."""
+    safetensors = _named_weights(path, *SAFETENSORS) or sorted(path.glob("*.safetensors"))
     if safetensors:
         return safetensors
-    pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES and
-                     not p.name.startswith("training_args"))
+    pickles = _named_weights(path, *PICKLES) or sorted(
+        p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES and
+        not p.name.startswith("training_args"))
     if pickles and not allow_pickle:
         raise UnsafeCheckpointError(
             f"{path}: only pickle weights ({', '.join(p.name for p in pickles)}); pickles can run "
@@ -184,6 +200,57 @@ def _weight_files(path: Path, allow_pickle: bool) -> list[Path]:
     if not pickles:
         raise CheckpointError(f"{path}: no *.safetensors weight files found")
     return pickles
+
+
+def _named_weights(path: Path, single: str, index: str) -> list[Path]:
+    """``[path/single]`` if it exists, else the files ``path/index`` names (each must exist),
+    else ``[]``. Other weight files beside them are not read (logged)."""
+    if (path / single).is_file():
+        files = [path / single]
+    elif (path / index).is_file():
+        files = [path / name for name in index_files(path / index)]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{path / index}: names {', '.join(missing[:3])}"
+                                  f"{' and more' if len(missing) > 3 else ''}, which "
+                                  f"{'is' if len(missing) == 1 else 'are'} not in {path}; the "
+                                  f"download is incomplete: fetch the checkpoint again")
+    else:
+        return []
+    others = sorted(p.name for p in path.glob(f"*{Path(single).suffix}") if p not in files)
+    if others:
+        read = single if files == [path / single] else f"the files {index} names"
+        log.info("%s: reading %s, as transformers does; not %s", path, read, ", ".join(others))
+    return files
+
+
+def index_files(index: Path) -> list[str]:
+    """The weight files a transformers index (``*.index.json``) names, sorted."""
+    try:
+        data = json.loads(index.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{index}: not a readable weight index ({e}); fetch the "
+                              f"checkpoint again") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    names = set(weight_map.values()) if isinstance(weight_map, dict) else None
+    if not names or not all(isinstance(n, str) and n and Path(n).name == n for n in names):
+        raise CheckpointError(f"{index}: its weight_map does not name weight files of this "
+                              f"directory; fetch the checkpoint again")
+    return sorted(names)
+
+
+def _weights_to_fetch(snapshot: Path, allow_pickle: bool) -> list[str]:
+    """After the first download (config, indexes, single weight files): the weight files still
+    to fetch, as patterns, in :func:`_weight_files`' order (none after a model.safetensors)."""
+    if (snapshot / SAFETENSORS[0]).is_file():
+        return []
+    if (snapshot / SAFETENSORS[1]).is_file():
+        return index_files(snapshot / SAFETENSORS[1])
+    fetch = ["*.safetensors"]
+    if allow_pickle and not (snapshot / PICKLES[0]).is_file():
+        index = snapshot / PICKLES[1]
+        fetch += index_files(index) if index.is_file() else ["*.bin"]
+    return fetch
 
 
 def _open_weights(file: Path) -> dict[str, SourceTensor]:
@@ -212,12 +279,19 @@ def _download(repo_id: str, revision: str | None, allow_pickle: bool, missing: s
         RevisionNotFoundError,
     )
 
-    patterns = list(HUB_PATTERNS) + (["*.bin", "*.bin.index.json"] if allow_pickle else [])
+    # first the config, tokenizer, weight indexes and single weight files; then the weights
+    # transformers would load (_weight_files): those the index names, else every *.safetensors
+    patterns = [*HUB_PATTERNS, *SAFETENSORS, *(PICKLES if allow_pickle else ())]
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     at = f"@{revision}" if revision else ""
     log.info("fetching %s%s from the Hugging Face hub", repo_id, at)
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        weights = _weights_to_fetch(path, allow_pickle)
+        if weights:
+            path = Path(snapshot_download(repo_id, revision=revision,
+                                          allow_patterns=[*patterns, *weights]))
+        return path
     except LocalEntryNotFoundError:
         why = "offline (HF_HUB_OFFLINE is set) and it is not in the local cache" if offline else \
             "the hub is unreachable and it is not in the local cache"

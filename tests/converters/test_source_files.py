@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 import kiln
-from kiln.converters.source import files_read
-from kiln.errors import UnsafeCheckpointError
+from kiln.checkpoint import load_config
+from kiln.converters.source import files_read, open_source
+from kiln.errors import CheckpointError, UnsafeCheckpointError
 from tests.models import hf_model
 
 _OPENED: list[str] | None = None  # the audit hook records opens while this is a list
@@ -67,3 +69,88 @@ def test_pickle_weights_count_only_when_allowed(tmp_path, hf_dir):
         files_read(model)
     assert [p.name for p in files_read(model, allow_pickle=True)] == ["config.json",
                                                                       "pytorch_model.bin"]
+
+
+# --- the weight files transformers loads: model.safetensors, else what its index names -------
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory) -> Path:
+    """The llama-gqa model saved in three shards with model.safetensors.index.json."""
+    from transformers import AutoModelForCausalLM
+
+    whole = hf_model("llama-gqa", tmp_path_factory.mktemp("hf") / "whole")
+    path = tmp_path_factory.mktemp("hf") / "sharded"
+    AutoModelForCausalLM.from_pretrained(whole).save_pretrained(path, max_shard_size="60KB")
+    assert len(list(path.glob("model-*.safetensors"))) >= 3
+    return path
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    return Path(shutil.copytree(src, dst))
+
+
+def test_a_shard_the_index_names_but_missing_is_named(sharded, tmp_path):
+    """It had been 'missing [lm_head.weight] ... check config.json against the weights'."""
+    model = _copy(sharded, tmp_path / "model")
+    gone = sorted(model.glob("model-*.safetensors"))[1]
+    gone.unlink()
+    with pytest.raises(CheckpointError) as e:
+        kiln.convert_checkpoint(model, tmp_path / "out", progress=False)
+    assert str(e.value) == (
+        f"{model / 'model.safetensors.index.json'}: names {gone.name}, which is not in {model}; "
+        f"the download is incomplete: fetch the checkpoint again")
+
+
+@pytest.mark.parametrize("stray", ["consolidated.safetensors", "model.safetensors"])
+def test_only_the_weights_transformers_loads_are_read(sharded, tmp_path, caplog, stray):
+    """A Mistral repo's consolidated.safetensors beside its indexed shards (the same tensors)
+    had been refused as a duplicate; a model.safetensors is what transformers loads first."""
+    model = _copy(sharded, tmp_path / "model")
+    whole = _copy(sharded, tmp_path / "whole")
+    tensors = {}
+    for shard in sorted(whole.glob("model-*.safetensors")):
+        tensors.update(load_file(shard))
+    save_file(tensors, model / stray, metadata={"format": "pt"})
+    shards = sorted(p.name for p in model.glob("model-*.safetensors"))
+    read = [p.name for p in files_read(model) if p.suffix == ".safetensors"]
+    assert read == (shards if stray.startswith("consolidated") else [stray])
+    with caplog.at_level("INFO", logger="kiln.converters.source"):
+        out = kiln.convert_checkpoint(model, tmp_path / "out", progress=False)
+    assert f"not {stray}" in caplog.text or stray == "model.safetensors"
+    assert sorted(load_config(out).source["files"]) == read
+    reference = kiln.convert_checkpoint(sharded, tmp_path / "reference", progress=False)
+    assert (out / "rank0.safetensors").read_bytes() == \
+        (reference / "rank0.safetensors").read_bytes()
+
+
+def test_a_tensor_in_two_files_names_both(sharded, tmp_path):
+    model = _copy(sharded, tmp_path / "model")
+    (model / "model.safetensors.index.json").unlink()  # every *.safetensors is read then
+    first = sorted(model.glob("model-*.safetensors"))[0]
+    shutil.copy(first, model / "extra.safetensors")
+    with pytest.raises(CheckpointError, match=rf"tensor '.+' is also in (extra|{first.name})"):
+        kiln.convert_checkpoint(model, tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize("layout", ["sharded", "single"])
+def test_the_hub_download_fetches_the_weights_transformers_loads(sharded, hf_dir, monkeypatch,
+                                                                tmp_path, layout):
+    """First the config, tokenizer, indexes and model.safetensors; then only the files the
+    index names (a Mistral repo's consolidated.safetensors doubled the download)."""
+    snapshot = sharded if layout == "sharded" else hf_dir
+    calls = []
+
+    def fake(repo_id, revision=None, allow_patterns=None):
+        calls.append(list(allow_patterns))
+        return str(snapshot)
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake)
+    monkeypatch.chdir(tmp_path)
+    source = open_source("org/model")
+    assert source.repo_id == "org/model"
+    assert "*.safetensors" not in calls[0] and "model.safetensors.index.json" in calls[0]
+    if layout == "single":
+        assert len(calls) == 1
+    else:
+        shards = sorted(p.name for p in sharded.glob("model-*.safetensors"))
+        assert len(calls) == 2 and calls[1] == calls[0] + shards
