@@ -215,7 +215,8 @@ def _finish(tmp: Path, engine: Backend, plan: BuildPlan, results: list[PartResul
         plan, engine, rank_files={r: tuple(f) for r, f in rank_files.items()},
         checksums={name: digest for r in results for name, digest in r.checksums.items()},
         sizes={name: size for r in results for name, size in r.sizes.items()},
-        source={"checkpoint_dir": str(plan.checkpoint_dir), **plan.checkpoint.source},
+        source={"checkpoint_dir": str(Path(plan.checkpoint_dir).absolute()),
+                **plan.checkpoint.source},
         other_files=other_files)
     manifest.write(tmp)
     return manifest

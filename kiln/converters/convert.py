@@ -528,7 +528,7 @@ def _hash_files(files: list[Path], stop: Event) -> dict[str, str]:
 
 def _provenance(source: Source, converter: type[Converter], hashes: Future) -> dict:
     return {
-        "model_dir": str(source.directory),
+        "model_dir": str(source.directory.absolute()),  # meaningful from any directory
         "repo_id": source.repo_id,
         "revision": source.revision,
         "architecture": architecture_name(source.hf_config),

@@ -244,7 +244,8 @@ class _Job:
         src = self.source
         return CheckpointConfig(decoder=src.decoder, mapping=src.mapping, dtype=src.dtype,
                                 quantization=quant,
-                                source={**src.source, "quantized_from": str(self.source_dir)},
+                                source={**src.source,
+                                        "quantized_from": str(Path(self.source_dir).absolute())},
                                 kiln_version=kiln.__version__,
                                 other_files=None if other_files is None else
                                 dict(sorted(other_files.items())))

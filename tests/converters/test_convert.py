@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -480,3 +481,15 @@ def test_a_config_value_of_the_wrong_type_is_one_line(src, tmp_path, key, value,
     assert result.output.strip() == \
         f"error: config.json: {key} must be {what}, found {value!r}; fix it in config.json"
     assert not (tmp_path / "out").exists()
+
+
+def test_provenance_paths_are_absolute(hf_dir, tmp_path, monkeypatch):
+    """A relative --model_dir had been stored as typed: meaningless from another directory."""
+    shutil.copytree(hf_dir, tmp_path / "hf")
+    monkeypatch.chdir(tmp_path)
+    kiln.convert_checkpoint("hf", "ckpt", progress=False)
+    assert load_config(tmp_path / "ckpt").source["model_dir"] == str(tmp_path / "hf")
+    kiln.build("ckpt", "engine", backend="onnx", max_batch_size=1, max_seq_len=16)
+    source = json.loads((tmp_path / "engine" / "config.json").read_text())["source"]
+    assert source["checkpoint_dir"] == str(tmp_path / "ckpt")
+    assert source["model_dir"] == str(tmp_path / "hf")
