@@ -162,20 +162,21 @@ def _written_with(path: Path, data: dict, ranks: set[str], written: int) -> bool
     """Whether kiln wrote ``path`` with the manifest ``data`` beside it (written at
     ``written``, in ns; ``ranks``: :func:`_rank_files`): a rank file the manifest names (even
     damaged: the build cache rebuilds such entries), or one of the manifest's ``other_files``
-    with the sha256 recorded there (a user's ``special_tokens_map.json``, or a chat template
-    edited after the build, is not kiln's). A manifest of an older kiln records no other files:
+    with the sha256 recorded there; never a folder or a link (a user's
+    ``special_tokens_map.json``, or a chat template edited after the build, is not kiln's). A manifest of an older kiln records no other files:
     then a name kiln writes (tokenizer and accuracy files) no newer than the manifest, which
     kiln writes last (tokenizer copies keep their source's time)."""
     name = path.name
     if name == MANIFEST_NAME:
         return True
+    if path.is_symlink() or not path.is_file():  # a user's folder or link under a kiln name
+        return False
     if ENGINE_FILE.fullmatch(name):
         return name in ranks
-    recorded = data.get("other_files")
     try:
-        if isinstance(recorded, dict):
-            return name in recorded and path.is_file() and not path.is_symlink() \
-                and sha256_file(path) == recorded[name]
+        if "other_files" in data:  # not a mapping of names to digests: edited, nothing matches
+            recorded = data["other_files"] if isinstance(data["other_files"], dict) else {}
+            return name in recorded and sha256_file(path) == recorded[name]
         return name in (ACCURACY_NAME, *TOKENIZER_FILES) and path.lstat().st_mtime_ns <= written
     except OSError:
         return False

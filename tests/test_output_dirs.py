@@ -300,6 +300,39 @@ def test_a_kiln_named_file_dated_before_the_manifest_is_not_kiln_s(built, hf_dir
 
 
 @pytest.mark.parametrize("kind", ["engine", "checkpoint"])
+@pytest.mark.parametrize("case", ["folder under a rank name", "link under a rank name",
+                                  "other_files not a mapping"])
+def test_a_folder_link_or_edited_record_is_never_taken_for_kiln_s(built, hf_dir, tmp_path,
+                                                                 kind, case):
+    """A trial's folder named rank0.safetensors, holding its notes, was deleted by
+    --overwrite; other_files edited into a list fell back to the timestamp rule."""
+    out = Path(shutil.copytree(built[1] if kind == "engine" else built[0], tmp_path / kind))
+    rank = sorted(p.name for p in out.iterdir() if p.name.startswith("rank"))[0]
+    mine = tmp_path / "mine.txt"
+    mine.write_text("mine")
+    if case == "folder under a rank name":
+        name = rank
+        (out / rank).unlink()
+        (out / rank).mkdir()
+        (out / rank / "notes.txt").write_text("mine")
+    elif case == "link under a rank name":
+        name = rank
+        (out / rank).unlink()
+        (out / rank).symlink_to(mine)
+    else:
+        manifest = out / "config.json"
+        data = json.loads(manifest.read_text())
+        name = sorted(data["other_files"])[0]
+        manifest.write_text(json.dumps({**data, "other_files": sorted(data["other_files"])}))
+        (out / name).write_text("mine")
+        os.utime(out / name, ns=(1_500_000_000 * 10**9,) * 2)
+    result = _replace(built, hf_dir, kind, out)
+    assert result.exit_code == 2, result.output
+    assert f"also holds '{name}', which kiln did not write" in result.output
+    assert mine.read_text() == "mine" and (out / name).exists()
+
+
+@pytest.mark.parametrize("kind", ["engine", "checkpoint"])
 def test_an_older_kilns_output_without_other_files_keeps_the_name_and_time_rule(
         built, hf_dir, tmp_path, kind):
     """An older kiln's manifest records no other files: a kiln name no newer than the manifest
