@@ -13,6 +13,7 @@ Errors a user can cause are :class:`~kiln.errors.KilnError` subclasses with one-
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,7 +216,7 @@ def _finish(tmp: Path, engine: Backend, plan: BuildPlan, results: list[PartResul
         plan, engine, rank_files={r: tuple(f) for r, f in rank_files.items()},
         checksums={name: digest for r in results for name, digest in r.checksums.items()},
         sizes={name: size for r in results for name, size in r.sizes.items()},
-        source={"checkpoint_dir": str(Path(plan.checkpoint_dir).absolute()),
+        source={"checkpoint_dir": os.path.abspath(plan.checkpoint_dir),
                 **plan.checkpoint.source},
         other_files=other_files)
     manifest.write(tmp)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -53,7 +54,7 @@ from kiln.converters.base import (
 from kiln.converters.options import ConvertOptions
 from kiln.converters.quantized import FP8, ImportedQuant, import_quantization
 from kiln.converters.source import Source, SourceTensor, open_source
-from kiln.errors import CheckpointError, TensorMappingError
+from kiln.errors import CheckpointError, ConfigError, KilnError, TensorMappingError
 from kiln.hashing import sha256_file, stops_when
 from kiln.output_dirs import CHECKPOINT_KIND, atomic_dir, check_output, copy_tokenizer
 from kiln.progress import progress_bar
@@ -189,9 +190,19 @@ def plan_conversion(model_dir: str, *, dtype: str = "auto", tp_size: int = 1, pp
     of the conversion: architecture, config, mapping, quantization, strict tensor accounting.
     Also what the build cache checks before it converts (:mod:`kiln.build_cache.preflight`)."""
     source = open_source(model_dir, revision=revision, allow_pickle=allow_pickle)
-    converter = converter_for(source.hf_config, str(source.directory / "config.json"))
-    decoder = converter.config_from_source(source.hf_config,
-                                           {n: tuple(t.shape) for n, t in source.tensors.items()})
+    where = source.directory / "config.json"
+    try:
+        converter = converter_for(source.hf_config, str(where))
+        decoder = converter.config_from_source(
+            source.hf_config, {n: tuple(t.shape) for n, t in source.tensors.items()})
+    except KilnError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError) as e:
+        # a setting of a type or range the converter did not check (a string for a nested
+        # dict, -1 heads): one line, not a traceback
+        raise ConfigError(f"{where}: a setting has a value of the wrong type or range "
+                          f"({type(e).__name__}: {e}); compare it with a config.json that "
+                          f"transformers wrote for this architecture") from e  # --debug: where
     decoder = untie_a_different_head(converter, decoder, source)
     mapping = Mapping(tp_size=tp_size, pp_size=pp_size)
     mapping.validate_for(decoder)
@@ -528,7 +539,7 @@ def _hash_files(files: list[Path], stop: Event) -> dict[str, str]:
 
 def _provenance(source: Source, converter: type[Converter], hashes: Future) -> dict:
     return {
-        "model_dir": str(source.directory.absolute()),  # meaningful from any directory
+        "model_dir": os.path.abspath(source.directory),  # meaningful from any directory
         "repo_id": source.repo_id,
         "revision": source.revision,
         "architecture": architecture_name(source.hf_config),

@@ -29,6 +29,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,7 +246,7 @@ class _Job:
         return CheckpointConfig(decoder=src.decoder, mapping=src.mapping, dtype=src.dtype,
                                 quantization=quant,
                                 source={**src.source,
-                                        "quantized_from": str(Path(self.source_dir).absolute())},
+                                        "quantized_from": os.path.abspath(self.source_dir)},
                                 kiln_version=kiln.__version__,
                                 other_files=None if other_files is None else
                                 dict(sorted(other_files.items())))

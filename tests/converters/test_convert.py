@@ -487,9 +487,30 @@ def test_provenance_paths_are_absolute(hf_dir, tmp_path, monkeypatch):
     """A relative --model_dir had been stored as typed: meaningless from another directory."""
     shutil.copytree(hf_dir, tmp_path / "hf")
     monkeypatch.chdir(tmp_path)
-    kiln.convert_checkpoint("hf", "ckpt", progress=False)
+    (tmp_path / "sub").mkdir()
+    kiln.convert_checkpoint("sub/../hf", "ckpt", progress=False)  # stored without the ".."
     assert load_config(tmp_path / "ckpt").source["model_dir"] == str(tmp_path / "hf")
-    kiln.build("ckpt", "engine", backend="onnx", max_batch_size=1, max_seq_len=16)
+    kiln.build("./ckpt", "engine", backend="onnx", max_batch_size=1, max_seq_len=16)
     source = json.loads((tmp_path / "engine" / "config.json").read_text())["source"]
     assert source["checkpoint_dir"] == str(tmp_path / "ckpt")
     assert source["model_dir"] == str(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("key,value", [("rope_scaling", "4"), ("rope_parameters", [4]),
+                                       ("architectures", True), ("sliding_window", "4")])
+def test_a_nested_setting_of_the_wrong_type_is_one_line(src, tmp_path, key, value):
+    """Settings the converters read without a type check (a trial: a string rope_scaling was
+    'TypeError: str object is not a mapping', exit 1) are one line, exit 2."""
+    from click.testing import CliRunner
+
+    from kiln.cli.main import main
+
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, key: value}))
+    result = CliRunner().invoke(main, ["convert_checkpoint", "--model_dir", str(src),
+                                       "--output_dir", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    line, = result.output.strip().splitlines()
+    assert line.startswith(f"error: {src / 'config.json'}: ") or \
+        line.startswith("error: config.json: "), line
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
