@@ -53,7 +53,8 @@ def _cache_dir_option(func):
 def cache() -> None:
     """The build cache of engines made from Hugging Face checkpoints: list, prune, build.
 
-    Entries live in $KILN_CACHE_DIR/engines (default ~/.cache/kiln/engines); docs/build_cache.md.
+    Entries live in $KILN_CACHE_DIR/engines (else $XDG_CACHE_HOME/kiln/engines, else
+    ~/.cache/kiln/engines); docs/build_cache.md.
     """
 
 
