@@ -2,7 +2,7 @@
 the conversion and build they would otherwise wait for.
 
 Contract: :func:`planned_manifest` runs, from the HF config and tensor headers alone (no tensor
-data read), every check that conversion (:func:`~kiln.converters.convert.plan_conversion`) and
+data read, but a tied checkpoint's stored LM head, compared with the embedding), every check that conversion (:func:`~kiln.converters.convert.plan_conversion`) and
 the build (:func:`~kiln.builder.api.make_plan`, the backend's ``check``) run before they write,
 and returns the conversion's plan (which the build then writes: the source is read once) and
 the engine manifest the build would write, less its files. A caller that will run

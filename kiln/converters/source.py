@@ -159,9 +159,10 @@ def locate(model_dir: str, revision: str | None = None,
 def files_read(directory: Path, allow_pickle: bool = False) -> list[Path]:
     """Every file of the local HF checkpoint ``directory`` that conversion reads, sorted:
     ``config.json``, ModelOpt's ``hf_quant_config.json``, the weight index, the weight files
-    :func:`open_source` picks and the tokenizer files copied into the output. Nothing else in the directory (a
-    README, ``.git``, optimizer states, other weight formats) changes a conversion's result: the
-    build cache hashes exactly these files (tests check conversion opens no other)."""
+    :func:`open_source` picks and the tokenizer files copied into the output. Nothing else in
+    the directory (a README, ``.git``, optimizer states, other weight formats) changes a
+    conversion's result: the build cache hashes exactly these files (tests check conversion
+    opens no other)."""
     directory = Path(directory)
     named = [directory / name for name in ("config.json", HF_QUANT_CONFIG, *TOKENIZER_FILES)]
     weights = _weight_files(directory, allow_pickle)
