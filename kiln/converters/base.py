@@ -193,6 +193,25 @@ def _check_type(key: str, value: Any) -> None:
                           f"config.json")
 
 
+def hf_flag(hf: dict[str, Any], key: str, default: bool, *, section: str = "") -> bool:
+    """A true/false setting, read as HF's modeling code reads it (``if config.alibi:``).
+
+    Absent: ``default``; null: false (the attribute is None). A value whose truth cannot be
+    what its writer meant is a ConfigError naming the key: a string (``"false"`` is true to
+    Python, so HF's Falcon runs ALiBi for it), a list, a number other than 0 or 1. ``section``
+    prefixes the key in the message (``"attn_config."``).
+    """
+    if key not in hf:
+        return default
+    value = hf[key]
+    if value is None:
+        return False
+    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+        return bool(value)
+    raise ConfigError(f"config.json: {section}{key} must be true or false, found {value!r}; fix "
+                      f"it in config.json")
+
+
 _ROPE_TYPES = {"linear": RopeScalingType.LINEAR, "dynamic": RopeScalingType.DYNAMIC,
                "llama3": RopeScalingType.LLAMA3}
 

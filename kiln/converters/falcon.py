@@ -39,6 +39,7 @@ from kiln.converters.base import (
     Converter,
     TensorRule,
     architecture_name,
+    hf_flag,
     hf_get,
     register,
     rope_from_hf,
@@ -111,7 +112,7 @@ class FalconConverter(Converter):
             raise ConfigError(f"config.json: hidden_size {hidden} is not a multiple of "
                               f"num_attention_heads {heads}")
         head_dim = hidden // heads
-        bias = bool(hf.get("bias", False))
+        bias = hf_flag(hf, "bias", False)
         return DecoderConfig(
             architecture=architecture_name(hf),
             vocab_size=hf_get(hf, "vocab_size"),
@@ -131,7 +132,7 @@ class FalconConverter(Converter):
             mlp_type=MlpType.GELU,
             mlp_bias=bias,
             **_block_layout(hf),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+            tie_word_embeddings=hf_flag(hf, "tie_word_embeddings", True),
             extra=unknown_keys(hf, _KNOWN),
         )
 
@@ -174,15 +175,16 @@ class FalconConverter(Converter):
 def _new_architecture(hf: dict[str, Any]) -> bool:
     # RW configs predate the flag: n_head_kv marks the new (40B) decoder, as in HF's
     # models/falcon/convert_custom_code_checkpoint.py.
-    flag = hf.get("new_decoder_architecture")
-    return bool(flag) if flag is not None else "n_head_kv" in hf
+    if hf.get("new_decoder_architecture") is None:
+        return "n_head_kv" in hf
+    return hf_flag(hf, "new_decoder_architecture", False)
 
 
 def _kv_heads(hf: dict[str, Any], heads: int) -> int:
     """KV heads as HF's FalconAttention derives them (num_kv_heads counts only in the new arch)."""
     if _new_architecture(hf):
         return hf_get(hf, "num_kv_heads", "n_head_kv", default=heads)
-    return 1 if hf.get("multi_query", True) else heads
+    return 1 if hf_flag(hf, "multi_query", True) else heads
 
 
 def _block_layout(hf: dict[str, Any]) -> dict[str, Any]:
@@ -190,7 +192,7 @@ def _block_layout(hf: dict[str, Any]) -> dict[str, Any]:
     norms = hf.get("num_ln_in_parallel_attn")
     if _new_architecture(hf):  # always parallel; parallel_attn is ignored
         return {"residual": ResidualType.PARALLEL, "parallel_norms": 2 if norms is None else norms}
-    if not hf.get("parallel_attn", True):
+    if not hf_flag(hf, "parallel_attn", True):
         return {"residual": ResidualType.SEQUENTIAL}
     if norms not in (None, 1):
         raise ConfigError(f"config.json: num_ln_in_parallel_attn {norms} needs "
@@ -208,7 +210,7 @@ def _norm_names(config: DecoderConfig) -> tuple[str, str | None]:
 
 
 def _positions(hf: dict[str, Any], heads: int, head_dim: int) -> dict[str, Any]:
-    if hf.get("alibi", False):
+    if hf_flag(hf, "alibi", False):
         return {"position_type": PositionType.ALIBI,
                 "alibi_slopes": falcon_alibi_slopes(heads, head_dim)}
     theta, scaling = rope_from_hf(hf)
@@ -216,7 +218,7 @@ def _positions(hf: dict[str, Any], heads: int, head_dim: int) -> dict[str, Any]:
 
 
 def _refuse_unsupported(hf: dict[str, Any]) -> None:
-    if hf.get("apply_residual_connection_post_layernorm", False):
+    if hf_flag(hf, "apply_residual_connection_post_layernorm", False):
         raise ConfigError("config.json: apply_residual_connection_post_layernorm true is not "
                           "supported (HF's Falcon ignores it too); kiln converts pre-norm Falcon")
     act = hf.get("activation", "gelu")

@@ -16,6 +16,7 @@ from kiln.converters.base import (
     TensorRule,
     architecture_name,
     concat_rows,
+    hf_flag,
     hf_get,
     register,
     rope_from_hf,
@@ -46,8 +47,8 @@ class LlamaConverter(Converter):
         hidden = hf_get(hf, "hidden_size")
         heads = hf_get(hf, "num_attention_heads")
         theta, scaling = rope_from_hf(hf)
-        window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
-        bias = bool(hf.get("attention_bias", False))
+        window = hf.get("sliding_window") if hf_flag(hf, "use_sliding_window", True) else None
+        bias = hf_flag(hf, "attention_bias", False)
         return DecoderConfig(
             architecture=architecture_name(hf),
             vocab_size=hf_get(hf, "vocab_size"),
@@ -67,8 +68,8 @@ class LlamaConverter(Converter):
             qkv_bias=bias,
             o_bias=bias,
             mlp_type=MlpType.SWIGLU,
-            mlp_bias=bool(hf.get("mlp_bias", False)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            mlp_bias=hf_flag(hf, "mlp_bias", False),
+            tie_word_embeddings=hf_flag(hf, "tie_word_embeddings", False),
             extra=unknown_keys(hf, _KNOWN),
         )
 

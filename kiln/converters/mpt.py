@@ -48,6 +48,7 @@ from kiln.converters.base import (
     Converter,
     TensorRule,
     architecture_name,
+    hf_flag,
     hf_get,
     register,
     unknown_keys,
@@ -108,7 +109,8 @@ class MptConverter(Converter):
         heads = hf_get(hf, "n_heads", "num_attention_heads")
         if hidden % heads:
             raise ConfigError(f"config.json: d_model {hidden} is not a multiple of n_heads {heads}")
-        bias, qk_norm = not hf.get("no_bias", True), bool(attn.get("qk_ln", False))
+        bias = not hf_flag(hf, "no_bias", True)
+        qk_norm = hf_flag(attn, "qk_ln", False, section="attn_config.")
         if arch == "MptForCausalLM":  # HF's port: what it runs, whatever the config says
             attn = _as_hf_port_runs(attn, bias, qk_norm, warn)
             bias = qk_norm = False
@@ -134,7 +136,7 @@ class MptConverter(Converter):
             mlp_type=MlpType.GELU,
             mlp_bias=bias,
             residual=ResidualType.SEQUENTIAL,
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+            tie_word_embeddings=hf_flag(hf, "tie_word_embeddings", True),
             extra=unknown_keys(hf, _KNOWN),
         )
 
@@ -230,10 +232,10 @@ def _positions(hf: dict[str, Any], attn: dict[str, Any], heads: int, arch: str) 
     """ALiBi slopes, or unscaled RoPE; refuses learned or absent position information."""
     # An attn_config without "alibi" means what the code that wrote it defaults to: HF's
     # MptAttentionConfig defaults to True, llm-foundry's attn_config_defaults to False.
-    if attn.get("alibi", arch == "MptForCausalLM"):
+    if hf_flag(attn, "alibi", arch == "MptForCausalLM", section="attn_config."):
         slopes = mpt_alibi_slopes(heads, float(attn.get("alibi_bias_max", 8)))
         return {"position_type": PositionType.ALIBI, "alibi_slopes": slopes}
-    if attn.get("rope", False):
+    if hf_flag(attn, "rope", False, section="attn_config."):
         impl = attn.get("rope_impl", "dail")
         sub = attn.get(f"rope_{impl}_config") or {}
         kind = sub.get("type", "original" if impl == "dail" else "no_scaling")
@@ -243,7 +245,7 @@ def _positions(hf: dict[str, Any], attn: dict[str, Any], heads: int, arch: str) 
                               f"'no_scaling')")
         return {"position_type": PositionType.ROPE,
                 "rope_theta": float(attn.get("rope_theta", 10000))}
-    what = "learned position embeddings (transformer.wpe)" if hf.get("learned_pos_emb", True) \
+    what = "learned position embeddings (transformer.wpe)" if hf_flag(hf, "learned_pos_emb", True) \
         else "a model without position information"
     raise ConfigError(f"config.json: MPT with attn_config.alibi and .rope both false uses {what}, "
                       f"which kiln does not support; only ALiBi or RoPE MPT models convert")
@@ -251,13 +253,16 @@ def _positions(hf: dict[str, Any], attn: dict[str, Any], heads: int, arch: str) 
 
 def _refuse_unsupported(hf: dict[str, Any], attn: dict[str, Any], ffn: dict[str, Any]) -> None:
     """Raise ConfigError for MPT/llm-foundry options the canonical decoder cannot express."""
+    def flag(key: str, default: bool = False) -> bool:
+        return hf_flag(attn, key, default, section="attn_config.")
+
     checks = [
-        (attn.get("alibi", False) and attn.get("rope", False), "attn_config.alibi with .rope"),
-        (attn.get("prefix_lm", False), "attn_config.prefix_lm (bidirectional prefix)"),
-        (attn.get("attn_uses_sequence_id", False), "attn_config.attn_uses_sequence_id"),
-        (attn.get("qk_gn", False), "attn_config.qk_gn (per-head q/k norm)"),
-        (attn.get("nope", False), "attn_config.nope"),
-        (not attn.get("fused_qkv", True), "attn_config.fused_qkv false (separate Wq/Wk/Wv)"),
+        (flag("alibi") and flag("rope"), "attn_config.alibi with .rope"),
+        (flag("prefix_lm"), "attn_config.prefix_lm (bidirectional prefix)"),
+        (flag("attn_uses_sequence_id"), "attn_config.attn_uses_sequence_id"),
+        (flag("qk_gn"), "attn_config.qk_gn (per-head q/k norm)"),
+        (flag("nope"), "attn_config.nope"),
+        (not flag("fused_qkv", True), "attn_config.fused_qkv false (separate Wq/Wk/Wv)"),
         (attn.get("sliding_window_size", -1) not in (-1, None), "attn_config.sliding_window_size"),
         (attn.get("attn_logit_softcapping") is not None, "attn_config.attn_logit_softcapping"),
         (attn.get("reuse_kv_layer_idx") is not None, "attn_config.reuse_kv_layer_idx"),

@@ -466,6 +466,7 @@ def test_a_tied_config_with_a_stored_head_converts_as_transformers_loads_it(tmp_
 @pytest.mark.parametrize("key,value,what", [
     ("num_attention_heads", "4", "an integer"), ("hidden_size", 64.0, "an integer"),
     ("num_hidden_layers", True, "an integer"), ("rms_norm_eps", "1e-5", "a number"),
+    ("tie_word_embeddings", "false", "true or false"), ("attention_bias", [0], "true or false"),
 ])
 def test_a_config_value_of_the_wrong_type_is_one_line(src, tmp_path, key, value, what):
     """A string "4" for num_attention_heads had been a TypeError traceback, exit 1."""

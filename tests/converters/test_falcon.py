@@ -186,6 +186,30 @@ def test_unsupported_configs_are_refused(change, match):
         FalconConverter.config_from_hf({**FALCON_7B_RW, **change})
 
 
+@pytest.mark.parametrize("key, value", [
+    ("alibi", "false"), ("multi_query", "true"), ("parallel_attn", [1]), ("bias", 2),
+    ("new_decoder_architecture", "yes"), ("tie_word_embeddings", "false"),
+    ("apply_residual_connection_post_layernorm", "false"),
+])
+def test_a_flag_that_is_not_true_or_false_is_refused(key, value):
+    """"alibi": "false" is true to Python (HF's Falcon runs ALiBi for it): it had converted
+    as ALiBi."""
+    with pytest.raises(ConfigError) as e:
+        FalconConverter.config_from_hf({**FALCON_7B_RW, key: value})
+    assert str(e.value) == \
+        f"config.json: {key} must be true or false, found {value!r}; fix it in config.json"
+
+
+def test_flags_of_0_1_and_null_read_as_hf_reads_them():
+    assert FalconConverter.config_from_hf({**FALCON_RW_1B, "alibi": 1, "bias": 1}) == \
+        FalconConverter.config_from_hf(FALCON_RW_1B)
+    assert FalconConverter.config_from_hf({**FALCON_7B_RW, "alibi": 0, "parallel_attn": 1}) == \
+        FalconConverter.config_from_hf(FALCON_7B_RW)
+    # null is None to HF's code, so false: not multi-query
+    config = FalconConverter.config_from_hf({**FALCON_7B_RW, "multi_query": None})
+    assert (config.num_kv_heads, config.num_heads) == (71, 71)
+
+
 # RW (remote code) spelling end to end -------------------------------------------------------
 
 def _rw_config(hf: dict, model_type: str) -> dict:

@@ -113,6 +113,29 @@ def test_unsupported_configs_are_refused(change, match):
         MptConverter.config_from_hf(hf)
 
 
+@pytest.mark.parametrize("change, key, value", [
+    ({"no_bias": "false"}, "no_bias", "false"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings", "false"),
+    ({"attn_config": {"alibi": "false"}}, "attn_config.alibi", "false"),
+    ({"attn_config": {"qk_ln": [True]}}, "attn_config.qk_ln", [True]),
+    ({"attn_config": {"prefix_lm": "no"}}, "attn_config.prefix_lm", "no"),
+])
+def test_a_flag_that_is_not_true_or_false_is_refused(change, key, value):
+    """A string "false" is true to Python: no_bias "false" had converted without biases."""
+    hf = {**MPT_7B, **change, "attn_config": {**MPT_7B["attn_config"],
+                                              **change.get("attn_config", {})}}
+    with pytest.raises(ConfigError) as e:
+        MptConverter.config_from_hf(hf)
+    assert str(e.value) == \
+        f"config.json: {key} must be true or false, found {value!r}; fix it in config.json"
+
+
+def test_flags_of_0_1_and_null_read_as_hf_reads_them():
+    ones = {**MPT_7B, "no_bias": 1, "attn_config": {**MPT_7B["attn_config"], "alibi": 1,
+                                                     "qk_ln": 0, "prefix_lm": None}}
+    assert MptConverter.config_from_hf(ones) == MptConverter.config_from_hf(MPT_7B)
+
+
 # MosaicML (llm-foundry) checkpoints that HF's MptForCausalLM cannot run ----------------------
 
 BASE = {"architectures": ["MPTForCausalLM"], "model_type": "mpt", "vocab_size": 128,
