@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from kiln.errors import ConfigError
+from kiln.errors import ConfigError, SettingRangeError
 
 
 class NormType(str, Enum):
@@ -274,7 +274,7 @@ def tp_sizes(config: DecoderConfig) -> tuple[int, ...]:
 
 def _require(ok: bool, name: str, message: str) -> None:
     if not ok:
-        raise ConfigError(f"{name} {message}")
+        raise SettingRangeError(f"{name} {message}")
 
 
 def _enum(enum: type[Enum], value: Any, name: str) -> Enum:

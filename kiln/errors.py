@@ -27,6 +27,11 @@ class ConfigError(KilnError, ValueError):
     """A model or build configuration is invalid or unsupported."""
 
 
+class SettingRangeError(ConfigError):
+    """A setting of kiln's model config (``DecoderConfig``) out of its range, named as kiln
+    names it (conversion says which config.json it came from)."""
+
+
 class UnsupportedArchitectureError(ConfigError):
     """The checkpoint's architecture has no registered converter."""
 

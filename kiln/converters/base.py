@@ -17,6 +17,7 @@ reading data, and streams the tensors out.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -151,8 +152,8 @@ def _load_builtin() -> None:
 _MISSING = object()
 
 
-# settings read through hf_get that must be integers, or numbers (a string "4" had made a
-# traceback out of the arithmetic on it)
+# settings read through hf_get that must be positive integers, or positive numbers (a string "4"
+# had made a traceback out of the arithmetic on it, 0 heads a ZeroDivisionError)
 _INTEGERS = {"vocab_size", "hidden_size", "d_model", "n_embed", "num_attention_heads", "n_heads",
              "n_head", "num_key_value_heads", "num_kv_heads", "n_head_kv", "kv_n_heads",
              "num_hidden_layers", "n_layers", "n_layer", "intermediate_size", "ffn_hidden_size",
@@ -164,8 +165,8 @@ def hf_get(hf: dict[str, Any], *keys: str | Sequence[str], default: Any = _MISSI
     """First present, non-null value among alias keys; a key may be a path ``("a", "b")``.
 
     Resolves transformers v4/v5 and remote-code spellings of one setting in one place. A size
-    that is not an integer (or an epsilon, theta or ratio that is not a number) is a
-    ConfigError naming the key.
+    that is not a positive integer (or an epsilon, theta or ratio that is not a positive,
+    finite number) is a ConfigError naming the key.
     """
     for key in keys:
         value: Any = hf
@@ -183,9 +184,9 @@ def hf_get(hf: dict[str, Any], *keys: str | Sequence[str], default: Any = _MISSI
 def _check_type(key: str, value: Any) -> None:
     name = key.rpartition(".")[2]
     if name in _INTEGERS:
-        ok, what = isinstance(value, int), "an integer"
+        ok, what = isinstance(value, int) and value > 0, "a positive integer"
     elif name in _NUMBERS:
-        ok, what = isinstance(value, (int, float)), "a number"
+        ok, what = isinstance(value, (int, float)) and 0 < value < math.inf, "a positive number"
     else:
         return
     if not ok or isinstance(value, bool):

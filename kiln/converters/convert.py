@@ -54,7 +54,13 @@ from kiln.converters.base import (
 from kiln.converters.options import ConvertOptions
 from kiln.converters.quantized import FP8, ImportedQuant, import_quantization
 from kiln.converters.source import Source, SourceTensor, open_source
-from kiln.errors import CheckpointError, ConfigError, KilnError, TensorMappingError
+from kiln.errors import (
+    CheckpointError,
+    ConfigError,
+    KilnError,
+    SettingRangeError,
+    TensorMappingError,
+)
 from kiln.hashing import sha256_file, stops_when
 from kiln.output_dirs import CHECKPOINT_KIND, atomic_dir, check_output, copy_tokenizer
 from kiln.progress import progress_bar
@@ -195,9 +201,12 @@ def plan_conversion(model_dir: str, *, dtype: str = "auto", tp_size: int = 1, pp
         converter = converter_for(source.hf_config, str(where))
         decoder = converter.config_from_source(
             source.hf_config, {n: tuple(t.shape) for n, t in source.tensors.items()})
+    except SettingRangeError as e:  # a converted value out of range (num_kv_heads 3 of 4)
+        raise ConfigError(f"{where}: {e} (kiln's names for the settings); fix it in "
+                          f"config.json") from e
     except KilnError:
         raise
-    except (TypeError, ValueError, AttributeError, KeyError) as e:
+    except (TypeError, ValueError, AttributeError, KeyError, ArithmeticError) as e:
         # a setting of a type or range the converter did not check (a string for a nested
         # dict, -1 heads): one line, not a traceback
         raise ConfigError(f"{where}: a setting has a value of the wrong type or range "

@@ -464,12 +464,16 @@ def test_a_tied_config_with_a_stored_head_converts_as_transformers_loads_it(tmp_
 
 
 @pytest.mark.parametrize("key,value,what", [
-    ("num_attention_heads", "4", "an integer"), ("hidden_size", 64.0, "an integer"),
-    ("num_hidden_layers", True, "an integer"), ("rms_norm_eps", "1e-5", "a number"),
+    ("num_attention_heads", "4", "a positive integer"),
+    ("hidden_size", 64.0, "a positive integer"), ("num_hidden_layers", True, "a positive integer"),
+    ("rms_norm_eps", "1e-5", "a positive number"), ("num_attention_heads", 0, "a positive integer"),
+    ("num_hidden_layers", -1, "a positive integer"), ("rms_norm_eps", -1e-5, "a positive number"),
+    ("rms_norm_eps", float("inf"), "a positive number"),
     ("tie_word_embeddings", "false", "true or false"), ("attention_bias", [0], "true or false"),
 ])
 def test_a_config_value_of_the_wrong_type_is_one_line(src, tmp_path, key, value, what):
-    """A string "4" for num_attention_heads had been a TypeError traceback, exit 1."""
+    """A string "4" for num_attention_heads had been a TypeError traceback, exit 1, and 0 heads
+    a ZeroDivisionError; -1 layers had named kiln's key (num_layers), not config.json's."""
     from click.testing import CliRunner
 
     from kiln.cli.main import main
@@ -515,3 +519,21 @@ def test_a_nested_setting_of_the_wrong_type_is_one_line(src, tmp_path, key, valu
     assert line.startswith(f"error: {src / 'config.json'}: ") or \
         line.startswith("error: config.json: "), line
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_a_converted_setting_out_of_range_names_config_json(src, tmp_path):
+    """A range that only kiln's config checks (KV heads that do not divide the heads) had been
+    one line without the file it came from."""
+    from click.testing import CliRunner
+
+    from kiln.cli.main import main
+
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 3}))
+    result = CliRunner().invoke(main, ["convert_checkpoint", "--model_dir", str(src),
+                                       "--output_dir", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == (
+        f"error: {src / 'config.json'}: num_kv_heads must divide num_heads "
+        f"({config['num_attention_heads']}), found 3 (kiln's names for the settings); fix it "
+        f"in config.json")
