@@ -15,6 +15,8 @@ import dataclasses
 import importlib
 import logging
 import os
+import select
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -39,6 +41,17 @@ def _traceback_if_debug(ctx: click.Context) -> None:
 
 # kiln's own options (before the command); given after it, the error says where they go
 GLOBAL_OPTIONS = ("-v", "--verbose", "-vv", "-q", "--quiet", "--debug")
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll reports an error on it); a
+    broken pipe elsewhere (a worker's) stays an error."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a test's capture)
+        return False
 
 
 class KilnGroup(click.Group):
@@ -68,6 +81,10 @@ class KilnGroup(click.Group):
             click.echo(f"error: {e.format_message()} ({hint})", err=True)
             ctx.exit(2)
         except OSError as e:  # the machine refused: disk full, permissions, a read-only mount
+            if isinstance(e, BrokenPipeError) and _stdout_reader_gone():
+                # `kiln run ... | head`: stop quietly, as a tool killed by SIGPIPE does
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                ctx.exit(128 + signal.SIGPIPE)
             _traceback_if_debug(ctx)
             where = f"{e.filename}: " if e.filename else ""
             click.echo(f"error: {where}{e.strerror or e}; nothing was left half-written",

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import click
@@ -47,6 +49,33 @@ def test_run_prints_text_on_stdout_and_stats_on_stderr(engine):
     stats = r.stderr.strip()
     assert stats.startswith("TTFT ") and "time per output token" in stats
     assert "6 tokens, 1 request, finish: length" in stats
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_a_reader_that_closes_the_pipe_ends_the_run_quietly(engine, streaming):
+    """`kiln run ... | head -c 30`: the reader's end closed had been "error: Broken pipe",
+    exit 2; now nothing is said and the exit is SIGPIPE's 141, as for other tools."""
+    command = [sys.executable, "-m", "kiln.cli.main", "run", "--engine_dir", str(engine),
+               "--input_text", "Hi", "--max_output_len", "40", "--ignore_eos"] \
+        + ["--streaming"] * streaming
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # before the engine has loaded: every write finds it closed
+    _, err = process.communicate(timeout=120)
+    assert (process.returncode, err.decode()) == (141, "")
+
+
+def test_a_broken_pipe_that_is_not_stdout_stays_an_error():
+    @click.command("broken_pipe_elsewhere")
+    def broken() -> None:
+        raise BrokenPipeError(32, "Broken pipe")  # a worker's pipe, say
+
+    main.add_command(broken)
+    try:
+        r = CliRunner().invoke(main, ["broken_pipe_elsewhere"])
+    finally:
+        main.commands.pop("broken_pipe_elsewhere")
+    assert (r.exit_code, r.output.strip()) == (2, "error: Broken pipe; nothing was left "
+                                                   "half-written")
 
 
 def test_quiet_drops_the_stats_line(engine):
