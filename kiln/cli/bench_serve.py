@@ -57,20 +57,21 @@ def _is_serve_report(path: Path) -> bool:
               help="Unmeasured rounds first, each as many requests as run at once.")
 @click.option("--seed", default=0, show_default=True, help="Seed of prompts and arrivals.")
 @click.option("--json_output", type=PathArg(dir_okay=False, path_type=Path), default=None,
-              help="Write the report as JSON here (-: standard output) [default: print it "
-                   "after the table].")
+              help="Write the report as JSON here (-: standard output, the table then on "
+                   "stderr) [default: print it after the table].")
 @click.pass_obj
 def bench_serve(obj: CliContext, url: str, model: str | None, api_key: str | None,
                 warmup: int, json_output: Path | None, **workload: object) -> None:
     """Benchmark a running OpenAI-compatible server (in the manner of vllm bench serve)."""
     bench = _client()
-    if json_output is not None and str(json_output) == "-":
-        json_output = None  # standard output, where the report goes by default
+    json_only = json_output is not None and str(json_output) == "-"
+    if json_only:  # standard output holds the JSON alone; the table goes to stderr
+        json_output = None
     if json_output is not None:
         _check_json_output(json_output, None, _is_serve_report, "kiln bench_serve report")
     spec = bench.ServeWorkload(**workload)
     report = bench.run_serve_benchmark(url, spec, model, api_key, warmup)
-    click.echo(report.table())
+    click.echo(report.table(), err=json_only)
     if json_output is not None:
         write_report(json_output, report.to_json())
         if obj.verbosity >= 0:

@@ -47,6 +47,16 @@ def test_report_per_rate_with_sane_figures(server, tmp_path):
     assert json.loads(out.read_text())["rates"][0]["output_tokens"] == 2
 
 
+def test_json_output_dash_gives_the_json_alone_on_stdout(server):
+    """As kiln bench and kiln eval: the table had been printed on stdout before the JSON."""
+    result = _bench("--serve", server.url, "--api_key", API_KEY, "--num_requests", "1",
+                    "--input_len", "4", "--output_len", "2", "--warmup", "0",
+                    "--json_output", "-")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["rates"][0]["output_tokens"] == 2
+    assert "rate inf (all at once)" in result.stderr
+
+
 def _one_line_error(result, *fragments: str) -> None:
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
