@@ -23,7 +23,7 @@ from kiln.cli.context import CliContext, PathArg
 from kiln.cli.engine_source import CACHE_DIR_HELP, engine_from_options, model_options
 
 _DURATION = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*(s|sec|m|min|h|d|w)\s*", re.IGNORECASE)
-_SECONDS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_SECONDS = {"s": 1, "sec": 1, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 DURATION_RULE = ("a number with its unit: s, min, h, d or w (7d, 12h, 30min, 0s); a bare number "
                  "is refused, 0 included (7 days or 7 seconds? --max_size's bare number is "
                  "bytes, its smallest unit, which deletes less, not more)")
@@ -41,7 +41,11 @@ class Duration(click.ParamType):
         if match is None:
             self.fail(f"{value!r} is not a duration: give a number with its unit, s, min, h, d "
                       f"or w (7d, 12h, 30min, 90s)", param, ctx)
-        return float(match.group(1)) * _SECONDS[match.group(2).lower()]
+        number, unit = match.group(1), match.group(2).lower()
+        if unit == "m":  # minutes or months: a mistake either way removes far too much
+            self.fail(f"{value!r} is ambiguous (minutes or months?): write {number}min, or "
+                      f"{number}d, {number}w for longer", param, ctx)
+        return float(number) * _SECONDS[unit]
 
 
 def _cache_dir_option(func):

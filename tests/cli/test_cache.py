@@ -133,6 +133,9 @@ def test_a_cache_dir_that_is_a_file_is_one_line_exit_2(command, tmp_path, monkey
     (["cache", "prune", "--older_than", "7"], "'7' is not a duration: give a number with its "
                                               "unit"),
     (["cache", "prune", "--older_than", "0"], "'0' is not a duration"),
+    (["cache", "prune", "--older_than", "1m"], "'1m' is ambiguous (minutes or months?): write "
+                                               "1min"),
+    (["cache", "prune", "--older_than", "3M"], "'3M' is ambiguous"),
     (["cache", "prune", "--max_size", "lots"], "'lots' is not a size like 20GB"),
     (["cache", "build"], "Missing option '--model_dir'"),
     (["cache", "build", "--model_dir", "x", "--backend", "nope"], "'nope' is not one of"),
