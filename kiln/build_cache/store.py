@@ -13,6 +13,7 @@ Layout (``<root>``: :func:`cache_root`; the cache owns ``<root>/engines`` and no
         .kiln-build-cache-tmp  written first into both: the cache made this dir (the name is no
                                proof: a user may have made a dir of that name)
       .content-hashes.json     source file hashes (kiln/build_cache/hashes.py)
+      .content-hashes.lock     their lock
 
 Contract:
 - An entry appears by one rename of a temporary dir whose ``entry.json`` was written last, so
@@ -465,15 +466,18 @@ class EngineCache:
     @contextlib.contextmanager
     def hold(self, engine_dir: str | Path) -> Iterator[Path]:
         """Keep prune away from the entry of ``engine_dir`` while the body uses the engine (a
-        shared lock; a dir outside the cache passes through)."""
+        shared lock; a dir outside the cache passes through), and record the use (the LRU
+        order: an engine run by its path had kept the age of its last build)."""
         name = self.entry_of(engine_dir)
         if name is None:
             yield Path(engine_dir)
             return
         with self.locked(name, write=False):
-            if self.read(name) is None:
+            entry = self.read(name)
+            if entry is None:
                 raise BuildCacheError(f"{engine_dir}: the cached engine was removed (kiln cache "
                                       f"prune) before it was used; ask for it again to rebuild")
+            self.touch(entry)
             yield Path(engine_dir)
 
 

@@ -101,7 +101,8 @@ def test_max_size_evicts_least_recently_used_first(cache):
 def test_an_entry_in_use_is_kept_and_the_next_one_goes(cache):
     oldest, older, new = (fake_entry(cache, s, a, size=10_000) for s, a in
                           (("oldest", 5), ("older", 3), ("new", 0)))
-    with cache.hold(oldest.engine_dir):
+    # held as hold() holds it, less the use it records (which would make it the newest)
+    with cache.locked(oldest.name, write=False):
         result = cache.prune(max_size=2 * new.size() + 10)
         assert [e.name for e in result.in_use] == [oldest.name]
         assert [e.name for e in result.removed] == [older.name]
@@ -264,6 +265,16 @@ def test_lock_files_of_removed_entries_go(cache):
     assert (cache.dir / f"{entry.name}.lock").exists()
     cache.prune(everything=True)
     assert not (cache.dir / f"{entry.name}.lock").exists()
+
+
+def test_holding_an_engine_counts_as_a_use(cache):
+    """`kiln run --engine_dir <an engine in the cache>` had held the entry without recording
+    the use, so LRU pruning took it for unused since its build."""
+    used, other = fake_entry(cache, "used", 10), fake_entry(cache, "other", 5)
+    with cache.hold(used.engine_dir):
+        pass
+    assert cache.read(used.name).last_used > time.time() - 60
+    assert names(cache.prune(older_than=DAY).removed) == ["other"]
 
 
 def test_hold_refuses_a_removed_entry_and_passes_other_dirs(cache, tmp_path):
