@@ -323,6 +323,11 @@ def _evict(cache: EngineCache, max_size: int, keep: Entry) -> None:
                     "cache under %.2f GB", len(result.removed), result.freed / 1e9, max_size / 1e9)
     for _, why in result.refused:
         log.warning("not evicted: %s", why)
+    total = sum(e.size() for e in cache.entries())
+    if total > max_size:  # what is left is in use, holds a user's file, or was just built
+        log.warning("the build cache holds %.2f GB, over its limit of %.2f GB: the engine just "
+                    "built and %d in use are kept; kiln cache prune --max_size frees the rest "
+                    "once they are done", total / 1e9, max_size / 1e9, len(result.in_use))
 
 
 def _age(seconds: float) -> str:

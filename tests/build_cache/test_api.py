@@ -140,7 +140,8 @@ def test_something_else_in_the_way_of_an_entry_is_refused(tiny_hf, cache_dir):
     assert (in_the_way / "mine.txt").read_text() == "user data"
 
 
-def test_max_cache_size_evicts_least_recently_used_after_a_build(tiny_hf, cache_dir, builds):
+def test_max_cache_size_evicts_least_recently_used_after_a_build(tiny_hf, cache_dir, builds,
+                                                                caplog):
     first = engine_for_model(tiny_hf, max_batch_size=1)
     second = engine_for_model(tiny_hf, max_batch_size=2)
     engine_for_model(tiny_hf, max_batch_size=1)  # a use: second is now the least recent
@@ -149,9 +150,12 @@ def test_max_cache_size_evicts_least_recently_used_after_a_build(tiny_hf, cache_
         third = engine_for_model(tiny_hf, max_batch_size=3, max_cache_size=2 * size + 1000)
     left = {e.engine_dir for e in EngineCache(cache_dir).entries()}
     assert left == {first, third} and not second.exists()
+    assert "over its limit" not in caplog.text
     with hold_engine(first):  # in use: not evicted, though the limit asks for it
         engine_for_model(tiny_hf, max_batch_size=4, max_cache_size=1)
     assert {e.engine_dir for e in EngineCache(cache_dir).entries()} >= {first}
+    # the cache left over its limit is said (it had been silent)
+    assert "over its limit of 0.00 GB: the engine just built and 1 in use are kept" in caplog.text
     assert len(builds) == 4
 
 
