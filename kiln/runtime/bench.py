@@ -32,7 +32,7 @@ from typing import Any
 
 from kiln.runtime.core import EngineCore
 from kiln.runtime.errors import RequestError
-from kiln.runtime.host_memory import size_text
+from kiln.runtime.host_memory import need_and_available
 from kiln.runtime.params import SamplingParams
 from kiln.runtime.results import RequestTimings
 from kiln.runtime.stats import Stats
@@ -74,8 +74,8 @@ class Workload:
         need = self.host_bytes()
         if available is None or need <= available:
             return None
-        return (f"would hold ~{size_text(need)} of host memory, and {size_text(available)} is "
-                f"available")
+        need_text, have = need_and_available(need, available)
+        return f"would hold ~{need_text} of host memory, and {have} is available"
 
 
 @dataclass(frozen=True)

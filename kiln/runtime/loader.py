@@ -40,7 +40,7 @@ from kiln.engine import EngineError, EngineManifest, check_files, read_manifest,
 from kiln.errors import a_or_an
 from kiln.runtime.compat import MachineInfo, describe_machine
 from kiln.runtime.executor import Executor
-from kiln.runtime.host_memory import available_memory, size_text
+from kiln.runtime.host_memory import available_memory, need_and_available, size_text
 from kiln.runtime.launch import check_launch
 from kiln.runtime.options import ExecutorOptions
 
@@ -137,9 +137,10 @@ def check_replica_memory(manifest: EngineManifest, dp: int) -> None:
     fit = available // each
     fix = f"run with --dp {fit} or fewer" if fit > 1 else \
         "run without --dp, or rebuild with a smaller --max_batch_size or --max_seq_len"
+    need, have = need_and_available(dp * each, available)
     raise EngineError(f"--dp {dp}: {dp} CPU replicas of this engine need up to "
-                      f"{size_text(dp * each)} of host memory ({size_text(each)} each, its "
-                      f"files and a full KV cache), and {size_text(available)} is available; "
+                      f"{need} of host memory ({size_text(each)} each, its "
+                      f"files and a full KV cache), and {have} is available; "
                       f"{fix}")
 
 

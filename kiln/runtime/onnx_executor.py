@@ -40,7 +40,7 @@ import torch
 from kiln.engine import EngineError, EngineManifest
 from kiln.runtime.compat import MachineInfo, check_onnx
 from kiln.runtime.executor import Executor, SequenceChunk, StepLogits
-from kiln.runtime.host_memory import available_memory, size_text
+from kiln.runtime.host_memory import available_memory, need_and_available
 from kiln.runtime.loader import ExecutorOptions
 from kiln.runtime.rows import Run, SlotRows
 
@@ -153,11 +153,10 @@ def _check_cache_memory(manifest: EngineManifest, cache_bytes: int, device: str)
     available = available_memory() if device == "cpu" else None
     if available is None or cache_bytes <= available:
         return
-    limits = manifest.limits
+    limits, (need, have) = manifest.limits, need_and_available(cache_bytes, available)
     raise EngineError(f"this onnx engine's limits (max_seq_len {limits.max_seq_len}, "
                       f"max_batch_size {limits.max_batch_size}) need a KV cache of "
-                      f"{size_text(cache_bytes)} of host memory, and "
-                      f"{size_text(available)} is available; rebuild with a smaller "
+                      f"{need} of host memory, and {have} is available; rebuild with a smaller "
                       f"--max_seq_len or --max_batch_size")
 
 

@@ -27,7 +27,7 @@ import torch
 from kiln.engine import EngineError, EngineManifest
 from kiln.engine.torch_files import check_packed, read_packed
 from kiln.runtime.compat import MachineInfo, sm
-from kiln.runtime.host_memory import available_memory, size_text
+from kiln.runtime.host_memory import available_memory, need_and_available, size_text
 from kiln.runtime.launch import torchrun_env
 from kiln.runtime.loader import ExecutorOptions, warn_once
 from kiln.runtime.torch_backend.executor import (
@@ -188,13 +188,14 @@ def check_host_memory(manifest: EngineManifest, device: torch.device,
     need, available = host_bytes(manifest, device, options), available_memory()
     if available is None or sum(need.values()) <= available:
         return
+    total, have = need_and_available(sum(need.values()), available)
     parts = ", ".join(f"{what} {size_text(n)}" for what, n in need.items())
     limits, here = manifest.limits, ranks_here(manifest)
     ranks = f" ({here} ranks together)" if here > 1 else ""
     raise EngineError(f"this torch engine's limits (max_seq_len {limits.max_seq_len}, "
-                      f"max_batch_size {limits.max_batch_size}) need {parts} of host memory"
-                      f"{ranks}, "
-                      f"and {size_text(available)} is available; rebuild with a smaller "
+                      f"max_batch_size {limits.max_batch_size}) need {total} of host memory "
+                      f"({parts}){ranks}, "
+                      f"and {have} is available; rebuild with a smaller "
                       f"--max_seq_len or --max_batch_size")
 
 

@@ -217,9 +217,9 @@ def test_limits_beyond_host_memory_refused_before_allocating(quantized, tmp_path
           **LIMITS)
     monkeypatch.setattr("kiln.runtime.torch_executor.available_memory", lambda: 1000)
     with pytest.raises(EngineError, match=r"this torch engine's limits \(max_seq_len 32, "
-                                          r"max_batch_size 4\) need rotary tables 6 KiB, KV "
-                                          r"cache 40 KiB of host memory, and 1 KiB is "
-                                          r"available; rebuild with a smaller --max_seq_len"):
+                                          r"max_batch_size 4\) need 46 KiB of host memory "
+                                          r"\(rotary tables 6 KiB, KV cache 40 KiB\), and 1 KiB "
+                                          r"is available; rebuild with a smaller --max_seq_len"):
         open_engine(tmp_path / "e", ExecutorOptions(device="cpu"))
     monkeypatch.setattr("kiln.runtime.torch_executor.available_memory", lambda: None)
     open_engine(tmp_path / "e", ExecutorOptions(device="cpu"))  # unknown: no check
