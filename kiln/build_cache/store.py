@@ -456,9 +456,12 @@ class EngineCache:
     # -- holding an engine ----------------------------------------------------------------
 
     def entry_of(self, engine_dir: str | Path) -> str | None:
-        """The entry name owning ``engine_dir``, if it is one of this cache's engine dirs."""
-        path = Path(engine_dir).expanduser().absolute()
-        if path.name == ENGINE_DIR and path.parent.parent == self.dir.absolute() and \
+        """The entry name owning ``engine_dir``, if it is one of this cache's engine dirs, however
+        the path is spelled (``..``, a symbolic link to it or to the cache: a trial's run by
+        ``../cache/engines/<entry>/engine`` was neither held nor counted as a use, and a prune
+        deleted the engine under it)."""
+        path = Path(engine_dir).expanduser().resolve()
+        if path.name == ENGINE_DIR and path.parent.parent == self.dir.resolve() and \
                 NAME.fullmatch(path.parent.name):
             return path.parent.name
         return None

@@ -277,6 +277,24 @@ def test_holding_an_engine_counts_as_a_use(cache):
     assert names(cache.prune(older_than=DAY).removed) == ["other"]
 
 
+@pytest.mark.parametrize("spelling", ["dotdot", "link to the engine", "link to the cache"])
+def test_an_engine_held_by_any_spelling_of_its_path_is_kept_and_used(cache, tmp_path, spelling):
+    """A trial ran `kiln run --engine_dir ../cache/engines/<entry>/engine`: the entry was not
+    held, and `kiln cache prune --all` deleted the engine while it ran."""
+    entry = fake_entry(cache, "a", 10)
+    if spelling == "dotdot":
+        path = entry.engine_dir.parent / ".." / entry.name / "engine"
+    elif spelling == "link to the engine":
+        path = tmp_path / "my-engine"
+        path.symlink_to(entry.engine_dir)
+    else:
+        (tmp_path / "cache-link").symlink_to(cache.dir)
+        path = tmp_path / "cache-link" / entry.name / "engine"
+    with cache.hold(path):
+        assert names(cache.prune(everything=True).in_use) == ["a"]
+    assert cache.read(entry.name).last_used > time.time() - 60
+
+
 def test_hold_refuses_a_removed_entry_and_passes_other_dirs(cache, tmp_path):
     entry = fake_entry(cache, "a")
     cache.prune(everything=True)
