@@ -121,7 +121,11 @@ def architecture_name(hf: dict[str, Any], where: str = "config.json") -> str:
     back to its ``model_type``, as transformers' ``AutoModelForCausalLM`` does.
     """
     _load_builtin()
-    names = list(hf.get("architectures") or [])
+    names = hf.get("architectures") or []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        example = names if isinstance(names, str) else "LlamaForCausalLM"
+        raise ConfigError(f"{where}: architectures must be a list of class names, found "
+                          f"{names!r}; write it as [\"{example}\"]")
     for name in names:
         if name in _REGISTRY:
             return name
@@ -157,24 +161,39 @@ _MISSING = object()
 _INTEGERS = {"vocab_size", "hidden_size", "d_model", "n_embed", "num_attention_heads", "n_heads",
              "n_head", "num_key_value_heads", "num_kv_heads", "n_head_kv", "kv_n_heads",
              "num_hidden_layers", "n_layers", "n_layer", "intermediate_size", "ffn_hidden_size",
-             "max_position_embeddings", "max_seq_len", "head_dim"}
-_NUMBERS = {"rms_norm_eps", "layer_norm_epsilon", "norm_eps", "rope_theta", "expansion_ratio"}
+             "max_position_embeddings", "max_seq_len", "head_dim", "sliding_window",
+             "original_max_position_embeddings"}
+_NUMBERS = {"rms_norm_eps", "layer_norm_epsilon", "norm_eps", "rope_theta", "expansion_ratio",
+            "factor", "low_freq_factor", "high_freq_factor", "softmax_scale", "clip_qkv",
+            "alibi_bias_max"}
+# ... of which these may not be null: HF's config classes refuse it, or its code fails on None
+_NOT_NULL = {"rms_norm_eps", "layer_norm_epsilon", "norm_eps", "rope_theta"}
 
 
 def hf_get(hf: dict[str, Any], *keys: str | Sequence[str], default: Any = _MISSING) -> Any:
     """First present, non-null value among alias keys; a key may be a path ``("a", "b")``.
 
     Resolves transformers v4/v5 and remote-code spellings of one setting in one place. A size
-    that is not a positive integer (or an epsilon, theta or ratio that is not a positive,
-    finite number) is a ConfigError naming the key.
+    that is not a positive integer (or an epsilon, theta, factor, scale or ratio that is not a
+    positive, finite number) is a ConfigError naming the key, and so is an epsilon or theta
+    given as null (HF refuses it; absent, the default applies).
     """
+    null = None  # the first key present as null, of a setting that may not be
     for key in keys:
         value: Any = hf
+        present = True
         for part in (key,) if isinstance(key, str) else key:
+            present = isinstance(value, dict) and part in value
             value = value.get(part) if isinstance(value, dict) else None
+        spelled = key if isinstance(key, str) else ".".join(key)
         if value is not None:
-            _check_type(key if isinstance(key, str) else ".".join(key), value)
+            _check_type(spelled, value)
             return value
+        if present and null is None and spelled.rpartition(".")[2] in _NOT_NULL:
+            null = spelled
+    if null is not None:
+        raise ConfigError(f"config.json: {null} must be a positive number, found null; fix it "
+                          f"in config.json (or remove it for the default)")
     if default is _MISSING:
         spelled = " / ".join(k if isinstance(k, str) else ".".join(k) for k in keys)
         raise ConfigError(f"config.json: missing {spelled}; is this a complete HF config?")
@@ -230,13 +249,16 @@ def rope_from_hf(hf: dict[str, Any], default_theta: float = 10000.0) -> tuple[fl
     if kind not in _ROPE_TYPES:
         raise ConfigError(f"config.json: rope scaling type {kind!r} is not supported; kiln "
                           f"supports default, {', '.join(_ROPE_TYPES)}")
-    original = merged.get("original_max_position_embeddings")
+    def get(key: str, default: Any = _MISSING) -> Any:  # rope_scaling's over rope_parameters'
+        return hf_get(hf, ("rope_scaling", key), ("rope_parameters", key), default=default)
+
+    original = get("original_max_position_embeddings", None)
     if original is None and kind != "linear":
-        original = hf.get("max_position_embeddings")
-    return theta, RopeScaling(type=_ROPE_TYPES[kind], factor=float(merged["factor"]),
+        original = hf_get(hf, "max_position_embeddings", default=None)
+    return theta, RopeScaling(type=_ROPE_TYPES[kind], factor=float(get("factor")),
                               original_max_position_embeddings=original,
-                              low_freq_factor=merged.get("low_freq_factor"),
-                              high_freq_factor=merged.get("high_freq_factor"))
+                              low_freq_factor=get("low_freq_factor", None),
+                              high_freq_factor=get("high_freq_factor", None))
 
 
 def unknown_keys(hf: dict[str, Any], known: set[str]) -> dict[str, Any]:

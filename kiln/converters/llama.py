@@ -47,7 +47,8 @@ class LlamaConverter(Converter):
         hidden = hf_get(hf, "hidden_size")
         heads = hf_get(hf, "num_attention_heads")
         theta, scaling = rope_from_hf(hf)
-        window = hf.get("sliding_window") if hf_flag(hf, "use_sliding_window", True) else None
+        window = hf_get(hf, "sliding_window", default=None) \
+            if hf_flag(hf, "use_sliding_window", True) else None
         bias = hf_flag(hf, "attention_bias", False)
         return DecoderConfig(
             architecture=architecture_name(hf),

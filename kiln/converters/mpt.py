@@ -109,6 +109,9 @@ class MptConverter(Converter):
         heads = hf_get(hf, "n_heads", "num_attention_heads")
         if hidden % heads:
             raise ConfigError(f"config.json: d_model {hidden} is not a multiple of n_heads {heads}")
+        for key in ("softmax_scale", "alibi_bias_max", "rope_theta") + \
+                (("clip_qkv",) if attn.get("clip_qkv") else ()):  # 0: off (`if clip_qkv:`)
+            hf_get(hf, ("attn_config", key), default=None)  # a positive number, or refused
         bias = not hf_flag(hf, "no_bias", True)
         qk_norm = hf_flag(attn, "qk_ln", False, section="attn_config.")
         if arch == "MptForCausalLM":  # HF's port: what it runs, whatever the config says

@@ -469,6 +469,7 @@ def test_a_tied_config_with_a_stored_head_converts_as_transformers_loads_it(tmp_
     ("rms_norm_eps", "1e-5", "a positive number"), ("num_attention_heads", 0, "a positive integer"),
     ("num_hidden_layers", -1, "a positive integer"), ("rms_norm_eps", -1e-5, "a positive number"),
     ("rms_norm_eps", float("inf"), "a positive number"),
+    ("sliding_window", 16.5, "a positive integer"),
     ("tie_word_embeddings", "false", "true or false"), ("attention_bias", [0], "true or false"),
 ])
 def test_a_config_value_of_the_wrong_type_is_one_line(src, tmp_path, key, value, what):
@@ -519,6 +520,40 @@ def test_a_nested_setting_of_the_wrong_type_is_one_line(src, tmp_path, key, valu
     assert line.startswith(f"error: {src / 'config.json'}: ") or \
         line.startswith("error: config.json: "), line
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rms_norm_eps": None}, "rms_norm_eps must be a positive number, found null"),
+    ({"rope_parameters": {"rope_theta": None}},
+     "rope_parameters.rope_theta must be a positive number, found null"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8,
+                          "low_freq_factor": "x", "high_freq_factor": 4,
+                          "original_max_position_embeddings": 32}},
+     "rope_parameters.low_freq_factor must be a positive number, found 'x'"),
+    ({"rope_parameters": {"rope_type": "linear", "rope_theta": 5e5, "factor": "two"}},
+     "rope_parameters.factor must be a positive number, found 'two'"),
+    ({"rope_parameters": {"rope_type": "linear", "rope_theta": 5e5}},
+     "missing rope_scaling.factor / rope_parameters.factor"),
+])
+def test_rope_and_norm_settings_are_checked_at_conversion(src, tmp_path, change, message):
+    """Each had converted (null: with kiln's default, where HF refuses the config; a string
+    factor then failed the build with a traceback)."""
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ConfigError) as e:
+        kiln.convert_checkpoint(src, tmp_path / "out", progress=False)
+    assert message in str(e.value) and str(e.value).startswith("config.json: ")
+    assert not (tmp_path / "out").exists()
+
+
+def test_architectures_given_as_a_string_is_one_line(src, tmp_path):
+    """It had been read letter by letter: 'architecture L, l, a, m, a, ... is not supported'."""
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "architectures": "LlamaForCausalLM"}))
+    with pytest.raises(ConfigError, match=r"config.json: architectures must be a list of class "
+                                          r"names, found 'LlamaForCausalLM'; write it as "
+                                          r"\[\"LlamaForCausalLM\"\]"):
+        kiln.convert_checkpoint(src, tmp_path / "out", progress=False)
 
 
 def test_a_converted_setting_out_of_range_names_config_json(src, tmp_path):

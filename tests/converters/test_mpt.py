@@ -130,6 +130,25 @@ def test_a_flag_that_is_not_true_or_false_is_refused(change, key, value):
         f"config.json: {key} must be true or false, found {value!r}; fix it in config.json"
 
 
+@pytest.mark.parametrize("attn, key, value", [
+    ({"softmax_scale": "x"}, "softmax_scale", "x"), ({"softmax_scale": -1}, "softmax_scale", -1),
+    ({"clip_qkv": "x"}, "clip_qkv", "x"), ({"alibi_bias_max": "16"}, "alibi_bias_max", "16"),
+    ({"alibi": False, "rope": True, "rope_theta": "x"}, "rope_theta", "x"),
+])
+def test_attn_config_numbers_are_checked(attn, key, value):
+    """A string softmax_scale had converted and then failed the build with a traceback."""
+    hf = {**MPT_7B, "attn_config": {**MPT_7B["attn_config"], **attn}}
+    with pytest.raises(ConfigError) as e:
+        MptConverter.config_from_hf(hf)
+    assert str(e.value) == (f"config.json: attn_config.{key} must be a positive number, found "
+                            f"{value!r}; fix it in config.json")
+
+
+def test_clip_qkv_0_is_off_as_llm_foundry_reads_it():
+    hf = {**MPT_7B, "attn_config": {**MPT_7B["attn_config"], "clip_qkv": 0}}
+    assert MptConverter.config_from_hf(hf).clip_qkv is None
+
+
 def test_flags_of_0_1_and_null_read_as_hf_reads_them():
     ones = {**MPT_7B, "no_bias": 1, "attn_config": {**MPT_7B["attn_config"], "alibi": 1,
                                                      "qk_ln": 0, "prefix_lm": None}}
