@@ -37,7 +37,14 @@ from kiln.build_cache.key import (
     identify_source,
     source_dtype,
 )
-from kiln.build_cache.store import ENGINE_DIR, NAME_CHARS, EngineCache, Entry, damage
+from kiln.build_cache.store import (
+    ENGINE_DIR,
+    NAME_CHARS,
+    EngineCache,
+    Entry,
+    damage,
+    size_text,
+)
 from kiln.errors import BuildCacheError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -319,15 +326,17 @@ def _convert_and_build(tmp: Path, request: Request, conversion: Any, progress: b
 def _evict(cache: EngineCache, max_size: int, keep: Entry) -> None:
     result = cache.prune(max_size=max_size, keep=(keep.name,))
     if result.removed:
-        log.warning("evicted %d least recently used cached engines (%.2f GB) to keep the build "
-                    "cache under %.2f GB", len(result.removed), result.freed / 1e9, max_size / 1e9)
+        count = len(result.removed)
+        log.warning("evicted %d least recently used cached engine%s (%s) to keep the build "
+                    "cache under %s", count, "s" if count != 1 else "", size_text(result.freed),
+                    size_text(max_size))
     for _, why in result.refused:
         log.warning("not evicted: %s", why)
     total = sum(e.size() for e in cache.entries())
     if total > max_size:  # what is left is in use, holds a user's file, or was just built
-        log.warning("the build cache holds %.2f GB, over its limit of %.2f GB: the engine just "
-                    "built and %d in use are kept; kiln cache prune --max_size frees the rest "
-                    "once they are done", total / 1e9, max_size / 1e9, len(result.in_use))
+        log.warning("the build cache holds %s, over its limit of %s: the engine just built and "
+                    "%d in use are kept; kiln cache prune --max_size frees the rest once they "
+                    "are done", size_text(total), size_text(max_size), len(result.in_use))
 
 
 def _age(seconds: float) -> str:

@@ -155,7 +155,7 @@ def test_max_cache_size_evicts_least_recently_used_after_a_build(tiny_hf, cache_
         engine_for_model(tiny_hf, max_batch_size=4, max_cache_size=1)
     assert {e.engine_dir for e in EngineCache(cache_dir).entries()} >= {first}
     # the cache left over its limit is said (it had been silent)
-    assert "over its limit of 0.00 GB: the engine just built and 1 in use are kept" in caplog.text
+    assert "over its limit of 1 B: the engine just built and 1 in use are kept" in caplog.text
     assert len(builds) == 4
 
 
