@@ -59,6 +59,16 @@ class KilnGroup(click.Group):
     permissions) into a one-line message (exit 2) unless --debug, and Ctrl-C / SIGTERM / SIGHUP
     into one line and exit 130 / 143 / 129 (click's own handler would exit 1)."""
 
+    def main(self, *args, **kwargs):
+        try:
+            return super().main(*args, **kwargs)
+        except SystemExit as e:
+            # click exits 1 when stdout's reader went away while it printed (`kiln --help |
+            # true`); a command's own output exits 141 then (invoke below): the same for both
+            if e.code == 1 and _stdout_reader_gone():
+                raise SystemExit(128 + signal.SIGPIPE) from None
+            raise
+
     def invoke(self, ctx: click.Context):
         install_termination_signals()
         try:

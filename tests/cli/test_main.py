@@ -190,3 +190,14 @@ def test_an_empty_path_is_refused_not_read_as_the_current_directory(args, messag
     result = CliRunner().invoke(main, args, prog_name="kiln")
     assert result.exit_code == 2 and len(result.output.splitlines()) == 1, result.output
     assert message in result.output
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["run", "--help"]])
+def test_help_into_a_closed_pipe_exits_as_a_command_does(args):
+    """`kiln --help | true` had exited 1 (click's choice) where `kiln run ... | true` exits
+    141, as a tool killed by SIGPIPE."""
+    process = subprocess.Popen([sys.executable, "-m", "kiln.cli.main", *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # before kiln has imported: its first write finds it closed
+    _, err = process.communicate(timeout=120)
+    assert (process.returncode, err.decode()) == (141, "")
