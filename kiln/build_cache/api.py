@@ -43,7 +43,7 @@ from kiln.build_cache.store import (
     EngineCache,
     Entry,
     damage,
-    size_text,
+    decimal_size,
 )
 from kiln.errors import BuildCacheError, ConfigError
 
@@ -328,15 +328,15 @@ def _evict(cache: EngineCache, max_size: int, keep: Entry) -> None:
     if result.removed:
         count = len(result.removed)
         log.warning("evicted %d least recently used cached engine%s (%s) to keep the build "
-                    "cache under %s", count, "s" if count != 1 else "", size_text(result.freed),
-                    size_text(max_size))
+                    "cache under %s", count, "s" if count != 1 else "", decimal_size(result.freed),
+                    decimal_size(max_size))
     for _, why in result.refused:
         log.warning("not evicted: %s", why)
     total = sum(e.size() for e in cache.entries())
     if total > max_size:  # what is left is in use, holds a user's file, or was just built
         log.warning("the build cache holds %s, over its limit of %s: the engine just built and "
                     "%d in use are kept; kiln cache prune --max_size frees the rest once they "
-                    "are done", size_text(total), size_text(max_size), len(result.in_use))
+                    "are done", decimal_size(total), decimal_size(max_size), len(result.in_use))
 
 
 def _age(seconds: float) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from kiln.build_cache.store import size_text
+from kiln.build_cache.store import decimal_size
 from kiln.cli.build import MemorySize
 from kiln.cli.context import CliContext, PathArg
 from kiln.cli.engine_source import CACHE_DIR_HELP, engine_from_options, model_options
@@ -81,7 +81,7 @@ def list_entries(cache_dir: Path | None) -> None:
     leftover_sizes = [dir_size(p) for p in leftovers]
     total = sum(sizes) + sum(leftover_sizes)
     click.echo(f"{store.dir}: {len(entries)} cached engine{'s' * (len(entries) != 1)}, "
-               f"{size_text(total)}")
+               f"{decimal_size(total)}")
     rows, lock_problems, read_only = [], [], False
     for entry, size in zip(entries, sizes, strict=True):
         try:
@@ -91,13 +91,13 @@ def list_entries(cache_dir: Path | None) -> None:
         except BuildCacheError as e:
             state = " (lock unreadable)"
             lock_problems.append(str(e))
-        rows.append((entry.name, size_text(size), entry.backend, _ago(entry.last_used),
+        rows.append((entry.name, decimal_size(size), entry.backend, _ago(entry.last_used),
                      describe_options(entry.parts), entry.source + state))
     if rows:
         _table(("NAME", "SIZE", "BACKEND", "LAST USED", "OPTIONS", "SOURCE"), rows)
     incomplete = [n for n in names if store.read(n) is None]
     for path, size in zip(leftovers, leftover_sizes, strict=True):
-        click.echo(f"leftover of a build or prune that did not finish ({size_text(size)}; in "
+        click.echo(f"leftover of a build or prune that did not finish ({decimal_size(size)}; in "
                    f"progress, or killed: kiln cache prune removes the latter): {path}")
     for path in [*(store.dir / n for n in incomplete), *foreign]:
         click.echo(f"not made by the cache, left alone: {path}")
@@ -176,16 +176,16 @@ def _report(store, result, dry_run: bool) -> None:
     for _, why in result.refused:
         click.echo(f"left alone: {why}", err=True)
     for path, size in result.leftovers:
-        click.echo(f"{verb} {path.name} ({size_text(size)}, left by a build or prune that did "
+        click.echo(f"{verb} {path.name} ({decimal_size(size)}, left by a build or prune that did "
                    f"not finish)")
     left = len(store.entries()) - (len(result.removed) if dry_run else 0)
     leftovers = ""
     if result.leftovers:
         n = len(result.leftovers)
         leftovers = (f" and {n} leftover{'s' * (n != 1)}, "
-                     f"{size_text(sum(size for _, size in result.leftovers))}")
+                     f"{decimal_size(sum(size for _, size in result.leftovers))}")
     click.echo(f"{verb} {len(result.removed)} cached engine{'s' * (len(result.removed) != 1)}, "
-               f"{size_text(result.freed)}{leftovers}; {left} left in {store.dir}")
+               f"{decimal_size(result.freed)}{leftovers}; {left} left in {store.dir}")
 
 
 # -- build --------------------------------------------------------------------------------
