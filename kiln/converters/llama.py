@@ -8,6 +8,7 @@ weights), so no permutation is needed here: kiln's rotary embedding is rotate-ha
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from kiln.config import DecoderConfig, MlpType, NormType, PositionType
@@ -25,11 +26,49 @@ from kiln.converters.base import (
 from kiln.errors import ConfigError
 from kiln.roles import Role
 
+log = logging.getLogger(__name__)
+
 _KNOWN = {"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
           "num_key_value_heads", "head_dim", "intermediate_size", "max_position_embeddings",
           "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters", "attention_bias",
           "mlp_bias", "tie_word_embeddings", "hidden_act", "sliding_window", "use_sliding_window",
           "attention_dropout", "pretraining_tp"}
+
+# transformers' MistralConfig default, for a config.json without the key.
+_MISTRAL_WINDOW = 4096
+
+
+def _sliding_window(hf: dict[str, Any], architecture: str) -> int | None:
+    """The attention window HF's modeling code applies: Mistral's ``sliding_window`` (absent:
+    4096 as in MistralConfig; null: none).
+
+    ``use_sliding_window`` is Qwen2's switch; neither class reads it, so a ``false`` beside a
+    Mistral window does not turn the window off (a trial: kiln had dropped it, and its tokens
+    then differed from HF's); that is said at the default level. Llama's attention masks no
+    window, but transformers' cache keeps only the last ``sliding_window`` positions when the
+    config has one, so a prompt is read whole and decoding then sees a window: no single
+    model, refused unless the window covers every position.
+    """
+    window = hf_get(hf, "sliding_window", default=None)
+    use = hf_flag(hf, "use_sliding_window", True)
+    if architecture != "MistralForCausalLM":
+        positions = hf_get(hf, "max_position_embeddings")
+        if window is not None and window < positions:
+            raise ConfigError(
+                f"config.json: sliding_window {window} on {architecture}: transformers attends "
+                f"to a whole prompt but decodes with only the last {window} positions cached, "
+                f"which kiln does not copy; fix it in config.json: null for full attention, or "
+                f"architectures [\"MistralForCausalLM\"] for a window everywhere")
+        return None
+    if "sliding_window" not in hf:
+        log.info("config.json has no sliding_window; Mistral's default of %d tokens applies, "
+                 "as in transformers", _MISTRAL_WINDOW)
+        window = _MISTRAL_WINDOW
+    if window is not None and not use:
+        log.warning("config.json: use_sliding_window false is ignored: transformers' "
+                    "MistralForCausalLM applies sliding_window %d regardless, and so does kiln "
+                    "(set sliding_window to null for full attention)", window)
+    return window
 
 
 @register("LlamaForCausalLM", "MistralForCausalLM",
@@ -47,11 +86,10 @@ class LlamaConverter(Converter):
         hidden = hf_get(hf, "hidden_size")
         heads = hf_get(hf, "num_attention_heads")
         theta, scaling = rope_from_hf(hf)
-        window = hf_get(hf, "sliding_window", default=None) \
-            if hf_flag(hf, "use_sliding_window", True) else None
+        architecture = architecture_name(hf)
         bias = hf_flag(hf, "attention_bias", False)
         return DecoderConfig(
-            architecture=architecture_name(hf),
+            architecture=architecture,
             vocab_size=hf_get(hf, "vocab_size"),
             hidden_size=hidden,
             num_layers=hf_get(hf, "num_hidden_layers"),
@@ -65,7 +103,7 @@ class LlamaConverter(Converter):
             position_type=PositionType.ROPE,
             rope_theta=theta,
             rope_scaling=scaling,
-            sliding_window=window,
+            sliding_window=_sliding_window(hf, architecture),
             qkv_bias=bias,
             o_bias=bias,
             mlp_type=MlpType.SWIGLU,

@@ -1,0 +1,80 @@
+"""The Llama/Mistral converter: settings read as transformers' modeling code reads them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import kiln
+from kiln.converters.llama import LlamaConverter
+
+
+def _hf_config(architecture: str, **settings) -> dict:
+    from tests.models import LLAMA_BASE
+
+    return {"architectures": [architecture], **LLAMA_BASE, **settings}
+
+
+@pytest.mark.parametrize("architecture,settings,window", [
+    ("MistralForCausalLM", {}, 4096),  # MistralConfig's default
+    ("MistralForCausalLM", {"sliding_window": None}, None),
+    ("MistralForCausalLM", {"sliding_window": 8}, 8),
+    ("MistralForCausalLM", {"sliding_window": 8, "use_sliding_window": False}, 8),
+    ("LlamaForCausalLM", {}, None),
+    ("LlamaForCausalLM", {"sliding_window": 64}, None),  # covers max_position_embeddings
+])
+def test_the_window_is_the_one_transformers_applies(architecture, settings, window, caplog):
+    with caplog.at_level("INFO", logger="kiln.converters.llama"):
+        config = LlamaConverter.config_from_hf(_hf_config(architecture, **settings))
+    assert config.sliding_window == window
+    ignored = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert [r.getMessage().partition(" is ignored")[0] for r in ignored] == \
+        (["config.json: use_sliding_window false"] if "use_sliding_window" in settings else [])
+
+
+def test_a_llama_window_that_transformers_applies_only_when_decoding_is_refused(tmp_path):
+    """transformers' LlamaForCausalLM masks no window in a prompt but caches only the window's
+    positions for decoding; converting it either way would leave HF's tokens somewhere."""
+    from click.testing import CliRunner
+
+    from kiln.cli.main import main
+    from tests.models import hf_model
+
+    src = hf_model("llama-gqa", tmp_path / "hf")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "sliding_window": 4}))
+    result = CliRunner().invoke(main, ["convert_checkpoint", "--model_dir", str(src),
+                                       "--output_dir", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    line, = result.output.strip().splitlines()
+    assert "sliding_window 4 on LlamaForCausalLM" in line and "fix it in config.json" in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("model_cls,settings", [
+    ("MistralForCausalLM", {"sliding_window": 4, "use_sliding_window": False}),
+    ("LlamaForCausalLM", {"sliding_window": 64, "use_sliding_window": True}),
+])
+def test_ignored_window_settings_give_transformers_logits(tmp_path, model_cls, settings):
+    """A trial: Mistral with "use_sliding_window": false beside a window had converted without
+    the window (the switch is Qwen2's; MistralForCausalLM ignores it), and its greedy tokens
+    left HF's at the first or second. A Llama window over every position changes nothing."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from kiln.reference import ReferenceDecoder
+    from tests.helpers import hf_step_logits, max_abs_diff, ref_step_logits, save_hf_model
+    from tests.models import LLAMA_BASE, PROMPT
+
+    config_cls = getattr(transformers, model_cls.replace("ForCausalLM", "Config"))
+    src = save_hf_model(getattr(transformers, model_cls), config_cls(**LLAMA_BASE),
+                        tmp_path / "hf")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, **settings}))
+    out = kiln.convert_checkpoint(src, tmp_path / "ckpt", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    want, tokens = hf_step_logits(model, PROMPT, steps=8)  # 19 positions: past the window of 4
+    got = ref_step_logits(ReferenceDecoder.from_checkpoint(out), PROMPT, tokens)
+    assert max_abs_diff(got, want) <= 1e-4
