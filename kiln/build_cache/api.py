@@ -42,6 +42,7 @@ from kiln.build_cache.store import (
     NAME_CHARS,
     EngineCache,
     Entry,
+    cache_of,
     damage,
     decimal_size,
 )
@@ -147,9 +148,11 @@ def request_for(model: str | Path, *, backend: str | None = None, dtype: str = "
 @contextlib.contextmanager
 def hold_engine(engine_dir: str | Path, cache_dir: str | Path | None = None) -> Iterator[Path]:
     """Use ``engine_dir`` in the body with its cache entry kept from ``kiln cache prune`` and
-    eviction (a shared lock, released on exit or when the process dies). A dir outside the
-    cache passes through unlocked."""
-    with EngineCache(cache_dir).hold(engine_dir) as path:
+    eviction (a shared lock, released on exit or when the process dies). Without
+    ``cache_dir``, the cache is the one the engine dir lies in, whatever its root; a dir
+    outside any cache passes through unlocked."""
+    cache = EngineCache(cache_dir) if cache_dir is not None else cache_of(engine_dir)
+    with (cache or EngineCache()).hold(engine_dir) as path:
         yield path
 
 

@@ -484,6 +484,20 @@ class EngineCache:
             yield Path(engine_dir)
 
 
+def cache_of(engine_dir: str | Path) -> EngineCache | None:
+    """The build cache ``engine_dir`` is an engine dir of, whichever root it has
+    (``<root>/engines/<name>/engine`` beside an ``entry.json`` the cache wrote), else None: an
+    engine of another cache than the shell's ``KILN_CACHE_DIR`` had not been held, and a prune
+    of that cache could delete it while it ran."""
+    path = Path(engine_dir).expanduser().resolve()
+    entry = path.parent
+    if path.name != ENGINE_DIR or not NAME.fullmatch(entry.name) or \
+            entry.parent.name != ENGINES:
+        return None
+    cache = EngineCache(entry.parent.parent)
+    return cache if cache.read(entry.name) is not None else None
+
+
 def decimal_size(n: float) -> str:
     """Bytes as ``kiln cache list`` and the cache's messages show them, in decimal units (host
     memory messages use :func:`kiln.runtime.host_memory.size_text`'s binary ones)."""

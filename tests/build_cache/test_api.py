@@ -261,3 +261,19 @@ print(json.dumps([engine, [m for m in heavy if m in sys.modules]]))
     assert "building the engine" in runs[0].stderr and imported  # a build needs them
     assert found == built and "using cached engine" in runs[1].stderr
     assert hit_imported == []
+
+
+def test_hold_engine_holds_an_engine_of_another_cache_root(tmp_path, monkeypatch):
+    """A trial ran an engine of a second cache root with the shell's KILN_CACHE_DIR elsewhere:
+    it was not held, so `kiln cache prune --all --cache_dir <that root>` could delete it while
+    it ran."""
+    from tests.build_cache.test_store import fake_entry
+
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "shell-cache"))
+    other = EngineCache(tmp_path / "other-cache")
+    other.ensure()
+    entry = fake_entry(other, "a", age_days=10)
+    with hold_engine(entry.engine_dir):
+        assert [e.name for e in other.prune(everything=True).in_use] == [entry.name]
+    assert other.read(entry.name).last_used > entry.last_used  # and counted as a use
+    assert not (tmp_path / "shell-cache").exists()

@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 
 from kiln.build_cache.hashes import MEMO_NAME
-from kiln.build_cache.store import NAME_CHARS, EngineCache, Entry, damage, describe_options
+from kiln.build_cache.store import (
+    NAME_CHARS,
+    EngineCache,
+    Entry,
+    cache_of,
+    damage,
+    describe_options,
+)
 from kiln.errors import BuildCacheError
 
 DAY = 86400.0
@@ -270,7 +277,8 @@ def test_lock_files_of_removed_entries_go(cache):
 def test_holding_an_engine_counts_as_a_use(cache):
     """`kiln run --engine_dir <an engine in the cache>` had held the entry without recording
     the use, so LRU pruning took it for unused since its build."""
-    used, other = fake_entry(cache, "used", 10), fake_entry(cache, "other", 5)
+    used = fake_entry(cache, "used", 10)
+    fake_entry(cache, "other", 5)
     with cache.hold(used.engine_dir):
         pass
     assert cache.read(used.name).last_used > time.time() - 60
@@ -303,6 +311,17 @@ def test_hold_refuses_a_removed_entry_and_passes_other_dirs(cache, tmp_path):
             pass
     with cache.hold(tmp_path / "engine") as path:
         assert path == tmp_path / "engine"
+
+
+def test_cache_of_finds_the_cache_an_engine_dir_lies_in(cache, tmp_path):
+    entry = fake_entry(cache, "a")
+    assert cache_of(entry.engine_dir).root == cache.root
+    assert cache_of(entry.engine_dir / ".." / "engine").root == cache.root
+    (entry.path / "entry.json").write_text("{}")  # not an entry the cache wrote
+    assert cache_of(entry.engine_dir) is None
+    fake = tmp_path / "mine" / "engines" / entry.name / "engine"  # the shape alone
+    fake.mkdir(parents=True)
+    assert cache_of(fake) is None and cache_of(tmp_path) is None
 
 
 def test_damage_names_a_missing_or_truncated_file(cache):
