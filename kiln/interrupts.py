@@ -48,6 +48,19 @@ def exit_code(interrupt: KeyboardInterrupt) -> int:
     return 128 + int(number)
 
 
+def interrupt_in(error: BaseException | None) -> KeyboardInterrupt | None:
+    """The interrupt anywhere in ``error``'s cause/context chain: a library that catches it
+    in its own import or callback re-raises its own error (onnxruntime's native import:
+    ``ImportError: initialization failed``, caused by the Ctrl-C)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def _raise_terminated(signum, frame) -> None:
     raise Terminated(signum)
 

@@ -20,7 +20,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -29,7 +29,13 @@ from kiln.cli.context import CliContext, IntRange, PathArg
 from kiln.config import DTYPES
 from kiln.converters.options import ConvertOptions
 from kiln.errors import KilnError
-from kiln.interrupts import deferred_interrupts, exit_code, install_termination_signals, signal_name
+from kiln.interrupts import (
+    deferred_interrupts,
+    exit_code,
+    install_termination_signals,
+    interrupt_in,
+    signal_name,
+)
 
 
 def _traceback_if_debug(ctx: click.Context) -> None:
@@ -101,12 +107,12 @@ class KilnGroup(click.Group):
                        err=True)
             ctx.exit(2)
         except KeyboardInterrupt as e:
-            # on a terminal, streamed text or a progress bar may have left the cursor mid-line
-            fresh = "\n" if sys.stderr.isatty() else ""
-            click.echo(f"{fresh}interrupted ({signal_name(e)})", err=True)
-            global _interrupted
-            _interrupted = True
-            ctx.exit(exit_code(e))
+            _stop(ctx, e)
+        except Exception as e:  # a library's own error for a Ctrl-C it caught (an import's)
+            interrupt = interrupt_in(e)
+            if interrupt is None:
+                raise
+            _stop(ctx, interrupt)
 
     def resolve_command(self, ctx, args):
         # Accept dashes for underscores (convert-checkpoint == convert_checkpoint).
@@ -130,6 +136,15 @@ class KilnGroup(click.Group):
             limit = formatter.width - 6 - max(len(n) for n, _ in commands)
             with formatter.section("Commands"):
                 formatter.write_dl([(n, c.get_short_help_str(limit)) for n, c in commands])
+
+
+def _stop(ctx: click.Context, interrupt: KeyboardInterrupt) -> NoReturn:
+    # on a terminal, streamed text or a progress bar may have left the cursor mid-line
+    fresh = "\n" if sys.stderr.isatty() else ""
+    click.echo(f"{fresh}interrupted ({signal_name(interrupt)})", err=True)
+    global _interrupted
+    _interrupted = True
+    ctx.exit(exit_code(interrupt))
 
 
 def _heavy_imports_first(invoke: Callable[[click.Context], Any]) -> Callable[[click.Context], Any]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import kiln
 from kiln.engine import EngineError, EngineManifest
+from kiln.interrupts import interrupt_in
 
 logger = logging.getLogger(__name__)
 
@@ -50,21 +51,10 @@ def library_version(module: str) -> str | None:
     try:
         return str(getattr(importlib.import_module(module), "__version__", "unknown"))
     except Exception as e:  # a broken install (missing shared library) counts as absent
-        if _interrupted(e):  # a Ctrl-C the library's import turned into its own error
+        if interrupt_in(e) is not None:  # a Ctrl-C the import turned into its own error
             raise KeyboardInterrupt from e
         logger.warning("%s is installed but fails to import: %s", module, e)
         return None
-
-
-def _interrupted(error: BaseException) -> bool:
-    """Whether a KeyboardInterrupt is anywhere in ``error``'s cause/context chain."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, KeyboardInterrupt):
-            return True
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return False
 
 
 def cuda_capabilities() -> tuple[tuple[int, int], ...]:

@@ -201,3 +201,30 @@ def test_help_into_a_closed_pipe_exits_as_a_command_does(args):
     process.stdout.close()  # before kiln has imported: its first write finds it closed
     _, err = process.communicate(timeout=120)
     assert (process.returncode, err.decode()) == (141, "")
+
+
+@pytest.mark.parametrize("error", ["ImportError", "RuntimeError"])
+def test_a_library_s_own_error_for_a_ctrl_c_is_an_interrupt(monkeypatch, error):
+    """A trial's Ctrl-C during `kiln cache build`'s imports (1 in 10) ended in onnxruntime's
+    `ImportError: initialization failed` (the interrupt its native import caught, as the
+    cause), a traceback and exit 1; it is an interrupt: one line, exit 130."""
+    import click
+
+    @click.command()
+    def boom():
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise {"ImportError": ImportError, "RuntimeError": RuntimeError}[error](
+                "initialization failed") from e
+
+    @click.command()
+    def plain():
+        raise RuntimeError("a real bug")
+
+    monkeypatch.setitem(main.commands, "boom", boom)
+    monkeypatch.setitem(main.commands, "plain", plain)
+    result = _invoke("boom")
+    assert result.exit_code == 130 and result.output.strip() == "interrupted (Ctrl-C)"
+    result = _invoke("plain")  # no interrupt in the chain: still the bug's traceback
+    assert result.exit_code == 1 and isinstance(result.exception, RuntimeError)
