@@ -337,9 +337,16 @@ def _evict(cache: EngineCache, max_size: int, keep: Entry) -> None:
         log.warning("not evicted: %s", why)
     total = sum(e.size() for e in cache.entries())
     if total > max_size:  # what is left is in use, holds a user's file, or was just built
-        log.warning("the build cache holds %s, over its limit of %s: the engine just built and "
-                    "%d in use are kept; kiln cache prune --max_size frees the rest once they "
-                    "are done", decimal_size(total), decimal_size(max_size), len(result.in_use))
+        kept = ["the engine just built"]
+        if result.in_use:
+            kept.append(f"{len(result.in_use)} in use")
+        if result.refused:
+            kept.append(f"{len(result.refused)} holding files the cache did not write")
+        then = ("kiln cache prune --max_size frees the rest once they are done"
+                if result.in_use else "the limit is below what must be kept")
+        log.warning("the build cache holds %s, over its limit of %s: %s %s kept; %s",
+                    decimal_size(total), decimal_size(max_size), " and ".join(kept),
+                    "are" if len(kept) > 1 else "is", then)
 
 
 def _age(seconds: float) -> str:

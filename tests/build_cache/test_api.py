@@ -155,8 +155,15 @@ def test_max_cache_size_evicts_least_recently_used_after_a_build(tiny_hf, cache_
         engine_for_model(tiny_hf, max_batch_size=4, max_cache_size=1)
     assert {e.engine_dir for e in EngineCache(cache_dir).entries()} >= {first}
     # the cache left over its limit is said (it had been silent)
-    assert "over its limit of 1 B: the engine just built and 1 in use are kept" in caplog.text
-    assert len(builds) == 4
+    assert "over its limit of 1 B: the engine just built and 1 in use are kept; kiln cache " \
+        "prune --max_size frees the rest once they are done" in caplog.text
+    caplog.clear()
+    engine_for_model(tiny_hf, max_batch_size=5, max_cache_size=1)  # nothing in use now
+    assert len(EngineCache(cache_dir).entries()) == 1  # the one just built
+    # a trial: this had read "... and 0 in use are kept ... once they are done"
+    assert "over its limit of 1 B: the engine just built is kept; the limit is below what " \
+        "must be kept" in caplog.text
+    assert len(builds) == 5
 
 
 def test_a_hub_model_is_keyed_by_its_resolved_commit(tiny_hf, tmp_path, cache_dir, builds,
