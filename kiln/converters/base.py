@@ -236,6 +236,11 @@ _ROPE_TYPES = {"linear": RopeScalingType.LINEAR, "dynamic": RopeScalingType.DYNA
                "llama3": RopeScalingType.LLAMA3}
 
 
+# Llama 3.1's rope scaling, named where a llama3 config lacks a setting.
+_LLAMA3 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+           "original_max_position_embeddings": 8192}
+
+
 def rope_from_hf(hf: dict[str, Any], default_theta: float = 10000.0) -> tuple[float, RopeScaling | None]:
     """(rope_theta, scaling) from ``rope_theta``/``rope_scaling`` (v4) or ``rope_parameters`` (v5)."""
     params = hf.get("rope_parameters") or {}
@@ -249,16 +254,24 @@ def rope_from_hf(hf: dict[str, Any], default_theta: float = 10000.0) -> tuple[fl
     if kind not in _ROPE_TYPES:
         raise ConfigError(f"config.json: rope scaling type {kind!r} is not supported; kiln "
                           f"supports default, {', '.join(_ROPE_TYPES)}")
-    def get(key: str, default: Any = _MISSING) -> Any:  # rope_scaling's over rope_parameters'
-        return hf_get(hf, ("rope_scaling", key), ("rope_parameters", key), default=default)
+    section = "rope_scaling" if scaling else "rope_parameters"
 
-    original = get("original_max_position_embeddings", None)
+    def get(key: str, default: Any = _MISSING) -> Any:  # rope_scaling's over rope_parameters'
+        value = hf_get(hf, ("rope_scaling", key), ("rope_parameters", key), default=None)
+        if value is None and default is _MISSING:  # transformers refuses the config too
+            typical = f" (Llama 3.1's is {_LLAMA3[key]})" if kind == "llama3" else ""
+            raise ConfigError(f"config.json: {section} of rope type {kind!r} has no {key}; "
+                              f"add it to {section}{typical}")
+        return default if value is None else value
+
+    optional = () if kind == "llama3" else (None,)  # llama3's frequency bands need them
+    original = get("original_max_position_embeddings", *optional)
     if original is None and kind != "linear":
         original = hf_get(hf, "max_position_embeddings", default=None)
     return theta, RopeScaling(type=_ROPE_TYPES[kind], factor=float(get("factor")),
                               original_max_position_embeddings=original,
-                              low_freq_factor=get("low_freq_factor", None),
-                              high_freq_factor=get("high_freq_factor", None))
+                              low_freq_factor=get("low_freq_factor", *optional),
+                              high_freq_factor=get("high_freq_factor", *optional))
 
 
 def unknown_keys(hf: dict[str, Any], known: set[str]) -> dict[str, Any]:

@@ -533,7 +533,15 @@ def test_a_nested_setting_of_the_wrong_type_is_one_line(src, tmp_path, key, valu
     ({"rope_parameters": {"rope_type": "linear", "rope_theta": 5e5, "factor": "two"}},
      "rope_parameters.factor must be a positive number, found 'two'"),
     ({"rope_parameters": {"rope_type": "linear", "rope_theta": 5e5}},
-     "missing rope_scaling.factor / rope_parameters.factor"),
+     "rope_parameters of rope type 'linear' has no factor; add it to rope_parameters"),
+    # a trial: this had named rope_scaling.low_freq_factor "(kiln's names for the settings)"
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8, "high_freq_factor": 4,
+                       "original_max_position_embeddings": 32}},
+     "rope_scaling of rope type 'llama3' has no low_freq_factor; add it to rope_scaling "
+     "(Llama 3.1's is 1.0)"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8, "low_freq_factor": 1,
+                       "high_freq_factor": 4}},
+     "rope_scaling of rope type 'llama3' has no original_max_position_embeddings"),
 ])
 def test_rope_and_norm_settings_are_checked_at_conversion(src, tmp_path, change, message):
     """Each had converted (null: with kiln's default, where HF refuses the config; a string
