@@ -200,6 +200,19 @@ def hf_get(hf: dict[str, Any], *keys: str | Sequence[str], default: Any = _MISSI
     return default
 
 
+def hf_section(hf: dict[str, Any], key: str) -> dict[str, Any]:
+    """A nested settings object (``attn_config``, ``rope_scaling``): {} when absent or null, a
+    ConfigError naming the key when not an object (``"attn_config": "x"`` had been a generic
+    'wrong type' message naming no key)."""
+    value = hf.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"config.json: {key} must be an object of settings ({{...}}), found "
+                          f"{value!r}; fix it in config.json")
+    return value
+
+
 def _check_type(key: str, value: Any) -> None:
     name = key.rpartition(".")[2]
     if name in _INTEGERS:
@@ -243,8 +256,8 @@ _LLAMA3 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
 
 def rope_from_hf(hf: dict[str, Any], default_theta: float = 10000.0) -> tuple[float, RopeScaling | None]:
     """(rope_theta, scaling) from ``rope_theta``/``rope_scaling`` (v4) or ``rope_parameters`` (v5)."""
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
+    params = hf_section(hf, "rope_parameters")
+    scaling = hf_section(hf, "rope_scaling")
     theta = float(hf_get(hf, ("rope_parameters", "rope_theta"), "rope_theta",
                          default=default_theta))
     merged = {**params, **scaling}

@@ -50,6 +50,7 @@ from kiln.converters.base import (
     architecture_name,
     hf_flag,
     hf_get,
+    hf_section,
     register,
     unknown_keys,
 )
@@ -101,8 +102,8 @@ class MptConverter(Converter):
 
     @classmethod
     def _config(cls, hf: dict[str, Any], weights_width: int | None, warn: bool) -> DecoderConfig:
-        attn = hf.get("attn_config") or {}
-        ffn = hf.get("ffn_config") or {}
+        attn = hf_section(hf, "attn_config")
+        ffn = hf_section(hf, "ffn_config")
         _refuse_unsupported(hf, attn, ffn)
         arch = architecture_name(hf)
         hidden = hf_get(hf, "d_model", "hidden_size")

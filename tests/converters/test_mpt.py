@@ -130,6 +130,17 @@ def test_a_flag_that_is_not_true_or_false_is_refused(change, key, value):
         f"config.json: {key} must be true or false, found {value!r}; fix it in config.json"
 
 
+@pytest.mark.parametrize("key, value", [("attn_config", "x"), ("ffn_config", [1]),
+                                        ("attn_config", 3)])
+def test_a_settings_section_that_is_not_an_object_is_named(key, value):
+    """A trial's "attn_config": "x" got the generic 'a setting has a value of the wrong type'
+    message, naming no key."""
+    with pytest.raises(ConfigError) as e:
+        MptConverter.config_from_hf({**MPT_7B, key: value})
+    assert str(e.value) == f"config.json: {key} must be an object of settings ({{...}}), " \
+        f"found {value!r}; fix it in config.json"
+
+
 @pytest.mark.parametrize("attn, key, value", [
     ({"softmax_scale": "x"}, "softmax_scale", "x"), ({"softmax_scale": -1}, "softmax_scale", -1),
     ({"clip_qkv": "x"}, "clip_qkv", "x"), ({"alibi_bias_max": "16"}, "alibi_bias_max", "16"),
