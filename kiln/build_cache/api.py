@@ -196,11 +196,14 @@ def key_parts(source: SourceId, convert: Any, build: Any) -> tuple[KeyParts, Any
     """The key's parts for these validated options, and ``build`` with its targets resolved
     (the backend's default targets on this machine when none were given)."""
     from kiln.builder.backends import get_backend
+    from kiln.builder.options import without_default_lengths
 
     engine = get_backend(build.backend)  # EngineError if it cannot be used here
     dtype = resolve_dtype(convert.dtype, build, source)
     targets = tuple(build.targets) or tuple(engine.default_targets(dtype))
     build = dataclasses.replace(build, targets=targets)
+    if any((build.max_seq_len, build.max_input_len, build.max_num_tokens)):
+        build = without_default_lengths(build, _max_positions(source))
     parts = KeyParts(
         source=source.key,
         kiln={"version": kiln.__version__, "code": code_digest()},
@@ -209,6 +212,16 @@ def key_parts(source: SourceId, convert: Any, build: Any) -> tuple[KeyParts, Any
         backend=build.backend, backend_versions=dict(engine.versions()), targets=targets,
         build=build_part(build))
     return parts, build
+
+
+def _max_positions(source: SourceId) -> int:
+    """The source's max_position_embeddings, as its converter reads it."""
+    from kiln.converters.base import converter_for
+    from kiln.dirs import DirKind, read_config
+    from kiln.errors import CheckpointError
+
+    where, hf = read_config(source.directory, DirKind.HF_CHECKPOINT, CheckpointError)
+    return converter_for(hf, str(where)).max_positions(hf)
 
 
 def resolve_dtype(dtype: str, build: Any, source: SourceId) -> str:

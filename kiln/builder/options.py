@@ -8,7 +8,7 @@ takes the same names by keyword. Defaults that depend on the model (limits, dtyp
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import psutil
@@ -90,13 +90,32 @@ class BuildOptions:
 
 def resolve_limits(options: BuildOptions, decoder: DecoderConfig) -> BuildLimits:
     """The engine's BuildLimits, with defaults filled in and the position range checked."""
-    max_seq_len = options.max_seq_len or min(DEFAULT_MAX_SEQ_LEN, decoder.max_position_embeddings)
-    max_input_len = options.max_input_len or min(DEFAULT_MAX_INPUT_LEN, max_seq_len)
-    max_num_tokens = options.max_num_tokens or max(max_input_len, options.max_batch_size)
+    max_seq_len, max_input_len, max_num_tokens = (
+        given or default for given, default in _lengths(options, decoder.max_position_embeddings))
     limits = BuildLimits(max_batch_size=options.max_batch_size, max_input_len=max_input_len,
                          max_seq_len=max_seq_len, max_num_tokens=max_num_tokens)
     _check_positions(limits, decoder, options.allow_long_context)
     return limits
+
+
+def without_default_lengths(options: BuildOptions, max_positions: int) -> BuildOptions:
+    """``options`` with each length given at the value its default resolves to set back to
+    None: the same engine (the build cache had made a second entry for ``max_seq_len=2048``
+    of a model whose default is 2048)."""
+    names = ("max_seq_len", "max_input_len", "max_num_tokens")
+    return replace(options, **{
+        name: None if given == default else given
+        for name, (given, default) in zip(names, _lengths(options, max_positions), strict=True)})
+
+
+def _lengths(options: BuildOptions, max_positions: int) -> list[tuple[int | None, int]]:
+    """(given, default) of max_seq_len, max_input_len and max_num_tokens; each default
+    follows the lengths before it as resolved."""
+    seq = options.max_seq_len or min(DEFAULT_MAX_SEQ_LEN, max_positions)
+    inp = options.max_input_len or min(DEFAULT_MAX_INPUT_LEN, seq)
+    return [(options.max_seq_len, min(DEFAULT_MAX_SEQ_LEN, max_positions)),
+            (options.max_input_len, min(DEFAULT_MAX_INPUT_LEN, seq)),
+            (options.max_num_tokens, max(inp, options.max_batch_size))]
 
 
 def _check_positions(limits: BuildLimits, decoder: DecoderConfig, allow: bool) -> None:

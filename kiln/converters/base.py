@@ -64,6 +64,12 @@ class Converter:
         raise NotImplementedError
 
     @classmethod
+    def max_positions(cls, hf: dict[str, Any]) -> int:
+        """The config's ``max_position_embeddings`` (what the build's default lengths follow),
+        read alone: the build cache keys an engine by its resolved lengths."""
+        return hf_get(hf, "max_position_embeddings")
+
+    @classmethod
     def config_from_source(cls, hf: dict[str, Any],
                            shapes: Mapping[str, tuple[int, ...]]) -> DecoderConfig:
         """The config of a checkpoint whose tensors have ``shapes`` (name -> shape)."""

@@ -104,6 +104,10 @@ class FalconConverter(Converter):
     smoothquant_alpha = 0.6  # SmoothQuant's Falcon-7B setting (docs/quantization.md)
 
     @classmethod
+    def max_positions(cls, hf: dict[str, Any]) -> int:
+        return hf_get(hf, "max_position_embeddings", default=2048)  # FalconConfig's default
+
+    @classmethod
     def config_from_hf(cls, hf: dict[str, Any]) -> DecoderConfig:
         _refuse_unsupported(hf)
         hidden = hf_get(hf, "hidden_size", "n_embed")
@@ -122,7 +126,7 @@ class FalconConverter(Converter):
             num_kv_heads=_kv_heads(hf, heads),
             head_dim=head_dim,
             intermediate_size=hf_get(hf, "ffn_hidden_size", default=4 * hidden),
-            max_position_embeddings=hf_get(hf, "max_position_embeddings", default=2048),
+            max_position_embeddings=cls.max_positions(hf),
             norm_type=NormType.LAYERNORM,
             norm_eps=float(hf_get(hf, "layer_norm_epsilon", default=1e-5)),
             norm_bias=True,

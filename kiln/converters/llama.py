@@ -97,7 +97,7 @@ class LlamaConverter(Converter):
             num_kv_heads=hf_get(hf, "num_key_value_heads", default=heads),
             head_dim=hf_get(hf, "head_dim", default=hidden // heads),
             intermediate_size=hf_get(hf, "intermediate_size"),
-            max_position_embeddings=hf_get(hf, "max_position_embeddings"),
+            max_position_embeddings=cls.max_positions(hf),
             norm_type=NormType.RMSNORM,
             norm_eps=float(hf_get(hf, "rms_norm_eps", default=1e-6)),
             position_type=PositionType.ROPE,

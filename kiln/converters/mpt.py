@@ -90,6 +90,10 @@ _UP = "transformer.blocks.0.ffn.up_proj.weight"
 @register("MPTForCausalLM", "MptForCausalLM", model_types={"mpt": "MptForCausalLM"})
 class MptConverter(Converter):
     @classmethod
+    def max_positions(cls, hf: dict[str, Any]) -> int:
+        return hf_get(hf, "max_seq_len", "max_position_embeddings")
+
+    @classmethod
     def config_from_hf(cls, hf: dict[str, Any]) -> DecoderConfig:
         return cls._config(hf, weights_width=None, warn=False)
 
@@ -127,7 +131,7 @@ class MptConverter(Converter):
             num_kv_heads=_kv_heads(attn, heads),
             head_dim=hidden // heads,
             intermediate_size=_ffn_size(hf, ffn, hidden, weights_width),
-            max_position_embeddings=hf_get(hf, "max_seq_len", "max_position_embeddings"),
+            max_position_embeddings=cls.max_positions(hf),
             norm_type=NormType.LAYERNORM,
             norm_eps=float(hf_get(hf, "layer_norm_epsilon", "norm_eps", default=1e-5)),
             norm_bias=bias,

@@ -79,7 +79,7 @@ def test_the_key_is_canonical_json():
 @pytest.mark.parametrize("options", [
     dict(backend="torch"), dict(dtype="float16"), dict(tp_size=2), dict(pp_size=2),
     dict(allow_pickle=True), dict(max_batch_size=4), dict(max_input_len=16),
-    dict(max_seq_len=32), dict(max_num_tokens=64), dict(targets=("cuda",)),
+    dict(max_seq_len=32), dict(max_num_tokens=128), dict(targets=("cuda",)),
     dict(plugins={"norm": "disable"}), dict(allow_long_context=True),
     dict(gather_context_logits=True), dict(weight_only_int8_compute=True),
 ])
@@ -94,6 +94,18 @@ def test_each_option_changes_the_key(tiny_hf, cache_dir, options):
 def test_what_does_not_decide_the_engine_keeps_the_key(tiny_hf, cache_dir, options):
     """How the build runs, and defaults spelled out."""
     assert _key(tiny_hf, **options) == _key(tiny_hf)
+
+
+@pytest.mark.parametrize("options,same_as", [
+    (dict(max_seq_len=64), {}), (dict(max_input_len=64), {}), (dict(max_num_tokens=64), {}),
+    (dict(max_seq_len=64, max_input_len=64, max_num_tokens=64), {}),
+    (dict(max_seq_len=32, max_input_len=32), dict(max_seq_len=32)),
+    (dict(max_batch_size=96, max_num_tokens=96), dict(max_batch_size=96)),
+])
+def test_a_length_given_at_its_default_keeps_the_key(tiny_hf, cache_dir, options, same_as):
+    """A trial's --max_seq_len equal to what the default resolves to (the model's positions,
+    64 here) had built a second, identical engine."""
+    assert _key(tiny_hf, **options) == _key(tiny_hf, **same_as)
 
 
 def test_a_revision_for_a_local_dir_is_refused(tiny_hf, cache_dir):
