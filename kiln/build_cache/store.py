@@ -470,7 +470,9 @@ class EngineCache:
     def hold(self, engine_dir: str | Path) -> Iterator[Path]:
         """Keep prune away from the entry of ``engine_dir`` while the body uses the engine (a
         shared lock; a dir outside the cache passes through), and record the use (the LRU
-        order: an engine run by its path had kept the age of its last build)."""
+        order: an engine run by its path had kept the age of its last build) when the body
+        starts and again when it ends (a week-long ``kiln serve`` is a use until it stops, not
+        a week old when a ``prune --older_than 7d`` follows it)."""
         name = self.entry_of(engine_dir)
         if name is None:
             yield Path(engine_dir)
@@ -481,7 +483,10 @@ class EngineCache:
                 raise BuildCacheError(f"{engine_dir}: the cached engine was removed (kiln cache "
                                       f"prune) before it was used; ask for it again to rebuild")
             self.touch(entry)
-            yield Path(engine_dir)
+            try:
+                yield Path(engine_dir)
+            finally:
+                self.touch(entry)
 
 
 def cache_of(engine_dir: str | Path) -> EngineCache | None:

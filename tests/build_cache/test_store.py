@@ -285,6 +285,17 @@ def test_holding_an_engine_counts_as_a_use(cache):
     assert names(cache.prune(older_than=DAY).removed) == ["other"]
 
 
+def test_a_use_is_recorded_when_it_ends_too(cache):
+    """A trial: the use was recorded when a run started, so `prune --older_than 7d` right after
+    a week-long `kiln serve` took its engine as a week unused."""
+    entry = fake_entry(cache, "served", 10)
+    with cache.hold(entry.engine_dir):
+        week_ago = time.time() - 7 * DAY
+        os.utime(entry.path / "entry.json", (week_ago, week_ago))  # the serve ran for a week
+    assert cache.read(entry.name).last_used > time.time() - 60
+    assert names(cache.prune(older_than=DAY).removed) == []
+
+
 @pytest.mark.parametrize("spelling", ["dotdot", "link to the engine", "link to the cache"])
 def test_an_engine_held_by_any_spelling_of_its_path_is_kept_and_used(cache, tmp_path, spelling):
     """A trial ran `kiln run --engine_dir ../cache/engines/<entry>/engine`: the entry was not
