@@ -106,6 +106,20 @@ _MADE_BY = {
 }
 
 
+def _only_child_of_kind(directory: Path, wanted: DirKind, most: int = 64) -> Path | None:
+    """The one subdirectory of ``directory`` of kind ``wanted``, if exactly one (a build cache
+    entry given for its ``engine`` dir, a model's parent for the model); None otherwise, or
+    when ``directory`` holds over ``most`` entries (no long scans for a hint)."""
+    try:
+        children = list(itertools.islice(directory.iterdir(), most + 1))
+    except OSError:
+        return None
+    if len(children) > most:
+        return None
+    found = [c for c in children if c.is_dir() and classify_dir(c) is wanted]
+    return found[0] if len(found) == 1 else None
+
+
 def _near_names(directory: Path) -> str | None:
     """A directory whose path is close to ``directory``'s (a typo in its name or in a parent's,
     case included), as a path, or None."""
@@ -157,7 +171,9 @@ def read_config(directory: str | Path, wanted: DirKind,
         raise error(f"{directory}: no such {noun}; "
                     + (f"did you mean {near}? " if near else "") + fix)
     if not path.is_file():
-        raise error(f"{path}: missing, so {directory} is not {article} {noun}; {fix}")
+        inside = _only_child_of_kind(directory, wanted)
+        raise error(f"{path}: missing, so {directory} is not {article} {noun}; "
+                    + (f"did you mean {inside}?" if inside else fix))
     try:
         data = json.loads(path.read_text())
     except UNREADABLE_JSON as e:

@@ -157,6 +157,27 @@ def test_a_file_inside_the_dir_is_named_as_a_file_with_the_fix(dirs, command):
         f"({engine})"]
 
 
+@pytest.mark.parametrize("command", ["run", "verify"])
+def test_the_dir_above_an_engine_names_it(dirs, tmp_path, command):
+    """A trial passed a build cache entry (``engines/<name>``) for its ``engine`` dir inside;
+    the error said only "pass the output_dir of kiln build". A parent with several engines,
+    or none, gets no guess."""
+    import shutil
+
+    entry = tmp_path / "2d711642b726b0440162"
+    shutil.copytree(dirs[DirKind.ENGINE], entry / "engine")
+    (entry / "entry.json").write_text("{}")
+    args = {"run": ["run", "--engine_dir", str(entry), "--input_text", "x"],
+            "verify": ["verify", str(entry)]}[command]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2 and r.output.splitlines() == [
+        f"error: {entry}/config.json: missing, so {entry} is not an engine directory; did you "
+        f"mean {entry}/engine?"]
+    shutil.copytree(dirs[DirKind.ENGINE], entry / "engine2")
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2 and "did you mean" not in r.output, r.output
+
+
 def test_a_file_outside_any_engine_is_not_sent_to_its_directory(tmp_path, monkeypatch):
     """``--engine_dir english.txt``: its directory is no engine either; say what to pass."""
     monkeypatch.chdir(tmp_path)
