@@ -39,6 +39,7 @@ import tempfile
 from pathlib import Path
 
 from kiln.build_cache import cache_root
+from kiln.testing import print_path
 
 logger = logging.getLogger(__name__)
 
@@ -157,8 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: python -m kiln.testing.english {{{','.join(SETS)}}}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    print(english_file(args[0]))
-    return 0
+    return print_path(english_file(args[0]))
 
 
 if __name__ == "__main__":

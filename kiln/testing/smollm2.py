@@ -69,6 +69,7 @@ from unittest import mock
 from kiln.build_cache import cache_root
 from kiln.errors import KilnError
 from kiln.interrupts import exit_code, install_termination_signals, signal_name
+from kiln.testing import print_path
 
 logger = logging.getLogger(__name__)
 
@@ -325,8 +326,7 @@ def _make(output_dir: Path | None, cache_dir: Path | None) -> int:
               file=sys.stderr)
         return 2
     if output_dir is None:
-        print(hf_dir)
-        return 0
+        return print_path(hf_dir)
     from kiln.output_dirs import atomic_dir
 
     try:
@@ -340,8 +340,7 @@ def _make(output_dir: Path | None, cache_dir: Path | None) -> int:
         print(f"error: --output_dir {output_dir}: {_reason(error)}; nothing was left "
               f"half-written", file=sys.stderr)
         return 2
-    print(output_dir)
-    return 0
+    return print_path(output_dir)
 
 
 def _reason(error: OSError) -> str:

@@ -24,3 +24,20 @@ def test_sets_are_disjoint_prose_and_read_back(tmp_path):
     assert set(SETS) == {"calibration", "evaluation"}
     with pytest.raises(ValueError, match="unknown English text set 'wiki'"):
         english_file("wiki", tmp_path)
+
+
+def test_the_module_tool_into_a_closed_pipe_exits_141_quietly(tmp_path):
+    """`python -m kiln.testing.english evaluation | true` had ended in a BrokenPipeError
+    traceback, exit 1."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "KILN_CACHE_DIR": str(tmp_path)}
+    command = f"{sys.executable} -m kiln.testing.english evaluation | true; " \
+              "echo ${PIPESTATUS[0]} >&2"
+    # the reader exits before the tool prints: reading the stdlib's docstrings takes seconds
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.stderr.splitlines()[-1] == "141", done.stderr
+    assert "Traceback" not in done.stderr
