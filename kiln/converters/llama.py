@@ -85,6 +85,10 @@ class LlamaConverter(Converter):
                               f"(kiln's gated MLP is SwiGLU: 'silu')")
         hidden = hf_get(hf, "hidden_size")
         heads = hf_get(hf, "num_attention_heads")
+        if hf.get("head_dim") is None and hidden % heads:  # transformers refuses it too
+            raise ConfigError(f"config.json: hidden_size {hidden} is not a multiple of "
+                              f"num_attention_heads {heads}; fix it in config.json (or give "
+                              f"head_dim)")
         theta, scaling = rope_from_hf(hf)
         architecture = architecture_name(hf)
         bias = hf_flag(hf, "attention_bias", False)

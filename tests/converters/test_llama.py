@@ -78,3 +78,16 @@ def test_ignored_window_settings_give_transformers_logits(tmp_path, model_cls, s
     want, tokens = hf_step_logits(model, PROMPT, steps=8)  # 19 positions: past the window of 4
     got = ref_step_logits(ReferenceDecoder.from_checkpoint(out), PROMPT, tokens)
     assert max_abs_diff(got, want) <= 1e-4
+
+
+def test_heads_that_do_not_divide_the_width_are_named():
+    """5 heads of a 64-wide model had been refused as a weight-shape mismatch."""
+    from kiln.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^config.json: hidden_size 64 is not a multiple of "
+                                          r"num_attention_heads 5; fix it in config.json"):
+        LlamaConverter.config_from_hf(_hf_config("LlamaForCausalLM", num_attention_heads=5,
+                                                 num_key_value_heads=5))
+    config = LlamaConverter.config_from_hf(_hf_config(  # an explicit head_dim: HF's too
+        "LlamaForCausalLM", num_attention_heads=5, num_key_value_heads=5, head_dim=16))
+    assert (config.num_heads, config.head_dim) == (5, 16)
