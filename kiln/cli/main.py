@@ -49,15 +49,26 @@ def _traceback_if_debug(ctx: click.Context) -> None:
 GLOBAL_OPTIONS = ("-v", "--verbose", "-vv", "-q", "--quiet", "--debug")
 
 
-def _stdout_reader_gone() -> bool:
-    """Whether stdout is a pipe whose reader has closed it (poll reports an error on it); a
-    broken pipe elsewhere (a worker's) stays an error."""
-    try:
-        poller = select.poll()
-        poller.register(sys.stdout.fileno(), select.POLLOUT)
-        return any(events & select.POLLERR for _, events in poller.poll(0))
-    except (OSError, ValueError, AttributeError):  # no file descriptor (a test's capture)
-        return False
+def _readers_gone() -> list[int]:
+    """The file descriptors of stdout and stderr that are pipes whose reader has closed them
+    (poll reports an error on them); a broken pipe elsewhere (a worker's) stays an error."""
+    gone = []
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            poller = select.poll()
+            poller.register(stream.fileno(), select.POLLOUT)
+            if any(events & select.POLLERR for _, events in poller.poll(0)):
+                gone.append(stream.fileno())
+        except (OSError, ValueError, AttributeError):  # no file descriptor (a test's capture)
+            continue
+    return gone
+
+
+def _quiet(descriptors: list[int]) -> None:
+    """Point the gone streams at /dev/null: the interpreter flushes them again at exit."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    for fd in descriptors:
+        os.dup2(null, fd)
 
 
 class KilnGroup(click.Group):
@@ -71,7 +82,8 @@ class KilnGroup(click.Group):
         except SystemExit as e:
             # click exits 1 when stdout's reader went away while it printed (`kiln --help |
             # true`); a command's own output exits 141 then (invoke below): the same for both
-            if e.code == 1 and _stdout_reader_gone():
+            if e.code == 1 and (gone := _readers_gone()):
+                _quiet(gone)
                 raise SystemExit(128 + signal.SIGPIPE) from None
             raise
 
@@ -97,9 +109,10 @@ class KilnGroup(click.Group):
             click.echo(f"error: {e.format_message()} ({hint})", err=True)
             ctx.exit(2)
         except OSError as e:  # the machine refused: disk full, permissions, a read-only mount
-            if isinstance(e, BrokenPipeError) and _stdout_reader_gone():
-                # `kiln run ... | head`: stop quietly, as a tool killed by SIGPIPE does
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            if isinstance(e, BrokenPipeError) and (gone := _readers_gone()):
+                # `kiln run ... | head` (or stderr's reader gone): stop quietly, as a tool
+                # killed by SIGPIPE does
+                _quiet(gone)
                 ctx.exit(128 + signal.SIGPIPE)
             _traceback_if_debug(ctx)
             where = f"{e.filename}: " if e.filename else ""

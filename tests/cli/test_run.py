@@ -64,6 +64,18 @@ def test_a_reader_that_closes_the_pipe_ends_the_run_quietly(engine, streaming):
     assert (process.returncode, err.decode()) == (141, "")
 
 
+def test_a_reader_that_closes_stderr_ends_the_run_quietly(engine, tmp_path):
+    """`kiln run ... 2>&1 >out.txt | true`: the stats line into stderr's closed pipe had ended
+    the run with exit 1 (click's own choice); the text is in the file, the exit is 141."""
+    command = [sys.executable, "-m", "kiln.cli.main", "run", "--engine_dir", str(engine),
+               "--input_text", "Hi", "--max_output_len", "8", "--ignore_eos"]
+    with open(tmp_path / "out.txt", "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.PIPE)
+        process.stderr.close()
+        assert process.wait(timeout=120) == 141
+    assert (tmp_path / "out.txt").read_text().strip()
+
+
 def test_a_broken_pipe_that_is_not_stdout_stays_an_error():
     @click.command("broken_pipe_elsewhere")
     def broken() -> None:
