@@ -89,6 +89,12 @@ class KilnGroup(click.Group):
 
     def invoke(self, ctx: click.Context):
         install_termination_signals()
+        if sys.stdout is None:  # `kiln run ... >&-`
+            # Python's stdout is None then, and click drops what is echoed: the text was lost,
+            # exit 0
+            click.echo("error: standard output is closed (>&-), so kiln's output would be "
+                       "lost; send it to a file or to /dev/null", err=True)
+            ctx.exit(2)
         try:
             return super().invoke(ctx)
         except KilnError as e:
