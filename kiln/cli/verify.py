@@ -83,9 +83,9 @@ def verify(obj: CliContext, engine_dir: Path | None, engine_dir_option: Path | N
     problems = [p for p in (manifest_edit(data),
                             kiln_version_problem(manifest.kiln_version, kiln.__version__))
                 if p is not None]
+    problems += manifest_problems(manifest)  # each said: the count below had included them
     for problem in problems:
         click.echo(f"FAIL manifest  {problem}")
-    problems += manifest_problems(manifest)
     files = [(rank, name) for rank in sorted(manifest.rank_files)
              for name in manifest.rank_files[rank]]
     paths = [p for _, name in files if (p := engine_dir / name).is_file()]

@@ -108,6 +108,9 @@ def test_manifest_problems(engine):
     assert r.exit_code == 2 and "3 problem(s), first: config.json: edited since the build" in \
         r.output  # (this test's own edit), then the two the edit made
     assert "ok   rank 0  rank0.onnx " in r.output  # present, its size: no checksum to compare
+    # every problem counted is said (the two the edit made had been counted, not shown)
+    assert [line for line in r.output.splitlines() if line.startswith("FAIL")][1:] == [
+        "FAIL manifest  rank 1: no files listed", "FAIL manifest  rank0.onnx: no checksum recorded"]
     rewrite_manifest(engine, rank_files={"0": [], "1": [], "2": ["rank0.onnx"]})
     assert manifest_problems(read_manifest(engine)) == [
         "rank 0: no files listed", "rank 1: no files listed",
