@@ -206,6 +206,22 @@ def hf_get(hf: dict[str, Any], *keys: str | Sequence[str], default: Any = _MISSI
     return default
 
 
+def refuse_a_decode_only_window(hf: dict[str, Any], architecture: str, positions: int,
+                                also: str = "") -> None:
+    """A ``sliding_window`` on a model whose attention masks none (Llama, Falcon): transformers'
+    cache still keeps only the last ``sliding_window`` positions when the config has one, so a
+    prompt is read whole and decoding then sees a window. That is no single model: refused
+    unless the window covers every position (a trial's Falcon with a window had converted
+    without it, and its tokens left HF's at the second)."""
+    window = hf_get(hf, "sliding_window", default=None)
+    if window is not None and window < positions:
+        raise ConfigError(
+            f"config.json: sliding_window {window} on {architecture}: transformers attends to a "
+            f"whole prompt but decodes with only the last {window} positions cached, which kiln "
+            f"does not copy; fix it in config.json: null for full attention"
+            + (f", or {also}" if also else ""))
+
+
 def hf_section(hf: dict[str, Any], key: str) -> dict[str, Any]:
     """A nested settings object (``attn_config``, ``rope_scaling``): {} when absent or null, a
     ConfigError naming the key when not an object (``"attn_config": "x"`` had been a generic
@@ -266,8 +282,10 @@ def rope_from_hf(hf: dict[str, Any], default_theta: float = 10000.0) -> tuple[fl
     scaling = hf_section(hf, "rope_scaling")
     theta = float(hf_get(hf, ("rope_parameters", "rope_theta"), "rope_theta",
                          default=default_theta))
-    merged = {**params, **scaling}
-    kind = merged.get("rope_type", merged.get("type", "default"))
+    # rope_scaling's type over rope_parameters', each spelled rope_type or (older) type: a
+    # trial's {"type": "linear"} beside a default rope_parameters had converted unscaled
+    kind = next((section[key] for section in (scaling, params) for key in ("rope_type", "type")
+                 if section.get(key) is not None), "default")
     if kind == "default":
         return theta, None
     if kind not in _ROPE_TYPES:

@@ -41,6 +41,7 @@ from kiln.converters.base import (
     architecture_name,
     hf_flag,
     hf_get,
+    refuse_a_decode_only_window,
     register,
     rope_from_hf,
     unknown_keys,
@@ -110,6 +111,7 @@ class FalconConverter(Converter):
     @classmethod
     def config_from_hf(cls, hf: dict[str, Any]) -> DecoderConfig:
         _refuse_unsupported(hf)
+        refuse_a_decode_only_window(hf, architecture_name(hf), cls.max_positions(hf))
         hidden = hf_get(hf, "hidden_size", "n_embed")
         heads = hf_get(hf, "num_attention_heads", "n_head")
         if hidden % heads:

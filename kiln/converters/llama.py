@@ -19,6 +19,7 @@ from kiln.converters.base import (
     concat_rows,
     hf_flag,
     hf_get,
+    refuse_a_decode_only_window,
     register,
     rope_from_hf,
     unknown_keys,
@@ -45,20 +46,14 @@ def _sliding_window(hf: dict[str, Any], architecture: str) -> int | None:
     ``use_sliding_window`` is Qwen2's switch; neither class reads it, so a ``false`` beside a
     Mistral window does not turn the window off (a trial: kiln had dropped it, and its tokens
     then differed from HF's); that is said at the default level. Llama's attention masks no
-    window, but transformers' cache keeps only the last ``sliding_window`` positions when the
-    config has one, so a prompt is read whole and decoding then sees a window: no single
-    model, refused unless the window covers every position.
+    window (:func:`~kiln.converters.base.refuse_a_decode_only_window`).
     """
     window = hf_get(hf, "sliding_window", default=None)
     use = hf_flag(hf, "use_sliding_window", True)
     if architecture != "MistralForCausalLM":
-        positions = hf_get(hf, "max_position_embeddings")
-        if window is not None and window < positions:
-            raise ConfigError(
-                f"config.json: sliding_window {window} on {architecture}: transformers attends "
-                f"to a whole prompt but decodes with only the last {window} positions cached, "
-                f"which kiln does not copy; fix it in config.json: null for full attention, or "
-                f"architectures [\"MistralForCausalLM\"] for a window everywhere")
+        refuse_a_decode_only_window(hf, architecture, LlamaConverter.max_positions(hf),
+                                    "architectures [\"MistralForCausalLM\"] for a window "
+                                    "everywhere")
         return None
     if "sliding_window" not in hf:
         log.info("config.json has no sliding_window; Mistral's default of %d tokens applies, "

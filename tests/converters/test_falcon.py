@@ -248,3 +248,16 @@ def test_wrong_multi_query_flag_names_the_fused_tensor(tmp_path):
     (hf_dir / "config.json").write_text(json.dumps({**hf, "multi_query": False}))
     with pytest.raises(TensorMappingError, match="query_key_value has 96 rows"):
         kiln.convert_checkpoint(hf_dir, tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize("window, refused", [(4, True), (2048, False), (None, False)])
+def test_a_window_transformers_applies_only_when_decoding_is_refused(window, refused):
+    """A trial: Falcon with "sliding_window": 4 converted without a window, where transformers'
+    cache keeps only 4 positions when decoding; the tokens left HF's at the second."""
+    hf = {**FALCON_7B, "sliding_window": window}
+    if refused:
+        with pytest.raises(ConfigError, match=r"^config.json: sliding_window 4 on "
+                                              r"FalconForCausalLM: .*null for full attention$"):
+            FalconConverter.config_from_hf(hf)
+    else:
+        assert FalconConverter.config_from_hf(hf).sliding_window is None

@@ -91,3 +91,38 @@ def test_heads_that_do_not_divide_the_width_are_named():
     config = LlamaConverter.config_from_hf(_hf_config(  # an explicit head_dim: HF's too
         "LlamaForCausalLM", num_attention_heads=5, num_key_value_heads=5, head_dim=16))
     assert (config.num_heads, config.head_dim) == (5, 16)
+
+
+@pytest.mark.parametrize("scaling", [{"type": "linear", "factor": 4.0},
+                                     {"rope_type": "linear", "factor": 4.0}])
+def test_rope_scaling_in_either_spelling_of_its_type_gives_transformers_logits(tmp_path,
+                                                                                scaling):
+    """A trial: {"type": "linear"} (older hub configs' spelling) beside the default
+    rope_parameters transformers 5 writes had converted unscaled, and the tokens differed."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from kiln.checkpoint import load_config
+    from kiln.reference import ReferenceDecoder
+    from tests.helpers import hf_step_logits, max_abs_diff, ref_step_logits, save_hf_model
+    from tests.models import LLAMA_BASE, PROMPT
+
+    src = save_hf_model(LlamaForCausalLM, LlamaConfig(**LLAMA_BASE), tmp_path / "hf")
+    config = json.loads((src / "config.json").read_text())
+    assert config["rope_parameters"]["rope_type"] == "default"  # what transformers 5 writes
+    (src / "config.json").write_text(json.dumps({**config, "rope_scaling": scaling}))
+    out = kiln.convert_checkpoint(src, tmp_path / "ckpt", progress=False)
+    assert load_config(out).decoder.rope_scaling.factor == 4.0
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    want, tokens = hf_step_logits(model, PROMPT, steps=8)
+    got = ref_step_logits(ReferenceDecoder.from_checkpoint(out), PROMPT, tokens)
+    assert max_abs_diff(got, want) <= 1e-4
+
+
+def test_an_older_spelled_llama3_scaling_still_needs_its_factors():
+    """{"type": "llama3", "factor": 8} had converted with no scaling (transformers refuses it)."""
+    from kiln.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="rope_scaling of rope type 'llama3' has no "):
+        LlamaConverter.config_from_hf(_hf_config(
+            "LlamaForCausalLM", rope_scaling={"type": "llama3", "factor": 8.0}))
