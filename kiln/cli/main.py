@@ -18,6 +18,7 @@ import os
 import select
 import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -30,6 +31,7 @@ from kiln.config import DTYPES
 from kiln.converters.options import ConvertOptions
 from kiln.errors import KilnError
 from kiln.interrupts import (
+    TERMINATING,
     deferred_interrupts,
     exit_code,
     install_termination_signals,
@@ -285,12 +287,34 @@ def run(args: list[str] | None = None) -> None:
         main(args, prog_name="kiln")
     except SystemExit as e:
         if not _interrupted:
+            _signals_end_the_teardown()
             raise
         logging.shutdown()
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):  # a closed pipe: nothing more to say
                 stream.flush()
         os._exit(e.code if isinstance(e.code, int) else 1)
+
+
+def _signals_end_the_teardown() -> None:
+    """The command is done: a Ctrl-C, SIGTERM or SIGHUP from now on, in the interpreter's
+    teardown (torch's and ONNX Runtime's exit hooks), ends the process at once as one in the
+    middle of a command does: one line and 130 / 143 / 129 (a trial's Ctrl-C right after
+    ``kiln cache build`` printed its engine had shown a traceback from an exit hook, exit 0).
+    What the command wrote is flushed first, so nothing is lost."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed pipe: nothing more to say
+            stream.flush()
+
+    def stop(signum: int, frame: Any) -> None:
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        with contextlib.suppress(OSError):  # os.write: no buffered writer to re-enter here
+            os.write(2, f"interrupted ({name})\n".encode())
+        os._exit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        for number in (signal.SIGINT, *TERMINATING):
+            signal.signal(number, stop)
 
 
 if __name__ == "__main__":  # pragma: no cover

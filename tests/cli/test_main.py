@@ -238,3 +238,21 @@ def test_a_closed_stdout_is_refused_not_silently_lost(tmp_path):
     assert done.returncode == 2 and done.stderr == \
         "error: standard output is closed (>&-), so kiln's output would be lost; send it to a " \
         "file or to /dev/null\n"
+
+
+def test_a_signal_after_the_command_is_done_ends_it_as_an_interrupt(tmp_path):
+    """A trial's Ctrl-C right after `kiln cache build` printed its engine landed in an exit
+    hook of the interpreter's teardown: a traceback ('Exception ignored in atexit callback'),
+    exit 0. Here an exit hook sends the signal itself, as late as it can come."""
+    script = textwrap.dedent(f"""
+        import atexit, os, signal, time
+        from kiln.cli.main import run
+        atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(5)))
+        run(["cache", "list", "--cache_dir", {str(tmp_path)!r}])
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.splitlines()[-1] == "interrupted (Ctrl-C)" and \
+        "Traceback" not in done.stderr
+    assert done.stdout  # what the command printed came out first
