@@ -101,10 +101,11 @@ def test_what_does_not_decide_the_engine_keeps_the_key(tiny_hf, cache_dir, optio
     (dict(max_seq_len=64, max_input_len=64, max_num_tokens=64), {}),
     (dict(max_seq_len=32, max_input_len=32), dict(max_seq_len=32)),
     (dict(max_batch_size=96, max_num_tokens=96), dict(max_batch_size=96)),
+    (dict(dtype="float32"), {}),  # the model's own dtype, which auto keeps
 ])
 def test_a_length_given_at_its_default_keeps_the_key(tiny_hf, cache_dir, options, same_as):
     """A trial's --max_seq_len equal to what the default resolves to (the model's positions,
-    64 here) had built a second, identical engine."""
+    64 here), and --dtype float32 of a float32 model, had built a second, identical engine."""
     assert _key(tiny_hf, **options) == _key(tiny_hf, **same_as)
 
 
