@@ -32,6 +32,7 @@ from kiln.converters.options import ConvertOptions
 from kiln.errors import KilnError
 from kiln.interrupts import (
     TERMINATING,
+    Terminated,
     deferred_interrupts,
     exit_code,
     install_termination_signals,
@@ -290,10 +291,14 @@ def run(args: list[str] | None = None) -> None:
             _signals_end_the_teardown()
             raise
         logging.shutdown()
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):  # a closed pipe: nothing more to say
-                stream.flush()
+        _flush_standard_streams()
         os._exit(e.code if isinstance(e.code, int) else 1)
+
+
+def _flush_standard_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed pipe: nothing more to say
+            stream.flush()
 
 
 def _signals_end_the_teardown() -> None:
@@ -302,15 +307,13 @@ def _signals_end_the_teardown() -> None:
     middle of a command does: one line and 130 / 143 / 129 (a trial's Ctrl-C right after
     ``kiln cache build`` printed its engine had shown a traceback from an exit hook, exit 0).
     What the command wrote is flushed first, so nothing is lost."""
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):  # a closed pipe: nothing more to say
-            stream.flush()
+    _flush_standard_streams()
 
     def stop(signum: int, frame: Any) -> None:
-        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        interrupt = KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
         with contextlib.suppress(OSError):  # os.write: no buffered writer to re-enter here
-            os.write(2, f"interrupted ({name})\n".encode())
-        os._exit(128 + signum)
+            os.write(2, f"interrupted ({signal_name(interrupt)})\n".encode())
+        os._exit(exit_code(interrupt))
 
     if threading.current_thread() is threading.main_thread():
         for number in (signal.SIGINT, *TERMINATING):
