@@ -80,6 +80,12 @@ class KilnGroup(click.Group):
     into one line and exit 130 / 143 / 129 (click's own handler would exit 1)."""
 
     def main(self, *args, **kwargs):
+        if sys.stdout is None:  # `kiln run ... >&-` (or `kiln --help >&-`)
+            # Python's stdout is None then, and click drops what is echoed: the text was lost,
+            # exit 0. Checked before parsing, which prints --help and exits
+            click.echo("error: standard output is closed (>&-), so kiln's output would be "
+                       "lost; send it to a file or to /dev/null", err=True)
+            sys.exit(2)
         try:
             return super().main(*args, **kwargs)
         except SystemExit as e:
@@ -92,12 +98,6 @@ class KilnGroup(click.Group):
 
     def invoke(self, ctx: click.Context):
         install_termination_signals()
-        if sys.stdout is None:  # `kiln run ... >&-`
-            # Python's stdout is None then, and click drops what is echoed: the text was lost,
-            # exit 0
-            click.echo("error: standard output is closed (>&-), so kiln's output would be "
-                       "lost; send it to a file or to /dev/null", err=True)
-            ctx.exit(2)
         try:
             return super().invoke(ctx)
         except KilnError as e:

@@ -230,10 +230,12 @@ def test_a_library_s_own_error_for_a_ctrl_c_is_an_interrupt(monkeypatch, error):
     assert result.exit_code == 1 and isinstance(result.exception, RuntimeError)
 
 
-def test_a_closed_stdout_is_refused_not_silently_lost(tmp_path):
-    """`kiln run ... >&-`: Python's stdout is None and click dropped the text, exit 0."""
-    done = subprocess.run(["bash", "-c", f"{sys.executable} -m kiln.cli.main cache list "
-                                         f"--cache_dir {tmp_path} >&-"],
+@pytest.mark.parametrize("args", ["cache list --cache_dir {tmp}", "--help", "cache --help"])
+def test_a_closed_stdout_is_refused_not_silently_lost(tmp_path, args):
+    """`kiln run ... >&-`: Python's stdout is None and click dropped the text, exit 0 (also
+    `kiln --help >&-`, which click prints while parsing)."""
+    args = args.format(tmp=tmp_path)
+    done = subprocess.run(["bash", "-c", f"{sys.executable} -m kiln.cli.main {args} >&-"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr == \
         "error: standard output is closed (>&-), so kiln's output would be lost; send it to a " \
