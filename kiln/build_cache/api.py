@@ -196,14 +196,15 @@ def key_parts(source: SourceId, convert: Any, build: Any) -> tuple[KeyParts, Any
     """The key's parts for these validated options, and ``build`` with its targets resolved
     (the backend's default targets on this machine when none were given)."""
     from kiln.builder.backends import get_backend
-    from kiln.builder.options import without_default_lengths
+    from kiln.builder.options import canonical
 
     engine = get_backend(build.backend)  # EngineError if it cannot be used here
     dtype = resolve_dtype(convert.dtype, build, source)
     targets = tuple(build.targets) or tuple(engine.default_targets(dtype))
     build = dataclasses.replace(build, targets=targets)
-    if any((build.max_seq_len, build.max_input_len, build.max_num_tokens)):
-        build = without_default_lengths(build, _max_positions(source))
+    if any((build.max_seq_len, build.max_input_len, build.max_num_tokens,
+            build.allow_long_context)):
+        build = canonical(build, _max_positions(source))
     parts = KeyParts(
         source=source.key,
         kiln={"version": kiln.__version__, "code": code_digest()},

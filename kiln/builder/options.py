@@ -98,14 +98,17 @@ def resolve_limits(options: BuildOptions, decoder: DecoderConfig) -> BuildLimits
     return limits
 
 
-def without_default_lengths(options: BuildOptions, max_positions: int) -> BuildOptions:
-    """``options`` with each length given at the value its default resolves to set back to
-    None: the same engine (the build cache had made a second entry for ``max_seq_len=2048``
-    of a model whose default is 2048)."""
+def canonical(options: BuildOptions, max_positions: int) -> BuildOptions:
+    """``options`` with what builds the same engine as the defaults set back to them: each
+    length given at the value its default resolves to (the build cache had made a second entry
+    for ``max_seq_len=2048`` of a model whose default is 2048), and ``allow_long_context``
+    where max_seq_len stays within the model's positions (it allows nothing there)."""
     names = ("max_seq_len", "max_input_len", "max_num_tokens")
-    return replace(options, **{
-        name: None if given == default else given
-        for name, (given, default) in zip(names, _lengths(options, max_positions), strict=True)})
+    lengths = _lengths(options, max_positions)
+    seq = lengths[0][0] or lengths[0][1]
+    return replace(options, allow_long_context=options.allow_long_context and seq > max_positions,
+                   **{name: None if given == default else given
+                      for name, (given, default) in zip(names, lengths, strict=True)})
 
 
 def _lengths(options: BuildOptions, max_positions: int) -> list[tuple[int | None, int]]:

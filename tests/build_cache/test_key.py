@@ -80,11 +80,20 @@ def test_the_key_is_canonical_json():
     dict(backend="torch"), dict(dtype="float16"), dict(tp_size=2), dict(pp_size=2),
     dict(allow_pickle=True), dict(max_batch_size=4), dict(max_input_len=16),
     dict(max_seq_len=32), dict(max_num_tokens=128), dict(targets=("cuda",)),
-    dict(plugins={"norm": "disable"}), dict(allow_long_context=True),
-    dict(gather_context_logits=True), dict(weight_only_int8_compute=True),
+    dict(plugins={"norm": "disable"}), dict(gather_context_logits=True),
+    dict(weight_only_int8_compute=True),
 ])
 def test_each_option_changes_the_key(tiny_hf, cache_dir, options):
     assert _key(tiny_hf, **options) != _key(tiny_hf)
+
+
+def test_allow_long_context_is_in_the_key_only_where_it_allows_something(tiny_hf, cache_dir):
+    """A trial's --allow_long_context at a max_seq_len within the model's 64 positions made a
+    second, identical engine; past them it builds another engine."""
+    assert _key(tiny_hf, allow_long_context=True) == _key(tiny_hf)
+    assert _key(tiny_hf, allow_long_context=True, max_seq_len=32) == _key(tiny_hf, max_seq_len=32)
+    assert _key(tiny_hf, allow_long_context=True, max_seq_len=128) != \
+        _key(tiny_hf, max_seq_len=128)
 
 
 @pytest.mark.parametrize("options", [
