@@ -285,6 +285,17 @@ def _enum(enum: type[Enum], value: Any, name: str) -> Enum:
         raise ConfigError(f"{name} must be one of {choices}, found {value!r}") from None
 
 
+def _hint(name: str, names: list[str]) -> str | None:
+    """What an unknown keyword ``name`` may have meant among ``names``: the CLI's
+    ``--<plugin>_plugin MODE`` is ``plugins={'<plugin>': MODE}`` in the API, else the closest
+    name."""
+    plugin, suffix, tail = name.rpartition("_plugin")
+    if plugin and suffix and not tail and "plugins" in names:
+        return f"{name}: the API takes plugins={{{plugin!r}: 'enable'|'disable'|'auto'}}"
+    close = difflib.get_close_matches(name, names, n=1)
+    return f"{name}: did you mean {close[0]}?" if close else None
+
+
 def options_from(cls: type, given: dict[str, Any], caller: str, also: tuple[str, ...] = (),
                  **fixed: Any) -> Any:
     """``cls(**fixed, **given)`` for an options dataclass, with a :class:`ConfigError` naming
@@ -294,8 +305,7 @@ def options_from(cls: type, given: dict[str, Any], caller: str, also: tuple[str,
     unknown = sorted(set(given) - known)
     if unknown:
         names = sorted(known | set(also))
-        hints = [f"{name}: did you mean {close[0]}?" for name in unknown
-                 if (close := difflib.get_close_matches(name, names, n=1))]
+        hints = [hint for name in unknown if (hint := _hint(name, names))]
         guess = f" ({'; '.join(hints)})" if hints else ""
         raise ConfigError(f"{caller}() got unknown options {unknown}{guess}; it takes "
                           f"{', '.join(names)}")

@@ -99,6 +99,12 @@ class LLM:
             raise TypeError(f"LLM() takes options as ExecutorOptions(...), found "
                             f"{type(options).__name__} {options!r:.60}")
         if engine_dir is not None and build_options:
+            from kiln.dirs import DirKind, classify_dir
+
+            if classify_dir(engine_dir) is DirKind.HF_CHECKPOINT:
+                raise TypeError(f"LLM() got {engine_dir} as an engine dir, and it is a Hugging "
+                                f"Face checkpoint: pass LLM(model={str(engine_dir)!r}, ...) to "
+                                f"build it with {sorted(build_options)}")
             raise TypeError(f"LLM() got build options {sorted(build_options)} with an engine dir, "
                             f"which is built already; they apply to LLM(model=...) only")
         if model is not None:  # its keywords go on to engine_for_model: refused as LLM's

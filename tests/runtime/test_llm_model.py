@@ -112,10 +112,25 @@ def test_wrong_combinations_are_type_errors(args, kwargs, message, cache):
 def test_an_unknown_build_option_is_named(tiny_hf, cache):
     with pytest.raises(ConfigError, match=r"^LLM\(\) got unknown options \['max_batch_sizes'\]"):
         LLM(model=tiny_hf, max_batch_sizes=2)
+    with pytest.raises(ConfigError) as raised:  # the CLI's --gqa_plugin disable
+        LLM(model=tiny_hf, gqa_plugin="disable")
+    assert "gqa_plugin: the API takes plugins={'gqa': 'enable'|'disable'|'auto'}" in \
+        str(raised.value)
     with pytest.raises(ConfigError) as raised:  # LLM passes engine_for_model's check itself
         LLM(model=tiny_hf, check=print)
     assert "unknown options ['check']" in str(raised.value)
     assert " check," not in str(raised.value).partition("it takes")[2]
+
+
+def test_a_hugging_face_dir_given_as_an_engine_dir_with_build_options_is_named(tiny_hf, cache):
+    """A trial's LLM('models/x', max_seq_len=32) was told its Hugging Face checkpoint was an
+    engine dir 'built already'."""
+    with pytest.raises(TypeError) as raised:
+        LLM(tiny_hf, max_seq_len=32)
+    assert str(raised.value) == (f"LLM() got {tiny_hf} as an engine dir, and it is a Hugging Face "
+                                 f"checkpoint: pass LLM(model={str(tiny_hf)!r}, ...) to build it "
+                                 f"with ['max_seq_len']")
+    assert not cache.dir.exists()
 
 
 def test_async_llm_opens_and_closes_its_own_llm(tiny_hf, cache):
