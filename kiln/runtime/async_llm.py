@@ -11,7 +11,8 @@ Contract:
   batch at the next step.
 - ``async for delta in stream(request_id)`` yields :class:`StreamDelta` objects until the
   request finishes; ``await abort(request_id)`` ends it (its last delta has finish_reason
-  ``abort``) and frees its slot at once; the others continue.
+  ``abort``) and frees its slot at once; the others continue. Cancelling the task that reads a
+  stream, or leaving the stream early, aborts its request too.
 - A request that fails alone (non-finite logits, more KV cache than the executor has) ends its
   stream with finish_reason ``error`` and the reason in ``result.error``; the others go on.
 - An engine failure (an exception out of a step: a rank or replica that died, a CUDA error;
@@ -139,22 +140,30 @@ class AsyncLLM:
         return await asyncio.wrap_future(future)
 
     async def stream(self, request_id: str) -> AsyncIterator[StreamDelta]:
-        """Deltas of a submitted request until it finishes (raises the engine's failure)."""
+        """Deltas of a submitted request until it finishes (raises the engine's failure).
+        Cancelling the consuming task, or leaving the stream before its end (``break``, then
+        the generator's ``aclose()``), aborts the request."""
         sink = self._loop.sinks.get(request_id)
         if sink is None:
             if self._loop.error is not None:
                 raise _again(self._loop.error)
             raise RequestError(f"unknown request id {request_id!r} (not submitted, or finished "
                                f"and already streamed)")
-        while True:
-            item = await sink.queue.get()
-            if isinstance(item, BaseException):
-                self._loop.sinks.pop(request_id, None)
-                raise _again(item)
-            yield item
-            if item.finished:
-                self._loop.sinks.pop(request_id, None)
-                return
+        ended = False
+        try:
+            while True:
+                item = await sink.queue.get()
+                if isinstance(item, BaseException):
+                    ended = True
+                    raise _again(item)
+                yield item
+                if item.finished:
+                    ended = True
+                    return
+        finally:
+            self._loop.sinks.pop(request_id, None)
+            if not ended:  # the consumer was cancelled or stopped reading: its slot is freed
+                self._loop.send(("abort", request_id))
 
     async def abort(self, request_id: str) -> None:
         """End a request now; its stream ends with finish_reason ``abort``."""
@@ -163,13 +172,9 @@ class AsyncLLM:
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None):
         """Submit and wait for the result; cancelling the awaiting task aborts the request."""
         request_id = await self.submit(prompt, params)
-        try:
-            async for delta in self.stream(request_id):
-                if delta.result is not None:
-                    return delta.result
-        except asyncio.CancelledError:
-            self._loop.send(("abort", request_id))
-            raise
+        async for delta in self.stream(request_id):  # a cancel there aborts the request
+            if delta.result is not None:
+                return delta.result
         raise RuntimeError(f"request {request_id} ended without a result")
 
     def close(self) -> None:

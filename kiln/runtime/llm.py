@@ -161,6 +161,7 @@ class LLM:
         self.tokenizer = tokenizer
         self.core = core if core is not None else EngineCore(executor, tokenizer, policy)
         self.lock = threading.Lock()
+        self._driver: int | None = None  # the thread whose call holds the lock
         self.async_owner: object | None = None  # an open AsyncLLM drives the core instead
         self.error: BaseException | None = None  # the engine's failure: terminal
         self.closed = False
@@ -194,6 +195,7 @@ class LLM:
                 self._release()  # the cache entry may be pruned from now on
 
     def __enter__(self) -> LLM:
+        self.check_open()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -234,7 +236,7 @@ class LLM:
         if self.async_owner is not None:
             raise RuntimeError("warm the LLM up before an AsyncLLM drives it")
         start = time.perf_counter()
-        with self.lock:
+        with self._driving():
             if self.core.has_work():
                 raise RuntimeError("warm the LLM up before it takes requests")
             try:
@@ -252,6 +254,22 @@ class LLM:
             logger.info("no warm-up: the engine runs on the CPU, where nothing is compiled or "
                         "set up at first use")
         return seconds
+
+    @contextlib.contextmanager
+    def _driving(self) -> Iterator[None]:
+        """The lock that serializes calls. Another thread's call waits for it; this thread's
+        is refused while a stream of its own is still open (left unfinished and not closed, it
+        holds the lock: waiting would never end)."""
+        if self._driver == threading.get_ident():
+            raise RuntimeError("a generate_stream of this LLM is still open in this thread (not "
+                               "read to its end, nor closed): finish it or call its close() "
+                               "first, which aborts its requests")
+        with self.lock:
+            self._driver = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._driver = None
 
     # -- prompts -----------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
@@ -322,7 +340,7 @@ class LLM:
         if self.async_owner is not None:
             raise RuntimeError("this LLM is driven by an AsyncLLM; use its submit/stream, or "
                                "close it first")
-        with self.lock:
+        with self._driving():
             ids = self._add_all(prompts, params)
             index = {rid: i for i, rid in enumerate(ids)}
             live = set(ids)

@@ -128,6 +128,21 @@ def test_breaking_out_of_a_stream_aborts_and_frees_the_slot(scripted):
     assert sorted(llm.executor.released) == [0, 1]
 
 
+def test_a_call_while_this_thread_s_stream_is_open_is_refused_not_a_deadlock(scripted):
+    """A trial's `it = llm.generate_stream(...); next(it); llm.generate(...)` waited forever
+    on the lock the unfinished stream held in the same thread."""
+    llm, prompt, _ = scripted()
+    stream = llm.generate_stream(prompt, GREEDY)
+    first = next(stream)
+    for call in (lambda: llm.generate(prompt, GREEDY), lambda: next(llm.generate_stream(prompt)),
+                 llm.warm_up):
+        with pytest.raises(RuntimeError, match="a generate_stream of this LLM is still open in "
+                                               "this thread"):
+            call()
+    assert first.text + "".join(d.text for d in stream) == ANSWER  # the stream goes on
+    assert llm.generate(prompt, GREEDY)[0].text == ANSWER
+
+
 def test_seeded_sampling_reproducible_across_batches(tokenizer):
     def run(prompts, seed):
         llm = LLM.from_executor(HashExecutor(LIMITS, tokenizer.vocab_size), tokenizer)
@@ -214,6 +229,48 @@ def test_async_submit_stream_abort(scripted, tokenizer):
     assert llm.generate(prompt, GREEDY)[0].text == ANSWER  # sync use works again
 
 
+@pytest.mark.parametrize("leave", ["cancel", "break"])
+def test_leaving_an_async_stream_aborts_its_request(scripted, leave):
+    """A trial cancelled the tasks reading 20 streams: their requests kept the engine's 4 slots
+    and ran to max_tokens, so the next request waited 20 s (vLLM aborts them)."""
+    llm, prompt, _ = scripted()
+    many = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    step = llm.core.executor.step
+
+    def slow_step(chunks):  # 6 requests of 40 tokens on 4 slots: 1.6 s if none is aborted
+        time.sleep(0.02)
+        return step(chunks)
+
+    llm.core.executor.step = slow_step
+
+    async def read(engine, rid, started):
+        async for _ in engine.stream(rid):
+            started.set()
+            if leave == "break":
+                break
+        await asyncio.Event().wait()  # holds on after the break, until cancelled
+
+    async def main():
+        async with AsyncLLM(llm) as engine:
+            rids = [await engine.submit(prompt, many) for _ in range(6)]  # 4 slots
+            started = [asyncio.Event() for _ in rids]
+            tasks = [asyncio.create_task(read(engine, r, e)) for r, e in zip(rids, started,
+                                                                             strict=True)]
+            await asyncio.gather(*(e.wait() for e in started[:4]))
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for _ in range(30):  # the engine thread takes the aborts at its next step
+                if not llm.core.requests:
+                    break
+                await asyncio.sleep(0.01)
+            unfinished = [r for r in llm.core.requests.values() if not r.finished]
+            return unfinished, await engine.generate(prompt, GREEDY)
+
+    unfinished, late = asyncio.run(main())
+    assert unfinished == [] and late.text == ANSWER
+
+
 def test_an_engine_failure_is_terminal_for_async_and_sync_callers(scripted, caplog):
     """A step that raises (a rank died) fails every running request with that one line, ends
     the engine thread (healthy() False: kiln serve's /health), and every later request's
@@ -266,6 +323,7 @@ def test_a_closed_llm_says_so(scripted):
     llm.close()
     llm.close()  # idempotent
     for use in (lambda: llm.generate(prompt, GREEDY), lambda: list(llm.generate_stream(prompt)),
-                lambda: llm.chat([{"role": "user", "content": "hi"}]), lambda: AsyncLLM(llm)):
+                lambda: llm.chat([{"role": "user", "content": "hi"}]), lambda: AsyncLLM(llm),
+                llm.__enter__):  # `with llm:` after close() (a trial's had entered)
         with pytest.raises(EngineClosedError, match="this LLM was closed; open the engine again"):
             use()
