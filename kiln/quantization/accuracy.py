@@ -18,6 +18,7 @@ Non-goals: sliding-window perplexity across samples (``kiln eval`` does that on 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -60,28 +61,37 @@ def _exp(x: float) -> float:
     return math.exp(x) if x < 700 else math.inf
 
 
-def _remedy(qformat: str) -> str:
-    """What more data can do for ``qformat``: only a calibrated format learns from it."""
+def _remedies(qformat: str, settings: Sequence[str]) -> list[str]:
+    """What may win the accuracy back: leaving out ``settings`` (the options that cost
+    accuracy besides the format itself), more data (only a calibrated format learns from it),
+    a wider format (one whose default gate is tighter: none is wider than int8_wo)."""
     from kiln.quantization.config import FORMATS
 
     info = FORMATS.get(qformat)
-    return "calibrate with more or other data, " if info is not None and \
-        info.needs_calibration else ""
+    remedies = [f"try without {' or '.join(settings)}"] if settings else []
+    if info is not None and info.needs_calibration:
+        remedies.append("calibrate with more or other data")
+    if info is None or any(f.max_ppl_ratio < info.max_ppl_ratio for f in FORMATS.values()):
+        remedies.append("choose a wider format")
+    return remedies
 
 
 def check_gate(accuracy: dict[str, Any], qformat: str, max_ppl_ratio: float,
-               enforce: bool) -> bool:
+               enforce: bool, settings: Sequence[str] = ()) -> bool:
     """True if the figures pass; above the limit raises AccuracyGateError when ``enforce``,
-    a NaN/inf figure always (a model that computes NaN is broken, not less accurate)."""
+    a NaN/inf figure always (a model that computes NaN is broken, not less accurate).
+    ``settings``: the options given that cost accuracy besides the format (``--kv_cache_dtype
+    int8``), named in the refusal."""
     figures = [accuracy[k] for k in FIGURES]
     bad = any(not math.isfinite(v) for v in figures)
     passed = not bad and accuracy["ppl_ratio"] <= max_ppl_ratio
     if bad or (not passed and enforce):
         why = "a figure is NaN/inf" if bad else f"ratio above --max_ppl_ratio {max_ppl_ratio}"
+        remedies = [*_remedies(qformat, settings),
+                    "pass --max_ppl_ratio / --no_accuracy_gate to accept it"]
         raise AccuracyGateError(
             f"{qformat} fails the accuracy gate ({why}): {summary(accuracy)}; nothing written; "
-            f"{_remedy(qformat)}choose a wider format, or pass --max_ppl_ratio / "
-            f"--no_accuracy_gate to accept it")
+            f"{', '.join(remedies[:-1])}, or {remedies[-1]}")
     return passed
 
 

@@ -68,6 +68,7 @@ log = logging.getLogger(__name__)
 ACCURACY_FILE = "accuracy.json"
 BATCH_TOKENS = 4096
 FIRM_GATE_TOKENS = 4096  # fewer evaluation tokens than this: the gate says it is weak
+MIN_GATE_TOKENS = 64  # fewer: the enforced gate refuses before any work (a handful of guesses)
 DEFAULT_ALPHA = 0.5  # SmoothQuant's default migration strength (OPT, BLOOM)
 
 
@@ -207,6 +208,38 @@ class _Job:
         if opts.eval_dataset:
             self.eval = token_samples(load_texts(opts.eval_dataset), tokenizer,
                                       opts.calib_max_seq_length)
+        if not opts.no_accuracy_gate:
+            self._check_gate_size()
+
+    def _costly_settings(self) -> list[str]:
+        """The options given that cost accuracy besides the format (a trial's int8_wo with an
+        int8 KV cache failed its gate, told to choose a wider format than the widest)."""
+        quant, opts = self.quant, self.opts
+        settings = [f"--kv_cache_dtype {quant.kv_cache_dtype}"] if quant.kv_cache_dtype else []
+        if quant.quantize_lm_head:
+            settings.append("--quantize_lm_head")
+        default = default_alpha(self.source.decoder.architecture)
+        if opts.smoothquant_alpha not in (None, default):
+            settings.append(f"--smoothquant_alpha {opts.smoothquant_alpha:g} (this model's "
+                            f"default: {default:g})")
+        return settings
+
+    def _check_gate_size(self) -> None:
+        """Refuse an enforced gate that would score fewer than MIN_GATE_TOKENS tokens: a trial's
+        ``--calib_size 1 --calib_max_seq_length 2`` gated fp8 on 1 token, 'passed', and the
+        checkpoint's perplexity was 25% above its source's."""
+        n, length = self.eval.tokens.shape
+        scored = n * (length - 1)  # each window's positions 0..L-2 predict its next token
+        if scored >= MIN_GATE_TOKENS:
+            return
+        more = ("longer --eval_dataset text" if self.opts.eval_dataset else
+                "more calibration samples (--calib_size: a fifth of the text read is held out for "
+                "the gate), a longer --calib_max_seq_length, or an --eval_dataset")
+        raise ConfigError(f"the accuracy gate would score {_count(scored, 'token')} "
+                          f"({_count(n, 'window')} of {length}), too few to decide anything "
+                          f"(it needs {MIN_GATE_TOKENS}, and "
+                          f"{FIRM_GATE_TOKENS} for a firm answer): give {more}; or pass "
+                          f"--no_accuracy_gate to record the figures without enforcing them")
 
     def run(self, out: Path) -> None:
         cfg = self.source.decoder
@@ -323,17 +356,23 @@ class _Job:
             more = "longer --eval_dataset text" if self.opts.eval_dataset else \
                 "more calibration samples (--calib_size: a fifth of them is held out for the " \
                 "gate), or an --eval_dataset"
-            log.warning("the accuracy gate rests on %d tokens only (under %d: its ratio can miss "
-                        "a real loss); give %s", accuracy["tokens"], FIRM_GATE_TOKENS, more)
+            log.warning("the accuracy gate rests on %s only (under %d: its ratio can miss a "
+                        "real loss); give %s", _count(accuracy["tokens"], "token"),
+                        FIRM_GATE_TOKENS, more)
         limit = self.opts.max_ppl_ratio or self.quant.info.max_ppl_ratio
         accuracy["max_ppl_ratio"] = limit
         accuracy["passed"] = check_gate(accuracy, self.quant.qformat, limit,
-                                        enforce=not self.opts.no_accuracy_gate)
+                                        enforce=not self.opts.no_accuracy_gate,
+                                        settings=self._costly_settings())
         log.info("accuracy: %s", summary(accuracy))
         if not accuracy["passed"]:
             log.warning("%s is above the accuracy gate (--no_accuracy_gate): %s",
                         self.quant.qformat, summary(accuracy))
         return accuracy
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _run(layer: ReferenceDecoder, i: int, x: torch.Tensor | None) -> None:

@@ -35,6 +35,8 @@ def _cases(src, src_tp2, texts, quantized, tmp):
     calib = ["--calib_dataset", texts["calib"]]
     empty, binary = tmp / "empty.txt", tmp / "binary.txt"
     empty.write_text("  \n\n")
+    tiny_eval = tmp / "tiny_eval.txt"
+    tiny_eval.write_text("the model reads a layer of weights")  # 34 characters: 2 windows
     binary.write_bytes(b"\xff\xfe\x00bad")
     return {
         "wrong qformat": (["--qformat", "int3"], src, "'int3' is not one of"),
@@ -74,6 +76,16 @@ def _cases(src, src_tp2, texts, quantized, tmp):
                                           "--calib_max_seq_length", "100000"], src,
                                          "calib_max_seq_length 100000 exceeds the model's "
                                          "max_position_embeddings"),
+        # a trial's fp8 gated on 1 token 'passed' at 25% worse perplexity
+        "gate of one token": (["--qformat", "fp8", *calib, "--calib_size", "1",
+                               "--calib_max_seq_length", "2"], src,
+                              "the accuracy gate would score 1 token (1 window of 2), too few to "
+                              "decide anything (it needs 64, and 4096 for a firm answer): give "
+                              "more calibration samples"),
+        "gate of few eval tokens": (["--qformat", "int8_wo", "--eval_dataset", tiny_eval,
+                                     "--calib_max_seq_length", "16"], src,
+                                    "give longer --eval_dataset text; or pass "
+                                    "--no_accuracy_gate"),
         # the default's value, asked for: refused as any other (left out, it is capped)
         "512 past the context": (["--qformat", "int8_sq", *calib,
                                   "--calib_max_seq_length", "512"], src,
@@ -86,7 +98,8 @@ CASES = ["wrong qformat", "group size", "missing file", "empty file", "unreadabl
          "too few tokens", "needs data", "kv needs data", "needs data, length given",
          "already quantized",
          "fp8 scales on int8", "alpha on int4", "alpha nan", "ratio inf", "calib size without data",
-         "gate without text", "calibration past the context", "512 past the context"]
+         "gate without text", "calibration past the context", "512 past the context",
+         "gate of one token", "gate of few eval tokens"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -149,6 +162,24 @@ def test_a_nan_figure_fails_even_without_the_gate():
     assert not check_gate({**ok, "ppl_ratio": 1.04}, "fp8", 1.03, enforce=False)
 
 
+@pytest.mark.parametrize("qformat, settings, remedies", [
+    # a trial's int8_wo with an int8 KV cache was told to choose a wider format than the widest
+    ("int8_wo", ["--kv_cache_dtype int8"], "try without --kv_cache_dtype int8, or pass"),
+    ("int8_sq", ["--smoothquant_alpha 0 (this model's default: 0.5)"],
+     "try without --smoothquant_alpha 0 (this model's default: 0.5), calibrate with more or "
+     "other data, choose a wider format, or pass"),
+    ("int4_wo", ["--quantize_lm_head"], "try without --quantize_lm_head, choose a wider format, "
+                                        "or pass"),
+    ("int4_wo", [], "nothing written; choose a wider format, or pass"),
+])
+def test_a_gate_refusal_names_what_may_win_accuracy_back(qformat, settings, remedies):
+    figures = dict(perplexity_source=10.0, perplexity_quantized=11.0, ppl_ratio=1.1,
+                   top1_agreement=0.9, kl_divergence=0.1, tokens=5000)
+    with pytest.raises(AccuracyGateError) as raised:
+        check_gate(figures, qformat, 1.01, enforce=True, settings=settings)
+    assert f"{remedies} --max_ppl_ratio / --no_accuracy_gate to accept it" in str(raised.value)
+
+
 def test_no_data_records_accuracy_null_with_a_warning(checkpoint, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         out = kiln.quantize(checkpoint("llama-gqa"), tmp_path / "q", qformat="int4_wo",
@@ -195,7 +226,7 @@ def test_ctrl_c_during_the_layer_loop_exits_130_and_leaves_nothing(checkpoint, t
     """
     script_end = ["--checkpoint_dir", str(checkpoint("llama-gqa")), "--output_dir",
                   str(tmp_path / "q"), "--qformat", "int8_sq", "--calib_dataset",
-                  str(texts["calib"]), "--calib_size", "6", "--calib_max_seq_length", "24"]
+                  str(texts["calib"]), "--calib_size", "8", "--calib_max_seq_length", "36"]
     result, _ = run_cli(patch, ["quantize", *script_end])
     assert result.returncode == 130, result.stderr
     assert "interrupted (Ctrl-C)" in result.stderr and "Traceback" not in result.stderr
