@@ -4,11 +4,12 @@ Contract:
 - :func:`create_app` takes an engine that is already open and serves it; it never opens or
   closes the engine (the CLI does; tests build apps in-process over their own engines).
 - Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (JSON, or server-sent events
-  ending ``data: [DONE]`` with ``stream``), ``GET /v1/models``, ``GET /health`` (200 only while
-  the engine's loop runs and the server is not shutting down, else 503), ``GET /metrics``
-  (Prometheus text), ``GET /version``.
-- With an API key, ``/v1/*`` needs ``Authorization: Bearer KEY`` (401 otherwise); ``/health``,
-  ``/metrics`` and ``/version`` stay open, for probes and scrapers.
+  ending ``data: [DONE]`` with ``stream``), ``GET /v1/models`` and ``GET /v1/models/{id}``,
+  ``GET /health`` (200 only while the engine's loop runs and the server is not shutting down,
+  else 503), ``GET /metrics`` (Prometheus text), ``GET /version``.
+- With an API key, ``/v1/*`` needs ``Authorization: Bearer KEY`` (the scheme in any case, as
+  HTTP's auth schemes are; 401 otherwise); ``/health``, ``/metrics`` and ``/version`` stay
+  open, for probes and scrapers.
 - Every error is OpenAI-shaped JSON (:class:`~kiln.serve.protocol.ApiError`): 400 bad
   parameter (named in ``param``), prompt too long, echo+logprobs on an engine without context
   logits; 401; 404 unknown model or route; 413 body over ``max_body_bytes``; 429 with
@@ -74,12 +75,15 @@ def create_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = N
         error = ApiError(e.status_code, str(e.detail))
         return JSONResponse(error.body(), status_code=error.status)
 
-    expected = f"Bearer {api_key}".encode()
+    expected = None if api_key is None else api_key.encode()
 
     def check(request: Request, model: str | None = None) -> None:
-        if api_key is not None:
-            given = request.headers.get("authorization", "").encode("latin-1")  # raw bytes
-            if not secrets.compare_digest(given, expected):  # in time that tells nothing
+        if expected is not None:
+            scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+            # the key compared as raw bytes, in time that tells nothing; the scheme in any case
+            # (RFC 9110 11.1: "bearer KEY" is a Bearer key)
+            right = secrets.compare_digest(given.strip().encode("latin-1"), expected)
+            if not (right and scheme.lower() == "bearer"):
                 raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
                                code="invalid_api_key")
         if model is not None and model != served_model_name:
@@ -101,14 +105,21 @@ def create_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = N
         return PlainTextResponse(state.metrics.render(),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    def model_card() -> dict:
+        return {"id": served_model_name, "object": "model", "created": int(time.time()),
+                # vLLM's meaning: prompt + output tokens of one request. The last token needs
+                # no cache slot, so a request holds max_seq_len + 1 (kiln run says the same)
+                "owned_by": "kiln", "max_model_len": engine.llm.limits.max_seq_len + 1}
+
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
         check(request)
-        return {"object": "list", "data": [{
-            "id": served_model_name, "object": "model", "created": int(time.time()),
-            # vLLM's meaning: prompt + output tokens of one request. The last token needs no
-            # cache slot, so a request holds max_seq_len + 1 (kiln run says the same)
-            "owned_by": "kiln", "max_model_len": engine.llm.limits.max_seq_len + 1}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")  # (a served name may hold slashes: org/name)
+    async def model(request: Request, model: str) -> dict:
+        check(request, model)
+        return model_card()
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -123,7 +134,7 @@ def create_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = N
         if req.stream:
             submitted = await state.submit(jobs, "prompt")
             return _sse(_events(submitted, jobs, req, lambda choices, use: completion_body(
-                rid, req.model, choices, use, chunk=True), functools.partial(renderer.completion_chunk, req)))
+                rid, req.model, choices, use, chunk=True), render.CompletionStream(renderer, req)))
         results = await _collect(request, state, jobs, "prompt")
         choices = [renderer.completion_choice(job, results[job.index], req) for job in jobs]
         return JSONResponse(completion_body(rid, req.model, choices, _usage(results, req.n)))
@@ -140,7 +151,8 @@ def create_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = N
         if req.stream:
             submitted = await state.submit(jobs, "messages")
             return _sse(_events(submitted, jobs, req, lambda choices, use: chat_body(
-                rid, req.model, choices, use, chunk=True), functools.partial(renderer.chat_chunk, req)))
+                rid, req.model, choices, use, chunk=True),
+                functools.partial(renderer.chat_chunk, req)))
         results = await _collect(request, state, jobs, "messages")
         choices = [renderer.chat_choice(job, results[job.index], req) for job in jobs]
         return JSONResponse(chat_body(rid, req.model, choices, _usage(results, req.n)))

@@ -109,8 +109,8 @@ class RateReport:
             f"{self.request_rate:g} req/s"
         failed = f", {self.failed} failed (first: {self.first_error})" if self.failed else ""
         lines = [f"rate {rate}, max concurrency {self.max_concurrency or 'unlimited'}: "
-                 f"{self.completed} requests ({workload.input_len} in / {workload.output_len} "
-                 f"out) in {self.duration_s:.2f} s{failed}",
+                 f"{_count(self.completed, 'request')} ({workload.input_len} in / "
+                 f"{workload.output_len} out) in {self.duration_s:.2f} s{failed}",
                  f"{'metric':<24}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}"]
         for name, stats in (("TTFT (ms)", self.ttft_ms), ("TPOT (ms)", self.tpot_ms),
                             ("inter-token (ms)", self.itl_ms), ("E2E latency (ms)", self.e2e_ms)):
@@ -118,6 +118,10 @@ class RateReport:
         lines.append(f"{'output tokens/s':<24}{self.output_tokens_per_s:>10.1f}")
         lines.append(f"{'requests/s':<24}{self.requests_per_s:>10.3f}")
         return "\n".join(lines)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _rate_json(rate: float) -> float | str:

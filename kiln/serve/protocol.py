@@ -2,8 +2,10 @@
 
 Contract:
 - Request models accept the OpenAI fields kiln implements plus vLLM's sampling extras
-  (``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``); unknown fields are ignored
-  (clients send newer fields than any server knows), ``user`` is accepted and ignored.
+  (``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``, ``stop_token_ids``,
+  ``include_stop_str_in_output``); unknown fields are ignored (clients send newer fields than
+  any server knows), ``user`` is accepted and ignored. An optional field sent as JSON ``null``
+  takes its default, as OpenAI's API (the openai client sends ``"n": null``...).
 - A type error in a field (pydantic) and a value SamplingParams refuses both become
   :class:`ApiError` 400 naming the parameter; nothing a client sends can cause a 500.
 - Response bodies are plain dicts in OpenAI's shapes (``text_completion``, ``chat.completion``
@@ -19,7 +21,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class ApiError(Exception):
@@ -40,7 +42,21 @@ class ApiError(Exception):
                           "param": self.param, "code": self.code}}
 
 
-class StreamOptions(BaseModel):
+class _NullIsDefault(BaseModel):
+    """A model whose optional fields read JSON ``null`` as "not given" (OpenAI's meaning: a
+    trial's ``"n": null`` and ``"stream": null`` were 400s); a required field stays required."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: v for k, v in data.items()
+                if v is not None or k not in fields or fields[k].is_required()}
+
+
+class StreamOptions(_NullIsDefault):
     model_config = ConfigDict(strict=True)
 
     include_usage: bool = False
@@ -53,7 +69,7 @@ UNSUPPORTED = ("response_format", "tools", "tool_choice", "functions", "function
                "logit_bias", "suffix", "parallel_tool_calls")
 
 
-class _Sampling(BaseModel):
+class _Sampling(_NullIsDefault):
     """Fields shared by both endpoints (mapped onto SamplingParams by kiln.serve.app). Types are
     strict, as OpenAI's: "5" or true is not a max_tokens, "yes" not a stream (a number may be
     an integer where a float is asked for)."""
@@ -73,6 +89,8 @@ class _Sampling(BaseModel):
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None  # vLLM's
+    include_stop_str_in_output: bool = False  # vLLM's
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted, ignored
@@ -85,11 +103,17 @@ class CompletionRequest(_Sampling):
     best_of: int | None = Field(None, ge=1, le=1)
 
 
+# The roles OpenAI's API takes (function: its deprecated form of tool); kiln passes them to the
+# chat template, which decides what each renders as. vLLM takes any role string; OpenAI, and
+# kiln, refuse others (a typo would reach the template silently).
+ROLES: tuple[str, ...] = ("system", "developer", "user", "assistant", "tool", "function")
+
+
 class ChatMessage(BaseModel):
     # name, tool_call_id...: passed to the template
     model_config = ConfigDict(extra="allow", strict=True)
 
-    role: str
+    role: str  # one of ROLES (kiln.serve.render checks, naming the message)
     content: str | list[dict[str, Any]] | None = None
 
 

@@ -10,7 +10,15 @@ Contract:
 - ``echo`` prepends the prompt's text; with ``logprobs`` it also prepends the prompt tokens'
   log-probabilities (the first is null), which needs an engine built with
   ``--gather_context_logits`` (a 400 otherwise). Streaming echo sends the prompt's text in the
-  first chunk, without its log-probabilities.
+  first chunk; with ``logprobs``, also the prompt's log-probabilities, which the runtime's
+  stream gives with the request's last delta only: such a stream's chunks are held and sent
+  together at its end (the same chunks as otherwise; ``max_tokens`` 0 or 1, the usual scoring
+  requests, lose nothing).
+- Streamed completions' ``text_offset`` counts from the start of the choice's whole text (the
+  echoed prompt included), as in the non-streamed response; every chunk carries
+  ``stop_reason``, null but in the chunk with the ``finish_reason``.
+- vLLM's conventions: ``top_k`` -1 is off (as 0), ``stop_token_ids`` and
+  ``include_stop_str_in_output`` are SamplingParams'.
 - Chat prompts are the engine's chat template (or ``--chat_template``), rendered in jinja2's
   sandbox as :meth:`kiln.runtime.LLM.render_chat`; message ``content`` may be a string or a list
   of ``{"type": "text"}`` parts.
@@ -28,7 +36,13 @@ from kiln.runtime.llm import LLM, Prompt
 from kiln.runtime.params import SamplingParams, TokenLogprobs
 from kiln.runtime.results import CompletionResult, StreamDelta
 from kiln.runtime.tokenizer import render_chat_template
-from kiln.serve.protocol import UNSUPPORTED, ApiError, ChatCompletionRequest, CompletionRequest
+from kiln.serve.protocol import (
+    ROLES,
+    UNSUPPORTED,
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+)
 from kiln.serve.state import Job, public
 
 _SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
@@ -90,10 +104,18 @@ class Renderer:
                 raise ApiError(400, f"{name} is not supported by kiln serve; send the request "
                                     f"without it", param=name)
         given = {k: getattr(req, k) for k in _SAMPLING if getattr(req, k) is not None}
+        if req.top_k is not None and req.top_k < 0:
+            if req.top_k != -1:
+                raise ApiError(400, f"top_k must be an integer >= 1, or 0 or -1 (off), found "
+                                    f"{req.top_k}", param="top_k")
+            given["top_k"] = 0  # vLLM's "off"
         if req.stop is not None:
             given["stop"] = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
-        if req.ignore_eos:
-            given["ignore_eos"] = True
+        if req.stop_token_ids is not None:
+            given["stop_token_ids"] = tuple(req.stop_token_ids)
+        for flag in ("ignore_eos", "include_stop_str_in_output"):
+            if getattr(req, flag):
+                given[flag] = True
         return _checked(lambda: self.llm.default_params.replace(
             max_tokens=max_tokens, **given, **fields), renames)
 
@@ -107,6 +129,10 @@ class Renderer:
                                     "--gather_context_logits", param="echo")
             prompt_logprobs = req.logprobs
         max_tokens = COMPLETIONS_MAX_TOKENS if req.max_tokens is None else req.max_tokens
+        if max_tokens < 0:  # (SamplingParams' message speaks of prompt_logprobs)
+            raise ApiError(400, f"max_tokens must be an integer >= 1 (0 only with echo: true "
+                                f"and logprobs, to score the prompt), found {max_tokens}",
+                           param="max_tokens")
         if max_tokens == 0 and prompt_logprobs is None:
             raise ApiError(400, "max_tokens 0 only scores the prompt: set echo: true and "
                                 "logprobs (0-20) as well, or ask for max_tokens >= 1",
@@ -119,6 +145,9 @@ class Renderer:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         max_tokens = next((m for m in (req.max_completion_tokens, req.max_tokens)
                            if m is not None), self.llm.limits.max_seq_len)
+        if max_tokens < 0:
+            name = "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens"
+            raise ApiError(400, f"{name} must be an integer >= 1, found {max_tokens}", param=name)
         if max_tokens == 0:
             raise ApiError(400, "chat needs max_tokens >= 1 (a prompt is scored on "
                                 "/v1/completions with echo: true, logprobs and max_tokens 0)",
@@ -155,9 +184,11 @@ class Renderer:
         return "" if self.tokenizer is None else self.tokenizer.decode(list(prompt), False)
 
     def _completion_logprobs(self, entries: list[TokenLogprobs | None],
-                             token_ids: list[int]) -> dict[str, list]:
+                             token_ids: list[int], at: int = 0) -> dict[str, list]:
+        """OpenAI's completion logprobs; ``text_offset`` counts from ``at`` (the length of the
+        choice's tokens before these)."""
         tokens = [self.token(t) for t in token_ids]
-        offsets, at = [], 0
+        offsets = []
         for text in tokens:
             offsets.append(at)
             at += len(text)
@@ -174,22 +205,10 @@ class Renderer:
         if req.echo:
             text = self._prompt_text(job.prompt) + text
             if result.prompt_logprobs is not None:
-                entries = list(result.prompt_logprobs) + entries
-                ids = list(result.prompt_token_ids) + ids
+                entries, ids = _scored_prompt(result) + entries, list(result.prompt_token_ids) + ids
         logprobs = None if req.logprobs is None else self._completion_logprobs(entries, ids)
         return {"index": job.index, "text": text, "logprobs": logprobs,
                 "finish_reason": result.finish_reason, "stop_reason": result.stop_reason}
-
-    def completion_chunk(self, req: CompletionRequest, job: Job, delta: StreamDelta,
-                         first: bool) -> list[dict[str, Any]]:
-        text = (self._prompt_text(job.prompt) if req.echo and first else "") + delta.text
-        wants_logprobs = req.logprobs is not None and bool(delta.token_ids)
-        if not (text or delta.finished or wants_logprobs):
-            return []
-        logprobs = (self._completion_logprobs(list(delta.logprobs), list(delta.token_ids))
-                    if wants_logprobs else None)
-        return [{"index": job.index, "text": text, "logprobs": logprobs,
-                 "finish_reason": delta.finish_reason}]
 
     def _chat_logprobs(self, entries: tuple[TokenLogprobs, ...]) -> dict[str, list]:
         def one(token_id: int, logprob: float) -> dict[str, Any]:
@@ -213,19 +232,80 @@ class Renderer:
         chunks = []
         if first:
             chunks.append({"index": job.index, "delta": {"role": "assistant", "content": ""},
-                           "logprobs": None, "finish_reason": None})
+                           "logprobs": None, "finish_reason": None, "stop_reason": None})
         wants_logprobs = req.logprobs and bool(delta.token_ids)
         if delta.text or delta.finished or wants_logprobs:
             chunks.append({"index": job.index,
                            "delta": {"content": delta.text} if delta.text else {},
                            "logprobs": self._chat_logprobs(delta.logprobs)
                            if wants_logprobs else None,
-                           "finish_reason": delta.finish_reason})
+                           "finish_reason": delta.finish_reason,
+                           "stop_reason": _stop_reason(delta)})
         return chunks
+
+
+class CompletionStream:
+    """The chunks of one streamed completion request, delta by delta (called as
+    ``stream(job, delta, first)``): each choice's ``text_offset`` goes on from its earlier
+    chunks, and an echo with prompt logprobs is held until they come (module docstring)."""
+
+    def __init__(self, renderer: Renderer, req: CompletionRequest):
+        self.renderer, self.req = renderer, req
+        self.at: dict[int, int] = {}  # choice index -> text offset of its next token
+        self.held: dict[int, list[StreamDelta]] = {}  # choice index -> deltas not sent yet
+
+    def __call__(self, job: Job, delta: StreamDelta, first: bool) -> list[dict[str, Any]]:
+        if not (self.req.echo and job.params.prompt_logprobs is not None):
+            prefix = self.renderer._prompt_text(job.prompt) if self.req.echo and first else ""
+            return self._chunk(job, delta, prefix, [], [])
+        held = self.held.setdefault(job.index, [])
+        held.append(delta)
+        if delta.result is None:
+            return []
+        del self.held[job.index]
+        result = delta.result
+        chunks = self._chunk(job, held[0], self.renderer._prompt_text(job.prompt),
+                             _scored_prompt(result), list(result.prompt_token_ids))
+        for later in held[1:]:
+            chunks += self._chunk(job, later, "", [], [])
+        return chunks
+
+    def _chunk(self, job: Job, delta: StreamDelta, prefix: str,
+               entries: list[TokenLogprobs | None], ids: list[int]) -> list[dict[str, Any]]:
+        """``delta``'s chunk, after ``prefix`` text and the tokens ``ids`` (logprobs
+        ``entries``) it carries first; none when it would carry nothing."""
+        text = prefix + delta.text
+        entries, ids = entries + list(delta.logprobs), ids + list(delta.token_ids)
+        wants_logprobs = self.req.logprobs is not None and bool(ids)
+        if not (text or delta.finished or wants_logprobs):
+            return []
+        logprobs = None
+        if wants_logprobs:
+            at = self.at.get(job.index, 0)
+            logprobs = self.renderer._completion_logprobs(entries, ids, at)
+            self.at[job.index] = at + sum(len(t) for t in logprobs["tokens"])
+        return [{"index": job.index, "text": text, "logprobs": logprobs,
+                 "finish_reason": delta.finish_reason, "stop_reason": _stop_reason(delta)}]
+
+
+def _stop_reason(delta: StreamDelta) -> str | int | None:
+    """The stop string or token id that ended the request, on its last delta (as vLLM)."""
+    return None if delta.result is None else delta.result.stop_reason
+
+
+def _scored_prompt(result: CompletionResult) -> list[TokenLogprobs | None]:
+    """The prompt tokens' logprobs, one per prompt token (a request aborted before its whole
+    prompt was scored has fewer: the rest are null)."""
+    scored = list(result.prompt_logprobs or ())
+    return scored + [None] * (len(result.prompt_token_ids) - len(scored))
 
 
 def _message(i: int, message: dict[str, Any]) -> dict[str, Any]:
     """A message with list-of-parts content joined into its text."""
+    role = message.get("role")
+    if role not in ROLES:
+        raise ApiError(400, f"messages[{i}].role {role!r} is not a chat role; use one of "
+                            f"{', '.join(ROLES)}", param="messages")
     content = message.get("content")
     if content is None and message.get("role") != "assistant":  # (assistant: tool calls)
         raise ApiError(400, f"messages[{i}].content is missing or null; give the "

@@ -124,6 +124,8 @@ class ServerState:
                 if not isinstance(e, RequestError):
                     raise
                 message = public(str(e), [rid])
+                if "stop_token_ids" in message:  # outside the vocabulary: not the prompt's fault
+                    param = "stop_token_ids"
                 raise ApiError(400, message, param=param, code=_code(message)) from None
             rids.append(rid)
             task = asyncio.get_running_loop().create_task(self._pump(rid, job.index, out))

@@ -106,3 +106,15 @@ def test_without_the_serve_extra_it_is_one_line(monkeypatch):
     _one_line_error(_bench("--serve", "http://127.0.0.1:9"),
                     "kiln bench_serve needs the serve extra (aiohttp is missing)",
                     "pip install 'kiln-llm[serve]'")
+
+
+@pytest.mark.parametrize("completed, words", [(1, "1 request (8 in"), (2, "2 requests (8 in")])
+def test_the_table_counts_requests_in_good_english(completed, words):
+    """A trial's table said "1 requests"."""
+    from kiln.runtime.stats import Stats
+    from kiln.serve.bench import RateReport, ServeWorkload
+
+    stats = Stats.of([1.0])
+    report = RateReport(1.0, None, 1.0, completed, 0, 4 * completed, stats, stats, stats, stats,
+                        4.0, 1.0)
+    assert f": {words} / 4 out) in 1.00 s" in report.table(ServeWorkload(8, 4, completed))

@@ -1,0 +1,255 @@
+"""The app in-process over mock executors (as test_app.py): what a new-user trial found to
+differ from OpenAI's and vLLM's servers. Streams against the same request unstreamed, JSON
+nulls, vLLM's extras, auth, /v1/models/{id}, chat roles, messages in the request's terms."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from kiln.runtime import LLM, AsyncLLM
+from kiln.runtime.executor import SequenceChunk, StepLogits
+from kiln.runtime.tokenizer import load_tokenizer
+from kiln.serve import create_app
+from tests.runtime.mocks import HashExecutor, ScriptedExecutor
+from tests.serve.test_app import LIMITS
+
+PROMPT = "The capital of France is"
+
+
+class _ContextExecutor(HashExecutor):
+    """A HashExecutor that returns context logits (an engine built --gather_context_logits)."""
+
+    gathers_context_logits = True
+
+    def step_logits(self, chunks: Sequence[SequenceChunk], pending=None) -> StepLogits:
+        starts = [c.start for c in chunks]
+        last = self.step(chunks)
+        context = {i: torch.stack([self.logits(self.history[c.slot][:start + j + 1])
+                                   for j in range(len(c.tokens))])
+                   for i, (c, start) in enumerate(zip(chunks, starts, strict=True))
+                   if c.context_logits}
+        return StepLogits(last, context)
+
+
+@pytest.fixture
+def tokenizer(smollm2_dir):
+    return load_tokenizer(smollm2_dir)
+
+
+@pytest.fixture
+def open_engines():
+    engines = []
+    yield engines
+    for engine in engines:
+        engine.close()
+
+
+@pytest.fixture
+def make_client(tokenizer, open_engines):
+    """A TestClient over a new engine on ``executor`` (default: a context-logits one)."""
+    def make(executor=None, **options) -> TestClient:
+        executor = executor or _ContextExecutor(LIMITS, tokenizer.vocab_size)
+        engine = AsyncLLM(LLM.from_executor(executor, tokenizer))
+        open_engines.append(engine)
+        return TestClient(create_app(engine, "m", **options))
+    return make
+
+
+def _events(out) -> list[dict]:
+    assert out.status_code == 200, out.text
+    lines = [line[len("data: "):] for line in out.text.splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def _merged_logprobs(chunks: list[dict]) -> dict[str, list]:
+    merged: dict[str, list] = {}
+    for chunk in chunks:
+        for key, values in (chunk["choices"][0]["logprobs"] or {}).items():
+            merged.setdefault(key, []).extend(values)
+    return merged
+
+
+@pytest.mark.parametrize("echo", [False, True])
+def test_streamed_logprobs_equal_the_whole_responses(make_client, echo):
+    """A trial's streamed chunks each had text_offset [0] (unstreamed: [0, 6, 7]); with echo,
+    the first chunk had the prompt's text but not its logprobs."""
+    client = make_client()
+    body = {"model": "m", "prompt": PROMPT, "max_tokens": 4, "temperature": 0, "logprobs": 1,
+            "ignore_eos": True, "echo": echo}
+    whole = client.post("/v1/completions", json=body).json()["choices"][0]
+    chunks = _events(client.post("/v1/completions", json={**body, "stream": True}))
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["text"]
+    assert _merged_logprobs(chunks) == whole["logprobs"]
+    offsets = whole["logprobs"]["text_offset"]
+    assert len(set(offsets)) == len(offsets) > 1
+    first = chunks[0]["choices"][0]
+    assert first["text"].startswith(PROMPT) == echo
+    # with echo, the prompt's tokens in the first chunk, the first one unscored
+    assert (len(first["logprobs"]["tokens"]) > 1) == echo
+    assert (first["logprobs"]["token_logprobs"][0] is None) == echo
+
+
+def test_streamed_echo_scoring_without_generation(make_client):
+    body = {"model": "m", "prompt": PROMPT, "max_tokens": 0, "logprobs": 0, "echo": True}
+    client = make_client()
+    whole = client.post("/v1/completions", json=body).json()["choices"][0]
+    chunks = _events(client.post("/v1/completions", json={**body, "stream": True}))
+    assert len(chunks) == 1 and chunks[0]["choices"][0]["text"] == PROMPT
+    assert chunks[0]["choices"][0]["logprobs"] == whole["logprobs"]
+    assert chunks[0]["choices"][0]["finish_reason"] == "length"
+
+
+def _scripted(tokenizer, prompt: list[int], text: str) -> tuple[ScriptedExecutor, list[int]]:
+    script = tokenizer.encode(text, add_special_tokens=False)
+    eos = tokenizer.eos_token_ids[0]
+    return ScriptedExecutor(LIMITS, tokenizer.vocab_size, len(prompt), script, eos), script
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
+def test_stop_token_ids_end_the_request_and_streams_say_stop_reason(make_client, tokenizer,
+                                                                    endpoint):
+    """stop_token_ids had been ignored; stream chunks had no stop_reason (vLLM's, which the
+    unstreamed response has): null but in the chunk with the finish_reason."""
+    if endpoint == "/v1/completions":
+        prompt = [5, 6, 7]
+        body = {"prompt": prompt}
+    else:
+        body = {"messages": [{"role": "user", "content": "hi"}]}
+        prompt = tokenizer.encode("<hi>", add_special_tokens=False)
+    executor, script = _scripted(tokenizer, prompt, " one two three four")
+    client = make_client(executor, chat_template="{% for m in messages %}<{{ m.content }}>"
+                                                 "{% endfor %}")
+    body = {"model": "m", "max_tokens": 10, "stop_token_ids": [script[2]], **body}
+    whole = client.post(endpoint, json=body).json()
+    assert whole["usage"]["completion_tokens"] == 3
+    assert whole["choices"][0]["finish_reason"] == "stop"
+    assert whole["choices"][0]["stop_reason"] == script[2]
+    chunks = [c["choices"][0] for c in _events(client.post(endpoint, json={**body,
+                                                                           "stream": True}))]
+    assert all("stop_reason" in c for c in chunks), chunks
+    assert [c["stop_reason"] for c in chunks if c["finish_reason"] is None] \
+        == [None] * (len(chunks) - 1)
+    assert chunks[-1]["finish_reason"] == "stop" and chunks[-1]["stop_reason"] == script[2]
+
+
+@pytest.mark.parametrize("include, text", [(False, " one two"), (True, " one two three")])
+def test_include_stop_str_in_output(make_client, tokenizer, include, text):
+    executor, _ = _scripted(tokenizer, [5, 6, 7], " one two three four")
+    client = make_client(executor)
+    body = {"model": "m", "prompt": [5, 6, 7], "max_tokens": 10, "stop": " three",
+            "include_stop_str_in_output": include}
+    choice = client.post("/v1/completions", json=body).json()["choices"][0]
+    assert choice["text"] == text and choice["stop_reason"] == " three"
+    chunks = _events(client.post("/v1/completions", json={**body, "stream": True}))
+    assert "".join(c["choices"][0]["text"] for c in chunks) == text
+
+
+def test_stop_token_ids_outside_the_vocabulary_are_400_naming_them(make_client, tokenizer):
+    out = make_client().post("/v1/completions", json={
+        "model": "m", "prompt": "a", "stop_token_ids": [tokenizer.vocab_size]})
+    assert out.status_code == 400 and out.json()["error"]["param"] == "stop_token_ids"
+
+
+NULLS = {"n": None, "stream": None, "stream_options": None, "max_tokens": None,
+         "temperature": None, "top_p": None, "top_k": None, "min_p": None, "stop": None,
+         "seed": None, "presence_penalty": None, "frequency_penalty": None,
+         "repetition_penalty": None, "ignore_eos": None, "stop_token_ids": None,
+         "include_stop_str_in_output": None, "logit_bias": None, "user": None}
+
+
+@pytest.mark.parametrize("endpoint, body", [
+    ("/v1/completions", {"prompt": "a", "echo": None, "logprobs": None, "best_of": None,
+                         "suffix": None, **NULLS}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}],
+                              "logprobs": None, "top_logprobs": None,
+                              "max_completion_tokens": None, "add_generation_prompt": None,
+                              "tools": None, "response_format": None, **NULLS}),
+])
+def test_null_is_the_default(make_client, endpoint, body):
+    """OpenAI's API takes null for optional fields (the default): "n": null had been a 400."""
+    client = make_client(chat_template="{% for m in messages %}{{ m.content }}{% endfor %}")
+    out = client.post(endpoint, json={"model": "m", **body})
+    assert out.status_code == 200, out.text
+    assert len(out.json()["choices"]) == 1 and out.json()["choices"][0]["logprobs"] is None
+    out = client.post(endpoint, json={"model": "m", **body, "stream": True,
+                                      "stream_options": {"include_usage": None}})
+    assert out.status_code == 200 and out.text.rstrip().endswith("data: [DONE]")
+
+
+def test_a_required_field_stays_required(make_client):
+    out = make_client().post("/v1/completions", json={"model": "m", "prompt": None})
+    assert out.status_code == 400 and out.json()["error"]["param"] == "prompt"
+
+
+def test_top_k_minus_1_is_off_as_0(make_client):
+    """vLLM's "off" is -1: it had been a 400."""
+    client = make_client()
+    body = {"model": "m", "prompt": "a", "max_tokens": 4, "seed": 3, "temperature": 1}
+    texts = {client.post("/v1/completions", json={**body, "top_k": k}).json()["choices"][0]
+             ["text"] for k in (-1, 0)}
+    assert len(texts) == 1
+    out = client.post("/v1/completions", json={**body, "top_k": -2})
+    assert out.status_code == 400 and out.json()["error"]["param"] == "top_k"
+    assert "or 0 or -1 (off), found -2" in out.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("header, status", [
+    ("Bearer key", 200), ("bearer key", 200), ("BEARER key", 200), ("Bearer  key ", 200),
+    ("Bearer wrong", 401), ("Basic key", 401), ("key", 401), ("", 401), ("bearer", 401)])
+def test_the_auth_scheme_is_case_insensitive(make_client, header, status):
+    out = make_client(api_key="key").get("/v1/models", headers={"Authorization": header})
+    assert out.status_code == status, out.text
+
+
+def test_models_retrieve(make_client):
+    """GET /v1/models/{id} (the openai client's models.retrieve) had been a 404."""
+    client = make_client(api_key="key")
+    auth = {"Authorization": "Bearer key"}
+    listed = client.get("/v1/models", headers=auth).json()["data"][0]
+    one = client.get("/v1/models/m", headers=auth)
+    assert one.status_code == 200
+    assert {**one.json(), "created": 0} == {**listed, "created": 0}
+    out = client.get("/v1/models/org/other", headers=auth)
+    error = out.json()["error"]
+    assert out.status_code == 404 and error["code"] == "model_not_found", error
+    assert error["type"] == "not_found_error" and "'org/other'" in error["message"]
+    assert client.get("/v1/models/m").status_code == 401
+
+
+def test_a_chat_role_openai_does_not_know_is_400(make_client):
+    client = make_client(chat_template="{% for m in messages %}{{ m.content }}{% endfor %}")
+    body = {"model": "m", "max_tokens": 1}
+    out = client.post("/v1/chat/completions", json={**body, "messages": [
+        {"role": "user", "content": "a"}, {"role": "wizard", "content": "b"}]})
+    error = out.json()["error"]
+    assert out.status_code == 400 and error["param"] == "messages", error
+    assert error["message"] == ("messages[1].role 'wizard' is not a chat role; use one of "
+                                "system, developer, user, assistant, tool, function")
+    out = client.post("/v1/chat/completions", json={**body, "messages": [
+        {"role": "developer", "content": "a"}, {"role": "user", "content": "b"}]})
+    assert out.status_code == 200, out.text
+
+
+@pytest.mark.parametrize("endpoint, body, param, message", [
+    ("/v1/completions", {"prompt": "a", "max_tokens": -1}, "max_tokens",
+     "max_tokens must be an integer >= 1 (0 only with echo: true and logprobs, to score the "
+     "prompt), found -1"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "max_tokens": -1},
+     "max_tokens", "max_tokens must be an integer >= 1, found -1"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}],
+                              "max_completion_tokens": -3},
+     "max_completion_tokens", "max_completion_tokens must be an integer >= 1, found -3"),
+])
+def test_negative_max_tokens_is_400_in_the_requests_terms(make_client, endpoint, body, param,
+                                                           message):
+    """The message had spoken of prompt_logprobs, a Python-API name no request has."""
+    out = make_client(chat_template="{{ messages[0].content }}").post(
+        endpoint, json={"model": "m", **body})
+    error = out.json()["error"]
+    assert out.status_code == 400 and error["param"] == param and error["message"] == message
