@@ -14,6 +14,11 @@ def a_or_an(word: str) -> str:
     return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
 
 
+def counted(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless one, for messages: "1 token", "7 tokens"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 # What json.loads raises on text it cannot read: bad JSON or bad UTF-8 (ValueError subclasses),
 # an integer past Python's digit limit (a plain ValueError), nesting past the recursion limit.
 UNREADABLE_JSON = (ValueError, RecursionError)

@@ -26,6 +26,7 @@ from kiln.engine import (
     manifest_edit,
     read_manifest,
 )
+from kiln.errors import counted
 from kiln.runtime.compat import kiln_version_problem
 
 
@@ -113,9 +114,8 @@ def verify(obj: CliContext, engine_dir: Path | None, engine_dir_option: Path | N
         fix = "" if "rebuild" in problems[0] else "; rebuild with kiln build"
         raise EngineError(f"{engine_dir}: {len(problems)} problem(s), first: {problems[0]}{fix}")
     ranks = len(manifest.rank_files)
-    counted = (f"{len(files)} file{'s' if len(files) != 1 else ''} of {ranks} "
-               f"rank{'s' if ranks != 1 else ''}")
-    click.echo(f"{engine_dir}: ok, {unedited}{counted}, {total / 1e9:.2f} GB: present, {sizes} "
+    click.echo(f"{engine_dir}: ok, {unedited}{counted(len(files), 'file')} of "
+               f"{counted(ranks, 'rank')}, {total / 1e9:.2f} GB: present, {sizes} "
                f"match the manifest")
 
 

@@ -21,14 +21,10 @@ from pathlib import Path
 import torch
 
 from kiln.datasets import TextDataset
-from kiln.errors import DatasetError
+from kiln.errors import DatasetError, counted
 
 log = logging.getLogger(__name__)
 SEPARATOR = "\n\n"
-
-
-def _tokens(n: int) -> str:
-    return f"{n} token" if n == 1 else f"{n} tokens"
 
 
 def held_out(calib_size: int) -> int:
@@ -80,8 +76,8 @@ def token_samples(dataset: TextDataset, tokenizer, seq_length: int,
     n = len(ids) // seq_length if count is None else count
     if n < 1 or len(ids) < n * seq_length:
         raise DatasetError(
-            f"{dataset.shown}: has {_tokens(len(ids))}, {max(n, 1) * seq_length} needed "
-            f"({max(n, 1)} sample{'s' if max(n, 1) != 1 else ''} x {seq_length} tokens); pass "
+            f"{dataset.shown}: has {counted(len(ids), 'token')}, {max(n, 1) * seq_length} needed "
+            f"({counted(max(n, 1), 'sample')} x {seq_length} tokens); pass "
             f"more text or lower the sample "
             f"length (--calib_max_seq_length)")
     tokens = torch.tensor(ids[:n * seq_length], dtype=torch.int64).view(n, seq_length)
@@ -99,7 +95,7 @@ def split_calibration(dataset: TextDataset, tokenizer, calib_size: int,
         lower = f"lower --calib_size (at most {fit} fit) or --calib_max_seq_length" if fit \
             else f"lower --calib_max_seq_length (not even one {seq_length}-token sample fits)"
         raise DatasetError(
-            f"{dataset.shown}: has {_tokens(len(ids))}, --calib_size {calib_size} x "
+            f"{dataset.shown}: has {counted(len(ids), 'token')}, --calib_size {calib_size} x "
             f"--calib_max_seq_length {seq_length} plus {evals} held-out samples for the accuracy "
             f"gate need {need}; pass more text, or {lower}")
     tokens = torch.tensor(ids[:need], dtype=torch.int64).view(calib_size + evals, seq_length)

@@ -41,7 +41,7 @@ import kiln
 from kiln.checkpoint import CONFIG_NAME, CheckpointConfig, load_config
 from kiln.config import options_from
 from kiln.datasets import load_texts
-from kiln.errors import ConfigError, QuantizationError
+from kiln.errors import ConfigError, QuantizationError, counted
 from kiln.output_dirs import (
     CHECKPOINT_KIND,
     atomic_dir,
@@ -235,8 +235,8 @@ class _Job:
         more = ("longer --eval_dataset text" if self.opts.eval_dataset else
                 "more calibration samples (--calib_size: a fifth of the text read is held out for "
                 "the gate), a longer --calib_max_seq_length, or an --eval_dataset")
-        raise ConfigError(f"the accuracy gate would score {_count(scored, 'token')} "
-                          f"({_count(n, 'window')} of {length}), too few to decide anything "
+        raise ConfigError(f"the accuracy gate would score {counted(scored, 'token')} "
+                          f"({counted(n, 'window')} of {length}), too few to decide anything "
                           f"(it needs {MIN_GATE_TOKENS}, and "
                           f"{FIRM_GATE_TOKENS} for a firm answer): give {more}; or pass "
                           f"--no_accuracy_gate to record the figures without enforcing them")
@@ -357,7 +357,7 @@ class _Job:
                 "more calibration samples (--calib_size: a fifth of them is held out for the " \
                 "gate), or an --eval_dataset"
             log.warning("the accuracy gate rests on %s only (under %d: its ratio can miss a "
-                        "real loss); give %s", _count(accuracy["tokens"], "token"),
+                        "real loss); give %s", counted(accuracy["tokens"], "token"),
                         FIRM_GATE_TOKENS, more)
         limit = self.opts.max_ppl_ratio or self.quant.info.max_ppl_ratio
         accuracy["max_ppl_ratio"] = limit
@@ -369,10 +369,6 @@ class _Job:
             log.warning("%s is above the accuracy gate (--no_accuracy_gate): %s",
                         self.quant.qformat, summary(accuracy))
         return accuracy
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _run(layer: ReferenceDecoder, i: int, x: torch.Tensor | None) -> None:

@@ -37,7 +37,7 @@ from typing import Any
 
 import aiohttp
 
-from kiln.errors import UNREADABLE_JSON, KilnError
+from kiln.errors import UNREADABLE_JSON, KilnError, counted
 from kiln.runtime.stats import Stats  # one definition of the percentiles, as kiln bench
 
 
@@ -109,7 +109,7 @@ class RateReport:
             f"{self.request_rate:g} req/s"
         failed = f", {self.failed} failed (first: {self.first_error})" if self.failed else ""
         lines = [f"rate {rate}, max concurrency {self.max_concurrency or 'unlimited'}: "
-                 f"{_count(self.completed, 'request')} ({workload.input_len} in / "
+                 f"{counted(self.completed, 'request')} ({workload.input_len} in / "
                  f"{workload.output_len} out) in {self.duration_s:.2f} s{failed}",
                  f"{'metric':<24}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}"]
         for name, stats in (("TTFT (ms)", self.ttft_ms), ("TPOT (ms)", self.tpot_ms),
@@ -118,10 +118,6 @@ class RateReport:
         lines.append(f"{'output tokens/s':<24}{self.output_tokens_per_s:>10.1f}")
         lines.append(f"{'requests/s':<24}{self.requests_per_s:>10.3f}")
         return "\n".join(lines)
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _rate_json(rate: float) -> float | str:
