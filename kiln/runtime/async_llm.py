@@ -189,6 +189,8 @@ class AsyncLLM:
             self.llm.close()
 
     async def __aenter__(self) -> AsyncLLM:
+        if self._closed:
+            raise RuntimeError("AsyncLLM is closed; make a new one")
         return self
 
     async def __aexit__(self, *exc: object) -> None:

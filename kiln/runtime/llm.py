@@ -77,6 +77,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+WAIT_NOTICE_S = 1.0  # a call that waits longer for another thread's is logged (INFO)
+
 Prompt = str | Sequence[int]
 Messages = list[dict[str, Any]]
 
@@ -160,8 +162,10 @@ class LLM:
         self.executor = executor  # None with replicas: each runs its own
         self.tokenizer = tokenizer
         self.core = core if core is not None else EngineCore(executor, tokenizer, policy)
-        self.lock = threading.Lock()
-        self._driver: int | None = None  # the thread whose call holds the lock
+        self.lock = threading.Lock()  # one call at a time (a stream holds it until its end)
+        self._driver: threading.Thread | None = None  # the thread whose call holds the lock
+        # held while the engine runs (a step, a warm-up, a release) and while close() frees it
+        self._engine_lock = threading.Lock()
         self.async_owner: object | None = None  # an open AsyncLLM drives the core instead
         self.error: BaseException | None = None  # the engine's failure: terminal
         self.closed = False
@@ -181,15 +185,26 @@ class LLM:
     def close(self, now: bool = False) -> None:
         """Stop the engine (its worker processes too); later calls raise EngineClosedError.
         Engine processes (replicas, ``engine_process``) are asked to exit and killed if they
-        have not within seconds, or killed at once with ``now``."""
+        have not within seconds, or killed at once with ``now``.
+
+        Safe from any thread: a step under way ends first (its memory is not freed under
+        it), and the call that ran it, or a stream left open, raises EngineClosedError at its
+        next step. Refused while an AsyncLLM drives this LLM: close that one, which hands it
+        back."""
         if self.closed:
             return
-        self.closed = True
+        if self.async_owner is not None:
+            raise RuntimeError("this LLM is driven by an AsyncLLM; close the AsyncLLM first "
+                               "(AsyncLLM.close(), or the end of its `async with`), then this")
+        self.closed = True  # before the wait: a call under way stops at its next step
+        if self.executor is None:
+            self.core.wake()  # a step waiting on the replicas returns now
         try:
-            if self.executor is not None:
-                self.executor.close()
-            else:
-                self.core.close(now)
+            with self._engine_lock:
+                if self.executor is not None:
+                    self.executor.close()
+                else:
+                    self.core.close(now)
         finally:
             if self._release is not None:
                 self._release()  # the cache entry may be pruned from now on
@@ -220,12 +235,18 @@ class LLM:
 
     def _step(self) -> list[RequestDelta]:
         """One core step (generate_stream's, or an AsyncLLM's engine thread's); an exception
-        out of it is the engine's failure, kept in :attr:`error`."""
-        try:
-            return self.core.step()
-        except Exception as e:
-            self.error = e
-            raise
+        out of it is the engine's failure, kept in :attr:`error`. EngineClosedError where
+        :meth:`close` came first (from another thread, or under an open stream)."""
+        with self._engine_lock:
+            if self.closed:
+                raise EngineClosedError("this LLM was closed while a call of it ran (from "
+                                        "another thread, or under an open stream); its "
+                                        "requests ended unfinished")
+            try:
+                return self.core.step()
+            except Exception as e:
+                self.error = e
+                raise
 
     def warm_up(self) -> float:
         """Run the warm-up requests (kiln.runtime.warm_up) before any other, where the engine
@@ -239,14 +260,16 @@ class LLM:
         with self._driving():
             if self.core.has_work():
                 raise RuntimeError("warm the LLM up before it takes requests")
-            try:
-                if self.executor is None:  # replicas: each warms its own engine up, together
-                    warmed = self.core.warm_up()
-                else:
-                    warmed = warm_up(self.core)
-            except Exception as e:  # out of a step: the engine's failure, as in _step
-                self.error = e
-                raise
+            with self._engine_lock:
+                self.check_open()  # closed by another thread meanwhile
+                try:
+                    if self.executor is None:  # replicas: each warms its engine up, together
+                        warmed = self.core.warm_up()
+                    else:
+                        warmed = warm_up(self.core)
+                except Exception as e:  # out of a step: the engine's failure, as in _step
+                    self.error = e
+                    raise
         seconds = time.perf_counter() - start
         if warmed:
             logger.info("warmed the engine up in %.2f s", seconds)
@@ -260,16 +283,23 @@ class LLM:
         """The lock that serializes calls. Another thread's call waits for it; this thread's
         is refused while a stream of its own is still open (left unfinished and not closed, it
         holds the lock: waiting would never end)."""
-        if self._driver == threading.get_ident():
+        this = threading.current_thread()
+        if self._driver is this:
             raise RuntimeError("a generate_stream of this LLM is still open in this thread (not "
                                "read to its end, nor closed): finish it or call its close() "
                                "first, which aborts its requests")
-        with self.lock:
-            self._driver = threading.get_ident()
-            try:
-                yield
-            finally:
-                self._driver = None
+        if not self.lock.acquire(timeout=WAIT_NOTICE_S):
+            driver = self._driver
+            logger.info("waiting for this LLM's call in thread %r to end: an LLM runs one call "
+                        "at a time (AsyncLLM runs requests of many callers together)",
+                        driver.name if driver is not None else "?")
+            self.lock.acquire()
+        try:
+            self._driver = this
+            yield
+        finally:
+            self._driver = None
+            self.lock.release()
 
     # -- prompts -----------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
@@ -356,9 +386,11 @@ class LLM:
                         if delta.text or delta.token_ids or delta.finished:
                             yield StreamDelta.of(index[delta.request_id], delta, request)
             finally:
-                for rid in live:  # the caller stopped early, or an error escaped
-                    self.core.abort(rid)
-                    self.core.pop(rid)
+                with self._engine_lock:
+                    for rid in live:  # the caller stopped early, or an error escaped
+                        if not self.closed:  # closed: the executor and its slots are gone
+                            self.core.abort(rid)
+                        self.core.pop(rid)
 
     def chat(self, messages: Messages | Sequence[Messages],
              params: SamplingParams | Sequence[SamplingParams] | None = None,

@@ -38,12 +38,14 @@ class _ContractExecutor(Executor):
         self.history: dict[int, list[int]] = {}
         self.steps: list[list[SequenceChunk]] = []
         self.released: list[int] = []
+        self.closed = False  # a real executor's step after close() reads freed memory
 
     def step(self, chunks: Sequence[SequenceChunk]) -> torch.Tensor:
         return torch.stack([self.logits(history) for history in self.record(chunks)])
 
     def record(self, chunks: Sequence[SequenceChunk]) -> list[list[int]]:
         """Check the contract, append the chunks to their slots; each chunk's slot history."""
+        assert not self.closed, "a step of a closed executor"
         assert 0 < len(chunks) <= self.limits.max_batch_size
         assert sum(len(c.tokens) for c in chunks) <= self.limits.max_num_tokens
         assert len({c.slot for c in chunks}) == len(chunks), "a slot twice in one step"
@@ -59,8 +61,12 @@ class _ContractExecutor(Executor):
         return histories
 
     def release(self, slot: int) -> None:
+        assert not self.closed, "a release on a closed executor"
         self.history.pop(slot, None)
         self.released.append(slot)
+
+    def close(self) -> None:
+        self.closed = True
 
     def logits(self, history: list[int]) -> torch.Tensor:
         raise NotImplementedError

@@ -4,6 +4,8 @@ asyncio, chat templates, bad requests."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
 import time
 
 import pytest
@@ -327,3 +329,86 @@ def test_a_closed_llm_says_so(scripted):
                 llm.__enter__):  # `with llm:` after close() (a trial's had entered)
         with pytest.raises(EngineClosedError, match="this LLM was closed; open the engine again"):
             use()
+
+
+def test_close_from_another_thread_ends_the_running_call_after_its_step(scripted):
+    """A trial's llm.close() from one thread while another ran generate on an onnx engine freed
+    the sessions under the running step: exit 139 (the mock's step asserts it is open)."""
+    llm, prompt, _ = scripted()
+    step, stepping = llm.executor.step, threading.Event()
+
+    def slow_step(chunks):
+        stepping.set()
+        time.sleep(0.05)
+        return step(chunks)
+
+    llm.executor.step = slow_step
+    failures = []
+
+    def run():
+        try:
+            llm.generate(prompt, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+        except Exception as e:  # noqa: BLE001 - kept for the assertion below
+            failures.append(e)
+
+    caller = threading.Thread(target=run)
+    caller.start()
+    assert stepping.wait(5)
+    llm.close()  # waits for the step under way, then frees the executor
+    caller.join(5)
+    assert llm.executor.closed and not caller.is_alive()
+    assert len(failures) == 1 and isinstance(failures[0], EngineClosedError)
+    assert "closed while a call of it ran" in str(failures[0])
+    assert not llm.core.requests and llm.error is None  # closing is no engine failure
+
+
+def test_close_under_this_thread_s_open_stream_ends_it_with_engine_closed(scripted):
+    llm, prompt, _ = scripted()
+    stream = llm.generate_stream(prompt, GREEDY)
+    next(stream)
+    llm.close()
+    with pytest.raises(EngineClosedError, match="closed while a call of it ran"):
+        next(stream)
+    assert not llm.core.requests
+
+
+def test_closing_an_llm_an_async_llm_drives_is_refused_until_that_closes(scripted):
+    llm, prompt, _ = scripted()
+
+    async def main():
+        async with AsyncLLM(llm) as engine:
+            with pytest.raises(RuntimeError, match="driven by an AsyncLLM; close the AsyncLLM"):
+                llm.close()
+            return (await engine.generate(prompt, GREEDY)).text, engine
+
+    text, engine = asyncio.run(main())
+    assert text == ANSWER and not llm.closed
+    llm.close()
+    assert llm.executor.closed
+
+    async def enter_closed():
+        async with engine:
+            pass
+
+    with pytest.raises(RuntimeError, match="AsyncLLM is closed"):  # a trial's had entered
+        asyncio.run(enter_closed())
+
+
+def test_a_call_waiting_for_another_thread_s_says_so(scripted, caplog, monkeypatch):
+    from kiln.runtime import llm as llm_module
+
+    monkeypatch.setattr(llm_module, "WAIT_NOTICE_S", 0.05)
+    llm, prompt, _ = scripted()
+    results = []
+    stream = llm.generate_stream(prompt, GREEDY)
+    first = next(stream)  # this thread holds the LLM until the stream ends
+    waiter = threading.Thread(target=lambda: results.append(llm.generate(prompt, GREEDY)),
+                              name="second-caller")
+    with caplog.at_level(logging.INFO, logger="kiln.runtime.llm"):
+        waiter.start()
+        time.sleep(0.3)
+        assert waiter.is_alive() and "waiting for this LLM's call in thread 'MainThread'" \
+            in caplog.text
+        assert first.text + "".join(d.text for d in stream) == ANSWER
+        waiter.join(5)
+    assert results[0][0].text == ANSWER
