@@ -29,7 +29,7 @@ from kiln.builder.runner import run_parts
 from kiln.checkpoint import CheckpointConfig, check_tensor_names, load_config, rank_file
 from kiln.config import options_from
 from kiln.engine import EngineManifest
-from kiln.errors import CheckpointError, ConfigError
+from kiln.errors import CheckpointError, ConfigError, counted
 from kiln.output_dirs import ENGINE_KIND, atomic_dir, check_output, copy_tokenizer
 from kiln.plugins import PluginContext, resolve_plugins
 from kiln.quantization.config import QuantConfig
@@ -75,11 +75,23 @@ def build(checkpoint_dir: str | Path, output_dir: str | Path, *, progress: bool 
 
 
 def _warn_if_the_gate_failed(checkpoint_dir: Path, ckpt: CheckpointConfig) -> None:
-    """Say so when the checkpoint was quantized past its accuracy gate (--no_accuracy_gate):
-    the engine carries the figures, and nothing else would tell its user."""
+    """Say so when the checkpoint was quantized past its accuracy gate (--no_accuracy_gate),
+    with too few tokens to decide, or without text to measure it: the engine carries the
+    figures, and nothing else would tell its user."""
     quant = ckpt.quantization
-    accuracy = quant.accuracy if quant is not None else None
-    if accuracy and accuracy.get("passed") is False:
+    if quant is None:
+        return
+    accuracy = quant.accuracy
+    if accuracy is None:
+        if quant.source_format == "kiln":  # an imported checkpoint's gate was its tool's
+            log.warning("%s was quantized (%s) without measuring its accuracy (no text was "
+                        "given to kiln quantize); `kiln eval` measures the engine's perplexity",
+                        checkpoint_dir, quant.qformat)
+    elif accuracy.get("passed") is None:
+        log.warning("%s: its accuracy gate is undecided (%s scored, quantized with "
+                    "--no_accuracy_gate); the engine is built from it as asked",
+                    checkpoint_dir, counted(accuracy.get("tokens", 0), "token"))
+    elif accuracy.get("passed") is False:
         log.warning("%s failed its accuracy gate (quantized with --no_accuracy_gate: ppl ratio "
                     "%.4f, over %s); the engine is built from it as asked", checkpoint_dir,
                     accuracy.get("ppl_ratio", float("nan")), accuracy.get("max_ppl_ratio"))

@@ -41,7 +41,7 @@ import kiln
 from kiln.checkpoint import CONFIG_NAME, CheckpointConfig, load_config
 from kiln.config import options_from
 from kiln.datasets import load_texts
-from kiln.errors import ConfigError, QuantizationError, counted
+from kiln.errors import ConfigError, DatasetError, QuantizationError, counted
 from kiln.output_dirs import (
     CHECKPOINT_KIND,
     atomic_dir,
@@ -206,8 +206,16 @@ class _Job:
                 self.quant = self.quant.with_(calibration=calib.provenance)
             self.eval = held
         if opts.eval_dataset:
-            self.eval = token_samples(load_texts(opts.eval_dataset), tokenizer,
-                                      opts.calib_max_seq_length)
+            texts = load_texts(opts.eval_dataset)
+            try:
+                self.eval = token_samples(texts, tokenizer, opts.calib_max_seq_length)
+            except DatasetError as e:  # its advice, followed, must not meet the gate's refusal
+                if opts.no_accuracy_gate:
+                    raise
+                raise DatasetError(f"{e}. The accuracy gate needs {MIN_GATE_TOKENS + 1} tokens "
+                                   f"of it at the least ({MIN_GATE_TOKENS} scored: a sample's "
+                                   f"first token predicts nothing); with fewer, pass "
+                                   f"--no_accuracy_gate to record undecided figures") from None
         if not opts.no_accuracy_gate:
             self._check_gate_size()
 
@@ -352,7 +360,7 @@ class _Job:
                                        if quantized_head is not None else lm_head))]
             meter.update(*logits, self.eval.tokens[a:a + step])
         accuracy = {**meter.result(), **self.eval.provenance}
-        if accuracy["tokens"] < FIRM_GATE_TOKENS:
+        if MIN_GATE_TOKENS <= accuracy["tokens"] < FIRM_GATE_TOKENS:
             more = "longer --eval_dataset text" if self.opts.eval_dataset else \
                 "more calibration samples (--calib_size: a fifth of them is held out for the " \
                 "gate), or an --eval_dataset"
@@ -365,7 +373,12 @@ class _Job:
                                         enforce=not self.opts.no_accuracy_gate,
                                         settings=self._costly_settings())
         log.info("accuracy: %s", summary(accuracy))
-        if not accuracy["passed"]:
+        if accuracy["tokens"] < MIN_GATE_TOKENS:  # --no_accuracy_gate: the enforced gate refuses
+            accuracy["passed"] = None  # too few tokens to decide (_check_gate_size)
+            log.warning("the accuracy gate's figures rest on %s, too few to decide (under %d): "
+                        "recorded as undecided (passed: null)",
+                        counted(accuracy["tokens"], "token"), MIN_GATE_TOKENS)
+        elif not accuracy["passed"]:
             log.warning("%s is above the accuracy gate (--no_accuracy_gate): %s",
                         self.quant.qformat, summary(accuracy))
         return accuracy

@@ -86,6 +86,12 @@ def _cases(src, src_tp2, texts, quantized, tmp):
                                      "--calib_max_seq_length", "16"], src,
                                     "give longer --eval_dataset text; or pass "
                                     "--no_accuracy_gate"),
+        # a trial followed the length advice here into the gate's refusal
+        "eval text shorter than a sample": (["--qformat", "int8_wo", "--eval_dataset", tiny_eval,
+                                             "--calib_max_seq_length", "40"], src,
+                                            "The accuracy gate needs 65 tokens of it at the "
+                                            "least (64 scored: a sample's first token predicts "
+                                            "nothing); with fewer, pass --no_accuracy_gate"),
         # the default's value, asked for: refused as any other (left out, it is capped)
         "512 past the context": (["--qformat", "int8_sq", *calib,
                                   "--calib_max_seq_length", "512"], src,
@@ -99,7 +105,7 @@ CASES = ["wrong qformat", "group size", "missing file", "empty file", "unreadabl
          "already quantized",
          "fp8 scales on int8", "alpha on int4", "alpha nan", "ratio inf", "calib size without data",
          "gate without text", "calibration past the context", "512 past the context",
-         "gate of one token", "gate of few eval tokens"]
+         "gate of one token", "gate of few eval tokens", "eval text shorter than a sample"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -180,13 +186,39 @@ def test_a_gate_refusal_names_what_may_win_accuracy_back(qformat, settings, reme
     assert f"{remedies} --max_ppl_ratio / --no_accuracy_gate to accept it" in str(raised.value)
 
 
-def test_no_data_records_accuracy_null_with_a_warning(checkpoint, tmp_path, caplog):
+def test_no_data_records_accuracy_null_with_a_warning_at_quantize_and_build(
+        checkpoint, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         out = kiln.quantize(checkpoint("llama-gqa"), tmp_path / "q", qformat="int4_wo",
                             group_size=32, progress=False)
     assert load_config(out).quantization.accuracy is None
     assert any("accuracy was not measured" in r.message and r.levelno == logging.WARNING
                for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # a -q quantize hid the first: the build says it
+        kiln.build(out, tmp_path / "e", backend="onnx", max_batch_size=1, max_seq_len=16)
+    assert (f"{out} was quantized (int4_wo) without measuring its accuracy (no text was given "
+            f"to kiln quantize)") in caplog.text
+
+
+def test_an_unenforced_gate_on_too_few_tokens_is_recorded_undecided(checkpoint, tmp_path,
+                                                                     caplog):
+    """A trial's --no_accuracy_gate on 7 tokens recorded passed: true (enforced, refused)."""
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("the model reads a layer of weights")
+    with caplog.at_level(logging.WARNING):
+        out = kiln.quantize(checkpoint("llama-gqa"), tmp_path / "q", qformat="int8_wo",
+                            eval_dataset=tiny, calib_max_seq_length=16, no_accuracy_gate=True,
+                            progress=False)
+    accuracy = load_config(out).quantization.accuracy
+    assert accuracy["passed"] is None and 0 < accuracy["tokens"] < 64
+    assert f"rest on {accuracy['tokens']} tokens, too few to decide (under 64): recorded as " \
+           f"undecided (passed: null)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        kiln.build(out, tmp_path / "e", backend="onnx", max_batch_size=1, max_seq_len=16)
+    assert f"{out}: its accuracy gate is undecided ({accuracy['tokens']} tokens scored" \
+        in caplog.text
 
 
 def test_short_samples_and_a_small_gate_are_warned_about(checkpoint, texts, tmp_path, caplog):
