@@ -38,7 +38,7 @@ class SamplingParams:
                              "0 only with prompt_logprobs (score the prompt, generate nothing).")
     temperature: float = _f(1.0, "Softmax temperature; 0 = greedy, as is anything below 1e-5 "
                                  "(vLLM's rule: logits divided by less overflow float32).")
-    top_k: int = _f(0, "Sample from the k most likely tokens; 0 = all.")
+    top_k: int = _f(0, "Sample from the k most likely tokens; 0 (or -1, vLLM's) = all.")
     top_p: float = _f(1.0, "Sample from the smallest set of tokens whose mass reaches top_p.")
     min_p: float = _f(0.0, "Drop tokens less likely than min_p * p(most likely token).")
     repetition_penalty: float = _f(1.0, "HF repetition penalty on prompt and output tokens "
@@ -77,8 +77,10 @@ class SamplingParams:
                "for max_tokens >= 1")
         _check(_is_num(self.temperature) and self.temperature >= 0, "temperature",
                f"must be a finite number >= 0 (0 = greedy), found {_shown(self.temperature)}")
-        _check(_is_int(self.top_k) and self.top_k >= 0, "top_k",
-               f"must be an integer >= 0 (0 = off), found {_shown(self.top_k)}")
+        _check(_is_int(self.top_k) and self.top_k >= -1, "top_k",
+               f"must be an integer >= 1, or 0 or -1 (off), found {_shown(self.top_k)}")
+        if self.top_k == -1:  # vLLM's "off", as kiln serve takes it
+            object.__setattr__(self, "top_k", 0)
         _check(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p",
                f"must be in (0, 1], found {_shown(self.top_p)}")
         _check(_is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p",
@@ -99,7 +101,7 @@ class SamplingParams:
                f"must be UTF-8 text, found {_shown(self.stop)} (a lone surrogate: bytes that are "
                "not UTF-8, e.g. from a shell in another locale)")
         _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
-               f"must be token ids >= 0, found "
+               f"must be token ids (integers >= 0), found "
                f"{', '.join(map(repr, self.stop_token_ids))}")
         _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20),
                "logprobs", f"must be None or an integer in [0, 20], found {_shown(self.logprobs)}")

@@ -55,7 +55,8 @@ class CompletionResult:
     text: str
     token_ids: tuple[int, ...]
     finish_reason: str | None
-    stop_reason: str | int | None  # the stop string or token id that ended it
+    stop_reason: str | int | None  # the stop string or stop token id that ended it
+                                   # (None at EOS, as vLLM's)
     logprobs: tuple[TokenLogprobs, ...] | None
     timings: RequestTimings
     error: str | None = None

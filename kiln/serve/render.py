@@ -78,6 +78,15 @@ def failed(result: CompletionResult) -> ApiError:
     return ApiError(500, f"the request failed: {error}", code="engine_error")
 
 
+def _no_op(name: str, value: Any) -> bool:
+    """An UNSUPPORTED field's value that asks for nothing kiln would not do anyway: absent,
+    null, empty (``logit_bias: {}``, ``tools: []``), plain text or no tool call (a client
+    library's defaults, which a trial's requests sent)."""
+    if value is None or value == {} or value == []:
+        return True
+    return (name, value) in (("response_format", {"type": "text"}), ("tool_choice", "none"))
+
+
 def _checked(make, renames: dict[str, str]) -> SamplingParams:
     try:
         return make()
@@ -100,15 +109,10 @@ class Renderer:
     def _params(self, req: Any, max_tokens: int, renames: dict[str, str],
                 **fields: Any) -> SamplingParams:
         for name in UNSUPPORTED:
-            if (req.model_extra or {}).get(name) is not None:
+            if not _no_op(name, (req.model_extra or {}).get(name)):
                 raise ApiError(400, f"{name} is not supported by kiln serve; send the request "
                                     f"without it", param=name)
         given = {k: getattr(req, k) for k in _SAMPLING if getattr(req, k) is not None}
-        if req.top_k is not None and req.top_k < 0:
-            if req.top_k != -1:
-                raise ApiError(400, f"top_k must be an integer >= 1, or 0 or -1 (off), found "
-                                    f"{req.top_k}", param="top_k")
-            given["top_k"] = 0  # vLLM's "off"
         if req.stop is not None:
             given["stop"] = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
         if req.stop_token_ids is not None:

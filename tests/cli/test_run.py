@@ -51,6 +51,18 @@ def test_run_prints_text_on_stdout_and_stats_on_stderr(engine):
     assert "6 tokens, 1 request, finish: length" in stats
 
 
+def test_top_k_minus_1_is_off_as_in_kiln_serve(engine):
+    """A trial: kiln serve took vLLM's top_k -1, kiln run refused it."""
+    texts = set()
+    for k in ("-1", "0"):
+        r = kiln("run", "--engine_dir", str(engine), "--input_text", "Hello there",
+                 "--max_output_len", "4", "--ignore_eos", "--temperature", "1", "--seed", "5",
+                 "--top_k", k)
+        assert r.exit_code == 0, r.output
+        texts.add(r.stdout)
+    assert len(texts) == 1
+
+
 @pytest.mark.parametrize("streaming", [True, False])
 def test_a_reader_that_closes_the_pipe_ends_the_run_quietly(engine, streaming):
     """`kiln run ... | head -c 30`: the reader's end closed had been "error: Broken pipe",

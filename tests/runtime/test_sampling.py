@@ -53,7 +53,7 @@ def _rows(params, n=1, seed=0, prompt=(), output=()):
 
 @pytest.mark.parametrize("field,value", [
     ("max_tokens", 0), ("max_tokens", 1.5), ("temperature", -0.1), ("temperature", math.nan),
-    ("top_k", -1), ("top_p", 0.0), ("top_p", 1.1), ("min_p", -0.01), ("min_p", 2),
+    ("top_k", -2), ("top_p", 0.0), ("top_p", 1.1), ("min_p", -0.01), ("min_p", 2),
     ("repetition_penalty", 0), ("presence_penalty", 2.5), ("frequency_penalty", -3),
     ("seed", "x"), ("stop", ("",)), ("stop_token_ids", (-1,)), ("logprobs", 21),
     ("temperature", True), ("stop", ("caf\udce9",)), ("stop", ("ok", "\ud800")),
@@ -62,6 +62,11 @@ def _rows(params, n=1, seed=0, prompt=(), output=()):
 def test_invalid_values_name_the_parameter(field, value):
     with pytest.raises(SamplingParamsError, match=rf"SamplingParams\.{field} "):
         SamplingParams(**{field: value})
+
+
+def test_top_k_minus_1_is_off_as_vllm_s():
+    """kiln serve took vLLM's -1 and `kiln run --top_k -1` refused it (a trial)."""
+    assert SamplingParams(top_k=-1) == SamplingParams(top_k=0)
 
 
 @pytest.mark.parametrize("field,value", [("temperature", math.inf), ("temperature", math.nan),

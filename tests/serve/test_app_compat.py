@@ -182,6 +182,18 @@ def test_null_is_the_default(make_client, endpoint, body):
     assert out.status_code == 200 and out.text.rstrip().endswith("data: [DONE]")
 
 
+@pytest.mark.parametrize("endpoint, body", [
+    ("/v1/completions", {"prompt": "a", "logit_bias": {}}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "tools": [],
+                              "tool_choice": "none", "response_format": {"type": "text"}}),
+])
+def test_unsupported_fields_that_ask_nothing_are_taken(make_client, endpoint, body):
+    """A client library's defaults (logit_bias {}, response_format text) had been 400s."""
+    client = make_client(chat_template="{% for m in messages %}{{ m.content }}{% endfor %}")
+    out = client.post(endpoint, json={"model": "m", "max_tokens": 2, **body})
+    assert out.status_code == 200, out.text
+
+
 def test_a_required_field_stays_required(make_client):
     out = make_client().post("/v1/completions", json={"model": "m", "prompt": None})
     assert out.status_code == 400 and out.json()["error"]["param"] == "prompt"
