@@ -140,7 +140,10 @@ class KilnGroup(click.Group):
         # Accept dashes for underscores (convert-checkpoint == convert_checkpoint).
         if args and args[0].replace("-", "_") in self.commands:
             args = [args[0].replace("-", "_"), *args[1:]]
-        return super().resolve_command(ctx, args)
+        name, command, rest = super().resolve_command(ctx, args)
+        if command is not None:
+            _check_given_once(click.Context(command, info_name=name, parent=ctx), rest)
+        return name, command, rest
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         command = super().get_command(ctx, name)
@@ -158,6 +161,43 @@ class KilnGroup(click.Group):
             limit = formatter.width - 6 - max(len(n) for n, _ in commands)
             with formatter.section("Commands"):
                 formatter.write_dl([(n, c.get_short_help_str(limit)) for n, c in commands])
+
+
+def _check_given_once(ctx: click.Context, args: list[str]) -> None:
+    """Refuse an option that takes one value given twice (click keeps the last silently: a
+    trial's ``--engine_dir a ... --engine_dir b`` ran b). Repeatable options and flags pass.
+    A group's command (``kiln cache prune``) is checked as the group names it."""
+    if isinstance(ctx.command, click.Group):
+        if args and not args[0].startswith("-"):
+            command = ctx.command.get_command(ctx, args[0])
+            if command is not None:
+                _check_given_once(click.Context(command, info_name=args[0], parent=ctx),
+                                  args[1:])
+        return
+    options = {name: param for param in ctx.command.params if isinstance(param, click.Option)
+               for name in param.opts}
+    seen: dict[str, list[str]] = {}
+    i = 0
+    while i < len(args):
+        token = args[i]
+        if token == "--":
+            break
+        name, eq, value = token.partition("=")
+        param = options.get(name) if token.startswith("-") else None
+        i += 1
+        if param is None or param.is_flag or param.count or param.nargs != 1:
+            continue
+        if not eq:
+            if i == len(args):
+                break  # click names the missing value
+            value, i = args[i], i + 1
+        if not param.multiple:
+            seen.setdefault(param.opts[-1], []).append(value)
+    for name, values in seen.items():
+        if len(values) > 1:
+            times = "twice" if len(values) == 2 else f"{len(values)} times"
+            raise click.UsageError(f"{name} is given {times} "
+                                   f"({', then '.join(map(repr, values))}); give it once", ctx)
 
 
 def _stop(ctx: click.Context, interrupt: KeyboardInterrupt) -> NoReturn:

@@ -150,6 +150,28 @@ def test_a_global_option_after_the_command_says_where_it_goes(args, hint):
     assert result.output.rstrip().endswith(hint)
 
 
+@pytest.mark.parametrize("args, message", [
+    (["run", "--engine_dir", "a", "--input_text", "x", "--engine_dir=b"],
+     "--engine_dir is given twice ('a', then 'b'); give it once (see kiln run --help)"),
+    (["build", "--checkpoint_dir", "c", "--output_dir", "o", "--max_batch_size", "2",
+      "--max_batch_size", "4", "--max_batch_size", "8"],
+     "--max_batch_size is given 3 times ('2', then '4', then '8'); give it once "
+     "(see kiln build --help)"),
+    (["cache", "prune", "--max_size", "1G", "--max_size", "2G"],
+     "--max_size is given twice ('1G', then '2G'); give it once (see kiln cache prune --help)"),
+])
+def test_an_option_of_one_value_given_twice_is_refused(args, message, tmp_path):
+    """click kept the last value silently: a trial's repeated --engine_dir ran the second."""
+    result = _invoke(*args)
+    assert result.exit_code == 2 and result.output.strip() == f"error: {message}", result.output
+
+
+def test_repeatable_options_and_values_that_look_like_options_pass(tmp_path):
+    result = _invoke("run", "--input_text", "--engine_dir", "--input_text", "b",
+                     "--engine_dir", str(tmp_path / "nope"))
+    assert result.exit_code == 2 and "no such engine directory" in result.output
+
+
 def test_debug_shows_the_traceback_and_keeps_the_exit_status(tmp_path):
     """--debug adds the traceback; the one-line message and exit 2 stay (a new user's --debug
     run exited 1, where the README says 2)."""
