@@ -352,7 +352,7 @@ def _evict(cache: EngineCache, max_size: int, keep: Entry) -> None:
                     decimal_size(max_size))
     for _, why in result.refused:
         log.warning("not evicted: %s", why)
-    total = sum(e.size() for e in cache.entries())
+    total = result.remaining  # measured by prune: the entries are not walked again
     if total > max_size:  # what is left is in use, holds a user's file, or was just built
         kept = ["the engine just built"]
         if result.in_use:

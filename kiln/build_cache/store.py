@@ -133,6 +133,7 @@ class PruneResult:
     refused: list[tuple[Path, str]] = field(default_factory=list)  # path, why
     leftovers: list[tuple[Path, int]] = field(default_factory=list)  # .tmp / .del dirs, bytes
     freed: int = 0  # bytes of the entries removed (leftovers: their own sizes)
+    remaining: int = 0  # bytes of the entries left (as measured before the removals)
 
 
 class EngineCache:
@@ -391,6 +392,7 @@ class EngineCache:
             result.removed.append(entry)
             result.freed += freed
             total -= sizes[entry.name]
+        result.remaining = total
         result.leftovers = self._prune_leftovers(result, dry_run)
         if not dry_run:
             self._prune_locks(result)
