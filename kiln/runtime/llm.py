@@ -78,6 +78,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 WAIT_NOTICE_S = 1.0  # a call that waits longer for another thread's is logged (INFO)
+WAIT_POLL_S = 0.1  # a waiting call checks this often whether the LLM was closed meanwhile
 
 Prompt = str | Sequence[int]
 Messages = list[dict[str, Any]]
@@ -280,20 +281,29 @@ class LLM:
 
     @contextlib.contextmanager
     def _driving(self) -> Iterator[None]:
-        """The lock that serializes calls. Another thread's call waits for it; this thread's
-        is refused while a stream of its own is still open (left unfinished and not closed, it
-        holds the lock: waiting would never end)."""
+        """The lock that serializes calls. Another thread's call waits for it, and ends with
+        EngineClosedError if the LLM is closed meanwhile; it is refused while a stream of its
+        own thread, or of a thread that has ended, is still open (left unfinished and not
+        closed, such a stream holds the lock: waiting would never end)."""
         this = threading.current_thread()
         if self._driver is this:
             raise RuntimeError("a generate_stream of this LLM is still open in this thread (not "
                                "read to its end, nor closed): finish it or call its close() "
                                "first, which aborts its requests")
-        if not self.lock.acquire(timeout=WAIT_NOTICE_S):
+        waited = 0.0
+        while not self.lock.acquire(timeout=WAIT_POLL_S):
+            self.check_open()  # closed (or failed) meanwhile: waiting would be for nothing
             driver = self._driver
-            logger.info("waiting for this LLM's call in thread %r to end: an LLM runs one call "
-                        "at a time (AsyncLLM runs requests of many callers together)",
-                        driver.name if driver is not None else "?")
-            self.lock.acquire()
+            if driver is not None and not driver.is_alive():
+                raise RuntimeError(f"a generate_stream of this LLM is still open in thread "
+                                   f"{driver.name!r}, which has ended (not read to its end, nor "
+                                   f"closed): call its close(), which aborts its requests, or "
+                                   f"drop it")
+            waited += WAIT_POLL_S
+            if driver is not None and waited - WAIT_POLL_S < WAIT_NOTICE_S <= waited:
+                logger.info("waiting for this LLM's call in thread %r to end: an LLM runs one "
+                            "call at a time (AsyncLLM runs requests of many callers together)",
+                            driver.name)
         try:
             self._driver = this
             yield

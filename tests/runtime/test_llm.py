@@ -71,6 +71,17 @@ def test_stop_token_ids_ignore_eos_and_max_tokens(scripted, tokenizer):
         (tokenizer.eos_token_ids[0],) * 3
 
 
+def test_eos_is_checked_before_stop_token_ids_as_vllm_does(scripted, tokenizer):
+    """A trial's stop_token_ids [EOS] ended with stop_reason EOS; vLLM's is null there."""
+    llm, prompt, script = scripted()
+    eos = tokenizer.eos_token_ids[0]
+    r = llm.generate(prompt, GREEDY.replace(stop_token_ids=(eos,)))[0]
+    assert (r.finish_reason, r.stop_reason) == ("stop", None) and len(r.token_ids) == \
+        len(script) + 1
+    r = llm.generate(prompt, GREEDY.replace(stop_token_ids=(eos,), ignore_eos=True))[0]
+    assert (r.finish_reason, r.stop_reason) == ("stop", eos)  # ignored EOS: a stop token
+
+
 def test_max_seq_len_gives_a_length_finish_not_an_error(scripted):
     limits = BuildLimits(max_batch_size=2, max_input_len=16, max_seq_len=20, max_num_tokens=16)
     llm, prompt, _ = scripted(limits=limits)
@@ -412,3 +423,57 @@ def test_a_call_waiting_for_another_thread_s_says_so(scripted, caplog, monkeypat
         assert first.text + "".join(d.text for d in stream) == ANSWER
         waiter.join(5)
     assert results[0][0].text == ANSWER
+
+
+def test_a_call_waiting_for_another_thread_s_stream_ends_when_the_llm_is_closed(scripted):
+    """A trial's waiter stayed blocked after close(): the stream that held the LLM was open
+    in a thread that did not read it."""
+    llm, prompt, _ = scripted()
+    opened, release = threading.Event(), threading.Event()
+
+    def holder():
+        stream = llm.generate_stream(prompt, GREEDY)
+        next(stream)
+        opened.set()
+        release.wait(10)  # holds the LLM, reads nothing
+        with pytest.raises(EngineClosedError):
+            next(stream)
+
+    failures = []
+
+    def waiter():
+        try:
+            llm.generate(prompt, GREEDY)
+        except EngineClosedError as e:
+            failures.append(e)
+
+    threads = [threading.Thread(target=holder)]
+    threads[0].start()
+    assert opened.wait(5)
+    threads.append(threading.Thread(target=waiter))
+    threads[1].start()
+    time.sleep(0.3)
+    llm.close()
+    threads[1].join(2)
+    assert not threads[1].is_alive() and "this LLM was closed" in str(failures[0])
+    release.set()
+    threads[0].join(5)
+
+
+def test_a_stream_left_open_by_a_thread_that_ended_is_named_not_waited_on(scripted):
+    llm, prompt, _ = scripted()
+    kept = []
+
+    def opener():
+        stream = llm.generate_stream(prompt, GREEDY)
+        next(stream)
+        kept.append(stream)  # the thread ends; its stream, kept elsewhere, holds the LLM
+
+    thread = threading.Thread(target=opener, name="opener")
+    thread.start()
+    thread.join()
+    with pytest.raises(RuntimeError, match="a generate_stream of this LLM is still open in "
+                                           "thread 'opener', which has ended"):
+        llm.generate(prompt, GREEDY)
+    kept[0].close()  # aborts its request, frees the LLM
+    assert llm.generate(prompt, GREEDY)[0].text == ANSWER
