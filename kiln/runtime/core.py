@@ -408,10 +408,10 @@ class EngineCore:
         reason, stop_reason = None, None
         if request.stops is not None and request.stops.matched is not None:
             reason, stop_reason = "stop", request.stops.matched
+        elif token in request.eos_ids:  # vLLM's stop_reason: None at EOS, even one listed
+            reason = "stop"                # in stop_token_ids (EOS is checked first)
         elif token in request.params.stop_token_ids:
             reason, stop_reason = "stop", token
-        elif token in request.eos_ids:  # vLLM's stop_reason: None at EOS
-            reason = "stop"
         elif len(request.output_ids) >= request.max_new_tokens:
             reason = "length"
         request.text += text
