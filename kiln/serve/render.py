@@ -78,13 +78,19 @@ def failed(result: CompletionResult) -> ApiError:
     return ApiError(500, f"the request failed: {error}", code="engine_error")
 
 
+# The values of UNSUPPORTED fields that ask for nothing kiln would not do anyway (a client
+# library's defaults, which a trial's requests sent): no bias, no tools, plain text.
+NO_OPS: dict[str, tuple[Any, ...]] = {
+    "logit_bias": ({},), "tools": ([],), "functions": ([],), "tool_choice": ("none",),
+    "function_call": ("none",), "response_format": ({"type": "text"},), "suffix": ("",),
+    "parallel_tool_calls": (True, False)}
+
+
 def _no_op(name: str, value: Any) -> bool:
-    """An UNSUPPORTED field's value that asks for nothing kiln would not do anyway: absent,
-    null, empty (``logit_bias: {}``, ``tools: []``), plain text or no tool call (a client
-    library's defaults, which a trial's requests sent)."""
-    if value is None or value == {} or value == []:
-        return True
-    return (name, value) in (("response_format", {"type": "text"}), ("tool_choice", "none"))
+    """Whether an UNSUPPORTED field's value asks for nothing: absent, null or in NO_OPS (of
+    its own type: ``logit_bias: []`` is not an empty map)."""
+    return value is None or any(type(value) is type(v) and value == v
+                                for v in NO_OPS.get(name, ()))
 
 
 def _checked(make, renames: dict[str, str]) -> SamplingParams:

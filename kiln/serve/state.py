@@ -91,6 +91,13 @@ class ServerState:
         yet running (submitted or queued) beyond the engine's free slots would wait."""
         if self.max_queue is None:
             return
+        most = self.engine.llm.core.scheduler.limits.max_batch_size + self.max_queue
+        if count > most:  # never admitted, however long the client retries
+            raise ApiError(400, f"this request asks for {count} completions at once (n times "
+                                f"the prompts), and the server admits at most {most} (the "
+                                f"engine's max_batch_size running, --max_queue "
+                                f"{self.max_queue} waiting); lower n or send fewer prompts",
+                           param="n")
         would_wait = self.waiting() + count - self.free_slots()
         if would_wait > self.max_queue:
             raise ApiError(429, f"the server's queue is full ({max(0, would_wait - count)} "

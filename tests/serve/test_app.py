@@ -131,6 +131,23 @@ def test_max_queue_0_refuses_only_what_would_wait(engine):
                                               "slot, --max_queue 0); retry later")
 
 
+def test_an_n_that_can_never_be_admitted_is_a_400_not_retry_later(engine):
+    """A trial's n 10 on an idle 8-slot server with --max_queue 1: 429 'retry later'."""
+    client = TestClient(create_app(engine, "m", max_queue=1))
+    slots = engine.llm.core.scheduler.limits.max_batch_size
+    out = client.post("/v1/completions", json={"model": "m", "prompt": "a", "max_tokens": 1,
+                                               "n": slots + 1})
+    assert out.status_code == 200  # the slots and one waiting
+    out = client.post("/v1/completions", json={"model": "m", "prompt": ["a", "b"],
+                                               "max_tokens": 1, "n": slots // 2 + 1})
+    error = out.json()["error"]
+    assert out.status_code == 400 and error["param"] == "n", out.text
+    assert error["message"] == (f"this request asks for {2 * (slots // 2 + 1)} completions at "
+                                f"once (n times the prompts), and the server admits at most "
+                                f"{slots + 1} (the engine's max_batch_size running, --max_queue "
+                                f"1 waiting); lower n or send fewer prompts")
+
+
 @pytest.mark.parametrize("endpoint,body,param,message", [
     ("/v1/completions", {"prompt": "a", "max_tokens": 0}, "max_tokens",
      "max_tokens 0 only scores the prompt: set echo: true and logprobs (0-20) as well"),

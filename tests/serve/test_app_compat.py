@@ -185,13 +185,23 @@ def test_null_is_the_default(make_client, endpoint, body):
 @pytest.mark.parametrize("endpoint, body", [
     ("/v1/completions", {"prompt": "a", "logit_bias": {}}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "tools": [],
-                              "tool_choice": "none", "response_format": {"type": "text"}}),
+                              "tool_choice": "none", "response_format": {"type": "text"},
+                              "function_call": "none", "parallel_tool_calls": False}),
 ])
 def test_unsupported_fields_that_ask_nothing_are_taken(make_client, endpoint, body):
     """A client library's defaults (logit_bias {}, response_format text) had been 400s."""
     client = make_client(chat_template="{% for m in messages %}{{ m.content }}{% endfor %}")
     out = client.post(endpoint, json={"model": "m", "max_tokens": 2, **body})
     assert out.status_code == 200, out.text
+
+
+@pytest.mark.parametrize("field, value", [("logit_bias", []), ("tools", {}),
+                                          ("response_format", {"type": "json_object"}),
+                                          ("tool_choice", "auto"), ("logit_bias", {"5": 1})])
+def test_unsupported_fields_of_another_type_or_value_stay_400s(make_client, field, value):
+    out = make_client().post("/v1/completions", json={"model": "m", "prompt": "a",
+                                                      field: value})
+    assert out.status_code == 400 and out.json()["error"]["param"] == field, out.text
 
 
 def test_a_required_field_stays_required(make_client):
