@@ -247,6 +247,9 @@ class LazyCommand(click.Command):
 @click.pass_context
 def main(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
     """kiln: compile Hugging Face LLM checkpoints into engines, and run them."""
+    if quiet and verbose:  # a trial's `kiln -q -v run`: -q had won silently
+        raise click.UsageError("-q (only errors) and -v (more logging) contradict each other; "
+                               "give one", ctx)
     verbosity = -1 if quiet else verbose
     level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")

@@ -137,6 +137,9 @@ def test_a_cache_dir_that_is_a_file_is_one_line_exit_2(command, tmp_path, monkey
                                                "1min"),
     (["cache", "prune", "--older_than", "3M"], "'3M' is ambiguous"),
     (["cache", "prune", "--max_size", "lots"], "'lots' is not a size like 20GB"),
+    # a trial's 1e400GB was a traceback (OverflowError), exit 1
+    (["cache", "prune", "--max_size", "1e400GB"], "'1e400GB' is more than any machine holds "
+                                                  "(at most 1 EB)"),
     (["cache", "build"], "Missing option '--model_dir'"),
     (["cache", "build", "--model_dir", "x", "--backend", "nope"], "'nope' is not one of"),
 ])
@@ -144,6 +147,12 @@ def test_usage_errors_are_one_line_exit_2(args, message, cache):
     result = _invoke(*args)
     assert result.exit_code == 2 and len(result.output.splitlines()) == 1, result.output
     assert message in result.output
+
+
+def test_a_size_in_capital_e_notation_is_taken(cache):
+    fake_entry(cache, "a", age_days=1)
+    result = _invoke("cache", "prune", "--max_size", "1E1", "--dry_run")
+    assert result.exit_code == 0, result.output
 
 
 def test_older_than_takes_0s_and_its_help_says_the_rule(cache):

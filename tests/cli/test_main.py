@@ -166,6 +166,13 @@ def test_an_option_of_one_value_given_twice_is_refused(args, message, tmp_path):
     assert result.exit_code == 2 and result.output.strip() == f"error: {message}", result.output
 
 
+def test_quiet_and_verbose_together_are_refused():
+    result = _invoke("-q", "-v", "cache", "list")
+    assert result.exit_code == 2 and result.output.strip() == (
+        "error: -q (only errors) and -v (more logging) contradict each other; give one (see "
+        "kiln --help)"), result.output
+
+
 def test_repeatable_options_and_values_that_look_like_options_pass(tmp_path):
     result = _invoke("run", "--input_text", "--engine_dir", "--input_text", "b",
                      "--engine_dir", str(tmp_path / "nope"))
