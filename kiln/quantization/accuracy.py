@@ -64,15 +64,17 @@ def _exp(x: float) -> float:
 def _remedies(qformat: str, settings: Sequence[str]) -> list[str]:
     """What may win the accuracy back: leaving out ``settings`` (the options that cost
     accuracy besides the format itself), more data (only a calibrated format learns from it),
-    a wider format (one whose default gate is tighter: none is wider than int8_wo)."""
+    a more accurate format (one whose default gate is tighter, named: none for int8_wo)."""
     from kiln.quantization.config import FORMATS
 
     info = FORMATS.get(qformat)
     remedies = [f"try without {' or '.join(settings)}"] if settings else []
     if info is not None and info.needs_calibration:
         remedies.append("calibrate with more or other data")
-    if info is None or any(f.max_ppl_ratio < info.max_ppl_ratio for f in FORMATS.values()):
-        remedies.append("choose a wider format")
+    closer = sorted((f.max_ppl_ratio, name) for name, f in FORMATS.items()
+                    if info is None or f.max_ppl_ratio < info.max_ppl_ratio)
+    if closer:  # the formats of tighter default gates, tightest first
+        remedies.append(f"choose a more accurate format ({', '.join(n for _, n in closer)})")
     return remedies
 
 

@@ -91,17 +91,20 @@ class QuantizeOptions:
             raise ConfigError(f"{what} needs calibration data: pass --calib_dataset (a .txt, "
                               f".jsonl or .parquet file, or a hub dataset id)")
         if self.calib_dataset is None:  # settings of text that is not given do nothing
-            asked = ["--calib_size"] if self.calib_size != _DEFAULTS["calib_size"] else []
-            if self.eval_dataset is None:  # (its samples have --calib_max_seq_length tokens)
-                if self.calib_max_seq_length is not None:
-                    asked.append("--calib_max_seq_length")
-                if self.max_ppl_ratio is not None:
-                    asked.append("--max_ppl_ratio (the gate measures held-out calibration "
-                                 "text, or --eval_dataset)")
+            if self.calib_size != _DEFAULTS["calib_size"]:
+                raise ConfigError("--calib_size needs --calib_dataset, which is not given; "
+                                  "give it, or leave --calib_size out")
+            # an --eval_dataset's samples have --calib_max_seq_length tokens, and the gate
+            # measures held-out calibration text or it
+            asked = [] if self.eval_dataset is not None else \
+                [flag for flag, value in (("--calib_max_seq_length", self.calib_max_seq_length),
+                                          ("--max_ppl_ratio", self.max_ppl_ratio))
+                 if value is not None]
             if asked:
                 verb, them = ("needs", "it") if len(asked) == 1 else ("need", "them")
-                raise ConfigError(f"{' and '.join(asked)} {verb} --calib_dataset, which is not "
-                                  f"given; give it, or leave {them} out")
+                raise ConfigError(f"{' and '.join(asked)} {verb} text: --calib_dataset or "
+                                  f"--eval_dataset, and neither is given; give one, or leave "
+                                  f"{them} out")
         if self.device not in DEVICES:
             raise ConfigError(f"device must be one of {', '.join(DEVICES)}, found "
                               f"{self.device!r}")

@@ -68,10 +68,13 @@ def _cases(src, src_tp2, texts, quantized, tmp):
                       "without refusing), found inf"),
         "calib size without data": (["--qformat", "int8_wo", "--calib_size", "4"], src,
                                     "--calib_size needs --calib_dataset, which is not given; "
-                                    "give it, or leave it out"),
-        "gate without text": (["--qformat", "int8_wo", "--max_ppl_ratio", "1.5"], src,
-                              "--max_ppl_ratio (the gate measures held-out calibration text, "
-                              "or --eval_dataset) needs --calib_dataset"),
+                                    "give it, or leave --calib_size out"),
+        # a trial: the message had named --calib_dataset only
+        "gate without text": (["--qformat", "int8_wo", "--max_ppl_ratio", "1.5",
+                               "--calib_max_seq_length", "64"], src,
+                              "--calib_max_seq_length and --max_ppl_ratio need text: "
+                              "--calib_dataset or --eval_dataset, and neither is given; give "
+                              "one, or leave them out"),
         "calibration past the context": (["--qformat", "int8_sq", *calib,
                                           "--calib_max_seq_length", "100000"], src,
                                          "calib_max_seq_length 100000 exceeds the model's "
@@ -173,10 +176,12 @@ def test_a_nan_figure_fails_even_without_the_gate():
     ("int8_wo", ["--kv_cache_dtype int8"], "try without --kv_cache_dtype int8, or pass"),
     ("int8_sq", ["--smoothquant_alpha 0 (this model's default: 0.5)"],
      "try without --smoothquant_alpha 0 (this model's default: 0.5), calibrate with more or "
-     "other data, choose a wider format, or pass"),
-    ("int4_wo", ["--quantize_lm_head"], "try without --quantize_lm_head, choose a wider format, "
-                                        "or pass"),
-    ("int4_wo", [], "nothing written; choose a wider format, or pass"),
+     "other data, choose a more accurate format (int8_wo, fp8), or pass"),
+    ("int4_wo", ["--quantize_lm_head"], "try without --quantize_lm_head, choose a more accurate "
+                                        "format (int8_wo, fp8, int8_sq, int4_awq), or pass"),
+    # a trial: "a wider format" had not said which
+    ("int4_wo", [], "nothing written; choose a more accurate format (int8_wo, fp8, int8_sq, "
+                    "int4_awq), or pass"),
 ])
 def test_a_gate_refusal_names_what_may_win_accuracy_back(qformat, settings, remedies):
     figures = dict(perplexity_source=10.0, perplexity_quantized=11.0, ppl_ratio=1.1,
