@@ -146,6 +146,48 @@ def test_a_signal_during_conversion_leaves_nothing(hf_dir, tmp_path, signum, cod
     assert not out.exists() and leftovers(tmp_path) == []
 
 
+CONSOLE_SCRIPT = """
+    import sys
+    sys.argv[0] = "/venv/bin/kiln"  # as the console script starts
+    import kiln.cli
+"""
+
+
+def test_ctrl_c_while_kiln_starts_is_one_line_and_130():
+    """A trial's Ctrl-C 0.07 s into `kiln run` printed a traceback of the import it stopped."""
+    script = textwrap.dedent(CONSOLE_SCRIPT) + textwrap.dedent("""
+        import os, signal, time
+        os.kill(os.getpid(), signal.SIGINT)  # as click and the command's module import
+        time.sleep(30)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=60)
+    assert (result.returncode, result.stderr) == (130, "interrupted (Ctrl-C)\n")
+
+
+def test_the_console_script_s_command_still_cleans_up_on_ctrl_c(hf_dir, tmp_path):
+    """Once the command begins, Ctrl-C is Python's KeyboardInterrupt again: the command
+    removes what it was writing (the start-up handler would exit at once)."""
+    patch = textwrap.dedent(CONSOLE_SCRIPT) + textwrap.dedent("""
+        import os, signal
+        from kiln.converters import convert
+
+        write = convert._Placement.write
+
+        def interrupted(self, row, chunk):
+            os.kill(os.getpid(), signal.SIGINT)
+            return write(self, row, chunk)
+
+        convert._Placement.write = interrupted
+    """)
+    out = tmp_path / "ckpt"
+    result, _ = run_cli(patch, ["convert_checkpoint", "--model_dir", str(hf_dir),
+                                "--output_dir", str(out)])
+    assert result.returncode == 130, result.stderr
+    assert "interrupted (Ctrl-C)" in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
 def test_ctrl_c_during_onnx_runtime_optimization_stops_at_once(hf_dir, tmp_path):
     """ONNX Runtime optimizes in native code for minutes on large models: it runs in a child
     process that the interrupt stops."""

@@ -26,6 +26,7 @@ from typing import Any, NoReturn
 import click
 
 import kiln
+from kiln.cli import _interrupted_at_start
 from kiln.cli.context import CliContext, IntRange, PathArg
 from kiln.config import DTYPES
 from kiln.converters.options import ConvertOptions
@@ -98,6 +99,10 @@ class KilnGroup(click.Group):
 
     def invoke(self, ctx: click.Context):
         install_termination_signals()
+        if threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGINT) is _interrupted_at_start:
+            # Ctrl-C raises KeyboardInterrupt from here on (kiln.cli's start-up handler exited)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             return super().invoke(ctx)
         except KilnError as e:
