@@ -22,6 +22,7 @@ from kiln.build_cache.store import decimal_size
 from kiln.cli.build import MemorySize
 from kiln.cli.context import CliContext, PathArg
 from kiln.cli.engine_source import CACHE_DIR_HELP, engine_from_options, model_options
+from kiln.errors import counted
 
 _DURATION = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*(s|sec|m|min|h|d|w)\s*", re.IGNORECASE)
 _SECONDS = {"s": 1, "sec": 1, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -79,9 +80,12 @@ def list_entries(cache_dir: Path | None) -> None:
     names, leftovers, foreign = store.names()
     sizes = [e.size() for e in entries]
     leftover_sizes = [dir_size(p) for p in leftovers]
-    total = sum(sizes) + sum(leftover_sizes)
-    click.echo(f"{store.dir}: {len(entries)} cached engine{'s' * (len(entries) != 1)}, "
-               f"{decimal_size(total)}")
+    # leftovers apart: a build in progress is not a cached engine's size (a trial read the
+    # header's total as its one entry's)
+    extra = f" (and {counted(len(leftovers), 'leftover')}, {decimal_size(sum(leftover_sizes))})" \
+        if leftovers else ""
+    click.echo(f"{store.dir}: {counted(len(entries), 'cached engine')}, "
+               f"{decimal_size(sum(sizes))}{extra}")
     rows, lock_problems, read_only = [], [], False
     for entry, size in zip(entries, sizes, strict=True):
         try:

@@ -41,7 +41,7 @@ def test_list_shows_entries_most_recent_first_and_what_is_not_the_cache_s(cache)
     result = _invoke("cache", "list")
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert lines[0] == f"{cache.dir}: 2 cached engines, 5.0 MB"  # the leftover's 3 MB too
+    assert lines[0] == f"{cache.dir}: 2 cached engines, 2.0 MB (and 1 leftover, 3.0 MB)"
     assert lines[1].split() == ["NAME", "SIZE", "BACKEND", "LAST", "USED", "OPTIONS", "SOURCE"]
     assert lines[2].endswith("/models/new-model") and "s ago" in lines[2]
     assert lines[3].endswith("/models/old-model") and "3 d ago" in lines[3]
