@@ -155,6 +155,9 @@ def check_runnable(manifest: EngineManifest, options: ExecutorOptions | None = N
     module.check_machine(manifest, machine)
     check_launch(manifest.mapping, manifest.backend, hasattr(module, "loaded_ranks"), options.dp)
     check_rank(manifest, module, options)
+    if options.dp > 1 or options.engine_process:  # before the backend's warnings (slow path)
+        check_replicas(manifest, run_device(module, manifest, machine, options), machine,
+                       options)
     check_options = getattr(module, "check_options", None)
     if check_options is not None:
         check_options(manifest, machine, options)
@@ -170,9 +173,6 @@ def check_runnable(manifest: EngineManifest, options: ExecutorOptions | None = N
             else "the CPU"
         for name, what in given:
             warn_once(f"{name} has no effect on {where}: it {what} on a GPU")
-    if options.dp > 1 or options.engine_process:
-        check_replicas(manifest, run_device(module, manifest, machine, options), machine,
-                       options)
     return module, machine
 
 

@@ -121,12 +121,6 @@ def processes(manifest: EngineManifest) -> str:
 def check_options(manifest: EngineManifest, machine: MachineInfo,
                   options: ExecutorOptions) -> None:
     device = _device(manifest, options.device, bool(machine.gpus))
-    if device == "cpu":
-        faster = "a CUDA GPU or build an onnx engine (build with --backend onnx)" \
-            if manifest.mapping.world_size == 1 else f"{gpus_needed(manifest)}"  # onnx: tp 1
-        warn_once(f"torch engine on the CPU: PyTorch reference kernels, the slow path "
-                  f"({CPU_SPEED}){'' if manifest.quantization is None else QUANTIZED_CPU_SPEED};"
-                  f" for speed run it on {faster}", logger)
     if options.prefill_attention == "cudnn" and device != "cuda":  # else said at the load
         raise EngineError("prefill_attention='cudnn': cuDNN's attention runs on a CUDA GPU, "
                           "and this torch engine runs on the CPU here; use 'auto' or 'kiln'")
@@ -142,6 +136,12 @@ def check_options(manifest: EngineManifest, machine: MachineInfo,
                           f"process, and {gpus} CUDA GPU(s) are visible here; run "
                           f"it where {world} GPUs are visible, or rebuild from a checkpoint "
                           f"converted with fewer ranks (--tp_size/--pp_size)")
+    if device == "cpu":  # after the refusals: said only of an engine that runs
+        faster = "a CUDA GPU or build an onnx engine (build with --backend onnx)" \
+            if manifest.mapping.world_size == 1 else f"{gpus_needed(manifest)}"  # onnx: tp 1
+        warn_once(f"torch engine on the CPU: PyTorch reference kernels, the slow path "
+                  f"({CPU_SPEED}){'' if manifest.quantization is None else QUANTIZED_CPU_SPEED};"
+                  f" for speed run it on {faster}", logger)
 
 
 def run_device(manifest: EngineManifest, machine: MachineInfo, options: ExecutorOptions) -> str:

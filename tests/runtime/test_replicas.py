@@ -8,6 +8,7 @@ engine in a process of its own (``engine_process``) is the same front over one r
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import threading
 import time
@@ -222,7 +223,7 @@ def test_a_killed_replica_ends_the_run_within_seconds_naming_it(engines):
     llm.close()
 
 
-def test_what_cannot_run_as_replicas_is_refused_before_anything_starts(engines):
+def test_what_cannot_run_as_replicas_is_refused_before_anything_starts(engines, caplog):
     engine = engines()
     one_gpu = MachineInfo(kiln_version=read_manifest(engine).kiln_version, gpus=((9, 0),))
     with pytest.raises(EngineError) as info:
@@ -246,6 +247,9 @@ def test_what_cannot_run_as_replicas_is_refused_before_anything_starts(engines):
     assert str(info.value) == ("--engine_process runs a single-rank engine in a process of its "
                                "own, and this engine has 2 ranks (tp 2 x pp 1), whose model "
                                "steps already run in rank processes; leave --engine_process out")
+    with caplog.at_level(logging.WARNING), pytest.raises(EngineError, match="--dp 2 runs"):
+        check_engine(engines(tp=2), ExecutorOptions(device="cpu", dp=2))
+    assert "slow path" not in caplog.text  # a trial: the CPU warning came before the refusal
     for args in (["run", "--input_text", "Hi"], ["bench", "--num_requests", "2"]):
         result = CliRunner().invoke(main, [*args, "--engine_dir", str(engines(tp=2)), "--device",
                                            "cpu", "--dp", "2"])
