@@ -41,7 +41,7 @@ from kiln.engine import EngineError, EngineManifest
 from kiln.runtime.compat import MachineInfo, check_onnx
 from kiln.runtime.executor import Executor, SequenceChunk, StepLogits
 from kiln.runtime.host_memory import available_memory, need_and_available
-from kiln.runtime.loader import ExecutorOptions
+from kiln.runtime.loader import ExecutorOptions, warn_once
 from kiln.runtime.rows import Run, SlotRows
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,12 @@ def check_options(manifest: EngineManifest, machine: MachineInfo,
     host memory (the load checks again on the graphs' own cache shapes)."""
     _check_cache_memory(manifest, manifest.full_kv_cache_bytes(),
                         run_device(manifest, machine, options))
+    cores = len(os.sched_getaffinity(0))
+    if options.num_threads is not None and options.num_threads > cores:
+        # a trial's 64 on 2 cores: the threads contend for them (first token 1 ms -> 103 ms)
+        warn_once(f"num_threads {options.num_threads} is more than the {cores} cores this "
+                  f"process may use: its threads will wait for each other; leave it out "
+                  f"(all cores) or give at most {cores}", logger)
 
 
 def run_device(manifest: EngineManifest, machine: MachineInfo, options: ExecutorOptions) -> str:

@@ -234,3 +234,16 @@ def test_num_threads_far_past_the_cpus_is_refused(monkeypatch):
     assert str(info.value) == ("num_threads 10000 is more than 64, the most kiln starts (2 "
                                "CPU(s) here, and threads past them only contend); pass 2 or "
                                "fewer for speed, or leave it out (all cores)")
+
+
+def test_num_threads_past_the_cpus_is_warned_about(engine, monkeypatch, caplog):
+    """A trial's --num_threads 64 on 2 cores ran without a word, its first token 100x later."""
+    from kiln.runtime.loader import check_engine
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    with caplog.at_level(logging.WARNING):
+        check_engine(engine, ExecutorOptions(num_threads=2, device="cpu"))
+        assert "num_threads" not in caplog.text
+        check_engine(engine, ExecutorOptions(num_threads=64, device="cpu"))
+    assert ("num_threads 64 is more than the 2 cores this process may use: its threads will "
+            "wait for each other; leave it out (all cores) or give at most 2") in caplog.text
