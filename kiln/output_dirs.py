@@ -20,6 +20,7 @@ Contract:
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -93,6 +94,8 @@ def cannot_create_in(directory: Path) -> str | None:
     try:
         handle, probe = tempfile.mkstemp(prefix=".kiln-probe-", dir=directory)
     except OSError as e:
+        if e.errno == errno.ENOENT and directory.is_dir():  # /proc answers "no such file"
+            return "it takes no new files: a pseudo file system, as /proc is"
         return e.strerror or str(e)
     os.close(handle)
     os.unlink(probe)
@@ -303,9 +306,10 @@ def copy_tokenizer(checkpoint_dir: Path, out: Path) -> dict[str, str]:
     copied = [name for name in TOKENIZER_FILES if (checkpoint_dir / name).is_file()]
     for name in copied:
         shutil.copy2(checkpoint_dir / name, out / name)
-    if not any(n in copied for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        log.warning("%s has no tokenizer files; the engine will need one to run text",
-                    checkpoint_dir)
+    if "tokenizer.json" not in copied:  # kiln.runtime.tokenizer reads only that one
+        log.warning("%s has no tokenizer.json; its engine will not run (kiln run, LLM and "
+                    "kiln serve load one, even for token-id prompts) until it is copied in: "
+                    "convert from a Hugging Face dir that has it", checkpoint_dir)
     return file_digests(out, copied)
 
 

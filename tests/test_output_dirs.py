@@ -457,3 +457,14 @@ def test_a_directory_that_refuses_new_files_is_refused_before_any_work(tmp_path,
     with pytest.raises(click.BadParameter, match=r"not a writable directory \(Read-only file"):
         _check_json_output(tmp_path / "r.json", tmp_path / "engine")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_proc_is_named_a_pseudo_file_system_not_missing():
+    """A trial's --json_output /proc/rep.json: "/proc is not a writable directory (No such
+    file or directory)", though /proc exists (procfs answers ENOENT to a new file)."""
+    from kiln.output_dirs import cannot_create_in
+
+    if not Path("/proc/self").is_dir():
+        pytest.skip("no procfs here")
+    assert cannot_create_in(Path("/proc")) == "it takes no new files: a pseudo file system, " \
+                                              "as /proc is"
