@@ -171,6 +171,7 @@ class KilnGroup(click.Group):
 def _check_given_once(ctx: click.Context, args: list[str]) -> None:
     """Refuse an option that takes one value given twice (click keeps the last silently: a
     trial's ``--engine_dir a ... --engine_dir b`` ran b). Repeatable options and flags pass.
+    A word that is no option's value, given to a command without arguments, is named.
     A group's command (``kiln cache prune``) is checked as the group names it."""
     if isinstance(ctx.command, click.Group):
         if args and not args[0].startswith("-"):
@@ -181,7 +182,9 @@ def _check_given_once(ctx: click.Context, args: list[str]) -> None:
         return
     options = {name: param for param in ctx.command.params if isinstance(param, click.Option)
                for name in param.opts}
+    takes_arguments = any(isinstance(p, click.Argument) for p in ctx.command.params)
     seen: dict[str, list[str]] = {}
+    last: tuple[str, str, int] | None = None
     i = 0
     while i < len(args):
         token = args[i]
@@ -190,12 +193,22 @@ def _check_given_once(ctx: click.Context, args: list[str]) -> None:
         name, eq, value = token.partition("=")
         param = options.get(name) if token.startswith("-") else None
         i += 1
+        if not token.startswith("-") and not takes_arguments:
+            # click would first name a required option as missing (`kiln cache build
+            # models/x`: "Missing option '--model_dir'"), not what was given instead
+            hint = f"quote a value with spaces, as {last[0]} '{last[1]} {token}'" \
+                if last is not None and last[2] == i - 1 else \
+                "each value goes after its option's name"
+            raise click.UsageError(f"unexpected argument {token!r}: {ctx.command_path} takes "
+                                   f"options only ({hint})", ctx)
+        last = None
         if param is None or param.is_flag or param.count or param.nargs != 1:
             continue
         if not eq:
             if i == len(args):
                 break  # click names the missing value
             value, i = args[i], i + 1
+        last = (name, value, i)  # the option, its value, the index after them
         if not param.multiple:
             seen.setdefault(param.opts[-1], []).append(value)
     for name, values in seen.items():

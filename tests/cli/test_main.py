@@ -166,6 +166,21 @@ def test_an_option_of_one_value_given_twice_is_refused(args, message, tmp_path):
     assert result.exit_code == 2 and result.output.strip() == f"error: {message}", result.output
 
 
+@pytest.mark.parametrize("args, message", [
+    # a trial: "Missing option '--model_dir'" named what was missing, not what was given
+    (["cache", "build", "tiny/llama"], "unexpected argument 'tiny/llama': kiln cache build takes "
+                                       "options only (each value goes after its option's name)"),
+    (["run", "--engine_dir", "e", "--input_text", "hi", "there"],
+     "unexpected argument 'there': kiln run takes options only (quote a value with spaces, as "
+     "--input_text 'hi there')"),
+])
+def test_a_word_that_is_no_option_s_value_is_named(args, message):
+    result = _invoke(*args)
+    assert result.exit_code == 2 and result.output.strip() == \
+        f"error: {message} (see kiln {' '.join(args[:2 if args[0] == 'cache' else 1])} --help)", \
+        result.output
+
+
 def test_quiet_and_verbose_together_are_refused():
     result = _invoke("-q", "-v", "cache", "list")
     assert result.exit_code == 2 and result.output.strip() == (
