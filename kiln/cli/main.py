@@ -196,7 +196,12 @@ def _check_given_once(ctx: click.Context, args: list[str]) -> None:
         if not token.startswith("-") and not takes_arguments:
             # click would first name a required option as missing (`kiln cache build
             # models/x`: "Missing option '--model_dir'"), not what was given instead
-            hint = f"quote a value with spaces, as {last[0]} '{last[1]} {token}'" \
+            words = [token]
+            for word in args[i:]:  # the rest of an unquoted value: up to the next option
+                if word.startswith("-"):
+                    break
+                words.append(word)
+            hint = f"quote a value with spaces, as {last[0]} '{last[1]} {' '.join(words)}'" \
                 if last is not None and last[2] == i - 1 else \
                 "each value goes after its option's name"
             raise click.UsageError(f"unexpected argument {token!r}: {ctx.command_path} takes "

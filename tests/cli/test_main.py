@@ -170,9 +170,9 @@ def test_an_option_of_one_value_given_twice_is_refused(args, message, tmp_path):
     # a trial: "Missing option '--model_dir'" named what was missing, not what was given
     (["cache", "build", "tiny/llama"], "unexpected argument 'tiny/llama': kiln cache build takes "
                                        "options only (each value goes after its option's name)"),
-    (["run", "--engine_dir", "e", "--input_text", "hi", "there"],
+    (["run", "--engine_dir", "e", "--input_text", "hi", "there", "you", "--ignore_eos"],
      "unexpected argument 'there': kiln run takes options only (quote a value with spaces, as "
-     "--input_text 'hi there')"),
+     "--input_text 'hi there you')"),
 ])
 def test_a_word_that_is_no_option_s_value_is_named(args, message):
     result = _invoke(*args)
