@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import math
 import random
 import time
@@ -39,6 +40,10 @@ import aiohttp
 
 from kiln.errors import UNREADABLE_JSON, KilnError, counted
 from kiln.runtime.stats import Stats  # one definition of the percentiles, as kiln bench
+
+log = logging.getLogger(__name__)
+
+LONG_RATE_S = 3600.0  # a rate whose arrivals alone take longer is warned about before it runs
 
 
 class ServeBenchError(KilnError):
@@ -323,6 +328,11 @@ async def _benchmark(url: str, workload: ServeWorkload, model: str | None, api_k
             _rate_report(math.inf, width, results, start)  # raises if every one failed
         report = ServeBenchReport(url, model, workload)
         for rate in workload.request_rates:
+            arrivals = (workload.num_requests - 1) / rate  # expected span of Poisson arrivals
+            if arrivals > LONG_RATE_S:  # a trial's 1e-9 requests/s waited without a word
+                log.warning("at %g requests/s, %s arrive over about %s; Ctrl-C stops the run",
+                            rate, counted(workload.num_requests, "request"),
+                            _duration(arrivals))
             results, start = await _run_rate(session, url, model, api_key, prompts,
                                              workload.output_len, rate,
                                              workload.max_concurrency, workload.seed)
@@ -341,3 +351,11 @@ def run_serve_benchmark(url: str, workload: ServeWorkload, model: str | None = N
         raise ServeBenchError(f"{url!r} is not an http:// or https:// URL; give --serve as "
                               f"http://HOST:PORT")
     return asyncio.run(_benchmark(url, workload, model, api_key, warmup, on_rate))
+
+
+def _duration(seconds: float) -> str:
+    """``seconds`` in its largest whole unit, for a warning: "3.2 h", "12 days", "63 years"."""
+    for unit, size in (("years", 365.25 * 86400), ("days", 86400), ("h", 3600)):
+        if seconds >= size:
+            return f"{seconds / size:.3g} {unit}"
+    return f"{seconds:.0f} s"

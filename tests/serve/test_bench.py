@@ -118,3 +118,21 @@ def test_the_table_counts_requests_in_good_english(completed, words):
     report = RateReport(1.0, None, 1.0, completed, 0, 4 * completed, stats, stats, stats, stats,
                         4.0, 1.0)
     assert f": {words} / 4 out) in 1.00 s" in report.table(ServeWorkload(8, 4, completed))
+
+
+def test_a_rate_whose_arrivals_take_long_is_warned_about(server, monkeypatch, caplog):
+    """A trial's --request_rates 1e-9 waited without a word (its arrivals: ~63 years)."""
+    import logging
+
+    from kiln.serve import bench
+
+    assert bench._duration(2 / 1e-9) == "63.4 years" and bench._duration(7200) == "2 h"
+    monkeypatch.setattr(bench, "LONG_RATE_S", 0.05)
+    with caplog.at_level(logging.WARNING, logger="kiln.serve.bench"):
+        result = _bench("--serve", server.url, "--api_key", API_KEY, "--request_rates", "inf,20",
+                        "--num_requests", "3", "--input_len", "4", "--output_len", "2",
+                        "--warmup", "0")
+    assert result.exit_code == 0, result.output
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == ["at 20 requests/s, 3 requests arrive over about 0 s; Ctrl-C stops the "
+                      "run"], warned
