@@ -18,6 +18,7 @@ def _interrupted_at_start(signum, frame) -> None:
 
 
 # not where SIGINT is ignored (a background job of a script): Python leaves that as it is too
-if os.path.basename(sys.argv[0]) == "kiln" and threading.current_thread() is threading.main_thread() \
+if os.path.basename(sys.argv[0]) == "kiln" \
+        and threading.current_thread() is threading.main_thread() \
         and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     signal.signal(signal.SIGINT, _interrupted_at_start)  # KilnGroup.invoke puts Python's back

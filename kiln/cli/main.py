@@ -147,7 +147,7 @@ class KilnGroup(click.Group):
             args = [args[0].replace("-", "_"), *args[1:]]
         name, command, rest = super().resolve_command(ctx, args)
         if command is not None:
-            _check_given_once(click.Context(command, info_name=name, parent=ctx), rest)
+            _check_arguments(click.Context(command, info_name=name, parent=ctx), rest)
         return name, command, rest
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
@@ -168,16 +168,17 @@ class KilnGroup(click.Group):
                 formatter.write_dl([(n, c.get_short_help_str(limit)) for n, c in commands])
 
 
-def _check_given_once(ctx: click.Context, args: list[str]) -> None:
-    """Refuse an option that takes one value given twice (click keeps the last silently: a
-    trial's ``--engine_dir a ... --engine_dir b`` ran b). Repeatable options and flags pass.
-    A word that is no option's value, given to a command without arguments, is named.
+def _check_arguments(ctx: click.Context, args: list[str]) -> None:
+    """Check a command's arguments before click parses them. A word that is no option's
+    value, given to a command without arguments, is named. An option that takes one value,
+    given twice, is refused (click keeps the last silently: a trial's ``--engine_dir a ...
+    --engine_dir b`` ran b); repeatable options and flags pass.
     A group's command (``kiln cache prune``) is checked as the group names it."""
     if isinstance(ctx.command, click.Group):
         if args and not args[0].startswith("-"):
             command = ctx.command.get_command(ctx, args[0])
             if command is not None:
-                _check_given_once(click.Context(command, info_name=args[0], parent=ctx),
+                _check_arguments(click.Context(command, info_name=args[0], parent=ctx),
                                   args[1:])
         return
     options = {name: param for param in ctx.command.params if isinstance(param, click.Option)
