@@ -13,6 +13,10 @@ Contract:
   (TensorRT's progress monitor cancels the build) and the interrupt is raised when the call
   returns.
 
+- A signal the process was started with ignored (``SIG_IGN``) stays ignored wherever kiln
+  installs handlers (:func:`catchable`): ``nohup``'s SIGHUP, a shell's ``trap '' INT``, SIGINT
+  in a background job of a non-interactive shell; Python leaves an ignored SIGINT alone too.
+
 Non-goals: interrupting native code that never calls back into Python (it is interrupted when
 it returns).
 """
@@ -61,15 +65,21 @@ def interrupt_in(error: BaseException | None) -> KeyboardInterrupt | None:
     return None
 
 
+def catchable(signals: tuple[int, ...]) -> tuple[int, ...]:
+    """``signals`` less those this process ignores: what its parent set to ``SIG_IGN`` for it
+    (``nohup kiln serve ...`` must outlive the terminal) is not kiln's to catch."""
+    return tuple(s for s in signals if signal.getsignal(s) is not signal.SIG_IGN)
+
+
 def _raise_terminated(signum, frame) -> None:
     raise Terminated(signum)
 
 
 def install_termination_signals() -> None:
     """Make SIGTERM and SIGHUP raise :class:`Terminated` in the main thread (no-op in other
-    threads)."""
+    threads), unless ignored (:func:`catchable`)."""
     if threading.current_thread() is threading.main_thread():
-        for number in TERMINATING:
+        for number in catchable(TERMINATING):
             signal.signal(number, _raise_terminated)
 
 
@@ -85,7 +95,7 @@ def deferred_interrupts() -> Iterator[Callable[[], bool]]:
     def remember(signum, frame) -> None:
         received.append(signum)
 
-    previous = {s: signal.signal(s, remember) for s in (signal.SIGINT, *TERMINATING)}
+    previous = {s: signal.signal(s, remember) for s in catchable((signal.SIGINT, *TERMINATING))}
     try:
         yield lambda: bool(received)
     finally:

@@ -146,6 +146,45 @@ def test_a_signal_during_conversion_leaves_nothing(hf_dir, tmp_path, signum, cod
     assert not out.exists() and leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGTERM, signal.SIGINT],
+                         ids=["SIGHUP", "SIGTERM", "SIGINT"])
+def test_a_signal_ignored_at_start_stays_ignored(hf_dir, tmp_path, signum):
+    """``nohup kiln convert_checkpoint ... &`` must outlive the terminal: a signal the process
+    was started with ignored (nohup's SIGHUP, a shell's ``trap '' INT``) is not caught. The
+    conversion that receives it in its middle finishes (kiln had made SIGHUP end it, 129)."""
+    patch = f"""
+        import os, signal
+        signal.signal({int(signum)}, signal.SIG_IGN)  # as nohup / trap '' leave it at exec
+        from kiln.converters import convert
+
+        write = convert._Placement.write
+
+        def hung_up(self, row, chunk):
+            os.kill(os.getpid(), {int(signum)})
+            return write(self, row, chunk)
+
+        convert._Placement.write = hung_up
+    """
+    out = tmp_path / "ckpt"
+    result, _ = run_cli(patch, ["convert_checkpoint", "--model_dir", str(hf_dir),
+                                "--output_dir", str(out)])
+    assert result.returncode == 0, result.stderr
+    assert "interrupted" not in result.stderr
+    assert (out / "config.json").is_file() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_deferred_interrupts_leave_an_ignored_signal_ignored(signum):
+    before = signal.signal(signum, signal.SIG_IGN)
+    try:
+        with deferred_interrupts() as pending:
+            os.kill(os.getpid(), signum)
+            assert not pending()
+        assert signal.getsignal(signum) is signal.SIG_IGN
+    finally:
+        signal.signal(signum, before)
+
+
 CONSOLE_SCRIPT = """
     import sys
     sys.argv[0] = "/venv/bin/kiln"  # as the console script starts

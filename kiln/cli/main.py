@@ -34,6 +34,7 @@ from kiln.errors import KilnError
 from kiln.interrupts import (
     TERMINATING,
     Terminated,
+    catchable,
     deferred_interrupts,
     exit_code,
     install_termination_signals,
@@ -383,7 +384,7 @@ def _signals_end_the_teardown() -> None:
         os._exit(exit_code(interrupt))
 
     if threading.current_thread() is threading.main_thread():
-        for number in (signal.SIGINT, *TERMINATING):
+        for number in catchable((signal.SIGINT, *TERMINATING)):
             signal.signal(number, stop)
 
 

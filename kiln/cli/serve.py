@@ -40,7 +40,7 @@ from kiln.cli.context import (
 )
 from kiln.cli.engine_source import engine_command, held_engine
 from kiln.errors import KilnError
-from kiln.interrupts import TERMINATING
+from kiln.interrupts import TERMINATING, catchable
 
 if TYPE_CHECKING:
     from kiln.runtime import AsyncLLM, ExecutorOptions
@@ -308,7 +308,8 @@ class _Server:
 
             @contextlib.contextmanager
             def capture_signals(self):
-                signals = (signal.SIGINT, *TERMINATING)  # SIGHUP drains as SIGTERM does
+                # SIGHUP drains as SIGTERM does; one ignored at start stays so (nohup)
+                signals = catchable((signal.SIGINT, *TERMINATING))
                 previous = {s: signal.signal(s, self.handle_exit) for s in signals}
                 try:
                     yield

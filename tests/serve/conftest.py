@@ -51,10 +51,11 @@ def free_port() -> int:
 
 class ServerProcess:
     """``kiln serve`` on ``engine`` (``source``: --engine_dir, or --model_dir for an HF
-    checkpoint) as model ``name`` (None: the server's default name)."""
+    checkpoint) as model ``name`` (None: the server's default name), started with the
+    ``ignored`` signals ignored."""
 
     def __init__(self, engine: Path, *args: str, source: str = "--engine_dir",
-                 name: str | None = MODEL):
+                 name: str | None = MODEL, ignored: tuple[int, ...] = ()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "KILN_API_KEY": API_KEY}
@@ -62,7 +63,9 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kiln.cli.main", "serve", source, str(engine),
              "--port", str(self.port), *named, *args],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            preexec_fn=(lambda: [signal.signal(s, signal.SIG_IGN) for s in ignored])
+            if ignored else None)  # ignored at exec, as nohup leaves SIGHUP
         deadline = time.monotonic() + 120  # the engine load, on a shared and loaded machine
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

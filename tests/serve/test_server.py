@@ -328,6 +328,20 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(engine, sig):
     assert results[0].usage.completion_tokens == 40
 
 
+def test_under_nohup_sighup_leaves_the_server_serving(engine):
+    """``nohup kiln serve ... &``: the terminal's SIGHUP, ignored at start, does not drain the
+    server (kiln had caught it as it does an unignored one); SIGTERM still does."""
+    process = ServerProcess(engine, ignored=(signal.SIGHUP,))
+    try:
+        process.proc.send_signal(signal.SIGHUP)
+        time.sleep(2)
+        assert process.proc.poll() is None
+        assert httpx.get(f"{process.url}/health", timeout=5).status_code == 200
+    finally:
+        code = process.stop(signal.SIGTERM, timeout=60)
+    assert code == 0, process.proc.stdout.read()
+
+
 def test_what_outlives_the_grace_period_ends_as_abort_with_done(engine):
     """A stream still running when the grace period ends gets a last chunk with finish_reason
     ``abort`` and ``[DONE]`` (a trial found it cut mid-token, with tracebacks in the log)."""
