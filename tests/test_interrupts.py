@@ -63,6 +63,26 @@ def tensorrt_build(tmp_path: Path, ckpt: Path, in_monitor: str) -> tuple[list[st
     return command, {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
 
 
+def sent_while_converting(signum: int, ignored: bool = False) -> str:
+    """A patch (for :func:`run_cli`) that sends ``signum`` to the process from inside the
+    conversion's first write; ``ignored``: with the signal ignored from the start, as ``nohup``
+    (SIGHUP) or ``trap ''`` leave it at exec."""
+    ignore = f"signal.signal({int(signum)}, signal.SIG_IGN)" if ignored else ""
+    return f"""
+        import os, signal
+        {ignore}
+        from kiln.converters import convert
+
+        write = convert._Placement.write
+
+        def interrupted(self, row, chunk):
+            os.kill(os.getpid(), {int(signum)})
+            return write(self, row, chunk)
+
+        convert._Placement.write = interrupted
+    """
+
+
 def leftovers(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
 
@@ -126,21 +146,10 @@ def test_signal_during_tensorrt_build_stops_it(hf_dir, tmp_path, signum, code):
 def test_a_signal_during_conversion_leaves_nothing(hf_dir, tmp_path, signum, code, told):
     """SIGHUP is a closed terminal or a dropped SSH session: Python's default would end the
     process at once, leaving the temporary output behind."""
-    patch = f"""
-        import os, signal
-        from kiln.converters import convert
-
-        write = convert._Placement.write
-
-        def interrupted(self, row, chunk):
-            os.kill(os.getpid(), {int(signum)})
-            return write(self, row, chunk)
-
-        convert._Placement.write = interrupted
-    """
     out = tmp_path / "ckpt"
-    result, seconds = run_cli(patch, ["convert_checkpoint", "--model_dir", str(hf_dir),
-                                      "--output_dir", str(out)])
+    result, seconds = run_cli(sent_while_converting(signum),
+                              ["convert_checkpoint", "--model_dir", str(hf_dir), "--output_dir",
+                               str(out)])
     assert result.returncode == code, result.stderr
     assert f"interrupted ({told})" in result.stderr and "Traceback" not in result.stderr
     assert not out.exists() and leftovers(tmp_path) == []
@@ -152,22 +161,10 @@ def test_a_signal_ignored_at_start_stays_ignored(hf_dir, tmp_path, signum):
     """``nohup kiln convert_checkpoint ... &`` must outlive the terminal: a signal the process
     was started with ignored (nohup's SIGHUP, a shell's ``trap '' INT``) is not caught. The
     conversion that receives it in its middle finishes (kiln had made SIGHUP end it, 129)."""
-    patch = f"""
-        import os, signal
-        signal.signal({int(signum)}, signal.SIG_IGN)  # as nohup / trap '' leave it at exec
-        from kiln.converters import convert
-
-        write = convert._Placement.write
-
-        def hung_up(self, row, chunk):
-            os.kill(os.getpid(), {int(signum)})
-            return write(self, row, chunk)
-
-        convert._Placement.write = hung_up
-    """
     out = tmp_path / "ckpt"
-    result, _ = run_cli(patch, ["convert_checkpoint", "--model_dir", str(hf_dir),
-                                "--output_dir", str(out)])
+    result, _ = run_cli(sent_while_converting(signum, ignored=True),
+                        ["convert_checkpoint", "--model_dir", str(hf_dir), "--output_dir",
+                         str(out)])
     assert result.returncode == 0, result.stderr
     assert "interrupted" not in result.stderr
     assert (out / "config.json").is_file() and leftovers(tmp_path) == []
@@ -207,18 +204,8 @@ def test_ctrl_c_while_kiln_starts_is_one_line_and_130():
 def test_the_console_script_s_command_still_cleans_up_on_ctrl_c(hf_dir, tmp_path):
     """Once the command begins, Ctrl-C is Python's KeyboardInterrupt again: the command
     removes what it was writing (the start-up handler would exit at once)."""
-    patch = textwrap.dedent(CONSOLE_SCRIPT) + textwrap.dedent("""
-        import os, signal
-        from kiln.converters import convert
-
-        write = convert._Placement.write
-
-        def interrupted(self, row, chunk):
-            os.kill(os.getpid(), signal.SIGINT)
-            return write(self, row, chunk)
-
-        convert._Placement.write = interrupted
-    """)
+    patch = textwrap.dedent(CONSOLE_SCRIPT) + textwrap.dedent(
+        sent_while_converting(signal.SIGINT))
     out = tmp_path / "ckpt"
     result, _ = run_cli(patch, ["convert_checkpoint", "--model_dir", str(hf_dir),
                                 "--output_dir", str(out)])

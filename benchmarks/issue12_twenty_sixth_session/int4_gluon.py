@@ -99,6 +99,24 @@ def _chunk(acc0, acc1, acc2, acc3, wv, xv, s_lo, s_hi, W: gl.constexpr, S: gl.co
 
 
 @gluon.jit
+def _store_sums(y_ptr, acc0, acc1, acc2, acc3, tile, m, stride_ym):
+    """The warps' running sums ([W, 32] each) added up and stored: lane (g, t) holds tokens
+    2t, 2t + 1 of rows g (acc0, acc1) and g + 8 (acc2, acc3) of the tile (the D fragment)."""
+    y0 = gl.sum(acc0, axis=0)
+    y1 = gl.sum(acc1, axis=0)
+    y2 = gl.sum(acc2, axis=0)
+    y3 = gl.sum(acc3, axis=0)
+    lo = gl.arange(0, 32, layout=y0.type.layout)
+    row = tile * 16 + lo // 4
+    t2 = (lo % 4) * 2
+    out = y_ptr + t2 * stride_ym + row
+    gl.store(out, y0.to(y_ptr.dtype.element_ty), mask=t2 < m)
+    gl.store(out + stride_ym, y1.to(y_ptr.dtype.element_ty), mask=t2 + 1 < m)
+    gl.store(out + 8, y2.to(y_ptr.dtype.element_ty), mask=t2 < m)
+    gl.store(out + stride_ym + 8, y3.to(y_ptr.dtype.element_ty), mask=t2 + 1 < m)
+
+
+@gluon.jit
 def _int4_frag_kernel(x_ptr, w_ptr, ws_ptr, y_ptr, m, n, k, stride_x32, stride_ym,
                       GROUP: gl.constexpr, W: gl.constexpr):
     L3: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 32, 1], [W, 1, 1], [2, 1, 0])
@@ -159,19 +177,7 @@ def _int4_frag_kernel(x_ptr, w_ptr, ws_ptr, y_ptr, m, n, k, stride_x32, stride_y
         s_hi = s_hi_next
     acc0, acc1, acc2, acc3 = _chunk(acc0, acc1, acc2, acc3, wv, xv, s_lo, s_hi, W, S3)
 
-    # the warps' sums: [32] per lane (g, t): tokens 2t, 2t + 1 of rows g, g + 8
-    y0 = gl.sum(acc0, axis=0)
-    y1 = gl.sum(acc1, axis=0)
-    y2 = gl.sum(acc2, axis=0)
-    y3 = gl.sum(acc3, axis=0)
-    lo = gl.arange(0, 32, layout=y0.type.layout)
-    row = tile * 16 + lo // 4
-    t2 = (lo % 4) * 2
-    out = y_ptr + t2 * stride_ym + row
-    gl.store(out, y0.to(y_ptr.dtype.element_ty), mask=t2 < m)
-    gl.store(out + stride_ym, y1.to(y_ptr.dtype.element_ty), mask=t2 + 1 < m)
-    gl.store(out + 8, y2.to(y_ptr.dtype.element_ty), mask=t2 < m)
-    gl.store(out + stride_ym + 8, y3.to(y_ptr.dtype.element_ty), mask=t2 + 1 < m)
+    _store_sums(y_ptr, acc0, acc1, acc2, acc3, tile, m, stride_ym)
 
 
 @gluon.jit
@@ -274,18 +280,7 @@ def _int4_fragu_kernel(x_ptr, w_ptr, ws_ptr, y_ptr, m, n, k, stride_x32, stride_
         shi = shi_next
     acc0, acc1, acc2, acc3 = _chunks(acc0, acc1, acc2, acc3, wv, xv, slo, shi, W, U, L3, L3X, S3)
 
-    y0 = gl.sum(acc0, axis=0)
-    y1 = gl.sum(acc1, axis=0)
-    y2 = gl.sum(acc2, axis=0)
-    y3 = gl.sum(acc3, axis=0)
-    lo = gl.arange(0, 32, layout=y0.type.layout)
-    row = tile * 16 + lo // 4
-    t2 = (lo % 4) * 2
-    out = y_ptr + t2 * stride_ym + row
-    gl.store(out, y0.to(y_ptr.dtype.element_ty), mask=t2 < m)
-    gl.store(out + stride_ym, y1.to(y_ptr.dtype.element_ty), mask=t2 + 1 < m)
-    gl.store(out + 8, y2.to(y_ptr.dtype.element_ty), mask=t2 < m)
-    gl.store(out + stride_ym + 8, y3.to(y_ptr.dtype.element_ty), mask=t2 + 1 < m)
+    _store_sums(y_ptr, acc0, acc1, acc2, acc3, tile, m, stride_ym)
 
 
 @gluon.jit
