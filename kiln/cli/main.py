@@ -194,6 +194,8 @@ def _check_arguments(ctx: click.Context, args: list[str]) -> None:
             break
         name, eq, value = token.partition("=")
         param = options.get(name) if token.startswith("-") else None
+        if token.startswith("-") and param is None:
+            return  # click names an unknown option (and the one meant); its value is no stray
         i += 1
         if not token.startswith("-") and not takes_arguments:
             # click would first name a required option as missing (`kiln cache build

@@ -181,6 +181,20 @@ def test_a_word_that_is_no_option_s_value_is_named(args, message):
         result.output
 
 
+@pytest.mark.parametrize("args, meant", [
+    (["run", "--engine_dir", "e", "--input_text", "hi", "--max_output", "3"], "--max_output_len"),
+    (["build", "--checkpoint_dir", "c", "--output_dir", "o", "--max_batch", "4"],
+     "--max_batch_size"),
+])
+def test_a_misspelled_option_with_its_value_is_named_not_its_value(args, meant):
+    """A trial's `--max_output 3` was told "unexpected argument '3'": the misspelling is the
+    error, and click suggests the option meant."""
+    result = _invoke(*args)
+    assert result.exit_code == 2, result.output
+    assert f"No such option '{args[-2]}'" in result.output and meant in result.output
+    assert "unexpected argument" not in result.output
+
+
 def test_quiet_and_verbose_together_are_refused():
     result = _invoke("-q", "-v", "cache", "list")
     assert result.exit_code == 2 and result.output.strip() == (
