@@ -70,7 +70,7 @@ from kiln.runtime.loader import ExecutorOptions, check_engine, open_engine
 from kiln.runtime.params import SamplingParams
 from kiln.runtime.results import CompletionResult, StreamDelta
 from kiln.runtime.scheduler import Policy
-from kiln.runtime.tokenizer import ModelTokenizer, load_tokenizer
+from kiln.runtime.tokenizer import ModelTokenizer, load_tokenizer, text_of_parts
 
 if TYPE_CHECKING:
     from kiln.runtime.distributed.replicas import ReplicaCore
@@ -327,7 +327,11 @@ class LLM:
         """Token ids of a conversation rendered with the model's chat template."""
         if self.tokenizer is None:
             raise TokenizerError("chat needs a tokenizer with a chat template")
-        return self.tokenizer.chat_ids(messages, add_generation_prompt)
+        conversations = _conversations(messages)
+        if len(conversations) != 1:
+            raise RequestError(f"render_chat takes one conversation, found "
+                               f"{len(conversations)}; chat() takes several")
+        return self.tokenizer.chat_ids(conversations[0], add_generation_prompt)
 
     def _params_list(self, n: int, params: SamplingParams | Sequence[SamplingParams] | None,
                      ) -> list[SamplingParams]:
@@ -435,8 +439,9 @@ def _described(value: Any) -> str:
 
 def _conversations(messages: Messages | Sequence[Messages]) -> list[Messages]:
     """``LLM.chat``'s argument as a list of conversations, each a non-empty list of messages
-    with a string ``role`` and a ``content`` (a string, or a list of parts for the template;
-    an assistant's may be None)."""
+    with a string ``role`` and a ``content``: a string, or OpenAI's list of text parts (given
+    to the template as their joined text, as ``kiln serve`` does); an assistant's may be None.
+    The caller's messages are not changed."""
     one = isinstance(messages, (list, tuple)) and bool(messages) \
         and isinstance(messages[0], dict)
     conversations = [messages] if one else messages
@@ -451,11 +456,16 @@ def _conversations(messages: Messages | Sequence[Messages]) -> list[Messages]:
         for i, m in enumerate(conversation):
             content = m.get("content") if isinstance(m, dict) else None
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not (
-                    isinstance(content, (str, list))  # a list of parts: the template's to read
+                    isinstance(content, (str, list))
                     or (content is None and m["role"] == "assistant")):
                 raise RequestError(f"{where}message #{i} needs a 'role' string and a 'content' "
                                    f"string, found {_described(m)}")
-    return list(conversations)
+            if isinstance(content, list) and text_of_parts(content) is None:
+                raise RequestError(f"{where}message #{i}: a list content holds text parts only "
+                                   f"({{'type': 'text', 'text': ...}}), found "
+                                   f"{_described(content)}")
+    return [[{**m, "content": text_of_parts(m["content"])} if isinstance(m["content"], list)
+             else m for m in conversation] for conversation in conversations]
 
 
 def _as_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

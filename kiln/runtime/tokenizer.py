@@ -90,6 +90,15 @@ class ModelTokenizer:
                            add_special_tokens=False)
 
 
+def text_of_parts(parts: list[Any]) -> str | None:
+    """OpenAI's list-of-parts message content as the text it holds (its ``text`` parts joined),
+    or None where a part is not text (an image: kiln's models read text). Chat templates are
+    written for a string ``content``: ``kiln serve`` and ``LLM.chat`` give them one."""
+    if not all(isinstance(part, dict) and part.get("type") == "text" for part in parts):
+        return None
+    return "".join(str(part.get("text", "")) for part in parts)
+
+
 def render_chat_template(template: str, messages: list[dict[str, Any]],
                          add_generation_prompt: bool, variables: dict[str, Any]) -> str:
     from jinja2 import TemplateError
@@ -99,6 +108,11 @@ def render_chat_template(template: str, messages: list[dict[str, Any]],
             messages=messages, add_generation_prompt=add_generation_prompt, **variables)
     except TemplateError as e:
         raise TokenizerError(f"chat template failed to render: {e}") from None
+    except (TypeError, ValueError, LookupError, AttributeError, ArithmeticError) as e:
+        # the template's own Python operations on what it was given (str + list: a content it
+        # does not read); the template is the model's code, not kiln's
+        raise TokenizerError(f"chat template failed to render these messages: "
+                             f"{type(e).__name__}: {e}") from None
 
 
 def check_chat_template(template: str) -> None:

@@ -35,7 +35,7 @@ from kiln.runtime.errors import RequestError, SamplingParamsError, TokenizerErro
 from kiln.runtime.llm import LLM, Prompt
 from kiln.runtime.params import SamplingParams, TokenLogprobs
 from kiln.runtime.results import CompletionResult, StreamDelta
-from kiln.runtime.tokenizer import render_chat_template
+from kiln.runtime.tokenizer import render_chat_template, text_of_parts
 from kiln.serve.protocol import (
     ROLES,
     UNSUPPORTED,
@@ -321,8 +321,9 @@ def _message(i: int, message: dict[str, Any]) -> dict[str, Any]:
         raise ApiError(400, f"messages[{i}].content is missing or null; give the "
                             f"{message.get('role')} message's text", param="messages")
     if isinstance(content, list):
-        if any(part.get("type") != "text" for part in content):
+        text = text_of_parts(content)
+        if text is None:
             raise ApiError(400, f"messages[{i}].content: only text parts are supported",
                            param="messages")
-        message["content"] = "".join(str(part.get("text", "")) for part in content)
+        message["content"] = text
     return message

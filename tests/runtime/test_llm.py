@@ -194,6 +194,34 @@ def test_chat_template_matches_transformers(tokenizer, smollm2_dir, scripted):
     assert "<|im_start|>assistant\n" in tokenizer.apply_chat_template(messages)
 
 
+def test_chat_takes_openai_text_parts_as_serve_does(scripted):
+    """A trial's ``content: [{'type': 'text', 'text': 'hi'}]`` ended in a jinja traceback
+    (SmolLM2's template adds strings); kiln serve had answered it. The parts' text is the
+    content; the caller's messages stay as given."""
+    llm, _, _ = scripted(limits=BuildLimits(max_batch_size=4, max_input_len=96, max_seq_len=160,
+                                            max_num_tokens=96))
+    parts = [{"role": "user", "content": [{"type": "text", "text": "What is the capital "},
+                                          {"type": "text", "text": "of France?"}]}]
+    text = [{"role": "user", "content": "What is the capital of France?"}]
+    assert llm.render_chat(parts) == llm.render_chat(text)
+    assert isinstance(parts[0]["content"], list)
+    assert llm.chat(parts, GREEDY)[0].text == llm.chat(text, GREEDY)[0].text
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+    with pytest.raises(RequestError, match=r"message #0: a list content holds text parts only"):
+        llm.chat(image)
+    with pytest.raises(RequestError, match="render_chat takes one conversation, found 2"):
+        llm.render_chat([text, text])
+
+
+def test_a_template_s_own_error_is_one_line(tokenizer):
+    """The template's Python operations (str + list) raised past the renderer: a traceback."""
+    adds = type(tokenizer)(tokenizer.tokenizer, tokenizer.special_tokens,
+                           "{{ 'x' + messages[0]['content'] }}")
+    with pytest.raises(TokenizerError, match="chat template failed to render these messages: "
+                                             "TypeError"):
+        adds.apply_chat_template([{"role": "user", "content": ["not", "text"]}])
+
+
 def test_chat_template_cannot_escape_the_sandbox(tokenizer):
     tokenizer = type(tokenizer)(tokenizer.tokenizer, tokenizer.special_tokens,
                                 "{{ messages.__class__.__mro__[1].__subclasses__() }}")
