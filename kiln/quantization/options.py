@@ -25,7 +25,8 @@ class QuantizeOptions:
         "help": f"Quantization format: {', '.join(FORMATS)} (docs/quantization.md)."})
     kv_cache_dtype: str | None = field(default=None, metadata={
         "help": "Also calibrate KV-cache scales for an fp8 or int8 cache (needs "
-                "--calib_dataset)."})
+                "--calib_dataset; only `kiln build --backend torch` builds it: onnx and tensorrt "
+                "keep the cache in the model dtype)."})
     calib_dataset: str | None = field(default=None, metadata={
         "help": "Calibration text: a .txt, .jsonl (text key) or .parquet file, a directory, or a "
                 "hub dataset id[:glob]. Required by fp8, int8_sq, int4_awq and "

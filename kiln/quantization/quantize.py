@@ -244,10 +244,10 @@ class _Job:
                 "more calibration samples (--calib_size: a fifth of the text read is held out for "
                 "the gate), a longer --calib_max_seq_length, or an --eval_dataset")
         raise ConfigError(f"the accuracy gate would score {counted(scored, 'token')} "
-                          f"({counted(n, 'window')} of {length}), too few to decide anything "
-                          f"(it needs {MIN_GATE_TOKENS}, and "
-                          f"{FIRM_GATE_TOKENS} for a firm answer): give {more}; or pass "
-                          f"--no_accuracy_gate to record the figures without enforcing them")
+                          f"({counted(n, 'window')} of {length} tokens, whose first predicts "
+                          f"nothing), too few to decide anything (it needs {MIN_GATE_TOKENS} "
+                          f"scored, and {FIRM_GATE_TOKENS} for a firm answer): give {more}; or "
+                          f"pass --no_accuracy_gate to record the figures without enforcing them")
 
     def run(self, out: Path) -> None:
         cfg = self.source.decoder

@@ -82,9 +82,10 @@ def _cases(src, src_tp2, texts, quantized, tmp):
         # a trial's fp8 gated on 1 token 'passed' at 25% worse perplexity
         "gate of one token": (["--qformat", "fp8", *calib, "--calib_size", "1",
                                "--calib_max_seq_length", "2"], src,
-                              "the accuracy gate would score 1 token (1 window of 2), too few to "
-                              "decide anything (it needs 64, and 4096 for a firm answer): give "
-                              "more calibration samples"),
+                              "the accuracy gate would score 1 token (1 window of 2 tokens, "
+                              "whose first predicts nothing), too few to decide anything (it "
+                              "needs 64 scored, and 4096 for a firm answer): give more "
+                              "calibration samples"),
         "gate of few eval tokens": (["--qformat", "int8_wo", "--eval_dataset", tiny_eval,
                                      "--calib_max_seq_length", "16"], src,
                                     "give longer --eval_dataset text; or pass "
