@@ -6,8 +6,8 @@ Contract:
   ``overwrite`` it replaces only an empty directory or one kiln itself wrote of the kind the
   command writes (``writes``: a kiln checkpoint or engine manifest in ``config.json`` and
   nothing but the files kiln writes beside it; a build's ``--overwrite`` never replaces a
-  checkpoint that took a long calibration); never a filesystem root, the home directory or the
-  current directory.
+  checkpoint that took a long calibration); never a filesystem root, the home directory, the
+  current directory or anything inside a build cache entry; nor a name past ``NAME_MAX``.
 - :func:`atomic_dir` writes into a temporary directory beside the target and renames it into
   place only when the body succeeds; the old output is moved aside first and restored if the
   rename fails, so it survives any failure. What it replaces is logged at the default level.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import logging
 import os
@@ -40,6 +41,7 @@ from kiln.hashing import sha256_file
 log = logging.getLogger(__name__)
 ACCURACY_NAME = "accuracy.json"  # kiln quantize's accuracy gate figures, beside config.json
 ENGINE_KIND, CHECKPOINT_KIND = "kiln engine dir", "kiln checkpoint"  # what a command writes
+NAME_MAX = 255  # bytes of one file name: ext4, xfs, btrfs, tmpfs, APFS
 
 
 def check_output(output_dir: Path, overwrite: bool, inputs: Sequence[Path] = (),
@@ -49,9 +51,15 @@ def check_output(output_dir: Path, overwrite: bool, inputs: Sequence[Path] = (),
     if not str(output_dir).strip():
         raise OutputError("--output_dir is empty; give the directory to write")
     output_dir = Path(output_dir).expanduser()
+    long = next((part for part in output_dir.parts if len(os.fsencode(part)) > NAME_MAX), None)
+    if long is not None:
+        raise OutputError(f"--output_dir {output_dir}: the name {long[:40]}... is "
+                          f"{len(os.fsencode(long))} bytes; file systems take at most "
+                          f"{NAME_MAX}: choose a shorter one")
     out = output_dir.resolve()
     for source in inputs:
         _check_apart(output_dir, out, Path(source))
+    _check_outside_cache_entries(output_dir, out)
     if not (output_dir.exists() or output_dir.is_symlink()):
         _check_writable(output_dir)
         return
@@ -71,6 +79,26 @@ def check_output(output_dir: Path, overwrite: bool, inputs: Sequence[Path] = (),
                                 f"(only a directory kiln wrote is replaced)")
     _check_kind(output_dir, describe_replaceable(output_dir), writes)
     _check_writable(output_dir)
+
+
+def _check_outside_cache_entries(output_dir: Path, out: Path) -> None:
+    """Refuse an output inside an entry of a kiln build cache (a directory whose
+    ``entry.json`` the cache wrote): the cache would go on serving what a user's build put
+    there under the key of another model (a trial's ``kiln build --output_dir
+    $KILN_CACHE_DIR/engines/NAME/engine --overwrite``). The cache's own builds write into
+    temporary dirs, which hold no ``entry.json`` until they are complete."""
+    from kiln.build_cache.store import ENTRY_FILE, MARKER
+
+    for parent in out.parents:
+        try:
+            data = json.loads((parent / ENTRY_FILE).read_text())
+        except (OSError, *UNREADABLE_JSON):
+            continue
+        if isinstance(data, dict) and MARKER in data:
+            raise OutputError(f"--output_dir {output_dir} lies inside {parent}, an entry of "
+                              f"kiln's build cache, which manages it (kiln run --model_dir and "
+                              f"kiln cache build make its engines, kiln cache prune removes "
+                              f"them): choose a directory outside the cache")
 
 
 def _check_writable(output_dir: Path) -> None:
@@ -116,9 +144,13 @@ def _check_apart(output_dir: Path, out: Path, source: Path) -> None:
                       f"would destroy the input: choose a directory outside it")
 
 
-def describe_replaceable(directory: Path) -> str:
+def describe_replaceable(directory: Path, damaged_ranks: bool = False) -> str:
     """What kiln output ``directory`` holds ("empty directory", "kiln engine dir ...");
-    raises :class:`OutputError` naming what is in the way if kiln did not write it."""
+    raises :class:`OutputError` naming what is in the way if kiln did not write it. A rank file
+    must look like the one the manifest describes (an engine's recorded size, a checkpoint's
+    safetensors header), so a user's file under a rank file's name is not taken for kiln's;
+    ``damaged_ranks``: take a rank file the manifest names as kiln's even so (the build cache,
+    which removes and rebuilds its damaged entries)."""
     entries = sorted(p.name for p in directory.iterdir())
     if not entries:
         return "empty directory"
@@ -131,7 +163,8 @@ def describe_replaceable(directory: Path) -> str:
                           f"choose another --output_dir")
     written = manifest.stat().st_mtime_ns
     ranks = _rank_files(data)
-    foreign = [n for n in entries if not _written_with(directory / n, data, ranks, written)]
+    foreign = [n for n in entries
+               if not _written_with(directory / n, data, ranks, written, damaged_ranks)]
     if foreign:
         raise OutputError(f"{directory}: is a {kind} but also holds {_few(foreign)}, which kiln "
                           f"did not write (or which changed after it wrote the directory); move "
@@ -161,10 +194,12 @@ def _rank_files(data: dict) -> set[str]:
     return {rank_file(r) for r in range(sizes[0] * sizes[1])}
 
 
-def _written_with(path: Path, data: dict, ranks: set[str], written: int) -> bool:
+def _written_with(path: Path, data: dict, ranks: set[str], written: int,
+                  damaged_ranks: bool = False) -> bool:
     """Whether kiln wrote ``path`` with the manifest ``data`` beside it (written at
-    ``written``, in ns; ``ranks``: :func:`_rank_files`): a rank file the manifest names (even
-    damaged: the build cache rebuilds such entries), or one of the manifest's ``other_files``
+    ``written``, in ns; ``ranks``: :func:`_rank_files`): a rank file the manifest names, of the
+    size it records (a checkpoint's: a safetensors file; any, with ``damaged_ranks``), or one
+    of the manifest's ``other_files``
     with the sha256 recorded there; never a folder or a link (a user's
     ``special_tokens_map.json``, or a chat template edited after the build, is not kiln's). A
     manifest of an older kiln records no other files: then a name kiln writes (tokenizer and
@@ -176,13 +211,35 @@ def _written_with(path: Path, data: dict, ranks: set[str], written: int) -> bool
     if path.is_symlink() or not path.is_file():  # a user's folder or link under a kiln name
         return False
     if ENGINE_FILE.fullmatch(name):
-        return name in ranks
+        return name in ranks and (damaged_ranks or _rank_file_as_recorded(path, data))
     try:
         if "other_files" in data:  # not a mapping of names to digests: edited, nothing matches
             recorded = data["other_files"] if isinstance(data["other_files"], dict) else {}
             return name in recorded and sha256_file(path) == recorded[name]
         return name in (ACCURACY_NAME, *TOKENIZER_FILES) and path.lstat().st_mtime_ns <= written
     except OSError:
+        return False
+
+
+def _rank_file_as_recorded(path: Path, data: dict) -> bool:
+    """Whether rank file ``path`` looks as kiln wrote it, without reading its data: the size
+    an engine manifest records; for a checkpoint (no sizes recorded), a safetensors file
+    (its 8-byte header length and JSON header). A manifest of an older kiln records no sizes:
+    then any file of the name."""
+    try:
+        size = path.stat().st_size
+        sizes = data.get("sizes")
+        if isinstance(sizes, dict) and path.name in sizes:
+            return sizes[path.name] == size
+        if path.suffix != ".safetensors":
+            return True
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if not 2 <= length <= min(size - 8, 100 << 20):
+                return False
+            header = json.loads(f.read(length))
+        return isinstance(header, dict)
+    except (OSError, *UNREADABLE_JSON):
         return False
 
 
@@ -221,11 +278,13 @@ def atomic_dir(target: Path, overwrite: bool, writes: str | None = None) -> Iter
     """
     target = Path(target)
     created = _make_parents(target.parent)
-    _remove_stale(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
-    tmp.chmod(0o777 & ~_umask())
     done = False
+    tmp = None
     try:
+        _remove_stale(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{_stem(target)}.tmp-{os.getpid()}-",
+                                    dir=target.parent))
+        tmp.chmod(0o777 & ~_umask())
         yield tmp
         if not target.exists():
             tmp.rename(target)
@@ -235,7 +294,7 @@ def atomic_dir(target: Path, overwrite: bool, writes: str | None = None) -> Iter
             _replace(target, tmp, writes)
         done = True
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
         if not done:  # parents this call created, if the failure left them empty
             for parent in reversed(created):
@@ -246,7 +305,7 @@ def atomic_dir(target: Path, overwrite: bool, writes: str | None = None) -> Iter
 def _replace(target: Path, tmp: Path, writes: str | None) -> None:
     kind = describe_replaceable(target)  # it may have changed since check_output
     _check_kind(target, kind, writes)
-    trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{os.getpid()}-",
+    trash = Path(tempfile.mkdtemp(prefix=f".{_stem(target)}.old-{os.getpid()}-",
                                   dir=target.parent))
     try:
         target.rename(trash / "old")
@@ -277,11 +336,22 @@ def _make_parents(parent: Path) -> list[Path]:
 def _remove_stale(target: Path) -> None:
     """Temporary dirs of ``target`` left by a kiln process that was killed (SIGKILL, OOM): the
     names carry the writer's pid; those whose process is gone are removed, and said so."""
-    for path in target.parent.glob(f".{target.name}.*-*-*"):
-        match = re.fullmatch(rf"\.{re.escape(target.name)}\.(tmp|old)-(\d+)-\w+", path.name)
+    stem = _stem(target)
+    for path in target.parent.glob(f".{glob.escape(stem)}.*-*-*"):
+        match = re.fullmatch(rf"\.{re.escape(stem)}\.(tmp|old)-(\d+)-\w+", path.name)
         if match and path.is_dir() and not _alive(int(match.group(2))):
             log.warning("removing %s, left by a kiln process that was killed", path)
             shutil.rmtree(path, ignore_errors=True)
+
+
+# bytes of a target's name that its temporary dirs carry: a name may take a file system's
+# 255 bytes, and ".tmp-<pid>-<random>" must fit beside it
+_STEM_BYTES = 200
+
+
+def _stem(target: Path) -> str:
+    """``target``'s name as the temporary dirs beside it carry it (cut to ``_STEM_BYTES``)."""
+    return os.fsdecode(os.fsencode(target.name)[:_STEM_BYTES])
 
 
 def _alive(pid: int) -> bool:

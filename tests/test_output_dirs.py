@@ -216,15 +216,78 @@ def test_a_users_file_inside_a_kiln_engine_dir_is_kept(built, tmp_path):
 
 def test_kiln_output_is_replaced(built, tmp_path, caplog):
     out = Path(shutil.copytree(built[1], tmp_path / "engine"))
-    (out / "rank0.onnx").write_bytes(b"old")  # a marker, dated as kiln wrote it (not after)
+    data = (out / "rank0.onnx").read_bytes()
+    marked = b"old" + data[3:]  # a marker of the recorded size, dated as kiln wrote it
+    (out / "rank0.onnx").write_bytes(marked)
     written = (out / "config.json").stat().st_mtime_ns
     os.utime(out / "rank0.onnx", ns=(written, written))
     result = cli("build", "--checkpoint_dir", str(built[0]), "--output_dir", str(out),
                  "--overwrite", "--max_batch_size", "2", "--max_seq_len", "16")
     assert result.exit_code == 0, result.output
     assert f"replaced {out} (kiln engine dir)" in caplog.text
-    assert (out / "rank0.onnx").read_bytes() != b"old"
+    assert (out / "rank0.onnx").read_bytes() != marked
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("kind", ["engine", "checkpoint"])
+def test_a_users_file_under_a_rank_file_s_name_is_not_kiln_s(built, hf_dir, tmp_path, kind):
+    """A trial's ``echo mine > eng/rank0.onnx`` (and ``> ckpt/rank0.safetensors``): --overwrite
+    took any file the manifest names for kiln's and deleted it. A rank file must have the size
+    an engine manifest records, or be a safetensors file in a checkpoint."""
+    out = Path(shutil.copytree(built[1] if kind == "engine" else built[0], tmp_path / kind))
+    name = "rank0.onnx" if kind == "engine" else "rank0.safetensors"
+    (out / name).write_text("my thesis")
+    before = snapshot(out)
+    source = ["build", "--checkpoint_dir", str(built[0]), "--max_batch_size", "2",
+              "--max_seq_len", "16"] if kind == "engine" else \
+        ["convert_checkpoint", "--model_dir", str(hf_dir)]
+    result = cli(*source, "--output_dir", str(out), "--overwrite")
+    assert result.exit_code == 2, result.output
+    assert f"also holds '{name}', which kiln did not write" in result.output
+    assert snapshot(out) == before
+
+
+def test_an_output_inside_a_build_cache_entry_is_refused(built, tmp_path):
+    """A trial built another model into ``$KILN_CACHE_DIR/engines/NAME/engine`` with
+    --overwrite; the cache then served it for the first model's key."""
+    entry = tmp_path / "cache" / "engines" / "smollm2-abc"
+    engine = Path(shutil.copytree(built[1], entry / "engine"))
+    (entry / "entry.json").write_text(json.dumps({"kiln_build_cache": 1}))
+    before = snapshot(entry)
+    for out in (engine, engine / "sub"):
+        with pytest.raises(OutputError, match=f"lies inside {entry}, an entry of kiln's build "
+                                              f"cache"):
+            check_output(out, overwrite=True, writes="kiln engine dir")
+    assert snapshot(entry) == before
+    check_output(tmp_path / "cache" / "engines" / ".smollm2-abc.tmp-1-x" / "engine", False)
+
+
+def test_an_over_long_name_is_refused_before_anything_is_made(tmp_path):
+    out = tmp_path / "new" / ("a" * 256)
+    with pytest.raises(OutputError, match="is 256 bytes; file systems take at most 255"):
+        check_output(out, overwrite=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_long_name_s_temporary_dirs_fit_the_file_system(tmp_path):
+    """A trial's 245-character name: its temporary dir's name ran past 255 bytes, and the
+    command failed naming that dir, leaving the parent it had made."""
+    target = tmp_path / "p" / ("é" * 100 + "a" * 50)  # 250 bytes
+    with atomic_dir(target, overwrite=False) as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert (target / "config.json").is_file()
+    assert [p.name for p in target.parent.iterdir()] == [target.name]
+
+
+def test_a_failure_to_make_the_temporary_dir_removes_the_parents_made(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("tempfile.mkdtemp", refuse)
+    with pytest.raises(OSError, match="No space left"):
+        with atomic_dir(tmp_path / "a" / "b" / "out", overwrite=False):
+            pass
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("command", ["build", "convert_checkpoint"])

@@ -358,7 +358,7 @@ class EngineCache:
             return f"its {ENGINE_DIR} is not a directory the build cache made"
         if engine.is_dir():
             try:
-                describe_replaceable(engine)
+                describe_replaceable(engine, damaged_ranks=True)
             except OutputError as e:
                 return str(e).split(";")[0].removeprefix(f"{engine}: ")
         return None
