@@ -2,7 +2,8 @@
 
 Reads and validates ``config.json``, checks that every rank of the mapping lists files, then
 checks every listed file of every rank: present, the manifest's size, the manifest's sha256
-(whether this machine could run the engine is not checked: ``kiln run`` does that), and that the
+(whether this machine could run the engine is not checked: ``kiln run`` does that), the other
+files the build wrote (tokenizer files, generation config: their sha256), and that the
 tokenizer loads as ``LLM`` loads it (``tokenizer.json`` present and readable). Prints one line
 per file (``-q``: the summary only; a tokenizer problem: always), then a summary; exit 0 when
 all is good, else exit 2 with a one-line error naming the first problem.
@@ -39,6 +40,23 @@ def manifest_problems(manifest: EngineManifest) -> list[str]:
                  for r in sorted(manifest.rank_files) if r not in ranks]
     problems += [f"{name}: no checksum recorded" for files in manifest.rank_files.values()
                  for name in files if name not in manifest.checksums]
+    return problems
+
+
+def other_file_problems(engine_dir: Path, manifest: EngineManifest) -> list[str]:
+    """The files the build wrote beside the manifest (tokenizer files, the generation config:
+    ``other_files``, name -> sha256) that are gone or changed since: a chat template or
+    sampling defaults edited in a shipped engine (none recorded by an older kiln)."""
+    from kiln.hashing import sha256_file
+
+    problems = []
+    for name, digest in sorted((manifest.other_files or {}).items()):
+        path = engine_dir / name
+        if not path.is_file():
+            problems.append(f"{name}: missing (the build wrote it)")
+        elif sha256_file(path) != digest:
+            problems.append(f"{name}: changed since the build (sha256 differs from the "
+                            f"manifest's)")
     return problems
 
 
@@ -101,6 +119,10 @@ def verify(obj: CliContext, engine_dir: Path | None, engine_dir_option: Path | N
             if obj.verbosity >= 0 or problem is not None:
                 with tqdm.external_write_mode():
                     click.echo(_line(engine_dir / name, rank, name.ljust(width), problem))
+    others = other_file_problems(engine_dir, manifest)
+    for problem in others:
+        click.echo(f"FAIL file  {problem}")
+    problems += others
     tokenizer = tokenizer_problem(engine_dir)
     if tokenizer is not None:
         problems.append(tokenizer)
@@ -114,8 +136,10 @@ def verify(obj: CliContext, engine_dir: Path | None, engine_dir_option: Path | N
         fix = "" if "rebuild" in problems[0] else "; rebuild with kiln build"
         raise EngineError(f"{engine_dir}: {len(problems)} problem(s), first: {problems[0]}{fix}")
     ranks = len(manifest.rank_files)
+    extra = f" and {counted(len(manifest.other_files), 'other file')}" \
+        if manifest.other_files else ""
     click.echo(f"{engine_dir}: ok, {unedited}{counted(len(files), 'file')} of "
-               f"{counted(ranks, 'rank')}, {total / 1e9:.2f} GB: present, {sizes} "
+               f"{counted(ranks, 'rank')}{extra}, {total / 1e9:.2f} GB: present, {sizes} "
                f"match the manifest")
 
 

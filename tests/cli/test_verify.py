@@ -58,6 +58,23 @@ def test_a_good_engine_prints_one_line_per_file_then_ok(engine):
     assert kiln("-q", "verify", str(engine)).output.splitlines() == [summary]
 
 
+def test_a_file_the_build_wrote_beside_the_ranks_changed_or_gone_fails(engine):
+    """A trial edited the chat template in a shipped engine's tokenizer_config.json and deleted
+    its generation_config.json: verify said ok (it checked only the rank files)."""
+    recorded = read_manifest(engine).other_files
+    assert recorded, "the build records the files it writes beside the ranks"
+    edited, gone = sorted(recorded)[:2] if len(recorded) > 1 else (sorted(recorded)[0], None)
+    (engine / edited).write_text((engine / edited).read_text() + " ")
+    if gone is not None:
+        (engine / gone).unlink()
+    r = kiln("verify", str(engine))
+    assert r.exit_code == 2, r.output
+    assert f"FAIL file  {edited}: changed since the build (sha256 differs from the manifest's)" \
+        in r.output
+    if gone is not None:
+        assert f"FAIL file  {gone}: missing (the build wrote it)" in r.output
+
+
 def test_the_engine_dir_may_be_given_as_the_other_commands_take_it(engine):
     """A trial typed kiln verify --engine_dir X, as every other command takes it."""
     assert kiln("verify", "--engine_dir", str(engine)).output == kiln("verify", str(engine)).output
@@ -125,8 +142,8 @@ def test_a_manifest_without_sizes_is_verified_by_checksum(engine):
     assert r.exit_code == 0, r.output
     assert r.output.splitlines()[-1].endswith(
         "ok, (the manifest records no digest of its own: built by an older kiln, or removed, so "
-        "its edits cannot be told) 4 files of 2 ranks, 0.00 GB: present, checksums (the "
-        "manifest records no sizes: built by an older kiln) match the manifest")
+        "its edits cannot be told) 4 files of 2 ranks and 1 other file, 0.00 GB: present, "
+        "checksums (the manifest records no sizes: built by an older kiln) match the manifest")
     flip_a_byte(engine / "rank0.onnx.data")
     assert kiln("verify", str(engine)).exit_code == 2
 
