@@ -196,6 +196,7 @@ def plan_conversion(model_dir: str, *, dtype: str = "auto", tp_size: int = 1, pp
     of the conversion: architecture, config, mapping, quantization, strict tensor accounting.
     Also what the build cache checks before it converts (:mod:`kiln.build_cache.preflight`)."""
     source = open_source(model_dir, revision=revision, allow_pickle=allow_pickle)
+    check_tokenizer_files(source.directory)
     where = source.directory / "config.json"
     try:
         converter = converter_for(source.hf_config, str(where))
@@ -219,6 +220,24 @@ def plan_conversion(model_dir: str, *, dtype: str = "auto", tp_size: int = 1, pp
     plans = plan_targets(converter, decoder, source, quant)
     return ConversionPlan(source, converter, decoder, mapping, quant, plans,
                           _resolve_dtype(dtype, source, plans))
+
+
+def check_tokenizer_files(directory: Path) -> None:
+    """Refuse a source whose tokenizer files do not load as the runtime loads them: a trial's
+    corrupt tokenizer.json passed conversion and build (exit 0), and only ``kiln run`` failed,
+    advising to re-copy the checkpoint's copy, as corrupt. A source without tokenizer.json is
+    warned about where the files are copied (:func:`kiln.output_dirs.copy_tokenizer`)."""
+    from kiln.runtime.errors import TokenizerError
+    from kiln.runtime.tokenizer import RECOPY, load_tokenizer
+
+    if not (directory / "tokenizer.json").is_file():
+        return
+    try:
+        load_tokenizer(directory)
+    except TokenizerError as e:
+        raise CheckpointError(f"{str(e).removesuffix(f'; {RECOPY}')}: an engine needs a "
+                              f"tokenizer that loads (kiln run, LLM and kiln serve read it); "
+                              f"restore the model's tokenizer files") from None
 
 
 def untie_a_different_head(converter: type[Converter], decoder: DecoderConfig,

@@ -152,6 +152,9 @@ def _chat_environment() -> Any:
     return env
 
 
+RECOPY = "re-copy it from the checkpoint"  # the advice for an engine dir's unreadable file
+
+
 def load_tokenizer(directory: str | Path) -> ModelTokenizer:
     """Read the tokenizer files of an engine (or checkpoint) dir; see the module docstring."""
     from tokenizers import Tokenizer
@@ -164,7 +167,7 @@ def load_tokenizer(directory: str | Path) -> ModelTokenizer:
     try:
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception on corrupt files
-        raise TokenizerError(f"{path}: unreadable ({e}); re-copy it from the checkpoint") from None
+        raise TokenizerError(f"{path}: unreadable ({e}); {RECOPY}") from None
     config = _read_json(directory / "tokenizer_config.json")
     special = {key: _token_text(config[key]) for key in _SPECIAL_KEYS
                if config.get(key) is not None}
@@ -195,6 +198,5 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except UNREADABLE_JSON as e:
-        raise TokenizerError(f"{path}: invalid JSON ({e}); re-copy it from the checkpoint") \
-            from None
+        raise TokenizerError(f"{path}: invalid JSON ({e}); {RECOPY}") from None
     return data if isinstance(data, dict) else {}

@@ -109,6 +109,24 @@ def test_truncated_safetensors(src, tmp_path):
     assert _leftovers(tmp_path) == [] and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("name, content, reason", [
+    ("tokenizer.json", "garbage", "tokenizer.json: unreadable"),
+    ("tokenizer_config.json", "{not json", "tokenizer_config.json: invalid JSON"),
+])
+def test_a_tokenizer_that_does_not_load_is_refused_before_anything_is_written(
+        src, tmp_path, name, content, reason):
+    """A trial's corrupt tokenizer.json passed convert and build with exit 0; only kiln run
+    failed, advising to re-copy the checkpoint's copy, as corrupt."""
+    from tests.models import hf_model_with_tokenizer
+
+    hf_model_with_tokenizer("llama-gqa", src)
+    (src / name).write_text(content)
+    with pytest.raises(CheckpointError, match=f"{reason} .*: an engine needs a tokenizer that "
+                                              f"loads .*restore the model's tokenizer files"):
+        _convert(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
 def test_missing_and_unexpected_tensors_are_listed(src, tmp_path):
     tensors = load_file(src / "model.safetensors")
     tensors["model.layers.0.self_attn.extra.weight"] = torch.zeros(2)

@@ -14,7 +14,7 @@ import kiln
 from kiln.checkpoint import load_config
 from kiln.converters.source import files_read, open_source
 from kiln.errors import CheckpointError, UnsafeCheckpointError
-from tests.models import hf_model
+from tests.models import hf_model, hf_model_with_tokenizer
 
 _OPENED: list[str] | None = None  # the audit hook records opens while this is a list
 
@@ -29,9 +29,7 @@ sys.addaudithook(_record_opens)  # hooks cannot be removed: it records only insi
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    path = hf_model("llama-gqa", tmp_path_factory.mktemp("hf") / "model")
-    (path / "tokenizer.json").write_text('{"version": "1.0"}')
-    (path / "tokenizer_config.json").write_text("{}")
+    path = hf_model_with_tokenizer("llama-gqa", tmp_path_factory.mktemp("hf") / "model")
     (path / "README.md").write_text("# a model card\n")
     (path / ".git").mkdir()
     (path / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
