@@ -87,8 +87,12 @@ def engine_for_model(model: str | Path, *, backend: str | None = None, dtype: st
                           **build_options)
     entry, built = _lookup_or_build(request, progress, check)
     if not built:
+        # the key is the files' content: an entry another path's identical files built is
+        # named as such (a trial read its other path as this model's)
+        origin = entry.source if entry.source == request.source.label else \
+            f"from identical files at {entry.source}"
         log.warning("using cached engine %s (%s; %s, built %s ago)", entry.engine_dir,
-                    request.what, entry.source, _age(time.time() - entry.created))
+                    request.what, origin, _age(time.time() - entry.created))
     elif max_cache_size is not None:
         _evict(request.cache, max_cache_size, entry)
     return entry.engine_dir

@@ -8,6 +8,7 @@ import logging
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -21,6 +22,19 @@ from kiln.errors import BuildCacheError, CheckpointError, ConfigError, KilnError
 def _leftovers(cache_dir) -> list[str]:
     return sorted(p.name for p in (cache_dir / "engines").iterdir() if p.name.startswith(".")
                   and ".tmp-" in p.name)
+
+
+def test_an_entry_built_from_another_path_s_identical_files_says_so(tiny_hf, cache_dir,
+                                                                      tmp_path, caplog):
+    """The key is the files' content: a trial's copy of a model was told the engine came from
+    the other path, as if it were that model."""
+    first = engine_for_model(tiny_hf)
+    copy = Path(shutil.copytree(tiny_hf, tmp_path / "copy"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kiln.build_cache"):
+        assert engine_for_model(copy) == first
+    (line,) = [m for r in caplog.records if (m := r.getMessage()).startswith("using cached")]
+    assert f"; from identical files at {tiny_hf}, built " in line
 
 
 def test_a_miss_reads_the_source_once(tiny_hf, cache_dir, monkeypatch):
