@@ -199,12 +199,11 @@ def _written_with(path: Path, data: dict, ranks: set[str], written: int,
     """Whether kiln wrote ``path`` with the manifest ``data`` beside it (written at
     ``written``, in ns; ``ranks``: :func:`_rank_files`): a rank file the manifest names, of the
     size it records (a checkpoint's: a safetensors file; any, with ``damaged_ranks``), or one
-    of the manifest's ``other_files``
-    with the sha256 recorded there; never a folder or a link (a user's
-    ``special_tokens_map.json``, or a chat template edited after the build, is not kiln's). A
-    manifest of an older kiln records no other files: then a name kiln writes (tokenizer and
-    accuracy files) no newer than the manifest, which kiln writes last (tokenizer copies keep
-    their source's time)."""
+    of the manifest's ``other_files`` with the sha256 recorded there; never a folder or a link
+    (a user's ``special_tokens_map.json``, or a chat template edited after the build, is not
+    kiln's). A manifest of an older kiln records no other files: then a name kiln writes
+    (tokenizer and accuracy files) no newer than the manifest, which kiln writes last
+    (tokenizer copies keep their source's time)."""
     name = path.name
     if name == MANIFEST_NAME:
         return True
