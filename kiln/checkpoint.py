@@ -18,8 +18,8 @@ from kiln.config import DTYPES, DecoderConfig, Mapping
 from kiln.dirs import DirKind, read_config
 from kiln.errors import CheckpointError, ConfigError, KilnError
 from kiln.quantization.config import QuantConfig
-from kiln.roles import tensor_names
-from kiln.sharding import unshard_named
+from kiln.roles import expected_shape, parse_tensor, quantized_roles, tensor_names
+from kiln.sharding import shard_shape, unshard_named
 from kiln.tensorio import read_header, read_tensor
 
 FORMAT_VERSION = 1
@@ -142,6 +142,30 @@ def check_tensor_names(path: Path, config: CheckpointConfig, rank: int,
     raise CheckpointError(f"{path}: tensors do not match config.json: missing "
                           f"{_names(missing)}, unexpected {_names(unexpected)}; re-run kiln "
                           f"convert_checkpoint (and kiln quantize, for a quantized checkpoint)")
+
+
+def check_tensor_shapes(path: Path, config: CheckpointConfig, rank: int,
+                        shapes: dict[str, tuple[int, ...]]) -> None:
+    """Raise CheckpointError where a float tensor of rank ``rank``'s file ``path`` has another
+    shape than ``config`` implies (a trial's config.json edited to hidden_size 96 over 64-wide
+    weights built, verified and ran, the manifest recording 96). Quantized weights and their
+    companions (packed shapes, checked by the quantized formats' own checks) are skipped."""
+    quantized = set(quantized_roles(config.quantization))
+    tp_rank, _ = config.mapping.coords(rank)
+    for name, shape in sorted(shapes.items()):
+        role, _, kind = parse_tensor(name)
+        if kind is not None or role in quantized:
+            continue
+        want = shard_shape(expected_shape(role, config.decoder), role, config.decoder,
+                           config.mapping, tp_rank)
+        if tuple(shape) != want:
+            d = config.decoder
+            raise CheckpointError(f"{path}: {name} is {list(shape)}, where config.json implies "
+                                  f"{list(want)} (hidden_size {d.hidden_size}, "
+                                  f"intermediate_size {d.intermediate_size}, vocab_size "
+                                  f"{d.vocab_size}, tp {config.mapping.tp_size}): config.json "
+                                  f"was edited or belongs to another checkpoint; re-run kiln "
+                                  f"convert_checkpoint")
 
 
 def _names(names: list[str], limit: int = 8) -> str:

@@ -26,7 +26,13 @@ from kiln.builder.graph.linear import check_scales
 from kiln.builder.options import BuildOptions, resolve_limits
 from kiln.builder.plan import gb_text, plan_rank
 from kiln.builder.runner import run_parts
-from kiln.checkpoint import CheckpointConfig, check_tensor_names, load_config, rank_file
+from kiln.checkpoint import (
+    CheckpointConfig,
+    check_tensor_names,
+    check_tensor_shapes,
+    load_config,
+    rank_file,
+)
 from kiln.config import options_from
 from kiln.engine import EngineManifest
 from kiln.errors import CheckpointError, ConfigError, counted
@@ -153,6 +159,8 @@ def check_rank_files(checkpoint_dir: Path, ckpt: CheckpointConfig) -> dict[int, 
                                   f"ranks); re-run kiln convert_checkpoint")
         weights = RankWeights(path, ckpt.dtype)
         check_tensor_names(path, ckpt, rank, weights.infos)
+        check_tensor_shapes(path, ckpt, rank,
+                            {name: info.shape for name, info in weights.infos.items()})
         if ckpt.quantization is not None:
             check_scales(path, weights.infos, ckpt.quantization)
         out[rank] = weights

@@ -59,6 +59,19 @@ def test_rank_file_of_another_model(checkpoint, ckpt_copy, tmp_path):
     fails(tmp_path, ckpt_copy, CheckpointError, "do not match config.json")
 
 
+@pytest.mark.parametrize("setting", ["hidden_size", "intermediate_size", "vocab_size"])
+def test_a_config_edited_to_other_sizes_than_its_tensors_is_refused(ckpt_copy, tmp_path,
+                                                                     setting):
+    """A trial's config.json edited to hidden_size 96 over 64-wide weights built, verified and
+    ran, its manifest recording 96."""
+    config = json.loads((ckpt_copy / "config.json").read_text())
+    config["decoder"][setting] += 32
+    (ckpt_copy / "config.json").write_text(json.dumps(config))
+    fails(tmp_path, ckpt_copy, CheckpointError,
+          f"rank0.safetensors: .* is \\[.*\\], where config.json implies .*{setting} "
+          f"{config['decoder'][setting]}.*re-run kiln convert_checkpoint")
+
+
 def test_input_longer_than_sequence(checkpoint, tmp_path):
     fails(tmp_path, checkpoint("llama-gqa"), ConfigError, "max_input_len .* exceeds max_seq_len",
           max_input_len=40)
