@@ -374,7 +374,11 @@ def copy_tokenizer(checkpoint_dir: Path, out: Path) -> dict[str, str]:
     (:func:`file_digests`), for the manifest's ``other_files``."""
     copied = [name for name in TOKENIZER_FILES if (checkpoint_dir / name).is_file()]
     for name in copied:
-        shutil.copy2(checkpoint_dir / name, out / name)
+        # the content and times (an older manifest's rule compares them), not the source's
+        # permission bits: the copy gets the user's umask, as every file kiln writes
+        shutil.copyfile(checkpoint_dir / name, out / name)
+        source = (checkpoint_dir / name).stat()
+        os.utime(out / name, ns=(source.st_atime_ns, source.st_mtime_ns))
     if "tokenizer.json" not in copied:  # kiln.runtime.tokenizer reads only that one
         log.warning("%s has no tokenizer.json; its engine will not run (kiln run, LLM and "
                     "kiln serve load one, even for token-id prompts) until it is copied in: "

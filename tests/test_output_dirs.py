@@ -131,6 +131,29 @@ def test_new_output_gets_the_users_umask(tmp_path, umask):
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
 
 
+@pytest.mark.parametrize("source_mode, umask", [(0o600, 0o022), (0o644, 0o077)])
+def test_copied_tokenizer_files_get_the_users_umask_and_keep_their_times(tmp_path, source_mode,
+                                                                         umask):
+    """A trial's copies kept their source's bits: a 0600 tokenizer shipped unreadable to
+    others, a 0644 one under umask 077 readable by all."""
+    from kiln.output_dirs import copy_tokenizer
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    (src / "tokenizer.json").write_text("{}")
+    (src / "tokenizer.json").chmod(source_mode)
+    os.utime(src / "tokenizer.json", ns=(10**18, 10**18))
+    old = os.umask(umask)
+    try:
+        copy_tokenizer(src, out)
+    finally:
+        os.umask(old)
+    copied = (out / "tokenizer.json").stat()
+    assert copied.st_mode & 0o777 == 0o666 & ~umask
+    assert copied.st_mtime_ns == 10**18
+
+
 def test_failed_final_rename_restores_the_old_output(built, tmp_path, monkeypatch):
     _, engine = built
     out = Path(shutil.copytree(engine, tmp_path / "engine"))
