@@ -325,13 +325,17 @@ class LLM:
 
     def render_chat(self, messages: Messages, add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a conversation rendered with the model's chat template."""
-        if self.tokenizer is None:
-            raise TokenizerError("chat needs a tokenizer with a chat template")
         conversations = _conversations(messages)
         if len(conversations) != 1:
             raise RequestError(f"render_chat takes one conversation, found "
                                f"{len(conversations)}; chat() takes several")
-        return self.tokenizer.chat_ids(conversations[0], add_generation_prompt)
+        return self._chat_ids(conversations[0], add_generation_prompt)
+
+    def _chat_ids(self, conversation: Messages, add_generation_prompt: bool = True) -> list[int]:
+        """:meth:`render_chat` of a conversation :func:`_conversations` has checked."""
+        if self.tokenizer is None:
+            raise TokenizerError("chat needs a tokenizer with a chat template")
+        return self.tokenizer.chat_ids(conversation, add_generation_prompt)
 
     def _params_list(self, n: int, params: SamplingParams | Sequence[SamplingParams] | None,
                      ) -> list[SamplingParams]:
@@ -410,7 +414,7 @@ class LLM:
              params: SamplingParams | Sequence[SamplingParams] | None = None,
              ) -> list[CompletionResult]:
         """Generate replies to one conversation (a list of messages) or to several."""
-        return self.generate([self.render_chat(c) for c in _conversations(messages)], params)
+        return self.generate([self._chat_ids(c) for c in _conversations(messages)], params)
 
 
 def _held(engine_dir: str | Path | None, model: str | Path | None, options: ExecutorOptions,
@@ -448,11 +452,13 @@ def _conversations(messages: Messages | Sequence[Messages]) -> list[Messages]:
     if not isinstance(conversations, (list, tuple)) or not conversations:
         raise RequestError(f"chat takes a conversation (a list of {{'role': ..., 'content': "
                            f"...}} messages) or a list of them, found {_described(messages)}")
+    checked = []
     for c, conversation in enumerate(conversations):
         where = "" if one else f"conversation #{c}: "
         if not isinstance(conversation, (list, tuple)) or not conversation:
             raise RequestError(f"{where}a conversation is a non-empty list of messages, found "
                                f"{_described(conversation)}")
+        messages_out = []
         for i, m in enumerate(conversation):
             content = m.get("content") if isinstance(m, dict) else None
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not (
@@ -460,12 +466,16 @@ def _conversations(messages: Messages | Sequence[Messages]) -> list[Messages]:
                     or (content is None and m["role"] == "assistant")):
                 raise RequestError(f"{where}message #{i} needs a 'role' string and a 'content' "
                                    f"string, found {_described(m)}")
-            if isinstance(content, list) and text_of_parts(content) is None:
-                raise RequestError(f"{where}message #{i}: a list content holds text parts only "
-                                   f"({{'type': 'text', 'text': ...}}), found "
-                                   f"{_described(content)}")
-    return [[{**m, "content": text_of_parts(m["content"])} if isinstance(m["content"], list)
-             else m for m in conversation] for conversation in conversations]
+            if isinstance(content, list):
+                text = text_of_parts(content)
+                if text is None:
+                    raise RequestError(f"{where}message #{i}: a list content holds text parts "
+                                       f"only ({{'type': 'text', 'text': ...}}), found "
+                                       f"{_described(content)}")
+                m = {**m, "content": text}
+            messages_out.append(m)
+        checked.append(messages_out)
+    return checked
 
 
 def _as_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
