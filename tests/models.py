@@ -98,6 +98,12 @@ def hf_model(name: str, path: Path) -> Path:
     return save_hf_model(model_cls, config_cls(**{**base, **overrides}), path)
 
 
+def hf_llama(path: Path, **overrides) -> Path:
+    """An HF Llama of ``LLAMA_BASE`` with ``overrides`` (not a variant: for a test that needs
+    one shape, e.g. every input dim a multiple of 64 for INT4's fragment layout)."""
+    return save_hf_model(LlamaForCausalLM, LlamaConfig(**{**LLAMA_BASE, **overrides}), path)
+
+
 def hf_model_with_tokenizer(name: str, path: Path) -> Path:
     """:func:`hf_model` with a tokenizer beside it, so text prompts run: one token per
     printable ASCII character (ids 1-95; 0 is ``<unk>``) and a ``tokenizer_config.json``."""

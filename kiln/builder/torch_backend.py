@@ -28,7 +28,7 @@ from kiln.engine.torch_files import (
     file_metadata,
     file_name,
     pack_tensor,
-    packed_dtype,
+    packed_entry,
 )
 from kiln.plugins.quant_linear.layout import INT4_GROUP_SIZES
 from kiln.roles import parse_tensor, tensor_names
@@ -82,12 +82,12 @@ class TorchBackend(Backend):
         entries, transposed = [], []
         for name in names:
             info = infos[name]
-            packed = packed_dtype(name, info.dtype, dtype, quant)
+            packed, shape = packed_entry(name, info.dtype, info.shape, dtype, quant)
             if packed == dtype and parse_tensor(name)[0] in TRANSPOSED_ROLES:
                 transposed.append(name)
-                entries.append((name, packed, info.shape[::-1]))
-            else:  # an int4 repack keeps the packed [out, in / 2] shape
-                entries.append((name, packed, info.shape))
+                entries.append((name, packed, shape[::-1]))
+            else:  # an int4 weight: [out, in / 2] bytes or [out / 16, in / 64, 32, 4] words
+                entries.append((name, packed, shape))
         out = file_name(part.stem)
         metadata = file_metadata(transposed, quant, part.rank, plan.checkpoint.mapping)
         writer = StreamingWriter(job.out_dir / out, entries, metadata)

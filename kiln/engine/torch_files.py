@@ -20,9 +20,11 @@ Layouts:
   runs unchanged.
 
 Quantized checkpoints (docs/engine.md, "Quantized projections"): a quantized projection's
-weight keeps its stored dtype (float8_e4m3fn or int8 ``[out, in]``), int4 is repacked into the
-kernels' split-group layout (:mod:`kiln.plugins.quant_linear.layout`; the metadata's
-``int4_layout`` names it), and every companion (``weight_scale``, ``input_scale``,
+weight keeps its stored dtype (float8_e4m3fn or int8 ``[out, in]``), int4 is repacked for the
+kernels (:mod:`kiln.plugins.quant_linear.layout`): in 16-bit engines the tensor cores' fragment
+order where the shape and group size allow (int32 words), else the split-group layout (uint8);
+the metadata's ``int4_layout`` says the engine may hold both (``int4_mma_fragments``; files
+of ``int4_split_group`` engines, built before it, hold only uint8 and still load), and every companion (``weight_scale``, ``input_scale``,
 ``pre_quant_scale``, the KV-cache ``k_scale``/``v_scale``) stays float32. Other tensors take
 the engine dtype.
 
@@ -41,7 +43,12 @@ import torch
 
 from kiln.config import DecoderConfig, Mapping
 from kiln.engine.manifest import EngineError
-from kiln.plugins.quant_linear.layout import INT4_LAYOUT, repack_int4
+from kiln.plugins.quant_linear.layout import (
+    INT4_LAYOUT,
+    INT4_LAYOUTS,
+    engine_int4,
+    engine_int4_entry,
+)
 from kiln.quantization.config import QuantConfig
 from kiln.roles import Role, name_mismatch, parse_tensor, quantized_roles, tensor_names
 from kiln.tensorio import read_header, read_tensor
@@ -92,6 +99,18 @@ def packed_dtype(name: str, stored: torch.dtype, dtype: torch.dtype,
     return stored if role in quantized_roles(quant) else dtype
 
 
+def packed_entry(name: str, stored: torch.dtype, shape: tuple[int, ...], dtype: torch.dtype,
+                 quant: QuantConfig | None) -> tuple[torch.dtype, tuple[int, ...]]:
+    """(dtype, shape) ``name`` has in the engine file, not transposed (``stored``, ``shape``:
+    its checkpoint dtype and shape): an int4 weight may become fragment words."""
+    packed = packed_dtype(name, stored, dtype, quant)
+    role, _, kind = parse_tensor(name)
+    if quant is not None and quant.info.weight_dtype == "int4" and kind is None \
+            and role in quantized_roles(quant):
+        return engine_int4_entry(shape, quant.group_size, dtype)
+    return packed, tuple(shape)
+
+
 def pack_tensor(name: str, tensor: torch.Tensor, dtype: torch.dtype,
                 transposed: frozenset[Role] = TRANSPOSED_ROLES,
                 quant: QuantConfig | None = None) -> torch.Tensor:
@@ -101,7 +120,7 @@ def pack_tensor(name: str, tensor: torch.Tensor, dtype: torch.dtype,
     out = tensor.to(packed_dtype(name, tensor.dtype, dtype, quant))
     if quant is not None and kind is None and role in quantized_roles(quant):
         if quant.info.weight_dtype == "int4":
-            out = repack_int4(out, quant.group_size)
+            out = engine_int4(out, quant.group_size, dtype)
         return out.contiguous()
     if role in transposed:
         out = out.t()
@@ -130,9 +149,11 @@ def read_packed(path: Path, device: torch.device, quant: QuantConfig | None = No
                           f"{metadata.get('kiln_torch_format')!r}); rebuild with kiln build "
                           f"--backend torch")
     want = file_metadata((), quant).get("int4_layout")
-    if metadata.get("int4_layout") != want:
-        raise EngineError(f"{path}: int4 layout {metadata.get('int4_layout')!r}, this kiln "
-                          f"reads {want!r}; rebuild with kiln build --backend torch")
+    found = metadata.get("int4_layout")
+    if (want is None) != (found is None) or (found is not None and found not in INT4_LAYOUTS):
+        raise EngineError(f"{path}: int4 layout {found!r}, this kiln reads "
+                          f"{' or '.join(map(repr, INT4_LAYOUTS)) if want else None}; rebuild "
+                          f"with kiln build --backend torch")
     if rank is not None:
         check_rank(path, metadata, rank, mapping or Mapping())
     tensors = {name: read_tensor(info).to(device) for name, info in infos.items()}

@@ -18,6 +18,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from kiln.builder import build
 from kiln.checkpoint import check_tensor_names, load_config
@@ -33,7 +34,9 @@ from kiln.runtime.torch_backend.executor import TorchExecutor
 from kiln.runtime.torch_executor import check_gpu_formats
 from kiln.tensorio import read_header
 from tests.builder.conftest import LIMITS
+from tests.builder.quantized import quantize_checkpoint
 from tests.builder.reference_steps import SCHEDULE, ReferenceSteps
+from tests.models import hf_llama, kiln_checkpoint
 
 TOL = 1e-4
 
@@ -118,9 +121,47 @@ def test_unsupported_group_size_refused_at_build(quantized, tmp_path, monkeypatc
 def test_int4_layout_mismatch_refused_at_load(quantized, tmp_path):
     build(quantized("int4_wo"), tmp_path / "e", backend="torch", **LIMITS)
     quant = read_manifest(tmp_path / "e").quantization
-    with pytest.raises(EngineError, match="int4 layout 'int4_split_group', this kiln reads None"):
+    with pytest.raises(EngineError, match="int4 layout 'int4_mma_fragments', this kiln reads "
+                                          "None"):
         read_packed(tmp_path / "e" / "rank0.safetensors", torch.device("cpu"))
     read_packed(tmp_path / "e" / "rank0.safetensors", torch.device("cpu"), quant)
+
+
+@pytest.fixture(scope="module")
+def int4_g64(tmp_path_factory):
+    """An int4_wo group-64 checkpoint of a Llama whose input dims are multiples of 64 (the
+    fragment layout's chunks): hidden 64, intermediate 128."""
+    root = tmp_path_factory.mktemp("int4-g64")
+    float_ckpt = kiln_checkpoint(hf_llama(root / "hf", intermediate_size=128), root / "float")
+    return quantize_checkpoint(float_ckpt, root / "q", "int4_wo", group_size=64)
+
+
+def test_int4_fragment_layout_changes_no_logit(int4_g64, tmp_path, monkeypatch):
+    """A bfloat16 engine stores its INT4 projections as MMA fragments (int32) and gives the
+    same logits, bit for bit, as the same engine in the split-group layout (the reference
+    kernels dequantize either to the same values); an engine written before the fragment
+    layout (metadata int4_split_group, uint8 weights) still loads and runs."""
+    build(int4_g64, tmp_path / "frag", backend="torch", dtype="bfloat16", **LIMITS)
+    infos, metadata = read_header(tmp_path / "frag" / "rank0.safetensors")
+    assert metadata["int4_layout"] == INT4_LAYOUT == "int4_mma_fragments"
+    for role in ("attn.qkv", "attn.o", "mlp.gate_up", "mlp.down"):
+        assert infos[f"layers.0.{role}.weight"].dtype == torch.int32, role
+    got = run_schedule(open_engine(tmp_path / "frag", ExecutorOptions(device="cpu"))[1])
+
+    monkeypatch.setattr("kiln.plugins.quant_linear.layout.takes_fragments", lambda *a: False)
+    build(int4_g64, tmp_path / "split", backend="torch", dtype="bfloat16", **LIMITS)
+    rank = tmp_path / "split" / "rank0.safetensors"
+    infos, metadata = read_header(rank)
+    assert infos["layers.0.mlp.down.weight"].dtype == torch.uint8
+    old = run_schedule(open_engine(tmp_path / "split", ExecutorOptions(device="cpu"))[1])
+    older = tmp_path / "older.safetensors"  # as written before the fragment layout
+    save_file(load_file(rank), older, metadata={**metadata, "int4_layout": "int4_split_group"})
+    quant = read_manifest(tmp_path / "split").quantization
+    tensors, _ = read_packed(older, torch.device("cpu"), quant)
+    assert tensors["layers.0.mlp.down.weight"].dtype == torch.uint8
+    for a, b in zip(got, old, strict=True):
+        assert np.isfinite(a).all()
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("qformat,kv,refused", [

@@ -29,9 +29,10 @@ from kiln.reference import ReferenceDecoder
 from kiln.runtime.executor import SequenceChunk
 from kiln.runtime.loader import ExecutorOptions, open_engine
 from kiln.runtime.torch_backend.executor import TorchExecutor
+from kiln.tensorio import read_header
 from tests.builder.quantized import quantize_checkpoint
 from tests.builder.reference_steps import SCHEDULE, ReferenceSteps
-from tests.models import hf_model, kiln_checkpoint
+from tests.models import hf_llama, hf_model, kiln_checkpoint
 
 pytestmark = pytest.mark.gpu
 LIMITS = dict(max_batch_size=4, max_input_len=16, max_seq_len=64)
@@ -46,9 +47,11 @@ def float_checkpoint(tmp_path_factory):
     return kiln_checkpoint(hf_model("llama-gqa", root / "hf"), root / "ckpt")
 
 
-def case(float_checkpoint, tmp_path, qformat, kv=None, dtype="bfloat16", **quantize):
+def case(float_checkpoint, tmp_path, qformat, kv=None, dtype="bfloat16", group_size=32,
+         **quantize):
     ckpt = quantize_checkpoint(float_checkpoint, tmp_path / "q", qformat, kv_cache_dtype=kv,
-                               group_size=32 if qformat.startswith("int4") else None, **quantize)
+                               group_size=group_size if qformat.startswith("int4") else None,
+                               **quantize)
     build(ckpt, tmp_path / "e", backend="torch", dtype=dtype, **LIMITS)
     # a small cache: test workers share the GPU (pytest -n), each would take 90% of what is free
     _, executor = open_engine(tmp_path / "e", ExecutorOptions(
@@ -77,6 +80,28 @@ def test_quantized_engine_matches_oracle(float_checkpoint, tmp_path, qformat, dt
     else:
         tol = 6e-2 if qformat in W8A8 else 2e-2
     assert max(errors) <= tol, f"{qformat} {dtype}: relative error per step {errors}"
+
+
+@pytest.fixture(scope="module")
+def float_checkpoint_64(tmp_path_factory):
+    """Every input dim a multiple of 128 (hidden 128, intermediate 256): INT4 group 64 and 128
+    engines in 16 bits store the MMA fragment layout."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    root = tmp_path_factory.mktemp("llama64")
+    return kiln_checkpoint(hf_llama(root / "hf", hidden_size=128, intermediate_size=256),
+                           root / "ckpt")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("group_size", [64, 128])
+def test_int4_fragment_engine_matches_oracle(float_checkpoint_64, tmp_path, group_size, dtype):
+    """The Gluon kernel inside a decode graph (PDL, CUDA graphs), prefill through dequantize +
+    cuBLAS: the weight-only tolerance."""
+    errors = case(float_checkpoint_64, tmp_path, "int4_wo", dtype=dtype, group_size=group_size)
+    infos, _ = read_header(tmp_path / "e" / "rank0.safetensors")
+    assert infos["layers.0.mlp.down.weight"].dtype == torch.int32
+    assert max(errors) <= 2e-2, f"int4 g{group_size} {dtype}: relative error per step {errors}"
 
 
 @pytest.mark.parametrize("kv", ["fp8", "int8"])

@@ -110,6 +110,10 @@ def test_int4_weight_only_reference(group_size, dtype):
     engine = layout.repack_int4(packed, group_size)
     got = ref.int4_weight_only_linear(x, engine, scale, group_size, bias)
     _assert(got, _oracle(x, dequantize_weight(packed, scale, quant), bias), dtype)
+    if group_size in layout.FRAGMENT_GROUP_SIZES:  # the other engine layout: the same output
+        words = layout.engine_int4(packed, group_size, torch.bfloat16)
+        assert words.dtype == torch.int32
+        assert torch.equal(ref.int4_weight_only_linear(x, words, scale, group_size, bias), got)
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
@@ -136,3 +140,41 @@ def test_int4_layout_rejects_group_sizes():
         layout.repack_int4(packed, 16)
     with pytest.raises(ValueError, match="group_size"):
         layout.repack_int4(packed, 64)  # 96 features: not a multiple of 64
+
+
+def test_int4_fragments_hold_each_value_where_the_mma_reads_it():
+    """Nibble b = 4p + 2h + r of word [i, c, lane, j] is row 16i + 8r + g, feature
+    64c + 16t + 4j + 2h + p ((g, t) = divmod(lane, 4)): the m16n8k16 A fragment of lane (g, t)
+    for k-tile j, pair register 2h + r, whose k slots 2t + 8h + p the kernel fills from features
+    16t + 4j + 2h + p of the chunk (layout's docstring), checked value by value."""
+    g = torch.Generator().manual_seed(2)
+    values = torch.randint(-8, 8, (32, 128), generator=g, dtype=torch.int8)
+    words = layout.pack_fragments(values)
+    assert words.dtype == torch.int32 and tuple(words.shape) == (2, 2, 32, 4)
+    for i in range(2):
+        for c in range(2):
+            for lane in range(32):
+                gr, t = divmod(lane, 4)
+                for j in range(4):
+                    word = int(words[i, c, lane, j]) & 0xFFFFFFFF
+                    for b in range(8):
+                        p, h, r = b // 4, (b // 2) % 2, b % 2
+                        nibble = (word >> (4 * b)) & 0xF
+                        want = values[16 * i + 8 * r + gr, 64 * c + 16 * t + 4 * j + 2 * h + p]
+                        assert nibble - 16 * (nibble >= 8) == want
+    assert torch.equal(layout.unpack_fragments(words), values)
+    assert layout.int4_shape(words) == (32, 128)
+
+
+@pytest.mark.parametrize("n,k,group_size,dtype,fragments", [
+    (32, 128, 128, torch.bfloat16, True), (48, 128, 64, torch.float16, True),
+    (32, 128, 128, torch.float32, False),  # float32 engines: no 16-bit MMA operands
+    (32, 128, 32, torch.bfloat16, False),  # a group of 32 splits a 64-feature chunk
+    (24, 128, 64, torch.bfloat16, False)])  # rows not whole 16-row tiles
+def test_engine_int4_picks_the_layout(n, k, group_size, dtype, fragments):
+    g = torch.Generator().manual_seed(3)
+    values = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+    engine = layout.engine_int4(pack_int4(values), group_size, dtype)
+    assert engine.dtype == (torch.int32 if fragments else torch.uint8)
+    assert layout.int4_shape(engine) == (n, k)
+    assert torch.equal(layout.unpack_engine_int4(engine, group_size), values)

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from kiln.plugins.quant_linear import triton_reference as ref
-from kiln.plugins.quant_linear.layout import repack_int4
+from kiln.plugins.quant_linear.layout import engine_int4, repack_int4
 from kiln.quantization.config import QuantConfig
 from kiln.quantization.formats import quantize_weight, scale_from_amax
 from tests.gpu.support import INTERPRET, assert_close, skip_unsupported, triton_device
@@ -51,10 +51,11 @@ def _case(fmt, n, k, m, dtype, device, *, per_channel=True, static=True, bias=Fa
     w = torch.randn(n, k, device=device) / k ** 0.5
     x = (torch.randn(m, k, device=device) * (1 + torch.rand(k, device=device))).to(dtype)
     b = torch.randn(n, device=device).to(dtype) if bias else None
-    if fmt == "int4":
+    if fmt in ("int4", "int4_frag"):  # the split-group or the MMA fragment layout
         packed, scale = quantize_weight(w, QuantConfig("int4_wo", group_size=group_size))
-        return "int4_weight_only_linear", (x, repack_int4(packed, group_size), scale,
-                                           group_size, b)
+        weight = (engine_int4(packed, group_size, torch.bfloat16) if fmt == "int4_frag"
+                  else repack_int4(packed, group_size))
+        return "int4_weight_only_linear", (x, weight, scale, group_size, b)
     if fmt == "int8_wo":
         q, scale = quantize_weight(w, QuantConfig("int8_wo"))
         return "int8_weight_only_linear", (x, q, scale, b)
@@ -169,7 +170,7 @@ def test_int4_matches_reference(bias, dtype, shape, group_size, m):
 
 @pytest.mark.parametrize("m", [1, 16])
 @pytest.mark.parametrize("shape", LLAMA_8B, ids=str)
-@pytest.mark.parametrize("fmt", ["fp8", "int8_sq", "int8_wo", "int4"])
+@pytest.mark.parametrize("fmt", ["fp8", "int8_sq", "int8_wo", "int4", "int4_frag"])
 def test_llama_8b_shapes(fmt, shape, m):
     device = triton_device()
     if device.type == "cpu":
@@ -221,6 +222,77 @@ def test_int4_tensor_core_path(bias, dtype, group_size, m):
     name, args = _case("int4", 200, 4 * group_size, m, dtype, device, bias=bias,
                        group_size=group_size)
     _check(name, args, dtype, path="mma")
+
+
+def _gpu_only():
+    device = triton_device()
+    if device.type == "cpu":
+        pytest.skip("Gluon, inline PTX and tensor cores run on GPUs only")
+    return device
+
+
+@pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 16, 33, 64, 65, 300])
+@pytest.mark.parametrize("group_size", [64, 128])
+@pytest.mark.parametrize("shape", [(128, 512), (48, 1024)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_int4_fragments_match_reference(bias, dtype, shape, group_size, m):
+    """INT4 in the MMA fragment layout: the Gluon kernel up to 64 16-bit tokens (one and several
+    8-token programs, the last partly filled), dequantize + cuBLAS beyond and for float32."""
+    device = _gpu_only()
+    kernels = _kernels()
+    name, args = _case("int4_frag", *shape, m, dtype, device, bias=bias, group_size=group_size)
+    assert args[1].dtype == torch.int32
+    want = "fragments" if dtype != torch.float32 and m <= 64 else "fragments_dequant"
+    assert kernels.fragments_path(args[0]) == want
+    _check(name, args, dtype)
+
+
+@pytest.mark.parametrize("m", [1, 9, 64, 100, 300])
+@pytest.mark.parametrize("path", ["fragments", "fragments_dequant"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_every_fragment_path(path, dtype, m):
+    """Each fragment-layout path at M it is not chosen for (the Gluon kernel up to 300 tokens),
+    208 rows (13 tiles), K of three groups of 128."""
+    _gpu_only()
+    name, args = _case("int4_frag", 208, 384, m, dtype, torch.device("cuda"), bias=True)
+    assert args[1].dtype == torch.int32
+    _check(name, args, dtype, path=path)
+
+
+@pytest.mark.parametrize("m", [1, 8, 20, 64])
+@pytest.mark.parametrize("config,group_size", [
+    ((1, 1), 64), ((2, 1), 64), ((2, 1), 128), ((2, 2), 128), ((4, 4), 128), ((8, 4), 128),
+    ((16, 2), 128)], ids=str)
+def test_int4_fragment_kernel_configs(config, group_size, m):
+    """Every warps x chunks split of a row's 32 chunks (K = 2048) gives the reference's values,
+    at one to eight token tiles; a split that is not whole groups is refused."""
+    device = _gpu_only()
+    kernels = _kernels()
+    name, args = _case("int4_frag", 64, 2048, m, torch.bfloat16, device, bias=True,
+                       group_size=group_size)
+    x, words, scale, group_size, bias = args
+    ws = scale.float().contiguous()
+    got = kernels.PATHS[name]["fragments"](x, words, ws, group_size, bias, config)
+    assert_close(got, ref.int4_weight_only_linear(*args), torch.bfloat16)
+    if group_size == 128:
+        with pytest.raises(ValueError, match="span whole groups of 128"):
+            kernels.PATHS[name]["fragments"](x, words, ws, group_size, bias, (1, 1))
+
+
+def test_int4_fragments_unaligned_rows_are_dequantized():
+    """x rows not 16-byte aligned (a view one column in) cannot feed the Gluon kernel's 16-byte
+    loads: the dequantized path runs them, right."""
+    device = _gpu_only()
+    kernels = _kernels()
+    name, args = _case("int4_frag", 64, 512, 4, torch.bfloat16, device, bias=True,
+                       group_size=64)
+    wide = torch.zeros(4, 513, dtype=torch.bfloat16, device=device)
+    wide[:, 1:] = args[0]
+    x = wide[:, 1:]
+    assert kernels.fragments_path(x) == "fragments_dequant"
+    got = kernels.int4_weight_only_linear(x, *args[1:])
+    assert_close(got, ref.int4_weight_only_linear(*args), torch.bfloat16)
 
 
 @pytest.mark.parametrize("m", [1, 9])

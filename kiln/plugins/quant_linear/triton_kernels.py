@@ -15,6 +15,9 @@ host reads of device values):
   the dot) or fed as is (FP8 and INT8 W8A8: fp8 x fp8 -> f32, int8 x int8 -> exact int32).
   INT4 at 2..16 16-bit tokens has its own tensor-core kernel (``_int4_mma_kernel``: exact
   values from the words in the MMA operand layout, the group scale after each group's dot).
+- INT4 weights in the MMA fragment layout (int32 words; what 16-bit engines store where the
+  shape allows, layout.py) take the Gluon kernel up to 64 tokens (:mod:`.gluon_kernels`) and
+  dequantize + cuBLAS beyond (:func:`fragments_path`).
 - large ``M`` (prefill): cuBLASLt via ``torch._scaled_mm`` (FP8, tensorwise or rowwise scales,
   fast accumulation: see :func:`_scaled_mm`) and ``torch._int_mm`` (INT8 W8A8, plus a Triton
   epilogue), after a Triton kernel quantizes the activations; the weight-only formats stay on
@@ -48,7 +51,7 @@ from kiln.plugins.gemv.triton_epilogue import (
 from kiln.plugins.pdl import enabled as pdl_enabled
 from kiln.plugins.pdl.triton_kernels import prologue
 from kiln.plugins.quant_linear import FP8_TRITON_MAX_M
-from kiln.plugins.quant_linear.layout import check_group_size
+from kiln.plugins.quant_linear.layout import FRAGMENT_GROUP_SIZES, check_group_size, int4_shape
 from kiln.plugins.split_counters import CAPACITY as COUNTER_CAPACITY
 from kiln.plugins.split_counters import split_counters
 
@@ -686,6 +689,49 @@ def dequantize_int4(weight: torch.Tensor, ws: torch.Tensor, group_size: int,
     return out
 
 
+@triton.jit
+def _fragment_values(w_ptr, tile0, c0, n_chunks, R: tl.constexpr, C: tl.constexpr):
+    """int32 values [16 R, 64 C] (rows 16 tile0 .., features 64 c0 ..; ``R`` row tiles and ``C``
+    chunks) of INT4 weights in the fragment layout (layout.py: nibble 4p + 2h + r of word
+    [i, c, 4g + t, j] is row 16i + 8r + g, feature 64c + 16t + 4j + 2h + p): the words loaded
+    contiguously (512 bytes a tile and chunk), their nibbles put in order in registers."""
+    ri = tl.arange(0, R)
+    ci = tl.arange(0, C)
+    li = tl.arange(0, 128)  # 4 lane + j
+    word = (((tile0 + ri)[:, None, None].to(tl.int64) * n_chunks + (c0 + ci)[None, :, None])
+            * 128 + li[None, None, :])
+    w = tl.load(w_ptr + word)  # [R, C, 128]
+    v = (w[:, :, :, None] >> (4 * tl.arange(0, 8))[None, None, None, :]) & 0xF
+    v = tl.reshape((v ^ 8) - 8, [R, C, 8, 4, 4, 2, 2, 2])  # (i, c, g, t, j, p, h, r)
+    v = tl.permute(v, [0, 7, 2, 1, 3, 4, 6, 5])  # (i, r, g, c, t, j, h, p)
+    return tl.reshape(v, [16 * R, 64 * C])
+
+
+@triton.jit
+def _dequant_fragments_kernel(w_ptr, ws_ptr, out_ptr, k, GROUP: tl.constexpr,
+                              R: tl.constexpr, C: tl.constexpr):
+    """out[n, k] = value * its group's scale in out's dtype (fragment-order INT4, for cuBLAS):
+    a program converts R row tiles by C chunks."""
+    tile0 = tl.program_id(0) * R
+    c0 = tl.program_id(1) * C
+    v = _fragment_values(w_ptr, tile0, c0, k // 64, R, C).to(tl.float32)
+    rows = tile0 * 16 + tl.arange(0, 16 * R)
+    cols = c0 * 64 + tl.arange(0, 64 * C)
+    s = tl.load(ws_ptr + rows[:, None].to(tl.int64) * (k // GROUP) + (cols // GROUP)[None, :])
+    out = out_ptr + rows[:, None].to(tl.int64) * k + cols[None, :]
+    tl.store(out, (v * s).to(out_ptr.dtype.element_ty))
+
+
+def dequantize_fragments(words: torch.Tensor, ws: torch.Tensor, group_size: int,
+                         dtype: torch.dtype) -> torch.Tensor:
+    n, k = int4_shape(words)
+    out = torch.empty((n, k), dtype=dtype, device=words.device)
+    chunks = math.gcd(k // 64, 4)
+    _dequant_fragments_kernel[(n // 16, k // 64 // chunks)](
+        words, ws, out, k, GROUP=group_size, R=1, C=chunks, num_warps=4)
+    return out
+
+
 # --------------------------------------------------------------------------- activations
 
 
@@ -813,6 +859,20 @@ def _check_x_weight(fn: str, x: torch.Tensor, weight: torch.Tensor, dtype: torch
     if weight.device != x.device:
         raise ValueError(f"{fn}: x and weight must be on one device, found {x.device} and "
                          f"{weight.device}")
+    return x.shape[0], n, k
+
+
+def _check_x_fragments(fn: str, x: torch.Tensor, words: torch.Tensor,
+                       group_size: int) -> tuple[int, int, int]:
+    """(M, N, K) of an int4 weight in the fragment layout (int32 [N/16, K/64, 32, 4])."""
+    if words.dim() != 4 or tuple(words.shape[2:]) != (32, 4) or not words.is_contiguous():
+        raise ValueError(f"{fn}: an int32 weight is the fragment layout, contiguous "
+                         f"[N/16, K/64, 32, 4], found {tuple(words.shape)}")
+    if group_size not in FRAGMENT_GROUP_SIZES:
+        raise ValueError(f"{fn}: int4 group_size {group_size} in the fragment layout: it holds "
+                         f"group sizes {', '.join(map(str, FRAGMENT_GROUP_SIZES))}")
+    n, k = int4_shape(words)
+    _check_x_weight(fn, x, words.view(n, k // 8), torch.int32, k_per_col=8)
     return x.shape[0], n, k
 
 
@@ -1045,6 +1105,29 @@ def _int4_dequant(x, weight, ws, group_size, bias, config=None):
     return F.linear(x, dequantize_int4(weight, ws, group_size, x.dtype), bias)
 
 
+def _int4_fragments(x, weight, ws, group_size, bias, config=None):
+    return _gluon().int4_fragments_linear(x, weight, ws, group_size, bias, config)
+
+
+def _int4_fragments_dequant(x, weight, ws, group_size, bias, config=None):
+    return F.linear(x, dequantize_fragments(weight, ws, group_size, x.dtype), bias)
+
+
+def gluon_missing() -> str | None:
+    """Why the fragment-layout INT4 kernel cannot run here (None: it can)."""
+    try:
+        _gluon()
+    except ImportError as e:
+        return (f"triton {triton.__version__} has no usable triton.experimental.gluon ({e}); "
+                f"the INT4 fragment kernel was tested with Triton 3.6")
+    return None
+
+
+def _gluon():
+    from kiln.plugins.quant_linear import gluon_kernels  # Gluon: experimental (its docstring)
+    return gluon_kernels
+
+
 # Smallest M where weight-only projections dequantize and call cuBLAS (benchmarks/quant_kernels.py).
 DEQUANT_MIN_M = 256
 
@@ -1054,7 +1137,8 @@ PATHS = {
     "int8_weight_only_linear": {"gemv": _int8_wo_gemv, "triton": _int8_wo_triton,
                                 "dequant": _int8_wo_dequant},
     "int4_weight_only_linear": {"gemv": _int4_gemv, "mma": _int4_mma, "triton": _int4_triton,
-                                "dequant": _int4_dequant},
+                                "dequant": _int4_dequant, "fragments": _int4_fragments,
+                                "fragments_dequant": _int4_fragments_dequant},
 }
 
 
@@ -1145,15 +1229,36 @@ def int4_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale:
                             group_size: int, bias: torch.Tensor | None = None, *,
                             epilogue: Epilogue | None = None) -> torch.Tensor:
     fn = "int4_weight_only_linear"
-    m, n, k = _check_x_weight(fn, x, weight, torch.uint8, k_per_col=2)
-    check_group_size(group_size, k)
+    if weight.dtype == torch.int32:
+        m, n, k = _check_x_fragments(fn, x, weight, group_size)
+    else:
+        m, n, k = _check_x_weight(fn, x, weight, torch.uint8, k_per_col=2)
+        check_group_size(group_size, k)
     if tuple(weight_scale.shape) != (n, k // group_size):
         raise ValueError(f"{fn}: weight_scale must be [{n}, {k // group_size}] (one scale per "
                          f"group of {group_size}), found {tuple(weight_scale.shape)}")
     ws = weight_scale.float().contiguous()
     b = _vector(fn, "bias", bias, (n,))
-    return _run(x, n, int4_path(m, x.dtype, group_size, n, k), fn, weight, ws, group_size, b,
-                epilogue=epilogue)
+    path = (fragments_path(x) if weight.dtype == torch.int32
+            else int4_path(m, x.dtype, group_size, n, k))
+    return _run(x, n, path, fn, weight, ws, group_size, b, epilogue=epilogue)
+
+
+def fragments_path(x: torch.Tensor) -> str:
+    """INT4 weights in the fragment layout: the Gluon kernel for up to 64 16-bit tokens whose
+    rows are 16-byte aligned (its loads), dequantized once + cuBLAS otherwise. H200, Llama-
+    3.1-8B's four projections, us (issue12_twenty_seventh_session/run1 and run2): at 1 token
+    46.0 vs the split-group layout's 59.6; at 64, 266 vs 222 (each 8-token program reads the
+    weights); dequantized at 128 tokens 312 vs 469."""
+    m = x.shape[0]
+    if (x.dtype != torch.float32 and m <= FRAGMENTS_MAX_M and x.stride(0) % 8 == 0
+            and x.data_ptr() % 16 == 0):
+        return "fragments"
+    return "fragments_dequant"
+
+
+# Largest M on the Gluon kernel (beyond, dequantize + cuBLAS; fragments_path)
+FRAGMENTS_MAX_M = 64
 
 
 def int4_path(m: int, dtype: torch.dtype, group_size: int, n: int = 0, k: int = 0) -> str:

@@ -28,7 +28,9 @@ the caller multiplies the input first, as the reference decoder does.
 - ``int8_weight_only_linear(x, weight, weight_scale, bias=None)``: W8A16.
   ``y = x @ (weight * weight_scale[:, None]).T``.
 - ``int4_weight_only_linear(x, weight, weight_scale, group_size, bias=None)``: W4A16.
-  ``weight`` uint8 [N, K/2] in the split-group layout, ``weight_scale`` [N, K / group_size];
+  ``weight`` uint8 [N, K/2] in the split-group layout or int32 [N/16, K/64, 32, 4] in the MMA
+  fragment layout (:mod:`kiln.plugins.quant_linear.layout`), ``weight_scale``
+  [N, K / group_size];
   ``y = x @ (values * scale of the value's group).T``.
 
 Each takes a keyword ``epilogue`` (:mod:`kiln.plugins.gemv.epilogue`: silu * up, or rotary
@@ -52,7 +54,7 @@ import torch.nn.functional as F
 
 from kiln.plugins.gemv.epilogue import Epilogue
 from kiln.plugins.quant_linear import FP8_TRITON_MAX_M
-from kiln.plugins.quant_linear.layout import unpack_split_int4
+from kiln.plugins.quant_linear.layout import unpack_engine_int4
 
 FP8_MAX = 448.0
 INT8_MAX = 127.0
@@ -134,6 +136,6 @@ def int8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale:
 def int4_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                             group_size: int, bias: torch.Tensor | None = None, *,
                             epilogue: Epilogue | None = None) -> torch.Tensor:
-    values = unpack_split_int4(weight, group_size).float()
+    values = unpack_engine_int4(weight, group_size).float()  # either engine layout
     w = values * weight_scale.float().repeat_interleave(group_size, dim=1)
     return _finish(F.linear(x.float(), w), bias, x.dtype, epilogue)

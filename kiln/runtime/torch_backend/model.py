@@ -189,8 +189,20 @@ def quant_linear(quant: QuantConfig, kernels: KernelSet, tensors: dict[str, torc
     elif quant.info.weight_dtype == "int8":
         kernel, scales = kernels.int8_weight_only_linear, (weight_scale,)
     else:
+        if weight.dtype == torch.int32 and kernels.name == "triton":
+            _check_fragment_kernel()
         kernel, scales = kernels.int4_weight_only_linear, (weight_scale, quant.group_size)
     return QuantLinear(kernel, weight, scales, bias, pre_quant_scale, dtype)
+
+
+def _check_fragment_kernel() -> None:
+    """INT4 weights in the MMA fragment layout run on a Gluon kernel (experimental in Triton):
+    refuse the engine here, in one line, where it cannot load."""
+    from kiln.plugins.quant_linear.triton_kernels import gluon_missing
+    if (why := gluon_missing()) is not None:
+        raise ConfigError(f"this engine's INT4 weights are in the tensor-core fragment layout, "
+                          f"whose kernel cannot run here: {why}; pip install triton==3.6.0, or "
+                          f"run with kernels='reference'")
 
 
 @dataclass

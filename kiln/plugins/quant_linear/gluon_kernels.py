@@ -1,0 +1,295 @@
+"""The INT4 weight-only projection for a few tokens, in Gluon (Triton's explicit-layout dialect):
+weights in the MMA fragment order (:mod:`kiln.plugins.quant_linear.layout`, the Marlin idea),
+loaded straight into registers, no shared memory.
+
+Why: the Triton tensor-core kernel (``_int4_mma_kernel``) stages its weights through shared
+memory and is latency-bound at one token (ncu on an H100: 1.7 warps a scheduler, 62% of DRAM).
+Here each thread loads its own A fragments, 16 bytes per 64 features of a 16-row tile, converts
+them in registers (the LOP3 + FMA of ``triton_kernels._int4_words_to_halves``, exact) and feeds
+four chained ``mma.sync`` m16n8k16 per chunk (inline PTX). Alone on an H200 at one token, Llama-
+3.1-8B's four projections took ~45 us a layer against ~60 (benchmarks/GPU_NOTES.md, twenty-
+sixth session).
+
+- A program owns a 16-row tile and 8 tokens (grid: token tiles x row tiles, the token tiles of
+  one row tile launched together so that its weights come from L2 after the first; the
+  callers take it to 64 tokens); its ``W`` warps split the row's 64-feature chunks, ``U``
+  consecutive chunks per warp and iteration, and add up through shared memory at the end.
+- Each chunk: its four words to exact 16-bit pairs, four chained MMAs from a zero
+  accumulator, the float32 result times the group's scale added to the running sums (group
+  sizes 64 and 128: a chunk lies in one group).
+- The next iteration's words, activations and scales are loaded before this one's arithmetic;
+  under PDL the first words and scales before the wait for the kernel before.
+
+Gluon is experimental in Triton (its API moves between releases); this module is imported only
+where the torch engine holds fragment weights, and the runtime refuses such an engine in one
+line where ``triton.experimental.gluon`` is missing (``triton_kernels.gluon_missing``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+
+from kiln.plugins.pdl import enabled as pdl_enabled
+
+TOKENS = 8  # a program's token tile: the MMA's n8 side
+
+
+def _mma_chain_asm(bf16: bool) -> str:
+    """PTX: four words ($4..$7, k-tiles j = 0..3 of a chunk) -> exact 16-bit pairs (nibbles 4r
+    and 16 + 4r of pair register r: the magic 128.0 / 1024.0 plus 8 in the nibble, minus 136 /
+    1032), four chained m16n8k16 MMAs with the activation pairs ($8 + 2j, $9 + 2j) from a zero
+    accumulator; outputs the four float32 sums."""
+    magic, one, neg, kind = (("0x43084308", "0x3F803F80", "0xC308C308", "bf16") if bf16 else
+                             ("0x64086408", "0x3C003C00", "0xE408E408", "f16"))
+    lines = [f"mov.b32 c, {magic};", f"mov.b32 one, {one};", f"mov.b32 neg, {neg};"]
+    lines += [f"mov.f32 d{i}, 0f00000000;" for i in range(4)]
+    for j in range(4):
+        w = f"${4 + j}"
+        lines.append(f"lop3.b32 a0, {w}, 0x000F000F, c, 0x6A;")
+        for r in (1, 2, 3):
+            lines += [f"shr.u32 u, {w}, {4 * r};", f"lop3.b32 a{r}, u, 0x000F000F, c, 0x6A;"]
+        lines += [f"fma.rn.{kind}x2 a{r}, a{r}, one, neg;" for r in range(4)]
+        lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32 {{d0, d1, d2, d3}}, "
+                     f"{{a0, a1, a2, a3}}, {{${8 + 2 * j}, ${9 + 2 * j}}}, {{d0, d1, d2, d3}};")
+    lines += [f"mov.b32 ${i}, d{i};" for i in range(4)]
+    return ("{\n.reg .b32 c, one, neg, u, a0, a1, a2, a3;\n.reg .f32 d0, d1, d2, d3;\n"
+            + "\n".join(lines) + "\n}")
+
+
+_MMA_BF16 = gl.constexpr(_mma_chain_asm(True))
+_MMA_F16 = gl.constexpr(_mma_chain_asm(False))
+
+
+@gluon.jit
+def _split4(t, W: gl.constexpr, S: gl.constexpr):
+    """[W, 32, 4] held whole by each thread -> its four [W, 32] slices, in order, in layout S
+    (register renaming only: the conversions are asserted trivial)."""
+    e, o = gl.split(gl.reshape(t, [W, 32, 2, 2]))  # j = 2a + b: b = 0 -> (0, 2), 1 -> (1, 3)
+    t0, t2 = gl.split(e)
+    t1, t3 = gl.split(o)
+    return (gl.convert_layout(t0, S, assert_trivial=True),
+            gl.convert_layout(t1, S, assert_trivial=True),
+            gl.convert_layout(t2, S, assert_trivial=True),
+            gl.convert_layout(t3, S, assert_trivial=True))
+
+
+@gluon.jit
+def _chunk(acc0, acc1, acc2, acc3, wv, xv, s_lo, s_hi, W: gl.constexpr, S: gl.constexpr,
+           BF16: gl.constexpr):
+    """The running sums plus one chunk's four k-tiles, scaled by their group's scales."""
+    w0, w1, w2, w3 = _split4(wv, W, S)
+    xe, xo = gl.split(gl.reshape(xv, [W, 32, 4, 2]))  # pair e = 2j + h: h = 0 / 1
+    x0, x2, x4, x6 = _split4(xe, W, S)
+    x1, x3, x5, x7 = _split4(xo, W, S)
+    d0, d1, d2, d3 = gl.inline_asm_elementwise(
+        _MMA_BF16 if BF16 else _MMA_F16, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r",
+        [w0, w1, w2, w3, x0, x1, x2, x3, x4, x5, x6, x7], dtype=(gl.float32,) * 4,
+        is_pure=True, pack=1)
+    return acc0 + d0 * s_lo, acc1 + d1 * s_lo, acc2 + d2 * s_hi, acc3 + d3 * s_hi
+
+
+@gluon.jit
+def _split_u(t, U: gl.constexpr, AXIS: gl.constexpr):
+    """[..., U] (held by each thread; U = 1, 2 or 4) -> its slices along the last dim, AXIS."""
+    if U == 1:
+        t0 = gl.sum(t, axis=AXIS)  # one element: the slice itself
+        return t0, t0, t0, t0
+    elif U == 2:
+        t0, t1 = gl.split(t)
+        return t0, t1, t0, t1
+    else:
+        e, o = gl.split(gl.reshape(t, t.shape[:-1] + [2, 2]))  # u = 2a + b
+        t0, t2 = gl.split(e)
+        t1, t3 = gl.split(o)
+        return t0, t1, t2, t3
+
+
+@gluon.jit
+def _chunks(acc0, acc1, acc2, acc3, wv, xv, slo, shi, W: gl.constexpr, U: gl.constexpr,
+            L3: gl.constexpr, L3X: gl.constexpr, S3: gl.constexpr, BF16: gl.constexpr):
+    """The running sums plus U chunks ([W, 32, 4, U] words, [W, 32, 8, U] activation pairs,
+    [W, 32, U] scales)."""
+    w0, w1, w2, w3 = _split_u(wv, U, 3)
+    x0, x1, x2, x3 = _split_u(xv, U, 3)
+    l0, l1, l2, l3 = _split_u(slo, U, 2)
+    h0, h1, h2, h3 = _split_u(shi, U, 2)
+    acc0, acc1, acc2, acc3 = _chunk(acc0, acc1, acc2, acc3, gl.convert_layout(w0, L3),
+                                    gl.convert_layout(x0, L3X), gl.convert_layout(l0, S3),
+                                    gl.convert_layout(h0, S3), W, S3, BF16)
+    if U >= 2:
+        acc0, acc1, acc2, acc3 = _chunk(acc0, acc1, acc2, acc3, gl.convert_layout(w1, L3),
+                                        gl.convert_layout(x1, L3X), gl.convert_layout(l1, S3),
+                                        gl.convert_layout(h1, S3), W, S3, BF16)
+    if U == 4:
+        acc0, acc1, acc2, acc3 = _chunk(acc0, acc1, acc2, acc3, gl.convert_layout(w2, L3),
+                                        gl.convert_layout(x2, L3X), gl.convert_layout(l2, S3),
+                                        gl.convert_layout(h2, S3), W, S3, BF16)
+        acc0, acc1, acc2, acc3 = _chunk(acc0, acc1, acc2, acc3, gl.convert_layout(w3, L3),
+                                        gl.convert_layout(x3, L3X), gl.convert_layout(l3, S3),
+                                        gl.convert_layout(h3, S3), W, S3, BF16)
+    return acc0, acc1, acc2, acc3
+
+
+@gluon.jit
+def _store_sums(y_ptr, b_ptr, acc0, acc1, acc2, acc3, tile, m, stride_ym,
+                HAS_BIAS: gl.constexpr):
+    """The warps' running sums ([W, 32] each) added up, plus the bias, stored: lane (g, t) holds
+    tokens 2t, 2t + 1 of rows g (acc0, acc1) and g + 8 (acc2, acc3) of the tile (the D
+    fragment); ``m``: the tokens left from this token tile on."""
+    y0 = gl.sum(acc0, axis=0)
+    y1 = gl.sum(acc1, axis=0)
+    y2 = gl.sum(acc2, axis=0)
+    y3 = gl.sum(acc3, axis=0)
+    lo = gl.arange(0, 32, layout=y0.type.layout)
+    row = tile * 16 + lo // 4
+    if HAS_BIAS:
+        b_lo = gl.load(b_ptr + row).to(gl.float32)
+        b_hi = gl.load(b_ptr + row + 8).to(gl.float32)
+        y0 += b_lo
+        y1 += b_lo
+        y2 += b_hi
+        y3 += b_hi
+    t2 = (lo % 4) * 2
+    out = y_ptr + t2 * stride_ym + row
+    gl.store(out, y0.to(y_ptr.dtype.element_ty), mask=t2 < m)
+    gl.store(out + stride_ym, y1.to(y_ptr.dtype.element_ty), mask=t2 + 1 < m)
+    gl.store(out + 8, y2.to(y_ptr.dtype.element_ty), mask=t2 < m)
+    gl.store(out + stride_ym + 8, y3.to(y_ptr.dtype.element_ty), mask=t2 + 1 < m)
+
+
+# m is not specialized: a step's token count is any number (see triton_kernels' _int4_mma_kernel)
+@gluon.jit(do_not_specialize=["m"])
+def _int4_fragments_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, m, k, stride_x32, stride_ym,
+                           GROUP: gl.constexpr, W: gl.constexpr, U: gl.constexpr,
+                           BF16: gl.constexpr, HAS_BIAS: gl.constexpr, PDL: gl.constexpr):
+    L4: gl.constexpr = gl.BlockedLayout([1, 1, 4, U], [1, 32, 1, 1], [W, 1, 1, 1], [2, 3, 1, 0])
+    L4X: gl.constexpr = gl.BlockedLayout([1, 1, 8, U], [1, 32, 1, 1], [W, 1, 1, 1],
+                                         [2, 3, 1, 0])
+    L3: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 32, 1], [W, 1, 1], [2, 1, 0])
+    L3X: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 32, 1], [W, 1, 1], [2, 1, 0])
+    L3S: gl.constexpr = gl.BlockedLayout([1, 1, U], [1, 32, 1], [W, 1, 1], [2, 1, 0])
+    S3: gl.constexpr = gl.SliceLayout(2, L3)  # [W, 32]
+    token0 = gl.program_id(0) * 8
+    tile = gl.program_id(1)
+    m_left = m - token0
+    n_chunks = k // 64
+    n_groups = k // GROUP
+    n_iter = n_chunks // (U * W)
+
+    # [W, 32, 4, U] words: warp w, lane, k-tile j, chunk U w + u
+    wi = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, L4))))
+    li = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, L4))))
+    ji = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, L4))))
+    ui = gl.arange(0, U, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L4))))
+    w_at = (w_ptr.to(gl.pointer_type(gl.int32)) + tile.to(gl.int64) * (n_chunks * 128)
+            + gl.expand_dims(gl.expand_dims(gl.expand_dims(wi * (128 * U), 1)
+                                            + gl.expand_dims(li * 4, 0), 2)
+                             + gl.expand_dims(gl.expand_dims(ji, 0), 1), 3)
+            + gl.expand_dims(gl.expand_dims(gl.expand_dims(ui * 128, 0), 1), 2))
+
+    # [W, 32, 8, U] activation pairs: lane (g, t), chunk U w + u: token g's features
+    # 64 (U w + u) + 16t .. + 16 (16-bit pairs read as int32)
+    wx = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, L4X))))
+    lx = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, L4X))))
+    ex = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, L4X))))
+    ux = gl.arange(0, U, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L4X))))
+    tok = lx // 4
+    x_at = (x_ptr.to(gl.pointer_type(gl.int32)) + token0.to(gl.int64) * stride_x32
+            + gl.expand_dims(gl.expand_dims(gl.expand_dims(wx * (32 * U), 1)
+                                            + gl.expand_dims(tok * stride_x32 + (lx % 4) * 8, 0),
+                                            2)
+                             + gl.expand_dims(gl.expand_dims(ex, 0), 1), 3)
+            + gl.expand_dims(gl.expand_dims(gl.expand_dims(ux * 32, 0), 1), 2))
+    x_ok = (gl.expand_dims(gl.expand_dims(gl.expand_dims(wx >= 0, 1)
+                                          & gl.expand_dims(tok < m_left, 0), 2)
+                           & gl.expand_dims(gl.expand_dims(ex >= 0, 0), 1), 3)
+            & gl.expand_dims(gl.expand_dims(gl.expand_dims(ux >= 0, 0), 1), 2))
+
+    # [W, 32, U] scales of rows g (and, + 8 n_groups, g + 8) for chunks U w + u
+    ws_ = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3S)))
+    ls_ = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3S)))
+    us_ = gl.arange(0, U, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3S)))
+    rows = tile * 16 + ls_ // 4
+    s_at = (ws_ptr + gl.expand_dims(gl.expand_dims(rows.to(gl.int64) * n_groups, 0), 2)
+            + gl.expand_dims(gl.expand_dims((ws_ * (64 * U)) // GROUP, 1), 2)
+            + gl.expand_dims(gl.expand_dims((us_ * 64) // GROUP, 0), 1))
+    S_STEP: gl.constexpr = W * U * 64 // GROUP  # whole groups: fragments_config's W and U
+    gl.static_assert(S_STEP * GROUP == W * U * 64)
+
+    acc0 = gl.zeros([W, 32], gl.float32, S3)
+    acc1 = gl.zeros([W, 32], gl.float32, S3)
+    acc2 = gl.zeros([W, 32], gl.float32, S3)
+    acc3 = gl.zeros([W, 32], gl.float32, S3)
+    wv = gl.load(w_at)
+    slo = gl.load(s_at)
+    shi = gl.load(s_at + 8 * n_groups)
+    if PDL:  # griddepcontrol (triton.language.extra.cuda.gdc_wait's PTX): x is the kernel
+        # before's output; the weights and scales are not
+        gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [],
+                                  dtype=gl.int32, is_pure=False, pack=1)
+    xv = gl.load(x_at, mask=x_ok, other=0)
+    for _ in range(n_iter - 1):  # the next chunks' loads before these ones' arithmetic
+        w_at += W * U * 128
+        x_at += W * U * 32
+        s_at += S_STEP
+        wv_next = gl.load(w_at)
+        xv_next = gl.load(x_at, mask=x_ok, other=0)
+        slo_next = gl.load(s_at)
+        shi_next = gl.load(s_at + 8 * n_groups)
+        acc0, acc1, acc2, acc3 = _chunks(acc0, acc1, acc2, acc3, wv, xv, slo, shi,
+                                         W, U, L3, L3X, S3, BF16)
+        wv = wv_next
+        xv = xv_next
+        slo = slo_next
+        shi = shi_next
+    acc0, acc1, acc2, acc3 = _chunks(acc0, acc1, acc2, acc3, wv, xv, slo, shi, W, U, L3, L3X,
+                                     S3, BF16)
+
+    _store_sums(y_ptr + token0.to(gl.int64) * stride_ym, b_ptr, acc0, acc1, acc2, acc3, tile,
+                m_left, stride_ym, HAS_BIAS)
+
+
+def fragments_config(n: int, k: int, group_size: int) -> tuple[int, int]:
+    """(warps W, chunks per warp and iteration U) for an ``[n, k]`` weight: ``W * U`` divides
+    the row's ``k / 64`` chunks and spans whole groups (a step of the scales' pointer). H200
+    sweeps at one token (Llama-3.1-8B shapes, group 128, us; int4_gluon.json of the twenty-
+    sixth session): gate_up 2 x 2 21.4, qkv 4 x 4 6.8, o and down 8 x 4 5.6 and 11.6."""
+    warps, chunks = (2, 2) if n >= 4 * k else (4, 4) if n > k else (8, 4)
+    per_group = group_size // 64
+    while (k // 64) % (warps * chunks) or (warps * chunks) % per_group:
+        if chunks > 1 and (k // 64) % (warps * chunks):
+            chunks //= 2
+        elif warps > 1 and (k // 64) % (warps * chunks):
+            warps //= 2
+        else:  # W U is one chunk of a two-chunk group: k / 64 is even, so two fit
+            chunks *= 2
+    return warps, chunks
+
+
+def int4_fragments_linear(x: torch.Tensor, words: torch.Tensor, ws: torch.Tensor,
+                          group_size: int, bias: torch.Tensor | None,
+                          config: tuple[int, int] | None = None) -> torch.Tensor:
+    """``x [M, K] @ W^T`` (+ bias) for 16-bit tokens whose rows are 16-byte aligned (a program
+    per 8 tokens, each reading the weights), W in the fragment layout (int32 ``[N / 16, K / 64, 32, 4]``) with float32 group scales
+    ``ws [N, K / group_size]``; ``config``: (W, U) (default :func:`fragments_config`)."""
+    m, k = x.shape
+    n = 16 * words.shape[0]
+    warps, chunks = config or fragments_config(n, k, group_size)
+    if (k // 64) % (warps * chunks) or (warps * chunks * 64) % group_size:
+        raise ValueError(f"int4 fragment kernel: {warps} warps x {chunks} chunks must divide "
+                         f"the {k // 64} chunks of 64 features and span whole groups of "
+                         f"{group_size}")
+    if n // 16 > 65535:  # the grid's second dimension
+        raise ValueError(f"int4 fragment kernel: {n} output rows, at most {16 * 65535}")
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    pdl = pdl_enabled(x.device)
+    _int4_fragments_kernel[(triton.cdiv(m, TOKENS), n // 16)](
+        x, words, ws, bias if bias is not None else ws, y, m, k, x.stride(0) // 2, y.stride(0),
+        GROUP=group_size, W=warps, U=chunks, BF16=x.dtype == torch.bfloat16,
+        HAS_BIAS=bias is not None, PDL=pdl, num_warps=warps, launch_pdl=pdl)
+    return y
