@@ -24,9 +24,9 @@ weight keeps its stored dtype (float8_e4m3fn or int8 ``[out, in]``), int4 is rep
 kernels (:mod:`kiln.plugins.quant_linear.layout`): in 16-bit engines the tensor cores' fragment
 order where the shape and group size allow (int32 words), else the split-group layout (uint8);
 the metadata's ``int4_layout`` says the engine may hold both (``int4_mma_fragments``; files
-of ``int4_split_group`` engines, built before it, hold only uint8 and still load), and every companion (``weight_scale``, ``input_scale``,
-``pre_quant_scale``, the KV-cache ``k_scale``/``v_scale``) stays float32. Other tensors take
-the engine dtype.
+of ``int4_split_group`` engines, built before it, hold only uint8 and still load), and every
+companion (``weight_scale``, ``input_scale``, ``pre_quant_scale``, the KV-cache
+``k_scale``/``v_scale``) stays float32. Other tensors take the engine dtype.
 
 Tensor/pipeline-parallel engines: ``rank{N}`` files hold rank N's checkpoint shards (its
 stage's layers, the embedding on the first stage, the final norm and lm_head on the last),

@@ -275,8 +275,9 @@ def int4_fragments_linear(x: torch.Tensor, words: torch.Tensor, ws: torch.Tensor
                           group_size: int, bias: torch.Tensor | None,
                           config: tuple[int, int] | None = None) -> torch.Tensor:
     """``x [M, K] @ W^T`` (+ bias) for 16-bit tokens whose rows are 16-byte aligned (a program
-    per 8 tokens, each reading the weights), W in the fragment layout (int32 ``[N / 16, K / 64, 32, 4]``) with float32 group scales
-    ``ws [N, K / group_size]``; ``config``: (W, U) (default :func:`fragments_config`)."""
+    per 8 tokens, each reading the weights), W in the fragment layout (int32
+    ``[N / 16, K / 64, 32, 4]``) with float32 group scales ``ws [N, K / group_size]``;
+    ``config``: (W, U) (default :func:`fragments_config`)."""
     m, k = x.shape
     n = 16 * words.shape[0]
     warps, chunks = config or fragments_config(n, k, group_size)
