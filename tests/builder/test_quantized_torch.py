@@ -347,3 +347,31 @@ def test_fp8_inputs_quantized_by_the_kernel_before_them(quantized, tmp_path, mon
     steps = ReferenceSteps(ReferenceDecoder.from_checkpoint(ckpt))
     want = steps.step([(s, prompts[s], 0) for s in range(3)])
     np.testing.assert_allclose(fused[0].numpy(), want, atol=TOL, rtol=0)
+
+
+def test_fragment_weights_refused_where_gluon_is_missing(int4_g64, tmp_path, monkeypatch):
+    """Triton kernels without a usable triton.experimental.gluon (simulated: no triton on this
+    CPU machine) cannot run fragment weights: one line at load, naming what to do."""
+    import dataclasses
+    import sys
+    import types
+
+    from kiln.errors import ConfigError
+    from kiln.roles import Role
+    from kiln.runtime.torch_backend.kernels import load_kernels
+    from kiln.runtime.torch_backend.model import quant_linear
+
+    build(int4_g64, tmp_path / "e", backend="torch", dtype="bfloat16", **LIMITS)
+    quant = read_manifest(tmp_path / "e").quantization
+    tensors, _ = read_packed(tmp_path / "e" / "rank0.safetensors", torch.device("cpu"), quant)
+    fake = types.ModuleType("kiln.plugins.quant_linear.triton_kernels")
+    fake.gluon_missing = lambda: "triton 9.9 has no usable triton.experimental.gluon (x)"
+    monkeypatch.setitem(sys.modules, "kiln.plugins.quant_linear.triton_kernels", fake)
+    triton_set = dataclasses.replace(load_kernels("reference", torch.device("cpu")),
+                                     name="triton")
+    with pytest.raises(ConfigError, match=r"^this engine's INT4 weights are in the tensor-core "
+                                          r"fragment layout, whose kernel cannot run here: "
+                                          r"triton 9.9 has no .*; pip install triton==3.6.0"):
+        quant_linear(quant, triton_set, tensors, Role.DOWN, 0, None, torch.bfloat16)
+    fake.gluon_missing = lambda: None
+    quant_linear(quant, triton_set, tensors, Role.DOWN, 0, None, torch.bfloat16)
