@@ -33,6 +33,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 from kiln.plugins.pdl import enabled as pdl_enabled
+from kiln.plugins.quant_linear.triton_kernels import INT4_PAIR_CONSTANTS
 
 TOKENS = 8  # a program's token tile: the MMA's n8 side
 
@@ -42,8 +43,8 @@ def _mma_chain_asm(bf16: bool) -> str:
     and 16 + 4r of pair register r: the magic 128.0 / 1024.0 plus 8 in the nibble, minus 136 /
     1032), four chained m16n8k16 MMAs with the activation pairs ($8 + 2j, $9 + 2j) from a zero
     accumulator; outputs the four float32 sums."""
-    magic, one, neg, kind = (("0x43084308", "0x3F803F80", "0xC308C308", "bf16") if bf16 else
-                             ("0x64086408", "0x3C003C00", "0xE408E408", "f16"))
+    kind = "bf16" if bf16 else "f16"
+    magic, one, neg = INT4_PAIR_CONSTANTS[kind]
     lines = [f"mov.b32 c, {magic};", f"mov.b32 one, {one};", f"mov.b32 neg, {neg};"]
     lines += [f"mov.f32 d{i}, 0f00000000;" for i in range(4)]
     for j in range(4):

@@ -430,8 +430,12 @@ def _int4_pairs_asm(magic: str, one: str, minus_offset: str, fma: str) -> tl.con
     return tl.constexpr("{ .reg .b32 c, one, neg, u, d0, d1, d2, d3;\n" + "\n".join(lines) + "\n}")
 
 
-_INT4_TO_BF16 = _int4_pairs_asm("0x43084308", "0x3F803F80", "0xC308C308", "fma.rn.bf16x2")
-_INT4_TO_F16 = _int4_pairs_asm("0x64086408", "0x3C003C00", "0xE408E408", "fma.rn.f16x2")
+# (magic, one, minus offset) of the int4 -> 16-bit pair conversion, per type (also the Gluon
+# kernel's, gluon_kernels)
+INT4_PAIR_CONSTANTS = {"bf16": ("0x43084308", "0x3F803F80", "0xC308C308"),
+                       "f16": ("0x64086408", "0x3C003C00", "0xE408E408")}
+_INT4_TO_BF16 = _int4_pairs_asm(*INT4_PAIR_CONSTANTS["bf16"], "fma.rn.bf16x2")
+_INT4_TO_F16 = _int4_pairs_asm(*INT4_PAIR_CONSTANTS["f16"], "fma.rn.f16x2")
 
 
 @triton.jit
