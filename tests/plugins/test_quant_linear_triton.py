@@ -237,8 +237,9 @@ def _gpu_only():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 def test_int4_fragments_match_reference(bias, dtype, shape, group_size, m):
-    """INT4 in the MMA fragment layout: the Gluon kernel up to 64 16-bit tokens (one and several
-    8-token programs, the last partly filled), dequantize + cuBLAS beyond and for float32."""
+    """INT4 in the MMA fragment layout: the Gluon kernel up to 64 16-bit tokens (one to eight
+    8-token tiles a program, the last partly filled), dequantize + cuBLAS beyond and for
+    float32."""
     device = _gpu_only()
     kernels = _kernels()
     name, args = _case("int4_frag", *shape, m, dtype, device, bias=bias, group_size=group_size)

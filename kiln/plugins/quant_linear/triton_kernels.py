@@ -1250,10 +1250,11 @@ def int4_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale:
 
 def fragments_path(x: torch.Tensor) -> str:
     """INT4 weights in the fragment layout: the Gluon kernel for up to 64 16-bit tokens whose
-    rows are 16-byte aligned (its loads), dequantized once + cuBLAS otherwise. H200, Llama-
-    3.1-8B's four projections, us (issue12_twenty_seventh_session/run1 and run2): at 1 token
-    46.0 vs the split-group layout's 59.6; at 64, 266 vs 222 (each 8-token program reads the
-    weights); dequantized at 128 tokens 312 vs 469."""
+    rows are 16-byte aligned (its loads), dequantized once + cuBLAS otherwise. Llama-3.1-8B's
+    four projections, us, against the split-group layout (H200, issue12_twenty_seventh_session;
+    H100 with up to eight token tiles a program, issue12_twenty_eighth_session): 1 token 46.0
+    vs 59.6 (H100 50.1 vs 66.5), 16 tokens 67.7 vs 76.8, 32 129 vs 193, 64 271 vs 220 (H100);
+    dequantized at 128 tokens 394 vs 456 (H100), where the Gluon kernel took 477."""
     m = x.shape[0]
     if (x.dtype != torch.float32 and m <= FRAGMENTS_MAX_M and x.stride(0) % 8 == 0
             and x.data_ptr() % 16 == 0):
