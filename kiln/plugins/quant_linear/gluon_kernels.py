@@ -77,7 +77,7 @@ _MMA_CONSTRAINTS = gl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 24))  # 4 sums
 @gluon.jit
 def _split4(t):
     """[..., 4] held whole by each thread -> its four [...] slices, in order."""
-    e, o = gl.split(gl.reshape(t, t.shape[:-1] + [2, 2]))  # j = 2a + b: b = 0 -> (0, 2), 1 -> (1, 3)
+    e, o = gl.split(gl.reshape(t, t.shape[:-1] + [2, 2]))  # j = 2a + b: b 0 -> (0, 2), 1 -> (1, 3)
     t0, t2 = gl.split(e)
     t1, t3 = gl.split(o)
     return t0, t1, t2, t3
@@ -215,11 +215,14 @@ def _int4_fragments_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, m, k, stride_x32,
 
     # [W, 32, T, 8, U] activation pairs: lane (g, t), token tile tt, chunk U w + u: token
     # 8 tt + g's features 64 (U w + u) + 16t .. + 16 (16-bit pairs read as int32)
-    D0: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, L5X))))
-    D1: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, L5X))))
-    D2: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, gl.SliceLayout(4, L5X))))
-    D3: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(4, L5X))))
-    D4: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, L5X))))
+    X4: gl.constexpr = gl.SliceLayout(4, L5X)  # the 1-D layouts of the five axes
+    X43: gl.constexpr = gl.SliceLayout(3, X4)
+    D0: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, X43))
+    D1: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, X43))
+    D2: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, X43))
+    D3: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, X4)))
+    X3: gl.constexpr = gl.SliceLayout(3, L5X)
+    D4: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, X3)))
     wx = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(
         gl.arange(0, W, layout=D0), 1), 2), 3), 4)
     lx = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(
