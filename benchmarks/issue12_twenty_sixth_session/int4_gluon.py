@@ -61,19 +61,20 @@ def int4_frag(x: torch.Tensor, words: torch.Tensor, ws: torch.Tensor, group: int
     return int4_fragments_linear(x, words, ws, group, None, (warps, chunks))
 
 
-def compile_only(warps: int, group: int, chunks: int, tiles: int) -> None:
+def compile_only(warps: int, group: int, chunks: int, tiles: int, silu_mul: bool = False) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "ws_ptr": "*fp32", "b_ptr": "*bf16",
            "y_ptr": "*bf16", "m": "i32", "k": "i32", "stride_x32": "i32", "stride_ym": "i32"}
     constexprs = {"GROUP": group, "W": warps, "U": chunks, "T": tiles, "BF16": True,
-                  "HAS_BIAS": False, "PDL": True}
+                  "HAS_BIAS": False, "PDL": True, "SILU_MUL": silu_mul}
     src = GluonASTSource(_int4_fragments_kernel,
                          signature=sig | {name: "constexpr" for name in constexprs},
                          constexprs=constexprs,
                          attrs={(p,): [["tt.divisibility", 16]] for p in (0, 1, 2, 3, 4, 6, 7, 8)})
     out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-    print("warps", warps, "chunks", chunks, "token tiles", tiles, "shared", out.metadata.shared)
+    print("warps", warps, "chunks", chunks, "token tiles", tiles, "silu_mul", silu_mul, "shared",
+          out.metadata.shared)
     Path("/tmp/int4_frag.ptx").write_text(out.asm["ptx"])
     Path("/tmp/int4_frag.cubin").write_bytes(out.asm["cubin"])
 
@@ -119,13 +120,15 @@ def main() -> None:
     parser.add_argument("--warps", default="2,4,8,16")
     parser.add_argument("--chunks", default="1,2", help="chunks per warp and iteration")  # U
     parser.add_argument("--tiles", default="1", help="8-token tiles per program, --compile_only")
+    parser.add_argument("--silu_mul", action="store_true", help="--compile_only: the gate_up "
+                        "kernel with silu(gate) * up fused")
     parser.add_argument("--shapes", default=",".join(SHAPES))
     args = parser.parse_args()
     if args.compile_only:
         for t in map(int, args.tiles.split(",")):
             for u in map(int, args.chunks.split(",")):
                 for w in map(int, args.warps.split(",")):
-                    compile_only(w, 128, u, t)
+                    compile_only(w, 128, u, t, args.silu_mul)
         return
     if args.layers:
         configs = {name: tuple(map(int, v.split("x"))) for name, v in

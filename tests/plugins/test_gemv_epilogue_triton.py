@@ -136,3 +136,53 @@ def test_a_pairing_that_does_not_fit_runs_the_op_after():
     with pytest.raises(AssertionError, match="ran unfused"):
         project(x, RopeToCache(_must_not_run, None, index, *cache, index, hq, hkv, d))
 
+
+
+def _int4_fragments(n, k, dtype, device, bias, group_size):
+    """fn(x, epilogue=None) -> an INT4 projection in the MMA fragment layout (16-bit engines):
+    the Gluon kernel up to 64 tokens, which fuses silu * up."""
+    pytest.importorskip("triton")
+    if device.type != "cuda" or INTERPRET:
+        pytest.skip("Gluon, inline PTX and tensor cores run on GPUs only")
+    from kiln.plugins.quant_linear import triton_kernels as ql
+    from kiln.plugins.quant_linear.layout import engine_int4
+    w = torch.randn(n, k, device=device) / k ** 0.5
+    b = torch.randn(n, device=device).to(dtype) if bias else None
+    packed, scale = quantize_weight(w, QuantConfig("int4_wo", group_size=group_size))
+    words = engine_int4(packed, group_size, dtype)
+    assert words.dtype == torch.int32
+    return lambda x, epilogue=None: ql.int4_weight_only_linear(x, words, scale, group_size, b,
+                                                               epilogue=epilogue)
+
+
+@pytest.mark.parametrize("m", [1, 8, 20, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape,group_size,bias", [
+    ((28672, 4096), 128, False), ((512, 256), 128, True), ((96, 128), 64, True)], ids=str)
+def test_int4_fragments_fuse_silu_mul(shape, group_size, bias, dtype, m):
+    """silu * up in the INT4 Gluon kernel (a program takes gate tile i and up tile i + N / 32,
+    one to eight token tiles): its gate and up sums are the unfused kernel's, so the result is
+    the unfused kernel then the gated-MLP op, bit for bit."""
+    device = triton_device()
+    from kiln.plugins.gated_mlp.triton_kernels import silu_and_mul
+    n, k = shape
+    project = _int4_fragments(n, k, dtype, device, bias, group_size)
+    x = torch.randn(m, k, device=device).to(dtype)
+    got = project(x, SiluMul(_must_not_run))
+    want = silu_and_mul(project(x))
+    assert got.shape == (m, n // 2) and got.dtype == dtype
+    assert torch.isfinite(want).all()
+    assert torch.equal(got, want)
+
+
+def test_int4_fragments_run_silu_mul_after_where_it_does_not_fit():
+    """An odd number of 16-row tiles (48 rows: gate and up halves of 24) cannot pair whole
+    tiles: the op runs after the kernel; past 64 tokens (the dequantized path) too."""
+    device = triton_device()
+    from kiln.plugins.gated_mlp.triton_kernels import silu_and_mul
+    for n, m in ((48, 4), (96, 65)):
+        project = _int4_fragments(n, 128, torch.bfloat16, device, True, 64)
+        x = torch.randn(m, 128, device=device).to(torch.bfloat16)
+        assert torch.equal(project(x, SiluMul(silu_and_mul)), silu_and_mul(project(x)))
+        with pytest.raises(AssertionError, match="ran unfused"):
+            project(x, SiluMul(_must_not_run))

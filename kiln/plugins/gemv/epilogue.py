@@ -10,8 +10,10 @@ epilogue's result instead of its own output:
   rotated queries ``[M, Hq, D]`` returned (:mod:`kiln.plugins.rotary`'s ``rope_qkv_to_cache``).
 
 Each epilogue carries the kernel set's op it replaces (``op``). A kernel that can fuse it (the
-bf16, FP8 and INT8 GEMVs at one row, :mod:`kiln.plugins.gemv.triton_epilogue`) does; any other
-path computes the projection and calls :meth:`apply` on it: the same values, one kernel more.
+bf16, FP8 and INT8 GEMVs at one row, :mod:`kiln.plugins.gemv.triton_epilogue`; silu * up in the
+INT4 Gluon kernel up to 64 tokens, :mod:`kiln.plugins.quant_linear.gluon_kernels`) does; any
+other path computes the projection and calls :meth:`apply` on it: the same values, one kernel
+more.
 The references always do the latter. The fused kernels are tested against the unfused ops.
 On an H200 the epilogues gained ~45 us per FP8 token. The rotary in the INT4 GEMV was slower,
 so it is not fused there (benchmarks/GPU_NOTES.md, "Issue 12, thirteenth pass").

@@ -20,6 +20,10 @@ sixth session).
   running sums (group sizes 64 and 128: a chunk lies in one group).
 - The next iteration's words, activations and scales are loaded before this one's arithmetic;
   under PDL the first words and scales before the wait for the kernel before.
+- ``SILU_MUL`` (a gated MLP's ``[gate | up]``): a program takes gate tile i and up tile
+  N / 32 + i, their activations loaded once, and stores ``silu(gate) * up`` (each sum rounded
+  to the output dtype first, as the unfused op reads it): the result is the kernel then
+  gated_mlp's ``silu_and_mul``, bit for bit, without that kernel between gate_up and down.
 
 Gluon is experimental in Triton (its API moves between releases); this module is imported only
 where the torch engine holds fragment weights, and the runtime refuses such an engine in one
@@ -154,26 +158,42 @@ def _chunks(acc0, acc1, acc2, acc3, wv, xv, slo, shi, U: gl.constexpr, S2: gl.co
 
 
 @gluon.jit
-def _store_sums(y_ptr, b_ptr, acc0, acc1, acc2, acc3, tile, m, stride_ym, T: gl.constexpr,
-                HAS_BIAS: gl.constexpr):
-    """The warps' running sums ([W, 32, T] each) added up, plus the bias, stored: lane (g, t)
-    holds tokens 8 tt + 2t, 8 tt + 2t + 1 of rows g (acc0, acc1) and g + 8 (acc2, acc3) of the
-    tile (the D fragment of token tile tt); ``m``: the tokens left from this program's first."""
+def _row_sums(b_ptr, acc0, acc1, acc2, acc3, tile, HAS_BIAS: gl.constexpr):
+    """The warps' running sums ([W, 32, T] each) of a 16-row tile added up ([32, T] each), plus
+    the bias: lane (g, t) holds tokens 8 tt + 2t, 8 tt + 2t + 1 of rows g (y0, y1) and g + 8
+    (y2, y3) of the tile (the D fragment of token tile tt)."""
     y0 = gl.sum(acc0, axis=0)
     y1 = gl.sum(acc1, axis=0)
     y2 = gl.sum(acc2, axis=0)
     y3 = gl.sum(acc3, axis=0)
-    L: gl.constexpr = y0.type.layout
-    lo = gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(1, L)), 1)
-    tt = gl.expand_dims(gl.arange(0, T, layout=gl.SliceLayout(0, L)), 0)
-    row = tile * 16 + lo // 4
     if HAS_BIAS:
+        lo = gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(1, y0.type.layout)), 1)
+        row = tile * 16 + lo // 4
         b_lo = gl.load(b_ptr + row).to(gl.float32)
         b_hi = gl.load(b_ptr + row + 8).to(gl.float32)
         y0 += b_lo
         y1 += b_lo
         y2 += b_hi
         y3 += b_hi
+    return y0, y1, y2, y3
+
+
+@gluon.jit
+def _silu_mul(gate, up, dtype: gl.constexpr):
+    """silu(gate) * up of float32 sums rounded to ``dtype`` first, as the unfused op reads the
+    projection's output (the arithmetic of gated_mlp's _silu_mul_kernel)."""
+    a = gate.to(dtype).to(gl.float32)
+    return a / (1.0 + gl.exp(-a)) * up.to(dtype).to(gl.float32)
+
+
+@gluon.jit
+def _store_tile(y_ptr, y0, y1, y2, y3, tile, m, stride_ym, T: gl.constexpr):
+    """Store a 16-row tile's outputs ([32, T] each, as :func:`_row_sums` holds them) at output
+    rows ``16 tile ..``; ``m``: the tokens left from this program's first."""
+    L: gl.constexpr = y0.type.layout
+    lo = gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(1, L)), 1)
+    tt = gl.expand_dims(gl.arange(0, T, layout=gl.SliceLayout(0, L)), 0)
+    row = tile * 16 + lo // 4
     t2 = tt * 8 + (lo % 4) * 2
     out = y_ptr + t2 * stride_ym + row
     gl.store(out, y0.to(y_ptr.dtype.element_ty), mask=t2 < m)
@@ -182,12 +202,18 @@ def _store_sums(y_ptr, b_ptr, acc0, acc1, acc2, acc3, tile, m, stride_ym, T: gl.
     gl.store(out + stride_ym + 8, y3.to(y_ptr.dtype.element_ty), mask=t2 + 1 < m)
 
 
+@gluon.jit
+def _tile_loads(w_at, s_at, n_groups):
+    """One iteration's words ([W, 32, 4, U]) and the scales of rows g and g + 8 ([W, 32, U])."""
+    return gl.load(w_at), gl.load(s_at), gl.load(s_at + 8 * n_groups)
+
+
 # m is not specialized: a step's token count is any number (see triton_kernels' _int4_mma_kernel)
 @gluon.jit(do_not_specialize=["m"])
 def _int4_fragments_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, m, k, stride_x32, stride_ym,
                            GROUP: gl.constexpr, W: gl.constexpr, U: gl.constexpr,
                            T: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
-                           PDL: gl.constexpr):
+                           PDL: gl.constexpr, SILU_MUL: gl.constexpr):
     L4: gl.constexpr = gl.BlockedLayout([1, 1, 4, U], [1, 32, 1, 1], [W, 1, 1, 1], [2, 3, 1, 0])
     L5X: gl.constexpr = gl.BlockedLayout([1, 1, T, 8, U], [1, 32, 1, 1, 1], [W, 1, 1, 1, 1],
                                          [3, 4, 2, 1, 0])
@@ -253,9 +279,15 @@ def _int4_fragments_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, m, k, stride_x32,
     acc1 = gl.zeros([W, 32, T], gl.float32, S3)
     acc2 = gl.zeros([W, 32, T], gl.float32, S3)
     acc3 = gl.zeros([W, 32, T], gl.float32, S3)
-    wv = gl.load(w_at)
-    slo = gl.load(s_at)
-    shi = gl.load(s_at + 8 * n_groups)
+    wv, slo, shi = _tile_loads(w_at, s_at, n_groups)
+    if SILU_MUL:  # the up tile as many tiles on (the grid's second axis: the gate's tiles)
+        up_w = gl.num_programs(1).to(gl.int64) * (n_chunks * 128)
+        up_s = gl.num_programs(1).to(gl.int64) * (16 * n_groups)
+        up0 = gl.zeros([W, 32, T], gl.float32, S3)
+        up1 = gl.zeros([W, 32, T], gl.float32, S3)
+        up2 = gl.zeros([W, 32, T], gl.float32, S3)
+        up3 = gl.zeros([W, 32, T], gl.float32, S3)
+        wu, sulo, suhi = _tile_loads(w_at + up_w, s_at + up_s, n_groups)
     if PDL:  # griddepcontrol (triton.language.extra.cuda.gdc_wait's PTX): x is the kernel
         # before's output; the weights and scales are not
         gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32,
@@ -271,16 +303,33 @@ def _int4_fragments_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, m, k, stride_x32,
         xv_next = gl.load(x_at, mask=x_ok, other=0)
         slo_next = gl.load(s_at)
         shi_next = gl.load(s_at + 8 * n_groups)
+        if SILU_MUL:
+            wu_next, sulo_next, suhi_next = _tile_loads(w_at + up_w, s_at + up_s, n_groups)
         acc0, acc1, acc2, acc3 = _chunks(acc0, acc1, acc2, acc3, wv, xv, slo, shi, U, S2, S3,
                                          BF16)
         wv = wv_next
-        xv = xv_next
         slo = slo_next
         shi = shi_next
+        if SILU_MUL:
+            up0, up1, up2, up3 = _chunks(up0, up1, up2, up3, wu, xv, sulo, suhi, U, S2, S3,
+                                         BF16)
+            wu = wu_next
+            sulo = sulo_next
+            suhi = suhi_next
+        xv = xv_next
     acc0, acc1, acc2, acc3 = _chunks(acc0, acc1, acc2, acc3, wv, xv, slo, shi, U, S2, S3, BF16)
-
-    _store_sums(y_ptr + token0.to(gl.int64) * stride_ym, b_ptr, acc0, acc1, acc2, acc3, tile,
-                m_left, stride_ym, T, HAS_BIAS)
+    y0, y1, y2, y3 = _row_sums(b_ptr, acc0, acc1, acc2, acc3, tile, HAS_BIAS)
+    if SILU_MUL:
+        up0, up1, up2, up3 = _chunks(up0, up1, up2, up3, wu, xv, sulo, suhi, U, S2, S3, BF16)
+        u0, u1, u2, u3 = _row_sums(b_ptr, up0, up1, up2, up3, tile + gl.num_programs(1),
+                                   HAS_BIAS)
+        dtype: gl.constexpr = y_ptr.dtype.element_ty
+        y0 = _silu_mul(y0, u0, dtype)
+        y1 = _silu_mul(y1, u1, dtype)
+        y2 = _silu_mul(y2, u2, dtype)
+        y3 = _silu_mul(y3, u3, dtype)
+    _store_tile(y_ptr + token0.to(gl.int64) * stride_ym, y0, y1, y2, y3, tile, m_left,
+                stride_ym, T)
 
 
 def token_tiles(m: int) -> int:
@@ -310,10 +359,14 @@ def fragments_config(n: int, k: int, group_size: int, tiles: int = 1) -> tuple[i
 
 def int4_fragments_linear(x: torch.Tensor, words: torch.Tensor, ws: torch.Tensor,
                           group_size: int, bias: torch.Tensor | None,
-                          config: tuple[int, int] | None = None) -> torch.Tensor:
+                          config: tuple[int, int] | None = None,
+                          silu_mul: bool = False) -> torch.Tensor:
     """``x [M, K] @ W^T`` (+ bias) for 16-bit tokens whose rows are 16-byte aligned, W in the
     fragment layout (int32 ``[N / 16, K / 64, 32, 4]``) with float32 group scales
-    ``ws [N, K / group_size]``; ``config``: (W, U) (default :func:`fragments_config`)."""
+    ``ws [N, K / group_size]``; ``config``: (W, U) (default :func:`fragments_config`).
+    ``silu_mul``: W is a gated MLP's ``[gate | up]`` (N / 2 a whole number of tiles); returns
+    ``silu(gate) * up`` ``[M, N / 2]``, each value rounded to x's dtype first as the unfused op
+    reads them (a program takes gate tile i and up tile N / 32 + i, sharing their activations)."""
     m, k = x.shape
     n = 16 * words.shape[0]
     tiles = token_tiles(m)
@@ -324,10 +377,15 @@ def int4_fragments_linear(x: torch.Tensor, words: torch.Tensor, ws: torch.Tensor
                          f"{group_size}")
     if n // 16 > 65535:  # the grid's second dimension
         raise ValueError(f"int4 fragment kernel: {n} output rows, at most {16 * 65535}")
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if silu_mul and n % 32:
+        raise ValueError(f"int4 fragment kernel: silu * up needs whole 16-row tiles in each "
+                         f"half of the {n} rows")
+    out_tiles = n // 32 if silu_mul else n // 16
+    y = torch.empty((m, 16 * out_tiles), dtype=x.dtype, device=x.device)
     pdl = pdl_enabled(x.device)
-    _int4_fragments_kernel[(triton.cdiv(m, TOKENS * tiles), n // 16)](
+    _int4_fragments_kernel[(triton.cdiv(m, TOKENS * tiles), out_tiles)](
         x, words, ws, bias if bias is not None else ws, y, m, k, x.stride(0) // 2, y.stride(0),
         GROUP=group_size, W=warps, U=chunks, T=tiles, BF16=x.dtype == torch.bfloat16,
-        HAS_BIAS=bias is not None, PDL=pdl, num_warps=warps, launch_pdl=pdl)
+        HAS_BIAS=bias is not None, PDL=pdl, SILU_MUL=silu_mul, num_warps=warps,
+        launch_pdl=pdl)
     return y

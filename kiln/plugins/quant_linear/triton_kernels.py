@@ -40,7 +40,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kiln.plugins.gemv.epilogue import Epilogue
+from kiln.plugins.gemv.epilogue import Epilogue, SiluMul
 from kiln.plugins.gemv.triton_epilogue import (
     early_tiles,
     gemv_output,
@@ -1109,8 +1109,14 @@ def _int4_dequant(x, weight, ws, group_size, bias, config=None):
     return F.linear(x, dequantize_int4(weight, ws, group_size, x.dtype), bias)
 
 
-def _int4_fragments(x, weight, ws, group_size, bias, config=None):
-    return _gluon().int4_fragments_linear(x, weight, ws, group_size, bias, config)
+def _int4_fragments(x, weight, ws, group_size, bias, config=None, epilogue=None):
+    """The Gluon kernel; silu * up fused where the rows split into whole tiles, any other
+    epilogue applied after (the rotary in the INT4 GEMV was slower: thirteenth pass)."""
+    if isinstance(epilogue, SiluMul) and weight.shape[0] % 2 == 0:
+        return _gluon().int4_fragments_linear(x, weight, ws, group_size, bias, config,
+                                              silu_mul=True)
+    y = _gluon().int4_fragments_linear(x, weight, ws, group_size, bias, config)
+    return y if epilogue is None else epilogue.apply(y)
 
 
 def _int4_fragments_dequant(x, weight, ws, group_size, bias, config=None):
@@ -1279,9 +1285,10 @@ def int4_path(m: int, dtype: torch.dtype, group_size: int, n: int = 0, k: int = 
     return weight_only_path(m)
 
 
-# the paths that fuse an epilogue into their kernel (where it fits: triton_epilogue); not the
-# INT4 GEMV, measured slower with the rotary (GPU_NOTES.md, "Issue 12, thirteenth pass")
-_FUSING_PATHS = (_fp8_gemv, _int8_gemv, _int8_wo_gemv)
+# the paths that fuse an epilogue into their kernel (where it fits: triton_epilogue, or silu *
+# up in the INT4 Gluon kernel); not the INT4 GEMV, measured slower with the rotary (GPU_NOTES.md,
+# "Issue 12, thirteenth pass")
+_FUSING_PATHS = (_fp8_gemv, _int8_gemv, _int8_wo_gemv, _int4_fragments)
 
 
 def _run(x: torch.Tensor, n: int, path: str, fn: str, *args,
