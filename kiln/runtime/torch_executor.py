@@ -46,9 +46,11 @@ FP8_CAPABILITY = (8, 9)
 # Measured by a new-user trial (kiln run, same machine, onnx vs torch --device cpu): a
 # measurement to quote, not a factor that holds for every model.
 CPU_SPEED = "slower than an onnx engine: SmolLM2 on 2 CPU cores, 25 vs 40 tokens/s"
-# Measured by the same trial on quantized SmolLM2 torch engines (kiln run --chat, 8 tokens).
+# Measured by the same trial on quantized SmolLM2 torch engines (kiln run --chat, 8 tokens);
+# int4_wo (group 64) after the twenty-ninth session's faster unpacking, 12 tokens.
 QUANTIZED_CPU_SPEED = (", and a quantized one dequantizes every weight at every step there "
-                       "(SmolLM2 on 2 idle cores: int8_wo 5.7, fp8 2.8, int4_awq 1.6 tokens/s)")
+                       "(SmolLM2 on 2 idle cores: int8_wo 5.7, fp8 2.8, int4_wo 1.6 in bfloat16 "
+                       "and 3.0 in float32 tokens/s)")
 NEEDS_GPU = ("this torch engine needs a CUDA GPU for its Triton kernels; on this machine use an "
              "onnx engine (build with --backend onnx), or pass --device cpu to run the PyTorch "
              f"reference kernels, {CPU_SPEED}")

@@ -33,6 +33,12 @@ def test_int4_packing_order():
     assert pack_int4(torch.tensor([[1, -1, -8, 7]], dtype=torch.int8)).tolist() == [[0xF1, 0x78]]
     q = torch.randint(-8, 8, (5, 12), dtype=torch.int8)
     assert torch.equal(unpack_int4(pack_int4(q)), q)
+    every_byte = torch.arange(256, dtype=torch.int32)
+    want = torch.stack([every_byte & 0xF, every_byte >> 4], dim=-1)
+    want = torch.where(want > 7, want - 16, want).to(torch.int8).flatten()
+    assert torch.equal(unpack_int4(every_byte.to(torch.uint8)), want)
+    assert torch.equal(unpack_int4(every_byte.to(torch.uint8).view(16, 16)[:, ::3]),
+                       want.view(16, 32).view(16, 16, 2)[:, ::3].flatten(-2))  # a strided view
 
 
 @pytest.mark.parametrize("qformat", sorted(FORMATS))

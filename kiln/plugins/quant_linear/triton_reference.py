@@ -137,5 +137,6 @@ def int4_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale:
                             group_size: int, bias: torch.Tensor | None = None, *,
                             epilogue: Epilogue | None = None) -> torch.Tensor:
     values = unpack_engine_int4(weight, group_size).float()  # either engine layout
-    w = values * weight_scale.float().repeat_interleave(group_size, dim=1)
+    n, k = values.shape
+    w = (values.view(n, k // group_size, group_size) * weight_scale.float()[:, :, None]).view(n, k)
     return _finish(F.linear(x.float(), w), bias, x.dtype, epilogue)
