@@ -316,7 +316,7 @@ def check_prompts(manifest: EngineManifest, tokenizer_dir: Path, prompts: list[s
     for i, prompt in enumerate(prompts):
         ids = tokenizer.chat_ids([{"role": "user", "content": prompt}]) if chat \
             else tokenizer.encode(prompt)
-        check_prompt(f"prompt #{i}", ids, manifest.limits, manifest.decoder.vocab_size)
+        check_prompt(f"prompt {i + 1}", ids, manifest.limits, manifest.decoder.vocab_size)
 
 
 def _generate(llm: LLM, prompts: list[str], max_output_len: int, streaming: bool, chat: bool,

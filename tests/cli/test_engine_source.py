@@ -172,7 +172,7 @@ def test_bench_on_a_model_dir(tiny_hf, cache):
      "stride 60 must be in [1, max_length 48]"),
     (["bench", "--input_len", "60", "--max_seq_len", "48"],
      "60 exceeds the engine's max_input_len 48"),
-    (["run", "--input_text", ""], "prompt #0: the prompt is empty"),
+    (["run", "--input_text", ""], "prompt 1: the prompt is empty"),
     (["run", "--input_text", "one two three four five six seven eight nine ten",
       "--max_input_len", "4"], "exceeds the engine's max_input_len 4"),
     (["run", "--input_text", "Hi", "--stop_token_ids", "99999"],

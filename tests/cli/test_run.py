@@ -545,9 +545,9 @@ def test_a_request_ending_in_error_is_reported_and_exits_2(monkeypatch):
 
 
 @pytest.mark.parametrize("args,said", [
-    (["--input_text", "x", "--input_text", ""], "prompt #1: the prompt is empty; give at least "
-                                               "one token"),
-    (["--input_text", "word " * 5000], "prompt #0: prompt of 5001 tokens exceeds the engine's "
+    (["--input_text", "x", "--input_text", ""], "prompt 2: the prompt is empty; give at least "
+                                               "one token"),  # counted from 1, as given
+    (["--input_text", "word " * 5000], "prompt 1: prompt of 5001 tokens exceeds the engine's "
                                        "max_input_len 48; shorten it"),
 ], ids=["empty", "too long"])
 def test_a_prompt_the_engine_would_refuse_is_refused_before_the_load(engine, monkeypatch, args,
