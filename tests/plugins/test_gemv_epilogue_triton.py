@@ -137,7 +137,6 @@ def test_a_pairing_that_does_not_fit_runs_the_op_after():
         project(x, RopeToCache(_must_not_run, None, index, *cache, index, hq, hkv, d))
 
 
-
 def _int4_fragments(n, k, dtype, device, bias, group_size):
     """fn(x, epilogue=None) -> an INT4 projection in the MMA fragment layout (16-bit engines):
     the Gluon kernel up to 64 tokens, which fuses silu * up."""
