@@ -11,7 +11,8 @@ tokens through EngineCore with async scheduling, as ``kiln bench`` runs it. Each
 ``DecodeGraphs.run`` is bracketed by CUDA events (before its input copy, after its replay is
 launched), so per step the GPU time splits into the graph's segment (input copy, feed, replay)
 and what runs between two graphs (the float32 logits, the sampling kernels, the copy of the
-sampled ids to the host). Beside them: tok/s from the request's token times, and the replay
+sampled ids to the host; since the thirtieth session the graph runs the greedy pass and the
+replay's segment holds the copy to the host, so nothing runs between graphs at batch 1). Beside them: tok/s from the request's token times, and the replay
 alone back to back (gpu.py's GPU step). A torch.profiler trace of a few steps names the kernels.
 ``--baseline``: the sampler as it was before the tenth pass (the greedy pass as torch ops, the
 copy to the host on the current stream), for a before/after on one machine.

@@ -263,7 +263,7 @@ class EngineCore:
         self.scheduler.commit(output)
         failed = self._prompt_logprobs(output, logits)
         deltas, sampled = self._to_sample(output, {d.request_id for d in failed})
-        picks = sample_rows(logits.last, self._rows(sampled))
+        picks = sample_rows(logits.last, self._rows(sampled), logits.greedy)
         now = time.perf_counter()
         for (_, request), picked in zip(sampled, picks, strict=True):
             deltas.append(self._take(request, picked, now, appended=False))
@@ -320,8 +320,9 @@ class EngineCore:
             else:  # its last KV write is in this launched step: the slot may be reused now
                 self.scheduler.finish(request.request_id)
             rows.append((i, request, goes_on))
-        self._inflight = _InFlight(rows, launch_rows(logits.last, self._rows(sampled))
-                                   if sampled else None,
+        launched = launch_rows(logits.last, self._rows(sampled), logits.greedy) \
+            if sampled else None
+        self._inflight = _InFlight(rows, launched,
                                    {r.request_id: i for i, r, appended in rows if appended})
         return failed + deltas
 

@@ -35,6 +35,13 @@ launch step n+1 before it has read step n's sampled tokens to the host. Such an 
    blocks only writes them in a later step.
 Other executors (onnx, tensorrt) keep the synchronous loop and never get ``pending``.
 
+A step's own greedy pass (:class:`GreedyHead`, the torch executor's CUDA-graph decode steps):
+``step_logits`` may return, beside the logits, every row's finite flag and argmax, computed in
+the step and already on their way to the host, so the sampler does not run that pass itself.
+Its ``last`` logits are then the step's own buffer in the model's dtype, which the executor's
+next step overwrites: the core reads them (in stream order, for rows that draw) before it
+launches that step. ``step`` always returns a float32 copy.
+
 Warm-up (``needs_warm_up``): True where the first steps of a shape or path pay a one-time cost
 (GPU kernel compiles and set-up) that :meth:`kiln.runtime.LLM.warm_up` should move before the
 first request; executors on the CPU say False, and the warm-up skips them.
@@ -70,12 +77,27 @@ class DeviceTokens:
 
 
 @dataclass(frozen=True)
+class GreedyHead:
+    """Every row's finite flag and argmax of a step's logits, computed by the step (module
+    docstring): ``host`` float64 ``[2R]`` in pinned memory, ``[flags | argmax]`` of R >= n rows
+    (rows from n on are a CUDA graph's padding), valid once ``ready`` has completed; ``ids``
+    int64 ``[R]`` on the device, the argmax, which the sampler overwrites in place at rows that
+    draw and the next step feeds on."""
+
+    host: torch.Tensor
+    ready: torch.cuda.Event
+    ids: torch.Tensor
+
+
+@dataclass(frozen=True)
 class StepLogits:
     """What :meth:`Executor.step_logits` returns: each chunk's last-token logits [n, V] and,
-    for chunks marked ``context_logits``, chunk index -> logits of all its tokens [len, V]."""
+    for chunks marked ``context_logits``, chunk index -> logits of all its tokens [len, V];
+    ``greedy``: the step's own greedy pass (module docstring), or None (float32 ``last``)."""
 
     last: torch.Tensor
     context: dict[int, torch.Tensor]
+    greedy: GreedyHead | None = None
 
 
 class Executor(ABC):

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kiln.runtime.executor import GreedyHead
 from kiln.runtime.params import SamplingParams, TokenLogprobs
 
 logger = logging.getLogger(__name__)
@@ -123,17 +124,19 @@ def sample(logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[in
     return picked
 
 
-def sample_rows(logits: torch.Tensor, rows: Sequence[Row]) -> list[Picked | None]:
+def sample_rows(logits: torch.Tensor, rows: Sequence[Row],
+                greedy: GreedyHead | None = None) -> list[Picked | None]:
     """One step of a batch: the next token (and logprobs) of each row of ``logits``
     [batch, vocab], or None for a row whose logits are not all finite (NaN or Inf).
 
     CPU logits are sampled with numpy, other devices with torch ops on the device and one
-    device-to-host read for the whole step (module docstring)."""
+    device-to-host read for the whole step (module docstring); ``greedy``: the step's own
+    greedy pass over device logits (:func:`launch_rows_torch`)."""
     if not rows:
         return []
     if logits.device.type == "cpu":
         return sample_rows_numpy(logits.numpy(), rows)
-    return sample_rows_torch(logits, rows)
+    return launch_rows_torch(logits, rows, greedy).collect()
 
 
 class SampledRows:
@@ -151,7 +154,8 @@ class SampledRows:
         return self._collect()
 
 
-def launch_rows(logits: torch.Tensor, rows: Sequence[Row]) -> SampledRows:
+def launch_rows(logits: torch.Tensor, rows: Sequence[Row],
+                greedy: GreedyHead | None = None) -> SampledRows:
     """:func:`sample_rows` in two halves (async scheduling): launch now, collect later. Same
     tokens, same generator draws. CPU logits are sampled at once (numpy); ``ids`` then is a
     CPU tensor of the picks."""
@@ -161,7 +165,7 @@ def launch_rows(logits: torch.Tensor, rows: Sequence[Row]) -> SampledRows:
         for row, pick in zip(rows, picked, strict=True):
             ids[row.index] = 0 if pick is None else pick[0]
         return SampledRows(torch.tensor(ids, dtype=torch.long), lambda: picked)
-    return launch_rows_torch(logits, rows)
+    return launch_rows_torch(logits, rows, greedy)
 
 
 def _generator(row: Row, device: torch.device) -> torch.Generator | None:
@@ -181,36 +185,52 @@ def sample_rows_torch(logits: torch.Tensor, rows: Sequence[Row]) -> list[Picked 
     return launch_rows_torch(logits, rows).collect()
 
 
-def launch_rows_torch(logits: torch.Tensor, rows: Sequence[Row]) -> SampledRows:
+def launch_rows_torch(logits: torch.Tensor, rows: Sequence[Row],
+                      greedy: GreedyHead | None = None) -> SampledRows:
     """:func:`sample_rows_torch`, launched: on CUDA the packed result is copied to pinned host
     memory on a side stream without blocking, and an event marks its end; ``collect`` waits
     on that event. The finite flags and the argmax of every row come from one pass
-    (:func:`finite_argmax`); rows that draw are sampled one by one after it."""
+    (:func:`finite_argmax`), or from ``greedy``, the step's own pass, whose flags and argmax
+    are already on their way to the host (logits then in the model's dtype: rows that draw
+    are sampled from a float32 copy of their row, as from float32 logits); rows that draw
+    are sampled one by one after it."""
     batch, device = logits.shape[0], logits.device
-    head, ids = finite_argmax(logits)  # [finite flags | argmax] float64, argmax int64
+    if greedy is None:
+        head, ids = finite_argmax(logits)  # [finite flags | argmax] float64, argmax int64
+    else:
+        head, ids = None, greedy.ids
     parts, drawn, drawn_rows = [], [], []
     for row in rows:
         if is_plain_greedy(row.params):
             continue
-        token = sample_torch(logits[row.index], row.params, row.prompt_ids, row.output_ids,
+        x = logits[row.index].float()  # a float32 row (a copy of a 16-bit one)
+        token = sample_torch(x, row.params, row.prompt_ids, row.output_ids,
                              _generator(row, device))
         drawn.append(token.reshape(1))
         drawn_rows.append(row.index)
         parts.append(token.reshape(1))
         if row.params.logprobs is not None:
-            parts.extend(_logprobs_on_device(logits[row.index], token, row.params.logprobs))
-    packed = torch.cat([head] + [p.reshape(-1).double() for p in parts]) if parts else head
-    if drawn:
-        ids = ids.index_copy(0, _index(drawn_rows, device), torch.cat(drawn))
-    event = None
-    if device.type == "cuda":
+            parts.extend(_logprobs_on_device(x, token, row.params.logprobs))
+    if drawn:  # in place: the argmax is this step's (or the step's own pass's) to overwrite
+        ids.index_copy_(0, _index(drawn_rows, device), torch.cat(drawn))
+    drawn_parts = [p.reshape(-1).double() for p in parts]
+    if greedy is None:
+        packed = torch.cat([head] + drawn_parts) if drawn_parts else head
+    else:
+        packed = torch.cat(drawn_parts) if drawn_parts else None
+    events = [] if greedy is None else [greedy.ready]
+    if packed is not None and device.type == "cuda":
         packed, event = _copy_to_host(packed)
+        events.append(event)
     vocab = logits.shape[-1]
 
     def collect() -> list[Picked | None]:
-        if event is not None:
+        for event in events:
             event.synchronize()
-        return _unpack(packed.tolist(), rows, batch, vocab)  # the one host read
+        host = packed.tolist() if packed is not None else []  # the one host read
+        if greedy is not None:
+            host = greedy.host.tolist() + host
+        return _unpack(host, rows, batch if greedy is None else len(greedy.ids), vocab)
     return SampledRows(ids, collect)
 
 

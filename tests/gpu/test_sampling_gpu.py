@@ -17,6 +17,7 @@ from kiln.builder.api import build
 from kiln.engine import BuildLimits, read_manifest
 from kiln.runtime import LLM, SamplingParams
 from kiln.runtime.core import EngineCore
+from kiln.runtime.executor import StepLogits
 from kiln.runtime.loader import ExecutorOptions
 from kiln.runtime.sampling import (
     Generators,
@@ -270,3 +271,53 @@ def test_torch_executor_sampled_requests_alone_equal_batched(cuda, tmp_path):
     assert run([list(range(len(prompts)))]) == (alone, reasons)
     assert run([list(range(len(prompts)))])[0] == alone  # reproducible
     ex.close()
+
+
+def test_a_decode_graphs_own_greedy_pass_changes_no_token_or_logprob(cuda, tmp_path,
+                                                                       monkeypatch):
+    """bf16 engine, CUDA graphs: each decode step hands the sampler its graph's greedy pass
+    and its bf16 logits; the same requests with the sampler's own pass over a float32 copy
+    (the step as it was) give the same tokens and logprobs, bit for bit. Requests join while
+    others decode (graph steps, eager steps, padded graphs of 3 rows in 4, async feeds from
+    a graph's ids into an eager step)."""
+    ckpt = kiln_checkpoint(hf_model("llama-gqa", tmp_path / "hf"), tmp_path / "ckpt")
+    engine = tmp_path / "engine"
+    build(ckpt, engine, backend="torch", max_batch_size=8, max_input_len=32, max_seq_len=64,
+          max_num_tokens=64, dtype="bfloat16")
+    ex = load_executor(engine, read_manifest(engine), ExecutorOptions(device="cuda"),
+                       TorchExecutorOptions(kv_cache_blocks=17, page_size=32))
+    prompts, params = _requests(ex.vocab_size, n=6)
+    params = [p.replace(logprobs=2) if i == 1 else p for i, p in enumerate(params)]
+    heads = []
+
+    def run(async_scheduling: bool):
+        core, requests = EngineCore(ex, async_scheduling=async_scheduling), []
+        for i in range(6):
+            requests.append(core.add_request(prompts[i], params[i]))
+            for _ in range(3 if i in (2, 4) else 0):
+                core.step()
+        while core.has_work():
+            core.step()
+        return [(r.output_ids, r.finish_reason, r.logprobs) for r in requests]
+
+    step_logits = type(ex).step_logits
+
+    def counted(self, chunks, pending=None):
+        out = step_logits(self, chunks, pending)
+        heads.append(out.greedy is not None)
+        return out
+
+    monkeypatch.setattr(type(ex), "step_logits", counted)
+    with_heads = [run(True), run(False)]
+    assert any(heads) and not all(heads), heads  # graph steps and eager steps both ran
+
+    def as_before(self, chunks, pending=None):
+        out = step_logits(self, chunks, pending)
+        return StepLogits(out.last.float(), out.context)
+
+    monkeypatch.setattr(type(ex), "step_logits", as_before)
+    assert [run(True), run(False)] == with_heads
+    assert with_heads[0] == with_heads[1]
+    assert {reason for _, reason, _ in with_heads[0]} == {"length"}
+    ex.close()
+

@@ -13,6 +13,7 @@ from torch.overrides import TorchFunctionMode
 
 from kiln.runtime import sampling
 from kiln.runtime.errors import SamplingParamsError
+from kiln.runtime.executor import GreedyHead
 from kiln.runtime.sampling import (
     Generators,
     Row,
@@ -311,6 +312,40 @@ def test_a_row_with_non_finite_logits_gets_no_token_and_the_others_do(rows_fn, b
     assert picks[1] is None
     assert picks[0] == (int(logits[0].argmax()), None)
     assert 0 <= picks[2][0] < 50 and picks[2][1].token_id == picks[2][0]
+
+
+class _Done:
+    """A completed event (a CPU stand-in for the CUDA event of a step's greedy head)."""
+
+    def __init__(self):
+        self.waits = 0
+
+    def synchronize(self):
+        self.waits += 1
+
+
+def test_a_steps_own_greedy_pass_gives_what_the_sampler_computes_itself():
+    """A CUDA-graph decode step hands the sampler its greedy head (flags and argmax of every
+    row, padding rows included) and its logits in the model's dtype: the same picks, logprobs
+    and ids as the sampler's own pass over float32 logits, rows that draw included."""
+    logits = (torch.randn(6, 300, generator=torch.Generator().manual_seed(7)) * 3).bfloat16()
+    logits[2, 11] = math.nan
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.8, top_p=0.9),
+              SamplingParams(temperature=0.7, logprobs=2), SamplingParams(temperature=0),
+              SamplingParams(temperature=0, repetition_penalty=1.5, logprobs=1)]
+
+    def rows():
+        return [Row(i, p, [1, 2], [3], Generators(10 + i).on) for i, p in enumerate(params)]
+
+    want = sampling.launch_rows_torch(logits[:5].float(), rows())
+    packed, ids = sampling.finite_argmax(logits)  # a graph of 6 rows, 5 of them the step's
+    done = _Done()
+    head = GreedyHead(packed, done, ids.clone())
+    got = sampling.launch_rows_torch(logits[:5], rows(), head)
+    assert got.collect() == want.collect()
+    assert done.waits == 1 and got.ids is head.ids  # drawn tokens written into it in place
+    assert got.ids[:5].tolist() == want.ids.tolist()
+    assert got.collect()[2] is None and got.collect()[0][0] == int(logits[0].float().argmax())
 
 
 def test_sample_refuses_non_finite_logits_and_a_generator_on_another_device():

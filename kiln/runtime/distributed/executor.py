@@ -135,7 +135,7 @@ class DistributedExecutor(RankDriver):
 
 def send_logits(groups, out: StepLogits, chunks: Sequence[SequenceChunk]) -> None:
     """The last stage's tensor-parallel rank 0 sends a step's logits to the driver (rank 0)."""
-    send(groups, out.last, 0, LOGITS_TAG, "sending logits")
+    send(groups, out.last.float(), 0, LOGITS_TAG, "sending logits")  # a graph's: model dtype
     if out.context:
         every = torch.cat([out.context[i] for i in sorted(out.context)])
         send(groups, every, 0, CONTEXT_TAG, "sending context logits")

@@ -334,27 +334,37 @@ class TorchExecutor(Executor):
 
     def step(self, chunks: Sequence[SequenceChunk],
              pending: DeviceTokens | None = None) -> torch.Tensor:
+        # Always a new tensor: graph logits live in a static buffer the next replay overwrites,
+        # and .float() of a float32 model's logits would return that buffer itself.
+        return self._step(chunks, pending).last.to(torch.float32, copy=True)
+
+    def _step(self, chunks: Sequence[SequenceChunk],
+              pending: DeviceTokens | None) -> StepLogits:
+        """A step without context logits: a decode graph's logits (model dtype, its static
+        buffer) with its greedy pass, or an eager forward's logits (model dtype)."""
         if not chunks:
-            return torch.empty(0, self.vocab_size, device=self.device)
+            return StepLogits(torch.empty(0, self.vocab_size, device=self.device), {})
         self._check(chunks)
+        greedy = None
         if self.graphs is not None and all(len(c.tokens) == 1 for c in chunks) \
                 and self.graphs.size_for(len(chunks)) is not None:
             plan = make_plan(chunks, self.cache.allocator)
-            logits = self.graphs.run(plan, feeds_for(plan, pending))
+            logits, greedy = self.graphs.run(plan, feeds_for(plan, pending))
         else:
             logits = self._eager(chunks, pending=pending)
         for c in chunks:
             self._lengths[c.slot] = c.start + len(c.tokens)
         if logits is None:  # a stage before the last: the last stage has the logits
-            return torch.empty(0, self.vocab_size, device=self.device)
-        # Always a new tensor: graph logits live in a static buffer the next replay overwrites,
-        # and .float() of a float32 model's logits would return that buffer itself.
-        return logits.to(torch.float32, copy=True)
+            logits = torch.empty(0, self.vocab_size, device=self.device)
+        return StepLogits(logits, {}, greedy)
 
     def step_logits(self, chunks: Sequence[SequenceChunk],
                     pending: DeviceTokens | None = None) -> StepLogits:
         if not any(c.context_logits for c in chunks):
-            return StepLogits(self.step(chunks, pending), {})
+            out = self._step(chunks, pending)
+            if out.greedy is not None:  # the executor contract's module docstring
+                return out
+            return StepLogits(out.last.float(), {})
         if not self.gathers_context_logits:
             return super().step_logits(chunks)  # refuses
         self._check(chunks)
