@@ -3,7 +3,10 @@ kiln.serve.bench), in the manner of ``vllm bench serve``.
 
 Prints a table per request rate (TTFT, time per output token, inter-token latency and
 end-to-end latency as mean/p50/p90/p99; output tokens/s; requests/s) and writes the same
-report as JSON. Imports here stay light; the client (httpx) is imported in the command body.
+report as JSON. Where requests failed, a last line on stderr says how many of how many and
+the first error, and the exit status is 1 (the figures, of the completed requests, are printed
+and written first). Imports here stay light; the client (aiohttp) is imported in the command
+body.
 """
 
 from __future__ import annotations
@@ -78,6 +81,10 @@ def bench_serve(obj: CliContext, url: str, model: str | None, api_key: str | Non
             click.echo(f"wrote {json_output}", err=True)
     else:
         click.echo(report.to_json())
+    failures = report.failures()
+    if failures is not None:  # the figures are out; a benchmark with failed requests is no pass
+        click.echo(f"error: {failures}", err=True)
+        raise SystemExit(1)
 
 
 def _client():

@@ -19,7 +19,8 @@ Metrics per rate: TTFT (send -> first streamed token), TPOT ((last - first) / (n
 inter-token latency (between streamed chunks that carry text), end-to-end latency; mean, p50,
 p90, p99. Output tokens (the usage chunk's completion_tokens) and requests per second over the
 rate's run (first send to last token). A request that fails (an HTTP error, a dropped stream)
-is counted and the first error quoted; a rate where every request failed is an error.
+is counted and the first error quoted (:meth:`ServeBenchReport.failures`: the line
+``kiln bench_serve`` ends with, exit 1); a rate where every request failed is an error.
 
 Imports stay light (aiohttp only): no torch, no engine.
 """
@@ -111,7 +112,7 @@ class RateReport:
 
     def table(self, workload: ServeWorkload) -> str:
         rate = "inf (all at once)" if math.isinf(self.request_rate) else \
-            f"{self.request_rate:g} req/s"
+            _rate_label(self.request_rate)
         failed = f", {self.failed} failed (first: {self.first_error})" if self.failed else ""
         lines = [f"rate {rate}, max concurrency {self.max_concurrency or 'unlimited'}: "
                  f"{counted(self.completed, 'request')} ({workload.input_len} in / "
@@ -123,6 +124,10 @@ class RateReport:
         lines.append(f"{'output tokens/s':<24}{self.output_tokens_per_s:>10.1f}")
         lines.append(f"{'requests/s':<24}{self.requests_per_s:>10.3f}")
         return "\n".join(lines)
+
+
+def _rate_label(rate: float) -> str:
+    return "rate inf" if math.isinf(rate) else f"{rate:g} req/s"
 
 
 def _rate_json(rate: float) -> float | str:
@@ -146,6 +151,19 @@ class ServeBenchReport:
     def table(self) -> str:
         head = f"{self.url} model {self.model}"
         return "\n\n".join([head, *(r.table(self.workload) for r in self.rates)])
+
+    def failures(self) -> str | None:
+        """One line on the requests that failed over every rate: how many of how many, and
+        the first error (None when none failed)."""
+        rates = [r for r in self.rates if r.failed]
+        if not rates:
+            return None
+        failed = sum(r.failed for r in rates)
+        sent = sum(r.completed + r.failed for r in self.rates)
+        where = f"{', '.join(f'{r.failed} at {_rate_label(r.request_rate)}' for r in rates)}; " \
+            if len(self.rates) > 1 else ""
+        return (f"{failed} of {counted(sent, 'request')} failed ({where}the figures are of the "
+                f"{sent - failed} that completed); the first: {rates[0].first_error}")
 
 
 @dataclass

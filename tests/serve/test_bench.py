@@ -3,7 +3,10 @@ shape and sanity, and one-line errors for bad input."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from click.testing import CliRunner
@@ -136,3 +139,74 @@ def test_a_rate_whose_arrivals_take_long_is_warned_about(server, monkeypatch, ca
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warned == ["at 20 requests/s, 3 requests arrive over about 0 s; Ctrl-C stops the "
                       "run"], warned
+
+
+@contextlib.contextmanager
+def _flaky_server(fail_every: int):
+    """The URL of an OpenAI-compatible server of one model, "flaky", whose every
+    ``fail_every``-th completion request (in the order received) is an HTTP 500; the others
+    stream ``max_tokens`` one-character chunks."""
+    received = iter(range(1 << 30))  # next() under the lock: one count per request
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # quiet
+            pass
+
+        def send(self, status: int, kind: str, text: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(text.encode())))
+            self.end_headers()
+            self.wfile.write(text.encode())
+
+        def do_GET(self) -> None:
+            self.send(200, "application/json", json.dumps({"data": [{"id": "flaky"}]}))
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            with lock:
+                n = next(received)
+            if n % fail_every == fail_every - 1:
+                self.send(500, "application/json",
+                          json.dumps({"error": {"message": "out of slots"}}))
+                return
+            tokens = body["max_tokens"]
+            events = [{"choices": [{"index": 0, "text": "a"}]}] * tokens + \
+                [{"choices": [], "usage": {"completion_tokens": tokens}}]
+            self.send(200, "text/event-stream",
+                      "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n")
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.mark.parametrize("rates, line", [
+    ("inf", "error: 2 of 6 requests failed (the figures are of the 4 that completed); the "
+            "first: HTTP 500: out of slots"),
+    ("inf,1000", "error: 4 of 12 requests failed (2 at rate inf, 2 at 1000 req/s; the figures "
+                 "are of the 8 that completed); the first: HTTP 500: out of slots"),
+])
+def test_failed_requests_are_said_in_one_line_after_the_figures_and_exit_1(tmp_path, rates,
+                                                                           line):
+    """A trial's benchmark with failed requests exited 0, the failures said only inside the
+    table; the figures of the completed requests are still printed and written."""
+    out = tmp_path / "report.json"
+    with _flaky_server(fail_every=3) as url:
+        result = _bench("--serve", url, "--request_rates", rates, "--num_requests", "6",
+                        "--input_len", "4", "--output_len", "3", "--warmup", "0",
+                        "--json_output", str(out))
+    assert result.exit_code == 1, result.output
+    assert "4 requests (4 in / 3 out)" in result.stdout and "TTFT (ms)" in result.stdout
+    assert result.stderr.splitlines() == [f"wrote {out}", line]
+    for rate in json.loads(out.read_text())["rates"]:
+        assert (rate["completed"], rate["failed"], rate["first_error"]) == \
+            (4, 2, "HTTP 500: out of slots")
+        assert rate["output_tokens"] == 4 * 3
