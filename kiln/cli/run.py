@@ -303,7 +303,8 @@ def check_prompts(manifest: EngineManifest, tokenizer_dir: Path, prompts: list[s
     ``max_input_len``, an engine without a tokenizer or chat template), said before it loads,
     which on a GPU takes a while, or before it is built: the checks of ``LLM.generate``, on
     ``manifest`` and the tokenizer files in ``tokenizer_dir`` (the engine dir, or the checkpoint
-    a --model_dir engine is built from)."""
+    a --model_dir engine is built from). With ``chat``, a message whose own text tokenizes to
+    nothing is refused as an empty prompt (the template's tokens around it never are)."""
     from kiln.runtime.core import check_prompt
     from kiln.runtime.errors import TokenizerError
     from kiln.runtime.tokenizer import load_tokenizer
@@ -314,9 +315,13 @@ def check_prompts(manifest: EngineManifest, tokenizer_dir: Path, prompts: list[s
                              f"(tokenizer_config.json chat_template or chat_template.jinja); run "
                              f"without --chat, or copy the model's template into that directory")
     for i, prompt in enumerate(prompts):
+        label, vocab = f"prompt {i + 1}", manifest.decoder.vocab_size
         ids = tokenizer.chat_ids([{"role": "user", "content": prompt}]) if chat \
             else tokenizer.encode(prompt)
-        check_prompt(f"prompt {i + 1}", ids, manifest.limits, manifest.decoder.vocab_size)
+        check_prompt(label, ids, manifest.limits, vocab)
+        if chat:  # the template's tokens hide an empty message: its own, refused as without
+            check_prompt(label, tokenizer.encode(prompt, add_special_tokens=False),
+                         manifest.limits, vocab)
 
 
 def _generate(llm: LLM, prompts: list[str], max_output_len: int, streaming: bool, chat: bool,

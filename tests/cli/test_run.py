@@ -549,7 +549,11 @@ def test_a_request_ending_in_error_is_reported_and_exits_2(monkeypatch):
                                                "one token"),  # counted from 1, as given
     (["--input_text", "word " * 5000], "prompt 1: prompt of 5001 tokens exceeds the engine's "
                                        "max_input_len 48; shorten it"),
-], ids=["empty", "too long"])
+    # the chat template's tokens had hidden the empty message: it ran
+    (["--chat", "--input_text", ""], "prompt 1: the prompt is empty; give at least one token"),
+    (["--chat", "--input_text", "x", "--input_text", ""], "prompt 2: the prompt is empty; "
+                                                         "give at least one token"),
+], ids=["empty", "too long", "empty chat", "empty second chat"])
 def test_a_prompt_the_engine_would_refuse_is_refused_before_the_load(engine, monkeypatch, args,
                                                                      said):
     def no_load(*args, **kwargs):
@@ -559,6 +563,15 @@ def test_a_prompt_the_engine_would_refuse_is_refused_before_the_load(engine, mon
     r = CliRunner().invoke(main, ["run", "--engine_dir", str(engine), *args])
     assert r.exit_code == 2 and "Traceback" not in r.output
     assert r.output.startswith(f"error: {said}"), r.output
+
+
+def test_a_blank_prompt_runs_with_chat_as_without(engine):
+    """Whitespace is text, which the model reads as tokens: only an empty prompt is refused,
+    with --chat or without."""
+    for chat in ([], ["--chat"]):
+        r = kiln("run", "--engine_dir", str(engine), "--input_text", " \n", "--max_output_len",
+                 "2", "--ignore_eos", *chat)
+        assert r.exit_code == 0 and "2 tokens, 1 request" in r.stderr, (chat, r.output)
 
 
 def test_chat_without_a_chat_template_is_refused_before_the_load(engine, tmp_path,
