@@ -37,8 +37,9 @@ def _kw(name: str, **extra) -> dict:
 @click.option("--calib_max_seq_length", **_kw("calib_max_seq_length", type=IntRange(min=2)))
 @click.option("--smoothquant_alpha", **_kw("smoothquant_alpha",
                                            type=FloatRange(0.0, 1.0)))
-@click.option("--group_size", **_kw("group_size", type=click.Choice([str(g) for g in GROUP_SIZES])),
-              callback=lambda ctx, param, value: None if value is None else int(value))
+# any integer: kiln.quantize refuses one the kernels do not take naming those that fit the model
+@click.option("--group_size", **_kw("group_size", type=int,
+                                    metavar=f"[{'|'.join(map(str, GROUP_SIZES))}]"))
 @click.option("--weight_scales", **_kw("weight_scales", type=click.Choice(WEIGHT_SCALES)))
 @click.option("--eval_dataset", **_kw("eval_dataset"))
 @click.option("--max_ppl_ratio", **_kw("max_ppl_ratio", type=FloatRange(min=1.0)))

@@ -60,7 +60,7 @@ def random_engine_manifest(decoder: DecoderConfig, mapping: Mapping, dtype: str,
 
     source = CheckpointConfig(decoder=decoder, mapping=mapping, dtype=dtype)  # validates both
     if quant is not None:
-        check_group_size(quant, source)  # as kiln quantize refuses it
+        check_group_size(quant.group_size, source)  # as kiln quantize refuses it
     return EngineManifest(backend="torch", backend_version={"torch": torch.__version__},
                           targets=("cuda", "cpu"), decoder=decoder, mapping=mapping,
                           dtype=dtype, limits=limits, rank_files={}, checksums={}, sizes={},

@@ -42,6 +42,16 @@ def _cases(src, src_tp2, texts, quantized, tmp):
         "wrong qformat": (["--qformat", "int3"], src, "'int3' is not one of"),
         "group size": (["--qformat", "int4_wo", "--group_size", "32"], src_tp2,
                        "does not divide the 48 input features of mlp.down per rank"),
+        # click had listed 32, 64, 128 without saying which fit this model
+        "group size no kernel takes": (["--qformat", "int4_wo", "--group_size", "48"], src,
+                                       "--group_size 48 is not an int4 group size (32, 64, 128); "
+                                       "of those, 32 divides this checkpoint's input features "
+                                       "per rank (tp_size 1: attn.qkv / mlp (hidden) 64, attn.o "
+                                       "64, mlp.down 96); use --group_size 32"),
+        "default group size": (["--qformat", "int4_wo"], src,
+                               "--group_size 128 does not divide the 64 input features of "
+                               "attn.qkv / mlp (hidden) per rank (tp_size 1); use --group_size "
+                               "32"),
         "missing file": (["--qformat", "int8_sq", "--calib_dataset", tmp / "nope.txt"], src,
                          "nope.txt"),
         "empty file": (["--qformat", "int8_sq", "--calib_dataset", empty], src, "empty.txt"),
@@ -104,7 +114,8 @@ def _cases(src, src_tp2, texts, quantized, tmp):
     }
 
 
-CASES = ["wrong qformat", "group size", "missing file", "empty file", "unreadable file",
+CASES = ["wrong qformat", "group size", "group size no kernel takes", "default group size",
+         "missing file", "empty file", "unreadable file",
          "too few tokens", "needs data", "kv needs data", "needs data, length given",
          "already quantized",
          "fp8 scales on int8", "alpha on int4", "alpha nan", "ratio inf", "calib size without data",
