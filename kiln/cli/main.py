@@ -97,6 +97,14 @@ class KilnGroup(click.Group):
                 _quiet(gone)
                 raise SystemExit(128 + signal.SIGPIPE) from None
             raise
+        except BrokenPipeError:
+            # click writes a usage error of kiln's own (`kiln --bogus`; `kiln` alone: its
+            # help) after its handlers, so stderr's reader gone raises out of it: quiet too
+            # (https://docs.python.org/3/library/signal.html#note-on-sigpipe)
+            if gone := _readers_gone():
+                _quiet(gone)
+                raise SystemExit(128 + signal.SIGPIPE) from None
+            raise
 
     def invoke(self, ctx: click.Context):
         install_termination_signals()

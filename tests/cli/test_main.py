@@ -261,6 +261,17 @@ def test_help_into_a_closed_pipe_exits_as_a_command_does(args):
     assert (process.returncode, err.decode()) == (141, "")
 
 
+@pytest.mark.parametrize("args", [[], ["--bogus"]])
+def test_kilns_own_usage_error_into_a_closed_pipe_exits_as_a_command_does(args):
+    """`kiln 2>&1 | true`: click writes the help (or `kiln --bogus`'s usage error) after its
+    own handlers, so the broken pipe had escaped them as a traceback into the closed pipe and
+    exit 1; a command's usage error exits 141 there."""
+    process = subprocess.Popen([sys.executable, "-m", "kiln.cli.main", *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    process.stdout.close()  # before kiln has imported: its first write finds it closed
+    assert process.wait(timeout=120) == 141
+
+
 @pytest.mark.parametrize("error", ["ImportError", "RuntimeError"])
 def test_a_library_s_own_error_for_a_ctrl_c_is_an_interrupt(monkeypatch, error):
     """A trial's Ctrl-C during `kiln cache build`'s imports (1 in 10) ended in onnxruntime's
