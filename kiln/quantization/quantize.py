@@ -51,7 +51,7 @@ from kiln.output_dirs import (
 )
 from kiln.progress import progress_bar
 from kiln.quantization.accuracy import AccuracyMeter, check_gate, summary
-from kiln.quantization.config import GROUP_SIZES, WEIGHT_SCALE, QuantConfig
+from kiln.quantization.config import FORMATS, GROUP_SIZES, WEIGHT_SCALE, Granularity, QuantConfig
 from kiln.quantization.data import Samples, load_tokenizer_of, split_calibration, token_samples
 from kiln.quantization.formats import dequantize_weight, quantize_weight
 from kiln.quantization.layerio import LayerReader, QuantizedWriter
@@ -107,10 +107,11 @@ def quantize(checkpoint_dir: str | Path, output_dir: str | Path, *, progress: bo
         raise QuantizationError(f"{source_dir}: is already quantized "
                                 f"({source.quantization.qformat}); quantize its unquantized "
                                 f"source checkpoint instead")
-    check_group_size(opts.group_size, source)  # before QuantConfig's refusal: it knows no model
+    info = FORMATS.get(opts.qformat)
+    if info is not None and Granularity.PER_GROUP in info.weight_scales:
+        check_group_size(opts.group_size, source)  # before QuantConfig's, which knows no model
     quant = quant_config(opts, source)
-    if opts.group_size is None:
-        check_group_size(quant.group_size, source)  # the int4 default
+    check_group_size(quant.group_size, source)  # the int4 default too
     device = resolve_device(opts.device)
     job = _Job(source_dir, source, quant, device, opts, progress)
     job.load_data()
@@ -158,12 +159,14 @@ def check_group_size(group_size: int | None, source: CheckpointConfig) -> None:
     inputs = {"attn.qkv / mlp (hidden)": cfg.hidden_size, "attn.o": cfg.q_size // tp,
               "mlp.down": cfg.intermediate_size // tp}
     fits = [g for g in GROUP_SIZES if all(f % g == 0 for f in inputs.values())]
-    use = f"use --group_size {' or '.join(map(str, fits))}" if fits else "use int8_wo"
+    if fits:
+        use = f"use --group_size {' or '.join(map(str, fits))}"
+        which = f"; of those, {' and '.join(map(str, fits))} " \
+                f"{'divides' if len(fits) == 1 else 'divide'}"
+    else:
+        use, which = "no int4 group size fits; use int8_wo", ", and none of those divides"
     if group_size not in GROUP_SIZES:
         widths = ", ".join(f"{what} {features}" for what, features in inputs.items())
-        which = f"; of those, {' and '.join(map(str, fits))} " \
-            f"{'divides' if len(fits) == 1 else 'divide'}" if fits else \
-            ", and none of those divides"
         raise ConfigError(f"--group_size {group_size} is not an int4 group size "
                           f"({', '.join(map(str, GROUP_SIZES))}){which} this checkpoint's input "
                           f"features per rank (tp_size {tp}: {widths}); {use}")
@@ -171,7 +174,7 @@ def check_group_size(group_size: int | None, source: CheckpointConfig) -> None:
         if features % group_size:
             raise ConfigError(f"--group_size {group_size} does not divide the "
                               f"{features} input features of {what} per rank (tp_size {tp}); "
-                              f"{use if fits else f'no int4 group size fits; {use}'}")
+                              f"{use}")
 
 
 def resolve_device(device: str) -> torch.device:

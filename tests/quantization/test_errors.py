@@ -48,6 +48,8 @@ def _cases(src, src_tp2, texts, quantized, tmp):
                                        "of those, 32 divides this checkpoint's input features "
                                        "per rank (tp_size 1: attn.qkv / mlp (hidden) 64, attn.o "
                                        "64, mlp.down 96); use --group_size 32"),
+        "group size on int8": (["--qformat", "int8_wo", "--group_size", "48"], src,
+                              "group_size applies to int4 formats only, not int8_wo"),
         "default group size": (["--qformat", "int4_wo"], src,
                                "--group_size 128 does not divide the 64 input features of "
                                "attn.qkv / mlp (hidden) per rank (tp_size 1); use --group_size "
@@ -114,7 +116,8 @@ def _cases(src, src_tp2, texts, quantized, tmp):
     }
 
 
-CASES = ["wrong qformat", "group size", "group size no kernel takes", "default group size",
+CASES = ["wrong qformat", "group size", "group size no kernel takes", "group size on int8",
+         "default group size",
          "missing file", "empty file", "unreadable file",
          "too few tokens", "needs data", "kv needs data", "needs data, length given",
          "already quantized",
