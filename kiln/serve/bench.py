@@ -113,10 +113,14 @@ class RateReport:
     def table(self, workload: ServeWorkload) -> str:
         rate = "inf (all at once)" if math.isinf(self.request_rate) else \
             _rate_label(self.request_rate)
-        failed = f", {self.failed} failed (first: {self.first_error})" if self.failed else ""
+        done = counted(self.completed, "request")
+        failed = ""
+        if self.failed:  # "16 of 30 requests", not "16 requests (16 in": which 16 is which
+            done = f"{self.completed} of {counted(self.completed + self.failed, 'request')}"
+            failed = f"; {self.failed} failed (first: {self.first_error})"
         lines = [f"rate {rate}, max concurrency {self.max_concurrency or 'unlimited'}: "
-                 f"{counted(self.completed, 'request')} ({workload.input_len} in / "
-                 f"{workload.output_len} out) in {self.duration_s:.2f} s{failed}",
+                 f"{done} completed ({workload.input_len} tokens in / {workload.output_len} "
+                 f"out each) in {self.duration_s:.2f} s{failed}",
                  f"{'metric':<24}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}"]
         for name, stats in (("TTFT (ms)", self.ttft_ms), ("TPOT (ms)", self.tpot_ms),
                             ("inter-token (ms)", self.itl_ms), ("E2E latency (ms)", self.e2e_ms)):

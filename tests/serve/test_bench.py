@@ -111,16 +111,21 @@ def test_without_the_serve_extra_it_is_one_line(monkeypatch):
                     "pip install 'kiln-llm[serve]'")
 
 
-@pytest.mark.parametrize("completed, words", [(1, "1 request (8 in"), (2, "2 requests (8 in")])
-def test_the_table_counts_requests_in_good_english(completed, words):
-    """A trial's table said "1 requests"."""
+@pytest.mark.parametrize("completed, failed, words", [
+    (1, 0, "1 request completed (8 tokens in"), (2, 0, "2 requests completed (8 tokens in"),
+    (8, 3, "8 of 11 requests completed (8 tokens in")])
+def test_the_table_counts_requests_in_good_english(completed, failed, words):
+    """A trial's table said "1 requests"; another's "8 requests (8 in / 4 out) ..., 3 failed"
+    read as 8 sent."""
     from kiln.runtime.stats import Stats
     from kiln.serve.bench import RateReport, ServeWorkload
 
     stats = Stats.of([1.0])
-    report = RateReport(1.0, None, 1.0, completed, 0, 4 * completed, stats, stats, stats, stats,
-                        4.0, 1.0)
-    assert f": {words} / 4 out) in 1.00 s" in report.table(ServeWorkload(8, 4, completed))
+    report = RateReport(1.0, None, 1.0, completed, failed, 4 * completed, stats, stats, stats,
+                        stats, 4.0, 1.0, "HTTP 429: busy" if failed else None)
+    first = f"; {failed} failed (first: HTTP 429: busy)" if failed else ""
+    assert f": {words} / 4 out each) in 1.00 s{first}\n" in \
+        report.table(ServeWorkload(8, 4, completed + failed))
 
 
 def test_a_rate_whose_arrivals_take_long_is_warned_about(server, monkeypatch, caplog):
@@ -204,7 +209,8 @@ def test_failed_requests_are_said_in_one_line_after_the_figures_and_exit_1(tmp_p
                         "--input_len", "4", "--output_len", "3", "--warmup", "0",
                         "--json_output", str(out))
     assert result.exit_code == 1, result.output
-    assert "4 requests (4 in / 3 out)" in result.stdout and "TTFT (ms)" in result.stdout
+    assert "4 of 6 requests completed (4 tokens in / 3 out each)" in result.stdout
+    assert "TTFT (ms)" in result.stdout
     assert result.stderr.splitlines() == [f"wrote {out}", line]
     for rate in json.loads(out.read_text())["rates"]:
         assert (rate["completed"], rate["failed"], rate["first_error"]) == \
