@@ -379,7 +379,9 @@ def log_quantization(manifest: EngineManifest | None) -> None:
 
 
 def _header(index: int, count: int) -> str:
-    return f"[{index}]\n" if count > 1 else ""
+    """``[n]`` before the n-th of several prompts' outputs, counted from 1 as the messages
+    count them ("prompt 2: ...")."""
+    return f"[{index + 1}]\n" if count > 1 else ""
 
 
 def _stream(llm: LLM, inputs: list[Any], params: SamplingParams) -> list[CompletionResult]:

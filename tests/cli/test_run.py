@@ -122,7 +122,7 @@ def test_several_prompts_print_header_then_block_streaming_or_not(engine):
     streamed = kiln(*args, "--streaming")
     assert plain.stdout == streamed.stdout
     lines = plain.stdout.split("\n")
-    assert (lines[0], lines[2], lines[4]) == ("[0]", "[1]", "") and len(lines) == 5
+    assert (lines[0], lines[2], lines[4]) == ("[1]", "[2]", "") and len(lines) == 5
     assert "10 tokens, 2 requests" in plain.stderr and "TTFT" not in plain.stdout
 
 
@@ -156,7 +156,7 @@ def test_blocks_stay_in_prompt_order_when_a_later_prompt_finishes_first(scripted
              scripted + " Answer in one short sentence.", *(["--streaming"] * streaming))
     assert r.exit_code == 0, r.output
     header0, text0, header1, text1, end = r.stdout.split("\n")
-    assert (header0, text0, header1, end) == ("[0]", ANSWER, "[1]", "")
+    assert (header0, text0, header1, end) == ("[1]", ANSWER, "[2]", "")
     assert text1 and ANSWER.endswith(text1) and text1 != ANSWER
     assert "2 requests, finish: stop" in r.stderr
 
@@ -189,13 +189,13 @@ def test_streaming_prints_the_earliest_unfinished_block_live(monkeypatch, capsys
         _ScriptedLLM(script, after_each=lambda: printed.append(capsys.readouterr().out)),
         ["a", "b", "c"], None)
     assert [r.request_id for r in results] == ["r0", "r1", "r2"]
-    assert printed == ["[0]\nHel", "", "", "lo", "", "\n[1]\nWorld\n[2]\nx", "y\n"]
+    assert printed == ["[1]\nHel", "", "", "lo", "", "\n[2]\nWorld\n[3]\nx", "y\n"]
 
 
 
 @pytest.mark.parametrize("script,out", [
-    ([(0, "Hel", False)], "[0]\nHel\n"),  # mid-line: the line is ended
-    ([(0, "Hel", False), (0, "", True)], "[0]\nHel\n[1]\n"),  # at a line's end: as it was
+    ([(0, "Hel", False)], "[1]\nHel\n"),  # mid-line: the line is ended
+    ([(0, "Hel", False), (0, "", True)], "[1]\nHel\n[2]\n"),  # at a line's end: as it was
 ])
 def test_streaming_interrupted_off_a_terminal_leaves_whole_lines(capsys, script, out):
     """A pipe got ``...Hel`` and then, from stderr, ``interrupted (Ctrl-C)`` on the same line
@@ -254,7 +254,7 @@ def test_input_file_jsonl_gives_one_result_per_line(engine, tmp_path):
     f.write_text('"first"\n\n{"prompt": "second"}\n')
     r = kiln("run", "--engine_dir", str(engine), "--input_file", str(f), "--max_output_len", "3",
              "--ignore_eos")
-    assert r.exit_code == 0 and r.stdout.startswith("[0]\n") and "\n[1]\n" in r.stdout
+    assert r.exit_code == 0 and r.stdout.startswith("[1]\n") and "\n[2]\n" in r.stdout
     assert "6 tokens, 2 requests" in r.stderr
 
 
@@ -541,7 +541,7 @@ def test_a_request_ending_in_error_is_reported_and_exits_2(monkeypatch):
     result = kiln("run", "--engine_dir", "mock", "--input_text", "x", "--max_output_len", "4")
     assert result.exit_code == 2
     assert "error: request" in result.stderr and "not finite (NaN or Inf)" in result.stderr
-    assert result.stdout.startswith("[0]\n")
+    assert result.stdout.startswith("[1]\n")
 
 
 @pytest.mark.parametrize("args,said", [
