@@ -8,8 +8,10 @@ See docs/checkpoint.md for the full description. This module owns the format: th
 from __future__ import annotations
 
 from collections.abc import Collection
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from threading import Event
 from typing import Any
 
 import torch
@@ -17,6 +19,7 @@ import torch
 from kiln.config import DTYPES, DecoderConfig, Mapping
 from kiln.dirs import DirKind, read_config
 from kiln.errors import CheckpointError, ConfigError, KilnError
+from kiln.hashing import sha256_file, stops_when
 from kiln.quantization.config import QuantConfig
 from kiln.roles import expected_shape, parse_tensor, quantized_roles, tensor_names
 from kiln.sharding import shard_shape, unshard_named
@@ -49,6 +52,10 @@ class CheckpointConfig:
     # accuracy.json): name -> sha256, so that --overwrite can tell them from a user's file of
     # the same name; None in checkpoints written before kiln recorded them
     other_files: dict[str, str] | None = None
+    # rank file name -> sha256, recorded by the writer (kiln convert_checkpoint, kiln quantize)
+    # and checked by kiln build, which refuses a file changed or damaged since (a bad copy, a
+    # disk error); None in checkpoints written before kiln recorded them
+    rank_checksums: dict[str, str] | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -78,6 +85,7 @@ class CheckpointConfig:
             "quantization": None if self.quantization is None else self.quantization.to_dict(),
             "source": self.source,
             **({} if self.other_files is None else {"other_files": self.other_files}),
+            **({} if self.rank_checksums is None else {"rank_checksums": self.rank_checksums}),
         }
 
     @classmethod
@@ -92,11 +100,45 @@ class CheckpointConfig:
                        quantization=QuantConfig.from_dict(data.get("quantization")),
                        source=data.get("source", {}), kiln_version=data.get("kiln_version", ""),
                        other_files=dict(data["other_files"]) if "other_files" in data else None,
+                       rank_checksums=dict(data["rank_checksums"])
+                       if "rank_checksums" in data else None,
                        format_version=version)
         except KeyError as e:
             raise CheckpointError(f"{where}: missing key {e}; not a kiln checkpoint config") from None
         except (KilnError, TypeError, ValueError) as e:
             raise CheckpointError(f"{where}: {e}") from None
+
+
+def hash_rank_files(directory: Path, world_size: int,
+                    stop: Event | None = None) -> dict[str, str]:
+    """sha256 of each rank file in ``directory`` (:attr:`CheckpointConfig.rank_checksums`), a
+    thread a file (hashlib releases the GIL); the threads stop within a block once ``stop``
+    is set or the caller is interrupted."""
+    names = [rank_file(rank) for rank in range(world_size)]
+    stop = stop or Event()
+    with ThreadPoolExecutor(min(len(names), 4)) as pool:
+        try:
+            hashes = {name: pool.submit(sha256_file, directory / name, stops_when(stop))
+                      for name in names}
+            return {name: future.result() for name, future in hashes.items()}
+        finally:
+            stop.set()  # (the pool's exit waits for its threads)
+
+
+def check_rank_checksums(directory: Path, config: CheckpointConfig,
+                         hashes: dict[str, str]) -> None:
+    """Raise :class:`CheckpointError` naming the first rank file whose sha256 (``hashes``) is
+    not the one ``config`` recorded."""
+    for name, digest in hashes.items():
+        recorded = (config.rank_checksums or {}).get(name)
+        if digest != recorded:
+            writer = "kiln quantize" if "quantized_from" in config.source else \
+                "kiln convert_checkpoint"
+            raise CheckpointError(f"{directory / name}: its bytes are not those {writer} wrote "
+                                  f"(sha256 {digest[:12]}..., recorded "
+                                  f"{(recorded or 'none')[:12]}...): the file was changed or "
+                                  f"damaged since; copy it again, or write the checkpoint "
+                                  f"again")
 
 
 def load_config(checkpoint_dir: str | Path) -> CheckpointConfig:

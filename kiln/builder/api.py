@@ -2,8 +2,9 @@
 
 Passes: validate options and output -> read and check the checkpoint (config and every rank
 file's header) -> resolve dtype, limits, targets, plugins -> backend check -> plan parts per
-rank (memory budget) -> build parts (in-process, or ``workers`` processes) -> tokenizer,
-checksums, manifest -> rename into place.
+rank (memory budget) -> build parts (in-process, or ``workers`` processes), the rank files
+hashed beside them against the checkpoint's recorded sha256 -> tokenizer, checksums, manifest
+-> rename into place.
 
 Atomicity: everything is written to a hidden temporary directory beside ``output_dir`` and
 renamed onto it at the end; on any error it is removed and an existing output is untouched.
@@ -15,8 +16,12 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from threading import Event
 from typing import Any
 
 import kiln
@@ -28,8 +33,10 @@ from kiln.builder.plan import gb_text, plan_rank
 from kiln.builder.runner import run_parts
 from kiln.checkpoint import (
     CheckpointConfig,
+    check_rank_checksums,
     check_tensor_names,
     check_tensor_shapes,
+    hash_rank_files,
     load_config,
     rank_file,
 )
@@ -120,14 +127,38 @@ def build_with(options: BuildOptions, progress: bool = False) -> BuildResult:
                                 engine.memory_factor, engine.base_memory, engine.tensor_copies,
                                 options.workers)]
     seconds = {"plan": time.perf_counter() - started}
-    with atomic_dir(options.output_dir, options.overwrite, ENGINE_KIND) as tmp:
+    with atomic_dir(options.output_dir, options.overwrite, ENGINE_KIND) as tmp, \
+            _rank_files_checked(options.checkpoint_dir, ckpt) as check:
         results = run_parts(engine, plan, parts, tmp, options.workers, progress)
+        check()
         seconds["parts"] = time.perf_counter() - started - seconds["plan"]
         manifest = _finish(tmp, engine, plan, results)
     seconds["total"] = time.perf_counter() - started
     result = BuildResult(options.output_dir, manifest, results, seconds)
     log.debug("%s", result.summary())  # kiln build echoes it (at INFO, -v printed it twice)
     return result
+
+
+@contextmanager
+def _rank_files_checked(checkpoint_dir: Path, ckpt: CheckpointConfig,
+                        ) -> Iterator[Callable[[], None]]:
+    """Hash the checkpoint's rank files in a thread beside the build; the check yielded waits
+    for the hashes and refuses a file whose sha256 is not the one its writer recorded (a
+    checkpoint written before kiln recorded them is not checked). The thread stops within a
+    block when the build ends first (an error, Ctrl-C)."""
+    directory = Path(checkpoint_dir)
+    if ckpt.rank_checksums is None:
+        log.info("%s records no rank file checksums (written by an older kiln): its files are "
+                 "not checked", directory)
+        yield lambda: None
+        return
+    stop = Event()
+    with ThreadPoolExecutor(1) as pool:
+        hashes = pool.submit(hash_rank_files, directory, ckpt.mapping.world_size, stop)
+        try:
+            yield lambda: check_rank_checksums(directory, ckpt, hashes.result())
+        finally:
+            stop.set()
 
 
 def _warn_if_the_cache_cannot_fit_here(plan: BuildPlan, engine: Backend) -> None:

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 import kiln
-from kiln.checkpoint import CONFIG_NAME, CheckpointConfig, rank_file
+from kiln.checkpoint import CONFIG_NAME, CheckpointConfig, hash_rank_files, rank_file
 from kiln.config import DTYPES, DecoderConfig, Mapping, options_from
 from kiln.converters.base import (
     Converter,
@@ -162,7 +162,8 @@ def write_checkpoint(plan: ConversionPlan, output_dir: Path, *, overwrite: bool 
                          progress)
             config = replace(plan.checkpoint_config(),
                              source=_provenance(source, plan.converter, hashes),
-                             other_files=copy_tokenizer(source.directory, tmp))
+                             other_files=copy_tokenizer(source.directory, tmp),
+                             rank_checksums=hash_rank_files(tmp, mapping.world_size))
             (tmp / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         finally:
             stop.set()  # (the pool's exit waits for the thread: gigabytes of files unstopped)

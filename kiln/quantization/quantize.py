@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 import kiln
-from kiln.checkpoint import CONFIG_NAME, CheckpointConfig, load_config
+from kiln.checkpoint import CONFIG_NAME, CheckpointConfig, hash_rank_files, load_config
 from kiln.config import options_from
 from kiln.datasets import load_texts
 from kiln.errors import ConfigError, DatasetError, QuantizationError, counted
@@ -290,7 +290,8 @@ class _Job:
         quant = self.quant.with_(accuracy=accuracy)
         (out / ACCURACY_FILE).write_text(json.dumps(accuracy, indent=2) + "\n")
         other_files = {**copy_tokenizer(self.source_dir, out), **file_digests(out, [ACCURACY_FILE])}
-        target = self._target(quant, other_files)
+        checksums = hash_rank_files(out, self.source.mapping.world_size)
+        target = dataclasses.replace(self._target(quant, other_files), rank_checksums=checksums)
         # the manifest last (an older kiln's overwrite check trusted files no newer than it)
         (out / CONFIG_NAME).write_text(json.dumps(target.to_dict(), indent=2) + "\n")
 

@@ -54,6 +54,29 @@ def test_rank_file_missing(ckpt_copy, tmp_path):
     fails(tmp_path, ckpt_copy, CheckpointError, "rank0.safetensors: missing")
 
 
+def test_a_rank_file_changed_since_it_was_written_is_refused(ckpt_copy, tmp_path):
+    """One byte of a weight flipped (a bad copy, a disk error): the header still reads, the
+    tensors still build, and only the checksum convert recorded tells (a trial built an engine
+    from a rank file with NaN bytes written into it)."""
+    path = ckpt_copy / "rank0.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-7] ^= 0x40
+    path.write_bytes(bytes(data))
+    fails(tmp_path, ckpt_copy, CheckpointError,
+          r"rank0.safetensors: its bytes are not those kiln convert_checkpoint wrote \(sha256 "
+          r"[0-9a-f]{12}\.\.\., recorded [0-9a-f]{12}\.\.\.\): the file was changed or damaged")
+
+
+def test_a_checkpoint_without_recorded_checksums_builds(ckpt_copy, tmp_path, caplog):
+    """Checkpoints written before kiln recorded them: built unchecked, said at INFO."""
+    config = json.loads((ckpt_copy / "config.json").read_text())
+    del config["rank_checksums"]
+    (ckpt_copy / "config.json").write_text(json.dumps(config))
+    with caplog.at_level("INFO", logger="kiln.builder.api"):
+        build(ckpt_copy, tmp_path / "engine", **LIMITS)
+    assert "records no rank file checksums" in caplog.text
+
+
 def test_rank_file_of_another_model(checkpoint, ckpt_copy, tmp_path):
     shutil.copy(checkpoint("mpt") / "rank0.safetensors", ckpt_copy / "rank0.safetensors")
     fails(tmp_path, ckpt_copy, CheckpointError, "do not match config.json")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -57,6 +58,9 @@ def test_output_format(hf_dir, tmp_path):
     assert config["quantization"] is None
     assert set(config["source"]["files"]) == {"model.safetensors"}
     assert len(config["source"]["files"]["model.safetensors"]) == 64  # sha256 hex
+    assert config["rank_checksums"] == {  # what kiln build checks the rank files against
+        f"rank{r}.safetensors": hashlib.sha256((out / f"rank{r}.safetensors").read_bytes())
+        .hexdigest() for r in range(4)}
     ckpt = load_config(out)
     rank3 = load_rank(out, 3, ckpt)  # tp_rank 1 of the last stage: layer 1 + head
     assert "embed.weight" not in rank3 and "lm_head.weight" in rank3

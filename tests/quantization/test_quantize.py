@@ -13,6 +13,7 @@ import torch
 import kiln
 from kiln.checkpoint import load_config, load_merged
 from kiln.datasets import load_texts
+from kiln.errors import CheckpointError
 from kiln.hashing import sha256_file
 from kiln.quantization.config import KV_SCALES
 from kiln.quantization.data import load_tokenizer_of, split_calibration, token_samples
@@ -127,6 +128,22 @@ def test_checkpoint_equals_the_model_quantized_by_hand(checkpoint, texts, tmp_pa
     written = {p.name: sha256_file(p) for p in out.iterdir()
                if p.name != "config.json" and not p.name.startswith("rank")}
     assert load_config(out).other_files == written and ACCURACY_FILE in written
+    # and its rank files, which kiln build checks (tests/builder/test_errors.py)
+    assert config.rank_checksums == {p.name: sha256_file(p) for p in out.glob("rank*")}
+
+
+def test_a_quantized_rank_file_changed_since_is_refused_by_the_build(checkpoint, texts,
+                                                                     tmp_path):
+    out = quantize(checkpoint("llama-gqa"), tmp_path / "q", qformat="int8_wo",
+                   calib_dataset=str(texts["calib"]), no_accuracy_gate=True)
+    path = out / "rank0.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="rank0.safetensors: its bytes are not those kiln "
+                                              "quantize wrote"):
+        kiln.build(out, tmp_path / "e", max_batch_size=2, max_input_len=16, max_seq_len=32)
+    assert not (tmp_path / "e").exists()
 
 
 @pytest.mark.parametrize("variant", ["llama-mha-headdim-bias", "falcon-7b-mqa",
