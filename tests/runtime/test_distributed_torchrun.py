@@ -121,7 +121,7 @@ def start_streaming(engine: Path) -> tuple[list[subprocess.Popen], list[list[int
     nodes = two_nodes("run", "--engine_dir", str(engine), "--device", "cpu", "--streaming",
                       "--max_output_len", "30", "--ignore_eos", *prompts)
     try:
-        streamed = nodes[0].stdout.read(8)  # "[0]\n" and text: the ranks are stepping
+        streamed = nodes[0].stdout.read(8)  # "[1]\n" and text: the ranks are stepping
         ranks = [children(node.pid) for node in nodes]
         assert len(streamed) == 8 and [len(r) for r in ranks] == [1, 1], nodes[0].stderr.read()
     except BaseException:

@@ -173,7 +173,7 @@ def test_kiln_run_with_dp2_and_the_benchmark_over_replicas(engines, replicas, si
     assert result.exit_code == 0, result.output
     want = single.generate(PROMPTS[:4], SamplingParams(temperature=0, ignore_eos=True,
                                                        max_tokens=5))
-    assert result.stdout == "".join(f"[{i}]\n{r.text}\n" for i, r in enumerate(want))
+    assert result.stdout == "".join(f"[{i}]\n{r.text}\n" for i, r in enumerate(want, 1))
     report = run_benchmark(replicas.core, Workload(input_len=4, output_len=3, num_requests=5))
     assert report.output_tokens == 15 and report.ttft_ms.mean > 0
 
