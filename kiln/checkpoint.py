@@ -7,8 +7,11 @@ See docs/checkpoint.md for the full description. This module owns the format: th
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import logging
+import re
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from threading import Event
@@ -18,12 +21,14 @@ import torch
 
 from kiln.config import DTYPES, DecoderConfig, Mapping
 from kiln.dirs import DirKind, read_config
-from kiln.errors import CheckpointError, ConfigError, KilnError
+from kiln.errors import CheckpointError, ConfigError, KilnError, counted
 from kiln.hashing import sha256_file, stops_when
 from kiln.quantization.config import QuantConfig
 from kiln.roles import expected_shape, parse_tensor, quantized_roles, tensor_names
 from kiln.sharding import shard_shape, unshard_named
 from kiln.tensorio import read_header, read_tensor
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -100,13 +105,34 @@ class CheckpointConfig:
                        quantization=QuantConfig.from_dict(data.get("quantization")),
                        source=data.get("source", {}), kiln_version=data.get("kiln_version", ""),
                        other_files=dict(data["other_files"]) if "other_files" in data else None,
-                       rank_checksums=dict(data["rank_checksums"])
+                       rank_checksums=_rank_checksums(data["rank_checksums"],
+                                                      Mapping(**data["mapping"]))
                        if "rank_checksums" in data else None,
                        format_version=version)
         except KeyError as e:
             raise CheckpointError(f"{where}: missing key {e}; not a kiln checkpoint config") from None
         except (KilnError, TypeError, ValueError) as e:
             raise CheckpointError(f"{where}: {e}") from None
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _rank_checksums(value: Any, mapping: Mapping) -> dict[str, str]:
+    """config.json's ``rank_checksums``, checked: every rank file of the mapping and no other,
+    each a sha256 hex digest (either case; kept in lower case)."""
+    names = [rank_file(rank) for rank in range(mapping.world_size)]
+    fix = "write the checkpoint again, or remove the key to build it unchecked"
+    if not isinstance(value, dict) or not all(
+            isinstance(v, str) and _SHA256.fullmatch(v.lower()) for v in value.values()):
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise ValueError(f"rank_checksums must map each rank file to its sha256 (64 hex "
+                         f"digits), found {shown}; {fix}")
+    if sorted(value) != names:
+        raise ValueError(f"rank_checksums lists {', '.join(sorted(value)) or 'no file'}, and "
+                         f"the mapping's rank files are {', '.join(names)}; {fix}")
+    return {name: value[name].lower() for name in names}
 
 
 def hash_rank_files(directory: Path, world_size: int,
@@ -129,16 +155,49 @@ def check_rank_checksums(directory: Path, config: CheckpointConfig,
                          hashes: dict[str, str]) -> None:
     """Raise :class:`CheckpointError` naming the first rank file whose sha256 (``hashes``) is
     not the one ``config`` recorded."""
+    recorded = config.rank_checksums or {}
     for name, digest in hashes.items():
-        recorded = (config.rank_checksums or {}).get(name)
-        if digest != recorded:
-            writer = "kiln quantize" if "quantized_from" in config.source else \
-                "kiln convert_checkpoint"
-            raise CheckpointError(f"{directory / name}: its bytes are not those {writer} wrote "
-                                  f"(sha256 {digest[:12]}..., recorded "
-                                  f"{(recorded or 'none')[:12]}...): the file was changed or "
-                                  f"damaged since; copy it again, or write the checkpoint "
-                                  f"again")
+        if digest == recorded.get(name):
+            continue
+        writer = "kiln quantize" if "quantized_from" in config.source else \
+            "kiln convert_checkpoint"
+        other = next((n for n, d in recorded.items() if d == digest), None)
+        if other is not None:
+            raise CheckpointError(f"{directory / name}: holds the bytes {writer} wrote to "
+                                  f"{other} (rank files copied over each other); copy the "
+                                  f"checkpoint again, or write it again")
+        raise CheckpointError(f"{directory / name}: its bytes are not those {writer} wrote "
+                              f"(sha256 {digest[:12]}..., recorded {recorded.get(name, '')[:12]}"
+                              f"...): the file was changed or damaged since; copy it again, "
+                              f"or write the checkpoint again")
+
+
+@contextmanager
+def rank_files_checked(directory: Path, config: CheckpointConfig,
+                       ) -> Iterator[Callable[[], None]]:
+    """Hash a checkpoint's rank files in a thread beside the work that reads them (kiln build,
+    kiln quantize); the check yielded waits for the hashes and raises
+    :func:`check_rank_checksums`'s error (a checkpoint that records none is not checked, said
+    at INFO). The thread stops within a block when the work ends first (an error, Ctrl-C)."""
+    directory = Path(directory)
+    if config.rank_checksums is None:
+        log.info("%s records no rank file checksums (written by a kiln before they were "
+                 "recorded, or the key removed): its rank files are not checked", directory)
+        yield lambda: None
+        return
+    stop = Event()
+
+    def check() -> None:
+        check_rank_checksums(directory, config, hashes.result())
+        log.info("%s: %s match the sha256 recorded", directory,
+                 counted(config.mapping.world_size, "rank file"))
+
+    with ThreadPoolExecutor(1) as pool:
+        hashes = pool.submit(hash_rank_files, directory, config.mapping.world_size, stop)
+        try:
+            yield check
+        finally:
+            stop.set()
 
 
 def load_config(checkpoint_dir: str | Path) -> CheckpointConfig:
@@ -155,7 +214,8 @@ def load_rank(checkpoint_dir: str | Path, rank: int, config: CheckpointConfig | 
     config = config or load_config(checkpoint_dir)
     path = checkpoint_dir / rank_file(rank)
     if not path.is_file():
-        raise CheckpointError(f"{path}: missing (mapping has {config.mapping.world_size} ranks); "
+        raise CheckpointError(f"{path}: missing (the mapping has "
+                              f"{counted(config.mapping.world_size, 'rank')}); "
                               f"re-run kiln convert_checkpoint")
     infos, _ = read_header(path)
     check_tensor_names(path, config, rank, infos)

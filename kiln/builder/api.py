@@ -16,12 +16,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from threading import Event
 from typing import Any
 
 import kiln
@@ -33,12 +29,11 @@ from kiln.builder.plan import gb_text, plan_rank
 from kiln.builder.runner import run_parts
 from kiln.checkpoint import (
     CheckpointConfig,
-    check_rank_checksums,
     check_tensor_names,
     check_tensor_shapes,
-    hash_rank_files,
     load_config,
     rank_file,
+    rank_files_checked,
 )
 from kiln.config import options_from
 from kiln.engine import EngineManifest
@@ -128,7 +123,7 @@ def build_with(options: BuildOptions, progress: bool = False) -> BuildResult:
                                 options.workers)]
     seconds = {"plan": time.perf_counter() - started}
     with atomic_dir(options.output_dir, options.overwrite, ENGINE_KIND) as tmp, \
-            _rank_files_checked(options.checkpoint_dir, ckpt) as check:
+            rank_files_checked(options.checkpoint_dir, ckpt) as check:
         results = run_parts(engine, plan, parts, tmp, options.workers, progress)
         check()
         seconds["parts"] = time.perf_counter() - started - seconds["plan"]
@@ -137,28 +132,6 @@ def build_with(options: BuildOptions, progress: bool = False) -> BuildResult:
     result = BuildResult(options.output_dir, manifest, results, seconds)
     log.debug("%s", result.summary())  # kiln build echoes it (at INFO, -v printed it twice)
     return result
-
-
-@contextmanager
-def _rank_files_checked(checkpoint_dir: Path, ckpt: CheckpointConfig,
-                        ) -> Iterator[Callable[[], None]]:
-    """Hash the checkpoint's rank files in a thread beside the build; the check yielded waits
-    for the hashes and refuses a file whose sha256 is not the one its writer recorded (a
-    checkpoint written before kiln recorded them is not checked). The thread stops within a
-    block when the build ends first (an error, Ctrl-C)."""
-    directory = Path(checkpoint_dir)
-    if ckpt.rank_checksums is None:
-        log.info("%s records no rank file checksums (written by an older kiln): its files are "
-                 "not checked", directory)
-        yield lambda: None
-        return
-    stop = Event()
-    with ThreadPoolExecutor(1) as pool:
-        hashes = pool.submit(hash_rank_files, directory, ckpt.mapping.world_size, stop)
-        try:
-            yield lambda: check_rank_checksums(directory, ckpt, hashes.result())
-        finally:
-            stop.set()
 
 
 def _warn_if_the_cache_cannot_fit_here(plan: BuildPlan, engine: Backend) -> None:
@@ -186,8 +159,9 @@ def check_rank_files(checkpoint_dir: Path, ckpt: CheckpointConfig) -> dict[int, 
     for rank in range(ckpt.mapping.world_size):
         path = Path(checkpoint_dir) / rank_file(rank)
         if not path.is_file():
-            raise CheckpointError(f"{path}: missing (mapping has {ckpt.mapping.world_size} "
-                                  f"ranks); re-run kiln convert_checkpoint")
+            raise CheckpointError(f"{path}: missing (the mapping has "
+                                  f"{counted(ckpt.mapping.world_size, 'rank')}); re-run kiln "
+                                  f"convert_checkpoint")
         weights = RankWeights(path, ckpt.dtype)
         check_tensor_names(path, ckpt, rank, weights.infos)
         check_tensor_shapes(path, ckpt, rank,

@@ -38,7 +38,13 @@ from typing import Any
 import torch
 
 import kiln
-from kiln.checkpoint import CONFIG_NAME, CheckpointConfig, hash_rank_files, load_config
+from kiln.checkpoint import (
+    CONFIG_NAME,
+    CheckpointConfig,
+    hash_rank_files,
+    load_config,
+    rank_files_checked,
+)
 from kiln.config import options_from
 from kiln.datasets import load_texts
 from kiln.errors import ConfigError, DatasetError, QuantizationError, counted
@@ -116,8 +122,12 @@ def quantize(checkpoint_dir: str | Path, output_dir: str | Path, *, progress: bo
     job = _Job(source_dir, source, quant, device, opts, progress)
     job.load_data()
     started = time.perf_counter()
-    with atomic_dir(output_dir, opts.overwrite, CHECKPOINT_KIND) as tmp:
+    # the source's rank files hashed beside the work: a damaged one must not come out under
+    # fresh checksums (a trial quantized a checkpoint kiln build had refused)
+    with atomic_dir(output_dir, opts.overwrite, CHECKPOINT_KIND) as tmp, \
+            rank_files_checked(source_dir, source) as check:
         job.run(tmp)
+        check()
     log.info("wrote %s in %.1f s", output_dir, time.perf_counter() - started)
     return output_dir
 

@@ -67,12 +67,50 @@ def test_a_rank_file_changed_since_it_was_written_is_refused(ckpt_copy, tmp_path
           r"[0-9a-f]{12}\.\.\., recorded [0-9a-f]{12}\.\.\.\): the file was changed or damaged")
 
 
+def test_rank_files_copied_over_each_other_are_named(checkpoint, tmp_path):
+    """Same names and shapes (two tensor-parallel ranks): only the checksums tell, and the
+    message says whose bytes the file holds."""
+    ckpt = shutil.copytree(checkpoint("llama-gqa", tp=2), tmp_path / "ckpt")
+    shutil.copy(ckpt / "rank1.safetensors", ckpt / "rank0.safetensors")
+    fails(tmp_path, ckpt, CheckpointError, "rank0.safetensors: holds the bytes kiln "
+          "convert_checkpoint wrote to rank1.safetensors", backend="torch")
+
+
+@pytest.mark.parametrize("value, match", [
+    ("xyz", "rank_checksums must map each rank file to its sha256 \\(64 hex digits\\), "
+            "found 'xyz'"),
+    (None, "rank_checksums must map each rank file to its sha256 .*, found None"),
+    ({"rank0.safetensors": 5}, "rank_checksums must map each rank file .*found "
+                               "\\{'rank0.safetensors': 5\\}"),
+    ({}, "rank_checksums lists no file, and the mapping's rank files are rank0.safetensors"),
+    ("extra", "rank_checksums lists rank0.safetensors, rank1.safetensors, and the mapping's"),
+], ids=["text", "null", "int", "empty", "extra"])
+def test_recorded_checksums_that_are_not_sha256s_of_the_rank_files_are_refused(
+        ckpt_copy, tmp_path, value, match):
+    """A hand edit of config.json (a trial's: a traceback after the whole build for an int, a
+    Python message for null): one line naming the key, before any work."""
+    config = json.loads((ckpt_copy / "config.json").read_text())
+    if value == "extra":
+        value = {**config["rank_checksums"], "rank1.safetensors": "0" * 64}
+    config["rank_checksums"] = value
+    (ckpt_copy / "config.json").write_text(json.dumps(config))
+    fails(tmp_path, ckpt_copy, CheckpointError, f"config.json: {match}.*remove the key")
+
+
+def test_a_checksum_recorded_in_capitals_is_the_same_checksum(ckpt_copy, tmp_path):
+    """Windows' Get-FileHash prints capitals; a trial's correct edit was refused as damage."""
+    config = json.loads((ckpt_copy / "config.json").read_text())
+    config["rank_checksums"] = {k: v.upper() for k, v in config["rank_checksums"].items()}
+    (ckpt_copy / "config.json").write_text(json.dumps(config))
+    build(ckpt_copy, tmp_path / "engine", **LIMITS)
+
+
 def test_a_checkpoint_without_recorded_checksums_builds(ckpt_copy, tmp_path, caplog):
     """Checkpoints written before kiln recorded them: built unchecked, said at INFO."""
     config = json.loads((ckpt_copy / "config.json").read_text())
     del config["rank_checksums"]
     (ckpt_copy / "config.json").write_text(json.dumps(config))
-    with caplog.at_level("INFO", logger="kiln.builder.api"):
+    with caplog.at_level("INFO", logger="kiln.checkpoint"):
         build(ckpt_copy, tmp_path / "engine", **LIMITS)
     assert "records no rank file checksums" in caplog.text
 

@@ -6,6 +6,7 @@ the gate's figures == the reference decoder's on the written checkpoint."""
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -144,6 +145,21 @@ def test_a_quantized_rank_file_changed_since_is_refused_by_the_build(checkpoint,
                                               "quantize wrote"):
         kiln.build(out, tmp_path / "e", max_batch_size=2, max_input_len=16, max_seq_len=32)
     assert not (tmp_path / "e").exists()
+
+
+def test_a_damaged_source_checkpoint_is_refused_not_quantized(checkpoint, texts, tmp_path):
+    """A trial quantized a checkpoint kiln build had refused, and the output's fresh checksums
+    hid the damage from the next build."""
+    src = shutil.copytree(checkpoint("llama-gqa"), tmp_path / "src")
+    path = src / "rank0.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x20
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="src/rank0.safetensors: its bytes are not those "
+                                              "kiln convert_checkpoint wrote"):
+        quantize(src, tmp_path / "q", qformat="int8_wo", calib_dataset=str(texts["calib"]),
+                 no_accuracy_gate=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
 @pytest.mark.parametrize("variant", ["llama-mha-headdim-bias", "falcon-7b-mqa",
