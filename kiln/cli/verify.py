@@ -1,4 +1,5 @@
-"""``kiln verify ENGINE_DIR``: check an engine dir against its manifest, on any machine.
+"""``kiln verify ENGINE_DIR``: check an engine dir against its manifest, on any machine (or a
+kiln checkpoint against the rank file checksums its config.json recorded).
 
 Reads and validates ``config.json``, checks that every rank of the mapping lists files, then
 checks every listed file of every rank: present, the manifest's size, the manifest's sha256
@@ -18,7 +19,7 @@ import click
 
 import kiln
 from kiln.cli.context import CliContext, PathArg
-from kiln.dirs import DirKind, read_config
+from kiln.dirs import DirKind, classify_dir, read_config
 from kiln.engine import (
     DIGEST_KEY,
     EngineError,
@@ -43,20 +44,23 @@ def manifest_problems(manifest: EngineManifest) -> list[str]:
     return problems
 
 
-def other_file_problems(engine_dir: Path, manifest: EngineManifest) -> list[str]:
-    """The files the build wrote beside the manifest (tokenizer files, the generation config:
+def other_file_problems(directory: Path, other_files: dict[str, str] | None,
+                        writer: str = "the build", since: str = "the build",
+                        record: str = "the manifest's") -> list[str]:
+    """The files kiln wrote beside the config (tokenizer files, the generation config:
     ``other_files``, name -> sha256) that are gone or changed since: a chat template or
-    sampling defaults edited in a shipped engine (none recorded by an older kiln)."""
+    sampling defaults edited in a shipped engine (none recorded by an older kiln). ``writer``,
+    ``since`` and ``record`` word the messages (who wrote them, since when, where their sha256
+    is)."""
     from kiln.hashing import sha256_file
 
     problems = []
-    for name, digest in sorted((manifest.other_files or {}).items()):
-        path = engine_dir / name
+    for name, digest in sorted((other_files or {}).items()):
+        path = directory / name
         if not path.is_file():
-            problems.append(f"{name}: missing (the build wrote it)")
+            problems.append(f"{name}: missing ({writer} wrote it)")
         elif sha256_file(path) != digest:
-            problems.append(f"{name}: changed since the build (sha256 differs from the "
-                            f"manifest's)")
+            problems.append(f"{name}: changed since {since} (sha256 differs from {record})")
     return problems
 
 
@@ -90,12 +94,16 @@ class _OneEngineDir(click.Command):
               help="The engine dir, as the other commands take it (or give it alone).")
 @click.pass_obj
 def verify(obj: CliContext, engine_dir: Path | None, engine_dir_option: Path | None) -> None:
-    """Check an engine dir against its manifest: files, sizes and checksums of every rank."""
+    """Check an engine dir against its manifest: files, sizes and checksums of every rank
+    (a kiln checkpoint: its rank files against the sha256 its config.json recorded)."""
     from tqdm import tqdm
 
     from kiln.progress import progress_bar
 
     engine_dir = engine_dir or engine_dir_option
+    if classify_dir(engine_dir) is DirKind.KILN_CHECKPOINT:
+        verify_checkpoint(obj, engine_dir)
+        return
 
     manifest = read_manifest(engine_dir)
     _, data = read_config(engine_dir, DirKind.ENGINE, EngineError)
@@ -119,7 +127,7 @@ def verify(obj: CliContext, engine_dir: Path | None, engine_dir_option: Path | N
             if obj.verbosity >= 0 or problem is not None:
                 with tqdm.external_write_mode():
                     click.echo(_line(engine_dir / name, rank, name.ljust(width), problem))
-    others = other_file_problems(engine_dir, manifest)
+    others = other_file_problems(engine_dir, manifest.other_files)
     for problem in others:
         click.echo(f"FAIL file  {problem}")
     problems += others
@@ -141,6 +149,56 @@ def verify(obj: CliContext, engine_dir: Path | None, engine_dir_option: Path | N
     click.echo(f"{engine_dir}: ok, {unedited}{counted(len(files), 'file')} of "
                f"{counted(ranks, 'rank')}{extra}, {total / 1e9:.2f} GB: present, {sizes} "
                f"match the manifest")
+
+
+def verify_checkpoint(obj: CliContext, directory: Path) -> None:
+    """``kiln verify`` of a kiln checkpoint: every rank file present with the sha256 its writer
+    recorded (``rank_checksums``, the check kiln build and kiln quantize make as they read),
+    and the other files it wrote unchanged; one line per rank file, then a summary."""
+    from tqdm import tqdm
+
+    from kiln.checkpoint import check_rank_checksums, load_config, rank_file
+    from kiln.errors import CheckpointError, KilnError
+    from kiln.hashing import sha256_file
+    from kiln.progress import progress_bar
+
+    config = load_config(directory)
+    if config.rank_checksums is None:
+        raise CheckpointError(f"{directory}: records no rank file checksums (written by a kiln "
+                              f"before they were recorded, or the key removed): nothing to "
+                              f"verify its rank files against; convert it again to record them")
+    names = [rank_file(rank) for rank in range(config.mapping.world_size)]
+    paths = [p for name in names if (p := directory / name).is_file()]
+    problems = []
+    with progress_bar(total=sum(p.stat().st_size for p in paths), unit="B", unit_scale=True,
+                      desc="sha256", delay=1.0, show=obj.progress) as bar:
+        for rank, name in enumerate(names):
+            path, problem = directory / name, None
+            if not path.is_file():
+                problem = "missing"
+            else:
+                try:
+                    check_rank_checksums(directory, config,
+                                         {name: sha256_file(path, on_block=bar.update)})
+                except KilnError as e:
+                    problem = str(e).removeprefix(f"{path}: ")
+            if problem is not None:
+                problems.append(f"{name}: {problem}")
+            if obj.verbosity >= 0 or problem is not None:
+                with tqdm.external_write_mode():
+                    click.echo(_line(path, rank, name, problem))
+    others = other_file_problems(directory, config.other_files, "kiln", "kiln wrote it",
+                                 "config.json's")
+    for problem in others:
+        click.echo(f"FAIL file  {problem}")
+    problems += others
+    if problems:
+        raise CheckpointError(f"{directory}: {len(problems)} problem(s), first: {problems[0]}")
+    extra = f" and {counted(len(config.other_files), 'other file')}" \
+        if config.other_files else ""
+    click.echo(f"{directory}: ok, {counted(len(names), 'rank file')}{extra} of a kiln "
+               f"checkpoint, {sum(p.stat().st_size for p in paths) / 1e9:.2f} GB: present, "
+               f"checksums match config.json")
 
 
 def _line(path: Path, rank: int, name: str, problem: str | None) -> str:

@@ -1,7 +1,9 @@
-"""kiln verify, and --verify_checksums of run and bench, on a two-stage onnx engine."""
+"""kiln verify, and --verify_checksums of run and bench, on a two-stage onnx engine; kiln
+verify of a kiln checkpoint (its rank files against the recorded sha256)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -210,3 +212,64 @@ def test_an_engine_whose_tokenizer_does_not_load_fails_like_kiln_run_would(engin
         assert r.exit_code == 2 and "Traceback" not in r.output
         assert f"FAIL tokenizer  {problem}" in r.output
         assert f"error: {engine}: 1 problem(s), first: {problem}" in r.output
+
+
+@pytest.fixture
+def checkpoint(tmp_path) -> Path:
+    ckpt = kiln_checkpoint(hf_model("llama-gqa", tmp_path / "hf"), tmp_path / "ckpt", pp=2)
+    shutil.copy(smollm2_hf_dir() / "tokenizer.json", ckpt / "tokenizer.json")
+    config = json.loads((ckpt / "config.json").read_text())  # as if convert had copied it
+    config["other_files"] = {"tokenizer.json": hashlib.sha256(
+        (ckpt / "tokenizer.json").read_bytes()).hexdigest()}
+    (ckpt / "config.json").write_text(json.dumps(config))
+    return ckpt
+
+
+def test_a_checkpoint_is_verified_against_its_recorded_checksums(checkpoint):
+    """A copied checkpoint can be checked before a build (a trial found kiln verify refusing
+    checkpoints, with no word that kiln build checks them)."""
+    r = kiln("verify", str(checkpoint))
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert [line.split()[:4] for line in lines[:2]] == [
+        ["ok", "rank", "0", "rank0.safetensors"], ["ok", "rank", "1", "rank1.safetensors"]]
+    assert lines[2].startswith(f"{checkpoint}: ok, 2 rank files and 1 other file of a kiln "
+                               f"checkpoint") and lines[2].endswith("checksums match config.json")
+    assert kiln("-q", "verify", str(checkpoint)).output.splitlines() == lines[2:]
+
+
+def test_a_damaged_or_swapped_checkpoint_file_fails_verify(checkpoint):
+    flip_a_byte(checkpoint / "rank1.safetensors")
+    (checkpoint / "tokenizer.json").write_text("{}")
+    r = kiln("verify", str(checkpoint))
+    assert r.exit_code == 2
+    lines = r.output.splitlines()
+    assert lines[1].startswith("FAIL rank 1  rank1.safetensors  its bytes are not those kiln "
+                               "convert_checkpoint wrote (sha256 ")
+    assert lines[2] == "FAIL file  tokenizer.json: changed since kiln wrote it (sha256 differs " \
+                       "from config.json's)"
+    assert lines[3].startswith(f"error: {checkpoint}: 2 problem(s), first: rank1.safetensors: "
+                               f"its bytes are not those")
+    (checkpoint / "rank0.safetensors").unlink()
+    assert "FAIL rank 0  rank0.safetensors  missing" in kiln("verify", str(checkpoint)).output
+
+
+def test_rank_files_copied_over_each_other_are_named_by_verify(checkpoint):
+    shutil.copy(checkpoint / "rank1.safetensors", checkpoint / "rank0.safetensors")
+    r = kiln("verify", str(checkpoint))
+    assert r.exit_code == 2
+    assert r.output.splitlines()[0] == "FAIL rank 0  rank0.safetensors  holds the bytes kiln " \
+        "convert_checkpoint wrote to rank1.safetensors (rank files copied over each other); " \
+        "copy the checkpoint again, or write it again"
+
+
+def test_a_checkpoint_without_recorded_checksums_cannot_be_verified(checkpoint):
+    config = json.loads((checkpoint / "config.json").read_text())
+    del config["rank_checksums"]
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    r = kiln("verify", str(checkpoint))
+    assert r.exit_code == 2 and r.output.splitlines() == [
+        f"error: {checkpoint}: records no rank file checksums (written by a kiln before they "
+        f"were recorded, or the key removed): nothing to verify its rank files against; "
+        f"convert it again to record them"]
+
