@@ -20,7 +20,8 @@ inter-token latency (between streamed chunks that carry text), end-to-end latenc
 p90, p99. Output tokens (the usage chunk's completion_tokens) and requests per second over the
 rate's run (first send to last token). A request that fails (an HTTP error, a dropped stream)
 is counted and the first error quoted (:meth:`ServeBenchReport.failures`: the line
-``kiln bench_serve`` ends with, exit 1); a rate where every request failed is an error.
+``kiln bench_serve`` ends with, exit 1); a rate where every request failed has no figures
+(its stats ``null``, its rates 0) and the run goes on to the next.
 
 Imports stay light (aiohttp only): no torch, no engine.
 """
@@ -298,9 +299,10 @@ def _rate_report(rate: float, max_concurrency: int | None, results: list[_Result
                  start: float) -> RateReport:
     ok = [r for r in results if r.error is None]
     failed = [r for r in results if r.error is not None]
-    if not ok:
-        raise ServeBenchError(f"every request at rate {rate:g} failed; the first: "
-                              f"{failed[0].error}")
+    if not ok:  # no figures, but the rates around it keep theirs (a trial lost them)
+        none = Stats.of([])
+        return RateReport(rate, max_concurrency, 0.0, 0, len(failed), 0, none, none, none, none,
+                          0.0, 0.0, failed[0].error)
     end = max(r.chunk_times[-1] for r in ok)
     duration = end - start
     tokens = sum(r.tokens or len(r.chunk_times) for r in ok)

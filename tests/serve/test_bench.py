@@ -147,10 +147,11 @@ def test_a_rate_whose_arrivals_take_long_is_warned_about(server, monkeypatch, ca
 
 
 @contextlib.contextmanager
-def _flaky_server(fail_every: int):
+def _flaky_server(fail_every: int, fail_from: int | None = None):
     """The URL of an OpenAI-compatible server of one model, "flaky", whose every
-    ``fail_every``-th completion request (in the order received) is an HTTP 500; the others
-    stream ``max_tokens`` one-character chunks."""
+    ``fail_every``-th completion request (in the order received), and every one from the
+    ``fail_from``-th on, is an HTTP 500; the others stream ``max_tokens`` one-character
+    chunks."""
     received = iter(range(1 << 30))  # next() under the lock: one count per request
     lock = threading.Lock()
 
@@ -172,7 +173,7 @@ def _flaky_server(fail_every: int):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             with lock:
                 n = next(received)
-            if n % fail_every == fail_every - 1:
+            if n % fail_every == fail_every - 1 or (fail_from is not None and n >= fail_from):
                 self.send(500, "application/json",
                           json.dumps({"error": {"message": "out of slots"}}))
                 return
@@ -216,3 +217,25 @@ def test_failed_requests_are_said_in_one_line_after_the_figures_and_exit_1(tmp_p
         assert (rate["completed"], rate["failed"], rate["first_error"]) == \
             (4, 2, "HTTP 500: out of slots")
         assert rate["output_tokens"] == 4 * 3
+
+
+def test_a_rate_where_every_request_failed_is_reported_and_the_others_keep_theirs(tmp_path):
+    """A trial's second rate failed whole: the run ended at exit 2 with no report, the first
+    rate's figures lost."""
+    out = tmp_path / "report.json"
+    with _flaky_server(fail_every=1 << 30, fail_from=3) as url:
+        result = _bench("--serve", url, "--request_rates", "inf,1000", "--num_requests", "3",
+                        "--input_len", "4", "--output_len", "3", "--warmup", "0",
+                        "--json_output", str(out))
+    assert result.exit_code == 1, result.output
+    assert "3 requests completed (4 tokens in / 3 out each)" in result.stdout
+    assert "0 of 3 requests completed (4 tokens in / 3 out each) in 0.00 s; 3 failed (first: " \
+        "HTTP 500: out of slots)" in result.stdout
+    assert result.stderr.splitlines()[-1] == (
+        "error: 3 of 6 requests failed (3 at 1000 req/s; the figures are of the 3 that "
+        "completed); the first: HTTP 500: out of slots")
+    first, second = json.loads(out.read_text())["rates"]
+    assert (first["completed"], first["failed"]) == (3, 0) and first["ttft_ms"]["mean"] > 0
+    assert (second["completed"], second["failed"], second["ttft_ms"]["mean"],
+            second["output_tokens_per_s"]) == (0, 3, None, 0.0)
+
