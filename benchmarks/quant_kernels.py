@@ -76,6 +76,19 @@ def copies_for(nbytes: int) -> int:
     return max(2, math.ceil(3 * l2 / nbytes))
 
 
+def fragment_copies(n: int, k: int, group: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(INT4 words in the MMA fragment layout, float32 group scales) of random ``[n, k]``
+    weights, enough copies to miss L2 (:func:`copies_for`), seeded."""
+    from kiln.plugins.quant_linear.layout import pack_fragments
+    torch.manual_seed(0)
+    copies = []
+    for _ in range(copies_for(n * k // 2)):
+        q = torch.randint(-8, 8, (n, k), device="cuda", dtype=torch.int8)
+        copies.append((pack_fragments(q), torch.rand(n, k // group, device="cuda") / 100 + 1e-3))
+        del q
+    return copies
+
+
 def make_weights(fmt: str, n: int, k: int, group: int, copies: int) -> list[tuple]:
     """(weight, scale) copies in the engine layouts; random bytes (values don't change speed)."""
     out = []

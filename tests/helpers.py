@@ -62,3 +62,12 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def flip_bits(path: Path, at: int, mask: int) -> None:
+    """XOR byte ``at`` of the file (negative: from its end) with ``mask``: a file damaged in
+    place, its size and header unchanged."""
+    data = bytearray(path.read_bytes())
+    data[at] ^= mask
+    path.write_bytes(bytes(data))
+

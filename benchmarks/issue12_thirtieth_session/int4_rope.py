@@ -26,11 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quant_kernels import copies_for, time_calls  # noqa: E402
+from quant_kernels import fragment_copies, time_calls  # noqa: E402
 
 from kiln.plugins.gemv.epilogue import RopeToCache  # noqa: E402
 from kiln.plugins.quant_linear import gluon_kernels  # noqa: E402
-from kiln.plugins.quant_linear.layout import pack_fragments  # noqa: E402
 from kiln.plugins.rotary.triton_kernels import rope_qkv_to_cache  # noqa: E402
 
 HQ, HKV, D, K, GROUP = 32, 8, 128, 4096, 128
@@ -38,12 +37,7 @@ N = (HQ + 2 * HKV) * D
 
 
 def kernels(ms: list[int], configs: list[tuple[int, int]]) -> list[dict]:
-    torch.manual_seed(0)
-    copies = []
-    for _ in range(copies_for(N * K // 2)):
-        q = torch.randint(-8, 8, (N, K), device="cuda", dtype=torch.int8)
-        copies.append((pack_fragments(q), torch.rand(N, K // GROUP, device="cuda") / 100 + 1e-3))
-        del q
+    copies = fragment_copies(N, K, GROUP)
     lin = gluon_kernels.int4_fragments_linear
     cache = tuple(torch.zeros(80, HKV, 64, D, device="cuda", dtype=torch.bfloat16) for _ in "kv")
     table = torch.randn(4096, D, device="cuda")

@@ -21,11 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quant_kernels import copies_for, time_calls  # noqa: E402
+from quant_kernels import fragment_copies, time_calls  # noqa: E402
 
 from kiln.plugins.gated_mlp.triton_kernels import silu_and_mul  # noqa: E402
 from kiln.plugins.quant_linear import gluon_kernels  # noqa: E402
-from kiln.plugins.quant_linear.layout import pack_fragments  # noqa: E402
 
 N, K, GROUP = 28672, 4096, 128
 
@@ -37,12 +36,7 @@ def main() -> None:
     parser.add_argument("--configs", default="2x2,2x1,4x1,4x2",
                         help="warps x chunks of the fused kernel, beside the committed choice")
     args = parser.parse_args()
-    torch.manual_seed(0)
-    copies = []
-    for _ in range(copies_for(N * K // 2)):
-        q = torch.randint(-8, 8, (N, K), device="cuda", dtype=torch.int8)
-        copies.append((pack_fragments(q), torch.rand(N, K // GROUP, device="cuda") / 100 + 1e-3))
-        del q
+    copies = fragment_copies(N, K, GROUP)
     lin = gluon_kernels.int4_fragments_linear
     rows = []
     for m in map(int, args.ms.split(",")):

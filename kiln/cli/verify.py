@@ -169,9 +169,10 @@ def verify_checkpoint(obj: CliContext, directory: Path) -> None:
                               f"verify its rank files against; convert it again to record them")
     names = [rank_file(rank) for rank in range(config.mapping.world_size)]
     paths = [p for name in names if (p := directory / name).is_file()]
+    total = sum(p.stat().st_size for p in paths)
     problems = []
-    with progress_bar(total=sum(p.stat().st_size for p in paths), unit="B", unit_scale=True,
-                      desc="sha256", delay=1.0, show=obj.progress) as bar:
+    with progress_bar(total=total, unit="B", unit_scale=True, desc="sha256", delay=1.0,
+                      show=obj.progress) as bar:
         for rank, name in enumerate(names):
             path, problem = directory / name, None
             if not path.is_file():
@@ -197,7 +198,7 @@ def verify_checkpoint(obj: CliContext, directory: Path) -> None:
     extra = f" and {counted(len(config.other_files), 'other file')}" \
         if config.other_files else ""
     click.echo(f"{directory}: ok, {counted(len(names), 'rank file')}{extra} of a kiln "
-               f"checkpoint, {sum(p.stat().st_size for p in paths) / 1e9:.2f} GB: present, "
+               f"checkpoint, {total / 1e9:.2f} GB: present, "
                f"checksums match config.json")
 
 

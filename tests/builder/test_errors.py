@@ -12,6 +12,7 @@ from kiln.builder.onnx_backend import OnnxBackend
 from kiln.engine import EngineError
 from kiln.errors import CheckpointError, ConfigError, KilnError, OutputExistsError
 from tests.builder.conftest import LIMITS
+from tests.helpers import flip_bits
 
 
 def fails(tmp_path, ckpt, error: type[KilnError], match: str, **options) -> None:
@@ -58,10 +59,7 @@ def test_a_rank_file_changed_since_it_was_written_is_refused(ckpt_copy, tmp_path
     """One byte of a weight flipped (a bad copy, a disk error): the header still reads, the
     tensors still build, and only the checksum convert recorded tells (a trial built an engine
     from a rank file with NaN bytes written into it)."""
-    path = ckpt_copy / "rank0.safetensors"
-    data = bytearray(path.read_bytes())
-    data[-7] ^= 0x40
-    path.write_bytes(bytes(data))
+    flip_bits(ckpt_copy / "rank0.safetensors", -7, 0x40)
     fails(tmp_path, ckpt_copy, CheckpointError,
           r"rank0.safetensors: its bytes are not those kiln convert_checkpoint wrote \(sha256 "
           r"[0-9a-f]{12}\.\.\., recorded [0-9a-f]{12}\.\.\.\): the file was changed or damaged")

@@ -17,6 +17,7 @@ from kiln.cli.verify import manifest_problems
 from kiln.engine import DIGEST_KEY, EngineError, read_manifest
 from kiln.runtime.loader import ExecutorOptions, open_engine
 from kiln.testing.smollm2 import smollm2_hf_dir
+from tests.helpers import flip_bits
 from tests.models import hf_model, kiln_checkpoint
 from tests.runtime.toy_onnx import rewrite_manifest
 
@@ -43,9 +44,7 @@ def kiln(*args: str):
 
 
 def flip_a_byte(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
+    flip_bits(path, path.stat().st_size // 2, 0xFF)
 
 
 def test_a_good_engine_prints_one_line_per_file_then_ok(engine):

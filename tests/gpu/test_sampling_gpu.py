@@ -247,13 +247,18 @@ def test_engine_core_on_cuda_logits_alone_equals_batched_and_a_nan_request_fails
     assert [alone[i] for i in greedy] == [cpu[i] for i in greedy]  # greedy: device-independent
 
 
-def test_torch_executor_sampled_requests_alone_equal_batched(cuda, tmp_path):
+def _torch_executor(tmp_path, dtype: str):
+    """A tiny Llama's torch engine in ``dtype`` on the GPU (CUDA graphs on), 17 cache pages."""
     ckpt = kiln_checkpoint(hf_model("llama-gqa", tmp_path / "hf"), tmp_path / "ckpt")
     engine = tmp_path / "engine"
     build(ckpt, engine, backend="torch", max_batch_size=8, max_input_len=32, max_seq_len=64,
-          max_num_tokens=64, dtype="float32")
-    ex = load_executor(engine, read_manifest(engine), ExecutorOptions(device="cuda"),
-                       TorchExecutorOptions(kv_cache_blocks=17, page_size=32))
+          max_num_tokens=64, dtype=dtype)
+    return load_executor(engine, read_manifest(engine), ExecutorOptions(device="cuda"),
+                         TorchExecutorOptions(kv_cache_blocks=17, page_size=32))
+
+
+def test_torch_executor_sampled_requests_alone_equal_batched(cuda, tmp_path):
+    ex = _torch_executor(tmp_path, "float32")
     prompts, params = _requests(ex.vocab_size, n=8)
 
     def run(batch):
@@ -280,12 +285,7 @@ def test_a_decode_graphs_own_greedy_pass_changes_no_token_or_logprob(cuda, tmp_p
     (the step as it was) give the same tokens and logprobs, bit for bit. Requests join while
     others decode (graph steps, eager steps, padded graphs of 3 rows in 4, async feeds from
     a graph's ids into an eager step)."""
-    ckpt = kiln_checkpoint(hf_model("llama-gqa", tmp_path / "hf"), tmp_path / "ckpt")
-    engine = tmp_path / "engine"
-    build(ckpt, engine, backend="torch", max_batch_size=8, max_input_len=32, max_seq_len=64,
-          max_num_tokens=64, dtype="bfloat16")
-    ex = load_executor(engine, read_manifest(engine), ExecutorOptions(device="cuda"),
-                       TorchExecutorOptions(kv_cache_blocks=17, page_size=32))
+    ex = _torch_executor(tmp_path, "bfloat16")
     prompts, params = _requests(ex.vocab_size, n=6)
     params = [p.replace(logprobs=2) if i == 1 else p for i, p in enumerate(params)]
     heads = []

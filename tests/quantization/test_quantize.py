@@ -22,6 +22,7 @@ from kiln.quantization.quantize import ACCURACY_FILE
 from kiln.quantization.transforms import LayerStats, fold_smoothing, input_groups
 from kiln.reference import ReferenceDecoder
 from kiln.roles import QUANTIZED_ROLES, parse_tensor
+from tests.helpers import flip_bits
 from tests.models import PROMPT
 
 CALIB = dict(calib_size=8, calib_max_seq_length=36)  # the gate scores 2 x 35 tokens
@@ -137,10 +138,7 @@ def test_a_quantized_rank_file_changed_since_is_refused_by_the_build(checkpoint,
                                                                      tmp_path):
     out = quantize(checkpoint("llama-gqa"), tmp_path / "q", qformat="int8_wo",
                    calib_dataset=str(texts["calib"]), no_accuracy_gate=True)
-    path = out / "rank0.safetensors"
-    data = bytearray(path.read_bytes())
-    data[-3] ^= 0x01
-    path.write_bytes(bytes(data))
+    flip_bits(out / "rank0.safetensors", -3, 0x01)
     with pytest.raises(CheckpointError, match="rank0.safetensors: its bytes are not those kiln "
                                               "quantize wrote"):
         kiln.build(out, tmp_path / "e", max_batch_size=2, max_input_len=16, max_seq_len=32)
@@ -151,10 +149,7 @@ def test_a_damaged_source_checkpoint_is_refused_not_quantized(checkpoint, texts,
     """A trial quantized a checkpoint kiln build had refused, and the output's fresh checksums
     hid the damage from the next build."""
     src = shutil.copytree(checkpoint("llama-gqa"), tmp_path / "src")
-    path = src / "rank0.safetensors"
-    data = bytearray(path.read_bytes())
-    data[-5] ^= 0x20
-    path.write_bytes(bytes(data))
+    flip_bits(src / "rank0.safetensors", -5, 0x20)
     with pytest.raises(CheckpointError, match="src/rank0.safetensors: its bytes are not those "
                                               "kiln convert_checkpoint wrote"):
         quantize(src, tmp_path / "q", qformat="int8_wo", calib_dataset=str(texts["calib"]),
