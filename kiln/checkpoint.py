@@ -37,6 +37,9 @@ TOKENIZER_FILES = (
     "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json",
     "chat_template.jinja", "chat_template.json",
 )
+# the end of a damaged rank file's message (read_header's remedy)
+REWRITE = "write the checkpoint again (kiln convert_checkpoint; kiln quantize for a quantized " \
+          "one), or copy it again"
 
 
 def rank_file(rank: int) -> str:
@@ -217,7 +220,7 @@ def load_rank(checkpoint_dir: str | Path, rank: int, config: CheckpointConfig | 
         raise CheckpointError(f"{path}: missing (the mapping has "
                               f"{counted(config.mapping.world_size, 'rank')}); "
                               f"re-run kiln convert_checkpoint")
-    infos, _ = read_header(path)
+    infos, _ = read_header(path, REWRITE)
     check_tensor_names(path, config, rank, infos)
     return {name: read_tensor(info) for name, info in infos.items()
             if names is None or name in names}

@@ -49,50 +49,57 @@ class TensorInfo:
         return self.end - self.begin
 
 
-def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and validate a safetensors header: (tensors by name, metadata)."""
+# how to replace a damaged file kiln did not write (read_header's default remedy)
+REDOWNLOAD = "re-download or re-export it"
+
+
+def read_header(path: Path, remedy: str = REDOWNLOAD) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a safetensors header: (tensors by name, metadata). ``remedy`` ends
+    the message of a damaged file: how to get a good one (kiln's own files say which command
+    writes them again)."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
-            raise _corrupt(path, f"file is {size} bytes, shorter than a header")
+            raise _corrupt(path, remedy, f"file is {size} bytes, shorter than a header")
         (n,) = struct.unpack("<Q", raw)
         if n > min(size - 8, _MAX_HEADER):
-            raise _corrupt(path, f"header length {n} does not fit a {size}-byte file")
+            raise _corrupt(path, remedy, f"header length {n} does not fit a {size}-byte file")
         try:
             header = json.loads(f.read(n))
         except UNREADABLE_JSON as e:
-            raise _corrupt(path, f"header is not valid JSON ({e})") from None
+            raise _corrupt(path, remedy, f"header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
-        raise _corrupt(path, "header is not a JSON object")
+        raise _corrupt(path, remedy, "header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
     start = 8 + n
-    tensors = {name: _tensor_info(path, name, entry, start, size) for name, entry in header.items()}
+    tensors = {name: _tensor_info(path, name, entry, start, size, remedy)
+               for name, entry in header.items()}
     return tensors, metadata
 
 
-def _tensor_info(path: Path, name: str, entry: dict, start: int, size: int) -> TensorInfo:
+def _tensor_info(path: Path, name: str, entry: dict, start: int, size: int,
+                 remedy: str) -> TensorInfo:
     try:
         dtype = DTYPE_NAMES[entry["dtype"]]
         shape = tuple(int(d) for d in entry["shape"])
         begin, end = (int(x) for x in entry["data_offsets"])
     except (KeyError, TypeError, ValueError) as e:
-        raise _corrupt(path, f"tensor {name!r} has a malformed entry ({e!r})") from None
+        raise _corrupt(path, remedy, f"tensor {name!r} has a malformed entry ({e!r})") from None
     numel = 1
     for d in shape:
         numel *= d
     if end - begin != numel * dtype.itemsize or begin < 0:
-        raise _corrupt(path, f"tensor {name!r} spans {end - begin} bytes, its shape "
-                             f"{list(shape)} and dtype need {numel * dtype.itemsize}")
+        raise _corrupt(path, remedy, f"tensor {name!r} spans {end - begin} bytes, its shape "
+                                     f"{list(shape)} and dtype need {numel * dtype.itemsize}")
     if start + end > size:
-        raise _corrupt(path, f"tensor {name!r} ends at byte {start + end}, past the end of the "
-                             f"{size}-byte file (truncated download?)")
+        raise _corrupt(path, remedy, f"tensor {name!r} ends at byte {start + end}, past the end "
+                                     f"of the {size}-byte file (truncated?)")
     return TensorInfo(path, dtype, shape, start + begin, start + end)
 
 
-def _corrupt(path: Path, why: str) -> CheckpointError:
-    return CheckpointError(f"{path}: not a valid safetensors file: {why}; re-download or "
-                           f"re-export it")
+def _corrupt(path: Path, remedy: str, why: str) -> CheckpointError:
+    return CheckpointError(f"{path}: not a valid safetensors file: {why}; {remedy}")
 
 
 def read_tensor(info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
@@ -112,7 +119,7 @@ def read_tensor(info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.
         while done < nbytes:
             got = os.preadv(fd, [view[done:]], begin + done)
             if got == 0:
-                raise _corrupt(info.path, "unexpected end of file")
+                raise _corrupt(info.path, REDOWNLOAD, "unexpected end of file")
             done += got
     finally:
         os.close(fd)

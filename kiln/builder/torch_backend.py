@@ -21,7 +21,7 @@ import time
 import torch
 
 from kiln.builder.backends import Backend, BuildPlan, PartJob, PartResult, register_backend
-from kiln.checkpoint import rank_file
+from kiln.checkpoint import REWRITE, rank_file
 from kiln.engine import EngineError
 from kiln.engine.torch_files import (
     TRANSPOSED_ROLES,
@@ -76,7 +76,7 @@ class TorchBackend(Backend):
         part, plan = job.part, job.plan
         dtype = getattr(torch, plan.dtype)
         quant = plan.checkpoint.quantization
-        infos, _ = read_header(plan.checkpoint_dir / rank_file(part.rank))
+        infos, _ = read_header(plan.checkpoint_dir / rank_file(part.rank), REWRITE)
         names = tensor_names(plan.checkpoint.decoder, part.layers, first_stage=part.first,
                              last_stage=part.last, quant=quant)
         entries, transposed = [], []

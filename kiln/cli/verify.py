@@ -19,7 +19,7 @@ import click
 
 import kiln
 from kiln.cli.context import CliContext, PathArg
-from kiln.dirs import DirKind, classify_dir, read_config
+from kiln.dirs import DirKind, classify_dir, near_path, read_config
 from kiln.engine import (
     DIGEST_KEY,
     EngineError,
@@ -101,6 +101,12 @@ def verify(obj: CliContext, engine_dir: Path | None, engine_dir_option: Path | N
     from kiln.progress import progress_bar
 
     engine_dir = engine_dir or engine_dir_option
+    if str(engine_dir).strip() and not engine_dir.exists():  # either kind would have been right
+        near = near_path(engine_dir)
+        raise EngineError(f"{engine_dir}: no such directory; "
+                          + (f"did you mean {near}? " if near else "")
+                          + "pass an engine dir (the output_dir of kiln build) or a kiln "
+                            "checkpoint (the output_dir of kiln convert_checkpoint)")
     if classify_dir(engine_dir) is DirKind.KILN_CHECKPOINT:
         verify_checkpoint(obj, engine_dir)
         return

@@ -143,7 +143,7 @@ def read_packed(path: Path, device: torch.device, quant: QuantConfig | None = No
                 ) -> tuple[dict[str, torch.Tensor], frozenset[str]]:
     """Load one packed file onto ``device``: (tensors, names stored transposed). With
     ``rank``: check that it was built for that rank of ``mapping`` (default: a single rank)."""
-    infos, metadata = read_header(path)
+    infos, metadata = read_header(path, "rebuild the engine (kiln build), or copy it again")
     if metadata.get("kiln_torch_format") != FORMAT:
         raise EngineError(f"{path}: not a kiln torch engine file of format {FORMAT} (found "
                           f"{metadata.get('kiln_torch_format')!r}); rebuild with kiln build "

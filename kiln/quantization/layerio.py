@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from kiln.checkpoint import CheckpointConfig, load_merged, rank_file
+from kiln.checkpoint import REWRITE, CheckpointConfig, load_merged, rank_file
 from kiln.quantization.config import QuantConfig
 from kiln.roles import (
     expected_shape,
@@ -69,7 +69,7 @@ class QuantizedWriter:
         self.writers: dict[int, StreamingWriter] = {}
         quant = target.quantization
         for rank in range(target.mapping.world_size):
-            infos, _ = read_header(source_dir / rank_file(rank))
+            infos, _ = read_header(source_dir / rank_file(rank), REWRITE)
             tp_rank, _ = target.mapping.coords(rank)
             entries = []
             for name in target.rank_tensor_names(rank):
@@ -113,7 +113,7 @@ class QuantizedWriter:
         when it stays unquantized: :meth:`write_head` writes a quantized one)."""
         quantized = quantized_roles(self.target.quantization)
         for rank, writer in self.writers.items():
-            infos, _ = read_header(self.source_dir / rank_file(rank))
+            infos, _ = read_header(self.source_dir / rank_file(rank), REWRITE)
             for name, info in infos.items():
                 role, layer, _ = parse_tensor(name)
                 if layer is not None or role in quantized:

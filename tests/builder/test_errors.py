@@ -47,7 +47,18 @@ def test_corrupt_config(ckpt_copy, tmp_path):
 def test_truncated_rank_file(ckpt_copy, tmp_path):
     path = ckpt_copy / "rank0.safetensors"
     path.write_bytes(path.read_bytes()[:-100])
-    fails(tmp_path, ckpt_copy, CheckpointError, "truncated")
+    fails(tmp_path, ckpt_copy, CheckpointError,
+          r"truncated\?\); write the checkpoint again \(kiln convert_checkpoint; kiln quantize "
+          r"for a quantized one\), or copy it again$")
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+def test_truncated_rank_file_says_how_to_write_it_again(ckpt_copy, tmp_path, backend):
+    """kiln wrote the file: the remedy is kiln's command, not a download."""
+    path = ckpt_copy / "rank0.safetensors"
+    path.write_bytes(path.read_bytes()[:20])  # the header cut
+    fails(tmp_path, ckpt_copy, CheckpointError, r"rank0\.safetensors: not a valid safetensors "
+          r"file: .*; write the checkpoint again", backend=backend)
 
 
 def test_rank_file_missing(ckpt_copy, tmp_path):

@@ -189,11 +189,28 @@ def test_an_engine_of_another_kiln_version_fails_as_kiln_run_would(engine, monke
            f"engine with this kiln (kiln build)" in r.output
 
 
-def test_not_an_engine_dir_is_one_line_exit_2(tmp_path):
+def test_a_missing_dir_is_one_line_exit_2_naming_both_kinds(tmp_path):
+    """verify takes engines and kiln checkpoints: a missing dir's line names both."""
     r = kiln("verify", str(tmp_path / "missing"))
     assert r.exit_code == 2
-    assert r.output.splitlines() == [f"error: {tmp_path / 'missing'}: no such engine directory; "
-                                     f"pass the output_dir of kiln build"]
+    assert r.output.splitlines() == [
+        f"error: {tmp_path / 'missing'}: no such directory; pass an engine dir (the output_dir "
+        f"of kiln build) or a kiln checkpoint (the output_dir of kiln convert_checkpoint)"]
+
+
+def test_a_typo_names_the_near_dir(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    r = kiln("verify", str(tmp_path / "ckp"))
+    assert r.exit_code == 2
+    assert f"{tmp_path / 'ckp'}: no such directory; did you mean {tmp_path / 'ckpt'}? " \
+           f"pass an engine dir" in r.output
+
+
+def test_an_empty_dir_is_still_read_as_an_engine_dir(tmp_path):
+    r = kiln("verify", str(tmp_path))
+    assert r.exit_code == 2
+    assert f"{tmp_path / 'config.json'}: missing, so {tmp_path} is not an engine directory" \
+        in r.output
 
 
 @pytest.mark.parametrize("damage,problem", [

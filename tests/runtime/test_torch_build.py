@@ -12,6 +12,7 @@ from kiln.builder.api import build
 from kiln.checkpoint import load_rank
 from kiln.engine import EngineError, read_manifest
 from kiln.engine.torch_files import pack_weights, read_packed
+from kiln.errors import CheckpointError
 from kiln.reference import ReferenceDecoder
 from kiln.roles import Role
 from kiln.runtime.compat import MachineInfo
@@ -141,4 +142,14 @@ def test_read_packed_refuses_other_files(tmp_path):
     path = tmp_path / "x.safetensors"
     write_tensors(path, {"embed.weight": torch.zeros(2, 2)})
     with pytest.raises(EngineError, match="not a kiln torch engine file"):
+        read_packed(path, torch.device("cpu"))
+
+
+def test_a_damaged_engine_file_says_rebuild(checkpoint, tmp_path):
+    """kiln build wrote the file: its remedy is a rebuild, not a download."""
+    build(checkpoint, tmp_path / "e", backend="torch", max_seq_len=32)
+    path = tmp_path / "e" / "rank0.safetensors"
+    path.write_bytes(path.read_bytes()[:-64])
+    with pytest.raises(CheckpointError, match=r"rank0\.safetensors: not a valid safetensors file: "
+                       r".*; rebuild the engine \(kiln build\), or copy it again$"):
         read_packed(path, torch.device("cpu"))

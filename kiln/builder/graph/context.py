@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from onnx import TensorProto
 
+from kiln.checkpoint import REWRITE
 from kiln.config import DecoderConfig, Mapping
 from kiln.graph.emitter import ONNX_DTYPES, GraphEmitter, Projection
 from kiln.quantization.config import QuantConfig
@@ -56,7 +57,7 @@ class RankWeights:
     def __init__(self, path: Path, dtype: str):
         self.path = Path(path)
         self.dtype = getattr(torch, dtype)
-        self.infos: dict[str, TensorInfo] = read_header(self.path)[0]
+        self.infos: dict[str, TensorInfo] = read_header(self.path, REWRITE)[0]
 
     def get(self, role: Role, layer: int | None = None) -> torch.Tensor | None:
         info = self.infos.get(role.name(layer))
