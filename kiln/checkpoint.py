@@ -177,21 +177,28 @@ def check_rank_checksums(directory: Path, config: CheckpointConfig,
 
 @contextmanager
 def rank_files_checked(directory: Path, config: CheckpointConfig,
-                       ) -> Iterator[Callable[[], None]]:
+                       ) -> Iterator[Callable[..., None]]:
     """Hash a checkpoint's rank files in a thread beside the work that reads them (kiln build,
     kiln quantize); the check yielded waits for the hashes and raises
     :func:`check_rank_checksums`'s error (a checkpoint that records none is not checked, said
-    at INFO). The thread stops within a block when the work ends first (an error, Ctrl-C)."""
+    at INFO); ``check(wait=False)`` checks only if the hashes are done (a long job calls it
+    as it goes, to stop at a damaged file without finishing its work first). The thread stops
+    within a block when the work ends first (an error, Ctrl-C)."""
     directory = Path(directory)
     if config.rank_checksums is None:
         log.info("%s records no rank file checksums (written by a kiln before they were "
                  "recorded, or the key removed): its rank files are not checked", directory)
-        yield lambda: None
+        yield lambda wait=True: None
         return
     stop = Event()
+    checked = False
 
-    def check() -> None:
+    def check(wait: bool = True) -> None:
+        nonlocal checked
+        if checked or not (wait or hashes.done()):
+            return
         check_rank_checksums(directory, config, hashes.result())
+        checked = True
         log.info("%s: %s match the sha256 recorded", directory,
                  counted(config.mapping.world_size, "rank file"))
 

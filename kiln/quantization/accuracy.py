@@ -88,12 +88,23 @@ def check_gate(accuracy: dict[str, Any], qformat: str, max_ppl_ratio: float,
     bad = any(not math.isfinite(v) for v in figures)
     passed = not bad and accuracy["ppl_ratio"] <= max_ppl_ratio
     if bad or (not passed and enforce):
-        why = "a figure is NaN/inf" if bad else f"ratio above --max_ppl_ratio {max_ppl_ratio}"
-        remedies = [*_remedies(qformat, settings),
-                    "pass --max_ppl_ratio / --no_accuracy_gate to accept it"]
+        if bad and not math.isfinite(accuracy["perplexity_source"]):  # no format can help
+            why = "the source model's own perplexity is NaN/inf"
+            remedies = ["check the source checkpoint (kiln verify) and convert it again"]
+        elif bad:  # not accepted by any option either
+            why = "a figure is NaN/inf"
+            remedies = _remedies(qformat, settings) or [
+                "keep the checkpoint unquantized (its own figures are finite; please report "
+                "it)"]
+        else:
+            why = f"ratio above --max_ppl_ratio {max_ppl_ratio}"
+            remedies = [*_remedies(qformat, settings),
+                        "pass --max_ppl_ratio / --no_accuracy_gate to accept it"]
+        either = remedies[0] if len(remedies) == 1 else \
+            f"{', '.join(remedies[:-1])}, or {remedies[-1]}"
         raise AccuracyGateError(
             f"{qformat} fails the accuracy gate ({why}): {summary(accuracy)}; nothing written; "
-            f"{', '.join(remedies[:-1])}, or {remedies[-1]}")
+            f"{either}")
     return passed
 
 

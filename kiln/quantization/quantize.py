@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,7 +127,7 @@ def quantize(checkpoint_dir: str | Path, output_dir: str | Path, *, progress: bo
     # fresh checksums (a trial quantized a checkpoint kiln build had refused)
     with atomic_dir(output_dir, opts.overwrite, CHECKPOINT_KIND) as tmp, \
             rank_files_checked(source_dir, source) as check:
-        job.run(tmp)
+        job.run(tmp, check)
         check()
     log.info("wrote %s in %.1f s", output_dir, time.perf_counter() - started)
     return output_dir
@@ -272,7 +273,10 @@ class _Job:
                           f"scored, and {FIRM_GATE_TOKENS} for a firm answer): give {more}; or "
                           f"pass --no_accuracy_gate to record the figures without enforcing them")
 
-    def run(self, out: Path) -> None:
+    def run(self, out: Path, check_source: Callable[..., None]) -> None:
+        """``check_source``: :func:`~kiln.checkpoint.rank_files_checked`'s check, made after
+        each layer once the hashes are done, and before the accuracy gate in any case (a
+        damaged source is named as such, not as the NaN or the perplexity it causes)."""
         cfg = self.source.decoder
         reader = LayerReader(self.source_dir, self.source, self.device)
         writer = QuantizedWriter(out, self.source_dir, self.source, self._target(self.quant))
@@ -285,6 +289,7 @@ class _Job:
             for i in range(cfg.num_layers):
                 layer_started = time.perf_counter()
                 self._layer(i, reader, writer, streams)
+                check_source(wait=False)
                 bar.update()
                 log.info("layer %d/%d quantized in %.2f s", i + 1, cfg.num_layers,
                          time.perf_counter() - layer_started)
@@ -296,6 +301,7 @@ class _Job:
                      time.perf_counter() - started,
                      (time.perf_counter() - started) / cfg.num_layers)
             bar.set_postfix_str("accuracy gate", refresh=False)
+            check_source()
             accuracy = self._accuracy(reader, streams, head)
         quant = self.quant.with_(accuracy=accuracy)
         (out / ACCURACY_FILE).write_text(json.dumps(accuracy, indent=2) + "\n")

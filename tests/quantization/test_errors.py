@@ -177,10 +177,22 @@ def test_gate_refusal_writes_nothing_and_says_the_figures(checkpoint, texts, tmp
 
 
 def test_a_nan_figure_fails_even_without_the_gate():
+    """Refused whatever the options say, so the refusal offers none of them."""
     figures = dict(perplexity_source=10.0, perplexity_quantized=math.nan, ppl_ratio=math.nan,
                    top1_agreement=0.5, kl_divergence=0.1, tokens=10)
-    with pytest.raises(AccuracyGateError, match="NaN"):
+    with pytest.raises(AccuracyGateError, match=r"\(a figure is NaN/inf\): .*; nothing written; "
+                                                r"calibrate with more or other data, or choose a "
+                                                r"more accurate format \(int8_wo\)$"):
         check_gate(figures, "fp8", 1.03, enforce=False)
+    with pytest.raises(AccuracyGateError, match=r"; nothing written; keep the checkpoint "
+                                                r"unquantized \(its own figures are finite"):
+        check_gate(figures, "int8_wo", 1.03, enforce=False)
+    source_nan = {**figures, "perplexity_source": math.inf}
+    with pytest.raises(AccuracyGateError, match=r"\(the source model's own perplexity is "
+                                                r"NaN/inf\): .*; nothing written; check the "
+                                                r"source checkpoint \(kiln verify\) and convert "
+                                                r"it again$"):
+        check_gate(source_nan, "int4_wo", 1.03, enforce=True)
     ok = {**figures, "perplexity_quantized": 10.2, "ppl_ratio": 1.02}
     assert check_gate(ok, "fp8", 1.03, enforce=True)
     assert not check_gate({**ok, "ppl_ratio": 1.04}, "fp8", 1.03, enforce=False)
@@ -197,6 +209,7 @@ def test_a_nan_figure_fails_even_without_the_gate():
     # a trial: "a wider format" had not said which
     ("int4_wo", [], "nothing written; choose a more accurate format (int8_wo, fp8, int8_sq, "
                     "int4_awq), or pass"),
+    ("int8_wo", [], "nothing written; pass"),  # had read "nothing written; , or pass"
 ])
 def test_a_gate_refusal_names_what_may_win_accuracy_back(qformat, settings, remedies):
     figures = dict(perplexity_source=10.0, perplexity_quantized=11.0, ppl_ratio=1.1,

@@ -157,6 +157,19 @@ def test_a_damaged_source_checkpoint_is_refused_not_quantized(checkpoint, texts,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
+def test_a_source_damaged_into_nan_is_named_before_the_accuracy_gate(checkpoint, texts,
+                                                                     tmp_path):
+    """The damage, not the NaN perplexity it causes, is what the user needs to hear."""
+    src = shutil.copytree(checkpoint("llama-gqa"), tmp_path / "src")
+    with open(src / "rank0.safetensors", "r+b") as f:  # the last tensor's last values: NaN as
+        f.seek(-4, 2)  # one float32, or two 16-bit floats
+        f.write(b"\xc0\x7f\xc0\x7f")
+    with pytest.raises(CheckpointError, match="src/rank0.safetensors: its bytes are not those "
+                                              "kiln convert_checkpoint wrote"):
+        quantize(src, tmp_path / "q", qformat="int8_wo", calib_dataset=str(texts["calib"]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
 @pytest.mark.parametrize("variant", ["llama-mha-headdim-bias", "falcon-7b-mqa",
                                      "falcon-rw-alibi", "mpt"])
 def test_smoothing_folds_leave_the_float_function_unchanged(checkpoint, variant):
