@@ -167,8 +167,10 @@ class ServeBenchReport:
         sent = sum(r.completed + r.failed for r in self.rates)
         where = f"{', '.join(f'{r.failed} at {_rate_label(r.request_rate)}' for r in rates)}; " \
             if len(self.rates) > 1 else ""
-        return (f"{failed} of {counted(sent, 'request')} failed ({where}the figures are of the "
-                f"{sent - failed} that completed); the first: {rates[0].first_error}")
+        figures = f"the figures are of the {sent - failed} that completed" \
+            if sent > failed else "no figures"
+        return (f"{failed} of {counted(sent, 'request')} failed ({where}{figures}); the first: "
+                f"{rates[0].first_error}")
 
 
 @dataclass
@@ -349,7 +351,15 @@ async def _benchmark(url: str, workload: ServeWorkload, model: str | None, api_k
             results, start = await _run_rate(session, url, model, api_key, warm,
                                              min(workload.output_len, 8), math.inf, width,
                                              workload.seed)
-            _rate_report(math.inf, width, results, start)  # raises if every one failed
+            warm = _rate_report(math.inf, width, results, start)
+            if not warm.completed:  # the measured rates would fail alike
+                raise ServeBenchError(f"every warm-up request failed "
+                                      f"({counted(warm.failed, 'request')}); the first: "
+                                      f"{warm.first_error}")
+            if warm.failed:
+                log.warning("%d of %d warm-up requests failed (the first: %s); the measured "
+                            "rates follow", warm.failed, warm.failed + warm.completed,
+                            warm.first_error)
         report = ServeBenchReport(url, model, workload)
         for rate in workload.request_rates:
             arrivals = (workload.num_requests - 1) / rate  # expected span of Poisson arrivals

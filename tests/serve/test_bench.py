@@ -239,3 +239,26 @@ def test_a_rate_where_every_request_failed_is_reported_and_the_others_keep_their
     assert (second["completed"], second["failed"], second["ttft_ms"]["mean"],
             second["output_tokens_per_s"]) == (0, 3, None, 0.0)
 
+
+
+def test_a_warm_up_where_every_request_failed_stops_in_one_line(tmp_path):
+    """The measured rates would fail alike (since the all-failed rate no longer raised, the
+    warm-up's check had gone quiet)."""
+    out = tmp_path / "report.json"
+    with _flaky_server(fail_every=1 << 30, fail_from=0) as url:
+        result = _bench("--serve", url, "--num_requests", "3", "--input_len", "4",
+                        "--output_len", "3", "--json_output", str(out))
+    _one_line_error(result, "every warm-up request failed (3 requests); the first: HTTP 500: "
+                            "out of slots")
+    assert not out.exists()
+
+
+def test_warm_up_failures_are_said_and_the_rates_go_on(tmp_path, caplog):
+    with _flaky_server(fail_every=1 << 30, fail_from=2) as url, caplog.at_level("WARNING"):
+        result = _bench("--serve", url, "--num_requests", "3", "--input_len", "4",
+                        "--output_len", "3")
+    assert "1 of 3 warm-up requests failed (the first: HTTP 500: out of slots); the measured " \
+           "rates follow" in caplog.messages
+    assert result.exit_code == 1  # the measured requests failed too: said after the table
+    assert result.stderr.splitlines()[-1] == "error: 3 of 3 requests failed (no figures); the " \
+                                             "first: HTTP 500: out of slots"
