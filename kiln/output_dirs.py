@@ -223,8 +223,10 @@ def _written_with(path: Path, data: dict, ranks: set[str], written: int,
 def _rank_file_as_recorded(path: Path, data: dict) -> bool:
     """Whether rank file ``path`` looks as kiln wrote it, without reading its data: the size
     an engine manifest records; for a checkpoint (no sizes recorded), a safetensors file
-    (its 8-byte header length and JSON header). A manifest of an older kiln records no sizes:
-    then any file of the name."""
+    (its 8-byte header length and JSON header) holding the tensors the manifest implies for
+    that rank, no more and no less, and ending where its header says (a trial's own adapter
+    file saved under ``rank0.safetensors`` had been replaced). A manifest of an older kiln
+    records no sizes: then any file of the name."""
     try:
         size = path.stat().st_size
         sizes = data.get("sizes")
@@ -237,9 +239,36 @@ def _rank_file_as_recorded(path: Path, data: dict) -> bool:
             if not 2 <= length <= min(size - 8, 100 << 20):
                 return False
             header = json.loads(f.read(length))
-        return isinstance(header, dict)
+        if not isinstance(header, dict):
+            return False
+        header.pop("__metadata__", None)
+        expected = _checkpoint_rank_names(data, path.name)
+        return expected is None or (set(header) == expected
+                                    and 8 + length + _data_end(header) == size)
     except (OSError, *UNREADABLE_JSON):
         return False
+
+
+def _checkpoint_rank_names(data: dict, name: str) -> set[str] | None:
+    """The tensors a checkpoint manifest ``data`` implies for its rank file ``name``, or None
+    where the manifest does not parse (then the header alone is checked)."""
+    from kiln.checkpoint import CheckpointConfig
+    from kiln.errors import KilnError
+
+    match = re.fullmatch(r"rank(\d+)\.safetensors", name)
+    try:
+        config = CheckpointConfig.from_dict(data)
+        return set(config.rank_tensor_names(int(match[1]))) if match else None
+    except (KilnError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _data_end(header: dict) -> int:
+    """Where a safetensors header's tensor data ends (-1 for a malformed entry)."""
+    try:
+        return max((int(entry["data_offsets"][1]) for entry in header.values()), default=0)
+    except (KeyError, TypeError, ValueError, IndexError):
+        return -1
 
 
 def _read_manifest(manifest: Path) -> dict | None:

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 import kiln
@@ -21,6 +22,7 @@ from kiln.checkpoint import TOKENIZER_FILES
 from kiln.cli.main import main
 from kiln.errors import OutputExistsError
 from kiln.output_dirs import OutputError, atomic_dir, check_output
+from kiln.tensorio import write_tensors
 from tests.models import hf_model, kiln_checkpoint
 
 LIMITS = dict(max_batch_size=2, max_input_len=8, max_seq_len=16)
@@ -267,6 +269,26 @@ def test_a_users_file_under_a_rank_file_s_name_is_not_kiln_s(built, hf_dir, tmp_
     result = cli(*source, "--output_dir", str(out), "--overwrite")
     assert result.exit_code == 2, result.output
     assert f"also holds '{name}', which kiln did not write" in result.output
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("damage", ["other tensors", "truncated"])
+def test_a_safetensors_file_of_other_tensors_under_a_checkpoint_rank_name_is_not_kiln_s(
+        built, hf_dir, tmp_path, damage):
+    """A trial saved its own adapter (a valid safetensors file of one tensor) as
+    ``ckpt/rank0.safetensors``: --overwrite replaced it, as any safetensors file of that name
+    passed for kiln's. Now it must hold the rank's tensors, and end where its header says."""
+    out = Path(shutil.copytree(built[0], tmp_path / "ckpt"))
+    path = out / "rank0.safetensors"
+    if damage == "other tensors":
+        write_tensors(path, {"my_adapter": torch.ones(3, 4)})
+    else:
+        path.write_bytes(path.read_bytes()[:-100])
+    before = snapshot(out)
+    result = cli("convert_checkpoint", "--model_dir", str(hf_dir), "--output_dir", str(out),
+                 "--overwrite")
+    assert result.exit_code == 2, result.output
+    assert "also holds 'rank0.safetensors', which kiln did not write" in result.output
     assert snapshot(out) == before
 
 
