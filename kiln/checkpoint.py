@@ -22,7 +22,7 @@ import torch
 from kiln.config import DTYPES, DecoderConfig, Mapping
 from kiln.dirs import DirKind, read_config
 from kiln.errors import CheckpointError, ConfigError, KilnError, counted
-from kiln.hashing import sha256_file, stops_when
+from kiln.hashing import other_file_problems, sha256_file, stops_when
 from kiln.quantization.config import QuantConfig
 from kiln.roles import expected_shape, parse_tensor, quantized_roles, tensor_names
 from kiln.sharding import shard_shape, unshard_named
@@ -154,6 +154,25 @@ def hash_rank_files(directory: Path, world_size: int,
             stop.set()  # (the pool's exit waits for its threads)
 
 
+def written_by(config: CheckpointConfig) -> str:
+    """The kiln command that wrote a checkpoint of ``config``."""
+    return "kiln quantize" if "quantized_from" in config.source else "kiln convert_checkpoint"
+
+
+def check_other_files(directory: Path, config: CheckpointConfig) -> None:
+    """Raise :class:`CheckpointError` for the first file kiln wrote beside the rank files
+    (the tokenizer files, ``config.other_files``) that is gone or changed since: kiln build and
+    kiln quantize copy them into what they write, where the damage would pass for theirs (a
+    trial's truncated tokenizer.json went through both; kiln verify then passed the copy, and
+    only kiln run failed). A checkpoint of an older kiln records none: nothing to check."""
+    writer = written_by(config)
+    problems = other_file_problems(directory, config.other_files, writer, f"{writer} wrote it",
+                                   "config.json's")
+    if problems:
+        raise CheckpointError(f"{directory / problems[0]}; copy the checkpoint again, or write "
+                              f"it again with {writer}")
+
+
 def check_rank_checksums(directory: Path, config: CheckpointConfig,
                          hashes: dict[str, str]) -> None:
     """Raise :class:`CheckpointError` naming the first rank file whose sha256 (``hashes``) is
@@ -162,8 +181,7 @@ def check_rank_checksums(directory: Path, config: CheckpointConfig,
     for name, digest in hashes.items():
         if digest == recorded.get(name):
             continue
-        writer = "kiln quantize" if "quantized_from" in config.source else \
-            "kiln convert_checkpoint"
+        writer = written_by(config)
         other = next((n for n, d in recorded.items() if d == digest), None)
         if other is not None:
             raise CheckpointError(f"{directory / name}: holds the bytes {writer} wrote to "

@@ -1,5 +1,6 @@
 """sha256 of a file: the one helper behind the converter's provenance, the builder's manifest
-checksums, ``--verify_checksums`` and ``kiln verify``.
+checksums, ``--verify_checksums`` and ``kiln verify``; and the check of the other files a
+manifest records (:func:`other_file_problems`).
 
 Reads in 16 MiB blocks (hashlib releases the GIL on them, so a hashing thread runs beside
 other work); :func:`stops_when` makes such a thread end within a block once its caller is
@@ -39,3 +40,21 @@ def stops_when(stop: Event) -> Callable[[int], None]:
             raise HashingStopped
 
     return check
+
+
+def other_file_problems(directory: Path, other_files: dict[str, str] | None,
+                        writer: str = "the build", since: str = "the build",
+                        record: str = "the manifest's") -> list[str]:
+    """The files kiln wrote beside the config (tokenizer files, the generation config:
+    ``other_files``, name -> sha256) that are gone or changed since: a chat template or
+    sampling defaults edited in a shipped engine (none recorded by an older kiln). ``writer``,
+    ``since`` and ``record`` word the messages (who wrote them, since when, where their sha256
+    is)."""
+    problems = []
+    for name, digest in sorted((other_files or {}).items()):
+        path = directory / name
+        if not path.is_file():
+            problems.append(f"{name}: missing ({writer} wrote it)")
+        elif sha256_file(path) != digest:
+            problems.append(f"{name}: changed since {since} (sha256 differs from {record})")
+    return problems

@@ -29,6 +29,7 @@ from kiln.builder.plan import gb_text, plan_rank
 from kiln.builder.runner import run_parts
 from kiln.checkpoint import (
     CheckpointConfig,
+    check_other_files,
     check_tensor_names,
     check_tensor_shapes,
     load_config,
@@ -111,6 +112,7 @@ def build_with(options: BuildOptions, progress: bool = False) -> BuildResult:
                  writes=ENGINE_KIND)
     ckpt = load_config(options.checkpoint_dir)
     weights = check_rank_files(options.checkpoint_dir, ckpt)
+    check_other_files(options.checkpoint_dir, ckpt)
     _warn_if_the_gate_failed(options.checkpoint_dir, ckpt)
     engine = get_backend(options.backend)
     plan = make_plan(options, ckpt, engine)

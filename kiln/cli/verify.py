@@ -29,6 +29,7 @@ from kiln.engine import (
     read_manifest,
 )
 from kiln.errors import counted
+from kiln.hashing import other_file_problems
 from kiln.runtime.compat import kiln_version_problem
 
 
@@ -41,26 +42,6 @@ def manifest_problems(manifest: EngineManifest) -> list[str]:
                  for r in sorted(manifest.rank_files) if r not in ranks]
     problems += [f"{name}: no checksum recorded" for files in manifest.rank_files.values()
                  for name in files if name not in manifest.checksums]
-    return problems
-
-
-def other_file_problems(directory: Path, other_files: dict[str, str] | None,
-                        writer: str = "the build", since: str = "the build",
-                        record: str = "the manifest's") -> list[str]:
-    """The files kiln wrote beside the config (tokenizer files, the generation config:
-    ``other_files``, name -> sha256) that are gone or changed since: a chat template or
-    sampling defaults edited in a shipped engine (none recorded by an older kiln). ``writer``,
-    ``since`` and ``record`` word the messages (who wrote them, since when, where their sha256
-    is)."""
-    from kiln.hashing import sha256_file
-
-    problems = []
-    for name, digest in sorted((other_files or {}).items()):
-        path = directory / name
-        if not path.is_file():
-            problems.append(f"{name}: missing ({writer} wrote it)")
-        elif sha256_file(path) != digest:
-            problems.append(f"{name}: changed since {since} (sha256 differs from {record})")
     return problems
 
 

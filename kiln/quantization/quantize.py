@@ -42,6 +42,7 @@ import kiln
 from kiln.checkpoint import (
     CONFIG_NAME,
     CheckpointConfig,
+    check_other_files,
     hash_rank_files,
     load_config,
     rank_files_checked,
@@ -94,6 +95,7 @@ def quantize(checkpoint_dir: str | Path, output_dir: str | Path, *, progress: bo
     source_dir, output_dir = Path(checkpoint_dir).expanduser(), Path(output_dir).expanduser()
     check_output(output_dir, opts.overwrite, inputs=[source_dir], writes=CHECKPOINT_KIND)
     source = load_config(source_dir)
+    check_other_files(source_dir, source)  # the tokenizer, copied into the output
     context = source.decoder.max_position_embeddings
     texts = opts.calib_dataset or opts.eval_dataset  # (without, the length is not used)
     if texts and opts.calib_max_seq_length is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -13,6 +14,7 @@ from kiln.engine import EngineError
 from kiln.errors import CheckpointError, ConfigError, KilnError, OutputExistsError
 from tests.builder.conftest import LIMITS
 from tests.helpers import flip_bits
+from tests.models import hf_model_with_tokenizer, kiln_checkpoint
 
 
 def fails(tmp_path, ckpt, error: type[KilnError], match: str, **options) -> None:
@@ -59,6 +61,25 @@ def test_truncated_rank_file_says_how_to_write_it_again(ckpt_copy, tmp_path, bac
     path.write_bytes(path.read_bytes()[:20])  # the header cut
     fails(tmp_path, ckpt_copy, CheckpointError, r"rank0\.safetensors: not a valid safetensors "
           r"file: .*; write the checkpoint again", backend=backend)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "deleted"])
+def test_a_damaged_tokenizer_is_refused_before_the_build(tmp_path, damage):
+    """A trial's truncated tokenizer.json went into the engine (the build exited 0, kiln verify
+    passed the engine's copy) and only kiln run failed."""
+    ckpt_copy = kiln_checkpoint(hf_model_with_tokenizer("llama-gqa", tmp_path / "hf"),
+                                tmp_path / "ckpt")
+    path = ckpt_copy / "tokenizer.json"
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:-1000])
+        problem = "changed since kiln convert_checkpoint wrote it (sha256 differs from " \
+                  "config.json's)"
+    else:
+        path.unlink()
+        problem = "missing (kiln convert_checkpoint wrote it)"
+    fails(tmp_path, ckpt_copy, CheckpointError,
+          f"^{path}: {re.escape(problem)}; copy the checkpoint again, or write it again with "
+          f"kiln convert_checkpoint$")
 
 
 def test_rank_file_missing(ckpt_copy, tmp_path):

@@ -23,7 +23,7 @@ from kiln.quantization.transforms import LayerStats, fold_smoothing, input_group
 from kiln.reference import ReferenceDecoder
 from kiln.roles import QUANTIZED_ROLES, parse_tensor
 from tests.helpers import flip_bits
-from tests.models import PROMPT
+from tests.models import PROMPT, hf_model_with_tokenizer, kiln_checkpoint
 
 CALIB = dict(calib_size=8, calib_max_seq_length=36)  # the gate scores 2 x 35 tokens
 
@@ -155,6 +155,18 @@ def test_a_damaged_source_checkpoint_is_refused_not_quantized(checkpoint, texts,
         quantize(src, tmp_path / "q", qformat="int8_wo", calib_dataset=str(texts["calib"]),
                  no_accuracy_gate=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_a_damaged_source_tokenizer_is_refused_not_copied(tmp_path):
+    """A trial's quantize copied a truncated tokenizer.json and recorded its sha256 as good:
+    kiln verify then passed the quantized checkpoint."""
+    src = kiln_checkpoint(hf_model_with_tokenizer("llama-gqa", tmp_path / "hf"),
+                          tmp_path / "src")
+    (src / "tokenizer.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="src/tokenizer.json: changed since kiln "
+                                              "convert_checkpoint wrote it"):
+        kiln.quantize(src, tmp_path / "q", qformat="int8_wo", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "src"]
 
 
 def test_a_source_damaged_into_nan_is_named_before_the_accuracy_gate(checkpoint, texts,
