@@ -26,7 +26,7 @@ from kiln.hashing import other_file_problems, sha256_file, stops_when
 from kiln.quantization.config import QuantConfig
 from kiln.roles import expected_shape, parse_tensor, quantized_roles, tensor_names
 from kiln.sharding import shard_shape, unshard_named
-from kiln.tensorio import read_header, read_tensor
+from kiln.tensorio import TensorInfo, all_finite, first_non_finite, read_header, read_tensor
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +234,21 @@ def load_config(checkpoint_dir: str | Path) -> CheckpointConfig:
     return CheckpointConfig.from_dict(data, str(path))
 
 
+def read_checked(name: str, info: TensorInfo, rows: tuple[int, int] | None = None,
+                 ) -> torch.Tensor:
+    """Tensor ``name`` of a checkpoint's rank file (rows ``[start, stop)`` of it if given), as
+    :func:`~kiln.tensorio.read_tensor` reads it, refused if it holds NaN or inf: kiln writes
+    none (convert refuses them), so one is damage, named here where no checksums say so (a
+    checkpoint of an older kiln) rather than later as a NaN perplexity or NaN logits."""
+    t = read_tensor(info, rows)
+    if not all_finite(t):
+        first = (rows[0] if rows else 0) + (first_non_finite(t) or 0)
+        raise CheckpointError(f"{info.path}: {name} holds NaN/Inf values (first at "
+                              f"{'row' if t.dim() > 1 else 'element'} {first}); the file is "
+                              f"damaged: {REWRITE}")
+    return t
+
+
 def load_rank(checkpoint_dir: str | Path, rank: int, config: CheckpointConfig | None = None,
               names: Collection[str] | None = None) -> dict[str, torch.Tensor]:
     """All tensors of one rank (only those in ``names`` if given), checked against the names
@@ -247,7 +262,7 @@ def load_rank(checkpoint_dir: str | Path, rank: int, config: CheckpointConfig | 
                               f"re-run kiln convert_checkpoint")
     infos, _ = read_header(path, REWRITE)
     check_tensor_names(path, config, rank, infos)
-    return {name: read_tensor(info) for name, info in infos.items()
+    return {name: read_checked(name, info) for name, info in infos.items()
             if names is None or name in names}
 
 

@@ -53,7 +53,8 @@ class TensorInfo:
 REDOWNLOAD = "re-download or re-export it"
 
 
-def read_header(path: Path, remedy: str = REDOWNLOAD) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+def read_header(path: Path, remedy: str = REDOWNLOAD,
+                ) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate a safetensors header: (tensors by name, metadata). ``remedy`` ends
     the message of a damaged file: how to get a good one (kiln's own files say which command
     writes them again)."""
@@ -124,6 +125,35 @@ def read_tensor(info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.
     finally:
         os.close(fd)
     return buf.view(info.dtype).reshape(shape)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or +-inf in a (cast) chunk.
+
+    A sum is the cheapest pass (about half a min/max): any NaN or inf makes it NaN or inf. A
+    sum of finite values can overflow too (float16: past 65504), so a non-finite sum is
+    confirmed by min/max, which NaN and inf reach exactly.
+    """
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    if t.dtype is torch.float8_e4m3fn:  # no sum on the CPU; no inf, and NaN is S.1111.111
+        return not bool(((t.view(torch.uint8) & 0x7F) == 0x7F).any())
+    if torch.isfinite(t.sum()):
+        return True
+    low, high = torch.aminmax(t)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+def first_non_finite(t: torch.Tensor) -> int | None:
+    """Index along dim 0 of the first row holding a NaN or +-inf (None if all are finite)."""
+    if not t.is_floating_point():
+        return None
+    if t.dtype.itemsize == 1:  # float8: no isfinite kernel on the CPU; widening is exact
+        t = t.float()
+    bad = ~torch.isfinite(t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(-1))
+    rows = (bad.any(dim=1) if bad.dim() > 1 else bad).nonzero()
+    return int(rows[0]) if len(rows) else None
+
 
 
 class StreamingWriter:

@@ -11,7 +11,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from kiln.errors import CheckpointError
-from kiln.tensorio import StreamingWriter, read_header, read_tensor, write_tensors
+from kiln.tensorio import (
+    StreamingWriter,
+    all_finite,
+    first_non_finite,
+    read_header,
+    read_tensor,
+    write_tensors,
+)
 
 
 def _tensors():
@@ -80,3 +87,20 @@ def test_corrupt_files_are_reported(tmp_path, damage, message):
     path.write_bytes(damage(path.read_bytes()))
     with pytest.raises(CheckpointError, match=message):
         read_header(path)
+
+
+@pytest.mark.parametrize("values, finite", [
+    ([1.0, -2.0, 3.0], True),
+    ([60000.0, 60000.0], True),  # the float16 sum overflows, the values do not
+    ([float("inf"), float("-inf")], False),  # the sum is NaN
+    ([1.0, float("nan")], False),
+    ([float("-inf")], False),
+])
+def testall_finite(values, finite):
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        assert all_finite(torch.tensor(values, dtype=dtype)) is finite, dtype
+    assert all_finite(torch.tensor([5, 7], dtype=torch.int64))  # integers are not checked
+    nan8 = torch.tensor([1.0, 2.0]).to(torch.float8_e4m3fn)
+    assert all_finite(nan8)
+    nan8.view(torch.uint8)[1] = 0x7F  # e4m3fn's NaN (it has no inf)
+    assert not all_finite(nan8) and first_non_finite(nan8) == 1

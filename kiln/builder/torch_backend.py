@@ -21,7 +21,7 @@ import time
 import torch
 
 from kiln.builder.backends import Backend, BuildPlan, PartJob, PartResult, register_backend
-from kiln.checkpoint import REWRITE, rank_file
+from kiln.checkpoint import REWRITE, rank_file, read_checked
 from kiln.engine import EngineError
 from kiln.engine.torch_files import (
     TRANSPOSED_ROLES,
@@ -32,7 +32,7 @@ from kiln.engine.torch_files import (
 )
 from kiln.plugins.quant_linear.layout import INT4_GROUP_SIZES
 from kiln.roles import parse_tensor, tensor_names
-from kiln.tensorio import StreamingWriter, read_header, read_tensor
+from kiln.tensorio import StreamingWriter, read_header
 
 TARGETS = ("cuda", "cpu")
 
@@ -92,7 +92,7 @@ class TorchBackend(Backend):
         metadata = file_metadata(transposed, quant, part.rank, plan.checkpoint.mapping)
         writer = StreamingWriter(job.out_dir / out, entries, metadata)
         for name in names:  # on an error the build removes its whole temporary dir
-            writer.write(name, pack_tensor(name, read_tensor(infos[name]), dtype,
+            writer.write(name, pack_tensor(name, read_checked(name, infos[name]), dtype,
                                            quant=quant))
         writer.close()
         return PartResult(part=part, files=(out,),

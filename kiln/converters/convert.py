@@ -76,7 +76,7 @@ from kiln.roles import (
     tensor_sharding,
 )
 from kiln.sharding import shard_ranges, shard_shape
-from kiln.tensorio import StreamingWriter, iter_row_chunks
+from kiln.tensorio import StreamingWriter, all_finite, first_non_finite, iter_row_chunks
 
 log = logging.getLogger(__name__)
 
@@ -410,7 +410,7 @@ def _row_chunks(plan: TargetPlan, dtype: torch.dtype) -> Iterator[tuple[int, tor
     if pieces is None:
         sources = [s.read() for s in plan.sources]
         whole = _cast(plan.rule.transform(*sources), dtype)
-        if not _all_finite(whole):
+        if not all_finite(whole):
             for name, src, raw in zip(names, plan.sources, sources, strict=True):
                 _refuse_non_finite(name, src, raw, _cast(raw, dtype), 0)
             raise RuntimeError(f"{plan.name}: {plan.rule.transform.__name__} made NaN/Inf from "
@@ -424,39 +424,11 @@ def _row_chunks(plan: TargetPlan, dtype: torch.dtype) -> Iterator[tuple[int, tor
         for a, b in iter_row_chunks(rows, src.nbytes // max(rows, 1)):
             raw = src.read((a, b))
             chunk = _cast(raw, dtype)
-            if not _all_finite(chunk):
+            if not all_finite(chunk):
                 _refuse_non_finite(name, src, raw, chunk, a)
             del raw  # only the cast chunk waits in the prefetch queue
             yield row + a, chunk
         row += rows
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    """No NaN or +-inf in a (cast) chunk.
-
-    A sum is the cheapest pass (about half a min/max): any NaN or inf makes it NaN or inf. A
-    sum of finite values can overflow too (float16: past 65504), so a non-finite sum is
-    confirmed by min/max, which NaN and inf reach exactly.
-    """
-    if not t.is_floating_point() or t.numel() == 0:
-        return True
-    if t.dtype is FP8:  # no sum on the CPU; e4m3fn has no inf, and NaN is S.1111.111
-        return not bool(((t.view(torch.uint8) & 0x7F) == 0x7F).any())
-    if torch.isfinite(t.sum()):
-        return True
-    low, high = torch.aminmax(t)
-    return bool(torch.isfinite(low) & torch.isfinite(high))
-
-
-def _first_non_finite(t: torch.Tensor) -> int | None:
-    """Index along dim 0 of the first row holding a NaN or +-inf (None if all are finite)."""
-    if not t.is_floating_point():
-        return None
-    if t.dtype.itemsize == 1:  # float8: no isfinite kernel on the CPU; widening is exact
-        t = t.float()
-    bad = ~torch.isfinite(t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(-1))
-    rows = (bad.any(dim=1) if bad.dim() > 1 else bad).nonzero()
-    return int(rows[0]) if len(rows) else None
 
 
 def _refuse_non_finite(name: str, src: SourceTensor, raw: torch.Tensor, cast: torch.Tensor,
@@ -465,10 +437,10 @@ def _refuse_non_finite(name: str, src: SourceTensor, raw: torch.Tensor, cast: to
     whose cast ``cast`` holds NaN/Inf: corrupt if the source does, else an overflow."""
     where = f"{name} in {src.location()[0]}"
     unit = "row" if len(src.shape) > 1 else "element"
-    if (bad := _first_non_finite(raw)) is not None:
+    if (bad := first_non_finite(raw)) is not None:
         raise CheckpointError(f"{where} holds NaN/Inf values (first at {unit} {first_row + bad}); "
                               f"the checkpoint is corrupt: re-download it")
-    if (bad := _first_non_finite(cast)) is not None:
+    if (bad := first_non_finite(cast)) is not None:
         limit = torch.finfo(cast.dtype).max
         out = str(cast.dtype).removeprefix("torch.")
         wider = sorted((d for d in DTYPES if torch.finfo(getattr(torch, d)).max > limit),

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from kiln.checkpoint import REWRITE, CheckpointConfig, load_merged, rank_file
+from kiln.checkpoint import REWRITE, CheckpointConfig, load_merged, rank_file, read_checked
 from kiln.quantization.config import QuantConfig
 from kiln.roles import (
     expected_shape,
@@ -28,7 +28,7 @@ from kiln.roles import (
     tensor_sharding,
 )
 from kiln.sharding import shard_named, shard_shape
-from kiln.tensorio import StreamingWriter, iter_row_chunks, read_header, read_tensor
+from kiln.tensorio import StreamingWriter, iter_row_chunks, read_header
 
 STORED_DTYPES = {"float8_e4m3fn": torch.float8_e4m3fn, "int8": torch.int8, "int4": torch.uint8}
 
@@ -120,7 +120,7 @@ class QuantizedWriter:
                     continue
                 rows = info.shape[0] if info.shape else 1
                 for a, b in iter_row_chunks(rows, info.nbytes // max(rows, 1)):
-                    chunk = read_tensor(info, (a, b)) if info.shape else read_tensor(info)
+                    chunk = read_checked(name, info, (a, b)) if info.shape else read_checked(name, info)
                     writer.write_rows(name, chunk, a)
 
     def close(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -80,6 +81,27 @@ def test_a_damaged_tokenizer_is_refused_before_the_build(tmp_path, damage):
     fails(tmp_path, ckpt_copy, CheckpointError,
           f"^{path}: {re.escape(problem)}; copy the checkpoint again, or write it again with "
           f"kiln convert_checkpoint$")
+
+
+def _nan_without_checksums(ckpt: Path) -> None:
+    """The last values of rank 0's last tensor made NaN, in a checkpoint whose config records
+    no checksums (as an older kiln's)."""
+    with open(ckpt / "rank0.safetensors", "r+b") as f:  # NaN as one float32 or two 16-bit
+        f.seek(-4, 2)
+        f.write(b"\xc0\x7f\xc0\x7f")
+    config = json.loads((ckpt / "config.json").read_text())
+    del config["rank_checksums"]
+    (ckpt / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+def test_nan_weights_are_refused_where_no_checksum_says_so(ckpt_copy, tmp_path, backend):
+    """A trial's checkpoint (no checksums, as an older kiln's) with NaN weights built, exit
+    0, into an engine whose logits were NaN."""
+    _nan_without_checksums(ckpt_copy)
+    fails(tmp_path, ckpt_copy, CheckpointError,
+          r"rank0\.safetensors: \S+ holds NaN/Inf values \(first at (row|element) \d+\); the "
+          r"file is damaged: write the checkpoint again", backend=backend)
 
 
 def test_rank_file_missing(ckpt_copy, tmp_path):

@@ -367,21 +367,6 @@ def test_finite_weights_whose_sum_overflows_convert(src, tmp_path):
     assert down.dtype == torch.float16 and bool((down == 1000.0).all())
 
 
-@pytest.mark.parametrize("values, finite", [
-    ([1.0, -2.0, 3.0], True),
-    ([60000.0, 60000.0], True),  # the float16 sum overflows, the values do not
-    ([float("inf"), float("-inf")], False),  # the sum is NaN
-    ([1.0, float("nan")], False),
-    ([float("-inf")], False),
-])
-def test_all_finite(values, finite):
-    from kiln.converters.convert import _all_finite
-
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        assert _all_finite(torch.tensor(values, dtype=dtype)) is finite, dtype
-    assert _all_finite(torch.tensor([5, 7], dtype=torch.int64))  # integers are not checked
-
-
 def test_options_have_one_definition(hf_dir, tmp_path):
     """convert_checkpoint's keywords and kiln convert_checkpoint's flags are ConvertOptions'."""
     import dataclasses

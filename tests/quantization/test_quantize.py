@@ -5,6 +5,7 @@ the gate's figures == the reference decoder's on the written checkpoint."""
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 
@@ -178,6 +179,14 @@ def test_a_source_damaged_into_nan_is_named_before_the_accuracy_gate(checkpoint,
         f.write(b"\xc0\x7f\xc0\x7f")
     with pytest.raises(CheckpointError, match="src/rank0.safetensors: its bytes are not those "
                                               "kiln convert_checkpoint wrote"):
+        quantize(src, tmp_path / "q", qformat="int8_wo", calib_dataset=str(texts["calib"]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    # recording no checksums (an older kiln's checkpoint), the NaN itself is named
+    config = json.loads((src / "config.json").read_text())
+    del config["rank_checksums"]
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"src/rank0\.safetensors: \S+ holds NaN/Inf "
+                                              r"values .*; the file is damaged"):
         quantize(src, tmp_path / "q", qformat="int8_wo", calib_dataset=str(texts["calib"]))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import torch
 from onnx import TensorProto
 
-from kiln.checkpoint import REWRITE
+from kiln.checkpoint import REWRITE, read_checked
 from kiln.config import DecoderConfig, Mapping
 from kiln.graph.emitter import ONNX_DTYPES, GraphEmitter, Projection
 from kiln.quantization.config import QuantConfig
 from kiln.roles import Role
-from kiln.tensorio import TensorInfo, read_header, read_tensor
+from kiln.tensorio import TensorInfo, read_header
 
 BATCH, SEQ = "batch", "seq"  # symbolic dims of the graph inputs
 
@@ -63,11 +63,11 @@ class RankWeights:
         info = self.infos.get(role.name(layer))
         if info is None:
             return None
-        return read_tensor(info).to(self.dtype)
+        return read_checked(role.name(layer), info).to(self.dtype)
 
     def raw(self, name: str) -> torch.Tensor:
         """The tensor ``name`` as stored (quantized values keep their dtype)."""
-        return read_tensor(self.infos[name])
+        return read_checked(name, self.infos[name])
 
     def nbytes(self, names: list[str]) -> int:
         """Bytes of the named tensors as the build holds them: float tensors (weights, scales)
