@@ -106,17 +106,17 @@ _MADE_BY = {
 }
 
 
-def _only_child_of_kind(directory: Path, wanted: DirKind, most: int = 64) -> Path | None:
-    """The one subdirectory of ``directory`` of kind ``wanted``, if exactly one (a build cache
-    entry given for its ``engine`` dir, a model's parent for the model); None otherwise, or
-    when ``directory`` holds over ``most`` entries (no long scans for a hint)."""
+def only_child_of_kind(directory: Path, *wanted: DirKind, most: int = 64) -> Path | None:
+    """The one subdirectory of ``directory`` of a kind in ``wanted``, if exactly one (a build
+    cache entry given for its ``engine`` dir, a model's parent for the model); None otherwise,
+    or when ``directory`` holds over ``most`` entries (no long scans for a hint)."""
     try:
         children = list(itertools.islice(directory.iterdir(), most + 1))
     except OSError:
         return None
     if len(children) > most:
         return None
-    found = [c for c in children if c.is_dir() and classify_dir(c) is wanted]
+    found = [c for c in children if c.is_dir() and classify_dir(c) in wanted]
     return found[0] if len(found) == 1 else None
 
 
@@ -171,7 +171,7 @@ def read_config(directory: str | Path, wanted: DirKind,
         raise error(f"{directory}: no such {noun}; "
                     + (f"did you mean {near}? " if near else "") + fix)
     if not path.is_file():
-        inside = _only_child_of_kind(directory, wanted)
+        inside = only_child_of_kind(directory, wanted)
         raise error(f"{path}: missing, so {directory} is not {article} {noun}; "
                     + (f"did you mean {inside}?" if inside else fix))
     try:

@@ -170,9 +170,10 @@ def test_the_dir_above_an_engine_names_it(dirs, tmp_path, command):
     args = {"run": ["run", "--engine_dir", str(entry), "--input_text", "x"],
             "verify": ["verify", str(entry)]}[command]
     r = CliRunner().invoke(main, args)
+    what = "is not an engine directory" if command == "run" else \
+        "is neither an engine dir nor a kiln checkpoint"  # verify takes both
     assert r.exit_code == 2 and r.output.splitlines() == [
-        f"error: {entry}/config.json: missing, so {entry} is not an engine directory; did you "
-        f"mean {entry}/engine?"]
+        f"error: {entry}/config.json: missing, so {entry} {what}; did you mean {entry}/engine?"]
     shutil.copytree(dirs[DirKind.ENGINE], entry / "engine2")
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 2 and "did you mean" not in r.output, r.output

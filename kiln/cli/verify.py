@@ -19,7 +19,7 @@ import click
 
 import kiln
 from kiln.cli.context import CliContext, PathArg
-from kiln.dirs import DirKind, classify_dir, near_path, read_config
+from kiln.dirs import DirKind, classify_dir, near_path, only_child_of_kind, read_config
 from kiln.engine import (
     DIGEST_KEY,
     EngineError,
@@ -64,8 +64,8 @@ class _OneEngineDir(click.Command):
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         rest = super().parse_args(ctx, args)
         if (ctx.params.get("engine_dir") is None) == (ctx.params.get("engine_dir_option") is None):
-            raise click.UsageError("give the engine dir once: kiln verify ENGINE_DIR (or "
-                                   "--engine_dir ENGINE_DIR)", ctx)
+            raise click.UsageError("give the engine dir or kiln checkpoint once: kiln verify "
+                                   "DIR (or --engine_dir DIR)", ctx)
         return rest
 
 
@@ -82,12 +82,17 @@ def verify(obj: CliContext, engine_dir: Path | None, engine_dir_option: Path | N
     from kiln.progress import progress_bar
 
     engine_dir = engine_dir or engine_dir_option
+    either = "pass an engine dir (the output_dir of kiln build) or a kiln checkpoint (the " \
+        "output_dir of kiln convert_checkpoint)"
     if str(engine_dir).strip() and not engine_dir.exists():  # either kind would have been right
         near = near_path(engine_dir)
         raise EngineError(f"{engine_dir}: no such directory; "
-                          + (f"did you mean {near}? " if near else "")
-                          + "pass an engine dir (the output_dir of kiln build) or a kiln "
-                            "checkpoint (the output_dir of kiln convert_checkpoint)")
+                          + (f"did you mean {near}? " if near else "") + either)
+    if engine_dir.is_dir() and not (engine_dir / "config.json").is_file():  # a parent, say
+        inside = only_child_of_kind(engine_dir, DirKind.ENGINE, DirKind.KILN_CHECKPOINT)
+        raise EngineError(f"{engine_dir / 'config.json'}: missing, so {engine_dir} is neither an "
+                          f"engine dir nor a kiln checkpoint; "
+                          + (f"did you mean {inside}?" if inside else either))
     if classify_dir(engine_dir) is DirKind.KILN_CHECKPOINT:
         verify_checkpoint(obj, engine_dir)
         return
@@ -129,7 +134,8 @@ def verify(obj: CliContext, engine_dir: Path | None, engine_dir_option: Path | N
         "its edits cannot be told) "
     if problems:
         fix = "" if "rebuild" in problems[0] else "; rebuild with kiln build"
-        raise EngineError(f"{engine_dir}: {len(problems)} problem(s), first: {problems[0]}{fix}")
+        raise EngineError(f"{engine_dir}: {counted(len(problems), 'problem')}, first: "
+                          f"{problems[0]}{fix}")
     ranks = len(manifest.rank_files)
     extra = f" and {counted(len(manifest.other_files), 'other file')}" \
         if manifest.other_files else ""
@@ -181,7 +187,8 @@ def verify_checkpoint(obj: CliContext, directory: Path) -> None:
         click.echo(f"FAIL file  {problem}")
     problems += others
     if problems:
-        raise CheckpointError(f"{directory}: {len(problems)} problem(s), first: {problems[0]}")
+        raise CheckpointError(f"{directory}: {counted(len(problems), 'problem')}, first: "
+                              f"{problems[0]}")
     extra = f" and {counted(len(config.other_files), 'other file')}" \
         if config.other_files else ""
     click.echo(f"{directory}: ok, {counted(len(names), 'rank file')}{extra} of a kiln "

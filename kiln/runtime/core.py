@@ -112,6 +112,13 @@ def freeze_loaded_objects() -> int:
     return count
 
 
+# what a request failed on NaN/Inf logits is told (a trial's damaged engine file had been
+# sent to its checkpoint, which was fine, and to a float32 build, which it was)
+_BROKEN = ("the engine's weights or numerics are broken: check its files with kiln verify "
+           "ENGINE_DIR and the checkpoint it was built from; a float16 engine may overflow "
+           "where a bfloat16 or float32 build does not")
+
+
 @dataclass
 class Request:
     """A request's live state. ``text`` holds the text released so far (stop-safe)."""
@@ -356,9 +363,7 @@ class EngineCore:
             if scored is None:
                 failed.append(self._fail(request, f"the model's logits for prompt tokens "
                                          f"{chunk.start + 2}..{chunk.start + len(targets) + 1} "
-                                         f"are not finite (NaN or Inf); the engine's weights or "
-                                         f"numerics are broken (check the checkpoint, or build "
-                                         f"in float32)"))
+                                         f"are not finite (NaN or Inf); {_BROKEN}"))
                 continue
             request.prompt_logprobs.extend(scored)
         return failed
@@ -391,9 +396,8 @@ class EngineCore:
         ``appended``: the scheduler already holds it (async placeholder, filled)."""
         if picked is None:  # never sample garbage from NaN/Inf logits
             return self._fail(request, f"the model's logits for output token "
-                              f"{len(request.output_ids) + 1} are not finite (NaN or Inf); the "
-                              f"engine's weights or numerics are broken (check the checkpoint, "
-                              f"or build in float32)")
+                              f"{len(request.output_ids) + 1} are not finite (NaN or Inf); "
+                              f"{_BROKEN}")
         token, logprobs = picked
         request.output_ids.append(token)
         request.token_times.append(now)

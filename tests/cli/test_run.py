@@ -541,6 +541,9 @@ def test_a_request_ending_in_error_is_reported_and_exits_2(monkeypatch):
     result = kiln("run", "--engine_dir", "mock", "--input_text", "x", "--max_output_len", "4")
     assert result.exit_code == 2
     assert "error: request" in result.stderr and "not finite (NaN or Inf)" in result.stderr
+    # a trial's damaged engine file had been sent to its (good) checkpoint and a float32 build
+    assert "check its files with kiln verify ENGINE_DIR and the checkpoint it was built from" \
+        in result.stderr
     assert result.stdout.startswith("[1]\n")
 
 

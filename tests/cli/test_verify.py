@@ -82,7 +82,7 @@ def test_the_engine_dir_may_be_given_as_the_other_commands_take_it(engine):
     for args in ([], [str(engine), "--engine_dir", str(engine)]):
         r = kiln("verify", *args)
         assert r.exit_code == 2 and len(r.output.splitlines()) == 1, r.output
-        assert "give the engine dir once: kiln verify ENGINE_DIR (or --engine_dir" in r.output
+        assert "give the engine dir or kiln checkpoint once: kiln verify DIR (or --engine_dir" in r.output
 
 
 def test_same_size_corruption_loads_by_default_but_fails_every_checksum_check(engine):
@@ -95,7 +95,7 @@ def test_same_size_corruption_loads_by_default_but_fails_every_checksum_check(en
     assert r.exit_code == 2
     assert "FAIL rank 1  rank1.onnx.data  checksum mismatch (corrupt or modified)" in r.output
     assert r.output.splitlines()[-1] == (
-        f"error: {engine}: 1 problem(s), first: rank1.onnx.data: checksum mismatch (corrupt or "
+        f"error: {engine}: 1 problem, first: rank1.onnx.data: checksum mismatch (corrupt or "
         f"modified); rebuild with kiln build")
     for command in ("run", "bench"):  # the flag reaches the loader through executor_options
         r = kiln(command, "--engine_dir", str(engine), "--input_text", "a",  # a token < 128
@@ -114,7 +114,7 @@ def test_size_and_presence_problems_of_any_rank(engine):
            "extended or replaced)" in r.output
     assert "FAIL rank 1  rank1.onnx       missing (listed in the manifest)" in r.output
     assert "ok   rank 1  rank1.onnx.data" in r.output
-    assert "error: " in r.output and "2 problem(s), first: rank0.onnx.data: 157697 bytes" in \
+    assert "error: " in r.output and "2 problems, first: rank0.onnx.data: 157697 bytes" in \
         r.output
 
 
@@ -123,7 +123,7 @@ def test_manifest_problems(engine):
     rewrite_manifest(engine, rank_files={"0": data["rank_files"]["0"]},
                      checksums={k: v for k, v in data["checksums"].items() if k != "rank0.onnx"})
     r = kiln("verify", str(engine))
-    assert r.exit_code == 2 and "3 problem(s), first: config.json: edited since the build" in \
+    assert r.exit_code == 2 and "3 problems, first: config.json: edited since the build" in \
         r.output  # (this test's own edit), then the two the edit made
     assert "ok   rank 0  rank0.onnx " in r.output  # present, its size: no checksum to compare
     # every problem counted is said (the two the edit made had been counted, not shown)
@@ -169,7 +169,7 @@ def test_a_manifest_edited_since_the_build_fails(engine, edit):
         "FAIL manifest  config.json: edited since the build (its content no longer matches the "
         "digest the build recorded in it), and the engine files were built for what it said "
         "then: restore the build's config.json, or rebuild with kiln build")
-    assert "1 problem(s), first: config.json: edited since the build" in r.output
+    assert "1 problem, first: config.json: edited since the build" in r.output
 
 
 def test_a_manifest_only_reformatted_still_verifies(engine):
@@ -206,11 +206,20 @@ def test_a_typo_names_the_near_dir(tmp_path):
            f"pass an engine dir" in r.output
 
 
-def test_an_empty_dir_is_still_read_as_an_engine_dir(tmp_path):
+def test_a_dir_without_a_config_names_both_kinds_or_the_one_inside(tmp_path):
+    """A trial gave the parent of its checkpoint and was told only about engine dirs."""
     r = kiln("verify", str(tmp_path))
     assert r.exit_code == 2
-    assert f"{tmp_path / 'config.json'}: missing, so {tmp_path} is not an engine directory" \
-        in r.output
+    assert r.output.splitlines() == [
+        f"error: {tmp_path / 'config.json'}: missing, so {tmp_path} is neither an engine dir nor "
+        f"a kiln checkpoint; pass an engine dir (the output_dir of kiln build) or a kiln "
+        f"checkpoint (the output_dir of kiln convert_checkpoint)"]
+    inside = tmp_path / "smollm2"
+    inside.mkdir()
+    (inside / "config.json").write_text(json.dumps(
+        {"format_version": 1, "kiln_version": "0", "decoder": {}, "mapping": {}}))
+    r = kiln("verify", str(tmp_path))
+    assert r.exit_code == 2 and r.output.rstrip().endswith(f"did you mean {inside}?")
 
 
 @pytest.mark.parametrize("damage,problem", [
@@ -227,7 +236,7 @@ def test_an_engine_whose_tokenizer_does_not_load_fails_like_kiln_run_would(engin
         r = kiln(*args, str(engine))
         assert r.exit_code == 2 and "Traceback" not in r.output
         assert f"FAIL tokenizer  {problem}" in r.output
-        assert f"error: {engine}: 1 problem(s), first: {problem}" in r.output
+        assert f"error: {engine}: 1 problem, first: {problem}" in r.output
 
 
 @pytest.fixture
@@ -264,7 +273,7 @@ def test_a_damaged_or_swapped_checkpoint_file_fails_verify(checkpoint):
                                "convert_checkpoint wrote (sha256 ")
     assert lines[2] == "FAIL file  tokenizer.json: changed since kiln wrote it (sha256 differs " \
                        "from config.json's)"
-    assert lines[3].startswith(f"error: {checkpoint}: 2 problem(s), first: rank1.safetensors: "
+    assert lines[3].startswith(f"error: {checkpoint}: 2 problems, first: rank1.safetensors: "
                                f"its bytes are not those")
     (checkpoint / "rank0.safetensors").unlink()
     assert "FAIL rank 0  rank0.safetensors  missing" in kiln("verify", str(checkpoint)).output
