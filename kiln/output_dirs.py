@@ -34,7 +34,10 @@ from pathlib import Path
 
 from kiln.checkpoint import CONFIG_NAME as MANIFEST_NAME
 from kiln.checkpoint import TOKENIZER_FILES, rank_file
-from kiln.engine import ENGINE_FILE  # rank files of a checkpoint or engine dir
+from kiln.engine import (
+    ENGINE_FILE,  # rank files of a checkpoint or engine dir
+    manifest_edit,
+)
 from kiln.errors import UNREADABLE_JSON, OutputError, OutputExistsError
 from kiln.hashing import sha256_file
 
@@ -148,9 +151,10 @@ def describe_replaceable(directory: Path, damaged_ranks: bool = False) -> str:
     """What kiln output ``directory`` holds ("empty directory", "kiln engine dir ...");
     raises :class:`OutputError` naming what is in the way if kiln did not write it. A rank file
     must look like the one the manifest describes (an engine's recorded size, a checkpoint's
-    safetensors header), so a user's file under a rank file's name is not taken for kiln's;
-    ``damaged_ranks``: take a rank file the manifest names as kiln's even so (the build cache,
-    which removes and rebuilds its damaged entries)."""
+    safetensors header), so a user's file under a rank file's name is not taken for kiln's,
+    and an engine manifest edited since the build (its digest) holds the user's edit;
+    ``damaged_ranks``: take a rank file the manifest names as kiln's even so, and an edited
+    manifest (the build cache, which removes and rebuilds its damaged entries)."""
     entries = sorted(p.name for p in directory.iterdir())
     if not entries:
         return "empty directory"
@@ -161,6 +165,11 @@ def describe_replaceable(directory: Path, damaged_ranks: bool = False) -> str:
         raise OutputError(f"{directory}: holds {_few(entries)} and no kiln checkpoint or engine "
                           f"manifest; kiln only replaces directories it wrote: move them away or "
                           f"choose another --output_dir")
+    if kind == ENGINE_KIND and not damaged_ranks and manifest_edit(data) is not None:
+        raise OutputError(f"{directory}: is a {kind} whose {MANIFEST_NAME} was edited since the "
+                          f"build (it no longer matches the digest recorded in it), and "
+                          f"--overwrite would lose the edit; move that file away, or choose "
+                          f"another --output_dir")
     written = manifest.stat().st_mtime_ns
     ranks = _rank_files(data)
     foreign = [n for n in entries

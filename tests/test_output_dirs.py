@@ -20,6 +20,7 @@ from click.testing import CliRunner
 import kiln
 from kiln.checkpoint import TOKENIZER_FILES
 from kiln.cli.main import main
+from kiln.engine.manifest import DIGEST_KEY, manifest_digest
 from kiln.errors import OutputExistsError
 from kiln.output_dirs import OutputError, atomic_dir, check_output
 from kiln.tensorio import write_tensors
@@ -292,6 +293,21 @@ def test_a_safetensors_file_of_other_tensors_under_a_checkpoint_rank_name_is_not
     assert snapshot(out) == before
 
 
+def test_an_engine_manifest_edited_since_the_build_is_not_replaced(built, tmp_path):
+    """A trial's note added to an engine's config.json (which kiln verify had flagged) was
+    lost to --overwrite, where an edited tokenizer file was refused."""
+    out = Path(shutil.copytree(built[1], tmp_path / "engine"))
+    manifest = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**manifest, "my_note": "keep me"}))
+    before = snapshot(out)
+    result = cli("build", "--checkpoint_dir", str(built[0]), "--output_dir", str(out),
+                 "--overwrite", "--max_batch_size", "2", "--max_seq_len", "16")
+    assert result.exit_code == 2, result.output
+    assert f"{out}: is a kiln engine dir whose config.json was edited since the build" \
+        in result.output
+    assert snapshot(out) == before
+
+
 def test_an_output_inside_a_build_cache_entry_is_refused(built, tmp_path):
     """A trial built another model into ``$KILN_CACHE_DIR/engines/NAME/engine`` with
     --overwrite; the cache then served it for the first model's key."""
@@ -407,6 +423,14 @@ def test_a_kiln_named_file_dated_before_the_manifest_is_not_kiln_s(built, hf_dir
     assert (out / name).read_text() == "mine"
 
 
+def _rewrite_manifest(path: Path, data: dict) -> None:
+    """Write a manifest as kiln would have written ``data`` (an engine's with its digest: the
+    rule under test, not the edit check, is what refuses or accepts)."""
+    if DIGEST_KEY in data:
+        data = {**data, DIGEST_KEY: manifest_digest(data)}
+    path.write_text(json.dumps(data))
+
+
 @pytest.mark.parametrize("kind", ["engine", "checkpoint"])
 @pytest.mark.parametrize("case", ["folder under a rank name", "link under a rank name",
                                   "other_files not a mapping"])
@@ -431,7 +455,7 @@ def test_a_folder_link_or_edited_record_is_never_taken_for_kiln_s(built, hf_dir,
         manifest = out / "config.json"
         data = json.loads(manifest.read_text())
         name = sorted(data["other_files"])[0]
-        manifest.write_text(json.dumps({**data, "other_files": sorted(data["other_files"])}))
+        _rewrite_manifest(manifest, {**data, "other_files": sorted(data["other_files"])})
         (out / name).write_text("mine")
         os.utime(out / name, ns=(1_500_000_000 * 10**9,) * 2)
     result = _replace(built, hf_dir, kind, out)
@@ -449,7 +473,7 @@ def test_an_older_kilns_output_without_other_files_keeps_the_name_and_time_rule(
     manifest = out / "config.json"
     data = json.loads(manifest.read_text())
     tokenizer = out / sorted(data.pop("other_files"))[0]
-    manifest.write_text(json.dumps(data))
+    _rewrite_manifest(manifest, data)
     newer = manifest.stat().st_mtime_ns + 10**9
     os.utime(tokenizer, ns=(newer, newer))
     assert _replace(built, hf_dir, kind, out).exit_code == 2
