@@ -211,8 +211,10 @@ def _warn_slow_forms(backend: str, quant: QuantConfig | None, int8_compute: bool
         return
     if quant.qformat == "int8_wo" and not int8_compute:
         log.warning("int8_wo on ONNX Runtime's CPU runs 8-bit MatMulNBits in float32, several "
-                    "times slower than a float32 engine; build with --weight_only_int8_compute "
-                    "(int8 activation blocks, fast) or use int4_awq / int8_sq for speed")
+                    "times slower than a float32 engine; for speed use int4_awq / int8_sq, or "
+                    "build with --weight_only_int8_compute (int8 activation blocks: fast, but "
+                    "no longer the numerics the accuracy gate measured: check it with kiln eval "
+                    "and a few prompts)")
     elif quant.qformat == "fp8":
         log.warning("fp8 on ONNX Runtime's CPU runs Q/DQ around float kernels, for numerics: "
                     "several times slower than a float32 engine; FP8 speed needs a GPU "

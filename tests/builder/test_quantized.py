@@ -13,6 +13,7 @@ int8 / fp8 rounding boundaries, each flip one quantization step (fp8: 1/16 of th
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -279,3 +280,12 @@ def test_slow_cpu_forms_are_said(quantized, tmp_path, caplog, qformat, options, 
         build(quantized(qformat), tmp_path / "engine", backend="onnx", **LIMITS, **options)
     warned = [r.message for r in caplog.records if "slower than a float32 engine" in r.message]
     assert bool(warned) == slow
+
+
+def test_the_int8_wo_speed_warning_says_what_the_faster_form_costs(quantized, tmp_path, caplog):
+    """A trial took the warning's --weight_only_int8_compute ("fast") and its README answer
+    changed: the warning names the numerics it gives up."""
+    with caplog.at_level(logging.WARNING, "kiln.builder.api"):
+        build(quantized("int8_wo"), tmp_path / "engine", backend="onnx", **LIMITS)
+    warning, = [r.message for r in caplog.records if "--weight_only_int8_compute" in r.message]
+    assert "no longer the numerics the accuracy gate measured: check it with kiln eval" in warning
