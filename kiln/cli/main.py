@@ -216,6 +216,11 @@ def _check_arguments(ctx: click.Context, args: list[str]) -> None:
             hint = f"quote a value with spaces, as {last[0]} '{last[1]} {' '.join(words)}'" \
                 if last is not None and last[2] == i - 1 else \
                 "each value goes after its option's name"
+            if "--input_text" in options and not any(
+                    a.partition("=")[0] in ("--input_text", "--input_file") for a in args):
+                # `kiln run --engine_dir E hi`: far likelier a prompt than a path with a space
+                hint = f"the prompt goes after --input_text: --input_text '{' '.join(words)}'; " \
+                    f"or {hint}"
             raise click.UsageError(f"unexpected argument {token!r}: {ctx.command_path} takes "
                                    f"options only ({hint})", ctx)
         last = None

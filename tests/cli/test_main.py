@@ -173,6 +173,11 @@ def test_an_option_of_one_value_given_twice_is_refused(args, message, tmp_path):
     (["run", "--engine_dir", "e", "--input_text", "hi", "there", "you", "--ignore_eos"],
      "unexpected argument 'there': kiln run takes options only (quote a value with spaces, as "
      "--input_text 'hi there you')"),
+    # a trial's prompt without its option
+    (["run", "--engine_dir", "e", "hi", "there"],
+     "unexpected argument 'hi': kiln run takes options only (the prompt goes after "
+     "--input_text: --input_text 'hi there'; or quote a value with spaces, as --engine_dir "
+     "'e hi there')"),
 ])
 def test_a_word_that_is_no_option_s_value_is_named(args, message):
     result = _invoke(*args)
