@@ -11,6 +11,7 @@ seconds, the first after that long: a long job is never silent, a short one writ
 from __future__ import annotations
 
 import io
+import os
 import sys
 import threading
 import time
@@ -89,7 +90,17 @@ def progress_bar(iterable: Iterable | None = None, *, show: bool | None,
         kwargs.update(file=_Lines(stream), mininterval=LOG_EVERY_S, ascii=True,
                       delay=max(kwargs.get("delay", 0.0), LOG_EVERY_S), dynamic_ncols=False)
         return _LogBar(iterable, **kwargs)
+    if show and "ncols" not in kwargs and _columns(stream) == 0:  # tqdm would draw nothing (a
+        kwargs.update(ncols=80, nrows=24, dynamic_ncols=False)  # trial's `script -c` said 0)
     return tqdm(iterable, disable=not show, **kwargs)
+
+
+def _columns(stream: Any) -> int | None:
+    """The terminal width ``stream`` reports (0 from a pseudo-terminal never sized), or None."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def report_line(line: str, *, show: bool, started: float) -> None:

@@ -116,3 +116,22 @@ def test_an_iterating_bar_counts_each_step_once_while_its_clock_draws(stderr, mo
     lines = out.getvalue().splitlines()
     assert lines and "30/30" in lines[-1]
     assert all("/30" in line for line in lines), lines  # the total is never lost
+
+
+def test_a_terminal_that_reports_no_width_still_gets_a_bar(stderr):
+    """A trial's `script -c` terminal said 0 columns: tqdm drew nothing through a 71 s run."""
+    import os
+    import select
+
+    reader, writer = os.openpty()  # a pseudo-terminal never sized: 0 x 0
+    try:
+        with open(writer, "w", closefd=False) as stream:
+            stderr(stream)
+            _run(3, show=True)
+        out = b""
+        while select.select([reader], [], [], 0.2)[0]:
+            out += os.read(reader, 4096)
+    finally:
+        os.close(reader)
+        os.close(writer)
+    assert b"job: 100%" in out and b"3/3" in out
