@@ -12,8 +12,11 @@ all is good, else exit 2 with a one-line error naming the first problem.
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -32,6 +35,7 @@ from kiln.errors import counted
 from kiln.hashing import other_file_problems
 from kiln.runtime.compat import kiln_version_problem
 
+log = logging.getLogger(__name__)
 
 def manifest_problems(manifest: EngineManifest) -> list[str]:
     """What the manifest itself lacks: a rank of the mapping without files, a file without a
@@ -156,10 +160,11 @@ def verify_checkpoint(obj: CliContext, directory: Path) -> None:
     from kiln.progress import progress_bar
 
     config = load_config(directory)
-    if config.rank_checksums is None:
-        raise CheckpointError(f"{directory}: records no rank file checksums (written by a kiln "
-                              f"before they were recorded, or the key removed): nothing to "
-                              f"verify its rank files against; convert it again to record them")
+    unrecorded = config.rank_checksums is None  # an older kiln's: read every value instead
+    if unrecorded:
+        log.warning("%s records no rank file checksums (written by a kiln before they were "
+                    "recorded, or the key removed): checking each rank file's header, tensor "
+                    "names and values instead (convert it again to record them)", directory)
     names = [rank_file(rank) for rank in range(config.mapping.world_size)]
     paths = [p for name in names if (p := directory / name).is_file()]
     total = sum(p.stat().st_size for p in paths)
@@ -170,12 +175,15 @@ def verify_checkpoint(obj: CliContext, directory: Path) -> None:
             path, problem = directory / name, None
             if not path.is_file():
                 problem = "missing"
+            elif unrecorded:
+                problem = _content_problem(path, config, rank, bar.update)
             else:
                 try:
                     check_rank_checksums(directory, config,
                                          {name: sha256_file(path, on_block=bar.update)})
-                except KilnError as e:
-                    problem = str(e).removeprefix(f"{path}: ")
+                except KilnError as e:  # a damaged header says more (a truncated copy)
+                    problem = _content_problem(path, config, rank, header_only=True) \
+                        or str(e).removeprefix(f"{path}: ")
             if problem is not None:
                 problems.append(f"{name}: {problem}")
             if obj.verbosity >= 0 or problem is not None:
@@ -191,9 +199,34 @@ def verify_checkpoint(obj: CliContext, directory: Path) -> None:
                               f"{problems[0]}")
     extra = f" and {counted(len(config.other_files), 'other file')}" \
         if config.other_files else ""
+    checked = "headers, tensor names and values read (no checksums recorded)" if unrecorded \
+        else "checksums match config.json"
     click.echo(f"{directory}: ok, {counted(len(names), 'rank file')}{extra} of a kiln "
-               f"checkpoint, {total / 1e9:.2f} GB: present, "
-               f"checksums match config.json")
+               f"checkpoint, {total / 1e9:.2f} GB: present, {checked}")
+
+
+def _content_problem(path: Path, config: Any, rank: int,
+                     on_read: Callable[[int], object] | None = None,
+                     header_only: bool = False) -> str | None:
+    """What is wrong with a checkpoint rank file by its content (what a build would refuse):
+    its header, then (unless ``header_only``) its tensors' names and a NaN/Inf in any tensor,
+    read one at a time; None if nothing."""
+    from kiln.checkpoint import REWRITE, check_tensor_names, read_checked
+    from kiln.errors import KilnError
+    from kiln.tensorio import read_header
+
+    try:
+        infos, _ = read_header(path, REWRITE)
+        if header_only:
+            return None
+        check_tensor_names(path, config, rank, infos)
+        for name, info in infos.items():
+            read_checked(name, info)
+            if on_read is not None:
+                on_read(info.nbytes)
+    except KilnError as e:
+        return str(e).removeprefix(f"{path}: ")
+    return None
 
 
 def _line(path: Path, rank: int, name: str, problem: str | None) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -288,13 +289,35 @@ def test_rank_files_copied_over_each_other_are_named_by_verify(checkpoint):
         "copy the checkpoint again, or write it again"
 
 
-def test_a_checkpoint_without_recorded_checksums_cannot_be_verified(checkpoint):
+def test_a_checkpoint_without_recorded_checksums_is_checked_by_content(checkpoint, caplog):
+    """A trial was sent to kiln verify by a NaN perplexity and told "nothing to verify"; now an
+    older kiln's checkpoint gets its headers, tensor names and values checked."""
     config = json.loads((checkpoint / "config.json").read_text())
     del config["rank_checksums"]
     (checkpoint / "config.json").write_text(json.dumps(config))
+    with caplog.at_level("WARNING"):
+        r = kiln("verify", str(checkpoint))
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[-1].endswith("present, headers, tensor names and values read "
+                                              "(no checksums recorded)")
+    assert "records no rank file checksums" in caplog.text
+    with open(checkpoint / "rank1.safetensors", "r+b") as f:  # the last values NaN
+        f.seek(-4, 2)
+        f.write(b"\xc0\x7f\xc0\x7f")
     r = kiln("verify", str(checkpoint))
-    assert r.exit_code == 2 and r.output.splitlines() == [
-        f"error: {checkpoint}: records no rank file checksums (written by a kiln before they "
-        f"were recorded, or the key removed): nothing to verify its rank files against; "
-        f"convert it again to record them"]
+    assert r.exit_code == 2
+    assert re.search(r"FAIL rank 1  rank1\.safetensors  \S+ holds NaN/Inf values \(first at "
+                     r"(row|element) \d+\); the file is damaged", r.output), r.output
+    (checkpoint / "rank0.safetensors").write_bytes(b"not a safetensors file")
+    assert "FAIL rank 0  rank0.safetensors  not a valid safetensors file" in \
+        kiln("verify", str(checkpoint)).output
+
+
+def test_a_truncated_rank_file_is_named_as_such(checkpoint):
+    path = checkpoint / "rank0.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    r = kiln("verify", str(checkpoint))
+    assert r.exit_code == 2
+    assert "FAIL rank 0  rank0.safetensors  not a valid safetensors file: tensor" in r.output
+    assert "(truncated?)" in r.output
 
