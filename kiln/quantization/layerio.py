@@ -120,7 +120,7 @@ class QuantizedWriter:
                     continue
                 rows = info.shape[0] if info.shape else 1
                 for a, b in iter_row_chunks(rows, info.nbytes // max(rows, 1)):
-                    chunk = read_checked(name, info, (a, b)) if info.shape else read_checked(name, info)
+                    chunk = read_checked(name, info, (a, b) if info.shape else None)
                     writer.write_rows(name, chunk, a)
 
     def close(self) -> None:

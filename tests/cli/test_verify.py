@@ -83,7 +83,8 @@ def test_the_engine_dir_may_be_given_as_the_other_commands_take_it(engine):
     for args in ([], [str(engine), "--engine_dir", str(engine)]):
         r = kiln("verify", *args)
         assert r.exit_code == 2 and len(r.output.splitlines()) == 1, r.output
-        assert "give the engine dir or kiln checkpoint once: kiln verify DIR (or --engine_dir" in r.output
+        assert "give the engine dir or kiln checkpoint once: kiln verify DIR (or " \
+               "--engine_dir" in r.output
 
 
 def test_same_size_corruption_loads_by_default_but_fails_every_checksum_check(engine):
