@@ -168,8 +168,8 @@ def describe_replaceable(directory: Path, damaged_ranks: bool = False) -> str:
     if kind == ENGINE_KIND and not damaged_ranks and manifest_edit(data) is not None:
         raise OutputError(f"{directory}: is a {kind} whose {MANIFEST_NAME} was edited since the "
                           f"build (it no longer matches the digest recorded in it), and "
-                          f"--overwrite would lose the edit; move that file away, or choose "
-                          f"another --output_dir")
+                          f"--overwrite would lose the edit; undo it, or choose another "
+                          f"--output_dir (or, to drop the edit, delete {directory} yourself)")
     written = manifest.stat().st_mtime_ns
     ranks = _rank_files(data)
     foreign = [n for n in entries
@@ -234,8 +234,9 @@ def _rank_file_as_recorded(path: Path, data: dict) -> bool:
     an engine manifest records; for a checkpoint (no sizes recorded), a safetensors file
     (its 8-byte header length and JSON header) holding the tensors the manifest implies for
     that rank, no more and no less, and ending where its header says (a trial's own adapter
-    file saved under ``rank0.safetensors`` had been replaced). A manifest of an older kiln
-    records no sizes: then any file of the name."""
+    file saved under ``rank0.safetensors`` had been replaced), or where the manifest records
+    ``rank_checksums``, the bytes kiln wrote (a trial's same-size edit had been replaced). A
+    manifest of an older kiln records no sizes: then any file of the name."""
     try:
         size = path.stat().st_size
         sizes = data.get("sizes")
@@ -243,6 +244,11 @@ def _rank_file_as_recorded(path: Path, data: dict) -> bool:
             return sizes[path.name] == size
         if path.suffix != ".safetensors":
             return True
+        recorded = data.get("rank_checksums")
+        if isinstance(recorded, dict) and isinstance(recorded.get(path.name), str):
+            # what kiln wrote, byte for byte: a user's edit of the same size, or a damaged
+            # copy, is not replaced (kiln verify names it; the user moves it away)
+            return _digest(path) == recorded[path.name].lower()
         with open(path, "rb") as f:
             length = int.from_bytes(f.read(8), "little")
             if not 2 <= length <= min(size - 8, 100 << 20):
@@ -256,6 +262,20 @@ def _rank_file_as_recorded(path: Path, data: dict) -> bool:
                                     and 8 + length + _data_end(header) == size)
     except (OSError, *UNREADABLE_JSON):
         return False
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime ns) -> sha256
+
+
+def _digest(path: Path) -> str:
+    """sha256 of ``path``, hashed once for an unchanged file (an overwrite checks its target
+    before the work and again before replacing it)."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        log.info("hashing %s (%.2f GB) to tell kiln's bytes from others", path, stat.st_size / 1e9)
+        _DIGESTS[key] = sha256_file(path)
+    return _DIGESTS[key]
 
 
 def _checkpoint_rank_names(data: dict, name: str) -> set[str] | None:

@@ -600,3 +600,25 @@ def test_proc_is_named_a_pseudo_file_system_not_missing():
         pytest.skip("no procfs here")
     assert cannot_create_in(Path("/proc")) == "it takes no new files: a pseudo file system, " \
                                               "as /proc is"
+
+
+def test_a_checkpoint_rank_file_edited_at_its_size_is_not_replaced(built, hf_dir, tmp_path):
+    """A trial scaled embed.weight by 1.01 and saved it back under the same names and size:
+    --overwrite replaced it. Where the manifest records rank_checksums, a rank file is kiln's
+    only with the bytes kiln wrote; as written, it is replaced."""
+    out = Path(shutil.copytree(built[0], tmp_path / "ckpt"))
+    path = out / "rank0.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01  # a weight's low bit: same header, same size
+    path.write_bytes(bytes(data))
+    before = snapshot(out)
+    result = cli("convert_checkpoint", "--model_dir", str(hf_dir), "--output_dir", str(out),
+                 "--overwrite")
+    assert result.exit_code == 2, result.output
+    assert "also holds 'rank0.safetensors', which kiln did not write" in result.output
+    assert snapshot(out) == before
+    data[-3] ^= 0x01  # as kiln wrote it
+    path.write_bytes(bytes(data))
+    result = cli("convert_checkpoint", "--model_dir", str(hf_dir), "--output_dir", str(out),
+                 "--overwrite")
+    assert result.exit_code == 0, result.output
