@@ -22,7 +22,13 @@ import torch
 from kiln.config import DTYPES, DecoderConfig, Mapping
 from kiln.dirs import DirKind, read_config
 from kiln.errors import CheckpointError, ConfigError, KilnError, counted
-from kiln.hashing import other_file_problems, sha256_file, stops_when
+from kiln.hashing import (
+    DIGEST_KEY,
+    manifest_digest,
+    other_file_problems,
+    sha256_file,
+    stops_when,
+)
 from kiln.quantization.config import QuantConfig
 from kiln.roles import expected_shape, parse_tensor, quantized_roles, tensor_names
 from kiln.sharding import shard_shape, unshard_named
@@ -84,7 +90,9 @@ class CheckpointConfig:
                             quant=self.quantization)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """config.json's content, with its own digest (:data:`~kiln.hashing.DIGEST_KEY`): an
+        edit since is told from what kiln wrote (kiln verify; --overwrite keeps it)."""
+        data = {
             "format_version": self.format_version,
             "kiln_version": self.kiln_version,
             "decoder": self.decoder.to_dict(),
@@ -95,6 +103,7 @@ class CheckpointConfig:
             **({} if self.other_files is None else {"other_files": self.other_files}),
             **({} if self.rank_checksums is None else {"rank_checksums": self.rank_checksums}),
         }
+        return {**data, DIGEST_KEY: manifest_digest(data)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = CONFIG_NAME) -> CheckpointConfig:

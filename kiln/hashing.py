@@ -10,11 +10,16 @@ interrupted. Non-goal: anything but sha256 hex digests.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 from threading import Event
+from typing import Any
 
 BLOCK_SIZE = 16 << 20
+# a manifest's own digest (manifest_digest), recorded in it by its writer: kiln build, and
+# kiln convert_checkpoint / kiln quantize for a checkpoint's config.json
+DIGEST_KEY = "manifest_sha256"
 
 
 def sha256_file(path: str | Path, on_block: Callable[[int], object] | None = None) -> str:
@@ -58,3 +63,12 @@ def other_file_problems(directory: Path, other_files: dict[str, str] | None,
         elif sha256_file(path) != digest:
             problems.append(f"{name}: changed since {since} (sha256 differs from {record})")
     return problems
+
+
+def manifest_digest(data: dict[str, Any]) -> str:
+    """sha256 of a manifest's content (an engine's or a checkpoint's config.json), its digest
+    field left out: canonical JSON (sorted keys, no spaces), so that what is written and what
+    is read back give the same digest."""
+    content = {k: v for k, v in data.items() if k != DIGEST_KEY}
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()

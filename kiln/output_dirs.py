@@ -152,7 +152,7 @@ def describe_replaceable(directory: Path, damaged_ranks: bool = False) -> str:
     raises :class:`OutputError` naming what is in the way if kiln did not write it. A rank file
     must look like the one the manifest describes (an engine's recorded size, a checkpoint's
     safetensors header), so a user's file under a rank file's name is not taken for kiln's,
-    and an engine manifest edited since the build (its digest) holds the user's edit;
+    and a manifest edited since kiln wrote it (its digest) holds the user's edit;
     ``damaged_ranks``: take a rank file the manifest names as kiln's even so, and an edited
     manifest (the build cache, which removes and rebuilds its damaged entries)."""
     entries = sorted(p.name for p in directory.iterdir())
@@ -165,9 +165,10 @@ def describe_replaceable(directory: Path, damaged_ranks: bool = False) -> str:
         raise OutputError(f"{directory}: holds {_few(entries)} and no kiln checkpoint or engine "
                           f"manifest; kiln only replaces directories it wrote: move them away or "
                           f"choose another --output_dir")
-    if kind == ENGINE_KIND and not damaged_ranks and manifest_edit(data) is not None:
-        raise OutputError(f"{directory}: is a {kind} whose {MANIFEST_NAME} was edited since the "
-                          f"build (it no longer matches the digest recorded in it), and "
+    if not damaged_ranks and manifest_edit(data) is not None:
+        since = "the build" if kind == ENGINE_KIND else "kiln wrote it"
+        raise OutputError(f"{directory}: is a {kind} whose {MANIFEST_NAME} was edited since "
+                          f"{since} (it no longer matches the digest recorded in it), and "
                           f"--overwrite would lose the edit; undo it, or choose another "
                           f"--output_dir (or, to drop the edit, delete {directory} yourself)")
     written = manifest.stat().st_mtime_ns

@@ -293,18 +293,19 @@ def test_a_safetensors_file_of_other_tensors_under_a_checkpoint_rank_name_is_not
     assert snapshot(out) == before
 
 
-def test_an_engine_manifest_edited_since_the_build_is_not_replaced(built, tmp_path):
-    """A trial's note added to an engine's config.json (which kiln verify had flagged) was
-    lost to --overwrite, where an edited tokenizer file was refused."""
-    out = Path(shutil.copytree(built[1], tmp_path / "engine"))
+@pytest.mark.parametrize("kind", ["engine", "checkpoint"])
+def test_a_manifest_edited_since_kiln_wrote_it_is_not_replaced(built, hf_dir, tmp_path, kind):
+    """A trial's note added to an engine's config.json (which kiln verify had flagged), and to
+    a checkpoint's, was lost to --overwrite, where an edited tokenizer file was refused."""
+    out = Path(shutil.copytree(built[1] if kind == "engine" else built[0], tmp_path / kind))
     manifest = json.loads((out / "config.json").read_text())
     (out / "config.json").write_text(json.dumps({**manifest, "my_note": "keep me"}))
     before = snapshot(out)
-    result = cli("build", "--checkpoint_dir", str(built[0]), "--output_dir", str(out),
-                 "--overwrite", "--max_batch_size", "2", "--max_seq_len", "16")
+    result = _replace(built, hf_dir, kind, out)
     assert result.exit_code == 2, result.output
-    assert f"{out}: is a kiln engine dir whose config.json was edited since the build" \
-        in result.output
+    since = "the build" if kind == "engine" else "kiln wrote it"
+    assert f"{out}: is a kiln {'engine dir' if kind == 'engine' else 'checkpoint'} whose " \
+           f"config.json was edited since {since}" in result.output
     assert snapshot(out) == before
 
 

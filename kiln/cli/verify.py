@@ -154,12 +154,18 @@ def verify_checkpoint(obj: CliContext, directory: Path) -> None:
     and the other files it wrote unchanged; one line per rank file, then a summary."""
     from tqdm import tqdm
 
-    from kiln.checkpoint import check_rank_checksums, load_config, rank_file
+    from kiln.checkpoint import CONFIG_NAME, check_rank_checksums, load_config, rank_file
     from kiln.errors import CheckpointError, KilnError
-    from kiln.hashing import sha256_file
+    from kiln.hashing import manifest_digest, sha256_file
     from kiln.progress import progress_bar
 
     config = load_config(directory)
+    problems = []
+    _, data = read_config(directory, DirKind.KILN_CHECKPOINT, CheckpointError)
+    if DIGEST_KEY in data and data[DIGEST_KEY] != manifest_digest(data):
+        problems.append(f"{CONFIG_NAME}: edited since kiln wrote it (it no longer matches the "
+                        f"digest recorded in it): undo the edit, or write the checkpoint again")
+        click.echo(f"FAIL manifest  {problems[-1]}")
     unrecorded = config.rank_checksums is None  # an older kiln's: read every value instead
     if unrecorded:
         log.warning("%s records no rank file checksums (written by a kiln before they were "
@@ -168,7 +174,6 @@ def verify_checkpoint(obj: CliContext, directory: Path) -> None:
     names = [rank_file(rank) for rank in range(config.mapping.world_size)]
     paths = [p for name in names if (p := directory / name).is_file()]
     total = sum(p.stat().st_size for p in paths)
-    problems = []
     with progress_bar(total=total, unit="B", unit_scale=True, desc="sha256", delay=1.0,
                       show=obj.progress) as bar:
         for rank, name in enumerate(names):

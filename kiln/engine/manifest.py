@@ -22,7 +22,6 @@ and run share a format).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -34,7 +33,11 @@ from typing import Any
 from kiln.config import DTYPES, DecoderConfig, Mapping
 from kiln.dirs import DirKind, read_config
 from kiln.errors import ConfigError, EngineError
-from kiln.hashing import sha256_file  # the one sha256 helper (also imported from here)
+from kiln.hashing import (  # the one sha256 helper (also imported from here)
+    DIGEST_KEY,
+    manifest_digest,
+    sha256_file,
+)
 from kiln.quantization.config import QuantConfig
 
 logger = logging.getLogger("kiln.engine")  # the package's name, as before it was one
@@ -42,7 +45,6 @@ _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}  # of DTYPES
 
 ENGINE_FORMAT_VERSION = 1
 MANIFEST_NAME = "config.json"
-DIGEST_KEY = "manifest_sha256"  # the manifest's own digest (manifest_digest), from the build
 BACKENDS = ("onnx", "tensorrt", "torch")
 # Names of the backend files beside the manifest: ``rank{N}`` or ``rank{N}.part{k}`` (a rank
 # split into a chain of engine parts), then torch ``.safetensors``, onnx ``.onnx`` + its
@@ -161,14 +163,6 @@ class EngineManifest:
         data = self.to_dict()
         data[DIGEST_KEY] = manifest_digest(data)
         (Path(engine_dir) / MANIFEST_NAME).write_text(json.dumps(data, indent=2) + "\n")
-
-
-def manifest_digest(data: dict[str, Any]) -> str:
-    """sha256 of a manifest's content, its digest field left out: canonical JSON (sorted keys,
-    no spaces), so that what is written and what is read back give the same digest."""
-    content = {k: v for k, v in data.items() if k != DIGEST_KEY}
-    text = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def manifest_edit(data: dict[str, Any]) -> str | None:

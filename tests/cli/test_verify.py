@@ -16,6 +16,7 @@ from kiln.builder import build
 from kiln.cli.main import main
 from kiln.cli.verify import manifest_problems
 from kiln.engine import DIGEST_KEY, EngineError, read_manifest
+from kiln.hashing import manifest_digest
 from kiln.runtime.loader import ExecutorOptions, open_engine
 from kiln.testing.smollm2 import smollm2_hf_dir
 from tests.helpers import flip_bits
@@ -248,6 +249,7 @@ def checkpoint(tmp_path) -> Path:
     config = json.loads((ckpt / "config.json").read_text())  # as if convert had copied it
     config["other_files"] = {"tokenizer.json": hashlib.sha256(
         (ckpt / "tokenizer.json").read_bytes()).hexdigest()}
+    config[DIGEST_KEY] = manifest_digest(config)  # as convert writes it
     (ckpt / "config.json").write_text(json.dumps(config))
     return ckpt
 
@@ -294,7 +296,7 @@ def test_a_checkpoint_without_recorded_checksums_is_checked_by_content(checkpoin
     """A trial was sent to kiln verify by a NaN perplexity and told "nothing to verify"; now an
     older kiln's checkpoint gets its headers, tensor names and values checked."""
     config = json.loads((checkpoint / "config.json").read_text())
-    del config["rank_checksums"]
+    del config["rank_checksums"], config[DIGEST_KEY]  # as an older kiln wrote it
     (checkpoint / "config.json").write_text(json.dumps(config))
     with caplog.at_level("WARNING"):
         r = kiln("verify", str(checkpoint))
@@ -312,6 +314,17 @@ def test_a_checkpoint_without_recorded_checksums_is_checked_by_content(checkpoin
     (checkpoint / "rank0.safetensors").write_bytes(b"not a safetensors file")
     assert "FAIL rank 0  rank0.safetensors  not a valid safetensors file" in \
         kiln("verify", str(checkpoint)).output
+
+
+def test_an_edited_checkpoint_config_is_named(checkpoint):
+    """Its digest (written since this session, as engines' are) tells a hand edit."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**config, "my_note": "x"}))
+    r = kiln("verify", str(checkpoint))
+    assert r.exit_code == 2
+    assert r.output.splitlines()[0] == "FAIL manifest  config.json: edited since kiln wrote it " \
+        "(it no longer matches the digest recorded in it): undo the edit, or write the " \
+        "checkpoint again"
 
 
 def test_a_truncated_rank_file_is_named_as_such(checkpoint):
