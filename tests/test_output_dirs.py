@@ -24,6 +24,7 @@ from kiln.engine.manifest import DIGEST_KEY, manifest_digest
 from kiln.errors import OutputExistsError
 from kiln.output_dirs import OutputError, atomic_dir, check_output
 from kiln.tensorio import write_tensors
+from tests.helpers import flip_bits
 from tests.models import hf_model, kiln_checkpoint
 
 LIMITS = dict(max_batch_size=2, max_input_len=8, max_seq_len=16)
@@ -273,18 +274,21 @@ def test_a_users_file_under_a_rank_file_s_name_is_not_kiln_s(built, hf_dir, tmp_
     assert snapshot(out) == before
 
 
-@pytest.mark.parametrize("damage", ["other tensors", "truncated"])
+@pytest.mark.parametrize("damage", ["other tensors", "truncated", "edited at its size"])
 def test_a_safetensors_file_of_other_tensors_under_a_checkpoint_rank_name_is_not_kiln_s(
         built, hf_dir, tmp_path, damage):
     """A trial saved its own adapter (a valid safetensors file of one tensor) as
     ``ckpt/rank0.safetensors``: --overwrite replaced it, as any safetensors file of that name
-    passed for kiln's. Now it must hold the rank's tensors, and end where its header says."""
+    passed for kiln's; so was another's same-size edit of embed.weight. Now it must hold the
+    rank's tensors, end where its header says, and (rank_checksums) be the bytes kiln wrote."""
     out = Path(shutil.copytree(built[0], tmp_path / "ckpt"))
     path = out / "rank0.safetensors"
     if damage == "other tensors":
         write_tensors(path, {"my_adapter": torch.ones(3, 4)})
-    else:
+    elif damage == "truncated":
         path.write_bytes(path.read_bytes()[:-100])
+    else:  # a weight's low bit: the header and size kiln wrote, other bytes (rank_checksums)
+        flip_bits(path, -3, 0x01)
     before = snapshot(out)
     result = cli("convert_checkpoint", "--model_dir", str(hf_dir), "--output_dir", str(out),
                  "--overwrite")
@@ -603,23 +607,9 @@ def test_proc_is_named_a_pseudo_file_system_not_missing():
                                               "as /proc is"
 
 
-def test_a_checkpoint_rank_file_edited_at_its_size_is_not_replaced(built, hf_dir, tmp_path):
-    """A trial scaled embed.weight by 1.01 and saved it back under the same names and size:
-    --overwrite replaced it. Where the manifest records rank_checksums, a rank file is kiln's
-    only with the bytes kiln wrote; as written, it is replaced."""
+def test_a_checkpoint_as_kiln_wrote_it_is_replaced(built, hf_dir, tmp_path):
+    """Its rank files hashed against rank_checksums (the refusals above), then replaced."""
     out = Path(shutil.copytree(built[0], tmp_path / "ckpt"))
-    path = out / "rank0.safetensors"
-    data = bytearray(path.read_bytes())
-    data[-3] ^= 0x01  # a weight's low bit: same header, same size
-    path.write_bytes(bytes(data))
-    before = snapshot(out)
-    result = cli("convert_checkpoint", "--model_dir", str(hf_dir), "--output_dir", str(out),
-                 "--overwrite")
-    assert result.exit_code == 2, result.output
-    assert "also holds 'rank0.safetensors', which kiln did not write" in result.output
-    assert snapshot(out) == before
-    data[-3] ^= 0x01  # as kiln wrote it
-    path.write_bytes(bytes(data))
     result = cli("convert_checkpoint", "--model_dir", str(hf_dir), "--output_dir", str(out),
                  "--overwrite")
     assert result.exit_code == 0, result.output
