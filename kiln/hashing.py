@@ -65,10 +65,24 @@ def other_file_problems(directory: Path, other_files: dict[str, str] | None,
     return problems
 
 
-def manifest_digest(data: dict[str, Any]) -> str:
+def manifest_digest(data: dict[str, Any]) -> str | None:
     """sha256 of a manifest's content (an engine's or a checkpoint's config.json), its digest
     field left out: canonical JSON (sorted keys, no spaces), so that what is written and what
-    is read back give the same digest."""
+    is read back give the same digest. None for content kiln never writes (a NaN or Infinity,
+    which Python's json reads): no recorded digest matches it."""
     content = {k: v for k, v in data.items() if k != DIGEST_KEY}
-    text = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    try:
+        text = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except ValueError:  # a trial's "eval_ppl": NaN had given a traceback
+        return None
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def manifest_edited(data: dict[str, Any]) -> bool:
+    """Whether a manifest that records its digest (:data:`DIGEST_KEY`) was edited since: its
+    content no longer gives that digest (a null or malformed one never matches). False where
+    none is recorded (written before kiln recorded it)."""
+    if DIGEST_KEY not in data:
+        return False
+    digest = manifest_digest(data)
+    return digest is None or data[DIGEST_KEY] != digest

@@ -273,8 +273,10 @@ def _digest(path: Path) -> str:
     before the work and again before replacing it)."""
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _DIGESTS:
-        log.info("hashing %s (%.2f GB) to tell kiln's bytes from others", path, stat.st_size / 1e9)
+    if key not in _DIGESTS:  # a pause worth a word at the default level from a GB on
+        log.log(logging.WARNING if stat.st_size >= 1 << 30 else logging.INFO,
+                "hashing %s (%.2f GB) to replace only the bytes kiln wrote", path,
+                stat.st_size / 1e9)
         _DIGESTS[key] = sha256_file(path)
     return _DIGESTS[key]
 

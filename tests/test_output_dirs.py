@@ -303,7 +303,8 @@ def test_a_manifest_edited_since_kiln_wrote_it_is_not_replaced(built, hf_dir, tm
     a checkpoint's, was lost to --overwrite, where an edited tokenizer file was refused."""
     out = Path(shutil.copytree(built[1] if kind == "engine" else built[0], tmp_path / kind))
     manifest = json.loads((out / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps({**manifest, "my_note": "keep me"}))
+    (out / "config.json").write_text(json.dumps({**manifest, "my_note": "keep me",
+                                                 "ppl": float("nan")}))  # had raised
     before = snapshot(out)
     result = _replace(built, hf_dir, kind, out)
     assert result.exit_code == 2, result.output

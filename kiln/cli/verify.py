@@ -156,15 +156,17 @@ def verify_checkpoint(obj: CliContext, directory: Path) -> None:
 
     from kiln.checkpoint import CONFIG_NAME, check_rank_checksums, load_config, rank_file
     from kiln.errors import CheckpointError, KilnError
-    from kiln.hashing import manifest_digest, sha256_file
+    from kiln.hashing import manifest_edited, sha256_file
     from kiln.progress import progress_bar
 
     config = load_config(directory)
     problems = []
     _, data = read_config(directory, DirKind.KILN_CHECKPOINT, CheckpointError)
-    if DIGEST_KEY in data and data[DIGEST_KEY] != manifest_digest(data):
+    if manifest_edited(data):
         problems.append(f"{CONFIG_NAME}: edited since kiln wrote it (it no longer matches the "
-                        f"digest recorded in it): undo the edit, or write the checkpoint again")
+                        f"digest recorded in it): undo the edit; or, for an edit made on "
+                        f"purpose, remove {DIGEST_KEY} from it; or write the checkpoint again "
+                        f"into a new directory")
         click.echo(f"FAIL manifest  {problems[-1]}")
     unrecorded = config.rank_checksums is None  # an older kiln's: read every value instead
     if unrecorded:
@@ -206,6 +208,8 @@ def verify_checkpoint(obj: CliContext, directory: Path) -> None:
         if config.other_files else ""
     checked = "headers, tensor names and values read (no checksums recorded)" if unrecorded \
         else "checksums match config.json"
+    if DIGEST_KEY in data:  # as an engine's summary says it
+        checked = f"config.json unedited since kiln wrote it, {checked}"
     click.echo(f"{directory}: ok, {counted(len(names), 'rank file')}{extra} of a kiln "
                f"checkpoint, {total / 1e9:.2f} GB: present, {checked}")
 

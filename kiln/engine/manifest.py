@@ -36,6 +36,7 @@ from kiln.errors import ConfigError, EngineError
 from kiln.hashing import (  # the one sha256 helper (also imported from here)
     DIGEST_KEY,
     manifest_digest,
+    manifest_edited,
     sha256_file,
 )
 from kiln.quantization.config import QuantConfig
@@ -170,7 +171,7 @@ def manifest_edit(data: dict[str, Any]) -> str | None:
     was edited since the build wrote it: the problem, or None. None too for a manifest without
     :data:`DIGEST_KEY` (written before kiln recorded it; a null digest is an edit). The file
     checks cannot catch such an edit: they trust the manifest."""
-    if DIGEST_KEY not in data or data[DIGEST_KEY] == manifest_digest(data):
+    if not manifest_edited(data):
         return None
     return (f"{MANIFEST_NAME}: edited since the build (its content no longer matches the digest "
             f"the build recorded in it), and the engine files were built for what it said then: "

@@ -263,7 +263,8 @@ def test_a_checkpoint_is_verified_against_its_recorded_checksums(checkpoint):
     assert [line.split()[:4] for line in lines[:2]] == [
         ["ok", "rank", "0", "rank0.safetensors"], ["ok", "rank", "1", "rank1.safetensors"]]
     assert lines[2].startswith(f"{checkpoint}: ok, 2 rank files and 1 other file of a kiln "
-                               f"checkpoint") and lines[2].endswith("checksums match config.json")
+                               f"checkpoint") and lines[2].endswith(
+        "config.json unedited since kiln wrote it, checksums match config.json")
     assert kiln("-q", "verify", str(checkpoint)).output.splitlines() == lines[2:]
 
 
@@ -316,15 +317,28 @@ def test_a_checkpoint_without_recorded_checksums_is_checked_by_content(checkpoin
         kiln("verify", str(checkpoint)).output
 
 
-def test_an_edited_checkpoint_config_is_named(checkpoint):
-    """Its digest (written since this session, as engines' are) tells a hand edit."""
+def test_an_edited_checkpoint_config_is_flagged(checkpoint):
+    """Its digest (written since this session, as engines' are) tells a hand edit, and the
+    line says how to keep an edit made on purpose."""
     config = json.loads((checkpoint / "config.json").read_text())
     (checkpoint / "config.json").write_text(json.dumps({**config, "my_note": "x"}))
     r = kiln("verify", str(checkpoint))
     assert r.exit_code == 2
     assert r.output.splitlines()[0] == "FAIL manifest  config.json: edited since kiln wrote it " \
-        "(it no longer matches the digest recorded in it): undo the edit, or write the " \
-        "checkpoint again"
+        "(it no longer matches the digest recorded in it): undo the edit; or, for an edit made " \
+        "on purpose, remove manifest_sha256 from it; or write the checkpoint again into a new " \
+        "directory"
+
+
+def test_a_nan_in_an_edited_config_is_an_edit_not_a_traceback(checkpoint, tmp_path):
+    """Python's json reads NaN, which kiln never writes: the digest had raised."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**config, "eval_ppl": float("nan")}))
+    r = kiln("verify", str(checkpoint))
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert r.output.splitlines()[0].startswith("FAIL manifest  config.json: edited since kiln "
+                                               "wrote it")
+    assert "remove manifest_sha256 from it" in r.output
 
 
 def test_a_truncated_rank_file_is_named_as_such(checkpoint):
