@@ -12,6 +12,7 @@ all is good, else exit 2 with a one-line error naming the first problem.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from kiln.engine import (
     manifest_edit,
     read_manifest,
 )
-from kiln.errors import counted
+from kiln.errors import UNREADABLE_JSON, counted
 from kiln.hashing import other_file_problems
 from kiln.runtime.compat import kiln_version_problem
 
@@ -92,7 +93,15 @@ def verify(obj: CliContext, engine_dir: Path | None, engine_dir_option: Path | N
         near = near_path(engine_dir)
         raise EngineError(f"{engine_dir}: no such directory; "
                           + (f"did you mean {near}? " if near else "") + either)
-    if engine_dir.is_dir() and not (engine_dir / "config.json").is_file():  # a parent, say
+    config_path = engine_dir / "config.json"
+    if config_path.is_file():  # either kind's repair, where the file does not say which
+        try:
+            json.loads(config_path.read_text())
+        except UNREADABLE_JSON as e:
+            raise EngineError(f"{config_path}: invalid JSON ({e}); rebuild an engine dir with "
+                              f"kiln build, write a kiln checkpoint again with kiln "
+                              f"convert_checkpoint") from None
+    if engine_dir.is_dir() and not config_path.is_file():  # a parent, say
         inside = only_child_of_kind(engine_dir, DirKind.ENGINE, DirKind.KILN_CHECKPOINT)
         raise EngineError(f"{engine_dir / 'config.json'}: missing, so {engine_dir} is neither an "
                           f"engine dir nor a kiln checkpoint; "

@@ -341,6 +341,16 @@ def test_a_nan_in_an_edited_config_is_an_edit_not_a_traceback(checkpoint, tmp_pa
     assert "remove manifest_sha256 from it" in r.output
 
 
+def test_a_config_of_broken_json_names_both_repairs(checkpoint):
+    """A trial's checkpoint with a stray comma was told to rebuild with kiln build."""
+    (checkpoint / "config.json").write_text('{"tp_size": 1,,}')
+    r = kiln("verify", str(checkpoint))
+    assert r.exit_code == 2 and r.output.startswith(f"error: {checkpoint / 'config.json'}: "
+                                                    f"invalid JSON (")
+    assert r.output.rstrip().endswith("; rebuild an engine dir with kiln build, write a kiln "
+                                      "checkpoint again with kiln convert_checkpoint")
+
+
 def test_a_truncated_rank_file_is_named_as_such(checkpoint):
     path = checkpoint / "rank0.safetensors"
     path.write_bytes(path.read_bytes()[:-100])
