@@ -231,8 +231,9 @@ def _written_with(path: Path, data: dict, ranks: set[str], written: int,
 
 
 def _rank_file_as_recorded(path: Path, data: dict) -> bool:
-    """Whether rank file ``path`` looks as kiln wrote it, without reading its data: the size
-    an engine manifest records; for a checkpoint (no sizes recorded), a safetensors file
+    """Whether rank file ``path`` is as kiln wrote it: the size an engine manifest records and,
+    with its sha256 ``checksums``, those bytes (hashed once per overwrite: a same-size edit of
+    an engine file is the user's); for a checkpoint (no sizes recorded), a safetensors file
     (its 8-byte header length and JSON header) holding the tensors the manifest implies for
     that rank, no more and no less, and ending where its header says (a trial's own adapter
     file saved under ``rank0.safetensors`` had been replaced), or where the manifest records
@@ -242,7 +243,10 @@ def _rank_file_as_recorded(path: Path, data: dict) -> bool:
         size = path.stat().st_size
         sizes = data.get("sizes")
         if isinstance(sizes, dict) and path.name in sizes:
-            return sizes[path.name] == size
+            digests = data.get("checksums")
+            digest = digests.get(path.name) if isinstance(digests, dict) else None
+            return sizes[path.name] == size and (not isinstance(digest, str)
+                                                 or _digest(path) == digest.lower())
         if path.suffix != ".safetensors":
             return True
         recorded = data.get("rank_checksums")

@@ -243,17 +243,26 @@ def test_a_users_file_inside_a_kiln_engine_dir_is_kept(built, tmp_path):
 
 def test_kiln_output_is_replaced(built, tmp_path, caplog):
     out = Path(shutil.copytree(built[1], tmp_path / "engine"))
-    data = (out / "rank0.onnx").read_bytes()
-    marked = b"old" + data[3:]  # a marker of the recorded size, dated as kiln wrote it
-    (out / "rank0.onnx").write_bytes(marked)
-    written = (out / "config.json").stat().st_mtime_ns
-    os.utime(out / "rank0.onnx", ns=(written, written))
+    old = (out / "rank0.onnx").stat().st_ino
     result = cli("build", "--checkpoint_dir", str(built[0]), "--output_dir", str(out),
                  "--overwrite", "--max_batch_size", "2", "--max_seq_len", "16")
     assert result.exit_code == 0, result.output
     assert f"replaced {out} (kiln engine dir)" in caplog.text
-    assert (out / "rank0.onnx").read_bytes() != marked
+    assert (out / "rank0.onnx").stat().st_ino != old  # a new file
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_an_engine_file_edited_at_its_recorded_size_is_not_replaced(built, tmp_path):
+    """Sizes alone had taken a same-size edit for kiln's (checkpoints refuse one since their
+    rank_checksums are checked): an engine file is kiln's with the sha256 the manifest records."""
+    out = Path(shutil.copytree(built[1], tmp_path / "engine"))
+    flip_bits(out / "rank0.onnx", -3, 0x01)
+    before = snapshot(out)
+    result = cli("build", "--checkpoint_dir", str(built[0]), "--output_dir", str(out),
+                 "--overwrite", "--max_batch_size", "2", "--max_seq_len", "16")
+    assert result.exit_code == 2, result.output
+    assert "also holds 'rank0.onnx', which kiln did not write" in result.output
+    assert snapshot(out) == before
 
 
 @pytest.mark.parametrize("kind", ["engine", "checkpoint"])
