@@ -150,9 +150,9 @@ def _check_apart(output_dir: Path, out: Path, source: Path) -> None:
 def describe_replaceable(directory: Path, damaged_ranks: bool = False) -> str:
     """What kiln output ``directory`` holds ("empty directory", "kiln engine dir ...");
     raises :class:`OutputError` naming what is in the way if kiln did not write it. A rank file
-    must look like the one the manifest describes (an engine's recorded size, a checkpoint's
-    safetensors header), so a user's file under a rank file's name is not taken for kiln's,
-    and a manifest edited since kiln wrote it (its digest) holds the user's edit;
+    must be the one the manifest describes (:func:`_rank_file_as_recorded`: recorded sizes and
+    sha256, a checkpoint's header), so a user's file under a rank file's name is not taken
+    for kiln's, and a manifest edited since kiln wrote it (its digest) holds the user's edit;
     ``damaged_ranks``: take a rank file the manifest names as kiln's even so, and an edited
     manifest (the build cache, which removes and rebuilds its damaged entries)."""
     entries = sorted(p.name for p in directory.iterdir())

@@ -38,6 +38,7 @@ from kiln.runtime.compat import kiln_version_problem
 
 log = logging.getLogger(__name__)
 
+
 def manifest_problems(manifest: EngineManifest) -> list[str]:
     """What the manifest itself lacks: a rank of the mapping without files, a file without a
     checksum."""
@@ -163,14 +164,14 @@ def verify_checkpoint(obj: CliContext, directory: Path) -> None:
     and the other files it wrote unchanged; one line per rank file, then a summary."""
     from tqdm import tqdm
 
-    from kiln.checkpoint import CONFIG_NAME, check_rank_checksums, load_config, rank_file
+    from kiln.checkpoint import CONFIG_NAME, CheckpointConfig, check_rank_checksums, rank_file
     from kiln.errors import CheckpointError, KilnError
     from kiln.hashing import manifest_edited, sha256_file
     from kiln.progress import progress_bar
 
-    config = load_config(directory)
+    path, data = read_config(directory, DirKind.KILN_CHECKPOINT, CheckpointError)
+    config = CheckpointConfig.from_dict(data, str(path))  # (load_config, from one read)
     problems = []
-    _, data = read_config(directory, DirKind.KILN_CHECKPOINT, CheckpointError)
     if manifest_edited(data):
         problems.append(f"{CONFIG_NAME}: edited since kiln wrote it (it no longer matches the "
                         f"digest recorded in it): undo the edit; or, for an edit made on "
