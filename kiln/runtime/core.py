@@ -70,9 +70,11 @@ from __future__ import annotations
 
 import gc
 import logging
+import shlex
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from kiln.engine import BuildLimits
 from kiln.runtime.detokenize import IncrementalDetokenizer, StopStringMatcher
@@ -112,11 +114,13 @@ def freeze_loaded_objects() -> int:
     return count
 
 
-# what a request failed on NaN/Inf logits is told (a trial's damaged engine file had been
-# sent to its checkpoint, which was fine, and to a float32 build, which it was)
-_BROKEN = ("the engine's weights or numerics are broken: check its files with kiln verify "
-           "ENGINE_DIR and the checkpoint it was built from; a float16 engine may overflow "
-           "where a bfloat16 or float32 build does not")
+def _broken(engine_dir: Path | None) -> str:
+    """What a request failed on NaN/Inf logits is told (a trial's damaged engine file had been
+    sent to its checkpoint, which was fine, and to a float32 build, which it was)."""
+    where = "ENGINE_DIR" if engine_dir is None else shlex.quote(str(engine_dir))
+    return (f"the engine's weights or numerics are broken: check its files with kiln verify "
+            f"{where} and the checkpoint it was built from; a float16 engine may overflow "
+            f"where a bfloat16 or float32 build does not")
 
 
 @dataclass
@@ -179,10 +183,13 @@ class EngineCore:
 
     ``async_scheduling``: overlap the host's work with the device's (module docstring); None
     (the default) where the executor prefers it, True wherever it supports it, False never;
-    True where it cannot is said at INFO, and the synchronous loop runs."""
+    True where it cannot is said at INFO, and the synchronous loop runs. ``engine_dir``: where
+    the executor's engine lies, for the messages that send a user to check it."""
 
     def __init__(self, executor: Executor, tokenizer: ModelTokenizer | None = None,
-                 policy: Policy | None = None, async_scheduling: bool | None = None):
+                 policy: Policy | None = None, async_scheduling: bool | None = None,
+                 engine_dir: Path | None = None):
+        self._broken = _broken(engine_dir)
         wanted = executor.prefers_async if async_scheduling is None else async_scheduling
         self.async_scheduling = wanted and executor.supports_async
         if async_scheduling and not executor.supports_async:
@@ -363,7 +370,7 @@ class EngineCore:
             if scored is None:
                 failed.append(self._fail(request, f"the model's logits for prompt tokens "
                                          f"{chunk.start + 2}..{chunk.start + len(targets) + 1} "
-                                         f"are not finite (NaN or Inf); {_BROKEN}"))
+                                         f"are not finite (NaN or Inf); {self._broken}"))
                 continue
             request.prompt_logprobs.extend(scored)
         return failed
@@ -397,7 +404,7 @@ class EngineCore:
         if picked is None:  # never sample garbage from NaN/Inf logits
             return self._fail(request, f"the model's logits for output token "
                               f"{len(request.output_ids) + 1} are not finite (NaN or Inf); "
-                              f"{_BROKEN}")
+                              f"{self._broken}")
         token, logprobs = picked
         request.output_ids.append(token)
         request.token_times.append(now)

@@ -162,7 +162,8 @@ class LLM:
                policy: Policy | None, core: ReplicaCore | None = None) -> None:
         self.executor = executor  # None with replicas: each runs its own
         self.tokenizer = tokenizer
-        self.core = core if core is not None else EngineCore(executor, tokenizer, policy)
+        self.core = core if core is not None else EngineCore(executor, tokenizer, policy,
+                                                            engine_dir=self.engine_dir)
         self.lock = threading.Lock()  # one call at a time (a stream holds it until its end)
         self._driver: threading.Thread | None = None  # the thread whose call holds the lock
         # held while the engine runs (a step, a warm-up, a release) and while close() frees it

@@ -66,6 +66,22 @@ def test_non_finite_logits_end_that_request_with_error_and_the_others_go_on(kind
         assert batched[i].token_ids == alone[i].token_ids and len(alone[i].token_ids) == 8
 
 
+def test_a_non_finite_request_names_its_engine_dir_for_kiln_verify(tmp_path, monkeypatch):
+    """The message sends the user to ``kiln verify`` with the engine's own path, quoted for a
+    shell (a trial copied the literal ENGINE_DIR); an executor built by hand has no path."""
+    engine = tmp_path / "my engine"
+    engine.mkdir()
+    poisoned = NonFiniteExecutor(LIMITS, 97, POISON, after=6)
+    monkeypatch.setattr("kiln.runtime.llm.open_engine", lambda *a: (None, poisoned))
+    monkeypatch.setattr("kiln.runtime.llm.load_tokenizer", lambda *a: None)
+    failed = LLM(engine).generate([PROMPTS[1]], KINDS["plain-greedy"])[0]
+    assert failed.finish_reason == "error"
+    assert f"check its files with kiln verify '{engine}' and the checkpoint" in failed.error
+    by_hand = LLM.from_executor(NonFiniteExecutor(LIMITS, 97, POISON, after=6))
+    failed = by_hand.generate([PROMPTS[1]], KINDS["plain-greedy"])[0]
+    assert "kiln verify ENGINE_DIR and the checkpoint" in failed.error
+
+
 def test_async_llm_streams_the_error_of_a_non_finite_request():
     llm = LLM.from_executor(NonFiniteExecutor(LIMITS, 97, POISON, after=6))
     params = KINDS["sampled"]

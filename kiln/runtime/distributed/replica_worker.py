@@ -29,6 +29,7 @@ import logging
 import os
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from kiln.runtime.distributed.process import detach
@@ -119,7 +120,8 @@ class _Replica:
         mark_warned(spec.warned)  # said once by the driver, not once per replica
         _, self.executor = open_engine(spec.engine_dir, spec.options)
         tokenizer = load_tokenizer(spec.engine_dir) if spec.with_tokenizer else None
-        self.core = EngineCore(self.executor, tokenizer, spec.policy)
+        self.core = EngineCore(self.executor, tokenizer, spec.policy,
+                               engine_dir=Path(spec.engine_dir))
         freeze_loaded_objects()
         self.reported: set[str] = set()  # admitted ids the driver was told of
         conn.send(("ready", ReplicaInfo(self.executor.limits, self.executor.vocab_size,
