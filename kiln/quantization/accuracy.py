@@ -64,7 +64,8 @@ def _exp(x: float) -> float:
 def _remedies(qformat: str, settings: Sequence[str]) -> list[str]:
     """What may win the accuracy back: leaving out ``settings`` (the options that cost
     accuracy besides the format itself), more data (only a calibrated format learns from it),
-    a more accurate format (one whose default gate is tighter, named: none for int8_wo)."""
+    a more accurate format (one whose default gate is tighter, named: none for int8_wo), and
+    for a calibrated format the uncalibrated one of its weight size (int4_awq: int4_wo)."""
     from kiln.quantization.config import FORMATS
 
     info = FORMATS.get(qformat)
@@ -75,6 +76,11 @@ def _remedies(qformat: str, settings: Sequence[str]) -> list[str]:
                     if info is None or f.max_ppl_ratio < info.max_ppl_ratio)
     if closer:  # the formats of tighter default gates, tightest first
         remedies.append(f"choose a more accurate format ({', '.join(n for _, n in closer)})")
+    if info is not None and info.needs_calibration:  # e.g. int4_awq on too little data
+        remedies += [f"take {f.name} (the same weight size, no calibration; its default gate "
+                     f"is {f.max_ppl_ratio})" for f in FORMATS.values()
+                     if f.weight_dtype == info.weight_dtype and not f.needs_calibration
+                     and f.max_ppl_ratio >= info.max_ppl_ratio]
     return remedies
 
 

@@ -210,6 +210,10 @@ def test_a_nan_figure_fails_even_without_the_gate():
     ("int4_wo", [], "nothing written; choose a more accurate format (int8_wo, fp8, int8_sq, "
                     "int4_awq), or pass"),
     ("int8_wo", [], "nothing written; pass"),  # had read "nothing written; , or pass"
+    # a trial's int4_awq on little data had not been offered int4_wo, whose gate is looser
+    ("int4_awq", [], "nothing written; calibrate with more or other data, choose a more "
+                     "accurate format (int8_wo, fp8, int8_sq), take int4_wo (the same weight "
+                     "size, no calibration; its default gate is 1.35), or pass"),
 ])
 def test_a_gate_refusal_names_what_may_win_accuracy_back(qformat, settings, remedies):
     figures = dict(perplexity_source=10.0, perplexity_quantized=11.0, ppl_ratio=1.1,
