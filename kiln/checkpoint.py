@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shlex
 from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ from kiln.errors import CheckpointError, ConfigError, KilnError, counted
 from kiln.hashing import (
     DIGEST_KEY,
     manifest_digest,
+    manifest_edited,
     other_file_problems,
     sha256_file,
     stops_when,
@@ -238,9 +240,17 @@ def rank_files_checked(directory: Path, config: CheckpointConfig,
 
 
 def load_config(checkpoint_dir: str | Path) -> CheckpointConfig:
-    """Read and validate ``checkpoint_dir/config.json``."""
+    """Read and validate ``checkpoint_dir/config.json``; an edit since kiln wrote it (its
+    recorded digest, :data:`~kiln.hashing.DIGEST_KEY`) is said at WARNING, and the config is
+    taken as it reads now (build and quantize had read one without comment)."""
     path, data = read_config(checkpoint_dir, DirKind.KILN_CHECKPOINT, CheckpointError)
-    return CheckpointConfig.from_dict(data, str(path))
+    config = CheckpointConfig.from_dict(data, str(path))
+    if manifest_edited(data):
+        log.warning("%s: edited since kiln wrote it (it no longer matches the digest recorded "
+                    "in it); read as it is now. kiln verify %s says whether the rest is as kiln "
+                    "wrote it; to keep an edit made on purpose, remove %s from it", path,
+                    shlex.quote(str(checkpoint_dir)), DIGEST_KEY)
+    return config
 
 
 def read_checked(name: str, info: TensorInfo, rows: tuple[int, int] | None = None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import shutil
 import time
 
@@ -43,3 +45,25 @@ def test_a_good_checkpoint_is_checked_once(ckpt, caplog):
             check(wait=False)
             check()
     assert sum("match the sha256 recorded" in r.message for r in caplog.records) == 1
+
+
+def test_an_edited_config_is_warned_of_and_read_as_it_is(ckpt, tmp_path, caplog):
+    """Build and quantize had read an edited checkpoint config without comment (only kiln
+    verify and --overwrite looked at its digest)."""
+    edited = shutil.copytree(ckpt, tmp_path / "my ckpt")
+    data = json.loads((edited / "config.json").read_text())
+    data["decoder"]["max_position_embeddings"] = 48
+    (edited / "config.json").write_text(json.dumps(data))
+    with caplog.at_level(logging.WARNING, "kiln.checkpoint"):
+        assert load_config(edited).decoder.max_position_embeddings == 48
+        assert load_config(ckpt).decoder.max_position_embeddings != 48
+    assert caplog.messages == [
+        f"{edited / 'config.json'}: edited since kiln wrote it (it no longer matches the digest "
+        f"recorded in it); read as it is now. kiln verify '{edited}' says whether the rest is as "
+        f"kiln wrote it; to keep an edit made on purpose, remove manifest_sha256 from it"]
+    del data["manifest_sha256"]  # kept on purpose: no more warning
+    (edited / "config.json").write_text(json.dumps(data))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "kiln.checkpoint"):
+        load_config(edited)
+    assert caplog.messages == []

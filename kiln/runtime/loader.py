@@ -36,7 +36,15 @@ import logging
 from pathlib import Path
 from types import ModuleType
 
-from kiln.engine import EngineError, EngineManifest, check_files, read_manifest, verify_checksums
+from kiln.dirs import DirKind, read_config
+from kiln.engine import (
+    EngineError,
+    EngineManifest,
+    check_files,
+    manifest_edit,
+    read_manifest,
+    verify_checksums,
+)
 from kiln.errors import a_or_an
 from kiln.runtime.compat import MachineInfo, describe_machine
 from kiln.runtime.executor import Executor
@@ -205,6 +213,8 @@ def check_engine(engine_dir: str | Path, options: ExecutorOptions | None = None,
     engine_dir = Path(engine_dir)
     options = options or ExecutorOptions()
     manifest = read_manifest(engine_dir)
+    if (edit := manifest_edit(read_config(engine_dir, DirKind.ENGINE, EngineError)[1])):
+        warn_once(f"{engine_dir}/{edit}; it runs as it reads now")
     module, machine = check_runnable(manifest, options, machine)
     ranks = getattr(module, "loaded_ranks", loaded_ranks)(manifest, options.rank)
     check_files(engine_dir, manifest, ranks)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 from pathlib import Path
@@ -72,11 +73,14 @@ def corrupt_a_weight(path: Path) -> None:
 
 
 class NoHashing:
-    """Stands in for hashlib in kiln.hashing: any sha256 is a test failure."""
+    """Stands in for hashlib in kiln.hashing: hashing a file (a sha256 fed block by block) is
+    a test failure; the manifest's own digest (its JSON, given at once) is computed."""
 
     @staticmethod
-    def sha256():
-        raise AssertionError("a file was hashed")
+    def sha256(data: bytes | None = None):
+        if data is None:
+            raise AssertionError("a file was hashed")
+        return hashlib.sha256(data)
 
 
 @pytest.mark.parametrize("change", ["truncate", "extend"])
@@ -110,6 +114,33 @@ def test_manifest_without_sizes_checks_presence_only(engine, caplog):
     with caplog.at_level(logging.INFO, logger="kiln.engine"):
         open_engine(engine)
     assert any("records no file sizes" in m and "presence only" in m for m in caplog.messages)
+
+
+def test_an_edited_manifest_is_warned_of_once_and_runs_as_it_reads(engine, caplog):
+    """An engine's config.json edited by hand (its digest no longer matches) had run without a
+    word: only kiln verify and --overwrite looked."""
+    import json
+
+    from kiln.runtime.loader import check_engine
+
+    path = engine / "config.json"
+    data = json.loads(path.read_text())
+    data["limits"]["max_batch_size"] = 1
+    path.write_text(json.dumps(data, indent=2))
+    with caplog.at_level(logging.WARNING):
+        check_engine(engine)
+        manifest, _ = open_engine(engine)
+    edited = [m for m in caplog.messages if "edited since the build" in m]
+    assert edited == [f"{engine}/config.json: edited since the build (its content no longer "
+                      f"matches the digest the build recorded in it), and the engine files were "
+                      f"built for what it said then: restore the build's config.json, or "
+                      f"rebuild with kiln build; it runs as it reads now"]
+    assert manifest.limits.max_batch_size == 1
+    caplog.clear()
+    path.write_text(json.dumps({**data, "limits": {**data["limits"], "max_batch_size": 2}}))
+    with caplog.at_level(logging.WARNING):  # undone (in other JSON formatting): no edit
+        open_engine(engine)
+    assert not [m for m in caplog.messages if "edited" in m]
 
 
 def test_sizes_round_trip_through_the_manifest(engine):

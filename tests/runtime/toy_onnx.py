@@ -20,6 +20,7 @@ from onnx import helper, numpy_helper
 import kiln
 from kiln.config import DecoderConfig, Mapping
 from kiln.engine import BuildLimits, EngineManifest, sha256_file
+from kiln.hashing import DIGEST_KEY, manifest_digest
 
 HEADS, HEAD_DIM = 2, 8
 HIDDEN = HEADS * HEAD_DIM
@@ -122,7 +123,11 @@ def toy_engine_dir(out: Path, limits: BuildLimits, vocab: int = 64, parts: int =
 
 
 def rewrite_manifest(engine_dir: Path, **changes) -> None:
+    """Change the manifest as a build would have written it: its digest follows (an edit the
+    runtime warns of is made by hand, in the tests of that warning)."""
     path = engine_dir / "config.json"
     data = json.loads(path.read_text())
     data.update(changes)
+    if DIGEST_KEY in data:
+        data[DIGEST_KEY] = manifest_digest(data)
     path.write_text(json.dumps(data))
