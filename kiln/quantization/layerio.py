@@ -13,6 +13,7 @@ Contract:
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ import torch
 from kiln.checkpoint import REWRITE, CheckpointConfig, load_merged, rank_file, read_checked
 from kiln.quantization.config import QuantConfig
 from kiln.roles import (
+    Role,
     expected_shape,
     parse_tensor,
     quantized_roles,
@@ -112,17 +114,26 @@ class QuantizedWriter:
         """The embedding and the head, copied rank by rank in row chunks (the lm_head only
         when it stays unquantized: :meth:`write_head` writes a quantized one)."""
         quantized = quantized_roles(self.target.quantization)
-        for rank, writer in self.writers.items():
-            infos, _ = read_header(self.source_dir / rank_file(rank), REWRITE)
-            for name, info in infos.items():
-                role, layer, _ = parse_tensor(name)
-                if layer is not None or role in quantized:
-                    continue
-                rows = info.shape[0] if info.shape else 1
-                for a, b in iter_row_chunks(rows, info.nbytes // max(rows, 1)):
-                    chunk = read_checked(name, info, (a, b) if info.shape else None)
-                    writer.write_rows(name, chunk, a)
+        for rank, name, first, chunk in unlayered_chunks(self.source_dir, self.writers,
+                                                          skip=quantized):
+            self.writers[rank].write_rows(name, chunk, first)
 
     def close(self) -> None:
         for writer in self.writers.values():
             writer.close()
+
+
+def unlayered_chunks(checkpoint_dir: Path, ranks: Iterable[int], skip: Collection[Role] = (),
+                     ) -> Iterator[tuple[int, str, int, torch.Tensor]]:
+    """(rank, name, first row, rows) of each rank file's tensors outside the layers (the
+    embedding and the head; roles in ``skip`` left out), in row chunks as each is read,
+    NaN/Inf refused (:func:`~kiln.checkpoint.read_checked`)."""
+    for rank in ranks:
+        infos, _ = read_header(checkpoint_dir / rank_file(rank), REWRITE)
+        for name, info in infos.items():
+            role, layer, _ = parse_tensor(name)
+            if layer is not None or role in skip:
+                continue
+            rows = info.shape[0] if info.shape else 1
+            for a, b in iter_row_chunks(rows, info.nbytes // max(rows, 1)):
+                yield rank, name, a, read_checked(name, info, (a, b) if info.shape else None)

@@ -62,7 +62,7 @@ from kiln.quantization.accuracy import AccuracyMeter, check_gate, summary
 from kiln.quantization.config import FORMATS, GROUP_SIZES, WEIGHT_SCALE, Granularity, QuantConfig
 from kiln.quantization.data import Samples, load_tokenizer_of, split_calibration, token_samples
 from kiln.quantization.formats import dequantize_weight, quantize_weight
-from kiln.quantization.layerio import LayerReader, QuantizedWriter
+from kiln.quantization.layerio import LayerReader, QuantizedWriter, unlayered_chunks
 from kiln.quantization.options import (
     DEFAULT_CALIB_SEQ_LENGTH,
     SHORT_CALIB_SEQ_LENGTH,
@@ -280,6 +280,13 @@ class _Job:
         each layer once the hashes are done, and before the accuracy gate in any case (a
         damaged source is named as such, not as the NaN or the perplexity it causes)."""
         cfg = self.source.decoder
+        if self.source.rank_checksums is None:  # no hashes to name damage before the head's
+            # turn, after every layer (a NaN in it had been met ~30 s into SmolLM2's): one read
+            # of the embedding and head first, values checked, in row chunks
+            log.info("%s records no checksums: reading its embedding and head for NaN/Inf "
+                     "first", self.source_dir)
+            for _ in unlayered_chunks(self.source_dir, range(self.source.mapping.world_size)):
+                pass
         reader = LayerReader(self.source_dir, self.source, self.device)
         writer = QuantizedWriter(out, self.source_dir, self.source, self._target(self.quant))
         streams = self._embed(reader)

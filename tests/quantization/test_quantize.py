@@ -16,13 +16,14 @@ import kiln
 from kiln.checkpoint import load_config, load_merged
 from kiln.datasets import load_texts
 from kiln.errors import CheckpointError
-from kiln.hashing import sha256_file
+from kiln.hashing import DIGEST_KEY, sha256_file
 from kiln.quantization.config import KV_SCALES
 from kiln.quantization.data import load_tokenizer_of, split_calibration, token_samples
 from kiln.quantization.quantize import ACCURACY_FILE
 from kiln.quantization.transforms import LayerStats, fold_smoothing, input_groups
 from kiln.reference import ReferenceDecoder
 from kiln.roles import QUANTIZED_ROLES, parse_tensor
+from kiln.tensorio import read_header
 from tests.helpers import flip_bits
 from tests.models import PROMPT, hf_model_with_tokenizer, kiln_checkpoint
 
@@ -191,6 +192,28 @@ def test_a_source_damaged_into_nan_is_named_before_the_accuracy_gate(checkpoint,
                                               r"values .*; the file is damaged"):
         quantize(src, tmp_path / "q", qformat="int8_wo", calib_dataset=str(texts["calib"]))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_a_nan_in_the_head_of_a_checkpoint_without_checksums_is_named_before_any_layer(
+        checkpoint, texts, tmp_path, monkeypatch):
+    """Quantize reads the head after every layer; with no checksums to catch the damage first
+    (an older kiln's checkpoint), a NaN there had been met only then (~30 s on SmolLM2)."""
+    src = shutil.copytree(checkpoint("llama-gqa"), tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    del config["rank_checksums"], config[DIGEST_KEY]  # as an older kiln wrote it
+    (src / "config.json").write_text(json.dumps(config))
+    head = read_header(src / "rank0.safetensors")[0]["lm_head.weight"]
+    with open(src / "rank0.safetensors", "r+b") as f:
+        f.seek(head.begin + head.nbytes // 2)  # a middle row
+        f.write(b"\xc0\x7f\xc0\x7f")  # NaN as one float32, or two 16-bit floats
+    layers = []
+    monkeypatch.setattr("kiln.quantization.quantize._Job._layer",
+                        lambda self, i, *a: layers.append(i))
+    with pytest.raises(CheckpointError, match=r"src/rank0\.safetensors: lm_head\.weight holds "
+                                              r"NaN/Inf values \(first at row \d+\); the file "
+                                              r"is damaged"):
+        quantize(src, tmp_path / "q", qformat="int8_wo", calib_dataset=str(texts["calib"]))
+    assert layers == [] and sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
 @pytest.mark.parametrize("variant", ["llama-mha-headdim-bias", "falcon-7b-mqa",
