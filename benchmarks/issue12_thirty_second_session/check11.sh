@@ -20,10 +20,10 @@ if [[ $gpu == *H200* ]]; then
     timeline . "$OUT/bf16" bf16
     rm -f "$OUT"/*/batch1_trace*.json*
 else
-    tests="$tests tests/plugins"
+    tests="${H100_TESTS:-$tests tests/plugins}"
     suite_s=540
 fi
-export PYTHONPATH=.:$PWD/.cache/serve312
+export PYTHONPATH=.:$PWD/${SERVE_PKGS:-.cache/serve312}
 timeout "$suite_s" python3 -m pytest -m gpu -q -n 16 -p no:cacheprovider $tests \
     > "$OUT/gpu_suite.txt" 2>&1
 echo "suite rc=$?" >> "$OUT/gpu_suite.txt"

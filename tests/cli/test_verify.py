@@ -123,8 +123,9 @@ def test_size_and_presence_problems_of_any_rank(engine):
 
 def test_manifest_problems(engine):
     data = json.loads((engine / "config.json").read_text())
-    rewrite_manifest(engine, rank_files={"0": data["rank_files"]["0"]},
-                     checksums={k: v for k, v in data["checksums"].items() if k != "rank0.onnx"})
+    data.update(rank_files={"0": data["rank_files"]["0"]},  # by hand: its digest left as was
+                checksums={k: v for k, v in data["checksums"].items() if k != "rank0.onnx"})
+    (engine / "config.json").write_text(json.dumps(data))
     r = kiln("verify", str(engine))
     assert r.exit_code == 2 and "3 problems, first: config.json: edited since the build" in \
         r.output  # (this test's own edit), then the two the edit made
