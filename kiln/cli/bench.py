@@ -71,7 +71,7 @@ MAX_ARRIVALS_S = 30 * 86400.0  # and longer than this, refused (a typo, not a be
               type=IntRange(min=1), help="Batch size of the HF baseline.")
 @click.pass_obj
 def bench(obj: CliContext, warmup: int, json_output: Path | None, device: str,
-          num_threads: int | None, cpu_spin_wait: bool, verify_checksums: bool, dp: int,
+          num_threads: int | None, cpu_spin_wait: bool | None, verify_checksums: bool, dp: int,
           kv_cache_free_gpu_memory_fraction: float | None, prefill_attention: str | None,
           baseline: str | None,
           baseline_batch_size: int, input_len: int, output_len: int, num_requests: int,

@@ -33,8 +33,7 @@ def executor_options(func):
     options = [
         click.option("--device", type=click.Choice(DEVICES), show_default=True, **kw("device")),
         click.option("--num_threads", type=IntRange(min=1), **kw("num_threads")),
-        click.option("--cpu_spin_wait/--no_cpu_spin_wait", show_default=True,
-                     **kw("cpu_spin_wait")),
+        click.option("--cpu_spin_wait/--no_cpu_spin_wait", **kw("cpu_spin_wait")),
         click.option("--verify_checksums", is_flag=True, **kw("verify_checksums")),
     ]
     for option in reversed(options):

@@ -38,7 +38,7 @@ from kiln.cli.engine_source import engine_command, held_engine
 @click.pass_obj
 def eval_command(obj: CliContext, dataset: str, max_length: int | None,
                  stride: int | None, json_output: Path | None, device: str,
-                 num_threads: int | None, cpu_spin_wait: bool, verify_checksums: bool,
+                 num_threads: int | None, cpu_spin_wait: bool | None, verify_checksums: bool,
                  kv_cache_free_gpu_memory_fraction: float | None, prefill_attention: str | None,
                  **source: Any) -> None:
     """Perplexity of an engine on a text dataset (sliding windows, as Hugging Face's)."""

@@ -240,7 +240,7 @@ def _shown(text: str) -> str:
 @click.pass_obj
 def run(obj: CliContext, input_text: tuple[str, ...], input_file: tuple[Path, ...],
         max_output_len: int, streaming: bool, chat: bool, device: str,
-        num_threads: int | None, cpu_spin_wait: bool, verify_checksums: bool, dp: int,
+        num_threads: int | None, cpu_spin_wait: bool | None, verify_checksums: bool, dp: int,
         kv_cache_free_gpu_memory_fraction: float | None, prefill_attention: str | None,
         **options: Any) -> None:
     """Generate text with an engine; prints the text (stdout), then TTFT, TPOT, tokens/s (stderr)."""

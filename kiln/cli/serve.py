@@ -88,7 +88,7 @@ def serve(obj: CliContext, host: str, port: int, served_model_name: str | None,
           api_key: str | None, max_queue: int | None, chat_template: Path | None,
           max_body_bytes: int, grace_period: float, engine_process: bool | None,
           verbose: int, device: str,
-          num_threads: int | None, cpu_spin_wait: bool, verify_checksums: bool, dp: int,
+          num_threads: int | None, cpu_spin_wait: bool | None, verify_checksums: bool, dp: int,
           kv_cache_free_gpu_memory_fraction: float | None, prefill_attention: str | None,
           **source: Any) -> None:
     """Serve an engine over HTTP with the OpenAI API (completions, chat, streaming).

@@ -29,10 +29,15 @@ class ExecutorOptions:
     # (benchmarks/cpu_runtime_results.json, SmolLM2) it gained in one run (16 x 128/128: 157 vs
     # 147 tokens/s, batch-1 decode 32.1 vs 30.3) and was even in another (168 vs 174, 34.5 vs
     # 34.6). Under heavy load a spinning thread starves others and itself (batch-1 decode 106
-    # ms/token spinning vs 59 ms not).
-    cpu_spin_wait: bool = field(default=True, metadata={"help": (
-        "Let idle CPU threads busy-wait between operators (ONNX Runtime's default; turn off on "
-        "a machine shared with other busy processes).")})
+    # ms/token spinning vs 59 ms not). An engine of several parts runs one session each, whose
+    # idle pools spun on the cores the running part needed: a new-user trial's 4-part SmolLM2
+    # decoded at 86.0 ms/token spinning, 27.7 not (one part: 25.4 / 28.3), so None (the
+    # default) spins for a one-part engine only.
+    cpu_spin_wait: bool | None = field(default=None, metadata={"help": (
+        "Let idle CPU threads busy-wait between operators (ONNX Runtime's default) [default: "
+        "on for an engine of one part, off for several, whose idle sessions would spin on the "
+        "cores the running one needs]. Turn off on a machine shared with other busy "
+        "processes.")})
     # The rank whose files this process opens. 0 for torch and tensorrt engines: the process
     # that opens one is the driver and starts the other ranks itself (kiln.runtime.loader).
     rank: int = 0
