@@ -132,7 +132,9 @@ def serve(obj: CliContext, host: str, port: int, served_model_name: str | None,
                               dp=dp,
                               kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction,
                               prefill_attention=prefill_attention)
-    name = served_model_name or source["model_dir"] or Path(source["engine_dir"]).resolve().name
+    # a trailing slash (a shell's completion of a dir) is no part of the name clients send
+    name = served_model_name or (source["model_dir"] or "").rstrip("/") or source["model_dir"] \
+        or Path(source["engine_dir"]).resolve().name
     with contextlib.ExitStack() as stack:
         for sock in sockets:
             stack.enter_context(sock)
@@ -150,7 +152,7 @@ def serve(obj: CliContext, host: str, port: int, served_model_name: str | None,
                                 log_level="info" if level else "warning",
                                 access_log=bool(level), lifespan="off")
         listening = f"kiln serve: serving {engine_dir} as {name!r} on " \
-                    f"http://{_address(host, port)} (Ctrl-C stops)"
+                    f"http://{_address(host, port)} ({_stops()})"
         server = _Server(config, _Drain(app.state.kiln, grace_period, signals), listening)
         try:
             server.run(sockets=sockets)  # uvicorn's loop: uvloop where installed (serve extra)
@@ -231,6 +233,15 @@ _BIND_FIXES = {
 def _cannot_listen(host: str, port: int, e: OSError) -> str:
     fix = _BIND_FIXES.get(e.errno, "pick another --host or --port")
     return f"cannot listen on {_address(host, port)}: {(e.strerror or str(e)).lower()}; {fix}"
+
+
+def _stops() -> str:
+    """How the server is stopped, for its banner: a SIGINT this process was started with
+    ignored stays ignored (kiln.interrupts.catchable; a background job of a shell), so the
+    banner does not offer Ctrl-C there."""
+    if catchable((signal.SIGINT,)):
+        return "Ctrl-C stops"
+    return f"SIGTERM stops: this process ignores SIGINT (kill {os.getpid()})"
 
 
 def _address(host: str, port: int) -> str:

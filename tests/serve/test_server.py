@@ -328,6 +328,23 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(engine, sig):
     assert results[0].usage.completion_tokens == 40
 
 
+def test_a_server_that_ignores_sigint_does_not_offer_ctrl_c(engine):
+    """Started with SIGINT ignored (a background job of a shell), the server keeps ignoring it,
+    as documented; its banner had still said "(Ctrl-C stops)", and a trial's kill -INT did
+    nothing."""
+    process = ServerProcess(engine, ignored=(signal.SIGINT,))
+    try:
+        process.proc.send_signal(signal.SIGINT)
+        time.sleep(1)
+        assert process.proc.poll() is None
+    finally:
+        code = process.stop(signal.SIGTERM, timeout=60)
+    log = process.proc.stdout.read()
+    assert code == 0, log
+    assert f"(SIGTERM stops: this process ignores SIGINT (kill {process.proc.pid}))" in log, log
+    assert "Ctrl-C" not in log
+
+
 def test_under_nohup_sighup_leaves_the_server_serving(engine):
     """``nohup kiln serve ... &``: the terminal's SIGHUP, ignored at start, does not drain the
     server (kiln had caught it as it does an unignored one); SIGTERM still does."""

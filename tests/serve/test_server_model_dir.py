@@ -21,7 +21,8 @@ def test_a_model_dir_is_built_served_and_held(tmp_path, monkeypatch):
     hf = hf_model_with_tokenizer("llama-gqa", tmp_path / "model")
     monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))  # the server inherits it
     cache = EngineCache()
-    process = ServerProcess(hf, "--max_batch_size", "2", source="--model_dir", name=None)
+    # given as a shell completes a dir (a trial's clients had to send the slash too)
+    process = ServerProcess(f"{hf}/", "--max_batch_size", "2", source="--model_dir", name=None)
     try:
         client = openai.OpenAI(base_url=f"{process.url}/v1", api_key=API_KEY, max_retries=0)
         assert [m.id for m in client.models.list()] == [str(hf)]
