@@ -174,16 +174,23 @@ def _read_input_file(path: Path) -> list[str]:
                 "the file is empty; write the prompt in it"
             raise click.BadParameter(f"{path}: {fix}", param_hint="--input_file")
         return [text]
-    prompts = [_jsonl_prompt(f"{path} line {n}", line)
+    unread: dict[str, int] = {}  # key -> first line holding it
+    prompts = [_jsonl_prompt(f"{path} line {n}", line, unread, n)
                for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not prompts:
         raise click.BadParameter(f"{path}: no prompts (every line is blank)",
                                  param_hint="--input_file")
+    if unread:  # a trial's {"prompt": ..., "max_tokens": 2} had run at the global length
+        keys = ", ".join(f"{k!r} (line {n})" for k, n in list(unread.items())[:5])
+        more = f" and {len(unread) - 5} more" if len(unread) > 5 else ""
+        log.warning("%s: only each line's 'prompt' is read; %s%s are not (sampling settings "
+                    "are options, for every prompt: kiln run --help)", path, keys, more)
     return prompts
 
 
-def _jsonl_prompt(where: str, line: str) -> str:
-    """One .jsonl line: a JSON string, or an object whose "prompt" is a string."""
+def _jsonl_prompt(where: str, line: str, unread: dict[str, int], number: int) -> str:
+    """One .jsonl line: a JSON string, or an object whose "prompt" is a string (its other
+    keys, not read, are added to ``unread`` with the first line ``number`` holding each)."""
     try:
         item = json.loads(line)
     except UNREADABLE_JSON as e:
@@ -206,6 +213,8 @@ def _jsonl_prompt(where: str, line: str) -> str:
     elif not item["prompt"]:
         message = "'prompt' is empty"
     else:
+        for key in (k for k in item if k != "prompt"):
+            unread.setdefault(key, number)
         return item["prompt"]
     raise click.BadParameter(f"{where}: {message}", param_hint="--input_file")
 

@@ -635,6 +635,27 @@ def test_input_file_repeats_in_order_after_the_texts(tmp_path):
         ["zero", "first", "second", "third"]
 
 
+def test_jsonl_keys_other_than_prompt_are_said_not_to_be_read(tmp_path, caplog):
+    """A trial's {"prompt": "Hi", "max_tokens": 2} ran at --max_output_len without a word."""
+    import logging
+
+    from kiln.cli.run import read_prompts
+
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "a", "max_tokens": 2, "id": 7}\n"b"\n{"prompt": "c", "n": 3}\n'
+                 '{"id": 8, "prompt": "d"}\n')
+    with caplog.at_level(logging.WARNING):
+        assert read_prompts((), (f,)) == ["a", "b", "c", "d"]
+    assert caplog.messages == [f"{f}: only each line's 'prompt' is read; 'max_tokens' (line 1), "
+                               f"'id' (line 1), 'n' (line 3) are not (sampling settings are "
+                               f"options, for every prompt: kiln run --help)"]
+    caplog.clear()
+    f.write_text('{"prompt": "a"}\n"b"\n')
+    with caplog.at_level(logging.WARNING):
+        assert read_prompts((), (f,)) == ["a", "b"]
+    assert caplog.messages == []
+
+
 def test_input_file_dash_with_stdin_closed_is_one_line(monkeypatch):
     from kiln.cli.run import read_prompts
 
