@@ -93,7 +93,7 @@ class SamplingParams:
             _check(_is_num(value) and -2 <= value <= 2, name,
                    f"must be in [-2, 2], found {_shown(value)}")
         _check(self.seed is None or (_is_int(self.seed) and SEED_MIN <= self.seed <= SEED_MAX),
-               "seed", f"must be an integer in [{SEED_MIN}, {SEED_MAX}] or None, "
+               "seed", f"must be an integer in [{SEED_MIN}, {SEED_MAX}], "
                        f"found {_shown(self.seed)}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop",
                f"must be non-empty strings, found {_shown(self.stop)}")

@@ -635,6 +635,15 @@ def test_input_file_repeats_in_order_after_the_texts(tmp_path):
         ["zero", "first", "second", "third"]
 
 
+def test_a_seed_out_of_range_names_no_none(engine):
+    """A flag cannot give None: a trial read "... or None" in the CLI's message."""
+    r = CliRunner().invoke(main, ["run", "--engine_dir", str(engine), "--input_text", "x",
+                                  "--seed", str(2**64)])
+    assert r.exit_code == 2 and "None" not in r.output, r.output
+    assert ("--seed: must be an integer in [-9223372036854775808, 18446744073709551615], found "
+            "18446744073709551616") in r.output
+
+
 def test_jsonl_keys_other_than_prompt_are_said_not_to_be_read(tmp_path, caplog):
     """A trial's {"prompt": "Hi", "max_tokens": 2} ran at --max_output_len without a word."""
     import logging
