@@ -41,13 +41,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.datasets import TextDataset, load_texts
-from kiln.errors import ConfigError, DatasetError
+from kiln.errors import ConfigError, DatasetError, counted
 
 if TYPE_CHECKING:
     from kiln.runtime import LLM
     from kiln.runtime.loader import ExecutorOptions
 
 logger = logging.getLogger(__name__)
+
+# fewer scored tokens than this: the figure is said to be too few to compare (kiln quantize's
+# accuracy gate refuses to decide on fewer, MIN_GATE_TOKENS)
+FEW_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -87,9 +91,9 @@ class PerplexityResult:
 def sliding_windows(num_tokens: int, max_length: int, stride: int) -> list[Window]:
     """HF's windows over ``num_tokens`` tokens (module docstring)."""
     if num_tokens < 2:
-        raise DatasetError(f"the text is {num_tokens} token(s) long; perplexity needs at least "
+        raise DatasetError(f"the text is {counted(num_tokens, 'token')} long; perplexity needs at least "
                            f"2 tokens (one to predict from, one to score)")
-    _check_window(max_length, stride)
+    check_window(max_length, stride)
     windows, previous_end = [], 0
     for begin in range(0, num_tokens, stride):
         end = min(begin + max_length, num_tokens)
@@ -100,7 +104,9 @@ def sliding_windows(num_tokens: int, max_length: int, stride: int) -> list[Windo
     return windows
 
 
-def _check_window(max_length: int, stride: int) -> None:
+def check_window(max_length: int, stride: int) -> None:
+    """ConfigError unless ``stride`` is in [1, ``max_length``] and ``max_length`` >= 2 (the one
+    wording of these refusals, also where kiln eval checks its flags before a build)."""
     if not 1 <= stride <= max_length:
         raise ConfigError(f"stride {stride} must be in [1, max_length {max_length}]; lower "
                           f"--stride")
@@ -115,10 +121,10 @@ def resolve_window(max_input_len: int, max_length: int | None,
     max_length = max_input_len if max_length is None else max_length
     if max_length > max_input_len:
         raise ConfigError(f"max_length {max_length} exceeds the engine's max_input_len "
-                          f"{max_input_len}; lower --max_length or rebuild with a larger "
-                          f"--max_input_len")
+                          f"{max_input_len}; lower --max_length or build with a larger "
+                          f"--max_input_len (kiln build, or beside --model_dir)")
     stride = max(1, max_length // 2) if stride is None else stride
-    _check_window(max_length, stride)
+    check_window(max_length, stride)
     return max_length, stride
 
 
@@ -191,8 +197,8 @@ def evaluate(engine_dir: str | Path, dataset: str | Path | TextDataset,
     from kiln.runtime.tokenizer import load_tokenizer
 
     data = dataset if isinstance(dataset, TextDataset) else load_texts(dataset)
-    if stride is not None and max_length is not None and stride > max_length:
-        raise ConfigError(f"stride {stride} exceeds max_length {max_length}; lower --stride")
+    if stride is not None and max_length is not None:
+        check_window(max_length, stride)
     manifest = read_manifest(engine_dir)
     if not manifest.gather_context_logits:
         raise ConfigError(f"{engine_dir}: perplexity needs every position's logits, and this "
@@ -207,5 +213,8 @@ def evaluate(engine_dir: str | Path, dataset: str | Path | TextDataset,
         raise DatasetError(f"{data.name}: {e}") from None
     with LLM(engine_dir, options) as llm:
         result = perplexity(llm, token_ids, max_length, stride, progress)
+    if result.tokens < FEW_TOKENS:  # a trial's 3-token text gave a figure without a word
+        logger.warning("%s: the perplexity rests on %s, too few to compare with another "
+                       "figure; give a longer text", data.name, counted(result.tokens, "token"))
     return PerplexityResult(**{**asdict(result), "dataset": data.name,
                                "dataset_sha256": data.sha256, "engine_dir": str(engine_dir)})

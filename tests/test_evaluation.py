@@ -22,7 +22,7 @@ def test_windows_are_hugging_faces():
 
 
 @pytest.mark.parametrize(("args", "error", "expected"), [
-    ((1, 4, 2), DatasetError, "the text is 1 token(s) long; perplexity needs at least 2"),
+    ((1, 4, 2), DatasetError, "the text is 1 token long; perplexity needs at least 2"),
     ((10, 4, 5), ConfigError, "stride 5 must be in [1, max_length 4]"),
     ((10, 1, 1), ConfigError, "max_length 1 must be at least 2"),
 ])

@@ -43,12 +43,11 @@ def eval_command(obj: CliContext, dataset: str, max_length: int | None,
                  **source: Any) -> None:
     """Perplexity of an engine on a text dataset (sliding windows, as Hugging Face's)."""
     from kiln.datasets import load_texts
-    from kiln.evaluation import evaluate
+    from kiln.evaluation import check_window, evaluate
     from kiln.runtime.loader import ExecutorOptions
 
-    if stride is not None and max_length is not None and stride > max_length:
-        raise click.BadParameter(f"{stride} exceeds --max_length {max_length}",
-                                 param_hint="--stride")
+    if stride is not None and max_length is not None:  # before a --model_dir build
+        check_window(max_length, stride)
     to_stdout = json_output is not None and str(json_output) == "-"
     if to_stdout:
         json_output = None

@@ -129,6 +129,20 @@ def test_disjoint_windows_equal_the_snippet_verbatim(engine, smollm2_dir, text_f
         (got.perplexity, want)
 
 
+def test_a_figure_on_too_few_tokens_is_said_to_be_so(engine, text_file, tmp_path, caplog):
+    """A trial's 3-token text gave "perplexity 758.946513" and nothing more."""
+    import logging
+
+    short = tmp_path / "short.txt"
+    short.write_text("The cat sat")
+    with caplog.at_level(logging.WARNING, logger="kiln.evaluation"):
+        result = evaluate(engine, short)
+        assert 1 <= result.tokens < 64 and math.isfinite(result.perplexity)
+        evaluate(engine, text_file)  # hundreds of tokens: no word
+    assert caplog.messages == [f"short.txt: the perplexity rests on {result.tokens} tokens, too "
+                               f"few to compare with another figure; give a longer text"]
+
+
 def test_json_output_dash_puts_the_json_alone_on_stdout(engine, text_file):
     result = CliRunner().invoke(main, ["eval", "--engine_dir", str(engine), "--dataset",
                                        str(text_file), "--stride", "96", "--json_output", "-"])
@@ -141,9 +155,11 @@ def test_json_output_dash_puts_the_json_alone_on_stdout(engine, text_file):
 @pytest.mark.parametrize(("args", "expected"), [
     (["--dataset", "{tmp}/missing.txt"], "no such file or directory"),
     (["--dataset", "{tmp}/empty.txt"], "holds no text"),
-    (["--dataset", "{tmp}/one.txt"], "one.txt: the text is 1 token(s) long; perplexity needs "
+    (["--dataset", "{tmp}/one.txt"], "one.txt: the text is 1 token long; perplexity needs "
                                      "at least 2 tokens"),
-    (["--dataset", "{text}", "--max_length", "8", "--stride", "9"], "9 exceeds --max_length 8"),
+    # one wording, whether the flags or the engine's max_input_len set max_length
+    (["--dataset", "{text}", "--max_length", "8", "--stride", "9"],
+     "stride 9 must be in [1, max_length 8]; lower --stride"),
     (["--dataset", "{text}", "--max_length", "97"], "max_length 97 exceeds the engine's "
                                                     "max_input_len 96"),
     (["--dataset", "{text}", "--json_output", "{text}"], "is not a kiln eval report"),
