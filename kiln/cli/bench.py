@@ -89,7 +89,8 @@ def bench(obj: CliContext, warmup: int, json_output: Path | None, device: str,
     if json_only:  # standard output holds the JSON alone; the table goes to stderr
         json_output = None
     if json_output is not None and source["engine_dir"] is None:
-        _check_json_output(json_output, None)  # checked again once the engine dir is known
+        # checked again once the engine dir is known
+        _check_json_output(json_output, None, model_dir=source["model_dir"])
     spec = Workload(input_len=input_len, output_len=output_len, num_requests=num_requests,
                     request_rate=request_rate, concurrency=concurrency, seed=seed)
     options = ExecutorOptions(device=device, num_threads=num_threads, cpu_spin_wait=cpu_spin_wait,
@@ -204,13 +205,19 @@ _REPORT_MAX_BYTES = 16 << 20
 
 def _check_json_output(path: Path, engine_dir: Path | None,
                        is_report: Callable[[Path], bool] | None = None,
-                       kind: str = "kiln bench report") -> None:
+                       kind: str = "kiln bench report", model_dir: str | None = None) -> None:
     """Before any work: never overwrite a file kiln did not write (``is_report``: one of
-    ``kind``, default a bench report), never write into the engine dir, and the directory must
+    ``kind``, default a bench report), never write into the engine dir or into ``model_dir``
+    (``--model_dir``, a Hugging Face checkpoint dir or hub id: an input), and the directory must
     take the file. Shared by ``kiln eval``."""
     if engine_dir is not None and path.resolve().is_relative_to(Path(engine_dir).resolve()):
         raise click.BadParameter(f"{path} is inside the engine dir {engine_dir}; write the "
                                  f"report elsewhere", param_hint="--json_output")
+    if model_dir is not None and Path(model_dir).is_dir() \
+            and path.resolve().is_relative_to(Path(model_dir).resolve()):
+        raise click.BadParameter(f"{path} is inside the --model_dir {model_dir}, an input kiln "
+                                 f"only reads; write the report elsewhere",
+                                 param_hint="--json_output")
     for folder in path.resolve().parents:  # another engine, checkpoint or cache entry of kiln's
         if made := _made_by_kiln(folder):
             raise click.BadParameter(f"{path} is inside {made} {folder}, which kiln wrote and "

@@ -52,7 +52,8 @@ def eval_command(obj: CliContext, dataset: str, max_length: int | None,
     if to_stdout:
         json_output = None
     if json_output is not None and source["engine_dir"] is None:  # before a build
-        _check_json_output(json_output, None, _is_eval_report, "kiln eval report")
+        _check_json_output(json_output, None, _is_eval_report, "kiln eval report",
+                           model_dir=source["model_dir"])
     options = ExecutorOptions(device=device, num_threads=num_threads, cpu_spin_wait=cpu_spin_wait,
                               verify_checksums=verify_checksums,
                               kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction,

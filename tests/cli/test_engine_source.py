@@ -163,6 +163,11 @@ def test_bench_on_a_model_dir(tiny_hf, cache):
     (["bench", "--json_output", "{tmp}/nodir/r.json"], "nodir: no such directory; create it"),
     (["eval", "--dataset", "x.txt", "--json_output", "{big}"],
      "exists and is not a kiln eval report"),
+    # a trial's report went into the Hugging Face dir it read (an input)
+    (["eval", "--dataset", "{text}", "--json_output", "{model}/r.json"],
+     "r.json is inside the --model_dir {model}, an input kiln only reads; write the report "
+     "elsewhere"),
+    (["bench", "--json_output", "{model}/r.json"], "inside the --model_dir {model}, an input"),
     (["run", "--input_text", "Hi", "--dtype", "float64"], "'float64' is not one of"),
     # the command's own checks, on the engine the build would make
     (["eval", "--dataset", "{tmp}/nope.txt"], "nope.txt: no such file or directory"),
@@ -204,9 +209,12 @@ def test_bad_input_with_model_dir_is_refused_before_a_build(tiny_hf, cache, tmp_
         f.truncate(1 << 30)  # sparse: 1 GiB that the check must not read
     text = tmp_path / "text.txt"
     text.write_text("Some text to score, long enough for a window or two.")
-    args = [a.format(notes=notes, tmp=tmp_path, big=big, text=text) for a in args]
+    args = [a.format(notes=notes, tmp=tmp_path, big=big, text=text, model=tiny_hf)
+            for a in args]
     with caplog.at_level(logging.WARNING):
-        _one_line_error(kiln(args[0], "--model_dir", str(tiny_hf), *args[1:]), message)
+        _one_line_error(kiln(args[0], "--model_dir", str(tiny_hf), *args[1:]),
+                        message.format(model=tiny_hf))
+    assert not (tiny_hf / "r.json").exists()
     assert not [r for r in caplog.records if "building the engine" in r.getMessage()]
     assert cache.entries() == []
 
