@@ -201,6 +201,35 @@ def test_ctrl_c_while_kiln_starts_is_one_line_and_130():
     assert (result.returncode, result.stderr) == (130, "interrupted (Ctrl-C)\n")
 
 
+@pytest.mark.parametrize("signum, code, told", [(signal.SIGINT, 130, "Ctrl-C"),
+                                                 (signal.SIGTERM, 143, "SIGTERM")])
+def test_a_signal_during_the_heavy_imports_ends_the_command_at_once(tmp_path, signum, code,
+                                                                   told):
+    """Before a command's work, nothing is written: a signal while torch imports exits at once
+    (a trial's Ctrl-C then took up to 1.5 s: it had waited for the import's end). Here the
+    import stalls for 60 s."""
+    script = textwrap.dedent(f"""
+        import os, signal, sys, threading, time
+
+        class SlowTorch:  # a finder that stalls torch's import
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch":
+                    threading.Timer(0.5, os.kill, (os.getpid(), {int(signum)})).start()
+                    time.sleep(60)
+                return None
+
+        sys.meta_path.insert(0, SlowTorch())
+        from kiln.cli.main import run
+        sys.argv = ["kiln", "run", "--engine_dir", {str(tmp_path)!r}, "--input_text", "hi"]
+        run()
+    """)
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=50)
+    assert time.monotonic() - start < 30, result.stderr  # not the 60 s of the stalled import
+    assert (result.returncode, result.stderr) == (code, f"interrupted ({told})\n")
+
+
 def test_the_console_script_s_command_still_cleans_up_on_ctrl_c(hf_dir, tmp_path):
     """Once the command begins, Ctrl-C is Python's KeyboardInterrupt again: the command
     removes what it was writing (the start-up handler would exit at once)."""

@@ -20,7 +20,7 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 import click
@@ -35,7 +35,6 @@ from kiln.interrupts import (
     TERMINATING,
     Terminated,
     catchable,
-    deferred_interrupts,
     exit_code,
     install_termination_signals,
     interrupt_in,
@@ -250,18 +249,43 @@ def _stop(ctx: click.Context, interrupt: KeyboardInterrupt) -> NoReturn:
 
 
 def _heavy_imports_first(invoke: Callable[[click.Context], Any]) -> Callable[[click.Context], Any]:
-    """Run a command after importing torch (and numpy) with Ctrl-C deferred: an interrupt
-    inside those imports left numpy half-initialised (later AttributeErrors, a second import
-    refused, or the interrupt lost: a new-user trial, Ctrl-C 0.25-0.35 s into ``kiln run``).
-    The interrupt is raised right after the import (~1 s on 2 cores). Parsing, ``--help`` and
-    usage errors come first, so they still import nothing heavy."""
+    """Run a command after importing torch (and numpy), a signal meanwhile ending the process
+    at once (:func:`_exit_now`): nothing has been written yet. A KeyboardInterrupt inside those
+    imports had left numpy half-initialised (later AttributeErrors, a second import refused, or
+    the interrupt lost: a new-user trial, Ctrl-C 0.25-0.35 s into ``kiln run``), and deferring
+    it to the import's end had taken up to 1.5 s on a loaded 2-core machine (another trial).
+    Parsing, ``--help`` and usage errors come first, so they still import nothing heavy."""
 
     def invoke_after_imports(ctx: click.Context) -> Any:
-        with deferred_interrupts():
+        with _signals_exit_now():
             import torch  # noqa: F401
         return invoke(ctx)
 
     return invoke_after_imports
+
+
+def _exit_now(signum: int, frame: Any) -> None:
+    """A signal handler for where nothing is left to clean up: one line, then exit 130 / 143 /
+    129 without the interpreter's teardown."""
+    interrupt = KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
+    with contextlib.suppress(OSError):  # os.write: no buffered writer to re-enter here
+        os.write(2, f"interrupted ({signal_name(interrupt)})\n".encode())
+    os._exit(exit_code(interrupt))
+
+
+@contextlib.contextmanager
+def _signals_exit_now() -> Iterator[None]:
+    """:func:`_exit_now` handles SIGINT, SIGTERM and SIGHUP in the body (those not ignored:
+    :func:`~kiln.interrupts.catchable`), the handlers before it restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals are delivered to the main thread only
+        return
+    previous = {s: signal.signal(s, _exit_now) for s in catchable((signal.SIGINT, *TERMINATING))}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 class LazyCommand(click.Command):
@@ -391,16 +415,9 @@ def _signals_end_the_teardown() -> None:
     ``kiln cache build`` printed its engine had shown a traceback from an exit hook, exit 0).
     What the command wrote is flushed first, so nothing is lost."""
     _flush_standard_streams()
-
-    def stop(signum: int, frame: Any) -> None:
-        interrupt = KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
-        with contextlib.suppress(OSError):  # os.write: no buffered writer to re-enter here
-            os.write(2, f"interrupted ({signal_name(interrupt)})\n".encode())
-        os._exit(exit_code(interrupt))
-
     if threading.current_thread() is threading.main_thread():
         for number in catchable((signal.SIGINT, *TERMINATING)):
-            signal.signal(number, stop)
+            signal.signal(number, _exit_now)
 
 
 if __name__ == "__main__":  # pragma: no cover
