@@ -22,6 +22,7 @@ if [[ $gpu == *H200* ]]; then
 else
     tests="${H100_TESTS:-$tests tests/plugins}"
     suite_s=540
+    [[ $tests == none ]] && exit 0  # a call that came for the H200's timings alone
 fi
 export PYTHONPATH=.:$PWD/${SERVE_PKGS:-.cache/serve312}
 timeout "$suite_s" python3 -m pytest -m gpu -q -n 16 -p no:cacheprovider $tests \
