@@ -91,8 +91,8 @@ class PerplexityResult:
 def sliding_windows(num_tokens: int, max_length: int, stride: int) -> list[Window]:
     """HF's windows over ``num_tokens`` tokens (module docstring)."""
     if num_tokens < 2:
-        raise DatasetError(f"the text is {counted(num_tokens, 'token')} long; perplexity needs at least "
-                           f"2 tokens (one to predict from, one to score)")
+        raise DatasetError(f"the text is {counted(num_tokens, 'token')} long; perplexity needs "
+                           f"at least 2 tokens (one to predict from, one to score)")
     check_window(max_length, stride)
     windows, previous_end = [], 0
     for begin in range(0, num_tokens, stride):

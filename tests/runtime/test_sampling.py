@@ -447,8 +447,8 @@ def test_cpu_sampling_runs_no_torch_op_on_the_vocabulary(params):
 @pytest.mark.parametrize("seed", [2**64, -2**63 - 1, 10**20, 2**70])
 def test_a_seed_out_of_the_generators_64_bit_range_is_refused_up_front(seed):
     with pytest.raises(SamplingParamsError, match=r"SamplingParams\.seed must be an integer in "
-                                                  r"\[-9223372036854775808, 18446744073709551615\], "
-                                                  r"found " + str(seed)):
+                                                  r"\[-9223372036854775808, "
+                                                  r"18446744073709551615\], found " + str(seed)):
         SamplingParams(seed=seed)
 
 
