@@ -132,9 +132,7 @@ def serve(obj: CliContext, host: str, port: int, served_model_name: str | None,
                               dp=dp,
                               kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction,
                               prefill_attention=prefill_attention)
-    # a trailing slash (a shell's completion of a dir) is no part of the name clients send
-    name = served_model_name or (source["model_dir"] or "").rstrip("/") or source["model_dir"] \
-        or Path(source["engine_dir"]).resolve().name
+    name = served_model_name or _default_name(source["model_dir"], source["engine_dir"])
     with contextlib.ExitStack() as stack:
         for sock in sockets:
             stack.enter_context(sock)
@@ -233,6 +231,15 @@ _BIND_FIXES = {
 def _cannot_listen(host: str, port: int, e: OSError) -> str:
     fix = _BIND_FIXES.get(e.errno, "pick another --host or --port")
     return f"cannot listen on {_address(host, port)}: {(e.strerror or str(e)).lower()}; {fix}"
+
+
+def _default_name(model_dir: str | None, engine_dir: Path | None) -> str:
+    """The served model's name without --served_model_name: --model_dir as given, less a
+    trailing slash (a shell's completion of a dir; a trial's clients had to send it too), or
+    the engine dir's name."""
+    if model_dir is not None:
+        return model_dir.rstrip("/") or model_dir
+    return Path(engine_dir).resolve().name
 
 
 def _stops() -> str:
