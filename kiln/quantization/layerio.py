@@ -114,7 +114,7 @@ class QuantizedWriter:
         """The embedding and the head, copied rank by rank in row chunks (the lm_head only
         when it stays unquantized: :meth:`write_head` writes a quantized one)."""
         quantized = quantized_roles(self.target.quantization)
-        for rank, name, first, chunk in unlayered_chunks(self.source_dir, self.writers,
+        for rank, name, first, chunk in unlayered_chunks(self.source_dir, self.writers.keys(),
                                                           skip=quantized):
             self.writers[rank].write_rows(name, chunk, first)
 
