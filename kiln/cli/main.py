@@ -348,6 +348,11 @@ def convert_checkpoint(obj: CliContext, **options) -> None:
     click.echo(str(out))
 
 
+# as the lazy commands' (KilnGroup.resolve_command): a Ctrl-C 0.27-0.5 s in had been lost (the
+# checkpoint written, exit 0) or ended in a traceback of numpy's import, in a retest trial
+convert_checkpoint.invoke = _heavy_imports_first(convert_checkpoint.invoke)
+
+
 def _register_subcommands() -> None:
     # name, module defining the click command of that name, its short help (a test keeps each
     # equal to the command's own).
