@@ -37,10 +37,9 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from kiln.dirs import is_hub_id, near_path
-from kiln.errors import UNREADABLE_JSON, DatasetError
+from kiln.errors import UNREADABLE_JSON, DatasetError, json_type
 from kiln.hashing import sha256_file
 
 log = logging.getLogger(__name__)
@@ -91,15 +90,6 @@ def load_texts(source: str | Path) -> TextDataset:
     hint = f"did you mean {near}?" if near is not None else "check the path"
     raise DatasetError(f"{text}: no such file or directory (and not a hub dataset id, which has "
                        f"the form owner/name); {hint}")
-
-
-def json_type(value: Any) -> str:
-    """What a parsed JSON value is, in JSON's words ("a number", "an array", "null")."""
-    for kind, name in ((bool, "a boolean"), ((int, float), "a number"), (str, "a string"),
-                       (list, "an array"), (dict, "an object")):
-        if isinstance(value, kind):
-            return name
-    return "null"
 
 
 def _read_file(path: Path) -> TextDataset:

@@ -25,7 +25,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from kiln.errors import UNREADABLE_JSON
+from kiln.errors import UNREADABLE_JSON, json_type
 
 _ENGINE_KEYS = frozenset({"backend", "rank_files", "limits"})  # none is in a kiln checkpoint
 
@@ -178,6 +178,9 @@ def read_config(directory: str | Path, wanted: DirKind,
         data = json.loads(path.read_text())
     except UNREADABLE_JSON as e:
         raise error(f"{path}: invalid JSON ({e}); {repair}") from None
+    if not isinstance(data, dict):  # a retest's [], null, "x" and 1 had given tracebacks
+        raise error(f"{path}: holds {json_type(data)}, not a JSON object; "
+                    f"{repair}")
     if message := wrong_kind(directory, data, wanted):
         raise error(message)
     return path, data

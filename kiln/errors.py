@@ -8,10 +8,21 @@ only under ``--debug``. Anything else escaping is a bug in kiln.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 def a_or_an(word: str) -> str:
     """``word`` after its article, for messages: "an onnx engine", "a torch engine"."""
     return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
+
+
+def json_type(value: Any) -> str:
+    """What a parsed JSON value is, in JSON's words ("a number", "an array", "null")."""
+    for kind, name in ((bool, "a boolean"), ((int, float), "a number"), (str, "a string"),
+                       (list, "an array"), (dict, "an object")):
+        if isinstance(value, kind):
+            return name
+    return "null"
 
 
 def counted(n: int, noun: str) -> str:

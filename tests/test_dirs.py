@@ -232,3 +232,20 @@ def test_a_config_python_cannot_read_is_one_line(tmp_path, text):
     (tmp_path / "config.json").write_text(text)
     with pytest.raises(ConfigError, match=r"config.json: invalid JSON \("):
         read_config(tmp_path, DirKind.ENGINE, ConfigError)
+
+
+@pytest.mark.parametrize("text, found", [("[]", "an array"), ("null", "null"),
+                                         ('"x"', "a string"), ("1", "a number")])
+@pytest.mark.parametrize("kind", ["ENGINE", "KILN_CHECKPOINT"])
+def test_a_config_that_is_not_a_json_object_is_one_line(tmp_path, text, found, kind):
+    """A retest's [], null, "x" and 1 had given an AttributeError traceback in run, build,
+    quantize and verify."""
+    from kiln.dirs import DirKind, read_config
+    from kiln.errors import ConfigError
+
+    (tmp_path / "config.json").write_text(text)
+    repair = "rebuild with kiln build" if kind == "ENGINE" else "re-run kiln convert_checkpoint"
+    with pytest.raises(ConfigError) as info:
+        read_config(tmp_path, DirKind[kind], ConfigError)
+    assert str(info.value) == f"{tmp_path / 'config.json'}: holds {found}, not a JSON object; " \
+                              f"{repair}"

@@ -39,8 +39,7 @@ from kiln.cli.context import (
     gpu_options,
 )
 from kiln.cli.engine_source import engine_command, held_engine
-from kiln.datasets import json_type
-from kiln.errors import UNREADABLE_JSON, KilnError
+from kiln.errors import UNREADABLE_JSON, KilnError, json_type
 from kiln.runtime.errors import SamplingParamsError
 from kiln.runtime.params import SamplingParams, is_utf8  # torch-free: --help stays fast
 

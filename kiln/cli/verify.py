@@ -32,7 +32,7 @@ from kiln.engine import (
     manifest_edit,
     read_manifest,
 )
-from kiln.errors import UNREADABLE_JSON, counted
+from kiln.errors import UNREADABLE_JSON, counted, json_type
 from kiln.hashing import other_file_problems
 from kiln.runtime.compat import kiln_version_problem
 
@@ -96,12 +96,15 @@ def verify(obj: CliContext, engine_dir: Path | None, engine_dir_option: Path | N
                           + (f"did you mean {near}? " if near else "") + either)
     config_path = engine_dir / "config.json"
     if config_path.is_file():  # either kind's repair, where the file does not say which
+        repairs = ("rebuild an engine dir with kiln build, write a kiln checkpoint again with "
+                   "kiln convert_checkpoint")
         try:
-            json.loads(config_path.read_text())
+            data = json.loads(config_path.read_text())
         except UNREADABLE_JSON as e:
-            raise EngineError(f"{config_path}: invalid JSON ({e}); rebuild an engine dir with "
-                              f"kiln build, write a kiln checkpoint again with kiln "
-                              f"convert_checkpoint") from None
+            raise EngineError(f"{config_path}: invalid JSON ({e}); {repairs}") from None
+        if not isinstance(data, dict):
+            raise EngineError(f"{config_path}: holds {json_type(data)}, not a JSON object; "
+                              f"{repairs}")
     if engine_dir.is_dir() and not config_path.is_file():  # a parent, say
         inside = only_child_of_kind(engine_dir, DirKind.ENGINE, DirKind.KILN_CHECKPOINT)
         raise EngineError(f"{engine_dir / 'config.json'}: missing, so {engine_dir} is neither an "

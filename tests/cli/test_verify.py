@@ -352,6 +352,17 @@ def test_a_config_of_broken_json_names_both_repairs(checkpoint):
                                       "checkpoint again with kiln convert_checkpoint")
 
 
+@pytest.mark.parametrize("text", ["[]", "null", "7"])
+def test_a_config_that_is_not_an_object_names_both_repairs(checkpoint, text):
+    (checkpoint / "config.json").write_text(text)
+    r = kiln("verify", str(checkpoint))
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    line, = r.output.splitlines()
+    assert line.startswith(f"error: {checkpoint / 'config.json'}: holds ")
+    assert line.endswith(", not a JSON object; rebuild an engine dir with kiln build, write a "
+                         "kiln checkpoint again with kiln convert_checkpoint")
+
+
 def test_a_truncated_rank_file_is_named_as_such(checkpoint):
     path = checkpoint / "rank0.safetensors"
     path.write_bytes(path.read_bytes()[:-100])
