@@ -20,6 +20,7 @@ import click
 from kiln.cli.bench import _check_json_output, is_report, write_report
 from kiln.cli.context import CliContext, IntRange, PathArg, executor_options, gpu_options
 from kiln.cli.engine_source import engine_command, held_engine
+from kiln.errors import counted
 
 
 @engine_command("eval", "Engine dir built with --gather_context_logits (--model_dir builds "
@@ -74,8 +75,8 @@ def eval_command(obj: CliContext, dataset: str, max_length: int | None,
     sys.stdout.flush()  # before the stderr summary, also when both go to one pipe
     if obj.verbosity >= 0:
         rate = "-" if result.tokens_per_s is None else f"{result.tokens_per_s:.1f}"
-        windows = f"{result.windows} window{'s' if result.windows != 1 else ''}"
-        click.echo(f"{result.tokens} tokens in {windows} (max_length {result.max_length}, "
+        click.echo(f"{counted(result.tokens, 'token')} in {counted(result.windows, 'window')} "
+                   f"(max_length {result.max_length}, "
                    f"stride {result.stride}), {result.seconds:.1f} s, {rate} tokens/s", err=True)
     if to_stdout:
         click.echo(json.dumps(result.to_dict(), indent=2, allow_nan=False))

@@ -182,8 +182,9 @@ def _read_input_file(path: Path) -> list[str]:
     if unread:  # a trial's {"prompt": ..., "max_tokens": 2} had run at the global length
         keys = ", ".join(f"{k!r} (line {n})" for k, n in list(unread.items())[:5])
         more = f" and {len(unread) - 5} more" if len(unread) > 5 else ""
-        log.warning("%s: only each line's 'prompt' is read; %s%s are not (sampling settings "
-                    "are options, for every prompt: kiln run --help)", path, keys, more)
+        verb = "is" if len(unread) == 1 else "are"
+        log.warning("%s: only each line's 'prompt' is read; %s%s %s not (sampling settings "
+                    "are options, for every prompt: kiln run --help)", path, keys, more, verb)
     return prompts
 
 

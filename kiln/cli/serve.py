@@ -234,11 +234,11 @@ def _cannot_listen(host: str, port: int, e: OSError) -> str:
 
 
 def _default_name(model_dir: str | None, engine_dir: Path | None) -> str:
-    """The served model's name without --served_model_name: --model_dir as given, less a
-    trailing slash (a shell's completion of a dir; a trial's clients had to send it too), or
-    the engine dir's name."""
-    if model_dir is not None:
-        return model_dir.rstrip("/") or model_dir
+    """The served model's name without --served_model_name: --model_dir as given, a local dir
+    normalized (a shell completes one with a trailing slash; a trial's clients had to send it
+    too), or the engine dir's name."""
+    if model_dir is not None:  # hf/, hf/., ./hf: "hf" (a hub id is left as it is)
+        return os.path.normpath(model_dir) if Path(model_dir).is_dir() else model_dir
     return Path(engine_dir).resolve().name
 
 
@@ -248,7 +248,7 @@ def _stops() -> str:
     banner does not offer Ctrl-C there."""
     if catchable((signal.SIGINT,)):
         return "Ctrl-C stops"
-    return f"SIGTERM stops: this process ignores SIGINT (kill {os.getpid()})"
+    return f"SIGTERM stops: this process ignores SIGINT; kill {os.getpid()}"
 
 
 def _address(host: str, port: int) -> str:

@@ -659,6 +659,12 @@ def test_jsonl_keys_other_than_prompt_are_said_not_to_be_read(tmp_path, caplog):
                                f"'id' (line 1), 'n' (line 3) are not (sampling settings are "
                                f"options, for every prompt: kiln run --help)"]
     caplog.clear()
+    f.write_text('{"prompt": "a", "id": 1}\n')
+    with caplog.at_level(logging.WARNING):
+        read_prompts((), (f,))
+    assert caplog.messages[0].endswith("'id' (line 1) is not (sampling settings are options, "
+                                       "for every prompt: kiln run --help)")
+    caplog.clear()
     f.write_text('{"prompt": "a"}\n"b"\n')
     with caplog.at_level(logging.WARNING):
         assert read_prompts((), (f,)) == ["a", "b"]

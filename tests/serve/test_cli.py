@@ -173,3 +173,17 @@ def test_the_third_signal_of_any_kind_quits_without_waiting(sig, capsys):
     assert "1 running request(s) may finish within 120 s" in err
     assert ("Ctrl-C" in err) == (sig == signal.SIGINT), err
     assert f"a third {named} quits at once" in err, err
+
+
+def test_the_default_served_name_is_the_model_dir_normalized(tmp_path, monkeypatch):
+    """A shell completes a dir with a trailing slash; a retest's hf/. and ./hf/ had been served
+    under those spellings, which clients had to send."""
+    from kiln.cli.serve import _default_name
+
+    (tmp_path / "hf").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for given in ("hf/", "hf/.", "./hf/", "hf//"):
+        assert _default_name(given, None) == "hf"
+    assert _default_name(f"{tmp_path}/hf/", None) == f"{tmp_path}/hf"
+    assert _default_name("owner/name", None) == "owner/name"  # a hub id, as given
+    assert _default_name(None, tmp_path / "hf" / ".") == "hf"

@@ -341,7 +341,7 @@ def test_a_server_that_ignores_sigint_does_not_offer_ctrl_c(engine):
         code = process.stop(signal.SIGTERM, timeout=60)
     log = process.proc.stdout.read()
     assert code == 0, log
-    assert f"(SIGTERM stops: this process ignores SIGINT (kill {process.proc.pid}))" in log, log
+    assert f"(SIGTERM stops: this process ignores SIGINT; kill {process.proc.pid})" in log, log
     assert "Ctrl-C" not in log
 
 
