@@ -22,7 +22,7 @@ import torch
 
 from kiln.config import DTYPES, DecoderConfig, Mapping
 from kiln.dirs import DirKind, read_config
-from kiln.errors import CheckpointError, ConfigError, KilnError, counted
+from kiln.errors import CheckpointError, ConfigError, KilnError, counted, malformed
 from kiln.hashing import (
     DIGEST_KEY,
     manifest_digest,
@@ -123,9 +123,11 @@ class CheckpointConfig:
                                                       Mapping(**data["mapping"]))
                        if "rank_checksums" in data else None,
                        format_version=version)
-        except KeyError as e:
-            raise CheckpointError(f"{where}: missing key {e}; not a kiln checkpoint config") from None
-        except (KilnError, TypeError, ValueError) as e:
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(f"{where}: {malformed(e)}; not a kiln checkpoint config as "
+                                  f"kiln writes it: undo the edit, or re-run kiln "
+                                  f"convert_checkpoint") from None
+        except (KilnError, ValueError) as e:
             raise CheckpointError(f"{where}: {e}") from None
 
 

@@ -8,6 +8,7 @@ only under ``--debug``. Anything else escaping is a bug in kiln.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -23,6 +24,19 @@ def json_type(value: Any) -> str:
         if isinstance(value, kind):
             return name
     return "null"
+
+
+def malformed(error: KeyError | TypeError | ValueError) -> str:
+    """What a config's KeyError, TypeError or ValueError says, in a user's words: the key
+    missing rather than Python's ``KeyError('dtype')`` or ``__init__() missing 1 required
+    positional argument`` (a retest's deleted keys)."""
+    if isinstance(error, KeyError):
+        return f"missing key {error.args[0]!r}"
+    found = re.search(r"missing \d+ required (?:positional |keyword-only )?arguments?: (.+)$",
+                      str(error))
+    if found:
+        return f"missing key{'s' if ' and ' in found[1] else ''} {found[1]}"
+    return str(error)
 
 
 def counted(n: int, noun: str) -> str:

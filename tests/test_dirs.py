@@ -138,8 +138,23 @@ def test_unrecognized_configs_keep_their_own_errors(dirs, tmp_path):
     manifest = json.loads((dirs[DirKind.ENGINE] / "config.json").read_text())
     del manifest["backend"]  # damaged manifest: no longer classified as an engine dir
     (tmp_path / "config.json").write_text(json.dumps(manifest))
-    with pytest.raises(EngineError, match=r"malformed manifest \(KeyError\('backend'\)\)"):
+    # the key named, not Python's KeyError('backend') (a retest's reading)
+    with pytest.raises(EngineError, match=r"malformed manifest \(missing key 'backend'\); "
+                                          r"rebuild with kiln build"):
         read_manifest(tmp_path)
+    del manifest["limits"]["max_batch_size"]
+    manifest["backend"] = "onnx"
+    (tmp_path / "config.json").write_text(json.dumps(manifest))
+    with pytest.raises(EngineError, match=r"malformed manifest \(missing key 'max_batch_size'\)"):
+        read_manifest(tmp_path)
+    ckpt = json.loads((dirs[DirKind.KILN_CHECKPOINT] / "config.json").read_text())
+    del ckpt["decoder"]["num_layers"], ckpt["decoder"]["hidden_size"]
+    (tmp_path / "config.json").write_text(json.dumps(ckpt))
+    with pytest.raises(CheckpointError, match=r"config.json: missing keys 'hidden_size' and "
+                                              r"'num_layers'; not a kiln checkpoint config as "
+                                              r"kiln writes it: undo the edit, or re-run kiln "
+                                              r"convert_checkpoint$"):
+        load_config(tmp_path)
 
 
 @pytest.mark.parametrize("command", ["run", "bench", "verify"])

@@ -32,7 +32,7 @@ from typing import Any
 
 from kiln.config import DTYPES, DecoderConfig, Mapping
 from kiln.dirs import DirKind, read_config
-from kiln.errors import ConfigError, EngineError
+from kiln.errors import ConfigError, EngineError, malformed
 from kiln.hashing import (  # the one sha256 helper (also imported from here)
     DIGEST_KEY,
     manifest_digest,
@@ -190,7 +190,8 @@ def read_manifest(engine_dir: str | Path) -> EngineManifest:
     try:
         return EngineManifest.from_dict(data)
     except (KeyError, TypeError, ValueError) as e:
-        raise EngineError(f"{path}: malformed manifest ({e!r}); rebuild with kiln build") from None
+        raise EngineError(f"{path}: malformed manifest ({malformed(e)}); rebuild with kiln "
+                          f"build") from None
     except ConfigError as e:
         raise EngineError(f"{path}: {e}") from None
 
