@@ -47,6 +47,7 @@ from kiln.runtime.rows import Run, SlotRows
 logger = logging.getLogger(__name__)
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+_ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16"}  # the cache inputs'
 MAX_WINDOWS = 256  # kept I/O bindings, one per (part, slot window); dropped all at once when full
 
 
@@ -226,9 +227,18 @@ class OnnxExecutor(Executor):
         if not all(isinstance(d, int) for d in (hkv, smax, head_dim)):
             raise EngineError(f"graph input {first.name} has shape {first.shape}; the cache "
                               f"dims after the batch must be static (rebuild with kiln build)")
-        if smax != self.limits.max_seq_len:
-            raise EngineError(f"graph cache length {smax} != manifest max_seq_len "
-                              f"{self.limits.max_seq_len}; the engine dir is inconsistent, rebuild")
+        logits = self.sessions[-1].get_outputs()[0]
+        vocab = logits.shape[-1] if logits.name == "logits" else None
+        for what, graph, key, value in (
+                ("KV cache length", smax, "limits.max_seq_len", self.limits.max_seq_len),
+                ("KV cache dtype", _ORT_DTYPES.get(first.type, first.type), "dtype",
+                 manifest.dtype),
+                ("vocabulary (logits)", vocab, "decoder.vocab_size", self.vocab_size)):
+            if graph is not None and graph != value:  # a retest's edits had given tracebacks
+                raise EngineError(f"the engine's graphs have a {what} of {graph}, and its "
+                                  f"config.json says {key} {value}: the engine dir is "
+                                  f"inconsistent; restore the build's config.json if it was "
+                                  f"edited, or rebuild with kiln build")
         return (self.limits.max_batch_size, hkv, smax, head_dim)
 
     # -- the step ----------------------------------------------------------------------------

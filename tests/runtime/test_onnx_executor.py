@@ -179,6 +179,37 @@ def test_built_engine_greedy_is_batch_invariant(built):
     assert [tuple(got[i].output_ids) for i in range(16)] == want
 
 
+@pytest.mark.parametrize("edit, said", [
+    (lambda m: m.update(dtype="float16"), "a KV cache dtype of float32, and its config.json "
+                                          "says dtype float16"),
+    (lambda m: m["decoder"].update(vocab_size=m["decoder"]["vocab_size"] + 1),
+     "a vocabulary (logits) of {vocab}, and its config.json says decoder.vocab_size {more}"),
+    (lambda m: m["limits"].update(max_seq_len=m["limits"]["max_seq_len"] * 2),
+     "a KV cache length of {seq}, and its config.json says limits.max_seq_len {twice}"),
+])
+def test_a_manifest_edited_away_from_its_graphs_is_one_line_at_load(built, tmp_path, edit, said):
+    """A retest's engine config edited to float16 or a larger vocabulary had run into an ONNX
+    Runtime traceback at the first step; a larger max_seq_len was named without the file."""
+    import json
+    import shutil
+
+    from kiln.engine import EngineError
+
+    engine = tmp_path / "engine"
+    shutil.copytree(built[0], engine)
+    manifest = json.loads((engine / "config.json").read_text())
+    vocab, seq = manifest["decoder"]["vocab_size"], manifest["limits"]["max_seq_len"]
+    edit(manifest)
+    (engine / "config.json").write_text(json.dumps(manifest))
+    with pytest.raises(EngineError) as info:
+        open_engine(engine)
+    assert str(info.value) == (
+        "the engine's graphs have " + said.format(vocab=vocab, more=vocab + 1, seq=seq,
+                                                  twice=2 * seq)
+        + ": the engine dir is inconsistent; restore the build's config.json if it was edited, "
+          "or rebuild with kiln build")
+
+
 def test_a_graph_file_corrupted_in_place_is_one_line_naming_it(built, tmp_path):
     """Loading checks file sizes, not contents (kiln verify reads them): a graph whose bytes
     changed but not its size is named, with the commands that check and fix it."""
