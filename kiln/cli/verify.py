@@ -23,7 +23,14 @@ import click
 
 import kiln
 from kiln.cli.context import CliContext, PathArg
-from kiln.dirs import DirKind, classify_dir, near_path, only_child_of_kind, read_config
+from kiln.dirs import (
+    DirKind,
+    classify_dir,
+    dir_kind,
+    near_path,
+    only_child_of_kind,
+    read_config,
+)
 from kiln.engine import (
     DIGEST_KEY,
     EngineError,
@@ -105,6 +112,10 @@ def verify(obj: CliContext, engine_dir: Path | None, engine_dir_option: Path | N
         if not isinstance(data, dict):
             raise EngineError(f"{config_path}: holds {json_type(data)}, not a JSON object; "
                               f"{repairs}")
+        # {}, say: a retest's had been told only of engines
+        if "format_version" not in data and dir_kind(data) is DirKind.OTHER:
+            raise EngineError(f"{config_path}: no format_version, so neither an engine "
+                              f"manifest nor a kiln checkpoint config; {repairs}")
     if engine_dir.is_dir() and not config_path.is_file():  # a parent, say
         inside = only_child_of_kind(engine_dir, DirKind.ENGINE, DirKind.KILN_CHECKPOINT)
         raise EngineError(f"{engine_dir / 'config.json'}: missing, so {engine_dir} is neither an "

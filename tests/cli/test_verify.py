@@ -352,6 +352,15 @@ def test_a_config_of_broken_json_names_both_repairs(checkpoint):
                                       "checkpoint again with kiln convert_checkpoint")
 
 
+def test_an_empty_config_names_both_kinds(checkpoint):
+    (checkpoint / "config.json").write_text("{}")
+    r = kiln("verify", str(checkpoint))
+    assert r.exit_code == 2 and r.output == (
+        f"error: {checkpoint / 'config.json'}: no format_version, so neither an engine manifest "
+        f"nor a kiln checkpoint config; rebuild an engine dir with kiln build, write a kiln "
+        f"checkpoint again with kiln convert_checkpoint\n")
+
+
 @pytest.mark.parametrize("text", ["[]", "null", "7"])
 def test_a_config_that_is_not_an_object_names_both_repairs(checkpoint, text):
     (checkpoint / "config.json").write_text(text)
