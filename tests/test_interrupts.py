@@ -327,7 +327,7 @@ def test_an_interrupted_command_exits_without_waiting_for_the_interpreters_teard
 
         verify.read_manifest = interrupted
     """
-    (tmp_path / "config.json").write_text("{}")  # a dir verify reads a manifest from
+    (tmp_path / "config.json").write_text('{"format_version": 1}')  # verify reads its manifest
     result, seconds = run_cli(patch, ["verify", str(tmp_path)])
     assert result.returncode == 143, result.stderr
     assert "interrupted (SIGTERM)" in result.stderr and "Traceback" not in result.stderr
