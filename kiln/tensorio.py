@@ -155,7 +155,6 @@ def first_non_finite(t: torch.Tensor) -> int | None:
     return int(rows[0]) if len(rows) else None
 
 
-
 class StreamingWriter:
     """Write a safetensors file whose tensor names, dtypes and shapes are known up front.
 

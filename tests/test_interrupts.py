@@ -325,7 +325,7 @@ def test_an_interrupted_command_exits_without_waiting_for_the_interpreters_teard
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)
 
-        verify.read_manifest = interrupted
+        verify.read_manifest_data = interrupted
     """
     (tmp_path / "config.json").write_text('{"format_version": 1}')  # verify reads its manifest
     result, seconds = run_cli(patch, ["verify", str(tmp_path)])

@@ -25,7 +25,6 @@ import kiln
 from kiln.cli.context import CliContext, PathArg
 from kiln.dirs import (
     DirKind,
-    classify_dir,
     dir_kind,
     near_path,
     only_child_of_kind,
@@ -37,7 +36,7 @@ from kiln.engine import (
     EngineManifest,
     file_problem,
     manifest_edit,
-    read_manifest,
+    read_manifest_data,
 )
 from kiln.errors import UNREADABLE_JSON, counted, json_type
 from kiln.hashing import other_file_problems
@@ -101,7 +100,7 @@ def verify(obj: CliContext, engine_dir: Path | None, engine_dir_option: Path | N
         near = near_path(engine_dir)
         raise EngineError(f"{engine_dir}: no such directory; "
                           + (f"did you mean {near}? " if near else "") + either)
-    config_path = engine_dir / "config.json"
+    config_path, data = engine_dir / "config.json", None
     if config_path.is_file():  # either kind's repair, where the file does not say which
         repairs = ("rebuild an engine dir with kiln build, write a kiln checkpoint again with "
                    "kiln convert_checkpoint")
@@ -121,12 +120,11 @@ def verify(obj: CliContext, engine_dir: Path | None, engine_dir_option: Path | N
         raise EngineError(f"{engine_dir / 'config.json'}: missing, so {engine_dir} is neither an "
                           f"engine dir nor a kiln checkpoint; "
                           + (f"did you mean {inside}?" if inside else either))
-    if classify_dir(engine_dir) is DirKind.KILN_CHECKPOINT:
+    if dir_kind(data) is DirKind.KILN_CHECKPOINT:
         verify_checkpoint(obj, engine_dir)
         return
 
-    manifest = read_manifest(engine_dir)
-    _, data = read_config(engine_dir, DirKind.ENGINE, EngineError)
+    manifest, data = read_manifest_data(engine_dir)
     problems = [p for p in (manifest_edit(data),
                             kiln_version_problem(manifest.kiln_version, kiln.__version__))
                 if p is not None]

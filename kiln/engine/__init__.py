@@ -27,6 +27,7 @@ from kiln.engine.manifest import (
     manifest_edit,
     rank_file_names,
     read_manifest,
+    read_manifest_data,
     sha256_file,
     verify_checksums,
     verify_files,
@@ -36,4 +37,4 @@ __all__ = ["BACKENDS", "DIGEST_KEY", "ENGINE_FILE", "ENGINE_FORMAT_VERSION", "MA
            "BuildLimits",
            "EngineError", "EngineManifest", "check_files", "file_problem", "manifest_edit",
            "rank_file_names",
-           "read_manifest", "sha256_file", "verify_checksums", "verify_files"]
+           "read_manifest", "read_manifest_data", "sha256_file", "verify_checksums", "verify_files"]

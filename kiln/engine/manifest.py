@@ -186,9 +186,15 @@ def _flag(value: Any, name: str) -> bool:
 
 def read_manifest(engine_dir: str | Path) -> EngineManifest:
     """Read and validate an engine dir's manifest (no engine file is touched)."""
+    return read_manifest_data(engine_dir)[0]
+
+
+def read_manifest_data(engine_dir: str | Path) -> tuple[EngineManifest, dict[str, Any]]:
+    """:func:`read_manifest`, and ``config.json`` as parsed (for :func:`manifest_edit`), from
+    one read of the file."""
     path, data = read_config(engine_dir, DirKind.ENGINE, EngineError)
     try:
-        return EngineManifest.from_dict(data)
+        return EngineManifest.from_dict(data), data
     except (KeyError, TypeError, ValueError) as e:
         raise EngineError(f"{path}: malformed manifest ({malformed(e)}); rebuild with kiln "
                           f"build") from None

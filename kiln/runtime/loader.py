@@ -36,13 +36,12 @@ import logging
 from pathlib import Path
 from types import ModuleType
 
-from kiln.dirs import DirKind, read_config
 from kiln.engine import (
     EngineError,
     EngineManifest,
     check_files,
     manifest_edit,
-    read_manifest,
+    read_manifest_data,
     verify_checksums,
 )
 from kiln.errors import a_or_an
@@ -212,8 +211,8 @@ def check_engine(engine_dir: str | Path, options: ExecutorOptions | None = None,
     """Every check of :func:`open_engine`, nothing loaded: (manifest, backend module, machine)."""
     engine_dir = Path(engine_dir)
     options = options or ExecutorOptions()
-    manifest = read_manifest(engine_dir)
-    if (edit := manifest_edit(read_config(engine_dir, DirKind.ENGINE, EngineError)[1])):
+    manifest, data = read_manifest_data(engine_dir)
+    if (edit := manifest_edit(data)):
         warn_once(f"{engine_dir}/{edit}; it runs as it reads now")
     module, machine = check_runnable(manifest, options, machine)
     ranks = getattr(module, "loaded_ranks", loaded_ranks)(manifest, options.rank)

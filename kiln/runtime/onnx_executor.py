@@ -222,6 +222,8 @@ class OnnxExecutor(Executor):
                     len(self._caches) // 2)
 
     def _cache_shape(self, manifest: EngineManifest) -> tuple[int, int, int, int]:
+        """The KV cache's shape, from the graphs' cache inputs, once they are checked against
+        the manifest (cache length and dtype, the logits' vocabulary)."""
         first = next(i for i in self.sessions[0].get_inputs() if i.name.startswith("past_key_"))
         hkv, smax, head_dim = first.shape[1:]
         if not all(isinstance(d, int) for d in (hkv, smax, head_dim)):
