@@ -350,6 +350,11 @@ def _hf_baseline(engine_dir: Path, spec: Workload, vocab_size: int, batch_size: 
 def _engine_info(llm: LLM, options: ExecutorOptions) -> dict:
     """The engine and how it ran (every ExecutorOptions field as given: the GPU options too)."""
     manifest = llm.manifest
-    return {"engine_dir": str(llm.engine_dir), "backend": manifest.backend,
+    info = {"engine_dir": str(llm.engine_dir), "backend": manifest.backend,
             "dtype": manifest.dtype, "limits": vars(manifest.limits), "dp": options.dp,
             "options": dataclasses.asdict(options)}
+    if manifest.backend == "onnx":  # the spin-wait it ran with (the option's None: by parts)
+        from kiln.runtime.onnx_executor import spin_wait
+        parts = sum(name.endswith(".onnx") for name in manifest.rank_files[0])
+        info["cpu_spin_wait"] = spin_wait(options.cpu_spin_wait, parts)
+    return info

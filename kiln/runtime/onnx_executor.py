@@ -167,20 +167,21 @@ def _check_cache_memory(manifest: EngineManifest, cache_bytes: int, device: str)
                       f"--max_seq_len or --max_batch_size")
 
 
-def _spin_wait(asked: bool | None, parts: int) -> bool:
-    """Whether idle session threads spin (ExecutorOptions.cpu_spin_wait): ONNX Runtime's default
-    for one part; with several, each part's session has its own pool, and the idle pools spun
-    on the cores the running part needed (3.4-5.6x slower decode in a trial)."""
-    if parts == 1:
-        return True if asked is None else asked
-    if asked:
+def spin_wait(asked: bool | None, parts: int) -> bool:
+    """Whether idle session threads spin (ExecutorOptions.cpu_spin_wait): as asked, else ONNX
+    Runtime's default for one part only; with several, each part's session has its own pool,
+    and the idle pools spun on the cores the running part needed (3.4-5.6x slower decode in a
+    trial)."""
+    return parts == 1 if asked is None else asked
+
+
+def _say_spin_wait(asked: bool | None, parts: int) -> None:
+    if parts > 1 and asked:
         logger.warning("cpu_spin_wait with an engine of %d parts: each part's idle threads "
                        "spin on the cores the running part needs (decode 3-5x slower in our "
                        "runs); leave it out, or pass --no_cpu_spin_wait", parts)
-        return True
-    if asked is None:
+    elif parts > 1 and asked is None:
         logger.info("onnx executor: %d parts, so idle CPU threads sleep (no spin-wait)", parts)
-    return False
 
 
 class OnnxExecutor(Executor):
@@ -199,7 +200,8 @@ class OnnxExecutor(Executor):
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] \
             if self.device == "cuda" else ["CPUExecutionProvider"]
         _say_int8_kernels(manifest, self.device)
-        so = session_options(options.num_threads, _spin_wait(options.cpu_spin_wait, len(graphs)))
+        _say_spin_wait(options.cpu_spin_wait, len(graphs))
+        so = session_options(options.num_threads, spin_wait(options.cpu_spin_wait, len(graphs)))
         self.sessions = [_session(ort, p, so, providers) for p in graphs]
         self._inputs = [{i.name for i in s.get_inputs()} for s in self.sessions]
         self._layers = [sorted(int(n[len("past_key_"):]) for n in names

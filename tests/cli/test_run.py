@@ -391,6 +391,8 @@ def test_bench_table_and_json(engine, tmp_path):
     options = report["engine"]["options"]  # how it ran, GPU options too
     assert options["device"] == "auto" and options["prefill_attention"] is None
     assert options["kv_cache_free_gpu_memory_fraction"] is None and options["dp"] == 1
+    # the spin-wait as given (None: the default) and as it ran (on: a one-part onnx engine)
+    assert options["cpu_spin_wait"] is None and report["engine"]["cpu_spin_wait"] is True
     assert report["ttft_ms"]["p99"] >= report["ttft_ms"]["p50"] > 0
 
 
