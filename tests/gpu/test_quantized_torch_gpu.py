@@ -104,6 +104,19 @@ def test_int4_fragment_engine_matches_oracle(float_checkpoint_64, tmp_path, grou
     assert max(errors) <= 2e-2, f"int4 g{group_size} {dtype}: relative error per step {errors}"
 
 
+@pytest.mark.parametrize(("qformat", "group_size", "layout"), [
+    ("int8_wo", None, torch.int8), ("int4_wo", 32, torch.uint8), ("int4_wo", 64, torch.int32)])
+def test_quantized_lm_head_matches_oracle(float_checkpoint_64, tmp_path, qformat, group_size,
+                                         layout):
+    """``kiln quantize --quantize_lm_head``: the head is a QuantLinear (INT4 in both layouts),
+    inside the decode graphs and their greedy pass; the weight-only tolerance. The graphs had
+    sized their logits by the head's weight, which a QuantLinear does not carry as [N, K]."""
+    errors = case(float_checkpoint_64, tmp_path, qformat, group_size=group_size, lm_head=True)
+    infos, _ = read_header(tmp_path / "e" / "rank0.safetensors")
+    assert infos["lm_head.weight"].dtype == layout
+    assert max(errors) <= 2e-2, f"{qformat} lm_head: relative error per step {errors}"
+
+
 @pytest.mark.parametrize("kv", ["fp8", "int8"])
 def test_quantized_kv_cache_matches_oracle(float_checkpoint, tmp_path, kv):
     errors = case(float_checkpoint, tmp_path, "fp8", kv=kv)

@@ -91,10 +91,11 @@ class DecodeGraphs:
         self.max_seq_len = max_seq_len
         self.max_blocks = cache.allocator.max_blocks_per_seq
         self.sizes = sorted(batch_sizes)
-        # tp > 1: the lm_head holds this rank's vocab rows; the logits are gathered whole
-        vocab = model.config.vocab_size if model.shard.tp_size > 1 else \
-            model.lm_head.weight.shape[1 if model.lm_head.transposed else 0]
-        self.logits = torch.empty(self.sizes[-1], vocab, dtype=model.dtype, device=device)
+        # the whole vocab: tp 1's lm_head has its rows (roles.expected_shape), tp > 1's logits
+        # are gathered and cut to it. (Not the head's weight shape: a quantized head's
+        # QuantLinear stores INT4 as [N / 16, ...] fragment words.)
+        self.logits = torch.empty(self.sizes[-1], model.config.vocab_size, dtype=model.dtype,
+                                  device=device)
         self.graphs = {bs: _Graph(bs, self.max_blocks, model.config.head_dim, rope.dynamic,
                                   device) for bs in self.sizes}
         self._event = torch.cuda.Event()
