@@ -42,18 +42,21 @@ class Variant:
     label: str
     qformat: str | None
     kv_cache_dtype: str | None = None
+    lm_head: bool = False  # --quantize_lm_head (torchao's recipes quantize every Linear)
 
     def quant(self) -> QuantConfig | None:
         if self.qformat is None:
             return None
         group = 128 if self.qformat.startswith("int4") else None
-        return QuantConfig(self.qformat, group_size=group, kv_cache_dtype=self.kv_cache_dtype)
+        return QuantConfig(self.qformat, group_size=group, kv_cache_dtype=self.kv_cache_dtype,
+                           quantize_lm_head=self.lm_head)
 
 
 VARIANTS = {v.label: v for v in (
     Variant("bf16", None), Variant("fp8", "fp8"), Variant("int8_wo", "int8_wo"),
     Variant("int4_wo", "int4_wo"), Variant("int8_sq", "int8_sq"),
-    Variant("fp8_kv_fp8", "fp8", "fp8"), Variant("int8_wo_kv_int8", "int8_wo", "int8"))}
+    Variant("fp8_kv_fp8", "fp8", "fp8"), Variant("int8_wo_kv_int8", "int8_wo", "int8"),
+    Variant("int4_wo_head", "int4_wo", lm_head=True))}
 
 
 class _Observed:
