@@ -65,24 +65,40 @@ def other_file_problems(directory: Path, other_files: dict[str, str] | None,
     return problems
 
 
-def manifest_digest(data: dict[str, Any]) -> str | None:
+def manifest_digest(data: dict[str, Any], as_written: bool = False) -> str | None:
     """sha256 of a manifest's content (an engine's or a checkpoint's config.json), its digest
     field left out: canonical JSON (sorted keys, no spaces), so that what is written and what
-    is read back give the same digest. None for content kiln never writes (a NaN or Infinity,
-    which Python's json reads): no recorded digest matches it."""
+    is read back give the same digest, with each whole float as an int: ``100000.0`` and
+    ``100000`` are one JSON number, which tools that rewrite JSON (JavaScript's among them)
+    write either way. ``as_written``: numbers as parsed, the digest kiln recorded before
+    2026-12-06. None for content kiln never writes (a NaN or Infinity, which Python's json
+    reads): no recorded digest matches it."""
     content = {k: v for k, v in data.items() if k != DIGEST_KEY}
     try:
-        text = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        text = json.dumps(content if as_written else _whole_floats_as_ints(content),
+                          sort_keys=True, separators=(",", ":"), allow_nan=False)
     except ValueError:  # a trial's "eval_ppl": NaN had given a traceback
         return None
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _whole_floats_as_ints(value: Any) -> Any:
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else value
+    if isinstance(value, dict):
+        return {k: _whole_floats_as_ints(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_whole_floats_as_ints(v) for v in value]
+    return value
+
+
 def manifest_edited(data: dict[str, Any]) -> bool:
     """Whether a manifest that records its digest (:data:`DIGEST_KEY`) was edited since: its
-    content no longer gives that digest (a null or malformed one never matches). False where
-    none is recorded (written before kiln recorded it)."""
+    content no longer gives that digest, nor the digest kiln recorded before (numbers as
+    written); a null or malformed one never matches. False where none is recorded (written
+    before kiln recorded it)."""
     if DIGEST_KEY not in data:
         return False
-    digest = manifest_digest(data)
-    return digest is None or data[DIGEST_KEY] != digest
+    recorded = data[DIGEST_KEY]
+    return recorded is None or recorded not in (manifest_digest(data),
+                                                manifest_digest(data, as_written=True))

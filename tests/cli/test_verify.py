@@ -182,6 +182,31 @@ def test_a_manifest_only_reformatted_still_verifies(engine):
     assert kiln("verify", str(engine)).exit_code == 0
 
 
+def test_a_manifest_rewritten_with_whole_floats_as_ints_still_verifies(engine):
+    """100000.0 and 100000 are one JSON number, which JavaScript's JSON (and tools built on it)
+    writes without its '.0': a reformat, not an edit."""
+    path = engine / "config.json"
+    text = path.read_text()
+    rewritten = re.sub(r"(?<=[:\[, ])(-?\d+)\.0(?=[,\]}\s])", r"\1", text)
+    assert rewritten != text  # rope_theta 10000.0 among them
+    path.write_text(rewritten)
+    assert kiln("verify", str(engine)).exit_code == 0
+    data = json.loads(rewritten)
+    data["decoder"]["rope_theta"] += 1  # and an edit still fails
+    path.write_text(json.dumps(data))
+    assert kiln("verify", str(engine)).exit_code == 2
+
+
+def test_a_manifest_with_the_digest_of_numbers_as_written_still_verifies(engine):
+    """Engines and checkpoints written before whole floats were hashed as ints."""
+    path = engine / "config.json"
+    data = json.loads(path.read_text())
+    data[DIGEST_KEY] = manifest_digest(data, as_written=True)
+    assert data[DIGEST_KEY] != manifest_digest(data)
+    path.write_text(json.dumps(data))
+    assert kiln("verify", str(engine)).exit_code == 0
+
+
 def test_an_engine_of_another_kiln_version_fails_as_kiln_run_would(engine, monkeypatch):
     import kiln as package
 
