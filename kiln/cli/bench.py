@@ -354,7 +354,6 @@ def _engine_info(llm: LLM, options: ExecutorOptions) -> dict:
             "dtype": manifest.dtype, "limits": vars(manifest.limits), "dp": options.dp,
             "options": dataclasses.asdict(options)}
     if manifest.backend == "onnx":  # the spin-wait it ran with (the option's None: by parts)
-        from kiln.runtime.onnx_executor import spin_wait
-        parts = sum(name.endswith(".onnx") for name in manifest.rank_files[0])
-        info["cpu_spin_wait"] = spin_wait(options.cpu_spin_wait, parts)
+        from kiln.runtime.onnx_executor import graph_files, spin_wait
+        info["cpu_spin_wait"] = spin_wait(options.cpu_spin_wait, len(graph_files(manifest)))
     return info

@@ -64,6 +64,11 @@ def check_options(manifest: EngineManifest, machine: MachineInfo,
     host memory (the load checks again on the graphs' own cache shapes)."""
     _check_cache_memory(manifest, manifest.full_kv_cache_bytes(),
                         run_device(manifest, machine, options))
+    parts = len(graph_files(manifest))
+    if parts > 1 and options.cpu_spin_wait:  # said by a --dp front for all its replicas
+        warn_once(f"cpu_spin_wait with an engine of {parts} parts: each part's idle threads "
+                  f"spin on the cores the running part needs (decode 3-5x slower in our "
+                  f"runs); leave it out, or pass --no_cpu_spin_wait", logger)
     cores = len(os.sched_getaffinity(0))
     if options.num_threads is not None and options.num_threads > cores:
         # a trial's 64 on 2 cores: the threads contend for them (first token 1 ms -> 103 ms)
@@ -76,10 +81,16 @@ def run_device(manifest: EngineManifest, machine: MachineInfo, options: Executor
     return _pick_device(options.device, machine.onnxruntime_providers)
 
 
+def graph_files(manifest: EngineManifest) -> list[str]:
+    """The engine's graphs in load order: one session each (pipeline stages and the parts of
+    a split rank chained in one process)."""
+    return [f for rank in sorted(manifest.rank_files) for f in manifest.rank_files[rank]
+            if f.endswith(".onnx")]
+
+
 def load_executor(engine_dir: Path, manifest: EngineManifest,
                   options: ExecutorOptions) -> OnnxExecutor:
-    files = [engine_dir / f for rank in sorted(manifest.rank_files)
-             for f in manifest.rank_files[rank] if f.endswith(".onnx")]
+    files = [engine_dir / f for f in graph_files(manifest)]
     if not files:
         raise EngineError(f"{engine_dir}: the manifest lists no .onnx file; rebuild with kiln build")
     return OnnxExecutor(files, manifest, options)
@@ -176,11 +187,7 @@ def spin_wait(asked: bool | None, parts: int) -> bool:
 
 
 def _say_spin_wait(asked: bool | None, parts: int) -> None:
-    if parts > 1 and asked:
-        logger.warning("cpu_spin_wait with an engine of %d parts: each part's idle threads "
-                       "spin on the cores the running part needs (decode 3-5x slower in our "
-                       "runs); leave it out, or pass --no_cpu_spin_wait", parts)
-    elif parts > 1 and asked is None:
+    if parts > 1 and asked is None:  # (asked: warned of by check_options)
         logger.info("onnx executor: %d parts, so idle CPU threads sleep (no spin-wait)", parts)
 
 

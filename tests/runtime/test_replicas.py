@@ -281,6 +281,21 @@ def test_cpu_replicas_beyond_the_host_memory_are_refused_before_any_starts(engin
     assert result.exit_code == 2 and result.output.startswith("error: --dp 2: 2 CPU replicas")
 
 
+def test_a_warning_of_the_checks_is_said_once_for_all_replicas(tmp_path, caplog, capfd):
+    """cpu_spin_wait on an onnx engine of two parts: warned of by the front, not again by each
+    replica (a trial had it once per --dp replica)."""
+    from kiln.engine import BuildLimits
+    from tests.runtime.toy_onnx import toy_engine_dir
+
+    engine = toy_engine_dir(tmp_path / "engine", BuildLimits(**LIMITS), parts=2)
+    write_char_tokenizer(engine)
+    with caplog.at_level(logging.WARNING), \
+            LLM(engine, ExecutorOptions(device="cpu", dp=2, cpu_spin_wait=True)) as llm:
+        assert len(llm.generate([[1, 2, 3]] * 2, SamplingParams(max_tokens=2))) == 2
+    said = caplog.text + capfd.readouterr().err
+    assert said.count("cpu_spin_wait with an engine of 2 parts") == 1, said
+
+
 def test_a_replica_that_dies_while_the_others_start_stops_the_start(engines, monkeypatch):
     """Replicas start one after another; one that died meanwhile (the OOM killer, under a large
     --dp) is named at once instead of after every other replica has started."""
