@@ -397,3 +397,32 @@ def test_a_worker_freezes_its_process_once_its_engine_is_ready_and_thaws_it_on_c
     w.close()
     (ready, frozen), (closed, after) = end.sent
     assert (ready, closed) == ("ready", "closed") and frozen > 0 and after == 0
+
+
+def test_a_drivers_step_is_a_new_float32_tensor():
+    """RankDriver.step keeps Executor.step's contract where rank 0's executor returns a decode
+    graph's logits (GPU, tp > 1: the model dtype, in the static buffer the next replay
+    overwrites; the GPU tests' Recorder cloned them, which hid it)."""
+    from kiln.runtime.distributed.driver import RankDriver
+    from kiln.runtime.executor import StepLogits
+
+    graph_buffer = torch.arange(8, dtype=torch.bfloat16)[None]
+
+    class Pool:
+        def check(self):
+            pass
+
+        def send_all(self, message):
+            pass
+
+    class Graphs(RankDriver):
+        def _run_local(self, chunks, pending):
+            return StepLogits(graph_buffer, {}, greedy=object())
+
+    local = type("Local", (), dict(limits=LIMITS, vocab_size=8, gathers_context_logits=False))
+    driver = Graphs(Pool(), local(), torch.device("cpu"), owns_pool=False)
+    got = driver.step([SequenceChunk(0, (1,), 0)])
+    assert got.dtype == torch.float32 and torch.equal(got, graph_buffer.float())
+    graph_buffer.zero_()  # the next replay
+    assert got.sum() == 28
+

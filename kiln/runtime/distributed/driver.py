@@ -67,7 +67,9 @@ class RankDriver(Executor):
         self._ops.append(("release", slot))
 
     def step(self, chunks: Sequence[SequenceChunk]) -> torch.Tensor:
-        return self.step_logits(chunks).last
+        # Executor.step's float32 in a new tensor: rank 0's torch executor hands back a decode
+        # graph's logits in the model dtype, in the buffer its next replay overwrites
+        return self.step_logits(chunks).last.to(torch.float32, copy=True)
 
     def step_logits(self, chunks: Sequence[SequenceChunk],
                     pending: DeviceTokens | None = None) -> StepLogits:
