@@ -78,7 +78,7 @@ from pathlib import Path
 
 from kiln.engine import BuildLimits
 from kiln.runtime.detokenize import IncrementalDetokenizer, StopStringMatcher
-from kiln.runtime.errors import RequestError
+from kiln.runtime.errors import RequestError, described
 from kiln.runtime.executor import DeviceTokens, Executor, StepLogits
 from kiln.runtime.params import SamplingParams, TokenLogprobs
 from kiln.runtime.sampling import (
@@ -213,6 +213,12 @@ class EngineCore:
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams,
                     request_id: str | None = None, prompt: str | None = None) -> Request:
         """Validate and queue a request; raises :class:`RequestError` for this request only."""
+        if not isinstance(params, SamplingParams):  # AsyncLLM's engine thread had died of it
+            raise RequestError(f"sampling params must be a SamplingParams, found "
+                               f"{described(params)}; SamplingParams(**options) makes one")
+        if request_id is not None and (not isinstance(request_id, str) or not request_id):
+            raise RequestError(f"a request id must be a non-empty string, found "
+                               f"{described(request_id)}; or leave it out for a new one")
         request_id = request_id or self.new_request_id()
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use; pick another")

@@ -6,7 +6,15 @@ Engine-dir problems (missing, corrupt, incompatible with this machine) raise
 
 from __future__ import annotations
 
+from typing import Any
+
 from kiln.errors import KilnError
+
+
+def described(value: Any) -> str:
+    """A value in an error message: its type, and its start where it is text or a container."""
+    text = repr(value)
+    return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
 
 
 class SamplingParamsError(KilnError, ValueError):

@@ -64,7 +64,7 @@ from typing import TYPE_CHECKING, Any
 
 from kiln.engine import EngineManifest
 from kiln.runtime.core import EngineCore, RequestDelta
-from kiln.runtime.errors import EngineClosedError, RequestError, TokenizerError
+from kiln.runtime.errors import EngineClosedError, RequestError, TokenizerError, described
 from kiln.runtime.executor import Executor
 from kiln.runtime.loader import ExecutorOptions, check_engine, open_engine
 from kiln.runtime.params import SamplingParams
@@ -321,7 +321,7 @@ class LLM:
         ids = list(prompt) if isinstance(prompt, (list, tuple)) else None
         if ids is None or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
             raise RequestError(f"a prompt must be a string or a list of int token ids, found "
-                               f"{_described(prompt)}")
+                               f"{described(prompt)}")
         return ids
 
     def render_chat(self, messages: Messages, add_generation_prompt: bool = True) -> list[int]:
@@ -347,7 +347,7 @@ class LLM:
         if not isinstance(params, (list, tuple)) \
                 or not all(isinstance(p, SamplingParams) for p in params):
             raise RequestError(f"sampling params must be a SamplingParams or a list of them (one "
-                               f"per prompt), found {_described(params)}; "
+                               f"per prompt), found {described(params)}; "
                                f"SamplingParams(**options) makes one")
         params = list(params)
         if len(params) != n:
@@ -436,12 +436,6 @@ def _held(engine_dir: str | Path | None, model: str | Path | None, options: Exec
     return hold_engine(engine_dir)
 
 
-def _described(value: Any) -> str:
-    """A value in an error message: its type, and its start where it is text or a container."""
-    text = repr(value)
-    return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
-
-
 def _conversations(messages: Messages | Sequence[Messages]) -> list[Messages]:
     """``LLM.chat``'s argument as a list of conversations, each a non-empty list of messages
     with a string ``role`` and a ``content``: a string, or OpenAI's list of text parts (given
@@ -452,13 +446,13 @@ def _conversations(messages: Messages | Sequence[Messages]) -> list[Messages]:
     conversations = [messages] if one else messages
     if not isinstance(conversations, (list, tuple)) or not conversations:
         raise RequestError(f"chat takes a conversation (a list of {{'role': ..., 'content': "
-                           f"...}} messages) or a list of them, found {_described(messages)}")
+                           f"...}} messages) or a list of them, found {described(messages)}")
     checked = []
     for c, conversation in enumerate(conversations):
         where = "" if one else f"conversation #{c}: "
         if not isinstance(conversation, (list, tuple)) or not conversation:
             raise RequestError(f"{where}a conversation is a non-empty list of messages, found "
-                               f"{_described(conversation)}")
+                               f"{described(conversation)}")
         messages_out = []
         for i, m in enumerate(conversation):
             content = m.get("content") if isinstance(m, dict) else None
@@ -466,13 +460,13 @@ def _conversations(messages: Messages | Sequence[Messages]) -> list[Messages]:
                     isinstance(content, (str, list))
                     or (content is None and m["role"] == "assistant")):
                 raise RequestError(f"{where}message #{i} needs a 'role' string and a 'content' "
-                                   f"string, found {_described(m)}")
+                                   f"string, found {described(m)}")
             if isinstance(content, list):
                 text = text_of_parts(content)
                 if text is None:
                     raise RequestError(f"{where}message #{i}: a list content holds text parts "
                                        f"only ({{'type': 'text', 'text': ...}}), found "
-                                       f"{_described(content)}")
+                                       f"{described(content)}")
                 m = {**m, "content": text}
             messages_out.append(m)
         checked.append(messages_out)
@@ -484,7 +478,7 @@ def _as_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
         return [prompts]
     if not isinstance(prompts, (list, tuple)):
         raise RequestError(f"prompts must be a string, a list of token ids, or a list of those, "
-                           f"found {_described(prompts)}")
+                           f"found {described(prompts)}")
     prompts = list(prompts)
     if prompts and all(isinstance(t, int) for t in prompts):
         return [prompts]  # one prompt of token ids

@@ -235,6 +235,28 @@ def test_no_chat_template_is_a_clear_error(tokenizer):
         bare.apply_chat_template([{"role": "user", "content": "x"}])
 
 
+@pytest.mark.parametrize("params,request_id,match", [
+    ({"max_tokens": 3}, None, r"^sampling params must be a SamplingParams, found dict "
+                              r"\{'max_tokens': 3\}; SamplingParams\(\*\*options\) makes one$"),
+    ([GREEDY], None, r"^sampling params must be a SamplingParams, found list"),
+    (GREEDY, "", r"^a request id must be a non-empty string, found str ''"),
+    (GREEDY, 5, r"^a request id must be a non-empty string, found int 5"),
+], ids=["dict", "list", "empty-id", "int-id"])
+def test_async_bad_arguments_are_one_line_request_errors(scripted, params, request_id, match):
+    """They had reached the engine thread, which died of an AttributeError (a traceback on
+    stderr, the caller's await hung, the engine closed for every request)."""
+    llm, prompt, _ = scripted()
+
+    async def main():
+        async with AsyncLLM(llm) as engine:
+            with pytest.raises(RequestError, match=match):
+                await asyncio.wait_for(engine.submit(prompt, params, request_id), 10)
+            assert engine.healthy()
+            return await asyncio.wait_for(engine.generate(prompt, GREEDY), 10)
+
+    assert asyncio.run(main()).text == ANSWER
+
+
 def test_async_submit_stream_abort(scripted, tokenizer):
     llm, prompt, script = scripted()
     step = llm.core.executor.step
