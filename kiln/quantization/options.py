@@ -74,12 +74,17 @@ class QuantizeOptions:
         if self.kv_cache_dtype is not None and self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ConfigError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
                               f"found {self.kv_cache_dtype!r}")
-        for name in ("calib_size", "calib_max_seq_length"):
+        for name in ("calib_size", "calib_max_seq_length", "group_size"):
             value = getattr(self, name)
-            if name == "calib_max_seq_length" and value is None:
-                continue  # the default: the model's to say
+            if name != "calib_size" and value is None:
+                continue  # the default: the model's or the format's to say
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, found {value!r}")
+        for name in ("max_ppl_ratio", "smoothquant_alpha"):  # (the Python API: "0.5" had
+            value = getattr(self, name)                     # been a TypeError traceback)
+            if value is not None and (not isinstance(value, (int, float))
+                                      or isinstance(value, bool)):
+                raise ConfigError(f"{name} must be a number, found {value!r}")
         if self.calib_max_seq_length is not None and self.calib_max_seq_length < 2:
             raise ConfigError("calib_max_seq_length must be at least 2 (a token and its next)")
         if self.max_ppl_ratio is not None and not 1 <= self.max_ppl_ratio < math.inf:

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 import kiln
 from kiln.checkpoint import load_config
 from kiln.cli.main import main
-from kiln.errors import AccuracyGateError
+from kiln.errors import AccuracyGateError, ConfigError
 from kiln.quantization.accuracy import check_gate
 
 
@@ -275,6 +275,21 @@ def test_short_samples_and_a_small_gate_are_warned_about(checkpoint, texts, tmp_
 def test_unknown_api_keyword_is_named(checkpoint, tmp_path):
     with pytest.raises(Exception, match=r"unknown options \['calib_sise'\]"):
         kiln.quantize(checkpoint("llama-gqa"), tmp_path / "q", qformat="int8_wo", calib_sise=3)
+
+
+@pytest.mark.parametrize("option,said", [
+    (dict(qformat="int4_wo", group_size="64"), "group_size must be a positive integer, found '64'"),
+    (dict(qformat="int8_sq", smoothquant_alpha="0.5"), "smoothquant_alpha must be a number, "
+                                                       "found '0.5'"),
+    (dict(qformat="int8_wo", max_ppl_ratio="1.5"), "max_ppl_ratio must be a number, found '1.5'"),
+], ids=["group_size", "alpha", "ratio"])
+def test_api_options_of_the_wrong_type_are_named(checkpoint, tmp_path, option, said):
+    """A string where a number goes: group_size '64' had been told that 64 is not a group size
+    and to use 64; the others had been TypeError tracebacks."""
+    with pytest.raises(ConfigError) as e:
+        kiln.quantize(checkpoint("llama-gqa"), tmp_path / "q", **option)
+    assert str(e.value) == said
+    assert not (tmp_path / "q").exists()
 
 
 def test_ctrl_c_during_the_layer_loop_exits_130_and_leaves_nothing(checkpoint, texts, tmp_path):
