@@ -67,6 +67,9 @@ class StreamOptions(_NullIsDefault):
 # checks). Other unknown fields are ignored, as vLLM does.
 UNSUPPORTED = ("response_format", "tools", "tool_choice", "functions", "function_call",
                "logit_bias", "suffix", "parallel_tool_calls")
+# vLLM's chat ``echo`` (the last message prepended to the reply): not kiln's (a trial's chat
+# echo had answered 200, nothing echoed); completions' echo is kiln's
+UNSUPPORTED_IN_CHAT = ("echo",)
 
 
 class _Sampling(_NullIsDefault):

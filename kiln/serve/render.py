@@ -39,6 +39,7 @@ from kiln.runtime.tokenizer import render_chat_template, text_of_parts
 from kiln.serve.protocol import (
     ROLES,
     UNSUPPORTED,
+    UNSUPPORTED_IN_CHAT,
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
@@ -83,7 +84,7 @@ def failed(result: CompletionResult) -> ApiError:
 NO_OPS: dict[str, tuple[Any, ...]] = {
     "logit_bias": ({},), "tools": ([],), "functions": ([],), "tool_choice": ("none",),
     "function_call": ("none",), "response_format": ({"type": "text"},), "suffix": ("",),
-    "parallel_tool_calls": (True, False)}
+    "parallel_tool_calls": (True, False), "echo": (False,)}
 
 
 def _no_op(name: str, value: Any) -> bool:
@@ -114,7 +115,8 @@ class Renderer:
     # -- inputs ------------------------------------------------------------------------------
     def _params(self, req: Any, max_tokens: int, renames: dict[str, str],
                 **fields: Any) -> SamplingParams:
-        for name in UNSUPPORTED:
+        chat = isinstance(req, ChatCompletionRequest)
+        for name in UNSUPPORTED + (UNSUPPORTED_IN_CHAT if chat else ()):
             if not _no_op(name, (req.model_extra or {}).get(name)):
                 raise ApiError(400, f"{name} is not supported by kiln serve; send the request "
                                     f"without it", param=name)

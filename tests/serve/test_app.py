@@ -163,6 +163,8 @@ def test_an_n_that_can_never_be_admitted_is_a_400_not_retry_later(engine):
      "tools is not supported by kiln serve"),
     ("/v1/completions", {"prompt": "a", "logit_bias": {"5": 3}}, "logit_bias",
      "logit_bias is not supported by kiln serve"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "echo": True},
+     "echo", "echo is not supported by kiln serve"),
 ])
 def test_requests_kiln_cannot_honour_are_refused_by_name(engine, endpoint, body, param, message):
     """Found by a trial: these answered 200 (JSON mode and tools silently ignored), or with

@@ -186,7 +186,8 @@ def test_null_is_the_default(make_client, endpoint, body):
     ("/v1/completions", {"prompt": "a", "logit_bias": {}}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "tools": [],
                               "tool_choice": "none", "response_format": {"type": "text"},
-                              "function_call": "none", "parallel_tool_calls": False}),
+                              "function_call": "none", "parallel_tool_calls": False,
+                              "echo": False}),
 ])
 def test_unsupported_fields_that_ask_nothing_are_taken(make_client, endpoint, body):
     """A client library's defaults (logit_bias {}, response_format text) had been 400s."""
