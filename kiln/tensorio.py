@@ -197,7 +197,9 @@ class StreamingWriter:
             raise ValueError(f"{name}: expected {dtype} rows of {shape[1:]}, got "
                              f"{tensor.dtype} {tuple(tensor.shape)}")
         row_bytes = nbytes // shape[0] if shape and shape[0] else nbytes
-        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+        # (a GPU's tensor comes to the host here: kiln quantize --device cuda's lm_head had
+        # been a TypeError)
+        data = tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
         self._pwrite(memoryview(data), self._data_start + offset + row_start * row_bytes)
         self._remaining[name] -= data.nbytes
 
