@@ -11,7 +11,7 @@ decode, rows in any slot order):
   steps differ by up to 1.6e-2 (H200). Diagnosis on the H200: the same engine with fp8_linear
   swapped for its PyTorch reference (float32 matmul of the dequantized operands) is within
   2e-7 of the oracle, and the Triton and cuBLASLt FP8 paths give the same error to two digits.
-- bfloat16 engines: 2e-2 for weight-only formats (the unquantized bf16 engine's own bound in
+- 16-bit engines (bfloat16; float16 held to the same): 2e-2 for weight-only formats (the unquantized bf16 engine's own bound in
   tests/gpu/test_torch_ops_in_model.py), 6e-2 for W8A8 and quantized KV caches: bf16
   activations (3 significant digits) move values across int8/fp8 rounding boundaries, each
   flip one quantization step (fp8: 1/16 of the value).
@@ -71,7 +71,7 @@ def case(float_checkpoint, tmp_path, qformat, kv=None, dtype="bfloat16", group_s
     return errors
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("qformat", sorted(FORMATS))
 def test_quantized_engine_matches_oracle(float_checkpoint, tmp_path, qformat, dtype):
     errors = case(float_checkpoint, tmp_path, qformat, dtype=dtype)
@@ -115,6 +115,20 @@ def test_quantized_lm_head_matches_oracle(float_checkpoint_64, tmp_path, qformat
     infos, _ = read_header(tmp_path / "e" / "rank0.safetensors")
     assert infos["lm_head.weight"].dtype == layout
     assert max(errors) <= 2e-2, f"{qformat} lm_head: relative error per step {errors}"
+
+
+@pytest.mark.parametrize("qformat", ["fp8", "int8_sq", "int4_awq"])
+@pytest.mark.parametrize("variant", ["falcon-rw-alibi", "falcon-7b-mqa", "mpt-clip-scale",
+                                     "llama-mha-headdim-bias"])
+def test_quantized_engines_of_other_architectures_match_oracle(tmp_path, variant, qformat):
+    """The llama-gqa cases' paths with ALiBi, a parallel block, MPT's clip_qkv, biases and a
+    head_dim of 24 (INT4 then keeps the split-group layout): the same tolerances."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    ckpt = kiln_checkpoint(hf_model(variant, tmp_path / "hf"), tmp_path / "ckpt")
+    errors = case(ckpt, tmp_path, qformat)
+    tol = 6e-2 if qformat in W8A8 else 2e-2
+    assert max(errors) <= tol, f"{variant} {qformat}: relative error per step {errors}"
 
 
 @pytest.mark.parametrize("kv", ["fp8", "int8"])

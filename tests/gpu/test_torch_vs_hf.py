@@ -102,6 +102,21 @@ def check_against_hf(name: str, src, float32: bool, got: list[torch.Tensor],
     assert err <= max(2 * hf_err, 1e-2), f"{name}: bf16 error {err:.2e}, HF's own {hf_err:.2e}"
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_query_group_of_three_matches_hf(tmp_path, dtype):
+    """SmolLM2's grouping (9 query heads on 3 KV heads: the README's model) in both dtypes; the
+    attention kernels pad a group of 3 to 4, and the variants' groups are 1, 2 and 4."""
+    _need_gpu()
+    from tests.models import hf_llama
+
+    src = hf_llama(tmp_path / "hf", hidden_size=96, num_attention_heads=6, num_key_value_heads=2)
+    engine = tmp_path / "engine"
+    build(kiln_checkpoint(src, tmp_path / "ckpt"), engine, backend="torch", max_batch_size=4,
+          max_seq_len=64, dtype=dtype, allow_long_context=True)
+    got, tokens = kiln_logits(engine, PROMPT, STEPS)
+    check_against_hf("llama-gqa", src, dtype == "float32", got, tokens)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_fresh_prompt_through_cudnn_matches_hf(tmp_path, monkeypatch, dtype):
     """A fresh prompt's attention through cuDNN (``prefill_attention="cudnn"``, MIN_TOKENS
@@ -158,6 +173,41 @@ def test_kv_cache_holds_no_more_than_the_limits_can_use(tmp_path):
                        ExecutorOptions(device="cuda"))  # 90% of free memory, by default
     page = ex.options.page_size
     assert ex.cache.allocator.num_blocks == 3 * -(-200 // page) + 1
+    ex.close()
+
+
+def test_an_engine_of_context_logits_keeps_room_for_every_rows_logits(tmp_path, monkeypatch):
+    """kiln eval's engines (--gather_context_logits): the cache is sized from free memory less
+    what a step of max_num_tokens rows holds, every row's logits too (the sizing's probe step
+    computes its last row's only). Here [1024, 64000] of them, ~1 GB with their float32
+    copies, over the sizing's 256 MiB of slack: an 8B model's eval at 8,192 tokens a step had
+    needed ~16 GB more than was kept for it."""
+    _need_gpu()
+    from kiln.runtime.sampling import context_logprobs
+    from kiln.runtime.torch_backend import executor as module
+    from tests.models import hf_llama
+
+    vocab, n = 64000, 1024
+    ckpt = kiln_checkpoint(hf_llama(tmp_path / "hf", vocab_size=vocab), tmp_path / "ckpt")
+    engine = tmp_path / "engine"
+    build(ckpt, engine, backend="torch", dtype="bfloat16", gather_context_logits=True,
+          max_batch_size=2, max_input_len=n, max_seq_len=n, max_num_tokens=n,
+          allow_long_context=True)
+    reserves = []
+    sized = module.blocks_for_memory
+    monkeypatch.setattr(module, "blocks_for_memory", lambda free, reserve, *rest: (
+        reserves.append(reserve) or sized(free, reserve, *rest)))
+    ex = load_executor(engine, read_manifest(engine), ExecutorOptions(
+        device="cuda", kv_cache_free_gpu_memory_fraction=0.05))
+    tokens = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(0)).tolist()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = ex.step_logits([SequenceChunk(0, tokens, 0, context_logits=True)])
+    assert context_logprobs(out.context[0], tokens[1:], 1) is not None
+    torch.cuda.synchronize()
+    used = torch.cuda.max_memory_allocated() - base
+    assert len(reserves) == 1 and used <= reserves[0], (used, reserves)
     ex.close()
 
 

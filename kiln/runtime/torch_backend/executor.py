@@ -239,6 +239,11 @@ class TorchExecutor(Executor):
         torch.cuda.empty_cache()
         # logits of a full decode batch (model dtype in the graphs, float32 returned) + slack
         reserve = activations + limits.max_batch_size * cfg.vocab_size * 6 + (256 << 20)
+        if self.gathers_context_logits:  # kiln eval, prompt_logprobs: the probe's step
+            # computed its last row's logits; a step of every row's and their prompt logprobs
+            # peaked at 15 bytes a logit in a bfloat16 engine (an H100: the model-dtype
+            # logits, float32 copy, a chunk's float32 slice, log_softmax and its finite mask)
+            reserve += n * cfg.vocab_size * (self.model.dtype.itemsize + 13)
         free, _ = torch.cuda.mem_get_info(self.device)
         block = PagedKVCache.block_bytes(len(self.model.layers), self.model.num_kv_heads,
                                          cfg.head_dim, self.options.page_size, dtype)
