@@ -8,6 +8,7 @@ only under ``--debug``. Anything else escaping is a bug in kiln.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
@@ -113,3 +114,16 @@ class AccuracyGateError(QuantizationError):
 class BuildCacheError(KilnError):
     """The build cache (``$KILN_CACHE_DIR/engines``) cannot be used as asked: an unwritable
     cache directory, something in the way of an entry that the cache did not create."""
+
+
+def check_flags(options: Any, error: type[Exception]) -> None:
+    """Each true/false field of a dataclass of options (annotated ``bool``, or ``bool | None``
+    where None means "the default") holds a bool: the Python API's ``overwrite="no"`` is a
+    truthy string, and had replaced an existing output."""
+    for f in dataclasses.fields(options):
+        if f.type not in ("bool", "bool | None"):
+            continue
+        value = getattr(options, f.name)
+        if not isinstance(value, bool) and not (value is None and f.type == "bool | None"):
+            raise error(f"{f.name} must be True or False, found {value!r}")
+

@@ -15,7 +15,7 @@ import psutil
 
 from kiln.config import DTYPES, DecoderConfig, PositionType
 from kiln.engine import BuildLimits
-from kiln.errors import ConfigError
+from kiln.errors import ConfigError, check_flags
 from kiln.plugins.registry import parse_mode
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ class BuildOptions:
                 "logits no longer follow the checkpoint's weight-only numerics exactly."})
 
     def __post_init__(self) -> None:
+        check_flags(self, ConfigError)
         object.__setattr__(self, "checkpoint_dir", Path(self.checkpoint_dir).expanduser())
         object.__setattr__(self, "output_dir", Path(self.output_dir).expanduser())
         object.__setattr__(self, "targets", tuple(self.targets))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kiln.config import DTYPES
-from kiln.errors import ConfigError
+from kiln.errors import ConfigError, check_flags
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class ConvertOptions:
         "help": "Load .bin/.pt pickle weights (torch.load weights_only=True)."})
 
     def __post_init__(self) -> None:
+        check_flags(self, ConfigError)
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be auto or one of {', '.join(DTYPES)}, found "
                               f"{self.dtype!r}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 
-from kiln.errors import ConfigError
+from kiln.errors import ConfigError, check_flags
 from kiln.quantization.config import FORMATS, GROUP_SIZES, KV_CACHE_DTYPES, Granularity
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -68,6 +68,7 @@ class QuantizeOptions:
         return FORMATS[self.qformat].needs_calibration or self.kv_cache_dtype is not None
 
     def __post_init__(self) -> None:
+        check_flags(self, ConfigError)
         if self.qformat not in FORMATS:
             raise ConfigError(f"qformat must be one of {', '.join(FORMATS)}, found "
                               f"{self.qformat!r}")

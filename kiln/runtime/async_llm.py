@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kiln.runtime.errors import RequestError
+from kiln.runtime.errors import RequestError, described
 from kiln.runtime.llm import LLM, Prompt
 from kiln.runtime.options import ExecutorOptions
 from kiln.runtime.params import SamplingParams
@@ -135,14 +135,15 @@ class AsyncLLM:
         future: concurrent.futures.Future = concurrent.futures.Future()
         sink = _Sink(asyncio.get_running_loop(), asyncio.Queue())
         text = prompt if isinstance(prompt, str) else None
-        self._loop.send(("add", ids, params or self.llm.default_params, request_id, text, sink,
-                         future))
+        params = self.llm.default_params if params is None else params  # ({} is refused)
+        self._loop.send(("add", ids, params, request_id, text, sink, future))
         return await asyncio.wrap_future(future)
 
     async def stream(self, request_id: str) -> AsyncIterator[StreamDelta]:
         """Deltas of a submitted request until it finishes (raises the engine's failure).
         Cancelling the consuming task, or leaving the stream before its end (``break``, then
         the generator's ``aclose()``), aborts the request."""
+        _check_id(request_id)
         sink = self._loop.sinks.get(request_id)
         if sink is None:
             if self._loop.error is not None:
@@ -167,6 +168,7 @@ class AsyncLLM:
 
     async def abort(self, request_id: str) -> None:
         """End a request now; its stream ends with finish_reason ``abort``."""
+        _check_id(request_id)  # (an unhashable one had killed the engine thread)
         self._loop.send(("abort", request_id))
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None):
@@ -195,6 +197,11 @@ class AsyncLLM:
 
     async def __aexit__(self, *exc: object) -> None:
         await asyncio.to_thread(self.close)
+
+
+def _check_id(request_id: object) -> None:
+    if not isinstance(request_id, str):
+        raise RequestError(f"a request id is a string, found {described(request_id)}")
 
 
 def _again(error: BaseException) -> BaseException:

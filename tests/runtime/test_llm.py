@@ -241,7 +241,9 @@ def test_no_chat_template_is_a_clear_error(tokenizer):
     ([GREEDY], None, r"^sampling params must be a SamplingParams, found list"),
     (GREEDY, "", r"^a request id must be a non-empty string, found str ''"),
     (GREEDY, 5, r"^a request id must be a non-empty string, found int 5"),
-], ids=["dict", "list", "empty-id", "int-id"])
+    ({}, None, r"^sampling params must be a SamplingParams, found dict \{\}"),
+    (0, None, r"^sampling params must be a SamplingParams, found int 0"),
+], ids=["dict", "list", "empty-id", "int-id", "empty-dict", "zero"])
 def test_async_bad_arguments_are_one_line_request_errors(scripted, params, request_id, match):
     """They had reached the engine thread, which died of an AttributeError (a traceback on
     stderr, the caller's await hung, the engine closed for every request)."""
@@ -251,6 +253,25 @@ def test_async_bad_arguments_are_one_line_request_errors(scripted, params, reque
         async with AsyncLLM(llm) as engine:
             with pytest.raises(RequestError, match=match):
                 await asyncio.wait_for(engine.submit(prompt, params, request_id), 10)
+            assert engine.healthy()
+            return await asyncio.wait_for(engine.generate(prompt, GREEDY), 10)
+
+    assert asyncio.run(main()).text == ANSWER
+
+
+def test_async_abort_and_stream_of_a_request_id_that_is_not_a_string(scripted):
+    """abort(["a"]) had killed the engine thread (an unhashable dict key); stream's had been a
+    TypeError."""
+    llm, prompt, _ = scripted()
+
+    async def main():
+        async with AsyncLLM(llm) as engine:
+            for bad in (["a"], {"a": 1}, 5):
+                with pytest.raises(RequestError, match="^a request id is a string, found "):
+                    await engine.abort(bad)
+                with pytest.raises(RequestError, match="^a request id is a string, found "):
+                    async for _ in engine.stream(bad):
+                        pass
             assert engine.healthy()
             return await asyncio.wait_for(engine.generate(prompt, GREEDY), 10)
 
