@@ -66,10 +66,15 @@ class StreamOptions(_NullIsDefault):
 # tool calls must not get free text back as if they had been applied; kiln.serve.render
 # checks). Other unknown fields are ignored, as vLLM does.
 UNSUPPORTED = ("response_format", "tools", "tool_choice", "functions", "function_call",
-               "logit_bias", "suffix", "parallel_tool_calls")
-# vLLM's chat ``echo`` (the last message prepended to the reply): not kiln's (a trial's chat
-# echo had answered 200, nothing echoed); completions' echo is kiln's
-UNSUPPORTED_IN_CHAT = ("echo",)
+               "logit_bias", "suffix", "parallel_tool_calls",
+               # vLLM's structured outputs and prompt logprobs (a retest's guided_json had
+               # answered 200 with free text)
+               "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+               "structured_outputs", "prompt_logprobs")
+# vLLM's chat fields: ``echo`` (the last message prepended to the reply), a request's own
+# ``chat_template``, ``continue_final_message``; and ``best_of``, which completions checks
+# (a trial's chat echo had answered 200, nothing echoed); completions' echo is kiln's
+UNSUPPORTED_IN_CHAT = ("echo", "chat_template", "continue_final_message", "best_of")
 
 
 class _Sampling(_NullIsDefault):

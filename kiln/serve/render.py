@@ -84,7 +84,8 @@ def failed(result: CompletionResult) -> ApiError:
 NO_OPS: dict[str, tuple[Any, ...]] = {
     "logit_bias": ({},), "tools": ([],), "functions": ([],), "tool_choice": ("none",),
     "function_call": ("none",), "response_format": ({"type": "text"},), "suffix": ("",),
-    "parallel_tool_calls": (True, False), "echo": (False,)}
+    "parallel_tool_calls": (True, False), "echo": (False,), "continue_final_message": (False,),
+    "best_of": (1,)}
 
 
 def _no_op(name: str, value: Any) -> bool:

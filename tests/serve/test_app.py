@@ -165,6 +165,18 @@ def test_an_n_that_can_never_be_admitted_is_a_400_not_retry_later(engine):
      "logit_bias is not supported by kiln serve"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "echo": True},
      "echo", "echo is not supported by kiln serve"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}],
+                              "guided_json": {"type": "object"}}, "guided_json",
+     "guided_json is not supported by kiln serve"),
+    ("/v1/completions", {"prompt": "a", "guided_choice": ["x", "y"]}, "guided_choice",
+     "guided_choice is not supported by kiln serve"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}],
+                              "continue_final_message": True}, "continue_final_message",
+     "continue_final_message is not supported by kiln serve"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "best_of": 2},
+     "best_of", "best_of is not supported by kiln serve"),
+    ("/v1/completions", {"prompt": "a", "prompt_logprobs": 1}, "prompt_logprobs",
+     "prompt_logprobs is not supported by kiln serve"),
 ])
 def test_requests_kiln_cannot_honour_are_refused_by_name(engine, endpoint, body, param, message):
     """Found by a trial: these answered 200 (JSON mode and tools silently ignored), or with

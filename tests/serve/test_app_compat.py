@@ -187,7 +187,7 @@ def test_null_is_the_default(make_client, endpoint, body):
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "tools": [],
                               "tool_choice": "none", "response_format": {"type": "text"},
                               "function_call": "none", "parallel_tool_calls": False,
-                              "echo": False}),
+                              "echo": False, "continue_final_message": False, "best_of": 1}),
 ])
 def test_unsupported_fields_that_ask_nothing_are_taken(make_client, endpoint, body):
     """A client library's defaults (logit_bias {}, response_format text) had been 400s."""
