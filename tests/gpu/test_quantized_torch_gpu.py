@@ -12,9 +12,9 @@ decode, rows in any slot order):
   swapped for its PyTorch reference (float32 matmul of the dequantized operands) is within
   2e-7 of the oracle, and the Triton and cuBLASLt FP8 paths give the same error to two digits.
 - 16-bit engines (bfloat16; float16 held to the same): 2e-2 for weight-only formats (the
-  unquantized bf16 engine's own bound in tests/gpu/test_torch_ops_in_model.py), 6e-2 for W8A8 and quantized KV caches: bf16
-  activations (3 significant digits) move values across int8/fp8 rounding boundaries, each
-  flip one quantization step (fp8: 1/16 of the value).
+  unquantized bf16 engine's own bound in tests/gpu/test_torch_ops_in_model.py), 6e-2 for
+  W8A8 and quantized KV caches: bf16 activations (3 significant digits) move values across
+  int8/fp8 rounding boundaries, each flip one quantization step (fp8: 1/16 of the value).
 """
 
 from __future__ import annotations
