@@ -126,4 +126,3 @@ def check_flags(options: Any, error: type[Exception]) -> None:
         value = getattr(options, f.name)
         if not isinstance(value, bool) and not (value is None and f.type == "bool | None"):
             raise error(f"{f.name} must be True or False, found {value!r}")
-

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kiln.runtime.errors import SamplingParamsError
+from kiln.runtime.errors import SamplingParamsError, shown
 
 # torch.Generator.manual_seed takes a 64-bit seed, signed or unsigned (a negative one is read as
 # its two's complement); the numpy path draws from the same CPU torch.Generator.
@@ -64,51 +64,51 @@ class SamplingParams:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         _check(isinstance(self.stop, Iterable), "stop",
-               f"must be a string or a list of strings, found {_shown(self.stop)}")
+               f"must be a string or a list of strings, found {shown(self.stop)}")
         _check(isinstance(self.stop_token_ids, Iterable), "stop_token_ids",
-               f"must be a list of token ids, found {_shown(self.stop_token_ids)}")
+               f"must be a list of token ids, found {shown(self.stop_token_ids)}")
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         _check(_is_int(self.max_tokens) and self.max_tokens >= 0, "max_tokens",
                f"must be an integer >= 1 (0 only with prompt_logprobs), found "
-               f"{_shown(self.max_tokens)}")
+               f"{shown(self.max_tokens)}")
         _check(self.max_tokens != 0 or self.prompt_logprobs is not None, "max_tokens",
                "is 0, which only scores a prompt: also set prompt_logprobs (0-20), or ask "
                "for max_tokens >= 1")
         _check(_is_num(self.temperature) and self.temperature >= 0, "temperature",
-               f"must be a finite number >= 0 (0 = greedy), found {_shown(self.temperature)}")
+               f"must be a finite number >= 0 (0 = greedy), found {shown(self.temperature)}")
         _check(_is_int(self.top_k) and self.top_k >= -1, "top_k",
-               f"must be an integer >= 1, or 0 or -1 (off), found {_shown(self.top_k)}")
+               f"must be an integer >= 1, or 0 or -1 (off), found {shown(self.top_k)}")
         if self.top_k == -1:  # vLLM's "off", as kiln serve takes it
             object.__setattr__(self, "top_k", 0)
         _check(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p",
-               f"must be in (0, 1], found {_shown(self.top_p)}")
+               f"must be in (0, 1], found {shown(self.top_p)}")
         _check(_is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p",
-               f"must be in [0, 1], found {_shown(self.min_p)}")
+               f"must be in [0, 1], found {shown(self.min_p)}")
         _check(_is_num(self.repetition_penalty) and self.repetition_penalty > 0,
                "repetition_penalty",
-               f"must be a finite number > 0 (1 = off), found {_shown(self.repetition_penalty)}")
+               f"must be a finite number > 0 (1 = off), found {shown(self.repetition_penalty)}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _check(_is_num(value) and -2 <= value <= 2, name,
-                   f"must be in [-2, 2], found {_shown(value)}")
+                   f"must be in [-2, 2], found {shown(value)}")
         _check(self.seed is None or (_is_int(self.seed) and SEED_MIN <= self.seed <= SEED_MAX),
                "seed", f"must be an integer in [{SEED_MIN}, {SEED_MAX}], "
-                       f"found {_shown(self.seed)}")
+                       f"found {shown(self.seed)}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop",
-               f"must be non-empty strings, found {_shown(self.stop)}")
+               f"must be non-empty strings, found {shown(self.stop)}")
         _check(all(is_utf8(s) for s in self.stop), "stop",
-               f"must be UTF-8 text, found {_shown(self.stop)} (a lone surrogate: bytes that are "
+               f"must be UTF-8 text, found {shown(self.stop)} (a lone surrogate: bytes that are "
                "not UTF-8, e.g. from a shell in another locale)")
         _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                f"must be token ids (integers >= 0), found "
                f"{', '.join(map(repr, self.stop_token_ids))}")
         _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20),
-               "logprobs", f"must be None or an integer in [0, 20], found {_shown(self.logprobs)}")
+               "logprobs", f"must be None or an integer in [0, 20], found {shown(self.logprobs)}")
         _check(self.prompt_logprobs is None or
                (_is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= 20),
                "prompt_logprobs",
-               f"must be None or an integer in [0, 20], found {_shown(self.prompt_logprobs)}")
+               f"must be None or an integer in [0, 20], found {shown(self.prompt_logprobs)}")
 
     @property
     def greedy(self) -> bool:
@@ -163,17 +163,6 @@ def is_utf8(text: str) -> bool:
 def _is_num(value: Any) -> bool:
     return (isinstance(value, (int, float)) and not isinstance(value, bool)
             and math.isfinite(value))
-
-
-def _shown(value: Any, most: int = 40) -> str:
-    """``repr(value)`` for a message, its middle cut out past ``most`` characters (a request's
-    5,000-digit seed had been echoed whole)."""
-    if _is_int(value) and abs(value) >= 10 ** most:  # (str() refuses ints past 4,300 digits)
-        digits = int(abs(value).bit_length() * math.log10(2)) + 1
-        return f"{'a negative' if value < 0 else 'an'} integer of about {digits:,} digits"
-    text = repr(value)
-    return text if len(text) <= most else f"{text[:most // 2]}...{text[-8:]} ({len(text):,} " \
-        f"characters)"
 
 
 def _check(ok: bool, name: str, message: str) -> None:

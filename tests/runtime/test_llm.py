@@ -243,7 +243,9 @@ def test_no_chat_template_is_a_clear_error(tokenizer):
     (GREEDY, 5, r"^a request id must be a non-empty string, found int 5"),
     ({}, None, r"^sampling params must be a SamplingParams, found dict \{\}"),
     (0, None, r"^sampling params must be a SamplingParams, found int 0"),
-], ids=["dict", "list", "empty-id", "int-id", "empty-dict", "zero"])
+    (GREEDY, 10**5000, r"^a request id must be a non-empty string, found int an integer of "
+                       r"about 5,001 digits"),
+], ids=["dict", "list", "empty-id", "int-id", "empty-dict", "zero", "huge-id"])
 def test_async_bad_arguments_are_one_line_request_errors(scripted, params, request_id, match):
     """They had reached the engine thread, which died of an AttributeError (a traceback on
     stderr, the caller's await hung, the engine closed for every request)."""
