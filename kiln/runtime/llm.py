@@ -53,6 +53,7 @@ Non-goals: multiple engines per LLM, LoRA.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -84,6 +85,18 @@ Prompt = str | Sequence[int]
 Messages = list[dict[str, Any]]
 
 
+
+def _refuse_runtime_keywords(keywords: dict[str, Any]) -> None:
+    """A TypeError for keywords of :class:`ExecutorOptions` (how the engine runs, not how it is
+    built), which LLM takes as ``options=ExecutorOptions(...)``: a retest's
+    ``LLM(dir, cpu_spin_wait=False)`` had been told these were build options."""
+    runtime = sorted(set(keywords) & {f.name for f in dataclasses.fields(ExecutorOptions)})
+    if runtime:
+        shown = ", ".join(f"{name}={keywords[name]!r:.40}" for name in runtime)
+        raise TypeError(f"LLM() takes run-time options ({', '.join(runtime)}) through "
+                        f"options=: pass options=ExecutorOptions({shown})")
+
+
 class LLM:
     """Generate text with a built engine (see the module docstring)."""
 
@@ -101,6 +114,7 @@ class LLM:
         if options is not None and not isinstance(options, ExecutorOptions):
             raise TypeError(f"LLM() takes options as ExecutorOptions(...), found "
                             f"{type(options).__name__} {options!r:.60}")
+        _refuse_runtime_keywords(build_options)
         if engine_dir is not None and build_options:
             from kiln.dirs import DirKind, classify_dir
 

@@ -97,6 +97,10 @@ def test_an_engine_that_fails_to_open_is_released(tiny_hf, cache, monkeypatch):
     (("engines/x",), {"model": "m"}, "not both"),
     (("engines/x",), {"max_batch_size": 2}, "LLM() got build options ['max_batch_size'] with an "
                                             "engine dir"),
+    (("engines/x",), {"cpu_spin_wait": False}, "LLM() takes run-time options (cpu_spin_wait) "
+                                               "through options=: pass "
+                                               "options=ExecutorOptions(cpu_spin_wait=False)"),
+    ((), {"model": "m", "dp": 2, "num_threads": 1}, "options=ExecutorOptions(dp=2, num_threads=1)"),
     ((123,), {}, "LLM() takes an engine dir as a str or Path, found int 123"),
     ((), {"model": ["m"]}, "LLM() takes model as a str or Path, found list ['m']"),
     (("engines/x", {"device": "cpu"}), {}, "LLM() takes options as ExecutorOptions(...), found "
