@@ -216,8 +216,9 @@ class EngineCore:
         if not isinstance(params, SamplingParams):  # AsyncLLM's engine thread had died of it
             raise RequestError(f"sampling params must be a SamplingParams, found "
                                f"{described(params)}; SamplingParams(**options) makes one")
-        if request_id is not None and (not isinstance(request_id, str) or not request_id):
-            raise RequestError(f"a request id must be a non-empty string, found "
+        if request_id is not None and (not isinstance(request_id, str)
+                                       or not request_id.strip()):  # " " reads as none in logs
+            raise RequestError(f"a request id must be a non-blank string, found "
                                f"{described(request_id)}; or leave it out for a new one")
         request_id = request_id or self.new_request_id()
         if request_id in self.requests:

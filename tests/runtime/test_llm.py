@@ -239,13 +239,14 @@ def test_no_chat_template_is_a_clear_error(tokenizer):
     ({"max_tokens": 3}, None, r"^sampling params must be a SamplingParams, found dict "
                               r"\{'max_tokens': 3\}; SamplingParams\(\*\*options\) makes one$"),
     ([GREEDY], None, r"^sampling params must be a SamplingParams, found list"),
-    (GREEDY, "", r"^a request id must be a non-empty string, found str ''"),
-    (GREEDY, 5, r"^a request id must be a non-empty string, found int 5"),
+    (GREEDY, "", r"^a request id must be a non-blank string, found str ''"),
+    (GREEDY, 5, r"^a request id must be a non-blank string, found int 5"),
+    (GREEDY, " \t", r"^a request id must be a non-blank string, found str ' \\t'"),
     ({}, None, r"^sampling params must be a SamplingParams, found dict \{\}"),
     (0, None, r"^sampling params must be a SamplingParams, found int 0"),
-    (GREEDY, 10**5000, r"^a request id must be a non-empty string, found int an integer of "
+    (GREEDY, 10**5000, r"^a request id must be a non-blank string, found int an integer of "
                        r"about 5,001 digits"),
-], ids=["dict", "list", "empty-id", "int-id", "empty-dict", "zero", "huge-id"])
+], ids=["dict", "list", "empty-id", "int-id", "blank-id", "empty-dict", "zero", "huge-id"])
 def test_async_bad_arguments_are_one_line_request_errors(scripted, params, request_id, match):
     """They had reached the engine thread, which died of an AttributeError (a traceback on
     stderr, the caller's await hung, the engine closed for every request)."""
