@@ -31,7 +31,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from kiln.runtime.errors import RequestError, SamplingParamsError, TokenizerError
+from kiln.errors import json_type
+from kiln.runtime.errors import RequestError, SamplingParamsError, TokenizerError, shown
 from kiln.runtime.llm import LLM, Prompt
 from kiln.runtime.params import SamplingParams, TokenLogprobs
 from kiln.runtime.results import CompletionResult, StreamDelta
@@ -87,12 +88,27 @@ NO_OPS: dict[str, tuple[Any, ...]] = {
     "parallel_tool_calls": (True, False), "echo": (False,), "continue_final_message": (False,),
     "best_of": (1,)}
 
+_OBJECT_OR_STRING = ("tool_choice", "function_call")  # "none" or {"type": "function", ...}
+
 
 def _no_op(name: str, value: Any) -> bool:
     """Whether an UNSUPPORTED field's value asks for nothing: absent, null or in NO_OPS (of
     its own type: ``logit_bias: []`` is not an empty map)."""
     return value is None or any(type(value) is type(v) and value == v
                                 for v in NO_OPS.get(name, ()))
+
+
+def _refusal(name: str, value: Any, chat: bool) -> str:
+    """Why an UNSUPPORTED field's value is refused: of the wrong type (a retest's ``"echo": 0``
+    had been told echo is unsupported), or asking for what kiln serve does not do."""
+    kind = type(NO_OPS[name][0]) if name in NO_OPS else None
+    if kind is not None and name not in _OBJECT_OR_STRING and type(value) is not kind:
+        wanted = "an integer" if kind is int else json_type(NO_OPS[name][0])
+        return f"{name} must be {wanted}, found {json_type(value)} {shown(value)}"
+    if chat and name == "echo":  # a retest: "not supported" read as not at all
+        return ("echo is not supported on /v1/chat/completions (/v1/completions takes it); "
+                "send the request without it")
+    return f"{name} is not supported by kiln serve; send the request without it"
 
 
 def _checked(make, renames: dict[str, str]) -> SamplingParams:
@@ -118,9 +134,9 @@ class Renderer:
                 **fields: Any) -> SamplingParams:
         chat = isinstance(req, ChatCompletionRequest)
         for name in UNSUPPORTED + (UNSUPPORTED_IN_CHAT if chat else ()):
-            if not _no_op(name, (req.model_extra or {}).get(name)):
-                raise ApiError(400, f"{name} is not supported by kiln serve; send the request "
-                                    f"without it", param=name)
+            value = (req.model_extra or {}).get(name)
+            if not _no_op(name, value):
+                raise ApiError(400, _refusal(name, value, chat), param=name)
         given = {k: getattr(req, k) for k in _SAMPLING if getattr(req, k) is not None}
         if req.stop is not None:
             given["stop"] = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
