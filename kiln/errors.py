@@ -116,6 +116,23 @@ class BuildCacheError(KilnError):
     cache directory, something in the way of an entry that the cache did not create."""
 
 
+def check_counts(options: Any, error: type[Exception], at_least: dict[str, int] | None = None,
+                 ) -> None:
+    """Each integer field of a dataclass of options (annotated ``int``, or ``int | None`` where
+    None means "the default") holds an int, not a bool, of at least 1 (or ``at_least[name]``):
+    the options classes had each checked their own, and build's took ``max_batch_size=True``."""
+    for f in dataclasses.fields(options):
+        if f.type not in ("int", "int | None"):
+            continue
+        value = getattr(options, f.name)
+        if value is None and f.type == "int | None":
+            continue
+        least = (at_least or {}).get(f.name, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            wanted = "a positive integer" if least == 1 else f"an integer >= {least}"
+            raise error(f"{f.name} must be {wanted}, found {value!r}")
+
+
 def check_flags(options: Any, error: type[Exception]) -> None:
     """Each true/false field of a dataclass of options (annotated ``bool``, or ``bool | None``
     where None means "the default") holds a bool: the Python API's ``overwrite="no"`` is a

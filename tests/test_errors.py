@@ -33,3 +33,37 @@ def test_a_flag_of_the_python_api_takes_true_or_false_only(make, error, field, v
         make(**{field: value})
     assert str(e.value) == f"{field} must be True or False, found {value!r}"
     assert getattr(make(**{field: True}), field) is True
+
+
+COUNTS = [  # (options, field, least, whether None is its default)
+    (lambda **kw: ConvertOptions(**kw), "tp_size", 1, False),
+    (lambda **kw: ConvertOptions(**kw), "pp_size", 1, False),
+    (lambda **kw: QuantizeOptions(qformat="int8_sq", calib_dataset="d", **kw), "calib_size", 1,
+     False),
+    (lambda **kw: QuantizeOptions(qformat="int4_wo", **kw), "group_size", 1, True),
+    (lambda **kw: BuildOptions("ckpt", "out", **kw), "max_batch_size", 1, False),
+    (lambda **kw: BuildOptions("ckpt", "out", **kw), "max_seq_len", 1, True),
+    (lambda **kw: BuildOptions("ckpt", "out", **kw), "workers", 1, False),
+    (lambda **kw: ExecutorOptions(**kw), "num_threads", 1, True),
+    (lambda **kw: ExecutorOptions(**kw), "dp", 1, False),
+    (lambda **kw: ExecutorOptions(**kw), "rank", 0, False),
+]
+
+
+@pytest.mark.parametrize("make,field,least,optional", COUNTS,
+                         ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("value", ["2", 2.0, True, None, "least - 1"])
+def test_a_count_of_the_python_api_takes_an_integer_in_range_only(make, field, least, optional,
+                                                                   value):
+    """One check for every options class (kiln.errors.check_counts): build's had taken
+    max_batch_size=True as 1, and each class had its own wording."""
+    error = EngineError if field in ("num_threads", "dp", "rank") else ConfigError
+    value = least - 1 if value == "least - 1" else value
+    if value is None and optional:
+        assert getattr(make(**{field: None}), field) is None
+        return
+    with pytest.raises(error) as e:
+        make(**{field: value})
+    wanted = "a positive integer" if least == 1 else f"an integer >= {least}"
+    assert str(e.value) == f"{field} must be {wanted}, found {value!r}"
+    assert getattr(make(**{field: least}), field) == least

@@ -15,7 +15,7 @@ import psutil
 
 from kiln.config import DTYPES, DecoderConfig, PositionType
 from kiln.engine import BuildLimits
-from kiln.errors import ConfigError, check_flags
+from kiln.errors import ConfigError, check_counts, check_flags
 from kiln.plugins.registry import parse_mode
 
 log = logging.getLogger(__name__)
@@ -65,15 +65,11 @@ class BuildOptions:
 
     def __post_init__(self) -> None:
         check_flags(self, ConfigError)
+        check_counts(self, ConfigError)
         object.__setattr__(self, "checkpoint_dir", Path(self.checkpoint_dir).expanduser())
         object.__setattr__(self, "output_dir", Path(self.output_dir).expanduser())
         object.__setattr__(self, "targets", tuple(self.targets))
         object.__setattr__(self, "plugins", dict(self.plugins or {}))
-        for name in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens",
-                     "max_build_memory", "workers"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ConfigError(f"{name} must be a positive integer, found {value!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, found {self.dtype!r}")
         for name, mode in self.plugins.items():

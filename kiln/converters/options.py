@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kiln.config import DTYPES
-from kiln.errors import ConfigError, check_flags
+from kiln.errors import ConfigError, check_counts, check_flags
 
 
 @dataclass(frozen=True)
@@ -28,10 +28,7 @@ class ConvertOptions:
 
     def __post_init__(self) -> None:
         check_flags(self, ConfigError)
+        check_counts(self, ConfigError)
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be auto or one of {', '.join(DTYPES)}, found "
                               f"{self.dtype!r}")
-        for name in ("tp_size", "pp_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, found {value!r}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 
-from kiln.errors import ConfigError, check_flags
+from kiln.errors import ConfigError, check_counts, check_flags
 from kiln.quantization.config import FORMATS, GROUP_SIZES, KV_CACHE_DTYPES, Granularity
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -75,12 +75,7 @@ class QuantizeOptions:
         if self.kv_cache_dtype is not None and self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ConfigError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
                               f"found {self.kv_cache_dtype!r}")
-        for name in ("calib_size", "calib_max_seq_length", "group_size"):
-            value = getattr(self, name)
-            if name != "calib_size" and value is None:
-                continue  # the default: the model's or the format's to say
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, found {value!r}")
+        check_counts(self, ConfigError)  # None: the model's or the format's default
         for name in ("max_ppl_ratio", "smoothquant_alpha"):  # (the Python API: "0.5" had
             value = getattr(self, name)                     # been a TypeError traceback)
             if value is not None and (not isinstance(value, (int, float))

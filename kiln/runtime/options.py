@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 
 from kiln.engine import EngineError
-from kiln.errors import check_flags
+from kiln.errors import check_counts, check_flags
 
 DEVICES = ("auto", "cpu", "cuda")
 PREFILL_ATTENTION = ("auto", "kiln", "cudnn")  # the torch backend's choices (TorchExecutorOptions)
@@ -67,14 +67,7 @@ class ExecutorOptions:
         check_flags(self, EngineError)
         if self.device not in DEVICES:
             raise EngineError(f"device must be auto, cpu or cuda, found {self.device!r}")
-        if not isinstance(self.rank, int) or self.rank < 0:
-            raise EngineError(f"rank must be an integer >= 0, found {self.rank!r}")
-        if not isinstance(self.dp, int) or self.dp < 1:
-            raise EngineError(f"dp must be an integer >= 1, found {self.dp!r}")
-        if self.num_threads is not None and (not isinstance(self.num_threads, int)
-                                             or isinstance(self.num_threads, bool)
-                                             or self.num_threads < 1):
-            raise EngineError(f"num_threads must be an integer >= 1, found {self.num_threads!r}")
+        check_counts(self, EngineError, at_least={"rank": 0})
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
             else os.cpu_count() or 1
         most = max(64, 4 * cpus)  # threads past the CPUs only contend
