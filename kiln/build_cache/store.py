@@ -59,6 +59,7 @@ from filelock import ReadWriteLock, Timeout
 
 from kiln.build_cache.hashes import MEMO_NAME
 from kiln.errors import UNREADABLE_JSON, BuildCacheError
+from kiln.hashing import manifest_edited
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,9 @@ class Entry:
     last_used: float
     build_seconds: float
     parts: dict[str, Any] = field(default_factory=dict)
+    # the names of the files the build wrote into engine/ (None: an entry of an older kiln),
+    # so that an entry whose config.json was lost can still be told from a user's files
+    files: frozenset[str] | None = None
 
     @property
     def engine_dir(self) -> Path:
@@ -265,7 +269,8 @@ class EngineCache:
             return Entry(name=name, path=path, key=data["key"], source=str(data["source"]),
                          backend=str(data["backend"]), created=float(data["created"]),
                          last_used=mtime, build_seconds=float(data["build_seconds"]),
-                         parts=dict(data.get("parts") or {}))
+                         parts=dict(data.get("parts") or {}),
+                         files=frozenset(map(str, data["files"])) if "files" in data else None)
         except (KeyError, TypeError, ValueError):
             return None
 
@@ -307,7 +312,9 @@ class EngineCache:
     def install(self, tmp: Path, name: str, record: dict[str, Any]) -> Entry:
         """Write ``entry.json`` into ``tmp`` (last, synced) and rename ``tmp`` to the entry.
         The caller holds the entry's write lock."""
-        data = {MARKER: ENTRY_FORMAT, **record}
+        engine = tmp / ENGINE_DIR
+        data = {MARKER: ENTRY_FORMAT, **record,
+                "files": sorted(p.name for p in engine.iterdir() if p.is_file())}
         with open(tmp / ENTRY_FILE, "w") as f:
             json.dump(data, f, indent=2, sort_keys=True)
             f.write("\n")
@@ -341,26 +348,27 @@ class EngineCache:
     def _check_removable(self, entry: Entry) -> None:
         problem = self.foreign_content(entry)
         if problem:
-            raise BuildCacheError(f"{entry.path}: {problem}; it is left alone: move those files "
-                                  f"away, then delete the entry yourself or prune again")
+            raise BuildCacheError(f"{problem}; the entry {entry.path} is left alone: move those "
+                                  f"files away, then delete the entry yourself or prune again")
 
     def foreign_content(self, entry: Entry) -> str | None:
-        """What in ``entry`` the cache did not write (None: nothing)."""
+        """What in ``entry`` the cache did not write, named from its path (None: nothing)."""
         from kiln.errors import OutputError
         from kiln.output_dirs import describe_replaceable
 
         others = sorted(p.name for p in entry.path.iterdir() if p.name not in (ENTRY_FILE,
                                                                                 ENGINE_DIR))
         if others:
-            return f"holds {', '.join(others)}, which the build cache did not write"
+            return f"{entry.path}: holds {', '.join(others)}, which the build cache did not write"
         engine = entry.engine_dir
         if engine.is_symlink() or (engine.exists() and not engine.is_dir()):
-            return f"its {ENGINE_DIR} is not a directory the build cache made"
-        if engine.is_dir():
-            try:
-                describe_replaceable(engine, damaged_ranks=True)
-            except OutputError as e:
-                return str(e).split(";")[0].removeprefix(f"{engine}: ")
+            return f"{engine}: is not a directory the build cache made"
+        if not engine.is_dir() or _all_recorded(engine, entry.files):
+            return None
+        try:
+            describe_replaceable(engine, damaged_ranks=True)
+        except OutputError as e:
+            return str(e).split(";")[0]
         return None
 
     # -- prune ----------------------------------------------------------------------------
@@ -549,17 +557,29 @@ def dir_size(path: Path) -> int:
     return total
 
 
+def _all_recorded(engine: Path, files: frozenset[str] | None) -> bool:
+    """Whether ``engine`` holds only files of the names its entry recorded when the build
+    wrote them (an entry whose config.json was lost or damaged: the manifest cannot say)."""
+    if files is None:
+        return False
+    return all(p.name in files and p.is_file() and not p.is_symlink() for p in engine.iterdir())
+
+
 def damage(engine_dir: Path) -> str | None:
-    """What is missing or truncated in a cached engine dir, from its manifest (no data read);
-    None when every listed file is there at its recorded size."""
+    """What is missing, truncated or edited in a cached engine dir, from its manifest (no
+    data read): its digest (an edited config.json), its rank files at their recorded sizes
+    and its other files (tokenizer); None when all is as the build left it."""
     try:
         manifest = json.loads((engine_dir / "config.json").read_text())
         ranks = manifest["rank_files"]
         sizes = manifest.get("sizes") or {}
         names = [name for files in ranks.values() for name in files]
+        names += list(manifest.get("other_files") or {})
     except (OSError, *UNREADABLE_JSON, KeyError, TypeError,
             AttributeError):
         return "config.json is missing or unreadable"
+    if manifest_edited(manifest):  # the runtime would refuse it and name kiln build
+        return "config.json was edited since the build"
     for name in names:
         path = engine_dir / name
         if not path.is_file():

@@ -144,6 +144,47 @@ def test_a_damaged_entry_is_rebuilt(tiny_hf, cache_dir, builds, caplog):
     assert api.damage(engine) is None
 
 
+def _edit_limits(engine):
+    manifest = json.loads((engine / "config.json").read_text())
+    manifest["limits"]["max_seq_len"] *= 2
+    (engine / "config.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("harm,named", [
+    (lambda engine: (engine / "tokenizer.json").unlink(), "tokenizer.json is missing"),
+    (_edit_limits, "config.json was edited since the build"),
+    (lambda engine: (engine / "config.json").write_text('{"trunc'),
+     "config.json is missing or unreadable"),
+    (lambda engine: (engine / "config.json").unlink(), "config.json is missing or unreadable"),
+], ids=["tokenizer-removed", "config-edited", "config-truncated", "config-removed"])
+def test_an_entry_damaged_beyond_its_rank_files_is_rebuilt(tiny_hf, cache_dir, builds, caplog,
+                                                           harm, named):
+    """A new-user trial: a removed tokenizer.json and an edited config.json were handed out
+    (the runtime then refused them, naming kiln build, which refuses to write into the cache),
+    and an unreadable config.json was "rebuilt" into a refusal that prune repeated."""
+    engine = engine_for_model(tiny_hf)
+    harm(engine)
+    with caplog.at_level(logging.WARNING, logger="kiln.build_cache"):
+        assert engine_for_model(tiny_hf) == engine
+    assert len(builds) == 2
+    assert any("is damaged" in r.getMessage() and named in r.getMessage()
+               for r in caplog.records)
+    assert api.damage(engine) is None
+
+
+def test_a_users_file_in_an_entry_without_its_config_is_left_alone(tiny_hf, cache_dir):
+    """The files the build wrote are recorded in entry.json; another name is not the cache's
+    to delete, even where the manifest that would say so is gone."""
+    engine = engine_for_model(tiny_hf)
+    (engine / "config.json").unlink()
+    (engine / "notes.txt").write_text("mine")
+    with pytest.raises(BuildCacheError) as raised:
+        engine_for_model(tiny_hf)
+    assert str(raised.value).startswith(f"{engine}: holds ")
+    assert f"the entry {engine.parent} is left alone" in str(raised.value)
+    assert (engine / "notes.txt").read_text() == "mine"
+
+
 def test_something_else_in_the_way_of_an_entry_is_refused(tiny_hf, cache_dir):
     request = api.request_for(tiny_hf)
     in_the_way = request.cache.dir / request.name
