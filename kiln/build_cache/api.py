@@ -230,17 +230,17 @@ def _max_positions(source: SourceId) -> int:
 
 
 def resolve_dtype(dtype: str, build: Any, source: SourceId) -> str:
-    """``dtype`` as asked; ``auto`` is the source's, except that an onnx CPU engine of a
-    bfloat16 model gets float32 (ONNX Runtime's CPU provider has no bfloat16 MatMul, and
-    float16 runs slowly there)."""
-    cpu = build.backend == "onnx" and tuple(build.targets) in ((), ("cpu",))
+    """``dtype`` as asked; ``auto`` is the source's, except that an onnx engine of a bfloat16
+    model gets float32 (ONNX Runtime's CPU provider, which builds every onnx engine, has no
+    bfloat16 MatMul, and float16 runs slowly there)."""
+    onnx = build.backend == "onnx"
     own = source_dtype(source.directory)
     if dtype != "auto":
         # the model's own dtype, where auto keeps it, is auto's engine (a trial's --dtype
         # float32 of a float32 model had built a second one)
-        return "auto" if dtype == own and not (cpu and own == "bfloat16") else dtype
-    if cpu and own == "bfloat16":
-        log.info("dtype: float32 (the bfloat16 model's onnx CPU engine computes in float32)")
+        return "auto" if dtype == own and not (onnx and own == "bfloat16") else dtype
+    if onnx and own == "bfloat16":
+        log.info("dtype: float32 (the bfloat16 model's onnx engine computes in float32)")
         return "float32"
     return "auto"
 

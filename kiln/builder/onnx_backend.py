@@ -60,9 +60,10 @@ class OnnxBackend(Backend):
                               f"collective op; use --backend torch (one process per rank), "
                               f"--backend tensorrt (NVIDIA GPUs), or a tp_size 1 checkpoint")
         check_kv_cache(plan, "onnx")
-        if plan.dtype == "bfloat16" and plan.targets[0] == "cpu":
-            raise EngineError("ONNX Runtime's CPU provider has no bfloat16 MatMul; build with "
-                              "--dtype float16 or float32, or --target cuda")
+        if plan.dtype == "bfloat16":  # (for cuda too: the build optimizes on the CPU provider)
+            raise EngineError("ONNX Runtime's CPU provider, which builds every onnx engine, has "
+                              "no bfloat16 MatMul; build with --dtype float16 or float32 (or "
+                              "--backend torch for a bfloat16 engine on an NVIDIA GPU)")
 
     def build_part(self, job: PartJob) -> PartResult:
         from kiln.builder.graph.decoder import write_part  # onnx: only to build (see _onnx_version)

@@ -192,11 +192,12 @@ def test_the_same_files_elsewhere_have_the_same_key(tiny_hf, tmp_path, cache_dir
     assert _key(copy) == _key(tiny_hf)
 
 
-def test_an_onnx_cpu_engine_of_a_bfloat16_model_defaults_to_float32(hf_copy, cache_dir):
+def test_an_onnx_engine_of_a_bfloat16_model_defaults_to_float32(hf_copy, cache_dir):
     config = json.loads((hf_copy / "config.json").read_text())
     config.pop("torch_dtype", None)
     (hf_copy / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
     assert api.request_for(hf_copy).parts.convert["dtype"] == "float32"
+    assert api.request_for(hf_copy, targets=("cuda",)).parts.convert["dtype"] == "float32"
     assert api.request_for(hf_copy, backend="torch").parts.convert["dtype"] == "auto"
     assert api.request_for(hf_copy, dtype="float16").parts.convert["dtype"] == "float16"
 

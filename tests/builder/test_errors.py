@@ -219,6 +219,10 @@ def test_onnx_refuses_gpu_targets_and_tensor_parallelism(checkpoint, tmp_path):
           r"no collective op; use --backend torch \(one process per rank\), --backend tensorrt "
           r"\(NVIDIA GPUs\)")
     fails(tmp_path, checkpoint("llama-gqa"), EngineError, "no bfloat16", dtype="bfloat16")
+    # a trial followed the advice to build for cuda into ONNX Runtime's NOT_IMPLEMENTED
+    fails(tmp_path, checkpoint("llama-gqa"), EngineError,
+          r"no bfloat16 MatMul; build with --dtype float16 or float32 \(or --backend torch",
+          dtype="bfloat16", targets=["cuda"])
 
 
 def test_bad_plugin_switches(checkpoint, tmp_path):
