@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -68,7 +69,7 @@ class BuildOptions:
         check_counts(self, ConfigError)
         object.__setattr__(self, "checkpoint_dir", Path(self.checkpoint_dir).expanduser())
         object.__setattr__(self, "output_dir", Path(self.output_dir).expanduser())
-        object.__setattr__(self, "targets", tuple(self.targets))
+        object.__setattr__(self, "targets", _targets(self.targets))
         object.__setattr__(self, "plugins", dict(self.plugins or {}))
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, found {self.dtype!r}")
@@ -83,6 +84,16 @@ class BuildOptions:
         log.info("max_build_memory defaults to %.1f GB (%.0f%% of available RAM)", budget / 1e9,
                  MEMORY_HEADROOM * 100)
         return budget
+
+
+def _targets(given: Any) -> tuple[str, ...]:
+    """The targets as one set: lower case, each once, sorted (a trial's sm86,sm86 had been
+    recorded twice, and sm89,sm86 was another build cache entry than sm86,sm89)."""
+    if not isinstance(given, (list, tuple, set, frozenset)) or \
+            not all(isinstance(t, str) for t in given):
+        raise ConfigError(f"targets must be a list of names such as ['sm86', 'sm89'] or "
+                          f"['cpu'], found {given!r:.80}")
+    return tuple(sorted({t.strip().lower() for t in given}))
 
 
 def resolve_limits(options: BuildOptions, decoder: DecoderConfig) -> BuildLimits:

@@ -105,6 +105,18 @@ def test_what_does_not_decide_the_engine_keeps_the_key(tiny_hf, cache_dir, optio
     assert _key(tiny_hf, **options) == _key(tiny_hf)
 
 
+def test_targets_are_one_set_in_the_key(tiny_hf, cache_dir):
+    """A trial's sm86,sm86 and sm89,sm86 had been entries of their own beside sm86, sm86,sm89."""
+    trt = dict(backend="tensorrt", dtype="float16")
+    assert _key(tiny_hf, targets=("sm86", "sm86"), **trt) == _key(tiny_hf, targets=("sm86",),
+                                                                   **trt)
+    assert _key(tiny_hf, targets=("sm89", "SM86"), **trt) == \
+        _key(tiny_hf, targets=("sm86", "sm89"), **trt)
+    assert BuildOptions("c", "o", targets=["sm89", "sm86", "sm89"]).targets == ("sm86", "sm89")
+    with pytest.raises(ConfigError, match=r"^targets must be a list of names such as"):
+        BuildOptions("c", "o", targets="sm86")  # not s, m, 8, 6
+
+
 @pytest.mark.parametrize("options,same_as", [
     (dict(max_seq_len=64), {}), (dict(max_input_len=64), {}), (dict(max_num_tokens=64), {}),
     (dict(max_seq_len=64, max_input_len=64, max_num_tokens=64), {}),
