@@ -123,12 +123,18 @@ class CheckpointConfig:
                                                       Mapping(**data["mapping"]))
                        if "rank_checksums" in data else None,
                        format_version=version)
-        except (KeyError, TypeError) as e:
-            raise CheckpointError(f"{where}: {malformed(e)}; not a kiln checkpoint config as "
-                                  f"kiln writes it: undo the edit, or re-run kiln "
-                                  f"convert_checkpoint") from None
-        except (KilnError, ValueError) as e:
-            raise CheckpointError(f"{where}: {e}") from None
+        except (KeyError, TypeError, KilnError, ValueError) as e:
+            problem = malformed(e) if isinstance(e, (KeyError, TypeError)) else str(e)
+            if manifest_edited(data):  # the edit is the cause: a trial's tp_size 2 -> 1 had
+                # been told to remove rank_checksums, which then disagreed with the mapping
+                raise CheckpointError(f"{where}: edited since kiln wrote it (it no longer "
+                                      f"matches the digest recorded in it), and as edited: "
+                                      f"{problem.partition('; ')[0]}; undo the edit") from None
+            if isinstance(e, (KeyError, TypeError)):
+                raise CheckpointError(f"{where}: {problem}; not a kiln checkpoint config as "
+                                      f"kiln writes it: undo the edit, or re-run kiln "
+                                      f"convert_checkpoint") from None
+            raise CheckpointError(f"{where}: {problem}") from None
 
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")

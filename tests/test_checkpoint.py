@@ -67,3 +67,22 @@ def test_an_edited_config_is_warned_of_and_read_as_it_is(ckpt, tmp_path, caplog)
     with caplog.at_level(logging.WARNING, "kiln.checkpoint"):
         load_config(edited)
     assert caplog.messages == []
+
+
+def test_an_edit_that_breaks_the_config_is_named_as_the_edit(tmp_path):
+    """A trial's tp_size 2 -> 1 had been told that rank_checksums disagreed with the mapping,
+    and to remove the key (kiln verify, build): the edit is the cause."""
+    ckpt = kiln_checkpoint(hf_model("llama-gqa", tmp_path / "hf"), tmp_path / "ckpt", tp=2)
+    data = json.loads((ckpt / "config.json").read_text())
+    data["mapping"]["tp_size"] = 1
+    (ckpt / "config.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError) as raised:
+        load_config(ckpt)
+    assert str(raised.value) == (
+        f"{ckpt / 'config.json'}: edited since kiln wrote it (it no longer matches the digest "
+        f"recorded in it), and as edited: rank_checksums lists rank0.safetensors, "
+        f"rank1.safetensors, and the mapping's rank files are rank0.safetensors; undo the edit")
+    del data["manifest_sha256"]  # an edit kept on purpose: the inconsistency alone is named
+    (ckpt / "config.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="remove the key to build it unchecked$"):
+        load_config(ckpt)
