@@ -138,6 +138,7 @@ class PruneResult:
     leftovers: list[tuple[Path, int]] = field(default_factory=list)  # .tmp / .del dirs, bytes
     freed: int = 0  # bytes of the entries removed (leftovers: their own sizes)
     remaining: int = 0  # bytes of the entries left (as measured before the removals)
+    unlocked: bool = False  # a dry run on a cache whose locks cannot be written: in use unknown
 
 
 class EngineCache:
@@ -390,7 +391,7 @@ class EngineCache:
             if entry.name in keep or not (everything or old or over):
                 continue
             try:
-                freed = self._remove_unused(entry, dry_run)
+                freed = self._remove_unused(entry, dry_run, result)
             except Busy:
                 result.in_use.append(entry)
                 continue
@@ -408,11 +409,25 @@ class EngineCache:
                 (self.dir / MEMO_NAME).unlink(missing_ok=True)
         return result
 
-    def _remove_unused(self, entry: Entry, dry_run: bool) -> int:
+    @contextlib.contextmanager
+    def _pruning(self, name: str, dry_run: bool, result: PruneResult) -> Iterator[None]:
+        """Entry ``name``'s write lock, held for a removal; a dry run on a cache whose locks
+        cannot be written (a read-only mount) goes on without it, and says so in ``result``
+        (a trial's dry run there had said it would remove nothing)."""
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(self.locked(name, write=True, wait=False))
+            except Unwritable:
+                if not dry_run:
+                    raise
+                result.unlocked = True
+            yield
+
+    def _remove_unused(self, entry: Entry, dry_run: bool, result: PruneResult) -> int:
         """Remove ``entry`` unless in use (:class:`Busy`) or holding what the cache did not
         write (:class:`BuildCacheError`); its size. ``dry_run``: the same checks, no removal,
         so that a dry run reports what the real one would do."""
-        with self.locked(entry.name, write=True, wait=False):
+        with self._pruning(entry.name, dry_run, result):
             current = self.read(entry.name)  # it may have been rebuilt or removed meanwhile
             if current is None or current.key != entry.key:
                 raise Busy(entry.name)
@@ -427,7 +442,7 @@ class EngineCache:
         for path in self.names()[1]:
             name = LEFTOVER.fullmatch(path.name).group(1)
             try:
-                with self.locked(name, write=True, wait=False):
+                with self._pruning(name, dry_run, result):
                     size = dir_size(path)
                     if not dry_run:
                         shutil.rmtree(path, ignore_errors=True)

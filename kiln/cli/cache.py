@@ -190,6 +190,10 @@ def _report(store, result, dry_run: bool) -> None:
                      f"{decimal_size(sum(size for _, size in result.leftovers))}")
     click.echo(f"{verb} {len(result.removed)} cached engine{'s' * (len(result.removed) != 1)}, "
                f"{decimal_size(result.freed)}{leftovers}; {left} left in {store.dir}")
+    if result.unlocked:
+        click.echo(f"{store.dir}: its lock files cannot be written (a read-only cache?): which "
+                   f"entries are in use is unknown, and prune itself needs a writable cache",
+                   err=True)
 
 
 # -- build --------------------------------------------------------------------------------

@@ -218,6 +218,19 @@ def test_list_works_on_a_read_only_cache(cache):
     assert "its lock files cannot be written (a read-only cache?)" in result.output
 
 
+@pytest.mark.usefixtures("read_only_locks")
+def test_a_dry_run_prune_works_on_a_read_only_cache(cache):
+    """As the docs say: a trial's dry run there had said it would remove 0 engines, with a
+    "left alone" line per entry."""
+    fake_entry(cache, "a")
+    fake_entry(cache, "b")
+    result = _invoke("cache", "prune", "--all", "--dry_run")
+    assert result.exit_code == 0, result.output
+    assert "would remove 2 cached engines" in result.output and "left alone" not in result.output
+    assert "which entries are in use is unknown" in result.output
+    assert len(cache.entries()) == 2
+
+
 def test_the_docs_two_step_example_runs_as_written(tiny_hf, tmp_path, monkeypatch):
     docs = (Path(__file__).resolve().parents[2] / "docs" / "build_cache.md").read_text()
     (inner,) = re.findall(r'"\$\((kiln [^)]*)\)"', docs)
