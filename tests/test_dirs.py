@@ -150,6 +150,13 @@ def test_unrecognized_configs_keep_their_own_errors(dirs, tmp_path):
     ckpt = json.loads((dirs[DirKind.KILN_CHECKPOINT] / "config.json").read_text())
     del ckpt["decoder"]["num_layers"], ckpt["decoder"]["hidden_size"]
     (tmp_path / "config.json").write_text(json.dumps(ckpt))
+    with pytest.raises(CheckpointError, match=r"config.json: edited since kiln wrote it \(it "
+                                              r"no longer matches the digest recorded in it\), "
+                                              r"and as edited: missing keys 'hidden_size' and "
+                                              r"'num_layers'; undo the edit$"):
+        load_config(tmp_path)
+    del ckpt["manifest_sha256"]  # no digest to tell an edit by: the keys and both fixes
+    (tmp_path / "config.json").write_text(json.dumps(ckpt))
     with pytest.raises(CheckpointError, match=r"config.json: missing keys 'hidden_size' and "
                                               r"'num_layers'; not a kiln checkpoint config as "
                                               r"kiln writes it: undo the edit, or re-run kiln "

@@ -140,11 +140,17 @@ def test_rank_files_copied_over_each_other_are_named(checkpoint, tmp_path):
 def test_recorded_checksums_that_are_not_sha256s_of_the_rank_files_are_refused(
         ckpt_copy, tmp_path, value, match):
     """A hand edit of config.json (a trial's: a traceback after the whole build for an int, a
-    Python message for null): one line naming the key, before any work."""
+    Python message for null): one line naming the key, before any work. With the config's
+    digest (what kiln writes) the edit is named first, and its fix is to undo it; without,
+    the key's own fix."""
     config = json.loads((ckpt_copy / "config.json").read_text())
     if value == "extra":
         value = {**config["rank_checksums"], "rank1.safetensors": "0" * 64}
     config["rank_checksums"] = value
+    (ckpt_copy / "config.json").write_text(json.dumps(config))
+    fails(tmp_path, ckpt_copy, CheckpointError,
+          f"config.json: edited since kiln wrote it .*, and as edited: {match}.*; undo the edit$")
+    del config["manifest_sha256"]
     (ckpt_copy / "config.json").write_text(json.dumps(config))
     fails(tmp_path, ckpt_copy, CheckpointError, f"config.json: {match}.*remove the key")
 
