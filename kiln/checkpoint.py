@@ -282,15 +282,21 @@ def load_rank(checkpoint_dir: str | Path, rank: int, config: CheckpointConfig | 
     the config implies."""
     checkpoint_dir = Path(checkpoint_dir)
     config = config or load_config(checkpoint_dir)
-    path = checkpoint_dir / rank_file(rank)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing (the mapping has "
-                              f"{counted(config.mapping.world_size, 'rank')}); "
-                              f"re-run kiln convert_checkpoint")
+    path = existing_rank_file(checkpoint_dir, config, rank)
     infos, _ = read_header(path, REWRITE)
     check_tensor_names(path, config, rank, infos)
     return {name: read_checked(name, info) for name, info in infos.items()
             if names is None or name in names}
+
+
+def existing_rank_file(checkpoint_dir: Path, config: CheckpointConfig, rank: int) -> Path:
+    """Rank ``rank``'s file of the checkpoint; CheckpointError if it is missing."""
+    path = Path(checkpoint_dir) / rank_file(rank)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (the mapping has "
+                              f"{counted(config.mapping.world_size, 'rank')}); re-run kiln "
+                              f"convert_checkpoint")
+    return path
 
 
 def check_tensor_names(path: Path, config: CheckpointConfig, rank: int,
@@ -337,6 +343,30 @@ def check_tensor_shapes(path: Path, config: CheckpointConfig, rank: int,
                                   f"intermediate_size {d.intermediate_size}, vocab_size "
                                   f"{d.vocab_size}, tp {config.mapping.tp_size}): config.json "
                                   f"was edited or belongs to another checkpoint; re-run kiln "
+                                  f"convert_checkpoint")
+
+
+def check_rank_header(path: Path, config: CheckpointConfig, rank: int,
+                      infos: dict[str, TensorInfo]) -> None:
+    """What a build checks of rank ``rank``'s file from its header, before reading a tensor:
+    the tensor names and float shapes ``config`` implies (kiln build, kiln quantize and
+    kiln verify check the same)."""
+    check_tensor_names(path, config, rank, infos)
+    check_tensor_shapes(path, config, rank, {name: info.shape for name, info in infos.items()})
+
+
+def check_tensor_dtypes(path: Path, config: CheckpointConfig,
+                        infos: dict[str, TensorInfo]) -> None:
+    """Raise CheckpointError where a float tensor of an unquantized checkpoint is not stored in
+    the dtype its config.json records, which kiln quantize writes it back in (a trial's
+    dtype edited to float16 over float32 tensors had been a traceback; a build casts)."""
+    if config.quantization is not None:
+        return
+    for name, info in sorted(infos.items()):
+        if info.dtype.is_floating_point and info.dtype != getattr(torch, config.dtype):
+            raise CheckpointError(f"{path}: {name} is {str(info.dtype).removeprefix('torch.')}, "
+                                  f"and config.json says dtype {config.dtype}: config.json was "
+                                  f"edited or belongs to another checkpoint; re-run kiln "
                                   f"convert_checkpoint")
 
 

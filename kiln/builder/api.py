@@ -30,15 +30,14 @@ from kiln.builder.runner import run_parts
 from kiln.checkpoint import (
     CheckpointConfig,
     check_other_files,
-    check_tensor_names,
-    check_tensor_shapes,
+    check_rank_header,
+    existing_rank_file,
     load_config,
-    rank_file,
     rank_files_checked,
 )
 from kiln.config import options_from
 from kiln.engine import EngineManifest
-from kiln.errors import CheckpointError, ConfigError, counted
+from kiln.errors import ConfigError, counted
 from kiln.output_dirs import ENGINE_KIND, atomic_dir, check_output, copy_tokenizer
 from kiln.plugins import PluginContext, resolve_plugins
 from kiln.quantization.config import QuantConfig
@@ -159,15 +158,9 @@ def check_rank_files(checkpoint_dir: Path, ckpt: CheckpointConfig) -> dict[int, 
     """Open every rank file's header and check its names against the config (no data read)."""
     out = {}
     for rank in range(ckpt.mapping.world_size):
-        path = Path(checkpoint_dir) / rank_file(rank)
-        if not path.is_file():
-            raise CheckpointError(f"{path}: missing (the mapping has "
-                                  f"{counted(ckpt.mapping.world_size, 'rank')}); re-run kiln "
-                                  f"convert_checkpoint")
+        path = existing_rank_file(checkpoint_dir, ckpt, rank)
         weights = RankWeights(path, ckpt.dtype)
-        check_tensor_names(path, ckpt, rank, weights.infos)
-        check_tensor_shapes(path, ckpt, rank,
-                            {name: info.shape for name, info in weights.infos.items()})
+        check_rank_header(path, ckpt, rank, weights.infos)
         if ckpt.quantization is not None:
             check_scales(path, weights.infos, ckpt.quantization)
         out[rank] = weights

@@ -242,7 +242,7 @@ def _content_problem(path: Path, config: Any, rank: int,
     """What is wrong with a checkpoint rank file by its content (what a build would refuse):
     its header, then (unless ``header_only``) its tensors' names and a NaN/Inf in any tensor,
     read one at a time; None if nothing."""
-    from kiln.checkpoint import REWRITE, check_tensor_names, read_checked
+    from kiln.checkpoint import REWRITE, check_rank_header, read_checked
     from kiln.errors import KilnError
     from kiln.tensorio import read_header
 
@@ -250,7 +250,7 @@ def _content_problem(path: Path, config: Any, rank: int,
         infos, _ = read_header(path, REWRITE)
         if header_only:
             return None
-        check_tensor_names(path, config, rank, infos)
+        check_rank_header(path, config, rank, infos)  # names and shapes, as a build checks
         for name, info in infos.items():
             read_checked(name, info)
             if on_read is not None:

@@ -41,8 +41,12 @@ import torch
 import kiln
 from kiln.checkpoint import (
     CONFIG_NAME,
+    REWRITE,
     CheckpointConfig,
     check_other_files,
+    check_rank_header,
+    check_tensor_dtypes,
+    existing_rank_file,
     hash_rank_files,
     load_config,
     rank_files_checked,
@@ -71,6 +75,7 @@ from kiln.quantization.options import (
 from kiln.quantization.transforms import AWQ_ROWS, LayerStats, quantize_layer
 from kiln.reference import ReferenceDecoder, norm
 from kiln.roles import Role, companion
+from kiln.tensorio import read_header
 
 log = logging.getLogger(__name__)
 ACCURACY_FILE = "accuracy.json"
@@ -96,6 +101,7 @@ def quantize(checkpoint_dir: str | Path, output_dir: str | Path, *, progress: bo
     check_output(output_dir, opts.overwrite, inputs=[source_dir], writes=CHECKPOINT_KIND)
     source = load_config(source_dir)
     check_other_files(source_dir, source)  # the tokenizer, copied into the output
+    check_rank_files(source_dir, source)
     context = source.decoder.max_position_embeddings
     texts = opts.calib_dataset or opts.eval_dataset  # (without, the length is not used)
     if texts and opts.calib_max_seq_length is None:
@@ -133,6 +139,17 @@ def quantize(checkpoint_dir: str | Path, output_dir: str | Path, *, progress: bo
         check()
     log.info("wrote %s in %.1f s", output_dir, time.perf_counter() - started)
     return output_dir
+
+
+def check_rank_files(source_dir: Path, source: CheckpointConfig) -> None:
+    """Every rank file of the source, from its header (no data read): present, the names and
+    shapes a build checks, and the dtype config.json records, which the output is written in
+    (a trial's hand-edited tp_size and dtype had been tracebacks midway)."""
+    for rank in range(source.mapping.world_size):
+        path = existing_rank_file(source_dir, source, rank)
+        infos, _ = read_header(path, REWRITE)
+        check_rank_header(path, source, rank, infos)
+        check_tensor_dtypes(path, source, infos)
 
 
 def quant_config(opts: QuantizeOptions, source: CheckpointConfig) -> QuantConfig:

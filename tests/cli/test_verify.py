@@ -343,6 +343,18 @@ def test_a_checkpoint_without_recorded_checksums_is_checked_by_content(checkpoin
         kiln("verify", str(checkpoint)).output
 
 
+def test_a_config_edited_past_its_tensors_fails_verify_as_it_fails_a_build(checkpoint):
+    """A retest: hidden_size edited, with the digest and checksums removed as the refusals
+    advise, had passed kiln verify and been refused by kiln build (their shapes)."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    del config["rank_checksums"], config[DIGEST_KEY]
+    config["decoder"]["hidden_size"] *= 2
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    r = kiln("verify", str(checkpoint))
+    assert r.exit_code == 2, r.output
+    assert "where config.json implies" in r.output.splitlines()[0]
+
+
 def test_an_edited_checkpoint_config_is_flagged(checkpoint):
     """Its digest (written since this session, as engines' are) tells a hand edit, and the
     line says how to keep an edit made on purpose."""

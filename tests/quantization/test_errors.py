@@ -3,8 +3,10 @@ writes nothing; no data at all records accuracy null with a warning."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import shutil
 
 import pytest
 import torch
@@ -134,6 +136,38 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(checkpoint, texts, qua
     result = _cli("--checkpoint_dir", src, "--output_dir", tmp_path / "q", *args)
     assert result.exit_code == 2, result.output
     assert len(result.output.strip().splitlines()) == 1 and message in result.output
+    assert _nothing_written(tmp_path)
+
+
+def _edited_copy(src, dst, edit):
+    """A copy of checkpoint ``src`` with its config.json edited on purpose (its digest and
+    rank_checksums removed, as the refusals of an edit advise)."""
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    edit(config)
+    del config["manifest_sha256"], config["rank_checksums"]
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+@pytest.mark.parametrize("tp,edit,message", [
+    (1, lambda c: c.update(dtype="float16"), "embed.weight is float32, and "
+     "config.json says dtype float16: config.json was edited or belongs to another checkpoint"),
+    (2, lambda c: c["mapping"].update(tp_size=1), "is [64, 32], where config.json implies "
+     "[64, 64]"),
+    (1, lambda c: c["decoder"].update(num_layers=1), "tensors do not match config.json: "
+     "missing [], unexpected ['layers.1."),
+], ids=["dtype", "tp-size", "num-layers"])
+def test_a_source_whose_config_no_longer_fits_its_tensors_is_one_line(checkpoint, tmp_path, tp,
+                                                                      edit, message):
+    """A retest's edited dtype and tp_size had been tracebacks (exit 1) midway, after the
+    calibration; kiln build refused them before any work. Checked from the headers first."""
+    src = _edited_copy(checkpoint("llama-gqa", tp=tp), tmp_path / "edited", edit)
+    result = _cli("--checkpoint_dir", src, "--output_dir", tmp_path / "q", "--qformat",
+                  "int8_wo")
+    assert result.exit_code == 2, result.output
+    assert len(result.output.strip().splitlines()) == 1 and message in result.output, \
+        result.output
     assert _nothing_written(tmp_path)
 
 
