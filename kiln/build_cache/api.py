@@ -321,6 +321,10 @@ def _usable(cache: EngineCache, name: str, key: str, repair: bool = False) -> En
     if problem is None:
         return entry
     if repair:
+        if foreign := cache.foreign_content(entry):  # said before any word of a rebuild
+            raise BuildCacheError(f"the cached engine {entry.engine_dir} is damaged ({problem}) "
+                                  f"and is not rebuilt, as {foreign}; move that away and it "
+                                  f"is, or delete the entry {entry.path} yourself")
         log.warning("the cached engine %s is damaged (%s); rebuilding it", entry.engine_dir,
                     problem)
         cache.remove(entry)

@@ -59,7 +59,7 @@ from filelock import ReadWriteLock, Timeout
 
 from kiln.build_cache.hashes import MEMO_NAME
 from kiln.errors import UNREADABLE_JSON, BuildCacheError
-from kiln.hashing import manifest_edited
+from kiln.hashing import manifest_edited, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -364,9 +364,14 @@ class EngineCache:
         engine = entry.engine_dir
         if engine.is_symlink() or (engine.exists() and not engine.is_dir()):
             return f"{engine}: is not a directory the build cache made"
-        if not engine.is_dir() or _all_recorded(engine, entry.files):
+        if not engine.is_dir():
             return None
-        try:
+        if entry.files is not None:  # what the build wrote is known: any other name is not
+            unknown = sorted(p.name for p in engine.iterdir()
+                             if p.name not in entry.files or p.is_symlink() or not p.is_file())
+            return f"{engine}: holds {', '.join(unknown)}, which the build did not write" \
+                if unknown else None
+        try:  # an entry of an older kiln: its manifest says what the build wrote
             describe_replaceable(engine, damaged_ranks=True)
         except OutputError as e:
             return str(e).split(";")[0]
@@ -572,35 +577,31 @@ def dir_size(path: Path) -> int:
     return total
 
 
-def _all_recorded(engine: Path, files: frozenset[str] | None) -> bool:
-    """Whether ``engine`` holds only files of the names its entry recorded when the build
-    wrote them (an entry whose config.json was lost or damaged: the manifest cannot say)."""
-    if files is None:
-        return False
-    return all(p.name in files and p.is_file() and not p.is_symlink() for p in engine.iterdir())
-
-
 def damage(engine_dir: Path) -> str | None:
-    """What is missing, truncated or edited in a cached engine dir, from its manifest (no
-    data read): its digest (an edited config.json), its rank files at their recorded sizes
-    and its other files (tokenizer); None when all is as the build left it."""
+    """What is missing, truncated or edited in a cached engine dir, from its manifest: its
+    digest (an edited config.json), its rank files at their recorded sizes (no data read) and
+    its other files (the tokenizer's, small) at their recorded sha256; None when all is as the
+    build left it."""
     try:
         manifest = json.loads((engine_dir / "config.json").read_text())
         ranks = manifest["rank_files"]
         sizes = manifest.get("sizes") or {}
         names = [name for files in ranks.values() for name in files]
-        names += list(manifest.get("other_files") or {})
+        others = dict(manifest.get("other_files") or {})
     except (OSError, *UNREADABLE_JSON, KeyError, TypeError,
             AttributeError):
         return "config.json is missing or unreadable"
     if manifest_edited(manifest):  # the runtime would refuse it and name kiln build
         return "config.json was edited since the build"
-    for name in names:
+    for name in [*names, *others]:
         path = engine_dir / name
         if not path.is_file():
             return f"{name} is missing"
         if name in sizes and path.stat().st_size != sizes[name]:
             return f"{name} has {path.stat().st_size} bytes, the manifest says {sizes[name]}"
+    for name, digest in others.items():  # small files (the tokenizer's): hashed every lookup
+        if sha256_file(engine_dir / name) != digest:
+            return f"{name} was changed since the build"
     return None
 
 

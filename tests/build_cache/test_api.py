@@ -144,6 +144,14 @@ def test_a_damaged_entry_is_rebuilt(tiny_hf, cache_dir, builds, caplog):
     assert api.damage(engine) is None
 
 
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def _edit_text(path):
+    path.write_text(path.read_text().replace("}", ', "mine": 1}', 1))
+
+
 def _edit_limits(engine):
     manifest = json.loads((engine / "config.json").read_text())
     manifest["limits"]["max_seq_len"] *= 2
@@ -152,11 +160,16 @@ def _edit_limits(engine):
 
 @pytest.mark.parametrize("harm,named", [
     (lambda engine: (engine / "tokenizer.json").unlink(), "tokenizer.json is missing"),
+    (lambda engine: _truncate(engine / "tokenizer.json"),
+     "tokenizer.json was changed since the build"),
+    (lambda engine: _edit_text(engine / "tokenizer_config.json"),
+     "tokenizer_config.json was changed since the build"),
     (_edit_limits, "config.json was edited since the build"),
     (lambda engine: (engine / "config.json").write_text('{"trunc'),
      "config.json is missing or unreadable"),
     (lambda engine: (engine / "config.json").unlink(), "config.json is missing or unreadable"),
-], ids=["tokenizer-removed", "config-edited", "config-truncated", "config-removed"])
+], ids=["tokenizer-removed", "tokenizer-truncated", "tokenizer-config-edited", "config-edited",
+         "config-truncated", "config-removed"])
 def test_an_entry_damaged_beyond_its_rank_files_is_rebuilt(tiny_hf, cache_dir, builds, caplog,
                                                            harm, named):
     """A new-user trial: a removed tokenizer.json and an edited config.json were handed out
@@ -172,17 +185,23 @@ def test_an_entry_damaged_beyond_its_rank_files_is_rebuilt(tiny_hf, cache_dir, b
     assert api.damage(engine) is None
 
 
-def test_a_users_file_in_an_entry_without_its_config_is_left_alone(tiny_hf, cache_dir):
+def test_a_users_file_in_an_entry_without_its_config_is_left_alone(tiny_hf, cache_dir, caplog):
     """The files the build wrote are recorded in entry.json; another name is not the cache's
     to delete, even where the manifest that would say so is gone."""
     engine = engine_for_model(tiny_hf)
     (engine / "config.json").unlink()
     (engine / "notes.txt").write_text("mine")
-    with pytest.raises(BuildCacheError) as raised:
-        engine_for_model(tiny_hf)
-    assert str(raised.value).startswith(f"{engine}: holds ")
-    assert f"the entry {engine.parent} is left alone" in str(raised.value)
+    with caplog.at_level(logging.WARNING, logger="kiln.build_cache"):
+        with pytest.raises(BuildCacheError) as raised:
+            engine_for_model(tiny_hf)
+    assert str(raised.value) == (
+        f"the cached engine {engine} is damaged (config.json is missing or unreadable) and is "
+        f"not rebuilt, as {engine}: holds notes.txt, which the build did not write; move that "
+        f"away and it is, or delete the entry {engine.parent} yourself")
+    assert "rebuilding" not in caplog.text  # (a retest: said, then refused)
     assert (engine / "notes.txt").read_text() == "mine"
+    (engine / "notes.txt").unlink()
+    assert engine_for_model(tiny_hf) == engine and api.damage(engine) is None
 
 
 def test_something_else_in_the_way_of_an_entry_is_refused(tiny_hf, cache_dir):
