@@ -420,7 +420,9 @@ class LLM:
                             yield StreamDelta.of(index[delta.request_id], delta, request)
             finally:
                 with self._engine_lock:
-                    for rid in live:  # the caller stopped early, or an error escaped
+                    # the caller stopped early, or an error escaped; in submission order,
+                    # the scheduler's queue order
+                    for rid in [r for r in ids if r in live]:
                         if not self.closed:  # closed: the executor and its slots are gone
                             self.core.abort(rid)
                         self.core.pop(rid)
