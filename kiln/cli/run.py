@@ -160,8 +160,9 @@ def _read_input_file(path: Path) -> list[str]:
     except OSError as e:
         raise click.BadParameter(f"{path}: cannot be read ({e.strerror or e})",
                                  param_hint="--input_file") from None
-    try:  # newlines as text mode reads them ("\r\n" and "\r" as "\n")
-        text = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    try:  # newlines as text mode reads them ("\r\n" and "\r" as "\n"); a leading BOM (an
+        # editor's, on Windows) is no part of the prompt: a trial's had changed the answer
+        text = data.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise click.BadParameter(f"{path} line {line}: not UTF-8 text (byte offset {e.start}: "

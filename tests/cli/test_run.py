@@ -310,6 +310,13 @@ def test_input_file_newlines_read_as_text(tmp_path):
     f = tmp_path / "prompts.jsonl"
     f.write_bytes(b'"a"\r\n"b"\r\n')
     assert read_prompts((), f) == ["a", "b"]
+    # a leading BOM (Windows editors) is no part of the prompt: a trial's had changed the
+    # answer of a .txt, and a .jsonl's had been refused as not JSON
+    f.write_bytes(b'\xef\xbb\xbf"a"\r\n"b"\r\n')
+    assert read_prompts((), f) == ["a", "b"]
+    f = tmp_path / "bom.txt"
+    f.write_bytes(b"\xef\xbb\xbfThe capital of France is\r\n")
+    assert read_prompts((), f) == ["The capital of France is"]
 
 
 def test_empty_prompt_file_is_refused_by_name(engine, tmp_path):
