@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiln.dirs import is_hub_id, near_path
-from kiln.errors import UNREADABLE_JSON, DatasetError, json_type
+from kiln.errors import UNREADABLE_JSON, DatasetError, counted, json_type
 from kiln.hashing import sha256_file
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,13 @@ def _read_dir(directory: Path, name: str, kind: str, sha256: str | None) -> Text
     else:
         raise DatasetError(f"{where}: holds no .parquet, .jsonl or .txt file; pass a directory "
                            f"or dataset that has one")
+    skipped = [p for p in files if p.suffix.lower().lstrip(".") in KINDS and p not in chosen]
+    if skipped:  # a trial's .txt beside a .jsonl had been dropped without a word
+        log.warning("dataset %s: reads its %s only (a directory is read as one kind: .parquet, "
+                    "else .jsonl, else .txt); not read: %s", where,
+                    counted(len(chosen), f".{file_kind} file"),
+                    ", ".join(p.relative_to(directory).as_posix() for p in skipped[:5])
+                    + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""))
     texts: list[str] = []
     lines = []
     for file in chosen:

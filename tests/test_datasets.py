@@ -83,15 +83,21 @@ def test_corrupt_parquet(tmp_path):
     assert "cannot read as parquet" in _one_line(error)
 
 
-def test_directory_reads_first_kind_sorted(tmp_path):
+def test_directory_reads_first_kind_sorted(tmp_path, caplog):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.jsonl").write_text('{"text": "b"}\n')
     (tmp_path / "a.jsonl").write_text('{"text": "a"}\n')
     (tmp_path / "notes.txt").write_text("ignored: jsonl comes first")
+    (tmp_path / "README.md").write_text("not a dataset kind: not named")
     (tmp_path / ".cache").mkdir()
     (tmp_path / ".cache" / "x.jsonl").write_text('{"text": "hidden"}\n')
-    data = load_texts(tmp_path)
+    with caplog.at_level("WARNING", "kiln.datasets"):
+        data = load_texts(tmp_path)
     assert data.texts == ("a", "b") and data.kind == "dir"
+    # a trial's .txt beside a .jsonl had been dropped without a word at the default level
+    assert caplog.messages == [f"dataset {tmp_path}: reads its 2 .jsonl files only (a directory "
+                               f"is read as one kind: .parquet, else .jsonl, else .txt); not "
+                               f"read: notes.txt"]
     lines = "".join(f"{hashlib.sha256((tmp_path / p).read_bytes()).hexdigest()}  {p}\n"
                     for p in ("a.jsonl", "sub/b.jsonl"))
     assert data.sha256 == hashlib.sha256(lines.encode()).hexdigest()
