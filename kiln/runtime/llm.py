@@ -86,11 +86,14 @@ Messages = list[dict[str, Any]]
 
 
 
-def _refuse_runtime_keywords(keywords: dict[str, Any]) -> None:
+def _refuse_runtime_keywords(keywords: dict[str, Any], options: ExecutorOptions | None) -> None:
     """A TypeError for keywords of :class:`ExecutorOptions` (how the engine runs, not how it is
     built), which LLM takes as ``options=ExecutorOptions(...)``: a retest's
     ``LLM(dir, cpu_spin_wait=False)`` had been told these were build options."""
     runtime = sorted(set(keywords) & {f.name for f in dataclasses.fields(ExecutorOptions)})
+    if runtime and options is not None:  # a retest had been told to do what it had done
+        raise TypeError(f"LLM() got run-time options ({', '.join(runtime)}) as keywords beside "
+                        f"options=; they go in its ExecutorOptions(...) only: set them there")
     if runtime:
         shown = ", ".join(f"{name}={keywords[name]!r:.40}" for name in runtime)
         raise TypeError(f"LLM() takes run-time options ({', '.join(runtime)}) through "
@@ -114,7 +117,7 @@ class LLM:
         if options is not None and not isinstance(options, ExecutorOptions):
             raise TypeError(f"LLM() takes options as ExecutorOptions(...), found "
                             f"{type(options).__name__} {options!r:.60}")
-        _refuse_runtime_keywords(build_options)
+        _refuse_runtime_keywords(build_options, options)
         if engine_dir is not None and build_options:
             from kiln.dirs import DirKind, classify_dir
 

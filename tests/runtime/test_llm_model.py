@@ -101,6 +101,8 @@ def test_an_engine_that_fails_to_open_is_released(tiny_hf, cache, monkeypatch):
                                                "through options=: pass "
                                                "options=ExecutorOptions(cpu_spin_wait=False)"),
     ((), {"model": "m", "dp": 2, "num_threads": 1}, "options=ExecutorOptions(dp=2, num_threads=1)"),
+    (("engines/x", ExecutorOptions(dp=2)), {"dp": 2}, "LLM() got run-time options (dp) as "
+                                                      "keywords beside options=; they go in"),
     ((123,), {}, "LLM() takes an engine dir as a str or Path, found int 123"),
     ((), {"model": ["m"]}, "LLM() takes model as a str or Path, found list ['m']"),
     (("engines/x", {"device": "cpu"}), {}, "LLM() takes options as ExecutorOptions(...), found "
