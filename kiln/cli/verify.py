@@ -240,8 +240,8 @@ def _content_problem(path: Path, config: Any, rank: int,
                      on_read: Callable[[int], object] | None = None,
                      header_only: bool = False) -> str | None:
     """What is wrong with a checkpoint rank file by its content (what a build would refuse):
-    its header, then (unless ``header_only``) its tensors' names and a NaN/Inf in any tensor,
-    read one at a time; None if nothing."""
+    its header, then (unless ``header_only``) its tensors' names and shapes and a NaN/Inf in
+    any tensor, read one at a time; None if nothing."""
     from kiln.checkpoint import REWRITE, check_rank_header, read_checked
     from kiln.errors import KilnError
     from kiln.tensorio import read_header

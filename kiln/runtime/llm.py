@@ -65,7 +65,13 @@ from typing import TYPE_CHECKING, Any
 
 from kiln.engine import EngineManifest
 from kiln.runtime.core import EngineCore, RequestDelta
-from kiln.runtime.errors import EngineClosedError, RequestError, TokenizerError, described
+from kiln.runtime.errors import (
+    EngineClosedError,
+    RequestError,
+    TokenizerError,
+    described,
+    shown,
+)
 from kiln.runtime.executor import Executor
 from kiln.runtime.loader import ExecutorOptions, check_engine, open_engine
 from kiln.runtime.params import SamplingParams
@@ -85,7 +91,6 @@ Prompt = str | Sequence[int]
 Messages = list[dict[str, Any]]
 
 
-
 def _refuse_runtime_keywords(keywords: dict[str, Any], options: ExecutorOptions | None) -> None:
     """A TypeError for keywords of :class:`ExecutorOptions` (how the engine runs, not how it is
     built), which LLM takes as ``options=ExecutorOptions(...)``: a retest's
@@ -95,9 +100,9 @@ def _refuse_runtime_keywords(keywords: dict[str, Any], options: ExecutorOptions 
         raise TypeError(f"LLM() got run-time options ({', '.join(runtime)}) as keywords beside "
                         f"options=; they go in its ExecutorOptions(...) only: set them there")
     if runtime:
-        shown = ", ".join(f"{name}={keywords[name]!r:.40}" for name in runtime)
+        given = ", ".join(f"{name}={shown(keywords[name])}" for name in runtime)
         raise TypeError(f"LLM() takes run-time options ({', '.join(runtime)}) through "
-                        f"options=: pass options=ExecutorOptions({shown})")
+                        f"options=: pass options=ExecutorOptions({given})")
 
 
 class LLM:
