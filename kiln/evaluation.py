@@ -209,12 +209,12 @@ def evaluate(engine_dir: str | Path, dataset: str | Path | TextDataset,
     token_ids = load_tokenizer(engine_dir).encode(data.joined())
     try:
         sliding_windows(len(token_ids), max_length, stride)
-    except DatasetError as e:  # the text's own problem: say which text
-        raise DatasetError(f"{data.name}: {e}") from None
+    except DatasetError as e:  # the text's own problem: say which text, by the path given
+        raise DatasetError(f"{data.shown}: {e}") from None
     with LLM(engine_dir, options) as llm:
         result = perplexity(llm, token_ids, max_length, stride, progress)
     if result.tokens < FEW_TOKENS:  # a trial's 3-token text gave a figure without a word
         logger.warning("%s: the perplexity rests on %s, too few to compare with another "
-                       "figure; give a longer text", data.name, counted(result.tokens, "token"))
+                       "figure; give a longer text", data.shown, counted(result.tokens, "token"))
     return PerplexityResult(**{**asdict(result), "dataset": data.name,
                                "dataset_sha256": data.sha256, "engine_dir": str(engine_dir)})

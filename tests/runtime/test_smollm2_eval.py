@@ -139,7 +139,7 @@ def test_a_figure_on_too_few_tokens_is_said_to_be_so(engine, text_file, tmp_path
         result = evaluate(engine, short)
         assert 1 <= result.tokens < 64 and math.isfinite(result.perplexity)
         evaluate(engine, text_file)  # hundreds of tokens: no word
-    assert caplog.messages == [f"short.txt: the perplexity rests on {result.tokens} tokens, too "
+    assert caplog.messages == [f"{short}: the perplexity rests on {result.tokens} tokens, too "
                                f"few to compare with another figure; give a longer text"]
 
 
@@ -155,7 +155,7 @@ def test_json_output_dash_puts_the_json_alone_on_stdout(engine, text_file):
 @pytest.mark.parametrize(("args", "expected"), [
     (["--dataset", "{tmp}/missing.txt"], "no such file or directory"),
     (["--dataset", "{tmp}/empty.txt"], "holds no text"),
-    (["--dataset", "{tmp}/one.txt"], "one.txt: the text is 1 token long; perplexity needs "
+    (["--dataset", "{tmp}/one.txt"], "{tmp}/one.txt: the text is 1 token long; perplexity needs "
                                      "at least 2 tokens"),
     # one wording, whether the flags or the engine's max_input_len set max_length
     (["--dataset", "{text}", "--max_length", "8", "--stride", "9"],
@@ -179,4 +179,5 @@ def test_bad_inputs_are_one_line_exit_2(engine, text_file, tmp_path, monkeypatch
     result = CliRunner().invoke(main, ["eval", "--engine_dir", str(engine), *args])
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
+    expected = expected.format(tmp=tmp_path)  # a file is named by the path given
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
