@@ -267,13 +267,27 @@ async def _one(session: aiohttp.ClientSession, url: str, body: dict, api_key: st
             if not finished:
                 result.error = "the stream ended without data: [DONE]"
     except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-        result.error = f"{type(e).__name__}: {e or 'no detail'}"
+        result.error = _failure(e, url)
     except UNREADABLE_JSON as e:
         result.error = f"a chunk is not JSON ({e})"
     finally:
         result.done = time.perf_counter()
     if result.error is None and not result.chunk_times:
         result.error = "no token was streamed"
+
+
+def _failure(e: BaseException, url: str) -> str:
+    """A request's transport failure in words. (A trial's server killed mid-run was reported
+    in aiohttp's: "ClientPayloadError: Response payload is not completed: <TransferEncodingError:
+    400, message='Not enough data to satisfy transfer length header.'>".)"""
+    if isinstance(e, aiohttp.ClientPayloadError | aiohttp.ServerDisconnectedError):
+        return f"{url} closed the connection mid-response (did the server stop?)"
+    if isinstance(e, aiohttp.ClientConnectorError):
+        return f"cannot connect to {url} ({e.os_error.strerror or e.os_error}); is the " \
+               f"server still running?"
+    if isinstance(e, asyncio.TimeoutError):
+        return f"{url} did not answer in time"
+    return f"{type(e).__name__}: {e or 'no detail'}"
 
 
 async def _run_rate(session: aiohttp.ClientSession, url: str, model: str, api_key: str | None,

@@ -3,15 +3,19 @@ shape and sanity, and one-line errors for bad input."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import aiohttp
 import pytest
 from click.testing import CliRunner
 
 from kiln.cli.main import main
+from kiln.serve import bench
 from tests.serve.conftest import API_KEY, MODEL, free_port
 
 
@@ -147,11 +151,12 @@ def test_a_rate_whose_arrivals_take_long_is_warned_about(server, monkeypatch, ca
 
 
 @contextlib.contextmanager
-def _flaky_server(fail_every: int, fail_from: int | None = None):
+def _flaky_server(fail_every: int, fail_from: int | None = None, cut_from: int | None = None):
     """The URL of an OpenAI-compatible server of one model, "flaky", whose every
     ``fail_every``-th completion request (in the order received), and every one from the
-    ``fail_from``-th on, is an HTTP 500; the others stream ``max_tokens`` one-character
-    chunks."""
+    ``fail_from``-th on, is an HTTP 500; from the ``cut_from``-th on, each stream stops after
+    its first chunk and the connection is closed (a server killed mid-run); the others stream
+    ``max_tokens`` one-character chunks."""
     received = iter(range(1 << 30))  # next() under the lock: one count per request
     lock = threading.Lock()
 
@@ -180,8 +185,16 @@ def _flaky_server(fail_every: int, fail_from: int | None = None):
             tokens = body["max_tokens"]
             events = [{"choices": [{"index": 0, "text": "a"}]}] * tokens + \
                 [{"choices": [], "usage": {"completion_tokens": tokens}}]
-            self.send(200, "text/event-stream",
-                      "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n")
+            stream = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+            if cut_from is not None and n >= cut_from:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(stream)))
+                self.end_headers()
+                self.wfile.write(f"data: {json.dumps(events[0])}\n\n".encode())
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            self.send(200, "text/event-stream", stream)
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -239,6 +252,31 @@ def test_a_rate_where_every_request_failed_is_reported_and_the_others_keep_their
     assert (second["completed"], second["failed"], second["ttft_ms"]["mean"],
             second["output_tokens_per_s"]) == (0, 3, None, 0.0)
 
+
+
+def test_a_server_that_stops_mid_run_is_said_in_words(tmp_path):
+    """A trial's server killed mid-run was reported in aiohttp's own text ("ClientPayloadError:
+    Response payload is not completed: <TransferEncodingError: 400, ...>")."""
+    with _flaky_server(fail_every=1 << 30, cut_from=2) as url:
+        result = _bench("--serve", url, "--num_requests", "4", "--input_len", "4",
+                        "--output_len", "3", "--warmup", "0", "--max_concurrency", "1")
+    assert result.exit_code == 1, result.output
+    assert result.stderr.splitlines()[-1] == (
+        f"error: 2 of 4 requests failed (the figures are of the 2 that completed); the first: "
+        f"{url} closed the connection mid-response (did the server stop?)")
+
+
+def test_a_server_gone_before_a_request_is_said_in_words():
+    url = f"http://127.0.0.1:{free_port()}"
+    result = bench._Result()
+
+    async def one() -> None:
+        async with aiohttp.ClientSession() as session:
+            await bench._one(session, url, {}, None, result)
+
+    asyncio.run(one())
+    assert result.error.startswith(f"cannot connect to {url} (") and result.error.endswith(
+        "); is the server still running?"), result.error
 
 
 def test_a_warm_up_where_every_request_failed_stops_in_one_line(tmp_path):
