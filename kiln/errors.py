@@ -9,6 +9,7 @@ only under ``--debug``. Anything else escaping is a bug in kiln.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any
 
@@ -16,6 +17,23 @@ from typing import Any
 def a_or_an(word: str) -> str:
     """``word`` after its article, for messages: "an onnx engine", "a torch engine"."""
     return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
+
+
+def shown(value: Any, most: int = 40) -> str:
+    """``repr(value)`` for a message, its middle cut out past ``most`` characters (a request's
+    5,000-digit seed had been echoed whole)."""
+    # (repr() refuses ints past 4,300 digits)
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10 ** most:
+        digits = int(abs(value).bit_length() * math.log10(2)) + 1
+        return f"{'a negative' if value < 0 else 'an'} integer of about {digits:,} digits"
+    text = repr(value)
+    return text if len(text) <= most else f"{text[:most // 2]}...{text[-8:]} ({len(text):,} " \
+        f"characters)"
+
+
+def described(value: Any) -> str:
+    """A value in an error message: its type, and :func:`shown`'s form of it."""
+    return f"{type(value).__name__} {shown(value)}"
 
 
 def json_type(value: Any) -> str:
@@ -130,7 +148,7 @@ def check_counts(options: Any, error: type[Exception], at_least: dict[str, int] 
         least = (at_least or {}).get(f.name, 1)
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             wanted = "a positive integer" if least == 1 else f"an integer >= {least}"
-            raise error(f"{f.name} must be {wanted}, found {value!r}")
+            raise error(f"{f.name} must be {wanted}, found {shown(value)}")
 
 
 def check_flags(options: Any, error: type[Exception]) -> None:
@@ -142,4 +160,4 @@ def check_flags(options: Any, error: type[Exception]) -> None:
             continue
         value = getattr(options, f.name)
         if not isinstance(value, bool) and not (value is None and f.type == "bool | None"):
-            raise error(f"{f.name} must be True or False, found {value!r}")
+            raise error(f"{f.name} must be True or False, found {shown(value)}")

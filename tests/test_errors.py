@@ -67,3 +67,16 @@ def test_a_count_of_the_python_api_takes_an_integer_in_range_only(make, field, l
     wanted = "a positive integer" if least == 1 else f"an integer >= {least}"
     assert str(e.value) == f"{field} must be {wanted}, found {value!r}"
     assert getattr(make(**{field: least}), field) == least
+
+
+@pytest.mark.parametrize("field,value,shown", [
+    ("tp_size", -(10 ** 5000), "found a negative integer of about 5,001 digits"),
+    ("overwrite", "n" * 500, "found 'nnnnnnnnnnnnnnnnnnn...nnnnnnn' (502 characters)"),
+], ids=["5000-digit-count", "500-character-flag"])
+def test_a_huge_value_is_shown_cut(field, value, shown):
+    """The counts and flags are shown as the runtime shows a request's values
+    (kiln.errors.shown): repr() refuses an int past 4,300 digits (a ValueError, not the one
+    line), and a long string had been echoed whole."""
+    with pytest.raises(ConfigError) as e:
+        ConvertOptions(**{field: value})
+    assert str(e.value).endswith(shown) and len(str(e.value)) < 100, str(e.value)

@@ -6,27 +6,7 @@ Engine-dir problems (missing, corrupt, incompatible with this machine) raise
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
-from kiln.errors import KilnError
-
-
-def shown(value: Any, most: int = 40) -> str:
-    """``repr(value)`` for a message, its middle cut out past ``most`` characters (a request's
-    5,000-digit seed had been echoed whole)."""
-    # (repr() refuses ints past 4,300 digits)
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10 ** most:
-        digits = int(abs(value).bit_length() * math.log10(2)) + 1
-        return f"{'a negative' if value < 0 else 'an'} integer of about {digits:,} digits"
-    text = repr(value)
-    return text if len(text) <= most else f"{text[:most // 2]}...{text[-8:]} ({len(text):,} " \
-        f"characters)"
-
-
-def described(value: Any) -> str:
-    """A value in an error message: its type, and :func:`shown`'s form of it."""
-    return f"{type(value).__name__} {shown(value)}"
+from kiln.errors import KilnError, described, shown  # noqa: F401 (shown: the runtime's import)
 
 
 class SamplingParamsError(KilnError, ValueError):
