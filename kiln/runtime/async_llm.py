@@ -43,7 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kiln.runtime.errors import RequestError, described
+from kiln.errors import described
+from kiln.runtime.errors import RequestError
 from kiln.runtime.llm import LLM, Prompt
 from kiln.runtime.options import ExecutorOptions
 from kiln.runtime.params import SamplingParams

@@ -77,8 +77,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiln.engine import BuildLimits
+from kiln.errors import described
 from kiln.runtime.detokenize import IncrementalDetokenizer, StopStringMatcher
-from kiln.runtime.errors import RequestError, described
+from kiln.runtime.errors import RequestError
 from kiln.runtime.executor import DeviceTokens, Executor, StepLogits
 from kiln.runtime.params import SamplingParams, TokenLogprobs
 from kiln.runtime.sampling import (

@@ -6,7 +6,7 @@ Engine-dir problems (missing, corrupt, incompatible with this machine) raise
 
 from __future__ import annotations
 
-from kiln.errors import KilnError, described, shown  # noqa: F401 (shown: the runtime's import)
+from kiln.errors import KilnError
 
 
 class SamplingParamsError(KilnError, ValueError):

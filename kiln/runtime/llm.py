@@ -64,14 +64,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.engine import EngineManifest
+from kiln.errors import described, shown
 from kiln.runtime.core import EngineCore, RequestDelta
-from kiln.runtime.errors import (
-    EngineClosedError,
-    RequestError,
-    TokenizerError,
-    described,
-    shown,
-)
+from kiln.runtime.errors import EngineClosedError, RequestError, TokenizerError
 from kiln.runtime.executor import Executor
 from kiln.runtime.loader import ExecutorOptions, check_engine, open_engine
 from kiln.runtime.params import SamplingParams

@@ -14,7 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kiln.runtime.errors import SamplingParamsError, shown
+from kiln.errors import shown
+from kiln.runtime.errors import SamplingParamsError
 
 # torch.Generator.manual_seed takes a 64-bit seed, signed or unsigned (a negative one is read as
 # its two's complement); the numpy path draws from the same CPU torch.Generator.

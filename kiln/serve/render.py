@@ -31,8 +31,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from kiln.errors import json_type
-from kiln.runtime.errors import RequestError, SamplingParamsError, TokenizerError, shown
+from kiln.errors import json_type, shown
+from kiln.runtime.errors import RequestError, SamplingParamsError, TokenizerError
 from kiln.runtime.llm import LLM, Prompt
 from kiln.runtime.params import SamplingParams, TokenLogprobs
 from kiln.runtime.results import CompletionResult, StreamDelta
