@@ -147,6 +147,12 @@ def test_unrecognized_configs_keep_their_own_errors(dirs, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(manifest))
     with pytest.raises(EngineError, match=r"malformed manifest \(missing key 'max_batch_size'\)"):
         read_manifest(tmp_path)
+    for value in (True, 4.0):  # JSON's true had been read as one slot
+        manifest["limits"]["max_batch_size"] = value
+        (tmp_path / "config.json").write_text(json.dumps(manifest))
+        with pytest.raises(EngineError, match=rf"malformed manifest \(max_batch_size must be a "
+                                              rf"positive integer, found {value}\); rebuild"):
+            read_manifest(tmp_path)
     ckpt = json.loads((dirs[DirKind.KILN_CHECKPOINT] / "config.json").read_text())
     del ckpt["decoder"]["num_layers"], ckpt["decoder"]["hidden_size"]
     (tmp_path / "config.json").write_text(json.dumps(ckpt))

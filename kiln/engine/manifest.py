@@ -32,7 +32,7 @@ from typing import Any
 
 from kiln.config import DTYPES, DecoderConfig, Mapping
 from kiln.dirs import DirKind, read_config
-from kiln.errors import ConfigError, EngineError, malformed
+from kiln.errors import ConfigError, EngineError, check_counts, malformed
 from kiln.hashing import (  # the one sha256 helper (also imported from here)
     DIGEST_KEY,
     manifest_digest,
@@ -63,10 +63,7 @@ class BuildLimits:
     max_num_tokens: int  # tokens of all sequences in one step (prefill chunks + decodes)
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, found {value!r}")
+        check_counts(self, ConfigError)  # (true had been taken as 1)
         if self.max_input_len > self.max_seq_len:
             raise ConfigError(f"max_input_len ({self.max_input_len}) exceeds max_seq_len "
                               f"({self.max_seq_len}); raise --max_seq_len or lower --max_input_len")
