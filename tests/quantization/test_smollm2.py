@@ -36,7 +36,8 @@ def test_int8_wo_within_one_percent_and_awq_beats_int4_wo(smollm2, tmp_path):
                             no_accuracy_gate=True, **common)
         accuracy[qformat] = load_config(out).quantization.accuracy
     assert accuracy["int8_wo"]["tokens"] >= 250
-    assert 1.0 - 1e-3 <= accuracy["int8_wo"]["ppl_ratio"] <= 1.01
+    # int8's rounding moves the figure either way (0.9989 on these tokens)
+    assert 0.99 <= accuracy["int8_wo"]["ppl_ratio"] <= 1.01
     increase = {q: a["perplexity_quantized"] - a["perplexity_source"] for q, a in accuracy.items()}
     assert 0 < increase["int4_awq"] < increase["int4_wo"], accuracy
     assert accuracy["int4_awq"]["kl_divergence"] < accuracy["int4_wo"]["kl_divergence"]
