@@ -382,8 +382,21 @@ def _replace(target: Path, tmp: Path, writes: str | None) -> None:
         (trash / "old").rename(target)
         trash.rmdir()
         raise
-    log.warning("replaced %s (%s) with the new output", target, kind)
-    shutil.rmtree(trash, ignore_errors=True)
+    try:
+        log.warning("replaced %s (%s) with the new output", target, kind)
+    finally:
+        _remove_tree(trash)
+
+
+def _remove_tree(path: Path) -> None:
+    """``shutil.rmtree`` that, interrupted, finishes before the interrupt goes on (deleting is
+    quick): a Ctrl-C just after the new output's rename had left the old one half deleted
+    beside it."""
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 def _make_parents(parent: Path) -> list[Path]:
@@ -404,7 +417,8 @@ def _remove_stale(target: Path) -> None:
     for path in target.parent.glob(f".{glob.escape(stem)}.*-*-*"):
         match = re.fullmatch(rf"\.{re.escape(stem)}\.(tmp|old)-(\d+)-\w+", path.name)
         if match and path.is_dir() and not _alive(int(match.group(2))):
-            log.warning("removing %s, left by a kiln process that was killed", path)
+            log.warning("removing %s, left by a kiln process that is no longer running",
+                        path)
             shutil.rmtree(path, ignore_errors=True)
 
 

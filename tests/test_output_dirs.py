@@ -547,7 +547,7 @@ def test_temporary_dirs_of_a_killed_run_are_removed_by_the_next(tmp_path, caplog
     with atomic_dir(tmp_path / "out", overwrite=False) as tmp:
         (tmp / "config.json").write_text("{}")
     assert not stale.exists() and live.exists()
-    assert "left by a kiln process that was killed" in caplog.text
+    assert "left by a kiln process that is no longer running" in caplog.text
 
 
 def test_a_target_that_cannot_be_moved_aside_leaves_no_trash(built, tmp_path, monkeypatch):
@@ -564,6 +564,28 @@ def test_a_target_that_cannot_be_moved_aside_leaves_no_trash(built, tmp_path, mo
         with atomic_dir(out, overwrite=True) as tmp:
             (tmp / "config.json").write_text("{}")
     assert [p.name for p in tmp_path.iterdir()] == ["engine"]
+
+
+def test_a_ctrl_c_while_the_old_output_is_removed_still_removes_it(built, tmp_path,
+                                                                    monkeypatch):
+    """A trial's Ctrl-C just after the new output's rename left ``.engine.old-<pid>-*/old``
+    half deleted beside it, and the next run called its writer killed."""
+    out = Path(shutil.copytree(built[1], tmp_path / "engine"))
+    rmtree = shutil.rmtree
+    interrupted = []
+
+    def interrupted_once(path, *args, **kwargs):
+        if ".old-" in str(path) and not interrupted:
+            interrupted.append(path)
+            raise KeyboardInterrupt
+        return rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(out, overwrite=True) as tmp:
+            (tmp / "config.json").write_text("{}")
+    assert interrupted and [p.name for p in tmp_path.iterdir()] == ["engine"]
+    assert (out / "config.json").read_text() == "{}"  # the new output, in place
 
 
 def test_an_os_error_is_one_line_and_exit_2(built, tmp_path, monkeypatch):
