@@ -27,6 +27,14 @@ log = logging.getLogger(__name__)
 SEPARATOR = "\n\n"
 
 
+class TooFewTokens(DatasetError):
+    """A text too short for the samples asked of it; ``tokens``: the tokens it has."""
+
+    def __init__(self, message: str, tokens: int):
+        super().__init__(message)
+        self.tokens = tokens
+
+
 def held_out(calib_size: int) -> int:
     """Samples after the calibration samples kept for the accuracy gate (a quarter as many)."""
     return max(1, -(-calib_size // 4))
@@ -87,11 +95,11 @@ def token_samples(dataset: TextDataset, tokenizer, seq_length: int,
     ids = encode_stream(dataset, tokenizer, None if count is None else count * seq_length)
     n = len(ids) // seq_length if count is None else count
     if n < 1 or len(ids) < n * seq_length:
-        raise DatasetError(
+        shorter = f" to {len(ids) // max(n, 1)} or less" if len(ids) >= 2 * max(n, 1) else ""
+        raise TooFewTokens(
             f"{dataset.shown}: has {counted(len(ids), 'token')}, {max(n, 1) * seq_length} needed "
-            f"({counted(max(n, 1), 'sample')} x {seq_length} tokens); pass "
-            f"more text or lower the sample "
-            f"length (--calib_max_seq_length)")
+            f"({counted(max(n, 1), 'sample')} x {seq_length} tokens); pass more text or lower "
+            f"the sample length (--calib_max_seq_length{shorter})", len(ids))
     tokens = torch.tensor(ids[:n * seq_length], dtype=torch.int64).view(n, seq_length)
     return Samples(tokens, dataset)
 
@@ -108,8 +116,8 @@ def split_calibration(dataset: TextDataset, tokenizer, calib_size: int,
             else f"lower --calib_max_seq_length (not even one {seq_length}-token sample fits)"
         raise DatasetError(
             f"{dataset.shown}: has {counted(len(ids), 'token')}, --calib_size {calib_size} x "
-            f"--calib_max_seq_length {seq_length} plus {evals} held-out samples for the accuracy "
-            f"gate need {need}; pass more text, or {lower}")
+            f"--calib_max_seq_length {seq_length} plus {counted(evals, 'held-out sample')} for "
+            f"the accuracy gate need {need}; pass more text, or {lower}")
     tokens = torch.tensor(ids[:need], dtype=torch.int64).view(calib_size + evals, seq_length)
     log.info("calibration: %d samples x %d tokens from %s, %d held out for the accuracy gate",
              calib_size, seq_length, dataset.name, evals)

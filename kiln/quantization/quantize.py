@@ -64,7 +64,13 @@ from kiln.output_dirs import (
 from kiln.progress import progress_bar
 from kiln.quantization.accuracy import AccuracyMeter, check_gate, summary
 from kiln.quantization.config import FORMATS, GROUP_SIZES, WEIGHT_SCALE, Granularity, QuantConfig
-from kiln.quantization.data import Samples, load_tokenizer_of, split_calibration, token_samples
+from kiln.quantization.data import (
+    Samples,
+    TooFewTokens,
+    load_tokenizer_of,
+    split_calibration,
+    token_samples,
+)
 from kiln.quantization.formats import dequantize_weight, quantize_weight
 from kiln.quantization.layerio import LayerReader, QuantizedWriter, unlayered_chunks
 from kiln.quantization.options import (
@@ -119,14 +125,14 @@ def quantize(checkpoint_dir: str | Path, output_dir: str | Path, *, progress: bo
                     opts.calib_max_seq_length, what, opts.calib_max_seq_length,
                     min(DEFAULT_CALIB_SEQ_LENGTH, context))
     if source.quantization is not None:
-        raise QuantizationError(f"{source_dir}: is already quantized "
+        raise QuantizationError(f"{source_dir} is already quantized "
                                 f"({source.quantization.qformat}); quantize its unquantized "
                                 f"source checkpoint instead")
     info = FORMATS.get(opts.qformat)
     if info is not None and Granularity.PER_GROUP in info.weight_scales:
         check_group_size(opts.group_size, source)  # before QuantConfig's, which knows no model
     quant = quant_config(opts, source)
-    check_group_size(quant.group_size, source)  # the int4 default too
+    check_group_size(quant.group_size, source, default=opts.group_size is None)  # the default
     device = resolve_device(opts.device)
     job = _Job(source_dir, source, quant, device, opts, progress)
     job.load_data()
@@ -179,12 +185,15 @@ def default_alpha(architecture: str) -> float:
     return float(value.get(architecture, DEFAULT_ALPHA) if isinstance(value, dict) else value)
 
 
-def check_group_size(group_size: int | None, source: CheckpointConfig) -> None:
+def check_group_size(group_size: int | None, source: CheckpointConfig,
+                     default: bool = False) -> None:
     """An int4 ``group_size`` (None: no groups) is one of :data:`GROUP_SIZES` and splits each
     rank's input features of every quantized linear into whole groups; a refusal names the
-    sizes that fit this checkpoint."""
+    sizes that fit this checkpoint, and the size as the format's default where the user gave
+    none (a trial's "--group_size 128" had not been typed)."""
     if group_size is None:
         return
+    named = f"the default --group_size {group_size}" if default else f"--group_size {group_size}"
     cfg, tp = source.decoder, source.mapping.tp_size
     inputs = {"attn.qkv / mlp (hidden)": cfg.hidden_size, "attn.o": cfg.q_size // tp,
               "mlp.down": cfg.intermediate_size // tp}
@@ -202,7 +211,7 @@ def check_group_size(group_size: int | None, source: CheckpointConfig) -> None:
                           f"features per rank (tp_size {tp}: {widths}); {use}")
     for what, features in inputs.items():
         if features % group_size:
-            raise ConfigError(f"--group_size {group_size} does not divide the "
+            raise ConfigError(f"{named} does not divide the "
                               f"{features} input features of {what} per rank (tp_size {tp}); "
                               f"{use}")
 
@@ -252,8 +261,8 @@ class _Job:
             texts = load_texts(opts.eval_dataset)
             try:
                 self.eval = token_samples(texts, tokenizer, opts.calib_max_seq_length)
-            except DatasetError as e:  # its advice, followed, must not meet the gate's refusal
-                if opts.no_accuracy_gate:
+            except TooFewTokens as e:  # its advice, followed, must not meet the gate's refusal
+                if opts.no_accuracy_gate or e.tokens > MIN_GATE_TOKENS:  # shorter samples do
                     raise
                 raise DatasetError(f"{e}. The accuracy gate needs {MIN_GATE_TOKENS + 1} tokens "
                                    f"of it at the least ({MIN_GATE_TOKENS} scored: a sample's "

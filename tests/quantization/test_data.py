@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kiln.datasets import load_texts
-from kiln.quantization.data import SEPARATOR, encode_stream
+from kiln.quantization.data import SEPARATOR, TooFewTokens, encode_stream, token_samples
 from kiln.runtime.tokenizer import load_tokenizer
 from kiln.testing.english import english_file
 from kiln.testing.smollm2 import smollm2_hf_dir
@@ -32,3 +32,17 @@ def test_the_stream_is_the_joined_texts_encoded_as_one_string(tokenizer, limit):
     else:
         assert len(ids) >= limit and ids[:limit] == whole[:limit]
         assert len(ids) < len(whole) or limit > len(whole) // 2  # no more text than needed
+
+
+def test_a_text_shorter_than_a_sample_is_told_the_length_that_fits(tokenizer, tmp_path):
+    """A trial's 332-token --eval_dataset with 512-token samples was told only "lower the
+    sample length", then that the gate needs 65 tokens, which it had."""
+    short = tmp_path / "short.txt"
+    short.write_text("The cat sat on the mat, and then it went to sleep in the sun.")
+    n = len(tokenizer.encode(short.read_text().strip(), add_special_tokens=False))
+    with pytest.raises(TooFewTokens) as e:
+        token_samples(load_texts(short), tokenizer, 512)
+    assert e.value.tokens == n
+    assert str(e.value) == (f"{short}: has {n} tokens, 512 needed (1 sample x 512 tokens); pass "
+                            f"more text or lower the sample length (--calib_max_seq_length to "
+                            f"{n} or less)")

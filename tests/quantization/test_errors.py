@@ -52,8 +52,9 @@ def _cases(src, src_tp2, texts, quantized, tmp):
                                        "64, mlp.down 96); use --group_size 32"),
         "group size on int8": (["--qformat", "int8_wo", "--group_size", "48"], src,
                               "group_size applies to int4 formats only, not int8_wo"),
+        # the size named as the default: a trial had not typed 128
         "default group size": (["--qformat", "int4_wo"], src,
-                               "--group_size 128 does not divide the 64 input features of "
+                               "error: the default --group_size 128 does not divide the 64 input features of "
                                "attn.qkv / mlp (hidden) per rank (tp_size 1); use --group_size "
                                "32"),
         "missing file": (["--qformat", "int8_sq", "--calib_dataset", tmp / "nope.txt"], src,
