@@ -213,9 +213,11 @@ async def _models(session: aiohttp.ClientSession, url: str,
     except (aiohttp.ClientError, asyncio.TimeoutError) as e:
         raise ServeBenchError(f"cannot reach {url} ({type(e).__name__}: {e or 'no answer'}); "
                               f"is kiln serve running there?") from None
-    if status == 401:
-        raise ServeBenchError(f"{url} refused the API key (401); pass --api_key or set "
-                              f"KILN_API_KEY")
+    if status == 401:  # (a trial's wrong key had been told to pass one)
+        fix = "check the key (the server's --api_key or KILN_API_KEY)" if api_key else \
+            "pass --api_key or set KILN_API_KEY"
+        raise ServeBenchError(f"{url} refused {'the' if api_key else 'a request without an'} "
+                              f"API key (401); {fix}")
     if status != 200:
         raise ServeBenchError(f"{url}/v1/models answered {status}; is it an "
                               f"OpenAI-compatible server?")

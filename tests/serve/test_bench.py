@@ -88,7 +88,12 @@ def test_bad_rate_is_one_line(rates, fragment):
 
 
 def test_refused_key_unknown_model_and_too_long_are_one_line(server):
-    _one_line_error(_bench("--serve", server.url, "--api_key", "wrong"), "refused the API key")
+    _one_line_error(_bench("--serve", server.url, "--api_key", "wrong"),
+                    "refused the API key (401); check the key (the server's --api_key or "
+                    "KILN_API_KEY)")
+    _one_line_error(_bench("--serve", server.url, env={"KILN_API_KEY": ""}),
+                    "refused a request without an API key (401); pass --api_key or set "
+                    "KILN_API_KEY")
     _one_line_error(_bench("--serve", server.url, "--api_key", API_KEY, "--model", "nope"),
                     "serves no model 'nope'")
     _one_line_error(_bench("--serve", server.url, "--api_key", API_KEY, "--input_len", "90",
