@@ -54,9 +54,9 @@ def _cases(src, src_tp2, texts, quantized, tmp):
                               "group_size applies to int4 formats only, not int8_wo"),
         # the size named as the default: a trial had not typed 128
         "default group size": (["--qformat", "int4_wo"], src,
-                               "error: the default --group_size 128 does not divide the 64 input features of "
-                               "attn.qkv / mlp (hidden) per rank (tp_size 1); use --group_size "
-                               "32"),
+                               "error: the default --group_size 128 does not divide the 64 "
+                               "input features of attn.qkv / mlp (hidden) per rank (tp_size 1); "
+                               "use --group_size 32"),
         "missing file": (["--qformat", "int8_sq", "--calib_dataset", tmp / "nope.txt"], src,
                          "nope.txt"),
         "empty file": (["--qformat", "int8_sq", "--calib_dataset", empty], src, "empty.txt"),
