@@ -6,8 +6,8 @@ special tokens), reading no more texts than it needs, and cuts the stream into c
 non-overlapping samples of ``seq_length`` tokens (a trailing partial sample is dropped).
 :func:`split_calibration` takes the first ``calib_size`` samples for calibration and the next
 ``held_out(calib_size)`` (a quarter as many: a fifth of the tokens read) for the accuracy gate,
-so the gate never sees a token calibration saw. Too little text is a :class:`~kiln.errors.DatasetError` saying how many tokens
-there are and what would fix it.
+so the gate never sees a token calibration saw. Too little text is a
+:class:`~kiln.errors.DatasetError` saying how many tokens there are and what would fix it.
 
 Non-goals: packing with attention masks, padding, sampling samples at random offsets.
 """
