@@ -144,7 +144,9 @@ def create_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = N
         check(request)
         req = await _parse(request, ChatCompletionRequest)
         check(request, req.model)
-        prompt = renderer.chat_prompt(req)
+        # the template's rendering and the encoding off the event loop (a long conversation
+        # takes seconds: other requests, streams and /health go on meanwhile)
+        prompt = await asyncio.to_thread(renderer.chat_prompt, req)
         params = renderer.chat_params(req)
         jobs = [Job(j, prompt, render.nth(params, j)) for j in range(req.n)]
         rid = new_id("chatcmpl")

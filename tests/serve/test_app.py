@@ -5,8 +5,10 @@ chat templates, health, error shapes. No model runs, so these take milliseconds.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import json
+import threading
 import time
 
 import pytest
@@ -15,6 +17,7 @@ from fastapi.testclient import TestClient
 
 from kiln.engine import BuildLimits
 from kiln.runtime import LLM, AsyncLLM, SamplingParams
+from kiln.runtime.async_llm import INLINE_ENCODE_CHARS
 from kiln.runtime.tokenizer import load_tokenizer
 from kiln.serve import create_app
 from kiln.serve.state import Job
@@ -326,3 +329,29 @@ def test_json_python_cannot_read_is_a_400(engine, body):
                                headers={"content-type": "application/json"})
     assert out.status_code == 400, out.text
     assert out.json()["error"]["code"] == "invalid_json"
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
+def test_a_long_prompt_is_encoded_while_the_server_answers_others(engine, monkeypatch, endpoint):
+    """Trial D: a 3.5 MB prompt held /health for 1.8 s, four of them 5.4 s. The encoding of a
+    long prompt waits here until /health has answered: on the event loop it would wait in
+    vain, and the request fails."""
+    entered, gate = threading.Event(), threading.Event()
+    encode = engine.llm.tokenizer.encode
+
+    def gated(text, *args, **kwargs):
+        if len(text) > INLINE_ENCODE_CHARS:
+            entered.set()
+            assert gate.wait(10), "the long prompt was encoded on the event loop"
+        return encode(text, *args, **kwargs)
+    monkeypatch.setattr(engine.llm.tokenizer, "encode", gated)
+    text = "word " * (INLINE_ENCODE_CHARS // 4)
+    body = ({"prompt": text} if endpoint == "/v1/completions"
+            else {"messages": [{"role": "user", "content": text}]})
+    with _client(engine) as client, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(client.post, endpoint, json={"model": "m", "max_tokens": 1, **body})
+        assert entered.wait(10)
+        assert client.get("/health").status_code == 200
+        gate.set()
+        out = future.result()
+    assert out.status_code == 400 and out.json()["error"]["code"] == "context_length_exceeded"
