@@ -40,7 +40,7 @@ from kiln.engine import EngineManifest
 from kiln.errors import ConfigError, counted
 from kiln.output_dirs import ENGINE_KIND, atomic_dir, check_output, copy_tokenizer
 from kiln.plugins import PluginContext, resolve_plugins
-from kiln.quantization.config import QuantConfig
+from kiln.quantization.config import QuantConfig, slow_on_onnx_cpu
 
 log = logging.getLogger(__name__)
 
@@ -198,20 +198,10 @@ def make_plan(options: BuildOptions, ckpt: CheckpointConfig, engine: Backend) ->
 
 
 def _warn_slow_forms(backend: str, quant: QuantConfig | None, int8_compute: bool) -> None:
-    """Say when an onnx engine of this checkpoint runs slower than float32 on a CPU (ONNX
-    Runtime's float path of 8-bit MatMulNBits, and FP8 Q/DQ, are unoptimized kernels)."""
-    if backend != "onnx" or quant is None:
-        return
-    if quant.qformat == "int8_wo" and not int8_compute:
-        log.warning("int8_wo on ONNX Runtime's CPU runs 8-bit MatMulNBits in float32, several "
-                    "times slower than a float32 engine; for speed use int4_awq / int8_sq, or "
-                    "build with --weight_only_int8_compute (int8 activation blocks: fast, but "
-                    "no longer the numerics the accuracy gate measured: check it with kiln eval "
-                    "and a few prompts)")
-    elif quant.qformat == "fp8":
-        log.warning("fp8 on ONNX Runtime's CPU runs Q/DQ around float kernels, for numerics: "
-                    "several times slower than a float32 engine; FP8 speed needs a GPU "
-                    "(tensorrt sm89+)")
+    """Say when an onnx engine of this checkpoint runs slower than float32 on a CPU."""
+    slow = slow_on_onnx_cpu(quant, int8_compute) if backend == "onnx" else None
+    if slow is not None:
+        log.warning("%s", slow)
 
 
 def plan_manifest(plan: BuildPlan, engine: Backend, **files: Any) -> EngineManifest:

@@ -153,3 +153,23 @@ def _names(values) -> str:
 
 def quant_dict(quant: QuantConfig | None) -> dict[str, Any] | None:
     return None if quant is None else quant.to_dict()
+
+
+def slow_on_onnx_cpu(quant: QuantConfig | None, int8_compute: bool) -> str | None:
+    """Why an onnx engine of ``quant`` runs slower on a CPU than a float32 engine, or None:
+    ONNX Runtime's float path of 8-bit MatMulNBits and its FP8 Q/DQ are unoptimized kernels
+    (SmolLM2 on 2 cores, batch 1: int8_wo 7.8 and fp8 5.3 tok/s against float32's 55; int4
+    formats, int8_sq and int8_wo with int8 compute 79-89). Said by the build and the load."""
+    if quant is None:
+        return None
+    if quant.qformat == "int8_wo" and not int8_compute:
+        return ("int8_wo on ONNX Runtime's CPU runs 8-bit MatMulNBits in float32, several "
+                "times slower than a float32 engine; for speed use int4_awq / int8_sq, or "
+                "build with --weight_only_int8_compute (int8 activation blocks: fast, but no "
+                "longer the numerics the accuracy gate measured: check it with kiln eval and a "
+                "few prompts)")
+    if quant.qformat == "fp8":
+        return ("fp8 on ONNX Runtime's CPU runs Q/DQ around float kernels, for numerics: "
+                "several times slower than a float32 engine; FP8 speed needs a GPU (tensorrt "
+                "sm89+)")
+    return None

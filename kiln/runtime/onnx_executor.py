@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from kiln.engine import EngineError, EngineManifest
+from kiln.quantization.config import slow_on_onnx_cpu
 from kiln.runtime.compat import MachineInfo, check_onnx
 from kiln.runtime.executor import Executor, SequenceChunk, StepLogits
 from kiln.runtime.host_memory import available_memory, need_and_available
@@ -145,14 +146,19 @@ def cpu_flags() -> frozenset[str]:
         return frozenset()
 
 
-def _say_int8_kernels(manifest: EngineManifest, device: str) -> None:
+def _say_slow_kernels(manifest: EngineManifest, device: str) -> None:
+    """The build's warning of a slow quantized form, said again where the engine runs (a user
+    of someone else's engine never saw the build's), and int8_sq's exact kernels."""
     quant = manifest.quantization
+    slow = slow_on_onnx_cpu(quant, manifest.weight_only_int8_compute)
+    if device == "cpu" and slow is not None:
+        logger.warning("this engine's %s", slow)
     if device == "cpu" and quant is not None and quant.qformat == "int8_sq" \
             and int8_must_stay_int8():
         logger.warning("int8_sq on a CPU without VNNI: ONNX Runtime's fast uint8 kernels "
                        "would saturate here, so its exact int8 kernels run (35x slower per "
                        "projection on a 2-core AVX2 machine: benchmarks/ort_int8_kernels.py); "
-                       "a float, int8_wo or int4 engine runs faster on this CPU")
+                       "a float or int4 engine runs faster on this CPU")
 
 
 @dataclass
@@ -206,7 +212,7 @@ class OnnxExecutor(Executor):
         self.needs_warm_up = self.device == "cuda"  # the CUDA provider sets up at first use
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] \
             if self.device == "cuda" else ["CPUExecutionProvider"]
-        _say_int8_kernels(manifest, self.device)
+        _say_slow_kernels(manifest, self.device)
         _say_spin_wait(options.cpu_spin_wait, len(graphs))
         so = session_options(options.num_threads, spin_wait(options.cpu_spin_wait, len(graphs)))
         self.sessions = [_session(ort, p, so, providers) for p in graphs]
