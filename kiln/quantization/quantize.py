@@ -250,15 +250,22 @@ class _Job:
         if not (opts.calib_dataset or opts.eval_dataset):
             return
         tokenizer = load_tokenizer_of(self.source_dir)
-        if opts.calib_dataset:
-            calib, held = split_calibration(load_texts(opts.calib_dataset), tokenizer,
-                                            opts.calib_size, opts.calib_max_seq_length)
+        calib_texts = load_texts(opts.calib_dataset) if opts.calib_dataset else None
+        if calib_texts is not None:
+            calib, held = split_calibration(calib_texts, tokenizer, opts.calib_size,
+                                            opts.calib_max_seq_length)
             if opts.calibrates:
                 self.calib = calib
                 self.quant = self.quant.with_(calibration=calib.provenance)
             self.eval = held
         if opts.eval_dataset:
             texts = load_texts(opts.eval_dataset)
+            if opts.calibrates and calib_texts is not None and texts.sha256 == calib_texts.sha256:
+                log.warning("--eval_dataset %s holds the same text as --calib_dataset: the "
+                            "accuracy gate scores text calibration has seen, which flatters the "
+                            "quantized checkpoint; give other text, or leave --eval_dataset out "
+                            "(a fifth of the calibration text read is then held out for the "
+                            "gate)", texts.shown)
             try:
                 self.eval = token_samples(texts, tokenizer, opts.calib_max_seq_length)
             except TooFewTokens as e:  # its advice, followed, must not meet the gate's refusal

@@ -6,6 +6,7 @@ the gate's figures == the reference decoder's on the written checkpoint."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 
@@ -312,3 +313,26 @@ def test_gate_figures_equal_the_reference_on_the_written_checkpoint(checkpoint, 
     assert accuracy["tokens"] == samples.shape[0] * 23 and accuracy["samples"] == len(samples)
     assert 0 < accuracy["top1_agreement"] <= 1 and accuracy["kl_divergence"] >= 0
     assert load_config(out).quantization.calibration is None  # weight-only: nothing calibrated
+
+
+@pytest.mark.parametrize("qformat,eval_text,warned", [
+    ("fp8", "copy", True),  # the calibration text again, from another path
+    ("fp8", "eval", False),
+    ("int8_wo", "copy", False),  # nothing calibrated: any text is unseen
+])
+def test_a_gate_on_the_calibration_text_is_said_to_flatter(checkpoint, texts, tmp_path, caplog,
+                                                           qformat, eval_text, warned):
+    """Trial D gave one file as --calib_dataset and --eval_dataset and was told nothing: the
+    gate then scores what calibration saw."""
+    copy = tmp_path / "same.txt"
+    copy.write_bytes(texts["calib"].read_bytes())
+    with caplog.at_level(logging.WARNING, "kiln.quantization.quantize"):
+        quantize(checkpoint("llama-gqa"), tmp_path / "q", qformat=qformat, no_accuracy_gate=True,
+                 eval_dataset=str(copy if eval_text == "copy" else texts["eval"]),
+                 calib_dataset=str(texts["calib"]))
+    said = [r.getMessage() for r in caplog.records if "flatters" in r.getMessage()]
+    assert said == ([f"--eval_dataset {copy} holds the same text as --calib_dataset: the "
+                     f"accuracy gate scores text calibration has seen, which flatters the "
+                     f"quantized checkpoint; give other text, or leave --eval_dataset out (a "
+                     f"fifth of the calibration text read is then held out for the gate)"]
+                    if warned else [])
