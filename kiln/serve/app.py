@@ -128,7 +128,8 @@ def create_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = N
         check(request, req.model)
         prompts = render.completion_prompts(req.prompt)
         params = renderer.completion_params(req)
-        jobs = [Job(i * req.n + j, prompt, render.nth(params, j))
+        jobs = [Job(i * req.n + j, prompt, render.nth(params, j),
+                    f"prompt[{i}]" if len(prompts) > 1 else "")
                 for i, prompt in enumerate(prompts) for j in range(req.n)]
         rid = new_id("cmpl")
         if req.stream:
@@ -176,6 +177,8 @@ async def _parse(request: Request, model: type) -> Any:
     except ValidationError as e:
         first = e.errors()[0]
         param = str(first["loc"][0]) if first["loc"] else None  # the request field
+        if param == "prompt" and model is CompletionRequest:  # not pydantic's "prompt.str: ..."
+            raise ApiError(400, render.prompt_form_error(data["prompt"]), param=param) from None
         loc = ".".join(str(p) for p in first["loc"])
         raise ApiError(400, f"{loc}: {first['msg']}", param=param) from None
 

@@ -28,6 +28,7 @@ Non-goals: images/audio parts, tool calls, the OpenAI logprobs ``bytes`` of part
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -62,6 +63,33 @@ def completion_prompts(prompt: Any) -> list[Prompt]:
     if all(isinstance(p, int) for p in prompt):
         return [list(prompt)]
     return list(prompt)
+
+
+def prompt_form_error(prompt: Any) -> str:
+    """Why ``prompt`` is none of OpenAI's forms, naming the first value that is wrong."""
+    forms = ("prompt must be a string, a list of strings, a list of token ids (integers) or a "
+             "list of such lists")
+
+    def token_id(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if not isinstance(prompt, list):
+        return f"{forms}, found {_as_json(prompt)}"
+    for i, item in enumerate(prompt):
+        if isinstance(item, list):
+            wrong = next((j for j, t in enumerate(item) if not token_id(t)), None)
+            if wrong is not None:
+                value = item[wrong]
+                return f"prompt[{i}][{wrong}] is {_as_json(value)}, not a token id; {forms}"
+        elif not (isinstance(item, str) or token_id(item)):
+            return f"prompt[{i}] is {_as_json(item)}; {forms}"
+    return f"prompt mixes strings, token ids and lists of them; {forms}"
+
+
+def _as_json(value: Any) -> str:
+    """A request's value in JSON's words: null, true, a number 1.5, a string 'a'."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    return f"{json_type(value)} {shown(value)}"
 
 
 def nth(params: SamplingParams, j: int) -> SamplingParams:

@@ -45,6 +45,7 @@ class Job:
     index: int
     prompt: Prompt
     params: SamplingParams
+    label: str = ""  # how an error names the prompt among several ("prompt[1]"); "" for one
 
 
 class ServerState:
@@ -131,6 +132,8 @@ class ServerState:
                 if not isinstance(e, RequestError):
                     raise
                 message = public(str(e), [rid])
+                if job.label:
+                    message = f"{job.label}: {message}"
                 if "stop_token_ids" in message:  # outside the vocabulary: not the prompt's fault
                     param = "stop_token_ids"
                 raise ApiError(400, message, param=param, code=_code(message)) from None

@@ -24,6 +24,8 @@ from kiln.serve.state import Job
 from tests.runtime.mocks import CapacityExecutor, HashExecutor, SlowExecutor
 
 LIMITS = BuildLimits(max_batch_size=2, max_input_len=32, max_seq_len=64, max_num_tokens=32)
+FORMS = ("prompt must be a string, a list of strings, a list of token ids (integers) or a list "
+         "of such lists")
 
 
 @pytest.fixture
@@ -297,7 +299,8 @@ def test_a_prompt_that_is_not_utf8_is_400_and_leaves_nothing_queued(engine, endp
         out = client.post(endpoint, content=json.dumps({"model": "m", "max_tokens": 2, **body}),
                           headers={"content-type": "application/json"})
         assert out.status_code == 400, out.text
-        assert out.json()["error"]["message"].startswith("the text is not UTF-8")
+        among = "prompt[1]: " if isinstance(body.get("prompt"), list) else ""
+        assert out.json()["error"]["message"].startswith(f"{among}the text is not UTF-8")
         assert out.json()["error"]["param"] == ("messages" if "messages" in body else "prompt")
     deadline = time.monotonic() + 5  # a good prompt before the bad one is aborted, not awaited
     while app.state.kiln.live and time.monotonic() < deadline:
@@ -355,3 +358,23 @@ def test_a_long_prompt_is_encoded_while_the_server_answers_others(engine, monkey
         gate.set()
         out = future.result()
     assert out.status_code == 400 and out.json()["error"]["code"] == "context_length_exceeded"
+
+
+@pytest.mark.parametrize("prompt, message", [
+    (["fine", ""], "prompt[1]: the prompt is empty; give at least one token"),
+    ([[1], []], "prompt[1]: the prompt is empty; give at least one token"),
+    ([""], "the prompt is empty; give at least one token"),  # one prompt: no index
+    ([1.5], "prompt[0] is a number 1.5; " + FORMS),
+    ([[1, 2], [3, "a"]], "prompt[1][1] is a string 'a', not a token id; " + FORMS),
+    ([None], "prompt[0] is null; " + FORMS),
+    ([True], "prompt[0] is true; " + FORMS),
+    (["x", [1]], "prompt mixes strings, token ids and lists of them; " + FORMS),
+    ({"a": 1}, FORMS + ", found an object {'a': 1}"),
+])
+def test_a_bad_prompt_among_several_is_named(engine, prompt, message):
+    """Trial D: ["", "x"] did not say which prompt was empty, and [1.5] was told pydantic's
+    "prompt.str: Input should be a valid string"."""
+    out = _client(engine).post("/v1/completions",
+                               json={"model": "m", "prompt": prompt, "max_tokens": 1})
+    assert out.status_code == 400
+    assert out.json()["error"]["message"] == message and out.json()["error"]["param"] == "prompt"
