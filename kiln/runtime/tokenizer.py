@@ -120,16 +120,20 @@ def render_chat_template(template: str, messages: list[dict[str, Any]],
 def check_chat_template(template: str) -> None:
     """Parse ``template`` as :func:`render_chat_template` would: a syntax error raises
     :class:`TokenizerError` naming its line (a server checks its template once, at start)."""
-    from jinja2 import TemplateSyntaxError
+    from jinja2 import TemplateSyntaxError, meta
 
     if not template.strip():
         raise TokenizerError("is empty: it would render every conversation as an empty prompt")
     try:
-        _chat_environment().parse(template)
+        parsed = _chat_environment().parse(template)
     except TemplateSyntaxError as e:
         raise TokenizerError(f"not a Jinja template: line {e.lineno}: {e.message}") from None
     except RecursionError:
         raise TokenizerError("not a Jinja template kiln can parse: nested too deeply") from None
+    if "messages" not in meta.find_undeclared_variables(parsed):  # (plain text parses too)
+        raise TokenizerError("never reads messages: it would render every conversation as the "
+                             "same prompt; a chat template loops over messages ({% for message "
+                             "in messages %})")
 
 
 def _chat_environment() -> Any:

@@ -107,6 +107,10 @@ def test_the_warm_engine_freezes_the_loaded_objects_before_serving(tmp_path, mon
     ("<s>\n{% for m in messages %}{{ m.content ",
      "not a Jinja template: line 2: unexpected end of template"),
     (" \n", "is empty: it would render every conversation as an empty prompt"),
+    # trial D's plain text (a path mixed up): every conversation the same prompt
+    ("You are a helpful assistant.\n", "never reads messages: it would render every "
+     "conversation as the same prompt"),
+    ("{% set messages = [] %}{{ messages }}", "never reads messages"),
 ])
 def test_a_chat_template_kiln_cannot_use_is_one_line_before_the_engine_loads(tmp_path, text,
                                                                              why):
