@@ -159,5 +159,11 @@ def check_flags(options: Any, error: type[Exception]) -> None:
         if f.type not in ("bool", "bool | None"):
             continue
         value = getattr(options, f.name)
-        if not isinstance(value, bool) and not (value is None and f.type == "bool | None"):
-            raise error(f"{f.name} must be True or False, found {shown(value)}")
+        if not (value is None and f.type == "bool | None"):
+            check_flag(f.name, value, error)
+
+
+def check_flag(name: str, value: Any, error: type[Exception]) -> None:
+    """``value`` is a bool (a Python caller's ``progress="yes"`` is a truthy string)."""
+    if not isinstance(value, bool):
+        raise error(f"{name} must be True or False, found {shown(value)}")

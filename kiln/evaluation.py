@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.datasets import TextDataset, load_texts
-from kiln.errors import ConfigError, DatasetError, counted
+from kiln.errors import ConfigError, DatasetError, check_flag, counted
 
 if TYPE_CHECKING:
     from kiln.runtime import LLM
@@ -196,6 +196,7 @@ def evaluate(engine_dir: str | Path, dataset: str | Path | TextDataset,
     from kiln.runtime import LLM
     from kiln.runtime.tokenizer import load_tokenizer
 
+    check_flag("progress", progress, ConfigError)
     data = dataset if isinstance(dataset, TextDataset) else load_texts(dataset)
     if stride is not None and max_length is not None:
         check_window(max_length, stride)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+import kiln
 from kiln.builder.options import BuildOptions
 from kiln.converters.options import ConvertOptions
 from kiln.engine import EngineError
 from kiln.errors import ConfigError
+from kiln.evaluation import evaluate
 from kiln.quantization.options import QuantizeOptions
 from kiln.runtime.options import ExecutorOptions
 
@@ -80,3 +82,15 @@ def test_a_huge_value_is_shown_cut(field, value, shown):
     with pytest.raises(ConfigError) as e:
         ConvertOptions(**{field: value})
     assert str(e.value).endswith(shown) and len(str(e.value)) < 100, str(e.value)
+
+
+@pytest.mark.parametrize("call", [
+    lambda **kw: kiln.convert_checkpoint("no/such/model", "out", **kw),
+    lambda **kw: kiln.quantize("no/such/ckpt", "out", qformat="int8_wo", **kw),
+    lambda **kw: kiln.build("no/such/ckpt", "out", **kw),
+    lambda **kw: evaluate("no/such/engine", "no/such/text.txt", **kw),
+], ids=["convert_checkpoint", "quantize", "build", "evaluate"])
+def test_progress_of_the_python_api_takes_true_or_false_only(call):
+    """Trial D's quantize(progress="yes") was taken (a truthy string); it is refused first."""
+    with pytest.raises(ConfigError, match=r"^progress must be True or False, found 'yes'$"):
+        call(progress="yes")

@@ -37,7 +37,7 @@ from kiln.checkpoint import (
 )
 from kiln.config import options_from
 from kiln.engine import EngineManifest
-from kiln.errors import ConfigError, counted
+from kiln.errors import ConfigError, check_flag, counted
 from kiln.output_dirs import ENGINE_KIND, atomic_dir, check_output, copy_tokenizer
 from kiln.plugins import PluginContext, resolve_plugins
 from kiln.quantization.config import QuantConfig, slow_on_onnx_cpu
@@ -77,9 +77,10 @@ def build(checkpoint_dir: str | Path, output_dir: str | Path, *, progress: bool 
     and ``kiln build``. Raises :class:`~kiln.errors.KilnError` subclasses on bad input (an
     unknown option too), leaving nothing behind.
     """
-    return build_with(options_from(BuildOptions, options, "build",
-                                   checkpoint_dir=checkpoint_dir, output_dir=output_dir),
-                      progress=progress)
+    opts = options_from(BuildOptions, options, "build", checkpoint_dir=checkpoint_dir,
+                        output_dir=output_dir)
+    check_flag("progress", progress, ConfigError)
+    return build_with(opts, progress=progress)
 
 
 def _warn_if_the_gate_failed(checkpoint_dir: Path, ckpt: CheckpointConfig) -> None:

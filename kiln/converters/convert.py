@@ -60,6 +60,7 @@ from kiln.errors import (
     KilnError,
     SettingRangeError,
     TensorMappingError,
+    check_flag,
 )
 from kiln.hashing import sha256_file, stops_when
 from kiln.output_dirs import CHECKPOINT_KIND, atomic_dir, check_output, copy_tokenizer
@@ -129,6 +130,7 @@ def convert_checkpoint(model_dir: str | Path, output_dir: str | Path, *, progres
     :class:`~kiln.errors.KilnError` subclasses on bad input, leaving nothing behind.
     """
     opts = options_from(ConvertOptions, options, "convert_checkpoint")
+    check_flag("progress", progress, ConfigError)
     dtype, tp_size, pp_size = opts.dtype, opts.tp_size, opts.pp_size
     revision, overwrite, allow_pickle = opts.revision, opts.overwrite, opts.allow_pickle
     if not str(model_dir).strip():  # Path("") would be the current directory

@@ -53,7 +53,13 @@ from kiln.checkpoint import (
 )
 from kiln.config import options_from
 from kiln.datasets import load_texts
-from kiln.errors import ConfigError, DatasetError, QuantizationError, counted
+from kiln.errors import (
+    ConfigError,
+    DatasetError,
+    QuantizationError,
+    check_flag,
+    counted,
+)
 from kiln.output_dirs import (
     CHECKPOINT_KIND,
     atomic_dir,
@@ -101,6 +107,7 @@ def quantize(checkpoint_dir: str | Path, output_dir: str | Path, *, progress: bo
     failed accuracy gate (:class:`~kiln.errors.AccuracyGateError`), leaving nothing behind.
     """
     opts = options_from(QuantizeOptions, options, "quantize")
+    check_flag("progress", progress, ConfigError)
     if not str(checkpoint_dir).strip():
         raise ConfigError("--checkpoint_dir is empty; pass a kiln checkpoint directory")
     source_dir, output_dir = Path(checkpoint_dir).expanduser(), Path(output_dir).expanduser()
