@@ -128,6 +128,14 @@ class KilnGroup(click.Group):
                 root, _, rest = command.partition(" ")
                 hint = (f"{e.option_name} is kiln's own option: it goes before the command, "
                         f"{root} {e.option_name} {rest} ...")
+            elif isinstance(e, click.NoSuchOption) \
+                    and (others := self._having(ctx, e.option_name)):
+                # trial C's kiln eval --gather_context_logits (a build option) had been told
+                # "No such option" alone
+                names = [c.removeprefix("kiln ") for c in others]
+                listed = " and ".join([", ".join(names[:-1]), names[-1]] if names[:-1] else names)
+                hint = (f"{e.option_name} is an option of kiln {listed}, not of {command}; "
+                        f"see {command} --help")
             click.echo(f"error: {e.format_message()} ({hint})", err=True)
             ctx.exit(2)
         except OSError as e:  # the machine refused: disk full, permissions, a read-only mount
@@ -148,6 +156,20 @@ class KilnGroup(click.Group):
             if interrupt is None:
                 raise
             _stop(ctx, interrupt)
+
+    def _having(self, ctx: click.Context, option: str) -> list[str]:
+        """The kiln commands that take ``option`` ("kiln build", "kiln cache list"); each
+        command's module is imported (an error's path only)."""
+        found = []
+
+        def visit(command: click.Command | None, path: str) -> None:
+            if isinstance(command, click.Group):
+                for name in command.list_commands(ctx):
+                    visit(command.get_command(ctx, name), f"{path} {name}")
+            elif command is not None and any(option in p.opts for p in command.params):
+                found.append(path)
+        visit(self, "kiln")
+        return found
 
     def resolve_command(self, ctx, args):
         # Accept dashes for underscores (convert-checkpoint == convert_checkpoint).

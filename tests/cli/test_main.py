@@ -150,6 +150,21 @@ def test_a_global_option_after_the_command_says_where_it_goes(args, hint):
     assert result.output.rstrip().endswith(hint)
 
 
+@pytest.mark.parametrize("args,hint", [
+    (["eval", "--gather_context_logits"], "(--gather_context_logits is an option of kiln bench, "
+     "build, cache build, run and serve, not of kiln eval; see kiln eval --help)"),
+    (["run", "--qformat", "int8_wo"], "(--qformat is an option of kiln quantize, not of kiln run; "
+     "see kiln run --help)"),
+    (["cache", "list", "--overwrite"], "(--overwrite is an option of kiln build, "
+     "convert_checkpoint and quantize, not of kiln cache list; see kiln cache list --help)"),
+])
+def test_an_option_of_another_command_names_the_commands_that_take_it(args, hint):
+    """Trial C's kiln eval --gather_context_logits was told "No such option" alone."""
+    result = _invoke(*args)
+    assert result.exit_code == 2 and len(result.output.splitlines()) == 1, result.output
+    assert result.output.rstrip().endswith(hint)
+
+
 @pytest.mark.parametrize("args, message", [
     (["run", "--engine_dir", "a", "--input_text", "x", "--engine_dir=b"],
      "--engine_dir is given twice ('a', then 'b'); give it once (see kiln run --help)"),
