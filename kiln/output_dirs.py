@@ -359,7 +359,7 @@ def atomic_dir(target: Path, overwrite: bool, writes: str | None = None) -> Iter
         done = True
     finally:
         if tmp is not None and tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove_tree(tmp)
         if not done:  # parents this call created, if the failure left them empty
             for parent in reversed(created):
                 with contextlib.suppress(OSError):
@@ -419,7 +419,7 @@ def _remove_stale(target: Path) -> None:
         if match and path.is_dir() and not _alive(int(match.group(2))):
             log.warning("removing %s, left by a kiln process that is no longer running",
                         path)
-            shutil.rmtree(path, ignore_errors=True)
+            _remove_tree(path)
 
 
 # bytes of a target's name that its temporary dirs carry: a name may take a file system's

@@ -588,6 +588,32 @@ def test_a_ctrl_c_while_the_old_output_is_removed_still_removes_it(built, tmp_pa
     assert (out / "config.json").read_text() == "{}"  # the new output, in place
 
 
+@pytest.mark.parametrize("removed", ["stale", "failed"])
+def test_a_ctrl_c_while_a_temporary_dir_is_removed_still_removes_it(tmp_path, monkeypatch,
+                                                                     removed):
+    """A dead writer's leftover (``stale``), and the temporary dir of a write that failed,
+    are removed whole even when a Ctrl-C comes while they are (as the old output is)."""
+    stale = tmp_path / ".out.tmp-999999999-abcd"  # no such process
+    stale.mkdir()
+    (stale / "rank0.onnx.data").write_bytes(b"x" * 10)
+    rmtree = shutil.rmtree
+    interrupted = []
+
+    def interrupted_once(path, *args, **kwargs):
+        if (".tmp-999999999" in str(path)) == (removed == "stale") and not interrupted:
+            interrupted.append(path)
+            raise KeyboardInterrupt
+        return rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(tmp_path / "out", overwrite=False) as tmp:
+            (tmp / "config.json").write_text("{}")
+            if removed == "failed":
+                raise RuntimeError("the write failed")
+    assert interrupted and list(tmp_path.iterdir()) == []
+
+
 def test_an_os_error_is_one_line_and_exit_2(built, tmp_path, monkeypatch):
     def full(*args):
         raise OSError(28, "No space left on device", str(tmp_path / "engine"))
