@@ -116,7 +116,8 @@ def build_with(options: BuildOptions, progress: bool = False) -> BuildResult:
     _warn_if_the_gate_failed(options.checkpoint_dir, ckpt)
     engine = get_backend(options.backend)
     plan = make_plan(options, ckpt, engine)
-    engine.check(plan)
+    engine.check(plan)  # (a refusal there comes before any warning of speed)
+    _warn_slow_forms(engine.name, plan.graph.quantization, plan.graph.weight_only_int8_compute)
     _warn_if_the_cache_cannot_fit_here(plan, engine)
     budget = options.memory_budget() // options.workers
     parts = [p for rank in range(ckpt.mapping.world_size)
@@ -188,7 +189,6 @@ def make_plan(options: BuildOptions, ckpt: CheckpointConfig, engine: Backend) ->
                           f"checkpoints (int8_wo, int4_wo, int4_awq), not to a {engine.name} "
                           f"engine of a {quant.qformat if quant else 'float'} checkpoint; drop "
                           f"the flag")
-    _warn_slow_forms(engine.name, quant, options.weight_only_int8_compute)
     graph = GraphSpec(decoder=ckpt.decoder, mapping=ckpt.mapping, dtype=dtype,
                       max_seq_len=limits.max_seq_len, plugins=plugins,
                       gather_context_logits=options.gather_context_logits,

@@ -290,6 +290,14 @@ def test_slow_cpu_forms_are_said(quantized, tmp_path, caplog, qformat, options, 
     assert said == ([f"this engine's {warned[0]}"] if slow else [])
 
 
+def test_a_refused_build_says_nothing_of_its_speed(quantized, tmp_path, caplog):
+    """Trial D's bfloat16 onnx build of int8_wo warned of the slow form, then refused bf16."""
+    with caplog.at_level("WARNING", logger="kiln"), pytest.raises(EngineError, match="bfloat16"):
+        build(quantized("int8_wo"), tmp_path / "engine", backend="onnx", dtype="bfloat16",
+              **LIMITS)
+    assert not [r for r in caplog.records if "slower than a float32 engine" in r.message]
+
+
 def test_the_int8_wo_speed_warning_says_what_the_faster_form_costs(quantized, tmp_path, caplog):
     """A trial took the warning's --weight_only_int8_compute ("fast") and its README answer
     changed: the warning names the numerics it gives up."""
