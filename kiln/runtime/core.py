@@ -79,7 +79,7 @@ from pathlib import Path
 from kiln.engine import BuildLimits
 from kiln.errors import described
 from kiln.runtime.detokenize import IncrementalDetokenizer, StopStringMatcher
-from kiln.runtime.errors import RequestError
+from kiln.runtime.errors import RequestError, prompt_too_long
 from kiln.runtime.executor import DeviceTokens, Executor, StepLogits
 from kiln.runtime.params import SamplingParams, TokenLogprobs
 from kiln.runtime.sampling import (
@@ -474,10 +474,8 @@ def check_prompt(label: str, prompt_ids: Sequence[int], limits: BuildLimits,
     if not prompt_ids:
         raise RequestError(f"{label}: the prompt is empty; give at least one token")
     if len(prompt_ids) > limits.max_input_len:
-        raise RequestError(f"{label}: prompt of {len(prompt_ids)} tokens exceeds "
-                           f"the engine's max_input_len {limits.max_input_len}; shorten "
-                           f"it, or build with a larger --max_input_len (kiln build, or "
-                           f"beside --model_dir)")
+        raise RequestError(f"{label}: "
+                           f"{prompt_too_long(str(len(prompt_ids)), limits.max_input_len)}")
     bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
     if bad:
         raise RequestError(f"{label}: token ids {bad[:5]} are outside the "

@@ -36,3 +36,11 @@ class WorkerError(KilnError):
 
 class EngineClosedError(KilnError, RuntimeError):
     """An LLM was used after ``close()``: its executor and worker processes are gone."""
+
+
+def prompt_too_long(tokens: str, max_input_len: int, why: str = "") -> str:
+    """The message of a prompt over the engine's ``max_input_len`` (``tokens``: its count in
+    words, "1,200" or "more than 1,000"; ``why``: how that is known, in parentheses)."""
+    return (f"prompt of {tokens} tokens exceeds the engine's max_input_len {max_input_len}"
+            f"{f' ({why})' if why else ''}; shorten it, or build with a larger --max_input_len "
+            f"(kiln build, or beside --model_dir)")

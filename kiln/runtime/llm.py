@@ -334,7 +334,7 @@ class LLM:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RequestError("text prompts need a tokenizer; pass token ids instead")
-            return self.tokenizer.encode(prompt)
+            return self.tokenizer.encode(prompt, most=self.limits.max_input_len)
         ids = list(prompt) if isinstance(prompt, (list, tuple)) else None
         if ids is None or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
             raise RequestError(f"a prompt must be a string or a list of int token ids, found "
@@ -353,7 +353,8 @@ class LLM:
         """:meth:`render_chat` of a conversation :func:`_conversations` has checked."""
         if self.tokenizer is None:
             raise TokenizerError("chat needs a tokenizer with a chat template")
-        return self.tokenizer.chat_ids(conversation, add_generation_prompt)
+        return self.tokenizer.chat_ids(conversation, add_generation_prompt,
+                                       most=self.limits.max_input_len)
 
     def _params_list(self, n: int, params: SamplingParams | Sequence[SamplingParams] | None,
                      ) -> list[SamplingParams]:

@@ -46,7 +46,7 @@ from kiln.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
 )
-from kiln.serve.state import Job, public
+from kiln.serve.state import Job, error_code, public
 
 _SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
              "frequency_penalty", "repetition_penalty")
@@ -225,9 +225,10 @@ class Renderer:
                                             dict(self.tokenizer.special_tokens))
             else:
                 text = self.tokenizer.apply_chat_template(messages, req.add_generation_prompt)
-            return self.tokenizer.encode(text, add_special_tokens=False)
+            return self.tokenizer.encode(text, add_special_tokens=False,
+                                         most=self.llm.limits.max_input_len)
         except (TokenizerError, RequestError) as e:
-            raise ApiError(400, str(e), param="messages") from None
+            raise ApiError(400, str(e), param="messages", code=error_code(str(e))) from None
 
     # -- outputs -----------------------------------------------------------------------------
     def token(self, token_id: int) -> str:

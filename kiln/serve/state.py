@@ -136,7 +136,7 @@ class ServerState:
                     message = f"{job.label}: {message}"
                 if "stop_token_ids" in message:  # outside the vocabulary: not the prompt's fault
                     param = "stop_token_ids"
-                raise ApiError(400, message, param=param, code=_code(message)) from None
+                raise ApiError(400, message, param=param, code=error_code(message)) from None
             rids.append(rid)
             task = asyncio.get_running_loop().create_task(self._pump(rid, job.index, out))
             self._pumps.add(task)
@@ -200,5 +200,6 @@ def public(message: str, rids: Sequence[str]) -> str:
     return message
 
 
-def _code(message: str) -> str | None:
+def error_code(message: str) -> str | None:
+    """OpenAI's error code for a refused request's message (a prompt over the context)."""
     return "context_length_exceeded" if "max_input_len" in message else None

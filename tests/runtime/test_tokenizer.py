@@ -6,6 +6,24 @@ import itertools
 import threading
 import time
 
+import pytest
+
+from kiln.runtime.errors import RequestError
+
+
+class _Counting:
+    """A tokenizers.Tokenizer that records the length of each text it encodes."""
+
+    def __init__(self, tokenizer, lengths: list[int]):
+        self._tokenizer, self._lengths = tokenizer, lengths
+
+    def encode_batch(self, texts, **kwargs):
+        self._lengths.extend(len(t) for t in texts)
+        return self._tokenizer.encode_batch(texts, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
 
 def test_encoding_a_long_text_lets_other_threads_run(tokenizer):
     """A server encodes a long prompt in a worker thread so that its event loop goes on; that
@@ -23,3 +41,29 @@ def test_encoding_a_long_text_lets_other_threads_run(tokenizer):
     longest = max(b - a for a, b in itertools.pairwise(ticks))
     assert longest < took / 2, f"this thread stood still {longest:.3f} s of the {took:.3f} s"
     assert ids == tokenizer.tokenizer.encode(text).ids  # the same ids as encode's
+
+
+def test_a_text_far_over_the_limit_is_refused_from_its_head(tokenizer, monkeypatch):
+    """Trial 36: a 3.5 MB prompt to an engine of max_input_len 1000 was encoded whole (2 s,
+    0.4 GB a server kept) to be refused; its first 8 x 1,016 characters decide it."""
+    text = "The quick brown fox jumps over the lazy dog. " * 78_000
+    encoded: list[int] = []
+    monkeypatch.setattr(tokenizer, "tokenizer", _Counting(tokenizer.tokenizer, encoded))
+    with pytest.raises(RequestError) as e:
+        tokenizer.encode(text, most=1000)
+    assert str(e.value) == (
+        "prompt of more than 1000 tokens exceeds the engine's max_input_len 1000 (its first "
+        "8125 characters alone are 1805 tokens); shorten it, or build with a larger "
+        "--max_input_len (kiln build, or beside --model_dir)")
+    assert encoded == [8125]  # the head alone
+
+
+@pytest.mark.parametrize("text", [
+    "The quick brown fox. " * 40,  # under the head's length: encoded whole
+    ("x" + " " * 200) * 100,  # 20,100 characters, 500 tokens: over the head, under the limit
+    # a head of few tokens, then 3,000 more: the head cannot tell, so the whole is encoded
+    # (and the engine refuses it by its count)
+    ("x" + " " * 200) * 50 + "The quick brown fox. " * 600,
+])
+def test_a_text_the_head_cannot_refuse_is_encoded_whole(tokenizer, text):
+    assert tokenizer.encode(text, most=1000) == tokenizer.encode(text)
