@@ -94,3 +94,16 @@ def test_progress_of_the_python_api_takes_true_or_false_only(call):
     """Trial D's quantize(progress="yes") was taken (a truthy string); it is refused first."""
     with pytest.raises(ConfigError, match=r"^progress must be True or False, found 'yes'$"):
         call(progress="yes")
+
+
+@pytest.mark.parametrize("call", [
+    lambda: kiln.convert_checkpoint("no/such/model", "out", progess=True),
+    lambda: kiln.quantize("no/such/ckpt", "out", qformat="int8_wo", progess=True),
+    lambda: kiln.build("no/such/ckpt", "out", progess=True),
+], ids=["convert_checkpoint", "quantize", "build"])
+def test_a_misspelt_progress_is_told_the_name(call):
+    """Trial 36's build(progres=False) was told the options build takes, progress not among
+    them, and no guess."""
+    with pytest.raises(ConfigError, match=r"\(progess: did you mean progress\?\); it takes .*"
+                                          r"progress"):
+        call()

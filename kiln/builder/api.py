@@ -77,8 +77,8 @@ def build(checkpoint_dir: str | Path, output_dir: str | Path, *, progress: bool 
     and ``kiln build``. Raises :class:`~kiln.errors.KilnError` subclasses on bad input (an
     unknown option too), leaving nothing behind.
     """
-    opts = options_from(BuildOptions, options, "build", checkpoint_dir=checkpoint_dir,
-                        output_dir=output_dir)
+    opts = options_from(BuildOptions, options, "build", also=("progress",),
+                        checkpoint_dir=checkpoint_dir, output_dir=output_dir)
     check_flag("progress", progress, ConfigError)
     return build_with(opts, progress=progress)
 

@@ -129,7 +129,8 @@ def convert_checkpoint(model_dir: str | Path, output_dir: str | Path, *, progres
     this function and ``kiln convert_checkpoint``. Returns the output directory. Raises
     :class:`~kiln.errors.KilnError` subclasses on bad input, leaving nothing behind.
     """
-    opts = options_from(ConvertOptions, options, "convert_checkpoint")
+    opts = options_from(ConvertOptions, options, "convert_checkpoint",
+                        also=("progress",))
     check_flag("progress", progress, ConfigError)
     dtype, tp_size, pp_size = opts.dtype, opts.tp_size, opts.pp_size
     revision, overwrite, allow_pickle = opts.revision, opts.overwrite, opts.allow_pickle

@@ -106,7 +106,7 @@ def quantize(checkpoint_dir: str | Path, output_dir: str | Path, *, progress: bo
     the output directory. Raises :class:`~kiln.errors.KilnError` subclasses on bad input or a
     failed accuracy gate (:class:`~kiln.errors.AccuracyGateError`), leaving nothing behind.
     """
-    opts = options_from(QuantizeOptions, options, "quantize")
+    opts = options_from(QuantizeOptions, options, "quantize", also=("progress",))
     check_flag("progress", progress, ConfigError)
     if not str(checkpoint_dir).strip():
         raise ConfigError("--checkpoint_dir is empty; pass a kiln checkpoint directory")
