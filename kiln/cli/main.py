@@ -122,7 +122,7 @@ class KilnGroup(click.Group):
             ctx.exit(2)
         except click.UsageError as e:  # a subcommand's bad flag or value: one line too
             command = e.ctx.command_path if e.ctx is not None else "kiln"
-            hint = f"see {command} --help"
+            hint, message = f"see {command} --help", e.format_message()
             if isinstance(e, click.NoSuchOption) and e.option_name in GLOBAL_OPTIONS \
                     and e.ctx is not None and e.ctx.parent is not None:
                 root, _, rest = command.partition(" ")
@@ -136,7 +136,8 @@ class KilnGroup(click.Group):
                 listed = " and ".join([", ".join(names[:-1]), names[-1]] if names[:-1] else names)
                 hint = (f"{e.option_name} is an option of kiln {listed}, not of {command}; "
                         f"see {command} --help")
-            click.echo(f"error: {e.format_message()} ({hint})", err=True)
+                message = e.message  # without click's guesses at this command's (they misled)
+            click.echo(f"error: {message} ({hint})", err=True)
             ctx.exit(2)
         except OSError as e:  # the machine refused: disk full, permissions, a read-only mount
             if isinstance(e, BrokenPipeError) and (gone := _readers_gone()):
