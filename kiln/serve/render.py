@@ -82,14 +82,22 @@ def prompt_form_error(prompt: Any) -> str:
                 return f"prompt[{i}][{wrong}] is {_as_json(value)}, not a token id; {forms}"
         elif not (isinstance(item, str) or token_id(item)):
             return f"prompt[{i}] is {_as_json(item)}; {forms}"
-    return f"prompt mixes strings, token ids and lists of them; {forms}"
+
+    def kind(item: Any) -> str:
+        return "a string" if isinstance(item, str) else \
+            "a list of token ids" if isinstance(item, list) else "a token id"
+    i = next(i for i, item in enumerate(prompt) if kind(item) != kind(prompt[0]))
+    return f"prompt[{i}] is {_as_json(prompt[i])}, where prompt[0] is {kind(prompt[0])}; {forms}"
 
 
 def _as_json(value: Any) -> str:
-    """A request's value in JSON's words: null, true, a number 1.5, a string 'a'."""
+    """A request's value in JSON's words: null, true, a number 1.5, a string "a"."""
     if value is None or isinstance(value, bool):
         return json.dumps(value)
-    return f"{json_type(value)} {shown(value)}"
+    text = json.dumps(value, ensure_ascii=False)
+    if len(text) > 40:  # cut as a request's other values are
+        return f"{json_type(value)} {shown(value)}"
+    return f"{json_type(value)} {text}"
 
 
 def nth(params: SamplingParams, j: int) -> SamplingParams:

@@ -365,11 +365,13 @@ def test_a_long_prompt_is_encoded_while_the_server_answers_others(engine, monkey
     ([[1], []], "prompt[1]: the prompt is empty; give at least one token"),
     ([""], "the prompt is empty; give at least one token"),  # one prompt: no index
     ([1.5], "prompt[0] is a number 1.5; " + FORMS),
-    ([[1, 2], [3, "a"]], "prompt[1][1] is a string 'a', not a token id; " + FORMS),
+    ([[1, 2], [3, "a"]], "prompt[1][1] is a string \"a\", not a token id; " + FORMS),
     ([None], "prompt[0] is null; " + FORMS),
     ([True], "prompt[0] is true; " + FORMS),
-    (["x", [1]], "prompt mixes strings, token ids and lists of them; " + FORMS),
-    ({"a": 1}, FORMS + ", found an object {'a': 1}"),
+    (["x", [1]], "prompt[1] is an array [1], where prompt[0] is a string; " + FORMS),
+    ([1, "a"], "prompt[1] is a string \"a\", where prompt[0] is a token id; " + FORMS),
+    ([[1], "a"], "prompt[1] is a string \"a\", where prompt[0] is a list of token ids; " + FORMS),
+    ({"a": 1}, FORMS + ', found an object {"a": 1}'),
 ])
 def test_a_bad_prompt_among_several_is_named(engine, prompt, message):
     """Trial D: ["", "x"] did not say which prompt was empty, and [1.5] was told pydantic's
