@@ -158,6 +158,13 @@ def check_chat_template(template: str) -> None:
         raise TokenizerError("never reads messages: it would render every conversation as the "
                              "same prompt; a chat template loops over messages ({% for message "
                              "in messages %})")
+    try:  # one user message: a template may refuse some conversations, but not all of them
+        text = render_chat_template(template, [{"role": "user", "content": "Hi"}], True, {})
+    except TokenizerError:
+        return
+    if not text.strip():
+        raise TokenizerError("renders a conversation (one user message) as empty text: every "
+                             "chat request would be refused as an empty prompt")
 
 
 def _chat_environment() -> Any:

@@ -111,6 +111,8 @@ def test_the_warm_engine_freezes_the_loaded_objects_before_serving(tmp_path, mon
     ("You are a helpful assistant.\n", "never reads messages: it would render every "
      "conversation as the same prompt"),
     ("{% set messages = [] %}{{ messages }}", "never reads messages"),
+    ("{% for m in messages %}{% endfor %}\n", "renders a conversation (one user message) as "
+     "empty text: every chat request would be refused as an empty prompt"),
 ])
 def test_a_chat_template_kiln_cannot_use_is_one_line_before_the_engine_loads(tmp_path, text,
                                                                              why):
