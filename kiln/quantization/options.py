@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 
-from kiln.errors import ConfigError, check_counts, check_flags
+from kiln.errors import ConfigError, check_counts, check_flags, shown
 from kiln.quantization.config import FORMATS, GROUP_SIZES, KV_CACHE_DTYPES, Granularity
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -69,9 +69,11 @@ class QuantizeOptions:
 
     def __post_init__(self) -> None:
         check_flags(self, ConfigError)
+        if self.qformat == "":  # the default: not given (the CLI requires --qformat)
+            raise ConfigError(f"qformat is required: one of {', '.join(FORMATS)}")
         if self.qformat not in FORMATS:
             raise ConfigError(f"qformat must be one of {', '.join(FORMATS)}, found "
-                              f"{self.qformat!r}")
+                              f"{shown(self.qformat)}")
         if self.kv_cache_dtype is not None and self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ConfigError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
                               f"found {self.kv_cache_dtype!r}")

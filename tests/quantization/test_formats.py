@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import kiln
 from kiln.config import DecoderConfig, Mapping
 from kiln.errors import ConfigError
 from kiln.quantization.config import FORMATS, Granularity, QuantConfig
@@ -134,3 +135,10 @@ def test_quantized_tensors_shard_and_unshard(qformat, tp):
         back = unshard_named(name, shards, decoder, mapping)
         assert torch.equal(back.view(torch.uint8) if back.dtype == torch.float8_e4m3fn else back,
                            full.view(torch.uint8) if full.dtype == torch.float8_e4m3fn else full), name
+
+
+def test_a_qformat_left_out_of_the_python_api_is_said_to_be_required(tmp_path):
+    """A retest's kiln.quantize(ckpt, out) without qformat was told "found ''"."""
+    with pytest.raises(ConfigError, match=r"^qformat is required: one of fp8, int8_sq, int8_wo, "
+                                          r"int4_wo, int4_awq$"):
+        kiln.quantize(tmp_path / "ckpt", tmp_path / "out")
