@@ -26,7 +26,11 @@ def shown(value: Any, most: int = 40) -> str:
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10 ** most:
         digits = int(abs(value).bit_length() * math.log10(2)) + 1
         return f"{'a negative' if value < 0 else 'an'} integer of about {digits:,} digits"
-    text = repr(value)
+    return cut(repr(value), most)
+
+
+def cut(text: str, most: int = 40) -> str:
+    """``text`` for a message, its middle cut out past ``most`` characters."""
     return text if len(text) <= most else f"{text[:most // 2]}...{text[-8:]} ({len(text):,} " \
         f"characters)"
 

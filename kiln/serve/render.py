@@ -32,7 +32,7 @@ import json
 import re
 from typing import Any
 
-from kiln.errors import json_type, shown
+from kiln.errors import cut, json_type, shown
 from kiln.runtime.errors import RequestError, SamplingParamsError, TokenizerError
 from kiln.runtime.llm import LLM, Prompt
 from kiln.runtime.params import SamplingParams, TokenLogprobs
@@ -94,10 +94,7 @@ def _as_json(value: Any) -> str:
     """A request's value in JSON's words: null, true, a number 1.5, a string "a"."""
     if value is None or isinstance(value, bool):
         return json.dumps(value)
-    text = json.dumps(value, ensure_ascii=False)
-    if len(text) > 40:  # cut as a request's other values are
-        return f"{json_type(value)} {shown(value)}"
-    return f"{json_type(value)} {text}"
+    return f"{json_type(value)} {cut(json.dumps(value, ensure_ascii=False))}"
 
 
 def nth(params: SamplingParams, j: int) -> SamplingParams:

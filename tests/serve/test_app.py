@@ -380,3 +380,11 @@ def test_a_bad_prompt_among_several_is_named(engine, prompt, message):
                                json={"model": "m", "prompt": prompt, "max_tokens": 1})
     assert out.status_code == 400
     assert out.json()["error"]["message"] == message and out.json()["error"]["param"] == "prompt"
+
+
+def test_a_long_wrong_value_is_shown_cut_and_as_json(engine):
+    out = _client(engine).post("/v1/completions",
+                               json={"model": "m", "prompt": [[1], "ab" * 50], "max_tokens": 1})
+    assert out.json()["error"]["message"].startswith(
+        'prompt[1] is a string "abababababababababa...bababab" (102 characters), where prompt[0] '
+        'is a list of token ids; ')
