@@ -249,8 +249,9 @@ def _check_arguments(ctx: click.Context, args: list[str]) -> None:
         if param is None or param.is_flag or param.count or param.nargs != 1:
             continue
         if not eq:
-            if i == len(args):
-                break  # click names the missing value
+            if i == len(args):  # click's parser names it without the command (`see kiln
+                # --help`): named here, with it
+                raise click.BadOptionUsage(name, f"Option {name!r} requires an argument.", ctx)
             value, i = args[i], i + 1
         last = (name, value, i)  # the option, its value, the index after them
         if not param.multiple:

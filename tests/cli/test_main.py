@@ -169,6 +169,19 @@ def test_an_option_of_another_command_names_the_commands_that_take_it(args, hint
                             f"{hint}\n"
 
 
+@pytest.mark.parametrize("args,command", [
+    (["eval", "--engine_dir", "e", "--stride"], "kiln eval"),
+    (["cache", "list", "--cache_dir"], "kiln cache list"),
+    (["run", "--input_text"], "kiln run"),
+])
+def test_an_option_without_its_value_points_to_its_command(args, command):
+    """Trial 36's `kiln eval ... --stride` (its value left out) was sent to `kiln --help`."""
+    result = _invoke(*args)
+    assert result.exit_code == 2
+    assert result.output == f"error: Option '{args[-1]}' requires an argument. " \
+                            f"(see {command} --help)\n"
+
+
 @pytest.mark.parametrize("args, message", [
     (["run", "--engine_dir", "a", "--input_text", "x", "--engine_dir=b"],
      "--engine_dir is given twice ('a', then 'b'); give it once (see kiln run --help)"),
