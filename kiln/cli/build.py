@@ -14,7 +14,7 @@ import re
 import click
 
 from kiln.builder.options import BuildOptions
-from kiln.cli.context import CliContext, IntRange, PathArg
+from kiln.cli.context import CliContext, IntRange, MemorySize, PathArg
 from kiln.config import DTYPES
 from kiln.engine import BACKENDS
 from kiln.plugins import PLUGINS, PluginMode
@@ -23,33 +23,7 @@ from kiln.plugins import PLUGINS, PluginMode
 _FIELDS = {f.name: f for f in dataclasses.fields(BuildOptions)}
 _HELP = {name: f.metadata.get("help", "") for name, f in _FIELDS.items()}
 _DEFAULT = {name: f.default for name, f in _FIELDS.items()}
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
-          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-          "tib": 2**40}
-MAX_SIZE = 10**18  # bytes: one exabyte
 _TARGET = re.compile(r"^(sm\d{2,3}|cpu|cuda)$")
-
-
-class MemorySize(click.ParamType):
-    """A byte count: 20GB, 20G, 512MiB, 1.5e9 or plain bytes."""
-
-    name = "size"
-
-    def convert(self, value, param, ctx) -> int:
-        if isinstance(value, int):
-            return value
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([a-zA-Z]*)\s*",
-                             str(value))
-        unit = match.group(2).lower() if match else None
-        if match is None or unit not in _UNITS:
-            self.fail(f"{value!r} is not a size like 20GB, 512MiB or 2000000000", param, ctx)
-        size = float(match.group(1)) * _UNITS[unit]
-        if size > MAX_SIZE:  # 1e400GB is infinite as a float, and no machine's anyway
-            self.fail(f"{value!r} is more than any machine holds (at most 1 EB)", param, ctx)
-        size = int(size)
-        if size < 1:
-            self.fail(f"{value!r} must be at least 1 byte", param, ctx)
-        return size
 
 
 def _targets(ctx, param, value: str | None) -> tuple[str, ...]:

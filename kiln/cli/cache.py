@@ -19,8 +19,7 @@ from pathlib import Path
 import click
 
 from kiln.build_cache.store import decimal_size
-from kiln.cli.build import MemorySize
-from kiln.cli.context import CliContext, PathArg
+from kiln.cli.context import CliContext, MemorySize, PathArg
 from kiln.cli.engine_source import CACHE_DIR_HELP, engine_from_options, model_options
 from kiln.errors import counted
 

@@ -1,8 +1,10 @@
-"""The object every kiln subcommand receives through ``@click.pass_obj``."""
+"""The object every kiln subcommand receives through ``@click.pass_obj``, and the options and
+parameter types several commands share."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 
 import click
@@ -91,3 +93,30 @@ class FloatRange(click.FloatRange):
         if value != value:
             self.fail(f"nan is not in the range {self._describe_range()}.", param, ctx)
         return value
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
+          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40}
+MAX_SIZE = 10**18  # bytes: one exabyte
+
+class MemorySize(click.ParamType):
+    """A byte count: 20GB, 20G, 512MiB, 1.5e9 or plain bytes."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx) -> int:
+        if isinstance(value, int):
+            return value
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([a-zA-Z]*)\s*",
+                             str(value))
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in _UNITS:
+            self.fail(f"{value!r} is not a size like 20GB, 512MiB or 2000000000", param, ctx)
+        size = float(match.group(1)) * _UNITS[unit]
+        if size > MAX_SIZE:  # 1e400GB is infinite as a float, and no machine's anyway
+            self.fail(f"{value!r} is more than any machine holds (at most 1 EB)", param, ctx)
+        size = int(size)
+        if size < 1:
+            self.fail(f"{value!r} must be at least 1 byte", param, ctx)
+        return size

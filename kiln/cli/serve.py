@@ -33,6 +33,7 @@ from kiln.cli.context import (
     CliContext,
     FloatRange,
     IntRange,
+    MemorySize,
     PathArg,
     dp_option,
     executor_options,
@@ -70,8 +71,8 @@ class ServeError(KilnError):
 @click.option("--chat_template", type=PathArg(exists=True, dir_okay=False, path_type=Path),
               default=None, help="A jinja2 chat template file to use instead of the engine "
                                  "dir's (rendered sandboxed).")
-@click.option("--max_body_bytes", type=IntRange(min=1), default=4 * 1024 * 1024,
-              show_default=True, help="Largest request body accepted (413 above).")
+@click.option("--max_body_bytes", type=MemorySize(), default="4MiB", show_default=True,
+              help="Largest request body accepted (413 above): 4MiB, 64KB or bytes.")
 @click.option("--grace_period", type=FloatRange(min=0), default=30.0, show_default=True,
               help="Seconds running requests may finish after SIGINT/SIGTERM before they are "
                    "aborted.")

@@ -193,3 +193,22 @@ def test_the_default_served_name_is_the_model_dir_normalized(tmp_path, monkeypat
     assert _default_name(f"{tmp_path}/hf/", None) == f"{tmp_path}/hf"
     assert _default_name("owner/name", None) == "owner/name"  # a hub id, as given
     assert _default_name(None, tmp_path / "hf" / ".") == "hf"
+
+
+@pytest.mark.parametrize("size", ["64KB", "4MiB", "65536"])
+def test_max_body_bytes_takes_a_size(tmp_path, size):
+    """Trial 36's --max_body_bytes 4MB was refused (bytes only), as --max_build_memory's are
+    not; it goes on to the engine now."""
+    code, lines = _serve("--engine_dir", str(tmp_path), "--max_body_bytes", size,
+                         "--port", str(free_port()))
+    assert code == 2 and len(lines) == 1, lines
+    assert "--max_body_bytes" not in lines[0] and str(tmp_path) in lines[0]
+
+
+@pytest.mark.parametrize("size,why", [("1e20", "is more than any machine holds"),
+                                      ("0", "must be at least 1 byte"),
+                                      ("4 MBs", "is not a size like 20GB")])
+def test_a_max_body_bytes_of_no_size_is_one_line(tmp_path, size, why):
+    code, lines = _serve("--engine_dir", str(tmp_path), "--max_body_bytes", size)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: Invalid value for '--max_body_bytes': {size!r} {why}")
