@@ -33,9 +33,8 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from kiln.cli.build import MemorySize
 from kiln.cli.build import build as build_command
-from kiln.cli.context import CliContext, IntRange, PathArg
+from kiln.cli.context import CliContext, IntRange, MemorySize, PathArg
 from kiln.config import DTYPES
 from kiln.converters.options import ConvertOptions
 from kiln.engine import BACKENDS

@@ -11,8 +11,8 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from kiln.cli.build import MemorySize, build
-from kiln.cli.context import CliContext
+from kiln.cli.build import build
+from kiln.cli.context import CliContext, MemorySize
 from kiln.engine import read_manifest, verify_files
 from kiln.errors import OutputExistsError
 from tests.builder.conftest import engine_runner
