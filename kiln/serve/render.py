@@ -90,6 +90,33 @@ def prompt_form_error(prompt: Any) -> str:
     return f"prompt[{i}] is {_as_json(prompt[i])}, where prompt[0] is {kind(prompt[0])}; {forms}"
 
 
+def messages_form_error(messages: Any) -> str | None:
+    """Why ``messages`` is not OpenAI's list of ``{"role", "content"}`` objects, naming the
+    first value that is wrong (None where pydantic's objection is another one)."""
+    form = 'messages must be a list of objects like {"role": "user", "content": "Hi"}'
+    if not isinstance(messages, list):
+        return f"{form}, found {_as_json(messages)}"
+    if not messages:
+        return "messages is an empty list; give at least one message"
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            return f"messages[{i}] is {_as_json(message)}; {form}"
+        if "role" not in message:
+            return f"messages[{i}] has no role; {form}"
+        if not isinstance(message["role"], str):
+            return f"messages[{i}].role is {_as_json(message['role'])}; give one of " \
+                   f"{', '.join(ROLES)}"
+        content = message.get("content")
+        if not (content is None or isinstance(content, (str, list))):
+            return f"messages[{i}].content is {_as_json(content)}; give a string, a list of " \
+                   f'text parts like {{"type": "text", "text": "Hi"}}, or null'
+        for j, part in enumerate(content if isinstance(content, list) else ()):
+            if not isinstance(part, dict):
+                return f"messages[{i}].content[{j}] is {_as_json(part)}; a part is an " \
+                       f'object like {{"type": "text", "text": "Hi"}}'
+    return None
+
+
 def _as_json(value: Any) -> str:
     """A request's value in JSON's words: null, true, a number 1.5, a string "a"."""
     if value is None or isinstance(value, bool):

@@ -382,6 +382,32 @@ def test_a_bad_prompt_among_several_is_named(engine, prompt, message):
     assert out.json()["error"]["message"] == message and out.json()["error"]["param"] == "prompt"
 
 
+MESSAGES = 'messages must be a list of objects like {"role": "user", "content": "Hi"}'
+PARTS = '{"type": "text", "text": "Hi"}'
+
+
+@pytest.mark.parametrize("messages, message", [
+    ([], "messages is an empty list; give at least one message"),
+    ("Hi", MESSAGES + ', found a string "Hi"'),
+    (["Hi"], 'messages[0] is a string "Hi"; ' + MESSAGES),
+    ([{"role": "user", "content": "a"}, {"content": "b"}], "messages[1] has no role; " + MESSAGES),
+    ([{"role": 3, "content": "a"}], "messages[0].role is a number 3; give one of " +
+     "system, developer, user, assistant, tool, function"),
+    ([{"role": "user", "content": 5}], "messages[0].content is a number 5; give a string, a list "
+     "of text parts like " + PARTS + ", or null"),
+    ([{"role": "user", "content": ["a"]}], 'messages[0].content[0] is a string "a"; a part is an '
+     "object like " + PARTS),
+])
+def test_messages_of_no_chat_form_name_the_wrong_value(engine, messages, message):
+    """Trial 36: these were told pydantic's "messages.0.content.str: Input should be a valid
+    string" and "List should have at least 1 item"."""
+    out = _client(engine).post("/v1/chat/completions",
+                               json={"model": "m", "messages": messages, "max_tokens": 1})
+    assert out.status_code == 400
+    assert out.json()["error"] == {"message": message, "type": "invalid_request_error",
+                                   "param": "messages", "code": None}
+
+
 def test_a_long_wrong_value_is_shown_cut_and_as_json(engine):
     out = _client(engine).post("/v1/completions",
                                json={"model": "m", "prompt": [[1], "ab" * 50], "max_tokens": 1})
