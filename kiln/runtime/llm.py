@@ -72,7 +72,7 @@ from kiln.runtime.loader import ExecutorOptions, check_engine, open_engine
 from kiln.runtime.params import SamplingParams
 from kiln.runtime.results import CompletionResult, StreamDelta
 from kiln.runtime.scheduler import Policy
-from kiln.runtime.tokenizer import ModelTokenizer, load_tokenizer, text_of_parts
+from kiln.runtime.tokenizer import CHAT_ROLES, ModelTokenizer, load_tokenizer, text_of_parts
 
 if TYPE_CHECKING:
     from kiln.runtime.distributed.replicas import ReplicaCore
@@ -481,6 +481,9 @@ def _conversations(messages: Messages | Sequence[Messages]) -> list[Messages]:
                     or (content is None and m["role"] == "assistant")):
                 raise RequestError(f"{where}message #{i} needs a 'role' string and a 'content' "
                                    f"string, found {described(m)}")
+            if m["role"] not in CHAT_ROLES:  # trial D's: any role went to the template
+                raise RequestError(f"{where}message #{i}: role {m['role']!r} is not a chat role; "
+                                   f"use one of {', '.join(CHAT_ROLES)}")
             if isinstance(content, list):
                 text = text_of_parts(content)
                 if text is None:

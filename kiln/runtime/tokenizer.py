@@ -116,6 +116,12 @@ class ModelTokenizer:
                            add_special_tokens=False, most=most)
 
 
+# The roles OpenAI's API takes (function: its deprecated form of tool), which kiln serve and
+# LLM.chat pass to the chat template, which decides what each renders as. vLLM takes any role
+# string; OpenAI, and kiln, refuse others (a typo would reach the template silently).
+CHAT_ROLES: tuple[str, ...] = ("system", "developer", "user", "assistant", "tool", "function")
+
+
 def text_of_parts(parts: list[Any]) -> str | None:
     """OpenAI's list-of-parts message content as the text it holds (its ``text`` parts joined),
     or None where a part is not text (an image: kiln's models read text). Chat templates are

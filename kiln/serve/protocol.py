@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from kiln.runtime.tokenizer import CHAT_ROLES
+
 
 class ApiError(Exception):
     """An OpenAI-shaped error response: ``{"error": {"message", "type", "param", "code"}}``."""
@@ -111,10 +113,7 @@ class CompletionRequest(_Sampling):
     best_of: int | None = Field(None, ge=1, le=1)
 
 
-# The roles OpenAI's API takes (function: its deprecated form of tool); kiln passes them to the
-# chat template, which decides what each renders as. vLLM takes any role string; OpenAI, and
-# kiln, refuse others (a typo would reach the template silently).
-ROLES: tuple[str, ...] = ("system", "developer", "user", "assistant", "tool", "function")
+ROLES = CHAT_ROLES  # LLM.chat takes the same
 
 
 class ChatMessage(BaseModel):

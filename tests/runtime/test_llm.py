@@ -213,6 +213,23 @@ def test_chat_takes_openai_text_parts_as_serve_does(scripted):
         llm.render_chat([text, text])
 
 
+def test_chat_refuses_a_role_serve_refuses(scripted):
+    """Trial D: LLM.chat took any role ("usr" rendered as a role of its own in SmolLM2's
+    template); kiln serve refused it. The same roles now, named as serve names them."""
+    llm, _, _ = scripted(limits=BuildLimits(max_batch_size=4, max_input_len=96, max_seq_len=160,
+                                            max_num_tokens=96))
+    typo = [{"role": "system", "content": "Be brief."}, {"role": "usr", "content": "Hi"}]
+    with pytest.raises(RequestError, match=r"^message #1: role 'usr' is not a chat role; use "
+                                           r"one of system, developer, user, assistant, tool, "
+                                           r"function$"):
+        llm.chat(typo)
+    with pytest.raises(RequestError, match=r"^message #1: role 'usr' is not a chat role"):
+        llm.render_chat(typo)
+    with pytest.raises(RequestError, match=r"^conversation #1: message #1: role 'usr'"):
+        llm.chat([typo[:1], typo])
+    assert llm.chat([{"role": "developer", "content": "Hi"}], GREEDY)[0].finish_reason
+
+
 def test_a_template_s_own_error_is_one_line(tokenizer):
     """The template's Python operations (str + list) raised past the renderer: a traceback."""
     adds = type(tokenizer)(tokenizer.tokenizer, tokenizer.special_tokens,
