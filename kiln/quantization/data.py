@@ -8,6 +8,8 @@ non-overlapping samples of ``seq_length`` tokens (a trailing partial sample is d
 ``held_out(calib_size)`` (a quarter as many: a fifth of the tokens read) for the accuracy gate,
 so the gate never sees a token calibration saw. Too little text is a
 :class:`~kiln.errors.DatasetError` saying how many tokens there are and what would fix it.
+:func:`shared_lines` tells how much of an ``--eval_dataset`` the calibration text holds too (its
+lines compared with whitespace normalised), for the warning that such a gate flatters.
 
 Non-goals: packing with attention masks, padding, sampling samples at random offsets.
 """
@@ -15,6 +17,7 @@ Non-goals: packing with attention masks, padding, sampling samples at random off
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +28,9 @@ from kiln.errors import DatasetError, counted
 
 log = logging.getLogger(__name__)
 SEPARATOR = "\n\n"
+# a shorter line (whitespace normalised) is no evidence of shared text: headings, "Returns:",
+# list markers and the like recur in unrelated texts
+MIN_SHARED_CHARS = 32
 
 
 class TooFewTokens(DatasetError):
@@ -122,3 +128,29 @@ def split_calibration(dataset: TextDataset, tokenizer, calib_size: int,
     log.info("calibration: %d samples x %d tokens from %s, %d held out for the accuracy gate",
              calib_size, seq_length, dataset.name, evals)
     return Samples(tokens[:calib_size], dataset), Samples(tokens[calib_size:], dataset)
+
+
+def _normalised_lines(dataset: TextDataset) -> Iterator[str]:
+    """Each non-empty line of each text with its whitespace runs made one space, so a CRLF copy,
+    a re-indented one or one with tabs compares equal to the original."""
+    for text in dataset.texts:
+        for line in text.splitlines():
+            line = " ".join(line.split())
+            if line:
+                yield line
+
+
+def shared_lines(evaluation: TextDataset, calibration: TextDataset) -> tuple[int, int]:
+    """(lines of ``evaluation`` that ``calibration`` holds too, lines of ``evaluation``), counting
+    its lines of :data:`MIN_SHARED_CHARS` characters or more (all of them if it has none).
+
+    A byte-identical check had missed half of the calibration file and its CRLF copy. Lines,
+    not word shingles: one hash per line costs about what ``load_texts``' own per-paragraph work
+    costs, where shingles cost one per word of the whole calibration file; and the copies a user
+    makes (a head or tail of the file, other line endings, its paragraphs as .jsonl, a directory
+    holding it) keep their lines. A re-wrapped copy escapes. The calibration side is a set of
+    ``hash()`` values (64-bit: a collision is too unlikely to matter), not of the lines."""
+    seen = {hash(line) for line in _normalised_lines(calibration)}
+    lines = list(_normalised_lines(evaluation))
+    counted_lines = [line for line in lines if len(line) >= MIN_SHARED_CHARS] or lines
+    return sum(hash(line) in seen for line in counted_lines), len(counted_lines)

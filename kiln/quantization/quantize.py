@@ -52,7 +52,7 @@ from kiln.checkpoint import (
     rank_files_checked,
 )
 from kiln.config import options_from
-from kiln.datasets import load_texts
+from kiln.datasets import TextDataset, load_texts
 from kiln.errors import (
     ConfigError,
     DatasetError,
@@ -74,6 +74,7 @@ from kiln.quantization.data import (
     Samples,
     TooFewTokens,
     load_tokenizer_of,
+    shared_lines,
     split_calibration,
     token_samples,
 )
@@ -232,6 +233,23 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def _warn_of_calibration_text(texts: TextDataset, calib_texts: TextDataset) -> None:
+    """Warn where most of the evaluation text is calibration text (:func:`shared_lines`).
+
+    Half: unrelated texts share next to no line of
+    :data:`~kiln.quantization.data.MIN_SHARED_CHARS` characters (kiln.testing.english's two sets
+    share none), so half is no accident, and the gate's figures are then mostly those of
+    text calibration may have seen; a smaller share is left alone, not to warn of the stray
+    boilerplate line."""
+    shared, lines = shared_lines(texts, calib_texts)
+    if lines and 2 * shared >= lines:
+        log.warning("--eval_dataset %s: %d%% of its lines (%d of %d) are also in --calib_dataset: "
+                    "the accuracy gate scores text calibration may have seen, which flatters the "
+                    "quantized checkpoint; give held-out text that calibration never reads, or "
+                    "leave --eval_dataset out (a fifth of the calibration text read is then held "
+                    "out for the gate)", texts.shown, shared * 100 // lines, shared, lines)
+
+
 @dataclass
 class _Streams:
     """Hidden states [N, L, hidden] of the calibration samples and both evaluation streams."""
@@ -267,12 +285,8 @@ class _Job:
             self.eval = held
         if opts.eval_dataset:
             texts = load_texts(opts.eval_dataset)
-            if opts.calibrates and calib_texts is not None and texts.sha256 == calib_texts.sha256:
-                log.warning("--eval_dataset %s holds the same text as --calib_dataset: the "
-                            "accuracy gate scores text calibration has seen, which flatters the "
-                            "quantized checkpoint; give other text, or leave --eval_dataset out "
-                            "(a fifth of the calibration text read is then held out for the "
-                            "gate)", texts.shown)
+            if opts.calibrates and calib_texts is not None:
+                _warn_of_calibration_text(texts, calib_texts)
             try:
                 self.eval = token_samples(texts, tokenizer, opts.calib_max_seq_length)
             except TooFewTokens as e:  # its advice, followed, must not meet the gate's refusal

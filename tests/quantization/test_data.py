@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from kiln.datasets import load_texts
-from kiln.quantization.data import SEPARATOR, TooFewTokens, encode_stream, token_samples
+from kiln.datasets import TextDataset, load_texts
+from kiln.quantization.data import (
+    SEPARATOR,
+    TooFewTokens,
+    encode_stream,
+    shared_lines,
+    token_samples,
+)
 from kiln.runtime.tokenizer import load_tokenizer
 from kiln.testing.english import english_file
 from kiln.testing.smollm2 import smollm2_hf_dir
@@ -46,3 +52,19 @@ def test_a_text_shorter_than_a_sample_is_told_the_length_that_fits(tokenizer, tm
     assert str(e.value) == (f"{short}: has {n} tokens, 512 needed (1 sample x 512 tokens); pass "
                             f"more text or lower the sample length (--calib_max_seq_length to "
                             f"{n} or less)")
+
+
+def dataset(*texts: str) -> TextDataset:
+    return TextDataset(texts=texts, name="t.txt", sha256="0", kind="txt")
+
+
+def test_shared_lines_ignore_whitespace_and_count_only_long_lines():
+    """Short lines (headings, "Returns:") recur in unrelated texts: only lines of 32 characters
+    or more count, unless a text has none; a re-indented, tab- or CRLF-separated line is the
+    same line."""
+    long = "the gate scores text calibration saw, which flatters"
+    calibration = dataset(f"Returns:\n{long}", "Another line of calibration text, long enough.")
+    assert shared_lines(dataset(f"  {long.replace(' ', chr(9))}\r\nReturns:",
+                                "A line of evaluation text that is long enough."),
+                        calibration) == (1, 2)
+    assert shared_lines(dataset("Returns:\nExamples"), calibration) == (1, 2)

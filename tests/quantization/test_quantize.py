@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from kiln.quantization.transforms import LayerStats, fold_smoothing, input_group
 from kiln.reference import ReferenceDecoder
 from kiln.roles import QUANTIZED_ROLES, parse_tensor
 from kiln.tensorio import read_header
+from kiln.testing.english import english_file
 from tests.helpers import flip_bits
 from tests.models import PROMPT, hf_model_with_tokenizer, kiln_checkpoint
 
@@ -315,24 +317,50 @@ def test_gate_figures_equal_the_reference_on_the_written_checkpoint(checkpoint, 
     assert load_config(out).quantization.calibration is None  # weight-only: nothing calibrated
 
 
-@pytest.mark.parametrize("qformat,eval_text,warned", [
-    ("fp8", "copy", True),  # the calibration text again, from another path
-    ("fp8", "eval", False),
-    ("int8_wo", "copy", False),  # nothing calibrated: any text is unseen
+def eval_file(case: str, texts: dict, tmp_path) -> tuple[Path, Path]:
+    """(--calib_dataset, --eval_dataset) for one case of the test below."""
+    if case == "english":
+        return english_file("calibration"), english_file("evaluation")
+    calib, other = texts["calib"], texts["eval"]
+    if case == "other":
+        return calib, other
+    whole, others = calib.read_text(), other.read_text()
+    paragraphs = whole.split("\n\n")  # 40, one line of 30 words each
+    text = {"copy": whole, "crlf": whole.replace("\n", "\r\n"),
+            "half": "\n\n".join(paragraphs[:20]),
+            "half shared": "\n\n".join(paragraphs[:10] + [others]),
+            "under half shared": "\n\n".join(paragraphs[:9] + [others])}[case]
+    path = tmp_path / "eval.txt"
+    path.write_bytes(text.encode())
+    return calib, path
+
+
+@pytest.mark.parametrize("qformat,case,shared", [
+    ("fp8", "copy", (40, 40)),  # the calibration text again, from another path
+    ("fp8", "half", (20, 20)),
+    ("fp8", "crlf", (40, 40)),
+    ("fp8", "half shared", (10, 20)),
+    ("fp8", "under half shared", None),  # 9 of 19
+    ("fp8", "other", None),
+    ("fp8", "english", None),  # kiln.testing.english's two sets: no paragraph in both
+    ("int8_wo", "copy", None),  # nothing calibrated: any text is unseen
 ])
 def test_a_gate_on_the_calibration_text_is_said_to_flatter(checkpoint, texts, tmp_path, caplog,
-                                                           qformat, eval_text, warned):
+                                                           qformat, case, shared):
     """Trial D gave one file as --calib_dataset and --eval_dataset and was told nothing: the
-    gate then scores what calibration saw."""
-    copy = tmp_path / "same.txt"
-    copy.write_bytes(texts["calib"].read_bytes())
+    gate then scores what calibration saw. A byte-identical check then missed half of the
+    calibration file, and the file with CRLF line endings."""
+    calib, evaluation = eval_file(case, texts, tmp_path)
     with caplog.at_level(logging.WARNING, "kiln.quantization.quantize"):
         quantize(checkpoint("llama-gqa"), tmp_path / "q", qformat=qformat, no_accuracy_gate=True,
-                 eval_dataset=str(copy if eval_text == "copy" else texts["eval"]),
-                 calib_dataset=str(texts["calib"]))
+                 eval_dataset=str(evaluation), calib_dataset=str(calib))
     said = [r.getMessage() for r in caplog.records if "flatters" in r.getMessage()]
-    assert said == ([f"--eval_dataset {copy} holds the same text as --calib_dataset: the "
-                     f"accuracy gate scores text calibration has seen, which flatters the "
-                     f"quantized checkpoint; give other text, or leave --eval_dataset out (a "
-                     f"fifth of the calibration text read is then held out for the gate)"]
-                    if warned else [])
+    if shared is None:
+        assert said == []
+        return
+    n, lines = shared
+    assert said == [f"--eval_dataset {evaluation}: {n * 100 // lines}% of its lines ({n} of "
+                    f"{lines}) are also in --calib_dataset: the accuracy gate scores text "
+                    f"calibration may have seen, which flatters the quantized checkpoint; give "
+                    f"held-out text that calibration never reads, or leave --eval_dataset out "
+                    f"(a fifth of the calibration text read is then held out for the gate)"]
