@@ -114,12 +114,20 @@ def serve(obj: CliContext, host: str, port: int, served_model_name: str | None,
         raise ServeError(f"kiln serve needs the serve extra ({e.name} is missing): "
                          f"pip install 'kiln-llm[serve]'") from None
     template = _read_template(chat_template)
-    if dp > 1 and engine_process is not None:
+    # --engine_process beside --dp: ExecutorOptions refuses it, as for LLM(); False is its
+    # default there, so --no_engine_process can only be refused here
+    if dp > 1 and engine_process is False:
         raise ServeError(f"--dp {dp} runs every replica in a process of its own already; "
-                         f"leave --{'' if engine_process else 'no_'}engine_process out")
+                         f"leave --no_engine_process out")
     from kiln.runtime import ExecutorOptions
     from kiln.runtime.launch import is_worker_rank
 
+    # before the address is bound: a refused option leaves the port alone
+    options = ExecutorOptions(device=device, num_threads=num_threads,
+                              cpu_spin_wait=cpu_spin_wait, verify_checksums=verify_checksums,
+                              dp=dp, engine_process=bool(engine_process),
+                              kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction,
+                              prefill_attention=prefill_attention)
     # a torchrun rank other than 0 serves the driver's engine, not HTTP: it binds nothing (its
     # LLM ends the process once the driver closes the engine)
     sockets = [] if is_worker_rank() else _bind(host, port)
@@ -128,22 +136,15 @@ def serve(obj: CliContext, host: str, port: int, served_model_name: str | None,
         logging.DEBUG if verbose + max(obj.verbosity, 0) > 1 else None
     if level is not None:
         logging.getLogger().setLevel(level)
-    options = ExecutorOptions(device=device, num_threads=num_threads,
-                              cpu_spin_wait=cpu_spin_wait, verify_checksums=verify_checksums,
-                              dp=dp,
-                              kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction,
-                              prefill_attention=prefill_attention)
     name = served_model_name or _default_name(source["model_dir"], source["engine_dir"])
     with contextlib.ExitStack() as stack:
         for sock in sockets:
             stack.enter_context(sock)
         engine_dir = stack.enter_context(held_engine(obj, source, options))
         if engine_process is None:
-            engine_process = _on_a_gpu(engine_dir, options)
+            options = dataclasses.replace(options, engine_process=_on_a_gpu(engine_dir, options))
         signals = _Signals()
-        engine = _warm_engine(stack, engine_dir,
-                              dataclasses.replace(options, engine_process=engine_process),
-                              signals)
+        engine = _warm_engine(stack, engine_dir, options, signals)
         app = create_app(engine, name, api_key=api_key, max_queue=max_queue,
                          chat_template=template, max_body_bytes=max_body_bytes)
         config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=

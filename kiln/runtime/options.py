@@ -50,7 +50,7 @@ class ExecutorOptions:
         "Run the engine (scheduler, model steps, sampling, detokenization) in a process of "
         "its own, so that the caller's Python threads (a server's event loop) do not slow its "
         "steps down through the GIL; only requests and tokens cross over. Single-rank "
-        "engines.")})
+        "engines, without dp (whose replicas run in processes of their own already).")})
     verify_checksums: bool = field(default=False, metadata={"help": (
         "sha256 the engine files before loading (reads every byte; by default only their "
         "presence and sizes are checked). See also kiln verify.")})
@@ -68,6 +68,10 @@ class ExecutorOptions:
         if self.device not in DEVICES:
             raise EngineError(f"device must be auto, cpu or cuda, found {self.device!r}")
         check_counts(self, EngineError, at_least={"rank": 0})
+        if self.engine_process and self.dp > 1:  # it asks for nothing dp does not do: kiln
+            # serve refused the pair, while LLM() took it and ran the dp replicas, flag unread
+            raise EngineError(f"--dp {self.dp} runs every replica in a process of its own "
+                              f"already; leave --engine_process out")
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
             else os.cpu_count() or 1
         most = max(64, 4 * cpus)  # threads past the CPUs only contend

@@ -257,6 +257,24 @@ def test_what_cannot_run_as_replicas_is_refused_before_anything_starts(engines, 
         assert result.output.startswith("error: --dp 2 runs copies of a single-rank engine")
 
 
+def test_engine_process_with_dp_is_refused_by_the_api_as_by_kiln_serve(engines, monkeypatch):
+    """kiln serve refused --dp 2 --engine_process (its replicas run in processes of their own
+    already), while LLM(engine_dir, ExecutorOptions(dp=2, engine_process=True)) started the two
+    replicas and never read the flag: the options refuse it now, for both, in one line."""
+    with pytest.raises(EngineError) as info:
+        LLM(engines(), ExecutorOptions(device="cpu", dp=2, engine_process=True))
+    assert str(info.value) == ("--dp 2 runs every replica in a process of its own already; "
+                               "leave --engine_process out")
+
+    def bind(host, port):  # refused before: a server that got this far would serve forever
+        raise AssertionError("kiln serve bound its address")
+
+    monkeypatch.setattr("kiln.cli.serve._bind", bind)
+    result = CliRunner().invoke(main, ["serve", "--engine_dir", str(engines()), "--device", "cpu",
+                                       "--dp", "2", "--engine_process"])
+    assert (result.exit_code, result.output) == (2, f"error: {info.value}\n")
+
+
 def test_cpu_replicas_beyond_the_host_memory_are_refused_before_any_starts(engines,
                                                                            monkeypatch):
     from kiln.runtime import loader
