@@ -213,9 +213,10 @@ def _check_arguments(ctx: click.Context, args: list[str]) -> None:
                                   args[1:])
         return
     options = {name: param for param in ctx.command.params if isinstance(param, click.Option)
-               for name in param.opts}
+               for name in (*param.opts, *param.secondary_opts)}
     takes_arguments = any(isinstance(p, click.Argument) for p in ctx.command.params)
     seen: dict[str, list[str]] = {}
+    flags: dict[str, dict[str, None]] = {}
     last: tuple[str, str, int] | None = None
     i = 0
     while i < len(args):
@@ -246,6 +247,8 @@ def _check_arguments(ctx: click.Context, args: list[str]) -> None:
             raise click.UsageError(f"unexpected argument {token!r}: {ctx.command_path} takes "
                                    f"options only ({hint})", ctx)
         last = None
+        if param is not None and param.is_flag and param.secondary_opts:
+            flags.setdefault(param.name, {})[name] = None  # the forms given, in order
         if param is None or param.is_flag or param.count or param.nargs != 1:
             continue
         if not eq:
@@ -256,6 +259,12 @@ def _check_arguments(ctx: click.Context, args: list[str]) -> None:
         last = (name, value, i)  # the option, its value, the index after them
         if not param.multiple:
             seen.setdefault(param.opts[-1], []).append(value)
+    for forms in flags.values():  # click kept the last of `--engine_process
+        # --no_engine_process` silently (trial C)
+        if len(forms) > 1:
+            first, second = forms
+            raise click.UsageError(f"{first} and {second} contradict each other; give one",
+                                   ctx)
     for name, values in seen.items():
         if len(values) > 1:
             times = "twice" if len(values) == 2 else f"{len(values)} times"

@@ -169,6 +169,25 @@ def test_an_option_of_another_command_names_the_commands_that_take_it(args, hint
                             f"{hint}\n"
 
 
+@pytest.mark.parametrize("args,message", [
+    (["run", "--engine_dir", "e", "--input_text", "x", "--ignore_eos", "--no-ignore_eos"],
+     "--ignore_eos and --no-ignore_eos contradict each other; give one (see kiln run --help)"),
+    (["serve", "--engine_dir", "e", "--no_engine_process", "--engine_process"],
+     "--no_engine_process and --engine_process contradict each other; give one "
+     "(see kiln serve --help)"),
+])
+def test_both_forms_of_a_flag_are_refused(args, message):
+    """Trial C: click kept the last of a flag's two forms silently."""
+    result = _invoke(*args)
+    assert result.exit_code == 2 and result.output == f"error: {message}\n", result.output
+
+
+def test_a_flag_given_twice_the_same_way_passes_on():
+    result = _invoke("run", "--engine_dir", "/nonexistent/e", "--input_text", "x",
+                     "--ignore_eos", "--ignore_eos")
+    assert result.exit_code == 2 and "no such engine directory" in result.output
+
+
 @pytest.mark.parametrize("args,command", [
     (["eval", "--engine_dir", "e", "--stride"], "kiln eval"),
     (["cache", "list", "--cache_dir"], "kiln cache list"),
