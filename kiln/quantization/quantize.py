@@ -140,7 +140,8 @@ def quantize(checkpoint_dir: str | Path, output_dir: str | Path, *, progress: bo
     if info is not None and Granularity.PER_GROUP in info.weight_scales:
         check_group_size(opts.group_size, source)  # before QuantConfig's, which knows no model
     quant = quant_config(opts, source)
-    check_group_size(quant.group_size, source, default=opts.group_size is None)  # the default
+    if opts.group_size is None:  # the format's default, known now
+        check_group_size(quant.group_size, source, default=True)
     device = resolve_device(opts.device)
     job = _Job(source_dir, source, quant, device, opts, progress)
     job.load_data()
