@@ -99,20 +99,23 @@ class ModelTokenizer:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict[str, Any]],
-                            add_generation_prompt: bool = True, **variables: Any) -> str:
-        """Render ``messages`` with the model's chat template (see the module docstring)."""
-        if not self.chat_template:
+                            add_generation_prompt: bool = True, template: str | None = None,
+                            **variables: Any) -> str:
+        """Render ``messages`` with the model's chat template, or ``template`` (kiln serve's
+        --chat_template) where given (see the module docstring)."""
+        template = template if template is not None else self.chat_template
+        if not template:
             raise TokenizerError("this engine dir has no chat template (tokenizer_config.json "
                                  "chat_template or chat_template.jinja); use generate() with a "
                                  "plain prompt, or copy the template into the engine dir")
-        return render_chat_template(self.chat_template, messages, add_generation_prompt,
+        return render_chat_template(template, messages, add_generation_prompt,
                                     {**self.special_tokens, **variables})
 
     def chat_ids(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                 most: int | None = None) -> list[int]:
-        """Token ids of ``messages`` rendered with the chat template (whose text holds the
-        special tokens already); ``most`` as :meth:`encode`'s."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt),
+                 most: int | None = None, template: str | None = None) -> list[int]:
+        """Token ids of ``messages`` rendered as :meth:`apply_chat_template` renders them (the
+        text holds the special tokens already); ``most`` as :meth:`encode`'s."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, template),
                            add_special_tokens=False, most=most)
 
 

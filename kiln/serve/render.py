@@ -37,7 +37,7 @@ from kiln.runtime.errors import RequestError, SamplingParamsError, TokenizerErro
 from kiln.runtime.llm import LLM, Prompt
 from kiln.runtime.params import SamplingParams, TokenLogprobs
 from kiln.runtime.results import CompletionResult, StreamDelta
-from kiln.runtime.tokenizer import render_chat_template, text_of_parts
+from kiln.runtime.tokenizer import text_of_parts
 from kiln.serve.protocol import (
     ROLES,
     UNSUPPORTED,
@@ -251,14 +251,9 @@ class Renderer:
         messages = [_message(i, m.model_dump(exclude_none=True))
                     for i, m in enumerate(req.messages)]
         try:
-            if self.chat_template is not None:
-                text = render_chat_template(self.chat_template, messages,
-                                            req.add_generation_prompt,
-                                            dict(self.tokenizer.special_tokens))
-            else:
-                text = self.tokenizer.apply_chat_template(messages, req.add_generation_prompt)
-            return self.tokenizer.encode(text, add_special_tokens=False,
-                                         most=self.llm.limits.max_input_len)
+            return self.tokenizer.chat_ids(messages, req.add_generation_prompt,
+                                           most=self.llm.limits.max_input_len,
+                                           template=self.chat_template)
         except (TokenizerError, RequestError) as e:
             raise ApiError(400, str(e), param="messages", code=error_code(str(e))) from None
 
