@@ -459,7 +459,7 @@ def _held(engine_dir: str | Path | None, model: str | Path | None, options: Exec
 def _conversations(messages: Messages | Sequence[Messages]) -> list[Messages]:
     """``LLM.chat``'s argument as a list of conversations, each a non-empty list of messages
     with a string ``role`` and a ``content``: a string, or OpenAI's list of text parts (given
-    to the template as their joined text, as ``kiln serve`` does); an assistant's may be None.
+    to the template as their joined text, as ``kiln serve`` does).
     The caller's messages are not changed."""
     one = isinstance(messages, (list, tuple)) and bool(messages) \
         and isinstance(messages[0], dict)
@@ -476,11 +476,12 @@ def _conversations(messages: Messages | Sequence[Messages]) -> list[Messages]:
         messages_out = []
         for i, m in enumerate(conversation):
             content = m.get("content") if isinstance(m, dict) else None
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not (
-                    isinstance(content, (str, list))
-                    or (content is None and m["role"] == "assistant")):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
+                    or not isinstance(content, (str, list)):
+                # (an assistant's None content, for tool calls kiln does not take, had failed
+                # in the template's jinja)
                 raise RequestError(f"{where}message #{i} needs a 'role' string and a 'content' "
-                                   f"string, found {described(m)}")
+                                   f"string or list of text parts, found {described(m)}")
             if m["role"] not in CHAT_ROLES:  # trial D's: any role went to the template
                 raise RequestError(f"{where}message #{i}: role {m['role']!r} is not a chat role; "
                                    f"use one of {', '.join(CHAT_ROLES)}")

@@ -127,11 +127,13 @@ CHAT_ROLES: tuple[str, ...] = ("system", "developer", "user", "assistant", "tool
 
 def text_of_parts(parts: list[Any]) -> str | None:
     """OpenAI's list-of-parts message content as the text it holds (its ``text`` parts joined),
-    or None where a part is not text (an image: kiln's models read text). Chat templates are
+    or None where a part is not text with a string ``text`` (an image: kiln's models read
+    text). Chat templates are
     written for a string ``content``: ``kiln serve`` and ``LLM.chat`` give them one."""
-    if not all(isinstance(part, dict) and part.get("type") == "text" for part in parts):
-        return None
-    return "".join(str(part.get("text", "")) for part in parts)
+    if not all(isinstance(part, dict) and part.get("type") == "text"
+               and isinstance(part.get("text"), str) for part in parts):
+        return None  # (a "text": null had been the word "None")
+    return "".join(part["text"] for part in parts)
 
 
 def render_chat_template(template: str, messages: list[dict[str, Any]],

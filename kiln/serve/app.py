@@ -177,9 +177,11 @@ async def _parse(request: Request, model: type) -> Any:
     except ValidationError as e:
         first = e.errors()[0]
         param = str(first["loc"][0]) if first["loc"] else None  # the request field
-        if param == "prompt" and model is CompletionRequest:  # not pydantic's "prompt.str: ..."
+        given = param in data  # a missing field is pydantic's "Field required"
+        if given and param == "prompt" and model is CompletionRequest:  # not pydantic's
+            # "prompt.str: ..."
             raise ApiError(400, render.prompt_form_error(data["prompt"]), param=param) from None
-        if param == "messages" and model is ChatCompletionRequest \
+        if given and param == "messages" and model is ChatCompletionRequest \
                 and (why := render.messages_form_error(data["messages"])) is not None:
             raise ApiError(400, why, param=param) from None  # not "messages.0.content.str: ..."
         loc = ".".join(str(p) for p in first["loc"])

@@ -90,6 +90,9 @@ def prompt_form_error(prompt: Any) -> str:
     return f"prompt[{i}] is {_as_json(prompt[i])}, where prompt[0] is {kind(prompt[0])}; {forms}"
 
 
+_PART = '{"type": "text", "text": "Hi"}'
+
+
 def messages_form_error(messages: Any) -> str | None:
     """Why ``messages`` is not OpenAI's list of ``{"role", "content"}`` objects, naming the
     first value that is wrong (None where pydantic's objection is another one)."""
@@ -108,12 +111,26 @@ def messages_form_error(messages: Any) -> str | None:
                    f"{', '.join(ROLES)}"
         content = message.get("content")
         if not (content is None or isinstance(content, (str, list))):
-            return f"messages[{i}].content is {_as_json(content)}; give a string, a list of " \
-                   f'text parts like {{"type": "text", "text": "Hi"}}, or null'
-        for j, part in enumerate(content if isinstance(content, list) else ()):
-            if not isinstance(part, dict):
-                return f"messages[{i}].content[{j}] is {_as_json(part)}; a part is an " \
-                       f'object like {{"type": "text", "text": "Hi"}}'
+            return f"messages[{i}].content is {_as_json(content)}; give a string or a list " \
+                   f"of text parts like {_PART}"
+        if isinstance(content, list) and (why := _parts_error(i, content)) is not None:
+            return why
+    return None
+
+
+def _parts_error(i: int, parts: list[Any]) -> str | None:
+    """Why message ``i``'s list content is not text parts, naming the first part that is not
+    (trial 37: a part's ``"text": null`` had reached the model as the word "None")."""
+    for j, part in enumerate(parts):
+        where = f"messages[{i}].content[{j}]"
+        if not isinstance(part, dict):
+            return f"{where} is {_as_json(part)}; a part is an object like {_PART}"
+        if part.get("type") != "text":
+            kind = f'"type": {_as_json(part["type"])}' if "type" in part else "no type"
+            return f"{where} has {kind}; kiln serve takes text parts only, like {_PART}"
+        if not isinstance(part.get("text"), str):
+            text = f"is {_as_json(part['text'])}" if "text" in part else "is missing"
+            return f"{where}.text {text}; give the part's text as a string"
     return None
 
 
@@ -389,16 +406,17 @@ def _message(i: int, message: dict[str, Any]) -> dict[str, Any]:
     """A message with list-of-parts content joined into its text."""
     role = message.get("role")
     if role not in ROLES:
-        raise ApiError(400, f"messages[{i}].role {role!r} is not a chat role; use one of "
+        shown_role = cut(json.dumps(role, ensure_ascii=False))  # a string: pydantic's check
+        raise ApiError(400, f"messages[{i}].role {shown_role} is not a chat role; use one of "
                             f"{', '.join(ROLES)}", param="messages")
     content = message.get("content")
-    if content is None and message.get("role") != "assistant":  # (assistant: tool calls)
-        raise ApiError(400, f"messages[{i}].content is missing or null; give the "
-                            f"{message.get('role')} message's text", param="messages")
+    if content is None:  # an assistant's too: its tool calls, which kiln serve does not take,
+        # are what may stand instead (a template read the missing content: a jinja error)
+        raise ApiError(400, f"messages[{i}].content is missing or null; give the {role} "
+                            f"message's text", param="messages")
     if isinstance(content, list):
-        text = text_of_parts(content)
-        if text is None:
-            raise ApiError(400, f"messages[{i}].content: only text parts are supported",
-                           param="messages")
-        message["content"] = text
+        why = _parts_error(i, content)
+        if why is not None:
+            raise ApiError(400, why, param="messages")
+        message["content"] = text_of_parts(content)
     return message

@@ -117,7 +117,12 @@ def test_bad_token_prompts(scripted, bad, match):
     (lambda llm: llm.chat("hi"), r"^chat takes a conversation .*found str 'hi'$"),
     (lambda llm: llm.chat([]), r"^chat takes a conversation"),
     (lambda llm: llm.chat([{"role": "user"}]),
-     r"^message #0 needs a 'role' string and a 'content' string, found dict"),
+     r"^message #0 needs a 'role' string and a 'content' string or list of text parts, found "
+     r"dict"),
+    (lambda llm: llm.chat([{"role": "assistant", "content": None}]),  # trial 37: jinja's words
+     r"^message #0 needs a 'role' string and a 'content' string or list of text parts"),
+    (lambda llm: llm.chat([{"role": "user", "content": [{"type": "text", "text": None}]}]),
+     r"^message #0: a list content holds text parts only"),  # trial 37: the word "None"
     (lambda llm: llm.chat([[{"role": "user", "content": "a"}], []]),
      r"^conversation #1: a conversation is a non-empty list of messages, found list \[\]$"),
     (lambda llm: llm.chat([{"role": "user", "content": "\udc80"}]), r"^the text is not UTF-8"),

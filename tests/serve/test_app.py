@@ -393,10 +393,27 @@ PARTS = '{"type": "text", "text": "Hi"}'
     ([{"role": "user", "content": "a"}, {"content": "b"}], "messages[1] has no role; " + MESSAGES),
     ([{"role": 3, "content": "a"}], "messages[0].role is a number 3; give one of " +
      "system, developer, user, assistant, tool, function"),
-    ([{"role": "user", "content": 5}], "messages[0].content is a number 5; give a string, a list "
-     "of text parts like " + PARTS + ", or null"),
+    ([{"role": "user", "content": 5}], "messages[0].content is a number 5; give a string or a "
+     "list of text parts like " + PARTS),
     ([{"role": "user", "content": ["a"]}], 'messages[0].content[0] is a string "a"; a part is an '
      "object like " + PARTS),
+    # trial 37: these had passed pydantic and reached the model as "None" or "{'x': [1, 2]}"
+    ([{"role": "user", "content": [{"type": "text", "text": None}]}],
+     "messages[0].content[0].text is null; give the part's text as a string"),
+    ([{"role": "user", "content": [{"type": "text", "text": {"x": [1, 2]}}]}],
+     'messages[0].content[0].text is an object {"x": [1, 2]}; give the part\'s text as a string'),
+    ([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text"}]}],
+     "messages[0].content[1].text is missing; give the part's text as a string"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+     'messages[0].content[0] has "type": a string "image_url"; kiln serve takes text parts only, '
+     "like " + PARTS),
+    ([{"role": "user", "content": [{"text": "hi"}]}],
+     "messages[0].content[0] has no type; kiln serve takes text parts only, like " + PARTS),
+    ([{"role": "assistant"}], "messages[0].content is missing or null; give the assistant "
+     "message's text"),
+    ([{"role": "u" * 60, "content": "a"}], 'messages[0].role "uuuuuuuuuuuuuuuuuuu...uuuuuuu" '
+     "(62 characters) is not a chat role; use one of system, developer, user, assistant, tool, "
+     "function"),
 ])
 def test_messages_of_no_chat_form_name_the_wrong_value(engine, messages, message):
     """Trial 36: these were told pydantic's "messages.0.content.str: Input should be a valid
@@ -406,6 +423,20 @@ def test_messages_of_no_chat_form_name_the_wrong_value(engine, messages, message
     assert out.status_code == 400
     assert out.json()["error"] == {"message": message, "type": "invalid_request_error",
                                    "param": "messages", "code": None}
+
+
+@pytest.mark.parametrize("endpoint,body,param", [
+    ("/v1/chat/completions", {}, "messages"),
+    ("/v1/chat/completions", {"prompt": "x"}, "messages"),
+    ("/v1/completions", {}, "prompt"),
+])
+def test_a_missing_prompt_or_messages_is_a_400(engine, endpoint, body, param):
+    """Trial 37: a body without messages (or prompt) was a 500: the form check read the field
+    pydantic had found missing."""
+    out = _client(engine).post(endpoint, json={"model": "m", **body})
+    assert out.status_code == 400, out.text
+    assert out.json()["error"]["message"] == f"{param}: Field required"
+    assert out.json()["error"]["param"] == param
 
 
 def test_a_long_wrong_value_is_shown_cut_and_as_json(engine):

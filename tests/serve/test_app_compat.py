@@ -252,7 +252,7 @@ def test_a_chat_role_openai_does_not_know_is_400(make_client):
         {"role": "user", "content": "a"}, {"role": "wizard", "content": "b"}]})
     error = out.json()["error"]
     assert out.status_code == 400 and error["param"] == "messages", error
-    assert error["message"] == ("messages[1].role 'wizard' is not a chat role; use one of "
+    assert error["message"] == ('messages[1].role "wizard" is not a chat role; use one of '
                                 "system, developer, user, assistant, tool, function")
     out = client.post("/v1/chat/completions", json={**body, "messages": [
         {"role": "developer", "content": "a"}, {"role": "user", "content": "b"}]})
