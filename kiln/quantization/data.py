@@ -17,7 +17,7 @@ Non-goals: packing with attention masks, padding, sampling samples at random off
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +52,9 @@ class Samples:
 
     tokens: torch.Tensor
     dataset: TextDataset
+    # the head of the dataset's text these tokens came from (about as many characters as they
+    # span, and a margin), for the warning that an --eval_dataset repeats it; "" where unknown
+    text: str = ""
 
     @property
     def provenance(self) -> dict:
@@ -84,14 +87,21 @@ def encode_stream(dataset: TextDataset, tokenizer, limit: int | None) -> list[in
     tokenizer, and the gate's perplexity of a file was 21% off ``kiln eval``'s on it. Where a
     limit is given, whole texts are taken, twice as many each time, until their encoding holds
     ``limit`` tokens and a margin (at most about twice the encoding work of the text needed)."""
+    return _encoded(dataset, tokenizer, limit)[0]
+
+
+def _encoded(dataset: TextDataset, tokenizer, limit: int | None) -> tuple[list[int], str]:
+    """:func:`encode_stream`'s ids, and the text they encode."""
     texts = dataset.texts
     if limit is None:
-        return tokenizer.encode(SEPARATOR.join(texts), add_special_tokens=False)
+        text = SEPARATOR.join(texts)
+        return tokenizer.encode(text, add_special_tokens=False), text
     take = 1
     while True:
-        ids = tokenizer.encode(SEPARATOR.join(texts[:take]), add_special_tokens=False)
+        text = SEPARATOR.join(texts[:take])
+        ids = tokenizer.encode(text, add_special_tokens=False)
         if len(ids) >= limit + _MARGIN or take >= len(texts):
-            return ids
+            return ids, text
         take *= 2
 
 
@@ -110,37 +120,42 @@ def token_samples(dataset: TextDataset, tokenizer, seq_length: int,
     return Samples(tokens, dataset)
 
 
-def split_calibration(dataset: TextDataset, tokenizer, calib_size: int,
-                      seq_length: int) -> tuple[Samples, Samples]:
-    """(calibration samples, held-out evaluation samples) from one dataset (module docstring)."""
-    evals = held_out(calib_size)
+def split_calibration(dataset: TextDataset, tokenizer, calib_size: int, seq_length: int,
+                      hold_out: bool = True) -> tuple[Samples, Samples]:
+    """(calibration samples, held-out evaluation samples) from one dataset (module docstring);
+    none held out where ``hold_out`` is False (an --eval_dataset scores the gate)."""
+    evals = held_out(calib_size) if hold_out else 0
     need = (calib_size + evals) * seq_length
-    ids = encode_stream(dataset, tokenizer, need)
+    ids, text = _encoded(dataset, tokenizer, need)
     if len(ids) < need:
-        fit = len(ids) // seq_length * 4 // 5
+        fit = len(ids) // seq_length * (4 if hold_out else 5) // 5
         lower = f"lower --calib_size (at most {fit} fit) or --calib_max_seq_length" if fit \
             else f"lower --calib_max_seq_length (not even one {seq_length}-token sample fits)"
+        held = f" plus {counted(evals, 'held-out sample')} for the accuracy gate" if evals \
+            else ""
         raise DatasetError(
             f"{dataset.shown}: has {counted(len(ids), 'token')}, --calib_size {calib_size} x "
-            f"--calib_max_seq_length {seq_length} plus {counted(evals, 'held-out sample')} for "
-            f"the accuracy gate need {need}; pass more text, or {lower}")
+            f"--calib_max_seq_length {seq_length}{held} need {need}; pass more text, or "
+            f"{lower}")
     tokens = torch.tensor(ids[:need], dtype=torch.int64).view(calib_size + evals, seq_length)
     log.info("calibration: %d samples x %d tokens from %s, %d held out for the accuracy gate",
              calib_size, seq_length, dataset.name, evals)
-    return Samples(tokens[:calib_size], dataset), Samples(tokens[calib_size:], dataset)
+    # the characters the calibration tokens span, in proportion, with a margin (5%, 200 more)
+    read = text[:len(text) * calib_size * seq_length * 21 // (20 * len(ids)) + 200]
+    return Samples(tokens[:calib_size], dataset, read), Samples(tokens[calib_size:], dataset)
 
 
-def _normalised_lines(dataset: TextDataset) -> Iterator[str]:
+def _normalised_lines(texts: Iterable[str]) -> Iterator[str]:
     """Each non-empty line of each text with its whitespace runs made one space, so a CRLF copy,
     a re-indented one or one with tabs compares equal to the original."""
-    for text in dataset.texts:
+    for text in texts:
         for line in text.splitlines():
             line = " ".join(line.split())
             if line:
                 yield line
 
 
-def shared_lines(evaluation: TextDataset, calibration: TextDataset) -> tuple[int, int]:
+def shared_lines(evaluation: TextDataset, calibration: Sequence[str]) -> tuple[int, int]:
     """(lines of ``evaluation`` that ``calibration`` holds too, lines of ``evaluation``), counting
     its lines of :data:`MIN_SHARED_CHARS` characters or more (all of them if it has none).
 
@@ -151,6 +166,6 @@ def shared_lines(evaluation: TextDataset, calibration: TextDataset) -> tuple[int
     holding it) keep their lines. A re-wrapped copy escapes. The calibration side is a set of
     ``hash()`` values (64-bit: a collision is too unlikely to matter), not of the lines."""
     seen = {hash(line) for line in _normalised_lines(calibration)}
-    lines = list(_normalised_lines(evaluation))
+    lines = list(_normalised_lines(evaluation.texts))
     counted_lines = [line for line in lines if len(line) >= MIN_SHARED_CHARS] or lines
     return sum(hash(line) in seen for line in counted_lines), len(counted_lines)

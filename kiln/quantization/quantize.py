@@ -234,21 +234,23 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _warn_of_calibration_text(texts: TextDataset, calib_texts: TextDataset) -> None:
-    """Warn where most of the evaluation text is calibration text (:func:`shared_lines`).
+def _warn_of_calibration_text(texts: TextDataset, calib: Samples) -> None:
+    """Warn where most of the evaluation text is calibration text: the lines of the text the
+    calibration samples read (``Samples.text``), not of the whole file (trial 37: the tail of a
+    file whose head alone was read had been warned of) (:func:`shared_lines`).
 
     Half: unrelated texts share next to no line of
     :data:`~kiln.quantization.data.MIN_SHARED_CHARS` characters (kiln.testing.english's two sets
     share none), so half is no accident, and the gate's figures are then mostly those of
-    text calibration may have seen; a smaller share is left alone, not to warn of the stray
+    text calibration has seen; a smaller share is left alone, not to warn of the stray
     boilerplate line."""
-    shared, lines = shared_lines(texts, calib_texts)
+    shared, lines = shared_lines(texts, [calib.text])
     if lines and 2 * shared >= lines:
-        log.warning("--eval_dataset %s: %d%% of its lines (%d of %d) are also in --calib_dataset: "
-                    "the accuracy gate scores text calibration may have seen, which flatters the "
-                    "quantized checkpoint; give held-out text that calibration never reads, or "
-                    "leave --eval_dataset out (a fifth of the calibration text read is then held "
-                    "out for the gate)", texts.shown, shared * 100 // lines, shared, lines)
+        log.warning("--eval_dataset %s: %d%% of its lines (%d of %d) are in the text calibration "
+                    "read from --calib_dataset: the accuracy gate scores text calibration has "
+                    "seen, which flatters the quantized checkpoint; give other text, or leave "
+                    "--eval_dataset out (a fifth of the calibration text read is then held out "
+                    "for the gate)", texts.shown, shared * 100 // lines, shared, lines)
 
 
 @dataclass
@@ -277,17 +279,27 @@ class _Job:
             return
         tokenizer = load_tokenizer_of(self.source_dir)
         calib_texts = load_texts(opts.calib_dataset) if opts.calib_dataset else None
-        if calib_texts is not None:
+        if calib_texts is not None and not (opts.calibrates or opts.eval_dataset):
+            # the held-out samples only: the format calibrates nothing
+            self.eval = split_calibration(calib_texts, tokenizer, opts.calib_size,
+                                          opts.calib_max_seq_length)[1]
+        elif calib_texts is not None and opts.calibrates:
+            # with an --eval_dataset scoring the gate, nothing is held out (trial 37: a run
+            # that fit was refused for the held-out samples it would not read)
             calib, held = split_calibration(calib_texts, tokenizer, opts.calib_size,
-                                            opts.calib_max_seq_length)
-            if opts.calibrates:
-                self.calib = calib
-                self.quant = self.quant.with_(calibration=calib.provenance)
+                                            opts.calib_max_seq_length,
+                                            hold_out=not opts.eval_dataset)
+            self.calib = calib
+            self.quant = self.quant.with_(calibration=calib.provenance)
             self.eval = held
+        elif calib_texts is not None:
+            log.warning("--calib_dataset %s is not read: %s calibrates nothing, and "
+                        "--eval_dataset scores the accuracy gate", calib_texts.shown,
+                        opts.qformat)
         if opts.eval_dataset:
             texts = load_texts(opts.eval_dataset)
-            if opts.calibrates and calib_texts is not None:
-                _warn_of_calibration_text(texts, calib_texts)
+            if self.calib is not None:
+                _warn_of_calibration_text(texts, self.calib)
             try:
                 self.eval = token_samples(texts, tokenizer, opts.calib_max_seq_length)
             except TooFewTokens as e:  # its advice, followed, must not meet the gate's refusal

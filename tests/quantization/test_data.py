@@ -66,5 +66,5 @@ def test_shared_lines_ignore_whitespace_and_count_only_long_lines():
     calibration = dataset(f"Returns:\n{long}", "Another line of calibration text, long enough.")
     assert shared_lines(dataset(f"  {long.replace(' ', chr(9))}\r\nReturns:",
                                 "A line of evaluation text that is long enough."),
-                        calibration) == (1, 2)
-    assert shared_lines(dataset("Returns:\nExamples"), calibration) == (1, 2)
+                        calibration.texts) == (1, 2)
+    assert shared_lines(dataset("Returns:\nExamples"), calibration.texts) == (1, 2)

@@ -327,12 +327,21 @@ def eval_file(case: str, texts: dict, tmp_path) -> tuple[Path, Path]:
     whole, others = calib.read_text(), other.read_text()
     paragraphs = whole.split("\n\n")  # 40, one line of 30 words each
     text = {"copy": whole, "crlf": whole.replace("\n", "\r\n"),
-            "half": "\n\n".join(paragraphs[:20]),
+            "half": "\n\n".join(paragraphs[:20]), "tail": "\n\n".join(paragraphs[20:]),
             "half shared": "\n\n".join(paragraphs[:10] + [others]),
             "under half shared": "\n\n".join(paragraphs[:9] + [others])}[case]
     path = tmp_path / "eval.txt"
     path.write_bytes(text.encode())
     return calib, path
+
+
+def samples_reading_all_of(path: Path, ckpt: Path) -> int:
+    """The --calib_size whose samples (of CALIB's length) read all but the last one's worth of
+    ``path``'s tokens."""
+    from kiln.quantization.data import encode_stream
+
+    tokens = len(encode_stream(load_texts(str(path)), load_tokenizer_of(ckpt), None))
+    return tokens // CALIB["calib_max_seq_length"]
 
 
 @pytest.mark.parametrize("qformat,case,shared", [
@@ -344,6 +353,8 @@ def eval_file(case: str, texts: dict, tmp_path) -> tuple[Path, Path]:
     ("fp8", "other", None),
     ("fp8", "english", None),  # kiln.testing.english's two sets: no paragraph in both
     ("int8_wo", "copy", None),  # nothing calibrated: any text is unseen
+    ("fp8 head", "copy", None),  # calibration reads the first paragraphs only: these 2 of 40
+    ("fp8 head", "tail", None),  # trial 37: the tail of a file whose head alone was read
 ])
 def test_a_gate_on_the_calibration_text_is_said_to_flatter(checkpoint, texts, tmp_path, caplog,
                                                            qformat, case, shared):
@@ -351,16 +362,41 @@ def test_a_gate_on_the_calibration_text_is_said_to_flatter(checkpoint, texts, tm
     gate then scores what calibration saw. A byte-identical check then missed half of the
     calibration file, and the file with CRLF line endings."""
     calib, evaluation = eval_file(case, texts, tmp_path)
+    ckpt = checkpoint("llama-gqa")
+    head = qformat == "fp8 head"  # CALIB's 8 samples; the others read the whole file
+    size = {} if head or qformat == "int8_wo" else {"calib_size": samples_reading_all_of(calib,
+                                                                                          ckpt)}
     with caplog.at_level(logging.WARNING, "kiln.quantization.quantize"):
-        quantize(checkpoint("llama-gqa"), tmp_path / "q", qformat=qformat, no_accuracy_gate=True,
-                 eval_dataset=str(evaluation), calib_dataset=str(calib))
+        quantize(ckpt, tmp_path / "q", qformat=qformat.split()[0], no_accuracy_gate=True,
+                 eval_dataset=str(evaluation), calib_dataset=str(calib), **size)
     said = [r.getMessage() for r in caplog.records if "flatters" in r.getMessage()]
     if shared is None:
         assert said == []
         return
     n, lines = shared
     assert said == [f"--eval_dataset {evaluation}: {n * 100 // lines}% of its lines ({n} of "
-                    f"{lines}) are also in --calib_dataset: the accuracy gate scores text "
-                    f"calibration may have seen, which flatters the quantized checkpoint; give "
-                    f"held-out text that calibration never reads, or leave --eval_dataset out "
-                    f"(a fifth of the calibration text read is then held out for the gate)"]
+                    f"{lines}) are in the text calibration read from --calib_dataset: the "
+                    f"accuracy gate scores text calibration has seen, which flatters the "
+                    f"quantized checkpoint; give other text, or leave --eval_dataset out (a "
+                    f"fifth of the calibration text read is then held out for the gate)"]
+
+
+def test_an_eval_dataset_needs_no_held_out_calibration_text(checkpoint, texts, tmp_path,
+                                                             caplog):
+    """Trial 37: with --eval_dataset scoring the gate, a calibration text that held
+    --calib_size samples was refused for the held-out samples it would not read; and a
+    weight-only format, which reads no calibration text, was refused for all of them."""
+    ckpt = checkpoint("llama-gqa")
+    calib, evaluation = texts["calib"], texts["eval"]
+    size = samples_reading_all_of(calib, ckpt)  # too many to hold a quarter more out
+    with pytest.raises(kiln.errors.DatasetError, match="held-out samples? for the accuracy gate"):
+        quantize(ckpt, tmp_path / "a", qformat="fp8", no_accuracy_gate=True,
+                 calib_dataset=str(calib), calib_size=size)
+    quantize(ckpt, tmp_path / "b", qformat="fp8", no_accuracy_gate=True,
+             calib_dataset=str(calib), calib_size=size, eval_dataset=str(evaluation))
+    assert load_config(tmp_path / "b").quantization.calibration["samples"] == size
+    with caplog.at_level(logging.WARNING, "kiln.quantization.quantize"):
+        quantize(ckpt, tmp_path / "c", qformat="int8_wo", no_accuracy_gate=True,
+                 calib_dataset=str(calib), calib_size=10 * size, eval_dataset=str(evaluation))
+    assert f"--calib_dataset {calib} is not read: int8_wo calibrates nothing, and " \
+           f"--eval_dataset scores the accuracy gate" in caplog.text
