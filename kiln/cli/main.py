@@ -255,6 +255,12 @@ def _check_arguments(ctx: click.Context, args: list[str]) -> None:
             if i == len(args):  # click's parser names it without the command (`see kiln
                 # --help`): named here, with it
                 raise click.BadOptionUsage(name, f"Option {name!r} requires an argument.", ctx)
+            if args[i].partition("=")[0] in options:  # trial 37: `--max_output_len --input_text
+                # hi` took "--input_text" as the number, `--input_text --chat` as the prompt
+                raise click.BadOptionUsage(
+                    name, f"Option {name!r} requires an argument: {args[i]} is an option of "
+                          f"{ctx.command_path} (to give it as the value, write "
+                          f"{name}={args[i]})", ctx)
             value, i = args[i], i + 1
         last = (name, value, i)  # the option, its value, the index after them
         if not param.multiple:

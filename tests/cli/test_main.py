@@ -201,6 +201,23 @@ def test_an_option_without_its_value_points_to_its_command(args, command):
                             f"(see {command} --help)\n"
 
 
+@pytest.mark.parametrize("args,option,value", [
+    (["run", "--engine_dir", "e", "--max_output_len", "--input_text", "hi"], "--max_output_len",
+     "--input_text"),
+    (["run", "--engine_dir", "e", "--input_text", "--chat"], "--input_text", "--chat"),
+    (["eval", "--engine_dir", "e", "--dataset", "--stride", "64"], "--dataset", "--stride"),
+])
+def test_an_option_of_the_command_is_no_value(args, option, value):
+    """Trial 37: `--max_output_len --input_text hi` took "--input_text" as the number (then
+    told to quote 'hi'), and `--input_text --chat` generated for the prompt "--chat"."""
+    result = _invoke(*args)
+    command = f"kiln {args[0]}"
+    assert result.exit_code == 2
+    assert result.output == f"error: Option '{option}' requires an argument: {value} is an " \
+                            f"option of {command} (to give it as the value, write " \
+                            f"{option}={value}) (see {command} --help)\n"
+
+
 @pytest.mark.parametrize("args, message", [
     (["run", "--engine_dir", "a", "--input_text", "x", "--engine_dir=b"],
      "--engine_dir is given twice ('a', then 'b'); give it once (see kiln run --help)"),
@@ -259,7 +276,9 @@ def test_quiet_and_verbose_together_are_refused():
 
 
 def test_repeatable_options_and_values_that_look_like_options_pass(tmp_path):
-    result = _invoke("run", "--input_text", "--engine_dir", "--input_text", "b",
+    """A value that is an option's name passes in the = form (without it, it is refused: see
+    test_an_option_of_the_command_is_no_value)."""
+    result = _invoke("run", "--input_text=--engine_dir", "--input_text", "b",
                      "--engine_dir", str(tmp_path / "nope"))
     assert result.exit_code == 2 and "no such engine directory" in result.output
 
