@@ -1,6 +1,8 @@
 """The INT4 Gluon kernel with its words brought by TMA into a ring of ``STAGES`` slots in shared
 memory (the config's third item; 0: the committed register prefetch), Llama-3.1-8B shapes,
-group 128, bf16 activations, swept over warps x chunks x stages.
+group 128, bf16 activations, swept over warps x chunks x stages. Measured and not kept
+(benchmarks/GPU_NOTES.md, thirty-seventh session): the ring is in
+``int4_tma_ring_not_kept.patch`` beside this script; apply it (``git apply``) to run this.
 
     PYTHONPATH=. python3 benchmarks/issue12_thirty_seventh_session/int4_tma.py --out DIR
         [--ms 1,8] [--warps 1,2,4,8] [--chunks 1,2,4] [--stages 2,4,6] [--max_smem_kb 96]

@@ -6,7 +6,7 @@
 #    alternating while the call has time. Carry .cache/serve312b (pytest-xdist).
 set -u
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader | tee "$OUT/gpu.txt"
-git apply benchmarks/issue12_thirty_seventh_session/int4_tma_ring.patch || exit 1
+git apply benchmarks/issue12_thirty_seventh_session/int4_tma_ring_not_kept.patch || exit 1
 export PYTHONPATH=.:$PWD/${SERVE_PKGS:-.cache/serve312b}
 timeout 170 python3 -m pytest -m gpu -q -n 12 -p no:cacheprovider -x \
     tests/plugins/test_quant_linear_triton.py -k "fragment" > "$OUT/gpu_tests.txt" 2>&1

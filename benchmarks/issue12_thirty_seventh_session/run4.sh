@@ -4,7 +4,7 @@
 # through EngineCore, committed against the sweep's fastest. Carry .cache/serve312b.
 set -u
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader | tee "$OUT/gpu.txt"
-git apply benchmarks/issue12_thirty_seventh_session/int4_tma_ring.patch || exit 1
+git apply benchmarks/issue12_thirty_seventh_session/int4_tma_ring_not_kept.patch || exit 1
 export PYTHONPATH=.:$PWD/${SERVE_PKGS:-.cache/serve312b}
 timeout 100 python3 -m pytest -m gpu -q -n 12 -p no:cacheprovider -x \
     tests/plugins/test_quant_linear_triton.py -k "ring or fragment_kernel_configs" \
