@@ -95,6 +95,11 @@ class QuantizeOptions:
             raise ConfigError(f"{what} needs calibration data: pass --calib_dataset (a .txt, "
                               f".jsonl or .parquet file, or a hub dataset id)")
         if self.calib_dataset is None:  # settings of text that is not given do nothing
+            if self.calib_size != _DEFAULTS["calib_size"] and self.eval_dataset is not None:
+                # "give --calib_dataset" would be read by nothing (a retest followed it)
+                raise ConfigError(f"--calib_size does nothing here: {self.qformat} calibrates "
+                                  f"nothing, and --eval_dataset scores the accuracy gate; leave "
+                                  f"--calib_size out")
             if self.calib_size != _DEFAULTS["calib_size"]:
                 raise ConfigError("--calib_size needs --calib_dataset, which is not given; "
                                   "give it, or leave --calib_size out")

@@ -84,6 +84,12 @@ def _cases(src, src_tp2, texts, quantized, tmp):
         "calib size without data": (["--qformat", "int8_wo", "--calib_size", "4"], src,
                                     "--calib_size needs --calib_dataset, which is not given; "
                                     "give it, or leave --calib_size out"),
+        # a retest followed "give it" beside --eval_dataset: the text was read by nothing
+        "calib size beside eval text": (["--qformat", "int8_wo", "--calib_size", "4",
+                                         "--eval_dataset", str(calib[1])], src,
+                                        "--calib_size does nothing here: int8_wo calibrates "
+                                        "nothing, and --eval_dataset scores the accuracy gate; "
+                                        "leave --calib_size out"),
         # a trial: the message had named --calib_dataset only
         "gate without text": (["--qformat", "int8_wo", "--max_ppl_ratio", "1.5",
                                "--calib_max_seq_length", "64"], src,
@@ -125,6 +131,7 @@ CASES = ["wrong qformat", "group size", "group size no kernel takes", "group siz
          "too few tokens", "needs data", "kv needs data", "needs data, length given",
          "already quantized",
          "fp8 scales on int8", "alpha on int4", "alpha nan", "ratio inf", "calib size without data",
+         "calib size beside eval text",
          "gate without text", "calibration past the context", "512 past the context",
          "gate of one token", "gate of few eval tokens", "eval text shorter than a sample"]
 
