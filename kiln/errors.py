@@ -9,6 +9,7 @@ only under ``--debug``. Anything else escaping is a bug in kiln.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 from typing import Any
@@ -47,6 +48,16 @@ def json_type(value: Any) -> str:
         if isinstance(value, kind):
             return name
     return "null"
+
+
+def as_json(value: Any) -> str:
+    """A parsed JSON value in JSON's words, cut as :func:`cut` cuts: null, true, a number 1.5,
+    a string "a"."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if not isinstance(value, (int, float, str, list, dict)):  # a Python caller's object
+        return described(value)
+    return f"{json_type(value)} {cut(json.dumps(value, ensure_ascii=False, default=repr))}"
 
 
 def malformed(error: KeyError | TypeError | ValueError) -> str:

@@ -72,7 +72,13 @@ from kiln.runtime.loader import ExecutorOptions, check_engine, open_engine
 from kiln.runtime.params import SamplingParams
 from kiln.runtime.results import CompletionResult, StreamDelta
 from kiln.runtime.scheduler import Policy
-from kiln.runtime.tokenizer import CHAT_ROLES, ModelTokenizer, load_tokenizer, text_of_parts
+from kiln.runtime.tokenizer import (
+    CHAT_ROLES,
+    ModelTokenizer,
+    load_tokenizer,
+    parts_error,
+    text_of_parts,
+)
 
 if TYPE_CHECKING:
     from kiln.runtime.distributed.replicas import ReplicaCore
@@ -486,12 +492,10 @@ def _conversations(messages: Messages | Sequence[Messages]) -> list[Messages]:
                 raise RequestError(f"{where}message #{i}: role {m['role']!r} is not a chat role; "
                                    f"use one of {', '.join(CHAT_ROLES)}")
             if isinstance(content, list):
-                text = text_of_parts(content)
-                if text is None:
-                    raise RequestError(f"{where}message #{i}: a list content holds text parts "
-                                       f"only ({{'type': 'text', 'text': ...}}), found "
-                                       f"{described(content)}")
-                m = {**m, "content": text}
+                why = parts_error(content, "chat")
+                if why is not None:  # named as kiln serve names it
+                    raise RequestError(f"{where}message #{i}: {why}")
+                m = {**m, "content": text_of_parts(content)}
             messages_out.append(m)
         checked.append(messages_out)
     return checked

@@ -24,7 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from kiln.errors import UNREADABLE_JSON
+from kiln.errors import UNREADABLE_JSON, as_json
 from kiln.runtime.errors import RequestError, TokenizerError, prompt_too_long
 from kiln.runtime.params import is_utf8
 
@@ -123,6 +123,26 @@ class ModelTokenizer:
 # LLM.chat pass to the chat template, which decides what each renders as. vLLM takes any role
 # string; OpenAI, and kiln, refuse others (a typo would reach the template silently).
 CHAT_ROLES: tuple[str, ...] = ("system", "developer", "user", "assistant", "tool", "function")
+
+
+TEXT_PART = '{"type": "text", "text": "Hi"}'  # OpenAI's list-of-parts content
+
+
+def parts_error(parts: list[Any], taker: str) -> str | None:
+    """Why list-of-parts content is not text parts (``taker`` takes those only), naming the
+    first part that is not, as ``content[j] ...`` (trial 37: a part's ``"text": null`` had
+    reached the model as the word "None")."""
+    for j, part in enumerate(parts):
+        where = f"content[{j}]"
+        if not isinstance(part, dict):
+            return f"{where} is {as_json(part)}; a part is an object like {TEXT_PART}"
+        if part.get("type") != "text":
+            kind = f'"type": {as_json(part["type"])}' if "type" in part else "no type"
+            return f"{where} has {kind}; {taker} takes text parts only, like {TEXT_PART}"
+        if not isinstance(part.get("text"), str):
+            text = f"is {as_json(part['text'])}" if "text" in part else "is missing"
+            return f"{where}.text {text}; give the part's text as a string"
+    return None
 
 
 def text_of_parts(parts: list[Any]) -> str | None:

@@ -32,12 +32,12 @@ import json
 import re
 from typing import Any
 
-from kiln.errors import cut, json_type, shown
+from kiln.errors import as_json, cut, json_type, shown
 from kiln.runtime.errors import RequestError, SamplingParamsError, TokenizerError
 from kiln.runtime.llm import LLM, Prompt
 from kiln.runtime.params import SamplingParams, TokenLogprobs
 from kiln.runtime.results import CompletionResult, StreamDelta
-from kiln.runtime.tokenizer import text_of_parts
+from kiln.runtime.tokenizer import TEXT_PART, parts_error, text_of_parts
 from kiln.serve.protocol import (
     ROLES,
     UNSUPPORTED,
@@ -73,24 +73,21 @@ def prompt_form_error(prompt: Any) -> str:
     def token_id(value: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if not isinstance(prompt, list):
-        return f"{forms}, found {_as_json(prompt)}"
+        return f"{forms}, found {as_json(prompt)}"
     for i, item in enumerate(prompt):
         if isinstance(item, list):
             wrong = next((j for j, t in enumerate(item) if not token_id(t)), None)
             if wrong is not None:
                 value = item[wrong]
-                return f"prompt[{i}][{wrong}] is {_as_json(value)}, not a token id; {forms}"
+                return f"prompt[{i}][{wrong}] is {as_json(value)}, not a token id; {forms}"
         elif not (isinstance(item, str) or token_id(item)):
-            return f"prompt[{i}] is {_as_json(item)}; {forms}"
+            return f"prompt[{i}] is {as_json(item)}; {forms}"
 
     def kind(item: Any) -> str:
         return "a string" if isinstance(item, str) else \
             "a list of token ids" if isinstance(item, list) else "a token id"
     i = next(i for i, item in enumerate(prompt) if kind(item) != kind(prompt[0]))
-    return f"prompt[{i}] is {_as_json(prompt[i])}, where prompt[0] is {kind(prompt[0])}; {forms}"
-
-
-_PART = '{"type": "text", "text": "Hi"}'
+    return f"prompt[{i}] is {as_json(prompt[i])}, where prompt[0] is {kind(prompt[0])}; {forms}"
 
 
 def messages_form_error(messages: Any) -> str | None:
@@ -98,47 +95,30 @@ def messages_form_error(messages: Any) -> str | None:
     first value that is wrong (None where pydantic's objection is another one)."""
     form = 'messages must be a list of objects like {"role": "user", "content": "Hi"}'
     if not isinstance(messages, list):
-        return f"{form}, found {_as_json(messages)}"
+        return f"{form}, found {as_json(messages)}"
     if not messages:
         return "messages is an empty list; give at least one message"
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            return f"messages[{i}] is {_as_json(message)}; {form}"
+            return f"messages[{i}] is {as_json(message)}; {form}"
         if "role" not in message:
             return f"messages[{i}] has no role; {form}"
         if not isinstance(message["role"], str):
-            return f"messages[{i}].role is {_as_json(message['role'])}; give one of " \
+            return f"messages[{i}].role is {as_json(message['role'])}; give one of " \
                    f"{', '.join(ROLES)}"
         content = message.get("content")
         if not (content is None or isinstance(content, (str, list))):
-            return f"messages[{i}].content is {_as_json(content)}; give a string or a list " \
-                   f"of text parts like {_PART}"
+            return f"messages[{i}].content is {as_json(content)}; give a string or a list " \
+                   f"of text parts like {TEXT_PART}"
         if isinstance(content, list) and (why := _parts_error(i, content)) is not None:
             return why
     return None
 
 
 def _parts_error(i: int, parts: list[Any]) -> str | None:
-    """Why message ``i``'s list content is not text parts, naming the first part that is not
-    (trial 37: a part's ``"text": null`` had reached the model as the word "None")."""
-    for j, part in enumerate(parts):
-        where = f"messages[{i}].content[{j}]"
-        if not isinstance(part, dict):
-            return f"{where} is {_as_json(part)}; a part is an object like {_PART}"
-        if part.get("type") != "text":
-            kind = f'"type": {_as_json(part["type"])}' if "type" in part else "no type"
-            return f"{where} has {kind}; kiln serve takes text parts only, like {_PART}"
-        if not isinstance(part.get("text"), str):
-            text = f"is {_as_json(part['text'])}" if "text" in part else "is missing"
-            return f"{where}.text {text}; give the part's text as a string"
-    return None
-
-
-def _as_json(value: Any) -> str:
-    """A request's value in JSON's words: null, true, a number 1.5, a string "a"."""
-    if value is None or isinstance(value, bool):
-        return json.dumps(value)
-    return f"{json_type(value)} {cut(json.dumps(value, ensure_ascii=False))}"
+    """Why message ``i``'s list content is not text parts (:func:`parts_error`)."""
+    why = parts_error(parts, "kiln serve")
+    return None if why is None else f"messages[{i}].{why}"
 
 
 def nth(params: SamplingParams, j: int) -> SamplingParams:
