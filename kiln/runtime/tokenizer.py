@@ -145,14 +145,10 @@ def parts_error(parts: list[Any], taker: str) -> str | None:
     return None
 
 
-def text_of_parts(parts: list[Any]) -> str | None:
-    """OpenAI's list-of-parts message content as the text it holds (its ``text`` parts joined),
-    or None where a part is not text with a string ``text`` (an image: kiln's models read
-    text). Chat templates are
-    written for a string ``content``: ``kiln serve`` and ``LLM.chat`` give them one."""
-    if not all(isinstance(part, dict) and part.get("type") == "text"
-               and isinstance(part.get("text"), str) for part in parts):
-        return None  # (a "text": null had been the word "None")
+def text_of_parts(parts: list[Any]) -> str:
+    """OpenAI's list-of-parts message content, which :func:`parts_error` passed, as the text it
+    holds (its ``text`` parts joined). Chat templates are written for a string ``content``:
+    ``kiln serve`` and ``LLM.chat`` give them one."""
     return "".join(part["text"] for part in parts)
 
 
