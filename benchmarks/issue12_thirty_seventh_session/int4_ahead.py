@@ -107,19 +107,11 @@ def best_per_shape(rows: list[dict]) -> dict:
 
 
 def timeline(table: dict, out: Path) -> None:
-    """batch1_timeline.py's INT4 run with ``table``'s configs at one token tile."""
-    committed = gluon_kernels.fragments_config
-
-    def patched(n, k, group_size, tiles=1):
-        if tiles == 1 and (n, k) in table:
-            return table[(n, k)]
-        return committed(n, k, group_size, tiles)
-
-    gluon_kernels.fragments_config = patched
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "issue12_tenth_pass"))
-    import batch1_timeline
-    sys.argv = ["batch1_timeline.py", "--formats", "int4_wo", "--out", str(out)]
-    batch1_timeline.main()
+    """batch1_timeline.py's INT4 run with ``table``'s configs at one token tile (the twenty-ninth
+    session's)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "issue12_twenty_ninth_session"))
+    import int4_stages
+    int4_stages.timeline_with(table, out)
 
 
 def main(configs_for=prefetch_configs, name: str = "int4_ahead", doc: str = __doc__,

@@ -116,6 +116,12 @@ def timeline(spec: str, out: Path) -> None:
     for item in spec.split(","):
         name, cfg = item.split("=")
         table[SHAPES[name]] = tuple(map(int, cfg.split("x")))
+    timeline_with(table, out)
+
+
+def timeline_with(table: dict, out: Path) -> None:
+    """batch1_timeline.py's INT4 run with ``table``'s configs ({(n, k): config}) at one token
+    tile, the committed choice elsewhere."""
     committed = gluon_kernels.fragments_config
 
     def patched(n, k, group_size, tiles=1):
