@@ -11,9 +11,10 @@ Contract:
   HTTP's auth schemes are; 401 otherwise); ``/health``, ``/metrics`` and ``/version`` stay
   open, for probes and scrapers.
 - Every error is OpenAI-shaped JSON (:class:`~kiln.serve.protocol.ApiError`): 400 bad
-  parameter (named in ``param``), prompt too long, echo+logprobs on an engine without context
-  logits; 401; 404 unknown model or route; 413 body over ``max_body_bytes``; 429 with
-  ``Retry-After`` when more than ``max_queue`` requests would wait. Bad input never gives a 500.
+  parameter (named in ``param``, down to the value at fault: ``messages[0].content``), prompt
+  too long, echo+logprobs on an engine without context logits; 401; 404 unknown model or
+  route; 413 body over ``max_body_bytes``; 429 with ``Retry-After`` when more than
+  ``max_queue`` requests would wait. Bad input never gives a 500.
 - ``n > 1``: the runtime samples one sequence per request, so each choice is its own engine
   request; with a ``seed``, choice j uses ``seed + j`` (so the choices differ, reproducibly).
 - A client that disconnects (or closes its stream) aborts its engine requests
@@ -183,7 +184,7 @@ async def _parse(request: Request, model: type) -> Any:
             raise ApiError(400, render.prompt_form_error(data["prompt"]), param=param) from None
         if given and param == "messages" and model is ChatCompletionRequest \
                 and (why := render.messages_form_error(data["messages"])) is not None:
-            raise ApiError(400, why, param=param) from None  # not "messages.0.content.str: ..."
+            raise render.form_error(why) from None  # not "messages.0.content.str: ..."
         loc = ".".join(str(p) for p in first["loc"])
         raise ApiError(400, f"{loc}: {first['msg']}", param=param) from None
 

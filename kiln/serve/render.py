@@ -90,9 +90,17 @@ def prompt_form_error(prompt: Any) -> str:
     return f"prompt[{i}] is {as_json(prompt[i])}, where prompt[0] is {kind(prompt[0])}; {forms}"
 
 
+def form_error(why: str) -> ApiError:
+    """The 400 of a request value of the wrong form. ``why`` opens with the value's path, as the
+    form checks here word it (``messages[0].content[1].text is null; ...``): that path is the
+    error's ``param``, as OpenAI's errors name the value at fault (not always ``messages``)."""
+    return ApiError(400, why, param=why.partition(" ")[0])
+
+
 def messages_form_error(messages: Any) -> str | None:
     """Why ``messages`` is not OpenAI's list of ``{"role", "content"}`` objects, naming the
-    first value that is wrong (None where pydantic's objection is another one)."""
+    first value that is wrong (None where pydantic's objection is another one); a
+    :func:`form_error`'s message."""
     form = 'messages must be a list of objects like {"role": "user", "content": "Hi"}'
     if not isinstance(messages, list):
         return f"{form}, found {as_json(messages)}"
@@ -387,16 +395,16 @@ def _message(i: int, message: dict[str, Any]) -> dict[str, Any]:
     role = message.get("role")
     if role not in ROLES:
         shown_role = cut(json.dumps(role, ensure_ascii=False))  # a string: pydantic's check
-        raise ApiError(400, f"messages[{i}].role {shown_role} is not a chat role; use one of "
-                            f"{', '.join(ROLES)}", param="messages")
+        raise form_error(f"messages[{i}].role {shown_role} is not a chat role; use one of "
+                         f"{', '.join(ROLES)}")
     content = message.get("content")
     if content is None:  # an assistant's too: its tool calls, which kiln serve does not take,
         # are what may stand instead (a template read the missing content: a jinja error)
-        raise ApiError(400, f"messages[{i}].content is missing or null; give the {role} "
-                            f"message's text", param="messages")
+        raise form_error(f"messages[{i}].content is missing or null; give the {role} "
+                         f"message's text")
     if isinstance(content, list):
         why = _parts_error(i, content)
         if why is not None:
-            raise ApiError(400, why, param="messages")
+            raise form_error(why)
         message["content"] = text_of_parts(content)
     return message

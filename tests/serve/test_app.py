@@ -158,8 +158,9 @@ def test_an_n_that_can_never_be_admitted_is_a_400_not_retry_later(engine):
      "max_tokens 0 only scores the prompt: set echo: true and logprobs (0-20) as well"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "max_tokens": 0},
      "max_tokens", "chat needs max_tokens >= 1"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, "messages",
-     "messages[0].content is missing or null; give the user message's text"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]},
+     "messages[0].content", "messages[0].content is missing or null; give the user message's "
+     "text"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}],
                               "response_format": {"type": "json_object"}}, "response_format",
      "response_format is not supported by kiln serve"),
@@ -386,43 +387,48 @@ MESSAGES = 'messages must be a list of objects like {"role": "user", "content": 
 PARTS = '{"type": "text", "text": "Hi"}'
 
 
-@pytest.mark.parametrize("messages, message", [
-    ([], "messages is an empty list; give at least one message"),
-    ("Hi", MESSAGES + ', found a string "Hi"'),
-    (["Hi"], 'messages[0] is a string "Hi"; ' + MESSAGES),
-    ([{"role": "user", "content": "a"}, {"content": "b"}], "messages[1] has no role; " + MESSAGES),
-    ([{"role": 3, "content": "a"}], "messages[0].role is a number 3; give one of " +
-     "system, developer, user, assistant, tool, function"),
-    ([{"role": "user", "content": 5}], "messages[0].content is a number 5; give a string or a "
-     "list of text parts like " + PARTS),
-    ([{"role": "user", "content": ["a"]}], 'messages[0].content[0] is a string "a"; a part is an '
-     "object like " + PARTS),
+@pytest.mark.parametrize("messages, param, message", [
+    ([], "messages", "messages is an empty list; give at least one message"),
+    ("Hi", "messages", MESSAGES + ', found a string "Hi"'),
+    (["Hi"], "messages[0]", 'messages[0] is a string "Hi"; ' + MESSAGES),
+    ([{"role": "user", "content": "a"}, {"content": "b"}], "messages[1]",
+     "messages[1] has no role; " + MESSAGES),
+    ([{"role": 3, "content": "a"}], "messages[0].role", "messages[0].role is a number 3; give "
+     "one of system, developer, user, assistant, tool, function"),
+    ([{"role": "user", "content": 5}], "messages[0].content", "messages[0].content is a number "
+     "5; give a string or a list of text parts like " + PARTS),
+    ([{"role": "user", "content": ["a"]}], "messages[0].content[0]",
+     'messages[0].content[0] is a string "a"; a part is an object like ' + PARTS),
     # trial 37: these had passed pydantic and reached the model as "None" or "{'x': [1, 2]}"
     ([{"role": "user", "content": [{"type": "text", "text": None}]}],
+     "messages[0].content[0].text",
      "messages[0].content[0].text is null; give the part's text as a string"),
     ([{"role": "user", "content": [{"type": "text", "text": {"x": [1, 2]}}]}],
+     "messages[0].content[0].text",
      'messages[0].content[0].text is an object {"x": [1, 2]}; give the part\'s text as a string'),
     ([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text"}]}],
+     "messages[0].content[1].text",
      "messages[0].content[1].text is missing; give the part's text as a string"),
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
-     'messages[0].content[0] has "type": a string "image_url"; kiln serve takes text parts only, '
-     "like " + PARTS),
-    ([{"role": "user", "content": [{"text": "hi"}]}],
+     "messages[0].content[0]", 'messages[0].content[0] has "type": a string "image_url"; kiln '
+     "serve takes text parts only, like " + PARTS),
+    ([{"role": "user", "content": [{"text": "hi"}]}], "messages[0].content[0]",
      "messages[0].content[0] has no type; kiln serve takes text parts only, like " + PARTS),
-    ([{"role": "assistant"}], "messages[0].content is missing or null; give the assistant "
-     "message's text"),
-    ([{"role": "u" * 60, "content": "a"}], 'messages[0].role "uuuuuuuuuuuuuuuuuuu...uuuuuuu" '
-     "(62 characters) is not a chat role; use one of system, developer, user, assistant, tool, "
-     "function"),
+    ([{"role": "assistant"}], "messages[0].content", "messages[0].content is missing or null; "
+     "give the assistant message's text"),
+    ([{"role": "u" * 60, "content": "a"}], "messages[0].role", 'messages[0].role '
+     '"uuuuuuuuuuuuuuuuuuu...uuuuuuu" (62 characters) is not a chat role; use one of system, '
+     "developer, user, assistant, tool, function"),
 ])
-def test_messages_of_no_chat_form_name_the_wrong_value(engine, messages, message):
+def test_messages_of_no_chat_form_name_the_wrong_value(engine, messages, param, message):
     """Trial 36: these were told pydantic's "messages.0.content.str: Input should be a valid
-    string" and "List should have at least 1 item"."""
+    string" and "List should have at least 1 item". The param is the value at fault, as
+    OpenAI's (it had been "messages" for all of them)."""
     out = _client(engine).post("/v1/chat/completions",
                                json={"model": "m", "messages": messages, "max_tokens": 1})
     assert out.status_code == 400
     assert out.json()["error"] == {"message": message, "type": "invalid_request_error",
-                                   "param": "messages", "code": None}
+                                   "param": param, "code": None}
 
 
 @pytest.mark.parametrize("endpoint,body,param", [

@@ -251,7 +251,7 @@ def test_a_chat_role_openai_does_not_know_is_400(make_client):
     out = client.post("/v1/chat/completions", json={**body, "messages": [
         {"role": "user", "content": "a"}, {"role": "wizard", "content": "b"}]})
     error = out.json()["error"]
-    assert out.status_code == 400 and error["param"] == "messages", error
+    assert out.status_code == 400 and error["param"] == "messages[1].role", error
     assert error["message"] == ('messages[1].role "wizard" is not a chat role; use one of '
                                 "system, developer, user, assistant, tool, function")
     out = client.post("/v1/chat/completions", json={**body, "messages": [
