@@ -131,7 +131,11 @@ TEXT_PART = '{"type": "text", "text": "Hi"}'  # OpenAI's list-of-parts content
 def parts_error(parts: list[Any], taker: str) -> str | None:
     """Why list-of-parts content is not text parts (``taker`` takes those only), naming the
     first part that is not, as ``content[j] ...`` (trial 37: a part's ``"text": null`` had
-    reached the model as the word "None")."""
+    reached the model as the word "None"). An empty list is refused, as OpenAI refuses it (it
+    had reached the template as an empty message)."""
+    if not parts:
+        return f"content is an empty list; give a string or at least one text part like " \
+               f"{TEXT_PART}"
     for j, part in enumerate(parts):
         where = f"content[{j}]"
         if not isinstance(part, dict):

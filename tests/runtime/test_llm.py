@@ -127,6 +127,9 @@ def test_bad_token_prompts(scripted, bad, match):
     (lambda llm: llm.chat([{"role": "user", "content": [{"type": "text", "text": "a"},
                                                         {"type": "text", "text": b"b"}]}]),
      r"^message #0: content\[1\]\.text is bytes b'b'; give the part's text as a string$"),
+    (lambda llm: llm.chat([{"role": "user", "content": []}]),
+     r"^message #0: content is an empty list; give a string or at least one text part like "
+     r'\{"type": "text", "text": "Hi"\}$'),  # as kiln serve (a retest: an empty message)
     (lambda llm: llm.chat([[{"role": "user", "content": "a"}], []]),
      r"^conversation #1: a conversation is a non-empty list of messages, found list \[\]$"),
     (lambda llm: llm.chat([{"role": "user", "content": "\udc80"}]), r"^the text is not UTF-8"),

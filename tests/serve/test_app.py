@@ -416,6 +416,15 @@ PARTS = '{"type": "text", "text": "Hi"}'
      "messages[0].content[0] has no type; kiln serve takes text parts only, like " + PARTS),
     ([{"role": "assistant"}], "messages[0].content", "messages[0].content is missing or null; "
      "give the assistant message's text"),
+    # these had reached the template as an empty message (a retest)
+    ([{"role": "user", "content": []}], "messages[0].content", "messages[0].content is an "
+     "empty list; give a string or at least one text part like " + PARTS),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": []}],
+     "messages[1].content", "messages[1].content is an empty list; give a string or at least "
+     "one text part like " + PARTS),
+    ([{"role": "user", "content": []}, {"role": "user", "content": 5}], "messages[0].content",
+     "messages[0].content is an empty list; give a string or at least one text part like "
+     + PARTS),
     ([{"role": "u" * 60, "content": "a"}], "messages[0].role", 'messages[0].role '
      '"uuuuuuuuuuuuuuuuuuu...uuuuuuu" (62 characters) is not a chat role; use one of system, '
      "developer, user, assistant, tool, function"),
