@@ -122,6 +122,7 @@ class ChatMessage(BaseModel):
 
     role: str  # one of ROLES (kiln.serve.render checks, naming the message)
     content: str | list[dict[str, Any]] | None = None
+    name: str | None = None  # a number had reached the template
 
 
 class ChatCompletionRequest(_Sampling):

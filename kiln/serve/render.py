@@ -114,6 +114,10 @@ def messages_form_error(messages: Any) -> str | None:
         if not isinstance(message["role"], str):
             return f"messages[{i}].role is {as_json(message['role'])}; give one of " \
                    f"{', '.join(ROLES)}"
+        name = message.get("name")
+        if not (name is None or isinstance(name, str)):
+            return f"messages[{i}].name is {as_json(name)}; give the participant's name as a " \
+                   f"string, or leave it out"
         content = message.get("content")
         if not (content is None or isinstance(content, (str, list))):
             return f"messages[{i}].content is {as_json(content)}; give a string or a list " \

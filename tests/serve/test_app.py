@@ -416,6 +416,12 @@ PARTS = '{"type": "text", "text": "Hi"}'
      "messages[0].content[0] has no type; kiln serve takes text parts only, like " + PARTS),
     ([{"role": "assistant"}], "messages[0].content", "messages[0].content is missing or null; "
      "give the assistant message's text"),
+    # a retest: these had reached the template
+    ([{"role": "user", "content": "a", "name": 5}], "messages[0].name", "messages[0].name is a "
+     "number 5; give the participant's name as a string, or leave it out"),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b", "name": ["x"]}],
+     "messages[1].name", 'messages[1].name is an array ["x"]; give the participant\'s name as a '
+     "string, or leave it out"),
     # these had reached the template as an empty message (a retest)
     ([{"role": "user", "content": []}], "messages[0].content", "messages[0].content is an "
      "empty list; give a string or at least one text part like " + PARTS),
@@ -438,6 +444,19 @@ def test_messages_of_no_chat_form_name_the_wrong_value(engine, messages, param, 
     assert out.status_code == 400
     assert out.json()["error"] == {"message": message, "type": "invalid_request_error",
                                    "param": param, "code": None}
+
+
+def test_a_message_name_reaches_the_template(engine):
+    client = _client(engine, chat_template="{% for m in messages %}{{ m.name }}{% endfor %}")
+    body = {"model": "m", "max_tokens": 1}
+    named = client.post("/v1/chat/completions", json={**body, "messages": [
+        {"role": "user", "content": "a", "name": "bob"}]})
+    assert named.status_code == 200, named.text
+    assert named.json()["usage"]["prompt_tokens"] == len(engine.llm.tokenizer.encode("bob", False))
+    out = client.post("/v1/chat/completions", json={**body, "messages": [
+        {"role": "user", "content": "a", "name": None}, {"role": "user", "content": "b"}]})
+    assert out.status_code == 400, out.text  # null is no name: the template renders nothing
+    assert out.json()["error"]["message"] == "the prompt is empty; give at least one token"
 
 
 @pytest.mark.parametrize("endpoint,body,param", [
