@@ -182,9 +182,10 @@ async def _parse(request: Request, model: type) -> Any:
         if given and param == "prompt" and model is CompletionRequest:  # not pydantic's
             # "prompt.str: ..."
             raise ApiError(400, render.prompt_form_error(data["prompt"]), param=param) from None
-        if given and param == "messages" and model is ChatCompletionRequest \
-                and (why := render.messages_form_error(data["messages"])) is not None:
-            raise render.form_error(why) from None  # not "messages.0.content.str: ..."
+        # not pydantic's "messages.0.content.str: ..." or "stop.str: ..."
+        form = {"messages": render.messages_form_error, "stop": render.stop_form_error}
+        if given and param in form and (why := form[param](data[param])) is not None:
+            raise render.form_error(why) from None
         loc = ".".join(str(p) for p in first["loc"])
         raise ApiError(400, f"{loc}: {first['msg']}", param=param) from None
 

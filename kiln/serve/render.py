@@ -127,6 +127,16 @@ def messages_form_error(messages: Any) -> str | None:
     return None
 
 
+def stop_form_error(stop: Any) -> str | None:
+    """Why ``stop`` is not a string or a list of strings, naming the first value that is not
+    (None where pydantic's objection is another one); a :func:`form_error`'s message."""
+    form = "stop must be a string or a list of strings"
+    if not isinstance(stop, list):
+        return f"{form}, found {as_json(stop)}"
+    k = next((k for k, item in enumerate(stop) if not isinstance(item, str)), None)
+    return None if k is None else f"stop[{k}] is {as_json(stop[k])}; {form}"
+
+
 def _parts_error(i: int, parts: list[Any]) -> str | None:
     """Why message ``i``'s list content is not text parts (:func:`parts_error`)."""
     why = parts_error(parts, "kiln serve")

@@ -85,6 +85,26 @@ def test_invalid_parameter_is_400_naming_it(engine, body, param):
     assert error["param"] == param and error["type"] == "invalid_request_error"
 
 
+STOP = "stop must be a string or a list of strings"
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("stop, param, message", [
+    ([None], "stop[0]", "stop[0] is null; " + STOP),
+    (["x", 5], "stop[1]", "stop[1] is a number 5; " + STOP),
+    (5, "stop", STOP + ", found a number 5"),
+    ({"a": "b"}, "stop", STOP + ', found an object {"a": "b"}'),
+])
+def test_a_stop_of_no_string_form_names_the_wrong_value(engine, endpoint, stop, param, message):
+    """A retest: these were told pydantic's "stop.str: Input should be a valid string"."""
+    body = ({"prompt": "a"} if endpoint == "/v1/completions"
+            else {"messages": [{"role": "user", "content": "a"}]})
+    out = _client(engine).post(endpoint, json={"model": "m", "stop": stop, **body})
+    assert out.status_code == 400
+    assert out.json()["error"] == {"message": message, "type": "invalid_request_error",
+                                   "param": param, "code": None}
+
+
 def test_echo_logprobs_needs_context_logits(engine):
     out = _client(engine).post("/v1/completions", json={
         "model": "m", "prompt": "a b", "echo": True, "logprobs": 0, "max_tokens": 0})
