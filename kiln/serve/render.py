@@ -216,6 +216,11 @@ class Renderer:
             value = (req.model_extra or {}).get(name)
             if not _no_op(name, value):
                 raise ApiError(400, _refusal(name, value, chat), param=name)
+        if req.stream_options is not None and not req.stream:  # OpenAI's 400 (it had been
+            # ignored: a client asking for usage chunks would not get them)
+            raise ApiError(400, "stream_options is only allowed with stream: true; set stream: "
+                                "true, or send the request without stream_options",
+                           param="stream_options")
         given = {k: getattr(req, k) for k in _SAMPLING if getattr(req, k) is not None}
         if req.stop is not None:
             given["stop"] = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)

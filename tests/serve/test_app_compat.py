@@ -183,6 +183,24 @@ def test_null_is_the_default(make_client, endpoint, body):
 
 
 @pytest.mark.parametrize("endpoint, body", [
+    ("/v1/completions", {"prompt": "a"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}]}),
+])
+@pytest.mark.parametrize("stream", [{}, {"stream": False}, {"stream": None}])
+@pytest.mark.parametrize("options", [{"include_usage": True}, {}])
+def test_stream_options_without_stream_is_400(make_client, endpoint, body, stream, options):
+    """OpenAI's 400; a retest's had been taken and ignored (no usage chunk: no stream)."""
+    client = make_client(chat_template="{% for m in messages %}{{ m.content }}{% endfor %}")
+    out = client.post(endpoint, json={"model": "m", "max_tokens": 1, **body, **stream,
+                                      "stream_options": options})
+    assert out.status_code == 400
+    assert out.json()["error"] == {
+        "message": "stream_options is only allowed with stream: true; set stream: true, or "
+                   "send the request without stream_options",
+        "type": "invalid_request_error", "param": "stream_options", "code": None}
+
+
+@pytest.mark.parametrize("endpoint, body", [
     ("/v1/completions", {"prompt": "a", "logit_bias": {}}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "tools": [],
                               "tool_choice": "none", "response_format": {"type": "text"},
