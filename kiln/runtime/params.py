@@ -96,8 +96,11 @@ class SamplingParams:
         _check(self.seed is None or (_is_int(self.seed) and SEED_MIN <= self.seed <= SEED_MAX),
                "seed", f"must be an integer in [{SEED_MIN}, {SEED_MAX}], "
                        f"found {shown(self.seed)}")
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop",
-               f"must be non-empty strings, found {shown(self.stop)}")
+        for i, stop in enumerate(self.stop):  # the entry, not the tuple (a request's [""]
+            # had been shown as ('',))
+            _check(isinstance(stop, str) and stop != "", "stop",
+                   f"has {'an empty string' if stop == '' else shown(stop)} at index {i}; each "
+                   f"stop must be a non-empty string")
         _check(all(is_utf8(s) for s in self.stop), "stop",
                f"must be UTF-8 text, found {shown(self.stop)} (a lone surrogate: bytes that are "
                "not UTF-8, e.g. from a shell in another locale)")

@@ -91,6 +91,16 @@ def test_a_huge_value_is_shown_cut(value, shown):
     assert str(raised.value).endswith(shown) and len(str(raised.value)) < 200
 
 
+@pytest.mark.parametrize("stop,shown", [(["a", ""], "an empty string at index 1"),
+                                        (["a", "b", 5], "5 at index 2")])
+def test_a_bad_stop_entry_is_named_by_its_index(stop, shown):
+    """The entry at fault, not the whole tuple (a request's ``"stop": [""]`` read "found
+    ('',)", Python's form of a value the user sent as JSON)."""
+    with pytest.raises(SamplingParamsError, match=rf"^SamplingParams\.stop has {shown}; each "
+                                                  r"stop must be a non-empty string$"):
+        SamplingParams(stop=stop)
+
+
 def test_single_stop_string_becomes_a_tuple():
     assert SamplingParams(stop="###").stop == ("###",)
 
