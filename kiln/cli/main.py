@@ -255,12 +255,7 @@ def _check_arguments(ctx: click.Context, args: list[str]) -> None:
             if i == len(args):  # click's parser names it without the command (`see kiln
                 # --help`): named here, with it
                 raise click.BadOptionUsage(name, f"Option {name!r} requires an argument.", ctx)
-            if args[i].partition("=")[0] in options:  # trial 37: `--max_output_len --input_text
-                # hi` took "--input_text" as the number, `--input_text --chat` as the prompt
-                raise click.BadOptionUsage(
-                    name, f"Option {name!r} requires an argument: {args[i]} is an option of "
-                          f"{ctx.command_path} (to give it as the value, write "
-                          f"{name}={args[i]})", ctx)
+            _refuse_an_option_as_value(ctx, name, args[i], options)
             value, i = args[i], i + 1
         last = (name, value, i)  # the option, its value, the index after them
         if not param.multiple:
@@ -276,6 +271,27 @@ def _check_arguments(ctx: click.Context, args: list[str]) -> None:
             times = "twice" if len(values) == 2 else f"{len(values)} times"
             raise click.UsageError(f"{name} is given {times} "
                                    f"({', then '.join(map(repr, values))}); give it once", ctx)
+
+
+def _refuse_an_option_as_value(ctx: click.Context, name: str, word: str,
+                               options: dict[str, click.Option]) -> None:
+    """Refuse ``word``, the next argument after the option ``name`` (given without ``=``), as
+    its value where it is an option of the command, or looks like a long option (``--``, then
+    a letter) that the command has not: trial 37's `--max_output_len --input_text hi` took
+    "--input_text" as the number, `--input_text --chat` generated for the prompt "--chat",
+    and a misspelled `--input_text --chta` for "--chta". Negative numbers and other values
+    with one dash pass; the ``=`` form passes anything."""
+    how = f"to give it as the value, write {name}={word}"
+    if word.partition("=")[0] in options or word in ctx.help_option_names:
+        what = f"{word} is an option of {ctx.command_path}"
+    elif word[:2] == "--" and word[2:3].isalpha():
+        what = f"{word} looks like an option, but {ctx.command_path} has no such option" \
+            if word.partition("=")[0] not in GLOBAL_OPTIONS else \
+            f"{word} is kiln's own option, which goes before the command"
+    else:
+        return
+    raise click.BadOptionUsage(name, f"Option {name!r} requires an argument: {what} ({how})",
+                               ctx)
 
 
 def _stop(ctx: click.Context, interrupt: KeyboardInterrupt) -> NoReturn:

@@ -218,6 +218,33 @@ def test_an_option_of_the_command_is_no_value(args, option, value):
                             f"{option}={value}) (see {command} --help)\n"
 
 
+@pytest.mark.parametrize("args,value,what", [
+    (["run", "--engine_dir", "e", "--input_text", "--chta"], "--chta",
+     "--chta looks like an option, but kiln run has no such option"),
+    (["eval", "--engine_dir", "e", "--dataset", "--strid", "64"], "--strid",
+     "--strid looks like an option, but kiln eval has no such option"),
+    (["run", "--engine_dir", "e", "--input_text", "--debug"], "--debug",
+     "--debug is kiln's own option, which goes before the command"),
+    (["run", "--engine_dir", "e", "--input_text", "--help"], "--help",
+     "--help is an option of kiln run"),
+])
+def test_a_word_that_looks_like_an_option_is_no_value(args, value, what):
+    """`--input_text --chta` (a misspelled --chat) had generated for the prompt "--chta"."""
+    result = _invoke(*args)
+    option = args[args.index(value) - 1]
+    assert result.exit_code == 2
+    assert result.output == f"error: Option '{option}' requires an argument: {what} (to give " \
+                            f"it as the value, write {option}={value}) (see kiln {args[0]} " \
+                            f"--help)\n"
+
+
+@pytest.mark.parametrize("value", ["-1", "-0.5", "-x", "--", "--1", "- x"])
+def test_a_value_with_one_dash_or_no_letter_after_two_passes(value, tmp_path):
+    """Negative numbers and other values that look like no long option stay values."""
+    result = _invoke("run", "--engine_dir", str(tmp_path / "nope"), "--input_text", value)
+    assert result.exit_code == 2 and "no such engine directory" in result.output, result.output
+
+
 @pytest.mark.parametrize("args, message", [
     (["run", "--engine_dir", "a", "--input_text", "x", "--engine_dir=b"],
      "--engine_dir is given twice ('a', then 'b'); give it once (see kiln run --help)"),
@@ -279,7 +306,7 @@ def test_repeatable_options_and_values_that_look_like_options_pass(tmp_path):
     """A value that is an option's name passes in the = form (without it, it is refused: see
     test_an_option_of_the_command_is_no_value)."""
     result = _invoke("run", "--input_text=--engine_dir", "--input_text", "b",
-                     "--engine_dir", str(tmp_path / "nope"))
+                     "--input_text=--chta", "--engine_dir", str(tmp_path / "nope"))
     assert result.exit_code == 2 and "no such engine directory" in result.output
 
 
