@@ -49,9 +49,33 @@ class Duration(click.ParamType):
         return float(number) * _SECONDS[unit]
 
 
+def _existing(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    """Refuse a ``--cache_dir`` that does not exist, or that is a cache's engines dir (list
+    prints that one, so a user may pass it): list and prune only read, and a path typed for
+    one command that is not a cache root is likelier a slip than an empty cache (they had
+    reported "0 cached engines" and "nothing to prune"). The default root ($KILN_CACHE_DIR,
+    ...) not made yet is a fresh machine's: no error (the first build makes it)."""
+    from kiln.build_cache.store import EngineCache
+
+    if value is None:
+        return value
+    root = value.expanduser().absolute()
+    if not root.exists():
+        raise click.BadParameter(f"{value}: no such directory; check the path (kiln cache "
+                                 f"build --cache_dir {value} makes a cache there)", ctx, param)
+    parent = EngineCache(root.parent)
+    if not EngineCache(root).dir.exists() and parent.dir == root \
+            and any(parent.names()[:2]):  # cached engines or leftovers
+        raise click.BadParameter(f"{value} is the engines dir of the cache at {parent.root}; "
+                                 f"give that, the cache's root", ctx, param)
+    return value
+
+
 def _cache_dir_option(func):
+    """``--cache_dir`` of list and prune: an existing directory (kiln cache build's, from
+    engine_source, makes its own)."""
     return click.option("--cache_dir", type=PathArg(file_okay=False, path_type=Path),
-                        help=CACHE_DIR_HELP)(func)
+                        callback=_existing, help=CACHE_DIR_HELP)(func)
 
 
 @click.group("cache")
@@ -75,6 +99,10 @@ def list_entries(cache_dir: Path | None) -> None:
 
     store = EngineCache(cache_dir)
     store.check_dir()
+    if not store.dir.is_dir():  # the default root on a fresh machine, or a root without one
+        click.echo(f"{store.dir}: no build cache here yet (kiln cache build makes it, as "
+                   f"--model_dir on kiln run, bench and eval does)")
+        return
     entries = store.entries()[::-1]  # most recently used first
     names, leftovers, foreign = store.names()
     sizes = [e.size() for e in entries]

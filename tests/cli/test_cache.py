@@ -247,3 +247,40 @@ def test_a_relative_model_dir_is_listed_by_its_absolute_path(tiny_hf, tmp_path, 
     monkeypatch.chdir(tiny_hf.parent)
     assert _invoke("-q", "cache", "build", "--model_dir", tiny_hf.name).exit_code == 0
     assert _invoke("cache", "list").output.splitlines()[2].endswith(f"  {tiny_hf}")
+
+
+@pytest.mark.parametrize("command", [["list"], ["prune", "--all"], ["prune", "--leftovers"]])
+def test_a_cache_dir_given_that_does_not_exist_is_one_line_exit_2(command, tmp_path):
+    """`kiln cache list --cache_dir /typo` had reported an empty cache (and prune "nothing to
+    prune"), exit 0."""
+    missing = tmp_path / "typo"
+    result = _invoke("cache", *command, "--cache_dir", str(missing))
+    assert result.exit_code == 2 and result.output == (
+        f"error: Invalid value for '--cache_dir': {missing}: no such directory; check the path "
+        f"(kiln cache build --cache_dir {missing} makes a cache there) (see kiln cache "
+        f"{command[0]} --help)\n"), result.output
+    assert not missing.exists()
+
+
+@pytest.mark.parametrize("command", [["list"], ["prune", "--all"]])
+def test_a_cache_s_engines_dir_given_as_its_root_is_one_line_exit_2(command, cache):
+    """list prints the engines dir, so a user may pass that: its engines/ had been empty."""
+    fake_entry(cache, "a")
+    result = _invoke("cache", *command, "--cache_dir", str(cache.dir))
+    assert result.exit_code == 2 and result.output == (
+        f"error: Invalid value for '--cache_dir': {cache.dir} is the engines dir of the cache "
+        f"at {cache.root}; give that, the cache's root (see kiln cache {command[0]} --help)\n"
+    ), result.output
+    assert len(cache.entries()) == 1
+
+
+def test_the_default_cache_not_made_yet_is_no_error(tmp_path, monkeypatch):
+    """A fresh machine's $KILN_CACHE_DIR (or ~/.cache/kiln): the first build makes it."""
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "fresh"))
+    result = _invoke("cache", "list")
+    assert result.exit_code == 0 and result.output == (
+        f"{tmp_path / 'fresh' / 'engines'}: no build cache here yet (kiln cache build makes it, "
+        f"as --model_dir on kiln run, bench and eval does)\n"), result.output
+    result = _invoke("cache", "prune", "--all")
+    assert result.exit_code == 0 and "no build cache here; nothing to prune" in result.output
+    assert not (tmp_path / "fresh").exists()
