@@ -341,7 +341,7 @@ def atomic_dir(target: Path, overwrite: bool, writes: str | None = None) -> Iter
     once the new output is in place.
     """
     target = Path(target)
-    created = _make_parents(target.parent)
+    created = make_parents(target.parent)
     done = False
     tmp = None
     try:
@@ -399,7 +399,7 @@ def _remove_tree(path: Path) -> None:
         raise
 
 
-def _make_parents(parent: Path) -> list[Path]:
+def make_parents(parent: Path) -> list[Path]:
     """mkdir -p ``parent``; the directories it created, outermost first."""
     missing = []
     while not parent.exists():

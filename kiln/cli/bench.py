@@ -9,6 +9,7 @@ the command body.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -234,13 +235,15 @@ def _check_json_output(path: Path, engine_dir: Path | None,
                                  param_hint="--json_output")
     from kiln.output_dirs import cannot_create_in  # imports torch: not at --help time
 
-    parent = path.absolute().parent
-    if not parent.exists():
-        raise click.BadParameter(f"{parent}: no such directory; create it or write the report "
-                                 f"elsewhere", param_hint="--json_output")
-    if not parent.is_dir() or (why := cannot_create_in(parent)):
-        raise click.BadParameter(f"{parent} is not a writable directory"
-                                 + (f" ({why})" if parent.is_dir() else ""),
+    # missing directories are made at the write (write_report), as --output_dir's are; the
+    # nearest existing one must take them
+    parent = next(p for p in path.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise click.BadParameter(f"{path}: cannot be written, {parent} is a file, not a "
+                                 f"directory; write the report elsewhere",
+                                 param_hint="--json_output")
+    if why := cannot_create_in(parent):
+        raise click.BadParameter(f"{parent} is not a writable directory ({why})",
                                  param_hint="--json_output")
 
 
@@ -296,15 +299,27 @@ def write_report(path: Path, text: str) -> None:
 
 
 def _write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it onto ``path`` (never
+    onto a directory: the rename refuses one); missing parent directories are made first, and
+    removed again if the write fails."""
+    from kiln.output_dirs import make_parents
+
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    created, done = [], False
     try:
+        created = make_parents(path.parent)
         tmp.write_text(text)
         os.replace(tmp, path)
+        done = True
     except OSError as e:
         raise OutputError(f"{path}: cannot be written ({e.strerror or e}); nothing was left "
                           f"half-written") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        if not done:
+            tmp.unlink(missing_ok=True)
+            for parent in reversed(created):
+                with contextlib.suppress(OSError):
+                    parent.rmdir()
 
 
 def _check_baseline(engine_dir: Path | None, backend: str | None) -> None:

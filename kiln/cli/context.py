@@ -4,6 +4,7 @@ parameter types several commands share."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass
 
@@ -44,11 +45,20 @@ def executor_options(func):
 
 
 class PathArg(click.Path):
-    """click.Path that refuses an empty value (click would read "" as the current directory)."""
+    """click.Path that refuses an empty value (click would read "" as the current directory)
+    and, where a file is asked for, a directory: one that exists, or a path ending with ``/``
+    (``Path`` drops the slash: ``--json_output reports/`` had written a file named reports)."""
 
     def convert(self, value, param, ctx):
         if isinstance(value, str) and not value.strip():
             self.fail("is empty; give a path", param, ctx)
+        if not self.dir_okay and isinstance(value, str) and value != "-":
+            if value.endswith(("/", os.sep)):
+                self.fail(f"{value!r} ends with '/', so it names a directory; give a file's "
+                          f"path, not a directory's", param, ctx)
+            if os.path.isdir(os.path.expanduser(value)):
+                self.fail(f"{value!r} is a directory; give a file's path, not a directory's",
+                          param, ctx)
         return super().convert(value, param, ctx)
 
 
