@@ -8,10 +8,14 @@ only under ``--debug``. Anything else escaping is a bug in kiln.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import json
 import math
+import os
 import re
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -71,6 +75,37 @@ def malformed(error: KeyError | TypeError | ValueError) -> str:
     if found:
         return f"missing key{'s' if ' and ' in found[1] else ''} {found[1]}"
     return str(error)
+
+
+# Whether messages name options as the CLI's flags: set while a kiln command runs
+# (:func:`options_as_flags`), else they name the Python API's keywords.
+_AS_FLAGS: contextvars.ContextVar[bool] = contextvars.ContextVar("kiln_options_as_flags",
+                                                                 default=False)
+_NO_VALUE = object()
+
+
+def option(name: str, value: Any = _NO_VALUE) -> str:
+    """An option in a message as its user gave it, so that one message serves both: from
+    Python its keyword, ``dp`` or ``dp=2``; inside a kiln command (:func:`options_as_flags`)
+    its flag, ``--dp`` or ``--dp 2`` (``True``: the flag alone). Only for options whose flag is
+    ``--`` and the keyword, as the CLI builds them from the options dataclasses' fields."""
+    if _AS_FLAGS.get():
+        return f"--{name}" if value is _NO_VALUE or value is True else f"--{name} {value}"
+    if value is _NO_VALUE:
+        return name
+    shown_value = repr(os.fspath(value)) if isinstance(value, (str, os.PathLike)) else value
+    return f"{name}={shown_value}"
+
+
+@contextlib.contextmanager
+def options_as_flags() -> Iterator[None]:
+    """Messages made inside name options as flags (:func:`option`): the CLI runs its
+    commands in this."""
+    token = _AS_FLAGS.set(True)
+    try:
+        yield
+    finally:
+        _AS_FLAGS.reset(token)
 
 
 def counted(n: int, noun: str) -> str:

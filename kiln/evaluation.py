@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.datasets import TextDataset, load_texts
-from kiln.errors import ConfigError, DatasetError, check_flag, counted
+from kiln.errors import ConfigError, DatasetError, check_flag, counted, option
 
 if TYPE_CHECKING:
     from kiln.runtime import LLM
@@ -109,7 +109,7 @@ def check_window(max_length: int, stride: int) -> None:
     wording of these refusals, also where kiln eval checks its flags before a build)."""
     if not 1 <= stride <= max_length:
         raise ConfigError(f"stride {stride} must be in [1, max_length {max_length}]; lower "
-                          f"--stride")
+                          f"{option('stride')}")
     if max_length < 2:
         raise ConfigError(f"max_length {max_length} must be at least 2")
 
@@ -121,7 +121,7 @@ def resolve_window(max_input_len: int, max_length: int | None,
     max_length = max_input_len if max_length is None else max_length
     if max_length > max_input_len:
         raise ConfigError(f"max_length {max_length} exceeds the engine's max_input_len "
-                          f"{max_input_len}; lower --max_length or build with a larger "
+                          f"{max_input_len}; lower {option('max_length')} or build with a larger "
                           f"--max_input_len (kiln build, or beside --model_dir)")
     stride = max(1, max_length // 2) if stride is None else stride
     check_window(max_length, stride)

@@ -8,8 +8,8 @@ import kiln
 from kiln.builder.options import BuildOptions
 from kiln.converters.options import ConvertOptions
 from kiln.engine import EngineError
-from kiln.errors import ConfigError
-from kiln.evaluation import evaluate
+from kiln.errors import ConfigError, KilnError, option, options_as_flags
+from kiln.evaluation import check_window, evaluate
 from kiln.quantization.options import QuantizeOptions
 from kiln.runtime.options import ExecutorOptions
 
@@ -107,3 +107,63 @@ def test_a_misspelt_progress_is_told_the_name(call):
     with pytest.raises(ConfigError, match=r"\(progess: did you mean progress\?\); it takes .*"
                                           r"progress"):
         call()
+
+
+@pytest.mark.parametrize("make, python, command_line", [
+    (lambda: ExecutorOptions(dp=2, engine_process=True),
+     "dp=2 runs every replica in a process of its own already; leave engine_process out",
+     "--dp 2 runs every replica in a process of its own already; leave --engine_process out"),
+    (lambda: QuantizeOptions(qformat="int8_wo", calib_size=4),
+     "calib_size needs calib_dataset, which is not given; give it, or leave calib_size out",
+     "--calib_size needs --calib_dataset, which is not given; give it, or leave --calib_size "
+     "out"),
+    (lambda: QuantizeOptions(qformat="int8_wo", calib_size=4, eval_dataset="e.txt"),
+     "calib_size does nothing here: int8_wo calibrates nothing, and eval_dataset scores the "
+     "accuracy gate; leave calib_size out",
+     "--calib_size does nothing here: int8_wo calibrates nothing, and --eval_dataset scores the "
+     "accuracy gate; leave --calib_size out"),
+    (lambda: QuantizeOptions(qformat="int8_wo", kv_cache_dtype="fp8"),
+     "kv_cache_dtype='fp8' needs calibration data: pass calib_dataset (a .txt, .jsonl or "
+     ".parquet file, or a hub dataset id)",
+     "--kv_cache_dtype fp8 needs calibration data: pass --calib_dataset (a .txt, .jsonl or "
+     ".parquet file, or a hub dataset id)"),
+    (lambda: QuantizeOptions(qformat="int8_wo", max_ppl_ratio=1.5, calib_max_seq_length=64),
+     "calib_max_seq_length and max_ppl_ratio need text: calib_dataset or eval_dataset, and "
+     "neither is given; give one, or leave them out",
+     "--calib_max_seq_length and --max_ppl_ratio need text: --calib_dataset or --eval_dataset, "
+     "and neither is given; give one, or leave them out"),
+    (lambda: QuantizeOptions(qformat="int8_wo", eval_dataset="e.txt", max_ppl_ratio=0.5),
+     "max_ppl_ratio must be a finite number >= 1 (no_accuracy_gate=True measures without "
+     "refusing), found 0.5",
+     "max_ppl_ratio must be a finite number >= 1 (--no_accuracy_gate measures without "
+     "refusing), found 0.5"),
+    (lambda: check_window(max_length=8, stride=9),  # evaluate()'s, and kiln eval's
+     "stride 9 must be in [1, max_length 8]; lower stride",
+     "stride 9 must be in [1, max_length 8]; lower --stride"),
+], ids=["dp-engine_process", "calib_size", "calib_size-eval", "kv_cache_dtype", "gate-text",
+        "max_ppl_ratio", "stride"])
+def test_an_option_is_named_as_the_python_api_or_the_cli_takes_it(make, python, command_line):
+    """A Python caller of ExecutorOptions(dp=2, ...), QuantizeOptions or evaluate() had been
+    told of --dp, --calib_size, --stride: flags it has not. The CLI (which runs its commands
+    in kiln.errors.options_as_flags) still names its flags."""
+    with pytest.raises(KilnError) as e:
+        make()
+    assert str(e.value) == python
+    with options_as_flags(), pytest.raises(KilnError) as e:
+        make()
+    assert str(e.value) == command_line
+    with pytest.raises(KilnError) as e:  # and the keywords again after the command
+        make()
+    assert str(e.value) == python
+
+
+def test_option_names_a_keyword_or_a_flag():
+    from pathlib import Path
+
+    assert (option("dp"), option("dp", 2), option("eval_dataset", Path("a b.txt")),
+            option("quantize_lm_head", True)) == \
+        ("dp", "dp=2", "eval_dataset='a b.txt'", "quantize_lm_head=True")
+    with options_as_flags():
+        assert (option("dp"), option("dp", 2), option("eval_dataset", Path("a b.txt")),
+                option("quantize_lm_head", True)) == \
+            ("--dp", "--dp 2", "--eval_dataset a b.txt", "--quantize_lm_head")

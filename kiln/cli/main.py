@@ -30,7 +30,7 @@ from kiln.cli import _interrupted_at_start
 from kiln.cli.context import CliContext, IntRange, PathArg
 from kiln.config import DTYPES
 from kiln.converters.options import ConvertOptions
-from kiln.errors import KilnError
+from kiln.errors import KilnError, options_as_flags
 from kiln.interrupts import (
     TERMINATING,
     Terminated,
@@ -112,7 +112,8 @@ class KilnGroup(click.Group):
             # Ctrl-C raises KeyboardInterrupt from here on (kiln.cli's start-up handler exited)
             signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
-            return super().invoke(ctx)
+            with options_as_flags():  # the API's messages name --dp, not dp (kiln.errors.option)
+                return super().invoke(ctx)
         except KilnError as e:
             _traceback_if_debug(ctx)
             click.echo(f"error: {e}", err=True)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kiln.errors import AccuracyGateError
+from kiln.errors import AccuracyGateError, option
 
 FIGURES = ("perplexity_source", "perplexity_quantized", "ppl_ratio", "top1_agreement",
            "kl_divergence")
@@ -103,9 +103,10 @@ def check_gate(accuracy: dict[str, Any], qformat: str, max_ppl_ratio: float,
                 "keep the checkpoint unquantized (its own figures are finite; please report "
                 "it)"]
         else:
-            why = f"ratio above --max_ppl_ratio {max_ppl_ratio}"
+            why = f"ratio above max_ppl_ratio {max_ppl_ratio}"
             remedies = [*_remedies(qformat, settings),
-                        "pass --max_ppl_ratio / --no_accuracy_gate to accept it"]
+                        f"pass {option('max_ppl_ratio')} / {option('no_accuracy_gate', True)} "
+                        f"to accept it"]
         either = remedies[0] if len(remedies) == 1 else \
             f"{', '.join(remedies[:-1])}, or {remedies[-1]}"
         raise AccuracyGateError(

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from kiln.datasets import TextDataset
-from kiln.errors import DatasetError, counted
+from kiln.errors import DatasetError, counted, option
 
 log = logging.getLogger(__name__)
 SEPARATOR = "\n\n"
@@ -115,7 +115,7 @@ def token_samples(dataset: TextDataset, tokenizer, seq_length: int,
         raise TooFewTokens(
             f"{dataset.shown}: has {counted(len(ids), 'token')}, {max(n, 1) * seq_length} needed "
             f"({counted(max(n, 1), 'sample')} x {seq_length} tokens); pass more text or lower "
-            f"the sample length (--calib_max_seq_length{shorter})", len(ids))
+            f"the sample length ({option('calib_max_seq_length')}{shorter})", len(ids))
     tokens = torch.tensor(ids[:n * seq_length], dtype=torch.int64).view(n, seq_length)
     return Samples(tokens, dataset)
 
@@ -129,14 +129,15 @@ def split_calibration(dataset: TextDataset, tokenizer, calib_size: int, seq_leng
     ids, text = _encoded(dataset, tokenizer, need)
     if len(ids) < need:
         fit = len(ids) // seq_length * (4 if hold_out else 5) // 5
-        lower = f"lower --calib_size (at most {fit} fit) or --calib_max_seq_length" if fit \
-            else f"lower --calib_max_seq_length (not even one {seq_length}-token sample fits)"
+        lower = f"lower {option('calib_size')} (at most {fit} fit) or " \
+            f"{option('calib_max_seq_length')}" if fit else \
+            f"lower {option('calib_max_seq_length')} (not even one {seq_length}-token sample fits)"
         held = f" plus {counted(evals, 'held-out sample')} for the accuracy gate" if evals \
             else ""
         raise DatasetError(
-            f"{dataset.shown}: has {counted(len(ids), 'token')}, --calib_size {calib_size} x "
-            f"--calib_max_seq_length {seq_length}{held} need {need}; pass more text, or "
-            f"{lower}")
+            f"{dataset.shown}: has {counted(len(ids), 'token')}, "
+            f"{option('calib_size', calib_size)} x {option('calib_max_seq_length', seq_length)}"
+            f"{held} need {need}; pass more text, or {lower}")
     tokens = torch.tensor(ids[:need], dtype=torch.int64).view(calib_size + evals, seq_length)
     log.info("calibration: %d samples x %d tokens from %s, %d held out for the accuracy gate",
              calib_size, seq_length, dataset.name, evals)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 
-from kiln.errors import ConfigError, check_counts, check_flags, shown
+from kiln.errors import ConfigError, check_counts, check_flags, option, shown
 from kiln.quantization.config import FORMATS, GROUP_SIZES, KV_CACHE_DTYPES, Granularity
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -86,34 +86,35 @@ class QuantizeOptions:
         if self.calib_max_seq_length is not None and self.calib_max_seq_length < 2:
             raise ConfigError("calib_max_seq_length must be at least 2 (a token and its next)")
         if self.max_ppl_ratio is not None and not 1 <= self.max_ppl_ratio < math.inf:
-            raise ConfigError(f"max_ppl_ratio must be a finite number >= 1 (--no_accuracy_gate "
-                              f"measures without refusing), found {self.max_ppl_ratio!r}")
+            raise ConfigError(f"max_ppl_ratio must be a finite number >= 1 "
+                              f"({option('no_accuracy_gate', True)} measures without refusing), "
+                              f"found {self.max_ppl_ratio!r}")
         # what is missing comes before what is extra
         if self.calibrates and not self.calib_dataset:
             what = self.qformat if FORMATS[self.qformat].needs_calibration else \
-                f"--kv_cache_dtype {self.kv_cache_dtype}"
-            raise ConfigError(f"{what} needs calibration data: pass --calib_dataset (a .txt, "
-                              f".jsonl or .parquet file, or a hub dataset id)")
+                option("kv_cache_dtype", self.kv_cache_dtype)
+            raise ConfigError(f"{what} needs calibration data: pass {option('calib_dataset')} "
+                              f"(a .txt, .jsonl or .parquet file, or a hub dataset id)")
         if self.calib_dataset is None:  # settings of text that is not given do nothing
             if self.calib_size != _DEFAULTS["calib_size"] and self.eval_dataset is not None:
                 # "give --calib_dataset" would be read by nothing (a retest followed it)
-                raise ConfigError(f"--calib_size does nothing here: {self.qformat} calibrates "
-                                  f"nothing, and --eval_dataset scores the accuracy gate; leave "
-                                  f"--calib_size out")
+                raise ConfigError(f"{option('calib_size')} does nothing here: {self.qformat} "
+                                  f"calibrates nothing, and {option('eval_dataset')} scores the "
+                                  f"accuracy gate; leave {option('calib_size')} out")
             if self.calib_size != _DEFAULTS["calib_size"]:
-                raise ConfigError("--calib_size needs --calib_dataset, which is not given; "
-                                  "give it, or leave --calib_size out")
+                raise ConfigError(f"{option('calib_size')} needs {option('calib_dataset')}, "
+                                  f"which is not given; give it, or leave "
+                                  f"{option('calib_size')} out")
             # an --eval_dataset's samples have --calib_max_seq_length tokens, and the gate
             # measures held-out calibration text or it
             asked = [] if self.eval_dataset is not None else \
-                [flag for flag, value in (("--calib_max_seq_length", self.calib_max_seq_length),
-                                          ("--max_ppl_ratio", self.max_ppl_ratio))
-                 if value is not None]
+                [option(name) for name in ("calib_max_seq_length", "max_ppl_ratio")
+                 if getattr(self, name) is not None]
             if asked:
                 verb, them = ("needs", "it") if len(asked) == 1 else ("need", "them")
-                raise ConfigError(f"{' and '.join(asked)} {verb} text: --calib_dataset or "
-                                  f"--eval_dataset, and neither is given; give one, or leave "
-                                  f"{them} out")
+                raise ConfigError(f"{' and '.join(asked)} {verb} text: "
+                                  f"{option('calib_dataset')} or {option('eval_dataset')}, and "
+                                  f"neither is given; give one, or leave {them} out")
         if self.device not in DEVICES:
             raise ConfigError(f"device must be one of {', '.join(DEVICES)}, found "
                               f"{self.device!r}")

@@ -59,6 +59,7 @@ from kiln.errors import (
     QuantizationError,
     check_flag,
     counted,
+    option,
 )
 from kiln.output_dirs import (
     CHECKPOINT_KIND,
@@ -110,7 +111,8 @@ def quantize(checkpoint_dir: str | Path, output_dir: str | Path, *, progress: bo
     opts = options_from(QuantizeOptions, options, "quantize", also=("progress",))
     check_flag("progress", progress, ConfigError)
     if not str(checkpoint_dir).strip():
-        raise ConfigError("--checkpoint_dir is empty; pass a kiln checkpoint directory")
+        raise ConfigError(f"{option('checkpoint_dir')} is empty; pass a kiln checkpoint "
+                          f"directory")
     source_dir, output_dir = Path(checkpoint_dir).expanduser(), Path(output_dir).expanduser()
     check_output(output_dir, opts.overwrite, inputs=[source_dir], writes=CHECKPOINT_KIND)
     source = load_config(source_dir)
@@ -124,13 +126,14 @@ def quantize(checkpoint_dir: str | Path, output_dir: str | Path, *, progress: bo
     elif texts and opts.calib_max_seq_length > context:
         raise ConfigError(f"calib_max_seq_length {opts.calib_max_seq_length} exceeds the model's "
                           f"max_position_embeddings {context} (positions it was not trained "
-                          f"for would calibrate it); lower --calib_max_seq_length")
+                          f"for would calibrate it); lower {option('calib_max_seq_length')}")
     elif texts and opts.calib_max_seq_length < min(SHORT_CALIB_SEQ_LENGTH, context):
         what = ("activation ranges and the accuracy gate's perplexity come" if opts.calibrates
                 else "the accuracy gate's perplexity comes")
-        log.warning("--calib_max_seq_length %d: %s from %d-token contexts, far shorter than "
-                    "real prompts; %d or more measures the model as it is used",
-                    opts.calib_max_seq_length, what, opts.calib_max_seq_length,
+        log.warning("%s: %s from %d-token contexts, far shorter than real prompts; %d or more "
+                    "measures the model as it is used",
+                    option("calib_max_seq_length", opts.calib_max_seq_length), what,
+                    opts.calib_max_seq_length,
                     min(DEFAULT_CALIB_SEQ_LENGTH, context))
     if source.quantization is not None:
         raise QuantizationError(f"{source_dir} is already quantized "
@@ -202,20 +205,21 @@ def check_group_size(group_size: int | None, source: CheckpointConfig,
     none (a trial's "--group_size 128" had not been typed)."""
     if group_size is None:
         return
-    named = f"the default --group_size {group_size}" if default else f"--group_size {group_size}"
+    named = f"the default {option('group_size', group_size)}" if default else \
+        option("group_size", group_size)
     cfg, tp = source.decoder, source.mapping.tp_size
     inputs = {"attn.qkv / mlp (hidden)": cfg.hidden_size, "attn.o": cfg.q_size // tp,
               "mlp.down": cfg.intermediate_size // tp}
     fits = [g for g in GROUP_SIZES if all(f % g == 0 for f in inputs.values())]
     if fits:
-        use = f"use --group_size {' or '.join(map(str, fits))}"
+        use = f"use {' or '.join(option('group_size', g) for g in fits)}"
         which = f"; of those, {' and '.join(map(str, fits))} " \
                 f"{'divides' if len(fits) == 1 else 'divide'}"
     else:
         use, which = "no int4 group size fits; use int8_wo", ", and none of those divides"
     if group_size not in GROUP_SIZES:
         widths = ", ".join(f"{what} {features}" for what, features in inputs.items())
-        raise ConfigError(f"--group_size {group_size} is not an int4 group size "
+        raise ConfigError(f"{option('group_size', group_size)} is not an int4 group size "
                           f"({', '.join(map(str, GROUP_SIZES))}){which} this checkpoint's input "
                           f"features per rank (tp_size {tp}: {widths}); {use}")
     for what, features in inputs.items():
@@ -229,8 +233,8 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA GPU is available to torch here; use --device "
-                          "cpu (or auto)")
+        raise ConfigError(f"{option('device', 'cuda')}: no CUDA GPU is available to torch "
+                          f"here; use {option('device', 'cpu')} (or auto)")
     return torch.device(device)
 
 
@@ -246,11 +250,12 @@ def _warn_of_calibration_text(texts: TextDataset, calib: Samples) -> None:
     boilerplate line."""
     shared, lines = shared_lines(texts, [calib.text])
     if lines and 2 * shared >= lines:
-        log.warning("--eval_dataset %s: %d%% of its lines (%d of %d) are in the text calibration "
-                    "read from --calib_dataset: the accuracy gate scores text calibration has "
-                    "seen, which flatters the quantized checkpoint; give other text, or leave "
-                    "--eval_dataset out (a fifth of the calibration text read is then held out "
-                    "for the gate)", texts.shown, shared * 100 // lines, shared, lines)
+        log.warning("%s %s: %d%% of its lines (%d of %d) are in the text calibration read from "
+                    "%s: the accuracy gate scores text calibration has seen, which flatters the "
+                    "quantized checkpoint; give other text, or leave %s out (a fifth of the "
+                    "calibration text read is then held out for the gate)",
+                    option("eval_dataset"), texts.shown, shared * 100 // lines, shared, lines,
+                    option("calib_dataset"), option("eval_dataset"))
 
 
 @dataclass
@@ -293,9 +298,9 @@ class _Job:
             self.quant = self.quant.with_(calibration=calib.provenance)
             self.eval = held
         elif calib_texts is not None:
-            log.warning("--calib_dataset %s is not read: %s calibrates nothing, and "
-                        "--eval_dataset scores the accuracy gate", calib_texts.shown,
-                        opts.qformat)
+            log.warning("%s %s is not read: %s calibrates nothing, and %s scores the accuracy "
+                        "gate", option("calib_dataset"), calib_texts.shown, opts.qformat,
+                        option("eval_dataset"))
         if opts.eval_dataset:
             texts = load_texts(opts.eval_dataset)
             if self.calib is not None:
@@ -308,7 +313,8 @@ class _Job:
                 raise DatasetError(f"{e}. The accuracy gate needs {MIN_GATE_TOKENS + 1} tokens "
                                    f"of it at the least ({MIN_GATE_TOKENS} scored: a sample's "
                                    f"first token predicts nothing); with fewer, pass "
-                                   f"--no_accuracy_gate to record undecided figures") from None
+                                   f"{option('no_accuracy_gate', True)} to record undecided "
+                                   f"figures") from None
         if not opts.no_accuracy_gate:
             self._check_gate_size()
 
@@ -316,13 +322,14 @@ class _Job:
         """The options given that cost accuracy besides the format (a trial's int8_wo with an
         int8 KV cache failed its gate, told to choose a wider format than the widest)."""
         quant, opts = self.quant, self.opts
-        settings = [f"--kv_cache_dtype {quant.kv_cache_dtype}"] if quant.kv_cache_dtype else []
+        settings = [option("kv_cache_dtype", quant.kv_cache_dtype)] if quant.kv_cache_dtype \
+            else []
         if quant.quantize_lm_head:
-            settings.append("--quantize_lm_head")
+            settings.append(option("quantize_lm_head", True))
         default = default_alpha(self.source.decoder.architecture)
         if opts.smoothquant_alpha not in (None, default):
-            settings.append(f"--smoothquant_alpha {opts.smoothquant_alpha:g} (this model's "
-                            f"default: {default:g})")
+            settings.append(f"{option('smoothquant_alpha', f'{opts.smoothquant_alpha:g}')} "
+                            f"(this model's default: {default:g})")
         return settings
 
     def _check_gate_size(self) -> None:
@@ -333,14 +340,16 @@ class _Job:
         scored = n * (length - 1)  # each window's positions 0..L-2 predict its next token
         if scored >= MIN_GATE_TOKENS:
             return
-        more = ("longer --eval_dataset text" if self.opts.eval_dataset else
-                "more calibration samples (--calib_size: a fifth of the text read is held out for "
-                "the gate), a longer --calib_max_seq_length, or an --eval_dataset")
+        more = (f"longer {option('eval_dataset')} text" if self.opts.eval_dataset else
+                f"more calibration samples ({option('calib_size')}: a fifth of the text read is "
+                f"held out for the gate), a longer {option('calib_max_seq_length')}, or an "
+                f"{option('eval_dataset')}")
         raise ConfigError(f"the accuracy gate would score {counted(scored, 'token')} "
                           f"({counted(n, 'window')} of {length} tokens, whose first predicts "
                           f"nothing), too few to decide anything (it needs {MIN_GATE_TOKENS} "
                           f"scored, and {FIRM_GATE_TOKENS} for a firm answer): give {more}; or "
-                          f"pass --no_accuracy_gate to record the figures without enforcing them")
+                          f"pass {option('no_accuracy_gate', True)} to record the figures "
+                          f"without enforcing them")
 
     def run(self, out: Path, check_source: Callable[..., None]) -> None:
         """``check_source``: :func:`~kiln.checkpoint.rank_files_checked`'s check, made after
@@ -445,8 +454,8 @@ class _Job:
                   quantized_head: torch.Tensor | None = None) -> dict[str, Any] | None:
         """The gate's figures (None, said at WARNING, when there is no evaluation text)."""
         if self.eval is None:
-            log.warning("accuracy was not measured: no --calib_dataset or --eval_dataset, so "
-                        "the quantized checkpoint records accuracy null")
+            log.warning("accuracy was not measured: no %s or %s, so the quantized checkpoint "
+                        "records accuracy null", option("calib_dataset"), option("eval_dataset"))
             return None
         cfg = self.source.decoder
         names = [r.name() for r in (Role.FINAL_NORM, Role.FINAL_NORM_BIAS, Role.LM_HEAD)
@@ -467,9 +476,9 @@ class _Job:
             meter.update(*logits, self.eval.tokens[a:a + step])
         accuracy = {**meter.result(), **self.eval.provenance}
         if MIN_GATE_TOKENS <= accuracy["tokens"] < FIRM_GATE_TOKENS:
-            more = "longer --eval_dataset text" if self.opts.eval_dataset else \
-                "more calibration samples (--calib_size: a fifth of them is held out for the " \
-                "gate), or an --eval_dataset"
+            more = f"longer {option('eval_dataset')} text" if self.opts.eval_dataset else \
+                f"more calibration samples ({option('calib_size')}: a fifth of them is held out " \
+                f"for the gate), or an {option('eval_dataset')}"
             log.warning("the accuracy gate rests on %s only (under %d: its ratio can miss a "
                         "real loss); give %s", counted(accuracy["tokens"], "token"),
                         FIRM_GATE_TOKENS, more)
@@ -485,8 +494,8 @@ class _Job:
                         "recorded as undecided (passed: null)",
                         counted(accuracy["tokens"], "token"), MIN_GATE_TOKENS)
         elif not accuracy["passed"]:
-            log.warning("%s is above the accuracy gate (--no_accuracy_gate): %s",
-                        self.quant.qformat, summary(accuracy))
+            log.warning("%s is above the accuracy gate (%s): %s", self.quant.qformat,
+                        option("no_accuracy_gate", True), summary(accuracy))
         return accuracy
 
 

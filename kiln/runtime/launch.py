@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from kiln.config import Mapping
 from kiln.engine import EngineError
+from kiln.errors import option
 
 REQUIRED = ("RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -86,9 +87,10 @@ def check_launch(mapping: Mapping, backend: str, starts_ranks: bool, dp: int) ->
     if env is None:
         return
     if dp > 1:
-        raise EngineError(f"--dp {dp} starts its replicas from this process, on this machine, "
-                          f"and this process is rank {env.rank} of torchrun's {env.world_size} "
-                          f"(WORLD_SIZE); run --dp without torchrun (one kiln per machine)")
+        raise EngineError(f"{option('dp', dp)} starts its replicas from this process, on this "
+                          f"machine, and this process is rank {env.rank} of torchrun's "
+                          f"{env.world_size} (WORLD_SIZE); run {option('dp')} without torchrun "
+                          f"(one kiln per machine)")
     need = mapping.world_size if starts_ranks else 1
     if need == env.world_size:
         return

@@ -44,7 +44,7 @@ from kiln.engine import (
     read_manifest_data,
     verify_checksums,
 )
-from kiln.errors import a_or_an
+from kiln.errors import a_or_an, option
 from kiln.runtime.compat import MachineInfo, describe_machine
 from kiln.runtime.executor import Executor
 from kiln.runtime.host_memory import available_memory, need_and_available, size_text
@@ -109,20 +109,21 @@ def check_replicas(manifest: EngineManifest, device: str, machine: MachineInfo,
     is one process of a tp 1 x pp 1 engine, and on CUDA each has a GPU of its own."""
     dp, mapping = options.dp, manifest.mapping
     if dp == 1 and mapping.world_size > 1:  # engine_process
-        raise EngineError(f"--engine_process runs a single-rank engine in a process of its "
-                          f"own, and this engine has {mapping.world_size} ranks (tp "
+        raise EngineError(f"{option('engine_process')} runs a single-rank engine in a process "
+                          f"of its own, and this engine has {mapping.world_size} ranks (tp "
                           f"{mapping.tp_size} x pp {mapping.pp_size}), whose model steps "
-                          f"already run in rank processes; leave --engine_process out")
+                          f"already run in rank processes; leave {option('engine_process')} "
+                          f"out")
     if mapping.world_size > 1:
-        raise EngineError(f"--dp {dp} runs copies of a single-rank engine, and this engine has "
-                          f"{mapping.world_size} ranks (tp {mapping.tp_size} x pp "
-                          f"{mapping.pp_size}); run it with --dp 1, or build a tp 1 engine "
-                          f"(kiln convert_checkpoint --tp_size 1) for data parallelism")
+        raise EngineError(f"{option('dp', dp)} runs copies of a single-rank engine, and this "
+                          f"engine has {mapping.world_size} ranks (tp {mapping.tp_size} x pp "
+                          f"{mapping.pp_size}); run it with {option('dp', 1)}, or build a tp 1 "
+                          f"engine (kiln convert_checkpoint --tp_size 1) for data parallelism")
     gpus = len(machine.gpus)
     if device == "cuda" and dp > gpus:
-        raise EngineError(f"--dp {dp} needs {dp} GPUs (one replica per GPU), and this machine "
-                          f"has {gpus} visible; run with --dp {max(1, gpus)}, or where {dp} "
-                          f"GPUs are visible")
+        raise EngineError(f"{option('dp', dp)} needs {dp} GPUs (one replica per GPU), and this "
+                          f"machine has {gpus} visible; run with {option('dp', max(1, gpus))}, "
+                          f"or where {dp} GPUs are visible")
     if device != "cuda" and dp > 1:
         check_replica_memory(manifest, dp)
 
@@ -142,10 +143,10 @@ def check_replica_memory(manifest: EngineManifest, dp: int) -> None:
     if available is None or dp * each <= available:
         return
     fit = available // each
-    fix = f"run with --dp {fit} or fewer" if fit > 1 else \
-        "run without --dp, or rebuild with a smaller --max_batch_size or --max_seq_len"
+    fix = f"run with {option('dp', fit)} or fewer" if fit > 1 else \
+        f"run without {option('dp')}, or rebuild with a smaller --max_batch_size or --max_seq_len"
     need, have = need_and_available(dp * each, available)
-    raise EngineError(f"--dp {dp}: {dp} CPU replicas of this engine need up to "
+    raise EngineError(f"{option('dp', dp)}: {dp} CPU replicas of this engine need up to "
                       f"{need} of host memory ({size_text(each)} each, its "
                       f"files and a full KV cache), and {have} is available; "
                       f"{fix}")

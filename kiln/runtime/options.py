@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 
 from kiln.engine import EngineError
-from kiln.errors import check_counts, check_flags
+from kiln.errors import check_counts, check_flags, option
 
 DEVICES = ("auto", "cpu", "cuda")
 PREFILL_ATTENTION = ("auto", "kiln", "cudnn")  # the torch backend's choices (TorchExecutorOptions)
@@ -70,8 +70,8 @@ class ExecutorOptions:
         check_counts(self, EngineError, at_least={"rank": 0})
         if self.engine_process and self.dp > 1:  # it asks for nothing dp does not do: kiln
             # serve refused the pair, while LLM() took it and ran the dp replicas, flag unread
-            raise EngineError(f"--dp {self.dp} runs every replica in a process of its own "
-                              f"already; leave --engine_process out")
+            raise EngineError(f"{option('dp', self.dp)} runs every replica in a process of its "
+                              f"own already; leave {option('engine_process')} out")
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
             else os.cpu_count() or 1
         most = max(64, 4 * cpus)  # threads past the CPUs only contend

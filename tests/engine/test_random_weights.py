@@ -174,6 +174,6 @@ def test_shards_own_their_memory_padding_is_zero_and_tied_heads_are_the_embeddin
 
 
 def test_a_group_size_the_ranks_cannot_split_is_refused_before_any_rank_loads():
-    with pytest.raises(ConfigError, match="group_size 32 does not divide the 48"):
+    with pytest.raises(ConfigError, match="group_size=32 does not divide the 48"):
         random_engine_manifest(small_llama(intermediate_size=96), Mapping(tp_size=2),
                                "bfloat16", SMALL_LIMITS, QuantConfig("int4_wo", group_size=32))

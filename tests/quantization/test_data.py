@@ -50,7 +50,7 @@ def test_a_text_shorter_than_a_sample_is_told_the_length_that_fits(tokenizer, tm
         token_samples(load_texts(short), tokenizer, 512)
     assert e.value.tokens == n
     assert str(e.value) == (f"{short}: has {n} tokens, 512 needed (1 sample x 512 tokens); pass "
-                            f"more text or lower the sample length (--calib_max_seq_length to "
+                            f"more text or lower the sample length (calib_max_seq_length to "
                             f"{n} or less)")
 
 

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 import kiln
 from kiln.checkpoint import load_config
 from kiln.cli.main import main
-from kiln.errors import AccuracyGateError, ConfigError
+from kiln.errors import AccuracyGateError, ConfigError, options_as_flags
 from kiln.quantization.accuracy import check_gate
 
 
@@ -258,11 +258,15 @@ def test_a_nan_figure_fails_even_without_the_gate():
                      "size, no calibration; its default gate is 1.35), or pass"),
 ])
 def test_a_gate_refusal_names_what_may_win_accuracy_back(qformat, settings, remedies):
+    """(``settings`` as kiln quantize names them: flags; the Python API's are keywords.)"""
     figures = dict(perplexity_source=10.0, perplexity_quantized=11.0, ppl_ratio=1.1,
                    top1_agreement=0.9, kl_divergence=0.1, tokens=5000)
-    with pytest.raises(AccuracyGateError) as raised:
+    with options_as_flags(), pytest.raises(AccuracyGateError) as raised:
         check_gate(figures, qformat, 1.01, enforce=True, settings=settings)
     assert f"{remedies} --max_ppl_ratio / --no_accuracy_gate to accept it" in str(raised.value)
+    with pytest.raises(AccuracyGateError) as raised:
+        check_gate(figures, qformat, 1.01, enforce=True, settings=settings)
+    assert str(raised.value).endswith("pass max_ppl_ratio / no_accuracy_gate=True to accept it")
 
 
 def test_no_data_records_accuracy_null_with_a_warning_at_quantize_and_build(
@@ -308,10 +312,10 @@ def test_short_samples_and_a_small_gate_are_warned_about(checkpoint, texts, tmp_
                       eval_dataset=texts["eval"], calib_max_seq_length=8, progress=False)
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     # int8_wo calibrates nothing: only the gate's figure is short-sighted
-    assert any("--calib_max_seq_length 8: the accuracy gate's perplexity comes from 8-token "
+    assert any("calib_max_seq_length=8: the accuracy gate's perplexity comes from 8-token "
                "contexts" in m and "64 or more" in m for m in warned), warned
     small, = [m for m in warned if "the accuracy gate rests on" in m]
-    assert small.endswith("give longer --eval_dataset text") and "--calib_size" not in small
+    assert small.endswith("give longer eval_dataset text") and "calib_size" not in small
 
 
 def test_unknown_api_keyword_is_named(checkpoint, tmp_path):

@@ -374,10 +374,10 @@ def test_a_gate_on_the_calibration_text_is_said_to_flatter(checkpoint, texts, tm
         assert said == []
         return
     n, lines = shared
-    assert said == [f"--eval_dataset {evaluation}: {n * 100 // lines}% of its lines ({n} of "
-                    f"{lines}) are in the text calibration read from --calib_dataset: the "
+    assert said == [f"eval_dataset {evaluation}: {n * 100 // lines}% of its lines ({n} of "
+                    f"{lines}) are in the text calibration read from calib_dataset: the "
                     f"accuracy gate scores text calibration has seen, which flatters the "
-                    f"quantized checkpoint; give other text, or leave --eval_dataset out (a "
+                    f"quantized checkpoint; give other text, or leave eval_dataset out (a "
                     f"fifth of the calibration text read is then held out for the gate)"]
 
 
@@ -398,5 +398,5 @@ def test_an_eval_dataset_needs_no_held_out_calibration_text(checkpoint, texts, t
     with caplog.at_level(logging.WARNING, "kiln.quantization.quantize"):
         quantize(ckpt, tmp_path / "c", qformat="int8_wo", no_accuracy_gate=True,
                  calib_dataset=str(calib), calib_size=10 * size, eval_dataset=str(evaluation))
-    assert f"--calib_dataset {calib} is not read: int8_wo calibrates nothing, and " \
-           f"--eval_dataset scores the accuracy gate" in caplog.text
+    assert f"calib_dataset {calib} is not read: int8_wo calibrates nothing, and " \
+           f"eval_dataset scores the accuracy gate" in caplog.text

@@ -228,13 +228,13 @@ def test_what_cannot_run_as_replicas_is_refused_before_anything_starts(engines, 
     one_gpu = MachineInfo(kiln_version=read_manifest(engine).kiln_version, gpus=((9, 0),))
     with pytest.raises(EngineError) as info:
         check_engine(engine, ExecutorOptions(device="cuda", dp=2), machine=one_gpu)
-    assert str(info.value) == ("--dp 2 needs 2 GPUs (one replica per GPU), and this machine has "
-                               "1 visible; run with --dp 1, or where 2 GPUs are visible")
+    assert str(info.value) == ("dp=2 needs 2 GPUs (one replica per GPU), and this machine has "
+                               "1 visible; run with dp=1, or where 2 GPUs are visible")
     two_gpus = MachineInfo(kiln_version=one_gpu.kiln_version, gpus=((9, 0), (9, 0)))
     with pytest.raises(EngineError) as info:
         check_engine(engines(tp=2), ExecutorOptions(device="cuda", dp=2), machine=two_gpus)
-    assert str(info.value) == ("--dp 2 runs copies of a single-rank engine, and this engine has "
-                               "2 ranks (tp 2 x pp 1); run it with --dp 1, or build a tp 1 "
+    assert str(info.value) == ("dp=2 runs copies of a single-rank engine, and this engine has "
+                               "2 ranks (tp 2 x pp 1); run it with dp=1, or build a tp 1 "
                                "engine (kiln convert_checkpoint --tp_size 1) for data "
                                "parallelism")
     with pytest.raises(EngineError, match="open_engine opens one executor in this process, "
@@ -244,10 +244,10 @@ def test_what_cannot_run_as_replicas_is_refused_before_anything_starts(engines, 
         open_engine(engine, ExecutorOptions(device="cpu", engine_process=True))
     with pytest.raises(EngineError) as info:
         check_engine(engines(tp=2), ExecutorOptions(device="cpu", engine_process=True))
-    assert str(info.value) == ("--engine_process runs a single-rank engine in a process of its "
+    assert str(info.value) == ("engine_process runs a single-rank engine in a process of its "
                                "own, and this engine has 2 ranks (tp 2 x pp 1), whose model "
-                               "steps already run in rank processes; leave --engine_process out")
-    with caplog.at_level(logging.WARNING), pytest.raises(EngineError, match="--dp 2 runs"):
+                               "steps already run in rank processes; leave engine_process out")
+    with caplog.at_level(logging.WARNING), pytest.raises(EngineError, match="dp=2 runs"):
         check_engine(engines(tp=2), ExecutorOptions(device="cpu", dp=2))
     assert "slow path" not in caplog.text  # a trial: the CPU warning came before the refusal
     for args in (["run", "--input_text", "Hi"], ["bench", "--num_requests", "2"]):
@@ -260,11 +260,12 @@ def test_what_cannot_run_as_replicas_is_refused_before_anything_starts(engines, 
 def test_engine_process_with_dp_is_refused_by_the_api_as_by_kiln_serve(engines, monkeypatch):
     """kiln serve refused --dp 2 --engine_process (its replicas run in processes of their own
     already), while LLM(engine_dir, ExecutorOptions(dp=2, engine_process=True)) started the two
-    replicas and never read the flag: the options refuse it now, for both, in one line."""
+    replicas and never read the flag: the options refuse it now, for both, in one line (each
+    naming the options as it takes them)."""
     with pytest.raises(EngineError) as info:
         LLM(engines(), ExecutorOptions(device="cpu", dp=2, engine_process=True))
-    assert str(info.value) == ("--dp 2 runs every replica in a process of its own already; "
-                               "leave --engine_process out")
+    assert str(info.value) == ("dp=2 runs every replica in a process of its own already; "
+                               "leave engine_process out")
 
     def bind(host, port):  # refused before: a server that got this far would serve forever
         raise AssertionError("kiln serve bound its address")
@@ -272,7 +273,9 @@ def test_engine_process_with_dp_is_refused_by_the_api_as_by_kiln_serve(engines, 
     monkeypatch.setattr("kiln.cli.serve._bind", bind)
     result = CliRunner().invoke(main, ["serve", "--engine_dir", str(engines()), "--device", "cpu",
                                        "--dp", "2", "--engine_process"])
-    assert (result.exit_code, result.output) == (2, f"error: {info.value}\n")
+    assert (result.exit_code, result.output) == (
+        2, "error: --dp 2 runs every replica in a process of its own already; leave "
+           "--engine_process out\n")
 
 
 def test_cpu_replicas_beyond_the_host_memory_are_refused_before_any_starts(engines,
@@ -286,13 +289,13 @@ def test_cpu_replicas_beyond_the_host_memory_are_refused_before_any_starts(engin
     check_engine(engine, ExecutorOptions(device="cpu", dp=3))  # fits
     with pytest.raises(EngineError) as info:
         check_engine(engine, ExecutorOptions(device="cpu", dp=100))
-    assert re.fullmatch(r"--dp 100: 100 CPU replicas of this engine need up to \S+ [KMG]iB "
+    assert re.fullmatch(r"dp=100: 100 CPU replicas of this engine need up to \S+ [KMG]iB "
                         r"of host memory \(\S+ [KMG]iB each, its files and a full KV cache\), "
-                        r"and \S+ [KMG]iB is available; run with --dp 3 or fewer",
+                        r"and \S+ [KMG]iB is available; run with dp=3 or fewer",
                         str(info.value)), \
         str(info.value)
     monkeypatch.setattr(loader, "available_memory", lambda: each)
-    with pytest.raises(EngineError, match="run without --dp, or rebuild with a smaller"):
+    with pytest.raises(EngineError, match="run without dp, or rebuild with a smaller"):
         check_engine(engine, ExecutorOptions(device="cpu", dp=2))
     result = CliRunner().invoke(main, ["run", "--input_text", "Hi", "--engine_dir", str(engine),
                                        "--device", "cpu", "--dp", "2"])
