@@ -19,6 +19,13 @@ predict, so chunked prefill and batching give the same list as one prefill alone
 prompt token has none (None). ``max_tokens=0`` (allowed only with prompt_logprobs) feeds the
 prompt and finishes with ``length`` without sampling.
 
+Stop strings: a request's token ids and logprobs cover its text and no more, as OpenAI's
+logprobs cover the returned text. A token is released (in a delta, then in the result) once some
+of its text is, so tokens whose text the stop matcher holds back wait with it; at a matched stop
+string, those whose text starts at or past the cut are dropped with their timings (the stop
+string's own tokens, unless ``include_stop_str_in_output``), and so are those held back at an
+abort. A token that spans the cut stays. Without stop strings a token is released when sampled.
+
 Finish reasons: ``stop`` (EOS, a stop token id or a stop string), ``length`` (max_tokens, or the
 engine's max_seq_len), ``abort`` (asked by the caller), ``error`` (the request can never be
 served by this executor, or its logits turned non-finite: NaN or Inf, as from corrupt weights or
@@ -68,6 +75,7 @@ Non-goals: multi-process ranks (executors hide them), beam search.
 
 from __future__ import annotations
 
+import bisect
 import gc
 import logging
 import shlex
@@ -142,6 +150,10 @@ class Request:
     # prompt_logprobs: one entry per prompt token known so far (None for the first)
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     text: str = ""
+    # stop strings (module docstring): where each output token's text starts in the text the
+    # stop matcher was given, and how many output tokens deltas have released
+    token_starts: list[int] = field(default_factory=list)
+    released: int = 0
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     error: str | None = None
@@ -418,12 +430,12 @@ class EngineCore:
         request.token_times.append(now)
         if logprobs is not None:
             request.logprobs.append(logprobs)
-        return self._advance(request, token, logprobs, appended)
+        return self._advance(request, token, appended)
 
-    def _advance(self, request: Request, token: int, logprobs: TokenLogprobs | None,
-                 appended: bool = False) -> RequestDelta:
+    def _advance(self, request: Request, token: int, appended: bool = False) -> RequestDelta:
         text = ""
         if request.detokenizer is not None:
+            request.token_starts.append(len(request.stops.text) + request.detokenizer.held)
             text = request.stops.push(request.detokenizer.push(token))
         reason, stop_reason = None, None
         if request.stops is not None and request.stops.matched is not None:
@@ -438,24 +450,38 @@ class EngineCore:
         if reason is None:
             if not appended:
                 self.scheduler.append(request.request_id, token)
-            return RequestDelta(request.request_id, (token,), text, _one(logprobs))
+            ids, logprobs = _release(request, _covering(request) if request.params.stop
+                                     else len(request.output_ids))
+            return RequestDelta(request.request_id, ids, text, logprobs)
         self.scheduler.finish(request.request_id)
         final = self._finish(request, reason, stop_reason)
-        return RequestDelta(request.request_id, (token,), text + final.text, _one(logprobs),
-                            reason)
+        return RequestDelta(request.request_id, final.token_ids, text + final.text,
+                            final.logprobs, reason)
 
     def _finish(self, request: Request, reason: str, stop_reason: str | int | None,
                 ) -> RequestDelta:
-        """Mark finished; the delta carries the text still held back (no tokens)."""
+        """Mark finished; the delta carries the text and tokens still held back. At a stop
+        string, tokens past the cut are dropped (module docstring); at an abort, every token
+        not released yet (its text is dropped too)."""
         tail = ""
         if request.detokenizer is not None and reason != "abort":
             if request.stops.matched is None:
                 tail = request.stops.push(request.detokenizer.flush())
             tail += request.stops.flush()
         request.text += tail
+        if reason == "abort":
+            keep = request.released
+        elif request.stops is not None and request.stops.matched is not None:
+            keep = _covering(request)
+        else:
+            keep = len(request.output_ids)
+        ids, logprobs = _release(request, keep)
+        del request.output_ids[keep:], request.token_times[keep:]
+        if request.logprobs is not None:
+            del request.logprobs[keep:]
         request.finish_reason, request.stop_reason = reason, stop_reason
         request.finish_time = time.perf_counter()
-        return RequestDelta(request.request_id, (), tail, (), reason)
+        return RequestDelta(request.request_id, ids, tail, logprobs, reason)
 
     def _fail(self, request: Request, message: str) -> RequestDelta:
         request.error = f"request {request.request_id}: {message}"
@@ -507,5 +533,16 @@ def output_room(limits: BuildLimits, prompt_len: int) -> int:
     return limits.max_seq_len - prompt_len + 1
 
 
-def _one(logprobs: TokenLogprobs | None) -> tuple[TokenLogprobs, ...]:
-    return () if logprobs is None else (logprobs,)
+def _covering(request: Request) -> int:
+    """How many output tokens the request's released text covers: those whose text starts
+    before its end (a token still mid-character has no text yet: it waits for the next)."""
+    return bisect.bisect_left(request.token_starts, len(request.text))
+
+
+def _release(request: Request, upto: int,
+             ) -> tuple[tuple[int, ...], tuple[TokenLogprobs, ...]]:
+    """The output tokens (and logprobs) from the last released one up to ``upto``; marks them
+    released."""
+    start, request.released = request.released, upto
+    logprobs = () if request.logprobs is None else tuple(request.logprobs[start:upto])
+    return tuple(request.output_ids[start:upto]), logprobs

@@ -6,7 +6,8 @@ Contract:
   tokens): text is held back until the bytes complete. ``flush()`` releases what is left at the
   end, less an incomplete character there (generation stopped mid-character): it is dropped,
   never emitted as U+FFFD; a U+FFFD the model really wrote stays. The deltas concatenate to
-  ``tokenizer.decode(output_ids)``, less that dropped tail.
+  ``tokenizer.decode(output_ids)``, less that dropped tail. ``held`` counts the whole
+  characters held back behind a partial one: the next token's text starts past them.
 - :class:`StopStringMatcher` finds stop strings in the text stream, also across token
   boundaries, and holds back the tail that could still become a stop string, so a stop string
   (or its prefix) is never streamed out and then retracted.
@@ -53,6 +54,9 @@ class IncrementalDetokenizer:
         self._ids = list(prompt_ids[-_CONTEXT_TOKENS:])
         self._prefix = 0
         self._read = len(self._ids)
+        # whole characters decoded but held back (they precede a partial one): where the next
+        # token's text starts, past the text emitted so far
+        self.held = 0
 
     def push(self, token: int) -> str:
         """Append one token; return the text it completes ("" while a character is partial)."""
@@ -69,9 +73,11 @@ class IncrementalDetokenizer:
             return ""
         prefix_text = self._tok.decode(self._ids[self._prefix:self._read], self._skip)
         full_text = self._tok.decode(self._ids[self._prefix:], self._skip)
-        if not final and (full_text.endswith(_REPLACEMENT) or len(full_text) <= len(prefix_text)):
-            return ""
         delta = full_text[len(prefix_text):]
+        if not final and (full_text.endswith(_REPLACEMENT) or len(full_text) <= len(prefix_text)):
+            self.held = len(delta.rstrip(_REPLACEMENT))
+            return ""
+        self.held = 0
         if final and delta.endswith(_REPLACEMENT) and self._ends_mid_character(full_text):
             delta = delta[:-1]
         self._prefix, self._read = self._read, len(self._ids)

@@ -53,7 +53,8 @@ class CompletionResult:
     prompt: str | None
     prompt_token_ids: tuple[int, ...]
     text: str
-    token_ids: tuple[int, ...]
+    token_ids: tuple[int, ...]  # with logprobs and timings: the tokens of ``text``, those past
+                                # a stop string's cut dropped (kiln.runtime.core)
     finish_reason: str | None
     stop_reason: str | int | None  # the stop string or stop token id that ended it
                                    # (None at EOS, as vLLM's)

@@ -60,6 +60,27 @@ def test_stop_string_across_tokens_ends_the_request_and_is_never_streamed(script
     assert with_stop.text == "The capital of France is Paris."
 
 
+@pytest.mark.parametrize("stop, include, tokens_text", [
+    ("Paris.", False, "The capital of France is Paris"),  # " Paris" holds the text's last space
+    ("🦙", False, "The capital of France is Paris. \ufffd"),  # so does " \xf0", not 2 more bytes
+    (" 🦙", False, "The capital of France is Paris."),
+    ("🦙", True, "The capital of France is Paris. 🦙"),
+])
+def test_a_stop_string_cuts_the_tokens_and_logprobs_with_the_text(scripted, tokenizer, stop,
+                                                                  include, tokens_text):
+    """A trial's logprobs went on over the stop string's tokens: they end with the first token
+    whose text starts at or past the cut, streamed or not."""
+    llm, prompt, script = scripted()
+    params = GREEDY.replace(stop=(stop,), include_stop_str_in_output=include, logprobs=0)
+    deltas = list(llm.generate_stream(prompt, params))
+    result = deltas[-1].result
+    assert tokenizer.decode(list(result.token_ids)) == tokens_text
+    assert result.token_ids == tuple(script[:len(result.token_ids)])
+    assert [e.token_id for e in result.logprobs] == list(result.token_ids)
+    assert tuple(t for d in deltas for t in d.token_ids) == result.token_ids
+    assert tuple(e for d in deltas for e in d.logprobs) == result.logprobs
+
+
 def test_stop_token_ids_ignore_eos_and_max_tokens(scripted, tokenizer):
     llm, prompt, script = scripted()
     r = llm.generate(prompt, GREEDY.replace(stop_token_ids=(script[2],)))[0]
