@@ -25,7 +25,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from kiln.errors import UNREADABLE_JSON, json_type
+from kiln.errors import UNREADABLE_JSON, USER_TEXT, json_type
 
 _ENGINE_KEYS = frozenset({"backend", "rank_files", "limits"})  # none is in a kiln checkpoint
 
@@ -53,7 +53,7 @@ def dir_kind(config: Any) -> DirKind:
 def classify_dir(path: str | Path) -> DirKind:
     """The kind of directory ``path`` is, from its ``config.json`` (OTHER if none is readable)."""
     try:
-        return dir_kind(json.loads((Path(path) / "config.json").read_text()))
+        return dir_kind(json.loads((Path(path) / "config.json").read_text(USER_TEXT)))
     except (OSError, *UNREADABLE_JSON):
         return DirKind.OTHER
 
@@ -175,7 +175,7 @@ def read_config(directory: str | Path, wanted: DirKind,
         raise error(f"{path}: missing, so {directory} is not {article} {noun}; "
                     + (f"did you mean {inside}?" if inside else fix))
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(USER_TEXT))
     except UNREADABLE_JSON as e:
         raise error(f"{path}: invalid JSON ({e}); {repair}") from None
     if not isinstance(data, dict):  # a retest's [], null, "x" and 1 had given tracebacks

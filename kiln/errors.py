@@ -116,6 +116,10 @@ def counted(n: int, noun: str) -> str:
 # What json.loads raises on text it cannot read: bad JSON or bad UTF-8 (ValueError subclasses),
 # an integer past Python's digit limit (a plain ValueError), nesting past the recursion limit.
 UNREADABLE_JSON = (ValueError, RecursionError)
+# How kiln reads the JSON and text files users supply (a checkpoint's config.json and tokenizer
+# files, chat templates): UTF-8, with or without the byte-order mark Windows editors write
+# (json.loads refuses one: "Unexpected UTF-8 BOM (decode using utf-8-sig)").
+USER_TEXT = "utf-8-sig"
 
 
 class KilnError(Exception):

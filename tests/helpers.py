@@ -71,3 +71,9 @@ def flip_bits(path: Path, at: int, mask: int) -> None:
     data[at] ^= mask
     path.write_bytes(bytes(data))
 
+
+
+def with_bom(path: Path) -> Path:
+    """Prefix ``path`` with the UTF-8 byte-order mark, as Windows editors save text files."""
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    return path

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import kiln
-from kiln.errors import UNREADABLE_JSON
+from kiln.errors import UNREADABLE_JSON, USER_TEXT
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def identify_source(model: str, revision: str | None, allow_pickle: bool,
 def source_dtype(model_dir: Path) -> str | None:
     """The HF config's ``torch_dtype`` (``dtype`` in transformers 5), if any."""
     try:
-        config = json.loads((Path(model_dir) / "config.json").read_text())
+        config = json.loads((Path(model_dir) / "config.json").read_text(USER_TEXT))
     except (OSError, *UNREADABLE_JSON):
         return None
     value = config.get("torch_dtype") or config.get("dtype") if isinstance(config, dict) else None

@@ -45,7 +45,13 @@ import torch
 from kiln.config import DecoderConfig
 from kiln.converters.base import Converter, TensorRule, concat_rows
 from kiln.converters.source import HF_QUANT_CONFIG, Source
-from kiln.errors import UNREADABLE_JSON, CheckpointError, ConfigError, TensorMappingError
+from kiln.errors import (
+    UNREADABLE_JSON,
+    USER_TEXT,
+    CheckpointError,
+    ConfigError,
+    TensorMappingError,
+)
 from kiln.quantization.config import (
     INPUT_SCALE,
     KV_SCALES,
@@ -112,7 +118,7 @@ def read_scheme(source: Source) -> SourceScheme | None:
 
 def _read_json(path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(USER_TEXT))
     except (OSError, *UNREADABLE_JSON) as e:
         raise CheckpointError(f"{path}: unreadable ({e}); re-download the checkpoint") from None
     if not isinstance(data, dict):

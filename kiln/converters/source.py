@@ -21,7 +21,13 @@ import torch
 
 from kiln.checkpoint import TOKENIZER_FILES
 from kiln.dirs import DirKind, is_hub_id, near_path, read_config
-from kiln.errors import CheckpointError, ConfigError, HubError, UnsafeCheckpointError
+from kiln.errors import (
+    USER_TEXT,
+    CheckpointError,
+    ConfigError,
+    HubError,
+    UnsafeCheckpointError,
+)
 from kiln.tensorio import TensorInfo, read_header, read_tensor
 
 log = logging.getLogger(__name__)
@@ -228,7 +234,7 @@ def _named_weights(path: Path, single: str, index: str) -> list[Path]:
 def index_files(index: Path) -> list[str]:
     """The weight files a transformers index (``*.index.json``) names, sorted."""
     try:
-        data = json.loads(index.read_text())
+        data = json.loads(index.read_text(USER_TEXT))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{index}: not a readable weight index ({e}); fetch the "
                               f"checkpoint again") from None

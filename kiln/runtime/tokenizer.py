@@ -24,7 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from kiln.errors import UNREADABLE_JSON, as_json
+from kiln.errors import UNREADABLE_JSON, USER_TEXT, as_json
 from kiln.runtime.errors import RequestError, TokenizerError, prompt_too_long
 from kiln.runtime.params import is_utf8
 
@@ -233,7 +233,7 @@ def load_tokenizer(directory: str | Path) -> ModelTokenizer:
         raise TokenizerError(f"{path}: missing; the engine dir needs the tokenizer files "
                              f"(rebuild with kiln build from a checkpoint that has them)")
     try:
-        tokenizer = Tokenizer.from_file(str(path))
+        tokenizer = Tokenizer.from_str(path.read_text(USER_TEXT))  # from_file: no BOM
     except Exception as e:  # tokenizers raises a bare Exception on corrupt files
         raise TokenizerError(f"{path}: unreadable ({e}); {RECOPY}") from None
     config = _read_json(directory / "tokenizer_config.json")
@@ -247,7 +247,7 @@ def load_tokenizer(directory: str | Path) -> ModelTokenizer:
 def _chat_template(directory: Path, config: dict[str, Any]) -> str | None:
     jinja = directory / "chat_template.jinja"
     if jinja.is_file():
-        return jinja.read_text()
+        return jinja.read_text(USER_TEXT)
     template = _read_json(directory / "chat_template.json").get("chat_template") \
         or config.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
@@ -264,7 +264,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(USER_TEXT))
     except UNREADABLE_JSON as e:
         raise TokenizerError(f"{path}: invalid JSON ({e}); {RECOPY}") from None
     return data if isinstance(data, dict) else {}

@@ -23,6 +23,7 @@ from kiln.errors import (
     UnsafeCheckpointError,
     UnsupportedArchitectureError,
 )
+from tests.helpers import with_bom
 from tests.models import hf_model
 
 
@@ -129,6 +130,18 @@ def test_a_tokenizer_that_does_not_load_is_refused_before_anything_is_written(
                                               f"loads .*restore the model's tokenizer files"):
         _convert(src, tmp_path / "out")
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+def test_files_with_a_utf8_bom_convert_as_without(tiny_hf, tmp_path):
+    """A trial's config.json saved by a Windows editor (UTF-8 with a byte-order mark) had been
+    "invalid JSON (Unexpected UTF-8 BOM ...); download the checkpoint again"."""
+    src = shutil.copytree(tiny_hf, tmp_path / "src")
+    for name in ("config.json", "generation_config.json", "tokenizer_config.json",
+                 "tokenizer.json"):
+        with_bom(src / name)
+    out, plain = _convert(src, tmp_path / "out"), _convert(tiny_hf, tmp_path / "plain")
+    assert load_config(out).decoder == load_config(plain).decoder
+    assert (out / "rank0.safetensors").read_bytes() == (plain / "rank0.safetensors").read_bytes()
 
 
 def test_missing_and_unexpected_tensors_are_listed(src, tmp_path):

@@ -28,7 +28,7 @@ from kiln.cli.main import main
 from kiln.errors import CheckpointError, ConfigError
 from kiln.quantization.config import Granularity
 from kiln.reference import ReferenceDecoder
-from tests.helpers import hf_step_logits, max_abs_diff, ref_step_logits
+from tests.helpers import hf_step_logits, max_abs_diff, ref_step_logits, with_bom
 from tests.models import PROMPT, hf_model
 
 FP8_MAX = 448.0
@@ -248,6 +248,17 @@ def test_import_matches_hf_oracle(hf_dir, amax, kv_patch, tmp_path, fmt, channel
     plain.load_state_dict(oracle(src).state_dict())
     far, _ = hf_step_logits(plain, PROMPT, 0)
     assert max_abs_diff(ref_step_logits(ref, PROMPT, [])[:1], far[:1]) > 10 * TOL
+
+
+def test_a_quant_record_with_a_utf8_bom_is_read(hf_dir, amax, tmp_path):
+    """hf_quant_config.json saved by a Windows editor (a byte-order mark) had been
+    "unreadable (Unexpected UTF-8 BOM ...); re-download the checkpoint"."""
+    src = write_fp8(hf_dir, tmp_path / "src", amax, "modelopt", kv=False, record="file")
+    plain = _convert(src, tmp_path / "plain")
+    with_bom(src / "hf_quant_config.json")
+    out = _convert(src, tmp_path / "out")
+    assert load_config(out).quantization == load_config(plain).quantization
+    assert (out / "rank0.safetensors").read_bytes() == (plain / "rank0.safetensors").read_bytes()
 
 
 def test_fusion_is_lossless(hf_dir, amax, tmp_path):

@@ -14,6 +14,7 @@ import kiln
 from kiln.checkpoint import load_config
 from kiln.converters.source import files_read, open_source
 from kiln.errors import CheckpointError, UnsafeCheckpointError
+from tests.helpers import with_bom
 from tests.models import hf_model, hf_model_with_tokenizer
 
 _OPENED: list[str] | None = None  # the audit hook records opens while this is a list
@@ -119,6 +120,15 @@ def test_only_the_weights_transformers_loads_are_read(sharded, tmp_path, caplog,
     reference = kiln.convert_checkpoint(sharded, tmp_path / "reference", progress=False)
     assert (out / "rank0.safetensors").read_bytes() == \
         (reference / "rank0.safetensors").read_bytes()
+
+
+def test_an_index_with_a_utf8_bom_is_read(sharded, tmp_path):
+    """An index saved by a Windows editor (a byte-order mark) had been "not a readable weight
+    index (Unexpected UTF-8 BOM ...)"."""
+    model = _copy(sharded, tmp_path / "model")
+    with_bom(model / "model.safetensors.index.json")
+    shards = sorted(p.name for p in model.glob("model-*.safetensors"))
+    assert [p.name for p in files_read(model) if p.suffix == ".safetensors"] == shards
 
 
 def test_a_tensor_in_two_files_names_both(sharded, tmp_path):

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import itertools
+import json
+import shutil
 import threading
 import time
 
 import pytest
 
 from kiln.runtime.errors import RequestError
+from kiln.runtime.tokenizer import load_tokenizer
+from tests.helpers import with_bom
 
 
 class _Counting:
@@ -67,3 +71,34 @@ def test_a_text_far_over_the_limit_is_refused_from_its_head(tokenizer, monkeypat
 ])
 def test_a_text_the_head_cannot_refuse_is_encoded_whole(tokenizer, text):
     assert tokenizer.encode(text, most=1000) == tokenizer.encode(text)
+
+
+@pytest.mark.parametrize("template_file", ["chat_template.jinja", "chat_template.json",
+                                           "tokenizer_config.json"])
+def test_files_with_a_utf8_bom_read_as_without(smollm2_dir, tmp_path, template_file):
+    """Windows editors save UTF-8 with a byte-order mark: tokenizer.json had been "unreadable
+    (expected value at line 1 column 1)", the JSON files "invalid JSON", and a template's BOM
+    would have begun every rendered prompt."""
+    config = json.loads((smollm2_dir / "tokenizer_config.json").read_text())
+    template = config.pop("chat_template")
+    plain, marked = tmp_path / "plain", tmp_path / "marked"
+    for directory in (plain, marked):
+        directory.mkdir()
+        for name in ("tokenizer.json", "generation_config.json"):
+            shutil.copy(smollm2_dir / name, directory / name)
+        written = {**config, "chat_template": template} \
+            if template_file == "tokenizer_config.json" else config
+        (directory / "tokenizer_config.json").write_text(json.dumps(written))
+        if template_file == "chat_template.jinja":
+            (directory / template_file).write_text(template)
+        elif template_file == "chat_template.json":
+            (directory / template_file).write_text(json.dumps({"chat_template": template}))
+    for path in marked.iterdir():
+        with_bom(path)
+    want, got = load_tokenizer(plain), load_tokenizer(marked)
+    messages = [{"role": "user", "content": "Hi"}]
+    assert got.apply_chat_template(messages) == want.apply_chat_template(messages)
+    assert not got.apply_chat_template(messages).startswith("\ufeff")
+    assert got.encode("Hello world") == want.encode("Hello world")
+    assert (got.special_tokens, got.generation_config, got.eos_token_ids) == \
+        (want.special_tokens, want.generation_config, want.eos_token_ids)
