@@ -44,7 +44,7 @@ COUNTS = [  # (options, field, least, whether None is its default)
      False),
     (lambda **kw: QuantizeOptions(qformat="int4_wo", **kw), "group_size", 1, True),
     (lambda **kw: BuildOptions("ckpt", "out", **kw), "max_batch_size", 1, False),
-    (lambda **kw: BuildOptions("ckpt", "out", **kw), "max_seq_len", 1, True),
+    (lambda **kw: BuildOptions("ckpt", "out", **kw), "max_seq_len", 2, True),  # had been 1
     (lambda **kw: BuildOptions("ckpt", "out", **kw), "workers", 1, False),
     (lambda **kw: ExecutorOptions(**kw), "num_threads", 1, True),
     (lambda **kw: ExecutorOptions(**kw), "dp", 1, False),

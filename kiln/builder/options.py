@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SEQ_LEN = 2048
 DEFAULT_MAX_INPUT_LEN = 1024
+# The least max_seq_len kiln builds: a prompt token and a generated one. At 1 the only prompt
+# that fits is one token (most tokenizers' BOS alone), so no text prompt could run and kiln eval
+# has no two-token window; such builds had passed, to fail at the first prompt.
+MIN_SEQ_LEN = 2
 MEMORY_HEADROOM = 0.85  # share of available RAM the default --max_build_memory takes
 
 
@@ -66,7 +70,7 @@ class BuildOptions:
 
     def __post_init__(self) -> None:
         check_flags(self, ConfigError)
-        check_counts(self, ConfigError)
+        check_counts(self, ConfigError, at_least={"max_seq_len": MIN_SEQ_LEN})
         object.__setattr__(self, "checkpoint_dir", Path(self.checkpoint_dir).expanduser())
         object.__setattr__(self, "output_dir", Path(self.output_dir).expanduser())
         object.__setattr__(self, "targets", _targets(self.targets))

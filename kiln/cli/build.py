@@ -13,7 +13,7 @@ import re
 
 import click
 
-from kiln.builder.options import BuildOptions
+from kiln.builder.options import MIN_SEQ_LEN, BuildOptions
 from kiln.cli.context import CliContext, IntRange, MemorySize, PathArg
 from kiln.config import DTYPES
 from kiln.engine import BACKENDS
@@ -58,7 +58,7 @@ def _plugin_options(command):
               type=IntRange(min=1),
               help=_HELP["max_batch_size"])
 @click.option("--max_input_len", type=IntRange(min=1), help=_HELP["max_input_len"])
-@click.option("--max_seq_len", type=IntRange(min=1), help=_HELP["max_seq_len"])
+@click.option("--max_seq_len", type=IntRange(min=MIN_SEQ_LEN), help=_HELP["max_seq_len"])
 @click.option("--max_num_tokens", type=IntRange(min=1), help=_HELP["max_num_tokens"])
 @click.option("--dtype", type=click.Choice(DTYPES), help=_HELP["dtype"])
 @click.option("--target", "targets", callback=_targets, help=_HELP["targets"])

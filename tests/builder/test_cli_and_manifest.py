@@ -61,7 +61,12 @@ def test_cli_build_reports_once(checkpoint, tmp_path, caplog, verbosity, level):
     (["--max_build_memory", "lots"], "not a size like 20GB"),
     (["--target", "gpu"], "expected compute capabilities"),
     (["--backend", "nope"], "'nope' is not one of"),
-    (["--max_seq_len", "0"], "0 is not in the range x>=1"),
+    (["--max_seq_len", "0"], "0 is not in the range x>=2"),
+    (["--max_seq_len", "1"], "1 is not in the range x>=2"),  # it had built
+    (["--max_seq_len", "-1"], "-1 is not in the range x>=2"),
+    (["--max_batch_size", "0"], "0 is not in the range x>=1"),
+    (["--max_num_tokens", "0"], "0 is not in the range x>=1"),
+    (["--max_input_len", "0"], "0 is not in the range x>=1"),
 ])
 def test_cli_rejects_bad_options(tmp_path, args, message):
     result = invoke("--checkpoint_dir", str(tmp_path), "--output_dir", str(tmp_path / "e"), *args)
