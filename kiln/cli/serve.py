@@ -373,13 +373,14 @@ def _key(ctx: click.Context, param: click.Parameter, key: str | None) -> str | N
 
 
 def _read_template(path: Path | None) -> str | None:
+    from kiln.errors import USER_TEXT
     from kiln.runtime.errors import TokenizerError
     from kiln.runtime.tokenizer import check_chat_template
 
     if path is None:
         return None
     try:
-        template = path.read_text(encoding="utf-8")
+        template = path.read_text(encoding=USER_TEXT)  # a BOM is no part of the template
     except UnicodeDecodeError as e:
         raise click.BadParameter(f"{path}: not UTF-8 text ({e.reason})",
                                  param_hint="--chat_template") from None

@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from kiln.cli.main import main
+from tests.helpers import with_bom
 from tests.serve.conftest import free_port
 
 
@@ -125,6 +126,17 @@ def test_a_chat_template_kiln_cannot_use_is_one_line_before_the_engine_loads(tmp
     assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith(f"error: Invalid value for --chat_template: {template}: {why}"), \
         lines
+
+
+def test_a_chat_template_saved_with_a_bom_renders_without_it(tmp_path):
+    """A template file saved with a byte-order mark (as Windows editors save text) is read
+    without it: U+FEFF had begun every chat prompt, as checkpoints' template files no longer
+    do."""
+    from kiln.cli.serve import _read_template
+    text = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    template = tmp_path / "template.jinja"
+    template.write_text(text)
+    assert _read_template(with_bom(template)) == text
 
 
 @pytest.mark.parametrize(("args", "env", "message"), [
