@@ -62,6 +62,9 @@ class SamplingParams:
     skip_special_tokens: bool = _f(True, "Leave special tokens out of the text.")
 
     def __post_init__(self) -> None:
+        for name in ("stop", "stop_token_ids"):  # None: none, as vLLM's default (ported code
+            if getattr(self, name) is None:  # passing stop=None had been refused)
+                object.__setattr__(self, name, ())
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         _check(isinstance(self.stop, Iterable), "stop",

@@ -58,7 +58,7 @@ def _rows(params, n=1, seed=0, prompt=(), output=()):
     ("repetition_penalty", 0), ("presence_penalty", 2.5), ("frequency_penalty", -3),
     ("seed", "x"), ("stop", ("",)), ("stop_token_ids", (-1,)), ("logprobs", 21),
     ("temperature", True), ("stop", ("caf\udce9",)), ("stop", ("ok", "\ud800")),
-    ("stop", 5), ("stop", None), ("stop_token_ids", 7),
+    ("stop", 5), ("stop_token_ids", 7),
 ])
 def test_invalid_values_name_the_parameter(field, value):
     with pytest.raises(SamplingParamsError, match=rf"SamplingParams\.{field} "):
@@ -99,6 +99,11 @@ def test_a_bad_stop_entry_is_named_by_its_index(stop, shown):
     with pytest.raises(SamplingParamsError, match=rf"^SamplingParams\.stop has {shown}; each "
                                                   r"stop must be a non-empty string$"):
         SamplingParams(stop=stop)
+
+
+def test_none_is_no_stop_strings_or_ids_as_vllm_s_default():
+    """Ported vLLM code passes ``stop=None`` (its default); it had been refused."""
+    assert SamplingParams(stop=None, stop_token_ids=None) == SamplingParams()
 
 
 def test_single_stop_string_becomes_a_tuple():
