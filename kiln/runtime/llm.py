@@ -491,6 +491,10 @@ def _conversations(messages: Messages | Sequence[Messages]) -> list[Messages]:
             if m["role"] not in CHAT_ROLES:  # trial D's: any role went to the template
                 raise RequestError(f"{where}message #{i}: role {m['role']!r} is not a chat role; "
                                    f"use one of {', '.join(CHAT_ROLES)}")
+            name = m.get("name")
+            if not (name is None or isinstance(name, str)):  # kiln serve refuses it too
+                raise RequestError(f"{where}message #{i}: name is {described(name)}; give the "
+                                   f"participant's name as a string, or leave it out")
             if isinstance(content, list):
                 why = parts_error(content, "chat")
                 if why is not None:  # named as kiln serve names it

@@ -151,6 +151,9 @@ def test_bad_token_prompts(scripted, bad, match):
     (lambda llm: llm.chat([{"role": "user", "content": []}]),
      r"^message #0: content is an empty list; give a string or at least one text part like "
      r'\{"type": "text", "text": "Hi"\}$'),  # as kiln serve (a retest: an empty message)
+    (lambda llm: llm.chat([{"role": "user", "content": "Hi", "name": 5}]),
+     r"^message #0: name is int 5; give the participant's name as a string, or leave it "
+     r"out$"),  # as kiln serve (trial 38: taken by LLM.chat, refused by kiln serve)
     (lambda llm: llm.chat([[{"role": "user", "content": "a"}], []]),
      r"^conversation #1: a conversation is a non-empty list of messages, found list \[\]$"),
     (lambda llm: llm.chat([{"role": "user", "content": "\udc80"}]), r"^the text is not UTF-8"),
