@@ -65,6 +65,8 @@ class SamplingParams:
         for name in ("stop", "stop_token_ids"):  # None: none, as vLLM's default (ported code
             if getattr(self, name) is None:  # passing stop=None had been refused)
                 object.__setattr__(self, name, ())
+        _check(self.stop != "", "stop", "is an empty string; give the text to stop at, or "
+                                        "leave stop out")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         _check(isinstance(self.stop, Iterable), "stop",
@@ -100,10 +102,11 @@ class SamplingParams:
                "seed", f"must be an integer in [{SEED_MIN}, {SEED_MAX}], "
                        f"found {shown(self.seed)}")
         for i, stop in enumerate(self.stop):  # the entry, not the tuple (a request's [""]
-            # had been shown as ('',))
-            _check(isinstance(stop, str) and stop != "", "stop",
-                   f"has {'an empty string' if stop == '' else shown(stop)} at index {i}; each "
-                   f"stop must be a non-empty string")
+            # had been shown as ('',)); the field names it, as kiln serve's param does
+            if not (isinstance(stop, str) and stop != ""):
+                raise SamplingParamsError(
+                    f"SamplingParams.stop has {'an empty string' if stop == '' else shown(stop)}"
+                    f" at index {i}; each stop must be a non-empty string", field=f"stop[{i}]")
         _check(all(is_utf8(s) for s in self.stop), "stop",
                f"must be UTF-8 text, found {shown(self.stop)} (a lone surrogate: bytes that are "
                "not UTF-8, e.g. from a shell in another locale)")

@@ -195,7 +195,7 @@ def _checked(make, renames: dict[str, str]) -> SamplingParams:
         return make()
     except SamplingParamsError as e:
         match = _PARAM.search(str(e))
-        name = match.group(1) if match else None
+        name = e.field or (match.group(1) if match else None)  # the field: down to stop[0]
         raise ApiError(400, str(e).replace("SamplingParams.", "", 1),
                        param=renames.get(name, name)) from None
 
@@ -223,7 +223,7 @@ class Renderer:
                            param="stream_options")
         given = {k: getattr(req, k) for k in _SAMPLING if getattr(req, k) is not None}
         if req.stop is not None:
-            given["stop"] = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
+            given["stop"] = req.stop if isinstance(req.stop, str) else tuple(req.stop)
         if req.stop_token_ids is not None:
             given["stop_token_ids"] = tuple(req.stop_token_ids)
         for flag in ("ignore_eos", "include_stop_str_in_output"):

@@ -70,7 +70,7 @@ def test_completion_and_chat(engine):
     ({"prompt": []}, "prompt"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": "a", "seed": 2**64}, "seed"),
-    ({"prompt": "a", "stop": [""]}, "stop"),
+    ({"prompt": "a", "stop": [""]}, "stop[0]"),
     ({"prompt": "a", "echo": True, "logprobs": 1, "max_tokens": 0}, "echo"),
     # strict types, as OpenAI's (a trial's "5", true and "yes" were taken as 5, 1 and true)
     ({"prompt": "a", "max_tokens": "5"}, "max_tokens"),
@@ -94,6 +94,10 @@ STOP = "stop must be a string or a list of strings"
     (["x", 5], "stop[1]", "stop[1] is a number 5; " + STOP),
     (5, "stop", STOP + ", found a number 5"),
     ({"a": "b"}, "stop", STOP + ', found an object {"a": "b"}'),
+    # trial 38: [""] had the param stop, and "" was told of an index it had not
+    (["x", ""], "stop[1]", "stop has an empty string at index 1; each stop must be a non-empty "
+                           "string"),
+    ("", "stop", "stop is an empty string; give the text to stop at, or leave stop out"),
 ])
 def test_a_stop_of_no_string_form_names_the_wrong_value(engine, endpoint, stop, param, message):
     """A retest: these were told pydantic's "stop.str: Input should be a valid string"."""
