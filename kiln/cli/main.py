@@ -105,6 +105,16 @@ class KilnGroup(click.Group):
                 raise SystemExit(128 + signal.SIGPIPE) from None
             raise
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.exceptions.NoArgsIsHelpError:  # `kiln` alone: its help
+            raise
+        except click.UsageError as e:  # kiln's own options (`kiln --bogus`): one line, as a
+            # command's (trial 38: click's usage block of three)
+            click.echo(f"error: {e.format_message()} (see kiln --help)", err=True)
+            ctx.exit(2)
+
     def invoke(self, ctx: click.Context):
         install_termination_signals()
         if threading.current_thread() is threading.main_thread() \

@@ -142,6 +142,8 @@ def test_a_bad_number_is_named_as_a_number(args, message, tmp_path):
     (["cache", "prune", "-q"], "(-q is kiln's own option: it goes before the command, "
                                "kiln -q cache prune ...)"),
     (["run", "--bogus"], "(see kiln run --help)"),
+    (["--bogus"], "(see kiln --help)"),  # trial 38: click's usage block of three lines
+    (["-x", "run"], "(see kiln --help)"),
 ])
 def test_a_global_option_after_the_command_says_where_it_goes(args, hint):
     """The README's own "kiln run -v" (a trial copied it) ended at "No such option"."""
