@@ -2,7 +2,9 @@
 the config's fourth item) and its words and scales one or two iterations ahead (``DEPTH``, the
 third), against the committed kernel (one ahead for both), Llama-3.1-8B shapes, group 128, bf16.
 Measured and not kept (benchmarks/GPU_NOTES.md, thirty-eighth session): the kernel's DEPTH and
-XJIT are in ``int4_xjit_not_kept.patch`` beside this script; apply it (``git apply``) to run this.
+XJIT are in ``int4_xjit_not_kept.patch`` beside this script; apply it (``git apply``) to run this,
+on the kernel before run 2's CACHE 2 was kept (``git checkout 01071f6 -- kiln/plugins/quant_linear
+tests/plugins/test_quant_linear_triton.py`` first; ``run1.sh`` and ``run2.sh`` do the same).
 
     PYTHONPATH=. python3 benchmarks/issue12_thirty_eighth_session/int4_xjit.py --out DIR [--ms 1,16]
         [--run 1|2]

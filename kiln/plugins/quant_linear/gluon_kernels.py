@@ -19,7 +19,8 @@ sixth session).
   MMAs from a zero accumulator, the float32 result times the group's scale added to the
   running sums (group sizes 64 and 128: a chunk lies in one group).
 - The next iteration's words, activations and scales are loaded before this one's arithmetic;
-  under PDL the first words and scales before the wait for the kernel before.
+  under PDL the first words and scales before the wait for the kernel before. The words are
+  loaded first out of the caches, so that the activations stay in L1.
 - ``SILU_MUL`` (a gated MLP's ``[gate | up]``): a program takes gate tile i and up tile
   N / 32 + i, their activations loaded once, and stores ``silu(gate) * up`` (each sum rounded
   to the output dtype first, as the unfused op reads it): the result is the kernel then
@@ -203,9 +204,18 @@ def _store_tile(y_ptr, y0, y1, y2, y3, tile, m, stride_ym, T: gl.constexpr):
 
 
 @gluon.jit
+def _words(w_at):
+    """One iteration's words ([W, 32, 4, U]), first out of L1 and L2 (``L1::evict_first``):
+    read once, they had evicted the activations every program reads (~450 KB of words an SM a
+    call through its L1). One H100, one token: gate_up 25.5 -> 23.4 us, down 13.5 -> 12.7, qkv
+    7.5 -> 6.9, o 5.3 -> 5.1 (benchmarks/GPU_NOTES.md, thirty-eighth session)."""
+    return gl.load(w_at, eviction_policy="evict_first")
+
+
+@gluon.jit
 def _tile_loads(w_at, s_at, n_groups):
     """One iteration's words ([W, 32, 4, U]) and the scales of rows g and g + 8 ([W, 32, U])."""
-    return gl.load(w_at), gl.load(s_at), gl.load(s_at + 8 * n_groups)
+    return _words(w_at), gl.load(s_at), gl.load(s_at + 8 * n_groups)
 
 
 # m is not specialized: a step's token count is any number (see triton_kernels' _int4_mma_kernel)
@@ -299,7 +309,7 @@ def _int4_fragments_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, m, k, stride_x32,
         w_at += W * U * 128
         x_at += W * U * 32
         s_at += S_STEP
-        wv_next = gl.load(w_at)
+        wv_next = _words(w_at)
         xv_next = gl.load(x_at, mask=x_ok, other=0)
         slo_next = gl.load(s_at)
         shi_next = gl.load(s_at + 8 * n_groups)
