@@ -27,7 +27,7 @@ from typing import Any
 
 from kiln.errors import UNREADABLE_JSON, USER_TEXT, json_type
 
-_ENGINE_KEYS = frozenset({"backend", "rank_files", "limits"})  # none is in a kiln checkpoint
+ENGINE_KEYS = frozenset({"backend", "rank_files", "limits"})  # none is in a kiln checkpoint
 
 
 class DirKind(Enum):
@@ -41,7 +41,7 @@ def dir_kind(config: Any) -> DirKind:
     """The kind of directory whose ``config.json`` parsed to ``config``."""
     if not isinstance(config, dict):
         return DirKind.OTHER
-    if "format_version" in config and not _ENGINE_KEYS.isdisjoint(config):
+    if "format_version" in config and not ENGINE_KEYS.isdisjoint(config):
         return DirKind.ENGINE
     if {"format_version", "decoder", "mapping"} <= config.keys():
         return DirKind.KILN_CHECKPOINT

@@ -24,6 +24,7 @@ import click
 import kiln
 from kiln.cli.context import CliContext, PathArg
 from kiln.dirs import (
+    ENGINE_KEYS,
     DirKind,
     dir_kind,
     near_path,
@@ -38,7 +39,7 @@ from kiln.engine import (
     manifest_edit,
     read_manifest_data,
 )
-from kiln.errors import UNREADABLE_JSON, counted, json_type
+from kiln.errors import UNREADABLE_JSON, USER_TEXT, counted, json_type
 from kiln.hashing import other_file_problems
 from kiln.runtime.compat import kiln_version_problem
 
@@ -67,6 +68,45 @@ def tokenizer_problem(engine_dir: Path) -> str | None:
     except TokenizerError as e:
         return str(e).removeprefix(f"{engine_dir}{os.sep}")
     return None
+
+
+_REPAIRS = {
+    DirKind.ENGINE: "rebuild the engine dir with kiln build",
+    DirKind.KILN_CHECKPOINT: "write the kiln checkpoint again with kiln convert_checkpoint",
+}
+
+
+def _repairs(directory: Path, data: dict[str, Any] | None) -> str:
+    """The repair of a ``config.json`` too damaged to verify by: the command that makes the
+    directory's kind where its manifest keys or its files tell the kind (a trial's checkpoint
+    had been told of kiln build too), else both."""
+    kind = _likely_kind(directory, data)
+    if kind in _REPAIRS:
+        return _REPAIRS[kind]
+    return ("rebuild an engine dir with kiln build, write a kiln checkpoint again with "
+            "kiln convert_checkpoint")
+
+
+def _likely_kind(directory: Path, data: dict[str, Any] | None) -> DirKind | None:
+    """An engine dir when ``data`` has an engine manifest's keys or the directory holds an
+    onnx or TensorRT engine file or a torch engine's packed rank file; a kiln checkpoint when
+    its ``rank0.safetensors`` is a plain one; else None."""
+    from kiln.errors import KilnError
+    from kiln.tensorio import read_header
+
+    if data is not None and not ENGINE_KEYS.isdisjoint(data):
+        return DirKind.ENGINE
+    if any(directory.glob("rank0*.onnx")) or any(directory.glob("rank0*.engine")):
+        return DirKind.ENGINE
+    rank0 = directory / "rank0.safetensors"
+    if not rank0.is_file():
+        return None
+    try:
+        _, metadata = read_header(rank0)
+    except (KilnError, OSError):
+        return None
+    # (the torch backend's packed files carry it: kiln.engine.torch_files)
+    return DirKind.ENGINE if "kiln_torch_format" in metadata else DirKind.KILN_CHECKPOINT
 
 
 class _OneEngineDir(click.Command):
@@ -101,20 +141,20 @@ def verify(obj: CliContext, engine_dir: Path | None, engine_dir_option: Path | N
         raise EngineError(f"{engine_dir}: no such directory; "
                           + (f"did you mean {near}? " if near else "") + either)
     config_path, data = engine_dir / "config.json", None
-    if config_path.is_file():  # either kind's repair, where the file does not say which
-        repairs = ("rebuild an engine dir with kiln build, write a kiln checkpoint again with "
-                   "kiln convert_checkpoint")
-        try:
-            data = json.loads(config_path.read_text())
+    if config_path.is_file():
+        try:  # as build, run and bench read it: a BOM is no part of the JSON
+            data = json.loads(config_path.read_text(USER_TEXT))
         except UNREADABLE_JSON as e:
-            raise EngineError(f"{config_path}: invalid JSON ({e}); {repairs}") from None
+            raise EngineError(f"{config_path}: invalid JSON ({e}); "
+                              f"{_repairs(engine_dir, None)}") from None
         if not isinstance(data, dict):
             raise EngineError(f"{config_path}: holds {json_type(data)}, not a JSON object; "
-                              f"{repairs}")
+                              f"{_repairs(engine_dir, None)}")
         # {}, say: a retest's had been told only of engines
         if "format_version" not in data and dir_kind(data) is DirKind.OTHER:
             raise EngineError(f"{config_path}: no format_version, so neither an engine "
-                              f"manifest nor a kiln checkpoint config; {repairs}")
+                              f"manifest nor a kiln checkpoint config; "
+                              f"{_repairs(engine_dir, data)}")
     if engine_dir.is_dir() and not config_path.is_file():  # a parent, say
         inside = only_child_of_kind(engine_dir, DirKind.ENGINE, DirKind.KILN_CHECKPOINT)
         raise EngineError(f"{engine_dir / 'config.json'}: missing, so {engine_dir} is neither an "

@@ -379,14 +379,35 @@ def test_a_nan_in_an_edited_config_is_an_edit_not_a_traceback(checkpoint, tmp_pa
     assert "remove manifest_sha256 from it" in r.output
 
 
-def test_a_config_of_broken_json_names_both_repairs(checkpoint):
-    """A trial's checkpoint with a stray comma was told to rebuild with kiln build."""
-    (checkpoint / "config.json").write_text('{"tp_size": 1,,}')
-    r = kiln("verify", str(checkpoint))
-    assert r.exit_code == 2 and r.output.startswith(f"error: {checkpoint / 'config.json'}: "
-                                                    f"invalid JSON (")
-    assert r.output.rstrip().endswith("; rebuild an engine dir with kiln build, write a kiln "
-                                      "checkpoint again with kiln convert_checkpoint")
+BOTH = ("rebuild an engine dir with kiln build, write a kiln checkpoint again with kiln "
+        "convert_checkpoint")
+CHECKPOINT_REPAIR = "write the kiln checkpoint again with kiln convert_checkpoint"
+ENGINE_REPAIR = "rebuild the engine dir with kiln build"
+
+
+def test_a_config_with_a_byte_order_mark_is_read_as_build_and_run_read_it(checkpoint, engine):
+    """A trial's checkpoint and engine whose config.json an editor saved with a BOM: build, run
+    and bench read them, verify had refused them as invalid JSON."""
+    for directory in (checkpoint, engine):
+        path = directory / "config.json"
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+        r = kiln("verify", str(directory))
+        assert r.exit_code == 0, r.output
+        assert r.output.splitlines()[-1].startswith(f"{directory}: ok, ")
+
+
+def test_a_config_of_broken_json_names_the_repair_of_its_kind(checkpoint, engine, tmp_path):
+    """A trial's checkpoint with a stray comma was told to rebuild with kiln build, then of
+    both commands: its rank files say it is a checkpoint, an engine's say it is an engine."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for directory, repair in ((checkpoint, CHECKPOINT_REPAIR), (engine, ENGINE_REPAIR),
+                              (bare, BOTH)):
+        (directory / "config.json").write_text('{"tp_size": 1,,}')
+        r = kiln("verify", str(directory))
+        assert r.exit_code == 2 and r.output.startswith(f"error: {directory / 'config.json'}: "
+                                                        f"invalid JSON (")
+        assert r.output.rstrip().endswith(f"; {repair}"), r.output
 
 
 def test_an_empty_config_names_both_kinds(checkpoint):
@@ -394,19 +415,27 @@ def test_an_empty_config_names_both_kinds(checkpoint):
     r = kiln("verify", str(checkpoint))
     assert r.exit_code == 2 and r.output == (
         f"error: {checkpoint / 'config.json'}: no format_version, so neither an engine manifest "
-        f"nor a kiln checkpoint config; rebuild an engine dir with kiln build, write a kiln "
-        f"checkpoint again with kiln convert_checkpoint\n")
+        f"nor a kiln checkpoint config; {CHECKPOINT_REPAIR}\n")
+
+
+def test_a_config_without_format_version_but_an_engines_keys_names_kiln_build(engine):
+    path = engine / "config.json"
+    data = json.loads(path.read_text())
+    del data["format_version"]
+    path.write_text(json.dumps(data))
+    (engine / "rank0.onnx").unlink()  # the keys alone say so
+    r = kiln("verify", str(engine))
+    assert r.exit_code == 2 and r.output.rstrip().endswith(f"; {ENGINE_REPAIR}"), r.output
 
 
 @pytest.mark.parametrize("text", ["[]", "null", "7"])
-def test_a_config_that_is_not_an_object_names_both_repairs(checkpoint, text):
+def test_a_config_that_is_not_an_object_names_the_repair_of_its_kind(checkpoint, text):
     (checkpoint / "config.json").write_text(text)
     r = kiln("verify", str(checkpoint))
     assert r.exit_code == 2 and "Traceback" not in r.output
     line, = r.output.splitlines()
     assert line.startswith(f"error: {checkpoint / 'config.json'}: holds ")
-    assert line.endswith(", not a JSON object; rebuild an engine dir with kiln build, write a "
-                         "kiln checkpoint again with kiln convert_checkpoint")
+    assert line.endswith(f", not a JSON object; {CHECKPOINT_REPAIR}")
 
 
 def test_a_truncated_rank_file_is_named_as_such(checkpoint):
@@ -417,3 +446,17 @@ def test_a_truncated_rank_file_is_named_as_such(checkpoint):
     assert "FAIL rank 0  rank0.safetensors  not a valid safetensors file: tensor" in r.output
     assert "(truncated?)" in r.output
 
+
+
+def test_a_torch_engines_packed_rank_file_names_kiln_build(tmp_path):
+    """A torch engine's rank0.safetensors (the metadata kiln.engine.torch_files writes) is not
+    taken for a checkpoint's."""
+    import torch
+
+    from kiln.tensorio import write_tensors
+
+    write_tensors(tmp_path / "rank0.safetensors", {"w": torch.zeros(2)},
+                  {"kiln_torch_format": "1"})
+    (tmp_path / "config.json").write_text("{,}")
+    r = kiln("verify", str(tmp_path))
+    assert r.exit_code == 2 and r.output.rstrip().endswith(f"; {ENGINE_REPAIR}"), r.output
