@@ -38,7 +38,7 @@ from kiln.engine import (
     ENGINE_FILE,  # rank files of a checkpoint or engine dir
     manifest_edit,
 )
-from kiln.errors import UNREADABLE_JSON, OutputError, OutputExistsError
+from kiln.errors import UNREADABLE_JSON, USER_TEXT, OutputError, OutputExistsError
 from kiln.hashing import sha256_file
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def _check_outside_cache_entries(output_dir: Path, out: Path) -> None:
 
     for parent in out.parents:
         try:
-            data = json.loads((parent / ENTRY_FILE).read_text())
+            data = json.loads((parent / ENTRY_FILE).read_text(USER_TEXT))
         except (OSError, *UNREADABLE_JSON):
             continue
         if isinstance(data, dict) and MARKER in data:
@@ -309,7 +309,7 @@ def _data_end(header: dict) -> int:
 
 def _read_manifest(manifest: Path) -> dict | None:
     try:
-        data = json.loads(manifest.read_text())
+        data = json.loads(manifest.read_text(USER_TEXT))  # as kiln reads it (a BOM)
     except (OSError, *UNREADABLE_JSON):
         return None
     return data if isinstance(data, dict) else None

@@ -671,3 +671,19 @@ def test_a_checkpoint_as_kiln_wrote_it_is_replaced(built, hf_dir, tmp_path):
     result = cli("convert_checkpoint", "--model_dir", str(hf_dir), "--output_dir", str(out),
                  "--overwrite")
     assert result.exit_code == 0, result.output
+
+
+def test_overwrite_takes_kilns_own_config_saved_with_a_byte_order_mark(built, tmp_path):
+    """A trial's engine dir and checkpoint whose config.json an editor had saved with a BOM
+    (every kiln command reads it): --overwrite had called them a user's files."""
+    from kiln.output_dirs import describe_replaceable
+
+    for source, kind in zip(built, ("kiln checkpoint", "kiln engine dir"), strict=True):
+        out = Path(shutil.copytree(source, tmp_path / source.name))
+        path = out / "config.json"
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+        assert describe_replaceable(out) == kind
+    result = cli("build", "--checkpoint_dir", str(built[0]), "--output_dir",
+                 str(tmp_path / "engine"), "--overwrite", "--backend", "onnx",
+                 "--max_batch_size", "2", "--max_input_len", "8", "--max_seq_len", "16")
+    assert result.exit_code == 0, result.output
