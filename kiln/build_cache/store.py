@@ -58,7 +58,7 @@ from typing import Any
 from filelock import ReadWriteLock, Timeout
 
 from kiln.build_cache.hashes import MEMO_NAME
-from kiln.errors import UNREADABLE_JSON, BuildCacheError
+from kiln.errors import UNREADABLE_JSON, USER_TEXT, BuildCacheError
 from kiln.hashing import manifest_edited, sha256_file
 
 log = logging.getLogger(__name__)
@@ -259,7 +259,7 @@ class EngineCache:
         cache wrote, else None."""
         path = self.dir / name if path is None else path
         try:
-            data = json.loads((path / ENTRY_FILE).read_text())
+            data = json.loads((path / ENTRY_FILE).read_text(USER_TEXT))
             mtime = (path / ENTRY_FILE).stat().st_mtime
         except (OSError, *UNREADABLE_JSON):
             return None
@@ -282,7 +282,7 @@ class EngineCache:
         if match is None or not path.is_dir() or path.is_symlink():
             return False
         try:
-            marker = json.loads((path / TMP_MARKER).read_text())
+            marker = json.loads((path / TMP_MARKER).read_text(USER_TEXT))
         except (OSError, *UNREADABLE_JSON):
             marker = None
         if isinstance(marker, dict) and marker.get(MARKER) == ENTRY_FORMAT:
@@ -583,7 +583,7 @@ def damage(engine_dir: Path) -> str | None:
     its other files (the tokenizer's, small) at their recorded sha256; None when all is as the
     build left it."""
     try:
-        manifest = json.loads((engine_dir / "config.json").read_text())
+        manifest = json.loads((engine_dir / "config.json").read_text(USER_TEXT))
         ranks = manifest["rank_files"]
         sizes = manifest.get("sizes") or {}
         names = [name for files in ranks.values() for name in files]

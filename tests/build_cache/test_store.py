@@ -344,6 +344,16 @@ def test_damage_names_a_missing_or_truncated_file(cache):
     assert damage(entry.engine_dir) == "rank0.onnx is missing"
 
 
+def test_a_manifest_or_entry_with_a_byte_order_mark_is_read_as_kiln_reads_it(cache):
+    """An engine's config.json saved with a BOM (kiln run reads it) is no damage, and an
+    entry.json saved so is still the cache's: they had been rebuilt or listed as foreign."""
+    entry = fake_entry(cache, "a")
+    for path in (entry.engine_dir / "config.json", entry.path / "entry.json"):
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert damage(entry.engine_dir) is None
+    assert cache.read(entry.name) is not None
+
+
 def test_an_unwritable_cache_dir_is_one_line_with_the_fix(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(Exception, match="cannot be written .*set KILN_CACHE_DIR"):
