@@ -38,7 +38,7 @@ from kiln.engine import (
     ENGINE_FILE,  # rank files of a checkpoint or engine dir
     manifest_edit,
 )
-from kiln.errors import UNREADABLE_JSON, USER_TEXT, OutputError, OutputExistsError
+from kiln.errors import UNREADABLE_JSON, USER_TEXT, OutputError, OutputExistsError, option
 from kiln.hashing import sha256_file
 
 log = logging.getLogger(__name__)
@@ -52,11 +52,11 @@ def check_output(output_dir: Path, overwrite: bool, inputs: Sequence[Path] = (),
     """Refuse an unsafe ``output_dir`` before any work is done (module docstring); ``writes``:
     the kind of directory the command writes (``ENGINE_KIND`` or ``CHECKPOINT_KIND``)."""
     if not str(output_dir).strip():
-        raise OutputError("--output_dir is empty; give the directory to write")
+        raise OutputError(f"{option('output_dir')} is empty; give the directory to write")
     output_dir = Path(output_dir).expanduser()
     long = next((part for part in output_dir.parts if len(os.fsencode(part)) > NAME_MAX), None)
     if long is not None:
-        raise OutputError(f"--output_dir {output_dir}: the name {long[:40]}... is "
+        raise OutputError(f"{option('output_dir', output_dir)}: the name {long[:40]}... is "
                           f"{len(os.fsencode(long))} bytes; file systems take at most "
                           f"{NAME_MAX}: choose a shorter one")
     out = output_dir.resolve()
@@ -71,15 +71,15 @@ def check_output(output_dir: Path, overwrite: bool, inputs: Sequence[Path] = (),
                           f"the directory it points to ({out}) or a new path")
     if not output_dir.is_dir():
         raise OutputError(f"{output_dir}: exists and is not a directory; choose another "
-                          f"--output_dir")
+                          f"{option('output_dir')}")
     protected = {Path(out.anchor): "the filesystem root", Path.home().resolve(): "your home "
                  "directory", Path.cwd().resolve(): "the current directory"}
     if out in protected:
         raise OutputError(f"{output_dir}: is {protected[out]}; kiln never replaces it, choose a "
-                          f"new --output_dir")
+                          f"new {option('output_dir')}")
     if not overwrite:
-        raise OutputExistsError(f"{output_dir}: already exists; pass --overwrite to replace it "
-                                f"(only a directory kiln wrote is replaced)")
+        raise OutputExistsError(f"{output_dir}: already exists; pass {option('overwrite', True)} "
+                                f"to replace it (only a directory kiln wrote is replaced)")
     _check_kind(output_dir, describe_replaceable(output_dir), writes)
     _check_writable(output_dir)
 
@@ -98,10 +98,10 @@ def _check_outside_cache_entries(output_dir: Path, out: Path) -> None:
         except (OSError, *UNREADABLE_JSON):
             continue
         if isinstance(data, dict) and MARKER in data:
-            raise OutputError(f"--output_dir {output_dir} lies inside {parent}, an entry of "
-                              f"kiln's build cache, which manages it (kiln run --model_dir and "
-                              f"kiln cache build make its engines, kiln cache prune removes "
-                              f"them): choose a directory outside the cache")
+            raise OutputError(f"{option('output_dir', output_dir)} lies inside {parent}, an "
+                              f"entry of kiln's build cache, which manages it (kiln run "
+                              f"--model_dir and kiln cache build make its engines, kiln cache "
+                              f"prune removes them): choose a directory outside the cache")
 
 
 def _check_writable(output_dir: Path) -> None:
@@ -111,12 +111,12 @@ def _check_writable(output_dir: Path) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise OutputError(f"{output_dir}: cannot be written, {parent} is a file, not a "
-                          f"directory; choose another --output_dir")
+                          f"directory; choose another {option('output_dir')}")
     if not os.access(parent, os.W_OK | os.X_OK) or \
             cannot_create_in(parent):
         raise OutputError(f"{output_dir}: cannot be written, {parent} is not a writable "
                           f"directory (permissions, or a read-only file system); choose another "
-                          f"--output_dir")
+                          f"{option('output_dir')}")
 
 
 def cannot_create_in(directory: Path) -> str | None:
@@ -143,8 +143,8 @@ def _check_apart(output_dir: Path, out: Path, source: Path) -> None:
         relation = "contains"
     else:
         return
-    raise OutputError(f"--output_dir {output_dir} {relation} the input {source}; writing there "
-                      f"would destroy the input: choose a directory outside it")
+    raise OutputError(f"{option('output_dir', output_dir)} {relation} the input {source}; "
+                      f"writing there would destroy the input: choose a directory outside it")
 
 
 def describe_replaceable(directory: Path, damaged_ranks: bool = False) -> str:
@@ -164,13 +164,14 @@ def describe_replaceable(directory: Path, damaged_ranks: bool = False) -> str:
     if kind is None:
         raise OutputError(f"{directory}: holds {_few(entries)} and no kiln checkpoint or engine "
                           f"manifest; kiln only replaces directories it wrote: move them away or "
-                          f"choose another --output_dir")
+                          f"choose another {option('output_dir')}")
     if not damaged_ranks and manifest_edit(data) is not None:
         since = "the build" if kind == ENGINE_KIND else "kiln wrote it"
         raise OutputError(f"{directory}: is a {kind} whose {MANIFEST_NAME} was edited since "
                           f"{since} (it no longer matches the digest recorded in it), and "
-                          f"--overwrite would lose the edit; undo it, or choose another "
-                          f"--output_dir (or, to drop the edit, delete {directory} yourself)")
+                          f"{option('overwrite', True)} would lose the edit; undo it, or choose "
+                          f"another {option('output_dir')} (or, to drop the edit, delete "
+                          f"{directory} yourself)")
     written = manifest.stat().st_mtime_ns
     ranks = _rank_files(data)
     foreign = [n for n in entries
@@ -178,7 +179,7 @@ def describe_replaceable(directory: Path, damaged_ranks: bool = False) -> str:
     if foreign:
         raise OutputError(f"{directory}: is a {kind} but also holds {_few(foreign)}, which kiln "
                           f"did not write (or which changed after it wrote the directory); move "
-                          f"them away or choose another --output_dir")
+                          f"them away or choose another {option('output_dir')}")
     return kind
 
 
@@ -186,8 +187,8 @@ def _check_kind(directory: Path, kind: str, writes: str | None) -> None:
     """Refuse to replace a kiln directory of another kind than the one being written."""
     if writes is not None and kind in (ENGINE_KIND, CHECKPOINT_KIND) and kind != writes:
         raise OutputError(f"{directory}: is a {kind}, and this command writes a {writes}; "
-                          f"--overwrite replaces only its own kind: choose another "
-                          f"--output_dir (or delete that one yourself)")
+                          f"{option('overwrite', True)} replaces only its own kind: choose another "
+                          f"{option('output_dir')} (or delete that one yourself)")
 
 
 def _rank_files(data: dict) -> set[str]:

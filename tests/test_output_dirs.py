@@ -60,7 +60,7 @@ def test_missing_output_is_fine(tmp_path):
 
 
 def test_existing_output_needs_overwrite(tmp_path):
-    with pytest.raises(OutputExistsError, match="already exists; pass --overwrite"):
+    with pytest.raises(OutputExistsError, match="already exists; pass overwrite=True to"):
         check_output(tmp_path, overwrite=False)
 
 
@@ -514,7 +514,7 @@ def test_protected_dirs_are_refused_without_suggesting_overwrite(tmp_path, monke
 
 
 def test_empty_output_dir_is_refused():
-    with pytest.raises(OutputError, match="--output_dir is empty"):
+    with pytest.raises(OutputError, match="^output_dir is empty"):
         check_output("", overwrite=False)
 
 
@@ -687,3 +687,27 @@ def test_overwrite_takes_kilns_own_config_saved_with_a_byte_order_mark(built, tm
                  str(tmp_path / "engine"), "--overwrite", "--backend", "onnx",
                  "--max_batch_size", "2", "--max_input_len", "8", "--max_seq_len", "16")
     assert result.exit_code == 0, result.output
+
+
+def test_refusals_name_the_python_keywords_from_python_and_the_flags_from_the_cli(hf_dir,
+                                                                                   tmp_path):
+    """A trial's kiln.convert_checkpoint(...) had been told to pass --overwrite and to choose
+    another --output_dir."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(OutputExistsError, match=r"already exists; pass overwrite=True to "):
+        kiln.convert_checkpoint(hf_dir, out)
+    with pytest.raises(OutputError, match=r"move them away or choose another output_dir$"):
+        kiln.convert_checkpoint(hf_dir, out, overwrite=True)
+    with pytest.raises(OutputError, match=r"^output_dir=.* is the input "):
+        kiln.convert_checkpoint(hf_dir, hf_dir, overwrite=True)
+    result = cli("convert_checkpoint", "--model_dir", str(hf_dir), "--output_dir", str(out))
+    assert result.output == f"error: {out}: already exists; pass --overwrite to replace it " \
+        f"(only a directory kiln wrote is replaced)\n"
+    result = cli("convert_checkpoint", "--model_dir", str(hf_dir), "--output_dir", str(out),
+                 "--overwrite")
+    assert result.output.rstrip().endswith("move them away or choose another --output_dir")
+    result = cli("convert_checkpoint", "--model_dir", str(hf_dir), "--output_dir", str(hf_dir),
+                 "--overwrite")
+    assert result.output.startswith(f"error: --output_dir {hf_dir} is the input ")

@@ -252,7 +252,7 @@ def test_bad_limits(checkpoint, tmp_path):
 def test_output_exists(checkpoint, tmp_path):
     (tmp_path / "engine").mkdir()
     (tmp_path / "engine" / "keep").write_text("x")
-    fails(tmp_path, checkpoint("llama-gqa"), OutputExistsError, "pass --overwrite")
+    fails(tmp_path, checkpoint("llama-gqa"), OutputExistsError, "pass overwrite=True to")
     fails(tmp_path, checkpoint("llama-gqa"), OutputExistsError, "'keep' and no kiln", overwrite=True)
     assert [p.name for p in (tmp_path / "engine").iterdir()] == ["keep"]
     (tmp_path / "engine" / "keep").unlink()

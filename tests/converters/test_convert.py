@@ -164,7 +164,7 @@ def test_existing_output_is_refused_then_replaced(hf_dir, tmp_path):
     out = tmp_path / "out"
     _convert(hf_dir, out)
     config = (out / "config.json").read_text()
-    with pytest.raises(OutputExistsError, match="--overwrite"):
+    with pytest.raises(OutputExistsError, match="pass overwrite=True to replace it"):
         _convert(hf_dir, out, dtype="float16")
     assert (out / "config.json").read_text() == config
     _convert(hf_dir, out, overwrite=True, dtype="float16")
