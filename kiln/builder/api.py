@@ -37,7 +37,7 @@ from kiln.checkpoint import (
 )
 from kiln.config import options_from
 from kiln.engine import EngineManifest
-from kiln.errors import ConfigError, check_flag, counted
+from kiln.errors import ConfigError, check_flag, counted, option
 from kiln.output_dirs import ENGINE_KIND, atomic_dir, check_output, copy_tokenizer
 from kiln.plugins import PluginContext, resolve_plugins
 from kiln.quantization.config import QuantConfig, slow_on_onnx_cpu
@@ -151,9 +151,9 @@ def _warn_if_the_cache_cannot_fit_here(plan: BuildPlan, engine: Backend) -> None
         limits = plan.limits
         log.warning("this engine's limits (max_batch_size %d, max_seq_len %d) need a KV cache "
                     "of %s at load on the CPU, and this machine has %s of memory: it will not "
-                    "load here; lower --max_batch_size or --max_seq_len unless it runs on a "
-                    "larger machine", limits.max_batch_size, limits.max_seq_len, gb_text(need),
-                    gb_text(total))
+                    "load here; lower %s or %s unless it runs on a larger machine",
+                    limits.max_batch_size, limits.max_seq_len, gb_text(need), gb_text(total),
+                    option("max_batch_size"), option("max_seq_len"))
 
 
 def check_rank_files(checkpoint_dir: Path, ckpt: CheckpointConfig) -> dict[int, RankWeights]:
@@ -185,7 +185,8 @@ def make_plan(options: BuildOptions, ckpt: CheckpointConfig, engine: Backend) ->
         plugins = {**plugins, "gated_mlp": False}
     if options.weight_only_int8_compute and (engine.name != "onnx" or quant is None
                                              or quant.activation_dtype is not None):
-        raise ConfigError(f"--weight_only_int8_compute applies to onnx engines of weight-only "
+        raise ConfigError(f"{option('weight_only_int8_compute', True)} applies to onnx engines "
+                          f"of weight-only "
                           f"checkpoints (int8_wo, int4_wo, int4_awq), not to a {engine.name} "
                           f"engine of a {quant.qformat if quant else 'float'} checkpoint; drop "
                           f"the flag")

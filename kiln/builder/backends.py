@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from kiln.checkpoint import CheckpointConfig
 from kiln.engine import BuildLimits
-from kiln.errors import EngineError
+from kiln.errors import EngineError, option
 
 if TYPE_CHECKING:  # the graph context imports onnx (~0.6 s): not for a backend's versions
     from kiln.builder.graph.context import GraphSpec, PartSpec
@@ -135,8 +135,8 @@ def check_kv_cache(plan: BuildPlan, backend: str) -> None:
         raise EngineError(f"the {backend} backend cannot build the checkpoint's "
                           f"{quant.kv_cache_dtype} KV cache: its graph keeps the cache in the "
                           f"model dtype (TensorRT's KV-cache update layer rejects FP8/INT8 "
-                          f"caches); build it with --backend torch (which runs it on a GPU), "
-                          f"or quantize the checkpoint without a KV-cache dtype")
+                          f"caches); build it with {option('backend', 'torch')} (which runs it "
+                          f"on a GPU), or quantize the checkpoint without a KV-cache dtype")
 
 
 def register_backend(name: str) -> Callable[[type[Backend]], type[Backend]]:

@@ -32,7 +32,7 @@ from kiln.builder.backends import (
 )
 from kiln.checkpoint import rank_file
 from kiln.engine import EngineError
-from kiln.errors import BuildError
+from kiln.errors import BuildError, option
 from kiln.progress import progress_bar
 
 # ONNX Runtime's GraphOptimizationLevel per target (names: the child process looks them up).
@@ -57,13 +57,15 @@ class OnnxBackend(Backend):
         if plan.checkpoint.mapping.tp_size > 1:
             raise EngineError(f"the onnx backend cannot run tp_size "
                               f"{plan.checkpoint.mapping.tp_size}: ONNX Runtime has no "
-                              f"collective op; use --backend torch (one process per rank), "
-                              f"--backend tensorrt (NVIDIA GPUs), or a tp_size 1 checkpoint")
+                              f"collective op; use {option('backend', 'torch')} (one process "
+                              f"per rank), {option('backend', 'tensorrt')} (NVIDIA GPUs), or a "
+                              f"tp_size 1 checkpoint")
         check_kv_cache(plan, "onnx")
         if plan.dtype == "bfloat16":  # (for cuda too: the build optimizes on the CPU provider)
-            raise EngineError("ONNX Runtime's CPU provider, which builds every onnx engine, has "
-                              "no bfloat16 MatMul; build with --dtype float16 or float32 (or "
-                              "--backend torch for a bfloat16 engine on an NVIDIA GPU)")
+            raise EngineError(f"ONNX Runtime's CPU provider, which builds every onnx engine, "
+                              f"has no bfloat16 MatMul; build with {option('dtype', 'float16')} "
+                              f"or float32 (or {option('backend', 'torch')} for a bfloat16 "
+                              f"engine on an NVIDIA GPU)")
 
     def build_part(self, job: PartJob) -> PartResult:
         from kiln.builder.graph.decoder import write_part  # onnx: only to build (see _onnx_version)

@@ -16,7 +16,7 @@ import psutil
 
 from kiln.config import DTYPES, DecoderConfig, PositionType
 from kiln.engine import BuildLimits
-from kiln.errors import ConfigError, check_counts, check_flags
+from kiln.errors import ConfigError, check_counts, check_flags, option
 from kiln.plugins.registry import parse_mode
 
 log = logging.getLogger(__name__)
@@ -140,8 +140,9 @@ def _check_positions(limits: BuildLimits, decoder: DecoderConfig, allow: bool) -
     kind = "ALiBi" if decoder.position_type is PositionType.ALIBI else "RoPE without scaling"
     if not allow:
         raise ConfigError(f"max_seq_len {limits.max_seq_len} exceeds the model's "
-                          f"max_position_embeddings {limit} ({kind}); lower --max_seq_len or "
-                          f"pass --allow_long_context to build anyway")
+                          f"max_position_embeddings {limit} ({kind}); lower "
+                          f"{option('max_seq_len')} or pass {option('allow_long_context', True)} "
+                          f"to build anyway")
     log.warning("max_seq_len %d exceeds max_position_embeddings %d (%s): outputs past position "
                 "%d are untested by the model's training (--allow_long_context)",
                 limits.max_seq_len, limit, kind, limit)

@@ -15,6 +15,7 @@ import logging
 from kiln.builder.graph.context import PartSpec, RankWeights
 from kiln.checkpoint import CheckpointConfig
 from kiln.engine import EngineError
+from kiln.errors import option
 from kiln.roles import FIRST_STAGE_ROLES, LAST_STAGE_ROLES, tensor_names
 
 log = logging.getLogger(__name__)
@@ -73,8 +74,8 @@ def _split(sizes: list[int], peaks: list[int], budget: int | None, factor: float
             raise EngineError(
                 f"rank {rank}: one layer (with the embedding or head it carries) needs about "
                 f"{gb_text(need)} of host RAM to build, over the {gb_text(budget)} budget "
-                f"per worker; raise --max_build_memory"
-                + (f" or lower --workers ({workers})" if workers > 1 else ""))
+                f"per worker; raise {option('max_build_memory')}"
+                + (f" or lower {option('workers')} ({workers})" if workers > 1 else ""))
         if count and factor * (current + size) + max(peak, layer_peak) + base > budget:
             groups.append(count)
             current, peak, count = 0, 0, 0

@@ -45,7 +45,7 @@ from kiln.builder.graph.context import BATCH, SEQ, RankWeights
 from kiln.builder.graph.decoder import emit_part
 from kiln.checkpoint import rank_file
 from kiln.engine import BuildLimits, EngineError
-from kiln.errors import BuildError
+from kiln.errors import BuildError, option
 from kiln.graph.emitter import MemorySink
 from kiln.interrupts import deferred_interrupts
 from kiln.progress import progress_bar
@@ -56,13 +56,18 @@ log = logging.getLogger(__name__)
 RTX_REQUIREMENT = "tensorrt-rtx-cu13==1.7.1.116"
 RTX_TARGETS = ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121")
 RTX_DEFAULT_TARGETS = ("sm80", "sm86", "sm89", "sm120")
-RTX_REFUSED = {
-    "sm90": "Hopper (compute capability 9.0): the TensorRT-RTX runtime refuses it; build "
-            "with --backend torch for Hopper, or on the Hopper machine with full TensorRT "
-            "(import tensorrt)",
-    "sm100": "data-centre Blackwell (10.0) is not a TensorRT-RTX target; build on the machine "
-             "with full TensorRT (import tensorrt)",
-}
+RTX_REFUSED = ("sm90", "sm100")
+
+
+def rtx_refusal(target: str) -> str:
+    """Why TensorRT-RTX refuses ``target`` (one of :data:`RTX_REFUSED`), and what to build with
+    instead (a function: it names the option as the caller gave it, kiln.errors.option)."""
+    if target == "sm90":
+        return (f"Hopper (compute capability 9.0): the TensorRT-RTX runtime refuses it; build "
+                f"with {option('backend', 'torch')} for Hopper, or on the Hopper machine with "
+                f"full TensorRT (import tensorrt)")
+    return ("data-centre Blackwell (10.0) is not a TensorRT-RTX target; build on the machine "
+            "with full TensorRT (import tensorrt)")
 
 
 def load_library() -> tuple[ModuleType, bool]:
@@ -162,7 +167,7 @@ def check_targets(targets: tuple[str, ...], full: bool, gpu: str | None) -> None
                                   f"{target}; build on a {target} machine, or use TensorRT-RTX "
                                   f"({RTX_REQUIREMENT}) for its targets")
         elif target in RTX_REFUSED:
-            raise EngineError(f"TensorRT-RTX cannot build for {target}: {RTX_REFUSED[target]}")
+            raise EngineError(f"TensorRT-RTX cannot build for {target}: {rtx_refusal(target)}")
         elif target not in RTX_TARGETS:
             raise EngineError(f"TensorRT-RTX cannot build for {target}; its targets are "
                               f"{', '.join(RTX_TARGETS)}")
@@ -173,7 +178,7 @@ def check_precision(targets: tuple[str, ...], dtype: str, quant: QuantConfig | N
         cap = _capability(target)
         if dtype == "bfloat16" and cap < 80:
             raise EngineError(f"{target} has no bfloat16 support (needs sm80+); build with "
-                              f"--dtype float16 or drop the target")
+                              f"{option('dtype', 'float16')} or drop the target")
         if quant is not None and cap < quant.info.min_capability:
             raise EngineError(f"{target} cannot run the checkpoint's {quant.qformat} "
                               f"quantization (needs sm{quant.info.min_capability}+: FP8 tensor "

@@ -32,7 +32,7 @@ from typing import Any
 
 from kiln.config import DTYPES, DecoderConfig, Mapping
 from kiln.dirs import DirKind, read_config
-from kiln.errors import ConfigError, EngineError, check_counts, malformed
+from kiln.errors import ConfigError, EngineError, check_counts, malformed, option
 from kiln.hashing import (  # the one sha256 helper (also imported from here)
     DIGEST_KEY,
     manifest_digest,
@@ -66,7 +66,8 @@ class BuildLimits:
         check_counts(self, ConfigError)  # (true had been taken as 1)
         if self.max_input_len > self.max_seq_len:
             raise ConfigError(f"max_input_len ({self.max_input_len}) exceeds max_seq_len "
-                              f"({self.max_seq_len}); raise --max_seq_len or lower --max_input_len")
+                              f"({self.max_seq_len}); raise {option('max_seq_len')} or lower "
+                              f"{option('max_input_len')}")
 
 
 @dataclass(frozen=True)

@@ -222,12 +222,12 @@ def test_unknown_backend(checkpoint, tmp_path):
 def test_onnx_refuses_gpu_targets_and_tensor_parallelism(checkpoint, tmp_path):
     fails(tmp_path, checkpoint("llama-gqa"), EngineError, "cpu or cuda", targets=["sm86"])
     fails(tmp_path, checkpoint("llama-gqa", tp=2), EngineError,
-          r"no collective op; use --backend torch \(one process per rank\), --backend tensorrt "
+          r"no collective op; use backend='torch' \(one process per rank\), backend='tensorrt' "
           r"\(NVIDIA GPUs\)")
     fails(tmp_path, checkpoint("llama-gqa"), EngineError, "no bfloat16", dtype="bfloat16")
     # a trial followed the advice to build for cuda into ONNX Runtime's NOT_IMPLEMENTED
     fails(tmp_path, checkpoint("llama-gqa"), EngineError,
-          r"no bfloat16 MatMul; build with --dtype float16 or float32 \(or --backend torch",
+          r"no bfloat16 MatMul; build with dtype='float16' or float32 \(or backend='torch'",
           dtype="bfloat16", targets=["cuda"])
 
 
@@ -299,3 +299,36 @@ def test_cli_defaults_are_build_options_defaults():
              if p.name in defaults and isinstance(p.default, (str, int))}  # not unset / None
     assert {"backend", "max_batch_size", "workers"} <= set(given)
     assert given == {name: defaults[name] for name in given}
+
+
+@pytest.mark.parametrize(("options", "flags", "python_text", "cli_text"), [
+    (dict(max_seq_len=128), ["--max_seq_len", "128"],
+     "lower max_seq_len or pass allow_long_context=True to build anyway",
+     "lower --max_seq_len or pass --allow_long_context to build anyway"),
+    (dict(max_input_len=40, max_seq_len=32), ["--max_input_len", "40", "--max_seq_len", "32"],
+     "raise max_seq_len or lower max_input_len", "raise --max_seq_len or lower --max_input_len"),
+    (dict(max_build_memory=1000, workers=2), ["--max_build_memory", "1000", "--workers", "2"],
+     "raise max_build_memory or lower workers (2)",
+     "raise --max_build_memory or lower --workers (2)"),
+    (dict(dtype="bfloat16"), ["--dtype", "bfloat16"],
+     "build with dtype='float16' or float32 (or backend='torch' for",
+     "build with --dtype float16 or float32 (or --backend torch for"),
+    (dict(backend="tensorrt", targets=["sm90"]), ["--backend", "tensorrt", "--target", "sm90"],
+     "build with backend='torch' for Hopper", "build with --backend torch for Hopper"),
+])
+def test_advice_names_keywords_from_python_and_flags_from_the_cli(checkpoint, tmp_path, options,
+                                                                    flags, python_text, cli_text):
+    """A trial's kiln.build(...) had been told to pass --allow_long_context, raise
+    --max_build_memory, build with --backend torch: flags it had no way to pass."""
+    from click.testing import CliRunner
+
+    from kiln.cli.main import main
+
+    ckpt = checkpoint("llama-gqa")
+    with pytest.raises(KilnError) as info:
+        build(ckpt, tmp_path / "engine", **{"max_batch_size": 2, **options})
+    assert python_text in str(info.value)
+    result = CliRunner().invoke(main, ["build", "--checkpoint_dir", str(ckpt), "--output_dir",
+                                       str(tmp_path / "engine"), "--max_batch_size", "2",
+                                       *flags])
+    assert result.exit_code == 2 and cli_text in result.output, result.output

@@ -190,7 +190,7 @@ def test_weight_only_int8_compute(checkpoint, quantized, oracle, tmp_path):
     assert TOL < max_diff(got, want) <= 5e-2 * scale
     for source, backend in ((checkpoint(VARIANT), "onnx"), (quantized("int8_sq"), "onnx"),
                             (ckpt, "tensorrt")):
-        with pytest.raises(ConfigError, match="--weight_only_int8_compute applies to onnx"):
+        with pytest.raises(ConfigError, match="weight_only_int8_compute=True applies to onnx"):
             build(source, tmp_path / "refused", backend=backend, weight_only_int8_compute=True,
                   **LIMITS)
     assert not (tmp_path / "refused").exists()

@@ -60,7 +60,7 @@ def test_memory_budget_splits_a_rank_into_parts(checkpoint, reference_logits, tm
 
 def test_budget_too_small_for_one_layer(checkpoint, tmp_path):
     from kiln.engine import EngineError
-    with pytest.raises(EngineError, match="raise --max_build_memory"):
+    with pytest.raises(EngineError, match="raise max_build_memory"):
         build(checkpoint("llama-gqa"), tmp_path / "engine", max_build_memory=1000, **LIMITS)
     assert not any(tmp_path.iterdir())
 
@@ -86,7 +86,7 @@ def test_a_streaming_backend_budgets_its_largest_tensor_not_a_fixed_size(checkpo
 
     assert parts(need) == 1 and parts(10**12) == 1
     with pytest.raises(EngineError, match=r"needs about 0\.4 GB of host RAM to build, over the "
-                                          r"1 KB budget per worker; raise --max_build_memory$"):
+                                          r"1 KB budget per worker; raise max_build_memory$"):
         parts(1000)  # one worker: no advice to lower --workers
 
 
