@@ -84,13 +84,15 @@ _AS_FLAGS: contextvars.ContextVar[bool] = contextvars.ContextVar("kiln_options_a
 _NO_VALUE = object()
 
 
-def option(name: str, value: Any = _NO_VALUE) -> str:
+def option(name: str, value: Any = _NO_VALUE, flag: str | None = None) -> str:
     """An option in a message as its user gave it, so that one message serves both: from
     Python its keyword, ``dp`` or ``dp=2``; inside a kiln command (:func:`options_as_flags`)
-    its flag, ``--dp`` or ``--dp 2`` (``True``: the flag alone). Only for options whose flag is
-    ``--`` and the keyword, as the CLI builds them from the options dataclasses' fields."""
+    its flag, ``--dp`` or ``--dp 2`` (``True``: the flag alone). The flag is ``--`` and the
+    keyword, as the CLI builds them from the options dataclasses' fields, unless ``flag`` names
+    another (``option("model", flag="model_dir")``: ``LLM(model=...)`` is ``--model_dir``)."""
     if _AS_FLAGS.get():
-        return f"--{name}" if value is _NO_VALUE or value is True else f"--{name} {value}"
+        flag = f"--{flag or name}"
+        return flag if value is _NO_VALUE or value is True else f"{flag} {value}"
     if value is _NO_VALUE:
         return name
     shown_value = repr(os.fspath(value)) if isinstance(value, (str, os.PathLike)) else value

@@ -167,3 +167,12 @@ def test_option_names_a_keyword_or_a_flag():
         assert (option("dp"), option("dp", 2), option("eval_dataset", Path("a b.txt")),
                 option("quantize_lm_head", True)) == \
             ("--dp", "--dp 2", "--eval_dataset a b.txt", "--quantize_lm_head")
+
+
+def test_option_names_a_flag_other_than_the_keyword_where_told():
+    """LLM(model=...) and engine_for_model(model) take what kiln run takes as --model_dir."""
+    assert (option("model", flag="model_dir"), option("model", "m", flag="model_dir")) == \
+        ("model", "model='m'")
+    with options_as_flags():
+        assert (option("model", flag="model_dir"), option("model", "m", flag="model_dir")) == \
+            ("--model_dir", "--model_dir m")
