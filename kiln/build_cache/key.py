@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import kiln
-from kiln.errors import UNREADABLE_JSON, USER_TEXT
+from kiln.errors import UNREADABLE_JSON, USER_TEXT, option
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,8 @@ def identify_source(model: str, revision: str | None, allow_pickle: bool,
     from kiln.errors import CheckpointError
 
     if not str(model).strip():
-        raise CheckpointError("--model_dir is empty; pass an HF checkpoint directory or hub id")
+        raise CheckpointError(f"{option('model', flag='model_dir')} is empty; pass an HF "
+                              f"checkpoint directory or hub id")
     path, repo_id = locate(str(model), revision, allow_pickle)
     read_config(path, DirKind.HF_CHECKPOINT, CheckpointError)  # an engine dir, ...: says so
     if repo_id is not None and COMMIT.fullmatch(path.name):  # <hub cache>/snapshots/<commit>

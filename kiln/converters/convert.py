@@ -61,6 +61,7 @@ from kiln.errors import (
     SettingRangeError,
     TensorMappingError,
     check_flag,
+    option,
 )
 from kiln.hashing import sha256_file, stops_when
 from kiln.output_dirs import CHECKPOINT_KIND, atomic_dir, check_output, copy_tokenizer
@@ -135,7 +136,8 @@ def convert_checkpoint(model_dir: str | Path, output_dir: str | Path, *, progres
     dtype, tp_size, pp_size = opts.dtype, opts.tp_size, opts.pp_size
     revision, overwrite, allow_pickle = opts.revision, opts.overwrite, opts.allow_pickle
     if not str(model_dir).strip():  # Path("") would be the current directory
-        raise CheckpointError("--model_dir is empty; pass an HF checkpoint directory or hub id")
+        raise CheckpointError(f"{option('model_dir')} is empty; pass an HF checkpoint directory "
+                              f"or hub id")
     output_dir = Path(output_dir).expanduser()
     local = Path(model_dir).expanduser()
     check_output(output_dir, overwrite, inputs=[local] if local.exists() else [],

@@ -27,6 +27,7 @@ from kiln.errors import (
     ConfigError,
     HubError,
     UnsafeCheckpointError,
+    option,
 )
 from kiln.tensorio import TensorInfo, read_header, read_tensor
 
@@ -151,9 +152,10 @@ def locate(model_dir: str, revision: str | None = None,
     path = Path(model_dir).expanduser()
     if path.exists():
         if revision is not None:
-            raise ConfigError(f"--revision {revision}: {model_dir} is a local directory, and a "
-                              f"revision names a commit, branch or tag of a hub model; drop "
-                              f"--revision (or check out that revision into the directory)")
+            raise ConfigError(f"{option('revision', revision)}: {model_dir} is a local "
+                              f"directory, and a revision names a commit, branch or tag of a hub "
+                              f"model; drop {option('revision')} (or check out that revision "
+                              f"into the directory)")
         return path, None
     missing = f"{model_dir}: no such local directory{_near_miss(path)}"
     if not is_hub_id(model_dir):
@@ -203,7 +205,8 @@ def _weight_files(path: Path, allow_pickle: bool) -> list[Path]:
     if pickles and not allow_pickle:
         raise UnsafeCheckpointError(
             f"{path}: only pickle weights ({', '.join(p.name for p in pickles)}); pickles can run "
-            f"code when loaded: pass --allow-pickle to load them with torch.load(weights_only=True)")
+            f"code when loaded: pass {option('allow_pickle', True, flag='allow-pickle')} to "
+            f"load them with torch.load(weights_only=True)")
     if not pickles:
         raise CheckpointError(f"{path}: no *.safetensors weight files found")
     return pickles
@@ -311,8 +314,8 @@ def _download(repo_id: str, revision: str | None, allow_pickle: bool, missing: s
         fix = "fix the path or the id (set HF_TOKEN for a private model)"
     except RevisionNotFoundError:
         why = f"the hub model has no revision {revision}"
-        fix = "fix --revision"
+        fix = f"fix {option('revision')}"
     except HfHubHTTPError as e:
         why = f"the hub refused the download ({(str(e).splitlines() or [type(e).__name__])[0]})"
-        fix = "fix the path, or check the id, --revision and HF_TOKEN"
+        fix = f"fix the path, or check the id, {option('revision')} and HF_TOKEN"
     raise HubError(f"{missing}, and the hub cannot provide {repo_id}{at}: {why}; {fix}")

@@ -270,14 +270,14 @@ def test_a_hub_model_is_keyed_by_its_resolved_commit(tiny_hf, tmp_path, cache_di
 
 @pytest.mark.parametrize("model, options, error, message", [
     ("{tmp}/missing", {}, CheckpointError, "no such local directory"),
-    ("", {}, CheckpointError, "--model_dir is empty"),
+    ("", {}, CheckpointError, "model is empty"),
     ("{engine}", {}, CheckpointError, "is an engine dir, not a Hugging Face checkpoint"),
     ("{hf}", {"max_batch_size": 0}, ConfigError, "max_batch_size must be a positive integer"),
     ("{hf}", {"max_batch_sizes": 8}, ConfigError, "unknown options ['max_batch_sizes']"),
     ("{hf}", {"max_batchsize": 4}, ConfigError, "(max_batchsize: did you mean max_batch_size?); "
                                                 "it takes allow_long_context, allow_pickle, "
                                                 "backend, cache_dir, check, dtype,"),
-    ("{hf}", {"revision": "main"}, ConfigError, "--revision main: {hf} is a local directory"),
+    ("{hf}", {"revision": "main"}, ConfigError, "revision='main': {hf} is a local directory"),
     ("{hf}", {"dtype": "float64"}, ConfigError, "dtype must be auto or one of"),
     ("{hf}", {"plugins": {"nope": "enable"}}, ConfigError, "unknown plugins ['nope']"),
     ("{hf}", {"plugins": {"norm": "on"}}, ConfigError, "norm_plugin must be one of"),

@@ -132,7 +132,7 @@ def test_a_length_given_at_its_default_keeps_the_key(tiny_hf, cache_dir, options
 
 def test_a_revision_for_a_local_dir_is_refused(tiny_hf, cache_dir):
     """A revision names a hub commit; a local directory has none (it is not silently unused)."""
-    with pytest.raises(ConfigError, match=r"--revision main: .* is a local directory"):
+    with pytest.raises(ConfigError, match=r"^revision='main': .* is a local directory"):
         _key(tiny_hf, revision="main")
 
 

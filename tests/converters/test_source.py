@@ -116,7 +116,7 @@ def test_org_name_form_is_tried_on_the_hub_too(cwd, hub, monkeypatch, path, hint
     (_http(GatedRepoError, "403 Client Error"),
      "the model is gated; accept its terms on huggingface.co and set HF_TOKEN"),
     (_http(RevisionNotFoundError, "404 Client Error"),
-     "the hub model has no revision v9; fix --revision"),
+     "the hub model has no revision v9; fix revision"),
     (_http(HfHubHTTPError, "500 Server Error\nInternal"),
      "the hub refused the download (500 Server Error); fix the path"),
 ])

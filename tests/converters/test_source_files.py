@@ -64,7 +64,7 @@ def test_pickle_weights_count_only_when_allowed(tmp_path, hf_dir):
     shutil.copy(hf_dir / "config.json", model)
     (model / "pytorch_model.bin").write_bytes(b"weights")
     (model / "training_args.bin").write_bytes(b"not weights")
-    with pytest.raises(UnsafeCheckpointError, match="--allow-pickle"):
+    with pytest.raises(UnsafeCheckpointError, match="pass allow_pickle=True to load"):
         files_read(model)
     assert [p.name for p in files_read(model, allow_pickle=True)] == ["config.json",
                                                                       "pytorch_model.bin"]
