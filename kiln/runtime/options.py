@@ -76,10 +76,10 @@ class ExecutorOptions:
             else os.cpu_count() or 1
         most = max(64, 4 * cpus)  # threads past the CPUs only contend
         if self.num_threads is not None and self.num_threads > most:
-            raise EngineError(f"num_threads {self.num_threads} is more than {most}, the most "
-                              f"kiln starts ({cpus} CPU(s) here, and threads past them only "
-                              f"contend); pass {cpus} or fewer for speed, or leave it out (all "
-                              f"cores)")
+            raise EngineError(f"{option('num_threads', self.num_threads)} is more than {most}, "
+                              f"the most kiln starts ({cpus} CPU(s) here, and threads past them "
+                              f"only contend); pass {option('num_threads', cpus)} or fewer for "
+                              f"speed, or leave it out (all cores)")
         if self.prefill_attention not in (None, *PREFILL_ATTENTION):
             raise EngineError(f"prefill_attention must be one of {', '.join(PREFILL_ATTENTION)}, "
                               f"found {self.prefill_attention!r}")

@@ -262,9 +262,15 @@ def test_num_threads_far_past_the_cpus_is_refused(monkeypatch):
     assert ExecutorOptions(num_threads=64).num_threads == 64  # a few past the CPUs: allowed
     with pytest.raises(EngineError) as info:
         ExecutorOptions(num_threads=10000)
-    assert str(info.value) == ("num_threads 10000 is more than 64, the most kiln starts (2 "
-                               "CPU(s) here, and threads past them only contend); pass 2 or "
-                               "fewer for speed, or leave it out (all cores)")
+    assert str(info.value) == ("num_threads=10000 is more than 64, the most kiln starts (2 "
+                               "CPU(s) here, and threads past them only contend); pass "
+                               "num_threads=2 or fewer for speed, or leave it out (all cores)")
+    from kiln.errors import options_as_flags
+
+    with options_as_flags(), pytest.raises(EngineError) as info:  # kiln run's, as --dp's
+        ExecutorOptions(num_threads=10000)
+    assert str(info.value).startswith("--num_threads 10000 is more than 64, ")
+    assert "; pass --num_threads 2 or fewer for speed" in str(info.value)
 
 
 def test_num_threads_past_the_cpus_is_warned_about(engine, monkeypatch, caplog):
