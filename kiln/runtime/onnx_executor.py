@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from kiln.engine import EngineError, EngineManifest
+from kiln.errors import option
 from kiln.quantization.config import slow_on_onnx_cpu
 from kiln.runtime.compat import MachineInfo, check_onnx
 from kiln.runtime.executor import Executor, SequenceChunk, StepLogits
@@ -358,8 +359,8 @@ def _session(ort, path, options, providers):
 def _pick_device(device: str, providers: Sequence[str]) -> str:
     has_cuda = "CUDAExecutionProvider" in providers
     if device == "cuda" and not has_cuda:
-        raise EngineError("device cuda asked, but ONNX Runtime has no CUDAExecutionProvider here: "
-                          "pip install onnxruntime-gpu, or use --device cpu")
+        raise EngineError(f"device cuda asked, but ONNX Runtime has no CUDAExecutionProvider "
+                          f"here: pip install onnxruntime-gpu, or use {option('device', 'cpu')}")
     if device == "auto":
         device = "cuda" if has_cuda else "cpu"
         logger.debug("onnx executor: device auto -> %s", device)  # the load logs it too

@@ -26,6 +26,7 @@ import torch
 
 from kiln.engine import EngineError, EngineManifest
 from kiln.engine.torch_files import check_packed, read_packed
+from kiln.errors import option
 from kiln.runtime.compat import MachineInfo, sm
 from kiln.runtime.host_memory import available_memory, need_and_available, size_text
 from kiln.runtime.launch import torchrun_env
@@ -51,14 +52,20 @@ CPU_SPEED = "slower than an onnx engine: SmolLM2 on 2 CPU cores, 25 vs 40 tokens
 QUANTIZED_CPU_SPEED = (", and a quantized one dequantizes every weight at every step there "
                        "(SmolLM2 on 2 idle cores: int8_wo 5.7, fp8 2.8, int4_wo 1.6 in bfloat16 "
                        "and 3.0 in float32 tokens/s)")
-NEEDS_GPU = ("this torch engine needs a CUDA GPU for its Triton kernels; on this machine use an "
-             "onnx engine (build with --backend onnx), or pass --device cpu to run the PyTorch "
-             f"reference kernels, {CPU_SPEED}")
 
 
-# An engine of several ranks: an onnx engine is no alternative (ONNX Runtime runs tp 1 only).
-RANKS_ON_CPU = ("pass --device cpu (Python: ExecutorOptions(device=\"cpu\")) to run its ranks on "
-                f"the CPU with the PyTorch reference kernels, {CPU_SPEED}")
+def needs_gpu() -> str:
+    """(A function: it names the options as the caller gives them, kiln.errors.option.)"""
+    return (f"this torch engine needs a CUDA GPU for its Triton kernels; on this machine use an "
+            f"onnx engine (build with {option('backend', 'onnx')}), or pass "
+            f"{option('device', 'cpu')} to run the PyTorch reference kernels, {CPU_SPEED}")
+
+
+def ranks_on_cpu() -> str:
+    """An engine of several ranks: an onnx engine is no alternative (ONNX Runtime runs tp 1
+    only)."""
+    return (f"pass {option('device', 'cpu')} to run its ranks on the CPU with the PyTorch "
+            f"reference kernels, {CPU_SPEED}")
 
 
 def gpus_needed(manifest: EngineManifest) -> str:
@@ -74,9 +81,9 @@ def gpus_needed(manifest: EngineManifest) -> str:
 def _device(manifest: EngineManifest, requested: str, has_gpu: bool) -> str:
     single = manifest.mapping.world_size == 1
     if requested == "auto" and not has_gpu:
-        raise EngineError(NEEDS_GPU if single else
+        raise EngineError(needs_gpu() if single else
                           f"this torch engine needs {gpus_needed(manifest)} for its Triton "
-                          f"kernels, and none is visible here; {RANKS_ON_CPU}")
+                          f"kernels, and none is visible here; {ranks_on_cpu()}")
     device = "cuda" if requested == "auto" else requested
     if device not in manifest.targets:
         raise EngineError(f"this torch engine was built for {', '.join(manifest.targets)}, not "
@@ -86,8 +93,8 @@ def _device(manifest: EngineManifest, requested: str, has_gpu: bool) -> str:
         raise EngineError(f"no CUDA GPU is visible, and this torch engine needs "
                           f"{gpus_needed(manifest)}; run it where "
                           f"{'one is' if single else 'they are'} visible, or "
-                          + (f"pass --device cpu to run the PyTorch reference kernels, {CPU_SPEED}"
-                             if single else RANKS_ON_CPU))
+                          + (f"pass {option('device', 'cpu')} to run the PyTorch reference "
+                             f"kernels, {CPU_SPEED}" if single else ranks_on_cpu()))
     return device
 
 
@@ -110,7 +117,8 @@ def check_gpu_formats(manifest: EngineManifest, capability: tuple[int, int]) -> 
         raise EngineError(f"this torch engine has {' and '.join(what)}, which need a GPU of "
                           f"compute capability 8.9 or newer (sm89: Ada, Hopper, Blackwell); this "
                           f"GPU is {sm(capability)}; quantize with int8_sq, int8_wo, int4_wo or "
-                          f"int4_awq (and --kv_cache_dtype int8) for it, or pass --device cpu")
+                          f"int4_awq (and {option('kv_cache_dtype', 'int8')}) for it, or pass "
+                          f"{option('device', 'cpu')}")
 
 
 def processes(manifest: EngineManifest) -> str:

@@ -334,14 +334,18 @@ def test_a_multi_rank_engine_without_a_gpu_is_told_to_pass_device_cpu(engines):
         open_engine(engine, ExecutorOptions(), machine=no_gpu)
     assert str(auto.value).startswith(
         "this torch engine needs 2 CUDA GPUs (2 ranks, tp 2 x pp 1, one GPU each) for its Triton "
-        "kernels, and none is visible here; pass --device cpu (Python: "
-        "ExecutorOptions(device=\"cpu\")) to run its ranks on the CPU")
+        "kernels, and none is visible here; pass device='cpu' to run its ranks on the CPU")
     assert "onnx" not in str(auto.value).split("slower")[0]
     with pytest.raises(EngineError) as cuda:
         open_engine(engine, ExecutorOptions(device="cuda"), machine=no_gpu)
     assert str(cuda.value).startswith(
         "no CUDA GPU is visible, and this torch engine needs 2 CUDA GPUs (2 ranks, tp 2 x pp 1, "
-        "one GPU each); run it where they are visible, or pass --device cpu")
+        "one GPU each); run it where they are visible, or pass device='cpu' to run")
+    from kiln.errors import options_as_flags
+
+    with options_as_flags(), pytest.raises(EngineError) as cuda:  # kiln run's words
+        open_engine(engine, ExecutorOptions(device="cuda"), machine=no_gpu)
+    assert "or pass --device cpu to run its ranks" in str(cuda.value)
 
 
 @pytest.mark.parametrize("rank, message", [

@@ -62,8 +62,13 @@ def test_device_auto_without_a_gpu_is_refused_before_any_file_is_read(checkpoint
         open_engine(out, ExecutorOptions(device="auto"), machine=no_gpu)
     assert str(info.value) == (
         "this torch engine needs a CUDA GPU for its Triton kernels; on this machine use an onnx "
-        "engine (build with --backend onnx), or pass --device cpu to run the PyTorch reference "
+        "engine (build with backend='onnx'), or pass device='cpu' to run the PyTorch reference "
         "kernels, slower than an onnx engine: SmolLM2 on 2 CPU cores, 25 vs 40 tokens/s")
+    from kiln.errors import options_as_flags
+
+    with options_as_flags(), pytest.raises(EngineError) as info:  # kiln run's words
+        open_engine(out, ExecutorOptions(device="auto"), machine=no_gpu)
+    assert "(build with --backend onnx), or pass --device cpu to run" in str(info.value)
     with pytest.raises(EngineError, match=r"rank0\.safetensors: missing"):  # cpu asked: it goes on
         open_engine(out, ExecutorOptions(device="cpu"), machine=no_gpu)
 
