@@ -179,7 +179,8 @@ def describe_replaceable(directory: Path, damaged_ranks: bool = False) -> str:
     if foreign:
         raise OutputError(f"{directory}: is a {kind} but also holds {_few(foreign)}, which kiln "
                           f"did not write (or which changed after it wrote the directory); move "
-                          f"them away or choose another {option('output_dir')}")
+                          f"them away or choose another {option('output_dir')} (if kiln verify "
+                          f"called them damaged, delete {directory} yourself)")
     return kind
 
 

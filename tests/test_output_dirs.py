@@ -303,6 +303,8 @@ def test_a_safetensors_file_of_other_tensors_under_a_checkpoint_rank_name_is_not
                  "--overwrite")
     assert result.exit_code == 2, result.output
     assert "also holds 'rank0.safetensors', which kiln did not write" in result.output
+    # the way out where kiln verify said "damaged; write the checkpoint again" (retest 38)
+    assert f"(if kiln verify called them damaged, delete {out} yourself)" in result.output
     assert snapshot(out) == before
 
 

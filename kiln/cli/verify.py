@@ -242,8 +242,9 @@ def verify_checkpoint(obj: CliContext, directory: Path) -> None:
                       show=obj.progress) as bar:
         for rank, name in enumerate(names):
             path, problem = directory / name, None
-            if not path.is_file():
-                problem = "missing"
+            if not path.is_file():  # the repair named, as an engine's missing file's is
+                problem = "missing (listed in config.json); copy it again, or write the " \
+                          "checkpoint again with kiln convert_checkpoint"
             elif unrecorded:
                 problem = _content_problem(path, config, rank, bar.update)
             else:
