@@ -186,10 +186,9 @@ def make_plan(options: BuildOptions, ckpt: CheckpointConfig, engine: Backend) ->
     if options.weight_only_int8_compute and (engine.name != "onnx" or quant is None
                                              or quant.activation_dtype is not None):
         raise ConfigError(f"{option('weight_only_int8_compute', True)} applies to onnx engines "
-                          f"of weight-only "
-                          f"checkpoints (int8_wo, int4_wo, int4_awq), not to a {engine.name} "
-                          f"engine of a {quant.qformat if quant else 'float'} checkpoint; drop "
-                          f"the flag")
+                          f"of weight-only checkpoints (int8_wo, int4_wo, int4_awq), not to a "
+                          f"{engine.name} engine of a {quant.qformat if quant else 'float'} "
+                          f"checkpoint; drop the flag")
     graph = GraphSpec(decoder=ckpt.decoder, mapping=ckpt.mapping, dtype=dtype,
                       max_seq_len=limits.max_seq_len, plugins=plugins,
                       gather_context_logits=options.gather_context_logits,

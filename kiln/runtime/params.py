@@ -65,8 +65,8 @@ class SamplingParams:
         for name in ("stop", "stop_token_ids"):  # None: none, as vLLM's default (ported code
             if getattr(self, name) is None:  # passing stop=None had been refused)
                 object.__setattr__(self, name, ())
-        _check(self.stop != "", "stop", "is an empty string; give the text to stop at, or "
-                                        "leave stop out")
+        _check(self.stop != "" if isinstance(self.stop, str) else True, "stop",
+               "is an empty string; give the text to stop at, or leave stop out")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         _check(isinstance(self.stop, Iterable), "stop",
