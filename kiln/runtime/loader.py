@@ -144,7 +144,8 @@ def check_replica_memory(manifest: EngineManifest, dp: int) -> None:
         return
     fit = available // each
     fix = f"run with {option('dp', fit)} or fewer" if fit > 1 else \
-        f"run without {option('dp')}, or rebuild with a smaller --max_batch_size or --max_seq_len"
+        f"run without {option('dp')}, or rebuild with a smaller {option('max_batch_size')} or " \
+        f"{option('max_seq_len')}"
     need, have = need_and_available(dp * each, available)
     raise EngineError(f"{option('dp', dp)}: {dp} CPU replicas of this engine need up to "
                       f"{need} of host memory ({size_text(each)} each, its "

@@ -295,7 +295,8 @@ def test_cpu_replicas_beyond_the_host_memory_are_refused_before_any_starts(engin
                         str(info.value)), \
         str(info.value)
     monkeypatch.setattr(loader, "available_memory", lambda: each)
-    with pytest.raises(EngineError, match="run without dp, or rebuild with a smaller"):
+    with pytest.raises(EngineError, match="run without dp, or rebuild with a smaller "
+                                          "max_batch_size or max_seq_len"):  # Python's names
         check_engine(engine, ExecutorOptions(device="cpu", dp=2))
     result = CliRunner().invoke(main, ["run", "--input_text", "Hi", "--engine_dir", str(engine),
                                        "--device", "cpu", "--dp", "2"])
