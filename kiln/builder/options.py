@@ -144,5 +144,5 @@ def _check_positions(limits: BuildLimits, decoder: DecoderConfig, allow: bool) -
                           f"{option('max_seq_len')} or pass {option('allow_long_context', True)} "
                           f"to build anyway")
     log.warning("max_seq_len %d exceeds max_position_embeddings %d (%s): outputs past position "
-                "%d are untested by the model's training (--allow_long_context)",
-                limits.max_seq_len, limit, kind, limit)
+                "%d are untested by the model's training (%s)",
+                limits.max_seq_len, limit, kind, limit, option("allow_long_context", True))

@@ -30,6 +30,7 @@ from kiln.engine.torch_files import (
     pack_tensor,
     packed_entry,
 )
+from kiln.errors import option
 from kiln.plugins.quant_linear.layout import INT4_GROUP_SIZES
 from kiln.roles import parse_tensor, tensor_names
 from kiln.tensorio import StreamingWriter, read_header
@@ -66,10 +67,12 @@ class TorchBackend(Backend):
         quant = plan.checkpoint.quantization
         if quant is not None and quant.info.weight_dtype == "int4" \
                 and quant.group_size not in INT4_GROUP_SIZES:
+            sizes = sorted(INT4_GROUP_SIZES, reverse=True)
             raise EngineError(f"the torch backend's int4 kernels read group sizes "
                               f"{', '.join(map(str, INT4_GROUP_SIZES))}, this checkpoint has "
-                              f"group_size {quant.group_size}; quantize again with --group_size "
-                              f"128 (or 64, 32)")
+                              f"group_size {quant.group_size}; quantize again with "
+                              f"{option('group_size', sizes[0])}"
+                              + (f" (or {', '.join(map(str, sizes[1:]))})" if sizes[1:] else ""))
 
     def build_part(self, job: PartJob) -> PartResult:
         started = time.perf_counter()

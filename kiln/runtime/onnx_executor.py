@@ -182,7 +182,7 @@ def _check_cache_memory(manifest: EngineManifest, cache_bytes: int, device: str)
     raise EngineError(f"this onnx engine's limits (max_seq_len {limits.max_seq_len}, "
                       f"max_batch_size {limits.max_batch_size}) need a KV cache of "
                       f"{need} of host memory, and {have} is available; rebuild with a smaller "
-                      f"--max_seq_len or --max_batch_size")
+                      f"{option('max_seq_len')} or {option('max_batch_size')}")
 
 
 def spin_wait(asked: bool | None, parts: int) -> bool:

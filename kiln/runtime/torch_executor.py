@@ -206,7 +206,7 @@ def check_host_memory(manifest: EngineManifest, device: torch.device,
                       f"max_batch_size {limits.max_batch_size}) need {total} of host memory "
                       f"({parts}){ranks}, "
                       f"and {have} is available; rebuild with a smaller "
-                      f"--max_seq_len or --max_batch_size")
+                      f"{option('max_seq_len')} or {option('max_batch_size')}")
 
 
 def _torch_options(options: ExecutorOptions,
@@ -298,6 +298,7 @@ def build_executor(engine_dir: Path, manifest: EngineManifest,
         raise EngineError(f"{engine_dir}: the torch executor could not allocate its tables and KV "
                           f"cache on {device} for this engine's limits (max_seq_len "
                           f"{limits.max_seq_len}, max_batch_size {limits.max_batch_size}): "
-                          f"{reason}; rebuild with a smaller --max_seq_len or --max_batch_size"
-                          + (", or lower --kv_cache_free_gpu_memory_fraction"
+                          f"{reason}; rebuild with a smaller {option('max_seq_len')} or "
+                          f"{option('max_batch_size')}"
+                          + (f", or lower {option('kv_cache_free_gpu_memory_fraction')}"
                              if device.type == "cuda" else "")) from None

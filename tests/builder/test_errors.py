@@ -6,13 +6,22 @@ import json
 import re
 import shutil
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
 from kiln.builder import build
 from kiln.builder.onnx_backend import OnnxBackend
-from kiln.engine import EngineError
-from kiln.errors import CheckpointError, ConfigError, KilnError, OutputExistsError
+from kiln.builder.options import _check_positions
+from kiln.config import PositionType
+from kiln.engine import BuildLimits, EngineError
+from kiln.errors import (
+    CheckpointError,
+    ConfigError,
+    KilnError,
+    OutputExistsError,
+    options_as_flags,
+)
 from tests.builder.conftest import LIMITS
 from tests.helpers import flip_bits
 from tests.models import hf_model_with_tokenizer, kiln_checkpoint
@@ -201,6 +210,18 @@ def test_sequence_beyond_positions(checkpoint, tmp_path):
     fails(tmp_path, ckpt, ConfigError, "allow_long_context", max_seq_len=128)
     result = build(ckpt, tmp_path / "engine", max_seq_len=128, allow_long_context=True)
     assert result.manifest.limits.max_seq_len == 128
+
+
+def test_long_context_warning_names_the_option_as_its_user_gave_it(caplog):
+    """The warning of a build past the model's positions named the CLI's flag from Python."""
+    limits = BuildLimits(max_batch_size=1, max_seq_len=128, max_input_len=16, max_num_tokens=16)
+    decoder = mock.Mock(max_position_embeddings=64, rope_scaling=None,
+                        position_type=PositionType.ROPE)
+    _check_positions(limits, decoder, allow=True)
+    with options_as_flags():
+        _check_positions(limits, decoder, allow=True)
+    assert [r.getMessage().rsplit(" ", 1)[1] for r in caplog.records] == [
+        "(allow_long_context=True)", "(--allow_long_context)"]
 
 
 def test_sequence_beyond_positions_with_rope_scaling(checkpoint, tmp_path):

@@ -24,7 +24,7 @@ from kiln.builder import build
 from kiln.checkpoint import check_tensor_names, load_config
 from kiln.engine import EngineError, read_manifest
 from kiln.engine.torch_files import read_packed
-from kiln.errors import CheckpointError
+from kiln.errors import CheckpointError, options_as_flags
 from kiln.plugins.quant_linear.layout import INT4_LAYOUT
 from kiln.quantization.config import FORMATS
 from kiln.reference import ReferenceDecoder
@@ -113,7 +113,7 @@ def test_unsupported_group_size_refused_at_build(quantized, tmp_path, monkeypatc
     monkeypatch.setattr("kiln.builder.torch_backend.INT4_GROUP_SIZES", (64, 128))
     with pytest.raises(EngineError, match="the torch backend's int4 kernels read group sizes "
                                           "64, 128, this checkpoint has group_size 32; quantize "
-                                          "again with --group_size 128"):
+                                          r"again with group_size=128 \(or 64\)$"):
         build(quantized("int4_wo"), tmp_path / "e", backend="torch", **LIMITS)
     assert not (tmp_path / "e").exists()
 
@@ -232,7 +232,10 @@ def test_allocation_failure_at_load_is_one_line(quantized, tmp_path, monkeypatch
     with pytest.raises(EngineError, match=r"could not allocate its tables and KV cache on cpu for "
                                           r"this engine's limits \(max_seq_len 32, max_batch_size "
                                           r"4\): DefaultCPUAllocator: .*; rebuild with a smaller "
-                                          r"--max_seq_len or --max_batch_size$"):
+                                          r"max_seq_len or max_batch_size$"):
+        open_engine(tmp_path / "e", ExecutorOptions(device="cpu"))
+    with options_as_flags(), pytest.raises(EngineError, match=r"; rebuild with a smaller "
+                                                              r"--max_seq_len or --max_batch_size$"):
         open_engine(tmp_path / "e", ExecutorOptions(device="cpu"))
 
 
@@ -260,7 +263,8 @@ def test_limits_beyond_host_memory_refused_before_allocating(quantized, tmp_path
     with pytest.raises(EngineError, match=r"this torch engine's limits \(max_seq_len 32, "
                                           r"max_batch_size 4\) need 46 KiB of host memory "
                                           r"\(rotary tables 6 KiB, KV cache 40 KiB\), and 1 KiB "
-                                          r"is available; rebuild with a smaller --max_seq_len"):
+                                          r"is available; rebuild with a smaller max_seq_len or "
+                                          r"max_batch_size$"):
         open_engine(tmp_path / "e", ExecutorOptions(device="cpu"))
     monkeypatch.setattr("kiln.runtime.torch_executor.available_memory", lambda: None)
     open_engine(tmp_path / "e", ExecutorOptions(device="cpu"))  # unknown: no check

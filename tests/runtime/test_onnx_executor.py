@@ -241,7 +241,7 @@ def test_a_kv_cache_beyond_the_host_memory_is_refused_before_allocating(engine, 
     monkeypatch.setattr(onnx_executor.np, "zeros", lambda *a, **k: pytest.fail("allocated"))
     with pytest.raises(EngineError, match=r"max_batch_size 6\) need a KV cache of \d+ [KM]iB "
                                           r"of host memory, and 1 KiB is available; rebuild "
-                                          r"with a smaller --max_seq_len or --max_batch_size"):
+                                          r"with a smaller max_seq_len or max_batch_size"):
         open_engine(engine)
     monkeypatch.undo()
     assert open_engine(engine)[1] is not None

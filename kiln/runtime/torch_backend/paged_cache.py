@@ -23,6 +23,7 @@ import logging
 import numpy as np
 import torch
 
+from kiln.errors import option
 from kiln.runtime.errors import KVCacheError
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,8 @@ class BlockAllocator:
             raise KVCacheError(
                 f"the KV cache has {num_blocks} blocks of {page_size} tokens, too few for one "
                 f"sequence of max_seq_len {max_seq_len} ({self.max_blocks_per_seq} blocks + 1 "
-                f"scratch); raise --kv_cache_free_gpu_memory_fraction or lower --max_seq_len")
+                f"scratch); raise {option('kv_cache_free_gpu_memory_fraction')} or lower "
+                f"{option('max_seq_len')}")
         self.num_blocks = num_blocks
         self._free = list(range(num_blocks - 1, 0, -1))  # pop() hands out low ids first
         self._owned: list[list[int]] = [[] for _ in range(max_slots)]
