@@ -11,10 +11,11 @@ Contract:
   HTTP's auth schemes are; 401 otherwise); ``/health``, ``/metrics`` and ``/version`` stay
   open, for probes and scrapers.
 - Every error is OpenAI-shaped JSON (:class:`~kiln.serve.protocol.ApiError`): 400 bad
-  parameter (named in ``param``, down to the value at fault: ``messages[0].content``), prompt
-  too long, echo+logprobs on an engine without context logits; 401; 404 unknown model or
-  route; 413 body over ``max_body_bytes``; 429 with ``Retry-After`` when more than
-  ``max_queue`` requests would wait. Bad input never gives a 500.
+  parameter (named in ``param``, down to the value at fault: ``messages[0].content``, the
+  prompt among several ``prompt[1]``), prompt too long, echo+logprobs on an engine without
+  context logits; 401; 404 unknown model or route; 413 body over ``max_body_bytes``; 429 with
+  ``Retry-After`` when more than ``max_queue`` requests would wait. Bad input never gives a
+  500.
 - ``n > 1``: the runtime samples one sequence per request, so each choice is its own engine
   request; with a ``seed``, choice j uses ``seed + j`` (so the choices differ, reproducibly).
 - A client that disconnects (or closes its stream) aborts its engine requests
@@ -179,11 +180,9 @@ async def _parse(request: Request, model: type) -> Any:
         first = e.errors()[0]
         param = str(first["loc"][0]) if first["loc"] else None  # the request field
         given = param in data  # a missing field is pydantic's "Field required"
-        if given and param == "prompt" and model is CompletionRequest:  # not pydantic's
-            # "prompt.str: ..."
-            raise ApiError(400, render.prompt_form_error(data["prompt"]), param=param) from None
-        # not pydantic's "messages.0.content.str: ..." or "stop.str: ..."
-        form = {"messages": render.messages_form_error, "stop": render.stop_form_error}
+        # not pydantic's "prompt.str: ...", "messages.0.content.str: ..." or "stop.str: ..."
+        form = {"prompt": render.prompt_form_error, "messages": render.messages_form_error,
+                "stop": render.stop_form_error}
         if given and param in form and (why := form[param](data[param])) is not None:
             raise render.form_error(why) from None
         loc = ".".join(str(p) for p in first["loc"])

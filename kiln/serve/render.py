@@ -66,7 +66,8 @@ def completion_prompts(prompt: Any) -> list[Prompt]:
 
 
 def prompt_form_error(prompt: Any) -> str:
-    """Why ``prompt`` is none of OpenAI's forms, naming the first value that is wrong."""
+    """Why ``prompt`` is none of OpenAI's forms, naming the first value that is wrong; a
+    :func:`form_error`'s message (its param ``prompt[1]``, ``prompt[1][0]`` or ``prompt``)."""
     forms = ("prompt must be a string, a list of strings, a list of token ids (integers) or a "
              "list of such lists")
 

@@ -107,8 +107,9 @@ class ServerState:
                            code="queue_full", headers={"Retry-After": "1"})
 
     async def submit(self, jobs: Sequence[Job], param: str) -> Submitted:
-        """Submit every job (all or none: a RequestError is a 400 naming ``param``); once the
-        engine has failed, a 500 saying why, before any response (or stream) begins."""
+        """Submit every job (all or none: a RequestError is a 400 naming ``param``, or the job's
+        label where it has one); once the engine has failed, a 500 saying why, before any
+        response (or stream) begins."""
         if self.engine.error is not None:
             raise engine_failed(self.engine.error, [])
         self.admit(len(jobs))
@@ -132,10 +133,10 @@ class ServerState:
                 if not isinstance(e, RequestError):
                     raise
                 message = public(str(e), [rid])
-                if job.label:
-                    message = f"{job.label}: {message}"
                 if "stop_token_ids" in message:  # outside the vocabulary: not the prompt's fault
-                    param = "stop_token_ids"
+                    param = "stop_token_ids"  # (nor prompt[0]'s, which it had been told of)
+                elif job.label:  # the prompt at fault among several: prompt[1], as its message
+                    message, param = f"{job.label}: {message}", job.label
                 raise ApiError(400, message, param=param, code=error_code(message)) from None
             rids.append(rid)
             task = asyncio.get_running_loop().create_task(self._pump(rid, job.index, out))

@@ -326,7 +326,8 @@ def test_a_prompt_that_is_not_utf8_is_400_and_leaves_nothing_queued(engine, endp
         assert out.status_code == 400, out.text
         among = "prompt[1]: " if isinstance(body.get("prompt"), list) else ""
         assert out.json()["error"]["message"].startswith(f"{among}the text is not UTF-8")
-        assert out.json()["error"]["param"] == ("messages" if "messages" in body else "prompt")
+        assert out.json()["error"]["param"] == ("messages" if "messages" in body else
+                                                among[:-2] or "prompt")
     deadline = time.monotonic() + 5  # a good prompt before the bad one is aborted, not awaited
     while app.state.kiln.live and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -385,26 +386,44 @@ def test_a_long_prompt_is_encoded_while_the_server_answers_others(engine, monkey
     assert out.status_code == 400 and out.json()["error"]["code"] == "context_length_exceeded"
 
 
-@pytest.mark.parametrize("prompt, message", [
-    (["fine", ""], "prompt[1]: the prompt is empty; give at least one token"),
-    ([[1], []], "prompt[1]: the prompt is empty; give at least one token"),
-    ([""], "the prompt is empty; give at least one token"),  # one prompt: no index
-    ([1.5], "prompt[0] is a number 1.5; " + FORMS),
-    ([[1, 2], [3, "a"]], "prompt[1][1] is a string \"a\", not a token id; " + FORMS),
-    ([None], "prompt[0] is null; " + FORMS),
-    ([True], "prompt[0] is true; " + FORMS),
-    (["x", [1]], "prompt[1] is an array [1], where prompt[0] is a string; " + FORMS),
-    ([1, "a"], "prompt[1] is a string \"a\", where prompt[0] is a token id; " + FORMS),
-    ([[1], "a"], "prompt[1] is a string \"a\", where prompt[0] is a list of token ids; " + FORMS),
-    ({"a": 1}, FORMS + ', found an object {"a": 1}'),
+@pytest.mark.parametrize("prompt, param, message", [
+    (["fine", ""], "prompt[1]", "prompt[1]: the prompt is empty; give at least one token"),
+    ([[1], []], "prompt[1]", "prompt[1]: the prompt is empty; give at least one token"),
+    ([[1], [2**40]], "prompt[1]", "prompt[1]: token ids [1099511627776] are outside the "
+                                  "vocabulary [0, 49152)"),
+    ([""], "prompt", "the prompt is empty; give at least one token"),  # one prompt: no index
+    ([1.5], "prompt[0]", "prompt[0] is a number 1.5; " + FORMS),
+    ([[1, 2], [3, "a"]], "prompt[1][1]", "prompt[1][1] is a string \"a\", not a token id; "
+                                         + FORMS),
+    ([None], "prompt[0]", "prompt[0] is null; " + FORMS),
+    ([True], "prompt[0]", "prompt[0] is true; " + FORMS),
+    (["hi", 5], "prompt[1]", "prompt[1] is a number 5, where prompt[0] is a string; " + FORMS),
+    (["x", [1]], "prompt[1]", "prompt[1] is an array [1], where prompt[0] is a string; " + FORMS),
+    ([1, "a"], "prompt[1]", "prompt[1] is a string \"a\", where prompt[0] is a token id; "
+                            + FORMS),
+    ([[1], "a"], "prompt[1]", "prompt[1] is a string \"a\", where prompt[0] is a list of token "
+                              "ids; " + FORMS),
+    ({"a": 1}, "prompt", FORMS + ', found an object {"a": 1}'),
 ])
-def test_a_bad_prompt_among_several_is_named(engine, prompt, message):
+def test_a_bad_prompt_among_several_is_named(engine, prompt, param, message):
     """Trial D: ["", "x"] did not say which prompt was empty, and [1.5] was told pydantic's
-    "prompt.str: Input should be a valid string"."""
+    "prompt.str: Input should be a valid string". The param is the prompt at fault, as the
+    message names it (it had been "prompt" for all of them, unlike stop[1])."""
     out = _client(engine).post("/v1/completions",
                                json={"model": "m", "prompt": prompt, "max_tokens": 1})
     assert out.status_code == 400
-    assert out.json()["error"]["message"] == message and out.json()["error"]["param"] == "prompt"
+    assert out.json()["error"] == {"message": message, "type": "invalid_request_error",
+                                   "param": param, "code": None}
+
+
+def test_stop_token_ids_outside_the_vocabulary_blame_no_prompt(engine):
+    """Among several prompts, the first one's submit meets them: they had been told as
+    "prompt[0]: stop_token_ids ..." """
+    out = _client(engine).post("/v1/completions", json={
+        "model": "m", "prompt": ["a", "b"], "max_tokens": 1, "stop_token_ids": [2**40]})
+    assert out.status_code == 400
+    assert out.json()["error"]["message"].startswith("stop_token_ids [1099511627776] are outside")
+    assert out.json()["error"]["param"] == "stop_token_ids"
 
 
 MESSAGES = 'messages must be a list of objects like {"role": "user", "content": "Hi"}'
