@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -99,7 +99,7 @@ class _Sampling(_NullIsDefault):
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None  # vLLM's
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None  # vLLM's
     include_stop_str_in_output: bool = False  # vLLM's
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -70,18 +70,15 @@ def prompt_form_error(prompt: Any) -> str:
     :func:`form_error`'s message (its param ``prompt[1]``, ``prompt[1][0]`` or ``prompt``)."""
     forms = ("prompt must be a string, a list of strings, a list of token ids (integers) or a "
              "list of such lists")
-
-    def token_id(value: Any) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
     if not isinstance(prompt, list):
         return f"{forms}, found {as_json(prompt)}"
     for i, item in enumerate(prompt):
         if isinstance(item, list):
-            wrong = next((j for j, t in enumerate(item) if not token_id(t)), None)
+            wrong = next((j for j, t in enumerate(item) if not _token_id(t)), None)
             if wrong is not None:
                 value = item[wrong]
                 return f"prompt[{i}][{wrong}] is {as_json(value)}, not a token id; {forms}"
-        elif not (isinstance(item, str) or token_id(item)):
+        elif not (isinstance(item, str) or _token_id(item)):
             return f"prompt[{i}] is {as_json(item)}; {forms}"
 
     def kind(item: Any) -> str:
@@ -136,6 +133,21 @@ def stop_form_error(stop: Any) -> str | None:
         return f"{form}, found {as_json(stop)}"
     k = next((k for k, item in enumerate(stop) if not isinstance(item, str)), None)
     return None if k is None else f"stop[{k}] is {as_json(stop[k])}; {form}"
+
+
+def stop_token_ids_form_error(ids: Any) -> str | None:
+    """Why ``stop_token_ids`` is not a list of token ids, naming the first entry that is not one
+    (None where pydantic's objection is another one); a :func:`form_error`'s message."""
+    form = "stop_token_ids must be a list of token ids (integers >= 0)"
+    if not isinstance(ids, list):
+        return f"{form}, found {as_json(ids)}"
+    k = next((k for k, t in enumerate(ids) if not (_token_id(t) and t >= 0)), None)
+    return None if k is None else f"stop_token_ids[{k}] is {as_json(ids[k])}; {form}"
+
+
+def _token_id(value: Any) -> bool:
+    """Whether a parsed JSON value is an integer (true and false are not)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _parts_error(i: int, parts: list[Any]) -> str | None:

@@ -109,6 +109,31 @@ def test_a_stop_of_no_string_form_names_the_wrong_value(engine, endpoint, stop, 
                                    "param": param, "code": None}
 
 
+IDS = "stop_token_ids must be a list of token ids (integers >= 0)"
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("ids, param, message", [
+    ([None], "stop_token_ids[0]", "stop_token_ids[0] is null; " + IDS),
+    ([1, "a"], "stop_token_ids[1]", 'stop_token_ids[1] is a string "a"; ' + IDS),
+    ([1.5], "stop_token_ids[0]", "stop_token_ids[0] is a number 1.5; " + IDS),
+    ([True], "stop_token_ids[0]", "stop_token_ids[0] is true; " + IDS),
+    ([2, -1], "stop_token_ids[1]", "stop_token_ids[1] is a number -1; " + IDS),
+    (5, "stop_token_ids", IDS + ", found a number 5"),
+    ("a", "stop_token_ids", IDS + ', found a string "a"'),
+])
+def test_stop_token_ids_of_no_id_form_name_the_wrong_entry(engine, endpoint, ids, param,
+                                                           message):
+    """A retest: [null] was told pydantic's "stop_token_ids.0: Input should be a valid
+    integer", and [2, -1] SamplingParams' message naming no entry, both as stop_token_ids."""
+    body = ({"prompt": "a"} if endpoint == "/v1/completions"
+            else {"messages": [{"role": "user", "content": "a"}]})
+    out = _client(engine).post(endpoint, json={"model": "m", "stop_token_ids": ids, **body})
+    assert out.status_code == 400
+    assert out.json()["error"] == {"message": message, "type": "invalid_request_error",
+                                   "param": param, "code": None}
+
+
 def test_echo_logprobs_needs_context_logits(engine):
     out = _client(engine).post("/v1/completions", json={
         "model": "m", "prompt": "a b", "echo": True, "logprobs": 0, "max_tokens": 0})
