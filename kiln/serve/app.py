@@ -183,7 +183,8 @@ async def _parse(request: Request, model: type) -> Any:
         # not pydantic's "prompt.str: ...", "messages.0.content.str: ..." or "stop.str: ..."
         form = {"prompt": render.prompt_form_error, "messages": render.messages_form_error,
                 "stop": render.stop_form_error,
-                "stop_token_ids": render.stop_token_ids_form_error}
+                "stop_token_ids": render.stop_token_ids_form_error,
+                "stream_options": render.stream_options_form_error}
         if given and param in form and (why := form[param](data[param])) is not None:
             raise render.form_error(why) from None
         loc = ".".join(str(p) for p in first["loc"])

@@ -45,6 +45,7 @@ from kiln.serve.protocol import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
+    StreamOptions,
 )
 from kiln.serve.state import Job, error_code, public
 
@@ -143,6 +144,18 @@ def stop_token_ids_form_error(ids: Any) -> str | None:
         return f"{form}, found {as_json(ids)}"
     k = next((k for k, t in enumerate(ids) if not (_token_id(t) and t >= 0)), None)
     return None if k is None else f"stop_token_ids[{k}] is {as_json(ids[k])}; {form}"
+
+
+def stream_options_form_error(options: Any) -> str | None:
+    """Why ``stream_options`` is not an object of booleans, naming the first field that is not
+    one (None where pydantic's objection is another one); a :func:`form_error`'s message."""
+    if not isinstance(options, dict):
+        return f'stream_options must be an object like {{"include_usage": true}}, found ' \
+               f'{as_json(options)}'
+    key = next((k for k in StreamOptions.model_fields  # booleans all
+                if not isinstance(options.get(k), (bool, type(None)))), None)
+    return None if key is None else \
+        f"stream_options.{key} is {as_json(options[key])}; give true or false"
 
 
 def _token_id(value: Any) -> bool:

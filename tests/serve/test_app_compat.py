@@ -200,6 +200,36 @@ def test_stream_options_without_stream_is_400(make_client, endpoint, body, strea
         "type": "invalid_request_error", "param": "stream_options", "code": None}
 
 
+STREAM_OPTIONS = 'stream_options must be an object like {"include_usage": true}'
+
+
+@pytest.mark.parametrize("endpoint, body", [
+    ("/v1/completions", {"prompt": "a"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}]}),
+])
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize("options, param, message", [
+    (5, "stream_options", STREAM_OPTIONS + ", found a number 5"),
+    ([], "stream_options", STREAM_OPTIONS + ", found an array []"),
+    ("include_usage", "stream_options", STREAM_OPTIONS + ', found a string "include_usage"'),
+    ({"include_usage": "yes"}, "stream_options.include_usage",
+     'stream_options.include_usage is a string "yes"; give true or false'),
+    ({"include_usage": 1}, "stream_options.include_usage",
+     "stream_options.include_usage is a number 1; give true or false"),
+])
+def test_stream_options_of_the_wrong_form_are_told_in_kilns_words(make_client, endpoint, body,
+                                                                 stream, options, param,
+                                                                 message):
+    """A retest: these were told pydantic's "stream_options: Input should be a valid dictionary
+    or instance of StreamOptions" and "stream_options.include_usage: Input should be a valid
+    boolean", with the param stream_options for both."""
+    out = make_client().post(endpoint, json={"model": "m", "max_tokens": 1, **body,
+                                             "stream": stream, "stream_options": options})
+    assert out.status_code == 400
+    assert out.json()["error"] == {"message": message, "type": "invalid_request_error",
+                                   "param": param, "code": None}
+
+
 @pytest.mark.parametrize("endpoint, body", [
     ("/v1/completions", {"prompt": "a", "logit_bias": {}}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "tools": [],
