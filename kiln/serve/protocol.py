@@ -4,8 +4,9 @@ Contract:
 - Request models accept the OpenAI fields kiln implements plus vLLM's sampling extras
   (``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``, ``stop_token_ids``,
   ``include_stop_str_in_output``); unknown fields are ignored (clients send newer fields than
-  any server knows), ``user`` is accepted and ignored. An optional field sent as JSON ``null``
-  takes its default, as OpenAI's API (the openai client sends ``"n": null``...).
+  any server knows), in ``stream_options`` too; ``user`` is accepted and ignored. An optional
+  field sent as JSON ``null`` takes its default, as OpenAI's API (the openai client sends
+  ``"n": null``...).
 - A type error in a field (pydantic) and a value SamplingParams refuses both become
   :class:`ApiError` 400 naming the parameter; nothing a client sends can cause a 500.
 - Response bodies are plain dicts in OpenAI's shapes (``text_completion``, ``chat.completion``
@@ -59,9 +60,14 @@ class _NullIsDefault(BaseModel):
 
 
 class StreamOptions(_NullIsDefault):
-    model_config = ConfigDict(strict=True)
+    """OpenAI's ``include_usage``, and vLLM's ``continuous_usage_stats``, which kiln serve
+    refuses when true (usage in every chunk: kiln.serve.render checks). Other keys are ignored,
+    as unknown request fields are (OpenAI's newer ``include_obfuscation``...)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
 
     include_usage: bool = False
+    continuous_usage_stats: bool = False
 
 
 # OpenAI request fields kiln cannot honour: refused by name (a client relying on JSON mode or

@@ -247,6 +247,10 @@ class Renderer:
             raise ApiError(400, "stream_options is only allowed with stream: true; set stream: "
                                 "true, or send the request without stream_options",
                            param="stream_options")
+        if req.stream_options is not None and req.stream_options.continuous_usage_stats:
+            raise form_error("stream_options.continuous_usage_stats is not supported by kiln "
+                             "serve (it takes include_usage: true, the usage in a last chunk); "
+                             "send the request without it")
         given = {k: getattr(req, k) for k in _SAMPLING if getattr(req, k) is not None}
         if req.stop is not None:
             given["stop"] = req.stop if isinstance(req.stop, str) else tuple(req.stop)

@@ -231,6 +231,43 @@ def test_stream_options_of_the_wrong_form_are_told_in_kilns_words(make_client, e
 
 
 @pytest.mark.parametrize("endpoint, body", [
+    ("/v1/completions", {"prompt": "a"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}]}),
+])
+@pytest.mark.parametrize("options, message", [
+    ({"continuous_usage_stats": True}, "stream_options.continuous_usage_stats is not supported "
+     "by kiln serve (it takes include_usage: true, the usage in a last chunk); send the "
+     "request without it"),
+    ({"include_usage": True, "continuous_usage_stats": "yes"},
+     'stream_options.continuous_usage_stats is a string "yes"; give true or false'),
+])
+def test_continuous_usage_stats_is_refused_by_name(make_client, endpoint, body, options,
+                                                   message):
+    """vLLM's usage in every chunk: a retest's had been taken, and no chunk carried usage."""
+    out = make_client().post(endpoint, json={"model": "m", "max_tokens": 1, **body,
+                                             "stream": True, "stream_options": options})
+    assert out.status_code == 400
+    assert out.json()["error"] == {"message": message, "type": "invalid_request_error",
+                                   "param": "stream_options.continuous_usage_stats",
+                                   "code": None}
+
+
+@pytest.mark.parametrize("options, usage", [
+    ({"include_usage": True, "continuous_usage_stats": False}, True),
+    ({"continuous_usage_stats": None}, False),
+    # unknown keys are ignored, as unknown request fields are (OpenAI's newer
+    # include_obfuscation; a misspelt include_usage asks for nothing)
+    ({"include_usage": True, "include_obfuscation": True}, True),
+    ({"include_usge": True}, False),
+])
+def test_stream_options_that_ask_nothing_kiln_lacks_are_taken(make_client, options, usage):
+    out = make_client().post("/v1/completions", json={
+        "model": "m", "prompt": "a", "max_tokens": 2, "stream": True, "stream_options": options})
+    chunks = _events(out)
+    assert ("usage" in chunks[-1] and chunks[-1]["choices"] == []) == usage
+
+
+@pytest.mark.parametrize("endpoint, body", [
     ("/v1/completions", {"prompt": "a", "logit_bias": {}}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "tools": [],
                               "tool_choice": "none", "response_format": {"type": "text"},
