@@ -9,7 +9,9 @@ window scores only its last ``end - previous_end`` tokens (those the previous wi
 each token given every token before it in the window; its first token is never a target. So
 every token but the first is scored exactly once (with ``stride == max_length``, every window's
 first token is context only), and perplexity = exp(the mean negative log-likelihood of the
-scored tokens), the definition on that page.
+scored tokens), the definition on that page. A text that would score fewer than
+:data:`MIN_SCORED` tokens is refused (one token's figure is its probability alone); one of
+fewer than :data:`FEW_TOKENS` is scored, with a warning.
 
 One deliberate difference from the page's code snippet: it weights each window's mean loss by
 ``num_valid_tokens - batch_size``, one less than the tokens the window scored after the first
@@ -52,6 +54,9 @@ logger = logging.getLogger(__name__)
 # fewer scored tokens than this: the figure is said to be too few to compare (kiln quantize's
 # accuracy gate refuses to decide on fewer, MIN_GATE_TOKENS)
 FEW_TOKENS = 64
+# fewer scored tokens than this: refused, for a perplexity on one token is that token's
+# probability alone, not a mean over a text (a trial's "Hi." gave "perplexity 80.209628", exit 0)
+MIN_SCORED = 2
 
 
 @dataclass(frozen=True)
@@ -90,9 +95,8 @@ class PerplexityResult:
 
 def sliding_windows(num_tokens: int, max_length: int, stride: int) -> list[Window]:
     """HF's windows over ``num_tokens`` tokens (module docstring)."""
-    if num_tokens < 2:
-        raise DatasetError(f"the text is {counted(num_tokens, 'token')} long; perplexity needs "
-                           f"at least 2 tokens (one to predict from, one to score)")
+    if num_tokens - 1 < MIN_SCORED:
+        raise DatasetError(too_short(num_tokens))
     check_window(max_length, stride)
     windows, previous_end = [], 0
     for begin in range(0, num_tokens, stride):
@@ -102,6 +106,26 @@ def sliding_windows(num_tokens: int, max_length: int, stride: int) -> list[Windo
         if end == num_tokens:
             break
     return windows
+
+
+def too_short(num_tokens: int, added: int = 0) -> str:
+    """Why a text of ``num_tokens`` tokens (``added`` of them the tokenizer's special tokens,
+    a BOS) cannot be scored: every token but the first is, and MIN_SCORED must be."""
+    special = f" with the {counted(added, 'special token')} the tokenizer adds" if added else ""
+    scored = counted(max(num_tokens - 1, 0), "token")
+    return (f"the text is {counted(num_tokens, 'token')} long{special}, so {scored} to score "
+            f"(the first is context only); perplexity needs at least {MIN_SCORED} to score: "
+            f"give a text of at least {MIN_SCORED + 1} tokens")
+
+
+def text_tokens(tokenizer: Any, data: TextDataset) -> list[int]:
+    """The token ids ``data`` is scored on (``tokenizer``'s special tokens included, module
+    docstring), or DatasetError naming it by the path given when too few score."""
+    token_ids = tokenizer.encode(data.joined())
+    if len(token_ids) - 1 < MIN_SCORED:
+        added = len(token_ids) - len(tokenizer.encode(data.joined(), add_special_tokens=False))
+        raise DatasetError(f"{data.shown}: {too_short(len(token_ids), added)}")
+    return token_ids
 
 
 def check_window(max_length: int, stride: int) -> None:
@@ -207,11 +231,7 @@ def evaluate(engine_dir: str | Path, dataset: str | Path | TextDataset,
                           f"--gather_context_logits")
     # the window and the text are checked before the engine loads (seconds to minutes)
     max_length, stride = resolve_window(manifest.limits.max_input_len, max_length, stride)
-    token_ids = load_tokenizer(engine_dir).encode(data.joined())
-    try:
-        sliding_windows(len(token_ids), max_length, stride)
-    except DatasetError as e:  # the text's own problem: say which text, by the path given
-        raise DatasetError(f"{data.shown}: {e}") from None
+    token_ids = text_tokens(load_tokenizer(engine_dir), data)
     with LLM(engine_dir, options) as llm:
         result = perplexity(llm, token_ids, max_length, stride, progress)
     if result.tokens < FEW_TOKENS:  # a trial's 3-token text gave a figure without a word

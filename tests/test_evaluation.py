@@ -22,7 +22,11 @@ def test_windows_are_hugging_faces():
 
 
 @pytest.mark.parametrize(("args", "error", "expected"), [
-    ((1, 4, 2), DatasetError, "the text is 1 token long; perplexity needs at least 2"),
+    ((1, 4, 2), DatasetError, "the text is 1 token long, so 0 tokens to score (the first is "
+                              "context only); perplexity needs at least 2 to score: give a text "
+                              "of at least 3 tokens"),
+    # one token scored: its probability alone, not a text's perplexity (a trial's "Hi.")
+    ((2, 4, 2), DatasetError, "the text is 2 tokens long, so 1 token to score"),
     ((10, 4, 5), ConfigError, "stride 5 must be in [1, max_length 4]"),
     ((10, 1, 1), ConfigError, "max_length 1 must be at least 2"),
 ])
@@ -30,6 +34,51 @@ def test_bad_windows(args, error, expected):
     with pytest.raises(error) as info:
         sliding_windows(*args)
     assert expected in str(info.value)
+
+
+class _BosTokenizer:
+    """One token per word, after the BOS (id 1) the model adds."""
+
+    def encode(self, text, add_special_tokens=True):
+        return [1] * add_special_tokens + [7] * len(text.split())
+
+
+def test_a_text_too_short_to_score_says_what_the_tokenizer_added(tmp_path):
+    from kiln.datasets import load_texts
+    from kiln.evaluation import text_tokens
+
+    text = tmp_path / "hi.txt"
+    text.write_text("Hi")
+    with pytest.raises(DatasetError) as info:
+        text_tokens(_BosTokenizer(), load_texts(text))
+    assert str(info.value) == (f"{text}: the text is 2 tokens long with the 1 special token the "
+                               f"tokenizer adds, so 1 token to score (the first is context "
+                               f"only); perplexity needs at least 2 to score: give a text of at "
+                               f"least 3 tokens")
+    text.write_text("Hi there")
+    assert text_tokens(_BosTokenizer(), load_texts(text)) == [1, 7, 7]
+
+
+def test_a_text_of_two_tokens_is_refused_before_the_engine_loads(tiny_hf, tmp_path,
+                                                                  monkeypatch):
+    """A trial's two-token text gave "perplexity 80.209628" (one token's probability) and
+    exit 0."""
+    import kiln.runtime
+    from kiln.builder import build
+    from tests.models import kiln_checkpoint
+
+    def not_loaded(*args, **kwargs):
+        raise AssertionError("the engine was loaded before the refusal")
+
+    checkpoint = kiln_checkpoint(tiny_hf, tmp_path / "ckpt")
+    engine = build(checkpoint, tmp_path / "engine", backend="torch", max_seq_len=32,
+                   gather_context_logits=True).output_dir
+    monkeypatch.setattr(kiln.runtime, "LLM", not_loaded)
+    text = tmp_path / "two.txt"
+    text.write_text("Hi")  # a token a character
+    with pytest.raises(DatasetError) as info:
+        evaluate(engine, text)
+    assert str(info.value).startswith(f"{text}: the text is 2 tokens long, so 1 token to score")
 
 
 def test_engine_without_gather_context_logits_is_refused(tiny_engine_no_gather, tmp_path):

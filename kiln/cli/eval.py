@@ -60,10 +60,13 @@ def eval_command(obj: CliContext, dataset: str, max_length: int | None,
                               kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction,
                               prefill_attention=prefill_attention)
     texts = load_texts(dataset)  # before a build (--model_dir): a bad dataset is refused first
-    from kiln.evaluation import resolve_window
+    from kiln.evaluation import resolve_window, text_tokens
 
-    def check(manifest: Any, _: Path) -> None:  # before a --model_dir build
+    def check(manifest: Any, tokenizer_dir: Path) -> None:  # before a --model_dir build
+        from kiln.runtime.tokenizer import load_tokenizer
+
         resolve_window(manifest.limits.max_input_len, max_length, stride)
+        text_tokens(load_tokenizer(tokenizer_dir), texts)  # a text too short to score
 
     with held_engine(obj, source, options, check=check, gather_context_logits=True) \
             as engine_dir:

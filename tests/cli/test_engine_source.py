@@ -172,6 +172,9 @@ def test_bench_on_a_model_dir(tiny_hf, cache):
     (["run", "--input_text", "Hi", "--dtype", "float64"], "'float64' is not one of"),
     # the command's own checks, on the engine the build would make
     (["eval", "--dataset", "{tmp}/nope.txt"], "nope.txt: no such file or directory"),
+    (["eval", "--dataset", "{tmp}/two.txt"], "two.txt: the text is 2 tokens long, so 1 token "
+                                             "to score (the first is context only); perplexity "
+                                             "needs at least 2 to score"),
     (["eval", "--dataset", "{text}", "--max_seq_len", "48", "--max_length", "60"],
      "max_length 60 exceeds the engine's max_input_len 48"),
     (["eval", "--dataset", "{text}", "--max_seq_len", "48", "--stride", "60"],
@@ -210,6 +213,7 @@ def test_bad_input_with_model_dir_is_refused_before_a_build(tiny_hf, cache, tmp_
         f.truncate(1 << 30)  # sparse: 1 GiB that the check must not read
     text = tmp_path / "text.txt"
     text.write_text("Some text to score, long enough for a window or two.")
+    (tmp_path / "two.txt").write_text("Hi")  # a token a character
     args = [a.format(notes=notes, tmp=tmp_path, big=big, text=text, model=tiny_hf)
             for a in args]
     with caplog.at_level(logging.WARNING):

@@ -155,8 +155,12 @@ def test_json_output_dash_puts_the_json_alone_on_stdout(engine, text_file):
 @pytest.mark.parametrize(("args", "expected"), [
     (["--dataset", "{tmp}/missing.txt"], "no such file or directory"),
     (["--dataset", "{tmp}/empty.txt"], "holds no text"),
-    (["--dataset", "{tmp}/one.txt"], "{tmp}/one.txt: the text is 1 token long; perplexity needs "
-                                     "at least 2 tokens"),
+    (["--dataset", "{tmp}/one.txt"], "{tmp}/one.txt: the text is 1 token long, so 0 tokens to "
+                                     "score"),
+    # one token scored is its probability alone (a trial's "perplexity 80.209628", exit 0)
+    (["--dataset", "{tmp}/two.txt"], "{tmp}/two.txt: the text is 2 tokens long, so 1 token to "
+                                     "score (the first is context only); perplexity needs at "
+                                     "least 2 to score: give a text of at least 3 tokens"),
     # one wording, whether the flags or the engine's max_input_len set max_length
     (["--dataset", "{text}", "--max_length", "8", "--stride", "9"],
      "stride 9 must be in [1, max_length 8]; lower --stride"),
@@ -175,6 +179,7 @@ def test_bad_inputs_are_one_line_exit_2(engine, text_file, tmp_path, monkeypatch
     monkeypatch.setattr(kiln.runtime, "LLM", not_loaded)
     (tmp_path / "empty.txt").write_text("\n\n")
     (tmp_path / "one.txt").write_text("Hi")
+    (tmp_path / "two.txt").write_text("Hi.")
     args = [a.format(tmp=tmp_path, text=text_file) for a in args]
     result = CliRunner().invoke(main, ["eval", "--engine_dir", str(engine), *args])
     assert result.exit_code == 2, result.output
