@@ -288,14 +288,17 @@ def _refuse_an_option_as_value(ctx: click.Context, name: str, word: str,
                                options: dict[str, click.Option]) -> None:
     """Refuse ``word``, the next argument after the option ``name`` (given without ``=``), as
     its value where it is an option of the command, or looks like a long option (``--``, then
-    a letter) that the command has not: trial 37's `--max_output_len --input_text hi` took
-    "--input_text" as the number, `--input_text --chat` generated for the prompt "--chat",
-    and a misspelled `--input_text --chta` for "--chta". Negative numbers and other values
-    with one dash pass; the ``=`` form passes anything."""
+    a letter) or a short one (``-``, then a letter, one word) that the command has not: trial
+    37's `--max_output_len --input_text hi` took "--input_text" as the number, `--input_text
+    --chat` generated for the prompt "--chat", a misspelled `--input_text --chta` for "--chta",
+    and a trial's `kiln build ... --output_dir -o` built into a directory named "-o".
+    Negative numbers (``-3``, ``-0.5``, ``-inf``) pass, to their option's own check, as do
+    values with a space after a dash (argparse's rule, a prompt "-x y"); the ``=`` form passes
+    anything."""
     how = f"to give it as the value, write {name}={word}"
     if word.partition("=")[0] in options or word in ctx.help_option_names:
         what = f"{word} is an option of {ctx.command_path}"
-    elif word[:2] == "--" and word[2:3].isalpha():
+    elif word[:2] == "--" and word[2:3].isalpha() or _looks_like_a_short_option(word):
         what = f"{word} looks like an option, but {ctx.command_path} has no such option" \
             if word.partition("=")[0] not in GLOBAL_OPTIONS else \
             f"{word} is kiln's own option, which goes before the command"
@@ -303,6 +306,18 @@ def _refuse_an_option_as_value(ctx: click.Context, name: str, word: str,
         return
     raise click.BadOptionUsage(name, f"Option {name!r} requires an argument: {what} ({how})",
                                ctx)
+
+
+def _looks_like_a_short_option(word: str) -> bool:
+    """``-`` and a letter, one word, not a number (``-o``, ``-vv``, ``-ofile``; not ``-3``,
+    ``-inf``, ``-x y``)."""
+    if word[:1] != "-" or not word[1:2].isalpha() or any(c.isspace() for c in word):
+        return False
+    try:
+        float(word)
+    except ValueError:
+        return True
+    return False
 
 
 def _stop(ctx: click.Context, interrupt: KeyboardInterrupt) -> NoReturn:

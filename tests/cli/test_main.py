@@ -229,22 +229,58 @@ def test_an_option_of_the_command_is_no_value(args, option, value):
      "--debug is kiln's own option, which goes before the command"),
     (["run", "--engine_dir", "e", "--input_text", "--help"], "--help",
      "--help is an option of kiln run"),
+    # short ones: a trial's `--output_dir -o` built a directory named "-o"
+    (["build", "--checkpoint_dir", "c", "--output_dir", "-o"], "-o",
+     "-o looks like an option, but kiln build has no such option"),
+    (["run", "--engine_dir", "e", "--input_text", "-x"], "-x",
+     "-x looks like an option, but kiln run has no such option"),
+    (["build", "--checkpoint_dir", "c", "--output_dir", "-ofile"], "-ofile",
+     "-ofile looks like an option, but kiln build has no such option"),
+    (["build", "--checkpoint_dir", "-v", "--output_dir", "o"], "-v",
+     "-v is kiln's own option, which goes before the command"),
+    (["build", "--checkpoint_dir", "c", "--output_dir", "-h"], "-h",
+     "-h is an option of kiln build"),
 ])
-def test_a_word_that_looks_like_an_option_is_no_value(args, value, what):
+def test_a_word_that_looks_like_an_option_is_no_value(args, value, what, tmp_path,
+                                                      monkeypatch):
     """`--input_text --chta` (a misspelled --chat) had generated for the prompt "--chta"."""
+    monkeypatch.chdir(tmp_path)
     result = _invoke(*args)
     option = args[args.index(value) - 1]
     assert result.exit_code == 2
     assert result.output == f"error: Option '{option}' requires an argument: {what} (to give " \
                             f"it as the value, write {option}={value}) (see kiln {args[0]} " \
                             f"--help)\n"
+    assert list(tmp_path.iterdir()) == []  # no directory named "-o"
 
 
-@pytest.mark.parametrize("value", ["-1", "-0.5", "-x", "--", "--1", "- x"])
-def test_a_value_with_one_dash_or_no_letter_after_two_passes(value, tmp_path):
-    """Negative numbers and other values that look like no long option stay values."""
+@pytest.mark.parametrize("value", ["-1", "-0.5", "-.5", "-inf", "-", "--", "--1", "- x",
+                                   "-x y"])
+def test_a_value_that_looks_like_no_option_passes(value, tmp_path):
+    """Negative numbers (to their option's own check), a dash alone and values with a space
+    after a dash (argparse's rule) stay values."""
     result = _invoke("run", "--engine_dir", str(tmp_path / "nope"), "--input_text", value)
     assert result.exit_code == 2 and "no such engine directory" in result.output, result.output
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["build", "--checkpoint_dir", "c", "--output_dir", "o", "--max_batch_size", "-3"],
+     "Invalid value for '--max_batch_size': -3 is not in the range x>=1."),
+    (["run", "--engine_dir", "e", "--input_text", "hi", "--temperature", "-0.5"],
+     "must be a finite number >= 0 (0 = greedy), found -0.5"),
+])
+def test_a_negative_number_reaches_its_options_check(args, message):
+    result = _invoke(*args)
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_the_equals_form_gives_a_dash_value_literally(tmp_path, monkeypatch):
+    """The escape hatch the refusal names: `--checkpoint_dir=-c` is the path "-c"."""
+    monkeypatch.chdir(tmp_path)
+    result = _invoke("build", "--checkpoint_dir=-c", "--output_dir", "o")
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: -c: no such kiln checkpoint directory"), \
+        result.output
 
 
 @pytest.mark.parametrize("args, message", [
