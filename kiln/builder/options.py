@@ -42,8 +42,8 @@ class BuildOptions:
         "help": "Prompt + generated tokens of one request, the KV-cache length "
                 f"[default: min({DEFAULT_MAX_SEQ_LEN}, the model's max positions)]."})
     max_num_tokens: int | None = field(default=None, metadata={
-        "help": "Tokens of all sequences in one step (prefill chunks + decodes) "
-                "[default: max(max_input_len, max_batch_size)]."})
+        "help": "Tokens of all sequences in one step (prefill chunks + decodes), at least "
+                "max_batch_size [default: max(max_input_len, max_batch_size)]."})
     dtype: str | None = field(default=None, metadata={
         "help": "Weight/activation dtype [default: the checkpoint's]."})
     targets: tuple[str, ...] = field(default=(), metadata={
@@ -71,6 +71,13 @@ class BuildOptions:
     def __post_init__(self) -> None:
         check_flags(self, ConfigError)
         check_counts(self, ConfigError, at_least={"max_seq_len": MIN_SEQ_LEN})
+        if self.max_num_tokens is not None and self.max_num_tokens < self.max_batch_size:
+            # as vLLM refuses max_num_batched_tokens < max_num_seqs: a step could not hold a
+            # decode of each sequence (a trial's max_num_tokens 1 built, and ran a token a step)
+            raise ConfigError(f"max_num_tokens {self.max_num_tokens} is below max_batch_size "
+                              f"{self.max_batch_size}: a step could not decode a token of "
+                              f"each sequence; raise {option('max_num_tokens')} to at least "
+                              f"{self.max_batch_size} or lower {option('max_batch_size')}")
         object.__setattr__(self, "checkpoint_dir", Path(self.checkpoint_dir).expanduser())
         object.__setattr__(self, "output_dir", Path(self.output_dir).expanduser())
         object.__setattr__(self, "targets", _targets(self.targets))

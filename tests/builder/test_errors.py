@@ -336,6 +336,12 @@ def test_cli_defaults_are_build_options_defaults():
      "build with --dtype float16 or float32 (or --backend torch for"),
     (dict(backend="tensorrt", targets=["sm90"]), ["--backend", "tensorrt", "--target", "sm90"],
      "build with backend='torch' for Hopper", "build with --backend torch for Hopper"),
+    # as vLLM refuses max_num_batched_tokens < max_num_seqs (a trial's 1 had built)
+    (dict(max_num_tokens=1), ["--max_num_tokens", "1"],
+     "max_num_tokens 1 is below max_batch_size 2: a step could not decode a token of each "
+     "sequence; raise max_num_tokens to at least 2 or lower max_batch_size",
+     "max_num_tokens 1 is below max_batch_size 2: a step could not decode a token of each "
+     "sequence; raise --max_num_tokens to at least 2 or lower --max_batch_size"),
 ])
 def test_advice_names_keywords_from_python_and_flags_from_the_cli(checkpoint, tmp_path, options,
                                                                     flags, python_text, cli_text):

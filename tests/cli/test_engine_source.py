@@ -195,6 +195,8 @@ def test_bench_on_a_model_dir(tiny_hf, cache):
     (["run", "--input_text", "Hi", "--max_seq_len", "100000"],
      "exceeds the model's max_position_embeddings 64"),
     (["run", "--input_text", "Hi", "--tp_size", "3"], "tp_size"),
+    (["bench", "--max_num_tokens", "4", "--max_batch_size", "5"],
+     "max_num_tokens 4 is below max_batch_size 5"),
     (["run", "--input_text", "Hi", "--pp_size", "100"], "pp_size 100 exceeds the 2 layers (a "
                                                         "stage holds at least one); this model "
                                                         "allows pp_size 1 to 2"),
