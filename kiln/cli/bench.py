@@ -58,7 +58,8 @@ MAX_ARRIVALS_S = 30 * 86400.0  # and longer than this, refused (a typo, not a be
 @click.option("--warmup", default=1, show_default=True, type=IntRange(min=0),
               help="Rounds run (and not measured) before the workload, each as many requests "
                    "as run at once in it (so its batch shapes are compiled and captured).")
-@click.option("--seed", default=0, show_default=True, help="Seed of prompts and arrivals.")
+@click.option("--seed", default=0, show_default=True, type=IntRange(min=0),
+              help="Seed of prompts and arrivals.")
 @click.option("--json_output", type=PathArg(dir_okay=False, path_type=Path), default=None,
               help="Write the report as JSON here (-: standard output) [default: print it "
                    "after the table].")

@@ -58,7 +58,8 @@ def _is_serve_report(path: Path) -> bool:
               help="Prompt token ids are drawn from [0, N) (within any real vocabulary).")
 @click.option("--warmup", default=1, show_default=True, type=IntRange(min=0),
               help="Unmeasured rounds first, each as many requests as run at once.")
-@click.option("--seed", default=0, show_default=True, help="Seed of prompts and arrivals.")
+@click.option("--seed", default=0, show_default=True, type=IntRange(min=0),
+              help="Seed of prompts and arrivals.")
 @click.option("--json_output", type=PathArg(dir_okay=False, path_type=Path), default=None,
               help="Write the report as JSON here (-: standard output, the table then on "
                    "stderr) [default: print it after the table].")

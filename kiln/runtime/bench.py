@@ -30,6 +30,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from kiln.errors import check_seed
 from kiln.runtime.core import EngineCore
 from kiln.runtime.errors import RequestError
 from kiln.runtime.host_memory import need_and_available
@@ -61,6 +62,7 @@ class Workload:
             raise RequestError(f"request_rate must be > 0, found {self.request_rate}")
         if self.concurrency is not None and self.concurrency < 1:
             raise RequestError(f"concurrency must be >= 1, found {self.concurrency}")
+        check_seed("seed", self.seed, RequestError)
 
     def host_bytes(self) -> int:
         """Host memory the workload's requests hold until the report (estimate)."""

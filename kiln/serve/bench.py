@@ -40,7 +40,7 @@ from typing import Any
 
 import aiohttp
 
-from kiln.errors import UNREADABLE_JSON, KilnError, counted
+from kiln.errors import UNREADABLE_JSON, KilnError, check_seed, counted
 from kiln.runtime.stats import Stats  # one definition of the percentiles, as kiln bench
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class ServeWorkload:
                 raise ServeBenchError(f"a request rate must be > 0 (or inf), found {rate}")
         if self.max_concurrency is not None and self.max_concurrency < 1:
             raise ServeBenchError(f"max_concurrency must be >= 1, found {self.max_concurrency}")
+        check_seed("seed", self.seed, ServeBenchError)
 
 
 def parse_rates(text: str) -> tuple[float, ...]:

@@ -72,6 +72,17 @@ def test_a_directory_is_refused_in_one_line(command, name, why, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["adir"] and os.listdir(tmp_path / "adir") == []
 
 
+@pytest.mark.parametrize("command", [["bench", "--engine_dir", "e"],
+                                     ["bench_serve", "--serve", "http://127.0.0.1:9"]])
+def test_a_negative_seed_is_refused_in_one_line(command):
+    """A trial's --seed -1 ran: Python's random.Random seeds with its absolute value, so it
+    drew --seed 1's prompts."""
+    result = _invoke(*command, "--seed", "-1")
+    assert result.exit_code == 2 and result.output == (
+        f"error: Invalid value for '--seed': -1 is not in the range x>=0. (see kiln "
+        f"{command[0]} --help)\n"), result.output
+
+
 def test_a_failed_write_leaves_nothing_and_removes_the_parents_it_made(tmp_path, monkeypatch):
     def refuse(*args):
         raise OSError(28, "No space left on device")

@@ -87,6 +87,18 @@ def test_bad_rate_is_one_line(rates, fragment):
                     "--request_rates", fragment)
 
 
+@pytest.mark.parametrize(("seed", "message"), [
+    (-1, "seed must be an integer >= 0, found -1 (Python's random reads it as 1)"),
+    (True, "seed must be an integer >= 0, found True"),
+])
+def test_a_workload_refuses_a_seed_below_0(seed, message):
+    """Python's random.Random seeds with a negative seed's absolute value: -1 drew 1's
+    prompts."""
+    with pytest.raises(bench.ServeBenchError) as info:
+        bench.ServeWorkload(seed=seed)
+    assert str(info.value) == message
+
+
 def test_refused_key_unknown_model_and_too_long_are_one_line(server):
     _one_line_error(_bench("--serve", server.url, "--api_key", "wrong"),
                     "refused the API key (401); check the key (the server's --api_key or "
