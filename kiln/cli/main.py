@@ -112,7 +112,13 @@ class KilnGroup(click.Group):
             raise
         except click.UsageError as e:  # kiln's own options (`kiln --bogus`): one line, as a
             # command's (trial 38: click's usage block of three)
-            click.echo(f"error: {e.format_message()} (see kiln --help)", err=True)
+            hint, message = "see kiln --help", e.format_message()
+            if isinstance(e, click.NoSuchOption) and (others := self._having(ctx, e.option_name)):
+                # a command's option before the command (trial 39's kiln --temperature 0 run)
+                hint = f"{e.option_name} is an option of {_listed(others)}: it goes after the " \
+                       f"command, {others[0]} {e.option_name} ..."
+                message = e.message  # without click's guesses at kiln's own
+            click.echo(f"error: {message} ({hint})", err=True)
             ctx.exit(2)
 
     def invoke(self, ctx: click.Context):
@@ -143,10 +149,8 @@ class KilnGroup(click.Group):
                     and (others := self._having(ctx, e.option_name)):
                 # trial C's kiln eval --gather_context_logits (a build option) had been told
                 # "No such option" alone
-                names = [c.removeprefix("kiln ") for c in others]
-                listed = " and ".join([", ".join(names[:-1]), names[-1]] if names[:-1] else names)
-                hint = (f"{e.option_name} is an option of kiln {listed}, not of {command}; "
-                        f"see {command} --help")
+                hint = (f"{e.option_name} is an option of {_listed(others)}, not of "
+                        f"{command}; see {command} --help")
                 message = e.message  # without click's guesses at this command's (they misled)
             click.echo(f"error: {message} ({hint})", err=True)
             ctx.exit(2)
@@ -306,6 +310,12 @@ def _refuse_an_option_as_value(ctx: click.Context, name: str, word: str,
         return
     raise click.BadOptionUsage(name, f"Option {name!r} requires an argument: {what} ({how})",
                                ctx)
+
+
+def _listed(commands: list[str]) -> str:
+    """["kiln bench", "kiln build", "kiln run"] -> "kiln bench, build and run"."""
+    names = [c.removeprefix("kiln ") for c in commands]
+    return "kiln " + " and ".join([", ".join(names[:-1]), names[-1]] if names[:-1] else names)
 
 
 def _looks_like_a_short_option(word: str) -> bool:

@@ -144,6 +144,10 @@ def test_a_bad_number_is_named_as_a_number(args, message, tmp_path):
     (["run", "--bogus"], "(see kiln run --help)"),
     (["--bogus"], "(see kiln --help)"),  # trial 38: click's usage block of three lines
     (["-x", "run"], "(see kiln --help)"),
+    (["--temperature", "0", "run"], "(--temperature is an option of kiln run: it goes after "
+                                    "the command, kiln run --temperature ...)"),  # trial 39
+    (["--qformat", "x", "quantize"], "(--qformat is an option of kiln quantize: it goes after "
+                                     "the command, kiln quantize --qformat ...)"),
 ])
 def test_a_global_option_after_the_command_says_where_it_goes(args, hint):
     """The README's own "kiln run -v" (a trial copied it) ended at "No such option"."""
