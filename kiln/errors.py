@@ -90,13 +90,19 @@ def option(name: str, value: Any = _NO_VALUE, flag: str | None = None) -> str:
     its flag, ``--dp`` or ``--dp 2`` (``True``: the flag alone). The flag is ``--`` and the
     keyword, as the CLI builds them from the options dataclasses' fields, unless ``flag`` names
     another (``option("model", flag="model_dir")``: ``LLM(model=...)`` is ``--model_dir``)."""
-    if _AS_FLAGS.get():
+    if named_as_flags():
         flag = f"--{flag or name}"
         return flag if value is _NO_VALUE or value is True else f"{flag} {value}"
     if value is _NO_VALUE:
         return name
     shown_value = repr(os.fspath(value)) if isinstance(value, (str, os.PathLike)) else value
     return f"{name}={shown_value}"
+
+
+def named_as_flags() -> bool:
+    """Whether messages made here name options as the CLI's flags (:func:`option`), for the
+    words around them: "kiln build" or ``kiln.build``."""
+    return _AS_FLAGS.get()
 
 
 @contextlib.contextmanager

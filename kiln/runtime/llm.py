@@ -385,7 +385,10 @@ class LLM:
         plist = self._params_list(len(prompts), params)
         encoded = []
         for i, prompt in enumerate(prompts):
-            ids = self.encode(prompt)
+            try:
+                ids = self.encode(prompt)
+            except RequestError as e:  # which prompt, as check_prompt's messages say
+                raise RequestError(f"prompt #{i}: {e}") from None
             self.core.check_prompt(f"prompt #{i}", ids)
             encoded.append(ids)
         return [self.core.add_request(ids, p, prompt=prompt if isinstance(prompt, str) else None

@@ -131,10 +131,13 @@ def test_bad_token_prompts(scripted, bad, match):
      r"^sampling params must be a SamplingParams or a list of them \(one per prompt\), found "
      r"dict \{'max_tokens': 3\}; SamplingParams\(\*\*options\) makes one$"),
     (lambda llm: llm.generate(None), r"^prompts must be a string, .*found NoneType None$"),
-    (lambda llm: llm.generate([None]), r"^a prompt must be a string or a list of int token "
-                                       r"ids, found NoneType None$"),
+    (lambda llm: llm.generate([None]), r"^prompt #0: a prompt must be a string or a list of "
+                                       r"int token ids, found NoneType None$"),
     (lambda llm: llm.generate([[1, True]]), r"found list \[1, True\]$"),
-    (lambda llm: llm.generate("\ud800"), r"^the text is not UTF-8: it holds a lone surrogate"),
+    (lambda llm: llm.generate(["hi", 5]), r"^prompt #1: a prompt must be .*found int 5$"),  #
+    # trial 39: which of several (kiln serve's prompt[1])
+    (lambda llm: llm.generate("\ud800"), r"^prompt #0: the text is not UTF-8: it holds a lone "
+                                         r"surrogate"),
     (lambda llm: llm.chat("hi"), r"^chat takes a conversation .*found str 'hi'$"),
     (lambda llm: llm.chat([]), r"^chat takes a conversation"),
     (lambda llm: llm.chat([{"role": "user"}]),

@@ -160,7 +160,7 @@ def test_requests_are_checked_in_the_front_as_one_engine_checks_them(replicas, s
             llm.core.add_request(list(range(1, 30)), SamplingParams(), request_id="long")
         assert str(info.value) == ("request long: prompt of 29 tokens exceeds the engine's "
                                    "max_input_len 24; shorten it, or build with a larger "
-                                   "--max_input_len (kiln build, or beside --model_dir)")
+                                   "max_input_len (kiln.build, or beside LLM(model=...))")
     assert replicas.limits.max_batch_size == 4 and replicas.limits.max_input_len == 24
     assert replicas.executor is None and replicas.gathers_context_logits is False
 

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from kiln.errors import options_as_flags
 from kiln.runtime.errors import RequestError
 from kiln.runtime.tokenizer import load_tokenizer
 from tests.helpers import with_bom
@@ -58,8 +59,12 @@ def test_a_text_far_over_the_limit_is_refused_from_its_head(tokenizer, monkeypat
     assert str(e.value) == (
         "prompt of more than 1000 tokens exceeds the engine's max_input_len 1000 (its first "
         "8125 characters alone are 1805 tokens); shorten it, or build with a larger "
-        "--max_input_len (kiln build, or beside --model_dir)")
+        "max_input_len (kiln.build, or beside LLM(model=...))")
     assert encoded == [8125]  # the head alone
+    with options_as_flags(), pytest.raises(RequestError) as e:  # a kiln command's words
+        tokenizer.encode(text, most=1000)
+    assert str(e.value).endswith("with a larger --max_input_len (kiln build, or beside "
+                                 "--model_dir)")
 
 
 @pytest.mark.parametrize("text", [
