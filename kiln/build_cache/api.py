@@ -46,7 +46,8 @@ from kiln.build_cache.store import (
     damage,
     decimal_size,
 )
-from kiln.errors import BuildCacheError, ConfigError
+from kiln.errors import BuildCacheError
+from kiln.sizes import size_option
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ _HOLD_ATTEMPTS = 3  # cached_engine: lookups of an entry that a prune keeps remo
 def engine_for_model(model: str | Path, *, backend: str | None = None, dtype: str = "auto",
                      tp_size: int = 1, pp_size: int = 1, revision: str | None = None,
                      allow_pickle: bool = False, cache_dir: str | Path | None = None,
-                     max_cache_size: int | None = None, progress: bool = False,
+                     max_cache_size: int | str | None = None, progress: bool = False,
                      check: Callable[[Any, Path], None] | None = None,
                      **build_options: Any) -> Path:
     """The engine dir for HF checkpoint ``model`` (a local dir, or a hub id), from the build
@@ -70,18 +71,17 @@ def engine_for_model(model: str | Path, *, backend: str | None = None, dtype: st
     max_seq_len, max_num_tokens, targets, plugins, max_build_memory, workers,
     allow_long_context, gather_context_logits, weight_only_int8_compute). ``cache_dir``: the
     cache root (default ``$KILN_CACHE_DIR``, else the user's cache dir + ``/kiln``).
-    ``max_cache_size``: bytes; after a build, least recently used entries not in use are
-    evicted until the cache fits. ``check``: called on a miss, before converting, with the
-    manifest the build would write (:func:`~kiln.build_cache.preflight.planned_manifest`, which
-    runs conversion's and the build's own checks first) and the checkpoint directory its
-    tokenizer files come from: a caller that runs the engine passes
+    ``max_cache_size``: bytes, or a size such as ``"20GB"`` (as ``--max_cache_size``); after a
+    build, least recently used entries not in use are evicted until the cache fits.
+    ``check``: called on a miss, before converting, with the manifest the build would write
+    (:func:`~kiln.build_cache.preflight.planned_manifest`, which runs conversion's and the
+    build's own checks first) and the checkpoint directory its tokenizer files come from: a
+    caller that runs the engine passes
     :func:`kiln.runtime.loader.check_runnable`'s, so a machine that cannot run it is refused
     before the build (and ``kiln run`` its prompt checks). Raises
     :class:`~kiln.errors.KilnError` subclasses on bad input.
     """
-    if max_cache_size is not None and (not isinstance(max_cache_size, int) or max_cache_size < 1):
-        raise ConfigError(f"max_cache_size must be a positive number of bytes, found "
-                          f"{max_cache_size!r}")
+    max_cache_size = size_option("max_cache_size", max_cache_size)  # "20GB", as the flag
     request = request_for(model, backend=backend, dtype=dtype, tp_size=tp_size, pp_size=pp_size,
                           revision=revision, allow_pickle=allow_pickle, cache_dir=cache_dir,
                           **build_options)

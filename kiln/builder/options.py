@@ -18,6 +18,7 @@ from kiln.config import DTYPES, DecoderConfig, PositionType
 from kiln.engine import BuildLimits
 from kiln.errors import ConfigError, check_counts, check_flags, option
 from kiln.plugins.registry import parse_mode
+from kiln.sizes import size_option
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,8 @@ class BuildOptions:
                 "the local GPU (full TensorRT), cpu or cuda (onnx) [default: per backend]."})
     plugins: dict[str, str] = field(default_factory=dict, metadata={
         "help": "Plugin name -> auto|enable|disable."})
-    max_build_memory: int | None = field(default=None, metadata={
-        "help": "Host RAM the build may use, bytes (CLI: 20GB, 512MiB) "
+    max_build_memory: int | str | None = field(default=None, metadata={
+        "help": "Host RAM the build may use: bytes, or a size such as 20GB or 512MiB "
                 f"[default: {MEMORY_HEADROOM:.0%} of available RAM]."})
     workers: int = field(default=1, metadata={
         "help": "Engine parts built in parallel (each gets max_build_memory / workers)."})
@@ -71,6 +72,9 @@ class BuildOptions:
     def __post_init__(self) -> None:
         check_flags(self, ConfigError)
         check_counts(self, ConfigError, at_least={"max_seq_len": MIN_SEQ_LEN})
+        # "18GB" as kiln build's flag takes it (an int is bytes)
+        object.__setattr__(self, "max_build_memory",
+                           size_option("max_build_memory", self.max_build_memory))
         if self.max_num_tokens is not None and self.max_num_tokens < self.max_batch_size:
             # as vLLM refuses max_num_batched_tokens < max_num_seqs: a step could not hold a
             # decode of each sequence (a trial's max_num_tokens 1 built, and ran a token a step)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from dataclasses import dataclass
 
 import click
+
+from kiln.sizes import parse_size
 
 
 @dataclass
@@ -105,28 +106,14 @@ class FloatRange(click.FloatRange):
         return value
 
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
-          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-          "tib": 2**40}
-MAX_SIZE = 10**18  # bytes: one exabyte
-
 class MemorySize(click.ParamType):
-    """A byte count: 20GB, 20G, 512MiB, 1.5e9 or plain bytes."""
+    """A byte count: 20GB, 20G, 512MiB, 1.5e9 or plain bytes (:func:`kiln.sizes.parse_size`,
+    which the Python API's size keywords use too)."""
 
     name = "size"
 
     def convert(self, value, param, ctx) -> int:
-        if isinstance(value, int):
-            return value
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([a-zA-Z]*)\s*",
-                             str(value))
-        unit = match.group(2).lower() if match else None
-        if match is None or unit not in _UNITS:
-            self.fail(f"{value!r} is not a size like 20GB, 512MiB or 2000000000", param, ctx)
-        size = float(match.group(1)) * _UNITS[unit]
-        if size > MAX_SIZE:  # 1e400GB is infinite as a float, and no machine's anyway
-            self.fail(f"{value!r} is more than any machine holds (at most 1 EB)", param, ctx)
-        size = int(size)
-        if size < 1:
-            self.fail(f"{value!r} must be at least 1 byte", param, ctx)
-        return size
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            self.fail(f"{value!r} {e}", param, ctx)

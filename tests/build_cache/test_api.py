@@ -281,7 +281,11 @@ def test_a_hub_model_is_keyed_by_its_resolved_commit(tiny_hf, tmp_path, cache_di
     ("{hf}", {"dtype": "float64"}, ConfigError, "dtype must be auto or one of"),
     ("{hf}", {"plugins": {"nope": "enable"}}, ConfigError, "unknown plugins ['nope']"),
     ("{hf}", {"plugins": {"norm": "on"}}, ConfigError, "norm_plugin must be one of"),
-    ("{hf}", {"max_cache_size": -1}, ConfigError, "max_cache_size must be a positive"),
+    ("{hf}", {"max_cache_size": -1}, ConfigError, "max_cache_size -1 must be at least 1 byte"),
+    ("{hf}", {"max_cache_size": "lots"}, ConfigError, "max_cache_size 'lots' is not a size like "
+                                                      "20GB, 512MiB or 2000000000 (a string, or "
+                                                      "an int of bytes)"),
+    ("{hf}", {"max_build_memory": "18XB"}, ConfigError, "max_build_memory '18XB' is not a size"),
     ("{hf}", {"backend": "nope"}, KilnError, "unknown backend 'nope'"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tiny_hf, tmp_path, cache_dir, builds, model,
@@ -295,6 +299,15 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_hf, tmp_path, cache_dir, 
     assert message.format(hf=tiny_hf) in str(raised.value) and "\n" not in str(raised.value)
     assert builds == []
     assert EngineCache(cache_dir).entries() == []
+
+
+def test_sizes_are_taken_as_the_cli_takes_them(tiny_hf, cache_dir, builds):
+    """A trial's LLM(model=..., max_build_memory="18GB") was refused ("must be a positive
+    integer") while kiln run --model_dir took --max_build_memory 18GB."""
+    request = api.request_for(tiny_hf, max_build_memory="18GB")
+    assert request.build.max_build_memory == 18 * 10**9
+    engine_for_model(tiny_hf, max_cache_size="1GiB", max_build_memory="512MiB")
+    assert len(builds) == 1
 
 
 def test_cached_engine_holds_its_entry_for_the_body(tiny_hf, cache_dir, builds):

@@ -359,3 +359,19 @@ def test_advice_names_keywords_from_python_and_flags_from_the_cli(checkpoint, tm
                                        str(tmp_path / "engine"), "--max_batch_size", "2",
                                        *flags])
     assert result.exit_code == 2 and cli_text in result.output, result.output
+
+
+@pytest.mark.parametrize("given, size", [("18GB", 18 * 10**9), ("512MiB", 512 * 2**20),
+                                         (4096, 4096)])
+def test_max_build_memory_takes_what_the_cli_takes(given, size):
+    """A trial's kiln.build(..., max_build_memory="18GB") was refused ("must be a positive
+    integer, found '18GB'") while kiln build --max_build_memory 18GB built."""
+    from kiln.builder.options import BuildOptions
+
+    assert BuildOptions("ckpt", "engine", max_build_memory=given).memory_budget() == size
+
+
+def test_a_max_build_memory_of_no_size_says_what_sizes_are(checkpoint, tmp_path):
+    fails(tmp_path, checkpoint("llama-gqa"), ConfigError,
+          r"^max_build_memory '18XB' is not a size like 20GB, 512MiB or 2000000000 \(a string, "
+          r"or an int of bytes\)$", max_build_memory="18XB")

@@ -1,0 +1,46 @@
+"""kiln.sizes: the one parser of sizes, for the CLI's flags and the Python API's keywords."""
+
+from __future__ import annotations
+
+import pytest
+
+from kiln.errors import ConfigError, options_as_flags
+from kiln.sizes import parse_size, size_option
+
+
+@pytest.mark.parametrize("given, size", [
+    ("18GB", 18 * 10**9), ("18gb", 18 * 10**9), ("18 G", 18 * 10**9), ("512MiB", 512 * 2**20),
+    ("1.5e9", 1_500_000_000), ("1e+3", 1000), ("2000000000", 2 * 10**9), ("64KB", 64_000),
+    (4096, 4096), (2e10, 2 * 10**10), ("1.5B", 1),
+])
+def test_a_size_is_bytes(given, size):
+    assert parse_size(given) == size
+
+
+@pytest.mark.parametrize("given, why", [
+    ("18XB", "is not a size like 20GB, 512MiB or 2000000000"),
+    ("-1GB", "is not a size like"), ("", "is not a size like"), (True, "is not a size like"),
+    ([1], "is not a size like"), (float("nan"), "is not a size like"),
+    (float("inf"), "is not a size like"),
+    ("1e400GB", "is more than any machine holds (at most 1 EB)"),
+    (10**19, "is more than any machine holds"),
+    (0, "must be at least 1 byte"), (-5, "must be at least 1 byte"),
+    ("0.5", "must be at least 1 byte"),
+])
+def test_no_size_says_why(given, why):
+    with pytest.raises(ValueError) as info:
+        parse_size(given)
+    assert str(info.value).startswith(why)
+
+
+def test_a_size_option_is_refused_by_its_name_in_one_line():
+    """From Python the keyword, and what forms it takes (an int of bytes too)."""
+    assert size_option("max_build_memory", None) is None
+    assert size_option("max_build_memory", "18GB") == 18 * 10**9
+    with pytest.raises(ConfigError) as info:
+        size_option("max_build_memory", "18XB")
+    assert str(info.value) == ("max_build_memory '18XB' is not a size like 20GB, 512MiB or "
+                               "2000000000 (a string, or an int of bytes)")
+    with pytest.raises(ConfigError, match=r"^--max_cache_size 0 must be at least 1 byte$"), \
+            options_as_flags():
+        size_option("max_cache_size", 0)
