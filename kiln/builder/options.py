@@ -8,6 +8,7 @@ takes the same names by keyword. Defaults that depend on the model (limits, dtyp
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import psutil
 
 from kiln.config import DTYPES, DecoderConfig, PositionType
 from kiln.engine import BuildLimits
-from kiln.errors import ConfigError, check_counts, check_flags, option
+from kiln.errors import ConfigError, check_counts, check_flags, option, shown
 from kiln.plugins.registry import parse_mode
 from kiln.sizes import size_option
 
@@ -85,6 +86,10 @@ class BuildOptions:
         object.__setattr__(self, "checkpoint_dir", Path(self.checkpoint_dir).expanduser())
         object.__setattr__(self, "output_dir", Path(self.output_dir).expanduser())
         object.__setattr__(self, "targets", _targets(self.targets))
+        if not isinstance(self.plugins or {}, Mapping):  # (dict() of a string: a ValueError)
+            raise ConfigError(f"plugins must be a dict of plugin name -> auto, enable or "
+                              f"disable, such as {{'attention': 'enable'}}, found "
+                              f"{shown(self.plugins)}")
         object.__setattr__(self, "plugins", dict(self.plugins or {}))
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, found {self.dtype!r}")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 
 from kiln.config import DecoderConfig
-from kiln.errors import ConfigError
+from kiln.errors import ConfigError, option, shown
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +89,21 @@ def register_plugin(spec: PluginSpec) -> PluginSpec:
     return spec
 
 
+def plugin_option(name: str, *value: str) -> str:
+    """Plugin ``name``'s switch (and ``value``) in a message as its user gave it
+    (:func:`~kiln.errors.option`): from Python ``plugins['attention']``, inside a kiln command
+    ``--attention_plugin`` (a trial's ``plugins={"attention": "on"}`` had been told of an
+    ``attention_plugin`` it had no way to pass)."""
+    return option(f"plugins[{name!r}]", *value, flag=f"{name}_plugin")
+
+
 def parse_mode(name: str, value: str | PluginMode) -> PluginMode:
     try:
         return PluginMode(value)
     except ValueError:
         choices = ", ".join(m.value for m in PluginMode)
-        raise ConfigError(f"{name}_plugin must be one of {choices}, found {value!r}") from None
+        raise ConfigError(f"{plugin_option(name)} must be one of {choices}, found "
+                          f"{shown(value)}") from None
 
 
 def resolve_plugins(modes: dict[str, str | PluginMode], ctx: PluginContext) -> dict[str, bool]:
@@ -117,7 +126,8 @@ def _resolve_one(spec: PluginSpec, mode: PluginMode, ctx: PluginContext) -> str:
     absent = spec.occurs(ctx.decoder)
     if absent is not None:
         if mode is PluginMode.ENABLE:
-            raise ConfigError(f"--{spec.option} enable: {absent}; use auto or disable")
+            raise ConfigError(f"{plugin_option(spec.name, 'enable')}: {absent}; use auto or "
+                              f"disable")
         log.debug("%s plugin: not used (%s)", spec.name, absent)
         return ABSENT
     if mode is PluginMode.DISABLE:
@@ -126,7 +136,8 @@ def _resolve_one(spec: PluginSpec, mode: PluginMode, ctx: PluginContext) -> str:
     blocker = spec.fused_blocker(ctx)
     if blocker is not None:
         if mode is PluginMode.ENABLE:
-            raise ConfigError(f"--{spec.option} enable: {blocker}; use auto or disable")
+            raise ConfigError(f"{plugin_option(spec.name, 'enable')}: {blocker}; use auto or "
+                              f"disable")
         log.info("%s plugin: auto chose the decomposed form (%s)", spec.name, blocker)
         return DECOMPOSED
     return FUSED

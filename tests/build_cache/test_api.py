@@ -280,7 +280,7 @@ def test_a_hub_model_is_keyed_by_its_resolved_commit(tiny_hf, tmp_path, cache_di
     ("{hf}", {"revision": "main"}, ConfigError, "revision='main': {hf} is a local directory"),
     ("{hf}", {"dtype": "float64"}, ConfigError, "dtype must be auto or one of"),
     ("{hf}", {"plugins": {"nope": "enable"}}, ConfigError, "unknown plugins ['nope']"),
-    ("{hf}", {"plugins": {"norm": "on"}}, ConfigError, "norm_plugin must be one of"),
+    ("{hf}", {"plugins": {"norm": "on"}}, ConfigError, "plugins['norm'] must be one of"),
     ("{hf}", {"max_cache_size": -1}, ConfigError, "max_cache_size -1 must be at least 1 byte"),
     ("{hf}", {"max_cache_size": "lots"}, ConfigError, "max_cache_size 'lots' is not a size like "
                                                       "20GB, 512MiB or 2000000000 (a string, or "

@@ -254,12 +254,16 @@ def test_onnx_refuses_gpu_targets_and_tensor_parallelism(checkpoint, tmp_path):
 
 def test_bad_plugin_switches(checkpoint, tmp_path):
     ckpt = checkpoint("llama-gqa")
-    fails(tmp_path, ckpt, ConfigError, "attention_plugin must be one of auto, enable, disable",
-          plugins={"attention": "on"})
+    # named as given (it had been attention_plugin, a flag the API has no way to pass)
+    fails(tmp_path, ckpt, ConfigError, r"^plugins\['attention'\] must be one of auto, enable, "
+                                       r"disable, found 'on'$", plugins={"attention": "on"})
     fails(tmp_path, ckpt, ConfigError, "unknown plugins", plugins={"flash": "enable"})
-    fails(tmp_path, checkpoint("mpt"), ConfigError, "gated_mlp_plugin enable: .* gelu",
+    fails(tmp_path, ckpt, ConfigError, r"^plugins must be a dict of plugin name -> auto, enable "
+                                       r"or disable, such as \{'attention': 'enable'\}, found "
+                                       r"'attention'$", plugins="attention")
+    fails(tmp_path, checkpoint("mpt"), ConfigError, r"plugins\['gated_mlp'\]='enable': .* gelu",
           plugins={"gated_mlp": "enable"})
-    fails(tmp_path, checkpoint("mpt"), ConfigError, "rotary_plugin enable: .* alibi",
+    fails(tmp_path, checkpoint("mpt"), ConfigError, r"plugins\['rotary'\]='enable': .* alibi",
           plugins={"rotary": "enable"})
 
 
@@ -336,6 +340,11 @@ def test_cli_defaults_are_build_options_defaults():
      "build with --dtype float16 or float32 (or --backend torch for"),
     (dict(backend="tensorrt", targets=["sm90"]), ["--backend", "tensorrt", "--target", "sm90"],
      "build with backend='torch' for Hopper", "build with --backend torch for Hopper"),
+    (dict(plugins={"gqa": "enable"}, targets=["cuda"]),
+     ["--gqa_plugin", "enable", "--target", "cuda"],
+     "plugins['gqa']='enable': an ONNX Runtime CPU op; this build is for onnx cuda; use auto or "
+     "disable", "--gqa_plugin enable: an ONNX Runtime CPU op; this build is for onnx cuda; use "
+     "auto or disable"),
     # as vLLM refuses max_num_batched_tokens < max_num_seqs (a trial's 1 had built)
     (dict(max_num_tokens=1), ["--max_num_tokens", "1"],
      "max_num_tokens 1 is below max_batch_size 2: a step could not decode a token of each "

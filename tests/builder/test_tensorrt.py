@@ -139,7 +139,7 @@ def test_fp8_refused_before_ada():
 
 
 def test_fused_attention_refused_in_float32(checkpoint, tmp_path):
-    with pytest.raises(ConfigError, match="attention_plugin enable: TensorRT has no fused "
+    with pytest.raises(ConfigError, match=r"plugins\['attention'\]='enable': TensorRT has no fused "
                                           "attention kernel for float32"):
         build(checkpoint("llama-gqa"), tmp_path / "engine",
               **{**TRT, "dtype": "float32", "plugins": {"attention": "enable"}})
