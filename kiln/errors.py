@@ -236,6 +236,14 @@ def check_seed(name: str, value: Any, error: type[Exception]) -> None:
                     f"reads it as {shown(-value)})")
 
 
+def check_integer(name: str, value: Any, error: type[Exception]) -> None:
+    """``value`` is an int, not a bool, its range the caller's to check: a Python caller's
+    ``evaluate(..., max_length="64")`` had been a TypeError of a comparison. Named as its user
+    gave it (:func:`option`)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise error(f"{option(name)} must be an integer, found {shown(value)}")
+
+
 def check_flag(name: str, value: Any, error: type[Exception]) -> None:
     """``value`` is a bool (a Python caller's ``progress="yes"`` is a truthy string)."""
     if not isinstance(value, bool):

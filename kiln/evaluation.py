@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.datasets import TextDataset, load_texts
-from kiln.errors import ConfigError, DatasetError, check_flag, counted, option
+from kiln.errors import ConfigError, DatasetError, check_flag, check_integer, counted, option
 
 if TYPE_CHECKING:
     from kiln.runtime import LLM
@@ -128,9 +128,17 @@ def text_tokens(tokenizer: Any, data: TextDataset) -> list[int]:
     return token_ids
 
 
+def check_integers(max_length: Any, stride: Any) -> None:
+    """ConfigError unless ``max_length`` and ``stride`` are ints where given (not None)."""
+    for name, value in (("max_length", max_length), ("stride", stride)):
+        if value is not None:
+            check_integer(name, value, ConfigError)
+
+
 def check_window(max_length: int, stride: int) -> None:
     """ConfigError unless ``stride`` is in [1, ``max_length``] and ``max_length`` >= 2 (the one
     wording of these refusals, also where kiln eval checks its flags before a build)."""
+    check_integers(max_length, stride)
     if not 1 <= stride <= max_length:
         raise ConfigError(f"stride {stride} must be in [1, max_length {max_length}]; lower "
                           f"{option('stride')}")
@@ -142,6 +150,7 @@ def resolve_window(max_input_len: int, max_length: int | None,
                    stride: int | None) -> tuple[int, int]:
     """(max_length, stride) on an engine of ``max_input_len`` (the defaults filled in, module
     docstring), or ConfigError: checked before a ``--model_dir`` engine is built, too."""
+    check_integers(max_length, stride)
     max_length = max_input_len if max_length is None else max_length
     if max_length > max_input_len:
         raise ConfigError(f"max_length {max_length} exceeds the engine's max_input_len "
@@ -221,6 +230,7 @@ def evaluate(engine_dir: str | Path, dataset: str | Path | TextDataset,
     from kiln.runtime.tokenizer import load_tokenizer
 
     check_flag("progress", progress, ConfigError)
+    check_integers(max_length, stride)
     data = dataset if isinstance(dataset, TextDataset) else load_texts(dataset)
     if stride is not None and max_length is not None:
         check_window(max_length, stride)

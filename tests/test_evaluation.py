@@ -36,6 +36,28 @@ def test_bad_windows(args, error, expected):
     assert expected in str(info.value)
 
 
+@pytest.mark.parametrize("options, expected", [
+    (dict(max_length="64"), "max_length must be an integer, found '64'"),
+    (dict(stride=2.0), "stride must be an integer, found 2.0"),
+    (dict(max_length=64, stride=True), "stride must be an integer, found True"),
+])
+def test_a_window_option_that_is_no_integer_is_named(tmp_path, options, expected):
+    """A trial's evaluate(E, "english.txt", max_length="64") was a TypeError ("'>' not
+    supported between instances of 'str' and 'int'"); refused before anything is read."""
+    with pytest.raises(ConfigError) as info:
+        evaluate(tmp_path / "no-engine", tmp_path / "no-text.txt", **options)
+    assert str(info.value) == expected
+
+
+def test_every_window_entry_checks_the_types():
+    from kiln.evaluation import resolve_window
+
+    with pytest.raises(ConfigError, match="^max_length must be an integer, found '4'$"):
+        sliding_windows(10, "4", 2)
+    with pytest.raises(ConfigError, match="^stride must be an integer, found '2'$"):
+        resolve_window(128, None, "2")
+
+
 class _BosTokenizer:
     """One token per word, after the BOS (id 1) the model adds."""
 
