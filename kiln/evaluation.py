@@ -139,11 +139,12 @@ def check_window(max_length: int, stride: int) -> None:
     """ConfigError unless ``stride`` is in [1, ``max_length``] and ``max_length`` >= 2 (the one
     wording of these refusals, also where kiln eval checks its flags before a build)."""
     check_integers(max_length, stride)
-    if not 1 <= stride <= max_length:
-        raise ConfigError(f"stride {stride} must be in [1, max_length {max_length}]; lower "
-                          f"{option('stride')}")
-    if max_length < 2:
-        raise ConfigError(f"max_length {max_length} must be at least 2")
+    if max_length < 2:  # first: no stride fits a max_length below 2
+        raise ConfigError(f"max_length {max_length} must be at least 2; raise "
+                          f"{option('max_length')}")
+    if not 1 <= stride <= max_length:  # (a stride of 0 had been told to be lowered)
+        raise ConfigError(f"stride {stride} must be in [1, max_length {max_length}]; "
+                          f"{'raise' if stride < 1 else 'lower'} {option('stride')}")
 
 
 def resolve_window(max_input_len: int, max_length: int | None,

@@ -140,8 +140,11 @@ def test_a_misspelt_progress_is_told_the_name(call):
     (lambda: check_window(max_length=8, stride=9),  # evaluate()'s, and kiln eval's
      "stride 9 must be in [1, max_length 8]; lower stride",
      "stride 9 must be in [1, max_length 8]; lower --stride"),
+    (lambda: check_window(max_length=8, stride=0),
+     "stride 0 must be in [1, max_length 8]; raise stride",
+     "stride 0 must be in [1, max_length 8]; raise --stride"),
 ], ids=["dp-engine_process", "calib_size", "calib_size-eval", "kv_cache_dtype", "gate-text",
-        "max_ppl_ratio", "stride"])
+        "max_ppl_ratio", "stride", "stride-0"])
 def test_an_option_is_named_as_the_python_api_or_the_cli_takes_it(make, python, command_line):
     """A Python caller of ExecutorOptions(dp=2, ...), QuantizeOptions or evaluate() had been
     told of --dp, --calib_size, --stride: flags it has not. The CLI (which runs its commands

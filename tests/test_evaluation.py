@@ -27,8 +27,13 @@ def test_windows_are_hugging_faces():
                               "of at least 3 tokens"),
     # one token scored: its probability alone, not a text's perplexity (a trial's "Hi.")
     ((2, 4, 2), DatasetError, "the text is 2 tokens long, so 1 token to score"),
-    ((10, 4, 5), ConfigError, "stride 5 must be in [1, max_length 4]"),
-    ((10, 1, 1), ConfigError, "max_length 1 must be at least 2"),
+    ((10, 4, 5), ConfigError, "stride 5 must be in [1, max_length 4]; lower stride"),
+    # a stride below 1 is raised, not lowered (a trial's stride 0 had been told "lower stride")
+    ((10, 4, 0), ConfigError, "stride 0 must be in [1, max_length 4]; raise stride"),
+    ((10, 4, -1), ConfigError, "stride -1 must be in [1, max_length 4]; raise stride"),
+    # max_length first: no stride fits it (stride 2 had been told to be lowered, to 1)
+    ((10, 1, 1), ConfigError, "max_length 1 must be at least 2; raise max_length"),
+    ((10, 1, 2), ConfigError, "max_length 1 must be at least 2; raise max_length"),
 ])
 def test_bad_windows(args, error, expected):
     with pytest.raises(error) as info:
