@@ -90,7 +90,7 @@ def option(name: str, value: Any = _NO_VALUE, flag: str | None = None) -> str:
     its flag, ``--dp`` or ``--dp 2`` (``True``: the flag alone). The flag is ``--`` and the
     keyword, as the CLI builds them from the options dataclasses' fields, unless ``flag`` names
     another (``option("model", flag="model_dir")``: ``LLM(model=...)`` is ``--model_dir``)."""
-    if named_as_flags():
+    if _AS_FLAGS.get():
         flag = f"--{flag or name}"
         return flag if value is _NO_VALUE or value is True else f"{flag} {value}"
     if value is _NO_VALUE:
@@ -99,10 +99,14 @@ def option(name: str, value: Any = _NO_VALUE, flag: str | None = None) -> str:
     return f"{name}={shown_value}"
 
 
-def named_as_flags() -> bool:
-    """Whether messages made here name options as the CLI's flags (:func:`option`), for the
-    words around them: "kiln build" or ``kiln.build``."""
-    return _AS_FLAGS.get()
+def build_larger(name: str) -> str:
+    """Advice to build the engine again with a larger limit ``name``, in its user's words
+    (:func:`option`): from Python ``build with a larger max_input_len (kiln.build, or beside
+    LLM(model=...))``, inside a kiln command ``build with a larger --max_input_len (kiln
+    build, or beside --model_dir)``; a Python caller had been told of flags it has not."""
+    where = "kiln build, or beside --model_dir" if _AS_FLAGS.get() else \
+        "kiln.build, or beside LLM(model=...)"
+    return f"build with a larger {option(name)} ({where})"
 
 
 @contextlib.contextmanager

@@ -43,7 +43,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.datasets import TextDataset, load_texts
-from kiln.errors import ConfigError, DatasetError, check_flag, check_integer, counted, option
+from kiln.errors import (
+    ConfigError,
+    DatasetError,
+    build_larger,
+    check_flag,
+    check_integer,
+    counted,
+    option,
+)
 
 if TYPE_CHECKING:
     from kiln.runtime import LLM
@@ -155,8 +163,8 @@ def resolve_window(max_input_len: int, max_length: int | None,
     max_length = max_input_len if max_length is None else max_length
     if max_length > max_input_len:
         raise ConfigError(f"max_length {max_length} exceeds the engine's max_input_len "
-                          f"{max_input_len}; lower {option('max_length')} or build with a larger "
-                          f"--max_input_len (kiln build, or beside --model_dir)")
+                          f"{max_input_len}; lower {option('max_length')} or "
+                          f"{build_larger('max_input_len')}")
     stride = max(1, max_length // 2) if stride is None else stride
     check_window(max_length, stride)
     return max_length, stride

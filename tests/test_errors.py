@@ -9,7 +9,7 @@ from kiln.builder.options import BuildOptions
 from kiln.converters.options import ConvertOptions
 from kiln.engine import EngineError
 from kiln.errors import ConfigError, KilnError, option, options_as_flags
-from kiln.evaluation import check_window, evaluate
+from kiln.evaluation import check_window, evaluate, resolve_window
 from kiln.quantization.options import QuantizeOptions
 from kiln.runtime.options import ExecutorOptions
 
@@ -140,11 +140,17 @@ def test_a_misspelt_progress_is_told_the_name(call):
     (lambda: check_window(max_length=8, stride=9),  # evaluate()'s, and kiln eval's
      "stride 9 must be in [1, max_length 8]; lower stride",
      "stride 9 must be in [1, max_length 8]; lower --stride"),
+    # a trial's too-long max_length from Python had been told of --max_input_len, --model_dir
+    (lambda: resolve_window(max_input_len=96, max_length=97, stride=None),
+     "max_length 97 exceeds the engine's max_input_len 96; lower max_length or build with a "
+     "larger max_input_len (kiln.build, or beside LLM(model=...))",
+     "max_length 97 exceeds the engine's max_input_len 96; lower --max_length or build with a "
+     "larger --max_input_len (kiln build, or beside --model_dir)"),
     (lambda: check_window(max_length=8, stride=0),
      "stride 0 must be in [1, max_length 8]; raise stride",
      "stride 0 must be in [1, max_length 8]; raise --stride"),
 ], ids=["dp-engine_process", "calib_size", "calib_size-eval", "kv_cache_dtype", "gate-text",
-        "max_ppl_ratio", "stride", "stride-0"])
+        "max_ppl_ratio", "stride", "max_length-too-long", "stride-0"])
 def test_an_option_is_named_as_the_python_api_or_the_cli_takes_it(make, python, command_line):
     """A Python caller of ExecutorOptions(dp=2, ...), QuantizeOptions or evaluate() had been
     told of --dp, --calib_size, --stride: flags it has not. The CLI (which runs its commands

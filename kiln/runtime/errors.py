@@ -6,7 +6,7 @@ Engine-dir problems (missing, corrupt, incompatible with this machine) raise
 
 from __future__ import annotations
 
-from kiln.errors import KilnError, named_as_flags, option
+from kiln.errors import KilnError, build_larger
 
 
 class SamplingParamsError(KilnError, ValueError):
@@ -41,8 +41,5 @@ class EngineClosedError(KilnError, RuntimeError):
 def prompt_too_long(tokens: str, max_input_len: int, why: str = "") -> str:
     """The message of a prompt over the engine's ``max_input_len`` (``tokens``: its count in
     words, "1,200" or "more than 1,000"; ``why``: how that is known, in parentheses)."""
-    where = "kiln build, or beside --model_dir" if named_as_flags() else \
-        "kiln.build, or beside LLM(model=...)"
     return (f"prompt of {tokens} tokens exceeds the engine's max_input_len {max_input_len}"
-            f"{f' ({why})' if why else ''}; shorten it, or build with a larger "
-            f"{option('max_input_len')} ({where})")
+            f"{f' ({why})' if why else ''}; shorten it, or {build_larger('max_input_len')}")
