@@ -201,10 +201,13 @@ class BuildCacheError(KilnError):
 
 
 def check_counts(options: Any, error: type[Exception], at_least: dict[str, int] | None = None,
-                 ) -> None:
+                 as_options: bool = True) -> None:
     """Each integer field of a dataclass of options (annotated ``int``, or ``int | None`` where
     None means "the default") holds an int, not a bool, of at least 1 (or ``at_least[name]``):
-    the options classes had each checked their own, and build's took ``max_batch_size=True``."""
+    the options classes had each checked their own, and build's took ``max_batch_size=True``.
+    A field is named as its user gave it (:func:`option`: ``kiln quantize --group_size 0`` had
+    been told of ``group_size``), or as it is, where ``as_options`` is False: the fields of a
+    file kiln wrote (an engine's limits), which no flag sets."""
     for f in dataclasses.fields(options):
         if f.type not in ("int", "int | None"):
             continue
@@ -214,7 +217,8 @@ def check_counts(options: Any, error: type[Exception], at_least: dict[str, int] 
         least = (at_least or {}).get(f.name, 1)
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             wanted = "a positive integer" if least == 1 else f"an integer >= {least}"
-            raise error(f"{f.name} must be {wanted}, found {shown(value)}")
+            name = option(f.name) if as_options else f.name
+            raise error(f"{name} must be {wanted}, found {shown(value)}")
 
 
 def check_flags(options: Any, error: type[Exception]) -> None:

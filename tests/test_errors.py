@@ -7,7 +7,7 @@ import pytest
 import kiln
 from kiln.builder.options import BuildOptions
 from kiln.converters.options import ConvertOptions
-from kiln.engine import EngineError
+from kiln.engine import BuildLimits, EngineError
 from kiln.errors import ConfigError, KilnError, option, options_as_flags
 from kiln.evaluation import check_window, evaluate, resolve_window
 from kiln.quantization.options import QuantizeOptions
@@ -69,6 +69,17 @@ def test_a_count_of_the_python_api_takes_an_integer_in_range_only(make, field, l
     wanted = "a positive integer" if least == 1 else f"an integer >= {least}"
     assert str(e.value) == f"{field} must be {wanted}, found {value!r}"
     assert getattr(make(**{field: least}), field) == least
+    with options_as_flags(), pytest.raises(error) as e:  # a kiln command's: its flag
+        make(**{field: value})
+    assert str(e.value) == f"--{field} must be {wanted}, found {value!r}"
+
+
+def test_an_engine_s_limits_are_named_as_its_manifest_names_them():
+    """BuildLimits come from a build's options (checked, and named, there) or from an engine's
+    config.json, whose keys no flag sets: kept bare inside a kiln command too."""
+    with options_as_flags(), pytest.raises(ConfigError) as e:
+        BuildLimits(max_batch_size=0, max_input_len=8, max_seq_len=16, max_num_tokens=8)
+    assert str(e.value) == "max_batch_size must be a positive integer, found 0"
 
 
 @pytest.mark.parametrize("field,value,shown", [

@@ -63,7 +63,9 @@ class BuildLimits:
     max_num_tokens: int  # tokens of all sequences in one step (prefill chunks + decodes)
 
     def __post_init__(self) -> None:
-        check_counts(self, ConfigError)  # (true had been taken as 1)
+        # (true had been taken as 1); named as config.json's keys: an engine's limits come
+        # from a build's options, checked there, or from its manifest
+        check_counts(self, ConfigError, as_options=False)
         if self.max_input_len > self.max_seq_len:
             raise ConfigError(f"max_input_len ({self.max_input_len}) exceeds max_seq_len "
                               f"({self.max_seq_len}); raise {option('max_seq_len')} or lower "

@@ -119,17 +119,19 @@ class QuantizeOptions:
             raise ConfigError(f"device must be one of {', '.join(DEVICES)}, found "
                               f"{self.device!r}")
         if self.weight_scales is not None and self.qformat != "fp8":
-            raise ConfigError(f"weight_scales applies to fp8 only (per_tensor or per_channel); "
-                              f"{self.qformat} has {FORMATS[self.qformat].weight_scales[0].value}")
+            raise ConfigError(f"{option('weight_scales')} applies to fp8 only (per_tensor or "
+                              f"per_channel); {self.qformat} has "
+                              f"{FORMATS[self.qformat].weight_scales[0].value}")
         if self.weight_scales is not None and self.weight_scales not in WEIGHT_SCALES:
             raise ConfigError(f"weight_scales must be one of {', '.join(WEIGHT_SCALES)}, found "
                               f"{self.weight_scales!r}")
         if self.group_size is not None and not self.qformat.startswith("int4"):
-            raise ConfigError(f"group_size applies to int4 formats only, not {self.qformat}")
+            raise ConfigError(f"{option('group_size')} applies to int4 formats only, not "
+                              f"{self.qformat}")
         alpha = self.smoothquant_alpha
         if alpha is not None and self.qformat != "int8_sq":
-            raise ConfigError(f"smoothquant_alpha applies to int8_sq only, in [0, 1]; found "
-                              f"{alpha!r} for {self.qformat}")
+            raise ConfigError(f"{option('smoothquant_alpha')} applies to int8_sq only, in [0, 1]; "
+                              f"found {alpha!r} for {self.qformat}")
         if alpha is not None and not 0 <= alpha <= 1:
             raise ConfigError(f"smoothquant_alpha must be in [0, 1], found {alpha!r}")
 

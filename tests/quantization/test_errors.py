@@ -51,7 +51,10 @@ def _cases(src, src_tp2, texts, quantized, tmp):
                                        "per rank (tp_size 1: attn.qkv / mlp (hidden) 64, attn.o "
                                        "64, mlp.down 96); use --group_size 32"),
         "group size on int8": (["--qformat", "int8_wo", "--group_size", "48"], src,
-                              "group_size applies to int4 formats only, not int8_wo"),
+                              "--group_size applies to int4 formats only, not int8_wo"),
+        # named as the flag (it had been group_size, kiln.quantize's keyword)
+        "group size 0": (["--qformat", "int4_wo", "--group_size", "0"], src,
+                         "error: --group_size must be a positive integer, found 0"),
         # the size named as the default: a trial had not typed 128
         "default group size": (["--qformat", "int4_wo"], src,
                                "error: the default --group_size 128 does not divide the 64 "
@@ -72,9 +75,9 @@ def _cases(src, src_tp2, texts, quantized, tmp):
                                      src, "int8_sq needs calibration data"),
         "already quantized": (["--qformat", "int8_wo"], quantized, "is already quantized"),
         "fp8 scales on int8": (["--qformat", "int8_wo", "--weight_scales", "per_tensor"], src,
-                               "weight_scales applies to fp8 only"),
+                               "error: --weight_scales applies to fp8 only"),
         "alpha on int4": (["--qformat", "int4_wo", "--smoothquant_alpha", "0.5"], src,
-                          "smoothquant_alpha applies to int8_sq only"),
+                          "error: --smoothquant_alpha applies to int8_sq only"),
         "alpha nan": (["--qformat", "int8_sq", *calib, "--smoothquant_alpha", "nan"], src,
                       "nan is not in the range 0.0<=x<=1.0."),
         # a trial's settings that did nothing, written with a warning only
@@ -126,7 +129,7 @@ def _cases(src, src_tp2, texts, quantized, tmp):
 
 
 CASES = ["wrong qformat", "group size", "group size no kernel takes", "group size on int8",
-         "default group size",
+         "group size 0", "default group size",
          "missing file", "empty file", "unreadable file",
          "too few tokens", "needs data", "kv needs data", "needs data, length given",
          "already quantized",
