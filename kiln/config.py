@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from kiln.errors import ConfigError, SettingRangeError
+from kiln.errors import ConfigError, SettingRangeError, option
 
 
 class NormType(str, Enum):
@@ -227,16 +227,19 @@ class Mapping:
         start = pp_rank * base + min(pp_rank, rem)
         return range(start, start + base + (1 if pp_rank < rem else 0))
 
-    def validate_for(self, config: DecoderConfig) -> None:
+    def validate_for(self, config: DecoderConfig, as_options: bool = False) -> None:
         """Raise ConfigError if this split does not fit the model (a tp_size error lists the
-        sizes that fit: :func:`tp_sizes`)."""
+        sizes that fit: :func:`tp_sizes`). ``as_options``: the sizes are a user's options
+        (conversion's), named as given (:func:`~kiln.errors.option`: ``kiln run --model_dir M
+        --tp_size 2`` had been told of ``tp_size``), not a checkpoint's settings."""
+        tp_name, pp_name = (option(n) if as_options else n for n in ("tp_size", "pp_size"))
         tp = self.tp_size
-        fits = f"; this model allows tp_size {', '.join(map(str, tp_sizes(config)))}"
+        fits = f"; this model allows {tp_name} {', '.join(map(str, tp_sizes(config)))}"
         problem = tp_problem(config, tp)
-        _require(problem is None, "tp_size", f"{problem}{fits}")
-        _require(self.pp_size <= config.num_layers, "pp_size",
+        _require(problem is None, tp_name, f"{problem}{fits}")
+        _require(self.pp_size <= config.num_layers, pp_name,
                  f"{self.pp_size} exceeds the {config.num_layers} layers (a stage holds at "
-                 f"least one); this model allows pp_size 1 to {config.num_layers}")
+                 f"least one); this model allows {pp_name} 1 to {config.num_layers}")
 
     # TP-local sizes, derived.
     def local_heads(self, config: DecoderConfig) -> int:

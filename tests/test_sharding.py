@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kiln.config import DecoderConfig, Mapping, MlpType, tp_sizes
-from kiln.errors import ConfigError
+from kiln.errors import ConfigError, options_as_flags
 from kiln.roles import SHARDING, Role, expected_shape, roles_for
 from kiln.sharding import shard, shard_shape, unshard
 
@@ -84,5 +84,16 @@ def test_a_tp_size_error_lists_the_sizes_that_fit():
         Mapping(tp_size=2).validate_for(smollm2)
     assert str(info.value) == ("tp_size 2 does not divide the 9 query heads; this model allows "
                                "tp_size 1, 3")
+    # a checkpoint's settings keep their names inside a kiln command; a user's options do not
+    with options_as_flags():
+        with pytest.raises(ConfigError, match="^tp_size 2 does not divide"):
+            Mapping(tp_size=2).validate_for(smollm2)
+        with pytest.raises(ConfigError) as info:
+            Mapping(tp_size=2).validate_for(smollm2, as_options=True)
+    assert str(info.value) == ("--tp_size 2 does not divide the 9 query heads; this model "
+                               "allows --tp_size 1, 3")
+    with pytest.raises(ConfigError) as info:
+        Mapping(pp_size=3).validate_for(smollm2, as_options=True)
+    assert str(info.value).startswith("pp_size 3 exceeds the 2 layers")
     assert tp_sizes(smollm2) == (1, 3)
     assert tp_sizes(CONFIGS["gqa"]) == (1, 2, 4, 8)

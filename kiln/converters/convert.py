@@ -221,7 +221,7 @@ def plan_conversion(model_dir: str, *, dtype: str = "auto", tp_size: int = 1, pp
                           f"transformers wrote for this architecture") from e  # --debug: where
     decoder = untie_a_different_head(converter, decoder, source)
     mapping = Mapping(tp_size=tp_size, pp_size=pp_size)
-    mapping.validate_for(decoder)
+    mapping.validate_for(decoder, as_options=True)
     quant = import_quantization(source, converter, decoder)
     plans = plan_targets(converter, decoder, source, quant)
     return ConversionPlan(source, converter, decoder, mapping, quant, plans,

@@ -194,12 +194,15 @@ def test_bench_on_a_model_dir(tiny_hf, cache):
     (["run", "--input_text", "Hi", "--target", "sm999"], "builds for one target, cpu or cuda"),
     (["run", "--input_text", "Hi", "--max_seq_len", "100000"],
      "exceeds the model's max_position_embeddings 64"),
-    (["run", "--input_text", "Hi", "--tp_size", "3"], "tp_size"),
+    # named as flags (they had been tp_size, pp_size: a trial's --tp_size 2)
+    (["run", "--input_text", "Hi", "--tp_size", "3"], "--tp_size 3 does not divide the 4 query "
+                                                      "heads; this model allows --tp_size 1, 2, "
+                                                      "4"),
     (["bench", "--max_num_tokens", "4", "--max_batch_size", "5"],
      "max_num_tokens 4 is below max_batch_size 5"),
-    (["run", "--input_text", "Hi", "--pp_size", "100"], "pp_size 100 exceeds the 2 layers (a "
+    (["run", "--input_text", "Hi", "--pp_size", "100"], "--pp_size 100 exceeds the 2 layers (a "
                                                         "stage holds at least one); this model "
-                                                        "allows pp_size 1 to 2"),
+                                                        "allows --pp_size 1 to 2"),
     # this machine (no CUDA GPU) cannot run the engine: the runtime's machine check
     (["run", "--input_text", "Hi", "--backend", "torch"],
      "needs a CUDA GPU for its Triton kernels; on this machine use an onnx engine (build with "
