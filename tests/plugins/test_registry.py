@@ -47,7 +47,8 @@ def test_absent_operations():
 
 def test_disable_and_bad_values():
     assert resolve_plugins({"norm": "disable"}, ctx())["norm"] is False
-    with pytest.raises(ConfigError, match=r"plugins\['norm'\] must be one of auto, enable, disable"):
+    with pytest.raises(ConfigError,
+                       match=r"plugins\['norm'\] must be one of auto, enable, disable"):
         resolve_plugins({"norm": "yes"}, ctx())
     with pytest.raises(ConfigError, match=r"unknown plugins \['flash'\]"):
         resolve_plugins({"flash": "auto"}, ctx())
