@@ -187,8 +187,7 @@ async def _parse(request: Request, model: type) -> Any:
                 "stream_options": render.stream_options_form_error}
         if given and param in form and (why := form[param](data[param])) is not None:
             raise render.form_error(why) from None
-        loc = ".".join(str(p) for p in first["loc"])
-        raise ApiError(400, f"{loc}: {first['msg']}", param=param) from None
+        raise render.form_error(render.field_error(first)) from None
 
 
 async def _collect(request: Request, state: ServerState, jobs: list[Job], param: str) -> dict:

@@ -96,6 +96,34 @@ def form_error(why: str) -> ApiError:
     return ApiError(400, why, param=why.partition(" ")[0])
 
 
+# pydantic's objections to a field's type, by their ``type``: the form the field takes
+_TYPES = {"int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
+          "float_type": "a number", "float_parsing": "a number", "bool_type": "true or false",
+          "bool_parsing": "true or false", "string_type": "a string", "list_type": "an array",
+          "dict_type": "an object", "model_type": "an object"}
+# and to its range: the comparison and the bound's key in the error's ctx
+_BOUNDS = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"),
+           "less_than_equal": ("<=", "le"), "less_than": ("<", "lt")}
+
+
+def field_error(error: dict[str, Any]) -> str:
+    """pydantic's objection to a request field (one of ``ValidationError.errors()``) in kiln's
+    words, a :func:`form_error`'s message: ``n must be >= 1, found a number 0``, ``stream
+    must be true or false, found a string "yes"``, ``model is required`` (a trial: pydantic's
+    "n: Input should be greater than or equal to 1" beside kiln's own messages). Objections of
+    other kinds keep pydantic's words after the path."""
+    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
+    path, kind, ctx = path.removeprefix("."), error["type"], error.get("ctx") or {}
+    if kind == "missing":
+        return f"{path} is required"
+    if kind in _TYPES:
+        return f"{path} must be {_TYPES[kind]}, found {as_json(error['input'])}"
+    if kind in _BOUNDS and _BOUNDS[kind][1] in ctx:
+        op, key = _BOUNDS[kind]
+        return f"{path} must be {op} {ctx[key]}, found {as_json(error['input'])}"
+    return f"{path}: {error['msg']}"
+
+
 def messages_form_error(messages: Any) -> str | None:
     """Why ``messages`` is not OpenAI's list of ``{"role", "content"}`` objects, naming the
     first value that is wrong (None where pydantic's objection is another one); a

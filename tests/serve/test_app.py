@@ -537,8 +537,34 @@ def test_a_missing_prompt_or_messages_is_a_400(engine, endpoint, body, param):
     pydantic had found missing."""
     out = _client(engine).post(endpoint, json={"model": "m", **body})
     assert out.status_code == 400, out.text
-    assert out.json()["error"]["message"] == f"{param}: Field required"
+    assert out.json()["error"]["message"] == f"{param} is required"
     assert out.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize("endpoint,fields,message", [
+    ("/v1/completions", {"n": 0}, "n must be >= 1, found a number 0"),
+    ("/v1/completions", {"logprobs": 50}, "logprobs must be <= 20, found a number 50"),
+    ("/v1/completions", {"stream": "yes"}, 'stream must be true or false, found a string "yes"'),
+    ("/v1/completions", {"seed": 1.5}, "seed must be an integer, found a number 1.5"),
+    ("/v1/completions", {"n": True}, "n must be an integer, found true"),
+    ("/v1/completions", {"temperature": "hot"},
+     'temperature must be a number, found a string "hot"'),
+    ("/v1/completions", {"model": 5}, "model must be a string, found a number 5"),
+    ("/v1/chat/completions", {"top_logprobs": 50},
+     "top_logprobs must be <= 20, found a number 50"),
+    ("/v1/chat/completions", {"logprobs": "yes"},
+     'logprobs must be true or false, found a string "yes"'),
+])
+def test_a_field_of_the_wrong_type_or_range_is_told_in_kilns_words(engine, endpoint, fields,
+                                                                   message):
+    """Trial 39: these were told pydantic's "n: Input should be greater than or equal to 1",
+    beside kiln's own words for the other fields."""
+    body = {"model": "m", **({"prompt": "hi"} if endpoint == "/v1/completions" else
+                             {"messages": [{"role": "user", "content": "hi"}]}), **fields}
+    out = _client(engine).post(endpoint, json=body)
+    assert out.status_code == 400, out.text
+    assert out.json()["error"]["message"] == message
+    assert out.json()["error"]["param"] == next(iter(fields))
 
 
 def test_a_long_wrong_value_is_shown_cut_and_as_json(engine):
