@@ -90,7 +90,7 @@ def option(name: str, value: Any = _NO_VALUE, flag: str | None = None) -> str:
     its flag, ``--dp`` or ``--dp 2`` (``True``: the flag alone). The flag is ``--`` and the
     keyword, as the CLI builds them from the options dataclasses' fields, unless ``flag`` names
     another (``option("model", flag="model_dir")``: ``LLM(model=...)`` is ``--model_dir``)."""
-    if _AS_FLAGS.get():
+    if named_as_flags():
         flag = f"--{flag or name}"
         return flag if value is _NO_VALUE or value is True else f"{flag} {value}"
     if value is _NO_VALUE:
@@ -104,16 +104,23 @@ def build_larger(name: str) -> str:
     (:func:`option`): from Python ``build with a larger max_input_len (kiln.build, or beside
     LLM(model=...))``, inside a kiln command ``build with a larger --max_input_len (kiln
     build, or beside --model_dir)``; a Python caller had been told of flags it has not."""
-    where = "kiln build, or beside --model_dir" if _AS_FLAGS.get() else \
+    where = "kiln build, or beside --model_dir" if named_as_flags() else \
         "kiln.build, or beside LLM(model=...)"
     return f"build with a larger {option(name)} ({where})"
 
 
+def named_as_flags() -> bool:
+    """Whether messages made here name options as flags (:func:`options_as_flags`): what a
+    process kiln starts is told, to name them as its starter does."""
+    return _AS_FLAGS.get()
+
+
 @contextlib.contextmanager
-def options_as_flags() -> Iterator[None]:
+def options_as_flags(on: bool = True) -> Iterator[None]:
     """Messages made inside name options as flags (:func:`option`): the CLI runs its
-    commands in this."""
-    token = _AS_FLAGS.set(True)
+    commands in this, and the processes it starts (replicas, ranks) their work (``on``: what
+    :func:`named_as_flags` said where they were started)."""
+    token = _AS_FLAGS.set(on)
     try:
         yield
     finally:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import copy
 import logging
 import os
@@ -117,7 +118,10 @@ class AsyncLLM:
         self._loop = _EngineLoop(llm)
         llm.async_owner = self._loop
         self._closed = False
-        self._thread = threading.Thread(target=self._loop.run, name="kiln-engine", daemon=True)
+        # in the caller's context: the engine's messages name options as its caller's do
+        # (kiln serve's flags: kiln.errors.option), not as a new thread's defaults would
+        self._thread = threading.Thread(target=contextvars.copy_context().run,
+                                        args=(self._loop.run,), name="kiln-engine", daemon=True)
         self._thread.start()
         # dropped without close(): the thread stops when this is collected, and lets the LLM go
         weakref.finalize(self, self._loop.send, ("close",)).atexit = False

@@ -14,6 +14,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -362,3 +363,29 @@ def test_exit_causes():
     assert exit_cause(-9).startswith("died: killed by SIGKILL (sent by a user, or by the kernel")
     assert exit_cause(-15) == "died: killed by SIGTERM"
     assert exit_cause(1) == "died: exited with code 1"
+
+
+@pytest.mark.parametrize("as_flags", [False, True])
+def test_a_rank_names_options_as_its_driver_does(monkeypatch, as_flags):
+    """A rank process's messages name options as its driver's do (kiln run --tp_size 2: the
+    flags; kiln.errors.option), as kiln serve's replicas."""
+    from kiln.errors import named_as_flags, options_as_flags
+    from kiln.runtime.distributed import pool, worker
+
+    started = []
+
+    def start(process):
+        started.append(process._args[0])
+        raise RuntimeError("not started")
+
+    monkeypatch.setattr(pool, "start", start)
+    with options_as_flags(as_flags), pytest.raises(RuntimeError, match="not started"):
+        pool.WorkerPool(2)
+    assert [spec.as_flags for spec in started] == [as_flags]
+
+    seen = []
+    monkeypatch.setattr(worker, "_serve", lambda spec, end: seen.append(named_as_flags()))
+    monkeypatch.setattr(worker, "detach", lambda pid: None)
+    monkeypatch.setattr(worker.os, "_exit", lambda code: None)
+    worker.main(started[0], mock.Mock(), [0, 0])
+    assert seen == [as_flags] and not named_as_flags()

@@ -12,6 +12,7 @@ import logging
 import re
 import threading
 import time
+from unittest import mock
 
 import pytest
 from click.testing import CliRunner
@@ -19,6 +20,7 @@ from click.testing import CliRunner
 from kiln.builder.api import build
 from kiln.cli.main import main
 from kiln.engine import EngineError, read_manifest
+from kiln.errors import named_as_flags, options_as_flags
 from kiln.runtime import LLM, AsyncLLM, ExecutorOptions, SamplingParams
 from kiln.runtime.bench import Workload, run_benchmark
 from kiln.runtime.compat import MachineInfo
@@ -455,3 +457,37 @@ def test_a_bad_engine_dir_is_named_before_the_tokenizer(tmp_path):
                     ExecutorOptions(device="cpu", dp=2)):
         with pytest.raises(EngineError, match="no such engine directory"):
             LLM(tmp_path / "nosuch", options)
+
+
+@pytest.mark.parametrize("as_flags", [False, True])
+def test_a_replica_names_options_as_its_driver_does(tmp_path, monkeypatch, as_flags):
+    """A retest: kiln serve's engine thread told a too-long prompt of kiln.build's keyword, not
+    --max_input_len; a replica process (kiln serve --dp 2) is told how its driver names them,
+    and runs its engine so (kiln.errors.option)."""
+    from kiln.runtime.distributed import replica_worker, replicas
+
+    started = []
+
+    def start(process):
+        started.append(process._args[0])
+        raise RuntimeError("not started")
+
+    monkeypatch.setattr(replicas, "start", start)
+    with options_as_flags(as_flags), pytest.raises(RuntimeError, match="not started"):
+        replicas.ReplicaPool(tmp_path, ExecutorOptions(device="cpu"), None, False, [None])
+    assert [spec.as_flags for spec in started] == [as_flags]
+
+    seen = []
+
+    class Replica:
+        def __init__(self, spec, conn):
+            seen.append(named_as_flags())
+
+        def serve(self):
+            pass
+
+    monkeypatch.setattr(replica_worker, "_Replica", Replica)
+    monkeypatch.setattr(replica_worker, "detach", lambda pid: None)
+    monkeypatch.setattr(replica_worker.os, "_exit", lambda code: None)
+    replica_worker.main(started[0], mock.Mock())
+    assert seen == [as_flags] and not named_as_flags()
