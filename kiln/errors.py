@@ -115,6 +115,15 @@ def named_as_flags() -> bool:
     return _AS_FLAGS.get()
 
 
+def build_with(name: str, value: Any = True) -> str:
+    """A build with option ``name`` set, in its user's words (:func:`option`): from Python
+    ``kiln.build(..., gather_context_logits=True)``, inside a kiln command ``kiln build
+    --gather_context_logits``."""
+    if named_as_flags():
+        return f"kiln build {option(name, value)}"
+    return f"kiln.build(..., {option(name, value)})"
+
+
 @contextlib.contextmanager
 def options_as_flags(on: bool = True) -> Iterator[None]:
     """Messages made inside name options as flags (:func:`option`): the CLI runs its

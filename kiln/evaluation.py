@@ -47,6 +47,7 @@ from kiln.errors import (
     ConfigError,
     DatasetError,
     build_larger,
+    build_with,
     check_flag,
     check_integer,
     counted,
@@ -246,8 +247,8 @@ def evaluate(engine_dir: str | Path, dataset: str | Path | TextDataset,
     manifest = read_manifest(engine_dir)
     if not manifest.gather_context_logits:
         raise ConfigError(f"{engine_dir}: perplexity needs every position's logits, and this "
-                          f"engine returns the last one only; rebuild it with kiln build "
-                          f"--gather_context_logits")
+                          f"engine returns the last one only; rebuild it with "
+                          f"{build_with('gather_context_logits')}")
     # the window and the text are checked before the engine loads (seconds to minutes)
     max_length, stride = resolve_window(manifest.limits.max_input_len, max_length, stride)
     token_ids = text_tokens(load_tokenizer(engine_dir), data)

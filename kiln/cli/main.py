@@ -114,9 +114,12 @@ class KilnGroup(click.Group):
             # command's (trial 38: click's usage block of three)
             hint, message = "see kiln --help", e.format_message()
             if isinstance(e, click.NoSuchOption) and (others := self._having(ctx, e.option_name)):
-                # a command's option before the command (trial 39's kiln --temperature 0 run)
+                # a command's option before the command (trial 39's kiln --temperature 0 run),
+                # shown after the command given where that one takes it (a retest)
+                given = {a.replace("-", "_") for a in args}
+                after = next((c for c in others if c.split()[1] in given), others[0])
                 hint = f"{e.option_name} is an option of {_listed(others)}: it goes after the " \
-                       f"command, {others[0]} {e.option_name} ..."
+                       f"command, {after} {e.option_name} ..."
                 message = e.message  # without click's guesses at kiln's own
             click.echo(f"error: {message} ({hint})", err=True)
             ctx.exit(2)

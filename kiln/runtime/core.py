@@ -85,7 +85,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiln.engine import BuildLimits
-from kiln.errors import described
+from kiln.errors import build_with, described
 from kiln.runtime.detokenize import IncrementalDetokenizer, StopStringMatcher
 from kiln.runtime.errors import RequestError, prompt_too_long
 from kiln.runtime.executor import DeviceTokens, Executor, StepLogits
@@ -523,7 +523,7 @@ def check_request(request_id: str, prompt_ids: Sequence[int], params: SamplingPa
     if params.prompt_logprobs is not None and not gathers_context_logits:
         raise RequestError(f"request {request_id}: prompt_logprobs need every prompt "
                            f"position's logits, and this engine returns the last one only; "
-                           f"rebuild it with kiln build --gather_context_logits")
+                           f"rebuild it with {build_with('gather_context_logits')}")
     return min(params.max_tokens, output_room(limits, len(prompt_ids)))
 
 

@@ -148,6 +148,9 @@ def test_a_bad_number_is_named_as_a_number(args, message, tmp_path):
                                     "the command, kiln run --temperature ...)"),  # trial 39
     (["--qformat", "x", "quantize"], "(--qformat is an option of kiln quantize: it goes after "
                                      "the command, kiln quantize --qformat ...)"),
+    (["--max_seq_len", "64", "build"], "it goes after the command, kiln build --max_seq_len "
+                                       "...)"),  # the command given, not the first (a retest)
+    (["--engine_dir", "e", "eval"], "it goes after the command, kiln eval --engine_dir ...)"),
 ])
 def test_a_global_option_after_the_command_says_where_it_goes(args, hint):
     """The README's own "kiln run -v" (a trial copied it) ended at "No such option"."""

@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from kiln.config import DecoderConfig, MlpType, PositionType
-from kiln.errors import ConfigError
+from kiln.errors import ConfigError, options_as_flags
 from kiln.plugins import PLUGINS, PluginContext, resolve_plugins
 
 BASE = dict(architecture="x", vocab_size=16, hidden_size=64, num_layers=1, num_heads=4,
@@ -88,6 +88,14 @@ def test_gqa_model_limits(kw, reason):
 def test_gqa_yields_to_a_disabled_plugin_it_replaces(replaced):
     chosen = resolve_plugins({replaced: "disable"}, ctx())
     assert chosen["gqa"] is False and chosen[replaced] is False
+    with pytest.raises(ConfigError) as python:  # named as its user gave it (a retest)
+        resolve_plugins({replaced: "disable", "gqa": "enable"}, ctx())
+    with options_as_flags(), pytest.raises(ConfigError) as cli:
+        resolve_plugins({replaced: "disable", "gqa": "enable"}, ctx())
+    assert str(python.value) == f"plugins['gqa']='enable': plugins[{replaced!r}]='disable' " \
+                                f"asks for the standard decomposed forms; use auto or disable"
+    assert str(cli.value) == f"--gqa_plugin enable: --{replaced}_plugin disable asks for the " \
+                             f"standard decomposed forms; use auto or disable"
 
 
 def info_lines(caplog) -> list[str]:

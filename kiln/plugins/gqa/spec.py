@@ -29,7 +29,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kiln.config import PositionType, RopeScalingType
-from kiln.plugins.registry import PluginContext, PluginMode, PluginSpec, always, register_plugin
+from kiln.plugins.registry import (
+    PluginContext,
+    PluginMode,
+    PluginSpec,
+    always,
+    plugin_option,
+    register_plugin,
+)
 
 DOMAIN = "com.microsoft"
 REPLACES = ("attention", "rotary", "kv_cache")
@@ -51,7 +58,7 @@ def _fused_blocker(ctx: PluginContext) -> str | None:
     cfg = ctx.decoder
     disabled = [name for name in REPLACES if ctx.requested.get(name) is PluginMode.DISABLE]
     if disabled:
-        return f"--{disabled[0]}_plugin disable asks for the standard decomposed forms"
+        return f"{plugin_option(disabled[0], 'disable')} asks for the standard decomposed forms"
     if cfg.position_type is not PositionType.ROPE:
         return f"GroupQueryAttention has no {cfg.position_type.value} position bias"
     if cfg.rope_scaling is not None and cfg.rope_scaling.type is RopeScalingType.DYNAMIC:
