@@ -2,7 +2,7 @@
 
 The one parser of the CLI's size flags (``--max_build_memory``, ``--max_cache_size``,
 ``--max_body_bytes``: :class:`kiln.cli.context.MemorySize`) and of the Python API's size
-keywords, which take the same strings and an int of bytes: ``kiln.build(...,
+keywords, which take the same strings and a number of bytes: ``kiln.build(...,
 max_build_memory="18GB")`` had been refused while ``kiln build --max_build_memory 18GB`` built.
 Decimal units are powers of 1000 (``GB``, ``G``), binary ones of 1024 (``GiB``), any case.
 """
@@ -52,5 +52,5 @@ def size_option(name: str, value: Any) -> int | None:
     try:
         return parse_size(value)
     except ValueError as e:
-        forms = " (a string, or an int of bytes)" if str(e) == NOT_A_SIZE else ""
+        forms = " (a string, or a number of bytes)" if str(e) == NOT_A_SIZE else ""
         raise ConfigError(f"{option(name)} {shown(value)} {e}{forms}") from None

@@ -34,13 +34,13 @@ def test_no_size_says_why(given, why):
 
 
 def test_a_size_option_is_refused_by_its_name_in_one_line():
-    """From Python the keyword, and what forms it takes (an int of bytes too)."""
+    """From Python the keyword, and what forms it takes (a number of bytes too)."""
     assert size_option("max_build_memory", None) is None
     assert size_option("max_build_memory", "18GB") == 18 * 10**9
     with pytest.raises(ConfigError) as info:
         size_option("max_build_memory", "18XB")
     assert str(info.value) == ("max_build_memory '18XB' is not a size like 20GB, 512MiB or "
-                               "2000000000 (a string, or an int of bytes)")
+                               "2000000000 (a string, or a number of bytes)")
     with pytest.raises(ConfigError, match=r"^--max_cache_size 0 must be at least 1 byte$"), \
             options_as_flags():
         size_option("max_cache_size", 0)

@@ -18,7 +18,7 @@ import psutil
 from kiln.config import DTYPES, DecoderConfig, PositionType
 from kiln.engine import BuildLimits
 from kiln.errors import ConfigError, check_counts, check_flags, option, shown
-from kiln.plugins.registry import parse_mode
+from kiln.plugins.registry import check_names, parse_mode
 from kiln.sizes import size_option
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,7 @@ class BuildOptions:
         object.__setattr__(self, "plugins", dict(self.plugins or {}))
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, found {self.dtype!r}")
+        check_names(self.plugins)  # the names first, then their modes
         for name, mode in self.plugins.items():
             parse_mode(name, mode)
 

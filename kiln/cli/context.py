@@ -52,7 +52,7 @@ class PathArg(click.Path):
 
     def convert(self, value, param, ctx):
         if isinstance(value, str) and not value.strip():
-            self.fail("is empty; give a path", param, ctx)
+            self.fail(f"{value!r} is an empty path; give a path", param, ctx)
         if not self.dir_okay and isinstance(value, str) and value != "-":
             if value.endswith(("/", os.sep)):
                 self.fail(f"{value!r} ends with '/', so it names a directory; give a file's "

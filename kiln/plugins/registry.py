@@ -19,6 +19,7 @@ holds: ``plugins fused: ...; replaced by gqa: ...; decomposed: ...; not in the m
 
 from __future__ import annotations
 
+import difflib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -106,11 +107,21 @@ def parse_mode(name: str, value: str | PluginMode) -> PluginMode:
                           f"{shown(value)}") from None
 
 
+def check_names(modes: dict[str, str | PluginMode]) -> None:
+    """ConfigError naming the plugins of ``modes`` that are none of :data:`PLUGINS` (and the
+    one each likely meant): checked before their modes, so that ``{"bogus": True}`` is told its
+    name first, not its mode and then, once mended, its name (a retest)."""
+    unknown = sorted(set(modes) - set(PLUGINS), key=str)
+    if unknown:
+        meant = [f"{name!r} -> {close[0]!r}" for name in unknown
+                 if (close := difflib.get_close_matches(str(name).lower(), PLUGINS, 1))]
+        hint = f" (did you mean {', '.join(meant)}?)" if meant else ""
+        raise ConfigError(f"unknown plugins {unknown}{hint}; known: {sorted(PLUGINS)}")
+
+
 def resolve_plugins(modes: dict[str, str | PluginMode], ctx: PluginContext) -> dict[str, bool]:
     """Every registered plugin -> whether its fused form is used (see the module docstring)."""
-    unknown = sorted(set(modes) - set(PLUGINS))
-    if unknown:
-        raise ConfigError(f"unknown plugins {unknown}; known: {sorted(PLUGINS)}")
+    check_names(modes)
     requested = {name: parse_mode(name, modes.get(name, PluginMode.AUTO)) for name in PLUGINS}
     ctx = replace(ctx, requested=requested)
     forms = {name: _resolve_one(spec, requested[name], ctx)

@@ -284,7 +284,7 @@ def test_a_hub_model_is_keyed_by_its_resolved_commit(tiny_hf, tmp_path, cache_di
     ("{hf}", {"max_cache_size": -1}, ConfigError, "max_cache_size -1 must be at least 1 byte"),
     ("{hf}", {"max_cache_size": "lots"}, ConfigError, "max_cache_size 'lots' is not a size like "
                                                       "20GB, 512MiB or 2000000000 (a string, or "
-                                                      "an int of bytes)"),
+                                                      "a number of bytes)"),
     ("{hf}", {"max_build_memory": "18XB"}, ConfigError, "max_build_memory '18XB' is not a size"),
     ("{hf}", {"backend": "nope"}, KilnError, "unknown backend 'nope'"),
 ])

@@ -383,4 +383,4 @@ def test_max_build_memory_takes_what_the_cli_takes(given, size):
 def test_a_max_build_memory_of_no_size_says_what_sizes_are(checkpoint, tmp_path):
     fails(tmp_path, checkpoint("llama-gqa"), ConfigError,
           r"^max_build_memory '18XB' is not a size like 20GB, 512MiB or 2000000000 \(a string, "
-          r"or an int of bytes\)$", max_build_memory="18XB")
+          r"or a number of bytes\)$", max_build_memory="18XB")

@@ -6,6 +6,7 @@ import logging
 
 import pytest
 
+from kiln.builder.options import BuildOptions
 from kiln.config import DecoderConfig, MlpType, PositionType
 from kiln.errors import ConfigError, options_as_flags
 from kiln.plugins import PLUGINS, PluginContext, resolve_plugins
@@ -52,6 +53,20 @@ def test_disable_and_bad_values():
         resolve_plugins({"norm": "yes"}, ctx())
     with pytest.raises(ConfigError, match=r"unknown plugins \['flash'\]"):
         resolve_plugins({"flash": "auto"}, ctx())
+
+
+@pytest.mark.parametrize("modes,message", [
+    ({"bogus": True}, "unknown plugins ['bogus']; known: "),  # its name first, not its mode
+    ({"Attention": "enable"}, "unknown plugins ['Attention'] (did you mean 'Attention' -> "
+                              "'attention'?); known: "),
+])
+def test_an_unknown_plugin_is_told_first_with_the_one_meant(modes, message):
+    """A retest: {"bogus": True} was told its mode, then, mended, its name; no did-you-mean."""
+    for check in (lambda: resolve_plugins(modes, ctx()),
+                  lambda: BuildOptions("c", "e", plugins=modes)):
+        with pytest.raises(ConfigError) as error:
+            check()
+        assert str(error.value).startswith(message)
 
 
 def test_tensorrt_head_limits():
