@@ -382,8 +382,10 @@ def test_a_revision_of_a_local_directory_is_refused(hf_dir, tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["build", "--checkpoint_dir", "", "--output_dir", "e"], "'--checkpoint_dir': '' is an empty path"),
-    (["build", "--checkpoint_dir", "c", "--output_dir", " "], "'--output_dir': ' ' is an empty path"),
+    (["build", "--checkpoint_dir", "", "--output_dir", "e"],
+     "'--checkpoint_dir': '' is an empty path"),
+    (["build", "--checkpoint_dir", "c", "--output_dir", " "],
+     "'--output_dir': ' ' is an empty path"),
     (["run", "--engine_dir", "", "--input_text", "hi"], "'--engine_dir': '' is an empty path"),
     (["bench", "--engine_dir", "e", "--json_output", ""], "'--json_output': '' is an empty path"),
     (["verify", ""], "'ENGINE_DIR': '' is an empty path"),
