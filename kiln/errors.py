@@ -84,6 +84,12 @@ _AS_FLAGS: contextvars.ContextVar[bool] = contextvars.ContextVar("kiln_options_a
 _NO_VALUE = object()
 
 
+def named_as_flags() -> bool:
+    """Whether messages made here name options as flags (:func:`options_as_flags`): what a
+    process kiln starts is told, to name them as its starter does."""
+    return _AS_FLAGS.get()
+
+
 def option(name: str, value: Any = _NO_VALUE, flag: str | None = None) -> str:
     """An option in a message as its user gave it, so that one message serves both: from
     Python its keyword, ``dp`` or ``dp=2``; inside a kiln command (:func:`options_as_flags`)
@@ -107,12 +113,6 @@ def build_larger(name: str) -> str:
     where = "kiln build, or beside --model_dir" if named_as_flags() else \
         "kiln.build, or beside LLM(model=...)"
     return f"build with a larger {option(name)} ({where})"
-
-
-def named_as_flags() -> bool:
-    """Whether messages made here name options as flags (:func:`options_as_flags`): what a
-    process kiln starts is told, to name them as its starter does."""
-    return _AS_FLAGS.get()
 
 
 def build_with(name: str, value: Any = True) -> str:
