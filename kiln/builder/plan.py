@@ -23,10 +23,15 @@ GB = 1e9
 
 
 def gb_text(n: float) -> str:
-    """Bytes as GB for a message, in MB under 0.1 GB, in KB under 1 MB (never "0.0 GB")."""
+    """Bytes as GB for a message, in MB under 0.1 GB, in KB under 1 MB, in bytes under 1 KB
+    (never "0.0 GB", nor "1 KB" for a budget of 100 bytes)."""
     if n >= GB / 10:
         return f"{n / GB:.1f} GB"
-    return f"{round(n / 1e6)} MB" if n >= 1e6 else f"{max(1, round(n / 1e3))} KB"
+    if n >= 1e6:
+        return f"{round(n / 1e6)} MB"
+    if n >= 999.5:
+        return f"{round(n / 1e3)} KB"
+    return "1 byte" if round(n) == 1 else f"{round(n)} bytes"
 
 
 def plan_rank(ckpt: CheckpointConfig, rank: int, weights: RankWeights, budget: int | None,
