@@ -48,11 +48,16 @@ def executor_options(func):
 class PathArg(click.Path):
     """click.Path that refuses an empty value (click would read "" as the current directory)
     and, where a file is asked for, a directory: one that exists, or a path ending with ``/``
-    (``Path`` drops the slash: ``--json_output reports/`` had written a file named reports)."""
+    (``Path`` drops the slash: ``--json_output reports/`` had written a file named reports);
+    and ``-`` for a directory (the dash names standard input or output: ``--output_dir -``
+    had built into a directory named "-"; ``./-`` names one)."""
 
     def convert(self, value, param, ctx):
         if isinstance(value, str) and not value.strip():
             self.fail(f"{value!r} is an empty path; give a path", param, ctx)
+        if not self.file_okay and value == "-":
+            self.fail("'-' names standard input or output, not a directory; give the "
+                      "directory's path (./- for one named '-')", param, ctx)
         if not self.dir_okay and isinstance(value, str) and value != "-":
             if value.endswith(("/", os.sep)):
                 self.fail(f"{value!r} ends with '/', so it names a directory; give a file's "

@@ -399,6 +399,22 @@ def test_an_empty_path_is_refused_not_read_as_the_current_directory(args, messag
     assert message in result.output
 
 
+@pytest.mark.parametrize("args", [
+    ["build", "--checkpoint_dir", "c", "--output_dir", "-"],
+    ["convert_checkpoint", "--model_dir", "m", "--output_dir", "-"],
+    ["quantize", "--checkpoint_dir", "c", "--output_dir", "-", "--qformat", "int8_wo"],
+    ["cache", "list", "--cache_dir", "-"],
+])
+def test_a_dash_is_not_taken_for_a_directory(args, tmp_path, monkeypatch):
+    """`--output_dir -` had built into a directory named "-" (the dash names stdin/stdout)."""
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, args, prog_name="kiln")
+    assert result.exit_code == 2 and len(result.output.splitlines()) == 1, result.output
+    assert "'-' names standard input or output, not a directory; give the directory's path " \
+           "(./- for one named '-')" in result.output
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("args", [["--help"], ["--version"], ["run", "--help"]])
 def test_help_into_a_closed_pipe_exits_as_a_command_does(args):
     """`kiln --help | true` had exited 1 (click's choice) where `kiln run ... | true` exits
