@@ -3,10 +3,11 @@
 Contract:
 - Request models accept the OpenAI fields kiln implements plus vLLM's sampling extras
   (``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``, ``stop_token_ids``,
-  ``include_stop_str_in_output``); unknown fields are ignored (clients send newer fields than
-  any server knows), in ``stream_options`` too; ``user`` is accepted and ignored. An optional
-  field sent as JSON ``null`` takes its default, as OpenAI's API (the openai client sends
-  ``"n": null``...).
+  ``include_stop_str_in_output``); unknown fields are accepted and ignored (clients send newer
+  fields than any server knows), in ``stream_options`` too, and each is named in a warning
+  (kiln.serve.render: a misspelt ``max_token`` asks for nothing); ``user`` is accepted and
+  ignored without a word. An optional field sent as JSON ``null`` takes its default, as
+  OpenAI's API (the openai client sends ``"n": null``...).
 - A type error in a field (pydantic) and a value SamplingParams refuses both become
   :class:`ApiError` 400 naming the parameter; nothing a client sends can cause a 500.
 - Response bodies are plain dicts in OpenAI's shapes (``text_completion``, ``chat.completion``
@@ -61,10 +62,11 @@ class _NullIsDefault(BaseModel):
 
 class StreamOptions(_NullIsDefault):
     """OpenAI's ``include_usage``, and vLLM's ``continuous_usage_stats``, which kiln serve
-    refuses when true (usage in every chunk: kiln.serve.render checks). Other keys are ignored,
-    as unknown request fields are (OpenAI's newer ``include_obfuscation``...)."""
+    refuses when true (usage in every chunk: kiln.serve.render checks). Other keys are kept in
+    ``model_extra`` and ignored with a warning, as unknown request fields are (OpenAI's newer
+    ``include_obfuscation``, a misspelt ``include_usages``...)."""
 
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="allow")
 
     include_usage: bool = False
     continuous_usage_stats: bool = False
@@ -72,7 +74,7 @@ class StreamOptions(_NullIsDefault):
 
 # OpenAI request fields kiln cannot honour: refused by name (a client relying on JSON mode or
 # tool calls must not get free text back as if they had been applied; kiln.serve.render
-# checks). Other unknown fields are ignored, as vLLM does.
+# checks). Other unknown fields are ignored with a warning, as vLLM does.
 UNSUPPORTED = ("response_format", "tools", "tool_choice", "functions", "function_call",
                "logit_bias", "suffix", "parallel_tool_calls",
                # vLLM's structured outputs and prompt logprobs (a retest's guided_json had

@@ -19,6 +19,11 @@ Contract:
   ``stop_reason``, null but in the chunk with the ``finish_reason``.
 - vLLM's conventions: ``top_k`` -1 is off (as 0), ``stop_token_ids`` and
   ``include_stop_str_in_output`` are SamplingParams'.
+- Request fields kiln serve does not know (``max_token``, ``stream_options.include_usages``)
+  are ignored, and named in a WARNING of this module's logger the first time a server meets
+  each (vLLM's "fields were present in the request but ignored"), at DEBUG after that; a null
+  one asks for nothing and is not named, nor are ``user``, the UNSUPPORTED fields (refused by
+  name, or no-ops) and a chat message's extra keys (they reach the template).
 - Chat prompts are the engine's chat template (or ``--chat_template``), rendered in jinja2's
   sandbox as :meth:`kiln.runtime.LLM.render_chat`; message ``content`` may be a string or a list
   of ``{"type": "text"}`` parts.
@@ -29,6 +34,7 @@ Non-goals: images/audio parts, tool calls, the OpenAI logprobs ``bytes`` of part
 from __future__ import annotations
 
 import json
+import logging
 import re
 from typing import Any
 
@@ -53,6 +59,11 @@ _SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty
              "frequency_penalty", "repetition_penalty")
 _PARAM = re.compile(r"SamplingParams\.(\w+)")
 COMPLETIONS_MAX_TOKENS = 16
+# Distinct ignored field names a server warns of: past these (a client sending a new name each
+# time), new names are logged at DEBUG, so neither the log nor the server's memory of them grows
+WARN_MOST = 100
+
+logger = logging.getLogger(__name__)
 
 
 def completion_prompts(prompt: Any) -> list[Prompt]:
@@ -186,6 +197,12 @@ def stream_options_form_error(options: Any) -> str | None:
         f"stream_options.{key} is {as_json(options[key])}; give true or false"
 
 
+def _listed(paths: list[str]) -> str:
+    """Field paths for a log line: each cut short, as JSON escapes it in ASCII (a key's newline
+    must not start a line of its own, nor a lone surrogate fail the log's encoding)."""
+    return ", ".join(cut(json.dumps(p)[1:-1]) for p in paths)
+
+
 def _token_id(value: Any) -> bool:
     """Whether a parsed JSON value is an integer (true and false are not)."""
     return isinstance(value, int) and not isinstance(value, bool)
@@ -261,6 +278,7 @@ class Renderer:
         self.llm = llm
         self.tokenizer = llm.tokenizer
         self.chat_template = chat_template
+        self.warned: set[str] = set()  # ignored fields named at WARNING already (_ignored)
 
     # -- inputs ------------------------------------------------------------------------------
     def _params(self, req: Any, max_tokens: int, renames: dict[str, str],
@@ -279,6 +297,7 @@ class Renderer:
             raise form_error("stream_options.continuous_usage_stats is not supported by kiln "
                              "serve (it takes include_usage: true, the usage in a last chunk); "
                              "send the request without it")
+        self._ignored(req, chat)
         given = {k: getattr(req, k) for k in _SAMPLING if getattr(req, k) is not None}
         if req.stop is not None:
             given["stop"] = req.stop if isinstance(req.stop, str) else tuple(req.stop)
@@ -289,6 +308,24 @@ class Renderer:
                 given[flag] = True
         return _checked(lambda: self.llm.default_params.replace(
             max_tokens=max_tokens, **given, **fields), renames)
+
+    def _ignored(self, req: Any, chat: bool) -> None:
+        """Log the fields of ``req`` that kiln serve ignores, by path (module docstring)."""
+        checked = UNSUPPORTED + (UNSUPPORTED_IN_CHAT if chat else ())
+        paths = [name for name, value in (req.model_extra or {}).items()
+                 if value is not None and name not in checked]
+        if req.stream_options is not None:
+            paths += [f"stream_options.{key}"
+                      for key, value in (req.stream_options.model_extra or {}).items()
+                      if value is not None]
+        fresh = [p for p in paths if p not in self.warned][:WARN_MOST - len(self.warned)]
+        self.warned.update(fresh)
+        if fresh:
+            logger.warning("request fields kiln serve does not know were ignored: %s (each "
+                           "name is warned of once per server, later at DEBUG)", _listed(fresh))
+        if again := [p for p in paths if p not in fresh]:
+            logger.debug("request fields kiln serve does not know were ignored: %s",
+                         _listed(again))
 
     def completion_params(self, req: CompletionRequest) -> SamplingParams:
         prompt_logprobs = None

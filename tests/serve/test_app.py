@@ -8,6 +8,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import json
+import logging
 import threading
 import time
 
@@ -269,10 +270,91 @@ def test_omitted_fields_take_the_engines_defaults_not_openais(engine):
     assert len({c["text"] for c in out.json()["choices"]}) == 1
 
 
-def test_unknown_fields_are_ignored(engine):
-    out = _client(engine).post("/v1/completions", json={"model": "m", "prompt": "a",
-                                                        "max_tokens": 1, "foo": 3})
+IGNORED = ("request fields kiln serve does not know were ignored: {} (each name is warned of "
+           "once per server, later at DEBUG)")
+
+
+def _said(caplog, level: int) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "kiln.serve.render" and r.levelno == level]
+
+
+@pytest.mark.parametrize("endpoint, body", [
+    ("/v1/completions", {"prompt": "a"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}]}),
+])
+def test_unknown_fields_are_ignored_and_named_once_per_server(engine, caplog, endpoint, body):
+    """A trial's "max_token": 5 and "stream_options": {"include_usages": true} lost what the
+    client asked for without a word (vLLM warns of such fields). Each name is warned of once: a
+    client that always sends one must not flood the log."""
+    client = _client(engine, chat_template="{% for m in messages %}{{ m.content }}{% endfor %}")
+    request = {"model": "m", **body, "max_tokens": 1, "max_token": 5, "stream": True,
+               "stream_options": {"include_usages": True}}
+    with caplog.at_level(logging.DEBUG, logger="kiln.serve.render"):
+        assert client.post(endpoint, json=request).status_code == 200
+        assert _said(caplog, logging.WARNING) == [
+            IGNORED.format("max_token, stream_options.include_usages")]
+        caplog.clear()
+        for fields in ({}, {"foo": 3}):  # said: at DEBUG; a new name: at WARNING
+            assert client.post(endpoint, json={**request, **fields}).status_code == 200
+        assert _said(caplog, logging.WARNING) == [IGNORED.format("foo")]
+        assert _said(caplog, logging.DEBUG) == [
+            "request fields kiln serve does not know were ignored: max_token, "
+            "stream_options.include_usages"] * 2
+        caplog.clear()
+        assert _client(engine).post(endpoint, json=request).status_code == 200  # another server
+        assert _said(caplog, logging.WARNING) == [
+            IGNORED.format("max_token, stream_options.include_usages")]
+
+
+@pytest.mark.parametrize("endpoint, body", [
+    ("/v1/completions", {"prompt": "a", "logit_bias": {}, "suffix": None}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a", "mood": "calm"}],
+                              "tools": [], "response_format": {"type": "text"}, "echo": False,
+                              "continue_final_message": False}),
+])
+def test_fields_kiln_takes_or_refuses_by_name_are_not_said_to_be_ignored(engine, caplog,
+                                                                          endpoint, body):
+    """``user`` (accepted, ignored), UNSUPPORTED fields of no-op values (they ask for nothing),
+    a null (the default) and a message's extra keys (the template reads them)."""
+    client = _client(engine, chat_template="{% for m in messages %}{{ m.content }}{% endfor %}")
+    with caplog.at_level(logging.DEBUG, logger="kiln.serve.render"):
+        out = client.post(endpoint, json={"model": "m", **body, "max_tokens": 1, "user": "u",
+                                          "foo": None, "stream": True,
+                                          "stream_options": {"include_usage": True,
+                                                             "bar": None}})
+    assert out.status_code == 200, out.text
+    assert _said(caplog, logging.WARNING) == _said(caplog, logging.DEBUG) == []
+
+
+def test_chat_only_fields_on_completions_are_said_to_be_ignored(engine, caplog):
+    """continue_final_message is checked on chat (refused when true); completions ignore it."""
+    with caplog.at_level(logging.WARNING, logger="kiln.serve.render"):
+        out = _client(engine).post("/v1/completions", json={
+            "model": "m", "prompt": "a", "max_tokens": 1, "continue_final_message": True})
     assert out.status_code == 200
+    assert _said(caplog, logging.WARNING) == [IGNORED.format("continue_final_message")]
+
+
+def test_ignored_field_names_are_escaped_and_bounded(engine, caplog):
+    """A key's newline must not forge a log line; a client sending new names without end must
+    not grow the log or the server's memory (past WARN_MOST names, DEBUG)."""
+    from kiln.serve.render import WARN_MOST
+
+    client = _client(engine)
+    with caplog.at_level(logging.DEBUG, logger="kiln.serve.render"):
+        out = client.post("/v1/completions", json={"model": "m", "prompt": "a", "max_tokens": 1,
+                                                   "a\nWARNING forged": 1})
+        assert out.status_code == 200
+        assert _said(caplog, logging.WARNING) == [IGNORED.format("a\\nWARNING forged")]
+        many = {f"f{i}": 1 for i in range(WARN_MOST + 5)}
+        out = client.post("/v1/completions", json={"model": "m", "prompt": "a", "max_tokens": 1,
+                                                   **many})
+    assert out.status_code == 200
+    assert _said(caplog, logging.WARNING)[-1] == IGNORED.format(
+        ", ".join(f"f{i}" for i in range(WARN_MOST - 1)))  # the newline's key was one
+    assert _said(caplog, logging.DEBUG)[-1].endswith(
+        ": " + ", ".join(f"f{i}" for i in range(WARN_MOST - 1, WARN_MOST + 5)))
 
 
 class _NanExecutor(HashExecutor):

@@ -255,8 +255,8 @@ def test_continuous_usage_stats_is_refused_by_name(make_client, endpoint, body, 
 @pytest.mark.parametrize("options, usage", [
     ({"include_usage": True, "continuous_usage_stats": False}, True),
     ({"continuous_usage_stats": None}, False),
-    # unknown keys are ignored, as unknown request fields are (OpenAI's newer
-    # include_obfuscation; a misspelt include_usage asks for nothing)
+    # unknown keys are ignored, as unknown request fields are, with a warning (OpenAI's newer
+    # include_obfuscation; a misspelt include_usage asks for nothing: test_app.py)
     ({"include_usage": True, "include_obfuscation": True}, True),
     ({"include_usge": True}, False),
 ])
