@@ -11,11 +11,11 @@ Contract:
   HTTP's auth schemes are; 401 otherwise); ``/health``, ``/metrics`` and ``/version`` stay
   open, for probes and scrapers.
 - Every error is OpenAI-shaped JSON (:class:`~kiln.serve.protocol.ApiError`): 400 bad
-  parameter (named in ``param``, down to the value at fault: ``messages[0].content``, the
-  prompt among several ``prompt[1]``), prompt too long, echo+logprobs on an engine without
-  context logits; 401; 404 unknown model or route; 413 body over ``max_body_bytes``; 429 with
-  ``Retry-After`` when more than ``max_queue`` requests would wait. Bad input never gives a
-  500.
+  parameter (named in ``param``, down to the value at fault: ``messages[0].content``, a
+  prompt of the list forms ``prompt[1]``, a token id outside the vocabulary ``prompt[0][3]``),
+  prompt too long, echo+logprobs on an engine without context logits; 401; 404 unknown model
+  or route; 413 body over ``max_body_bytes``; 429 with ``Retry-After`` when more than
+  ``max_queue`` requests would wait. Bad input never gives a 500.
 - ``n > 1``: the runtime samples one sequence per request, so each choice is its own engine
   request; with a ``seed``, choice j uses ``seed + j`` (so the choices differ, reproducibly).
 - A client that disconnects (or closes its stream) aborts its engine requests
@@ -128,11 +128,10 @@ def create_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = N
         check(request)
         req = await _parse(request, CompletionRequest)
         check(request, req.model)
-        prompts = render.completion_prompts(req.prompt)
+        prompts = renderer.completion_prompts(req)
         params = renderer.completion_params(req)
-        jobs = [Job(i * req.n + j, prompt, render.nth(params, j),
-                    f"prompt[{i}]" if len(prompts) > 1 else "")
-                for i, prompt in enumerate(prompts) for j in range(req.n)]
+        jobs = [Job(i * req.n + j, prompt, render.nth(params, j), label)
+                for i, (label, prompt) in enumerate(prompts) for j in range(req.n)]
         rid = new_id("cmpl")
         if req.stream:
             submitted = await state.submit(jobs, "prompt")

@@ -5,6 +5,8 @@ Contract:
   defaults (its generation_config.json, as ``LLM``) and override the fields the request gives;
   a value SamplingParams refuses is an :class:`ApiError` 400 whose ``param`` is the request
   field (``logprobs``/``top_logprobs`` for SamplingParams' logprobs and prompt_logprobs).
+- A completions prompt of the list forms is named ``prompt[i]`` in errors, even in a list of
+  one; a token id outside the engine's vocabulary by its path (``prompt[1]``, ``prompt[0][1]``).
 - Completions' default ``max_tokens`` is 16 (OpenAI's); chat's is the engine's max_seq_len
   (the runtime ends the request at the engine's length limit first).
 - ``echo`` prepends the prompt's text; with ``logprobs`` it also prepends the prompt tokens'
@@ -66,15 +68,17 @@ WARN_MOST = 100
 logger = logging.getLogger(__name__)
 
 
-def completion_prompts(prompt: Any) -> list[Prompt]:
-    """OpenAI's prompt forms (a string, strings, token ids, lists of token ids) as a list."""
+def _labelled(prompt: Any) -> list[tuple[str, Prompt]]:
+    """OpenAI's prompt forms (a string, strings, token ids, lists of token ids) as (label,
+    prompt) pairs. The label names the prompt in errors: ``prompt[i]`` in the list forms, even
+    of one prompt (the request indexed it); "" for a string or token ids, the whole ``prompt``."""
     if isinstance(prompt, str):
-        return [prompt]
+        return [("", prompt)]
     if not prompt:
         raise ApiError(400, "prompt is an empty list; give a string or token ids", param="prompt")
     if all(isinstance(p, int) for p in prompt):
-        return [list(prompt)]
-    return list(prompt)
+        return [("", list(prompt))]
+    return [(f"prompt[{i}]", p) for i, p in enumerate(prompt)]
 
 
 def prompt_form_error(prompt: Any) -> str:
@@ -363,6 +367,20 @@ class Renderer:
         renames = {"logprobs": "top_logprobs", "max_tokens": "max_tokens"}
         return self._params(req, max_tokens, renames,
                             logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+
+    def completion_prompts(self, req: CompletionRequest) -> list[tuple[str, Prompt]]:
+        """The request's (label, prompt) pairs (:func:`_labelled`); a token id outside the
+        engine's vocabulary is a 400 naming its path, ``prompt[1]`` or ``prompt[0][1]`` (the
+        runtime's message names the prompt only, its param had been ``prompt``)."""
+        prompts, vocab = _labelled(req.prompt), self.llm.core.vocab_size
+        for label, prompt in prompts:
+            if isinstance(prompt, list):
+                k = next((k for k, t in enumerate(prompt) if not 0 <= t < vocab), None)
+                if k is not None:
+                    raise form_error(f"{label or 'prompt'}[{k}] is {prompt[k]}, outside the "
+                                     f"vocabulary [0, {vocab}); give token ids of this "
+                                     f"engine's tokenizer")
+        return prompts
 
     def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
         if self.tokenizer is None:

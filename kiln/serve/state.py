@@ -45,7 +45,8 @@ class Job:
     index: int
     prompt: Prompt
     params: SamplingParams
-    label: str = ""  # how an error names the prompt among several ("prompt[1]"); "" for one
+    label: str = ""  # how an error names a prompt of the list forms ("prompt[1]"); "" for
+    # the request's one prompt (a string or token ids)
 
 
 class ServerState:
@@ -135,7 +136,7 @@ class ServerState:
                 message = public(str(e), [rid])
                 if "stop_token_ids" in message:  # outside the vocabulary: not the prompt's fault
                     param = "stop_token_ids"  # (nor prompt[0]'s, which it had been told of)
-                elif job.label:  # the prompt at fault among several: prompt[1], as its message
+                elif job.label:  # the prompt at fault in a list: prompt[1], as its message
                     message, param = f"{job.label}: {message}", job.label
                 raise ApiError(400, message, param=param, code=error_code(message)) from None
             rids.append(rid)

@@ -496,9 +496,7 @@ def test_a_long_prompt_is_encoded_while_the_server_answers_others(engine, monkey
 @pytest.mark.parametrize("prompt, param, message", [
     (["fine", ""], "prompt[1]", "prompt[1]: the prompt is empty; give at least one token"),
     ([[1], []], "prompt[1]", "prompt[1]: the prompt is empty; give at least one token"),
-    ([[1], [2**40]], "prompt[1]", "prompt[1]: token ids [1099511627776] are outside the "
-                                  "vocabulary [0, 49152)"),
-    ([""], "prompt", "the prompt is empty; give at least one token"),  # one prompt: no index
+    ([""], "prompt[0]", "prompt[0]: the prompt is empty; give at least one token"),
     ([1.5], "prompt[0]", "prompt[0] is a number 1.5; " + FORMS),
     ([[1, 2], [3, "a"]], "prompt[1][1]", "prompt[1][1] is a string \"a\", not a token id; "
                                          + FORMS),
@@ -516,6 +514,30 @@ def test_a_bad_prompt_among_several_is_named(engine, prompt, param, message):
     """Trial D: ["", "x"] did not say which prompt was empty, and [1.5] was told pydantic's
     "prompt.str: Input should be a valid string". The param is the prompt at fault, as the
     message names it (it had been "prompt" for all of them, unlike stop[1])."""
+    out = _client(engine).post("/v1/completions",
+                               json={"model": "m", "prompt": prompt, "max_tokens": 1})
+    assert out.status_code == 400
+    assert out.json()["error"] == {"message": message, "type": "invalid_request_error",
+                                   "param": param, "code": None}
+
+
+OUTSIDE = "outside the vocabulary [0, 49152); give token ids of this engine's tokenizer"
+
+
+@pytest.mark.parametrize("prompt, param, message", [
+    ([[]], "prompt[0]", "prompt[0]: the prompt is empty; give at least one token"),
+    ([[1], [2**40]], "prompt[1][0]", f"prompt[1][0] is 1099511627776, {OUTSIDE}"),
+    ([1, -2], "prompt[1]", f"prompt[1] is -2, {OUTSIDE}"),
+    ([1, 49152, -1], "prompt[1]", f"prompt[1] is 49152, {OUTSIDE}"),
+    ([[1, -2]], "prompt[0][1]", f"prompt[0][1] is -2, {OUTSIDE}"),
+    ([[1], [3, 2, -5]], "prompt[1][2]", f"prompt[1][2] is -5, {OUTSIDE}"),
+    ([1, 2**40], "prompt[1]", f"prompt[1] is 1099511627776, {OUTSIDE}"),
+    ("", "prompt", "the prompt is empty; give at least one token"),  # the one prompt: no index
+])
+def test_a_prompt_in_a_list_and_a_token_id_are_named_by_their_path(engine, prompt, param,
+                                                                    message):
+    """A trial: [[]] (a list of one prompt) and [1, -2] had the param prompt; the value at fault
+    is prompt[0] and prompt[1] (the first id outside the vocabulary), as OpenAI's errors say."""
     out = _client(engine).post("/v1/completions",
                                json={"model": "m", "prompt": prompt, "max_tokens": 1})
     assert out.status_code == 400

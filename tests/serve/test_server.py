@@ -185,9 +185,9 @@ def test_prompt_too_long_is_400(client):
 def test_token_ids_outside_the_vocabulary_are_400_without_internal_ids(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt=[[1, 2], [3, 10**6]], max_tokens=2, n=2)
-    assert e.value.body["param"] == "prompt[1]"  # the prompt at fault
-    assert e.value.body["message"] == \
-        "prompt[1]: token ids [1000000] are outside the vocabulary [0, 49152)"
+    assert e.value.body["param"] == "prompt[1][1]"  # the token id at fault
+    assert e.value.body["message"] == "prompt[1][1] is 1000000, outside the vocabulary " \
+                                      "[0, 49152); give token ids of this engine's tokenizer"
 
 
 def test_auth_model_and_body_size_errors(server, client):
