@@ -158,6 +158,23 @@ def test_the_conventions_on_a_small_text():
     assert not matches("a ... b\n", "a x c\n") and matches("(a.b)\n", "(a.b)\n")
 
 
+def test_the_readme_awaits_async_llm_s_coroutines_and_only_those():
+    """A trial's README had `engine.abort(request_id)` in a comment: AsyncLLM.abort is a
+    coroutine, so called so nothing was aborted; and `await engine.close()` is a TypeError."""
+    import inspect
+
+    from kiln.runtime import AsyncLLM
+
+    text = README.read_text()
+    for name, method in inspect.getmembers(AsyncLLM, inspect.isfunction):
+        for call in re.finditer(rf"(await )?engine\.{name}\(", text):
+            awaited = call.group(1) is not None
+            line = text.count("\n", 0, call.start()) + 1
+            assert awaited == inspect.iscoroutinefunction(method), \
+                f"README.md:{line}: {call.group(0)}: " + \
+                ("awaited, and not a coroutine" if awaited else "a coroutine, not awaited")
+
+
 @pytest.fixture
 def workdir(tmp_path):
     """An empty working directory, removed afterwards (the job leaves ~1.8 GB there)."""
