@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.errors import described
-from kiln.runtime.errors import RequestError
+from kiln.runtime.errors import EngineClosedError, RequestError
 from kiln.runtime.llm import LLM, Prompt
 from kiln.runtime.options import ExecutorOptions
 from kiln.runtime.params import SamplingParams
@@ -139,7 +139,7 @@ class AsyncLLM:
                      request_id: str | None = None) -> str:
         """Queue a request; returns its id (raises RequestError for a bad request)."""
         if self._closed:
-            raise RuntimeError("AsyncLLM is closed")
+            raise self._closed_error()
         if isinstance(prompt, str) and len(prompt) > INLINE_ENCODE_CHARS:
             ids = await asyncio.to_thread(self.llm.encode, prompt)
         else:
@@ -204,8 +204,13 @@ class AsyncLLM:
 
     async def __aenter__(self) -> AsyncLLM:
         if self._closed:
-            raise RuntimeError("AsyncLLM is closed; make a new one")
+            raise self._closed_error()
         return self
+
+    def _closed_error(self) -> EngineClosedError:
+        again = f"Async{self.llm.opened_as}" if self._owns_llm \
+            else "AsyncLLM(llm), over an open LLM"
+        return EngineClosedError(f"AsyncLLM is closed; make a new one ({again})")
 
     async def __aexit__(self, *exc: object) -> None:
         await asyncio.to_thread(self.close)
@@ -325,7 +330,7 @@ class _EngineLoop:
             return
         _, _, _, request_id, _, sink, future = message
         if self.error is None:
-            future.set_exception(RuntimeError("AsyncLLM is closed"))
+            future.set_exception(EngineClosedError("AsyncLLM is closed; make a new one"))
             return
         request_id = request_id or self.llm.core.new_request_id()
         self.sinks[request_id] = sink

@@ -138,6 +138,9 @@ class LLM:
 
             check_option_names(build_options, "LLM", sets_itself=("check",))
         self.manifest: EngineManifest | None
+        # how a closed LLM says to open it again: the form it was opened with
+        self.opened_as = (f"LLM({str(engine_dir)!r})" if model is None else
+                           f"LLM(model={str(model)!r}{', ...' if build_options else ''})")
         options = options or ExecutorOptions()
         hold = contextlib.ExitStack()  # the engine's cache entry, held until close()
         try:
@@ -178,6 +181,7 @@ class LLM:
         """An LLM over an executor built by hand (the oracle's, a mock model's in tests)."""
         llm = cls.__new__(cls)
         llm.engine_dir, llm.manifest, llm._release = None, None, None
+        llm.opened_as = "LLM.from_executor(...)"
         llm._setup(executor, tokenizer, policy)
         return llm
 
@@ -245,7 +249,8 @@ class LLM:
         """Raise unless this LLM can run requests: it was closed (EngineClosedError), or its
         engine failed (that error again)."""
         if self.closed:
-            raise EngineClosedError("this LLM was closed; open the engine again (LLM(engine_dir))")
+            raise EngineClosedError(f"this LLM was closed; open the engine again "
+                                    f"({self.opened_as})")
         if self.error is not None:
             raise self.error.with_traceback(None)
 

@@ -469,7 +469,8 @@ def test_a_closed_llm_says_so(scripted):
     for use in (lambda: llm.generate(prompt, GREEDY), lambda: list(llm.generate_stream(prompt)),
                 lambda: llm.chat([{"role": "user", "content": "hi"}]), lambda: AsyncLLM(llm),
                 llm.__enter__):  # `with llm:` after close() (a trial's had entered)
-        with pytest.raises(EngineClosedError, match="this LLM was closed; open the engine again"):
+        with pytest.raises(EngineClosedError, match=r"this LLM was closed; open the engine again "
+                                                    r"\(LLM\.from_executor\(\.\.\.\)\)$"):
             use()
 
 
@@ -532,8 +533,15 @@ def test_closing_an_llm_an_async_llm_drives_is_refused_until_that_closes(scripte
         async with engine:
             pass
 
-    with pytest.raises(RuntimeError, match="AsyncLLM is closed"):  # a trial's had entered
-        asyncio.run(enter_closed())
+    async def submit_closed():
+        await engine.submit(prompt, GREEDY)
+
+    # EngineClosedError, as a closed LLM's (a RuntimeError still); it had been a bare RuntimeError
+    for use in (enter_closed, submit_closed):  # a trial's had entered
+        with pytest.raises(EngineClosedError, match=r"AsyncLLM is closed; make a new one "
+                                                    r"\(AsyncLLM\(llm\), over an open LLM\)$"):
+            asyncio.run(use())
+    assert issubclass(EngineClosedError, RuntimeError)
 
 
 def test_a_call_waiting_for_another_thread_s_says_so(scripted, caplog, monkeypatch):

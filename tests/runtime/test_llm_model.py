@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import re
 
 import pytest
 
@@ -150,6 +151,31 @@ def test_async_llm_opens_and_closes_its_own_llm(tiny_hf, cache):
     engine, entry, result = asyncio.run(main())
     assert len(result.token_ids) == 4
     assert engine.llm.closed and not _busy(cache, entry.name)
+
+
+def test_a_closed_llm_or_async_llm_names_the_form_it_was_opened_with(tiny_hf, cache):
+    """A trial's closed LLM(model=...) had said "open the engine again (LLM(engine_dir))"."""
+    from kiln.runtime.errors import EngineClosedError
+
+    def closed(form: str):
+        return pytest.raises(EngineClosedError, match=re.escape(f"({form})") + "$")
+
+    llm = LLM(model=tiny_hf, max_seq_len=48)
+    llm.close()
+    with closed(f"LLM(model='{tiny_hf}', ...)"):
+        llm.generate("Hello", GREEDY)
+    with LLM(model=tiny_hf) as llm:
+        engine_dir = llm.engine_dir
+    with closed(f"LLM(model='{tiny_hf}')"):
+        llm.generate("Hello", GREEDY)
+    with LLM(engine_dir) as llm:
+        pass
+    with closed(f"LLM('{engine_dir}')"):
+        llm.generate("Hello", GREEDY)
+    engine = AsyncLLM(model=tiny_hf)
+    engine.close()
+    with closed(f"AsyncLLM(model='{tiny_hf}')"):
+        asyncio.run(engine.submit("Hello", GREEDY))
 
 
 def test_async_llm_over_an_llm_is_unchanged_and_takes_no_options(tiny_hf, cache):
