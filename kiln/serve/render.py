@@ -43,7 +43,7 @@ from typing import Any
 from kiln.errors import as_json, cut, json_type, shown
 from kiln.runtime.errors import RequestError, SamplingParamsError, TokenizerError
 from kiln.runtime.llm import LLM, Prompt
-from kiln.runtime.params import SamplingParams, TokenLogprobs
+from kiln.runtime.params import SEED_MAX, SamplingParams, TokenLogprobs
 from kiln.runtime.results import CompletionResult, StreamDelta
 from kiln.runtime.tokenizer import TEXT_PART, parts_error, text_of_parts
 from kiln.serve.protocol import (
@@ -219,10 +219,20 @@ def _parts_error(i: int, parts: list[Any]) -> str | None:
 
 
 def nth(params: SamplingParams, j: int) -> SamplingParams:
-    """Choice j of ``n``: a seeded request's choices use seed + j (distinct, reproducible)."""
+    """Choice j of ``n``: a seeded request's choices use seed + j (distinct, reproducible;
+    a seed whose last choice's would pass SEED_MAX was refused: :func:`_check_seeds`)."""
     if j == 0 or params.seed is None:
         return params
     return _checked(lambda: params.replace(seed=params.seed + j), {})
+
+
+def _check_seeds(seed: int | None, n: int) -> None:
+    """Refuse a seed whose choices' seeds (:func:`nth`) would pass the largest one, naming what
+    the client sent (a trial's had been told of seed + 1, a number it never sent)."""
+    if seed is not None and n > 1 and seed + n - 1 > SEED_MAX:
+        raise ApiError(400, f"seed {seed} with n {n}: choice j samples with seed + j, past the "
+                            f"largest seed {SEED_MAX}; send a seed <= {SEED_MAX - (n - 1)}",
+                       param="seed")
 
 
 def failed(result: CompletionResult) -> ApiError:
@@ -310,8 +320,10 @@ class Renderer:
         for flag in ("ignore_eos", "include_stop_str_in_output"):
             if getattr(req, flag):
                 given[flag] = True
-        return _checked(lambda: self.llm.default_params.replace(
+        params = _checked(lambda: self.llm.default_params.replace(
             max_tokens=max_tokens, **given, **fields), renames)
+        _check_seeds(params.seed, req.n)
+        return params
 
     def _ignored(self, req: Any, chat: bool) -> None:
         """Log the fields of ``req`` that kiln serve ignores, by path (module docstring)."""

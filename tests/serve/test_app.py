@@ -645,6 +645,24 @@ def test_a_missing_prompt_or_messages_is_a_400(engine, endpoint, body, param):
     assert out.json()["error"]["param"] == param
 
 
+@pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
+def test_a_seed_whose_choices_pass_the_largest_is_told_as_sent(engine, endpoint):
+    """Trial 40: seed 2**64 - 1 with n 2 was told "found 18446744073709551616", choice 1's
+    seed + 1, a number the client never sent."""
+    body = {"model": "m", "max_tokens": 2, "temperature": 1, "n": 2,
+            **({"prompt": "hi"} if endpoint == "/v1/completions" else
+               {"messages": [{"role": "user", "content": "hi"}]})}
+    out = _client(engine).post(endpoint, json={**body, "seed": 2**64 - 1})
+    assert out.status_code == 400, out.text
+    assert out.json()["error"] == {
+        "message": "seed 18446744073709551615 with n 2: choice j samples with seed + j, past "
+                   "the largest seed 18446744073709551615; send a seed <= 18446744073709551614",
+        "type": "invalid_request_error", "param": "seed", "code": None}
+    out = _client(engine).post(endpoint, json={**body, "seed": 2**64 - 2})
+    assert out.status_code == 200, out.text
+    assert len(out.json()["choices"]) == 2
+
+
 @pytest.mark.parametrize("endpoint,fields,message", [
     ("/v1/completions", {"n": 0}, "n must be >= 1, found a number 0"),
     ("/v1/completions", {"logprobs": 50}, "logprobs must be <= 20, found a number 50"),
