@@ -5,6 +5,7 @@ dir given is empty, so reaching the engine load would fail differently. Exactly 
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 
@@ -102,6 +103,58 @@ def test_the_warm_engine_freezes_the_loaded_objects_before_serving(tmp_path, mon
     with contextlib.ExitStack() as stack:
         serve._warm_engine(stack, engine, ExecutorOptions(device="cpu"), serve._Signals())
     assert events == ["warm_up", "freeze"]
+
+
+def test_the_port_refuses_connections_while_the_engine_loads(tmp_path):
+    """Trial 40 saw clients hang while ``--model_dir`` built its engine. The address is bound
+    before the load (a port in use fails fast) but listens only once the engine is warm, as
+    vLLM's: a client meanwhile is refused at once (here, the load waits for ``go``)."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from kiln.engine import BuildLimits
+    from kiln.testing.smollm2 import smollm2_hf_dir
+    from tests.runtime.toy_onnx import toy_engine_dir
+
+    engine = toy_engine_dir(tmp_path / "engine", BuildLimits(2, 8, 16, 16), vocab=49152,
+                            tokenizer_dir=smollm2_hf_dir())
+    loading, go, port = tmp_path / "loading", tmp_path / "go", free_port()
+    script = (f"import pathlib, sys, time\n"
+              f"from kiln.cli import serve\n"
+              f"warm = serve._warm_engine\n"
+              f"def slow(*args):\n"
+              f"    pathlib.Path({str(loading)!r}).touch()\n"
+              f"    while not pathlib.Path({str(go)!r}).exists():\n"
+              f"        time.sleep(0.05)\n"
+              f"    return warm(*args)\n"
+              f"serve._warm_engine = slow\n"
+              f"from kiln.cli.main import main\n"
+              f"main(['serve', '--engine_dir', {str(engine)!r}, '--port', '{port}'])\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/health"
+    try:
+        deadline = time.monotonic() + 60
+        while not loading.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.05)
+        start = time.monotonic()
+        with pytest.raises(httpx.ConnectError):  # refused, not a timeout
+            httpx.get(url, timeout=5)
+        assert time.monotonic() - start < 1
+        go.touch()
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            with contextlib.suppress(httpx.ConnectError):
+                assert httpx.get(url, timeout=5).status_code == 200
+                break
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
 
 
 @pytest.mark.parametrize("text,why", [
