@@ -37,6 +37,9 @@ _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 # cut word may add
 HEAD_CHARS_PER_TOKEN = 8
 HEAD_MARGIN = 16
+# a text the tokenizer cannot encode (kiln serve names the chat message part that holds it)
+NOT_UTF8 = ("the text is not UTF-8: it holds a lone surrogate (a JSON \\udXXX escape of half a "
+            "character, or bytes from a shell in another locale); fix the text")
 
 
 @dataclass
@@ -72,9 +75,7 @@ class ModelTokenizer:
         if most is not None and len(text) > HEAD_CHARS_PER_TOKEN * (most + HEAD_MARGIN):
             self._refuse_long_head(text, most)
         if not is_utf8(text):
-            raise RequestError("the text is not UTF-8: it holds a lone surrogate (a JSON "
-                               "\\udXXX escape of half a character, or bytes from a shell in "
-                               "another locale); fix the text")
+            raise RequestError(NOT_UTF8)
         # encode_batch lets go of the GIL while it works (encode holds it: a 3.6 MB text kept
         # every other thread, a server's event loop among them, waiting 2.3 s); same ids
         ids = self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids

@@ -43,9 +43,9 @@ from typing import Any
 from kiln.errors import as_json, cut, json_type, shown
 from kiln.runtime.errors import RequestError, SamplingParamsError, TokenizerError
 from kiln.runtime.llm import LLM, Prompt
-from kiln.runtime.params import SEED_MAX, SamplingParams, TokenLogprobs
+from kiln.runtime.params import SEED_MAX, SamplingParams, TokenLogprobs, is_utf8
 from kiln.runtime.results import CompletionResult, StreamDelta
-from kiln.runtime.tokenizer import TEXT_PART, parts_error, text_of_parts
+from kiln.runtime.tokenizer import NOT_UTF8, TEXT_PART, parts_error, text_of_parts
 from kiln.serve.protocol import (
     ROLES,
     UNSUPPORTED,
@@ -550,5 +550,12 @@ def _message(i: int, message: dict[str, Any]) -> dict[str, Any]:
         why = _parts_error(i, content)
         if why is not None:
             raise form_error(why)
+        texts = [(f"messages[{i}].content[{j}].text", part["text"])
+                 for j, part in enumerate(content)]
         message["content"] = text_of_parts(content)
+    else:
+        texts = [(f"messages[{i}].content", content)]
+    for path, text in texts:  # named here: the rendered prompt's refusal could name no part
+        if isinstance(text, str) and not is_utf8(text):
+            raise ApiError(400, f"{path}: {NOT_UTF8}", param=path)
     return message

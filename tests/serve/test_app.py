@@ -421,6 +421,10 @@ def test_queue_time_metric_is_each_requests_wait_for_an_engine_slot(smollm2_dir)
     ("/v1/completions", {"prompt": "\ud800"}),
     ("/v1/completions", {"prompt": ["fine", "\ud800"]}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\udc80"}]}),
+    ("/v1/chat/completions", {"messages": [
+        {"role": "system", "content": "fine"},
+        {"role": "user", "content": [{"type": "text", "text": "b"},
+                                     {"type": "text", "text": "a\udc80"}]}]}),
 ])
 def test_a_prompt_that_is_not_utf8_is_400_and_leaves_nothing_queued(engine, endpoint, body):
     """A trial's lone surrogate gave a 500 and kept a queue place for good: 17 of them and
@@ -431,10 +435,12 @@ def test_a_prompt_that_is_not_utf8_is_400_and_leaves_nothing_queued(engine, endp
         out = client.post(endpoint, content=json.dumps({"model": "m", "max_tokens": 2, **body}),
                           headers={"content-type": "application/json"})
         assert out.status_code == 400, out.text
-        among = "prompt[1]: " if isinstance(body.get("prompt"), list) else ""
+        # the part at fault by its path (trial 40: a chat message's had the param messages)
+        among = "prompt[1]: " if isinstance(body.get("prompt"), list) else \
+            "messages[0].content: " if "messages" in body and len(body["messages"]) == 1 else \
+            "messages[1].content[1].text: " if "messages" in body else ""
         assert out.json()["error"]["message"].startswith(f"{among}the text is not UTF-8")
-        assert out.json()["error"]["param"] == ("messages" if "messages" in body else
-                                                among[:-2] or "prompt")
+        assert out.json()["error"]["param"] == (among[:-2] or "prompt")
     deadline = time.monotonic() + 5  # a good prompt before the bad one is aborted, not awaited
     while app.state.kiln.live and time.monotonic() < deadline:
         time.sleep(0.01)
