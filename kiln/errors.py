@@ -268,6 +268,28 @@ def check_integer(name: str, value: Any, error: type[Exception]) -> None:
         raise error(f"{option(name)} must be an integer, found {shown(value)}")
 
 
+def check_path(name: str, value: Any, error: type[Exception], give: str,
+               directory: bool = False) -> None:
+    """``value`` is a path as a Python caller gives one: a str or os.PathLike (a caller's
+    ``convert_checkpoint(src, None)`` had been Python's "expected str, bytes or os.PathLike
+    object"), not empty or blank (``Path("")`` is the current directory: a trial's
+    ``cache_dir=""`` had built into ./engines), and, for a ``directory``, not ``-``, which
+    the CLI reads as standard input or output (``convert_checkpoint(src, "-")`` had written a
+    directory named "-"): a str ``"-"`` and ``Path("-")`` alike (``Path("./-")`` is
+    ``Path("-")``): the str ``"./-"``, or an absolute path, names one. ``give``:
+    the fix for an empty one ("give the directory to write"). Named as its user gave it
+    (:func:`option`). (``Path("")`` itself is ``Path(".")``: nothing tells them apart.)"""
+    text = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+    if not isinstance(text, str):
+        found = "None" if value is None else described(value)
+        raise error(f"{option(name)} must be a path (a str or os.PathLike), found {found}")
+    if not text.strip():
+        raise error(f"{option(name)} is empty; {give}")
+    if directory and text == "-":
+        raise error(f"{option(name, value)}: kiln reads '-' as standard input or output, not "
+                    f"a directory; give the directory's path (./- for one named '-')")
+
+
 def check_flag(name: str, value: Any, error: type[Exception]) -> None:
     """``value`` is a bool (a Python caller's ``progress="yes"`` is a truthy string)."""
     if not isinstance(value, bool):

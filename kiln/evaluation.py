@@ -46,10 +46,12 @@ from kiln.datasets import TextDataset, load_texts
 from kiln.errors import (
     ConfigError,
     DatasetError,
+    EngineError,
     build_larger,
     build_with,
     check_flag,
     check_integer,
+    check_path,
     counted,
     option,
 )
@@ -240,6 +242,10 @@ def evaluate(engine_dir: str | Path, dataset: str | Path | TextDataset,
     from kiln.runtime.tokenizer import load_tokenizer
 
     check_flag("progress", progress, ConfigError)
+    check_path("engine_dir", engine_dir, EngineError, "pass the engine dir kiln build wrote")
+    if not isinstance(dataset, TextDataset):
+        check_path("dataset", dataset, DatasetError, "pass a .txt, .jsonl or .parquet file, a "
+                   "directory or a hub dataset id (owner/name)")
     check_integers(max_length, stride)
     data = dataset if isinstance(dataset, TextDataset) else load_texts(dataset)
     if stride is not None and max_length is not None:

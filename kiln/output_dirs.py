@@ -11,6 +11,9 @@ Contract:
 - :func:`atomic_dir` writes into a temporary directory beside the target and renames it into
   place only when the body succeeds; the old output is moved aside first and restored if the
   rename fails, so it survives any failure. What it replaces is logged at the default level.
+- The Python entry points take ``output_dir`` through :func:`output_path`: a str or
+  os.PathLike, not empty, not ``-`` (nor ``Path("-")``; the str ``"./-"`` names a directory
+  "-"), as the CLI's ``--output_dir``.
 - New directories get the user's umask (``tempfile.mkdtemp`` alone would make them 0700). An
   unwritable parent is refused before any work; parents created for a write that then failed
   are removed again; temporary dirs left by a killed kiln process (their names carry its pid)
@@ -38,7 +41,14 @@ from kiln.engine import (
     ENGINE_FILE,  # rank files of a checkpoint or engine dir
     manifest_edit,
 )
-from kiln.errors import UNREADABLE_JSON, USER_TEXT, OutputError, OutputExistsError, option
+from kiln.errors import (
+    UNREADABLE_JSON,
+    USER_TEXT,
+    OutputError,
+    OutputExistsError,
+    check_path,
+    option,
+)
 from kiln.hashing import sha256_file
 
 log = logging.getLogger(__name__)
@@ -51,8 +61,7 @@ def check_output(output_dir: Path, overwrite: bool, inputs: Sequence[Path] = (),
                  writes: str | None = None) -> None:
     """Refuse an unsafe ``output_dir`` before any work is done (module docstring); ``writes``:
     the kind of directory the command writes (``ENGINE_KIND`` or ``CHECKPOINT_KIND``)."""
-    if not str(output_dir).strip():
-        raise OutputError(f"{option('output_dir')} is empty; give the directory to write")
+    check_path("output_dir", output_dir, OutputError, "give the directory to write")
     output_dir = Path(output_dir).expanduser()
     long = next((part for part in output_dir.parts if len(os.fsencode(part)) > NAME_MAX), None)
     if long is not None:
@@ -82,6 +91,16 @@ def check_output(output_dir: Path, overwrite: bool, inputs: Sequence[Path] = (),
                                 f"to replace it (only a directory kiln wrote is replaced)")
     _check_kind(output_dir, describe_replaceable(output_dir), writes)
     _check_writable(output_dir)
+
+
+def output_path(output_dir: str | os.PathLike) -> Path:
+    """A Python caller's ``output_dir`` as a path, refused (:class:`OutputError`, one line) if
+    it is not a str or os.PathLike, is empty, or is ``-`` (:func:`kiln.errors.check_path`;
+    ``"./-"`` names a directory "-"). The entry points check it before ``Path()``, which reads
+    "" as the current directory (a trial had been told of output_dir='.')."""
+    check_path("output_dir", output_dir, OutputError, "give the directory to write",
+               directory=True)
+    return Path(output_dir).expanduser()
 
 
 def _check_outside_cache_entries(output_dir: Path, out: Path) -> None:

@@ -196,3 +196,42 @@ def test_option_names_a_flag_other_than_the_keyword_where_told():
     with options_as_flags():
         assert (option("model", flag="model_dir"), option("model", "m", flag="model_dir")) == \
             ("--model_dir", "--model_dir m")
+
+
+@pytest.mark.parametrize("value, message", [
+    (5, "engine_dir must be a path (a str or os.PathLike), found int 5"),
+    (None, "engine_dir must be a path (a str or os.PathLike), found None"),
+    (b"e", "engine_dir must be a path (a str or os.PathLike), found bytes b'e'"),
+    ("", "engine_dir is empty; give it"),
+    ("-", "engine_dir='-': kiln reads '-' as standard input or output, not a directory; give "
+          "the directory's path (./- for one named '-')"),
+])
+def test_check_path_names_the_argument_and_what_it_takes(value, message):
+    from kiln.errors import check_path
+
+    with pytest.raises(ConfigError) as raised:
+        check_path("engine_dir", value, ConfigError, "give it", directory=True)
+    assert str(raised.value) == message
+    with options_as_flags(), pytest.raises(ConfigError, match="^--engine_dir"):
+        check_path("engine_dir", value, ConfigError, "give it", directory=True)
+
+
+def test_check_path_takes_a_path_and_a_dash_where_no_directory_is_asked_for(tmp_path):
+    from kiln.errors import check_path
+
+    for value in ("x", tmp_path, "./-"):
+        check_path("engine_dir", value, ConfigError, "give it", directory=True)
+    check_path("dataset", "-", ConfigError, "give it")
+
+
+@pytest.mark.parametrize("engine_dir, dataset, error, message", [
+    (5, "d.txt", EngineError, "engine_dir must be a path (a str or os.PathLike), found int 5"),
+    ("e", None, "DatasetError", "dataset must be a path (a str or os.PathLike), found None"),
+])
+def test_evaluate_refuses_an_argument_that_is_no_path(engine_dir, dataset, error, message):
+    from kiln.errors import DatasetError
+
+    error = DatasetError if error == "DatasetError" else error
+    with pytest.raises(error) as raised:
+        evaluate(engine_dir, dataset)
+    assert str(raised.value) == message

@@ -21,7 +21,7 @@ import kiln
 from kiln.checkpoint import TOKENIZER_FILES
 from kiln.cli.main import main
 from kiln.engine.manifest import DIGEST_KEY, manifest_digest
-from kiln.errors import OutputExistsError
+from kiln.errors import KilnError, OutputExistsError
 from kiln.output_dirs import OutputError, atomic_dir, check_output
 from kiln.tensorio import write_tensors
 from tests.helpers import flip_bits
@@ -626,6 +626,60 @@ def test_an_os_error_is_one_line_and_exit_2(built, tmp_path, monkeypatch):
     assert result.exit_code == 2
     assert result.output == (f"error: {tmp_path / 'engine'}: No space left on device; nothing "
                              f"was left half-written\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("output_dir, message", [
+    # a trial's "" had been told output_dir='.' contains the input
+    ("", "output_dir is empty; give the directory to write"),
+    (" ", "output_dir is empty; give the directory to write"),
+    # a trial's "-" had written a checkpoint into a directory named "-"
+    ("-", "output_dir='-': kiln reads '-' as standard input or output, not a directory; give "
+          "the directory's path (./- for one named '-')"),
+    (Path("-"), "output_dir='-': kiln reads '-'"),
+    (None, "output_dir must be a path (a str or os.PathLike), found None"),
+    (5, "output_dir must be a path (a str or os.PathLike), found int 5"),
+])
+@pytest.mark.parametrize("command", ["convert_checkpoint", "build", "quantize"])
+def test_the_python_api_refuses_an_output_dir_that_is_no_path(built, hf_dir, tmp_path,
+                                                              monkeypatch, command, output_dir,
+                                                              message):
+    source = {"convert_checkpoint": hf_dir}.get(command, built[0])
+    options = {"quantize": {"qformat": "int8_wo"}, "build": LIMITS}.get(command, {})
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OutputError) as raised:
+        getattr(kiln, command)(source, output_dir, **options)
+    assert str(raised.value).startswith(message)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("through", ["python", "cli"])
+def test_dot_slash_dash_names_a_directory_named_dash(built, tmp_path, monkeypatch, through):
+    monkeypatch.chdir(tmp_path)
+    if through == "python":
+        kiln.build(built[0], "./-", **LIMITS)
+    else:
+        result = cli("build", "--checkpoint_dir", str(built[0]), "--output_dir", "./-",
+                     *(f"--{k}={v}" for k, v in LIMITS.items()))
+        assert result.exit_code == 0, result.output
+    assert (tmp_path / "-" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("command, name, error", [
+    ("convert_checkpoint", "model_dir", "CheckpointError"),
+    ("build", "checkpoint_dir", "ConfigError"),
+    ("quantize", "checkpoint_dir", "ConfigError"),
+])
+@pytest.mark.parametrize("source", [5, None])
+def test_the_python_api_refuses_a_source_that_is_no_path(tmp_path, command, name, error, source):
+    """A trial's convert_checkpoint(5, "x") had been Python's "expected str, bytes or
+    os.PathLike object", where LLM(5) names what it takes."""
+    options = {"quantize": {"qformat": "int8_wo"}}.get(command, {})
+    with pytest.raises(KilnError) as raised:
+        getattr(kiln, command)(source, tmp_path / "out", **options)
+    assert type(raised.value).__name__ == error
+    found = "None" if source is None else "int 5"
+    assert str(raised.value) == f"{name} must be a path (a str or os.PathLike), found {found}"
     assert list(tmp_path.iterdir()) == []
 
 

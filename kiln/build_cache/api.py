@@ -46,7 +46,7 @@ from kiln.build_cache.store import (
     damage,
     decimal_size,
 )
-from kiln.errors import BuildCacheError
+from kiln.errors import BuildCacheError, CheckpointError, check_path
 from kiln.sizes import size_option
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,8 @@ def engine_for_model(model: str | Path, *, backend: str | None = None, dtype: st
     :class:`~kiln.builder.options.BuildOptions` field by keyword (max_batch_size, max_input_len,
     max_seq_len, max_num_tokens, targets, plugins, max_build_memory, workers,
     allow_long_context, gather_context_logits, weight_only_int8_compute). ``cache_dir``: the
-    cache root (default ``$KILN_CACHE_DIR``, else the user's cache dir + ``/kiln``).
+    cache root (default ``$KILN_CACHE_DIR``, else the user's cache dir + ``/kiln``); a str or
+    os.PathLike, not empty and not ``"-"`` (as the CLI's; ``"./-"`` names a directory "-").
     ``max_cache_size``: bytes, or a size such as ``"20GB"`` (as ``--max_cache_size``); after a
     build, least recently used entries not in use are evicted until the cache fits.
     ``check``: called on a miss, before converting, with the manifest the build would write
@@ -132,6 +133,7 @@ def request_for(model: str | Path, *, backend: str | None = None, dtype: str = "
     from kiln.config import options_from
     from kiln.converters.options import ConvertOptions
 
+    check_path("model", model, CheckpointError, "pass an HF checkpoint directory or hub id")
     convert = ConvertOptions(dtype=dtype, tp_size=tp_size, pp_size=pp_size, revision=revision,
                              allow_pickle=allow_pickle)
     build = options_from(BuildOptions, build_options, "engine_for_model", also=_OWN, **FIXED,

@@ -58,7 +58,7 @@ from typing import Any
 from filelock import ReadWriteLock, Timeout
 
 from kiln.build_cache.hashes import MEMO_NAME
-from kiln.errors import UNREADABLE_JSON, USER_TEXT, BuildCacheError
+from kiln.errors import UNREADABLE_JSON, USER_TEXT, BuildCacheError, check_path
 from kiln.hashing import manifest_edited, sha256_file
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,10 @@ class EngineCache:
     """The engine cache under ``root`` (default :func:`cache_root`)."""
 
     def __init__(self, root: str | Path | None = None) -> None:
+        if root is not None:  # a Python caller's cache_dir="" had built into ./engines
+            check_path("cache_dir", root, BuildCacheError, "give the build cache's directory, "
+                       "or leave it out for the default ($KILN_CACHE_DIR, else "
+                       "~/.cache/kiln)", directory=True)
         self.root = Path(root).expanduser().absolute() if root is not None else cache_root()
         self.dir = self.root / ENGINES
 

@@ -61,10 +61,16 @@ from kiln.errors import (
     SettingRangeError,
     TensorMappingError,
     check_flag,
-    option,
+    check_path,
 )
 from kiln.hashing import sha256_file, stops_when
-from kiln.output_dirs import CHECKPOINT_KIND, atomic_dir, check_output, copy_tokenizer
+from kiln.output_dirs import (
+    CHECKPOINT_KIND,
+    atomic_dir,
+    check_output,
+    copy_tokenizer,
+    output_path,
+)
 from kiln.progress import progress_bar
 from kiln.quantization.config import INPUT_SCALE, KV_SCALES, WEIGHT_SCALE
 from kiln.roles import (
@@ -129,16 +135,18 @@ def convert_checkpoint(model_dir: str | Path, output_dir: str | Path, *, progres
     defaults (dtype, tp_size, pp_size, revision, overwrite, allow_pickle): one definition for
     this function and ``kiln convert_checkpoint``. Returns the output directory. Raises
     :class:`~kiln.errors.KilnError` subclasses on bad input, leaving nothing behind.
+    ``output_dir``: a str or os.PathLike; ``"-"`` and ``Path("-")`` are refused, as
+    the CLI refuses ``--output_dir -`` (``"./-"`` names a directory "-").
     """
     opts = options_from(ConvertOptions, options, "convert_checkpoint",
                         also=("progress",))
     check_flag("progress", progress, ConfigError)
     dtype, tp_size, pp_size = opts.dtype, opts.tp_size, opts.pp_size
     revision, overwrite, allow_pickle = opts.revision, opts.overwrite, opts.allow_pickle
-    if not str(model_dir).strip():  # Path("") would be the current directory
-        raise CheckpointError(f"{option('model_dir')} is empty; pass an HF checkpoint directory "
-                              f"or hub id")
-    output_dir = Path(output_dir).expanduser()
+    # (before Path(), which reads "" as the current directory)
+    check_path("model_dir", model_dir, CheckpointError,
+               "pass an HF checkpoint directory or hub id")
+    output_dir = output_path(output_dir)
     local = Path(model_dir).expanduser()
     check_output(output_dir, overwrite, inputs=[local] if local.exists() else [],
                  writes=CHECKPOINT_KIND)

@@ -58,6 +58,7 @@ from kiln.errors import (
     DatasetError,
     QuantizationError,
     check_flag,
+    check_path,
     counted,
     option,
 )
@@ -67,6 +68,7 @@ from kiln.output_dirs import (
     check_output,
     copy_tokenizer,
     file_digests,
+    output_path,
 )
 from kiln.progress import progress_bar
 from kiln.quantization.accuracy import AccuracyMeter, check_gate, summary
@@ -107,13 +109,14 @@ def quantize(checkpoint_dir: str | Path, output_dir: str | Path, *, progress: bo
     (``qformat`` is required): one definition for this function and ``kiln quantize``. Returns
     the output directory. Raises :class:`~kiln.errors.KilnError` subclasses on bad input or a
     failed accuracy gate (:class:`~kiln.errors.AccuracyGateError`), leaving nothing behind.
+    ``output_dir``: a str or os.PathLike; ``"-"`` and ``Path("-")`` are refused, as
+    the CLI refuses ``--output_dir -`` (``"./-"`` names a directory "-").
     """
     opts = options_from(QuantizeOptions, options, "quantize", also=("progress",))
     check_flag("progress", progress, ConfigError)
-    if not str(checkpoint_dir).strip():
-        raise ConfigError(f"{option('checkpoint_dir')} is empty; pass a kiln checkpoint "
-                          f"directory")
-    source_dir, output_dir = Path(checkpoint_dir).expanduser(), Path(output_dir).expanduser()
+    # (before Path(), which reads "" as the current directory)
+    check_path("checkpoint_dir", checkpoint_dir, ConfigError, "pass a kiln checkpoint directory")
+    source_dir, output_dir = Path(checkpoint_dir).expanduser(), output_path(output_dir)
     check_output(output_dir, opts.overwrite, inputs=[source_dir], writes=CHECKPOINT_KIND)
     source = load_config(source_dir)
     check_other_files(source_dir, source)  # the tokenizer, copied into the output

@@ -287,18 +287,32 @@ def test_a_hub_model_is_keyed_by_its_resolved_commit(tiny_hf, tmp_path, cache_di
                                                       "a number of bytes)"),
     ("{hf}", {"max_build_memory": "18XB"}, ConfigError, "max_build_memory '18XB' is not a size"),
     ("{hf}", {"backend": "nope"}, KilnError, "unknown backend 'nope'"),
+    (5, {}, CheckpointError, "model must be a path (a str or os.PathLike), found int 5"),
+    # a trial's cache_dir="" had built a cache entry under ./engines
+    ("{hf}", {"cache_dir": ""}, BuildCacheError, "cache_dir is empty; give the build cache's "
+                                                 "directory, or leave it out for the default"),
+    ("{hf}", {"cache_dir": " "}, BuildCacheError, "cache_dir is empty"),
+    ("{hf}", {"cache_dir": "-"}, BuildCacheError, "cache_dir='-': kiln reads '-' as standard "
+                                                  "input or output, not a directory; give the "
+                                                  "directory's path (./- for one named '-')"),
+    ("{hf}", {"cache_dir": Path("-")}, BuildCacheError, "cache_dir='-': kiln reads '-'"),
+    ("{hf}", {"cache_dir": 5}, BuildCacheError, "cache_dir must be a path (a str or "
+                                                "os.PathLike), found int 5"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tiny_hf, tmp_path, cache_dir, builds, model,
-                                                  options, error, message):
+                                                  options, error, message, monkeypatch):
     engine = tmp_path / "engine"
     engine.mkdir()
     (engine / "config.json").write_text(json.dumps({"format_version": 1, "backend": "onnx"}))
-    model = model.format(tmp=tmp_path, hf=tiny_hf, engine=engine)
+    if isinstance(model, str):
+        model = model.format(tmp=tmp_path, hf=tiny_hf, engine=engine)
+    monkeypatch.chdir(tmp_path)  # an empty cache_dir had been the current directory
     with pytest.raises(error) as raised:
         engine_for_model(model, **options)
     assert message.format(hf=tiny_hf) in str(raised.value) and "\n" not in str(raised.value)
     assert builds == []
     assert EngineCache(cache_dir).entries() == []
+    assert {p.name for p in tmp_path.iterdir()} <= {"engine", "kiln-cache"}
 
 
 def test_sizes_are_taken_as_the_cli_takes_them(tiny_hf, cache_dir, builds):
