@@ -13,7 +13,8 @@ Contract:
   rename fails, so it survives any failure. What it replaces is logged at the default level.
 - The Python entry points take ``output_dir`` through :func:`output_path`: a str or
   os.PathLike, not empty, not ``-`` (nor ``Path("-")``; the str ``"./-"`` names a directory
-  "-"), as the CLI's ``--output_dir``.
+  "-"), as the CLI's ``--output_dir``. A full disk (or quota) while writing is an
+  :class:`OutputError` naming the target and the fix; nothing is left behind.
 - New directories get the user's umask (``tempfile.mkdtemp`` alone would make them 0700). An
   unwritable parent is refused before any work; parents created for a write that then failed
   are removed again; temporary dirs left by a killed kiln process (their names carry its pid)
@@ -55,6 +56,7 @@ log = logging.getLogger(__name__)
 ACCURACY_NAME = "accuracy.json"  # kiln quantize's accuracy gate figures, beside config.json
 ENGINE_KIND, CHECKPOINT_KIND = "kiln engine dir", "kiln checkpoint"  # what a command writes
 NAME_MAX = 255  # bytes of one file name: ext4, xfs, btrfs, tmpfs, APFS
+FULL = (errno.ENOSPC, errno.EDQUOT)  # a write that does not fit: no space left, a quota
 
 
 def check_output(output_dir: Path, overwrite: bool, inputs: Sequence[Path] = (),
@@ -378,6 +380,12 @@ def atomic_dir(target: Path, overwrite: bool, writes: str | None = None) -> Iter
         else:
             _replace(target, tmp, writes)
         done = True
+    except OSError as e:
+        if (full := disk_full(e)) is None:
+            raise
+        raise OutputError(f"{target}: cannot be written ({full.strerror}); nothing was left "
+                          f"half-written: free space on its file system or choose another "
+                          f"{option('output_dir')}") from e
     finally:
         if tmp is not None and tmp.exists():
             _remove_tree(tmp)
@@ -385,6 +393,17 @@ def atomic_dir(target: Path, overwrite: bool, writes: str | None = None) -> Iter
             for parent in reversed(created):
                 with contextlib.suppress(OSError):
                     parent.rmdir()
+
+
+def disk_full(error: BaseException) -> OSError | None:
+    """The "no space left" or "quota exceeded" OSError that ``error`` is or was raised from,
+    else None: :func:`atomic_dir` and the build cache name the directory that did not fit and
+    the fix (a trial's full disk had been told "No space left on device" alone)."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in FULL:
+            return error
+        error = error.__cause__
+    return None
 
 
 def _replace(target: Path, tmp: Path, writes: str | None) -> None:

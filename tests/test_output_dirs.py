@@ -7,6 +7,7 @@ holding an unrelated file.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -617,15 +618,51 @@ def test_a_ctrl_c_while_a_temporary_dir_is_removed_still_removes_it(tmp_path, mo
 
 
 def test_an_os_error_is_one_line_and_exit_2(built, tmp_path, monkeypatch):
-    def full(*args):
-        raise OSError(28, "No space left on device", str(tmp_path / "engine"))
+    def failing(*args):
+        raise OSError(errno.EIO, "Input/output error", str(tmp_path / "engine"))
 
-    monkeypatch.setattr("kiln.builder.api.copy_tokenizer", full)
+    monkeypatch.setattr("kiln.builder.api.copy_tokenizer", failing)
     result = cli("build", "--checkpoint_dir", str(built[0]), "--output_dir",
                  str(tmp_path / "engine"), "--max_batch_size", "2", "--max_seq_len", "16")
     assert result.exit_code == 2
-    assert result.output == (f"error: {tmp_path / 'engine'}: No space left on device; nothing "
+    assert result.output == (f"error: {tmp_path / 'engine'}: Input/output error; nothing "
                              f"was left half-written\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")  # as a write() says it: no path
+
+
+@pytest.mark.parametrize("command, patched, args", [
+    ("convert_checkpoint", "kiln.converters.convert.copy_tokenizer", ["--model_dir", "{hf}"]),
+    ("build", "kiln.builder.api.copy_tokenizer", ["--checkpoint_dir", "{ckpt}",
+                                                  "--max_batch_size", "2", "--max_seq_len", "16"]),
+    ("quantize", "kiln.quantization.quantize.copy_tokenizer",
+     ["--checkpoint_dir", "{ckpt}", "--qformat", "int8_wo"]),
+])
+def test_a_full_disk_names_the_output_and_the_fix(built, hf_dir, tmp_path, monkeypatch, command,
+                                                  patched, args):
+    """A trial's full disk: "error: No space left on device; nothing was left half-written",
+    with neither the directory nor what to do."""
+    monkeypatch.setattr(patched, _full)
+    out = tmp_path / "a" / "out"
+    result = cli(command, *(a.format(hf=hf_dir, ckpt=built[0]) for a in args),
+                 "--output_dir", str(out))
+    assert result.exit_code == 2
+    assert result.output == (f"error: {out}: cannot be written (No space left on device); "
+                             f"nothing was left half-written: free space on its file system or "
+                             f"choose another --output_dir\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_is_named_as_the_python_api_names_the_output(hf_dir, tmp_path,
+                                                                 monkeypatch):
+    monkeypatch.setattr("kiln.converters.convert.copy_tokenizer", _full)
+    with pytest.raises(OutputError, match=r"out: cannot be written \(No space left on device\)"
+                       r"; nothing was left half-written: free space on its file system or "
+                       r"choose another output_dir$"):
+        kiln.convert_checkpoint(hf_dir, tmp_path / "out", progress=False)
     assert list(tmp_path.iterdir()) == []
 
 

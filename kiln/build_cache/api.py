@@ -46,7 +46,7 @@ from kiln.build_cache.store import (
     damage,
     decimal_size,
 )
-from kiln.errors import BuildCacheError, CheckpointError, check_path
+from kiln.errors import BuildCacheError, CheckpointError, check_path, named_as_flags
 from kiln.sizes import size_option
 
 log = logging.getLogger(__name__)
@@ -295,16 +295,27 @@ def _build(request: Request, conversion: Any, progress: bool) -> Entry:
     log.warning("building the engine for %s (%s) into the build cache %s; later calls "
                 "with the same inputs reuse it", source.label, request.what, cache.dir)
     started = time.time()
-    tmp = cache.new_tmp(name)
+    tmp = None
     try:
+        tmp = cache.new_tmp(name)
         _convert_and_build(tmp, request, conversion, progress)
         return cache.install(tmp, name, {
             "key": key, "parts": request.parts.to_dict(), "source": source.label,
             "backend": request.build.backend, "created": started,
             "build_seconds": round(time.time() - started, 3),
             "kiln_version": kiln.__version__})
+    except OSError as e:  # (the checkpoint's and the engine's atomic_dir: an OutputError)
+        from kiln.output_dirs import disk_full
+
+        if (full := disk_full(e)) is None:
+            raise
+        other = "set KILN_CACHE_DIR (or --cache_dir) to another directory" if named_as_flags() \
+            else "pass another cache_dir (or set KILN_CACHE_DIR)"
+        raise BuildCacheError(f"{cache.dir / name}: the build cache entry cannot be written "
+                              f"({full.strerror}); nothing was left half-written: free space "
+                              f"on its file system, or {other}") from e
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 

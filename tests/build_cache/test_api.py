@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -91,6 +92,28 @@ def test_a_failed_build_leaves_nothing(tiny_hf, cache_dir, monkeypatch):
         engine_for_model(tiny_hf)
     assert EngineCache(cache_dir).entries() == [] and _leftovers(cache_dir) == []
     assert list((cache_dir / "engines").glob("[0-9a-f]*.lock")) == []  # nor its lock file
+
+
+@pytest.mark.parametrize("as_flags", [False, True])
+def test_a_full_disk_names_the_entry_and_the_fix(tiny_hf, cache_dir, monkeypatch, as_flags):
+    """A trial's KILN_CACHE_DIR on a full disk: "No space left on device" alone."""
+    import errno
+
+    from kiln.errors import options_as_flags
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("kiln.converters.convert.copy_tokenizer", full)
+    with pytest.raises(BuildCacheError) as raised, options_as_flags(as_flags):
+        engine_for_model(tiny_hf)
+    other = "set KILN_CACHE_DIR (or --cache_dir) to another directory" if as_flags else \
+        "pass another cache_dir (or set KILN_CACHE_DIR)"
+    assert re.fullmatch(rf"{re.escape(str(cache_dir / 'engines'))}/[0-9a-f]+: the build cache "
+                        rf"entry cannot be written \(No space left on device\); nothing was "
+                        rf"left half-written: free space on its file system, or "
+                        rf"{re.escape(other)}", str(raised.value)), str(raised.value)
+    assert EngineCache(cache_dir).entries() == [] and _leftovers(cache_dir) == []
 
 
 def test_a_read_only_cache_serves_its_entries_and_refuses_a_build(tiny_hf, cache_dir, builds,
