@@ -212,6 +212,28 @@ def test_sequence_beyond_positions(checkpoint, tmp_path):
     assert result.manifest.limits.max_seq_len == 128
 
 
+def test_default_sequence_below_two_is_refused(ckpt_copy, tmp_path):
+    """A trial's config.json edited to max_position_embeddings 1 had built an engine of
+    max_seq_len 1 (every run gave one token); the default is refused in one line, exit 2."""
+    from click.testing import CliRunner
+
+    from kiln.cli.main import main
+
+    config = json.loads((ckpt_copy / "config.json").read_text())
+    config["decoder"]["max_position_embeddings"] = 1
+    (ckpt_copy / "config.json").write_text(json.dumps(config))
+    fails(tmp_path, ckpt_copy, ConfigError,
+          f"max_seq_len defaults to the checkpoint's max_position_embeddings 1 "
+          f"\\({re.escape(str(ckpt_copy / 'config.json'))}\\), below the 2 kiln builds .*; "
+          f"pass max_seq_len \\(with allow_long_context=True\\) or fix",
+          max_seq_len=None, max_input_len=None)
+    result = CliRunner().invoke(main, ["build", "--checkpoint_dir", str(ckpt_copy),
+                                       "--output_dir", str(tmp_path / "engine")])
+    assert result.exit_code == 2, result.output
+    assert "pass --max_seq_len (with --allow_long_context)" in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
 def test_long_context_warning_names_the_option_as_its_user_gave_it(caplog):
     """The warning of a build past the model's positions named the CLI's flag from Python."""
     limits = BuildLimits(max_batch_size=1, max_seq_len=128, max_input_len=16, max_num_tokens=16)
