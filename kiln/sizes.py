@@ -5,10 +5,15 @@ The one parser of the CLI's size flags (``--max_build_memory``, ``--max_cache_si
 keywords, which take the same strings and a number of bytes: ``kiln.build(...,
 max_build_memory="18GB")`` had been refused while ``kiln build --max_build_memory 18GB`` built.
 Decimal units are powers of 1000 (``GB``, ``G``), binary ones of 1024 (``GiB``), any case.
+
+And the one formatter of memory figures in messages (:func:`size_text`), binary units: what
+``kiln build`` warns an engine's KV cache needs and what ``kiln run`` refuses it for read alike
+(a trial's build had said "9437183999.9 GB" and its run "8583068.8 TiB" of one cache).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -54,3 +59,28 @@ def size_option(name: str, value: Any) -> int | None:
     except ValueError as e:
         forms = " (a string, or a number of bytes)" if str(e) == NOT_A_SIZE else ""
         raise ConfigError(f"{option(name)} {shown(value)} {e}{forms}") from None
+
+
+def size_text(n: float, digits: int = 0) -> str:
+    """Bytes for a message: EiB, PiB or TiB (one decimal) from 1 of each, GiB (one decimal)
+    from 0.1 GiB, else MiB, else KiB (never "0.0"); ``digits`` more decimals."""
+    for unit, power in (("EiB", 60), ("PiB", 50)):
+        if n >= 2**power:
+            return f"{n / 2**power:.{1 + digits}f} {unit}"
+    if n >= 2**40:
+        return f"{n / 2**40:.{1 + digits}f} TiB"
+    if n >= 2**30 / 10:
+        return f"{n / 2**30:.{1 + digits}f} GiB"
+    if n >= 2**20:
+        return f"{n / 2**20:.{digits}f} MiB"
+    return f"{max(1, math.ceil(n / 2**10))} KiB" if not digits else f"{n / 2**10:.{digits}f} KiB"
+
+
+def need_and_available(need: float, available: float) -> tuple[str, str]:
+    """:func:`size_text` of both, with the decimals it takes for a need above what is available
+    to read as more ("need 0.2 GiB, and 0.2 GiB is available" had refused a start)."""
+    for digits in range(4):
+        texts = size_text(need, digits), size_text(available, digits)
+        if texts[0] != texts[1]:
+            return texts
+    return f"{need:.0f} bytes", f"{available:.0f} bytes"

@@ -1,11 +1,12 @@
-"""kiln.sizes: the one parser of sizes, for the CLI's flags and the Python API's keywords."""
+"""kiln.sizes: the one parser of sizes, for the CLI's flags and the Python API's keywords,
+and the one formatter of memory figures in messages."""
 
 from __future__ import annotations
 
 import pytest
 
 from kiln.errors import ConfigError, options_as_flags
-from kiln.sizes import parse_size, size_option
+from kiln.sizes import need_and_available, parse_size, size_option, size_text
 
 
 @pytest.mark.parametrize("given, size", [
@@ -44,3 +45,26 @@ def test_a_size_option_is_refused_by_its_name_in_one_line():
     with pytest.raises(ConfigError, match=r"^--max_cache_size 0 must be at least 1 byte$"), \
             options_as_flags():
         size_option("max_cache_size", 0)
+
+
+GIB, MIB = 2**30, 2**20
+
+
+@pytest.mark.parametrize("n, text", [
+    (3 * 2**40, "3.0 TiB"), (1.25 * GIB, "1.2 GiB"), (GIB / 10, "0.1 GiB"), (5 * MIB, "5 MiB"),
+    (1, "1 KiB"), (1500, "2 KiB"), (2**50, "1.0 PiB"), (9437183999.9e9, "8.2 EiB"),
+])
+def test_size_text(n, text):
+    """A trial's KV cache of 9437183999.9 GB had been "8583068.8 TiB" at kiln run."""
+    assert size_text(n) == text
+
+
+@pytest.mark.parametrize("need, available, texts", [
+    # a start had been refused with "need 0.2 GiB ..., and 0.2 GiB is available"
+    (0.24 * GIB, 0.21 * GIB, ("0.24 GiB", "0.21 GiB")),
+    (0.2401 * GIB, 0.2399 * GIB, ("0.2401 GiB", "0.2399 GiB")),
+    (5 * GIB, GIB, ("5.0 GiB", "1.0 GiB")),  # apart already: as size_text says them
+    (GIB + 2, GIB + 1, (f"{GIB + 2} bytes", f"{GIB + 1} bytes")),
+])
+def test_a_need_above_what_is_available_reads_as_more(need, available, texts):
+    assert need_and_available(need, available) == texts

@@ -25,7 +25,7 @@ from kiln.builder.backends import Backend, BuildPlan, PartResult, get_backend
 from kiln.builder.graph.context import GraphSpec, RankWeights
 from kiln.builder.graph.linear import check_scales
 from kiln.builder.options import BuildOptions, resolve_limits
-from kiln.builder.plan import gb_text, plan_rank
+from kiln.builder.plan import plan_rank
 from kiln.builder.runner import run_parts
 from kiln.checkpoint import (
     CheckpointConfig,
@@ -41,6 +41,7 @@ from kiln.errors import ConfigError, check_flag, check_path, counted, option
 from kiln.output_dirs import ENGINE_KIND, atomic_dir, check_output, copy_tokenizer, output_path
 from kiln.plugins import PluginContext, resolve_plugins
 from kiln.quantization.config import QuantConfig, slow_on_onnx_cpu
+from kiln.sizes import MAX_SIZE, need_and_available, size_text
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def build_with(options: BuildOptions, progress: bool = False) -> BuildResult:
     plan = make_plan(options, ckpt, engine)
     engine.check(plan)  # (a refusal there comes before any warning of speed)
     _warn_slow_forms(engine.name, plan.graph.quantization, plan.graph.weight_only_int8_compute)
-    _warn_if_the_cache_cannot_fit_here(plan, engine)
+    _check_the_cache_size(plan, engine)
     budget = options.memory_budget() // options.workers
     parts = [p for rank in range(ckpt.mapping.world_size)
              for p in plan_rank(ckpt, rank, RankWeights(weights[rank].path, plan.dtype), budget,
@@ -142,23 +143,29 @@ def build_with(options: BuildOptions, progress: bool = False) -> BuildResult:
     return result
 
 
-def _warn_if_the_cache_cannot_fit_here(plan: BuildPlan, engine: Backend) -> None:
-    """An onnx engine for the CPU allocates its whole KV cache at load: say before the build
-    when its limits need more than this machine's memory (built ahead of time for a larger
-    machine, that is fine; a typo in --max_batch_size is not)."""
+def _check_the_cache_size(plan: BuildPlan, engine: Backend) -> None:
+    """Refuse limits whose whole KV cache is more than any machine holds (MAX_SIZE, 1 EB: a
+    typo such as max_batch_size 99999999999, 8.2 EiB, had built); a torch engine pages its
+    cache, but keeps per-slot state and logits rows of max_batch_size too. An onnx engine for
+    the CPU allocates the whole cache at load: warn when it needs more than this machine has
+    (built ahead of time for a larger machine, as on CI, that is fine)."""
+    need = plan_manifest(plan, engine, rank_files={}, checksums={}).full_kv_cache_bytes()
+    limits, lower = plan.limits, f"lower {option('max_batch_size')} or {option('max_seq_len')}"
+    if need > MAX_SIZE:
+        raise ConfigError(f"this engine's limits (max_batch_size {limits.max_batch_size}, "
+                          f"max_seq_len {limits.max_seq_len}) need a KV cache of "
+                          f"{size_text(need)}, more than any machine holds; {lower}")
     if engine.name != "onnx" or "cpu" not in plan.targets:
         return
     import psutil
 
-    need = plan_manifest(plan, engine, rank_files={}, checksums={}).full_kv_cache_bytes()
     total = psutil.virtual_memory().total
     if need > total:
-        limits = plan.limits
+        need_text, total_text = need_and_available(need, total)
         log.warning("this engine's limits (max_batch_size %d, max_seq_len %d) need a KV cache "
                     "of %s at load on the CPU, and this machine has %s of memory: it will not "
-                    "load here; lower %s or %s unless it runs on a larger machine",
-                    limits.max_batch_size, limits.max_seq_len, gb_text(need), gb_text(total),
-                    option("max_batch_size"), option("max_seq_len"))
+                    "load here; %s unless it runs on a larger machine",
+                    limits.max_batch_size, limits.max_seq_len, need_text, total_text, lower)
 
 
 def check_rank_files(checkpoint_dir: Path, ckpt: CheckpointConfig) -> dict[int, RankWeights]:

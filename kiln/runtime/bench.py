@@ -33,10 +33,10 @@ from typing import Any
 from kiln.errors import check_seed
 from kiln.runtime.core import EngineCore
 from kiln.runtime.errors import RequestError
-from kiln.runtime.host_memory import need_and_available
 from kiln.runtime.params import SamplingParams
 from kiln.runtime.results import RequestTimings
 from kiln.runtime.stats import Stats
+from kiln.sizes import need_and_available
 
 # Host bytes a request of the workload holds until the report, from tracemalloc on the onnx
 # executor (per request past the first 1,024 of 4,096: 1,268 bytes, 22.6 a prompt token, 48.3 a

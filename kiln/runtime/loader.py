@@ -47,9 +47,10 @@ from kiln.engine import (
 from kiln.errors import a_or_an, option
 from kiln.runtime.compat import MachineInfo, describe_machine
 from kiln.runtime.executor import Executor
-from kiln.runtime.host_memory import available_memory, need_and_available, size_text
+from kiln.runtime.host_memory import available_memory
 from kiln.runtime.launch import check_launch
 from kiln.runtime.options import ExecutorOptions
+from kiln.sizes import need_and_available, size_text
 
 logger = logging.getLogger(__name__)
 

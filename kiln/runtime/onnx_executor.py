@@ -42,9 +42,10 @@ from kiln.errors import option
 from kiln.quantization.config import slow_on_onnx_cpu
 from kiln.runtime.compat import MachineInfo, check_onnx
 from kiln.runtime.executor import Executor, SequenceChunk, StepLogits
-from kiln.runtime.host_memory import available_memory, need_and_available
+from kiln.runtime.host_memory import available_memory
 from kiln.runtime.loader import ExecutorOptions, warn_once
 from kiln.runtime.rows import Run, SlotRows
+from kiln.sizes import need_and_available
 
 logger = logging.getLogger(__name__)
 

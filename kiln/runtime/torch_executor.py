@@ -28,7 +28,7 @@ from kiln.engine import EngineError, EngineManifest
 from kiln.engine.torch_files import check_packed, read_packed
 from kiln.errors import option
 from kiln.runtime.compat import MachineInfo, sm
-from kiln.runtime.host_memory import available_memory, need_and_available, size_text
+from kiln.runtime.host_memory import available_memory
 from kiln.runtime.launch import torchrun_env
 from kiln.runtime.loader import ExecutorOptions, warn_once
 from kiln.runtime.torch_backend.executor import (
@@ -38,6 +38,7 @@ from kiln.runtime.torch_backend.executor import (
 )
 from kiln.runtime.torch_backend.paged_cache import PagedKVCache, cdiv
 from kiln.runtime.torch_backend.parallel import RankShard
+from kiln.sizes import need_and_available, size_text
 
 logger = logging.getLogger(__name__)
 

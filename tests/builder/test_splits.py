@@ -149,10 +149,43 @@ def test_an_onnx_cpu_engine_whose_cache_cannot_fit_here_is_said_before_the_build
         build(checkpoint("llama-gqa"), tmp_path / "engine", **LIMITS)
     (message,) = [m for m in caplog.messages if "KV cache" in m]
     assert "max_batch_size 4, max_seq_len 32) need a KV cache of " in message
-    assert "at load on the CPU, and this machine has 1 KB of memory: it will not load here" \
+    assert "at load on the CPU, and this machine has 1 KiB of memory: it will not load here" \
         in message
+    # the load's refusal says the same figure in the same units (a trial's build had said
+    # "9437183999.9 GB" and its run "8583068.8 TiB")
+    from kiln.engine import EngineError
+    from kiln.runtime import onnx_executor
+
+    figure = message.split("need a KV cache of ")[1].split(" at load")[0]
+    monkeypatch.setattr(onnx_executor, "available_memory", lambda: 1000)
+    manifest = read_manifest(tmp_path / "engine")
+    with pytest.raises(EngineError, match=f"need a KV cache of {figure} of host memory"):
+        onnx_executor._check_cache_memory(manifest, manifest.full_kv_cache_bytes(), "cpu")
     caplog.clear()
     monkeypatch.undo()
     with caplog.at_level(logging.WARNING, logger="kiln.builder.api"):
         build(checkpoint("llama-gqa"), tmp_path / "engine2", **LIMITS)
     assert not [m for m in caplog.messages if "KV cache" in m]
+
+
+def test_a_kv_cache_past_what_any_machine_holds_is_refused(checkpoint, tmp_path):
+    """A trial's kiln build --max_batch_size 99999999999 (a KV cache of 8.2 EiB) had built,
+    with a warning, for its kiln run to refuse; past 1 EB it is refused, one line, exit 2."""
+    from click.testing import CliRunner
+
+    from kiln.cli.main import main
+    from kiln.errors import ConfigError
+
+    big = 99999999999999  # the test model's cache is small: 1.5 EiB at max_seq_len 32
+    with pytest.raises(ConfigError, match=rf"^this engine's limits \(max_batch_size {big}, "
+                       r"max_seq_len 32\) need a KV cache of [0-9.]+ [PE]iB, more than any "
+                       r"machine holds; lower max_batch_size or max_seq_len$"):
+        build(checkpoint("llama-gqa"), tmp_path / "engine",
+              **{**LIMITS, "max_batch_size": big})
+    assert not (tmp_path / "engine").exists()
+    result = CliRunner().invoke(main, ["build", "--checkpoint_dir", str(checkpoint("llama-gqa")),
+                                       "--output_dir", str(tmp_path / "engine"),
+                                       "--max_batch_size", str(big), "--max_seq_len", "32"])
+    assert result.exit_code == 2, result.output
+    assert "more than any machine holds; lower --max_batch_size or --max_seq_len" \
+        in result.output
