@@ -219,8 +219,11 @@ def plan_conversion(model_dir: str, *, dtype: str = "auto", tp_size: int = 1, pp
     except SettingRangeError as e:  # a converted value out of range (num_kv_heads 3 of 4)
         raise ConfigError(f"{where}: {e} (kiln's names for the settings); fix it in "
                           f"config.json") from e
-    except KilnError:
-        raise
+    except KilnError as e:  # a converter's "config.json: ..." named without its directory
+        text = str(e)
+        if not text.startswith("config.json: "):
+            raise
+        raise type(e)(f"{where}: {text.removeprefix('config.json: ')}") from e
     except (TypeError, ValueError, AttributeError, KeyError, ArithmeticError) as e:
         # a setting of a type or range the converter did not check (a string for a nested
         # dict, -1 heads): one line, not a traceback
@@ -317,10 +320,23 @@ def plan_targets(converter: type[Converter], config: DecoderConfig, source: Sour
         want = expected_shape(plan.role, config) if plan.kind is None else \
             scale_shape(plan.role, plan.kind, config, quant.config)
         if plan.shape != want:
-            raise TensorMappingError(f"{plan.source_names()}: give {plan.name} shape "
-                                     f"{list(plan.shape)}, the config implies {list(want)}; "
-                                     f"config.json and weights disagree")
+            raise TensorMappingError(_shape_mismatch(plan, want, source.directory))
     return plans
+
+
+def _shape_mismatch(plan: TargetPlan, want: tuple[int, ...], directory: Path) -> str:
+    """The weights' file(s) and the shape the config implies: "<file>: model.embed_tokens.weight
+    has shape [49152, 576], the config implies [49152, 640]; ..." (a trial's had been
+    "['model.embed_tokens.weight']: give embed.weight shape ..." without a path)."""
+    files = ", ".join(sorted({str(directory / s.location()[0]) for s in plan.sources}))
+    names = plan.source_names()
+    if len(names) == 1 and plan.shape == tuple(plan.sources[0].shape):
+        what = f"{names[0]} has shape {list(plan.shape)}"
+    else:  # several tensors fused, or one reshaped: the shape of what they make
+        verb = "makes" if len(names) == 1 else "make"
+        what = f"{', '.join(names)} {verb} {plan.name} of shape {list(plan.shape)}"
+    return (f"{files}: {what}, the config implies {list(want)}; the weights and config.json "
+            f"are of different models (or one of them was edited)")
 
 
 def _planned_shape(rule: TensorRule, sources: tuple[SourceTensor, ...]) -> tuple[int, ...]:

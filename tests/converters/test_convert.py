@@ -494,7 +494,8 @@ def test_a_tied_config_with_a_stored_head_converts_as_transformers_loads_it(tmp_
 ])
 def test_a_config_value_of_the_wrong_type_is_one_line(src, tmp_path, key, value, what):
     """A string "4" for num_attention_heads had been a TypeError traceback, exit 1, and 0 heads
-    a ZeroDivisionError; -1 layers had named kiln's key (num_layers), not config.json's."""
+    a ZeroDivisionError; -1 layers had named kiln's key (num_layers), not config.json's; and
+    a trial's "config.json: ..." had not said which config.json."""
     from click.testing import CliRunner
 
     from kiln.cli.main import main
@@ -505,8 +506,23 @@ def test_a_config_value_of_the_wrong_type_is_one_line(src, tmp_path, key, value,
                                        "--output_dir", str(tmp_path / "out")])
     assert result.exit_code == 2, result.output
     assert result.output.strip() == \
-        f"error: config.json: {key} must be {what}, found {value!r}; fix it in config.json"
+        f"error: {src / 'config.json'}: {key} must be {what}, found {value!r}; fix it in " \
+        f"config.json"
     assert not (tmp_path / "out").exists()
+
+
+def test_weights_of_another_shape_name_their_file(src, tmp_path):
+    """A trial's had been "['model.embed_tokens.weight']: give embed.weight shape [49152, 576],
+    the config implies [49152, 640]", without the file."""
+    config = json.loads((src / "config.json").read_text())
+    vocab, hidden = config["vocab_size"], config["hidden_size"]
+    (src / "config.json").write_text(json.dumps({**config, "vocab_size": vocab + 1}))
+    with pytest.raises(TensorMappingError) as e:
+        kiln.convert_checkpoint(src, tmp_path / "out", progress=False)
+    assert str(e.value) == (
+        f"{src / 'model.safetensors'}: model.embed_tokens.weight has shape [{vocab}, {hidden}], "
+        f"the config implies [{vocab + 1}, {hidden}]; the weights and config.json are of "
+        f"different models (or one of them was edited)")
 
 
 def test_provenance_paths_are_absolute(hf_dir, tmp_path, monkeypatch):
@@ -537,8 +553,7 @@ def test_a_nested_setting_of_the_wrong_type_is_one_line(src, tmp_path, key, valu
                                        "--output_dir", str(tmp_path / "out")])
     assert result.exit_code == 2, result.output
     line, = result.output.strip().splitlines()
-    assert line.startswith(f"error: {src / 'config.json'}: ") or \
-        line.startswith("error: config.json: "), line
+    assert line.startswith(f"error: {src / 'config.json'}: "), line
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
 
 
@@ -570,7 +585,7 @@ def test_rope_and_norm_settings_are_checked_at_conversion(src, tmp_path, change,
     (src / "config.json").write_text(json.dumps({**config, **change}))
     with pytest.raises(ConfigError) as e:
         kiln.convert_checkpoint(src, tmp_path / "out", progress=False)
-    assert message in str(e.value) and str(e.value).startswith("config.json: ")
+    assert message in str(e.value) and str(e.value).startswith(f"{src / 'config.json'}: ")
     assert not (tmp_path / "out").exists()
 
 
