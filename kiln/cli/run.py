@@ -125,7 +125,8 @@ def read_prompts(input_text: tuple[str, ...],
     for path in files:
         prompts += _read_input_file(path)
     if not prompts:
-        raise click.BadParameter("give --input_text or --input_file", param_hint="--input_text")
+        # a usage line: "Invalid value for --input_text" had been said of no value given
+        raise click.UsageError("give a prompt: --input_text TEXT or --input_file FILE")
     return prompts
 
 

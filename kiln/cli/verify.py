@@ -26,6 +26,7 @@ from kiln.cli.context import CliContext, PathArg
 from kiln.dirs import (
     ENGINE_KEYS,
     DirKind,
+    classify_dir,
     dir_kind,
     near_path,
     only_child_of_kind,
@@ -136,6 +137,12 @@ def verify(obj: CliContext, engine_dir: Path | None, engine_dir_option: Path | N
     engine_dir = engine_dir or engine_dir_option
     either = "pass an engine dir (the output_dir of kiln build) or a kiln checkpoint (the " \
         "output_dir of kiln convert_checkpoint)"
+    if engine_dir.is_file():  # (read_config's words named engine dirs alone)
+        holder = engine_dir.parent if str(engine_dir.parent) else Path(".")
+        hint = f"pass the directory that holds it ({holder})" if classify_dir(holder) in \
+            (DirKind.ENGINE, DirKind.KILN_CHECKPOINT) else either
+        raise EngineError(f"{engine_dir}: is a file, not an engine dir or a kiln checkpoint; "
+                          f"{hint}")
     if str(engine_dir).strip() and not engine_dir.exists():  # either kind would have been right
         near = near_path(engine_dir)
         raise EngineError(f"{engine_dir}: no such directory; "

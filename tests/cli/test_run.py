@@ -327,6 +327,15 @@ def test_empty_prompt_file_is_refused_by_name(engine, tmp_path):
     assert len(r.output.splitlines()) == 1, r.output
 
 
+def test_no_prompt_is_a_usage_line(engine):
+    """A trial's kiln run with no prompt had been told "Invalid value for --input_text" of no
+    value given."""
+    r = CliRunner().invoke(main, ["run", "--engine_dir", str(engine)], prog_name="kiln")
+    assert r.exit_code == 2
+    assert r.output.splitlines() == [
+        "error: give a prompt: --input_text TEXT or --input_file FILE (see kiln run --help)"]
+
+
 def test_blank_jsonl_is_refused(engine, tmp_path):
     f = tmp_path / "prompts.jsonl"
     f.write_text("\n  \n")

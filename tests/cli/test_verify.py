@@ -227,6 +227,22 @@ def test_a_missing_dir_is_one_line_exit_2_naming_both_kinds(tmp_path):
         f"of kiln build) or a kiln checkpoint (the output_dir of kiln convert_checkpoint)"]
 
 
+def test_a_file_is_one_line_naming_both_kinds_or_its_directory(tmp_path, engine):
+    """A trial's kiln verify somefile.txt had been told to pass an engine dir alone."""
+    (tmp_path / "somefile.txt").write_text("x")
+    r = kiln("verify", str(tmp_path / "somefile.txt"))
+    assert r.exit_code == 2
+    assert r.output.splitlines() == [
+        f"error: {tmp_path / 'somefile.txt'}: is a file, not an engine dir or a kiln "
+        f"checkpoint; pass an engine dir (the output_dir of kiln build) or a kiln checkpoint "
+        f"(the output_dir of kiln convert_checkpoint)"]
+    r = kiln("verify", str(engine / "rank0.onnx"))
+    assert r.exit_code == 2
+    assert r.output.splitlines() == [
+        f"error: {engine / 'rank0.onnx'}: is a file, not an engine dir or a kiln checkpoint; "
+        f"pass the directory that holds it ({engine})"]
+
+
 def test_a_typo_names_the_near_dir(tmp_path):
     (tmp_path / "ckpt").mkdir()
     r = kiln("verify", str(tmp_path / "ckp"))
