@@ -18,7 +18,9 @@ from kiln.errors import shown
 from kiln.runtime.errors import SamplingParamsError
 
 # torch.Generator.manual_seed takes a 64-bit seed, signed or unsigned (a negative one is read as
-# its two's complement); the numpy path draws from the same CPU torch.Generator.
+# its two's complement: -1 is 2**64 - 1); the numpy path draws from the same CPU torch.Generator,
+# which kiln seeds from all 64 bits (kiln.runtime.sampling.make_generator: torch's own seeding
+# of it reads 32), so distinct seeds modulo 2**64 give distinct streams on every device.
 SEED_MIN, SEED_MAX = -2**63, 2**64 - 1
 # Temperatures below this sample greedily (vLLM's _SAMPLING_EPS): float32 logits divided by a
 # smaller one overflow to inf, and the draw would read NaN. At 1e-5 a logit lead of 0.001
@@ -48,7 +50,9 @@ class SamplingParams:
                                       "generated, in [-2, 2].")
     frequency_penalty: float = _f(0.0, "Subtracted once per earlier occurrence of a generated "
                                        "token, in [-2, 2].")
-    seed: int | None = _f(None, "Seed of this request's generator (None: random).")
+    seed: int | None = _f(None, "Seed of this request's generator, in [-2**63, 2**64 - 1]; a "
+                                "negative one is its two's complement (-1 is 2**64 - 1) "
+                                "(None: random).")
     stop: tuple[str, ...] = _f((), "Stop strings; text ends before them (matched across "
                                    "tokens).")
     stop_token_ids: tuple[int, ...] = _f((), "Token ids that end generation (besides EOS).")

@@ -67,10 +67,44 @@ def _entropy() -> int:
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator on ``device``: seeded, or from OS entropy when ``seed`` is None."""
+    """A generator on ``device``: seeded, or from OS entropy when ``seed`` is None. Seeds equal
+    modulo 2**64 give one stream (torch reads a negative seed as its two's complement), and
+    distinct ones distinct streams on every device (:func:`_seed_cpu`)."""
     generator = torch.Generator(device=device)
-    generator.manual_seed(seed if seed is not None else _entropy())
+    seed = seed if seed is not None else _entropy()
+    if generator.device.type == "cpu":
+        _seed_cpu(generator, seed)
+    else:  # CUDA's Philox takes all 64 bits
+        generator.manual_seed(seed)
     return generator
+
+
+# torch's CPU generator state (CPUGeneratorImplState, aten/src/ATen/CPUGeneratorImpl.cpp):
+# initial seed (u64), left (i32), seeded (i32), next (u64), then the 624 mt19937 words, as u64.
+_MT_WORDS, _MT_AT, _CPU_STATE_BYTES = 624, 24, 5056
+
+
+def _seed_cpu(generator: torch.Generator, seed: int) -> None:
+    """Seed a CPU generator with all 64 bits of ``seed``. torch's CPU generator (mt19937) seeds
+    from the low 32 bits alone, so 0, 2**32 and 2**63 had drawn the same samples (a trial's
+    seeds 0 and 2**63; -1 and 2**63 - 1). Seeds below 2**32 keep torch's own seeding (their
+    samples are as before); the others set mt19937's words as ``init_by_array`` of the seed's
+    two 32-bit halves makes them (the reference MT19937's seeding from a key, as numpy's
+    ``RandomState`` seeds from an array), torch's layout checked on the state it wrote."""
+    seed %= 2**64
+    generator.manual_seed(seed)  # the layout to fill in, and initial_seed() == seed
+    if seed < 2**32:
+        return
+    state = generator.get_state()
+    raw = state.numpy()
+    words = raw[_MT_AT:_MT_AT + 8 * _MT_WORDS].view(np.uint64) if raw.size == _CPU_STATE_BYTES \
+        else None
+    if words is None or int(words[0]) != seed % 2**32 or int(raw[8:16].view(np.int32)[0]) != 1:
+        raise RuntimeError(f"torch {torch.__version__}'s CPU generator state is not laid out as "
+                           f"kiln reads it (kiln.runtime.sampling._seed_cpu)")
+    key = np.array([seed % 2**32, seed >> 32], dtype=np.int64)
+    words[:] = np.random.RandomState(key).get_state()[1]  # (legacy seeding: init_by_array)
+    generator.set_state(state)
 
 
 class Generators:

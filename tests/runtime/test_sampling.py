@@ -472,6 +472,53 @@ def test_every_seed_in_range_seeds_a_generator(seed):
     assert Generators(SamplingParams(seed=seed).seed).on("cpu").initial_seed() == seed % 2**64
 
 
+def _draws(seed: int) -> list[int]:
+    """Eight tokens of a request seeded ``seed``, sampled at temperature 1 from flat logits."""
+    generators, params = Generators(seed), SamplingParams(temperature=1.0, seed=seed)
+    return [sample(torch.zeros(1000), params, [], [], generators.on("cpu"))[0]
+            for _ in range(8)]
+
+
+@pytest.mark.parametrize("a, b", [(0, 2**63), (0, 2**32), (-1, 2**63 - 1), (2**32 - 1, -1),
+                                  (2**63 - 1, 2**64 - 1), (5, 5 + 2**40)])
+def test_distinct_seeds_give_distinct_samples(a, b):
+    """A trial's seeds 0 and 2**63 gave the same samples, and -1, 2**63 - 1 and 2**64 - 1 too:
+    torch's CPU generator seeds from the low 32 bits only."""
+    assert _draws(a) != _draws(b)
+    assert _draws(a) == _draws(a) and _draws(b) == _draws(b)
+
+
+@pytest.mark.parametrize("seed", [-1, -2**63, -12345])
+def test_a_negative_seed_is_its_twos_complement(seed):
+    """As torch reads it (documented): -1 is 2**64 - 1."""
+    assert _draws(seed) == _draws(seed + 2**64)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 12345, 2**32 - 1])
+def test_a_seed_below_2_32_draws_as_before(seed):
+    """torch's own seeding, so a 32-bit seed's samples are those of earlier kilns."""
+    reference = torch.Generator().manual_seed(seed)
+    assert torch.equal(make_generator(seed).get_state(), reference.get_state())
+
+
+@pytest.mark.parametrize("seed", [2**32, 2**63, 2**64 - 1, 0x1234_5678_9ABC_DEF0])
+def test_a_64_bit_seed_sets_mt19937_as_init_by_array_of_its_halves(seed):
+    """The words kiln writes into torch's CPU state are the reference MT19937's seeding from
+    the key (low half, high half), as numpy's legacy RandomState makes them; the seed is kept."""
+    import numpy as np
+
+    generator = make_generator(seed)
+    state = generator.get_state().numpy()
+    key = np.array([seed % 2**32, seed >> 32], dtype=np.int64)
+    want = np.random.RandomState(key).get_state()[1]
+    assert (state[24:24 + 8 * 624].view(np.uint64) == want).all()
+    assert generator.initial_seed() == seed
+    # and torch draws from them as numpy's generator does (its outputs, less the top bit)
+    rs = np.random.RandomState(key)
+    assert torch.empty(3, dtype=torch.int32).random_(generator=generator).tolist() == \
+        [int(rs.randint(0, 2**32, dtype=np.uint32)) % 2**31 for _ in range(3)]
+
+
 @pytest.mark.parametrize("temperature", [1e-45, 1e-38, 9.9e-6])
 def test_a_temperature_below_1e_5_is_greedy(temperature):
     """Float32 logits divided by less overflow to inf and the draw read NaN: a trial's server
