@@ -539,7 +539,7 @@ def cache_of(engine_dir: str | Path) -> EngineCache | None:
 
 def decimal_size(n: float) -> str:
     """Bytes as ``kiln cache list`` and the cache's messages show them, in decimal units (host
-    memory messages use :func:`kiln.runtime.host_memory.size_text`'s binary ones)."""
+    memory messages use :func:`kiln.sizes.size_text`'s binary ones)."""
     for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= size:
             return f"{n / size:.1f} {unit}"
