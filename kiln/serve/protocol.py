@@ -42,8 +42,18 @@ class ApiError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "error"),
-                          "param": self.param, "code": self.code}}
+        """The response body; a lone surrogate a message repeats from the request (a role or
+        an ``n`` of ``"\\udc80"``) as its escape: UTF-8 JSON cannot hold it (a retest's 500)."""
+        return {"error": {"message": _escaped(self.message),
+                          "type": self.TYPES.get(self.status, "error"),
+                          "param": _escaped(self.param), "code": self.code}}
+
+
+def _escaped(text: str | None) -> str | None:
+    """``text`` with any lone surrogate as its backslash escape (``\\udc80``), else as is."""
+    if text is None:
+        return None
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class _NullIsDefault(BaseModel):

@@ -357,6 +357,24 @@ def test_ignored_field_names_are_escaped_and_bounded(engine, caplog):
         ": " + ", ".join(f"f{i}" for i in range(WARN_MOST - 1, WARN_MOST + 5)))
 
 
+@pytest.mark.parametrize("endpoint,body", [
+    ("/v1/chat/completions", {"messages": [{"role": "us\udc80er", "content": "hi"}]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "\udc80", "text": "hi"}]}]}),
+    ("/v1/completions", {"prompt": "a", "n": "\udc80"}),
+    ("/v1/completions", {"prompt": "a", "max_tokens": "\udc80"}),
+    ("/v1/completions", {"prompt": {"\udc80": 1}}),
+])
+def test_a_lone_surrogate_an_error_repeats_is_400_not_500(engine, endpoint, body):
+    """A retest's lone surrogates in a role, an ``n``, a part's type...: the error that
+    repeated them could not be written as UTF-8 JSON, and the client got a plain 500."""
+    client = _client(engine)
+    out = client.post(endpoint, content=json.dumps({"model": "m", **body}),
+                      headers={"content-type": "application/json"})
+    assert out.status_code == 400, out.text
+    assert "\\udc80" in out.json()["error"]["message"]  # repeated, as its escape
+
+
 class _NanExecutor(HashExecutor):
     def logits(self, history: list[int]) -> torch.Tensor:
         return torch.full((self.vocab_size,), float("nan"))
