@@ -180,9 +180,10 @@ def test_a_file_inside_the_dir_is_named_as_a_file_with_the_fix(dirs, command):
             "bench": ["bench", "--engine_dir", str(given)],
             "verify": ["verify", str(given)]}[command]
     r = CliRunner().invoke(main, args)
+    what = "an engine dir or a kiln checkpoint" if command == "verify" else \
+        "an engine directory"  # verify takes both
     assert r.exit_code == 2 and r.output.splitlines() == [
-        f"error: {given}: is a file, not an engine directory; pass the directory that holds it "
-        f"({engine})"]
+        f"error: {given}: is a file, not {what}; pass the directory that holds it ({engine})"]
 
 
 @pytest.mark.parametrize("command", ["run", "verify"])
@@ -213,8 +214,9 @@ def test_a_file_outside_any_engine_is_not_sent_to_its_directory(tmp_path, monkey
     (tmp_path / "english.txt").write_text("text")
     r = CliRunner().invoke(main, ["verify", "english.txt"])
     assert r.exit_code == 2 and r.output.splitlines() == [
-        "error: english.txt: is a file, not an engine directory; pass the output_dir of kiln "
-        "build"]
+        "error: english.txt: is a file, not an engine dir or a kiln checkpoint; pass an engine "
+        "dir (the output_dir of kiln build) or a kiln checkpoint (the output_dir of kiln "
+        "convert_checkpoint)"]
 
 
 def test_load_config_given_a_file_names_the_directory_to_pass(dirs):
