@@ -219,20 +219,13 @@ def _parts_error(i: int, parts: list[Any]) -> str | None:
 
 
 def nth(params: SamplingParams, j: int) -> SamplingParams:
-    """Choice j of ``n``: a seeded request's choices use seed + j (distinct, reproducible;
-    a seed whose last choice's would pass SEED_MAX was refused: :func:`_check_seeds`)."""
+    """Choice j of ``n``: a seeded request's choices use seed + j (distinct, reproducible),
+    modulo 2**64 as the generator reads a seed: 2**64 - 1's choice 1 is seed 0, as -1's is (a
+    trial's 2**64 - 1 with n 2 had been refused as "found 18446744073709551616")."""
     if j == 0 or params.seed is None:
         return params
-    return _checked(lambda: params.replace(seed=params.seed + j), {})
-
-
-def _check_seeds(seed: int | None, n: int) -> None:
-    """Refuse a seed whose choices' seeds (:func:`nth`) would pass the largest one, naming what
-    the client sent (a trial's had been told of seed + 1, a number it never sent)."""
-    if seed is not None and n > 1 and seed + n - 1 > SEED_MAX:
-        raise ApiError(400, f"seed {seed} with n {n}: choice j samples with seed + j, past the "
-                            f"largest seed {SEED_MAX}; send a seed <= {SEED_MAX - (n - 1)}",
-                       param="seed")
+    seed = params.seed + j
+    return params.replace(seed=seed - 2**64 if seed > SEED_MAX else seed)
 
 
 def failed(result: CompletionResult) -> ApiError:
@@ -320,10 +313,8 @@ class Renderer:
         for flag in ("ignore_eos", "include_stop_str_in_output"):
             if getattr(req, flag):
                 given[flag] = True
-        params = _checked(lambda: self.llm.default_params.replace(
+        return _checked(lambda: self.llm.default_params.replace(
             max_tokens=max_tokens, **given, **fields), renames)
-        _check_seeds(params.seed, req.n)
-        return params
 
     def _ignored(self, req: Any, chat: bool) -> None:
         """Log the fields of ``req`` that kiln serve ignores, by path (module docstring)."""
