@@ -98,8 +98,9 @@ def check_sampling_flags(max_output_len: int, given: dict[str, Any]) -> None:
     except SamplingParamsError as e:
         if e.field is None:
             raise
-        flag = "--max_output_len" if e.field == "max_tokens" else f"--{e.field}"
-        raise click.BadParameter(str(e).removeprefix(f"SamplingParams.{e.field} "),
+        name = e.field.partition("[")[0]  # stop[0]: an entry of --stop, named by its flag
+        flag = "--max_output_len" if name == "max_tokens" else f"--{name}"
+        raise click.BadParameter(str(e).removeprefix(f"SamplingParams.{name} "),
                                  param_hint=flag) from None
 
 

@@ -352,6 +352,7 @@ def test_blank_jsonl_is_refused(engine, tmp_path):
     (["--seed", str(10**20)], "--seed: must be an integer in"),
     (["--input_text", "caf\udce9"], "--input_text: 'caf\\xe9' is not UTF-8 text"),
     (["--stop", "\udce9"], "--stop: must be UTF-8 text"),
+    (["--stop", "x", "--stop", ""], "Invalid value for --stop: has an empty string at index 1"),
     (["--stop_token_ids", "999999"],
      "Invalid value for --stop_token_ids: 999999: outside this engine's vocabulary [0, 49152)"),
 ])
