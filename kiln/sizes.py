@@ -64,11 +64,9 @@ def size_option(name: str, value: Any) -> int | None:
 def size_text(n: float, digits: int = 0) -> str:
     """Bytes for a message: EiB, PiB or TiB (one decimal) from 1 of each, GiB (one decimal)
     from 0.1 GiB, else MiB, else KiB (never "0.0"); ``digits`` more decimals."""
-    for unit, power in (("EiB", 60), ("PiB", 50)):
+    for unit, power in (("EiB", 60), ("PiB", 50), ("TiB", 40)):
         if n >= 2**power:
             return f"{n / 2**power:.{1 + digits}f} {unit}"
-    if n >= 2**40:
-        return f"{n / 2**40:.{1 + digits}f} TiB"
     if n >= 2**30 / 10:
         return f"{n / 2**30:.{1 + digits}f} GiB"
     if n >= 2**20:

@@ -138,7 +138,7 @@ def verify(obj: CliContext, engine_dir: Path | None, engine_dir_option: Path | N
     either = "pass an engine dir (the output_dir of kiln build) or a kiln checkpoint (the " \
         "output_dir of kiln convert_checkpoint)"
     if engine_dir.is_file():  # (read_config's words named engine dirs alone)
-        holder = engine_dir.parent if str(engine_dir.parent) else Path(".")
+        holder = engine_dir.parent  # (Path("x.txt").parent is Path("."))
         hint = f"pass the directory that holds it ({holder})" if classify_dir(holder) in \
             (DirKind.ENGINE, DirKind.KILN_CHECKPOINT) else either
         raise EngineError(f"{engine_dir}: is a file, not an engine dir or a kiln checkpoint; "
