@@ -11,7 +11,8 @@ Output contract:
   text and a newline. ``--streaming`` prints the same bytes as they come: the earliest block
   not yet complete is printed live; a later block's text is held until every block before it
   is complete, then printed (what it has so far) and continued live.
-- The stats line (mean TTFT, time per output token, tokens/s) goes to stderr; ``-q`` drops it.
+- The stats line (mean TTFT, time per output token, tokens/s) goes to stderr; kiln's own
+  ``-q`` (``kiln -q run``) drops it.
 - A request that ended with an error (its logits turned NaN/Inf, ...) adds an ``error:`` line
   with its reason on stderr, and the command exits 2.
 """
