@@ -6,16 +6,19 @@ keywords, which take the same strings and a number of bytes: ``kiln.build(...,
 max_build_memory="18GB")`` had been refused while ``kiln build --max_build_memory 18GB`` built.
 Decimal units are powers of 1000 (``GB``, ``G``), binary ones of 1024 (``GiB``), any case.
 
-And the one formatter of memory figures in messages (:func:`size_text`), binary units: what
-``kiln build`` warns an engine's KV cache needs and what ``kiln run`` refuses it for read alike
-(a trial's build had said "9437183999.9 GB" and its run "8583068.8 TiB" of one cache).
+And the one formatter of sizes in messages (:func:`size_text`): host memory in binary units, so
+that what ``kiln build`` warns an engine's KV cache needs and what ``kiln run`` refuses it for
+read alike (a trial's build had said "9437183999.9 GB" and its run "8583068.8 TiB" of one
+cache); build budgets in decimal ones, as ``--max_build_memory`` parses them; the build cache's
+sizes in SI symbols (``5.0 kB``), as ``kiln cache list`` shows them.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from kiln.errors import ConfigError, option, shown
 
@@ -61,24 +64,51 @@ def size_option(name: str, value: Any) -> int | None:
         raise ConfigError(f"{option(name)} {shown(value)} {e}{forms}") from None
 
 
-def size_text(n: float, digits: int = 0) -> str:
-    """Bytes for a message: EiB, PiB or TiB (one decimal) from 1 of each, GiB (one decimal)
-    from 0.1 GiB, else MiB, else KiB (never "0.0"); ``digits`` more decimals."""
-    for unit, power in (("EiB", 60), ("PiB", 50), ("TiB", 40)):
-        if n >= 2**power:
-            return f"{n / 2**power:.{1 + digits}f} {unit}"
-    if n >= 2**30 / 10:
-        return f"{n / 2**30:.{1 + digits}f} GiB"
-    if n >= 2**20:
-        return f"{n / 2**20:.{digits}f} MiB"
-    return f"{max(1, math.ceil(n / 2**10))} KiB" if not digits else f"{n / 2**10:.{digits}f} KiB"
+@dataclass(frozen=True)
+class Rung:
+    """One unit of a :data:`LADDERS` ladder: figures from ``since`` bytes are told in it."""
+
+    unit: str
+    scale: float  # bytes
+    since: float  # bytes
+    decimals: int = 0
+    round_up: bool = False  # at no ``digits``: never "0" of it (a need of 1 byte is "1 KiB")
+
+
+# Each ladder's last rung takes whatever is left.
+LADDERS: dict[str, tuple[Rung, ...]] = {
+    # host memory (kiln build's KV cache warning, kiln run's refusals)
+    "binary": (Rung("EiB", 2**60, 2**60, 1), Rung("PiB", 2**50, 2**50, 1),
+               Rung("TiB", 2**40, 2**40, 1), Rung("GiB", 2**30, 2**30 / 10, 1),
+               Rung("MiB", 2**20, 2**20), Rung("KiB", 2**10, 0, round_up=True)),
+    # build budgets, as --max_build_memory parses them ("1 KB" from 999.5 bytes)
+    "decimal": (Rung("GB", 1e9, 1e8, 1), Rung("MB", 1e6, 1e6), Rung("KB", 1e3, 999.5),
+                Rung("bytes", 1, 0)),
+    # the build cache: kiln cache list's column, its prune and the cache's warnings
+    "si": (Rung("GB", 1e9, 1e9, 1), Rung("MB", 1e6, 1e6, 1), Rung("kB", 1e3, 1e3, 1),
+           Rung("B", 1, 0)),
+}
+Units = Literal["binary", "decimal", "si"]
+
+
+def size_text(n: float, units: Units = "binary", digits: int = 0) -> str:
+    """Bytes for a message, in the first unit of ``LADDERS[units]`` that ``n`` reaches, with
+    its decimals and ``digits`` more: "1.2 GiB", "5 MiB", "1 KiB" (binary: never "0.0 GiB",
+    nor "0 KiB"); "18.0 GB", "2 MB", "1 KB", "1 byte" (decimal); "2.0 MB", "5.0 kB", "0 B"
+    (si)."""
+    ladder = LADDERS[units]
+    rung = next((r for r in ladder[:-1] if n >= r.since), ladder[-1])
+    if rung.round_up and not digits:
+        return f"{max(1, math.ceil(n / rung.scale))} {rung.unit}"
+    text = f"{n / rung.scale:.{rung.decimals + digits}f}"
+    return "1 byte" if (text, rung.unit) == ("1", "bytes") else f"{text} {rung.unit}"
 
 
 def need_and_available(need: float, available: float) -> tuple[str, str]:
     """:func:`size_text` of both, with the decimals it takes for a need above what is available
     to read as more ("need 0.2 GiB, and 0.2 GiB is available" had refused a start)."""
     for digits in range(4):
-        texts = size_text(need, digits), size_text(available, digits)
+        texts = size_text(need, digits=digits), size_text(available, digits=digits)
         if texts[0] != texts[1]:
             return texts
     return f"{need:.0f} bytes", f"{available:.0f} bytes"

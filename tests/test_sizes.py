@@ -1,5 +1,5 @@
 """kiln.sizes: the one parser of sizes, for the CLI's flags and the Python API's keywords,
-and the one formatter of memory figures in messages."""
+and the one formatter of sizes in messages."""
 
 from __future__ import annotations
 
@@ -57,6 +57,19 @@ GIB, MIB = 2**30, 2**20
 def test_size_text(n, text):
     """A trial's KV cache of 9437183999.9 GB had been "8583068.8 TiB" at kiln run."""
     assert size_text(n) == text
+
+
+@pytest.mark.parametrize("n, text", [(100, "100 bytes"), (1, "1 byte"), (999, "999 bytes"),
+                                     (1000, "1 KB"), (123_456, "123 KB"), (2.5e6, "2 MB"),
+                                     (0.1e9, "0.1 GB"), (18e9, "18.0 GB")])
+def test_build_budgets_keep_their_unit_small_ones_included(n, text):
+    assert size_text(n, "decimal") == text  # a 100-byte budget had been told as "1 KB"
+
+
+@pytest.mark.parametrize("n, text", [(0, "0 B"), (1, "1 B"), (999, "999 B"), (5000, "5.0 kB"),
+                                     (2e6, "2.0 MB"), (0.5e9, "500.0 MB"), (18e9, "18.0 GB")])
+def test_build_cache_sizes_read_as_kiln_cache_list_shows_them(n, text):
+    assert size_text(n, "si") == text
 
 
 @pytest.mark.parametrize("need, available, texts", [

@@ -44,10 +44,9 @@ from kiln.build_cache.store import (
     Entry,
     cache_of,
     damage,
-    decimal_size,
 )
 from kiln.errors import BuildCacheError, CheckpointError, check_path, named_as_flags
-from kiln.sizes import size_option
+from kiln.sizes import size_option, size_text
 
 log = logging.getLogger(__name__)
 
@@ -369,8 +368,8 @@ def _evict(cache: EngineCache, max_size: int, keep: Entry) -> None:
     if result.removed:
         count = len(result.removed)
         log.warning("evicted %d least recently used cached engine%s (%s) to keep the build "
-                    "cache under %s", count, "s" if count != 1 else "", decimal_size(result.freed),
-                    decimal_size(max_size))
+                    "cache under %s", count, "s" if count != 1 else "",
+                    size_text(result.freed, "si"), size_text(max_size, "si"))
     for _, why in result.refused:
         log.warning("not evicted: %s", why)
     total = result.remaining  # measured by prune: the entries are not walked again
@@ -383,7 +382,7 @@ def _evict(cache: EngineCache, max_size: int, keep: Entry) -> None:
         then = ("kiln cache prune --max_size frees the rest once they are done"
                 if result.in_use else "the limit is below what must be kept")
         log.warning("the build cache holds %s, over its limit of %s: %s %s kept; %s",
-                    decimal_size(total), decimal_size(max_size), " and ".join(kept),
+                    size_text(total, "si"), size_text(max_size, "si"), " and ".join(kept),
                     "are" if len(kept) > 1 else "is", then)
 
 

@@ -537,15 +537,6 @@ def cache_of(engine_dir: str | Path) -> EngineCache | None:
     return cache if cache.read(entry.name) is not None else None
 
 
-def decimal_size(n: float) -> str:
-    """Bytes as ``kiln cache list`` and the cache's messages show them, in decimal units (host
-    memory messages use :func:`kiln.sizes.size_text`'s binary ones)."""
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n:.0f} B"
-
-
 def describe_options(parts: dict[str, Any]) -> str:
     """What tells entries of one source apart, short: the dtype, the mapping when not 1x1, the
     targets, and the build options not at their :class:`~kiln.builder.options.BuildOptions`

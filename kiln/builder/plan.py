@@ -17,21 +17,10 @@ from kiln.checkpoint import CheckpointConfig
 from kiln.engine import EngineError
 from kiln.errors import option
 from kiln.roles import FIRST_STAGE_ROLES, LAST_STAGE_ROLES, tensor_names
+from kiln.sizes import size_text
 
 log = logging.getLogger(__name__)
 GB = 1e9
-
-
-def gb_text(n: float) -> str:
-    """Bytes as GB for a message, in MB under 0.1 GB, in KB under 1 MB, in bytes under 1 KB
-    (never "0.0 GB", nor "1 KB" for a budget of 100 bytes)."""
-    if n >= GB / 10:
-        return f"{n / GB:.1f} GB"
-    if n >= 1e6:
-        return f"{round(n / 1e6)} MB"
-    if n >= 999.5:
-        return f"{round(n / 1e3)} KB"
-    return "1 byte" if round(n) == 1 else f"{round(n)} bytes"
 
 
 def plan_rank(ckpt: CheckpointConfig, rank: int, weights: RankWeights, budget: int | None,
@@ -78,8 +67,9 @@ def _split(sizes: list[int], peaks: list[int], budget: int | None, factor: float
         if need > budget:
             raise EngineError(
                 f"rank {rank}: one layer (with the embedding or head it carries) needs about "
-                f"{gb_text(need)} of host RAM to build, over the {gb_text(budget)} budget "
-                f"per worker; raise {option('max_build_memory')}"
+                f"{size_text(need, 'decimal')} of host RAM to build, over the "
+                f"{size_text(budget, 'decimal')} budget per worker; "
+                f"raise {option('max_build_memory')}"
                 + (f" or lower {option('workers')} ({workers})" if workers > 1 else ""))
         if count and factor * (current + size) + max(peak, layer_peak) + base > budget:
             groups.append(count)

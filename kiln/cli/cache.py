@@ -18,10 +18,10 @@ from pathlib import Path
 
 import click
 
-from kiln.build_cache.store import decimal_size
 from kiln.cli.context import CliContext, MemorySize, PathArg
 from kiln.cli.engine_source import CACHE_DIR_HELP, engine_from_options, model_options
 from kiln.errors import counted
+from kiln.sizes import size_text
 
 _DURATION = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*(s|sec|m|min|h|d|w)\s*", re.IGNORECASE)
 _SECONDS = {"s": 1, "sec": 1, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -109,10 +109,10 @@ def list_entries(cache_dir: Path | None) -> None:
     leftover_sizes = [dir_size(p) for p in leftovers]
     # leftovers apart: a build in progress is not a cached engine's size (a trial read the
     # header's total as its one entry's)
-    extra = f" (and {counted(len(leftovers), 'leftover')}, {decimal_size(sum(leftover_sizes))})" \
-        if leftovers else ""
+    extra = (f" (and {counted(len(leftovers), 'leftover')}, "
+             f"{size_text(sum(leftover_sizes), 'si')})" if leftovers else "")
     click.echo(f"{store.dir}: {counted(len(entries), 'cached engine')}, "
-               f"{decimal_size(sum(sizes))}{extra}")
+               f"{size_text(sum(sizes), 'si')}{extra}")
     rows, lock_problems, read_only = [], [], False
     for entry, size in zip(entries, sizes, strict=True):
         try:
@@ -122,14 +122,15 @@ def list_entries(cache_dir: Path | None) -> None:
         except BuildCacheError as e:
             state = " (lock unreadable)"
             lock_problems.append(str(e))
-        rows.append((entry.name, decimal_size(size), entry.backend, _ago(entry.last_used),
+        rows.append((entry.name, size_text(size, "si"), entry.backend, _ago(entry.last_used),
                      describe_options(entry.parts), entry.source + state))
     if rows:
         _table(("NAME", "SIZE", "BACKEND", "LAST USED", "OPTIONS", "SOURCE"), rows)
     incomplete = [n for n in names if store.read(n) is None]
     for path, size in zip(leftovers, leftover_sizes, strict=True):
-        click.echo(f"leftover of a build or prune that did not finish ({decimal_size(size)}; in "
-                   f"progress, or killed: kiln cache prune removes the latter): {path}")
+        click.echo(f"leftover of a build or prune that did not finish "
+                   f"({size_text(size, 'si')}; in progress, or killed: kiln cache prune removes "
+                   f"the latter): {path}")
     for path in [*(store.dir / n for n in incomplete), *foreign]:
         click.echo(f"not made by the cache, left alone: {path}")
     for problem in lock_problems:
@@ -207,16 +208,16 @@ def _report(store, result, dry_run: bool) -> None:
     for _, why in result.refused:
         click.echo(f"left alone: {why}", err=True)
     for path, size in result.leftovers:
-        click.echo(f"{verb} {path.name} ({decimal_size(size)}, left by a build or prune that did "
-                   f"not finish)")
+        click.echo(f"{verb} {path.name} ({size_text(size, 'si')}, left by a build or prune "
+                   f"that did not finish)")
     left = len(store.entries()) - (len(result.removed) if dry_run else 0)
     leftovers = ""
     if result.leftovers:
         n = len(result.leftovers)
         leftovers = (f" and {n} leftover{'s' * (n != 1)}, "
-                     f"{decimal_size(sum(size for _, size in result.leftovers))}")
+                     f"{size_text(sum(size for _, size in result.leftovers), 'si')}")
     click.echo(f"{verb} {len(result.removed)} cached engine{'s' * (len(result.removed) != 1)}, "
-               f"{decimal_size(result.freed)}{leftovers}; {left} left in {store.dir}")
+               f"{size_text(result.freed, 'si')}{leftovers}; {left} left in {store.dir}")
     if result.unlocked:
         click.echo(f"{store.dir}: its lock files cannot be written (a read-only cache?): which "
                    f"entries are in use is unknown, and prune itself needs a writable cache",
