@@ -97,6 +97,19 @@ class KVCache:
         return 0 if self.positions is None else self.positions.shape[1]
 
 
+def check_token_ids(label: str, ids: torch.Tensor, vocab_size: int) -> None:
+    """ValueError unless ``ids`` (a prompt [S], or input_ids [B, S]) has tokens, all in
+    ``[0, vocab_size)``, naming the first one outside as the runtime's refusals do: an id of -2
+    had read the embedding's second-last row, an empty prompt failed on an empty max()."""
+    if ids.numel() == 0:
+        raise ValueError(f"{label} is empty; give at least one token")
+    outside = ((ids < 0) | (ids >= vocab_size)).nonzero()
+    if len(outside):
+        at = tuple(outside[0].tolist())
+        raise ValueError(f"{label}{''.join(f'[{i}]' for i in at)}: token id {int(ids[at])} is "
+                         f"outside the vocabulary [0, {vocab_size})")
+
+
 class ReferenceDecoder:
     """Whole-model forward of the canonical decoder (see module docstring)."""
 
@@ -157,6 +170,7 @@ class ReferenceDecoder:
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, S, vocab] (float32) for input_ids [B, S]; appends to ``cache``."""
+        check_token_ids("input_ids", input_ids, self.config.vocab_size)
         cache = cache if cache is not None else KVCache()
         b, s = input_ids.shape
         if positions is None:
@@ -248,6 +262,7 @@ class ReferenceDecoder:
     def generate(self, prompt: list[int], max_new_tokens: int,
                  eos_token_ids: tuple[int, ...] = ()) -> list[int]:
         """Greedy decoding of one prompt; returns the new tokens (stops after an EOS)."""
+        check_token_ids("prompt", torch.tensor(prompt, dtype=torch.long), self.config.vocab_size)
         cache = KVCache()
         logits = self.forward(torch.tensor([prompt]), cache)
         out: list[int] = []

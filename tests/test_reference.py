@@ -1,0 +1,40 @@
+"""kiln.reference: the oracle refuses what no engine takes, as the runtime does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kiln.config import DecoderConfig
+from kiln.reference import ReferenceDecoder
+from kiln.roles import expected_shape, parse_tensor, tensor_names
+
+VOCAB = 16
+
+
+@pytest.fixture(scope="module")
+def decoder() -> ReferenceDecoder:
+    config = DecoderConfig(architecture="test", vocab_size=VOCAB, hidden_size=16, num_layers=1,
+                           num_heads=2, num_kv_heads=1, head_dim=8, intermediate_size=32,
+                           max_position_embeddings=32)
+    generator = torch.Generator().manual_seed(0)
+    weights = {name: torch.randn(expected_shape(parse_tensor(name)[0], config),
+                                 generator=generator) for name in tensor_names(config)}
+    return ReferenceDecoder(config, weights, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("prompt, message", [
+    # -2 had read the embedding's second-last row, and [] failed on an empty max()
+    ([1, -2], r"^prompt\[1\]: token id -2 is outside the vocabulary \[0, 16\)$"),
+    ([16, 3], r"^prompt\[0\]: token id 16 is outside the vocabulary \[0, 16\)$"),
+    ([], r"^prompt is empty; give at least one token$"),
+])
+def test_generate_refuses_ids_no_engine_takes(decoder, prompt, message):
+    with pytest.raises(ValueError, match=message):
+        decoder.generate(prompt, max_new_tokens=1)
+
+
+def test_forward_names_the_row_and_position_of_an_id_outside(decoder):
+    with pytest.raises(ValueError, match=r"^input_ids\[1\]\[2\]: token id -1 is outside"):
+        decoder.forward(torch.tensor([[1, 2, 3], [4, 5, -1]]))
+    assert len(decoder.generate([1, 15], max_new_tokens=2)) == 2  # the edges of the vocabulary
