@@ -34,6 +34,7 @@ from kiln.cli.context import (
 from kiln.cli.engine_source import engine_command, held_engine
 from kiln.dirs import DirKind, classify_dir
 from kiln.errors import UNREADABLE_JSON, OutputError
+from kiln.runtime.params import SEED_MAX, SEED_MIN  # torch-free: --help stays fast
 
 if TYPE_CHECKING:
     from kiln.runtime import LLM, ExecutorOptions
@@ -58,8 +59,9 @@ MAX_ARRIVALS_S = 30 * 86400.0  # and longer than this, refused (a typo, not a be
 @click.option("--warmup", default=1, show_default=True, type=IntRange(min=0),
               help="Rounds run (and not measured) before the workload, each as many requests "
                    "as run at once in it (so its batch shapes are compiled and captured).")
-@click.option("--seed", default=0, show_default=True, type=IntRange(min=0),
-              help="Seed of prompts and arrivals.")
+@click.option("--seed", default=0, show_default=True, type=IntRange(SEED_MIN, SEED_MAX),
+              help="Seed of prompts and arrivals, in [-2**63, 2**64 - 1] as kiln run's; a "
+                   "negative one is its two's complement (-1 is 2**64 - 1).")
 @click.option("--json_output", type=PathArg(dir_okay=False, path_type=Path), default=None,
               help="Write the report as JSON here (-: standard output) [default: print it "
                    "after the table].")
@@ -169,7 +171,8 @@ def _warmup_workload(spec: Workload, warmup: int, limits: Any) -> Workload | Non
         return None
     width = min(spec.num_requests, spec.concurrency or limits.max_batch_size,
                 limits.max_batch_size)
-    return Workload(spec.input_len, min(spec.output_len, 8), warmup * width, seed=spec.seed + 7)
+    return Workload(spec.input_len, min(spec.output_len, 8), warmup * width,
+                    seed=(spec.seed + 7) % 2**64)
 
 
 def _bench(engine_dir: Path, spec: Workload, options: ExecutorOptions, warmup: int,

@@ -30,10 +30,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from kiln.errors import check_seed
+from kiln.errors import shown
 from kiln.runtime.core import EngineCore
 from kiln.runtime.errors import RequestError
-from kiln.runtime.params import SamplingParams
+from kiln.runtime.params import SEED_MAX, SEED_MIN, SamplingParams
 from kiln.runtime.results import RequestTimings
 from kiln.runtime.stats import Stats
 from kiln.sizes import need_and_available
@@ -52,6 +52,8 @@ class Workload:
     num_requests: int = 16
     request_rate: float | None = None  # requests/s (Poisson); None: all queued at t=0
     concurrency: int | None = None  # requests in flight at most; None: no limit
+    # of the prompts and arrivals: SamplingParams.seed's range, read modulo 2**64 as the
+    # generators read it (-1 is 2**64 - 1; Python's random.Random would read it as 1)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -62,7 +64,10 @@ class Workload:
             raise RequestError(f"request_rate must be > 0, found {self.request_rate}")
         if self.concurrency is not None and self.concurrency < 1:
             raise RequestError(f"concurrency must be >= 1, found {self.concurrency}")
-        check_seed("seed", self.seed, RequestError)
+        if not (isinstance(self.seed, int) and not isinstance(self.seed, bool)
+                and SEED_MIN <= self.seed <= SEED_MAX):
+            raise RequestError(f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}], found "
+                               f"{shown(self.seed)}")
 
     def host_bytes(self) -> int:
         """Host memory the workload's requests hold until the report (estimate)."""
@@ -113,7 +118,7 @@ class BenchReport:
 
 def make_prompts(workload: Workload, vocab_size: int, avoid: frozenset[int] = frozenset(),
                  ) -> list[list[int]]:
-    rng = random.Random(workload.seed)
+    rng = random.Random(workload.seed % 2**64)
     ids = [t for t in range(vocab_size) if t not in avoid]
     return [[rng.choice(ids) for _ in range(workload.input_len)]
             for _ in range(workload.num_requests)]
@@ -122,7 +127,7 @@ def make_prompts(workload: Workload, vocab_size: int, avoid: frozenset[int] = fr
 def arrival_offsets(workload: Workload) -> list[float]:
     if workload.request_rate is None:
         return [0.0] * workload.num_requests
-    rng = random.Random(workload.seed + 1)
+    rng = random.Random(workload.seed % 2**64 + 1)
     t, out = 0.0, []
     for _ in range(workload.num_requests):
         out.append(t)

@@ -72,15 +72,30 @@ def test_a_directory_is_refused_in_one_line(command, name, why, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["adir"] and os.listdir(tmp_path / "adir") == []
 
 
-@pytest.mark.parametrize("command", [["bench", "--engine_dir", "e"],
-                                     ["bench_serve", "--serve", "http://127.0.0.1:9"]])
-def test_a_negative_seed_is_refused_in_one_line(command):
+def test_a_negative_seed_is_refused_in_one_line_by_bench_serve():
     """A trial's --seed -1 ran: Python's random.Random seeds with its absolute value, so it
     drew --seed 1's prompts."""
-    result = _invoke(*command, "--seed", "-1")
+    result = _invoke("bench_serve", "--serve", "http://127.0.0.1:9", "--seed", "-1")
     assert result.exit_code == 2 and result.output == (
-        f"error: Invalid value for '--seed': -1 is not in the range x>=0. (see kiln "
-        f"{command[0]} --help)\n"), result.output
+        "error: Invalid value for '--seed': -1 is not in the range x>=0. (see kiln "
+        "bench_serve --help)\n"), result.output
+
+
+def test_bench_takes_the_seeds_kiln_run_takes(engine, tmp_path):
+    """kiln run --seed -1 was taken (SamplingParams reads it modulo 2**64) and kiln bench
+    --seed -1 refused; -1 draws 2**64 - 1's prompts (tests/runtime/test_bench.py)."""
+    for seed in ("-1", str(2**64 - 1)):  # the last one's warm-up draws with seed + 7 - 2**64
+        out = tmp_path / f"{seed}.json"
+        result = _invoke("bench", "--engine_dir", str(engine), "--input_len", "4",
+                         "--output_len", "2", "--num_requests", "2", "--warmup", "1",
+                         "--seed", seed, "--json_output", str(out))
+        assert result.exit_code == 0, result.output
+        assert json.loads(out.read_text())["workload"]["seed"] == int(seed)
+    result = _invoke("bench", "--engine_dir", "e", "--seed", str(2**64))
+    assert result.exit_code == 2 and result.output == (
+        f"error: Invalid value for '--seed': {2**64} is not in the range "
+        f"-9223372036854775808<=x<=18446744073709551615. (see kiln bench --help)\n"), \
+        result.output
 
 
 def test_a_failed_write_leaves_nothing_and_removes_the_parents_it_made(tmp_path, monkeypatch):
