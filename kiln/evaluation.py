@@ -233,10 +233,13 @@ def perplexity(llm: LLM, token_ids: list[int], max_length: int | None = None,
 
 def evaluate(engine_dir: str | Path, dataset: str | Path | TextDataset,
              max_length: int | None = None, stride: int | None = None,
-             options: ExecutorOptions | None = None, progress: bool = False,
-             ) -> PerplexityResult:
+             options: ExecutorOptions | None = None, progress: bool = False, *,
+             token_ids: list[int] | None = None) -> PerplexityResult:
     """Perplexity of the engine in ``engine_dir`` on ``dataset`` (a path or hub id for
-    :func:`kiln.datasets.load_texts`, or a loaded :class:`TextDataset`)."""
+    :func:`kiln.datasets.load_texts`, or a loaded :class:`TextDataset`). ``token_ids``: what
+    :func:`text_tokens` gave for ``dataset`` with the engine's tokenizer files, when the caller
+    has them (``kiln eval --model_dir`` tokenized it before the build: a large dataset's
+    seconds had been spent twice); None: tokenized here."""
     from kiln.engine import read_manifest
     from kiln.runtime import LLM
     from kiln.runtime.tokenizer import load_tokenizer
@@ -257,7 +260,8 @@ def evaluate(engine_dir: str | Path, dataset: str | Path | TextDataset,
                           f"{build_with('gather_context_logits')}")
     # the window and the text are checked before the engine loads (seconds to minutes)
     max_length, stride = resolve_window(manifest.limits.max_input_len, max_length, stride)
-    token_ids = text_tokens(load_tokenizer(engine_dir), data)
+    if token_ids is None:
+        token_ids = text_tokens(load_tokenizer(engine_dir), data)
     with LLM(engine_dir, options) as llm:
         result = perplexity(llm, token_ids, max_length, stride, progress)
     if result.tokens < FEW_TOKENS:  # a trial's 3-token text gave a figure without a word

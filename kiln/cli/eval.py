@@ -62,18 +62,21 @@ def eval_command(obj: CliContext, dataset: str, max_length: int | None,
     texts = load_texts(dataset)  # before a build (--model_dir): a bad dataset is refused first
     from kiln.evaluation import resolve_window, text_tokens
 
+    tokens: dict[str, list[int]] = {}  # the build copies the tokenizer: tokenized once
+
     def check(manifest: Any, tokenizer_dir: Path) -> None:  # before a --model_dir build
         from kiln.runtime.tokenizer import load_tokenizer
 
         resolve_window(manifest.limits.max_input_len, max_length, stride)
-        text_tokens(load_tokenizer(tokenizer_dir), texts)  # a text too short to score
+        # a text too short to score is refused before the build
+        tokens["ids"] = text_tokens(load_tokenizer(tokenizer_dir), texts)
 
     with held_engine(obj, source, options, check=check, gather_context_logits=True) \
             as engine_dir:
         if json_output is not None:
             _check_json_output(json_output, engine_dir, _is_eval_report, "kiln eval report")
         result = evaluate(engine_dir, texts, max_length, stride, options,
-                          progress=obj.progress)
+                          progress=obj.progress, token_ids=tokens.get("ids"))
     click.echo(f"perplexity {result.perplexity:.6f}", err=to_stdout)  # '-': stdout is JSON
     sys.stdout.flush()  # before the stderr summary, also when both go to one pipe
     if obj.verbosity >= 0:
