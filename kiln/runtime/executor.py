@@ -56,6 +56,7 @@ from dataclasses import dataclass
 import torch
 
 from kiln.engine import BuildLimits
+from kiln.errors import option
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ class Executor(ABC):
                                f"(supports_async is False); read them to the host first")
         if any(c.context_logits for c in chunks):
             raise RuntimeError(f"{type(self).__name__} cannot return context logits (its engine "
-                               f"was built without --gather_context_logits)")
+                               f"was built without {option('gather_context_logits', True)})")
         return StepLogits(self.step(chunks), {})
 
     def reserve(self, slot: int, num_tokens: int) -> bool:
