@@ -177,6 +177,8 @@ async def _parse(request: Request, model: type) -> Any:
         raise ApiError(400, "the body is nested too deeply", code="invalid_json") from None
     except ValidationError as e:
         first = e.errors()[0]
+        if (misnamed := render.name_error(data, first)) is not None:
+            raise misnamed from None
         param = str(first["loc"][0]) if first["loc"] else None  # the request field
         given = param in data  # a missing field is pydantic's "Field required"
         # not pydantic's "prompt.str: ...", "messages.0.content.str: ..." or "stop.str: ..."

@@ -7,6 +7,9 @@ Contract:
   field (``logprobs``/``top_logprobs`` for SamplingParams' logprobs and prompt_logprobs).
 - A completions prompt of the list forms is named ``prompt[i]`` in errors, even in a list of
   one; a token id outside the engine's vocabulary by its path (``prompt[1]``, ``prompt[0][1]``).
+- A field name (a JSON object's key) holding a lone surrogate (a ``\\udXXX`` escape of half a
+  character) is a 400 naming the field by its path, the surrogate escaped as the body escapes
+  it: ``messages[0].x\\udc80``, ``mess\\udc80ages``.
 - Completions' default ``max_tokens`` is 16 (OpenAI's); chat's is the engine's max_seq_len
   (the runtime ends the request at the engine's length limit first).
 - ``echo`` prepends the prompt's text; with ``logprobs`` it also prepends the prompt tokens'
@@ -127,8 +130,7 @@ def field_error(error: dict[str, Any]) -> str:
     must be true or false, found a string "yes"``, ``model is required`` (a trial: pydantic's
     "n: Input should be greater than or equal to 1" beside kiln's own messages). Objections of
     other kinds keep pydantic's words after the path."""
-    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
-    path, kind, ctx = path.removeprefix("."), error["type"], error.get("ctx") or {}
+    path, kind, ctx = _path(error["loc"]), error["type"], error.get("ctx") or {}
     if kind == "missing":
         return f"{path} is required"
     if kind in _TYPES:
@@ -137,6 +139,35 @@ def field_error(error: dict[str, Any]) -> str:
         op, key = _BOUNDS[kind]
         return f"{path} must be {op} {ctx[key]}, found {as_json(error['input'])}"
     return f"{path}: {error['msg']}"
+
+
+def _path(loc: tuple[str | int, ...]) -> str:
+    """A pydantic ``loc`` as the request's path: ``messages[0].content``."""
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).removeprefix(".")
+
+
+def name_error(data: dict[str, Any], error: dict[str, Any]) -> ApiError | None:
+    """The 400 of a field name (a JSON object's key) holding a lone surrogate, which pydantic
+    objects to as ``string_unicode`` at the object holding it (its ``input`` the name): named by
+    its path, ``messages[0].x\\udc80`` as the body escapes it (a retest's ``"mess\\udc80ages"``
+    had been told ": Input should be a valid string...", param ":"). None for other errors."""
+    if error["type"] != "string_unicode":
+        return None
+    holder, name = data, error["input"]
+    try:
+        for p in error["loc"]:
+            holder = holder[p]
+    except (LookupError, TypeError):  # a loc of pydantic's own (a union's branch)
+        return None
+    if not (isinstance(holder, dict) and isinstance(name, str) and name in holder):
+        return None
+    return _misnamed(".".join(filter(None, (_path(error["loc"]), cut(name)))))
+
+
+def _misnamed(path: str) -> ApiError:
+    """The 400 of the field at ``path``, whose name holds a lone surrogate."""
+    return ApiError(400, f"{path}: the field's name is not UTF-8: it holds a lone surrogate (a "
+                         f"JSON \\udXXX escape of half a character); fix the name", param=path)
 
 
 def messages_form_error(messages: Any) -> str | None:
@@ -541,6 +572,9 @@ def _message(i: int, message: dict[str, Any]) -> dict[str, Any]:
         why = _parts_error(i, content)
         if why is not None:
             raise form_error(why)
+        for j, part in enumerate(content):  # (a message's own, pydantic refuses: name_error)
+            if (name := next((k for k in part if not is_utf8(k)), None)) is not None:
+                raise _misnamed(f"messages[{i}].content[{j}].{cut(name)}")
         texts = [(f"messages[{i}].content[{j}].text", part["text"])
                  for j, part in enumerate(content)]
         message["content"] = text_of_parts(content)

@@ -375,6 +375,30 @@ def test_a_lone_surrogate_an_error_repeats_is_400_not_500(engine, endpoint, body
     assert "\\udc80" in out.json()["error"]["message"]  # repeated, as its escape
 
 
+@pytest.mark.parametrize("endpoint,body,param", [
+    ("/v1/chat/completions", {"mess\udc80ages": [], "messages": [{"role": "user",
+                                                                  "content": "hi"}]},
+     "mess\\udc80ages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi", "x\udc80": 1}]},
+     "messages[0].x\\udc80"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "hi"}, {"type": "text", "text": "hi", "x\udc80": 1}]}]},
+     "messages[0].content[1].x\\udc80"),
+    ("/v1/completions", {"prompt": "a", "stream": True, "stream_options": {"x\udc80": True}},
+     "stream_options.x\\udc80"),
+])
+def test_a_lone_surrogate_in_a_field_name_is_named_by_its_path(engine, endpoint, body, param):
+    """A retest's ``"mess\\udc80ages"`` had been told pydantic's ": Input should be a valid
+    string, unable to parse raw data as a unicode string", param ":"."""
+    out = _client(engine).post(endpoint, content=json.dumps({"model": "m", **body}),
+                               headers={"content-type": "application/json"})
+    assert out.status_code == 400, out.text
+    assert out.json()["error"] == {
+        "message": f"{param}: the field's name is not UTF-8: it holds a lone surrogate (a JSON "
+                   f"\\udXXX escape of half a character); fix the name",
+        "type": "invalid_request_error", "param": param, "code": None}
+
+
 class _NanExecutor(HashExecutor):
     def logits(self, history: list[int]) -> torch.Tensor:
         return torch.full((self.vocab_size,), float("nan"))
