@@ -9,7 +9,8 @@ Contract:
   one; a token id outside the engine's vocabulary by its path (``prompt[1]``, ``prompt[0][1]``).
 - A field name (a JSON object's key) holding a lone surrogate (a ``\\udXXX`` escape of half a
   character) is a 400 naming the field by its path, the surrogate escaped as the body escapes
-  it: ``messages[0].x\\udc80``, ``mess\\udc80ages``.
+  it: ``messages[0].x\\udc80``, ``mess\\udc80ages``; a stop string holding one is named by its
+  path too (``stop[1]``), with its value.
 - Completions' default ``max_tokens`` is 16 (OpenAI's); chat's is the engine's max_seq_len
   (the runtime ends the request at the engine's length limit first).
 - ``echo`` prepends the prompt's text; with ``logprobs`` it also prepends the prompt tokens'
@@ -232,6 +233,16 @@ def stream_options_form_error(options: Any) -> str | None:
         f"stream_options.{key} is {as_json(options[key])}; give true or false"
 
 
+def _stop_not_utf8(stop: str | list[str]) -> str | None:
+    """Why a stop string is not UTF-8, naming it by its path, ``stop`` or ``stop[k]``, and its
+    value (SamplingParams' message had shown the tuple, ``found ('\\udc80',)``, param
+    ``stop``); a :func:`form_error`'s message."""
+    stops = [("stop", stop)] if isinstance(stop, str) else \
+        [(f"stop[{k}]", item) for k, item in enumerate(stop)]
+    return next((f"{path} is {as_json(item)}; {NOT_UTF8}" for path, item in stops
+                 if not is_utf8(item)), None)
+
+
 def _listed(paths: list[str]) -> str:
     """Field paths for a log line: each cut short, as JSON escapes it in ASCII (a key's newline
     must not start a line of its own, nor a lone surrogate fail the log's encoding)."""
@@ -338,6 +349,8 @@ class Renderer:
         self._ignored(req, chat)
         given = {k: getattr(req, k) for k in _SAMPLING if getattr(req, k) is not None}
         if req.stop is not None:
+            if (why := _stop_not_utf8(req.stop)) is not None:
+                raise form_error(why)
             given["stop"] = req.stop if isinstance(req.stop, str) else tuple(req.stop)
         if req.stop_token_ids is not None:
             given["stop_token_ids"] = tuple(req.stop_token_ids)

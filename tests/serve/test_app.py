@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from kiln.engine import BuildLimits
 from kiln.runtime import LLM, AsyncLLM, SamplingParams
 from kiln.runtime.async_llm import INLINE_ENCODE_CHARS
-from kiln.runtime.tokenizer import load_tokenizer
+from kiln.runtime.tokenizer import NOT_UTF8, load_tokenizer
 from kiln.serve import create_app
 from kiln.serve.state import Job
 from tests.runtime.mocks import CapacityExecutor, HashExecutor, SlowExecutor
@@ -99,12 +99,16 @@ STOP = "stop must be a string or a list of strings"
     (["x", ""], "stop[1]", "stop has an empty string at index 1; each stop must be a non-empty "
                            "string"),
     ("", "stop", "stop is an empty string; give the text to stop at, or leave stop out"),
+    # a retest's ["\udc80"] was told of the tuple SamplingParams holds, ('\udc80',), as stop
+    (["x", "\udc80"], "stop[1]", 'stop[1] is a string "\\udc80"; ' + NOT_UTF8),
+    ("a\udc80", "stop", 'stop is a string "a\\udc80"; ' + NOT_UTF8),
 ])
 def test_a_stop_of_no_string_form_names_the_wrong_value(engine, endpoint, stop, param, message):
     """A retest: these were told pydantic's "stop.str: Input should be a valid string"."""
     body = ({"prompt": "a"} if endpoint == "/v1/completions"
             else {"messages": [{"role": "user", "content": "a"}]})
-    out = _client(engine).post(endpoint, json={"model": "m", "stop": stop, **body})
+    out = _client(engine).post(endpoint, content=json.dumps({"model": "m", "stop": stop, **body}),
+                               headers={"content-type": "application/json"})
     assert out.status_code == 400
     assert out.json()["error"] == {"message": message, "type": "invalid_request_error",
                                    "param": param, "code": None}
