@@ -4,10 +4,11 @@ Contract:
 - Request models accept the OpenAI fields kiln implements plus vLLM's sampling extras
   (``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``, ``stop_token_ids``,
   ``include_stop_str_in_output``); unknown fields are accepted and ignored (clients send newer
-  fields than any server knows), in ``stream_options`` too, and each is named in a warning
-  (kiln.serve.render: a misspelt ``max_token`` asks for nothing); ``user`` is accepted and
-  ignored without a word. An optional field sent as JSON ``null`` takes its default, as
-  OpenAI's API (the openai client sends ``"n": null``...).
+  fields than any server knows), in ``stream_options``, messages and content parts too, and
+  each is named in a warning (kiln.serve.render: a misspelt ``max_token`` asks for nothing; a
+  message's keys reach the chat template, OpenAI's ``tool_calls``... unwarned); ``user`` is
+  accepted and ignored without a word. An optional field sent as JSON ``null`` takes its
+  default, as OpenAI's API (the openai client sends ``"n": null``...).
 - A type error in a field (pydantic) and a value SamplingParams refuses both become
   :class:`ApiError` 400 naming the parameter; nothing a client sends can cause a 500.
 - Response bodies are plain dicts in OpenAI's shapes (``text_completion``, ``chat.completion``
@@ -135,7 +136,7 @@ ROLES = CHAT_ROLES  # LLM.chat takes the same
 
 
 class ChatMessage(BaseModel):
-    # name, tool_call_id...: passed to the template
+    # name, tool_call_id...: passed to the template (others warned of: kiln.serve.render)
     model_config = ConfigDict(extra="allow", strict=True)
 
     role: str  # one of ROLES (kiln.serve.render checks, naming the message)

@@ -25,11 +25,13 @@ Contract:
   ``stop_reason``, null but in the chunk with the ``finish_reason``.
 - vLLM's conventions: ``top_k`` -1 is off (as 0), ``stop_token_ids`` and
   ``include_stop_str_in_output`` are SamplingParams'.
-- Request fields kiln serve does not know (``max_token``, ``stream_options.include_usages``)
-  are ignored, and named in a WARNING of this module's logger the first time a server meets
-  each (vLLM's "fields were present in the request but ignored"), at DEBUG after that; a null
-  one asks for nothing and is not named, nor are ``user``, the UNSUPPORTED fields (refused by
-  name, or no-ops) and a chat message's extra keys (they reach the template).
+- Request fields kiln serve does not know (``max_token``, ``stream_options.include_usages``,
+  a content part's ``messages[].content[].foo``) are ignored, and named in a WARNING of this
+  module's logger the first time a server meets each (vLLM's "fields were present in the
+  request but ignored"), at DEBUG after that; a null one asks for nothing and is not named, nor
+  are ``user`` and the UNSUPPORTED fields (refused by name, or no-ops). A chat message's keys
+  kiln serve does not know (``messages[].nmae``) reach the chat template, and are named in
+  the same way, apart; those of MESSAGE_KEYS (OpenAI's ``tool_calls``...) are not.
 - Chat prompts are the engine's chat template (or ``--chat_template``), rendered in jinja2's
   sandbox as :meth:`kiln.runtime.LLM.render_chat`; message ``content`` may be a string or a list
   of ``{"type": "text"}`` parts.
@@ -65,6 +67,11 @@ _SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty
              "frequency_penalty", "repetition_penalty")
 _PARAM = re.compile(r"SamplingParams\.(\w+)")
 COMPLETIONS_MAX_TOKENS = 16
+# A chat message's keys beside its role, content and name that OpenAI's API defines (and vLLM's
+# reasoning_content and reasoning, which clients send back and reasoning models' templates
+# read): they reach the chat template, which reads those it knows, and are not warned of
+MESSAGE_KEYS = ("tool_calls", "tool_call_id", "refusal", "audio", "function_call",
+                "reasoning_content", "reasoning")
 # Distinct ignored field names a server warns of: past these (a client sending a new name each
 # time), new names are logged at DEBUG, so neither the log nor the server's memory of them grows
 WARN_MOST = 100
@@ -361,7 +368,8 @@ class Renderer:
             max_tokens=max_tokens, **given, **fields), renames)
 
     def _ignored(self, req: Any, chat: bool) -> None:
-        """Log the fields of ``req`` that kiln serve ignores, by path (module docstring)."""
+        """Log the fields of ``req`` that kiln serve ignores, by path (module docstring); a chat
+        message's, which reach the template, apart."""
         checked = UNSUPPORTED + (UNSUPPORTED_IN_CHAT if chat else ())
         paths = [name for name, value in (req.model_extra or {}).items()
                  if value is not None and name not in checked]
@@ -369,14 +377,29 @@ class Renderer:
             paths += [f"stream_options.{key}"
                       for key, value in (req.stream_options.model_extra or {}).items()
                       if value is not None]
+        templated = []
+        for message in req.messages if chat else ():
+            templated += [f"messages[].{key}" for key, value in (message.model_extra or {}).items()
+                          if value is not None and key not in MESSAGE_KEYS]
+            if isinstance(message.content, list):  # joined into its text: the rest is dropped
+                paths += [f"messages[].content[].{key}" for part in message.content
+                          if isinstance(part, dict) for key, value in part.items()
+                          if value is not None and key not in ("type", "text")]
+        self._warn(paths, "request fields kiln serve does not know were ignored")
+        self._warn(templated, "chat message fields kiln serve does not know were passed to the "
+                              "chat template, which may not read them")
+
+    def _warn(self, paths: list[str], what: str) -> None:
+        """Log ``what: paths``, at WARNING for the paths this server has not named yet (up to
+        WARN_MOST in all), at DEBUG for the rest."""
+        paths = list(dict.fromkeys(paths))  # (many messages may have the same key)
         fresh = [p for p in paths if p not in self.warned][:WARN_MOST - len(self.warned)]
         self.warned.update(fresh)
         if fresh:
-            logger.warning("request fields kiln serve does not know were ignored: %s (each "
-                           "name is warned of once per server, later at DEBUG)", _listed(fresh))
+            logger.warning("%s: %s (each name is warned of once per server, later at DEBUG)",
+                           what, _listed(fresh))
         if again := [p for p in paths if p not in fresh]:
-            logger.debug("request fields kiln serve does not know were ignored: %s",
-                         _listed(again))
+            logger.debug("%s: %s", what, _listed(again))
 
     def completion_params(self, req: CompletionRequest) -> SamplingParams:
         prompt_logprobs = None

@@ -313,14 +313,17 @@ def test_unknown_fields_are_ignored_and_named_once_per_server(engine, caplog, en
 
 @pytest.mark.parametrize("endpoint, body", [
     ("/v1/completions", {"prompt": "a", "logit_bias": {}, "suffix": None}),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a", "mood": "calm"}],
-                              "tools": [], "response_format": {"type": "text"}, "echo": False,
-                              "continue_final_message": False}),
+    ("/v1/chat/completions", {"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "a", "foo": None}], "mood": None},
+        {"role": "assistant", "content": "b", "tool_calls": [], "refusal": None,
+         "reasoning_content": "c"}, {"role": "tool", "content": "d", "tool_call_id": "e"}],
+        "tools": [], "response_format": {"type": "text"}, "echo": False,
+        "continue_final_message": False}),
 ])
 def test_fields_kiln_takes_or_refuses_by_name_are_not_said_to_be_ignored(engine, caplog,
                                                                           endpoint, body):
     """``user`` (accepted, ignored), UNSUPPORTED fields of no-op values (they ask for nothing),
-    a null (the default) and a message's extra keys (the template reads them)."""
+    a null (the default) and a message's keys OpenAI's API defines (the template reads them)."""
     client = _client(engine, chat_template="{% for m in messages %}{{ m.content }}{% endfor %}")
     with caplog.at_level(logging.DEBUG, logger="kiln.serve.render"):
         out = client.post(endpoint, json={"model": "m", **body, "max_tokens": 1, "user": "u",
@@ -329,6 +332,30 @@ def test_fields_kiln_takes_or_refuses_by_name_are_not_said_to_be_ignored(engine,
                                                              "bar": None}})
     assert out.status_code == 200, out.text
     assert _said(caplog, logging.WARNING) == _said(caplog, logging.DEBUG) == []
+
+
+TEMPLATED = ("chat message fields kiln serve does not know were passed to the chat template, "
+             "which may not read them: {} (each name is warned of once per server, later at "
+             "DEBUG)")
+
+
+def test_unknown_keys_of_messages_and_parts_are_named_once_per_server(engine, caplog):
+    """A retest's misspelt ``"nmae"`` and a part's ``"foo"`` were taken without a word."""
+    client = _client(engine, chat_template="{% for m in messages %}{{ m.content }}{% endfor %}")
+    request = {"model": "m", "max_tokens": 1, "messages": [
+        {"role": "user", "content": "a", "nmae": "x"},
+        {"role": "assistant", "content": "b", "nmae": "y", "mood": "calm"},
+        {"role": "user", "content": [{"type": "text", "text": "c", "foo": 1}]}]}
+    with caplog.at_level(logging.DEBUG, logger="kiln.serve.render"):
+        assert client.post("/v1/chat/completions", json=request).status_code == 200
+        assert _said(caplog, logging.WARNING) == [IGNORED.format("messages[].content[].foo"),
+                                                  TEMPLATED.format("messages[].nmae, "
+                                                                   "messages[].mood")]
+        caplog.clear()
+        assert client.post("/v1/chat/completions", json=request).status_code == 200
+    assert _said(caplog, logging.WARNING) == []
+    assert [m.partition(":")[2] for m in _said(caplog, logging.DEBUG)] == [
+        " messages[].content[].foo", " messages[].nmae, messages[].mood"]
 
 
 def test_chat_only_fields_on_completions_are_said_to_be_ignored(engine, caplog):
