@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from kiln.cli.main import main
+from kiln.sizes import parse_size
 from tests.helpers import with_bom
 from tests.serve.conftest import free_port
 
@@ -277,3 +278,23 @@ def test_a_max_body_bytes_of_no_size_is_one_line(tmp_path, size, why):
     code, lines = _serve("--engine_dir", str(tmp_path), "--max_body_bytes", size)
     assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith(f"error: Invalid value for '--max_body_bytes': {size!r} {why}")
+
+
+@pytest.mark.parametrize("size", ["10", "1000", "0.5KiB"])
+def test_a_max_body_bytes_no_request_fits_in_is_one_line(tmp_path, busy_port, size):
+    """--max_body_bytes 10 had started a server that answered every request 413; refused before
+    the address is bound."""
+    code, lines = _serve("--engine_dir", str(tmp_path), "--max_body_bytes", size,
+                         "--port", str(busy_port))
+    assert code == 2 and len(lines) == 1, lines
+    given = int(parse_size(size))
+    assert lines[0].startswith(f"error: Invalid value for '--max_body_bytes': {given} bytes is "
+                               f"too small for any real request (a short chat request is some "
+                               f"hundred bytes); give 1KiB or more, like the default 4MiB")
+
+
+def test_a_max_body_bytes_of_1kib_goes_on_to_the_engine(tmp_path):
+    code, lines = _serve("--engine_dir", str(tmp_path), "--max_body_bytes", "1KiB",
+                         "--port", str(free_port()))
+    assert code == 2 and len(lines) == 1, lines
+    assert "--max_body_bytes" not in lines[0] and str(tmp_path) in lines[0]
