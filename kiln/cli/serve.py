@@ -203,7 +203,8 @@ def _warm_engine(stack: contextlib.ExitStack, engine_dir: Path, options: Executo
 def _bind(host: str, port: int) -> list[socket.socket]:
     """Sockets bound to every address of ``host`` (as asyncio's create_server binds them),
     not listening yet: connections are refused until the engine is loaded and uvicorn listens.
-    A port in use, or a host that is not this machine's, is a ServeError now."""
+    A port in use (by another kiln serve that loads too: :func:`_held`), or a host that is not
+    this machine's, is a ServeError now."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
@@ -212,12 +213,7 @@ def _bind(host: str, port: int) -> list[socket.socket]:
     sockets = []
     try:
         for family, kind, proto, _, address in dict.fromkeys(infos):
-            sock = socket.socket(family, kind, proto)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn/asyncio
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
+            sockets.append(_held(family, kind, proto, address))
     except OSError as e:
         for sock in sockets:
             sock.close()
@@ -225,8 +221,47 @@ def _bind(host: str, port: int) -> list[socket.socket]:
     return sockets
 
 
+def _held(family: int, kind: int, proto: int, address: Any) -> socket.socket:
+    """A socket bound to ``address`` that no other socket can bind until it listens.
+
+    Linux lets sockets that all set SO_REUSEADDR (as uvicorn's and asyncio's do) bind one
+    address while none listens: a second kiln serve on the port had bound too, and failed at
+    listen() only, after its whole load. So the socket binds without SO_REUSEADDR, which no
+    other socket's bind may share. Where the port is held by connections in TIME_WAIT only (a
+    server there just stopped), which only SO_REUSEADDR binds past, it binds with it, then
+    turns it off: a socket with it off shares its address with none either. :func:`_listenable`
+    turns it on again before listening, which those connections would refuse otherwise (and
+    its own connections, which inherit it, let the next server bind past them in turn)."""
+    def bound(reuse: bool) -> socket.socket:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, int(reuse))
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    try:
+        return bound(False)
+    except OSError as e:
+        if e.errno != errno.EADDRINUSE:
+            raise
+    sock = bound(True)  # a listener, or another kiln serve that loads, refuses this one too
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+    return sock
+
+
+def _listenable(sockets: list[socket.socket]) -> None:
+    """Turn SO_REUSEADDR on again on :func:`_held`'s sockets, right before they listen."""
+    for sock in sockets:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+
+
 _BIND_FIXES = {
-    errno.EADDRINUSE: "another process listens there: pick a free --port (or stop that process)",
+    errno.EADDRINUSE: "another process uses it: pick a free --port (or stop that process)",
     errno.EADDRNOTAVAIL: "not an address of this machine: pick another --host",
     errno.EACCES: "ports below 1024 need privileges: pick a --port of 1024 or above",
 }
@@ -324,6 +359,7 @@ class _Server:
 
         class Server(uvicorn.Server):
             async def startup(self, sockets=None):
+                _listenable(sockets or [])  # (uvicorn listens on them next)
                 await super().startup(sockets)
                 if self.started:  # what a user waits for, at the default level
                     click.echo(listening, err=True)

@@ -35,8 +35,8 @@ def test_a_port_in_use_is_one_line_before_the_engine_loads(tmp_path, busy_port):
     code, lines = _serve("--engine_dir", str(tmp_path), "--port", str(busy_port))
     assert code == 2 and len(lines) == 1, lines
     assert lines[0] == (f"error: cannot listen on 127.0.0.1:{busy_port}: address already in "
-                        f"use; another process listens there: pick a free --port (or stop "
-                        f"that process)")
+                        f"use; another process uses it: pick a free --port (or stop that "
+                        f"process)")
 
 
 def test_a_host_of_another_machine_is_one_line(tmp_path):
@@ -156,6 +156,61 @@ def test_the_port_refuses_connections_while_the_engine_loads(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+
+
+def test_a_second_server_on_the_port_of_one_that_loads_is_one_line_at_once(tmp_path):
+    """Two kiln serve on one port had both bound (SO_REUSEADDR, neither listening yet): the
+    second failed at listen(), after its whole load. A bind beside the first one's fails now,
+    a SO_REUSEADDR one as uvicorn's too."""
+    from kiln.cli.serve import _bind
+
+    port = free_port()
+    first = _bind("127.0.0.1", port)
+    try:
+        code, lines = _serve("--engine_dir", str(tmp_path), "--port", str(port))
+        assert code == 2 and len(lines) == 1, lines
+        assert lines[0].startswith(f"error: cannot listen on 127.0.0.1:{port}: address "
+                                   f"already in use; ")
+        with socket.socket() as other:
+            other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            with pytest.raises(OSError, match="in use"):
+                other.bind(("127.0.0.1", port))
+    finally:
+        for sock in first:
+            sock.close()
+
+
+def _time_wait(port: int) -> None:
+    """A server on ``port`` that closed a connection first, so that it waits in TIME_WAIT."""
+    from kiln.cli.serve import _bind, _listenable
+
+    [listener] = _bind("127.0.0.1", port)
+    with listener:
+        _listenable([listener])
+        listener.listen()
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            conn, _ = listener.accept()
+            conn.close()
+            assert client.recv(1) == b""
+
+
+def test_a_server_restarts_on_a_port_whose_connections_wait_in_time_wait():
+    """SO_REUSEADDR's reason (uvicorn's and asyncio's): a port whose last server's connections
+    wait in TIME_WAIT binds with it only. The restart binds, is still alone, and listens."""
+    from kiln.cli.serve import ServeError, _bind, _listenable
+
+    port = free_port()
+    _time_wait(port)
+    with socket.socket() as plain:  # the TIME_WAIT this test is about holds the port
+        with pytest.raises(OSError, match="in use"):
+            plain.bind(("127.0.0.1", port))
+    [sock] = _bind("127.0.0.1", port)
+    with sock:
+        with pytest.raises(ServeError, match="address already in use"):
+            _bind("127.0.0.1", port)
+        _listenable([sock])
+        sock.listen()
+        socket.create_connection(("127.0.0.1", port)).close()
 
 
 @pytest.mark.parametrize("text,why", [
