@@ -36,6 +36,8 @@ def planned_manifest(source: SourceId, parts: KeyParts,
 
     conversion = plan_conversion(source.model_dir, revision=source.revision, **parts.convert)
     engine = get_backend(build.backend)
-    plan = make_plan(build, conversion.checkpoint_config(), engine)
+    # (the build's own checkpoint dir is a temporary one: a message names the model's config)
+    plan = make_plan(build, conversion.checkpoint_config(), engine,
+                     config=conversion.source.directory / "config.json")
     engine.check(plan)
     return conversion, plan_manifest(plan, engine, rank_files={}, checksums={})

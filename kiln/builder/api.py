@@ -181,10 +181,13 @@ def check_rank_files(checkpoint_dir: Path, ckpt: CheckpointConfig) -> dict[int, 
     return out
 
 
-def make_plan(options: BuildOptions, ckpt: CheckpointConfig, engine: Backend) -> BuildPlan:
-    """Resolve dtype, limits, targets and plugins for this checkpoint and backend."""
+def make_plan(options: BuildOptions, ckpt: CheckpointConfig, engine: Backend,
+              config: Path | None = None) -> BuildPlan:
+    """Resolve dtype, limits, targets and plugins for this checkpoint and backend. ``config``:
+    the config.json ``ckpt``'s model settings were read from, for messages (default: the
+    checkpoint's own)."""
     dtype = options.dtype or ckpt.dtype
-    limits = resolve_limits(options, ckpt.decoder)
+    limits = resolve_limits(options, ckpt.decoder, config)
     targets = options.targets or engine.default_targets(dtype)
     context = PluginContext(decoder=ckpt.decoder, dtype=dtype, backend=engine.name,
                             targets=tuple(targets), tp_size=ckpt.mapping.tp_size)

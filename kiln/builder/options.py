@@ -117,14 +117,17 @@ def _targets(given: Any) -> tuple[str, ...]:
     return tuple(sorted({t.strip().lower() for t in given}))
 
 
-def resolve_limits(options: BuildOptions, decoder: DecoderConfig) -> BuildLimits:
-    """The engine's BuildLimits, with defaults filled in and the position range checked."""
+def resolve_limits(options: BuildOptions, decoder: DecoderConfig,
+                   config: Path | None = None) -> BuildLimits:
+    """The engine's BuildLimits, with defaults filled in and the position range checked.
+    ``config``: the config.json the model's positions were read from, named in messages
+    (default: the checkpoint's; the build cache's is the Hugging Face one it converts)."""
     max_seq_len, max_input_len, max_num_tokens = (
         given or default for given, default in _lengths(options, decoder.max_position_embeddings))
     if max_seq_len < MIN_SEQ_LEN:  # given ones are checked in BuildOptions: the default
         # A trial's config.json edited to max_position_embeddings 1 had built an engine of
         # max_seq_len 1, whose every run gave one token.
-        config = options.checkpoint_dir / "config.json"
+        config = config or options.checkpoint_dir / "config.json"
         raise ConfigError(f"max_seq_len defaults to the checkpoint's max_position_embeddings "
                           f"{decoder.max_position_embeddings} ({config}), below the "
                           f"{MIN_SEQ_LEN} kiln builds (a prompt token and a generated one); "

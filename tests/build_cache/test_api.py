@@ -408,3 +408,14 @@ def test_hold_engine_holds_an_engine_of_another_cache_root(tmp_path, monkeypatch
         assert [e.name for e in other.prune(everything=True).in_use] == [entry.name]
     assert other.read(entry.name).last_used > entry.last_used  # and counted as a use
     assert not (tmp_path / "shell-cache").exists()
+
+
+def test_a_default_length_below_two_names_the_models_config(hf_copy, cache_dir, builds):
+    """A trial's kiln run --model_dir of a config.json edited to max_position_embeddings 1 was
+    told of "(config.json)": the cache's checkpoint dir is its own, not the model's."""
+    config = json.loads((hf_copy / "config.json").read_text())
+    (hf_copy / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1}))
+    with pytest.raises(ConfigError, match=re.escape(
+            f"max_position_embeddings 1 ({hf_copy / 'config.json'}), below the 2 kiln builds")):
+        engine_for_model(hf_copy)
+    assert builds == []
