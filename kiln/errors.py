@@ -81,6 +81,10 @@ def malformed(error: KeyError | TypeError | ValueError) -> str:
 # (:func:`options_as_flags`), else they name the Python API's keywords.
 _AS_FLAGS: contextvars.ContextVar[bool] = contextvars.ContextVar("kiln_options_as_flags",
                                                                  default=False)
+# Whether the engine that messages advise on is built from the options of the command (or call)
+# that runs it (the build cache's: kiln run --model_dir): set by :func:`limits_as_options`.
+_LIMITS_AS_OPTIONS: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "kiln_limits_as_options", default=False)
 _NO_VALUE = object()
 
 
@@ -109,10 +113,24 @@ def build_larger(name: str) -> str:
     """Advice to build the engine again with a larger limit ``name``, in its user's words
     (:func:`option`): from Python ``build with a larger max_input_len (kiln.build, or beside
     LLM(model=...))``, inside a kiln command ``build with a larger --max_input_len (kiln
-    build, or beside --model_dir)``; a Python caller had been told of flags it has not."""
+    build, or beside --model_dir)``; a Python caller had been told of flags it has not. Of an
+    engine built from the options given (:func:`limits_as_options`): ``pass a larger
+    --max_input_len``."""
+    if _LIMITS_AS_OPTIONS.get():
+        return f"pass a larger {option(name)}"
     where = "kiln build, or beside --model_dir" if named_as_flags() else \
         "kiln.build, or beside LLM(model=...)"
     return f"build with a larger {option(name)} ({where})"
+
+
+def build_smaller(*names: str) -> str:
+    """Advice to build the engine again with smaller limits ``names`` (either will do), in its
+    user's words (:func:`option`): ``rebuild with a smaller --max_seq_len or --max_batch_size``;
+    of an engine built from the options given (:func:`limits_as_options`), ``pass a smaller
+    --max_seq_len or --max_batch_size``: a ``kiln run --model_dir`` user had been told to
+    rebuild an engine that no build of theirs made."""
+    verb = "pass" if _LIMITS_AS_OPTIONS.get() else "rebuild with"
+    return f"{verb} a smaller {' or '.join(option(name) for name in names)}"
 
 
 def build_with(name: str, value: Any = True) -> str:
@@ -134,6 +152,19 @@ def options_as_flags(on: bool = True) -> Iterator[None]:
         yield
     finally:
         _AS_FLAGS.reset(token)
+
+
+@contextlib.contextmanager
+def limits_as_options() -> Iterator[None]:
+    """Messages made inside advise other engine limits as options to pass again
+    (:func:`build_smaller`, :func:`build_larger`): the engine they are about is built from
+    the options of the command that runs it (``--model_dir``), not by a kiln build of its
+    user's."""
+    token = _LIMITS_AS_OPTIONS.set(True)
+    try:
+        yield
+    finally:
+        _LIMITS_AS_OPTIONS.reset(token)
 
 
 def counted(n: int, noun: str) -> str:

@@ -198,6 +198,23 @@ def test_option_names_a_flag_other_than_the_keyword_where_told():
             ("--model_dir", "--model_dir m")
 
 
+def test_advice_on_limits_names_options_to_pass_for_an_engine_built_from_them():
+    """A kiln run --model_dir user had been told to "rebuild with a smaller --max_seq_len": no
+    build of theirs made that engine, the options they passed did."""
+    from kiln.errors import build_larger, build_smaller, limits_as_options
+
+    with options_as_flags():
+        assert build_smaller("max_seq_len", "max_batch_size") == \
+            "rebuild with a smaller --max_seq_len or --max_batch_size"
+        with limits_as_options():
+            assert build_smaller("max_seq_len", "max_batch_size") == \
+                "pass a smaller --max_seq_len or --max_batch_size"
+            assert build_larger("max_input_len") == "pass a larger --max_input_len"
+        assert build_larger("max_input_len").startswith("build with a larger --max_input_len")
+    with limits_as_options():
+        assert build_smaller("max_seq_len") == "pass a smaller max_seq_len"
+
+
 @pytest.mark.parametrize("value, message", [
     (5, "engine_dir must be a path (a str or os.PathLike), found int 5"),
     (None, "engine_dir must be a path (a str or os.PathLike), found None"),

@@ -38,6 +38,7 @@ from kiln.cli.context import CliContext, IntRange, MemorySize, PathArg
 from kiln.config import DTYPES
 from kiln.converters.options import ConvertOptions
 from kiln.engine import BACKENDS
+from kiln.errors import limits_as_options
 
 # kiln build's options that the cache sets itself (its own dirs; dtype goes to the conversion)
 _NOT_FROM_BUILD = ("checkpoint_dir", "output_dir", "overwrite", "dtype", "backend")
@@ -169,7 +170,9 @@ def held_engine(obj: CliContext, options: dict[str, Any], executor: Any,
     command's own). Before a build, the engine it would make is checked against this machine
     with ``executor`` (the command's ExecutorOptions), then with ``check`` (the command's own
     checks of its manifest, and of the checkpoint dir its tokenizer comes from), so a refusal
-    comes before the build, not after it."""
+    comes before the build, not after it. A ``--model_dir`` engine's limits are the options
+    given: inside, advice on them names those options (:func:`kiln.errors.limits_as_options`:
+    ``pass a smaller --max_seq_len``, not ``rebuild with``)."""
     from kiln.build_cache.api import cached_engine, hold_engine
     from kiln.runtime.loader import check_runnable
 
@@ -184,9 +187,9 @@ def held_engine(obj: CliContext, options: dict[str, Any], executor: Any,
         with hold_engine(engine_dir) as path:
             yield path
         return
-    with cached_engine(model_dir, progress=obj.progress, check=check_all, **model,
-                       **fixed) as path:
-        yield path
+    with limits_as_options(), cached_engine(model_dir, progress=obj.progress, check=check_all,
+                                            **model, **fixed) as path:
+        yield path  # its limits are the options given: advice names them as such
 
 
 def engine_from_options(obj: CliContext, options: dict[str, Any]) -> Path:

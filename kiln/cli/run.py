@@ -40,7 +40,7 @@ from kiln.cli.context import (
     gpu_options,
 )
 from kiln.cli.engine_source import engine_command, held_engine
-from kiln.errors import UNREADABLE_JSON, KilnError, json_type
+from kiln.errors import UNREADABLE_JSON, KilnError, build_larger, json_type
 from kiln.runtime.errors import SamplingParamsError
 from kiln.runtime.params import SamplingParams, is_utf8  # torch-free: --help stays fast
 
@@ -370,9 +370,9 @@ def warn_if_cut(llm: LLM, inputs: list[Any], max_output_len: int) -> None:
         return
     after = "the prompt" if len(inputs) == 1 else f"{len(cut)} of {len(inputs)} prompts"
     log.warning("--max_output_len %d is more than the engine's max_seq_len %d leaves after %s: "
-                "at most %d new token%s%s (finish 'length'); rebuild with a larger "
-                "--max_seq_len for more", max_output_len, limits.max_seq_len, after, min(cut),
-                "" if min(cut) == 1 else "s", "" if len(inputs) == 1 else " after the longest")
+                "at most %d new token%s%s (finish 'length'); for more, %s", max_output_len,
+                limits.max_seq_len, after, min(cut), "" if min(cut) == 1 else "s",
+                "" if len(inputs) == 1 else " after the longest", build_larger("max_seq_len"))
 
 
 def log_quantization(manifest: EngineManifest | None) -> None:

@@ -44,7 +44,7 @@ from kiln.engine import (
     read_manifest_data,
     verify_checksums,
 )
-from kiln.errors import a_or_an, option
+from kiln.errors import a_or_an, build_smaller, option
 from kiln.runtime.compat import MachineInfo, describe_machine
 from kiln.runtime.executor import Executor
 from kiln.runtime.host_memory import available_memory
@@ -145,8 +145,7 @@ def check_replica_memory(manifest: EngineManifest, dp: int) -> None:
         return
     fit = available // each
     fix = f"run with {option('dp', fit)} or fewer" if fit > 1 else \
-        f"run without {option('dp')}, or rebuild with a smaller {option('max_batch_size')} or " \
-        f"{option('max_seq_len')}"
+        f"run without {option('dp')}, or {build_smaller('max_batch_size', 'max_seq_len')}"
     need, have = need_and_available(dp * each, available)
     raise EngineError(f"{option('dp', dp)}: {dp} CPU replicas of this engine need up to "
                       f"{need} of host memory ({size_text(each)} each, its "

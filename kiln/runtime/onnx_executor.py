@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from kiln.engine import EngineError, EngineManifest
-from kiln.errors import option
+from kiln.errors import build_smaller, option
 from kiln.quantization.config import slow_on_onnx_cpu
 from kiln.runtime.compat import MachineInfo, check_onnx
 from kiln.runtime.executor import Executor, SequenceChunk, StepLogits
@@ -182,8 +182,8 @@ def _check_cache_memory(manifest: EngineManifest, cache_bytes: int, device: str)
     limits, (need, have) = manifest.limits, need_and_available(cache_bytes, available)
     raise EngineError(f"this onnx engine's limits (max_seq_len {limits.max_seq_len}, "
                       f"max_batch_size {limits.max_batch_size}) need a KV cache of "
-                      f"{need} of host memory, and {have} is available; rebuild with a smaller "
-                      f"{option('max_seq_len')} or {option('max_batch_size')}")
+                      f"{need} of host memory, and {have} is available; "
+                      f"{build_smaller('max_seq_len', 'max_batch_size')}")
 
 
 def spin_wait(asked: bool | None, parts: int) -> bool:

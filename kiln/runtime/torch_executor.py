@@ -26,7 +26,7 @@ import torch
 
 from kiln.engine import EngineError, EngineManifest
 from kiln.engine.torch_files import check_packed, read_packed
-from kiln.errors import option
+from kiln.errors import build_smaller, option
 from kiln.runtime.compat import MachineInfo, sm
 from kiln.runtime.host_memory import available_memory
 from kiln.runtime.launch import torchrun_env
@@ -206,8 +206,8 @@ def check_host_memory(manifest: EngineManifest, device: torch.device,
     raise EngineError(f"this torch engine's limits (max_seq_len {limits.max_seq_len}, "
                       f"max_batch_size {limits.max_batch_size}) need {total} of host memory "
                       f"({parts}){ranks}, "
-                      f"and {have} is available; rebuild with a smaller "
-                      f"{option('max_seq_len')} or {option('max_batch_size')}")
+                      f"and {have} is available; "
+                      f"{build_smaller('max_seq_len', 'max_batch_size')}")
 
 
 def _torch_options(options: ExecutorOptions,
@@ -299,7 +299,6 @@ def build_executor(engine_dir: Path, manifest: EngineManifest,
         raise EngineError(f"{engine_dir}: the torch executor could not allocate its tables and KV "
                           f"cache on {device} for this engine's limits (max_seq_len "
                           f"{limits.max_seq_len}, max_batch_size {limits.max_batch_size}): "
-                          f"{reason}; rebuild with a smaller {option('max_seq_len')} or "
-                          f"{option('max_batch_size')}"
+                          f"{reason}; {build_smaller('max_seq_len', 'max_batch_size')}"
                           + (f", or lower {option('kv_cache_free_gpu_memory_fraction')}"
                              if device.type == "cuda" else "")) from None

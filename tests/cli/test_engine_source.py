@@ -229,6 +229,26 @@ def test_bad_input_with_model_dir_is_refused_before_a_build(tiny_hf, cache, tmp_
     assert cache.entries() == []
 
 
+@pytest.mark.parametrize("args", [["bench"], ["run", "--input_text", "Hi"]])
+def test_limits_too_large_for_this_machine_name_the_options_to_pass(tiny_hf, cache, args):
+    """A trial's kiln run --model_dir had been told to "rebuild with a smaller --max_seq_len",
+    an engine it never built; an --engine_dir's is still told to rebuild."""
+    result = kiln(args[0], "--model_dir", str(tiny_hf), "--max_batch_size", "100000000",
+                  "--max_seq_len", "64", *args[1:])
+    _one_line_error(result, "need a KV cache of",
+                    "; pass a smaller --max_seq_len or --max_batch_size")
+    assert "rebuild" not in result.output and cache.entries() == []
+
+
+def test_a_cut_output_names_the_option_to_pass(tiny_hf, cache, caplog):
+    with caplog.at_level(logging.WARNING, logger="kiln.cli.run"):
+        result = kiln("run", "--model_dir", str(tiny_hf), "--input_text", "Hi", "--max_seq_len",
+                      "8", "--max_output_len", "50", "--ignore_eos")
+    assert result.exit_code == 0, result.output
+    (warned,) = [m for m in caplog.messages if "--max_output_len" in m]
+    assert warned.endswith("(finish 'length'); for more, pass a larger --max_seq_len")
+
+
 def test_cache_build_still_builds_what_this_machine_cannot_run(tiny_hf, cache):
     """Engines built ahead of time: kiln cache build runs no machine check (a torch engine for
     CUDA, on this machine without a GPU), and kiln run on it then refuses without building."""
