@@ -22,7 +22,7 @@ import torch
 
 from kiln.config import DTYPES, DecoderConfig, Mapping
 from kiln.dirs import DirKind, read_config
-from kiln.errors import CheckpointError, ConfigError, KilnError, counted, malformed
+from kiln.errors import CheckpointError, ConfigError, KilnError, counted, listed, malformed
 from kiln.hashing import (
     DIGEST_KEY,
     manifest_digest,
@@ -318,7 +318,7 @@ def check_tensor_names(path: Path, config: CheckpointConfig, rank: int,
                               f"{len(unexpected) - 1} more) that config.json does not record "
                               f"(no kv_cache_dtype); use the config.json kiln quantize wrote")
     raise CheckpointError(f"{path}: tensors do not match config.json: missing "
-                          f"{_names(missing)}, unexpected {_names(unexpected)}; re-run kiln "
+                          f"{listed(missing)}, unexpected {listed(unexpected)}; re-run kiln "
                           f"convert_checkpoint (and kiln quantize, for a quantized checkpoint)")
 
 
@@ -368,13 +368,6 @@ def check_tensor_dtypes(path: Path, config: CheckpointConfig,
                                   f"and config.json says dtype {config.dtype}: config.json was "
                                   f"edited or belongs to another checkpoint; re-run kiln "
                                   f"convert_checkpoint")
-
-
-def _names(names: list[str], limit: int = 8) -> str:
-    """A sorted name list as Python writes it, cut after ``limit`` names (one line stays short)."""
-    if len(names) <= limit:
-        return str(names)
-    return f"{str(names[:limit])[:-1]}, ... ({len(names)} in all)]"
 
 
 def load_merged(checkpoint_dir: str | Path, config: CheckpointConfig | None = None,

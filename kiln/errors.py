@@ -40,6 +40,15 @@ def cut(text: str, most: int = 40) -> str:
         f"characters)"
 
 
+def listed(names: list[str], most: int = 5) -> str:
+    """A list of names for a one-line message, as Python writes a list, its first ``most``
+    only and how many more: ``['a', 'b', 'c', 'd', 'e'] and 85 more`` (a checkpoint missing
+    90 tensors had listed every one)."""
+    if len(names) <= most:
+        return str(names)
+    return f"{names[:most]} and {len(names) - most} more"
+
+
 def described(value: Any) -> str:
     """A value in an error message: its type, and :func:`shown`'s form of it."""
     return f"{type(value).__name__} {shown(value)}"

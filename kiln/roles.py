@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from kiln.config import DecoderConfig, MlpType, NormType
+from kiln.errors import listed
 from kiln.quantization.config import (
     INPUT_SCALE,
     KV_SCALES,
@@ -206,12 +207,13 @@ def companion_names(role: Role, layer: int | None, quant: QuantConfig) -> list[s
 
 def name_mismatch(expected: Iterable[str], found: Iterable[str]) -> str | None:
     """``missing [...], unexpected [...]`` (each sorted) when ``found`` is not exactly
-    ``expected``, else None: the strict accounting every reader of tensor names reports."""
+    ``expected``, else None: the strict accounting every reader of tensor names reports (long
+    lists cut: :func:`~kiln.errors.listed`)."""
     expected, found = set(expected), set(found)
     missing, unexpected = sorted(expected - found), sorted(found - expected)
     if not (missing or unexpected):
         return None
-    return f"missing {missing}, unexpected {unexpected}"
+    return f"missing {listed(missing)}, unexpected {listed(unexpected)}"
 
 
 def parse_tensor(name: str) -> tuple[Role, int | None, str | None]:

@@ -86,3 +86,14 @@ def test_an_edit_that_breaks_the_config_is_named_as_the_edit(tmp_path):
     (ckpt / "config.json").write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match="remove the key to build it unchecked$"):
         load_config(ckpt)
+
+
+def test_a_rank_file_missing_many_tensors_lists_five_and_counts_the_rest(ckpt):
+    from kiln.checkpoint import check_tensor_names
+
+    config = load_config(ckpt)
+    expected = sorted(config.rank_tensor_names(0))
+    with pytest.raises(CheckpointError) as err:
+        check_tensor_names(ckpt / "rank0.safetensors", config, 0, expected[:1])
+    assert f"missing {expected[1:6]} and {len(expected) - 6} more, unexpected []; re-run" in \
+        str(err.value)

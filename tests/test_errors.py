@@ -198,6 +198,14 @@ def test_option_names_a_flag_other_than_the_keyword_where_told():
             ("--model_dir", "--model_dir m")
 
 
+def test_listed_names_a_few_and_counts_the_rest():
+    from kiln.errors import listed
+
+    assert listed([]) == "[]" and listed(list("abcde")) == "['a', 'b', 'c', 'd', 'e']"
+    assert listed(list("abcdefg")) == "['a', 'b', 'c', 'd', 'e'] and 2 more"
+    assert listed(list("abc"), most=2) == "['a', 'b'] and 1 more"
+
+
 def test_advice_on_limits_names_options_to_pass_for_an_engine_built_from_them():
     """A kiln run --model_dir user had been told to "rebuild with a smaller --max_seq_len": no
     build of theirs made that engine, the options they passed did."""

@@ -214,9 +214,8 @@ def test_long_name_lists_are_cut(quantized):
     """A rank file of the wrong checkpoint: one short line, not every name."""
     ckpt = quantized("int8_wo")
     config = load_config(ckpt)
-    with pytest.raises(CheckpointError, match=r"missing \['embed.weight', .*, "
-                                              r"\.\.\. \(\d+ in all\)\], unexpected "
-                                              r"\['other'\]") as err:
+    with pytest.raises(CheckpointError, match=r"missing \['embed.weight', [^]]*\] and \d+ "
+                                              r"more, unexpected \['other'\]") as err:
         check_tensor_names(ckpt / "rank0.safetensors", config, 0, ["other"])
     assert len(str(err.value)) < 600
 

@@ -155,6 +155,17 @@ def test_missing_and_unexpected_tensors_are_listed(src, tmp_path):
     assert "unexpected ['model.layers.0.self_attn.extra.weight']" in str(err.value)
 
 
+def test_many_missing_tensors_are_listed_up_to_five_and_counted(src, tmp_path):
+    """A trial's checkpoint missing 90 tensors had listed all 90 in one line."""
+    tensors = load_file(src / "model.safetensors")
+    dropped = sorted(n for n in tensors if n.startswith("model.layers.1."))
+    save_file({n: t for n, t in tensors.items() if n not in dropped}, src / "model.safetensors")
+    with pytest.raises(TensorMappingError) as err:
+        _convert(src, tmp_path / "out")
+    assert f"missing {dropped[:5]} and {len(dropped) - 5} more, unexpected []; " in \
+        str(err.value)
+
+
 def test_unknown_dtype(hf_dir, tmp_path):
     with pytest.raises(ConfigError, match="dtype must be auto or one of"):
         _convert(hf_dir, tmp_path / "out", dtype="float8")
