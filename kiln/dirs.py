@@ -21,6 +21,7 @@ from __future__ import annotations
 import difflib
 import itertools
 import json
+import stat
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,21 @@ def near_path(path: Path, dirs_only: bool = True, depth: int = 3) -> Path | None
     lower = {name.lower(): name for name in names}
     close = difflib.get_close_matches(path.name.lower(), list(lower), n=1, cutoff=0.75)
     return path.with_name(lower[close[0]]) if close else None
+
+
+def special_file(path: Path) -> str | None:
+    """What ``path`` is where it exists and is neither a directory nor a regular file: "a
+    character device" (``/dev/null`` had been "no such engine directory"), "a block device",
+    "a named pipe", "a socket"; else None."""
+    try:
+        mode = path.stat().st_mode
+    except (OSError, ValueError):  # absent, unreadable, or a name the OS refuses
+        return None
+    for test, kind in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return None
 
 
 def read_config(directory: str | Path, wanted: DirKind,

@@ -31,6 +31,7 @@ from kiln.dirs import (
     near_path,
     only_child_of_kind,
     read_config,
+    special_file,
 )
 from kiln.engine import (
     DIGEST_KEY,
@@ -143,6 +144,9 @@ def verify(obj: CliContext, engine_dir: Path | None, engine_dir_option: Path | N
             (DirKind.ENGINE, DirKind.KILN_CHECKPOINT) else either
         raise EngineError(f"{engine_dir}: is a file, not an engine dir or a kiln checkpoint; "
                           f"{hint}")
+    if (special := special_file(engine_dir)) is not None:  # (it exists: not "no such ...")
+        raise EngineError(f"{engine_dir}: is {special}, not an engine dir or a kiln checkpoint; "
+                          f"{either}")
     if str(engine_dir).strip() and not engine_dir.exists():  # either kind would have been right
         near = near_path(engine_dir)
         raise EngineError(f"{engine_dir}: no such directory; "

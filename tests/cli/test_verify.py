@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -241,6 +242,17 @@ def test_a_file_is_one_line_naming_both_kinds_or_its_directory(tmp_path, engine)
     assert r.output.splitlines() == [
         f"error: {engine / 'rank0.onnx'}: is a file, not an engine dir or a kiln checkpoint; "
         f"pass the directory that holds it ({engine})"]
+
+
+def test_something_that_is_neither_file_nor_directory_is_named_as_what_it_is(tmp_path):
+    """A trial's kiln verify /dev/null had been told "no such engine directory": it exists."""
+    os.mkfifo(tmp_path / "pipe")
+    either = ("not an engine dir or a kiln checkpoint; pass an engine dir (the output_dir of "
+              "kiln build) or a kiln checkpoint (the output_dir of kiln convert_checkpoint)")
+    for path, kind in ((tmp_path / "pipe", "a named pipe"), ("/dev/null", "a character device")):
+        r = kiln("verify", str(path))
+        assert r.exit_code == 2
+        assert r.output.splitlines() == [f"error: {path}: is {kind}, {either}"]
 
 
 def test_a_typo_names_the_near_dir(tmp_path):
