@@ -182,6 +182,8 @@ def read_config(directory: str | Path, wanted: DirKind,
         hint = f"pass the directory that holds it ({holder})" \
             if classify_dir(holder) is wanted else fix
         raise error(f"{directory}: is a file, not {article} {noun}; {hint}")
+    if (special := special_file(directory)) is not None:
+        raise error(f"{directory}: is {special}, not {article} {noun}; {fix}")
     if not directory.is_dir():
         near = _near_names(directory)
         raise error(f"{directory}: no such {noun}; "

@@ -7,6 +7,7 @@ the CLI (one line, exit 2, nothing written) and through the Python API.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -279,3 +280,17 @@ def test_a_config_that_is_not_a_json_object_is_one_line(tmp_path, text, found, k
         read_config(tmp_path, DirKind[kind], ConfigError)
     assert str(info.value) == f"{tmp_path / 'config.json'}: holds {found}, not a JSON object; " \
                               f"{repair}"
+
+
+@pytest.mark.parametrize("kind, noun", [(DirKind.ENGINE, "an engine directory"),
+                                        (DirKind.KILN_CHECKPOINT, "a kiln checkpoint directory"),
+                                        (DirKind.HF_CHECKPOINT, "an HF checkpoint directory")])
+def test_a_device_or_pipe_is_named_as_what_it_is_not_as_missing(tmp_path, kind, noun):
+    """kiln run --engine_dir /dev/null had been told "no such engine directory": it exists."""
+    from kiln.dirs import read_config
+
+    os.mkfifo(tmp_path / "pipe")
+    for path, what in ((tmp_path / "pipe", "a named pipe"), (Path("/dev/null"),
+                                                              "a character device")):
+        with pytest.raises(EngineError, match=rf"^{path}: is {what}, not {noun}; pass "):
+            read_config(path, kind, EngineError)
