@@ -78,9 +78,21 @@ _warned_unlocked = False  # the read-only warning is given once per process
 
 def cache_root() -> Path:
     """``$KILN_CACHE_DIR``, else ``$XDG_CACHE_HOME/kiln``, else ``~/.cache/kiln`` (the root the
-    SmolLM2 fixture and the English texts of kiln/testing use too)."""
-    if os.environ.get("KILN_CACHE_DIR"):
-        return Path(os.environ["KILN_CACHE_DIR"]).expanduser().absolute()
+    SmolLM2 fixture and the English texts of kiln/testing use too). An empty variable is an
+    unset one, as the XDG Base Directory spec reads its own (``KILN_CACHE_DIR= kiln ...``:
+    the default). A KILN_CACHE_DIR of blanks, or ``-``, is refused (one line), as
+    ``--cache_dir`` refuses them: it had made a cache in ``./-`` or ``./ ``."""
+    given = os.environ.get("KILN_CACHE_DIR", "")
+    if given:
+        default = "or unset it for the default ($XDG_CACHE_HOME/kiln, else ~/.cache/kiln)"
+        if not given.strip():
+            raise BuildCacheError(f"KILN_CACHE_DIR is blank ({given!r}); set it to the build "
+                                  f"cache's directory, {default}")
+        if given == "-":
+            raise BuildCacheError(f"KILN_CACHE_DIR is '-', which kiln reads as standard input or "
+                                  f"output, not a directory; set it to the build cache's "
+                                  f"directory (./- for one named '-'), {default}")
+        return Path(given).expanduser().absolute()
     if os.environ.get("XDG_CACHE_HOME"):
         return Path(os.environ["XDG_CACHE_HOME"]).expanduser().absolute() / "kiln"
     return Path.home() / ".cache" / "kiln"

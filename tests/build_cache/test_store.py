@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -358,6 +359,35 @@ def test_an_unwritable_cache_dir_is_one_line_with_the_fix(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(Exception, match="cannot be written .*set KILN_CACHE_DIR"):
         EngineCache(tmp_path / "file").ensure()
+
+
+def test_an_empty_kiln_cache_dir_is_unset_and_a_blank_or_dash_one_is_refused(tmp_path,
+                                                                           monkeypatch):
+    """As the XDG spec reads an empty variable, KILN_CACHE_DIR= is the default; " " and "-"
+    had made a cache in ./ and ./- (--cache_dir refuses both)."""
+    from click.testing import CliRunner
+
+    from kiln.build_cache.store import cache_root
+    from kiln.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("KILN_CACHE_DIR", "")
+    assert cache_root() == tmp_path / "xdg" / "kiln"
+    for value, said in ((" ", "KILN_CACHE_DIR is blank (' '); set it to the build cache's "
+                              "directory, or unset it for the default"),
+                        ("-", "KILN_CACHE_DIR is '-', which kiln reads as standard input or "
+                              "output, not a directory; set it to the build cache's directory "
+                              "(./- for one named '-'), or unset it")):
+        monkeypatch.setenv("KILN_CACHE_DIR", value)
+        with pytest.raises(BuildCacheError, match=re.escape(said)):
+            EngineCache()
+        result = CliRunner().invoke(main, ["cache", "list"])
+        assert result.exit_code == 2 and result.output.startswith(f"error: {said}"), \
+            result.output
+    monkeypatch.setenv("KILN_CACHE_DIR", "./-")  # a directory named "-"
+    assert cache_root() == tmp_path / "-"
+    assert sorted(os.listdir(tmp_path)) == []
 
 
 def test_a_relative_cache_dir_is_made_absolute(tmp_path, monkeypatch):
