@@ -37,8 +37,8 @@ from kiln.checkpoint import (
 )
 from kiln.config import options_from
 from kiln.engine import EngineManifest
-from kiln.errors import ConfigError, check_flag, check_path, counted, option
-from kiln.output_dirs import ENGINE_KIND, atomic_dir, check_output, copy_tokenizer, output_path
+from kiln.errors import ConfigError, check_flag, counted, option
+from kiln.output_dirs import ENGINE_KIND, atomic_dir, check_output, copy_tokenizer
 from kiln.plugins import PluginContext, resolve_plugins
 from kiln.quantization.config import QuantConfig, slow_on_onnx_cpu
 from kiln.sizes import MAX_SIZE, need_and_available, size_text
@@ -80,9 +80,7 @@ def build(checkpoint_dir: str | Path, output_dir: str | Path, *, progress: bool 
     ``output_dir``: a str or os.PathLike; ``"-"`` and ``Path("-")`` are refused, as
     the CLI refuses ``--output_dir -`` (``"./-"`` names a directory "-").
     """
-    # (before BuildOptions' Path(), which reads "" as the current directory)
-    check_path("checkpoint_dir", checkpoint_dir, ConfigError, "pass a kiln checkpoint directory")
-    output_path(output_dir)
+    # (BuildOptions checks the dirs, before its Path() reads "" as the current directory)
     opts = options_from(BuildOptions, options, "build", also=("progress",),
                         checkpoint_dir=checkpoint_dir, output_dir=output_dir)
     check_flag("progress", progress, ConfigError)

@@ -17,7 +17,15 @@ import psutil
 
 from kiln.config import DTYPES, DecoderConfig, PositionType
 from kiln.engine import BuildLimits
-from kiln.errors import ConfigError, check_counts, check_flags, option, shown
+from kiln.errors import (
+    ConfigError,
+    OutputError,
+    check_counts,
+    check_flags,
+    check_path,
+    option,
+    shown,
+)
 from kiln.plugins.registry import check_names, parse_mode
 from kiln.sizes import size_option
 
@@ -71,6 +79,12 @@ class BuildOptions:
                 "logits no longer follow the checkpoint's weight-only numerics exactly."})
 
     def __post_init__(self) -> None:
+        # the dirs first, before Path(), which reads "" as the current directory: a
+        # BuildOptions made by hand had taken "", None and "-" (kiln.build had checked them)
+        check_path("checkpoint_dir", self.checkpoint_dir, ConfigError,
+                   "pass a kiln checkpoint directory")
+        check_path("output_dir", self.output_dir, OutputError, "give the directory to write",
+                   directory=True)
         check_flags(self, ConfigError)
         check_counts(self, ConfigError, at_least={"max_seq_len": MIN_SEQ_LEN})
         # "18GB" as kiln build's flag takes it (an int is bytes)

@@ -19,6 +19,7 @@ from kiln.errors import (
     CheckpointError,
     ConfigError,
     KilnError,
+    OutputError,
     OutputExistsError,
     options_as_flags,
 )
@@ -406,3 +407,23 @@ def test_a_max_build_memory_of_no_size_says_what_sizes_are(checkpoint, tmp_path)
     fails(tmp_path, checkpoint("llama-gqa"), ConfigError,
           r"^max_build_memory '18XB' is not a size like 20GB, 512MiB or 2000000000 \(a string, "
           r"or a number of bytes\)$", max_build_memory="18XB")
+
+
+@pytest.mark.parametrize("dirs, error, message", [
+    (("", "engine"), ConfigError, "checkpoint_dir is empty; pass a kiln checkpoint directory"),
+    ((None, "engine"), ConfigError, "checkpoint_dir must be a path (a str or os.PathLike), "
+                                    "found None"),
+    (("ckpt", " "), OutputError, "output_dir is empty; give the directory to write"),
+    (("ckpt", "-"), OutputError, "output_dir='-': kiln reads '-' as standard input or output, "
+                                 "not a directory; give the directory's path (./- for one named "
+                                 "'-')"),
+    (("ckpt", Path("-")), OutputError, "output_dir='-': kiln reads '-'"),
+])
+def test_build_options_made_by_hand_check_their_dirs_as_build_does(dirs, error, message):
+    """A BuildOptions made by hand had taken "" as the current directory (Path("")), and
+    None as Python's TypeError; kiln.build had checked them itself."""
+    from kiln.builder.options import BuildOptions
+
+    with pytest.raises(error) as raised:
+        BuildOptions(*dirs)
+    assert str(raised.value).startswith(message)
