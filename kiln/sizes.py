@@ -27,14 +27,16 @@ UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 1
          "tib": 2**40}
 MAX_SIZE = 10**18  # bytes: one exabyte
 NOT_A_SIZE = "is not a size like 20GB, 512MiB or 2000000000"
+SIZE_FORMS = "give bytes (an integer), or a size with its unit such as 20GB or 512MiB"
 _SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*")
 
 
 def parse_size(value: Any) -> int:
     """Bytes of ``value``: an int (bytes), or a number, or a string of a number and a unit
-    (:data:`UNITS`), fractions of a byte dropped. ValueError otherwise, whose message follows
-    the value in a refusal: "is not a size like ...", "is more than any machine holds ...",
-    "must be at least 1 byte"."""
+    (:data:`UNITS`), a unit's fractions of a byte dropped (1.1GiB). ValueError otherwise,
+    whose message follows the value in a refusal: "is not a size like ...", "is more than any
+    machine holds ...", "must be at least 1 byte", "is not a whole number of bytes ..." (a
+    number without a unit: ``max_build_memory=1.5`` had been 1 byte)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ValueError(NOT_A_SIZE)
     if isinstance(value, int):
@@ -45,6 +47,8 @@ def parse_size(value: Any) -> int:
         if match is None or unit not in UNITS:
             raise ValueError(NOT_A_SIZE)
         size = float(match.group(1)) * UNITS[unit]
+        if UNITS[unit] == 1 and size <= MAX_SIZE and size != int(size):
+            raise ValueError(f"is not a whole number of bytes; {SIZE_FORMS}")
     if size > MAX_SIZE:  # 1e400GB is infinite as a float, and no machine's anyway
         raise ValueError("is more than any machine holds (at most 1 EB)")
     if int(size) < 1:

@@ -12,7 +12,8 @@ from kiln.sizes import need_and_available, parse_size, size_option, size_text
 @pytest.mark.parametrize("given, size", [
     ("18GB", 18 * 10**9), ("18gb", 18 * 10**9), ("18 G", 18 * 10**9), ("512MiB", 512 * 2**20),
     ("1.5e9", 1_500_000_000), ("1e+3", 1000), ("2000000000", 2 * 10**9), ("64KB", 64_000),
-    (4096, 4096), (2e10, 2 * 10**10), ("1.5B", 1),
+    (4096, 4096), (2e10, 2 * 10**10), ("0.5KB", 500),
+    ("1.1GiB", int(1.1 * 2**30)),  # a unit's fractions of a byte are dropped
 ])
 def test_a_size_is_bytes(given, size):
     assert parse_size(given) == size
@@ -26,7 +27,11 @@ def test_a_size_is_bytes(given, size):
     ("1e400GB", "is more than any machine holds (at most 1 EB)"),
     (10**19, "is more than any machine holds"),
     (0, "must be at least 1 byte"), (-5, "must be at least 1 byte"),
-    ("0.5", "must be at least 1 byte"),
+    # bytes are whole: max_build_memory=1.5 had been 1 byte ("1.5B" and "0.5" 1 and 0)
+    (1.5, "is not a whole number of bytes; give bytes (an integer), or a size with its unit "
+          "such as 20GB or 512MiB"),
+    ("1.5", "is not a whole number of bytes"), ("1.5B", "is not a whole number of bytes"),
+    ("0.5", "is not a whole number of bytes"),
 ])
 def test_no_size_says_why(given, why):
     with pytest.raises(ValueError) as info:

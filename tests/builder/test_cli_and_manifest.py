@@ -59,6 +59,7 @@ def test_cli_build_reports_once(checkpoint, tmp_path, caplog, verbosity, level):
 @pytest.mark.parametrize("args,message", [
     (["--attention_plugin", "on"], "'on' is not one of 'auto', 'enable', 'disable'"),
     (["--max_build_memory", "lots"], "not a size like 20GB"),
+    (["--max_build_memory", "1.5"], "'1.5' is not a whole number of bytes; give bytes"),
     (["--target", "gpu"], "expected compute capabilities"),
     (["--backend", "nope"], "'nope' is not one of"),
     (["--max_seq_len", "0"], "0 is not in the range x>=2"),
