@@ -23,11 +23,12 @@ from kiln.errors import (
     check_counts,
     check_flags,
     check_path,
+    counted,
     option,
     shown,
 )
 from kiln.plugins.registry import check_names, parse_mode
-from kiln.sizes import size_option
+from kiln.sizes import SIZE_FORMS, size_option
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,9 @@ DEFAULT_MAX_INPUT_LEN = 1024
 # has no two-token window; such builds had passed, to fail at the first prompt.
 MIN_SEQ_LEN = 2
 MEMORY_HEADROOM = 0.85  # share of available RAM the default --max_build_memory takes
+# Bytes below which no backend builds anything: the least of their base_memory (onnx and
+# torch: 400 MiB, their libraries and Python; a test keeps it so).
+MIN_BUILD_MEMORY = 400 << 20
 
 
 @dataclass(frozen=True)
@@ -88,8 +92,14 @@ class BuildOptions:
         check_flags(self, ConfigError)
         check_counts(self, ConfigError, at_least={"max_seq_len": MIN_SEQ_LEN})
         # "18GB" as kiln build's flag takes it (an int is bytes)
-        object.__setattr__(self, "max_build_memory",
-                           size_option("max_build_memory", self.max_build_memory))
+        given = self.max_build_memory
+        object.__setattr__(self, "max_build_memory", size_option("max_build_memory", given))
+        if self.max_build_memory is not None and self.max_build_memory < MIN_BUILD_MEMORY:
+            # (a number meant as GB: max_build_memory=40 had planned a build in 40 bytes)
+            raise ConfigError(f"{option('max_build_memory')} {shown(given)} is "
+                              f"{counted(self.max_build_memory, 'byte')}, less than the "
+                              f"{MIN_BUILD_MEMORY >> 20} MiB any build needs (a backend's "
+                              f"libraries alone); {SIZE_FORMS}")
         if self.max_num_tokens is not None and self.max_num_tokens < self.max_batch_size:
             # as vLLM refuses max_num_batched_tokens < max_num_seqs: a step could not hold a
             # decode of each sequence (a trial's max_num_tokens 1 built, and ran a token a step)

@@ -12,7 +12,7 @@ import pytest
 
 from kiln.builder import build
 from kiln.builder.onnx_backend import OnnxBackend
-from kiln.builder.options import _check_positions
+from kiln.builder.options import MIN_BUILD_MEMORY, _check_positions
 from kiln.config import PositionType
 from kiln.engine import BuildLimits, EngineError
 from kiln.errors import (
@@ -355,7 +355,9 @@ def test_cli_defaults_are_build_options_defaults():
      "lower --max_seq_len or pass --allow_long_context to build anyway"),
     (dict(max_input_len=40, max_seq_len=32), ["--max_input_len", "40", "--max_seq_len", "32"],
      "raise max_seq_len or lower max_input_len", "raise --max_seq_len or lower --max_input_len"),
-    (dict(max_build_memory=1000, workers=2), ["--max_build_memory", "1000", "--workers", "2"],
+    # (each worker's half of the least budget kiln takes: less than one layer needs)
+    (dict(max_build_memory=MIN_BUILD_MEMORY, workers=2),
+     ["--max_build_memory", str(MIN_BUILD_MEMORY), "--workers", "2"],
      "raise max_build_memory or lower workers (2)",
      "raise --max_build_memory or lower --workers (2)"),
     (dict(dtype="bfloat16"), ["--dtype", "bfloat16"],
@@ -394,7 +396,7 @@ def test_advice_names_keywords_from_python_and_flags_from_the_cli(checkpoint, tm
 
 
 @pytest.mark.parametrize("given, size", [("18GB", 18 * 10**9), ("512MiB", 512 * 2**20),
-                                         (4096, 4096)])
+                                         (2**30, 2**30)])
 def test_max_build_memory_takes_what_the_cli_takes(given, size):
     """A trial's kiln.build(..., max_build_memory="18GB") was refused ("must be a positive
     integer, found '18GB'") while kiln build --max_build_memory 18GB built."""
@@ -427,3 +429,21 @@ def test_build_options_made_by_hand_check_their_dirs_as_build_does(dirs, error, 
     with pytest.raises(error) as raised:
         BuildOptions(*dirs)
     assert str(raised.value).startswith(message)
+
+
+@pytest.mark.parametrize("given, shown", [(40, "40 is 40 bytes"), ("100MB", "'100MB' is "
+                                                                           "100000000 bytes")])
+def test_a_max_build_memory_no_build_fits_in_says_the_units_it_takes(checkpoint, tmp_path,
+                                                                      given, shown):
+    """max_build_memory=40, meant as GB, had planned a build in 40 bytes."""
+    fails(tmp_path, checkpoint("llama-gqa"), ConfigError,
+          rf"^max_build_memory {shown}, less than the 400 MiB any build needs \(a backend's "
+          rf"libraries alone\); give bytes \(an integer\), or a size with its unit such as "
+          rf"20GB or 512MiB$", max_build_memory=given)
+
+
+def test_the_least_build_memory_is_what_every_backend_needs():
+    from kiln.builder.backends import _REGISTRY, backend_names
+
+    backend_names()  # (imports them all)
+    assert MIN_BUILD_MEMORY == min(backend.base_memory for backend in _REGISTRY.values())

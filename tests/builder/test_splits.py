@@ -9,6 +9,7 @@ from kiln.builder import build
 from kiln.builder.graph.context import GraphSpec
 from kiln.builder.graph.decoder import write_part
 from kiln.builder.onnx_backend import OnnxBackend
+from kiln.builder.options import MIN_BUILD_MEMORY
 from kiln.builder.plan import plan_rank
 from kiln.checkpoint import load_config, rank_file
 from kiln.engine import read_manifest
@@ -61,7 +62,8 @@ def test_memory_budget_splits_a_rank_into_parts(checkpoint, reference_logits, tm
 def test_budget_too_small_for_one_layer(checkpoint, tmp_path):
     from kiln.engine import EngineError
     with pytest.raises(EngineError, match="raise max_build_memory"):
-        build(checkpoint("llama-gqa"), tmp_path / "engine", max_build_memory=1000, **LIMITS)
+        build(checkpoint("llama-gqa"), tmp_path / "engine", max_build_memory=MIN_BUILD_MEMORY,
+              **LIMITS)
     assert not any(tmp_path.iterdir())
 
 
