@@ -222,12 +222,13 @@ def key_parts(source: SourceId, convert: Any, build: Any) -> tuple[KeyParts, Any
 
 def _max_positions(source: SourceId) -> int:
     """The source's max_position_embeddings, as its converter reads it."""
-    from kiln.converters.base import converter_for
+    from kiln.converters.base import converter_for, reading_config
     from kiln.dirs import DirKind, read_config
     from kiln.errors import CheckpointError
 
     where, hf = read_config(source.directory, DirKind.HF_CHECKPOINT, CheckpointError)
-    return converter_for(hf, str(where)).max_positions(hf)
+    with reading_config(where):  # its errors name it
+        return converter_for(hf).max_positions(hf)
 
 
 def resolve_dtype(dtype: str, build: Any, source: SourceId) -> str:

@@ -12,14 +12,21 @@ A converter holds all knowledge of one HF architecture family and nothing else:
 The conversion engine (:mod:`kiln.converters.convert`) expands the rules per layer, checks
 that every source tensor is used or ignored and every target produced, plans shapes without
 reading data, and streams the tensors out.
+
+A converter's errors name the config they read as :func:`config_name` says: the path of the
+checkpoint's config.json where its reader says which (:func:`reading_config`), else
+``config.json`` (an HF config dict given alone).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -30,6 +37,30 @@ from kiln.roles import Role
 
 Transform = Callable[..., torch.Tensor]
 log = logging.getLogger(__name__)
+
+
+# The config.json being converted, as messages name it (:func:`reading_config`).
+_CONFIG_NAME: contextvars.ContextVar[str] = contextvars.ContextVar("kiln_hf_config_name",
+                                                                   default="config.json")
+
+
+@contextlib.contextmanager
+def reading_config(path: str | Path) -> Iterator[None]:
+    """Converters called inside read the HF config of the file ``path``: their errors name it
+    (``/models/x/config.json: hidden_size 100 is not a multiple ...``), where they had named
+    "config.json" for a caller to rewrite with its path (and the build cache's reading of
+    max_position_embeddings had named no path)."""
+    token = _CONFIG_NAME.set(str(path))
+    try:
+        yield
+    finally:
+        _CONFIG_NAME.reset(token)
+
+
+def config_name() -> str:
+    """The HF config being read, as an error names it: its path inside
+    :func:`reading_config`, else ``config.json``."""
+    return _CONFIG_NAME.get()
 
 
 def concat_rows(*tensors: torch.Tensor) -> torch.Tensor:
@@ -120,13 +151,15 @@ def supported_architectures() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def architecture_name(hf: dict[str, Any], where: str = "config.json") -> str:
-    """The registered HF architecture an HF config describes.
+def architecture_name(hf: dict[str, Any], where: str | None = None) -> str:
+    """The registered HF architecture an HF config describes (``where``: the config as
+    messages name it, default :func:`config_name`).
 
     The first registered name in ``architectures``; a config without ``architectures`` falls
     back to its ``model_type``, as transformers' ``AutoModelForCausalLM`` does.
     """
     _load_builtin()
+    where = where or config_name()
     names = hf.get("architectures") or []
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         example = names if isinstance(names, str) else "LlamaForCausalLM"
@@ -147,7 +180,7 @@ def architecture_name(hf: dict[str, Any], where: str = "config.json") -> str:
         f"model_type is {', '.join(sorted(_MODEL_TYPES))})")
 
 
-def converter_for(hf: dict[str, Any], where: str = "config.json") -> type[Converter]:
+def converter_for(hf: dict[str, Any], where: str | None = None) -> type[Converter]:
     """The converter for an HF config, from its ``architectures`` (or ``model_type``)."""
     return _REGISTRY[architecture_name(hf, where)]
 
@@ -198,11 +231,11 @@ def hf_get(hf: dict[str, Any], *keys: str | Sequence[str], default: Any = _MISSI
         if present and null is None and spelled.rpartition(".")[2] in _NOT_NULL:
             null = spelled
     if null is not None:
-        raise ConfigError(f"config.json: {null} must be a positive number, found null; fix it "
+        raise ConfigError(f"{config_name()}: {null} must be a positive number, found null; fix it "
                           f"in config.json (or remove it for the default)")
     if default is _MISSING:
         spelled = " / ".join(k if isinstance(k, str) else ".".join(k) for k in keys)
-        raise ConfigError(f"config.json: missing {spelled}; is this a complete HF config?")
+        raise ConfigError(f"{config_name()}: missing {spelled}; is this a complete HF config?")
     return default
 
 
@@ -216,9 +249,9 @@ def refuse_a_decode_only_window(hf: dict[str, Any], architecture: str, positions
     window = hf_get(hf, "sliding_window", default=None)
     if window is not None and window < positions:
         raise ConfigError(
-            f"config.json: sliding_window {window} on {architecture}: transformers attends to a "
-            f"whole prompt but decodes with only the last {window} positions cached, which kiln "
-            f"does not copy; fix it in config.json: null for full attention"
+            f"{config_name()}: sliding_window {window} on {architecture}: transformers attends "
+            f"to a whole prompt but decodes with only the last {window} positions cached, which "
+            f"kiln does not copy; fix it in config.json: null for full attention"
             + (f", or {also}" if also else ""))
 
 
@@ -230,7 +263,7 @@ def hf_section(hf: dict[str, Any], key: str) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise ConfigError(f"config.json: {key} must be an object of settings ({{...}}), found "
+        raise ConfigError(f"{config_name()}: {key} must be an object of settings ({{...}}), found "
                           f"{value!r}; fix it in config.json")
     return value
 
@@ -244,7 +277,7 @@ def _check_type(key: str, value: Any) -> None:
     else:
         return
     if not ok or isinstance(value, bool):
-        raise ConfigError(f"config.json: {key} must be {what}, found {value!r}; fix it in "
+        raise ConfigError(f"{config_name()}: {key} must be {what}, found {value!r}; fix it in "
                           f"config.json")
 
 
@@ -263,8 +296,8 @@ def hf_flag(hf: dict[str, Any], key: str, default: bool, *, section: str = "") -
         return False
     if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
         return bool(value)
-    raise ConfigError(f"config.json: {section}{key} must be true or false, found {value!r}; fix "
-                      f"it in config.json")
+    raise ConfigError(f"{config_name()}: {section}{key} must be true or false, found "
+                      f"{value!r}; fix it in config.json")
 
 
 _ROPE_TYPES = {"linear": RopeScalingType.LINEAR, "dynamic": RopeScalingType.DYNAMIC,
@@ -289,7 +322,7 @@ def rope_from_hf(hf: dict[str, Any], default_theta: float = 10000.0) -> tuple[fl
     if kind == "default":
         return theta, None
     if kind not in _ROPE_TYPES:
-        raise ConfigError(f"config.json: rope scaling type {kind!r} is not supported; kiln "
+        raise ConfigError(f"{config_name()}: rope scaling type {kind!r} is not supported; kiln "
                           f"supports default, {', '.join(_ROPE_TYPES)}")
     section = "rope_scaling" if scaling else "rope_parameters"
 
@@ -297,7 +330,7 @@ def rope_from_hf(hf: dict[str, Any], default_theta: float = 10000.0) -> tuple[fl
         value = hf_get(hf, ("rope_scaling", key), ("rope_parameters", key), default=None)
         if value is None and default is _MISSING:  # transformers refuses the config too
             typical = f" (Llama 3.1's is {_LLAMA3[key]})" if kind == "llama3" else ""
-            raise ConfigError(f"config.json: {section} of rope type {kind!r} has no {key}; "
+            raise ConfigError(f"{config_name()}: {section} of rope type {kind!r} has no {key}; "
                               f"add it to {section}{typical}")
         return default if value is None else value
 

@@ -50,6 +50,7 @@ from kiln.converters.base import (
     architecture_name,
     concat_rows,
     converter_for,
+    reading_config,
 )
 from kiln.converters.options import ConvertOptions
 from kiln.converters.quantized import FP8, ImportedQuant, import_quantization
@@ -213,17 +214,15 @@ def plan_conversion(model_dir: str, *, dtype: str = "auto", tp_size: int = 1, pp
     check_tokenizer_files(source.directory)
     where = source.directory / "config.json"
     try:
-        converter = converter_for(source.hf_config, str(where))
-        decoder = converter.config_from_source(
-            source.hf_config, {n: tuple(t.shape) for n, t in source.tensors.items()})
+        with reading_config(where):  # the converter's errors name it
+            converter = converter_for(source.hf_config)
+            decoder = converter.config_from_source(
+                source.hf_config, {n: tuple(t.shape) for n, t in source.tensors.items()})
     except SettingRangeError as e:  # a converted value out of range (num_kv_heads 3 of 4)
         raise ConfigError(f"{where}: {e} (kiln's names for the settings); fix it in "
                           f"config.json") from e
-    except KilnError as e:  # a converter's "config.json: ..." named without its directory
-        text = str(e)
-        if not text.startswith("config.json: "):
-            raise
-        raise type(e)(f"{where}: {text.removeprefix('config.json: ')}") from e
+    except KilnError:  # said already (ConfigError is a ValueError: not the line below's)
+        raise
     except (TypeError, ValueError, AttributeError, KeyError, ArithmeticError) as e:
         # a setting of a type or range the converter did not check (a string for a nested
         # dict, -1 heads): one line, not a traceback

@@ -39,6 +39,7 @@ from kiln.converters.base import (
     Converter,
     TensorRule,
     architecture_name,
+    config_name,
     hf_flag,
     hf_get,
     refuse_a_decode_only_window,
@@ -115,7 +116,7 @@ class FalconConverter(Converter):
         hidden = hf_get(hf, "hidden_size", "n_embed")
         heads = hf_get(hf, "num_attention_heads", "n_head")
         if hidden % heads:
-            raise ConfigError(f"config.json: hidden_size {hidden} is not a multiple of "
+            raise ConfigError(f"{config_name()}: hidden_size {hidden} is not a multiple of "
                               f"num_attention_heads {heads}")
         head_dim = hidden // heads
         bias = hf_flag(hf, "bias", False)
@@ -201,7 +202,7 @@ def _block_layout(hf: dict[str, Any]) -> dict[str, Any]:
     if not hf_flag(hf, "parallel_attn", True):
         return {"residual": ResidualType.SEQUENTIAL}
     if norms not in (None, 1):
-        raise ConfigError(f"config.json: num_ln_in_parallel_attn {norms} needs "
+        raise ConfigError(f"{config_name()}: num_ln_in_parallel_attn {norms} needs "
                           f"new_decoder_architecture true (HF's Falcon cannot run it otherwise)")
     return {"residual": ResidualType.PARALLEL, "parallel_norms": 1}
 
@@ -225,9 +226,9 @@ def _positions(hf: dict[str, Any], heads: int, head_dim: int) -> dict[str, Any]:
 
 def _refuse_unsupported(hf: dict[str, Any]) -> None:
     if hf_flag(hf, "apply_residual_connection_post_layernorm", False):
-        raise ConfigError("config.json: apply_residual_connection_post_layernorm true is not "
+        raise ConfigError(f"{config_name()}: apply_residual_connection_post_layernorm true is not "
                           "supported (HF's Falcon ignores it too); kiln converts pre-norm Falcon")
     act = hf.get("activation", "gelu")
     if act != "gelu":
-        raise ConfigError(f"config.json: Falcon activation {act!r} is not supported; kiln's "
+        raise ConfigError(f"{config_name()}: Falcon activation {act!r} is not supported; kiln's "
                           f"GELU MLP is exact (erf) 'gelu'")

@@ -17,6 +17,7 @@ from kiln.converters.base import (
     TensorRule,
     architecture_name,
     concat_rows,
+    config_name,
     hf_flag,
     hf_get,
     refuse_a_decode_only_window,
@@ -76,12 +77,12 @@ class LlamaConverter(Converter):
     def config_from_hf(cls, hf: dict[str, Any]) -> DecoderConfig:
         act = hf.get("hidden_act", "silu")
         if act != "silu":
-            raise ConfigError(f"config.json: hidden_act {act!r} is not supported for Llama/Mistral "
-                              f"(kiln's gated MLP is SwiGLU: 'silu')")
+            raise ConfigError(f"{config_name()}: hidden_act {act!r} is not supported for "
+                              f"Llama/Mistral (kiln's gated MLP is SwiGLU: 'silu')")
         hidden = hf_get(hf, "hidden_size")
         heads = hf_get(hf, "num_attention_heads")
         if hf.get("head_dim") is None and hidden % heads:  # transformers refuses it too
-            raise ConfigError(f"config.json: hidden_size {hidden} is not a multiple of "
+            raise ConfigError(f"{config_name()}: hidden_size {hidden} is not a multiple of "
                               f"num_attention_heads {heads}; fix it in config.json (or give "
                               f"head_dim)")
         theta, scaling = rope_from_hf(hf)

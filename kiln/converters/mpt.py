@@ -48,6 +48,7 @@ from kiln.converters.base import (
     Converter,
     TensorRule,
     architecture_name,
+    config_name,
     hf_flag,
     hf_get,
     hf_section,
@@ -113,7 +114,8 @@ class MptConverter(Converter):
         hidden = hf_get(hf, "d_model", "hidden_size")
         heads = hf_get(hf, "n_heads", "num_attention_heads")
         if hidden % heads:
-            raise ConfigError(f"config.json: d_model {hidden} is not a multiple of n_heads {heads}")
+            raise ConfigError(f"{config_name()}: d_model {hidden} is not a multiple of n_heads "
+                              f"{heads}")
         for key in ("softmax_scale", "alibi_bias_max", "rope_theta") + \
                 (("clip_qkv",) if attn.get("clip_qkv") else ()):  # 0: off (`if clip_qkv:`)
             hf_get(hf, ("attn_config", key), default=None)  # a positive number, or refused
@@ -198,8 +200,8 @@ def _as_hf_port_runs(attn: dict[str, Any], bias: bool, qk_norm: bool,
 def _kv_heads(attn: dict[str, Any], heads: int) -> int:
     kind = attn.get("attn_type", "multihead_attention")
     if kind not in _ATTN_TYPES:
-        raise ConfigError(f"config.json: attn_config.attn_type {kind!r} is not supported; use one "
-                          f"of {', '.join(_ATTN_TYPES)}")
+        raise ConfigError(f"{config_name()}: attn_config.attn_type {kind!r} is not supported; "
+                          f"use one of {', '.join(_ATTN_TYPES)}")
     kv = _ATTN_TYPES[kind]
     if kv == "all":
         return heads
@@ -231,7 +233,7 @@ def _ffn_size(hf: dict[str, Any], ffn: dict[str, Any], hidden: int,
                     weights_width)
         return weights_width
     if size != int(size):
-        raise ConfigError(f"config.json: d_model * expansion_ratio = {size} is not an integer; "
+        raise ConfigError(f"{config_name()}: d_model * expansion_ratio = {size} is not an integer; "
                           f"set ffn_config.ffn_hidden_size")
     return int(size)
 
@@ -248,15 +250,16 @@ def _positions(hf: dict[str, Any], attn: dict[str, Any], heads: int, arch: str) 
         sub = attn.get(f"rope_{impl}_config") or {}
         kind = sub.get("type", "original" if impl == "dail" else "no_scaling")
         if (impl, kind) not in (("dail", "original"), ("hf", "no_scaling")):
-            raise ConfigError(f"config.json: MPT rope_impl {impl!r} with type {kind!r} is not "
+            raise ConfigError(f"{config_name()}: MPT rope_impl {impl!r} with type {kind!r} is not "
                               f"supported; kiln converts unscaled RoPE (dail 'original', hf "
                               f"'no_scaling')")
         return {"position_type": PositionType.ROPE,
                 "rope_theta": float(attn.get("rope_theta", 10000))}
     what = "learned position embeddings (transformer.wpe)" if hf_flag(hf, "learned_pos_emb", True) \
         else "a model without position information"
-    raise ConfigError(f"config.json: MPT with attn_config.alibi and .rope both false uses {what}, "
-                      f"which kiln does not support; only ALiBi or RoPE MPT models convert")
+    raise ConfigError(f"{config_name()}: MPT with attn_config.alibi and .rope both false uses "
+                      f"{what}, which kiln does not support; only ALiBi or RoPE MPT models "
+                      f"convert")
 
 
 def _refuse_unsupported(hf: dict[str, Any], attn: dict[str, Any], ffn: dict[str, Any]) -> None:
@@ -287,7 +290,7 @@ def _refuse_unsupported(hf: dict[str, Any], attn: dict[str, Any], ffn: dict[str,
     ]
     for bad, what in checks:
         if bad:
-            raise ConfigError(f"config.json: MPT {what} is not supported by kiln; convert a "
+            raise ConfigError(f"{config_name()}: MPT {what} is not supported by kiln; convert a "
                               f"checkpoint without it")
 
 

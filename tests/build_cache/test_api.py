@@ -419,3 +419,16 @@ def test_a_default_length_below_two_names_the_models_config(hf_copy, cache_dir, 
             f"max_position_embeddings 1 ({hf_copy / 'config.json'}), below the 2 kiln builds")):
         engine_for_model(hf_copy)
     assert builds == []
+
+
+def test_a_bad_max_position_embeddings_read_for_the_key_names_its_file(hf_copy, cache_dir,
+                                                                       builds):
+    """Given lengths, the key reads max_position_embeddings first: its refusal had said
+    "config.json: ..." without the path that conversion's names."""
+    config = json.loads((hf_copy / "config.json").read_text())
+    (hf_copy / "config.json").write_text(json.dumps({**config, "max_position_embeddings": "64"}))
+    with pytest.raises(ConfigError) as raised:
+        engine_for_model(hf_copy, max_seq_len=16)
+    assert str(raised.value) == (f"{hf_copy / 'config.json'}: max_position_embeddings must be a "
+                                 f"positive integer, found '64'; fix it in config.json")
+    assert builds == []

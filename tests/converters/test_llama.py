@@ -88,6 +88,18 @@ def test_heads_that_do_not_divide_the_width_are_named():
                                           r"num_attention_heads 5; fix it in config.json"):
         LlamaConverter.config_from_hf(_hf_config("LlamaForCausalLM", num_attention_heads=5,
                                                  num_key_value_heads=5))
+    # read from a checkpoint's file, the converter names it (plan_conversion had rewritten
+    # "config.json: " into the path; the build cache's reads had kept the bare name)
+    from kiln.converters.base import reading_config
+
+    with reading_config("/m/config.json"), pytest.raises(
+            ConfigError, match=r"^/m/config.json: hidden_size 64 is not a multiple of "):
+        LlamaConverter.config_from_hf(_hf_config("LlamaForCausalLM", num_attention_heads=5,
+                                                 num_key_value_heads=5))
+    with reading_config("/m/config.json"), pytest.raises(
+            ConfigError, match=r"^/m/config.json: max_position_embeddings must be a positive "
+                               r"integer, found '64'; fix it in config.json$"):
+        LlamaConverter.max_positions({"max_position_embeddings": "64"})
     config = LlamaConverter.config_from_hf(_hf_config(  # an explicit head_dim: HF's too
         "LlamaForCausalLM", num_attention_heads=5, num_key_value_heads=5, head_dim=16))
     assert (config.num_heads, config.head_dim) == (5, 16)
