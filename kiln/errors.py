@@ -289,17 +289,6 @@ def check_flags(options: Any, error: type[Exception]) -> None:
             check_flag(f.name, value, error)
 
 
-def check_seed(name: str, value: Any, error: type[Exception]) -> None:
-    """``value`` is an int >= 0, as a seed of Python's ``random.Random`` must be: it seeds
-    with a negative one's absolute value, so a benchmark's seed -1 had drawn seed 1's prompts
-    (numpy's generators refuse one)."""
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise error(f"{name} must be an integer >= 0, found {shown(value)}")
-    if value < 0:
-        raise error(f"{name} must be an integer >= 0, found {shown(value)} (Python's random "
-                    f"reads it as {shown(-value)})")
-
-
 def check_integer(name: str, value: Any, error: type[Exception]) -> None:
     """``value`` is an int, not a bool, its range the caller's to check: a Python caller's
     ``evaluate(..., max_length="64")`` had been a TypeError of a comparison. Named as its user

@@ -18,6 +18,7 @@ import click
 from kiln.cli.bench import _check_json_output, is_report, write_report
 from kiln.cli.context import CliContext, IntRange, PathArg
 from kiln.errors import KilnError
+from kiln.runtime.params import SEED_MAX, SEED_MIN  # torch-free: --help stays fast
 
 
 class RatesType(click.ParamType):
@@ -58,8 +59,9 @@ def _is_serve_report(path: Path) -> bool:
               help="Prompt token ids are drawn from [0, N) (within any real vocabulary).")
 @click.option("--warmup", default=1, show_default=True, type=IntRange(min=0),
               help="Unmeasured rounds first, each as many requests as run at once.")
-@click.option("--seed", default=0, show_default=True, type=IntRange(min=0),
-              help="Seed of prompts and arrivals.")
+@click.option("--seed", default=0, show_default=True, type=IntRange(SEED_MIN, SEED_MAX),
+              help="Seed of prompts and arrivals, in [-2**63, 2**64 - 1] as kiln bench's; a "
+                   "negative one is its two's complement (-1 is 2**64 - 1).")
 @click.option("--json_output", type=PathArg(dir_okay=False, path_type=Path), default=None,
               help="Write the report as JSON here (-: standard output, the table then on "
                    "stderr) [default: print it after the table].")

@@ -24,16 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from kiln.errors import shown
 from kiln.runtime.core import EngineCore
 from kiln.runtime.errors import RequestError
-from kiln.runtime.params import SEED_MAX, SEED_MIN, SamplingParams
+from kiln.runtime.params import SamplingParams, check_seed, seeded_random
 from kiln.runtime.results import RequestTimings
 from kiln.runtime.stats import Stats
 from kiln.sizes import need_and_available
@@ -53,7 +51,7 @@ class Workload:
     request_rate: float | None = None  # requests/s (Poisson); None: all queued at t=0
     concurrency: int | None = None  # requests in flight at most; None: no limit
     # of the prompts and arrivals: SamplingParams.seed's range, read modulo 2**64 as the
-    # generators read it (-1 is 2**64 - 1; Python's random.Random would read it as 1)
+    # generators read it (kiln.runtime.params.seeded_random: -1 is 2**64 - 1)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -64,10 +62,7 @@ class Workload:
             raise RequestError(f"request_rate must be > 0, found {self.request_rate}")
         if self.concurrency is not None and self.concurrency < 1:
             raise RequestError(f"concurrency must be >= 1, found {self.concurrency}")
-        if not (isinstance(self.seed, int) and not isinstance(self.seed, bool)
-                and SEED_MIN <= self.seed <= SEED_MAX):
-            raise RequestError(f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}], found "
-                               f"{shown(self.seed)}")
+        check_seed(self.seed, RequestError)
 
     def host_bytes(self) -> int:
         """Host memory the workload's requests hold until the report (estimate)."""
@@ -118,7 +113,7 @@ class BenchReport:
 
 def make_prompts(workload: Workload, vocab_size: int, avoid: frozenset[int] = frozenset(),
                  ) -> list[list[int]]:
-    rng = random.Random(workload.seed % 2**64)
+    rng = seeded_random(workload.seed)
     ids = [t for t in range(vocab_size) if t not in avoid]
     return [[rng.choice(ids) for _ in range(workload.input_len)]
             for _ in range(workload.num_requests)]
@@ -127,7 +122,7 @@ def make_prompts(workload: Workload, vocab_size: int, avoid: frozenset[int] = fr
 def arrival_offsets(workload: Workload) -> list[float]:
     if workload.request_rate is None:
         return [0.0] * workload.num_requests
-    rng = random.Random(workload.seed % 2**64 + 1)
+    rng = seeded_random(workload.seed, 1)
     t, out = 0.0, []
     for _ in range(workload.num_requests):
         out.append(t)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -158,6 +159,20 @@ class TokenLogprobs:
     token_id: int
     logprob: float
     top: dict[int, float]
+
+
+def check_seed(value: Any, error: type[Exception]) -> None:
+    """``value`` is a seed as :attr:`SamplingParams.seed` takes one, an integer in [SEED_MIN,
+    SEED_MAX]: kiln bench's and bench_serve's seed of prompts and arrivals, named ``seed``."""
+    if not (_is_int(value) and SEED_MIN <= value <= SEED_MAX):
+        raise error(f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}], found {shown(value)}")
+
+
+def seeded_random(seed: int, stream: int = 0) -> random.Random:
+    """Python's random of ``seed`` read modulo 2**64 as the sampling generators read it (-1 is
+    2**64 - 1; ``random.Random`` itself reads a negative seed as its absolute value, -1 as 1),
+    ``stream`` added for another draw of the same seed (the arrivals beside the prompts)."""
+    return random.Random(seed % 2**64 + stream)
 
 
 def _is_int(value: Any) -> bool:

@@ -33,14 +33,14 @@ import itertools
 import json
 import logging
 import math
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import aiohttp
 
-from kiln.errors import UNREADABLE_JSON, KilnError, check_seed, counted
+from kiln.errors import UNREADABLE_JSON, KilnError, counted
+from kiln.runtime.params import check_seed, seeded_random  # torch-free
 from kiln.runtime.stats import Stats  # one definition of the percentiles, as kiln bench
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ class ServeWorkload:
     num_requests: int = 16
     request_rates: tuple[float, ...] = (math.inf,)  # requests/s (Poisson); inf: all at once
     max_concurrency: int | None = None  # in flight at most; None: no limit
+    # of the prompts and arrivals: kiln bench's (kiln.runtime.bench.Workload.seed), read alike
     seed: int = 0
     vocab_size: int = 10000  # prompt ids drawn from [0, vocab_size)
 
@@ -73,7 +74,7 @@ class ServeWorkload:
                 raise ServeBenchError(f"a request rate must be > 0 (or inf), found {rate}")
         if self.max_concurrency is not None and self.max_concurrency < 1:
             raise ServeBenchError(f"max_concurrency must be >= 1, found {self.max_concurrency}")
-        check_seed("seed", self.seed, ServeBenchError)
+        check_seed(self.seed, ServeBenchError)
 
 
 def parse_rates(text: str) -> tuple[float, ...]:
@@ -184,7 +185,7 @@ class _Result:
 
 
 def make_prompts(workload: ServeWorkload) -> list[list[int]]:
-    rng = random.Random(workload.seed)
+    rng = seeded_random(workload.seed)
     return [[rng.randrange(workload.vocab_size) for _ in range(workload.input_len)]
             for _ in range(workload.num_requests)]
 
@@ -192,7 +193,7 @@ def make_prompts(workload: ServeWorkload) -> list[list[int]]:
 def arrival_offsets(num_requests: int, rate: float, seed: int) -> list[float]:
     if math.isinf(rate):
         return [0.0] * num_requests
-    rng = random.Random(seed + 1)
+    rng = seeded_random(seed, 1)
     t, out = 0.0, []
     for _ in range(num_requests):
         out.append(t)
@@ -362,7 +363,7 @@ async def _benchmark(url: str, workload: ServeWorkload, model: str | None, api_k
                                   f"of a request); lower --input_len or --output_len")
         prompts = make_prompts(workload)
         if warmup:  # rounds as wide as the workload runs at once, unmeasured
-            rng = random.Random(workload.seed + 7)
+            rng = seeded_random(workload.seed, 7)
             warm = [[rng.randrange(workload.vocab_size) for _ in range(workload.input_len)]
                     for _ in range(warmup * width)]
             results, start = await _run_rate(session, url, model, api_key, warm,

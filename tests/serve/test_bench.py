@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from kiln.cli.main import main
+from kiln.runtime.params import SEED_MAX, SEED_MIN
 from kiln.serve import bench
 from tests.serve.conftest import API_KEY, MODEL, free_port
 
@@ -87,16 +89,37 @@ def test_bad_rate_is_one_line(rates, fragment):
                     "--request_rates", fragment)
 
 
-@pytest.mark.parametrize(("seed", "message"), [
-    (-1, "seed must be an integer >= 0, found -1 (Python's random reads it as 1)"),
-    (True, "seed must be an integer >= 0, found True"),
-])
-def test_a_workload_refuses_a_seed_below_0(seed, message):
-    """Python's random.Random seeds with a negative seed's absolute value: -1 drew 1's
-    prompts."""
+@pytest.mark.parametrize("seed", [1.5, True, 2**64, -2**63 - 1])
+def test_a_workload_refuses_a_seed_outside_kiln_bench_range(seed):
     with pytest.raises(bench.ServeBenchError) as info:
         bench.ServeWorkload(seed=seed)
-    assert str(info.value) == message
+    assert str(info.value) == (f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}], found "
+                               f"{seed!r}")
+
+
+def test_seeds_are_read_modulo_2_64_as_kiln_bench_reads_them():
+    """-1 had been refused (Python's random.Random reads it as 1), where kiln bench takes it
+    as 2**64 - 1, as the sampling generators read it; the warm-up's prompts draw alike."""
+    def drawn(seed: int) -> tuple[list[list[int]], list[float]]:
+        workload = bench.ServeWorkload(input_len=4, num_requests=3, vocab_size=100, seed=seed)
+        return bench.make_prompts(workload), bench.arrival_offsets(3, 10.0, seed)
+
+    assert drawn(-1) == drawn(SEED_MAX) and drawn(-1) != drawn(1)
+    assert drawn(SEED_MIN) == drawn(2**63) and drawn(SEED_MIN) != drawn(0)
+    before = random.Random(7)  # a seed below 2**64 - 1 draws as before: Random(7), Random(8)
+    arrivals = random.Random(8)
+    assert drawn(7) == ([[before.randrange(100) for _ in range(4)] for _ in range(3)],
+                        [0.0, x := arrivals.expovariate(10.0), x + arrivals.expovariate(10.0)])
+
+
+def test_a_negative_seed_runs_against_a_server(server, tmp_path):
+    out = tmp_path / "report.json"
+    result = _bench("--serve", server.url, "--api_key", API_KEY, "--num_requests", "2",
+                    "--input_len", "4", "--output_len", "2", "--seed", "-1",
+                    "--json_output", str(out))
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["workload"]["seed"] == -1 and report["rates"][0]["completed"] == 2
 
 
 def test_refused_key_unknown_model_and_too_long_are_one_line(server):
