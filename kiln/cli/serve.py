@@ -72,7 +72,6 @@ class ServeError(KilnError):
               default=None, help="A jinja2 chat template file to use instead of the engine "
                                  "dir's (rendered sandboxed).")
 @click.option("--max_body_bytes", type=MemorySize(), default="4MiB", show_default=True,
-              callback=lambda c, p, v: _body_limit(p, v),
               help="Largest request body accepted (413 above): 4MiB, 64KB or bytes; 1KiB at "
                    "least.")
 @click.option("--grace_period", type=FloatRange(min=0), default=30.0, show_default=True,
@@ -111,10 +110,11 @@ def serve(obj: CliContext, host: str, port: int, served_model_name: str | None,
     try:
         import uvicorn
 
-        from kiln.serve import create_app
+        from kiln.serve.app import body_limit, create_app
     except ImportError as e:
         raise ServeError(f"kiln serve needs the serve extra ({e.name} is missing): "
                          f"pip install 'kiln-llm[serve]'") from None
+    body_limit(max_body_bytes)  # create_app's check, before the address is bound
     template = _read_template(chat_template)
     # --engine_process beside --dp: ExecutorOptions refuses it, as for LLM(); False is its
     # default there, so --no_engine_process can only be refused here
@@ -383,20 +383,6 @@ class _Server:
                     super().handle_exit(force, frame)
 
         return Server(config)
-
-
-# The least --max_body_bytes: a short chat request with the fields clients send (model,
-# max_tokens, temperature, stream...) is some hundred bytes; below 1 KiB a longer model name or
-# message leaves none that fits, and --max_body_bytes 10 (meant as MB?) had served only 413s.
-MIN_BODY_BYTES = 1024
-
-
-def _body_limit(param: click.Parameter, size: int) -> int:
-    if size < MIN_BODY_BYTES:
-        raise click.BadParameter(f"{size} bytes is too small for any real request (a short chat "
-                                 f"request is some hundred bytes); give 1KiB or more, like the "
-                                 f"default 4MiB", param=param)
-    return size
 
 
 def _named(param: click.Parameter, name: str | None) -> str | None:

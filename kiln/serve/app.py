@@ -40,7 +40,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import kiln
-from kiln.errors import UNREADABLE_JSON
+from kiln.errors import UNREADABLE_JSON, ConfigError, option
 from kiln.runtime.async_llm import AsyncLLM
 from kiln.serve import render
 from kiln.serve.protocol import (
@@ -53,14 +53,21 @@ from kiln.serve.protocol import (
     usage,
 )
 from kiln.serve.state import Job, ServerState, Submitted
+from kiln.sizes import size_option
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+# The least max_body_bytes: a short chat request with the fields clients send (model,
+# max_tokens, temperature, stream...) is some hundred bytes; below 1 KiB a longer model name or
+# message leaves none that fits, and --max_body_bytes 10 (meant as MB?) had served only 413s.
+MIN_BODY_BYTES = 1024
 
 
 def create_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = None,
                max_queue: int | None = None, chat_template: str | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
-    """An app serving ``engine`` as model ``served_model_name`` (see the module docstring)."""
+               max_body_bytes: int | str | None = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    """An app serving ``engine`` as model ``served_model_name`` (see the module docstring);
+    ``max_body_bytes`` a size as :func:`body_limit` takes it."""
+    max_body_bytes = body_limit(max_body_bytes)
     state = ServerState(engine, max_queue)
     app = FastAPI(title="kiln serve", version=kiln.__version__, docs_url=None, redoc_url=None,
                   openapi_url=None)
@@ -254,6 +261,21 @@ async def _events(submitted: Submitted, jobs: list[Job], req: Any, body: Callabl
         started.add(delta.index)
     if req.stream_options is not None and req.stream_options.include_usage:
         yield body([], _usage(results, req.n))
+
+
+def body_limit(max_body_bytes: int | str | None) -> int:
+    """The bytes of ``max_body_bytes`` (bytes, or a size string as kiln's other size keywords
+    take: ``"64KiB"``; None: the default 4MiB), 1 KiB at least, or a
+    :class:`~kiln.errors.ConfigError` naming it as its user gave it: create_app's keyword, or
+    ``kiln serve --max_body_bytes`` (which checks it before it binds its port)."""
+    size = size_option("max_body_bytes", max_body_bytes)
+    if size is None:
+        return DEFAULT_MAX_BODY_BYTES
+    if size < MIN_BODY_BYTES:
+        raise ConfigError(f"{option('max_body_bytes', max_body_bytes)} is too small for any "
+                          f"real request (a short chat request is some hundred bytes); give "
+                          f"1KiB or more, like the default 4MiB")
+    return size
 
 
 class BodyLimit:

@@ -17,6 +17,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from kiln.engine import BuildLimits
+from kiln.errors import ConfigError
 from kiln.runtime import LLM, AsyncLLM, SamplingParams
 from kiln.runtime.async_llm import INLINE_ENCODE_CHARS
 from kiln.runtime.tokenizer import NOT_UTF8, load_tokenizer
@@ -155,9 +156,36 @@ def test_chat_parameter_errors(engine):
 
 
 def test_chunked_body_over_the_limit_is_413(engine):
-    client = _client(engine, max_body_bytes=100)
-    out = client.post("/v1/completions", content=iter([b"{" + b" " * 80, b" " * 80 + b"}"]))
+    client = _client(engine, max_body_bytes=1024)
+    out = client.post("/v1/completions", content=iter([b"{" + b" " * 600, b" " * 600 + b"}"]))
     assert out.status_code == 413 and out.json()["error"]["code"] == "request_too_large"
+    assert "the server's limit of 1024 bytes" in out.json()["error"]["message"]
+
+
+def test_a_body_over_the_limit_by_its_length_is_413_and_one_at_it_is_read(engine):
+    client = _client(engine, max_body_bytes="1KiB")  # a size as kiln's other size keywords
+    body = json.dumps({"model": "m", "prompt": "a", "max_tokens": 1, "user": ""})
+    at_limit = body.replace('"user": ""', '"user": "' + "x" * (1024 - len(body)) + '"')
+    assert len(at_limit) == 1024
+    assert client.post("/v1/completions", content=at_limit).status_code == 200
+    out = client.post("/v1/completions", content=at_limit.replace('"x', '"xx'))
+    assert out.status_code == 413 and out.json()["error"]["code"] == "request_too_large"
+
+
+@pytest.mark.parametrize(("size", "shown"), [(100, "100"), (1023, "1023"), ("0.5KiB", "'0.5KiB'")])
+def test_a_max_body_bytes_no_request_fits_in_is_refused_naming_the_keyword(engine, size, shown):
+    """create_app(max_body_bytes=100) had served only 413s, where kiln serve --max_body_bytes
+    100 is refused (tests/serve/test_cli.py): one check, the keyword named as given."""
+    with pytest.raises(ConfigError) as info:
+        create_app(engine, "m", max_body_bytes=size)
+    assert str(info.value) == (f"max_body_bytes={shown} is too small for any real request (a "
+                               f"short chat request is some hundred bytes); give 1KiB or more, "
+                               f"like the default 4MiB")
+
+
+def test_a_max_body_bytes_of_no_size_is_refused_naming_the_keyword(engine):
+    with pytest.raises(ConfigError, match=r"^max_body_bytes 'lots' is not a size like 20GB"):
+        create_app(engine, "m", max_body_bytes="lots")
 
 
 def test_unknown_route_and_not_json(engine):
