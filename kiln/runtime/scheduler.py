@@ -39,9 +39,11 @@ Non-goals: priorities, preemption, prefix caching, speculative decoding.
 from __future__ import annotations
 
 import heapq
-from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+import itertools
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import overload
 
 from kiln.engine import BuildLimits
 from kiln.runtime.executor import SequenceChunk
@@ -93,6 +95,62 @@ class SchedulerOutput:
         return not self.chunks
 
 
+class WaitingQueue(Sequence[SequenceState]):
+    """The waiting sequences, oldest first: appended at the end, any one removed in O(1) (an
+    OrderedDict by request id, a linked list underneath; a deque's removal scanned it, so
+    aborting n queued requests in random order, as a server's clients leave, took O(n^2):
+    benchmarks/scheduler_queue.py). A Sequence as policies read it: [0] and [-1] in O(1),
+    [i] in O(min(i, n - i))."""
+
+    def __init__(self) -> None:
+        self._by_id: OrderedDict[str, SequenceState] = OrderedDict()
+
+    def append(self, seq: SequenceState) -> None:
+        self._by_id[seq.request_id] = seq
+
+    def get(self, request_id: str) -> SequenceState | None:
+        return self._by_id.get(request_id)
+
+    def pop(self, request_id: str) -> SequenceState | None:
+        """Remove the sequence of ``request_id``; None if none of that id waits."""
+        return self._by_id.pop(request_id, None)
+
+    def remove(self, seq: SequenceState) -> None:
+        """Remove ``seq`` (the object itself: ValueError if it does not wait here)."""
+        if seq not in self:
+            raise ValueError(f"request {seq.request_id!r} is not waiting")
+        del self._by_id[seq.request_id]
+
+    def __contains__(self, seq: object) -> bool:
+        return isinstance(seq, SequenceState) and self._by_id.get(seq.request_id) is seq
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __iter__(self) -> Iterator[SequenceState]:
+        return iter(self._by_id.values())
+
+    def __reversed__(self) -> Iterator[SequenceState]:
+        return reversed(self._by_id.values())
+
+    @overload
+    def __getitem__(self, index: int) -> SequenceState: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[SequenceState]: ...
+
+    def __getitem__(self, index: int | slice) -> SequenceState | list[SequenceState]:
+        if isinstance(index, slice):
+            return list(self)[index]
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} of a queue of {n} waiting")
+        index %= n
+        if index < n - index:
+            return next(itertools.islice(iter(self), index, None))
+        return next(itertools.islice(reversed(self), n - 1 - index, None))
+
+
 class Policy:
     """Default strategy: decodes, then prefills, oldest first; admit first come first served."""
 
@@ -113,8 +171,7 @@ class Scheduler:
     policy: Policy = field(default_factory=Policy)
 
     def __post_init__(self) -> None:
-        self.waiting: deque[SequenceState] = deque()  # in the policy's hands: a sequence
-        self._queued: dict[str, SequenceState] = {}  # the same, by request id
+        self.waiting = WaitingQueue()  # in the policy's hands: a sequence
         self.running: dict[str, SequenceState] = {}
         self._free = list(range(self.limits.max_batch_size))
         heapq.heapify(self._free)
@@ -124,13 +181,12 @@ class Scheduler:
             context_logits: bool = False) -> None:
         """Queue a request; ``capacity`` = cache tokens it needs at most (<= max_seq_len);
         ``context_logits``: its prompt chunks ask for every token's logits."""
-        if request_id in self.running or request_id in self._queued:
+        if request_id in self.running or self.waiting.get(request_id) is not None:
             raise ValueError(f"request id {request_id!r} is already scheduled")
         self._counter += 1
         seq = SequenceState(request_id, list(prompt), len(prompt), capacity, self._counter,
                             context_logits=context_logits)
         self.waiting.append(seq)
-        self._queued[request_id] = seq
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -151,7 +207,6 @@ class Scheduler:
             if seq is None or not self.reserve(self._free[0], seq.capacity):
                 break
             self.waiting.remove(seq)
-            del self._queued[seq.request_id]
             seq.slot = heapq.heappop(self._free)
             self.running[seq.request_id] = seq
             admitted.append(seq.request_id)
@@ -199,8 +254,6 @@ class Scheduler:
             self.release(seq.slot)
             heapq.heappush(self._free, seq.slot)
             return
-        # (a scan of the queue, removing by the dataclass's equality, had made an eval's
-        # abort of 18,749 queued windows take 19 s after its Ctrl-C)
-        queued = self._queued.pop(request_id, None)
-        if queued is not None:
-            self.waiting.remove(queued)  # by identity, from the front in the usual order
+        # in O(1) in any order (a scan of the queue, removing by the dataclass's equality, had
+        # made an eval's abort of 18,749 queued windows take 19 s after its Ctrl-C)
+        self.waiting.pop(request_id)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from kiln.engine import BuildLimits
-from kiln.runtime.scheduler import Scheduler
+from kiln.runtime.scheduler import Scheduler, WaitingQueue
 
 
 def make(limits, reserve=lambda slot, n: True):
@@ -89,3 +91,47 @@ def test_scheduler_output_rows_never_repeat_a_slot():
         out = run_step(s)
         slots = [r.chunk.slot for r in out.chunks]
         assert len(slots) == len(set(slots)) and out.num_tokens <= 10
+
+
+def test_aborts_in_any_order_keep_the_others_first_come_first_served():
+    s, _ = make(BuildLimits(2, 4, 16, 64))
+    ids = [f"r{i}" for i in range(12)]
+    for rid in ids:
+        s.add(rid, [1], capacity=4)
+    aborted = ["r7", "r0", "r11", "r4", "r5", "r1"]  # front, back, middle, neighbours
+    for rid in aborted:
+        s.finish(rid)
+    left = [rid for rid in ids if rid not in aborted]
+    assert [seq.request_id for seq in s.waiting] == left
+    admitted = []
+    while s.has_work():
+        out = run_step(s)
+        admitted += out.admitted
+        for rid in out.admitted:
+            s.finish(rid)
+    assert admitted == left
+
+
+def test_the_waiting_queue_is_a_sequence_oldest_first():
+    """Policies read it as a Sequence; the scheduler removes any one in O(1) (a deque's
+    removal scanned it: benchmarks/scheduler_queue.py)."""
+    s, _ = make(BuildLimits(1, 4, 16, 16))
+    for rid in "abcde":
+        s.add(rid, [1], capacity=4)
+    s.finish("c")
+    queue = s.waiting
+    assert isinstance(queue, WaitingQueue) and len(queue) == 4 and queue
+    names = [queue[i].request_id for i in range(-4, 4)]
+    assert names == list("abde") * 2
+    assert [seq.request_id for seq in reversed(queue)] == list("edba")
+    assert [seq.request_id for seq in queue[1:3]] == list("bd")
+    first = queue[0]
+    assert first in queue and queue.index(first) == 0 and "a" not in queue
+    for index in (4, -5):
+        with pytest.raises(IndexError):
+            queue[index]
+    queue.remove(first)
+    with pytest.raises(ValueError, match="request 'a' is not waiting"):
+        queue.remove(first)
+    s.add("a", [1], capacity=4)  # the id again: a new sequence, at the end
+    assert first not in queue and [seq.request_id for seq in queue] == list("bdea")
