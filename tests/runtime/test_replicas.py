@@ -491,3 +491,61 @@ def test_a_replica_names_options_as_its_driver_does(tmp_path, monkeypatch, as_fl
     monkeypatch.setattr(replica_worker.os, "_exit", lambda code: None)
     replica_worker.main(started[0], mock.Mock())
     assert seen == [as_flags] and not named_as_flags()
+
+
+class _Id(str):
+    """A request id that counts the comparisons made with it."""
+
+    compared = 0
+    __hash__ = str.__hash__
+
+    def __eq__(self, other: object) -> bool:
+        _Id.compared += 1
+        return str.__eq__(self, other)
+
+
+class _FullPool:
+    """One replica of one slot that takes every message (no process): the front holds the rest."""
+
+    size, failed = 1, False
+
+    def __init__(self):
+        from kiln.engine import BuildLimits
+        from kiln.runtime.distributed.replica_worker import ReplicaInfo
+
+        self.infos = [ReplicaInfo(BuildLimits(1, 8, 16, 8), 100, False)]
+        self.sent: list[tuple] = []
+
+    def send(self, i, message):
+        self.sent.append(message)
+        return True
+
+    def check(self):
+        pass
+
+    def receive(self, timeout):
+        return []
+
+
+def test_the_front_queue_keeps_its_order_and_an_abort_scans_none_of_it():
+    """An abort of a request held in the front had removed it from a deque, comparing its id
+    with every one ahead of it (O(n) each, O(n^2) for a server's clients leaving in any order);
+    the others still go first come first served."""
+    from kiln.runtime.distributed.replicas import ReplicaCore
+
+    pool = _FullPool()
+    core = ReplicaCore(pool, None, has_tokenizer=False)
+    ids = [_Id(f"r{i}") for i in range(10)]
+    for rid in ids:
+        core.add_request([1, 2], SamplingParams(max_tokens=2), request_id=rid)
+    _Id.compared = 0
+    for rid in (ids[9], ids[5], ids[1], ids[3]):  # held in the front: r0 has the slot
+        assert core.abort(rid).finish_reason == "abort"
+    assert _Id.compared == 0
+    routed = []
+    while adds := [m for m in pool.sent if m[0] == "add"]:
+        pool.sent.clear()
+        routed.append(adds[0][1])
+        core.abort(routed[-1])  # frees the slot: the next step routes the next one
+        core.step()
+    assert routed == ["r0", "r2", "r4", "r6", "r7", "r8"] and not core.has_work()

@@ -68,7 +68,7 @@ import multiprocessing
 import os
 import time
 import weakref
-from collections import deque
+from collections import OrderedDict
 from collections.abc import Sequence
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -286,7 +286,9 @@ class ReplicaCore:
         self.scheduler = RunningView(self.limits)
         self.requests: dict[str, Request] = {}
         self.served = [0] * pool.size  # requests routed to each replica
-        self._queue: deque[str] = deque()  # requests not routed yet
+        # requests not routed yet, first come first served; an abort takes any one out in O(1)
+        # (a deque's removal scanned it: kiln.runtime.scheduler.WaitingQueue's reason)
+        self._queue: OrderedDict[str, None] = OrderedDict()
         self._replica_of: dict[str, int] = {}
         self._routed: dict[str, float] = {}  # routed, not yet admitted: when it was sent
         self._live = [0] * pool.size
@@ -370,7 +372,7 @@ class ReplicaCore:
                           logprobs=None if params.logprobs is None else [],
                           prompt_logprobs=None if params.prompt_logprobs is None else [None])
         self.requests[request_id] = request
-        self._queue.append(request_id)
+        self._queue[request_id] = None
         self._route()
         return request
 
@@ -406,7 +408,7 @@ class ReplicaCore:
             self._aborting.add((i, request_id))  # its updates still on the way are dropped
             self._release(request_id)
         else:
-            self._queue.remove(request_id)
+            del self._queue[request_id]
         request.finish_reason, request.finish_time = "abort", time.perf_counter()
         return RequestDelta(request_id, (), "", (), "abort")
 
@@ -421,11 +423,11 @@ class ReplicaCore:
             if not free:
                 return
             i = min(free, key=lambda r: (self._live[r], self._tokens[r], r))
-            request = self.requests[self._queue[0]]
+            request = self.requests[next(iter(self._queue))]
             if not self.pool.send(i, ("add", request.request_id, request.prompt_ids,
                                       request.params, request.prompt)):
                 return  # it died: the next receive names it
-            self._queue.popleft()
+            self._queue.popitem(last=False)
             self._replica_of[request.request_id] = i
             self._routed[request.request_id] = time.perf_counter()
             self._live[i] += 1
