@@ -44,6 +44,7 @@ from kiln.engine import (
 from kiln.errors import UNREADABLE_JSON, USER_TEXT, counted, json_type
 from kiln.hashing import other_file_problems
 from kiln.runtime.compat import kiln_version_problem
+from kiln.sizes import size_text
 
 log = logging.getLogger(__name__)
 
@@ -315,11 +316,4 @@ def _content_problem(path: Path, config: Any, rank: int,
 def _line(path: Path, rank: int, name: str, problem: str | None) -> str:
     if problem is not None:
         return f"FAIL rank {rank}  {name}  {problem}"
-    return f"ok   rank {rank}  {name}  {_size(path.stat().st_size)}"
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
+    return f"ok   rank {rank}  {name}  {size_text(path.stat().st_size, 'si')}"
