@@ -64,7 +64,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.engine import EngineManifest
-from kiln.errors import described, shown
+from kiln.errors import described, limits_as_options, shown
 from kiln.runtime.core import EngineCore, RequestDelta
 from kiln.runtime.errors import EngineClosedError, RequestError, TokenizerError
 from kiln.runtime.executor import Executor
@@ -143,13 +143,16 @@ class LLM:
                            f"LLM(model={str(model)!r}{', ...' if build_options else ''})")
         options = options or ExecutorOptions()
         hold = contextlib.ExitStack()  # the engine's cache entry, held until close()
+        # model=: the engine's limits are this call's keywords, and advice names them as such
+        advice = limits_as_options() if model is not None else contextlib.nullcontext()
         try:
-            self.engine_dir = hold.enter_context(_held(engine_dir, model, options,
-                                                       build_options))
-            if options.dp > 1 or options.engine_process:
-                self._open_replicas(options, policy)
-            else:
-                self._open(options, policy)
+            with advice:
+                self.engine_dir = hold.enter_context(_held(engine_dir, model, options,
+                                                           build_options))
+                if options.dp > 1 or options.engine_process:
+                    self._open_replicas(options, policy)
+                else:
+                    self._open(options, policy)
         except BaseException:
             hold.close()
             raise

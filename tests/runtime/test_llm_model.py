@@ -80,6 +80,17 @@ def test_a_device_this_machine_lacks_is_refused_before_the_build(tiny_hf, cache)
     assert cache.entries() == []
 
 
+def test_limits_too_large_for_this_machine_name_the_keywords_to_pass(tiny_hf, cache):
+    """LLM(model=...) builds from its keywords: its user is told to pass smaller ones, not to
+    "rebuild" an engine no build of theirs made (as kiln run --model_dir is)."""
+    from kiln.engine import EngineError
+
+    with pytest.raises(EngineError, match="need a KV cache of .*; pass a smaller max_seq_len "
+                                          "or max_batch_size$") as e:
+        LLM(model=tiny_hf, max_batch_size=100_000_000, max_seq_len=64)
+    assert "rebuild" not in str(e.value) and cache.entries() == []
+
+
 def test_an_engine_that_fails_to_open_is_released(tiny_hf, cache, monkeypatch):
     from kiln.engine import EngineError
 
