@@ -28,8 +28,10 @@ Contract:
 - Request fields kiln serve does not know (``max_token``, ``stream_options.include_usages``,
   a content part's ``messages[].content[].foo``) are ignored, and named in a WARNING of this
   module's logger the first time a server meets each (vLLM's "fields were present in the
-  request but ignored"), at DEBUG after that; a null one asks for nothing and is not named, nor
-  are ``user`` and the UNSUPPORTED fields (refused by name, or no-ops). A chat message's keys
+  request but ignored"), at DEBUG after that. A line lists LIST_MOST names, then how many
+  more; a server remembers WARN_MOST names, and the WARNING that reaches them says that names
+  new to it are logged at DEBUG from then on. A null field asks for nothing and is not named,
+  nor are ``user`` and the UNSUPPORTED fields (refused by name, or no-ops). A chat message's keys
   kiln serve does not know (``messages[].nmae``) reach the chat template, and are named in
   the same way, apart; those of MESSAGE_KEYS (OpenAI's ``tool_calls``...) are not.
 - Chat prompts are the engine's chat template (or ``--chat_template``), rendered in jinja2's
@@ -74,7 +76,10 @@ MESSAGE_KEYS = ("tool_calls", "tool_call_id", "refusal", "audio", "function_call
                 "reasoning_content", "reasoning")
 # Distinct ignored field names a server warns of: past these (a client sending a new name each
 # time), new names are logged at DEBUG, so neither the log nor the server's memory of them grows
+# (the WARNING that fills the set says so, once)
 WARN_MOST = 100
+# Names a log line lists, then how many more (a request's 300 unknown fields were one line)
+LIST_MOST = 10
 
 logger = logging.getLogger(__name__)
 
@@ -251,9 +256,11 @@ def _stop_not_utf8(stop: str | list[str]) -> str | None:
 
 
 def _listed(paths: list[str]) -> str:
-    """Field paths for a log line: each cut short, as JSON escapes it in ASCII (a key's newline
-    must not start a line of its own, nor a lone surrogate fail the log's encoding)."""
-    return ", ".join(cut(json.dumps(p)[1:-1]) for p in paths)
+    """Field paths for a log line: the first LIST_MOST, each cut short, as JSON escapes it in
+    ASCII (a key's newline must not start a line of its own, nor a lone surrogate fail the
+    log's encoding), and how many more."""
+    named = ", ".join(cut(json.dumps(p)[1:-1]) for p in paths[:LIST_MOST])
+    return named if len(paths) <= LIST_MOST else f"{named} and {len(paths) - LIST_MOST} more"
 
 
 def _token_id(value: Any) -> bool:
@@ -391,13 +398,17 @@ class Renderer:
 
     def _warn(self, paths: list[str], what: str) -> None:
         """Log ``what: paths``, at WARNING for the paths this server has not named yet (up to
-        WARN_MOST in all), at DEBUG for the rest."""
+        WARN_MOST in all: the WARNING reaching it says that new names go to DEBUG from then
+        on), at DEBUG for the rest."""
         paths = list(dict.fromkeys(paths))  # (many messages may have the same key)
         fresh = [p for p in paths if p not in self.warned][:WARN_MOST - len(self.warned)]
         self.warned.update(fresh)
         if fresh:
-            logger.warning("%s: %s (each name is warned of once per server, later at DEBUG)",
-                           what, _listed(fresh))
+            full = "" if len(self.warned) < WARN_MOST else \
+                f"; this server has now warned of {WARN_MOST} names, the most it remembers: " \
+                f"names new to it are logged at DEBUG from now on"
+            logger.warning("%s: %s (each name is warned of once per server, later at DEBUG%s)",
+                           what, _listed(fresh), full)
         if again := [p for p in paths if p not in fresh]:
             logger.debug("%s: %s", what, _listed(again))
 
