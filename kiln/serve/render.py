@@ -10,7 +10,8 @@ Contract:
 - A field name (a JSON object's key) holding a lone surrogate (a ``\\udXXX`` escape of half a
   character) is a 400 naming the field by its path, the surrogate escaped as the body escapes
   it: ``messages[0].x\\udc80``, ``mess\\udc80ages``; a stop string holding one is named by its
-  path too (``stop[1]``), with its value.
+  path too (``stop[1]``), with its value, as is a chat message's ``name`` or other key's string
+  (``messages[0].name``, ``messages[0].nmae``), whether or not the chat template reads it.
 - Completions' default ``max_tokens`` is 16 (OpenAI's); chat's is the engine's max_seq_len
   (the runtime ends the request at the engine's length limit first).
 - ``echo`` prepends the prompt's text; with ``logprobs`` it also prepends the prompt tokens'
@@ -630,4 +631,20 @@ def _message(i: int, message: dict[str, Any]) -> dict[str, Any]:
     for path, text in texts:  # named here: the rendered prompt's refusal could name no part
         if isinstance(text, str) and not is_utf8(text):
             raise ApiError(400, f"{path}: {NOT_UTF8}", param=path)
+    for key, value in message.items():  # name, nmae, tool_calls...: the template's to read
+        if key not in ("role", "content"):
+            _utf8_check(f"messages[{i}].{cut(key)}", value)
     return message
+
+
+def _utf8_check(path: str, value: Any) -> None:
+    """Refuse a string in ``value`` (a parsed JSON value at ``path``) holding a lone surrogate,
+    or a key of its objects, by its path (``messages[0].name``, ``messages[0].x[1].y``): the
+    rendered prompt's refusal named ``messages`` only, and only were the template to read it."""
+    if isinstance(value, str) and not is_utf8(value):
+        raise ApiError(400, f"{path} is {as_json(value)}; {NOT_UTF8}", param=path)
+    for key, item in value.items() if isinstance(value, dict) else enumerate(
+            value if isinstance(value, list) else ()):
+        if isinstance(key, str) and not is_utf8(key):
+            raise _misnamed(f"{path}.{cut(key)}")
+        _utf8_check(f"{path}.{cut(key)}" if isinstance(key, str) else f"{path}[{key}]", item)

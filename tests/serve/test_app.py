@@ -445,6 +445,38 @@ def test_a_lone_surrogate_an_error_repeats_is_400_not_500(engine, endpoint, body
     assert "\\udc80" in out.json()["error"]["message"]  # repeated, as its escape
 
 
+@pytest.mark.parametrize("message,param,value", [
+    ({"name": "\udc80"}, "messages[0].name", '"\\udc80"'),
+    ({"nmae": "a\udc80"}, "messages[0].nmae", '"a\\udc80"'),
+    ({"tool_calls": [{"function": {"arguments": "\udc80"}}]},
+     "messages[0].tool_calls[0].function.arguments", '"\\udc80"'),
+])
+def test_a_lone_surrogate_in_a_message_value_is_named_by_its_path(engine, message, param,
+                                                                   value):
+    """A trial's ``name`` of a lone surrogate had been told "the text is not UTF-8" with param
+    ``messages``, and only where the chat template read it."""
+    client = _client(engine, chat_template="{% for m in messages %}{{ m.content }}{% endfor %}")
+    for template_reads in (False, True):
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi", **message}]}
+        if template_reads:
+            client = _client(engine, chat_template="{{ messages }}")
+        out = client.post("/v1/chat/completions", content=json.dumps(body),
+                          headers={"content-type": "application/json"})
+        assert out.status_code == 400, out.text
+        assert out.json()["error"]["message"] == f"{param} is a string {value}; {NOT_UTF8}"
+        assert out.json()["error"]["param"] == param
+
+
+def test_a_lone_surrogate_in_a_message_value_key_is_named_by_its_path(engine):
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi",
+                                        "meta": [{"\udc80": 1}]}]}
+    out = _client(engine).post("/v1/chat/completions", content=json.dumps(body),
+                               headers={"content-type": "application/json"})
+    assert out.status_code == 400, out.text
+    assert out.json()["error"]["param"] == "messages[0].meta[0].\\udc80"
+    assert "the field's name is not UTF-8" in out.json()["error"]["message"]
+
+
 @pytest.mark.parametrize("endpoint,body,param", [
     ("/v1/chat/completions", {"mess\udc80ages": [], "messages": [{"role": "user",
                                                                   "content": "hi"}]},
