@@ -33,12 +33,22 @@ class RatesType(click.ParamType):
             self.fail(f"{e} (give rates per second, comma-separated, e.g. 1,4,inf)", param, ctx)
 
 
+class ServeUrlType(click.ParamType):
+    name = "URL"
+
+    def convert(self, value, param, ctx):
+        why = _client().url_error(value)
+        if why is not None:  # refused before any connection, as the URL it is
+            self.fail(f"{why}; give the running server's http://HOST:PORT", param, ctx)
+        return value
+
+
 def _is_serve_report(path: Path) -> bool:
     return is_report(path, {"kind", "url", "model", "workload", "rates"})
 
 
 @click.command("bench_serve")
-@click.option("--serve", "url", required=True, metavar="URL",
+@click.option("--serve", "url", required=True, metavar="URL", type=ServeUrlType(),
               help="The running server's base URL (e.g. http://127.0.0.1:8000).")
 @click.option("--model", default=None,
               help="The model name to send [default: the first /v1/models lists].")

@@ -2,7 +2,8 @@
 serve``): the client behind ``kiln bench_serve``.
 
 Contract: the URL is the server's root (``http://host:port``; an OpenAI client's base URL,
-ending in ``/v1``, is taken as its root). :func:`run_serve_benchmark` first asks
+ending in ``/v1``, is taken as its root; one of no http(s) scheme, host or port in 1-65535 is
+refused before any connection, :func:`url_error`). :func:`run_serve_benchmark` first asks
 ``GET /v1/models`` (the model name, the
 server's ``max_model_len``; an unreachable URL or a refused key is one :class:`ServeBenchError`),
 runs ``warmup`` unmeasured rounds, then for each request rate sends ``num_requests`` streaming
@@ -36,6 +37,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -399,10 +401,28 @@ def run_serve_benchmark(url: str, workload: ServeWorkload, model: str | None = N
                         on_rate: Any = None) -> ServeBenchReport:
     """Benchmark the server at ``url`` (see the module docstring); ``on_rate(RateReport)`` is
     called as each rate finishes."""
-    if not url.startswith(("http://", "https://")):
-        raise ServeBenchError(f"{url!r} is not an http:// or https:// URL; give --serve as "
-                              f"http://HOST:PORT")
+    if (why := url_error(url)) is not None:
+        raise ServeBenchError(f"{why}; give --serve as http://HOST:PORT")
     return asyncio.run(_benchmark(url, workload, model, api_key, warmup, on_rate))
+
+
+def url_error(url: str) -> str | None:
+    """Why ``url`` is no server's http(s) URL (None where it is one), checked before any
+    connection: a trial's ``http://[::1`` had been "cannot reach ... (InvalidUrlClientError: ...);
+    is kiln serve running there?"."""
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:  # Python's words: "Invalid IPv6 URL"
+        return f"{url!r} is not a URL ({e})"
+    if parts.scheme not in ("http", "https") or not url.startswith(f"{parts.scheme}://"):
+        return f"{url!r} is not an http:// or https:// URL"
+    if not parts.hostname:
+        return f"{url!r} names no host"
+    try:
+        port = parts.port  # None where the URL gives none (the scheme's own)
+    except ValueError:  # no number, or out of range
+        port = 0
+    return f"{url!r} has a port that is not a number in 1-65535" if port == 0 else None
 
 
 def _duration(seconds: float) -> str:

@@ -80,6 +80,26 @@ def test_unreachable_url_is_one_line():
     _one_line_error(_bench("--serve", "localhost:8000"), "not an http:// or https:// URL")
 
 
+@pytest.mark.parametrize("url, why", [
+    ("http://[::1", "'http://[::1' is not a URL (Invalid IPv6 URL)"),
+    ("ftp://127.0.0.1:8000", "'ftp://127.0.0.1:8000' is not an http:// or https:// URL"),
+    ("http://:8000", "'http://:8000' names no host"),
+    ("http://127.0.0.1:99999", "'http://127.0.0.1:99999' has a port that is not a number in "
+                               "1-65535"),
+    ("http://127.0.0.1:x", "'http://127.0.0.1:x' has a port that is not a number in 1-65535"),
+])
+def test_a_malformed_url_is_refused_as_such_before_any_connection(url, why, monkeypatch):
+    """A trial's ``http://[::1`` had been "cannot reach http://[::1 (InvalidUrlClientError:
+    ...); is kiln serve running there?"."""
+    monkeypatch.setattr(bench, "_benchmark", None)  # (called, it would raise a TypeError)
+    result = _bench("--serve", url)
+    assert result.exit_code == 2 and result.output.startswith(
+        f"error: Invalid value for '--serve': {why}; give the running server's "
+        f"http://HOST:PORT (see ") and result.output.count("\n") == 1, result.output
+    with pytest.raises(bench.ServeBenchError, match="give --serve as http://HOST:PORT"):
+        bench.run_serve_benchmark(url, bench.ServeWorkload())
+
+
 @pytest.mark.parametrize("rates, fragment", [("0", "'0': a request rate must be > 0"),
                                              ("1,abc", "'abc' is not a number or inf"),
                                              ("-2", "'-2': a request rate must be > 0"),
