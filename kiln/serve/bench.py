@@ -34,6 +34,9 @@ import itertools
 import json
 import logging
 import math
+import os
+import re
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -48,6 +51,9 @@ from kiln.runtime.stats import Stats  # one definition of the percentiles, as ki
 log = logging.getLogger(__name__)
 
 LONG_RATE_S = 3600.0  # a rate whose arrivals alone take longer is warned about before it runs
+
+
+MODELS_TIMEOUT_S = 10  # the first request's (GET /v1/models): a server answers it at once
 
 
 class ServeBenchError(KilnError):
@@ -210,13 +216,14 @@ def _headers(api_key: str | None) -> dict[str, str]:
 async def _models(session: aiohttp.ClientSession, url: str,
                   api_key: str | None) -> list[dict]:
     try:
+        timeout = aiohttp.ClientTimeout(total=MODELS_TIMEOUT_S)
         async with session.get(f"{url}/v1/models", headers=_headers(api_key),
-                               timeout=aiohttp.ClientTimeout(total=10)) as response:
+                               timeout=timeout) as response:
             status = response.status
             text = await response.text()
     except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-        raise ServeBenchError(f"cannot reach {url} ({type(e).__name__}: {e or 'no answer'}); "
-                              f"is kiln serve running there?") from None
+        raise ServeBenchError(f"cannot reach {url} ({_unreached(e, MODELS_TIMEOUT_S)}); is "
+                              f"kiln serve running there?") from None
     if status == 401:  # (a trial's wrong key had been told to pass one)
         fix = "check the key (the server's --api_key or KILN_API_KEY)" if api_key else \
             "pass --api_key or set KILN_API_KEY"
@@ -282,6 +289,29 @@ async def _one(session: aiohttp.ClientSession, url: str, body: dict, api_key: st
         result.error = "no token was streamed"
 
 
+def _unreached(e: BaseException, timeout_s: float) -> str:
+    """Why a connection failed, in words: "connection refused", "no answer in 10 s" (a trial's
+    had been aiohttp's "ClientConnectorError: Cannot connect to host 127.0.0.1:9 ssl:default
+    [Connect call failed ('127.0.0.1', 9)]")."""
+    if isinstance(e, asyncio.TimeoutError):  # (aiohttp's timeouts are TimeoutErrors)
+        return f"no answer in {timeout_s:g} s"
+    if isinstance(e, aiohttp.ClientConnectorError):
+        return _os_words(e.os_error)
+    return f"{type(e).__name__}: {e or 'no detail'}"
+
+
+def _os_words(e: OSError) -> str:
+    """An OSError's reason, lower-case: its errno's words ("connection refused"; asyncio's
+    strerror is "Connect call failed ('127.0.0.1', 9)"), those of each address tried where
+    several failed ("Multiple exceptions: [Errno 111] ..."), or its own text (a host not found:
+    "Name or service not known")."""
+    codes = [e.errno] if isinstance(e.errno, int) and e.errno > 0 and \
+        not isinstance(e, socket.gaierror) else re.findall(r"\[Errno (\d+)\]", str(e))
+    words = ", ".join(dict.fromkeys(os.strerror(int(code)) for code in codes)) or \
+        e.strerror or str(e) or type(e).__name__
+    return words[:1].lower() + words[1:]
+
+
 def _failure(e: BaseException, url: str) -> str:
     """A request's transport failure in words. (A trial's server killed mid-run was reported
     in aiohttp's: "ClientPayloadError: Response payload is not completed: <TransferEncodingError:
@@ -289,8 +319,7 @@ def _failure(e: BaseException, url: str) -> str:
     if isinstance(e, aiohttp.ClientPayloadError | aiohttp.ServerDisconnectedError):
         return f"{url} closed the connection mid-response (did the server stop?)"
     if isinstance(e, aiohttp.ClientConnectorError):
-        return f"cannot connect to {url} ({e.os_error.strerror or e.os_error}); is the " \
-               f"server still running?"
+        return f"cannot connect to {url} ({_os_words(e.os_error)}); is the server still running?"
     if isinstance(e, asyncio.TimeoutError):
         return f"{url} did not answer in time"
     return f"{type(e).__name__}: {e or 'no detail'}"

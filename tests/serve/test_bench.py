@@ -75,9 +75,32 @@ def _one_line_error(result, *fragments: str) -> None:
 
 
 def test_unreachable_url_is_one_line():
-    _one_line_error(_bench("--serve", f"http://127.0.0.1:{free_port()}"),
-                    "cannot reach", "is kiln serve running there?")
+    """In words: a trial's had been aiohttp's "(ClientConnectorError: Cannot connect to host
+    127.0.0.1:9 ssl:default [Connect call failed ('127.0.0.1', 9)])"."""
+    url = f"http://127.0.0.1:{free_port()}"
+    _one_line_error(_bench("--serve", url),
+                    f"cannot reach {url} (connection refused); is kiln serve running there?")
     _one_line_error(_bench("--serve", "localhost:8000"), "not an http:// or https:// URL")
+
+
+def test_a_server_that_does_not_answer_is_said_in_words(monkeypatch):
+    monkeypatch.setattr(bench, "MODELS_TIMEOUT_S", 0.2)
+    with socket.socket() as listener:  # connections are taken (the backlog), never answered
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        _one_line_error(_bench("--serve", url),
+                        f"cannot reach {url} (no answer in 0.2 s); is kiln serve running there?")
+
+
+@pytest.mark.parametrize("error, words", [
+    (ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 9)"), "connection refused"),
+    (OSError("Multiple exceptions: [Errno 111] Connect call failed ('::1', 9, 0, 0), [Errno 111] "
+             "Connect call failed ('127.0.0.1', 9)"), "connection refused"),
+    (socket.gaierror(-2, "Name or service not known"), "name or service not known"),
+])
+def test_a_connection_failure_is_said_in_its_reason_words(error, words):
+    assert bench._os_words(error) == words
 
 
 @pytest.mark.parametrize("url, why", [
@@ -335,8 +358,8 @@ def test_a_server_gone_before_a_request_is_said_in_words():
             await bench._one(session, url, {}, None, result)
 
     asyncio.run(one())
-    assert result.error.startswith(f"cannot connect to {url} (") and result.error.endswith(
-        "); is the server still running?"), result.error
+    assert result.error == f"cannot connect to {url} (connection refused); is the server " \
+                           f"still running?", result.error
 
 
 def test_a_warm_up_where_every_request_failed_stops_in_one_line(tmp_path):
