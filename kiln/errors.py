@@ -298,7 +298,7 @@ def check_integer(name: str, value: Any, error: type[Exception]) -> None:
 
 
 def check_path(name: str, value: Any, error: type[Exception], give: str,
-               directory: bool = False) -> None:
+               directory: bool = False, flag: str | None = None) -> None:
     """``value`` is a path as a Python caller gives one: a str or os.PathLike (a caller's
     ``convert_checkpoint(src, None)`` had been Python's "expected str, bytes or os.PathLike
     object"), not empty or blank (``Path("")`` is the current directory: a trial's
@@ -307,15 +307,17 @@ def check_path(name: str, value: Any, error: type[Exception], give: str,
     directory named "-"): a str ``"-"`` and ``Path("-")`` alike (``Path("./-")`` is
     ``Path("-")``): the str ``"./-"``, or an absolute path, names one. ``give``:
     the fix for an empty one ("give the directory to write"). Named as its user gave it
-    (:func:`option`). (``Path("")`` itself is ``Path(".")``: nothing tells them apart.)"""
+    (:func:`option`; ``flag``: its flag's name where that is not ``name``). (``Path("")`` itself
+    is ``Path(".")``: nothing tells them apart.)"""
     text = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
     if not isinstance(text, str):
         found = "None" if value is None else described(value)
-        raise error(f"{option(name)} must be a path (a str or os.PathLike), found {found}")
+        raise error(f"{option(name, flag=flag)} must be a path (a str or os.PathLike), found "
+                    f"{found}")
     if not text.strip():
-        raise error(f"{option(name)} is empty; {give}")
+        raise error(f"{option(name, flag=flag)} is empty; {give}")
     if directory and text == "-":
-        raise error(f"{option(name, value)}: kiln reads '-' as standard input or output, not "
+        raise error(f"{option(name, value, flag)}: kiln reads '-' as standard input or output, not "
                     f"a directory; give the directory's path (./- for one named '-')")
 
 

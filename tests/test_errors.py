@@ -241,6 +241,15 @@ def test_check_path_names_the_argument_and_what_it_takes(value, message):
         check_path("engine_dir", value, ConfigError, "give it", directory=True)
 
 
+def test_check_path_names_its_flag_where_that_is_another_name():
+    from kiln.errors import check_path
+
+    with pytest.raises(ConfigError, match="^model is empty"):
+        check_path("model", "", ConfigError, "give it", flag="model_dir")
+    with options_as_flags(), pytest.raises(ConfigError, match="^--model_dir is empty"):
+        check_path("model", "", ConfigError, "give it", flag="model_dir")
+
+
 def test_check_path_takes_a_path_and_a_dash_where_no_directory_is_asked_for(tmp_path):
     from kiln.errors import check_path
 

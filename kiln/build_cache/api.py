@@ -132,7 +132,8 @@ def request_for(model: str | Path, *, backend: str | None = None, dtype: str = "
     from kiln.config import options_from
     from kiln.converters.options import ConvertOptions
 
-    check_path("model", model, CheckpointError, "pass an HF checkpoint directory or hub id")
+    check_path("model", model, CheckpointError, "pass an HF checkpoint directory or hub id",
+               flag="model_dir")  # LLM(model=...) is --model_dir
     convert = ConvertOptions(dtype=dtype, tp_size=tp_size, pp_size=pp_size, revision=revision,
                              allow_pickle=allow_pickle)
     build = options_from(BuildOptions, build_options, "engine_for_model", also=_OWN, **FIXED,

@@ -338,6 +338,19 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_hf, tmp_path, cache_dir, 
     assert {p.name for p in tmp_path.iterdir()} <= {"engine", "kiln-cache"}
 
 
+@pytest.mark.parametrize("model, message", [
+    ("", "--model_dir is empty; pass an HF checkpoint directory or hub id"),
+    (5, "--model_dir must be a path (a str or os.PathLike), found int 5"),
+])
+def test_the_model_is_named_as_its_flag_inside_a_command(cache_dir, builds, model, message):
+    """A trial's kiln run --model_dir '' was told "--model is empty": there is no --model."""
+    from kiln.errors import options_as_flags
+
+    with pytest.raises(CheckpointError) as raised, options_as_flags():
+        engine_for_model(model)
+    assert str(raised.value) == message
+
+
 def test_sizes_are_taken_as_the_cli_takes_them(tiny_hf, cache_dir, builds):
     """A trial's LLM(model=..., max_build_memory="18GB") was refused ("must be a positive
     integer") while kiln run --model_dir took --max_build_memory 18GB."""
