@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from kiln.errors import ConfigError, option, shown
+from kiln.errors import ConfigError, counted, named_as_flags, option, shown
 
 UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
@@ -28,15 +28,16 @@ UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 1
 MAX_SIZE = 10**18  # bytes: one exabyte
 NOT_A_SIZE = "is not a size like 20GB, 512MiB or 2000000000"
 SIZE_FORMS = "give bytes (an integer), or a size with its unit such as 20GB or 512MiB"
-_SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*")
+_SIZE = re.compile(r"\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*")
 
 
-def parse_size(value: Any) -> int:
+def parse_size(value: Any, least: int | None = 1) -> int:
     """Bytes of ``value``: an int (bytes), or a number, or a string of a number and a unit
     (:data:`UNITS`), a unit's fractions of a byte dropped (1.1GiB). ValueError otherwise,
     whose message follows the value in a refusal: "is not a size like ...", "is more than any
-    machine holds ...", "must be at least 1 byte", "is not a whole number of bytes ..." (a
-    number without a unit: ``max_build_memory=1.5`` had been 1 byte)."""
+    machine holds ...", "must be at least 1 byte" (``least`` None: any count under 1 EB, 0 and
+    negatives included, for a caller that tells its own minimum), "is not a whole number of
+    bytes ..." (a number without a unit: ``max_build_memory=1.5`` had been 1 byte)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ValueError(NOT_A_SIZE)
     if isinstance(value, int):
@@ -51,21 +52,31 @@ def parse_size(value: Any) -> int:
             raise ValueError(f"is not a whole number of bytes; {SIZE_FORMS}")
     if size > MAX_SIZE:  # 1e400GB is infinite as a float, and no machine's anyway
         raise ValueError("is more than any machine holds (at most 1 EB)")
-    if int(size) < 1:
-        raise ValueError("must be at least 1 byte")
-    return int(size)
+    if least is not None and size < least:
+        raise ValueError(f"must be at least {counted(least, 'byte')}")
+    return int(max(size, -MAX_SIZE))  # (-1e400GB: int() of -inf raises)
 
 
-def size_option(name: str, value: Any) -> int | None:
+def size_option(name: str, value: Any, least: int = 1, short: str = "",
+                fix: str = "") -> int | None:
     """The bytes of the size option ``name`` (None stays None: the default), or a
-    :class:`~kiln.errors.ConfigError` naming it as its user gave it."""
+    :class:`~kiln.errors.ConfigError` naming it and its value as its user gave them (``kiln
+    serve --max_body_bytes 1KB``'s text, not its 1000 bytes). ``least``: the fewest bytes it
+    takes; under it, 0 and negatives included, the refusal says ``short`` (why: "less than the
+    400 MiB any build needs") and ``fix`` ("give 400MiB or more") at once: a trial's 0 had been
+    told "at least 1 byte", then its 1 that it needed 400 MiB."""
     if value is None:
         return None
+    given = option(name, value) if named_as_flags() else f"{option(name)} {shown(value)}"
     try:
-        return parse_size(value)
+        size = parse_size(value, least=1 if least <= 1 else None)
     except ValueError as e:
         forms = " (a string, or a number of bytes)" if str(e) == NOT_A_SIZE else ""
-        raise ConfigError(f"{option(name)} {shown(value)} {e}{forms}") from None
+        raise ConfigError(f"{given} {e}{forms}") from None
+    if size < least:
+        bytes_ = f"{counted(size, 'byte')}, " if size >= 0 else ""
+        raise ConfigError(f"{given} is {bytes_}{short}; {fix}")
+    return size
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ def test_a_size_is_bytes(given, size):
 
 @pytest.mark.parametrize("given, why", [
     ("18XB", "is not a size like 20GB, 512MiB or 2000000000"),
-    ("-1GB", "is not a size like"), ("", "is not a size like"), (True, "is not a size like"),
+    ("-1GB", "must be at least 1 byte"), ("", "is not a size like"), (True, "is not a size like"),
     ([1], "is not a size like"), (float("nan"), "is not a size like"),
     (float("inf"), "is not a size like"),
     ("1e400GB", "is more than any machine holds (at most 1 EB)"),
@@ -50,6 +50,24 @@ def test_a_size_option_is_refused_by_its_name_in_one_line():
     with pytest.raises(ConfigError, match=r"^--max_cache_size 0 must be at least 1 byte$"), \
             options_as_flags():
         size_option("max_cache_size", 0)
+
+
+@pytest.mark.parametrize("given, message", [
+    ("1KB", "--max_build_memory 1KB is 1000 bytes, less than 400 MiB; give 400MiB or more"),
+    ("399MiB", "--max_build_memory 399MiB is 418381824 bytes, less than 400 MiB; give 400MiB "
+               "or more"),
+    ("0", "--max_build_memory 0 is 0 bytes, less than 400 MiB; give 400MiB or more"),
+    ("1", "--max_build_memory 1 is 1 byte, less than 400 MiB; give 400MiB or more"),
+    ("-1MB", "--max_build_memory -1MB is less than 400 MiB; give 400MiB or more"),
+])
+def test_a_size_under_its_minimum_shows_what_was_typed_and_the_minimum(given, message):
+    """A trial's --max_build_memory 1KB had been told "--max_build_memory 1000 is 1000 bytes",
+    with the forms a size takes, its form being valid; its 0 "at least 1 byte", then its 1 the
+    real minimum."""
+    with pytest.raises(ConfigError) as info, options_as_flags():
+        size_option("max_build_memory", given, least=400 << 20, short="less than 400 MiB",
+                    fix="give 400MiB or more")
+    assert str(info.value) == message
 
 
 GIB, MIB = 2**30, 2**20

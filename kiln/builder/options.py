@@ -23,12 +23,11 @@ from kiln.errors import (
     check_counts,
     check_flags,
     check_path,
-    counted,
     option,
     shown,
 )
 from kiln.plugins.registry import check_names, parse_mode
-from kiln.sizes import SIZE_FORMS, size_option
+from kiln.sizes import size_option
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +92,12 @@ class BuildOptions:
         check_counts(self, ConfigError, at_least={"max_seq_len": MIN_SEQ_LEN})
         # "18GB" as kiln build's flag takes it (an int is bytes)
         given = self.max_build_memory
-        object.__setattr__(self, "max_build_memory", size_option("max_build_memory", given))
-        if self.max_build_memory is not None and self.max_build_memory < MIN_BUILD_MEMORY:
-            # (a number meant as GB: max_build_memory=40 had planned a build in 40 bytes)
-            raise ConfigError(f"{option('max_build_memory')} {shown(given)} is "
-                              f"{counted(self.max_build_memory, 'byte')}, less than the "
-                              f"{MIN_BUILD_MEMORY >> 20} MiB any build needs (a backend's "
-                              f"libraries alone); {SIZE_FORMS}")
+        # (a number meant as GB: max_build_memory=40 had planned a build in 40 bytes)
+        memory = size_option("max_build_memory", given, least=MIN_BUILD_MEMORY,
+                             short=f"less than the {MIN_BUILD_MEMORY >> 20} MiB any build needs "
+                                   f"(a backend's libraries alone)",
+                             fix=f"give {MIN_BUILD_MEMORY >> 20}MiB or more")
+        object.__setattr__(self, "max_build_memory", memory)
         if self.max_num_tokens is not None and self.max_num_tokens < self.max_batch_size:
             # as vLLM refuses max_num_batched_tokens < max_num_seqs: a step could not hold a
             # decode of each sequence (a trial's max_num_tokens 1 built, and ran a token a step)

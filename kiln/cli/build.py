@@ -63,7 +63,8 @@ def _plugin_options(command):
 @click.option("--dtype", type=click.Choice(DTYPES), help=_HELP["dtype"])
 @click.option("--target", "targets", callback=_targets, help=_HELP["targets"])
 @_plugin_options
-@click.option("--max_build_memory", type=MemorySize(), help=_HELP["max_build_memory"])
+@click.option("--max_build_memory", type=MemorySize(as_typed=True),
+              help=_HELP["max_build_memory"])
 @click.option("--workers", default=_DEFAULT["workers"], show_default=True,
               type=IntRange(min=1),
               help=_HELP["workers"])

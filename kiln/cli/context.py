@@ -113,12 +113,19 @@ class FloatRange(click.FloatRange):
 
 class MemorySize(click.ParamType):
     """A byte count: 20GB, 20G, 512MiB, 1.5e9 or plain bytes (:func:`kiln.sizes.parse_size`,
-    which the Python API's size keywords use too)."""
+    which the Python API's size keywords use too). ``as_typed``: for an option whose API
+    keyword takes the same strings and knows its minimum (``--max_build_memory``), the text as
+    typed once its form is checked, so that the API's refusal shows it (``--max_build_memory
+    1KB is 1000 bytes``, not ``1000 is 1000 bytes``) and tells that minimum for 0 too."""
 
     name = "size"
 
-    def convert(self, value, param, ctx) -> int:
+    def __init__(self, as_typed: bool = False):
+        self.as_typed = as_typed
+
+    def convert(self, value, param, ctx) -> int | str:
         try:
-            return parse_size(value)
+            size = parse_size(value, least=None if self.as_typed else 1)
         except ValueError as e:
             self.fail(f"{value!r} {e}", param, ctx)
+        return value if self.as_typed and isinstance(value, str) else size

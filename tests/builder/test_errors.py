@@ -432,14 +432,17 @@ def test_build_options_made_by_hand_check_their_dirs_as_build_does(dirs, error, 
 
 
 @pytest.mark.parametrize("given, shown", [(40, "40 is 40 bytes"), ("100MB", "'100MB' is "
-                                                                           "100000000 bytes")])
+                                                                           "100000000 bytes"),
+                                           (0, "0 is 0 bytes"), (1, "1 is 1 byte"),
+                                           (-1, "-1 is")])
 def test_a_max_build_memory_no_build_fits_in_says_the_units_it_takes(checkpoint, tmp_path,
                                                                       given, shown):
-    """max_build_memory=40, meant as GB, had planned a build in 40 bytes."""
+    """max_build_memory=40, meant as GB, had planned a build in 40 bytes. Its form is valid:
+    the fix is the minimum, not the forms a size takes; told at once for 0 and -1 too (they
+    had been told "at least 1 byte", then 1 that a build needs 400 MiB)."""
     fails(tmp_path, checkpoint("llama-gqa"), ConfigError,
-          rf"^max_build_memory {shown}, less than the 400 MiB any build needs \(a backend's "
-          rf"libraries alone\); give bytes \(an integer\), or a size with its unit such as "
-          rf"20GB or 512MiB$", max_build_memory=given)
+          rf"^max_build_memory {shown},? less than the 400 MiB any build needs \(a backend's "
+          rf"libraries alone\); give 400MiB or more$", max_build_memory=given)
 
 
 def test_the_least_build_memory_is_what_every_backend_needs():

@@ -399,6 +399,20 @@ def test_an_empty_path_is_refused_not_read_as_the_current_directory(args, messag
     assert message in result.output
 
 
+@pytest.mark.parametrize("size, message", [
+    ("1KB", "error: --max_build_memory 1KB is 1000 bytes, less than the 400 MiB any build needs "
+            "(a backend's libraries alone); give 400MiB or more"),
+    ("0", "error: --max_build_memory 0 is 0 bytes, less than the 400 MiB any build needs"),
+])
+def test_a_size_under_its_minimum_is_told_as_typed_with_the_minimum(size, message, tmp_path):
+    """A trial's --max_build_memory 1KB had been told "--max_build_memory 1000 is 1000 bytes"
+    and how to write a size; its 0 "'0' must be at least 1 byte", then 1 the real minimum."""
+    args = ["build", "--checkpoint_dir", str(tmp_path), "--output_dir", str(tmp_path / "e"),
+            "--max_build_memory", size]
+    result = CliRunner().invoke(main, args, prog_name="kiln")
+    assert result.exit_code == 2 and result.output.startswith(message), result.output
+
+
 @pytest.mark.parametrize("args", [
     ["build", "--checkpoint_dir", "c", "--output_dir", "-"],
     ["convert_checkpoint", "--model_dir", "m", "--output_dir", "-"],
