@@ -71,9 +71,9 @@ class ServeError(KilnError):
 @click.option("--chat_template", type=PathArg(exists=True, dir_okay=False, path_type=Path),
               default=None, help="A jinja2 chat template file to use instead of the engine "
                                  "dir's (rendered sandboxed).")
-@click.option("--max_body_bytes", type=MemorySize(), default="4MiB", show_default=True,
-              help="Largest request body accepted (413 above): 4MiB, 64KB or bytes; 1KiB at "
-                   "least.")
+@click.option("--max_body_bytes", type=MemorySize(as_typed=True), default="4MiB",
+              show_default=True, help="Largest request body accepted (413 above): 4MiB, 64KB "
+                                      "or bytes; 1KiB at least.")
 @click.option("--grace_period", type=FloatRange(min=0), default=30.0, show_default=True,
               help="Seconds running requests may finish after SIGINT/SIGTERM before they are "
                    "aborted.")
@@ -88,7 +88,7 @@ class ServeError(KilnError):
 @click.pass_obj
 def serve(obj: CliContext, host: str, port: int, served_model_name: str | None,
           api_key: str | None, max_queue: int | None, chat_template: Path | None,
-          max_body_bytes: int, grace_period: float, engine_process: bool | None,
+          max_body_bytes: str, grace_period: float, engine_process: bool | None,
           verbose: int, device: str,
           num_threads: int | None, cpu_spin_wait: bool | None, verify_checksums: bool, dp: int,
           kv_cache_free_gpu_memory_fraction: float | None, prefill_attention: str | None,

@@ -40,7 +40,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import kiln
-from kiln.errors import UNREADABLE_JSON, ConfigError, option
+from kiln.errors import UNREADABLE_JSON
 from kiln.runtime.async_llm import AsyncLLM
 from kiln.serve import render
 from kiln.serve.protocol import (
@@ -268,14 +268,10 @@ def body_limit(max_body_bytes: int | str | None) -> int:
     take: ``"64KiB"``; None: the default 4MiB), 1 KiB at least, or a
     :class:`~kiln.errors.ConfigError` naming it as its user gave it: create_app's keyword, or
     ``kiln serve --max_body_bytes`` (which checks it before it binds its port)."""
-    size = size_option("max_body_bytes", max_body_bytes)
-    if size is None:
-        return DEFAULT_MAX_BODY_BYTES
-    if size < MIN_BODY_BYTES:
-        raise ConfigError(f"{option('max_body_bytes', max_body_bytes)} is too small for any "
-                          f"real request (a short chat request is some hundred bytes); give "
-                          f"1KiB or more, like the default 4MiB")
-    return size
+    size = size_option("max_body_bytes", max_body_bytes, least=MIN_BODY_BYTES,
+                       short="too small for any real request (a short chat request is some "
+                             "hundred bytes)", fix="give 1KiB or more, like the default 4MiB")
+    return DEFAULT_MAX_BODY_BYTES if size is None else size
 
 
 class BodyLimit:

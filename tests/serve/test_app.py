@@ -172,13 +172,17 @@ def test_a_body_over_the_limit_by_its_length_is_413_and_one_at_it_is_read(engine
     assert out.status_code == 413 and out.json()["error"]["code"] == "request_too_large"
 
 
-@pytest.mark.parametrize(("size", "shown"), [(100, "100"), (1023, "1023"), ("0.5KiB", "'0.5KiB'")])
+@pytest.mark.parametrize(("size", "shown"), [(100, "100 is 100 bytes,"),
+                                            (1023, "1023 is 1023 bytes,"), ("0.5KiB", "'0.5KiB' is 512 bytes,"),
+                                            (1, "1 is 1 byte,"), (0, "0 is 0 bytes,"),
+                                            (-1, "-1 is")])
 def test_a_max_body_bytes_no_request_fits_in_is_refused_naming_the_keyword(engine, size, shown):
     """create_app(max_body_bytes=100) had served only 413s, where kiln serve --max_body_bytes
     100 is refused (tests/serve/test_cli.py): one check, the keyword named as given."""
     with pytest.raises(ConfigError) as info:
         create_app(engine, "m", max_body_bytes=size)
-    assert str(info.value) == (f"max_body_bytes={shown} is too small for any real request (a "
+    # 0 and -1 had been told "at least 1 byte", as if 1 would do
+    assert str(info.value) == (f"max_body_bytes {shown} too small for any real request (a "
                                f"short chat request is some hundred bytes); give 1KiB or more, "
                                f"like the default 4MiB")
 
