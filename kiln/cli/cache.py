@@ -12,6 +12,7 @@ are those of ``--model_dir`` on kiln run, bench and eval (kiln/cli/engine_source
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from pathlib import Path
@@ -23,7 +24,8 @@ from kiln.cli.engine_source import CACHE_DIR_HELP, engine_from_options, model_op
 from kiln.errors import counted
 from kiln.sizes import size_text
 
-_DURATION = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*(s|sec|m|min|h|d|w)\s*", re.IGNORECASE)
+_DURATION = re.compile(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(s|sec|m|min|h|d|w)\s*",
+                       re.IGNORECASE)
 _SECONDS = {"s": 1, "sec": 1, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 DURATION_RULE = ("a number with its unit: s, min, h, d or w (7d, 12h, 30min, 0s); a bare number "
                  "is refused, 0 included (7 days or 7 seconds? --max_size's bare number is "
@@ -46,7 +48,11 @@ class Duration(click.ParamType):
         if unit == "m":  # minutes or months: a mistake either way removes far too much
             self.fail(f"{value!r} is ambiguous (minutes or months?): write {number}min, or "
                       f"{number}d, {number}w for longer", param, ctx)
-        return float(number) * _SECONDS[unit]
+        seconds = float(number) * _SECONDS[unit]
+        if not math.isfinite(seconds):  # 1e400d: a duration, past what a float holds
+            self.fail(f"{value!r} is longer than any duration kiln can count: give a number a "
+                      f"float holds, such as 3650d", param, ctx)
+        return seconds
 
 
 def _existing(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:

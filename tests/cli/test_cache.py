@@ -136,6 +136,9 @@ def test_a_cache_dir_that_is_a_file_is_one_line_exit_2(command, tmp_path, monkey
     (["cache", "prune", "--older_than", "1m"], "'1m' is ambiguous (minutes or months?): write "
                                                "1min"),
     (["cache", "prune", "--older_than", "3M"], "'3M' is ambiguous"),
+    # a trial's 1e400d had been "not a duration: give a number with its unit"
+    (["cache", "prune", "--older_than", "1e400d"], "'1e400d' is longer than any duration kiln "
+                                                   "can count: give a number a float holds"),
     (["cache", "prune", "--max_size", "lots"], "'lots' is not a size like 20GB"),
     # a trial's 1e400GB was a traceback (OverflowError), exit 1
     (["cache", "prune", "--max_size", "1e400GB"], "'1e400GB' is more than any machine holds "
@@ -284,3 +287,10 @@ def test_the_default_cache_not_made_yet_is_no_error(tmp_path, monkeypatch):
     result = _invoke("cache", "prune", "--all")
     assert result.exit_code == 0 and "no build cache here; nothing to prune" in result.output
     assert not (tmp_path / "fresh").exists()
+
+
+def test_a_duration_takes_a_number_in_exponent_form():
+    from kiln.cli.cache import Duration
+
+    assert Duration().convert("1e1h", None, None) == 36_000
+    assert Duration().convert("2.5E-1d", None, None) == 21_600
