@@ -58,6 +58,7 @@ from typing import Any
 from filelock import ReadWriteLock, Timeout
 
 from kiln.build_cache.hashes import MEMO_NAME
+from kiln.dirs import special_file
 from kiln.errors import UNREADABLE_JSON, USER_TEXT, BuildCacheError, check_path
 from kiln.hashing import manifest_edited, sha256_file
 
@@ -153,6 +154,12 @@ class PruneResult:
     unlocked: bool = False  # a dry run on a cache whose locks cannot be written: in use unknown
 
 
+def _what(path: Path) -> str:
+    """What a path that is not a directory is, for a message: "a character device"..., else
+    "a file"."""
+    return special_file(path) or "a file"
+
+
 class EngineCache:
     """The engine cache under ``root`` (default :func:`cache_root`)."""
 
@@ -165,11 +172,18 @@ class EngineCache:
         self.dir = self.root / ENGINES
 
     def check_dir(self) -> None:
-        """Refuse (one line) a cache root or engines dir that exists but is not a directory."""
+        """Refuse (one line) a cache root or engines dir that exists but is not a directory, or
+        a root under a file (``KILN_CACHE_DIR=/dev/null/x`` had failed in a lock's mkdir with a
+        bare "Not a directory")."""
+        fix = "set KILN_CACHE_DIR (or --cache_dir) to a directory"
         for path in (self.root, self.dir):
             if path.exists() and not path.is_dir():
-                raise BuildCacheError(f"{path}: the build cache is a file, not a directory; "
-                                      f"set KILN_CACHE_DIR (or --cache_dir) to a directory")
+                raise BuildCacheError(f"{path}: the build cache is {_what(path)}, not a "
+                                      f"directory; {fix}")
+        above = next((p for p in self.root.parents if p.exists()), None)
+        if above is not None and not above.is_dir():
+            raise BuildCacheError(f"{self.root}: the build cache cannot be made there, {above} "
+                                  f"is {_what(above)}, not a directory; {fix}")
 
     def ensure(self) -> None:
         """Create the engines dir; refuse one kiln cannot write (one line, with the fix)."""

@@ -399,3 +399,23 @@ def test_a_relative_cache_dir_is_made_absolute(tmp_path, monkeypatch):
     monkeypatch.setenv("KILN_CACHE_DIR", "rel")
     assert cache_root() == tmp_path / "rel"
     assert EngineCache("other").dir == tmp_path / "other" / "engines"
+
+
+@pytest.mark.parametrize("root, what", [("/dev/null", "/dev/null: the build cache is a character "
+                                                      "device, not a directory"),
+                                        ("/dev/null/x", "/dev/null/x: the build cache cannot be "
+                                                        "made there, /dev/null is a character "
+                                                        "device, not a directory"),
+                                        ("{tmp}/file/sub", "{tmp}/file/sub: the build cache "
+                                                           "cannot be made there, {tmp}/file is "
+                                                           "a file, not a directory")])
+def test_a_root_that_is_or_runs_through_no_directory_is_one_line(tmp_path, root, what):
+    """A trial's KILN_CACHE_DIR=/dev/null/x had failed in a lock's mkdir with a bare "Not a
+    directory", and /dev/null had been called a file."""
+    (tmp_path / "file").write_text("mine")
+    root = root.format(tmp=tmp_path)
+    with pytest.raises(BuildCacheError) as e:
+        EngineCache(root).check_dir()
+    assert str(e.value) == (f"{what.format(tmp=tmp_path)}; set KILN_CACHE_DIR (or --cache_dir) "
+                            f"to a directory")
+    assert (tmp_path / "file").read_text() == "mine"
