@@ -173,7 +173,8 @@ def test_a_body_over_the_limit_by_its_length_is_413_and_one_at_it_is_read(engine
 
 
 @pytest.mark.parametrize(("size", "shown"), [(100, "100 is 100 bytes,"),
-                                            (1023, "1023 is 1023 bytes,"), ("0.5KiB", "'0.5KiB' is 512 bytes,"),
+                                            (1023, "1023 is 1023 bytes,"),
+                                            ("0.5KiB", "'0.5KiB' is 512 bytes,"),
                                             (1, "1 is 1 byte,"), (0, "0 is 0 bytes,"),
                                             (-1, "-1 is")])
 def test_a_max_body_bytes_no_request_fits_in_is_refused_naming_the_keyword(engine, size, shown):
