@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from kiln.cli.bench import _check_json_output, is_report, write_report
-from kiln.cli.context import CliContext, IntRange, PathArg
+from kiln.cli.context import NOT_HEADER, CliContext, IntRange, PathArg, header_text
 from kiln.errors import KilnError
 from kiln.runtime.params import SEED_MAX, SEED_MIN  # torch-free: --help stays fast
 
@@ -53,6 +53,7 @@ def _is_serve_report(path: Path) -> bool:
 @click.option("--model", default=None,
               help="The model name to send [default: the first /v1/models lists].")
 @click.option("--api_key", envvar="KILN_API_KEY", default=None, show_envvar=True,
+              callback=lambda c, p, v: _sendable(c, p, v),
               help="Sent as 'Authorization: Bearer KEY'.")
 @click.option("--request_rates", default="inf", show_default=True, type=RatesType(),
               help="Poisson arrival rates (requests/s) to run, comma-separated; inf: all "
@@ -108,3 +109,14 @@ def _client():
         raise KilnError(f"kiln bench_serve needs the serve extra ({e.name} is missing): "
                         f"pip install 'kiln-llm[serve]'") from None
     return bench
+
+
+def _sendable(ctx: click.Context, param: click.Parameter, key: str | None) -> str | None:
+    """A key that cannot travel in a header is refused, naming where it came from (a newline
+    had been aiohttp's traceback, "Forbidden control character detected in headers")."""
+    if key is None or header_text(key):
+        return key
+    source = "--api_key" if ctx.get_parameter_source(param.name) is \
+        click.core.ParameterSource.COMMANDLINE else "KILN_API_KEY"
+    raise click.BadParameter(f"the API key given by {source} has a character an HTTP header "
+                             f"cannot carry ({NOT_HEADER}); give the server's key", param=param)

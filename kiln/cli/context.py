@@ -129,3 +129,14 @@ class MemorySize(click.ParamType):
         except ValueError as e:
             self.fail(f"{value!r} {e}", param, ctx)
         return value if self.as_typed and isinstance(value, str) else size
+
+
+# An API key travels in the Authorization header, which clients send as ASCII (httpx encodes
+# header values so; a key of other characters had crashed kiln serve when its app encoded it,
+# and a newline bench_serve's request)
+NOT_HEADER = "only ASCII letters, digits, punctuation and inner spaces"
+
+
+def header_text(text: str) -> bool:
+    """Whether ``text`` can be an HTTP header's value as clients send one: printable ASCII."""
+    return all(" " <= c <= "~" for c in text)

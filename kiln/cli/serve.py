@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from kiln.cli.context import (
+    NOT_HEADER,
     CliContext,
     FloatRange,
     IntRange,
@@ -38,10 +39,12 @@ from kiln.cli.context import (
     dp_option,
     executor_options,
     gpu_options,
+    header_text,
 )
 from kiln.cli.engine_source import engine_command, held_engine
 from kiln.errors import KilnError
 from kiln.interrupts import TERMINATING, catchable
+from kiln.runtime.params import is_utf8
 
 if TYPE_CHECKING:
     from kiln.runtime import AsyncLLM, ExecutorOptions
@@ -390,6 +393,10 @@ def _named(param: click.Parameter, name: str | None) -> str | None:
         raise click.BadParameter(f"{name!r}: a model name clients can send has no leading or "
                                  f"trailing spaces and is not empty; give one, or leave the "
                                  f"option out", param=param)
+    if name is not None and not is_utf8(name):  # /v1/models had answered every call a 500
+        raise click.BadParameter(f"{name!r} is not UTF-8 (the shell's bytes were not UTF-8 "
+                                 f"text): no client could send it; give a name in UTF-8",
+                                 param=param)
     return name
 
 
@@ -400,11 +407,12 @@ def _key(ctx: click.Context, param: click.Parameter, key: str | None) -> str | N
     ``KILN_API_KEY=$SECRET`` gives when SECRET is unset, and would serve with no key."""
     if key is None and os.environ.get("KILN_API_KEY") == "":
         key = ""
-    elif key is None or (key.strip() and key == key.strip()):
+    elif key is None or (key.strip() and key == key.strip() and header_text(key)):
         return key
     source = "--api_key" if ctx.get_parameter_source(param.name) is \
         click.core.ParameterSource.COMMANDLINE else "KILN_API_KEY"
-    problem = "is empty" if not key.strip() else "has leading or trailing spaces"
+    problem = "is empty" if not key.strip() else "has leading or trailing spaces" \
+        if key != key.strip() else f"has a character an HTTP header cannot carry ({NOT_HEADER})"
     fix = "unset KILN_API_KEY" if source == "KILN_API_KEY" else "leave --api_key out"
     raise click.BadParameter(f"the API key given by {source} {problem}: no client could send "
                              f"it; give a key, or {fix} to serve without one", param=param)

@@ -439,6 +439,8 @@ def url_error(url: str) -> str | None:
     """Why ``url`` is no server's http(s) URL (None where it is one), checked before any
     connection: a trial's ``http://[::1`` had been "cannot reach ... (InvalidUrlClientError: ...);
     is kiln serve running there?"."""
+    if not url.isascii():  # an IDN host is typed as its punycode; a lone surrogate had been
+        return f"{url!r} is not a URL (it holds a character that is not ASCII)"  # aiohttp's text
     try:
         parts = urlsplit(url)
     except ValueError as e:  # Python's words: "Invalid IPv6 URL"
@@ -447,6 +449,10 @@ def url_error(url: str) -> str | None:
         return f"{url!r} is not an http:// or https:// URL"
     if not parts.hostname:
         return f"{url!r} names no host"
+    if any(c.isspace() for c in parts.netloc):  # it had gone to a DNS lookup
+        return f"{url!r} has a space in its host"
+    if parts.query or parts.fragment or url.endswith(("?", "#")):  # /v1/models went after them
+        return f"{url!r} has a query or fragment; the base URL takes neither"
     try:
         port = parts.port  # None where the URL gives none (the scheme's own)
     except ValueError:  # no number, or out of range

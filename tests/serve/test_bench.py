@@ -110,6 +110,14 @@ def test_a_connection_failure_is_said_in_its_reason_words(error, words):
     ("http://127.0.0.1:99999", "'http://127.0.0.1:99999' has a port that is not a number in "
                                "1-65535"),
     ("http://127.0.0.1:x", "'http://127.0.0.1:x' has a port that is not a number in 1-65535"),
+    # a retest's: aiohttp's text, /v1/models after the query, a DNS lookup of "exa mple"
+    ("http://\udced\udca0", "'http://\\udced\\udca0' is not a URL (it holds a character "
+                            "that is not ASCII)"),
+    ("http://127.0.0.1:8000?x=1", "'http://127.0.0.1:8000?x=1' has a query or fragment; the "
+                                  "base URL takes neither"),
+    ("http://127.0.0.1:8000#f", "'http://127.0.0.1:8000#f' has a query or fragment; the base "
+                                "URL takes neither"),
+    ("http://exa mple:80", "'http://exa mple:80' has a space in its host"),
 ])
 def test_a_malformed_url_is_refused_as_such_before_any_connection(url, why, monkeypatch):
     """A trial's ``http://[::1`` had been "cannot reach http://[::1 (InvalidUrlClientError:
@@ -383,3 +391,15 @@ def test_warm_up_failures_are_said_and_the_rates_go_on(tmp_path, caplog):
     assert result.exit_code == 1  # the measured requests failed too: said after the table
     assert result.stderr.splitlines()[-1] == "error: 3 of 3 requests failed (no figures); the " \
                                              "first: HTTP 500: out of slots"
+
+
+@pytest.mark.parametrize("args, env, source", [(["--api_key", "a\nb"], None, "--api_key"),
+                                               (["--api_key", "ключ"], None, "--api_key"),
+                                               ([], {"KILN_API_KEY": "a\rb"}, "KILN_API_KEY")])
+def test_a_key_no_header_carries_is_refused_naming_its_source(args, env, source, monkeypatch):
+    """A retest's newline key had been aiohttp's traceback ("Forbidden control character
+    detected in headers"), exit 1."""
+    monkeypatch.setattr(bench, "_benchmark", None)  # (called, it would raise a TypeError)
+    _one_line_error(_bench("--serve", "http://127.0.0.1:1", *args, env=env),
+                    f"the API key given by {source} has a character an HTTP header cannot "
+                    f"carry")

@@ -255,6 +255,16 @@ def test_a_chat_template_saved_with_a_bom_renders_without_it(tmp_path):
     (["--api_key", " key"], {}, "--api_key has leading or trailing spaces"),
     (["--served_model_name", ""], {}, "'': a model name clients can send has no leading or "
                                       "trailing spaces and is not empty"),
+    # a retest's non-UTF-8 key had been a traceback after the load, its name a 500 on
+    # /v1/models, a newline a key no client can send
+    (["--api_key", "k\udcff"], {}, "the API key given by --api_key has a character an HTTP "
+                                   "header cannot carry (only ASCII letters, digits, "
+                                   "punctuation and inner spaces): no client could send it"),
+    ([], {"KILN_API_KEY": "a\nb"}, "the API key given by KILN_API_KEY has a character an HTTP "
+                                   "header cannot carry"),
+    (["--api_key", "ключ"], {}, "--api_key has a character an HTTP header cannot carry"),
+    (["--served_model_name", "m\udcff"], {}, "'m\\udcff' is not UTF-8 (the shell's bytes "
+                                             "were not UTF-8 text): no client could send it"),
 ])
 def test_a_key_or_name_no_client_could_send_is_refused_before_the_port_is_bound(
         busy_port, args, env, message):
