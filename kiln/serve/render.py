@@ -402,12 +402,14 @@ class Renderer:
         WARN_MOST in all: the WARNING reaching it says that new names go to DEBUG from then
         on), at DEBUG for the rest."""
         paths = list(dict.fromkeys(paths))  # (many messages may have the same key)
-        fresh = [p for p in paths if p not in self.warned][:WARN_MOST - len(self.warned)]
-        self.warned.update(fresh)
+        new = [p for p in paths if p not in self.warned]
+        # all of them told (a request's 300 had been told as 100), the first remembered
+        fresh = new if len(self.warned) < WARN_MOST else []
+        self.warned.update(new[:WARN_MOST - len(self.warned)])
         if fresh:
             full = "" if len(self.warned) < WARN_MOST else \
-                f"; this server has now warned of {WARN_MOST} names, the most it remembers: " \
-                f"names new to it are logged at DEBUG from now on"
+                f"; this server remembers {WARN_MOST} names it warned of, its most: names " \
+                f"new to it are logged at DEBUG from now on"
             logger.warning("%s: %s (each name is warned of once per server, later at DEBUG%s)",
                            what, _listed(fresh), full)
         if again := [p for p in paths if p not in fresh]:

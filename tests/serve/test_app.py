@@ -417,13 +417,12 @@ def test_ignored_field_names_are_escaped_and_bounded(engine, caplog):
         out = client.post("/v1/completions", json={"model": "m", "prompt": "a", "max_tokens": 1,
                                                    **many})
         assert out.status_code == 200
-        # the newline's key was one of the WARN_MOST
+        # every new name told, at once (a retest's 300 had been told as 100); the newline's key
+        # was one of the WARN_MOST remembered
         assert _said(caplog, logging.WARNING)[-1] == IGNORED.format(
-            ", ".join(f"f{i}" for i in range(10)) + f" and {WARN_MOST - 11} more").replace(
-            "DEBUG)", f"DEBUG; this server has now warned of {WARN_MOST} names, the most it "
-                      f"remembers: names new to it are logged at DEBUG from now on)")
-        assert _said(caplog, logging.DEBUG)[-1].endswith(": " + ", ".join(
-            f"f{i}" for i in range(WARN_MOST - 1, WARN_MOST + 9)) + " and 191 more")
+            ", ".join(f"f{i}" for i in range(10)) + f" and {WARN_MOST + 190} more").replace(
+            "DEBUG)", f"DEBUG; this server remembers {WARN_MOST} names it warned of, its most: "
+                      f"names new to it are logged at DEBUG from now on)")
         warnings = len(_said(caplog, logging.WARNING))
         out = client.post("/v1/completions", json={"model": "m", "prompt": "a", "max_tokens": 1,
                                                    "tempreature": 1})
