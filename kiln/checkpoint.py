@@ -22,7 +22,7 @@ import torch
 
 from kiln.config import DTYPES, DecoderConfig, Mapping
 from kiln.dirs import DirKind, read_config
-from kiln.errors import CheckpointError, ConfigError, KilnError, counted, listed, malformed
+from kiln.errors import CheckpointError, ConfigError, KilnError, counted, malformed
 from kiln.hashing import (
     DIGEST_KEY,
     manifest_digest,
@@ -32,7 +32,13 @@ from kiln.hashing import (
     stops_when,
 )
 from kiln.quantization.config import QuantConfig
-from kiln.roles import expected_shape, parse_tensor, quantized_roles, tensor_names
+from kiln.roles import (
+    expected_shape,
+    name_mismatch,
+    parse_tensor,
+    quantized_roles,
+    tensor_names,
+)
 from kiln.sharding import shard_shape, unshard_named
 from kiln.tensorio import TensorInfo, all_finite, first_non_finite, read_header, read_tensor
 
@@ -317,8 +323,8 @@ def check_tensor_names(path: Path, config: CheckpointConfig, rank: int,
         raise CheckpointError(f"{path}: the checkpoint holds KV-cache scales ({unexpected[0]} and "
                               f"{len(unexpected) - 1} more) that config.json does not record "
                               f"(no kv_cache_dtype); use the config.json kiln quantize wrote")
-    raise CheckpointError(f"{path}: tensors do not match config.json: missing "
-                          f"{listed(missing)}, unexpected {listed(unexpected)}; re-run kiln "
+    raise CheckpointError(f"{path}: tensors do not match config.json: "
+                          f"{name_mismatch(expected, found)}; re-run kiln "
                           f"convert_checkpoint (and kiln quantize, for a quantized checkpoint)")
 
 

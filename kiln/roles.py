@@ -206,14 +206,13 @@ def companion_names(role: Role, layer: int | None, quant: QuantConfig) -> list[s
 
 
 def name_mismatch(expected: Iterable[str], found: Iterable[str]) -> str | None:
-    """``missing [...], unexpected [...]`` (each sorted) when ``found`` is not exactly
-    ``expected``, else None: the strict accounting every reader of tensor names reports (long
-    lists cut: :func:`~kiln.errors.listed`)."""
+    """``missing [...], unexpected [...]`` (each sorted, an empty one left out: a retest's
+    "unexpected []") when ``found`` is not exactly ``expected``, else None: the strict
+    accounting every reader of tensor names reports (long lists cut:
+    :func:`~kiln.errors.listed`)."""
     expected, found = set(expected), set(found)
-    missing, unexpected = sorted(expected - found), sorted(found - expected)
-    if not (missing or unexpected):
-        return None
-    return f"missing {listed(missing)}, unexpected {listed(unexpected)}"
+    sides = (("missing", sorted(expected - found)), ("unexpected", sorted(found - expected)))
+    return ", ".join(f"{side} {listed(names)}" for side, names in sides if names) or None
 
 
 def parse_tensor(name: str) -> tuple[Role, int | None, str | None]:

@@ -167,7 +167,7 @@ def _edited_copy(src, dst, edit):
     (2, lambda c: c["mapping"].update(tp_size=1), "is [64, 32], where config.json implies "
      "[64, 64]"),
     (1, lambda c: c["decoder"].update(num_layers=1), "tensors do not match config.json: "
-     "missing [], unexpected ['layers.1."),
+     "unexpected ['layers.1."),
 ], ids=["dtype", "tp-size", "num-layers"])
 def test_a_source_whose_config_no_longer_fits_its_tensors_is_one_line(checkpoint, tmp_path, tp,
                                                                       edit, message):
