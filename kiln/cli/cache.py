@@ -24,7 +24,7 @@ from kiln.cli.engine_source import CACHE_DIR_HELP, engine_from_options, model_op
 from kiln.errors import counted
 from kiln.sizes import size_text
 
-_DURATION = re.compile(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(s|sec|m|min|h|d|w)\s*",
+_DURATION = re.compile(r"\s*([-+]?[0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(s|sec|m|min|h|d|w)\s*",
                        re.IGNORECASE)
 _SECONDS = {"s": 1, "sec": 1, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 DURATION_RULE = ("a number with its unit: s, min, h, d or w (7d, 12h, 30min, 0s); a bare number "
@@ -49,6 +49,8 @@ class Duration(click.ParamType):
             self.fail(f"{value!r} is ambiguous (minutes or months?): write {number}min, or "
                       f"{number}d, {number}w for longer", param, ctx)
         seconds = float(number) * _SECONDS[unit]
+        if seconds < 0:  # -1d had been "not a duration"
+            self.fail(f"{value!r} is a negative duration: give 0s or more", param, ctx)
         if not math.isfinite(seconds):  # 1e400d: a duration, past what a float holds
             self.fail(f"{value!r} is longer than any duration kiln can count: give a number a "
                       f"float holds, such as 3650d", param, ctx)

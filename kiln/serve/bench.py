@@ -445,7 +445,7 @@ def url_error(url: str) -> str | None:
         parts = urlsplit(url)
     except ValueError as e:  # Python's words: "Invalid IPv6 URL"
         return f"{url!r} is not a URL ({e})"
-    if parts.scheme not in ("http", "https") or not url.startswith(f"{parts.scheme}://"):
+    if parts.scheme not in ("http", "https") or not url.lower().startswith(f"{parts.scheme}://"):
         return f"{url!r} is not an http:// or https:// URL"
     if not parts.hostname:
         return f"{url!r} names no host"

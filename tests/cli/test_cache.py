@@ -136,6 +136,7 @@ def test_a_cache_dir_that_is_a_file_is_one_line_exit_2(command, tmp_path, monkey
     (["cache", "prune", "--older_than", "1m"], "'1m' is ambiguous (minutes or months?): write "
                                                "1min"),
     (["cache", "prune", "--older_than", "3M"], "'3M' is ambiguous"),
+    (["cache", "prune", "--older_than", "-1d"], "'-1d' is a negative duration: give 0s or more"),
     # a trial's 1e400d had been "not a duration: give a number with its unit"
     (["cache", "prune", "--older_than", "1e400d"], "'1e400d' is longer than any duration kiln "
                                                    "can count: give a number a float holds"),

@@ -403,3 +403,9 @@ def test_a_key_no_header_carries_is_refused_naming_its_source(args, env, source,
     _one_line_error(_bench("--serve", "http://127.0.0.1:1", *args, env=env),
                     f"the API key given by {source} has a character an HTTP header cannot "
                     f"carry")
+
+
+def test_a_url_s_scheme_is_read_in_any_case():
+    """URL schemes are case-insensitive (RFC 3986): a retest's HTTP://... had been refused."""
+    assert bench.url_error("HTTP://127.0.0.1:8000") is None
+    assert bench.url_error("Https://example.com") is None
