@@ -316,6 +316,9 @@ def check_path(name: str, value: Any, error: type[Exception], give: str,
                     f"{found}")
     if not text.strip():
         raise error(f"{option(name, flag=flag)} is empty; {give}")
+    if "\0" in text:  # no file system's name holds one (kiln.build's had been a bare ValueError)
+        raise error(f"{option(name, value, flag)} holds a NUL character, which no path can hold; "
+                    f"give the path without it")
     if directory and text == "-":
         raise error(f"{option(name, value, flag)}: kiln reads '-' as standard input or output, not "
                     f"a directory; give the directory's path (./- for one named '-')")

@@ -230,6 +230,8 @@ def test_advice_on_limits_names_options_to_pass_for_an_engine_built_from_them():
     ("", "engine_dir is empty; give it"),
     ("-", "engine_dir='-': kiln reads '-' as standard input or output, not a directory; give "
           "the directory's path (./- for one named '-')"),
+    ("e\0", "engine_dir='e\\x00' holds a NUL character, which no path can hold; give the path "
+            "without it"),
 ])
 def test_check_path_names_the_argument_and_what_it_takes(value, message):
     from kiln.errors import check_path

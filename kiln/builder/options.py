@@ -85,7 +85,7 @@ class BuildOptions:
         # the dirs first, before Path(), which reads "" as the current directory: a
         # BuildOptions made by hand had taken "", None and "-" (kiln.build had checked them)
         check_path("checkpoint_dir", self.checkpoint_dir, ConfigError,
-                   "pass a kiln checkpoint directory")
+                   "pass a kiln checkpoint directory", directory=True)
         check_path("output_dir", self.output_dir, OutputError, "give the directory to write",
                    directory=True)
         check_flags(self, ConfigError)
