@@ -53,7 +53,7 @@ from kiln.serve.protocol import (
     usage,
 )
 from kiln.serve.state import Job, ServerState, Submitted
-from kiln.sizes import size_option
+from kiln.sizes import size_option, size_text
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 # The least max_body_bytes: a short chat request with the fields clients send (model,
@@ -301,4 +301,5 @@ class BodyLimit:
 
     def _error(self) -> ApiError:
         return ApiError(413, f"the request body is larger than the server's limit of "
-                             f"{self.max_bytes} bytes", code="request_too_large")
+                             f"{size_text(self.max_bytes)} ({self.max_bytes} bytes)",
+                        code="request_too_large")
