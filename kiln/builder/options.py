@@ -149,13 +149,16 @@ def resolve_limits(options: BuildOptions, decoder: DecoderConfig,
     if max_seq_len < MIN_SEQ_LEN:  # given ones are checked in BuildOptions: the default
         # A trial's config.json edited to max_position_embeddings 1 had built an engine of
         # max_seq_len 1, whose every run gave one token.
+        # the build cache's Hugging Face config: it converts again by itself (a retest's
+        # --model_dir user had been told to convert)
+        again = "" if config is not None else " and convert it again"
         config = config or options.checkpoint_dir / "config.json"
         raise ConfigError(f"max_seq_len defaults to the checkpoint's max_position_embeddings "
                           f"{decoder.max_position_embeddings} ({config}), below the "
                           f"{MIN_SEQ_LEN} kiln builds (a prompt token and a generated one); "
                           f"pass {option('max_seq_len')} (with "
                           f"{option('allow_long_context', True)}) or fix the model's "
-                          f"config.json and convert it again")
+                          f"config.json{again}")
     limits = BuildLimits(max_batch_size=options.max_batch_size, max_input_len=max_input_len,
                          max_seq_len=max_seq_len, max_num_tokens=max_num_tokens)
     _check_positions(limits, decoder, options.allow_long_context)
