@@ -75,6 +75,7 @@ LEFTOVER = re.compile(rf"\.([0-9a-f]{{{NAME_CHARS}}})\.(tmp|del)-\d+-\w+")
 TMP_MARKER = ".kiln-build-cache-tmp"  # in a .tmp / .del dir: the cache made it
 _READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
 _warned_unlocked = False  # the read-only warning is given once per process
+_warned_xdg: set[str] = set()  # XDG_CACHE_HOME values warned of as not absolute (once each)
 
 
 def cache_root() -> Path:
@@ -82,7 +83,8 @@ def cache_root() -> Path:
     SmolLM2 fixture and the English texts of kiln/testing use too). An empty variable is an
     unset one, as the XDG Base Directory spec reads its own (``KILN_CACHE_DIR= kiln ...``:
     the default). A KILN_CACHE_DIR of blanks, or ``-``, is refused (one line), as
-    ``--cache_dir`` refuses them: it had made a cache in ``./-`` or ``./ ``."""
+    ``--cache_dir`` refuses them: it had made a cache in ``./-`` or ``./ ``. An XDG_CACHE_HOME
+    that is not absolute is ignored, as that spec says, with a warning (once per value)."""
     given = os.environ.get("KILN_CACHE_DIR", "")
     if given:
         default = "or unset it for the default ($XDG_CACHE_HOME/kiln, else ~/.cache/kiln)"
@@ -94,8 +96,14 @@ def cache_root() -> Path:
                                   f"output, not a directory; set it to the build cache's "
                                   f"directory (./- for one named '-'), {default}")
         return Path(given).expanduser().absolute()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser().absolute() / "kiln"
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    if xdg and Path(xdg).expanduser().is_absolute():
+        return Path(xdg).expanduser() / "kiln"
+    if xdg and xdg not in _warned_xdg:  # a blank or relative one had made a cache per cwd
+        _warned_xdg.add(xdg)
+        log.warning("XDG_CACHE_HOME %r is not an absolute path, which the XDG Base Directory "
+                    "spec says to ignore: the build cache is ~/.cache/kiln (set KILN_CACHE_DIR "
+                    "for another)", xdg)
     return Path.home() / ".cache" / "kiln"
 
 

@@ -419,3 +419,23 @@ def test_a_root_that_is_or_runs_through_no_directory_is_one_line(tmp_path, root,
     assert str(e.value) == (f"{what.format(tmp=tmp_path)}; set KILN_CACHE_DIR (or --cache_dir) "
                             f"to a directory")
     assert (tmp_path / "file").read_text() == "mine"
+
+
+@pytest.mark.parametrize("xdg", ["rel", " ", "./x"])
+def test_an_xdg_cache_home_not_absolute_is_ignored_with_a_warning(tmp_path, monkeypatch, caplog,
+                                                                   xdg):
+    """The XDG Base Directory spec says to ignore a relative path: a retest's " " and "rel" had
+    made a cache under each working directory, without a word."""
+    from kiln.build_cache import store
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("KILN_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(store, "_warned_xdg", set())
+    with caplog.at_level(logging.WARNING, logger="kiln.build_cache.store"):
+        assert store.cache_root() == tmp_path / "home" / ".cache" / "kiln"
+        assert store.cache_root() == tmp_path / "home" / ".cache" / "kiln"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"XDG_CACHE_HOME {xdg!r} is not an absolute path, which the XDG Base Directory spec says "
+        f"to ignore: the build cache is ~/.cache/kiln (set KILN_CACHE_DIR for another)"]
