@@ -246,16 +246,6 @@ def stream_options_form_error(options: Any) -> str | None:
         f"stream_options.{key} is {as_json(options[key])}; give true or false"
 
 
-def _stop_not_utf8(stop: str | list[str]) -> str | None:
-    """Why a stop string is not UTF-8, naming it by its path, ``stop`` or ``stop[k]``, and its
-    value (SamplingParams' message had shown the tuple, ``found ('\\udc80',)``, param
-    ``stop``); a :func:`form_error`'s message."""
-    stops = [("stop", stop)] if isinstance(stop, str) else \
-        [(f"stop[{k}]", item) for k, item in enumerate(stop)]
-    return next((f"{path} is {as_json(item)}; {NOT_UTF8}" for path, item in stops
-                 if not is_utf8(item)), None)
-
-
 def _listed(paths: list[str]) -> str:
     """Field paths for a log line: the first LIST_MOST, each cut short, as JSON escapes it in
     ASCII (a key's newline must not start a line of its own, nor a lone surrogate fail the
@@ -364,8 +354,7 @@ class Renderer:
         self._ignored(req, chat)
         given = {k: getattr(req, k) for k in _SAMPLING if getattr(req, k) is not None}
         if req.stop is not None:
-            if (why := _stop_not_utf8(req.stop)) is not None:
-                raise form_error(why)
+            _utf8_check("stop", req.stop)  # by path and value (SamplingParams' had shown a tuple)
             given["stop"] = req.stop if isinstance(req.stop, str) else tuple(req.stop)
         if req.stop_token_ids is not None:
             given["stop_token_ids"] = tuple(req.stop_token_ids)
