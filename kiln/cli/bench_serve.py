@@ -16,7 +16,14 @@ from pathlib import Path
 import click
 
 from kiln.cli.bench import _check_json_output, is_report, write_report
-from kiln.cli.context import NOT_HEADER, CliContext, IntRange, PathArg, header_text
+from kiln.cli.context import (
+    NOT_HEADER,
+    CliContext,
+    IntRange,
+    PathArg,
+    given_by,
+    header_text,
+)
 from kiln.errors import KilnError
 from kiln.runtime.params import SEED_MAX, SEED_MIN  # torch-free: --help stays fast
 
@@ -116,7 +123,6 @@ def _sendable(ctx: click.Context, param: click.Parameter, key: str | None) -> st
     had been aiohttp's traceback, "Forbidden control character detected in headers")."""
     if key is None or header_text(key):
         return key
-    source = "--api_key" if ctx.get_parameter_source(param.name) is \
-        click.core.ParameterSource.COMMANDLINE else "KILN_API_KEY"
+    source = given_by(ctx, param)
     raise click.BadParameter(f"the API key given by {source} has a character an HTTP header "
                              f"cannot carry ({NOT_HEADER}); give the server's key", param=param)

@@ -140,3 +140,11 @@ NOT_HEADER = "only ASCII letters, digits, punctuation and inner spaces"
 def header_text(text: str) -> bool:
     """Whether ``text`` can be an HTTP header's value as clients send one: printable ASCII."""
     return all(" " <= c <= "~" for c in text)
+
+
+def given_by(ctx: click.Context, param: click.Parameter) -> str:
+    """Where an option's value came from, as a message names it: its flag (``--api_key``), or
+    the environment variable click read it from (``KILN_API_KEY``)."""
+    if ctx.get_parameter_source(param.name) is click.core.ParameterSource.COMMANDLINE:
+        return f"--{param.name}"
+    return str(param.envvar)

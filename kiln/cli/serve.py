@@ -38,6 +38,7 @@ from kiln.cli.context import (
     PathArg,
     dp_option,
     executor_options,
+    given_by,
     gpu_options,
     header_text,
 )
@@ -409,8 +410,7 @@ def _key(ctx: click.Context, param: click.Parameter, key: str | None) -> str | N
         key = ""
     elif key is None or (key.strip() and key == key.strip() and header_text(key)):
         return key
-    source = "--api_key" if ctx.get_parameter_source(param.name) is \
-        click.core.ParameterSource.COMMANDLINE else "KILN_API_KEY"
+    source = given_by(ctx, param)
     problem = "is empty" if not key.strip() else "has leading or trailing spaces" \
         if key != key.strip() else f"has a character an HTTP header cannot carry ({NOT_HEADER})"
     fix = "unset KILN_API_KEY" if source == "KILN_API_KEY" else "leave --api_key out"
