@@ -9,6 +9,8 @@ Contract:
   message's keys reach the chat template, OpenAI's ``tool_calls``... unwarned); ``user`` is
   accepted and ignored without a word. An optional field sent as JSON ``null`` takes its
   default, as OpenAI's API (the openai client sends ``"n": null``...).
+- Types are strict, as OpenAI's, but for numbers: an integer field takes a float with no
+  fractional part (``"max_tokens": 4.0``) as vLLM's pydantic does, a float field an integer.
 - A type error in a field (pydantic) and a value SamplingParams refuses both become
   :class:`ApiError` 400 naming the parameter; nothing a client sends can cause a 500.
 - Response bodies are plain dicts in OpenAI's shapes (``text_completion``, ``chat.completion``
@@ -24,7 +26,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from kiln.runtime.tokenizer import CHAT_ROLES
 
@@ -71,6 +73,17 @@ class _NullIsDefault(BaseModel):
                 if v is not None or k not in fields or fields[k].is_required()}
 
 
+def whole(value: Any) -> Any:
+    """A float with no fractional part as its int (``4.0``: 4), as vLLM's pydantic (lax mode)
+    reads one where an integer is asked for (a trial's ``"max_tokens": 4.0`` had been a 400);
+    anything else as given, for the strict int to refuse (4.5, inf, nan, true)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Int = Annotated[int, BeforeValidator(whole)]
+"""An integer request field: an int, or a float with no fractional part (:func:`whole`)."""
+
+
 class StreamOptions(_NullIsDefault):
     """OpenAI's ``include_usage``, and vLLM's ``continuous_usage_stats``, which kiln serve
     refuses when true (usage in every chunk: kiln.serve.render checks). Other keys are kept in
@@ -101,19 +114,19 @@ UNSUPPORTED_IN_CHAT = ("echo", "chat_template", "continue_final_message", "best_
 class _Sampling(_NullIsDefault):
     """Fields shared by both endpoints (mapped onto SamplingParams by kiln.serve.app). Types are
     strict, as OpenAI's: "5" or true is not a max_tokens, "yes" not a stream (a number may be
-    an integer where a float is asked for)."""
+    an integer where a float is asked for, and a whole float where an integer is: Int)."""
 
     model_config = ConfigDict(extra="allow", strict=True)
 
     model: str
-    max_tokens: int | None = None
+    max_tokens: Int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: Int | None = None
     min_p: float | None = None
-    n: int = Field(1, ge=1, le=16)
+    n: Int = Field(1, ge=1, le=16)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
@@ -128,8 +141,8 @@ class _Sampling(_NullIsDefault):
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=20)
-    best_of: int | None = Field(None, ge=1, le=1)
+    logprobs: Int | None = Field(None, ge=0, le=20)
+    best_of: Int | None = Field(None, ge=1, le=1)
 
 
 ROLES = CHAT_ROLES  # LLM.chat takes the same
@@ -147,8 +160,8 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    max_completion_tokens: int | None = None
+    top_logprobs: Int | None = Field(None, ge=0, le=20)
+    max_completion_tokens: Int | None = None
     add_generation_prompt: bool = True
 
 

@@ -63,6 +63,7 @@ from kiln.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     StreamOptions,
+    whole,
 )
 from kiln.serve.state import Job, error_code, public
 
@@ -297,7 +298,9 @@ _OBJECT_OR_STRING = ("tool_choice", "function_call")  # "none" or {"type": "func
 
 def _no_op(name: str, value: Any) -> bool:
     """Whether an UNSUPPORTED field's value asks for nothing: absent, null or in NO_OPS (of
-    its own type: ``logit_bias: []`` is not an empty map)."""
+    its own type: ``logit_bias: []`` is not an empty map; chat's ``best_of: 1.0`` is 1, as
+    an integer field's whole float is)."""
+    value = whole(value)
     return value is None or any(type(value) is type(v) and value == v
                                 for v in NO_OPS.get(name, ()))
 
