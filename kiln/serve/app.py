@@ -16,6 +16,8 @@ Contract:
   prompt too long, echo+logprobs on an engine without context logits; 401; 404 unknown model
   or route; 413 body over ``max_body_bytes``; 429 with ``Retry-After`` when more than
   ``max_queue`` requests would wait. Bad input never gives a 500.
+- ``model`` may be left out (or null), as vLLM's server takes it: the request is for the one
+  model served; responses name it.
 - ``n > 1``: the runtime samples one sequence per request, so each choice is its own engine
   request; with a ``seed``, choice j uses ``seed + j`` (so the choices differ, reproducibly).
 - A client that disconnects (or closes its stream) aborts its engine requests
@@ -87,6 +89,8 @@ def create_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = N
     expected = None if api_key is None else api_key.encode()
 
     def check(request: Request, model: str | None = None) -> None:
+        """The API key, if the server has one, and ``model``, if given: a request without
+        ``model`` (as vLLM takes one) or with this server's is for ``served_model_name``."""
         if expected is not None:
             scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
             # the key compared as raw bytes, in time that tells nothing; the scheme in any case
@@ -143,10 +147,12 @@ def create_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = N
         if req.stream:
             submitted = await state.submit(jobs, "prompt")
             return _sse(_events(submitted, jobs, req, lambda choices, use: completion_body(
-                rid, req.model, choices, use, chunk=True), render.CompletionStream(renderer, req)))
+                rid, served_model_name, choices, use, chunk=True),
+                render.CompletionStream(renderer, req)))
         results = await _collect(request, state, jobs, "prompt")
         choices = [renderer.completion_choice(job, results[job.index], req) for job in jobs]
-        return JSONResponse(completion_body(rid, req.model, choices, _usage(results, req.n)))
+        return JSONResponse(completion_body(rid, served_model_name, choices,
+                                            _usage(results, req.n)))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -162,11 +168,12 @@ def create_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = N
         if req.stream:
             submitted = await state.submit(jobs, "messages")
             return _sse(_events(submitted, jobs, req, lambda choices, use: chat_body(
-                rid, req.model, choices, use, chunk=True),
+                rid, served_model_name, choices, use, chunk=True),
                 functools.partial(renderer.chat_chunk, req)))
         results = await _collect(request, state, jobs, "messages")
         choices = [renderer.chat_choice(job, results[job.index], req) for job in jobs]
-        return JSONResponse(chat_body(rid, req.model, choices, _usage(results, req.n)))
+        return JSONResponse(chat_body(rid, served_model_name, choices,
+                                      _usage(results, req.n)))
 
     return app
 

@@ -118,7 +118,7 @@ class _Sampling(_NullIsDefault):
 
     model_config = ConfigDict(extra="allow", strict=True)
 
-    model: str
+    model: str | None = None  # none: the served model, as vLLM's (app.py checks a name)
     max_tokens: Int | None = None
     temperature: float | None = None
     top_p: float | None = None

@@ -142,7 +142,7 @@ _BOUNDS = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"),
 def field_error(error: dict[str, Any]) -> str:
     """pydantic's objection to a request field (one of ``ValidationError.errors()``) in kiln's
     words, a :func:`form_error`'s message: ``n must be >= 1, found a number 0``, ``stream
-    must be true or false, found a string "yes"``, ``model is required`` (a trial: pydantic's
+    must be true or false, found a string "yes"``, ``prompt is required`` (a trial: pydantic's
     "n: Input should be greater than or equal to 1" beside kiln's own messages). Objections of
     other kinds keep pydantic's words after the path."""
     path, kind, ctx = _path(error["loc"]), error["type"], error.get("ctx") or {}

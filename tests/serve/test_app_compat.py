@@ -330,6 +330,24 @@ def test_models_retrieve(make_client):
     assert client.get("/v1/models/m").status_code == 401
 
 
+@pytest.mark.parametrize("endpoint, body", [
+    ("/v1/completions", {"prompt": "a"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}]}),
+])
+def test_a_request_without_model_is_for_the_served_one(make_client, endpoint, body):
+    """vLLM's server takes a request without model; kiln's had said "model is required"."""
+    client = make_client(chat_template="{% for m in messages %}{{ m.content }}{% endfor %}")
+    body = {"max_tokens": 1, **body}
+    for given in ({}, {"model": None}):
+        out = client.post(endpoint, json={**body, **given})
+        assert out.status_code == 200, out.text
+        assert out.json()["model"] == "m"
+    chunks = _events(client.post(endpoint, json={**body, "stream": True}))
+    assert {chunk["model"] for chunk in chunks} == {"m"}
+    out = client.post(endpoint, json={**body, "model": "other"})
+    assert out.status_code == 404 and out.json()["error"]["code"] == "model_not_found"
+
+
 def test_a_chat_role_openai_does_not_know_is_400(make_client):
     client = make_client(chat_template="{% for m in messages %}{{ m.content }}{% endfor %}")
     body = {"model": "m", "max_tokens": 1}
