@@ -37,7 +37,10 @@ Contract:
   the same way, apart; those of MESSAGE_KEYS (OpenAI's ``tool_calls``...) are not.
 - Chat prompts are the engine's chat template (or ``--chat_template``), rendered in jinja2's
   sandbox as :meth:`kiln.runtime.LLM.render_chat`; message ``content`` may be a string or a list
-  of ``{"type": "text"}`` parts.
+  of ``{"type": "text"}`` parts, or, in an assistant message with ``tool_calls`` (or
+  ``function_call``), null, as OpenAI's (a replayed conversation that called a tool): "" to the
+  template, as vLLM's. The calls, and a tool message's ``tool_call_id``, reach the template as
+  given (kiln serve calls no tools itself: ``tools`` is refused).
 
 Non-goals: images/audio parts, tool calls, the OpenAI logprobs ``bytes`` of partial UTF-8.
 """
@@ -599,17 +602,23 @@ def _scored_prompt(result: CompletionResult) -> list[TokenLogprobs | None]:
 
 
 def _message(i: int, message: dict[str, Any]) -> dict[str, Any]:
-    """A message with list-of-parts content joined into its text."""
+    """A message with list-of-parts content joined into its text, and an assistant's null
+    content beside its ``tool_calls`` (or ``function_call``) as ""; other keys as given."""
     role = message.get("role")
     if role not in ROLES:
         shown_role = cut(json.dumps(role, ensure_ascii=False))  # a string: pydantic's check
         raise form_error(f"messages[{i}].role {shown_role} is not a chat role; use one of "
                          f"{', '.join(ROLES)}")
     content = message.get("content")
-    if content is None:  # an assistant's too: its tool calls, which kiln serve does not take,
-        # are what may stand instead (a template read the missing content: a jinja error)
+    if content is None and role == "assistant" and (message.get("tool_calls")
+                                                    or message.get("function_call")):
+        # OpenAI's: the calls stand for the text (a client replaying a conversation); "" as
+        # vLLM's, for a template that reads the content (a missing one: a jinja error)
+        content = message["content"] = ""
+    if content is None:
+        calls = " (or its tool_calls)" if role == "assistant" else ""
         raise form_error(f"messages[{i}].content is missing or null; give the {role} "
-                         f"message's text")
+                         f"message's text{calls}")
     if isinstance(content, list):
         why = _parts_error(i, content)
         if why is not None:

@@ -742,7 +742,12 @@ PARTS = '{"type": "text", "text": "Hi"}'
     ([{"role": "user", "content": [{"text": "hi"}]}], "messages[0].content[0]",
      "messages[0].content[0] has no type; kiln serve takes text parts only, like " + PARTS),
     ([{"role": "assistant"}], "messages[0].content", "messages[0].content is missing or null; "
-     "give the assistant message's text"),
+     "give the assistant message's text (or its tool_calls)"),
+    ([{"role": "assistant", "content": None, "tool_calls": []}], "messages[0].content",
+     "messages[0].content is missing or null; give the assistant message's text (or its "
+     "tool_calls)"),
+    ([{"role": "tool", "content": None, "tool_call_id": "c"}], "messages[0].content",
+     "messages[0].content is missing or null; give the tool message's text"),
     # a retest: these had reached the template
     ([{"role": "user", "content": "a", "name": 5}], "messages[0].name", "messages[0].name is a "
      "number 5; give the participant's name as a string, or leave it out"),

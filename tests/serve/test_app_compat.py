@@ -5,6 +5,7 @@ nulls, vLLM's extras, auth, /v1/models/{id}, chat roles, messages in the request
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 
 import pytest
@@ -346,6 +347,32 @@ def test_a_request_without_model_is_for_the_served_one(make_client, endpoint, bo
     assert {chunk["model"] for chunk in chunks} == {"m"}
     out = client.post(endpoint, json={**body, "model": "other"})
     assert out.status_code == 404 and out.json()["error"]["code"] == "model_not_found"
+
+
+CALL = {"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{}"}}
+
+
+@pytest.mark.parametrize("calls", [{"tool_calls": [CALL]},
+                                   {"function_call": {"name": "w", "arguments": "{}"}}])
+def test_a_replayed_tool_call_reaches_the_template_as_given(make_client, tokenizer, caplog,
+                                                            calls):
+    """A trial: an assistant message of tool_calls and "content": null (what a client replays
+    of a conversation that called a tool) was a 400. Its content is "" to the template, as
+    vLLM's; its calls, and the tool message's tool_call_id, reach it as given, unwarned."""
+    template = ("{% for m in messages %}{{ m.role }}:{{ m.content }}"
+                "{% for c in m.tool_calls or [] %}{{ c.function.name }}{{ c.function.arguments }}"
+                "{% endfor %}{{ m.function_call.name if m.function_call }}"
+                "{{ m.tool_call_id or '' }};{% endfor %}")
+    messages = [{"role": "user", "content": "a"},
+                {"role": "assistant", "content": None, **calls},
+                {"role": "tool", "tool_call_id": "c1", "content": "b"}]
+    with caplog.at_level(logging.WARNING, logger="kiln.serve.render"):
+        out = make_client(chat_template=template).post("/v1/chat/completions", json={
+            "model": "m", "max_tokens": 1, "messages": messages})
+    assert out.status_code == 200, out.text
+    rendered = "user:a;assistant:w" + ("{}" if "tool_calls" in calls else "") + ";tool:bc1;"
+    assert out.json()["usage"]["prompt_tokens"] == len(tokenizer.encode(rendered, False))
+    assert caplog.records == []
 
 
 def test_a_chat_role_openai_does_not_know_is_400(make_client):
