@@ -450,13 +450,17 @@ class Renderer:
     def completion_prompts(self, req: CompletionRequest) -> list[tuple[str, Prompt]]:
         """The request's (label, prompt) pairs (:func:`_labelled`); a token id outside the
         engine's vocabulary is a 400 naming its path, ``prompt[1]`` or ``prompt[0][1]`` (the
-        runtime's message names the prompt only, its param had been ``prompt``)."""
+        runtime's message names the prompt only, its param had been ``prompt``), as is a text
+        holding a lone surrogate, ``prompt`` or ``prompt[1]``."""
         prompts, vocab = _labelled(req.prompt), self.llm.core.vocab_size
         for label, prompt in prompts:
-            if isinstance(prompt, list):
+            path = label or "prompt"
+            if isinstance(prompt, str):  # (the tokenizer's refusal named no prompt)
+                _text_check(path, prompt)
+            else:
                 k = next((k for k, t in enumerate(prompt) if not 0 <= t < vocab), None)
                 if k is not None:
-                    raise form_error(f"{label or 'prompt'}[{k}] is {prompt[k]}, outside the "
+                    raise form_error(f"{path}[{k}] is {prompt[k]}, outside the "
                                      f"vocabulary [0, {vocab}); give token ids of this "
                                      f"engine's tokenizer")
         return prompts
@@ -632,12 +636,19 @@ def _message(i: int, message: dict[str, Any]) -> dict[str, Any]:
     else:
         texts = [(f"messages[{i}].content", content)]
     for path, text in texts:  # named here: the rendered prompt's refusal could name no part
-        if isinstance(text, str) and not is_utf8(text):
-            raise ApiError(400, f"{path}: {NOT_UTF8}", param=path)
+        if isinstance(text, str):
+            _text_check(path, text)
     for key, value in message.items():  # name, nmae, tool_calls...: the template's to read
         if key not in ("role", "content"):
             _utf8_check(f"messages[{i}].{cut(key)}", value)
     return message
+
+
+def _text_check(path: str, text: str) -> None:
+    """Refuse a prompt's or a message's text holding a lone surrogate, by its path
+    (``prompt``, ``prompt[1]``, ``messages[0].content``), without showing the text."""
+    if not is_utf8(text):
+        raise ApiError(400, f"{path}: {NOT_UTF8}", param=path)
 
 
 def _utf8_check(path: str, value: Any) -> None:

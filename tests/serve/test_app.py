@@ -585,11 +585,13 @@ def test_a_prompt_that_is_not_utf8_is_400_and_leaves_nothing_queued(engine, endp
                           headers={"content-type": "application/json"})
         assert out.status_code == 400, out.text
         # the part at fault by its path (trial 40: a chat message's had the param messages)
+        # and a prompt's by its name (a bare string's message had named nothing)
         among = "prompt[1]: " if isinstance(body.get("prompt"), list) else \
-            "messages[0].content: " if "messages" in body and len(body["messages"]) == 1 else \
-            "messages[1].content[1].text: " if "messages" in body else ""
+            "prompt: " if "prompt" in body else \
+            "messages[0].content: " if len(body["messages"]) == 1 else \
+            "messages[1].content[1].text: "
         assert out.json()["error"]["message"].startswith(f"{among}the text is not UTF-8")
-        assert out.json()["error"]["param"] == (among[:-2] or "prompt")
+        assert out.json()["error"]["param"] == among[:-2]
     deadline = time.monotonic() + 5  # a good prompt before the bad one is aborted, not awaited
     while app.state.kiln.live and time.monotonic() < deadline:
         time.sleep(0.01)
