@@ -13,7 +13,8 @@ Contract:
 - Every error is OpenAI-shaped JSON (:class:`~kiln.serve.protocol.ApiError`): 400 bad
   parameter (named in ``param``, down to the value at fault: ``messages[0].content``, a
   prompt of the list forms ``prompt[1]``, a token id outside the vocabulary ``prompt[0][3]``),
-  prompt too long, echo+logprobs on an engine without context logits; 401; 404 unknown model
+  prompt too long, echo+logprobs on an engine without context logits, a body that is not JSON
+  or nests deeper than MAX_JSON_DEPTH (``invalid_json``); 401; 404 unknown model
   or route; 413 body over ``max_body_bytes``; 429 with ``Retry-After`` when more than
   ``max_queue`` requests would wait. Bad input never gives a 500.
 - ``model`` may be left out (or null), as vLLM's server takes it: the request is for the one
@@ -62,6 +63,10 @@ DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 # max_tokens, temperature, stream...) is some hundred bytes; below 1 KiB a longer model name or
 # message leaves none that fits, and --max_body_bytes 10 (meant as MB?) had served only 413s.
 MIN_BODY_BYTES = 1024
+# The deepest a body may nest arrays and objects within each other: one number, well below what
+# Python's json reads from a handler (its recursion limit less the server's own frames, about
+# 950 levels here: a trial's 990 had been told "not JSON (maximum recursion depth exceeded)")
+MAX_JSON_DEPTH = 512
 
 
 def create_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = None,
@@ -179,12 +184,18 @@ def create_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = N
 
 
 async def _parse(request: Request, model: type) -> Any:
+    body = await request.body()
     try:
-        data = json.loads(await request.body())
+        data = json.loads(body)
+    except RecursionError:
+        raise _too_deep() from None
     except UNREADABLE_JSON as e:
         raise ApiError(400, f"the body is not JSON ({e})", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+    # (a body of fewer brackets cannot nest deeper: most bodies are not walked)
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and _deeper(data, MAX_JSON_DEPTH):
+        raise _too_deep()
     try:
         return model.model_validate(data)
     except RecursionError:
@@ -203,6 +214,25 @@ async def _parse(request: Request, model: type) -> Any:
         if given and param in form and (why := form[param](data[param])) is not None:
             raise render.form_error(why) from None
         raise render.form_error(render.field_error(first)) from None
+
+
+def _too_deep() -> ApiError:
+    return ApiError(400, f"the body is JSON nested deeper than {MAX_JSON_DEPTH} levels (arrays "
+                         f"and objects within each other), the most kiln serve reads; flatten "
+                         f"it", code="invalid_json")
+
+
+def _deeper(data: dict | list, most: int) -> bool:
+    """Whether parsed JSON ``data`` nests arrays and objects more than ``most`` levels deep
+    (``data`` itself is level 1), level by level: no recursion."""
+    level = [data]
+    for _ in range(most):
+        level = [item for held in level
+                 for item in (held.values() if isinstance(held, dict) else held)
+                 if isinstance(item, (dict, list))]
+        if not level:
+            return False
+    return True
 
 
 async def _collect(request: Request, state: ServerState, jobs: list[Job], param: str) -> dict:

@@ -22,6 +22,7 @@ from kiln.runtime import LLM, AsyncLLM, SamplingParams
 from kiln.runtime.async_llm import INLINE_ENCODE_CHARS
 from kiln.runtime.tokenizer import NOT_UTF8, load_tokenizer
 from kiln.serve import create_app
+from kiln.serve.app import MAX_JSON_DEPTH
 from kiln.serve.state import Job
 from tests.runtime.mocks import CapacityExecutor, HashExecutor, SlowExecutor
 
@@ -622,6 +623,42 @@ def test_json_python_cannot_read_is_a_400(engine, body):
                                headers={"content-type": "application/json"})
     assert out.status_code == 400, out.text
     assert out.json()["error"]["code"] == "invalid_json"
+
+
+def _nested(depth: int) -> str:
+    """JSON arrays ``depth`` deep, an object's innermost: ``[[{"a": 1}]]`` is 3."""
+    return "[" * (depth - 1) + '{"a": 1}' + "]" * (depth - 1)
+
+
+NESTED_IN = [  # bodies holding JSON %s levels deep, one level or three in
+    ("/v1/completions", '{"model": "m", "prompt": "a", "max_tokens": 1, "x": %s}'),
+    ("/v1/completions", '{"model": "m", "prompt": %s}'),
+    ("/v1/chat/completions", '{"model": "m", "max_tokens": 1, "messages": [{"role": "user", '
+                             '"content": "a", "x": %s}]}'),
+]
+
+
+@pytest.mark.parametrize("endpoint, body", NESTED_IN)
+@pytest.mark.parametrize("depth", [MAX_JSON_DEPTH, 990, 5000])  # (the body's own object: 1)
+def test_json_nested_too_deeply_is_told_so(engine, caplog, endpoint, body, depth):
+    """A trial's body 990 deep was told "the body is not JSON (maximum recursion depth
+    exceeded...)"; 950 had been read. The limit is one number now, said."""
+    with caplog.at_level(logging.WARNING):
+        out = _client(engine).post(endpoint, content=body % _nested(depth),
+                                   headers={"content-type": "application/json"})
+    assert out.status_code == 400, out.text
+    assert out.json()["error"] == {
+        "message": f"the body is JSON nested deeper than {MAX_JSON_DEPTH} levels (arrays and "
+                   f"objects within each other), the most kiln serve reads; flatten it",
+        "type": "invalid_request_error", "param": None, "code": "invalid_json"}
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_json_nested_as_deep_as_the_limit_is_read(engine):
+    endpoint, body = NESTED_IN[2]  # in the body's object, in a message in messages: 3 deep
+    out = _client(engine).post(endpoint, content=body % _nested(MAX_JSON_DEPTH - 3),
+                               headers={"content-type": "application/json"})
+    assert out.status_code == 200, out.text
 
 
 @pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
