@@ -37,6 +37,7 @@ import math
 import os
 import re
 import socket
+import ssl
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -222,8 +223,7 @@ async def _models(session: aiohttp.ClientSession, url: str,
             status = response.status
             text = await response.text()
     except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-        raise ServeBenchError(f"cannot reach {url} ({_unreached(e, MODELS_TIMEOUT_S)}); is "
-                              f"kiln serve running there?") from None
+        raise ServeBenchError(_unreached(e, url, MODELS_TIMEOUT_S)) from None
     if status == 401:  # (a trial's wrong key had been told to pass one)
         fix = "check the key (the server's --api_key or KILN_API_KEY)" if api_key else \
             "pass --api_key or set KILN_API_KEY"
@@ -289,15 +289,41 @@ async def _one(session: aiohttp.ClientSession, url: str, body: dict, api_key: st
         result.error = "no token was streamed"
 
 
-def _unreached(e: BaseException, timeout_s: float) -> str:
-    """Why a connection failed, in words: "connection refused", "no answer in 10 s" (a trial's
-    had been aiohttp's "ClientConnectorError: Cannot connect to host 127.0.0.1:9 ssl:default
-    [Connect call failed ('127.0.0.1', 9)]")."""
+def _unreached(e: BaseException, url: str, timeout_s: float) -> str:
+    """The line for a server not reached, its reason in words: "connection refused", "no
+    answer in 10 s" (a trial's had been aiohttp's "ClientConnectorError: Cannot connect to host
+    127.0.0.1:9 ssl:default [Connect call failed ('127.0.0.1', 9)]")."""
+    if (tls := _tls_failure(e, url)) is not None:
+        return tls
     if isinstance(e, asyncio.TimeoutError):  # (aiohttp's timeouts are TimeoutErrors)
-        return f"no answer in {timeout_s:g} s"
-    if isinstance(e, aiohttp.ClientConnectorError):
-        return _os_words(e.os_error)
-    return f"{type(e).__name__}: {e or 'no detail'}"
+        why = f"no answer in {timeout_s:g} s"
+    elif isinstance(e, aiohttp.ClientConnectorError):
+        why = _os_words(e.os_error)
+    else:
+        why = f"{type(e).__name__}: {e or 'no detail'}"
+    return f"cannot reach {url} ({why}); is kiln serve running there?"
+
+
+# OpenSSL's reasons for a handshake answered in plain HTTP (its reply read as a TLS record):
+# "wrong version number", from OpenSSL 3.2 "record layer failure" (urllib3 reads both so, #3271)
+_NOT_TLS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE"})
+
+
+def _tls_failure(e: BaseException, url: str) -> str | None:
+    """The line for an https:// URL whose TLS handshake failed, None for any other error (a
+    retest's plain-HTTP server had been "operation not permitted": OpenSSL's error 1 read as
+    an errno)."""
+    error = e.os_error if isinstance(e, aiohttp.ClientConnectorError) else None
+    if not isinstance(error, ssl.SSLError):
+        return None
+    if error.reason in _NOT_TLS:
+        return (f"cannot reach {url}: the server at that address does not speak TLS (it "
+                f"answered in plain HTTP); use http://{url.split('://', 1)[1]}")
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return (f"cannot reach {url}: its TLS certificate is not trusted "
+                f"({error.verify_message}); make this machine trust its CA (the SSL_CERT_FILE "
+                f"environment variable names a CA file)")
+    return f"cannot reach {url}: the TLS handshake failed ({error.reason or error})"
 
 
 def _os_words(e: OSError) -> str:
@@ -316,6 +342,8 @@ def _failure(e: BaseException, url: str) -> str:
     """A request's transport failure in words. (A trial's server killed mid-run was reported
     in aiohttp's: "ClientPayloadError: Response payload is not completed: <TransferEncodingError:
     400, message='Not enough data to satisfy transfer length header.'>".)"""
+    if (tls := _tls_failure(e, url)) is not None:
+        return tls
     if isinstance(e, aiohttp.ClientPayloadError | aiohttp.ServerDisconnectedError):
         return f"{url} closed the connection mid-response (did the server stop?)"
     if isinstance(e, aiohttp.ClientConnectorError):

@@ -8,6 +8,7 @@ import contextlib
 import json
 import random
 import socket
+import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -368,6 +369,27 @@ def test_a_server_gone_before_a_request_is_said_in_words():
     asyncio.run(one())
     assert result.error == f"cannot connect to {url} (connection refused); is the server " \
                            f"still running?", result.error
+
+
+def test_https_to_a_plain_http_server_says_it_does_not_speak_tls():
+    """A retest's had been "cannot reach https://... (operation not permitted)": OpenSSL's
+    error 1 read as an errno."""
+    with _flaky_server(fail_every=1 << 30) as url:
+        address = url.removeprefix("http://")
+        _one_line_error(_bench("--serve", f"https://{address}"),
+                        f"cannot reach https://{address}: the server at that address does not "
+                        f"speak TLS (it answered in plain HTTP); use http://{address}")
+
+
+def test_an_untrusted_tls_certificate_is_said_in_words():
+    error = ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate "
+                                            "verify failed: self-signed certificate")
+    error.reason, error.verify_message = "CERTIFICATE_VERIFY_FAILED", "self-signed certificate"
+    failure = aiohttp.ClientConnectorCertificateError(None, error)
+    assert bench._unreached(failure, "https://h:1", 10) == (
+        "cannot reach https://h:1: its TLS certificate is not trusted (self-signed "
+        "certificate); make this machine trust its CA (the SSL_CERT_FILE environment variable "
+        "names a CA file)")
 
 
 def test_a_warm_up_where_every_request_failed_stops_in_one_line(tmp_path):
