@@ -19,8 +19,10 @@ validating a directory; the owner of each format does that once the kind is righ
 from __future__ import annotations
 
 import difflib
+import errno
 import itertools
 import json
+import os
 import stat
 from enum import Enum
 from pathlib import Path
@@ -162,6 +164,38 @@ def special_file(path: Path) -> str | None:
         if test(mode):
             return kind
     return None
+
+
+def unusable_path(path: Path) -> str | None:
+    """Why nothing can be at ``path``, in words, where the OS refuses the path itself: "is a
+    symbolic link loop" (``ln -s loop loop``; "is under one" for a path below it), "has a name
+    longer than the file system allows (255 bytes a name)", "is longer than the file system
+    allows (4096 bytes a path)"; else None (it exists, or it can be made). (A retest's
+    KILN_CACHE_DIR of these had been the OS's "Too many levels of symbolic links" and "File
+    name too long", a loop in ``kiln cache list`` an empty cache.)"""
+    try:
+        os.stat(path)
+    except (OSError, ValueError) as e:  # (ValueError: a NUL, which kiln refuses before)
+        code = getattr(e, "errno", None)
+    else:
+        return None
+    if code == errno.ELOOP:
+        return "is a symbolic link loop" if path.is_symlink() else \
+            "is under a symbolic link loop"
+    if code != errno.ENAMETOOLONG:
+        return None
+    name_max, path_max = _limit("PC_NAME_MAX", 255), _limit("PC_PATH_MAX", 4096)
+    if max(len(os.fsencode(part)) for part in path.parts) > name_max:
+        return f"has a name longer than the file system allows ({name_max} bytes a name)"
+    return f"is longer than the file system allows ({path_max} bytes a path)"
+
+
+def _limit(name: str, default: int) -> int:
+    """The root file system's ``os.pathconf`` limit ``name``, else ``default`` (Linux's)."""
+    try:
+        return os.pathconf("/", name)
+    except (OSError, ValueError, AttributeError):  # (no pathconf on Windows)
+        return default
 
 
 def read_config(directory: str | Path, wanted: DirKind,

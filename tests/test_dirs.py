@@ -294,3 +294,18 @@ def test_a_device_or_pipe_is_named_as_what_it_is_not_as_missing(tmp_path, kind, 
                                                               "a character device")):
         with pytest.raises(EngineError, match=rf"^{path}: is {what}, not {noun}; pass "):
             read_config(path, kind, EngineError)
+
+
+def test_a_path_the_os_refuses_is_said_in_words(tmp_path):
+    """A retest's KILN_CACHE_DIR of these had been "Too many levels of symbolic links" and "File
+    name too long" (and a loop, to kiln cache list, an empty cache)."""
+    from kiln.dirs import unusable_path
+
+    (tmp_path / "loop").symlink_to("loop")
+    long_path = tmp_path.joinpath(*["b" * 200] * 25)  # every name fits, the path does not
+    assert [unusable_path(p) for p in (tmp_path / "loop", tmp_path / "loop" / "x",
+                                       tmp_path / ("a" * 300), long_path)] == [
+        "is a symbolic link loop", "is under a symbolic link loop",
+        "has a name longer than the file system allows (255 bytes a name)",
+        "is longer than the file system allows (4096 bytes a path)"]
+    assert unusable_path(tmp_path) is None and unusable_path(tmp_path / "new" / "x") is None

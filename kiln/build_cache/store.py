@@ -58,7 +58,7 @@ from typing import Any
 from filelock import ReadWriteLock, Timeout
 
 from kiln.build_cache.hashes import MEMO_NAME
-from kiln.dirs import special_file
+from kiln.dirs import special_file, unusable_path
 from kiln.errors import UNREADABLE_JSON, USER_TEXT, BuildCacheError, check_path
 from kiln.hashing import manifest_edited, sha256_file
 
@@ -182,9 +182,13 @@ class EngineCache:
     def check_dir(self) -> None:
         """Refuse (one line) a cache root or engines dir that exists but is not a directory, or
         a root under a file (``KILN_CACHE_DIR=/dev/null/x`` had failed in a lock's mkdir with a
-        bare "Not a directory")."""
+        bare "Not a directory"), or a path the OS refuses (a symbolic link loop, a name too
+        long: :func:`kiln.dirs.unusable_path`)."""
         fix = "set KILN_CACHE_DIR (or --cache_dir) to a directory"
         for path in (self.root, self.dir):
+            if (problem := unusable_path(path)) is not None:
+                raise BuildCacheError(f"{path}: the build cache {problem}; set KILN_CACHE_DIR "
+                                      f"(or --cache_dir) to another directory")
             if path.exists() and not path.is_dir():
                 raise BuildCacheError(f"{path}: the build cache is {_what(path)}, not a "
                                       f"directory; {fix}")

@@ -122,6 +122,23 @@ def test_a_cache_dir_that_is_a_file_is_one_line_exit_2(command, tmp_path, monkey
                                     f"not a directory; set KILN_CACHE_DIR")
 
 
+@pytest.mark.parametrize("command", [["list"], ["prune", "--all"],
+                                     ["build", "--model_dir", "hf"]])
+@pytest.mark.parametrize("name, problem", [
+    ("loop", "is a symbolic link loop"),
+    ("a" * 300, "has a name longer than the file system allows (255 bytes a name)")])
+def test_a_kiln_cache_dir_the_os_refuses_is_said_in_words(command, name, problem, tmp_path,
+                                                            monkeypatch):
+    """A retest's had been the OS's "Too many levels of symbolic links" (an empty cache to
+    kiln cache list) and "File name too long"."""
+    (tmp_path / "loop").symlink_to("loop")
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / name))
+    result = _invoke("cache", *command)
+    assert result.exit_code == 2 and result.output == (
+        f"error: {tmp_path / name}: the build cache {problem}; set KILN_CACHE_DIR (or "
+        f"--cache_dir) to another directory\n"), result.output
+
+
 @pytest.mark.parametrize("args, message", [
     (["cache", "prune"], "say what to remove: --all, --older_than 7d"),
     (["cache", "prune", "--dry_run"], "say what to remove"),
