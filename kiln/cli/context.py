@@ -6,9 +6,11 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import click
 
+from kiln.dirs import unusable_path
 from kiln.sizes import parse_size
 
 
@@ -50,7 +52,10 @@ class PathArg(click.Path):
     and, where a file is asked for, a directory: one that exists, or a path ending with ``/``
     (``Path`` drops the slash: ``--json_output reports/`` had written a file named reports);
     and ``-`` for a directory (the dash names standard input or output: ``--output_dir -``
-    had built into a directory named "-"; ``./-`` names one)."""
+    had built into a directory named "-"; ``./-`` names one). Where click would refuse a
+    path, in its own words ("Directory 'f' is a file.", "... is not readable."), or let one
+    through that the OS refuses (a symbolic link loop, a name too long:
+    :func:`kiln.dirs.unusable_path`), one line in kiln's."""
 
     def convert(self, value, param, ctx):
         if isinstance(value, str) and not value.strip():
@@ -58,13 +63,23 @@ class PathArg(click.Path):
         if not self.file_okay and value == "-":
             self.fail("'-' names standard input or output, not a directory; give the "
                       "directory's path (./- for one named '-')", param, ctx)
-        if not self.dir_okay and isinstance(value, str) and value != "-":
-            if value.endswith(("/", os.sep)):
-                self.fail(f"{value!r} ends with '/', so it names a directory; give a file's "
-                          f"path, not a directory's", param, ctx)
-            if os.path.isdir(os.path.expanduser(value)):
-                self.fail(f"{value!r} is a directory; give a file's path, not a directory's",
-                          param, ctx)
+        if isinstance(value, str) and value != "-":
+            path = os.path.expanduser(value)
+            if (problem := unusable_path(Path(path))) is not None:
+                self.fail(f"{value!r} {problem}; give another path", param, ctx)
+            if not self.file_okay and os.path.isfile(path):
+                self.fail(f"{value!r} is a file; give a directory's path, not a file's", param,
+                          ctx)
+            if self.readable and os.path.exists(path) and not os.access(path, os.R_OK):
+                self.fail(f"{value!r} cannot be read (permission denied); give one you can "
+                          f"read", param, ctx)
+            if not self.dir_okay:
+                if value.endswith(("/", os.sep)):
+                    self.fail(f"{value!r} ends with '/', so it names a directory; give a "
+                              f"file's path, not a directory's", param, ctx)
+                if os.path.isdir(path):
+                    self.fail(f"{value!r} is a directory; give a file's path, not a "
+                              f"directory's", param, ctx)
         return super().convert(value, param, ctx)
 
 

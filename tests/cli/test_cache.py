@@ -283,6 +283,30 @@ def test_a_cache_dir_given_that_does_not_exist_is_one_line_exit_2(command, tmp_p
     assert not missing.exists()
 
 
+@pytest.mark.parametrize("command", [["list"], ["prune", "--all"],
+                                     ["build", "--model_dir", "hf"]])
+@pytest.mark.parametrize("name, why", [
+    ("file", "'file' is a file; give a directory's path, not a file's"),
+    ("loop", "'loop' is a symbolic link loop; give another path"),
+    ("locked", "'locked' cannot be read (permission denied); give one you can read")])
+def test_a_cache_dir_given_that_cannot_be_a_cache_is_one_line_exit_2(command, name, why,
+                                                                     tmp_path, monkeypatch):
+    """A file and an unreadable directory had been click's "Directory 'file' is a file." and
+    "... is not readable.", a loop "no such directory"."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "loop").symlink_to("loop")
+    (tmp_path / "locked").mkdir()
+    access = os.access  # (root reads any directory: chmod cannot lock one here)
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: access(p, mode, **kw)
+                        and os.path.basename(p) != "locked")
+    result = _invoke("cache", *command, "--cache_dir", name)
+    assert result.exit_code == 2 and result.output == (
+        f"error: Invalid value for '--cache_dir': {why} (see kiln cache {command[0]} "
+        f"--help)\n"), result.output
+    assert (tmp_path / "file").read_text() == "mine" and not any((tmp_path / "locked").iterdir())
+
+
 @pytest.mark.parametrize("command", [["list"], ["prune", "--all"]])
 def test_a_cache_s_engines_dir_given_as_its_root_is_one_line_exit_2(command, cache):
     """list prints the engines dir, so a user may pass that: its engines/ had been empty."""

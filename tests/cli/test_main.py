@@ -429,6 +429,30 @@ def test_a_dash_is_not_taken_for_a_directory(args, tmp_path, monkeypatch):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("args, why", [
+    (["build", "--checkpoint_dir", "file", "--output_dir", "e"],
+     "'--checkpoint_dir': 'file' is a file; give a directory's path, not a file's"),
+    (["build", "--checkpoint_dir", "c", "--output_dir", "loop"],
+     "'--output_dir': 'loop' is a symbolic link loop; give another path"),
+    (["run", "--engine_dir", "loop/e", "--input_text", "hi"],
+     "'--engine_dir': 'loop/e' is under a symbolic link loop; give another path"),
+    (["convert_checkpoint", "--model_dir", "m", "--output_dir", "a" * 300],
+     "'--output_dir': '" + "a" * 300 + "' has a name longer than the file system allows (255 "
+     "bytes a name); give another path"),
+])
+def test_a_path_click_or_the_os_refuses_is_one_line_in_kiln_s_words(args, why, tmp_path,
+                                                                      monkeypatch):
+    """A file had been click's "Directory 'file' is a file.", a symbolic link loop a
+    traceback (Path.resolve's RuntimeError) from kiln build and kiln run."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "loop").symlink_to("loop")
+    result = CliRunner().invoke(main, args, prog_name="kiln")
+    assert result.exit_code == 2 and result.output.startswith(
+        f"error: Invalid value for {why} (see kiln "), result.output
+    assert len(result.output.splitlines()) == 1
+
+
 @pytest.mark.parametrize("args", [["--help"], ["--version"], ["run", "--help"]])
 def test_help_into_a_closed_pipe_exits_as_a_command_does(args):
     """`kiln --help | true` had exited 1 (click's choice) where `kiln run ... | true` exits
