@@ -166,6 +166,17 @@ def special_file(path: Path) -> str | None:
     return None
 
 
+def unknown_home(text: str) -> str | None:
+    """Why a path's leading ``~`` or ``~user`` names no home directory (``~nouser/x``: "starts
+    with ~nouser, but there is no user nouser"), else None. (``Path.expanduser`` raises
+    RuntimeError there: a retest's ``--cache_dir ~nouser/x`` had been its traceback.)"""
+    if not text.startswith("~") or os.path.expanduser(text) != text:
+        return None
+    user = text[1:].split("/", 1)[0].split(os.sep, 1)[0]
+    return f"starts with ~{user}, but there is no user {user}" if user else \
+        "starts with ~, but no home directory is known (HOME is unset)"
+
+
 def unusable_path(path: Path) -> str | None:
     """Why nothing can be at ``path``, in words, where the OS refuses the path itself: "is a
     symbolic link loop" (``ln -s loop loop``; "is under one" for a path below it), "has a name

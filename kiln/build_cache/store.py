@@ -58,7 +58,7 @@ from typing import Any
 from filelock import ReadWriteLock, Timeout
 
 from kiln.build_cache.hashes import MEMO_NAME
-from kiln.dirs import special_file, unusable_path
+from kiln.dirs import special_file, unknown_home, unusable_path
 from kiln.errors import UNREADABLE_JSON, USER_TEXT, BuildCacheError, check_path
 from kiln.hashing import manifest_edited, sha256_file
 
@@ -95,10 +95,13 @@ def cache_root() -> Path:
             raise BuildCacheError(f"KILN_CACHE_DIR is '-', which kiln reads as standard input or "
                                   f"output, not a directory; set it to the build cache's "
                                   f"directory (./- for one named '-'), {default}")
+        if (problem := unknown_home(given)) is not None:
+            raise BuildCacheError(f"KILN_CACHE_DIR {given!r} {problem}; set it to the build "
+                                  f"cache's directory, {default}")
         return Path(given).expanduser().absolute()
     xdg = os.environ.get("XDG_CACHE_HOME", "")
-    if xdg and Path(xdg).expanduser().is_absolute():
-        return Path(xdg).expanduser() / "kiln"
+    if xdg and Path(os.path.expanduser(xdg)).is_absolute():  # (~nouser: relative, no error)
+        return Path(os.path.expanduser(xdg)) / "kiln"
     if xdg and xdg not in _warned_xdg:  # a blank or relative one had made a cache per cwd
         _warned_xdg.add(xdg)
         log.warning("XDG_CACHE_HOME %r is not an absolute path, which the XDG Base Directory "

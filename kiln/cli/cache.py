@@ -69,8 +69,9 @@ def _existing(ctx: click.Context, param: click.Parameter, value: Path | None) ->
         return value
     root = value.expanduser().absolute()
     if not root.exists():
-        raise click.BadParameter(f"{value}: no such directory; check the path (kiln cache "
-                                 f"build --cache_dir {value} makes a cache there)", ctx, param)
+        # (the absolute path: ./- had been shown as "-", a command that reads it as stdout)
+        raise click.BadParameter(f"{root}: no such directory; check the path (kiln cache "
+                                 f"build --cache_dir {root} makes a cache there)", ctx, param)
     parent = EngineCache(root.parent)
     if not EngineCache(root).dir.exists() and parent.dir == root \
             and any(parent.names()[:2]):  # cached engines or leftovers

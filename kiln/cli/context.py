@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from kiln.dirs import unusable_path
+from kiln.dirs import unknown_home, unusable_path
 from kiln.sizes import parse_size
 
 
@@ -55,7 +55,8 @@ class PathArg(click.Path):
     had built into a directory named "-"; ``./-`` names one). Where click would refuse a
     path, in its own words ("Directory 'f' is a file.", "... is not readable."), or let one
     through that the OS refuses (a symbolic link loop, a name too long:
-    :func:`kiln.dirs.unusable_path`), one line in kiln's."""
+    :func:`kiln.dirs.unusable_path`) or that names an unknown user's home (``~nouser/x``),
+    one line in kiln's."""
 
     def convert(self, value, param, ctx):
         if isinstance(value, str) and not value.strip():
@@ -65,7 +66,7 @@ class PathArg(click.Path):
                       "directory's path (./- for one named '-')", param, ctx)
         if isinstance(value, str) and value != "-":
             path = os.path.expanduser(value)
-            if (problem := unusable_path(Path(path))) is not None:
+            if (problem := unknown_home(value) or unusable_path(Path(path))) is not None:
                 self.fail(f"{value!r} {problem}; give another path", param, ctx)
             if not self.file_okay and os.path.isfile(path):
                 self.fail(f"{value!r} is a file; give a directory's path, not a file's", param,

@@ -421,7 +421,7 @@ def test_a_root_that_is_or_runs_through_no_directory_is_one_line(tmp_path, root,
     assert (tmp_path / "file").read_text() == "mine"
 
 
-@pytest.mark.parametrize("xdg", ["rel", " ", "./x"])
+@pytest.mark.parametrize("xdg", ["rel", " ", "./x", "~nouser/x"])
 def test_an_xdg_cache_home_not_absolute_is_ignored_with_a_warning(tmp_path, monkeypatch, caplog,
                                                                    xdg):
     """The XDG Base Directory spec says to ignore a relative path: a retest's " " and "rel" had

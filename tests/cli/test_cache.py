@@ -307,6 +307,37 @@ def test_a_cache_dir_given_that_cannot_be_a_cache_is_one_line_exit_2(command, na
     assert (tmp_path / "file").read_text() == "mine" and not any((tmp_path / "locked").iterdir())
 
 
+@pytest.mark.parametrize("command", [["list"], ["prune", "--all"],
+                                     ["build", "--model_dir", "hf"]])
+def test_a_cache_dir_of_an_unknown_user_s_home_is_one_line_exit_2(command):
+    """``~nouser/x`` had been Path.expanduser's traceback ("Could not determine home
+    directory.")."""
+    result = _invoke("cache", *command, "--cache_dir", "~nouser/x")
+    assert result.exit_code == 2 and result.output == (
+        f"error: Invalid value for '--cache_dir': '~nouser/x' starts with ~nouser, but there is "
+        f"no user nouser; give another path (see kiln cache {command[0]} --help)\n"), \
+        result.output
+
+
+def test_a_kiln_cache_dir_of_an_unknown_user_s_home_is_one_line_exit_2(monkeypatch):
+    monkeypatch.setenv("KILN_CACHE_DIR", "~nouser/x")
+    result = _invoke("cache", "list")
+    assert result.exit_code == 2 and result.output.startswith(
+        "error: KILN_CACHE_DIR '~nouser/x' starts with ~nouser, but there is no user nouser; "
+        "set it to the build cache's directory"), result.output
+
+
+def test_a_missing_cache_dir_named_dash_is_shown_by_its_absolute_path(tmp_path, monkeypatch):
+    """./- had been told "-: no such directory" with "kiln cache build --cache_dir -", a
+    command that reads - as standard output."""
+    monkeypatch.chdir(tmp_path)
+    result = _invoke("cache", "list", "--cache_dir", "./-")
+    assert result.exit_code == 2 and result.output.startswith(
+        f"error: Invalid value for '--cache_dir': {tmp_path / '-'}: no such directory; check "
+        f"the path (kiln cache build --cache_dir {tmp_path / '-'} makes a cache there)"), \
+        result.output
+
+
 @pytest.mark.parametrize("command", [["list"], ["prune", "--all"]])
 def test_a_cache_s_engines_dir_given_as_its_root_is_one_line_exit_2(command, cache):
     """list prints the engines dir, so a user may pass that: its engines/ had been empty."""
