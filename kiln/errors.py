@@ -98,9 +98,31 @@ _NO_VALUE = object()
 
 
 def named_as_flags() -> bool:
-    """Whether messages made here name options as flags (:func:`options_as_flags`): what a
-    process kiln starts is told, to name them as its starter does."""
+    """Whether messages made here name options as flags (:func:`options_as_flags`)."""
     return _AS_FLAGS.get()
+
+
+@dataclasses.dataclass(frozen=True)
+class Wording:
+    """How messages made here word options (:func:`options_as_flags`) and an engine's limits
+    (:func:`limits_as_options`): what a process kiln starts (a replica, a rank) is told
+    (:func:`wording`) and words its messages in (:func:`worded`), as its starter does."""
+
+    as_flags: bool = False
+    limits_as_options: bool = False
+
+
+def wording() -> Wording:
+    """The :class:`Wording` of messages made here."""
+    return Wording(_AS_FLAGS.get(), _LIMITS_AS_OPTIONS.get())
+
+
+@contextlib.contextmanager
+def worded(given: Wording) -> Iterator[None]:
+    """Messages made inside are worded as ``given`` says (a started process's: its starter's
+    :func:`wording`)."""
+    with options_as_flags(given.as_flags), limits_as_options(given.limits_as_options):
+        yield
 
 
 def option(name: str, value: Any = _NO_VALUE, flag: str | None = None) -> str:
@@ -153,9 +175,8 @@ def build_with(name: str, value: Any = True) -> str:
 
 @contextlib.contextmanager
 def options_as_flags(on: bool = True) -> Iterator[None]:
-    """Messages made inside name options as flags (:func:`option`): the CLI runs its
-    commands in this, and the processes it starts (replicas, ranks) their work (``on``: what
-    :func:`named_as_flags` said where they were started)."""
+    """Messages made inside name options as flags (:func:`option`; not with ``on`` False): the
+    CLI runs its commands in this."""
     token = _AS_FLAGS.set(on)
     try:
         yield
@@ -164,12 +185,12 @@ def options_as_flags(on: bool = True) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def limits_as_options() -> Iterator[None]:
+def limits_as_options(on: bool = True) -> Iterator[None]:
     """Messages made inside advise other engine limits as options to pass again
-    (:func:`build_smaller`, :func:`build_larger`): the engine they are about is built from
-    the options of the command that runs it (``--model_dir``), not by a kiln build of its
-    user's."""
-    token = _LIMITS_AS_OPTIONS.set(True)
+    (:func:`build_smaller`, :func:`build_larger`; not with ``on`` False): the engine they are
+    about is built from the options of the command that runs it (``--model_dir``), not by a
+    kiln build of its user's."""
+    token = _LIMITS_AS_OPTIONS.set(on)
     try:
         yield
     finally:

@@ -21,6 +21,7 @@ import torch
 
 from kiln.builder.api import build
 from kiln.engine import EngineError, read_manifest
+from kiln.errors import Wording, worded, wording
 from kiln.runtime.compat import MachineInfo
 from kiln.runtime.core import EngineCore
 from kiln.runtime.distributed import DistributedExecutor
@@ -365,11 +366,11 @@ def test_exit_causes():
     assert exit_cause(1) == "died: exited with code 1"
 
 
-@pytest.mark.parametrize("as_flags", [False, True])
-def test_a_rank_names_options_as_its_driver_does(monkeypatch, as_flags):
-    """A rank process's messages name options as its driver's do (kiln run --tp_size 2: the
-    flags; kiln.errors.option), as kiln serve's replicas."""
-    from kiln.errors import named_as_flags, options_as_flags
+@pytest.mark.parametrize("given", [Wording(), Wording(as_flags=True),
+                                   Wording(limits_as_options=True)])
+def test_a_rank_words_its_messages_as_its_driver_does(monkeypatch, given):
+    """A rank process's messages word options and limits as its driver's do (kiln run
+    --tp_size 2: the flags; kiln.errors.wording), as kiln serve's replicas."""
     from kiln.runtime.distributed import pool, worker
 
     started = []
@@ -379,13 +380,13 @@ def test_a_rank_names_options_as_its_driver_does(monkeypatch, as_flags):
         raise RuntimeError("not started")
 
     monkeypatch.setattr(pool, "start", start)
-    with options_as_flags(as_flags), pytest.raises(RuntimeError, match="not started"):
+    with worded(given), pytest.raises(RuntimeError, match="not started"):
         pool.WorkerPool(2)
-    assert [spec.as_flags for spec in started] == [as_flags]
+    assert [spec.wording for spec in started] == [given]
 
     seen = []
-    monkeypatch.setattr(worker, "_serve", lambda spec, end: seen.append(named_as_flags()))
+    monkeypatch.setattr(worker, "_serve", lambda spec, end: seen.append(wording()))
     monkeypatch.setattr(worker, "detach", lambda pid: None)
     monkeypatch.setattr(worker.os, "_exit", lambda code: None)
     worker.main(started[0], mock.Mock(), [0, 0])
-    assert seen == [as_flags] and not named_as_flags()
+    assert seen == [given] and wording() == Wording()

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from kiln.builder.api import build
 from kiln.cli.main import main
 from kiln.engine import EngineError, read_manifest
-from kiln.errors import named_as_flags, options_as_flags
+from kiln.errors import Wording, limits_as_options, worded, wording
 from kiln.runtime import LLM, AsyncLLM, ExecutorOptions, SamplingParams
 from kiln.runtime.bench import Workload, run_benchmark
 from kiln.runtime.compat import MachineInfo
@@ -459,11 +459,12 @@ def test_a_bad_engine_dir_is_named_before_the_tokenizer(tmp_path):
             LLM(tmp_path / "nosuch", options)
 
 
-@pytest.mark.parametrize("as_flags", [False, True])
-def test_a_replica_names_options_as_its_driver_does(tmp_path, monkeypatch, as_flags):
+@pytest.mark.parametrize("given", [Wording(), Wording(as_flags=True),
+                                   Wording(limits_as_options=True)])
+def test_a_replica_words_its_messages_as_its_driver_does(tmp_path, monkeypatch, given):
     """A retest: kiln serve's engine thread told a too-long prompt of kiln.build's keyword, not
-    --max_input_len; a replica process (kiln serve --dp 2) is told how its driver names them,
-    and runs its engine so (kiln.errors.option)."""
+    --max_input_len; a replica process (kiln serve --dp 2) is told how its driver words options
+    and limits, and runs its engine so (kiln.errors.wording)."""
     from kiln.runtime.distributed import replica_worker, replicas
 
     started = []
@@ -473,15 +474,15 @@ def test_a_replica_names_options_as_its_driver_does(tmp_path, monkeypatch, as_fl
         raise RuntimeError("not started")
 
     monkeypatch.setattr(replicas, "start", start)
-    with options_as_flags(as_flags), pytest.raises(RuntimeError, match="not started"):
+    with worded(given), pytest.raises(RuntimeError, match="not started"):
         replicas.ReplicaPool(tmp_path, ExecutorOptions(device="cpu"), None, False, [None])
-    assert [spec.as_flags for spec in started] == [as_flags]
+    assert [spec.wording for spec in started] == [given]
 
     seen = []
 
     class Replica:
         def __init__(self, spec, conn):
-            seen.append(named_as_flags())
+            seen.append(wording())
 
         def serve(self):
             pass
@@ -490,7 +491,26 @@ def test_a_replica_names_options_as_its_driver_does(tmp_path, monkeypatch, as_fl
     monkeypatch.setattr(replica_worker, "detach", lambda pid: None)
     monkeypatch.setattr(replica_worker.os, "_exit", lambda code: None)
     replica_worker.main(started[0], mock.Mock())
-    assert seen == [as_flags] and not named_as_flags()
+    assert seen == [given] and wording() == Wording()
+
+
+def test_an_engine_process_refuses_limits_in_the_words_of_one_process(tmp_path):
+    """A retest: kiln serve --model_dir --engine_process (or --dp 2) told a load refusal to
+    rebuild the engine where one process says to pass a smaller option (the build cache's engine
+    is built from the options given: kiln.errors.limits_as_options)."""
+    hf = hf_model("llama-gqa", tmp_path / "hf")
+    # a KV cache of 3 PiB: more host memory than any machine has
+    build(kiln_checkpoint(hf, tmp_path / "ckpt"), tmp_path / "engine", backend="torch",
+          dtype="float32", **{**LIMITS, "max_batch_size": 10 ** 11, "max_num_tokens": 10 ** 11})
+    write_char_tokenizer(tmp_path / "engine")
+    advice = "; pass a smaller max_seq_len or max_batch_size"
+    with limits_as_options(), pytest.raises(EngineError) as one:
+        LLM(tmp_path / "engine", ExecutorOptions(device="cpu"))
+    assert str(one.value).endswith(advice)
+    with limits_as_options(), pytest.raises(WorkerError) as process:
+        LLM(tmp_path / "engine", ExecutorOptions(device="cpu", engine_process=True))
+    assert "failed: EngineError: this torch engine's limits" in str(process.value)
+    assert str(process.value).endswith(advice)
 
 
 class _Id(str):

@@ -70,7 +70,7 @@ from typing import Any
 import torch.distributed as dist
 
 from kiln.config import Mapping
-from kiln.errors import named_as_flags
+from kiln.errors import Wording, wording
 from kiln.runtime.distributed.comm import HOST, LOOPBACK, CollectiveError, GlooBind, Groups
 from kiln.runtime.distributed.process import exit_cause, start
 from kiln.runtime.errors import WorkerError
@@ -128,7 +128,7 @@ class WorkerSpec:
     timeout_s: float
     num_threads: int
     log_level: int
-    as_flags: bool = False  # its messages name options as flags: the driver's is a kiln command
+    wording: Wording = Wording()  # of its messages: its driver's (kiln.errors.wording)
 
 
 @dataclass(frozen=True)
@@ -336,7 +336,7 @@ class WorkerPool(RankPool):
         level = logging.getLogger().getEffectiveLevel()
         for rank in range(1, self.world_size):
             spec = WorkerSpec(rank, self.world_size, self.store.port, self.device, os.getpid(),
-                              self.timeout_s, self._threads, level, named_as_flags())
+                              self.timeout_s, self._threads, level, wording())
             ours, theirs = self._context.Pipe()
             process = self._context.Process(target=main, args=(spec, theirs, self.progress),
                                             daemon=True, name=f"kiln-rank{rank}")

@@ -32,7 +32,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from kiln.errors import options_as_flags
+from kiln.errors import Wording, worded
 from kiln.runtime.distributed.process import detach
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class ReplicaSpec:
     log_level: int
     name: str  # in its log lines: "replica 1", or "engine" when it is the only one
     warned: frozenset[str] = frozenset()  # the checks' warnings the driver has said already
-    as_flags: bool = False  # its messages name options as flags: the driver's is a kiln command
+    wording: Wording = Wording()  # of its messages: its driver's (kiln.errors.wording)
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def main(spec: ReplicaSpec, conn: Connection) -> None:
                         format=f"%(levelname)s %(name)s [{spec.name}]: %(message)s")
     code = 0
     try:
-        with options_as_flags(spec.as_flags):  # (kiln.errors.option)
+        with worded(spec.wording):
             _Replica(spec, conn).serve()
     except BaseException as e:  # every failure is reported, then the replica ends
         code = 1

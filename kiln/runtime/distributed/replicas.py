@@ -74,7 +74,7 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
 from kiln.engine import BuildLimits, EngineManifest
-from kiln.errors import named_as_flags
+from kiln.errors import wording
 from kiln.runtime.core import Request, RequestDelta, check_prompt, check_request
 from kiln.runtime.distributed.process import exit_cause, start
 from kiln.runtime.distributed.replica_worker import ReplicaInfo, ReplicaSpec, Update, main
@@ -120,7 +120,7 @@ class ReplicaPool:
                 spec = ReplicaSpec(i, str(engine_dir), single, policy, with_tokenizer, device,
                                    threads, os.getpid(), level,
                                    f"replica {i}" if self.size > 1 else "engine", warned(),
-                                   named_as_flags())
+                                   wording())
                 ours, theirs = context.Pipe()
                 process = context.Process(target=main, args=(spec, theirs), daemon=True,
                                           name=f"kiln-replica{i}")

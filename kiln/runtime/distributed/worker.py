@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from kiln.errors import options_as_flags
+from kiln.errors import worded
 from kiln.runtime.core import freeze_loaded_objects
 from kiln.runtime.distributed.comm import HOST, CollectiveError, Groups, broadcast
 from kiln.runtime.distributed.driver import replay
@@ -70,7 +70,7 @@ def main(spec, conn: Connection, progress) -> None:
     code = 0
     end = PipeEnd(conn, progress, spec.rank)
     try:
-        with options_as_flags(spec.as_flags):  # (kiln.errors.option)
+        with worded(spec.wording):
             _serve(spec, end)
     except BaseException as e:  # every failure is reported, then the rank ends
         code = 1
