@@ -53,7 +53,9 @@ from kiln.errors import (
     check_integer,
     check_path,
     counted,
+    described,
     option,
+    shown,
 )
 
 if TYPE_CHECKING:
@@ -137,6 +139,23 @@ def text_tokens(tokenizer: Any, data: TextDataset) -> list[int]:
         added = len(token_ids) - len(tokenizer.encode(data.joined(), add_special_tokens=False))
         raise DatasetError(f"{data.shown}: {too_short(len(token_ids), added)}")
     return token_ids
+
+
+def check_token_ids(token_ids: Any, vocab_size: int) -> None:
+    """ConfigError unless ``token_ids`` (a caller's, for :func:`evaluate`) is a list or tuple of
+    int ids in the engine's vocabulary ``[0, vocab_size)``, DatasetError unless they are enough
+    to score (:func:`too_short`): checked before the engine loads. An id outside had failed in
+    the engine, named ``prompt #0``; a str had been scored as the text of its characters."""
+    if not isinstance(token_ids, (list, tuple)):
+        raise ConfigError(f"token_ids must be a list of int token ids, found "
+                          f"{described(token_ids)}")
+    for i, token in enumerate(token_ids):
+        check_integer(f"token_ids[{i}]", token, ConfigError)
+        if not 0 <= token < vocab_size:  # (kiln.reference.check_token_ids' words)
+            raise ConfigError(f"token_ids[{i}]: token id {shown(token)} is outside the vocabulary "
+                              f"[0, {vocab_size}); pass ids of this engine's tokenizer")
+    if len(token_ids) - 1 < MIN_SCORED:
+        raise DatasetError(f"token_ids: {too_short(len(token_ids))}")
 
 
 def check_integers(max_length: Any, stride: Any) -> None:
@@ -239,7 +258,8 @@ def evaluate(engine_dir: str | Path, dataset: str | Path | TextDataset,
     :func:`kiln.datasets.load_texts`, or a loaded :class:`TextDataset`). ``token_ids``: what
     :func:`text_tokens` gave for ``dataset`` with the engine's tokenizer files, when the caller
     has them (``kiln eval --model_dir`` tokenized it before the build: a large dataset's
-    seconds had been spent twice); None: tokenized here."""
+    seconds had been spent twice), checked before the engine loads (:func:`check_token_ids`);
+    None: tokenized here."""
     from kiln.engine import read_manifest
     from kiln.runtime import LLM
     from kiln.runtime.tokenizer import load_tokenizer
@@ -262,6 +282,8 @@ def evaluate(engine_dir: str | Path, dataset: str | Path | TextDataset,
     max_length, stride = resolve_window(manifest.limits.max_input_len, max_length, stride)
     if token_ids is None:
         token_ids = text_tokens(load_tokenizer(engine_dir), data)
+    else:
+        check_token_ids(token_ids, manifest.decoder.vocab_size)
     with LLM(engine_dir, options) as llm:
         result = perplexity(llm, token_ids, max_length, stride, progress)
     if result.tokens < FEW_TOKENS:  # a trial's 3-token text gave a figure without a word

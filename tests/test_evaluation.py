@@ -86,26 +86,65 @@ def test_a_text_too_short_to_score_says_what_the_tokenizer_added(tmp_path):
     assert text_tokens(_BosTokenizer(), load_texts(text)) == [1, 7, 7]
 
 
-def test_a_text_of_two_tokens_is_refused_before_the_engine_loads(tiny_hf, tmp_path,
-                                                                  monkeypatch):
-    """A trial's two-token text gave "perplexity 80.209628" (one token's probability) and
-    exit 0."""
-    import kiln.runtime
+@pytest.fixture(scope="module")
+def gathering_engine(tiny_hf, tmp_path_factory):
+    """A torch engine of tiny_hf that gathers context logits (vocab 128)."""
     from kiln.builder import build
     from tests.models import kiln_checkpoint
+
+    root = tmp_path_factory.mktemp("gathering")
+    return build(kiln_checkpoint(tiny_hf, root / "ckpt"), root / "engine", backend="torch",
+                 max_seq_len=32, gather_context_logits=True).output_dir
+
+
+@pytest.fixture
+def not_loaded(monkeypatch):
+    """The engine must not load: a refusal comes first."""
+    import kiln.runtime
 
     def not_loaded(*args, **kwargs):
         raise AssertionError("the engine was loaded before the refusal")
 
-    checkpoint = kiln_checkpoint(tiny_hf, tmp_path / "ckpt")
-    engine = build(checkpoint, tmp_path / "engine", backend="torch", max_seq_len=32,
-                   gather_context_logits=True).output_dir
     monkeypatch.setattr(kiln.runtime, "LLM", not_loaded)
+
+
+def test_a_text_of_two_tokens_is_refused_before_the_engine_loads(gathering_engine, tmp_path,
+                                                                  not_loaded):
+    """A trial's two-token text gave "perplexity 80.209628" (one token's probability) and
+    exit 0."""
     text = tmp_path / "two.txt"
     text.write_text("Hi")  # a token a character
     with pytest.raises(DatasetError) as info:
-        evaluate(engine, text)
+        evaluate(gathering_engine, text)
     assert str(info.value).startswith(f"{text}: the text is 2 tokens long, so 1 token to score")
+
+
+@pytest.mark.parametrize("token_ids, error, expected", [
+    ([1, 2, 128, 4], ConfigError, "token_ids[2]: token id 128 is outside the vocabulary "
+                                  "[0, 128); pass ids of this engine's tokenizer"),
+    ([1, -2, 3], ConfigError, "token_ids[1]: token id -2 is outside the vocabulary [0, 128); "
+                              "pass ids of this engine's tokenizer"),
+    ([1, 10 ** 5000], ConfigError, "token_ids[1]: token id an integer of about 5,001 digits is "
+                                   "outside the vocabulary [0, 128); pass ids of this engine's "
+                                   "tokenizer"),
+    ([1, 2.0, 3], ConfigError, "token_ids[1] must be an integer, found 2.0"),
+    ([1, True, 3], ConfigError, "token_ids[1] must be an integer, found True"),
+    # a str had been scored as the text of its characters
+    ("abc", ConfigError, "token_ids must be a list of int token ids, found str 'abc'"),
+    ([], DatasetError, "token_ids: the text is 0 tokens long, so 0 tokens to score (the first "
+                       "is context only); perplexity needs at least 2 to score: give a text of "
+                       "at least 3 tokens"),
+])
+def test_token_ids_the_engine_cannot_take_are_refused_before_it_loads(
+        gathering_engine, tmp_path, not_loaded, token_ids, error, expected):
+    """A caller's token_ids outside the vocabulary had failed in the engine, once loaded, as
+    "prompt #0: token ids [128] are outside the vocabulary" (a float as "a prompt must be a
+    string")."""
+    text = tmp_path / "t.txt"
+    text.write_text("Some text to score.")
+    with pytest.raises(error) as info:
+        evaluate(gathering_engine, text, token_ids=token_ids)
+    assert str(info.value) == expected
 
 
 def test_engine_without_gather_context_logits_is_refused(tiny_engine_no_gather, tmp_path):
