@@ -302,12 +302,16 @@ async def _events(submitted: Submitted, jobs: list[Job], req: Any, body: Callabl
 
 def body_limit(max_body_bytes: int | str | None) -> int:
     """The bytes of ``max_body_bytes`` (bytes, or a size string as kiln's other size keywords
-    take: ``"64KiB"``; None: the default 4MiB), 1 KiB at least, or a
-    :class:`~kiln.errors.ConfigError` naming it as its user gave it: create_app's keyword, or
-    ``kiln serve --max_body_bytes`` (which checks it before it binds its port)."""
+    take: ``"64KiB"``; None: :data:`DEFAULT_MAX_BODY_BYTES`), :data:`MIN_BODY_BYTES` at least,
+    or a :class:`~kiln.errors.ConfigError` naming it as its user gave it: create_app's keyword,
+    or ``kiln serve --max_body_bytes`` (which checks it before it binds its port)."""
+    # the sizes as they are typed: "1KiB", "4MiB"
+    least, default = (size_text(n).replace(" ", "")
+                      for n in (MIN_BODY_BYTES, DEFAULT_MAX_BODY_BYTES))
     size = size_option("max_body_bytes", max_body_bytes, least=MIN_BODY_BYTES,
                        short="too small for any real request (a short chat request is some "
-                             "hundred bytes)", fix="give 1KiB or more, like the default 4MiB")
+                             "hundred bytes)",
+                       fix=f"give {least} or more, like the default {default}")
     return DEFAULT_MAX_BODY_BYTES if size is None else size
 
 

@@ -190,9 +190,29 @@ def test_a_max_body_bytes_no_request_fits_in_is_refused_naming_the_keyword(engin
                                f"like the default 4MiB")
 
 
-def test_a_max_body_bytes_of_no_size_is_refused_naming_the_keyword(engine):
-    with pytest.raises(ConfigError, match=r"^max_body_bytes 'lots' is not a size like 20GB"):
-        create_app(engine, "m", max_body_bytes="lots")
+def test_the_least_max_body_bytes_is_told_from_its_one_figure(engine, monkeypatch):
+    """body_limit's advice had stated MIN_BODY_BYTES's 1 KiB a second time, in its text."""
+    from kiln.serve import app
+
+    monkeypatch.setattr(app, "MIN_BODY_BYTES", 2048)
+    monkeypatch.setattr(app, "DEFAULT_MAX_BODY_BYTES", 8 * 1024 * 1024)
+    with pytest.raises(ConfigError) as info:
+        create_app(engine, "m", max_body_bytes=1024)
+    assert str(info.value).endswith("; give 2KiB or more, like the default 8MiB")
+
+
+@pytest.mark.parametrize("size, expected", [
+    ("lots", "'lots' is not a size like 20GB, 512MiB or 2000000000 (a string, or a number of "
+             "bytes)"),
+    # kiln's other size keywords' words for a fraction of a byte (kiln.sizes.parse_size)
+    (1.5, "1.5 is not a whole number of bytes; give bytes (an integer), or a size with its "
+          "unit such as 20GB or 512MiB"),
+    ("1.5", "'1.5' is not a whole number of bytes; give bytes (an integer), or a size with its "
+            "unit such as 20GB or 512MiB")])
+def test_a_max_body_bytes_of_no_size_is_refused_naming_the_keyword(engine, size, expected):
+    with pytest.raises(ConfigError) as info:
+        create_app(engine, "m", max_body_bytes=size)
+    assert str(info.value) == f"max_body_bytes {expected}"
 
 
 def test_unknown_route_and_not_json(engine):

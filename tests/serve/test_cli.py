@@ -336,7 +336,11 @@ def test_max_body_bytes_takes_a_size(tmp_path, size):
 
 
 @pytest.mark.parametrize("size,why", [("1e20", "is more than any machine holds"),
-                                      ("4 MBs", "is not a size like 20GB")])
+                                      ("4 MBs", "is not a size like 20GB"),
+                                      # as --max_build_memory 1.5 (kiln.sizes.parse_size)
+                                      ("1.5", "is not a whole number of bytes; give bytes (an "
+                                              "integer), or a size with its unit such as 20GB "
+                                              "or 512MiB")])
 def test_a_max_body_bytes_of_no_size_is_one_line(tmp_path, size, why):
     code, lines = _serve("--engine_dir", str(tmp_path), "--max_body_bytes", size)
     assert code == 2 and len(lines) == 1, lines
