@@ -7,7 +7,9 @@ Contract:
   command writes (``writes``: a kiln checkpoint or engine manifest in ``config.json`` and
   nothing but the files kiln writes beside it; a build's ``--overwrite`` never replaces a
   checkpoint that took a long calibration); never a filesystem root, the home directory, the
-  current directory or anything inside a build cache entry; nor a name past ``NAME_MAX``.
+  current directory or anything inside a build cache entry; nor a name past ``NAME_MAX``; nor
+  a directory a process holds loaded (:mod:`kiln.dir_locks`: ``kiln serve`` or an ``LLM``
+  running that engine dir), checked again at the replacement.
 - :func:`atomic_dir` writes into a temporary directory beside the target and renames it into
   place only when the body succeeds; the old output is moved aside first and restored if the
   rename fails, so it survives any failure. What it replaces is logged at the default level.
@@ -38,6 +40,7 @@ from pathlib import Path
 
 from kiln.checkpoint import CONFIG_NAME as MANIFEST_NAME
 from kiln.checkpoint import TOKENIZER_FILES, rank_file
+from kiln.dir_locks import check_unused, replacing
 from kiln.engine import (
     ENGINE_FILE,  # rank files of a checkpoint or engine dir
     manifest_edit,
@@ -93,6 +96,7 @@ def check_output(output_dir: Path, overwrite: bool, inputs: Sequence[Path] = (),
                                 f"to replace it (only a directory kiln wrote is replaced)")
     _check_kind(output_dir, describe_replaceable(output_dir), writes)
     _check_writable(output_dir)
+    check_unused(output_dir)  # a process holds it loaded (kiln serve, an LLM): refused
 
 
 def output_path(output_dir: str | os.PathLike) -> Path:
@@ -409,19 +413,20 @@ def disk_full(error: BaseException) -> OSError | None:
 def _replace(target: Path, tmp: Path, writes: str | None) -> None:
     kind = describe_replaceable(target)  # it may have changed since check_output
     _check_kind(target, kind, writes)
-    trash = Path(tempfile.mkdtemp(prefix=f".{_stem(target)}.old-{os.getpid()}-",
-                                  dir=target.parent))
-    try:
-        target.rename(trash / "old")
-    except BaseException:
-        trash.rmdir()
-        raise
-    try:
-        tmp.rename(target)
-    except BaseException:
-        (trash / "old").rename(target)
-        trash.rmdir()
-        raise
+    with replacing(target):  # loaded since check_output: refused; loaders wait for the renames
+        trash = Path(tempfile.mkdtemp(prefix=f".{_stem(target)}.old-{os.getpid()}-",
+                                      dir=target.parent))
+        try:
+            target.rename(trash / "old")
+        except BaseException:
+            trash.rmdir()
+            raise
+        try:
+            tmp.rename(target)
+        except BaseException:
+            (trash / "old").rename(target)
+            trash.rmdir()
+            raise
     try:
         log.warning("replaced %s (%s) with the new output", target, kind)
     finally:

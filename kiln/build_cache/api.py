@@ -45,6 +45,7 @@ from kiln.build_cache.store import (
     cache_of,
     damage,
 )
+from kiln.dir_locks import holding
 from kiln.errors import BuildCacheError, CheckpointError, check_path, named_as_flags
 from kiln.sizes import size_option, size_text
 
@@ -154,11 +155,12 @@ def request_for(model: str | Path, *, backend: str | None = None, dtype: str = "
 @contextlib.contextmanager
 def hold_engine(engine_dir: str | Path, cache_dir: str | Path | None = None) -> Iterator[Path]:
     """Use ``engine_dir`` in the body with its cache entry kept from ``kiln cache prune`` and
-    eviction (a shared lock, released on exit or when the process dies). Without
-    ``cache_dir``, the cache is the one the engine dir lies in, whatever its root; a dir
-    outside any cache passes through unlocked."""
+    eviction (a shared lock, released on exit or when the process dies), and the directory
+    itself from ``--overwrite`` (:func:`kiln.dir_locks.holding`: an engine dir outside any
+    cache too). Without ``cache_dir``, the cache is the one the engine dir lies in, whatever
+    its root."""
     cache = EngineCache(cache_dir) if cache_dir is not None else cache_of(engine_dir)
-    with (cache or EngineCache()).hold(engine_dir) as path:
+    with (cache or EngineCache()).hold(engine_dir) as path, holding(path):
         yield path
 
 

@@ -1,0 +1,150 @@
+"""Directories in use: a process that loaded an engine dir holds it, and kiln never replaces a
+directory that a process holds. Torch-free.
+
+- :func:`holding`: a shared ``flock(2)`` on a read-only descriptor of the directory itself,
+  for as long as the body runs (an ``LLM``, ``kiln serve``, ``run``, ``bench`` and ``eval``
+  hold their engine dir through :func:`kiln.build_cache.hold_engine`). Nothing is written:
+  an engine dir may be read-only, and the directory above it is the user's. (The build cache
+  locks its entries with lock files beside them, in ``engines/``, which it owns:
+  kiln/build_cache/store.py; a user's engine dir has no such place.) The kernel drops the
+  lock when the process ends, however it ends (SIGKILL included). Processes the holder
+  spawns (``--dp`` replicas, ``--engine_process``) end with it (kiln.runtime.distributed.
+  process), so the holder's lock covers them.
+- :func:`replacing`: an exclusive lock, never waited for, for the body that replaces the
+  directory; one held by any process (this one included, through another descriptor) is
+  refused (:class:`OutputError`, one line): what is in use, by which process when
+  ``/proc/locks`` tells it, and the fix.
+- A holder that had to wait while a replacement ran holds whatever the path names once it
+  is done (the same device and inode), not the directory moved aside.
+- Where a lock cannot be taken (no ``fcntl``: Windows; a file system that refuses flock; a
+  directory that cannot be opened for reading; no such directory, which the loader then
+  names), nothing is locked and the command goes on: said at debug level, the one fallback.
+
+Non-goals: locks across machines (a network file system's flock is local or emulated); keeping
+other programs than kiln from deleting a directory (an advisory lock binds only kiln).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from kiln.errors import OutputError, option
+
+try:
+    import fcntl
+except ImportError:  # Windows: nothing is locked (module docstring)
+    fcntl = None
+
+log = logging.getLogger(__name__)
+_ATTEMPTS = 3  # holding: replacements waited for in a row before going on unlocked
+PROC_LOCKS = Path("/proc/locks")
+
+
+@contextlib.contextmanager
+def holding(directory: str | os.PathLike) -> Iterator[None]:
+    """Hold ``directory`` in use (a shared lock) while the body runs (module docstring)."""
+    fd = _hold(Path(directory))
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def replacing(directory: str | os.PathLike) -> Iterator[None]:
+    """Hold ``directory`` exclusively while the body replaces it; refuse one that a process
+    holds (:func:`holding`) with :class:`OutputError`."""
+    directory = Path(directory)
+    fd = _open(directory)
+    try:
+        if fd is not None and _flock(fd, "LOCK_EX", directory) is False:
+            raise OutputError(f"{directory}: is in use: {_holders(fd)} holds it loaded (kiln "
+                              f"serve, run, bench or eval, or an LLM), and "
+                              f"{option('overwrite', True)} would replace it under that "
+                              f"process; stop it (or close its LLM) first, or choose another "
+                              f"{option('output_dir')}")
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _hold(directory: Path) -> int | None:
+    """A descriptor of ``directory`` holding its shared lock, or None where none can be had."""
+    for _ in range(_ATTEMPTS):
+        fd = _open(directory)
+        if fd is None:
+            return None
+        taken = _flock(fd, "LOCK_SH", directory)
+        if taken is False:  # a replacement is under way: it is quick, and never waits
+            log.info("%s: waiting for the kiln command replacing it", directory)
+            taken = _flock(fd, "LOCK_SH", directory, wait=True)
+        if taken and _names(directory, fd):
+            return fd
+        os.close(fd)  # not taken, or taken on the directory a replacement moved aside
+        if taken is None:
+            return None
+    log.debug("%s: not locked (replaced %d times while waiting)", directory, _ATTEMPTS)
+    return None
+
+
+def check_unused(directory: str | os.PathLike) -> None:
+    """Refuse ``directory`` if a process holds it, as :func:`replacing` does."""
+    with replacing(directory):
+        pass
+
+
+def _open(directory: Path) -> int | None:
+    """A read-only descriptor of ``directory``, or None where it cannot be locked."""
+    if fcntl is None:
+        log.debug("%s: not locked (no flock on this platform)", directory)
+        return None
+    try:
+        return os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as e:
+        log.debug("%s: not locked (%s)", directory, e.strerror or e)
+        return None
+
+
+def _flock(fd: int, how: str, directory: Path, wait: bool = False) -> bool | None:
+    """Take the lock ``how`` (``LOCK_SH`` / ``LOCK_EX``): True when taken, False when another
+    descriptor holds it (without ``wait``), None where flock fails here (said at debug)."""
+    try:
+        fcntl.flock(fd, getattr(fcntl, how) | (0 if wait else fcntl.LOCK_NB))
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as e:
+        log.debug("%s: not locked (%s)", directory, e.strerror or e)
+        return None
+
+
+def _names(directory: Path, fd: int) -> bool:
+    """Whether ``directory`` still names the directory open as ``fd``."""
+    try:
+        now, held = os.stat(directory), os.fstat(fd)
+    except OSError:
+        return False
+    return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _holders(fd: int) -> str:
+    """Who holds a lock on the directory open as ``fd``: "process 12" / "this process (pid
+    12)", from ``/proc/locks`` (Linux), else "another process"."""
+    held = os.fstat(fd)
+    where = f"{os.major(held.st_dev):02x}:{os.minor(held.st_dev):02x}:{held.st_ino}"
+    try:
+        lines = PROC_LOCKS.read_text().splitlines()
+    except OSError:
+        lines = []
+    # "1: FLOCK  ADVISORY  READ 12345 fd:01:1234 0 EOF"; a waiter's line has "->" after "1:"
+    pids = sorted({int(f[4]) for f in map(str.split, lines)
+                   if len(f) > 5 and f[1] == "FLOCK" and f[5] == where and f[4].isdigit()})
+    names = [f"this process (pid {pid})" if pid == os.getpid() else f"process {pid}"
+             for pid in pids if pid > 0]
+    return ", ".join(names) or "another process"
