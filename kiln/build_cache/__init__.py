@@ -2,8 +2,8 @@
 converted and built once per machine, then reused.
 
 Public: :func:`engine_for_model` (an HF checkpoint -> its cached engine dir),
-:func:`hold_engine` (keeps prune away while an engine is used), :func:`cached_engine` (both:
-what ``--model_dir`` on run/bench/eval and ``LLM(model=...)`` use),
+:func:`hold_engine` (keeps prune and ``--overwrite`` away while an engine is used),
+:func:`cached_engine` (both: what ``--model_dir`` on run/bench/eval and ``LLM(model=...)`` use),
 :class:`EngineCache` (entries, ``kiln cache list`` / ``prune``), :func:`cache_root`.
 
 Where what lives: the key (what decides an engine) in :mod:`kiln.build_cache.key`, memoized

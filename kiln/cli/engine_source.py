@@ -13,8 +13,9 @@ Contract:
   already), named rather than ignored. Checked while the command line is parsed
   (:class:`EngineSourceCommand`), so before torch is imported.
 - :func:`held_engine` gives the command its engine dir, held (:func:`kiln.build_cache.
-  hold_engine`) until the command ends: ``kiln cache prune`` and eviction skip it. An
-  ``--engine_dir`` inside the cache is held too.
+  hold_engine`) until the command ends: ``--overwrite`` refuses to replace it
+  (:mod:`kiln.dir_locks`), and ``kiln cache prune`` and eviction skip one in the build cache
+  (``--model_dir``'s, or an ``--engine_dir`` inside it).
 - :func:`model_options` / :func:`engine_from_options`: the same options with ``--model_dir``
   required (``kiln cache build``).
 

@@ -458,7 +458,7 @@ class LLM:
 def _held(engine_dir: str | Path | None, model: str | Path | None, options: ExecutorOptions,
           build_options: dict[str, Any]) -> contextlib.AbstractContextManager[Path]:
     """The engine dir to open, held while it is used (kiln.build_cache: prune and eviction skip
-    it): ``engine_dir`` (held if it lies in the build cache), or ``model``'s cached engine,
+    it; kiln.dir_locks: ``--overwrite`` refuses it): ``engine_dir``, or ``model``'s cached engine,
     converted and built first if the cache has none. The build cache sits above the runtime
     in the pipeline: it imports the builder only to build, so only for ``model=``. Before a
     build, the engine it would make is checked against this machine and ``options``."""
