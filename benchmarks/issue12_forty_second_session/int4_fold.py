@@ -20,6 +20,11 @@ with the same activations, so that D = E + sum((C + q) x) = sum(q x). Products a
 float32; the sums are float32, so D differs from the kernel's by the rounding of sums ~C/|q|
 times larger (bf16: about 2^-17 of the result; the outputs, rounded to 16 bits, agree but for
 rare last-bit ties). 28 + 4 + 4 + 4 instructions a chunk instead of 44 + 4 + 4.
+
+Measured and not kept (benchmarks/GPU_NOTES.md, forty-second session, run 6, one H100): FOLD
+gained only on gate_up at 8 tokens, and batch-1 INT4 through EngineCore lost 2.1% (461 against
+471 tok/s, 17 alternating runs each). With the words from L2 (DRY_TILE 1) gate_up took 14.6 us
+against 23.1 from DRAM: the kernel waits on memory, not on its arithmetic.
 """
 
 from __future__ import annotations
@@ -310,11 +315,11 @@ def sweep(args) -> list[dict]:
             for label, fold, dry in (("committed", None, 0), ("probe fold 0", 0, 0),
                                      ("fold", 1, 0), ("dry fold 0", 0, 1), ("dry fold", 1, 1)):
                 if fold is None:
-                    def fn(c):
+                    def fn(c, x=x, silu=silu):
                         return gk.int4_fragments_linear(x, c[0], c[1], GROUP, None,
                                                         silu_mul=silu)
                 else:
-                    def fn(c, fold=fold, dry=dry):
+                    def fn(c, x=x, silu=silu, fold=fold, dry=dry):
                         return probe_linear(x, c[0], c[1], GROUP, None, None, silu, fold, dry)
                 try:
                     y = fn(copies[0])

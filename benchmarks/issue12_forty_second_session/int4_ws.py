@@ -11,14 +11,14 @@ MMAs exactly as the committed kernel does.
     PYTHONPATH=. python3 benchmarks/issue12_forty_second_session/int4_ws.py --out DIR \\
         --timeline best|committed|gate_up=4x2x6x1x1,...  (batch-1 INT4 g128 through EngineCore)
 
-A config is W x U x STAGES x SD x PER_SM [x AHEAD]: W consumer warps (4 or 8: a warp-specialized kernel's
-default partition is whole warp groups), U chunks of 64 features a warp and step, STAGES ring
-slots of W U chunks (and the up tile's, for silu * up), the scales SD steps ahead in registers
-(1 or 2), PER_SM programs an SM (the grid: min(tiles, SMs x PER_SM)); AHEAD 1: each step
-takes the next step's words out of the ring before its own arithmetic. DRY, probes with wrong
-outputs: 1, no TMA and no waits (the consumers convert and multiply whatever the ring holds: the
-arithmetic with the activations' and scales' loads, no word traffic); 2, that without the
-scales' loads (ones); 3, the words as usual and the scales ones, not loaded.
+A config is W x U x STAGES x SD x PER_SM [x AHEAD [x DRY]]: W consumer warps (4 or 8: a warp-
+specialized kernel's default partition is whole warp groups), U chunks of 64 features a warp and
+step, STAGES ring slots of W U chunks (and the up tile's, for silu * up), the scales SD steps
+ahead in registers (1 or 2), PER_SM programs an SM (the grid: min(tiles, SMs x PER_SM)); AHEAD
+1: each step takes the next step's words out of the ring before its own arithmetic. DRY, probes
+with wrong outputs: 1, no TMA and no waits (the consumers convert and multiply whatever the ring
+holds: the arithmetic with the activations' and scales' loads, no word traffic); 2, that without
+the scales' loads (ones); 3, the words as usual and the scales ones, not loaded.
 
 Why (benchmarks/GPU_NOTES.md, thirty-seventh to fortieth sessions): at one token the committed
 kernel is latency-bound (ncu: 3.3 warps a scheduler, each waiting on its own word loads, one
@@ -32,6 +32,10 @@ the ring runs on across tile boundaries instead of filling and draining once a t
 The arithmetic is the committed kernel's at (W, U): warp w takes chunks U w + u of each step,
 in order, and the warps add up at the end of a tile as there. So the outputs are compared bit
 for bit with ``int4_fragments_linear(..., config=(W, U))``.
+
+Measured and not kept (benchmarks/GPU_NOTES.md, forty-second session, runs 1-5, one H100):
+every config bit for bit the committed kernel's, and 24-80% slower at one token; with no word
+traffic at all (DRY 2) its consumers took longer than the committed kernel with its traffic.
 """
 
 from __future__ import annotations
@@ -349,8 +353,8 @@ def sweep(args) -> list[dict]:
             committed = gk.fragments_config(n, k, GROUP, 1)
             base = gk.int4_fragments_linear(x, copies[0][0], copies[0][1], GROUP, None,
                                             committed, silu_mul=silu)
-            sec = time_calls([lambda c=c: gk.int4_fragments_linear(
-                x, c[0], c[1], GROUP, None, committed, silu_mul=silu) for c in copies])
+            sec = time_calls([lambda c=c, x=x, cfg=committed, silu=silu: gk.int4_fragments_linear(
+                x, c[0], c[1], GROUP, None, cfg, silu_mul=silu) for c in copies])
             row = dict(shape=name, m=m, config="committed " + "x".join(map(str, committed)),
                        us=round(sec * 1e6, 2), tbps=round(nbytes / sec / 1e12, 3))
             rows.append(row)
@@ -362,7 +366,7 @@ def sweep(args) -> list[dict]:
                                                     cfg[:2], silu_mul=silu)
                     y = int4_ws_linear(x, copies[0][0], copies[0][1], GROUP, None, cfg, silu)
                     torch.cuda.synchronize()
-                    sec = time_calls([lambda c=c, cfg=cfg: int4_ws_linear(
+                    sec = time_calls([lambda c=c, x=x, cfg=cfg, silu=silu: int4_ws_linear(
                         x, c[0], c[1], GROUP, None, cfg, silu) for c in copies])
                 except Exception as e:  # a config that does not compile or launch: recorded
                     row = dict(shape=name, m=m, config=spec, error=f"{type(e).__name__}: "
