@@ -24,7 +24,8 @@ rare last-bit ties). 28 + 4 + 4 + 4 instructions a chunk instead of 44 + 4 + 4.
 Measured and not kept (benchmarks/GPU_NOTES.md, forty-second session, run 6, one H100): FOLD
 gained only on gate_up at 8 tokens, and batch-1 INT4 through EngineCore lost 2.1% (461 against
 471 tok/s, 17 alternating runs each). With the words from L2 (DRY_TILE 1) gate_up took 14.6 us
-against 23.1 from DRAM: the kernel waits on memory, not on its arithmetic.
+against 23.1 from DRAM: the kernel waits on memory, not on its arithmetic. ``--ring`` (run 7):
+the thirty-seventh session's TMA ring (``STAGES``) in one-warp programs, slower at every shape.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
 from kiln.plugins.quant_linear import gluon_kernels as gk
 from kiln.plugins.quant_linear.triton_kernels import INT4_PAIR_CONSTANTS
@@ -47,6 +49,7 @@ from kiln.plugins.quant_linear.triton_kernels import INT4_PAIR_CONSTANTS
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
           "down": (4096, 14336)}
 GROUP = 128
+_ROWS = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
 
 
 def _convert_nofma_asm(bf16: bool) -> str:
@@ -141,13 +144,47 @@ def _chunks(acc0, acc1, acc2, acc3, wv, xv, slo, shi, U: gl.constexpr, S2: gl.co
     return acc0, acc1, acc2, acc3
 
 
+@gluon.jit
+def _ring_issue(w_desc, ring, up_ring, ready, row0, up_row0, it, n_iter, WU: gl.constexpr,
+                STAGES: gl.constexpr, SILU_MUL: gl.constexpr):
+    """TMA of iteration ``it``'s words (``WU`` chunk rows of the tile's, and of its up tile's)
+    into ring slot ``it % STAGES``, counted on that slot's barrier; none past the last."""
+    slot = it % STAGES
+    ok = it < n_iter
+    bar = ready.index(slot)
+    mbarrier.expect(bar, (2 if SILU_MUL else 1) * WU * 512, pred=ok)
+    tma.async_copy_global_to_shared(w_desc, [row0 + it * WU, 0], bar, ring.index(slot), pred=ok)
+    if SILU_MUL:
+        tma.async_copy_global_to_shared(w_desc, [up_row0 + it * WU, 0], bar, up_ring.index(slot),
+                                        pred=ok)
+
+
+@gluon.jit
+def _ring_take(w_desc, ring, up_ring, words, up_words, ready, row0, up_row0, it, n_iter,
+               W: gl.constexpr, U: gl.constexpr, STAGES: gl.constexpr, SILU_MUL: gl.constexpr,
+               LW: gl.constexpr):
+    """Iteration ``it``'s words out of its slot as [W, 32, 4, U] (and its up tile's), then the
+    slot refilled with iteration ``it + STAGES``'s (with W = 1 the barrier is the warp's)."""
+    slot = it % STAGES
+    mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
+    wv = gl.permute(words.index(slot).load(LW), [0, 2, 3, 1])
+    wu = wv
+    if SILU_MUL:
+        wu = gl.permute(up_words.index(slot).load(LW), [0, 2, 3, 1])
+    gl.thread_barrier()
+    fence_async_shared()
+    _ring_issue(w_desc, ring, up_ring, ready, row0, up_row0, it + STAGES, n_iter, W * U, STAGES,
+                SILU_MUL)
+    return wv, wu
+
+
 # the committed kernel (kiln/plugins/quant_linear/gluon_kernels.py) with FOLD and DRY_TILE
 @gluon.jit(do_not_specialize=["m"])
-def _probe_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, m, k, stride_x32, stride_ym,
+def _probe_kernel(x_ptr, w_ptr, w_desc, ws_ptr, b_ptr, y_ptr, m, k, stride_x32, stride_ym,
                   GROUP: gl.constexpr, W: gl.constexpr, U: gl.constexpr,
                   T: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
                   PDL: gl.constexpr, SILU_MUL: gl.constexpr, FOLD: gl.constexpr,
-                  DRY_TILE: gl.constexpr):
+                  DRY_TILE: gl.constexpr, STAGES: gl.constexpr = 0):
     L4: gl.constexpr = gl.BlockedLayout([1, 1, 4, U], [1, 32, 1, 1], [W, 1, 1, 1], [2, 3, 1, 0])
     L5X: gl.constexpr = gl.BlockedLayout([1, 1, T, 8, U], [1, 32, 1, 1, 1], [W, 1, 1, 1, 1],
                                          [3, 4, 2, 1, 0])
@@ -211,45 +248,100 @@ def _probe_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, m, k, stride_x32, stride_y
     acc1 = gl.zeros([W, 32, T], gl.float32, S3)
     acc2 = gl.zeros([W, 32, T], gl.float32, S3)
     acc3 = gl.zeros([W, 32, T], gl.float32, S3)
-    wv, slo, shi = gk._tile_loads(w_at, s_at, n_groups)
-    if SILU_MUL:
-        up_w = gl.num_programs(1).to(gl.int64) * (n_chunks * 128)
-        if DRY_TILE:
-            up_w = 0
-        up_s = gl.num_programs(1).to(gl.int64) * (16 * n_groups)
-        up0 = gl.zeros([W, 32, T], gl.float32, S3)
-        up1 = gl.zeros([W, 32, T], gl.float32, S3)
-        up2 = gl.zeros([W, 32, T], gl.float32, S3)
-        up3 = gl.zeros([W, 32, T], gl.float32, S3)
-        wu, sulo, suhi = gk._tile_loads(w_at + up_w, s_at + up_s, n_groups)
+    up_w = gl.num_programs(1).to(gl.int64) * (n_chunks * 128)
+    if DRY_TILE:
+        up_w = 0
+    up_s = gl.num_programs(1).to(gl.int64) * (16 * n_groups)
+    up0 = acc0
+    up1 = acc1
+    up2 = acc2
+    up3 = acc3
+    if STAGES > 0:  # the words by TMA into a ring of STAGES slots, the first before the wait
+        WU: gl.constexpr = W * U
+        ring = gl.allocate_shared_memory(gl.int32, [STAGES, WU, 128], w_desc.layout)
+        up_ring = ring
+        if SILU_MUL:
+            up_ring = gl.allocate_shared_memory(gl.int32, [STAGES, WU, 128], w_desc.layout)
+        PLAIN: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0])
+        words = ring._reinterpret(gl.int32, [STAGES, W, U, 32, 4], PLAIN)
+        up_words = up_ring._reinterpret(gl.int32, [STAGES, W, U, 32, 4], PLAIN)
+        LW: gl.constexpr = gl.BlockedLayout([1, U, 1, 4], [1, 1, 32, 1], [W, 1, 1, 1],
+                                            [3, 1, 2, 0])
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for st in gl.static_range(STAGES):
+            mbarrier.init(ready.index(st), count=1)
+        row0 = w_tile * n_chunks
+        up_row0 = row0
+        if not DRY_TILE:
+            up_row0 = row0 + gl.num_programs(1) * n_chunks
+        for st in gl.static_range(STAGES):
+            _ring_issue(w_desc, ring, up_ring, ready, row0, up_row0, st, n_iter, WU, STAGES,
+                        SILU_MUL)
+        slo = gl.load(s_at)
+        shi = gl.load(s_at + 8 * n_groups)
+        sulo = slo
+        suhi = shi
+        if SILU_MUL:
+            sulo = gl.load(s_at + up_s)
+            suhi = gl.load(s_at + up_s + 8 * n_groups)
+    else:
+        wv, slo, shi = gk._tile_loads(w_at, s_at, n_groups)
+        if SILU_MUL:
+            wu, sulo, suhi = gk._tile_loads(w_at + up_w, s_at + up_s, n_groups)
     if PDL:
         gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32,
                                   is_pure=False, pack=1)
         gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [],
                                   dtype=gl.int32, is_pure=False, pack=1)
     xv = gl.load(x_at, mask=x_ok, other=0)
-    for _ in range(n_iter - 1):
-        w_at += W * U * 128
-        x_at += W * U * 32
-        s_at += S_STEP
-        wv_next = gk._words(w_at)
-        xv_next = gl.load(x_at, mask=x_ok, other=0)
-        slo_next = gl.load(s_at)
-        shi_next = gl.load(s_at + 8 * n_groups)
-        if SILU_MUL:
-            wu_next, sulo_next, suhi_next = gk._tile_loads(w_at + up_w, s_at + up_s, n_groups)
-        acc0, acc1, acc2, acc3 = _chunks(acc0, acc1, acc2, acc3, wv, xv, slo, shi, U, S2, S3,
-                                         BF16, FOLD)
-        wv = wv_next
-        slo = slo_next
-        shi = shi_next
-        if SILU_MUL:
-            up0, up1, up2, up3 = _chunks(up0, up1, up2, up3, wu, xv, sulo, suhi, U, S2, S3,
-                                         BF16, FOLD)
-            wu = wu_next
-            sulo = sulo_next
-            suhi = suhi_next
-        xv = xv_next
+    if STAGES > 0:
+        for it in range(n_iter - 1):
+            wv, wu = _ring_take(w_desc, ring, up_ring, words, up_words, ready, row0, up_row0,
+                                it, n_iter, W, U, STAGES, SILU_MUL, LW)
+            x_at += W * U * 32
+            s_at += S_STEP
+            xv_next = gl.load(x_at, mask=x_ok, other=0)
+            slo_next = gl.load(s_at)
+            shi_next = gl.load(s_at + 8 * n_groups)
+            if SILU_MUL:
+                sulo_next = gl.load(s_at + up_s)
+                suhi_next = gl.load(s_at + up_s + 8 * n_groups)
+            acc0, acc1, acc2, acc3 = _chunks(acc0, acc1, acc2, acc3, wv, xv, slo, shi, U, S2,
+                                             S3, BF16, FOLD)
+            slo = slo_next
+            shi = shi_next
+            if SILU_MUL:
+                up0, up1, up2, up3 = _chunks(up0, up1, up2, up3, wu, xv, sulo, suhi, U, S2, S3,
+                                             BF16, FOLD)
+                sulo = sulo_next
+                suhi = suhi_next
+            xv = xv_next
+        wv, wu = _ring_take(w_desc, ring, up_ring, words, up_words, ready, row0, up_row0,
+                            n_iter - 1, n_iter, W, U, STAGES, SILU_MUL, LW)
+    else:
+        for _ in range(n_iter - 1):
+            w_at += W * U * 128
+            x_at += W * U * 32
+            s_at += S_STEP
+            wv_next = gk._words(w_at)
+            xv_next = gl.load(x_at, mask=x_ok, other=0)
+            slo_next = gl.load(s_at)
+            shi_next = gl.load(s_at + 8 * n_groups)
+            if SILU_MUL:
+                wu_next, sulo_next, suhi_next = gk._tile_loads(w_at + up_w, s_at + up_s,
+                                                               n_groups)
+            acc0, acc1, acc2, acc3 = _chunks(acc0, acc1, acc2, acc3, wv, xv, slo, shi, U, S2,
+                                             S3, BF16, FOLD)
+            wv = wv_next
+            slo = slo_next
+            shi = shi_next
+            if SILU_MUL:
+                up0, up1, up2, up3 = _chunks(up0, up1, up2, up3, wu, xv, sulo, suhi, U, S2, S3,
+                                             BF16, FOLD)
+                wu = wu_next
+                sulo = sulo_next
+                suhi = suhi_next
+            xv = xv_next
     acc0, acc1, acc2, acc3 = _chunks(acc0, acc1, acc2, acc3, wv, xv, slo, shi, U, S2, S3, BF16,
                                      FOLD)
     y0, y1, y2, y3 = gk._row_sums(b_ptr, acc0, acc1, acc2, acc3, tile, HAS_BIAS)
@@ -268,8 +360,11 @@ def _probe_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, m, k, stride_x32, stride_y
 
 
 def probe_linear(x, words, ws, group_size, bias, config=None, silu_mul=False, fold=1,
-                 dry_tile=0):
-    """gk.int4_fragments_linear through :func:`_probe_kernel`."""
+                 dry_tile=0, stages=0):
+    """gk.int4_fragments_linear through :func:`_probe_kernel`; ``stages`` > 0: the words by
+    TMA through a ring of that many slots (the thirty-seventh session's, here for one-warp
+    programs, whose barrier is the warp's)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     m, k = x.shape
     n = 16 * words.shape[0]
     tiles = gk.token_tiles(m)
@@ -277,11 +372,16 @@ def probe_linear(x, words, ws, group_size, bias, config=None, silu_mul=False, fo
     out_tiles = n // 32 if silu_mul else n // 16
     y = torch.empty((m, 16 * out_tiles), dtype=x.dtype, device=x.device)
     pdl = gk.pdl_enabled(x.device)
+    desc = words
+    if stages:
+        rows = words.view(-1, 128)
+        desc = TensorDescriptor(rows, list(rows.shape), list(rows.stride()),
+                                [warps * chunks, 128], _ROWS)
     _probe_kernel[(triton.cdiv(m, gk.TOKENS * tiles), out_tiles)](
-        x, words, ws, bias if bias is not None else ws, y, m, k, x.stride(0) // 2, y.stride(0),
-        GROUP=group_size, W=warps, U=chunks, T=tiles, BF16=x.dtype == torch.bfloat16,
-        HAS_BIAS=bias is not None, PDL=pdl, SILU_MUL=silu_mul, FOLD=bool(fold),
-        DRY_TILE=dry_tile, num_warps=warps, launch_pdl=pdl)
+        x, words, desc, ws, bias if bias is not None else ws, y, m, k, x.stride(0) // 2,
+        y.stride(0), GROUP=group_size, W=warps, U=chunks, T=tiles,
+        BF16=x.dtype == torch.bfloat16, HAS_BIAS=bias is not None, PDL=pdl, SILU_MUL=silu_mul,
+        FOLD=bool(fold), DRY_TILE=dry_tile, STAGES=stages, num_warps=warps, launch_pdl=pdl)
     return y
 
 
@@ -346,8 +446,66 @@ def sweep(args) -> list[dict]:
     return rows
 
 
+def ring_sweep(args) -> list[dict]:
+    """One token: the committed kernel, the register kernel at each (W, U) of ``--ring``, and
+    the TMA ring at (W, U, STAGES), compared bit for bit with the register kernel at (W, U)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from quant_kernels import fragment_copies, time_calls
+    specs = [tuple(map(int, c.split("x"))) for c in args.ring.split(",")]
+    rows = []
+    for name in args.shapes.split(","):
+        n, k = SHAPES[name]
+        silu = name == "gate_up"
+        copies = fragment_copies(n, k, GROUP)
+        nbytes = copies[0][0].numel() * 4 + copies[0][1].numel() * 4
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        cases = [("committed", None)] + [(f"{w}x{u}", (w, u, 0)) for w, u in
+                                         dict.fromkeys((w, u) for w, u, _ in specs)]
+        cases += [(f"{w}x{u}x{st}", (w, u, st)) for w, u, st in specs]
+        for label, cfg in cases:
+            if cfg is None:
+                def fn(c, x=x, silu=silu):
+                    return gk.int4_fragments_linear(x, c[0], c[1], GROUP, None, silu_mul=silu)
+            else:
+                def fn(c, x=x, silu=silu, cfg=cfg):
+                    return probe_linear(x, c[0], c[1], GROUP, None, cfg[:2], silu, 0, 0, cfg[2])
+            try:
+                y = fn(copies[0])
+                torch.cuda.synchronize()
+                want = gk.int4_fragments_linear(x, copies[0][0], copies[0][1], GROUP, None,
+                                                cfg[:2] if cfg else None, silu_mul=silu)
+                sec = time_calls([lambda c=c, fn=fn: fn(c) for c in copies])
+            except Exception as e:
+                row = dict(shape=name, config=label, error=f"{type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:300] if str(e) else ''}")
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                continue
+            row = dict(shape=name, m=1, config=label, us=round(sec * 1e6, 2),
+                       tbps=round(nbytes / sec / 1e12, 3), equal=bool(torch.equal(y, want)))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del copies
+        torch.cuda.empty_cache()
+    return rows
+
+
 def timeline(which: str, out: Path) -> None:
-    if which == "fold":
+    """batch1_timeline.py's INT4 g128 run: ``committed``; ``fold`` (every call folded); or
+    ``ring:shape=WxUxSTAGES,...`` (those shapes through the TMA ring at one token tile)."""
+    if which.startswith("ring:"):
+        table = {SHAPES[name]: tuple(map(int, cfg.split("x"))) for name, cfg in
+                 (item.split("=") for item in which[5:].split(","))}
+        committed = gk.int4_fragments_linear
+
+        def ringed(x, words, ws, group_size, bias, config=None, silu_mul=False):
+            cfg = table.get((16 * words.shape[0], x.shape[1]))
+            if cfg and config is None and x.shape[0] <= gk.TOKENS and group_size == GROUP:
+                return probe_linear(x, words, ws, group_size, bias, cfg[:2], silu_mul, 0, 0,
+                                    cfg[2])
+            return committed(x, words, ws, group_size, bias, config, silu_mul)
+        gk.int4_fragments_linear = ringed
+    elif which == "fold":
         def patched(x, words, ws, group_size, bias, config=None, silu_mul=False):
             return probe_linear(x, words, ws, group_size, bias, config, silu_mul, 1, 0)
         gk.int4_fragments_linear = patched
@@ -392,8 +550,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--ms", default="1,8,16,64")
     parser.add_argument("--shapes", default=",".join(SHAPES))
-    parser.add_argument("--timeline", choices=["fold", "committed"])
+    parser.add_argument("--timeline", help="committed, fold, or ring:shape=WxUxSTAGES,...")
     parser.add_argument("--compile_only", action="store_true")
+    parser.add_argument("--ring", help="W x U x STAGES,...: the TMA ring sweep at one token")
     args = parser.parse_args()
     if args.compile_only:
         compile_only()
@@ -401,6 +560,11 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.timeline:
         timeline(args.timeline, args.out)
+        return
+    if args.ring:
+        rows = ring_sweep(args)
+        (args.out / "int4_ring.json").write_text(json.dumps(
+            dict(device=torch.cuda.get_device_name(), group=GROUP, results=rows), indent=1))
         return
     rows = sweep(args)
     (args.out / "int4_fold.json").write_text(json.dumps(
