@@ -6,7 +6,9 @@ arithmetic with cache-resident words). Llama-3.1-8B shapes, group 128, bf16.
     PYTHONPATH=. python3 benchmarks/issue12_forty_second_session/int4_fold.py --out DIR \\
         [--ms 1,8,16,64]                      (the sweep: us a call, differences to the kernel)
     PYTHONPATH=. python3 benchmarks/issue12_forty_second_session/int4_fold.py --out DIR \\
-        --timeline fold|committed            (batch-1 INT4 g128 through EngineCore)
+        --timeline fold|committed|ring:gate_up=1x2x4,...   (batch-1 INT4 g128, EngineCore)
+    PYTHONPATH=. python3 benchmarks/issue12_forty_second_session/int4_fold.py --out DIR \
+        --ring 1x2x4,1x4x8,...               (W x U x STAGES: the TMA ring at one token)
     PYTHONPATH=. python3 benchmarks/issue12_forty_second_session/int4_fold.py --compile_only
 
 Why: the warp-specialized kernel of ``int4_ws.py`` (runs 1-5 of this session) showed the
