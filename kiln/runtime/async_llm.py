@@ -23,6 +23,12 @@ Contract:
   accepted by ``submit`` (an id, as before) and its stream raises the same error at once, so a
   consumer has one place to turn it into an error event. The LLM keeps the error
   (:attr:`~kiln.runtime.llm.LLM.error`): its sync calls raise it too.
+- :meth:`AsyncLLM.progress` tells, from any thread, how long each engine has gone without
+  progress while it had requests outstanding: the engine thread (a step that does not end: a
+  hung kernel, a stopped rank) and, where the engine runs in processes of its own, each of
+  them (:meth:`~kiln.runtime.distributed.replicas.ReplicaCore.progress`). An idle engine has
+  none to make. Telling a stall from a long step is the caller's (kiln serve's
+  ``--stall_timeout``).
 - An AsyncLLM dropped without ``close()`` stops its engine thread when it is garbage collected
   (the thread holds the LLM, never the AsyncLLM), so an unreferenced LLM under it is freed too.
 
@@ -39,6 +45,7 @@ import logging
 import os
 import queue
 import threading
+import time
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -59,6 +66,15 @@ logger = logging.getLogger(__name__)
 # (a 3.5 MB prompt had held a server's /health for 1.8 s); a shorter one costs under 2 ms
 INLINE_ENCODE_CHARS = 4096
 IDLE_CHECK_S = 0.5  # an idle engine thread checks this often that the engine's processes live
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One engine's progress (:meth:`AsyncLLM.progress`): ``seconds`` since it last made some
+    while it had requests outstanding, None while it has none (idle)."""
+
+    engine: str  # "the engine thread", "replica 1 (pid 12)", "the engine process (pid 12)"
+    seconds: float | None
 
 
 @dataclass
@@ -134,6 +150,19 @@ class AsyncLLM:
     def healthy(self) -> bool:
         """True while the engine can serve requests: open, its thread running, not failed."""
         return not self._closed and self._loop.error is None and self._thread.is_alive()
+
+    def progress(self) -> list[Progress]:
+        """Each engine's :class:`Progress` (module docstring): the engine thread's (the time
+        since its last step ended, or since it was given work while idle) and, with engine
+        processes, each one's (since its last message). Nothing once the engine has failed
+        or is closed (:meth:`healthy` tells that)."""
+        if not self.healthy():
+            return []
+        core, now = self.llm.core, time.monotonic()
+        clocks = [("the engine thread", self._loop.came_round if core.has_work() else None),
+                  *core.progress()]
+        return [Progress(name, None if at is None else max(0.0, now - at))
+                for name, at in clocks]
 
     async def submit(self, prompt: Prompt, params: SamplingParams | None = None,
                      request_id: str | None = None) -> str:
@@ -244,6 +273,7 @@ class _EngineLoop:
         self.error: BaseException | None = None
         self.ended = False
         self._gate = threading.Lock()
+        self.came_round = time.monotonic()  # the loop's last turn began (a step had ended)
 
     def send(self, message: tuple) -> None:
         with self._gate:
@@ -258,6 +288,7 @@ class _EngineLoop:
         core = self.llm.core
         try:
             while True:
+                self.came_round = time.monotonic()  # AsyncLLM.progress's clock
                 self.wake.clear()
                 with self.llm.lock:
                     if not self._drain():

@@ -273,6 +273,11 @@ class EngineCore:
     def check_alive(self) -> None:
         """Nothing to check: this engine runs in this process (ReplicaCore's may die)."""
 
+    def progress(self) -> list[tuple[str, float | None]]:
+        """None: no engine process of its own to watch; its steps are the engine thread's,
+        which AsyncLLM watches (ReplicaCore's replicas are watched by their messages)."""
+        return []
+
     def abort(self, request_id: str) -> RequestDelta | None:
         """End a request now (its slot is freed); None if it is unknown or already finished."""
         request = self.requests.get(request_id)

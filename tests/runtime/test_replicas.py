@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
+import signal
 import threading
 import time
 from unittest import mock
@@ -569,3 +571,109 @@ def test_the_front_queue_keeps_its_order_and_an_abort_scans_none_of_it():
         core.abort(routed[-1])  # frees the slot: the next step routes the next one
         core.step()
     assert routed == ["r0", "r2", "r4", "r6", "r7", "r8"] and not core.has_work()
+
+
+class _QuietPool(_FullPool):
+    """Two replicas of one slot each (no process); :meth:`receive` gives ``inbox``."""
+
+    size = 2
+
+    def __init__(self):
+        super().__init__()
+        self.inbox: list[tuple[int, tuple]] = []
+
+    def receive(self, timeout):
+        out, self.inbox = self.inbox, []
+        return out
+
+    def label(self, i):
+        return f"replica {i} (pid 10{i})"
+
+    def check_alive(self):
+        pass
+
+
+def test_the_front_tells_each_replicas_progress_by_its_messages():
+    """A replica that stops (SIGSTOP, a hung kernel) sends nothing: its clock is its last
+    message while it has requests outstanding, an abort it has not answered included; an idle
+    one has none, and its clock starts when it is given work again."""
+    from kiln.runtime.distributed.replicas import ReplicaCore
+
+    pool = _QuietPool()
+    core = ReplicaCore(pool, None, has_tokenizer=False)
+    assert core.progress() == [("replica 0 (pid 100)", None), ("replica 1 (pid 101)", None)]
+    time.sleep(0.01)  # idle, which is no stall
+    given = time.monotonic()
+    first, second = (core.add_request([1, 2], SamplingParams(max_tokens=2)) for _ in range(2))
+    [(_, heard0), (_, heard1)] = core.progress()
+    assert heard0 >= given and heard1 >= given
+    time.sleep(0.01)
+    pool.inbox = [(0, ("step", [], []))]  # replica 0 stepped; replica 1 is silent
+    core.step()
+    assert core.progress()[0][1] > heard0 and core.progress()[1][1] == heard1
+    core.abort(second.request_id)  # replica 1 owes its answer: still outstanding
+    assert core.progress()[1][1] == heard1
+    pool.inbox = [(1, ("aborted", second.request_id))]
+    core.step()
+    assert core.progress()[1][1] is None and core.progress()[0][1] is not None
+    time.sleep(0.01)
+    given = time.monotonic()
+    third = core.add_request([3], SamplingParams(max_tokens=2))  # to replica 1, idle till now
+    assert core.progress()[1][1] >= given
+    core.abort(first.request_id)
+    core.abort(third.request_id)
+    assert not core.has_work() and None not in [at for _, at in core.progress()]
+    # the front is idle: no step reads the answers, its engine thread's idle check does (a
+    # replica stopped meanwhile would have stayed stalled for good)
+    pool.inbox = [(0, ("aborted", first.request_id)), (1, ("aborted", third.request_id))]
+    core.check_alive()
+    assert [at for _, at in core.progress()] == [None, None]
+
+
+def test_a_replica_that_steps_without_tokens_is_heard_every_progress_s(monkeypatch):
+    """A long prompt's prefill steps make no token: the replica still sends a message at
+    least every PROGRESS_S while it steps, and none more often."""
+    from kiln.runtime.distributed import replica_worker
+
+    replica = replica_worker._Replica.__new__(replica_worker._Replica)
+    replica.conn, replica.reported = mock.Mock(), set()
+    replica.core = mock.Mock(requests={}, step=mock.Mock(return_value=[]))
+    clock = [100.0]
+    monkeypatch.setattr(replica_worker.time, "monotonic", lambda: clock[0])
+    replica.sent = clock[0]
+    replica.step()
+    clock[0] += replica_worker.PROGRESS_S / 2
+    replica.step()
+    assert replica.conn.send.call_count == 0
+    clock[0] += replica_worker.PROGRESS_S / 2
+    replica.step()
+    replica.step()
+    assert replica.conn.send.call_args_list == [mock.call(("step", [], []))]
+
+
+def test_a_stopped_replica_is_told_by_its_silence_and_heard_again_once_it_goes_on(replicas):
+    """SIGSTOP on a replica process with a request routed to it: its clock stops while the
+    other replica finishes its own; SIGCONT, and its request ends, leaving it idle."""
+    core = replicas.core
+    pid = core.pool.processes[1].pid
+    params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=5)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        ids = [core.add_request([5, 6, 7], params).request_id for _ in range(2)]  # one each
+        deadline = time.monotonic() + 30
+        while not core.requests[ids[0]].finished:
+            assert time.monotonic() < deadline
+            core.step()
+        stopped = core.progress()[1][1]
+        time.sleep(0.3)
+        core.step()
+        assert core.progress()[0][1] is None and core.progress()[1][1] == stopped
+        assert core.progress()[1][0] == f"replica 1 (pid {pid})"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    while not core.requests[ids[1]].finished:
+        assert time.monotonic() < deadline
+        core.step()
+    assert [at for _, at in core.progress()] == [None, None]
+    for rid in ids:
+        core.pop(rid)

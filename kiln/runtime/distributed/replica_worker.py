@@ -16,7 +16,10 @@ Life of a replica (spawned by :class:`~kiln.runtime.distributed.replicas.Replica
    ``("step", updates, admitted)``: an :class:`Update` per request that progressed, and
    ``(id, seconds it waited in this replica's scheduler)`` for each request admitted since the
    last message (it holds a KV-cache slot now, or held one: a request may finish in the step
-   that admitted it). A wait, not a time: no clock is compared across processes. An abort is
+   that admitted it), after every step with either, and after any step at least every
+   :data:`PROGRESS_S` (the steps of a long prompt's prefill make no tokens: the driver's
+   watch on stalled replicas hears them step). A wait, not a time: no clock is compared
+   across processes. An abort is
    answered ``("aborted", id)``: no update of that request comes after it (the driver may
    reuse the id).
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -36,6 +40,8 @@ from kiln.errors import Wording, worded
 from kiln.runtime.distributed.process import detach
 
 logger = logging.getLogger(__name__)
+
+PROGRESS_S = 1.0  # a replica that steps sends a message this often at least
 
 
 @dataclass(frozen=True)
@@ -127,6 +133,7 @@ class _Replica:
                                engine_dir=Path(spec.engine_dir))
         freeze_loaded_objects()
         self.reported: set[str] = set()  # admitted ids the driver was told of
+        self.sent = time.monotonic()  # when the last "step" message went
         conn.send(("ready", ReplicaInfo(self.executor.limits, self.executor.vocab_size,
                                         self.executor.gathers_context_logits)))
 
@@ -177,8 +184,10 @@ class _Replica:
                 outcome = _outcome(self.core.requests[delta.request_id])
                 self._forget(delta.request_id)
             updates.append(Update(delta, outcome))
-        if updates or admitted:
+        now = time.monotonic()
+        if updates or admitted or now - self.sent >= PROGRESS_S:
             self.conn.send(("step", updates, admitted))
+            self.sent = now
 
     def _forget(self, request_id: str) -> None:
         if request_id in self.core.requests:

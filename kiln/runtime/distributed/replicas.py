@@ -45,6 +45,11 @@ the run and closing the LLM stops every replica; an LLM dropped without closing 
 when it is garbage collected (the pool's pipes close: each replica exits at its next wait for
 a message).
 
+Stalls: a replica that stops making progress while alive (a stopped process, a hung kernel) is
+no fault here: :meth:`ReplicaCore.progress` tells, from any thread, since when each replica
+with requests outstanding (an abort not answered yet included) has been silent (``kiln
+serve``'s ``/health`` turns 503 past its ``--stall_timeout``).
+
 One replica (``ExecutorOptions(engine_process=True)``, ``kiln serve --engine_process``) is the
 engine in a process of its own: the caller's process keeps only this front, so its Python
 threads (a server's event loop: HTTP, JSON, one chunk per token per stream) no longer share a
@@ -294,6 +299,9 @@ class ReplicaCore:
         self._live = [0] * pool.size
         self._tokens = [0] * pool.size  # tokens still to process, per replica
         self._aborting: set[tuple[int, str]] = set()  # (replica, id): abort sent, not answered
+        # time.monotonic() of each replica's last message, or of its first request after it
+        # was idle (:meth:`progress`)
+        self._heard = [time.monotonic()] * pool.size
         self._next_id = 0
 
     @classmethod
@@ -325,8 +333,25 @@ class ReplicaCore:
         self.pool.shutdown(kill=now)
 
     def check_alive(self) -> None:
-        """Raise the WorkerError of a replica that died while the front was idle."""
+        """Raise the WorkerError of a replica that died while the front was idle, and read
+        the answers to aborts still owed (till then their replicas are busy: :meth:`progress`;
+        a stopped one would have stayed so for good, no step reading its late answer)."""
         self.pool.check_alive()
+        if self._aborting:
+            self._receive(0)  # (what else comes is of the aborted requests: dropped)
+
+    def progress(self) -> list[tuple[str, float | None]]:
+        """Each replica's name and the ``time.monotonic()`` of its last progress (its last
+        message: a replica sends one per step that made tokens or admitted a request, and
+        one a second at least while it steps), or of when it was given work while idle; None
+        while it has no request outstanding (routed to it, or aborted and not answered yet).
+        Read from any thread: a stopped or hung replica is told by its silence."""
+        return [(self.pool.label(i), self._heard[i] if self._busy(i) else None)
+                for i in range(self.pool.size)]
+
+    def _busy(self, i: int) -> bool:
+        # (a copy first: another thread's progress() may read while the engine thread adds)
+        return self._live[i] > 0 or any(r == i for r, _ in list(self._aborting))
 
     def wake(self) -> None:
         """End the wait of a :meth:`step` now (thread-safe): a request added meanwhile is routed
@@ -343,6 +368,7 @@ class ReplicaCore:
         warmed = False
         while waiting:
             for i, message in self.pool.receive(None):
+                self._heard[i] = time.monotonic()
                 if message[0] == "warmed":
                     waiting.discard(i)
                     warmed = warmed or message[1]
@@ -388,13 +414,19 @@ class ReplicaCore:
             return []
         # requests left queued while every replica is free: a send failed (one died), and the
         # receive below names it
+        deltas = self._receive(STEP_WAIT_S)
+        self._route()
+        return deltas
+
+    def _receive(self, timeout: float) -> list[RequestDelta]:
+        """The deltas of the replicas' messages within ``timeout``; aborts' answers noted."""
         deltas: list[RequestDelta] = []
-        for i, message in self.pool.receive(STEP_WAIT_S):
+        for i, message in self.pool.receive(timeout):
+            self._heard[i] = time.monotonic()
             if message[0] == "aborted":
                 self._aborting.discard((i, message[1]))
             else:
                 deltas += self._apply(i, message[1], message[2])
-        self._route()
         return deltas
 
     def abort(self, request_id: str) -> RequestDelta | None:
@@ -428,6 +460,8 @@ class ReplicaCore:
                                       request.params, request.prompt)):
                 return  # it died: the next receive names it
             self._queue.popitem(last=False)
+            if not self._busy(i):  # its silence while idle is no stall
+                self._heard[i] = time.monotonic()
             self._replica_of[request.request_id] = i
             self._routed[request.request_id] = time.perf_counter()
             self._live[i] += 1
