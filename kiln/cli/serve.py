@@ -81,6 +81,10 @@ class ServeError(KilnError):
 @click.option("--grace_period", type=FloatRange(min=0), default=30.0, show_default=True,
               help="Seconds running requests may finish after SIGINT/SIGTERM before they are "
                    "aborted.")
+@click.option("--stall_timeout", type=FloatRange(min=0, min_open=True), default=300.0,
+              show_default=True,
+              help="Seconds an engine (or replica) with requests outstanding may go without "
+                   "progress (no token, no step ended) before /health answers 503 naming it.")
 @click.option("--engine_process/--no_engine_process", default=None, help=(
     "Run the engine in a process of its own, so that the server's event loop does not slow its "
     "steps down through the GIL [default: on for a single-rank engine that runs on a GPU, off "
@@ -92,7 +96,8 @@ class ServeError(KilnError):
 @click.pass_obj
 def serve(obj: CliContext, host: str, port: int, served_model_name: str | None,
           api_key: str | None, max_queue: int | None, chat_template: Path | None,
-          max_body_bytes: str, grace_period: float, engine_process: bool | None,
+          max_body_bytes: str, grace_period: float, stall_timeout: float,
+          engine_process: bool | None,
           verbose: int, device: str,
           num_threads: int | None, cpu_spin_wait: bool | None, verify_checksums: bool, dp: int,
           kv_cache_free_gpu_memory_fraction: float | None, prefill_attention: str | None,
@@ -108,6 +113,7 @@ def serve(obj: CliContext, host: str, port: int, served_model_name: str | None,
     ignore_eos; echo + logprobs (+ max_tokens 0) scores a prompt and needs an engine built with
     --gather_context_logits. Errors are OpenAI-shaped JSON: 400 (the bad parameter named),
     401, 404 (unknown model), 413, 429. A client that disconnects aborts its request.
+    /health answers 503 while an engine has stalled (--stall_timeout).
     Ctrl-C / SIGTERM: stop accepting, finish or abort running requests, exit 0 (a second
     signal aborts them at once, a third quits without waiting).
     """
@@ -152,7 +158,8 @@ def serve(obj: CliContext, host: str, port: int, served_model_name: str | None,
         signals = _Signals()
         engine = _warm_engine(stack, engine_dir, options, signals)
         app = create_app(engine, name, api_key=api_key, max_queue=max_queue,
-                         chat_template=template, max_body_bytes=max_body_bytes)
+                         chat_template=template, max_body_bytes=max_body_bytes,
+                         stall_timeout=stall_timeout)
         config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=
                                 grace_period + FLUSH_SECONDS,
                                 log_level="info" if level else "warning",

@@ -5,8 +5,10 @@ Contract:
   closes the engine (the CLI does; tests build apps in-process over their own engines).
 - Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (JSON, or server-sent events
   ending ``data: [DONE]`` with ``stream``), ``GET /v1/models`` and ``GET /v1/models/{id}``,
-  ``GET /health`` (200 only while the engine's loop runs and the server is not shutting down,
-  else 503), ``GET /metrics`` (Prometheus text), ``GET /version``.
+  ``GET /health`` (200 only while the engine's loop runs, no engine has stalled and the server
+  is not shutting down, else 503; a stall: requests outstanding and no progress for over
+  ``stall_timeout`` seconds, :mod:`kiln.serve.state`, its body naming the engine or replica),
+  ``GET /metrics`` (Prometheus text), ``GET /version``.
 - With an API key, ``/v1/*`` needs ``Authorization: Bearer KEY`` (the scheme in any case, as
   HTTP's auth schemes are; 401 otherwise); ``/health``, ``/metrics`` and ``/version`` stay
   open, for probes and scrapers.
@@ -43,7 +45,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import kiln
-from kiln.errors import UNREADABLE_JSON
+from kiln.errors import UNREADABLE_JSON, ConfigError, described, option
 from kiln.runtime.async_llm import AsyncLLM
 from kiln.serve import render
 from kiln.serve.protocol import (
@@ -67,15 +69,19 @@ MIN_BODY_BYTES = 1024
 # Python's json reads from a handler (its recursion limit less the server's own frames, about
 # 950 levels here: a trial's 990 had been told "not JSON (maximum recursion depth exceeded)")
 MAX_JSON_DEPTH = 512
+# Seconds an engine with requests outstanding may go without progress before /health is 503:
+# a long prompt's prefill on a CPU takes minutes, and a probe that fails takes the server out
+DEFAULT_STALL_TIMEOUT = 300.0
 
 
 def create_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = None,
                max_queue: int | None = None, chat_template: str | None = None,
-               max_body_bytes: int | str | None = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int | str | None = DEFAULT_MAX_BODY_BYTES,
+               stall_timeout: float = DEFAULT_STALL_TIMEOUT) -> FastAPI:
     """An app serving ``engine`` as model ``served_model_name`` (see the module docstring);
-    ``max_body_bytes`` a size as :func:`body_limit` takes it."""
+    ``max_body_bytes`` a size as :func:`body_limit` takes it; ``stall_timeout`` seconds."""
     max_body_bytes = body_limit(max_body_bytes)
-    state = ServerState(engine, max_queue)
+    state = ServerState(engine, max_queue, _stall_timeout(stall_timeout))
     app = FastAPI(title="kiln serve", version=kiln.__version__, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.kiln = state
@@ -110,9 +116,16 @@ def create_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = N
 
     @app.get("/health")
     async def health() -> Response:
-        if state.healthy():
+        if not state.healthy():
+            return JSONResponse(ApiError(503, "the engine is not running").body(),
+                                status_code=503)
+        stalls = state.stalls()
+        if not stalls:
             return Response(status_code=200)
-        return JSONResponse(ApiError(503, "the engine is not running").body(), status_code=503)
+        said = "; ".join(state.stall_text(stall) for stall in stalls)
+        body = ApiError(503, f"the engine has stalled: {said}", code="engine_stalled").body()
+        body["stalled"] = [{"engine": s.engine, "seconds": round(s.seconds, 3)} for s in stalls]
+        return JSONResponse(body, status_code=503)
 
     @app.get("/version")
     async def version() -> dict:
@@ -298,6 +311,17 @@ async def _events(submitted: Submitted, jobs: list[Job], req: Any, body: Callabl
         started.add(delta.index)
     if req.stream_options is not None and req.stream_options.include_usage:
         yield body([], _usage(results, req.n))
+
+
+def _stall_timeout(seconds: float) -> float:
+    """``stall_timeout`` checked: seconds above 0 (``kiln serve --stall_timeout`` checks its
+    own before it binds its port)."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+        raise ConfigError(f"{option('stall_timeout')} is {described(seconds)}; give the "
+                          f"seconds (above 0) an engine with requests outstanding may go "
+                          f"without progress before /health answers 503, like the default "
+                          f"{DEFAULT_STALL_TIMEOUT:g}")
+    return float(seconds)
 
 
 def body_limit(max_body_bytes: int | str | None) -> int:

@@ -2,7 +2,9 @@
 
 Each app has its own :class:`prometheus_client.CollectorRegistry` (so several apps in one test
 process never collide). Gauges are read when scraped: requests running (holding an engine slot)
-and waiting (accepted, not yet admitted), and the share of KV-cache slots in use. Generated
+and waiting (accepted, not yet admitted), the share of KV-cache slots in use, and the
+seconds an engine with requests outstanding has gone without progress (kiln.serve.state's
+stalls). Generated
 tokens are counted as each delta brings them (:meth:`ServeMetrics.produced`); queue time
 (arrival to admission into an engine slot, as the engine stamped it) is observed by the server
 at a request's first delta after its admission (kiln.serve.state); the other counters and
@@ -29,7 +31,7 @@ class ServeMetrics:
     """The registry and its metrics; ``running``/``waiting``/``kv_usage`` are read at scrape."""
 
     def __init__(self, running: Callable[[], int], waiting: Callable[[], int],
-                 kv_usage: Callable[[], float]):
+                 kv_usage: Callable[[], float], since_progress: Callable[[], float]):
         self.registry = CollectorRegistry()
         r = self.registry
         Gauge("kiln:num_requests_running", "Requests holding an engine slot.",
@@ -38,6 +40,9 @@ class ServeMetrics:
               registry=r).set_function(waiting)
         Gauge("kiln:kv_cache_usage_perc", "Share of KV-cache slots in use (0-1).",
               registry=r).set_function(kv_usage)
+        Gauge("kiln:seconds_since_engine_progress", "Longest time an engine (thread, replica) "
+              "with requests outstanding has gone without progress; 0 while idle.",
+              registry=r).set_function(since_progress)
         self.prompt_tokens = Counter("kiln:prompt_tokens", "Prompt tokens processed.",
                                      registry=r)
         self.generation_tokens = Counter("kiln:generation_tokens", "Tokens generated.",

@@ -17,6 +17,13 @@ admission when its scheduler admits a request, and every delta after that carrie
 first such delta (its first token, or its end). A request aborted before admission is not
 observed (vLLM observes only scheduled requests).
 
+A stall: an engine (the engine thread, a replica, the engine process) with requests
+outstanding and no progress for longer than ``stall_timeout`` seconds (:meth:`AsyncLLM.progress
+<kiln.runtime.async_llm.AsyncLLM.progress>`). :meth:`ServerState.stalls` names them (``/health``
+answers 503 while there is one) and logs a WARNING once when one begins and once when it ends;
+while requests are live a watch task looks every second (less with a shorter timeout), so the
+log does not wait for a probe.
+
 Non-goals: priorities, per-client fairness, more than one engine.
 """
 
@@ -28,7 +35,8 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from kiln.runtime.async_llm import AsyncLLM
+from kiln.errors import option
+from kiln.runtime.async_llm import AsyncLLM, Progress
 from kiln.runtime.errors import RequestError
 from kiln.runtime.llm import Prompt
 from kiln.runtime.params import SamplingParams
@@ -52,13 +60,19 @@ class Job:
 class ServerState:
     """Submits jobs to the engine and streams their deltas back (see the module docstring)."""
 
-    def __init__(self, engine: AsyncLLM, max_queue: int | None):
+    def __init__(self, engine: AsyncLLM, max_queue: int | None, stall_timeout: float):
         self.engine = engine
         self.max_queue = max_queue
+        self.stall_timeout = stall_timeout
+        self._timeout_named = option("stall_timeout", int(stall_timeout)
+                                     if stall_timeout.is_integer() else stall_timeout)
+        self._stalled: set[str] = set()  # the engines logged as stalled
+        self._watch: asyncio.Task | None = None
         self.live: dict[str, None] = {}
         self.draining = False  # set at shutdown: /health answers 503
         self._pumps: set[asyncio.Task] = set()
-        self.metrics = ServeMetrics(self.running, self.waiting, self.kv_usage)
+        self.metrics = ServeMetrics(self.running, self.waiting, self.kv_usage,
+                                    self.since_progress)
         self._next = 0
 
     # -- gauges ------------------------------------------------------------------------------
@@ -73,9 +87,48 @@ class ServerState:
         scheduler = self.engine.llm.core.scheduler
         return len(scheduler.running) / max(1, scheduler.limits.max_batch_size)
 
+    def since_progress(self) -> float:
+        """The longest an engine with requests outstanding has gone without progress (0:
+        none has any outstanding)."""
+        return max((p.seconds for p in self._progress() if p.seconds is not None), default=0.0)
+
     def healthy(self) -> bool:
         """Not shutting down, and the engine can serve (open, its loop running, not failed)."""
         return not self.draining and self.engine.healthy()
+
+    # -- stalls (module docstring) -----------------------------------------------------------
+    def stalls(self) -> list[Progress]:
+        """The engines stalled now: requests outstanding, no progress for over the timeout."""
+        return [p for p in self._progress() if self._over(p)]
+
+    def _over(self, progress: Progress) -> bool:
+        return progress.seconds is not None and progress.seconds > self.stall_timeout
+
+    def _progress(self) -> list[Progress]:
+        """The engine's progress, each stall's beginning and end logged once."""
+        progress = self.engine.progress()
+        stalled = {p.engine: p for p in progress if self._over(p)}
+        for name in stalled.keys() - self._stalled:
+            logger.warning("%s: /health answers 503 until it does",
+                           self.stall_text(stalled[name]))
+        for name in self._stalled - stalled.keys():
+            logger.warning("%s makes progress again (or has no request outstanding): the "
+                           "stall is over", name)
+        self._stalled = set(stalled)
+        return progress
+
+    def stall_text(self, stall: Progress) -> str:
+        return (f"{stall.engine} has made no progress for {stall.seconds:.1f} s with requests "
+                f"outstanding (over {self._timeout_named})")
+
+    async def _watch_stalls(self) -> None:
+        """Look for stalls while requests are live or an engine is busy (their log lines)."""
+        period = min(1.0, self.stall_timeout / 4)
+        while True:
+            await asyncio.sleep(period)
+            idle = all(p.seconds is None for p in self._progress())
+            if idle and not self.live:
+                return
 
     # -- requests ----------------------------------------------------------------------------
     async def abort_all(self) -> None:
@@ -143,6 +196,8 @@ class ServerState:
             task = asyncio.get_running_loop().create_task(self._pump(rid, job.index, out))
             self._pumps.add(task)
             task.add_done_callback(self._pumps.discard)
+        if self._watch is None or self._watch.done():
+            self._watch = asyncio.get_running_loop().create_task(self._watch_stalls())
         return rids
 
     async def _pump(self, rid: str, index: int, out: asyncio.Queue) -> None:

@@ -9,6 +9,7 @@ import concurrent.futures
 import dataclasses
 import json
 import logging
+import re
 import threading
 import time
 
@@ -227,6 +228,115 @@ def test_health_is_503_once_the_engine_is_closed(engine):
     assert client.get("/health").status_code == 200
     engine.close()
     assert client.get("/health").status_code == 503
+
+
+class _GatedExecutor(HashExecutor):
+    """A step waits while ``gate`` is shut: an engine thread stuck in a step (a hung kernel)."""
+
+    def __init__(self, limits: BuildLimits, vocab_size: int):
+        super().__init__(limits, vocab_size)
+        self.gate, self.entered = threading.Event(), threading.Event()
+        self.gate.set()
+
+    def step(self, chunks):
+        self.entered.set()
+        assert self.gate.wait(10), "the test never opened the gate"
+        return super().step(chunks)
+
+
+def _health_when(client: TestClient, status: int) -> dict | None:
+    """Poll /health until it answers ``status`` (within seconds); its JSON body, if any."""
+    deadline = time.monotonic() + 10
+    while (out := client.get("/health")).status_code != status:
+        assert time.monotonic() < deadline, (out.status_code, out.text)
+        time.sleep(0.02)
+    return out.json() if out.content else None
+
+
+def test_health_is_503_naming_an_engine_stalled_with_work_and_200_once_it_steps(smollm2_dir,
+                                                                                  caplog):
+    """A trial's engine stopped mid-run and /health stayed 200 while requests hung. An idle
+    engine is never stalled, however long it waits; one that steps again is healthy again,
+    each change logged once."""
+    tokenizer = load_tokenizer(smollm2_dir)
+    executor = _GatedExecutor(LIMITS, tokenizer.vocab_size)
+    engine = AsyncLLM(LLM.from_executor(executor, tokenizer))
+    try:
+        with _client(engine, stall_timeout=0.2) as client, \
+                concurrent.futures.ThreadPoolExecutor(1) as pool:
+            time.sleep(0.3)  # idle for longer than the timeout
+            assert client.get("/health").status_code == 200
+            assert client.get("/metrics").text.count(
+                "kiln:seconds_since_engine_progress 0.0\n") == 1
+            executor.gate.clear()
+            future = pool.submit(client.post, "/v1/completions", json={
+                "prompt": [5, 6], "max_tokens": 3, "ignore_eos": True})
+            assert executor.entered.wait(10)
+            body = _health_when(client, 503)
+            assert body["error"]["code"] == "engine_stalled", body
+            assert re.fullmatch(r"the engine has stalled: the engine thread has made no "
+                                r"progress for \d+\.\d s with requests outstanding \(over "
+                                r"stall_timeout=0.2\)", body["error"]["message"]), body
+            [stall] = body["stalled"]
+            assert stall["engine"] == "the engine thread" and stall["seconds"] > 0.2, body
+            gauge = client.app.state.kiln.metrics.registry.get_sample_value
+            assert gauge("kiln:seconds_since_engine_progress") > 0.2
+            executor.gate.set()
+            assert future.result(10).status_code == 200
+            _health_when(client, 200)
+    finally:
+        executor.gate.set()
+        engine.close()
+    state_log = [r for r in caplog.records if r.name == "kiln.serve.state"]
+    assert [r.levelno for r in state_log] == [logging.WARNING] * 2, state_log
+    assert state_log[0].getMessage().startswith("the engine thread has made no progress for ")
+    assert state_log[0].getMessage().endswith(": /health answers 503 until it does")
+    assert state_log[1].getMessage() == ("the engine thread makes progress again (or has no "
+                                         "request outstanding): the stall is over")
+
+
+def test_a_stall_is_logged_as_it_begins_and_ends_with_no_probe(smollm2_dir, caplog):
+    """The log tells an operator of a stall whether or not anything probes /health."""
+    tokenizer = load_tokenizer(smollm2_dir)
+    executor = _GatedExecutor(LIMITS, tokenizer.vocab_size)
+    engine = AsyncLLM(LLM.from_executor(executor, tokenizer))
+    state = create_app(engine, "m", stall_timeout=0.1).state.kiln
+
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "kiln.serve.state"]
+
+    async def stall_then_step() -> None:
+        executor.gate.clear()
+        submitted = await state.submit([Job(0, [5, 6], SamplingParams(max_tokens=2))],
+                                       "prompt")
+        deadline = time.monotonic() + 10
+        while not said():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        executor.gate.set()
+        async for _ in submitted.deltas():
+            pass
+        while len(said()) < 2:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+
+    try:
+        asyncio.run(stall_then_step())
+    finally:
+        executor.gate.set()
+        engine.close()
+    assert said()[0].startswith("the engine thread has made no progress for "), said()
+    assert said()[1].endswith("the stall is over") and len(said()) == 2, said()
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, float("nan"), "5", True])
+def test_a_stall_timeout_of_no_seconds_is_refused_naming_the_keyword(engine, timeout):
+    with pytest.raises(ConfigError) as info:
+        create_app(engine, "m", stall_timeout=timeout)
+    assert str(info.value).startswith("stall_timeout is ")
+    assert str(info.value).endswith("; give the seconds (above 0) an engine with requests "
+                                    "outstanding may go without progress before /health "
+                                    "answers 503, like the default 300")
 
 
 def test_max_queue_0_refuses_only_what_would_wait(engine):

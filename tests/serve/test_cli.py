@@ -8,11 +8,13 @@ from __future__ import annotations
 import contextlib
 import signal
 import socket
+from unittest import mock
 
 import pytest
 from click.testing import CliRunner
 
 from kiln.cli.main import main
+from kiln.serve.state import ServerState
 from tests.helpers import with_bom
 from tests.serve.conftest import free_port
 
@@ -368,3 +370,35 @@ def test_a_max_body_bytes_of_1kib_goes_on_to_the_engine(tmp_path):
                          "--port", str(free_port()))
     assert code == 2 and len(lines) == 1, lines
     assert "--max_body_bytes" not in lines[0] and str(tmp_path) in lines[0]
+
+
+@pytest.mark.parametrize("seconds, why", [("0", "0.0 is not in the range x>0."),
+                                          ("-1", "-1.0 is not in the range x>0."),
+                                          ("nan", "nan is not in the range x>0."),
+                                          ("5s", "'5s' is not a valid number.")])
+def test_a_stall_timeout_of_no_seconds_is_one_line_before_the_address_is_bound(busy_port,
+                                                                               seconds, why):
+    code, lines = _serve("--engine_dir", "e", "--stall_timeout", seconds, "--port",
+                         str(busy_port))
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: Invalid value for '--stall_timeout': {why}")
+
+
+def test_the_stall_timeout_reaches_the_app_and_names_its_flag(tmp_path, monkeypatch):
+    """--stall_timeout 2.5 (300 without it) is create_app's, whose messages name the flag."""
+    from kiln.cli import serve
+    from kiln.errors import KilnError
+
+    given = []
+
+    def create_app(engine, name, **options):
+        given.append(options["stall_timeout"])
+        given.append(ServerState(mock.Mock(), None, options["stall_timeout"])._timeout_named)
+        raise KilnError("stop here")
+    monkeypatch.setattr(serve, "_warm_engine", lambda *args: mock.Mock())
+    monkeypatch.setattr("kiln.serve.app.create_app", create_app)
+    for args in ((), ("--stall_timeout", "2.5")):
+        code, lines = _serve("--engine_dir", str(tmp_path), "--no_engine_process",
+                             "--port", str(free_port()), *args)
+        assert code == 2 and lines == ["error: stop here"], lines
+    assert given == [300.0, "--stall_timeout 300", 2.5, "--stall_timeout 2.5"]
