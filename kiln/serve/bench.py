@@ -30,6 +30,7 @@ Imports stay light (aiohttp only): no torch, no engine.
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import json
 import logging
@@ -326,15 +327,23 @@ def _tls_failure(e: BaseException, url: str) -> str | None:
     return f"cannot reach {url}: the TLS handshake failed ({error.reason or error})"
 
 
+# The errno of each of Python's OSError classes that one raised bare may be
+_ERRNO_OF = {ConnectionResetError: errno.ECONNRESET, ConnectionRefusedError: errno.ECONNREFUSED,
+             ConnectionAbortedError: errno.ECONNABORTED, BrokenPipeError: errno.EPIPE,
+             TimeoutError: errno.ETIMEDOUT}
+
+
 def _os_words(e: OSError) -> str:
     """An OSError's reason, lower-case: its errno's words ("connection refused"; asyncio's
     strerror is "Connect call failed ('127.0.0.1', 9)"), those of each address tried where
     several failed ("Multiple exceptions: [Errno 111] ..."), or its own text (a host not found:
-    "Name or service not known")."""
+    "Name or service not known"); one of neither, that of its class's errno (asyncio's bare
+    ConnectionResetError had been said "connectionResetError")."""
     codes = [e.errno] if isinstance(e.errno, int) and e.errno > 0 and \
         not isinstance(e, socket.gaierror) else re.findall(r"\[Errno (\d+)\]", str(e))
     words = ", ".join(dict.fromkeys(os.strerror(int(code)) for code in codes)) or \
-        e.strerror or str(e) or type(e).__name__
+        e.strerror or str(e) or next((os.strerror(code) for kind, code in _ERRNO_OF.items()
+                                      if isinstance(e, kind)), "no reason given")
     return words[:1].lower() + words[1:]
 
 

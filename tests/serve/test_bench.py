@@ -392,6 +392,12 @@ def test_an_untrusted_tls_certificate_is_said_in_words():
         "names a CA file)")
 
 
+def test_a_bare_connection_reset_is_said_in_its_errno_words():
+    """asyncio raises it bare where a TLS handshake meets the end of the stream: a retest's
+    had been said "connectionResetError", its class name."""
+    assert bench._os_words(ConnectionResetError()) == "connection reset by peer"
+
+
 def test_a_warm_up_where_every_request_failed_stops_in_one_line(tmp_path):
     """The measured rates would fail alike (since the all-failed rate no longer raised, the
     warm-up's check had gone quiet)."""
