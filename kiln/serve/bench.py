@@ -308,6 +308,8 @@ def _unreached(e: BaseException, url: str, timeout_s: float) -> str:
 # OpenSSL's reasons for a handshake answered in plain HTTP (its reply read as a TLS record):
 # "wrong version number", from OpenSSL 3.2 "record layer failure" (urllib3 reads both so, #3271)
 _NOT_TLS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE"})
+# X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH: a certificate for another name
+_NAME_MISMATCH = frozenset({62, 64})
 
 
 def _tls_failure(e: BaseException, url: str) -> str | None:
@@ -321,8 +323,12 @@ def _tls_failure(e: BaseException, url: str) -> str | None:
         return (f"cannot reach {url}: the server at that address does not speak TLS (it "
                 f"answered in plain HTTP); use http://{url.split('://', 1)[1]}")
     if isinstance(error, ssl.SSLCertVerificationError):
+        why = str(error.verify_message).rstrip(".")
+        if getattr(error, "verify_code", None) in _NAME_MISMATCH or "mismatch" in why:
+            return (f"cannot reach {url}: its TLS certificate is not valid for "
+                    f"{urlsplit(url).hostname} ({why}); use a host name the certificate names")
         return (f"cannot reach {url}: its TLS certificate is not trusted "
-                f"({error.verify_message}); make this machine trust its CA (the SSL_CERT_FILE "
+                f"({why}); make this machine trust its CA (the SSL_CERT_FILE "
                 f"environment variable names a CA file)")
     return f"cannot reach {url}: the TLS handshake failed ({error.reason or error})"
 

@@ -392,6 +392,22 @@ def test_an_untrusted_tls_certificate_is_said_in_words():
         "names a CA file)")
 
 
+@pytest.mark.parametrize("verify_code, why", [
+    (64, "IP address mismatch, certificate is not valid for '127.0.0.1'."),
+    (62, "hostname mismatch, certificate is not valid for '127.0.0.1'."),
+])
+def test_a_certificate_for_another_name_says_so(verify_code, why):
+    """A retest's certificate for localhost, asked as 127.0.0.1, had been "not trusted (IP
+    address mismatch...); make this machine trust its CA"."""
+    error = ssl.SSLCertVerificationError(1, f"[SSL: CERTIFICATE_VERIFY_FAILED] {why}")
+    error.reason, error.verify_code, error.verify_message = \
+        "CERTIFICATE_VERIFY_FAILED", verify_code, why
+    failure = aiohttp.ClientConnectorCertificateError(None, error)
+    assert bench._unreached(failure, "https://127.0.0.1:1", 10) == (
+        f"cannot reach https://127.0.0.1:1: its TLS certificate is not valid for 127.0.0.1 "
+        f"({why[:-1]}); use a host name the certificate names")
+
+
 def test_a_bare_connection_reset_is_said_in_its_errno_words():
     """asyncio raises it bare where a TLS handshake meets the end of the stream: a retest's
     had been said "connectionResetError", its class name."""
