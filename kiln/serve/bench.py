@@ -5,7 +5,9 @@ Contract: the URL is the server's root (``http://host:port``; an OpenAI client's
 ending in ``/v1``, is taken as its root; one of no http(s) scheme, host or port in 1-65535 is
 refused before any connection, :func:`url_error`). :func:`run_serve_benchmark` first asks
 ``GET /v1/models`` (the model name, the
-server's ``max_model_len``; an unreachable URL or a refused key is one :class:`ServeBenchError`),
+server's ``max_model_len``; an unreachable URL or a refused key is one :class:`ServeBenchError`;
+where its failure leaves open what the server speaks, TLS, HTTP or neither, one bare GET asks,
+:func:`_probe`),
 runs ``warmup`` unmeasured rounds, then for each request rate sends ``num_requests`` streaming
 ``POST /v1/completions`` requests of ``input_len`` random token ids (seeded; ids drawn from
 ``[0, vocab_size)``) that each generate exactly ``output_len`` tokens (greedy, ``ignore_eos``).
@@ -56,6 +58,7 @@ LONG_RATE_S = 3600.0  # a rate whose arrivals alone take longer is warned about 
 
 
 MODELS_TIMEOUT_S = 10  # the first request's (GET /v1/models): a server answers it at once
+PROBE_TIMEOUT_S = 2  # a failed first request's probe of what the server speaks (_probe)
 
 
 class ServeBenchError(KilnError):
@@ -224,7 +227,10 @@ async def _models(session: aiohttp.ClientSession, url: str,
             status = response.status
             text = await response.text()
     except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-        raise ServeBenchError(_unreached(e, url, MODELS_TIMEOUT_S)) from None
+        answer = await _probe(e, url)
+        raise ServeBenchError(_unreached(e, url, MODELS_TIMEOUT_S, answer)) from None
+    if status == 400 and "HTTPS port" in text:  # nginx's "The plain HTTP request was sent to
+        raise ServeBenchError(_speaks_tls(url))  # HTTPS port"
     if status == 401:  # (a trial's wrong key had been told to pass one)
         fix = "check the key (the server's --api_key or KILN_API_KEY)" if api_key else \
             "pass --api_key or set KILN_API_KEY"
@@ -290,14 +296,28 @@ async def _one(session: aiohttp.ClientSession, url: str, body: dict, api_key: st
         result.error = "no token was streamed"
 
 
-def _unreached(e: BaseException, url: str, timeout_s: float) -> str:
+def _unreached(e: BaseException, url: str, timeout_s: float,
+               answer: bytes | None = None) -> str:
     """The line for a server not reached, its reason in words: "connection refused", "no
     answer in 10 s" (a trial's had been aiohttp's "ClientConnectorError: Cannot connect to host
-    127.0.0.1:9 ssl:default [Connect call failed ('127.0.0.1', 9)]")."""
-    if (tls := _tls_failure(e, url)) is not None:
+    127.0.0.1:9 ssl:default [Connect call failed ('127.0.0.1', 9)]"). ``answer``: the server's
+    answer to :func:`_probe`, which tells what it speaks."""
+    if (tls := _tls_failure(e, url, answer)) is not None:
         return tls
+    if _reset(e) and answer is not None and urlsplit(url).scheme == "http":
+        return _speaks_tls(url)  # a TLS server resets a plain request; it answered one in TLS
+    if isinstance(e, aiohttp.ClientResponseError):  # aiohttp's parser refused the answer (a
+        if answer is not None and _TLS_RECORD.match(answer):  # status is none of its errors)
+            return _speaks_tls(url)
+        began = "" if answer is None else f" (its answer began {answer!r})"
+        return (f"cannot reach {url}: the server at that address does not speak HTTP{began}; "
+                f"is kiln serve running there?")  # (aiohttp's had been "Bad status line:\n...")
     if isinstance(e, asyncio.TimeoutError):  # (aiohttp's timeouts are TimeoutErrors)
         why = f"no answer in {timeout_s:g} s"
+    elif _reset(e):
+        why = "the connection was reset by the server"
+    elif _closed(e):
+        why = "the server closed the connection without answering"
     elif isinstance(e, aiohttp.ClientConnectorError):
         why = _os_words(e.os_error)
     else:
@@ -305,23 +325,87 @@ def _unreached(e: BaseException, url: str, timeout_s: float) -> str:
     return f"cannot reach {url} ({why}); is kiln serve running there?"
 
 
+def _reset(e: BaseException) -> bool:
+    """Whether the server reset the connection (a TCP RST; ECONNRESET)."""
+    return isinstance(e, aiohttp.ClientOSError) and e.errno == errno.ECONNRESET
+
+
+def _closed(e: BaseException) -> bool:
+    """Whether the server closed the connection before any answer: in plain HTTP aiohttp's
+    "Server disconnected", in a TLS handshake asyncio's ConnectionResetError of no errno (a
+    retest's had been said "connectionResetError")."""
+    return isinstance(e, aiohttp.ServerDisconnectedError) or (
+        isinstance(e, aiohttp.ClientConnectorError) and
+        isinstance(e.os_error, ConnectionResetError) and e.os_error.errno is None)
+
+
+def _speaks_tls(url: str) -> str:
+    """The line for an http:// URL whose server speaks TLS."""
+    return (f"cannot reach {url}: the server at that address speaks TLS; use "
+            f"https://{url.split('://', 1)[1]}")
+
+
 # OpenSSL's reasons for a handshake answered in plain HTTP (its reply read as a TLS record):
 # "wrong version number", from OpenSSL 3.2 "record layer failure" (urllib3 reads both so, #3271)
 _NOT_TLS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE"})
+# A TLS record's header, alert (21) or handshake (22), version 3.x: a TLS server's answer to a
+# plain request (RFC 8446 5.1)
+_TLS_RECORD = re.compile(rb"[\x15\x16]\x03[\x00-\x04]")
 # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH: a certificate for another name
 _NAME_MISMATCH = frozenset({62, 64})
 
 
-def _tls_failure(e: BaseException, url: str) -> str | None:
+def _not_tls(e: BaseException) -> bool:
+    """Whether an https:// handshake read an answer that is no TLS."""
+    return isinstance(e, aiohttp.ClientConnectorError) and \
+        isinstance(e.os_error, ssl.SSLError) and e.os_error.reason in _NOT_TLS
+
+
+async def _probe(e: BaseException, url: str) -> bytes | None:
+    """The first bytes the server at ``url`` answers a bare GET with, asked where the first
+    request's failure ``e`` leaves open what it speaks: in plain TCP where an https:// handshake
+    or an http:// answer was read as neither, over TLS (unverified) where an http:// connection
+    was reset. None where ``e`` calls for no probe, or the probe had no answer."""
+    parts = urlsplit(url)
+    if _reset(e) and parts.scheme == "http":
+        context: ssl.SSLContext | None = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    elif _not_tls(e) or isinstance(e, aiohttp.ClientResponseError):
+        context = None
+    else:
+        return None
+
+    async def ask() -> bytes:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        reader, writer = await asyncio.open_connection(parts.hostname, port, ssl=context)
+        try:
+            writer.write(f"GET /v1/models HTTP/1.0\r\nHost: {parts.netloc}\r\n\r\n".encode())
+            return await reader.read(32)
+        finally:
+            writer.close()
+
+    try:
+        return await asyncio.wait_for(ask(), PROBE_TIMEOUT_S) or None
+    except (OSError, asyncio.TimeoutError):  # (ssl.SSLError is an OSError)
+        return None
+
+
+def _tls_failure(e: BaseException, url: str, answer: bytes | None = None) -> str | None:
     """The line for an https:// URL whose TLS handshake failed, None for any other error (a
     retest's plain-HTTP server had been "operation not permitted": OpenSSL's error 1 read as
-    an errno)."""
+    an errno); ``answer``: as :func:`_unreached`'s."""
     error = e.os_error if isinstance(e, aiohttp.ClientConnectorError) else None
     if not isinstance(error, ssl.SSLError):
         return None
-    if error.reason in _NOT_TLS:
-        return (f"cannot reach {url}: the server at that address does not speak TLS (it "
-                f"answered in plain HTTP); use http://{url.split('://', 1)[1]}")
+    if _not_tls(e):  # plain HTTP only where its answer says so (a retest's SSH server's had)
+        address = url.split("://", 1)[1]
+        if answer is not None and answer.startswith(b"HTTP/"):
+            return (f"cannot reach {url}: the server at that address does not speak TLS (it "
+                    f"answered in plain HTTP); use http://{address}")
+        found = "" if answer is None else \
+            f" (it answered with something that is not HTTP: {answer!r})"
+        return (f"cannot reach {url}: the server at that address does not speak TLS{found}; "
+                f"is kiln serve running there?")
     if isinstance(error, ssl.SSLCertVerificationError):
         why = str(error.verify_message).rstrip(".")
         if getattr(error, "verify_code", None) in _NAME_MISMATCH or "mismatch" in why:
@@ -331,7 +415,6 @@ def _tls_failure(e: BaseException, url: str) -> str | None:
                 f"({why}); make this machine trust its CA (the SSL_CERT_FILE "
                 f"environment variable names a CA file)")
     return f"cannot reach {url}: the TLS handshake failed ({error.reason or error})"
-
 
 # The errno of each of Python's OSError classes that one raised bare may be
 _ERRNO_OF = {ConnectionResetError: errno.ECONNRESET, ConnectionRefusedError: errno.ECONNREFUSED,

@@ -7,8 +7,10 @@ import asyncio
 import contextlib
 import json
 import random
+import shutil
 import socket
 import ssl
+import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -408,10 +410,123 @@ def test_a_certificate_for_another_name_says_so(verify_code, why):
         f"({why[:-1]}); use a host name the certificate names")
 
 
+@contextlib.contextmanager
+def _raw_server(answer: bytes | None, reset: bool = False):
+    """The address (HOST:PORT) of a TCP server that sends ``answer`` on each connection and
+    keeps it open (None: ends it at once; ``reset``: reads the request, then resets it)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    taken: list[socket.socket] = []
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):  # the listener closed
+            while True:
+                connection, _ = listener.accept()
+                taken.append(connection)
+                if reset:
+                    connection.recv(1024)
+                    connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                          b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    connection.close()
+                elif answer is None:  # (a close() with the request unread would reset)
+                    connection.shutdown(socket.SHUT_WR)
+                else:
+                    connection.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        thread.join()
+        for connection in taken:
+            connection.close()
+
+
+SSH = b"SSH-2.0-OpenSSH_9\r\n"
+
+
+@pytest.mark.parametrize("scheme, words", [
+    # a retest's: "does not speak TLS (it answered in plain HTTP)" of an SSH server
+    ("https", "the server at that address does not speak TLS (it answered with something that "
+              "is not HTTP: b'SSH-2.0-OpenSSH_9\\r\\n'); is kiln serve running there?"),
+    # a retest's: aiohttp's multi-line 'ClientResponseError: 400, message="Bad status line:...'
+    ("http", "the server at that address does not speak HTTP (its answer began "
+             "b'SSH-2.0-OpenSSH_9\\r\\n'); is kiln serve running there?"),
+])
+def test_a_server_that_speaks_neither_tls_nor_http_is_said_so(scheme, words):
+    with _raw_server(SSH) as address:
+        _one_line_error(_bench("--serve", f"{scheme}://{address}"),
+                        f"cannot reach {scheme}://{address}: {words}")
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_server_that_closes_at_once_is_said_in_words(scheme):
+    """A retest's had been "(connectionResetError)" (https) and "(ServerDisconnectedError:
+    Server disconnected)" (http)."""
+    with _raw_server(None) as address:
+        _one_line_error(_bench("--serve", f"{scheme}://{address}"),
+                        f"cannot reach {scheme}://{address} (the server closed the connection "
+                        f"without answering); is kiln serve running there?")
+
+
 def test_a_bare_connection_reset_is_said_in_its_errno_words():
     """asyncio raises it bare where a TLS handshake meets the end of the stream: a retest's
     had been said "connectionResetError", its class name."""
     assert bench._os_words(ConnectionResetError()) == "connection reset by peer"
+
+
+def test_a_reset_that_is_no_tls_server_is_said_in_words():
+    with _raw_server(None, reset=True) as address:
+        _one_line_error(_bench("--serve", f"http://{address}"),
+                        f"cannot reach http://{address} (the connection was reset by the "
+                        f"server); is kiln serve running there?")
+
+
+@pytest.fixture
+def tls_address(tmp_path):
+    """The address of an HTTP server in TLS, its certificate self-signed for localhost."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("no openssl to make a certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+                    "-out", cert, "-days", "1", "-subj", "/CN=localhost"],
+                   check=True, capture_output=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    class Quiet(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_http_to_a_tls_server_says_use_https(tls_address):
+    """A retest's had been "(ClientOSError: [Errno 104] Connection reset by peer)"."""
+    _one_line_error(_bench("--serve", f"http://{tls_address}"),
+                    f"cannot reach http://{tls_address}: the server at that address speaks "
+                    f"TLS; use https://{tls_address}")
+
+
+@pytest.mark.parametrize("answer", [
+    b"\x15\x03\x01\x00\x02\x02\x46",  # a TLS alert (protocol version)
+    b"HTTP/1.1 400 Bad Request\r\nContent-Length: 51\r\nConnection: close\r\n\r\n"
+    b"The plain HTTP request was sent to HTTPS port\r\n\r\n\r\n",  # nginx's
+])
+def test_a_tls_server_s_other_answers_to_http_say_use_https(answer):
+    with _raw_server(answer) as address:
+        _one_line_error(_bench("--serve", f"http://{address}"),
+                        f"cannot reach http://{address}: the server at that address speaks "
+                        f"TLS; use https://{address}")
 
 
 def test_a_warm_up_where_every_request_failed_stops_in_one_line(tmp_path):
