@@ -54,6 +54,7 @@ from kiln.errors import (
     check_path,
     counted,
     described,
+    named_as_flags,
     option,
     shown,
 )
@@ -141,21 +142,36 @@ def text_tokens(tokenizer: Any, data: TextDataset) -> list[int]:
     return token_ids
 
 
-def check_token_ids(token_ids: Any, vocab_size: int) -> None:
-    """ConfigError unless ``token_ids`` (a caller's, for :func:`evaluate`) is a list or tuple of
-    int ids in the engine's vocabulary ``[0, vocab_size)``, DatasetError unless they are enough
-    to score (:func:`too_short`): checked before the engine loads. An id outside had failed in
-    the engine, named ``prompt #0``; a str had been scored as the text of its characters."""
-    if not isinstance(token_ids, (list, tuple)):
+def check_token_ids(token_ids: Any, vocab_size: int) -> list[int]:
+    """``token_ids`` (a caller's, for :func:`evaluate`) as a list of Python ints, or ConfigError
+    unless it is a list or tuple of integers (of any type but bool: numpy's too) or a 1-D integer
+    numpy array or torch tensor, every id in the engine's vocabulary ``[0, vocab_size)``;
+    DatasetError unless they are enough to score (MIN_SCORED): checked before the engine loads.
+    An id outside had failed in the engine, named ``prompt #0``; a str had been scored as the
+    text of its characters; np.int64(1) had been told it "must be an integer"."""
+    ids = _plain(token_ids)
+    if not isinstance(ids, (list, tuple)):
         raise ConfigError(f"token_ids must be a list of int token ids, found "
                           f"{described(token_ids)}")
-    for i, token in enumerate(token_ids):
+    ids = [_plain(token) for token in ids]  # a list of np.int64 or 0-d tensors: ints
+    for i, token in enumerate(ids):
         check_integer(f"token_ids[{i}]", token, ConfigError)
         if not 0 <= token < vocab_size:  # (kiln.reference.check_token_ids' words)
             raise ConfigError(f"token_ids[{i}]: token id {shown(token)} is outside the vocabulary "
                               f"[0, {vocab_size}); pass ids of this engine's tokenizer")
-    if len(token_ids) - 1 < MIN_SCORED:
-        raise DatasetError(f"token_ids: {too_short(len(token_ids))}")
+    if len(ids) - 1 < MIN_SCORED:  # (too_short's words are a text's)
+        raise DatasetError(f"token_ids holds {counted(len(ids), 'id')}; every id but the first "
+                           f"is scored and perplexity needs at least {MIN_SCORED}: give at least "
+                           f"{MIN_SCORED + 1}")
+    return ids
+
+
+def _plain(value: Any) -> Any:
+    """``value`` in Python's types where it is numpy's or torch's (its ``tolist()``: a 1-D
+    integer array is a list of ints, np.int64(1) is 1, np.True_ is True, a 2-D array nested
+    lists), else as given: checked as the Python value it stands for."""
+    tolist = getattr(value, "tolist", None)
+    return tolist() if callable(tolist) and not isinstance(value, (list, tuple)) else value
 
 
 def check_integers(max_length: Any, stride: Any) -> None:
@@ -258,8 +274,8 @@ def evaluate(engine_dir: str | Path, dataset: str | Path | TextDataset,
     :func:`kiln.datasets.load_texts`, or a loaded :class:`TextDataset`). ``token_ids``: what
     :func:`text_tokens` gave for ``dataset`` with the engine's tokenizer files, when the caller
     has them (``kiln eval --model_dir`` tokenized it before the build: a large dataset's
-    seconds had been spent twice), checked before the engine loads (:func:`check_token_ids`);
-    None: tokenized here."""
+    seconds had been spent twice): a list, or a 1-D integer numpy array or torch tensor, checked
+    before the engine loads (:func:`check_token_ids`); None: tokenized here."""
     from kiln.engine import read_manifest
     from kiln.runtime import LLM
     from kiln.runtime.tokenizer import load_tokenizer
@@ -280,14 +296,18 @@ def evaluate(engine_dir: str | Path, dataset: str | Path | TextDataset,
                           f"{build_with('gather_context_logits')}")
     # the window and the text are checked before the engine loads (seconds to minutes)
     max_length, stride = resolve_window(manifest.limits.max_input_len, max_length, stride)
+    # what was scored, for the warning below: a Python caller's token_ids, not the dataset's
+    # text (a retest's token_ids=[1, 2, 3] had been told "ds.txt: ... rests on 2 tokens");
+    # kiln eval's are the dataset's own (text_tokens), and its user never named token_ids
+    scored = "token_ids" if token_ids is not None and not named_as_flags() else data.shown
     if token_ids is None:
         token_ids = text_tokens(load_tokenizer(engine_dir), data)
     else:
-        check_token_ids(token_ids, manifest.decoder.vocab_size)
+        token_ids = check_token_ids(token_ids, manifest.decoder.vocab_size)
     with LLM(engine_dir, options) as llm:
         result = perplexity(llm, token_ids, max_length, stride, progress)
     if result.tokens < FEW_TOKENS:  # a trial's 3-token text gave a figure without a word
         logger.warning("%s: the perplexity rests on %s, too few to compare with another "
-                       "figure; give a longer text", data.shown, counted(result.tokens, "token"))
+                       "figure; give a longer text", scored, counted(result.tokens, "token"))
     return PerplexityResult(**{**asdict(result), "dataset": data.name,
                                "dataset_sha256": data.sha256, "engine_dir": str(engine_dir)})

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+
+import numpy as np
 import pytest
+import torch
 
 from kiln.errors import ConfigError, DatasetError, options_as_flags
 from kiln.evaluation import Window, evaluate, sliding_windows
+from kiln.runtime.options import ExecutorOptions
+
+ON_CPU = ExecutorOptions(device="cpu")  # the torch engines' PyTorch reference kernels
 
 
 def test_windows_are_hugging_faces():
@@ -129,11 +136,22 @@ def test_a_text_of_two_tokens_is_refused_before_the_engine_loads(gathering_engin
                                    "tokenizer"),
     ([1, 2.0, 3], ConfigError, "token_ids[1] must be an integer, found 2.0"),
     ([1, True, 3], ConfigError, "token_ids[1] must be an integer, found True"),
+    ([1, np.True_, 3], ConfigError, "token_ids[1] must be an integer, found True"),
+    ([1, np.float64(2.0)], ConfigError, "token_ids[1] must be an integer, found 2.0"),
+    ([1, [2, 3]], ConfigError, "token_ids[1] must be an integer, found [2, 3]"),
+    (np.array([1.0, 2.0, 3.0]), ConfigError, "token_ids[0] must be an integer, found 1.0"),
+    (torch.tensor([True, False, True]), ConfigError,
+     "token_ids[0] must be an integer, found True"),
+    (np.array([[1, 2, 3]]), ConfigError, "token_ids[0] must be an integer, found [1, 2, 3]"),
+    (np.array([1, 128, 3]), ConfigError, "token_ids[1]: token id 128 is outside the vocabulary "
+                                         "[0, 128); pass ids of this engine's tokenizer"),
     # a str had been scored as the text of its characters
     ("abc", ConfigError, "token_ids must be a list of int token ids, found str 'abc'"),
-    ([], DatasetError, "token_ids: the text is 0 tokens long, so 0 tokens to score (the first "
-                       "is context only); perplexity needs at least 2 to score: give a text of "
-                       "at least 3 tokens"),
+    # ids, not a text's tokens (it had said "the text is 0 tokens long")
+    ([], DatasetError, "token_ids holds 0 ids; every id but the first is scored and perplexity "
+                       "needs at least 2: give at least 3"),
+    (np.array([1, 2]), DatasetError, "token_ids holds 2 ids; every id but the first is scored "
+                                     "and perplexity needs at least 2: give at least 3"),
 ])
 def test_token_ids_the_engine_cannot_take_are_refused_before_it_loads(
         gathering_engine, tmp_path, not_loaded, token_ids, error, expected):
@@ -145,6 +163,39 @@ def test_token_ids_the_engine_cannot_take_are_refused_before_it_loads(
     with pytest.raises(error) as info:
         evaluate(gathering_engine, text, token_ids=token_ids)
     assert str(info.value) == expected
+
+
+@pytest.mark.parametrize("token_ids", [
+    [1, 5, 9, 12], (1, 5, 9, 12), [np.int64(1), np.int32(5), np.uint8(9), torch.tensor(12)],
+    np.array([1, 5, 9, 12]), torch.tensor([1, 5, 9, 12]),
+])
+def test_token_ids_are_integers_of_any_type(gathering_engine, tmp_path, caplog, token_ids):
+    """A retest's np.int64(1) had been told it "must be an integer" and a 1-D numpy array "must
+    be a list"; the warning had named the dataset's file, which was not scored."""
+    text = tmp_path / "ds.txt"
+    text.write_text("Some text to score.")
+    expected = evaluate(gathering_engine, text, options=ON_CPU, token_ids=[1, 5, 9, 12])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kiln.evaluation"):
+        result = evaluate(gathering_engine, text, options=ON_CPU, token_ids=token_ids)
+    assert (result.tokens, result.perplexity) == (3, expected.perplexity)
+    assert _warned(caplog) == ("token_ids: the perplexity rests on 3 tokens, too few to "
+                                  "compare with another figure; give a longer text")
+
+
+def test_kiln_evals_token_ids_are_its_datasets(gathering_engine, tmp_path, caplog):
+    """kiln eval --model_dir passes the dataset's own tokens: its warning names the file."""
+    text = tmp_path / "ds.txt"
+    text.write_text("Some text to score.")
+    with caplog.at_level(logging.WARNING, logger="kiln.evaluation"), options_as_flags():
+        evaluate(gathering_engine, text, options=ON_CPU, token_ids=[1, 5, 9, 12])
+    assert _warned(caplog).startswith(f"{text}: the perplexity rests on 3 tokens")
+
+
+def _warned(caplog) -> str:
+    """The one warning kiln.evaluation logged (the CPU's slow-path warning aside)."""
+    [message] = [r.getMessage() for r in caplog.records if r.name == "kiln.evaluation"]
+    return message
 
 
 def test_engine_without_gather_context_logits_is_refused(tiny_engine_no_gather, tmp_path):
