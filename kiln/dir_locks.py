@@ -63,11 +63,14 @@ def replacing(directory: str | os.PathLike) -> Iterator[None]:
     fd = _open(directory)
     try:
         if fd is not None and _flock(fd, "LOCK_EX", directory) is False:
-            raise OutputError(f"{directory}: is in use: {_holders(fd)} holds it loaded (kiln "
-                              f"serve, run, bench or eval, or an LLM), and "
-                              f"{option('overwrite', True)} would replace it under that "
-                              f"process; stop it (or close its LLM) first, or choose another "
-                              f"{option('output_dir')}")
+            pids = _holders(fd)
+            one = len(pids) < 2  # (two had been "process 1, process 2 holds it")
+            raise OutputError(f"{directory}: is in use: {_named(pids)} "
+                              f"{'holds' if one else 'hold'} it loaded (kiln serve, run, bench "
+                              f"or eval, or an LLM), and {option('overwrite', True)} would "
+                              f"replace it under {'that process' if one else 'them'}; stop "
+                              f"{'it (or close its LLM)' if one else 'them (or close their LLMs)'}"
+                              f" first, or choose another {option('output_dir')}")
         yield
     finally:
         if fd is not None:
@@ -133,9 +136,9 @@ def _names(directory: Path, fd: int) -> bool:
     return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
 
 
-def _holders(fd: int) -> str:
-    """Who holds a lock on the directory open as ``fd``: "process 12" / "this process (pid
-    12)", from ``/proc/locks`` (Linux), else "another process"."""
+def _holders(fd: int) -> list[int]:
+    """The ids of the processes holding a lock on the directory open as ``fd``, sorted, from
+    ``/proc/locks`` (Linux); none where it cannot be read."""
     held = os.fstat(fd)
     where = f"{os.major(held.st_dev):02x}:{os.minor(held.st_dev):02x}:{held.st_ino}"
     try:
@@ -143,8 +146,17 @@ def _holders(fd: int) -> str:
     except OSError:
         lines = []
     # "1: FLOCK  ADVISORY  READ 12345 fd:01:1234 0 EOF"; a waiter's line has "->" after "1:"
-    pids = sorted({int(f[4]) for f in map(str.split, lines)
-                   if len(f) > 5 and f[1] == "FLOCK" and f[5] == where and f[4].isdigit()})
-    names = [f"this process (pid {pid})" if pid == os.getpid() else f"process {pid}"
-             for pid in pids if pid > 0]
-    return ", ".join(names) or "another process"
+    pids = {int(f[4]) for f in map(str.split, lines)
+            if len(f) > 5 and f[1] == "FLOCK" and f[5] == where and f[4].isdigit()}
+    return sorted(pid for pid in pids if pid > 0)
+
+
+def _named(pids: list[int]) -> str:
+    """Processes ``pids`` in a message: "process 12", "this process (pid 12)", "processes 12
+    and 34", "processes 12 (this process), 34 and 56"; none: "another process"."""
+    if not pids:
+        return "another process"
+    if len(pids) == 1:
+        return f"this process (pid {pids[0]})" if pids[0] == os.getpid() else f"process {pids[0]}"
+    names = [f"{pid} (this process)" if pid == os.getpid() else str(pid) for pid in pids]
+    return f"processes {', '.join(names[:-1])} and {names[-1]}"

@@ -176,3 +176,33 @@ def test_where_flock_fails_nothing_is_locked_and_it_is_said_at_debug(tmp_path, m
             dir_locks.check_unused(tmp_path)
     assert f"{tmp_path}: not locked" in caplog.text
     assert all(r.levelno == logging.DEBUG for r in caplog.records)
+
+
+
+def _fake_locks(monkeypatch, directory: Path, pids: list[int]) -> None:
+    """/proc/locks (dir_locks.PROC_LOCKS) with a shared flock on ``directory`` for each pid."""
+    held = os.stat(directory)
+    where = f"{os.major(held.st_dev):02x}:{os.minor(held.st_dev):02x}:{held.st_ino}"
+    locks = directory.parent / f"{directory.name}-locks"
+    locks.write_text("".join(f"{i}: FLOCK  ADVISORY  READ {pid} {where} 0 EOF\n"
+                             for i, pid in enumerate(pids, 1)))
+    monkeypatch.setattr(dir_locks, "PROC_LOCKS", locks)
+
+
+@pytest.mark.parametrize("pids, named", [
+    ([3819], "process 3819 holds it loaded (kiln serve, run, bench or eval, or an LLM), and "
+             "overwrite=True would replace it under that process; stop it (or close its LLM) "
+             "first"),
+    # a retest's "process 3819, process 26185 holds it loaded ... under that process"
+    ([26185, 3819], "processes 3819 and 26185 hold it loaded (kiln serve, run, bench or eval, "
+                    "or an LLM), and overwrite=True would replace it under them; stop them (or "
+                    "close their LLMs) first"),
+    ([3819, 0, 26185, 3820], "processes 3819, 3820 and 26185 hold it loaded"),
+    ([999999999, "this"], "processes {this} (this process) and 999999999 hold it loaded"),
+])
+def test_the_holders_are_named_in_the_number_they_are(tmp_path, monkeypatch, pids, named):
+    this = os.getpid()
+    _fake_locks(monkeypatch, tmp_path, [this if pid == "this" else pid for pid in pids])
+    with dir_locks.holding(tmp_path), pytest.raises(OutputError) as info:
+        dir_locks.check_unused(tmp_path)
+    assert str(info.value).startswith(f"{tmp_path}: is in use: {named.format(this=this)}")
