@@ -155,6 +155,8 @@ class ChatMessage(BaseModel):
     role: str  # one of ROLES (kiln.serve.render checks, naming the message)
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None  # a number had reached the template
+    # OpenAI's list of call objects, to the template as given (a string had reached it)
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatCompletionRequest(_Sampling):

@@ -79,6 +79,8 @@ COMPLETIONS_MAX_TOKENS = 16
 # read): they reach the chat template, which reads those it knows, and are not warned of
 MESSAGE_KEYS = ("tool_calls", "tool_call_id", "refusal", "audio", "function_call",
                 "reasoning_content", "reasoning")
+# OpenAI's form of an assistant message's tool call
+TOOL_CALL = '{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}'
 # Distinct ignored field names a server warns of: past these (a client sending a new name each
 # time), new names are logged at DEBUG, so neither the log nor the server's memory of them grows
 # (the WARNING that fills the set says so, once)
@@ -209,6 +211,8 @@ def messages_form_error(messages: Any) -> str | None:
         if not (name is None or isinstance(name, str)):
             return f"messages[{i}].name is {as_json(name)}; give the participant's name as a " \
                    f"string, or leave it out"
+        if (why := _tool_calls_error(i, message.get("tool_calls"))) is not None:
+            return why
         content = message.get("content")
         if not (content is None or isinstance(content, (str, list))):
             return f"messages[{i}].content is {as_json(content)}; give a string or a list " \
@@ -216,6 +220,17 @@ def messages_form_error(messages: Any) -> str | None:
         if isinstance(content, list) and (why := _parts_error(i, content)) is not None:
             return why
     return None
+
+
+def _tool_calls_error(i: int, calls: Any) -> str | None:
+    """Why message ``i``'s ``tool_calls`` is not OpenAI's list of objects (a string had reached
+    the template without a word); the objects are the template's to read, as given."""
+    if not (calls is None or isinstance(calls, list)):
+        return f"messages[{i}].tool_calls is {as_json(calls)}; give the assistant's tool calls " \
+               f"as a list of objects like {TOOL_CALL}, or leave it out"
+    j = next((j for j, call in enumerate(calls or ()) if not isinstance(call, dict)), None)
+    return None if j is None else f"messages[{i}].tool_calls[{j}] is {as_json(calls[j])}; a " \
+                                  f"tool call is an object like {TOOL_CALL}"
 
 
 def stop_form_error(stop: Any) -> str | None:

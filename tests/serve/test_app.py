@@ -881,6 +881,7 @@ def test_stop_token_ids_outside_the_vocabulary_blame_no_prompt(engine):
 
 MESSAGES = 'messages must be a list of objects like {"role": "user", "content": "Hi"}'
 PARTS = '{"type": "text", "text": "Hi"}'
+TOOL_CALL = '{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}'
 
 
 @pytest.mark.parametrize("messages, param, message", [
@@ -923,6 +924,17 @@ PARTS = '{"type": "text", "text": "Hi"}'
     ([{"role": "user", "content": "a"}, {"role": "user", "content": "b", "name": ["x"]}],
      "messages[1].name", 'messages[1].name is an array ["x"]; give the participant\'s name as a '
      "string, or leave it out"),
+    # a retest: a tool_calls that is no list of objects had reached the template
+    ([{"role": "assistant", "content": None, "tool_calls": "x"}], "messages[0].tool_calls",
+     'messages[0].tool_calls is a string "x"; give the assistant\'s tool calls as a list of '
+     "objects like " + TOOL_CALL + ", or leave it out"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b",
+                                          "tool_calls": {"id": "c"}}],
+     "messages[1].tool_calls", 'messages[1].tool_calls is an object {"id": "c"}; give the '
+     "assistant's tool calls as a list of objects like " + TOOL_CALL + ", or leave it out"),
+    ([{"role": "assistant", "content": "", "tool_calls": [{"id": "c"}, "f"]}],
+     "messages[0].tool_calls[1]", 'messages[0].tool_calls[1] is a string "f"; a tool call is an '
+     "object like " + TOOL_CALL),
     # these had reached the template as an empty message (a retest)
     ([{"role": "user", "content": []}], "messages[0].content", "messages[0].content is an "
      "empty list; give a string or at least one text part like " + PARTS),
