@@ -28,7 +28,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from kiln.errors import UNREADABLE_JSON, USER_TEXT, json_type
+from kiln.errors import UNREADABLE_JSON, USER_TEXT, json_type, option
 
 ENGINE_KEYS = frozenset({"backend", "rank_files", "limits"})  # none is in a kiln checkpoint
 
@@ -209,26 +209,29 @@ def _limit(name: str, default: int) -> int:
         return default
 
 
-def read_config(directory: str | Path, wanted: DirKind,
-                error: type[Exception]) -> tuple[Path, dict[str, Any]]:
+def read_config(directory: str | Path, wanted: DirKind, error: type[Exception],
+                name: str | None = None) -> tuple[Path, dict[str, Any]]:
     """``(path, parsed config.json)`` of ``directory``, which must be of kind ``wanted``.
 
     Every way it can fail (a file given, no such directory, no or invalid ``config.json``,
     another kind of directory) raises ``error`` with one line that says how to fix it; the
-    format's owner then validates the contents.
+    format's owner then validates the contents. ``name``: the option ``directory`` was given
+    as, which a file (or a device...) given is named by (:func:`kiln.errors.option`), as the
+    CLI's path checks name theirs (a retest's ``--engine_dir FILE`` had named no option).
     """
     article, noun, fix, repair = _MADE_BY[wanted]
     if not str(directory).strip():  # Path("") would be the current directory
         raise error(f"the {noun} is empty; {fix}")
     directory = Path(directory)
     path = directory / "config.json"
+    given = directory if name is None else option(name, directory)
     if directory.is_file():
         holder = directory.parent if str(directory.parent) else Path(".")
         hint = f"pass the directory that holds it ({holder})" \
             if classify_dir(holder) is wanted else fix
-        raise error(f"{directory}: is a file, not {article} {noun}; {hint}")
+        raise error(f"{given}: is a file, not {article} {noun}; {hint}")
     if (special := special_file(directory)) is not None:
-        raise error(f"{directory}: is {special}, not {article} {noun}; {fix}")
+        raise error(f"{given}: is {special}, not {article} {noun}; {fix}")
     if not directory.is_dir():
         near = _near_names(directory)
         raise error(f"{directory}: no such {noun}; "

@@ -171,20 +171,40 @@ def test_unrecognized_configs_keep_their_own_errors(dirs, tmp_path):
         load_config(tmp_path)
 
 
-@pytest.mark.parametrize("command", ["run", "bench", "verify"])
-def test_a_file_inside_the_dir_is_named_as_a_file_with_the_fix(dirs, command):
+@pytest.mark.parametrize("command", ["run", "bench", "serve", "eval", "verify"])
+def test_a_file_inside_the_dir_is_named_as_a_file_with_the_fix(dirs, tmp_path, command):
     """``--engine_dir E/config.json`` (tab completion's slip): say it is a file and which
-    directory to pass, not "no such engine directory"."""
+    directory to pass, not "no such engine directory"; named by its option, as the CLI's other
+    path errors are (a retest's had named none)."""
     engine = dirs[DirKind.ENGINE]
     given = engine / "config.json"
+    (tmp_path / "t.txt").write_text("Some text to score.")
     args = {"run": ["run", "--engine_dir", str(given), "--input_text", "x"],
             "bench": ["bench", "--engine_dir", str(given)],
+            "serve": ["serve", "--engine_dir", str(given)],
+            "eval": ["eval", "--engine_dir", str(given), "--dataset", str(tmp_path / "t.txt")],
             "verify": ["verify", str(given)]}[command]
     r = CliRunner().invoke(main, args)
-    what = "an engine dir or a kiln checkpoint" if command == "verify" else \
-        "an engine directory"  # verify takes both
+    what = f"{given}: is a file, not an engine dir or a kiln checkpoint" \
+        if command == "verify" else f"--engine_dir {given}: is a file, not an engine directory"
     assert r.exit_code == 2 and r.output.splitlines() == [
-        f"error: {given}: is a file, not {what}; pass the directory that holds it ({engine})"]
+        f"error: {what}; pass the directory that holds it ({engine})"]
+
+
+def test_an_engine_dir_that_is_no_directory_is_named_as_the_api_takes_it(tmp_path):
+    """From Python, the keyword: ``LLM(engine_dir=...)`` is told ``engine_dir=...``."""
+    from kiln.runtime import LLM
+
+    given = tmp_path / "english.txt"
+    given.write_text("text")
+    with pytest.raises(EngineError) as info:
+        LLM(engine_dir=given)
+    assert str(info.value) == (f"engine_dir={str(given)!r}: is a file, not an engine "
+                               f"directory; pass the output_dir of kiln build")
+    with pytest.raises(EngineError) as info:
+        LLM(engine_dir="/dev/null")
+    assert str(info.value) == ("engine_dir='/dev/null': is a character device, not an engine "
+                               "directory; pass the output_dir of kiln build")
 
 
 @pytest.mark.parametrize("command", ["run", "verify"])

@@ -191,8 +191,9 @@ def read_manifest(engine_dir: str | Path) -> EngineManifest:
 
 def read_manifest_data(engine_dir: str | Path) -> tuple[EngineManifest, dict[str, Any]]:
     """:func:`read_manifest`, and ``config.json`` as parsed (for :func:`manifest_edit`), from
-    one read of the file."""
-    path, data = read_config(engine_dir, DirKind.ENGINE, EngineError)
+    one read of the file. A file given is named as ``engine_dir`` (``--engine_dir``): every
+    engine dir read here is one given so, or a build cache's."""
+    path, data = read_config(engine_dir, DirKind.ENGINE, EngineError, name="engine_dir")
     try:
         return EngineManifest.from_dict(data), data
     except (KeyError, TypeError, ValueError) as e:
