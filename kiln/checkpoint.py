@@ -253,11 +253,12 @@ def rank_files_checked(directory: Path, config: CheckpointConfig,
             stop.set()
 
 
-def load_config(checkpoint_dir: str | Path) -> CheckpointConfig:
+def load_config(checkpoint_dir: str | Path, name: str | None = None) -> CheckpointConfig:
     """Read and validate ``checkpoint_dir/config.json``; an edit since kiln wrote it (its
     recorded digest, :data:`~kiln.hashing.DIGEST_KEY`) is said at WARNING, and the config is
-    taken as it reads now (build and quantize had read one without comment)."""
-    path, data = read_config(checkpoint_dir, DirKind.KILN_CHECKPOINT, CheckpointError)
+    taken as it reads now (build and quantize had read one without comment). ``name``: the
+    option ``checkpoint_dir`` was given as (:func:`kiln.dirs.read_config`)."""
+    path, data = read_config(checkpoint_dir, DirKind.KILN_CHECKPOINT, CheckpointError, name)
     config = CheckpointConfig.from_dict(data, str(path))
     if manifest_edited(data):
         log.warning("%s: edited since kiln wrote it (it no longer matches the digest recorded "

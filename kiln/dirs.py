@@ -210,21 +210,22 @@ def _limit(name: str, default: int) -> int:
 
 
 def read_config(directory: str | Path, wanted: DirKind, error: type[Exception],
-                name: str | None = None) -> tuple[Path, dict[str, Any]]:
+                name: str | None = None, flag: str | None = None) -> tuple[Path, dict[str, Any]]:
     """``(path, parsed config.json)`` of ``directory``, which must be of kind ``wanted``.
 
     Every way it can fail (a file given, no such directory, no or invalid ``config.json``,
     another kind of directory) raises ``error`` with one line that says how to fix it; the
     format's owner then validates the contents. ``name``: the option ``directory`` was given
-    as, which a file (or a device...) given is named by (:func:`kiln.errors.option`), as the
-    CLI's path checks name theirs (a retest's ``--engine_dir FILE`` had named no option).
+    as, which a file (or a device..., or no such directory) given is named by
+    (:func:`kiln.errors.option`; ``flag``: its flag where that is not ``--name``), as the CLI's
+    path checks name theirs (a retest's ``--engine_dir FILE`` had named no option).
     """
     article, noun, fix, repair = _MADE_BY[wanted]
     if not str(directory).strip():  # Path("") would be the current directory
         raise error(f"the {noun} is empty; {fix}")
     directory = Path(directory)
     path = directory / "config.json"
-    given = directory if name is None else option(name, directory)
+    given = directory if name is None else option(name, directory, flag)
     if directory.is_file():
         holder = directory.parent if str(directory.parent) else Path(".")
         hint = f"pass the directory that holds it ({holder})" \
@@ -234,7 +235,7 @@ def read_config(directory: str | Path, wanted: DirKind, error: type[Exception],
         raise error(f"{given}: is {special}, not {article} {noun}; {fix}")
     if not directory.is_dir():
         near = _near_names(directory)
-        raise error(f"{directory}: no such {noun}; "
+        raise error(f"{given}: no such {noun}; "
                     + (f"did you mean {near}? " if near else "") + fix)
     if not path.is_file():
         inside = only_child_of_kind(directory, wanted)

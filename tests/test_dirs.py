@@ -207,6 +207,62 @@ def test_an_engine_dir_that_is_no_directory_is_named_as_the_api_takes_it(tmp_pat
                                "directory; pass the output_dir of kiln build")
 
 
+_HF_FIX = "pass the directory holding the model's config.json and weights"
+_CKPT_FIX = "pass the output_dir of kiln convert_checkpoint"
+
+
+@pytest.mark.parametrize("command", ["run", "bench", "serve", "eval", "convert_checkpoint",
+                                     "quantize", "build"])
+def test_a_source_dir_that_is_no_directory_is_named_by_its_option(tmp_path, command):
+    """``--model_dir`` (``--checkpoint_dir``) of a file, a device or no such path is named by
+    its option, as ``--engine_dir``'s are (a retest's had named none). (build's and quantize's
+    file is click's to refuse, by name too.)"""
+    text = tmp_path / "t.txt"
+    text.write_text("Some text to score.")
+    flag = "--checkpoint_dir" if command in ("quantize", "build") else "--model_dir"
+    noun, fix = ("a kiln checkpoint directory", _CKPT_FIX) if flag == "--checkpoint_dir" else \
+        ("an HF checkpoint directory", _HF_FIX)
+    rest = {"run": ["--input_text", "x"], "eval": ["--dataset", str(text)],
+            "convert_checkpoint": ["--output_dir", str(tmp_path / "out")],
+            "quantize": ["--output_dir", str(tmp_path / "out"), "--qformat", "int8_wo"],
+            "build": ["--output_dir", str(tmp_path / "out")]}.get(command, [])
+    missing = tmp_path / "nope"
+    no_such = f"no such {noun[2:]}; {fix}" if flag == "--checkpoint_dir" else \
+        (f"no such local directory ({tmp_path}/ has no nope), and not a hub id (those have the "
+         f"form org/name); check the path")
+    expected = {"/dev/null": f"{flag} /dev/null: is a character device, not {noun}; {fix}",
+                str(missing): f"{flag} {missing}: {no_such}"}
+    if flag == "--model_dir":
+        expected[str(text)] = f"{flag} {text}: is a file, not {noun}; {fix}"
+    for given, message in expected.items():
+        r = CliRunner().invoke(main, [command, flag, given, *rest])
+        assert r.exit_code == 2 and r.output.splitlines() == [f"error: {message}"], r.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_source_dir_that_is_no_directory_is_named_as_the_api_takes_it(tmp_path):
+    """From Python, the keyword: ``LLM(model=...)`` is told ``model=...``, kiln.build and
+    kiln.quantize ``checkpoint_dir=...``, kiln.convert_checkpoint ``model_dir=...``."""
+    from kiln.runtime import LLM
+
+    out = tmp_path / "out"
+    calls = {"model": lambda p: LLM(model=p),
+             "model_dir": lambda p: kiln.convert_checkpoint(p, out, progress=False),
+             "checkpoint_dir": lambda p: build(p, out, **LIMITS),
+             "checkpoint_dir=": lambda p: kiln.quantize(p, out, qformat="int8_wo")}
+    for keyword, call in calls.items():
+        keyword = keyword.rstrip("=")
+        noun, fix = ("a kiln checkpoint directory", _CKPT_FIX) \
+            if keyword == "checkpoint_dir" else ("an HF checkpoint directory", _HF_FIX)
+        with pytest.raises(CheckpointError) as info:
+            call("/dev/null")
+        assert str(info.value) == (f"{keyword}='/dev/null': is a character device, not {noun}; "
+                                   f"{fix}")
+        with pytest.raises(CheckpointError, match=rf"^{keyword}='{tmp_path}/nope': no such "):
+            call(str(tmp_path / "nope"))
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("command", ["run", "verify"])
 def test_the_dir_above_an_engine_names_it(dirs, tmp_path, command):
     """A trial passed a build cache entry (``engines/<name>``) for its ``engine`` dir inside;

@@ -94,8 +94,9 @@ def identify_source(model: str, revision: str | None, allow_pickle: bool,
     if not str(model).strip():
         raise CheckpointError(f"{option('model', flag='model_dir')} is empty; pass an HF "
                               f"checkpoint directory or hub id")
-    path, repo_id = locate(str(model), revision, allow_pickle)
-    read_config(path, DirKind.HF_CHECKPOINT, CheckpointError)  # an engine dir, ...: says so
+    # LLM(model=...) is --model_dir; an engine dir, ...: read_config says so
+    path, repo_id = locate(str(model), revision, allow_pickle, "model", "model_dir")
+    read_config(path, DirKind.HF_CHECKPOINT, CheckpointError, "model", "model_dir")
     if repo_id is not None and COMMIT.fullmatch(path.name):  # <hub cache>/snapshots/<commit>
         return SourceId(path, repo_id, path.name, f"{repo_id}@{path.name}",
                         {"repo_id": repo_id, "commit": path.name})

@@ -114,7 +114,7 @@ def build_with(options: BuildOptions, progress: bool = False) -> BuildResult:
     started = time.perf_counter()
     check_output(options.output_dir, options.overwrite, inputs=[options.checkpoint_dir],
                  writes=ENGINE_KIND)
-    ckpt = load_config(options.checkpoint_dir)
+    ckpt = load_config(options.checkpoint_dir, "checkpoint_dir")
     weights = check_rank_files(options.checkpoint_dir, ckpt)
     check_other_files(options.checkpoint_dir, ckpt)
     _warn_if_the_gate_failed(options.checkpoint_dir, ckpt)

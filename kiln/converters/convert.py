@@ -152,7 +152,7 @@ def convert_checkpoint(model_dir: str | Path, output_dir: str | Path, *, progres
     check_output(output_dir, overwrite, inputs=[local] if local.exists() else [],
                  writes=CHECKPOINT_KIND)
     plan = plan_conversion(str(model_dir), dtype=dtype, tp_size=tp_size, pp_size=pp_size,
-                           revision=revision, allow_pickle=allow_pickle)
+                           revision=revision, allow_pickle=allow_pickle, name="model_dir")
     return write_checkpoint(plan, output_dir, overwrite=overwrite, progress=progress)
 
 
@@ -205,12 +205,14 @@ class ConversionPlan:
 
 
 def plan_conversion(model_dir: str, *, dtype: str = "auto", tp_size: int = 1, pp_size: int = 1,
-                    revision: str | None = None, allow_pickle: bool = False) -> ConversionPlan:
+                    revision: str | None = None, allow_pickle: bool = False,
+                    name: str | None = None) -> ConversionPlan:
     """Open the source (its config and tensor headers; no tensor data read, but for a tied
     checkpoint that stores an LM head too: :func:`untie_a_different_head`) and run every check
     of the conversion: architecture, config, mapping, quantization, strict tensor accounting.
-    Also what the build cache checks before it converts (:mod:`kiln.build_cache.preflight`)."""
-    source = open_source(model_dir, revision=revision, allow_pickle=allow_pickle)
+    Also what the build cache checks before it converts (:mod:`kiln.build_cache.preflight`).
+    ``name``: the option ``model_dir`` was given as (:func:`~kiln.converters.source.locate`)."""
+    source = open_source(model_dir, revision=revision, allow_pickle=allow_pickle, name=name)
     check_tokenizer_files(source.directory)
     where = source.directory / "config.json"
     try:

@@ -120,17 +120,19 @@ class Source:
     extra_files: list[Path] = field(default_factory=list)
 
 
-def open_source(model_dir: str, revision: str | None = None, allow_pickle: bool = False) -> Source:
+def open_source(model_dir: str, revision: str | None = None, allow_pickle: bool = False,
+                name: str | None = None) -> Source:
     """Open a local HF checkpoint directory, or download one from the hub by id.
 
     A local directory wins. A string that does not exist locally is tried on the hub only if
     it has a hub id's form (``org/name``, which is also a relative path): then a failure says
     both that no such local directory exists and why the hub could not provide it. Any other
     missing path (``./x``, ``../x``, ``/x``, ``~/x``, ``a/b/c`` ...) is a local path that does
-    not exist, reported without asking the hub.
+    not exist, reported without asking the hub. ``name``: the option ``model_dir`` was given
+    as, which a file, a device or a missing path given is named by (:func:`locate`).
     """
-    path, repo_id = locate(model_dir, revision, allow_pickle)
-    _, hf_config = read_config(path, DirKind.HF_CHECKPOINT, CheckpointError)
+    path, repo_id = locate(model_dir, revision, allow_pickle, name)
+    _, hf_config = read_config(path, DirKind.HF_CHECKPOINT, CheckpointError, name)
     files = _weight_files(path, allow_pickle)
     tensors: dict[str, SourceTensor] = {}
     found_in: dict[str, Path] = {}
@@ -144,11 +146,14 @@ def open_source(model_dir: str, revision: str | None = None, allow_pickle: bool 
     return Source(path, hf_config, tensors, files, repo_id, revision)
 
 
-def locate(model_dir: str, revision: str | None = None,
-           allow_pickle: bool = False) -> tuple[Path, str | None]:
+def locate(model_dir: str, revision: str | None = None, allow_pickle: bool = False,
+           name: str | None = None, flag: str | None = None) -> tuple[Path, str | None]:
     """``(local directory, hub id or None)`` of ``model_dir`` by :func:`open_source`'s rules: an
     existing local path as it is; otherwise a hub id's snapshot (``snapshot_download`` of the
-    files conversion reads: ``<hub cache>/snapshots/<commit>``). Raises as open_source does."""
+    files conversion reads: ``<hub cache>/snapshots/<commit>``). Raises as open_source does; a
+    missing path is named by ``name`` (the option it was given as, :func:`kiln.errors.option`;
+    ``flag``: its flag where that is not ``--name``), as :func:`kiln.dirs.read_config` names a
+    file (a retest's ``--model_dir`` of these had named no option)."""
     path = Path(model_dir).expanduser()
     if path.exists():
         if revision is not None:
@@ -157,7 +162,8 @@ def locate(model_dir: str, revision: str | None = None,
                               f"model; drop {option('revision')} (or check out that revision "
                               f"into the directory)")
         return path, None
-    missing = f"{model_dir}: no such local directory{_near_miss(path)}"
+    given = model_dir if name is None else option(name, model_dir, flag)
+    missing = f"{given}: no such local directory{_near_miss(path)}"
     if not is_hub_id(model_dir):
         raise CheckpointError(f"{missing}, and not a hub id (those have the form org/name); "
                               f"check the path")

@@ -118,7 +118,7 @@ def quantize(checkpoint_dir: str | Path, output_dir: str | Path, *, progress: bo
     check_path("checkpoint_dir", checkpoint_dir, ConfigError, "pass a kiln checkpoint directory")
     source_dir, output_dir = Path(checkpoint_dir).expanduser(), output_path(output_dir)
     check_output(output_dir, opts.overwrite, inputs=[source_dir], writes=CHECKPOINT_KIND)
-    source = load_config(source_dir)
+    source = load_config(source_dir, "checkpoint_dir")
     check_other_files(source_dir, source)  # the tokenizer, copied into the output
     check_rank_files(source_dir, source)
     context = source.decoder.max_position_embeddings

@@ -187,7 +187,8 @@ def test_older_than_takes_0s_and_its_help_says_the_rule(cache):
 def test_a_bad_model_dir_is_one_line_exit_2(cache, tmp_path):
     result = _invoke("cache", "build", "--model_dir", str(tmp_path / "nope"))
     assert result.exit_code == 2 and len(result.output.splitlines()) == 1, result.output
-    assert result.output.startswith(f"error: {tmp_path / 'nope'}: no such local directory")
+    assert result.output.startswith(f"error: --model_dir {tmp_path / 'nope'}: no such local "
+                                    f"directory")
 
 
 def test_an_unwritable_cache_dir_is_one_line_exit_2(tmp_path, tiny_hf, monkeypatch):

@@ -286,7 +286,8 @@ def test_the_equals_form_gives_a_dash_value_literally(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = _invoke("build", "--checkpoint_dir=-c", "--output_dir", "o")
     assert result.exit_code == 2, result.output
-    assert result.output.startswith("error: -c: no such kiln checkpoint directory"), \
+    assert result.output.startswith("error: --checkpoint_dir -c: no such kiln checkpoint "
+                                    "directory"), \
         result.output
 
 

@@ -72,7 +72,8 @@ def test_output_format(hf_dir, tmp_path):
 
 def test_missing_directory(tmp_path):
     with pytest.raises(CheckpointError,
-                       match=r"nope: no such local directory \(.* has no nope\), and not a hub id"):
+                       match=r"^model_dir='.*/nope': no such local directory \(.* has no nope\), "
+                             r"and not a hub id"):
         _convert(tmp_path / "nope", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -231,7 +232,8 @@ def test_offline_hub_gives_a_clear_error(tmp_path):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "HF_HUB_OFFLINE" in lines[0] and "some-org/some-model" in lines[0]
-    assert lines[0].startswith("error: some-org/some-model: no such local directory, and the hub")
+    assert lines[0].startswith("error: --model_dir some-org/some-model: no such local directory, "
+                               "and the hub")
     assert not (tmp_path / "out").exists()
 
 
