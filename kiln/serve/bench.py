@@ -314,10 +314,8 @@ def _unreached(e: BaseException, url: str, timeout_s: float,
                 f"is kiln serve running there?")  # (aiohttp's had been "Bad status line:\n...")
     if isinstance(e, asyncio.TimeoutError):  # (aiohttp's timeouts are TimeoutErrors)
         why = f"no answer in {timeout_s:g} s"
-    elif _reset(e):
-        why = "the connection was reset by the server"
-    elif _closed(e):
-        why = "the server closed the connection without answering"
+    elif (dropped := _dropped(e)) is not None:
+        why = dropped
     elif isinstance(e, aiohttp.ClientConnectorError):
         why = _os_words(e.os_error)
     else:
@@ -337,6 +335,16 @@ def _closed(e: BaseException) -> bool:
     return isinstance(e, aiohttp.ServerDisconnectedError) or (
         isinstance(e, aiohttp.ClientConnectorError) and
         isinstance(e.os_error, ConnectionResetError) and e.os_error.errno is None)
+
+
+def _dropped(e: BaseException) -> str | None:
+    """Words for a connection the server reset (:func:`_reset`) or closed before answering
+    (:func:`_closed`); None for any other failure."""
+    if _reset(e):
+        return "the connection was reset by the server"
+    if _closed(e):
+        return "the server closed the connection without answering"
+    return None
 
 
 def _speaks_tls(url: str) -> str:
@@ -439,11 +447,14 @@ def _os_words(e: OSError) -> str:
 def _failure(e: BaseException, url: str) -> str:
     """A request's transport failure in words. (A trial's server killed mid-run was reported
     in aiohttp's: "ClientPayloadError: Response payload is not completed: <TransferEncodingError:
-    400, message='Not enough data to satisfy transfer length header.'>".)"""
+    400, message='Not enough data to satisfy transfer length header.'>"; a retest's reset
+    mid-run "ClientOSError: [Errno 104] Connection reset by peer".)"""
     if (tls := _tls_failure(e, url)) is not None:
         return tls
-    if isinstance(e, aiohttp.ClientPayloadError | aiohttp.ServerDisconnectedError):
+    if isinstance(e, aiohttp.ClientPayloadError):
         return f"{url} closed the connection mid-response (did the server stop?)"
+    if (dropped := _dropped(e)) is not None:
+        return f"no answer from {url} ({dropped}); did the server stop?"
     if isinstance(e, aiohttp.ClientConnectorError):
         return f"cannot connect to {url} ({_os_words(e.os_error)}); is the server still running?"
     if isinstance(e, asyncio.TimeoutError):

@@ -245,12 +245,14 @@ def test_a_rate_whose_arrivals_take_long_is_warned_about(server, monkeypatch, ca
 
 
 @contextlib.contextmanager
-def _flaky_server(fail_every: int, fail_from: int | None = None, cut_from: int | None = None):
+def _flaky_server(fail_every: int, fail_from: int | None = None, cut_from: int | None = None,
+                  drop_from: tuple[int, str] | None = None):
     """The URL of an OpenAI-compatible server of one model, "flaky", whose every
     ``fail_every``-th completion request (in the order received), and every one from the
     ``fail_from``-th on, is an HTTP 500; from the ``cut_from``-th on, each stream stops after
-    its first chunk and the connection is closed (a server killed mid-run); the others stream
-    ``max_tokens`` one-character chunks."""
+    its first chunk and the connection is closed (a server killed mid-run); from the
+    ``drop_from`` ``(n, how)``'s n-th on, the request is read and its connection "reset" or
+    "close"d unanswered; the others stream ``max_tokens`` one-character chunks."""
     received = iter(range(1 << 30))  # next() under the lock: one count per request
     lock = threading.Lock()
 
@@ -272,6 +274,13 @@ def _flaky_server(fail_every: int, fail_from: int | None = None, cut_from: int |
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             with lock:
                 n = next(received)
+            if drop_from is not None and n >= drop_from[0]:
+                self.close_connection = True  # (socketserver's own shutdown then closes it)
+                if drop_from[1] == "reset":  # a close() with no linger sends a TCP RST
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                               b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    self.connection.close()
+                return
             if n % fail_every == fail_every - 1 or (fail_from is not None and n >= fail_from):
                 self.send(500, "application/json",
                           json.dumps({"error": {"message": "out of slots"}}))
@@ -358,6 +367,21 @@ def test_a_server_that_stops_mid_run_is_said_in_words(tmp_path):
     assert result.stderr.splitlines()[-1] == (
         f"error: 2 of 4 requests failed (the figures are of the 2 that completed); the first: "
         f"{url} closed the connection mid-response (did the server stop?)")
+
+
+@pytest.mark.parametrize("how, words", [("reset", "the connection was reset by the server"),
+                                        ("close", "the server closed the connection without "
+                                                  "answering")])
+def test_a_server_that_drops_requests_mid_run_is_said_in_words(how, words):
+    """In the words of a first request's (a retest's reset mid-run had been aiohttp's
+    "ClientOSError: [Errno 104] Connection reset by peer")."""
+    with _flaky_server(fail_every=1 << 30, drop_from=(2, how)) as url:
+        result = _bench("--serve", url, "--num_requests", "4", "--input_len", "4",
+                        "--output_len", "3", "--warmup", "0", "--max_concurrency", "1")
+    assert result.exit_code == 1, result.output
+    assert result.stderr.splitlines()[-1] == (
+        f"error: 2 of 4 requests failed (the figures are of the 2 that completed); the first: "
+        f"no answer from {url} ({words}); did the server stop?")
 
 
 def test_a_server_gone_before_a_request_is_said_in_words():
