@@ -157,7 +157,9 @@ def field_error(error: dict[str, Any]) -> str:
         return f"{path} must be {_TYPES[kind]}, found {as_json(error['input'])}"
     if kind in _BOUNDS and _BOUNDS[kind][1] in ctx:
         op, key = _BOUNDS[kind]
-        return f"{path} must be {op} {ctx[key]}, found {as_json(error['input'])}"
+        # (a whole float as the integer fields show theirs: an optional one's input is the
+        # float, 1e2 had been "100.0" there and "100" in n's)
+        return f"{path} must be {op} {ctx[key]}, found {as_json(whole(error['input']))}"
     return f"{path}: {error['msg']}"
 
 
@@ -325,25 +327,34 @@ def _no_op(name: str, value: Any) -> bool:
 
 def _refusal(name: str, value: Any, chat: bool) -> str:
     """Why an UNSUPPORTED field's value is refused: of the wrong type (a retest's ``"echo": 0``
-    had been told echo is unsupported), or asking for what kiln serve does not do."""
+    had been told echo is unsupported; a whole float is of an integer's, as _no_op reads it),
+    or asking for what kiln serve does not do."""
     kind = type(NO_OPS[name][0]) if name in NO_OPS else None
-    if kind is not None and name not in _OBJECT_OR_STRING and type(value) is not kind:
+    if kind is not None and name not in _OBJECT_OR_STRING and type(whole(value)) is not kind:
         wanted = "an integer" if kind is int else json_type(NO_OPS[name][0])
-        return f"{name} must be {wanted}, found {json_type(value)} {shown(value)}"
+        return f"{name} must be {wanted}, found {as_json(value)}"
     if chat and name == "echo":  # a retest: "not supported" read as not at all
         return ("echo is not supported on /v1/chat/completions (/v1/completions takes it); "
                 "send the request without it")
     return f"{name} is not supported by kiln serve; send the request without it"
 
 
-def _checked(make, renames: dict[str, str]) -> SamplingParams:
+def _checked(make, renames: dict[str, str], given: dict[str, Any]) -> SamplingParams:
+    """``make()``'s SamplingParams, its error a 400 naming the request's field; a number
+    ``given`` for it is shown as :func:`field_error` shows one ("found a number NaN", not
+    Python's "found nan"; a whole float as an integer: a retest's top_p 1e2 had been "found
+    100.0")."""
     try:
         return make()
     except SamplingParamsError as e:
         match = _PARAM.search(str(e))
         name = e.field or (match.group(1) if match else None)  # the field: down to stop[0]
-        raise ApiError(400, str(e).replace("SamplingParams.", "", 1),
-                       param=renames.get(name, name)) from None
+        message, value = str(e).replace("SamplingParams.", "", 1), given.get(name)
+        found = f"found {shown(value)}"
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and \
+                message.endswith(found):
+            message = message.removesuffix(found) + f"found {as_json(whole(value))}"
+        raise ApiError(400, message, param=renames.get(name, name)) from None
 
 
 class Renderer:
@@ -383,7 +394,7 @@ class Renderer:
             if getattr(req, flag):
                 given[flag] = True
         return _checked(lambda: self.llm.default_params.replace(
-            max_tokens=max_tokens, **given, **fields), renames)
+            max_tokens=max_tokens, **given, **fields), renames, {**given, **fields})
 
     def _ignored(self, req: Any, chat: bool) -> None:
         """Log the fields of ``req`` that kiln serve ignores, by path (module docstring); a chat
@@ -437,7 +448,7 @@ class Renderer:
         max_tokens = COMPLETIONS_MAX_TOKENS if req.max_tokens is None else req.max_tokens
         if max_tokens < 0:  # (SamplingParams' message speaks of prompt_logprobs)
             raise ApiError(400, f"max_tokens must be an integer >= 1 (0 only with echo: true "
-                                f"and logprobs, to score the prompt), found {max_tokens}",
+                                f"and logprobs, to score the prompt), found {as_json(max_tokens)}",
                            param="max_tokens")
         if max_tokens == 0 and prompt_logprobs is None:
             raise ApiError(400, "max_tokens 0 only scores the prompt: set echo: true and "
@@ -453,7 +464,8 @@ class Renderer:
                            if m is not None), self.llm.limits.max_seq_len)
         if max_tokens < 0:
             name = "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens"
-            raise ApiError(400, f"{name} must be an integer >= 1, found {max_tokens}", param=name)
+            raise ApiError(400, f"{name} must be an integer >= 1, found {as_json(max_tokens)}",
+                           param=name)
         if max_tokens == 0:
             raise ApiError(400, "chat needs max_tokens >= 1 (a prompt is scored on "
                                 "/v1/completions with echo: true, logprobs and max_tokens 0)",

@@ -305,7 +305,7 @@ def test_top_k_minus_1_is_off_as_0(make_client):
     assert len(texts) == 1
     out = client.post("/v1/completions", json={**body, "top_k": -2})
     assert out.status_code == 400 and out.json()["error"]["param"] == "top_k"
-    assert "or 0 or -1 (off), found -2" in out.json()["error"]["message"]
+    assert "or 0 or -1 (off), found a number -2" in out.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("header, status", [
@@ -392,12 +392,12 @@ def test_a_chat_role_openai_does_not_know_is_400(make_client):
 @pytest.mark.parametrize("endpoint, body, param, message", [
     ("/v1/completions", {"prompt": "a", "max_tokens": -1}, "max_tokens",
      "max_tokens must be an integer >= 1 (0 only with echo: true and logprobs, to score the "
-     "prompt), found -1"),
+     "prompt), found a number -1"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "max_tokens": -1},
-     "max_tokens", "max_tokens must be an integer >= 1, found -1"),
+     "max_tokens", "max_tokens must be an integer >= 1, found a number -1"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}],
                               "max_completion_tokens": -3},
-     "max_completion_tokens", "max_completion_tokens must be an integer >= 1, found -3"),
+     "max_completion_tokens", "max_completion_tokens must be an integer >= 1, found a number -3"),
 ])
 def test_negative_max_tokens_is_400_in_the_requests_terms(make_client, endpoint, body, param,
                                                            message):
