@@ -38,7 +38,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kiln.dirs import is_hub_id, near_path
+from kiln.dirs import expand_home, is_hub_id, near_path
 from kiln.errors import UNREADABLE_JSON, DatasetError, counted, json_type
 from kiln.hashing import sha256_file
 
@@ -72,13 +72,14 @@ class TextDataset:
         return separator.join(self.texts)
 
 
-def load_texts(source: str | Path) -> TextDataset:
-    """Read a local file or directory, or a hub dataset (module docstring)."""
+def load_texts(source: str | Path, name: str = "dataset") -> TextDataset:
+    """Read a local file or directory, or a hub dataset (module docstring); ``name``: the
+    option it was given as, for errors."""
     text = str(source)
     if not text.strip():
         raise DatasetError("the dataset path is empty; pass a .txt, .jsonl or .parquet file, a "
                            "directory or a hub dataset id (owner/name)")
-    path = Path(text).expanduser()
+    path = expand_home(text, name, DatasetError)
     if path.exists():
         if path.is_dir():
             return _read_dir(path, path.name, "dir", None)

@@ -177,6 +177,20 @@ def unknown_home(text: str) -> str | None:
         "starts with ~, but no home directory is known (HOME is unset)"
 
 
+def expand_home(value: str | os.PathLike, name: str, error: type[Exception],
+                flag: str | None = None) -> Path:
+    """``value`` as a path with its leading ``~`` or ``~user`` expanded (``Path.expanduser``),
+    or ``error`` (one line naming the option ``name``, :func:`kiln.errors.option`; ``flag``: its
+    flag where that is not ``--name``) where that names no home directory (:func:`unknown_home`).
+    Every user-given path goes through this, not ``expanduser``, which raises RuntimeError
+    there: a retest's ``--model_dir ~nouser/x`` (and ``LLM(model=...)``, ``kiln.build``,
+    ``kiln.convert_checkpoint``) had been its traceback."""
+    text = os.fspath(value)
+    if isinstance(text, str) and (problem := unknown_home(text)) is not None:
+        raise error(f"{option(name, value, flag)} {problem}; give another path")
+    return Path(text).expanduser()
+
+
 def unusable_path(path: Path) -> str | None:
     """Why nothing can be at ``path``, in words, where the OS refuses the path itself: "is a
     symbolic link loop" (``ln -s loop loop``; "is under one" for a path below it), "has a name

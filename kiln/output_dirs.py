@@ -41,6 +41,7 @@ from pathlib import Path
 from kiln.checkpoint import CONFIG_NAME as MANIFEST_NAME
 from kiln.checkpoint import TOKENIZER_FILES, rank_file
 from kiln.dir_locks import check_unused, replacing
+from kiln.dirs import expand_home
 from kiln.engine import (
     ENGINE_FILE,  # rank files of a checkpoint or engine dir
     manifest_edit,
@@ -67,7 +68,7 @@ def check_output(output_dir: Path, overwrite: bool, inputs: Sequence[Path] = (),
     """Refuse an unsafe ``output_dir`` before any work is done (module docstring); ``writes``:
     the kind of directory the command writes (``ENGINE_KIND`` or ``CHECKPOINT_KIND``)."""
     check_path("output_dir", output_dir, OutputError, "give the directory to write")
-    output_dir = Path(output_dir).expanduser()
+    output_dir = expand_home(output_dir, "output_dir", OutputError)
     long = next((part for part in output_dir.parts if len(os.fsencode(part)) > NAME_MAX), None)
     if long is not None:
         raise OutputError(f"{option('output_dir', output_dir)}: the name {long[:40]}... is "
@@ -106,7 +107,7 @@ def output_path(output_dir: str | os.PathLike) -> Path:
     "" as the current directory (a trial had been told of output_dir='.')."""
     check_path("output_dir", output_dir, OutputError, "give the directory to write",
                directory=True)
-    return Path(output_dir).expanduser()
+    return expand_home(output_dir, "output_dir", OutputError)
 
 
 def _check_outside_cache_entries(output_dir: Path, out: Path) -> None:
@@ -159,7 +160,7 @@ def cannot_create_in(directory: Path) -> str | None:
 
 
 def _check_apart(output_dir: Path, out: Path, source: Path) -> None:
-    src = source.expanduser().resolve()
+    src = source.resolve()  # (expanded by its caller: kiln.dirs.expand_home)
     if out == src:
         relation = "is"
     elif out.is_relative_to(src):

@@ -227,3 +227,10 @@ def test_local_path_wins_over_hub_id(tmp_path, monkeypatch):
     (tmp_path / "owner" / "name" / "a.txt").write_text("local")
     monkeypatch.chdir(tmp_path)
     assert load_texts("owner/name").texts == ("local",)
+
+
+def test_a_path_under_an_unknown_users_home_is_named_as_given():
+    """``Path.expanduser``'s RuntimeError for ``~nouser`` had leaked (kiln.dirs.expand_home)."""
+    with pytest.raises(DatasetError, match=r"^calib_dataset='~nouser/x' starts with ~nouser, "
+                                           r"but there is no user nouser; give another path$"):
+        load_texts("~nouser/x", "calib_dataset")

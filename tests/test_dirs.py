@@ -19,7 +19,7 @@ from kiln.checkpoint import load_config
 from kiln.cli.main import main
 from kiln.dirs import DirKind, classify_dir, dir_kind
 from kiln.engine import EngineError, read_manifest
-from kiln.errors import CheckpointError
+from kiln.errors import CheckpointError, KilnError
 from tests.models import hf_model
 
 LIMITS = dict(max_batch_size=2, max_input_len=8, max_seq_len=16)
@@ -385,3 +385,37 @@ def test_a_path_the_os_refuses_is_said_in_words(tmp_path):
         "has a name longer than the file system allows (255 bytes a name)",
         "is longer than the file system allows (4096 bytes a path)"]
     assert unusable_path(tmp_path) is None and unusable_path(tmp_path / "new" / "x") is None
+
+
+NOUSER = "'~nouser/x' starts with ~nouser, but there is no user nouser; give another path"
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda: kiln.LLM(model="~nouser/x"), "model"),
+    (lambda: kiln.LLM("~nouser/x"), "engine_dir"),
+    (lambda: kiln.convert_checkpoint("~nouser/x", "/tmp/kiln-unused"), "model_dir"),
+    (lambda: kiln.convert_checkpoint(os.devnull, "~nouser/x"), "output_dir"),
+    (lambda: build("~nouser/x", "/tmp/kiln-unused"), "checkpoint_dir"),
+    (lambda: build(os.devnull, "~nouser/x"), "output_dir"),
+    (lambda: kiln.quantize("~nouser/x", "/tmp/kiln-unused", qformat="int8_wo"),
+     "checkpoint_dir"),
+])
+def test_a_path_under_an_unknown_users_home_is_named_as_given(call, name):
+    """``Path.expanduser`` raises RuntimeError ("Could not determine home directory") for
+    ``~nouser``: a retest's ``LLM(model='~nouser/x')``, kiln.build, kiln.convert_checkpoint and
+    kiln.quantize had been that traceback (:func:`kiln.dirs.expand_home`)."""
+    with pytest.raises(KilnError) as e:
+        call()
+    assert str(e.value) == f"{name}={NOUSER}"
+
+
+@pytest.mark.parametrize("command", [
+    ["run", "--input_text", "hi"], ["eval", "--dataset", "{tmp}/text.txt"],
+    ["convert_checkpoint", "--output_dir", "{tmp}/out"],
+])
+def test_a_model_dir_under_an_unknown_users_home_is_one_line(command, tmp_path):
+    (tmp_path / "text.txt").write_text("some text")
+    command = [word.format(tmp=tmp_path) for word in command]
+    r = CliRunner().invoke(main, [*command, "--model_dir", "~nouser/x"])
+    assert r.exit_code == 2, r.output
+    assert r.output == f"error: --model_dir {NOUSER.replace(chr(39), '', 2)}\n"

@@ -58,7 +58,7 @@ from typing import Any
 from filelock import ReadWriteLock, Timeout
 
 from kiln.build_cache.hashes import MEMO_NAME
-from kiln.dirs import special_file, unknown_home, unusable_path
+from kiln.dirs import expand_home, special_file, unknown_home, unusable_path
 from kiln.errors import UNREADABLE_JSON, USER_TEXT, BuildCacheError, check_path
 from kiln.hashing import manifest_edited, sha256_file
 
@@ -179,7 +179,8 @@ class EngineCache:
             check_path("cache_dir", root, BuildCacheError, "give the build cache's directory, "
                        "or leave it out for the default ($KILN_CACHE_DIR, else "
                        "~/.cache/kiln)", directory=True)
-        self.root = Path(root).expanduser().absolute() if root is not None else cache_root()
+        self.root = expand_home(root, "cache_dir", BuildCacheError).absolute() \
+            if root is not None else cache_root()
         self.dir = self.root / ENGINES
 
     def check_dir(self) -> None:
@@ -535,7 +536,7 @@ class EngineCache:
         the path is spelled (``..``, a symbolic link to it or to the cache: a trial's run by
         ``../cache/engines/<entry>/engine`` was neither held nor counted as a use, and a prune
         deleted the engine under it)."""
-        path = Path(engine_dir).expanduser().resolve()
+        path = expand_home(engine_dir, "engine_dir", BuildCacheError).resolve()
         if path.name == ENGINE_DIR and path.parent.parent == self.dir.resolve() and \
                 NAME.fullmatch(path.parent.name):
             return path.parent.name
@@ -569,7 +570,7 @@ def cache_of(engine_dir: str | Path) -> EngineCache | None:
     (``<root>/engines/<name>/engine`` beside an ``entry.json`` the cache wrote), else None: an
     engine of another cache than the shell's ``KILN_CACHE_DIR`` had not been held, and a prune
     of that cache could delete it while it ran."""
-    path = Path(engine_dir).expanduser().resolve()
+    path = expand_home(engine_dir, "engine_dir", BuildCacheError).resolve()
     entry = path.parent
     if path.name != ENGINE_DIR or not NAME.fullmatch(entry.name) or \
             entry.parent.name != ENGINES:

@@ -16,6 +16,7 @@ from typing import Any
 import psutil
 
 from kiln.config import DTYPES, DecoderConfig, PositionType
+from kiln.dirs import expand_home
 from kiln.engine import BuildLimits
 from kiln.errors import (
     ConfigError,
@@ -105,8 +106,8 @@ class BuildOptions:
                               f"{self.max_batch_size}: a step could not decode a token of "
                               f"each sequence; raise {option('max_num_tokens')} to at least "
                               f"{self.max_batch_size} or lower {option('max_batch_size')}")
-        object.__setattr__(self, "checkpoint_dir", Path(self.checkpoint_dir).expanduser())
-        object.__setattr__(self, "output_dir", Path(self.output_dir).expanduser())
+        for name in ("checkpoint_dir", "output_dir"):
+            object.__setattr__(self, name, expand_home(getattr(self, name), name, ConfigError))
         object.__setattr__(self, "targets", _targets(self.targets))
         if not isinstance(self.plugins or {}, Mapping):  # (dict() of a string: a ValueError)
             raise ConfigError(f"plugins must be a dict of plugin name -> auto, enable or "

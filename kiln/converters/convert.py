@@ -55,6 +55,7 @@ from kiln.converters.base import (
 from kiln.converters.options import ConvertOptions
 from kiln.converters.quantized import FP8, ImportedQuant, import_quantization
 from kiln.converters.source import Source, SourceTensor, open_source
+from kiln.dirs import expand_home
 from kiln.errors import (
     CheckpointError,
     ConfigError,
@@ -148,7 +149,7 @@ def convert_checkpoint(model_dir: str | Path, output_dir: str | Path, *, progres
     check_path("model_dir", model_dir, CheckpointError,
                "pass an HF checkpoint directory or hub id")
     output_dir = output_path(output_dir)
-    local = Path(model_dir).expanduser()
+    local = expand_home(model_dir, "model_dir", CheckpointError)
     check_output(output_dir, overwrite, inputs=[local] if local.exists() else [],
                  writes=CHECKPOINT_KIND)
     plan = plan_conversion(str(model_dir), dtype=dtype, tp_size=tp_size, pp_size=pp_size,

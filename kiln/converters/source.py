@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch
 
 from kiln.checkpoint import TOKENIZER_FILES
-from kiln.dirs import DirKind, is_hub_id, near_path, read_config
+from kiln.dirs import DirKind, expand_home, is_hub_id, near_path, read_config
 from kiln.errors import (
     USER_TEXT,
     CheckpointError,
@@ -154,7 +154,7 @@ def locate(model_dir: str, revision: str | None = None, allow_pickle: bool = Fal
     missing path is named by ``name`` (the option it was given as, :func:`kiln.errors.option`;
     ``flag``: its flag where that is not ``--name``), as :func:`kiln.dirs.read_config` names a
     file (a retest's ``--model_dir`` of these had named no option)."""
-    path = Path(model_dir).expanduser()
+    path = expand_home(model_dir, name or "model_dir", CheckpointError, flag)
     if path.exists():
         if revision is not None:
             raise ConfigError(f"{option('revision', revision)}: {model_dir} is a local "

@@ -53,6 +53,7 @@ from kiln.checkpoint import (
 )
 from kiln.config import options_from
 from kiln.datasets import TextDataset, load_texts
+from kiln.dirs import expand_home
 from kiln.errors import (
     ConfigError,
     DatasetError,
@@ -116,7 +117,8 @@ def quantize(checkpoint_dir: str | Path, output_dir: str | Path, *, progress: bo
     check_flag("progress", progress, ConfigError)
     # (before Path(), which reads "" as the current directory)
     check_path("checkpoint_dir", checkpoint_dir, ConfigError, "pass a kiln checkpoint directory")
-    source_dir, output_dir = Path(checkpoint_dir).expanduser(), output_path(output_dir)
+    source_dir = expand_home(checkpoint_dir, "checkpoint_dir", ConfigError)
+    output_dir = output_path(output_dir)
     check_output(output_dir, opts.overwrite, inputs=[source_dir], writes=CHECKPOINT_KIND)
     source = load_config(source_dir, "checkpoint_dir")
     check_other_files(source_dir, source)  # the tokenizer, copied into the output
@@ -286,7 +288,7 @@ class _Job:
         if not (opts.calib_dataset or opts.eval_dataset):
             return
         tokenizer = load_tokenizer_of(self.source_dir)
-        calib_texts = load_texts(opts.calib_dataset) if opts.calib_dataset else None
+        calib_texts = load_texts(opts.calib_dataset, "calib_dataset") if opts.calib_dataset else None
         if calib_texts is not None and not (opts.calibrates or opts.eval_dataset):
             # the held-out samples only: the format calibrates nothing
             self.eval = split_calibration(calib_texts, tokenizer, opts.calib_size,
@@ -305,7 +307,7 @@ class _Job:
                         "gate", option("calib_dataset"), calib_texts.shown, opts.qformat,
                         option("eval_dataset"))
         if opts.eval_dataset:
-            texts = load_texts(opts.eval_dataset)
+            texts = load_texts(opts.eval_dataset, "eval_dataset")
             if self.calib is not None:
                 _warn_of_calibration_text(texts, self.calib)
             try:
