@@ -16,6 +16,11 @@ directory that a process holds. Torch-free.
   ``/proc/locks`` tells it, and the fix.
 - A holder that had to wait while a replacement ran holds whatever the path names once it
   is done (the same device and inode), not the directory moved aside.
+- A child forked (``os.fork``) while locks are held closes its copies of their descriptors
+  (:func:`os.register_at_fork`), and only those: a descriptor copied by fork shares its lock
+  with the parent's, so a child that lives on (a worker, a daemon) had kept the parent's
+  engine dir held after the parent closed its LLMs, and ``--overwrite`` was refused blaming
+  "this process". (Only closed: ``LOCK_UN`` in the child would drop the parent's lock too.)
 - Where a lock cannot be taken (no ``fcntl``: Windows; a file system that refuses flock; a
   directory that cannot be opened for reading; no such directory, which the loader then
   names), nothing is locked and the command goes on: said at debug level, the one fallback.
@@ -42,17 +47,41 @@ except ImportError:  # Windows: nothing is locked (module docstring)
 log = logging.getLogger(__name__)
 _ATTEMPTS = 3  # holding: replacements waited for in a row before going on unlocked
 PROC_LOCKS = Path("/proc/locks")
+_HELD: set[int] = set()  # descriptors holding a lock in this process: a forked child's to close
+
+
+def _close_held_in_child() -> None:
+    """In a forked child, close the copies of this process's lock descriptors (module
+    docstring)."""
+    for fd in list(_HELD):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):  # (not on Windows, which has no flock either)
+    os.register_at_fork(after_in_child=_close_held_in_child)
+
+
+@contextlib.contextmanager
+def _held(fd: int | None) -> Iterator[None]:
+    """Keep ``fd`` (None: no lock) in :data:`_HELD` while the body runs, and close it after."""
+    if fd is None:
+        yield
+        return
+    _HELD.add(fd)
+    try:
+        yield
+    finally:
+        _HELD.discard(fd)
+        os.close(fd)
 
 
 @contextlib.contextmanager
 def holding(directory: str | os.PathLike) -> Iterator[None]:
     """Hold ``directory`` in use (a shared lock) while the body runs (module docstring)."""
-    fd = _hold(Path(directory))
-    try:
+    with _held(_hold(Path(directory))):
         yield
-    finally:
-        if fd is not None:
-            os.close(fd)
 
 
 @contextlib.contextmanager
@@ -61,7 +90,7 @@ def replacing(directory: str | os.PathLike) -> Iterator[None]:
     holds (:func:`holding`) with :class:`OutputError`."""
     directory = Path(directory)
     fd = _open(directory)
-    try:
+    with _held(fd):
         if fd is not None and _flock(fd, "LOCK_EX", directory) is False:
             pids = _holders(fd)
             one = len(pids) < 2  # (two had been "process 1, process 2 holds it")
@@ -72,9 +101,6 @@ def replacing(directory: str | os.PathLike) -> Iterator[None]:
                               f"{'it (or close its LLM)' if one else 'them (or close their LLMs)'}"
                               f" first, or choose another {option('output_dir')}")
         yield
-    finally:
-        if fd is not None:
-            os.close(fd)
 
 
 def _hold(directory: Path) -> int | None:

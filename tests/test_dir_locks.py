@@ -206,3 +206,24 @@ def test_the_holders_are_named_in_the_number_they_are(tmp_path, monkeypatch, pid
     with dir_locks.holding(tmp_path), pytest.raises(OutputError) as info:
         dir_locks.check_unused(tmp_path)
     assert str(info.value).startswith(f"{tmp_path}: is in use: {named.format(this=this)}")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork")
+def test_a_forked_child_does_not_keep_its_parents_dir_held(tmp_path):
+    """A forked child closes its copies of the lock descriptors (os.register_at_fork): one
+    living on had kept the parent's engine dir held after the parent closed its LLMs, and
+    --overwrite was refused blaming "this process"."""
+    started, told = os.pipe()
+    with dir_locks.holding(tmp_path):
+        pid = os.fork()
+        if pid == 0:  # the child (its fork hooks have run): outlives the parent's hold
+            os.write(told, b"1")
+            time.sleep(2)
+            os._exit(0)
+    os.read(started, 1)
+    try:
+        dir_locks.check_unused(tmp_path)  # the child is still alive here
+    finally:
+        os.waitpid(pid, 0)
+        os.close(started)
+        os.close(told)
