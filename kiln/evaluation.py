@@ -149,12 +149,19 @@ def check_token_ids(token_ids: Any, vocab_size: int) -> list[int]:
     DatasetError unless they are enough to score (MIN_SCORED): checked before the engine loads.
     An id outside had failed in the engine, named ``prompt #0``; a str had been scored as the
     text of its characters; np.int64(1) had been told it "must be an integer"."""
+    flat = "token_ids must be one flat (1-D) list of ids (one text's: flatten them)"
+    if getattr(token_ids, "ndim", 1) > 1:  # (its rows had been named "token_ids[0]")
+        kind = "tensor" if type(token_ids).__module__.startswith("torch") else "array"
+        raise ConfigError(f"{flat}, found a {token_ids.ndim}-D {kind} of shape "
+                          f"{tuple(token_ids.shape)}")
     ids = _plain(token_ids)
     if not isinstance(ids, (list, tuple)):
         raise ConfigError(f"token_ids must be a list of int token ids, found "
                           f"{described(token_ids)}")
     ids = [_plain(token) for token in ids]  # a list of np.int64 or 0-d tensors: ints
     for i, token in enumerate(ids):
+        if isinstance(token, (list, tuple)):
+            raise ConfigError(f"{flat}, found a {type(token).__name__} at [{i}]")
         check_integer(f"token_ids[{i}]", token, ConfigError)
         if not 0 <= token < vocab_size:  # (kiln.reference.check_token_ids' words)
             raise ConfigError(f"token_ids[{i}]: token id {shown(token)} is outside the vocabulary "

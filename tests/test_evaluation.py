@@ -126,6 +126,9 @@ def test_a_text_of_two_tokens_is_refused_before_the_engine_loads(gathering_engin
     assert str(info.value).startswith(f"{text}: the text is 2 tokens long, so 1 token to score")
 
 
+FLAT = "token_ids must be one flat (1-D) list of ids (one text's: flatten them), found "
+
+
 @pytest.mark.parametrize("token_ids, error, expected", [
     ([1, 2, 128, 4], ConfigError, "token_ids[2]: token id 128 is outside the vocabulary "
                                   "[0, 128); pass ids of this engine's tokenizer"),
@@ -138,11 +141,14 @@ def test_a_text_of_two_tokens_is_refused_before_the_engine_loads(gathering_engin
     ([1, True, 3], ConfigError, "token_ids[1] must be an integer, found True"),
     ([1, np.True_, 3], ConfigError, "token_ids[1] must be an integer, found True"),
     ([1, np.float64(2.0)], ConfigError, "token_ids[1] must be an integer, found 2.0"),
-    ([1, [2, 3]], ConfigError, "token_ids[1] must be an integer, found [2, 3]"),
+    ([1, [2, 3]], ConfigError, FLAT + "a list at [1]"),
+    ([[504, 2365], [3, 4]], ConfigError, FLAT + "a list at [0]"),
+    ([(1, 2)], ConfigError, FLAT + "a tuple at [0]"),
     (np.array([1.0, 2.0, 3.0]), ConfigError, "token_ids[0] must be an integer, found 1.0"),
     (torch.tensor([True, False, True]), ConfigError,
      "token_ids[0] must be an integer, found True"),
-    (np.array([[1, 2, 3]]), ConfigError, "token_ids[0] must be an integer, found [1, 2, 3]"),
+    (np.array([[1, 2, 3]]), ConfigError, FLAT + "a 2-D array of shape (1, 3)"),
+    (torch.ones(2, 3, dtype=torch.long), ConfigError, FLAT + "a 2-D tensor of shape (2, 3)"),
     (np.array([1, 128, 3]), ConfigError, "token_ids[1]: token id 128 is outside the vocabulary "
                                          "[0, 128); pass ids of this engine's tokenizer"),
     # a str had been scored as the text of its characters
