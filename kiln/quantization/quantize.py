@@ -288,7 +288,8 @@ class _Job:
         if not (opts.calib_dataset or opts.eval_dataset):
             return
         tokenizer = load_tokenizer_of(self.source_dir)
-        calib_texts = load_texts(opts.calib_dataset, "calib_dataset") if opts.calib_dataset else None
+        calib_texts = load_texts(opts.calib_dataset, "calib_dataset") \
+            if opts.calib_dataset else None
         if calib_texts is not None and not (opts.calibrates or opts.eval_dataset):
             # the held-out samples only: the format calibrates nothing
             self.eval = split_calibration(calib_texts, tokenizer, opts.calib_size,
