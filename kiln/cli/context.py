@@ -120,11 +120,24 @@ class FloatRange(click.FloatRange):
 
     name = "number"
 
+    def __init__(self, *args, as_typed: bool = False, **kwargs):
+        """``as_typed``: the text as typed once it reads as a number, for an option whose API
+        keyword checks its own range, so that the refusal shows it (``--stall_timeout 0``,
+        not ``0.0``); as :class:`MemorySize`'s."""
+        super().__init__(*args, **kwargs)
+        self.as_typed = as_typed
+
+    def _describe_range(self) -> str:
+        # as_typed: no bounds of click's (the keyword's check tells its own range in the help)
+        return "" if self.as_typed else super()._describe_range()
+
     def convert(self, value, param, ctx):
-        value = super().convert(value, param, ctx)
-        if value != value:
+        number = super().convert(value, param, ctx)
+        if self.as_typed:
+            return value if isinstance(value, str) else number
+        if number != number:
             self.fail(f"nan is not in the range {self._describe_range()}.", param, ctx)
-        return value
+        return number
 
 
 class MemorySize(click.ParamType):

@@ -46,6 +46,7 @@ from kiln.cli.engine_source import engine_command, held_engine
 from kiln.errors import KilnError
 from kiln.interrupts import TERMINATING, catchable
 from kiln.runtime.params import is_utf8
+from kiln.serve import MIN_STALL_TIMEOUT
 
 if TYPE_CHECKING:
     from kiln.runtime import AsyncLLM, ExecutorOptions
@@ -81,10 +82,11 @@ class ServeError(KilnError):
 @click.option("--grace_period", type=FloatRange(min=0), default=30.0, show_default=True,
               help="Seconds running requests may finish after SIGINT/SIGTERM before they are "
                    "aborted.")
-@click.option("--stall_timeout", type=FloatRange(min=0, min_open=True), default=300.0,
+@click.option("--stall_timeout", type=FloatRange(as_typed=True), default=300.0,
               show_default=True,
               help="Seconds an engine (or replica) with requests outstanding may go without "
-                   "progress (no token, no step ended) before /health answers 503 naming it.")
+                   "progress (no token, no step ended) before /health answers 503 naming it: "
+                   f"{MIN_STALL_TIMEOUT:g} or more; inf: never.")
 @click.option("--engine_process/--no_engine_process", default=None, help=(
     "Run the engine in a process of its own, so that the server's event loop does not slow its "
     "steps down through the GIL [default: on for a single-rank engine that runs on a GPU, off "
@@ -120,11 +122,12 @@ def serve(obj: CliContext, host: str, port: int, served_model_name: str | None,
     try:
         import uvicorn
 
-        from kiln.serve.app import body_limit, create_app
+        from kiln.serve.app import body_limit, create_app, stall_seconds
     except ImportError as e:
         raise ServeError(f"kiln serve needs the serve extra ({e.name} is missing): "
                          f"pip install 'kiln-llm[serve]'") from None
-    body_limit(max_body_bytes)  # create_app's check, before the address is bound
+    body_limit(max_body_bytes)  # create_app's checks, before the address is bound
+    stall_timeout = stall_seconds(float(stall_timeout), str(stall_timeout))
     template = _read_template(chat_template)
     # --engine_process beside --dp: ExecutorOptions refuses it, as for LLM(); False is its
     # default there, so --no_engine_process can only be refused here

@@ -11,6 +11,12 @@ from typing import Any
 
 __all__ = ["create_app"]
 
+# The least stall_timeout (create_app's keyword, kiln serve's flag), in seconds: a --dp replica
+# reports to the server once a second at least while it steps
+# (kiln.runtime.distributed.replica_worker.PROGRESS_S), so a timeout near that (0.5 in a
+# retest) flapped a healthy, loaded server's /health between 503 and 200
+MIN_STALL_TIMEOUT = 5.0
+
 
 def __getattr__(name: str) -> Any:
     """``create_app`` on first use: ``kiln bench_serve`` imports kiln.serve.bench, a light

@@ -45,9 +45,9 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import kiln
-from kiln.errors import UNREADABLE_JSON, ConfigError, described, option
+from kiln.errors import UNREADABLE_JSON, ConfigError, option
 from kiln.runtime.async_llm import AsyncLLM
-from kiln.serve import render
+from kiln.serve import MIN_STALL_TIMEOUT, render
 from kiln.serve.protocol import (
     ApiError,
     ChatCompletionRequest,
@@ -81,7 +81,7 @@ def create_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = N
     """An app serving ``engine`` as model ``served_model_name`` (see the module docstring);
     ``max_body_bytes`` a size as :func:`body_limit` takes it; ``stall_timeout`` seconds."""
     max_body_bytes = body_limit(max_body_bytes)
-    state = ServerState(engine, max_queue, _stall_timeout(stall_timeout))
+    state = ServerState(engine, max_queue, stall_seconds(stall_timeout))
     app = FastAPI(title="kiln serve", version=kiln.__version__, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.kiln = state
@@ -313,15 +313,20 @@ async def _events(submitted: Submitted, jobs: list[Job], req: Any, body: Callabl
         yield body([], _usage(results, req.n))
 
 
-def _stall_timeout(seconds: float) -> float:
-    """``stall_timeout`` checked: seconds above 0 (``kiln serve --stall_timeout`` checks its
-    own before it binds its port)."""
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
-        raise ConfigError(f"{option('stall_timeout')} is {described(seconds)}; give the "
-                          f"seconds (above 0) an engine with requests outstanding may go "
-                          f"without progress before /health answers 503, like the default "
-                          f"{DEFAULT_STALL_TIMEOUT:g}")
-    return float(seconds)
+def stall_seconds(seconds: Any, typed: str | None = None) -> float:
+    """``stall_timeout`` checked: :data:`MIN_STALL_TIMEOUT` seconds or more (``inf``: never),
+    or a :class:`~kiln.errors.ConfigError` naming it as its user gave it: create_app's keyword,
+    or ``kiln serve --stall_timeout`` (``typed``: its text, checked before the port is bound)."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds != seconds:
+        why = "not a number"
+    elif seconds < MIN_STALL_TIMEOUT:
+        why = f"too short to tell a stall (a {option('dp')} replica reports once a second)"
+    else:
+        return float(seconds)
+    raise ConfigError(f"{option('stall_timeout', seconds if typed is None else typed)} is "
+                      f"{why}; give {MIN_STALL_TIMEOUT:g} seconds or more (inf: never) that "
+                      f"an engine with requests outstanding may go without progress before "
+                      f"/health answers 503, like the default {DEFAULT_STALL_TIMEOUT:g}")
 
 
 def body_limit(max_body_bytes: int | str | None) -> int:

@@ -254,13 +254,15 @@ def _health_when(client: TestClient, status: int) -> dict | None:
 
 
 def test_health_is_503_naming_an_engine_stalled_with_work_and_200_once_it_steps(smollm2_dir,
-                                                                                  caplog):
+                                                                                  caplog,
+                                                                                  monkeypatch):
     """A trial's engine stopped mid-run and /health stayed 200 while requests hung. An idle
     engine is never stalled, however long it waits; one that steps again is healthy again,
     each change logged once."""
     tokenizer = load_tokenizer(smollm2_dir)
     executor = _GatedExecutor(LIMITS, tokenizer.vocab_size)
     engine = AsyncLLM(LLM.from_executor(executor, tokenizer))
+    monkeypatch.setattr("kiln.serve.app.MIN_STALL_TIMEOUT", 0.1)  # a stall told in a test's time
     try:
         with _client(engine, stall_timeout=0.2) as client, \
                 concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -295,11 +297,13 @@ def test_health_is_503_naming_an_engine_stalled_with_work_and_200_once_it_steps(
                                          "request outstanding): the stall is over")
 
 
-def test_a_stall_is_logged_as_it_begins_and_ends_with_no_probe(smollm2_dir, caplog):
+def test_a_stall_is_logged_as_it_begins_and_ends_with_no_probe(smollm2_dir, caplog,
+                                                               monkeypatch):
     """The log tells an operator of a stall whether or not anything probes /health."""
     tokenizer = load_tokenizer(smollm2_dir)
     executor = _GatedExecutor(LIMITS, tokenizer.vocab_size)
     engine = AsyncLLM(LLM.from_executor(executor, tokenizer))
+    monkeypatch.setattr("kiln.serve.app.MIN_STALL_TIMEOUT", 0.1)  # a stall told in a test's time
     state = create_app(engine, "m", stall_timeout=0.1).state.kiln
 
     def said() -> list[str]:
@@ -329,14 +333,23 @@ def test_a_stall_is_logged_as_it_begins_and_ends_with_no_probe(smollm2_dir, capl
     assert said()[1].endswith("the stall is over") and len(said()) == 2, said()
 
 
-@pytest.mark.parametrize("timeout", [0, -1.0, float("nan"), "5", True])
-def test_a_stall_timeout_of_no_seconds_is_refused_naming_the_keyword(engine, timeout):
+@pytest.mark.parametrize("timeout, why", [
+    *((seconds, f"{seconds} is too short to tell a stall (a dp replica reports once a second)")
+      for seconds in (0, 0.5, -1.0)), (float("nan"), "nan is not a number"),
+    ("5", "'5' is not a number"), (True, "True is not a number")])
+def test_a_stall_timeout_below_the_floor_is_refused_naming_the_keyword(engine, timeout, why):
+    """0.5 had been taken, and a healthy --dp server (its replicas report once a second)
+    flapped 503/200."""
     with pytest.raises(ConfigError) as info:
         create_app(engine, "m", stall_timeout=timeout)
-    assert str(info.value).startswith("stall_timeout is ")
-    assert str(info.value).endswith("; give the seconds (above 0) an engine with requests "
-                                    "outstanding may go without progress before /health "
-                                    "answers 503, like the default 300")
+    assert str(info.value) == (f"stall_timeout={why}; give 5 seconds or more (inf: never) "
+                               f"that an engine with requests outstanding may go without "
+                               f"progress before /health answers 503, like the default 300")
+
+
+@pytest.mark.parametrize("timeout", [5, float("inf")])
+def test_a_stall_timeout_of_the_floor_or_inf_is_taken(engine, timeout):
+    assert create_app(engine, "m", stall_timeout=timeout).state.kiln.stall_timeout == timeout
 
 
 def test_max_queue_0_refuses_only_what_would_wait(engine):
