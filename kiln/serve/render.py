@@ -110,21 +110,21 @@ def prompt_form_error(prompt: Any) -> str:
     forms = ("prompt must be a string, a list of strings, a list of token ids (integers) or a "
              "list of such lists")
     if not isinstance(prompt, list):
-        return f"{forms}, found {as_json(prompt)}"
+        return f"{forms}, found {_given(prompt)}"
     for i, item in enumerate(prompt):
         if isinstance(item, list):
             wrong = next((j for j, t in enumerate(item) if not _token_id(t)), None)
             if wrong is not None:
                 value = item[wrong]
-                return f"prompt[{i}][{wrong}] is {as_json(value)}, not a token id; {forms}"
+                return f"prompt[{i}][{wrong}] is {_token_given(value)}, not a token id; {forms}"
         elif not (isinstance(item, str) or _token_id(item)):
-            return f"prompt[{i}] is {as_json(item)}; {forms}"
+            return f"prompt[{i}] is {_token_given(item)}; {forms}"
 
     def kind(item: Any) -> str:
         return "a string" if isinstance(item, str) else \
             "a list of token ids" if isinstance(item, list) else "a token id"
     i = next(i for i, item in enumerate(prompt) if kind(item) != kind(prompt[0]))
-    return f"prompt[{i}] is {as_json(prompt[i])}, where prompt[0] is {kind(prompt[0])}; {forms}"
+    return f"prompt[{i}] is {_given(prompt[i])}, where prompt[0] is {kind(prompt[0])}; {forms}"
 
 
 def form_error(why: str) -> ApiError:
@@ -154,12 +154,12 @@ def field_error(error: dict[str, Any]) -> str:
     if kind == "missing":
         return f"{path} is required"
     if kind in _TYPES:
-        return f"{path} must be {_TYPES[kind]}, found {as_json(error['input'])}"
+        return f"{path} must be {_TYPES[kind]}, found {_given(error['input'])}"
     if kind in _BOUNDS and _BOUNDS[kind][1] in ctx:
         op, key = _BOUNDS[kind]
         # (a whole float as the integer fields show theirs: an optional one's input is the
         # float, 1e2 had been "100.0" there and "100" in n's)
-        return f"{path} must be {op} {ctx[key]}, found {as_json(whole(error['input']))}"
+        return f"{path} must be {op} {ctx[key]}, found {_given(error['input'])}"
     return f"{path}: {error['msg']}"
 
 
@@ -198,26 +198,26 @@ def messages_form_error(messages: Any) -> str | None:
     :func:`form_error`'s message."""
     form = 'messages must be a list of objects like {"role": "user", "content": "Hi"}'
     if not isinstance(messages, list):
-        return f"{form}, found {as_json(messages)}"
+        return f"{form}, found {_given(messages)}"
     if not messages:
         return "messages is an empty list; give at least one message"
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            return f"messages[{i}] is {as_json(message)}; {form}"
+            return f"messages[{i}] is {_given(message)}; {form}"
         if "role" not in message:
             return f"messages[{i}] has no role; {form}"
         if not isinstance(message["role"], str):
-            return f"messages[{i}].role is {as_json(message['role'])}; give one of " \
+            return f"messages[{i}].role is {_given(message['role'])}; give one of " \
                    f"{', '.join(ROLES)}"
         name = message.get("name")
         if not (name is None or isinstance(name, str)):
-            return f"messages[{i}].name is {as_json(name)}; give the participant's name as a " \
+            return f"messages[{i}].name is {_given(name)}; give the participant's name as a " \
                    f"string, or leave it out"
         if (why := _tool_calls_error(i, message.get("tool_calls"))) is not None:
             return why
         content = message.get("content")
         if not (content is None or isinstance(content, (str, list))):
-            return f"messages[{i}].content is {as_json(content)}; give a string or a list " \
+            return f"messages[{i}].content is {_given(content)}; give a string or a list " \
                    f"of text parts like {TEXT_PART}"
         if isinstance(content, list) and (why := _parts_error(i, content)) is not None:
             return why
@@ -228,10 +228,10 @@ def _tool_calls_error(i: int, calls: Any) -> str | None:
     """Why message ``i``'s ``tool_calls`` is not OpenAI's list of objects (a string had reached
     the template without a word); the objects are the template's to read, as given."""
     if not (calls is None or isinstance(calls, list)):
-        return f"messages[{i}].tool_calls is {as_json(calls)}; give the assistant's tool calls " \
+        return f"messages[{i}].tool_calls is {_given(calls)}; give the assistant's tool calls " \
                f"as a list of objects like {TOOL_CALL}, or leave it out"
     j = next((j for j, call in enumerate(calls or ()) if not isinstance(call, dict)), None)
-    return None if j is None else f"messages[{i}].tool_calls[{j}] is {as_json(calls[j])}; a " \
+    return None if j is None else f"messages[{i}].tool_calls[{j}] is {_given(calls[j])}; a " \
                                   f"tool call is an object like {TOOL_CALL}"
 
 
@@ -240,9 +240,9 @@ def stop_form_error(stop: Any) -> str | None:
     (None where pydantic's objection is another one); a :func:`form_error`'s message."""
     form = "stop must be a string or a list of strings"
     if not isinstance(stop, list):
-        return f"{form}, found {as_json(stop)}"
+        return f"{form}, found {_given(stop)}"
     k = next((k for k, item in enumerate(stop) if not isinstance(item, str)), None)
-    return None if k is None else f"stop[{k}] is {as_json(stop[k])}; {form}"
+    return None if k is None else f"stop[{k}] is {_given(stop[k])}; {form}"
 
 
 def stop_token_ids_form_error(ids: Any) -> str | None:
@@ -250,9 +250,9 @@ def stop_token_ids_form_error(ids: Any) -> str | None:
     (None where pydantic's objection is another one); a :func:`form_error`'s message."""
     form = "stop_token_ids must be a list of token ids (integers >= 0)"
     if not isinstance(ids, list):
-        return f"{form}, found {as_json(ids)}"
+        return f"{form}, found {_given(ids)}"
     k = next((k for k, t in enumerate(ids) if not (_token_id(t) and t >= 0)), None)
-    return None if k is None else f"stop_token_ids[{k}] is {as_json(ids[k])}; {form}"
+    return None if k is None else f"stop_token_ids[{k}] is {_token_given(ids[k])}; {form}"
 
 
 def stream_options_form_error(options: Any) -> str | None:
@@ -260,11 +260,11 @@ def stream_options_form_error(options: Any) -> str | None:
     one (None where pydantic's objection is another one); a :func:`form_error`'s message."""
     if not isinstance(options, dict):
         return f'stream_options must be an object like {{"include_usage": true}}, found ' \
-               f'{as_json(options)}'
+               f'{_given(options)}'
     key = next((k for k in StreamOptions.model_fields  # booleans all
                 if not isinstance(options.get(k), (bool, type(None)))), None)
     return None if key is None else \
-        f"stream_options.{key} is {as_json(options[key])}; give true or false"
+        f"stream_options.{key} is {_given(options[key])}; give true or false"
 
 
 def _listed(paths: list[str]) -> str:
@@ -273,6 +273,20 @@ def _listed(paths: list[str]) -> str:
     log's encoding), and how many more."""
     named = ", ".join(cut(json.dumps(p)[1:-1]) for p in paths[:LIST_MOST])
     return named if len(paths) <= LIST_MOST else f"{named} and {len(paths) - LIST_MOST} more"
+
+
+def _given(value: Any) -> str:
+    """A request's value in a 400, as :func:`~kiln.errors.as_json` shows it, a whole float as
+    its integer (:func:`whole`): every field's "found a number 100" alike (a retest's
+    ``"stream": 1e2`` had been "found a number 100.0" beside n's "found a number 100")."""
+    return as_json(whole(value))
+
+
+def _token_given(value: Any) -> str:
+    """A value where a token id is asked for, as :func:`_given` shows it, a whole float said to
+    be one (``prompt: [1e2]``: "a number 100 written as a float", not a bare "a number 100")."""
+    written = " written as a float" if isinstance(value, float) and value.is_integer() else ""
+    return f"{_given(value)}{written}"
 
 
 def _token_id(value: Any) -> bool:
@@ -332,7 +346,7 @@ def _refusal(name: str, value: Any, chat: bool) -> str:
     kind = type(NO_OPS[name][0]) if name in NO_OPS else None
     if kind is not None and name not in _OBJECT_OR_STRING and type(whole(value)) is not kind:
         wanted = "an integer" if kind is int else json_type(NO_OPS[name][0])
-        return f"{name} must be {wanted}, found {as_json(value)}"
+        return f"{name} must be {wanted}, found {_given(value)}"
     if chat and name == "echo":  # a retest: "not supported" read as not at all
         return ("echo is not supported on /v1/chat/completions (/v1/completions takes it); "
                 "send the request without it")
@@ -353,7 +367,7 @@ def _checked(make, renames: dict[str, str], given: dict[str, Any]) -> SamplingPa
         found = f"found {shown(value)}"
         if isinstance(value, (int, float)) and not isinstance(value, bool) and \
                 message.endswith(found):
-            message = message.removesuffix(found) + f"found {as_json(whole(value))}"
+            message = message.removesuffix(found) + f"found {_given(value)}"
         raise ApiError(400, message, param=renames.get(name, name)) from None
 
 
@@ -448,7 +462,7 @@ class Renderer:
         max_tokens = COMPLETIONS_MAX_TOKENS if req.max_tokens is None else req.max_tokens
         if max_tokens < 0:  # (SamplingParams' message speaks of prompt_logprobs)
             raise ApiError(400, f"max_tokens must be an integer >= 1 (0 only with echo: true "
-                                f"and logprobs, to score the prompt), found {as_json(max_tokens)}",
+                                f"and logprobs, to score the prompt), found {_given(max_tokens)}",
                            param="max_tokens")
         if max_tokens == 0 and prompt_logprobs is None:
             raise ApiError(400, "max_tokens 0 only scores the prompt: set echo: true and "
@@ -464,7 +478,7 @@ class Renderer:
                            if m is not None), self.llm.limits.max_seq_len)
         if max_tokens < 0:
             name = "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens"
-            raise ApiError(400, f"{name} must be an integer >= 1, found {as_json(max_tokens)}",
+            raise ApiError(400, f"{name} must be an integer >= 1, found {_given(max_tokens)}",
                            param=name)
         if max_tokens == 0:
             raise ApiError(400, "chat needs max_tokens >= 1 (a prompt is scored on "
@@ -683,7 +697,7 @@ def _utf8_check(path: str, value: Any) -> None:
     or a key of its objects, by its path (``messages[0].name``, ``messages[0].x[1].y``): the
     rendered prompt's refusal named ``messages`` only, and only were the template to read it."""
     if isinstance(value, str) and not is_utf8(value):
-        raise ApiError(400, f"{path} is {as_json(value)}; {NOT_UTF8}", param=path)
+        raise ApiError(400, f"{path} is {_given(value)}; {NOT_UTF8}", param=path)
     for key, item in value.items() if isinstance(value, dict) else enumerate(
             value if isinstance(value, list) else ()):
         if isinstance(key, str) and not is_utf8(key):

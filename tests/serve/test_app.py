@@ -1105,3 +1105,37 @@ def test_a_long_wrong_value_is_shown_cut_and_as_json(engine):
     assert out.json()["error"]["message"].startswith(
         'prompt[1] is a string "abababababababababa...bababab" (102 characters), where prompt[0] '
         'is a list of token ids; ')
+
+
+@pytest.mark.parametrize("text, shown", [("1e2", "100"), ("-0.0", "0"),
+                                         ("1e30", str(int(1e30)))])
+def test_a_boolean_fields_number_is_shown_as_the_integer_fields_show_it(engine, text, shown):
+    """A retest: stream, echo, ignore_eos, chat's logprobs and stream_options.include_usage
+    had said "found a number 100.0" ("-0.0", "1e+30") beside n's "found a number 100"."""
+    client = _client(engine)
+    for endpoint, name in [("/v1/completions", "n"), ("/v1/completions", "stream"),
+                           ("/v1/completions", "echo"), ("/v1/completions", "ignore_eos"),
+                           ("/v1/chat/completions", "logprobs"),
+                           ("/v1/completions", "stream_options")]:
+        prompt = '"prompt": "a"' if endpoint == "/v1/completions" else \
+            '"messages": [{"role": "user", "content": "a"}]'
+        value = f'{{"include_usage": {text}}}' if name == "stream_options" else text
+        out = client.post(endpoint, content=f'{{"model": "m", {prompt}, "{name}": {value}}}',
+                          headers={"content-type": "application/json"})
+        assert out.status_code == 400, out.text
+        message = out.json()["error"]["message"]
+        assert f"a number {shown}" in message and f"a number {shown}." not in message, \
+            (name, message)
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": [1e2, 2.0]}, "prompt[0]"), ({"prompt": [[1, 1e2]]}, "prompt[0][1]"),
+    ({"prompt": "a", "stop_token_ids": [1e2]}, "stop_token_ids[0]")])
+def test_a_token_id_written_as_a_float_is_told_so(engine, body, param):
+    """prompt: [1e2, 2.0] had been "prompt[0] is a number 100.0": shown as the other fields
+    show 1e2, and said to be a float, which token ids are not."""
+    out = _client(engine).post("/v1/completions", json={"model": "m", **body})
+    assert out.status_code == 400, out.text
+    assert out.json()["error"]["param"] == param
+    assert out.json()["error"]["message"].startswith(
+        f"{param} is a number 100 written as a float")
