@@ -40,7 +40,9 @@ Contract:
   of ``{"type": "text"}`` parts, or, in an assistant message with ``tool_calls`` (or
   ``function_call``), null, as OpenAI's (a replayed conversation that called a tool): "" to the
   template, as vLLM's. The calls, and a tool message's ``tool_call_id``, reach the template as
-  given (kiln serve calls no tools itself: ``tools`` is refused).
+  given once they have OpenAI's shape (each a ``function`` object of string ``name`` and
+  ``arguments``; a legacy ``function_call`` the same), a 400 naming the value otherwise (kiln
+  serve calls no tools itself: ``tools`` is refused).
 
 Non-goals: images/audio parts, tool calls, the OpenAI logprobs ``bytes`` of partial UTF-8.
 """
@@ -81,6 +83,7 @@ MESSAGE_KEYS = ("tool_calls", "tool_call_id", "refusal", "audio", "function_call
                 "reasoning_content", "reasoning")
 # OpenAI's form of an assistant message's tool call
 TOOL_CALL = '{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}'
+FUNCTION = '{"name": "f", "arguments": "{}"}'  # a tool call's function, a legacy function_call
 # Distinct ignored field names a server warns of: past these (a client sending a new name each
 # time), new names are logged at DEBUG, so neither the log nor the server's memory of them grows
 # (the WARNING that fills the set says so, once)
@@ -660,10 +663,15 @@ def _message(i: int, message: dict[str, Any]) -> dict[str, Any]:
         # OpenAI's: the calls stand for the text (a client replaying a conversation); "" as
         # vLLM's, for a template that reads the content (a missing one: a jinja error)
         content = message["content"] = ""
+    if content is None and message.get("tool_calls") == []:
+        raise form_error(f"messages[{i}].tool_calls is an empty list and its content missing or "
+                         f"null; give the {role} message's text or its tool calls")
     if content is None:
         calls = " (or its tool_calls)" if role == "assistant" else ""
         raise form_error(f"messages[{i}].content is missing or null; give the {role} "
                          f"message's text{calls}")
+    if (why := _calls_error(i, message)) is not None:
+        raise form_error(why)
     if isinstance(content, list):
         why = _parts_error(i, content)
         if why is not None:
@@ -683,6 +691,34 @@ def _message(i: int, message: dict[str, Any]) -> dict[str, Any]:
         if key not in ("role", "content"):
             _utf8_check(f"messages[{i}].{cut(key)}", value)
     return message
+
+
+def _calls_error(i: int, message: dict[str, Any]) -> str | None:
+    """Why message ``i``'s tool calls (each an object, pydantic's check) or legacy
+    ``function_call`` are not OpenAI's shape: a ``function`` object of string ``name`` and
+    ``arguments`` (``type``, if given, "function"). A template reads them: a missing one had
+    failed in jinja's words ("Undefined is not JSON serializable"), naming ``messages``."""
+    calls = [(f"messages[{i}].tool_calls[{j}]", call)
+             for j, call in enumerate(message.get("tool_calls") or ())]
+    for path, call in calls:
+        if call.get("type", "function") != "function":
+            return f'{path}.type is {_given(call["type"])}; the one tool call type is "function"'
+        if not isinstance(call.get("function"), dict):
+            found = _given(call["function"]) if "function" in call else "missing"
+            return f"{path}.function is {found}; a tool call is an object like {TOOL_CALL}"
+    functions = [(f"{path}.function", call["function"]) for path, call in calls]
+    if message.get("function_call") is not None:
+        functions.append((f"messages[{i}].function_call", message["function_call"]))
+    for path, function in functions:
+        if not isinstance(function, dict):
+            return f"{path} is {_given(function)}; give the function called as an object like " \
+                   f"{FUNCTION}"
+        for key in ("name", "arguments"):
+            if not isinstance(function.get(key), str):
+                found = _given(function[key]) if key in function else "missing"
+                return f"{path}.{key} is {found}; give the function's {key} as a string, like " \
+                       f"{FUNCTION}"
+    return None
 
 
 def _text_check(path: str, text: str) -> None:

@@ -599,7 +599,7 @@ def test_a_lone_surrogate_an_error_repeats_is_400_not_500(engine, endpoint, body
 @pytest.mark.parametrize("message,param,value", [
     ({"name": "\udc80"}, "messages[0].name", '"\\udc80"'),
     ({"nmae": "a\udc80"}, "messages[0].nmae", '"a\\udc80"'),
-    ({"tool_calls": [{"function": {"arguments": "\udc80"}}]},
+    ({"tool_calls": [{"function": {"name": "f", "arguments": "\udc80"}}]},
      "messages[0].tool_calls[0].function.arguments", '"\\udc80"'),
 ])
 def test_a_lone_surrogate_in_a_message_value_is_named_by_its_path(engine, message, param,
@@ -897,6 +897,7 @@ def test_stop_token_ids_outside_the_vocabulary_blame_no_prompt(engine):
 MESSAGES = 'messages must be a list of objects like {"role": "user", "content": "Hi"}'
 PARTS = '{"type": "text", "text": "Hi"}'
 TOOL_CALL = '{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}'
+FUNCTION = '{"name": "f", "arguments": "{}"}'
 
 
 @pytest.mark.parametrize("messages, param, message", [
@@ -928,9 +929,9 @@ TOOL_CALL = '{"id": "call_1", "type": "function", "function": {"name": "f", "arg
      "messages[0].content[0] has no type; kiln serve takes text parts only, like " + PARTS),
     ([{"role": "assistant"}], "messages[0].content", "messages[0].content is missing or null; "
      "give the assistant message's text (or its tool_calls)"),
-    ([{"role": "assistant", "content": None, "tool_calls": []}], "messages[0].content",
-     "messages[0].content is missing or null; give the assistant message's text (or its "
-     "tool_calls)"),
+    ([{"role": "assistant", "content": None, "tool_calls": []}], "messages[0].tool_calls",
+     "messages[0].tool_calls is an empty list and its content missing or null; give the "
+     "assistant message's text or its tool calls"),
     ([{"role": "tool", "content": None, "tool_call_id": "c"}], "messages[0].content",
      "messages[0].content is missing or null; give the tool message's text"),
     # a retest: these had reached the template
@@ -950,6 +951,26 @@ TOOL_CALL = '{"id": "call_1", "type": "function", "function": {"name": "f", "arg
     ([{"role": "assistant", "content": "", "tool_calls": [{"id": "c"}, "f"]}],
      "messages[0].tool_calls[1]", 'messages[0].tool_calls[1] is a string "f"; a tool call is an '
      "object like " + TOOL_CALL),
+    # a retest: a tool call of no function had failed in the template, naming messages
+    ([{"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function"}]}],
+     "messages[0].tool_calls[0].function", "messages[0].tool_calls[0].function is missing; a "
+     "tool call is an object like " + TOOL_CALL),
+    ([{"role": "assistant", "content": None, "tool_calls": [{"function": None}]}],
+     "messages[0].tool_calls[0].function", "messages[0].tool_calls[0].function is null; a tool "
+     "call is an object like " + TOOL_CALL),
+    ([{"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f"}}]}],
+     "messages[0].tool_calls[0].function.arguments", "messages[0].tool_calls[0].function."
+     "arguments is missing; give the function's arguments as a string, like " + FUNCTION),
+    ([{"role": "assistant", "content": None, "tool_calls": [
+        {"type": "code", "function": {"name": "f", "arguments": "{}"}}]}],
+     "messages[0].tool_calls[0].type", 'messages[0].tool_calls[0].type is a string "code"; the '
+     'one tool call type is "function"'),
+    ([{"role": "assistant", "content": None, "function_call": "x"}],
+     "messages[0].function_call", 'messages[0].function_call is a string "x"; give the function '
+     "called as an object like " + FUNCTION),
+    ([{"role": "assistant", "content": None, "function_call": {"name": 5, "arguments": "{}"}}],
+     "messages[0].function_call.name", "messages[0].function_call.name is a number 5; give the "
+     "function's name as a string, like " + FUNCTION),
     # these had reached the template as an empty message (a retest)
     ([{"role": "user", "content": []}], "messages[0].content", "messages[0].content is an "
      "empty list; give a string or at least one text part like " + PARTS),
