@@ -46,7 +46,7 @@ from kiln.cli.engine_source import engine_command, held_engine
 from kiln.errors import KilnError
 from kiln.interrupts import TERMINATING, catchable
 from kiln.runtime.params import is_utf8
-from kiln.serve import MIN_STALL_TIMEOUT
+from kiln.serve import DEFAULT_STALL_TIMEOUT, MIN_STALL_TIMEOUT
 
 if TYPE_CHECKING:
     from kiln.runtime import AsyncLLM, ExecutorOptions
@@ -82,7 +82,7 @@ class ServeError(KilnError):
 @click.option("--grace_period", type=FloatRange(min=0), default=30.0, show_default=True,
               help="Seconds running requests may finish after SIGINT/SIGTERM before they are "
                    "aborted.")
-@click.option("--stall_timeout", type=FloatRange(as_typed=True), default=300.0,
+@click.option("--stall_timeout", type=FloatRange(as_typed=True), default=DEFAULT_STALL_TIMEOUT,
               show_default=True,
               help="Seconds an engine (or replica) with requests outstanding may go without "
                    "progress (no token, no step ended) before /health answers 503 naming it: "

@@ -16,6 +16,9 @@ __all__ = ["create_app"]
 # (kiln.runtime.distributed.replica_worker.PROGRESS_S), so a timeout near that (0.5 in a
 # retest) flapped a healthy, loaded server's /health between 503 and 200
 MIN_STALL_TIMEOUT = 5.0
+# Its default: a long prompt's prefill on a CPU takes minutes, and a probe that fails takes the
+# server out
+DEFAULT_STALL_TIMEOUT = 300.0
 
 
 def __getattr__(name: str) -> Any:

@@ -47,7 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import kiln
 from kiln.errors import UNREADABLE_JSON, ConfigError, option
 from kiln.runtime.async_llm import AsyncLLM
-from kiln.serve import MIN_STALL_TIMEOUT, render
+from kiln.serve import DEFAULT_STALL_TIMEOUT, MIN_STALL_TIMEOUT, render
 from kiln.serve.protocol import (
     ApiError,
     ChatCompletionRequest,
@@ -69,9 +69,6 @@ MIN_BODY_BYTES = 1024
 # Python's json reads from a handler (its recursion limit less the server's own frames, about
 # 950 levels here: a trial's 990 had been told "not JSON (maximum recursion depth exceeded)")
 MAX_JSON_DEPTH = 512
-# Seconds an engine with requests outstanding may go without progress before /health is 503:
-# a long prompt's prefill on a CPU takes minutes, and a probe that fails takes the server out
-DEFAULT_STALL_TIMEOUT = 300.0
 
 
 def create_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = None,
