@@ -23,7 +23,9 @@ directory that a process holds. Torch-free.
   "this process". (Only closed: ``LOCK_UN`` in the child would drop the parent's lock too.)
 - Where a lock cannot be taken (no ``fcntl``: Windows; a file system that refuses flock; a
   directory that cannot be opened for reading; no such directory, which the loader then
-  names), nothing is locked and the command goes on: said at debug level, the one fallback.
+  names), nothing is locked and the command goes on, the one fallback: where locks cannot
+  work here at all (no flock on the platform or the file system) a WARNING says once a process
+  that ``--overwrite`` cannot see engine dirs in use, each directory at debug level.
 
 Non-goals: locks across machines (a network file system's flock is local or emulated); keeping
 other programs than kiln from deleting a directory (an advisory lock binds only kiln).
@@ -131,7 +133,7 @@ def check_unused(directory: str | os.PathLike) -> None:
 def _open(directory: Path) -> int | None:
     """A read-only descriptor of ``directory``, or None where it cannot be locked."""
     if fcntl is None:
-        log.debug("%s: not locked (no flock on this platform)", directory)
+        _unlockable(directory, "no flock on this platform")
         return None
     try:
         return os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -142,15 +144,30 @@ def _open(directory: Path) -> int | None:
 
 def _flock(fd: int, how: str, directory: Path, wait: bool = False) -> bool | None:
     """Take the lock ``how`` (``LOCK_SH`` / ``LOCK_EX``): True when taken, False when another
-    descriptor holds it (without ``wait``), None where flock fails here (said at debug)."""
+    descriptor holds it (without ``wait``), None where flock fails here (:func:`_unlockable`)."""
     try:
         fcntl.flock(fd, getattr(fcntl, how) | (0 if wait else fcntl.LOCK_NB))
         return True
     except BlockingIOError:
         return False
     except OSError as e:
-        log.debug("%s: not locked (%s)", directory, e.strerror or e)
+        _unlockable(directory, e.strerror or str(e))
         return None
+
+
+_said_unlockable: set[str] = set()  # the reasons said at WARNING in this process
+
+
+def _unlockable(directory: Path, why: str) -> None:
+    """Say that ``directory`` is not locked because locks cannot work here: at WARNING once a
+    process for each reason (the user must know ``--overwrite`` is blind to engines in use),
+    at debug for each directory."""
+    log.debug("%s: not locked (%s)", directory, why)
+    if why not in _said_unlockable:
+        _said_unlockable.add(why)
+        log.warning("engine directories cannot be locked here (%s, at %s): kiln build "
+                    "--overwrite will not see an engine dir another process has loaded",
+                    why, directory)
 
 
 def _names(directory: Path, fd: int) -> bool:

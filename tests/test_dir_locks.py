@@ -162,8 +162,8 @@ def test_a_holder_that_waited_for_a_replacement_holds_the_new_dir(tmp_path):
 
 
 @pytest.mark.parametrize("broken", ["flock", "platform"])
-def test_where_flock_fails_nothing_is_locked_and_it_is_said_at_debug(tmp_path, monkeypatch,
-                                                                     caplog, broken):
+def test_where_flock_fails_nothing_is_locked_and_it_is_said_once(tmp_path, monkeypatch, caplog,
+                                                                 broken):
     if broken == "flock":
         def flock(fd, how):
             raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
@@ -171,12 +171,21 @@ def test_where_flock_fails_nothing_is_locked_and_it_is_said_at_debug(tmp_path, m
         monkeypatch.setattr(dir_locks.fcntl, "flock", flock)
     else:
         monkeypatch.setattr(dir_locks, "fcntl", None)
+    monkeypatch.setattr(dir_locks, "_said_unlockable", set())
     with caplog.at_level(logging.DEBUG, logger="kiln.dir_locks"):
-        with dir_locks.holding(tmp_path):
-            dir_locks.check_unused(tmp_path)
+        for _ in range(2):
+            with dir_locks.holding(tmp_path):
+                dir_locks.check_unused(tmp_path)
     assert f"{tmp_path}: not locked" in caplog.text
-    assert all(r.levelno == logging.DEBUG for r in caplog.records)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1  # once a process: the user must know, not at every load
+    assert "--overwrite will not see an engine dir another process has loaded" in warnings[0]
 
+
+def test_a_directory_that_does_not_exist_is_not_locked_without_a_word(tmp_path, caplog):
+    with caplog.at_level(logging.DEBUG, logger="kiln.dir_locks"):
+        dir_locks.check_unused(tmp_path / "new")  # a new output dir: nothing to say
+    assert all(r.levelno == logging.DEBUG for r in caplog.records)
 
 
 def _fake_locks(monkeypatch, directory: Path, pids: list[int]) -> None:
