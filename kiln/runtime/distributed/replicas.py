@@ -56,6 +56,13 @@ threads (a server's event loop: HTTP, JSON, one chunk per token per stream) no l
 GIL with the thread that launches the model's kernels. Measured in ``benchmarks/GPU_NOTES.md``
 (issue 13): in one process the server's prefill steps took 36-51 ms of host time against 25.
 
+Sending: the front never writes to a replica's pipe itself. Each replica has an outbox
+(:class:`_Outbox`): a message is pickled by the caller and handed to a thread of that replica's
+own, which writes its messages in order. So a replica that stops reading (SIGSTOP, a hung
+kernel) while its pipe is full blocks only its writer, never the front, its step or the other
+replicas (nor a shutdown: the replica is killed, and its writer's write fails); and a replica
+blocked on sending to the front while the front sends to it cannot deadlock the two.
+
 Waking: :meth:`ReplicaCore.step` waits up to :data:`STEP_WAIT_S` for the replicas' messages;
 :meth:`ReplicaCore.wake` (any thread) ends that wait at once, so a request submitted meanwhile
 (``AsyncLLM`` calls it on every command) is routed without waiting for a replica's next step.
@@ -71,11 +78,14 @@ import dataclasses
 import logging
 import multiprocessing
 import os
+import queue
+import threading
 import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from multiprocessing.connection import Connection, wait
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
 from kiln.engine import BuildLimits, EngineManifest
@@ -93,6 +103,58 @@ logger = logging.getLogger(__name__)
 
 STEP_WAIT_S = 0.05  # a step waits this long at most for a replica's message
 STOP_WAIT_S = 5.0  # a graceful shutdown's wait for the replicas to exit before killing them
+WRITER_WAIT_S = 1.0  # a shutdown's wait for the writers once their replicas are gone
+
+
+class _Outbox:
+    """One replica's messages on their way (module docstring, Sending): pickled by the caller,
+    written to the pipe in order by a daemon thread of their own. It holds no reference to the
+    pool: a pool dropped without shutdown closes the pipe through :meth:`stop` (the replica
+    exits at its next wait for a message)."""
+
+    def __init__(self, conn: Connection, name: str):
+        self.conn = conn
+        self.backlog = 0  # messages handed over, not written yet (the one being written too)
+        self.broken = False  # a write failed: the replica is gone
+        self.stopped = False
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self.thread = threading.Thread(target=self._write, name=name, daemon=True)
+        self.thread.start()
+
+    def put(self, message: tuple) -> bool:
+        """Queue ``message``; False if the pipe is closed (its replica died, or the pool shut
+        down)."""
+        if self.broken or self.stopped:
+            return False
+        data = ForkingPickler.dumps(message)  # now: what the caller sent, as it was
+        with self._lock:
+            self.backlog += 1
+        self._queue.put(data)
+        return True
+
+    def stop(self, close: bool = False) -> None:
+        """End the writer once what is queued is written (or a write fails), closing the pipe
+        with ``close``."""
+        self.stopped = True
+        self._queue.put(_CLOSE if close else _STOP)
+
+    def _write(self) -> None:
+        while (data := self._queue.get()) is not _STOP:
+            if data is _CLOSE:
+                self.conn.close()
+                return
+            if not self.broken:
+                try:
+                    self.conn.send_bytes(data)
+                except OSError as e:  # the replica is gone: receive() names it
+                    logger.debug("%s: %s", threading.current_thread().name, e)
+                    self.broken = True
+            with self._lock:
+                self.backlog -= 1
+
+
+_STOP, _CLOSE = object(), object()  # an outbox's last entry: end the writer (and close)
 
 
 class ReplicaPool:
@@ -112,6 +174,8 @@ class ReplicaPool:
         weakref.finalize(self, _close_fds, self._wake_r, self._wake_w)
         self.processes: list[multiprocessing.Process] = []
         self.conns: list[Connection] = []
+        self.outboxes: list[_Outbox] = []
+        weakref.finalize(self, _close_outboxes, self.outboxes)  # dropped without shutdown
         self._error: WorkerError | None = None
         self._closed = False
         threads = options.num_threads or max(1, len(os.sched_getaffinity(0)) // self.size)
@@ -132,7 +196,9 @@ class ReplicaPool:
                 start(process)
                 theirs.close()
                 self.processes.append(process)
+                outbox = _Outbox(ours, f"kiln-replica{i}-writer")  # (ours closed by GC if not)
                 self.conns.append(ours)
+                self.outboxes.append(outbox)
                 self.check_alive()  # one that died while the others start (memory ran out)
             self.infos = self._ready()
         except BaseException:
@@ -155,12 +221,13 @@ class ReplicaPool:
 
     # -- messages -----------------------------------------------------------------------------
     def send(self, i: int, message: tuple) -> bool:
-        """Send to replica ``i``; False if its pipe is closed (it died: :meth:`receive` says)."""
-        try:
-            self.conns[i].send(message)
-            return True
-        except OSError:
-            return False
+        """Send to replica ``i`` through its outbox (never blocks); False if its pipe is closed
+        (it died: :meth:`receive` says)."""
+        return self.outboxes[i].put(message)
+
+    def backlog(self, i: int) -> int:
+        """The messages sent to replica ``i`` that its pipe has not taken yet."""
+        return self.outboxes[i].backlog
 
     def receive(self, timeout: float | None) -> list[tuple[int, tuple]]:
         """Every message that arrives within ``timeout`` (None: until one does), as (replica,
@@ -256,6 +323,8 @@ class ReplicaPool:
                                    STOP_WAIT_S, ", ".join(self.label(i) for i in slow))
                 waited = True
         finally:  # also when Ctrl-C ends the wait: a stopped replica would outlive the driver
+            for outbox in self.outboxes:
+                outbox.stop()
             for i, process in enumerate(self.processes):
                 if process.is_alive():
                     if waited:
@@ -263,7 +332,18 @@ class ReplicaPool:
                                        "it", self.label(i), STOP_WAIT_S)
                     process.kill()
                 process.join()
-            for conn in self.conns:
+            self._close_pipes()
+
+    def _close_pipes(self) -> None:
+        """Close each pipe once its writer has ended: its replica is gone, so a write blocked
+        on a full pipe has failed (a writer still at it keeps its pipe: no descriptor closed
+        under a write)."""
+        deadline = time.monotonic() + WRITER_WAIT_S
+        for i, (conn, outbox) in enumerate(zip(self.conns, self.outboxes, strict=True)):
+            outbox.thread.join(max(0.0, deadline - time.monotonic()))
+            if outbox.thread.is_alive():
+                logger.debug("%s's writer is still writing; its pipe is left open", self.label(i))
+            else:
                 conn.close()
 
 
@@ -512,6 +592,11 @@ class ReplicaCore:
             request.logprobs = list(outcome.logprobs)
         if outcome.prompt_logprobs is not None:
             request.prompt_logprobs = list(outcome.prompt_logprobs)
+
+
+def _close_outboxes(outboxes: list[_Outbox]) -> None:
+    for outbox in outboxes:
+        outbox.stop(close=True)
 
 
 def _close_fds(*fds: int) -> None:
