@@ -542,6 +542,9 @@ class _FullPool:
         self.sent.append(message)
         return True
 
+    def backlog(self, i):
+        return 0
+
     def check(self):
         pass
 

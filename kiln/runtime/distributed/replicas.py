@@ -61,7 +61,11 @@ Sending: the front never writes to a replica's pipe itself. Each replica has an 
 own, which writes its messages in order. So a replica that stops reading (SIGSTOP, a hung
 kernel) while its pipe is full blocks only its writer, never the front, its step or the other
 replicas (nor a shutdown: the replica is killed, and its writer's write fails); and a replica
-blocked on sending to the front while the front sends to it cannot deadlock the two.
+blocked on sending to the front while the front sends to it cannot deadlock the two. Bound: a
+replica whose outbox holds more than ``max_batch_size`` messages not yet written is routed no
+new request until they are (each request routed to it adds one message, its abort one more), so
+past what the pipe holds, a replica that does not read keeps at most about ``2 *
+max_batch_size + 2`` messages in the front, each of one request at most.
 
 Waking: :meth:`ReplicaCore.step` waits up to :data:`STEP_WAIT_S` for the replicas' messages;
 :meth:`ReplicaCore.wake` (any thread) ends that wait at once, so a request submitted meanwhile
@@ -530,8 +534,9 @@ class ReplicaCore:
     # -- routing (module docstring) -----------------------------------------------------------
     def _route(self) -> None:
         while self._queue and not self.pool.failed:
+            most = self.replica_limits.max_batch_size  # slots; and unwritten messages (Sending)
             free = [i for i in range(self.pool.size)
-                    if self._live[i] < self.replica_limits.max_batch_size]
+                    if self._live[i] < most and self.pool.backlog(i) <= most]
             if not free:
                 return
             i = min(free, key=lambda r: (self._live[r], self._tokens[r], r))
