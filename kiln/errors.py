@@ -15,7 +15,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 
@@ -52,6 +52,38 @@ def listed(names: list[str], most: int = 5) -> str:
 def described(value: Any) -> str:
     """A value in an error message: its type, and :func:`shown`'s form of it."""
     return f"{type(value).__name__} {shown(value)}"
+
+
+@dataclasses.dataclass(frozen=True)
+class OutsideVocabulary:
+    """A token id outside an engine's vocabulary ``[0, vocab_size)``, found by
+    :func:`outside_vocabulary`; ``str()`` words it, naming ``path`` where there is one."""
+
+    path: str | None  # label[k] (label[b][k] in a batch's rows); None: the id names it alone
+    token: Any
+    vocab_size: int
+
+    def __str__(self) -> str:
+        where = "" if self.path is None else f"{self.path}: "
+        return (f"{where}token id {shown(self.token)} is outside the vocabulary "
+                f"[0, {self.vocab_size}); pass ids of the model's tokenizer")
+
+
+def outside_vocabulary(ids: Sequence[Any], vocab_size: int,
+                       label: str | None = None) -> OutsideVocabulary | None:
+    """The first of ``ids`` outside the vocabulary ``[0, vocab_size)``, by its path (``label[k]``;
+    ``label[b][k]`` in nested sequences), or None when every id is inside: the one wording of
+    this refusal (the runtime's, kiln run's, kiln serve's, the reference decoder's and
+    evaluate's had each had their own). The caller raises its error with it."""
+    for k, token in enumerate(ids):
+        path = None if label is None else f"{label}[{k}]"
+        if isinstance(token, (list, tuple)):
+            found = outside_vocabulary(token, vocab_size, path)
+            if found is not None:
+                return found
+        elif not 0 <= token < vocab_size:
+            return OutsideVocabulary(path, token, vocab_size)
+    return None
 
 
 def json_type(value: Any) -> str:

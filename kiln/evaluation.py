@@ -56,7 +56,7 @@ from kiln.errors import (
     described,
     named_as_flags,
     option,
-    shown,
+    outside_vocabulary,
 )
 
 if TYPE_CHECKING:
@@ -163,9 +163,9 @@ def check_token_ids(token_ids: Any, vocab_size: int) -> list[int]:
         if isinstance(token, (list, tuple)):
             raise ConfigError(f"{flat}, found a {type(token).__name__} at [{i}]")
         check_integer(f"token_ids[{i}]", token, ConfigError)
-        if not 0 <= token < vocab_size:  # (kiln.reference.check_token_ids' words)
-            raise ConfigError(f"token_ids[{i}]: token id {shown(token)} is outside the vocabulary "
-                              f"[0, {vocab_size}); pass ids of this engine's tokenizer")
+    outside = outside_vocabulary(ids, vocab_size, "token_ids")
+    if outside is not None:
+        raise ConfigError(str(outside))
     if len(ids) - 1 < MIN_SCORED:  # (too_short's words are a text's)
         raise DatasetError(f"token_ids holds {counted(len(ids), 'id')}; every id but the first "
                            f"is scored and perplexity needs at least {MIN_SCORED}: give at least "

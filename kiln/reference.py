@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from kiln.checkpoint import load_config, load_merged
 from kiln.config import DecoderConfig, NormType, PositionType, ResidualType, RopeScalingType
+from kiln.errors import outside_vocabulary
 from kiln.quantization.config import INPUT_SCALE, PRE_QUANT_SCALE, WEIGHT_SCALE, QuantConfig
 from kiln.quantization.formats import KV_DTYPES, dequantize_weight, fake_quant
 from kiln.roles import Role, companion, parse_tensor, quantized_roles
@@ -103,11 +104,8 @@ def check_token_ids(label: str, ids: torch.Tensor, vocab_size: int) -> None:
     had read the embedding's second-last row, an empty prompt failed on an empty max()."""
     if ids.numel() == 0:
         raise ValueError(f"{label} is empty; give at least one token")
-    outside = ((ids < 0) | (ids >= vocab_size)).nonzero()
-    if len(outside):
-        at = tuple(outside[0].tolist())
-        raise ValueError(f"{label}{''.join(f'[{i}]' for i in at)}: token id {int(ids[at])} is "
-                         f"outside the vocabulary [0, {vocab_size})")
+    if ((ids < 0) | (ids >= vocab_size)).any():  # (named by its path, as the runtime's are)
+        raise ValueError(str(outside_vocabulary(ids.tolist(), vocab_size, label)))
 
 
 class ReferenceDecoder:

@@ -8,7 +8,7 @@ import kiln
 from kiln.builder.options import BuildOptions
 from kiln.converters.options import ConvertOptions
 from kiln.engine import BuildLimits, EngineError
-from kiln.errors import ConfigError, KilnError, option, options_as_flags
+from kiln.errors import ConfigError, KilnError, option, options_as_flags, outside_vocabulary
 from kiln.evaluation import check_window, evaluate, resolve_window
 from kiln.quantization.options import QuantizeOptions
 from kiln.runtime.options import ExecutorOptions
@@ -271,3 +271,17 @@ def test_evaluate_refuses_an_argument_that_is_no_path(engine_dir, dataset, error
     with pytest.raises(error) as raised:
         evaluate(engine_dir, dataset)
     assert str(raised.value) == message
+
+
+@pytest.mark.parametrize("ids, label, expected", [
+    ([0, 7], "prompt", None),
+    ([1, 8, -1], "prompt", "prompt[1]: token id 8 is outside the vocabulary [0, 8); pass ids of "
+                           "the model's tokenizer"),
+    ([[1], [2, -3]], "input_ids", "input_ids[1][1]: token id -3 is outside the vocabulary "
+                                  "[0, 8); pass ids of the model's tokenizer"),
+    ((3, 9), None, "token id 9 is outside the vocabulary [0, 8); pass ids of the model's "
+                   "tokenizer"),
+])
+def test_outside_vocabulary_names_the_first_id_outside_by_its_path(ids, label, expected):
+    found = outside_vocabulary(ids, 8, label)
+    assert (None if found is None else str(found)) == expected

@@ -131,11 +131,11 @@ FLAT = "token_ids must be one flat (1-D) list of ids (one text's: flatten them),
 
 @pytest.mark.parametrize("token_ids, error, expected", [
     ([1, 2, 128, 4], ConfigError, "token_ids[2]: token id 128 is outside the vocabulary "
-                                  "[0, 128); pass ids of this engine's tokenizer"),
+                                  "[0, 128); pass ids of the model's tokenizer"),
     ([1, -2, 3], ConfigError, "token_ids[1]: token id -2 is outside the vocabulary [0, 128); "
-                              "pass ids of this engine's tokenizer"),
+                              "pass ids of the model's tokenizer"),
     ([1, 10 ** 5000], ConfigError, "token_ids[1]: token id an integer of about 5,001 digits is "
-                                   "outside the vocabulary [0, 128); pass ids of this engine's "
+                                   "outside the vocabulary [0, 128); pass ids of the model's "
                                    "tokenizer"),
     ([1, 2.0, 3], ConfigError, "token_ids[1] must be an integer, found 2.0"),
     ([1, True, 3], ConfigError, "token_ids[1] must be an integer, found True"),
@@ -150,7 +150,7 @@ FLAT = "token_ids must be one flat (1-D) list of ids (one text's: flatten them),
     (np.array([[1, 2, 3]]), ConfigError, FLAT + "a 2-D array of shape (1, 3)"),
     (torch.ones(2, 3, dtype=torch.long), ConfigError, FLAT + "a 2-D tensor of shape (2, 3)"),
     (np.array([1, 128, 3]), ConfigError, "token_ids[1]: token id 128 is outside the vocabulary "
-                                         "[0, 128); pass ids of this engine's tokenizer"),
+                                         "[0, 128); pass ids of the model's tokenizer"),
     # a str had been scored as the text of its characters
     ("abc", ConfigError, "token_ids must be a list of int token ids, found str 'abc'"),
     # ids, not a text's tokens (it had said "the text is 0 tokens long")

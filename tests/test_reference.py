@@ -25,8 +25,10 @@ def decoder() -> ReferenceDecoder:
 
 @pytest.mark.parametrize("prompt, message", [
     # -2 had read the embedding's second-last row, and [] failed on an empty max()
-    ([1, -2], r"^prompt\[1\]: token id -2 is outside the vocabulary \[0, 16\)$"),
-    ([16, 3], r"^prompt\[0\]: token id 16 is outside the vocabulary \[0, 16\)$"),
+    ([1, -2], r"^prompt\[1\]: token id -2 is outside the vocabulary \[0, 16\); pass ids of "
+              r"the model's tokenizer$"),
+    ([16, 3], r"^prompt\[0\]: token id 16 is outside the vocabulary \[0, 16\); pass ids of "
+              r"the model's tokenizer$"),
     ([], r"^prompt is empty; give at least one token$"),
 ])
 def test_generate_refuses_ids_no_engine_takes(decoder, prompt, message):

@@ -40,7 +40,7 @@ from kiln.cli.context import (
     gpu_options,
 )
 from kiln.cli.engine_source import engine_command, held_engine
-from kiln.errors import UNREADABLE_JSON, KilnError, build_larger, json_type
+from kiln.errors import UNREADABLE_JSON, KilnError, build_larger, json_type, outside_vocabulary
 from kiln.runtime.errors import SamplingParamsError
 from kiln.runtime.params import SamplingParams, is_utf8  # torch-free: --help stays fast
 
@@ -302,12 +302,9 @@ def check_manifest(manifest: EngineManifest, tokenizer_dir: Path, prompts: list[
 
 
 def check_stop_ids(manifest: EngineManifest, stop_ids: Sequence[int]) -> None:
-    vocab = manifest.decoder.vocab_size
-    bad = [t for t in stop_ids if not 0 <= t < vocab]
-    if bad:
-        raise click.BadParameter(f"{', '.join(map(str, bad[:5]))}: outside this engine's "
-                                 f"vocabulary [0, {vocab}); pass ids of its tokenizer",
-                                 param_hint="--stop_token_ids")
+    outside = outside_vocabulary(stop_ids, manifest.decoder.vocab_size)  # the id names it
+    if outside is not None:
+        raise click.BadParameter(str(outside), param_hint="--stop_token_ids")
 
 
 def check_prompts(manifest: EngineManifest, tokenizer_dir: Path, prompts: list[str],

@@ -85,7 +85,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiln.engine import BuildLimits
-from kiln.errors import build_with, described
+from kiln.errors import build_with, described, outside_vocabulary
 from kiln.runtime.detokenize import IncrementalDetokenizer, StopStringMatcher
 from kiln.runtime.errors import RequestError, prompt_too_long
 from kiln.runtime.executor import DeviceTokens, Executor, StepLogits
@@ -507,10 +507,9 @@ def check_prompt(label: str, prompt_ids: Sequence[int], limits: BuildLimits,
     if len(prompt_ids) > limits.max_input_len:
         raise RequestError(f"{label}: "
                            f"{prompt_too_long(str(len(prompt_ids)), limits.max_input_len)}")
-    bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
-    if bad:
-        raise RequestError(f"{label}: token ids {bad[:5]} are outside the "
-                           f"vocabulary [0, {vocab_size})")
+    outside = outside_vocabulary(prompt_ids, vocab_size, "prompt")
+    if outside is not None:
+        raise RequestError(f"{label}: {outside}")
 
 
 def check_request(request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
@@ -519,10 +518,10 @@ def check_request(request_id: str, prompt_ids: Sequence[int], params: SamplingPa
     """Raise RequestError if an engine of these properties cannot serve the request; else the
     tokens it may generate (max_tokens, cut to what max_seq_len allows)."""
     check_prompt(f"request {request_id}", prompt_ids, limits, vocab_size)
-    bad = [t for t in params.stop_token_ids if not t < vocab_size]
-    if bad:  # never sampled: a stop that cannot fire is a mistake (a wrong id or engine)
-        raise RequestError(f"request {request_id}: stop_token_ids {bad[:5]} are outside the "
-                           f"vocabulary [0, {vocab_size}); pass ids of this engine's tokenizer")
+    # never sampled: a stop that cannot fire is a mistake (a wrong id or engine)
+    outside = outside_vocabulary(params.stop_token_ids, vocab_size, "stop_token_ids")
+    if outside is not None:
+        raise RequestError(f"request {request_id}: {outside}")
     if params.stop and not has_tokenizer:
         raise RequestError(f"request {request_id}: stop strings need a tokenizer")
     if params.prompt_logprobs is not None and not gathers_context_logits:

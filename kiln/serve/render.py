@@ -54,7 +54,7 @@ import logging
 import re
 from typing import Any
 
-from kiln.errors import as_json, cut, json_type, shown
+from kiln.errors import as_json, cut, json_type, outside_vocabulary, shown
 from kiln.runtime.errors import RequestError, SamplingParamsError, TokenizerError
 from kiln.runtime.llm import LLM, Prompt
 from kiln.runtime.params import SEED_MAX, SamplingParams, TokenLogprobs, is_utf8
@@ -502,11 +502,9 @@ class Renderer:
             if isinstance(prompt, str):  # (the tokenizer's refusal named no prompt)
                 _text_check(path, prompt)
             else:
-                k = next((k for k, t in enumerate(prompt) if not 0 <= t < vocab), None)
-                if k is not None:
-                    raise form_error(f"{path}[{k}] is {prompt[k]}, outside the "
-                                     f"vocabulary [0, {vocab}); give token ids of this "
-                                     f"engine's tokenizer")
+                outside = outside_vocabulary(prompt, vocab, path)
+                if outside is not None:
+                    raise ApiError(400, str(outside), param=outside.path)
         return prompts
 
     def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:

@@ -185,7 +185,7 @@ def test_bench_on_a_model_dir(tiny_hf, cache):
     (["run", "--input_text", "one two three four five six seven eight nine ten",
       "--max_input_len", "4"], "exceeds the engine's max_input_len 4"),
     (["run", "--input_text", "Hi", "--stop_token_ids", "99999"],
-     "99999: outside this engine's vocabulary"),
+     "--stop_token_ids: token id 99999 is outside the vocabulary"),
     (["bench", "--max_batch_size", "100000000", "--max_seq_len", "64"],
      "max_batch_size 100000000) need a KV cache of"),
     # conversion's and the build's checks, from the options and the HF config

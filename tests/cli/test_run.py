@@ -354,7 +354,8 @@ def test_blank_jsonl_is_refused(engine, tmp_path):
     (["--stop", "\udce9"], "--stop: must be UTF-8 text"),
     (["--stop", "x", "--stop", ""], "Invalid value for --stop: has an empty string at index 1"),
     (["--stop_token_ids", "999999"],
-     "Invalid value for --stop_token_ids: 999999: outside this engine's vocabulary [0, 49152)"),
+     "Invalid value for --stop_token_ids: token id 999999 is outside the vocabulary "
+     "[0, 49152); pass ids of the model's tokenizer"),
 ])
 def test_bad_input_is_one_line_and_exit_2(engine, args, message):
     base = ["run", "--engine_dir", str(engine)]
@@ -624,8 +625,8 @@ def test_stop_token_ids_outside_the_vocabulary_are_refused_before_the_load(engin
     r = CliRunner().invoke(main, ["run", "--engine_dir", str(engine), "--input_text", "x",
                                   "--stop_token_ids", "5", "--stop_token_ids", "49152"])
     assert r.exit_code == 2 and "Traceback" not in r.output
-    assert ("Invalid value for --stop_token_ids: 49152: outside this engine's vocabulary "
-            "[0, 49152); pass ids of its tokenizer") in r.output
+    assert ("Invalid value for --stop_token_ids: token id 49152 is outside the vocabulary "
+            "[0, 49152); pass ids of the model's tokenizer") in r.output
 
 
 def test_input_file_dash_reads_one_prompt_from_stdin(engine, tmp_path):

@@ -155,10 +155,21 @@ def test_a_step_leaves_torchs_thread_count_alone(monkeypatch):
     assert calls == []
 
 
+def test_a_prompt_id_outside_the_vocabulary_is_named_by_its_position():
+    """The first id outside, where it is (it had listed up to five, named by no position)."""
+    core = EngineCore(HashExecutor(LIMITS, 64), None)
+    with pytest.raises(RequestError, match=r"^request r1: prompt\[1\]: token id 64 is outside "
+                                           r"the vocabulary \[0, 64\); pass ids of the "
+                                           r"model's tokenizer$"):
+        core.add_request([1, 64, -1], SamplingParams(), "r1")
+    assert not core.has_work() and "r1" not in core.requests
+
+
 def test_stop_token_ids_outside_the_vocabulary_are_refused_like_prompt_ids():
     core = EngineCore(HashExecutor(LIMITS, 64), None)
-    with pytest.raises(RequestError, match=r"^request r1: stop_token_ids \[64, 999999\] are "
-                                           r"outside the vocabulary \[0, 64\); pass ids"):
+    with pytest.raises(RequestError, match=r"^request r1: stop_token_ids\[1\]: token id 64 is "
+                                           r"outside the vocabulary \[0, 64\); pass ids of "
+                                           r"the model's tokenizer$"):
         core.add_request([1, 2], SamplingParams(stop_token_ids=(3, 64, 999999)), "r1")
     assert not core.has_work() and "r1" not in core.requests
     core.add_request([1, 2], SamplingParams(stop_token_ids=(0, 63)), "r1")  # the edges: fine

@@ -860,17 +860,17 @@ def test_a_bad_prompt_among_several_is_named(engine, prompt, param, message):
                                    "param": param, "code": None}
 
 
-OUTSIDE = "outside the vocabulary [0, 49152); give token ids of this engine's tokenizer"
+OUTSIDE = "is outside the vocabulary [0, 49152); pass ids of the model's tokenizer"
 
 
 @pytest.mark.parametrize("prompt, param, message", [
     ([[]], "prompt[0]", "prompt[0]: the prompt is empty; give at least one token"),
-    ([[1], [2**40]], "prompt[1][0]", f"prompt[1][0] is 1099511627776, {OUTSIDE}"),
-    ([1, -2], "prompt[1]", f"prompt[1] is -2, {OUTSIDE}"),
-    ([1, 49152, -1], "prompt[1]", f"prompt[1] is 49152, {OUTSIDE}"),
-    ([[1, -2]], "prompt[0][1]", f"prompt[0][1] is -2, {OUTSIDE}"),
-    ([[1], [3, 2, -5]], "prompt[1][2]", f"prompt[1][2] is -5, {OUTSIDE}"),
-    ([1, 2**40], "prompt[1]", f"prompt[1] is 1099511627776, {OUTSIDE}"),
+    ([[1], [2**40]], "prompt[1][0]", f"prompt[1][0]: token id 1099511627776 {OUTSIDE}"),
+    ([1, -2], "prompt[1]", f"prompt[1]: token id -2 {OUTSIDE}"),
+    ([1, 49152, -1], "prompt[1]", f"prompt[1]: token id 49152 {OUTSIDE}"),
+    ([[1, -2]], "prompt[0][1]", f"prompt[0][1]: token id -2 {OUTSIDE}"),
+    ([[1], [3, 2, -5]], "prompt[1][2]", f"prompt[1][2]: token id -5 {OUTSIDE}"),
+    ([1, 2**40], "prompt[1]", f"prompt[1]: token id 1099511627776 {OUTSIDE}"),
     ("", "prompt", "the prompt is empty; give at least one token"),  # the one prompt: no index
 ])
 def test_a_prompt_in_a_list_and_a_token_id_are_named_by_their_path(engine, prompt, param,
@@ -890,7 +890,9 @@ def test_stop_token_ids_outside_the_vocabulary_blame_no_prompt(engine):
     out = _client(engine).post("/v1/completions", json={
         "model": "m", "prompt": ["a", "b"], "max_tokens": 1, "stop_token_ids": [2**40]})
     assert out.status_code == 400
-    assert out.json()["error"]["message"].startswith("stop_token_ids [1099511627776] are outside")
+    assert out.json()["error"]["message"] == ("stop_token_ids[0]: token id 1099511627776 is "
+                                              "outside the vocabulary [0, 49152); pass ids of "
+                                              "the model's tokenizer")
     assert out.json()["error"]["param"] == "stop_token_ids"
 
 

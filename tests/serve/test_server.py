@@ -186,8 +186,8 @@ def test_token_ids_outside_the_vocabulary_are_400_without_internal_ids(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt=[[1, 2], [3, 10**6]], max_tokens=2, n=2)
     assert e.value.body["param"] == "prompt[1][1]"  # the token id at fault
-    assert e.value.body["message"] == "prompt[1][1] is 1000000, outside the vocabulary " \
-                                      "[0, 49152); give token ids of this engine's tokenizer"
+    assert e.value.body["message"] == "prompt[1][1]: token id 1000000 is outside the " \
+                                      "vocabulary [0, 49152); pass ids of the model's tokenizer"
 
 
 def test_auth_model_and_body_size_errors(server, client):
