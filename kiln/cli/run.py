@@ -40,7 +40,14 @@ from kiln.cli.context import (
     gpu_options,
 )
 from kiln.cli.engine_source import engine_command, held_engine
-from kiln.errors import UNREADABLE_JSON, KilnError, build_larger, json_type, outside_vocabulary
+from kiln.errors import (
+    UNREADABLE_JSON,
+    KilnError,
+    build_larger,
+    json_type,
+    outside_vocabulary,
+    shown,
+)
 from kiln.runtime.errors import SamplingParamsError
 from kiln.runtime.params import SamplingParams, is_utf8  # torch-free: --help stays fast
 
@@ -96,13 +103,9 @@ def check_sampling_flags(max_output_len: int, given: dict[str, Any]) -> None:
     flags = {k: v for k, v in _overrides(given).items() if k in fields}  # not the engine's
     try:
         SamplingParams(max_tokens=max_output_len, **flags)
-    except SamplingParamsError as e:
-        if e.field is None:
-            raise
-        name = e.field.partition("[")[0]  # stop[0]: an entry of --stop, named by its flag
-        flag = "--max_output_len" if name == "max_tokens" else f"--{name}"
-        raise click.BadParameter(str(e).removeprefix(f"SamplingParams.{name} "),
-                                 param_hint=flag) from None
+    except SamplingParamsError as e:  # stop[0]: an entry of --stop, named by its flag
+        flag = "--max_output_len" if e.name == "max_tokens" else f"--{e.name}"
+        raise click.BadParameter(e.worded(shown), param_hint=flag) from None
 
 
 def build_params(llm: LLM, max_output_len: int, given: dict[str, Any]) -> SamplingParams:

@@ -6,15 +6,40 @@ Engine-dir problems (missing, corrupt, incompatible with this machine) raise
 
 from __future__ import annotations
 
-from kiln.errors import KilnError, build_larger
+from collections.abc import Callable
+from typing import Any
+
+from kiln.errors import KilnError, build_larger, shown
+
+NO_VALUE: Any = object()  # a SamplingParamsError's value where its message shows none
 
 
 class SamplingParamsError(KilnError, ValueError):
-    """A sampling parameter is out of range; the message names the parameter (``field``)."""
+    """A sampling parameter is out of range. ``field`` names it (``stop[1]``: an entry of
+    ``stop``), ``problem`` says what is wrong, and ``value``, where the message ends "found
+    <value>", is the value at fault: a caller that spells values otherwise words the message
+    with :meth:`worded` (kiln serve shows JSON's ``100`` and ``NaN``, not Python's ``100.0`` and
+    ``nan``). ``str()``: ``SamplingParams.top_p must be in (0, 1], found 100.0``."""
 
-    def __init__(self, message: str, field: str | None = None):
-        super().__init__(message)
-        self.field = field
+    def __init__(self, field: str, problem: str, value: Any = NO_VALUE):
+        self.field, self.problem, self.value = field, problem, value
+        super().__init__(f"SamplingParams.{self.name} {self.worded(shown)}")
+
+    @property
+    def name(self) -> str:
+        """The parameter's name (``stop`` for ``stop[1]``)."""
+        return self.field.partition("[")[0]
+
+    def worded(self, show: Callable[[Any], str]) -> str:
+        """What is wrong, after the parameter's name: ``problem``, and ``value`` as ``show``
+        shows it (``must be in (0, 1], found 100.0``)."""
+        if self.value is NO_VALUE:
+            return self.problem
+        return f"{self.problem}, found {show(self.value)}"
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled as made (a replica's error, sent back)
+        no_value = self.value is NO_VALUE
+        return type(self), (self.field, self.problem) + (() if no_value else (self.value,))
 
 
 class RequestError(KilnError, ValueError):

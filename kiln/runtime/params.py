@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kiln.errors import shown
-from kiln.runtime.errors import SamplingParamsError
+from kiln.runtime.errors import NO_VALUE, SamplingParamsError
 
 # torch.Generator.manual_seed takes a 64-bit seed, signed or unsigned (a negative one is read as
 # its two's complement: -1 is 2**64 - 1); the numpy path draws from the same CPU torch.Generator,
@@ -74,44 +74,41 @@ class SamplingParams:
                "is an empty string; give the text to stop at, or leave stop out")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
-        _check(isinstance(self.stop, Iterable), "stop",
-               f"must be a string or a list of strings, found {shown(self.stop)}")
+        _check(isinstance(self.stop, Iterable), "stop", "must be a string or a list of strings",
+               self.stop)
         _check(isinstance(self.stop_token_ids, Iterable), "stop_token_ids",
-               f"must be a list of token ids, found {shown(self.stop_token_ids)}")
+               "must be a list of token ids", self.stop_token_ids)
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         _check(_is_int(self.max_tokens) and self.max_tokens >= 0, "max_tokens",
-               f"must be an integer >= 1 (0 only with prompt_logprobs), found "
-               f"{shown(self.max_tokens)}")
+               "must be an integer >= 1 (0 only with prompt_logprobs)", self.max_tokens)
         _check(self.max_tokens != 0 or self.prompt_logprobs is not None, "max_tokens",
                "is 0, which only scores a prompt: also set prompt_logprobs (0-20), or ask "
                "for max_tokens >= 1")
         _check(_is_num(self.temperature) and self.temperature >= 0, "temperature",
-               f"must be a finite number >= 0 (0 = greedy), found {shown(self.temperature)}")
+               "must be a finite number >= 0 (0 = greedy)", self.temperature)
         _check(_is_int(self.top_k) and self.top_k >= -1, "top_k",
-               f"must be an integer >= 1, or 0 or -1 (off), found {shown(self.top_k)}")
+               "must be an integer >= 1, or 0 or -1 (off)", self.top_k)
         if self.top_k == -1:  # vLLM's "off", as kiln serve takes it
             object.__setattr__(self, "top_k", 0)
-        _check(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p",
-               f"must be in (0, 1], found {shown(self.top_p)}")
-        _check(_is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p",
-               f"must be in [0, 1], found {shown(self.min_p)}")
+        _check(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]",
+               self.top_p)
+        _check(_is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", "must be in [0, 1]",
+               self.min_p)
         _check(_is_num(self.repetition_penalty) and self.repetition_penalty > 0,
-               "repetition_penalty",
-               f"must be a finite number > 0 (1 = off), found {shown(self.repetition_penalty)}")
+               "repetition_penalty", "must be a finite number > 0 (1 = off)",
+               self.repetition_penalty)
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
-            _check(_is_num(value) and -2 <= value <= 2, name,
-                   f"must be in [-2, 2], found {shown(value)}")
+            _check(_is_num(value) and -2 <= value <= 2, name, "must be in [-2, 2]", value)
         _check(self.seed is None or (_is_int(self.seed) and SEED_MIN <= self.seed <= SEED_MAX),
-               "seed", f"must be an integer in [{SEED_MIN}, {SEED_MAX}], "
-                       f"found {shown(self.seed)}")
+               "seed", f"must be an integer in [{SEED_MIN}, {SEED_MAX}]", self.seed)
         for i, stop in enumerate(self.stop):  # the entry, not the tuple (a request's [""]
             # had been shown as ('',)); the field names it, as kiln serve's param does
             if not (isinstance(stop, str) and stop != ""):
                 raise SamplingParamsError(
-                    f"SamplingParams.stop has {'an empty string' if stop == '' else shown(stop)}"
-                    f" at index {i}; each stop must be a non-empty string", field=f"stop[{i}]")
+                    f"stop[{i}]", f"has {'an empty string' if stop == '' else shown(stop)} at "
+                                  f"index {i}; each stop must be a non-empty string")
         _check(all(is_utf8(s) for s in self.stop), "stop",
                f"must be UTF-8 text, found {shown(self.stop)} (a lone surrogate: bytes that are "
                "not UTF-8, e.g. from a shell in another locale)")
@@ -119,11 +116,10 @@ class SamplingParams:
                f"must be token ids (integers >= 0), found "
                f"{', '.join(map(repr, self.stop_token_ids))}")
         _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20),
-               "logprobs", f"must be None or an integer in [0, 20], found {shown(self.logprobs)}")
+               "logprobs", "must be None or an integer in [0, 20]", self.logprobs)
         _check(self.prompt_logprobs is None or
                (_is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= 20),
-               "prompt_logprobs",
-               f"must be None or an integer in [0, 20], found {shown(self.prompt_logprobs)}")
+               "prompt_logprobs", "must be None or an integer in [0, 20]", self.prompt_logprobs)
 
     @property
     def greedy(self) -> bool:
@@ -194,6 +190,7 @@ def _is_num(value: Any) -> bool:
             and math.isfinite(value))
 
 
-def _check(ok: bool, name: str, message: str) -> None:
+def _check(ok: bool, name: str, problem: str, value: Any = NO_VALUE) -> None:
+    """SamplingParamsError unless ``ok``: ``name`` ``problem``, found ``value`` (if given)."""
     if not ok:
-        raise SamplingParamsError(f"SamplingParams.{name} {message}", field=name)
+        raise SamplingParamsError(name, problem, value)

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from typing import Any
 
 from kiln.errors import as_json, cut, json_type, outside_vocabulary, shown
@@ -74,7 +73,6 @@ from kiln.serve.state import Job, error_code, public
 
 _SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
              "frequency_penalty", "repetition_penalty")
-_PARAM = re.compile(r"SamplingParams\.(\w+)")
 COMPLETIONS_MAX_TOKENS = 16
 # A chat message's keys beside its role, content and name that OpenAI's API defines (and vLLM's
 # reasoning_content and reasoning, which clients send back and reasoning models' templates
@@ -356,22 +354,22 @@ def _refusal(name: str, value: Any, chat: bool) -> str:
     return f"{name} is not supported by kiln serve; send the request without it"
 
 
-def _checked(make, renames: dict[str, str], given: dict[str, Any]) -> SamplingParams:
-    """``make()``'s SamplingParams, its error a 400 naming the request's field; a number
-    ``given`` for it is shown as :func:`field_error` shows one ("found a number NaN", not
-    Python's "found nan"; a whole float as an integer: a retest's top_p 1e2 had been "found
-    100.0")."""
+def _number_given(value: Any) -> str:
+    """A value in a SamplingParams refusal: a number as :func:`_given` shows one ("found a
+    number NaN", not Python's "found nan"; a whole float as an integer: a retest's top_p 1e2
+    had been "found 100.0"), else as Python's callers are shown it."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return _given(value) if number else shown(value)
+
+
+def _checked(make, renames: dict[str, str]) -> SamplingParams:
+    """``make()``'s SamplingParams, its error a 400 naming the request's field (down to
+    ``stop[0]``), its value shown as :func:`_number_given` shows it."""
     try:
         return make()
     except SamplingParamsError as e:
-        match = _PARAM.search(str(e))
-        name = e.field or (match.group(1) if match else None)  # the field: down to stop[0]
-        message, value = str(e).replace("SamplingParams.", "", 1), given.get(name)
-        found = f"found {shown(value)}"
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and \
-                message.endswith(found):
-            message = message.removesuffix(found) + f"found {_given(value)}"
-        raise ApiError(400, message, param=renames.get(name, name)) from None
+        raise ApiError(400, f"{e.name} {e.worded(_number_given)}",
+                       param=renames.get(e.field, e.field)) from None
 
 
 class Renderer:
@@ -411,7 +409,7 @@ class Renderer:
             if getattr(req, flag):
                 given[flag] = True
         return _checked(lambda: self.llm.default_params.replace(
-            max_tokens=max_tokens, **given, **fields), renames, {**given, **fields})
+            max_tokens=max_tokens, **given, **fields), renames)
 
     def _ignored(self, req: Any, chat: bool) -> None:
         """Log the fields of ``req`` that kiln serve ignores, by path (module docstring); a chat

@@ -6,6 +6,7 @@ lives on the logits' device with one host read per step."""
 from __future__ import annotations
 
 import math
+import pickle
 
 import pytest
 import torch
@@ -63,6 +64,25 @@ def _rows(params, n=1, seed=0, prompt=(), output=()):
 def test_invalid_values_name_the_parameter(field, value):
     with pytest.raises(SamplingParamsError, match=rf"SamplingParams\.{field} "):
         SamplingParams(**{field: value})
+
+
+def test_a_refusal_carries_its_field_and_value_for_a_caller_to_show():
+    """kiln serve shows the value as JSON spells it through worded(), not by editing the
+    message's end; a Python caller reads Python's spelling."""
+    with pytest.raises(SamplingParamsError) as raised:
+        SamplingParams(top_p=math.nan)
+    e = raised.value
+    assert (e.field, e.name, math.isnan(e.value)) == ("top_p", "top_p", True)
+    assert str(e) == "SamplingParams.top_p must be in (0, 1], found nan"
+    assert e.worded(lambda v: "<v>") == "must be in (0, 1], found <v>"
+    with pytest.raises(SamplingParamsError) as raised:
+        SamplingParams(stop=["a", ""])
+    assert (raised.value.field, raised.value.name) == ("stop[1]", "stop")
+    assert raised.value.worded(lambda v: "<v>") == ("has an empty string at index 1; each stop "
+                                                    "must be a non-empty string")
+    for error in (e, raised.value):  # pickled as made (a process's error, sent back)
+        copy = pickle.loads(pickle.dumps(error))
+        assert (str(copy), copy.field) == (str(error), error.field)
 
 
 def test_top_k_minus_1_is_off_as_vllm_s():
