@@ -53,6 +53,7 @@ from kiln.errors import (
     check_integer,
     check_path,
     counted,
+    cut,
     described,
     named_as_flags,
     option,
@@ -152,13 +153,16 @@ def check_token_ids(token_ids: Any, vocab_size: int) -> list[int]:
     flat = "token_ids must be one flat (1-D) list of ids (one text's: flatten them)"
     if getattr(token_ids, "ndim", 1) > 1:  # (its rows had been named "token_ids[0]")
         kind = "tensor" if type(token_ids).__module__.startswith("torch") else "array"
-        raise ConfigError(f"{flat}, found a {token_ids.ndim}-D {kind} of shape "
-                          f"{tuple(token_ids.shape)}")
-    ids = _plain(token_ids)
+        try:  # (a nested tensor has no shape to tell)
+            shape = f" of shape {tuple(token_ids.shape)}"
+        except RuntimeError:
+            shape = ""
+        raise ConfigError(f"{flat}, found a {token_ids.ndim}-D {kind}{shape}")
+    ids = _plain(token_ids, "token_ids")
     if not isinstance(ids, (list, tuple)):
         raise ConfigError(f"token_ids must be a list of int token ids, found "
                           f"{described(token_ids)}")
-    ids = [_plain(token) for token in ids]  # a list of np.int64 or 0-d tensors: ints
+    ids = [_plain(token, f"token_ids[{i}]") for i, token in enumerate(ids)]  # np.int64s: ints
     for i, token in enumerate(ids):
         if isinstance(token, (list, tuple)):
             raise ConfigError(f"{flat}, found a {type(token).__name__} at [{i}]")
@@ -173,12 +177,33 @@ def check_token_ids(token_ids: Any, vocab_size: int) -> list[int]:
     return ids
 
 
-def _plain(value: Any) -> Any:
+def _plain(value: Any, name: str) -> Any:
     """``value`` in Python's types where it is numpy's or torch's (its ``tolist()``: a 1-D
     integer array is a list of ints, np.int64(1) is 1, np.True_ is True, a 2-D array nested
-    lists), else as given: checked as the Python value it stands for."""
+    lists), else as given: checked as the Python value it stands for. ConfigError naming it
+    (``name``) where its values cannot be read: a meta tensor's (it holds none), a sparse or
+    quantized one's, where torch's own error had escaped (a CUDA tensor's are copied)."""
     tolist = getattr(value, "tolist", None)
-    return tolist() if callable(tolist) and not isinstance(value, (list, tuple)) else value
+    if not callable(tolist) or isinstance(value, (list, tuple)):
+        return value
+    try:
+        return tolist()
+    except (RuntimeError, NotImplementedError, TypeError, ValueError) as e:
+        raise ConfigError(f"{name}: {_unreadable(value, e)}") from None
+
+
+def _unreadable(tensor: Any, error: Exception) -> str:
+    """Why a tensor's (or array's) token ids cannot be read, and what to pass instead."""
+    if getattr(tensor, "is_meta", False):
+        return ("a meta tensor holds no values; pass a tensor that holds the ids (on the CPU or "
+                "a GPU) or a list of ints")
+    layout = str(getattr(tensor, "layout", "torch.strided"))
+    if layout != "torch.strided":  # sparse_coo, sparse_csr, jagged...
+        return (f"the values of a {layout.removeprefix('torch.')} tensor cannot be read as a "
+                f"list; pass a dense one (.to_dense()) or a list of ints")
+    kind = f"a {tensor.dtype} tensor" if hasattr(tensor, "dtype") else type(tensor).__name__
+    said = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return f"cannot read the values of {kind} ({cut(said, 80)}); pass a list of ints"
 
 
 def check_integers(max_length: Any, stride: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 import numpy as np
 import pytest
@@ -149,6 +150,18 @@ FLAT = "token_ids must be one flat (1-D) list of ids (one text's: flatten them),
      "token_ids[0] must be an integer, found True"),
     (np.array([[1, 2, 3]]), ConfigError, FLAT + "a 2-D array of shape (1, 3)"),
     (torch.ones(2, 3, dtype=torch.long), ConfigError, FLAT + "a 2-D tensor of shape (2, 3)"),
+    # tensors whose values tolist() cannot read: torch's own error had escaped
+    (torch.tensor([1, 2, 3], device="meta"), ConfigError,
+     "token_ids: a meta tensor holds no values; pass a tensor that holds the ids (on the CPU or a "
+     "GPU) or a list of ints"),
+    ([1, torch.tensor(2, device="meta")], ConfigError,
+     "token_ids[1]: a meta tensor holds no values; pass a tensor that holds the ids (on the CPU "
+     "or a GPU) or a list of ints"),
+    (torch.tensor([1, 2, 3]).to_sparse(), ConfigError,
+     "token_ids: the values of a sparse_coo tensor cannot be read as a list; pass a dense one "
+     "(.to_dense()) or a list of ints"),
+    (torch.tensor([1, 2, 3], dtype=torch.complex64), ConfigError,
+     "token_ids[0] must be an integer, found (1+0j)"),
     (np.array([1, 128, 3]), ConfigError, "token_ids[1]: token id 128 is outside the vocabulary "
                                          "[0, 128); pass ids of the model's tokenizer"),
     # a str had been scored as the text of its characters
@@ -169,6 +182,18 @@ def test_token_ids_the_engine_cannot_take_are_refused_before_it_loads(
     with pytest.raises(error) as info:
         evaluate(gathering_engine, text, token_ids=token_ids)
     assert str(info.value) == expected
+
+
+def test_a_nested_tensor_is_refused_as_not_flat(gathering_engine, tmp_path, not_loaded):
+    """Its shape cannot be read: torch's "NestedTensorImpl doesn't support sizes" had escaped."""
+    with warnings.catch_warnings():  # (nested tensors are a prototype, torch warns)
+        warnings.simplefilter("ignore")
+        nested = torch.nested.nested_tensor([torch.tensor([1, 2]), torch.tensor([3])])
+    text = tmp_path / "t.txt"
+    text.write_text("Some text to score.")
+    with pytest.raises(ConfigError) as info:
+        evaluate(gathering_engine, text, token_ids=nested)
+    assert str(info.value) == FLAT + "a 2-D tensor"
 
 
 @pytest.mark.parametrize("token_ids", [
