@@ -19,8 +19,9 @@ Contract:
   or nests deeper than MAX_JSON_DEPTH (``invalid_json``); 401; 404 unknown model
   or route; 413 body over ``max_body_bytes``; 429 with ``Retry-After`` when more than
   ``max_queue`` requests would wait. Bad input never gives a 500.
-- ``model`` may be left out (or null), as vLLM's server takes it: the request is for the one
-  model served; responses name it.
+- ``model`` may be left out (or null, or ""), as vLLM's server takes it (its
+  ``_is_model_supported``: any false name is the base model): the request is for the one model
+  served; responses name it.
 - ``n > 1``: the runtime samples one sequence per request, so each choice is its own engine
   request; with a ``seed``, choice j uses ``seed + j`` (so the choices differ, reproducibly).
 - A client that disconnects (or closes its stream) aborts its engine requests
@@ -98,7 +99,8 @@ def create_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = N
 
     def check(request: Request, model: str | None = None) -> None:
         """The API key, if the server has one, and ``model``, if given: a request without
-        ``model`` (as vLLM takes one) or with this server's is for ``served_model_name``."""
+        ``model``, or with "" (as vLLM takes them), or with this server's is for
+        ``served_model_name``."""
         if expected is not None:
             scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
             # the key compared as raw bytes, in time that tells nothing; the scheme in any case
@@ -107,7 +109,7 @@ def create_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = N
             if not (right and scheme.lower() == "bearer"):
                 raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
                                code="invalid_api_key")
-        if model is not None and model != served_model_name:
+        if model and model != served_model_name:  # ("": vLLM's base model, not a 404)
             raise ApiError(404, f"model {model!r} does not exist; this server serves "
                                 f"{served_model_name!r}", param="model", code="model_not_found")
 

@@ -336,10 +336,11 @@ def test_models_retrieve(make_client):
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}]}),
 ])
 def test_a_request_without_model_is_for_the_served_one(make_client, endpoint, body):
-    """vLLM's server takes a request without model; kiln's had said "model is required"."""
+    """vLLM's server takes a request without model; kiln's had said "model is required" (and
+    ``"model": ""`` is vLLM's served model too: it had been a 404)."""
     client = make_client(chat_template="{% for m in messages %}{{ m.content }}{% endfor %}")
     body = {"max_tokens": 1, **body}
-    for given in ({}, {"model": None}):
+    for given in ({}, {"model": None}, {"model": ""}):
         out = client.post(endpoint, json={**body, **given})
         assert out.status_code == 200, out.text
         assert out.json()["model"] == "m"
