@@ -10,7 +10,10 @@ Contract:
   accepted and ignored without a word. An optional field sent as JSON ``null`` takes its
   default, as OpenAI's API (the openai client sends ``"n": null``...).
 - Types are strict, as OpenAI's, but for numbers: an integer field takes a float with no
-  fractional part (``"max_tokens": 4.0``) as vLLM's pydantic does, a float field an integer.
+  fractional part (``"max_tokens": 4.0``) as vLLM's pydantic does, a float field an integer;
+  so do token ids, in ``prompt`` (``[1.0, 2.0]``, ``[[1.0]]``) and ``stop_token_ids``, as
+  vLLM's ``list[int]`` (pydantic's lax int) takes them. (Lax pydantic also takes ``true`` and
+  ``"1"`` as 1; kiln does not, in a token id as in any integer field.)
 - A type error in a field (pydantic) and a value SamplingParams refuses both become
   :class:`ApiError` 400 naming the parameter; nothing a client sends can cause a 500.
 - Response bodies are plain dicts in OpenAI's shapes (``text_completion``, ``chat.completion``
@@ -131,7 +134,7 @@ class _Sampling(_NullIsDefault):
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None  # vLLM's
+    stop_token_ids: list[Annotated[Int, Field(ge=0)]] | None = None  # vLLM's
     include_stop_str_in_output: bool = False  # vLLM's
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -139,7 +142,8 @@ class _Sampling(_NullIsDefault):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[Int] | list[list[Int]]  # (token ids as Int: a whole float
+    # is one, as vLLM's lax list[int] reads it; [1.0, 2.0] had been a 400)
     echo: bool = False
     logprobs: Int | None = Field(None, ge=0, le=20)
     best_of: Int | None = Field(None, ge=1, le=1)

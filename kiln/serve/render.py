@@ -7,6 +7,8 @@ Contract:
   field (``logprobs``/``top_logprobs`` for SamplingParams' logprobs and prompt_logprobs).
 - A completions prompt of the list forms is named ``prompt[i]`` in errors, even in a list of
   one; a token id outside the engine's vocabulary by its path (``prompt[1]``, ``prompt[0][1]``).
+  A token id may be written as a whole float (``[1.0, 2.0]``, as vLLM's lax ``list[int]``
+  reads it); 1.5, true or "1" is named by its path, as a value of no prompt form.
 - A field name (a JSON object's key) holding a lone surrogate (a ``\\udXXX`` escape of half a
   character) is a 400 naming the field by its path, the surrogate escaped as the body escapes
   it: ``messages[0].x\\udc80``, ``mess\\udc80ages``; a stop string holding one is named by its
@@ -116,10 +118,9 @@ def prompt_form_error(prompt: Any) -> str:
         if isinstance(item, list):
             wrong = next((j for j, t in enumerate(item) if not _token_id(t)), None)
             if wrong is not None:
-                value = item[wrong]
-                return f"prompt[{i}][{wrong}] is {_token_given(value)}, not a token id; {forms}"
+                return f"prompt[{i}][{wrong}] is {_given(item[wrong])}, not a token id; {forms}"
         elif not (isinstance(item, str) or _token_id(item)):
-            return f"prompt[{i}] is {_token_given(item)}; {forms}"
+            return f"prompt[{i}] is {_given(item)}; {forms}"
 
     def kind(item: Any) -> str:
         return "a string" if isinstance(item, str) else \
@@ -252,8 +253,8 @@ def stop_token_ids_form_error(ids: Any) -> str | None:
     form = "stop_token_ids must be a list of token ids (integers >= 0)"
     if not isinstance(ids, list):
         return f"{form}, found {_given(ids)}"
-    k = next((k for k, t in enumerate(ids) if not (_token_id(t) and t >= 0)), None)
-    return None if k is None else f"stop_token_ids[{k}] is {_token_given(ids[k])}; {form}"
+    k = next((k for k, t in enumerate(ids) if not (_token_id(t) and whole(t) >= 0)), None)
+    return None if k is None else f"stop_token_ids[{k}] is {_given(ids[k])}; {form}"
 
 
 def stream_options_form_error(options: Any) -> str | None:
@@ -283,15 +284,10 @@ def _given(value: Any) -> str:
     return as_json(whole(value))
 
 
-def _token_given(value: Any) -> str:
-    """A value where a token id is asked for, as :func:`_given` shows it, a whole float said to
-    be one (``prompt: [1e2]``: "a number 100 written as a float", not a bare "a number 100")."""
-    written = " written as a float" if isinstance(value, float) and value.is_integer() else ""
-    return f"{_given(value)}{written}"
-
-
 def _token_id(value: Any) -> bool:
-    """Whether a parsed JSON value is an integer (true and false are not)."""
+    """Whether a parsed JSON value is a token id as the request models take one: an integer
+    (true and false are not) or a float with no fractional part (:func:`whole`)."""
+    value = whole(value)
     return isinstance(value, int) and not isinstance(value, bool)
 
 

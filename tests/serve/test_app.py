@@ -1151,14 +1151,34 @@ def test_a_boolean_fields_number_is_shown_as_the_integer_fields_show_it(engine, 
             (name, message)
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"prompt": [1e2, 2.0]}, "prompt[0]"), ({"prompt": [[1, 1e2]]}, "prompt[0][1]"),
-    ({"prompt": "a", "stop_token_ids": [1e2]}, "stop_token_ids[0]")])
-def test_a_token_id_written_as_a_float_is_told_so(engine, body, param):
-    """prompt: [1e2, 2.0] had been "prompt[0] is a number 100.0": shown as the other fields
-    show 1e2, and said to be a float, which token ids are not."""
+def test_a_token_id_written_as_a_whole_float_is_taken(engine):
+    """As vLLM's ``list[int]`` (pydantic's lax int) takes it, and as kiln's integer fields
+    take ``"max_tokens": 4.0``: ``prompt: [1e2, 2.0]`` had been a 400 ("prompt[0] is a number
+    100 written as a float")."""
+    client = _client(engine)
+    body = {"model": "m", "max_tokens": 3, "temperature": 0, "logprobs": 1}
+    for ints, floats in [([100, 2], [1e2, 2.0]), ([[1, 100], [3]], [[1.0, 1e2], [3]])]:
+        want = client.post("/v1/completions", json={**body, "prompt": ints})
+        got = client.post("/v1/completions", json={**body, "prompt": floats})
+        assert got.status_code == want.status_code == 200, got.text
+        assert [c["logprobs"] for c in got.json()["choices"]] == \
+            [c["logprobs"] for c in want.json()["choices"]]
+    out = client.post("/v1/completions", json={**body, "prompt": "a", "stop_token_ids": [1e2]})
+    assert out.status_code == 200, out.text
+
+
+@pytest.mark.parametrize("body, param, message", [
+    ({"prompt": [1.0, 1.5]}, "prompt[1]", "prompt[1] is a number 1.5; " + FORMS),
+    ({"prompt": [1.0, True]}, "prompt[1]", "prompt[1] is true; " + FORMS),
+    ({"prompt": [1.0, "1"]}, "prompt[1]", 'prompt[1] is a string "1", where prompt[0] is a '
+                                          "token id; " + FORMS),
+    ({"prompt": [[1.0, 2.5]]}, "prompt[0][1]", "prompt[0][1] is a number 2.5, not a token id; "
+                                               + FORMS),
+    ({"prompt": [[2.0], [1, "1"]]}, "prompt[1][1]", 'prompt[1][1] is a string "1", not a token '
+                                                    "id; " + FORMS),
+    ({"prompt": "a", "stop_token_ids": [2.0, -1.0]}, "stop_token_ids[1]",
+     "stop_token_ids[1] is a number -1; " + IDS)])
+def test_a_token_id_of_no_whole_number_stays_a_400_naming_it(engine, body, param, message):
     out = _client(engine).post("/v1/completions", json={"model": "m", **body})
     assert out.status_code == 400, out.text
-    assert out.json()["error"]["param"] == param
-    assert out.json()["error"]["message"].startswith(
-        f"{param} is a number 100 written as a float")
+    assert out.json()["error"]["param"] == param and out.json()["error"]["message"] == message
