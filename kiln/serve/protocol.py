@@ -159,8 +159,7 @@ class ChatMessage(BaseModel):
     role: str  # one of ROLES (kiln.serve.render checks, naming the message)
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None  # a number had reached the template
-    # OpenAI's list of call objects, to the template as given (a string had reached it)
-    tool_calls: list[dict[str, Any]] | None = None
+    # (tool_calls, function_call: their shape is checked by kiln.serve.render, in one place)
 
 
 class ChatCompletionRequest(_Sampling):

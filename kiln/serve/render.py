@@ -41,10 +41,13 @@ Contract:
   sandbox as :meth:`kiln.runtime.LLM.render_chat`; message ``content`` may be a string or a list
   of ``{"type": "text"}`` parts, or, in an assistant message with ``tool_calls`` (or
   ``function_call``), null, as OpenAI's (a replayed conversation that called a tool): "" to the
-  template, as vLLM's. The calls, and a tool message's ``tool_call_id``, reach the template as
-  given once they have OpenAI's shape (each a ``function`` object of string ``name`` and
+  template, as vLLM's. The calls, and a tool message's ``tool_call_id``, reach the template
+  once they have OpenAI's shape (each a ``function`` object of string ``name`` and
   ``arguments``; a legacy ``function_call`` the same), a 400 naming the value otherwise (kiln
-  serve calls no tools itself: ``tools`` is refused).
+  serve calls no tools itself: ``tools`` is refused); as vLLM's, an assistant's tool call's
+  ``arguments`` reach it parsed into their JSON object (for ``arguments | tojson``; "", null,
+  missing, a string that is not JSON or JSON of no object: {}, the last two with a WARNING),
+  and an empty ``tool_calls`` not at all.
 
 Non-goals: images/audio parts, tool calls, the OpenAI logprobs ``bytes`` of partial UTF-8.
 """
@@ -215,8 +218,6 @@ def messages_form_error(messages: Any) -> str | None:
         if not (name is None or isinstance(name, str)):
             return f"messages[{i}].name is {_given(name)}; give the participant's name as a " \
                    f"string, or leave it out"
-        if (why := _tool_calls_error(i, message.get("tool_calls"))) is not None:
-            return why
         content = message.get("content")
         if not (content is None or isinstance(content, (str, list))):
             return f"messages[{i}].content is {_given(content)}; give a string or a list " \
@@ -224,17 +225,6 @@ def messages_form_error(messages: Any) -> str | None:
         if isinstance(content, list) and (why := _parts_error(i, content)) is not None:
             return why
     return None
-
-
-def _tool_calls_error(i: int, calls: Any) -> str | None:
-    """Why message ``i``'s ``tool_calls`` is not OpenAI's list of objects (a string had reached
-    the template without a word); the objects are the template's to read, as given."""
-    if not (calls is None or isinstance(calls, list)):
-        return f"messages[{i}].tool_calls is {_given(calls)}; give the assistant's tool calls " \
-               f"as a list of objects like {TOOL_CALL}, or leave it out"
-    j = next((j for j, call in enumerate(calls or ()) if not isinstance(call, dict)), None)
-    return None if j is None else f"messages[{i}].tool_calls[{j}] is {_given(calls[j])}; a " \
-                                  f"tool call is an object like {TOOL_CALL}"
 
 
 def stop_form_error(stop: Any) -> str | None:
@@ -649,6 +639,8 @@ def _message(i: int, message: dict[str, Any]) -> dict[str, Any]:
         shown_role = cut(json.dumps(role, ensure_ascii=False))  # a string: pydantic's check
         raise form_error(f"messages[{i}].role {shown_role} is not a chat role; use one of "
                          f"{', '.join(ROLES)}")
+    if (why := _calls_error(i, message)) is not None:
+        raise form_error(why)
     content = message.get("content")
     if content is None and role == "assistant" and (message.get("tool_calls")
                                                     or message.get("function_call")):
@@ -662,8 +654,8 @@ def _message(i: int, message: dict[str, Any]) -> dict[str, Any]:
         calls = " (or its tool_calls)" if role == "assistant" else ""
         raise form_error(f"messages[{i}].content is missing or null; give the {role} "
                          f"message's text{calls}")
-    if (why := _calls_error(i, message)) is not None:
-        raise form_error(why)
+    if role == "assistant":
+        _parse_arguments(i, message)
     if isinstance(content, list):
         why = _parts_error(i, content)
         if why is not None:
@@ -686,31 +678,72 @@ def _message(i: int, message: dict[str, Any]) -> dict[str, Any]:
 
 
 def _calls_error(i: int, message: dict[str, Any]) -> str | None:
-    """Why message ``i``'s tool calls (each an object, pydantic's check) or legacy
-    ``function_call`` are not OpenAI's shape: a ``function`` object of string ``name`` and
-    ``arguments`` (``type``, if given, "function"). A template reads them: a missing one had
-    failed in jinja's words ("Undefined is not JSON serializable"), naming ``messages``."""
-    calls = [(f"messages[{i}].tool_calls[{j}]", call)
-             for j, call in enumerate(message.get("tool_calls") or ())]
-    for path, call in calls:
+    """Why message ``i``'s ``tool_calls`` or legacy ``function_call`` are not OpenAI's shape: a
+    list of objects, each a ``function`` object (``type``, if given, "function") of string
+    ``name`` and ``arguments`` (a tool call's may also be an object, null or missing, as vLLM
+    takes them: :func:`_parse_arguments`); a function_call the same function object. A string
+    ``tool_calls`` had reached the template without a word, a missing function failed in
+    jinja's words ("Undefined is not JSON serializable"), naming ``messages``."""
+    calls = message.get("tool_calls")
+    if not (calls is None or isinstance(calls, list)):
+        return f"messages[{i}].tool_calls is {_given(calls)}; give the assistant's tool calls " \
+               f"as a list of objects like {TOOL_CALL}, or leave it out"
+    j = next((j for j, call in enumerate(calls or ()) if not isinstance(call, dict)), None)
+    if j is not None:
+        return f"messages[{i}].tool_calls[{j}] is {_given(calls[j])}; a tool call is an " \
+               f"object like {TOOL_CALL}"
+    functions = []
+    for j, call in enumerate(calls or ()):
+        path = f"messages[{i}].tool_calls[{j}]"
         if call.get("type", "function") != "function":
             return f'{path}.type is {_given(call["type"])}; the one tool call type is "function"'
         if not isinstance(call.get("function"), dict):
             found = _given(call["function"]) if "function" in call else "missing"
             return f"{path}.function is {found}; a tool call is an object like {TOOL_CALL}"
-    functions = [(f"{path}.function", call["function"]) for path, call in calls]
+        functions.append((f"{path}.function", call["function"], True))
     if message.get("function_call") is not None:
-        functions.append((f"messages[{i}].function_call", message["function_call"]))
-    for path, function in functions:
+        functions.append((f"messages[{i}].function_call", message["function_call"], False))
+    for path, function, tool in functions:
         if not isinstance(function, dict):
             return f"{path} is {_given(function)}; give the function called as an object like " \
                    f"{FUNCTION}"
-        for key in ("name", "arguments"):
-            if not isinstance(function.get(key), str):
-                found = _given(function[key]) if key in function else "missing"
+        for key, kinds in (("name", str), ("arguments", (str, dict) if tool else str)):
+            value = function.get(key)
+            if not (isinstance(value, kinds) or (tool and key == "arguments" and value is None)):
+                found = _given(value) if key in function else "missing"
                 return f"{path}.{key} is {found}; give the function's {key} as a string, like " \
                        f"{FUNCTION}"
     return None
+
+
+def _parse_arguments(i: int, message: dict[str, Any]) -> None:
+    """An assistant message's tool calls as vLLM gives them to the chat template (its
+    ``_postprocess_messages``, vllm/renderers/chat_utils/parse_chat_message.py): each
+    ``function.arguments`` JSON string parsed into its object (templates write ``arguments |
+    tojson``; Transformers' tool-use templates expect a mapping), "", null or missing as {}; a
+    string that is not JSON, or JSON of no object ("[]", "42"), as {} with a WARNING (vLLM's
+    reason: the string is in the conversation's history, and refusing it would refuse every
+    later turn too); an empty ``tool_calls`` dropped, the template's plain assistant path."""
+    if message.get("tool_calls") == []:
+        del message["tool_calls"]
+    for j, call in enumerate(message.get("tool_calls") or ()):
+        function, path = call["function"], f"messages[{i}].tool_calls[{j}].function.arguments"
+        arguments = function.get("arguments")
+        if isinstance(arguments, str) and arguments:
+            _utf8_check(path, arguments)  # (before it is parsed: a lone one would be lost)
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                logger.warning("%s (of tool %s) is not JSON (%d characters); the chat template "
+                               "gets {} for it, as vLLM's does", path,
+                               cut(json.dumps(function["name"])), len(arguments))
+                arguments = {}
+            if not isinstance(arguments, dict):
+                logger.warning("%s (of tool %s) is %s in JSON, not an object; the chat "
+                               "template gets {} for it, as vLLM's does", path,
+                               cut(json.dumps(function["name"])), json_type(arguments))
+                arguments = {}
+        function["arguments"] = arguments or {}
 
 
 def _text_check(path: str, text: str) -> None:

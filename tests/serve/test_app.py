@@ -960,9 +960,13 @@ FUNCTION = '{"name": "f", "arguments": "{}"}'
     ([{"role": "assistant", "content": None, "tool_calls": [{"function": None}]}],
      "messages[0].tool_calls[0].function", "messages[0].tool_calls[0].function is null; a tool "
      "call is an object like " + TOOL_CALL),
-    ([{"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f"}}]}],
+    ([{"role": "assistant", "content": None, "tool_calls": [
+        {"function": {"name": "f", "arguments": 5}}]}],
      "messages[0].tool_calls[0].function.arguments", "messages[0].tool_calls[0].function."
-     "arguments is missing; give the function's arguments as a string, like " + FUNCTION),
+     "arguments is a number 5; give the function's arguments as a string, like " + FUNCTION),
+    ([{"role": "assistant", "content": None, "function_call": {"name": "f"}}],
+     "messages[0].function_call.arguments", "messages[0].function_call.arguments is missing; "
+     "give the function's arguments as a string, like " + FUNCTION),
     ([{"role": "assistant", "content": None, "tool_calls": [
         {"type": "code", "function": {"name": "f", "arguments": "{}"}}]}],
      "messages[0].tool_calls[0].type", 'messages[0].tool_calls[0].type is a string "code"; the '

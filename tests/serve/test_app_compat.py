@@ -376,6 +376,54 @@ def test_a_replayed_tool_call_reaches_the_template_as_given(make_client, tokeniz
     assert caplog.records == []
 
 
+@pytest.mark.parametrize("arguments, rendered, warned", [
+    ('{"city": "Paris", "days": [1, 2]}', '{"city": "Paris", "days": [1, 2]}', None),
+    ({"city": "Paris"}, '{"city": "Paris"}', None),  # (vLLM takes an object as it is)
+    ("", "{}", None), (None, "{}", None), (..., "{}", None),
+    ("{'city': 'Paris'}", "{}", "is not JSON"), ("[1]", "{}", "is an array in JSON"),
+    ("42", "{}", "is a number in JSON")])
+def test_a_tool_calls_arguments_reach_the_template_parsed(make_client, tokenizer, caplog,
+                                                          arguments, rendered, warned):
+    """As vLLM's chat_utils (_postprocess_messages): OpenAI's JSON string of arguments is an
+    object to the template, for ``arguments | tojson`` (it had been the string, written again
+    as a JSON string); what is no JSON object is {} (with a WARNING), as vLLM's."""
+    template = ("{% for m in messages %}{{ m.content }}{% for c in m.tool_calls or [] %}"
+                "{{ c.function.arguments | tojson }}{% endfor %};{% endfor %}")
+    function = {"name": "weather"} if arguments is ... else \
+        {"name": "weather", "arguments": arguments}
+    messages = [{"role": "user", "content": "a"},
+                {"role": "assistant", "content": None,
+                 "tool_calls": [{"id": "c1", "type": "function", "function": function}]}]
+    with caplog.at_level(logging.WARNING, logger="kiln.serve.render"):
+        out = make_client(chat_template=template).post("/v1/chat/completions", json={
+            "model": "m", "max_tokens": 1, "messages": messages})
+    assert out.status_code == 200, out.text
+    assert out.json()["usage"]["prompt_tokens"] == len(tokenizer.encode(f"a;{rendered};", False))
+    said = [r.getMessage() for r in caplog.records]
+    if warned is None:
+        assert said == []
+    else:
+        assert len(said) == 1 and said[0].startswith(
+            f'messages[1].tool_calls[0].function.arguments (of tool "weather") {warned}'), said
+
+
+def test_an_empty_tool_calls_is_dropped_as_vllm_drops_it(make_client):
+    """vLLM keeps the template on its plain assistant path; the template had seen []."""
+    template = ("{% for m in messages %}{{ m.content }}{% if 'tool_calls' in m %}the calls "
+                "are these{% endif %};{% endfor %}")
+    client = make_client(chat_template=template)
+    tokens = {}
+    for calls in ({}, {"tool_calls": []}):
+        out = client.post("/v1/chat/completions", json={"model": "m", "max_tokens": 1,
+                                                        "messages": [{"role": "user",
+                                                                      "content": "a"},
+                                                                     {"role": "assistant",
+                                                                      "content": "b", **calls}]})
+        assert out.status_code == 200, out.text
+        tokens[len(calls)] = out.json()["usage"]["prompt_tokens"]
+    assert tokens[0] == tokens[1]
+
+
 def test_a_chat_role_openai_does_not_know_is_400(make_client):
     client = make_client(chat_template="{% for m in messages %}{{ m.content }}{% endfor %}")
     body = {"model": "m", "max_tokens": 1}
