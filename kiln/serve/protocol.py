@@ -20,7 +20,8 @@ Contract:
   and their ``.chunk`` stream forms), with ``usage``.
 
 Non-goals: tools/function calling, ``response_format``, ``logit_bias``, ``suffix``, ``best_of``
-other than 1, audio/images in messages.
+other than 1, audio/images in messages; vLLM's ``min_tokens``, ``bad_words``, beam search and
+the other extras of UNSUPPORTED.
 """
 
 from __future__ import annotations
@@ -107,11 +108,23 @@ UNSUPPORTED = ("response_format", "tools", "tool_choice", "functions", "function
                # vLLM's structured outputs and prompt logprobs (a retest's guided_json had
                # answered 200 with free text)
                "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-               "structured_outputs", "prompt_logprobs")
+               "structured_outputs", "prompt_logprobs",
+               # vLLM's sampling and request extras (its CompletionRequest and
+               # ChatCompletionRequest, vllm/entrypoints/openai/{completion,chat_completion}/
+               # protocol.py) that ask for what kiln does not do: refused but at their no-op
+               # values (render.NO_OPS: min_tokens 0...); a min_tokens 10 had been ignored with
+               # a warning, the completion shorter than asked
+               "min_tokens", "bad_words", "allowed_token_ids", "logprob_token_ids",
+               "logits_processors", "truncate_prompt_tokens", "use_beam_search",
+               "skip_special_tokens", "add_special_tokens", "priority",
+               "return_tokens_as_token_ids", "return_token_ids", "repetition_detection",
+               "thinking_token_budget", "watermarking", "vllm_xargs")
 # vLLM's chat fields: ``echo`` (the last message prepended to the reply), a request's own
-# ``chat_template``, ``continue_final_message``; and ``best_of``, which completions checks
-# (a trial's chat echo had answered 200, nothing echoed); completions' echo is kiln's
-UNSUPPORTED_IN_CHAT = ("echo", "chat_template", "continue_final_message", "best_of")
+# ``chat_template``, ``continue_final_message``, ``chat_template_kwargs`` and ``documents``
+# (the template's to read); and ``best_of``, which completions checks (a trial's chat echo had
+# answered 200, nothing echoed); completions' echo is kiln's
+UNSUPPORTED_IN_CHAT = ("echo", "chat_template", "continue_final_message", "best_of",
+                       "chat_template_kwargs", "documents")
 
 
 class _Sampling(_NullIsDefault):

@@ -27,7 +27,10 @@ Contract:
   echoed prompt included), as in the non-streamed response; every chunk carries
   ``stop_reason``, null but in the chunk with the ``finish_reason``.
 - vLLM's conventions: ``top_k`` -1 is off (as 0), ``stop_token_ids`` and
-  ``include_stop_str_in_output`` are SamplingParams'.
+  ``include_stop_str_in_output`` are SamplingParams'. vLLM's extras kiln does not implement
+  (``min_tokens``, ``bad_words``, ``use_beam_search``... UNSUPPORTED) are refused by name, a
+  400, but at their no-op values (NO_OPS: ``min_tokens`` 0, ``skip_special_tokens`` true,
+  ``add_special_tokens`` true in completions and false in chat, vLLM's defaults).
 - Request fields kiln serve does not know (``max_token``, ``stream_options.include_usages``,
   a content part's ``messages[].content[].foo``) are ignored, and named in a WARNING of this
   module's logger the first time a server meets each (vLLM's "fields were present in the
@@ -312,18 +315,26 @@ NO_OPS: dict[str, tuple[Any, ...]] = {
     "logit_bias": ({},), "tools": ([],), "functions": ([],), "tool_choice": ("none",),
     "function_call": ("none",), "response_format": ({"type": "text"},), "suffix": ("",),
     "parallel_tool_calls": (True, False), "echo": (False,), "continue_final_message": (False,),
-    "best_of": (1,)}
+    "best_of": (1,),
+    # vLLM's extras at their defaults (-1: thinking_token_budget's "unlimited"; a special token
+    # added to a completions prompt, none to a chat's, as vLLM's add_special_tokens defaults)
+    "min_tokens": (0,), "bad_words": ([],), "logits_processors": ([],),
+    "use_beam_search": (False,), "skip_special_tokens": (True,), "add_special_tokens": (True,),
+    "priority": (0,), "return_tokens_as_token_ids": (False,), "return_token_ids": (False,),
+    "thinking_token_budget": (-1,), "watermarking": (False,), "vllm_xargs": ({},),
+    "chat_template_kwargs": ({},), "documents": ([],)}
+CHAT_NO_OPS = {**NO_OPS, "add_special_tokens": (False,)}  # (the template adds them)
 
 _OBJECT_OR_STRING = ("tool_choice", "function_call")  # "none" or {"type": "function", ...}
 
 
-def _no_op(name: str, value: Any) -> bool:
+def _no_op(name: str, value: Any, chat: bool) -> bool:
     """Whether an UNSUPPORTED field's value asks for nothing: absent, null or in NO_OPS (of
     its own type: ``logit_bias: []`` is not an empty map; chat's ``best_of: 1.0`` is 1, as
-    an integer field's whole float is)."""
+    an integer field's whole float is); CHAT_NO_OPS in chat."""
     value = whole(value)
     return value is None or any(type(value) is type(v) and value == v
-                                for v in NO_OPS.get(name, ()))
+                                for v in (CHAT_NO_OPS if chat else NO_OPS).get(name, ()))
 
 
 def _refusal(name: str, value: Any, chat: bool) -> str:
@@ -373,7 +384,7 @@ class Renderer:
         chat = isinstance(req, ChatCompletionRequest)
         for name in UNSUPPORTED + (UNSUPPORTED_IN_CHAT if chat else ()):
             value = (req.model_extra or {}).get(name)
-            if not _no_op(name, value):
+            if not _no_op(name, value, chat):
                 raise ApiError(400, _refusal(name, value, chat), param=name)
         if req.stream_options is not None and not req.stream:  # OpenAI's 400 (it had been
             # ignored: a client asking for usage chunks would not get them)

@@ -291,6 +291,60 @@ def test_unsupported_fields_of_another_type_or_value_stay_400s(make_client, fiel
     assert out.status_code == 400 and out.json()["error"]["param"] == field, out.text
 
 
+@pytest.mark.parametrize("field, value", [
+    ("min_tokens", 10), ("bad_words", ["x"]), ("allowed_token_ids", [1, 2]),
+    ("allowed_token_ids", []), ("logprob_token_ids", [1]), ("logits_processors", ["m.f"]),
+    ("truncate_prompt_tokens", 5), ("truncate_prompt_tokens", -1), ("use_beam_search", True),
+    ("skip_special_tokens", False), ("add_special_tokens", False), ("priority", 1),
+    ("return_tokens_as_token_ids", True), ("return_token_ids", True),
+    ("repetition_detection", {"max_pattern_size": 4}), ("thinking_token_budget", 100),
+    ("watermarking", True), ("vllm_xargs", {"k": 1})])
+def test_vllms_extras_kiln_does_not_implement_are_refused_by_name(make_client, field, value):
+    """vLLM's sampling extras had been ignored with a warning: a min_tokens 10 got fewer."""
+    client = make_client(chat_template="{% for m in messages %}{{ m.content }}{% endfor %}")
+    for endpoint, body in [("/v1/completions", {"prompt": "a"}),
+                           ("/v1/chat/completions",
+                            {"messages": [{"role": "user", "content": "a"}]})]:
+        if field == "add_special_tokens" and endpoint == "/v1/chat/completions":
+            value = True  # (chat's default is false: the template adds them)
+        out = client.post(endpoint, json={"model": "m", "max_tokens": 1, **body, field: value})
+        error = out.json()["error"]
+        assert out.status_code == 400 and error["param"] == field, error
+        assert error["message"] == f"{field} is not supported by kiln serve; send the request " \
+                                   f"without it", error
+
+
+@pytest.mark.parametrize("endpoint, body", [
+    ("/v1/completions", {"prompt": "a", "add_special_tokens": True}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}],
+                              "add_special_tokens": False, "chat_template_kwargs": {},
+                              "documents": []}),
+])
+def test_vllms_extras_at_their_defaults_are_taken_unwarned(make_client, caplog, endpoint, body):
+    """What vLLM's own clients send as defaults asks for nothing: taken, and not warned of."""
+    defaults = {"min_tokens": 0, "bad_words": [], "allowed_token_ids": None,
+                "logits_processors": [], "truncate_prompt_tokens": None,
+                "use_beam_search": False, "skip_special_tokens": True, "priority": 0,
+                "return_tokens_as_token_ids": False, "return_token_ids": None,
+                "thinking_token_budget": -1, "watermarking": False, "vllm_xargs": {}}
+    client = make_client(chat_template="{% for m in messages %}{{ m.content }}{% endfor %}")
+    with caplog.at_level(logging.WARNING, logger="kiln.serve.render"):
+        out = client.post(endpoint, json={"model": "m", "max_tokens": 1, **body, **defaults})
+    assert out.status_code == 200, out.text
+    assert caplog.records == []
+
+
+@pytest.mark.parametrize("field, value", [("chat_template_kwargs", {"enable_thinking": False}),
+                                          ("documents", [{"title": "a", "text": "b"}]),
+                                          ("add_special_tokens", True)])
+def test_vllms_chat_template_extras_are_refused_by_name(make_client, field, value):
+    """vLLM gives them to the chat template (documents: a RAG template's); kiln's does not."""
+    out = make_client(chat_template="{{ messages[0].content }}").post(
+        "/v1/chat/completions", json={"model": "m", "max_tokens": 1, field: value,
+                                      "messages": [{"role": "user", "content": "a"}]})
+    assert out.status_code == 400 and out.json()["error"]["param"] == field, out.text
+
+
 def test_a_required_field_stays_required(make_client):
     out = make_client().post("/v1/completions", json={"model": "m", "prompt": None})
     assert out.status_code == 400 and out.json()["error"]["param"] == "prompt"
