@@ -15,7 +15,8 @@ Contract:
 - Every error is OpenAI-shaped JSON (:class:`~kiln.serve.protocol.ApiError`): 400 bad
   parameter (named in ``param``, down to the value at fault: ``messages[0].content``, a
   prompt of the list forms ``prompt[1]``, a token id outside the vocabulary ``prompt[0][3]``),
-  prompt too long, echo+logprobs on an engine without context logits, a body that is not JSON
+  prompt too long (or too long for the ``max_tokens`` given: vLLM's 400), echo+logprobs on an
+  engine without context logits, a body that is not JSON
   or nests deeper than MAX_JSON_DEPTH (``invalid_json``); 401; 404 unknown model
   or route; 413 body over ``max_body_bytes``; 429 with ``Retry-After`` when more than
   ``max_queue`` requests would wait. Bad input never gives a 500.
@@ -158,7 +159,8 @@ def create_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = N
         check(request, req.model)
         prompts = renderer.completion_prompts(req)
         params = renderer.completion_params(req)
-        jobs = [Job(i * req.n + j, prompt, render.nth(params, j), label)
+        given = render.max_tokens_field(req)
+        jobs = [Job(i * req.n + j, prompt, render.nth(params, j), label, given)
                 for i, (label, prompt) in enumerate(prompts) for j in range(req.n)]
         rid = new_id("cmpl")
         if req.stream:
@@ -180,7 +182,9 @@ def create_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = N
         # takes seconds: other requests, streams and /health go on meanwhile)
         prompt = await asyncio.to_thread(renderer.chat_prompt, req)
         params = renderer.chat_params(req)
-        jobs = [Job(j, prompt, render.nth(params, j)) for j in range(req.n)]
+        given = render.max_tokens_field(req)
+        jobs = [Job(j, prompt, render.nth(params, j), max_tokens_field=given)
+                for j in range(req.n)]
         rid = new_id("chatcmpl")
         if req.stream:
             submitted = await state.submit(jobs, "messages")

@@ -15,7 +15,13 @@ Contract:
   path too (``stop[1]``), with its value, as is a chat message's ``name`` or other key's string
   (``messages[0].name``, ``messages[0].nmae``), whether or not the chat template reads it.
 - Completions' default ``max_tokens`` is 16 (OpenAI's); chat's is the engine's max_seq_len
-  (the runtime ends the request at the engine's length limit first).
+  (the runtime ends the request at the engine's length limit first). A ``max_tokens`` (or
+  ``max_completion_tokens``) the request gives that the prompt leaves no room for (prompt +
+  max_tokens over the context, ``max_model_len``: max_seq_len + 1) is a 400 naming it, in vLLM's
+  and OpenAI's words ("This model's maximum context length is N tokens. However, you requested
+  M tokens (P in the messages, K in the completion)..."; a list's prompt named ``prompt[i]``
+  before them), each prompt checked (kiln.serve.state.too_long); a prompt alone too long keeps
+  the engine's refusal. It had run to the end of the context, finish_reason length.
 - ``echo`` prepends the prompt's text; with ``logprobs`` it also prepends the prompt tokens'
   log-probabilities (the first is null), which needs an engine built with
   ``--gather_context_logits`` (a 400 otherwise). Streaming echo sends the prompt's text in the
@@ -288,6 +294,16 @@ def _parts_error(i: int, parts: list[Any]) -> str | None:
     """Why message ``i``'s list content is not text parts (:func:`parts_error`)."""
     why = parts_error(parts, "kiln serve")
     return None if why is None else f"messages[{i}].{why}"
+
+
+def max_tokens_field(req: CompletionRequest | ChatCompletionRequest) -> str | None:
+    """The request field that gave its max_tokens (chat's ``max_completion_tokens`` before its
+    ``max_tokens``, as :meth:`Renderer.chat_params` reads them); None where neither was given
+    (the endpoint's default). Jobs carry it: a prompt leaving less room than it asks for is
+    refused (kiln.serve.state.too_long)."""
+    fields = ("max_completion_tokens", "max_tokens") if isinstance(req, ChatCompletionRequest) \
+        else ("max_tokens",)
+    return next((name for name in fields if getattr(req, name) is not None), None)
 
 
 def nth(params: SamplingParams, j: int) -> SamplingParams:

@@ -35,8 +35,10 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
+from kiln.engine import BuildLimits
 from kiln.errors import option
-from kiln.runtime.async_llm import AsyncLLM, Progress
+from kiln.runtime.async_llm import INLINE_ENCODE_CHARS, AsyncLLM, Progress
+from kiln.runtime.core import output_room
 from kiln.runtime.errors import RequestError
 from kiln.runtime.llm import Prompt
 from kiln.runtime.params import SamplingParams
@@ -55,6 +57,9 @@ class Job:
     params: SamplingParams
     label: str = ""  # how an error names a prompt of the list forms ("prompt[1]"); "" for
     # the request's one prompt (a string or token ids)
+    max_tokens_field: str | None = None  # the request field that gave params.max_tokens
+    # (max_tokens, max_completion_tokens): a prompt that leaves less room is refused
+    # (too_long); None where it is the endpoint's default, which the runtime cuts to the room
 
 
 class ServerState:
@@ -174,24 +179,20 @@ class ServerState:
     async def _submit_all(self, jobs: Sequence[Job], out: asyncio.Queue,
                           param: str) -> list[str]:
         rids: list[str] = []
-        for job in jobs:
+        prompts = await self._sized(jobs, param)
+        for job, prompt in zip(jobs, prompts, strict=True):
             self._next += 1
             rid = f"kiln-{self._next}"
             self.live[rid] = None
             try:
-                await self.engine.submit(job.prompt, job.params, request_id=rid)
+                await self.engine.submit(prompt, job.params, request_id=rid)
             except BaseException as e:  # none of the request's prompts stays queued or counted
                 self.live.pop(rid, None)
                 for submitted in rids:
                     await self.engine.abort(submitted)
                 if not isinstance(e, RequestError):
                     raise
-                message = public(str(e), [rid])
-                if "stop_token_ids" in message:  # outside the vocabulary: not the prompt's fault
-                    param = "stop_token_ids"  # (nor prompt[0]'s, which it had been told of)
-                elif job.label:  # the prompt at fault in a list: prompt[1], as its message
-                    message, param = f"{job.label}: {message}", job.label
-                raise ApiError(400, message, param=param, code=error_code(message)) from None
+                raise refused(e, job, param, rid) from None
             rids.append(rid)
             task = asyncio.get_running_loop().create_task(self._pump(rid, job.index, out))
             self._pumps.add(task)
@@ -199,6 +200,35 @@ class ServerState:
         if self._watch is None or self._watch.done():
             self._watch = asyncio.get_running_loop().create_task(self._watch_stalls())
         return rids
+
+    async def _sized(self, jobs: Sequence[Job], param: str) -> list[Prompt]:
+        """Each job's prompt for the engine: as given, or, where the job's max_tokens was
+        given, its token ids, checked against the context (:func:`too_long`): all of them
+        before any job is submitted, so a refused request leaves no engine request behind (a
+        prompt of ``n`` jobs is encoded once)."""
+        encoded: dict[int, list[int]] = {}  # by id() of the prompt its jobs share
+        prompts: list[Prompt] = []
+        for job in jobs:
+            if job.max_tokens_field is None:
+                prompts.append(job.prompt)
+                continue
+            if id(job.prompt) not in encoded:
+                try:
+                    encoded[id(job.prompt)] = await self._encode(job.prompt)
+                except RequestError as e:
+                    raise refused(e, job, param) from None
+            ids = encoded[id(job.prompt)]
+            if (refusal := too_long(job, len(ids), self.engine.llm.limits)) is not None:
+                raise refusal
+            prompts.append(ids)
+        return prompts
+
+    async def _encode(self, prompt: Prompt) -> list[int]:
+        """``prompt``'s token ids, as AsyncLLM.submit encodes it (a long text in a worker
+        thread, the event loop serving others meanwhile); RequestError as it raises it."""
+        if isinstance(prompt, str) and len(prompt) > INLINE_ENCODE_CHARS:
+            return await asyncio.to_thread(self.engine.llm.encode, prompt)
+        return self.engine.llm.encode(prompt)
 
     async def _pump(self, rid: str, index: int, out: asyncio.Queue) -> None:
         queued = True  # its queue time is not observed yet (module docstring)
@@ -242,6 +272,42 @@ class Submitted:
     async def abort(self) -> None:
         for rid in list(self.open):
             await self.engine.abort(rid)  # never suspends: safe while being cancelled
+
+
+def refused(error: RequestError, job: Job, param: str, rid: str | None = None) -> ApiError:
+    """The 400 of a job the runtime refused (as engine request ``rid``, if submitted): naming
+    ``param``, or the job's label where it has one, or stop_token_ids."""
+    message = public(str(error), [rid] if rid else [])
+    if "stop_token_ids" in message:  # outside the vocabulary: not the prompt's fault
+        param = "stop_token_ids"  # (nor prompt[0]'s, which it had been told of)
+    elif job.label:  # the prompt at fault in a list: prompt[1], as its message
+        message, param = f"{job.label}: {message}", job.label
+    return ApiError(400, message, param=param, code=error_code(message))
+
+
+def too_long(job: Job, prompt_len: int, limits: BuildLimits) -> ApiError | None:
+    """The 400 of a job whose prompt of ``prompt_len`` tokens and given max_tokens exceed the
+    engine's context, in vLLM's and OpenAI's words (clients read the numbers back from them);
+    kiln serve had taken it and run it to the end of the context (finish_reason length, even
+    for ``"max_tokens": 1e30``). None where they fit, where max_tokens is the endpoint's default,
+    and where the prompt alone does not fit: the engine refuses that one in its own words.
+
+    vLLM (vllm/renderers/params.py, TokenizeParams: max_output_tokens is the request's
+    max_tokens, or max_completion_tokens, in chat) refuses a prompt longer than max_model_len
+    less the max_tokens asked for; its context, ``max_model_len`` (/v1/models), is
+    ``max_seq_len + 1`` here, as the last token needs no cache slot (output_room)."""
+    if job.max_tokens_field is None or not 0 < prompt_len <= limits.max_input_len:
+        return None
+    asked = job.params.max_tokens
+    if asked <= output_room(limits, prompt_len):
+        return None
+    context = limits.max_seq_len + 1
+    where = f"{job.label}: " if job.label else ""
+    return ApiError(400, f"{where}This model's maximum context length is {context} tokens. "
+                         f"However, you requested {prompt_len + asked} tokens ({prompt_len} in "
+                         f"the messages, {asked} in the completion). Please reduce the length of "
+                         f"the messages or completion.",
+                    param=job.max_tokens_field, code="context_length_exceeded")
 
 
 def engine_failed(error: BaseException, rids: Sequence[str]) -> ApiError:

@@ -492,6 +492,71 @@ def test_a_chat_role_openai_does_not_know_is_400(make_client):
     assert out.status_code == 200, out.text
 
 
+TEXT = "a" + " a" * 29  # 30 tokens
+
+
+def _context_error(prompt_tokens: int, asked: int, label: str = "") -> str:
+    """vLLM's (and OpenAI's) words; LIMITS' context (max_model_len) is max_seq_len + 1."""
+    return (f"{label}This model's maximum context length is 65 tokens. However, you requested "
+            f"{prompt_tokens + asked} tokens ({prompt_tokens} in the messages, {asked} in the "
+            f"completion). Please reduce the length of the messages or completion.")
+
+
+@pytest.mark.parametrize("body, param, message", [
+    ({"prompt": [1] * 30, "max_tokens": 36}, "max_tokens", _context_error(30, 36)),
+    ({"prompt": [1] * 30, "max_tokens": 36, "n": 2, "stream": True}, "max_tokens",
+     _context_error(30, 36)),
+    ({"prompt": [1] * 2, "max_tokens": 1e30}, "max_tokens", _context_error(2, int(1e30))),
+    ({"prompt": [[1], [1] * 30], "max_tokens": 36}, "max_tokens",
+     _context_error(30, 36, "prompt[1]: ")),
+    ({"prompt": ["a", TEXT], "max_tokens": 36, "n": 2}, "max_tokens",
+     _context_error(30, 36, "prompt[1]: ")),
+    ({"messages": [{"role": "user", "content": TEXT}], "max_tokens": 36}, "max_tokens",
+     _context_error(30, 36)),
+    ({"messages": [{"role": "user", "content": TEXT}], "max_completion_tokens": 36,
+      "max_tokens": 1}, "max_completion_tokens", _context_error(30, 36)),
+])
+def test_a_max_tokens_the_prompt_leaves_no_room_for_is_400(make_client, tokenizer, open_engines,
+                                                           body, param, message):
+    """As vLLM and OpenAI refuse it: kiln had run it to the end of the context, finish_reason
+    length (``"max_tokens": 1e30`` too). Each prompt of a list is checked, named; none of the
+    request's engine requests is left running."""
+    assert len(tokenizer.encode(TEXT)) == 30  # (the text's length, as the messages say)
+    client = make_client(chat_template="{% for m in messages %}{{ m.content }}{% endfor %}")
+    endpoint = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    out = client.post(endpoint, json={"model": "m", **body})
+    assert out.status_code == 400, out.text
+    assert out.json()["error"] == {"message": message, "type": "invalid_request_error",
+                                   "param": param, "code": "context_length_exceeded"}
+    assert not open_engines[0].llm.core.requests
+
+
+@pytest.mark.parametrize("endpoint, body", [
+    ("/v1/completions", {"prompt": [1] * 30, "max_tokens": 35}),  # to the context's end
+    ("/v1/completions", {"prompt": [[1], [1] * 30], "max_tokens": 35, "n": 2}),
+    ("/v1/completions", {"prompt": [1] * 32}),  # the default max_tokens: cut to the room
+    # scoring: nothing generated, the prompt as long as the engine takes
+    ("/v1/completions", {"prompt": [1] * 32, "max_tokens": 0, "echo": True, "logprobs": 1}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": TEXT}]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": TEXT}],
+                              "max_completion_tokens": 35}),
+])
+def test_a_max_tokens_that_fits_or_the_default_is_taken(make_client, endpoint, body):
+    client = make_client(chat_template="{% for m in messages %}{{ m.content }}{% endfor %}")
+    out = client.post(endpoint, json={"model": "m", **body})
+    assert out.status_code == 200, out.text
+
+
+def test_a_prompt_alone_too_long_keeps_the_engines_refusal(make_client):
+    """The prompt is at fault, whatever max_tokens asks: the engine's message, naming it."""
+    out = make_client().post("/v1/completions", json={"model": "m", "prompt": [1] * 33,
+                                                      "max_tokens": 40})
+    error = out.json()["error"]
+    assert out.status_code == 400 and error["param"] == "prompt", error
+    assert error["message"].startswith("prompt of 33 tokens exceeds the engine's max_input_len "
+                                       "32"), error
+
+
 @pytest.mark.parametrize("endpoint, body, param, message", [
     ("/v1/completions", {"prompt": "a", "max_tokens": -1}, "max_tokens",
      "max_tokens must be an integer >= 1 (0 only with echo: true and logprobs, to score the "

@@ -402,7 +402,8 @@ def test_a_second_signal_aborts_at_once_and_streams_still_end_with_done(engine, 
 
 
 def _stream_with_signals(process, signals: list[int]) -> list[str]:
-    """The SSE lines of a long stream, sending ``signals[k]`` after the (k+2)-th data line, each
+    """The SSE lines of a long stream (nearly the engine's context: a max_tokens past it is a
+    400, as vLLM's), sending ``signals[k]`` after the (k+2)-th data line, each
     once (the blank line after an event is not a new line to signal on); before the next
     signal, the server has handled the last (it closed its listening socket), so two signals
     never merge into one."""
@@ -410,7 +411,7 @@ def _stream_with_signals(process, signals: list[int]) -> list[str]:
     try:
         with httpx.stream("POST", f"{process.url}/v1/completions",
                           headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60,
-                          json={"model": MODEL, "prompt": PROMPT, "max_tokens": 400,
+                          json={"model": MODEL, "prompt": PROMPT, "max_tokens": 120,
                                 "stream": True, "ignore_eos": True}) as response:
             for line in response.iter_lines():
                 if not line:
