@@ -51,11 +51,13 @@ from kiln.errors import UNREADABLE_JSON, ConfigError, option
 from kiln.runtime.async_llm import AsyncLLM
 from kiln.serve import DEFAULT_STALL_TIMEOUT, MIN_STALL_TIMEOUT, render
 from kiln.serve.protocol import (
+    MAX_JSON_DEPTH,
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
     chat_body,
     completion_body,
+    deeper,
     new_id,
     usage,
 )
@@ -67,10 +69,6 @@ DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 # max_tokens, temperature, stream...) is some hundred bytes; below 1 KiB a longer model name or
 # message leaves none that fits, and --max_body_bytes 10 (meant as MB?) had served only 413s.
 MIN_BODY_BYTES = 1024
-# The deepest a body may nest arrays and objects within each other: one number, well below what
-# Python's json reads from a handler (its recursion limit less the server's own frames, about
-# 950 levels here: a trial's 990 had been told "not JSON (maximum recursion depth exceeded)")
-MAX_JSON_DEPTH = 512
 
 
 def create_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = None,
@@ -210,7 +208,7 @@ async def _parse(request: Request, model: type) -> Any:
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object", code="invalid_json")
     # (a body of fewer brackets cannot nest deeper: most bodies are not walked)
-    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and _deeper(data, MAX_JSON_DEPTH):
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and deeper(data, MAX_JSON_DEPTH):
         raise _too_deep()
     try:
         return model.model_validate(data)
@@ -236,19 +234,6 @@ def _too_deep() -> ApiError:
     return ApiError(400, f"the body is JSON nested deeper than {MAX_JSON_DEPTH} levels (arrays "
                          f"and objects within each other), the most kiln serve reads; flatten "
                          f"it", code="invalid_json")
-
-
-def _deeper(data: dict | list, most: int) -> bool:
-    """Whether parsed JSON ``data`` nests arrays and objects more than ``most`` levels deep
-    (``data`` itself is level 1), level by level: no recursion."""
-    level = [data]
-    for _ in range(most):
-        level = [item for held in level
-                 for item in (held.values() if isinstance(held, dict) else held)
-                 if isinstance(item, (dict, list))]
-        if not level:
-            return False
-    return True
 
 
 async def _collect(request: Request, state: ServerState, jobs: list[Job], param: str) -> dict:

@@ -183,6 +183,26 @@ class ChatCompletionRequest(_Sampling):
     add_generation_prompt: bool = True
 
 
+# The deepest a body may nest arrays and objects within each other (and a tool call's
+# arguments, JSON in a string, kiln.serve.render): one number, well below what Python's json
+# reads from a handler (its recursion limit less the server's own frames, about 950 levels
+# here: a trial's 990 had been told "not JSON (maximum recursion depth exceeded)")
+MAX_JSON_DEPTH = 512
+
+
+def deeper(data: dict | list, most: int) -> bool:
+    """Whether parsed JSON ``data`` nests arrays and objects more than ``most`` levels deep
+    (``data`` itself is level 1), level by level: no recursion."""
+    level = [data]
+    for _ in range(most):
+        level = [item for held in level
+                 for item in (held.values() if isinstance(held, dict) else held)
+                 if isinstance(item, (dict, list))]
+        if not level:
+            return False
+    return True
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 

@@ -74,6 +74,7 @@ from kiln.runtime.params import SEED_MAX, SamplingParams, TokenLogprobs, is_utf8
 from kiln.runtime.results import CompletionResult, StreamDelta
 from kiln.runtime.tokenizer import NOT_UTF8, TEXT_PART, parts_error, text_of_parts
 from kiln.serve.protocol import (
+    MAX_JSON_DEPTH,
     ROLES,
     UNSUPPORTED,
     UNSUPPORTED_IN_CHAT,
@@ -81,6 +82,7 @@ from kiln.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     StreamOptions,
+    deeper,
     whole,
 )
 from kiln.serve.state import Job, error_code, public
@@ -750,7 +752,8 @@ def _parse_arguments(i: int, message: dict[str, Any]) -> None:
     tojson``; Transformers' tool-use templates expect a mapping), "", null or missing as {}; a
     string that is not JSON, or JSON of no object ("[]", "42"), as {} with a WARNING (vLLM's
     reason: the string is in the conversation's history, and refusing it would refuse every
-    later turn too); an empty ``tool_calls`` dropped, the template's plain assistant path."""
+    later turn too); an empty ``tool_calls`` dropped, the template's plain assistant path.
+    Arguments nested deeper than MAX_JSON_DEPTH are a 400, as a body's are."""
     if message.get("tool_calls") == []:
         del message["tool_calls"]
     for j, call in enumerate(message.get("tool_calls") or ()):
@@ -758,13 +761,20 @@ def _parse_arguments(i: int, message: dict[str, Any]) -> None:
         arguments = function.get("arguments")
         if isinstance(arguments, str) and arguments:
             _utf8_check(path, arguments)  # (before it is parsed: a lone one would be lost)
+            deep = form_error(f"{path} is JSON nested deeper than {MAX_JSON_DEPTH} levels "
+                              f"(arrays and objects within each other), the most kiln serve "
+                              f"reads; flatten it")
             try:
                 arguments = json.loads(arguments)
+            except RecursionError:  # (a 500 otherwise; vLLM's is a 400 too)
+                raise deep from None
             except ValueError:
                 logger.warning("%s (of tool %s) is not JSON (%d characters); the chat template "
                                "gets {} for it, as vLLM's does", path,
                                cut(json.dumps(function["name"])), len(arguments))
                 arguments = {}
+            if isinstance(arguments, dict) and deeper(arguments, MAX_JSON_DEPTH):
+                raise deep  # (the template's tojson would fail as json.loads did)
             if not isinstance(arguments, dict):
                 logger.warning("%s (of tool %s) is %s in JSON, not an object; the chat "
                                "template gets {} for it, as vLLM's does", path,

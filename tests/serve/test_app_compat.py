@@ -461,6 +461,23 @@ def test_a_tool_calls_arguments_reach_the_template_parsed(make_client, tokenizer
             f'messages[1].tool_calls[0].function.arguments (of tool "weather") {warned}'), said
 
 
+@pytest.mark.parametrize("depth", [513, 990, 5000])
+def test_tool_call_arguments_nested_too_deeply_are_400(make_client, depth):
+    """JSON in a string, past the body's own depth check: 5000 levels had been a 500 (Python's
+    json out of recursion), as a template's tojson would be nearer its limit."""
+    arguments = '{"a": ' * depth + "1" + "}" * depth
+    messages = [{"role": "user", "content": "a"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "c1", "type": "function",
+                     "function": {"name": "f", "arguments": arguments}}]}]
+    out = make_client(chat_template="{{ messages[0].content }}").post(
+        "/v1/chat/completions", json={"model": "m", "max_tokens": 1, "messages": messages})
+    error = out.json()["error"]
+    path = "messages[1].tool_calls[0].function.arguments"
+    assert out.status_code == 400 and error["param"] == path, error
+    assert error["message"].startswith(f"{path} is JSON nested deeper than 512 levels"), error
+
+
 def test_an_empty_tool_calls_is_dropped_as_vllm_drops_it(make_client):
     """vLLM keeps the template on its plain assistant path; the template had seen []."""
     template = ("{% for m in messages %}{{ m.content }}{% if 'tool_calls' in m %}the calls "
