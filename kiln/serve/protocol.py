@@ -116,7 +116,7 @@ UNSUPPORTED = ("response_format", "tools", "tool_choice", "functions", "function
                # a warning, the completion shorter than asked
                "min_tokens", "bad_words", "allowed_token_ids", "logprob_token_ids",
                "logits_processors", "truncate_prompt_tokens", "use_beam_search",
-               "skip_special_tokens", "add_special_tokens", "priority",
+               "add_special_tokens", "priority",
                "return_tokens_as_token_ids", "return_token_ids", "repetition_detection",
                "thinking_token_budget", "watermarking", "vllm_xargs")
 # vLLM's chat fields: ``echo`` (the last message prepended to the reply), a request's own
@@ -149,6 +149,7 @@ class _Sampling(_NullIsDefault):
     ignore_eos: bool = False
     stop_token_ids: list[Annotated[Int, Field(ge=0)]] | None = None  # vLLM's
     include_stop_str_in_output: bool = False  # vLLM's
+    skip_special_tokens: bool = True  # vLLM's: false keeps special tokens in the text
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted, ignored

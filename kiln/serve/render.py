@@ -32,10 +32,10 @@ Contract:
 - Streamed completions' ``text_offset`` counts from the start of the choice's whole text (the
   echoed prompt included), as in the non-streamed response; every chunk carries
   ``stop_reason``, null but in the chunk with the ``finish_reason``.
-- vLLM's conventions: ``top_k`` -1 is off (as 0), ``stop_token_ids`` and
-  ``include_stop_str_in_output`` are SamplingParams'. vLLM's extras kiln does not implement
-  (``min_tokens``, ``bad_words``, ``use_beam_search``... UNSUPPORTED) are refused by name, a
-  400, but at their no-op values (NO_OPS: ``min_tokens`` 0, ``skip_special_tokens`` true,
+- vLLM's conventions: ``top_k`` -1 is off (as 0), ``stop_token_ids``,
+  ``include_stop_str_in_output`` and ``skip_special_tokens`` are SamplingParams'. vLLM's extras
+  kiln does not implement (``min_tokens``, ``bad_words``, ``use_beam_search``... UNSUPPORTED)
+  are refused by name, a 400, but at their no-op values (NO_OPS: ``min_tokens`` 0,
   ``add_special_tokens`` true in completions and false in chat, vLLM's defaults).
 - Request fields kiln serve does not know (``max_token``, ``stream_options.include_usages``,
   a content part's ``messages[].content[].foo``) are ignored, and named in a WARNING of this
@@ -337,7 +337,7 @@ NO_OPS: dict[str, tuple[Any, ...]] = {
     # vLLM's extras at their defaults (-1: thinking_token_budget's "unlimited"; a special token
     # added to a completions prompt, none to a chat's, as vLLM's add_special_tokens defaults)
     "min_tokens": (0,), "bad_words": ([],), "logits_processors": ([],),
-    "use_beam_search": (False,), "skip_special_tokens": (True,), "add_special_tokens": (True,),
+    "use_beam_search": (False,), "add_special_tokens": (True,),
     "priority": (0,), "return_tokens_as_token_ids": (False,), "return_token_ids": (False,),
     "thinking_token_budget": (-1,), "watermarking": (False,), "vllm_xargs": ({},),
     "chat_template_kwargs": ({},), "documents": ([],)}
@@ -423,6 +423,8 @@ class Renderer:
         for flag in ("ignore_eos", "include_stop_str_in_output"):
             if getattr(req, flag):
                 given[flag] = True
+        if not req.skip_special_tokens:
+            given["skip_special_tokens"] = False
         return _checked(lambda: self.llm.default_params.replace(
             max_tokens=max_tokens, **given, **fields), renames)
 
@@ -492,14 +494,14 @@ class Renderer:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         max_tokens = next((m for m in (req.max_completion_tokens, req.max_tokens)
                            if m is not None), self.llm.limits.max_seq_len)
+        name = "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens"
         if max_tokens < 0:
-            name = "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens"
             raise ApiError(400, f"{name} must be an integer >= 1, found {_given(max_tokens)}",
                            param=name)
         if max_tokens == 0:
-            raise ApiError(400, "chat needs max_tokens >= 1 (a prompt is scored on "
+            raise ApiError(400, f"chat needs {name} >= 1 (a prompt is scored on "
                                 "/v1/completions with echo: true, logprobs and max_tokens 0)",
-                           param="max_tokens")
+                           param=name)
         renames = {"logprobs": "top_logprobs", "max_tokens": "max_tokens"}
         return self._params(req, max_tokens, renames,
                             logprobs=(req.top_logprobs or 0) if req.logprobs else None)

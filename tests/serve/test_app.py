@@ -390,6 +390,9 @@ def test_an_n_that_can_never_be_admitted_is_a_400_not_retry_later(engine):
      "max_tokens 0 only scores the prompt: set echo: true and logprobs (0-20) as well"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "max_tokens": 0},
      "max_tokens", "chat needs max_tokens >= 1"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}],
+                              "max_completion_tokens": 0},
+     "max_completion_tokens", "chat needs max_completion_tokens >= 1"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]},
      "messages[0].content", "messages[0].content is missing or null; give the user message's "
      "text"),

@@ -151,6 +151,28 @@ def test_include_stop_str_in_output(make_client, tokenizer, include, text):
     assert "".join(c["choices"][0]["text"] for c in chunks) == text
 
 
+@pytest.mark.parametrize("skip", [True, False, None])
+def test_skip_special_tokens_is_sampling_params(make_client, tokenizer, skip):
+    """vLLM's skip_special_tokens false keeps a special token in the text (it had been refused
+    as an extra kiln does not implement; SamplingParams has it); true or absent leaves it out."""
+    special = tokenizer.encode("<|im_start|>", add_special_tokens=False)
+    assert len(special) == 1, special  # SmolLM2's: one special token
+    script = (tokenizer.encode(" one", add_special_tokens=False) + special
+              + tokenizer.encode(" two", add_special_tokens=False))
+    executor = ScriptedExecutor(LIMITS, tokenizer.vocab_size, 3, script,
+                                tokenizer.eos_token_ids[0])
+    client = make_client(executor)
+    body = {"model": "m", "prompt": [5, 6, 7], "max_tokens": len(script)}
+    if skip is not None:
+        body["skip_special_tokens"] = skip
+    out = client.post("/v1/completions", json=body)
+    assert out.status_code == 200, out.text
+    want = " one<|im_start|> two" if skip is False else " one two"
+    assert out.json()["choices"][0]["text"] == want
+    chunks = _events(client.post("/v1/completions", json={**body, "stream": True}))
+    assert "".join(c["choices"][0]["text"] for c in chunks) == want
+
+
 def test_stop_token_ids_outside_the_vocabulary_are_400_naming_them(make_client, tokenizer):
     out = make_client().post("/v1/completions", json={
         "model": "m", "prompt": "a", "stop_token_ids": [tokenizer.vocab_size]})
@@ -295,7 +317,7 @@ def test_unsupported_fields_of_another_type_or_value_stay_400s(make_client, fiel
     ("min_tokens", 10), ("bad_words", ["x"]), ("allowed_token_ids", [1, 2]),
     ("allowed_token_ids", []), ("logprob_token_ids", [1]), ("logits_processors", ["m.f"]),
     ("truncate_prompt_tokens", 5), ("truncate_prompt_tokens", -1), ("use_beam_search", True),
-    ("skip_special_tokens", False), ("add_special_tokens", False), ("priority", 1),
+    ("add_special_tokens", False), ("priority", 1),
     ("return_tokens_as_token_ids", True), ("return_token_ids", True),
     ("repetition_detection", {"max_pattern_size": 4}), ("thinking_token_budget", 100),
     ("watermarking", True), ("vllm_xargs", {"k": 1})])
