@@ -65,8 +65,10 @@ class OutsideVocabulary:
 
     def __str__(self) -> str:
         where = "" if self.path is None else f"{self.path}: "
-        return (f"{where}token id {shown(self.token)} is outside the vocabulary "
-                f"[0, {self.vocab_size}); pass ids of the model's tokenizer")
+        value = shown(self.token)  # (past 40 digits: "an integer of about 301 digits")
+        token = f"token id {value}" if value.lstrip("-")[:1].isdigit() else f"a token id, {value},"
+        return (f"{where}{token} is outside the vocabulary [0, {self.vocab_size}); pass ids of "
+                f"the model's tokenizer")
 
 
 def outside_vocabulary(ids: Sequence[Any], vocab_size: int,

@@ -19,13 +19,14 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from kiln.checkpoint import load_config, load_merged
 from kiln.config import DecoderConfig, NormType, PositionType, ResidualType, RopeScalingType
-from kiln.errors import outside_vocabulary
+from kiln.errors import described, outside_vocabulary
 from kiln.quantization.config import INPUT_SCALE, PRE_QUANT_SCALE, WEIGHT_SCALE, QuantConfig
 from kiln.quantization.formats import KV_DTYPES, dequantize_weight, fake_quant
 from kiln.roles import Role, companion, parse_tensor, quantized_roles
@@ -106,6 +107,26 @@ def check_token_ids(label: str, ids: torch.Tensor, vocab_size: int) -> None:
         raise ValueError(f"{label} is empty; give at least one token")
     if ((ids < 0) | (ids >= vocab_size)).any():  # (named by its path, as the runtime's are)
         raise ValueError(str(outside_vocabulary(ids.tolist(), vocab_size, label)))
+
+
+def prompt_ids(prompt: Any) -> torch.Tensor:
+    """``prompt``'s token ids as a 1-D int64 tensor; ValueError unless they are integers (a
+    list of floats had failed in the embedding, "tensors used as indices must be long")."""
+    ids = None
+    if isinstance(prompt, torch.Tensor):
+        ids = prompt.detach()
+    elif isinstance(prompt, (list, tuple)):
+        try:
+            ids = torch.tensor(prompt, dtype=None if prompt else torch.long)  # ([]: empty)
+        except (TypeError, ValueError, RuntimeError):  # (strings, ragged lists)
+            pass
+    if ids is None or ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype.is_complex \
+            or ids.dtype == torch.bool or ids.is_meta or ids.is_sparse:
+        found = described(prompt) if ids is None or not isinstance(prompt, torch.Tensor) \
+            else f"a {ids.dim()}-D {ids.dtype} tensor{' on meta' if ids.is_meta else ''}"
+        raise ValueError(f"prompt must be token ids, a list of ints or a 1-D integer tensor, "
+                         f"found {found}")
+    return ids.to(torch.long)
 
 
 class ReferenceDecoder:
@@ -259,10 +280,12 @@ class ReferenceDecoder:
     @torch.no_grad()
     def generate(self, prompt: list[int], max_new_tokens: int,
                  eos_token_ids: tuple[int, ...] = ()) -> list[int]:
-        """Greedy decoding of one prompt; returns the new tokens (stops after an EOS)."""
-        check_token_ids("prompt", torch.tensor(prompt, dtype=torch.long), self.config.vocab_size)
+        """Greedy decoding of one prompt (token ids: a list or a 1-D integer tensor); returns
+        the new tokens (stops after an EOS)."""
+        ids = prompt_ids(prompt)
+        check_token_ids("prompt", ids, self.config.vocab_size)
         cache = KVCache()
-        logits = self.forward(torch.tensor([prompt]), cache)
+        logits = self.forward(ids[None], cache)
         out: list[int] = []
         for _ in range(max_new_tokens):
             token = int(logits[0, -1].argmax())

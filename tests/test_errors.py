@@ -281,6 +281,8 @@ def test_evaluate_refuses_an_argument_that_is_no_path(engine_dir, dataset, error
                                   "[0, 8); pass ids of the model's tokenizer"),
     ((3, 9), None, "token id 9 is outside the vocabulary [0, 8); pass ids of the model's "
                    "tokenizer"),
+    ([-10**300], "stop", "stop[0]: a token id, a negative integer of about 301 digits, is "
+                         "outside the vocabulary [0, 8); pass ids of the model's tokenizer"),
 ])
 def test_outside_vocabulary_names_the_first_id_outside_by_its_path(ids, label, expected):
     found = outside_vocabulary(ids, 8, label)

@@ -36,6 +36,26 @@ def test_generate_refuses_ids_no_engine_takes(decoder, prompt, message):
         decoder.generate(prompt, max_new_tokens=1)
 
 
+@pytest.mark.parametrize("prompt, found", [
+    ([1.0, 2.0], "list [1.0, 2.0]"), ([True], "list [True]"), ([[1]], "list [[1]]"),
+    ([1, "x"], "list [1, 'x']"), ("ab", "str 'ab'"), (torch.tensor([1.5]), "a 1-D torch.float32 "
+                                                                          "tensor"),
+    (torch.zeros(1, 2, dtype=torch.long), "a 2-D torch.int64 tensor"),
+    (torch.zeros(2, dtype=torch.long, device="meta"), "a 1-D torch.int64 tensor on meta"),
+])
+def test_generate_refuses_a_prompt_of_no_token_ids_in_one_line(decoder, prompt, found):
+    """Floats had failed in the embedding ("tensors used as indices must be long...")."""
+    with pytest.raises(ValueError) as raised:
+        decoder.generate(prompt, max_new_tokens=1)
+    assert str(raised.value) == ("prompt must be token ids, a list of ints or a 1-D integer "
+                                 f"tensor, found {found}")
+
+
+def test_generate_takes_a_1d_integer_tensor(decoder):
+    assert decoder.generate(torch.tensor([1, 2]), max_new_tokens=2) == \
+        decoder.generate([1, 2], max_new_tokens=2)
+
+
 def test_forward_names_the_row_and_position_of_an_id_outside(decoder):
     with pytest.raises(ValueError, match=r"^input_ids\[1\]\[2\]: token id -1 is outside"):
         decoder.forward(torch.tensor([[1, 2, 3], [4, 5, -1]]))

@@ -152,6 +152,7 @@ def serve(obj: CliContext, host: str, port: int, served_model_name: str | None,
     if level is not None:
         logging.getLogger().setLevel(level)
     name = served_model_name or _default_name(source["model_dir"], source["engine_dir"])
+    typed = source["model_dir"]  # (a client may send it as typed, "hf/", as vLLM's take it)
     with contextlib.ExitStack() as stack:
         for sock in sockets:
             stack.enter_context(sock)
@@ -162,7 +163,8 @@ def serve(obj: CliContext, host: str, port: int, served_model_name: str | None,
         engine = _warm_engine(stack, engine_dir, options, signals)
         app = create_app(engine, name, api_key=api_key, max_queue=max_queue,
                          chat_template=template, max_body_bytes=max_body_bytes,
-                         stall_timeout=stall_timeout)
+                         stall_timeout=stall_timeout,
+                         also_named=(typed,) if not served_model_name and typed else ())
         config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=
                                 grace_period + FLUSH_SECONDS,
                                 log_level="info" if level else "warning",

@@ -509,7 +509,7 @@ def check_prompt(label: str, prompt_ids: Sequence[int], limits: BuildLimits,
                            f"{prompt_too_long(str(len(prompt_ids)), limits.max_input_len)}")
     outside = outside_vocabulary(prompt_ids, vocab_size, "prompt")
     if outside is not None:
-        raise RequestError(f"{label}: {outside}")
+        raise RequestError(f"{label}: {outside}", field=outside.path)
 
 
 def check_request(request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
@@ -521,7 +521,7 @@ def check_request(request_id: str, prompt_ids: Sequence[int], params: SamplingPa
     # never sampled: a stop that cannot fire is a mistake (a wrong id or engine)
     outside = outside_vocabulary(params.stop_token_ids, vocab_size, "stop_token_ids")
     if outside is not None:
-        raise RequestError(f"request {request_id}: {outside}")
+        raise RequestError(f"request {request_id}: {outside}", field=outside.path)
     if params.stop and not has_tokenizer:
         raise RequestError(f"request {request_id}: stop strings need a tokenizer")
     if params.prompt_logprobs is not None and not gathers_context_logits:

@@ -43,7 +43,16 @@ class SamplingParamsError(KilnError, ValueError):
 
 
 class RequestError(KilnError, ValueError):
-    """One request cannot be served (prompt too long, empty, unknown id); others go on."""
+    """One request cannot be served (prompt too long, empty, unknown id); others go on.
+    ``field``: the request's part at fault where the refusal names one (``stop_token_ids[1]``),
+    for a caller that points at it (kiln serve's ``param``)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+    def __reduce__(self) -> tuple:  # pickled as made (a replica's refusal, sent back)
+        return type(self), (str(self), self.field)
 
 
 class TokenizerError(KilnError):

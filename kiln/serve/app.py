@@ -38,7 +38,7 @@ import functools
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -74,9 +74,12 @@ MIN_BODY_BYTES = 1024
 def create_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = None,
                max_queue: int | None = None, chat_template: str | None = None,
                max_body_bytes: int | str | None = DEFAULT_MAX_BODY_BYTES,
-               stall_timeout: float = DEFAULT_STALL_TIMEOUT) -> FastAPI:
+               stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+               also_named: Sequence[str] = ()) -> FastAPI:
     """An app serving ``engine`` as model ``served_model_name`` (see the module docstring);
-    ``max_body_bytes`` a size as :func:`body_limit` takes it; ``stall_timeout`` seconds."""
+    ``max_body_bytes`` a size as :func:`body_limit` takes it; ``stall_timeout`` seconds;
+    ``also_named``: other names a request may give it (kiln serve's --model_dir as typed, "hf/",
+    which it serves as "hf"), answered as ``served_model_name``."""
     max_body_bytes = body_limit(max_body_bytes)
     state = ServerState(engine, max_queue, stall_seconds(stall_timeout))
     app = FastAPI(title="kiln serve", version=kiln.__version__, docs_url=None, redoc_url=None,
@@ -108,7 +111,8 @@ def create_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = N
             if not (right and scheme.lower() == "bearer"):
                 raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
                                code="invalid_api_key")
-        if model and model != served_model_name:  # ("": vLLM's base model, not a 404)
+        if model and model != served_model_name and model not in also_named:  # ("": vLLM's
+            # base model, not a 404)
             raise ApiError(404, f"model {model!r} does not exist; this server serves "
                                 f"{served_model_name!r}", param="model", code="model_not_found")
 

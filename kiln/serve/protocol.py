@@ -118,7 +118,8 @@ UNSUPPORTED = ("response_format", "tools", "tool_choice", "functions", "function
                "logits_processors", "truncate_prompt_tokens", "use_beam_search",
                "add_special_tokens", "priority",
                "return_tokens_as_token_ids", "return_token_ids", "repetition_detection",
-               "thinking_token_budget", "watermarking", "vllm_xargs")
+               "thinking_token_budget", "watermarking", "vllm_xargs",
+               "spaces_between_special_tokens")
 # vLLM's chat fields: ``echo`` (the last message prepended to the reply), a request's own
 # ``chat_template``, ``continue_final_message``, ``chat_template_kwargs`` and ``documents``
 # (the template's to read); and ``best_of``, which completions checks (a trial's chat echo had

@@ -340,7 +340,11 @@ NO_OPS: dict[str, tuple[Any, ...]] = {
     "use_beam_search": (False,), "add_special_tokens": (True,),
     "priority": (0,), "return_tokens_as_token_ids": (False,), "return_token_ids": (False,),
     "thinking_token_budget": (-1,), "watermarking": (False,), "vllm_xargs": ({},),
-    "chat_template_kwargs": ({},), "documents": ([],)}
+    "chat_template_kwargs": ({},), "documents": ([],),
+    # either value: vLLM reads it only in its slow tokenizers' detokenizer; a fast tokenizer's
+    # (its default, and kiln's only kind) decodes as kiln does, no space added between special
+    # tokens (a retest's default true had been warned of as a field kiln does not know)
+    "spaces_between_special_tokens": (True, False)}
 CHAT_NO_OPS = {**NO_OPS, "add_special_tokens": (False,)}  # (the template adds them)
 
 _OBJECT_OR_STRING = ("tool_choice", "function_call")  # "none" or {"type": "function", ...}
@@ -775,7 +779,7 @@ def _parse_arguments(i: int, message: dict[str, Any]) -> None:
                                "gets {} for it, as vLLM's does", path,
                                cut(json.dumps(function["name"])), len(arguments))
                 arguments = {}
-            if isinstance(arguments, dict) and deeper(arguments, MAX_JSON_DEPTH):
+            if isinstance(arguments, (dict, list)) and deeper(arguments, MAX_JSON_DEPTH):
                 raise deep  # (the template's tojson would fail as json.loads did)
             if not isinstance(arguments, dict):
                 logger.warning("%s (of tool %s) is %s in JSON, not an object; the chat "

@@ -276,10 +276,10 @@ class Submitted:
 
 def refused(error: RequestError, job: Job, param: str, rid: str | None = None) -> ApiError:
     """The 400 of a job the runtime refused (as engine request ``rid``, if submitted): naming
-    ``param``, or the job's label where it has one, or stop_token_ids."""
+    ``param``, or the job's label where it has one, or the stop_token_ids entry at fault."""
     message = public(str(error), [rid] if rid else [])
-    if "stop_token_ids" in message:  # outside the vocabulary: not the prompt's fault
-        param = "stop_token_ids"  # (nor prompt[0]'s, which it had been told of)
+    if (error.field or "").startswith("stop_token_ids"):  # outside the vocabulary: not the
+        param = error.field  # prompt's fault (nor prompt[0]'s, which it had been told of)
     elif job.label:  # the prompt at fault in a list: prompt[1], as its message
         message, param = f"{job.label}: {message}", job.label
     return ApiError(400, message, param=param, code=error_code(message))

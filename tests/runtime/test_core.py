@@ -9,6 +9,7 @@ import asyncio
 import gc
 import logging
 import math
+import pickle
 import weakref
 
 import pytest
@@ -172,6 +173,10 @@ def test_stop_token_ids_outside_the_vocabulary_are_refused_like_prompt_ids():
                                            r"the model's tokenizer$"):
         core.add_request([1, 2], SamplingParams(stop_token_ids=(3, 64, 999999)), "r1")
     assert not core.has_work() and "r1" not in core.requests
+    with pytest.raises(RequestError) as raised:  # the entry at fault, for kiln serve's param
+        core.add_request([1, 2], SamplingParams(stop_token_ids=(3, 64)), "r1")
+    assert raised.value.field == "stop_token_ids[1]"
+    assert pickle.loads(pickle.dumps(raised.value)).field == "stop_token_ids[1]"  # (replicas)
     core.add_request([1, 2], SamplingParams(stop_token_ids=(0, 63)), "r1")  # the edges: fine
 
 

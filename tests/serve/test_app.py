@@ -896,7 +896,7 @@ def test_stop_token_ids_outside_the_vocabulary_blame_no_prompt(engine):
     assert out.json()["error"]["message"] == ("stop_token_ids[0]: token id 1099511627776 is "
                                               "outside the vocabulary [0, 49152); pass ids of "
                                               "the model's tokenizer")
-    assert out.json()["error"]["param"] == "stop_token_ids"
+    assert out.json()["error"]["param"] == "stop_token_ids[0]"
 
 
 MESSAGES = 'messages must be a list of objects like {"role": "user", "content": "Hi"}'

@@ -174,9 +174,15 @@ def test_skip_special_tokens_is_sampling_params(make_client, tokenizer, skip):
 
 
 def test_stop_token_ids_outside_the_vocabulary_are_400_naming_them(make_client, tokenizer):
+    """By the entry at fault, as the other stop_token_ids refusals (param had been the list)."""
     out = make_client().post("/v1/completions", json={
-        "model": "m", "prompt": "a", "stop_token_ids": [tokenizer.vocab_size]})
-    assert out.status_code == 400 and out.json()["error"]["param"] == "stop_token_ids"
+        "model": "m", "prompt": "a", "stop_token_ids": [0, tokenizer.vocab_size]})
+    assert out.status_code == 400 and out.json()["error"]["param"] == "stop_token_ids[1]"
+    out = make_client().post("/v1/completions", json={
+        "model": "m", "prompt": "a", "stop_token_ids": [1e300]})  # a whole float: an id
+    assert out.status_code == 400 and out.json()["error"]["param"] == "stop_token_ids[0]"
+    assert out.json()["error"]["message"].startswith(
+        "stop_token_ids[0]: a token id, an integer of about 301 digits, is outside")
 
 
 NULLS = {"n": None, "stream": None, "stream_options": None, "max_tokens": None,
@@ -348,7 +354,8 @@ def test_vllms_extras_at_their_defaults_are_taken_unwarned(make_client, caplog, 
                 "logits_processors": [], "truncate_prompt_tokens": None,
                 "use_beam_search": False, "skip_special_tokens": True, "priority": 0,
                 "return_tokens_as_token_ids": False, "return_token_ids": None,
-                "thinking_token_budget": -1, "watermarking": False, "vllm_xargs": {}}
+                "thinking_token_budget": -1, "watermarking": False, "vllm_xargs": {},
+                "spaces_between_special_tokens": False}
     client = make_client(chat_template="{% for m in messages %}{{ m.content }}{% endfor %}")
     with caplog.at_level(logging.WARNING, logger="kiln.serve.render"):
         out = client.post(endpoint, json={"model": "m", "max_tokens": 1, **body, **defaults})
@@ -426,6 +433,19 @@ def test_a_request_without_model_is_for_the_served_one(make_client, endpoint, bo
     assert out.status_code == 404 and out.json()["error"]["code"] == "model_not_found"
 
 
+def test_the_model_dir_as_typed_is_the_served_model_too(make_client):
+    """kiln serve --model_dir hf/ serves "hf"; a client sending "hf/", as typed (vLLM's name),
+    had got a 404. Answered as the served name; another name stays a 404."""
+    client = make_client(also_named=("m/",))
+    for model in ("m", "m/"):
+        out = client.post("/v1/completions", json={"model": model, "prompt": "a",
+                                                   "max_tokens": 1})
+        assert out.status_code == 200 and out.json()["model"] == "m", out.text
+    out = client.post("/v1/completions", json={"model": "m//", "prompt": "a", "max_tokens": 1})
+    assert out.status_code == 404
+    assert [card["id"] for card in client.get("/v1/models").json()["data"]] == ["m"]
+
+
 CALL = {"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{}"}}
 
 
@@ -484,10 +504,13 @@ def test_a_tool_calls_arguments_reach_the_template_parsed(make_client, tokenizer
 
 
 @pytest.mark.parametrize("depth", [513, 990, 5000])
-def test_tool_call_arguments_nested_too_deeply_are_400(make_client, depth):
+@pytest.mark.parametrize("kind", ["object", "array"])
+def test_tool_call_arguments_nested_too_deeply_are_400(make_client, depth, kind):
     """JSON in a string, past the body's own depth check: 5000 levels had been a 500 (Python's
-    json out of recursion), as a template's tojson would be nearer its limit."""
-    arguments = '{"a": ' * depth + "1" + "}" * depth
+    json out of recursion), as a template's tojson would be nearer its limit; arrays alike (a
+    retest's 513-600 levels of them had been taken, as {})."""
+    arguments = ('{"a": ' * depth + "1" + "}" * depth if kind == "object"
+                 else "[" * depth + "1" + "]" * depth)
     messages = [{"role": "user", "content": "a"},
                 {"role": "assistant", "content": None, "tool_calls": [
                     {"id": "c1", "type": "function",

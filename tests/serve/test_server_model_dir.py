@@ -28,6 +28,9 @@ def test_a_model_dir_is_built_served_and_held(tmp_path, monkeypatch):
         assert [m.id for m in client.models.list()] == [str(hf)]
         text = client.completions.create(model=str(hf), prompt="Hello", max_tokens=6,
                                          temperature=0).choices[0].text
+        as_typed = client.completions.create(model=f"{hf}/", prompt="Hello", max_tokens=6,
+                                             temperature=0)  # (a 404 before)
+        assert as_typed.model == str(hf) and as_typed.choices[0].text == text
         (entry,) = cache.entries()
         limits = json.loads((entry.engine_dir / "config.json").read_text())["limits"]
         assert limits["max_batch_size"] == 2
