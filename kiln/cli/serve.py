@@ -10,7 +10,8 @@ who would otherwise wait for it; logged at INFO with its time), run
 SIGINT/SIGTERM/SIGHUP while serving: stop accepting, let running requests finish for
 ``--grace_period`` seconds, abort the rest, exit 0 (uvicorn's default would re-raise the
 signal after its own shutdown, and the CLI would exit 130/143); a second signal aborts them
-at once (:class:`_Drain`). Under torchrun, rank 0 serves; the other ranks bind nothing, serve
+at once (:class:`_Drain`), and the engine's processes are then killed, not asked to exit
+(:class:`_Signals`). Under torchrun, rank 0 serves; the other ranks bind nothing, serve
 its engine as workers and exit 0 when it closes (:mod:`kiln.runtime.launch`).
 """
 
@@ -194,10 +195,19 @@ def _on_a_gpu(engine_dir: Path, options: ExecutorOptions) -> bool:
 
 
 class _Signals:
-    """How many SIGINT/SIGTERM the server got (set by :class:`_Drain`; the engine's close reads
-    it: from the third on, its processes are killed at once)."""
+    """How many SIGINT/SIGTERM/SIGHUP the server got while serving (set by :class:`_Drain`).
+    The engine's close reads it (:meth:`again`): its processes (``--dp`` replicas, the engine
+    process) are asked to exit, named after a second and killed after five, or at the next
+    signal, which may have come already."""
 
     count = 0
+
+    def again(self, error: BaseException | None) -> bool:
+        """Whether a signal beyond the first came before the engine closes: the drain's second
+        (its processes are then killed at once, not asked: a stopped one had held the exit for
+        STOP_WAIT_S), or an interrupt raised since uvicorn handed the signals back (``error``,
+        on its way through the close)."""
+        return self.count >= 2 or (self.count >= 1 and isinstance(error, KeyboardInterrupt))
 
 
 def _warm_engine(stack: contextlib.ExitStack, engine_dir: Path, options: ExecutorOptions,
@@ -208,7 +218,7 @@ def _warm_engine(stack: contextlib.ExitStack, engine_dir: Path, options: Executo
     from kiln.runtime.core import freeze_loaded_objects
 
     llm = LLM(engine_dir, options)
-    stack.callback(lambda: llm.close(now=signals.count >= 3))
+    stack.push(lambda *exc: llm.close(now=signals.again(exc[1])))  # (returns None: no swallow)
     llm.warm_up()
     freeze_loaded_objects()
     engine = AsyncLLM(llm)

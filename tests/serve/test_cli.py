@@ -107,6 +107,36 @@ def test_the_warm_engine_freezes_the_loaded_objects_before_serving(tmp_path, mon
     assert events == ["warm_up", "freeze"]
 
 
+
+@pytest.mark.parametrize("count, interrupt, now", [
+    (0, False, False), (1, False, False), (0, True, False),  # one signal: asked, then waited
+    (1, True, True), (2, False, True), (3, False, True)])  # a second: killed at once
+def test_a_second_signal_closes_the_engine_at_once(tmp_path, monkeypatch, count, interrupt,
+                                                   now):
+    """An engine process or --dp replica that does not exit is named after a second and killed
+    after five, or at the next signal: the drain's second (it had waited the 5 s for a
+    stopped replica: only a third killed at once), or one raised once uvicorn handed the
+    signals back, on its way through the close (an interrupt with no signal counted is the
+    first: Ctrl-C while the engine loads)."""
+    from kiln.cli import serve
+    from kiln.engine import BuildLimits
+    from kiln.runtime import LLM
+    from kiln.runtime.options import ExecutorOptions
+    from kiln.testing.smollm2 import smollm2_hf_dir
+    from tests.runtime.toy_onnx import toy_engine_dir
+
+    engine = toy_engine_dir(tmp_path / "engine", BuildLimits(2, 8, 16, 16), vocab=49152,
+                            tokenizer_dir=smollm2_hf_dir())
+    close, closed = LLM.close, []
+    monkeypatch.setattr(LLM, "close", lambda self, now=False: closed.append(now) or close(self))
+    signals = serve._Signals()
+    with contextlib.suppress(KeyboardInterrupt), contextlib.ExitStack() as stack:
+        serve._warm_engine(stack, engine, ExecutorOptions(device="cpu"), signals)
+        signals.count = count
+        if interrupt:
+            raise KeyboardInterrupt
+    assert closed == [now]
+
 def test_the_port_refuses_connections_while_the_engine_loads(tmp_path):
     """Trial 40 saw clients hang while ``--model_dir`` built its engine. The address is bound
     before the load (a port in use fails fast) but listens only once the engine is warm, as
