@@ -6,6 +6,7 @@ queue time come from the front, and a replica that dies turns /health to 503. ``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
@@ -179,3 +180,59 @@ def test_ctrl_c_while_a_stopped_engine_process_is_awaited_kills_it(engine):
     assert server.proc.wait(10) == 130
     assert time.monotonic() - started < 3
     assert not (child.is_running() and child.status() != psutil.STATUS_ZOMBIE)
+
+
+def test_a_second_ctrl_c_kills_a_stopped_replica_at_once(engine):
+    """SIGSTOP a replica with a stream on it, then Ctrl-C twice: the first drains (the stream
+    cannot finish: the grace period runs), the second aborts the stream and the server exits at
+    once, the stopped replica killed. The second had been the drain's, and the replicas were
+    then asked to exit as after one: 5 s more waiting for the stopped one (a trial's 6.5 s)."""
+    import threading
+
+    server = ServerProcess(engine, "--dp", "2", "--grace_period", "60")
+    replicas = sorted((p for p in psutil.Process(server.proc.pid).children()
+                       if "spawn_main" in " ".join(p.cmdline())), key=lambda p: p.pid)
+    try:
+        assert len(replicas) == 2, replicas
+        replicas[0].suspend()  # replica 0: where a lone request goes (ties to the lowest index)
+        lines: list[str] = []
+        body = {"model": MODEL, "prompt": PROMPTS[1], "max_tokens": 120, "ignore_eos": True,
+                "stream": True}
+
+        def stream():
+            with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60,
+                              headers={"Authorization": f"Bearer {API_KEY}"}) as response:
+                lines.extend(line for line in response.iter_lines() if line)
+
+        reader = threading.Thread(target=stream, daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 20
+        while server.metric("kiln:num_requests_waiting") != 1:  # on the stopped replica
+            assert time.monotonic() < deadline and reader.is_alive(), lines
+            time.sleep(0.1)
+        first = time.monotonic()
+        server.proc.send_signal(signal.SIGINT)
+        log = [server.proc.stdout.readline()]
+        while "kiln serve: stopping" not in log[-1]:  # handled: the two signals do not merge
+            assert log[-1], log
+            log.append(server.proc.stdout.readline())
+        time.sleep(max(0.0, first + 0.75 - time.monotonic()))
+        second = time.monotonic()
+        server.proc.send_signal(signal.SIGINT)
+        code = server.proc.wait(30)
+        took = time.monotonic() - second
+        left = [r.pid for r in replicas if r.is_running() and r.status() != psutil.STATUS_ZOMBIE]
+        reader.join(10)
+    finally:
+        for replica in replicas:  # one the server left behind would hold its memory for good
+            with contextlib.suppress(psutil.NoSuchProcess):
+                replica.kill()
+        server.stop()
+    log += server.proc.stdout.readlines()
+    assert code == 0, log  # the second signal is the drain's: aborted, not interrupted
+    assert took < 3, (took, log)  # 5 s and more while the pool waited for the stopped replica
+    assert not left, (left, log)
+    assert lines[-1] == "data: [DONE]", lines
+    assert json.loads(lines[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "abort"
+    assert any("aborting the 1 running request(s) now" in line for line in log), log
+    assert not any("did not exit" in line or "Traceback" in line for line in log), log
