@@ -439,9 +439,14 @@ class EngineCore:
 
     def _advance(self, request: Request, token: int, appended: bool = False) -> RequestDelta:
         text = ""
+        # A token that ends the request (an EOS, a stop_token_ids entry) leaves its text out
+        # unless include_stop_str_in_output, as vLLM's: an EOS kept by skip_special_tokens
+        # false had ended the text ("...<|im_end|>"), a stop token of plain text was shown
+        stop_token = token in request.eos_ids or token in request.params.stop_token_ids
         if request.detokenizer is not None:
             request.token_starts.append(len(request.stops.text) + request.detokenizer.held)
-            text = request.stops.push(request.detokenizer.push(token))
+            if not stop_token or request.params.include_stop_str_in_output:
+                text = request.stops.push(request.detokenizer.push(token))
         reason, stop_reason = None, None
         if request.stops is not None and request.stops.matched is not None:
             reason, stop_reason = "stop", request.stops.matched

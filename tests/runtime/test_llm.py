@@ -92,6 +92,27 @@ def test_stop_token_ids_ignore_eos_and_max_tokens(scripted, tokenizer):
         (tokenizer.eos_token_ids[0],) * 3
 
 
+@pytest.mark.parametrize("include", [False, True])
+def test_a_stop_tokens_text_is_left_out_as_vllm_leaves_it(scripted, tokenizer, include):
+    """vLLM drops the text of the token that ends a request (an EOS, a stop_token_ids entry)
+    unless include_stop_str_in_output; kiln had kept it: a plain-text stop token's, and with
+    skip_special_tokens false the EOS's ("...<|im_end|>"). The token itself stays in the ids."""
+    llm, prompt, script = scripted()
+    eos = tokenizer.eos_token_ids[0]
+    params = GREEDY.replace(include_stop_str_in_output=include)
+    r = llm.generate(prompt, params.replace(stop_token_ids=(script[2],)))[0]
+    assert r.token_ids == tuple(script[:3]) and r.stop_reason == script[2]
+    assert r.text == tokenizer.decode(script[:3] if include else script[:2])
+    streamed = "".join(d.text for d in llm.generate_stream(
+        prompt, params.replace(stop_token_ids=(script[2],))))
+    assert streamed == r.text
+    r = llm.generate(prompt, params.replace(skip_special_tokens=False))[0]
+    assert r.token_ids == (*script, eos) and r.finish_reason == "stop"
+    assert r.text == tokenizer.decode([*script, eos] if include else script,
+                                      skip_special_tokens=False)
+    assert r.text.endswith(tokenizer.decode([eos], skip_special_tokens=False)) == include
+
+
 def test_eos_is_checked_before_stop_token_ids_as_vllm_does(scripted, tokenizer):
     """A trial's stop_token_ids [EOS] ended with stop_reason EOS; vLLM's is null there."""
     llm, prompt, script = scripted()
