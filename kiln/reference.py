@@ -123,7 +123,8 @@ def prompt_ids(prompt: Any) -> torch.Tensor:
     if ids is None or ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype.is_complex \
             or ids.dtype == torch.bool or ids.is_meta or ids.is_sparse:
         found = described(prompt) if ids is None or not isinstance(prompt, torch.Tensor) \
-            else f"a {ids.dim()}-D {ids.dtype} tensor{' on meta' if ids.is_meta else ''}"
+            else f"a {ids.dim()}-D {ids.dtype} tensor" + \
+            (" on meta" if ids.is_meta else " (sparse)" if ids.is_sparse else "")
         raise ValueError(f"prompt must be token ids, a list of ints or a 1-D integer tensor, "
                          f"found {found}")
     return ids.to(torch.long)

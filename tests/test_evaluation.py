@@ -135,8 +135,8 @@ FLAT = "token_ids must be one flat (1-D) list of ids (one text's: flatten them),
                                   "[0, 128); pass ids of the model's tokenizer"),
     ([1, -2, 3], ConfigError, "token_ids[1]: token id -2 is outside the vocabulary [0, 128); "
                               "pass ids of the model's tokenizer"),
-    ([1, 10 ** 5000], ConfigError, "token_ids[1]: token id an integer of about 5,001 digits is "
-                                   "outside the vocabulary [0, 128); pass ids of the model's "
+    ([1, 10 ** 5000], ConfigError, "token_ids[1]: a token id, an integer of about 5,001 digits, "
+                                   "is outside the vocabulary [0, 128); pass ids of the model's "
                                    "tokenizer"),
     ([1, 2.0, 3], ConfigError, "token_ids[1] must be an integer, found 2.0"),
     ([1, True, 3], ConfigError, "token_ids[1] must be an integer, found True"),

@@ -42,6 +42,7 @@ def test_generate_refuses_ids_no_engine_takes(decoder, prompt, message):
                                                                           "tensor"),
     (torch.zeros(1, 2, dtype=torch.long), "a 2-D torch.int64 tensor"),
     (torch.zeros(2, dtype=torch.long, device="meta"), "a 1-D torch.int64 tensor on meta"),
+    (torch.tensor([1, 2]).to_sparse(), "a 1-D torch.int64 tensor (sparse)"),
 ])
 def test_generate_refuses_a_prompt_of_no_token_ids_in_one_line(decoder, prompt, found):
     """Floats had failed in the embedding ("tensors used as indices must be long...")."""
