@@ -177,3 +177,47 @@ def test_a_replica_whose_pipe_takes_nothing_more_is_routed_no_new_request():
     pool.written[1] = True  # its pipe took them
     core.step()
     assert [m[1] for m in pool.sent[1][4:]] == ["e", "f"] and list(core._queue) == ["g"]
+
+
+def test_a_quiet_replica_is_routed_new_requests_last():
+    """A replica with requests outstanding that has said nothing for QUIET_S (stopped, hung) is
+    given a new request only when no other has a free slot: a retest's stopped replica had been
+    given half of 200 new requests, which waited for it. Heard from again, it shares again."""
+    from kiln.engine import BuildLimits
+    from kiln.runtime.distributed import replicas
+    from kiln.runtime.distributed.replica_worker import ReplicaInfo
+    from kiln.runtime.distributed.replicas import ReplicaCore
+
+    class Pool:
+        size, failed = 2, False
+        infos = [ReplicaInfo(BuildLimits(3, 8, 16, 8), 100, False)] * 2
+
+        def __init__(self):
+            self.sent: list[list[str]] = [[], []]
+
+        def send(self, i, message):
+            self.sent[i].append(message[1])
+            return True
+
+        def backlog(self, i):
+            return 0
+
+        def check(self):
+            pass
+
+        def receive(self, timeout):
+            return []
+
+    for quiet in (True, False):
+        pool = Pool()
+        core = ReplicaCore(pool, None, has_tokenizer=False)
+        core.add_request([1], params(2), request_id="a")  # replica 0
+        core.add_request([1], params(2), request_id="b")  # replica 1
+        if quiet:  # nothing from replica 1 for longer than QUIET_S; replica 0 steps
+            core._heard[1] = time.monotonic() - replicas.QUIET_S - 1
+        for rid in "cde":
+            core.add_request([1], params(2), request_id=rid)
+        if quiet:  # c and d to replica 0, the busier; e to 1 only as 0 is full (3 slots)
+            assert pool.sent == [["a", "c", "d"], ["b", "e"]]
+        else:  # the least loaded first, as before
+            assert pool.sent == [["a", "c", "e"], ["b", "d"]]
