@@ -49,10 +49,11 @@ Stalls: a replica that stops making progress while alive (a stopped process, a h
 no fault here: :meth:`ReplicaCore.progress` tells, from any thread, since when each replica
 with requests outstanding (an abort not answered yet included) has been silent (``kiln
 serve``'s ``/health`` turns 503 past its ``--stall_timeout``). Such a replica silent for more
-than :data:`QUIET_S` (a replica that steps says something once a second) is routed a new request
-only where no other has a free slot: a stopped one had been given its share of new requests,
-which waited for it (a retest's 94 of 200 timed out), and one merely in a long step loses
-nothing by it.
+than :data:`QUIET_S` (a replica that steps says something once a second) is routed no new
+request while another is not quiet (they wait in the front for that one's slots): a stopped
+one had been given its share of new requests, which waited for it (a retest's 94 of 200 timed
+out); one merely in a long step only takes no new work till it speaks. When every replica is
+quiet, requests are routed as ever.
 
 One replica (``ExecutorOptions(engine_process=True)``, ``kiln serve --engine_process``) is the
 engine in a process of its own: the caller's process keeps only this front, so its Python
@@ -111,7 +112,7 @@ logger = logging.getLogger(__name__)
 
 STEP_WAIT_S = 0.05  # a step waits this long at most for a replica's message
 STOP_WAIT_S = 5.0  # a graceful shutdown's wait for the replicas to exit before killing them
-QUIET_S = 5.0  # a busy replica silent this long is routed new requests last (Stalls)
+QUIET_S = 5.0  # a busy replica silent this long is routed nothing new while another is not
 WRITER_WAIT_S = 1.0  # a shutdown's wait for the writers once their replicas are gone
 
 
@@ -540,13 +541,15 @@ class ReplicaCore:
     def _route(self) -> None:
         while self._queue and not self.pool.failed:
             most = self.replica_limits.max_batch_size  # slots; and unwritten messages (Sending)
+            now = time.monotonic()  # quiet replicas only if all are (Stalls, module docstring)
+            quiet = [self._busy(r) and now - self._heard[r] > QUIET_S
+                     for r in range(self.pool.size)]
             free = [i for i in range(self.pool.size)
-                    if self._live[i] < most and self.pool.backlog(i) <= most]
+                    if self._live[i] < most and self.pool.backlog(i) <= most
+                    and (all(quiet) or not quiet[i])]
             if not free:
                 return
-            now = time.monotonic()  # a quiet replica last (Stalls, in the module docstring)
-            i = min(free, key=lambda r: (self._busy(r) and now - self._heard[r] > QUIET_S,
-                                         self._live[r], self._tokens[r], r))
+            i = min(free, key=lambda r: (self._live[r], self._tokens[r], r))
             request = self.requests[next(iter(self._queue))]
             if not self.pool.send(i, ("add", request.request_id, request.prompt_ids,
                                       request.params, request.prompt)):

@@ -181,8 +181,9 @@ def test_a_replica_whose_pipe_takes_nothing_more_is_routed_no_new_request():
 
 def test_a_quiet_replica_is_routed_new_requests_last():
     """A replica with requests outstanding that has said nothing for QUIET_S (stopped, hung) is
-    given a new request only when no other has a free slot: a retest's stopped replica had been
-    given half of 200 new requests, which waited for it. Heard from again, it shares again."""
+    given no new request while another is not quiet, even a full one (they wait in the front
+    for its slots): a retest's stopped replica had been given half of 200 new requests, which
+    waited for it. When both are quiet, routing is as before."""
     from kiln.engine import BuildLimits
     from kiln.runtime.distributed import replicas
     from kiln.runtime.distributed.replica_worker import ReplicaInfo
@@ -215,9 +216,12 @@ def test_a_quiet_replica_is_routed_new_requests_last():
         core.add_request([1], params(2), request_id="b")  # replica 1
         if quiet:  # nothing from replica 1 for longer than QUIET_S; replica 0 steps
             core._heard[1] = time.monotonic() - replicas.QUIET_S - 1
-        for rid in "cde":
+        for rid in "cdef":
             core.add_request([1], params(2), request_id=rid)
-        if quiet:  # c and d to replica 0, the busier; e to 1 only as 0 is full (3 slots)
-            assert pool.sent == [["a", "c", "d"], ["b", "e"]]
+        if quiet:  # c and d to replica 0, the busier; e and f wait for its slots (3)
+            assert pool.sent == [["a", "c", "d"], ["b"]] and list(core._queue) == ["e", "f"]
+            core._heard[0] -= replicas.QUIET_S + 1  # both quiet: routed as ever
+            core.step()
+            assert pool.sent == [["a", "c", "d"], ["b", "e", "f"]]
         else:  # the least loaded first, as before
-            assert pool.sent == [["a", "c", "e"], ["b", "d"]]
+            assert pool.sent == [["a", "c", "e"], ["b", "d", "f"]]
