@@ -132,36 +132,45 @@ def test_shutdown_with_a_stopped_replica_and_its_writer_blocked_takes_a_second(e
         assert all(conn.closed for conn in pool.conns)
 
 
+class Pool:
+    """Two replicas of ``slots`` slots and no process: what the front sends each, and whether
+    its pipe takes it (``written``; a replica's backlog counts what it has not)."""
+
+    size, failed = 2, False
+
+    def __init__(self, slots: int):
+        from kiln.engine import BuildLimits
+        from kiln.runtime.distributed.replica_worker import ReplicaInfo
+
+        self.infos = [ReplicaInfo(BuildLimits(slots, 8, 16, 8), 100, False)] * 2
+        self.sent: list[list[tuple]] = [[], []]
+        self.written = [True, True]  # a replica's pipe takes nothing once it is False
+
+    def send(self, i, message):
+        self.sent[i].append(message)
+        return True
+
+    def backlog(self, i):
+        return 0 if self.written[i] else len(self.sent[i])
+
+    def ids(self) -> list[list[str]]:
+        """The request ids of what each replica was sent."""
+        return [[m[1] for m in sent] for sent in self.sent]
+
+    def check(self):
+        pass
+
+    def receive(self, timeout):
+        return []
+
+
 def test_a_replica_whose_pipe_takes_nothing_more_is_routed_no_new_request():
     """Past max_batch_size messages not yet written (aborts free its slots, each new request
     adds one more), a replica is given no new request: they go to the other, or wait in the
     front; its backlog is bounded."""
-    from kiln.engine import BuildLimits
-    from kiln.runtime.distributed.replica_worker import ReplicaInfo
     from kiln.runtime.distributed.replicas import ReplicaCore
 
-    class Pool:
-        size, failed = 2, False
-        infos = [ReplicaInfo(BuildLimits(2, 8, 16, 8), 100, False)] * 2
-
-        def __init__(self):
-            self.sent: list[list[tuple]] = [[], []]
-            self.written = [True, True]  # replica 1's pipe takes nothing once it is False
-
-        def send(self, i, message):
-            self.sent[i].append(message)
-            return True
-
-        def backlog(self, i):
-            return 0 if self.written[i] else len(self.sent[i])
-
-        def check(self):
-            pass
-
-        def receive(self, timeout):
-            return []
-
-    pool = Pool()
+    pool = Pool(slots=2)
     core = ReplicaCore(pool, None, has_tokenizer=False)
     pool.written[1] = False
     core.add_request([1], params(2), request_id="a")  # replica 0
@@ -179,38 +188,16 @@ def test_a_replica_whose_pipe_takes_nothing_more_is_routed_no_new_request():
     assert [m[1] for m in pool.sent[1][4:]] == ["e", "f"] and list(core._queue) == ["g"]
 
 
-def test_a_quiet_replica_is_routed_new_requests_last():
+def test_a_quiet_replica_is_routed_nothing_new_while_another_speaks():
     """A replica with requests outstanding that has said nothing for QUIET_S (stopped, hung) is
     given no new request while another is not quiet, even a full one (they wait in the front
     for its slots): a retest's stopped replica had been given half of 200 new requests, which
     waited for it. When both are quiet, routing is as before."""
-    from kiln.engine import BuildLimits
     from kiln.runtime.distributed import replicas
-    from kiln.runtime.distributed.replica_worker import ReplicaInfo
     from kiln.runtime.distributed.replicas import ReplicaCore
 
-    class Pool:
-        size, failed = 2, False
-        infos = [ReplicaInfo(BuildLimits(3, 8, 16, 8), 100, False)] * 2
-
-        def __init__(self):
-            self.sent: list[list[str]] = [[], []]
-
-        def send(self, i, message):
-            self.sent[i].append(message[1])
-            return True
-
-        def backlog(self, i):
-            return 0
-
-        def check(self):
-            pass
-
-        def receive(self, timeout):
-            return []
-
     for quiet in (True, False):
-        pool = Pool()
+        pool = Pool(slots=3)
         core = ReplicaCore(pool, None, has_tokenizer=False)
         core.add_request([1], params(2), request_id="a")  # replica 0
         core.add_request([1], params(2), request_id="b")  # replica 1
@@ -219,9 +206,9 @@ def test_a_quiet_replica_is_routed_new_requests_last():
         for rid in "cdef":
             core.add_request([1], params(2), request_id=rid)
         if quiet:  # c and d to replica 0, the busier; e and f wait for its slots (3)
-            assert pool.sent == [["a", "c", "d"], ["b"]] and list(core._queue) == ["e", "f"]
+            assert pool.ids() == [["a", "c", "d"], ["b"]] and list(core._queue) == ["e", "f"]
             core._heard[0] -= replicas.QUIET_S + 1  # both quiet: routed as ever
             core.step()
-            assert pool.sent == [["a", "c", "d"], ["b", "e", "f"]]
+            assert pool.ids() == [["a", "c", "d"], ["b", "e", "f"]]
         else:  # the least loaded first, as before
-            assert pool.sent == [["a", "c", "e"], ["b", "d", "f"]]
+            assert pool.ids() == [["a", "c", "e"], ["b", "d", "f"]]
