@@ -357,31 +357,25 @@ def test_a_rate_where_every_request_failed_is_reported_and_the_others_keep_their
 
 
 
-def test_a_server_that_stops_mid_run_is_said_in_words(tmp_path):
-    """A trial's server killed mid-run was reported in aiohttp's own text ("ClientPayloadError:
-    Response payload is not completed: <TransferEncodingError: 400, ...>")."""
-    with _flaky_server(fail_every=1 << 30, cut_from=2) as url:
+@pytest.mark.parametrize("server, words", [
+    # a trial's server killed mid-run had been aiohttp's own text ("ClientPayloadError:
+    # Response payload is not completed: <TransferEncodingError: 400, ...>")
+    ({"cut_from": 2}, "{url} closed the connection mid-response (did the server stop?)"),
+    # in a first request's words (a retest's reset mid-run had been aiohttp's "ClientOSError:
+    # [Errno 104] Connection reset by peer")
+    ({"drop_from": (2, "reset")},
+     "no answer from {url} (the connection was reset by the server); did the server stop?"),
+    ({"drop_from": (2, "close")}, "no answer from {url} (the server closed the connection "
+                                  "without answering); did the server stop?"),
+])
+def test_a_server_that_stops_or_drops_requests_mid_run_is_said_in_words(server, words):
+    with _flaky_server(fail_every=1 << 30, **server) as url:
         result = _bench("--serve", url, "--num_requests", "4", "--input_len", "4",
                         "--output_len", "3", "--warmup", "0", "--max_concurrency", "1")
     assert result.exit_code == 1, result.output
     assert result.stderr.splitlines()[-1] == (
         f"error: 2 of 4 requests failed (the figures are of the 2 that completed); the first: "
-        f"{url} closed the connection mid-response (did the server stop?)")
-
-
-@pytest.mark.parametrize("how, words", [("reset", "the connection was reset by the server"),
-                                        ("close", "the server closed the connection without "
-                                                  "answering")])
-def test_a_server_that_drops_requests_mid_run_is_said_in_words(how, words):
-    """In the words of a first request's (a retest's reset mid-run had been aiohttp's
-    "ClientOSError: [Errno 104] Connection reset by peer")."""
-    with _flaky_server(fail_every=1 << 30, drop_from=(2, how)) as url:
-        result = _bench("--serve", url, "--num_requests", "4", "--input_len", "4",
-                        "--output_len", "3", "--warmup", "0", "--max_concurrency", "1")
-    assert result.exit_code == 1, result.output
-    assert result.stderr.splitlines()[-1] == (
-        f"error: 2 of 4 requests failed (the figures are of the 2 that completed); the first: "
-        f"no answer from {url} ({words}); did the server stop?")
+        f"{words.format(url=url)}")
 
 
 def test_a_server_gone_before_a_request_is_said_in_words():
