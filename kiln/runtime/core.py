@@ -256,9 +256,9 @@ class EngineCore:
         self.requests[request_id] = request
         return request
 
-    def check_prompt(self, label: str, prompt_ids: Sequence[int]) -> None:
-        """Raise RequestError (message starting with ``label``) if the engine cannot take it."""
-        check_prompt(label, prompt_ids, self.limits, self.executor.vocab_size)
+    def check_prompt(self, label: str, prompt_ids: Sequence[int], path: str = "prompt") -> None:
+        """Raise RequestError if the engine cannot take it (:func:`check_prompt`)."""
+        check_prompt(label, prompt_ids, self.limits, self.executor.vocab_size, path)
 
     @property
     def vocab_size(self) -> int:
@@ -505,16 +505,19 @@ class EngineCore:
 
 
 def check_prompt(label: str, prompt_ids: Sequence[int], limits: BuildLimits,
-                 vocab_size: int) -> None:
-    """Raise RequestError (message starting with ``label``) if the engine cannot take it."""
+                 vocab_size: int, path: str = "prompt") -> None:
+    """Raise RequestError (message starting with ``label``) if the engine cannot take it.
+    ``path``: the ids' name in an out-of-vocabulary refusal (``path[k]``); where it is the
+    label (``prompts[1]``), the refusal starts with ``prompts[1][k]`` alone."""
     if not prompt_ids:
         raise RequestError(f"{label}: the prompt is empty; give at least one token")
     if len(prompt_ids) > limits.max_input_len:
         raise RequestError(f"{label}: "
                            f"{prompt_too_long(str(len(prompt_ids)), limits.max_input_len)}")
-    outside = outside_vocabulary(prompt_ids, vocab_size, "prompt")
+    outside = outside_vocabulary(prompt_ids, vocab_size, path)
     if outside is not None:
-        raise RequestError(f"{label}: {outside}", field=outside.path)
+        where = "" if path == label else f"{label}: "
+        raise RequestError(f"{where}{outside}", field=outside.path)
 
 
 def check_request(request_id: str, prompt_ids: Sequence[int], params: SamplingParams,

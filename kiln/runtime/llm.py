@@ -393,11 +393,12 @@ class LLM:
         plist = self._params_list(len(prompts), params)
         encoded = []
         for i, prompt in enumerate(prompts):
+            label = f"prompts[{i}]"  # an id outside the vocabulary: prompts[0][2]
             try:
                 ids = self.encode(prompt)
             except RequestError as e:  # which prompt, as check_prompt's messages say
-                raise RequestError(f"prompt #{i}: {e}") from None
-            self.core.check_prompt(f"prompt #{i}", ids)
+                raise RequestError(f"{label}: {e}") from None
+            self.core.check_prompt(label, ids, path=label)
             encoded.append(ids)
         return [self.core.add_request(ids, p, prompt=prompt if isinstance(prompt, str) else None
                                       ).request_id

@@ -134,17 +134,22 @@ def test_max_seq_len_gives_a_length_finish_not_an_error(scripted):
 
 def test_prompt_longer_than_max_input_len_is_a_clear_error_and_nothing_runs(scripted):
     llm, prompt, _ = scripted()
-    with pytest.raises(RequestError, match=r"prompt #1: .*exceeds the engine's max_input_len 32"):
+    with pytest.raises(RequestError,
+                       match=r"^prompts\[1\]: .*exceeds the engine's max_input_len 32"):
         llm.generate([prompt, "word " * 40], GREEDY)
     assert not llm.core.has_work()
     assert llm.generate(prompt, GREEDY)[0].text == ANSWER  # the engine is still fine
 
 
-@pytest.mark.parametrize("bad,match", [([], "empty"), ([10**6], "outside the vocabulary")])
+@pytest.mark.parametrize("bad,match", [
+    ([], r"^prompts\[1\]: the prompt is empty; give at least one token$"),
+    ([5, 10**6], r"^prompts\[1\]\[1\]: token id 1000000 is outside the vocabulary \[0, \d+\); "),
+])  # which prompt and which id, once (a retest's "prompt #0: prompt[2]: ...")
 def test_bad_token_prompts(scripted, bad, match):
     llm, _, _ = scripted()
     with pytest.raises(RequestError, match=match):
-        llm.generate([bad], GREEDY)
+        llm.generate([[5], bad], GREEDY)
+    assert not llm.core.has_work()
 
 
 @pytest.mark.parametrize("call,match", [
@@ -152,12 +157,12 @@ def test_bad_token_prompts(scripted, bad, match):
      r"^sampling params must be a SamplingParams or a list of them \(one per prompt\), found "
      r"dict \{'max_tokens': 3\}; SamplingParams\(\*\*options\) makes one$"),
     (lambda llm: llm.generate(None), r"^prompts must be a string, .*found NoneType None$"),
-    (lambda llm: llm.generate([None]), r"^prompt #0: a prompt must be a string or a list of "
+    (lambda llm: llm.generate([None]), r"^prompts\[0\]: a prompt must be a string or a list of "
                                        r"int token ids, found NoneType None$"),
     (lambda llm: llm.generate([[1, True]]), r"found list \[1, True\]$"),
-    (lambda llm: llm.generate(["hi", 5]), r"^prompt #1: a prompt must be .*found int 5$"),  #
+    (lambda llm: llm.generate(["hi", 5]), r"^prompts\[1\]: a prompt must be .*found int 5$"),  #
     # trial 39: which of several (kiln serve's prompt[1])
-    (lambda llm: llm.generate("\ud800"), r"^prompt #0: the text is not UTF-8: it holds a lone "
+    (lambda llm: llm.generate("\ud800"), r"^prompts\[0\]: the text is not UTF-8: it holds a lone "
                                          r"surrogate"),
     (lambda llm: llm.chat("hi"), r"^chat takes a conversation .*found str 'hi'$"),
     (lambda llm: llm.chat([]), r"^chat takes a conversation"),

@@ -471,8 +471,8 @@ class ReplicaCore:
         self._next_id += 1
         return f"req-{self._next_id}"
 
-    def check_prompt(self, label: str, prompt_ids: Sequence[int]) -> None:
-        check_prompt(label, prompt_ids, self.replica_limits, self.vocab_size)
+    def check_prompt(self, label: str, prompt_ids: Sequence[int], path: str = "prompt") -> None:
+        check_prompt(label, prompt_ids, self.replica_limits, self.vocab_size, path)
 
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams,
                     request_id: str | None = None, prompt: str | None = None) -> Request:
