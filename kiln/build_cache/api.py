@@ -141,6 +141,7 @@ def request_for(model: str | Path, *, backend: str | None = None, dtype: str = "
                          backend=backend or "onnx")
     cache = EngineCache(cache_dir)
     cache.check_dir()
+    cache.check_placement()
     with contextlib.suppress(BuildCacheError):  # read-only: its entries still serve; a build
         cache.ensure()  # calls it again and refuses
     why = None

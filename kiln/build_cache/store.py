@@ -58,7 +58,7 @@ from typing import Any
 from filelock import ReadWriteLock, Timeout
 
 from kiln.build_cache.hashes import MEMO_NAME
-from kiln.dirs import expand_home, special_file, unknown_home, unusable_path
+from kiln.dirs import DirKind, classify_dir, expand_home, special_file, unknown_home, unusable_path
 from kiln.errors import UNREADABLE_JSON, USER_TEXT, BuildCacheError, check_path
 from kiln.hashing import manifest_edited, sha256_file
 
@@ -200,6 +200,23 @@ class EngineCache:
         if above is not None and not above.is_dir():
             raise BuildCacheError(f"{self.root}: the build cache cannot be made there, {above} "
                                   f"is {_what(above)}, not a directory; {fix}")
+
+    def check_placement(self) -> None:
+        """Refuse (one line) a cache root that is or lies inside a checkpoint or engine dir (an
+        HF checkpoint, a kiln checkpoint, an engine dir: a ``config.json`` says so), where its
+        ``engines/`` would be written among files the cache did not write: a retest's
+        ``--cache_dir`` naming its ``--model_dir`` had put ``engines/`` into the model's files,
+        and one naming a kiln checkpoint had left it one that ``--overwrite`` refused. Checked
+        before a build writes anything; ``kiln cache list`` and ``prune`` do not ask (a cache
+        made there by an earlier kiln stays listable and prunable)."""
+        for directory in (self.root, *self.root.parents):
+            kind = classify_dir(directory)
+            if kind is not DirKind.OTHER:
+                where = "is" if directory == self.root else "lies inside"
+                raise BuildCacheError(f"{self.root}: the build cache {where} {directory}, "
+                                      f"{kind.value}; its engines/ would be written among that "
+                                      f"directory's files: set KILN_CACHE_DIR (or --cache_dir) "
+                                      f"to a directory outside it")
 
     def ensure(self) -> None:
         """Create the engines dir; refuse one kiln cannot write (one line, with the fix)."""

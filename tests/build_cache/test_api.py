@@ -338,6 +338,36 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_hf, tmp_path, cache_dir, 
     assert {p.name for p in tmp_path.iterdir()} <= {"engine", "kiln-cache"}
 
 
+@pytest.mark.parametrize("root, where", [("{hf}", "is {hf}, a Hugging Face checkpoint"),
+                                         ("{hf}/sub", "lies inside {hf}, a Hugging Face "
+                                                      "checkpoint"),
+                                         ("{ckpt}/x/y", "lies inside {ckpt}, a kiln checkpoint"),
+                                         ("{engine}", "is {engine}, an engine dir")])
+def test_a_cache_root_in_a_checkpoint_or_engine_dir_is_refused_before_any_write(
+        hf_copy, tmp_path, builds, root, where):
+    """A retest's --cache_dir naming its --model_dir had written engines/ among the model's
+    files, and one naming a kiln checkpoint had left it one that --overwrite refused (it holds
+    'engines', which kiln did not write)."""
+    ckpt, engine = tmp_path / "ckpt", tmp_path / "engine"
+    for directory, manifest in ((ckpt, {"format_version": 1, "decoder": {}, "mapping": {}}),
+                                (engine, {"format_version": 1, "backend": "onnx"})):
+        directory.mkdir()
+        (directory / "config.json").write_text(json.dumps(manifest))
+    before = {p: sorted(p.rglob("*")) for p in (hf_copy, ckpt, engine)}
+    root = Path(root.format(hf=hf_copy, ckpt=ckpt, engine=engine))
+    with pytest.raises(BuildCacheError) as raised:
+        engine_for_model(hf_copy, cache_dir=root)
+    assert str(raised.value) == (
+        f"{root}: the build cache {where.format(hf=hf_copy, ckpt=ckpt, engine=engine)}; its "
+        f"engines/ would be written among that directory's files: set KILN_CACHE_DIR (or "
+        f"--cache_dir) to a directory outside it")
+    assert builds == [] and {p: sorted(p.rglob("*")) for p in before} == before
+    result = CliRunner().invoke(main, ["run", "--model_dir", str(hf_copy), "--cache_dir",
+                                       str(root), "--input_text", "hi"])
+    assert result.exit_code == 2 and result.output == f"error: {raised.value}\n", result.output
+    assert {p: sorted(p.rglob("*")) for p in before} == before
+
+
 @pytest.mark.parametrize("model, message", [
     ("", "--model_dir is empty; pass an HF checkpoint directory or hub id"),
     (5, "--model_dir must be a path (a str or os.PathLike), found int 5"),
