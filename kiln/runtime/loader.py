@@ -118,8 +118,9 @@ def check_replicas(manifest: EngineManifest, device: str, machine: MachineInfo,
     if mapping.world_size > 1:
         raise EngineError(f"{option('dp', dp)} runs copies of a single-rank engine, and this "
                           f"engine has {mapping.world_size} ranks (tp {mapping.tp_size} x pp "
-                          f"{mapping.pp_size}); run it with {option('dp', 1)}, or build a tp 1 "
-                          f"engine (kiln convert_checkpoint --tp_size 1) for data parallelism")
+                          f"{mapping.pp_size}); run it with {option('dp', 1)}, or build a tp 1 x "
+                          f"pp 1 engine (kiln convert_checkpoint --tp_size 1 --pp_size 1) for "
+                          f"data parallelism")
     gpus = len(machine.gpus)
     if device == "cuda" and dp > gpus:
         raise EngineError(f"{option('dp', dp)} needs {dp} GPUs (one replica per GPU), and this "

@@ -238,9 +238,9 @@ def test_what_cannot_run_as_replicas_is_refused_before_anything_starts(engines, 
     with pytest.raises(EngineError) as info:
         check_engine(engines(tp=2), ExecutorOptions(device="cuda", dp=2), machine=two_gpus)
     assert str(info.value) == ("dp=2 runs copies of a single-rank engine, and this engine has "
-                               "2 ranks (tp 2 x pp 1); run it with dp=1, or build a tp 1 "
-                               "engine (kiln convert_checkpoint --tp_size 1) for data "
-                               "parallelism")
+                               "2 ranks (tp 2 x pp 1); run it with dp=1, or build a tp 1 x "
+                               "pp 1 engine (kiln convert_checkpoint --tp_size 1 --pp_size 1) "
+                               "for data parallelism")  # (a retest's pp 3 had been told tp 1)
     with pytest.raises(EngineError, match="open_engine opens one executor in this process, "
                                           "and dp is 2"):
         open_engine(engine, ExecutorOptions(device="cpu", dp=2))
