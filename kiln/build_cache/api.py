@@ -150,7 +150,12 @@ def request_for(model: str | Path, *, backend: str | None = None, dtype: str = "
         build = dataclasses.replace(build, backend=backend)
     source = identify_source(str(model), revision, allow_pickle, cache.dir)
     parts, build = key_parts(source, convert, build)
-    return Request(cache, source, parts, build, f"{backend}{f', {why}' if why else ''}")
+    what = f"{backend}{f', {why}' if why else ''}"
+    if convert.dtype == "auto" and parts.convert["dtype"] != "auto":  # resolve_dtype's float32
+        # (said in the building and cache-hit lines: a retest's bfloat16 model had been built in
+        # float32, twice its weights' memory, with a word at INFO only)
+        what += f"; {parts.convert['dtype']}, {ONNX_FLOAT32}"
+    return Request(cache, source, parts, build, what)
 
 
 @contextlib.contextmanager
@@ -235,6 +240,9 @@ def _max_positions(source: SourceId) -> int:
         return converter_for(hf).max_positions(hf)
 
 
+ONNX_FLOAT32 = "as ONNX Runtime's CPU provider computes a bfloat16 model's onnx engine"
+
+
 def resolve_dtype(dtype: str, build: Any, source: SourceId) -> str:
     """``dtype`` as asked; ``auto`` is the source's, except that an onnx engine of a bfloat16
     model gets float32 (ONNX Runtime's CPU provider, which builds every onnx engine, has no
@@ -245,8 +253,7 @@ def resolve_dtype(dtype: str, build: Any, source: SourceId) -> str:
         # the model's own dtype, where auto keeps it, is auto's engine (a trial's --dtype
         # float32 of a float32 model had built a second one)
         return "auto" if dtype == own and not (onnx and own == "bfloat16") else dtype
-    if onnx and own == "bfloat16":
-        log.info("dtype: float32 (the bfloat16 model's onnx engine computes in float32)")
+    if onnx and own == "bfloat16":  # (request_for says so)
         return "float32"
     return "auto"
 

@@ -212,6 +212,12 @@ def test_an_onnx_engine_of_a_bfloat16_model_defaults_to_float32(hf_copy, cache_d
     assert api.request_for(hf_copy, targets=("cuda",)).parts.convert["dtype"] == "float32"
     assert api.request_for(hf_copy, backend="torch").parts.convert["dtype"] == "auto"
     assert api.request_for(hf_copy, dtype="float16").parts.convert["dtype"] == "float16"
+    # said in the building and cache-hit lines, at the default level (a retest had found it
+    # at INFO only): twice the bfloat16 weights' memory
+    assert api.request_for(hf_copy, backend="onnx").what == (
+        "onnx; float32, as ONNX Runtime's CPU provider computes a bfloat16 model's onnx engine")
+    assert api.request_for(hf_copy, backend="onnx", dtype="float32").what == "onnx"
+    assert api.request_for(hf_copy, backend="torch").what == "torch"
 
 
 def test_the_default_backend_is_torch_with_a_cuda_gpu_else_onnx(monkeypatch):
