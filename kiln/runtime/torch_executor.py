@@ -147,7 +147,9 @@ def check_options(manifest: EngineManifest, machine: MachineInfo,
                           f"process, and {gpus} CUDA GPU(s) are visible here; run "
                           f"it where {world} GPUs are visible, or rebuild from a checkpoint "
                           f"converted with fewer ranks (--tp_size/--pp_size)")
-    if device == "cpu":  # after the refusals: said only of an engine that runs
+    if device == "cpu" and (launch is None or launch.rank == 0):
+        # after the refusals: said only of an engine that runs, once (under torchrun by the
+        # driver: a retest's 4 ranks had each said it)
         faster = "a CUDA GPU or build an onnx engine (build with --backend onnx)" \
             if manifest.mapping.world_size == 1 else f"{gpus_needed(manifest)}"  # onnx: tp 1
         warn_once(f"torch engine on the CPU: PyTorch reference kernels, the slow path "

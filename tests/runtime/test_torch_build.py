@@ -73,6 +73,27 @@ def test_device_auto_without_a_gpu_is_refused_before_any_file_is_read(checkpoint
         open_engine(out, ExecutorOptions(device="cpu"), machine=no_gpu)
 
 
+@pytest.mark.parametrize("rank, said", [(0, True), (1, False), (3, False)])
+def test_under_torchrun_only_the_driver_says_the_cpu_path_is_slow(checkpoint, tmp_path, caplog,
+                                                                 monkeypatch, rank, said):
+    """A retest's torchrun of 4 CPU ranks had printed the slow-path warning 4 times (the
+    workers print nothing else)."""
+    from kiln.runtime.torch_executor import check_options
+
+    out = tmp_path / "engine"
+    build(checkpoint, out, backend="torch", max_batch_size=2, max_seq_len=32, dtype="float32")
+    for name, value in {"WORLD_SIZE": "4", "RANK": str(rank), "LOCAL_RANK": str(rank),
+                        "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)
+    manifest = read_manifest(out)
+    with caplog.at_level(logging.WARNING):
+        check_options(manifest, MachineInfo(kiln_version=manifest.kiln_version),
+                      ExecutorOptions(device="cpu"))
+    slow = [r for r in caplog.records if "reference kernels, the slow path" in r.getMessage()]
+    assert len(slow) == int(said), caplog.records
+
+
 def test_cudnn_prefill_attention_on_the_cpu_is_refused_before_any_file_is_read(checkpoint,
                                                                               tmp_path):
     out = tmp_path / "engine"
