@@ -64,7 +64,9 @@ class BuildResult:
         stages = ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
         files, parts = sum(len(p.files) for p in self.parts), len(self.parts)
         counts = f"{files} file{'s' * (files != 1)}, {parts} part{'s' * (parts != 1)}"
-        return (f"built {self.output_dir} ({self.manifest.backend}, {counts}): "
+        # the targets: a tensorrt build's defaults had been said with -v only (a retest)
+        targets = ",".join(self.manifest.targets)
+        return (f"built {self.output_dir} ({self.manifest.backend} for {targets}, {counts}): "
                 f"{stages}; peak RSS {self.peak_rss / 1e9:.2f} GB")
 
 

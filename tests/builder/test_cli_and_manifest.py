@@ -51,6 +51,7 @@ def test_cli_build_reports_once(checkpoint, tmp_path, caplog, verbosity, level):
     assert result.exit_code == 0, result.output
     logged = [r.getMessage() for r in caplog.records]
     assert sum(m.startswith("built ") for m in logged + result.stderr.splitlines()) == 1
+    assert f"built {tmp_path / 'e'} (onnx for cpu, 2 files, 1 part): " in result.stderr
     assert [m for m in logged if m.startswith("plugins ")] == (
         ["plugins fused: gated_mlp, gqa, norm, residual_norm; "
          "replaced by gqa: attention, kv_cache, rotary"] if verbosity else [])
