@@ -228,7 +228,13 @@ def verify_checkpoint(obj: CliContext, directory: Path) -> None:
     and the other files it wrote unchanged; one line per rank file, then a summary."""
     from tqdm import tqdm
 
-    from kiln.checkpoint import CONFIG_NAME, CheckpointConfig, check_rank_checksums, rank_file
+    from kiln.checkpoint import (
+        CONFIG_NAME,
+        CheckpointConfig,
+        check_rank_checksums,
+        rank_file,
+        written_by,
+    )
     from kiln.errors import CheckpointError, KilnError
     from kiln.hashing import manifest_edited, sha256_file
     from kiln.progress import progress_bar
@@ -255,8 +261,8 @@ def verify_checkpoint(obj: CliContext, directory: Path) -> None:
         for rank, name in enumerate(names):
             path, problem = directory / name, None
             if not path.is_file():  # the repair named, as an engine's missing file's is
-                problem = "missing (listed in config.json); copy it again, or write the " \
-                          "checkpoint again with kiln convert_checkpoint"
+                problem = f"missing (listed in config.json); copy it again, or write the " \
+                          f"checkpoint again with {written_by(config)}"  # (quantize's too)
             elif unrecorded:
                 problem = _content_problem(path, config, rank, bar.update)
             else:

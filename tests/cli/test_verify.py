@@ -340,6 +340,20 @@ def test_a_damaged_or_swapped_checkpoint_file_fails_verify(checkpoint):
            in kiln("verify", str(checkpoint)).output  # the repair named (retest 38: none was)
 
 
+def test_a_quantized_checkpoint_s_missing_rank_file_names_kiln_quantize(checkpoint):
+    """A retest's kiln quantize output missing rank0 had been told to write it again with kiln
+    convert_checkpoint (kiln build named kiln quantize)."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["source"] = {**config["source"], "quantized_from": "ckpt/fp16"}
+    config[DIGEST_KEY] = manifest_digest(config)  # as quantize writes it
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    (checkpoint / "rank0.safetensors").unlink()
+    r = kiln("verify", str(checkpoint))
+    assert r.exit_code == 2 and "FAIL rank 0  rank0.safetensors  missing (listed in " \
+        "config.json); copy it again, or write the checkpoint again with kiln quantize\n" \
+        in r.output, r.output
+
+
 def test_rank_files_copied_over_each_other_are_named_by_verify(checkpoint):
     shutil.copy(checkpoint / "rank1.safetensors", checkpoint / "rank0.safetensors")
     r = kiln("verify", str(checkpoint))
