@@ -175,6 +175,11 @@ def verify(obj: CliContext, engine_dir: Path | None, engine_dir_option: Path | N
     if dir_kind(data) is DirKind.KILN_CHECKPOINT:
         verify_checkpoint(obj, engine_dir)
         return
+    if dir_kind(data) is DirKind.HF_CHECKPOINT:  # (read_manifest's words are run's and bench's)
+        raise EngineError(f"{engine_dir}: is a Hugging Face checkpoint, not an engine dir or a "
+                          f"kiln checkpoint; kiln verify checks what kiln wrote against the "
+                          f"checksums it recorded: verify the kiln checkpoint kiln "
+                          f"convert_checkpoint --model_dir {engine_dir} writes, or its engine")
 
     manifest, data = read_manifest_data(engine_dir)
     problems = [p for p in (manifest_edit(data),

@@ -504,3 +504,13 @@ def test_a_torch_engines_packed_rank_file_names_kiln_build(tmp_path):
     (tmp_path / "config.json").write_text("{,}")
     r = kiln("verify", str(tmp_path))
     assert r.exit_code == 2 and r.output.rstrip().endswith(f"; {ENGINE_REPAIR}"), r.output
+
+
+def test_a_hugging_face_checkpoint_is_told_what_verify_checks(tmp_path):
+    """A retest's kiln verify of an HF model dir had been told how kiln run takes one."""
+    hf = hf_model("llama-gqa", tmp_path / "hf")
+    r = kiln("verify", str(hf))
+    assert r.exit_code == 2 and r.output == (
+        f"error: {hf}: is a Hugging Face checkpoint, not an engine dir or a kiln checkpoint; "
+        f"kiln verify checks what kiln wrote against the checksums it recorded: verify the kiln "
+        f"checkpoint kiln convert_checkpoint --model_dir {hf} writes, or its engine\n")
