@@ -234,3 +234,15 @@ def test_a_path_under_an_unknown_users_home_is_named_as_given():
     with pytest.raises(DatasetError, match=r"^calib_dataset='~nouser/x' starts with ~nouser, "
                                            r"but there is no user nouser; give another path$"):
         load_texts("~nouser/x", "calib_dataset")
+
+
+def test_a_file_s_path_with_a_trailing_slash_is_refused(tmp_path):
+    """A retest's kiln quantize --eval_dataset english.txt/ had read the file (pathlib drops the
+    '/'); cat says "Not a directory"."""
+    (tmp_path / "english.txt").write_text("Some text.")
+    with pytest.raises(DatasetError) as error:
+        load_texts(f"{tmp_path}/english.txt/")
+    assert _one_line(error) == (f"{tmp_path}/english.txt/: ends with '/', so it names a "
+                                f"directory, and {tmp_path}/english.txt is a file; give the "
+                                f"file's path without the '/'")
+    assert load_texts(f"{tmp_path}/").texts == ("Some text.",)  # a directory's '/' is fine

@@ -400,6 +400,22 @@ def test_an_empty_path_is_refused_not_read_as_the_current_directory(args, messag
     assert message in result.output
 
 
+@pytest.mark.parametrize("args", [["eval", "--engine_dir", "e", "--dataset", "{f}/"],
+                                  ["run", "--engine_dir", "{f}/", "--input_text", "hi"]])
+def test_a_file_s_path_with_a_trailing_slash_is_refused(args, tmp_path, monkeypatch):
+    """A retest's --dataset english.txt/ had read the file (pathlib drops the '/'), where
+    --input_file english.txt/ was refused and cat says "Not a directory"."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "english.txt").write_text("Some text.")
+    args = [a.format(f="english.txt") for a in args]
+    result = CliRunner().invoke(main, args, prog_name="kiln")
+    option = args[args.index("english.txt/") - 1]
+    assert result.exit_code == 2 and result.output == (
+        f"error: Invalid value for '{option}': 'english.txt/' ends with '/', so it names a "
+        f"directory, and 'english.txt' is a file; give a directory, or the file's path without "
+        f"the '/' (see kiln {args[0]} --help)\n"), result.output
+
+
 @pytest.mark.parametrize("size, message", [
     ("1KB", "error: --max_build_memory 1KB is 1000 bytes, less than the 400 MiB any build needs "
             "(a backend's libraries alone); give 400MiB or more"),
