@@ -118,13 +118,14 @@ def _check_outside_cache_entries(output_dir: Path, out: Path) -> None:
     temporary dirs, which hold no ``entry.json`` until they are complete."""
     from kiln.build_cache.store import ENTRY_FILE, MARKER
 
-    for parent in out.parents:
-        try:
+    for parent in (out, *out.parents):  # the entry itself too (a retest's had been told only
+        try:  # that it holds 'engine', 'entry.json' and no manifest)
             data = json.loads((parent / ENTRY_FILE).read_text(USER_TEXT))
         except (OSError, *UNREADABLE_JSON):
             continue
         if isinstance(data, dict) and MARKER in data:
-            raise OutputError(f"{option('output_dir', output_dir)} lies inside {parent}, an "
+            where = "is" if parent == out else "lies inside"
+            raise OutputError(f"{option('output_dir', output_dir)} {where} {parent}, an "
                               f"entry of kiln's build cache, which manages it (kiln run "
                               f"--model_dir and kiln cache build make its engines, kiln cache "
                               f"prune removes them): choose a directory outside the cache")

@@ -337,6 +337,9 @@ def test_an_output_inside_a_build_cache_entry_is_refused(built, tmp_path):
         with pytest.raises(OutputError, match=f"lies inside {entry}, an entry of kiln's build "
                                               f"cache"):
             check_output(out, overwrite=True, writes="kiln engine dir")
+    with pytest.raises(OutputError, match=f"is {entry}, an entry of kiln's build cache"):
+        check_output(entry, overwrite=True, writes="kiln engine dir")  # (a retest: the entry
+        # itself had been told it holds 'engine', 'entry.json' and no manifest)
     assert snapshot(entry) == before
     check_output(tmp_path / "cache" / "engines" / ".smollm2-abc.tmp-1-x" / "engine", False)
 
