@@ -170,6 +170,15 @@ def hold_engine(engine_dir: str | Path, cache_dir: str | Path | None = None) -> 
         yield path
 
 
+def option_names() -> frozenset[str]:
+    """Every keyword :func:`engine_for_model` takes (its own and BuildOptions' fields that a
+    caller may set)."""
+    from kiln.builder.options import BuildOptions
+
+    fields = {f.name for f in dataclasses.fields(BuildOptions)} - set(FIXED)
+    return frozenset(fields | set(_OWN))
+
+
 def check_option_names(options: dict[str, Any], caller: str,
                        sets_itself: tuple[str, ...] = ()) -> None:
     """A :class:`~kiln.errors.ConfigError` naming ``caller`` (e.g. ``"LLM"``, which passes its

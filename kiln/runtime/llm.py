@@ -125,7 +125,14 @@ class LLM:
                             f"{type(options).__name__} {options!r:.60}")
         _refuse_runtime_keywords(build_options, options)
         if engine_dir is not None and build_options:
+            from kiln.build_cache.api import check_option_names, option_names
             from kiln.dirs import DirKind, classify_dir
+
+            # unknown ones named as LLM(model=...) names them (a retest's had been called
+            # build options with an engine dir)
+            known = option_names() - {"check"}
+            if unknown := {k: v for k, v in build_options.items() if k not in known}:
+                check_option_names(unknown, "LLM", sets_itself=("check",))
 
             if classify_dir(engine_dir) is DirKind.HF_CHECKPOINT:
                 raise TypeError(f"LLM() got {engine_dir} as an engine dir, and it is a Hugging "

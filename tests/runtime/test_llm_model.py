@@ -130,6 +130,12 @@ def test_wrong_combinations_are_type_errors(args, kwargs, message, cache):
 def test_an_unknown_build_option_is_named(tiny_hf, cache):
     with pytest.raises(ConfigError, match=r"^LLM\(\) got unknown options \['max_batch_sizes'\]"):
         LLM(model=tiny_hf, max_batch_sizes=2)
+    with pytest.raises(ConfigError) as raised:  # beside an engine dir too (a retest's had been
+        LLM("engines/x", max_batch_sizes=2, bogus=1)  # called build options)
+    assert str(raised.value).startswith("LLM() got unknown options ['bogus', 'max_batch_sizes'] "
+                                        "(max_batch_sizes: did you mean max_batch_size?); it "
+                                        "takes allow_long_context, allow_pickle, backend, "
+                                        "cache_dir, dtype,")
     with pytest.raises(ConfigError) as raised:  # the CLI's --gqa_plugin disable
         LLM(model=tiny_hf, gqa_plugin="disable")
     assert "gqa_plugin: the API takes plugins={'gqa': 'enable'|'disable'|'auto'}" in \
