@@ -185,6 +185,11 @@ def _bench(engine_dir: Path, spec: Workload, options: ExecutorOptions, warmup: i
     with LLM(engine_dir, options) as llm:
         limits = llm.limits
         _check_workload(spec, limits, warmup)
+        if spec.concurrency is not None and spec.concurrency > limits.max_batch_size:
+            # (the report says "concurrency 1000" of an engine of 8 slots: a retest)
+            logger.warning("--concurrency %d: the engine runs at most %d requests at once (its "
+                           "max_batch_size); the others wait in its queue, and their wait counts "
+                           "in their TTFT", spec.concurrency, limits.max_batch_size)
         rounds = _warmup_workload(spec, warmup, limits)
         if rounds is not None:
             run_benchmark(llm.core, rounds, progress=progress, label="warm-up")

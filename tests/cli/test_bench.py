@@ -5,6 +5,7 @@ taken for the file."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import pytest
@@ -124,3 +125,18 @@ def test_a_directory_that_appeared_at_the_path_is_not_replaced(tmp_path):
         bench_cli.write_report(tmp_path / "r.json", "{}")
     assert (tmp_path / "r.json" / "keep").read_text() == "mine"
     assert os.listdir(tmp_path) == ["r.json"]
+
+
+@pytest.mark.parametrize("concurrency, warned", [("2", False), ("1000", True)])
+def test_a_concurrency_past_the_engine_s_slots_is_said(engine, tmp_path, caplog, concurrency,
+                                                       warned):
+    """A retest's --concurrency 1000 on an engine of 8 slots ran without a word (the report
+    says "concurrency 1000")."""
+    with caplog.at_level(logging.WARNING, logger="kiln"):
+        result = _bench(engine, "--concurrency", concurrency, "--json_output",
+                        str(tmp_path / "r.json"))
+    assert result.exit_code == 0, result.output
+    said = [r.getMessage() for r in caplog.records if "--concurrency" in r.getMessage()]
+    assert said == (["--concurrency 1000: the engine runs at most 2 requests at once (its "
+                     "max_batch_size); the others wait in its queue, and their wait counts in "
+                     "their TTFT"] if warned else [])
