@@ -160,6 +160,20 @@ def resolve_limits(options: BuildOptions, decoder: DecoderConfig,
                           f"pass {option('max_seq_len')} (with "
                           f"{option('allow_long_context', True)}) or fix the model's "
                           f"config.json{again}")
+    if options.max_seq_len is None and max_input_len > max_seq_len:
+        # the default named, and what raising it takes (a retest's --max_input_len 300 of a
+        # model of 256 positions had been told to raise --max_seq_len, then refused again)
+        raise_it = f"pass {option('max_seq_len', max_input_len)} or more"
+        if max_seq_len == decoder.max_position_embeddings:  # the model's positions
+            default = f"the model's max_position_embeddings " \
+                      f"({config or options.checkpoint_dir / 'config.json'})"
+            if decoder.rope_scaling is None:  # (_check_positions)
+                raise_it += f" with {option('allow_long_context', True)}"
+        else:
+            default = f"kiln's default, at most {DEFAULT_MAX_SEQ_LEN}"
+        raise ConfigError(f"{option('max_input_len', max_input_len)} exceeds max_seq_len "
+                          f"{max_seq_len}, {default}; lower {option('max_input_len')}, or "
+                          f"{raise_it}")
     limits = BuildLimits(max_batch_size=options.max_batch_size, max_input_len=max_input_len,
                          max_seq_len=max_seq_len, max_num_tokens=max_num_tokens)
     _check_positions(limits, decoder, options.allow_long_context)

@@ -206,6 +206,20 @@ def test_input_longer_than_sequence(checkpoint, tmp_path):
           max_input_len=40)
 
 
+def test_a_given_input_length_past_the_default_sequence_names_the_default(checkpoint, tmp_path):
+    """A retest's --max_input_len 300 of a model of 256 positions had been told to raise
+    --max_seq_len, not that 256 was its default, nor that past it takes allow_long_context."""
+    ckpt = checkpoint("llama-gqa")  # max_position_embeddings 64, no rope scaling
+    before = set(tmp_path.iterdir())
+    with pytest.raises(ConfigError) as info:
+        build(ckpt, tmp_path / "engine", max_input_len=100)
+    assert str(info.value) == (
+        f"max_input_len=100 exceeds max_seq_len 64, the model's max_position_embeddings "
+        f"({ckpt / 'config.json'}); lower max_input_len, or pass max_seq_len=100 or more with "
+        f"allow_long_context=True")
+    assert set(tmp_path.iterdir()) == before
+
+
 def test_sequence_beyond_positions(checkpoint, tmp_path):
     ckpt = checkpoint("llama-gqa")  # max_position_embeddings 64, no rope scaling
     fails(tmp_path, ckpt, ConfigError, "allow_long_context", max_seq_len=128)
