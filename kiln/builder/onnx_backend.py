@@ -32,7 +32,7 @@ from kiln.builder.backends import (
 )
 from kiln.checkpoint import rank_file
 from kiln.engine import EngineError
-from kiln.errors import BuildError, option
+from kiln.errors import BuildError, option, wording
 from kiln.progress import progress_bar
 
 # ONNX Runtime's GraphOptimizationLevel per target (names: the child process looks them up).
@@ -58,8 +58,8 @@ class OnnxBackend(Backend):
             raise EngineError(f"the onnx backend cannot run tp_size "
                               f"{plan.checkpoint.mapping.tp_size}: ONNX Runtime has no "
                               f"collective op; use {option('backend', 'torch')} (one process "
-                              f"per rank), {option('backend', 'tensorrt')} (NVIDIA GPUs), or a "
-                              f"tp_size 1 checkpoint")
+                              f"per rank), {option('backend', 'tensorrt')} (NVIDIA GPUs), or "
+                              f"{_tp_one()}")
         check_kv_cache(plan, "onnx")
         if plan.dtype == "bfloat16":  # (for cuda too: the build optimizes on the CPU provider)
             raise EngineError(f"ONNX Runtime's CPU provider, which builds every onnx engine, "
@@ -118,3 +118,10 @@ def optimize(raw: Path, out: Path, target: str) -> None:
     if child.returncode != 0:
         last = (errors.strip().splitlines() or [f"exit status {child.returncode}"])[-1]
         raise BuildError(f"ONNX Runtime could not optimize {raw.name} for {target}: {last}")
+
+
+def _tp_one() -> str:
+    """tp_size 1 in its user's words: the option, where the engine is built from the command's
+    (``kiln run --model_dir``: a retest had been told of a checkpoint it never made), else a
+    checkpoint converted so."""
+    return option("tp_size", 1) if wording().limits_as_options else "a tp_size 1 checkpoint"

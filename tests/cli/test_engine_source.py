@@ -198,6 +198,10 @@ def test_bench_on_a_model_dir(tiny_hf, cache):
     (["run", "--input_text", "Hi", "--tp_size", "3"], "--tp_size 3 does not divide the 4 query "
                                                       "heads; this model allows --tp_size 1, 2, "
                                                       "4"),
+    (["run", "--input_text", "Hi", "--tp_size", "2"],  # (a retest had been told of "a tp_size
+     # 1 checkpoint", which --model_dir never makes)
+     "the onnx backend cannot run tp_size 2: ONNX Runtime has no collective op; use --backend "
+     "torch (one process per rank), --backend tensorrt (NVIDIA GPUs), or --tp_size 1"),
     (["bench", "--max_num_tokens", "4", "--max_batch_size", "5"],
      "max_num_tokens 4 is below max_batch_size 5"),
     (["run", "--input_text", "Hi", "--pp_size", "100"], "--pp_size 100 exceeds the 2 layers (a "
