@@ -125,15 +125,21 @@ def build_with(options: BuildOptions, progress: bool = False) -> BuildResult:
     engine.check(plan)  # (a refusal there comes before any warning of speed)
     _warn_slow_forms(engine.name, plan.graph.quantization, plan.graph.weight_only_int8_compute)
     _check_the_cache_size(plan, engine)
-    budget = options.memory_budget() // options.workers
+    # no more workers than parts can be (a layer each): each is given its share of the memory
+    # (a retest's --workers 100 of a 4-layer model had been refused for 0.2 GB a worker)
+    workers = min(options.workers, ckpt.decoder.num_layers * ckpt.mapping.tp_size)
+    if workers < options.workers:
+        log.info("workers: %d, one per layer of every rank at most (%s)", workers,
+                 option("workers", options.workers))
+    budget = options.memory_budget() // workers
     parts = [p for rank in range(ckpt.mapping.world_size)
              for p in plan_rank(ckpt, rank, RankWeights(weights[rank].path, plan.dtype), budget,
                                 engine.memory_factor, engine.base_memory, engine.tensor_copies,
-                                options.workers)]
+                                workers)]
     seconds = {"plan": time.perf_counter() - started}
     with atomic_dir(options.output_dir, options.overwrite, ENGINE_KIND) as tmp, \
             rank_files_checked(options.checkpoint_dir, ckpt) as check:
-        results = run_parts(engine, plan, parts, tmp, options.workers, progress)
+        results = run_parts(engine, plan, parts, tmp, workers, progress)
         check()
         seconds["parts"] = time.perf_counter() - started - seconds["plan"]
         manifest = _finish(tmp, engine, plan, results)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -57,6 +59,31 @@ def test_memory_budget_splits_a_rank_into_parts(checkpoint, reference_logits, tm
         assert manifest.rank_files[0] == ("rank0.part0.onnx", "rank0.part0.onnx.data",
                                           "rank0.part1.onnx", "rank0.part1.onnx.data")
         assert_matches(engine_runner(engine), reference_logits("llama-gqa"))
+
+
+def test_workers_past_the_layers_are_capped(checkpoint, tmp_path, monkeypatch, caplog):
+    """No more workers than a layer each, each with its share of the memory (a retest's
+    --workers 100 of a small model had been refused for 0.2 GB a worker)."""
+    from kiln.builder import api
+
+    ckpt = checkpoint("llama-gqa")  # 2 layers, tp 1
+    config = load_config(ckpt)
+    weights = api.check_rank_files(ckpt, config)[0]
+    budget = int(OnnxBackend.base_memory
+                 + OnnxBackend.memory_factor * weights.nbytes(list(weights.infos)) * 0.6)
+
+    class Planned(Exception):
+        pass
+
+    def planned(engine, plan, parts, tmp, workers, progress):
+        raise Planned(len(parts), workers)
+
+    monkeypatch.setattr(api, "run_parts", planned)
+    with caplog.at_level(logging.INFO, logger="kiln"), pytest.raises(Planned) as info:
+        build(ckpt, tmp_path / "engine", max_build_memory=budget * 2, workers=100, **LIMITS)
+    assert info.value.args == (2, 2)  # two parts of one layer, a worker and a budget each
+    assert "workers: 2, one per layer of every rank at most (workers=100)" in caplog.messages
+    assert not any(tmp_path.iterdir())
 
 
 def test_budget_too_small_for_one_layer(checkpoint, tmp_path):
