@@ -253,7 +253,9 @@ def read_config(directory: str | Path, wanted: DirKind, error: type[Exception],
                     + (f"did you mean {near}? " if near else "") + fix)
     if not path.is_file():
         inside = only_child_of_kind(directory, wanted)
-        raise error(f"{path}: missing, so {directory} is not {article} {noun}; "
+        what = "missing" if not path.exists() else \
+            f"is {special_file(path) or 'a directory'}, not a file"  # (had read "missing")
+        raise error(f"{path}: {what}, so {directory} is not {article} {noun}; "
                     + (f"did you mean {inside}?" if inside else fix))
     try:
         data = json.loads(path.read_text(USER_TEXT))

@@ -372,6 +372,21 @@ def test_a_device_or_pipe_is_named_as_what_it_is_not_as_missing(tmp_path, kind, 
             read_config(path, kind, EngineError)
 
 
+def test_a_config_json_that_is_a_directory_or_a_pipe_is_named_as_such(tmp_path):
+    """A retest's config.json made a directory had been told "config.json: missing"."""
+    from kiln.dirs import read_config
+
+    (tmp_path / "d" / "config.json").mkdir(parents=True)
+    (tmp_path / "p").mkdir()
+    os.mkfifo(tmp_path / "p" / "config.json")
+    for directory, what in (("d", "a directory"), ("p", "a named pipe")):
+        with pytest.raises(EngineError) as info:
+            read_config(tmp_path / directory, DirKind.ENGINE, EngineError)
+        assert str(info.value) == (f"{tmp_path / directory / 'config.json'}: is {what}, not a "
+                                   f"file, so {tmp_path / directory} is not an engine directory; "
+                                   f"pass the output_dir of kiln build")
+
+
 def test_a_path_the_os_refuses_is_said_in_words(tmp_path):
     """A retest's KILN_CACHE_DIR of these had been "Too many levels of symbolic links" and "File
     name too long" (and a loop, to kiln cache list, an empty cache)."""
