@@ -101,8 +101,9 @@ def test_two_nodes_give_the_tokens_of_the_spawned_ranks(engine, tmp_path):
     assert [node.returncode for node in nodes] == [0, 0], outs
     assert len(want.token_ids) == 8 and outs[0][0] == want.text + "\n"
     assert "8 tokens, 1 request, finish: length" in outs[0][1]
-    rank1 = rank_output(tmp_path)
-    assert "torch engine on the CPU" in rank1[1]  # the rank's own stderr, not an empty file
+    rank1 = rank_output(tmp_path)  # (its log files exist: torchrun redirected them)
+    # the slow path said once, by the driver (a retest's 4 ranks had each said it)
+    assert "torch engine on the CPU" in outs[0][1] and "torch engine" not in rank1[1], rank1
     assert rank1[0] == "" and "error" not in rank1[1].lower(), (rank1, outs[1])  # served, no more
 
 
