@@ -7,6 +7,7 @@ them), on the CPU over gloo.
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -254,6 +255,42 @@ def test_workers_end_with_their_killed_driver(engines, tmp_path):
     assert not any(alive(p) for p in workers)
 
 
+def test_a_child_ends_with_its_killed_driver_while_it_still_imports(tmp_path):
+    """A spawned child detaches (ends with its parent) before it imports its entry: a retest's
+    driver SIGKILLed while its ranks imported torch had left them running 2.7-6 s."""
+    importing = tmp_path / "importing"
+    (tmp_path / "slow_entry.py").write_text(
+        f"import time\nopen({str(importing)!r}, 'w').close()\n"
+        f"time.sleep(60)  # an import that takes long (torch, on a busy machine)\n"
+        f"def main(spec):\n    pass\n")
+    pids = tmp_path / "pids"
+    driver = run_python(f"""
+        import multiprocessing, os, pickle, sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        from kiln.runtime.distributed.process import spawned, start
+
+        if __name__ == "__main__":
+            process = multiprocessing.get_context("spawn").Process(
+                target=spawned, args=(os.getpid(), "slow_entry:main", pickle.dumps(None)))
+            start(process)
+            with open({str(pids)!r} + ".tmp", "w") as f:
+                f.write(str(process.pid))
+            os.rename({str(pids)!r} + ".tmp", {str(pids)!r})
+            process.join()
+    """)
+    child = int(wait_for(pids))
+    wait_for(importing)
+    driver.kill()
+    driver.wait()  # (not communicate: the child holds the driver's pipes until it ends)
+    gone_by = time.monotonic() + 3  # PARENT_POLL_S 0.5, with room for a busy machine
+    while alive(child) and time.monotonic() < gone_by:
+        time.sleep(0.05)
+    left = alive(child)
+    if left:
+        os.kill(child, signal.SIGKILL)  # (not left to sleep on after a failure)
+    assert not left
+
+
 def test_ctrl_c_stops_every_rank_and_kiln_run_exits_130(engines, tmp_path):
     """A terminal's Ctrl-C reaches the whole process group: the workers ignore it, the driver
     stops them all. It lands mid-step (in the driver's forward, between two all-reduces), so
@@ -376,7 +413,7 @@ def test_a_rank_words_its_messages_as_its_driver_does(monkeypatch, given):
     started = []
 
     def start(process):
-        started.append(process._args[0])
+        started.append(pickle.loads(process._args[2]))  # (spawned's payload)
         raise RuntimeError("not started")
 
     monkeypatch.setattr(pool, "start", start)
@@ -386,7 +423,6 @@ def test_a_rank_words_its_messages_as_its_driver_does(monkeypatch, given):
 
     seen = []
     monkeypatch.setattr(worker, "_serve", lambda spec, end: seen.append(wording()))
-    monkeypatch.setattr(worker, "detach", lambda pid: None)
     monkeypatch.setattr(worker.os, "_exit", lambda code: None)
     worker.main(started[0], mock.Mock(), [0, 0])
     assert seen == [given] and wording() == Wording()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import pickle
 import re
 import signal
 import threading
@@ -472,7 +473,7 @@ def test_a_replica_words_its_messages_as_its_driver_does(tmp_path, monkeypatch, 
     started = []
 
     def start(process):
-        started.append(process._args[0])
+        started.append(pickle.loads(process._args[2]))  # (spawned's payload)
         raise RuntimeError("not started")
 
     monkeypatch.setattr(replicas, "start", start)
@@ -490,7 +491,6 @@ def test_a_replica_words_its_messages_as_its_driver_does(tmp_path, monkeypatch, 
             pass
 
     monkeypatch.setattr(replica_worker, "_Replica", Replica)
-    monkeypatch.setattr(replica_worker, "detach", lambda pid: None)
     monkeypatch.setattr(replica_worker.os, "_exit", lambda code: None)
     replica_worker.main(started[0], mock.Mock())
     assert seen == [given] and wording() == Wording()

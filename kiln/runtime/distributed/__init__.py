@@ -61,7 +61,23 @@ not the default until measured on several GPUs. Not yet: CUDA graphs for engines
 ranks; pipeline stages that overlap across steps.
 """
 
-from kiln.runtime.distributed.executor import DistributedExecutor
-from kiln.runtime.distributed.pool import WorkerPool
+from __future__ import annotations
 
-__all__ = ["DistributedExecutor", "WorkerPool"]
+import importlib
+from typing import Any
+
+# imported lazily (PEP 562), as kiln.runtime's names: a spawned rank or replica starts in
+# :func:`.process.spawned`, which ends with its parent before anything imports torch
+_LAZY = {"DistributedExecutor": "kiln.runtime.distributed.executor",
+         "WorkerPool": "kiln.runtime.distributed.pool"}
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'kiln.runtime.distributed' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -55,6 +55,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import pickle
 import queue
 import threading
 import time
@@ -72,7 +73,7 @@ import torch.distributed as dist
 from kiln.config import Mapping
 from kiln.errors import Wording, wording
 from kiln.runtime.distributed.comm import HOST, LOOPBACK, CollectiveError, GlooBind, Groups
-from kiln.runtime.distributed.process import exit_cause, start
+from kiln.runtime.distributed.process import exit_cause, spawned, start
 from kiln.runtime.errors import WorkerError
 from kiln.runtime.launch import check_launch, torchrun_env
 from kiln.runtime.torch_backend.parallel import rank_label
@@ -331,15 +332,14 @@ class WorkerPool(RankPool):
                         self.groups.backend)
 
     def _start(self) -> None:
-        from kiln.runtime.distributed.worker import main
-
         level = logging.getLogger().getEffectiveLevel()
         for rank in range(1, self.world_size):
             spec = WorkerSpec(rank, self.world_size, self.store.port, self.device, os.getpid(),
                               self.timeout_s, self._threads, level, wording())
             ours, theirs = self._context.Pipe()
-            process = self._context.Process(target=main, args=(spec, theirs, self.progress),
-                                            daemon=True, name=f"kiln-rank{rank}")
+            process = self._context.Process(target=spawned, args=(
+                os.getpid(), "kiln.runtime.distributed.worker:main", pickle.dumps(spec), theirs,
+                self.progress), daemon=True, name=f"kiln-rank{rank}")
             start(process)  # SIGINT blocked until the child ignores it (.process)
             theirs.close()
             self.processes[rank], self.conns[rank] = process, ours

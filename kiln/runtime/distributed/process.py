@@ -9,6 +9,11 @@ how its end is told.
 - :func:`detach` (first thing in the child): ignore those signals, drop pending ones, and start a
   thread that ends the process within :data:`PARENT_POLL_S` once the driver's pid is gone
   (killed outright: nothing else would stop a process blocked in a collective or a step).
+  :func:`spawned` is every child's ``Process`` target: it detaches, then imports the child's
+  own entry (a rank's, a replica's: torch, seconds on a busy machine) and runs it, so a driver
+  killed while its children start up takes them with it within :data:`PARENT_POLL_S` (a retest's
+  SIGKILL at start-up had left seven ranks running 2.7-6 s, until their imports ended). Their
+  spec travels pickled (``payload``) for the same reason: unpickled after the detach.
 - :func:`exit_cause` says how a process ended, from its exit code.
 - A script that opens a multi-process engine without the ``if __name__ == "__main__":`` guard
   runs again in every process spawned for it (the spawn start method imports the parent's main
@@ -22,12 +27,15 @@ Torch-free, so a replica can set its visible GPU before anything imports CUDA.
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing
 import os
+import pickle
 import signal
 import threading
 import time
 from multiprocessing.process import BaseProcess
+from typing import Any
 
 # what a terminal sends to its whole foreground process group (SIGHUP: not on Windows)
 GROUP_SIGNALS = {signal.SIGINT} | ({signal.SIGHUP} if hasattr(signal, "SIGHUP") else set())
@@ -53,6 +61,15 @@ def start(process: BaseProcess) -> None:
         process.start()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def spawned(parent_pid: int, entry: str, payload: bytes, *live: Any) -> None:
+    """A spawned child's ``Process`` target: :func:`detach`, then ``entry`` (``module:name``)
+    called with the unpickled ``payload`` and ``live`` (pipes and shared memory, which
+    multiprocessing hands over at the spawn)."""
+    detach(parent_pid)
+    module, _, name = entry.partition(":")
+    getattr(importlib.import_module(module), name)(pickle.loads(payload), *live)
 
 
 def detach(parent_pid: int) -> None:

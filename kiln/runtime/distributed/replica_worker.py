@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 from kiln.errors import Wording, worded
-from kiln.runtime.distributed.process import detach
 
 logger = logging.getLogger(__name__)
 
@@ -93,8 +92,8 @@ class Update:
 
 
 def main(spec: ReplicaSpec, conn: Connection) -> None:
-    """Entry of the spawned process."""
-    detach(spec.parent_pid)
+    """Entry of the spawned process, detached from SIGINT and ending with its driver
+    (:func:`~.process.spawned`)."""
     if spec.cuda_device is not None:  # before anything initializes CUDA
         os.environ["CUDA_VISIBLE_DEVICES"] = spec.cuda_device
     logging.basicConfig(level=spec.log_level,

@@ -53,7 +53,6 @@ from kiln.runtime.core import freeze_loaded_objects
 from kiln.runtime.distributed.comm import HOST, CollectiveError, Groups, broadcast
 from kiln.runtime.distributed.driver import replay
 from kiln.runtime.distributed.executor import send_logits
-from kiln.runtime.distributed.process import detach
 from kiln.runtime.executor import DeviceTokens, SequenceChunk
 from kiln.runtime.torch_backend.parallel import RankShard
 from kiln.runtime.torch_executor import build_executor, rank_weights
@@ -62,9 +61,9 @@ logger = logging.getLogger(__name__)
 
 
 def main(spec, conn: Connection, progress) -> None:
-    """Entry of the spawned process (``spec``: a :class:`~.pool.WorkerSpec`; ``progress``: the
+    """Entry of the spawned process, detached from SIGINT and ending with its driver
+    (:func:`~.process.spawned`; ``spec``: a :class:`~.pool.WorkerSpec`; ``progress``: the
     pool's shared step counters, this rank's incremented after each step)."""
-    detach(spec.parent_pid)  # ignore SIGINT, end with the driver (.process)
     logging.basicConfig(level=spec.log_level,
                         format=f"%(levelname)s %(name)s [rank {spec.rank}]: %(message)s")
     code = 0
