@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import logging
 import os
 import threading
@@ -64,7 +65,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.engine import EngineManifest
-from kiln.errors import described, limits_as_options, shown
+from kiln.errors import ConfigError, described, limits_as_options, shown
 from kiln.runtime.core import EngineCore, RequestDelta
 from kiln.runtime.errors import EngineClosedError, RequestError, TokenizerError
 from kiln.runtime.executor import Executor
@@ -106,6 +107,23 @@ def _refuse_runtime_keywords(keywords: dict[str, Any], options: ExecutorOptions 
                         f"options=: pass options=ExecutorOptions({given})")
 
 
+def _unknown_beside_an_engine_dir(unknown: list[str], build: frozenset[str]) -> str:
+    """Keywords ``LLM(engine_dir, ...)`` takes neither as build options (``build``, refused
+    there as such) nor as run-time ones: each named, with the option it may have meant (a
+    retest's had been called build options, then listed with the build options alone)."""
+    runtime = [f.name for f in dataclasses.fields(ExecutorOptions)]
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, [*runtime, *sorted(build)], n=1)
+        if close and close[0] in runtime:
+            hints.append(f"{name}: did you mean options=ExecutorOptions({close[0]}=...)?")
+        elif close:
+            hints.append(f"{name}: did you mean {close[0]}, a build option of LLM(model=...)?")
+    return (f"LLM() got unknown options {unknown}" + (f" ({'; '.join(hints)})" if hints else "")
+            + "; beside an engine dir it takes its run-time options as "
+              "options=ExecutorOptions(...), and build options with LLM(model=...) only")
+
+
 class LLM:
     """Generate text with a built engine (see the module docstring)."""
 
@@ -125,14 +143,12 @@ class LLM:
                             f"{type(options).__name__} {options!r:.60}")
         _refuse_runtime_keywords(build_options, options)
         if engine_dir is not None and build_options:
-            from kiln.build_cache.api import check_option_names, option_names
+            from kiln.build_cache.api import option_names
             from kiln.dirs import DirKind, classify_dir
 
-            # unknown ones named as LLM(model=...) names them (a retest's had been called
-            # build options with an engine dir)
             known = option_names() - {"check"}
-            if unknown := {k: v for k, v in build_options.items() if k not in known}:
-                check_option_names(unknown, "LLM", sets_itself=("check",))
+            if unknown := sorted(k for k in build_options if k not in known):
+                raise ConfigError(_unknown_beside_an_engine_dir(unknown, known))
 
             if classify_dir(engine_dir) is DirKind.HF_CHECKPOINT:
                 raise TypeError(f"LLM() got {engine_dir} as an engine dir, and it is a Hugging "

@@ -131,11 +131,13 @@ def test_an_unknown_build_option_is_named(tiny_hf, cache):
     with pytest.raises(ConfigError, match=r"^LLM\(\) got unknown options \['max_batch_sizes'\]"):
         LLM(model=tiny_hf, max_batch_sizes=2)
     with pytest.raises(ConfigError) as raised:  # beside an engine dir too (a retest's had been
-        LLM("engines/x", max_batch_sizes=2, bogus=1)  # called build options)
-    assert str(raised.value).startswith("LLM() got unknown options ['bogus', 'max_batch_sizes'] "
-                                        "(max_batch_sizes: did you mean max_batch_size?); it "
-                                        "takes allow_long_context, allow_pickle, backend, "
-                                        "cache_dir, dtype,")
+        LLM("engines/x", max_batch_sizes=2, bogus=1, num_thread=2)  # called build options)
+    assert str(raised.value) == (
+        "LLM() got unknown options ['bogus', 'max_batch_sizes', 'num_thread'] (max_batch_sizes: "
+        "did you mean max_batch_size, a build option of LLM(model=...)?; num_thread: did you "
+        "mean options=ExecutorOptions(num_threads=...)?); beside an engine dir it takes its "
+        "run-time options as options=ExecutorOptions(...), and build options with "
+        "LLM(model=...) only")
     with pytest.raises(ConfigError) as raised:  # the CLI's --gqa_plugin disable
         LLM(model=tiny_hf, gqa_plugin="disable")
     assert "gqa_plugin: the API takes plugins={'gqa': 'enable'|'disable'|'auto'}" in \
