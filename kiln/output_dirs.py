@@ -111,24 +111,18 @@ def output_path(output_dir: str | os.PathLike) -> Path:
 
 
 def _check_outside_cache_entries(output_dir: Path, out: Path) -> None:
-    """Refuse an output inside an entry of a kiln build cache (a directory whose
-    ``entry.json`` the cache wrote): the cache would go on serving what a user's build put
-    there under the key of another model (a trial's ``kiln build --output_dir
-    $KILN_CACHE_DIR/engines/NAME/engine --overwrite``). The cache's own builds write into
-    temporary dirs, which hold no ``entry.json`` until they are complete."""
-    from kiln.build_cache.store import ENTRY_FILE, MARKER
+    """Refuse an output that is or lies inside an entry of a kiln build cache: the cache would
+    go on serving what a user's build put there under the key of another model (a trial's
+    ``kiln build --output_dir $KILN_CACHE_DIR/engines/NAME/engine --overwrite``; the entry
+    itself had been told only that it holds 'engine', 'entry.json' and no manifest)."""
+    from kiln.build_cache.store import entry_holding
 
-    for parent in (out, *out.parents):  # the entry itself too (a retest's had been told only
-        try:  # that it holds 'engine', 'entry.json' and no manifest)
-            data = json.loads((parent / ENTRY_FILE).read_text(USER_TEXT))
-        except (OSError, *UNREADABLE_JSON):
-            continue
-        if isinstance(data, dict) and MARKER in data:
-            where = "is" if parent == out else "lies inside"
-            raise OutputError(f"{option('output_dir', output_dir)} {where} {parent}, an "
-                              f"entry of kiln's build cache, which manages it (kiln run "
-                              f"--model_dir and kiln cache build make its engines, kiln cache "
-                              f"prune removes them): choose a directory outside the cache")
+    if (entry := entry_holding(out)) is not None:
+        where = "is" if entry == out else "lies inside"
+        raise OutputError(f"{option('output_dir', output_dir)} {where} {entry}, an entry of "
+                          f"kiln's build cache, which manages it (kiln run --model_dir and kiln "
+                          f"cache build make its engines, kiln cache prune removes them): choose "
+                          f"a directory outside the cache")
 
 
 def _check_writable(output_dir: Path) -> None:

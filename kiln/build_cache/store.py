@@ -171,6 +171,20 @@ def _what(path: Path) -> str:
     return special_file(path) or "a file"
 
 
+def entry_holding(path: Path) -> Path | None:
+    """The build cache entry (a directory whose ``entry.json`` the cache wrote) that ``path``
+    is or lies inside, or None. The cache's own builds write into temporary dirs, which hold no
+    ``entry.json`` until they are complete."""
+    for directory in (path, *path.parents):
+        try:
+            data = json.loads((directory / ENTRY_FILE).read_text(USER_TEXT))
+        except (OSError, *UNREADABLE_JSON):
+            continue
+        if isinstance(data, dict) and MARKER in data:
+            return directory
+    return None
+
+
 class EngineCache:
     """The engine cache under ``root`` (default :func:`cache_root`)."""
 
@@ -209,6 +223,17 @@ class EngineCache:
         and one naming a kiln checkpoint had left it one that ``--overwrite`` refused. Checked
         before a build writes anything; ``kiln cache list`` and ``prune`` do not ask (a cache
         made there by an earlier kiln stays listable and prunable)."""
+        parent = EngineCache(self.root.parent)
+        if not self.dir.exists() and parent.dir == self.root and any(parent.names()[:2]):
+            # (kiln cache list shows it: retest 44c's had made a second cache in it)
+            raise BuildCacheError(f"{self.root}: is the engines dir of the build cache at "
+                                  f"{parent.root}; set KILN_CACHE_DIR (or --cache_dir) to that, "
+                                  f"the cache's root")
+        if (entry := entry_holding(self.root)) is not None:  # (its engine/ is an engine dir)
+            raise BuildCacheError(f"{self.root}: the build cache "
+                                  f"{'is' if entry == self.root else 'lies inside'} {entry}, an "
+                                  f"entry of another build cache, which manages it: set "
+                                  f"KILN_CACHE_DIR (or --cache_dir) to a directory outside it")
         for directory in (self.root, *self.root.parents):
             kind = classify_dir(directory)
             if kind is not DirKind.OTHER:

@@ -368,6 +368,27 @@ def test_a_cache_root_in_a_checkpoint_or_engine_dir_is_refused_before_any_write(
     assert {p: sorted(p.rglob("*")) for p in before} == before
 
 
+def test_a_cache_root_in_another_cache_is_refused_before_any_write(tiny_hf, tmp_path,
+                                                                    cache_dir):
+    """Retest 44c: a --cache_dir naming an entry of a cache had built into it (leaving its
+    content-hash memo there), and one naming a cache's engines dir (as kiln cache list shows
+    it) had made a second cache inside."""
+    entry = Path(engine_for_model(tiny_hf)).parent
+    engines = entry.parent
+    before = sorted(cache_dir.rglob("*"))
+    for root, said in ((entry, f"{entry}: the build cache is {entry}, an entry of another build "
+                               f"cache, which manages it"),
+                       (entry / "engine" / "x", f"{entry / 'engine' / 'x'}: the build cache lies "
+                                                f"inside {entry}, an entry of another build cache"),
+                       (engines, f"{engines}: is the engines dir of the build cache at "
+                                 f"{cache_dir}; set KILN_CACHE_DIR (or --cache_dir) to that, the "
+                                 f"cache's root")):
+        with pytest.raises(BuildCacheError) as raised:
+            engine_for_model(tiny_hf, cache_dir=root)
+        assert str(raised.value).startswith(said), str(raised.value)
+    assert sorted(cache_dir.rglob("*")) == before
+
+
 @pytest.mark.parametrize("model, message", [
     ("", "--model_dir is empty; pass an HF checkpoint directory or hub id"),
     (5, "--model_dir must be a path (a str or os.PathLike), found int 5"),
