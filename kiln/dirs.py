@@ -223,6 +223,17 @@ def _limit(name: str, default: int) -> int:
         return default
 
 
+def absent(path: Path) -> str:
+    """Why ``path``, expected to be a file, is not one, for a message: "missing", "is a
+    directory, not a file" (a retest's config.json made a directory had read "missing"), "is a
+    symbolic link to x, which does not exist"."""
+    if path.is_symlink() and not path.exists():
+        return f"is a symbolic link to {os.readlink(path)}, which does not exist"
+    if not path.exists():
+        return "missing"
+    return f"is {special_file(path) or 'a directory'}, not a file"
+
+
 def read_config(directory: str | Path, wanted: DirKind, error: type[Exception],
                 name: str | None = None, flag: str | None = None) -> tuple[Path, dict[str, Any]]:
     """``(path, parsed config.json)`` of ``directory``, which must be of kind ``wanted``.
@@ -253,9 +264,7 @@ def read_config(directory: str | Path, wanted: DirKind, error: type[Exception],
                     + (f"did you mean {near}? " if near else "") + fix)
     if not path.is_file():
         inside = only_child_of_kind(directory, wanted)
-        what = "missing" if not path.exists() else \
-            f"is {special_file(path) or 'a directory'}, not a file"  # (had read "missing")
-        raise error(f"{path}: {what}, so {directory} is not {article} {noun}; "
+        raise error(f"{path}: {absent(path)}, so {directory} is not {article} {noun}; "
                     + (f"did you mean {inside}?" if inside else fix))
     try:
         data = json.loads(path.read_text(USER_TEXT))

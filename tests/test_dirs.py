@@ -379,12 +379,19 @@ def test_a_config_json_that_is_a_directory_or_a_pipe_is_named_as_such(tmp_path):
     (tmp_path / "d" / "config.json").mkdir(parents=True)
     (tmp_path / "p").mkdir()
     os.mkfifo(tmp_path / "p" / "config.json")
-    for directory, what in (("d", "a directory"), ("p", "a named pipe")):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "config.json").symlink_to("gone.json")
+    for directory, what in (("d", "is a directory, not a file"),
+                            ("p", "is a named pipe, not a file"),
+                            ("s", "is a symbolic link to gone.json, which does not exist")):
         with pytest.raises(EngineError) as info:
             read_config(tmp_path / directory, DirKind.ENGINE, EngineError)
-        assert str(info.value) == (f"{tmp_path / directory / 'config.json'}: is {what}, not a "
-                                   f"file, so {tmp_path / directory} is not an engine directory; "
-                                   f"pass the output_dir of kiln build")
+        assert str(info.value) == (f"{tmp_path / directory / 'config.json'}: {what}, so "
+                                   f"{tmp_path / directory} is not an engine directory; pass the "
+                                   f"output_dir of kiln build")
+        verified = CliRunner().invoke(main, ["verify", str(tmp_path / directory)])
+        assert verified.exit_code == 2 and verified.output.startswith(  # (retest 44c)
+            f"error: {tmp_path / directory / 'config.json'}: {what}, so "), verified.output
 
 
 def test_a_path_the_os_refuses_is_said_in_words(tmp_path):

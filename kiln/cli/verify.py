@@ -26,6 +26,7 @@ from kiln.cli.context import CliContext, PathArg
 from kiln.dirs import (
     ENGINE_KEYS,
     DirKind,
+    absent,
     classify_dir,
     dir_kind,
     near_path,
@@ -169,7 +170,8 @@ def verify(obj: CliContext, engine_dir: Path | None, engine_dir_option: Path | N
                               f"{_repairs(engine_dir, data)}")
     if engine_dir.is_dir() and not config_path.is_file():  # a parent, say
         inside = only_child_of_kind(engine_dir, DirKind.ENGINE, DirKind.KILN_CHECKPOINT)
-        raise EngineError(f"{engine_dir / 'config.json'}: missing, so {engine_dir} is neither an "
+        raise EngineError(f"{engine_dir / 'config.json'}: {absent(config_path)}, so {engine_dir} "
+                          f"is neither an "
                           f"engine dir nor a kiln checkpoint; "
                           + (f"did you mean {inside}?" if inside else either))
     if dir_kind(data) is DirKind.KILN_CHECKPOINT:
