@@ -80,10 +80,11 @@ def load_texts(source: str | Path, name: str = "dataset") -> TextDataset:
         raise DatasetError("the dataset path is empty; pass a .txt, .jsonl or .parquet file, a "
                            "directory or a hub dataset id (owner/name)")
     path = expand_home(text, name, DatasetError)
-    if text.endswith(("/", os.sep)) and path.is_file():  # (Path drops the '/'; open() would not)
-        raise DatasetError(f"{text}: ends with '/', so it names a directory, and "
-                           f"{text.rstrip('/' + os.sep)} is a file; give the file's path without "
-                           f"the '/'")
+    if path.is_file() and not os.path.exists(os.path.expanduser(text)):
+        # 'f.txt/' or 'f.txt/.': Path drops them, where open() and cat refuse them (a retest's
+        # --eval_dataset english.txt/ had read the file)
+        raise DatasetError(f"{text}: treats {path} as a directory (a '/' after it), and it is a "
+                           f"file; give the file's path, {path}")
     if path.exists():
         if path.is_dir():
             return _read_dir(path, path.name, "dir", None)

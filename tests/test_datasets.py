@@ -240,9 +240,10 @@ def test_a_file_s_path_with_a_trailing_slash_is_refused(tmp_path):
     """A retest's kiln quantize --eval_dataset english.txt/ had read the file (pathlib drops the
     '/'); cat says "Not a directory"."""
     (tmp_path / "english.txt").write_text("Some text.")
-    with pytest.raises(DatasetError) as error:
-        load_texts(f"{tmp_path}/english.txt/")
-    assert _one_line(error) == (f"{tmp_path}/english.txt/: ends with '/', so it names a "
-                                f"directory, and {tmp_path}/english.txt is a file; give the "
-                                f"file's path without the '/'")
+    for given in (f"{tmp_path}/english.txt/", f"{tmp_path}/english.txt/."):  # (retest 44c)
+        with pytest.raises(DatasetError) as error:
+            load_texts(given)
+        assert _one_line(error) == (f"{given}: treats {tmp_path}/english.txt as a directory (a "
+                                    f"'/' after it), and it is a file; give the file's path, "
+                                    f"{tmp_path}/english.txt")
     assert load_texts(f"{tmp_path}/").texts == ("Some text.",)  # a directory's '/' is fine

@@ -74,13 +74,13 @@ class PathArg(click.Path):
             if self.readable and os.path.exists(path) and not os.access(path, os.R_OK):
                 self.fail(f"{value!r} cannot be read (permission denied); give one you can "
                           f"read", param, ctx)
-            bare = path.rstrip("/" + os.sep)
-            if self.file_okay and self.dir_okay and bare != path and os.path.isfile(bare):
-                # (pathlib drops the '/': a retest's --dataset english.txt/ had read the file,
-                # where --input_file refused it and cat says "Not a directory")
-                self.fail(f"{value!r} ends with '/', so it names a directory, and "
-                          f"{value.rstrip('/' + os.sep)!r} is a file; give a directory, or "
-                          f"the file's path without the '/'", param, ctx)
+            norm = os.path.normpath(path)
+            if self.file_okay and self.dir_okay and not os.path.exists(path) \
+                    and os.path.isfile(norm):
+                # 'f.txt/' or 'f.txt/.': pathlib drops them (a retest's --dataset english.txt/
+                # had read the file, where --input_file refused it and cat says "Not a directory")
+                self.fail(f"{value!r} treats {norm!r} as a directory (a '/' after it), and it "
+                          f"is a file; give a directory, or the file's path {norm!r}", param, ctx)
             if not self.dir_okay:
                 if value.endswith(("/", os.sep)):
                     self.fail(f"{value!r} ends with '/', so it names a directory; give a "

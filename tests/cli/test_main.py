@@ -411,9 +411,9 @@ def test_a_file_s_path_with_a_trailing_slash_is_refused(args, tmp_path, monkeypa
     result = CliRunner().invoke(main, args, prog_name="kiln")
     option = args[args.index("english.txt/") - 1]
     assert result.exit_code == 2 and result.output == (
-        f"error: Invalid value for '{option}': 'english.txt/' ends with '/', so it names a "
-        f"directory, and 'english.txt' is a file; give a directory, or the file's path without "
-        f"the '/' (see kiln {args[0]} --help)\n"), result.output
+        f"error: Invalid value for '{option}': 'english.txt/' treats 'english.txt' as a "
+        f"directory (a '/' after it), and it is a file; give a directory, or the file's path "
+        f"'english.txt' (see kiln {args[0]} --help)\n"), result.output
 
 
 @pytest.mark.parametrize("size, message", [
