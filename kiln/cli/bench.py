@@ -145,9 +145,12 @@ def _check_workload(spec: Workload, limits: Any, warmup: int) -> None:
         raise click.BadParameter(f"{spec.input_len} exceeds the engine's max_input_len "
                                  f"{limits.max_input_len}", param_hint="--input_len")
     if spec.input_len + spec.output_len - 1 > limits.max_seq_len:
+        # the values that fit (retest 44c's defaults, 128 each, had been refused with none)
         raise click.BadParameter(f"input_len + output_len - 1 = "
                                  f"{spec.input_len + spec.output_len - 1} exceeds the "
-                                 f"engine's max_seq_len {limits.max_seq_len}",
+                                 f"engine's max_seq_len {limits.max_seq_len}; pass an "
+                                 f"--input_len and --output_len (128 each by default) that add "
+                                 f"up to at most {limits.max_seq_len + 1}",
                                  param_hint="--output_len")
     available = available_memory()
     problem = spec.host_memory_problem(available)
@@ -187,9 +190,11 @@ def _bench(engine_dir: Path, spec: Workload, options: ExecutorOptions, warmup: i
         _check_workload(spec, limits, warmup)
         if spec.concurrency is not None and spec.concurrency > limits.max_batch_size:
             # (the report says "concurrency 1000" of an engine of 8 slots: a retest)
-            logger.warning("--concurrency %d: the engine runs at most %d requests at once (its "
-                           "max_batch_size); the others wait in its queue, and their wait counts "
-                           "in their TTFT", spec.concurrency, limits.max_batch_size)
+            slots = "its max_batch_size" if options.dp == 1 else \
+                f"{options.dp} replicas of max_batch_size {limits.max_batch_size // options.dp}"
+            logger.warning("--concurrency %d: the engine runs at most %d requests at once (%s); "
+                           "the others wait in its queue, and their wait counts in their TTFT",
+                           spec.concurrency, limits.max_batch_size, slots)
         rounds = _warmup_workload(spec, warmup, limits)
         if rounds is not None:
             run_benchmark(llm.core, rounds, progress=progress, label="warm-up")

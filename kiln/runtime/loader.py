@@ -44,7 +44,7 @@ from kiln.engine import (
     read_manifest_data,
     verify_checksums,
 )
-from kiln.errors import a_or_an, build_smaller, option
+from kiln.errors import a_or_an, build_smaller, option, wording
 from kiln.runtime.compat import MachineInfo, describe_machine
 from kiln.runtime.executor import Executor
 from kiln.runtime.host_memory import available_memory
@@ -116,10 +116,14 @@ def check_replicas(manifest: EngineManifest, device: str, machine: MachineInfo,
                           f"already run in rank processes; leave {option('engine_process')} "
                           f"out")
     if mapping.world_size > 1:
+        # beside --model_dir the engine is built from the command's options (retest 44c had
+        # been sent to kiln convert_checkpoint)
+        single = f"pass {option('tp_size', 1)} and {option('pp_size', 1)}" \
+            if wording().limits_as_options else \
+            "build a tp 1 x pp 1 engine (kiln convert_checkpoint --tp_size 1 --pp_size 1)"
         raise EngineError(f"{option('dp', dp)} runs copies of a single-rank engine, and this "
                           f"engine has {mapping.world_size} ranks (tp {mapping.tp_size} x pp "
-                          f"{mapping.pp_size}); run it with {option('dp', 1)}, or build a tp 1 x "
-                          f"pp 1 engine (kiln convert_checkpoint --tp_size 1 --pp_size 1) for "
+                          f"{mapping.pp_size}); run it with {option('dp', 1)}, or {single} for "
                           f"data parallelism")
     gpus = len(machine.gpus)
     if device == "cuda" and dp > gpus:

@@ -43,7 +43,7 @@ class ExecutorOptions:
     # that opens one is the driver and starts the other ranks itself (kiln.runtime.loader).
     rank: int = 0
     dp: int = field(default=1, metadata={"help": (
-        "Data-parallel replicas: run N copies of a tp 1 engine, one process each (one GPU "
+        "Data-parallel replicas: run N copies of a single-rank engine, one process each (one GPU "
         "each on CUDA), and spread the requests over them. num_threads is per replica "
         "[default: all cores / N].")})
     engine_process: bool = field(default=False, metadata={"help": (

@@ -127,16 +127,30 @@ def test_a_directory_that_appeared_at_the_path_is_not_replaced(tmp_path):
     assert os.listdir(tmp_path) == ["r.json"]
 
 
-@pytest.mark.parametrize("concurrency, warned", [("2", False), ("1000", True)])
-def test_a_concurrency_past_the_engine_s_slots_is_said(engine, tmp_path, caplog, concurrency,
-                                                       warned):
+@pytest.mark.parametrize("args, said", [
+    (["--concurrency", "2"], None),
+    (["--concurrency", "1000"], "--concurrency 1000: the engine runs at most 2 requests at once "
+                                "(its max_batch_size); the others wait in its queue, and their "
+                                "wait counts in their TTFT"),
+    (["--concurrency", "5", "--dp", "2"], "--concurrency 5: the engine runs at most 4 requests "
+                                          "at once (2 replicas of max_batch_size 2); the others"),
+])
+def test_a_concurrency_past_the_engine_s_slots_is_said(engine, tmp_path, caplog, args, said):
     """A retest's --concurrency 1000 on an engine of 8 slots ran without a word (the report
-    says "concurrency 1000")."""
+    says "concurrency 1000"); retest 44c's --dp 2 had been told of a max_batch_size of 4."""
     with caplog.at_level(logging.WARNING, logger="kiln"):
-        result = _bench(engine, "--concurrency", concurrency, "--json_output",
-                        str(tmp_path / "r.json"))
+        result = _bench(engine, *args, "--json_output", str(tmp_path / "r.json"))
     assert result.exit_code == 0, result.output
-    said = [r.getMessage() for r in caplog.records if "--concurrency" in r.getMessage()]
-    assert said == (["--concurrency 1000: the engine runs at most 2 requests at once (its "
-                     "max_batch_size); the others wait in its queue, and their wait counts in "
-                     "their TTFT"] if warned else [])
+    warned = [r.getMessage() for r in caplog.records if "--concurrency" in r.getMessage()]
+    assert len(warned) == (said is not None) and all(w.startswith(said) for w in warned), warned
+
+
+def test_lengths_past_the_engine_say_what_fits(engine):
+    """Retest 44c: the defaults (128 each) on a small engine had been refused with no values
+    that fit."""
+    result = _invoke("bench", "--engine_dir", str(engine), "--input_len", "4", "--num_requests",
+                     "2", "--warmup", "0")
+    assert result.exit_code == 2 and result.output == (
+        "error: Invalid value for --output_len: input_len + output_len - 1 = 131 exceeds the "
+        "engine's max_seq_len 16; pass an --input_len and --output_len (128 each by default) "
+        "that add up to at most 17 (see kiln bench --help)\n"), result.output

@@ -202,6 +202,10 @@ def test_bench_on_a_model_dir(tiny_hf, cache):
      # 1 checkpoint", which --model_dir never makes)
      "the onnx backend cannot run tp_size 2: ONNX Runtime has no collective op; use --backend "
      "torch (one process per rank), --backend tensorrt (NVIDIA GPUs), or --tp_size 1"),
+    (["run", "--input_text", "Hi", "--pp_size", "2", "--dp", "2"],  # (retest 44c: had been sent
+     # to kiln convert_checkpoint)
+     "--dp 2 runs copies of a single-rank engine, and this engine has 2 ranks (tp 1 x pp 2); run "
+     "it with --dp 1, or pass --tp_size 1 and --pp_size 1 for data parallelism"),
     (["bench", "--max_num_tokens", "4", "--max_batch_size", "5"],
      "max_num_tokens 4 is below max_batch_size 5"),
     (["run", "--input_text", "Hi", "--pp_size", "100"], "--pp_size 100 exceeds the 2 layers (a "
