@@ -348,10 +348,15 @@ def test_a_quantized_checkpoint_s_missing_rank_file_names_kiln_quantize(checkpoi
     config[DIGEST_KEY] = manifest_digest(config)  # as quantize writes it
     (checkpoint / "config.json").write_text(json.dumps(config))
     (checkpoint / "rank0.safetensors").unlink()
+    rank1 = checkpoint / "rank1.safetensors"
+    rank1.write_bytes(rank1.read_bytes()[:100])  # its header cut (retest 44c: had named both)
     r = kiln("verify", str(checkpoint))
     assert r.exit_code == 2 and "FAIL rank 0  rank0.safetensors  missing (listed in " \
         "config.json); copy it again, or write the checkpoint again with kiln quantize\n" \
         in r.output, r.output
+    assert "FAIL rank 1  rank1.safetensors" in r.output and r.output.split(
+        "FAIL rank 1")[1].splitlines()[0].endswith("write the checkpoint again with kiln "
+                                                   "quantize"), r.output
 
 
 def test_rank_files_copied_over_each_other_are_named_by_verify(checkpoint):
