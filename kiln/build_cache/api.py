@@ -150,7 +150,9 @@ def request_for(model: str | Path, *, backend: str | None = None, dtype: str = "
         build = dataclasses.replace(build, backend=backend)
     source = identify_source(str(model), revision, allow_pickle, cache.dir)
     parts, build = key_parts(source, convert, build)
-    what = f"{backend}{f', {why}' if why else ''}"
+    # a tensorrt engine's targets are its GPUs (retest 44c: they had gone unsaid)
+    targets = f" for {','.join(build.targets)}" if backend == "tensorrt" else ""
+    what = f"{backend}{targets}{f', {why}' if why else ''}"
     if convert.dtype == "auto" and parts.convert["dtype"] != "auto":  # resolve_dtype's float32
         # (said in the building and cache-hit lines: a retest's bfloat16 model had been built in
         # float32, twice its weights' memory, with a word at INFO only)

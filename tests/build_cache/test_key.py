@@ -218,6 +218,8 @@ def test_an_onnx_engine_of_a_bfloat16_model_defaults_to_float32(hf_copy, cache_d
         "onnx; float32, as ONNX Runtime's CPU provider computes a bfloat16 model's onnx engine")
     assert api.request_for(hf_copy, backend="onnx", dtype="float32").what == "onnx"
     assert api.request_for(hf_copy, backend="torch").what == "torch"
+    assert api.request_for(hf_copy, backend="tensorrt", dtype="float16",
+                           targets=("sm86", "sm89")).what == "tensorrt for sm86,sm89"
 
 
 def test_the_default_backend_is_torch_with_a_cuda_gpu_else_onnx(monkeypatch):
