@@ -56,6 +56,7 @@ import contextlib
 import dataclasses
 import difflib
 import logging
+import numbers
 import os
 import threading
 import time
@@ -373,10 +374,12 @@ class LLM:
                 raise RequestError("text prompts need a tokenizer; pass token ids instead")
             return self.tokenizer.encode(prompt, most=self.limits.max_input_len)
         ids = list(prompt) if isinstance(prompt, (list, tuple)) else None
-        if ids is None or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        # numpy's integers too (retest 44c: np.int64 ids, which evaluate takes, were refused)
+        if ids is None or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
+                                  for t in ids):
             raise RequestError(f"a prompt must be a string or a list of int token ids, found "
                                f"{described(prompt)}")
-        return ids
+        return [int(t) for t in ids]
 
     def render_chat(self, messages: Messages, add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a conversation rendered with the model's chat template."""
@@ -547,6 +550,6 @@ def _as_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
         raise RequestError(f"prompts must be a string, a list of token ids, or a list of those, "
                            f"found {described(prompts)}")
     prompts = list(prompts)
-    if prompts and all(isinstance(t, int) for t in prompts):
-        return [prompts]  # one prompt of token ids
+    if prompts and all(isinstance(t, numbers.Integral) for t in prompts):
+        return [prompts]  # one prompt of token ids (numpy's too)
     return prompts

@@ -152,6 +152,19 @@ def test_bad_token_prompts(scripted, bad, match):
     assert not llm.core.has_work()
 
 
+def test_numpy_integer_ids_are_token_ids(scripted):
+    """Retest 44c: np.int64 ids (which evaluate takes) had been refused as no int token ids."""
+    import numpy as np
+
+    llm, prompt, _ = scripted()
+    ids = llm.encode(prompt)
+    want = llm.generate([ids], GREEDY)[0].token_ids
+    assert llm.generate([np.array(ids).tolist(), [np.int64(t) for t in ids]],
+                        GREEDY)[1].token_ids == want
+    assert llm.generate([np.int32(t) for t in ids], GREEDY)[0].token_ids == want  # one prompt
+    assert llm.encode([np.int64(3)]) == [3] and type(llm.encode([np.int64(3)])[0]) is int
+
+
 @pytest.mark.parametrize("call,match", [
     (lambda llm: llm.generate("hi", {"max_tokens": 3}),
      r"^sampling params must be a SamplingParams or a list of them \(one per prompt\), found "
