@@ -271,7 +271,7 @@ def test_a_child_ends_with_its_killed_driver_while_it_still_imports(tmp_path):
 
         if __name__ == "__main__":
             process = multiprocessing.get_context("spawn").Process(
-                target=spawned, args=(os.getpid(), "slow_entry:main", pickle.dumps(None)))
+                target=spawned, args=(os.getpid(), False, "slow_entry:main", pickle.dumps(None)))
             start(process)
             with open({str(pids)!r} + ".tmp", "w") as f:
                 f.write(str(process.pid))
@@ -289,6 +289,59 @@ def test_a_child_ends_with_its_killed_driver_while_it_still_imports(tmp_path):
     if left:
         os.kill(child, signal.SIGKILL)  # (not left to sleep on after a failure)
     assert not left
+
+
+@pytest.mark.parametrize("by_main_thread", [True, False])
+def test_a_stopped_child_ends_with_its_killed_driver_and_ignores_a_group_sigterm(tmp_path,
+                                                                                by_main_thread):
+    """Retest 44d: a SIGSTOPped replica had outlived its SIGKILLed server (its watching thread
+    cannot run), under setsid; and systemd's SIGTERM to every process of the unit had killed
+    the replicas under a request. A child the driver's main thread started is killed by Linux
+    (PR_SET_PDEATHSIG); one another thread started still ends by its watch, once it runs."""
+    (tmp_path / "idle_entry.py").write_text("import time\ndef main(spec):\n    time.sleep(60)\n")
+    pids = tmp_path / "pids"
+    driver = run_python(f"""
+        import multiprocessing, os, pickle, sys, threading
+        sys.path.insert(0, {str(tmp_path)!r})
+        from kiln.runtime.distributed.process import spawn_args, spawned, start
+
+        def go():
+            process = multiprocessing.get_context("spawn").Process(
+                target=spawned, args=spawn_args("idle_entry:main", None))
+            start(process)
+            with open({str(pids)!r} + ".tmp", "w") as f:
+                f.write(str(process.pid))
+            os.rename({str(pids)!r} + ".tmp", {str(pids)!r})
+            process.join()
+
+        if __name__ == "__main__":
+            if {by_main_thread}:
+                go()
+            else:
+                threading.Thread(target=go).start()
+    """, start_new_session=True)  # (no terminal's group to wake the stopped child)
+    child = int(wait_for(pids))
+    time.sleep(1.0)  # past its detach
+    try:
+        os.kill(child, signal.SIGTERM)  # a service manager's stop: the driver stops it
+        time.sleep(0.5)
+        assert alive(child)
+        os.kill(child, signal.SIGSTOP)
+        driver.kill()
+        driver.wait()
+        gone_by = time.monotonic() + 3
+        while alive(child) and time.monotonic() < gone_by:
+            time.sleep(0.05)
+        assert alive(child) != by_main_thread  # another thread's child: stopped, it waits
+        if not by_main_thread:
+            os.kill(child, signal.SIGCONT)  # running again, its watch ends it
+            gone_by = time.monotonic() + 3
+            while alive(child) and time.monotonic() < gone_by:
+                time.sleep(0.05)
+            assert not alive(child)
+    finally:
+        if alive(child):
+            os.kill(child, signal.SIGKILL)
 
 
 def test_ctrl_c_stops_every_rank_and_kiln_run_exits_130(engines, tmp_path):
@@ -413,7 +466,7 @@ def test_a_rank_words_its_messages_as_its_driver_does(monkeypatch, given):
     started = []
 
     def start(process):
-        started.append(pickle.loads(process._args[2]))  # (spawned's payload)
+        started.append(pickle.loads(process._args[3]))  # (spawned's payload)
         raise RuntimeError("not started")
 
     monkeypatch.setattr(pool, "start", start)

@@ -473,7 +473,7 @@ def test_a_replica_words_its_messages_as_its_driver_does(tmp_path, monkeypatch, 
     started = []
 
     def start(process):
-        started.append(pickle.loads(process._args[2]))  # (spawned's payload)
+        started.append(pickle.loads(process._args[3]))  # (spawned's payload)
         raise RuntimeError("not started")
 
     monkeypatch.setattr(replicas, "start", start)

@@ -55,7 +55,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import pickle
 import queue
 import threading
 import time
@@ -73,7 +72,7 @@ import torch.distributed as dist
 from kiln.config import Mapping
 from kiln.errors import Wording, wording
 from kiln.runtime.distributed.comm import HOST, LOOPBACK, CollectiveError, GlooBind, Groups
-from kiln.runtime.distributed.process import exit_cause, spawned, start
+from kiln.runtime.distributed.process import exit_cause, spawn_args, spawned, start
 from kiln.runtime.errors import WorkerError
 from kiln.runtime.launch import check_launch, torchrun_env
 from kiln.runtime.torch_backend.parallel import rank_label
@@ -337,9 +336,9 @@ class WorkerPool(RankPool):
             spec = WorkerSpec(rank, self.world_size, self.store.port, self.device, os.getpid(),
                               self.timeout_s, self._threads, level, wording())
             ours, theirs = self._context.Pipe()
-            process = self._context.Process(target=spawned, args=(
-                os.getpid(), "kiln.runtime.distributed.worker:main", pickle.dumps(spec), theirs,
-                self.progress), daemon=True, name=f"kiln-rank{rank}")
+            process = self._context.Process(target=spawned, args=spawn_args(
+                "kiln.runtime.distributed.worker:main", spec, theirs, self.progress),
+                daemon=True, name=f"kiln-rank{rank}")
             start(process)  # SIGINT blocked until the child ignores it (.process)
             theirs.close()
             self.processes[rank], self.conns[rank] = process, ours

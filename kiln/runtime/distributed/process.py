@@ -1,14 +1,21 @@
 """What every worker process kiln spawns shares: how it starts, how it ends with its driver, and
 how its end is told.
 
-- :func:`start` starts a spawned process with SIGINT and SIGHUP blocked (:data:`GROUP_SIGNALS`,
-  the signals a terminal sends its whole process group: Ctrl-C, a closed window): the child
-  inherits the blocked signals through fork and exec, so one that arrives while the child starts
-  Python and imports torch stays pending until :func:`detach` makes the child ignore it (a
-  handler would be reset by exec). The driver stops its workers itself.
+- :func:`start` starts a spawned process with SIGINT, SIGHUP and SIGTERM blocked
+  (:data:`GROUP_SIGNALS`, the signals sent to a whole process group: a terminal's Ctrl-C, a
+  closed window, a service manager's stop, which systemd sends every process of the unit): the
+  child inherits the blocked signals through fork and exec, so one that arrives while the child
+  starts Python and imports torch stays pending until :func:`detach` makes the child ignore it
+  (a handler would be reset by exec). The driver stops its workers itself (a retest's SIGTERM
+  to ``kiln serve --dp 2``'s group had killed the replicas under a request: a 500, not the
+  drain).
 - :func:`detach` (first thing in the child): ignore those signals, drop pending ones, and start a
   thread that ends the process within :data:`PARENT_POLL_S` once the driver's pid is gone
-  (killed outright: nothing else would stop a process blocked in a collective or a step).
+  (killed outright: nothing else would stop a process blocked in a collective or a step). A
+  child started by the driver's main thread also asks Linux for SIGKILL when the driver dies
+  (``PR_SET_PDEATHSIG``, which reaches a stopped process, where the thread cannot run: a
+  retest's SIGSTOPped replica had outlived its SIGKILLed server; the kernel sends it when the
+  starting *thread* ends, so only the main thread's children ask).
   :func:`spawned` is every child's ``Process`` target: it detaches, then imports the child's
   own entry (a rank's, a replica's: torch, seconds on a busy machine) and runs it, so a driver
   killed while its children start up takes them with it within :data:`PARENT_POLL_S` (a retest's
@@ -27,18 +34,22 @@ Torch-free, so a replica can set its visible GPU before anything imports CUDA.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import multiprocessing
 import os
 import pickle
 import signal
+import sys
 import threading
 import time
 from multiprocessing.process import BaseProcess
 from typing import Any
 
 # what a terminal sends to its whole foreground process group (SIGHUP: not on Windows)
-GROUP_SIGNALS = {signal.SIGINT} | ({signal.SIGHUP} if hasattr(signal, "SIGHUP") else set())
+GROUP_SIGNALS = {signal.SIGINT, signal.SIGTERM} | (
+    {signal.SIGHUP} if hasattr(signal, "SIGHUP") else set())
+PR_SET_PDEATHSIG = 1  # linux/prctl.h: signal this process when its parent thread exits
 
 PARENT_POLL_S = 0.5
 UNGUARDED_EXIT = 87  # a spawned child that ran the unguarded script of its parent (see above)
@@ -63,18 +74,31 @@ def start(process: BaseProcess) -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
-def spawned(parent_pid: int, entry: str, payload: bytes, *live: Any) -> None:
+def spawned(parent_pid: int, by_main_thread: bool, entry: str, payload: bytes,
+            *live: Any) -> None:
     """A spawned child's ``Process`` target: :func:`detach`, then ``entry`` (``module:name``)
     called with the unpickled ``payload`` and ``live`` (pipes and shared memory, which
-    multiprocessing hands over at the spawn)."""
-    detach(parent_pid)
+    multiprocessing hands over at the spawn). ``by_main_thread``: the driver's main thread
+    starts it (:func:`spawn_args`)."""
+    detach(parent_pid, by_main_thread)
     module, _, name = entry.partition(":")
     getattr(importlib.import_module(module), name)(pickle.loads(payload), *live)
 
 
-def detach(parent_pid: int) -> None:
+def spawn_args(entry: str, spec: Any, *live: Any) -> tuple:
+    """:func:`spawned`'s arguments for a child of this process that runs ``entry`` on
+    ``spec``, started by the thread that calls this."""
+    return (os.getpid(), threading.current_thread() is threading.main_thread(), entry,
+            pickle.dumps(spec), *live)
+
+
+def detach(parent_pid: int, by_main_thread: bool = False) -> None:
     """In the child: ignore :data:`GROUP_SIGNALS` (pending ones are dropped) and end with the
-    parent."""
+    parent (killed by Linux if the parent's main thread started it: the module docstring)."""
+    if by_main_thread and sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(3)
     for number in GROUP_SIGNALS:
         signal.signal(number, signal.SIG_IGN)  # blocked since the spawn (start)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, GROUP_SIGNALS)

@@ -87,7 +87,6 @@ import dataclasses
 import logging
 import multiprocessing
 import os
-import pickle
 import queue
 import threading
 import time
@@ -101,7 +100,7 @@ from pathlib import Path
 from kiln.engine import BuildLimits, EngineManifest
 from kiln.errors import wording
 from kiln.runtime.core import Request, RequestDelta, check_prompt, check_request
-from kiln.runtime.distributed.process import exit_cause, spawned, start
+from kiln.runtime.distributed.process import exit_cause, spawn_args, spawned, start
 from kiln.runtime.distributed.replica_worker import ReplicaInfo, ReplicaSpec, Update
 from kiln.runtime.errors import RequestError, WorkerError
 from kiln.runtime.loader import check_engine, run_device, warned
@@ -202,9 +201,9 @@ class ReplicaPool:
                                    f"replica {i}" if self.size > 1 else "engine", warned(),
                                    wording())
                 ours, theirs = context.Pipe()
-                process = context.Process(target=spawned, args=(
-                    os.getpid(), "kiln.runtime.distributed.replica_worker:main",
-                    pickle.dumps(spec), theirs), daemon=True, name=f"kiln-replica{i}")
+                process = context.Process(target=spawned, args=spawn_args(
+                    "kiln.runtime.distributed.replica_worker:main", spec, theirs), daemon=True,
+                    name=f"kiln-replica{i}")
                 start(process)
                 theirs.close()
                 self.processes.append(process)
