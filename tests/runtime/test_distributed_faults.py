@@ -291,6 +291,30 @@ def test_a_child_ends_with_its_killed_driver_while_it_still_imports(tmp_path):
     assert not left
 
 
+def test_a_driver_that_exits_with_its_children_running_ends_them(tmp_path):
+    """multiprocessing ends a driver's daemon children at its exit with SIGTERM, then waits for
+    them: a child that ignored every SIGTERM (a group's stop) had hung that exit (a script
+    whose engine was never closed)."""
+    (tmp_path / "idle_entry.py").write_text("import time\ndef main(spec):\n    time.sleep(60)\n")
+    driver = run_python(f"""
+        import multiprocessing, sys, time
+        sys.path.insert(0, {str(tmp_path)!r})
+        from kiln.runtime.distributed.process import spawn_args, spawned, start
+
+        if __name__ == "__main__":
+            process = multiprocessing.get_context("spawn").Process(
+                target=spawned, args=spawn_args("idle_entry:main", None), daemon=True)
+            start(process)
+            time.sleep(1.5)  # past its detach; then the interpreter exits, the child running
+            print(process.pid, flush=True)
+    """)
+    try:
+        out, _ = driver.communicate(timeout=20)
+    finally:
+        driver.kill()
+    assert driver.returncode == 0 and not alive(int(out.split()[0]))
+
+
 @pytest.mark.parametrize("by_main_thread", [True, False])
 def test_a_stopped_child_ends_with_its_killed_driver_and_ignores_a_group_sigterm(tmp_path,
                                                                                 by_main_thread):

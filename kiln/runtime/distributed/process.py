@@ -8,7 +8,8 @@ how its end is told.
   starts Python and imports torch stays pending until :func:`detach` makes the child ignore it
   (a handler would be reset by exec). The driver stops its workers itself (a retest's SIGTERM
   to ``kiln serve --dp 2``'s group had killed the replicas under a request: a 500, not the
-  drain).
+  drain); a SIGTERM the driver sends (multiprocessing's, to its daemon children at exit) still
+  ends the child: a thread takes SIGTERM and tells the sender by its pid.
 - :func:`detach` (first thing in the child): ignore those signals, drop pending ones, and start a
   thread that ends the process within :data:`PARENT_POLL_S` once the driver's pid is gone
   (killed outright: nothing else would stop a process blocked in a collective or a step). A
@@ -99,11 +100,28 @@ def detach(parent_pid: int, by_main_thread: bool = False) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent_pid:  # the parent died before prctl took effect
             os._exit(3)
-    for number in GROUP_SIGNALS:
+    ignored = GROUP_SIGNALS - {signal.SIGTERM}
+    for number in ignored:
         signal.signal(number, signal.SIG_IGN)  # blocked since the spawn (start)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, GROUP_SIGNALS)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if hasattr(signal, "sigwaitinfo"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # (before any thread starts)
+        # SIGTERM stays blocked in every thread (those made later inherit the mask) and is
+        # taken by one: the driver's ends the process (multiprocessing terminates its daemon
+        # children at the driver's exit, then waits for them), anyone else's is dropped
+        threading.Thread(target=_take_sigterm, args=(parent_pid,), daemon=True,
+                         name="kiln-sigterm").start()
+    else:  # (no sigwaitinfo, as on macOS: SIGTERM ends the child whoever sends it)
+        ignored = GROUP_SIGNALS
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, ignored)
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True,
                      name="kiln-parent-watch").start()
+
+
+def _take_sigterm(parent: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(128 + signal.SIGTERM)
 
 
 def _watch_parent(parent: int) -> None:
