@@ -291,6 +291,32 @@ def test_a_child_ends_with_its_killed_driver_while_it_still_imports(tmp_path):
     assert not left
 
 
+def test_a_child_starts_with_the_group_signals_blocked_even_the_first(tmp_path):
+    """The group's signals stay blocked until the child's detach, in the first child too:
+    multiprocessing's resource tracker, started by the first spawn, had unblocked SIGINT and
+    SIGTERM in the driver during that start, so its child came up with only SIGHUP blocked."""
+    (tmp_path / "mask_entry.py").write_text(
+        "import signal\n"
+        "def report():\n"
+        "    print(sorted(s.name for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])),\n"
+        "          flush=True)\n")
+    driver = run_python(f"""
+        import multiprocessing, sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        import mask_entry
+        from kiln.runtime.distributed.process import start
+
+        if __name__ == "__main__":
+            for _ in range(2):
+                process = multiprocessing.get_context("spawn").Process(target=mask_entry.report)
+                start(process)
+                process.join()
+    """)
+    out, err = driver.communicate(timeout=60)
+    assert driver.returncode == 0, err
+    assert out.splitlines() == ["['SIGHUP', 'SIGINT', 'SIGTERM']"] * 2
+
+
 def test_a_driver_that_exits_with_its_children_running_ends_them(tmp_path):
     """multiprocessing ends a driver's daemon children at its exit with SIGTERM, then waits for
     them: a child that ignored every SIGTERM (a group's stop) had hung that exit (a script

@@ -44,6 +44,7 @@ import signal
 import sys
 import threading
 import time
+from multiprocessing import resource_tracker
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -68,6 +69,11 @@ def start(process: BaseProcess) -> None:
     # the test multiprocessing's own spawn._check_not_importing_main makes (CPython 3.8-3.13)
     if getattr(multiprocessing.current_process(), "_inheriting", False):
         os._exit(UNGUARDED_EXIT)
+    if os.name == "posix":
+        # the spawn starts multiprocessing's resource tracker the first time, and that start
+        # unblocks SIGINT and SIGTERM in this thread on its way out: the child would be
+        # spawned with them acting by default until its detach
+        resource_tracker.ensure_running()
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)
     try:
         process.start()
