@@ -178,7 +178,18 @@ class AsyncLLM:
         text = prompt if isinstance(prompt, str) else None
         params = self.llm.default_params if params is None else params  # ({} is refused)
         self._loop.send(("add", ids, params, request_id, text, sink, future))
-        return await asyncio.wrap_future(future)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:  # (a timeout, a server's client gone)
+            # nobody will stream it: not queued if the engine thread had not taken it yet
+            # (``future`` cancelled with the wait), aborted once queued if it had
+            future.add_done_callback(self._abort_orphan)
+            raise
+
+    def _abort_orphan(self, future: concurrent.futures.Future) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self._loop.sinks.pop(future.result(), None)
+            self._loop.send(("abort", future.result()))
 
     async def stream(self, request_id: str) -> AsyncIterator[StreamDelta]:
         """Deltas of a submitted request until it finishes (raises the engine's failure).
@@ -346,6 +357,8 @@ class _EngineLoop:
                 self._deliver(core.abort(message[1]))
                 continue
             _, ids, params, request_id, text, sink, future = message
+            if not future.set_running_or_notify_cancel():  # its submit was cancelled
+                continue
             try:
                 request = core.add_request(ids, params, request_id, text)
             except RequestError as e:
@@ -360,6 +373,8 @@ class _EngineLoop:
         if message[0] != "add":
             return
         _, _, _, request_id, _, sink, future = message
+        if not future.set_running_or_notify_cancel():  # its submit was cancelled
+            return
         if self.error is None:
             future.set_exception(EngineClosedError("AsyncLLM is closed; make a new one"))
             return

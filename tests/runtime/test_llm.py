@@ -412,6 +412,58 @@ def test_async_submit_stream_abort(scripted, tokenizer):
     assert llm.generate(prompt, GREEDY)[0].text == ANSWER  # sync use works again
 
 
+@pytest.mark.parametrize("taken", [False, True])
+def test_a_submit_cancelled_while_it_waits_leaves_the_engine_serving(scripted, taken):
+    """A task cancelled in ``await engine.submit(...)`` (a timeout, a server's client gone):
+    the engine thread had set a result on the cancelled wait's future, died of
+    InvalidStateError, and every later request hung. The request is not queued if the engine
+    thread had not taken it yet, and aborted if it had."""
+    llm, prompt, _ = scripted()
+    step, add, added = llm.core.executor.step, llm.core.add_request, []
+
+    def slow_step(chunks):  # 0.8 s for "b"'s 40 tokens, were it run to its end
+        time.sleep(0.3 if busy.is_set() else 0.02)
+        return step(chunks)
+
+    def slow_add(*args):
+        request = add(*args)
+        added.append(request.request_id)
+        if request.request_id == "b" and taken:
+            time.sleep(0.2)  # queued; meanwhile its submit is cancelled
+        return request
+
+    busy = threading.Event()  # the engine thread's steps long: "b" waits to be taken
+    llm.core.executor.step, llm.core.add_request = slow_step, slow_add
+
+    async def main():
+        async with AsyncLLM(llm) as engine:
+            a = await engine.submit(prompt, SamplingParams(temperature=0, max_tokens=20,
+                                                           ignore_eos=True))
+            if not taken:
+                busy.set()
+                await asyncio.sleep(0.05)  # into a long step
+            task = asyncio.create_task(engine.submit(
+                prompt, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+                request_id="b"))
+            await asyncio.sleep(0.1)
+            assert not task.done()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            busy.clear()
+            for _ in range(30):  # gone before it could have run its 40 tokens
+                if "b" not in llm.core.requests:
+                    break
+                await asyncio.sleep(0.01)
+            left = "b" in llm.core.requests
+            await asyncio.wait_for(engine.generate(prompt, GREEDY), 10)  # still serving
+            assert [d async for d in engine.stream(a)][-1].finish_reason == "length"
+            return left
+
+    assert not asyncio.run(asyncio.wait_for(main(), 20))
+    assert ("b" in added) == taken
+
+
 @pytest.mark.parametrize("leave", ["cancel", "break"])
 def test_leaving_an_async_stream_aborts_its_request(scripted, leave):
     """A trial cancelled the tasks reading 20 streams: their requests kept the engine's 4 slots
