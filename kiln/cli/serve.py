@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import functools
 import logging
 import os
 import signal
@@ -338,6 +339,8 @@ class _Drain:
     ``asyncio.run`` cancels the handlers mid-stream (cut bodies, CancelledError tracebacks).
     3rd signal of any kind: uvicorn's force exit after all, for an engine that does not step
     any more (uvicorn forces on SIGINT only; SIGTERMs alone, as a supervisor sends, end it too).
+    A 2nd signal with no request running is that force exit already (it had said nothing and
+    waited on, as a retest found).
     The messages name Ctrl-C where the first signal was one, "a second signal" otherwise.
     """
 
@@ -356,12 +359,21 @@ class _Drain:
             loop.call_soon_threadsafe(self._stopping, sig)
             loop.call_soon_threadsafe(loop.call_later, self.grace_period, abort)
             return True
-        if self.signals.count == 2:
+        if self.signals.count == 2 and self.state.live:
             loop.call_soon_threadsafe(self._abort_now, abort, sig)
             return False
+        if self.signals.count == 2:
+            loop.call_soon_threadsafe(functools.partial(
+                click.echo, "kiln serve: no request is running; quitting now", err=True))
         return True
 
+    @property
+    def forced(self) -> bool:
+        """Whether uvicorn is to quit without waiting (see the class docstring)."""
+        return self.signals.count >= 2
+
     def _stopping(self, sig: int) -> None:
+        self.state.stopping.set()  # a body still arriving is not waited for
         running = len(self.state.live)
         again = "Ctrl-C again" if sig == signal.SIGINT else "a second signal"
         click.echo("kiln serve: stopping" + (
@@ -403,9 +415,9 @@ class _Server:
 
             def handle_exit(self, sig, frame):
                 if drain.on_signal(sig):
-                    # uvicorn force-exits on a second SIGINT only: a third signal of any kind
-                    # quits, so that SIGTERMs alone can end a server whose drain hangs
-                    force = signal.SIGINT if drain.signals.count >= 3 else sig
+                    # uvicorn force-exits on a second SIGINT only: a signal of any kind quits
+                    # when forced, so that SIGTERMs alone can end a server whose drain hangs
+                    force = signal.SIGINT if drain.forced else sig
                     super().handle_exit(force, frame)
 
         return Server(config)

@@ -190,13 +190,32 @@ def check_chat_template(template: str) -> None:
         raise TokenizerError("never reads messages: it would render every conversation as the "
                              "same prompt; a chat template loops over messages ({% for message "
                              "in messages %})")
-    try:  # one user message: a template may refuse some conversations, but not all of them
-        text = render_chat_template(template, [{"role": "user", "content": "Hi"}], True, {})
-    except TokenizerError:
+    # a template may refuse some conversations (a system message, roles that do not alternate),
+    # but not all of them (a retest's template that always raised answered every chat request
+    # with a 400 for the server's own fault)
+    failures = []
+    for what, conversation in TRIAL_CONVERSATIONS:
+        try:
+            text = render_chat_template(template, conversation, True, {})
+        except TokenizerError as e:
+            failures.append(f"{what}: {str(e).removeprefix('chat template ')}")
+            continue
+        if not text.strip():
+            raise TokenizerError(f"renders a conversation ({what}) as empty text: every chat "
+                                 f"request would be refused as an empty prompt")
         return
-    if not text.strip():
-        raise TokenizerError("renders a conversation (one user message) as empty text: every "
-                             "chat request would be refused as an empty prompt")
+    raise TokenizerError("fails on every conversation tried, so it would refuse every chat "
+                         "request: " + "; ".join(failures))
+
+
+TRIAL_CONVERSATIONS = (  # what check_chat_template renders, the first one that renders
+    ("one user message", [{"role": "user", "content": "Hi"}]),
+    ("a system message and a user message", [{"role": "system", "content": "Be brief."},
+                                             {"role": "user", "content": "Hi"}]),
+    ("user, assistant, user", [{"role": "user", "content": "Hi"},
+                               {"role": "assistant", "content": "Hello."},
+                               {"role": "user", "content": "Bye"}]),
+)
 
 
 def _chat_environment() -> Any:

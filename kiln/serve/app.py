@@ -119,8 +119,7 @@ def create_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = N
     @app.get("/health")
     async def health() -> Response:
         if not state.healthy():
-            return JSONResponse(ApiError(503, "the engine is not running").body(),
-                                status_code=503)
+            return JSONResponse(ApiError(503, state.unhealthy()).body(), status_code=503)
         stalls = state.stalls()
         if not stalls:
             return Response(status_code=200)
@@ -157,7 +156,7 @@ def create_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = N
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         check(request)
-        req = await _parse(request, CompletionRequest)
+        req = await _parse(request, CompletionRequest, state)
         check(request, req.model)
         prompts = renderer.completion_prompts(req)
         params = renderer.completion_params(req)
@@ -166,7 +165,7 @@ def create_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = N
                 for i, (label, prompt) in enumerate(prompts) for j in range(req.n)]
         rid = new_id("cmpl")
         if req.stream:
-            submitted = await state.submit(jobs, "prompt")
+            submitted = await _submit(request, state, jobs, "prompt")
             return _sse(_events(submitted, jobs, req, lambda choices, use: completion_body(
                 rid, served_model_name, choices, use, chunk=True),
                 render.CompletionStream(renderer, req)))
@@ -178,7 +177,7 @@ def create_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = N
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         check(request)
-        req = await _parse(request, ChatCompletionRequest)
+        req = await _parse(request, ChatCompletionRequest, state)
         check(request, req.model)
         # the template's rendering and the encoding off the event loop (a long conversation
         # takes seconds: other requests, streams and /health go on meanwhile)
@@ -189,7 +188,7 @@ def create_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = N
                 for j in range(req.n)]
         rid = new_id("chatcmpl")
         if req.stream:
-            submitted = await state.submit(jobs, "messages")
+            submitted = await _submit(request, state, jobs, "messages")
             return _sse(_events(submitted, jobs, req, lambda choices, use: chat_body(
                 rid, served_model_name, choices, use, chunk=True),
                 functools.partial(renderer.chat_chunk, req)))
@@ -201,8 +200,8 @@ def create_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = N
     return app
 
 
-async def _parse(request: Request, model: type) -> Any:
-    body = await request.body()
+async def _parse(request: Request, model: type, state: ServerState) -> Any:
+    body = await _body(request, state)
     try:
         data = json.loads(body)
     except RecursionError:
@@ -234,25 +233,63 @@ async def _parse(request: Request, model: type) -> Any:
         raise render.form_error(render.field_error(first)) from None
 
 
+async def _body(request: Request, state: ServerState) -> bytes:
+    """The request's body; a 503 once the server is stopping while it still arrives (a client
+    stuck in its upload had held a retest's shutdown for the grace period and 5 s more, to end
+    in uvicorn's traceback)."""
+    read = asyncio.ensure_future(request.body())
+    stop = asyncio.ensure_future(state.stopping.wait())
+    try:
+        await asyncio.wait({read, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+        stopped = not read.done()
+        if stopped:
+            read.cancel()
+    if stopped:
+        raise ApiError(503, "the server is shutting down; send the request to another one")
+    return read.result()
+
+
 def _too_deep() -> ApiError:
     return ApiError(400, f"the body is JSON nested deeper than {MAX_JSON_DEPTH} levels (arrays "
                          f"and objects within each other), the most kiln serve reads; flatten "
                          f"it", code="invalid_json")
 
 
+async def _submit(request: Request, state: ServerState, jobs: list[Job],
+                  param: str) -> Submitted:
+    """``state.submit``, given up if the client disconnects first (a 499; nothing of the
+    request left queued): a list of many prompts takes seconds to submit (a retest's client
+    gone after one second had its 100 prompts submitted, and some run, for nobody)."""
+    submit = asyncio.ensure_future(state.submit(jobs, param))
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({submit, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not submit.done():
+            submit.cancel()  # (state.submit aborts what it had submitted)
+            await asyncio.wait({submit})
+    if submit.cancelled():
+        raise ApiError(499, "the client disconnected")
+    return submit.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def _collect(request: Request, state: ServerState, jobs: list[Job], param: str) -> dict:
     """Each job's result by index; aborts them all if the client disconnects first."""
-    submitted = await state.submit(jobs, param)
+    submitted = await _submit(request, state, jobs, param)
 
     async def gather() -> dict:
         return {d.index: d.result async for d in submitted.deltas() if d.result is not None}
 
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
     task = asyncio.ensure_future(gather())
-    watch = asyncio.ensure_future(disconnected())
+    watch = asyncio.ensure_future(_disconnected(request))
     try:
         done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
     finally:

@@ -75,6 +75,8 @@ class ServerState:
         self._watch: asyncio.Task | None = None
         self.live: dict[str, None] = {}
         self.draining = False  # set at shutdown: /health answers 503
+        self.stopping = asyncio.Event()  # set in the event loop as draining begins: a body
+        # still arriving is not waited for (:func:`kiln.serve.app._body`)
         self._pumps: set[asyncio.Task] = set()
         self.metrics = ServeMetrics(self.running, self.waiting, self.kv_usage,
                                     self.since_progress)
@@ -100,6 +102,14 @@ class ServerState:
     def healthy(self) -> bool:
         """Not shutting down, and the engine can serve (open, its loop running, not failed)."""
         return not self.draining and self.engine.healthy()
+
+    def unhealthy(self) -> str:
+        """Why :meth:`healthy` is False, as /health tells it."""
+        if self.draining:
+            return "the server is shutting down"
+        if self.engine.error is not None:  # (a --dp replica that died names itself here)
+            return f"the engine failed: {public(str(self.engine.error), list(self.live))}"
+        return "the engine is not running"
 
     # -- stalls (module docstring) -----------------------------------------------------------
     def stalls(self) -> list[Progress]:

@@ -21,6 +21,7 @@ from kiln.engine import BuildLimits
 from kiln.errors import ConfigError
 from kiln.runtime import LLM, AsyncLLM, SamplingParams
 from kiln.runtime.async_llm import INLINE_ENCODE_CHARS
+from kiln.runtime.errors import WorkerError
 from kiln.runtime.tokenizer import NOT_UTF8, load_tokenizer
 from kiln.serve import create_app
 from kiln.serve.app import MAX_JSON_DEPTH
@@ -228,6 +229,71 @@ def test_health_is_503_once_the_engine_is_closed(engine):
     assert client.get("/health").status_code == 200
     engine.close()
     assert client.get("/health").status_code == 503
+
+
+class _DyingExecutor(HashExecutor):
+    def step(self, chunks):
+        raise WorkerError("replica 0 (pid 12) died: killed by SIGKILL")
+
+
+def test_health_names_the_engines_failure(smollm2_dir):
+    """Retest 45: after a --dp replica died, each request's 500 named it and /health said
+    only "the engine is not running"."""
+    tokenizer = load_tokenizer(smollm2_dir)
+    engine = AsyncLLM(LLM.from_executor(_DyingExecutor(LIMITS, tokenizer.vocab_size),
+                                        tokenizer))
+    try:
+        client = _client(engine)
+        out = client.post("/v1/completions", json={"model": "m", "prompt": "a",
+                                                   "max_tokens": 2})
+        assert out.status_code == 500
+        health = client.get("/health")
+        assert health.status_code == 503
+        assert health.json()["error"]["message"] == (
+            "the engine failed: replica 0 (pid 12) died: killed by SIGKILL")
+    finally:
+        engine.close()
+
+
+def test_a_body_still_arriving_when_the_server_stops_is_a_503(engine):
+    """Retest 45: a client stuck in its upload held the shutdown for the grace period and
+    5 s more, then uvicorn's traceback; it is answered as the drain begins."""
+    app = create_app(engine, "m")
+    sent = []
+
+    async def request() -> None:
+        parts = [{"type": "http.request", "body": b'{"model": "m", ', "more_body": True}]
+
+        async def receive() -> dict:
+            if parts:
+                return parts.pop()
+            await asyncio.Event().wait()  # the rest never comes
+            raise AssertionError
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        async def stop() -> None:
+            await asyncio.sleep(0.1)
+            app.state.kiln.draining = True  # as kiln serve's first signal does
+            app.state.kiln.stopping.set()
+        stopping = asyncio.ensure_future(stop())
+        await asyncio.wait_for(app(_scope("/v1/completions", 1000), receive, send), 5)
+        await stopping
+    asyncio.run(request())
+    assert sent[0]["status"] == 503
+    assert b"the server is shutting down" in sent[1]["body"]
+    assert TestClient(app).get("/health").json()["error"]["message"] == (
+        "the server is shutting down")
+
+
+def _scope(path: str, length: int) -> dict:
+    """An ASGI request's scope: a POST of JSON to ``path`` (``length`` bytes)."""
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+            "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
+            "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 80), "headers": [(b"content-type", b"application/json"),
+                                                     (b"content-length", str(length).encode())]}
 
 
 class _GatedExecutor(HashExecutor):
@@ -758,6 +824,53 @@ def test_an_unexpected_submit_failure_leaves_nothing_queued(engine, monkeypatch)
     monkeypatch.setattr(engine, "submit", fails)
     out = client.post("/v1/completions", json={"model": "m", "prompt": "a", "max_tokens": 1})
     assert out.status_code == 500
+    assert app.state.kiln.live == {}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_gone_while_its_prompts_are_submitted_stops_the_submitting(engine, monkeypatch,
+                                                                           stream):
+    """Retest 45: a client that left one second into a request of 100 prompts had them all
+    submitted (25 a second), some run to their end for nobody. The submitting stops at the
+    disconnect, and nothing of the request stays queued."""
+    app = create_app(engine, "m")
+    submit, submitted, abort, aborted = engine.submit, [], engine.abort, set()
+
+    async def slow(prompt, params, request_id):  # (as a busy engine takes them)
+        await asyncio.sleep(0.02)
+        submitted.append(await submit(prompt, params, request_id=request_id))
+        return request_id
+
+    async def recorded(request_id):
+        aborted.add(request_id)
+        await abort(request_id)
+    monkeypatch.setattr(engine, "submit", slow)
+    monkeypatch.setattr(engine, "abort", recorded)
+    body = json.dumps({"model": "m", "prompt": ["a"] * 200, "max_tokens": 4,
+                       "stream": stream}).encode()
+    sent = []
+
+    async def request() -> None:
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict:
+            if messages:
+                return messages.pop()
+            await asyncio.sleep(0.1)  # the client leaves a tenth of a second in
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+        await app(_scope("/v1/completions", len(body)), receive, send)
+    asyncio.run(request())
+    assert sent[0]["status"] == 499
+    assert len(submitted) < 50, len(submitted)  # 200 without the watch (4 s)
+    assert set(submitted) <= aborted
+    scheduler = engine.llm.core.scheduler
+    deadline = time.monotonic() + 10
+    while (scheduler.running or scheduler.waiting) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not scheduler.running and not scheduler.waiting
     assert app.state.kiln.live == {}
 
 

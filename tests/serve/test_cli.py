@@ -254,6 +254,11 @@ def test_a_server_restarts_on_a_port_whose_connections_wait_in_time_wait():
     ("{% set messages = [] %}{{ messages }}", "never reads messages"),
     ("{% for m in messages %}{% endfor %}\n", "renders a conversation (one user message) as "
      "empty text: every chat request would be refused as an empty prompt"),
+    # retest 45: every chat request had been a 400 naming messages
+    ('{{ raise_exception("no") }}{% for m in messages %}{{ m.content }}{% endfor %}',
+     "fails on every conversation tried, so it would refuse every chat request: one user "
+     "message: failed to render: no; a system message and a user message: failed to render: "
+     "no; user, assistant, user: failed to render: no"),
 ])
 def test_a_chat_template_kiln_cannot_use_is_one_line_before_the_engine_loads(tmp_path, text,
                                                                              why):
@@ -266,6 +271,15 @@ def test_a_chat_template_kiln_cannot_use_is_one_line_before_the_engine_loads(tmp
     assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith(f"error: Invalid value for --chat_template: {template}: {why}"), \
         lines
+
+
+def test_a_chat_template_that_refuses_some_conversations_is_taken():
+    """A template that wants a system message first (or refuses one) still serves the
+    conversations it takes."""
+    from kiln.runtime.tokenizer import check_chat_template
+
+    check_chat_template('{% if messages[0].role != "system" %}{{ raise_exception("system '
+                        'first") }}{% endif %}{% for m in messages %}{{ m.content }}{% endfor %}')
 
 
 def test_a_chat_template_saved_with_a_bom_renders_without_it(tmp_path):
@@ -326,6 +340,7 @@ def test_the_third_signal_of_any_kind_quits_without_waiting(sig, capsys):
 
     async def three_signals():
         state, seen = State(), []
+        state.stopping = asyncio.Event()
         server = _Server(uvicorn.Config(app=None), _Drain(state, 120, _Signals()), "listening")
         for _ in range(3):
             server.handle_exit(sig, None)
@@ -334,7 +349,7 @@ def test_the_third_signal_of_any_kind_quits_without_waiting(sig, capsys):
         return state, seen
 
     state, seen = asyncio.run(three_signals())
-    assert state.draining
+    assert state.draining and state.stopping.is_set()
     assert seen == [(True, False, 0), (True, False, 1), (True, True, 1)]
     err = capsys.readouterr().err
     named = "Ctrl-C" if sig == signal.SIGINT else "signal"
@@ -445,3 +460,32 @@ def test_the_stall_timeout_reaches_the_app_and_names_its_flag(tmp_path, monkeypa
         assert code == 2 and lines == ["error: stop here"], lines
     assert given == [300.0, "--stall_timeout 300", 7.5, "--stall_timeout 7.5", float("inf"),
                      "--stall_timeout inf"]
+
+
+def test_a_second_signal_with_no_request_running_quits_at_once(capsys):
+    """Retest 45: with nothing running (a client stuck in its upload held the shutdown), a
+    second Ctrl-C had said nothing and waited on; it is uvicorn's force exit, said so."""
+    import asyncio
+
+    import uvicorn
+
+    from kiln.cli.serve import _Drain, _Server, _Signals
+
+    class State:
+        live, draining = {}, False
+
+        async def abort_all(self):
+            raise AssertionError("nothing to abort")
+
+    async def two_signals():
+        state, seen = State(), []
+        state.stopping = asyncio.Event()
+        server = _Server(uvicorn.Config(app=None), _Drain(state, 120, _Signals()), "listening")
+        for _ in range(2):
+            server.handle_exit(signal.SIGTERM, None)
+            await asyncio.sleep(0.05)
+            seen.append((server.should_exit, server.force_exit))
+        return seen
+
+    assert asyncio.run(two_signals()) == [(True, False), (True, True)]
+    assert "kiln serve: no request is running; quitting now" in capsys.readouterr().err
