@@ -348,7 +348,7 @@ class _Survey:
         self.per_channel |= channel or len({float(s) for s in scales}) > 1
         inputs = [float(self._scale(w, INPUT_SCALE, None)) for w in weights]
         if len(set(inputs)) > 1:
-            self.input_spread.append((f"layers.{layer} {role.name}", max(inputs) / min(inputs)))
+            self.input_spread.append((role.name(layer), max(inputs) / min(inputs)))
 
     def log_input_scales(self) -> None:
         if self.input_spread:

@@ -296,7 +296,9 @@ def test_fused_input_scales_that_differ_take_the_largest(hf_dir, amax, tmp_path,
     assert merged["layers.0.attn.qkv.input_scale"] == state[key]
     assert merged["layers.1.attn.qkv.input_scale"] == \
         state["model.layers.1.self_attn.q_proj.input_scale"]
-    assert "1 fused linears have parts with different input scales (largest ratio 2" in caplog.text
+    # (it had named the role's method: "layers.0 <bound method Role.name of ...>")
+    assert ("1 fused linears have parts with different input scales (largest ratio 2, "
+            "layers.0.attn.qkv.weight)" in caplog.text), caplog.text
     assert "quantizes once" in caplog.text
 
 
