@@ -346,15 +346,24 @@ class OnnxExecutor(Executor):
 
 def _session(ort, path, options, providers):
     """An ONNX Runtime session of one graph file; a file it cannot read (corrupt, though its
-    size matched the manifest's: check_files only compares sizes) is one line naming it."""
+    size matched the manifest's: check_files only compares sizes) is one line naming it, as is
+    a weights file cut short (an older engine's manifest has no sizes to check)."""
+    state = ort.capi.onnxruntime_pybind11_state
     try:
         return ort.InferenceSession(str(path), options, providers=providers)
-    except (ort.capi.onnxruntime_pybind11_state.InvalidProtobuf,
-            ort.capi.onnxruntime_pybind11_state.InvalidGraph) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise EngineError(f"{path}: ONNX Runtime cannot load it ({first}); the file is corrupt "
-                          f"or modified: check it with kiln verify {Path(path).parent}, and "
-                          f"rebuild the engine with kiln build") from None
+    except (state.InvalidProtobuf, state.InvalidGraph) as e:
+        raise EngineError(_unloadable(path, e, "the file is corrupt or modified")) from None
+    except state.Fail as e:
+        if "Deserialize tensor" not in str(e):  # (a retest's had been a 59-line traceback)
+            raise
+        raise EngineError(_unloadable(path, e, "its weights file is cut short, corrupt or "
+                                               "modified")) from None
+
+
+def _unloadable(path: Path, error: Exception, why: str) -> str:
+    first = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return (f"{path}: ONNX Runtime cannot load it ({first}); {why}: check it with kiln verify "
+            f"{Path(path).parent}, and rebuild the engine with kiln build")
 
 
 def _pick_device(device: str, providers: Sequence[str]) -> str:

@@ -231,6 +231,30 @@ def test_a_graph_file_corrupted_in_place_is_one_line_naming_it(built, tmp_path):
                             f"{engine}, and rebuild the engine with kiln build")
 
 
+def test_a_weights_file_cut_short_without_sizes_in_the_manifest_is_one_line(built, tmp_path):
+    """Retest 45b: an older engine's manifest has no sizes to check at load; its weights file
+    cut short had been ONNX Runtime's 59-line traceback (exit 1)."""
+    import json
+    import shutil
+
+    from kiln.engine import EngineError
+
+    engine = tmp_path / "engine"
+    shutil.copytree(built[0], engine)
+    manifest = json.loads((engine / "config.json").read_text())
+    del manifest["sizes"], manifest["manifest_sha256"]  # (as an older build wrote it)
+    (engine / "config.json").write_text(json.dumps(manifest))
+    with open(engine / "rank0.onnx.data", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(EngineError) as info:
+        open_engine(engine)
+    message = str(info.value)
+    assert message.startswith(f"{engine / 'rank0.onnx'}: ONNX Runtime cannot load it (") \
+        and "Deserialize tensor" in message and "\n" not in message
+    assert message.endswith(f"its weights file is cut short, corrupt or modified: check it "
+                            f"with kiln verify {engine}, and rebuild the engine with kiln build")
+
+
 def test_a_kv_cache_beyond_the_host_memory_is_refused_before_allocating(engine, monkeypatch):
     """A build's --max_batch_size 100000 made a 36.6 GiB cache, which numpy refused at load
     with a traceback (a new user's trial); now it is one EngineError naming the fix."""
