@@ -186,7 +186,12 @@ def check_chat_template(template: str) -> None:
         raise TokenizerError(f"not a Jinja template: line {e.lineno}: {e.message}") from None
     except RecursionError:
         raise TokenizerError("not a Jinja template kiln can parse: nested too deeply") from None
-    if "messages" not in meta.find_undeclared_variables(parsed):  # (plain text parses too)
+    try:  # (compiling it: an unknown filter is found here, not by the parser)
+        undeclared = meta.find_undeclared_variables(parsed)
+    except TemplateSyntaxError as e:  # (TemplateAssertionError: a retest's had been a traceback)
+        raise TokenizerError(f"not a Jinja template kiln can render: line {e.lineno}: "
+                             f"{e.message}") from None
+    if "messages" not in undeclared:  # (plain text parses too)
         raise TokenizerError("never reads messages: it would render every conversation as the "
                              "same prompt; a chat template loops over messages ({% for message "
                              "in messages %})")

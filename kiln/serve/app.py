@@ -119,7 +119,7 @@ def create_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = N
     @app.get("/health")
     async def health() -> Response:
         if not state.healthy():
-            return JSONResponse(ApiError(503, state.unhealthy()).body(), status_code=503)
+            return JSONResponse(state.unhealthy().body(), status_code=503)
         stalls = state.stalls()
         if not stalls:
             return Response(status_code=200)

@@ -103,13 +103,14 @@ class ServerState:
         """Not shutting down, and the engine can serve (open, its loop running, not failed)."""
         return not self.draining and self.engine.healthy()
 
-    def unhealthy(self) -> str:
-        """Why :meth:`healthy` is False, as /health tells it."""
+    def unhealthy(self) -> ApiError:
+        """Why :meth:`healthy` is False, as /health tells it (a 503)."""
         if self.draining:
-            return "the server is shutting down"
+            return ApiError(503, "the server is shutting down")
         if self.engine.error is not None:  # (a --dp replica that died names itself here)
-            return f"the engine failed: {public(str(self.engine.error), list(self.live))}"
-        return "the engine is not running"
+            failed = engine_failed(self.engine.error, list(self.live))
+            return ApiError(503, failed.message, code=failed.code)
+        return ApiError(503, "the engine is not running")
 
     # -- stalls (module docstring) -----------------------------------------------------------
     def stalls(self) -> list[Progress]:

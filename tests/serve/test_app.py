@@ -249,8 +249,9 @@ def test_health_names_the_engines_failure(smollm2_dir):
         assert out.status_code == 500
         health = client.get("/health")
         assert health.status_code == 503
-        assert health.json()["error"]["message"] == (
-            "the engine failed: replica 0 (pid 12) died: killed by SIGKILL")
+        assert health.json()["error"] == {
+            "message": "the engine failed: replica 0 (pid 12) died: killed by SIGKILL",
+            "type": "server_error", "param": None, "code": "engine_error"}
     finally:
         engine.close()
 

@@ -254,6 +254,9 @@ def test_a_server_restarts_on_a_port_whose_connections_wait_in_time_wait():
     ("{% set messages = [] %}{{ messages }}", "never reads messages"),
     ("{% for m in messages %}{% endfor %}\n", "renders a conversation (one user message) as "
      "empty text: every chat request would be refused as an empty prompt"),
+    # retest 45c: a traceback, exit 1
+    ("{% for m in messages %}{{ m.content | undefined_filter }}{% endfor %}",
+     "not a Jinja template kiln can render: line 1: No filter named 'undefined_filter'."),
     # retest 45: every chat request had been a 400 naming messages
     ('{{ raise_exception("no") }}{% for m in messages %}{{ m.content }}{% endfor %}',
      "fails on every conversation tried, so it would refuse every chat request: one user "
