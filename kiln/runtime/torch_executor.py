@@ -45,9 +45,13 @@ logger = logging.getLogger(__name__)
 FP8_CAPABILITY = (8, 9)
 
 
-# Measured by a new-user trial (kiln run, same machine, onnx vs torch --device cpu): a
-# measurement to quote, not a factor that holds for every model.
-CPU_SPEED = "slower than an onnx engine: SmolLM2 on 2 CPU cores, 25 vs 40 tokens/s"
+# Measured (forty-fifth session, the quiet 2-core dev machine, float32 engines of the same HF
+# checkpoint, twice each: kiln bench --model_dir SMOLLM2 --device cpu --backend torch|onnx
+# --input_len 32 --output_len 64 --num_requests 1 --warmup 1): torch 9.9-10.6 tokens/s, onnx
+# 35.7-39.0 (the first trial's "25 vs 40" was not reproduced, by today's tree or its own: its
+# decode GEMVs stream the float32 weights at ~9 GB/s, ONNX Runtime's at ~21). A measurement
+# to quote, not a factor that holds for every model.
+CPU_SPEED = "slower than an onnx engine: SmolLM2 on 2 CPU cores, 10 vs 37 tokens/s"
 # Measured by the same trial on quantized SmolLM2 torch engines (kiln run --chat, 8 tokens);
 # int4_wo (group 64) after the twenty-ninth session's faster unpacking, 12 tokens.
 QUANTIZED_CPU_SPEED = (", and a quantized one dequantizes every weight at every step there "
