@@ -338,7 +338,8 @@ class _Drain:
     to uvicorn, a 2nd SIGINT is its force exit: it stops waiting for connections and
     ``asyncio.run`` cancels the handlers mid-stream (cut bodies, CancelledError tracebacks).
     3rd signal of any kind: uvicorn's force exit after all, for an engine that does not step
-    any more (uvicorn forces on SIGINT only; SIGTERMs alone, as a supervisor sends, end it too).
+    any more (uvicorn forces on SIGINT only; SIGTERMs alone, as a supervisor sends, end it too),
+    without uvicorn's traceback for each handler it cancels.
     A 2nd signal with no request running is that force exit already (it had said nothing and
     waited on, as a retest found).
     The messages name Ctrl-C where the first signal was one, "a second signal" otherwise.
@@ -365,6 +366,9 @@ class _Drain:
         if self.signals.count == 2:
             loop.call_soon_threadsafe(functools.partial(
                 click.echo, "kiln serve: no request is running; quitting now", err=True))
+        # the forced exit cancels what still runs: uvicorn would log a traceback for each
+        # handler (a retest's third SIGTERM, four streams: four "Exception in ASGI application")
+        logging.getLogger("uvicorn.error").setLevel(logging.CRITICAL)
         return True
 
     @property
