@@ -123,7 +123,8 @@ class TensorRTBackend(Backend):
 
     def check(self, plan: BuildPlan) -> None:
         check_targets(plan.targets, self.full, local_gpu() if self.full else None)
-        check_precision(plan.targets, plan.dtype, plan.checkpoint.quantization)
+        check_precision(plan.targets, plan.dtype, plan.checkpoint.quantization,
+                        rtx=not self.full)
         check_kv_cache(plan, "tensorrt")
 
     def build_part(self, job: PartJob) -> PartResult:
@@ -173,12 +174,18 @@ def check_targets(targets: tuple[str, ...], full: bool, gpu: str | None) -> None
                               f"{', '.join(RTX_TARGETS)}")
 
 
-def check_precision(targets: tuple[str, ...], dtype: str, quant: QuantConfig | None) -> None:
+def check_precision(targets: tuple[str, ...], dtype: str, quant: QuantConfig | None,
+                    rtx: bool = True) -> None:
     for target in targets:
         cap = _capability(target)
         if dtype == "bfloat16" and cap < 80:
             raise EngineError(f"{target} has no bfloat16 support (needs sm80+); build with "
                               f"{option('dtype', 'float16')} or drop the target")
+        if dtype == "float32" and cap == 75 and rtx:  # (its Myelin refuses each GEMM, seconds
+            # into the build: "FP32 GEMM is not supported" for Turing; retest 45d)
+            raise EngineError(f"TensorRT-RTX has no float32 matrix multiply for {target} "
+                              f"(Turing); build with {option('dtype', 'float16')} or drop the "
+                              f"target")
         if quant is not None and cap < quant.info.min_capability:
             raise EngineError(f"{target} cannot run the checkpoint's {quant.qformat} "
                               f"quantization (needs sm{quant.info.min_capability}+: FP8 tensor "
@@ -321,5 +328,6 @@ def build_engine(trt: ModuleType, full: bool, model: onnx.ModelProto,
         del monitor  # referenced until the build returns: TensorRT does not own it
     if engine is None:
         raise BuildError(f"TensorRT failed to build {model.graph.name} for "
-                         f"{','.join(plan.targets)} (its log, with -v, says why)")
+                         f"{','.join(plan.targets)} (its errors are the TensorRT lines above; "
+                         f"-v shows its whole log)")
     return engine, layers

@@ -85,6 +85,8 @@ def gpus_needed(manifest: EngineManifest) -> str:
 
 def _device(manifest: EngineManifest, requested: str, has_gpu: bool) -> str:
     single = manifest.mapping.world_size == 1
+    if requested == "auto" and "cuda" not in manifest.targets:  # built for the CPU alone
+        requested = "cpu"  # (--target cpu: retest 45d's was refused as needing a GPU)
     if requested == "auto" and not has_gpu:
         raise EngineError(needs_gpu() if single else
                           f"this torch engine needs {gpus_needed(manifest)} for its Triton "

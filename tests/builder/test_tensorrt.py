@@ -128,6 +128,10 @@ def test_refused_targets(checkpoint, tmp_path):
         build(ckpt, tmp_path / "b", **{**TRT, "targets": ["sm61"]})
     with pytest.raises(EngineError, match="sm75 has no bfloat16"):
         build(ckpt, tmp_path / "c", **{**TRT, "dtype": "bfloat16", "targets": ["sm75"]})
+    # retest 45d: TensorRT-RTX's own refusal came seconds into the build, each GEMM's
+    with pytest.raises(EngineError, match=r"TensorRT-RTX has no float32 matrix multiply for "
+                                          r"sm75 \(Turing\); build with dtype='float16'"):
+        build(ckpt, tmp_path / "d", **{**TRT, "dtype": "float32", "targets": ["sm86", "sm75"]})
     assert not any(tmp_path.iterdir())
 
 

@@ -73,6 +73,19 @@ def test_device_auto_without_a_gpu_is_refused_before_any_file_is_read(checkpoint
         open_engine(out, ExecutorOptions(device="cpu"), machine=no_gpu)
 
 
+def test_an_engine_built_for_the_cpu_alone_runs_there_by_default(checkpoint, tmp_path, caplog):
+    """Retest 45d: a torch engine built with --target cpu had been refused by kiln run without
+    --device cpu, as needing a CUDA GPU; it runs on the CPU, the slow path said."""
+    out = tmp_path / "engine"
+    build(checkpoint, out, backend="torch", max_batch_size=2, max_seq_len=32, dtype="float32",
+          targets=["cpu"])
+    no_gpu = MachineInfo(kiln_version=read_manifest(out).kiln_version)
+    with caplog.at_level(logging.WARNING):
+        _, executor = open_engine(out, ExecutorOptions(device="auto"), machine=no_gpu)
+    assert executor.model.kernels.name == "reference"
+    assert any("the slow path" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize("rank, said", [(0, True), (1, False), (3, False)])
 def test_under_torchrun_only_the_driver_says_the_cpu_path_is_slow(checkpoint, tmp_path, caplog,
                                                                  monkeypatch, rank, said):
