@@ -368,7 +368,7 @@ class _Drain:
                 click.echo, "kiln serve: no request is running; quitting now", err=True))
         # the forced exit cancels what still runs: uvicorn would log a traceback for each
         # handler (a retest's third SIGTERM, four streams: four "Exception in ASGI application")
-        logging.getLogger("uvicorn.error").setLevel(logging.CRITICAL)
+        loop.call_soon_threadsafe(logging.getLogger("uvicorn.error").setLevel, logging.CRITICAL)
         return True
 
     @property
