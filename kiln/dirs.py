@@ -28,7 +28,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from kiln.errors import UNREADABLE_JSON, USER_TEXT, json_type, option
+from kiln.errors import UNREADABLE_JSON, USER_TEXT, json_type, named_as_flags, option
 
 ENGINE_KEYS = frozenset({"backend", "rank_files", "limits"})  # none is in a kiln checkpoint
 
@@ -63,21 +63,24 @@ def classify_dir(path: str | Path) -> DirKind:
 
 def wrong_kind(path: str | Path, config: Any, wanted: DirKind) -> str | None:
     """The one-line error for a directory of another kind than ``wanted`` (None if it is that
-    kind, or unrecognizable: then the caller's own checks say what is wrong)."""
+    kind, or unrecognizable: then the caller's own checks say what is wrong). Its advice names
+    the commands inside a kiln command, the Python functions from Python (a caller of
+    ``LLM(model=engine_dir)`` had been told to run ``kiln run --engine_dir``)."""
     found = dir_kind(config)
     if found in (wanted, DirKind.OTHER):
         return None
-    ckpt, engine = "<checkpoint_dir>", "<engine_dir>"
-    convert = f"kiln convert_checkpoint --model_dir {path} --output_dir {ckpt}"
-    build = f"kiln build --checkpoint_dir {path} --output_dir {engine}"
-    run = f"kiln run --engine_dir {path} (kiln bench, eval and serve take --engine_dir too)"
+    steps = _CLI_STEPS if named_as_flags() else _API_STEPS
+
+    def step(index: int, given: str | Path = path) -> str:
+        shown = str(given) if named_as_flags() else repr(os.fspath(given))
+        return steps[index].format(path=shown, ckpt="<checkpoint_dir>", engine="<engine_dir>")
+
+    convert, build, run, cached = (step(index) for index in range(4))
     todo = {
         (DirKind.HF_CHECKPOINT, DirKind.KILN_CHECKPOINT): f"convert it first with {convert}",
         (DirKind.HF_CHECKPOINT, DirKind.ENGINE):
-            f"kiln run, bench, eval and serve take it as --model_dir {path} (LLM(model=...)), "
-            f"which converts and builds it through the build cache; or convert it first with "
-            f"{convert}, then build with kiln build --checkpoint_dir {ckpt} --output_dir "
-            f"{engine}",
+            f"{cached}; or convert it first with {convert}, then build with "
+            f"{step(1, '<checkpoint_dir>')}",
         (DirKind.KILN_CHECKPOINT, DirKind.ENGINE): f"build it first with {build}",
         (DirKind.KILN_CHECKPOINT, DirKind.HF_CHECKPOINT):
             f"it is converted already; build it with {build}",
@@ -89,10 +92,29 @@ def wrong_kind(path: str | Path, config: Any, wanted: DirKind) -> str | None:
     return f"{path} is {found.value}, not {wanted.value}: {todo}"
 
 
+# wrong_kind's steps (convert, build, run, the build cache's way) in a kiln command's words and
+# in Python's; {path} is the directory given, {ckpt} and {engine} placeholders.
+_CLI_STEPS = (
+    "kiln convert_checkpoint --model_dir {path} --output_dir {ckpt}",
+    "kiln build --checkpoint_dir {path} --output_dir {engine}",
+    "kiln run --engine_dir {path} (kiln bench, eval and serve take --engine_dir too)",
+    "kiln run, bench, eval and serve take it as --model_dir {path} (LLM(model=...)), which "
+    "converts and builds it through the build cache",
+)
+_API_STEPS = (
+    "kiln.convert_checkpoint({path}, {ckpt!r})",
+    "kiln.build({path}, {engine!r})",
+    "LLM({path})",
+    "LLM(model={path}) takes it, converting and building it through the build cache "
+    "(kiln.engine_for_model({path}) returns the engine dir it builds)",
+)
+
+
 def _built_from(manifest: dict[str, Any]) -> str:
     source = manifest.get("source")
     checkpoint = source.get("checkpoint_dir") if isinstance(source, dict) else None
-    return f"--checkpoint_dir {checkpoint}" if checkpoint else "its --checkpoint_dir"
+    return option("checkpoint_dir", checkpoint) if checkpoint else \
+        f"its {option('checkpoint_dir')}"
 
 
 # Per kind, for read_config's errors: its article, what the directory is called, which one to

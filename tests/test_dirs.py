@@ -20,6 +20,7 @@ from kiln.cli.main import main
 from kiln.dirs import DirKind, classify_dir, dir_kind
 from kiln.engine import EngineError, read_manifest
 from kiln.errors import CheckpointError, KilnError
+from kiln.runtime import LLM
 from tests.models import hf_model
 
 LIMITS = dict(max_batch_size=2, max_input_len=8, max_seq_len=16)
@@ -64,9 +65,10 @@ def test_run_and_bench_given_a_kiln_checkpoint(dirs):
                f"--checkpoint_dir {ckpt} --output_dir <engine_dir>")
     expect_one_line(kiln_cli("run", "--engine_dir", str(ckpt), "--input_text", "hi"), message)
     expect_one_line(kiln_cli("bench", "--engine_dir", str(ckpt)), message)
-    with pytest.raises(EngineError) as err:
+    with pytest.raises(EngineError) as err:  # from Python: the Python function
         read_manifest(ckpt)
-    assert str(err.value) == message
+    assert str(err.value) == (f"{ckpt} is a kiln checkpoint, not an engine dir: build it first "
+                              f"with kiln.build('{ckpt}', '<engine_dir>')")
 
 
 def test_run_given_an_hf_checkpoint(dirs):
@@ -77,8 +79,14 @@ def test_run_given_an_hf_checkpoint(dirs):
                f"--model_dir {hf} --output_dir <checkpoint_dir>, then build with kiln build "
                f"--checkpoint_dir <checkpoint_dir> --output_dir <engine_dir>")
     expect_one_line(kiln_cli("run", "--engine_dir", str(hf), "--input_text", "hi"), message)
-    with pytest.raises(EngineError, match="is a Hugging Face checkpoint, not an engine dir"):
-        read_manifest(hf)
+    with pytest.raises(EngineError) as err:
+        LLM(hf)
+    assert str(err.value) == (
+        f"{hf} is a Hugging Face checkpoint, not an engine dir: LLM(model='{hf}') takes it, "
+        f"converting and building it through the build cache (kiln.engine_for_model('{hf}') "
+        f"returns the engine dir it builds); or convert it first with "
+        f"kiln.convert_checkpoint('{hf}', '<checkpoint_dir>'), then build with "
+        f"kiln.build('<checkpoint_dir>', '<engine_dir>')")
 
 
 def test_build_given_an_engine_dir(dirs, tmp_path):
@@ -92,7 +100,10 @@ def test_build_given_an_engine_dir(dirs, tmp_path):
                     message, out)
     with pytest.raises(CheckpointError) as err:
         build(engine, out, **LIMITS)
-    assert str(err.value) == message and not out.exists()
+    assert str(err.value) == (f"{engine} is an engine dir, not a kiln checkpoint: it is built "
+                              f"already; run it with LLM('{engine}'), or rebuild from the kiln "
+                              f"checkpoint it was built from (checkpoint_dir='{ckpt}')")
+    assert not out.exists()
 
 
 def test_build_given_an_hf_checkpoint(dirs, tmp_path):
@@ -104,24 +115,29 @@ def test_build_given_an_hf_checkpoint(dirs, tmp_path):
                     message, out)
     with pytest.raises(CheckpointError) as err:
         load_config(hf)
-    assert str(err.value) == message
+    assert str(err.value) == (f"{hf} is a Hugging Face checkpoint, not a kiln checkpoint: "
+                              f"convert it first with kiln.convert_checkpoint('{hf}', "
+                              f"'<checkpoint_dir>')")
 
 
-@pytest.mark.parametrize("kind, fix", [
+@pytest.mark.parametrize("kind, fix, api_fix", [
     (DirKind.KILN_CHECKPOINT, "it is converted already; build it with kiln build "
-                              "--checkpoint_dir {path} --output_dir <engine_dir>"),
+                              "--checkpoint_dir {path} --output_dir <engine_dir>",
+     "it is converted already; build it with kiln.build('{path}', '<engine_dir>')"),
     (DirKind.ENGINE, "it is built already; run it with kiln run --engine_dir {path} (kiln "
-                     "bench, eval and serve take --engine_dir too)"),
+                     "bench, eval and serve take --engine_dir too)",
+     "it is built already; run it with LLM('{path}')"),
 ])
-def test_convert_given_a_kiln_dir(dirs, tmp_path, kind, fix):
+def test_convert_given_a_kiln_dir(dirs, tmp_path, kind, fix, api_fix):
     path = dirs[kind]
-    message = f"{path} is {kind.value}, not a Hugging Face checkpoint: {fix.format(path=path)}"
+    message = f"{path} is {kind.value}, not a Hugging Face checkpoint: {{}}"
     out = tmp_path / "out"
     expect_one_line(kiln_cli("convert_checkpoint", "--model_dir", str(path), "--output_dir",
-                             str(out)), message, out)
+                             str(out)), message.format(fix.format(path=path)), out)
     with pytest.raises(CheckpointError) as err:
         kiln.convert_checkpoint(path, out, progress=False)
-    assert str(err.value) == message and not out.exists()
+    assert str(err.value) == message.format(api_fix.format(path=path))
+    assert not out.exists()
 
 
 def test_each_kind_still_loads_where_it_belongs(dirs):
