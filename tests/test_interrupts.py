@@ -12,12 +12,21 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from kiln.interrupts import Terminated, deferred_interrupts, exit_code, signal_name
+from kiln.interrupts import (
+    TERMINATING,
+    Terminated,
+    deferred_interrupts,
+    exit_code,
+    install_termination_signals,
+    interruptible,
+    signal_name,
+)
 from tests.models import hf_model, kiln_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,6 +114,76 @@ def test_deferred_interrupts_raise_when_the_native_call_returns(signum, code):
             assert pending()  # the handler ran: the body goes on until it returns
     assert exit_code(info.value) == code
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def endless_onnx_run():
+    """An ONNX Runtime session of a Loop of 10^12 small matrix products (one native call that
+    runs until cancelled) and its run options."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    square = [64, 64]
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["x_in", "w"], ["x_out"]),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"])], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("x_in", TensorProto.FLOAT, square)],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("x_out", TensorProto.FLOAT, square)],
+        [numpy_helper.from_array(np.full(square, 1e-3, np.float32), "w")])
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["trips", "cond", "x"], ["y"], body=body)], "endless",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, square)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, square)],
+        [numpy_helper.from_array(np.array(10**12, np.int64), "trips"),
+         numpy_helper.from_array(np.array(True), "cond")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = ort.InferenceSession(model.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    options = ort.RunOptions()
+    options.log_severity_level = 4
+    return (lambda: session.run(None, {"x": np.eye(64, dtype=np.float32)}, options)), options
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_cancels_a_native_onnx_runtime_run(signum, code):
+    """A long ONNX Runtime run (a 2,048-token window on a CPU: seconds) holds no GIL and runs
+    no Python: the signal's handler runs in the waiting main thread and cancels the run."""
+    run, options = endless_onnx_run()
+    cancelled = threading.Event()
+
+    def cancel() -> None:
+        cancelled.set()
+        options.terminate = True
+
+    kill = threading.Timer(0.5, os.kill, (os.getpid(), signum))
+    # if the signal never reached the run, it would not end: end it after 30 s, and fail
+    watchdog = threading.Timer(30, setattr, (options, "terminate", True))
+    previous = {n: signal.getsignal(n) for n in TERMINATING}
+    install_termination_signals()  # SIGTERM raises Terminated, as in the CLI
+    started = time.perf_counter()
+    kill.start()
+    watchdog.start()
+    try:
+        with pytest.raises(KeyboardInterrupt) as info:
+            interruptible(run, cancel)
+    finally:
+        watchdog.cancel()
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    assert cancelled.is_set() and exit_code(info.value) == code
+    assert time.perf_counter() - started < 10
+
+
+def test_interruptible_off_the_main_thread_is_the_call_itself():
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append(
+        (interruptible(threading.current_thread, lambda: None), threading.current_thread())))
+    worker.start()
+    worker.join()
+    assert seen[0][0] is seen[0][1]
 
 
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

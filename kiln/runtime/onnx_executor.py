@@ -39,6 +39,7 @@ import torch
 
 from kiln.engine import EngineError, EngineManifest
 from kiln.errors import build_smaller, option
+from kiln.interrupts import interruptible
 from kiln.quantization.config import slow_on_onnx_cpu
 from kiln.runtime.compat import MachineInfo, check_onnx
 from kiln.runtime.executor import Executor, SequenceChunk, StepLogits
@@ -287,6 +288,8 @@ class OnnxExecutor(Executor):
 
     def _execute(self, run: Run, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, _Window]:
         """Logits [rows, V] of the run, and the last part's window (its other outputs)."""
+        import onnxruntime as ort
+
         hidden = None
         for part, session in enumerate(self.sessions):
             window = self._window(part, run)
@@ -299,7 +302,13 @@ class OnnxExecutor(Executor):
                 window.binding.bind_output("hidden_out", self.device, 0)
             elif self.gathers_context_logits:  # so do context_logits [B, S, V]
                 window.binding.bind_output("context_logits", self.device, 0)
-            session.run_with_iobinding(window.binding)
+            # through a worker that Ctrl-C cancels: a long window is one native call (a run's
+            # errors come back as its exception; its log would add "Exiting due to terminate
+            # flag" in red to a cancelled one)
+            options = ort.RunOptions()
+            options.log_severity_level = 4
+            interruptible(functools.partial(session.run_with_iobinding, window.binding, options),
+                          functools.partial(setattr, options, "terminate", True))
             hidden = window.logits if window.logits is not None else \
                 window.binding.get_outputs()[0]  # hidden_out, bound first
         return hidden.numpy(), window

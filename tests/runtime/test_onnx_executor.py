@@ -318,3 +318,25 @@ def test_int8_activations_stay_int8_on_cpus_without_vnni(monkeypatch, vnni):
     session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
     assert np.abs(session.run(None, {"x": x})[0] - want).max() < 1e-4
 
+
+
+def test_each_run_goes_through_a_call_that_ctrl_c_cancels(engine, monkeypatch):
+    """A window's run is one native call (seconds for a long prompt on a CPU): the executor
+    hands it to kiln.interrupts.interruptible with a cancel that ends that very run."""
+    from kiln.runtime import onnx_executor
+
+    _, ex = open_engine(engine)
+    calls = []
+
+    def cancelled_at_once(call, cancel):
+        calls.append(call)
+        cancel()  # as Ctrl-C would, before the run starts
+        return call()
+
+    monkeypatch.setattr(onnx_executor, "interruptible", cancelled_at_once)
+    with pytest.raises(Exception, match="terminate flag"):
+        ex.step([SequenceChunk(0, (1, 2, 3), 0)])
+    assert len(calls) == 1  # the first part's run was the one cancelled
+    monkeypatch.undo()
+    fresh = ex.step([SequenceChunk(0, (1, 2, 3), 0)])  # a cancelled run leaves no mark
+    assert torch.equal(fresh, alone(engine, (1, 2, 3)).unsqueeze(0))
