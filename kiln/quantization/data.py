@@ -65,12 +65,18 @@ class Samples:
 def load_tokenizer_of(checkpoint_dir: Path):
     """The checkpoint's tokenizer (kiln.runtime.tokenizer: tokenizer.json and its config)."""
     from kiln.runtime.errors import TokenizerError
-    from kiln.runtime.tokenizer import load_tokenizer
+    from kiln.runtime.tokenizer import RECOPY, load_tokenizer
 
+    path = checkpoint_dir / "tokenizer.json"
+    again = "convert the checkpoint again from a Hugging Face dir that holds the tokenizer files"
+    if not path.is_file():  # load_tokenizer's advice is an engine dir's (rebuild)
+        raise DatasetError(f"{path}: missing, so kiln cannot tokenize the calibration and "
+                           f"evaluation text; {again}")
     try:
         return load_tokenizer(checkpoint_dir)
     except TokenizerError as e:
-        raise DatasetError(f"{checkpoint_dir}: cannot tokenize calibration text: {e}") from None
+        raise DatasetError(f"{checkpoint_dir}: cannot tokenize calibration text: "
+                           f"{str(e).replace(RECOPY, again)}") from None
 
 
 # tokens past ``limit`` a prefix's encoding must reach: its last word may tokenize otherwise

@@ -321,8 +321,22 @@ class _Job:
                                    f"first token predicts nothing); with fewer, pass "
                                    f"{option('no_accuracy_gate', True)} to record undecided "
                                    f"figures") from None
+        self._check_vocabulary()
         if not opts.no_accuracy_gate:
             self._check_gate_size()
+
+    def _check_vocabulary(self) -> None:
+        """Refuse samples holding ids past the model's vocabulary: a tokenizer of another model
+        beside the weights (a retest's SmolLM2 tokenizer with a 256-token model had indexed the
+        embedding out of range, a traceback)."""
+        vocab = self.source.decoder.vocab_size
+        for samples in (self.calib, self.eval):
+            if samples is not None and (largest := int(samples.tokens.max())) >= vocab:
+                raise DatasetError(
+                    f"{self.source_dir}: its tokenizer encodes {samples.dataset.shown} to token "
+                    f"id {largest}, past the model's vocabulary of {vocab} (decoder.vocab_size): "
+                    f"the tokenizer files are not this model's; convert the checkpoint again "
+                    f"from the model's own Hugging Face dir")
 
     def _costly_settings(self) -> list[str]:
         """The options given that cost accuracy besides the format (a trial's int8_wo with an

@@ -378,3 +378,51 @@ def test_an_engine_built_past_a_failed_gate_says_so(checkpoint, texts, tmp_path,
         kiln.build(out, tmp_path / "e", backend="onnx", max_batch_size=1, max_seq_len=16)
     assert (f"{out} failed its accuracy gate (quantized with --no_accuracy_gate: ppl ratio "
             f"{ratio:.4f}, over 1.0); the engine is built from it as asked") in caplog.text
+
+
+@pytest.mark.parametrize("data", ["--calib_dataset", "--eval_dataset"])
+def test_a_tokenizer_past_the_model_s_vocabulary_is_one_line(checkpoint, texts, tmp_path, data):
+    """A retest's checkpoint held another model's tokenizer (ids past its 256 tokens): the
+    embedding lookup had been a traceback, exit 1."""
+    from tokenizers import Tokenizer, models
+
+    src = tmp_path / "src"
+    shutil.copytree(checkpoint("llama-gqa"), src)
+    vocab = {ch: 200 + i for i, ch in enumerate(map(chr, range(32, 127)))}  # the model has 128
+    vocab.update({"\n": 300, "<unk>": 301})
+    Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")).save(
+        str(src / "tokenizer.json"))
+    dataset = texts["calib" if data == "--calib_dataset" else "eval"]
+    given = ["--qformat", "int4_awq", "--group_size", 32, "--calib_size", 2] \
+        if data == "--calib_dataset" else ["--qformat", "int8_wo", "--no_accuracy_gate"]
+    result = _cli("--checkpoint_dir", src, "--output_dir", tmp_path / "q", data, dataset,
+                  "--calib_max_seq_length", 16, *given)
+    assert result.exit_code == 2, result.output
+    said = f"error: {src}: its tokenizer encodes {dataset} to token id "
+    assert result.output.startswith(said), result.output
+    assert "past the model's vocabulary of 128 (decoder.vocab_size): the tokenizer files are " \
+           "not this model's" in result.output and len(result.output.splitlines()) == 1
+    assert _nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("damage, said", [
+    ("delete", "tokenizer.json: missing, so kiln cannot tokenize the calibration and evaluation "
+               "text; convert the checkpoint again from a Hugging Face dir that holds the "
+               "tokenizer files"),
+    ("garble", "tokenizer.json: unreadable ("),
+])
+def test_a_checkpoint_without_a_readable_tokenizer_is_told_to_convert_again(
+        checkpoint, texts, tmp_path, damage, said):
+    """A retest's checkpoint without tokenizer.json had been told to rebuild an engine dir."""
+    src = tmp_path / "src"
+    shutil.copytree(checkpoint("llama-gqa"), src)
+    if damage == "delete":
+        (src / "tokenizer.json").unlink()
+    else:
+        (src / "tokenizer.json").write_text("{not json")
+    result = _cli("--checkpoint_dir", src, "--output_dir", tmp_path / "q", "--qformat",
+                  "int8_wo", "--eval_dataset", texts["eval"], "--no_accuracy_gate")
+    assert result.exit_code == 2 and len(result.output.splitlines()) == 1, result.output
+    assert said in result.output and "engine dir" not in result.output, result.output
+    assert "convert the checkpoint again from a Hugging Face dir" in result.output
+    assert _nothing_written(tmp_path)
