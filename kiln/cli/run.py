@@ -318,8 +318,8 @@ def check_prompts(manifest: EngineManifest, tokenizer_dir: Path, prompts: list[s
     ``manifest`` and the tokenizer files in ``tokenizer_dir`` (the engine dir, or the checkpoint
     a --model_dir engine is built from). With ``chat``, a message whose own text tokenizes to
     nothing is refused as an empty prompt (the template's tokens around it never are)."""
-    from kiln.runtime.core import check_prompt
-    from kiln.runtime.errors import TokenizerError
+    from kiln.runtime.core import check_encoded, check_prompt
+    from kiln.runtime.errors import RequestError, TokenizerError
     from kiln.runtime.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -331,6 +331,10 @@ def check_prompts(manifest: EngineManifest, tokenizer_dir: Path, prompts: list[s
         label, vocab = f"prompt {i + 1}", manifest.decoder.vocab_size
         ids = tokenizer.chat_ids([{"role": "user", "content": prompt}]) if chat \
             else tokenizer.encode(prompt)
+        try:
+            check_encoded(ids, vocab)
+        except RequestError as e:
+            raise RequestError(f"{label}: {e}") from None
         check_prompt(label, ids, manifest.limits, vocab)
         if chat:  # the template's tokens hide an empty message: its own, refused as without
             check_prompt(label, tokenizer.encode(prompt, add_special_tokens=False),

@@ -37,7 +37,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from queue import Full, Queue
 from threading import Event, Thread
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -87,6 +87,9 @@ from kiln.roles import (
 )
 from kiln.sharding import shard_ranges, shard_shape
 from kiln.tensorio import StreamingWriter, all_finite, first_non_finite, iter_row_chunks
+
+if TYPE_CHECKING:
+    from kiln.runtime.tokenizer import ModelTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +217,7 @@ def plan_conversion(model_dir: str, *, dtype: str = "auto", tp_size: int = 1, pp
     Also what the build cache checks before it converts (:mod:`kiln.build_cache.preflight`).
     ``name``: the option ``model_dir`` was given as (:func:`~kiln.converters.source.locate`)."""
     source = open_source(model_dir, revision=revision, allow_pickle=allow_pickle, name=name)
-    check_tokenizer_files(source.directory)
+    tokenizer = check_tokenizer_files(source.directory)
     where = source.directory / "config.json"
     try:
         with reading_config(where):  # the converter's errors name it
@@ -233,6 +236,8 @@ def plan_conversion(model_dir: str, *, dtype: str = "auto", tp_size: int = 1, pp
                           f"({type(e).__name__}: {e}); compare it with a config.json that "
                           f"transformers wrote for this architecture") from e  # --debug: where
     decoder = untie_a_different_head(converter, decoder, source)
+    if tokenizer is not None:
+        warn_of_a_larger_tokenizer(tokenizer, decoder, source.directory)
     mapping = Mapping(tp_size=tp_size, pp_size=pp_size)
     mapping.validate_for(decoder, as_options=True)
     quant = import_quantization(source, converter, decoder)
@@ -241,22 +246,36 @@ def plan_conversion(model_dir: str, *, dtype: str = "auto", tp_size: int = 1, pp
                           _resolve_dtype(dtype, source, plans))
 
 
-def check_tokenizer_files(directory: Path) -> None:
-    """Refuse a source whose tokenizer files do not load as the runtime loads them: a trial's
-    corrupt tokenizer.json passed conversion and build (exit 0), and only ``kiln run`` failed,
-    advising to re-copy the checkpoint's copy, as corrupt. A source without tokenizer.json is
-    warned about where the files are copied (:func:`kiln.output_dirs.copy_tokenizer`)."""
+def check_tokenizer_files(directory: Path) -> ModelTokenizer | None:
+    """The source's tokenizer (None where it has no tokenizer.json); refuse one whose files do
+    not load as the runtime loads them: a trial's corrupt tokenizer.json passed conversion and
+    build (exit 0), and only ``kiln run`` failed, advising to re-copy the checkpoint's copy, as
+    corrupt. A source without tokenizer.json is warned about where the files are copied
+    (:func:`kiln.output_dirs.copy_tokenizer`)."""
     from kiln.runtime.errors import TokenizerError
     from kiln.runtime.tokenizer import RECOPY, load_tokenizer
 
     if not (directory / "tokenizer.json").is_file():
-        return
+        return None
     try:
-        load_tokenizer(directory)
+        return load_tokenizer(directory)
     except TokenizerError as e:
         raise CheckpointError(f"{str(e).removesuffix(f'; {RECOPY}')}: an engine needs a "
                               f"tokenizer that loads (kiln run, LLM and kiln serve read it); "
                               f"restore the model's tokenizer files") from None
+
+
+def warn_of_a_larger_tokenizer(tokenizer: ModelTokenizer, decoder: DecoderConfig,
+                               directory: Path) -> None:
+    """Say where the tokenizer has ids the model lacks: another model's tokenizer beside the
+    weights (a retest's SmolLM2 tokenizer with a 256-token model) converts, and text that
+    encodes past the vocabulary is refused at quantize and run."""
+    size = tokenizer.tokenizer.get_vocab_size(with_added_tokens=True)
+    if size > decoder.vocab_size:
+        log.warning("%s has %d tokens, past the model's vocab_size %d (config.json): text that "
+                    "encodes to the last ones will be refused; if the tokenizer files are "
+                    "another model's, copy in the model's own", directory / "tokenizer.json",
+                    size, decoder.vocab_size)
 
 
 def untie_a_different_head(converter: type[Converter], decoder: DecoderConfig,

@@ -520,6 +520,19 @@ def check_prompt(label: str, prompt_ids: Sequence[int], limits: BuildLimits,
         raise RequestError(f"{where}{outside}", field=outside.path)
 
 
+def check_encoded(ids: list[int], vocab_size: int) -> list[int]:
+    """``ids``, which the engine's own tokenizer gave, if the model has every one: one past its
+    vocabulary means tokenizer files of another model (a retest's SmolLM2 tokenizer beside a
+    256-token model had been told to pass ids of the model's tokenizer, for a text prompt)."""
+    outside = outside_vocabulary(ids, vocab_size)
+    if outside is not None:
+        raise RequestError(f"the engine's tokenizer encodes it to token id {outside.token}, past "
+                           f"the model's vocabulary of {vocab_size} (decoder.vocab_size): the "
+                           f"engine dir's tokenizer files are not its model's; build it again "
+                           f"from a checkpoint converted from the model's own Hugging Face dir")
+    return ids
+
+
 def check_request(request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
                   limits: BuildLimits, vocab_size: int, has_tokenizer: bool,
                   gathers_context_logits: bool) -> int:

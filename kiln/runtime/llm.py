@@ -67,7 +67,7 @@ from typing import TYPE_CHECKING, Any
 
 from kiln.engine import EngineManifest
 from kiln.errors import ConfigError, described, limits_as_options, shown
-from kiln.runtime.core import EngineCore, RequestDelta
+from kiln.runtime.core import EngineCore, RequestDelta, check_encoded
 from kiln.runtime.errors import EngineClosedError, RequestError, TokenizerError
 from kiln.runtime.executor import Executor
 from kiln.runtime.loader import ExecutorOptions, check_engine, open_engine
@@ -372,7 +372,8 @@ class LLM:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RequestError("text prompts need a tokenizer; pass token ids instead")
-            return self.tokenizer.encode(prompt, most=self.limits.max_input_len)
+            return check_encoded(self.tokenizer.encode(prompt, most=self.limits.max_input_len),
+                                 self.core.vocab_size)
         ids = list(prompt) if isinstance(prompt, (list, tuple)) else None
         # numpy's integers too (retest 44c: np.int64 ids, which evaluate takes, were refused)
         if ids is None or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
@@ -393,8 +394,9 @@ class LLM:
         """:meth:`render_chat` of a conversation :func:`_conversations` has checked."""
         if self.tokenizer is None:
             raise TokenizerError("chat needs a tokenizer with a chat template")
-        return self.tokenizer.chat_ids(conversation, add_generation_prompt,
-                                       most=self.limits.max_input_len)
+        return check_encoded(self.tokenizer.chat_ids(conversation, add_generation_prompt,
+                                                     most=self.limits.max_input_len),
+                             self.core.vocab_size)
 
     def _params_list(self, n: int, params: SamplingParams | Sequence[SamplingParams] | None,
                      ) -> list[SamplingParams]:

@@ -68,6 +68,7 @@ import logging
 from typing import Any
 
 from kiln.errors import as_json, cut, json_type, outside_vocabulary, shown
+from kiln.runtime.core import check_encoded
 from kiln.runtime.errors import RequestError, SamplingParamsError, TokenizerError
 from kiln.runtime.llm import LLM, Prompt
 from kiln.runtime.params import SEED_MAX, SamplingParams, TokenLogprobs, is_utf8
@@ -532,9 +533,10 @@ class Renderer:
         messages = [_message(i, m.model_dump(exclude_none=True))
                     for i, m in enumerate(req.messages)]
         try:
-            return self.tokenizer.chat_ids(messages, req.add_generation_prompt,
-                                           most=self.llm.limits.max_input_len,
-                                           template=self.chat_template)
+            return check_encoded(self.tokenizer.chat_ids(messages, req.add_generation_prompt,
+                                                         most=self.llm.limits.max_input_len,
+                                                         template=self.chat_template),
+                                 self.llm.core.vocab_size)
         except (TokenizerError, RequestError) as e:
             raise ApiError(400, str(e), param="messages", code=error_code(str(e))) from None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -131,6 +132,26 @@ def test_a_tokenizer_that_does_not_load_is_refused_before_anything_is_written(
                                               f"loads .*restore the model's tokenizer files"):
         _convert(src, tmp_path / "out")
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_warned_about(src, tmp_path, caplog):
+    """A retest's SmolLM2 tokenizer beside a 256-token model converted silently; its text was
+    then refused at quantize and run. The model's own tokenizer (96 of 128 ids) says nothing."""
+    from tokenizers import Tokenizer, models
+
+    from tests.models import hf_model_with_tokenizer
+
+    hf_model_with_tokenizer("llama-gqa", src)
+    with caplog.at_level(logging.WARNING, logger="kiln.converters.convert"):
+        _convert(src, tmp_path / "own")
+    assert "past the model's vocab_size" not in caplog.text
+    vocab = {f"t{i}": i for i in range(200)}
+    Tokenizer(models.WordLevel(vocab, unk_token="t0")).save(str(src / "tokenizer.json"))
+    with caplog.at_level(logging.WARNING, logger="kiln.converters.convert"):
+        _convert(src, tmp_path / "other")
+    assert f"{src / 'tokenizer.json'} has 200 tokens, past the model's vocab_size 128 " \
+           f"(config.json): text that encodes to the last ones will be refused; if the " \
+           f"tokenizer files are another model's, copy in the model's own" in caplog.text
 
 
 def test_files_with_a_utf8_bom_convert_as_without(tiny_hf, tmp_path):

@@ -340,3 +340,37 @@ def test_each_run_goes_through_a_call_that_ctrl_c_cancels(engine, monkeypatch):
     monkeypatch.undo()
     fresh = ex.step([SequenceChunk(0, (1, 2, 3), 0)])  # a cancelled run leaves no mark
     assert torch.equal(fresh, alone(engine, (1, 2, 3)).unsqueeze(0))
+
+
+def test_a_tokenizer_of_another_model_is_named_for_text_prompts(tmp_path):
+    """A retest's engine held another model's tokenizer: its text prompt was refused with
+    "pass ids of the model's tokenizer", which it had not given ids."""
+    from click.testing import CliRunner
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    from kiln.cli.main import main
+    from kiln.runtime.errors import RequestError
+
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    vocab = {"<unk>": 0, **{chr(c): c - 31 for c in range(32, 127)}}  # ids to 95; the model: 64
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.save(str(tok / "tokenizer.json"))
+    (tok / "tokenizer_config.json").write_text(
+        '{"chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"}')
+    (tok / "generation_config.json").write_text("{}")
+    engine = toy_engine_dir(tmp_path / "engine", LIMITS, vocab=64, tokenizer_dir=tok)
+    said = ("the engine's tokenizer encodes it to token id 95, past the model's vocabulary of 64 "
+            "(decoder.vocab_size): the engine dir's tokenizer files are not its model's; build "
+            "it again from a checkpoint converted from the model's own Hugging Face dir")
+    with LLM(engine) as llm:
+        assert llm.generate(" !", SamplingParams(max_tokens=2))[0].prompt_token_ids == (1, 2)
+        with pytest.raises(RequestError) as err:
+            llm.generate(["!", "!~"], SamplingParams(max_tokens=2))
+        assert str(err.value) == f"prompts[1]: {said}"
+        with pytest.raises(RequestError) as err:
+            llm.chat([{"role": "user", "content": "~"}])
+        assert str(err.value) == said
+    result = CliRunner().invoke(main, ["run", "--engine_dir", str(engine), "--input_text", "~"])
+    assert result.exit_code == 2 and result.output == f"error: prompt 1: {said}\n", result.output
