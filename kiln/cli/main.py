@@ -121,7 +121,7 @@ class KilnGroup(click.Group):
                 hint = f"{e.option_name} is an option of {_listed(others)}: it goes after the " \
                        f"command, {after} {e.option_name} ..."
                 message = e.message  # without click's guesses at kiln's own
-            click.echo(f"error: {message} ({hint})", err=True)
+            click.echo(f"error: {_one_line(message)} ({hint})", err=True)
             ctx.exit(2)
 
     def invoke(self, ctx: click.Context):
@@ -155,7 +155,7 @@ class KilnGroup(click.Group):
                 hint = (f"{e.option_name} is an option of {_listed(others)}, not of "
                         f"{command}; see {command} --help")
                 message = e.message  # without click's guesses at this command's (they misled)
-            click.echo(f"error: {message} ({hint})", err=True)
+            click.echo(f"error: {_one_line(message)} ({hint})", err=True)
             ctx.exit(2)
         except OSError as e:  # the machine refused: disk full, permissions, a read-only mount
             if isinstance(e, BrokenPipeError) and (gone := _readers_gone()):
@@ -313,6 +313,12 @@ def _refuse_an_option_as_value(ctx: click.Context, name: str, word: str,
         return
     raise click.BadOptionUsage(name, f"Option {name!r} requires an argument: {what} ({how})",
                                ctx)
+
+
+def _one_line(message: str) -> str:
+    """click's message on one line: a required choice left out lists its choices one a line
+    (a retest's kiln quantize without --qformat printed six lines)."""
+    return " ".join(message.split())
 
 
 def _listed(commands: list[str]) -> str:

@@ -307,6 +307,16 @@ def test_an_option_of_one_value_given_twice_is_refused(args, message, tmp_path):
     assert result.exit_code == 2 and result.output.strip() == f"error: {message}", result.output
 
 
+def test_a_required_choice_left_out_is_one_line(tmp_path):
+    """click lists the choices one a line: a retest's kiln quantize without --qformat printed
+    six lines."""
+    result = _invoke("quantize", "--checkpoint_dir", str(tmp_path), "--output_dir",
+                     str(tmp_path / "q"))
+    assert result.exit_code == 2 and result.output == (
+        "error: Missing option '--qformat'. Choose from: fp8, int8_sq, int8_wo, int4_wo, "
+        "int4_awq (see kiln quantize --help)\n"), result.output
+
+
 @pytest.mark.parametrize("args, message", [
     # a trial: "Missing option '--model_dir'" named what was missing, not what was given
     (["cache", "build", "tiny/llama"], "unexpected argument 'tiny/llama': kiln cache build takes "
