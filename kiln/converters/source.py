@@ -214,7 +214,9 @@ def _weight_files(path: Path, allow_pickle: bool) -> list[Path]:
             f"code when loaded: pass {option('allow_pickle', True, flag='allow-pickle')} to "
             f"load them with torch.load(weights_only=True)")
     if not pickles:
-        raise CheckpointError(f"{path}: no *.safetensors weight files found")
+        raise CheckpointError(f"{path}: no *.safetensors weight files found (nor "
+                              f"*.bin, *.pt, *.pth pickles); pass the directory holding the model's "
+                              f"weights, or fetch the checkpoint again if they are missing")
     return pickles
 
 
@@ -277,7 +279,10 @@ def _open_weights(file: Path) -> dict[str, SourceTensor]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises many types for a bad pickle
-        raise CheckpointError(f"{file}: cannot load as a weights-only torch pickle ({e})") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{file}: cannot load as a weights-only torch pickle ({first:.200}); "
+                              f"the file is damaged or not torch.save's: fetch the checkpoint "
+                              f"again") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{file}: expected a dict of tensors, found {type(state).__name__}")
     return {k: LoadedTensor(v, file.name) for k, v in state.items() if isinstance(v, torch.Tensor)}

@@ -70,6 +70,26 @@ def test_pickle_weights_count_only_when_allowed(tmp_path, hf_dir):
                                                                       "pytorch_model.bin"]
 
 
+def test_no_weights_and_a_damaged_pickle_say_how_to_fix_them(tmp_path, hf_dir):
+    """A retest's two messages said what was wrong and not what to do (one of them torch's)."""
+    model = tmp_path / "none"
+    model.mkdir()
+    shutil.copy(hf_dir / "config.json", model)
+    with pytest.raises(CheckpointError) as err:
+        open_source(model)
+    assert str(err.value) == (f"{model}: no *.safetensors weight files found (nor *.bin, *.pt, "
+                              f"*.pth pickles); pass the directory holding the model's weights, "
+                              f"or fetch the checkpoint again if they are missing")
+    (model / "pytorch_model.bin").write_bytes(b"garbage, not a zip archive")
+    with pytest.raises(CheckpointError) as err:
+        open_source(model, allow_pickle=True)
+    said = str(err.value)
+    assert said.startswith(f"{model / 'pytorch_model.bin'}: cannot load as a weights-only torch "
+                           f"pickle (") and "\n" not in said
+    assert said.endswith("); the file is damaged or not torch.save's: fetch the checkpoint "
+                         "again"), said
+
+
 # --- the weight files transformers loads: model.safetensors, else what its index names -------
 
 @pytest.fixture(scope="module")
