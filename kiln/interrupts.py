@@ -30,6 +30,7 @@ when it returns).
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -117,6 +118,17 @@ def deferred_interrupts() -> Iterator[Callable[[], bool]]:
 
 _native_worker: concurrent.futures.ThreadPoolExecutor | None = None
 _native_worker_lock = threading.Lock()
+
+
+def _forget_native_worker() -> None:
+    """In a forked child: the parent's worker thread is not there (a submit would wait for it
+    for ever); the next call starts the child's own."""
+    global _native_worker, _native_worker_lock
+    _native_worker, _native_worker_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_native_worker)
 
 
 def interruptible(call: Callable[[], T], cancel: Callable[[], None]) -> T:

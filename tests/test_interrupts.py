@@ -412,3 +412,14 @@ def test_an_interrupted_command_exits_without_waiting_for_the_interpreters_teard
     assert "interrupted (SIGTERM)" in result.stderr and "Traceback" not in result.stderr
     assert result.stdout == "written before the signal"
     assert seconds < 30
+
+
+def test_interruptible_in_a_forked_child_runs_there():
+    """The worker thread is the parent's: a forked child's call had waited for it for ever."""
+    assert interruptible(lambda: 1, lambda: None) == 1  # the parent's worker is up
+    child = os.fork()
+    if child == 0:  # the child: exit 0 if the call ran, else the watchdog's 3
+        threading.Timer(10, os._exit, (3,)).start()
+        os._exit(0 if interruptible(lambda: 2, lambda: None) == 2 else 1)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
