@@ -214,8 +214,8 @@ def _weight_files(path: Path, allow_pickle: bool) -> list[Path]:
             f"code when loaded: pass {option('allow_pickle', True, flag='allow-pickle')} to "
             f"load them with torch.load(weights_only=True)")
     if not pickles:
-        raise CheckpointError(f"{path}: no *.safetensors weight files found (nor "
-                              f"*.bin, *.pt, *.pth pickles); pass the directory holding the model's "
+        raise CheckpointError(f"{path}: no *.safetensors weight files found (nor *.bin, "
+                              f"*.pt, *.pth pickles); pass the directory holding the model's "
                               f"weights, or fetch the checkpoint again if they are missing")
     return pickles
 
