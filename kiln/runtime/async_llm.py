@@ -223,6 +223,12 @@ class AsyncLLM:
         _check_id(request_id)  # (an unhashable one had killed the engine thread)
         self._loop.send(("abort", request_id))
 
+    def interrupt_step(self) -> None:
+        """End the engine's step under way early (:meth:`kiln.runtime.LLM.interrupt_step`):
+        after :meth:`abort` of every request in it (a server's shutdown), so that their streams
+        end now, not when a long prefill does."""
+        self.llm.interrupt_step()
+
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None):
         """Submit and wait for the result; cancelling the awaiting task aborts the request."""
         request_id = await self.submit(prompt, params)
@@ -238,6 +244,7 @@ class AsyncLLM:
             return
         self._closed = True
         self._loop.send(("close",))
+        self.llm.interrupt_step()  # a long step (a CPU prefill: seconds) ends now
         self._thread.join()
         if self._owns_llm:
             self.llm.close()

@@ -72,6 +72,12 @@ class EngineClosedError(KilnError, RuntimeError):
     """An LLM was used after ``close()``: its executor and worker processes are gone."""
 
 
+class StepInterrupted(KilnError, RuntimeError):
+    """An executor's step ended early because :meth:`~kiln.runtime.executor.Executor.interrupt`
+    asked it to (a close, or an abort of every request, from another thread). Nothing of it
+    was committed: the same step may run again."""
+
+
 def prompt_too_long(tokens: str, max_input_len: int, why: str = "") -> str:
     """The message of a prompt over the engine's ``max_input_len`` (``tokens``: its count in
     words, "1,200" or "more than 1,000"; ``why``: how that is known, in parentheses)."""

@@ -42,6 +42,14 @@ Its ``last`` logits are then the step's own buffer in the model's dtype, which t
 next step overwrites: the core reads them (in stream order, for rows that draw) before it
 launches that step. ``step`` always returns a float32 copy.
 
+Interrupts (:meth:`Executor.interrupt`, from any thread): the step under way, or the next
+one if none is, ends early with :class:`~kiln.runtime.errors.StepInterrupted`, leaving the
+cache as if it had not run (a step writes the same positions when it runs again), so the core
+can run it again. An executor whose step is one long native call implements it (onnx:
+``RunOptions.terminate``; a 2,048-token window on a CPU takes seconds, and a closing server
+waited for it); the base class's does nothing, for executors whose steps end within
+milliseconds (GPU graphs) or that cannot stop one (the step then ends as usual).
+
 Warm-up (``needs_warm_up``): True where the first steps of a shape or path pay a one-time cost
 (GPU kernel compiles and set-up) that :meth:`kiln.runtime.LLM.warm_up` should move before the
 first request; executors on the CPU say False, and the warm-up skips them.
@@ -134,6 +142,10 @@ class Executor(ABC):
 
     def release(self, slot: int) -> None:
         """The sequence in ``slot`` has ended; its cache may be reused."""
+
+    def interrupt(self) -> None:
+        """End the step under way early, or the next one (module docstring); from any thread.
+        Here nothing: the step ends as usual."""
 
     def close(self) -> None:
         """Free backend resources (sessions, GPU memory)."""

@@ -68,7 +68,12 @@ from typing import TYPE_CHECKING, Any
 from kiln.engine import EngineManifest
 from kiln.errors import ConfigError, described, limits_as_options, shown
 from kiln.runtime.core import EngineCore, RequestDelta, check_encoded
-from kiln.runtime.errors import EngineClosedError, RequestError, TokenizerError
+from kiln.runtime.errors import (
+    EngineClosedError,
+    RequestError,
+    StepInterrupted,
+    TokenizerError,
+)
 from kiln.runtime.executor import Executor
 from kiln.runtime.loader import ExecutorOptions, check_engine, open_engine
 from kiln.runtime.params import SamplingParams
@@ -227,6 +232,9 @@ class LLM:
         self.closed = False
         gc = tokenizer.generation_config if tokenizer is not None else {}
         self.default_params = SamplingParams.from_generation_config(gc)
+        if tokenizer is not None and (said := tokenizer.past_vocabulary(self.core.vocab_size)):
+            logger.warning("%s: %s (rebuild from a checkpoint converted from the model's own "
+                           "Hugging Face dir)", self.engine_dir, said)
 
     @property
     def limits(self):
@@ -255,6 +263,7 @@ class LLM:
         self.closed = True  # before the wait: a call under way stops at its next step
         if self.executor is None:
             self.core.wake()  # a step waiting on the replicas returns now
+        self.interrupt_step()  # a long one (a CPU prefill: seconds) ends now
         try:
             with self._engine_lock:
                 if self.executor is not None:
@@ -264,6 +273,15 @@ class LLM:
         finally:
             if self._release is not None:
                 self._release()  # the cache entry may be pruned from now on
+
+    def interrupt_step(self) -> None:
+        """End the engine's step under way early, from any thread (an AsyncLLM's close, or
+        kiln serve aborting every request): its requests run it again at the next step, unless
+        they were aborted meanwhile. Where no step runs, the next one ends at once and is run
+        again. Executors whose steps end within milliseconds ignore it
+        (:meth:`kiln.runtime.executor.Executor.interrupt`), as do engine processes."""
+        if self.executor is not None:
+            self.executor.interrupt()
 
     def __enter__(self) -> LLM:
         self.check_open()
@@ -301,6 +319,12 @@ class LLM:
                                         "requests ended unfinished")
             try:
                 return self.core.step()
+            except StepInterrupted:  # (interrupt_step): nothing of it was committed
+                if self.closed:
+                    raise EngineClosedError("this LLM was closed while a call of it ran (from "
+                                            "another thread); its requests ended "
+                                            "unfinished") from None
+                return []  # its requests run it again, unless aborted meanwhile
             except Exception as e:
                 self.error = e
                 raise
@@ -481,7 +505,15 @@ class LLM:
              params: SamplingParams | Sequence[SamplingParams] | None = None,
              ) -> list[CompletionResult]:
         """Generate replies to one conversation (a list of messages) or to several."""
-        return self.generate([self._chat_ids(c) for c in _conversations(messages)], params)
+        conversations = _conversations(messages)
+        ids = []
+        for i, conversation in enumerate(conversations):
+            try:
+                ids.append(self._chat_ids(conversation))
+            except RequestError as e:  # which conversation, as generate names its prompts
+                label = "messages" if len(conversations) == 1 else f"conversation #{i}"
+                raise RequestError(f"{label}: {e}") from None
+        return self.generate(ids, params)
 
 
 def _held(engine_dir: str | Path | None, model: str | Path | None, options: ExecutorOptions,

@@ -29,6 +29,7 @@ import functools
 import logging
 import os
 import platform
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ from kiln.errors import build_smaller, option
 from kiln.interrupts import interruptible
 from kiln.quantization.config import slow_on_onnx_cpu
 from kiln.runtime.compat import MachineInfo, check_onnx
+from kiln.runtime.errors import StepInterrupted
 from kiln.runtime.executor import Executor, SequenceChunk, StepLogits
 from kiln.runtime.host_memory import available_memory
 from kiln.runtime.loader import ExecutorOptions, warn_once
@@ -219,6 +221,10 @@ class OnnxExecutor(Executor):
         _say_spin_wait(options.cpu_spin_wait, len(graphs))
         so = session_options(options.num_threads, spin_wait(options.cpu_spin_wait, len(graphs)))
         self.sessions = [_session(ort, p, so, providers) for p in graphs]
+        # interrupt(): the run under way (its RunOptions) and whether the step is to end
+        self._run_lock = threading.Lock()
+        self._running: Any = None
+        self._interrupted = False
         self._inputs = [{i.name for i in s.get_inputs()} for s in self.sessions]
         self._layers = [sorted(int(n[len("past_key_"):]) for n in names
                                if n.startswith("past_key_")) for names in self._inputs]
@@ -270,26 +276,33 @@ class OnnxExecutor(Executor):
             return super().step_logits(chunks)  # refuses
         out = np.empty((len(chunks), self.vocab_size), np.float32)
         context: dict[int, torch.Tensor] = {}
-        for run in self.rows.plan(chunks):
-            logits, window = self._execute(run, self.rows.feeds(run, chunks))
-            for slot, index in run.chunks.items():
-                out[index] = logits[slot - run.lo]
-            wanted = {s: i for s, i in run.chunks.items() if chunks[i].context_logits}
-            if wanted:
-                every = window.binding.get_outputs()[1].numpy()  # context_logits [B, S, V]
-                for slot, index in wanted.items():
-                    context[index] = torch.from_numpy(
-                        every[slot - run.lo, :len(chunks[index].tokens)].copy())
-            self.rows.commit(run, chunks)
+        try:
+            for run in self.rows.plan(chunks):
+                logits, window = self._execute(run, self.rows.feeds(run, chunks))
+                for slot, index in run.chunks.items():
+                    out[index] = logits[slot - run.lo]
+                wanted = {s: i for s, i in run.chunks.items() if chunks[i].context_logits}
+                if wanted:
+                    every = window.binding.get_outputs()[1].numpy()  # context_logits [B, S, V]
+                    for slot, index in wanted.items():
+                        context[index] = torch.from_numpy(
+                            every[slot - run.lo, :len(chunks[index].tokens)].copy())
+                self.rows.commit(run, chunks)
+        finally:
+            self._interrupted = False  # (an interrupt reaches one step: this one, or the next)
         return StepLogits(torch.from_numpy(out), context)
+
+    def interrupt(self) -> None:
+        with self._run_lock:
+            self._interrupted = True
+            if self._running is not None:
+                self._running.terminate = True  # checked between the graph's nodes
 
     def release(self, slot: int) -> None:
         self.rows.release(slot)
 
     def _execute(self, run: Run, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, _Window]:
         """Logits [rows, V] of the run, and the last part's window (its other outputs)."""
-        import onnxruntime as ort
-
         hidden = None
         for part, session in enumerate(self.sessions):
             window = self._window(part, run)
@@ -302,16 +315,35 @@ class OnnxExecutor(Executor):
                 window.binding.bind_output("hidden_out", self.device, 0)
             elif self.gathers_context_logits:  # so do context_logits [B, S, V]
                 window.binding.bind_output("context_logits", self.device, 0)
-            # through a worker that Ctrl-C cancels: a long window is one native call (a run's
-            # errors come back as its exception; its log would add "Exiting due to terminate
-            # flag" in red to a cancelled one)
-            options = ort.RunOptions()
-            options.log_severity_level = 4
-            interruptible(functools.partial(session.run_with_iobinding, window.binding, options),
-                          functools.partial(setattr, options, "terminate", True))
+            self._run(session, window.binding)
             hidden = window.logits if window.logits is not None else \
                 window.binding.get_outputs()[0]  # hidden_out, bound first
         return hidden.numpy(), window
+
+    def _run(self, session, binding) -> None:
+        """One graph run, which :meth:`interrupt` and Ctrl-C end early: a long window is one
+        native call of seconds (:func:`kiln.interrupts.interruptible`). Its rows of the cache
+        are then half written, and written again when the step runs again."""
+        import onnxruntime as ort
+
+        options = ort.RunOptions()
+        # (a run's errors come back as its exception; its log would add "Exiting due to
+        # terminate flag" in red to an interrupted one)
+        options.log_severity_level = 4
+        with self._run_lock:
+            if self._interrupted:
+                raise StepInterrupted("the step was interrupted before its run began")
+            self._running = options
+        try:
+            interruptible(functools.partial(session.run_with_iobinding, binding, options),
+                          self.interrupt)
+        except Exception:
+            if options.terminate:  # what ONNX Runtime raises says "terminate flag"
+                raise StepInterrupted("the step was interrupted during its run") from None
+            raise
+        finally:
+            with self._run_lock:
+                self._running = None
 
     def _window(self, part: int, run: Run) -> _Window:
         """The part's I/O binding for the window [lo, hi), kept: a decode step of the same

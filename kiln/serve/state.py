@@ -152,6 +152,8 @@ class ServerState:
         finishes with finish_reason ``abort`` and ``[DONE]``, so no handler is left to cancel."""
         for rid in list(self.live):
             await self.engine.abort(rid)
+        if self.live:  # a long step (a CPU prefill: seconds) would hold the aborts
+            self.engine.interrupt_step()
 
     def free_slots(self) -> int:
         scheduler = self.engine.llm.core.scheduler

@@ -198,7 +198,8 @@ def test_numpy_integer_ids_are_token_ids(scripted):
      r"out$"),  # as kiln serve (trial 38: taken by LLM.chat, refused by kiln serve)
     (lambda llm: llm.chat([[{"role": "user", "content": "a"}], []]),
      r"^conversation #1: a conversation is a non-empty list of messages, found list \[\]$"),
-    (lambda llm: llm.chat([{"role": "user", "content": "\udc80"}]), r"^the text is not UTF-8"),
+    (lambda llm: llm.chat([{"role": "user", "content": "\udc80"}]),
+     r"^messages: the text is not UTF-8"),
 ])
 def test_bad_api_arguments_are_one_line_request_errors(scripted, call, match):
     """A trial's calls that raised AttributeError, TypeError (from the tokenizers library)

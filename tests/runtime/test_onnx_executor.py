@@ -324,6 +324,7 @@ def test_each_run_goes_through_a_call_that_ctrl_c_cancels(engine, monkeypatch):
     """A window's run is one native call (seconds for a long prompt on a CPU): the executor
     hands it to kiln.interrupts.interruptible with a cancel that ends that very run."""
     from kiln.runtime import onnx_executor
+    from kiln.runtime.errors import StepInterrupted
 
     _, ex = open_engine(engine)
     calls = []
@@ -334,43 +335,162 @@ def test_each_run_goes_through_a_call_that_ctrl_c_cancels(engine, monkeypatch):
         return call()
 
     monkeypatch.setattr(onnx_executor, "interruptible", cancelled_at_once)
-    with pytest.raises(Exception, match="terminate flag"):
-        ex.step([SequenceChunk(0, (1, 2, 3), 0)])
+    with pytest.raises(StepInterrupted, match="interrupted during its run"):  # ONNX Runtime's
+        ex.step([SequenceChunk(0, (1, 2, 3), 0)])  # own error, "terminate flag", named so
     assert len(calls) == 1  # the first part's run was the one cancelled
     monkeypatch.undo()
     fresh = ex.step([SequenceChunk(0, (1, 2, 3), 0)])  # a cancelled run leaves no mark
     assert torch.equal(fresh, alone(engine, (1, 2, 3)).unsqueeze(0))
 
 
-def test_a_tokenizer_of_another_model_is_named_for_text_prompts(tmp_path):
+def _char_tokenizer(directory):
+    """Tokenizer files of one token per printable character (ids 1-95), a chat template."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    directory.mkdir()
+    vocab = {"<unk>": 0, **{chr(c): c - 31 for c in range(32, 127)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(
+        '{"chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"}')
+    (directory / "generation_config.json").write_text("{}")
+    return directory
+
+
+def test_a_tokenizer_of_another_model_is_named_for_text_prompts(tmp_path, caplog):
     """A retest's engine held another model's tokenizer: its text prompt was refused with
     "pass ids of the model's tokenizer", which it had not given ids."""
     from click.testing import CliRunner
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
     from kiln.cli.main import main
     from kiln.runtime.errors import RequestError
 
-    tok = tmp_path / "tok"
-    tok.mkdir()
-    vocab = {"<unk>": 0, **{chr(c): c - 31 for c in range(32, 127)}}  # ids to 95; the model: 64
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tokenizer.save(str(tok / "tokenizer.json"))
-    (tok / "tokenizer_config.json").write_text(
-        '{"chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"}')
-    (tok / "generation_config.json").write_text("{}")
+    tok = _char_tokenizer(tmp_path / "tok")  # ids to 95; the model: 64
     engine = toy_engine_dir(tmp_path / "engine", LIMITS, vocab=64, tokenizer_dir=tok)
     said = ("the engine's tokenizer encodes it to token id 95, past the model's vocabulary of 64 "
             "(decoder.vocab_size): the engine dir's tokenizer files are not its model's; build "
             "it again from a checkpoint converted from the model's own Hugging Face dir")
-    with LLM(engine) as llm:
+    with caplog.at_level("WARNING", logger="kiln.runtime.llm"):
+        llm = LLM(engine)
+    assert f"{engine}: its tokenizer has 96 tokens, past the model's vocab_size 64" in caplog.text
+    with llm:
         assert llm.generate(" !", SamplingParams(max_tokens=2))[0].prompt_token_ids == (1, 2)
         with pytest.raises(RequestError) as err:
             llm.generate(["!", "!~"], SamplingParams(max_tokens=2))
         assert str(err.value) == f"prompts[1]: {said}"
         with pytest.raises(RequestError) as err:
             llm.chat([{"role": "user", "content": "~"}])
-        assert str(err.value) == said
+        assert str(err.value) == f"messages: {said}"
+        with pytest.raises(RequestError) as err:
+            llm.chat([[{"role": "user", "content": "!"}], [{"role": "user", "content": "~"}]])
+        assert str(err.value) == f"conversation #1: {said}"
     result = CliRunner().invoke(main, ["run", "--engine_dir", str(engine), "--input_text", "~"])
     assert result.exit_code == 2 and result.output == f"error: prompt 1: {said}\n", result.output
+
+
+class _EndlessRuns:
+    """A session whose runs last until their RunOptions are terminated (a long window on a
+    CPU), or 20 s (then the test fails on the time): ``entered`` is set when one begins."""
+
+    def __init__(self, session):
+        import threading
+
+        self._session, self.entered = session, threading.Event()
+
+    def run_with_iobinding(self, binding, options):
+        import time
+
+        self.entered.set()
+        deadline = time.monotonic() + 20
+        while not options.terminate and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return self._session.run_with_iobinding(binding, options)  # fails if terminated
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+
+def _endless(ex) -> _EndlessRuns:
+    ex.sessions = [_EndlessRuns(s) for s in ex.sessions]
+    return ex.sessions[0]
+
+
+def test_an_interrupted_step_raises_and_runs_again_as_if_it_had_not_run(engine):
+    import threading
+
+    from kiln.runtime.errors import StepInterrupted
+
+    _, ex = open_engine(engine)
+    sessions = list(ex.sessions)
+    endless = _endless(ex)
+    chunk = [SequenceChunk(0, (1, 2, 3, 4), 0)]
+    errors = []
+    worker = threading.Thread(target=lambda: errors.append(_raised(ex.step, chunk)))
+    worker.start()
+    assert endless.entered.wait(10)
+    ex.interrupt()
+    worker.join(5)
+    assert not worker.is_alive() and isinstance(errors[0], StepInterrupted), errors
+    ex.sessions = sessions
+    _, uninterrupted = open_engine(engine)
+    decode = [SequenceChunk(0, (5,), 4)]
+    assert torch.equal(ex.step(chunk), uninterrupted.step(chunk))
+    # one that came between steps ends the next one at once, and that one only
+    ex.interrupt()
+    with pytest.raises(StepInterrupted):
+        ex.step(decode)
+    assert torch.equal(ex.step(decode), uninterrupted.step(decode))
+
+
+def _raised(call, *args):
+    try:
+        call(*args)
+    except BaseException as e:  # noqa: BLE001 - the test reads it
+        return e
+    return None
+
+
+@pytest.fixture(scope="module")
+def with_tokenizer(tmp_path_factory):
+    """The toy engine, one part, with tokenizer files (an LLM needs them)."""
+    root = tmp_path_factory.mktemp("toy-tok")
+    return toy_engine_dir(root / "engine", LIMITS, tokenizer_dir=_char_tokenizer(root / "tok"))
+
+
+@pytest.mark.parametrize("closer", ["LLM", "AsyncLLM"])
+def test_closing_from_another_thread_ends_a_long_step_now(with_tokenizer, closer):
+    """A closing server (or caller) had waited for the step under way to end: a prefill of
+    8,000 tokens on a CPU held kiln serve's exit for 24 s after its third Ctrl-C."""
+    import asyncio
+    import threading
+    import time
+
+    from kiln.runtime import AsyncLLM
+    from kiln.runtime.errors import EngineClosedError
+
+    llm = LLM(with_tokenizer)
+    endless = _endless(llm.executor)
+    if closer == "LLM":
+        outcome = []
+        caller = threading.Thread(target=lambda: outcome.append(_raised(
+            llm.generate, [[1, 2, 3]], SamplingParams(max_tokens=2))))
+        caller.start()
+        assert endless.entered.wait(10)
+        started = time.monotonic()
+        llm.close()
+        caller.join(10)
+        assert isinstance(outcome[0], EngineClosedError), outcome
+    else:
+        async def main():
+            engine_ = AsyncLLM(llm)
+            request = await engine_.submit([1, 2, 3], SamplingParams(max_tokens=2))
+            await asyncio.to_thread(endless.entered.wait, 10)
+            began = time.monotonic()
+            await asyncio.to_thread(engine_.close)
+            return began, [d async for d in engine_.stream(request)]
+
+        started, deltas = asyncio.run(main())
+        assert deltas[-1].result.finish_reason == "abort"
+        llm.close()
+    assert time.monotonic() - started < 5

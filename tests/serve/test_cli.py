@@ -507,3 +507,23 @@ def test_a_second_signal_with_no_request_running_quits_at_once(capsys):
     finally:
         logging.getLogger("uvicorn.error").setLevel(level)
     assert "kiln serve: no request is running; quitting now" in capsys.readouterr().err
+
+
+def test_aborting_every_request_interrupts_the_step_under_way():
+    """A shutdown's aborts had waited for the engine's step: an 8,000-token prefill on a CPU
+    held the streams' abort and [DONE] (and the exit) for 24 s. With nothing live, no step is
+    interrupted (a later request's would be)."""
+    import asyncio
+    from unittest import mock
+
+    from kiln.serve.state import ServerState
+
+    engine = mock.Mock()
+    engine.abort = mock.AsyncMock()
+    state = ServerState(engine, None, 60.0)
+    asyncio.run(state.abort_all())
+    engine.interrupt_step.assert_not_called()
+    state.live.update({"a": None, "b": None})
+    asyncio.run(state.abort_all())
+    assert [c.args for c in engine.abort.call_args_list] == [("a",), ("b",)]
+    engine.interrupt_step.assert_called_once_with()
