@@ -85,8 +85,8 @@ def wrong_kind(path: str | Path, config: Any, wanted: DirKind) -> str | None:
         (DirKind.KILN_CHECKPOINT, DirKind.HF_CHECKPOINT):
             f"it is converted already; build it with {build}",
         (DirKind.ENGINE, DirKind.KILN_CHECKPOINT):
-            f"it is built already; run it with {run}, or rebuild from the kiln checkpoint it "
-            f"was built from ({_built_from(config)})",
+            f"it is built already; run it with {run}, or give the kiln checkpoint it was "
+            f"built from ({_built_from(config)})",
         (DirKind.ENGINE, DirKind.HF_CHECKPOINT): f"it is built already; run it with {run}",
     }[found, wanted]
     return f"{path} is {found.value}, not {wanted.value}: {todo}"

@@ -93,7 +93,7 @@ def test_build_given_an_engine_dir(dirs, tmp_path):
     engine, ckpt = dirs[DirKind.ENGINE], dirs[DirKind.KILN_CHECKPOINT]
     message = (f"{engine} is an engine dir, not a kiln checkpoint: it is built already; run it "
                f"with kiln run --engine_dir {engine} (kiln bench, eval and serve take "
-               f"--engine_dir too), or rebuild from the kiln checkpoint it was "
+               f"--engine_dir too), or give the kiln checkpoint it was "
                f"built from (--checkpoint_dir {ckpt})")
     out = tmp_path / "out"
     expect_one_line(kiln_cli("build", "--checkpoint_dir", str(engine), "--output_dir", str(out)),
@@ -101,7 +101,7 @@ def test_build_given_an_engine_dir(dirs, tmp_path):
     with pytest.raises(CheckpointError) as err:
         build(engine, out, **LIMITS)
     assert str(err.value) == (f"{engine} is an engine dir, not a kiln checkpoint: it is built "
-                              f"already; run it with LLM('{engine}'), or rebuild from the kiln "
+                              f"already; run it with LLM('{engine}'), or give the kiln "
                               f"checkpoint it was built from (checkpoint_dir='{ckpt}')")
     assert not out.exists()
 

@@ -267,15 +267,10 @@ def check_tokenizer_files(directory: Path) -> ModelTokenizer | None:
 
 def warn_of_a_larger_tokenizer(tokenizer: ModelTokenizer, decoder: DecoderConfig,
                                directory: Path) -> None:
-    """Say where the tokenizer has ids the model lacks: another model's tokenizer beside the
-    weights (a retest's SmolLM2 tokenizer with a 256-token model) converts, and text that
-    encodes past the vocabulary is refused at quantize and run."""
-    size = tokenizer.tokenizer.get_vocab_size(with_added_tokens=True)
-    if size > decoder.vocab_size:
-        log.warning("%s has %d tokens, past the model's vocab_size %d (config.json): text that "
-                    "encodes to the last ones will be refused; if the tokenizer files are "
-                    "another model's, copy in the model's own", directory / "tokenizer.json",
-                    size, decoder.vocab_size)
+    """Say where the tokenizer has ids the model lacks (ModelTokenizer.past_vocabulary): such
+    a source converts, and its text is refused at quantize and run."""
+    if said := tokenizer.past_vocabulary(decoder.vocab_size):
+        log.warning("%s: %s (copy in the model's own)", directory, said)
 
 
 def untie_a_different_head(converter: type[Converter], decoder: DecoderConfig,

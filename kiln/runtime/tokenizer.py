@@ -65,6 +65,16 @@ class ModelTokenizer:
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
+    def past_vocabulary(self, model_vocab_size: int) -> str | None:
+        """What to say of a tokenizer with more tokens than the model's vocabulary (another
+        model's tokenizer beside the weights: a retest's SmolLM2 tokenizer with a 256-token
+        model), or None: text that encodes to the last ones is refused."""
+        if self.vocab_size <= model_vocab_size:
+            return None
+        return (f"its tokenizer has {self.vocab_size} tokens, past the model's vocab_size "
+                f"{model_vocab_size}: text that encodes to the last ones will be refused; the "
+                f"tokenizer files may be another model's")
+
     def encode(self, text: str, add_special_tokens: bool = True,
                most: int | None = None) -> list[int]:
         """Token ids of ``text``. ``most``: the engine's max_input_len; a text whose first

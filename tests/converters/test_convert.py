@@ -149,9 +149,9 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_warned_about(src, tmp_path, c
     Tokenizer(models.WordLevel(vocab, unk_token="t0")).save(str(src / "tokenizer.json"))
     with caplog.at_level(logging.WARNING, logger="kiln.converters.convert"):
         _convert(src, tmp_path / "other")
-    assert f"{src / 'tokenizer.json'} has 200 tokens, past the model's vocab_size 128 " \
-           f"(config.json): text that encodes to the last ones will be refused; if the " \
-           f"tokenizer files are another model's, copy in the model's own" in caplog.text
+    assert f"{src}: its tokenizer has 200 tokens, past the model's vocab_size 128: text that " \
+           f"encodes to the last ones will be refused; the tokenizer files may be another " \
+           f"model's (copy in the model's own)" in caplog.text
 
 
 def test_files_with_a_utf8_bom_convert_as_without(tiny_hf, tmp_path):
