@@ -423,3 +423,26 @@ def test_interruptible_in_a_forked_child_runs_there():
         os._exit(0 if interruptible(lambda: 2, lambda: None) == 2 else 1)
     _, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize("second", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_signal_while_the_interrupted_command_exits_changes_nothing(hf_dir, tmp_path,
+                                                                             second):
+    """A retest's second Ctrl-C 0.1 s after the first reached ``logging.shutdown()`` on the way
+    out: a traceback and exit -2 (or a tqdm ``__del__``'s "Exception ignored")."""
+    patch = textwrap.dedent(sent_while_converting(signal.SIGINT)) + textwrap.dedent(f"""
+        import logging, time
+        shutdown = logging.shutdown
+
+        def slow_shutdown(*args):
+            os.kill(os.getpid(), {int(second)})  # while the exit flushes the logs
+            time.sleep(0.5)
+            shutdown(*args)
+
+        logging.shutdown = slow_shutdown
+    """)
+    out = tmp_path / "ckpt"
+    result, _ = run_cli(patch, ["convert_checkpoint", "--model_dir", str(hf_dir),
+                                "--output_dir", str(out)])
+    assert (result.returncode, result.stderr) == (130, "interrupted (Ctrl-C)\n")
+    assert not out.exists() and leftovers(tmp_path) == []

@@ -345,7 +345,18 @@ def _stop(ctx: click.Context, interrupt: KeyboardInterrupt) -> NoReturn:
     click.echo(f"{fresh}interrupted ({signal_name(interrupt)})", err=True)
     global _interrupted
     _interrupted = True
-    ctx.exit(exit_code(interrupt))
+    code = exit_code(interrupt)
+    # What was written is cleaned up and said; from here to the exit (milliseconds, see run())
+    # another signal ends the process at once, silently: a retest's second Ctrl-C 0.1 s after
+    # the first had raised in logging.shutdown() (a traceback, exit -2) or in a tqdm __del__.
+    if threading.current_thread() is threading.main_thread():
+        def exit_now(signum: int, frame: Any) -> None:
+            _flush_standard_streams()  # (a write it interrupted is refused, not waited for)
+            os._exit(code)
+
+        for number in catchable((signal.SIGINT, *TERMINATING)):
+            signal.signal(number, exit_now)
+    ctx.exit(code)
 
 
 def _heavy_imports_first(invoke: Callable[[click.Context], Any]) -> Callable[[click.Context], Any]:

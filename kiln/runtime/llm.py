@@ -279,7 +279,9 @@ class LLM:
         kiln serve aborting every request): its requests run it again at the next step, unless
         they were aborted meanwhile. Where no step runs, the next one ends at once and is run
         again. Executors whose steps end within milliseconds ignore it
-        (:meth:`kiln.runtime.executor.Executor.interrupt`), as do engine processes."""
+        (:meth:`kiln.runtime.executor.Executor.interrupt`), as do engine processes. Each call
+        throws the step's work away: called more often than a step takes, no request makes
+        progress (kiln calls it only where the engine closes or every request was aborted)."""
         if self.executor is not None:
             self.executor.interrupt()
 
