@@ -75,8 +75,8 @@ from kiln.runtime.errors import (
     TokenizerError,
 )
 from kiln.runtime.executor import Executor
-from kiln.runtime.loader import ExecutorOptions, check_engine, open_engine
-from kiln.runtime.params import SamplingParams
+from kiln.runtime.loader import ExecutorOptions, check_engine, open_engine, warn_once
+from kiln.runtime.params import SamplingParams, not_applied
 from kiln.runtime.results import CompletionResult, StreamDelta
 from kiln.runtime.scheduler import Policy
 from kiln.runtime.tokenizer import (
@@ -232,6 +232,12 @@ class LLM:
         self.closed = False
         gc = tokenizer.generation_config if tokenizer is not None else {}
         self.default_params = SamplingParams.from_generation_config(gc)
+        if skipped := not_applied(gc):
+            warn_once(f"{self.engine_dir}: generation_config.json sets "
+                      f"{', '.join(f'{k}={shown(v)}' for k, v in skipped.items())}, which kiln's "
+                      f"sampling does not apply (HF generate does): kiln applies do_sample, "
+                      f"temperature, top_k, top_p, min_p, repetition_penalty and max_new_tokens",
+                      logger)
         if tokenizer is not None and (said := tokenizer.past_vocabulary(self.core.vocab_size)):
             logger.warning("%s: %s (rebuild from a checkpoint converted from the model's own "
                            "Hugging Face dir)", self.engine_dir, said)

@@ -131,7 +131,11 @@ class SamplingParams:
     @classmethod
     def from_generation_config(cls, generation_config: dict[str, Any],
                                **overrides: Any) -> SamplingParams:
-        """Defaults from an HF ``generation_config.json`` (do_sample off -> greedy), then overrides."""
+        """Defaults from an HF ``generation_config.json`` (do_sample off -> greedy), then overrides.
+
+        Only the fields the file sets, as vLLM reads it: HF generate also fills what it leaves
+        out from its own defaults, which for a sampling config means top_k 50 (here: no top-k).
+        What HF would apply and kiln does not: :func:`not_applied`."""
         gc = generation_config
         fields: dict[str, Any] = {}
         if gc.get("do_sample"):
@@ -145,6 +149,28 @@ class SamplingParams:
         if gc.get("max_new_tokens") is not None:
             fields["max_tokens"] = gc["max_new_tokens"]
         return cls(**{**fields, **overrides})
+
+
+# generation_config.json fields with which HF generate picks other tokens and that kiln does not
+# apply, each with the values that leave it off (HF's defaults; None and [] always do). The
+# warpers' fields count only where do_sample is on.
+_NOT_APPLIED = {"num_beams": (1,), "no_repeat_ngram_size": (0,), "min_length": (0,),
+                "min_new_tokens": (0,), "bad_words_ids": (), "sequence_bias": (),
+                "suppress_tokens": (), "begin_suppress_tokens": (),
+                "exponential_decay_length_penalty": (), "guidance_scale": (1,),
+                "watermarking_config": ()}
+_NOT_APPLIED_WHEN_SAMPLING = {"typical_p": (1,), "epsilon_cutoff": (0,), "eta_cutoff": (0,),
+                              "top_h": ()}
+
+
+def not_applied(generation_config: dict[str, Any]) -> dict[str, Any]:
+    """The fields of an HF ``generation_config.json`` that change HF generate's tokens and that
+    kiln's sampling does not apply (beam search, n-gram blocking, typical and eta sampling,
+    suppressed or biased tokens, a minimum length...), by name, in the file's order."""
+    fields = {**_NOT_APPLIED, **(_NOT_APPLIED_WHEN_SAMPLING
+                                 if generation_config.get("do_sample") else {})}
+    return {key: value for key, value in generation_config.items()
+            if key in fields and value not in (None, [], {}) and value not in fields[key]}
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,10 @@ Contract:
   batch. Greedy (``temperature == 0``) never touches a generator.
 - A row whose logits are not all finite (NaN or Inf) gets no token: ``sample_rows`` answers
   None for it (the caller fails that request), ``sample`` raises ValueError.
-- Processing order (as HF/vLLM): repetition penalty (prompt and output tokens), presence and
-  frequency penalties (output tokens), temperature, then top-k, top-p and min-p filters, then a
-  draw from the remaining distribution.
+- Processing order (as HF/vLLM; tests/runtime/test_sampling.py checks it against HF's own
+  processors): repetition penalty (prompt and output tokens), presence and frequency penalties
+  (output tokens), temperature, then top-k, top-p and min-p filters, then a draw from the
+  remaining distribution.
 - Logprobs (``logprobs=n``) are the model's raw distribution: ``log_softmax`` of the logits before
   penalties, temperature and filters (vLLM's default), for the chosen token and the top n.
   :func:`context_logprobs` does the same for given tokens (prompt logprobs), one row each.

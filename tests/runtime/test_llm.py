@@ -262,6 +262,18 @@ def test_default_params_come_from_generation_config(scripted):
     assert llm.generate(prompt)[0].text == ANSWER
 
 
+def test_a_generation_config_kiln_cannot_follow_is_said_at_load(tokenizer, caplog):
+    import dataclasses
+
+    odd = dataclasses.replace(tokenizer, generation_config={
+        "do_sample": True, "temperature": 0.7, "no_repeat_ngram_size": 4, "typical_p": 0.25})
+    with caplog.at_level(logging.WARNING, logger="kiln.runtime.llm"):
+        LLM.from_executor(HashExecutor(LIMITS, tokenizer.vocab_size), odd)
+    said = [r.getMessage() for r in caplog.records if "generation_config.json" in r.getMessage()]
+    assert len(said) == 1 and "no_repeat_ngram_size=4, typical_p=0.25, which kiln's sampling " \
+        "does not apply (HF generate does)" in said[0]
+
+
 def test_chat_template_matches_transformers(tokenizer, smollm2_dir, scripted):
     from transformers import AutoTokenizer
 

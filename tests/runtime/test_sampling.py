@@ -218,6 +218,113 @@ def test_logprobs_are_raw_model_logprobs_with_top_n():
     assert lp.top[0] == pytest.approx(float(raw[0]))
 
 
+@pytest.fixture(scope="module")
+def hf_processors():
+    """HF generate's own logits processors for a GenerationConfig (the reference: its order and
+    rules), from a tiny model (``_get_logits_processor`` is a method of the model)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=1))
+
+    def processors(generation_config, prompt_ids):
+        return model._get_logits_processor(generation_config=generation_config,
+                                           input_ids_seq_length=len(prompt_ids), device="cpu")
+    return processors
+
+
+def _hf_reads(processors, logits, ids) -> torch.Tensor:
+    return processors(torch.tensor([list(ids)], dtype=torch.long), logits[None].clone())[0]
+
+
+def _same_distribution(kiln_logits: torch.Tensor, hf_logits: torch.Tensor) -> None:
+    """The same tokens kept (finite) and the same probabilities to float32 rounding."""
+    kept = torch.isfinite(hf_logits)
+    assert torch.equal(torch.isfinite(kiln_logits), kept), \
+        f"{int((torch.isfinite(kiln_logits) != kept).sum())} tokens kept by one side only"
+    torch.testing.assert_close(torch.softmax(kiln_logits, -1), torch.softmax(hf_logits, -1),
+                               rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.filterwarnings("ignore:Passing `repetition_penalty`")  # (HF, about an empty prompt)
+@pytest.mark.parametrize("case", range(300))
+def test_penalties_and_filters_keep_what_hf_generate_keeps(case, hf_processors):
+    """Against HF's processors (transformers' RepetitionPenalty, Temperature, TopK, TopP and
+    MinP in the order generate() builds them): random logits of three spreads, prompts and
+    outputs, every combination of the parameters both have."""
+    import random
+
+    from transformers import GenerationConfig
+
+    rng = random.Random(case)
+    params = SamplingParams(temperature=rng.choice([0.3, 0.7, 1.0, 1.6]),
+                            top_k=rng.choice([0, 1, 5, 40, 255]),
+                            top_p=rng.choice([1.0, 0.95, 0.8, 0.3, 0.05]),
+                            min_p=rng.choice([0.0, 0.02, 0.2]),
+                            repetition_penalty=rng.choice([1.0, 1.2, 0.8]))
+    logits = torch.randn(256, generator=torch.Generator().manual_seed(case)) \
+        * rng.choice([0.5, 3.0, 10.0])
+    prompt = [rng.randrange(256) for _ in range(rng.randrange(1, 20))]
+    output = [rng.randrange(256) for _ in range(rng.randrange(0, 10))]
+    config = GenerationConfig(do_sample=True, temperature=params.temperature, top_k=params.top_k,
+                              top_p=params.top_p, min_p=params.min_p or None,
+                              repetition_penalty=params.repetition_penalty)
+    want = _hf_reads(hf_processors(config, prompt), logits, prompt + output)
+    assert torch.isfinite(want).sum() >= 1
+    _same_distribution(filter_logits(apply_penalties(logits, params, prompt, output), params),
+                       want)
+    _same_distribution(_filter_numpy(_penalties_numpy(logits, params, prompt, output), params),
+                       want)
+
+
+@pytest.mark.parametrize("file", [
+    {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": 20},
+    {"do_sample": True, "top_k": 0, "min_p": 0.1, "repetition_penalty": 1.1},
+    {"do_sample": True, "temperature": 1.3, "top_k": 7, "repetition_penalty": 0.9},
+])
+def test_a_generation_config_samples_as_hf_generate_reads_it(file, hf_processors):
+    """A model's generation_config.json, read by kiln and by HF generate (its own merge of the
+    file with its defaults), gives the same distribution."""
+    from transformers import GenerationConfig
+
+    from kiln.runtime.params import SamplingParams as Params
+
+    params = Params.from_generation_config(file)
+    hf_config = GenerationConfig(**{**GenerationConfig._get_default_generation_params(), **file})
+    prompt, output = [3, 17, 17, 200], [5, 3]
+    logits = torch.randn(256, generator=torch.Generator().manual_seed(1)) * 3
+    _same_distribution(filter_logits(apply_penalties(logits, params, prompt, output), params),
+                       _hf_reads(hf_processors(hf_config, prompt), logits, prompt + output))
+
+
+def test_a_sampling_config_without_top_k_has_none_as_vllm_reads_it(hf_processors):
+    """HF generate fills a top_k the file leaves out with its default, 50; kiln (as vLLM) takes
+    the fields the file sets (the documented difference)."""
+    from transformers import GenerationConfig
+
+    file = {"do_sample": True, "temperature": 0.6, "top_p": 0.9}
+    assert SamplingParams.from_generation_config(file).top_k == 0
+    merged = GenerationConfig(**{**GenerationConfig._get_default_generation_params(), **file})
+    assert merged.top_k == 50
+
+
+@pytest.mark.parametrize("file,skipped", [
+    ({"do_sample": True, "temperature": 0.7, "top_k": 50, "top_p": 0.9, "min_p": 0.1,
+      "repetition_penalty": 1.1, "max_new_tokens": 9, "max_length": 4096, "eos_token_id": 2,
+      "num_beams": 1, "typical_p": 1.0, "no_repeat_ngram_size": 0, "suppress_tokens": None,
+      "bad_words_ids": [], "guidance_scale": 1.0, "min_length": 0}, {}),
+    ({"no_repeat_ngram_size": 3, "num_beams": 4, "min_new_tokens": 2, "typical_p": 0.5},
+     {"no_repeat_ngram_size": 3, "num_beams": 4, "min_new_tokens": 2}),  # greedy: no warpers
+    ({"do_sample": True, "typical_p": 0.5, "eta_cutoff": 3e-4, "suppress_tokens": [5]},
+     {"typical_p": 0.5, "eta_cutoff": 3e-4, "suppress_tokens": [5]}),
+])
+def test_not_applied_names_what_hf_generate_would_apply_and_kiln_does_not(file, skipped):
+    from kiln.runtime.params import not_applied
+
+    assert not_applied(file) == skipped
+
+
 def test_from_generation_config():
     assert SamplingParams.from_generation_config({"eos_token_id": 2}).greedy
     p = SamplingParams.from_generation_config(
