@@ -24,6 +24,7 @@ from kiln.builder import build
 from kiln.builder.api import make_plan
 from kiln.builder.graph.context import RankWeights
 from kiln.builder.graph.decoder import write_part
+from kiln.builder.graph.head import CONTEXT_HEAD_PIECES
 from kiln.builder.options import BuildOptions
 from kiln.builder.plan import plan_rank
 from kiln.checkpoint import load_config, rank_file
@@ -162,7 +163,12 @@ def test_quantized_lm_head(quantized, oracle, tmp_path, qformat):
     assert 10 * TOL < max_diff(oracle(ckpt), oracle(plain))
     build(ckpt, tmp_path / "engine", backend="onnx", dtype="float32", gather_context_logits=True,
           **LIMITS)
-    assert op_counts(tmp_path / "engine" / "rank0.onnx")["MatMulNBits"] == 9
+    # the layers' 8, and the head's once per piece of the window (its weight stored once)
+    assert op_counts(tmp_path / "engine" / "rank0.onnx")["MatMulNBits"] == 8 + CONTEXT_HEAD_PIECES
+    heads = {n.input[1] for n in onnx.load(str(tmp_path / "engine" / "rank0.onnx"),
+                                           load_external_data=False).graph.node
+             if n.op_type == "MatMulNBits" and "lm_head" in n.name}
+    assert len(heads) == 1
     assert_close(run_schedule(engine_runner(tmp_path / "engine")), oracle(ckpt), "float32", False)
     runner = tensorrt_graphs(ckpt, tmp_path, "float32", ("sm86",))
     assert_close(run_schedule(runner), oracle(ckpt), "float32", False)
