@@ -260,6 +260,8 @@ def check_tokenizer_files(directory: Path) -> ModelTokenizer | None:
     try:
         return load_tokenizer(directory)
     except TokenizerError as e:
+        if not str(e).endswith(RECOPY):  # a field to correct, said so already
+            raise CheckpointError(str(e)) from None
         raise CheckpointError(f"{str(e).removesuffix(f'; {RECOPY}')}: an engine needs a "
                               f"tokenizer that loads (kiln run, LLM and kiln serve read it); "
                               f"restore the model's tokenizer files") from None

@@ -235,9 +235,9 @@ class LLM:
         if skipped := not_applied(gc):
             warn_once(f"{self.engine_dir}: generation_config.json sets "
                       f"{', '.join(f'{k}={shown(v)}' for k, v in skipped.items())}, which kiln's "
-                      f"sampling does not apply (HF generate does): kiln applies do_sample, "
-                      f"temperature, top_k, top_p, min_p, repetition_penalty and max_new_tokens",
-                      logger)
+                      f"sampling does not apply (HF generate does): of its sampling fields kiln "
+                      f"applies do_sample, temperature, top_k, top_p, min_p and "
+                      f"repetition_penalty", logger)
         if tokenizer is not None and (said := tokenizer.past_vocabulary(self.core.vocab_size)):
             logger.warning("%s: %s (rebuild from a checkpoint converted from the model's own "
                            "Hugging Face dir)", self.engine_dir, said)

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from kiln.errors import UNREADABLE_JSON, USER_TEXT, as_json
-from kiln.runtime.errors import RequestError, TokenizerError, prompt_too_long
-from kiln.runtime.params import is_utf8
+from kiln.runtime.errors import RequestError, SamplingParamsError, TokenizerError, prompt_too_long
+from kiln.runtime.params import SamplingParams, is_utf8
 
 logger = logging.getLogger(__name__)
 
@@ -275,8 +275,33 @@ def load_tokenizer(directory: str | Path) -> ModelTokenizer:
     special = {key: _token_text(config[key]) for key in _SPECIAL_KEYS
                if config.get(key) is not None}
     return ModelTokenizer(tokenizer, special, _chat_template(directory, config),
-                          _read_json(directory / "generation_config.json"),
+                          _generation_config(directory / "generation_config.json"),
                           config.get("add_bos_token"))
+
+
+def _generation_config(path: Path) -> dict[str, Any]:
+    """The model's ``generation_config.json``, its EOS ids and sampling defaults checked where
+    they are read, so that a bad value is named with its file (it had been refused as the
+    request's own ``SamplingParams.top_p``, which no flag could then override, and a float EOS
+    id had ended in a TypeError)."""
+    config = _read_json(path)
+    ids = config.get("eos_token_id")
+    if not (ids is None or _is_id(ids) or isinstance(ids, list) and all(map(_is_id, ids))):
+        raise TokenizerError(f"{path}: eos_token_id must be a token id (an integer >= 0) or a "
+                             f"list of them, found {as_json(ids)}; correct or remove the field")
+    try:
+        SamplingParams.from_generation_config(config)
+    except SamplingParamsError as e:
+        said = f"max_new_tokens must be an integer >= 1, found " \
+            f"{as_json(config['max_new_tokens'])}" if e.name == "max_tokens" \
+            else f"{e.name} {e.worded(as_json)}"
+        raise TokenizerError(f"{path}: {said} (a default of the model's sampling); correct or "
+                             f"remove the field") from None
+    return config
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _chat_template(directory: Path, config: dict[str, Any]) -> str | None:
@@ -302,4 +327,7 @@ def _read_json(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(USER_TEXT))
     except UNREADABLE_JSON as e:
         raise TokenizerError(f"{path}: invalid JSON ({e}); {RECOPY}") from None
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):  # (a list or a string had been read as an empty file)
+        raise TokenizerError(f"{path}: not a JSON object (found {as_json(data)}); "
+                             f"{RECOPY}")
+    return data

@@ -134,6 +134,25 @@ def test_a_tokenizer_that_does_not_load_is_refused_before_anything_is_written(
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("content, reason", [
+    ({"do_sample": True, "top_p": 1.5}, r"top_p must be in \(0, 1\], found a number 1.5 \(a "
+                                         r"default of the model's sampling\)"),
+    ({"eos_token_id": 2.0}, "eos_token_id must be a token id .*, found a number 2.0"),
+    ([1, 2], r"not a JSON object \(found an array \[1, 2\]\)"),
+])
+def test_a_generation_config_kiln_cannot_read_is_refused_before_anything_is_written(
+        src, tmp_path, content, reason):
+    """A retest's top_p 1.5 converted and built, then every run was refused as its own
+    "SamplingParams.top_p" (even with --top_p given); a float EOS id ended in a TypeError."""
+    from tests.models import hf_model_with_tokenizer
+
+    hf_model_with_tokenizer("llama-gqa", src)
+    (src / "generation_config.json").write_text(json.dumps(content))
+    with pytest.raises(CheckpointError, match=f"generation_config.json: {reason}"):
+        _convert(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
 def test_a_tokenizer_larger_than_the_vocabulary_is_warned_about(src, tmp_path, caplog):
     """A retest's SmolLM2 tokenizer beside a 256-token model converted silently; its text was
     then refused at quantize and run. The model's own tokenizer (96 of 128 ids) says nothing."""

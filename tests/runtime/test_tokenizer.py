@@ -11,7 +11,7 @@ import time
 import pytest
 
 from kiln.errors import options_as_flags
-from kiln.runtime.errors import RequestError
+from kiln.runtime.errors import RequestError, TokenizerError
 from kiln.runtime.tokenizer import load_tokenizer
 from tests.helpers import with_bom
 
@@ -107,3 +107,40 @@ def test_files_with_a_utf8_bom_read_as_without(smollm2_dir, tmp_path, template_f
     assert got.encode("Hello world") == want.encode("Hello world")
     assert (got.special_tokens, got.generation_config, got.eos_token_ids) == \
         (want.special_tokens, want.generation_config, want.eos_token_ids)
+
+
+@pytest.mark.parametrize("content, said", [
+    ({"do_sample": True, "top_p": 1.5},
+     "top_p must be in (0, 1], found a number 1.5 (a default of the model's sampling); correct "
+     "or remove the field"),
+    ({"do_sample": True, "top_k": "x"}, "top_k must be an integer >= 1, or 0 or -1 (off), found "
+                                        "a string \"x\""),
+    ({"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1, found a number 0 (a "),
+    ({"eos_token_id": 2.0}, "eos_token_id must be a token id (an integer >= 0) or a list of "
+                            "them, found a number 2.0; correct or remove the field"),
+    ({"eos_token_id": "abc"}, "found a string \"abc\""),
+    ({"eos_token_id": [2, True]}, "found an array [2, true]"),
+    ([], "not a JSON object (found an array []); re-copy it from the checkpoint"),
+    ("hello", "not a JSON object (found a string \"hello\")"),
+])
+def test_a_generation_config_with_a_bad_value_is_named_with_its_file(
+        smollm2_dir, tmp_path, content, said):
+    """A retest: top_p 1.5 in the file was refused as the request's "SamplingParams.top_p" (no
+    flag could override it), a float EOS id ended in a TypeError, "abc" was read as three ids,
+    and a file that is no JSON object was read as empty."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_dir / name, tmp_path / name)
+    path = tmp_path / "generation_config.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(TokenizerError) as refused:
+        load_tokenizer(tmp_path)
+    assert str(refused.value).startswith(f"{path}: ") and said in str(refused.value)
+
+
+def test_a_generation_config_that_samples_greedily_may_hold_any_temperature(smollm2_dir,
+                                                                            tmp_path):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_dir / name, tmp_path / name)
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"temperature": -1, "eos_token_id": [2, 0]}))  # (HF ignores it too: no do_sample)
+    assert load_tokenizer(tmp_path).eos_token_ids == (2, 0)
