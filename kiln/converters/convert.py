@@ -262,9 +262,9 @@ def check_tokenizer_files(directory: Path) -> ModelTokenizer | None:
     except TokenizerError as e:
         if not str(e).endswith(RECOPY):  # a field to correct, said so already
             raise CheckpointError(str(e)) from None
-        raise CheckpointError(f"{str(e).removesuffix(f'; {RECOPY}')}: an engine needs a "
-                              f"tokenizer that loads (kiln run, LLM and kiln serve read it); "
-                              f"restore the model's tokenizer files") from None
+        raise CheckpointError(f"{str(e).removesuffix(f'; {RECOPY}')}: an engine needs the file "
+                              f"to load (kiln run, LLM and kiln serve read it); restore the "
+                              f"model's own copy") from None
 
 
 def warn_of_a_larger_tokenizer(tokenizer: ModelTokenizer, decoder: DecoderConfig,

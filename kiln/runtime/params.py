@@ -135,15 +135,20 @@ class SamplingParams:
 
         Only the fields the file sets, as vLLM reads it: HF generate also fills what it leaves
         out from its own defaults, which for a sampling config means top_k 50 (here: no top-k).
-        What HF would apply and kiln does not: :func:`not_applied`."""
+        top_k, top_p and min_p are read with do_sample off too (as vLLM and HF's own
+        ``update(do_sample=True)`` do), for a request that then asks for a temperature; the
+        file's temperature only with it on. What HF would apply and kiln does not:
+        :func:`not_applied`."""
         gc = generation_config
-        fields: dict[str, Any] = {}
-        if gc.get("do_sample"):
-            for key in ("temperature", "top_k", "top_p", "min_p"):
-                if gc.get(key) is not None:
-                    fields[key] = gc[key]
-        else:
+        sampling = gc.get("do_sample")
+        if not (sampling is None or isinstance(sampling, bool)):  # ("false" is truthy to HF)
+            raise SamplingParamsError("do_sample", "must be true or false", sampling)
+        fields: dict[str, Any] = {key: gc[key] for key in ("top_k", "top_p", "min_p")
+                                  if gc.get(key) is not None}
+        if not sampling:
             fields["temperature"] = 0.0
+        elif gc.get("temperature") is not None:
+            fields["temperature"] = gc["temperature"]
         if gc.get("repetition_penalty") is not None:
             fields["repetition_penalty"] = gc["repetition_penalty"]
         if gc.get("max_new_tokens") is not None:

@@ -61,6 +61,7 @@ logger = logging.getLogger(__name__)
 # The largest temperature the logits are divided by (float32 ends near 3.4e38; logits / 1e30 are
 # all zero to within float32's resolution around them, the same uniform draw).
 MAX_TEMPERATURE = 1e30
+MAX_PENALTY = 1e30  # the same for the repetition penalty (and 1 / it): float32 holds both
 
 
 def _entropy() -> int:
@@ -373,8 +374,8 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: Se
     if params.repetition_penalty != 1.0 and (prompt_ids or output_ids):
         seen = torch.zeros(vocab, dtype=torch.bool, device=device).index_fill_(
             0, _index([*prompt_ids, *output_ids], device), True)
-        penalized = torch.where(logits > 0, logits / params.repetition_penalty,
-                                logits * params.repetition_penalty)
+        penalty = _repetition_penalty(params)
+        penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
         logits = torch.where(seen, penalized, logits)
     if (params.presence_penalty or params.frequency_penalty) and output_ids:
         counts = torch.zeros(vocab, dtype=logits.dtype, device=device).index_add_(
@@ -405,6 +406,13 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         probs = torch.softmax(logits, -1)
         logits = logits.masked_fill(probs < params.min_p * probs.max(), -math.inf)
     return logits
+
+
+def _repetition_penalty(params: SamplingParams) -> float:
+    """The repetition penalty applied: the request's, within [1 / MAX_PENALTY, MAX_PENALTY]
+    (a larger one overflows float32 when cast, and numpy warned of it; a penalized logit is
+    then ~0 or below any other either way)."""
+    return min(max(params.repetition_penalty, 1 / MAX_PENALTY), MAX_PENALTY)
 
 
 def _temperature(params: SamplingParams) -> float:
@@ -468,8 +476,8 @@ def penalties_numpy(logits: np.ndarray, params: SamplingParams, prompt_ids: Sequ
         seen = np.unique(np.asarray([*prompt_ids, *output_ids], np.int64))
         logits = logits.copy()
         picked = logits[seen]
-        logits[seen] = np.where(picked > 0, picked / params.repetition_penalty,
-                                picked * params.repetition_penalty)
+        penalty = np.float32(_repetition_penalty(params))
+        logits[seen] = np.where(picked > 0, picked / penalty, picked * penalty)
     if (params.presence_penalty or params.frequency_penalty) and output_ids:
         counts = np.bincount(np.asarray(output_ids, np.int64),
                              minlength=logits.shape[-1]).astype(logits.dtype)

@@ -119,6 +119,7 @@ def test_truncated_safetensors(src, tmp_path):
 @pytest.mark.parametrize("name, content, reason", [
     ("tokenizer.json", "garbage", "tokenizer.json: unreadable"),
     ("tokenizer_config.json", "{not json", "tokenizer_config.json: invalid JSON"),
+    ("generation_config.json", "null", "generation_config.json: not a JSON object"),
 ])
 def test_a_tokenizer_that_does_not_load_is_refused_before_anything_is_written(
         src, tmp_path, name, content, reason):
@@ -128,8 +129,8 @@ def test_a_tokenizer_that_does_not_load_is_refused_before_anything_is_written(
 
     hf_model_with_tokenizer("llama-gqa", src)
     (src / name).write_text(content)
-    with pytest.raises(CheckpointError, match=f"{reason} .*: an engine needs a tokenizer that "
-                                              f"loads .*restore the model's tokenizer files"):
+    with pytest.raises(CheckpointError, match=f"{reason} .*: an engine needs the file to "
+                                              f"load .*restore the model's own copy"):
         _convert(src, tmp_path / "out")
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
 

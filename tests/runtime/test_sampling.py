@@ -325,6 +325,40 @@ def test_not_applied_names_what_hf_generate_would_apply_and_kiln_does_not(file, 
     assert not_applied(file) == skipped
 
 
+@pytest.mark.parametrize("penalty", [1e300, 1e-300, 5e-324])
+def test_a_repetition_penalty_past_float32_penalizes_without_overflow(penalty):
+    """A retest's --repetition_penalty 1e300 printed numpy's overflow warnings; a zero logit
+    times a penalty cast to float32's inf would be NaN."""
+    import warnings
+
+    logits = torch.tensor([0.0, 2.0, -3.0, 1.0])
+    params = SamplingParams(temperature=0, repetition_penalty=penalty)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = [apply_penalties(logits, params, [0, 1, 2], []),
+               _penalties_numpy(logits, params, [0, 1, 2], [])]
+    for penalized in got:
+        assert penalized[0] == 0 and penalized[3] == 1 and torch.isfinite(penalized).all()
+        assert (penalized[1] < 1e-29, penalized[2] < -1e30) if penalty > 1 else \
+            (penalized[1] > 1e30, -1e-29 < penalized[2] < 0)
+
+
+def test_a_generation_config_without_do_sample_keeps_its_filters_for_a_temperature_asked():
+    """As HF's update(do_sample=True) and vLLM: the file's top_k/top_p/min_p apply once a
+    request samples (they had been dropped whenever do_sample was off)."""
+    file = {"do_sample": False, "temperature": 0.6, "top_p": 0.9, "top_k": 20, "min_p": 0.05}
+    default = SamplingParams.from_generation_config(file)
+    assert default.greedy
+    asked = SamplingParams.from_generation_config(file, temperature=0.8)
+    assert (asked.temperature, asked.top_k, asked.top_p, asked.min_p) == (0.8, 20, 0.9, 0.05)
+
+
+@pytest.mark.parametrize("value", ["false", "no", 1, 0])
+def test_a_do_sample_that_is_no_boolean_is_refused(value):
+    with pytest.raises(SamplingParamsError, match="do_sample must be true or false"):
+        SamplingParams.from_generation_config({"do_sample": value})
+
+
 def test_from_generation_config():
     assert SamplingParams.from_generation_config({"eos_token_id": 2}).greedy
     p = SamplingParams.from_generation_config(
