@@ -349,7 +349,9 @@ def _stop(ctx: click.Context, interrupt: KeyboardInterrupt) -> NoReturn:
     # What was written is cleaned up and said; from here to the exit (milliseconds, see run())
     # another signal ends the process at once, silently: a retest's second Ctrl-C 0.1 s after
     # the first had raised in logging.shutdown() (a traceback, exit -2) or in a tqdm __del__.
-    if threading.current_thread() is threading.main_thread():
+    # Only in the console command, which exits next: main() called from Python (click's test
+    # runner, a script) returns to a process that goes on, whose later Ctrl-C this would end.
+    if _console and threading.current_thread() is threading.main_thread():
         def exit_now(signum: int, frame: Any) -> None:
             _flush_standard_streams()  # (a write it interrupted is refused, not waited for)
             os._exit(code)
@@ -497,6 +499,7 @@ _register_subcommands()
 # Set when a command ends on a signal: the console entry point then skips the interpreter's
 # teardown (see run()).
 _interrupted = False
+_console = False  # run() is the process's command (kiln's console entry point), not a call
 
 
 def run(args: list[str] | None = None) -> None:
@@ -507,6 +510,8 @@ def run(args: list[str] | None = None) -> None:
     build) would then push the exit past the second a Ctrl-C may take, so the process exits at
     once, after flushing the logs and standard streams. Other threads (a prefetching reader,
     a hashing pool) end with it instead of being waited for."""
+    global _console
+    _console = True
     try:
         main(args, prog_name="kiln")
     except SystemExit as e:

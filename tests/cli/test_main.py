@@ -502,6 +502,25 @@ def test_kilns_own_usage_error_into_a_closed_pipe_exits_as_a_command_does(args):
     assert process.wait(timeout=120) == 141
 
 
+def test_an_interrupted_command_called_from_python_leaves_the_signal_handlers(monkeypatch):
+    """The quiet exit on a second signal belongs to the console command only: called from
+    Python (here click's runner), an interrupted command had left a SIGINT handler that ended
+    the caller's process at its next Ctrl-C (os._exit: it crashed a CI test worker)."""
+    import signal
+
+    import click
+
+    @click.command()
+    def stopped():
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(main.commands, "stopped", stopped)
+    before = signal.getsignal(signal.SIGINT)
+    assert _invoke("stopped").exit_code == 130
+    assert signal.getsignal(signal.SIGINT) is before
+    assert getattr(signal.getsignal(signal.SIGTERM), "__name__", None) != "exit_now"
+
+
 @pytest.mark.parametrize("error", ["ImportError", "RuntimeError"])
 def test_a_library_s_own_error_for_a_ctrl_c_is_an_interrupt(monkeypatch, error):
     """A trial's Ctrl-C during `kiln cache build`'s imports (1 in 10) ended in onnxruntime's

@@ -46,8 +46,7 @@ def test_abort_ends_a_collectives_wait_on_a_hung_peer():
 def test_ctrl_c_ends_a_collectives_wait_on_a_hung_peer():
     groups, work = gloo_groups(), Pending()
     with pytest.raises(KeyboardInterrupt):
-        # (started inside the block: on a loaded machine the interrupt had once come before
-        # it, escaped the test and crashed pytest's worker)
+        # (started inside the block, so that an interrupt however early is the test's own)
         threading.Timer(0.2, _thread.interrupt_main).start()  # SIGINT's KeyboardInterrupt
         start = time.monotonic()
         groups.wait(work)
