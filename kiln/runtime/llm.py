@@ -67,6 +67,7 @@ from typing import TYPE_CHECKING, Any
 
 from kiln.engine import EngineManifest
 from kiln.errors import ConfigError, described, limits_as_options, shown
+from kiln.interrupts import interrupt_in
 from kiln.runtime.core import EngineCore, RequestDelta, check_encoded
 from kiln.runtime.errors import (
     EngineClosedError,
@@ -255,7 +256,8 @@ class LLM:
     def close(self, now: bool = False) -> None:
         """Stop the engine (its worker processes too); later calls raise EngineClosedError.
         Engine processes (replicas, ``engine_process``) are asked to exit and killed if they
-        have not within seconds, or killed at once with ``now``.
+        have not within seconds, or killed at once with ``now`` (as a ``with`` block left by
+        Ctrl-C does).
 
         Safe from any thread: a step under way ends first (its memory is not freed under
         it), and the call that ran it, or a stream left open, raises EngineClosedError at its
@@ -295,8 +297,10 @@ class LLM:
         self.check_open()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind: object, error: BaseException | None, trace: object) -> None:
+        # Left by Ctrl-C (SIGTERM, SIGHUP): engine processes are killed at once, not asked
+        # to exit after a step that takes seconds on a CPU (a retest's --dp 2: 5 s to stop).
+        self.close(now=interrupt_in(error) is not None)
 
     def check_open(self) -> None:
         """Raise unless this LLM can run requests: it was closed (EngineClosedError), or its

@@ -132,6 +132,24 @@ def test_shutdown_with_a_stopped_replica_and_its_writer_blocked_takes_a_second(e
         assert all(conn.closed for conn in pool.conns)
 
 
+
+def test_a_with_block_left_by_ctrl_c_kills_the_replicas_at_once(engine):
+    """``kiln run --dp 2`` on a CPU took 5 s to stop on Ctrl-C: leaving the LLM's ``with``,
+    its close asked the replicas to exit and waited for the one in a long prefill step. An
+    interrupt now kills them at once; a replica that cannot answer (stopped here, as a long
+    step is for the ask) does not hold the exit."""
+    started = None
+    with pytest.raises(KeyboardInterrupt):
+        with LLM(engine, ExecutorOptions(device="cpu", dp=2)) as llm:
+            pids = [p.pid for p in llm.core.pool.processes]
+            os.kill(pids[1], signal.SIGSTOP)
+            started = time.monotonic()
+            raise KeyboardInterrupt
+    took = time.monotonic() - started
+    assert llm.closed and not any(alive(pid) for pid in pids)
+    assert took < 1.0, f"the interrupted close took {took:.1f} s"
+
+
 class Pool:
     """Two replicas of ``slots`` slots and no process: what the front sends each, and whether
     its pipe takes it (``written``; a replica's backlog counts what it has not)."""
