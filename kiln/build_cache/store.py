@@ -175,13 +175,30 @@ def entry_holding(path: Path) -> Path | None:
     """The build cache entry (a directory whose ``entry.json`` the cache wrote) that ``path``
     is or lies inside, or None. The cache's own builds write into temporary dirs, which hold no
     ``entry.json`` until they are complete."""
+    found = _entry_data(path)
+    return found[0] if found is not None else None
+
+
+def built_from(engine_dir: str | Path) -> str | None:
+    """The Hugging Face checkpoint a build cache engine was built from (its path, or
+    org/name@commit: ``kiln cache list``'s source), or None for an engine dir outside any
+    cache: where a user edits what the engine holds a copy of."""
+    path = Path(engine_dir).absolute()
+    found = _entry_data(path)
+    if found is None or path != found[0] / ENGINE_DIR or not isinstance(found[1].get("source"),
+                                                                        str):
+        return None
+    return found[1]["source"]
+
+
+def _entry_data(path: Path) -> tuple[Path, dict[str, Any]] | None:
     for directory in (path, *path.parents):
         try:
             data = json.loads((directory / ENTRY_FILE).read_text(USER_TEXT))
         except (OSError, *UNREADABLE_JSON):
             continue
         if isinstance(data, dict) and MARKER in data:
-            return directory
+            return directory, data
     return None
 
 

@@ -234,7 +234,7 @@ class LLM:
         gc = tokenizer.generation_config if tokenizer is not None else {}
         self.default_params = SamplingParams.from_generation_config(gc)
         if skipped := not_applied(gc):
-            warn_once(f"{self.engine_dir}: generation_config.json sets "
+            warn_once(f"{_generation_config_file(self.engine_dir)} sets "
                       f"{', '.join(f'{k}={shown(v)}' for k, v in skipped.items())}, which kiln's "
                       f"sampling does not apply (HF generate does): of its sampling fields kiln "
                       f"applies do_sample, temperature, top_k, top_p, min_p and "
@@ -526,6 +526,22 @@ class LLM:
                 label = "messages" if len(conversations) == 1 else f"conversation #{i}"
                 raise RequestError(f"{label}: {e}") from None
         return self.generate(ids, params)
+
+
+def _generation_config_file(engine_dir: Path | None) -> str:
+    """The ``generation_config.json`` a user edits to change what the engine holds a copy of:
+    for an engine of the build cache (``LLM(model=...)``, ``--model_dir``) the Hugging Face
+    checkpoint's (a warning had named the copy deep in the cache)."""
+    if engine_dir is None:  # LLM.from_executor
+        return "the tokenizer's generation_config.json"
+    from kiln.build_cache.store import built_from
+
+    source = built_from(engine_dir)
+    if source is None:
+        return str(Path(engine_dir) / "generation_config.json")
+    if Path(source).is_dir():
+        return str(Path(source) / "generation_config.json")
+    return f"{source}'s generation_config.json"  # a hub model: org/name@commit
 
 
 def _held(engine_dir: str | Path | None, model: str | Path | None, options: ExecutorOptions,

@@ -5,6 +5,7 @@ the engine-dir API unchanged; wrong combinations are TypeErrors."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import re
@@ -16,6 +17,14 @@ from kiln.errors import ConfigError
 from kiln.runtime import LLM, AsyncLLM, ExecutorOptions, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+
+@contextlib.contextmanager
+def mock_said():
+    """Each warning said again, not once a process (:func:`kiln.runtime.loader.warn_once`)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("kiln.runtime.loader._WARNED", set())
+        yield
 
 
 def _busy(cache: EngineCache, name: str) -> bool:
@@ -42,6 +51,37 @@ def test_model_builds_through_the_cache_with_the_options_given(tiny_hf, cache, c
         f"using cached engine {entry.engine_dir}"]
     with LLM(entry.engine_dir) as by_dir:  # the engine-dir API, on the same engine
         assert by_dir.generate("Hello", GREEDY)[0].text == text
+
+
+
+def test_a_generation_config_warning_names_the_hugging_face_file(tiny_hf, cache, tmp_path,
+                                                                  caplog):
+    """A field kiln does not apply is named in the checkpoint's file the user edits, not in
+    the engine's copy deep in the build cache (as it had been), also when that engine is
+    opened by its path; an engine dir of its own names its own file."""
+    import json
+    import shutil
+
+    hf = shutil.copytree(tiny_hf, tmp_path / "hf")
+    config = hf / "generation_config.json"
+    fields = json.loads(config.read_text()) if config.exists() else {}
+    config.write_text(json.dumps({**fields, "no_repeat_ngram_size": 5}))
+
+    def warned(**ask) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="kiln.runtime.llm"), mock_said(), \
+                LLM(**ask):
+            return [r.getMessage() for r in caplog.records if "no_repeat" in r.getMessage()]
+
+    by_model = warned(model=hf)
+    engine = cache.entries()[0].engine_dir
+    assert by_model == warned(engine_dir=engine) == [
+        f"{config} sets no_repeat_ngram_size=5, which kiln's sampling does not apply (HF "
+        f"generate does): of its sampling fields kiln applies do_sample, temperature, top_k, "
+        f"top_p, min_p and repetition_penalty"]
+    own = shutil.copytree(engine, tmp_path / "engine")
+    assert [said.split(" sets ")[0] for said in warned(engine_dir=own)] == [
+        str(own / "generation_config.json")]
 
 
 def test_the_engine_is_held_until_close(tiny_hf, cache):
