@@ -135,6 +135,50 @@ def test_step_contract_errors(checkpoints):
     assert ex.cache.allocator.capacity(0) == 12
 
 
+
+def test_an_interrupted_cpu_step_raises_and_runs_again_as_if_it_had_not_run(checkpoints,
+                                                                            monkeypatch):
+    """interrupt() from another thread ends a CPU step before its next layer (a closing
+    kiln serve had waited seconds for a long prompt's step); the step runs again over the
+    same positions, and an interrupt between steps ends the next one only."""
+    import threading
+
+    from kiln.runtime.errors import StepInterrupted
+
+    ckpt = checkpoints("llama-gqa")
+    ex, uninterrupted = make_executor(ckpt), make_executor(ckpt)
+    chunk, decode = [SequenceChunk(0, (1, 2, 3, 4, 5), 0)], [SequenceChunk(0, (6,), 5)]
+    attention, entered = ex.model._attention, threading.Event()
+
+    def first_layer_waits(i, *args):
+        if i == 0:
+            entered.set()
+            assert ex._interrupt.wait(10)
+        return attention(i, *args)
+
+    monkeypatch.setattr(ex.model, "_attention", first_layer_waits)
+    errors = []
+    worker = threading.Thread(target=lambda: errors.append(_raised(ex.step, chunk)))
+    worker.start()
+    assert entered.wait(10)
+    ex.interrupt()
+    worker.join(10)
+    assert not worker.is_alive() and isinstance(errors[0], StepInterrupted), errors
+    monkeypatch.undo()
+    assert torch.equal(ex.step(chunk), uninterrupted.step(chunk))
+    ex.interrupt()
+    with pytest.raises(StepInterrupted, match="before layer 0"):
+        ex.step_logits(decode)
+    assert torch.equal(ex.step(decode), uninterrupted.step(decode))
+
+
+def _raised(call, *args):
+    try:
+        call(*args)
+    except BaseException as e:  # noqa: BLE001 - the test reads it
+        return e
+
+
 def test_cache_too_small_for_one_sequence_is_an_error(checkpoints):
     with pytest.raises(KVCacheError, match="too few for one sequence"):
         make_executor(checkpoints("llama-gqa"), kv_cache_blocks=12)

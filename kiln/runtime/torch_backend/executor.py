@@ -48,6 +48,13 @@ stage takes this one, so in steady state the stages work at once; the step waits
 before it returns. The last stage's logits (and context logits) are the micro-batches' in
 chunk order, as one forward's. Engines of one stage run a step in one forward, as before.
 
+Interrupts (:meth:`interrupt`, the executor contract's): a single-rank engine on the CPU, where
+a long prompt's step takes seconds (a closing ``kiln serve`` waited for it), checks between its
+layers and ends the step with StepInterrupted; its slots' lengths are set only once a step
+completes, so the step runs again over the same positions. Elsewhere the step ends as usual:
+on a GPU within milliseconds, and a rank of a parallel engine stopping alone would leave its
+peers in their collectives.
+
 Non-goals: prefix caching, preemption, sampling (the scheduler samples from the returned
 logits).
 """
@@ -55,9 +62,10 @@ logits).
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -178,6 +186,10 @@ class TorchExecutor(Executor):
             self.cache = self._make_cache(KV_CACHE_DTYPES[kv_dtype] if kv_dtype
                                           else self.model.dtype)
             self._lengths = [0] * limits.max_batch_size
+            # set by interrupt(), read between the layers of a step (module docstring)
+            self._interrupt = threading.Event() \
+                if self.device.type == "cpu" and shard.mapping.world_size == 1 else None
+            self.model.interrupted = self._interrupt
             self.graphs = None
             if self.options.cuda_graphs and self.device.type == "cuda":
                 if self.pipelined:
@@ -337,11 +349,24 @@ class TorchExecutor(Executor):
         """Tokens ``slot`` holds room for now (a step reserves beyond it on the spot)."""
         return self.cache.allocator.capacity(slot)
 
+    def interrupt(self) -> None:
+        if self._interrupt is not None:
+            self._interrupt.set()
+
+    @contextmanager
+    def _one_step(self) -> Iterator[None]:
+        try:
+            yield
+        finally:
+            if self._interrupt is not None:
+                self._interrupt.clear()  # (an interrupt reaches one step: this one, or the next)
+
     def step(self, chunks: Sequence[SequenceChunk],
              pending: DeviceTokens | None = None) -> torch.Tensor:
         # Always a new tensor: graph logits live in a static buffer the next replay overwrites,
         # and .float() of a float32 model's logits would return that buffer itself.
-        return self._step(chunks, pending).last.to(torch.float32, copy=True)
+        with self._one_step():
+            return self._step(chunks, pending).last.to(torch.float32, copy=True)
 
     def _step(self, chunks: Sequence[SequenceChunk],
               pending: DeviceTokens | None) -> StepLogits:
@@ -365,6 +390,11 @@ class TorchExecutor(Executor):
 
     def step_logits(self, chunks: Sequence[SequenceChunk],
                     pending: DeviceTokens | None = None) -> StepLogits:
+        with self._one_step():
+            return self._step_logits(chunks, pending)
+
+    def _step_logits(self, chunks: Sequence[SequenceChunk],
+                     pending: DeviceTokens | None) -> StepLogits:
         if not any(c.context_logits for c in chunks):
             out = self._step(chunks, pending)
             if out.greedy is not None:  # the executor contract's module docstring

@@ -42,6 +42,7 @@ Nothing here touches the host, so a single-rank decode step can be captured in a
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -55,6 +56,7 @@ from kiln.plugins.gemv.epilogue import Epilogue, RopeToCache, SiluMul
 from kiln.plugins.gemv.triton_reference import wide_linear
 from kiln.quantization.config import INPUT_SCALE, PRE_QUANT_SCALE, WEIGHT_SCALE, QuantConfig
 from kiln.roles import Role, companion, quantized_roles
+from kiln.runtime.errors import StepInterrupted
 from kiln.runtime.torch_backend.kernels import KernelSet
 from kiln.runtime.torch_backend.paged_cache import PagedKVCache
 from kiln.runtime.torch_backend.parallel import RankShard
@@ -236,6 +238,8 @@ class PagedDecoder:
         self.config = config
         self.kernels = kernels
         self.quant = quant
+        # set: the step under way ends before its next layer (TorchExecutor.interrupt)
+        self.interrupted: threading.Event | None = None
         self.shard = shard = shard or RankShard()
         mapping = shard.mapping
         self.num_heads = mapping.local_heads(config)
@@ -386,6 +390,8 @@ class PagedDecoder:
         reduce = (lambda t: comm.all_reduce(t).to(self.dtype)) if shard.tp_size > 1 \
             else (lambda t: t)
         for i, layer in enumerate(self.layers):
+            if self.interrupted is not None and self.interrupted.is_set():
+                raise StepInterrupted(f"the step was interrupted before layer {i}")
             attn = self._attention(i, layer, h, inp, cache)
             if parallel:  # one all-reduce of both partial sums
                 h_mlp = self._norm(residual, None, layer.mlp_norm)[0] if layer.mlp_norm else h
