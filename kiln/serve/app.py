@@ -45,6 +45,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 import kiln
 from kiln.errors import UNREADABLE_JSON, ConfigError, option
@@ -236,7 +237,7 @@ async def _parse(request: Request, model: type, state: ServerState) -> Any:
 async def _body(request: Request, state: ServerState) -> bytes:
     """The request's body; a 503 once the server is stopping while it still arrives (a client
     stuck in its upload had held a retest's shutdown for the grace period and 5 s more, to end
-    in uvicorn's traceback)."""
+    in uvicorn's traceback); a 499 if the client disconnects before all of it came."""
     read = asyncio.ensure_future(request.body())
     stop = asyncio.ensure_future(state.stopping.wait())
     try:
@@ -248,7 +249,10 @@ async def _body(request: Request, state: ServerState) -> bytes:
             read.cancel()
     if stopped:
         raise ApiError(503, "the server is shutting down; send the request to another one")
-    return read.result()
+    try:
+        return read.result()
+    except ClientDisconnect:  # gone before its body was whole (uvicorn had logged a traceback)
+        raise ApiError(499, "the client disconnected") from None
 
 
 def _too_deep() -> ApiError:

@@ -288,6 +288,28 @@ def test_a_body_still_arriving_when_the_server_stops_is_a_503(engine):
         "the server is shutting down")
 
 
+
+def test_a_client_gone_before_its_body_is_whole_is_a_quiet_499(engine, caplog):
+    """Retest 48: a client that disconnected while sending its body put starlette's
+    ClientDisconnect in uvicorn's log, a 67-line traceback; now a 499 and no log."""
+    app = create_app(engine, "m")
+    sent = []
+    parts = [{"type": "http.disconnect"},
+             {"type": "http.request", "body": b'{"messages": [', "more_body": True}]
+
+    async def receive() -> dict:
+        return parts.pop()
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    with caplog.at_level(logging.DEBUG):
+        asyncio.run(asyncio.wait_for(app(_scope("/v1/chat/completions", 1000), receive, send),
+                                     5))
+    assert sent[0]["status"] == 499 and b"the client disconnected" in sent[1]["body"]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 def _scope(path: str, length: int) -> dict:
     """An ASGI request's scope: a POST of JSON to ``path`` (``length`` bytes)."""
     return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
