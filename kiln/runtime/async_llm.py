@@ -82,6 +82,7 @@ class Progress:
 class _Sink:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    streamed: bool = False  # a stream() reads it: one reader a request
 
     def put(self, item: Any) -> None:
         _post(self.loop, [(self.queue, item)])
@@ -203,6 +204,10 @@ class AsyncLLM:
                 raise _again(self._loop.error)
             raise RequestError(f"unknown request id {request_id!r} (not submitted, or finished "
                                f"and already streamed)")
+        if sink.streamed:  # two readers had each got some of its deltas, one waited for good
+            raise RequestError(f"request {request_id!r} is streamed already; read its deltas "
+                               f"from that one stream")
+        sink.streamed = True
         ended = False
         try:
             while True:

@@ -220,8 +220,12 @@ class EngineCore:
         self._next_id = 0
 
     def new_request_id(self) -> str:
-        self._next_id += 1
-        return f"req-{self._next_id}"
+        """The next ``req-N`` no request holds (a caller's own ``req-2`` had made the
+        automatic one a refusal: "already in use")."""
+        while True:
+            self._next_id += 1
+            if (request_id := f"req-{self._next_id}") not in self.requests:
+                return request_id
 
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams,
                     request_id: str | None = None, prompt: str | None = None) -> Request:

@@ -426,6 +426,42 @@ def test_async_submit_stream_abort(scripted, tokenizer):
     assert llm.generate(prompt, GREEDY)[0].text == ANSWER  # sync use works again
 
 
+
+def test_a_second_stream_of_one_request_is_refused(scripted):
+    """Retest 48: two tasks streaming one request had each got some of its deltas, and one
+    of them waited for good; the second stream is refused, the first gets every delta."""
+    llm, prompt, _ = scripted()
+
+    async def main():
+        async with AsyncLLM(llm) as engine:
+            rid = await engine.submit(prompt, GREEDY)
+            first = engine.stream(rid)
+            text = [(await anext(first)).text]
+            with pytest.raises(RequestError, match=f"request '{rid}' is streamed already; "
+                                                   f"read its deltas from that one stream"):
+                await anext(engine.stream(rid))
+            return "".join(text + [d.text async for d in first])
+
+    assert asyncio.run(main()) == ANSWER
+
+
+def test_an_automatic_request_id_skips_one_a_caller_took(scripted):
+    """Retest 48: a caller's own "req-2" made the next automatic id a refusal ("already in
+    use") for a caller who had picked none."""
+    llm, prompt, _ = scripted()
+
+    async def main():
+        async with AsyncLLM(llm) as engine:
+            ids = [await engine.submit(prompt, GREEDY, request_id="req-2")]
+            ids += [await engine.submit(prompt, GREEDY) for _ in range(3)]
+            texts = [(await engine.generate(prompt, GREEDY)).text]
+            for rid in ids:
+                texts.append("".join([d.text async for d in engine.stream(rid)]))
+            return ids, texts
+
+    ids, texts = asyncio.run(main())
+    assert ids == ["req-2", "req-1", "req-3", "req-4"] and texts == [ANSWER] * 5
+
 @pytest.mark.parametrize("taken", [False, True])
 def test_a_submit_cancelled_while_it_waits_leaves_the_engine_serving(scripted, taken):
     """A task cancelled in ``await engine.submit(...)`` (a timeout, a server's client gone):

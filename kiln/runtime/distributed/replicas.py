@@ -99,7 +99,7 @@ from pathlib import Path
 
 from kiln.engine import BuildLimits, EngineManifest
 from kiln.errors import wording
-from kiln.runtime.core import Request, RequestDelta, check_prompt, check_request
+from kiln.runtime.core import EngineCore, Request, RequestDelta, check_prompt, check_request
 from kiln.runtime.distributed.process import exit_cause, spawn_args, spawned, start
 from kiln.runtime.distributed.replica_worker import ReplicaInfo, ReplicaSpec, Update
 from kiln.runtime.errors import RequestError, WorkerError
@@ -468,9 +468,7 @@ class ReplicaCore:
         return warmed
 
     # -- requests -----------------------------------------------------------------------------
-    def new_request_id(self) -> str:
-        self._next_id += 1
-        return f"req-{self._next_id}"
+    new_request_id = EngineCore.new_request_id  # (its _next_id and requests are these)
 
     def check_prompt(self, label: str, prompt_ids: Sequence[int], path: str = "prompt") -> None:
         check_prompt(label, prompt_ids, self.replica_limits, self.vocab_size, path)
