@@ -30,7 +30,9 @@ Contract:
   none to make. Telling a stall from a long step is the caller's (kiln serve's
   ``--stall_timeout``).
 - An AsyncLLM dropped without ``close()`` stops its engine thread when it is garbage collected
-  (the thread holds the LLM, never the AsyncLLM), so an unreferenced LLM under it is freed too.
+  (the thread holds the LLM, never the AsyncLLM), so an unreferenced LLM under it is freed too;
+  one still open when the interpreter exits has its engine thread stopped and waited for
+  (:func:`_stop_at_exit`).
 
 Non-goals: fairness between event loops, back-pressure on slow consumers (deltas queue up).
 """
@@ -38,6 +40,7 @@ Non-goals: fairness between event loops, back-pressure on slow consumers (deltas
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import contextvars
 import copy
@@ -67,6 +70,7 @@ logger = logging.getLogger(__name__)
 # (a 3.5 MB prompt had held a server's /health for 1.8 s); a shorter one costs under 2 ms
 INLINE_ENCODE_CHARS = 4096
 IDLE_CHECK_S = 0.5  # an idle engine thread checks this often that the engine's processes live
+EXIT_WAIT_S = 5.0  # at the interpreter's exit, the wait for an open AsyncLLM's engine thread
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,8 @@ class AsyncLLM:
         self._thread = threading.Thread(target=contextvars.copy_context().run,
                                         args=(self._loop.run,), name="kiln-engine", daemon=True)
         self._thread.start()
+        self._loop.thread = self._thread
+        _RUNNING.add(self._loop)
         # dropped without close(): the thread stops when this is collected, and lets the LLM go
         weakref.finalize(self, self._loop.send, ("close",)).atexit = False
 
@@ -273,6 +279,24 @@ class AsyncLLM:
         await asyncio.to_thread(self.close, now)
 
 
+_RUNNING: weakref.WeakSet[_EngineLoop] = weakref.WeakSet()  # every engine thread's loop
+
+
+@atexit.register
+def _stop_at_exit() -> None:
+    """AsyncLLMs left open when the interpreter exits: their engine threads are stopped (the
+    step under way interrupted, the requests aborted) and waited for. A daemon thread still
+    inside an ONNX Runtime run while the interpreter tore down had aborted the process
+    (``terminate called without an active exception``, exit 134; a retest's script)."""
+    loops = [loop for loop in list(_RUNNING) if loop.thread.is_alive()]
+    for loop in loops:
+        loop.send(("close",))
+        loop.llm.interrupt_step()
+    deadline = time.monotonic() + EXIT_WAIT_S
+    for loop in loops:
+        loop.thread.join(max(0.0, deadline - time.monotonic()))
+
+
 def _check_id(request_id: object) -> None:
     if not isinstance(request_id, str):
         raise RequestError(f"a request id is a string, found {described(request_id)}")
@@ -302,6 +326,7 @@ class _EngineLoop:
         self.ended = False
         self._gate = threading.Lock()
         self.came_round = time.monotonic()  # the loop's last turn began (a step had ended)
+        self.thread: threading.Thread  # the engine thread that runs it (AsyncLLM._start)
 
     def send(self, message: tuple) -> None:
         with self._gate:

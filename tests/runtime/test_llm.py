@@ -462,6 +462,27 @@ def test_an_automatic_request_id_skips_one_a_caller_took(scripted):
     ids, texts = asyncio.run(main())
     assert ids == ["req-2", "req-1", "req-3", "req-4"] and texts == [ANSWER] * 5
 
+
+def test_an_async_llm_left_open_is_stopped_at_the_interpreter_s_exit(scripted):
+    """Retest 48: a script that ended with an AsyncLLM open and a request running died of
+    SIGABRT in 5 of 8 runs (its daemon engine thread inside an ONNX Runtime run while the
+    interpreter tore down). What atexit runs stops and waits for the engine thread."""
+    from kiln.runtime import async_llm
+
+    llm, prompt, _ = scripted()
+    step = llm.core.executor.step
+    llm.core.executor.step = lambda chunks: time.sleep(0.05) or step(chunks)
+    engine = AsyncLLM(llm)
+
+    async def submit() -> str:
+        return await engine.submit(prompt, SamplingParams(temperature=0, max_tokens=40,
+                                                          ignore_eos=True))
+
+    rid = asyncio.run(submit())
+    assert engine._thread.is_alive() and rid in llm.core.requests
+    async_llm._stop_at_exit()
+    assert not engine._thread.is_alive() and llm.async_owner is None
+
 @pytest.mark.parametrize("taken", [False, True])
 def test_a_submit_cancelled_while_it_waits_leaves_the_engine_serving(scripted, taken):
     """A task cancelled in ``await engine.submit(...)`` (a timeout, a server's client gone):
