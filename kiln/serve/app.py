@@ -264,8 +264,9 @@ def _too_deep() -> ApiError:
 async def _submit(request: Request, state: ServerState, jobs: list[Job],
                   param: str) -> Submitted:
     """``state.submit``, given up if the client disconnects first (a 499; nothing of the
-    request left queued): a list of many prompts takes seconds to submit (a retest's client
-    gone after one second had its 100 prompts submitted, and some run, for nobody)."""
+    request left queued): the engine takes a request's prompts between two steps, which a
+    long prefill puts seconds apart (a retest's client gone after one second had its 100
+    prompts submitted, and some run, for nobody)."""
     submit = asyncio.ensure_future(state.submit(jobs, param))
     watch = asyncio.ensure_future(_disconnected(request))
     try:

@@ -191,22 +191,37 @@ class ServerState:
 
     async def _submit_all(self, jobs: Sequence[Job], out: asyncio.Queue,
                           param: str) -> list[str]:
-        rids: list[str] = []
         prompts = await self._sized(jobs, param)
-        for job, prompt in zip(jobs, prompts, strict=True):
+        rids = []
+        for _ in jobs:
             self._next += 1
-            rid = f"kiln-{self._next}"
-            self.live[rid] = None
-            try:
-                await self.engine.submit(prompt, job.params, request_id=rid)
-            except BaseException as e:  # none of the request's prompts stays queued or counted
-                self.live.pop(rid, None)
-                for submitted in rids:
-                    await self.engine.abort(submitted)
-                if not isinstance(e, RequestError):
-                    raise
-                raise refused(e, job, param, rid) from None
-            rids.append(rid)
+            rids.append(f"kiln-{self._next}")
+            self.live[rids[-1]] = None
+        queued: list[str] = []
+
+        async def submit(job: Job, prompt: Prompt, rid: str) -> None:
+            await self.engine.submit(prompt, job.params, request_id=rid)
+            queued.append(rid)
+
+        # All at once: the engine thread takes them between the same two steps. One after
+        # another, each had waited for a step, and a retest's n of 8 ran 2.0 s against 0.5-0.8
+        # for 8 requests of one choice (40 prompts in a list: 10.0 s against 2.1).
+        outcomes = None
+        try:
+            outcomes = await asyncio.gather(*map(submit, jobs, prompts, rids),
+                                            return_exceptions=True)
+        finally:
+            if outcomes is None or any(isinstance(o, BaseException) for o in outcomes):
+                for rid in rids:  # none of the request's prompts stays queued or counted
+                    self.live.pop(rid, None)
+                for rid in queued:
+                    await self.engine.abort(rid)
+        for job, rid, outcome in zip(jobs, rids, outcomes, strict=True):
+            if isinstance(outcome, RequestError):  # the first failure in the request's order
+                raise refused(outcome, job, param, rid) from None
+            if isinstance(outcome, BaseException):
+                raise outcome
+        for job, rid in zip(jobs, rids, strict=True):
             task = asyncio.get_running_loop().create_task(self._pump(rid, job.index, out))
             self._pumps.add(task)
             task.add_done_callback(self._pumps.discard)
