@@ -283,6 +283,25 @@ def read_checked(name: str, info: TensorInfo, rows: tuple[int, int] | None = Non
     return t
 
 
+
+def cast_checked(name: str, info: TensorInfo, tensor: torch.Tensor,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """Tensor ``name`` of a rank file (read by :func:`read_checked`: finite) cast to a build's
+    ``dtype``, refused if the cast turned a value inf: a float32 or bfloat16 checkpoint's
+    values beyond float16's 65,504 had built, at ``--dtype float16``, into an engine of inf
+    weights that only a run told of (NaN logits), and ``kiln verify`` passed."""
+    cast = tensor.to(dtype)
+    if cast.dtype == tensor.dtype or not cast.is_floating_point() or all_finite(cast):
+        return cast
+    limit = torch.finfo(dtype).max
+    wider = sorted((d for d in DTYPES if torch.finfo(getattr(torch, d)).max > limit),
+                   key=lambda d: torch.finfo(getattr(torch, d)).max)
+    raise CheckpointError(f"{info.path}: {name} overflows {str(dtype).removeprefix('torch.')}: "
+                          f"values beyond +-{limit:.4g} (first at "
+                          f"{'row' if cast.dim() > 1 else 'element'} {first_non_finite(cast)}) "
+                          f"become inf; build with --dtype {' or '.join(wider)}")
+
+
 def load_rank(checkpoint_dir: str | Path, rank: int, config: CheckpointConfig | None = None,
               names: Collection[str] | None = None) -> dict[str, torch.Tensor]:
     """All tensors of one rank (only those in ``names`` if given), checked against the names

@@ -21,13 +21,14 @@ import time
 import torch
 
 from kiln.builder.backends import Backend, BuildPlan, PartJob, PartResult, register_backend
-from kiln.checkpoint import REWRITE, rank_file, read_checked
+from kiln.checkpoint import REWRITE, cast_checked, rank_file, read_checked
 from kiln.engine import EngineError
 from kiln.engine.torch_files import (
     TRANSPOSED_ROLES,
     file_metadata,
     file_name,
     pack_tensor,
+    packed_dtype,
     packed_entry,
 )
 from kiln.errors import option
@@ -95,8 +96,10 @@ class TorchBackend(Backend):
         metadata = file_metadata(transposed, quant, part.rank, plan.checkpoint.mapping)
         writer = StreamingWriter(job.out_dir / out, entries, metadata)
         for name in names:  # on an error the build removes its whole temporary dir
-            writer.write(name, pack_tensor(name, read_checked(name, infos[name]), dtype,
-                                           quant=quant))
+            info = infos[name]
+            tensor = cast_checked(name, info, read_checked(name, info),
+                                  packed_dtype(name, info.dtype, dtype, quant))
+            writer.write(name, pack_tensor(name, tensor, dtype, quant=quant))
         writer.close()
         return PartResult(part=part, files=(out,),
                           seconds={"pack": time.perf_counter() - started},

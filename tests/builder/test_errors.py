@@ -114,6 +114,34 @@ def test_nan_weights_are_refused_where_no_checksum_says_so(ckpt_copy, tmp_path, 
           r"file is damaged: write the checkpoint again", backend=backend)
 
 
+
+@pytest.fixture(scope="module")
+def past_float16(tmp_path_factory):
+    """A float32 checkpoint with one weight past float16's range (row 3 of layer 0's down)."""
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path_factory.mktemp("past_float16")
+    hf = hf_model_with_tokenizer("llama-gqa", root / "hf")
+    tensors = load_file(hf / "model.safetensors")
+    tensors["model.layers.0.mlp.down_proj.weight"][3, 0] = 1e6
+    save_file(tensors, hf / "model.safetensors", metadata={"format": "pt"})
+    return kiln_checkpoint(hf, root / "ckpt", dtype="float32")
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torch", "tensorrt"])
+def test_weights_past_the_build_dtype_are_refused(past_float16, tmp_path, backend):
+    """Retest 48: --dtype float16 cast a float32 weight of 1e6 to inf, on every backend, into
+    an engine kiln verify passed and whose logits were NaN at run; convert's --dtype
+    float16 refuses it. Now the build too, naming the dtypes that hold it."""
+    fails(tmp_path, past_float16, CheckpointError,
+          r"rank0\.safetensors: layers\.0\.mlp\.down\.weight overflows float16: values "
+          r"beyond \+-6\.55e\+04 \(first at row 3\) become inf; build with --dtype bfloat16 "
+          r"or float32$", backend=backend, dtype="float16",
+          **({"targets": ("sm86",)} if backend == "tensorrt" else {}))
+    if backend == "torch":  # as the message says (onnx engines take no bfloat16)
+        build(past_float16, tmp_path / "bf16", **LIMITS, backend=backend, dtype="bfloat16")
+
+
 def test_rank_file_missing(ckpt_copy, tmp_path):
     (ckpt_copy / "rank0.safetensors").unlink()
     fails(tmp_path, ckpt_copy, CheckpointError, "rank0.safetensors: missing")

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from onnx import TensorProto
 
-from kiln.checkpoint import REWRITE, read_checked
+from kiln.checkpoint import REWRITE, cast_checked, read_checked
 from kiln.config import DecoderConfig, Mapping
 from kiln.graph.emitter import ONNX_DTYPES, GraphEmitter, Projection
 from kiln.quantization.config import QuantConfig
@@ -63,7 +63,8 @@ class RankWeights:
         info = self.infos.get(role.name(layer))
         if info is None:
             return None
-        return read_checked(role.name(layer), info).to(self.dtype)
+        return cast_checked(role.name(layer), info, read_checked(role.name(layer), info),
+                            self.dtype)
 
     def raw(self, name: str) -> torch.Tensor:
         """The tensor ``name`` as stored (quantized values keep their dtype)."""
