@@ -67,6 +67,10 @@ def _sliding_window(hf: dict[str, Any], architecture: str) -> int | None:
     return window
 
 
+# transformers' names of x * sigmoid(x) (ACT2FN: "swish" is the same SiLU module)
+SILU_NAMES = ("silu", "swish")
+
+
 @register("LlamaForCausalLM", "MistralForCausalLM",
           model_types={"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"})
 class LlamaConverter(Converter):
@@ -76,7 +80,7 @@ class LlamaConverter(Converter):
     @classmethod
     def config_from_hf(cls, hf: dict[str, Any]) -> DecoderConfig:
         act = hf.get("hidden_act", "silu")
-        if act != "silu":
+        if act not in SILU_NAMES:
             raise ConfigError(f"{config_name()}: hidden_act {act!r} is not supported for "
                               f"Llama/Mistral (kiln's gated MLP is SwiGLU: 'silu')")
         hidden = hf_get(hf, "hidden_size")

@@ -80,6 +80,30 @@ def test_ignored_window_settings_give_transformers_logits(tmp_path, model_cls, s
     assert max_abs_diff(got, want) <= 1e-4
 
 
+
+def test_swish_is_silu_and_gives_transformers_logits(tmp_path):
+    """Retest 48: hidden_act "swish" was refused, and transformers runs the very SiLU of
+    "silu" for it (ACT2FN). Another activation is still refused in one line."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from kiln.errors import ConfigError
+    from kiln.reference import ReferenceDecoder
+    from tests.helpers import hf_step_logits, max_abs_diff, ref_step_logits, save_hf_model
+    from tests.models import LLAMA_BASE, PROMPT
+
+    src = save_hf_model(LlamaForCausalLM, LlamaConfig(**LLAMA_BASE, hidden_act="swish"),
+                        tmp_path / "hf")
+    out = kiln.convert_checkpoint(src, tmp_path / "ckpt", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    want, tokens = hf_step_logits(model, PROMPT, steps=4)
+    got = ref_step_logits(ReferenceDecoder.from_checkpoint(out), PROMPT, tokens)
+    assert max_abs_diff(got, want) <= 1e-4
+    with pytest.raises(ConfigError, match="hidden_act 'gelu' is not supported for "
+                                          "Llama/Mistral"):
+        LlamaConverter.config_from_hf(_hf_config("LlamaForCausalLM", hidden_act="gelu"))
+
+
 def test_heads_that_do_not_divide_the_width_are_named():
     """5 heads of a 64-wide model had been refused as a weight-shape mismatch."""
     from kiln.errors import ConfigError
