@@ -176,6 +176,18 @@ def check_targets(targets: tuple[str, ...], full: bool, gpu: str | None) -> None
 
 def check_precision(targets: tuple[str, ...], dtype: str, quant: QuantConfig | None,
                     rtx: bool = True) -> None:
+    for target in targets:  # the format first: the dtype's advice would not get past it
+        if quant is not None and _capability(target) < quant.info.min_capability:
+            flag = option("targets", flag="target")
+            why, fix = ("FP8 tensor cores", f"build with {flag} sm89, sm120 or sm121, or "
+                        f"quantize to an int8/int4 format") \
+                if quant.info.weight_dtype == "float8_e4m3fn" else \
+                ("TensorRT compiles no int4 weights for Turing", f"build with {flag} sm80 or "
+                 f"later, or quantize to int8_wo or int8_sq")
+            among = f" (of {', '.join(targets)})" if len(targets) > 1 else ""
+            raise EngineError(f"target {target}{among} cannot run the checkpoint's "
+                              f"{quant.qformat} quantization (needs "
+                              f"sm{quant.info.min_capability}+: {why}); {fix}")
     for target in targets:
         cap = _capability(target)
         if dtype == "bfloat16" and cap < 80:
@@ -186,11 +198,6 @@ def check_precision(targets: tuple[str, ...], dtype: str, quant: QuantConfig | N
             raise EngineError(f"TensorRT-RTX has no float32 matrix multiply for {target} "
                               f"(Turing); build with {option('dtype', 'float16')} or drop the "
                               f"target")
-        if quant is not None and cap < quant.info.min_capability:
-            raise EngineError(f"{target} cannot run the checkpoint's {quant.qformat} "
-                              f"quantization (needs sm{quant.info.min_capability}+: FP8 tensor "
-                              f"cores); target sm89/sm120/sm121 or quantize to an int8/int4 "
-                              f"format")
 
 
 def profile_ranges(limits: BuildLimits) -> list[dict[str, tuple[int, int, int]]]:

@@ -52,9 +52,10 @@ FORMATS: dict[str, FormatInfo] = {f.name: f for f in (
                "pre_quant_scale), per-channel weights, static per-tensor activations"),
     FormatInfo("int8_wo", "int8", (Granularity.PER_CHANNEL,), None, False, False, 75, 1.01,
                "INT8 weight-only (W8A16), per-channel scales"),
-    FormatInfo("int4_wo", "int4", (Granularity.PER_GROUP,), None, False, False, 75, 1.35,
+    # int4: TensorRT-RTX compiles no int4 for sm75 ("HW-specific datatypes: int4", retest 48)
+    FormatInfo("int4_wo", "int4", (Granularity.PER_GROUP,), None, False, False, 80, 1.35,
                "INT4 weight-only (W4A16), symmetric, groups of group_size input features"),
-    FormatInfo("int4_awq", "int4", (Granularity.PER_GROUP,), None, True, True, 75, 1.25,
+    FormatInfo("int4_awq", "int4", (Granularity.PER_GROUP,), None, True, True, 80, 1.25,
                "INT4 AWQ: activation-aware per-channel scale search, then symmetric group INT4"),
 )}
 KV_CACHE_DTYPES = ("fp8", "int8")

@@ -135,11 +135,26 @@ def test_refused_targets(checkpoint, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_fp8_refused_before_ada():
+def test_fp8_refused_before_ada_and_int4_on_turing():
+    """Each names the target among those built for (the defaults, where none was given) and
+    what to pass; an int4 checkpoint for sm75 had failed seconds into the build with
+    TensorRT-RTX's own error ("HW-specific datatypes: int4", retest 48), and the float32
+    advice given before it led there."""
     check_precision(("sm89", "sm120"), "float16", QuantConfig("fp8"))
-    check_precision(("sm75", "sm86"), "float16", QuantConfig("int4_awq"))
-    with pytest.raises(EngineError, match=r"sm86 cannot run the checkpoint's fp8 .*sm89\+"):
+    check_precision(("sm80", "sm86"), "float16", QuantConfig("int4_awq"))
+    check_precision(("sm75", "sm86"), "float16", QuantConfig("int8_wo"))
+    with pytest.raises(EngineError, match=r"^target sm86 \(of sm89, sm86\) cannot run the "
+                                          r"checkpoint's fp8 quantization \(needs sm89\+: FP8 "
+                                          r"tensor cores\); build with targets sm89, sm120 or "
+                                          r"sm121, or quantize to an int8/int4 format$"):
         check_precision(("sm89", "sm86"), "float16", QuantConfig("fp8"))
+    for qformat in ("int4_wo", "int4_awq"):
+        with pytest.raises(EngineError, match=rf"^target sm75 cannot run the checkpoint's "
+                                              rf"{qformat} quantization \(needs sm80\+: TensorRT "
+                                              rf"compiles no int4 weights for Turing\); build "
+                                              rf"with targets sm80 or later, or quantize to "
+                                              rf"int8_wo or int8_sq$"):
+            check_precision(("sm75",), "float32", QuantConfig(qformat, group_size=64))
 
 
 def test_fused_attention_refused_in_float32(checkpoint, tmp_path):
@@ -177,7 +192,7 @@ def test_quantized_builds(quantized, tmp_path, qformat):
     info = FORMATS[qformat]
     targets = ["sm89"] if qformat == "fp8" else ["sm86", "sm89"]
     if qformat == "fp8":
-        with pytest.raises(EngineError, match="sm86 cannot run the checkpoint's fp8"):
+        with pytest.raises(EngineError, match="sm86 .*cannot run the checkpoint's fp8"):
             build(ckpt, tmp_path / "refused", **{**TRT, "targets": ["sm86", "sm89"]})
     result = build(ckpt, tmp_path / "engine", **{**TRT, "targets": targets})
     assert result.manifest.quantization == load_config(ckpt).quantization
