@@ -239,6 +239,13 @@ class LLM:
                       f"sampling does not apply (HF generate does): of its sampling fields kiln "
                       f"applies do_sample, temperature, top_k, top_p, min_p and "
                       f"repetition_penalty", logger)
+        ids = gc.get("eos_token_id")
+        if outside := [i for i in ([ids] if isinstance(ids, int) else ids or ())
+                       if i >= self.core.vocab_size]:
+            warn_once(f"{_generation_config_file(self.engine_dir)} sets eos_token_id "
+                      f"{', '.join(map(str, outside))}, outside the model's vocabulary [0, "
+                      f"{self.core.vocab_size}): generation never stops on "
+                      f"{'it' if len(outside) == 1 else 'them'}; correct or remove it", logger)
         if tokenizer is not None and (said := tokenizer.past_vocabulary(self.core.vocab_size)):
             logger.warning("%s: %s (rebuild from a checkpoint converted from the model's own "
                            "Hugging Face dir)", self.engine_dir, said)

@@ -275,6 +275,21 @@ def test_a_generation_config_kiln_cannot_follow_is_said_at_load(tokenizer, caplo
         "which kiln's sampling does not apply (HF generate does)")
 
 
+
+def test_an_eos_token_id_outside_the_vocabulary_is_said_at_load(tokenizer, caplog):
+    """Retest 48: an eos_token_id of 99999999 (vocabulary 49,152) went without a word, and
+    generation could never stop on it (a --stop_token_ids of it is refused)."""
+    import dataclasses
+
+    odd = dataclasses.replace(tokenizer, generation_config={"eos_token_id": [2, 99999999]})
+    with caplog.at_level(logging.WARNING, logger="kiln.runtime.llm"):
+        LLM.from_executor(HashExecutor(LIMITS, tokenizer.vocab_size), odd)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"the tokenizer's generation_config.json sets eos_token_id 99999999, outside the "
+        f"model's vocabulary [0, {tokenizer.vocab_size}): generation never stops on it; correct "
+        f"or remove it"]
+
+
 def test_chat_template_matches_transformers(tokenizer, smollm2_dir, scripted):
     from transformers import AutoTokenizer
 
