@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import random
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from kiln.errors import shown
@@ -67,6 +68,13 @@ class SamplingParams:
     skip_special_tokens: bool = _f(True, "Leave special tokens out of the text.")
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # numpy's numbers as Python's (np.float32(0.9) had been refused
+            value = getattr(self, f.name)  # as out of range: the checks take int and float)
+            if isinstance(value, numbers.Number) and not isinstance(value, (bool, int, float)):
+                if isinstance(value, numbers.Integral):
+                    object.__setattr__(self, f.name, int(value))
+                elif isinstance(value, numbers.Real):
+                    object.__setattr__(self, f.name, float(value))
         for name in ("stop", "stop_token_ids"):  # None: none, as vLLM's default (ported code
             if getattr(self, name) is None:  # passing stop=None had been refused)
                 object.__setattr__(self, name, ())
@@ -79,7 +87,9 @@ class SamplingParams:
         _check(isinstance(self.stop_token_ids, Iterable), "stop_token_ids",
                "must be a list of token ids", self.stop_token_ids)
         object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "stop_token_ids", tuple(  # (a numpy array's ids too)
+            int(t) if isinstance(t, numbers.Integral) and not isinstance(t, bool) else t
+            for t in self.stop_token_ids))
         _check(_is_int(self.max_tokens) and self.max_tokens >= 0, "max_tokens",
                "must be an integer >= 1 (0 only with prompt_logprobs)", self.max_tokens)
         _check(self.max_tokens != 0 or self.prompt_logprobs is not None, "max_tokens",

@@ -66,6 +66,24 @@ def test_invalid_values_name_the_parameter(field, value):
         SamplingParams(**{field: value})
 
 
+
+def test_numpy_numbers_are_taken_as_python_s():
+    """Retest 48: np.float32(0.9) for top_p was refused as "must be in (0, 1]", np.int64(5)
+    for max_tokens as no integer. They are Python's numbers once taken; a bad one is still
+    refused, and a float where an integer belongs too."""
+    import numpy as np
+
+    params = SamplingParams(top_p=np.float32(0.5), temperature=np.float16(0.25),
+                            max_tokens=np.int64(5), seed=np.uint64(2**64 - 1),
+                            top_k=np.int32(3), stop_token_ids=np.array([7, 8]))
+    assert params == SamplingParams(top_p=0.5, temperature=0.25, max_tokens=5, seed=2**64 - 1,
+                                    top_k=3, stop_token_ids=(7, 8))
+    assert type(params.seed) is int and type(params.stop_token_ids[0]) is int
+    for field, value in (("top_p", np.float32(1.5)), ("max_tokens", np.float32(2.0))):
+        with pytest.raises(SamplingParamsError, match=rf"SamplingParams\.{field} "):
+            SamplingParams(**{field: value})
+
+
 def test_a_refusal_carries_its_field_and_value_for_a_caller_to_show():
     """kiln serve shows the value as JSON spells it through worded(), not by editing the
     message's end; a Python caller reads Python's spelling."""
