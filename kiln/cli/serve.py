@@ -61,7 +61,7 @@ class ServeError(KilnError):
 
 
 @engine_command("serve", "Engine dir (output of kiln build).")
-@click.option("--host", default="127.0.0.1", show_default=True,
+@click.option("--host", default="127.0.0.1", show_default=True, callback=lambda c, p, v: _host(v),
               help="Address to listen on (0.0.0.0: every interface).")
 @click.option("--port", default=8000, show_default=True, type=IntRange(1, 65535),
               help="TCP port to listen on.")
@@ -315,6 +315,13 @@ def _stops() -> str:
     if catchable((signal.SIGINT,)):
         return "Ctrl-C stops"
     return f"SIGTERM stops: this process ignores SIGINT; kill {os.getpid()}"
+
+
+def _host(host: str) -> str:
+    """``--host`` as getaddrinfo takes it: an IPv6 address in a URL's brackets without them
+    (``[::1]`` had been "Name or service not known", printed as ``[[::1]]``)."""
+    inner = host[1:-1] if host.startswith("[") and host.endswith("]") else None
+    return inner if inner and ":" in inner else host
 
 
 def _address(host: str, port: int) -> str:
