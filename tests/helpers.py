@@ -77,3 +77,12 @@ def with_bom(path: Path) -> Path:
     """Prefix ``path`` with the UTF-8 byte-order mark, as Windows editors save text files."""
     path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
     return path
+
+
+def raised(call, *args) -> BaseException | None:
+    """What ``call(*args)`` raised, or None (for a call made in another thread)."""
+    try:
+        call(*args)
+    except BaseException as e:  # noqa: BLE001 - the test reads it
+        return e
+    return None

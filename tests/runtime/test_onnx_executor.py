@@ -14,6 +14,7 @@ from kiln.runtime import LLM, SamplingParams
 from kiln.runtime.core import EngineCore
 from kiln.runtime.executor import SequenceChunk
 from kiln.runtime.loader import open_engine
+from tests.helpers import raised
 from tests.runtime.toy_onnx import toy_engine_dir
 
 LIMITS = BuildLimits(max_batch_size=6, max_input_len=24, max_seq_len=40, max_num_tokens=32)
@@ -426,7 +427,7 @@ def test_an_interrupted_step_raises_and_runs_again_as_if_it_had_not_run(engine):
     endless = _endless(ex)
     chunk = [SequenceChunk(0, (1, 2, 3, 4), 0)]
     errors = []
-    worker = threading.Thread(target=lambda: errors.append(_raised(ex.step, chunk)))
+    worker = threading.Thread(target=lambda: errors.append(raised(ex.step, chunk)))
     worker.start()
     assert endless.entered.wait(10)
     ex.interrupt()
@@ -442,13 +443,6 @@ def test_an_interrupted_step_raises_and_runs_again_as_if_it_had_not_run(engine):
         ex.step(decode)
     assert torch.equal(ex.step(decode), uninterrupted.step(decode))
 
-
-def _raised(call, *args):
-    try:
-        call(*args)
-    except BaseException as e:  # noqa: BLE001 - the test reads it
-        return e
-    return None
 
 
 @pytest.fixture(scope="module")
@@ -473,7 +467,7 @@ def test_closing_from_another_thread_ends_a_long_step_now(with_tokenizer, closer
     endless = _endless(llm.executor)
     if closer == "LLM":
         outcome = []
-        caller = threading.Thread(target=lambda: outcome.append(_raised(
+        caller = threading.Thread(target=lambda: outcome.append(raised(
             llm.generate, [[1, 2, 3]], SamplingParams(max_tokens=2))))
         caller.start()
         assert endless.entered.wait(10)

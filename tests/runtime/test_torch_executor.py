@@ -24,6 +24,7 @@ from kiln.runtime.reference_executor import ReferenceExecutor
 from kiln.runtime.sampling import SamplingParams
 from kiln.runtime.torch_backend.executor import TorchExecutor, TorchExecutorOptions
 from kiln.runtime.torch_backend.paged_cache import KVCacheError
+from tests.helpers import raised
 from tests.models import PROMPT, VARIANTS, hf_model, kiln_checkpoint
 
 LIMITS = BuildLimits(max_batch_size=4, max_input_len=32, max_seq_len=48, max_num_tokens=40)
@@ -158,7 +159,7 @@ def test_an_interrupted_cpu_step_raises_and_runs_again_as_if_it_had_not_run(chec
 
     monkeypatch.setattr(ex.model, "_attention", first_layer_waits)
     errors = []
-    worker = threading.Thread(target=lambda: errors.append(_raised(ex.step, chunk)))
+    worker = threading.Thread(target=lambda: errors.append(raised(ex.step, chunk)))
     worker.start()
     assert entered.wait(10)
     ex.interrupt()
@@ -171,12 +172,6 @@ def test_an_interrupted_cpu_step_raises_and_runs_again_as_if_it_had_not_run(chec
         ex.step_logits(decode)
     assert torch.equal(ex.step(decode), uninterrupted.step(decode))
 
-
-def _raised(call, *args):
-    try:
-        call(*args)
-    except BaseException as e:  # noqa: BLE001 - the test reads it
-        return e
 
 
 def test_cache_too_small_for_one_sequence_is_an_error(checkpoints):
