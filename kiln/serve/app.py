@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -80,7 +81,8 @@ def create_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = N
     """An app serving ``engine`` as model ``served_model_name`` (see the module docstring);
     ``max_body_bytes`` a size as :func:`body_limit` takes it; ``stall_timeout`` seconds;
     ``also_named``: other names a request may give it (kiln serve's --model_dir as typed, "hf/",
-    which it serves as "hf"), answered as ``served_model_name``."""
+    which it serves as "hf"), answered as ``served_model_name``; with them, any spelling of the
+    same path ("./hf", "hf/." for "hf/")."""
     max_body_bytes = body_limit(max_body_bytes)
     state = ServerState(engine, max_queue, stall_seconds(stall_timeout))
     app = FastAPI(title="kiln serve", version=kiln.__version__, docs_url=None, redoc_url=None,
@@ -99,6 +101,9 @@ def create_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = N
         return JSONResponse(error.body(), status_code=error.status)
 
     expected = None if api_key is None else api_key.encode()
+    # --model_dir's spellings: "./hf" had been a 404 where "hf/" and "hf" were served (retest 48)
+    paths = {os.path.normpath(n) for n in (served_model_name, *also_named)} if also_named \
+        else set()
 
     def check(request: Request, model: str | None = None) -> None:
         """The API key, if the server has one, and ``model``, if given: a request without
@@ -112,8 +117,8 @@ def create_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = N
             if not (right and scheme.lower() == "bearer"):
                 raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
                                code="invalid_api_key")
-        if model and model != served_model_name and model not in also_named:  # ("": vLLM's
-            # base model, not a 404)
+        if model and model != served_model_name and model not in also_named and \
+                os.path.normpath(model) not in paths:  # ("": vLLM's base model, not a 404)
             raise ApiError(404, f"model {model!r} does not exist; this server serves "
                                 f"{served_model_name!r}", param="model", code="model_not_found")
 

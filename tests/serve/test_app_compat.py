@@ -435,14 +435,17 @@ def test_a_request_without_model_is_for_the_served_one(make_client, endpoint, bo
 
 def test_the_model_dir_as_typed_is_the_served_model_too(make_client):
     """kiln serve --model_dir hf/ serves "hf"; a client sending "hf/", as typed (vLLM's name),
-    had got a 404. Answered as the served name; another name stays a 404."""
+    had got a 404, and "./hf" still did (retest 48). Any spelling of the same path is answered
+    as the served name; another name stays a 404."""
     client = make_client(also_named=("m/",))
-    for model in ("m", "m/"):
+    for model in ("m", "m/", "./m", "m//", "m/."):
         out = client.post("/v1/completions", json={"model": model, "prompt": "a",
                                                    "max_tokens": 1})
         assert out.status_code == 200 and out.json()["model"] == "m", out.text
-    out = client.post("/v1/completions", json={"model": "m//", "prompt": "a", "max_tokens": 1})
-    assert out.status_code == 404
+    for model in ("m/x", "../m", "/m", "mm"):
+        out = client.post("/v1/completions", json={"model": model, "prompt": "a",
+                                                   "max_tokens": 1})
+        assert out.status_code == 404, model
     assert [card["id"] for card in client.get("/v1/models").json()["data"]] == ["m"]
 
 
