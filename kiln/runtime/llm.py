@@ -66,7 +66,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.engine import EngineManifest
-from kiln.errors import ConfigError, described, limits_as_options, shown
+from kiln.errors import ConfigError, counted, described, limits_as_options, shown
 from kiln.interrupts import interrupt_in
 from kiln.runtime.core import EngineCore, RequestDelta, check_encoded
 from kiln.runtime.errors import (
@@ -454,8 +454,8 @@ class LLM:
                                f"SamplingParams(**options) makes one")
         params = list(params)
         if len(params) != n:
-            raise RequestError(f"got {len(params)} SamplingParams for {n} prompts; pass one, or "
-                               f"one per prompt")
+            raise RequestError(f"got {len(params)} SamplingParams for {counted(n, 'prompt')}; "
+                               f"pass one, or one per prompt")
         return params
 
     def _add_all(self, prompts: Sequence[Prompt],

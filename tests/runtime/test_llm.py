@@ -169,6 +169,8 @@ def test_numpy_integer_ids_are_token_ids(scripted):
     (lambda llm: llm.generate("hi", {"max_tokens": 3}),
      r"^sampling params must be a SamplingParams or a list of them \(one per prompt\), found "
      r"dict \{'max_tokens': 3\}; SamplingParams\(\*\*options\) makes one$"),
+    (lambda llm: llm.generate("hi", [GREEDY, GREEDY]),  # (retest 48: "for 1 prompts")
+     r"^got 2 SamplingParams for 1 prompt; pass one, or one per prompt$"),
     (lambda llm: llm.generate(None), r"^prompts must be a string, .*found NoneType None$"),
     (lambda llm: llm.generate([None]), r"^prompts\[0\]: a prompt must be a string or a list of "
                                        r"int token ids, found NoneType None$"),
