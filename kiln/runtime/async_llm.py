@@ -401,6 +401,15 @@ class _EngineLoop:
             _, ids, params, request_id, text, sink, future = message
             if not future.set_running_or_notify_cancel():  # its submit was cancelled
                 continue
+            # an id is in use until its stream is read, also once its request finished (the
+            # core forgets it then): taken again, the unread stream had been lost
+            if request_id is None:
+                while (request_id := core.new_request_id()) in self.sinks:
+                    pass
+            elif isinstance(request_id, str) and request_id in self.sinks:
+                future.set_exception(RequestError(f"request id {request_id!r} is already in "
+                                                  f"use; pick another"))
+                continue
             try:
                 request = core.add_request(ids, params, request_id, text)
             except RequestError as e:

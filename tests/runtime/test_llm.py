@@ -464,13 +464,19 @@ def test_a_second_stream_of_one_request_is_refused(scripted):
 
 def test_an_automatic_request_id_skips_one_a_caller_took(scripted):
     """Retest 48: a caller's own "req-2" made the next automatic id a refusal ("already in
-    use") for a caller who had picked none."""
+    use") for a caller who had picked none. Automatic ids skip it, also once its request has
+    finished and its stream is not read yet (the core forgets it then; taken again, the
+    unread stream would be lost), and a caller's own id is refused till then too."""
     llm, prompt, _ = scripted()
 
     async def main():
         async with AsyncLLM(llm) as engine:
             ids = [await engine.submit(prompt, GREEDY, request_id="req-2")]
+            while "req-2" in llm.core.requests:  # finished, its stream unread
+                await asyncio.sleep(0.01)
             ids += [await engine.submit(prompt, GREEDY) for _ in range(3)]
+            with pytest.raises(RequestError, match="request id 'req-2' is already in use"):
+                await engine.submit(prompt, GREEDY, request_id="req-2")
             texts = [(await engine.generate(prompt, GREEDY)).text]
             for rid in ids:
                 texts.append("".join([d.text async for d in engine.stream(rid)]))
