@@ -42,15 +42,17 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import contextlib
 import contextvars
 import copy
 import logging
 import os
 import queue
+import signal
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,7 +126,8 @@ class AsyncLLM:
             raise TypeError("AsyncLLM(llm) takes no options: the LLM was opened with its own")
         self._owns_llm = llm is None  # close() closes an LLM this AsyncLLM opened
         if llm is None:
-            llm = LLM(model=model, options=options, policy=policy, **build_options)
+            with _ctrl_c_raises():
+                llm = LLM(model=model, options=options, policy=policy, **build_options)
         try:
             self._start(llm)
         except BaseException:
@@ -277,6 +280,28 @@ class AsyncLLM:
         # are killed at once, not asked to exit after a step of seconds (--dp 2 on a CPU: 5.9 s).
         now = isinstance(error, asyncio.CancelledError) or interrupt_in(error) is not None
         await asyncio.to_thread(self.close, now)
+
+
+@contextlib.contextmanager
+def _ctrl_c_raises() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt in the body, as outside asyncio, where the body blocks
+    a running event loop (``AsyncLLM(model=...)``'s convert and build, minutes for a large
+    model): ``asyncio.run``'s own SIGINT handler only cancels its main task, which that task
+    sees once the body returns (a retest's build ran on 9 s past Ctrl-C, to the end)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # no event loop here: Python's own handling, or the caller's
+        yield
+        return
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.default_int_handler):
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 _RUNNING: weakref.WeakSet[_EngineLoop] = weakref.WeakSet()  # every engine thread's loop

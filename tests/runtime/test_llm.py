@@ -506,6 +506,39 @@ def test_an_async_llm_left_open_is_stopped_at_the_interpreter_s_exit(scripted):
     async_llm._stop_at_exit()
     assert not engine._thread.is_alive() and llm.async_owner is None
 
+
+def test_ctrl_c_during_an_async_llm_s_build_under_asyncio_run_raises_at_once(monkeypatch):
+    """Retest 48c: AsyncLLM(model=...) builds in the running event loop, whose SIGINT handler
+    (asyncio.run's) only cancels the main task: a Ctrl-C in the build went unseen till the
+    build's end (9 s, a whole cache entry written). It raises KeyboardInterrupt there now,
+    and asyncio.run's handler is back afterwards."""
+    import os
+    import signal
+
+    from kiln.runtime import async_llm
+
+    class Building:  # LLM(model=...): a build that a Ctrl-C interrupts at once
+        def __init__(self, **_):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(3)
+            raise AssertionError("the Ctrl-C did not reach the build")
+
+    monkeypatch.setattr(async_llm, "LLM", Building)
+    handlers = []
+
+    async def main():
+        handlers.append(signal.getsignal(signal.SIGINT))
+        try:
+            AsyncLLM(model="hf")
+        finally:
+            handlers.append(signal.getsignal(signal.SIGINT))
+
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        asyncio.run(main())
+    assert time.monotonic() - started < 1.0
+    assert handlers[0] is handlers[1] and handlers[0] is not signal.default_int_handler
+
 @pytest.mark.parametrize("taken", [False, True])
 def test_a_submit_cancelled_while_it_waits_leaves_the_engine_serving(scripted, taken):
     """A task cancelled in ``await engine.submit(...)`` (a timeout, a server's client gone):
