@@ -295,11 +295,12 @@ def cast_checked(name: str, info: TensorInfo, tensor: torch.Tensor,
         return cast
     limit = torch.finfo(dtype).max
     wider = sorted((d for d in DTYPES if torch.finfo(getattr(torch, d)).max > limit),
-                   key=lambda d: torch.finfo(getattr(torch, d)).max)
+                   key=lambda d: -torch.finfo(getattr(torch, d)).max)  # float32 first
+    note = " (onnx engines take no bfloat16)" if "bfloat16" in wider else ""
     raise CheckpointError(f"{info.path}: {name} overflows {str(dtype).removeprefix('torch.')}: "
                           f"values beyond +-{limit:.4g} (first at "
                           f"{'row' if cast.dim() > 1 else 'element'} {first_non_finite(cast)}) "
-                          f"become inf; build with --dtype {' or '.join(wider)}")
+                          f"become inf; build with --dtype {' or '.join(wider)}{note}")
 
 
 def load_rank(checkpoint_dir: str | Path, rank: int, config: CheckpointConfig | None = None,

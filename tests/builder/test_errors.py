@@ -135,8 +135,8 @@ def test_weights_past_the_build_dtype_are_refused(past_float16, tmp_path, backen
     float16 refuses it. Now the build too, naming the dtypes that hold it."""
     fails(tmp_path, past_float16, CheckpointError,
           r"rank0\.safetensors: layers\.0\.mlp\.down\.weight overflows float16: values "
-          r"beyond \+-6\.55e\+04 \(first at row 3\) become inf; build with --dtype bfloat16 "
-          r"or float32$", backend=backend, dtype="float16",
+          r"beyond \+-6\.55e\+04 \(first at row 3\) become inf; build with --dtype float32 "
+          r"or bfloat16 \(onnx engines take no bfloat16\)$", backend=backend, dtype="float16",
           **({"targets": ("sm86",)} if backend == "tensorrt" else {}))
     if backend == "torch":  # as the message says (onnx engines take no bfloat16)
         build(past_float16, tmp_path / "bf16", **LIMITS, backend=backend, dtype="bfloat16")
