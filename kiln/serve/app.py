@@ -164,6 +164,7 @@ def create_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = N
         check(request)
         req = await _parse(request, CompletionRequest, state)
         check(request, req.model)
+        _check_best_of(req)
         prompts = renderer.completion_prompts(req)
         params = renderer.completion_params(req)
         given = render.max_tokens_field(req)
@@ -314,6 +315,18 @@ async def _collect(request: Request, state: ServerState, jobs: list[Job], param:
         if result.finish_reason == "error":
             raise render.failed(result)
     return results
+
+
+def _check_best_of(req: CompletionRequest) -> None:
+    """``best_of`` as OpenAI's and vLLM's take it: at least ``n`` (the candidates the ``n``
+    returned are picked from); kiln serve generates no more candidates than it returns, so
+    only ``best_of`` equal to ``n`` (a client's default) asks for nothing it does not do (a
+    retest: ``n`` 4 with ``best_of`` 4 had been refused, ``best_of`` 1 taken)."""
+    if req.best_of is None or req.best_of == req.n:
+        return
+    why = f"must be >= n ({req.n})" if req.best_of < req.n else \
+        f"must be n ({req.n}) or left out (kiln serve generates no more candidates than it returns)"
+    raise ApiError(400, f"best_of {why}, found a number {req.best_of}", param="best_of")
 
 
 def _usage(results: dict, n: int) -> dict:

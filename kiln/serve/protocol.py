@@ -20,7 +20,7 @@ Contract:
   and their ``.chunk`` stream forms), with ``usage``.
 
 Non-goals: tools/function calling, ``response_format``, ``logit_bias``, ``suffix``, ``best_of``
-other than 1, audio/images in messages; vLLM's ``min_tokens``, ``bad_words``, beam search and
+other than n (completions) or 1 (chat), audio/images in messages; vLLM's ``min_tokens``, ``bad_words``, beam search and
 the other extras of UNSUPPORTED.
 """
 
@@ -161,7 +161,7 @@ class CompletionRequest(_Sampling):
     # is one, as vLLM's lax list[int] reads it; [1.0, 2.0] had been a 400)
     echo: bool = False
     logprobs: Int | None = Field(None, ge=0, le=20)
-    best_of: Int | None = Field(None, ge=1, le=1)
+    best_of: Int | None = Field(None, ge=1)  # n only (the app checks it: n candidates, n shown)
 
 
 ROLES = CHAT_ROLES  # LLM.chat takes the same

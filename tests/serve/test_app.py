@@ -548,6 +548,12 @@ def test_an_n_that_can_never_be_admitted_is_a_400_not_retry_later(engine):
      "continue_final_message is not supported by kiln serve"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "best_of": 2},
      "best_of", "best_of is not supported by kiln serve"),
+    # OpenAI's and vLLM's rule (retest 48c: best_of 4 with n 4 had been refused, 1 taken)
+    ("/v1/completions", {"prompt": "a", "n": 4, "best_of": 1}, "best_of",
+     "best_of must be >= n (4), found a number 1"),
+    ("/v1/completions", {"prompt": "a", "n": 2, "best_of": 3}, "best_of",
+     "best_of must be n (2) or left out (kiln serve generates no more candidates than it "
+     "returns), found a number 3"),
     ("/v1/completions", {"prompt": "a", "prompt_logprobs": 1}, "prompt_logprobs",
      "prompt_logprobs is not supported by kiln serve"),
 ])
@@ -558,6 +564,14 @@ def test_requests_kiln_cannot_honour_are_refused_by_name(engine, endpoint, body,
     error = out.json()["error"]
     assert out.status_code == 400 and error["param"] == param, error
     assert error["message"].startswith(message), error
+
+
+
+def test_best_of_equal_to_n_asks_for_nothing_more(engine):
+    """Retest 48c: n 4 with best_of 4, a client's spelling of n candidates, had been a 400."""
+    out = _client(engine).post("/v1/completions", json={"model": "m", "prompt": "a", "n": 2,
+                                                        "best_of": 2, "max_tokens": 1})
+    assert out.status_code == 200 and len(out.json()["choices"]) == 2, out.text
 
 
 def test_omitted_fields_take_the_engines_defaults_not_openais(engine):
@@ -1277,7 +1291,7 @@ def test_a_number_is_shown_alike_in_every_fields_400(engine, text, shown):
 
 @pytest.mark.parametrize("endpoint, fields", [
     ("/v1/completions", {"max_tokens": 3.0, "n": 2.0, "seed": 7.0, "top_k": 5.0,
-                         "logprobs": 2.0, "best_of": 1.0}),
+                         "logprobs": 2.0, "best_of": 2.0}),
     ("/v1/chat/completions", {"max_completion_tokens": 3.0, "n": 2.0, "seed": 7.0,
                               "top_k": 5.0, "logprobs": True, "top_logprobs": 2.0,
                               "best_of": 1.0}),
