@@ -270,9 +270,18 @@ def check_tokenizer_files(directory: Path) -> ModelTokenizer | None:
 def warn_of_a_larger_tokenizer(tokenizer: ModelTokenizer, decoder: DecoderConfig,
                                directory: Path) -> None:
     """Say where the tokenizer has ids the model lacks (ModelTokenizer.past_vocabulary): such
-    a source converts, and its text is refused at quantize and run."""
+    a source converts, and its text is refused at quantize and run; and what the generation
+    config asks that kiln does not do, naming the file to edit (an engine's copy, which a run
+    names, fails ``kiln verify`` once edited)."""
+    from kiln.runtime.loader import warn_once
+    from kiln.runtime.tokenizer import generation_config_warnings
+
     if said := tokenizer.past_vocabulary(decoder.vocab_size):
         log.warning("%s: %s (copy in the model's own)", directory, said)
+    for said in generation_config_warnings(tokenizer.generation_config, decoder.vocab_size,
+                                           str((directory / "generation_config.json")
+                                               .absolute())):
+        warn_once(said, log)  # (as LLM names it for --model_dir's engine, loaded next: once)
 
 
 def untie_a_different_head(converter: type[Converter], decoder: DecoderConfig,

@@ -77,12 +77,13 @@ from kiln.runtime.errors import (
 )
 from kiln.runtime.executor import Executor
 from kiln.runtime.loader import ExecutorOptions, check_engine, open_engine, warn_once
-from kiln.runtime.params import SamplingParams, not_applied
+from kiln.runtime.params import SamplingParams
 from kiln.runtime.results import CompletionResult, StreamDelta
 from kiln.runtime.scheduler import Policy
 from kiln.runtime.tokenizer import (
     CHAT_ROLES,
     ModelTokenizer,
+    generation_config_warnings,
     load_tokenizer,
     parts_error,
     text_of_parts,
@@ -233,19 +234,9 @@ class LLM:
         self.closed = False
         gc = tokenizer.generation_config if tokenizer is not None else {}
         self.default_params = SamplingParams.from_generation_config(gc)
-        if skipped := not_applied(gc):
-            warn_once(f"{_generation_config_file(self.engine_dir)} sets "
-                      f"{', '.join(f'{k}={shown(v)}' for k, v in skipped.items())}, which kiln's "
-                      f"sampling does not apply (HF generate does): of its sampling fields kiln "
-                      f"applies do_sample, temperature, top_k, top_p, min_p and "
-                      f"repetition_penalty", logger)
-        ids = gc.get("eos_token_id")
-        if outside := [i for i in ([ids] if isinstance(ids, int) else ids or ())
-                       if i >= self.core.vocab_size]:
-            warn_once(f"{_generation_config_file(self.engine_dir)} sets eos_token_id "
-                      f"{', '.join(map(str, outside))}, outside the model's vocabulary [0, "
-                      f"{self.core.vocab_size}): generation never stops on "
-                      f"{'it' if len(outside) == 1 else 'them'}; correct or remove it", logger)
+        where, copy = _generation_config_file(self.engine_dir)
+        for said in generation_config_warnings(gc, self.core.vocab_size, where, copy):
+            warn_once(said, logger)
         if tokenizer is not None and (said := tokenizer.past_vocabulary(self.core.vocab_size)):
             logger.warning("%s: %s (rebuild from a checkpoint converted from the model's own "
                            "Hugging Face dir)", self.engine_dir, said)
@@ -535,20 +526,22 @@ class LLM:
         return self.generate(ids, params)
 
 
-def _generation_config_file(engine_dir: Path | None) -> str:
-    """The ``generation_config.json`` a user edits to change what the engine holds a copy of:
-    for an engine of the build cache (``LLM(model=...)``, ``--model_dir``) the Hugging Face
-    checkpoint's (a warning had named the copy deep in the cache)."""
+def _generation_config_file(engine_dir: Path | None) -> tuple[str, bool]:
+    """The ``generation_config.json`` a user edits to change what the engine holds a copy of,
+    and whether the one named is that copy: for an engine of the build cache
+    (``LLM(model=...)``, ``--model_dir``) the Hugging Face checkpoint's (a warning had named
+    the copy deep in the cache); for an engine dir of its own, its copy (the checkpoint it
+    came from is not recorded), which an edit would make ``kiln verify`` fail."""
     if engine_dir is None:  # LLM.from_executor
-        return "the tokenizer's generation_config.json"
+        return "the tokenizer's generation_config.json", False
     from kiln.build_cache.store import built_from
 
     source = built_from(engine_dir)
     if source is None:
-        return str(Path(engine_dir) / "generation_config.json")
+        return str(Path(engine_dir) / "generation_config.json"), True
     if Path(source).is_dir():
-        return str(Path(source) / "generation_config.json")
-    return f"{source}'s generation_config.json"  # a hub model: org/name@commit
+        return str(Path(source) / "generation_config.json"), False
+    return f"{source}'s generation_config.json", False  # a hub model: org/name@commit
 
 
 def _held(engine_dir: str | Path | None, model: str | Path | None, options: ExecutorOptions,

@@ -24,9 +24,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from kiln.errors import UNREADABLE_JSON, USER_TEXT, as_json
+from kiln.errors import UNREADABLE_JSON, USER_TEXT, as_json, shown
 from kiln.runtime.errors import RequestError, SamplingParamsError, TokenizerError, prompt_too_long
-from kiln.runtime.params import SamplingParams, is_utf8
+from kiln.runtime.params import SamplingParams, is_utf8, not_applied
 
 logger = logging.getLogger(__name__)
 
@@ -331,3 +331,25 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise TokenizerError(f"{path}: not a JSON object (found {as_json(data)}); "
                              f"{RECOPY}")
     return data
+
+
+def generation_config_warnings(config: dict[str, Any], vocab_size: int, where: str,
+                               copy: bool = False) -> list[str]:
+    """What to tell of a valid ``generation_config.json`` (``where``: the file named, ``copy``:
+    an engine's copy, which ``kiln verify`` checks): fields HF generate applies and kiln does
+    not; EOS ids outside the model's vocabulary, which never end a generation. Said at convert
+    (naming the Hugging Face file) and at load."""
+    said = []
+    if skipped := not_applied(config):
+        said.append(f"{where} sets {', '.join(f'{k}={shown(v)}' for k, v in skipped.items())}, "
+                    f"which kiln's sampling does not apply (HF generate does): of its sampling "
+                    f"fields kiln applies do_sample, temperature, top_k, top_p, min_p and "
+                    f"repetition_penalty")
+    ids = config.get("eos_token_id")
+    if outside := [i for i in ([ids] if isinstance(ids, int) else ids or ()) if i >= vocab_size]:
+        fix = ("correct it in the Hugging Face checkpoint's file, then convert and build again"
+               if copy else "correct or remove it")
+        said.append(f"{where} sets eos_token_id {', '.join(map(str, outside))}, outside the "
+                    f"model's vocabulary [0, {vocab_size}): generation never stops on "
+                    f"{'it' if len(outside) == 1 else 'them'}; {fix}")
+    return said

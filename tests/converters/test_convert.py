@@ -669,3 +669,38 @@ def test_a_converted_setting_out_of_range_names_config_json(src, tmp_path):
         f"error: {src / 'config.json'}: num_kv_heads must divide num_heads "
         f"({config['num_attention_heads']}), found 3 (kiln's names for the settings); fix it "
         f"in config.json")
+
+
+def test_a_generation_config_kiln_does_not_follow_is_said_at_convert(tmp_path, caplog):
+    """Retest 48c: only a run said it, naming the engine's copy, which an edit then made
+    ``kiln verify`` fail; convert names the Hugging Face file to edit, and the engine's copy
+    is named as such at load."""
+    import json
+    import logging
+
+    from kiln.runtime import LLM
+    from tests.models import hf_model_with_tokenizer
+
+    hf = hf_model_with_tokenizer("llama-gqa", tmp_path / "hf")
+    config = hf / "generation_config.json"
+    fields = json.loads(config.read_text()) if config.exists() else {}
+    config.write_text(json.dumps({**fields, "no_repeat_ngram_size": 3, "eos_token_id": [1, 1000]}))
+    with caplog.at_level(logging.WARNING), \
+            pytest.MonkeyPatch.context() as patch:
+        patch.setattr("kiln.runtime.loader._WARNED", set())
+        ckpt = _convert(hf, tmp_path / "ckpt")
+        said = [r.getMessage() for r in caplog.records]
+        assert said == [
+            f"{config.absolute()} sets no_repeat_ngram_size=3, which kiln's sampling does not apply "
+            f"(HF generate does): of its sampling fields kiln applies do_sample, temperature, "
+            f"top_k, top_p, min_p and repetition_penalty",
+            f"{config.absolute()} sets eos_token_id 1000, outside the model's vocabulary [0, "
+            f"128): generation never stops on it; correct or remove it"]
+        kiln.build(ckpt, tmp_path / "engine", max_batch_size=1, max_seq_len=32)
+        caplog.clear()
+        with LLM(tmp_path / "engine"):
+            pass
+    assert [r.getMessage() for r in caplog.records][-1] == (
+        f"{tmp_path / 'engine' / 'generation_config.json'} sets eos_token_id 1000, outside the "
+        f"model's vocabulary [0, 128): generation never stops on it; correct it in the Hugging "
+        f"Face checkpoint's file, then convert and build again")
