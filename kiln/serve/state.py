@@ -36,7 +36,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from kiln.engine import BuildLimits
-from kiln.errors import option
+from kiln.errors import counted, option
 from kiln.runtime.async_llm import INLINE_ENCODE_CHARS, AsyncLLM, Progress
 from kiln.runtime.core import output_room
 from kiln.runtime.errors import RequestError
@@ -173,9 +173,10 @@ class ServerState:
                            param="n")
         would_wait = self.waiting() + count - self.free_slots()
         if would_wait > self.max_queue:
-            raise ApiError(429, f"the server's queue is full ({max(0, would_wait - count)} "
-                                f"waiting for an engine slot, --max_queue {self.max_queue}); "
-                                f"retry later",
+            raise ApiError(429, f"the server's queue is full: "
+                                f"{counted(would_wait, 'completion')} would wait for an engine "
+                                f"slot, this request's {count} included, past --max_queue "
+                                f"{self.max_queue}; retry later",
                            code="queue_full", headers={"Retry-After": "1"})
 
     async def submit(self, jobs: Sequence[Job], param: str) -> Submitted:

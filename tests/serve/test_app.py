@@ -485,8 +485,9 @@ def test_max_queue_0_refuses_only_what_would_wait(engine):
         state.live[f"fake-{i}"] = None
     out = client.post("/v1/completions", json={"model": "m", "prompt": "a"})
     assert out.status_code == 429 and out.headers["retry-after"] == "1"
-    assert out.json()["error"]["message"] == ("the server's queue is full (0 waiting for an engine "
-                                              "slot, --max_queue 0); retry later")
+    assert out.json()["error"]["message"] == (  # (retest 48c: "(0 waiting...)" had told
+        "the server's queue is full: 1 completion would wait for an engine slot, this "
+        "request's 1 included, past --max_queue 0; retry later")  # of nothing that waits)
 
 
 def test_an_n_that_can_never_be_admitted_is_a_400_not_retry_later(engine):
