@@ -20,8 +20,8 @@ Contract:
   and their ``.chunk`` stream forms), with ``usage``.
 
 Non-goals: tools/function calling, ``response_format``, ``logit_bias``, ``suffix``, ``best_of``
-other than n (completions) or 1 (chat), audio/images in messages; vLLM's ``min_tokens``, ``bad_words``, beam search and
-the other extras of UNSUPPORTED.
+other than n (completions) or 1 (chat), audio/images in messages; vLLM's ``min_tokens``,
+``bad_words``, beam search and the other extras of UNSUPPORTED.
 """
 
 from __future__ import annotations

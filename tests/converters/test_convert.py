@@ -691,9 +691,9 @@ def test_a_generation_config_kiln_does_not_follow_is_said_at_convert(tmp_path, c
         ckpt = _convert(hf, tmp_path / "ckpt")
         said = [r.getMessage() for r in caplog.records]
         assert said == [
-            f"{config.absolute()} sets no_repeat_ngram_size=3, which kiln's sampling does not apply "
-            f"(HF generate does): of its sampling fields kiln applies do_sample, temperature, "
-            f"top_k, top_p, min_p and repetition_penalty",
+            f"{config.absolute()} sets no_repeat_ngram_size=3, which kiln's sampling does not "
+            f"apply (HF generate does): of its sampling fields kiln applies do_sample, "
+            f"temperature, top_k, top_p, min_p and repetition_penalty",
             f"{config.absolute()} sets eos_token_id 1000, outside the model's vocabulary [0, "
             f"128): generation never stops on it; correct or remove it"]
         kiln.build(ckpt, tmp_path / "engine", max_batch_size=1, max_seq_len=32)
