@@ -294,7 +294,8 @@ def _ctrl_c_raises() -> Iterator[None]:
         yield
         return
     if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.default_int_handler):
+            signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.default_int_handler,
+                                                None):  # (None: not Python's to restore)
         yield
         return
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
