@@ -283,7 +283,6 @@ def read_checked(name: str, info: TensorInfo, rows: tuple[int, int] | None = Non
     return t
 
 
-
 def cast_checked(name: str, info: TensorInfo, tensor: torch.Tensor,
                  dtype: torch.dtype) -> torch.Tensor:
     """Tensor ``name`` of a rank file (read by :func:`read_checked`: finite) cast to a build's
