@@ -283,6 +283,14 @@ def read_checked(name: str, info: TensorInfo, rows: tuple[int, int] | None = Non
     return t
 
 
+def wider_dtypes(dtype: torch.dtype) -> list[str]:
+    """kiln's dtypes whose range holds more than ``dtype``'s, narrowest first (the advice of
+    an overflow: convert's and the build's)."""
+    limit = torch.finfo(dtype).max
+    return sorted((d for d in DTYPES if torch.finfo(getattr(torch, d)).max > limit),
+                  key=lambda d: torch.finfo(getattr(torch, d)).max)
+
+
 def cast_checked(name: str, info: TensorInfo, tensor: torch.Tensor,
                  dtype: torch.dtype) -> torch.Tensor:
     """Tensor ``name`` of a rank file (read by :func:`read_checked`: finite) cast to a build's
@@ -293,8 +301,7 @@ def cast_checked(name: str, info: TensorInfo, tensor: torch.Tensor,
     if cast.dtype == tensor.dtype or not cast.is_floating_point() or all_finite(cast):
         return cast
     limit = torch.finfo(dtype).max
-    wider = sorted((d for d in DTYPES if torch.finfo(getattr(torch, d)).max > limit),
-                   key=lambda d: -torch.finfo(getattr(torch, d)).max)  # float32 first
+    wider = wider_dtypes(dtype)[::-1]  # float32 first
     note = " (onnx engines take no bfloat16)" if "bfloat16" in wider else ""
     raise CheckpointError(f"{info.path}: {name} overflows {str(dtype).removeprefix('torch.')}: "
                           f"values beyond +-{limit:.4g} (first at "

@@ -42,7 +42,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 import kiln
-from kiln.checkpoint import CONFIG_NAME, CheckpointConfig, hash_rank_files, rank_file
+from kiln.checkpoint import (
+    CONFIG_NAME,
+    CheckpointConfig,
+    hash_rank_files,
+    rank_file,
+    wider_dtypes,
+)
 from kiln.config import DTYPES, DecoderConfig, Mapping, options_from
 from kiln.converters.base import (
     Converter,
@@ -499,8 +505,7 @@ def _refuse_non_finite(name: str, src: SourceTensor, raw: torch.Tensor, cast: to
     if (bad := first_non_finite(cast)) is not None:
         limit = torch.finfo(cast.dtype).max
         out = str(cast.dtype).removeprefix("torch.")
-        wider = sorted((d for d in DTYPES if torch.finfo(getattr(torch, d)).max > limit),
-                       key=lambda d: torch.finfo(getattr(torch, d)).max)
+        wider = wider_dtypes(cast.dtype)
         fix = (f"convert with --dtype {' or '.join(wider)}" if wider else
                f"no kiln dtype holds these values ({', '.join(DTYPES)})")
         raise CheckpointError(f"{where} overflows {out}: values beyond +-{limit:.4g} (first at "
