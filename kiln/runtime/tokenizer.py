@@ -54,8 +54,7 @@ class ModelTokenizer:
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
-        ids = self.generation_config.get("eos_token_id")
-        ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+        ids = _configured_eos_ids(self.generation_config)
         eos = self.special_tokens.get("eos_token")
         if eos is not None and self.tokenizer.token_to_id(eos) is not None:
             ids.append(self.tokenizer.token_to_id(eos))
@@ -345,11 +344,16 @@ def generation_config_warnings(config: dict[str, Any], vocab_size: int, where: s
                     f"which kiln's sampling does not apply (HF generate does): of its sampling "
                     f"fields kiln applies do_sample, temperature, top_k, top_p, min_p and "
                     f"repetition_penalty")
-    ids = config.get("eos_token_id")
-    if outside := [i for i in ([ids] if isinstance(ids, int) else ids or ()) if i >= vocab_size]:
+    if outside := [i for i in _configured_eos_ids(config) if i >= vocab_size]:
         fix = ("correct it in the Hugging Face checkpoint's file, then convert and build again"
                if copy else "correct or remove it")
         said.append(f"{where} sets eos_token_id {', '.join(map(str, outside))}, outside the "
                     f"model's vocabulary [0, {vocab_size}): generation never stops on "
                     f"{'it' if len(outside) == 1 else 'them'}; {fix}")
     return said
+
+
+def _configured_eos_ids(config: dict[str, Any]) -> list[int]:
+    """The generation config's ``eos_token_id`` (an int or a list, checked at load) as a list."""
+    ids = config.get("eos_token_id")
+    return [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
