@@ -243,7 +243,7 @@ def plan_conversion(model_dir: str, *, dtype: str = "auto", tp_size: int = 1, pp
                           f"transformers wrote for this architecture") from e  # --debug: where
     decoder = untie_a_different_head(converter, decoder, source)
     if tokenizer is not None:
-        warn_of_a_larger_tokenizer(tokenizer, decoder, source.directory)
+        warn_of_the_tokenizer_files(tokenizer, decoder, source.directory)
     mapping = Mapping(tp_size=tp_size, pp_size=pp_size)
     mapping.validate_for(decoder, as_options=True)
     quant = import_quantization(source, converter, decoder)
@@ -273,7 +273,7 @@ def check_tokenizer_files(directory: Path) -> ModelTokenizer | None:
                               f"model's own copy") from None
 
 
-def warn_of_a_larger_tokenizer(tokenizer: ModelTokenizer, decoder: DecoderConfig,
+def warn_of_the_tokenizer_files(tokenizer: ModelTokenizer, decoder: DecoderConfig,
                                directory: Path) -> None:
     """Say where the tokenizer has ids the model lacks (ModelTokenizer.past_vocabulary): such
     a source converts, and its text is refused at quantize and run; and what the generation
